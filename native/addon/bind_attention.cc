@@ -1,0 +1,12 @@
+// Bindings for the attention family (to be filled in).
+#include "args.h"
+#include "register.h"
+
+namespace expertd::addon {
+
+void register_attention(Napi::Env env, Napi::Object exports) {
+  (void)env;
+  (void)exports;
+}
+
+}  // namespace expertd::addon

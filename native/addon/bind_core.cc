@@ -1,0 +1,110 @@
+// Core bindings: capabilities(), thread control, SIMD override, aligned host buffers.
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+
+#include "args.h"
+#include "expertd/cpu_features.h"
+#include "expertd/thread_pool.h"
+#include "register.h"
+
+#ifdef EXPERTD_WITH_CUDA
+#include "expertd/cuda_backend.h"
+#endif
+
+namespace expertd::addon {
+
+namespace {
+
+Napi::Value capabilities(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const CpuFeatures& f = cpu_features();
+  Napi::Object o = Napi::Object::New(env);
+#if defined(__x86_64__)
+  o.Set("arch", "x64");
+#elif defined(__aarch64__)
+  o.Set("arch", "arm64");
+#else
+  o.Set("arch", "other");
+#endif
+  o.Set("simd", simd_level());
+  Napi::Object isa = Napi::Object::New(env);
+  isa.Set("avx2", f.avx2);
+  isa.Set("fma", f.fma);
+  isa.Set("f16c", f.f16c);
+  isa.Set("avx512f", f.avx512f);
+  isa.Set("avx512bw", f.avx512bw);
+  isa.Set("avx512vl", f.avx512vl);
+  isa.Set("avx512bf16", f.avx512bf16);
+  isa.Set("amxBf16", f.amx_bf16);
+  isa.Set("neon", f.neon);
+  o.Set("isa", isa);
+  o.Set("bf16Dot", f.kernel_bf16dot);
+  o.Set("threads", static_cast<double>(ThreadPool::instance().num_threads()));
+  o.Set("hardwareThreads", static_cast<double>(std::thread::hardware_concurrency()));
+#ifdef EXPERTD_WITH_CUDA
+  o.Set("build", "full");
+  o.Set("cudaCompiled", true);
+  o.Set("cudaDevices", static_cast<double>(cuda_device_count()));
+  o.Set("ncclFound", nccl_available());
+#else
+  o.Set("build", "portable");
+  o.Set("cudaCompiled", false);
+  o.Set("cudaDevices", 0);
+  o.Set("ncclFound", false);
+#endif
+  return o;
+}
+
+Napi::Value set_num_threads(const Napi::CallbackInfo& info) {
+  expect_args(info, 1, "setNumThreads");
+  int64_t n = get_int(info, 0, "threads", 0, 1024);
+  ThreadPool::instance().set_num_threads(static_cast<size_t>(n));
+  return Napi::Number::New(info.Env(), static_cast<double>(ThreadPool::instance().num_threads()));
+}
+
+Napi::Value set_simd(const Napi::CallbackInfo& info) {
+  expect_args(info, 1, "setSimdLevel");
+  if (!info[0].IsString()) throw_type(info.Env(), "level must be 'auto' or 'scalar'");
+  std::string s = info[0].As<Napi::String>().Utf8Value();
+  if (s != "auto" && s != "scalar")
+    throw_type(info.Env(), "level is '" + s + "', expected 'auto' or 'scalar'");
+  set_simd_override(s);
+  return Napi::String::New(info.Env(), simd_level());
+}
+
+// allocHostBuffer(sizeBytes): a 64-byte aligned, zeroed ArrayBuffer owned by native code
+// (freed by its finalizer), for arenas and KV caches larger than one JS allocation likes.
+Napi::Value alloc_host_buffer(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 1, "allocHostBuffer");
+  int64_t size = get_int(info, 0, "sizeBytes", 0, int64_t(1) << 46);
+  size_t rounded = (static_cast<size_t>(size) + 63) / 64 * 64;
+  void* p = rounded ? std::aligned_alloc(64, rounded) : nullptr;
+  if (rounded && !p) {
+    Napi::Error e = Napi::Error::New(env, "allocHostBuffer: out of host memory for " +
+                                              std::to_string(size) + " bytes");
+    e.Set("code", Napi::String::New(env, "E_OOM"));
+    throw e;
+  }
+  if (p) std::memset(p, 0, rounded);
+  if (!p) return Napi::ArrayBuffer::New(env, 0);
+  Napi::MemoryManagement::AdjustExternalMemory(env, static_cast<int64_t>(rounded));
+  return Napi::ArrayBuffer::New(env, p, static_cast<size_t>(size),
+                                [rounded](Napi::Env e, void* data) {
+                                  std::free(data);
+                                  Napi::MemoryManagement::AdjustExternalMemory(
+                                      e, -static_cast<int64_t>(rounded));
+                                });
+}
+
+}  // namespace
+
+void register_core(Napi::Env env, Napi::Object exports) {
+  exports.Set("capabilities", Napi::Function::New(env, capabilities, "capabilities"));
+  exports.Set("setNumThreads", Napi::Function::New(env, set_num_threads, "setNumThreads"));
+  exports.Set("setSimdLevel", Napi::Function::New(env, set_simd, "setSimdLevel"));
+  exports.Set("allocHostBuffer", Napi::Function::New(env, alloc_host_buffer, "allocHostBuffer"));
+}
+
+}  // namespace expertd::addon

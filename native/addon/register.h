@@ -1,0 +1,12 @@
+// One registration function per binding family (bind_*.cc).
+#pragma once
+#include <napi.h>
+
+namespace expertd::addon {
+void register_core(Napi::Env env, Napi::Object exports);       // capabilities, threads, buffers
+void register_gemm(Napi::Env env, Napi::Object exports);       // packing, DenseGemm, GroupGemm
+void register_ops(Napi::Env env, Napi::Object exports);        // routing, permute, norms, rope...
+void register_attention(Napi::Env env, Napi::Object exports);  // paged attention, KV writes
+void register_io(Napi::Env env, Napi::Object exports);         // mmap, file reads
+void register_comm(Napi::Env env, Napi::Object exports);       // comm groups (loopback, NCCL)
+}  // namespace expertd::addon

@@ -1,0 +1,119 @@
+// The persistent CPU thread pool (see thread_pool.h).
+#include "expertd/thread_pool.h"
+
+#include <chrono>
+
+namespace expertd {
+
+ThreadPool& ThreadPool::instance() {
+  static ThreadPool pool;
+  return pool;
+}
+
+ThreadPool::ThreadPool() {
+  size_t n = std::thread::hardware_concurrency();
+  start(n == 0 ? 1 : n);
+}
+
+ThreadPool::~ThreadPool() { stop(); }
+
+void ThreadPool::set_num_threads(size_t n) {
+  if (n == 0) n = std::thread::hardware_concurrency();
+  if (n == 0) n = 1;
+  std::lock_guard<std::mutex> submit(submit_mu_);
+  if (n == num_threads_) return;
+  stop();
+  start(n);
+}
+
+void ThreadPool::start(size_t n) {
+  quit_.store(false);
+  num_threads_ = n;
+  workers_.clear();
+  for (size_t i = 1; i < n; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
+}
+
+void ThreadPool::stop() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    quit_.store(true);
+    generation_.fetch_add(1);
+  }
+  cv_.notify_all();
+  for (auto& t : workers_) t.join();
+  workers_.clear();
+  num_threads_ = 1;
+}
+
+void ThreadPool::run_job(size_t thread) {
+  for (;;) {
+    size_t t = next_task_.fetch_add(1, std::memory_order_relaxed);
+    if (t >= n_tasks_) break;
+    try {
+      (*fn_)(t, thread);
+    } catch (...) {
+      std::lock_guard<std::mutex> lk(err_mu_);
+      if (!error_) error_ = std::current_exception();
+    }
+  }
+}
+
+void ThreadPool::worker_loop(size_t index) {
+  uint64_t seen = generation_.load();
+  for (;;) {
+    // Spin briefly (decode steps issue jobs microseconds apart), then sleep.
+    auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(200);
+    while (generation_.load(std::memory_order_acquire) == seen &&
+           std::chrono::steady_clock::now() < spin_until) {
+#if defined(__x86_64__)
+      __builtin_ia32_pause();
+#endif
+    }
+    if (generation_.load(std::memory_order_acquire) == seen) {
+      std::unique_lock<std::mutex> lk(mu_);
+      cv_.wait(lk, [&] { return generation_.load() != seen; });
+    }
+    seen = generation_.load();
+    if (quit_.load()) return;
+    run_job(index);
+    pending_threads_.fetch_sub(1, std::memory_order_acq_rel);
+  }
+}
+
+void ThreadPool::parallel_for(size_t n_tasks, const TaskFn& fn) {
+  if (n_tasks == 0) return;
+  std::lock_guard<std::mutex> submit(submit_mu_);
+  if (num_threads_ == 1 || n_tasks == 1) {
+    for (size_t t = 0; t < n_tasks; ++t) fn(t, 0);
+    return;
+  }
+  fn_ = &fn;
+  n_tasks_ = n_tasks;
+  error_ = nullptr;
+  next_task_.store(0);
+  pending_threads_.store(num_threads_ - 1);
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    generation_.fetch_add(1, std::memory_order_release);
+  }
+  cv_.notify_all();
+  run_job(0);
+  while (pending_threads_.load(std::memory_order_acquire) != 0) {
+#if defined(__x86_64__)
+    __builtin_ia32_pause();
+#endif
+  }
+  fn_ = nullptr;
+  if (error_) {
+    auto e = error_;
+    error_ = nullptr;
+    std::rethrow_exception(e);
+  }
+}
+
+void ThreadPool::run_on_all(const std::function<void(size_t, size_t)>& fn) {
+  size_t n = num_threads_;
+  parallel_for(n, [&](size_t task, size_t) { fn(task, n); });
+}
+
+}  // namespace expertd

@@ -1,0 +1,28 @@
+// What the CPU can do, read once with cpuid (x86-64) or hwcaps (arm64), so one binary picks
+// AVX-512 / AVX512-BF16 / AMX kernels where present and portable ones elsewhere.
+#pragma once
+#include <string>
+
+namespace expertd {
+
+struct CpuFeatures {
+  bool avx2 = false;
+  bool fma = false;
+  bool f16c = false;
+  bool avx512f = false;
+  bool avx512bw = false;
+  bool avx512vl = false;
+  bool avx512bf16 = false;
+  bool amx_bf16 = false;  // AMX tiles usable (CPU bit and OS permission)
+  bool neon = false;
+  bool kernel_avx512 = false;  // the AVX-512 kernels will be used (f+bw+vl)
+  bool kernel_bf16dot = false;  // bf16 dot-product kernels will be used
+};
+
+const CpuFeatures& cpu_features();
+// "amx" | "avx512bf16" | "avx512" | "avx2" | "neon" | "scalar"
+std::string simd_level();
+// Lets tests force the portable kernels ("scalar"), or go back to auto ("auto").
+void set_simd_override(const std::string& level);
+
+}  // namespace expertd

@@ -1,0 +1,56 @@
+// A persistent thread pool over all cores. The calling thread takes part as worker 0, workers
+// spin briefly before sleeping so decode-sized jobs start in microseconds, and one job runs at a
+// time (concurrent callers queue on a mutex).
+#pragma once
+#include <atomic>
+#include <condition_variable>
+#include <cstddef>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace expertd {
+
+class ThreadPool {
+ public:
+  // fn(task_index, thread_index): tasks are handed out dynamically in [0, n_tasks).
+  using TaskFn = std::function<void(size_t task, size_t thread)>;
+
+  static ThreadPool& instance();
+
+  size_t num_threads() const { return num_threads_; }
+  void set_num_threads(size_t n);  // 0 = hardware concurrency
+
+  // Runs fn over n_tasks on all threads and returns when every task has finished. Exceptions
+  // thrown by a task are rethrown here (the first one). Safe to call from several threads.
+  void parallel_for(size_t n_tasks, const TaskFn& fn);
+
+  // Runs fn(thread_index, num_threads) once on every thread (for static partitioning).
+  void run_on_all(const std::function<void(size_t thread, size_t nthreads)>& fn);
+
+  ~ThreadPool();
+
+ private:
+  ThreadPool();
+  void start(size_t n);
+  void stop();
+  void worker_loop(size_t index);
+  void run_job(size_t thread);
+
+  size_t num_threads_ = 1;
+  std::vector<std::thread> workers_;
+  std::mutex submit_mu_;  // one job at a time
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<bool> quit_{false};
+  std::atomic<size_t> next_task_{0};
+  std::atomic<size_t> pending_threads_{0};
+  size_t n_tasks_ = 0;
+  const TaskFn* fn_ = nullptr;
+  std::mutex err_mu_;
+  std::exception_ptr error_;
+};
+
+}  // namespace expertd

@@ -1,0 +1,174 @@
+// The whole native surface of the addon in one typed interface. Everything the rest of expertd
+// knows about native code is declared here; src/native/index.ts is the only file that loads it.
+//
+// Conventions: activations are Float32Array; bf16/f16 data travels as Uint16Array; small plans
+// (ids, offsets, counts) are Int32Array. Shapes are given in comments as [rows, cols]. Argument
+// errors throw TypeError/RangeError with code 'E_INVALID_ARG'; a disposed handle 'E_DISPOSED'.
+
+export type DType = 'f32' | 'bf16' | 'f16';
+export type SimdLevel = 'amx' | 'avx512bf16' | 'avx512' | 'avx2' | 'neon' | 'scalar';
+
+export interface Capabilities {
+  arch: 'x64' | 'arm64' | 'other';
+  simd: SimdLevel;
+  isa: {
+    avx2: boolean; fma: boolean; f16c: boolean; avx512f: boolean; avx512bw: boolean;
+    avx512vl: boolean; avx512bf16: boolean; amxBf16: boolean; neon: boolean;
+  };
+  /** bf16 dot-product kernels are in use (fast mode runs at full speed). */
+  bf16Dot: boolean;
+  threads: number;
+  hardwareThreads: number;
+  build: 'portable' | 'full';
+  cudaCompiled: boolean;
+  cudaDevices: number;
+  ncclFound: boolean;
+}
+
+/** A weight W[n, k] repacked once into the kernels' blocked layout (native memory). */
+export interface PackedWeight {
+  readonly n: number;
+  readonly k: number;
+  readonly dtype: DType;
+  readonly kind: 'plain' | 'gate_up';
+  readonly sizeBytes: number;
+  readonly disposed: boolean;
+  dispose(): void;
+}
+
+/** Per-layer expert slots: expert e -> (gate_up [2I, H], down [H, I]). */
+export interface ExpertTable {
+  readonly numExperts: number;
+  set(expert: number, gateUp: PackedWeight, down: PackedWeight): void;
+  clear(expert: number): void;
+  has(expert: number): boolean;
+  dispose(): void;
+}
+
+export type WeightSource = Float32Array | Uint16Array;
+
+export interface RouteOptions {
+  scoring: 'softmax' | 'sigmoid';
+  /** [E] score-correction bias, used to choose experts but not as weights (DeepSeek-V3). */
+  bias?: Float32Array | null;
+  /** Group-limited top-k when nGroup > 1. */
+  nGroup?: number;
+  topkGroup?: number;
+  /** 'max' (DeepSeek-V2 group_limited_greedy) or 'top2sum' (DeepSeek-V3 noaux_tc). */
+  groupScore?: 'max' | 'top2sum';
+  renormalize?: boolean;
+  scale?: number;
+}
+
+export interface AttentionOptions {
+  numSeqs: number;
+  heads: number;
+  kvHeads: number;
+  dk: number;
+  dv: number;
+  /** floats per kv head in vCache rows (default dv); MLA passes dk with vCache = kCache. */
+  vStride?: number;
+  vOffset?: number;
+  blockSize: number;
+  /** columns of blockTables */
+  maxBlocks: number;
+  scale: number;
+  /** 0 = none */
+  slidingWindow?: number;
+  /** floats between token rows of q (default heads * dk) */
+  qRowStride?: number;
+}
+
+export interface CommGroup {
+  readonly rank: number;
+  readonly worldSize: number;
+  readonly backend: 'loopback' | 'nccl';
+  /** Send sendBytes[r] bytes to rank r (consecutive in send), receive recvBytes[r] from each. */
+  all2allv(send: Uint8Array, sendBytes: Float64Array, recv: Uint8Array, recvBytes: Float64Array): void;
+  /** Exchange one value per peer: recv[r] = value this rank's index of rank r's send. */
+  all2allCounts(send: Float64Array, recv: Float64Array): void;
+  barrier(): void;
+  dispose(): void;
+}
+
+export interface NativeAddon {
+  // --- core
+  capabilities(): Capabilities;
+  /** 0 = all hardware threads; returns the count in use. */
+  setNumThreads(threads: number): number;
+  /** 'scalar' forces the portable kernels (tests), 'auto' picks the best; returns the level. */
+  setSimdLevel(level: 'auto' | 'scalar'): SimdLevel;
+  /** A zeroed, 64-byte aligned buffer owned by native code. */
+  allocHostBuffer(sizeBytes: number): ArrayBuffer;
+
+  // --- weights and GEMMs
+  /** src [n, k] row-major in `dtype` -> packed weight. */
+  packWeight(src: WeightSource, dtype: DType, n: number, k: number): PackedWeight;
+  /** gate [i, h], up [i, h] -> one gate_up weight of n = 2i (SiLU(gate)*up fused downstream). */
+  packGateUp(gate: WeightSource, up: WeightSource, dtype: DType, i: number, h: number): PackedWeight;
+  /** Re-packs new contents into an existing weight of the same geometry (expert cache slots). */
+  repackInto(dst: PackedWeight, src: WeightSource, dtype: DType, up?: WeightSource | null): void;
+  /** Reads element (row, col) of a packed weight as a number (tests). */
+  packedWeightAt(w: PackedWeight, row: number, col: number): number;
+  /** y[m, n] (+)= x[m, k] * w^T (+ bias[n]). fast: bf16 dot products (fast mode). */
+  denseGemm(x: Float32Array, m: number, w: PackedWeight, y: Float32Array,
+            bias: Float32Array | null, accumulate: boolean, fast: boolean): void;
+  /** Fused expert FFN: rows [offsets[e], offsets[e+1]) of x go through expert e. x, y [rows, H]. */
+  groupGemmFfn(x: Float32Array, offsets: Int32Array, experts: ExpertTable, y: Float32Array,
+               fast: boolean): void;
+  ExpertTable: new (numExperts: number, hidden: number, inter: number) => ExpertTable;
+
+  // --- MoE routing and permutation
+  /** logits [t, e] -> ids [t, k], weights [t, k], counts [e]. */
+  route(logits: Float32Array, t: number, e: number, k: number, opts: RouteOptions,
+        ids: Int32Array, weights: Float32Array, counts: Int32Array): void;
+  /** x [t, h] -> xPerm [t*k, h] expert-contiguous; permIndex [t*k]; offsets [e+1]. */
+  permute(x: Float32Array, t: number, h: number, ids: Int32Array, k: number, e: number,
+          xPerm: Float32Array, permIndex: Int32Array, offsets: Int32Array): void;
+  /** out[t] (+)= sum_j weights[t, j] * yPerm[permIndex[t*k + j]]. */
+  unpermuteCombine(yPerm: Float32Array, permIndex: Int32Array, weights: Float32Array,
+                   t: number, k: number, h: number, out: Float32Array, accumulate: boolean): void;
+
+  // --- elementwise
+  /** out = rmsnorm(x) * w per row; with residual: residual += x, out = rmsnorm(residual) * w. */
+  rmsNorm(x: Float32Array, rows: number, dim: number, w: Float32Array, eps: number,
+          out: Float32Array, residual: Float32Array | null): void;
+  /** In place on x viewed as [t][heads] with rowStride/headStride; dims [offset, offset+rotDim). */
+  rope(x: Float32Array, t: number, heads: number, rowStride: number, headStride: number,
+       offset: number, positions: Int32Array, invFreq: Float32Array, attnScale: number,
+       interleaved: boolean): void;
+  /** gu [t, 2i] (gate | up) -> out [t, i]. */
+  siluMul(gu: Float32Array, t: number, i: number, out: Float32Array): void;
+  /** table [v, h] (checkpoint dtype) gathered at ids -> out [t, h] f32. */
+  embedding(table: WeightSource, dtype: DType, v: number, h: number, ids: Int32Array,
+            out: Float32Array): void;
+  softmax(x: Float32Array, rows: number, cols: number, out: Float32Array, log: boolean): void;
+  /** n largest per row, descending, ties to the lower index. */
+  topN(x: Float32Array, rows: number, cols: number, n: number, ids: Int32Array,
+       vals: Float32Array): void;
+  /** Element conversion between f32 (Float32Array) and bf16/f16 (Uint16Array). */
+  convert(src: WeightSource, srcDtype: DType, dst: WeightSource, dstDtype: DType): void;
+  /** fp8 e4m3 [rows, cols] with block scales [ceil(rows/br), ceil(cols/bc)] -> bf16. */
+  dequantFp8(src: Uint8Array, scaleInv: Float32Array, rows: number, cols: number,
+             blockRows: number, blockCols: number, dst: Uint16Array): void;
+
+  // --- attention
+  /** k [t, kvHeads, dk], v [t, kvHeads, dv] (or null for MLA) into cache slots. */
+  kvCacheWrite(k: Float32Array, v: Float32Array | null, t: number, slots: Int32Array,
+               kCache: Float32Array, vCache: Float32Array | null, kvHeads: number, dk: number,
+               dv: number, vStride: number): void;
+  /** seqInfo [numSeqs, 3] = (qStart, qLen, ctxLen); blockTables [numSeqs, maxBlocks]. */
+  pagedAttention(q: Float32Array, kCache: Float32Array, vCache: Float32Array,
+                 seqInfo: Int32Array, blockTables: Int32Array, opts: AttentionOptions,
+                 out: Float32Array): void;
+
+  // --- I/O
+  /** Maps a file read-only; the ArrayBuffer unmaps when collected. */
+  mmapFile(path: string): ArrayBuffer;
+  /** pread of length bytes at offset into dst (real I/O, no mapping). */
+  readFileRange(path: string, offset: number, dst: Uint8Array): void;
+
+  // --- comm
+  /** Joins an in-process loopback group (blocks until worldSize ranks joined or timeout). */
+  loopbackJoin(group: string, worldSize: number, rank: number, timeoutMs: number): CommGroup;
+}
