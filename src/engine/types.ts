@@ -1,0 +1,83 @@
+// The engine's public contract: what the server (main thread) sends to the engine worker and
+// what comes back. Plain data only: these objects cross a MessagePort.
+
+export interface SamplingParams {
+  /** 0 = greedy. */
+  temperature: number;
+  topP: number;          // 1 = off
+  topK: number;          // 0 or -1 = off
+  minP: number;          // 0 = off
+  repetitionPenalty: number;  // 1 = off (HF/vLLM semantics: divide positive, multiply negative logits)
+  presencePenalty: number;    // 0 = off (OpenAI semantics)
+  frequencyPenalty: number;   // 0 = off
+  /** Same seed + same request = same output. Absent: a random seed. */
+  seed?: number;
+  /** token id -> bias added to the logit (OpenAI logit_bias). */
+  logitBias?: Record<number, number>;
+  /** Number of top alternatives to return per generated token (0 = none, null = no logprobs). */
+  logprobs?: number | null;
+}
+
+export interface GenerateRequest {
+  id: string;
+  promptTokenIds: number[];
+  maxTokens: number;
+  sampling: SamplingParams;
+  /** Generation stops on these (in addition to the model's eos ids unless ignoreEos). */
+  stopTokenIds: number[];
+  ignoreEos: boolean;
+  /** eos/stop tokens are ignored until this many tokens were generated. */
+  minTokens: number;
+  /** Return, per position, the experts chosen in every MoE layer (see RoutedExperts). */
+  returnRoutedExperts: boolean;
+}
+
+export interface TokenLogprob {
+  tokenId: number;
+  logprob: number;
+  top: { tokenId: number; logprob: number }[];
+}
+
+/** routed[position][moeLayer] = k expert ids, highest routing weight first. */
+export type RoutedExperts = number[][][];
+
+export type FinishReason = 'stop' | 'length' | 'abort' | 'error';
+
+export type EngineEvent =
+  | {
+      type: 'tokens';
+      id: string;
+      tokenIds: number[];
+      logprobs?: TokenLogprob[];
+      /** Routing of the positions processed in this step (prompt positions first, once). */
+      routedExperts?: RoutedExperts;
+    }
+  | {
+      type: 'finished';
+      id: string;
+      reason: FinishReason;
+      /** The token that caused a 'stop' (eos or a stop token id), if any. */
+      stopTokenId?: number;
+      error?: string;
+      promptTokens: number;
+      completionTokens: number;
+    };
+
+export interface EngineStats {
+  running: number;
+  waiting: number;
+  kvBlocksTotal: number;
+  kvBlocksUsed: number;
+  preemptionsTotal: number;
+}
+
+export interface ModelInfo {
+  name: string;
+  architecture: string;
+  maxContext: number;
+  vocabSize: number;
+  eosTokenIds: number[];
+  numMoeLayers: number;
+  numExperts: number;
+  topK: number;
+}
