@@ -1,0 +1,84 @@
+// ModelSpec: everything the engine needs to know about an architecture, normalised from an HF
+// config.json (transformers 4.x and 5.x spellings). The forward pass reads only this, never the
+// raw config.
+
+export type ModelType =
+  | 'mixtral' | 'qwen2_moe' | 'qwen3_moe' | 'olmoe' | 'deepseek_v2' | 'deepseek_v3';
+
+export interface RopeSpec {
+  /** [rotaryDim / 2] inverse frequencies (already scaled for YaRN, linear, llama3, ...). */
+  invFreq: Float32Array;
+  /** Multiplier applied to cos/sin (YaRN attention factor); 1 otherwise. */
+  attnScale: number;
+  /** Rotated dims per head (<= head dim); partial rotary when smaller. */
+  rotaryDim: number;
+  /** Pairs (2i, 2i+1) instead of (i, i + d/2). */
+  interleaved: boolean;
+}
+
+export interface AttentionSpec {
+  kind: 'gqa' | 'mla';
+  heads: number;
+  kvHeads: number;          // gqa; 1 for mla (the latent)
+  headDim: number;          // gqa: q/k/v head dim
+  qkvBias: boolean;         // qwen2_moe
+  oBias: boolean;
+  /** Per-head RMSNorm of q and k over headDim (qwen3_moe). */
+  qkNorm: 'none' | 'per_head' | 'full';   // 'full': over the whole projection (olmoe)
+  clipQkv: number | null;   // olmoe
+  slidingWindow: number | null;
+  softmaxScale: number;
+  // MLA (deepseek): dims
+  qLoraRank: number | null;
+  kvLoraRank: number;
+  qkNopeHeadDim: number;
+  qkRopeHeadDim: number;
+  vHeadDim: number;
+  rope: RopeSpec;
+}
+
+export interface RouterSpec {
+  scoring: 'softmax' | 'sigmoid';
+  topK: number;
+  renormalize: boolean;
+  scale: number;                 // routed_scaling_factor (1 when absent)
+  nGroup: number;                // 1 = no group limit
+  topkGroup: number;
+  groupScore: 'max' | 'top2sum';
+  /** e_score_correction_bias present (deepseek_v3). */
+  hasCorrectionBias: boolean;
+}
+
+export interface MoeSpec {
+  numExperts: number;
+  intermediate: number;          // per routed expert
+  router: RouterSpec;
+  /** Shared experts fused into one FFN of this intermediate size (0 = none). */
+  sharedIntermediate: number;
+  /** qwen2_moe: sigmoid(shared_expert_gate(x)) scales the shared expert output. */
+  sharedGate: boolean;
+}
+
+export interface LayerSpec {
+  /** 'moe' layers use the MoE block, 'dense' a plain gated FFN of denseIntermediate. */
+  ffn: 'moe' | 'dense';
+}
+
+export interface ModelSpec {
+  modelType: ModelType;
+  hidden: number;
+  vocabSize: number;
+  numLayers: number;
+  rmsNormEps: number;
+  maxContext: number;
+  tieWordEmbeddings: boolean;
+  denseIntermediate: number;
+  attention: AttentionSpec;
+  moe: MoeSpec;
+  layers: LayerSpec[];
+  /** Checkpoint tensor-name prefix conventions, e.g. 'model.layers.{i}.' */
+  bosTokenId: number | null;
+  eosTokenIds: number[];
+  /** Original config for logging. */
+  raw: Record<string, unknown>;
+}
