@@ -10,7 +10,7 @@ export type EngineState = 'loading' | 'ready' | 'draining' | 'failed';
 
 export class EngineClient extends EventEmitter {
   private readonly worker: Worker;
-  private readonly listeners = new Map<string, (ev: EngineEvent) => void>();
+  private readonly pending = new Map<string, (ev: EngineEvent) => void>();
   private lastStats: EngineStats = { running: 0, waiting: 0, kvBlocksTotal: 0, kvBlocksUsed: 0, preemptionsTotal: 0 };
   private current: EngineState = 'loading';
   private infoValue: ModelInfo | undefined;
@@ -31,8 +31,8 @@ export class EngineClient extends EventEmitter {
         } else if (m.type === 'events') {
           this.lastStats = m.stats;
           for (const ev of m.events) {
-            const cb = this.listeners.get(ev.id);
-            if (ev.type === 'finished') this.listeners.delete(ev.id);
+            const cb = this.pending.get(ev.id);
+            if (ev.type === 'finished') this.pending.delete(ev.id);
             cb?.(ev);
           }
           if (m.step) this.emit('step', m.step satisfies StepMetrics);
@@ -46,7 +46,7 @@ export class EngineClient extends EventEmitter {
         reject(err);
       });
       this.worker.on('exit', (code) => {
-        if (this.current !== 'failed' && this.listeners.size > 0) this.fail(`engine worker exited (code ${code})`);
+        if (this.current !== 'failed' && this.pending.size > 0) this.fail(`engine worker exited (code ${code})`);
         if (this.current === 'loading') reject(new Error(`engine worker exited during load (code ${code})`));
       });
     });
@@ -58,10 +58,10 @@ export class EngineClient extends EventEmitter {
     this.current = 'failed';
     this.failure = message;
     // Every pending request fails loudly, and only it.
-    for (const [id, cb] of this.listeners) {
+    for (const [id, cb] of this.pending) {
       cb({ type: 'finished', id, reason: 'error', error: message, promptTokens: 0, completionTokens: 0 });
     }
-    this.listeners.clear();
+    this.pending.clear();
     this.emit('failed', message);
   }
 
@@ -92,12 +92,12 @@ export class EngineClient extends EventEmitter {
         error: this.failure ?? 'engine failed', promptTokens: req.promptTokenIds.length, completionTokens: 0 }));
       return;
     }
-    this.listeners.set(req.id, onEvent);
+    this.pending.set(req.id, onEvent);
     this.post({ type: 'generate', req });
   }
 
   abort(id: string): void {
-    if (this.listeners.has(id)) this.post({ type: 'abort', id });
+    if (this.pending.has(id)) this.post({ type: 'abort', id });
   }
 
   stats(): EngineStats {
@@ -105,7 +105,7 @@ export class EngineClient extends EventEmitter {
   }
 
   inFlight(): number {
-    return this.listeners.size;
+    return this.pending.size;
   }
 
   async close(): Promise<void> {
