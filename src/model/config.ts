@@ -5,7 +5,9 @@
 import fs from 'node:fs';
 import path from 'node:path';
 
-import { computeRope, RopeConfigError, SUPPORTED_ROPE_TYPES, yarnGetMscale } from './rope.js';
+import {
+  computeRope, invSqrt, RopeConfigError, SUPPORTED_ROPE_TYPES, yarnGetMscale,
+} from './rope.js';
 import type {
   AttentionSpec, LayerSpec, ModelSpec, ModelType, MoeSpec, RopeSpec, RouterSpec,
 } from './spec.js';
@@ -256,7 +258,7 @@ function gqaAttention(c: Fields, mt: ModelType, hidden: number, heads: number,
     kind: 'gqa', heads, kvHeads, headDim, qkvBias, oBias,
     qkNorm: mt === 'qwen3_moe' ? 'per_head' : mt === 'olmoe' ? 'full' : 'none',
     clipQkv: clip, slidingWindow,
-    softmaxScale: Math.pow(headDim, -0.5),
+    softmaxScale: invSqrt(headDim),
     qLoraRank: null, kvLoraRank: 0, qkNopeHeadDim: 0, qkRopeHeadDim: 0, vHeadDim: headDim,
     rope: rope(c, headDim, maxContext, false),
   };
@@ -280,7 +282,7 @@ function mlaAttention(c: Fields, hidden: number, heads: number, maxContext: numb
   const r = rope(c, qkRopeHeadDim, maxContext, interleaved);
   // Softmax scale: qk_head_dim^-0.5 * mscale^2 with mscale = yarn_get_mscale(factor, mscale_all_dim)
   // (transformers yarn_apply_mscale: only for a non-default rope_type with mscale_all_dim set).
-  let softmaxScale = Math.pow(qkHeadDim, -0.5);
+  let softmaxScale = invSqrt(qkHeadDim);
   const { ropeType, params } = ropeDict(c);
   if (ropeType !== 'default') {
     const mAll = params.mscale_all_dim as number | undefined;

@@ -54,6 +54,51 @@ export function yarnGetMscale(scale: number, mscale = 1): number {
   return 0.1 * mscale * Math.log(scale) + 1.0;
 }
 
+/**
+ * x ** -0.5 correctly rounded, as Python's `head_dim ** -0.5` (C pow) gives it; Math.pow and
+ * 1 / Math.sqrt are each off by one ulp for some integers. Exact comparison of the neighbours.
+ */
+export function invSqrt(x: number): number {
+  const y = 1 / Math.sqrt(x);
+  if (!Number.isInteger(x) || x <= 0 || !Number.isFinite(y)) return y;
+  const buf = new DataView(new ArrayBuffer(8));
+  const bits = (v: number): bigint => { buf.setFloat64(0, v); return buf.getBigUint64(0); };
+  const fromBits = (b: bigint): number => { buf.setBigUint64(0, b); return buf.getFloat64(0); };
+  // |c^2 x - 1| exactly: c = m * 2^e with integer m.
+  const err = (c: number): bigint => {
+    let m = c;
+    let e = 0;
+    while (!Number.isInteger(m)) { m *= 2; e--; }
+    const M = BigInt(m);
+    const d = M * M * BigInt(x) - (1n << BigInt(-2 * e));
+    return d < 0n ? -d : d;
+  };
+  let best = y;
+  let bestErr = err(y);
+  for (const c of [fromBits(bits(y) - 1n), fromBits(bits(y) + 1n)]) {
+    const ce = err(c);
+    // Errors are compared at different scales of 2^-2e; bring both to the finer one.
+    if (compareScaled(ce, c, bestErr, best) < 0) { best = c; bestErr = ce; }
+  }
+  return best;
+}
+
+function scaleExp(c: number): number {
+  let m = c;
+  let e = 0;
+  while (!Number.isInteger(m)) { m *= 2; e--; }
+  return e;
+}
+
+/** Compares |c1^2 x - 1| and |c2^2 x - 1| given err = that value * 2^(-2 e) for each. */
+function compareScaled(err1: bigint, c1: number, err2: bigint, c2: number): number {
+  const s1 = -2 * scaleExp(c1);
+  const s2 = -2 * scaleExp(c2);
+  const a = s2 > s1 ? err1 << BigInt(s2 - s1) : err1;
+  const b = s1 > s2 ? err2 << BigInt(s1 - s2) : err2;
+  return a < b ? -1 : a > b ? 1 : 0;
+}
+
 export function computeRope(p: RopeParams): RopeResult {
   const { dim, theta, params } = p;
   if (!Number.isInteger(dim) || dim <= 0 || dim % 2 !== 0)
