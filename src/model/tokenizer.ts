@@ -126,6 +126,7 @@ export class ModelTokenizer {
   }
 
   decode(ids: number[], skipSpecialTokens = true): string {
+    if (ids.length === 0) return '';  // the library rejects an empty list
     return this.tokenizer.decode(ids, { skip_special_tokens: skipSpecialTokens });
   }
 
