@@ -1,0 +1,212 @@
+// The engine's step loop (runs inside the worker): the scheduler plans a step, the model runs it
+// as one batch over the paged KV cache, the sampler picks each sequence's next token, and events
+// go out. Requests join and leave between steps.
+import type { LayerCache } from '../model/attention.js';
+import type { ForwardBatch } from '../model/forward-batch.js';
+import type { LoadedModel } from '../model/load.js';
+import { Sampler, SamplingState } from './sampler.js';
+import { Scheduler, type StepPlan } from './scheduler.js';
+import type { StepMetrics } from './protocol.js';
+import type { EngineEvent, EngineStats, GenerateRequest, ModelInfo, RoutedExperts, TokenLogprob } from './types.js';
+
+export interface EngineCoreOptions {
+  kvCacheBlocks: number;
+  kvCacheGb: number;
+  blockSize: number;
+  maxNumSeqs: number;
+  maxNumBatchedTokens: number;
+  servedModelName: string;
+  /** Upper bound for the automatic KV size (bytes). */
+  autoKvCapBytes?: number;
+}
+
+interface Running {
+  req: GenerateRequest;
+  sampling: SamplingState;
+  generated: number;
+  /** Positions whose routing was already reported (recomputation after preemption repeats them). */
+  routedUpTo: number;
+}
+
+export class EngineCore {
+  readonly scheduler: Scheduler;
+  readonly cache: LayerCache[];
+  readonly info: ModelInfo;
+  readonly numBlocks: number;
+  private readonly sampler: Sampler;
+  private readonly requests = new Map<string, Running>();
+  private readonly eos: Set<number>;
+  private readonly blockSize: number;
+
+  constructor(readonly loaded: LoadedModel, opts: EngineCoreOptions) {
+    const { spec, model } = loaded;
+    this.blockSize = opts.blockSize;
+    const [kf, vf] = model.cacheFloatsPerToken();
+    const bytesPerBlock = spec.numLayers * opts.blockSize * (kf + vf) * 4;
+    let numBlocks = opts.kvCacheBlocks;
+    if (!numBlocks && opts.kvCacheGb > 0) numBlocks = Math.floor((opts.kvCacheGb * 2 ** 30) / bytesPerBlock);
+    if (!numBlocks) {
+      const want = opts.maxNumSeqs * Math.ceil(spec.maxContext / opts.blockSize);
+      numBlocks = Math.max(1, Math.min(want, Math.floor((opts.autoKvCapBytes ?? 2 ** 30) / bytesPerBlock)));
+    }
+    if (numBlocks < 1) throw new RangeError('the KV cache must hold at least one block; raise --kv-cache-gb');
+    this.numBlocks = numBlocks;
+    this.cache = model.allocateKvCache(numBlocks, opts.blockSize);
+    this.scheduler = new Scheduler({
+      numBlocks, blockSize: opts.blockSize, maxContext: spec.maxContext,
+      maxNumSeqs: opts.maxNumSeqs, maxNumBatchedTokens: opts.maxNumBatchedTokens,
+    });
+    this.sampler = new Sampler(spec.vocabSize);
+    this.eos = new Set(spec.eosTokenIds);
+    this.info = {
+      name: opts.servedModelName, architecture: spec.modelType, maxContext: spec.maxContext,
+      vocabSize: spec.vocabSize, eosTokenIds: spec.eosTokenIds,
+      numMoeLayers: model.moeLayers.length, numExperts: spec.moe.numExperts, topK: spec.moe.router.topK,
+    };
+  }
+
+  /** Queues a request; returns an immediate 'finished' event when it cannot run at all. */
+  add(req: GenerateRequest): EngineEvent | null {
+    const fail = (msg: string): EngineEvent => ({
+      type: 'finished', id: req.id, reason: 'error', error: msg,
+      promptTokens: req.promptTokenIds.length, completionTokens: 0,
+    });
+    const V = this.info.vocabSize;
+    for (const id of req.promptTokenIds)
+      if (!Number.isInteger(id) || id < 0 || id >= V) return fail(`prompt token id ${id} is outside the vocabulary (0..${V - 1})`);
+    let sampling: SamplingState;
+    try {
+      sampling = new SamplingState(req.sampling, req.promptTokenIds, V);
+      this.scheduler.addSequence({ id: req.id, promptTokenIds: req.promptTokenIds, maxTokens: req.maxTokens });
+    } catch (e) {
+      return fail((e as Error).message);
+    }
+    this.requests.set(req.id, { req, sampling, generated: 0, routedUpTo: 0 });
+    return null;
+  }
+
+  abort(id: string): EngineEvent | null {
+    const r = this.requests.get(id);
+    if (!r) return null;
+    this.scheduler.abort(id);
+    this.requests.delete(id);
+    return { type: 'finished', id, reason: 'abort', promptTokens: r.req.promptTokenIds.length, completionTokens: r.generated };
+  }
+
+  hasWork(): boolean {
+    return this.requests.size > 0;
+  }
+
+  stats(): EngineStats {
+    const used = this.numBlocks - this.scheduler.cache.numFreeBlocks;
+    return {
+      running: this.scheduler.numRunning, waiting: this.scheduler.numWaiting,
+      kvBlocksTotal: this.numBlocks, kvBlocksUsed: used, preemptionsTotal: this.scheduler.preemptionsTotal,
+    };
+  }
+
+  /** Runs one step; returns its events and metrics (null when there was nothing to run). */
+  step(): { events: EngineEvent[]; metrics: StepMetrics } | null {
+    const t0 = performance.now();
+    const plan = this.scheduler.step();
+    if (plan.entries.length === 0) return null;
+    const batch = this.buildBatch(plan);
+    const result = this.loaded.model.forward(batch, this.cache, this.blockSize);
+    const events: EngineEvent[] = [];
+    const V = this.info.vocabSize;
+    let row = 0;
+    let logitIndex = 0;
+    let prefillTokens = 0;
+    let decodeTokens = 0;
+    for (const entry of plan.entries) {
+      const r = this.requests.get(entry.seqId)!;
+      const n = entry.tokenIds.length;
+      if (entry.isPrefillChunk) prefillTokens += n; else decodeTokens += n;
+      const routed = r.req.returnRoutedExperts ? this.routedFor(r, entry.startPosition, n, row, result.routedIds) : undefined;
+      row += n;
+      if (!entry.sample) {
+        if (routed) events.push({ type: 'tokens', id: r.req.id, tokenIds: [], routedExperts: routed });
+        continue;
+      }
+      const logits = result.logits.subarray(logitIndex * V, (logitIndex + 1) * V);
+      logitIndex++;
+      const s = this.sampler.sample(logits, r.sampling);
+      r.sampling.addOutputToken(s.tokenId);
+      r.generated++;
+      const ev: EngineEvent = { type: 'tokens', id: r.req.id, tokenIds: [s.tokenId] };
+      if (s.logprob !== undefined) {
+        const lp: TokenLogprob = { tokenId: s.tokenId, logprob: s.logprob, top: s.top ?? [] };
+        ev.logprobs = [lp];
+      }
+      if (routed) ev.routedExperts = routed;
+      events.push(ev);
+      const reachedLimit = this.scheduler.appendToken(r.req.id, s.tokenId);
+      const stopHit = r.generated >= r.req.minTokens &&
+        ((!r.req.ignoreEos && this.eos.has(s.tokenId)) || r.req.stopTokenIds.includes(s.tokenId));
+      if (stopHit || reachedLimit) {
+        if (!reachedLimit) this.scheduler.finish(r.req.id);
+        this.requests.delete(r.req.id);
+        const fin: EngineEvent = {
+          type: 'finished', id: r.req.id, reason: stopHit ? 'stop' : 'length',
+          promptTokens: r.req.promptTokenIds.length, completionTokens: r.generated,
+        };
+        if (stopHit) fin.stopTokenId = s.tokenId;
+        events.push(fin);
+      }
+    }
+    const metrics: StepMetrics = {
+      prefillTokens, decodeTokens, durationMs: performance.now() - t0, preemptions: plan.preempted.length,
+      expertTokens: expertTokenCounts(result.routedIds, this.info.numExperts),
+    };
+    return { events, metrics };
+  }
+
+  private routedFor(r: Running, start: number, n: number, row: number, routedIds: Int32Array[]): RoutedExperts | undefined {
+    const k = this.info.topK;
+    const out: RoutedExperts = [];
+    for (let i = 0; i < n; i++) {
+      if (start + i < r.routedUpTo) continue;
+      const perLayer: number[][] = [];
+      for (const ids of routedIds) perLayer.push(Array.from(ids.subarray((row + i) * k, (row + i + 1) * k)));
+      out.push(perLayer);
+    }
+    r.routedUpTo = Math.max(r.routedUpTo, start + n);
+    return out.length ? out : undefined;
+  }
+
+  private buildBatch(plan: StepPlan): ForwardBatch {
+    const T = plan.numBatchedTokens;
+    const S = plan.entries.length;
+    const tokenIds = new Int32Array(T);
+    const positions = new Int32Array(T);
+    const slots = new Int32Array(T);
+    const seqInfo = new Int32Array(S * 3);
+    const maxBlocks = Math.max(1, ...plan.entries.map((e) => e.blockTable.length));
+    const blockTables = new Int32Array(S * maxBlocks);
+    const logitRows: number[] = [];
+    let row = 0;
+    plan.entries.forEach((e, s) => {
+      const n = e.tokenIds.length;
+      for (let i = 0; i < n; i++) {
+        tokenIds[row + i] = e.tokenIds[i]!;
+        positions[row + i] = e.startPosition + i;
+      }
+      slots.set(e.slots, row);
+      seqInfo[s * 3] = row;
+      seqInfo[s * 3 + 1] = n;
+      seqInfo[s * 3 + 2] = e.startPosition + n;
+      blockTables.set(e.blockTable, s * maxBlocks);
+      if (e.sample) logitRows.push(row + n - 1);
+      row += n;
+    });
+    return { tokenIds, positions, numSeqs: S, seqInfo, blockTables, maxBlocks, slots, logitRows: Int32Array.from(logitRows) };
+  }
+}
+
+function expertTokenCounts(routedIds: Int32Array[], E: number): number[][] {
+  return routedIds.map((ids) => {
+    const c = new Array<number>(E).fill(0);
+    for (let i = 0; i < ids.length; i++) c[ids[i]!]!++;
+    return c;
+  });
+}

@@ -1,0 +1,101 @@
+// Engine worker entry: owns the model, the KV cache and the step loop. Steps run back to back
+// while there is work, yielding to the worker's event loop between steps so requests and aborts
+// join between steps. The main thread never waits on any of this.
+import { parentPort } from 'node:worker_threads';
+
+import { loadModel, loadSummary } from '../model/load.js';
+import { loadNative } from '../native/index.js';
+import { EngineCore } from './engine-core.js';
+import type { FromWorker, StepMetrics, ToWorker } from './protocol.js';
+import type { EngineEvent } from './types.js';
+
+const port = parentPort;
+if (!port) throw new Error('engine worker must run in a worker thread');
+
+let core: EngineCore | null = null;
+let pending: EngineEvent[] = [];
+let scheduled = false;
+let stopping = false;
+
+function send(m: FromWorker): void {
+  port!.postMessage(m);
+}
+
+function flush(step?: StepMetrics): void {
+  if (!core) return;
+  if (pending.length === 0 && !step) return;
+  send(makeEvents(step));
+  pending = [];
+}
+
+function makeEvents(step?: StepMetrics): FromWorker {
+  return { type: 'events', events: pending, stats: core!.stats(), ...(step ? { step } : {}) };
+}
+
+function loop(): void {
+  scheduled = false;
+  if (!core || stopping) return;
+  try {
+    const res = core.step();
+    if (res) {
+      pending.push(...res.events);
+      flush(res.metrics);
+    } else {
+      flush();
+    }
+  } catch (e) {
+    const err = e as Error & { code?: string };
+    // A failed step fails the engine: device/kernel errors are not recoverable per request.
+    send({ type: 'fatal', message: `engine step failed: ${err.message}`, ...(err.code ? { code: err.code } : {}) });
+    stopping = true;
+    return;
+  }
+  if (core.hasWork()) kick();
+}
+
+function kick(): void {
+  if (scheduled || stopping) return;
+  scheduled = true;
+  setImmediate(loop);
+}
+
+port.on('message', (m: ToWorker) => {
+  switch (m.type) {
+    case 'init': {
+      try {
+        const o = m.options;
+        if (o.threads > 0) loadNative().setNumThreads(o.threads);
+        const fast = o.computeDtype === 'bf16';
+        const loaded = loadModel(o.modelDir, { fast });
+        core = new EngineCore(loaded, {
+          kvCacheBlocks: o.kvCacheBlocks, kvCacheGb: o.kvCacheGb, blockSize: o.blockSize,
+          maxNumSeqs: o.maxNumSeqs, maxNumBatchedTokens: o.maxNumBatchedTokens,
+          servedModelName: o.servedModelName,
+        });
+        const summary = `${loadSummary(loaded)}; compute ${o.computeDtype}; KV cache ${core.numBlocks} blocks x ${o.blockSize} tokens` +
+          (loaded.report.warnings.length ? `; ${loaded.report.warnings.length} unexpected tensor(s) ignored` : '');
+        send({ type: 'ready', info: core.info, summary });
+      } catch (e) {
+        const err = e as Error & { code?: string };
+        send({ type: 'fatal', message: err.message, ...(err.code ? { code: err.code } : {}) });
+      }
+      break;
+    }
+    case 'generate': {
+      if (!core) break;
+      const ev = core.add(m.req);
+      if (ev) { pending.push(ev); flush(); } else kick();
+      break;
+    }
+    case 'abort': {
+      if (!core) break;
+      const ev = core.abort(m.id);
+      if (ev) { pending.push(ev); flush(); }
+      break;
+    }
+    case 'shutdown':
+      stopping = true;
+      port.close();
+      break;
+  }
+});
