@@ -171,10 +171,11 @@ test('out of blocks, the youngest running sequence is preempted and recomputed f
   let p = h.step();               // decodes at position 7 still fit in the second blocks
   assert.deepEqual(p.preempted, []);
   const cOutput = [...h.live.get('c')!.output];
-  p = h.step();                   // 'a' needs a block at position 8: 'c' (youngest) goes
+  p = h.step();                   // a and b need a block at position 8: c (youngest) goes
   assert.deepEqual(p.preempted, ['c']);
   assert.equal(h.s.preemptionsTotal, 1);
   assert.deepEqual(h.s.order(), { running: ['a', 'b'], waiting: ['c'] });
+  assert.deepEqual(h.s.stats(), { running: 2, waiting: 1, kvBlocksTotal: 6, kvBlocksUsed: 6, preemptionsTotal: 1 });
   assert.deepEqual(p.entries.map((e) => e.seqId), ['a', 'b']);
   assert.equal(h.s.sequenceInfo('c').numPreemptions, 1);
   // c comes back as a prefill of everything it had: its prompt and its 2 generated tokens.

@@ -4,6 +4,7 @@
 // block the youngest running sequence is preempted and later recomputed from prompt + output.
 
 import { PagedKvCache, type SeqId } from './kv-cache.js';
+import type { EngineStats } from './types.js';
 
 export type { SeqId } from './kv-cache.js';
 
@@ -124,6 +125,14 @@ export class Scheduler {
 
   get preemptionsTotal(): number {
     return this.preemptions;
+  }
+
+  /** The scheduler's part of the engine's stats (and of the metrics). */
+  stats(): EngineStats {
+    return {
+      running: this.running.length, waiting: this.waiting.length, kvBlocksTotal: this.cache.numBlocks,
+      kvBlocksUsed: this.cache.numUsedBlocks, preemptionsTotal: this.preemptions,
+    };
   }
 
   has(id: SeqId): boolean {
