@@ -1,0 +1,36 @@
+// Messages between the main thread (EngineClient) and the engine worker. Plain data only.
+import type { EngineEvent, EngineStats, GenerateRequest, ModelInfo } from './types.js';
+
+export interface EngineOptions {
+  modelDir: string;
+  computeDtype: 'f32' | 'bf16';
+  /** KV cache size: blocks, or GiB when kvCacheBlocks is 0. */
+  kvCacheBlocks: number;
+  kvCacheGb: number;
+  blockSize: number;
+  maxNumSeqs: number;
+  maxNumBatchedTokens: number;
+  /** 0 = all cores. */
+  threads: number;
+  servedModelName: string;
+}
+
+export type ToWorker =
+  | { type: 'init'; options: EngineOptions }
+  | { type: 'generate'; req: GenerateRequest }
+  | { type: 'abort'; id: string }
+  | { type: 'shutdown' };
+
+export type FromWorker =
+  | { type: 'ready'; info: ModelInfo; summary: string }
+  | { type: 'events'; events: EngineEvent[]; stats: EngineStats; step?: StepMetrics }
+  | { type: 'fatal'; message: string; code?: string };
+
+export interface StepMetrics {
+  prefillTokens: number;
+  decodeTokens: number;
+  durationMs: number;
+  preemptions: number;
+  /** Per MoE layer: tokens routed to each expert this step ([moeLayers][E]). */
+  expertTokens?: number[][];
+}

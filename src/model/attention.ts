@@ -1,0 +1,227 @@
+// Attention blocks over the paged KV cache: grouped-query (Mixtral, Qwen, OLMoE) and DeepSeek's
+// multi-head latent attention, which caches the compressed latent and absorbs the up-projections.
+import { loadNative, type AttentionOptions, type PackedWeight } from '../native/index.js';
+import type { ForwardBatch, Scratch } from './forward-batch.js';
+import type { AttentionSpec } from './spec.js';
+import type { TensorSource } from './tensor-source.js';
+import { checkShape, packLinear, rowsOf, transpose, vectorF32 } from './weights.js';
+
+export interface LayerCache {
+  k: Float32Array;
+  /** null for MLA (values are read from the latent in k). */
+  v: Float32Array | null;
+}
+
+export interface AttentionContext {
+  batch: ForwardBatch;
+  tokens: number;
+  fast: boolean;
+  scratch: Scratch;
+  blockSize: number;
+}
+
+export interface AttentionBlock {
+  /** Floats per token per layer in the KV cache: [k floats, v floats]. */
+  readonly cacheFloatsPerToken: [number, number];
+  forward(ctx: AttentionContext, x: Float32Array, cache: LayerCache, out: Float32Array): void;
+  dispose(): void;
+}
+
+function attentionOptions(ctx: AttentionContext, o: Omit<AttentionOptions, 'numSeqs' | 'blockSize' |
+  'maxBlocks'>): AttentionOptions {
+  return { ...o, numSeqs: ctx.batch.numSeqs, blockSize: ctx.blockSize, maxBlocks: ctx.batch.maxBlocks };
+}
+
+export class GqaAttention implements AttentionBlock {
+  private readonly q: PackedWeight;
+  private readonly k: PackedWeight;
+  private readonly v: PackedWeight;
+  private readonly o: PackedWeight;
+  private readonly qBias: Float32Array | null;
+  private readonly kBias: Float32Array | null;
+  private readonly vBias: Float32Array | null;
+  private readonly oBias: Float32Array | null;
+  private readonly qNorm: Float32Array | null;
+  private readonly kNorm: Float32Array | null;
+  readonly cacheFloatsPerToken: [number, number];
+
+  constructor(private readonly spec: AttentionSpec, src: TensorSource, prefix: string,
+              hidden: number, private readonly eps: number) {
+    const { heads, kvHeads, headDim } = spec;
+    const p = `${prefix}self_attn.`;
+    this.q = packLinear(src, `${p}q_proj.weight`, heads * headDim, hidden);
+    this.k = packLinear(src, `${p}k_proj.weight`, kvHeads * headDim, hidden);
+    this.v = packLinear(src, `${p}v_proj.weight`, kvHeads * headDim, hidden);
+    this.o = packLinear(src, `${p}o_proj.weight`, hidden, heads * headDim);
+    this.qBias = spec.qkvBias ? vectorF32(src, `${p}q_proj.bias`, heads * headDim) : null;
+    this.kBias = spec.qkvBias ? vectorF32(src, `${p}k_proj.bias`, kvHeads * headDim) : null;
+    this.vBias = spec.qkvBias ? vectorF32(src, `${p}v_proj.bias`, kvHeads * headDim) : null;
+    this.oBias = spec.oBias ? vectorF32(src, `${p}o_proj.bias`, hidden) : null;
+    const qn = spec.qkNorm === 'per_head' ? headDim : heads * headDim;
+    const kn = spec.qkNorm === 'per_head' ? headDim : kvHeads * headDim;
+    this.qNorm = spec.qkNorm === 'none' ? null : vectorF32(src, `${p}q_norm.weight`, qn);
+    this.kNorm = spec.qkNorm === 'none' ? null : vectorF32(src, `${p}k_norm.weight`, kn);
+    this.cacheFloatsPerToken = [kvHeads * headDim, kvHeads * headDim];
+  }
+
+  forward(ctx: AttentionContext, x: Float32Array, cache: LayerCache, out: Float32Array): void {
+    const n = loadNative();
+    const { heads, kvHeads, headDim, rope } = this.spec;
+    const T = ctx.tokens;
+    const q = ctx.scratch.f32('attn.q', T * heads * headDim);       // [T, heads, headDim]
+    const k = ctx.scratch.f32('attn.k', T * kvHeads * headDim);     // [T, kvHeads, headDim]
+    const v = ctx.scratch.f32('attn.v', T * kvHeads * headDim);
+    n.denseGemm(x, T, this.q, q, this.qBias, false, ctx.fast);
+    n.denseGemm(x, T, this.k, k, this.kBias, false, ctx.fast);
+    n.denseGemm(x, T, this.v, v, this.vBias, false, ctx.fast);
+    if (this.qNorm && this.kNorm) {
+      if (this.spec.qkNorm === 'per_head') {
+        n.rmsNorm(q, T * heads, headDim, this.qNorm, this.eps, q, null);
+        n.rmsNorm(k, T * kvHeads, headDim, this.kNorm, this.eps, k, null);
+      } else {
+        n.rmsNorm(q, T, heads * headDim, this.qNorm, this.eps, q, null);
+        n.rmsNorm(k, T, kvHeads * headDim, this.kNorm, this.eps, k, null);
+      }
+    }
+    const clip = this.spec.clipQkv;
+    if (clip !== null) for (const a of [q, k, v]) clamp(a, clip);
+    const pos = ctx.batch.positions;
+    n.rope(q, T, heads, heads * headDim, headDim, 0, pos, rope.invFreq, rope.attnScale, rope.interleaved);
+    n.rope(k, T, kvHeads, kvHeads * headDim, headDim, 0, pos, rope.invFreq, rope.attnScale, rope.interleaved);
+    n.kvCacheWrite(k, v, T, ctx.batch.slots, cache.k, cache.v, kvHeads, headDim, headDim, headDim);
+    const attn = ctx.scratch.f32('attn.out', T * heads * headDim);
+    n.pagedAttention(q, cache.k, cache.v!, ctx.batch.seqInfo, ctx.batch.blockTables, attentionOptions(ctx, {
+      heads, kvHeads, dk: headDim, dv: headDim, scale: this.spec.softmaxScale,
+      slidingWindow: this.spec.slidingWindow ?? 0,
+    }), attn);
+    n.denseGemm(attn, T, this.o, out, this.oBias, false, ctx.fast);
+  }
+
+  dispose(): void {
+    for (const w of [this.q, this.k, this.v, this.o]) w.dispose();
+  }
+}
+
+function clamp(a: Float32Array, c: number): void {
+  for (let i = 0; i < a.length; i++) {
+    const x = a[i]!;
+    if (x > c) a[i] = c;
+    else if (x < -c) a[i] = -c;
+  }
+}
+
+/**
+ * DeepSeek MLA. The cache holds per token [c_kv (kvLoraRank), k_pe (qkRopeHeadDim)] once for all
+ * heads. Each head's query is absorbed into latent space (q_lat = W_UK^T q_nope), attention runs as
+ * one-KV-head attention with dk = kvLoraRank + rope and dv = kvLoraRank (values = the latent), and
+ * W_UV maps each head's latent output back to v_head_dim before o_proj.
+ */
+export class MlaAttention implements AttentionBlock {
+  private readonly qProj: PackedWeight | null;
+  private readonly qA: PackedWeight | null;
+  private readonly qANorm: Float32Array | null;
+  private readonly qB: PackedWeight | null;
+  private readonly kvA: PackedWeight;
+  private readonly kvANorm: Float32Array;
+  private readonly ukT: PackedWeight[] = []; // per head [kvLoraRank, nope]: q_lat = q_nope * W_UK
+  private readonly uv: PackedWeight[] = [];  // per head [v, kvLoraRank]
+  private readonly o: PackedWeight;
+  readonly cacheFloatsPerToken: [number, number];
+  // NOTE: HF builds q_a_layernorm / kv_a_layernorm with the RMSNorm default eps (1e-6), not
+  // config.rms_norm_eps.
+  private readonly latentEps = 1e-6;
+
+  constructor(private readonly spec: AttentionSpec, src: TensorSource, prefix: string,
+              hidden: number) {
+    const { heads, qLoraRank, kvLoraRank, qkNopeHeadDim: nope, qkRopeHeadDim: rope, vHeadDim } = spec;
+    const p = `${prefix}self_attn.`;
+    const qDim = heads * (nope + rope);
+    if (qLoraRank) {
+      this.qProj = null;
+      this.qA = packLinear(src, `${p}q_a_proj.weight`, qLoraRank, hidden);
+      this.qANorm = vectorF32(src, `${p}q_a_layernorm.weight`, qLoraRank);
+      this.qB = packLinear(src, `${p}q_b_proj.weight`, qDim, qLoraRank);
+    } else {
+      this.qProj = packLinear(src, `${p}q_proj.weight`, qDim, hidden);
+      this.qA = null;
+      this.qANorm = null;
+      this.qB = null;
+    }
+    this.kvA = packLinear(src, `${p}kv_a_proj_with_mqa.weight`, kvLoraRank + rope, hidden);
+    this.kvANorm = vectorF32(src, `${p}kv_a_layernorm.weight`, kvLoraRank);
+    const kvB = src.get(`${p}kv_b_proj.weight`);
+    checkShape(`${p}kv_b_proj.weight`, kvB, [heads * (nope + vHeadDim), kvLoraRank]);
+    const n = loadNative();
+    for (let h = 0; h < heads; h++) {
+      const base = h * (nope + vHeadDim);
+      const uk = transpose(rowsOf(kvB, base, base + nope)); // [kvLoraRank, nope]
+      this.ukT.push(n.packWeight(uk.data, uk.dtype, kvLoraRank, nope));
+      const uv = rowsOf(kvB, base + nope, base + nope + vHeadDim); // [v, kvLoraRank]
+      this.uv.push(n.packWeight(uv.data, uv.dtype, vHeadDim, kvLoraRank));
+    }
+    this.o = packLinear(src, `${p}o_proj.weight`, hidden, heads * vHeadDim);
+    this.cacheFloatsPerToken = [kvLoraRank + rope, 0];
+  }
+
+  forward(ctx: AttentionContext, x: Float32Array, cache: LayerCache, out: Float32Array): void {
+    const n = loadNative();
+    const { heads, qLoraRank, kvLoraRank: lora, qkNopeHeadDim: nope, qkRopeHeadDim: rope,
+      vHeadDim, rope: ropeSpec } = this.spec;
+    const T = ctx.tokens;
+    const s = ctx.scratch;
+    const qk = nope + rope;
+    const q = s.f32('mla.q', T * heads * qk); // [T, heads, nope + rope]
+    if (this.qProj) {
+      n.denseGemm(x, T, this.qProj, q, null, false, ctx.fast);
+    } else {
+      const qa = s.f32('mla.qa', T * qLoraRank!);
+      n.denseGemm(x, T, this.qA!, qa, null, false, ctx.fast);
+      n.rmsNorm(qa, T, qLoraRank!, this.qANorm!, this.latentEps, qa, null);
+      n.denseGemm(qa, T, this.qB!, q, null, false, ctx.fast);
+    }
+    const dk = lora + rope;
+    const kv = s.f32('mla.kv', T * dk); // [T, lora + rope]: c_kv then k_pe
+    n.denseGemm(x, T, this.kvA, kv, null, false, ctx.fast);
+    // Normalise c_kv in place (rows are strided by dk: copy through a contiguous buffer).
+    const c = s.f32('mla.c', T * lora);
+    for (let t = 0; t < T; t++) c.set(kv.subarray(t * dk, t * dk + lora), t * lora);
+    n.rmsNorm(c, T, lora, this.kvANorm, this.latentEps, c, null);
+    for (let t = 0; t < T; t++) kv.set(c.subarray(t * lora, (t + 1) * lora), t * dk);
+    const pos = ctx.batch.positions;
+    n.rope(q, T, heads, heads * qk, qk, nope, pos, ropeSpec.invFreq, ropeSpec.attnScale, ropeSpec.interleaved);
+    n.rope(kv, T, 1, dk, dk, lora, pos, ropeSpec.invFreq, ropeSpec.attnScale, ropeSpec.interleaved);
+    n.kvCacheWrite(kv, null, T, ctx.batch.slots, cache.k, null, 1, dk, 0, 0);
+
+    // Absorb: qFull [T, heads, lora + rope] = [q_nope W_UK, q_pe].
+    const qFull = s.f32('mla.qfull', T * heads * dk);
+    const qNope = s.f32('mla.qnope', T * nope);
+    const qLat = s.f32('mla.qlat', T * lora);
+    for (let h = 0; h < heads; h++) {
+      for (let t = 0; t < T; t++) {
+        const src = (t * heads + h) * qk;
+        qNope.set(q.subarray(src, src + nope), t * nope);
+        qFull.set(q.subarray(src + nope, src + qk), (t * heads + h) * dk + lora);
+      }
+      n.denseGemm(qNope, T, this.ukT[h]!, qLat, null, false, false);
+      for (let t = 0; t < T; t++) qFull.set(qLat.subarray(t * lora, (t + 1) * lora), (t * heads + h) * dk);
+    }
+    const oLat = s.f32('mla.olat', T * heads * lora); // [T, heads, lora]
+    n.pagedAttention(qFull, cache.k, cache.k, ctx.batch.seqInfo, ctx.batch.blockTables, attentionOptions(ctx, {
+      heads, kvHeads: 1, dk, dv: lora, vStride: dk, vOffset: 0, scale: this.spec.softmaxScale,
+    }), oLat);
+    // Un-absorb: v_h = o_lat_h W_UV^T -> [T, heads, v].
+    const attn = s.f32('mla.attn', T * heads * vHeadDim);
+    const oh = s.f32('mla.oh', T * lora);
+    const vh = s.f32('mla.vh', T * vHeadDim);
+    for (let h = 0; h < heads; h++) {
+      for (let t = 0; t < T; t++) oh.set(oLat.subarray((t * heads + h) * lora, (t * heads + h + 1) * lora), t * lora);
+      n.denseGemm(oh, T, this.uv[h]!, vh, null, false, false);
+      for (let t = 0; t < T; t++) attn.set(vh.subarray(t * vHeadDim, (t + 1) * vHeadDim), (t * heads + h) * vHeadDim);
+    }
+    n.denseGemm(attn, T, this.o, out, null, false, ctx.fast);
+  }
+
+  dispose(): void {
+    for (const w of [this.qProj, this.qA, this.qB, this.kvA, this.o, ...this.ukT, ...this.uv]) w?.dispose();
+  }
+}

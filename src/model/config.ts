@@ -1,0 +1,557 @@
+// HF config.json (+ generation_config.json) -> ModelSpec for the six supported MoE families, in
+// both transformers 4.x (rope_scaling, top-level rope_theta) and 5.x (rope_parameters) spellings.
+// Anything not implemented is a ConfigError naming the value and what is supported: never a
+// silently different model.
+import fs from 'node:fs';
+import path from 'node:path';
+
+import {
+  computeRope, invSqrt, RopeConfigError, SUPPORTED_ROPE_TYPES, yarnGetMscale,
+} from './rope.js';
+import type {
+  AttentionSpec, LayerSpec, ModelSpec, ModelType, MoeSpec, RopeSpec, RouterSpec,
+} from './spec.js';
+
+export class ConfigError extends Error {
+  readonly code = 'E_CONFIG';
+  constructor(message: string) {
+    super(message);
+    this.name = 'ConfigError';
+  }
+}
+
+export const SUPPORTED_MODEL_TYPES: readonly ModelType[] =
+  ['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v2', 'deepseek_v3'];
+
+type Raw = Record<string, unknown>;
+
+function readJson(file: string): Raw {
+  let text: string;
+  try {
+    text = fs.readFileSync(file, 'utf8');
+  } catch (e) {
+    throw new ConfigError(`cannot read ${file}: ${(e as Error).message}`);
+  }
+  try {
+    const j = JSON.parse(text) as unknown;
+    if (!j || typeof j !== 'object' || Array.isArray(j)) throw new Error('not a JSON object');
+    return j as Raw;
+  } catch (e) {
+    throw new ConfigError(`${file} is not valid JSON: ${(e as Error).message}`);
+  }
+}
+
+/** Typed accessors that name the key and the model type in every error. */
+class Fields {
+  constructor(readonly raw: Raw, readonly modelType: string) {}
+
+  has(key: string): boolean {
+    return this.raw[key] !== undefined && this.raw[key] !== null;
+  }
+
+  int(key: string, def?: number, min = 0): number {
+    const v = this.raw[key];
+    if (v === undefined || v === null) {
+      if (def !== undefined) return def;
+      throw new ConfigError(`${this.modelType} config is missing ${key} (an integer)`);
+    }
+    if (typeof v !== 'number' || !Number.isInteger(v) || v < min)
+      throw new ConfigError(`${this.modelType} config ${key} is ${JSON.stringify(v)}, expected an integer >= ${min}`);
+    return v;
+  }
+
+  intOrNull(key: string): number | null {
+    return this.has(key) ? this.int(key) : null;
+  }
+
+  num(key: string, def?: number): number {
+    const v = this.raw[key];
+    if (v === undefined || v === null) {
+      if (def !== undefined) return def;
+      throw new ConfigError(`${this.modelType} config is missing ${key} (a number)`);
+    }
+    if (typeof v !== 'number' || !Number.isFinite(v))
+      throw new ConfigError(`${this.modelType} config ${key} is ${JSON.stringify(v)}, expected a number`);
+    return v;
+  }
+
+  bool(key: string, def: boolean): boolean {
+    const v = this.raw[key];
+    if (v === undefined || v === null) return def;
+    if (typeof v !== 'boolean')
+      throw new ConfigError(`${this.modelType} config ${key} is ${JSON.stringify(v)}, expected true or false`);
+    return v;
+  }
+
+  str(key: string, def: string): string {
+    const v = this.raw[key];
+    if (v === undefined || v === null) return def;
+    if (typeof v !== 'string')
+      throw new ConfigError(`${this.modelType} config ${key} is ${JSON.stringify(v)}, expected a string`);
+    return v;
+  }
+
+  intList(key: string): number[] {
+    const v = this.raw[key];
+    if (v === undefined || v === null) return [];
+    if (!Array.isArray(v) || !v.every((x) => Number.isInteger(x)))
+      throw new ConfigError(`${this.modelType} config ${key} is ${JSON.stringify(v)}, expected a list of integers`);
+    return v as number[];
+  }
+}
+
+function idList(v: unknown): number[] {
+  if (v === undefined || v === null) return [];
+  if (typeof v === 'number' && Number.isInteger(v)) return [v];
+  if (Array.isArray(v) && v.every((x) => Number.isInteger(x))) return v as number[];
+  throw new ConfigError(`eos_token_id is ${JSON.stringify(v)}, expected an integer or a list of integers`);
+}
+
+export interface ParseOptions {
+  /** Contents of generation_config.json (read from the folder when parsing a folder). */
+  generationConfig?: Raw | null;
+}
+
+/**
+ * Parses a model folder (config.json + optional generation_config.json), a config.json path, or
+ * an already parsed config object into a ModelSpec.
+ */
+export function parseModelConfig(source: string | Raw, options: ParseOptions = {}): ModelSpec {
+  let raw: Raw;
+  let gen: Raw | null = options.generationConfig ?? null;
+  if (typeof source === 'string') {
+    const isDir = fs.existsSync(source) && fs.statSync(source).isDirectory();
+    const file = isDir ? path.join(source, 'config.json') : source;
+    if (!fs.existsSync(file)) throw new ConfigError(`no config.json at ${file}`);
+    raw = readJson(file);
+    const genFile = path.join(path.dirname(file), 'generation_config.json');
+    if (gen === null && fs.existsSync(genFile)) gen = readJson(genFile);
+  } else {
+    raw = source;
+  }
+  return buildSpec(raw, gen);
+}
+
+function buildSpec(raw: Raw, gen: Raw | null): ModelSpec {
+  const modelType = raw.model_type;
+  if (typeof modelType !== 'string' || !(SUPPORTED_MODEL_TYPES as readonly string[]).includes(modelType))
+    throw new ConfigError(`model_type ${JSON.stringify(modelType)} is not supported; supported: ` +
+      SUPPORTED_MODEL_TYPES.join(', '));
+  const mt = modelType as ModelType;
+  const c = new Fields(raw, mt);
+
+  const act = c.str('hidden_act', 'silu');
+  if (act !== 'silu')
+    throw new ConfigError(`${mt} config hidden_act is '${act}'; only 'silu' (SwiGLU experts) is supported`);
+  const quantization = parseQuantization(raw, mt);
+
+  const hidden = c.int('hidden_size', undefined, 1);
+  const numLayers = c.int('num_hidden_layers', undefined, 1);
+  const vocabSize = c.int('vocab_size', undefined, 1);
+  const heads = c.int('num_attention_heads', undefined, 1);
+  const maxContext = c.int('max_position_embeddings', undefined, 1);
+  const rmsNormEps = c.num('rms_norm_eps', mt === 'mixtral' || mt === 'olmoe' ? 1e-5 : 1e-6);
+  const tieWordEmbeddings = c.bool('tie_word_embeddings', false);
+
+  const isDeepseek = mt === 'deepseek_v2' || mt === 'deepseek_v3';
+  const attention = isDeepseek ? mlaAttention(c, hidden, heads, maxContext)
+    : gqaAttention(c, mt, hidden, heads, maxContext);
+  const { moe, layers, denseIntermediate } = moeAndLayers(c, mt, numLayers);
+
+  const eosTokenIds: number[] = [];
+  for (const id of [...idList(gen?.eos_token_id), ...idList(raw.eos_token_id)])
+    if (!eosTokenIds.includes(id)) eosTokenIds.push(id);
+  const bos = (gen?.bos_token_id ?? raw.bos_token_id) as unknown;
+  const bosTokenId = typeof bos === 'number' && Number.isInteger(bos) ? bos : null;
+
+  return {
+    modelType: mt, hidden, vocabSize, numLayers, rmsNormEps, maxContext, tieWordEmbeddings,
+    denseIntermediate, attention, moe, layers, bosTokenId, eosTokenIds, quantization, raw,
+  };
+}
+
+function parseQuantization(raw: Raw, mt: string): ModelSpec['quantization'] {
+  const q = raw.quantization_config as Raw | undefined | null;
+  if (!q) return null;
+  const method = q.quant_method;
+  const fmt = q.fmt ?? 'e4m3';
+  const scaleFmt = q.scale_fmt ?? 'float';
+  const block = q.weight_block_size ?? [128, 128];
+  const okBlock = Array.isArray(block) && block.length === 2 &&
+    block.every((x) => Number.isInteger(x) && (x as number) > 0);
+  if (method !== 'fp8' || fmt !== 'e4m3' || scaleFmt !== 'float' || !okBlock ||
+      (q.activation_scheme ?? 'dynamic') !== 'dynamic') {
+    throw new ConfigError(`${mt} config quantization_config ${JSON.stringify(q)} is not supported; ` +
+      'supported: quant_method "fp8", fmt "e4m3", float block scales (weight_block_size [rows, cols]), ' +
+      'activation_scheme "dynamic" (weights are dequantised to bf16 at load)');
+  }
+  return { method: 'fp8', blockSize: block as [number, number] };
+}
+
+/** rope_parameters (5.x) or rope_scaling + rope_theta (4.x) -> type, theta and the dict. */
+function ropeDict(c: Fields): { ropeType: string; theta: number; params: Raw } {
+  const raw = c.raw;
+  const src = (raw.rope_scaling ?? raw.rope_parameters ?? {}) as Raw;
+  if (typeof src !== 'object' || Array.isArray(src))
+    throw new ConfigError(`${c.modelType} config rope_parameters is ${JSON.stringify(src)}, expected an object`);
+  const params: Raw = { ...src };
+  const ropeType = String(params.rope_type ?? params.type ?? 'default');
+  const theta = (params.rope_theta ?? raw.rope_theta ?? 10000) as number;
+  if (typeof theta !== 'number' || !(theta > 0))
+    throw new ConfigError(`${c.modelType} config rope_theta is ${JSON.stringify(theta)}, expected a positive number`);
+  if (['llama3', 'yarn', 'longrope'].includes(ropeType)) {
+    // transformers: a top-level original_max_position_embeddings wins, else max_position_embeddings.
+    if (raw.original_max_position_embeddings !== undefined)
+      params.original_max_position_embeddings = raw.original_max_position_embeddings;
+    else if (params.original_max_position_embeddings === undefined)
+      params.original_max_position_embeddings = raw.max_position_embeddings;
+  }
+  const prf = params.partial_rotary_factor ?? raw.partial_rotary_factor;
+  if (prf !== undefined && prf !== null && prf !== 1)
+    throw new ConfigError(`${c.modelType} config partial_rotary_factor is ${JSON.stringify(prf)}; ` +
+      `only 1.0 is supported for ${c.modelType}`);
+  if (!(SUPPORTED_ROPE_TYPES as readonly string[]).includes(ropeType))
+    throw new ConfigError(`${c.modelType} config rope_type '${ropeType}' is not supported; supported: ` +
+      SUPPORTED_ROPE_TYPES.join(', '));
+  return { ropeType, theta, params };
+}
+
+function rope(c: Fields, dim: number, maxContext: number, interleaved: boolean): RopeSpec {
+  const { ropeType, theta, params } = ropeDict(c);
+  try {
+    const r = computeRope({ ropeType, theta, dim, maxPositionEmbeddings: maxContext, params });
+    return { invFreq: r.invFreq, attnScale: r.attnScale, rotaryDim: dim, interleaved };
+  } catch (e) {
+    if (e instanceof RopeConfigError) throw new ConfigError(`${c.modelType} config: ${e.message}`);
+    throw e;
+  }
+}
+
+function gqaAttention(c: Fields, mt: ModelType, hidden: number, heads: number,
+                      maxContext: number): AttentionSpec {
+  const kvHeads = c.int('num_key_value_heads', heads, 1);
+  if (heads % kvHeads !== 0)
+    throw new ConfigError(`${mt} config num_attention_heads ${heads} is not a multiple of num_key_value_heads ${kvHeads}`);
+  let headDim: number;
+  if (c.has('head_dim')) headDim = c.int('head_dim', undefined, 1);
+  else {
+    if (hidden % heads !== 0)
+      throw new ConfigError(`${mt} config hidden_size ${hidden} is not divisible by num_attention_heads ${heads} ` +
+        'and head_dim is not given');
+    headDim = hidden / heads;
+  }
+  let slidingWindow: number | null = null;
+  if (mt === 'mixtral') {
+    slidingWindow = c.intOrNull('sliding_window');
+  } else if ((mt === 'qwen2_moe' || mt === 'qwen3_moe') && c.bool('use_sliding_window', false)) {
+    throw new ConfigError(`${mt} config use_sliding_window=true (a window on some layers only) is not supported; ` +
+      'supported: use_sliding_window=false');
+  }
+  let qkvBias = false;
+  let oBias = false;
+  if (mt === 'qwen2_moe') qkvBias = c.bool('qkv_bias', true);
+  if (mt === 'qwen3_moe' || mt === 'olmoe') qkvBias = oBias = c.bool('attention_bias', false);
+  if (mt === 'mixtral' && c.bool('attention_bias', false))
+    throw new ConfigError('mixtral config attention_bias=true is not supported (Mixtral has no attention bias)');
+  const clip = mt === 'olmoe' && c.has('clip_qkv') ? c.num('clip_qkv') : null;
+  return {
+    kind: 'gqa', heads, kvHeads, headDim, qkvBias, oBias,
+    qkNorm: mt === 'qwen3_moe' ? 'per_head' : mt === 'olmoe' ? 'full' : 'none',
+    clipQkv: clip, slidingWindow,
+    softmaxScale: invSqrt(headDim),
+    qLoraRank: null, kvLoraRank: 0, qkNopeHeadDim: 0, qkRopeHeadDim: 0, vHeadDim: headDim,
+    rope: rope(c, headDim, maxContext, false),
+  };
+}
+
+function mlaAttention(c: Fields, hidden: number, heads: number, maxContext: number): AttentionSpec {
+  const mt = c.modelType;
+  if (c.bool('attention_bias', false))
+    throw new ConfigError(`${mt} config attention_bias=true is not supported; supported: false`);
+  if (c.bool('mlp_bias', false))
+    throw new ConfigError(`${mt} config mlp_bias=true is not supported; supported: false`);
+  const qLoraRank = c.intOrNull('q_lora_rank');
+  const kvLoraRank = c.int('kv_lora_rank', 512, 1);
+  const qkNopeHeadDim = c.int('qk_nope_head_dim', 128, 0);
+  const qkRopeHeadDim = c.int('qk_rope_head_dim', 64, 2);
+  const vHeadDim = c.int('v_head_dim', 128, 1);
+  const qkHeadDim = qkNopeHeadDim + qkRopeHeadDim;
+  // transformers: DeepSeek-V2 rotates complex pairs (2i, 2i+1); V3 does the same when
+  // rope_interleave (default true) and rotate_half otherwise.
+  const interleaved = mt === 'deepseek_v2' ? true : c.bool('rope_interleave', true);
+  const r = rope(c, qkRopeHeadDim, maxContext, interleaved);
+  // Softmax scale: qk_head_dim^-0.5 * mscale^2 with mscale = yarn_get_mscale(factor, mscale_all_dim)
+  // (transformers yarn_apply_mscale: only for a non-default rope_type with mscale_all_dim set).
+  let softmaxScale = invSqrt(qkHeadDim);
+  const { ropeType, params } = ropeDict(c);
+  if (ropeType !== 'default') {
+    const mAll = params.mscale_all_dim as number | undefined;
+    if (mAll) {
+      const factor = params.factor;
+      if (typeof factor !== 'number')
+        throw new ConfigError(`${mt} config rope_parameters.factor is ${JSON.stringify(factor)}, expected a number`);
+      const m = yarnGetMscale(factor, mAll);
+      softmaxScale = softmaxScale * m * m;
+    }
+  }
+  void hidden;
+  return {
+    kind: 'mla', heads, kvHeads: 1, headDim: qkHeadDim, qkvBias: false, oBias: false,
+    qkNorm: 'none', clipQkv: null, slidingWindow: null, softmaxScale,
+    qLoraRank, kvLoraRank, qkNopeHeadDim, qkRopeHeadDim, vHeadDim, rope: r,
+  };
+}
+
+function moeAndLayers(c: Fields, mt: ModelType, numLayers: number):
+    { moe: MoeSpec; layers: LayerSpec[]; denseIntermediate: number } {
+  const topK = c.int('num_experts_per_tok', undefined, 1);
+  let numExperts: number;
+  let intermediate: number;
+  let denseIntermediate = 0;
+  let sharedIntermediate = 0;
+  let sharedGate = false;
+  let isMoe: (i: number) => boolean;
+  const router: RouterSpec = {
+    scoring: 'softmax', topK, renormalize: false, scale: 1, nGroup: 1, topkGroup: 1,
+    groupScore: 'max', hasCorrectionBias: false,
+  };
+  switch (mt) {
+    case 'mixtral':
+      numExperts = c.int('num_local_experts', undefined, 1);
+      intermediate = c.int('intermediate_size', undefined, 1);
+      router.renormalize = true;  // Mixtral always renormalises its top-k softmax weights
+      isMoe = () => true;
+      break;
+    case 'olmoe':
+      numExperts = c.int('num_experts', undefined, 1);
+      intermediate = c.int('intermediate_size', undefined, 1);
+      router.renormalize = c.bool('norm_topk_prob', false);
+      isMoe = () => true;
+      break;
+    case 'qwen2_moe':
+    case 'qwen3_moe': {
+      numExperts = c.int('num_experts', undefined, 0);
+      intermediate = c.int('moe_intermediate_size', undefined, 1);
+      denseIntermediate = c.int('intermediate_size', undefined, 1);
+      router.renormalize = c.bool('norm_topk_prob', false);
+      const step = c.int('decoder_sparse_step', 1, 1);
+      const mlpOnly = new Set(c.intList('mlp_only_layers'));
+      isMoe = (i) => !mlpOnly.has(i) && numExperts > 0 && (i + 1) % step === 0;
+      if (mt === 'qwen2_moe') {
+        sharedIntermediate = c.int('shared_expert_intermediate_size', 0, 0);
+        sharedGate = sharedIntermediate > 0;
+      }
+      break;
+    }
+    case 'deepseek_v2':
+    case 'deepseek_v3': {
+      numExperts = c.int('n_routed_experts', undefined, 1);
+      intermediate = c.int('moe_intermediate_size', undefined, 1);
+      denseIntermediate = c.int('intermediate_size', undefined, 1);
+      sharedIntermediate = intermediate * c.int('n_shared_experts', 0, 0);
+      router.scale = c.num('routed_scaling_factor', 1);
+      const firstDense = c.int('first_k_dense_replace', 0, 0);
+      const freq = c.int('moe_layer_freq', 1, 1);
+      isMoe = (i) => i >= firstDense && i % freq === 0;
+      const topkMethod = c.str('topk_method', mt === 'deepseek_v2' ? 'greedy' : 'noaux_tc');
+      const scoring = c.str('scoring_func', mt === 'deepseek_v2' ? 'softmax' : 'sigmoid');
+      if (mt === 'deepseek_v2') {
+        router.renormalize = c.bool('norm_topk_prob', false);
+        if (scoring !== 'softmax')
+          throw new ConfigError(`deepseek_v2 config scoring_func '${scoring}' is not supported; supported: softmax`);
+        if (topkMethod === 'group_limited_greedy') {
+          router.nGroup = c.int('n_group', undefined, 1);
+          router.topkGroup = c.int('topk_group', undefined, 1);
+          router.groupScore = 'max';
+        } else if (topkMethod !== 'greedy') {
+          throw new ConfigError(`deepseek_v2 config topk_method '${topkMethod}' is not supported; ` +
+            'supported: greedy, group_limited_greedy');
+        }
+      } else {
+        router.renormalize = c.bool('norm_topk_prob', true);
+        if (scoring !== 'sigmoid')
+          throw new ConfigError(`deepseek_v3 config scoring_func '${scoring}' is not supported; supported: sigmoid`);
+        if (topkMethod !== 'noaux_tc')
+          throw new ConfigError(`deepseek_v3 config topk_method '${topkMethod}' is not supported; supported: noaux_tc`);
+        router.scoring = 'sigmoid';
+        router.hasCorrectionBias = true;
+        router.nGroup = c.int('n_group', 1, 1);
+        router.topkGroup = c.int('topk_group', router.nGroup, 1);
+        router.groupScore = 'top2sum';
+      }
+      break;
+    }
+  }
+  if (router.nGroup > 1) {
+    if (numExperts % router.nGroup !== 0)
+      throw new ConfigError(`${mt} config: ${numExperts} experts do not split into n_group=${router.nGroup} groups`);
+    if (router.topkGroup > router.nGroup)
+      throw new ConfigError(`${mt} config topk_group ${router.topkGroup} exceeds n_group ${router.nGroup}`);
+    if (topK > router.topkGroup * (numExperts / router.nGroup))
+      throw new ConfigError(`${mt} config num_experts_per_tok ${topK} exceeds the experts in topk_group groups`);
+  }
+  if (numExperts > 0 && topK > numExperts)
+    throw new ConfigError(`${mt} config num_experts_per_tok ${topK} exceeds the ${numExperts} experts`);
+  const layers: LayerSpec[] = [];
+  for (let i = 0; i < numLayers; i++) layers.push({ ffn: isMoe(i) ? 'moe' : 'dense' });
+  return {
+    moe: { numExperts, intermediate, router, sharedIntermediate, sharedGate },
+    layers, denseIntermediate,
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Expected checkpoint tensors
+
+export interface ExpectedTensor {
+  name: string;
+  shape: number[];
+}
+
+export type ExpertLayout = 'per_expert' | 'fused';
+
+/**
+ * Every tensor an HF checkpoint of this spec holds (HF names). `fused`: the transformers 5.x
+ * layout, mlp.experts.gate_up_proj [E, 2I, H] (gate rows first) and mlp.experts.down_proj [E, H, I].
+ */
+export function expectedTensors(spec: ModelSpec, layout: ExpertLayout = 'per_expert'): ExpectedTensor[] {
+  const H = spec.hidden;
+  const V = spec.vocabSize;
+  const out: ExpectedTensor[] = [{ name: 'model.embed_tokens.weight', shape: [V, H] }];
+  const add = (name: string, shape: number[]): void => { out.push({ name, shape }); };
+  const a = spec.attention;
+  const m = spec.moe;
+  for (let i = 0; i < spec.numLayers; i++) {
+    const p = `model.layers.${i}.`;
+    add(`${p}input_layernorm.weight`, [H]);
+    add(`${p}post_attention_layernorm.weight`, [H]);
+    const s = `${p}self_attn.`;
+    if (a.kind === 'gqa') {
+      const q = a.heads * a.headDim;
+      const kv = a.kvHeads * a.headDim;
+      add(`${s}q_proj.weight`, [q, H]);
+      add(`${s}k_proj.weight`, [kv, H]);
+      add(`${s}v_proj.weight`, [kv, H]);
+      add(`${s}o_proj.weight`, [H, q]);
+      if (a.qkvBias) {
+        add(`${s}q_proj.bias`, [q]);
+        add(`${s}k_proj.bias`, [kv]);
+        add(`${s}v_proj.bias`, [kv]);
+      }
+      if (a.oBias) add(`${s}o_proj.bias`, [H]);
+      if (a.qkNorm === 'per_head') {
+        add(`${s}q_norm.weight`, [a.headDim]);
+        add(`${s}k_norm.weight`, [a.headDim]);
+      } else if (a.qkNorm === 'full') {
+        add(`${s}q_norm.weight`, [q]);
+        add(`${s}k_norm.weight`, [kv]);
+      }
+    } else {
+      const qk = a.qkNopeHeadDim + a.qkRopeHeadDim;
+      if (a.qLoraRank !== null) {
+        add(`${s}q_a_proj.weight`, [a.qLoraRank, H]);
+        add(`${s}q_a_layernorm.weight`, [a.qLoraRank]);
+        add(`${s}q_b_proj.weight`, [a.heads * qk, a.qLoraRank]);
+      } else {
+        add(`${s}q_proj.weight`, [a.heads * qk, H]);
+      }
+      add(`${s}kv_a_proj_with_mqa.weight`, [a.kvLoraRank + a.qkRopeHeadDim, H]);
+      add(`${s}kv_a_layernorm.weight`, [a.kvLoraRank]);
+      add(`${s}kv_b_proj.weight`, [a.heads * (a.qkNopeHeadDim + a.vHeadDim), a.kvLoraRank]);
+      add(`${s}o_proj.weight`, [H, a.heads * a.vHeadDim]);
+    }
+    const ffn = (prefix: string, inter: number, names: [string, string, string]): void => {
+      add(`${prefix}${names[0]}.weight`, [inter, H]);
+      add(`${prefix}${names[1]}.weight`, [inter, H]);
+      add(`${prefix}${names[2]}.weight`, [H, inter]);
+    };
+    const swiglu: [string, string, string] = ['gate_proj', 'up_proj', 'down_proj'];
+    if (spec.layers[i]!.ffn === 'dense') {
+      ffn(`${p}mlp.`, spec.denseIntermediate, swiglu);
+      continue;
+    }
+    const E = m.numExperts;
+    const I = m.intermediate;
+    const mixtralOld = spec.modelType === 'mixtral' && layout === 'per_expert';
+    const moe = mixtralOld ? `${p}block_sparse_moe.` : `${p}mlp.`;
+    add(`${moe}gate.weight`, [E, H]);
+    if (m.router.hasCorrectionBias) add(`${moe}gate.e_score_correction_bias`, [E]);
+    if (layout === 'fused') {
+      add(`${moe}experts.gate_up_proj`, [E, 2 * I, H]);
+      add(`${moe}experts.down_proj`, [E, H, I]);
+    } else {
+      for (let e = 0; e < E; e++)
+        ffn(`${moe}experts.${e}.`, I, mixtralOld ? ['w1', 'w3', 'w2'] : swiglu);
+    }
+    if (m.sharedIntermediate > 0) {
+      const shared = spec.modelType === 'qwen2_moe' ? 'shared_expert' : 'shared_experts';
+      ffn(`${moe}${shared}.`, m.sharedIntermediate, swiglu);
+    }
+    if (m.sharedGate) add(`${moe}shared_expert_gate.weight`, [1, H]);
+  }
+  add('model.norm.weight', [H]);
+  if (!spec.tieWordEmbeddings) add('lm_head.weight', [V, H]);
+  return out;
+}
+
+/** What validateCheckpoint needs of a checkpoint (Checkpoint from safetensors.ts fits). */
+export interface TensorShapes {
+  tensors: Map<string, { shape: number[]; dtype: string }>;
+}
+
+export interface CheckpointReport {
+  layout: ExpertLayout;
+  /** Tensors the architecture does not use (e.g. MTP layers, rotary caches): loaded never. */
+  warnings: string[];
+}
+
+export class CheckpointMismatchError extends Error {
+  readonly code = 'E_CHECKPOINT';
+  constructor(message: string, readonly missing: string[], readonly shapeErrors: string[]) {
+    super(message);
+    this.name = 'CheckpointMismatchError';
+  }
+}
+
+/**
+ * Checks a checkpoint against the spec: throws naming every missing tensor and every shape that
+ * disagrees with the config (both shapes); returns warnings for tensors it does not expect.
+ */
+export function validateCheckpoint(spec: ModelSpec, ckpt: TensorShapes): CheckpointReport {
+  let fused = false;
+  for (const name of ckpt.tensors.keys()) if (name.endsWith('.experts.gate_up_proj')) fused = true;
+  const layout: ExpertLayout = fused ? 'fused' : 'per_expert';
+  const expected = expectedTensors(spec, layout);
+  const expectedNames = new Set(expected.map((t) => t.name));
+  const missing: string[] = [];
+  const shapeErrors: string[] = [];
+  for (const t of expected) {
+    const got = ckpt.tensors.get(t.name);
+    if (!got) {
+      missing.push(t.name);
+      continue;
+    }
+    if (got.shape.length !== t.shape.length || got.shape.some((d, k) => d !== t.shape[k]))
+      shapeErrors.push(`${t.name} has shape [${got.shape.join(', ')}], the config implies [${t.shape.join(', ')}]`);
+    if (spec.quantization && got.dtype === 'F8_E4M3' && !ckpt.tensors.has(`${t.name}_scale_inv`))
+      missing.push(`${t.name}_scale_inv`);
+  }
+  const warnings: string[] = [];
+  for (const name of ckpt.tensors.keys()) {
+    if (expectedNames.has(name)) continue;
+    if (spec.quantization && name.endsWith('_scale_inv') && expectedNames.has(name.slice(0, -'_scale_inv'.length)))
+      continue;
+    warnings.push(`unexpected tensor ${name} (not used by ${spec.modelType})`);
+  }
+  if (missing.length || shapeErrors.length) {
+    const parts: string[] = [];
+    if (missing.length) {
+      const shown = missing.slice(0, 20).join(', ');
+      parts.push(`${missing.length} missing tensor(s): ${shown}${missing.length > 20 ? ', ...' : ''}`);
+    }
+    if (shapeErrors.length) parts.push(`shape mismatch: ${shapeErrors.slice(0, 20).join('; ')}`);
+    throw new CheckpointMismatchError(`checkpoint does not match the ${spec.modelType} config: ${parts.join('. ')}`,
+      missing, shapeErrors);
+  }
+  return { layout, warnings };
+}

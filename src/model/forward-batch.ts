@@ -1,0 +1,50 @@
+// One forward step's input: several sequences' new tokens (prefill chunks and decode tokens mixed)
+// over the paged KV cache, and the per-step scratch shared by the layers.
+
+export interface ForwardBatch {
+  /** [T] new tokens of all sequences, sequence after sequence. */
+  tokenIds: Int32Array;
+  /** [T] absolute position of each token in its sequence. */
+  positions: Int32Array;
+  numSeqs: number;
+  /** [numSeqs, 3] (qStart, qLen, ctxLen): rows of the batch and tokens in cache after this step. */
+  seqInfo: Int32Array;
+  /** [numSeqs, maxBlocks] physical KV blocks of each sequence. */
+  blockTables: Int32Array;
+  maxBlocks: number;
+  /** [T] KV cache slot (block * blockSize + offset) for each new token. */
+  slots: Int32Array;
+  /** Rows whose logits are wanted (usually the last token of each sampling sequence). */
+  logitRows: Int32Array;
+}
+
+export interface ForwardResult {
+  /** [logitRows.length, vocab] */
+  logits: Float32Array;
+  /** Per MoE layer (in order): [T, k] chosen expert ids, best first. */
+  routedIds: Int32Array[];
+}
+
+/** Grow-only float arena: returns views of at least n elements without reallocating per step. */
+export class Scratch {
+  private readonly bufs = new Map<string, Float32Array>();
+  private readonly ibufs = new Map<string, Int32Array>();
+
+  f32(name: string, n: number): Float32Array {
+    let b = this.bufs.get(name);
+    if (!b || b.length < n) {
+      b = new Float32Array(Math.max(n, Math.ceil((b?.length ?? 0) * 1.5)));
+      this.bufs.set(name, b);
+    }
+    return b.subarray(0, n);
+  }
+
+  i32(name: string, n: number): Int32Array {
+    let b = this.ibufs.get(name);
+    if (!b || b.length < n) {
+      b = new Int32Array(Math.max(n, Math.ceil((b?.length ?? 0) * 1.5)));
+      this.ibufs.set(name, b);
+    }
+    return b.subarray(0, n);
+  }
+}

@@ -1,0 +1,110 @@
+// Loads a Hugging Face checkpoint folder into a runnable MoeModel: config -> ModelSpec, the
+// safetensors files mapped (no copy through JS), validated against the spec, then packed.
+import path from 'node:path';
+
+import { loadNative } from '../native/index.js';
+import { parseModelConfig, validateCheckpoint, type CheckpointReport } from './config.js';
+import { MoeModel, type ModelOptions } from './model.js';
+import { openCheckpoint, type Checkpoint } from './safetensors.js';
+import type { ModelSpec } from './spec.js';
+import type { HostTensor, TensorSource } from './tensor-source.js';
+
+export interface LoadedModel {
+  spec: ModelSpec;
+  model: MoeModel;
+  checkpoint: Checkpoint;
+  report: CheckpointReport;
+  loadMs: number;
+}
+
+export interface LoadProgress {
+  tensorsDone: number;
+  tensorsTotal: number;
+  bytesDone: number;
+  bytesTotal: number;
+}
+
+/** A TensorSource over a checkpoint that also counts what was read (for progress). */
+export class CheckpointSource implements TensorSource {
+  tensorsDone = 0;
+  bytesDone = 0;
+
+  constructor(readonly checkpoint: Checkpoint, private readonly onProgress?: (p: LoadProgress) => void,
+              private readonly totals = { tensors: checkpoint.tensors.size, bytes: sumBytes(checkpoint) }) {}
+
+  has(name: string): boolean {
+    return this.checkpoint.has(name);
+  }
+
+  get(name: string): HostTensor {
+    const info = this.checkpoint.getTensor(name);
+    const w = this.checkpoint.loadWeightBf16OrNative(name);
+    this.tensorsDone++;
+    this.bytesDone += info.sizeBytes;
+    this.onProgress?.({ tensorsDone: this.tensorsDone, tensorsTotal: this.totals.tensors,
+      bytesDone: this.bytesDone, bytesTotal: this.totals.bytes });
+    return { dtype: w.dtype, shape: info.shape, data: w.data };
+  }
+}
+
+function sumBytes(c: Checkpoint): number {
+  let b = 0;
+  for (const t of c.tensors.values()) b += t.sizeBytes;
+  return b;
+}
+
+export function loadModel(dir: string, opts: ModelOptions & { onProgress?: (p: LoadProgress) => void }):
+    LoadedModel {
+  const t0 = performance.now();
+  const spec = parseModelConfig(path.resolve(dir));
+  const checkpoint = openCheckpoint(dir, spec.quantization ? { fp8BlockSize: spec.quantization.blockSize } : {});
+  const report = validateCheckpoint(spec, checkpoint);
+  const model = new MoeModel(spec, new CheckpointSource(checkpoint, opts.onProgress), opts);
+  return { spec, model, checkpoint, report, loadMs: performance.now() - t0 };
+}
+
+/** Counts parameters (total and active per token) for the load summary. */
+export function countParams(spec: ModelSpec): { total: number; active: number } {
+  const H = spec.hidden;
+  const a = spec.attention;
+  let attn: number;
+  if (a.kind === 'mla') {
+    const qk = a.qkNopeHeadDim + a.qkRopeHeadDim;
+    const q = a.qLoraRank ? H * a.qLoraRank + a.qLoraRank * a.heads * qk : H * a.heads * qk;
+    attn = q + H * (a.kvLoraRank + a.qkRopeHeadDim) + a.kvLoraRank * a.heads * (a.qkNopeHeadDim + a.vHeadDim) +
+      a.heads * a.vHeadDim * H;
+  } else {
+    attn = H * a.heads * a.headDim * 2 + H * a.kvHeads * a.headDim * 2;
+  }
+  const m = spec.moe;
+  const expert = 3 * H * m.intermediate;
+  const shared = 3 * H * m.sharedIntermediate;
+  let total = 2 * spec.vocabSize * H;
+  let active = total;
+  for (const l of spec.layers) {
+    total += attn;
+    active += attn;
+    if (l.ffn === 'moe') {
+      total += m.numExperts * expert + shared + m.numExperts * H;
+      active += m.router.topK * expert + shared + m.numExperts * H;
+    } else {
+      total += 3 * H * spec.denseIntermediate;
+      active += 3 * H * spec.denseIntermediate;
+    }
+  }
+  return { total, active };
+}
+
+export function loadSummary(loaded: LoadedModel): string {
+  const { spec } = loaded;
+  const p = countParams(spec);
+  const caps = loadNative().capabilities();
+  const moeLayers = spec.layers.filter((l) => l.ffn === 'moe').length;
+  const gb = (x: number) => (x / 2 ** 30).toFixed(2);
+  let bytes = 0;
+  for (const t of loaded.checkpoint.tensors.values()) bytes += t.sizeBytes;
+  return `loaded ${spec.modelType}: ${(p.total / 1e6).toFixed(1)}M params (${(p.active / 1e6).toFixed(1)}M active), ` +
+    `${spec.numLayers} layers (${moeLayers} MoE), ${spec.moe.numExperts} experts top-${spec.moe.router.topK}, ` +
+    `checkpoint ${gb(bytes)} GiB, ${loaded.loadMs.toFixed(0)} ms; cpu ${caps.simd} x${caps.threads} threads, ` +
+    `${caps.build} build${caps.cudaDevices ? `, ${caps.cudaDevices} CUDA device(s)` : ''}`;
+}

@@ -1,0 +1,183 @@
+// A MoE transformer built from a ModelSpec and checkpoint tensors: embedding, decoder layers
+// (attention + dense FFN or MoE), final norm and LM head. forward() runs one batched step over
+// the paged KV cache and returns the logits of the requested rows and every MoE layer's routing.
+import { loadNative, type ExpertTable, type PackedWeight } from '../native/index.js';
+import { SingleRankComm, type ExpertComm } from '../moe/comm.js';
+import { MoeLayer, type MoeHooks } from '../moe/moe-layer.js';
+import { GqaAttention, MlaAttention, type AttentionBlock, type LayerCache } from './attention.js';
+import { Scratch, type ForwardBatch, type ForwardResult } from './forward-batch.js';
+import type { ModelSpec } from './spec.js';
+import type { HostTensor, TensorSource } from './tensor-source.js';
+import { checkShape, denseFfnTable, packExpert, packLinear, sliceOf, rowsOf, vectorF32 } from './weights.js';
+
+export interface ModelOptions {
+  /** bf16 dot products for activations (fast mode) instead of f32 (reference mode). */
+  fast: boolean;
+  comm?: ExpertComm;
+  /** Called for each expert while loading; return false to leave it out of the table (offloader). */
+  loadExpert?: (moeLayer: number, expert: number) => boolean;
+}
+
+interface Layer {
+  inputNorm: Float32Array;
+  postNorm: Float32Array;
+  attn: AttentionBlock;
+  moe: MoeLayer | null;
+  dense: ExpertTable | null;
+}
+
+/** Checkpoint prefix of the MoE block and its expert projection names per architecture. */
+function moeNames(spec: ModelSpec): { block: string; gate: string; up: string; down: string } {
+  if (spec.modelType === 'mixtral') return { block: 'block_sparse_moe.', gate: 'w1', up: 'w3', down: 'w2' };
+  return { block: 'mlp.', gate: 'gate_proj', up: 'up_proj', down: 'down_proj' };
+}
+
+export class MoeModel {
+  readonly layers: Layer[] = [];
+  readonly moeLayers: MoeLayer[] = [];
+  private readonly embed: HostTensor;
+  private readonly finalNorm: Float32Array;
+  private readonly lmHead: PackedWeight;
+  private readonly scratch = new Scratch();
+  readonly comm: ExpertComm;
+  hooks: MoeHooks = {};
+  fast: boolean;
+
+  constructor(readonly spec: ModelSpec, src: TensorSource, opts: ModelOptions) {
+    this.fast = opts.fast;
+    this.comm = opts.comm ?? new SingleRankComm();
+    const H = spec.hidden;
+    this.embed = src.get('model.embed_tokens.weight');
+    checkShape('model.embed_tokens.weight', this.embed, [spec.vocabSize, H]);
+    this.finalNorm = vectorF32(src, 'model.norm.weight', H);
+    if (spec.tieWordEmbeddings && !src.has('lm_head.weight'))
+      this.lmHead = loadNative().packWeight(this.embed.data, this.embed.dtype, spec.vocabSize, H);
+    else this.lmHead = packLinear(src, 'lm_head.weight', spec.vocabSize, H);
+    const names = moeNames(spec);
+    let moeIndex = 0;
+    for (let i = 0; i < spec.numLayers; i++) {
+      const p = `model.layers.${i}.`;
+      const attn = spec.attention.kind === 'mla'
+        ? new MlaAttention(spec.attention, src, p, H)
+        : new GqaAttention(spec.attention, src, p, H, spec.rmsNormEps);
+      let moe: MoeLayer | null = null;
+      let dense: ExpertTable | null = null;
+      if (spec.layers[i]!.ffn === 'moe') {
+        moe = this.buildMoe(src, p + names.block, names, moeIndex++, opts);
+        this.moeLayers.push(moe);
+      } else {
+        dense = denseFfnTable(src, `${p}mlp.`, ['gate_proj', 'up_proj', 'down_proj'], H, spec.denseIntermediate);
+      }
+      this.layers.push({
+        inputNorm: vectorF32(src, `${p}input_layernorm.weight`, H),
+        postNorm: vectorF32(src, `${p}post_attention_layernorm.weight`, H),
+        attn, moe, dense,
+      });
+    }
+  }
+
+  private buildMoe(src: TensorSource, p: string, names: ReturnType<typeof moeNames>, moeIndex: number,
+                   opts: ModelOptions): MoeLayer {
+    const n = loadNative();
+    const { spec } = this;
+    const H = spec.hidden;
+    const m = spec.moe;
+    const E = m.numExperts;
+    const I = m.intermediate;
+    const gate = packLinear(src, `${p}gate.weight`, E, H);
+    const correctionBias = m.router.hasCorrectionBias ? vectorF32(src, `${p}gate.e_score_correction_bias`, E) : null;
+    const experts = new n.ExpertTable(E, H, I);
+    // transformers 5.x stores experts fused: gate_up_proj [E, 2I, H], down_proj [E, H, I].
+    const fused = src.has(`${p}experts.gate_up_proj`);
+    const gateUpAll = fused ? src.get(`${p}experts.gate_up_proj`) : null;
+    const downAll = fused ? src.get(`${p}experts.down_proj`) : null;
+    if (gateUpAll) checkShape(`${p}experts.gate_up_proj`, gateUpAll, [E, 2 * I, H]);
+    if (downAll) checkShape(`${p}experts.down_proj`, downAll, [E, H, I]);
+    for (let e = 0; e < E; e++) {
+      if (opts.loadExpert && !opts.loadExpert(moeIndex, e)) continue;
+      const ep = `${p}experts.${e}.`;
+      const gu = gateUpAll ? sliceOf(gateUpAll, e) : null;
+      const w = packExpert(gu && downAll ? {
+        gate: rowsOf(gu, 0, I), up: rowsOf(gu, I, 2 * I), down: sliceOf(downAll, e),
+      } : {
+        gate: src.get(`${ep}${names.gate}.weight`),
+        up: src.get(`${ep}${names.up}.weight`),
+        down: src.get(`${ep}${names.down}.weight`),
+      }, `${p}experts.${e}`, H, I);
+      experts.set(e, w.gateUp, w.down);
+      w.gateUp.dispose();
+      w.down.dispose();
+    }
+    let shared: ExpertTable | null = null;
+    let sharedGate: PackedWeight | null = null;
+    if (m.sharedIntermediate > 0) {
+      const sp = spec.modelType === 'qwen2_moe' ? `${p}shared_expert.` : `${p}shared_experts.`;
+      shared = denseFfnTable(src, sp, ['gate_proj', 'up_proj', 'down_proj'], H, m.sharedIntermediate);
+      if (m.sharedGate) sharedGate = packLinear(src, `${p}shared_expert_gate.weight`, 1, H);
+    }
+    return new MoeLayer(moeIndex, m, { gate, correctionBias, experts, shared, sharedGate }, H, this.comm);
+  }
+
+  /** Floats per token per layer of KV cache: [k, v]. */
+  cacheFloatsPerToken(): [number, number] {
+    return this.layers[0]!.attn.cacheFloatsPerToken;
+  }
+
+  /** Allocates the per-layer paged KV cache. */
+  allocateKvCache(numBlocks: number, blockSize: number): LayerCache[] {
+    const [kf, vf] = this.cacheFloatsPerToken();
+    return this.layers.map(() => ({
+      k: new Float32Array(numBlocks * blockSize * kf),
+      v: vf > 0 ? new Float32Array(numBlocks * blockSize * vf) : null,
+    }));
+  }
+
+  forward(batch: ForwardBatch, cache: LayerCache[], blockSize: number): ForwardResult {
+    const n = loadNative();
+    const { spec, scratch } = this;
+    const H = spec.hidden;
+    const T = batch.tokenIds.length;
+    const residual = scratch.f32('residual', T * H);
+    const delta = scratch.f32('delta', T * H);   // the sub-block output added to the residual next
+    const normed = scratch.f32('normed', T * H);
+    n.embedding(this.embed.data, this.embed.dtype, spec.vocabSize, H, batch.tokenIds, delta);
+    residual.fill(0);
+    const routedIds: Int32Array[] = [];
+    const ctx = { batch, tokens: T, fast: this.fast, scratch, blockSize };
+    for (let i = 0; i < this.layers.length; i++) {
+      const layer = this.layers[i]!;
+      n.rmsNorm(delta, T, H, layer.inputNorm, spec.rmsNormEps, normed, residual);
+      layer.attn.forward(ctx, normed, cache[i]!, delta);
+      n.rmsNorm(delta, T, H, layer.postNorm, spec.rmsNormEps, normed, residual);
+      if (layer.moe) {
+        const ids = new Int32Array(T * spec.moe.router.topK);
+        layer.moe.forward(normed, T, delta, scratch, this.fast, this.hooks, ids);
+        routedIds.push(ids);
+      } else {
+        const offsets = scratch.i32('dense.offsets', 2);
+        offsets[0] = 0;
+        offsets[1] = T;
+        n.groupGemmFfn(normed, offsets, layer.dense!, delta, this.fast);
+      }
+    }
+    n.rmsNorm(delta, T, H, this.finalNorm, spec.rmsNormEps, normed, residual);
+    const R = batch.logitRows.length;
+    const rows = scratch.f32('logit.rows', R * H);
+    for (let r = 0; r < R; r++) {
+      const t = batch.logitRows[r]!;
+      rows.set(normed.subarray(t * H, (t + 1) * H), r * H);
+    }
+    const logits = new Float32Array(R * spec.vocabSize);
+    n.denseGemm(rows, R, this.lmHead, logits, null, false, this.fast);
+    return { logits, routedIds };
+  }
+
+  dispose(): void {
+    this.lmHead.dispose();
+    for (const l of this.layers) {
+      l.attn.dispose();
+      l.moe?.dispose();
+      l.dense?.dispose();
+    }
+  }
+}

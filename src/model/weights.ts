@@ -1,0 +1,94 @@
+// Turns checkpoint tensors into what the kernels consume: packed GEMM weights, f32 vectors for
+// norms and biases, expert tables. Shapes are checked against the config here, by name.
+import { loadNative, type ExpertTable, type PackedWeight } from '../native/index.js';
+import type { HostTensor, TensorSource } from './tensor-source.js';
+
+export class ShapeError extends Error {
+  override name = 'ShapeError';
+}
+
+export function checkShape(name: string, t: HostTensor, expected: number[]): void {
+  const ok = t.shape.length === expected.length && t.shape.every((d, i) => d === expected[i]);
+  if (!ok)
+    throw new ShapeError(`tensor ${name} has shape [${t.shape.join(', ')}], but the config implies ` +
+      `[${expected.join(', ')}]`);
+}
+
+/** Packs a Linear weight [n, k]. */
+export function packLinear(src: TensorSource, name: string, n: number, k: number): PackedWeight {
+  const t = src.get(name);
+  checkShape(name, t, [n, k]);
+  return loadNative().packWeight(t.data, t.dtype, n, k);
+}
+
+/** Any 1-D tensor as f32 (norm weights, biases, correction biases). */
+export function vectorF32(src: TensorSource, name: string, n: number): Float32Array {
+  const t = src.get(name);
+  checkShape(name, t, [n]);
+  return toF32(t);
+}
+
+export function toF32(t: HostTensor): Float32Array {
+  if (t.dtype === 'f32') return Float32Array.from(t.data as Float32Array);
+  const out = new Float32Array(t.data.length);
+  loadNative().convert(t.data, t.dtype, out, 'f32');
+  return out;
+}
+
+/** Rows [r0, r1) of a 2-D tensor (a zero-copy view). */
+export function rowsOf(t: HostTensor, r0: number, r1: number): HostTensor {
+  const cols = t.shape[1]!;
+  return { dtype: t.dtype, shape: [r1 - r0, cols], data: t.data.subarray(r0 * cols, r1 * cols) };
+}
+
+/** Slice e of a 3-D stacked tensor [E, a, b]. */
+export function sliceOf(t: HostTensor, e: number): HostTensor {
+  const a = t.shape[1]!;
+  const b = t.shape[2]!;
+  return { dtype: t.dtype, shape: [a, b], data: t.data.subarray(e * a * b, (e + 1) * a * b) };
+}
+
+/** Transposes a 2-D tensor [a, b] -> [b, a] keeping its dtype (load time only). */
+export function transpose(t: HostTensor): HostTensor {
+  const [a, b] = t.shape as [number, number];
+  const out = t.dtype === 'f32' ? new Float32Array(a * b) : new Uint16Array(a * b);
+  const src = t.data;
+  for (let i = 0; i < a; i++) for (let j = 0; j < b; j++) out[j * a + i] = src[i * b + j]!;
+  return { dtype: t.dtype, shape: [b, a], data: out };
+}
+
+export interface ExpertSource {
+  gate: HostTensor; // [I, H]
+  up: HostTensor;   // [I, H]
+  down: HostTensor; // [H, I]
+}
+
+export function packExpert(ex: ExpertSource, names: string, h: number, i: number):
+    { gateUp: PackedWeight; down: PackedWeight } {
+  checkShape(`${names} gate`, ex.gate, [i, h]);
+  checkShape(`${names} up`, ex.up, [i, h]);
+  checkShape(`${names} down`, ex.down, [h, i]);
+  const n = loadNative();
+  if (ex.gate.dtype !== ex.up.dtype)
+    throw new ShapeError(`${names}: gate and up have different dtypes (${ex.gate.dtype}, ${ex.up.dtype})`);
+  return {
+    gateUp: n.packGateUp(ex.gate.data, ex.up.data, ex.gate.dtype, i, h),
+    down: n.packWeight(ex.down.data, ex.down.dtype, h, i),
+  };
+}
+
+/** A one-expert table (dense FFN, shared expert) from gate/up/down Linear names. */
+export function denseFfnTable(src: TensorSource, prefix: string, names: [string, string, string],
+                              h: number, i: number): ExpertTable {
+  const n = loadNative();
+  const table = new n.ExpertTable(1, h, i);
+  const w = packExpert({
+    gate: src.get(`${prefix}${names[0]}.weight`),
+    up: src.get(`${prefix}${names[1]}.weight`),
+    down: src.get(`${prefix}${names[2]}.weight`),
+  }, prefix.replace(/\.$/, ''), h, i);
+  table.set(0, w.gateUp, w.down);
+  w.gateUp.dispose();
+  w.down.dispose();
+  return table;
+}
