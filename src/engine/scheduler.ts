@@ -1,0 +1,328 @@
+// Continuous batching: decides, step by step, which sequences run and which of their tokens,
+// under a token budget, a sequence limit and the KV blocks free. Decodes go first, then a running
+// prefill continues in chunks, then waiting sequences are admitted FIFO; when a decode finds no
+// block the youngest running sequence is preempted and later recomputed from prompt + output.
+
+import { PagedKvCache, type SeqId } from './kv-cache.js';
+import type { EngineStats } from './types.js';
+
+export type { SeqId } from './kv-cache.js';
+
+export interface SchedulerConfig {
+  numBlocks: number;
+  blockSize: number;
+  /** Positions per sequence: prompt + output never exceed this. */
+  maxContext: number;
+  /** Running sequences at most. */
+  maxNumSeqs: number;
+  /** Tokens processed in one step at most (decodes + prefill chunks). */
+  maxNumBatchedTokens: number;
+}
+
+export interface SequenceInput {
+  id: SeqId;
+  promptTokenIds: readonly number[];
+  maxTokens: number;
+}
+
+/** One sequence's share of a step. */
+export interface StepEntry {
+  seqId: SeqId;
+  /** [n] the tokens processed this step. */
+  tokenIds: number[];
+  /** Position of tokenIds[0]; the rest follow consecutively. */
+  startPosition: number;
+  /** Part of a (re)computed prefill; false for a one-token decode. */
+  isPrefillChunk: boolean;
+  /** The engine samples a token after this entry (a decode, or the last chunk of a prefill). */
+  sample: boolean;
+  /** isPrefillChunk && sample. */
+  completesPrefill: boolean;
+  /** [numBlocks(seq)] i32 view of the block table, valid until the next step(). */
+  blockTable: Int32Array;
+  /** [n] i32 KV slots (block * blockSize + offset) for the new tokens. */
+  slots: Int32Array;
+}
+
+export interface StepPlan {
+  /** Decodes first (oldest first), then prefill chunks (running, then newly admitted). */
+  entries: StepEntry[];
+  numBatchedTokens: number;
+  /** Sequences preempted this step: their K/V is gone; they will be recomputed. */
+  preempted: SeqId[];
+}
+
+/** A request that could not fit in the whole KV cache even alone. */
+export class KvCapacityError extends Error {
+  readonly code = 'E_KV_CAPACITY';
+  override readonly name = 'KvCapacityError';
+}
+
+interface Sequence {
+  id: SeqId;
+  prompt: readonly number[];
+  output: number[];
+  maxTokens: number;
+  /** Admission order; lower is older. */
+  arrival: number;
+  /** Tokens (of prompt ++ output) whose K/V is in the cache or scheduled this step. */
+  numComputed: number;
+  /** 'prefill' until a chunk reaches the end of the tokens, and again after a preemption. */
+  phase: 'prefill' | 'decode';
+  running: boolean;
+  numPreemptions: number;
+}
+
+export interface SequenceInfo {
+  state: 'waiting' | 'running';
+  numComputed: number;
+  outputTokenIds: readonly number[];
+  numPreemptions: number;
+}
+
+export class Scheduler {
+  readonly cache: PagedKvCache;
+  readonly config: Readonly<SchedulerConfig>;
+  private readonly seqs = new Map<SeqId, Sequence>();
+  /** FIFO by arrival; preempted sequences go back to the front. */
+  private waiting: Sequence[] = [];
+  /**
+   * Sorted by arrival, so the youngest is last.
+   * NOTE: every running sequence is older than every waiting one (admission is FIFO and
+   * preemption moves the youngest to the front); the no-starvation argument rests on it.
+   */
+  private running: Sequence[] = [];
+  private nextArrival = 0;
+  private preemptions = 0;
+
+  constructor(config: SchedulerConfig) {
+    for (const key of ['numBlocks', 'blockSize', 'maxContext', 'maxNumSeqs', 'maxNumBatchedTokens'] as const) {
+      const v = config[key];
+      if (!Number.isInteger(v) || v < 1) throw new RangeError(`${key} is ${v}, expected a positive integer`);
+    }
+    if (config.maxContext < 2) throw new RangeError(`maxContext is ${config.maxContext}, expected at least 2`);
+    if (config.maxNumBatchedTokens < config.maxNumSeqs) {
+      // Otherwise the decodes alone could exceed the budget and the youngest would stall.
+      throw new RangeError(`maxNumBatchedTokens is ${config.maxNumBatchedTokens}, expected at least ` +
+        `maxNumSeqs (${config.maxNumSeqs})`);
+    }
+    this.config = { ...config };
+    this.cache = new PagedKvCache({
+      numBlocks: config.numBlocks,
+      blockSize: config.blockSize,
+      // K/V is kept for at most maxContext - 1 tokens: the last sampled one is never processed.
+      maxBlocksPerSeq: Math.ceil((config.maxContext - 1) / config.blockSize),
+    });
+  }
+
+  get numRunning(): number {
+    return this.running.length;
+  }
+
+  get numWaiting(): number {
+    return this.waiting.length;
+  }
+
+  get preemptionsTotal(): number {
+    return this.preemptions;
+  }
+
+  /** The scheduler's part of the engine's stats (and of the metrics). */
+  stats(): EngineStats {
+    return {
+      running: this.running.length, waiting: this.waiting.length, kvBlocksTotal: this.cache.numBlocks,
+      kvBlocksUsed: this.cache.numUsedBlocks, preemptionsTotal: this.preemptions,
+    };
+  }
+
+  has(id: SeqId): boolean {
+    return this.seqs.has(id);
+  }
+
+  /**
+   * Queues a sequence. Throws RangeError for a prompt that leaves no room in the context and
+   * KvCapacityError for one that could never fit in the cache, instead of waiting forever.
+   */
+  addSequence(input: SequenceInput): void {
+    const { id, promptTokenIds, maxTokens } = input;
+    const { maxContext, numBlocks, blockSize } = this.config;
+    if (this.seqs.has(id)) throw new Error(`sequence ${id} is already scheduled`);
+    if (promptTokenIds.length < 1) throw new RangeError(`sequence ${id}: the prompt is empty`);
+    if (promptTokenIds.length >= maxContext) {
+      throw new RangeError(`sequence ${id}: the prompt has ${promptTokenIds.length} tokens, but the context ` +
+        `holds ${maxContext} positions including at least one generated token`);
+    }
+    if (!Number.isInteger(maxTokens) || maxTokens < 1) {
+      throw new RangeError(`sequence ${id}: maxTokens is ${maxTokens}, expected a positive integer`);
+    }
+    const finalLength = Math.min(promptTokenIds.length + maxTokens, maxContext);
+    const blocks = Math.ceil((finalLength - 1) / blockSize);
+    if (blocks > numBlocks) {
+      throw new KvCapacityError(`sequence ${id} needs ${blocks} KV blocks (${promptTokenIds.length} prompt + ` +
+        `${finalLength - promptTokenIds.length} generated tokens at ${blockSize} per block), but the cache ` +
+        `has ${numBlocks} in all; lower max_tokens or give the cache more memory`);
+    }
+    const seq: Sequence = {
+      id, prompt: promptTokenIds, output: [], maxTokens, arrival: this.nextArrival++,
+      numComputed: 0, phase: 'prefill', running: false, numPreemptions: 0,
+    };
+    this.seqs.set(id, seq);
+    this.waiting.push(seq);
+  }
+
+  /** Plans the next step and allocates its KV slots. */
+  step(): StepPlan {
+    const { maxNumBatchedTokens, maxNumSeqs } = this.config;
+    const scheduled = new Map<SeqId, Int32Array>();   // seq -> [n] slots of its tokens this step
+    const preempted: SeqId[] = [];
+    let budget = maxNumBatchedTokens;
+
+    const preemptYoungest = (): Sequence => {
+      const victim = this.running.pop()!;
+      // NOTE: decodes are scheduled oldest first, so the youngest is never already in this plan.
+      this.cache.free(victim.id);
+      victim.running = false;
+      victim.numComputed = 0;
+      victim.phase = 'prefill';
+      victim.numPreemptions++;
+      this.preemptions++;
+      // Victims come youngest first, so unshifting keeps waiting sorted by arrival.
+      this.waiting.unshift(victim);
+      preempted.push(victim.id);
+      return victim;
+    };
+    const schedule = (seq: Sequence, n: number): void => {
+      scheduled.set(seq.id, this.cache.append(seq.id, n));
+      budget -= n;
+    };
+
+    // (a) Decodes, oldest first: one token each; preempt the youngest until the token fits.
+    for (const seq of [...this.running]) {
+      if (!seq.running || seq.phase !== 'decode' || this.remaining(seq) === 0) continue;
+      if (budget < 1) break;
+      let self = false;
+      while (!self && !this.cache.canAppend(seq.id, 1)) self = preemptYoungest() === seq;
+      if (!self) schedule(seq, 1);
+    }
+
+    // (b) A running prefill continues, its chunk shrunk to the blocks free. It never evicts:
+    // NOTE: at most one running sequence is mid-prefill and it is the youngest, because an
+    // admitted chunk stops short of the prompt's end only when it used up the budget or the
+    // free blocks, which also stops further admissions. So it waits for decodes to finish, or
+    // is itself evicted by the next decode that needs a block.
+    for (const seq of [...this.running]) {
+      if (!seq.running || seq.phase !== 'prefill' || this.remaining(seq) === 0) continue;
+      if (budget < 1) break;
+      const n = Math.min(this.remaining(seq), budget, this.cache.appendableTokens(seq.id));
+      if (n > 0) schedule(seq, n);
+    }
+
+    // (c) Admit waiting sequences FIFO; the head blocks the rest so it cannot starve. Not after
+    // a preemption: the blocks are short, and re-admitting a victim at once would thrash.
+    while (preempted.length === 0 && this.waiting.length > 0 && this.running.length < maxNumSeqs && budget > 0) {
+      const seq = this.waiting[0]!;
+      const n = Math.min(this.remaining(seq), budget);
+      if (!this.cache.canAppend(seq.id, n)) break;
+      this.waiting.shift();
+      seq.running = true;
+      this.running.push(seq);
+      schedule(seq, n);
+    }
+
+    // Build entries after all allocation, so block-table views are final. Order: decodes, then
+    // prefill chunks, each oldest first (admitted sequences are younger than running ones).
+    const entries: StepEntry[] = [];
+    let numBatchedTokens = 0;
+    for (const phase of ['decode', 'prefill'] as const) {
+      for (const seq of this.running) {
+        const slots = scheduled.get(seq.id);
+        if (slots === undefined || seq.phase !== phase) continue;
+        entries.push(this.makeEntry(seq, slots));
+        numBatchedTokens += slots.length;
+      }
+    }
+    return { entries, numBatchedTokens, preempted };
+  }
+
+  private makeEntry(seq: Sequence, slots: Int32Array): StepEntry {
+    const start = seq.numComputed;
+    const n = slots.length;
+    const tokenIds = new Array<number>(n);
+    for (let i = 0; i < n; i++) tokenIds[i] = this.tokenAt(seq, start + i);
+    seq.numComputed += n;
+    const sample = seq.numComputed === this.length(seq);
+    const isPrefillChunk = seq.phase === 'prefill';
+    if (isPrefillChunk && sample) seq.phase = 'decode';
+    return {
+      seqId: seq.id, tokenIds, startPosition: start, isPrefillChunk, sample,
+      completesPrefill: isPrefillChunk && sample, blockTable: this.cache.blockTable(seq.id), slots,
+    };
+  }
+
+  /**
+   * Records the token sampled after seq's last entry. Returns true when seq has now reached
+   * its maxTokens or the context: it is then finished here and its blocks freed (a later
+   * finish() is a no-op), so it can never be handed a position past maxContext.
+   */
+  appendToken(id: SeqId, tokenId: number): boolean {
+    const seq = this.get(id);
+    if (!seq.running || seq.numComputed !== this.length(seq)) {
+      throw new Error(`sequence ${id} is not waiting for a sampled token`);
+    }
+    seq.output.push(tokenId);
+    if (seq.output.length < seq.maxTokens && this.length(seq) < this.config.maxContext) return false;
+    this.remove(id);
+    return true;
+  }
+
+  /** Removes a finished sequence and frees its blocks at once. */
+  finish(id: SeqId): boolean {
+    return this.remove(id);
+  }
+
+  /** Removes an aborted sequence (waiting or running) and frees its blocks at once. */
+  abort(id: SeqId): boolean {
+    return this.remove(id);
+  }
+
+  sequenceInfo(id: SeqId): SequenceInfo {
+    const seq = this.get(id);
+    return {
+      state: seq.running ? 'running' : 'waiting', numComputed: seq.numComputed,
+      outputTokenIds: seq.output, numPreemptions: seq.numPreemptions,
+    };
+  }
+
+  /** Ids in scheduling order: running oldest first, then waiting front to back. */
+  order(): { running: SeqId[]; waiting: SeqId[] } {
+    return { running: this.running.map((s) => s.id), waiting: this.waiting.map((s) => s.id) };
+  }
+
+  private remove(id: SeqId): boolean {
+    const seq = this.seqs.get(id);
+    if (!seq) return false;
+    this.seqs.delete(id);
+    this.cache.free(id);
+    if (seq.running) this.running.splice(this.running.indexOf(seq), 1);
+    else this.waiting.splice(this.waiting.indexOf(seq), 1);
+    return true;
+  }
+
+  private get(id: SeqId): Sequence {
+    const seq = this.seqs.get(id);
+    if (!seq) throw new Error(`unknown sequence ${id}`);
+    return seq;
+  }
+
+  private length(seq: Sequence): number {
+    return seq.prompt.length + seq.output.length;
+  }
+
+  private remaining(seq: Sequence): number {
+    return this.length(seq) - seq.numComputed;
+  }
+
+  private tokenAt(seq: Sequence, i: number): number {
+    return i < seq.prompt.length ? seq.prompt[i]! : seq.output[i - seq.prompt.length]!;
+  }
+}
