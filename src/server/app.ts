@@ -2,7 +2,7 @@
 // per-request log lines and metrics, and drain() for graceful shutdown. It never computes.
 
 import type { Socket } from 'node:net';
-import Fastify, { type FastifyInstance } from 'fastify';
+import Fastify, { LogController, type FastifyInstance, type FastifyReply } from 'fastify';
 import { makeAuthCheck, openPaths } from './auth.js';
 import { registerChat } from './chat.js';
 import { registerCompletions } from './completions.js';
@@ -70,9 +70,15 @@ export function createServer(opts: ServerOptions): ExpertdServer {
   const bodyLimit = opts.bodyLimit ?? DEFAULT_BODY_LIMIT;
   const app = Fastify({
     loggerInstance: opts.logger,
-    disableRequestLogging: true, // one line per request, written below
+    logController: new LogController({ disableRequestLogging: true }), // one line per request, written below
     bodyLimit,
     clientErrorHandler,
+    // Errors raised before routing (a URL that does not decode) get the same shape as the rest.
+    frameworkErrors: (_err, _request, rawReply) => {
+      const reply = rawReply as unknown as FastifyReply;
+      void reply.code(400).type('application/json; charset=utf-8')
+        .send(invalidRequest('The request URL is malformed.', null, 'invalid_url').body());
+    },
     ajv: {
       // Known fields are type-checked, never coerced ("5" is not 5) nor stripped; Infinity is not a number.
       customOptions: { coerceTypes: false, removeAdditional: false, useDefaults: false, allErrors: false, strictNumbers: true, verbose: true },
