@@ -189,12 +189,18 @@ test('stop strings: cut before the match, across token boundaries, streamed and 
     assert.equal(finish, 'stop');
     // A multi-byte character in the stop string (the fake emits é and € as 2-3 byte tokens).
     const mb = [...text].findIndex((ch) => Buffer.byteLength(ch) > 1);
-    if (mb > 0) {
-      const chars = [...text];
-      const stopMb = chars.slice(mb - 1, mb + 1).join('');
-      const r2 = await h.client.completions.create({ ...base, stop: [stopMb] });
-      assert.equal(r2.choices[0]!.text, text.slice(0, text.indexOf(stopMb)));
-    }
+    assert.ok(mb > 0, 'the fake output has a multi-byte character');
+    const chars = [...text];
+    const stopMb = chars.slice(mb - 1, mb + 1).join('');
+    const r2 = await h.client.completions.create({ ...base, stop: [stopMb] });
+    assert.equal(r2.choices[0]!.text, text.slice(0, text.indexOf(stopMb)));
+    assert.equal(r2.choices[0]!.finish_reason, 'stop');
+    // min_tokens: a stop string that only occurs before min_tokens is ignored.
+    const early = text.slice(0, 2);
+    assert.equal(text.indexOf(early, 1), -1, 'the fake output has a unique 2-char start');
+    const r4 = await h.client.completions.create({ ...base, stop: [early], min_tokens: 10 } as never);
+    assert.equal(r4.choices[0]!.text, text);
+    assert.equal(r4.choices[0]!.finish_reason, 'length');
     // A stop string that never occurs changes nothing.
     const r3 = await h.client.completions.create({ ...base, stop: ['@@@'] });
     assert.equal(r3.choices[0]!.text, text);
@@ -204,7 +210,7 @@ test('stop strings: cut before the match, across token boundaries, streamed and 
   }
 });
 
-test('eos and stop_token_ids: finish_reason stop, stop token text excluded; ignore_eos and min_tokens honoured', async () => {
+test('eos and stop_token_ids: finish_reason stop, stop token text excluded; ignore_eos honoured', async () => {
   const h = await startServer({ eosAfter: 5 });
   try {
     const r = await h.client.completions.create({ model: MODEL, prompt: 'eos', max_tokens: 30, temperature: 0, return_token_ids: true } as never);
