@@ -1,6 +1,7 @@
 // createServer(): the Fastify app with every route, the JSON body parser, auth, error mapping,
 // per-request log lines and metrics, and drain() for graceful shutdown. It never computes.
 
+import { randomUUID } from 'node:crypto';
 import type { Socket } from 'node:net';
 import Fastify, { LogController, type FastifyInstance, type FastifyReply } from 'fastify';
 import { makeAuthCheck, openPaths } from './auth.js';
@@ -21,6 +22,8 @@ export type ExpertdServer = FastifyInstance & {
 };
 
 const DEFAULT_BODY_LIMIT = 4 * 1024 * 1024;
+/** After drain, how long responses that just ended get to flush before sockets are closed. */
+const CLOSE_GRACE_MS = 500;
 const generationRoutes = new Set(['/v1/completions', '/v1/chat/completions']);
 
 const utf8 = new TextDecoder('utf-8', { fatal: true });
@@ -70,6 +73,7 @@ export function createServer(opts: ServerOptions): ExpertdServer {
   const bodyLimit = opts.bodyLimit ?? DEFAULT_BODY_LIMIT;
   const app = Fastify({
     loggerInstance: opts.logger,
+    genReqId: () => randomUUID(),
     logController: new LogController({ disableRequestLogging: true }), // one line per request, written below
     bodyLimit,
     clientErrorHandler,
@@ -170,7 +174,12 @@ export function createServer(opts: ServerOptions): ExpertdServer {
         opts.logger.warn({ inFlight: ctx.active.size, timeoutMs }, 'drain timed out; aborting the rest');
         for (const g of [...ctx.active]) g.abort('server shutting down');
       }
-      await app.close();
+      // Whatever was in flight has ended; a connection still open now is idle or never sent a
+      // request (clients open spare sockets), so it need not hold the shutdown for its keep-alive.
+      const closing = app.close();
+      const force = setTimeout(() => app.server.closeAllConnections(), CLOSE_GRACE_MS);
+      await closing;
+      clearTimeout(force);
     })();
     return draining;
   };

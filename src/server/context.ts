@@ -27,6 +27,8 @@ export interface ServerOptions {
 /** What one generation request contributes to its log line. */
 export interface RequestRecord {
   route: string;
+  /** The cmpl-/chatcmpl- id the client sees. */
+  completionId?: string;
   promptTokens?: number;
   completionTokens?: number;
   ttftMs?: number | null;

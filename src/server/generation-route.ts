@@ -114,6 +114,7 @@ export async function runGeneration(ctx: ServerContext, request: FastifyRequest,
   const model = opts.servedModelName;
   const lpf = prep.logprobs === null ? null : new LogprobFormatter(ctx, prep.logprobs);
   if (record) {
+    record.completionId = requestId;
     record.n = prep.params.n;
     record.stream = prep.stream;
     record.promptTokens = prep.prompts.reduce((s, p) => s + p.length, 0);
@@ -173,6 +174,7 @@ export async function runGeneration(ctx: ServerContext, request: FastifyRequest,
           onChoiceEnd(c, tail) { streamChunk(c, tail, c.finishReason); },
         }
       : {},
+    performance.now() - reply.elapsedTime, // TTFT and e2e count from arrival, tokenizing included
   );
 
   let responded = false;

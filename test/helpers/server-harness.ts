@@ -40,7 +40,7 @@ export async function startServer(
   const port = (app.server.address() as AddressInfo).port;
   const base = `http://127.0.0.1:${port}`;
   const client = new OpenAI({ baseURL: `${base}/v1`, apiKey: clientKey, maxRetries: 0, timeout: 10_000 });
-  return { app, engine, codec, metrics, logs, base, client, close: () => app.close() };
+  return { app, engine, codec, metrics, logs, base, client, close: () => app.drain(2000) };
 }
 
 export interface RawResponse {
