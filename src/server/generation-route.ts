@@ -187,7 +187,7 @@ export async function runGeneration(ctx: ServerContext, request: FastifyRequest,
         record.logged = true;
         record.error = 'client disconnected';
         record.completionTokens = generation.completionTokens;
-        record.ttftMs = generation.ttftMs;
+        record.ttftMs = generation.ttftMs === null ? null : Math.round(generation.ttftMs * 10) / 10;
         request.log.info({ reqId: request.id, ...logFields(record), status: 499, durationMs: Math.round(reply.elapsedTime) }, 'request aborted by client');
         opts.metrics.httpRequests.inc({ route: record.route, status: '499' });
       }
@@ -215,7 +215,7 @@ export async function runGeneration(ctx: ServerContext, request: FastifyRequest,
   const outcome = await generation.done;
   if (record) {
     record.completionTokens = generation.completionTokens;
-    record.ttftMs = generation.ttftMs;
+    record.ttftMs = generation.ttftMs === null ? null : Math.round(generation.ttftMs * 10) / 10;
     record.finishReasons = generation.choices.map((c) => c.finishReason ?? outcome.status);
   }
   if (responded) return undefined; // client is gone

@@ -32,7 +32,7 @@ const samplingProperties = {
   frequency_penalty: num(-2, 2, 'between -2 and 2'),
   logit_bias: {
     type: ['object', 'null'],
-    propertyNames: { pattern: '^(0|[1-9][0-9]{0,9})$' },
+    propertyNames: { pattern: '^(0|[1-9][0-9]{0,9})$', description: 'keys must be token ids written as strings, like "42"' },
     additionalProperties: { type: 'number', minimum: -100, maximum: 100, description: 'must be a number between -100 and 100' },
     description: 'must map token ids (as strings) to numbers between -100 and 100',
   },
