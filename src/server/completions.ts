@@ -1,0 +1,74 @@
+// POST /v1/completions: prompt (string | string[] | ids | ids[]) -> one engine request per prompt x n.
+
+import type { FastifyInstance } from 'fastify';
+import type { ServerContext } from './context.js';
+import { invalidRequest } from './errors.js';
+import { runGeneration } from './generation-route.js';
+import { checkModel } from './models.js';
+import { buildParams, checkTokenIds, resolveMaxTokens, type SamplingBody } from './request-params.js';
+import { completionBodySchema } from './schemas.js';
+
+interface CompletionBody extends SamplingBody {
+  model?: string | null;
+  prompt: string | string[] | number[] | number[][];
+  logprobs?: number | null;
+  echo?: boolean | null;
+  stream?: boolean | null;
+  stream_options?: { include_usage?: boolean | null } | null;
+  return_token_ids?: boolean | null;
+}
+
+export function registerCompletions(app: FastifyInstance, ctx: ServerContext): void {
+  const { codec, engine } = ctx.opts;
+  app.post<{ Body: CompletionBody }>('/v1/completions', { schema: { body: completionBodySchema } }, async (request, reply) => {
+    const body = request.body;
+    checkModel(ctx, body.model);
+    if (body.stream_options != null && !body.stream) {
+      throw invalidRequest("'stream_options' is only allowed when 'stream' is true.", 'stream_options', 'invalid_value');
+    }
+    const record = ctx.records.get(request);
+    if (record && ctx.opts.logPrompts) record.prompt = body.prompt;
+
+    // Normalise the four prompt forms to token-id lists (and the text echo shows).
+    let prompts: number[][];
+    let promptTexts: string[];
+    const p = body.prompt;
+    if (typeof p === 'string') {
+      prompts = [codec.encode(p, true)];
+      promptTexts = [p];
+    } else if (typeof p[0] === 'string') {
+      promptTexts = p as string[];
+      prompts = promptTexts.map((t) => codec.encode(t, true));
+    } else if (typeof p[0] === 'number') {
+      prompts = [p as number[]];
+      promptTexts = [];
+    } else {
+      prompts = p as number[][];
+      promptTexts = [];
+    }
+    if (promptTexts.length === 0) {
+      prompts.forEach((ids, i) => checkTokenIds(ids, engine.info.vocabSize, prompts.length > 1 ? `prompt[${i}]` : 'prompt'));
+      if (body.echo) promptTexts = prompts.map((ids) => codec.decode(ids, false));
+    }
+    const maxTokens = resolveMaxTokens({
+      promptLengths: prompts.map((ids) => ids.length),
+      maxModelLen: ctx.opts.maxModelLen,
+      requested: body.max_tokens ?? null,
+      defaultMaxTokens: 16, // OpenAI's default for completions
+      promptParam: 'prompt',
+      maxTokensParam: 'max_tokens',
+    });
+    const params = buildParams(body, maxTokens, body.logprobs ?? null, engine.info.vocabSize);
+    return runGeneration(ctx, request, reply, {
+      kind: 'completion',
+      prompts,
+      promptTexts,
+      params,
+      stream: body.stream ?? false,
+      includeUsage: body.stream_options?.include_usage ?? false,
+      returnTokenIds: body.return_token_ids ?? false,
+      echo: body.echo ?? false,
+      logprobs: body.logprobs ?? null,
+    });
+  });
+}

@@ -1,0 +1,22 @@
+// What the HTTP server needs from the rest of the daemon: an engine client and a text codec.
+// The real engine (worker thread) and tokenizer implement these; tests use a labelled fake.
+
+import type { EngineEvent, EngineStats, GenerateRequest, ModelInfo } from '../engine/types.js';
+
+export interface EngineClient {
+  readonly info: ModelInfo;
+  /** Starts a request; events arrive through onEvent until a 'finished' event. */
+  generate(req: GenerateRequest, onEvent: (ev: EngineEvent) => void): void;
+  abort(id: string): void; // cancels; a 'finished' with reason 'abort' follows
+  stats(): EngineStats;
+  state(): 'loading' | 'ready' | 'draining' | 'failed';
+}
+
+export interface TextCodec {
+  encode(text: string, addSpecialTokens: boolean): number[];
+  decode(ids: number[], skipSpecialTokens: boolean): string;
+  applyChatTemplate(messages: { role: string; content: string }[], addGenerationPrompt: boolean): string;
+  /** Streaming detokenizer: push ids, get the text that became stable (never half a UTF-8 char). */
+  createDetokenizer(skipSpecialTokens: boolean): { push(id: number): string; flush(): string };
+  readonly eosTokenIds: number[];
+}

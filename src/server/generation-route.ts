@@ -1,0 +1,276 @@
+// The life of a completions / chat-completions request once its prompts are tokenized: admission
+// (engine state, queue limit), the engine requests, SSE or JSON output, client disconnect -> abort.
+
+import { randomUUID } from 'node:crypto';
+import type { FastifyReply, FastifyRequest } from 'fastify';
+import type { TokenLogprob } from '../engine/types.js';
+import type { RequestRecord, ServerContext } from './context.js';
+import { ApiError } from './errors.js';
+import { Generation, type ChoiceDelta, type ChoiceState, type GenerationParams } from './generation.js';
+import { SseStream } from './sse.js';
+
+export type EndpointKind = 'completion' | 'chat';
+
+export interface PreparedGeneration {
+  kind: EndpointKind;
+  prompts: number[][];
+  /** The prompt as text, per prompt (echo). */
+  promptTexts: string[];
+  params: GenerationParams;
+  stream: boolean;
+  includeUsage: boolean;
+  returnTokenIds: boolean;
+  echo: boolean;
+  /** Completions: top-n count; chat: top_logprobs count; null when logprobs are off. */
+  logprobs: number | null;
+}
+
+/** Refuses work the engine cannot take now: not ready, shutting down, or queue full. */
+export function admit(ctx: ServerContext, engineRequests: number): void {
+  const retry = { 'retry-after': ctx.retryAfter };
+  if (ctx.draining) throw new ApiError(503, 'overloaded_error', 'The server is shutting down; retry on another instance.', null, 'server_shutting_down', retry);
+  const state = ctx.opts.engine.state();
+  if (state === 'loading') throw new ApiError(503, 'overloaded_error', 'The model is still loading; retry shortly.', null, 'model_loading', retry);
+  if (state === 'draining') throw new ApiError(503, 'overloaded_error', 'The engine is draining; retry on another instance.', null, 'server_shutting_down', retry);
+  if (state === 'failed') throw new ApiError(503, 'overloaded_error', 'The engine has failed and cannot serve requests.', null, 'engine_failed', retry);
+  const waiting = ctx.opts.engine.stats().waiting;
+  // A request with n choices adds n engine requests; a lone big request is still let into an empty queue.
+  if (waiting > 0 && waiting + engineRequests > ctx.opts.maxQueuedRequests) {
+    throw new ApiError(429, 'rate_limit_error',
+      `The server is overloaded: ${waiting} requests are already waiting (limit ${ctx.opts.maxQueuedRequests}). Retry later.`,
+      null, 'queue_full', retry);
+  }
+}
+
+interface Usage { prompt_tokens: number; completion_tokens: number; total_tokens: number }
+
+/** Formats logprobs and token strings; token strings are cached per request. */
+class LogprobFormatter {
+  private cache = new Map<number, string>();
+  private offset = new Map<number, number>(); // completions text_offset per choice
+
+  constructor(private readonly ctx: ServerContext, private readonly topN: number) {}
+
+  token(id: number): string {
+    let s = this.cache.get(id);
+    if (s === undefined) {
+      s = this.ctx.opts.codec.decode([id], false);
+      this.cache.set(id, s);
+    }
+    return s;
+  }
+
+  /** OpenAI completions shape; prompt positions (echo) carry null logprobs. */
+  completion(choice: number, lps: TokenLogprob[], echoIds: number[] = []) {
+    const tokens: string[] = [];
+    const tokenLogprobs: (number | null)[] = [];
+    const top: (Record<string, number> | null)[] = [];
+    const textOffset: number[] = [];
+    let off = this.offset.get(choice) ?? 0;
+    for (const id of echoIds) {
+      const t = this.token(id);
+      tokens.push(t); tokenLogprobs.push(null); top.push(null); textOffset.push(off);
+      off += t.length;
+    }
+    for (const lp of lps) {
+      const t = this.token(lp.tokenId);
+      tokens.push(t);
+      tokenLogprobs.push(lp.logprob);
+      // vLLM semantics: the sampled token is always listed, so up to n + 1 entries.
+      const d: Record<string, number> = {};
+      for (const alt of lp.top.slice(0, this.topN)) d[this.token(alt.tokenId)] = alt.logprob;
+      if (!(t in d)) d[t] = lp.logprob;
+      top.push(d);
+      textOffset.push(off);
+      off += t.length;
+    }
+    this.offset.set(choice, off);
+    return { tokens, token_logprobs: tokenLogprobs, top_logprobs: top, text_offset: textOffset };
+  }
+
+  /** OpenAI chat shape. */
+  chat(lps: TokenLogprob[]) {
+    const entry = (id: number, logprob: number) => {
+      const token = this.token(id);
+      return { token, logprob, bytes: [...Buffer.from(token, 'utf8')] };
+    };
+    return {
+      content: lps.map((lp) => ({
+        ...entry(lp.tokenId, lp.logprob),
+        top_logprobs: lp.top.slice(0, this.topN).map((a) => entry(a.tokenId, a.logprob)),
+      })),
+    };
+  }
+}
+
+export async function runGeneration(ctx: ServerContext, request: FastifyRequest, reply: FastifyReply, prep: PreparedGeneration): Promise<unknown> {
+  const { opts } = ctx;
+  const record = ctx.records.get(request);
+  const engineRequests = prep.prompts.length * prep.params.n;
+  admit(ctx, engineRequests);
+
+  const requestId = `${prep.kind === 'chat' ? 'chatcmpl' : 'cmpl'}-${randomUUID().replace(/-/g, '')}`;
+  const created = Math.floor(Date.now() / 1000);
+  const model = opts.servedModelName;
+  const lpf = prep.logprobs === null ? null : new LogprobFormatter(ctx, prep.logprobs);
+  if (record) {
+    record.completionId = requestId;
+    record.n = prep.params.n;
+    record.stream = prep.stream;
+    record.promptTokens = prep.prompts.reduce((s, p) => s + p.length, 0);
+  }
+
+  const usage = (g: Generation): Usage => ({
+    prompt_tokens: g.promptTokens,
+    completion_tokens: g.completionTokens,
+    total_tokens: g.promptTokens + g.completionTokens,
+  });
+
+  let sse: SseStream | null = null;
+  const sentFirst = new Set<number>();
+  const chunkBase = () => ({
+    id: requestId,
+    object: prep.kind === 'chat' ? 'chat.completion.chunk' : 'text_completion',
+    created,
+    model,
+  });
+  const withUsageNull = (o: Record<string, unknown>) => (prep.includeUsage ? { ...o, usage: null } : o);
+
+  /** One streamed choice update; the first one of a choice carries the echo / prompt ids / role. */
+  const streamChunk = (c: ChoiceState, d: ChoiceDelta, finish: string | null) => {
+    const first = !sentFirst.has(c.index);
+    sentFirst.add(c.index);
+    const choice: Record<string, unknown> = { index: c.index };
+    let text = d.text;
+    if (prep.kind === 'completion') {
+      if (first && prep.echo) text = prep.promptTexts[c.promptIndex]! + text;
+      choice.text = text;
+      choice.logprobs = lpf ? lpf.completion(c.index, d.logprobs, first && prep.echo ? c.promptTokenIds : []) : null;
+    } else {
+      choice.delta = text === '' ? {} : { content: text };
+      choice.logprobs = lpf ? lpf.chat(d.logprobs) : null;
+    }
+    choice.finish_reason = finish;
+    if (finish !== null) choice.stop_reason = c.stopReason;
+    if (prep.returnTokenIds) {
+      if (first) choice.prompt_token_ids = c.promptTokenIds;
+      choice.token_ids = d.tokenIds;
+    }
+    if (prep.params.returnRoutedExperts) choice.routed_experts = d.routedExperts;
+    sse!.send(withUsageNull({ ...chunkBase(), choices: [choice] }));
+  };
+
+  const generation = new Generation(
+    { engine: opts.engine, codec: opts.codec, metrics: opts.metrics },
+    requestId,
+    prep.prompts,
+    prep.params,
+    prep.stream
+      ? {
+          onDelta(c, d) {
+            const extras = lpf !== null || prep.returnTokenIds || prep.params.returnRoutedExperts;
+            if (d.text !== '' || extras || (!sentFirst.has(c.index) && prep.echo)) streamChunk(c, d, null);
+          },
+          onChoiceEnd(c, tail) { streamChunk(c, tail, c.finishReason); },
+        }
+      : {},
+    performance.now() - reply.elapsedTime, // TTFT and e2e count from arrival, tokenizing included
+  );
+
+  let responded = false;
+  const onClose = () => {
+    if (!responded) {
+      responded = true;
+      generation.abort('client disconnected');
+      if (record && !record.logged) {
+        // The response never finished, so onResponse will not log it: do it here.
+        record.logged = true;
+        record.error = 'client disconnected';
+        record.completionTokens = generation.completionTokens;
+        record.ttftMs = generation.ttftMs === null ? null : Math.round(generation.ttftMs * 10) / 10;
+        request.log.info({ reqId: request.id, ...logFields(record), status: 499, durationMs: Math.round(reply.elapsedTime) }, 'request aborted by client');
+        opts.metrics.httpRequests.inc({ route: record.route, status: '499' });
+      }
+    }
+  };
+  // NOTE: the response's 'close' (not the request's, which fires once the body is read) says the client left.
+  reply.raw.on('close', onClose);
+
+  if (prep.stream) {
+    reply.hijack();
+    sse = new SseStream(reply.raw, { 'x-request-id': String(request.id) });
+    if (prep.kind === 'chat') {
+      // OpenAI opens every chat choice with a role-only delta.
+      for (const c of generation.choices) {
+        sentFirst.add(c.index);
+        const choice: Record<string, unknown> = { index: c.index, delta: { role: 'assistant', content: '' }, logprobs: null, finish_reason: null };
+        if (prep.returnTokenIds) choice.prompt_token_ids = c.promptTokenIds;
+        sse.send(withUsageNull({ ...chunkBase(), choices: [choice] }));
+      }
+    }
+  }
+
+  ctx.track(generation);
+  generation.start();
+  const outcome = await generation.done;
+  if (record) {
+    record.completionTokens = generation.completionTokens;
+    record.ttftMs = generation.ttftMs === null ? null : Math.round(generation.ttftMs * 10) / 10;
+    record.finishReasons = generation.choices.map((c) => c.finishReason ?? outcome.status);
+  }
+  if (responded) return undefined; // client is gone
+  responded = true;
+
+  if (outcome.status !== 'ok') {
+    const err = outcome.status === 'error'
+      ? new ApiError(500, 'server_error', 'The engine failed while generating this request.', null, 'engine_error')
+      : new ApiError(503, 'overloaded_error', 'The server is shutting down and aborted this request.', null, 'server_shutting_down', { 'retry-after': ctx.retryAfter });
+    if (record) record.error = outcome.status === 'error' ? outcome.message : outcome.why;
+    if (outcome.status === 'error') request.log.error({ reqId: request.id, engineError: outcome.message }, 'generation failed');
+    if (sse) {
+      sse.fail(err.body());
+      return undefined;
+    }
+    throw err;
+  }
+
+  if (sse) {
+    if (prep.includeUsage) sse.send({ ...chunkBase(), choices: [], usage: usage(generation) });
+    sse.done();
+    return undefined;
+  }
+
+  const choices = generation.choices.map((c) => {
+    const out: Record<string, unknown> = { index: c.index };
+    if (prep.kind === 'completion') {
+      out.text = (prep.echo ? prep.promptTexts[c.promptIndex]! : '') + c.text;
+      out.logprobs = lpf ? lpf.completion(c.index, c.logprobs, prep.echo ? c.promptTokenIds : []) : null;
+    } else {
+      out.message = { role: 'assistant', content: c.text };
+      out.logprobs = lpf ? lpf.chat(c.logprobs) : null;
+    }
+    out.finish_reason = c.finishReason;
+    out.stop_reason = c.stopReason;
+    if (prep.returnTokenIds) {
+      out.prompt_token_ids = c.promptTokenIds;
+      out.token_ids = c.tokenIds;
+    }
+    if (prep.params.returnRoutedExperts) out.routed_experts = c.routedExperts;
+    return out;
+  });
+  reply.header('x-request-id', String(request.id));
+  return {
+    id: requestId,
+    object: prep.kind === 'chat' ? 'chat.completion' : 'text_completion',
+    created,
+    model,
+    choices,
+    usage: usage(generation),
+  };
+}
+
+/** The fields of a request record that go into its log line. */
+export function logFields(r: RequestRecord): Record<string, unknown> {
+  const { logged: _logged, ...rest } = r;
+  return rest;
+}
