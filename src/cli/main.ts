@@ -1,6 +1,7 @@
 // expertd command line: serve | generate | trace, each with its own --help.
 import { generateCommand, generateHelp } from './generate.js';
 import { UsageError } from './options.js';
+import { serveCommand, serveHelp } from './serve.js';
 
 const usage = `Usage: expertd <command> [options]
 
@@ -13,8 +14,9 @@ Every option can also be set through an EXPERTD_* environment variable (e.g. EXP
 
 interface Command { run(argv: string[]): Promise<number>; help: () => string }
 
-async function commands(): Promise<Record<string, Command>> {
+function commands(): Record<string, Command> {
   const list: Record<string, Command> = {
+    serve: { run: serveCommand, help: () => serveHelp },
     generate: { run: generateCommand, help: () => generateHelp },
   };
   return list;
@@ -32,7 +34,7 @@ export async function main(argv: string[]): Promise<number> {
     console.log(pkg.version);
     return 0;
   }
-  const cmds = await commands();
+  const cmds = commands();
   const cmd = cmds[name];
   if (!cmd) {
     console.error(`expertd: unknown command '${name}'\n\n${usage}`);

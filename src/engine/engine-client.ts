@@ -100,8 +100,13 @@ export class EngineClient extends EventEmitter {
     if (this.pending.has(id)) this.post({ type: 'abort', id });
   }
 
+  /**
+   * The worker's last figures, with `waiting` counting requests posted but not yet seen running,
+   * so admission control (429) is never behind a burst.
+   */
   stats(): EngineStats {
-    return this.lastStats;
+    const waiting = Math.max(this.lastStats.waiting, this.pending.size - this.lastStats.running);
+    return { ...this.lastStats, waiting };
   }
 
   inFlight(): number {

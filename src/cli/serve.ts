@@ -1,0 +1,92 @@
+// `expertd serve`: load the model in the engine worker, then serve the OpenAI-compatible API.
+// SIGTERM/SIGINT drain in-flight requests up to --shutdown-timeout and exit 0.
+import { pino } from 'pino';
+
+import { EngineClient } from '../engine/engine-client.js';
+import { createMetrics, type Metrics } from '../metrics/registry.js';
+import { ModelTokenizer } from '../model/tokenizer.js';
+import { loadNative } from '../native/index.js';
+import { createServer, type TextCodec } from '../server/index.js';
+import { modelFlags } from './engine-flags.js';
+import { formatHelp, parseFlags, type FlagSpec } from './options.js';
+import { resolveEngineOptions } from './resolve.js';
+
+export const serveFlags: FlagSpec[] = [
+  ...modelFlags,
+  { name: 'host', type: 'string', default: '127.0.0.1', help: 'Address to listen on' },
+  { name: 'port', type: 'int', min: 0, max: 65535, default: 8000, help: 'Port to listen on (0 = any free port)' },
+  { name: 'api-key', type: 'string', arg: 'KEY', help: 'Require "Authorization: Bearer KEY" on every route except /health and /metrics' },
+  { name: 'served-model-name', type: 'string', arg: 'NAME', help: 'Model name in the API (default: the folder name, or expertd-demo)' },
+  { name: 'max-queued-requests', type: 'int', min: 0, default: 256, help: 'Waiting requests beyond this get 429 with Retry-After' },
+  { name: 'shutdown-timeout', type: 'number', min: 0, default: 30, arg: 'SECONDS', help: 'On SIGTERM/SIGINT, how long in-flight requests may finish' },
+  { name: 'log-level', type: 'string', default: 'info', choices: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'], help: 'pino log level' },
+  { name: 'log-prompts', type: 'boolean', default: false, help: 'Include prompt text in request log lines (off: prompts are user data)' },
+];
+
+export const serveHelp = formatHelp('expertd serve [--model DIR] [options]',
+  'Serves a Mixture-of-Experts model over an OpenAI-compatible HTTP API (POST /v1/completions, ' +
+  '/v1/chat/completions; GET /v1/models, /health, /metrics, /version; POST /tokenize, /detokenize).\n' +
+  'Without --model it serves the built-in demo model (random weights: gibberish text, real API).', serveFlags);
+
+/** ModelTokenizer as the server's TextCodec. */
+export function codecFor(tok: ModelTokenizer): TextCodec {
+  return {
+    encode: (text, add) => tok.encode(text, add),
+    decode: (ids, skip) => tok.decode(ids, skip),
+    applyChatTemplate: (messages, addGenerationPrompt) => tok.applyChatTemplate(messages, { addGenerationPrompt }),
+    createDetokenizer: (skip) => {
+      const d = tok.detokenizer([], skip);
+      return { push: (id) => d.push(id), flush: () => d.flush() };
+    },
+    eosTokenIds: tok.eosTokenIds,
+  };
+}
+
+/** Feeds the engine's per-step figures into the metrics registry. */
+export function wireEngineMetrics(engine: EngineClient, metrics: Metrics): void {
+  engine.on('step', (s: import('../engine/protocol.js').StepMetrics) => {
+    metrics.recordIterationTokens(s.prefillTokens + s.decodeTokens);
+    const sec = s.durationMs / 1000;
+    if (s.prefillTokens > 0) metrics.recordPrefillTime(sec);
+    else metrics.recordDecodeTime(sec);
+    s.expertTokens?.forEach((counts, layer) => metrics.recordExpertTokens(layer, counts));
+    metrics.recordKernelChoice('group_gemm', s.expertTokens?.length ?? 0);
+  });
+}
+
+export async function serveCommand(argv: string[]): Promise<number> {
+  const { flags } = parseFlags(serveFlags, argv);
+  const logger = pino({ level: String(flags['log-level']) });
+  const opts = resolveEngineOptions(flags, flags['served-model-name'] as string | undefined);
+  if (opts.isDemo) logger.warn({ model: opts.modelDir }, 'no --model given: serving the built-in demo model (random weights, gibberish text)');
+  logger.info({ capabilities: loadNative().capabilities(), config: { ...opts, apiKey: flags['api-key'] ? '(set)' : '(none)' } }, 'starting');
+  const tok = ModelTokenizer.load(opts.modelDir);
+  const engine = new EngineClient(opts);
+  const metrics = createMetrics();
+  wireEngineMetrics(engine, metrics);
+  const info = await engine.ready;
+  logger.info(engine.summary);
+  const server = createServer({
+    engine, codec: codecFor(tok), servedModelName: opts.servedModelName,
+    apiKey: flags['api-key'] as string | undefined, maxQueuedRequests: Number(flags['max-queued-requests']),
+    maxModelLen: info.maxContext, logger, metrics, logPrompts: Boolean(flags['log-prompts']),
+  });
+  engine.on('failed', (msg: string) => logger.error({ error: msg }, 'engine failed: /health now answers 503'));
+  const address = await server.listen({ host: String(flags['host']), port: Number(flags['port']) });
+  logger.info({ address, model: opts.servedModelName }, `expertd listening on ${address}`);
+  return await new Promise<number>((resolve) => {
+    let stopping = false;
+    const stop = (signal: string) => {
+      if (stopping) return;
+      stopping = true;
+      logger.info({ signal }, 'draining');
+      engine.setDraining();
+      void server.drain(Number(flags['shutdown-timeout']) * 1000)
+        .then(() => engine.close())
+        .then(() => { logger.info('stopped'); resolve(0); })
+        .catch((e: Error) => { logger.error({ error: e.message }, 'shutdown failed'); resolve(1); });
+    };
+    process.once('SIGTERM', () => stop('SIGTERM'));
+    process.once('SIGINT', () => stop('SIGINT'));
+  });
+}
