@@ -102,7 +102,7 @@ for (const name of fixtures) {
       }
     });
 
-    test('bf16 mode stays within its tolerance and keeps f32 routing on the prompt', () => {
+    test('bf16 (fast) mode stays within its measured tolerance of the f32 goldens', () => {
       const { model, spec } = loadModel(dir, { fast: true });
       try {
         const V = spec.vocabSize;
