@@ -1,12 +1,149 @@
-// Bindings for the comm family (to be filled in).
+// Bindings for the comm family: a CommGroup object (rank, worldSize, backend, all2allv,
+// all2allCounts, barrier, dispose) over a native Comm. Collectives block the calling JS thread
+// (a worker: the engine's or a test's rank), never longer than the group's timeout.
+#include <cmath>
+#include <memory>
+#include <string>
+#include <vector>
+
 #include "args.h"
+#include "expertd/comm.h"
 #include "register.h"
 
 namespace expertd::addon {
+namespace {
+
+// Shared by the group object's methods; dispose() drops the Comm (which leaves the group), and
+// so does the collection of the last method as a backstop.
+struct CommState {
+  std::shared_ptr<Comm> comm;
+  std::string label;  // for error messages
+};
+
+std::shared_ptr<Comm> live(Napi::Env env, const CommState& st) {
+  if (!st.comm) throw_native(env, Error(ErrorCode::Disposed, st.label + " has been disposed"));
+  return st.comm;
+}
+
+Span<double> get_f64(const Napi::CallbackInfo& info, size_t i, const char* name, size_t min_len) {
+  Napi::Env env = info.Env();
+  Napi::Value v = info[i];
+  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_float64_array)
+    throw_type(env, std::string(name) + " must be a Float64Array");
+  auto arr = v.As<Napi::Float64Array>();
+  if (arr.ElementLength() < min_len)
+    throw_range(env, std::string(name) + ".length is " + std::to_string(arr.ElementLength()) +
+                         ", expected at least " + std::to_string(min_len));
+  return Span<double>{arr.Data(), arr.ElementLength()};
+}
+
+// The first n values of a Float64Array as int64 (each a safe integer, >= 0 when counts).
+std::vector<int64_t> to_i64(Napi::Env env, const Span<double>& a, size_t n, const char* name,
+                            bool non_negative) {
+  std::vector<int64_t> v(n);
+  for (size_t r = 0; r < n; ++r) {
+    const double d = a.data[r];
+    if (!std::isfinite(d) || d != std::floor(d) || std::fabs(d) > 9007199254740991.0 ||
+        (non_negative && d < 0))
+      throw_range(env, std::string(name) + "[" + std::to_string(r) + "] is " + std::to_string(d) +
+                           ", expected " + (non_negative ? "a non-negative" : "an") +
+                           " integer");
+    v[r] = static_cast<int64_t>(d);
+  }
+  return v;
+}
+
+int64_t sum(const std::vector<int64_t>& v) {
+  int64_t s = 0;
+  for (int64_t x : v) s += x;
+  return s;
+}
+
+Napi::Object make_group(Napi::Env env, std::shared_ptr<Comm> comm, const std::string& label) {
+  auto st = std::make_shared<CommState>(CommState{std::move(comm), label});
+  Napi::Object obj = Napi::Object::New(env);
+  const auto ro = napi_enumerable;
+  obj.DefineProperties({
+      Napi::PropertyDescriptor::Value("rank", Napi::Number::New(env, st->comm->rank()), ro),
+      Napi::PropertyDescriptor::Value("worldSize", Napi::Number::New(env, st->comm->world_size()), ro),
+      Napi::PropertyDescriptor::Value("backend", Napi::String::New(env, st->comm->backend()), ro),
+  });
+
+  obj.Set("all2allv", Napi::Function::New(env, [st](const Napi::CallbackInfo& info) -> Napi::Value {
+    Napi::Env env = info.Env();
+    expect_args(info, 4, "all2allv");
+    std::shared_ptr<Comm> c = live(env, *st);
+    const size_t world = static_cast<size_t>(c->world_size());
+    Span<uint8_t> send = get_array<uint8_t>(info, 0, "send", 0);
+    std::vector<int64_t> send_bytes = to_i64(env, get_f64(info, 1, "sendBytes", world), world, "sendBytes", true);
+    Span<uint8_t> recv = get_array<uint8_t>(info, 2, "recv", 0);
+    std::vector<int64_t> recv_bytes = to_i64(env, get_f64(info, 3, "recvBytes", world), world, "recvBytes", true);
+    if (static_cast<int64_t>(send.length) < sum(send_bytes))
+      throw_range(env, "send.length is " + std::to_string(send.length) + ", expected at least " +
+                           std::to_string(sum(send_bytes)) + " (the sum of sendBytes)");
+    if (static_cast<int64_t>(recv.length) < sum(recv_bytes))
+      throw_range(env, "recv.length is " + std::to_string(recv.length) + ", expected at least " +
+                           std::to_string(sum(recv_bytes)) + " (the sum of recvBytes)");
+    guard(env, [&] { c->all2allv(send.data, send_bytes.data(), recv.data, recv_bytes.data()); });
+    return env.Undefined();
+  }, "all2allv"));
+
+  obj.Set("all2allCounts", Napi::Function::New(env, [st](const Napi::CallbackInfo& info) -> Napi::Value {
+    Napi::Env env = info.Env();
+    expect_args(info, 2, "all2allCounts");
+    std::shared_ptr<Comm> c = live(env, *st);
+    const size_t world = static_cast<size_t>(c->world_size());
+    std::vector<int64_t> send = to_i64(env, get_f64(info, 0, "send", world), world, "send", false);
+    Span<double> recv = get_f64(info, 1, "recv", world);
+    std::vector<int64_t> got(world);
+    guard(env, [&] { c->all2all_i64(send.data(), got.data()); });
+    for (size_t r = 0; r < world; ++r) recv.data[r] = static_cast<double>(got[r]);
+    return env.Undefined();
+  }, "all2allCounts"));
+
+  obj.Set("barrier", Napi::Function::New(env, [st](const Napi::CallbackInfo& info) -> Napi::Value {
+    Napi::Env env = info.Env();
+    std::shared_ptr<Comm> c = live(env, *st);
+    guard(env, [&] { c->barrier(); });
+    return env.Undefined();
+  }, "barrier"));
+
+  obj.Set("dispose", Napi::Function::New(env, [st](const Napi::CallbackInfo& info) -> Napi::Value {
+    st->comm.reset();  // idempotent
+    return info.Env().Undefined();
+  }, "dispose"));
+  return obj;
+}
+
+Napi::Value loopback_join_js(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 4, "loopbackJoin");
+  if (!info[0].IsString()) throw_type(env, "group must be a string");
+  const std::string name = info[0].As<Napi::String>().Utf8Value();
+  if (name.empty()) throw_range(env, "group must not be empty");
+  const int64_t world = get_int(info, 1, "worldSize", 1, 4096);
+  const int64_t rank = get_int(info, 2, "rank", 0, world - 1);
+  const int64_t timeout_ms = get_int(info, 3, "timeoutMs", 0, 2147483647);
+  std::shared_ptr<Comm> comm;
+  try {
+    comm = loopback_join(name, static_cast<int>(world), static_cast<int>(rank),
+                         static_cast<int>(timeout_ms));
+  } catch (const Error& err) {
+    // comm.h gives a join timeout the code E_INVALID_ARG (the ranks asked for never came), but it
+    // is not a TypeError: raise a plain Error carrying that code.
+    if (err.code() != ErrorCode::InvalidArg) throw_native(env, err);
+    Napi::Error e = Napi::Error::New(env, err.what());
+    e.Set("code", Napi::String::New(env, error_code_name(err.code())));
+    throw e;
+  }
+  return make_group(env, std::move(comm),
+                    "comm group '" + name + "' rank " + std::to_string(rank));
+}
+
+}  // namespace
 
 void register_comm(Napi::Env env, Napi::Object exports) {
-  (void)env;
-  (void)exports;
+  exports.Set("loopbackJoin", Napi::Function::New(env, loopback_join_js, "loopbackJoin"));
 }
 
 }  // namespace expertd::addon

@@ -1,12 +1,163 @@
-// Bindings for the gemm family (to be filled in).
+// Bindings for the gemm family: weight packing (packWeight, packGateUp, repackInto,
+// packedWeightAt), denseGemm and groupGemmFfn. Every shape and length is checked here, so the
+// kernels can trust what they are given.
+#include <string>
+#include <vector>
+
 #include "args.h"
+#include "expertd/ops.h"
+#include "handles.h"
 #include "register.h"
 
 namespace expertd::addon {
 
+namespace {
+
+constexpr int64_t kMaxDim = int64_t(1) << 24;
+
+std::string str(int64_t v) { return std::to_string(v); }
+
+// packWeight(src, dtype, n, k) -> PackedWeight
+Napi::Value pack_weight_js(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 4, "packWeight");
+  const DType dtype = parse_dtype(env, info[1], "dtype");
+  const int64_t n = get_int(info, 2, "n", 1, kMaxDim);
+  const int64_t k = get_int(info, 3, "k", 1, kMaxDim);
+  const void* src = get_dtype_array(info, 0, "src", dtype, static_cast<size_t>(n * k));
+  std::shared_ptr<PackedWeight> w;
+  guard(env, [&] {
+    w = alloc_packed_weight(dtype, WeightKind::Plain, static_cast<int>(n), static_cast<int>(k));
+    pack_weight(*w, src, dtype);
+  });
+  return WeightHandle::create(env, std::move(w));
+}
+
+// packGateUp(gate, up, dtype, i, h) -> PackedWeight of kind gate_up, n = 2i
+Napi::Value pack_gate_up_js(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 5, "packGateUp");
+  const DType dtype = parse_dtype(env, info[2], "dtype");
+  const int64_t inter = get_int(info, 3, "i", 1, kMaxDim / 2);
+  const int64_t h = get_int(info, 4, "h", 1, kMaxDim);
+  const size_t len = static_cast<size_t>(inter * h);
+  const void* gate = get_dtype_array(info, 0, "gate", dtype, len);
+  const void* up = get_dtype_array(info, 1, "up", dtype, len);
+  std::shared_ptr<PackedWeight> w;
+  guard(env, [&] {
+    w = alloc_packed_weight(dtype, WeightKind::GateUp, static_cast<int>(2 * inter),
+                            static_cast<int>(h));
+    pack_gate_up(*w, gate, up, dtype);
+  });
+  return WeightHandle::create(env, std::move(w));
+}
+
+// repackInto(dst, src, dtype, up?): new contents, same geometry; dtype is the source's (it is
+// converted to dst's storage dtype when they differ).
+Napi::Value repack_into_js(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 3, "repackInto");
+  // NOTE: the handle's weight is shared (expert tables hold it too); repacking writes in place.
+  PackedWeight& dst = const_cast<PackedWeight&>(get_weight(info, 0, "dst"));
+  const DType dtype = parse_dtype(env, info[2], "dtype");
+  const bool has_up = info.Length() > 3 && !is_nullish(info[3]);
+  if (dst.kind == WeightKind::GateUp) {
+    if (!has_up) throw_type(env, "up is required to repack a gate_up weight");
+    const size_t len = static_cast<size_t>(dst.n / 2) * dst.k;
+    const void* gate = get_dtype_array(info, 1, "src", dtype, len);
+    const void* up = get_dtype_array(info, 3, "up", dtype, len);
+    guard(env, [&] { pack_gate_up(dst, gate, up, dtype); });
+  } else {
+    if (has_up) throw_type(env, "up must be null or absent for a plain weight");
+    const void* src =
+        get_dtype_array(info, 1, "src", dtype, static_cast<size_t>(dst.n) * dst.k);
+    guard(env, [&] { pack_weight(dst, src, dtype); });
+  }
+  return env.Undefined();
+}
+
+// packedWeightAt(w, row, col) -> number
+Napi::Value packed_weight_at_js(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 3, "packedWeightAt");
+  const PackedWeight& w = get_weight(info, 0, "w");
+  const int64_t row = get_int(info, 1, "row", 0, w.n - 1);
+  const int64_t col = get_int(info, 2, "col", 0, w.k - 1);
+  float v = 0;
+  guard(env, [&] { v = packed_weight_at(w, static_cast<int>(row), static_cast<int>(col)); });
+  return Napi::Number::New(env, v);
+}
+
+// denseGemm(x, m, w, y, bias, accumulate, fast)
+Napi::Value dense_gemm_js(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 7, "denseGemm");
+  const int64_t m = get_int(info, 1, "m", 0, int64_t(1) << 30);
+  const PackedWeight& w = get_weight(info, 2, "w");
+  const float* x = get_array<float>(info, 0, "x", static_cast<size_t>(m) * w.k).data;
+  float* y = get_array<float>(info, 3, "y", static_cast<size_t>(m) * w.n).data;
+  const float* bias = get_optional_array<float>(info, 4, "bias", static_cast<size_t>(w.n)).data;
+  const bool accumulate = get_bool(info, 5, "accumulate");
+  const bool fast = get_bool(info, 6, "fast");
+  guard(env, [&] { dense_gemm(x, static_cast<int>(m), w, y, bias, accumulate, fast); });
+  return env.Undefined();
+}
+
+// groupGemmFfn(x, offsets, experts, y, fast)
+Napi::Value group_gemm_ffn_js(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 5, "groupGemmFfn");
+  ExpertTableHandle& table = get_expert_table(info, 2, "experts");
+  const int num_experts = table.num_experts();
+  const int h = table.hidden();
+  const int32_t* offsets =
+      get_array<int32_t>(info, 1, "offsets", static_cast<size_t>(num_experts) + 1, true).data;
+  Span<float> x = get_array<float>(info, 0, "x", 0);
+  Span<float> y = get_array<float>(info, 3, "y", 0);
+  const bool fast = get_bool(info, 4, "fast");
+  if (offsets[0] != 0) throw_range(env, "offsets[0] is " + str(offsets[0]) + ", expected 0");
+  for (int e = 0; e < num_experts; ++e)
+    if (offsets[e + 1] < offsets[e])
+      throw_range(env, "offsets[" + str(e + 1) + "] is " + str(offsets[e + 1]) +
+                           ", expected at least offsets[" + str(e) + "] = " + str(offsets[e]) +
+                           " (offsets must be non-decreasing)");
+  const int64_t rows = offsets[num_experts];
+  const size_t need = static_cast<size_t>(rows) * h;
+  const std::string why = " (offsets[" + str(num_experts) + "] = " + str(rows) +
+                          " rows of hidden " + str(h) + ")";
+  if (x.length < need)
+    throw_range(env, "x.length is " + str(x.length) + ", expected at least " + str(need) + why);
+  if (y.length < need)
+    throw_range(env, "y.length is " + str(y.length) + ", expected at least " + str(need) + why);
+
+  // Raw pointer views of the table for the kernel (grow-only, no allocation once warm).
+  thread_local std::vector<const PackedWeight*> gate_up, down;
+  gate_up.assign(num_experts, nullptr);
+  down.assign(num_experts, nullptr);
+  for (int e = 0; e < num_experts; ++e) {
+    const int n_rows = offsets[e + 1] - offsets[e];
+    if (n_rows == 0) continue;
+    if (!table.gate_up()[e] || !table.down()[e])
+      throw_range(env, "expert " + str(e) + " has " + str(n_rows) + " rows but no weights");
+    gate_up[e] = table.gate_up()[e].get();
+    down[e] = table.down()[e].get();
+  }
+  guard(env, [&] {
+    group_gemm_ffn(x.data, offsets, num_experts, gate_up.data(), down.data(), h, table.inter(),
+                   y.data, fast);
+  });
+  return env.Undefined();
+}
+
+}  // namespace
+
 void register_gemm(Napi::Env env, Napi::Object exports) {
-  (void)env;
-  (void)exports;
+  exports.Set("packWeight", Napi::Function::New(env, pack_weight_js, "packWeight"));
+  exports.Set("packGateUp", Napi::Function::New(env, pack_gate_up_js, "packGateUp"));
+  exports.Set("repackInto", Napi::Function::New(env, repack_into_js, "repackInto"));
+  exports.Set("packedWeightAt", Napi::Function::New(env, packed_weight_at_js, "packedWeightAt"));
+  exports.Set("denseGemm", Napi::Function::New(env, dense_gemm_js, "denseGemm"));
+  exports.Set("groupGemmFfn", Napi::Function::New(env, group_gemm_ffn_js, "groupGemmFfn"));
 }
 
 }  // namespace expertd::addon

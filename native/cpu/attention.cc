@@ -1,9 +1,440 @@
-// Attention over the paged KV cache (prefill and decode, GQA, sliding window, MLA dims).
-#include "expertd/ops.h"
+// Attention over the paged KV cache (prefill and decode, GQA, sliding window, MLA dims), and the
+// KV cache write. Flash-style online softmax in f32 on the thread pool, AVX-512 where present.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "expertd/cpu_features.h"
 #include "expertd/errors.h"
+#include "expertd/ops.h"
+#include "expertd/thread_pool.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace expertd {
+namespace {
 
-void paged_attention(const float*, const float*, const float*, const int32_t*, const int32_t*, const AttentionParams&, float*) { fail(ErrorCode::Internal, "not implemented"); }
-void kv_cache_write(const float*, const float*, int, const int32_t*, float*, float*, int, int, int, int) { fail(ErrorCode::Internal, "not implemented"); }
+// NOTE: determinism. The engine relies on a query's output being bit-identical whether its
+// sequence is computed alone or batched with others, and whether its prefill ran in one call or in
+// chunks. So the arithmetic of one query row depends only on that row's position and its keys:
+//   - keys are visited in order, in blocks of kKeyBlock aligned to absolute key positions;
+//   - the blocks are grouped into segments of kSegment keys (absolute-aligned); each segment gives
+//     a partial (max m, sum l, acc) computed from scratch, and the partials of the segments the
+//     row sees are folded in segment order with one combine function.
+// Work splitting (token tiles, split-K over segments for long decodes) only decides which thread
+// computes which partial, never how a partial is computed or folded.
+constexpr int kKeyBlock = 16;
+constexpr int kSegment = 512;
+constexpr int kTileRows = 32;  // target (token, head) rows per work item
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// One work item: tokens [t0, t1) of a sequence and every query head of one kv head.
+struct Tile {
+  const int32_t* table;  // the sequence's block table row [max_blocks]
+  int q_start, q_len, ctx_len;
+  int kvh;
+  int t0, t1;
+  int seg_lo, seg_hi;   // segments [seg_lo, seg_hi] touched by some row of the tile
+  int64_t split_off;    // float offset of its partials in the split scratch; -1: not split
+};
+
+struct Ctx {
+  const float* q;
+  const float* k_cache;
+  const float* v_cache;
+  const AttentionParams* p;
+  float* out;
+  int group;   // query heads per kv head
+  int stride;  // floats per row state: [m, l, pad..16) then acc [dv rounded up to 16]
+};
+
+inline int row_pos(const Tile& t, int i) { return t.ctx_len - t.q_len + i; }
+// First visible key of a query at position pos (HF masking_utils sliding_window_overlay keeps
+// kv_idx > q_idx - sliding_window, i.e. the window counts the query itself).
+inline int row_lo(int pos, int window) { return window > 0 ? std::max(0, pos - window + 1) : 0; }
+inline bool row_visits(int pos, int lo, int seg) {
+  return seg * kSegment <= pos && seg * kSegment + kSegment - 1 >= lo;
+}
+
+inline size_t cache_row(const Tile& t, const AttentionParams& p, int j) {
+  size_t blk = static_cast<size_t>(t.table[j / p.block_size]);
+  return (blk * p.block_size + static_cast<size_t>(j % p.block_size)) * p.kv_heads + t.kvh;
+}
+
+// ------------------------------------------------------------------ portable kernels
+// noinline: one compiled body per function, so no call site can contract or reorder differently.
+__attribute__((noinline)) void segment_partial_portable(const Ctx& c, const Tile& t, int seg,
+                                                        float* part) {
+  const AttentionParams& p = *c.p;
+  const int g = c.group, dk = p.dk, dv = p.dv, tokens = t.t1 - t.t0;
+  const int seg_begin = seg * kSegment, seg_end = seg_begin + kSegment - 1;
+  for (int r = 0; r < tokens * g; ++r) {
+    float* st = part + static_cast<size_t>(r) * c.stride;
+    st[0] = kNegInf;
+    st[1] = 0.0f;
+    std::fill(st + 16, st + 16 + dv, 0.0f);
+  }
+  const int kmin = std::max(seg_begin, row_lo(row_pos(t, t.t0), p.sliding_window));
+  const int kmax = std::min(seg_end, row_pos(t, t.t1 - 1));
+  const float* kp[kKeyBlock];
+  const float* vp[kKeyBlock];
+  float s[kKeyBlock];
+  for (int kb0 = kmin / kKeyBlock * kKeyBlock; kb0 <= kmax; kb0 += kKeyBlock) {
+    const int jb_lo = std::max(kb0, kmin), jb_hi = std::min(kb0 + kKeyBlock - 1, kmax);
+    for (int j = jb_lo; j <= jb_hi; ++j) {
+      size_t row = cache_row(t, p, j);
+      kp[j - kb0] = c.k_cache + row * dk;
+      vp[j - kb0] = c.v_cache + row * p.v_stride + p.v_offset;
+    }
+    for (int i = t.t0; i < t.t1; ++i) {
+      const int pos = row_pos(t, i);
+      const int lo = std::max({row_lo(pos, p.sliding_window), kb0, seg_begin});
+      const int hi = std::min({pos, kb0 + kKeyBlock - 1, seg_end});
+      if (lo > hi) continue;
+      for (int hh = 0; hh < g; ++hh) {
+        const float* qr = c.q + static_cast<size_t>(t.q_start + i) * p.q_row_stride +
+                          static_cast<size_t>(t.kvh * g + hh) * dk;
+        float* st = part + static_cast<size_t>((i - t.t0) * g + hh) * c.stride;
+        float mb = kNegInf;
+        for (int j = lo; j <= hi; ++j) {
+          const float* kr = kp[j - kb0];
+          float dot = 0.0f;
+          for (int d = 0; d < dk; ++d) dot += qr[d] * kr[d];
+          s[j - kb0] = dot * p.scale;
+          mb = std::max(mb, s[j - kb0]);
+        }
+        const float m_old = st[0], m_new = std::max(m_old, mb);
+        const float alpha = m_old == kNegInf ? 0.0f : std::exp(m_old - m_new);
+        float sum = 0.0f;
+        for (int j = lo; j <= hi; ++j) {
+          s[j - kb0] = std::exp(s[j - kb0] - m_new);
+          sum += s[j - kb0];
+        }
+        st[0] = m_new;
+        st[1] = st[1] * alpha + sum;
+        float* acc = st + 16;
+        for (int d = 0; d < dv; ++d) acc[d] *= alpha;
+        for (int j = lo; j <= hi; ++j) {
+          const float pj = s[j - kb0];
+          const float* vr = vp[j - kb0];
+          for (int d = 0; d < dv; ++d) acc[d] += pj * vr[d];
+        }
+      }
+    }
+  }
+}
+
+// total = fold(total, part) for one row state.
+__attribute__((noinline)) void combine_portable(float* total, const float* part, int dv) {
+  const float m = std::max(total[0], part[0]);
+  const float at = std::exp(total[0] - m), ap = std::exp(part[0] - m);
+  total[0] = m;
+  total[1] = total[1] * at + part[1] * ap;
+  for (int d = 0; d < dv; ++d) total[16 + d] = total[16 + d] * at + part[16 + d] * ap;
+}
+
+__attribute__((noinline)) void finalize_portable(const float* st, int dv, float* out) {
+  const float inv = 1.0f / st[1];
+  for (int d = 0; d < dv; ++d) out[d] = st[16 + d] * inv;
+}
+
+// ------------------------------------------------------------------ AVX-512 kernels
+#if defined(__x86_64__)
+#define EXPERTD_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+
+// exp(x) for x <= 0 (scores minus their running max): Cody-Waite reduction and a degree-6
+// polynomial, ~1 ulp; inputs below -87 are flushed to (near) zero, far below f32 softmax noise.
+EXPERTD_AVX512 inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.0f / 720.0f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 120.0f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 24.0f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 6.0f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.5f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(y, n);
+}
+
+EXPERTD_AVX512 inline __mmask16 tail_mask(int n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
+EXPERTD_AVX512 inline float dot512(const float* a, const float* b, int n) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int d = 0;
+  for (; d + 32 <= n; d += 32) {
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + d + 16), _mm512_loadu_ps(b + d + 16), acc1);
+  }
+  for (; d < n; d += 16) {
+    const __mmask16 m = tail_mask(n - d);
+    acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + d), _mm512_maskz_loadu_ps(m, b + d), acc0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+EXPERTD_AVX512 __attribute__((noinline)) void segment_partial_avx512(const Ctx& c, const Tile& t,
+                                                                     int seg, float* part) {
+  const AttentionParams& p = *c.p;
+  const int g = c.group, dk = p.dk, dv = p.dv, tokens = t.t1 - t.t0;
+  const int seg_begin = seg * kSegment, seg_end = seg_begin + kSegment - 1;
+  for (int r = 0; r < tokens * g; ++r) {
+    float* st = part + static_cast<size_t>(r) * c.stride;
+    st[0] = kNegInf;
+    st[1] = 0.0f;
+    for (int d = 0; d < dv; d += 16) _mm512_storeu_ps(st + 16 + d, _mm512_setzero_ps());
+  }
+  const int kmin = std::max(seg_begin, row_lo(row_pos(t, t.t0), p.sliding_window));
+  const int kmax = std::min(seg_end, row_pos(t, t.t1 - 1));
+  const float* kp[kKeyBlock];
+  const float* vp[kKeyBlock];
+  alignas(64) float s[kKeyBlock];
+  alignas(64) float pr[kKeyBlock];
+  const __mmask16 dv_tail = tail_mask(dv % 16 == 0 ? 16 : dv % 16);
+  for (int kb0 = kmin / kKeyBlock * kKeyBlock; kb0 <= kmax; kb0 += kKeyBlock) {
+    const int jb_lo = std::max(kb0, kmin), jb_hi = std::min(kb0 + kKeyBlock - 1, kmax);
+    for (int j = jb_lo; j <= jb_hi; ++j) {
+      size_t row = cache_row(t, p, j);
+      kp[j - kb0] = c.k_cache + row * dk;
+      vp[j - kb0] = c.v_cache + row * p.v_stride + p.v_offset;
+    }
+    for (int i = t.t0; i < t.t1; ++i) {
+      const int pos = row_pos(t, i);
+      const int lo = std::max({row_lo(pos, p.sliding_window), kb0, seg_begin});
+      const int hi = std::min({pos, kb0 + kKeyBlock - 1, seg_end});
+      if (lo > hi) continue;
+      const __mmask16 vis = static_cast<__mmask16>(tail_mask(hi - kb0 + 1) & ~tail_mask(lo - kb0));
+      for (int hh = 0; hh < g; ++hh) {
+        const float* qr = c.q + static_cast<size_t>(t.q_start + i) * p.q_row_stride +
+                          static_cast<size_t>(t.kvh * g + hh) * dk;
+        float* st = part + static_cast<size_t>((i - t.t0) * g + hh) * c.stride;
+        for (int j = lo; j <= hi; ++j) s[j - kb0] = dot512(qr, kp[j - kb0], dk) * p.scale;
+        const __m512 sv = _mm512_mask_loadu_ps(_mm512_set1_ps(kNegInf), vis, s);
+        const float mb = _mm512_reduce_max_ps(sv);
+        const float m_old = st[0], m_new = std::max(m_old, mb);
+        const float alpha = m_old == kNegInf ? 0.0f : std::exp(m_old - m_new);
+        const __m512 pv = _mm512_maskz_mov_ps(vis, exp512(_mm512_sub_ps(sv, _mm512_set1_ps(m_new))));
+        _mm512_store_ps(pr, pv);
+        st[0] = m_new;
+        st[1] = st[1] * alpha + _mm512_reduce_add_ps(pv);
+        const __m512 av = _mm512_set1_ps(alpha);
+        float* acc = st + 16;
+        for (int d = 0; d < dv; d += 16) {
+          const __mmask16 m = d + 16 <= dv ? static_cast<__mmask16>(0xFFFF) : dv_tail;
+          __m512 a = _mm512_mul_ps(_mm512_loadu_ps(acc + d), av);
+          for (int j = lo; j <= hi; ++j)
+            a = _mm512_fmadd_ps(_mm512_set1_ps(pr[j - kb0]),
+                                _mm512_maskz_loadu_ps(m, vp[j - kb0] + d), a);
+          _mm512_storeu_ps(acc + d, a);
+        }
+      }
+    }
+  }
+}
+
+EXPERTD_AVX512 __attribute__((noinline)) void combine_avx512(float* total, const float* part,
+                                                             int dv) {
+  const float m = std::max(total[0], part[0]);
+  const float at = std::exp(total[0] - m), ap = std::exp(part[0] - m);
+  total[0] = m;
+  total[1] = total[1] * at + part[1] * ap;
+  const __m512 atv = _mm512_set1_ps(at), apv = _mm512_set1_ps(ap);
+  for (int d = 0; d < dv; d += 16) {
+    __m512 a = _mm512_mul_ps(_mm512_loadu_ps(total + 16 + d), atv);
+    a = _mm512_fmadd_ps(_mm512_loadu_ps(part + 16 + d), apv, a);
+    _mm512_storeu_ps(total + 16 + d, a);
+  }
+}
+
+EXPERTD_AVX512 __attribute__((noinline)) void finalize_avx512(const float* st, int dv, float* out) {
+  const __m512 inv = _mm512_set1_ps(1.0f / st[1]);
+  for (int d = 0; d < dv; d += 16) {
+    const __mmask16 m = tail_mask(dv - d);
+    _mm512_mask_storeu_ps(out + d, m, _mm512_mul_ps(_mm512_loadu_ps(st + 16 + d), inv));
+  }
+}
+#undef EXPERTD_AVX512
+#endif
+
+struct Kernels {
+  void (*segment_partial)(const Ctx&, const Tile&, int, float*);
+  void (*combine)(float*, const float*, int);
+  void (*finalize)(const float*, int, float*);
+};
+
+Kernels pick_kernels() {
+#if defined(__x86_64__)
+  if (cpu_features().kernel_avx512) return {segment_partial_avx512, combine_avx512, finalize_avx512};
+#endif
+  return {segment_partial_portable, combine_portable, finalize_portable};
+}
+
+// Segments a row at (pos, lo) sees: [lo / kSegment, pos / kSegment].
+inline int first_seg(int lo) { return lo / kSegment; }
+
+struct Task {
+  int32_t tile;
+  int32_t seg;  // -1: the whole tile on one thread
+};
+
+// Grow-only scratch owned by the calling thread (two engine workers may run attention at once).
+struct CallScratch {
+  std::vector<Tile> tiles;
+  std::vector<Task> tasks;
+  std::vector<float> split;
+};
+
+struct ThreadScratch {
+  std::vector<float> part;
+  std::vector<float> total;
+};
+
+}  // namespace
+
+void paged_attention(const float* q, const float* k_cache, const float* v_cache,
+                     const int32_t* seq_info, const int32_t* block_tables,
+                     const AttentionParams& p, float* out) {
+  // NOTE: the pool's tasks must reach the caller's scratch through this reference; naming a
+  // thread_local inside a task would give the worker thread's own (empty) instance.
+  thread_local CallScratch tls_scratch;
+  CallScratch& cs = tls_scratch;
+  const Kernels kern = pick_kernels();
+  const int g = p.heads / p.kv_heads;
+  const int stride = 16 + (p.dv + 15) / 16 * 16;
+  const int tile_tokens = std::max(1, kTileRows / g);
+  const Ctx c{q, k_cache, v_cache, &p, out, g, stride};
+
+  cs.tiles.clear();
+  for (int s = 0; s < p.num_seqs; ++s) {
+    const int q_start = seq_info[3 * s], q_len = seq_info[3 * s + 1], ctx = seq_info[3 * s + 2];
+    if (q_len <= 0) continue;
+    const int32_t* table = block_tables + static_cast<size_t>(s) * p.max_blocks;
+    for (int t0 = 0; t0 < q_len; t0 += tile_tokens) {
+      const int t1 = std::min(q_len, t0 + tile_tokens);
+      const int lo = row_lo(ctx - q_len + t0, p.sliding_window), hi = ctx - q_len + t1 - 1;
+      for (int kvh = 0; kvh < p.kv_heads; ++kvh)
+        cs.tiles.push_back(Tile{table, q_start, q_len, ctx, kvh, t0, t1, first_seg(lo),
+                                hi / kSegment, -1});
+    }
+  }
+  if (cs.tiles.empty()) return;
+
+  // Split-K (flash-decoding) for tiles that span several segments when there are too few tiles
+  // to keep every thread busy. Results do not depend on this choice (see the NOTE above).
+  const size_t threads = ThreadPool::instance().num_threads();
+  const bool split_some = threads > 1 && cs.tiles.size() < 4 * threads;
+  constexpr int64_t kMaxSplitFloats = int64_t{16} << 20;  // 64 MiB of partials at most
+  int64_t split_floats = 0;
+  cs.tasks.clear();
+  for (size_t ti = 0; ti < cs.tiles.size(); ++ti) {
+    Tile& t = cs.tiles[ti];
+    const int nseg = t.seg_hi - t.seg_lo + 1;
+    const int64_t need = int64_t{t.t1 - t.t0} * g * nseg * stride;
+    if (split_some && nseg > 1 && split_floats + need <= kMaxSplitFloats) {
+      t.split_off = split_floats;
+      split_floats += need;
+      for (int s = t.seg_lo; s <= t.seg_hi; ++s)
+        cs.tasks.push_back(Task{static_cast<int32_t>(ti), s});
+    } else {
+      cs.tasks.push_back(Task{static_cast<int32_t>(ti), -1});
+    }
+  }
+  if (static_cast<int64_t>(cs.split.size()) < split_floats) cs.split.resize(split_floats);
+  float* split = cs.split.data();
+
+  auto out_row = [&](const Tile& t, int i, int hh) {
+    return out + (static_cast<size_t>(t.q_start + i) * p.heads + t.kvh * g + hh) * p.dv;
+  };
+  // Row state of row r of split tile t in segment s.
+  auto split_row = [&](const Tile& t, int s, int64_t r) {
+    const int64_t rows = int64_t{t.t1 - t.t0} * g;
+    return split + t.split_off + ((s - t.seg_lo) * rows + r) * stride;
+  };
+
+  ThreadPool::instance().parallel_for(cs.tasks.size(), [&](size_t task, size_t) {
+    const Task tk = cs.tasks[task];
+    const Tile& t = cs.tiles[static_cast<size_t>(tk.tile)];
+    if (tk.seg >= 0) {
+      kern.segment_partial(c, t, tk.seg, split_row(t, tk.seg, 0));
+      return;
+    }
+    // Whole tile: segment by segment, each row folds its partials in segment order, exactly as
+    // the split path's second pass does.
+    thread_local ThreadScratch ts;
+    const size_t n = static_cast<size_t>(t.t1 - t.t0) * g * stride;
+    if (ts.part.size() < n) ts.part.resize(n);
+    if (ts.total.size() < n) ts.total.resize(n);
+    for (int s = t.seg_lo; s <= t.seg_hi; ++s) {
+      kern.segment_partial(c, t, s, ts.part.data());
+      for (int i = t.t0; i < t.t1; ++i) {
+        const int pos = row_pos(t, i), lo = row_lo(pos, p.sliding_window);
+        if (!row_visits(pos, lo, s)) continue;
+        for (int hh = 0; hh < g; ++hh) {
+          const size_t off = static_cast<size_t>((i - t.t0) * g + hh) * stride;
+          if (s == first_seg(lo))
+            std::memcpy(ts.total.data() + off, ts.part.data() + off, sizeof(float) * stride);
+          else
+            kern.combine(ts.total.data() + off, ts.part.data() + off, p.dv);
+        }
+      }
+    }
+    for (int i = t.t0; i < t.t1; ++i)
+      for (int hh = 0; hh < g; ++hh)
+        kern.finalize(ts.total.data() + static_cast<size_t>((i - t.t0) * g + hh) * stride, p.dv,
+                      out_row(t, i, hh));
+  });
+
+  if (split_floats == 0) return;
+  // Second pass: fold the split tiles' partials, one task per split tile.
+  cs.tasks.clear();
+  for (size_t ti = 0; ti < cs.tiles.size(); ++ti)
+    if (cs.tiles[ti].split_off >= 0) cs.tasks.push_back(Task{static_cast<int32_t>(ti), -1});
+  ThreadPool::instance().parallel_for(cs.tasks.size(), [&](size_t task, size_t) {
+    thread_local ThreadScratch ts;
+    const Tile& t = cs.tiles[static_cast<size_t>(cs.tasks[task].tile)];
+    if (ts.total.size() < static_cast<size_t>(stride)) ts.total.resize(stride);
+    float* total = ts.total.data();
+    for (int i = t.t0; i < t.t1; ++i) {
+      const int pos = row_pos(t, i), lo = row_lo(pos, p.sliding_window);
+      for (int hh = 0; hh < g; ++hh) {
+        const int64_t r = (i - t.t0) * g + hh;
+        std::memcpy(total, split_row(t, first_seg(lo), r), sizeof(float) * stride);
+        for (int s = first_seg(lo) + 1; s <= pos / kSegment; ++s)
+          kern.combine(total, split_row(t, s, r), p.dv);
+        kern.finalize(total, p.dv, out_row(t, i, hh));
+      }
+    }
+  });
+}
+
+void kv_cache_write(const float* k, const float* v, int tokens, const int32_t* slots,
+                    float* k_cache, float* v_cache, int kv_heads, int dk, int dv, int v_stride) {
+  // NOTE: duplicate slots in one call are a caller bug (the chunks below run concurrently).
+  constexpr int kChunk = 64;
+  const size_t n_chunks = static_cast<size_t>((tokens + kChunk - 1) / kChunk);
+  ThreadPool::instance().parallel_for(n_chunks, [&](size_t chunk, size_t) {
+    const int t_end = std::min(tokens, static_cast<int>(chunk + 1) * kChunk);
+    for (int t = static_cast<int>(chunk) * kChunk; t < t_end; ++t) {
+      const int32_t slot = slots[t];
+      if (slot < 0) continue;
+      const size_t row = static_cast<size_t>(slot) * kv_heads;
+      std::memcpy(k_cache + row * dk, k + static_cast<size_t>(t) * kv_heads * dk,
+                  sizeof(float) * kv_heads * dk);
+      if (v == nullptr) continue;
+      for (int h = 0; h < kv_heads; ++h)
+        std::memcpy(v_cache + (row + h) * v_stride,
+                    v + (static_cast<size_t>(t) * kv_heads + h) * dv, sizeof(float) * dv);
+    }
+  });
+}
+
 }  // namespace expertd

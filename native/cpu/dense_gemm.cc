@@ -1,8 +1,61 @@
-// DenseGemm: Y = X * W^T over packed weights.
+// DenseGemm: Y = X * W^T (+ bias) (+= Y) over a packed weight, split across the thread pool by
+// (row tile, weight block chunk) so decode streams every weight byte once and prefill reuses
+// each chunk from L2 for a whole row tile.
 #include "expertd/ops.h"
-#include "expertd/errors.h"
+#include "expertd/thread_pool.h"
+#include "gemm_kernels.h"
 
 namespace expertd {
 
-void dense_gemm(const float*, int, const PackedWeight&, float*, const float*, bool, bool) { fail(ErrorCode::Internal, "not implemented"); }
+using namespace gemm;
+
+namespace {
+
+struct DenseCall {
+  const TileFn* table;
+  Path path;
+  Act x;
+  const PackedWeight* w;
+  float* y;
+  const float* bias;
+  bool accumulate;
+  const std::vector<Task>* tasks;
+};
+
+void run_dense_task(const DenseCall& c, const Task& t) {
+  const size_t ldy = static_cast<size_t>(c.w->n);
+  const Act x{static_cast<const uint8_t*>(c.x.data) + t.r0 * c.x.ld * act_size(c.path), c.x.ld};
+  float* y = c.y + t.r0 * ldy;
+  run_tiles(c.table, c.path, x, t.r1 - t.r0, *c.w, t.b0, t.b1,
+            [&](int r, int mr, int b, int nr, const float* tile) {
+              store_plain(tile, mr, nr, *c.w, b, y + r * ldy, ldy, c.bias, c.accumulate);
+            });
+}
+
+}  // namespace
+
+void dense_gemm(const float* x, int m, const PackedWeight& w, float* y, const float* bias,
+                bool accumulate, bool fast_bf16) {
+  if (m <= 0) return;
+  const CpuFeatures& f = cpu_features();
+  const Path path = choose_path(f, w.dtype, fast_bf16);
+  GemmScratch& s = gemm_scratch();
+  auto& pool = ThreadPool::instance();
+
+  DenseCall c;
+  c.path = path;
+  c.table = tile_table(path, w.dtype);
+  c.x = prepare_activations(path, rounds_activations(w.dtype, fast_bf16), x, m, w.k, w.kp,
+                            path == Path::Bf16Dot ? s.x_bf16 : s.x_f32);
+  c.w = &w;
+  c.y = y;
+  c.bias = bias;
+  c.accumulate = accumulate;
+  s.tasks.clear();
+  plan_tasks(s.tasks, 0, m, w, static_cast<int>(pool.num_threads()) * 4);
+  c.tasks = &s.tasks;
+  // NOTE: the lambda captures one reference, so std::function stores it without allocating.
+  pool.parallel_for(s.tasks.size(), [&c](size_t t, size_t) { run_dense_task(c, (*c.tasks)[t]); });
+}
+
 }  // namespace expertd

@@ -1,8 +1,139 @@
-// GroupGemm: the fused expert FFN over all experts of a layer.
+// GroupGemm: the fused expert FFN over all experts of a layer in one call.
+// Phase 1: x -> h = SiLU(gate(x)) * up(x) per (expert, gate/up chunk, row tile), the two tiles
+// side by side in registers; phase 2: h -> y by the down projection. Both phases hand all
+// experts' work items to the pool at once, so 2 cores stay busy with 1 expert or 64.
 #include "expertd/ops.h"
-#include "expertd/errors.h"
+#include "expertd/thread_pool.h"
+#include "gemm_kernels.h"
 
 namespace expertd {
 
-void group_gemm_ffn(const float*, const int32_t*, int, const PackedWeight* const*, const PackedWeight* const*, int, int, float*, bool) { fail(ErrorCode::Internal, "not implemented"); }
+using namespace gemm;
+
+namespace {
+
+// Activations of x in each form a path may read (filled only for the forms some expert needs).
+struct XForms {
+  Act bf16;     // Bf16Dot
+  Act rounded;  // f32 rounded to bf16 (fast mode without bf16 dot products)
+  Act plain;    // f32 as given (padded copy when H is odd)
+};
+
+struct FfnCall {
+  const int32_t* offsets;
+  const PackedWeight* const* gate_up;
+  const PackedWeight* const* down;
+  int h;
+  float* y;
+  bool fast;
+  const CpuFeatures* cpu;
+  XForms x;
+  uint8_t* hbuf;       // [rows, Ip] in f32 row pitch; bf16 rows use the first half of each row
+  size_t h_row_bytes;  // Ip * 4
+  const std::vector<Task>* tasks;
+};
+
+Act x_for(const FfnCall& c, Path path, bool round) {
+  if (path == Path::Bf16Dot) return c.x.bf16;
+  return round ? c.x.rounded : c.x.plain;
+}
+
+HFormat h_format(Path down_path, bool round) {
+  if (down_path == Path::Bf16Dot) return HFormat::Bf16;
+  return round ? HFormat::F32Rounded : HFormat::F32;
+}
+
+void run_gate_up_task(const FfnCall& c, const Task& t) {
+  const PackedWeight& w = *c.gate_up[t.g];
+  const PackedWeight& dn = *c.down[t.g];
+  const Path path = choose_path(*c.cpu, w.dtype, c.fast);
+  const Path down_path = choose_path(*c.cpu, dn.dtype, c.fast);
+  const HFormat fmt = h_format(down_path, rounds_activations(dn.dtype, c.fast));
+  const int row0 = c.offsets[t.g] + t.r0;
+  Act x = x_for(c, path, rounds_activations(w.dtype, c.fast));
+  x.data = static_cast<const uint8_t*>(x.data) + row0 * x.ld * act_size(path);
+  uint8_t* h = c.hbuf + row0 * c.h_row_bytes;
+  run_tiles(tile_table(path, w.dtype), path, x, t.r1 - t.r0, w, t.b0, t.b1,
+            [&](int r, int mr, int b, int nr, const float* tile) {
+              store_gate_up(path, tile, mr, nr, b, h + r * c.h_row_bytes, c.h_row_bytes, fmt);
+            });
+}
+
+void run_down_task(const FfnCall& c, const Task& t) {
+  const PackedWeight& w = *c.down[t.g];
+  const Path path = choose_path(*c.cpu, w.dtype, c.fast);
+  const int row0 = c.offsets[t.g] + t.r0;
+  // h rows have a fixed byte pitch, so their element stride depends on the stored type.
+  Act x{c.hbuf + row0 * c.h_row_bytes, c.h_row_bytes / act_size(path)};
+  const size_t ldy = static_cast<size_t>(c.h);
+  float* y = c.y + row0 * ldy;
+  run_tiles(tile_table(path, w.dtype), path, x, t.r1 - t.r0, w, t.b0, t.b1,
+            [&](int r, int mr, int b, int nr, const float* tile) {
+              store_plain(tile, mr, nr, w, b, y + r * ldy, ldy, nullptr, false);
+            });
+}
+
+}  // namespace
+
+void group_gemm_ffn(const float* x, const int32_t* offsets, int num_experts,
+                    const PackedWeight* const* gate_up, const PackedWeight* const* down, int h,
+                    int inter, float* y, bool fast_bf16) {
+  const int rows = offsets[num_experts];
+  if (rows <= 0) return;
+  const CpuFeatures& cpu = cpu_features();
+  GemmScratch& s = gemm_scratch();
+  auto& pool = ThreadPool::instance();
+  const int ip = (inter + 15) / 16 * 16;
+
+  FfnCall c{};
+  c.offsets = offsets;
+  c.gate_up = gate_up;
+  c.down = down;
+  c.h = h;
+  c.y = y;
+  c.fast = fast_bf16;
+  c.cpu = &cpu;
+
+  // Prepare each activation form some active expert reads.
+  bool need_bf16 = false, need_rounded = false, need_plain = false;
+  for (int e = 0; e < num_experts; ++e) {
+    if (offsets[e + 1] <= offsets[e]) continue;
+    EXPERTD_CHECK(gate_up[e] && down[e], ErrorCode::Range, "expert has rows but no weights");
+    const DType dt = gate_up[e]->dtype;
+    const Path p = choose_path(cpu, dt, fast_bf16);
+    if (p == Path::Bf16Dot) need_bf16 = true;
+    else if (rounds_activations(dt, fast_bf16)) need_rounded = true;
+    else need_plain = true;
+  }
+  const int kp = (h + 1) / 2 * 2;
+  if (need_bf16) c.x.bf16 = prepare_activations(Path::Bf16Dot, true, x, rows, h, kp, s.x_bf16);
+  if (need_rounded)
+    c.x.rounded = prepare_activations(Path::Scalar, true, x, rows, h, kp, s.x_f32);
+  if (need_plain)
+    c.x.plain = prepare_activations(Path::Scalar, false, x, rows, h, kp, s.x_f32_plain);
+
+  c.h_row_bytes = static_cast<size_t>(ip) * 4;
+  c.hbuf = static_cast<uint8_t*>(s.h.get(static_cast<size_t>(rows) * c.h_row_bytes));
+
+  // Phase 1: gate/up + SiLU*mul -> h. With few rows the chunks shrink so that the threads get
+  // several items each even when a single expert is active.
+  const int threads = static_cast<int>(pool.num_threads());
+  int active = 0;
+  for (int e = 0; e < num_experts; ++e) active += offsets[e + 1] > offsets[e];
+  const int min_chunks = std::max(1, (threads * 4 + active - 1) / active);
+  s.tasks.clear();
+  for (int e = 0; e < num_experts; ++e)
+    if (offsets[e + 1] > offsets[e])
+      plan_tasks(s.tasks, e, offsets[e + 1] - offsets[e], *gate_up[e], min_chunks);
+  c.tasks = &s.tasks;
+  pool.parallel_for(s.tasks.size(), [&c](size_t t, size_t) { run_gate_up_task(c, (*c.tasks)[t]); });
+
+  // Phase 2: down projection h -> y.
+  s.tasks.clear();
+  for (int e = 0; e < num_experts; ++e)
+    if (offsets[e + 1] > offsets[e])
+      plan_tasks(s.tasks, e, offsets[e + 1] - offsets[e], *down[e], min_chunks);
+  pool.parallel_for(s.tasks.size(), [&c](size_t t, size_t) { run_down_task(c, (*c.tasks)[t]); });
+}
+
 }  // namespace expertd

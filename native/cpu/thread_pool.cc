@@ -30,7 +30,11 @@ void ThreadPool::start(size_t n) {
   quit_.store(false);
   num_threads_ = n;
   workers_.clear();
+  // NOTE: every worker must read its starting generation before the first job is published,
+  // or it would sleep through that job while the caller waits for it forever.
+  pending_threads_.store(n - 1);
   for (size_t i = 1; i < n; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
+  while (pending_threads_.load(std::memory_order_acquire) != 0) std::this_thread::yield();
 }
 
 void ThreadPool::stop() {
@@ -60,6 +64,7 @@ void ThreadPool::run_job(size_t thread) {
 
 void ThreadPool::worker_loop(size_t index) {
   uint64_t seen = generation_.load();
+  pending_threads_.fetch_sub(1, std::memory_order_acq_rel);  // started (see start())
   for (;;) {
     // Spin briefly (decode steps issue jobs microseconds apart), then sleep.
     auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(200);

@@ -1,0 +1,510 @@
+// Internal to DenseGemm and GroupGemm: register-tile kernels over the packed weight layout
+// (portable C++, AVX-512 FMA on widened weights, AVX512-BF16 dot products), activation
+// preparation, epilogues (bias/accumulate store, fused SiLU(gate)*up) and grow-only scratch.
+//
+// NOTE (determinism): every output element is one accumulator that runs over k = 0..Kp-1 in
+// order, whatever the tile shape (MR x NR), the task split or the thread count. Tile shapes only
+// choose how many such accumulators run side by side, so a row gives bit-identical results alone
+// or inside any batch. Do not split K across tasks or accumulators without keeping that promise.
+#pragma once
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "expertd/cpu_features.h"
+#include "expertd/dtype.h"
+#include "expertd/errors.h"
+#include "expertd/ops.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+// GCC 12 reports _mm512_undefined_epi32() inside _mm512_slli_epi32 as maybe-uninitialized.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define EXPERTD_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#define EXPERTD_AVX512BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+#endif
+
+namespace expertd::gemm {
+
+constexpr int kMr = 6;             // rows of x per register tile
+constexpr int kNr = 4;             // 16-row weight blocks per register tile (even: gate/up pairs)
+constexpr int kTileLd = kNr * 16;  // floats between rows of a tile buffer
+constexpr int kRowTile = 48;       // rows per task (a multiple of kMr): weights stay in L2 meanwhile
+constexpr size_t kChunkBytes = 256 << 10;  // weight bytes per task (fits L2 next to x)
+
+// Which kernel family runs a weight. Activations are bf16 (uint16) rows for Bf16Dot, f32 rows
+// for the others.
+enum class Path : int { Scalar = 0, Avx512 = 1, Bf16Dot = 2 };
+
+inline size_t act_size(Path p) { return p == Path::Bf16Dot ? 2 : 4; }
+
+inline Path choose_path(const CpuFeatures& f, DType wdtype, bool fast) {
+#if defined(__x86_64__)
+  if (fast && wdtype == DType::BF16 && f.kernel_bf16dot) return Path::Bf16Dot;
+  if (f.kernel_avx512) return Path::Avx512;
+#endif
+  (void)f;
+  (void)wdtype;
+  (void)fast;
+  return Path::Scalar;
+}
+
+// Fast mode on bf16 weights rounds activations (x, and h between the expert projections) to
+// bf16 whichever path runs it, so fast-mode numbers mean the same thing on every machine.
+inline bool rounds_activations(DType wdtype, bool fast) { return fast && wdtype == DType::BF16; }
+
+// Activation rows as a kernel reads them: element type per Path, ld in elements.
+struct Act {
+  const void* data = nullptr;
+  size_t ld = 0;
+};
+
+// Grow-only, 64-byte aligned buffer (no allocation once warm).
+class Buffer {
+ public:
+  Buffer() = default;
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  ~Buffer() { std::free(p_); }
+  void* get(size_t bytes) {
+    if (bytes > cap_) {
+      size_t want = std::max(bytes, cap_ + cap_ / 2);
+      want = (want + 63) / 64 * 64;
+      void* q = std::aligned_alloc(64, want);
+      if (!q) fail(ErrorCode::OutOfMemory, "out of host memory for " + std::to_string(want) +
+                                               " bytes of GEMM scratch");
+      std::free(p_);
+      p_ = static_cast<uint8_t*>(q);
+      cap_ = want;
+    }
+    return p_;
+  }
+
+ private:
+  uint8_t* p_ = nullptr;
+  size_t cap_ = 0;
+};
+
+// One unit of parallel work: rows [r0, r1) of group g (expert, or 0 for DenseGemm) against
+// weight blocks [b0, b1).
+struct Task {
+  int g, r0, r1, b0, b1;
+};
+
+// Per calling thread (the engine worker, tests on the main thread): scratch survives calls.
+struct GemmScratch {
+  Buffer x_bf16, x_f32, x_f32_plain, h;
+  std::vector<Task> tasks;
+};
+
+inline GemmScratch& gemm_scratch() {
+  thread_local GemmScratch s;
+  return s;
+}
+
+// Appends the tasks of one weight: row tiles of ~kRowTile rows times chunks of about
+// kChunkBytes of weight blocks (chunk sizes are multiples of kNr, so gate/up pairs never split).
+// min_chunks keeps enough tasks for the threads when a single small-M weight is the whole job.
+inline void plan_tasks(std::vector<Task>& out, int g, int rows, const PackedWeight& w,
+                       int min_chunks) {
+  if (rows <= 0) return;
+  const int blocks = w.np / 16;
+  const size_t block_bytes = static_cast<size_t>(16) * w.kp * dtype_size(w.dtype);
+  int nc = static_cast<int>(std::max<size_t>(1, kChunkBytes / block_bytes));
+  if (min_chunks > 0) nc = std::min(nc, (blocks + min_chunks - 1) / min_chunks);
+  nc = std::max(kNr, nc / kNr * kNr);
+  const int row_tiles = (rows + kRowTile - 1) / kRowTile;
+  int mc = (rows + row_tiles - 1) / row_tiles;
+  mc = (mc + kMr - 1) / kMr * kMr;
+  for (int b = 0; b < blocks; b += nc)
+    for (int r = 0; r < rows; r += mc)
+      out.push_back(Task{g, r, std::min(rows, r + mc), b, std::min(blocks, b + nc)});
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tile kernels: tile[r * kTileLd + b * 16 + i] = sum_k x[r][k] * W[16 (b0 + b) + i][k] for
+// r < MR, b < NR. w points at block b0; wstride = 16 * kp elements between blocks.
+using TileFn = void (*)(const void* x, size_t ldx, const void* w, size_t wstride, int kp,
+                        float* tile);
+
+// Portable kernel (f32 activations, any weight dtype). Also the reference for what the SIMD
+// kernels compute: per k pair, acc += x[k] * w[k]; acc += x[k+1] * w[k+1].
+template <DType WD>
+struct ScalarTile {
+  static void load_pair(const void* w, size_t off, int k, float* w0, float* w1) {
+    if constexpr (WD == DType::BF16) {
+      const uint16_t* p = static_cast<const uint16_t*>(w) + off + static_cast<size_t>(k / 2) * 32;
+      for (int i = 0; i < 16; ++i) {
+        w0[i] = bf16_to_f32(p[2 * i]);
+        w1[i] = bf16_to_f32(p[2 * i + 1]);
+      }
+    } else if constexpr (WD == DType::F16) {
+      const uint16_t* p = static_cast<const uint16_t*>(w) + off + static_cast<size_t>(k) * 16;
+      for (int i = 0; i < 16; ++i) {
+        w0[i] = f16_to_f32(p[i]);
+        w1[i] = f16_to_f32(p[16 + i]);
+      }
+    } else {
+      const float* p = static_cast<const float*>(w) + off + static_cast<size_t>(k) * 16;
+      for (int i = 0; i < 16; ++i) {
+        w0[i] = p[i];
+        w1[i] = p[16 + i];
+      }
+    }
+  }
+
+  template <int MR, int NR>
+  static void run(const void* xv, size_t ldx, const void* w, size_t wstride, int kp,
+                  float* tile) {
+    const float* x = static_cast<const float*>(xv);
+    float acc[MR][NR][16];
+    std::memset(acc, 0, sizeof(acc));
+    float w0[16], w1[16];
+    for (int k = 0; k < kp; k += 2) {
+      for (int b = 0; b < NR; ++b) {
+        load_pair(w, b * wstride, k, w0, w1);
+        for (int r = 0; r < MR; ++r) {
+          const float x0 = x[r * ldx + k], x1 = x[r * ldx + k + 1];
+          float* a = acc[r][b];
+          for (int i = 0; i < 16; ++i) {
+            float t = a[i];
+            t += x0 * w0[i];
+            t += x1 * w1[i];
+            a[i] = t;
+          }
+        }
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int b = 0; b < NR; ++b) std::memcpy(tile + r * kTileLd + b * 16, acc[r][b], 64);
+  }
+};
+
+#if defined(__x86_64__)
+// AVX-512 on f32 activations: bf16 pairs widen with shift/mask (even k = v << 16, odd k =
+// v & 0xffff0000), f16 with vcvtph2ps, f32 directly; one FMA per k per accumulator.
+template <DType WD>
+struct Avx512Tile {
+  template <int MR, int NR>
+  EXPERTD_AVX512 static void run(const void* xv, size_t ldx, const void* wv, size_t wstride,
+                                 int kp, float* tile) {
+    const float* x = static_cast<const float*>(xv);
+    __m512 acc[MR][NR];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int b = 0; b < NR; ++b) acc[r][b] = _mm512_setzero_ps();
+    if constexpr (WD == DType::BF16) {
+      const uint16_t* w = static_cast<const uint16_t*>(wv);
+      const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+      for (int kk = 0; kk < kp / 2; ++kk) {
+#pragma GCC unroll 4
+        for (int b = 0; b < NR; ++b) {
+          __m512i v = _mm512_load_si512(w + b * wstride + static_cast<size_t>(kk) * 32);
+          __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+          __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
+#pragma GCC unroll 8
+          for (int r = 0; r < MR; ++r) {
+            const float* xr = x + r * ldx + 2 * kk;
+            acc[r][b] = _mm512_fmadd_ps(_mm512_set1_ps(xr[0]), we, acc[r][b]);
+            acc[r][b] = _mm512_fmadd_ps(_mm512_set1_ps(xr[1]), wo, acc[r][b]);
+          }
+        }
+      }
+    } else {
+      for (int k = 0; k < kp; ++k) {
+#pragma GCC unroll 4
+        for (int b = 0; b < NR; ++b) {
+          __m512 wk;
+          if constexpr (WD == DType::F16) {
+            const uint16_t* w = static_cast<const uint16_t*>(wv);
+            wk = _mm512_cvtph_ps(_mm256_load_si256(
+                reinterpret_cast<const __m256i*>(w + b * wstride + static_cast<size_t>(k) * 16)));
+          } else {
+            const float* w = static_cast<const float*>(wv);
+            wk = _mm512_load_ps(w + b * wstride + static_cast<size_t>(k) * 16);
+          }
+#pragma GCC unroll 8
+          for (int r = 0; r < MR; ++r)
+            acc[r][b] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k]), wk, acc[r][b]);
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int b = 0; b < NR; ++b) _mm512_store_ps(tile + r * kTileLd + b * 16, acc[r][b]);
+  }
+};
+
+// AVX512-BF16: one vdpbf16ps multiplies a broadcast (x[k], x[k+1]) pair against a weight row
+// pair of 16 outputs (the [Kp/2][16][2] block row), so a zmm load of weights feeds MR rows.
+struct Bf16DotTile {
+  template <int MR, int NR>
+  EXPERTD_AVX512BF16 static void run(const void* xv, size_t ldx, const void* wv, size_t wstride,
+                                     int kp, float* tile) {
+    typedef int32_t __attribute__((may_alias, aligned(2))) pair_t;
+    const uint16_t* x = static_cast<const uint16_t*>(xv);
+    const uint16_t* w = static_cast<const uint16_t*>(wv);
+    __m512 acc[MR][NR];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int b = 0; b < NR; ++b) acc[r][b] = _mm512_setzero_ps();
+    const int kp2 = kp / 2;
+    for (int kk = 0; kk < kp2; ++kk) {
+      __m512i wb[NR];
+#pragma GCC unroll 4
+      for (int b = 0; b < NR; ++b)
+        wb[b] = _mm512_load_si512(w + b * wstride + static_cast<size_t>(kk) * 32);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const __m512i xb =
+            _mm512_set1_epi32(*reinterpret_cast<const pair_t*>(x + r * ldx + 2 * kk));
+#pragma GCC unroll 4
+        for (int b = 0; b < NR; ++b)
+          acc[r][b] = _mm512_dpbf16_ps(acc[r][b], (__m512bh)xb, (__m512bh)wb[b]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int b = 0; b < NR; ++b) _mm512_store_ps(tile + r * kTileLd + b * 16, acc[r][b]);
+  }
+};
+#endif
+
+template <class K, int... I>
+constexpr std::array<TileFn, sizeof...(I)> make_tile_table(std::integer_sequence<int, I...>) {
+  return {{&K::template run<I / kNr + 1, I % kNr + 1>...}};
+}
+
+// Table of kernels for (path, weight dtype), indexed [(mr - 1) * kNr + (nr - 1)].
+inline const TileFn* tile_table(Path path, DType wd) {
+  using Seq = std::make_integer_sequence<int, kMr * kNr>;
+  static const auto scalar_bf16 = make_tile_table<ScalarTile<DType::BF16>>(Seq{});
+  static const auto scalar_f16 = make_tile_table<ScalarTile<DType::F16>>(Seq{});
+  static const auto scalar_f32 = make_tile_table<ScalarTile<DType::F32>>(Seq{});
+#if defined(__x86_64__)
+  static const auto avx_bf16 = make_tile_table<Avx512Tile<DType::BF16>>(Seq{});
+  static const auto avx_f16 = make_tile_table<Avx512Tile<DType::F16>>(Seq{});
+  static const auto avx_f32 = make_tile_table<Avx512Tile<DType::F32>>(Seq{});
+  static const auto dot_bf16 = make_tile_table<Bf16DotTile>(Seq{});
+  if (path == Path::Bf16Dot) return dot_bf16.data();
+  if (path == Path::Avx512)
+    return wd == DType::BF16 ? avx_bf16.data() : wd == DType::F16 ? avx_f16.data() : avx_f32.data();
+#endif
+  (void)path;
+  return wd == DType::BF16 ? scalar_bf16.data()
+                           : wd == DType::F16 ? scalar_f16.data() : scalar_f32.data();
+}
+
+// Runs every register tile of rows [0, rows) of x against blocks [b0, b1) of w, handing each
+// finished tile to epi(row, mr, block, nr, tile). Rows outermost: an MR-row slice of x stays in
+// L1 while the task's weight chunk streams from L2.
+template <class Epi>
+inline void run_tiles(const TileFn* table, Path path, Act x, int rows, const PackedWeight& w,
+                      int b0, int b1, const Epi& epi) {
+  alignas(64) float tile[kMr * kTileLd];
+  const size_t xes = act_size(path);
+  const size_t wstride = static_cast<size_t>(16) * w.kp;
+  const uint8_t* wbase = static_cast<const uint8_t*>(w.ptr());
+  const size_t wes = dtype_size(w.dtype);
+  for (int r = 0; r < rows; r += kMr) {
+    const int mr = std::min(kMr, rows - r);
+    const uint8_t* xr = static_cast<const uint8_t*>(x.data) + r * x.ld * xes;
+    for (int b = b0; b < b1; b += kNr) {
+      const int nr = std::min(kNr, b1 - b);
+      table[(mr - 1) * kNr + (nr - 1)](xr, x.ld, wbase + b * wstride * wes, wstride, w.kp, tile);
+      epi(r, mr, b, nr, tile);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activation preparation: x [rows, k] f32 -> what the path reads, in grow-only scratch.
+
+#if defined(__x86_64__)
+EXPERTD_AVX512BF16 inline void rows_to_bf16(const float* x, int rows, int k, int kp,
+                                            uint16_t* out) {
+  for (int r = 0; r < rows; ++r) {
+    const float* xr = x + static_cast<size_t>(r) * k;
+    uint16_t* o = out + static_cast<size_t>(r) * kp;
+    for (int c = 0; c < k; c += 16) {
+      const int n = std::min(16, k - c);
+      const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
+      __m256bh v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, xr + c));
+      _mm256_mask_storeu_epi16(o + c, m, (__m256i)v);
+    }
+    if (kp > k) o[k] = 0;
+  }
+}
+#endif
+
+inline Act prepare_activations(Path path, bool round, const float* x, int rows, int k, int kp,
+                               Buffer& buf) {
+#if defined(__x86_64__)
+  if (path == Path::Bf16Dot) {
+    uint16_t* out = static_cast<uint16_t*>(buf.get(static_cast<size_t>(rows) * kp * 2));
+    rows_to_bf16(x, rows, k, kp, out);
+    return Act{out, static_cast<size_t>(kp)};
+  }
+#endif
+  if (!round && k == kp) return Act{x, static_cast<size_t>(k)};
+  // Odd k: a padded copy, so the last k pair never reads past a row (the weight there is 0).
+  float* out = static_cast<float*>(buf.get(static_cast<size_t>(rows) * kp * 4));
+  for (int r = 0; r < rows; ++r) {
+    const float* xr = x + static_cast<size_t>(r) * k;
+    float* o = out + static_cast<size_t>(r) * kp;
+    if (round)
+      for (int c = 0; c < k; ++c) o[c] = bf16_to_f32(f32_to_bf16(xr[c]));
+    else
+      std::memcpy(o, xr, static_cast<size_t>(k) * 4);
+    if (kp > k) o[k] = 0.0f;
+  }
+  return Act{out, static_cast<size_t>(kp)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Epilogues.
+
+// Logical output columns of packed block b: [col0, col0 + count). GateUp blocks map back to
+// gate columns [0, I) and up columns [I, 2I).
+inline void block_columns(const PackedWeight& w, int b, int* col0, int* count) {
+  if (w.kind == WeightKind::Plain) {
+    *col0 = 16 * b;
+    *count = std::min(16, w.n - 16 * b);
+  } else {
+    const int inter = w.n / 2;
+    const int q0 = 16 * (b / 2);
+    *count = std::min(16, inter - q0);
+    *col0 = (b & 1) ? inter + q0 : q0;
+  }
+}
+
+// y[r][col] = (accumulate ? y[r][col] : 0) + (tile + bias[col]) for the tile's real columns.
+inline void store_plain(const float* tile, int mr, int nr, const PackedWeight& w, int b0,
+                        float* y, size_t ldy, const float* bias, bool accumulate) {
+  for (int b = 0; b < nr; ++b) {
+    int col0, count;
+    block_columns(w, b0 + b, &col0, &count);
+    for (int r = 0; r < mr; ++r) {
+      const float* t = tile + r * kTileLd + b * 16;
+      float* yr = y + r * ldy + col0;
+      for (int i = 0; i < count; ++i) {
+        float v = t[i];
+        if (bias) v += bias[col0 + i];
+        if (accumulate) v += yr[i];
+        yr[i] = v;
+      }
+    }
+  }
+}
+
+// How h (the SiLU(gate)*up rows between the two expert projections) is stored.
+enum class HFormat : int { F32 = 0, F32Rounded = 1, Bf16 = 2 };
+
+// tile holds gate/up block pairs (blocks b0 + 2p, b0 + 2p + 1) -> h columns 16 * (b0/2 + p) + i.
+// h points at the tile's first row; h_row_bytes between rows.
+inline void store_gate_up_scalar(const float* tile, int mr, int nr, int b0, uint8_t* h,
+                                 size_t h_row_bytes, HFormat fmt) {
+  for (int r = 0; r < mr; ++r) {
+    for (int p = 0; p < nr / 2; ++p) {
+      const float* g = tile + r * kTileLd + 2 * p * 16;
+      const float* u = g + 16;
+      const size_t col0 = static_cast<size_t>(b0 / 2 + p) * 16;
+      for (int i = 0; i < 16; ++i) {
+        const float s = g[i] / (1.0f + std::exp(-g[i]));
+        float v = s * u[i];
+        if (fmt == HFormat::Bf16) {
+          reinterpret_cast<uint16_t*>(h + r * h_row_bytes)[col0 + i] = f32_to_bf16(v);
+        } else {
+          if (fmt == HFormat::F32Rounded) v = bf16_to_f32(f32_to_bf16(v));
+          reinterpret_cast<float*>(h + r * h_row_bytes)[col0 + i] = v;
+        }
+      }
+    }
+  }
+}
+
+#if defined(__x86_64__)
+// e^x for the SiLU: range reduction by ln2 (split in hi/lo), degree-7 Taylor on |r| <= ln2/2
+// (error ~5e-9 relative), 2^n by vscalefps. Inputs are clamped to [-87, 88].
+EXPERTD_AVX512 inline __m512 exp512(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// SiLU(g) * u = g / (1 + e^-g) * u
+EXPERTD_AVX512 inline __m512 silu_mul512(__m512 g, __m512 u) {
+  const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+  return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u);
+}
+
+EXPERTD_AVX512 inline void store_gate_up_avx512(const float* tile, int mr, int nr, int b0,
+                                                uint8_t* h, size_t h_row_bytes, HFormat fmt) {
+  for (int r = 0; r < mr; ++r) {
+    for (int p = 0; p < nr / 2; ++p) {
+      const float* g = tile + r * kTileLd + 2 * p * 16;
+      __m512 v = silu_mul512(_mm512_load_ps(g), _mm512_load_ps(g + 16));
+      float* out = reinterpret_cast<float*>(h + r * h_row_bytes) + (b0 / 2 + p) * 16;
+      if (fmt == HFormat::F32Rounded) {  // round to nearest even at bit 16, as f32_to_bf16
+        __m512i u = _mm512_castps_si512(v);
+        __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+        u = _mm512_and_si512(u, _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
+        v = _mm512_castsi512_ps(u);
+      }
+      _mm512_storeu_ps(out, v);
+    }
+  }
+}
+
+EXPERTD_AVX512BF16 inline void store_gate_up_bf16(const float* tile, int mr, int nr, int b0,
+                                                  uint8_t* h, size_t h_row_bytes) {
+  for (int r = 0; r < mr; ++r) {
+    for (int p = 0; p < nr / 2; ++p) {
+      const float* g = tile + r * kTileLd + 2 * p * 16;
+      const __m512 v = silu_mul512(_mm512_load_ps(g), _mm512_load_ps(g + 16));
+      uint16_t* out = reinterpret_cast<uint16_t*>(h + r * h_row_bytes) + (b0 / 2 + p) * 16;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), (__m256i)_mm512_cvtneps_pbh(v));
+    }
+  }
+}
+#endif
+
+// Fused SiLU(gate)*up epilogue; vectorized when the AVX-512 kernels are in use.
+inline void store_gate_up(Path path, const float* tile, int mr, int nr, int b0, uint8_t* h,
+                          size_t h_row_bytes, HFormat fmt) {
+#if defined(__x86_64__)
+  if (fmt == HFormat::Bf16 && path != Path::Scalar)
+    return store_gate_up_bf16(tile, mr, nr, b0, h, h_row_bytes);
+  if (path != Path::Scalar) return store_gate_up_avx512(tile, mr, nr, b0, h, h_row_bytes, fmt);
+#endif
+  store_gate_up_scalar(tile, mr, nr, b0, h, h_row_bytes, fmt);
+}
+
+}  // namespace expertd::gemm
+
+#if defined(__x86_64__)
+#pragma GCC diagnostic pop
+#endif
