@@ -137,6 +137,8 @@ export function runInfo(): Record<string, unknown> {
     logicalCpus: cpus.length,
     memoryBytes: os.totalmem(),
     node: process.version,
+    /** 1/5/15-minute load averages at start: a busy machine explains a noisy table */
+    loadAverage: os.loadavg(),
   };
 }
 

@@ -599,7 +599,8 @@ export async function runKernels(argv: string[]): Promise<void> {
       : `Peer: ${i.reason} (${i.error ?? ''}).`);
   }
   console.log(`Routing of random tokens: ${routingSource === 'js' ? 'JS fallback (native route() not implemented in this build)' : 'native route()'}; ` +
-    `weights flushed from the caches before each timed run: ${flusher ? 'yes' : 'no (--hot)'}.`);
+    `weights flushed from the caches before each timed run: ${flusher ? 'yes' : 'no (--hot)'}; ` +
+    `load average at start ${os.loadavg().map((v) => v.toFixed(1)).join(' ')}.`);
   printTables(ctx.rows, opts.models);
 
   if (opts.json)

@@ -42,6 +42,7 @@ export async function runProbeBench(argv: string[]): Promise<void> {
     ['CPU', limits.cpuModel],
     ['threads (hardware)', `${limits.threads} (${limits.hardwareThreads})`],
     ['L3', `${(limits.l3Bytes / 2 ** 20).toFixed(0)} MiB`],
+    ['load average (1/5/15 min)', os.loadavg().map((v) => v.toFixed(1)).join(' ')],
     ['read bandwidth, all threads (best / median)', `${fmt(limits.readBandwidthGBps)} / ${fmt(limits.readBandwidthMedianGBps)} GB/s`],
     ['read bandwidth, 1 thread', `${fmt(limits.readBandwidth1ThreadGBps)} GB/s`],
     [`peak f32 FMA (${limits.f32Isa}), all threads`, `${fmt(limits.peakF32Gflops)} GFLOP/s (${fmt(limits.peakF32PerThreadGflops)} per thread)`],
