@@ -173,13 +173,19 @@ double check_row(const Experts& ex, int e, const float* xr, const float* yr) {
 }
 
 bool load_blas(Blas& b, std::string& error) {
+  // An explicit EXPERTD_OPENBLAS is the only candidate: silently timing another library is worse
+  // than reporting that the requested one did not load.
   const char* override_path = std::getenv("EXPERTD_OPENBLAS");
-  const char* names[] = {override_path, "libopenblas.so.0", "libopenblas.so"};
-  for (const char* n : names) {
-    if (!n) continue;
-    b.lib = dlopen(n, RTLD_NOW | RTLD_LOCAL);
-    if (b.lib) break;
-    error = dlerror();
+  const char* names[] = {"libopenblas.so.0", "libopenblas.so"};
+  if (override_path && *override_path) {
+    b.lib = dlopen(override_path, RTLD_NOW | RTLD_LOCAL);
+    if (!b.lib) error = dlerror();
+  } else {
+    for (const char* n : names) {
+      b.lib = dlopen(n, RTLD_NOW | RTLD_LOCAL);
+      if (b.lib) break;
+      error = dlerror();
+    }
   }
   if (!b.lib) return false;
   b.sgemm = reinterpret_cast<SgemmFn>(dlsym(b.lib, "cblas_sgemm"));
