@@ -1,0 +1,35 @@
+// `npm run bench -- NAME [flags]`: the benchmark dispatcher. Each bench prints a markdown table
+// and can write JSON (--json FILE) and charts (--plot FILE.png). Benchmarks are never tests.
+import { runKernels } from './kernels.js';
+import { runProbeBench } from './probe-bench.js';
+import { runSelftest } from './selftest.js';
+
+const BENCHES: Record<string, { run: (argv: string[]) => Promise<void>; about: string }> = {
+  kernels: { run: runKernels, about: 'CPU MoE kernels vs machine limits and the OpenBLAS loop [--json F] [--plot F.png] [--reps N] [--warmup N] [--tokens 1,8] [--models mixtral-like,qwen3moe-like] [--threads N] [--ctx N] [--hot] [--no-peer] [--device cpu]' },
+  probe: { run: runProbeBench, about: 'machine limits (bandwidth, peak FMA) and the OpenBLAS peer at the kernels shapes [--json F] [--reps N] [--threads N]' },
+  selftest: { run: runSelftest, about: 'checks the harness, the chart writer, the probe and the peer (quick)' },
+};
+
+function usage(): string {
+  return ['usage: npm run bench -- NAME [flags]', '', ...Object.entries(BENCHES).map(([n, b]) => `  ${n.padEnd(9)} ${b.about}`)].join('\n');
+}
+
+async function main(): Promise<void> {
+  const [name, ...rest] = process.argv.slice(2);
+  if (!name || name === '--help' || name === '-h') {
+    console.log(usage());
+    return;
+  }
+  const bench = BENCHES[name];
+  if (!bench) {
+    console.error(`unknown bench "${name}"\n\n${usage()}`);
+    process.exitCode = 2;
+    return;
+  }
+  await bench.run(rest);
+}
+
+main().catch((err: unknown) => {
+  console.error(err instanceof Error ? `error: ${err.message}` : err);
+  process.exitCode = 1;
+});
