@@ -36,8 +36,13 @@ namespace expertd::gemm {
 constexpr int kMr = 6;             // rows of x per register tile
 constexpr int kNr = 4;             // 16-row weight blocks per register tile (even: gate/up pairs)
 constexpr int kTileLd = kNr * 16;  // floats between rows of a tile buffer
-constexpr int kRowTile = 48;       // rows per task (a multiple of kMr): weights stay in L2 meanwhile
-constexpr size_t kChunkBytes = 256 << 10;  // weight bytes per task (fits L2 next to x)
+// A task is a chunk of ~kChunkBytes of weight blocks times a row tile of up to ~kRowTileBytes of
+// activations (and at most kMaxRowTile rows): both stay in L2 (1-2 MB per core) while every
+// register tile of the row tile passes over the chunk, so each weight byte comes from DRAM once
+// per row tile, and a row tile is as tall as L2 allows (prefill reuses each chunk ~100x).
+constexpr size_t kChunkBytes = 256 << 10;
+constexpr size_t kRowTileBytes = 320 << 10;
+constexpr int kMaxRowTile = 240;
 
 // Which kernel family runs a weight. Activations are bf16 (uint16) rows for Bf16Dot, f32 rows
 // for the others.
@@ -109,18 +114,20 @@ inline GemmScratch& gemm_scratch() {
   return s;
 }
 
-// Appends the tasks of one weight: row tiles of ~kRowTile rows times chunks of about
-// kChunkBytes of weight blocks (chunk sizes are multiples of kNr, so gate/up pairs never split).
+// Appends the tasks of one weight: row tiles (activations of act_bytes per element) times chunks
+// of weight blocks (chunk sizes are multiples of kNr, so gate/up pairs never split).
 // min_chunks keeps enough tasks for the threads when a single small-M weight is the whole job.
 inline void plan_tasks(std::vector<Task>& out, int g, int rows, const PackedWeight& w,
-                       int min_chunks) {
+                       size_t act_bytes, int min_chunks) {
   if (rows <= 0) return;
   const int blocks = w.np / 16;
   const size_t block_bytes = static_cast<size_t>(16) * w.kp * dtype_size(w.dtype);
   int nc = static_cast<int>(std::max<size_t>(1, kChunkBytes / block_bytes));
   if (min_chunks > 0) nc = std::min(nc, (blocks + min_chunks - 1) / min_chunks);
   nc = std::max(kNr, nc / kNr * kNr);
-  const int row_tiles = (rows + kRowTile - 1) / kRowTile;
+  int max_rows = static_cast<int>(kRowTileBytes / (static_cast<size_t>(w.kp) * act_bytes));
+  max_rows = std::max(kMr, std::min(kMaxRowTile, max_rows / kMr * kMr));
+  const int row_tiles = (rows + max_rows - 1) / max_rows;
   int mc = (rows + row_tiles - 1) / row_tiles;
   mc = (mc + kMr - 1) / kMr * kMr;
   for (int b = 0; b < blocks; b += nc)
