@@ -109,7 +109,7 @@ function silu(v: number): number {
   return v / (1 + Math.exp(-v));
 }
 
-interface Expert { gate: Float64Array; up: Float64Array; down: Float64Array }
+interface Expert { gate: Float64Array; up: Float64Array; down: Float64Array; dtype: DType }
 
 function refFfn(x: Float32Array, offsets: Int32Array, experts: (Expert | null)[], h: number,
                 inter: number, fast: boolean): Float64Array {
@@ -119,13 +119,14 @@ function refFfn(x: Float32Array, offsets: Int32Array, experts: (Expert | null)[]
     const r0 = offsets[e]!, r1 = offsets[e + 1]!;
     if (r1 === r0) continue;
     const ex = experts[e]!;
+    const round = fast && ex.dtype === 'bf16';  // fast mode rounds activations of bf16 weights
     const xs = x.subarray(r0 * h, r1 * h);
-    const g = refGemm(xs, r1 - r0, ex.gate, inter, h, fast);
-    const u = refGemm(xs, r1 - r0, ex.up, inter, h, fast);
+    const g = refGemm(xs, r1 - r0, ex.gate, inter, h, round);
+    const u = refGemm(xs, r1 - r0, ex.up, inter, h, round);
     const hh = new Float64Array(g.length);
     for (let i = 0; i < g.length; i++) {
       const v = silu(g[i]!) * u[i]!;
-      hh[i] = fast ? roundBf16(v) : v;
+      hh[i] = round ? roundBf16(v) : v;
     }
     const out = refGemm(hh, r1 - r0, ex.down, h, inter, false);
     y.set(out, r0 * h);
@@ -370,8 +371,8 @@ interface FfnSetup {
   weights: PackedWeight[];
 }
 
-function makeExperts(rand: () => number, e: number, h: number, inter: number, dtype: DType,
-                     present: (i: number) => boolean): FfnSetup {
+function makeExperts(rand: () => number, e: number, h: number, inter: number,
+                     dtypeOf: DType | ((i: number) => DType), present: (i: number) => boolean): FfnSetup {
   const table = new native.ExpertTable(e, h, inter);
   const experts: (Expert | null)[] = [];
   const weights: PackedWeight[] = [];
@@ -382,6 +383,7 @@ function makeExperts(rand: () => number, e: number, h: number, inter: number, dt
       experts.push(null);
       continue;
     }
+    const dtype = typeof dtypeOf === 'string' ? dtypeOf : dtypeOf(i);
     const g = randomWeight(rand, dtype, inter, h, s1);
     const u = randomWeight(rand, dtype, inter, h, s1);
     const d = randomWeight(rand, dtype, h, inter, s2);
@@ -389,7 +391,7 @@ function makeExperts(rand: () => number, e: number, h: number, inter: number, dt
     const dn = native.packWeight(d.src, dtype, h, inter);
     table.set(i, gu, dn);
     weights.push(gu, dn);
-    experts.push({ gate: g.values, up: u.values, down: d.values });
+    experts.push({ gate: g.values, up: u.values, down: d.values, dtype });
   }
   return { table, experts, weights };
 }
@@ -447,6 +449,23 @@ test('groupGemmFfn matches float64 for E in {1, 8, 64}, empty, single-row and sk
     runFfn({ e: 3, h: 37, inter: 21, counts: [2, 0, 9], dtype: 'bf16', fast }, 'odd sizes');
     runFfn({ e: 2, h: 50, inter: 17, counts: [1, 130], dtype: 'f16', fast }, 'odd sizes');
   }
+});
+
+test('groupGemmFfn with experts of different dtypes in one table (odd and even H)', () => {
+  for (const h of [33, 48])
+    for (const fast of [false, true]) {
+      const { rand, seed } = freshRng();
+      const tag = `mixed dtypes H=${h} fast=${fast} seed=${seed}`;
+      const dtypes: DType[] = ['bf16', 'f16', 'f32', 'bf16'];
+      const setup = makeExperts(rand, 4, h, 24, (i) => dtypes[i]!, () => true);
+      const offsets = offsetsFrom([3, 2, 7, 1]);
+      const x = uniform(rand, 13 * h);
+      const y = poisoned(13 * h);
+      native.groupGemmFfn(x, offsets, setup.table, y, fast);
+      compare(y, refFfn(x, offsets, setup.experts, h, 24, fast),
+        fast ? TOL_GROUP_FAST_EMULATED : TOL_EXACT, tag);
+      assertTailPoisoned(y, 13 * h, tag);
+    }
 });
 
 test('groupGemmFfn at model-like sizes (H=1024, I=256) with decode-sized loads', () => {
