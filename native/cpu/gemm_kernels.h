@@ -21,7 +21,15 @@
 #include "expertd/errors.h"
 #include "expertd/ops.h"
 
-#if defined(__x86_64__)
+// x86 kernels are compiled in unless EXPERTD_PORTABLE_ONLY asks for the portable build alone
+// (used to check that build on x86 hosts).
+#if defined(__x86_64__) && !defined(EXPERTD_PORTABLE_ONLY)
+#define EXPERTD_GEMM_X86 1
+#else
+#define EXPERTD_GEMM_X86 0
+#endif
+
+#if EXPERTD_GEMM_X86
 #include <immintrin.h>
 // GCC 12 reports _mm512_undefined_epi32() inside _mm512_slli_epi32 as maybe-uninitialized.
 #pragma GCC diagnostic push
@@ -51,7 +59,7 @@ enum class Path : int { Scalar = 0, Avx512 = 1, Bf16Dot = 2 };
 inline size_t act_size(Path p) { return p == Path::Bf16Dot ? 2 : 4; }
 
 inline Path choose_path(const CpuFeatures& f, DType wdtype, bool fast) {
-#if defined(__x86_64__)
+#if EXPERTD_GEMM_X86
   if (fast && wdtype == DType::BF16 && f.kernel_bf16dot) return Path::Bf16Dot;
   if (f.kernel_avx512) return Path::Avx512;
 #endif
@@ -194,7 +202,7 @@ struct ScalarTile {
   }
 };
 
-#if defined(__x86_64__)
+#if EXPERTD_GEMM_X86
 // AVX-512 on f32 activations: bf16 pairs widen with shift/mask (even k = v << 16, odd k =
 // v & 0xffff0000), f16 with vcvtph2ps, f32 directly; one FMA per k per accumulator.
 template <DType WD>
@@ -299,7 +307,7 @@ inline const TileFn* tile_table(Path path, DType wd) {
   static const auto scalar_bf16 = make_tile_table<ScalarTile<DType::BF16>>(Seq{});
   static const auto scalar_f16 = make_tile_table<ScalarTile<DType::F16>>(Seq{});
   static const auto scalar_f32 = make_tile_table<ScalarTile<DType::F32>>(Seq{});
-#if defined(__x86_64__)
+#if EXPERTD_GEMM_X86
   static const auto avx_bf16 = make_tile_table<Avx512Tile<DType::BF16>>(Seq{});
   static const auto avx_f16 = make_tile_table<Avx512Tile<DType::F16>>(Seq{});
   static const auto avx_f32 = make_tile_table<Avx512Tile<DType::F32>>(Seq{});
@@ -338,7 +346,7 @@ inline void run_tiles(const TileFn* table, Path path, Act x, int rows, const Pac
 // ---------------------------------------------------------------------------------------------
 // Activation preparation: x [rows, k] f32 -> what the path reads, in grow-only scratch.
 
-#if defined(__x86_64__)
+#if EXPERTD_GEMM_X86
 EXPERTD_AVX512BF16 inline void rows_to_bf16(const float* x, int rows, int k, int kp,
                                             uint16_t* out) {
   for (int r = 0; r < rows; ++r) {
@@ -357,7 +365,7 @@ EXPERTD_AVX512BF16 inline void rows_to_bf16(const float* x, int rows, int k, int
 
 inline Act prepare_activations(Path path, bool round, const float* x, int rows, int k, int kp,
                                Buffer& buf) {
-#if defined(__x86_64__)
+#if EXPERTD_GEMM_X86
   if (path == Path::Bf16Dot) {
     uint16_t* out = static_cast<uint16_t*>(buf.get(static_cast<size_t>(rows) * kp * 2));
     rows_to_bf16(x, rows, k, kp, out);
@@ -441,7 +449,7 @@ inline void store_gate_up_scalar(const float* tile, int mr, int nr, int b0, uint
   }
 }
 
-#if defined(__x86_64__)
+#if EXPERTD_GEMM_X86
 // e^x for the SiLU: range reduction by ln2 (split in hi/lo), degree-7 Taylor on |r| <= ln2/2
 // (error ~5e-9 relative), 2^n by vscalefps. Inputs are clamped to [-87, 88].
 EXPERTD_AVX512 inline __m512 exp512(__m512 x) {
@@ -502,7 +510,7 @@ EXPERTD_AVX512BF16 inline void store_gate_up_bf16(const float* tile, int mr, int
 // Fused SiLU(gate)*up epilogue; vectorized when the AVX-512 kernels are in use.
 inline void store_gate_up(Path path, const float* tile, int mr, int nr, int b0, uint8_t* h,
                           size_t h_row_bytes, HFormat fmt) {
-#if defined(__x86_64__)
+#if EXPERTD_GEMM_X86
   if (fmt == HFormat::Bf16 && path != Path::Scalar)
     return store_gate_up_bf16(tile, mr, nr, b0, h, h_row_bytes);
   if (path != Path::Scalar) return store_gate_up_avx512(tile, mr, nr, b0, h, h_row_bytes, fmt);
@@ -512,6 +520,6 @@ inline void store_gate_up(Path path, const float* tile, int mr, int nr, int b0, 
 
 }  // namespace expertd::gemm
 
-#if defined(__x86_64__)
+#if EXPERTD_GEMM_X86
 #pragma GCC diagnostic pop
 #endif
