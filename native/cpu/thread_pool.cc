@@ -30,7 +30,12 @@ void ThreadPool::start(size_t n) {
   quit_.store(false);
   num_threads_ = n;
   workers_.clear();
+  // NOTE: start returns only once every worker has read the current generation: a worker that
+  // read it after the first job was published would wait for the next job, and that
+  // parallel_for would spin forever on pending_threads_ (seen after setNumThreads).
+  pending_threads_.store(n - 1);
   for (size_t i = 1; i < n; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
+  while (pending_threads_.load(std::memory_order_acquire) != 0) std::this_thread::yield();
 }
 
 void ThreadPool::stop() {
@@ -60,6 +65,7 @@ void ThreadPool::run_job(size_t thread) {
 
 void ThreadPool::worker_loop(size_t index) {
   uint64_t seen = generation_.load();
+  pending_threads_.fetch_sub(1, std::memory_order_acq_rel);  // start() waits for this
   for (;;) {
     // Spin briefly (decode steps issue jobs microseconds apart), then sleep.
     auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(200);
