@@ -7,7 +7,7 @@
 #include "parallel_rows.h"
 
 #if defined(__x86_64__)
-#include <immintrin.h>
+#include "x86_intrin.h"
 #endif
 
 namespace expertd {

@@ -3,6 +3,7 @@
 #pragma once
 #include <algorithm>
 #include <cstddef>
+#include <type_traits>
 
 #include "expertd/thread_pool.h"
 
@@ -28,7 +29,7 @@ void parallel_rows(size_t rows, size_t work_per_row, F&& fn) {
   size_t chunk = std::max(min_rows, (rows + chunks - 1) / chunks);
   size_t n_tasks = (rows + chunk - 1) / chunk;
   struct Ctx {
-    F* fn;
+    std::remove_reference_t<F>* fn;
     size_t rows, chunk;
   } ctx{&fn, rows, chunk};
   const Ctx* c = &ctx;

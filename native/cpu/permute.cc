@@ -8,7 +8,7 @@
 #include "parallel_rows.h"
 
 #if defined(__x86_64__)
-#include <immintrin.h>
+#include "x86_intrin.h"
 #endif
 
 namespace expertd {
@@ -39,6 +39,18 @@ void permute_rows(const float* x, int tokens, int h, const int32_t* ids, int top
 
 namespace {
 
+// An empty asm that claims to modify v: the product must exist rounded on its own, so the
+// compiler cannot contract `a * b + c` into an FMA (GCC does under -ffp-contract=fast, even for
+// intrinsics, whenever the target has FMA).
+inline float keep_rounded(float v) {
+#if defined(__x86_64__)
+  __asm__("" : "+x"(v));
+#elif defined(__aarch64__)
+  __asm__("" : "+w"(v));
+#endif
+  return v;
+}
+
 // Both paths multiply then add (no FMA), in slot order, then add to out: the same roundings as
 // HF's `expert_out * weight` summed and then added to the residual, and bitwise equal results
 // between the two paths.
@@ -47,7 +59,7 @@ void combine_scalar(const float* y_perm, const int32_t* pidx, const float* w, in
   const float* y0 = y_perm + static_cast<size_t>(pidx[0]) * h;
   for (size_t c = h0; c < h1; ++c) {
     float s = w[0] * y0[c];
-    for (int j = 1; j < top_k; ++j) s += w[j] * y_perm[static_cast<size_t>(pidx[j]) * h + c];
+    for (int j = 1; j < top_k; ++j) s += keep_rounded(w[j] * y_perm[static_cast<size_t>(pidx[j]) * h + c]);
     out[c] = accumulate ? out[c] + s : s;
   }
 }
@@ -61,9 +73,12 @@ __attribute__((target("avx512f"))) void combine_avx512(const float* y_perm, cons
   for (; c + 16 <= h1; c += 16) {
     __m512 s = _mm512_mul_ps(_mm512_set1_ps(w[0]),
                              _mm512_loadu_ps(y_perm + static_cast<size_t>(pidx[0]) * h + c));
-    for (int j = 1; j < top_k; ++j)
-      s = _mm512_add_ps(s, _mm512_mul_ps(_mm512_set1_ps(w[j]),
-                                         _mm512_loadu_ps(y_perm + static_cast<size_t>(pidx[j]) * h + c)));
+    for (int j = 1; j < top_k; ++j) {
+      __m512 p = _mm512_mul_ps(_mm512_set1_ps(w[j]),
+                               _mm512_loadu_ps(y_perm + static_cast<size_t>(pidx[j]) * h + c));
+      __asm__("" : "+v"(p));  // see keep_rounded
+      s = _mm512_add_ps(s, p);
+    }
     if (accumulate) s = _mm512_add_ps(_mm512_loadu_ps(out + c), s);
     _mm512_storeu_ps(out + c, s);
   }

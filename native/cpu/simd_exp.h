@@ -2,7 +2,7 @@
 // argument, scaled by 2^n with vscalefps so overflow/underflow/denormals come out right (~1 ulp).
 #pragma once
 #if defined(__x86_64__)
-#include <immintrin.h>
+#include "x86_intrin.h"
 
 namespace expertd {
 
