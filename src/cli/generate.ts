@@ -2,6 +2,7 @@
 import { EngineClient } from '../engine/engine-client.js';
 import { ModelTokenizer } from '../model/tokenizer.js';
 import { modelFlags } from './engine-flags.js';
+import { showLoadProgress } from './progress.js';
 import { formatHelp, parseFlags, UsageError, type FlagSpec } from './options.js';
 import { resolveEngineOptions } from './resolve.js';
 
@@ -32,6 +33,7 @@ export async function generateCommand(argv: string[]): Promise<number> {
     ? tok.encode(tok.applyChatTemplate([{ role: 'user', content: chat }], { addGenerationPrompt: true }), false)
     : tok.encode(prompt!, true);
   const engine = new EngineClient({ ...opts, maxNumSeqs: 1 });
+  showLoadProgress(engine);
   try {
     await engine.ready;
     process.stderr.write(`${engine.summary}\n`);

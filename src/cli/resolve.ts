@@ -2,6 +2,7 @@
 // dtype from the CPU when 'auto'.
 import path from 'node:path';
 
+import { parseModelConfig } from '../model/config.js';
 import { ensureDemoModel } from '../model/demo.js';
 import { loadNative } from '../native/index.js';
 import type { EngineOptions } from '../engine/protocol.js';
@@ -11,6 +12,8 @@ export function resolveEngineOptions(flags: ParsedFlags, servedModelName?: strin
   const given = String(flags['model'] ?? '');
   const isDemo = given === '';
   const modelDir = isDemo ? ensureDemoModel() : path.resolve(given);
+  // Fail fast, before a worker starts, on a config we cannot serve (names what is supported).
+  parseModelConfig(modelDir);
   let dtype = String(flags['compute-dtype'] ?? 'auto');
   if (dtype === 'auto') dtype = loadNative().capabilities().bf16Dot ? 'bf16' : 'f32';
   return {

@@ -8,6 +8,7 @@ import { ModelTokenizer } from '../model/tokenizer.js';
 import { loadNative } from '../native/index.js';
 import { createServer, type TextCodec } from '../server/index.js';
 import { modelFlags } from './engine-flags.js';
+import { showLoadProgress } from './progress.js';
 import { formatHelp, parseFlags, type FlagSpec } from './options.js';
 import { resolveEngineOptions } from './resolve.js';
 
@@ -62,6 +63,7 @@ export async function serveCommand(argv: string[]): Promise<number> {
   logger.info({ capabilities: loadNative().capabilities(), config: { ...opts, apiKey: flags['api-key'] ? '(set)' : '(none)' } }, 'starting');
   const tok = ModelTokenizer.load(opts.modelDir);
   const engine = new EngineClient(opts);
+  showLoadProgress(engine);
   const metrics = createMetrics();
   wireEngineMetrics(engine, metrics);
   const info = await engine.ready;

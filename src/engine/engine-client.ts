@@ -28,6 +28,8 @@ export class EngineClient extends EventEmitter {
           this.summary = m.summary;
           this.current = 'ready';
           resolve(m.info);
+        } else if (m.type === 'progress') {
+          this.emit('progress', m);
         } else if (m.type === 'events') {
           this.lastStats = m.stats;
           for (const ev of m.events) {

@@ -22,6 +22,7 @@ export type ToWorker =
   | { type: 'shutdown' };
 
 export type FromWorker =
+  | { type: 'progress'; tensorsDone: number; tensorsTotal: number; bytesDone: number; bytesTotal: number }
   | { type: 'ready'; info: ModelInfo; summary: string }
   | { type: 'events'; events: EngineEvent[]; stats: EngineStats; step?: StepMetrics }
   | { type: 'fatal'; message: string; code?: string };

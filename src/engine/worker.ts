@@ -66,7 +66,16 @@ port.on('message', (m: ToWorker) => {
         const o = m.options;
         if (o.threads > 0) loadNative().setNumThreads(o.threads);
         const fast = o.computeDtype === 'bf16';
-        const loaded = loadModel(o.modelDir, { fast });
+        let lastProgress = 0;
+        const loaded = loadModel(o.modelDir, {
+          fast,
+          onProgress: (pr) => {
+            const now = performance.now();
+            if (now - lastProgress < 100 && pr.tensorsDone < pr.tensorsTotal) return;
+            lastProgress = now;
+            send({ type: 'progress', ...pr });
+          },
+        });
         core = new EngineCore(loaded, {
           kvCacheBlocks: o.kvCacheBlocks, kvCacheGb: o.kvCacheGb, blockSize: o.blockSize,
           maxNumSeqs: o.maxNumSeqs, maxNumBatchedTokens: o.maxNumBatchedTokens,

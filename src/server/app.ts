@@ -118,7 +118,7 @@ export function createServer(opts: ServerOptions): ExpertdServer {
     record.logged = true;
     const status = reply.statusCode;
     opts.metrics.httpRequests.inc({ route: record.route, status: String(status) });
-    const line = { reqId: request.id, method: request.method, ...logFields(record), status, durationMs: Math.round(reply.elapsedTime * 10) / 10 };
+    const line = { method: request.method, ...logFields(record), status, durationMs: Math.round(reply.elapsedTime * 10) / 10 };
     // Generation requests are the interesting traffic; probes and scrapes stay at debug.
     if (generationRoutes.has(record.route)) request.log.info(line, 'request completed');
     else request.log.debug(line, 'request completed');
@@ -127,7 +127,7 @@ export function createServer(opts: ServerOptions): ExpertdServer {
   app.setErrorHandler(async (err, request, reply) => {
     let api = toApiError(err);
     if (!api) {
-      request.log.error({ reqId: request.id, err }, 'unhandled error');
+      request.log.error({ err }, 'unhandled error');
       api = serverError();
     }
     const record = ctx.records.get(request);

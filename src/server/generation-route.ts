@@ -188,7 +188,7 @@ export async function runGeneration(ctx: ServerContext, request: FastifyRequest,
         record.error = 'client disconnected';
         record.completionTokens = generation.completionTokens;
         record.ttftMs = generation.ttftMs === null ? null : Math.round(generation.ttftMs * 10) / 10;
-        request.log.info({ reqId: request.id, ...logFields(record), status: 499, durationMs: Math.round(reply.elapsedTime) }, 'request aborted by client');
+        request.log.info({ ...logFields(record), status: 499, durationMs: Math.round(reply.elapsedTime) }, 'request aborted by client');
         opts.metrics.httpRequests.inc({ route: record.route, status: '499' });
       }
     }
@@ -226,7 +226,7 @@ export async function runGeneration(ctx: ServerContext, request: FastifyRequest,
       ? new ApiError(500, 'server_error', 'The engine failed while generating this request.', null, 'engine_error')
       : new ApiError(503, 'overloaded_error', 'The server is shutting down and aborted this request.', null, 'server_shutting_down', { 'retry-after': ctx.retryAfter });
     if (record) record.error = outcome.status === 'error' ? outcome.message : outcome.why;
-    if (outcome.status === 'error') request.log.error({ reqId: request.id, engineError: outcome.message }, 'generation failed');
+    if (outcome.status === 'error') request.log.error({ engineError: outcome.message }, 'generation failed');
     if (sse) {
       sse.fail(err.body());
       return undefined;

@@ -1,0 +1,76 @@
+// The command line as a user runs it: generate on every fixture, --help, and clean failures.
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { test } from 'node:test';
+import { promisify } from 'node:util';
+
+import { packageRoot } from '../src/native/index.js';
+
+const run = promisify(execFile);
+const bin = path.join(packageRoot(), 'bin', 'expertd.js');
+
+async function expertd(args: string[], env: NodeJS.ProcessEnv = {}): Promise<{ code: number; stdout: string; stderr: string }> {
+  try {
+    const r = await run(process.execPath, [bin, ...args], { env: { ...process.env, ...env }, timeout: 120_000 });
+    return { code: 0, stdout: r.stdout, stderr: r.stderr };
+  } catch (e) {
+    const err = e as { code: number; stdout: string; stderr: string };
+    return { code: err.code, stdout: err.stdout, stderr: err.stderr };
+  }
+}
+
+for (const arch of ['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v2', 'deepseek_v3']) {
+  test(`expertd generate runs on the ${arch} fixture`, async () => {
+    const dir = path.join(packageRoot(), 'test', 'fixtures', arch);
+    const r = await expertd(['generate', '--model', dir, '--prompt', 'The quick brown fox', '--max-tokens', '12',
+      '--compute-dtype', 'f32', '--ignore-eos']);
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stderr, new RegExp(`loaded ${arch}`));
+    assert.ok(r.stdout.trim().length > 0, 'no text generated');
+  });
+}
+
+test('expertd generate --chat uses the chat template; the demo model needs no --model', async () => {
+  const r = await expertd(['generate', '--chat', 'Hi!', '--max-tokens', '5', '--seed', '3', '--temperature', '0.8']);
+  assert.equal(r.code, 0, r.stderr);
+  assert.match(r.stderr, /demo model/);
+});
+
+test('--help tells the truth for every command', async () => {
+  const top = await expertd(['--help']);
+  assert.equal(top.code, 0);
+  assert.match(top.stdout, /serve/);
+  assert.match(top.stdout, /generate/);
+  const serve = await expertd(['serve', '--help']);
+  for (const flag of ['--model', '--host', '--port', '--api-key', '--max-num-seqs', '--max-num-batched-tokens',
+    '--max-queued-requests', '--kv-cache-gb', '--kv-cache-blocks', '--block-size', '--compute-dtype',
+    '--served-model-name', '--shutdown-timeout', '--log-level']) assert.ok(serve.stdout.includes(flag), `serve --help lacks ${flag}`);
+  assert.match(serve.stdout, /EXPERTD_PORT/);
+  const gen = await expertd(['generate', '--help']);
+  for (const flag of ['--prompt', '--chat', '--max-tokens', '--temperature', '--seed', '--compute-dtype'])
+    assert.ok(gen.stdout.includes(flag), `generate --help lacks ${flag}`);
+});
+
+test('bad usage and bad checkpoints fail with a clear message and a non-zero exit', async () => {
+  const unknown = await expertd(['generate', '--frobnicate', '1']);
+  assert.equal(unknown.code, 2);
+  assert.match(unknown.stderr, /unknown option --frobnicate/);
+  const both = await expertd(['generate']);
+  assert.equal(both.code, 2);
+  assert.match(both.stderr, /exactly one of --prompt or --chat/);
+  const env = await expertd(['generate', '--prompt', 'x'], { EXPERTD_BLOCK_SIZE: 'big' });
+  assert.equal(env.code, 2);
+  assert.match(env.stderr, /EXPERTD_BLOCK_SIZE: expected an integer, got 'big'/);
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'expertd-cli-'));
+  writeFileSync(path.join(dir, 'config.json'), JSON.stringify({ model_type: 'llama', hidden_size: 8 }));
+  const bad = await expertd(['generate', '--model', dir, '--prompt', 'x']);
+  assert.equal(bad.code, 1);
+  assert.match(bad.stderr, /llama/);
+  assert.match(bad.stderr, /mixtral/);
+  const cmd = await expertd(['frob']);
+  assert.equal(cmd.code, 2);
+  assert.match(cmd.stderr, /unknown command 'frob'/);
+});
