@@ -23,6 +23,9 @@ Napi::Object init(Napi::Env env, Napi::Object exports) {
   register_attention(env, exports);
   register_io(env, exports);
   register_comm(env, exports);
+#ifdef EXPERTD_WITH_CUDA
+  register_cuda(env, exports);
+#endif
   return exports;
 }
 

@@ -91,7 +91,162 @@ export interface CommGroup {
   dispose(): void;
 }
 
-export interface NativeAddon {
+// --- CUDA (full build with EXPERTD_WITH_CUDA only; absent from the portable addon) ---------------
+// Device data lives in CudaBuffer handles; ops take buffers plus dims, enqueue on a stream (the
+// device's default stream when `stream` is omitted or null) and return at once. Activations are
+// f32 buffers; GEMM operands bf16; plans (ids, offsets, counts, seqInfo, blockTables) int32.
+
+/** Device memory from the caching allocator; dispose() returns it to the cache. */
+export interface CudaBuffer {
+  readonly sizeBytes: number;
+  readonly device: number;
+  readonly disposed: boolean;
+  /** A handle on [offsetBytes, offsetBytes + sizeBytes) sharing this allocation. */
+  view(offsetBytes: number, sizeBytes: number): CudaBuffer;
+  dispose(): void;
+}
+
+export interface CudaStream {
+  readonly disposed: boolean;
+  synchronize(): void;
+  /** true when all enqueued work is done */
+  query(): boolean;
+  waitEvent(event: CudaEvent): void;
+  dispose(): void;
+}
+
+export interface CudaEvent {
+  record(stream?: CudaStream | null): void;
+  synchronize(): void;
+  query(): boolean;
+  /** this.elapsedMs(start): milliseconds between two timing events */
+  elapsedMs(start: CudaEvent): number;
+  dispose(): void;
+}
+
+/** Per-layer expert slots on the device: expert e -> (gate_up [2I, H] bf16, down [H, I] bf16). */
+export interface CudaExpertTable {
+  readonly numExperts: number;
+  set(expert: number, gateUp: CudaBuffer, down: CudaBuffer): void;
+  clear(expert: number): void;
+  has(expert: number): boolean;
+  dispose(): void;
+}
+
+export interface CudaDeviceInfo {
+  name: string;
+  computeCapability: string;
+  smCount: number;
+  totalBytes: number;
+  l2Bytes: number;
+  sharedMemPerBlockOptinBytes: number;
+}
+
+export interface CudaMemInfo {
+  freeBytes: number; totalBytes: number;
+  allocatedBytes: number; cachedBytes: number; peakBytes: number;
+  deviceMallocs: number; cacheHits: number;
+}
+
+export interface CudaRouteOptions extends Omit<RouteOptions, 'bias'> {
+  /** [E] f32 on the device */
+  bias?: CudaBuffer | null;
+}
+
+export interface CudaAttentionOptions extends AttentionOptions {
+  /** rows of q and out */
+  totalTokens: number;
+  /** >= every ctxLen in seqInfo (sizes the split-K grid) */
+  maxContext: number;
+  /** blocks in kCache/vCache */
+  numBlocks: number;
+}
+
+export interface CudaCommGroup {
+  readonly rank: number;
+  readonly worldSize: number;
+  readonly backend: 'nccl';
+  /** Device buffers; enqueued on `stream` when given, else blocking on the group's own stream. */
+  all2allv(send: CudaBuffer, sendBytes: Float64Array, recv: CudaBuffer, recvBytes: Float64Array,
+           stream?: CudaStream | null): void;
+  all2allCounts(send: Float64Array, recv: Float64Array): void;
+  barrier(): void;
+  dispose(): void;
+}
+
+export interface CudaAddon {
+  CudaBuffer: unknown;
+  CudaStream: new (priority?: number) => CudaStream;
+  CudaEvent: new (timing?: boolean) => CudaEvent;
+  CudaExpertTable: new (numExperts: number, hidden: number, inter: number) => CudaExpertTable;
+  cudaDeviceCount(): number;
+  cudaDeviceInfo(device: number): CudaDeviceInfo;
+  cudaSetDevice(device: number): void;
+  /** A sticky CUDA error happened: the process must restart (/health answers 503). */
+  cudaDeviceLost(): boolean;
+  cudaSynchronize(): void;
+  cudaMemInfo(): CudaMemInfo;
+  cudaEmptyCache(): void;
+  cudaBuffer(sizeBytes: number, stream?: CudaStream | null): CudaBuffer;
+  /** Page-locked host memory (expert weights in RAM): async copies at full link speed. */
+  cudaPinnedBuffer(sizeBytes: number): ArrayBuffer;
+  cudaCopyToDevice(dst: CudaBuffer, dstOffsetBytes: number, src: ArrayBufferView | ArrayBuffer,
+                   stream?: CudaStream | null): void;
+  /** Synchronous for pageable dst; asynchronous into a cudaPinnedBuffer (sync the stream). */
+  cudaCopyToHost(dst: ArrayBufferView | ArrayBuffer, src: CudaBuffer, srcOffsetBytes: number,
+                 stream?: CudaStream | null): void;
+  cudaCopyDevice(dst: CudaBuffer, dstOffsetBytes: number, src: CudaBuffer, srcOffsetBytes: number,
+                 sizeBytes: number, stream?: CudaStream | null): void;
+  /** Sets every byte (0xff poisons f32 and bf16 with NaN). */
+  cudaFill(dst: CudaBuffer, byteValue: number, stream?: CudaStream | null): void;
+  /** The cuBLASLt library loaded, or null. */
+  cudaCublasLt(): string | null;
+  cudaConvert(src: CudaBuffer, srcDtype: DType, dst: CudaBuffer, dstDtype: DType, n: number,
+              stream?: CudaStream | null): void;
+  /** x [rows, H] bf16, offsets [E+1] -> hScratch [rows, I] bf16, y [rows, H] f32. */
+  cudaGroupGemmFfn(x: CudaBuffer, offsets: CudaBuffer, experts: CudaExpertTable, rows: number,
+                   hScratch: CudaBuffer, y: CudaBuffer, opts?: { tile?: 'auto' | 'small' | 'large' } | null,
+                   stream?: CudaStream | null): void;
+  /** y [m, n] f32 (+)= x [m, k] bf16 * w [n, k]^T bf16 (+ bias [n] f32); returns the backend used. */
+  cudaDenseGemm(x: CudaBuffer, m: number, w: CudaBuffer, n: number, k: number, y: CudaBuffer,
+                bias: CudaBuffer | null, accumulate: boolean,
+                backend?: 'auto' | 'cublaslt' | 'kernel' | null,
+                stream?: CudaStream | null): 'cublaslt' | 'kernel';
+  cudaRoute(logits: CudaBuffer, t: number, e: number, k: number, opts: CudaRouteOptions,
+            ids: CudaBuffer, weights: CudaBuffer, counts: CudaBuffer, stream?: CudaStream | null): void;
+  cudaPermute(x: CudaBuffer, t: number, h: number, ids: CudaBuffer, k: number, e: number,
+              xPerm: CudaBuffer, permIndex: CudaBuffer, offsets: CudaBuffer, permDtype: 'f32' | 'bf16',
+              stream?: CudaStream | null): void;
+  cudaUnpermuteCombine(yPerm: CudaBuffer, permIndex: CudaBuffer, weights: CudaBuffer, t: number,
+                       k: number, h: number, out: CudaBuffer, accumulate: boolean,
+                       stream?: CudaStream | null): void;
+  cudaRmsNorm(x: CudaBuffer, rows: number, dim: number, w: CudaBuffer, eps: number, out: CudaBuffer,
+              residual: CudaBuffer | null, stream?: CudaStream | null): void;
+  cudaRope(x: CudaBuffer, t: number, heads: number, rowStride: number, headStride: number,
+           offset: number, positions: CudaBuffer, invFreq: CudaBuffer, rotDim: number,
+           attnScale: number, interleaved: boolean, stream?: CudaStream | null): void;
+  cudaSiluMul(gu: CudaBuffer, t: number, i: number, out: CudaBuffer, stream?: CudaStream | null): void;
+  cudaEmbedding(table: CudaBuffer, dtype: DType, v: number, h: number, ids: CudaBuffer, t: number,
+                out: CudaBuffer, stream?: CudaStream | null): void;
+  cudaSoftmax(x: CudaBuffer, rows: number, cols: number, out: CudaBuffer, log: boolean,
+              stream?: CudaStream | null): void;
+  cudaTopN(x: CudaBuffer, rows: number, cols: number, n: number, ids: CudaBuffer, vals: CudaBuffer,
+           stream?: CudaStream | null): void;
+  /** numSlots = numBlocks * blockSize of the caches. */
+  cudaKvCacheWrite(k: CudaBuffer, v: CudaBuffer | null, t: number, slots: CudaBuffer,
+                   kCache: CudaBuffer, vCache: CudaBuffer | null, kvHeads: number, dk: number,
+                   dv: number, vStride: number, numSlots: number, stream?: CudaStream | null): void;
+  cudaPagedAttention(q: CudaBuffer, kCache: CudaBuffer, vCache: CudaBuffer, seqInfo: CudaBuffer,
+                     blockTables: CudaBuffer, opts: CudaAttentionOptions, out: CudaBuffer,
+                     stream?: CudaStream | null): void;
+  /** 128 bytes that rank 0 creates and the rendezvous hands to every rank. */
+  cudaNcclUniqueId(): Uint8Array;
+  /** Blocks until worldSize ranks have joined (run it in a worker). */
+  cudaNcclJoin(uniqueId: Uint8Array, worldSize: number, rank: number): CudaCommGroup;
+}
+
+/** CUDA members are present only in a full build (capabilities().cudaCompiled). */
+export interface NativeAddon extends Partial<CudaAddon> {
   // --- core
   capabilities(): Capabilities;
   /** 0 = all hardware threads; returns the count in use. */

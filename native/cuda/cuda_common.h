@@ -1,0 +1,81 @@
+// Internal to the CUDA backend: the check macro, the device-lost flag, launch checks and small
+// device helpers shared by the kernel files. Includes the CUDA runtime (unlike include/expertd).
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "expertd/cuda_backend.h"
+#include "expertd/errors.h"
+
+namespace expertd::cuda {
+
+// Throws expertd::Error (E_CUDA, or E_OOM for allocation failures) naming the statement, file and
+// line; a sticky error marks the device lost first.
+[[noreturn]] void raise_cuda(cudaError_t err, const char* stmt, const char* file, int line);
+// Refuses work once the device is lost (a sticky error poisons the whole context).
+void ensure_alive();
+// Whether err leaves the context unusable.
+bool is_sticky(cudaError_t err);
+
+inline Stream or_default(Stream s) { return s ? s : default_stream(); }
+
+// The in-house dense GEMM (group_gemm.cu), the fallback of dense_gemm: same contract.
+void dense_gemm_kernel(const uint16_t* x, int m, const uint16_t* w, int n, int k, float* y,
+                       const float* bias, bool accumulate, Stream s);
+
+}  // namespace expertd::cuda
+
+#define EXPERTD_CUDA_CHECK(stmt)                                                     \
+  do {                                                                               \
+    cudaError_t expertd_err_ = (stmt);                                               \
+    if (expertd_err_ != cudaSuccess)                                                 \
+      ::expertd::cuda::raise_cuda(expertd_err_, #stmt, __FILE__, __LINE__);          \
+  } while (0)
+
+// After every kernel launch: configuration errors show at once, faults at the next sync.
+#define EXPERTD_CUDA_LAUNCH_CHECK() EXPERTD_CUDA_CHECK(cudaGetLastError())
+
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace expertd::cuda {
+
+__device__ __forceinline__ float bf16_bits_to_f32(uint16_t h) {
+  return __uint_as_float(static_cast<uint32_t>(h) << 16);
+}
+// Round to nearest even, NaN kept (matches dtype.h's f32_to_bf16 bit for bit).
+__device__ __forceinline__ uint16_t f32_to_bf16_bits(float f) {
+  uint32_t u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// The CPU's rank_before: larger first, ties to the lower index, NaN after everything.
+__device__ __forceinline__ bool rank_before(float a, int ia, float b, int ib) {
+  const bool na = a != a, nb = b != b;
+  if (na || nb) return na == nb ? ia < ib : nb;
+  if (a != b) return a > b;
+  return ia < ib;
+}
+
+inline unsigned blocks_for(size_t n, unsigned threads) {
+  return static_cast<unsigned>((n + threads - 1) / threads);
+}
+
+}  // namespace expertd::cuda
+#endif

@@ -1,0 +1,197 @@
+// The CUDA backend's C++ surface (full build only, EXPERTD_WITH_CUDA): device memory, streams,
+// events and the op launchers. Plain C++: streams are forward-declared CUDA handles, device
+// memory is raw pointers; no CUDA header is needed to include this file.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "expertd/comm.h"
+#include "expertd/dtype.h"
+#include "expertd/ops.h"
+
+struct CUstream_st;  // == cudaStream_t's pointee
+struct CUevent_st;   // == cudaEvent_t's pointee
+
+namespace expertd {
+
+// Devices visible to this process (0 when the driver or a GPU is missing; never throws).
+int cuda_device_count();
+// libnccl.so.2 (or $EXPERTD_NCCL_SO) can be loaded and has the entry points expertd uses.
+bool nccl_available();
+// A sticky CUDA error (illegal address, launch failure, ...) happened: the context is unusable
+// until the process restarts. Every launcher refuses to run afterwards (E_CUDA).
+bool cuda_device_lost();
+
+namespace cuda {
+
+using Stream = CUstream_st*;
+using Event = CUevent_st*;
+
+struct DeviceInfo {
+  std::string name;
+  int cc_major = 0, cc_minor = 0;
+  int sm_count = 0;
+  size_t total_bytes = 0;
+  size_t l2_bytes = 0;
+  size_t smem_per_block_optin = 0;
+};
+DeviceInfo device_info(int device);
+void set_device(int device);
+int current_device();
+void device_synchronize();
+void mem_info(size_t* free_bytes, size_t* total_bytes);
+
+// ---------------------------------------------------------------------------------------------
+// Caching device allocator: size classes (8 per power of two, >= 512 bytes) with free lists per
+// (device, stream). cudaMalloc happens only when a class's list is empty; a failed cudaMalloc
+// releases the cache and retries once before E_OOM.
+// NOTE: a freed block is reused only by work on the stream it was allocated for (stream order
+// keeps that safe); memory used on another stream must be kept alive by the caller until that
+// stream is done with it (the PyTorch recordStream contract).
+struct DeviceMem {
+  void* ptr = nullptr;
+  size_t size = 0;      // requested bytes
+  size_t capacity = 0;  // class bytes
+  int device = 0;
+  Stream stream = nullptr;
+  DeviceMem() = default;
+  DeviceMem(const DeviceMem&) = delete;
+  DeviceMem& operator=(const DeviceMem&) = delete;
+  ~DeviceMem();  // returns the block to its free list
+};
+std::shared_ptr<DeviceMem> device_alloc(size_t bytes, Stream stream);
+
+struct AllocatorStats {
+  size_t allocated_bytes = 0;  // live blocks (class bytes)
+  size_t cached_bytes = 0;     // free blocks held by the cache
+  size_t peak_bytes = 0;       // peak of allocated + cached
+  uint64_t device_mallocs = 0;
+  uint64_t cache_hits = 0;
+};
+AllocatorStats allocator_stats();
+// Frees every cached block (after a device synchronize).
+void empty_cache();
+
+// Page-locked host memory (cudaHostAlloc) for expert weights in host RAM: copies from it are truly
+// asynchronous and run at full link speed.
+void* pinned_alloc(size_t bytes);
+void pinned_free(void* p) noexcept;
+
+// The current device's default stream: non-blocking, created on first use, never destroyed.
+Stream default_stream();
+Stream stream_create(int priority);
+// Synchronizes, then destroys; its cached blocks become free for every stream.
+void stream_destroy(Stream s) noexcept;
+void stream_synchronize(Stream s);
+bool stream_query(Stream s);  // true when all its work is done
+void stream_wait_event(Stream s, Event e);
+void stream_priority_range(int* least, int* greatest);
+
+Event event_create(bool timing);
+void event_destroy(Event e) noexcept;
+void event_record(Event e, Stream s);
+void event_synchronize(Event e);
+bool event_query(Event e);
+float event_elapsed_ms(Event start, Event end);
+
+// Asynchronous on `s` (pageable host memory makes the H2D/D2H copies synchronous: the host data
+// may be reused at return).
+void memcpy_h2d(void* dst, const void* src, size_t bytes, Stream s);
+void memcpy_d2h(void* dst, const void* src, size_t bytes, Stream s);
+void memcpy_d2d(void* dst, const void* src, size_t bytes, Stream s);
+void memset_async(void* dst, int byte, size_t bytes, Stream s);
+
+// ---------------------------------------------------------------------------------------------
+// GEMMs (bf16 operands, f32 accumulate on tensor cores).
+enum class GemmTile : int { Auto = 0, Small = 1, Large = 2 };
+
+// One launch over every expert: rows [offsets[e], offsets[e+1]) of x go through weights[e].
+//   x       [rows, k] bf16 (device)
+//   offsets [num_experts + 1] int32 (device); nullptr: one group of `rows` rows
+//   weights [num_experts] device array of device pointers to W_e [n_rows_w, k] bf16 (row-major,
+//           the HF layout); gate_up: W_e is [2n, k], gate rows first then up rows
+//   gate_up: out = h [rows, n] bf16 = SiLU(x W_gate^T) * (x W_up^T)
+//   else:    out = y [rows, n] f32 = x W^T (+ bias[n]) (+ y if accumulate)
+// Experts with no rows may have null weights. k % 8 == 0 and n % 8 == 0 (16-byte rows).
+struct GroupGemmParams {
+  const uint16_t* x = nullptr;
+  const int32_t* offsets = nullptr;
+  const uint16_t* const* weights = nullptr;
+  int num_experts = 1;
+  int rows = 0;
+  int n = 0;
+  int k = 0;
+  bool gate_up = false;
+  void* out = nullptr;
+  const float* bias = nullptr;
+  bool accumulate = false;
+  GemmTile tile = GemmTile::Auto;
+};
+void group_gemm(const GroupGemmParams& p, Stream s);
+// The fused expert FFN: h = SiLU(x Wgu_gate^T) * (x Wgu_up^T) [rows, inter] bf16 (scratch, caller
+// owned), then y = h Wdown^T [rows, hidden] f32. Two launches, each over all experts.
+void group_gemm_ffn(const uint16_t* x, const int32_t* offsets, const uint16_t* const* gate_up,
+                    const uint16_t* const* down, int num_experts, int rows, int hidden, int inter,
+                    uint16_t* h_scratch, float* y, GemmTile tile, Stream s);
+
+enum class DenseBackend : int { Auto = 0, CublasLt = 1, Kernel = 2 };
+// y [m, n] f32 (+)= x [m, k] bf16 * w [n, k]^T bf16 (+ bias [n] f32). Returns the backend used.
+DenseBackend dense_gemm(const uint16_t* x, int m, const uint16_t* w, int n, int k, float* y,
+                        const float* bias, bool accumulate, DenseBackend backend, Stream s);
+// libcublasLt.so.13/.12 was found and loaded (tried once).
+bool cublaslt_available();
+std::string cublaslt_library();
+
+// ---------------------------------------------------------------------------------------------
+// Routing and permutation (device pointers; semantics of ops.h's CPU versions).
+// p.bias is a device pointer. counts [E] are overwritten.
+void route(const float* logits, const RoutingParams& p, int32_t* ids, float* weights,
+           int32_t* counts, Stream s);
+// x [T, H] f32 -> x_perm [T*k, H] (f32 or bf16, perm_dtype), perm_index [T*k], offsets [E+1].
+// Stable like the CPU version: by expert, then token, then slot.
+void permute_rows(const float* x, int tokens, int h, const int32_t* ids, int top_k,
+                  int num_experts, void* x_perm, DType perm_dtype, int32_t* perm_index,
+                  int32_t* offsets, Stream s);
+void unpermute_combine(const float* y_perm, const int32_t* perm_index, const float* weights,
+                       int tokens, int top_k, int h, float* out, bool accumulate, Stream s);
+
+// Elementwise and normalisation (f32 activations, as ops.h).
+void rms_norm(const float* x, int rows, int dim, const float* w, float eps, float* out,
+              float* residual, Stream s);
+void rope(float* x, int tokens, int heads, int row_stride, int head_stride, int offset,
+          const int32_t* positions, const float* inv_freq, int rot_dim, float attn_scale,
+          bool interleaved, Stream s);
+void silu_mul(const float* gu, int tokens, int inter, float* out, Stream s);
+void embedding(const void* table, DType dtype, int vocab, int h, const int32_t* ids, int tokens,
+               float* out, Stream s);
+void softmax_rows(const float* x, int rows, int cols, float* out, bool log, Stream s);
+void top_n(const float* x, int rows, int cols, int n, int32_t* ids, float* vals, Stream s);
+void convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, size_t n, Stream s);
+
+// Paged attention (f32 cache, layouts of ops.h). seq_info and block_tables are device arrays;
+// total_tokens = rows of q and out; max_context >= every ctx_len (sizes the split-K grid).
+void paged_attention(const float* q, const float* k_cache, const float* v_cache,
+                     const int32_t* seq_info, const int32_t* block_tables,
+                     const AttentionParams& p, int total_tokens, int max_context, float* out,
+                     Stream s);
+void kv_cache_write(const float* k, const float* v, int tokens, const int32_t* slots,
+                    float* k_cache, float* v_cache, int kv_heads, int dk, int dv, int v_stride,
+                    Stream s);
+
+}  // namespace cuda
+
+// ---------------------------------------------------------------------------------------------
+// NCCL (native/comm/nccl.cc; libnccl is dlopen'd). The unique id is 128 opaque bytes that rank 0
+// creates and the rendezvous hands to every rank.
+constexpr size_t kNcclUniqueIdBytes = 128;
+void nccl_unique_id(uint8_t* out);
+// Blocks until all world_size ranks have joined (ncclCommInitRank) on the current device.
+std::shared_ptr<Comm> nccl_join(const uint8_t* unique_id, int world_size, int rank);
+// all2allv over device buffers enqueued on `s` without waiting (Comm::all2allv is the blocking
+// form on the group's own stream). comm must come from nccl_join.
+void nccl_all2allv_async(Comm& comm, const void* send, const int64_t* send_bytes, void* recv,
+                         const int64_t* recv_bytes, cuda::Stream s);
+
+}  // namespace expertd
