@@ -42,7 +42,7 @@ export class EngineCore {
     const { spec, model } = loaded;
     this.blockSize = opts.blockSize;
     const [kf, vf] = model.cacheFloatsPerToken();
-    const bytesPerBlock = spec.numLayers * opts.blockSize * (kf + vf) * 4;
+    const bytesPerBlock = model.numCaches * opts.blockSize * (kf + vf) * 4;
     let numBlocks = opts.kvCacheBlocks;
     if (!numBlocks && opts.kvCacheGb > 0) numBlocks = Math.floor((opts.kvCacheGb * 2 ** 30) / bytesPerBlock);
     if (!numBlocks) {

@@ -48,7 +48,7 @@ export class GqaAttention implements AttentionBlock {
   constructor(private readonly spec: AttentionSpec, src: TensorSource, prefix: string,
               hidden: number, private readonly eps: number) {
     const { heads, kvHeads, headDim } = spec;
-    const p = `${prefix}self_attn.`;
+    const p = prefix;
     this.q = packLinear(src, `${p}q_proj.weight`, heads * headDim, hidden);
     this.k = packLinear(src, `${p}k_proj.weight`, kvHeads * headDim, hidden);
     this.v = packLinear(src, `${p}v_proj.weight`, kvHeads * headDim, hidden);
@@ -134,7 +134,7 @@ export class MlaAttention implements AttentionBlock {
   constructor(private readonly spec: AttentionSpec, src: TensorSource, prefix: string,
               hidden: number) {
     const { heads, qLoraRank, kvLoraRank, qkNopeHeadDim: nope, qkRopeHeadDim: rope, vHeadDim } = spec;
-    const p = `${prefix}self_attn.`;
+    const p = prefix;
     const qDim = heads * (nope + rope);
     if (qLoraRank) {
       this.qProj = null;
@@ -149,6 +149,14 @@ export class MlaAttention implements AttentionBlock {
     }
     this.kvA = packLinear(src, `${p}kv_a_proj_with_mqa.weight`, kvLoraRank + rope, hidden);
     this.kvANorm = vectorF32(src, `${p}kv_a_layernorm.weight`, kvLoraRank);
+    // LongCat-Flash scales: q = q_b(norm(q_a x) * w) * s_q and latent = norm(c) * w * s_kv. Both are
+    // linear in the norm weight, so they fold into it (exact up to f32 rounding).
+    if (spec.qScale !== undefined && spec.qScale !== 1) {
+      if (!this.qANorm) throw new Error('MLA q scaling needs q_lora_rank');
+      for (let i = 0; i < this.qANorm.length; i++) this.qANorm[i] = this.qANorm[i]! * spec.qScale;
+    }
+    if (spec.kvScale !== undefined && spec.kvScale !== 1)
+      for (let i = 0; i < this.kvANorm.length; i++) this.kvANorm[i] = this.kvANorm[i]! * spec.kvScale;
     const kvB = src.get(`${p}kv_b_proj.weight`);
     checkShape(`${p}kv_b_proj.weight`, kvB, [heads * (nope + vHeadDim), kvLoraRank]);
     const n = loadNative();

@@ -21,7 +21,7 @@ export class ConfigError extends Error {
 }
 
 export const SUPPORTED_MODEL_TYPES: readonly ModelType[] =
-  ['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v2', 'deepseek_v3'];
+  ['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v2', 'deepseek_v3', 'longcat_flash'];
 
 type Raw = Record<string, unknown>;
 
@@ -154,14 +154,16 @@ function buildSpec(raw: Raw, gen: Raw | null): ModelSpec {
   const quantization = parseQuantization(raw, mt);
 
   const hidden = c.int('hidden_size', undefined, 1);
-  const numLayers = c.int('num_hidden_layers', undefined, 1);
+  // LongCat-Flash counts logical layers (two sub-blocks each) in num_layers.
+  const numLayers = mt === 'longcat_flash' ? c.intAny(['num_layers', 'num_hidden_layers'], undefined, 1)
+    : c.int('num_hidden_layers', undefined, 1);
   const vocabSize = c.int('vocab_size', undefined, 1);
   const heads = c.int('num_attention_heads', undefined, 1);
   const maxContext = c.int('max_position_embeddings', undefined, 1);
   const rmsNormEps = c.num('rms_norm_eps', mt === 'mixtral' || mt === 'olmoe' ? 1e-5 : 1e-6);
   const tieWordEmbeddings = c.bool('tie_word_embeddings', false);
 
-  const isDeepseek = mt === 'deepseek_v2' || mt === 'deepseek_v3';
+  const isDeepseek = mt === 'deepseek_v2' || mt === 'deepseek_v3' || mt === 'longcat_flash';
   const attention = isDeepseek ? mlaAttention(c, hidden, heads, maxContext)
     : gqaAttention(c, mt, hidden, heads, maxContext);
   const { moe, layers, denseIntermediate } = moeAndLayers(c, mt, numLayers);
@@ -286,7 +288,7 @@ function mlaAttention(c: Fields, hidden: number, heads: number, maxContext: numb
   const qkHeadDim = qkNopeHeadDim + qkRopeHeadDim;
   // transformers: DeepSeek-V2 rotates complex pairs (2i, 2i+1); V3 does the same when
   // rope_interleave (default true) and rotate_half otherwise.
-  const interleaved = mt === 'deepseek_v2' ? true : c.bool('rope_interleave', true);
+  const interleaved = mt === 'deepseek_v3' ? c.bool('rope_interleave', true) : true;
   const r = rope(c, qkRopeHeadDim, maxContext, interleaved);
   // Softmax scale: qk_head_dim^-0.5 * mscale^2 with mscale = yarn_get_mscale(factor, mscale_all_dim)
   // (transformers yarn_apply_mscale: only for a non-default rope_type with mscale_all_dim set).
@@ -302,16 +304,25 @@ function mlaAttention(c: Fields, hidden: number, heads: number, maxContext: numb
       softmaxScale = softmaxScale * m * m;
     }
   }
-  void hidden;
+  // LongCat-Flash scales q by sqrt(hidden / q_lora_rank) and the latent by sqrt(hidden / kv_lora_rank)
+  // (transformers applies both unconditionally; the original config has mla_scale_* switches).
+  let qScale = 1;
+  let kvScale = 1;
+  if (mt === 'longcat_flash') {
+    if (qLoraRank === null) throw new ConfigError('longcat_flash config q_lora_rank is missing (an integer)');
+    if (c.bool('mla_scale_q_lora', true)) qScale = Math.sqrt(hidden / qLoraRank);
+    if (c.bool('mla_scale_kv_lora', true)) kvScale = Math.sqrt(hidden / kvLoraRank);
+  }
   return {
     kind: 'mla', heads, kvHeads: 1, headDim: qkHeadDim, qkvBias: false, oBias: false,
     qkNorm: 'none', clipQkv: null, slidingWindow: null, softmaxScale,
-    qLoraRank, kvLoraRank, qkNopeHeadDim, qkRopeHeadDim, vHeadDim, rope: r,
+    qLoraRank, kvLoraRank, qkNopeHeadDim, qkRopeHeadDim, vHeadDim, qScale, kvScale, rope: r,
   };
 }
 
 function moeAndLayers(c: Fields, mt: ModelType, numLayers: number):
     { moe: MoeSpec; layers: LayerSpec[]; denseIntermediate: number } {
+  if (mt === 'longcat_flash') return longcatMoe(c, numLayers);
   const topK = c.int('num_experts_per_tok', undefined, 1);
   let numExperts: number;
   let intermediate: number;
@@ -408,6 +419,33 @@ function moeAndLayers(c: Fields, mt: ModelType, numLayers: number):
   };
 }
 
+/**
+ * LongCat-Flash: every logical layer is shortcut-connected (ScMoE): two MLA + dense-MLP sub-blocks
+ * and one MoE over n_routed_experts real and zero_expert_num identity experts, softmax routing with
+ * a choice-only correction bias, no renormalisation, routed_scaling_factor.
+ */
+function longcatMoe(c: Fields, numLayers: number): { moe: MoeSpec; layers: LayerSpec[]; denseIntermediate: number } {
+  const numExperts = c.int('n_routed_experts', undefined, 1);
+  const zeroExperts = c.int('zero_expert_num', 0, 0);
+  const topK = c.intAny(['moe_topk', 'num_experts_per_tok'], undefined, 1);
+  if (topK > numExperts + zeroExperts)
+    throw new ConfigError(`longcat_flash config moe_topk ${topK} exceeds the ${numExperts + zeroExperts} experts`);
+  const router: RouterSpec = {
+    scoring: 'softmax', topK, renormalize: false, scale: c.num('routed_scaling_factor', 1), nGroup: 1, topkGroup: 1,
+    groupScore: 'max', hasCorrectionBias: true,
+  };
+  const layers: LayerSpec[] = [];
+  for (let i = 0; i < numLayers; i++) layers.push({ ffn: 'moe', shortcut: true });
+  return {
+    moe: {
+      numExperts, intermediate: c.intAny(['expert_ffn_hidden_size', 'moe_intermediate_size'], undefined, 1), router,
+      sharedIntermediate: 0, sharedGate: false, zeroExperts, routerBias: c.bool('router_bias', false),
+    },
+    layers,
+    denseIntermediate: c.intAny(['ffn_hidden_size', 'intermediate_size'], undefined, 1),
+  };
+}
+
 // ---------------------------------------------------------------------------------------------
 // Expected checkpoint tensors
 
@@ -429,6 +467,12 @@ export function expectedTensors(spec: ModelSpec, layout: ExpertLayout = 'per_exp
   const add = (name: string, shape: number[]): void => { out.push({ name, shape }); };
   const a = spec.attention;
   const m = spec.moe;
+  if (spec.modelType === 'longcat_flash') {
+    longcatTensors(spec, layout, add);
+    add('model.norm.weight', [H]);
+    if (!spec.tieWordEmbeddings) add('lm_head.weight', [V, H]);
+    return out;
+  }
   for (let i = 0; i < spec.numLayers; i++) {
     const p = `model.layers.${i}.`;
     add(`${p}input_layernorm.weight`, [H]);
@@ -503,6 +547,56 @@ export function expectedTensors(spec: ModelSpec, layout: ExpertLayout = 'per_exp
 }
 
 /** What validateCheckpoint needs of a checkpoint (Checkpoint from safetensors.ts fits). */
+function mlaTensors(spec: ModelSpec, s: string, add: (name: string, shape: number[]) => void): void {
+  const H = spec.hidden;
+  const a = spec.attention;
+  const qk = a.qkNopeHeadDim + a.qkRopeHeadDim;
+  if (a.qLoraRank !== null) {
+    add(`${s}q_a_proj.weight`, [a.qLoraRank, H]);
+    add(`${s}q_a_layernorm.weight`, [a.qLoraRank]);
+    add(`${s}q_b_proj.weight`, [a.heads * qk, a.qLoraRank]);
+  } else {
+    add(`${s}q_proj.weight`, [a.heads * qk, H]);
+  }
+  add(`${s}kv_a_proj_with_mqa.weight`, [a.kvLoraRank + a.qkRopeHeadDim, H]);
+  add(`${s}kv_a_layernorm.weight`, [a.kvLoraRank]);
+  add(`${s}kv_b_proj.weight`, [a.heads * (a.qkNopeHeadDim + a.vHeadDim), a.kvLoraRank]);
+  add(`${s}o_proj.weight`, [H, a.heads * a.vHeadDim]);
+}
+
+function longcatTensors(spec: ModelSpec, layout: ExpertLayout, add: (name: string, shape: number[]) => void): void {
+  const H = spec.hidden;
+  const m = spec.moe;
+  const E = m.numExperts;
+  const Z = m.zeroExperts ?? 0;
+  const I = m.intermediate;
+  const F = spec.denseIntermediate;
+  for (let i = 0; i < spec.numLayers; i++) {
+    const p = `model.layers.${i}.`;
+    for (const j of [0, 1]) {
+      add(`${p}input_layernorm.${j}.weight`, [H]);
+      add(`${p}post_attention_layernorm.${j}.weight`, [H]);
+      mlaTensors(spec, `${p}self_attn.${j}.`, add);
+      add(`${p}mlps.${j}.gate_proj.weight`, [F, H]);
+      add(`${p}mlps.${j}.up_proj.weight`, [F, H]);
+      add(`${p}mlps.${j}.down_proj.weight`, [H, F]);
+    }
+    add(`${p}mlp.router.classifier.weight`, [E + Z, H]);
+    if (m.routerBias) add(`${p}mlp.router.classifier.bias`, [E + Z]);
+    add(`${p}mlp.router.e_score_correction_bias`, [E + Z]);
+    if (layout === 'fused') {
+      add(`${p}mlp.experts.gate_up_proj`, [E + Z, 2 * I, H]);
+      add(`${p}mlp.experts.down_proj`, [E, H, I]);
+    } else {
+      for (let e = 0; e < E; e++) {
+        add(`${p}mlp.experts.${e}.gate_proj.weight`, [I, H]);
+        add(`${p}mlp.experts.${e}.up_proj.weight`, [I, H]);
+        add(`${p}mlp.experts.${e}.down_proj.weight`, [H, I]);
+      }
+    }
+  }
+}
+
 export interface TensorShapes {
   tensors: Map<string, { shape: number[]; dtype: string }>;
 }

@@ -18,18 +18,34 @@ export interface ModelOptions {
   loadExpert?: (moeLayer: number, expert: number) => boolean;
 }
 
-interface Layer {
+/** One attention + FFN sub-block: x += Attn(LN(x)); x += FFN(LN(x)). */
+interface SubBlock {
   inputNorm: Float32Array;
   postNorm: Float32Array;
   attn: AttentionBlock;
-  moe: MoeLayer | null;
+  /** KV cache index of this attention. */
+  cacheIndex: number;
   dense: ExpertTable | null;
 }
 
-/** Checkpoint prefix of the MoE block and its expert projection names per architecture. */
-function moeNames(spec: ModelSpec): { block: string; gate: string; up: string; down: string } {
-  if (spec.modelType === 'mixtral') return { block: 'block_sparse_moe.', gate: 'w1', up: 'w3', down: 'w2' };
-  return { block: 'mlp.', gate: 'gate_proj', up: 'up_proj', down: 'down_proj' };
+interface Layer {
+  /** One sub-block, or two for a shortcut-connected (LongCat-Flash / ScMoE) layer. */
+  subs: SubBlock[];
+  /** The MoE: the FFN of a plain layer, or the shortcut branch of a ScMoE layer. */
+  moe: MoeLayer | null;
+  shortcut: boolean;
+}
+
+interface MoeNames { block: string; router: string; gate: string; up: string; down: string }
+
+/** Checkpoint names of the MoE block (router and expert projections) per architecture. */
+function moeNames(spec: ModelSpec, src: TensorSource, layerPrefix: string): MoeNames {
+  if (spec.modelType === 'longcat_flash')
+    return { block: 'mlp.', router: 'router.classifier', gate: 'gate_proj', up: 'up_proj', down: 'down_proj' };
+  // Mixtral hub checkpoints use block_sparse_moe.* (w1/w3/w2); transformers 5.x saves mlp.*.
+  if (spec.modelType === 'mixtral' && !src.has(`${layerPrefix}mlp.gate.weight`))
+    return { block: 'block_sparse_moe.', router: 'gate', gate: 'w1', up: 'w3', down: 'w2' };
+  return { block: 'mlp.', router: 'gate', gate: 'gate_proj', up: 'up_proj', down: 'down_proj' };
 }
 
 export class MoeModel {
@@ -40,6 +56,8 @@ export class MoeModel {
   private readonly lmHead: PackedWeight;
   private readonly scratch = new Scratch();
   readonly comm: ExpertComm;
+  /** KV caches: one per attention (two per LongCat-Flash layer). */
+  readonly numCaches: number;
   hooks: MoeHooks = {};
   fast: boolean;
 
@@ -53,45 +71,70 @@ export class MoeModel {
     if (spec.tieWordEmbeddings && !src.has('lm_head.weight'))
       this.lmHead = loadNative().packWeight(this.embed.data, this.embed.dtype, spec.vocabSize, H);
     else this.lmHead = packLinear(src, 'lm_head.weight', spec.vocabSize, H);
-    const names = moeNames(spec);
     let moeIndex = 0;
+    let cacheIndex = 0;
+    const attention = (p: string): AttentionBlock => spec.attention.kind === 'mla'
+      ? new MlaAttention(spec.attention, src, p, H)
+      : new GqaAttention(spec.attention, src, p, H, spec.rmsNormEps);
     for (let i = 0; i < spec.numLayers; i++) {
       const p = `model.layers.${i}.`;
-      const attn = spec.attention.kind === 'mla'
-        ? new MlaAttention(spec.attention, src, p, H)
-        : new GqaAttention(spec.attention, src, p, H, spec.rmsNormEps);
+      const ls = spec.layers[i]!;
+      if (ls.shortcut) {
+        // LongCat-Flash: sub-blocks j = 0, 1 with indexed norms, attentions and MLPs.
+        const subs = [0, 1].map((j) => ({
+          inputNorm: vectorF32(src, `${p}input_layernorm.${j}.weight`, H),
+          postNorm: vectorF32(src, `${p}post_attention_layernorm.${j}.weight`, H),
+          attn: attention(`${p}self_attn.${j}.`),
+          cacheIndex: cacheIndex++,
+          dense: denseFfnTable(src, `${p}mlps.${j}.`, ['gate_proj', 'up_proj', 'down_proj'], H, spec.denseIntermediate),
+        }));
+        const moe = this.buildMoe(src, p, moeIndex++, opts);
+        this.moeLayers.push(moe);
+        this.layers.push({ subs, moe, shortcut: true });
+        continue;
+      }
       let moe: MoeLayer | null = null;
       let dense: ExpertTable | null = null;
-      if (spec.layers[i]!.ffn === 'moe') {
-        moe = this.buildMoe(src, p + names.block, names, moeIndex++, opts);
+      if (ls.ffn === 'moe') {
+        moe = this.buildMoe(src, p, moeIndex++, opts);
         this.moeLayers.push(moe);
       } else {
         dense = denseFfnTable(src, `${p}mlp.`, ['gate_proj', 'up_proj', 'down_proj'], H, spec.denseIntermediate);
       }
       this.layers.push({
-        inputNorm: vectorF32(src, `${p}input_layernorm.weight`, H),
-        postNorm: vectorF32(src, `${p}post_attention_layernorm.weight`, H),
-        attn, moe, dense,
+        subs: [{
+          inputNorm: vectorF32(src, `${p}input_layernorm.weight`, H),
+          postNorm: vectorF32(src, `${p}post_attention_layernorm.weight`, H),
+          attn: attention(`${p}self_attn.`), cacheIndex: cacheIndex++, dense,
+        }],
+        moe, shortcut: false,
       });
     }
+    this.numCaches = cacheIndex;
   }
 
-  private buildMoe(src: TensorSource, p: string, names: ReturnType<typeof moeNames>, moeIndex: number,
-                   opts: ModelOptions): MoeLayer {
+  private buildMoe(src: TensorSource, layerPrefix: string, moeIndex: number, opts: ModelOptions): MoeLayer {
     const n = loadNative();
     const { spec } = this;
     const H = spec.hidden;
     const m = spec.moe;
     const E = m.numExperts;
+    const ET = E + (m.zeroExperts ?? 0);
     const I = m.intermediate;
-    const gate = packLinear(src, `${p}gate.weight`, E, H);
-    const correctionBias = m.router.hasCorrectionBias ? vectorF32(src, `${p}gate.e_score_correction_bias`, E) : null;
+    const names = moeNames(spec, src, layerPrefix);
+    const p = layerPrefix + names.block;
+    const r = `${p}${names.router}`;
+    const gate = packLinear(src, `${r}.weight`, ET, H);
+    const gateBias = m.routerBias ? vectorF32(src, `${r}.bias`, ET) : null;
+    const biasName = spec.modelType === 'longcat_flash' ? `${p}router.e_score_correction_bias` : `${r}.e_score_correction_bias`;
+    const correctionBias = m.router.hasCorrectionBias ? vectorF32(src, biasName, ET) : null;
     const experts = new n.ExpertTable(E, H, I);
     // transformers 5.x stores experts fused: gate_up_proj [E, 2I, H], down_proj [E, H, I].
     const fused = src.has(`${p}experts.gate_up_proj`);
     const gateUpAll = fused ? src.get(`${p}experts.gate_up_proj`) : null;
     const downAll = fused ? src.get(`${p}experts.down_proj`) : null;
-    if (gateUpAll) checkShape(`${p}experts.gate_up_proj`, gateUpAll, [E, 2 * I, H]);
+    // LongCat stores gate_up for the identity experts too ([E + Z, 2I, H]); they are never read.
+    if (gateUpAll) checkShape(`${p}experts.gate_up_proj`, gateUpAll, [ET, 2 * I, H]);
     if (downAll) checkShape(`${p}experts.down_proj`, downAll, [E, H, I]);
     for (let e = 0; e < E; e++) {
       if (opts.loadExpert && !opts.loadExpert(moeIndex, e)) continue;
@@ -115,18 +158,18 @@ export class MoeModel {
       shared = denseFfnTable(src, sp, ['gate_proj', 'up_proj', 'down_proj'], H, m.sharedIntermediate);
       if (m.sharedGate) sharedGate = packLinear(src, `${p}shared_expert_gate.weight`, 1, H);
     }
-    return new MoeLayer(moeIndex, m, { gate, correctionBias, experts, shared, sharedGate }, H, this.comm);
+    return new MoeLayer(moeIndex, m, { gate, gateBias, correctionBias, experts, shared, sharedGate }, H, this.comm);
   }
 
   /** Floats per token per layer of KV cache: [k, v]. */
   cacheFloatsPerToken(): [number, number] {
-    return this.layers[0]!.attn.cacheFloatsPerToken;
+    return this.layers[0]!.subs[0]!.attn.cacheFloatsPerToken;
   }
 
   /** Allocates the per-layer paged KV cache. */
   allocateKvCache(numBlocks: number, blockSize: number): LayerCache[] {
     const [kf, vf] = this.cacheFloatsPerToken();
-    return this.layers.map(() => ({
+    return Array.from({ length: this.numCaches }, () => ({
       k: new Float32Array(numBlocks * blockSize * kf),
       v: vf > 0 ? new Float32Array(numBlocks * blockSize * vf) : null,
     }));
@@ -144,20 +187,43 @@ export class MoeModel {
     residual.fill(0);
     const routedIds: Int32Array[] = [];
     const ctx = { batch, tokens: T, fast: this.fast, scratch, blockSize };
-    for (let i = 0; i < this.layers.length; i++) {
-      const layer = this.layers[i]!;
-      n.rmsNorm(delta, T, H, layer.inputNorm, spec.rmsNormEps, normed, residual);
-      layer.attn.forward(ctx, normed, cache[i]!, delta);
-      n.rmsNorm(delta, T, H, layer.postNorm, spec.rmsNormEps, normed, residual);
+    const offsets = scratch.i32('dense.offsets', 2);
+    offsets[0] = 0;
+    offsets[1] = T;
+    const k = spec.moe.router.topK;
+    for (const layer of this.layers) {
+      if (layer.shortcut) {
+        // ScMoE schedule (LongCat-Flash): x1 = x + MLA0(LN0(x)); the MoE reads LN0'(x1) and is
+        // dispatched at once; MLP0, MLA1 and MLP1 run while it is in flight; its output joins at the end.
+        const [s0, s1] = layer.subs as [SubBlock, SubBlock];
+        n.rmsNorm(delta, T, H, s0.inputNorm, spec.rmsNormEps, normed, residual);
+        s0.attn.forward(ctx, normed, cache[s0.cacheIndex]!, delta);
+        n.rmsNorm(delta, T, H, s0.postNorm, spec.rmsNormEps, normed, residual);
+        const scX = scratch.f32('sc.x', T * H);
+        scX.set(normed);
+        const ids = new Int32Array(T * k);
+        const pending = layer.moe!.begin(scX, T, scratch, this.hooks, ids);
+        routedIds.push(ids);
+        n.groupGemmFfn(normed, offsets, s0.dense!, delta, this.fast);
+        n.rmsNorm(delta, T, H, s1.inputNorm, spec.rmsNormEps, normed, residual);
+        s1.attn.forward(ctx, normed, cache[s1.cacheIndex]!, delta);
+        n.rmsNorm(delta, T, H, s1.postNorm, spec.rmsNormEps, normed, residual);
+        n.groupGemmFfn(normed, offsets, s1.dense!, delta, this.fast);
+        const moeOut = scratch.f32('sc.out', T * H);
+        layer.moe!.finish(pending, moeOut, scratch, this.fast);
+        for (let i = 0; i < T * H; i++) delta[i] = delta[i]! + moeOut[i]!;
+        continue;
+      }
+      const sub = layer.subs[0]!;
+      n.rmsNorm(delta, T, H, sub.inputNorm, spec.rmsNormEps, normed, residual);
+      sub.attn.forward(ctx, normed, cache[sub.cacheIndex]!, delta);
+      n.rmsNorm(delta, T, H, sub.postNorm, spec.rmsNormEps, normed, residual);
       if (layer.moe) {
-        const ids = new Int32Array(T * spec.moe.router.topK);
+        const ids = new Int32Array(T * k);
         layer.moe.forward(normed, T, delta, scratch, this.fast, this.hooks, ids);
         routedIds.push(ids);
       } else {
-        const offsets = scratch.i32('dense.offsets', 2);
-        offsets[0] = 0;
-        offsets[1] = T;
-        n.groupGemmFfn(normed, offsets, layer.dense!, delta, this.fast);
+        n.groupGemmFfn(normed, offsets, sub.dense!, delta, this.fast);
       }
     }
     n.rmsNorm(delta, T, H, this.finalNorm, spec.rmsNormEps, normed, residual);
@@ -175,9 +241,11 @@ export class MoeModel {
   dispose(): void {
     this.lmHead.dispose();
     for (const l of this.layers) {
-      l.attn.dispose();
+      for (const sub of l.subs) {
+        sub.attn.dispose();
+        sub.dense?.dispose();
+      }
       l.moe?.dispose();
-      l.dense?.dispose();
     }
   }
 }

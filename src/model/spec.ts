@@ -3,7 +3,7 @@
 // raw config.
 
 export type ModelType =
-  | 'mixtral' | 'qwen2_moe' | 'qwen3_moe' | 'olmoe' | 'deepseek_v2' | 'deepseek_v3';
+  | 'mixtral' | 'qwen2_moe' | 'qwen3_moe' | 'olmoe' | 'deepseek_v2' | 'deepseek_v3' | 'longcat_flash';
 
 export interface RopeSpec {
   /** [rotaryDim / 2] inverse frequencies (already scaled for YaRN, linear, llama3, ...). */
@@ -34,6 +34,9 @@ export interface AttentionSpec {
   qkNopeHeadDim: number;
   qkRopeHeadDim: number;
   vHeadDim: number;
+  /** LongCat-Flash MLA: q (after q_b_proj) and the normalised latent are scaled by these. */
+  qScale?: number;
+  kvScale?: number;
   rope: RopeSpec;
 }
 
@@ -57,11 +60,23 @@ export interface MoeSpec {
   sharedIntermediate: number;
   /** qwen2_moe: sigmoid(shared_expert_gate(x)) scales the shared expert output. */
   sharedGate: boolean;
+  /**
+   * Zero-computation (identity) experts after the numExperts real ones (LongCat-Flash): the router
+   * scores numExperts + zeroExperts; choosing one adds weight * x.
+   */
+  zeroExperts?: number;
+  /** The router Linear has a bias (LongCat-Flash router_bias). */
+  routerBias?: boolean;
 }
 
 export interface LayerSpec {
   /** 'moe' layers use the MoE block, 'dense' a plain gated FFN of denseIntermediate. */
   ffn: 'moe' | 'dense';
+  /**
+   * Shortcut-connected (ScMoE / LongCat-Flash) layer: two attention + dense-FFN sub-blocks, and one
+   * MoE that reads the first sub-block's normalised output and is added at the end of the layer.
+   */
+  shortcut?: boolean;
 }
 
 export interface ModelSpec {

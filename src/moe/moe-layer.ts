@@ -14,56 +14,92 @@ export interface MoeHooks {
 }
 
 export interface MoeWeights {
-  gate: PackedWeight;                 // router [E, H]
-  correctionBias: Float32Array | null; // [E] f32 (DeepSeek-V3)
+  gate: PackedWeight;                 // router [E + Z, H]
+  gateBias: Float32Array | null;      // [E + Z] router Linear bias (LongCat-Flash router_bias)
+  correctionBias: Float32Array | null; // [E + Z] f32, choice only (DeepSeek-V3, LongCat-Flash)
   experts: ExpertTable;               // routed experts (or cache slots bound by the offloader)
   shared: ExpertTable | null;         // shared experts fused as one FFN
   sharedGate: PackedWeight | null;    // [1, H] (Qwen2-MoE)
 }
 
+/** A routed, dispatched batch whose experts and combine have not run yet (see begin/finish). */
+export interface MoePending {
+  x: Float32Array;
+  tokens: number;
+  local: { x: Float32Array; offsets: Int32Array };
+  permIndex: Int32Array;
+  weights: Float32Array;
+  offsets: Int32Array;
+}
+
 export class MoeLayer {
   private readonly routeOpts: RouteOptions;
+  /** Real experts E; identity ("zero-computation") experts are ids E..E+Z-1. */
+  readonly numExperts: number;
+  readonly zeroExperts: number;
 
   constructor(readonly moeIndex: number, private readonly spec: MoeSpec, readonly weights: MoeWeights,
               private readonly hidden: number, private readonly comm: ExpertComm) {
     const r = spec.router;
+    this.numExperts = spec.numExperts;
+    this.zeroExperts = spec.zeroExperts ?? 0;
     this.routeOpts = {
       scoring: r.scoring, bias: weights.correctionBias, nGroup: r.nGroup, topkGroup: r.topkGroup,
       groupScore: r.groupScore, renormalize: r.renormalize, scale: r.scale,
     };
   }
 
-  /** x [T, H] normalised hidden -> out [T, H] (overwritten). Returns the chosen ids [T, k]. */
+  /** x [T, H] normalised hidden -> out [T, H] (overwritten); idsOut [T, k] gets the chosen ids. */
   forward(x: Float32Array, T: number, out: Float32Array, scratch: Scratch, fast: boolean,
           hooks: MoeHooks, idsOut: Int32Array): void {
-    const n = loadNative();
-    const H = this.hidden;
-    const E = this.spec.numExperts;
-    const k = this.spec.router.topK;
-    // Router: always in reference precision, so fast mode never changes which experts run.
-    const logits = scratch.f32('moe.logits', T * E);
-    n.denseGemm(x, T, this.weights.gate, logits, null, false, false);
-    const weights = scratch.f32('moe.weights', T * k);
-    const counts = scratch.i32('moe.counts', E);
-    n.route(logits, T, E, k, this.routeOpts, idsOut, weights, counts);
-    hooks.onRouted?.(this.moeIndex, idsOut, counts, T);
-    hooks.ensureResident?.(this.moeIndex, counts, this.weights.experts);
-    // Dispatch.
-    const xPerm = scratch.f32('moe.xperm', T * k * H);
-    const permIndex = scratch.i32('moe.perm', T * k);
-    const offsets = scratch.i32('moe.offsets', E + 1);
-    n.permute(x, T, H, idsOut, k, E, xPerm, permIndex, offsets);
-    const local = this.comm.dispatch(xPerm, offsets, H);
-    // Experts: one grouped GEMM over every expert that got rows.
-    const yLocal = scratch.f32('moe.ylocal', local.x.length);
-    n.groupGemmFfn(local.x, local.offsets, this.weights.experts, yLocal, fast);
-    const yPerm = scratch.f32('moe.yperm', T * k * H);
-    this.comm.combine(yLocal, yPerm, H);
-    // Combine: weighted sum of each token's k outputs.
-    n.unpermuteCombine(yPerm, permIndex, weights, T, k, H, out, false);
-    if (this.weights.shared) this.addShared(x, T, out, scratch, fast);
+    this.finish(this.begin(x, T, scratch, hooks, idsOut), out, scratch, fast);
   }
 
+  /**
+   * Router -> trace -> residency -> Dispatch. A shortcut-connected (ScMoE) layer calls this early
+   * and runs attention and dense FFNs before finish(), which is where the all2all hides.
+   */
+  begin(x: Float32Array, T: number, scratch: Scratch, hooks: MoeHooks, idsOut: Int32Array): MoePending {
+    const n = loadNative();
+    const H = this.hidden;
+    const E = this.numExperts;
+    const ET = E + this.zeroExperts;
+    const k = this.spec.router.topK;
+    // Router: always in reference precision, so fast mode never changes which experts run.
+    const logits = scratch.f32('moe.logits', T * ET);
+    n.denseGemm(x, T, this.weights.gate, logits, this.weights.gateBias, false, false);
+    const weights = scratch.f32('moe.weights', T * k);
+    const counts = scratch.i32('moe.counts', ET);
+    n.route(logits, T, ET, k, this.routeOpts, idsOut, weights, counts);
+    hooks.onRouted?.(this.moeIndex, idsOut, counts, T);
+    hooks.ensureResident?.(this.moeIndex, counts.subarray(0, E), this.weights.experts);
+    const xPerm = scratch.f32('moe.xperm', T * k * H);
+    const permIndex = scratch.i32('moe.perm', T * k);
+    const offsets = scratch.i32('moe.offsets', ET + 1);
+    n.permute(x, T, H, idsOut, k, ET, xPerm, permIndex, offsets);
+    const local = this.comm.dispatch(xPerm, offsets, H);
+    return { x, tokens: T, local, permIndex, weights, offsets };
+  }
+
+  /** Experts (one grouped GEMM over every expert with rows) -> Combine (+ shared expert). */
+  finish(p: MoePending, out: Float32Array, scratch: Scratch, fast: boolean): void {
+    const n = loadNative();
+    const H = this.hidden;
+    const E = this.numExperts;
+    const k = this.spec.router.topK;
+    const T = p.tokens;
+    const yLocal = scratch.f32('moe.ylocal', p.local.x.length);
+    // Expert-contiguous order puts identity experts' rows last: [offsets[E], offsets[E+Z]).
+    n.groupGemmFfn(p.local.x, p.local.offsets.subarray(0, E + 1), this.weights.experts, yLocal, fast);
+    if (this.zeroExperts > 0) {
+      const end = p.local.offsets[E + this.zeroExperts]!;
+      yLocal.set(p.local.x.subarray(p.local.offsets[E]! * H, end * H), p.local.offsets[E]! * H);
+    }
+    const yPerm = scratch.f32('moe.yperm', T * k * H);
+    this.comm.combine(yLocal, yPerm, H);
+    n.unpermuteCombine(yPerm, p.permIndex, p.weights, T, k, H, out, false);
+    if (this.weights.shared) this.addShared(p.x, T, out, scratch, fast);
+  }
   private addShared(x: Float32Array, T: number, out: Float32Array, scratch: Scratch, fast: boolean): void {
     const n = loadNative();
     const H = this.hidden;
