@@ -19,6 +19,7 @@ export interface CacheOptions {
   protectBoost?: number;
   /** 'eam': the batch's predicted [L, E] probabilities (read at each eviction). */
   prediction?: Float32Array;
+
 }
 
 export interface LayerCounters {
@@ -176,10 +177,14 @@ export class ExpertCache {
   }
 
   /**
-   * Predicted reuse of (layer, expert) seen from the current layer, the prefetch priority of the
-   * paper generalised to wrap into the next step: (p + 1e-8) * (1 - d / (L + 1)) with d the layers
-   * until `layer` computes again (1..L), times protectBoost for the first layers, whose misses
-   * no prefetch can hide (nothing computes before them in a step).
+   * Predicted reuse of (layer, expert) seen from the current layer: the paper's prefetch priority
+   * (p + 1e-8) * (1 - d / (L + 1)) with d the layers until `layer` computes again, wrapped into
+   * the next step (1..L: an expert of the layer just computed is needed again only after every
+   * other layer), times protectBoost for the first layers, whose misses no prefetch can hide
+   * (nothing computes before them in a step). Evicting the lowest score behaves like Belady on
+   * decode's cyclic layer order: the experts needed farthest ahead go first.
+   * (Measured alternative, kept out: the expected next-use distance d + L(1 - q)/q with
+   * q = 1 - exp(-k p) scored 4-6 points lower on the structured replay traces.)
    */
   reuseScore(layer: number, expert: number, wrap: boolean): number {
     const L = this.numLayers;
