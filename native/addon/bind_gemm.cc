@@ -123,12 +123,13 @@ Napi::Value group_gemm_ffn_js(const Napi::CallbackInfo& info) {
                            " (offsets must be non-decreasing)");
   const int64_t rows = offsets[num_experts];
   const size_t need = static_cast<size_t>(rows) * h;
-  const std::string why = " (offsets[" + str(num_experts) + "] = " + str(rows) +
-                          " rows of hidden " + str(h) + ")";
-  if (x.length < need)
-    throw_range(env, "x.length is " + str(x.length) + ", expected at least " + str(need) + why);
-  if (y.length < need)
-    throw_range(env, "y.length is " + str(y.length) + ", expected at least " + str(need) + why);
+  if (x.length < need || y.length < need) {
+    const bool is_x = x.length < need;
+    throw_range(env, std::string(is_x ? "x" : "y") + ".length is " +
+                         str(is_x ? x.length : y.length) + ", expected at least " + str(need) +
+                         " (offsets[" + str(num_experts) + "] = " + str(rows) +
+                         " rows of hidden " + str(h) + ")");
+  }
 
   // Raw pointer views of the table for the kernel (grow-only, no allocation once warm).
   thread_local std::vector<const PackedWeight*> gate_up, down;

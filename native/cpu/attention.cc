@@ -144,6 +144,10 @@ __attribute__((noinline)) void finalize_portable(const float* st, int dv, float*
 
 // ------------------------------------------------------------------ AVX-512 kernels
 #if defined(__x86_64__)
+// GCC 12 warns about the deliberately undefined lanes inside its own AVX-512 intrinsics
+// (_mm512_undefined_ps in roundscale/scalef/reduce): a false positive.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define EXPERTD_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 
 // exp(x) for x <= 0 (scores minus their running max): Cody-Waite reduction and a degree-6
@@ -263,6 +267,7 @@ EXPERTD_AVX512 __attribute__((noinline)) void finalize_avx512(const float* st, i
   }
 }
 #undef EXPERTD_AVX512
+#pragma GCC diagnostic pop
 #endif
 
 struct Kernels {

@@ -21,7 +21,15 @@
 #include "expertd/errors.h"
 #include "expertd/ops.h"
 
-#if defined(__x86_64__)
+// x86 kernels are compiled in unless EXPERTD_PORTABLE_ONLY asks for the portable build alone
+// (used to check that build on x86 hosts).
+#if defined(__x86_64__) && !defined(EXPERTD_PORTABLE_ONLY)
+#define EXPERTD_GEMM_X86 1
+#else
+#define EXPERTD_GEMM_X86 0
+#endif
+
+#if EXPERTD_GEMM_X86
 #include <immintrin.h>
 // GCC 12 reports _mm512_undefined_epi32() inside _mm512_slli_epi32 as maybe-uninitialized.
 #pragma GCC diagnostic push
@@ -36,8 +44,13 @@ namespace expertd::gemm {
 constexpr int kMr = 6;             // rows of x per register tile
 constexpr int kNr = 4;             // 16-row weight blocks per register tile (even: gate/up pairs)
 constexpr int kTileLd = kNr * 16;  // floats between rows of a tile buffer
-constexpr int kRowTile = 48;       // rows per task (a multiple of kMr): weights stay in L2 meanwhile
-constexpr size_t kChunkBytes = 256 << 10;  // weight bytes per task (fits L2 next to x)
+// A task is a chunk of ~kChunkBytes of weight blocks times a row tile of up to ~kRowTileBytes of
+// activations (and at most kMaxRowTile rows): both stay in L2 (1-2 MB per core) while every
+// register tile of the row tile passes over the chunk, so each weight byte comes from DRAM once
+// per row tile, and a row tile is as tall as L2 allows (prefill reuses each chunk ~100x).
+constexpr size_t kChunkBytes = 256 << 10;
+constexpr size_t kRowTileBytes = 320 << 10;
+constexpr int kMaxRowTile = 240;
 
 // Which kernel family runs a weight. Activations are bf16 (uint16) rows for Bf16Dot, f32 rows
 // for the others.
@@ -46,7 +59,7 @@ enum class Path : int { Scalar = 0, Avx512 = 1, Bf16Dot = 2 };
 inline size_t act_size(Path p) { return p == Path::Bf16Dot ? 2 : 4; }
 
 inline Path choose_path(const CpuFeatures& f, DType wdtype, bool fast) {
-#if defined(__x86_64__)
+#if EXPERTD_GEMM_X86
   if (fast && wdtype == DType::BF16 && f.kernel_bf16dot) return Path::Bf16Dot;
   if (f.kernel_avx512) return Path::Avx512;
 #endif
@@ -109,18 +122,20 @@ inline GemmScratch& gemm_scratch() {
   return s;
 }
 
-// Appends the tasks of one weight: row tiles of ~kRowTile rows times chunks of about
-// kChunkBytes of weight blocks (chunk sizes are multiples of kNr, so gate/up pairs never split).
+// Appends the tasks of one weight: row tiles (activations of act_bytes per element) times chunks
+// of weight blocks (chunk sizes are multiples of kNr, so gate/up pairs never split).
 // min_chunks keeps enough tasks for the threads when a single small-M weight is the whole job.
 inline void plan_tasks(std::vector<Task>& out, int g, int rows, const PackedWeight& w,
-                       int min_chunks) {
+                       size_t act_bytes, int min_chunks) {
   if (rows <= 0) return;
   const int blocks = w.np / 16;
   const size_t block_bytes = static_cast<size_t>(16) * w.kp * dtype_size(w.dtype);
   int nc = static_cast<int>(std::max<size_t>(1, kChunkBytes / block_bytes));
   if (min_chunks > 0) nc = std::min(nc, (blocks + min_chunks - 1) / min_chunks);
   nc = std::max(kNr, nc / kNr * kNr);
-  const int row_tiles = (rows + kRowTile - 1) / kRowTile;
+  int max_rows = static_cast<int>(kRowTileBytes / (static_cast<size_t>(w.kp) * act_bytes));
+  max_rows = std::max(kMr, std::min(kMaxRowTile, max_rows / kMr * kMr));
+  const int row_tiles = (rows + max_rows - 1) / max_rows;
   int mc = (rows + row_tiles - 1) / row_tiles;
   mc = (mc + kMr - 1) / kMr * kMr;
   for (int b = 0; b < blocks; b += nc)
@@ -187,7 +202,7 @@ struct ScalarTile {
   }
 };
 
-#if defined(__x86_64__)
+#if EXPERTD_GEMM_X86
 // AVX-512 on f32 activations: bf16 pairs widen with shift/mask (even k = v << 16, odd k =
 // v & 0xffff0000), f16 with vcvtph2ps, f32 directly; one FMA per k per accumulator.
 template <DType WD>
@@ -292,7 +307,7 @@ inline const TileFn* tile_table(Path path, DType wd) {
   static const auto scalar_bf16 = make_tile_table<ScalarTile<DType::BF16>>(Seq{});
   static const auto scalar_f16 = make_tile_table<ScalarTile<DType::F16>>(Seq{});
   static const auto scalar_f32 = make_tile_table<ScalarTile<DType::F32>>(Seq{});
-#if defined(__x86_64__)
+#if EXPERTD_GEMM_X86
   static const auto avx_bf16 = make_tile_table<Avx512Tile<DType::BF16>>(Seq{});
   static const auto avx_f16 = make_tile_table<Avx512Tile<DType::F16>>(Seq{});
   static const auto avx_f32 = make_tile_table<Avx512Tile<DType::F32>>(Seq{});
@@ -331,7 +346,7 @@ inline void run_tiles(const TileFn* table, Path path, Act x, int rows, const Pac
 // ---------------------------------------------------------------------------------------------
 // Activation preparation: x [rows, k] f32 -> what the path reads, in grow-only scratch.
 
-#if defined(__x86_64__)
+#if EXPERTD_GEMM_X86
 EXPERTD_AVX512BF16 inline void rows_to_bf16(const float* x, int rows, int k, int kp,
                                             uint16_t* out) {
   for (int r = 0; r < rows; ++r) {
@@ -350,7 +365,7 @@ EXPERTD_AVX512BF16 inline void rows_to_bf16(const float* x, int rows, int k, int
 
 inline Act prepare_activations(Path path, bool round, const float* x, int rows, int k, int kp,
                                Buffer& buf) {
-#if defined(__x86_64__)
+#if EXPERTD_GEMM_X86
   if (path == Path::Bf16Dot) {
     uint16_t* out = static_cast<uint16_t*>(buf.get(static_cast<size_t>(rows) * kp * 2));
     rows_to_bf16(x, rows, k, kp, out);
@@ -434,7 +449,7 @@ inline void store_gate_up_scalar(const float* tile, int mr, int nr, int b0, uint
   }
 }
 
-#if defined(__x86_64__)
+#if EXPERTD_GEMM_X86
 // e^x for the SiLU: range reduction by ln2 (split in hi/lo), degree-7 Taylor on |r| <= ln2/2
 // (error ~5e-9 relative), 2^n by vscalefps. Inputs are clamped to [-87, 88].
 EXPERTD_AVX512 inline __m512 exp512(__m512 x) {
@@ -495,7 +510,7 @@ EXPERTD_AVX512BF16 inline void store_gate_up_bf16(const float* tile, int mr, int
 // Fused SiLU(gate)*up epilogue; vectorized when the AVX-512 kernels are in use.
 inline void store_gate_up(Path path, const float* tile, int mr, int nr, int b0, uint8_t* h,
                           size_t h_row_bytes, HFormat fmt) {
-#if defined(__x86_64__)
+#if EXPERTD_GEMM_X86
   if (fmt == HFormat::Bf16 && path != Path::Scalar)
     return store_gate_up_bf16(tile, mr, nr, b0, h, h_row_bytes);
   if (path != Path::Scalar) return store_gate_up_avx512(tile, mr, nr, b0, h, h_row_bytes, fmt);
@@ -505,6 +520,6 @@ inline void store_gate_up(Path path, const float* tile, int mr, int nr, int b0, 
 
 }  // namespace expertd::gemm
 
-#if defined(__x86_64__)
+#if EXPERTD_GEMM_X86
 #pragma GCC diagnostic pop
 #endif

@@ -124,7 +124,8 @@ void group_gemm_ffn(const float* x, const int32_t* offsets, int num_experts,
   s.tasks.clear();
   for (int e = 0; e < num_experts; ++e)
     if (offsets[e + 1] > offsets[e])
-      plan_tasks(s.tasks, e, offsets[e + 1] - offsets[e], *gate_up[e], min_chunks);
+      plan_tasks(s.tasks, e, offsets[e + 1] - offsets[e], *gate_up[e],
+                 act_size(choose_path(cpu, gate_up[e]->dtype, fast_bf16)), min_chunks);
   c.tasks = &s.tasks;
   pool.parallel_for(s.tasks.size(), [&c](size_t t, size_t) { run_gate_up_task(c, (*c.tasks)[t]); });
 
@@ -132,7 +133,8 @@ void group_gemm_ffn(const float* x, const int32_t* offsets, int num_experts,
   s.tasks.clear();
   for (int e = 0; e < num_experts; ++e)
     if (offsets[e + 1] > offsets[e])
-      plan_tasks(s.tasks, e, offsets[e + 1] - offsets[e], *down[e], min_chunks);
+      plan_tasks(s.tasks, e, offsets[e + 1] - offsets[e], *down[e],
+                 act_size(choose_path(cpu, down[e]->dtype, fast_bf16)), min_chunks);
   pool.parallel_for(s.tasks.size(), [&c](size_t t, size_t) { run_down_task(c, (*c.tasks)[t]); });
 }
 

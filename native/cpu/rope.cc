@@ -1,8 +1,54 @@
-// Rotary position embedding (rotate-half and interleaved, partial rotary).
+// Rotary position embedding (rotate-half and interleaved, partial rotary), rounded like HF:
+// angle = f32(pos * inv_freq[i]), cos/sin of that f32 angle, times attn_scale, then
+// x*cos -/+ x'*sin with each product rounded.
+#include <cmath>
+#include <vector>
+
 #include "expertd/ops.h"
-#include "expertd/errors.h"
+#include "parallel_rows.h"
 
 namespace expertd {
 
-void rope(float*, int, int, int, int, int, const int32_t*, const float*, int, float, bool) { fail(ErrorCode::Internal, "not implemented"); }
+// NOTE: interleaved mode writes each rotated pair back in place, (2i, 2i+1) (GPT-J / vLLM
+// is_neox_style=False). HF's DeepSeek apply_rotary_pos_emb_interleave instead de-interleaves
+// the rotary dims ([evens | odds]) before rotating; q and k are permuted alike there, so
+// q . k and therefore attention are the same either way.
+void rope(float* x, int tokens, int heads, int row_stride, int head_stride, int offset,
+          const int32_t* positions, const float* inv_freq, int rot_dim, float attn_scale,
+          bool interleaved) {
+  const int half = rot_dim / 2;
+  parallel_rows(static_cast<size_t>(tokens), static_cast<size_t>(heads) * rot_dim,
+                [&](size_t t0, size_t t1) {
+    thread_local std::vector<float> cs;  // [2][half] cos then sin, grow-only
+    if (cs.size() < static_cast<size_t>(rot_dim)) cs.resize(rot_dim);
+    float* cosv = cs.data();
+    float* sinv = cs.data() + half;
+    for (size_t t = t0; t < t1; ++t) {
+      const float pos = static_cast<float>(positions[t]);
+      for (int i = 0; i < half; ++i) {
+        const float angle = pos * inv_freq[i];
+        cosv[i] = static_cast<float>(std::cos(static_cast<double>(angle))) * attn_scale;
+        sinv[i] = static_cast<float>(std::sin(static_cast<double>(angle))) * attn_scale;
+      }
+      float* row = x + t * static_cast<size_t>(row_stride) + offset;
+      for (int hd = 0; hd < heads; ++hd) {
+        float* v = row + static_cast<size_t>(hd) * head_stride;
+        if (interleaved) {
+          for (int i = 0; i < half; ++i) {
+            const float a = v[2 * i], b = v[2 * i + 1];
+            v[2 * i] = a * cosv[i] - b * sinv[i];
+            v[2 * i + 1] = b * cosv[i] + a * sinv[i];
+          }
+        } else {
+          for (int i = 0; i < half; ++i) {
+            const float a = v[i], b = v[i + half];
+            v[i] = a * cosv[i] - b * sinv[i];
+            v[i + half] = b * cosv[i] + a * sinv[i];
+          }
+        }
+      }
+    }
+  });
+}
+
 }  // namespace expertd

@@ -57,41 +57,69 @@ void convert_row(const void* src_row, DType src_t, int k, DType dst_t, void* out
   }
 }
 
-// Fills block `blk` of w from the logical rows given by row_src(logical_row) -> pointer or null.
+// Logical row held by physical row p of w, or -1 for padding.
+int logical_row(const PackedWeight& w, int p) {
+  if (w.kind == WeightKind::Plain) return p < w.n ? p : -1;
+  const int inter = w.n / 2;
+  const int q = (p / 32) * 16 + p % 16;
+  const bool up = (p / 16) % 2 == 1;
+  return q < inter ? (up ? inter + q : q) : -1;
+}
+
+// dst[c * 16 + i] = rows[i][c] for c < cols: a 16-row transpose of T-sized elements (bf16
+// pairs travel as one uint32, so the same loop builds the [Kp/2][16][2] layout).
+template <typename T>
+void transpose16(const uint8_t* const* rows, int cols, T* dst) {
+  const T* r[16];
+  for (int i = 0; i < 16; ++i) r[i] = reinterpret_cast<const T*>(rows[i]);
+  for (int c = 0; c < cols; ++c)
+    for (int i = 0; i < 16; ++i) {
+      T v;
+      std::memcpy(&v, r[i] + c, sizeof(T));
+      dst[static_cast<size_t>(c) * 16 + i] = v;
+    }
+}
+
+struct PackScratch {
+  std::vector<uint8_t> rows;  // [16][kp] converted rows (source dtype != storage dtype)
+  std::vector<uint8_t> zero;  // one zero row (padding rows of the block)
+};
+
+// Fills block `blk` of w from the logical rows given by row_src(logical_row) -> pointer.
 template <class RowSrc>
-void pack_block(PackedWeight& w, int blk, DType src_t, const RowSrc& row_src,
-                std::vector<uint8_t>& rowbuf) {
+void pack_block(PackedWeight& w, int blk, DType src_t, const RowSrc& row_src, PackScratch& ps) {
   const size_t es = dtype_size(w.dtype);
-  uint8_t* base = w.data.get() + static_cast<size_t>(blk) * 16 * w.kp * es;
-  std::memset(base, 0, static_cast<size_t>(16) * w.kp * es);
-  rowbuf.resize(static_cast<size_t>(w.kp) * es);
-  // Logical row of each physical row of the block (-1 = padding).
+  const size_t row_bytes = static_cast<size_t>(w.kp) * es;
+  uint8_t* base = w.data.get() + static_cast<size_t>(blk) * 16 * row_bytes;
+  ps.zero.assign(row_bytes, 0);
+  if (src_t != w.dtype) ps.rows.resize(16 * row_bytes);
+  const uint8_t* rows[16];
   for (int i = 0; i < 16; ++i) {
-    int p = blk * 16 + i;
-    int logical;
-    if (w.kind == WeightKind::Plain) {
-      logical = p < w.n ? p : -1;
+    const int logical = logical_row(w, blk * 16 + i);
+    if (logical < 0) {
+      rows[i] = ps.zero.data();
+    } else if (src_t == w.dtype) {
+      rows[i] = static_cast<const uint8_t*>(row_src(logical));
     } else {
-      int inter = w.n / 2;
-      int q = (p / 32) * 16 + p % 16;
-      bool up = (p / 16) % 2 == 1;
-      logical = q < inter ? (up ? inter + q : q) : -1;
+      uint8_t* r = ps.rows.data() + i * row_bytes;
+      convert_row(row_src(logical), src_t, w.k, w.dtype, r);
+      rows[i] = r;
     }
-    if (logical < 0) continue;
-    convert_row(row_src(logical), src_t, w.k, w.dtype, rowbuf.data());
-    if (w.dtype == DType::BF16) {
-      const uint16_t* r = reinterpret_cast<const uint16_t*>(rowbuf.data());
-      uint16_t* d = reinterpret_cast<uint16_t*>(base);
-      for (int c = 0; c < w.k; ++c) d[(c / 2) * 32 + i * 2 + (c & 1)] = r[c];
-    } else if (w.dtype == DType::F16) {
-      const uint16_t* r = reinterpret_cast<const uint16_t*>(rowbuf.data());
-      uint16_t* d = reinterpret_cast<uint16_t*>(base);
-      for (int c = 0; c < w.k; ++c) d[c * 16 + i] = r[c];
-    } else {
-      const float* r = reinterpret_cast<const float*>(rowbuf.data());
-      float* d = reinterpret_cast<float*>(base);
-      for (int c = 0; c < w.k; ++c) d[c * 16 + i] = r[c];
+  }
+  if (w.dtype == DType::BF16) {
+    uint32_t* d = reinterpret_cast<uint32_t*>(base);
+    transpose16<uint32_t>(rows, w.k / 2, d);
+    if (w.k % 2) {  // last pair: (x[k-1], 0); source rows end at k-1, so read 2 bytes only
+      for (int i = 0; i < 16; ++i) {
+        uint16_t v;
+        std::memcpy(&v, rows[i] + static_cast<size_t>(w.k - 1) * 2, 2);
+        d[static_cast<size_t>(w.k / 2) * 16 + i] = v;
+      }
     }
+  } else {
+    if (es == 4) transpose16<uint32_t>(rows, w.k, reinterpret_cast<uint32_t*>(base));
+    else transpose16<uint16_t>(rows, w.k, reinterpret_cast<uint16_t*>(base));
+    if (w.kp > w.k) std::memset(base + static_cast<size_t>(w.k) * 16 * es, 0, 16 * es);
   }
 }
 
@@ -104,9 +132,9 @@ void pack_all(PackedWeight& w, DType src_t, const RowSrc& row_src) {
   int per_task = std::max(1, blocks / static_cast<int>(pool.num_threads() * 8));
   int tasks = (blocks + per_task - 1) / per_task;
   pool.parallel_for(static_cast<size_t>(tasks), [&](size_t t, size_t) {
-    thread_local std::vector<uint8_t> rowbuf;
+    thread_local PackScratch ps;
     int b1 = std::min(blocks, static_cast<int>(t + 1) * per_task);
-    for (int b = static_cast<int>(t) * per_task; b < b1; ++b) pack_block(w, b, src_t, row_src, rowbuf);
+    for (int b = static_cast<int>(t) * per_task; b < b1; ++b) pack_block(w, b, src_t, row_src, ps);
   });
 }
 

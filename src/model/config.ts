@@ -60,6 +60,14 @@ class Fields {
     return v;
   }
 
+  /** The first of several spellings present (transformers renamed keys between versions). */
+  intAny(keys: string[], def?: number, min = 0): number {
+    const key = keys.find((k) => this.raw[k] !== undefined && this.raw[k] !== null);
+    if (key === undefined && def === undefined)
+      throw new ConfigError(`${this.modelType} config is missing ${keys.join(' / ')} (an integer)`);
+    return this.int(key ?? keys[0]!, def, min);
+  }
+
   intOrNull(key: string): number | null {
     return this.has(key) ? this.int(key) : null;
   }
@@ -323,14 +331,14 @@ function moeAndLayers(c: Fields, mt: ModelType, numLayers: number):
       isMoe = () => true;
       break;
     case 'olmoe':
-      numExperts = c.int('num_experts', undefined, 1);
+      numExperts = c.intAny(['num_experts', 'num_local_experts'], undefined, 1);
       intermediate = c.int('intermediate_size', undefined, 1);
       router.renormalize = c.bool('norm_topk_prob', false);
       isMoe = () => true;
       break;
     case 'qwen2_moe':
     case 'qwen3_moe': {
-      numExperts = c.int('num_experts', undefined, 0);
+      numExperts = c.intAny(['num_experts', 'num_local_experts'], undefined, 0);
       intermediate = c.int('moe_intermediate_size', undefined, 1);
       denseIntermediate = c.int('intermediate_size', undefined, 1);
       router.renormalize = c.bool('norm_topk_prob', false);
@@ -345,7 +353,7 @@ function moeAndLayers(c: Fields, mt: ModelType, numLayers: number):
     }
     case 'deepseek_v2':
     case 'deepseek_v3': {
-      numExperts = c.int('n_routed_experts', undefined, 1);
+      numExperts = c.intAny(['n_routed_experts', 'num_local_experts'], undefined, 1);
       intermediate = c.int('moe_intermediate_size', undefined, 1);
       denseIntermediate = c.int('intermediate_size', undefined, 1);
       sharedIntermediate = intermediate * c.int('n_shared_experts', 0, 0);

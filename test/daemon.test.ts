@@ -1,0 +1,167 @@
+// The real daemon end to end: `expertd serve` as a child process on the demo model (f32 mode),
+// driven over a real port by the official openai client and raw HTTP. Covers what only the real
+// engine can show: batching equals running alone, seeds, KV blocks freed on disconnect, /health and
+// /metrics answering while the engine is saturated, and a SIGTERM drain that loses nothing.
+import assert from 'node:assert/strict';
+import { spawn, type ChildProcess } from 'node:child_process';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+
+import OpenAI from 'openai';
+import parsePrometheusTextFormat from 'parse-prometheus-text-format';
+
+import { packageRoot } from '../src/native/index.js';
+
+interface Daemon { proc: ChildProcess; base: string; client: OpenAI; exit: Promise<number | null>; logs: string[] }
+
+async function startDaemon(extra: string[] = []): Promise<Daemon> {
+  const bin = path.join(packageRoot(), 'bin', 'expertd.js');
+  const proc = spawn(process.execPath, [bin, 'serve', '--port', '0', '--compute-dtype', 'f32',
+    '--max-num-seqs', '8', '--log-level', 'info', ...extra], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const logs: string[] = [];
+  const exit = new Promise<number | null>((resolve) => proc.on('exit', (code) => resolve(code)));
+  const base = await new Promise<string>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`daemon did not start:\n${logs.join('')}`)), 60_000);
+    const onData = (d: Buffer) => {
+      logs.push(d.toString());
+      const m = /listening on (http:\/\/[0-9.:]+)/.exec(d.toString());
+      if (m) { clearTimeout(timer); resolve(m[1]!); }
+    };
+    proc.stdout!.on('data', onData);
+    proc.stderr!.on('data', (d: Buffer) => logs.push(d.toString()));
+    proc.on('exit', (code) => { clearTimeout(timer); reject(new Error(`daemon exited (${code}):\n${logs.join('')}`)); });
+  });
+  const client = new OpenAI({ baseURL: `${base}/v1`, apiKey: 'unused', maxRetries: 0, timeout: 60_000 });
+  return { proc, base, client, exit, logs };
+}
+
+async function metric(base: string, name: string): Promise<number> {
+  const text = await (await fetch(`${base}/metrics`)).text();
+  const fam = parsePrometheusTextFormat(text).find((f) => f.name === name);
+  assert.ok(fam, `metric ${name} missing`);
+  return Number((fam.metrics[0] as { value: string }).value);
+}
+
+const MODEL = 'expertd-demo';
+
+describe('expertd serve (demo model, f32)', () => {
+  let d: Daemon;
+  before(async () => { d = await startDaemon(); });
+  after(async () => { d.proc.kill('SIGKILL'); await d.exit; });
+
+  test('completions and chat through the openai client', async () => {
+    const c = await d.client.completions.create({ model: MODEL, prompt: 'The weather today', max_tokens: 12, temperature: 0 });
+    assert.equal(c.choices.length, 1);
+    assert.equal(c.choices[0]!.finish_reason, 'length');
+    assert.equal(c.usage!.completion_tokens, 12);
+    assert.ok(c.choices[0]!.text.length > 0);
+    const chat = await d.client.chat.completions.create({ model: MODEL, messages: [{ role: 'user', content: 'Hello there' }], max_tokens: 6 });
+    assert.equal(chat.choices[0]!.message.role, 'assistant');
+    assert.equal(chat.usage!.completion_tokens, 6);
+    const models = await d.client.models.list();
+    assert.deepEqual(models.data.map((m) => m.id), [MODEL]);
+  });
+
+  test('concurrent greedy requests of different lengths give exactly what each gives alone', async () => {
+    const prompts = ['One', 'Two words here', 'A somewhat longer prompt with more tokens in it than the others', 'x y z'];
+    const alone: string[] = [];
+    for (const p of prompts) {
+      const r = await d.client.completions.create({ model: MODEL, prompt: p, max_tokens: 10 + p.length % 7, temperature: 0 });
+      alone.push(r.choices[0]!.text);
+    }
+    const together = await Promise.all(prompts.map((p) =>
+      d.client.completions.create({ model: MODEL, prompt: p, max_tokens: 10 + p.length % 7, temperature: 0 })));
+    assert.deepEqual(together.map((r) => r.choices[0]!.text), alone);
+  });
+
+  test('same seed, same sampled output; n > 1 gives n choices', async () => {
+    const req = { model: MODEL, prompt: 'Sampling', max_tokens: 16, temperature: 1.0, top_p: 0.9, seed: 1234 };
+    const a = await d.client.completions.create(req);
+    const b = await d.client.completions.create(req);
+    assert.equal(a.choices[0]!.text, b.choices[0]!.text);
+    const n = await d.client.completions.create({ ...req, n: 3 });
+    assert.equal(n.choices.length, 3);
+    assert.deepEqual(n.choices.map((c) => c.index).sort(), [0, 1, 2]);
+  });
+
+  test('routed experts are returned for every processed position', async () => {
+    const res = await fetch(`${d.base}/v1/completions`, {
+      method: 'POST', headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ model: MODEL, prompt: 'Route me', max_tokens: 4, return_routed_experts: true, return_token_ids: true }),
+    });
+    const body = await res.json() as { choices: { routed_experts: number[][][]; prompt_token_ids: number[]; token_ids: number[] }[] };
+    const ch = body.choices[0]!;
+    assert.equal(ch.routed_experts.length, ch.prompt_token_ids.length + ch.token_ids.length - 1);
+    for (const pos of ch.routed_experts) {
+      assert.equal(pos.length, 2); // the demo model's two MoE layers
+      for (const ids of pos) {
+        assert.equal(ids.length, 2);
+        assert.notEqual(ids[0], ids[1]);
+        for (const e of ids) assert.ok(e >= 0 && e < 8);
+      }
+    }
+  });
+
+  test('an aborted stream cancels its request and frees its KV blocks', async () => {
+    const ac = new AbortController();
+    const stream = await d.client.completions.create({ model: MODEL, prompt: 'Stream for a long time', max_tokens: 400, stream: true },
+      { signal: ac.signal });
+    let got = 0;
+    try {
+      for await (const _ of stream) { if (++got === 3) ac.abort(); }
+    } catch { /* aborted */ }
+    const deadline = Date.now() + 5000;
+    let running = 1;
+    let usage = 1;
+    while (Date.now() < deadline) {
+      running = await metric(d.base, 'expertd_requests_running');
+      usage = await metric(d.base, 'expertd_kv_cache_usage_ratio');
+      if (running === 0 && usage === 0) break;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    assert.equal(running, 0);
+    assert.equal(usage, 0, 'KV cache blocks still in use after the client went away');
+  });
+
+  test('/health and /metrics answer within 50 ms while the engine is saturated', async () => {
+    const load = Array.from({ length: 8 }, (_, i) =>
+      d.client.completions.create({ model: MODEL, prompt: `busy ${i} `.repeat(40), max_tokens: 60, temperature: 0 }));
+    await new Promise((r) => setTimeout(r, 100));
+    const times: number[] = [];
+    for (let i = 0; i < 15; i++) {
+      for (const p of ['/health', '/metrics']) {
+        const t0 = performance.now();
+        const r = await fetch(d.base + p);
+        await r.text();
+        times.push(performance.now() - t0);
+        assert.equal(r.status, 200);
+      }
+    }
+    await Promise.all(load);
+    times.sort((a, b) => a - b);
+    const median = times[Math.floor(times.length / 2)]!;
+    assert.ok(median < 50, `median /health+/metrics latency ${median.toFixed(1)} ms under load`);
+  });
+});
+
+describe('expertd serve drain', () => {
+  test('SIGTERM finishes in-flight completions, refuses new ones, exits 0', async () => {
+    const d = await startDaemon(['--shutdown-timeout', '60']);
+    const inflight = Array.from({ length: 4 }, (_, i) =>
+      d.client.completions.create({ model: MODEL, prompt: `drain ${i}`, max_tokens: 40, temperature: 0 }));
+    await new Promise((r) => setTimeout(r, 200));
+    d.proc.kill('SIGTERM');
+    await new Promise((r) => setTimeout(r, 50));
+    const late = await fetch(`${d.base}/v1/completions`, {
+      method: 'POST', headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ model: MODEL, prompt: 'too late', max_tokens: 2 }),
+    }).then((r) => r.status).catch(() => 'refused');
+    assert.ok(late === 503 || late === 'refused', `late request got ${late}`);
+    const done = await Promise.all(inflight);
+    for (const r of done) {
+      assert.equal(r.choices[0]!.finish_reason, 'length');
+      assert.equal(r.usage!.completion_tokens, 40);
+    }
+    assert.equal(await d.exit, 0);
+  });
+});

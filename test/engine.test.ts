@@ -1,0 +1,95 @@
+// The engine worker through its client: the main thread stays responsive during a long prefill,
+// and preemption under a tiny KV cache recomputes without changing any greedy output.
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { monitorEventLoopDelay } from 'node:perf_hooks';
+
+import { EngineClient } from '../src/engine/engine-client.js';
+import type { EngineOptions } from '../src/engine/protocol.js';
+import type { EngineEvent, GenerateRequest } from '../src/engine/types.js';
+import { ensureDemoModel } from '../src/model/demo.js';
+
+function options(over: Partial<EngineOptions> = {}): EngineOptions {
+  return {
+    modelDir: ensureDemoModel(), computeDtype: 'f32', kvCacheBlocks: 0, kvCacheGb: 0, blockSize: 16,
+    maxNumSeqs: 8, maxNumBatchedTokens: 512, threads: 0, servedModelName: 'demo', ...over,
+  };
+}
+
+function request(id: string, prompt: number[], maxTokens: number): GenerateRequest {
+  return {
+    id, promptTokenIds: prompt, maxTokens, stopTokenIds: [], ignoreEos: true, minTokens: 0, returnRoutedExperts: false,
+    sampling: { temperature: 0, topP: 1, topK: 0, minP: 0, repetitionPenalty: 1, presencePenalty: 0, frequencyPenalty: 0 },
+  };
+}
+
+function run(engine: EngineClient, req: GenerateRequest): Promise<{ tokens: number[]; end: EngineEvent }> {
+  return new Promise((resolve) => {
+    const tokens: number[] = [];
+    engine.generate(req, (ev) => {
+      if (ev.type === 'tokens') tokens.push(...ev.tokenIds);
+      else resolve({ tokens, end: ev });
+    });
+  });
+}
+
+function prompt(seed: number, n: number): number[] {
+  return Array.from({ length: n }, (_, i) => 100 + ((seed * 7919 + i * 104729) % 20000));
+}
+
+test('the event loop stays responsive (< 20 ms lag) while a long prefill runs', async () => {
+  const engine = new EngineClient(options({ maxNumBatchedTokens: 4096, kvCacheBlocks: 512 }));
+  try {
+    await engine.ready;
+    const h = monitorEventLoopDelay({ resolution: 5 });
+    h.enable();
+    const t0 = performance.now();
+    const r = await run(engine, request('long', prompt(1, 4000), 4));
+    const elapsed = performance.now() - t0;
+    h.disable();
+    assert.equal(r.end.type === 'finished' && r.end.reason, 'length');
+    const p99 = h.percentile(99) / 1e6;
+    assert.ok(elapsed > 40, `the prefill should take a while to prove anything (took ${elapsed.toFixed(0)} ms)`);
+    assert.ok(p99 < 20, `event loop p99 delay ${p99.toFixed(1)} ms during a ${elapsed.toFixed(0)} ms prefill`);
+  } finally {
+    await engine.close();
+  }
+});
+
+test('preemption under a tiny KV cache recomputes without changing greedy outputs', async () => {
+  const reqs = [0, 1, 2, 3, 4, 5].map((i) => request(`r${i}`, prompt(i + 2, 20 + 9 * i), 40));
+  const roomy = new EngineClient(options());
+  let expected: number[][];
+  try {
+    await roomy.ready;
+    expected = (await Promise.all(reqs.map((r) => run(roomy, r)))).map((x) => x.tokens);
+  } finally {
+    await roomy.close();
+  }
+  // 14 blocks of 4 tokens: not enough for six sequences of ~60-105 tokens at once.
+  const tight = new EngineClient(options({ kvCacheBlocks: 28, blockSize: 4 }));
+  try {
+    await tight.ready;
+    const got = await Promise.all(reqs.map((r) => run(tight, r)));
+    assert.deepEqual(got.map((x) => x.tokens), expected);
+    assert.ok(tight.stats().preemptionsTotal > 0, 'the tight cache should have forced preemptions');
+    assert.equal(tight.stats().kvBlocksUsed, 0);
+  } finally {
+    await tight.close();
+  }
+});
+
+test('a request that can never fit fails cleanly; the engine keeps serving', async () => {
+  const engine = new EngineClient(options({ kvCacheBlocks: 4, blockSize: 4 }));
+  try {
+    await engine.ready;
+    const big = await run(engine, request('big', prompt(9, 40), 8));
+    assert.equal(big.end.type, 'finished');
+    assert.equal((big.end as { reason: string }).reason, 'error');
+    assert.match((big.end as { error?: string }).error ?? '', /KV blocks/);
+    const small = await run(engine, request('small', prompt(9, 4), 4));
+    assert.equal(small.tokens.length, 4);
+  } finally {
+    await engine.close();
+  }
+});
