@@ -1,5 +1,5 @@
 // Offloading never changes the numbers: every fixture model (and the demo model) run fully
-// resident and with an expert cache of 25% under each policy gives the same logits bit for bit,
+// resident and with an expert cache of 25% under each policy (eam with prefetching) gives the same logits bit for bit,
 // in f32 and bf16 modes, over prompts, a batched step and greedy decoding.
 import assert from 'node:assert/strict';
 import { existsSync, mkdtempSync, readdirSync, readFileSync } from 'node:fs';
@@ -82,7 +82,7 @@ for (const [name, dir] of models) {
       for (const policy of ['eam', 'lru', 'lfu'] as const) {
         const traceDir = mkdtempSync(path.join(os.tmpdir(), 'expertd-offload-model-'));
         const loaded = loadModel(dir, { fast, loadExpert: skipAllExperts });
-        const off = attachOffloader(loaded, { policy, fraction: 0.25, traceDir });
+        const off = attachOffloader(loaded, { policy, fraction: 0.25, traceDir, prefetch: policy === 'eam' });
         const got = runAll(loaded, off);
         const label = `${name} ${policy} ${fast ? 'bf16' : 'f32'}`;
         assert.deepEqual(got.tokens, want.tokens, label);

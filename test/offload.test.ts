@@ -366,7 +366,7 @@ for (const fused of [false, true]) {
       for (const fast of [false, true]) {
         const traceDir = tmpDir();
         const store = new CheckpointExpertStore(openCheckpoint(dir), spec);
-        const off = new Offloader(store, { numLayers: L, numExperts: E, topK: k, policy, fraction: 0.25, traceDir, modelId: 'test' });
+        const off = new Offloader(store, { numLayers: L, numExperts: E, topK: k, policy, fraction: 0.25, traceDir, modelId: 'test', prefetch: policy === 'eam' });
         assert.equal(off.cache.numSlots, 8);
         const tables = Array.from({ length: L }, () => new n.ExpertTable(E, H, I));
         off.attachTables(tables);
@@ -400,6 +400,7 @@ for (const fused of [false, true]) {
         assert.ok(st.prefetchUsed + st.prefetchWasted <= st.prefetchLoads);
         assert.equal(store.expertBytes, 3 * H * I * 2);
         if (policy !== 'eam') assert.equal(st.prefetchLoads, 0);
+        else assert.ok(st.prefetchLoads > 0, 'the prefetch path must run');
         assert.ok(st.hits > 0 && st.misses > 0, JSON.stringify(st));
         assert.equal(st.occupancy, 1);
         const d = off.takeDelta();

@@ -17,6 +17,11 @@ export interface ExpertStore {
   readonly expertBytes: number;
   /** Bytes of one slot's packed weights in the fast tier. */
   readonly slotBytes: number;
+  /**
+   * True when a load runs beside compute (a copy stream, a copy thread): only then does
+   * prefetching hide latency. A synchronous tier would make every prefetch a stall of its own.
+   */
+  readonly overlapsCompute: boolean;
   /** Fills `slot` with expert `expert` of MoE layer `layer`; returns the bytes read. */
   load(layer: number, expert: number, slot: SlotWeights): number;
   dispose(): void;
@@ -42,6 +47,9 @@ export function moeLayerIndices(spec: ModelSpec): number[] {
 
 /** Reads experts from the checkpoint files with pread into staging buffers, then repacks. */
 export class CheckpointExpertStore implements ExpertStore {
+  // NOTE: loads run on the calling (engine) thread between layers; an asynchronous reader
+  // (a Worker doing the preads into shared staging buffers) would set this to true.
+  readonly overlapsCompute = false;
   readonly expertBytes: number;
   readonly slotBytes: number;
   private readonly dtype: DType;
@@ -157,6 +165,7 @@ export class SimulatedLinkStore implements ExpertStore {
 
   get expertBytes(): number { return this.inner.expertBytes; }
   get slotBytes(): number { return this.inner.slotBytes; }
+  get overlapsCompute(): boolean { return this.inner.overlapsCompute; }
 
   load(layer: number, expert: number, slot: SlotWeights): number {
     const bytes = this.inner.load(layer, expert, slot);

@@ -20,7 +20,10 @@ export interface OffloaderOptions {
   /** Cache size: a byte budget (--expert-cache-gb), else a fraction of all experts, else all. */
   budgetBytes?: number;
   fraction?: number;
-  /** Prefetch the coming layers (default: on with the 'eam' policy, off for the baselines). */
+  /**
+   * Prefetch the coming layers (default: with the 'eam' policy when the store overlaps compute;
+   * off for the baselines and for synchronous tiers, where a prefetch is one more stall).
+   */
   prefetch?: boolean;
   /** Bytes prefetched at most per layer boundary (default: topK experts). */
   prefetchWindowBytes?: number;
@@ -89,7 +92,7 @@ export class Offloader implements MoeHooks {
       ...(opts.protectLayers !== undefined ? { protectLayers: opts.protectLayers } : {}),
     });
     this.slots = Array.from({ length: numSlots }, () => ({ gateUp: null, down: null }));
-    this.prefetch = opts.prefetch ?? opts.policy === 'eam';
+    this.prefetch = opts.prefetch ?? (opts.policy === 'eam' && store.overlapsCompute);
     this.windowBytes = opts.prefetchWindowBytes ?? opts.topK * store.expertBytes;
     this.trace = opts.traceDir
       ? new TraceWriter(opts.traceDir, { numLayers: L, numExperts: E, topK: opts.topK, model: opts.modelId ?? `${L}x${E}` })

@@ -44,6 +44,7 @@ export interface ReplayResult {
 class NullStore implements ExpertStore {
   readonly expertBytes = 1;
   readonly slotBytes = 1;
+  readonly overlapsCompute = true;
   load(): number { return 1; }
   dispose(): void {}
 }
