@@ -1,0 +1,255 @@
+// `expertd trace summary | heatmap | replay`: reads a --trace-dir written by the offloader (the
+// routing trace and the EAM collection) and reports request counts, per-layer expert popularity
+// and similarity structure, draws per-layer expert heatmaps, or replays the trace through a
+// simulated expert cache under a policy. Also the offloading flags that `serve` takes.
+import fs from 'node:fs';
+import path from 'node:path';
+
+import { ExpertActivationMatrix, unitRows, unitSimilarity } from '../offload/eam.js';
+import { EamCollection, EAM_COLLECTION_FILE } from '../offload/eam-collection.js';
+import { replay, REPLAY_POLICIES, type ReplayPolicy, type ReplayResult } from '../offload/replay.js';
+import { readTrace, type Trace } from '../offload/trace-file.js';
+import { formatHelp, parseFlags, UsageError, type FlagSpec } from './options.js';
+
+/** Flags of `serve` that turn expert offloading on (the lead wires them into the engine). */
+export const offloadFlags: FlagSpec[] = [
+  { name: 'expert-cache-gb', type: 'number', min: 0, default: 0, arg: 'GB', help: 'Expert cache (fast tier) size in GiB; experts beyond it stay in the checkpoint and load on demand (0 = see --expert-cache-fraction)' },
+  { name: 'expert-cache-fraction', type: 'number', min: 0, max: 1, default: 1, arg: 'F', help: 'Expert cache size as a fraction of all routed experts (1 = everything resident, no offloading)' },
+  { name: 'expert-cache-policy', type: 'string', choices: ['eam', 'lru', 'lfu'], default: 'eam', help: 'Eviction: eam = lowest predicted reuse from request activation traces (MoE-Infinity); lru, lfu = baselines' },
+  { name: 'trace-dir', type: 'string', arg: 'DIR', default: '', help: 'Folder for the routing trace and the EAM collection (reloaded at start, saved on shutdown)' },
+];
+
+const commonFlags: FlagSpec[] = [
+  { name: 'trace-dir', type: 'string', arg: 'DIR', help: 'Folder written by `expertd serve --trace-dir`' },
+  { name: 'json', type: 'boolean', help: 'Print JSON instead of text', noEnv: true },
+];
+
+const summaryFlags: FlagSpec[] = [
+  ...commonFlags,
+  { name: 'clusters', type: 'int', min: 1, max: 64, default: 4, help: 'Clusters for the similarity structure (spherical k-means on EAMs)', noEnv: true },
+  { name: 'top', type: 'int', min: 1, max: 64, default: 4, help: 'Most popular experts listed per layer', noEnv: true },
+];
+const heatmapFlags: FlagSpec[] = [
+  ...commonFlags,
+  { name: 'out', type: 'string', arg: 'FILE.png', help: 'PNG to write', noEnv: true },
+  { name: 'cell', type: 'int', min: 1, max: 64, default: 0, help: 'Cell size in pixels (0 = automatic)', noEnv: true },
+];
+const replayFlags: FlagSpec[] = [
+  ...commonFlags,
+  { name: 'capacity', type: 'number', min: 0.0001, max: 1, default: 0.25, help: 'Cache size as a fraction of all experts', noEnv: true },
+  { name: 'policy', type: 'string', choices: [...REPLAY_POLICIES, 'all'], default: 'all', help: 'Eviction policy to simulate', noEnv: true },
+  { name: 'prefetch', type: 'boolean', help: 'eam: also prefetch the coming layers (hit rates then exceed what eviction alone can do)', noEnv: true },
+  { name: 'warm', type: 'boolean', help: `Start from the folder's ${EAM_COLLECTION_FILE} (it may hold the replayed requests themselves: optimistic)`, noEnv: true },
+];
+
+export const traceHelp = [
+  'Usage: expertd trace <summary|heatmap|replay> --trace-dir DIR [options]',
+  '',
+  'Inspects a routing trace recorded by `expertd serve --trace-dir DIR`.',
+  '',
+  formatHelp('expertd trace summary --trace-dir DIR', 'Requests, per-layer expert popularity, and how similar requests are (within vs across clusters).', summaryFlags),
+  '',
+  formatHelp('expertd trace heatmap --trace-dir DIR --out FILE.png', 'Per-layer expert popularity as a PNG: one row per MoE layer, one column per expert.', heatmapFlags),
+  '',
+  formatHelp('expertd trace replay --trace-dir DIR [--capacity 0.25] [--policy eam|lru|lfu|belady|all]', 'Hit rates of a simulated expert cache on the trace (belady = the offline optimum).', replayFlags),
+].join('\n');
+
+function traceDirOf(flags: Record<string, unknown>): string {
+  const dir = flags['trace-dir'];
+  if (typeof dir !== 'string' || dir === '') throw new UsageError('--trace-dir DIR is required');
+  if (!fs.existsSync(dir)) throw new UsageError(`--trace-dir ${dir} does not exist`);
+  return dir;
+}
+
+/** Each request's whole-life EAM, rebuilt from the trace. */
+export function requestEams(trace: Trace): Map<string, ExpertActivationMatrix> {
+  const { numLayers: L, numExperts: E } = trace.meta;
+  const out = new Map<string, ExpertActivationMatrix>();
+  for (const st of trace.steps)
+    for (const r of st.requests) {
+      let m = out.get(r.id);
+      if (!m) out.set(r.id, (m = new ExpertActivationMatrix(L, E)));
+      r.layers.forEach((row, l) => { for (let i = 0; i < row.length; i += 2) m!.counts[l * E + row[i]!]! += row[i + 1]!; });
+    }
+  return out;
+}
+
+/** [L, E] tokens routed per (layer, expert) over the whole trace. */
+export function popularity(trace: Trace): ExpertActivationMatrix {
+  const m = new ExpertActivationMatrix(trace.meta.numLayers, trace.meta.numExperts);
+  for (const eam of requestEams(trace).values()) m.addMatrix(eam);
+  return m;
+}
+
+export interface SimilarityStructure {
+  clusters: number;
+  sizes: number[];
+  /** Mean pairwise EAM similarity of requests in the same cluster / in different clusters. */
+  withinMean: number;
+  acrossMean: number;
+}
+
+/** Spherical k-means on EAMs (per-layer unit rows, averaged cosine), deterministic seeding. */
+export function similarityStructure(eams: ExpertActivationMatrix[], k: number): SimilarityStructure {
+  const n = eams.length;
+  if (n === 0) return { clusters: 0, sizes: [], withinMean: NaN, acrossMean: NaN };
+  const L = eams[0]!.numLayers;
+  const E = eams[0]!.numExperts;
+  const units = eams.map((m) => unitRows(m.counts, L, E));
+  const sim = (a: Float32Array, b: Float32Array) => unitSimilarity(a, b, L, E);
+  k = Math.min(k, n);
+  // Farthest-point seeding: start at request 0, then the least similar to every chosen center.
+  const centers: Float32Array[] = [units[0]!];
+  while (centers.length < k) {
+    let best = 0;
+    let bestSim = Infinity;
+    units.forEach((u, i) => { const s = Math.max(...centers.map((c) => sim(u, c))); if (s < bestSim) { bestSim = s; best = i; } });
+    centers.push(units[best]!);
+  }
+  let assign = new Int32Array(n);
+  for (let iter = 0; iter < 20; iter++) {
+    const next = Int32Array.from(units, (u) => {
+      let b = 0;
+      for (let c = 1; c < k; c++) if (sim(u, centers[c]!) > sim(u, centers[b]!)) b = c;
+      return b;
+    });
+    const same = next.every((v, i) => v === assign[i]);
+    assign = next;
+    for (let c = 0; c < k; c++) {
+      const sum = new Float32Array(L * E);
+      units.forEach((u, i) => { if (assign[i] === c) for (let j = 0; j < u.length; j++) sum[j]! += u[j]!; });
+      centers[c] = unitRows(sum, L, E);
+    }
+    if (same && iter > 0) break;
+  }
+  let wSum = 0, wN = 0, aSum = 0, aN = 0;
+  for (let i = 0; i < n; i++) for (let j = i + 1; j < n; j++) {
+    const s = (sim(units[i]!, units[j]!) + sim(units[j]!, units[i]!)) / 2;
+    if (assign[i] === assign[j]) { wSum += s; wN++; } else { aSum += s; aN++; }
+  }
+  const sizes = new Array<number>(k).fill(0);
+  for (const a of assign) sizes[a]!++;
+  return { clusters: k, sizes, withinMean: wN ? wSum / wN : NaN, acrossMean: aN ? aSum / aN : NaN };
+}
+
+function summary(argv: string[]): number {
+  const { flags } = parseFlags(summaryFlags, argv);
+  const dir = traceDirOf(flags);
+  const trace = readTrace(dir);
+  const { numLayers: L, numExperts: E } = trace.meta;
+  const eams = requestEams(trace);
+  const pop = popularity(trace);
+  const top = Number(flags['top']);
+  const layers = Array.from({ length: L }, (_, l) => {
+    const row = pop.normalisedRow(l);
+    let entropy = 0;
+    for (const p of row) if (p > 0) entropy -= p * Math.log(p);
+    const order = [...row.keys()].sort((a, b) => row[b]! - row[a]! || a - b).slice(0, top);
+    return { layer: l, tokens: pop.rowSum(l), effectiveExperts: Math.exp(entropy), top: order.map((e) => ({ expert: e, share: row[e]! })) };
+  });
+  const finished = new Set(trace.steps.flatMap((s) => s.finished ?? []));
+  const collectionFile = path.join(dir, EAM_COLLECTION_FILE);
+  const collection = fs.existsSync(collectionFile) ? EamCollection.load(dir, L, E, { warn: (m) => process.stderr.write(`warning: ${m}\n`) }) : null;
+  const structure = similarityStructure([...eams.values()].filter((m) => m.total() > 0), Number(flags['clusters']));
+  const out = {
+    traceDir: dir, model: trace.meta.model, moeLayers: L, experts: E, topK: trace.meta.topK,
+    steps: trace.steps.length, requests: eams.size, finishedRequests: finished.size,
+    collection: collection ? { size: collection.size, capacity: collection.capacity } : null,
+    layers, similarity: structure,
+  };
+  if (flags['json']) {
+    console.log(JSON.stringify(out, null, 2));
+    return 0;
+  }
+  console.log(`trace ${dir}: model ${out.model}, ${L} MoE layers x ${E} experts (top-${out.topK})`);
+  console.log(`${out.steps} steps, ${out.requests} requests (${out.finishedRequests} finished)` +
+    (collection ? `; EAM collection ${collection.size}/${collection.capacity}` : '; no EAM collection saved'));
+  console.log('\nper-layer expert popularity (share of the layer\'s routed tokens):');
+  for (const l of layers)
+    console.log(`  layer ${String(l.layer).padStart(3)}: ${String(l.tokens).padStart(8)} tokens, ${l.effectiveExperts.toFixed(1).padStart(5)} effective experts; top ` +
+      l.top.map((t) => `${t.expert} (${(t.share * 100).toFixed(1)}%)`).join(', '));
+  const s = structure;
+  console.log(`\nsimilarity (per-layer cosine of request EAMs): ${s.clusters} clusters of sizes ${s.sizes.join(', ')}; ` +
+    `mean within ${s.withinMean.toFixed(3)}, across ${s.acrossMean.toFixed(3)}`);
+  return 0;
+}
+
+async function heatmap(argv: string[]): Promise<number> {
+  const { flags } = parseFlags(heatmapFlags, argv);
+  const dir = traceDirOf(flags);
+  const outFile = flags['out'];
+  if (typeof outFile !== 'string' || !outFile) throw new UsageError('--out FILE.png is required');
+  const trace = readTrace(dir);
+  const { numLayers: L, numExperts: E } = trace.meta;
+  const pop = popularity(trace);
+  let PNG: typeof import('pngjs').PNG;
+  try {
+    ({ PNG } = await import('pngjs'));
+  } catch {
+    throw new Error('trace heatmap needs the pngjs package (npm install pngjs)');
+  }
+  const cell = Number(flags['cell']) || Math.max(2, Math.min(24, Math.floor(1200 / E)));
+  const gap = 1;
+  const width = E * cell + 2;
+  const height = L * (cell + gap) + 2;
+  const png = new PNG({ width, height });
+  png.data.fill(255);
+  for (let l = 0; l < L; l++) {
+    const row = pop.normalisedRow(l);
+    const max = Math.max(...row, 1e-12);
+    for (let e = 0; e < E; e++) {
+      // White (never routed) to dark blue (the layer's most popular expert).
+      const v = row[e]! / max;
+      const rgb = [255 - v * (255 - 8), 255 - v * (255 - 48), 255 - v * (255 - 107)];
+      for (let y = 1 + l * (cell + gap); y < 1 + l * (cell + gap) + cell; y++)
+        for (let x = 1 + e * cell; x < 1 + (e + 1) * cell; x++) {
+          const i = (y * width + x) * 4;
+          png.data[i] = rgb[0]!; png.data[i + 1] = rgb[1]!; png.data[i + 2] = rgb[2]!; png.data[i + 3] = 255;
+        }
+    }
+  }
+  fs.mkdirSync(path.dirname(path.resolve(outFile)), { recursive: true });
+  fs.writeFileSync(outFile, PNG.sync.write(png));
+  const msg = `wrote ${outFile} (${width}x${height}): rows = MoE layers 0..${L - 1} top to bottom, columns = experts 0..${E - 1}; ` +
+    'white = never routed, dark blue = the layer\'s most popular expert';
+  if (flags['json']) console.log(JSON.stringify({ out: outFile, width, height, layers: L, experts: E }));
+  else console.log(msg);
+  return 0;
+}
+
+function replayCmd(argv: string[]): number {
+  const { flags } = parseFlags(replayFlags, argv);
+  const dir = traceDirOf(flags);
+  const trace = readTrace(dir);
+  const { numLayers: L, numExperts: E } = trace.meta;
+  const capacity = Number(flags['capacity']);
+  const which = String(flags['policy']);
+  const policies: ReplayPolicy[] = which === 'all' ? [...REPLAY_POLICIES] : [which as ReplayPolicy];
+  const results: ReplayResult[] = policies.map((policy) => replay(trace, {
+    policy, capacity, prefetch: Boolean(flags['prefetch']) && policy === 'eam',
+    ...(flags['warm'] ? { collection: EamCollection.load(dir, L, E, { warn: (m) => process.stderr.write(`warning: ${m}\n`) }) } : {}),
+  }));
+  if (flags['json']) {
+    console.log(JSON.stringify(results, null, 2));
+    return 0;
+  }
+  const r0 = results[0]!;
+  console.log(`replay of ${dir}: ${trace.steps.length} steps, cache of ${r0.slots}/${r0.totalExperts} experts ` +
+    `(${(100 * r0.slots / r0.totalExperts).toFixed(0)}%, asked ${(capacity * 100).toFixed(0)}%), ${r0.accesses} expert accesses`);
+  console.log('| policy | hit rate | misses | loads | prefetch used | prefetch wasted |');
+  console.log('|:--|--:|--:|--:|--:|--:|');
+  for (const r of results)
+    console.log(`| ${r.policy}${r.prefetch ? '+prefetch' : ''} | ${(r.hitRate * 100).toFixed(1)}% | ${r.misses} | ${r.loads} | ${r.prefetchUsed} | ${r.prefetchWasted} |`);
+  return 0;
+}
+
+export async function traceCommand(argv: string[]): Promise<number> {
+  const [sub, ...rest] = argv;
+  switch (sub) {
+    case 'summary': return summary(rest);
+    case 'heatmap': return heatmap(rest);
+    case 'replay': return replayCmd(rest);
+    case undefined: throw new UsageError('expected a subcommand: summary, heatmap or replay (see --help)');
+    default: throw new UsageError(`unknown trace subcommand '${sub}'; expected summary, heatmap or replay`);
+  }
+}

@@ -1,0 +1,268 @@
+// The offloader: MoE-Infinity's pieces as MoeHooks. onRouted updates the running requests' EAMs
+// (and the trace); ensureResident loads the layer's missing experts on demand (pinned until the
+// next layer), binds cache slots into the layer's ExpertTable, then prefetches the coming layers'
+// likely experts by priority within a byte window. Offloading never changes the numbers.
+import type { ExpertTable } from '../native/index.js';
+import type { MoeHooks } from '../moe/moe-layer.js';
+import type { MoeModel } from '../model/model.js';
+import { EamCollection } from './eam-collection.js';
+import { ExpertCache, slotsFor, type EvictionPolicy } from './expert-cache.js';
+import type { ExpertStore, SlotWeights } from './expert-store.js';
+import { planPrefetch } from './prefetcher.js';
+import { ActivationTracker, type BatchCombine, type StepRows } from './predictor.js';
+import { sparseCounts, TraceWriter, type TraceRequestStep } from './trace-file.js';
+
+export interface OffloaderOptions {
+  numLayers: number;  // MoE layers
+  numExperts: number;
+  topK: number;
+  policy: EvictionPolicy;
+  /** Cache size: a byte budget (--expert-cache-gb), else a fraction of all experts, else all. */
+  budgetBytes?: number;
+  fraction?: number;
+  /**
+   * Prefetch the coming layers (default: with the 'eam' policy when the store overlaps compute;
+   * off for the baselines and for synchronous tiers, where a prefetch is one more stall).
+   */
+  prefetch?: boolean;
+  /** Bytes prefetched at most per layer boundary (default: topK experts). */
+  prefetchWindowBytes?: number;
+  combine?: BatchCombine;
+  protectLayers?: number;
+  collection?: EamCollection;
+  /** Folder of the persisted EAM collection and the routing trace (--trace-dir). */
+  traceDir?: string;
+  /** Model identity checked when the collection reloads. */
+  modelId?: string;
+}
+
+/** What the metrics registry's recordExpertCache takes (an interval's increments). */
+export interface ExpertCacheDelta {
+  hits: number;
+  misses: number;
+  prefetchUsed: number;
+  prefetchWasted: number;
+  bytesLoaded: number;
+  loadStallSeconds: number;
+}
+
+export interface OffloadStats extends ExpertCacheDelta {
+  policy: EvictionPolicy;
+  slots: number;
+  totalExperts: number;
+  occupancy: number;
+  hitRate: number;
+  prefetchLoads: number;
+  demandLoads: number;
+  /** [L] hits / (hits + misses) per MoE layer (NaN where never accessed). */
+  layerHitRate: number[];
+  collectionSize: number;
+}
+
+export class Offloader implements MoeHooks {
+  readonly cache: ExpertCache;
+  readonly tracker: ActivationTracker;
+  readonly collection: EamCollection;
+  private readonly slots: SlotWeights[];
+  private tables: ExpertTable[] = [];
+  private readonly prefetch: boolean;
+  private readonly windowBytes: number;
+  private readonly trace: TraceWriter | null;
+  private stepIndex = 0;
+  private stepRows: StepRows[] = [];
+  /** [requests in step] per-request [L, E] counts of the step being traced. */
+  private stepCounts: Float32Array[] = [];
+  private finishedThisStep: string[] = [];
+  private readonly totals: ExpertCacheDelta = { hits: 0, misses: 0, prefetchUsed: 0, prefetchWasted: 0, bytesLoaded: 0, loadStallSeconds: 0 };
+  private reported: ExpertCacheDelta = { ...this.totals };
+  prefetchLoads = 0;
+  demandLoads = 0;
+
+  constructor(readonly store: ExpertStore, readonly opts: OffloaderOptions) {
+    const { numLayers: L, numExperts: E } = opts;
+    const numSlots = slotsFor({ numLayers: L, numExperts: E, expertBytes: store.slotBytes,
+      ...(opts.budgetBytes !== undefined ? { budgetBytes: opts.budgetBytes } : {}),
+      ...(opts.fraction !== undefined ? { fraction: opts.fraction } : {}) });
+    this.collection = opts.collection ?? (opts.traceDir
+      ? EamCollection.load(opts.traceDir, L, E, opts.modelId ? { model: opts.modelId } : {})
+      : new EamCollection(L, E, undefined, opts.modelId));
+    this.tracker = new ActivationTracker(this.collection, opts.combine ?? 'sum');
+    this.cache = new ExpertCache({
+      numSlots, numLayers: L, numExperts: E, policy: opts.policy, prediction: this.tracker.prediction,
+      ...(opts.protectLayers !== undefined ? { protectLayers: opts.protectLayers } : {}),
+    });
+    this.slots = Array.from({ length: numSlots }, () => ({ gateUp: null, down: null }));
+    this.prefetch = opts.prefetch ?? (opts.policy === 'eam' && store.overlapsCompute);
+    this.windowBytes = opts.prefetchWindowBytes ?? opts.topK * store.expertBytes;
+    this.trace = opts.traceDir
+      ? new TraceWriter(opts.traceDir, { numLayers: L, numExperts: E, topK: opts.topK, model: opts.modelId ?? `${L}x${E}` })
+      : null;
+  }
+
+  /** Model option: no expert is packed at load, the cache fills on demand. */
+  readonly loadExpert = (): boolean => false;
+
+  /** Binds to a model loaded with `loadExpert`: takes its MoE layers' tables and becomes its hooks. */
+  attach(model: MoeModel): void {
+    this.attachTables(model.moeLayers.map((m) => m.weights.experts));
+    model.hooks = this;
+  }
+
+  /** The per-MoE-layer expert tables the cache binds its slots into. */
+  attachTables(tables: ExpertTable[]): void {
+    if (tables.length !== this.opts.numLayers)
+      throw new RangeError(`got ${tables.length} expert tables, the offloader was made for ${this.opts.numLayers} MoE layers`);
+    this.tables = tables;
+  }
+
+  /** The coming step's rows by request, in batch order (the engine calls this before forward). */
+  beginStep(rows: StepRows[]): void {
+    this.stepRows = rows;
+    this.tracker.beginStep(rows);
+    if (this.trace) this.stepCounts = rows.map(() => new Float32Array(this.opts.numLayers * this.opts.numExperts));
+  }
+
+  endStep(): void {
+    if (this.stepRows.length === 0 && this.stepCounts.length === 0) return;
+    this.tracker.endStep();
+    this.cache.unpinAll();
+    if (this.trace) {
+      const { numLayers: L, numExperts: E } = this.opts;
+      const requests: TraceRequestStep[] = this.stepRows.map((r, i) => ({ id: r.id, layers: sparseCounts(this.stepCounts[i]!, L, E) }));
+      this.trace.append({ step: this.stepIndex, requests, ...(this.finishedThisStep.length ? { finished: this.finishedThisStep } : {}) });
+    }
+    this.finishedThisStep = [];
+    this.stepRows = [];
+    this.stepCounts = [];
+    this.stepIndex++;
+  }
+
+  /** A request finished normally: its EAM joins the collection. */
+  finishRequest(id: string): void {
+    this.tracker.finish(id);
+    this.finishedThisStep.push(id);
+  }
+
+  /** A request was aborted or failed: forget it. */
+  dropRequest(id: string): void {
+    this.tracker.drop(id);
+    this.finishedThisStep.push(id);
+  }
+
+  onRouted(moeLayer: number, ids: Int32Array, _counts: Int32Array, tokens: number): void {
+    const k = this.opts.topK;
+    if (this.stepRows.length === 0) this.beginStep([{ id: '', rows: tokens }]);
+    this.tracker.onRouted(moeLayer, ids, k, tokens);
+    if (this.trace) {
+      const E = this.opts.numExperts;
+      let row = 0;
+      this.stepRows.forEach((r, i) => {
+        const c = this.stepCounts[i]!;
+        for (let j = row * k; j < Math.min(row + r.rows, tokens) * k; j++) {
+          const e = ids[j]!;
+          if (e >= 0 && e < E) c[moeLayer * E + e]! += 1;
+        }
+        row += r.rows;
+      });
+    }
+  }
+
+  ensureResident(moeLayer: number, counts: Int32Array, table: ExpertTable): void {
+    const { cache } = this;
+    const E = this.opts.numExperts;
+    if (this.tables.length === 0) throw new Error('Offloader.ensureResident before attach(model)');
+    if (table !== this.tables[moeLayer]) throw new Error(`MoE layer ${moeLayer} passed a table the offloader was not attached to`);
+    cache.beginLayer(moeLayer);
+    const before = { used: cache.prefetchUsed, wasted: cache.prefetchWasted };
+    // Hits first, so that they are pinned before any miss picks a victim.
+    const missing: number[] = [];
+    for (let e = 0; e < E; e++) {
+      if (counts[e]! <= 0) continue;
+      if (cache.access(moeLayer, e) < 0) missing.push(e);
+      else this.totals.hits++;
+    }
+    if (missing.length) {
+      const t0 = performance.now();
+      for (const e of missing) {
+        this.fill(moeLayer, e, false);
+        this.totals.misses++;
+        this.demandLoads++;
+      }
+      // On the CPU tier the demand loads run on this thread: all of their time is stall.
+      this.totals.loadStallSeconds += (performance.now() - t0) / 1000;
+    }
+    if (this.prefetch) this.prefetchAfter(moeLayer);
+    this.totals.prefetchUsed += cache.prefetchUsed - before.used;
+    this.totals.prefetchWasted += cache.prefetchWasted - before.wasted;
+  }
+
+  private prefetchAfter(cur: number): void {
+    const { cache } = this;
+    const plan = planPrefetch(cache, this.tracker.prediction, cur, this.windowBytes, this.store.expertBytes);
+    for (const c of plan) {
+      const victim = cache.victim();
+      if (victim < 0) break;
+      const held = cache.slotKey[victim]!;
+      // Never displace an expert worth more than the one fetched (same scale as eviction).
+      if (held >= 0 && (this.opts.policy !== 'eam' || cache.score(held) >= cache.reuseScore(c.layer, c.expert, true))) break;
+      this.fill(c.layer, c.expert, true, victim);
+      this.prefetchLoads++;
+    }
+  }
+
+  /** Loads (layer, expert) into a victim slot and binds it into the layer's table. */
+  private fill(layer: number, expert: number, prefetched: boolean, slot = this.cache.victim()): void {
+    const { cache } = this;
+    if (slot < 0) throw new Error(`expert cache: all ${cache.numSlots} slots are pinned; cannot load (${layer}, ${expert})`);
+    const old = cache.evict(slot);
+    if (old >= 0) this.tables[Math.floor(old / this.opts.numExperts)]!.clear(old % this.opts.numExperts);
+    const w = this.slots[slot]!;
+    this.totals.bytesLoaded += this.store.load(layer, expert, w);
+    cache.insert(layer, expert, slot, prefetched);
+    this.tables[layer]!.set(expert, w.gateUp!, w.down!);
+  }
+
+  stats(): OffloadStats {
+    const { cache } = this;
+    const layerHitRate: number[] = [];
+    for (let l = 0; l < this.opts.numLayers; l++) {
+      const h = cache.counters.hits[l]!;
+      const m = cache.counters.misses[l]!;
+      layerHitRate.push(h + m > 0 ? h / (h + m) : NaN);
+    }
+    return {
+      ...this.totals, policy: cache.policy, slots: cache.numSlots, totalExperts: this.opts.numLayers * this.opts.numExperts,
+      occupancy: cache.occupancy(), hitRate: cache.hitRate(), prefetchLoads: this.prefetchLoads, demandLoads: this.demandLoads,
+      layerHitRate, collectionSize: this.collection.size,
+    };
+  }
+
+  /** Increments since the last call, in the metrics registry's recordExpertCache shape. */
+  takeDelta(): ExpertCacheDelta {
+    const t = this.totals;
+    const r = this.reported;
+    const d: ExpertCacheDelta = {
+      hits: t.hits - r.hits, misses: t.misses - r.misses, prefetchUsed: t.prefetchUsed - r.prefetchUsed,
+      prefetchWasted: t.prefetchWasted - r.prefetchWasted, bytesLoaded: t.bytesLoaded - r.bytesLoaded,
+      loadStallSeconds: t.loadStallSeconds - r.loadStallSeconds,
+    };
+    this.reported = { ...t };
+    return d;
+  }
+
+  /** Persists the EAM collection and flushes the trace (call on shutdown and now and then). */
+  save(): void {
+    this.trace?.flush();
+    if (this.opts.traceDir) this.collection.save(this.opts.traceDir);
+  }
+
+  dispose(): void {
+    for (const w of this.slots) {
+      w.gateUp?.dispose();
+      w.down?.dispose();
+      w.gateUp = null;
+      w.down = null;
+    }
+    this.store.dispose();
+  }
+}

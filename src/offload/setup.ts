@@ -1,0 +1,50 @@
+// Wiring an offloader onto a loaded model: load it with `loadExpert: skipAllExperts` (no expert is
+// packed at load), then attachOffloader() builds the checkpoint store and the cache from the
+// user's settings and becomes the model's MoE hooks.
+import type { LoadedModel } from '../model/load.js';
+import type { ModelSpec } from '../model/spec.js';
+import type { EvictionPolicy } from './expert-cache.js';
+import { CheckpointExpertStore, SimulatedLinkStore, type ExpertStore } from './expert-store.js';
+import { Offloader } from './offloader.js';
+import type { BatchCombine } from './predictor.js';
+
+export interface OffloadConfig {
+  policy: EvictionPolicy;
+  /** Byte budget of the fast tier (--expert-cache-gb); wins over `fraction` when > 0. */
+  budgetBytes?: number;
+  /** Fraction of all experts (--expert-cache-fraction). */
+  fraction?: number;
+  prefetch?: boolean;
+  prefetchWindowBytes?: number;
+  combine?: BatchCombine;
+  traceDir?: string;
+  /** SIMULATION (benchmarks): a host-to-device link in front of the real store. */
+  simulatedLink?: { gbps: number; latencyUs: number };
+}
+
+/** Model load option: leaves every routed expert out of the tables (the cache fills them). */
+export const skipAllExperts = (): boolean => false;
+
+/** A model identity for the persisted collection and trace (shape, not weights). */
+export function offloadModelId(spec: ModelSpec): string {
+  const moeLayers = spec.layers.filter((l) => l.ffn === 'moe').length;
+  return `${spec.modelType}:${moeLayers}x${spec.moe.numExperts}:h${spec.hidden}:i${spec.moe.intermediate}`;
+}
+
+export function attachOffloader(loaded: LoadedModel, cfg: OffloadConfig): Offloader {
+  const { spec, model, checkpoint } = loaded;
+  let store: ExpertStore = new CheckpointExpertStore(checkpoint, spec);
+  if (cfg.simulatedLink) store = new SimulatedLinkStore(store, cfg.simulatedLink.gbps, cfg.simulatedLink.latencyUs);
+  const off = new Offloader(store, {
+    numLayers: model.moeLayers.length, numExperts: spec.moe.numExperts, topK: spec.moe.router.topK,
+    policy: cfg.policy, modelId: offloadModelId(spec),
+    ...(cfg.budgetBytes !== undefined && cfg.budgetBytes > 0 ? { budgetBytes: cfg.budgetBytes } : {}),
+    ...(cfg.fraction !== undefined ? { fraction: cfg.fraction } : {}),
+    ...(cfg.prefetch !== undefined ? { prefetch: cfg.prefetch } : {}),
+    ...(cfg.prefetchWindowBytes !== undefined ? { prefetchWindowBytes: cfg.prefetchWindowBytes } : {}),
+    ...(cfg.combine !== undefined ? { combine: cfg.combine } : {}),
+    ...(cfg.traceDir ? { traceDir: cfg.traceDir } : {}),
+  });
+  off.attach(model);
+  return off;
+}

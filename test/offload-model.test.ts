@@ -1,0 +1,107 @@
+// Offloading never changes the numbers: every fixture model (and the demo model) run fully
+// resident and with an expert cache of 25% under each policy (eam with prefetching) gives the same logits bit for bit,
+// in f32 and bf16 modes, over prompts, a batched step and greedy decoding.
+import assert from 'node:assert/strict';
+import { existsSync, mkdtempSync, readdirSync, readFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { test } from 'node:test';
+
+import { SUPPORTED_MODEL_TYPES } from '../src/model/config.js';
+import { ensureDemoModel } from '../src/model/demo.js';
+import { loadModel, type LoadedModel } from '../src/model/load.js';
+import { packageRoot } from '../src/native/index.js';
+import { attachOffloader, skipAllExperts } from '../src/offload/setup.js';
+import type { Offloader } from '../src/offload/offloader.js';
+import { readTrace } from '../src/offload/trace-file.js';
+import { DirectRunner, argmax } from './helpers/model-runner.js';
+
+const fixturesDir = path.join(packageRoot(), 'test', 'fixtures');
+const models: Array<[string, string]> = [];
+if (existsSync(fixturesDir))
+  for (const d of readdirSync(fixturesDir).sort()) {
+    const cfg = path.join(fixturesDir, d, 'config.json');
+    if (!existsSync(cfg)) continue;
+    const type = (JSON.parse(readFileSync(cfg, 'utf8')) as { model_type: string }).model_type;
+    if ((SUPPORTED_MODEL_TYPES as readonly string[]).includes(type)) models.push([d, path.join(fixturesDir, d)]);
+  }
+models.push(['demo', ensureDemoModel(mkdtempSync(path.join(os.tmpdir(), 'expertd-demo-')))]);
+
+function prompts(vocab: number): number[][] {
+  const r = (i: number) => (i * 7919 + 13) % (vocab - 3) + 3;
+  return [
+    Array.from({ length: 9 }, (_, i) => r(i)),
+    Array.from({ length: 5 }, (_, i) => r(i + 100)),
+    Array.from({ length: 9 }, (_, i) => r(i)), // a repeat: the collection now has its match
+  ];
+}
+
+/** Everything a run produces, concatenated: per-prompt logits, a batched step, greedy tokens. */
+function runAll(loaded: LoadedModel, off: Offloader | null): { logits: Float32Array[]; tokens: number[][] } {
+  const runner = new DirectRunner(loaded.model, 4, 256);
+  const V = loaded.spec.vocabSize;
+  const logits: Float32Array[] = [];
+  const tokens: number[][] = [];
+  let reqId = 0;
+  for (const p of prompts(V)) {
+    const id = `r${reqId++}`;
+    const seq = runner.newSeq();
+    off?.beginStep([{ id, rows: p.length }]);
+    let res = runner.step([seq], [p], true);
+    off?.endStep();
+    logits.push(res.logits);
+    const out: number[] = [];
+    for (let i = 0; i < 4; i++) {
+      const next = argmax(res.logits.subarray(res.logits.length - V));
+      out.push(next);
+      off?.beginStep([{ id, rows: 1 }]);
+      res = runner.step([seq], [[next]], false);
+      off?.endStep();
+      logits.push(res.logits);
+    }
+    off?.finishRequest(id);
+    tokens.push(out);
+  }
+  // Two sequences in one step (prefill of one, more of another): rows of two requests.
+  const a = runner.newSeq();
+  const b = runner.newSeq();
+  const pa = prompts(V)[1]!;
+  const pb = prompts(V)[0]!.slice(0, 3);
+  off?.beginStep([{ id: 'ba', rows: pa.length }, { id: 'bb', rows: pb.length }]);
+  logits.push(runner.step([a, b], [pa, pb], true).logits);
+  off?.endStep();
+  return { logits, tokens };
+}
+
+for (const [name, dir] of models) {
+  test(`${name}: offloaded at 25% (eam, lru, lfu) equals fully resident, bit for bit, f32 and bf16`, () => {
+    for (const fast of [false, true]) {
+      const resident = loadModel(dir, { fast });
+      const want = runAll(resident, null);
+      resident.model.dispose();
+      for (const policy of ['eam', 'lru', 'lfu'] as const) {
+        const traceDir = mkdtempSync(path.join(os.tmpdir(), 'expertd-offload-model-'));
+        const loaded = loadModel(dir, { fast, loadExpert: skipAllExperts });
+        const off = attachOffloader(loaded, { policy, fraction: 0.25, traceDir, prefetch: policy === 'eam' });
+        const got = runAll(loaded, off);
+        const label = `${name} ${policy} ${fast ? 'bf16' : 'f32'}`;
+        assert.deepEqual(got.tokens, want.tokens, label);
+        assert.equal(got.logits.length, want.logits.length);
+        got.logits.forEach((l, i) => {
+          const same = Buffer.compare(Buffer.from(l.buffer, l.byteOffset, l.byteLength),
+            Buffer.from(want.logits[i]!.buffer, want.logits[i]!.byteOffset, want.logits[i]!.byteLength)) === 0;
+          assert.ok(same, `${label}: logits of step ${i} differ`);
+        });
+        const st = off.stats();
+        assert.ok(st.slots < st.totalExperts, `${label}: the cache must be smaller than the model (${st.slots}/${st.totalExperts})`);
+        assert.ok(st.misses > 0 && st.hits > 0, `${label}: ${JSON.stringify(st)}`);
+        assert.ok(off.cache.evictions > 0, `${label}: no eviction happened`);
+        assert.equal(st.collectionSize, 3);
+        off.save();
+        assert.equal(readTrace(traceDir).steps.length, got.logits.length);
+        off.dispose();
+        loaded.model.dispose();
+      }
+    }
+  });
+}
