@@ -5,9 +5,11 @@ import { modelFlags } from './engine-flags.js';
 import { showLoadProgress } from './progress.js';
 import { formatHelp, parseFlags, UsageError, type FlagSpec } from './options.js';
 import { resolveEngineOptions } from './resolve.js';
+import { offloadFlags } from './trace.js';
 
 export const generateFlags: FlagSpec[] = [
   ...modelFlags,
+  ...offloadFlags,
   { name: 'prompt', type: 'string', arg: 'TEXT', help: 'Raw text prompt (the tokenizer adds BOS where the model expects it)', noEnv: true },
   { name: 'chat', type: 'string', arg: 'TEXT', help: "A user message, formatted with the model's chat template", noEnv: true },
   { name: 'max-tokens', type: 'int', min: 1, default: 64, help: 'Tokens to generate at most', noEnv: true },

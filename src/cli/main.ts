@@ -2,12 +2,14 @@
 import { generateCommand, generateHelp } from './generate.js';
 import { UsageError } from './options.js';
 import { serveCommand, serveHelp } from './serve.js';
+import { traceCommand, traceHelp } from './trace.js';
 
 const usage = `Usage: expertd <command> [options]
 
 Commands:
   serve       Serve a model over an OpenAI-compatible HTTP API (default: the built-in demo model)
   generate    Generate text from one prompt and stream it to stdout
+  trace       Inspect expert-activation traces: summary, heatmap (PNG), replay against a cache
 
 Run 'expertd <command> --help' for the options of a command.
 Every option can also be set through an EXPERTD_* environment variable (e.g. EXPERTD_PORT=8080).`;
@@ -18,6 +20,7 @@ function commands(): Record<string, Command> {
   const list: Record<string, Command> = {
     serve: { run: serveCommand, help: () => serveHelp },
     generate: { run: generateCommand, help: () => generateHelp },
+    trace: { run: traceCommand, help: () => traceHelp },
   };
   return list;
 }

@@ -6,6 +6,8 @@ import { parseModelConfig } from '../model/config.js';
 import { ensureDemoModel } from '../model/demo.js';
 import { loadNative } from '../native/index.js';
 import type { EngineOptions } from '../engine/protocol.js';
+import type { EvictionPolicy } from '../offload/expert-cache.js';
+import type { OffloadConfig } from '../offload/setup.js';
 import type { ParsedFlags } from './options.js';
 
 export function resolveEngineOptions(flags: ParsedFlags, servedModelName?: string): EngineOptions & { isDemo: boolean } {
@@ -26,5 +28,22 @@ export function resolveEngineOptions(flags: ParsedFlags, servedModelName?: strin
     maxNumBatchedTokens: Number(flags['max-num-batched-tokens'] ?? 512),
     threads: Number(flags['threads'] ?? 0),
     servedModelName: servedModelName || (isDemo ? 'expertd-demo' : path.basename(modelDir)),
+    ...offloadOptions(flags),
+  };
+}
+
+/** Offloading is on when the expert cache is smaller than all experts or a trace folder is given. */
+function offloadOptions(flags: ParsedFlags): { offload?: OffloadConfig } {
+  const gb = Number(flags['expert-cache-gb'] ?? 0);
+  const fraction = Number(flags['expert-cache-fraction'] ?? 1);
+  const traceDir = String(flags['trace-dir'] ?? '');
+  if (!(gb > 0) && !(fraction < 1) && !traceDir) return {};
+  return {
+    offload: {
+      policy: String(flags['cache-policy'] ?? 'eam') as EvictionPolicy,
+      ...(gb > 0 ? { budgetBytes: gb * 2 ** 30 } : { fraction }),
+      ...(traceDir ? { traceDir: path.resolve(traceDir) } : {}),
+      eamCapacity: Number(flags['eam-capacity'] ?? 1000),
+    },
   };
 }

@@ -11,9 +11,11 @@ import { modelFlags } from './engine-flags.js';
 import { showLoadProgress } from './progress.js';
 import { formatHelp, parseFlags, type FlagSpec } from './options.js';
 import { resolveEngineOptions } from './resolve.js';
+import { offloadFlags } from './trace.js';
 
 export const serveFlags: FlagSpec[] = [
   ...modelFlags,
+  ...offloadFlags,
   { name: 'host', type: 'string', default: '127.0.0.1', help: 'Address to listen on' },
   { name: 'port', type: 'int', min: 0, max: 65535, default: 8000, help: 'Port to listen on (0 = any free port)' },
   { name: 'api-key', type: 'string', arg: 'KEY', help: 'Require "Authorization: Bearer KEY" on every route except /health and /metrics' },
@@ -46,6 +48,11 @@ export function codecFor(tok: ModelTokenizer): TextCodec {
 /** Feeds the engine's per-step figures into the metrics registry. */
 export function wireEngineMetrics(engine: EngineClient, metrics: Metrics): void {
   engine.on('step', (s: import('../engine/protocol.js').StepMetrics) => {
+    if (s.expertCache) {
+      metrics.recordExpertCache(s.expertCache.delta);
+      metrics.setExpertCacheOccupancy(s.expertCache.occupancy);
+      metrics.setExpertCacheLayerHitRatio(s.expertCache.layerHitRate);
+    }
     metrics.recordIterationTokens(s.prefillTokens + s.decodeTokens);
     const sec = s.durationMs / 1000;
     if (s.prefillTokens > 0) metrics.recordPrefillTime(sec);

@@ -4,6 +4,7 @@
 import type { LayerCache } from '../model/attention.js';
 import type { ForwardBatch } from '../model/forward-batch.js';
 import type { LoadedModel } from '../model/load.js';
+import type { Offloader } from '../offload/offloader.js';
 import { Sampler, SamplingState } from './sampler.js';
 import { Scheduler, type StepPlan } from './scheduler.js';
 import type { StepMetrics } from './protocol.js';
@@ -38,7 +39,7 @@ export class EngineCore {
   private readonly eos: Set<number>;
   private readonly blockSize: number;
 
-  constructor(readonly loaded: LoadedModel, opts: EngineCoreOptions) {
+  constructor(readonly loaded: LoadedModel, opts: EngineCoreOptions, readonly offloader: Offloader | null = null) {
     const { spec, model } = loaded;
     this.blockSize = opts.blockSize;
     const [kf, vf] = model.cacheFloatsPerToken();
@@ -90,6 +91,7 @@ export class EngineCore {
     if (!r) return null;
     this.scheduler.abort(id);
     this.requests.delete(id);
+    this.offloader?.dropRequest(id);
     return { type: 'finished', id, reason: 'abort', promptTokens: r.req.promptTokenIds.length, completionTokens: r.generated };
   }
 
@@ -111,7 +113,14 @@ export class EngineCore {
     const plan = this.scheduler.step();
     if (plan.entries.length === 0) return null;
     const batch = this.buildBatch(plan);
-    const result = this.loaded.model.forward(batch, this.cache, this.blockSize);
+    this.offloader?.beginStep(plan.entries.map((e) => ({ id: e.seqId, rows: e.tokenIds.length })));
+    let result;
+    try {
+      result = this.loaded.model.forward(batch, this.cache, this.blockSize);
+    } catch (e) {
+      this.offloader?.endStep();
+      throw e;
+    }
     const events: EngineEvent[] = [];
     const V = this.info.vocabSize;
     let row = 0;
@@ -146,6 +155,7 @@ export class EngineCore {
       if (stopHit || reachedLimit) {
         if (!reachedLimit) this.scheduler.finish(r.req.id);
         this.requests.delete(r.req.id);
+        this.offloader?.finishRequest(r.req.id);
         const fin: EngineEvent = {
           type: 'finished', id: r.req.id, reason: stopHit ? 'stop' : 'length',
           promptTokens: r.req.promptTokenIds.length, completionTokens: r.generated,
@@ -154,10 +164,16 @@ export class EngineCore {
         events.push(fin);
       }
     }
+    // After sampling, so requests that finished this step are recorded with it.
+    this.offloader?.endStep();
     const metrics: StepMetrics = {
       prefillTokens, decodeTokens, durationMs: performance.now() - t0, preemptions: plan.preempted.length,
-      expertTokens: expertTokenCounts(result.routedIds, this.info.numExperts),
+      expertTokens: expertTokenCounts(result.routedIds, this.info.numExperts + (this.loaded.spec.moe.zeroExperts ?? 0)),
     };
+    if (this.offloader) {
+      const st = this.offloader.stats();
+      metrics.expertCache = { delta: this.offloader.takeDelta(), occupancy: st.occupancy, layerHitRate: st.layerHitRate };
+    }
     return { events, metrics };
   }
 

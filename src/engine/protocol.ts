@@ -1,4 +1,6 @@
 // Messages between the main thread (EngineClient) and the engine worker. Plain data only.
+import type { OffloadConfig } from '../offload/setup.js';
+import type { ExpertCacheDelta } from '../offload/offloader.js';
 import type { EngineEvent, EngineStats, GenerateRequest, ModelInfo } from './types.js';
 
 export interface EngineOptions {
@@ -13,6 +15,8 @@ export interface EngineOptions {
   /** 0 = all cores. */
   threads: number;
   servedModelName: string;
+  /** Expert offloading (MoE-Infinity); absent = every expert resident, no tracing. */
+  offload?: OffloadConfig;
 }
 
 export type ToWorker =
@@ -34,4 +38,6 @@ export interface StepMetrics {
   preemptions: number;
   /** Per MoE layer: tokens routed to each expert this step ([moeLayers][E]). */
   expertTokens?: number[][];
+  /** Expert cache activity this step (offloading on). */
+  expertCache?: { delta: ExpertCacheDelta; occupancy: number; layerHitRate: number[] };
 }

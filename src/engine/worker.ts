@@ -5,6 +5,8 @@ import { parentPort } from 'node:worker_threads';
 
 import { loadModel, loadSummary } from '../model/load.js';
 import { loadNative } from '../native/index.js';
+import { attachOffloader, skipAllExperts } from '../offload/setup.js';
+import type { Offloader } from '../offload/offloader.js';
 import { EngineCore } from './engine-core.js';
 import type { FromWorker, StepMetrics, ToWorker } from './protocol.js';
 import type { EngineEvent } from './types.js';
@@ -13,6 +15,8 @@ const port = parentPort;
 if (!port) throw new Error('engine worker must run in a worker thread');
 
 let core: EngineCore | null = null;
+let offloader: Offloader | null = null;
+let saveTimer: NodeJS.Timeout | null = null;
 let pending: EngineEvent[] = [];
 let scheduled = false;
 let stopping = false;
@@ -69,6 +73,7 @@ port.on('message', (m: ToWorker) => {
         let lastProgress = 0;
         const loaded = loadModel(o.modelDir, {
           fast,
+          ...(o.offload ? { loadExpert: skipAllExperts } : {}),
           onProgress: (pr) => {
             const now = performance.now();
             if (now - lastProgress < 100 && pr.tensorsDone < pr.tensorsTotal) return;
@@ -76,13 +81,22 @@ port.on('message', (m: ToWorker) => {
             send({ type: 'progress', ...pr });
           },
         });
+        if (o.offload) {
+          offloader = attachOffloader(loaded, o.offload);
+          if (o.offload.traceDir) {
+            saveTimer = setInterval(() => offloader?.save(), 60_000);
+            saveTimer.unref();
+          }
+        }
         core = new EngineCore(loaded, {
           kvCacheBlocks: o.kvCacheBlocks, kvCacheGb: o.kvCacheGb, blockSize: o.blockSize,
           maxNumSeqs: o.maxNumSeqs, maxNumBatchedTokens: o.maxNumBatchedTokens,
           servedModelName: o.servedModelName,
-        });
+        }, offloader);
         const summary = `${loadSummary(loaded)}; compute ${o.computeDtype}; KV cache ${core.numBlocks} blocks x ${o.blockSize} tokens` +
-          (loaded.report.warnings.length ? `; ${loaded.report.warnings.length} unexpected tensor(s) ignored` : '');
+          (loaded.report.warnings.length ? `; ${loaded.report.warnings.length} unexpected tensor(s) ignored` : '') +
+          (offloader ? `; expert cache ${offloader.stats().slots}/${offloader.stats().totalExperts} experts, ` +
+            `policy ${o.offload!.policy}` : '');
         send({ type: 'ready', info: core.info, summary });
       } catch (e) {
         const err = e as Error & { code?: string };
@@ -104,6 +118,12 @@ port.on('message', (m: ToWorker) => {
     }
     case 'shutdown':
       stopping = true;
+      if (saveTimer) clearInterval(saveTimer);
+      try {
+        offloader?.save();
+      } catch (e) {
+        send({ type: 'fatal', message: `saving the EAM collection failed: ${(e as Error).message}` });
+      }
       port.close();
       break;
   }

@@ -61,6 +61,7 @@ export class Metrics {
   readonly expertBytesLoaded: Counter;
   readonly expertLoadStall: Counter;
   readonly expertCacheOccupancy: Gauge;
+  readonly expertCacheLayerHit: Gauge<'layer'>;
   readonly all2allBytes: Counter;
   readonly all2allSeconds: Counter;
   readonly commOverlap: Gauge;
@@ -125,6 +126,7 @@ export class Metrics {
     this.expertBytesLoaded = new Counter({ name: 'expertd_expert_loaded_bytes_total', help: 'Bytes of expert weights copied into the fast tier.', registers });
     this.expertLoadStall = new Counter({ name: 'expertd_expert_load_stall_seconds_total', help: 'Time compute waited for expert weights to arrive.', registers });
     this.expertCacheOccupancy = new Gauge({ name: 'expertd_expert_cache_occupancy_ratio', help: 'Fraction of expert cache slots holding an expert (0-1).', registers });
+    this.expertCacheLayerHit = new Gauge({ name: 'expertd_expert_cache_layer_hit_ratio', help: 'Expert cache hits / accesses per MoE layer since start (0-1).', labelNames: ['layer'], registers });
     this.all2allBytes = new Counter({ name: 'expertd_all2all_bytes_total', help: 'Bytes sent by all2all (dispatch + combine).', registers });
     this.all2allSeconds = new Counter({ name: 'expertd_all2all_seconds_total', help: 'Time spent in all2all.', registers });
     this.commOverlap = new Gauge({ name: 'expertd_comm_overlap_ratio', help: 'Fraction of all2all time hidden behind compute in the last step (0-1).', registers });
@@ -196,6 +198,11 @@ export class Metrics {
 
   setExpertCacheOccupancy(ratio: number): void {
     this.expertCacheOccupancy.set(ratio);
+  }
+
+  /** Per MoE layer hits / (hits + misses) since start (layers never accessed are skipped). */
+  setExpertCacheLayerHitRatio(layerHitRate: readonly number[]): void {
+    layerHitRate.forEach((r, layer) => { if (Number.isFinite(r)) this.expertCacheLayerHit.set({ layer: String(layer) }, r); });
   }
 
   recordAll2all(bytes: number, seconds: number): void {

@@ -34,6 +34,8 @@ export interface OffloaderOptions {
   traceDir?: string;
   /** Model identity checked when the collection reloads. */
   modelId?: string;
+  /** Finished requests' EAMs kept at most (--eam-capacity, default 1000). */
+  eamCapacity?: number;
 }
 
 /** What the metrics registry's recordExpertCache takes (an interval's increments). */
@@ -84,8 +86,10 @@ export class Offloader implements MoeHooks {
       ...(opts.budgetBytes !== undefined ? { budgetBytes: opts.budgetBytes } : {}),
       ...(opts.fraction !== undefined ? { fraction: opts.fraction } : {}) });
     this.collection = opts.collection ?? (opts.traceDir
-      ? EamCollection.load(opts.traceDir, L, E, opts.modelId ? { model: opts.modelId } : {})
-      : new EamCollection(L, E, undefined, opts.modelId));
+      ? EamCollection.load(opts.traceDir, L, E, {
+        ...(opts.modelId ? { model: opts.modelId } : {}), ...(opts.eamCapacity ? { capacity: opts.eamCapacity } : {}),
+      })
+      : new EamCollection(L, E, opts.eamCapacity, opts.modelId));
     this.tracker = new ActivationTracker(this.collection, opts.combine ?? 'sum');
     this.cache = new ExpertCache({
       numSlots, numLayers: L, numExperts: E, policy: opts.policy, prediction: this.tracker.prediction,

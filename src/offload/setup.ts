@@ -18,6 +18,7 @@ export interface OffloadConfig {
   prefetchWindowBytes?: number;
   combine?: BatchCombine;
   traceDir?: string;
+  eamCapacity?: number;
   /** SIMULATION (benchmarks): a host-to-device link in front of the real store. */
   simulatedLink?: { gbps: number; latencyUs: number };
 }
@@ -44,6 +45,7 @@ export function attachOffloader(loaded: LoadedModel, cfg: OffloadConfig): Offloa
     ...(cfg.prefetchWindowBytes !== undefined ? { prefetchWindowBytes: cfg.prefetchWindowBytes } : {}),
     ...(cfg.combine !== undefined ? { combine: cfg.combine } : {}),
     ...(cfg.traceDir ? { traceDir: cfg.traceDir } : {}),
+    ...(cfg.eamCapacity ? { eamCapacity: cfg.eamCapacity } : {}),
   });
   off.attach(model);
   return off;
