@@ -4,6 +4,8 @@
 // /metrics answering while the engine is saturated, and a SIGTERM drain that loses nothing.
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync, mkdtempSync } from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 
@@ -13,6 +15,11 @@ import parsePrometheusTextFormat from 'parse-prometheus-text-format';
 import { packageRoot } from '../src/native/index.js';
 
 interface Daemon { proc: ChildProcess; base: string; client: OpenAI; exit: Promise<number | null>; logs: string[] }
+
+async function stopDaemon(d: Daemon): Promise<number | null> {
+  d.proc.kill('SIGTERM');
+  return d.exit;
+}
 
 async function startDaemon(extra: string[] = []): Promise<Daemon> {
   const bin = path.join(packageRoot(), 'bin', 'expertd.js');
@@ -163,5 +170,40 @@ describe('expertd serve drain', () => {
       assert.equal(r.usage!.completion_tokens, 40);
     }
     assert.equal(await d.exit, 0);
+  });
+});
+
+describe('expertd serve with expert offloading (MoE-Infinity)', () => {
+  test('a cache of 25% of the experts gives identical outputs; hits, misses and the collection survive a restart', async () => {
+    const fixture = path.join(packageRoot(), 'test', 'fixtures', 'mixtral');
+    const traceDir = mkdtempSync(path.join(os.tmpdir(), 'expertd-trace-'));
+    const prompts = ['The first prompt', 'Another one, a bit longer than the first', 'x'];
+    const ask = async (d: Daemon) => {
+      const out: string[] = [];
+      for (const p of prompts) {
+        const r = await d.client.completions.create({ model: 'mixtral', prompt: p, max_tokens: 12, temperature: 0 });
+        out.push(r.choices[0]!.text);
+      }
+      return out;
+    };
+    const resident = await startDaemon(['--model', fixture]);
+    const want = await ask(resident);
+    assert.equal(await stopDaemon(resident), 0);
+
+    const args = ['--model', fixture, '--expert-cache-fraction', '0.25', '--cache-policy', 'eam', '--trace-dir', traceDir];
+    const off = await startDaemon(args);
+    assert.deepEqual(await ask(off), want);
+    const hits = await metric(off.base, 'expertd_expert_cache_hits_total');
+    const misses = await metric(off.base, 'expertd_expert_cache_misses_total');
+    const loaded = await metric(off.base, 'expertd_expert_loaded_bytes_total');
+    assert.ok(misses > 0 && loaded > 0, `a 25% cache must miss (hits ${hits}, misses ${misses})`);
+    assert.ok(hits > 0, 'decode steps reuse experts');
+    assert.equal(await stopDaemon(off), 0);
+    assert.ok(existsSync(path.join(traceDir, 'eam-collection.bin')), 'the EAM collection was not saved');
+
+    const again = await startDaemon(args);
+    assert.match(again.logs.join(''), /EAM collection 3\b/);
+    assert.deepEqual(await ask(again), want);
+    assert.equal(await stopDaemon(again), 0);
   });
 });

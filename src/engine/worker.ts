@@ -96,7 +96,7 @@ port.on('message', (m: ToWorker) => {
         const summary = `${loadSummary(loaded)}; compute ${o.computeDtype}; KV cache ${core.numBlocks} blocks x ${o.blockSize} tokens` +
           (loaded.report.warnings.length ? `; ${loaded.report.warnings.length} unexpected tensor(s) ignored` : '') +
           (offloader ? `; expert cache ${offloader.stats().slots}/${offloader.stats().totalExperts} experts, ` +
-            `policy ${o.offload!.policy}` : '');
+            `policy ${o.offload!.policy}, EAM collection ${offloader.stats().collectionSize}` : '');
         send({ type: 'ready', info: core.info, summary });
       } catch (e) {
         const err = e as Error & { code?: string };
