@@ -90,6 +90,7 @@ Napi::Function ExpertTableHandle::define(Napi::Env env) {
                      {InstanceMethod("set", &ExpertTableHandle::set),
                       InstanceMethod("clear", &ExpertTableHandle::clear),
                       InstanceMethod("has", &ExpertTableHandle::has),
+                      InstanceMethod("get", &ExpertTableHandle::get),
                       InstanceMethod("dispose", &ExpertTableHandle::dispose),
                       InstanceAccessor("numExperts", &ExpertTableHandle::getNumExperts, nullptr)});
 }
@@ -146,6 +147,19 @@ Napi::Value ExpertTableHandle::has(const Napi::CallbackInfo& info) {
   expect_args(info, 1, "ExpertTable.has");
   int e = static_cast<int>(get_int(info, 0, "expert", 0, num_experts() - 1));
   return Napi::Boolean::New(info.Env(), !disposed_ && gate_up_[e] != nullptr);
+}
+
+// get(expert): new handles sharing the slot's weights ({gateUp, down}), or null when empty. Used by
+// the per-expert DenseGemm path of the MoE layer.
+Napi::Value ExpertTableHandle::get(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 1, "ExpertTable.get");
+  int e = static_cast<int>(get_int(info, 0, "expert", 0, num_experts() - 1));
+  if (disposed_ || !gate_up_[e]) return env.Null();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("gateUp", WeightHandle::create(env, gate_up_[e]));
+  o.Set("down", WeightHandle::create(env, down_[e]));
+  return o;
 }
 
 Napi::Value ExpertTableHandle::dispose(const Napi::CallbackInfo& info) {

@@ -49,6 +49,7 @@ class ExpertTableHandle : public Napi::ObjectWrap<ExpertTableHandle> {
   Napi::Value set(const Napi::CallbackInfo& info);
   Napi::Value clear(const Napi::CallbackInfo& info);
   Napi::Value has(const Napi::CallbackInfo& info);
+  Napi::Value get(const Napi::CallbackInfo& info);
   Napi::Value dispose(const Napi::CallbackInfo& info);
   Napi::Value getNumExperts(const Napi::CallbackInfo& info);
   std::vector<std::shared_ptr<PackedWeight>> gate_up_;

@@ -27,6 +27,7 @@ export function resolveEngineOptions(flags: ParsedFlags, servedModelName?: strin
     maxNumSeqs: Number(flags['max-num-seqs'] ?? 16),
     maxNumBatchedTokens: Number(flags['max-num-batched-tokens'] ?? 512),
     threads: Number(flags['threads'] ?? 0),
+    expertKernel: String(flags['expert-kernel'] ?? 'auto') as 'auto' | 'group' | 'dense',
     servedModelName: servedModelName || (isDemo ? 'expertd-demo' : path.basename(modelDir)),
     ...offloadOptions(flags),
   };

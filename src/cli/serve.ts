@@ -58,7 +58,7 @@ export function wireEngineMetrics(engine: EngineClient, metrics: Metrics): void 
     if (s.prefillTokens > 0) metrics.recordPrefillTime(sec);
     else metrics.recordDecodeTime(sec);
     s.expertTokens?.forEach((counts, layer) => metrics.recordExpertTokens(layer, counts));
-    metrics.recordKernelChoice('group_gemm', s.expertTokens?.length ?? 0);
+    for (const [kernel, layers] of Object.entries(s.kernelChoices ?? {})) metrics.recordKernelChoice(kernel, layers);
   });
 }
 

@@ -168,6 +168,7 @@ export class EngineCore {
     this.offloader?.endStep();
     const metrics: StepMetrics = {
       prefillTokens, decodeTokens, durationMs: performance.now() - t0, preemptions: plan.preempted.length,
+      kernelChoices: this.loaded.model.kernelChoices(),
       expertTokens: expertTokenCounts(result.routedIds, this.info.numExperts + (this.loaded.spec.moe.zeroExperts ?? 0)),
     };
     if (this.offloader) {

@@ -15,6 +15,8 @@ export interface EngineOptions {
   /** 0 = all cores. */
   threads: number;
   servedModelName: string;
+  /** EPS-MoE expert kernel: auto (calibrated choice per layer and step), group or dense. */
+  expertKernel?: 'auto' | 'group' | 'dense';
   /** Expert offloading (MoE-Infinity); absent = every expert resident, no tracing. */
   offload?: OffloadConfig;
 }
@@ -38,6 +40,8 @@ export interface StepMetrics {
   preemptions: number;
   /** Per MoE layer: tokens routed to each expert this step ([moeLayers][E]). */
   expertTokens?: number[][];
+  /** MoE layers per expert kernel this step (EPS-MoE choice). */
+  kernelChoices?: Record<string, number>;
   /** Expert cache activity this step (offloading on). */
   expertCache?: { delta: ExpertCacheDelta; occupancy: number; layerHitRate: number[] };
 }

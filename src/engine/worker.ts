@@ -81,6 +81,7 @@ port.on('message', (m: ToWorker) => {
             send({ type: 'progress', ...pr });
           },
         });
+        loaded.model.setExpertKernel(o.expertKernel ?? 'auto');
         if (o.offload) {
           offloader = attachOffloader(loaded, o.offload);
           if (o.offload.traceDir) {

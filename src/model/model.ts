@@ -3,6 +3,7 @@
 // the paged KV cache and returns the logits of the requested rows and every MoE layer's routing.
 import { loadNative, type ExpertTable, type PackedWeight } from '../native/index.js';
 import { SingleRankComm, type ExpertComm } from '../moe/comm.js';
+import { EpsPlanner, loadOrCalibrate, type ExpertKernel } from '../moe/eps-planner.js';
 import { MoeLayer, type MoeHooks } from '../moe/moe-layer.js';
 import { GqaAttention, MlaAttention, type AttentionBlock, type LayerCache } from './attention.js';
 import { Scratch, type ForwardBatch, type ForwardResult } from './forward-batch.js';
@@ -159,6 +160,31 @@ export class MoeModel {
       if (m.sharedGate) sharedGate = packLinear(src, `${p}shared_expert_gate.weight`, 1, H);
     }
     return new MoeLayer(moeIndex, m, { gate, gateBias, correctionBias, experts, shared, sharedGate }, H, this.comm);
+  }
+
+  /**
+   * EPS-MoE: 'auto' calibrates (once per machine and expert shape, cached on disk) and lets each MoE
+   * layer pick GroupGemm or per-expert DenseGemm by its load every step; 'group'/'dense' force one.
+   */
+  setExpertKernel(mode: 'auto' | ExpertKernel): void {
+    const { spec } = this;
+    const shape = {
+      numExperts: spec.moe.numExperts, hidden: spec.hidden, inter: spec.moe.intermediate,
+      dtype: this.moeLayers[0]?.weights.gate.dtype ?? 'bf16', fast: this.fast,
+    };
+    const table = mode === 'auto' && this.moeLayers.length > 0 ? loadOrCalibrate(shape)
+      : { key: 'forced', rows: [1], groupMs: [1], denseMs: [1] };
+    for (const m of this.moeLayers) m.planner = new EpsPlanner(table, null, mode === 'auto' ? null : mode);
+  }
+
+  /** Kernel choices of the last step: kernel -> MoE layers that used it. */
+  kernelChoices(): Record<string, number> {
+    const out: Record<string, number> = {};
+    for (const m of this.moeLayers) {
+      const k = m.lastPlan?.kernel ?? 'group';
+      out[k] = (out[k] ?? 0) + 1;
+    }
+    return out;
   }
 
   /** Floats per token per layer of KV cache: [k, v]. */

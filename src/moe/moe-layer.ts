@@ -5,6 +5,7 @@ import { loadNative, type ExpertTable, type PackedWeight, type RouteOptions } fr
 import type { Scratch } from '../model/forward-batch.js';
 import type { MoeSpec } from '../model/spec.js';
 import type { ExpertComm } from './comm.js';
+import { denseExpertsFfn, type EpsPlan, type EpsPlanner } from './eps-planner.js';
 
 export interface MoeHooks {
   /** Called after routing with this layer's choices ([T, k] ids) and counts ([E]). */
@@ -37,6 +38,10 @@ export class MoeLayer {
   /** Real experts E; identity ("zero-computation") experts are ids E..E+Z-1. */
   readonly numExperts: number;
   readonly zeroExperts: number;
+  /** EPS-MoE kernel choice; absent = always GroupGemm. */
+  planner: EpsPlanner | null = null;
+  /** The plan of the last step (kernel choice, chunks) for metrics. */
+  lastPlan: EpsPlan | null = null;
 
   constructor(readonly moeIndex: number, private readonly spec: MoeSpec, readonly weights: MoeWeights,
               private readonly hidden: number, private readonly comm: ExpertComm) {
@@ -90,7 +95,20 @@ export class MoeLayer {
     const T = p.tokens;
     const yLocal = scratch.f32('moe.ylocal', p.local.x.length);
     // Expert-contiguous order puts identity experts' rows last: [offsets[E], offsets[E+Z]).
-    n.groupGemmFfn(p.local.x, p.local.offsets.subarray(0, E + 1), this.weights.experts, yLocal, fast);
+    const offsets = p.local.offsets.subarray(0, E + 1);
+    let kernel: 'group' | 'dense' = 'group';
+    if (this.planner) {
+      const counts = scratch.i32('moe.localcounts', E);
+      for (let e = 0; e < E; e++) counts[e] = offsets[e + 1]! - offsets[e]!;
+      this.lastPlan = this.planner.plan(counts, H * 4);
+      kernel = this.lastPlan.kernel;
+    }
+    if (kernel === 'dense') {
+      denseExpertsFfn(p.local.x, offsets, this.weights.experts, H, this.spec.intermediate, yLocal, fast,
+        scratch.f32('moe.dense', 3 * this.spec.intermediate * Math.max(1, T * k)));
+    } else {
+      n.groupGemmFfn(p.local.x, offsets, this.weights.experts, yLocal, fast);
+    }
     if (this.zeroExperts > 0) {
       const end = p.local.offsets[E + this.zeroExperts]!;
       yLocal.set(p.local.x.subarray(p.local.offsets[E]! * H, end * H), p.local.offsets[E]! * H);

@@ -42,6 +42,8 @@ export interface ExpertTable {
   set(expert: number, gateUp: PackedWeight, down: PackedWeight): void;
   clear(expert: number): void;
   has(expert: number): boolean;
+  /** New handles sharing expert e's weights (dispose them when done), or null when the slot is empty. */
+  get(expert: number): { gateUp: PackedWeight; down: PackedWeight } | null;
   dispose(): void;
 }
 

@@ -56,6 +56,7 @@ class NullTable implements ExpertTable {
   set(e: number, _g: PackedWeight, _d: PackedWeight): void { this.bound[e] = 1; }
   clear(e: number): void { this.bound[e] = 0; }
   has(e: number): boolean { return this.bound[e] === 1; }
+  get(): null { return null; }
   dispose(): void {}
 }
 

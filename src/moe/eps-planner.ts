@@ -1,0 +1,215 @@
+// EPS-MoE expert pipeline scheduling: per MoE layer and step, pick the expert kernel that fits the
+// load (one GroupGemm over all experts, or a DenseGemm per expert) and the number of pipeline chunks
+// PN that best overlaps the all2all of one chunk with the expert GEMMs of another. The cost model is
+// calibrated once per machine and expert shape by a short microbenchmark, cached on disk.
+import { mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+
+import { loadNative, type DType, type ExpertTable } from '../native/index.js';
+
+export type ExpertKernel = 'group' | 'dense';
+
+/** Time per active expert (ms) at a given number of rows per expert, for both kernels. */
+export interface CostTable {
+  key: string;
+  rows: number[];          // ascending rows per expert at which both kernels were timed
+  groupMs: number[];       // per active expert
+  denseMs: number[];       // per active expert
+}
+
+export interface CommModel {
+  /** All2all bandwidth (bytes per ms) and per-call latency (ms); absent = one rank, no comm. */
+  bytesPerMs: number;
+  latencyMs: number;
+}
+
+export interface EpsPlan {
+  kernel: ExpertKernel;
+  /** Pipeline chunks (1 = no pipelining). */
+  chunks: number;
+  /** Predicted expert time of each kernel for this load (ms). */
+  groupMs: number;
+  denseMs: number;
+  /** Predicted time of the chosen schedule including communication (ms). */
+  totalMs: number;
+}
+
+/** Piecewise-linear interpolation in log(rows), clamped at the ends (extrapolates linearly in rows). */
+function interp(rows: number[], ms: number[], r: number): number {
+  if (r <= rows[0]!) return ms[0]!;
+  const last = rows.length - 1;
+  if (r >= rows[last]!) return ms[last]! * (r / rows[last]!);
+  let i = 1;
+  while (rows[i]! < r) i++;
+  const a = Math.log(rows[i - 1]!);
+  const b = Math.log(rows[i]!);
+  const t = (Math.log(r) - a) / (b - a);
+  return ms[i - 1]! + t * (ms[i]! - ms[i - 1]!);
+}
+
+export class EpsPlanner {
+  constructor(readonly table: CostTable, readonly comm: CommModel | null = null,
+              readonly force: ExpertKernel | null = null, readonly maxChunks = 8) {}
+
+  /** Expert time (ms) of one kernel for these per-expert row counts. */
+  expertMs(kernel: ExpertKernel, counts: ArrayLike<number>, scale = 1): number {
+    const ms = kernel === 'group' ? this.table.groupMs : this.table.denseMs;
+    let t = 0;
+    for (let e = 0; e < counts.length; e++) {
+      const r = counts[e]! * scale;
+      if (r > 0) t += interp(this.table.rows, ms, Math.max(1, r));
+    }
+    return t;
+  }
+
+  /**
+   * counts [E]: rows per expert this step; rowBytes: bytes per dispatched row (hidden * 4).
+   * time(PN) = dispatch(chunk 1) + sum_i max(experts(chunk i), comm(chunk i+1)) + combine(last).
+   */
+  plan(counts: ArrayLike<number>, rowBytes: number): EpsPlan {
+    const groupMs = this.expertMs('group', counts);
+    const denseMs = this.expertMs('dense', counts);
+    const kernel: ExpertKernel = this.force ?? (denseMs < groupMs ? 'dense' : 'group');
+    if (!this.comm) return { kernel, chunks: 1, groupMs, denseMs, totalMs: kernel === 'group' ? groupMs : denseMs };
+    let rows = 0;
+    for (let e = 0; e < counts.length; e++) rows += counts[e]!;
+    let best: EpsPlan | null = null;
+    for (let pn = 1; pn <= this.maxChunks; pn *= 2) {
+      const comm = this.comm.latencyMs + (rows / pn) * rowBytes / this.comm.bytesPerMs;
+      const experts = this.expertMs(kernel, counts, 1 / pn);
+      // dispatch of chunk 1, then each chunk's experts overlapped with the next chunk's dispatch
+      // and the previous chunk's combine, then the last combine.
+      const total = comm + (pn - 1) * Math.max(experts, 2 * comm) + experts + comm;
+      if (!best || total < best.totalMs) best = { kernel, chunks: pn, groupMs, denseMs, totalMs: total };
+    }
+    return best!;
+  }
+
+  /** Rows per expert from which DenseGemm is predicted to beat GroupGemm (Infinity: never). */
+  crossoverRows(): number {
+    const { rows, groupMs, denseMs } = this.table;
+    for (let i = 0; i < rows.length; i++) if (denseMs[i]! < groupMs[i]!) return rows[i]!;
+    return Infinity;
+  }
+}
+
+export interface ExpertShape { numExperts: number; hidden: number; inter: number; dtype: DType; fast: boolean }
+
+export function costKey(shape: ExpertShape): string {
+  const caps = loadNative().capabilities();
+  const cpu = os.cpus()[0]?.model.trim() ?? 'cpu';
+  return `${cpu}|${caps.simd}|t${caps.threads}|E${shape.numExperts}|H${shape.hidden}|I${shape.inter}|` +
+    `${shape.dtype}|${shape.fast ? 'fast' : 'ref'}`;
+}
+
+/** Per-expert DenseGemm path: gate_up GEMM (gate | up columns), SiLU*up, down GEMM, for each expert. */
+export function denseExpertsFfn(x: Float32Array, offsets: Int32Array, table: ExpertTable, hidden: number,
+                                inter: number, y: Float32Array, fast: boolean, scratch?: Float32Array): void {
+  const n = loadNative();
+  const E = offsets.length - 1;
+  let maxRows = 0;
+  for (let e = 0; e < E; e++) maxRows = Math.max(maxRows, offsets[e + 1]! - offsets[e]!);
+  const buf = scratch && scratch.length >= maxRows * 3 * inter ? scratch : new Float32Array(maxRows * 3 * inter);
+  for (let e = 0; e < E; e++) {
+    const r0 = offsets[e]!;
+    const rows = offsets[e + 1]! - r0;
+    if (rows === 0) continue;
+    const w = table.get(e);
+    if (!w) throw new RangeError(`expert ${e} has ${rows} rows but no weights`);
+    try {
+      const gu = buf.subarray(0, rows * 2 * inter);
+      const h = buf.subarray(rows * 2 * inter, rows * 3 * inter);
+      n.denseGemm(x.subarray(r0 * hidden, (r0 + rows) * hidden), rows, w.gateUp, gu, null, false, fast);
+      n.siluMul(gu, rows, inter, h);
+      n.denseGemm(h, rows, w.down, y.subarray(r0 * hidden, (r0 + rows) * hidden), null, false, fast);
+    } finally {
+      w.gateUp.dispose();
+      w.down.dispose();
+    }
+  }
+}
+
+/** Times both kernels at several rows-per-expert on random weights of this shape. */
+export function calibrate(shape: ExpertShape, opts: { rows?: number[]; reps?: number } = {}): CostTable {
+  const n = loadNative();
+  const { hidden: H, inter: I } = shape;
+  const active = Math.max(1, Math.min(shape.numExperts, 4));
+  const rowsList = opts.rows ?? [1, 4, 16, 64, 256];
+  const reps = opts.reps ?? 3;
+  const table = new n.ExpertTable(active, H, I);
+  const rand = (len: number) => {
+    const a = new Float32Array(len);
+    let s = 12345;
+    for (let i = 0; i < len; i++) { s = (s * 1103515245 + 12345) >>> 0; a[i] = ((s >>> 8) / 2 ** 24 - 0.5) * 0.1; }
+    return a;
+  };
+  const toDtype = (a: Float32Array): Float32Array | Uint16Array => {
+    if (shape.dtype === 'f32') return a;
+    const u = new Uint16Array(a.length);
+    n.convert(a, 'f32', u, shape.dtype);
+    return u;
+  };
+  for (let e = 0; e < active; e++) {
+    const gu = n.packGateUp(toDtype(rand(I * H)), toDtype(rand(I * H)), shape.dtype, I, H);
+    const dn = n.packWeight(toDtype(rand(H * I)), shape.dtype, H, I);
+    table.set(e, gu, dn);
+    gu.dispose();
+    dn.dispose();
+  }
+  const groupMs: number[] = [];
+  const denseMs: number[] = [];
+  try {
+    for (const r of rowsList) {
+      const offsets = Int32Array.from({ length: active + 1 }, (_, e) => e * r);
+      const x = rand(active * r * H);
+      const y = new Float32Array(active * r * H);
+      const time = (fn: () => void): number => {
+        fn();
+        const t: number[] = [];
+        for (let i = 0; i < reps; i++) {
+          const t0 = performance.now();
+          fn();
+          t.push(performance.now() - t0);
+        }
+        t.sort((a, b) => a - b);
+        return t[Math.floor(t.length / 2)]! / active;
+      };
+      groupMs.push(time(() => n.groupGemmFfn(x, offsets, table, y, shape.fast)));
+      denseMs.push(time(() => denseExpertsFfn(x, offsets, table, H, I, y, shape.fast)));
+    }
+  } finally {
+    table.dispose();
+  }
+  return { key: costKey(shape), rows: rowsList, groupMs, denseMs };
+}
+
+function cacheFile(): string {
+  const dir = process.env.EXPERTD_CACHE_DIR ?? path.join(os.homedir(), '.cache', 'expertd');
+  return path.join(dir, 'eps-cost.json');
+}
+
+/** The calibrated table for this shape from the on-disk cache, calibrating (and saving) if absent. */
+export function loadOrCalibrate(shape: ExpertShape): CostTable {
+  const key = costKey(shape);
+  const file = cacheFile();
+  let all: Record<string, CostTable> = {};
+  try {
+    all = JSON.parse(readFileSync(file, 'utf8')) as Record<string, CostTable>;
+  } catch {
+    all = {};
+  }
+  const hit = all[key];
+  if (hit && Array.isArray(hit.rows) && hit.rows.length === hit.groupMs.length) return hit;
+  const table = calibrate(shape);
+  all[key] = table;
+  try {
+    mkdirSync(path.dirname(file), { recursive: true });
+    const tmp = `${file}.${process.pid}.tmp`;
+    writeFileSync(tmp, JSON.stringify(all, null, 1));
+    renameSync(tmp, file);
+  } catch {
+    // A read-only cache folder only costs a recalibration next start.
+  }
+  return table;
+}

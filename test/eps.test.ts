@@ -1,0 +1,132 @@
+// EPS-MoE planner: the per-expert DenseGemm path agrees with GroupGemm, the kernel choice follows the
+// calibrated cost model, pipeline chunking responds to communication cost, and the calibration is
+// cached on disk.
+import assert from 'node:assert/strict';
+import { existsSync, mkdtempSync, readFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { test } from 'node:test';
+
+import { loadModel } from '../src/model/load.js';
+import { EpsPlanner, calibrate, denseExpertsFfn, loadOrCalibrate, type CostTable } from '../src/moe/eps-planner.js';
+import { loadNative, packageRoot } from '../src/native/index.js';
+import { DirectRunner } from './helpers/model-runner.js';
+
+function rand(len: number, seed: number): Float32Array {
+  const a = new Float32Array(len);
+  let s = seed >>> 0;
+  for (let i = 0; i < len; i++) { s = (s * 1664525 + 1013904223) >>> 0; a[i] = (s / 2 ** 32 - 0.5) * 0.5; }
+  return a;
+}
+
+test('per-expert DenseGemm path equals the fused GroupGemm (zero, one and skewed loads)', () => {
+  const n = loadNative();
+  const E = 6, H = 48, I = 40;
+  const table = new n.ExpertTable(E, H, I);
+  for (let e = 0; e < E; e++) {
+    const toBf16 = (a: Float32Array) => { const u = new Uint16Array(a.length); n.convert(a, 'f32', u, 'bf16'); return u; };
+    const gu = n.packGateUp(toBf16(rand(I * H, e + 1)), toBf16(rand(I * H, e + 11)), 'bf16', I, H);
+    const dn = n.packWeight(toBf16(rand(H * I, e + 21)), 'bf16', H, I);
+    table.set(e, gu, dn);
+    gu.dispose();
+    dn.dispose();
+  }
+  const counts = [0, 1, 37, 0, 2, 5];
+  const offsets = new Int32Array(E + 1);
+  counts.forEach((c, e) => { offsets[e + 1] = offsets[e]! + c; });
+  const rows = offsets[E]!;
+  const x = rand(rows * H, 99);
+  for (const fast of [false, true]) {
+    const yg = new Float32Array(rows * H).fill(NaN);
+    const yd = new Float32Array(rows * H).fill(NaN);
+    n.groupGemmFfn(x, offsets, table, yg, fast);
+    denseExpertsFfn(x, offsets, table, H, I, yd, fast);
+    let worst = 0;
+    let scale = 0;
+    for (let i = 0; i < rows * H; i++) {
+      assert.ok(Number.isFinite(yd[i]!), `dense output ${i} not written`);
+      worst = Math.max(worst, Math.abs(yd[i]! - yg[i]!));
+      scale = Math.max(scale, Math.abs(yg[i]!));
+    }
+    // Reference mode: both accumulate exactly-widened weights in f32 (order differs); fast mode
+    // rounds the intermediate to bf16 in GroupGemm only.
+    assert.ok(worst <= (fast ? 1e-2 : 1e-5) * scale, `${fast ? 'fast' : 'ref'}: max diff ${worst} (scale ${scale})`);
+  }
+  assert.throws(() => denseExpertsFfn(x, Int32Array.from([0, 0, 0, 0, 0, 0, 0]).map((_, i) => (i >= 1 ? 1 : 0)),
+    new n.ExpertTable(E, H, I), H, I, new Float32Array(H), false), /expert 0 has 1 rows but no weights/);
+  table.dispose();
+});
+
+const synthetic: CostTable = {
+  key: 'synthetic', rows: [1, 8, 64, 512],
+  // GroupGemm cheaper for few rows per expert, DenseGemm from 512 (like the paper's H800 crossover).
+  groupMs: [0.1, 0.2, 1.0, 8.0],
+  denseMs: [0.3, 0.5, 1.2, 6.0],
+};
+
+test('the kernel choice follows the cost model and its crossover', () => {
+  const p = new EpsPlanner(synthetic);
+  assert.equal(p.crossoverRows(), 512);
+  assert.equal(p.plan([1, 2, 0, 3], 4096).kernel, 'group');
+  assert.equal(p.plan([900, 1000, 800, 0], 4096).kernel, 'dense');
+  const mixed = p.plan([600, 1, 1, 1], 4096);
+  assert.equal(mixed.kernel, mixed.denseMs < mixed.groupMs ? 'dense' : 'group');
+  assert.equal(new EpsPlanner(synthetic, null, 'dense').plan([1, 1], 4096).kernel, 'dense');
+  assert.equal(p.plan([5, 5], 4096).chunks, 1, 'one rank: nothing to overlap, one chunk');
+});
+
+test('pipeline chunks grow when all2all dominates and shrink when latency does', () => {
+  const counts = [512, 512, 512, 512];
+  const fastLink = new EpsPlanner(synthetic, { bytesPerMs: 1e12, latencyMs: 0 }).plan(counts, 4096);
+  const slowLink = new EpsPlanner(synthetic, { bytesPerMs: 2e5, latencyMs: 0.01 }).plan(counts, 4096);
+  const laggy = new EpsPlanner(synthetic, { bytesPerMs: 2e5, latencyMs: 50 }).plan(counts, 4096);
+  assert.ok(slowLink.chunks > 1, `comm-bound load should pipeline, got ${slowLink.chunks} chunk(s)`);
+  assert.ok(laggy.chunks < slowLink.chunks, 'per-call latency should cost chunks');
+  assert.ok(fastLink.totalMs <= slowLink.totalMs);
+  // Pipelining never predicts worse than running the chunks back to back.
+  const one = new EpsPlanner(synthetic, { bytesPerMs: 2e5, latencyMs: 0.01, }, null, 1).plan(counts, 4096);
+  assert.ok(slowLink.totalMs <= one.totalMs);
+});
+
+test('calibration measures both kernels and is cached on disk', () => {
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'expertd-eps-'));
+  const prev = process.env.EXPERTD_CACHE_DIR;
+  process.env.EXPERTD_CACHE_DIR = dir;
+  try {
+    const shape = { numExperts: 8, hidden: 64, inter: 32, dtype: 'bf16' as const, fast: false };
+    const t = calibrate(shape, { rows: [1, 8], reps: 1 });
+    assert.equal(t.groupMs.length, 2);
+    assert.ok(t.groupMs.every((v) => v > 0) && t.denseMs.every((v) => v > 0));
+    const a = loadOrCalibrate(shape);
+    const file = path.join(dir, 'eps-cost.json');
+    assert.ok(existsSync(file));
+    const b = loadOrCalibrate(shape);
+    assert.deepEqual(b, a, 'the second load must come from the cache');
+    assert.ok(JSON.parse(readFileSync(file, 'utf8'))[a.key]);
+  } finally {
+    if (prev === undefined) delete process.env.EXPERTD_CACHE_DIR; else process.env.EXPERTD_CACHE_DIR = prev;
+  }
+});
+
+test('a model run with DenseGemm experts matches GroupGemm experts (f32) and routes identically', () => {
+  const dir = path.join(packageRoot(), 'test', 'fixtures', 'qwen2_moe');
+  const prompt = [1, 400, 401, 402, 300, 310, 320, 330];
+  const run = (kernel: 'group' | 'dense') => {
+    const { model, spec } = loadModel(dir, { fast: false });
+    try {
+      model.setExpertKernel(kernel);
+      const r = new DirectRunner(model);
+      const res = r.step([r.newSeq()], [prompt], true);
+      assert.deepEqual(model.kernelChoices(), { [kernel]: model.moeLayers.length });
+      return { logits: res.logits.slice(), ids: res.routedIds.map((x) => Array.from(x)), V: spec.vocabSize };
+    } finally {
+      model.dispose();
+    }
+  };
+  const g = run('group');
+  const d = run('dense');
+  assert.deepEqual(d.ids, g.ids);
+  let worst = 0;
+  for (let i = 0; i < g.logits.length; i++) worst = Math.max(worst, Math.abs(g.logits[i]! - d.logits[i]!));
+  assert.ok(worst < 1e-4, `logits differ by ${worst}`);
+});
