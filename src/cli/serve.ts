@@ -54,6 +54,7 @@ export function wireEngineMetrics(engine: EngineClient, metrics: Metrics): void 
       metrics.setExpertCacheLayerHitRatio(s.expertCache.layerHitRate);
     }
     metrics.recordIterationTokens(s.prefillTokens + s.decodeTokens);
+    for (const q of s.queueTimesMs ?? []) metrics.recordQueueTime(q / 1000);
     const sec = s.durationMs / 1000;
     if (s.prefillTokens > 0) metrics.recordPrefillTime(sec);
     else metrics.recordDecodeTime(sec);

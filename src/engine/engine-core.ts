@@ -27,6 +27,8 @@ interface Running {
   generated: number;
   /** Positions whose routing was already reported (recomputation after preemption repeats them). */
   routedUpTo: number;
+  arrivedAtMs: number;
+  scheduled: boolean;
 }
 
 export class EngineCore {
@@ -82,7 +84,7 @@ export class EngineCore {
     } catch (e) {
       return fail((e as Error).message);
     }
-    this.requests.set(req.id, { req, sampling, generated: 0, routedUpTo: 0 });
+    this.requests.set(req.id, { req, sampling, generated: 0, routedUpTo: 0, arrivedAtMs: performance.now(), scheduled: false });
     return null;
   }
 
@@ -112,6 +114,14 @@ export class EngineCore {
     const t0 = performance.now();
     const plan = this.scheduler.step();
     if (plan.entries.length === 0) return null;
+    const queueTimesMs: number[] = [];
+    for (const e of plan.entries) {
+      const r = this.requests.get(e.seqId);
+      if (r && !r.scheduled) {
+        r.scheduled = true;
+        queueTimesMs.push(t0 - r.arrivedAtMs);
+      }
+    }
     const batch = this.buildBatch(plan);
     this.offloader?.beginStep(plan.entries.map((e) => ({ id: e.seqId, rows: e.tokenIds.length })));
     let result;
@@ -169,6 +179,7 @@ export class EngineCore {
     const metrics: StepMetrics = {
       prefillTokens, decodeTokens, durationMs: performance.now() - t0, preemptions: plan.preempted.length,
       kernelChoices: this.loaded.model.kernelChoices(),
+      queueTimesMs,
       expertTokens: expertTokenCounts(result.routedIds, this.info.numExperts + (this.loaded.spec.moe.zeroExperts ?? 0)),
     };
     if (this.offloader) {

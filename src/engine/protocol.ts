@@ -40,6 +40,8 @@ export interface StepMetrics {
   preemptions: number;
   /** Per MoE layer: tokens routed to each expert this step ([moeLayers][E]). */
   expertTokens?: number[][];
+  /** Time each request first scheduled in this step waited since it reached the engine (ms). */
+  queueTimesMs?: number[];
   /** MoE layers per expert kernel this step (EPS-MoE choice). */
   kernelChoices?: Record<string, number>;
   /** Expert cache activity this step (offloading on). */
