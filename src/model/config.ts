@@ -499,18 +499,7 @@ export function expectedTensors(spec: ModelSpec, layout: ExpertLayout = 'per_exp
         add(`${s}k_norm.weight`, [kv]);
       }
     } else {
-      const qk = a.qkNopeHeadDim + a.qkRopeHeadDim;
-      if (a.qLoraRank !== null) {
-        add(`${s}q_a_proj.weight`, [a.qLoraRank, H]);
-        add(`${s}q_a_layernorm.weight`, [a.qLoraRank]);
-        add(`${s}q_b_proj.weight`, [a.heads * qk, a.qLoraRank]);
-      } else {
-        add(`${s}q_proj.weight`, [a.heads * qk, H]);
-      }
-      add(`${s}kv_a_proj_with_mqa.weight`, [a.kvLoraRank + a.qkRopeHeadDim, H]);
-      add(`${s}kv_a_layernorm.weight`, [a.kvLoraRank]);
-      add(`${s}kv_b_proj.weight`, [a.heads * (a.qkNopeHeadDim + a.vHeadDim), a.kvLoraRank]);
-      add(`${s}o_proj.weight`, [H, a.heads * a.vHeadDim]);
+      mlaTensors(spec, s, add);
     }
     const ffn = (prefix: string, inter: number, names: [string, string, string]): void => {
       add(`${prefix}${names[0]}.weight`, [inter, H]);
