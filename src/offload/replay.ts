@@ -40,12 +40,17 @@ export interface ReplayResult {
   layerHitRate: number[];
 }
 
-/** A store that moves nothing: the replay only counts. */
+/** A store that moves nothing: the replay only counts (every load is done at once). */
 class NullStore implements ExpertStore {
   readonly expertBytes = 1;
   readonly slotBytes = 1;
   readonly overlapsCompute = true;
-  load(): number { return 1; }
+  readonly inFlight = 0;
+  private ticket = 0;
+  submit(): number { return ++this.ticket; }
+  wait(): void {}
+  done(): boolean { return true; }
+  cancel(): boolean { return false; }
   dispose(): void {}
 }
 
