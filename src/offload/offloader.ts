@@ -29,6 +29,11 @@ export interface OffloaderOptions {
   prefetch?: boolean;
   /** Bytes of prefetches in flight at most (default: 2 x topK experts). */
   prefetchWindowBytes?: number;
+  /**
+   * Experts predicted below this probability are not prefetched (default 0.05: on the structured
+   * replay traces 1e-3 doubled the wasted loads at 50% capacity for +0.1 points of hit rate).
+   */
+  prefetchMinProbability?: number;
   combine?: BatchCombine;
   protectLayers?: number;
   collection?: EamCollection;
@@ -230,7 +235,7 @@ export class Offloader implements MoeHooks {
     // The window counts loads in flight, the demand loads just waited for excluded (done).
     const free = this.windowBytes - store.inFlight * store.expertBytes;
     if (free < store.expertBytes) return;
-    const plan = planPrefetch(cache, this.tracker.prediction, cur, free, store.expertBytes);
+    const plan = planPrefetch(cache, this.tracker.prediction, cur, free, store.expertBytes, this.opts.prefetchMinProbability ?? 0.05);
     for (const c of plan) {
       const victim = cache.victim();
       if (victim < 0) break;

@@ -21,6 +21,9 @@ export interface ReplayOptions {
   /** Starting collection (e.g. one saved by an earlier run); default empty, filled as requests finish. */
   collection?: EamCollection;
   collectionCapacity?: number;
+  /** Prefetch knobs (see OffloaderOptions). */
+  prefetchWindowExperts?: number;
+  prefetchMinProbability?: number;
 }
 
 export interface ReplayResult {
@@ -80,6 +83,8 @@ export function replay(trace: Trace, opts: ReplayOptions): ReplayResult {
   const off = new Offloader(new NullStore(), {
     numLayers: L, numExperts: E, topK: trace.meta.topK, policy: opts.policy, fraction: opts.capacity,
     prefetch: opts.prefetch ?? false, collection,
+    ...(opts.prefetchWindowExperts !== undefined ? { prefetchWindowBytes: opts.prefetchWindowExperts } : {}),
+    ...(opts.prefetchMinProbability !== undefined ? { prefetchMinProbability: opts.prefetchMinProbability } : {}),
   });
   const tables = Array.from({ length: L }, () => new NullTable(E));
   off.attachTables(tables);

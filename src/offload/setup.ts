@@ -16,6 +16,7 @@ export interface OffloadConfig {
   fraction?: number;
   prefetch?: boolean;
   prefetchWindowBytes?: number;
+  prefetchMinProbability?: number;
   combine?: BatchCombine;
   traceDir?: string;
   eamCapacity?: number;
@@ -48,6 +49,7 @@ export function attachOffloader(loaded: LoadedModel, cfg: OffloadConfig): Offloa
     ...(cfg.fraction !== undefined ? { fraction: cfg.fraction } : {}),
     ...(cfg.prefetch !== undefined ? { prefetch: cfg.prefetch } : {}),
     ...(cfg.prefetchWindowBytes !== undefined ? { prefetchWindowBytes: cfg.prefetchWindowBytes } : {}),
+    ...(cfg.prefetchMinProbability !== undefined ? { prefetchMinProbability: cfg.prefetchMinProbability } : {}),
     ...(cfg.combine !== undefined ? { combine: cfg.combine } : {}),
     ...(cfg.traceDir ? { traceDir: cfg.traceDir } : {}),
     ...(cfg.eamCapacity ? { eamCapacity: cfg.eamCapacity } : {}),
