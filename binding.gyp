@@ -11,6 +11,7 @@
         "native/addon/bind_attention.cc",
         "native/addon/bind_io.cc",
         "native/addon/bind_comm.cc",
+        "native/addon/bind_loader.cc",
         "native/cpu/thread_pool.cc",
         "native/cpu/cpu_features.cc",
         "native/cpu/weights.cc",
@@ -24,6 +25,7 @@
         "native/cpu/embedding.cc",
         "native/cpu/softmax.cc",
         "native/cpu/attention.cc",
+        "native/cpu/expert_loader.cc",
         "native/comm/loopback.cc",
         "native/io/mmap_file.cc"
       ],

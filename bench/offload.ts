@@ -3,7 +3,8 @@
 //     10/25/50/75% capacity under eam, eam+prefetch, lru, lfu and Belady's offline optimum.
 //  2. Replay of traces recorded from real generation (the demo model and the mixtral fixture).
 //  3. Live decode tok/s with the real I/O tier (pread of the checkpoint) at 25/50/100% capacity
-//     against the fully resident model, and, labelled SIMULATED, behind a host-to-GPU link model.
+//     against the fully resident model, and, labelled SIMULATED, behind a host-to-GPU link model;
+//     loads on the native copy thread (prefetch overlaps compute) and on the engine thread.
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -155,7 +156,12 @@ function liveModelDir(): string {
   return dir;
 }
 
-interface LiveRow { mode: string; capacity: number; simulated: boolean; tokPerS: number; tokPerSAll: number[]; vsResident: number; hitRate: number | null; stallS: number | null; loadedMB: number | null }
+interface LiveRow {
+  mode: string; capacity: number; simulated: boolean; tokPerS: number; tokPerSAll: number[]; vsResident: number;
+  hitRate: number | null; stallS: number | null; loadedMB: number | null;
+  /** Per rep: prefetches submitted, of them used / wasted / found still in flight when needed. */
+  prefetches: number | null; prefetchUsed: number | null; prefetchWasted: number | null; prefetchLate: number | null;
+}
 
 function decodeRun(loaded: LoadedModel, off: Offloader | null, prompts: number[][], tokens: number): { seconds: number; generated: number } {
   const runner = new DirectRunner(loaded.model, 16, 512);
@@ -194,10 +200,14 @@ function liveDecode(reps: number, tokens: number, link: { gbps: number; latencyU
   const prompts = familyPrompts(LIVE.vocab, 2, 2, 8, 7).map((p) => p.ids);
   const sim = `SIMULATED link ${link.gbps} GB/s + ${link.latencyUs} us`;
   const configs: LiveConfig[] = [{ mode: 'resident', capacity: 1, simulated: false, cfg: null }];
-  for (const c of [1, 0.5, 0.25]) configs.push({ mode: 'eam, pread tier', capacity: c, simulated: false, cfg: { policy: 'eam', fraction: c } });
-  for (const c of [0.5, 0.25]) configs.push({ mode: 'lru, pread tier', capacity: c, simulated: false, cfg: { policy: 'lru', fraction: c } });
-  for (const c of [0.5, 0.25]) configs.push({ mode: `eam, ${sim}`, capacity: c, simulated: true, cfg: { policy: 'eam', fraction: c, simulatedLink: link } });
-  for (const c of [0.5, 0.25]) configs.push({ mode: `lru, ${sim}`, capacity: c, simulated: true, cfg: { policy: 'lru', fraction: c, simulatedLink: link } });
+  const copy = 'copy thread';
+  const here = 'engine thread';
+  for (const c of [1, 0.5, 0.25]) configs.push({ mode: `eam+prefetch, pread, ${copy}`, capacity: c, simulated: false, cfg: { policy: 'eam', fraction: c } });
+  for (const c of [0.5, 0.25]) configs.push({ mode: `eam, pread, ${here}`, capacity: c, simulated: false, cfg: { policy: 'eam', fraction: c, copyThread: false } });
+  for (const c of [0.5, 0.25]) configs.push({ mode: `lru, pread, ${copy}`, capacity: c, simulated: false, cfg: { policy: 'lru', fraction: c } });
+  for (const c of [0.5, 0.25]) configs.push({ mode: `eam+prefetch, ${sim}, ${copy}`, capacity: c, simulated: true, cfg: { policy: 'eam', fraction: c, simulatedLink: link } });
+  for (const c of [0.5, 0.25]) configs.push({ mode: `eam, ${sim}, ${here}`, capacity: c, simulated: true, cfg: { policy: 'eam', fraction: c, simulatedLink: link, copyThread: false } });
+  for (const c of [0.5, 0.25]) configs.push({ mode: `lru, ${sim}, ${copy}`, capacity: c, simulated: true, cfg: { policy: 'lru', fraction: c, simulatedLink: link } });
   const live = configs.map((c) => {
     const loaded = loadModel(dir, c.cfg ? { fast, loadExpert: skipAllExperts } : { fast });
     const off = c.cfg ? attachOffloader(loaded, c.cfg) : null;
@@ -211,17 +221,23 @@ function liveDecode(reps: number, tokens: number, link: { gbps: number; latencyU
     }
   const rows: LiveRow[] = live.map((l) => {
     let hitRate: number | null = null, stallS: number | null = null, loadedMB: number | null = null;
+    let prefetches: number | null = null, prefetchUsed: number | null = null, prefetchWasted: number | null = null, prefetchLate: number | null = null;
     if (l.off && l.base) {
       const s = l.off.stats();
-      const h = s.hits - l.base.hits, m = s.misses - l.base.misses;
+      const b = l.base;
+      const h = s.hits - b.hits, m = s.misses - b.misses;
       hitRate = h + m > 0 ? h / (h + m) : null;
-      stallS = (s.loadStallSeconds - l.base.loadStallSeconds) / reps;
-      loadedMB = (s.bytesLoaded - l.base.bytesLoaded) / 2 ** 20 / reps;
+      stallS = (s.loadStallSeconds - b.loadStallSeconds) / reps;
+      loadedMB = (s.bytesLoaded - b.bytesLoaded) / 2 ** 20 / reps;
+      prefetches = (s.prefetchLoads - b.prefetchLoads) / reps;
+      prefetchUsed = (s.prefetchUsed - b.prefetchUsed) / reps;
+      prefetchWasted = (s.prefetchWasted - b.prefetchWasted) / reps;
+      prefetchLate = (s.prefetchLate - b.prefetchLate) / reps;
       l.off.dispose();
     }
     l.loaded.model.dispose();
     return { mode: l.c.mode, capacity: l.c.capacity, simulated: l.c.simulated, tokPerS: median(l.all), tokPerSAll: l.all,
-      vsResident: NaN, hitRate, stallS, loadedMB };
+      vsResident: NaN, hitRate, stallS, loadedMB, prefetches, prefetchUsed, prefetchWasted, prefetchLate };
   });
   const ref = rows[0]!.tokPerS;
   for (const r of rows) r.vsResident = r.tokPerS / ref;
@@ -235,9 +251,9 @@ export async function runOffloadBench(argv: string[]): Promise<void> {
     args: argv,
     options: {
       json: { type: 'string' }, plot: { type: 'string' }, reps: { type: 'string', default: '3' },
-      tokens: { type: 'string', default: '24' }, 'link-gbps': { type: 'string', default: '16' },
+      tokens: { type: 'string', default: '24' }, 'link-gbps': { type: 'string', default: '25' },
       'link-latency-us': { type: 'string', default: '10' }, 'no-live': { type: 'boolean', default: false },
-      requests: { type: 'string', default: '60' },
+      'no-replay': { type: 'boolean', default: false }, requests: { type: 'string', default: '60' },
     },
   });
   const reps = Math.max(1, Number(values.reps));
@@ -256,13 +272,14 @@ export async function runOffloadBench(argv: string[]): Promise<void> {
     { name: `synthetic families (Zipf 1.2 within family), ${requests} requests`, trace: syntheticTrace({ ...DEFAULT_SYNTHETIC, requests, familySkew: 1.2 }) },
   ];
   const replayRows: ReplayRow[] = [];
+  if (values['no-replay']) synth.length = 0;
   for (const s of synth) {
     console.error(`# replaying ${s.name}...`);
     replayRows.push(...replayAll(s.name, s.trace));
     printReplay(s.name, replayRows);
   }
   const real: string[] = [];
-  const realDirs = [ensureDemoModel(), path.join(packageRoot(), 'test', 'fixtures', 'mixtral')].filter((d) => fs.existsSync(path.join(d, 'config.json')));
+  const realDirs = values['no-replay'] ? [] : [ensureDemoModel(), path.join(packageRoot(), 'test', 'fixtures', 'mixtral')].filter((d) => fs.existsSync(path.join(d, 'config.json')));
   for (const d of realDirs) {
     console.error(`# recording a generation trace with ${d}...`);
     const { trace, model } = recordTrace(d, 16);
@@ -281,12 +298,17 @@ export async function runOffloadBench(argv: string[]): Promise<void> {
     console.log(`\n### live decode: random Mixtral-shaped model H ${H}, I ${I}, ${LIVE.layers} layers x ${LIVE.experts} experts top-${LIVE.topK} ` +
       `(expert ${(3 * H * I * 2 / 2 ** 20).toFixed(2)} MiB bf16), ${res.fast ? 'bf16' : 'f32'} compute, batch 1, ${tokens} tokens x 4 prompts per rep, ` +
       `median of ${reps} reps after a warm-up pass (configurations interleaved)\n`);
-    console.log('The pread tier reads the checkpoint with pread on the engine thread (the file is in the page cache: memory-speed ' +
-      'I/O plus syscalls and repacking; prefetch is off on this synchronous tier). SIMULATED rows add a busy-wait of latency + bytes / bandwidth per expert load: a model of a ' +
-      'host-to-GPU link, not a measurement of one.\n');
-    console.log(markdownTable(['mode', 'capacity', 'tok/s (median)', 'min-max', 'vs resident', 'hit rate', 'stall s / rep (incl. prefill)', 'MiB loaded / rep'],
+    console.log('The pread tier reads the checkpoint with pread (the file is in the page cache: memory-speed I/O plus syscalls) and ' +
+      'repacks into the cache slot, either on the native copy thread (demand misses at top priority and waited for; eam prefetches the ' +
+      'coming layers while the following layers compute) or on the engine thread (no prefetch: it would be one more stall). ' +
+      'SIMULATED rows add latency + bytes / bandwidth per expert load (a sleep on the copy thread, a busy-wait on the engine thread): ' +
+      'a model of a host-to-GPU link, not a measurement of one. Prefetch columns are per rep: submitted, used, wasted (evicted unused), ' +
+      'late (needed while still in flight: the engine waited for the rest).\n');
+    const n = (v: number | null) => (v === null ? '-' : fmt(v));
+    console.log(markdownTable(['mode', 'capacity', 'tok/s (median)', 'min-max', 'vs resident', 'time / token vs resident', 'hit rate', 'stall s / rep (incl. prefill)', 'MiB loaded / rep', 'prefetch / used / wasted / late'],
       live.map((r) => [r.mode, `${r.capacity * 100}%`, fmt(r.tokPerS), `${fmt(Math.min(...r.tokPerSAll))}-${fmt(Math.max(...r.tokPerSAll))}`, `${(r.vsResident * 100).toFixed(0)}%`,
-        r.hitRate === null ? '-' : `${(r.hitRate * 100).toFixed(1)}%`, r.stallS === null ? '-' : fmt(r.stallS), r.loadedMB === null ? '-' : fmt(r.loadedMB)])));
+        `${(1 / r.vsResident).toFixed(2)}x`, r.hitRate === null ? '-' : `${(r.hitRate * 100).toFixed(1)}%`, n(r.stallS), n(r.loadedMB),
+        r.prefetches === null ? '-' : `${n(r.prefetches)} / ${n(r.prefetchUsed)} / ${n(r.prefetchWasted)} / ${n(r.prefetchLate)}`])));
   }
 
   if (values.json) {

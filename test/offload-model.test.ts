@@ -1,6 +1,8 @@
 // Offloading never changes the numbers: every fixture model (and the demo model) run fully
-// resident and with an expert cache of 25% under each policy (eam with prefetching) gives the same logits bit for bit,
-// in f32 and bf16 modes, over prompts, a batched step and greedy decoding.
+// resident and with an expert cache of 25% under each policy (eam with prefetching on the copy
+// thread; at 50% behind a slow simulated link so that prefetches are still in flight when needed;
+// eam loading on the engine thread) gives the same logits bit for bit, in f32 and bf16 modes, over
+// prompts, a batched step and greedy decoding.
 import assert from 'node:assert/strict';
 import { existsSync, mkdtempSync, readdirSync, readFileSync } from 'node:fs';
 import os from 'node:os';
@@ -11,7 +13,7 @@ import { SUPPORTED_MODEL_TYPES } from '../src/model/config.js';
 import { ensureDemoModel } from '../src/model/demo.js';
 import { loadModel, type LoadedModel } from '../src/model/load.js';
 import { packageRoot } from '../src/native/index.js';
-import { attachOffloader, skipAllExperts } from '../src/offload/setup.js';
+import { attachOffloader, skipAllExperts, type OffloadConfig } from '../src/offload/setup.js';
 import type { Offloader } from '../src/offload/offloader.js';
 import { readTrace } from '../src/offload/trace-file.js';
 import { DirectRunner, argmax } from './helpers/model-runner.js';
@@ -79,12 +81,20 @@ for (const [name, dir] of models) {
       const resident = loadModel(dir, { fast });
       const want = runAll(resident, null);
       resident.model.dispose();
-      for (const policy of ['eam', 'lru', 'lfu'] as const) {
+      const configs: Array<{ label: string; cfg: Omit<OffloadConfig, 'traceDir'> }> = [
+        ...(['eam', 'lru', 'lfu'] as const).map((policy) => ({ label: policy, cfg: { policy, fraction: 0.25, prefetch: policy === 'eam' } })),
+        // SIMULATION: 0.5 GB/s makes every load slow enough that prefetches are awaited in flight
+        // (at 50%: a cache of one layer's experts leaves prefetching no slot).
+        { label: 'eam at 50%, slow link', cfg: { policy: 'eam', fraction: 0.5, prefetch: true, prefetchMinProbability: 0, simulatedLink: { gbps: 0.5, latencyUs: 100 } } },
+        { label: 'eam, engine thread', cfg: { policy: 'eam', fraction: 0.25, prefetch: true, copyThread: false } },
+      ];
+      for (const { label: mode, cfg } of configs) {
+        const policy = cfg.policy;
         const traceDir = mkdtempSync(path.join(os.tmpdir(), 'expertd-offload-model-'));
         const loaded = loadModel(dir, { fast, loadExpert: skipAllExperts });
-        const off = attachOffloader(loaded, { policy, fraction: 0.25, traceDir, prefetch: policy === 'eam' });
+        const off = attachOffloader(loaded, { ...cfg, traceDir });
         const got = runAll(loaded, off);
-        const label = `${name} ${policy} ${fast ? 'bf16' : 'f32'}`;
+        const label = `${name} ${mode} ${fast ? 'bf16' : 'f32'}`;
         assert.deepEqual(got.tokens, want.tokens, label);
         assert.equal(got.logits.length, want.logits.length);
         got.logits.forEach((l, i) => {
@@ -96,6 +106,8 @@ for (const [name, dir] of models) {
         assert.ok(st.slots < st.totalExperts, `${label}: the cache must be smaller than the model (${st.slots}/${st.totalExperts})`);
         assert.ok(st.misses > 0 && st.hits > 0, `${label}: ${JSON.stringify(st)}`);
         assert.ok(off.cache.evictions > 0, `${label}: no eviction happened`);
+        if (policy === 'eam') assert.ok(st.prefetchLoads > 0, `${label}: the prefetch path must run`);
+        if (cfg.simulatedLink && st.slots > loaded.spec.moe.numExperts) assert.ok(st.prefetchLate > 0, `${label}: no prefetch was awaited in flight: ${JSON.stringify(st)}`);
         assert.equal(st.collectionSize, 3);
         off.save();
         assert.equal(readTrace(traceDir).steps.length, got.logits.length);

@@ -9,6 +9,7 @@ void register_ops(Napi::Env env, Napi::Object exports);        // routing, permu
 void register_attention(Napi::Env env, Napi::Object exports);  // paged attention, KV writes
 void register_io(Napi::Env env, Napi::Object exports);         // mmap, file reads
 void register_comm(Napi::Env env, Napi::Object exports);       // comm groups (loopback, NCCL)
+void register_loader(Napi::Env env, Napi::Object exports);     // expert loader (copy thread)
 #ifdef EXPERTD_WITH_CUDA
 void register_cuda(Napi::Env env, Napi::Object exports);       // CUDA buffers, streams, ops
 #endif

@@ -124,9 +124,14 @@ void pack_block(PackedWeight& w, int blk, DType src_t, const RowSrc& row_src, Pa
 }
 
 template <class RowSrc>
-void pack_all(PackedWeight& w, DType src_t, const RowSrc& row_src) {
+void pack_all(PackedWeight& w, DType src_t, const RowSrc& row_src, bool use_pool) {
   EXPERTD_CHECK(w.data != nullptr, ErrorCode::Internal, "packed weight has no storage");
   int blocks = w.np / 16;
+  if (!use_pool) {
+    thread_local PackScratch ps;
+    for (int b = 0; b < blocks; ++b) pack_block(w, b, src_t, row_src, ps);
+    return;
+  }
   auto& pool = ThreadPool::instance();
   // A few blocks per task: packing is memory-bound, tasks only need to spread over the cores.
   int per_task = std::max(1, blocks / static_cast<int>(pool.num_threads() * 8));
@@ -162,13 +167,14 @@ std::shared_ptr<PackedWeight> alloc_packed_weight(DType dtype, WeightKind kind, 
   return w;
 }
 
-void pack_weight(PackedWeight& w, const void* src, DType src_dtype) {
+void pack_weight(PackedWeight& w, const void* src, DType src_dtype, bool use_pool) {
   const size_t row_bytes = static_cast<size_t>(w.k) * dtype_size(src_dtype);
   const uint8_t* s = static_cast<const uint8_t*>(src);
-  pack_all(w, src_dtype, [&](int r) { return s + static_cast<size_t>(r) * row_bytes; });
+  pack_all(w, src_dtype, [&](int r) { return s + static_cast<size_t>(r) * row_bytes; }, use_pool);
 }
 
-void pack_gate_up(PackedWeight& w, const void* gate, const void* up, DType src_dtype) {
+void pack_gate_up(PackedWeight& w, const void* gate, const void* up, DType src_dtype,
+                  bool use_pool) {
   EXPERTD_CHECK(w.kind == WeightKind::GateUp, ErrorCode::InvalidArg,
                 "pack_gate_up needs a gate_up weight");
   const size_t row_bytes = static_cast<size_t>(w.k) * dtype_size(src_dtype);
@@ -178,7 +184,7 @@ void pack_gate_up(PackedWeight& w, const void* gate, const void* up, DType src_d
   pack_all(w, src_dtype, [&](int r) {
     return r < inter ? g + static_cast<size_t>(r) * row_bytes
                      : u + static_cast<size_t>(r - inter) * row_bytes;
-  });
+  }, use_pool);
 }
 
 float packed_weight_at(const PackedWeight& w, int row, int col) {

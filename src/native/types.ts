@@ -247,6 +247,63 @@ export interface CudaAddon {
   cudaNcclJoin(uniqueId: Uint8Array, worldSize: number, rank: number): CudaCommGroup;
 }
 
+/** A byte range of a file (a checkpoint tensor, or one expert's slice of a fused tensor). */
+export interface FileRange {
+  path: string;
+  offset: number;
+  sizeBytes: number;
+}
+
+/**
+ * One expert cache slot fill: gate [I, H], up [I, H], down [H, I] row-major in `dtype` read from
+ * the files, repacked into dst.gateUp ([2I, H] gate_up) and dst.down ([H, I] plain) in place.
+ */
+export interface ExpertLoadJob {
+  gate: FileRange;
+  up: FileRange;
+  down: FileRange;
+  dtype: DType;
+  dst: { gateUp: PackedWeight; down: PackedWeight };
+  /** Higher runs first; FIFO among equals. Infinity: a demand miss. */
+  priority: number;
+  /** SIMULATION: the copy thread also sleeps this long after the load (a host-to-device link). */
+  delayUs?: number;
+}
+
+export interface ExpertLoaderStats {
+  /** Copy thread busy: reads + repack + simulated sleeps. */
+  busySeconds: number;
+  readSeconds: number;
+  simulatedSeconds: number;
+  jobsDone: number;
+  bytesRead: number;
+}
+
+/**
+ * A copy thread of its own (not the compute pool) that runs expert loads in priority order.
+ * NOTE: a slot whose load is in flight must not be read (bound into a table, computed with)
+ * before wait() returns for its ticket.
+ */
+export interface ExpertLoader {
+  /** Queues a load; returns its ticket. Never blocks. */
+  submit(job: ExpertLoadJob): number;
+  /** True when the load finished (or failed). */
+  poll(ticket: number): boolean;
+  /**
+   * Blocks until the load is done, raising it to the top priority if it has not started, and
+   * forgets the ticket. Returns null, or the error text when the read or repack failed.
+   */
+  wait(ticket: number): string | null;
+  /** Drops a load that has not started (true; the ticket is forgotten); false when running or done. */
+  cancel(ticket: number): boolean;
+  /** Loads queued or running. */
+  readonly inFlight: number;
+  stats(): ExpertLoaderStats;
+  readonly disposed: boolean;
+  /** Finishes the running load, drops the queued ones, joins the thread. */
+  dispose(): void;
+}
+
 /** CUDA members are present only in a full build (capabilities().cudaCompiled). */
 export interface NativeAddon extends Partial<CudaAddon> {
   // --- core
@@ -324,6 +381,11 @@ export interface NativeAddon extends Partial<CudaAddon> {
   mmapFile(path: string): ArrayBuffer;
   /** pread of length bytes at offset into dst (real I/O, no mapping). */
   readFileRange(path: string, offset: number, dst: Uint8Array): void;
+
+  // --- expert loader (the offloader's copy thread)
+  ExpertLoader: new () => ExpertLoader;
+  /** A zero weight of the given geometry: an expert cache slot for an ExpertLoader to fill. */
+  allocPackedWeight(dtype: DType, kind: 'plain' | 'gate_up', n: number, k: number): PackedWeight;
 
   // --- comm
   /** Joins an in-process loopback group (blocks until worldSize ranks joined or timeout). */

@@ -199,13 +199,16 @@ export class ExpertCache {
     return s;
   }
 
-  /** Empties a slot; returns the key it held (or -1). Counts a wasted prefetch if unused. */
-  evict(slot: number): number {
+  /**
+   * Empties a slot; returns the key it held (or -1). Counts a wasted prefetch if unused, unless
+   * `cancelled` (its load was dropped before it moved a byte).
+   */
+  evict(slot: number, cancelled = false): number {
     const key = this.slotKey[slot]!;
     if (key === EMPTY) return EMPTY;
     if (this.prefetchedUnused[slot]) {
       this.prefetchedUnused[slot] = 0;
-      this.prefetchWasted++;
+      if (!cancelled) this.prefetchWasted++;
     }
     this.keySlot[key] = EMPTY;
     this.slotKey[slot] = EMPTY;

@@ -1,8 +1,9 @@
 // The slow tier of the expert cache: where an expert's weights come from when it is not resident.
-// On CPU that is the checkpoint file itself, read with real I/O (pread, not the mmap) into reusable
-// staging buffers and repacked into the cache slot. A GPU tier (pinned host -> device copy on a
-// copy stream) implements the same interface.
-import { loadNative, type DType, type PackedWeight } from '../native/index.js';
+// On CPU that is the checkpoint file itself, read with real I/O (pread, not the mmap) and repacked
+// into the cache slot, either on a copy thread of its own (the native ExpertLoader: loads overlap
+// compute, so prefetching pays) or on the engine thread. A GPU tier (pinned host -> device copy on
+// a copy stream) implements the same ticket interface.
+import { loadNative, type DType, type ExpertLoader, type FileRange, type PackedWeight } from '../native/index.js';
 import type { Checkpoint, TensorInfo } from '../model/safetensors.js';
 import type { ModelSpec } from '../model/spec.js';
 
@@ -12,6 +13,14 @@ export interface SlotWeights {
   down: PackedWeight | null;   // [H, I]
 }
 
+/** A load in flight (or finished and not yet waited for). */
+export type LoadTicket = number;
+
+/**
+ * Loads run as tickets: submit() starts one (a synchronous store finishes it before returning),
+ * wait() blocks until it is done. NOTE: a slot must not be bound into an expert table, nor read,
+ * before wait() returned for the load into it.
+ */
 export interface ExpertStore {
   /** Bytes moved from the slow tier per expert load. */
   readonly expertBytes: number;
@@ -22,13 +31,29 @@ export interface ExpertStore {
    * prefetching hide latency. A synchronous tier would make every prefetch a stall of its own.
    */
   readonly overlapsCompute: boolean;
-  /** Fills `slot` with expert `expert` of MoE layer `layer`; returns the bytes read. */
-  load(layer: number, expert: number, slot: SlotWeights): number;
+  /**
+   * Starts filling `slot` with expert `expert` of MoE layer `layer`; higher `priority` first
+   * (Infinity: a demand miss). `simulatedDelayUs` (SIMULATION, benchmarks) adds that much link
+   * time to the load, on the thread that does the load.
+   */
+  submit(layer: number, expert: number, slot: SlotWeights, priority: number, simulatedDelayUs?: number): LoadTicket;
+  /** Blocks until the load is done (raised to the top priority first); throws its error. */
+  wait(ticket: LoadTicket): void;
+  /** True when the load is done (wait() will not block). */
+  done(ticket: LoadTicket): boolean;
+  /** Drops a load that has not started: true (the slot keeps its old bytes); false: wait() for it. */
+  cancel(ticket: LoadTicket): boolean;
+  /** Loads queued or running. */
+  readonly inFlight: number;
   dispose(): void;
 }
 
-interface Range { file: string; offset: number; sizeBytes: number }
-interface ExpertRanges { gate: Range; up: Range; down: Range }
+/** submit + wait: fills `slot` now (tests, tools). */
+export function loadNow(store: ExpertStore, layer: number, expert: number, slot: SlotWeights): void {
+  store.wait(store.submit(layer, expert, slot, Infinity));
+}
+
+interface ExpertRanges { gate: FileRange; up: FileRange; down: FileRange }
 
 const ST_DTYPE: Record<string, DType | undefined> = { BF16: 'bf16', F16: 'f16', F32: 'f32' };
 
@@ -45,26 +70,38 @@ export function moeLayerIndices(spec: ModelSpec): number[] {
   return out;
 }
 
+export interface CheckpointStoreOptions {
+  /**
+   * Load on the native ExpertLoader's copy thread (default), so that loads overlap the engine's
+   * compute; false loads on the calling thread (pread, then repack on the compute pool).
+   */
+  copyThread?: boolean;
+}
+
 /** Reads experts from the checkpoint files with pread into staging buffers, then repacks. */
 export class CheckpointExpertStore implements ExpertStore {
-  // NOTE: loads run on the calling (engine) thread between layers; an asynchronous reader
-  // (a Worker doing the preads into shared staging buffers) would set this to true.
-  readonly overlapsCompute = false;
+  readonly overlapsCompute: boolean;
   readonly expertBytes: number;
   readonly slotBytes: number;
   private readonly dtype: DType;
   private readonly H: number;
   private readonly I: number;
   private readonly ranges: ExpertRanges[][]; // [moeLayer][expert]
-  // Staging buffers, allocated once: [I, H] gate, [I, H] up, [H, I] down in the checkpoint dtype.
-  private readonly gate: Uint8Array;
-  private readonly up: Uint8Array;
-  private readonly down: Uint8Array;
+  // Synchronous path's staging buffers: [I, H] gate, [I, H] up, [H, I] down in the checkpoint dtype
+  // (the copy thread has its own).
+  private gate: Uint8Array | null = null;
+  private up: Uint8Array | null = null;
+  private down: Uint8Array | null = null;
+  private readonly loader: ExpertLoader | null;
+  /** Synchronous path: finished tickets not yet waited for. */
+  private readonly finished = new Set<LoadTicket>();
+  private nextTicket = 1;
   loads = 0;
   bytesRead = 0;
+  /** Synchronous path: seconds in pread (the copy thread reports its own in loaderStats()). */
   readSeconds = 0;
 
-  constructor(private readonly checkpoint: Checkpoint, spec: ModelSpec) {
+  constructor(private readonly checkpoint: Checkpoint, spec: ModelSpec, opts: CheckpointStoreOptions = {}) {
     this.H = spec.hidden;
     this.I = spec.moe.intermediate;
     const names = expertTensorPrefix(spec);
@@ -91,17 +128,17 @@ export class CheckpointExpertStore implements ExpertStore {
         for (let e = 0; e < E; e++) {
           const base = gu.offset + e * 2 * HI * b;
           out.push({
-            gate: { file: gu.file, offset: base, sizeBytes: HI * b },
-            up: { file: gu.file, offset: base + HI * b, sizeBytes: HI * b },
-            down: { file: dn.file, offset: dn.offset + e * HI * b, sizeBytes: HI * b },
+            gate: { path: gu.file, offset: base, sizeBytes: HI * b },
+            up: { path: gu.file, offset: base + HI * b, sizeBytes: HI * b },
+            down: { path: dn.file, offset: dn.offset + e * HI * b, sizeBytes: HI * b },
           });
         }
       } else {
         for (let e = 0; e < E; e++) {
-          const t = (n: string): Range => {
+          const t = (n: string): FileRange => {
             const info = checkpoint.getTensor(`${p}${e}.${n}.weight`);
             eb(info);
-            return { file: info.file, offset: info.offset, sizeBytes: info.sizeBytes };
+            return { path: info.file, offset: info.offset, sizeBytes: info.sizeBytes };
           };
           out.push({ gate: t(names.gate), up: t(names.up), down: t(names.down) });
         }
@@ -110,23 +147,83 @@ export class CheckpointExpertStore implements ExpertStore {
     });
     this.dtype = dtype ?? 'bf16';
     const bytes = this.ranges[0]?.[0]?.gate.sizeBytes ?? 0;
-    // 64-byte aligned staging (allocHostBuffer) so that typed views of any element size work.
-    const n = loadNative();
-    this.gate = new Uint8Array(n.allocHostBuffer(Math.max(1, bytes)));
-    this.up = new Uint8Array(n.allocHostBuffer(Math.max(1, bytes)));
-    this.down = new Uint8Array(n.allocHostBuffer(Math.max(1, bytes)));
     this.expertBytes = 3 * bytes;
     this.slotBytes = 3 * bytes; // packed weights keep the checkpoint dtype
+    this.overlapsCompute = opts.copyThread ?? true;
+    this.loader = this.overlapsCompute ? new (loadNative().ExpertLoader)() : null;
   }
 
-  load(layer: number, expert: number, slot: SlotWeights): number {
+  private rangesOf(layer: number, expert: number): ExpertRanges {
     const r = this.ranges[layer]?.[expert];
     if (!r) throw new RangeError(`no expert (${layer}, ${expert}) in the checkpoint at ${this.checkpoint.dir}`);
+    return r;
+  }
+
+  submit(layer: number, expert: number, slot: SlotWeights, priority: number, simulatedDelayUs = 0): LoadTicket {
+    const r = this.rangesOf(layer, expert);
+    const bytes = r.gate.sizeBytes + r.up.sizeBytes + r.down.sizeBytes;
+    this.loads++;
+    this.bytesRead += bytes;
+    if (this.loader) {
+      const n = loadNative();
+      const { H, I, dtype } = this;
+      // Empty slots get their weights now (zeros, right geometry); the copy thread fills them.
+      slot.gateUp ??= n.allocPackedWeight(dtype, 'gate_up', 2 * I, H);
+      slot.down ??= n.allocPackedWeight(dtype, 'plain', H, I);
+      return this.loader.submit({
+        gate: r.gate, up: r.up, down: r.down, dtype, dst: { gateUp: slot.gateUp, down: slot.down }, priority,
+        ...(simulatedDelayUs > 0 ? { delayUs: simulatedDelayUs } : {}),
+      });
+    }
+    this.loadHere(r, slot);
+    if (simulatedDelayUs > 0) {
+      // SIMULATION on the engine thread: a blocking copy, spent like one (busy-wait).
+      const until = performance.now() + simulatedDelayUs / 1000;
+      while (performance.now() < until) { /* busy-wait */ }
+    }
+    const t = this.nextTicket++;
+    this.finished.add(t);
+    return t;
+  }
+
+  wait(ticket: LoadTicket): void {
+    if (this.loader) {
+      const err = this.loader.wait(ticket);
+      if (err !== null) throw new Error(`expert load failed: ${err}`);
+      return;
+    }
+    if (!this.finished.delete(ticket)) throw new RangeError(`ticket ${ticket} is not pending (already waited for or cancelled)`);
+  }
+
+  done(ticket: LoadTicket): boolean {
+    return this.loader ? this.loader.poll(ticket) : true;
+  }
+
+  cancel(ticket: LoadTicket): boolean {
+    return this.loader ? this.loader.cancel(ticket) : false;
+  }
+
+  get inFlight(): number {
+    return this.loader ? this.loader.inFlight : 0;
+  }
+
+  /** The copy thread's totals (null on the synchronous path). */
+  loaderStats(): ReturnType<ExpertLoader['stats']> | null {
+    return this.loader ? this.loader.stats() : null;
+  }
+
+  /** The synchronous path: pread into staging here, repack on the compute pool. */
+  private loadHere(r: ExpertRanges, slot: SlotWeights): void {
     const n = loadNative();
+    const bytes = r.gate.sizeBytes;
+    // 64-byte aligned staging (allocHostBuffer) so that typed views of any element size work.
+    this.gate ??= new Uint8Array(n.allocHostBuffer(Math.max(1, bytes)));
+    this.up ??= new Uint8Array(n.allocHostBuffer(Math.max(1, bytes)));
+    this.down ??= new Uint8Array(n.allocHostBuffer(Math.max(1, bytes)));
     const t0 = performance.now();
-    n.readFileRange(r.gate.file, r.gate.offset, this.gate.subarray(0, r.gate.sizeBytes));
-    n.readFileRange(r.up.file, r.up.offset, this.up.subarray(0, r.up.sizeBytes));
-    n.readFileRange(r.down.file, r.down.offset, this.down.subarray(0, r.down.sizeBytes));
+    n.readFileRange(r.gate.path, r.gate.offset, this.gate.subarray(0, r.gate.sizeBytes));
+    n.readFileRange(r.up.path, r.up.offset, this.up.subarray(0, r.up.sizeBytes));
+    n.readFileRange(r.down.path, r.down.offset, this.down.subarray(0, r.down.sizeBytes));
     this.readSeconds += (performance.now() - t0) / 1000;
     const gate = this.view(this.gate, r.gate.sizeBytes);
     const up = this.view(this.up, r.up.sizeBytes);
@@ -136,10 +233,6 @@ export class CheckpointExpertStore implements ExpertStore {
     else slot.gateUp = n.packGateUp(gate, up, dtype, I, H);
     if (slot.down) n.repackInto(slot.down, down, dtype);
     else slot.down = n.packWeight(down, dtype, H, I);
-    const bytes = r.gate.sizeBytes + r.up.sizeBytes + r.down.sizeBytes;
-    this.loads++;
-    this.bytesRead += bytes;
-    return bytes;
   }
 
   private view(buf: Uint8Array, sizeBytes: number): Float32Array | Uint16Array {
@@ -148,32 +241,49 @@ export class CheckpointExpertStore implements ExpertStore {
       : new Uint16Array(buf.buffer, buf.byteOffset, sizeBytes / 2);
   }
 
-  dispose(): void {}
+  /** Finishes the running load and drops queued ones (their slots are the offloader's to free). */
+  dispose(): void {
+    this.loader?.dispose();
+  }
 }
 
 /**
- * A simulated host-to-device link in front of another store: every load also waits
- * latencyUs + bytes / bandwidth (busy-wait, so the time is spent like a blocking copy).
+ * A simulated host-to-device link in front of another store: every load also takes
+ * latencyUs + bytes / bandwidth, spent where the inner store loads (a sleep on its copy thread,
+ * which overlaps compute like a DMA copy; a busy-wait on the engine thread for a synchronous store).
  * SIMULATION: used by the benchmark only, labelled as such in every output.
  */
 export class SimulatedLinkStore implements ExpertStore {
+  /** Link time modelled so far (requested, not measured). */
   simulatedSeconds = 0;
 
   constructor(private readonly inner: ExpertStore, readonly linkGBps: number, readonly latencyUs: number) {
     if (!(linkGBps > 0)) throw new RangeError(`linkGBps is ${linkGBps}, expected a positive number`);
+    if (!(latencyUs >= 0)) throw new RangeError(`latencyUs is ${latencyUs}, expected a number >= 0`);
   }
 
   get expertBytes(): number { return this.inner.expertBytes; }
   get slotBytes(): number { return this.inner.slotBytes; }
   get overlapsCompute(): boolean { return this.inner.overlapsCompute; }
+  get inFlight(): number { return this.inner.inFlight; }
 
-  load(layer: number, expert: number, slot: SlotWeights): number {
-    const bytes = this.inner.load(layer, expert, slot);
-    const waitS = this.latencyUs * 1e-6 + bytes / (this.linkGBps * 1e9);
-    this.simulatedSeconds += waitS;
-    const until = performance.now() + waitS * 1000;
-    while (performance.now() < until) { /* busy-wait: a blocking copy */ }
-    return bytes;
+  /** The link time of one expert load, in microseconds. */
+  get delayUs(): number {
+    return this.latencyUs + this.inner.expertBytes / (this.linkGBps * 1e9) * 1e6;
+  }
+
+  submit(layer: number, expert: number, slot: SlotWeights, priority: number, simulatedDelayUs = 0): LoadTicket {
+    const d = this.delayUs + simulatedDelayUs;
+    this.simulatedSeconds += d * 1e-6;
+    return this.inner.submit(layer, expert, slot, priority, d);
+  }
+
+  wait(ticket: LoadTicket): void { this.inner.wait(ticket); }
+  done(ticket: LoadTicket): boolean { return this.inner.done(ticket); }
+  cancel(ticket: LoadTicket): boolean {
+    const ok = this.inner.cancel(ticket);
+    if (ok) this.simulatedSeconds -= this.delayUs * 1e-6;
+    return ok;
   }
 
   dispose(): void {

@@ -1,7 +1,8 @@
 // Activation-aware prediction (MoE-Infinity): each running request's partial EAM is matched to the
 // most similar EAM of the collection (per-layer cosine averaged over the layers seen so far); the
-// match's normalised rows predict which experts the coming layers will use. A batch combines its
-// requests' predictions. With no match the request's own rows (then global frequency) stand in.
+// match's normalised rows predict which experts the coming layers will use, blended with the
+// request's own rows where it has routed tokens. A batch combines its requests' predictions. With
+// no match the request's own rows (then global frequency) stand in.
 import { ExpertActivationMatrix, unitRows, unitSimilarity } from './eam.js';
 import type { EamCollection } from './eam-collection.js';
 
@@ -11,6 +12,15 @@ import type { EamCollection } from './eam-collection.js';
  * keeps the most confident request's probability.
  */
 export type BatchCombine = 'sum' | 'max';
+
+/**
+ * Where a request has routed tokens in a layer, its own normalised row is blended with the match's:
+ * own weight n / (n + MATCH_PRIOR_COUNT), n its routed (token, expert) pairs in that layer, so the
+ * match is a prior worth this many pairs. Measured on the structured replay traces at 25% capacity:
+ * +1.4 points of hit rate over the match alone (16 and 64 scored alike; the match alone and the
+ * average of the top 3-10 matches scored lower).
+ */
+export const MATCH_PRIOR_COUNT = 16;
 
 export interface MatchResult {
   index: number;
@@ -143,8 +153,15 @@ export class ActivationTracker {
     const entry = req.match >= 0 ? this.collection.entries[req.match] : undefined;
     for (let l = 0; l < L; l++) {
       const dst = out.subarray(l * E, (l + 1) * E);
-      if (entry && entry.eam.rowSum(l) > 0) entry.eam.normalisedRow(l, dst);
-      else if (req.eam.rowSum(l) > 0) req.eam.normalisedRow(l, dst);
+      const own = req.eam.rowSum(l);
+      if (entry && entry.eam.rowSum(l) > 0) {
+        entry.eam.normalisedRow(l, dst);
+        if (own > 0) {
+          const a = own / (own + MATCH_PRIOR_COUNT);
+          const c = req.eam.counts;
+          for (let e = 0; e < E; e++) dst[e] = (1 - a) * dst[e]! + a * c[l * E + e]! / own;
+        }
+      } else if (own > 0) req.eam.normalisedRow(l, dst);
       else if (this.global.rowSum(l) > 0) this.global.normalisedRow(l, dst);
       else dst.fill(1 / E);
     }

@@ -21,6 +21,9 @@ export interface ReplayOptions {
   /** Starting collection (e.g. one saved by an earlier run); default empty, filled as requests finish. */
   collection?: EamCollection;
   collectionCapacity?: number;
+  /** Prefetch knobs (see OffloaderOptions). */
+  prefetchWindowExperts?: number;
+  prefetchMinProbability?: number;
 }
 
 export interface ReplayResult {
@@ -40,12 +43,17 @@ export interface ReplayResult {
   layerHitRate: number[];
 }
 
-/** A store that moves nothing: the replay only counts. */
+/** A store that moves nothing: the replay only counts (every load is done at once). */
 class NullStore implements ExpertStore {
   readonly expertBytes = 1;
   readonly slotBytes = 1;
   readonly overlapsCompute = true;
-  load(): number { return 1; }
+  readonly inFlight = 0;
+  private ticket = 0;
+  submit(): number { return ++this.ticket; }
+  wait(): void {}
+  done(): boolean { return true; }
+  cancel(): boolean { return false; }
   dispose(): void {}
 }
 
@@ -76,6 +84,8 @@ export function replay(trace: Trace, opts: ReplayOptions): ReplayResult {
   const off = new Offloader(new NullStore(), {
     numLayers: L, numExperts: E, topK: trace.meta.topK, policy: opts.policy, fraction: opts.capacity,
     prefetch: opts.prefetch ?? false, collection,
+    ...(opts.prefetchWindowExperts !== undefined ? { prefetchWindowBytes: opts.prefetchWindowExperts } : {}),
+    ...(opts.prefetchMinProbability !== undefined ? { prefetchMinProbability: opts.prefetchMinProbability } : {}),
   });
   const tables = Array.from({ length: L }, () => new NullTable(E));
   off.attachTables(tables);

@@ -16,9 +16,15 @@ export interface OffloadConfig {
   fraction?: number;
   prefetch?: boolean;
   prefetchWindowBytes?: number;
+  prefetchMinProbability?: number;
   combine?: BatchCombine;
   traceDir?: string;
   eamCapacity?: number;
+  /**
+   * Load experts on the native copy thread (default true), so that prefetching overlaps compute;
+   * false loads on the engine thread (and prefetching is then off unless asked for).
+   */
+  copyThread?: boolean;
   /** SIMULATION (benchmarks): a host-to-device link in front of the real store. */
   simulatedLink?: { gbps: number; latencyUs: number };
 }
@@ -34,7 +40,7 @@ export function offloadModelId(spec: ModelSpec): string {
 
 export function attachOffloader(loaded: LoadedModel, cfg: OffloadConfig): Offloader {
   const { spec, model, checkpoint } = loaded;
-  let store: ExpertStore = new CheckpointExpertStore(checkpoint, spec);
+  let store: ExpertStore = new CheckpointExpertStore(checkpoint, spec, { copyThread: cfg.copyThread ?? true });
   if (cfg.simulatedLink) store = new SimulatedLinkStore(store, cfg.simulatedLink.gbps, cfg.simulatedLink.latencyUs);
   const off = new Offloader(store, {
     numLayers: model.moeLayers.length, numExperts: spec.moe.numExperts, topK: spec.moe.router.topK,
@@ -43,6 +49,7 @@ export function attachOffloader(loaded: LoadedModel, cfg: OffloadConfig): Offloa
     ...(cfg.fraction !== undefined ? { fraction: cfg.fraction } : {}),
     ...(cfg.prefetch !== undefined ? { prefetch: cfg.prefetch } : {}),
     ...(cfg.prefetchWindowBytes !== undefined ? { prefetchWindowBytes: cfg.prefetchWindowBytes } : {}),
+    ...(cfg.prefetchMinProbability !== undefined ? { prefetchMinProbability: cfg.prefetchMinProbability } : {}),
     ...(cfg.combine !== undefined ? { combine: cfg.combine } : {}),
     ...(cfg.traceDir ? { traceDir: cfg.traceDir } : {}),
     ...(cfg.eamCapacity ? { eamCapacity: cfg.eamCapacity } : {}),

@@ -37,9 +37,12 @@ struct PackedWeight {
 // Allocates an empty packed weight of the given geometry (contents zero).
 std::shared_ptr<PackedWeight> alloc_packed_weight(DType dtype, WeightKind kind, int n, int k);
 // Packs src [n, k] (row-major, dtype) into w; w must have been allocated with the same geometry.
-void pack_weight(PackedWeight& w, const void* src, DType src_dtype);
+// use_pool = false packs on the calling thread only (the expert loader's copy thread must not
+// enter the compute pool).
+void pack_weight(PackedWeight& w, const void* src, DType src_dtype, bool use_pool = true);
 // Packs gate [I, K] and up [I, K] into a GateUp weight of logical n = 2*I.
-void pack_gate_up(PackedWeight& w, const void* gate, const void* up, DType src_dtype);
+void pack_gate_up(PackedWeight& w, const void* gate, const void* up, DType src_dtype,
+                  bool use_pool = true);
 // Reads element (row, col) back as f32 (tests, debugging).
 float packed_weight_at(const PackedWeight& w, int row, int col);
 

@@ -1,0 +1,219 @@
+// Bindings for the loader family: the ExpertLoader handle (a copy thread that fills expert cache
+// slots from checkpoint byte ranges in priority order) and allocPackedWeight (an empty slot weight
+// for it to fill). submit/poll/cancel never block; wait blocks the calling (engine) thread.
+#include <cmath>
+#include <memory>
+#include <string>
+
+#include "args.h"
+#include "expertd/expert_loader.h"
+#include "handles.h"
+#include "register.h"
+
+namespace expertd::addon {
+
+namespace {
+
+constexpr int64_t kMaxDim = int64_t(1) << 24;
+constexpr int64_t kMaxSafe = (int64_t(1) << 53);
+
+std::shared_ptr<PackedWeight> weight_field(Napi::Env env, const Napi::Object& o, const char* key,
+                                           const std::string& name) {
+  auto* data = env.GetInstanceData<AddonData>();
+  Napi::Value v = o.Get(key);
+  if (!v.IsObject() || !v.As<Napi::Object>().InstanceOf(data->weight_ctor.Value()))
+    throw_type(env, name + " must be a PackedWeight");
+  return WeightHandle::Unwrap(v.As<Napi::Object>())->get(env, name.c_str());
+}
+
+int64_t int_field(Napi::Env env, const Napi::Object& o, const char* key, const std::string& name,
+                  int64_t min, int64_t max) {
+  Napi::Value v = o.Get(key);
+  if (!v.IsNumber()) throw_type(env, name + " must be a number");
+  double d = v.As<Napi::Number>().DoubleValue();
+  if (!std::isfinite(d) || d != std::floor(d)) throw_type(env, name + " must be an integer, got " + std::to_string(d));
+  int64_t i = static_cast<int64_t>(d);
+  if (i < min || i > max)
+    throw_range(env, name + " is " + std::to_string(i) + ", expected " + std::to_string(min) + ".." +
+                         std::to_string(max));
+  return i;
+}
+
+FileRange range_field(Napi::Env env, const Napi::Object& job, const char* key, size_t want_bytes,
+                      const std::string& shape) {
+  const std::string name = std::string("job.") + key;
+  Napi::Value v = job.Get(key);
+  if (!v.IsObject()) throw_type(env, name + " must be an object {path, offset, sizeBytes}");
+  Napi::Object r = v.As<Napi::Object>();
+  Napi::Value p = r.Get("path");
+  if (!p.IsString() || p.As<Napi::String>().Utf8Value().empty())
+    throw_type(env, name + ".path must be a non-empty string");
+  FileRange out;
+  out.path = p.As<Napi::String>().Utf8Value();
+  out.offset = static_cast<uint64_t>(int_field(env, r, "offset", name + ".offset", 0, kMaxSafe));
+  out.size_bytes = static_cast<size_t>(int_field(env, r, "sizeBytes", name + ".sizeBytes", 0, kMaxSafe));
+  if (out.size_bytes != want_bytes)
+    throw_range(env, name + ".sizeBytes is " + std::to_string(out.size_bytes) + ", expected " +
+                         std::to_string(want_bytes) + " (" + shape + ")");
+  return out;
+}
+
+class ExpertLoaderHandle : public Napi::ObjectWrap<ExpertLoaderHandle> {
+ public:
+  static Napi::Function define(Napi::Env env) {
+    return DefineClass(env, "ExpertLoader",
+                       {InstanceMethod("submit", &ExpertLoaderHandle::submit),
+                        InstanceMethod("poll", &ExpertLoaderHandle::poll),
+                        InstanceMethod("wait", &ExpertLoaderHandle::wait),
+                        InstanceMethod("cancel", &ExpertLoaderHandle::cancel),
+                        InstanceMethod("stats", &ExpertLoaderHandle::stats),
+                        InstanceMethod("dispose", &ExpertLoaderHandle::dispose),
+                        InstanceAccessor("inFlight", &ExpertLoaderHandle::in_flight, nullptr),
+                        InstanceAccessor("disposed", &ExpertLoaderHandle::disposed, nullptr)});
+  }
+
+  explicit ExpertLoaderHandle(const Napi::CallbackInfo& info)
+      : Napi::ObjectWrap<ExpertLoaderHandle>(info) {
+    guard(info.Env(), [&] { loader_ = std::make_unique<ExpertLoader>(); });
+  }
+
+ private:
+  ExpertLoader& live(Napi::Env env) {
+    if (!loader_) throw_native(env, Error(ErrorCode::Disposed, "ExpertLoader has been disposed"));
+    return *loader_;
+  }
+
+  int64_t ticket_arg(const Napi::CallbackInfo& info, const char* fn) {
+    expect_args(info, 1, fn);
+    int64_t t = get_int(info, 0, "ticket", 1, kMaxSafe);
+    if (!live(info.Env()).known(t))
+      throw_range(info.Env(), "ticket " + std::to_string(t) +
+                                  " is not pending (already waited for, cancelled, or never submitted)");
+    return t;
+  }
+
+  // submit({gate, up, down: {path, offset, sizeBytes}, dtype, dst: {gateUp, down}, priority, delayUs?})
+  Napi::Value submit(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    expect_args(info, 1, "ExpertLoader.submit");
+    ExpertLoader& loader = live(env);
+    if (!info[0].IsObject()) throw_type(env, "job must be an object");
+    Napi::Object o = info[0].As<Napi::Object>();
+    ExpertLoadJob job;
+    job.dtype = parse_dtype(env, o.Get("dtype"), "job.dtype");
+    Napi::Value dst = o.Get("dst");
+    if (!dst.IsObject()) throw_type(env, "job.dst must be an object {gateUp, down}");
+    job.gate_up_w = weight_field(env, dst.As<Napi::Object>(), "gateUp", "job.dst.gateUp");
+    job.down_w = weight_field(env, dst.As<Napi::Object>(), "down", "job.dst.down");
+    const PackedWeight& gu = *job.gate_up_w;
+    const PackedWeight& dn = *job.down_w;
+    if (gu.kind != WeightKind::GateUp) throw_type(env, "job.dst.gateUp must be a gate_up weight");
+    if (dn.kind != WeightKind::Plain) throw_type(env, "job.dst.down must be a plain weight");
+    const int64_t inter = gu.n / 2, h = gu.k;
+    if (dn.n != h || dn.k != inter)
+      throw_range(env, "job.dst.down shape is [" + std::to_string(dn.n) + ", " + std::to_string(dn.k) +
+                           "], expected [" + std::to_string(h) + ", " + std::to_string(inter) +
+                           "] (gateUp is [" + std::to_string(gu.n) + ", " + std::to_string(h) + "])");
+    const size_t bytes = static_cast<size_t>(inter * h) * dtype_size(job.dtype);
+    const std::string ih = "[" + std::to_string(inter) + ", " + std::to_string(h) + "] " + dtype_name(job.dtype);
+    const std::string hi = "[" + std::to_string(h) + ", " + std::to_string(inter) + "] " + dtype_name(job.dtype);
+    job.gate = range_field(env, o, "gate", bytes, ih);
+    job.up = range_field(env, o, "up", bytes, ih);
+    job.down = range_field(env, o, "down", bytes, hi);
+    Napi::Value pr = o.Get("priority");
+    if (!pr.IsNumber() || std::isnan(pr.As<Napi::Number>().DoubleValue()))
+      throw_type(env, "job.priority must be a number");
+    job.priority = pr.As<Napi::Number>().DoubleValue();
+    Napi::Value d = o.Get("delayUs");
+    if (!is_nullish(d)) {
+      if (!d.IsNumber()) throw_type(env, "job.delayUs must be a number");
+      job.delay_us = d.As<Napi::Number>().DoubleValue();
+      if (!(job.delay_us >= 0 && job.delay_us <= 1e7))
+        throw_range(env, "job.delayUs is " + std::to_string(job.delay_us) + ", expected 0..1e7");
+    }
+    int64_t t = 0;
+    guard(env, [&] { t = loader.submit(std::move(job)); });
+    return Napi::Number::New(env, static_cast<double>(t));
+  }
+
+  Napi::Value poll(const Napi::CallbackInfo& info) {
+    int64_t t = ticket_arg(info, "ExpertLoader.poll");
+    bool done = false;
+    guard(info.Env(), [&] { done = loader_->poll(t); });
+    return Napi::Boolean::New(info.Env(), done);
+  }
+
+  // wait(ticket) -> null on success, else the error text (the load's failure is the caller's to raise).
+  Napi::Value wait(const Napi::CallbackInfo& info) {
+    int64_t t = ticket_arg(info, "ExpertLoader.wait");
+    std::string err;
+    guard(info.Env(), [&] { err = loader_->wait(t); });
+    if (err.empty()) return info.Env().Null();
+    return Napi::String::New(info.Env(), err);
+  }
+
+  Napi::Value cancel(const Napi::CallbackInfo& info) {
+    int64_t t = ticket_arg(info, "ExpertLoader.cancel");
+    bool ok = false;
+    guard(info.Env(), [&] { ok = loader_->cancel(t); });
+    return Napi::Boolean::New(info.Env(), ok);
+  }
+
+  Napi::Value stats(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    ExpertLoader::Stats s = live(env).stats();
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("busySeconds", s.busy_seconds);
+    o.Set("readSeconds", s.read_seconds);
+    o.Set("simulatedSeconds", s.simulated_seconds);
+    o.Set("jobsDone", static_cast<double>(s.jobs_done));
+    o.Set("bytesRead", static_cast<double>(s.bytes_read));
+    return o;
+  }
+
+  Napi::Value in_flight(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), static_cast<double>(live(info.Env()).in_flight()));
+  }
+
+  Napi::Value disposed(const Napi::CallbackInfo& info) {
+    return Napi::Boolean::New(info.Env(), !loader_);
+  }
+
+  // Finishes the running job (its weights stay alive through it), drops the queued ones.
+  Napi::Value dispose(const Napi::CallbackInfo& info) {
+    loader_.reset();
+    return info.Env().Undefined();
+  }
+
+  std::unique_ptr<ExpertLoader> loader_;
+};
+
+// allocPackedWeight(dtype, kind, n, k) -> zero PackedWeight (an expert slot for the loader to fill)
+Napi::Value alloc_packed_weight_js(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 4, "allocPackedWeight");
+  const DType dtype = parse_dtype(env, info[0], "dtype");
+  if (!info[1].IsString()) throw_type(env, "kind must be 'plain' or 'gate_up'");
+  const std::string kind = info[1].As<Napi::String>().Utf8Value();
+  if (kind != "plain" && kind != "gate_up")
+    throw_type(env, "kind is '" + kind + "', expected 'plain' or 'gate_up'");
+  const int64_t n = get_int(info, 2, "n", 1, kMaxDim);
+  const int64_t k = get_int(info, 3, "k", 1, kMaxDim);
+  if (kind == "gate_up" && n % 2 != 0)
+    throw_range(env, "n is " + std::to_string(n) + ", expected an even number for a gate_up weight (2 * inter)");
+  std::shared_ptr<PackedWeight> w;
+  guard(env, [&] {
+    w = alloc_packed_weight(dtype, kind == "gate_up" ? WeightKind::GateUp : WeightKind::Plain,
+                            static_cast<int>(n), static_cast<int>(k));
+  });
+  return WeightHandle::create(env, std::move(w));
+}
+
+}  // namespace
+
+void register_loader(Napi::Env env, Napi::Object exports) {
+  exports.Set("ExpertLoader", ExpertLoaderHandle::define(env));
+  exports.Set("allocPackedWeight", Napi::Function::New(env, alloc_packed_weight_js, "allocPackedWeight"));
+}
+
+}  // namespace expertd::addon

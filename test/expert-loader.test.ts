@@ -1,0 +1,197 @@
+// The native ExpertLoader (the offloader's copy thread): slot fills equal packGateUp/packWeight of
+// the same bytes bit for bit (per-expert and fused layouts, bf16 and f32), jobs run by priority
+// (FIFO among equals, wait() raises a queued job to the top), cancel drops only queued jobs, read
+// errors come back from wait() as text with the process alive, bad arguments raise exact errors.
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { test } from 'node:test';
+
+import { loadNative, type DType, type ExpertLoadJob, type PackedWeight } from '../src/native/index.js';
+
+const n = loadNative();
+
+function rng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+interface Fixture { file: string; I: number; H: number; dtype: DType; E: number; bytes: number; data: Uint8Array }
+
+/** A file of E experts, each gate [I, H] | up [I, H] | down [H, I] back to back, after a 40-byte header. */
+function fixture(I: number, H: number, dtype: DType, E: number, seed: number): Fixture {
+  const r = rng(seed);
+  const es = dtype === 'f32' ? 4 : 2;
+  const bytes = I * H * es;
+  const data = new Uint8Array(40 + E * 3 * bytes);
+  if (dtype === 'f32') {
+    const f = new Float32Array(data.buffer, 40, E * 3 * I * H);
+    for (let i = 0; i < f.length; i++) f[i] = r() * 2 - 1;
+  } else {
+    for (let i = 40; i < data.length; i++) data[i] = Math.floor(r() * 256);
+    // Keep bf16 values finite (exponent never all ones) so that comparisons are plain.
+    for (let i = 41; i < data.length; i += 2) data[i] = data[i]! & 0x7e;
+  }
+  const file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'expertd-loader-')), 'experts.bin');
+  fs.writeFileSync(file, data);
+  return { file, I, H, dtype, E, bytes, data };
+}
+
+function view(fx: Fixture, offset: number): Float32Array | Uint16Array {
+  const count = fx.I * fx.H;
+  const buf = fx.data.slice(offset, offset + fx.bytes).buffer;
+  return fx.dtype === 'f32' ? new Float32Array(buf, 0, count) : new Uint16Array(buf, 0, count);
+}
+
+function ranges(fx: Fixture, e: number): Pick<ExpertLoadJob, 'gate' | 'up' | 'down'> {
+  const base = 40 + e * 3 * fx.bytes;
+  return {
+    gate: { path: fx.file, offset: base, sizeBytes: fx.bytes },
+    up: { path: fx.file, offset: base + fx.bytes, sizeBytes: fx.bytes },
+    down: { path: fx.file, offset: base + 2 * fx.bytes, sizeBytes: fx.bytes },
+  };
+}
+
+function slot(fx: Fixture): { gateUp: PackedWeight; down: PackedWeight } {
+  return { gateUp: n.allocPackedWeight(fx.dtype, 'gate_up', 2 * fx.I, fx.H), down: n.allocPackedWeight(fx.dtype, 'plain', fx.H, fx.I) };
+}
+
+/** Every element of a vs b, compared as f32 bit patterns. */
+function sameWeights(a: PackedWeight, b: PackedWeight, label: string): void {
+  assert.equal(a.n, b.n);
+  assert.equal(a.k, b.k);
+  const f = new Float32Array(2);
+  const u = new Uint32Array(f.buffer);
+  for (let r = 0; r < a.n; r++)
+    for (let c = 0; c < a.k; c++) {
+      f[0] = n.packedWeightAt(a, r, c);
+      f[1] = n.packedWeightAt(b, r, c);
+      if (u[0] !== u[1]) assert.fail(`${label}: element (${r}, ${c}) is ${f[0]}, expected ${f[1]}`);
+    }
+}
+
+test('loader fills slots equal to packGateUp/packWeight of the same bytes, bit for bit', () => {
+  for (const [I, H, dtype] of [[16, 32, 'bf16'], [24, 40, 'bf16'], [17, 33, 'bf16'], [20, 12, 'f32']] as const) {
+    const fx = fixture(I, H, dtype, 3, I * 100 + H);
+    const loader = new n.ExpertLoader();
+    for (let e = 0; e < fx.E; e++) {
+      const dst = slot(fx);
+      // Poison the slot so that an unwritten element shows.
+      const nan = dtype === 'f32' ? new Float32Array(I * H).fill(NaN) : new Uint16Array(I * H).fill(0x7fc0);
+      n.repackInto(dst.gateUp, nan, dtype, nan);
+      n.repackInto(dst.down, nan, dtype);
+      const t = loader.submit({ ...ranges(fx, e), dtype, dst, priority: 0 });
+      assert.equal(loader.wait(t), null);
+      const base = 40 + e * 3 * fx.bytes;
+      const want = n.packGateUp(view(fx, base), view(fx, base + fx.bytes), dtype, I, H);
+      const wantDown = n.packWeight(view(fx, base + 2 * fx.bytes), dtype, H, I);
+      sameWeights(dst.gateUp, want, `${dtype} ${I}x${H} expert ${e} gate_up`);
+      sameWeights(dst.down, wantDown, `${dtype} ${I}x${H} expert ${e} down`);
+      for (const w of [want, wantDown, dst.gateUp, dst.down]) w.dispose();
+    }
+    const st = loader.stats();
+    assert.equal(st.jobsDone, fx.E);
+    assert.equal(st.bytesRead, fx.E * 3 * fx.bytes);
+    assert.ok(st.busySeconds >= st.readSeconds && st.readSeconds > 0);
+    assert.equal(loader.inFlight, 0);
+    loader.dispose();
+    assert.equal(loader.disposed, true);
+  }
+});
+
+test('loader runs jobs by priority, FIFO among equals; wait() raises a queued job; cancel drops queued jobs only', () => {
+  const fx = fixture(16, 32, 'bf16', 1, 5);
+  const loader = new n.ExpertLoader();
+  const dst = slot(fx);
+  const job = (priority: number, delayUs: number): number => loader.submit({ ...ranges(fx, 0), dtype: 'bf16', dst, priority, delayUs });
+  // A long first job holds the thread while the others queue behind it.
+  const blocker = job(0, 200_000);
+  Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 50); // let the thread pick it up
+  const a = job(1, 40_000);
+  const b = job(3, 40_000);
+  const c = job(2, 40_000);
+  const d = job(3, 40_000);
+  const x = job(-5, 40_000);
+  assert.equal(loader.inFlight, 6);
+  assert.equal(loader.poll(blocker), false);
+  assert.equal(loader.cancel(x), true, 'a queued job can be cancelled');
+  assert.throws(() => loader.wait(x), (e: Error) => e instanceof RangeError && /ticket \d+ is not pending/.test(e.message));
+  assert.equal(loader.cancel(blocker), false, 'the running job cannot be cancelled');
+  assert.equal(loader.wait(b), null);
+  // b ran right after the blocker; d (same priority, later) next: a and c have not finished.
+  assert.equal(loader.poll(a), false);
+  assert.equal(loader.poll(c), false);
+  assert.equal(loader.wait(a), null, 'waiting raises a to the top: it runs before c');
+  assert.equal(loader.poll(c), false);
+  assert.equal(loader.poll(d), true, 'd (priority 3) ran before a was raised');
+  assert.equal(loader.wait(d), null);
+  assert.equal(loader.wait(c), null);
+  assert.equal(loader.wait(blocker), null);
+  assert.equal(loader.inFlight, 0);
+  const st = loader.stats();
+  assert.equal(st.jobsDone, 5);
+  assert.ok(st.simulatedSeconds >= 0.3, `simulated ${st.simulatedSeconds}`);
+  loader.dispose();
+  dst.gateUp.dispose();
+  dst.down.dispose();
+});
+
+test('loader errors come back from wait() as text; weights stay alive through dispose', () => {
+  const fx = fixture(16, 32, 'bf16', 1, 9);
+  const loader = new n.ExpertLoader();
+  const dst = slot(fx);
+  const missing = loader.submit({ ...ranges(fx, 0), gate: { path: `${fx.file}.missing`, offset: 0, sizeBytes: fx.bytes }, dtype: 'bf16', dst, priority: 0 });
+  assert.match(loader.wait(missing) ?? '', /cannot open .*experts\.bin\.missing/);
+  const short = loader.submit({ ...ranges(fx, 0), down: { path: fx.file, offset: fx.data.length - 10, sizeBytes: fx.bytes }, dtype: 'bf16', dst, priority: 0 });
+  assert.match(loader.wait(short) ?? '', /short read of .*experts\.bin at \d+: end of file/);
+  // The loader still works after failures.
+  assert.equal(loader.wait(loader.submit({ ...ranges(fx, 0), dtype: 'bf16', dst, priority: 0 })), null);
+  // Disposing the JS handles of a slot while its load runs is safe: the job holds the weights.
+  const d2 = slot(fx);
+  const t = loader.submit({ ...ranges(fx, 0), dtype: 'bf16', dst: d2, priority: 0, delayUs: 20_000 });
+  d2.gateUp.dispose();
+  d2.down.dispose();
+  assert.equal(loader.wait(t), null);
+  // dispose() finishes the running job and drops queued ones.
+  const run = loader.submit({ ...ranges(fx, 0), dtype: 'bf16', dst, priority: 0, delayUs: 30_000 });
+  loader.submit({ ...ranges(fx, 0), dtype: 'bf16', dst, priority: 0 });
+  assert.ok(run > 0);
+  loader.dispose();
+  loader.dispose();
+  assert.throws(() => loader.submit({ ...ranges(fx, 0), dtype: 'bf16', dst, priority: 0 }), (e: Error & { code?: string }) => e.code === 'E_DISPOSED');
+  assert.throws(() => loader.inFlight, (e: Error & { code?: string }) => e.code === 'E_DISPOSED');
+  dst.gateUp.dispose();
+  dst.down.dispose();
+});
+
+test('loader arguments are checked with exact messages', () => {
+  const fx = fixture(16, 32, 'bf16', 1, 3);
+  const loader = new n.ExpertLoader();
+  const dst = slot(fx);
+  const ok: ExpertLoadJob = { ...ranges(fx, 0), dtype: 'bf16', dst, priority: 0 };
+  const bad = (job: unknown, type: typeof TypeError | typeof RangeError, msg: string) =>
+    assert.throws(() => loader.submit(job as ExpertLoadJob), (e: Error) => e instanceof type && e.message === msg, msg);
+  bad({ ...ok, gate: { ...ok.gate, sizeBytes: 10 } }, RangeError, 'job.gate.sizeBytes is 10, expected 1024 ([16, 32] bf16)');
+  bad({ ...ok, down: { ...ok.down, offset: -1 } }, RangeError, 'job.down.offset is -1, expected 0..9007199254740992');
+  bad({ ...ok, up: { ...ok.up, path: '' } }, TypeError, 'job.up.path must be a non-empty string');
+  bad({ ...ok, dst: { gateUp: dst.gateUp, down: {} } }, TypeError, 'job.dst.down must be a PackedWeight');
+  bad({ ...ok, dst: { gateUp: dst.down, down: dst.down } }, TypeError, 'job.dst.gateUp must be a gate_up weight');
+  bad({ ...ok, priority: NaN }, TypeError, 'job.priority must be a number');
+  bad({ ...ok, delayUs: -1 }, RangeError, 'job.delayUs is -1.000000, expected 0..1e7');
+  bad({ ...ok, dtype: 'f8' }, TypeError, "job.dtype is 'f8', expected 'f32', 'bf16' or 'f16'");
+  const wrong = n.allocPackedWeight('bf16', 'plain', 32, 8);
+  bad({ ...ok, dst: { gateUp: dst.gateUp, down: wrong } }, RangeError, 'job.dst.down shape is [32, 8], expected [32, 16] (gateUp is [32, 32])');
+  assert.throws(() => loader.wait(12345), (e: Error) => e instanceof RangeError && e.message === 'ticket 12345 is not pending (already waited for, cancelled, or never submitted)');
+  assert.throws(() => n.allocPackedWeight('bf16', 'gate_up', 7, 4), (e: Error) => e instanceof RangeError && e.message === 'n is 7, expected an even number for a gate_up weight (2 * inter)');
+  assert.throws(() => n.allocPackedWeight('bf16', 'dense' as 'plain', 8, 4), (e: Error) => e instanceof TypeError && e.message === "kind is 'dense', expected 'plain' or 'gate_up'");
+  assert.equal(loader.inFlight, 0, 'no bad job was queued');
+  loader.dispose();
+  for (const w of [dst.gateUp, dst.down, wrong]) w.dispose();
+});
