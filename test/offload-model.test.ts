@@ -83,9 +83,9 @@ for (const [name, dir] of models) {
       resident.model.dispose();
       const configs: Array<{ label: string; cfg: Omit<OffloadConfig, 'traceDir'> }> = [
         ...(['eam', 'lru', 'lfu'] as const).map((policy) => ({ label: policy, cfg: { policy, fraction: 0.25, prefetch: policy === 'eam' } })),
-        // SIMULATION: 0.5 GB/s makes every load slow enough that prefetches are awaited in flight
+        // SIMULATION: 0.5 GB/s + 3 ms per load (far longer than a tiny layer's compute) makes prefetches be awaited in flight
         // (at 50%: a cache of one layer's experts leaves prefetching no slot).
-        { label: 'eam at 50%, slow link', cfg: { policy: 'eam', fraction: 0.5, prefetch: true, prefetchMinProbability: 0, simulatedLink: { gbps: 0.5, latencyUs: 100 } } },
+        { label: 'eam at 50%, slow link', cfg: { policy: 'eam', fraction: 0.5, prefetch: true, prefetchMinProbability: 0, simulatedLink: { gbps: 0.5, latencyUs: 3000 } } },
         { label: 'eam, engine thread', cfg: { policy: 'eam', fraction: 0.25, prefetch: true, copyThread: false } },
       ];
       for (const { label: mode, cfg } of configs) {

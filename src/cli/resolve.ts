@@ -45,6 +45,17 @@ function offloadOptions(flags: ParsedFlags): { offload?: OffloadConfig } {
       ...(gb > 0 ? { budgetBytes: gb * 2 ** 30 } : { fraction }),
       ...(traceDir ? { traceDir: path.resolve(traceDir) } : {}),
       eamCapacity: Number(flags['eam-capacity'] ?? 1000),
+      copyThread: copyThread(flags),
     },
   };
+}
+
+// The copy thread only overlaps with compute when it has a core of its own: with every core in the
+// kernel pool it steals one from a pool worker and the step waits (measured: slower on 2 vCPUs).
+function copyThread(flags: ParsedFlags): boolean {
+  const mode = String(flags['expert-loader'] ?? 'auto');
+  if (mode !== 'auto') return mode === 'copy-thread';
+  const caps = loadNative().capabilities();
+  const threads = Number(flags['threads'] ?? 0) || caps.hardwareThreads;
+  return threads < caps.hardwareThreads;
 }

@@ -16,6 +16,8 @@ export const offloadFlags: FlagSpec[] = [
   { name: 'expert-cache-gb', type: 'number', min: 0, default: 0, arg: 'GB', help: 'Expert cache (fast tier) size in GiB; experts beyond it stay in the checkpoint and load on demand (0 = see --expert-cache-fraction)' },
   { name: 'expert-cache-fraction', type: 'number', min: 0, max: 1, default: 1, arg: 'F', help: 'Expert cache size as a fraction of all routed experts (1 = everything resident, no offloading)' },
   { name: 'cache-policy', type: 'string', choices: ['eam', 'lru', 'lfu'], default: 'eam', help: 'Eviction: eam = lowest predicted reuse from request activation traces (MoE-Infinity); lru, lfu = baselines' },
+  { name: 'expert-loader', type: 'string', choices: ['auto', 'copy-thread', 'engine-thread'], default: 'auto',
+    help: 'Where offloaded experts are read and repacked: a copy thread that overlaps prefetch with compute, or the engine thread between layers (auto = copy thread only when --threads leaves a core free)' },
   { name: 'eam-capacity', type: 'int', min: 1, default: 1000, arg: 'N', help: "Finished requests' expert activation matrices kept for prediction (the least-matched is replaced when full)" },
   { name: 'trace-dir', type: 'string', arg: 'DIR', default: '', help: 'Folder for the routing trace and the EAM collection (reloaded at start, saved on shutdown)' },
 ];
