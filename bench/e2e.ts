@@ -1,0 +1,340 @@
+// `npm run bench -- e2e`: whole-model speed on the two bench checkpoints in fast (bf16) mode:
+// prefill 512 tokens, greedy decode at batch 1 and 8, against the weights-read bandwidth bound
+// (bytes each decode step really reads, from its routing, over the probed bandwidth) and against
+// HF transformers bf16 on the CPU with the same checkpoint, workloads and thread count.
+//
+// The model is driven directly (MoeModel.forward over a paged KV cache, no scheduler or worker):
+// each step's routing is needed for the bound, and engine overheads are the serve bench's subject.
+import os from 'node:os';
+import { performance } from 'node:perf_hooks';
+import { parseArgs } from 'node:util';
+
+import type { LayerCache } from '../src/model/attention.js';
+import type { ForwardBatch, ForwardResult } from '../src/model/forward-batch.js';
+import { countParams, loadModel, type LoadedModel } from '../src/model/load.js';
+import type { MoeModel } from '../src/model/model.js';
+import type { ModelSpec } from '../src/model/spec.js';
+import { loadNative } from '../src/native/index.js';
+import { BENCH_MODEL_NAMES, ensureBenchModel, type BenchModelName } from './bench-models.js';
+import { fmt, markdownTable, median, parseIntList, parsePositiveInt, pct, runInfo, writeJson, type Cell } from './harness.js';
+import { hfPython, runHfPeer, type HfResult } from './peers/hf.js';
+import { runProbe, type MachineLimits } from './probe/probe.js';
+
+const BLOCK_SIZE = 16;
+
+interface Seq { blocks: number[]; len: number }
+
+/** A minimal paged-KV driver: contiguous block hand-out, reset between repetitions. */
+class Runner {
+  readonly cache: LayerCache[];
+  private next = 0;
+  constructor(readonly model: MoeModel, readonly numBlocks: number) {
+    this.cache = model.allocateKvCache(numBlocks, BLOCK_SIZE);
+  }
+  reset(): void {
+    this.next = 0;
+  }
+  newSeq(): Seq {
+    return { blocks: [], len: 0 };
+  }
+  /** One step; chunks[i] are seqs[i]'s new tokens; logits of each chunk's last token. */
+  step(seqs: Seq[], chunks: number[][]): ForwardResult {
+    const T = chunks.reduce((a, c) => a + c.length, 0);
+    const tokenIds = new Int32Array(T);
+    const positions = new Int32Array(T);
+    const slots = new Int32Array(T);
+    const seqInfo = new Int32Array(seqs.length * 3);
+    const logitRows = new Int32Array(seqs.length);
+    let row = 0;
+    seqs.forEach((seq, s) => {
+      const start = row;
+      for (const id of chunks[s]!) {
+        const pos = seq.len++;
+        while (seq.blocks.length * BLOCK_SIZE <= pos) {
+          if (this.next >= this.numBlocks) throw new Error('e2e runner: out of KV blocks');
+          seq.blocks.push(this.next++);
+        }
+        tokenIds[row] = id;
+        positions[row] = pos;
+        slots[row] = seq.blocks[Math.floor(pos / BLOCK_SIZE)]! * BLOCK_SIZE + (pos % BLOCK_SIZE);
+        row++;
+      }
+      seqInfo.set([start, chunks[s]!.length, seq.len], s * 3);
+      logitRows[s] = row - 1;
+    });
+    const maxBlocks = Math.max(1, ...seqs.map((s) => s.blocks.length));
+    const blockTables = new Int32Array(seqs.length * maxBlocks);
+    seqs.forEach((s, i) => blockTables.set(s.blocks, i * maxBlocks));
+    const batch: ForwardBatch = { tokenIds, positions, numSeqs: seqs.length, seqInfo, blockTables, maxBlocks, slots, logitRows };
+    return this.model.forward(batch, this.cache, BLOCK_SIZE);
+  }
+}
+
+function argmaxRows(logits: Float32Array, rows: number, V: number): number[] {
+  const out: number[] = [];
+  for (let r = 0; r < rows; r++) {
+    let best = 0;
+    let bv = -Infinity;
+    for (let i = 0; i < V; i++) {
+      const v = logits[r * V + i]!;
+      if (v > bv) { bv = v; best = i; }
+    }
+    if (!Number.isFinite(bv)) throw new Error(`e2e: non-finite logits in row ${r}`);
+    out.push(best);
+  }
+  return out;
+}
+
+/** Deterministic prompt token ids in [100, 30100) (no special tokens). */
+function promptIds(seed: number, n: number): number[] {
+  let a = (seed * 2654435761) >>> 0 || 1;
+  return Array.from({ length: n }, () => {
+    a ^= a << 13; a ^= a >>> 17; a ^= a << 5; a >>>= 0;
+    return 100 + (a % 30000);
+  });
+}
+
+/** Bytes one decode step reads: dense weights, the experts its routing chose, and the KV cache. */
+class DecodeBytes {
+  readonly denseBytes: number;
+  readonly expertBytes: number;
+  private readonly kvBytesPerTokenLayer: number;
+  constructor(private readonly spec: ModelSpec) {
+    const H = spec.hidden;
+    const a = spec.attention;
+    if (a.kind !== 'gqa') throw new Error('e2e: the bound is written for GQA models');
+    const attn = 2 * (H * a.heads * a.headDim * 2 + H * a.kvHeads * a.headDim * 2); // bf16 q, k, v, o
+    const router = spec.moe.numExperts * H * 2;
+    const norms = 2 * H * 4 + (a.qkNorm !== 'none' ? 2 * a.headDim * 4 : 0);
+    this.denseBytes = spec.numLayers * (attn + router + norms) + spec.vocabSize * H * 2 + H * 4;
+    this.expertBytes = 3 * H * spec.moe.intermediate * 2;
+    this.kvBytesPerTokenLayer = 2 * a.kvHeads * a.headDim * 4; // f32 K and V
+  }
+  /** routedIds per MoE layer [B, k]; ctxLens = each sequence's tokens in cache after the step. */
+  step(routedIds: Int32Array[], ctxLens: number[], batch: number): { bytes: number; experts: number } {
+    let experts = 0;
+    for (const ids of routedIds) experts += new Set(ids).size;
+    const kv = ctxLens.reduce((a, c) => a + c, 0) * this.kvBytesPerTokenLayer * this.spec.numLayers;
+    const embedRows = batch * this.spec.hidden * 2;
+    return { bytes: this.denseBytes + experts * this.expertBytes + kv + embedRows, experts };
+  }
+}
+
+interface DecodeRep {
+  stepMs: number[];
+  tokPerS: number;
+  boundTokPerS: number;
+  bytesPerStep: number;
+  expertsPerStep: number;
+  tokens: number[];
+}
+
+interface ModelResult {
+  model: BenchModelName;
+  dir: string;
+  params: { total: number; active: number };
+  loadMs: number;
+  limits: MachineLimits;
+  loadAverage: { before: number[]; after: number[] };
+  prefillMs: number[];
+  decode: Record<string, DecodeRep[]>;
+  hf: HfResult | null;
+  hfLoadAverage?: number[];
+}
+
+interface Options {
+  reps: number;
+  warmup: number;
+  prefill: number;
+  decodePrompt: number;
+  steps: number;
+  batches: number[];
+  threads: number;
+  python: string | null;
+}
+
+function measureModel(name: BenchModelName, o: Options): ModelResult {
+  const dir = ensureBenchModel(name, (s) => console.error(s));
+  const n = loadNative();
+  n.setNumThreads(o.threads);
+  const before = os.loadavg();
+  console.error(`# ${name}: probing the machine (same run)...`);
+  const limits = runProbe({ threads: o.threads || undefined });
+  console.error(`# ${name}: read bandwidth ${fmt(limits.readBandwidthGBps)} GB/s; loading ${dir} (bf16 fast mode)...`);
+  const loaded: LoadedModel = loadModel(dir, { fast: true });
+  const { model, spec } = loaded;
+  const V = spec.vocabSize;
+  const maxB = Math.max(...o.batches);
+  const perSeqBlocks = Math.ceil((o.decodePrompt + o.steps + 2) / BLOCK_SIZE);
+  const runner = new Runner(model, Math.max(Math.ceil((o.prefill + 1) / BLOCK_SIZE), maxB * perSeqBlocks));
+  const bytes = new DecodeBytes(spec);
+  const res: ModelResult = {
+    model: name, dir, params: countParams(spec), loadMs: loaded.loadMs, limits,
+    loadAverage: { before, after: [] }, prefillMs: [], decode: {}, hf: null,
+  };
+  try {
+    const prefillPrompt = promptIds(1, o.prefill);
+    for (let r = 0; r < o.warmup + o.reps; r++) {
+      runner.reset();
+      const seq = runner.newSeq();
+      const t0 = performance.now();
+      const out = runner.step([seq], [prefillPrompt]);
+      argmaxRows(out.logits, 1, V);
+      const ms = performance.now() - t0;
+      console.error(`# ${name}: prefill ${o.prefill} tokens ${ms.toFixed(0)} ms${r < o.warmup ? ' (warm-up)' : ''}`);
+      if (r >= o.warmup) res.prefillMs.push(ms);
+    }
+    for (const B of o.batches) {
+      const prompts = Array.from({ length: B }, (_, i) => promptIds(100 + i, o.decodePrompt));
+      const reps: DecodeRep[] = [];
+      for (let r = 0; r < o.warmup + o.reps; r++) {
+        runner.reset();
+        const seqs = prompts.map(() => runner.newSeq());
+        let next = argmaxRows(runner.step(seqs, prompts).logits, B, V);
+        const tokens = [next[0]!];
+        const stepMs: number[] = [];
+        let boundS = 0;
+        let bytesSum = 0;
+        let expertsSum = 0;
+        for (let s = 0; s < o.steps; s++) {
+          const t0 = performance.now();
+          const out = runner.step(seqs, next.map((t) => [t]));
+          next = argmaxRows(out.logits, B, V);
+          stepMs.push(performance.now() - t0);
+          tokens.push(next[0]!);
+          const b = bytes.step(out.routedIds, seqs.map((q) => q.len), B);
+          bytesSum += b.bytes;
+          expertsSum += b.experts;
+          boundS += b.bytes / (limits.readBandwidthGBps * 1e9);
+        }
+        const totalS = stepMs.reduce((a, b) => a + b, 0) / 1e3;
+        const rep: DecodeRep = {
+          stepMs, tokPerS: (B * o.steps) / totalS, boundTokPerS: (B * o.steps) / boundS,
+          bytesPerStep: bytesSum / o.steps, expertsPerStep: expertsSum / o.steps, tokens,
+        };
+        console.error(`# ${name}: decode batch ${B}: ${fmt(rep.tokPerS)} tok/s, median step ${fmt(median(stepMs))} ms, ` +
+          `bound ${fmt(rep.boundTokPerS)} tok/s${r < o.warmup ? ' (warm-up)' : ''}`);
+        if (r >= o.warmup) reps.push(rep);
+      }
+      res.decode[String(B)] = reps;
+    }
+  } finally {
+    res.loadAverage.after = os.loadavg();
+    model.dispose();
+  }
+  if (o.python) {
+    console.error(`# ${name}: HF transformers peer (${o.python})...`);
+    res.hfLoadAverage = os.loadavg();
+    res.hf = runHfPeer({
+      model: dir, threads: o.threads || os.availableParallelism(), reps: o.reps, warmup: o.warmup,
+      prefillPrompt: promptIds(1, o.prefill),
+      decode: o.batches.map((B) => ({
+        batch: B, steps: o.steps, prompts: Array.from({ length: B }, (_, i) => promptIds(100 + i, o.decodePrompt)),
+      })),
+    }, o.python);
+    if (!res.hf.available) console.error(`# ${name}: HF peer unavailable: ${res.hf.reason}`);
+  }
+  return res;
+}
+
+const load = (l: number[]): string => l.map((v) => v.toFixed(1)).join(' ');
+const range = (v: number[]): string => `${fmt(Math.min(...v))}-${fmt(Math.max(...v))}`;
+
+interface Verdict { model: string; target: string; value: number | null; need: number; pass: boolean | null }
+
+function report(results: ModelResult[], o: Options): { table: string; verdicts: Verdict[] } {
+  const rows: Cell[][] = [];
+  const verdicts: Verdict[] = [];
+  for (const r of results) {
+    const hfPrefill = r.hf?.available ? r.hf.prefillS!.map((s) => o.prefill / s) : null;
+    const ours = r.prefillMs.map((ms) => o.prefill / (ms / 1e3));
+    const vsHf = hfPrefill ? median(ours) / median(hfPrefill) : null;
+    rows.push([r.model, `prefill ${o.prefill}`, `TTFT ${fmt(median(r.prefillMs))}`, median(ours), range(ours), '-', '-',
+      hfPrefill ? median(hfPrefill) : null, hfPrefill ? range(hfPrefill) : '-', vsHf === null ? '-' : `${fmt(vsHf)}x`]);
+    verdicts.push({ model: r.model, target: `prefill ${o.prefill} >= 1.5x HF bf16`, value: vsHf, need: 1.5,
+      pass: vsHf === null ? null : vsHf >= 1.5 });
+    for (const [B, reps] of Object.entries(r.decode)) {
+      const tps = reps.map((x) => x.tokPerS);
+      const bound = median(reps.map((x) => x.boundTokPerS));
+      const itl = median(reps.flatMap((x) => x.stepMs));
+      const hfRuns = r.hf?.available ? r.hf.decode![B] ?? null : null;
+      const hfTps = hfRuns ? hfRuns.map((x) => (Number(B) * x.stepS.length) / x.stepS.reduce((a, b) => a + b, 0)) : null;
+      const ofBound = median(tps) / bound;
+      const vs = hfTps ? median(tps) / median(hfTps) : null;
+      rows.push([r.model, `decode b${B}`, `ITL ${fmt(itl)}`, median(tps), range(tps), bound, pct(ofBound),
+        hfTps ? median(hfTps) : null, hfTps ? range(hfTps) : '-', vs === null ? '-' : `${fmt(vs)}x`]);
+      if (B === '1') verdicts.push({ model: r.model, target: 'decode b1 >= 75% of the bandwidth bound', value: ofBound, need: 0.75, pass: ofBound >= 0.75 });
+      if (B === '8') verdicts.push({ model: r.model, target: 'decode b8 >= 1.5x HF bf16', value: vs, need: 1.5, pass: vs === null ? null : vs >= 1.5 });
+    }
+  }
+  const table = markdownTable(
+    ['model', 'workload', 'ms (median)', 'expertd tok/s', 'min-max', 'bw bound tok/s', 'of bound', 'HF bf16 tok/s', 'HF min-max', 'vs HF'],
+    rows, ['left', 'left', 'right', 'right', 'right', 'right', 'right', 'right', 'right', 'right']);
+  return { table, verdicts };
+}
+
+export async function runE2e(argv: string[]): Promise<void> {
+  const { values } = parseArgs({
+    args: argv,
+    options: {
+      json: { type: 'string' }, reps: { type: 'string' }, warmup: { type: 'string' }, python: { type: 'string' },
+      'no-peer': { type: 'boolean' }, models: { type: 'string' }, threads: { type: 'string' },
+      prefill: { type: 'string' }, 'decode-prompt': { type: 'string' }, steps: { type: 'string' }, batches: { type: 'string' },
+    },
+    strict: true,
+  });
+  const models = (values.models?.split(',') ?? BENCH_MODEL_NAMES) as BenchModelName[];
+  for (const m of models)
+    if (!BENCH_MODEL_NAMES.includes(m)) throw new RangeError(`--models has "${m}", expected some of ${BENCH_MODEL_NAMES.join(', ')}`);
+  const o: Options = {
+    reps: Math.max(1, parsePositiveInt('reps', values.reps, 3)),
+    warmup: parsePositiveInt('warmup', values.warmup, 1),
+    prefill: Math.max(1, parsePositiveInt('prefill', values.prefill, 512)),
+    decodePrompt: Math.max(1, parsePositiveInt('decode-prompt', values['decode-prompt'], 128)),
+    steps: Math.max(1, parsePositiveInt('steps', values.steps, 32)),
+    batches: values.batches ? parseIntList('batches', values.batches) : [1, 8],
+    threads: parsePositiveInt('threads', values.threads, 0),
+    python: values['no-peer'] ? null : hfPython(values.python),
+  };
+  const info = runInfo();
+  const results: ModelResult[] = [];
+  for (const m of models) results.push(measureModel(m, o));
+  const { table, verdicts } = report(results, o);
+
+  console.log(`## e2e: whole model, fast (bf16) mode, ${os.cpus()[0]?.model ?? 'cpu'}, ` +
+    `${o.threads || os.availableParallelism()} threads\n`);
+  console.log(`Prefill: one prompt of ${o.prefill} tokens in one step (TTFT = forward + greedy pick). Decode: ` +
+    `batch B of ${o.decodePrompt}-token prompts prefilled untimed, then ${o.steps} greedy steps (ITL = one step). ` +
+    `${o.reps} reps after ${o.warmup} warm-up; tok/s median and min-max over reps.\n`);
+  for (const r of results) {
+    const hf = r.hf;
+    console.log(`- ${r.model}: ${(r.params.total / 1e6).toFixed(0)}M params, ${(r.params.active / 1e6).toFixed(0)}M active ` +
+      `(incl. embedding + LM head); read bandwidth ${fmt(r.limits.readBandwidthGBps)} GB/s (probe, same run); ` +
+      `load avg ${load(r.loadAverage.before)} -> ${load(r.loadAverage.after)}` +
+      (hf ? `; HF peer: ${hf.available ? `torch ${hf.torch}, transformers ${hf.transformers}, ${hf.threads} threads, ` +
+        `experts ${hf.expertsImplementation ?? 'default'}, attention ${hf.attnImplementation ?? 'default'}, load avg ${load(r.hfLoadAverage!)}`
+        : `n/a (${hf.reason})`}` : '; HF peer: skipped (--no-peer)'));
+    for (const [B, reps] of Object.entries(r.decode)) {
+      const x = reps[0]!;
+      console.log(`  - decode b${B}: ${fmt(x.bytesPerStep / 1e6)} MB read per step (${fmt(x.expertsPerStep)} distinct expert FFNs over all layers, median ITL ${fmt(median(x.stepMs))} ms)`);
+    }
+    const hfTok = hf?.available ? hf.decode!['1']?.[0]?.tokens : undefined;
+    const ours = r.decode['1']?.[0]?.tokens;
+    if (hfTok && ours) {
+      let same = 0;
+      while (same < Math.min(hfTok.length, ours.length) && hfTok[same] === ours[same]) same++;
+      console.log(`  - greedy decode b1 vs HF: first ${same} of ${ours.length} tokens identical`);
+    }
+  }
+  console.log(`\n${table}\n`);
+  console.log('Targets:\n');
+  for (const v of verdicts) {
+    const val = v.value === null ? 'n/a' : v.need < 1 ? pct(v.value) : `${fmt(v.value)}x`;
+    console.log(`- ${v.model}: ${v.target}: ${val} -> ${v.pass === null ? 'NOT MEASURED' : v.pass ? 'PASS' : 'FAIL'}`);
+  }
+  if (values.json) {
+    let capabilities: unknown = null;
+    try { capabilities = loadNative().capabilities(); } catch { /* not built */ }
+    writeJson(values.json, { bench: 'e2e', run: info, loadAverageEnd: os.loadavg(), capabilities, options: o, results, verdicts });
+  }
+}
