@@ -17,6 +17,7 @@ import type { ModelSpec } from '../src/model/spec.js';
 import { loadNative } from '../src/native/index.js';
 import { BENCH_MODEL_NAMES, ensureBenchModel, type BenchModelName } from './bench-models.js';
 import { fmt, markdownTable, median, parseIntList, parsePositiveInt, pct, runInfo, writeJson, type Cell } from './harness.js';
+import { OpProfiler } from './op-profile.js';
 import { hfPython, runHfPeer, type HfResult } from './peers/hf.js';
 import { runProbe, type MachineLimits } from './probe/probe.js';
 
@@ -237,6 +238,56 @@ function measureModel(name: BenchModelName, o: Options): ModelResult {
   return res;
 }
 
+/** `--profile`: per-op time shares of prefill and decode (ops wrapped with timers; no peer). */
+function profileModel(name: BenchModelName, o: Options): void {
+  const dir = ensureBenchModel(name, (s) => console.error(s));
+  const n = loadNative();
+  n.setNumThreads(o.threads);
+  const limits = runProbe({ threads: o.threads || undefined });
+  const { model, spec } = loadModel(dir, { fast: true });
+  const prof = new OpProfiler(n, (E) => (E === spec.moe.numExperts ? 3 * spec.hidden * spec.moe.intermediate * 2 : NaN));
+  prof.install();
+  const V = spec.vocabSize;
+  const maxB = Math.max(...o.batches);
+  const runner = new Runner(model, Math.max(Math.ceil((o.prefill + 1) / BLOCK_SIZE),
+    maxB * Math.ceil((o.decodePrompt + o.steps + 2) / BLOCK_SIZE)));
+  const region = (steps: number, f: () => void): void => {
+    prof.reset();
+    prof.enabled = true;
+    const t0 = performance.now();
+    f();
+    prof.regionMs = performance.now() - t0;
+    prof.enabled = false;
+    console.log(prof.table(steps, limits.readBandwidthGBps));
+  };
+  try {
+    console.log(`\n### ${name}: per-op profile (bf16 fast mode; read bandwidth ${fmt(limits.readBandwidthGBps)} GB/s, ` +
+      `load avg ${load(os.loadavg())})\n`);
+    const prompt = promptIds(1, o.prefill);
+    runner.reset();
+    runner.step([runner.newSeq()], [prompt]); // warm-up
+    console.log(`#### prefill ${o.prefill}\n`);
+    region(1, () => {
+      runner.reset();
+      argmaxRows(runner.step([runner.newSeq()], [prompt]).logits, 1, V);
+    });
+    for (const B of o.batches) {
+      runner.reset();
+      const prompts = Array.from({ length: B }, (_, i) => promptIds(100 + i, o.decodePrompt));
+      const seqs = prompts.map(() => runner.newSeq());
+      let next = argmaxRows(runner.step(seqs, prompts).logits, B, V);
+      next = argmaxRows(runner.step(seqs, next.map((t) => [t])).logits, B, V); // warm-up step
+      console.log(`\n#### decode batch ${B} (${o.steps} steps)\n`);
+      region(o.steps, () => {
+        for (let s = 0; s < o.steps; s++) next = argmaxRows(runner.step(seqs, next.map((t) => [t])).logits, B, V);
+      });
+    }
+  } finally {
+    prof.uninstall();
+    model.dispose();
+  }
+}
+
 const load = (l: number[]): string => l.map((v) => v.toFixed(1)).join(' ');
 const range = (v: number[]): string => `${fmt(Math.min(...v))}-${fmt(Math.max(...v))}`;
 
@@ -278,7 +329,7 @@ export async function runE2e(argv: string[]): Promise<void> {
     args: argv,
     options: {
       json: { type: 'string' }, reps: { type: 'string' }, warmup: { type: 'string' }, python: { type: 'string' },
-      'no-peer': { type: 'boolean' }, models: { type: 'string' }, threads: { type: 'string' },
+      'no-peer': { type: 'boolean' }, profile: { type: 'boolean' }, models: { type: 'string' }, threads: { type: 'string' },
       prefill: { type: 'string' }, 'decode-prompt': { type: 'string' }, steps: { type: 'string' }, batches: { type: 'string' },
     },
     strict: true,
@@ -296,6 +347,10 @@ export async function runE2e(argv: string[]): Promise<void> {
     threads: parsePositiveInt('threads', values.threads, 0),
     python: values['no-peer'] ? null : hfPython(values.python),
   };
+  if (values.profile) {
+    for (const m of models) profileModel(m, o);
+    return;
+  }
   const info = runInfo();
   const results: ModelResult[] = [];
   for (const m of models) results.push(measureModel(m, o));
