@@ -18,7 +18,7 @@ import { loadNative } from '../src/native/index.js';
 import { BENCH_MODEL_NAMES, ensureBenchModel, type BenchModelName } from './bench-models.js';
 import { fmt, markdownTable, median, parseIntList, parsePositiveInt, pct, runInfo, writeJson, type Cell } from './harness.js';
 import { OpProfiler } from './op-profile.js';
-import { hfPython, runHfPeer, type HfResult } from './peers/hf.js';
+import { HfPeer, hfPython, type HfDecodeRun, type HfInfo } from './peers/hf.js';
 import { runProbe, type MachineLimits } from './probe/probe.js';
 
 const BLOCK_SIZE = 16;
@@ -130,17 +130,29 @@ interface DecodeRep {
   tokens: number[];
 }
 
+/** The peer's side of a model's run: figures, or why there are none. */
+interface HfSide {
+  info: HfInfo | null;
+  reason?: string;
+  prefillS: number[];
+  decode: Record<string, HfDecodeRun[]>;
+}
+
 interface ModelResult {
   model: BenchModelName;
   dir: string;
   params: { total: number; active: number };
   loadMs: number;
   limits: MachineLimits;
-  loadAverage: { before: number[]; after: number[] };
+  /** Read bandwidth of every probe of this model's run (before, and after each decode workload). */
+  bandwidthSamplesGBps: number[];
+  /** The bound's bandwidth: the best probe of the run (the machine's capability, conservative). */
+  bandwidthGBps: number;
+  /** 1-minute load average before each of our repetitions (warm-ups included). */
+  loadAverages: number[];
   prefillMs: number[];
   decode: Record<string, DecodeRep[]>;
-  hf: HfResult | null;
-  hfLoadAverage?: number[];
+  hf: HfSide | null;
 }
 
 interface Options {
@@ -154,11 +166,27 @@ interface Options {
   python: string | null;
 }
 
-function measureModel(name: BenchModelName, o: Options): ModelResult {
+/**
+ * Runs one model's workloads. NOTE: our repetitions and the peer's alternate (ours, HF, ours,
+ * HF, ...), so on a shared machine both sample the same load and the ratio stays meaningful.
+ */
+async function measureModel(name: BenchModelName, o: Options): Promise<ModelResult> {
   const dir = ensureBenchModel(name, (s) => console.error(s));
   const n = loadNative();
   n.setNumThreads(o.threads);
-  const before = os.loadavg();
+  const threads = o.threads || os.availableParallelism();
+  let peer: HfPeer | null = null;
+  let hf: HfSide | null = null;
+  if (o.python) {
+    console.error(`# ${name}: starting the HF transformers peer (${o.python})...`);
+    try {
+      peer = await HfPeer.start(o.python, dir, threads);
+      hf = { info: peer.info, prefillS: [], decode: {} };
+    } catch (e) {
+      hf = { info: null, reason: (e as Error).message, prefillS: [], decode: {} };
+      console.error(`# ${name}: HF peer unavailable: ${hf.reason}`);
+    }
+  }
   console.error(`# ${name}: probing the machine (same run)...`);
   const limits = runProbe({ threads: o.threads || undefined });
   console.error(`# ${name}: read bandwidth ${fmt(limits.readBandwidthGBps)} GB/s; loading ${dir} (bf16 fast mode)...`);
@@ -171,30 +199,39 @@ function measureModel(name: BenchModelName, o: Options): ModelResult {
   const bytes = new DecodeBytes(spec);
   const res: ModelResult = {
     model: name, dir, params: countParams(spec), loadMs: loaded.loadMs, limits,
-    loadAverage: { before, after: [] }, prefillMs: [], decode: {}, hf: null,
+    bandwidthSamplesGBps: [limits.readBandwidthGBps], bandwidthGBps: NaN, loadAverages: [],
+    prefillMs: [], decode: {}, hf,
   };
+  const tag = (r: number) => (r < o.warmup ? ' (warm-up)' : '');
   try {
     const prefillPrompt = promptIds(1, o.prefill);
     for (let r = 0; r < o.warmup + o.reps; r++) {
+      res.loadAverages.push(os.loadavg()[0]!);
       runner.reset();
       const seq = runner.newSeq();
       const t0 = performance.now();
       const out = runner.step([seq], [prefillPrompt]);
       argmaxRows(out.logits, 1, V);
       const ms = performance.now() - t0;
-      console.error(`# ${name}: prefill ${o.prefill} tokens ${ms.toFixed(0)} ms${r < o.warmup ? ' (warm-up)' : ''}`);
+      console.error(`# ${name}: prefill ${o.prefill} tokens ${ms.toFixed(0)} ms${tag(r)}`);
       if (r >= o.warmup) res.prefillMs.push(ms);
+      if (peer && hf) {
+        const sec = await peer.prefill(prefillPrompt);
+        console.error(`# ${name}: HF prefill ${o.prefill} tokens ${(sec * 1e3).toFixed(0)} ms${tag(r)}`);
+        if (r >= o.warmup) hf.prefillS.push(sec);
+      }
     }
     for (const B of o.batches) {
       const prompts = Array.from({ length: B }, (_, i) => promptIds(100 + i, o.decodePrompt));
       const reps: DecodeRep[] = [];
+      const hfRuns: HfDecodeRun[] = [];
       for (let r = 0; r < o.warmup + o.reps; r++) {
+        res.loadAverages.push(os.loadavg()[0]!);
         runner.reset();
         const seqs = prompts.map(() => runner.newSeq());
         let next = argmaxRows(runner.step(seqs, prompts).logits, B, V);
         const tokens = [next[0]!];
         const stepMs: number[] = [];
-        let boundS = 0;
         let bytesSum = 0;
         let expertsSum = 0;
         for (let s = 0; s < o.steps; s++) {
@@ -206,34 +243,35 @@ function measureModel(name: BenchModelName, o: Options): ModelResult {
           const b = bytes.step(out.routedIds, seqs.map((q) => q.len), B);
           bytesSum += b.bytes;
           expertsSum += b.experts;
-          boundS += b.bytes / (limits.readBandwidthGBps * 1e9);
         }
         const totalS = stepMs.reduce((a, b) => a + b, 0) / 1e3;
         const rep: DecodeRep = {
-          stepMs, tokPerS: (B * o.steps) / totalS, boundTokPerS: (B * o.steps) / boundS,
+          stepMs, tokPerS: (B * o.steps) / totalS, boundTokPerS: NaN,
           bytesPerStep: bytesSum / o.steps, expertsPerStep: expertsSum / o.steps, tokens,
         };
         console.error(`# ${name}: decode batch ${B}: ${fmt(rep.tokPerS)} tok/s, median step ${fmt(median(stepMs))} ms, ` +
-          `bound ${fmt(rep.boundTokPerS)} tok/s${r < o.warmup ? ' (warm-up)' : ''}`);
+          `${fmt(rep.bytesPerStep / 1e6)} MB/step${tag(r)}`);
         if (r >= o.warmup) reps.push(rep);
+        if (peer) {
+          const run = await peer.decode(prompts, o.steps);
+          console.error(`# ${name}: HF decode batch ${B}: median step ${fmt(median(run.stepS) * 1e3)} ms${tag(r)}`);
+          if (r >= o.warmup) hfRuns.push(run);
+        }
       }
       res.decode[String(B)] = reps;
+      if (hf && peer) hf.decode[String(B)] = hfRuns;
+      // Probe again: on a shared machine the bandwidth moves; the bound uses the best probe.
+      const bw = runProbe({ threads: o.threads || undefined }).readBandwidthGBps;
+      console.error(`# ${name}: read bandwidth ${fmt(bw)} GB/s`);
+      res.bandwidthSamplesGBps.push(bw);
     }
+    res.bandwidthGBps = Math.max(...res.bandwidthSamplesGBps);
+    // Bound: B tokens per step, a step no faster than reading its bytes at the best bandwidth.
+    for (const [B, reps] of Object.entries(res.decode))
+      for (const rep of reps) rep.boundTokPerS = Number(B) / (rep.bytesPerStep / (res.bandwidthGBps * 1e9));
   } finally {
-    res.loadAverage.after = os.loadavg();
     model.dispose();
-  }
-  if (o.python) {
-    console.error(`# ${name}: HF transformers peer (${o.python})...`);
-    res.hfLoadAverage = os.loadavg();
-    res.hf = runHfPeer({
-      model: dir, threads: o.threads || os.availableParallelism(), reps: o.reps, warmup: o.warmup,
-      prefillPrompt: promptIds(1, o.prefill),
-      decode: o.batches.map((B) => ({
-        batch: B, steps: o.steps, prompts: Array.from({ length: B }, (_, i) => promptIds(100 + i, o.decodePrompt)),
-      })),
-    }, o.python);
-    if (!res.hf.available) console.error(`# ${name}: HF peer unavailable: ${res.hf.reason}`);
+    await peer?.close();
   }
   return res;
 }
@@ -297,7 +335,7 @@ function report(results: ModelResult[], o: Options): { table: string; verdicts: 
   const rows: Cell[][] = [];
   const verdicts: Verdict[] = [];
   for (const r of results) {
-    const hfPrefill = r.hf?.available ? r.hf.prefillS!.map((s) => o.prefill / s) : null;
+    const hfPrefill = r.hf?.prefillS.length ? r.hf.prefillS.map((s) => o.prefill / s) : null;
     const ours = r.prefillMs.map((ms) => o.prefill / (ms / 1e3));
     const vsHf = hfPrefill ? median(ours) / median(hfPrefill) : null;
     rows.push([r.model, `prefill ${o.prefill}`, `TTFT ${fmt(median(r.prefillMs))}`, median(ours), range(ours), '-', '-',
@@ -308,7 +346,7 @@ function report(results: ModelResult[], o: Options): { table: string; verdicts: 
       const tps = reps.map((x) => x.tokPerS);
       const bound = median(reps.map((x) => x.boundTokPerS));
       const itl = median(reps.flatMap((x) => x.stepMs));
-      const hfRuns = r.hf?.available ? r.hf.decode![B] ?? null : null;
+      const hfRuns = r.hf?.decode[B]?.length ? r.hf.decode[B]! : null;
       const hfTps = hfRuns ? hfRuns.map((x) => (Number(B) * x.stepS.length) / x.stepS.reduce((a, b) => a + b, 0)) : null;
       const ofBound = median(tps) / bound;
       const vs = hfTps ? median(tps) / median(hfTps) : null;
@@ -353,7 +391,7 @@ export async function runE2e(argv: string[]): Promise<void> {
   }
   const info = runInfo();
   const results: ModelResult[] = [];
-  for (const m of models) results.push(measureModel(m, o));
+  for (const m of models) results.push(await measureModel(m, o));
   const { table, verdicts } = report(results, o);
 
   console.log(`## e2e: whole model, fast (bf16) mode, ${os.cpus()[0]?.model ?? 'cpu'}, ` +
@@ -364,16 +402,17 @@ export async function runE2e(argv: string[]): Promise<void> {
   for (const r of results) {
     const hf = r.hf;
     console.log(`- ${r.model}: ${(r.params.total / 1e6).toFixed(0)}M params, ${(r.params.active / 1e6).toFixed(0)}M active ` +
-      `(incl. embedding + LM head); read bandwidth ${fmt(r.limits.readBandwidthGBps)} GB/s (probe, same run); ` +
-      `load avg ${load(r.loadAverage.before)} -> ${load(r.loadAverage.after)}` +
-      (hf ? `; HF peer: ${hf.available ? `torch ${hf.torch}, transformers ${hf.transformers}, ${hf.threads} threads, ` +
-        `experts ${hf.expertsImplementation ?? 'default'}, attention ${hf.attnImplementation ?? 'default'}, load avg ${load(r.hfLoadAverage!)}`
-        : `n/a (${hf.reason})`}` : '; HF peer: skipped (--no-peer)'));
+      `(incl. embedding + LM head); read bandwidth ${fmt(r.bandwidthGBps)} GB/s (best of probes ` +
+      `${r.bandwidthSamplesGBps.map((v) => fmt(v)).join(', ')} GB/s in the same run); ` +
+      `1-min load avg ${fmt(Math.min(...r.loadAverages))}-${fmt(Math.max(...r.loadAverages))} over the reps` +
+      (hf ? `; HF peer: ${hf.info ? `torch ${hf.info.torch}, transformers ${hf.info.transformers}, ${hf.info.threads} threads, ` +
+        `experts ${hf.info.expertsImplementation ?? 'default'}, attention ${hf.info.attnImplementation ?? 'default'}, ` +
+        'reps interleaved with ours' : `n/a (${hf.reason})`}` : '; HF peer: skipped (--no-peer)'));
     for (const [B, reps] of Object.entries(r.decode)) {
       const x = reps[0]!;
       console.log(`  - decode b${B}: ${fmt(x.bytesPerStep / 1e6)} MB read per step (${fmt(x.expertsPerStep)} distinct expert FFNs over all layers, median ITL ${fmt(median(x.stepMs))} ms)`);
     }
-    const hfTok = hf?.available ? hf.decode!['1']?.[0]?.tokens : undefined;
+    const hfTok = hf?.decode['1']?.[0]?.tokens;
     const ours = r.decode['1']?.[0]?.tokens;
     if (hfTok && ours) {
       let same = 0;
