@@ -42,10 +42,12 @@ async function startDaemon(modelDir: string, extra: string[]): Promise<Daemon> {
 }
 
 /** `/health` answers 200 once the model is loaded (503 while loading). */
-async function waitHealthy(base: string): Promise<void> {
+async function waitHealthy(base: string, timeoutMs = 600_000): Promise<void> {
+  const deadline = performance.now() + timeoutMs;
   for (;;) {
     const r = await fetch(`${base}/health`).catch(() => null);
     if (r?.status === 200) return;
+    if (performance.now() > deadline) throw new Error(`the daemon was not healthy after ${timeoutMs / 1000} s`);
     await new Promise((res) => setTimeout(res, 500));
   }
 }
