@@ -5,6 +5,12 @@
 
 namespace expertd {
 
+namespace {
+constexpr uint64_t kJobClosed = uint64_t(1) << 31;
+constexpr uint64_t kJobActiveMask = kJobClosed - 1;
+inline uint64_t job_tag(uint64_t generation) { return (generation & 0xffffffffu) << 32; }
+}  // namespace
+
 ThreadPool& ThreadPool::instance() {
   static ThreadPool pool;
   return pool;
@@ -78,10 +84,21 @@ void ThreadPool::worker_loop(size_t index) {
       std::unique_lock<std::mutex> lk(mu_);
       cv_.wait(lk, [&] { return generation_.load() != seen; });
     }
-    seen = generation_.load();
+    seen = generation_.load(std::memory_order_acquire);
     if (quit_.load()) return;
+    // Join the job published with this generation, unless the caller already closed it (it ran
+    // every task itself) or a newer job replaced it (then the loop comes straight back for that).
+    uint64_t s = job_.load(std::memory_order_acquire);
+    bool joined = false;
+    while ((s & ~(kJobClosed | kJobActiveMask)) == job_tag(seen) && !(s & kJobClosed)) {
+      if (job_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
+        joined = true;
+        break;
+      }
+    }
+    if (!joined) continue;
     run_job(index);
-    pending_threads_.fetch_sub(1, std::memory_order_acq_rel);
+    job_.fetch_sub(1, std::memory_order_acq_rel);
   }
 }
 
@@ -96,14 +113,19 @@ void ThreadPool::parallel_for(size_t n_tasks, const TaskFn& fn) {
   n_tasks_ = n_tasks;
   error_ = nullptr;
   next_task_.store(0);
-  pending_threads_.store(num_threads_ - 1);
   {
     std::lock_guard<std::mutex> lk(mu_);
-    generation_.fetch_add(1, std::memory_order_release);
+    // NOTE: the job word is opened before the generation moves, so a worker that sees the new
+    // generation also sees its job open (release/acquire through generation_).
+    uint64_t g = generation_.load() + 1;
+    job_.store(job_tag(g), std::memory_order_release);
+    generation_.store(g, std::memory_order_release);
   }
   cv_.notify_all();
   run_job(0);
-  while (pending_threads_.load(std::memory_order_acquire) != 0) {
+  // Every task is claimed: close the job and wait only for the workers that joined it.
+  job_.fetch_or(kJobClosed, std::memory_order_acq_rel);
+  while ((job_.load(std::memory_order_acquire) & kJobActiveMask) != 0) {
 #if defined(__x86_64__)
     __builtin_ia32_pause();
 #endif

@@ -4,7 +4,7 @@ import { loadNative, type AttentionOptions, type PackedWeight } from '../native/
 import type { ForwardBatch, Scratch } from './forward-batch.js';
 import type { AttentionSpec } from './spec.js';
 import type { TensorSource } from './tensor-source.js';
-import { checkShape, packLinear, rowsOf, transpose, vectorF32 } from './weights.js';
+import { checkShape, packLinear, packStacked, rowsOf, transpose, vectorF32 } from './weights.js';
 
 export interface LayerCache {
   k: Float32Array;
@@ -33,13 +33,12 @@ function attentionOptions(ctx: AttentionContext, o: Omit<AttentionOptions, 'numS
 }
 
 export class GqaAttention implements AttentionBlock {
-  private readonly q: PackedWeight;
-  private readonly k: PackedWeight;
-  private readonly v: PackedWeight;
+  // q, k and v projections as one packed weight [(heads + 2 kvHeads) * headDim, hidden]: one
+  // GEMM per layer instead of three (at decode the small k and v GEMVs are dominated by per-call
+  // costs, not by their 0.5 MB of weights).
+  private readonly qkv: PackedWeight;
   private readonly o: PackedWeight;
-  private readonly qBias: Float32Array | null;
-  private readonly kBias: Float32Array | null;
-  private readonly vBias: Float32Array | null;
+  private readonly qkvBias: Float32Array | null; // [(heads + 2 kvHeads) * headDim]
   private readonly oBias: Float32Array | null;
   private readonly qNorm: Float32Array | null;
   private readonly kNorm: Float32Array | null;
@@ -49,13 +48,19 @@ export class GqaAttention implements AttentionBlock {
               hidden: number, private readonly eps: number) {
     const { heads, kvHeads, headDim } = spec;
     const p = prefix;
-    this.q = packLinear(src, `${p}q_proj.weight`, heads * headDim, hidden);
-    this.k = packLinear(src, `${p}k_proj.weight`, kvHeads * headDim, hidden);
-    this.v = packLinear(src, `${p}v_proj.weight`, kvHeads * headDim, hidden);
-    this.o = packLinear(src, `${p}o_proj.weight`, hidden, heads * headDim);
-    this.qBias = spec.qkvBias ? vectorF32(src, `${p}q_proj.bias`, heads * headDim) : null;
-    this.kBias = spec.qkvBias ? vectorF32(src, `${p}k_proj.bias`, kvHeads * headDim) : null;
-    this.vBias = spec.qkvBias ? vectorF32(src, `${p}v_proj.bias`, kvHeads * headDim) : null;
+    const qDim = heads * headDim;
+    const kvDim = kvHeads * headDim;
+    this.qkv = packStacked(src, [`${p}q_proj.weight`, `${p}k_proj.weight`, `${p}v_proj.weight`],
+      [qDim, kvDim, kvDim], hidden);
+    this.o = packLinear(src, `${p}o_proj.weight`, hidden, qDim);
+    if (spec.qkvBias) {
+      this.qkvBias = new Float32Array(qDim + 2 * kvDim);
+      this.qkvBias.set(vectorF32(src, `${p}q_proj.bias`, qDim), 0);
+      this.qkvBias.set(vectorF32(src, `${p}k_proj.bias`, kvDim), qDim);
+      this.qkvBias.set(vectorF32(src, `${p}v_proj.bias`, kvDim), qDim + kvDim);
+    } else {
+      this.qkvBias = null;
+    }
     this.oBias = spec.oBias ? vectorF32(src, `${p}o_proj.bias`, hidden) : null;
     const qn = spec.qkNorm === 'per_head' ? headDim : heads * headDim;
     const kn = spec.qkNorm === 'per_head' ? headDim : kvHeads * headDim;
@@ -71,9 +76,17 @@ export class GqaAttention implements AttentionBlock {
     const q = ctx.scratch.f32('attn.q', T * heads * headDim);       // [T, heads, headDim]
     const k = ctx.scratch.f32('attn.k', T * kvHeads * headDim);     // [T, kvHeads, headDim]
     const v = ctx.scratch.f32('attn.v', T * kvHeads * headDim);
-    n.denseGemm(x, T, this.q, q, this.qBias, false, ctx.fast);
-    n.denseGemm(x, T, this.k, k, this.kBias, false, ctx.fast);
-    n.denseGemm(x, T, this.v, v, this.vBias, false, ctx.fast);
+    const qDim = heads * headDim;
+    const kvDim = kvHeads * headDim;
+    const W = qDim + 2 * kvDim;
+    const qkv = ctx.scratch.f32('attn.qkv', T * W);                 // [T, q | k | v]
+    n.denseGemm(x, T, this.qkv, qkv, this.qkvBias, false, ctx.fast);
+    for (let t = 0; t < T; t++) {
+      const r = t * W;
+      q.set(qkv.subarray(r, r + qDim), t * qDim);
+      k.set(qkv.subarray(r + qDim, r + qDim + kvDim), t * kvDim);
+      v.set(qkv.subarray(r + qDim + kvDim, r + W), t * kvDim);
+    }
     if (this.qNorm && this.kNorm) {
       if (this.spec.qkNorm === 'per_head') {
         n.rmsNorm(q, T * heads, headDim, this.qNorm, this.eps, q, null);
@@ -98,7 +111,8 @@ export class GqaAttention implements AttentionBlock {
   }
 
   dispose(): void {
-    for (const w of [this.q, this.k, this.v, this.o]) w.dispose();
+    this.qkv.dispose();
+    this.o.dispose();
   }
 }
 

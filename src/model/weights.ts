@@ -21,6 +21,29 @@ export function packLinear(src: TensorSource, name: string, n: number, k: number
   return loadNative().packWeight(t.data, t.dtype, n, k);
 }
 
+/**
+ * Packs Linear weights [rows[i], k] stacked along the output dimension as one weight
+ * [sum(rows), k] (fused projections). Mixed dtypes are widened to f32 (exact).
+ */
+export function packStacked(src: TensorSource, names: string[], rows: number[], k: number): PackedWeight {
+  const parts = names.map((name, i) => {
+    const t = src.get(name);
+    checkShape(name, t, [rows[i]!, k]);
+    return t;
+  });
+  const total = rows.reduce((a, b) => a + b, 0);
+  const same = parts.every((t) => t.dtype === parts[0]!.dtype);
+  const dtype = same ? parts[0]!.dtype : 'f32';
+  const out = dtype === 'f32' ? new Float32Array(total * k) : new Uint16Array(total * k);
+  let off = 0;
+  for (const t of parts) {
+    if (same) (out as Float32Array | Uint16Array).set(t.data as never, off);
+    else (out as Float32Array).set(toF32(t), off);
+    off += t.data.length;
+  }
+  return loadNative().packWeight(out, dtype, total, k);
+}
+
 /** Any 1-D tensor as f32 (norm weights, biases, correction biases). */
 export function vectorF32(src: TensorSource, name: string, n: number): Float32Array {
   const t = src.get(name);

@@ -1,6 +1,7 @@
 // A persistent thread pool over all cores. The calling thread takes part as worker 0, workers
 // spin briefly before sleeping so decode-sized jobs start in microseconds, and one job runs at a
-// time (concurrent callers queue on a mutex).
+// time (concurrent callers queue on a mutex). The caller never waits for a worker that has not
+// joined the job yet: on a busy machine a descheduled worker would otherwise stall every job.
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -46,7 +47,11 @@ class ThreadPool {
   std::atomic<uint64_t> generation_{0};
   std::atomic<bool> quit_{false};
   std::atomic<size_t> next_task_{0};
-  std::atomic<size_t> pending_threads_{0};
+  std::atomic<size_t> pending_threads_{0};  // start-up handshake only
+  // The job's admission word: (generation low 32 bits) << 32 | kJobClosed | workers inside.
+  // A worker may run tasks only after joining the open job of the generation it woke for; the
+  // caller closes the job once every task is claimed and waits only for the workers inside.
+  std::atomic<uint64_t> job_{0};
   size_t n_tasks_ = 0;
   const TaskFn* fn_ = nullptr;
   std::mutex err_mu_;

@@ -1,0 +1,255 @@
+// `npm run bench -- serve`: the real daemon (a child process on 127.0.0.1, Mixtral-like bench model,
+// bf16) under a bounded closed-loop load of streaming completions at rising concurrency: output
+// tokens/s, TTFT and inter-token latency percentiles, against the same daemon's single stream.
+import { spawn, type ChildProcess } from 'node:child_process';
+import os from 'node:os';
+import path from 'node:path';
+import { performance } from 'node:perf_hooks';
+import { parseArgs } from 'node:util';
+
+import { packageRoot } from '../src/native/index.js';
+import { BENCH_MODEL_NAMES, ensureBenchModel, type BenchModelName } from './bench-models.js';
+import { writeChart } from './chart.js';
+import { fmt, markdownTable, parseIntList, parsePositiveInt, percentile, runInfo, writeJson, type Cell } from './harness.js';
+
+interface Daemon { proc: ChildProcess; base: string; exit: Promise<number | null>; logTail: string[] }
+
+async function startDaemon(modelDir: string, extra: string[]): Promise<Daemon> {
+  const bin = path.join(packageRoot(), 'bin', 'expertd.js');
+  const args = [bin, 'serve', '--model', modelDir, '--host', '127.0.0.1', '--port', '0', '--log-level', 'info', ...extra];
+  const proc = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  const logTail: string[] = [];
+  const keep = (d: Buffer) => {
+    logTail.push(d.toString());
+    if (logTail.length > 50) logTail.shift();
+  };
+  const exit = new Promise<number | null>((resolve) => proc.on('exit', (code) => resolve(code)));
+  const base = await new Promise<string>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`daemon did not start in 10 min:\n${logTail.join('')}`)), 600_000);
+    let found = false;
+    // NOTE: 'listening on' is an info line; later per-request lines are read and dropped (the
+    // pipe must keep draining or the daemon would block on a full stdout).
+    proc.stdout!.on('data', (d: Buffer) => {
+      if (found) return;
+      keep(d);
+      const m = /listening on (http:\/\/[0-9.:]+)/.exec(d.toString());
+      if (m) { found = true; clearTimeout(timer); resolve(m[1]!); }
+    });
+    proc.stderr!.on('data', keep);
+    proc.on('exit', (code) => { clearTimeout(timer); reject(new Error(`daemon exited (${code}):\n${logTail.join('')}`)); });
+  });
+  return { proc, base, exit, logTail };
+}
+
+/** `/health` answers 200 once the model is loaded (503 while loading). */
+async function waitHealthy(base: string, timeoutMs = 600_000): Promise<void> {
+  const deadline = performance.now() + timeoutMs;
+  for (;;) {
+    const r = await fetch(`${base}/health`).catch(() => null);
+    if (r?.status === 200) return;
+    if (performance.now() > deadline) throw new Error(`the daemon was not healthy after ${timeoutMs / 1000} s`);
+    await new Promise((res) => setTimeout(res, 500));
+  }
+}
+
+interface RequestResult {
+  ok: boolean;
+  error?: string;
+  startMs: number;
+  ttftMs: number;
+  endMs: number;
+  tokens: number;
+  /** Gaps between token arrivals; a chunk of n tokens after a gap g counts n gaps of g/n. */
+  itlMs: number[];
+}
+
+/** One streaming completion over raw fetch + SSE parsing; times token arrivals. */
+async function streamOne(base: string, model: string, prompt: number[], maxTokens: number): Promise<RequestResult> {
+  const start = performance.now();
+  const res: RequestResult = { ok: false, startMs: start, ttftMs: NaN, endMs: NaN, tokens: 0, itlMs: [] };
+  try {
+    const r = await fetch(`${base}/v1/completions`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({
+        model, prompt, max_tokens: maxTokens, temperature: 0, ignore_eos: true, stream: true,
+        return_token_ids: true, stream_options: { include_usage: true },
+      }),
+    });
+    if (r.status !== 200 || !r.body) {
+      res.error = `HTTP ${r.status}: ${(await r.text()).slice(0, 200)}`;
+      return res;
+    }
+    const decoder = new TextDecoder();
+    let buf = '';
+    let last = NaN;
+    let usageTokens = -1;
+    for await (const part of r.body as unknown as AsyncIterable<Uint8Array>) {
+      const now = performance.now();
+      buf += decoder.decode(part, { stream: true });
+      let sep: number;
+      while ((sep = buf.indexOf('\n\n')) >= 0) {
+        const event = buf.slice(0, sep);
+        buf = buf.slice(sep + 2);
+        if (!event.startsWith('data: ')) continue;
+        const data = event.slice(6);
+        if (data === '[DONE]') continue;
+        const j = JSON.parse(data) as { choices: { token_ids?: number[] }[]; usage?: { completion_tokens: number } | null };
+        if (j.usage) usageTokens = j.usage.completion_tokens;
+        const n = j.choices[0]?.token_ids?.length ?? 0;
+        if (n === 0) continue;
+        if (res.tokens === 0) res.ttftMs = now - start;
+        else for (let i = 0; i < n; i++) res.itlMs.push((now - last) / n);
+        res.tokens += n;
+        last = now;
+      }
+    }
+    res.endMs = performance.now();
+    if (usageTokens >= 0 && usageTokens !== res.tokens) res.error = `usage says ${usageTokens} tokens, stream had ${res.tokens}`;
+    else if (res.tokens !== maxTokens) res.error = `got ${res.tokens} tokens, expected ${maxTokens} (ignore_eos)`;
+    else res.ok = true;
+  } catch (e) {
+    res.error = (e as Error).message;
+  }
+  return res;
+}
+
+function promptIds(seed: number, n: number): number[] {
+  let a = (seed * 2654435761) >>> 0 || 1;
+  return Array.from({ length: n }, () => {
+    a ^= a << 13; a ^= a >>> 17; a ^= a << 5; a >>>= 0;
+    return 100 + (a % 30000);
+  });
+}
+
+interface Level {
+  concurrency: number;
+  requests: number;
+  failed: number;
+  errors: string[];
+  wallS: number;
+  outputTokens: number;
+  outputTokPerS: number;
+  ttftP50Ms: number;
+  ttftP99Ms: number;
+  itlP50Ms: number;
+  itlP99Ms: number;
+  loadAverage: number[];
+}
+
+/** Closed loop: `c` clients, each sends `rounds` requests one after another. */
+async function runLevel(base: string, model: string, c: number, rounds: number, promptLen: number,
+                        maxTokens: number): Promise<Level> {
+  const t0 = performance.now();
+  const all: RequestResult[] = [];
+  await Promise.all(Array.from({ length: c }, async (_, client) => {
+    for (let r = 0; r < rounds; r++)
+      all.push(await streamOne(base, model, promptIds(1000 * c + 10 * client + r, promptLen), maxTokens));
+  }));
+  const wallS = (performance.now() - t0) / 1e3;
+  const ok = all.filter((r) => r.ok);
+  const outputTokens = all.reduce((a, r) => a + r.tokens, 0);
+  const ttft = ok.map((r) => r.ttftMs);
+  const itl = ok.flatMap((r) => r.itlMs);
+  return {
+    concurrency: c, requests: all.length, failed: all.length - ok.length,
+    errors: [...new Set(all.filter((r) => !r.ok).map((r) => r.error ?? '?'))].slice(0, 5),
+    wallS, outputTokens, outputTokPerS: outputTokens / wallS,
+    ttftP50Ms: percentile(ttft, 0.5), ttftP99Ms: percentile(ttft, 0.99),
+    itlP50Ms: percentile(itl, 0.5), itlP99Ms: percentile(itl, 0.99),
+    loadAverage: os.loadavg(),
+  };
+}
+
+export async function runServe(argv: string[]): Promise<void> {
+  const { values } = parseArgs({
+    args: argv,
+    options: {
+      json: { type: 'string' }, plot: { type: 'string' }, model: { type: 'string' },
+      concurrency: { type: 'string' }, 'prompt-len': { type: 'string' }, 'max-tokens': { type: 'string' },
+      rounds: { type: 'string' }, threads: { type: 'string' }, 'max-num-batched-tokens': { type: 'string' },
+    },
+    strict: true,
+  });
+  const levels = values.concurrency ? parseIntList('concurrency', values.concurrency) : [1, 2, 4, 8, 16, 32];
+  const promptLen = Math.max(1, parsePositiveInt('prompt-len', values['prompt-len'], 128));
+  const maxTokens = Math.max(2, parsePositiveInt('max-tokens', values['max-tokens'], 64));
+  const rounds = Math.max(1, parsePositiveInt('rounds', values.rounds, 2));
+  const threads = parsePositiveInt('threads', values.threads, 0);
+  const maxNumSeqs = Math.max(...levels, 32);
+  const batched = parsePositiveInt('max-num-batched-tokens', values['max-num-batched-tokens'], 512);
+  const name = (values.model ?? 'mixtral-like') as BenchModelName;
+  if (!BENCH_MODEL_NAMES.includes(name)) throw new RangeError(`--model is "${name}", expected one of ${BENCH_MODEL_NAMES.join(', ')}`);
+  const dir = ensureBenchModel(name, (s) => console.error(s));
+  const flags = ['--compute-dtype', 'bf16', '--max-num-seqs', String(maxNumSeqs), '--threads', String(threads),
+    '--max-num-batched-tokens', String(batched)];
+  const info = runInfo();
+  console.error(`# starting expertd serve --model ${dir} ${flags.join(' ')}`);
+  const t0 = performance.now();
+  const d = await startDaemon(dir, flags);
+  const results: Level[] = [];
+  try {
+    await waitHealthy(d.base);
+    console.error(`# ready in ${((performance.now() - t0) / 1e3).toFixed(1)} s; warm-up request...`);
+    const model = ((await (await fetch(`${d.base}/v1/models`)).json()) as { data: { id: string }[] }).data[0]!.id;
+    const warm = await streamOne(d.base, model, promptIds(7, promptLen), 8);
+    if (!warm.ok) throw new Error(`warm-up request failed: ${warm.error}`);
+    for (const c of levels) {
+      const lv = await runLevel(d.base, model, c, rounds, promptLen, maxTokens);
+      console.error(`# concurrency ${c}: ${fmt(lv.outputTokPerS)} tok/s, TTFT p50 ${fmt(lv.ttftP50Ms)} ms, ` +
+        `ITL p50/p99 ${fmt(lv.itlP50Ms)}/${fmt(lv.itlP99Ms)} ms, ${lv.failed} failed, load avg ${lv.loadAverage.map((v) => v.toFixed(1)).join(' ')}`);
+      results.push(lv);
+    }
+  } finally {
+    d.proc.kill('SIGTERM');
+    const timer = setTimeout(() => d.proc.kill('SIGKILL'), 15_000);
+    await d.exit;
+    clearTimeout(timer);
+  }
+
+  const single = results.find((r) => r.concurrency === 1);
+  const rows: Cell[][] = results.map((r) => [
+    r.concurrency, r.requests, r.failed, r.outputTokPerS, single ? `${fmt(r.outputTokPerS / single.outputTokPerS)}x` : '-',
+    r.ttftP50Ms, r.ttftP99Ms, r.itlP50Ms, r.itlP99Ms, single ? `${fmt(r.itlP99Ms / single.itlP99Ms)}x` : '-',
+    r.loadAverage[0]!.toFixed(1),
+  ]);
+  console.log(`## serve: expertd daemon, ${name} (bf16), ${os.cpus()[0]?.model ?? 'cpu'}\n`);
+  console.log(`Streaming /v1/completions, ${promptLen}-token prompts, max_tokens ${maxTokens}, ignore_eos, temperature 0; ` +
+    `closed loop: c clients x ${rounds} requests each; daemon flags: ${flags.join(' ')}. Load average at start ` +
+    `${info.loadAverage instanceof Array ? (info.loadAverage as number[]).map((v) => v.toFixed(1)).join(' ') : ''}.\n`);
+  console.log(markdownTable(
+    ['concurrency', 'requests', 'failed', 'output tok/s', 'vs c=1', 'TTFT p50 ms', 'TTFT p99 ms', 'ITL p50 ms', 'ITL p99 ms',
+      'ITL p99 vs c=1', 'load 1m'],
+    rows));
+  for (const r of results) if (r.errors.length) console.log(`\nconcurrency ${r.concurrency} errors: ${r.errors.join('; ')}`);
+  const c16 = results.find((r) => r.concurrency === 16);
+  console.log('\nTargets:\n');
+  if (single && c16) {
+    const tp = c16.outputTokPerS / single.outputTokPerS;
+    console.log(`- 16 streams >= 5x single-stream throughput: ${fmt(tp)}x -> ${tp >= 5 ? 'PASS' : 'FAIL'}`);
+    const itl = c16.itlP99Ms / single.itlP99Ms;
+    console.log(`- p99 ITL at 16 streams within 3x of single-stream: ${fmt(itl)}x -> ${itl <= 3 ? 'PASS' : 'FAIL'}`);
+  } else {
+    console.log('- NOT MEASURED (needs concurrency 1 and 16)');
+  }
+  if (values.json) writeJson(values.json, { bench: 'serve', run: info, loadAverageEnd: os.loadavg(), model: name, dir, flags,
+    promptLen, maxTokens, rounds, levels: results });
+  if (values.plot) {
+    const x = results.map((r) => String(r.concurrency));
+    writeChart(values.plot, {
+      title: `expertd serve ${name}: output tokens/s`, xLabel: 'concurrent streams', yLabel: 'tok/s', xLabels: x,
+      series: [{ name: 'output tok/s', values: results.map((r) => r.outputTokPerS) },
+        ...(single ? [{ name: 'linear from c=1', values: results.map((r) => single.outputTokPerS * r.concurrency) }] : [])],
+      logY: true,
+    });
+    const lat = values.plot.replace(/\.png$/i, '') + '-latency.png';
+    writeChart(lat, {
+      title: `expertd serve ${name}: latency`, xLabel: 'concurrent streams', yLabel: 'ms', xLabels: x, logY: true,
+      series: [
+        { name: 'TTFT p50', values: results.map((r) => r.ttftP50Ms) }, { name: 'TTFT p99', values: results.map((r) => r.ttftP99Ms) },
+        { name: 'ITL p50', values: results.map((r) => r.itlP50Ms) }, { name: 'ITL p99', values: results.map((r) => r.itlP99Ms) },
+      ],
+    });
+    console.error(`# wrote ${values.plot} and ${lat}`);
+  }
+}
