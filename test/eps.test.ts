@@ -67,6 +67,8 @@ const synthetic: CostTable = {
 test('the kernel choice follows the cost model and its crossover', () => {
   const p = new EpsPlanner(synthetic);
   assert.equal(p.crossoverRows(), 512);
+  assert.equal(new EpsPlanner({ ...synthetic, denseMs: [0.05, 0.5, 1.2, 9.0] }).crossoverRows(), Infinity,
+    'a dense win at one row only is not a crossover');
   assert.equal(p.plan([1, 2, 0, 3], 4096).kernel, 'group');
   assert.equal(p.plan([900, 1000, 800, 0], 4096).kernel, 'dense');
   const mixed = p.plan([600, 1, 1, 1], 4096);

@@ -86,11 +86,15 @@ export class EpsPlanner {
     return best!;
   }
 
-  /** Rows per expert from which DenseGemm is predicted to beat GroupGemm (Infinity: never). */
+  /**
+   * Rows per expert from which DenseGemm is predicted to beat GroupGemm at every calibrated point
+   * onwards (Infinity: never; a win at a few rows only is noise or a small-load effect, not a crossover).
+   */
   crossoverRows(): number {
     const { rows, groupMs, denseMs } = this.table;
-    for (let i = 0; i < rows.length; i++) if (denseMs[i]! < groupMs[i]!) return rows[i]!;
-    return Infinity;
+    let from = Infinity;
+    for (let i = rows.length - 1; i >= 0 && denseMs[i]! < groupMs[i]!; i--) from = rows[i]!;
+    return from;
   }
 }
 
