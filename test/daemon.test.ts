@@ -31,7 +31,7 @@ async function startDaemon(extra: string[] = []): Promise<Daemon> {
     const timer = setTimeout(() => reject(new Error(`daemon did not start:\n${logs.join('')}`)), 60_000);
     const onData = (d: Buffer) => {
       logs.push(d.toString());
-      const m = /listening on (http:\/\/[0-9.:]+)/.exec(d.toString());
+      const m = /expertd ready on (http:\/\/[0-9.:]+)/.exec(d.toString());
       if (m) { clearTimeout(timer); resolve(m[1]!); }
     };
     proc.stdout!.on('data', onData);

@@ -6,20 +6,28 @@ import { parseModelConfig } from '../model/config.js';
 import { ensureDemoModel } from '../model/demo.js';
 import { loadNative } from '../native/index.js';
 import type { EngineOptions } from '../engine/protocol.js';
+import type { ModelInfo } from '../engine/types.js';
 import type { EvictionPolicy } from '../offload/expert-cache.js';
 import type { OffloadConfig } from '../offload/setup.js';
 import type { ParsedFlags } from './options.js';
 
-export function resolveEngineOptions(flags: ParsedFlags, servedModelName?: string): EngineOptions & { isDemo: boolean } {
+export function resolveEngineOptions(flags: ParsedFlags, servedModelName?: string):
+    EngineOptions & { isDemo: boolean; info: ModelInfo } {
   const given = String(flags['model'] ?? '');
   const isDemo = given === '';
   const modelDir = isDemo ? ensureDemoModel() : path.resolve(given);
   // Fail fast, before a worker starts, on a config we cannot serve (names what is supported).
-  parseModelConfig(modelDir);
+  const spec = parseModelConfig(modelDir);
   let dtype = String(flags['compute-dtype'] ?? 'auto');
   if (dtype === 'auto') dtype = loadNative().capabilities().bf16Dot ? 'bf16' : 'f32';
+  const name = servedModelName || (isDemo ? 'expertd-demo' : path.basename(modelDir));
+  const info: ModelInfo = {
+    name, architecture: spec.modelType, maxContext: spec.maxContext, vocabSize: spec.vocabSize,
+    eosTokenIds: spec.eosTokenIds, numMoeLayers: spec.layers.filter((l) => l.ffn === 'moe').length,
+    numExperts: spec.moe.numExperts, topK: spec.moe.router.topK,
+  };
   return {
-    modelDir, isDemo,
+    modelDir, isDemo, info,
     computeDtype: dtype as 'f32' | 'bf16',
     kvCacheBlocks: Number(flags['kv-cache-blocks'] ?? 0),
     kvCacheGb: Number(flags['kv-cache-gb'] ?? 0),
@@ -28,7 +36,7 @@ export function resolveEngineOptions(flags: ParsedFlags, servedModelName?: strin
     maxNumBatchedTokens: Number(flags['max-num-batched-tokens'] ?? 512),
     threads: Number(flags['threads'] ?? 0),
     expertKernel: String(flags['expert-kernel'] ?? 'auto') as 'auto' | 'group' | 'dense',
-    servedModelName: servedModelName || (isDemo ? 'expertd-demo' : path.basename(modelDir)),
+    servedModelName: name,
     ...offloadOptions(flags),
   };
 }

@@ -70,20 +70,30 @@ export async function serveCommand(argv: string[]): Promise<number> {
   if (opts.isDemo) logger.warn({ model: opts.modelDir }, 'no --model given: serving the built-in demo model (random weights, gibberish text)');
   logger.info({ capabilities: loadNative().capabilities(), config: { ...opts, apiKey: flags['api-key'] ? '(set)' : '(none)' } }, 'starting');
   const tok = ModelTokenizer.load(opts.modelDir);
-  const engine = new EngineClient(opts);
+  const engine = new EngineClient(opts, opts.info);
   showLoadProgress(engine);
   const metrics = createMetrics();
   wireEngineMetrics(engine, metrics);
-  const info = await engine.ready;
-  logger.info(engine.summary);
+  // Listen at once: /health answers 503 and generation routes 503 (model_loading) until the
+  // weights are in; the config gave everything else the API needs.
   const server = createServer({
     engine, codec: codecFor(tok), servedModelName: opts.servedModelName,
     apiKey: flags['api-key'] as string | undefined, maxQueuedRequests: Number(flags['max-queued-requests']),
-    maxModelLen: info.maxContext, logger, metrics, logPrompts: Boolean(flags['log-prompts']),
+    maxModelLen: opts.info.maxContext, logger, metrics, logPrompts: Boolean(flags['log-prompts']),
   });
   engine.on('failed', (msg: string) => logger.error({ error: msg }, 'engine failed: /health now answers 503'));
   const address = await server.listen({ host: String(flags['host']), port: Number(flags['port']) });
-  logger.info({ address, model: opts.servedModelName }, `expertd listening on ${address}`);
+  logger.info({ address, model: opts.servedModelName }, `expertd listening on ${address} (loading the model)`);
+  try {
+    await engine.ready;
+  } catch (e) {
+    logger.error({ error: (e as Error).message }, 'model load failed');
+    await server.close();
+    await engine.close();
+    throw e;
+  }
+  logger.info(engine.summary);
+  logger.info({ address }, `expertd ready on ${address}`);
   return await new Promise<number>((resolve) => {
     let stopping = false;
     const stop = (signal: string) => {

@@ -18,8 +18,10 @@ export class EngineClient extends EventEmitter {
   summary = '';
   readonly ready: Promise<ModelInfo>;
 
-  constructor(options: EngineOptions) {
+  /** provisional: the model's info from its config, so the API can answer while weights load. */
+  constructor(options: EngineOptions, provisional?: ModelInfo) {
     super();
+    this.infoValue = provisional;
     this.worker = new Worker(new URL('./worker.js', import.meta.url));
     this.ready = new Promise<ModelInfo>((resolve, reject) => {
       this.worker.on('message', (m: FromWorker) => {
