@@ -13,6 +13,7 @@ import {
 } from './harness.js';
 import { runOpenBlasPeer, type PeerCase, type PeerRun } from './peers/openblas.js';
 import { runProbe, type MachineLimits } from './probe/probe.js';
+import { mulberry32 } from '../src/engine/rng.js';
 
 export interface MoeShape {
   name: string;
@@ -108,17 +109,7 @@ function parseOptions(argv: string[]): Options {
 // ---------------------------------------------------------------------------------------------
 // Inputs
 
-/** mulberry32: a small seeded PRNG so that runs route the same tokens the same way. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+const prng = mulberry32;
 
 function randomF32(n: number, rand: () => number, scale = 1): Float32Array {
   const a = new Float32Array(n);

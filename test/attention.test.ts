@@ -6,19 +6,11 @@ import { test } from 'node:test';
 
 import { loadNative } from '../src/native/index.js';
 import type { AttentionOptions } from '../src/native/index.js';
+import { mulberry32 } from '../src/engine/rng.js';
 
 const native = loadNative();
 
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+const rng = mulberry32;
 
 function uniform(n: number, r: () => number, amp = 1): Float32Array {
   const a = new Float32Array(n);

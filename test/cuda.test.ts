@@ -9,6 +9,7 @@ import { test } from 'node:test';
 
 import { loadNative, packageRoot } from '../src/native/index.js';
 import type { CudaAddon, CudaBuffer, NativeAddon } from '../src/native/types.js';
+import { mulberry32 } from '../src/engine/rng.js';
 
 const native = loadNative();
 const caps = native.capabilities();
@@ -18,16 +19,7 @@ const skip = !caps.cudaCompiled
   : caps.cudaDevices === 0 ? `no CUDA device (cudaDevices = ${caps.cudaDevices})` : false;
 
 // ---------------------------------------------------------------------------------- helpers
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+const rng = mulberry32;
 const rand = rng(Date.now() & 0xffff);
 const uniform = (n: number, lo = -1, hi = 1) => Float32Array.from({ length: n }, () => lo + (hi - lo) * rand());
 

@@ -9,19 +9,11 @@ import path from 'node:path';
 import { test } from 'node:test';
 
 import { loadNative, type DType, type ExpertLoadJob, type PackedWeight } from '../src/native/index.js';
+import { mulberry32 } from '../src/engine/rng.js';
 
 const n = loadNative();
 
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+const rng = mulberry32;
 
 interface Fixture { file: string; I: number; H: number; dtype: DType; E: number; bytes: number; data: Uint8Array }
 

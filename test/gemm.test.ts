@@ -6,6 +6,7 @@ import { test } from 'node:test';
 
 import { loadNative } from '../src/native/index.js';
 import type { DType, ExpertTable, NativeAddon, PackedWeight } from '../src/native/index.js';
+import { mulberry32 } from '../src/engine/rng.js';
 
 const native: NativeAddon = loadNative();
 
@@ -24,16 +25,6 @@ const TOL_GROUP_FAST_EMULATED = 1e-4;
 
 // ---------------------------------------------------------------------------------------------
 // Deterministic random numbers (a fresh seed per case, printed in failure labels).
-function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 let seedCounter = 1234;
 function freshRng(): { rand: () => number; seed: number } {
   const seed = seedCounter++;

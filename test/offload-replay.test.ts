@@ -10,17 +10,9 @@ import { test } from 'node:test';
 import { replay, replayBelady } from '../src/offload/replay.js';
 import { syntheticTrace, DEFAULT_SYNTHETIC } from '../src/offload/synthetic-trace.js';
 import { readTrace, TraceWriter, type Trace } from '../src/offload/trace-file.js';
+import { mulberry32 } from '../src/engine/rng.js';
 
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+const rng = mulberry32;
 
 /** A random single-request trace: each step, each layer uses 1..maxPerLayer distinct experts. */
 function randomTrace(r: () => number, L: number, E: number, steps: number, maxPerLayer: number): Trace {

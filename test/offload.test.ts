@@ -19,17 +19,9 @@ import { planPrefetch, prefetchPriority } from '../src/offload/prefetcher.js';
 import { CheckpointExpertStore } from '../src/offload/expert-store.js';
 import { Offloader } from '../src/offload/offloader.js';
 import { readTrace } from '../src/offload/trace-file.js';
+import { mulberry32 } from '../src/engine/rng.js';
 
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+const rng = mulberry32;
 
 const tmpDir = (): string => fs.mkdtempSync(path.join(os.tmpdir(), 'expertd-offload-'));
 

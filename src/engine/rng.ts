@@ -81,3 +81,18 @@ export class Rng {
     [this.s0, this.s1, this.s2, this.s3] = [state[0] | 0, state[1] | 0, state[2] | 0, state[3] | 0];
   }
 }
+
+/**
+ * mulberry32: a tiny deterministic stream of floats in [0, 1) for synthetic data (the demo model's
+ * weights, test and bench inputs). Not for sampling: requests use Rng above.
+ */
+export function mulberry32(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}

@@ -7,6 +7,7 @@ import os from 'node:os';
 import path from 'node:path';
 
 import { type TensorToWrite, writeSafetensors } from './safetensors.js';
+import { mulberry32 } from '../engine/rng.js';
 
 /** Bump when anything below changes: a new folder is made, old caches stay valid for old code. */
 export const DEMO_VERSION = 1;
@@ -43,17 +44,7 @@ export const DEMO_CHAT_TEMPLATE =
   "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}{% endif %}" +
   '{% endfor %}';
 
-/** Deterministic PRNG (mulberry32). */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+const rng = mulberry32;
 
 const f32 = new Float32Array(1);
 const u32 = new Uint32Array(f32.buffer);

@@ -2,6 +2,7 @@
 // come from prompt families; each family prefers its own expert set in every layer (with some
 // tokens routed by global popularity instead), and requests run in a continuously refilled batch.
 import type { Trace, TraceRequestStep, TraceStep } from './trace-file.js';
+import { mulberry32 } from '../engine/rng.js';
 
 export interface SyntheticTraceOptions {
   numLayers: number;
@@ -26,16 +27,7 @@ export const DEFAULT_SYNTHETIC: SyntheticTraceOptions = {
   requests: 60, batch: 4, promptTokens: 16, decodeTokens: 24, seed: 7,
 };
 
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+const rng = mulberry32;
 
 export function syntheticTrace(o: SyntheticTraceOptions): Trace {
   const r = rng(o.seed);

@@ -3,20 +3,11 @@
 import assert from 'node:assert/strict';
 
 import { loadNative } from '../../src/native/index.js';
+import { mulberry32 } from '../../src/engine/rng.js';
 
 export const native = loadNative();
 
-/** mulberry32: small, seeded, good enough for test data. */
-export function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+export const rng = mulberry32;
 
 export function uniform(n: number, r: () => number, amp = 1): Float32Array {
   const a = new Float32Array(n);
