@@ -2,6 +2,7 @@
 // KV cache write. Flash-style online softmax in f32 on the thread pool, AVX-512 where present.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -172,36 +173,102 @@ EXPERTD_AVX512 inline __mmask16 tail_mask(int n) {
   return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
 }
 
-EXPERTD_AVX512 inline float dot512(const float* a, const float* b, int n) {
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+// 16x16 transpose in registers: r[i] lane j -> r[j] lane i.
+EXPERTD_AVX512 inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  __m512 u[16];
+  for (int k = 0; k < 4; ++k) {
+    u[4 * k + 0] = _mm512_shuffle_ps(t[4 * k], t[4 * k + 2], 0x44);
+    u[4 * k + 1] = _mm512_shuffle_ps(t[4 * k], t[4 * k + 2], 0xEE);
+    u[4 * k + 2] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0x44);
+    u[4 * k + 3] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0xEE);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);
+    const __m512 v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
+    const __m512 w0 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+    const __m512 w1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+    r[c] = _mm512_shuffle_f32x4(v0, w0, 0x88);
+    r[4 + c] = _mm512_shuffle_f32x4(v1, w1, 0x88);
+    r[8 + c] = _mm512_shuffle_f32x4(v0, w0, 0xDD);
+    r[12 + c] = _mm512_shuffle_f32x4(v1, w1, 0xDD);
+  }
+}
+
+// kt [dk, 16]: kt[d * 16 + j] = kp[j][d], the key block laid out with one key per lane.
+EXPERTD_AVX512 inline void transpose_keys(const float* const kp[kKeyBlock], int dk, float* kt) {
+  __m512 r[16];
+  for (int d0 = 0; d0 < dk; d0 += 16) {
+    const __mmask16 m = tail_mask(dk - d0);
+    for (int j = 0; j < 16; ++j) r[j] = _mm512_maskz_loadu_ps(m, kp[j] + d0);
+    transpose16(r);
+    const int n = std::min(16, dk - d0);
+    for (int i = 0; i < n; ++i) _mm512_store_ps(kt + static_cast<size_t>(d0 + i) * 16, r[i]);
+  }
+}
+
+// Scores of R query rows against one transposed key block: s[r * 16 + j] = q_r . k_j * scale.
+// NOTE: determinism. A row's dot product is four accumulators over d = 0,1,2,3 mod 4, each
+// summed in d order, then (a0 + a1) + (a2 + a3): the same bits whichever rows share the call
+// (decode, prefill, any R), because each lane's chain only ever sees its own row and key.
+template <int R>
+EXPERTD_AVX512 inline void block_scores(const float* const* qr, const float* kt, int dk,
+                                        float scale, float* s) {
+  __m512 a[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < 4; ++k) a[r][k] = _mm512_setzero_ps();
   int d = 0;
-  for (; d + 32 <= n; d += 32) {
-    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc0);
-    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + d + 16), _mm512_loadu_ps(b + d + 16), acc1);
+  for (; d + 4 <= dk; d += 4) {
+    const __m512 k0 = _mm512_load_ps(kt + static_cast<size_t>(d) * 16);
+    const __m512 k1 = _mm512_load_ps(kt + static_cast<size_t>(d + 1) * 16);
+    const __m512 k2 = _mm512_load_ps(kt + static_cast<size_t>(d + 2) * 16);
+    const __m512 k3 = _mm512_load_ps(kt + static_cast<size_t>(d + 3) * 16);
+    for (int r = 0; r < R; ++r) {
+      a[r][0] = _mm512_fmadd_ps(_mm512_set1_ps(qr[r][d]), k0, a[r][0]);
+      a[r][1] = _mm512_fmadd_ps(_mm512_set1_ps(qr[r][d + 1]), k1, a[r][1]);
+      a[r][2] = _mm512_fmadd_ps(_mm512_set1_ps(qr[r][d + 2]), k2, a[r][2]);
+      a[r][3] = _mm512_fmadd_ps(_mm512_set1_ps(qr[r][d + 3]), k3, a[r][3]);
+    }
   }
-  for (; d < n; d += 16) {
-    const __mmask16 m = tail_mask(n - d);
-    acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + d), _mm512_maskz_loadu_ps(m, b + d), acc0);
+  for (int k = 0; d < dk; ++d, ++k) {
+    const __m512 kv = _mm512_load_ps(kt + static_cast<size_t>(d) * 16);
+    for (int r = 0; r < R; ++r) a[r][k] = _mm512_fmadd_ps(_mm512_set1_ps(qr[r][d]), kv, a[r][k]);
   }
-  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int r = 0; r < R; ++r) {
+    const __m512 sum = _mm512_add_ps(_mm512_add_ps(a[r][0], a[r][1]), _mm512_add_ps(a[r][2], a[r][3]));
+    _mm512_store_ps(s + r * 16, _mm512_mul_ps(sum, sc));
+  }
 }
 
 EXPERTD_AVX512 __attribute__((noinline)) void segment_partial_avx512(const Ctx& c, const Tile& t,
                                                                      int seg, float* part) {
   const AttentionParams& p = *c.p;
   const int g = c.group, dk = p.dk, dv = p.dv, tokens = t.t1 - t.t0;
+  const int rows = tokens * g;
   const int seg_begin = seg * kSegment, seg_end = seg_begin + kSegment - 1;
-  for (int r = 0; r < tokens * g; ++r) {
+  for (int r = 0; r < rows; ++r) {
     float* st = part + static_cast<size_t>(r) * c.stride;
     st[0] = kNegInf;
     st[1] = 0.0f;
     for (int d = 0; d < dv; d += 16) _mm512_storeu_ps(st + 16 + d, _mm512_setzero_ps());
   }
+  // Grow-only per-thread scratch, 64-byte aligned (need has 16 floats of slack): the transposed
+  // key block kt [dk, 16] and the block's scores [rows, 16].
+  thread_local std::vector<float> tl_buf;
+  const size_t kt_floats = static_cast<size_t>(dk) * 16, need = kt_floats + rows * 16 + 16;
+  if (tl_buf.size() < need) tl_buf.resize(need);
+  float* kt = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(tl_buf.data()) + 63) & ~uintptr_t{63});
+  float* scores = kt + kt_floats;
+  const float* qrow[4];
   const int kmin = std::max(seg_begin, row_lo(row_pos(t, t.t0), p.sliding_window));
   const int kmax = std::min(seg_end, row_pos(t, t.t1 - 1));
   const float* kp[kKeyBlock];
   const float* vp[kKeyBlock];
-  alignas(64) float s[kKeyBlock];
   alignas(64) float pr[kKeyBlock];
   const __mmask16 dv_tail = tail_mask(dv % 16 == 0 ? 16 : dv % 16);
   for (int kb0 = kmin / kKeyBlock * kKeyBlock; kb0 <= kmax; kb0 += kKeyBlock) {
@@ -211,18 +278,39 @@ EXPERTD_AVX512 __attribute__((noinline)) void segment_partial_avx512(const Ctx& 
       kp[j - kb0] = c.k_cache + row * dk;
       vp[j - kb0] = c.v_cache + row * p.v_stride + p.v_offset;
     }
-    for (int i = t.t0; i < t.t1; ++i) {
+    // Lanes outside [jb_lo, jb_hi] read a valid key; their scores are masked below.
+    for (int j = kb0; j < jb_lo; ++j) kp[j - kb0] = kp[jb_lo - kb0];
+    for (int j = jb_hi + 1; j < kb0 + kKeyBlock; ++j) kp[j - kb0] = kp[jb_lo - kb0];
+    transpose_keys(kp, dk, kt);
+    // Rows that see some key of this block: tokens [i_lo, t1) (row_pos grows with i; rows past
+    // their sliding window are skipped in the softmax loop below).
+    int i_lo = t.t0;
+    while (i_lo < t.t1 && row_pos(t, i_lo) < jb_lo) ++i_lo;
+    int r = (i_lo - t.t0) * g;
+    for (; r + 4 <= rows; r += 4) {
+      for (int k = 0; k < 4; ++k) {
+        const int rr = r + k, i = t.t0 + rr / g, hh = rr % g;
+        qrow[k] = c.q + static_cast<size_t>(t.q_start + i) * p.q_row_stride +
+                  static_cast<size_t>(t.kvh * g + hh) * dk;
+      }
+      block_scores<4>(qrow, kt, dk, p.scale, scores + static_cast<size_t>(r) * 16);
+    }
+    for (; r < rows; ++r) {
+      const int i = t.t0 + r / g, hh = r % g;
+      qrow[0] = c.q + static_cast<size_t>(t.q_start + i) * p.q_row_stride +
+                static_cast<size_t>(t.kvh * g + hh) * dk;
+      block_scores<1>(qrow, kt, dk, p.scale, scores + static_cast<size_t>(r) * 16);
+    }
+    for (int i = i_lo; i < t.t1; ++i) {
       const int pos = row_pos(t, i);
       const int lo = std::max({row_lo(pos, p.sliding_window), kb0, seg_begin});
       const int hi = std::min({pos, kb0 + kKeyBlock - 1, seg_end});
       if (lo > hi) continue;
       const __mmask16 vis = static_cast<__mmask16>(tail_mask(hi - kb0 + 1) & ~tail_mask(lo - kb0));
       for (int hh = 0; hh < g; ++hh) {
-        const float* qr = c.q + static_cast<size_t>(t.q_start + i) * p.q_row_stride +
-                          static_cast<size_t>(t.kvh * g + hh) * dk;
-        float* st = part + static_cast<size_t>((i - t.t0) * g + hh) * c.stride;
-        for (int j = lo; j <= hi; ++j) s[j - kb0] = dot512(qr, kp[j - kb0], dk) * p.scale;
-        const __m512 sv = _mm512_mask_loadu_ps(_mm512_set1_ps(kNegInf), vis, s);
+        const int rr = (i - t.t0) * g + hh;
+        float* st = part + static_cast<size_t>(rr) * c.stride;
+        const __m512 sv = _mm512_mask_loadu_ps(_mm512_set1_ps(kNegInf), vis, scores + rr * 16);
         const float mb = _mm512_reduce_max_ps(sv);
         const float m_old = st[0], m_new = std::max(m_old, mb);
         const float alpha = m_old == kNegInf ? 0.0f : std::exp(m_old - m_new);
