@@ -245,6 +245,41 @@ EXPERTD_AVX512 inline void block_scores(const float* const* qr, const float* kt,
   }
 }
 
+// acc_r[d0, d0 + 16 NV) = acc_r * alpha_r + sum over keys j in [lo, hi] (in order) of p_r[j] v_j,
+// (j relative to the block start) for NR rows that share the key range (the heads of one token), so each V load serves NR rows.
+// Per row and lane this is the same sequence of f32 operations whatever NR and NV are.
+template <int NR, int NV>
+EXPERTD_AVX512 inline void block_pv(float* const* acc, const float* alpha, const float* pr,
+                                    const float* const* vp, int lo, int hi, int d0,
+                                    __mmask16 last) {
+  __m512 a[NR][NV];
+  for (int r = 0; r < NR; ++r) {
+    const __m512 av = _mm512_set1_ps(alpha[r]);
+    for (int v = 0; v < NV; ++v) a[r][v] = _mm512_mul_ps(_mm512_loadu_ps(acc[r] + d0 + 16 * v), av);
+  }
+  for (int j = lo; j <= hi; ++j) {
+    __m512 vv[NV];
+    for (int v = 0; v < NV; ++v)
+      vv[v] = v + 1 < NV ? _mm512_loadu_ps(vp[j] + d0 + 16 * v)
+                         : _mm512_maskz_loadu_ps(last, vp[j] + d0 + 16 * v);
+    for (int r = 0; r < NR; ++r) {
+      const __m512 pj = _mm512_set1_ps(pr[r * kKeyBlock + j]);
+      for (int v = 0; v < NV; ++v) a[r][v] = _mm512_fmadd_ps(pj, vv[v], a[r][v]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(acc[r] + d0 + 16 * v, a[r][v]);
+}
+
+template <int NR>
+EXPERTD_AVX512 inline void block_pv_rows(float* const* acc, const float* alpha, const float* pr,
+                                         const float* const* vp, int lo, int hi, int dv) {
+  int d0 = 0;
+  for (; d0 + 64 <= dv; d0 += 64)
+    block_pv<NR, 4>(acc, alpha, pr, vp, lo, hi, d0, static_cast<__mmask16>(0xFFFF));
+  for (; d0 < dv; d0 += 16) block_pv<NR, 1>(acc, alpha, pr, vp, lo, hi, d0, tail_mask(dv - d0));
+}
+
 EXPERTD_AVX512 __attribute__((noinline)) void segment_partial_avx512(const Ctx& c, const Tile& t,
                                                                      int seg, float* part) {
   const AttentionParams& p = *c.p;
@@ -269,8 +304,16 @@ EXPERTD_AVX512 __attribute__((noinline)) void segment_partial_avx512(const Ctx& 
   const int kmax = std::min(seg_end, row_pos(t, t.t1 - 1));
   const float* kp[kKeyBlock];
   const float* vp[kKeyBlock];
-  alignas(64) float pr[kKeyBlock];
-  const __mmask16 dv_tail = tail_mask(dv % 16 == 0 ? 16 : dv % 16);
+  // Per head of one token: probabilities pr [g, 16], rescale factors and accumulators.
+  thread_local std::vector<float> tl_pr;
+  thread_local std::vector<float*> tl_accs;
+  if (tl_pr.size() < static_cast<size_t>(g) * kKeyBlock * 2 + 16) {
+    tl_pr.resize(static_cast<size_t>(g) * kKeyBlock * 2 + 16);
+    tl_accs.resize(g);
+  }
+  float* pr = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(tl_pr.data()) + 63) & ~uintptr_t{63});
+  float* alphas = pr + static_cast<size_t>(g) * kKeyBlock;
+  float** accs = tl_accs.data();
   for (int kb0 = kmin / kKeyBlock * kKeyBlock; kb0 <= kmax; kb0 += kKeyBlock) {
     const int jb_lo = std::max(kb0, kmin), jb_hi = std::min(kb0 + kKeyBlock - 1, kmax);
     for (int j = jb_lo; j <= jb_hi; ++j) {
@@ -315,20 +358,17 @@ EXPERTD_AVX512 __attribute__((noinline)) void segment_partial_avx512(const Ctx& 
         const float m_old = st[0], m_new = std::max(m_old, mb);
         const float alpha = m_old == kNegInf ? 0.0f : std::exp(m_old - m_new);
         const __m512 pv = _mm512_maskz_mov_ps(vis, exp512(_mm512_sub_ps(sv, _mm512_set1_ps(m_new))));
-        _mm512_store_ps(pr, pv);
+        _mm512_store_ps(pr + static_cast<size_t>(hh) * kKeyBlock, pv);
         st[0] = m_new;
         st[1] = st[1] * alpha + _mm512_reduce_add_ps(pv);
-        const __m512 av = _mm512_set1_ps(alpha);
-        float* acc = st + 16;
-        for (int d = 0; d < dv; d += 16) {
-          const __mmask16 m = d + 16 <= dv ? static_cast<__mmask16>(0xFFFF) : dv_tail;
-          __m512 a = _mm512_mul_ps(_mm512_loadu_ps(acc + d), av);
-          for (int j = lo; j <= hi; ++j)
-            a = _mm512_fmadd_ps(_mm512_set1_ps(pr[j - kb0]),
-                                _mm512_maskz_loadu_ps(m, vp[j - kb0] + d), a);
-          _mm512_storeu_ps(acc + d, a);
-        }
+        alphas[hh] = alpha;
+        accs[hh] = st + 16;
       }
+      int hh = 0;
+      for (; hh + 4 <= g; hh += 4)
+        block_pv_rows<4>(accs + hh, alphas + hh, pr + hh * kKeyBlock, vp, lo - kb0, hi - kb0, dv);
+      for (; hh < g; ++hh)
+        block_pv_rows<1>(accs + hh, alphas + hh, pr + hh * kKeyBlock, vp, lo - kb0, hi - kb0, dv);
     }
   }
 }
