@@ -314,6 +314,8 @@ EXPERTD_AVX512 __attribute__((noinline)) void segment_partial_avx512(const Ctx& 
   float* pr = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(tl_pr.data()) + 63) & ~uintptr_t{63});
   float* alphas = pr + static_cast<size_t>(g) * kKeyBlock;
   float** accs = tl_accs.data();
+  alignas(64) float m_olds[16];
+  alignas(64) float m_news[16];
   for (int kb0 = kmin / kKeyBlock * kKeyBlock; kb0 <= kmax; kb0 += kKeyBlock) {
     const int jb_lo = std::max(kb0, kmin), jb_hi = std::min(kb0 + kKeyBlock - 1, kmax);
     for (int j = jb_lo; j <= jb_hi; ++j) {
@@ -350,19 +352,33 @@ EXPERTD_AVX512 __attribute__((noinline)) void segment_partial_avx512(const Ctx& 
       const int hi = std::min({pos, kb0 + kKeyBlock - 1, seg_end});
       if (lo > hi) continue;
       const __mmask16 vis = static_cast<__mmask16>(tail_mask(hi - kb0 + 1) & ~tail_mask(lo - kb0));
-      for (int hh = 0; hh < g; ++hh) {
-        const int rr = (i - t.t0) * g + hh;
-        float* st = part + static_cast<size_t>(rr) * c.stride;
-        const __m512 sv = _mm512_mask_loadu_ps(_mm512_set1_ps(kNegInf), vis, scores + rr * 16);
-        const float mb = _mm512_reduce_max_ps(sv);
-        const float m_old = st[0], m_new = std::max(m_old, mb);
-        const float alpha = m_old == kNegInf ? 0.0f : std::exp(m_old - m_new);
-        const __m512 pv = _mm512_maskz_mov_ps(vis, exp512(_mm512_sub_ps(sv, _mm512_set1_ps(m_new))));
-        _mm512_store_ps(pr + static_cast<size_t>(hh) * kKeyBlock, pv);
-        st[0] = m_new;
-        st[1] = st[1] * alpha + _mm512_reduce_add_ps(pv);
-        alphas[hh] = alpha;
-        accs[hh] = st + 16;
+      // The heads' rescale factors alpha = exp(m_old - m_new) in one vector exp per 16 heads
+      // (lane-wise, so a head's alpha does not depend on the others).
+      for (int h0 = 0; h0 < g; h0 += 16) {
+        const int nh = std::min(16, g - h0);
+        for (int hh = h0; hh < h0 + nh; ++hh) {
+          const int rr = (i - t.t0) * g + hh;
+          const float* st = part + static_cast<size_t>(rr) * c.stride;
+          const __m512 sv = _mm512_mask_loadu_ps(_mm512_set1_ps(kNegInf), vis, scores + rr * 16);
+          m_olds[hh - h0] = st[0];
+          m_news[hh - h0] = std::max(st[0], _mm512_reduce_max_ps(sv));
+        }
+        const __mmask16 hm = tail_mask(nh);
+        const __m512 mo = _mm512_maskz_loadu_ps(hm, m_olds), mn = _mm512_maskz_loadu_ps(hm, m_news);
+        const __mmask16 started = _mm512_cmp_ps_mask(mo, _mm512_set1_ps(kNegInf), _CMP_NEQ_OQ);
+        _mm512_mask_storeu_ps(alphas + h0, hm,
+                              _mm512_maskz_mov_ps(started, exp512(_mm512_sub_ps(mo, mn))));
+        for (int hh = h0; hh < h0 + nh; ++hh) {
+          const int rr = (i - t.t0) * g + hh;
+          float* st = part + static_cast<size_t>(rr) * c.stride;
+          const __m512 sv = _mm512_mask_loadu_ps(_mm512_set1_ps(kNegInf), vis, scores + rr * 16);
+          const float m_new = m_news[hh - h0];
+          const __m512 pv = _mm512_maskz_mov_ps(vis, exp512(_mm512_sub_ps(sv, _mm512_set1_ps(m_new))));
+          _mm512_store_ps(pr + static_cast<size_t>(hh) * kKeyBlock, pv);
+          st[0] = m_new;
+          st[1] = st[1] * alphas[hh] + _mm512_reduce_add_ps(pv);
+          accs[hh] = st + 16;
+        }
       }
       int hh = 0;
       for (; hh + 4 <= g; hh += 4)
