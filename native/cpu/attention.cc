@@ -1,5 +1,6 @@
 // Attention over the paged KV cache (prefill and decode, GQA, sliding window, MLA dims), and the
-// KV cache write. Flash-style online softmax in f32 on the thread pool, AVX-512 where present.
+// KV cache write. Flash-style online softmax in f32 on the thread pool, AVX-512 where present:
+// each 16-key block is a small register-blocked GEMM (scores, then P.V) over the tile's rows.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -27,7 +28,9 @@ namespace {
 //     a partial (max m, sum l, acc) computed from scratch, and the partials of the segments the
 //     row sees are folded in segment order with one combine function.
 // Work splitting (token tiles, split-K over segments for long decodes) only decides which thread
-// computes which partial, never how a partial is computed or folded.
+// computes which partial, never how a partial is computed or folded. The AVX-512 kernel shares
+// K/V loads between the rows of a tile (decode and prefill run the same code), but every lane of
+// its arithmetic belongs to one row, so a row's bits never depend on which rows share its tile.
 constexpr int kKeyBlock = 16;
 constexpr int kSegment = 512;
 constexpr int kTileRows = 32;  // target (token, head) rows per work item
