@@ -294,6 +294,32 @@ test('pagedAttention: chunked prefill is bit-identical to one-shot prefill', () 
   }
 });
 
+test('pagedAttention: every prefill row is bit-identical to decoding it alone (tiled prefill == decode)', () => {
+  // Group sizes that do not fill the 4-row score and P.V register blocks, odd dk (score
+  // accumulator tail), dv with a 16-wide tail and past one 64-wide P.V chunk, MLA, a window.
+  for (const shape of [
+    { heads: 6, kvHeads: 2, dk: 37, dv: 72, blockSize: 16 },
+    { heads: 5, kvHeads: 1, dk: 64, dv: 200, blockSize: 4 },
+    { heads: 16, kvHeads: 4, dk: 64, dv: 64, blockSize: 16 },
+    { heads: 2, kvHeads: 2, dk: 130, dv: 24, blockSize: 8, qPad: 3 },
+    { heads: 4, kvHeads: 1, dk: 80, dv: 64, blockSize: 4, mla: { vOffset: 16 } },
+    { heads: 8, kvHeads: 2, dk: 64, dv: 64, blockSize: 16, slidingWindow: 21 },
+  ] as Shape[]) {
+    const total = 75;
+    const w = buildWorld(shape, [{ qLen: total, ctxLen: total }], 41);
+    forEachSimd((level) => {
+      const prefill = runAll(w);
+      const decoded = new Float32Array(prefill.length).fill(NaN);
+      for (let i = 0; i < total; i++) {
+        const { seqInfo, tables } = packSeqs(w, [{ seq: 0, qFrom: i, qLen: 1, ctxLen: i + 1, qStart: i }]);
+        native.pagedAttention(w.q, w.kCache, w.vCache, seqInfo, tables, optsOf(w, 1), decoded);
+      }
+      assert.ok(bitEqual(prefill, decoded), `prefill != decode [${level}] ${JSON.stringify(shape)}`);
+    });
+    checkAgainstReference(w, runAll(w), `tiled prefill ${JSON.stringify(shape)}`);
+  }
+});
+
 test('pagedAttention: split-K decode (several threads) is bit-identical to one thread', () => {
   const before = native.capabilities().threads;
   try {

@@ -1,7 +1,9 @@
 // Attention over the paged KV cache (prefill and decode, GQA, sliding window, MLA dims), and the
-// KV cache write. Flash-style online softmax in f32 on the thread pool, AVX-512 where present.
+// KV cache write. Flash-style online softmax in f32 on the thread pool, AVX-512 where present:
+// each 16-key block is a small register-blocked GEMM (scores, then P.V) over the tile's rows.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -26,7 +28,9 @@ namespace {
 //     a partial (max m, sum l, acc) computed from scratch, and the partials of the segments the
 //     row sees are folded in segment order with one combine function.
 // Work splitting (token tiles, split-K over segments for long decodes) only decides which thread
-// computes which partial, never how a partial is computed or folded.
+// computes which partial, never how a partial is computed or folded. The AVX-512 kernel shares
+// K/V loads between the rows of a tile (decode and prefill run the same code), but every lane of
+// its arithmetic belongs to one row, so a row's bits never depend on which rows share its tile.
 constexpr int kKeyBlock = 16;
 constexpr int kSegment = 512;
 constexpr int kTileRows = 32;  // target (token, head) rows per work item
@@ -172,38 +176,149 @@ EXPERTD_AVX512 inline __mmask16 tail_mask(int n) {
   return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
 }
 
-EXPERTD_AVX512 inline float dot512(const float* a, const float* b, int n) {
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+// 16x16 transpose in registers: r[i] lane j -> r[j] lane i.
+EXPERTD_AVX512 inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  __m512 u[16];
+  for (int k = 0; k < 4; ++k) {
+    u[4 * k + 0] = _mm512_shuffle_ps(t[4 * k], t[4 * k + 2], 0x44);
+    u[4 * k + 1] = _mm512_shuffle_ps(t[4 * k], t[4 * k + 2], 0xEE);
+    u[4 * k + 2] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0x44);
+    u[4 * k + 3] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0xEE);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);
+    const __m512 v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
+    const __m512 w0 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+    const __m512 w1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+    r[c] = _mm512_shuffle_f32x4(v0, w0, 0x88);
+    r[4 + c] = _mm512_shuffle_f32x4(v1, w1, 0x88);
+    r[8 + c] = _mm512_shuffle_f32x4(v0, w0, 0xDD);
+    r[12 + c] = _mm512_shuffle_f32x4(v1, w1, 0xDD);
+  }
+}
+
+// kt [dk, 16]: kt[d * 16 + j] = kp[j][d], the key block laid out with one key per lane.
+EXPERTD_AVX512 inline void transpose_keys(const float* const kp[kKeyBlock], int dk, float* kt) {
+  __m512 r[16];
+  for (int d0 = 0; d0 < dk; d0 += 16) {
+    const __mmask16 m = tail_mask(dk - d0);
+    for (int j = 0; j < 16; ++j) r[j] = _mm512_maskz_loadu_ps(m, kp[j] + d0);
+    transpose16(r);
+    const int n = std::min(16, dk - d0);
+    for (int i = 0; i < n; ++i) _mm512_store_ps(kt + static_cast<size_t>(d0 + i) * 16, r[i]);
+  }
+}
+
+// Scores of R query rows against one transposed key block: s[r * 16 + j] = q_r . k_j * scale.
+// NOTE: determinism. A row's dot product is four accumulators over d = 0,1,2,3 mod 4, each
+// summed in d order, then (a0 + a1) + (a2 + a3): the same bits whichever rows share the call
+// (decode, prefill, any R), because each lane's chain only ever sees its own row and key.
+template <int R>
+EXPERTD_AVX512 inline void block_scores(const float* const* qr, const float* kt, int dk,
+                                        float scale, float* s) {
+  __m512 a[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < 4; ++k) a[r][k] = _mm512_setzero_ps();
   int d = 0;
-  for (; d + 32 <= n; d += 32) {
-    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc0);
-    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + d + 16), _mm512_loadu_ps(b + d + 16), acc1);
+  for (; d + 4 <= dk; d += 4) {
+    const __m512 k0 = _mm512_load_ps(kt + static_cast<size_t>(d) * 16);
+    const __m512 k1 = _mm512_load_ps(kt + static_cast<size_t>(d + 1) * 16);
+    const __m512 k2 = _mm512_load_ps(kt + static_cast<size_t>(d + 2) * 16);
+    const __m512 k3 = _mm512_load_ps(kt + static_cast<size_t>(d + 3) * 16);
+    for (int r = 0; r < R; ++r) {
+      a[r][0] = _mm512_fmadd_ps(_mm512_set1_ps(qr[r][d]), k0, a[r][0]);
+      a[r][1] = _mm512_fmadd_ps(_mm512_set1_ps(qr[r][d + 1]), k1, a[r][1]);
+      a[r][2] = _mm512_fmadd_ps(_mm512_set1_ps(qr[r][d + 2]), k2, a[r][2]);
+      a[r][3] = _mm512_fmadd_ps(_mm512_set1_ps(qr[r][d + 3]), k3, a[r][3]);
+    }
   }
-  for (; d < n; d += 16) {
-    const __mmask16 m = tail_mask(n - d);
-    acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + d), _mm512_maskz_loadu_ps(m, b + d), acc0);
+  for (int k = 0; d < dk; ++d, ++k) {
+    const __m512 kv = _mm512_load_ps(kt + static_cast<size_t>(d) * 16);
+    for (int r = 0; r < R; ++r) a[r][k] = _mm512_fmadd_ps(_mm512_set1_ps(qr[r][d]), kv, a[r][k]);
   }
-  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int r = 0; r < R; ++r) {
+    const __m512 sum = _mm512_add_ps(_mm512_add_ps(a[r][0], a[r][1]), _mm512_add_ps(a[r][2], a[r][3]));
+    _mm512_store_ps(s + r * 16, _mm512_mul_ps(sum, sc));
+  }
+}
+
+// acc_r[d0, d0 + 16 NV) = acc_r * alpha_r + sum over keys j in [lo, hi] (in order) of p_r[j] v_j,
+// (j relative to the block start) for NR rows that share the key range (the heads of one token), so each V load serves NR rows.
+// Per row and lane this is the same sequence of f32 operations whatever NR and NV are.
+template <int NR, int NV>
+EXPERTD_AVX512 inline void block_pv(float* const* acc, const float* alpha, const float* pr,
+                                    const float* const* vp, int lo, int hi, int d0,
+                                    __mmask16 last) {
+  __m512 a[NR][NV];
+  for (int r = 0; r < NR; ++r) {
+    const __m512 av = _mm512_set1_ps(alpha[r]);
+    for (int v = 0; v < NV; ++v) a[r][v] = _mm512_mul_ps(_mm512_loadu_ps(acc[r] + d0 + 16 * v), av);
+  }
+  for (int j = lo; j <= hi; ++j) {
+    __m512 vv[NV];
+    for (int v = 0; v < NV; ++v)
+      vv[v] = v + 1 < NV ? _mm512_loadu_ps(vp[j] + d0 + 16 * v)
+                         : _mm512_maskz_loadu_ps(last, vp[j] + d0 + 16 * v);
+    for (int r = 0; r < NR; ++r) {
+      const __m512 pj = _mm512_set1_ps(pr[r * kKeyBlock + j]);
+      for (int v = 0; v < NV; ++v) a[r][v] = _mm512_fmadd_ps(pj, vv[v], a[r][v]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(acc[r] + d0 + 16 * v, a[r][v]);
+}
+
+template <int NR>
+EXPERTD_AVX512 inline void block_pv_rows(float* const* acc, const float* alpha, const float* pr,
+                                         const float* const* vp, int lo, int hi, int dv) {
+  int d0 = 0;
+  for (; d0 + 64 <= dv; d0 += 64)
+    block_pv<NR, 4>(acc, alpha, pr, vp, lo, hi, d0, static_cast<__mmask16>(0xFFFF));
+  for (; d0 < dv; d0 += 16) block_pv<NR, 1>(acc, alpha, pr, vp, lo, hi, d0, tail_mask(dv - d0));
 }
 
 EXPERTD_AVX512 __attribute__((noinline)) void segment_partial_avx512(const Ctx& c, const Tile& t,
                                                                      int seg, float* part) {
   const AttentionParams& p = *c.p;
   const int g = c.group, dk = p.dk, dv = p.dv, tokens = t.t1 - t.t0;
+  const int rows = tokens * g;
   const int seg_begin = seg * kSegment, seg_end = seg_begin + kSegment - 1;
-  for (int r = 0; r < tokens * g; ++r) {
+  for (int r = 0; r < rows; ++r) {
     float* st = part + static_cast<size_t>(r) * c.stride;
     st[0] = kNegInf;
     st[1] = 0.0f;
     for (int d = 0; d < dv; d += 16) _mm512_storeu_ps(st + 16 + d, _mm512_setzero_ps());
   }
+  // Grow-only per-thread scratch, 64-byte aligned (need has 16 floats of slack): the transposed
+  // key block kt [dk, 16] and the block's scores [rows, 16].
+  thread_local std::vector<float> tl_buf;
+  const size_t kt_floats = static_cast<size_t>(dk) * 16, need = kt_floats + rows * 16 + 16;
+  if (tl_buf.size() < need) tl_buf.resize(need);
+  float* kt = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(tl_buf.data()) + 63) & ~uintptr_t{63});
+  float* scores = kt + kt_floats;
+  const float* qrow[4];
   const int kmin = std::max(seg_begin, row_lo(row_pos(t, t.t0), p.sliding_window));
   const int kmax = std::min(seg_end, row_pos(t, t.t1 - 1));
   const float* kp[kKeyBlock];
   const float* vp[kKeyBlock];
-  alignas(64) float s[kKeyBlock];
-  alignas(64) float pr[kKeyBlock];
-  const __mmask16 dv_tail = tail_mask(dv % 16 == 0 ? 16 : dv % 16);
+  // Per head of one token: probabilities pr [g, 16], rescale factors and accumulators.
+  thread_local std::vector<float> tl_pr;
+  thread_local std::vector<float*> tl_accs;
+  if (tl_pr.size() < static_cast<size_t>(g) * kKeyBlock * 2 + 16) {
+    tl_pr.resize(static_cast<size_t>(g) * kKeyBlock * 2 + 16);
+    tl_accs.resize(g);
+  }
+  float* pr = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(tl_pr.data()) + 63) & ~uintptr_t{63});
+  float* alphas = pr + static_cast<size_t>(g) * kKeyBlock;
+  float** accs = tl_accs.data();
+  alignas(64) float m_olds[16];
+  alignas(64) float m_news[16];
   for (int kb0 = kmin / kKeyBlock * kKeyBlock; kb0 <= kmax; kb0 += kKeyBlock) {
     const int jb_lo = std::max(kb0, kmin), jb_hi = std::min(kb0 + kKeyBlock - 1, kmax);
     for (int j = jb_lo; j <= jb_hi; ++j) {
@@ -211,36 +326,68 @@ EXPERTD_AVX512 __attribute__((noinline)) void segment_partial_avx512(const Ctx& 
       kp[j - kb0] = c.k_cache + row * dk;
       vp[j - kb0] = c.v_cache + row * p.v_stride + p.v_offset;
     }
-    for (int i = t.t0; i < t.t1; ++i) {
+    // Lanes outside [jb_lo, jb_hi] read a valid key; their scores are masked below.
+    for (int j = kb0; j < jb_lo; ++j) kp[j - kb0] = kp[jb_lo - kb0];
+    for (int j = jb_hi + 1; j < kb0 + kKeyBlock; ++j) kp[j - kb0] = kp[jb_lo - kb0];
+    transpose_keys(kp, dk, kt);
+    // Rows that see some key of this block: tokens [i_lo, t1) (row_pos grows with i; rows past
+    // their sliding window are skipped in the softmax loop below).
+    int i_lo = t.t0;
+    while (i_lo < t.t1 && row_pos(t, i_lo) < jb_lo) ++i_lo;
+    int r = (i_lo - t.t0) * g;
+    for (; r + 4 <= rows; r += 4) {
+      for (int k = 0; k < 4; ++k) {
+        const int rr = r + k, i = t.t0 + rr / g, hh = rr % g;
+        qrow[k] = c.q + static_cast<size_t>(t.q_start + i) * p.q_row_stride +
+                  static_cast<size_t>(t.kvh * g + hh) * dk;
+      }
+      block_scores<4>(qrow, kt, dk, p.scale, scores + static_cast<size_t>(r) * 16);
+    }
+    for (; r < rows; ++r) {
+      const int i = t.t0 + r / g, hh = r % g;
+      qrow[0] = c.q + static_cast<size_t>(t.q_start + i) * p.q_row_stride +
+                static_cast<size_t>(t.kvh * g + hh) * dk;
+      block_scores<1>(qrow, kt, dk, p.scale, scores + static_cast<size_t>(r) * 16);
+    }
+    for (int i = i_lo; i < t.t1; ++i) {
       const int pos = row_pos(t, i);
       const int lo = std::max({row_lo(pos, p.sliding_window), kb0, seg_begin});
       const int hi = std::min({pos, kb0 + kKeyBlock - 1, seg_end});
       if (lo > hi) continue;
       const __mmask16 vis = static_cast<__mmask16>(tail_mask(hi - kb0 + 1) & ~tail_mask(lo - kb0));
-      for (int hh = 0; hh < g; ++hh) {
-        const float* qr = c.q + static_cast<size_t>(t.q_start + i) * p.q_row_stride +
-                          static_cast<size_t>(t.kvh * g + hh) * dk;
-        float* st = part + static_cast<size_t>((i - t.t0) * g + hh) * c.stride;
-        for (int j = lo; j <= hi; ++j) s[j - kb0] = dot512(qr, kp[j - kb0], dk) * p.scale;
-        const __m512 sv = _mm512_mask_loadu_ps(_mm512_set1_ps(kNegInf), vis, s);
-        const float mb = _mm512_reduce_max_ps(sv);
-        const float m_old = st[0], m_new = std::max(m_old, mb);
-        const float alpha = m_old == kNegInf ? 0.0f : std::exp(m_old - m_new);
-        const __m512 pv = _mm512_maskz_mov_ps(vis, exp512(_mm512_sub_ps(sv, _mm512_set1_ps(m_new))));
-        _mm512_store_ps(pr, pv);
-        st[0] = m_new;
-        st[1] = st[1] * alpha + _mm512_reduce_add_ps(pv);
-        const __m512 av = _mm512_set1_ps(alpha);
-        float* acc = st + 16;
-        for (int d = 0; d < dv; d += 16) {
-          const __mmask16 m = d + 16 <= dv ? static_cast<__mmask16>(0xFFFF) : dv_tail;
-          __m512 a = _mm512_mul_ps(_mm512_loadu_ps(acc + d), av);
-          for (int j = lo; j <= hi; ++j)
-            a = _mm512_fmadd_ps(_mm512_set1_ps(pr[j - kb0]),
-                                _mm512_maskz_loadu_ps(m, vp[j - kb0] + d), a);
-          _mm512_storeu_ps(acc + d, a);
+      // The heads' rescale factors alpha = exp(m_old - m_new) in one vector exp per 16 heads
+      // (lane-wise, so a head's alpha does not depend on the others).
+      for (int h0 = 0; h0 < g; h0 += 16) {
+        const int nh = std::min(16, g - h0);
+        for (int hh = h0; hh < h0 + nh; ++hh) {
+          const int rr = (i - t.t0) * g + hh;
+          const float* st = part + static_cast<size_t>(rr) * c.stride;
+          const __m512 sv = _mm512_mask_loadu_ps(_mm512_set1_ps(kNegInf), vis, scores + rr * 16);
+          m_olds[hh - h0] = st[0];
+          m_news[hh - h0] = std::max(st[0], _mm512_reduce_max_ps(sv));
+        }
+        const __mmask16 hm = tail_mask(nh);
+        const __m512 mo = _mm512_maskz_loadu_ps(hm, m_olds), mn = _mm512_maskz_loadu_ps(hm, m_news);
+        const __mmask16 started = _mm512_cmp_ps_mask(mo, _mm512_set1_ps(kNegInf), _CMP_NEQ_OQ);
+        _mm512_mask_storeu_ps(alphas + h0, hm,
+                              _mm512_maskz_mov_ps(started, exp512(_mm512_sub_ps(mo, mn))));
+        for (int hh = h0; hh < h0 + nh; ++hh) {
+          const int rr = (i - t.t0) * g + hh;
+          float* st = part + static_cast<size_t>(rr) * c.stride;
+          const __m512 sv = _mm512_mask_loadu_ps(_mm512_set1_ps(kNegInf), vis, scores + rr * 16);
+          const float m_new = m_news[hh - h0];
+          const __m512 pv = _mm512_maskz_mov_ps(vis, exp512(_mm512_sub_ps(sv, _mm512_set1_ps(m_new))));
+          _mm512_store_ps(pr + static_cast<size_t>(hh) * kKeyBlock, pv);
+          st[0] = m_new;
+          st[1] = st[1] * alphas[hh] + _mm512_reduce_add_ps(pv);
+          accs[hh] = st + 16;
         }
       }
+      int hh = 0;
+      for (; hh + 4 <= g; hh += 4)
+        block_pv_rows<4>(accs + hh, alphas + hh, pr + hh * kKeyBlock, vp, lo - kb0, hi - kb0, dv);
+      for (; hh < g; ++hh)
+        block_pv_rows<1>(accs + hh, alphas + hh, pr + hh * kKeyBlock, vp, lo - kb0, hi - kb0, dv);
     }
   }
 }
