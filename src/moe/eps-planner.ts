@@ -6,6 +6,7 @@ import { mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 
+import { mulberry32 } from '../engine/rng.js';
 import { loadNative, type DType, type ExpertTable } from '../native/index.js';
 
 export type ExpertKernel = 'group' | 'dense';
@@ -134,18 +135,25 @@ export function denseExpertsFfn(x: Float32Array, offsets: Int32Array, table: Exp
   }
 }
 
-/** Times both kernels at several rows-per-expert on random weights of this shape. */
-export function calibrate(shape: ExpertShape, opts: { rows?: number[]; reps?: number } = {}): CostTable {
+/**
+ * Times both kernels at several rows-per-expert on random weights of this shape. Bounded for large
+ * experts: two active experts sharing one random source, and only the row counts whose call stays
+ * under ~12 GFLOP (tens of ms here; the cost model extrapolates linearly in rows beyond the last point).
+ */
+export function calibrate(shape: ExpertShape, opts: { rows?: number[]; reps?: number; maxFlop?: number } = {}): CostTable {
   const n = loadNative();
   const { hidden: H, inter: I } = shape;
-  const active = Math.max(1, Math.min(shape.numExperts, 4));
-  const rowsList = opts.rows ?? [1, 4, 16, 64, 256];
+  const active = Math.max(1, Math.min(shape.numExperts, 2));
+  const flopPerRow = 6 * H * I;
+  const maxFlop = opts.maxFlop ?? 12e9;
+  const candidates = opts.rows ?? [1, 4, 16, 64, 256];
+  const rowsList = candidates.filter((r, i) => i === 0 || active * r * flopPerRow <= maxFlop);
   const reps = opts.reps ?? 3;
   const table = new n.ExpertTable(active, H, I);
-  const rand = (len: number) => {
+  const rand = (len: number, seed: number) => {
     const a = new Float32Array(len);
-    let s = 12345;
-    for (let i = 0; i < len; i++) { s = (s * 1103515245 + 12345) >>> 0; a[i] = ((s >>> 8) / 2 ** 24 - 0.5) * 0.1; }
+    const next = mulberry32(seed);
+    for (let i = 0; i < len; i++) a[i] = (next() - 0.5) * 0.1;
     return a;
   };
   const toDtype = (a: Float32Array): Float32Array | Uint16Array => {
@@ -154,9 +162,10 @@ export function calibrate(shape: ExpertShape, opts: { rows?: number[]; reps?: nu
     n.convert(a, 'f32', u, shape.dtype);
     return u;
   };
+  const src = toDtype(rand(I * H, 1)); // [I, H] == [H, I] elements: one source serves every matrix
   for (let e = 0; e < active; e++) {
-    const gu = n.packGateUp(toDtype(rand(I * H)), toDtype(rand(I * H)), shape.dtype, I, H);
-    const dn = n.packWeight(toDtype(rand(H * I)), shape.dtype, H, I);
+    const gu = n.packGateUp(src, src, shape.dtype, I, H);
+    const dn = n.packWeight(src, shape.dtype, H, I);
     table.set(e, gu, dn);
     gu.dispose();
     dn.dispose();
@@ -166,7 +175,7 @@ export function calibrate(shape: ExpertShape, opts: { rows?: number[]; reps?: nu
   try {
     for (const r of rowsList) {
       const offsets = Int32Array.from({ length: active + 1 }, (_, e) => e * r);
-      const x = rand(active * r * H);
+      const x = rand(active * r * H, 2 + r);
       const y = new Float32Array(active * r * H);
       const time = (fn: () => void): number => {
         fn();
