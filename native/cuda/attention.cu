@@ -51,12 +51,7 @@ __device__ bool find_tile(const AttnArgs& a, TileRows& out) {
       const int s = s0 + lane;
       const int ql = s < a.num_seqs ? a.seq_info[3 * s + 1] : 0;
       const int t = ql > 0 ? (ql + a.bq - 1) / a.bq : 0;
-      int inc = t;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int v = __shfl_up_sync(0xffffffffu, inc, o);
-        if (lane >= o) inc += v;
-      }
+      const int inc = warp_inclusive_scan(t, lane);
       const int excl = inc - t;
       if (t > 0 && tile >= base + excl && tile < base + inc) {
         s_seq = s;

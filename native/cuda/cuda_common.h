@@ -64,6 +64,15 @@ __device__ __forceinline__ float warp_max(float v) {
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
+// Inclusive prefix sum over the 32 lanes of a warp (lane l gets v[0] + ... + v[l]).
+__device__ __forceinline__ int warp_inclusive_scan(int v, int lane) {
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int u = __shfl_up_sync(0xffffffffu, v, o);
+    if (lane >= o) v += u;
+  }
+  return v;
+}
 
 // The CPU's rank_before: larger first, ties to the lower index, NaN after everything.
 __device__ __forceinline__ bool rank_before(float a, int ia, float b, int ib) {

@@ -93,12 +93,7 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
         cnt = a.offsets[ex + 1] - beg;
       }
       const int t = cnt > 0 ? (cnt + BM - 1) / BM : 0;
-      int inc = t;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int v = __shfl_up_sync(0xffffffffu, inc, o);
-        if (lane >= o) inc += v;
-      }
+      const int inc = warp_inclusive_scan(t, lane);
       const int excl = inc - t;
       if (t > 0 && tile >= base + excl && tile < base + inc) {
         s_e = ex;
