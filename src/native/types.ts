@@ -241,6 +241,31 @@ export interface CudaAddon {
   cudaPagedAttention(q: CudaBuffer, kCache: CudaBuffer, vCache: CudaBuffer, seqInfo: CudaBuffer,
                      blockTables: CudaBuffer, opts: CudaAttentionOptions, out: CudaBuffer,
                      stream?: CudaStream | null): void;
+  // --- glue for the device engine (small kernels; semantics fixed by test/cuda.test.ts)
+  /**
+   * Reference-precision GEMM on CUDA cores (routers, gates, odd shapes): y [m, n] f32 (+)=
+   * x [m, k] f32 * w [n, k]^T (w f32 or bf16) (+ bias [n] f32); any m, n, k; f32 products summed in
+   * double per output, as the CPU's reference denseGemm.
+   */
+  cudaGemmF32(x: CudaBuffer, m: number, w: CudaBuffer, wDtype: 'f32' | 'bf16', n: number, k: number,
+              y: CudaBuffer, bias: CudaBuffer | null, accumulate: boolean, stream?: CudaStream | null): void;
+  /** y[i] += x[i] for i < n (f32). */
+  cudaAdd(y: CudaBuffer, x: CudaBuffer, n: number, stream?: CudaStream | null): void;
+  /** out [t, h] += sigmoid(gate[t]) * y [t, h] (f32; Qwen2-MoE's shared-expert gate). */
+  cudaGatedAdd(out: CudaBuffer, y: CudaBuffer, gate: CudaBuffer, t: number, h: number,
+               stream?: CudaStream | null): void;
+  /** x[i] = min(max(x[i], -limit), limit) for i < n (f32; OLMoE's clip_qkv). */
+  cudaClamp(x: CudaBuffer, n: number, limit: number, stream?: CudaStream | null): void;
+  /** rows x widthBytes from src (pitch srcPitchBytes) to dst (pitch dstPitchBytes): strided slices. */
+  cudaCopy2D(dst: CudaBuffer, dstOffsetBytes: number, dstPitchBytes: number, src: CudaBuffer,
+             srcOffsetBytes: number, srcPitchBytes: number, widthBytes: number, rows: number,
+             stream?: CudaStream | null): void;
+  /**
+   * Copies rows [offsets[lo], offsets[hi]) of src to the same rows of dst (rowBytes each), the
+   * range read on the device from offsets (i32); maxRows bounds it (identity experts' rows).
+   */
+  cudaCopyRowRange(dst: CudaBuffer, src: CudaBuffer, offsets: CudaBuffer, lo: number, hi: number,
+                   rowBytes: number, maxRows: number, stream?: CudaStream | null): void;
   /** 128 bytes that rank 0 creates and the rendezvous hands to every rank. */
   cudaNcclUniqueId(): Uint8Array;
   /** Blocks until worldSize ranks have joined (run it in a worker). */
