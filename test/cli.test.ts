@@ -7,7 +7,7 @@ import path from 'node:path';
 import { test } from 'node:test';
 import { promisify } from 'node:util';
 
-import { packageRoot } from '../src/native/index.js';
+import { loadNative, packageRoot } from '../src/native/index.js';
 
 const run = promisify(execFile);
 const bin = path.join(packageRoot(), 'bin', 'expertd.js');
@@ -73,4 +73,28 @@ test('bad usage and bad checkpoints fail with a clear message and a non-zero exi
   const cmd = await expertd(['frob']);
   assert.equal(cmd.code, 2);
   assert.match(cmd.stderr, /unknown command 'frob'/);
+});
+
+test('--device: cpu, cuda[:N] checked before any worker starts, auto falls back to cpu', async () => {
+  const caps = loadNative().capabilities();
+  const bad = await expertd(['generate', '--prompt', 'x', '--device', 'gpu']);
+  assert.equal(bad.code, 2);
+  assert.match(bad.stderr, /--device: 'gpu' is not one of auto, cpu, cuda, cuda:N/);
+  const cpuN = await expertd(['generate', '--prompt', 'x', '--device', 'cpu:1']);
+  assert.equal(cpuN.code, 2);
+  const f32 = await expertd(['generate', '--prompt', 'x', '--device', 'cuda', '--compute-dtype', 'f32']);
+  assert.equal(f32.code, 2);
+  if (!caps.cudaCompiled) assert.match(f32.stderr, /built without CUDA/);
+  else if (caps.cudaDevices === 0) assert.match(f32.stderr, /no CUDA device is visible/);
+  else assert.match(f32.stderr, /--compute-dtype f32 runs on the CPU only/);
+  const far = await expertd(['generate', '--prompt', 'x', '--device', `cuda:${caps.cudaDevices + 3}`]);
+  assert.equal(far.code, 2);
+  const offload = await expertd(['generate', '--prompt', 'x', '--device', 'cuda', '--expert-cache-fraction', '0.5']);
+  assert.equal(offload.code, 2);
+  if (caps.cudaDevices > 0) assert.match(offload.stderr, /offloading .* runs on the CPU engine only/);
+  // auto: the CPU here unless a device is visible (then the summary names it).
+  const auto = await expertd(['generate', '--prompt', 'The', '--max-tokens', '3', '--ignore-eos']);
+  assert.equal(auto.code, 0, auto.stderr);
+  if (caps.cudaDevices > 0) assert.match(auto.stderr, /device cuda:0/);
+  else assert.doesNotMatch(auto.stderr, /device cuda/);
 });

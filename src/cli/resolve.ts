@@ -9,7 +9,7 @@ import type { EngineOptions } from '../engine/protocol.js';
 import type { ModelInfo } from '../engine/types.js';
 import type { EvictionPolicy } from '../offload/expert-cache.js';
 import type { OffloadConfig } from '../offload/setup.js';
-import type { ParsedFlags } from './options.js';
+import { UsageError, type ParsedFlags } from './options.js';
 
 export function resolveEngineOptions(flags: ParsedFlags, servedModelName?: string):
     EngineOptions & { isDemo: boolean; info: ModelInfo } {
@@ -18,7 +18,14 @@ export function resolveEngineOptions(flags: ParsedFlags, servedModelName?: strin
   const modelDir = isDemo ? ensureDemoModel() : path.resolve(given);
   // Fail fast, before a worker starts, on a config we cannot serve (names what is supported).
   const spec = parseModelConfig(modelDir);
+  const offload = offloadOptions(flags);
+  const device = resolveDevice(String(flags['device'] ?? 'auto'), offload.offload !== undefined);
   let dtype = String(flags['compute-dtype'] ?? 'auto');
+  if (device !== 'cpu') {
+    // The device GEMMs take bf16 operands (f32 accumulate); routers stay in f32.
+    if (dtype === 'f32') throw new UsageError(`--compute-dtype f32 runs on the CPU only; --device ${device} computes in bf16`);
+    dtype = 'bf16';
+  }
   if (dtype === 'auto') dtype = loadNative().capabilities().bf16Dot ? 'bf16' : 'f32';
   const name = servedModelName || (isDemo ? 'expertd-demo' : path.basename(modelDir));
   const info: ModelInfo = {
@@ -37,8 +44,31 @@ export function resolveEngineOptions(flags: ParsedFlags, servedModelName?: strin
     threads: Number(flags['threads'] ?? 0),
     expertKernel: String(flags['expert-kernel'] ?? 'auto') as 'auto' | 'group' | 'dense',
     servedModelName: name,
-    ...offloadOptions(flags),
+    device,
+    ...offload,
   };
+}
+
+/**
+ * 'auto' -> cuda:0 when this build has CUDA and sees a device (and no offloading is asked for: the
+ * expert cache runs on the CPU engine), else cpu. An explicit cuda[:N] is checked here, before any
+ * worker starts.
+ */
+export function resolveDevice(flag: string, offload: boolean): string {
+  const m = /^(auto|cpu|cuda)(?::(\d+))?$/.exec(flag);
+  if (!m || (m[2] !== undefined && m[1] !== 'cuda'))
+    throw new UsageError(`--device: '${flag}' is not one of auto, cpu, cuda, cuda:N`);
+  const caps = loadNative().capabilities();
+  if (m[1] === 'cpu') return 'cpu';
+  if (m[1] === 'auto') return caps.cudaCompiled && caps.cudaDevices > 0 && !offload ? 'cuda:0' : 'cpu';
+  const index = Number(m[2] ?? 0);
+  if (!caps.cudaCompiled)
+    throw new UsageError(`--device ${flag}: this addon was built without CUDA (run npm run build:gpu where the CUDA toolkit is installed)`);
+  if (index >= caps.cudaDevices)
+    throw new UsageError(`--device ${flag}: ${caps.cudaDevices === 0 ? 'no CUDA device is visible' : `only ${caps.cudaDevices} CUDA device(s) are visible`}`);
+  if (offload)
+    throw new UsageError(`--device ${flag}: expert offloading (--expert-cache-gb, --expert-cache-fraction, --trace-dir) runs on the CPU engine only for now`);
+  return `cuda:${index}`;
 }
 
 /** Offloading is on when the expert cache is smaller than all experts or a trace folder is given. */

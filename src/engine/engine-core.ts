@@ -1,8 +1,8 @@
 // The engine's step loop (runs inside the worker): the scheduler plans a step, the model runs it
 // as one batch over the paged KV cache, the sampler picks each sequence's next token, and events
 // go out. Requests join and leave between steps.
-import type { LayerCache } from '../model/attention.js';
 import type { ForwardBatch } from '../model/forward-batch.js';
+import type { ForwardModel } from '../model/forward-batch.js';
 import type { LoadedModel } from '../model/load.js';
 import type { Offloader } from '../offload/offloader.js';
 import { Sampler, SamplingState } from './sampler.js';
@@ -33,7 +33,7 @@ interface Running {
 
 export class EngineCore {
   readonly scheduler: Scheduler;
-  readonly cache: LayerCache[];
+  readonly cache: unknown;
   readonly info: ModelInfo;
   readonly numBlocks: number;
   private readonly sampler: Sampler;
@@ -41,7 +41,7 @@ export class EngineCore {
   private readonly eos: Set<number>;
   private readonly blockSize: number;
 
-  constructor(readonly loaded: LoadedModel, opts: EngineCoreOptions, readonly offloader: Offloader | null = null) {
+  constructor(readonly loaded: LoadedModel<ForwardModel>, opts: EngineCoreOptions, readonly offloader: Offloader | null = null) {
     const { spec, model } = loaded;
     this.blockSize = opts.blockSize;
     const [kf, vf] = model.cacheFloatsPerToken();
@@ -64,7 +64,7 @@ export class EngineCore {
     this.info = {
       name: opts.servedModelName, architecture: spec.modelType, maxContext: spec.maxContext,
       vocabSize: spec.vocabSize, eosTokenIds: spec.eosTokenIds,
-      numMoeLayers: model.moeLayers.length, numExperts: spec.moe.numExperts, topK: spec.moe.router.topK,
+      numMoeLayers: model.numMoeLayers, numExperts: spec.moe.numExperts, topK: spec.moe.router.topK,
     };
   }
 

@@ -15,6 +15,8 @@ export interface EngineOptions {
   /** 0 = all cores. */
   threads: number;
   servedModelName: string;
+  /** 'cpu' or 'cuda:N' (resolved: never 'auto'). Absent = cpu. */
+  device?: string;
   /** EPS-MoE expert kernel: auto (calibrated choice per layer and step), group or dense. */
   expertKernel?: 'auto' | 'group' | 'dense';
   /** Expert offloading (MoE-Infinity); absent = every expert resident, no tracing. */

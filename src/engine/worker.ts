@@ -3,7 +3,8 @@
 // join between steps. The main thread never waits on any of this.
 import { parentPort } from 'node:worker_threads';
 
-import { loadModel, loadSummary } from '../model/load.js';
+import type { ForwardModel } from '../model/forward-batch.js';
+import { loadCudaModel, loadModel, loadSummary, type LoadedModel, type LoadProgress } from '../model/load.js';
 import { loadNative } from '../native/index.js';
 import { attachOffloader, skipAllExperts } from '../offload/setup.js';
 import type { Offloader } from '../offload/offloader.js';
@@ -71,28 +72,40 @@ port.on('message', (m: ToWorker) => {
         if (o.threads > 0) loadNative().setNumThreads(o.threads);
         const fast = o.computeDtype === 'bf16';
         let lastProgress = 0;
-        const loaded = loadModel(o.modelDir, {
-          fast,
-          ...(o.offload ? { loadExpert: skipAllExperts } : {}),
-          onProgress: (pr) => {
-            const now = performance.now();
-            if (now - lastProgress < 100 && pr.tensorsDone < pr.tensorsTotal) return;
-            lastProgress = now;
-            send({ type: 'progress', ...pr });
-          },
-        });
-        loaded.model.setExpertKernel(o.expertKernel ?? 'auto');
-        if (o.offload) {
-          offloader = attachOffloader(loaded, o.offload);
-          if (o.offload.traceDir) {
-            saveTimer = setInterval(() => offloader?.save(), 60_000);
-            saveTimer.unref();
+        const onProgress = (pr: LoadProgress) => {
+          const now = performance.now();
+          if (now - lastProgress < 100 && pr.tensorsDone < pr.tensorsTotal) return;
+          lastProgress = now;
+          send({ type: 'progress', ...pr });
+        };
+        const device = o.device ?? 'cpu';
+        let loaded: LoadedModel<ForwardModel>;
+        let autoKvCapBytes: number | undefined;
+        if (device.startsWith('cuda')) {
+          const cudaLoaded = loadCudaModel(o.modelDir, { device: Number(device.split(':')[1] ?? 0), onProgress });
+          loaded = cudaLoaded;
+          // Automatic KV size on the device: 90% of what the weights left free.
+          const mem = loadNative().cudaMemInfo!();
+          autoKvCapBytes = Math.max(0, mem.freeBytes * 0.9 - 512 * 2 ** 20);
+        } else {
+          const cpuLoaded = loadModel(o.modelDir, {
+            fast, ...(o.offload ? { loadExpert: skipAllExperts } : {}), onProgress,
+          });
+          loaded = cpuLoaded;
+          if (o.offload) {
+            offloader = attachOffloader(cpuLoaded, o.offload);
+            if (o.offload.traceDir) {
+              saveTimer = setInterval(() => offloader?.save(), 60_000);
+              saveTimer.unref();
+            }
           }
         }
+        loaded.model.setExpertKernel(o.expertKernel ?? 'auto');
         core = new EngineCore(loaded, {
           kvCacheBlocks: o.kvCacheBlocks, kvCacheGb: o.kvCacheGb, blockSize: o.blockSize,
           maxNumSeqs: o.maxNumSeqs, maxNumBatchedTokens: o.maxNumBatchedTokens,
           servedModelName: o.servedModelName,
+          ...(autoKvCapBytes !== undefined ? { autoKvCapBytes } : {}),
         }, offloader);
         const summary = `${loadSummary(loaded)}; compute ${o.computeDtype}; KV cache ${core.numBlocks} blocks x ${o.blockSize} tokens` +
           (loaded.report.warnings.length ? `; ${loaded.report.warnings.length} unexpected tensor(s) ignored` : '') +

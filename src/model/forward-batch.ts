@@ -48,3 +48,25 @@ export class Scratch {
     return b.subarray(0, n);
   }
 }
+
+/**
+ * What the engine drives: the CPU model (MoeModel) and the device model (CudaModel) both. C is the
+ * model's KV cache (host arrays or device buffers), opaque to the engine.
+ */
+export interface ForwardModel<C = unknown> {
+  readonly spec: import('./spec.js').ModelSpec;
+  /** 'cpu' or 'cuda:N'. */
+  readonly device: string;
+  /** KV caches: one per attention (two per LongCat-Flash layer). */
+  readonly numCaches: number;
+  readonly numMoeLayers: number;
+  /** Floats per token per cache: [k, v]. */
+  cacheFloatsPerToken(): [number, number];
+  allocateKvCache(numBlocks: number, blockSize: number): C;
+  forward(batch: ForwardBatch, cache: C, blockSize: number): ForwardResult;
+  /** EPS-MoE kernel choice ('auto' calibrates where the model supports it). */
+  setExpertKernel(mode: 'auto' | 'group' | 'dense'): void;
+  /** Kernel choices of the last step: kernel -> MoE layers that used it. */
+  kernelChoices(): Record<string, number>;
+  dispose(): void;
+}

@@ -2,16 +2,18 @@
 // safetensors files mapped (no copy through JS), validated against the spec, then packed.
 import path from 'node:path';
 
-import { loadNative } from '../native/index.js';
+import { loadNative, type CudaAddon } from '../native/index.js';
 import { parseModelConfig, validateCheckpoint, type CheckpointReport } from './config.js';
+import { CudaModel } from './cuda-model.js';
+import type { ForwardModel } from './forward-batch.js';
 import { MoeModel, type ModelOptions } from './model.js';
 import { openCheckpoint, type Checkpoint } from './safetensors.js';
 import type { ModelSpec } from './spec.js';
 import type { HostTensor, TensorSource } from './tensor-source.js';
 
-export interface LoadedModel {
+export interface LoadedModel<M extends ForwardModel = MoeModel> {
   spec: ModelSpec;
-  model: MoeModel;
+  model: M;
   checkpoint: Checkpoint;
   report: CheckpointReport;
   loadMs: number;
@@ -53,13 +55,33 @@ function sumBytes(c: Checkpoint): number {
   return b;
 }
 
-export function loadModel(dir: string, opts: ModelOptions & { onProgress?: (p: LoadProgress) => void }):
-    LoadedModel {
-  const t0 = performance.now();
+function openValidated(dir: string) {
   const spec = parseModelConfig(path.resolve(dir));
   const checkpoint = openCheckpoint(dir, spec.quantization ? { fp8BlockSize: spec.quantization.blockSize } : {});
   const report = validateCheckpoint(spec, checkpoint);
+  return { spec, checkpoint, report };
+}
+
+/** Loads a checkpoint onto the CPU engine. */
+export function loadModel(dir: string, opts: ModelOptions & { onProgress?: (p: LoadProgress) => void }):
+    LoadedModel {
+  const t0 = performance.now();
+  const { spec, checkpoint, report } = openValidated(dir);
   const model = new MoeModel(spec, new CheckpointSource(checkpoint, opts.onProgress), opts);
+  return { spec, model, checkpoint, report, loadMs: performance.now() - t0 };
+}
+
+/**
+ * Loads a checkpoint onto a CUDA device (weights uploaded as they are read; the host copy is the
+ * mapped file). `cuda` replaces the addon's op surface (tests run the device model on a stand-in).
+ */
+export function loadCudaModel(dir: string, opts: { device: number; cuda?: CudaAddon;
+    onProgress?: (p: LoadProgress) => void }): LoadedModel<CudaModel> {
+  const t0 = performance.now();
+  const { spec, checkpoint, report } = openValidated(dir);
+  const model = new CudaModel(spec, new CheckpointSource(checkpoint, opts.onProgress), {
+    device: opts.device, ...(opts.cuda ? { cuda: opts.cuda } : {}),
+  });
   return { spec, model, checkpoint, report, loadMs: performance.now() - t0 };
 }
 
@@ -95,7 +117,7 @@ export function countParams(spec: ModelSpec): { total: number; active: number } 
   return { total, active };
 }
 
-export function loadSummary(loaded: LoadedModel): string {
+export function loadSummary(loaded: LoadedModel<ForwardModel>): string {
   const { spec } = loaded;
   const p = countParams(spec);
   const caps = loadNative().capabilities();
@@ -105,6 +127,8 @@ export function loadSummary(loaded: LoadedModel): string {
   for (const t of loaded.checkpoint.tensors.values()) bytes += t.sizeBytes;
   return `loaded ${spec.modelType}: ${(p.total / 1e6).toFixed(1)}M params (${(p.active / 1e6).toFixed(1)}M active), ` +
     `${spec.numLayers} layers (${moeLayers} MoE), ${spec.moe.numExperts} experts top-${spec.moe.router.topK}, ` +
-    `checkpoint ${gb(bytes)} GiB, ${loaded.loadMs.toFixed(0)} ms; cpu ${caps.simd} x${caps.threads} threads, ` +
+    `checkpoint ${gb(bytes)} GiB, ${loaded.loadMs.toFixed(0)} ms; ` +
+    (loaded.model.device !== 'cpu' ? `device ${loaded.model.device}; ` : '') +
+    `cpu ${caps.simd} x${caps.threads} threads, ` +
     `${caps.build} build${caps.cudaDevices ? `, ${caps.cudaDevices} CUDA device(s)` : ''}`;
 }

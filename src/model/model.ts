@@ -6,7 +6,7 @@ import { SingleRankComm, type ExpertComm } from '../moe/comm.js';
 import { EpsPlanner, loadOrCalibrate, type ExpertKernel } from '../moe/eps-planner.js';
 import { MoeLayer, type MoeHooks } from '../moe/moe-layer.js';
 import { GqaAttention, MlaAttention, type AttentionBlock, type LayerCache } from './attention.js';
-import { Scratch, type ForwardBatch, type ForwardResult } from './forward-batch.js';
+import { Scratch, type ForwardBatch, type ForwardModel, type ForwardResult } from './forward-batch.js';
 import type { ModelSpec } from './spec.js';
 import type { HostTensor, TensorSource } from './tensor-source.js';
 import { checkShape, denseFfnTable, packExpert, packLinear, sliceOf, rowsOf, vectorF32 } from './weights.js';
@@ -40,7 +40,7 @@ interface Layer {
 interface MoeNames { block: string; router: string; gate: string; up: string; down: string }
 
 /** Checkpoint names of the MoE block (router and expert projections) per architecture. */
-function moeNames(spec: ModelSpec, src: TensorSource, layerPrefix: string): MoeNames {
+export function moeNames(spec: ModelSpec, src: TensorSource, layerPrefix: string): MoeNames {
   if (spec.modelType === 'longcat_flash')
     return { block: 'mlp.', router: 'router.classifier', gate: 'gate_proj', up: 'up_proj', down: 'down_proj' };
   // Mixtral hub checkpoints use block_sparse_moe.* (w1/w3/w2); transformers 5.x saves mlp.*.
@@ -49,7 +49,8 @@ function moeNames(spec: ModelSpec, src: TensorSource, layerPrefix: string): MoeN
   return { block: 'mlp.', router: 'gate', gate: 'gate_proj', up: 'up_proj', down: 'down_proj' };
 }
 
-export class MoeModel {
+export class MoeModel implements ForwardModel<LayerCache[]> {
+  readonly device = 'cpu';
   readonly layers: Layer[] = [];
   readonly moeLayers: MoeLayer[] = [];
   private readonly embed: HostTensor;
@@ -59,6 +60,9 @@ export class MoeModel {
   readonly comm: ExpertComm;
   /** KV caches: one per attention (two per LongCat-Flash layer). */
   readonly numCaches: number;
+  get numMoeLayers(): number {
+    return this.moeLayers.length;
+  }
   hooks: MoeHooks = {};
   fast: boolean;
 

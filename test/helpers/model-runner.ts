@@ -1,16 +1,14 @@
-// Drives a MoeModel directly (no scheduler) for fidelity tests: teacher-forced logits over a
+// Drives a model (CPU or device) directly (no scheduler) for fidelity tests: teacher-forced logits over a
 // prompt, greedy continuation, and several sequences batched in one step.
-import type { LayerCache } from '../../src/model/attention.js';
-import type { ForwardBatch, ForwardResult } from '../../src/model/forward-batch.js';
-import type { MoeModel } from '../../src/model/model.js';
+import type { ForwardBatch, ForwardModel, ForwardResult } from '../../src/model/forward-batch.js';
 
 export interface SeqState { blocks: number[]; len: number }
 
-export class DirectRunner {
-  readonly cache: LayerCache[];
+export class DirectRunner<C = unknown> {
+  readonly cache: C;
   private nextBlock = 0;
 
-  constructor(readonly model: MoeModel, readonly blockSize = 4, readonly numBlocks = 256) {
+  constructor(readonly model: ForwardModel<C>, readonly blockSize = 4, readonly numBlocks = 256) {
     this.cache = model.allocateKvCache(numBlocks, blockSize);
   }
 

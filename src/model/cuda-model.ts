@@ -1,0 +1,382 @@
+// The MoE transformer on a CUDA device (`--device cuda`): the same layers, schedule and math as
+// MoeModel (model.ts), with weights, activations and the paged KV cache resident on the device.
+// Per step, one host-to-device copy brings the batch's integers and one device-to-host copy each
+// brings back the logits rows and every MoE layer's routing.
+import { loadNative, type CudaAddon, type CudaBuffer, type CudaExpertTable, type NativeAddon } from '../native/index.js';
+import { CudaGqaAttention, CudaMlaAttention, type DeviceAttentionBlock, type DeviceLayerCache, type DeviceStep } from './cuda-attention.js';
+import { BF16, Device, F32, I32, type DeviceWeight } from './device.js';
+import type { ForwardBatch, ForwardModel, ForwardResult } from './forward-batch.js';
+import { moeNames } from './model.js';
+import type { ModelSpec } from './spec.js';
+import type { HostTensor, TensorSource } from './tensor-source.js';
+import { checkShape, rowsOf, sliceOf, vectorF32 } from './weights.js';
+
+export interface CudaModelOptions {
+  /** CUDA device index. */
+  device: number;
+  /** The op surface: the native addon (default) or a stand-in with the same contract (tests). */
+  cuda?: CudaAddon;
+}
+
+/** A gated FFN (dense layer, shared experts) as a one-expert GroupGemm table. */
+interface DeviceFfn { table: CudaExpertTable; inter: number }
+
+interface DeviceMoe {
+  moeIndex: number;
+  gate: DeviceWeight;                 // router [E + Z, H], reference precision
+  gateBias: CudaBuffer | null;        // [E + Z]
+  correctionBias: CudaBuffer | null;  // [E + Z]
+  experts: CudaExpertTable;
+  shared: DeviceFfn | null;
+  sharedGate: DeviceWeight | null;    // [1, H]
+}
+
+interface DeviceSub {
+  inputNorm: CudaBuffer;
+  postNorm: CudaBuffer;
+  attn: DeviceAttentionBlock;
+  cacheIndex: number;
+  dense: DeviceFfn | null;
+}
+
+interface DeviceLayer { subs: DeviceSub[]; moe: DeviceMoe | null; shortcut: boolean }
+
+export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
+  readonly device: string;
+  readonly numCaches: number;
+  readonly numMoeLayers: number;
+  private readonly dev: Device;
+  private readonly cu: CudaAddon;
+  private readonly layers: DeviceLayer[] = [];
+  private readonly embed: { buf: CudaBuffer; dtype: HostTensor['dtype'] };
+  private readonly finalNorm: CudaBuffer;
+  private readonly lmHead: DeviceWeight;
+  private readonly tables: CudaExpertTable[] = [];
+  /** Every cache allocated, with its block count. */
+  private readonly caches = new Map<DeviceLayerCache[], number>();
+  private readonly k: number;
+  private disposed = false;
+
+  constructor(readonly spec: ModelSpec, src: TensorSource, opts: CudaModelOptions) {
+    const native = loadNative() as NativeAddon & Partial<CudaAddon>;
+    const cu = opts.cuda ?? (native.cudaBuffer ? native as CudaAddon : null);
+    if (!cu) throw new Error('--device cuda needs the full build with CUDA (npm run build:gpu); this addon has none');
+    if (!opts.cuda) {
+      const n = native.capabilities().cudaDevices;
+      if (opts.device >= n) throw new RangeError(`CUDA device ${opts.device} does not exist (${n} device(s) found)`);
+      cu.cudaSetDevice(opts.device);
+    }
+    this.cu = cu;
+    this.dev = new Device(cu, opts.device);
+    this.device = `cuda:${opts.device}`;
+    this.k = spec.moe.router.topK;
+    const H = spec.hidden;
+    const dev = this.dev;
+    try {
+      const embed = src.get('model.embed_tokens.weight');
+      checkShape('model.embed_tokens.weight', embed, [spec.vocabSize, H]);
+      this.embed = dev.table(embed);
+      this.finalNorm = dev.vector(vectorF32(src, 'model.norm.weight', H));
+      this.lmHead = spec.tieWordEmbeddings && !src.has('lm_head.weight')
+        ? dev.linear('model.embed_tokens.weight', embed, spec.vocabSize, H)
+        : dev.linear('lm_head.weight', src.get('lm_head.weight'), spec.vocabSize, H);
+      let moeIndex = 0;
+      let cacheIndex = 0;
+      const attention = (p: string): DeviceAttentionBlock => spec.attention.kind === 'mla'
+        ? new CudaMlaAttention(dev, spec.attention, src, p, H)
+        : new CudaGqaAttention(dev, spec.attention, src, p, H, spec.rmsNormEps);
+      for (let i = 0; i < spec.numLayers; i++) {
+        const p = `model.layers.${i}.`;
+        const ls = spec.layers[i]!;
+        if (ls.shortcut) {
+          const subs = [0, 1].map((j) => ({
+            inputNorm: dev.vector(vectorF32(src, `${p}input_layernorm.${j}.weight`, H)),
+            postNorm: dev.vector(vectorF32(src, `${p}post_attention_layernorm.${j}.weight`, H)),
+            attn: attention(`${p}self_attn.${j}.`),
+            cacheIndex: cacheIndex++,
+            dense: this.ffn(src, `${p}mlps.${j}.`, spec.denseIntermediate),
+          }));
+          this.layers.push({ subs, moe: this.buildMoe(src, p, moeIndex++), shortcut: true });
+          continue;
+        }
+        const moe = ls.ffn === 'moe' ? this.buildMoe(src, p, moeIndex++) : null;
+        this.layers.push({
+          subs: [{
+            inputNorm: dev.vector(vectorF32(src, `${p}input_layernorm.weight`, H)),
+            postNorm: dev.vector(vectorF32(src, `${p}post_attention_layernorm.weight`, H)),
+            attn: attention(`${p}self_attn.`), cacheIndex: cacheIndex++,
+            dense: moe ? null : this.ffn(src, `${p}mlp.`, spec.denseIntermediate),
+          }],
+          moe, shortcut: false,
+        });
+      }
+      this.numCaches = cacheIndex;
+      this.numMoeLayers = moeIndex;
+    } catch (e) {
+      this.dispose();
+      throw e;
+    }
+  }
+
+  /** Bytes of weights on the device. */
+  get weightBytes(): number {
+    return this.dev.weightBytes;
+  }
+
+  private table(experts: number, inter: number): CudaExpertTable {
+    const t = new this.cu.CudaExpertTable(experts, this.spec.hidden, inter);
+    this.tables.push(t);
+    return t;
+  }
+
+  private ffn(src: TensorSource, prefix: string, inter: number): DeviceFfn {
+    const H = this.spec.hidden;
+    const gate = src.get(`${prefix}gate_proj.weight`), up = src.get(`${prefix}up_proj.weight`);
+    const down = src.get(`${prefix}down_proj.weight`);
+    checkShape(`${prefix}gate_proj.weight`, gate, [inter, H]);
+    checkShape(`${prefix}up_proj.weight`, up, [inter, H]);
+    checkShape(`${prefix}down_proj.weight`, down, [H, inter]);
+    const table = this.table(1, inter);
+    table.set(0, this.dev.gateUp(gate, up), this.dev.bf16(down));
+    return { table, inter };
+  }
+
+  private buildMoe(src: TensorSource, layerPrefix: string, moeIndex: number): DeviceMoe {
+    const { spec, dev } = this;
+    const H = spec.hidden;
+    const m = spec.moe;
+    const E = m.numExperts;
+    const ET = E + (m.zeroExperts ?? 0);
+    const I = m.intermediate;
+    const names = moeNames(spec, src, layerPrefix);
+    const p = layerPrefix + names.block;
+    const r = `${p}${names.router}`;
+    const gate = dev.linear(`${r}.weight`, src.get(`${r}.weight`), ET, H, true);
+    const gateBias = m.routerBias ? dev.vector(vectorF32(src, `${r}.bias`, ET)) : null;
+    const biasName = spec.modelType === 'longcat_flash' ? `${p}router.e_score_correction_bias` : `${r}.e_score_correction_bias`;
+    const correctionBias = m.router.hasCorrectionBias ? dev.vector(vectorF32(src, biasName, ET)) : null;
+    const experts = this.table(E, I);
+    const fused = src.has(`${p}experts.gate_up_proj`);
+    const gateUpAll = fused ? src.get(`${p}experts.gate_up_proj`) : null;
+    const downAll = fused ? src.get(`${p}experts.down_proj`) : null;
+    if (gateUpAll) checkShape(`${p}experts.gate_up_proj`, gateUpAll, [ET, 2 * I, H]);
+    if (downAll) checkShape(`${p}experts.down_proj`, downAll, [E, H, I]);
+    for (let e = 0; e < E; e++) {
+      const ep = `${p}experts.${e}.`;
+      let g: HostTensor, u: HostTensor, d: HostTensor;
+      if (gateUpAll && downAll) {
+        const gu = sliceOf(gateUpAll, e);
+        g = rowsOf(gu, 0, I);
+        u = rowsOf(gu, I, 2 * I);
+        d = sliceOf(downAll, e);
+      } else {
+        g = src.get(`${ep}${names.gate}.weight`);
+        u = src.get(`${ep}${names.up}.weight`);
+        d = src.get(`${ep}${names.down}.weight`);
+      }
+      checkShape(`${p}experts.${e} gate`, g, [I, H]);
+      checkShape(`${p}experts.${e} up`, u, [I, H]);
+      checkShape(`${p}experts.${e} down`, d, [H, I]);
+      experts.set(e, dev.gateUp(g, u), dev.bf16(d));
+    }
+    let shared: DeviceFfn | null = null;
+    let sharedGate: DeviceWeight | null = null;
+    if (m.sharedIntermediate > 0) {
+      shared = this.ffn(src, spec.modelType === 'qwen2_moe' ? `${p}shared_expert.` : `${p}shared_experts.`, m.sharedIntermediate);
+      if (m.sharedGate) sharedGate = dev.linear(`${p}shared_expert_gate.weight`, src.get(`${p}shared_expert_gate.weight`), 1, H, true);
+    }
+    return { moeIndex, gate, gateBias, correctionBias, experts, shared, sharedGate };
+  }
+
+  /** GroupGemm only: the EPS planner's per-expert DenseGemm choice is not calibrated on the device yet. */
+  setExpertKernel(mode: 'auto' | 'group' | 'dense'): void {
+    if (mode === 'dense')
+      throw new RangeError("--expert-kernel dense is not available with --device cuda yet (use auto or group)");
+  }
+
+  kernelChoices(): Record<string, number> {
+    return this.numMoeLayers ? { group: this.numMoeLayers } : {};
+  }
+
+  cacheFloatsPerToken(): [number, number] {
+    return this.layers[0]!.subs[0]!.attn.cacheFloatsPerToken;
+  }
+
+  allocateKvCache(numBlocks: number, blockSize: number): DeviceLayerCache[] {
+    const [kf, vf] = this.cacheFloatsPerToken();
+    const slots = numBlocks * blockSize;
+    const cache: DeviceLayerCache[] = [];
+    try {
+      for (let i = 0; i < this.numCaches; i++) {
+        cache.push({ k: this.cu.cudaBuffer(slots * kf * F32), v: vf > 0 ? this.cu.cudaBuffer(slots * vf * F32) : null });
+      }
+    } catch (e) {
+      for (const c of cache) { c.k.dispose(); c.v?.dispose(); }
+      throw e;
+    }
+    this.caches.set(cache, numBlocks);
+    return cache;
+  }
+
+  forward(batch: ForwardBatch, cache: DeviceLayerCache[], blockSize: number): ForwardResult {
+    const { spec, cu, dev } = this;
+    const { scratch } = dev;
+    const H = spec.hidden;
+    const T = batch.tokenIds.length;
+    const S = batch.numSeqs;
+    const R = batch.logitRows.length;
+    const k = this.k;
+    const L = this.numMoeLayers;
+
+    // The step's integers in one copy: [tokens T | positions T | slots T | seqInfo 3S |
+    // blockTables S*maxBlocks | logitRows R | dense offsets 2].
+    const parts = [batch.tokenIds, batch.positions, batch.slots, batch.seqInfo,
+      batch.blockTables.subarray(0, S * batch.maxBlocks), batch.logitRows, Int32Array.of(0, T)];
+    const total = parts.reduce((a, p) => a + p.length, 0);
+    const host = new Int32Array(total);
+    const views: CudaBuffer[] = [];
+    const ints = scratch.get('step.ints', total * I32);
+    let off = 0;
+    for (const p of parts) {
+      host.set(p, off);
+      views.push(ints.view(off * I32, Math.max(4, p.length * I32)));
+      off += p.length;
+    }
+    cu.cudaCopyToDevice(ints, 0, host);
+    const [tokenIds, positions, slots, seqInfo, blockTables, logitRows, denseOffsets] = views as
+      [CudaBuffer, CudaBuffer, CudaBuffer, CudaBuffer, CudaBuffer, CudaBuffer, CudaBuffer];
+    let maxContext = 1;
+    for (let s = 0; s < S; s++) maxContext = Math.max(maxContext, batch.seqInfo[3 * s + 2]!);
+    const numBlocks = this.caches.get(cache);
+    if (numBlocks === undefined) throw new Error('forward: the KV cache was not allocated by this model');
+
+    const residual = scratch.get('residual', T * H * F32);
+    const delta = scratch.get('delta', T * H * F32);   // the sub-block output added to the residual next
+    const normed = scratch.get('normed', T * H * F32);
+    const xb = { buf: scratch.get('normed.bf16', T * H * BF16), ready: false };
+    const step: DeviceStep = {
+      batch, tokens: T, positions, slots, seqInfo, blockTables, blockSize, numBlocks, maxContext, xb,
+    };
+    const ids = scratch.get('moe.ids.all', Math.max(1, L * T * k) * I32); // [L, T, k]
+    const norm = (w: CudaBuffer) => {
+      cu.cudaRmsNorm(delta, T, H, w, spec.rmsNormEps, normed, residual);
+      xb.ready = false;
+    };
+    cu.cudaEmbedding(this.embed.buf, this.embed.dtype, spec.vocabSize, H, tokenIds, T, delta);
+    cu.cudaFill(residual, 0);
+    for (const layer of this.layers) {
+      if (layer.shortcut) {
+        // ScMoE schedule (LongCat-Flash), as on the CPU: the MoE reads the first sub-block's
+        // normalised output; its result joins at the end of the layer.
+        const [s0, s1] = layer.subs as [DeviceSub, DeviceSub];
+        norm(s0.inputNorm);
+        s0.attn.forward(step, normed, cache[s0.cacheIndex]!, delta);
+        norm(s0.postNorm);
+        const moeOut = scratch.get('sc.out', T * H * F32);
+        this.moe(layer.moe!, normed, xb, T, moeOut, ids, denseOffsets);
+        this.runFfn(s0.dense!, normed, xb, T, delta, denseOffsets);
+        norm(s1.inputNorm);
+        s1.attn.forward(step, normed, cache[s1.cacheIndex]!, delta);
+        norm(s1.postNorm);
+        this.runFfn(s1.dense!, normed, xb, T, delta, denseOffsets);
+        cu.cudaAdd(delta, moeOut, T * H);
+        continue;
+      }
+      const sub = layer.subs[0]!;
+      norm(sub.inputNorm);
+      sub.attn.forward(step, normed, cache[sub.cacheIndex]!, delta);
+      norm(sub.postNorm);
+      if (layer.moe) this.moe(layer.moe, normed, xb, T, delta, ids, denseOffsets);
+      else this.runFfn(sub.dense!, normed, xb, T, delta, denseOffsets);
+    }
+    norm(this.finalNorm);
+    // Gather the rows whose logits are wanted (an f32 "embedding" lookup over normed), then the head.
+    const rows = scratch.get('logit.rows', R * H * F32);
+    cu.cudaEmbedding(normed, 'f32', T, H, logitRows, R, rows);
+    const logitsDev = scratch.get('logits', R * spec.vocabSize * F32);
+    dev.gemm(rows, R, this.lmHead, logitsDev, null, false);
+    const logits = new Float32Array(R * spec.vocabSize);
+    if (R > 0) cu.cudaCopyToHost(logits, logitsDev, 0);
+    const allIds = new Int32Array(L * T * k);
+    if (allIds.length) cu.cudaCopyToHost(allIds, ids, 0);
+    const routedIds = Array.from({ length: L }, (_, m) => allIds.subarray(m * T * k, (m + 1) * T * k));
+    if (cu.cudaDeviceLost()) throw Object.assign(new Error('the CUDA device was lost (sticky error); restart the daemon'), { code: 'E_CUDA' });
+    return { logits, routedIds };
+  }
+
+  /** out [T, H] = FFN(x) through a one-expert table (overwrites). */
+  private runFfn(f: DeviceFfn, x: CudaBuffer, xb: { buf: CudaBuffer; ready: boolean }, T: number,
+                 out: CudaBuffer, offsets: CudaBuffer): void {
+    const { cu } = this;
+    if (!xb.ready) {
+      cu.cudaConvert(x, 'f32', xb.buf, 'bf16', T * this.spec.hidden);
+      xb.ready = true;
+    }
+    const hs = this.dev.scratch.get('ffn.h', T * f.inter * BF16);
+    cu.cudaGroupGemmFfn(xb.buf, offsets, f.table, T, hs, out, null);
+  }
+
+  /**
+   * Router (reference precision) -> route -> permute (expert-contiguous, bf16) -> one GroupGemm over
+   * every expert -> identity experts' rows copied through -> unpermute + combine -> shared expert.
+   */
+  private moe(m: DeviceMoe, x: CudaBuffer, xb: { buf: CudaBuffer; ready: boolean }, T: number,
+              out: CudaBuffer, allIds: CudaBuffer, denseOffsets: CudaBuffer): void {
+    const { cu, spec, dev } = this;
+    const { scratch } = dev;
+    const H = spec.hidden;
+    const E = spec.moe.numExperts;
+    const Z = spec.moe.zeroExperts ?? 0;
+    const ET = E + Z;
+    const k = this.k;
+    const r = spec.moe.router;
+    const logits = scratch.get('moe.logits', T * ET * F32);
+    dev.gemm(x, T, m.gate, logits, m.gateBias, false);
+    const ids = allIds.view(m.moeIndex * T * k * I32, Math.max(4, T * k * I32));
+    const weights = scratch.get('moe.weights', T * k * F32);
+    const counts = scratch.get('moe.counts', ET * I32);
+    cu.cudaRoute(logits, T, ET, k, {
+      scoring: r.scoring, bias: m.correctionBias, nGroup: r.nGroup, topkGroup: r.topkGroup,
+      groupScore: r.groupScore, renormalize: r.renormalize, scale: r.scale,
+    }, ids, weights, counts);
+    const rows = T * k;
+    const permIndex = scratch.get('moe.perm', rows * I32);
+    const offsets = scratch.get('moe.offsets', (ET + 1) * I32);
+    const yPerm = scratch.get('moe.yperm', rows * H * F32);
+    const hs = scratch.get('moe.h', rows * spec.moe.intermediate * BF16);
+    if (Z === 0) {
+      const xPerm = scratch.get('moe.xperm.bf16', rows * H * BF16);
+      cu.cudaPermute(x, T, H, ids, k, ET, xPerm, permIndex, offsets, 'bf16');
+      cu.cudaGroupGemmFfn(xPerm, offsets, m.experts, rows, hs, yPerm, null);
+    } else {
+      // Identity experts return weight * x exactly: permute in f32, feed the GEMM a bf16 copy and
+      // copy the identity rows (after the real experts' rows) through unrounded.
+      const xPermF = scratch.get('moe.xperm.f32', rows * H * F32);
+      const xPerm = scratch.get('moe.xperm.bf16', rows * H * BF16);
+      cu.cudaPermute(x, T, H, ids, k, ET, xPermF, permIndex, offsets, 'f32');
+      cu.cudaConvert(xPermF, 'f32', xPerm, 'bf16', rows * H);
+      cu.cudaGroupGemmFfn(xPerm, offsets, m.experts, rows, hs, yPerm, null);
+      cu.cudaCopyRowRange(yPerm, xPermF, offsets, E, ET, H * F32, rows);
+    }
+    cu.cudaUnpermuteCombine(yPerm, permIndex, weights, T, k, H, out, false);
+    if (m.shared) {
+      const y = scratch.get('moe.shared.y', T * H * F32);
+      this.runFfn(m.shared, x, xb, T, y, denseOffsets);
+      if (m.sharedGate) {
+        const g = scratch.get('moe.shared.gate', T * F32);
+        dev.gemm(x, T, m.sharedGate, g, null, false);
+        cu.cudaGatedAdd(out, y, g, T, H);
+      } else {
+        cu.cudaAdd(out, y, T * H);
+      }
+    }
+  }
+
+  dispose(): void {
+    if (this.disposed) return;
+    this.disposed = true;
+    for (const t of this.tables) t.dispose();
+    for (const c of this.caches.keys()) for (const l of c) { l.k.dispose(); l.v?.dispose(); }
+    this.dev.dispose();
+  }
+}

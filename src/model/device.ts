@@ -1,0 +1,155 @@
+// The device side of the model: weights uploaded once (bf16 for the tensor-core GEMMs, f32 for norms,
+// biases and reference-precision GEMMs), a grow-only arena of per-step device buffers, and the one
+// linear() that picks the tensor-core GEMM or the CUDA-core f32 GEMM by shape and precision.
+import { loadNative, type CudaAddon, type CudaBuffer, type DType } from '../native/index.js';
+import type { HostTensor } from './tensor-source.js';
+import { checkShape } from './weights.js';
+
+/** A Linear weight [n, k] on the device. */
+export interface DeviceWeight {
+  buf: CudaBuffer;
+  n: number;
+  k: number;
+  dtype: 'f32' | 'bf16';
+  /** Run on CUDA cores with f32 activations (routers, gates, MLA absorption, odd shapes). */
+  reference: boolean;
+}
+
+export const F32 = 4;
+export const BF16 = 2;
+export const I32 = 4;
+
+/** Host data of a tensor as bf16 (a copy when it is not bf16 already; f32 -> bf16 rounds to nearest even). */
+function hostBf16(t: HostTensor): Uint16Array {
+  if (t.dtype === 'bf16') return t.data as Uint16Array;
+  const out = new Uint16Array(t.data.length);
+  loadNative().convert(t.data, t.dtype, out, 'bf16');
+  return out;
+}
+
+function hostF32(t: HostTensor): Float32Array {
+  if (t.dtype === 'f32') return t.data as Float32Array;
+  const out = new Float32Array(t.data.length);
+  loadNative().convert(t.data, t.dtype, out, 'f32');
+  return out;
+}
+
+/** Grow-only device buffers by name (one step's activations), like the CPU Scratch. */
+export class DeviceScratch {
+  private readonly bufs = new Map<string, CudaBuffer>();
+
+  constructor(private readonly dev: Device) {}
+
+  /** A view of at least `bytes` bytes of the buffer called `name`. */
+  get(name: string, bytes: number): CudaBuffer {
+    const need = Math.max(16, bytes);
+    let b = this.bufs.get(name);
+    if (!b || b.sizeBytes < need) {
+      if (b) {
+        // Work queued on other streams may still read the old buffer.
+        this.dev.cu.cudaSynchronize();
+        b.dispose();
+      }
+      b = this.dev.cu.cudaBuffer(Math.max(need, Math.ceil((b?.sizeBytes ?? 0) * 1.5)));
+      this.bufs.set(name, b);
+    }
+    return b.view(0, need);
+  }
+
+  dispose(): void {
+    for (const b of this.bufs.values()) b.dispose();
+    this.bufs.clear();
+  }
+}
+
+/** A CUDA device with the op surface (the native addon, or the emulator in tests). */
+export class Device {
+  readonly scratch: DeviceScratch;
+  private readonly owned: CudaBuffer[] = [];
+  /** Bytes of weights uploaded. */
+  weightBytes = 0;
+
+  constructor(readonly cu: CudaAddon, readonly index: number) {
+    this.scratch = new DeviceScratch(this);
+  }
+
+  /** Uploads host data into a new device buffer owned by the model. */
+  upload(data: ArrayBufferView): CudaBuffer {
+    const b = this.cu.cudaBuffer(Math.max(16, data.byteLength));
+    this.cu.cudaCopyToDevice(b, 0, data);
+    this.owned.push(b);
+    this.weightBytes += data.byteLength;
+    return b;
+  }
+
+  /** A 1-D tensor (norm weight, bias) as f32 on the device. */
+  vector(v: Float32Array): CudaBuffer {
+    return this.upload(v);
+  }
+
+  /**
+   * A Linear weight [n, k]: bf16 for the tensor cores when n and k are multiples of 8 (the GEMMs'
+   * 16-byte rows), else, or when `reference`, kept for the f32 CUDA-core GEMM in its stored
+   * precision (bf16 stays bf16; f16 widens to f32 exactly).
+   */
+  linear(name: string, t: HostTensor, n: number, k: number, reference = false): DeviceWeight {
+    checkShape(name, t, [n, k]);
+    const tc = !reference && n % 8 === 0 && k % 8 === 0;
+    if (tc || t.dtype === 'bf16') return { buf: this.upload(hostBf16(t)), n, k, dtype: 'bf16', reference: !tc };
+    return { buf: this.upload(hostF32(t)), n, k, dtype: 'f32', reference: true };
+  }
+
+  /** gate [I, H] and up [I, H] stacked as one bf16 gate_up [2I, H] (the GroupGemm's layout). */
+  gateUp(gate: HostTensor, up: HostTensor): CudaBuffer {
+    const g = hostBf16(gate), u = hostBf16(up);
+    const out = new Uint16Array(g.length + u.length);
+    out.set(g, 0);
+    out.set(u, g.length);
+    return this.upload(out);
+  }
+
+  bf16(t: HostTensor): CudaBuffer {
+    return this.upload(hostBf16(t));
+  }
+
+  /** A table for cudaEmbedding: f32, bf16 and f16 are read as stored. */
+  table(t: HostTensor): { buf: CudaBuffer; dtype: DType } {
+    return { buf: this.upload(t.data), dtype: t.dtype };
+  }
+
+  /**
+   * y [m, n] f32 (+)= x [m, k] * w^T (+ bias). x is f32; the tensor-core path converts it to bf16
+   * (into `xb` when given, which then must already hold bf16(x) when `xbReady`).
+   */
+  gemm(x: CudaBuffer, m: number, w: DeviceWeight, y: CudaBuffer, bias: CudaBuffer | null,
+       accumulate: boolean, xb?: { buf: CudaBuffer; ready: boolean }): void {
+    if (m === 0) return;
+    const { cu } = this;
+    if (w.reference) {
+      cu.cudaGemmF32(x, m, w.buf, w.dtype, w.n, w.k, y, bias, accumulate);
+      return;
+    }
+    let b: CudaBuffer;
+    if (xb?.ready) {
+      b = xb.buf;
+    } else {
+      b = xb?.buf ?? this.scratch.get('gemm.xb', m * w.k * BF16);
+      cu.cudaConvert(x, 'f32', b, 'bf16', m * w.k);
+      if (xb) xb.ready = true;
+    }
+    cu.cudaDenseGemm(b, m, w.buf, w.n, w.k, y, bias, accumulate);
+  }
+
+  /** Rows x cols f32 block copy between strided layouts (offsets and pitches in floats). */
+  copy2d(dst: CudaBuffer, dstOff: number, dstPitch: number, src: CudaBuffer, srcOff: number,
+         srcPitch: number, cols: number, rows: number): void {
+    if (rows === 0 || cols === 0) return;
+    this.cu.cudaCopy2D(dst, dstOff * F32, dstPitch * F32, src, srcOff * F32, srcPitch * F32, cols * F32, rows);
+  }
+
+  dispose(): void {
+    this.scratch.dispose();
+    for (const b of this.owned) if (!b.disposed) b.dispose();
+    this.owned.length = 0;
+  }
+}

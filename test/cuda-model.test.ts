@@ -1,0 +1,180 @@
+// The device engine (CudaModel, `--device cuda`) on every architecture's fixture: against HF
+// transformers' goldens within the bf16 tolerance, against the CPU engine in its bf16 (f32-accumulate)
+// mode, batched against alone, and driven by the scheduler. Each test runs on the real GPU when one
+// is present, and always on the TypeScript emulator of the cuda* ops (test/helpers/cuda-emu.ts, itself
+// checked against the float64 references in cuda.test.ts): that checks the device engine's
+// orchestration (layouts, strides, offsets, buffer sizes) here, not the CUDA kernels.
+import assert from 'node:assert/strict';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import path from 'node:path';
+import { describe, test } from 'node:test';
+
+import { EngineCore } from '../src/engine/engine-core.js';
+import type { EngineEvent } from '../src/engine/types.js';
+import { loadCudaModel, loadModel } from '../src/model/load.js';
+import { loadNative, packageRoot, type CudaAddon } from '../src/native/index.js';
+import { createCudaEmulator } from './helpers/cuda-emu.js';
+import { DirectRunner, argmax } from './helpers/model-runner.js';
+
+interface GoldenCase { prompt_ids: number[]; logits: number[][]; greedy: number[]; router: number[][][] }
+interface Golden { model_type: string; moe_layers: number[]; cases: GoldenCase[] }
+
+const fixturesDir = path.join(packageRoot(), 'test', 'fixtures');
+const fixtures = readdirSync(fixturesDir).filter((d) => existsSync(path.join(fixturesDir, d, 'golden.json'))).sort();
+
+const caps = loadNative().capabilities();
+const backends: { label: string; cuda: () => CudaAddon | undefined; skip: string | false }[] = [
+  { label: 'emulator', cuda: () => createCudaEmulator(), skip: false },
+  {
+    label: 'gpu', cuda: () => undefined,
+    skip: !caps.cudaCompiled ? 'CUDA not compiled in (portable build)'
+      : caps.cudaDevices === 0 ? `no CUDA device (cudaDevices = ${caps.cudaDevices})` : false,
+  },
+];
+
+// The same bound as the CPU's bf16 mode (models.test.ts): positions whose routing agrees with HF are
+// within 5% of the logits' range, and the mean over all positions within 2%.
+const BF16_REL_TOL = 0.05;
+const BF16_MEAN_REL_TOL = 0.02;
+
+function relToRange(ours: ArrayLike<number>, ref: ArrayLike<number>): number {
+  let lo = Infinity, hi = -Infinity, worst = 0;
+  for (let i = 0; i < ref.length; i++) {
+    lo = Math.min(lo, ref[i]!);
+    hi = Math.max(hi, ref[i]!);
+    worst = Math.max(worst, Math.abs(ours[i]! - ref[i]!));
+  }
+  return worst / (hi - lo);
+}
+
+for (const b of backends) {
+  for (const name of fixtures) {
+    const dir = path.join(fixturesDir, name);
+    const golden = JSON.parse(readFileSync(path.join(dir, 'golden.json'), 'utf8')) as Golden;
+    describe(`device model (${b.label}) on ${name}`, { skip: b.skip }, () => {
+      test('logits within the bf16 tolerance of transformers; routing as the CPU bf16 engine', () => {
+        const cuda = b.cuda();
+        const { model, spec } = loadCudaModel(dir, { device: 0, ...(cuda ? { cuda } : {}) });
+        const cpu = loadModel(dir, { fast: true }).model;
+        try {
+          assert.equal(model.numMoeLayers, golden.moe_layers.length);
+          const V = spec.vocabSize, k = spec.moe.router.topK;
+          let sumRel = 0, positions = 0, routedSame = 0, routedAll = 0;
+          for (const [ci, c] of golden.cases.entries()) {
+            const r = new DirectRunner(model);
+            const res = r.step([r.newSeq()], [c.prompt_ids], true);
+            const rc = new DirectRunner(cpu);
+            const ref = rc.step([rc.newSeq()], [c.prompt_ids], true);
+            assert.equal(res.logits.length, c.prompt_ids.length * V);
+            assert.equal(res.routedIds.length, golden.moe_layers.length);
+            for (let p = 0; p < c.prompt_ids.length; p++) {
+              const ours = res.logits.subarray(p * V, (p + 1) * V);
+              assert.ok(ours.every(Number.isFinite), `case ${ci} position ${p}: non-finite logits`);
+              const rel = relToRange(ours, c.logits[p]!);
+              sumRel += rel;
+              positions++;
+              const sameRouting = golden.moe_layers.every((_, m) => {
+                for (let q = 0; q <= p; q++) {
+                  const ids = Array.from(res.routedIds[m]!.subarray(q * k, (q + 1) * k)).sort((x, y) => x - y);
+                  const want = [...c.router[m]![q]!].sort((x, y) => x - y);
+                  if (ids.some((v, j) => v !== want[j])) return false;
+                }
+                return true;
+              });
+              if (sameRouting)
+                assert.ok(rel <= BF16_REL_TOL, `case ${ci} position ${p}: logits off by ${(rel * 100).toFixed(2)}% of their range`);
+            }
+            for (let m = 0; m < golden.moe_layers.length; m++) {
+              for (let i = 0; i < res.routedIds[m]!.length; i++) {
+                routedAll++;
+                if (res.routedIds[m]![i] === ref.routedIds[m]![i]) routedSame++;
+              }
+            }
+          }
+          const mean = sumRel / positions;
+          assert.ok(mean <= BF16_MEAN_REL_TOL, `logits off by ${(mean * 100).toFixed(2)}% of their range on average`);
+          // Both engines round the same GEMM inputs to bf16; only their summation orders differ, so
+          // a near-tie may flip an expert now and then, never wholesale.
+          assert.ok(routedSame / routedAll >= 0.97, `routing agrees with the CPU bf16 engine on ${routedSame}/${routedAll} choices`);
+        } finally {
+          model.dispose();
+          cpu.dispose();
+        }
+      });
+
+      test('batched sequences of different lengths match each one alone', () => {
+        const cuda = b.cuda();
+        const { model, spec } = loadCudaModel(dir, { device: 0, ...(cuda ? { cuda } : {}) });
+        try {
+          const V = spec.vocabSize;
+          const prompts = golden.cases.map((c) => c.prompt_ids);
+          const alone = prompts.map((p) => {
+            const r = new DirectRunner(model);
+            const s = r.newSeq();
+            const first = r.step([s], [p], false).logits.slice(0, V);
+            const next = r.step([s], [[argmax(first)]], false).logits.slice(0, V);
+            return [first, next];
+          });
+          const r = new DirectRunner(model);
+          const seqs = prompts.map(() => r.newSeq());
+          const res = r.step(seqs, prompts, false);
+          const nextIds = prompts.map((_, i) => [argmax(res.logits.subarray(i * V, (i + 1) * V))]);
+          const res2 = r.step(seqs, nextIds, false);
+          prompts.forEach((_, i) => {
+            const a = res.logits.subarray(i * V, (i + 1) * V), b2 = res2.logits.subarray(i * V, (i + 1) * V);
+            assert.equal(argmax(a), argmax(alone[i]![0]!), `prefill argmax of sequence ${i}`);
+            assert.ok(relToRange(a, alone[i]![0]!) < 1e-3, `prefill logits of sequence ${i}`);
+            assert.ok(relToRange(b2, alone[i]![1]!) < 1e-3, `decode logits of sequence ${i}`);
+          });
+        } finally {
+          model.dispose();
+        }
+      });
+    });
+  }
+
+  test(`device model (${b.label}): the engine schedules, decodes and finishes requests`, { skip: b.skip }, () => {
+    const cuda = b.cuda();
+    const dir = path.join(fixturesDir, 'qwen2_moe');
+    const loaded = loadCudaModel(dir, { device: 0, ...(cuda ? { cuda } : {}) });
+    const cpu = loadModel(dir, { fast: true });
+    try {
+      const run = (l: typeof loaded | typeof cpu) => {
+        const core = new EngineCore(l, {
+          kvCacheBlocks: 64, kvCacheGb: 0, blockSize: 4, maxNumSeqs: 4, maxNumBatchedTokens: 16, servedModelName: 't',
+        });
+        const out = new Map<string, number[]>();
+        for (let i = 0; i < 5; i++) {
+          const ev = core.add({
+            id: `r${i}`, promptTokenIds: Array.from({ length: 3 + 4 * i }, (_, j) => (7 * i + 13 * j) % 1000 + 1),
+            maxTokens: 6, stopTokenIds: [], ignoreEos: true, minTokens: 0, returnRoutedExperts: false,
+            sampling: { temperature: 0, topP: 1, topK: 0, minP: 0, repetitionPenalty: 1, presencePenalty: 0, frequencyPenalty: 0 },
+          });
+          assert.equal(ev, null);
+          out.set(`r${i}`, []);
+        }
+        let steps = 0;
+        const finished = new Set<string>();
+        while (core.hasWork() && steps++ < 200) {
+          const res = core.step();
+          for (const ev of res?.events ?? [] as EngineEvent[]) {
+            if (ev.type === 'tokens') out.get(ev.id)!.push(...ev.tokenIds);
+            if (ev.type === 'finished') finished.add(ev.id);
+          }
+        }
+        assert.equal(finished.size, 5, 'every request finished');
+        return out;
+      };
+      const dev = run(loaded), host = run(cpu);
+      let same = 0;
+      for (const [id, toks] of dev) {
+        assert.equal(toks.length, 6, `${id} generated 6 tokens`);
+        if (toks.join() === host.get(id)!.join()) same++;
+      }
+      assert.ok(same >= 4, `greedy continuations equal the CPU bf16 engine's on ${same}/5 requests`);
+    } finally {
+      loaded.model.dispose();
+      cpu.model.dispose();
+    }
+  });
+}
