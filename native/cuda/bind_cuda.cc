@@ -2,6 +2,9 @@
 // events and expert tables as handles, copies, and one function per op (all prefixed `cuda`).
 // Ops enqueue on a stream (the device's default stream when none is given) and return at once.
 #include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -272,8 +275,40 @@ HostBytes host_bytes(const Napi::CallbackInfo& info, size_t i, const char* name)
 }
 
 constexpr size_t F4 = sizeof(float), I4 = sizeof(int32_t), B2 = sizeof(uint16_t);
-size_t mul(size_t a, size_t b) { return a * b; }
-size_t mul(size_t a, size_t b, size_t c) { return a * b * c; }
+// Saturating: an overflowing size must fail the buffer check, not wrap below the buffer's size.
+size_t mul(size_t a, size_t b) {
+  size_t r;
+  return __builtin_mul_overflow(a, b, &r) ? SIZE_MAX : r;
+}
+size_t mul(size_t a, size_t b, size_t c) { return mul(mul(a, b), c); }
+size_t add_sat(size_t a, size_t b) {
+  size_t r;
+  return __builtin_add_overflow(a, b, &r) ? SIZE_MAX : r;
+}
+
+// get_buf for a buffer read as T on the device: its start must be aligned for T (a misaligned
+// access is a sticky error that loses the whole context).
+template <typename T>
+T* get_aligned_buf(const Napi::CallbackInfo& info, size_t i, const char* name, size_t need_bytes) {
+  T* p = get_buf<T>(info, i, name, need_bytes);
+  if (reinterpret_cast<uintptr_t>(p) % alignof(T))
+    throw_range(info.Env(), std::string(name) + " must start " + std::to_string(alignof(T)) +
+                                "-byte aligned");
+  return p;
+}
+
+// A JS number as JS prints it (integers without a fraction, NaN, Infinity, shortest round trip).
+std::string js_number(double d) {
+  if (std::isnan(d)) return "NaN";
+  if (std::isinf(d)) return d > 0 ? "Infinity" : "-Infinity";
+  if (d == std::floor(d) && std::fabs(d) < 1e15) return std::to_string(static_cast<int64_t>(d));
+  char buf[32];
+  for (int prec = 15; prec <= 17; ++prec) {
+    std::snprintf(buf, sizeof(buf), "%.*g", prec, d);
+    if (std::strtod(buf, nullptr) == d) break;
+  }
+  return buf;
+}
 
 // ------------------------------------------------------------------------------- CudaExpertTable
 // expert e -> (gate_up [2I, H] bf16, down [H, I] bf16) device buffers. Holds the allocations, so
@@ -847,6 +882,120 @@ Napi::Value paged_attention(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// ------------------------------------------------------------------------------- glue
+// The engine's small ops (glue.cu). Every scalar argument and the stream are checked before the
+// buffers, and all of it before the device is touched.
+
+// cudaGemmF32(x, m, w, wDtype, n, k, y, bias, accumulate, stream?)
+Napi::Value gemm_f32(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 9, "cudaGemmF32");
+  const int m = dim(info, 1, "m"), n = dim(info, 4, "n"), k = dim(info, 5, "k");
+  const std::string wd = info[3].IsString() ? info[3].As<Napi::String>().Utf8Value() : "";
+  if (wd != "f32" && wd != "bf16") throw_type(env, "wDtype must be 'f32' or 'bf16'");
+  const DType wdt = wd == "f32" ? DType::F32 : DType::BF16;
+  const bool acc = get_bool(info, 8, "accumulate");
+  Stream s = get_stream(info, 9);
+  const float* x = get_aligned_buf<float>(info, 0, "x", mul(m, k, F4));
+  const void* w = wdt == DType::F32 ? static_cast<const void*>(get_aligned_buf<float>(info, 2, "w", mul(n, k, F4)))
+                                    : static_cast<const void*>(get_aligned_buf<uint16_t>(info, 2, "w", mul(n, k, B2)));
+  float* y = get_aligned_buf<float>(info, 6, "y", mul(m, n, F4));
+  const float* bias = is_nullish(info[7]) ? nullptr : get_aligned_buf<float>(info, 7, "bias", mul(n, F4));
+  guard(env, [&] { cuda::gemm_f32(x, m, w, wdt, n, k, y, bias, acc, s); });
+  return env.Undefined();
+}
+
+// cudaAdd(y, x, n, stream?)
+Napi::Value add(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 3, "cudaAdd");
+  const int64_t n = get_int(info, 2, "n", 0, int64_t{1} << 42);
+  Stream s = get_stream(info, 3);
+  float* y = get_aligned_buf<float>(info, 0, "y", mul(static_cast<size_t>(n), F4));
+  const float* x = get_aligned_buf<float>(info, 1, "x", mul(static_cast<size_t>(n), F4));
+  guard(env, [&] { cuda::add(y, x, static_cast<size_t>(n), s); });
+  return env.Undefined();
+}
+
+// cudaGatedAdd(out, y, gate, t, h, stream?)
+Napi::Value gated_add(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 5, "cudaGatedAdd");
+  const int t = dim(info, 3, "t"), h = dim(info, 4, "h");
+  Stream s = get_stream(info, 5);
+  float* out = get_aligned_buf<float>(info, 0, "out", mul(t, h, F4));
+  const float* y = get_aligned_buf<float>(info, 1, "y", mul(t, h, F4));
+  const float* gate = get_aligned_buf<float>(info, 2, "gate", mul(t, F4));
+  guard(env, [&] { cuda::gated_add(out, y, gate, t, h, s); });
+  return env.Undefined();
+}
+
+// cudaClamp(x, n, limit, stream?)
+Napi::Value clamp(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 3, "cudaClamp");
+  const int64_t n = get_int(info, 1, "n", 0, int64_t{1} << 42);
+  const double limit = get_double(info, 2, "limit");
+  if (!(limit >= 0)) throw_range(env, "limit is " + js_number(limit) + ", expected a non-negative number");
+  Stream s = get_stream(info, 3);
+  float* x = get_aligned_buf<float>(info, 0, "x", mul(static_cast<size_t>(n), F4));
+  guard(env, [&] { cuda::clamp(x, static_cast<size_t>(n), static_cast<float>(limit), s); });
+  return env.Undefined();
+}
+
+// cudaCopy2D(dst, dstOffsetBytes, dstPitchBytes, src, srcOffsetBytes, srcPitchBytes, widthBytes,
+//            rows, stream?)
+// NOTE: the two slices must not overlap (cudaMemcpy2D's rule); nothing checks it here.
+Napi::Value copy_2d(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 8, "cudaCopy2D");
+  constexpr int64_t kMax = int64_t{1} << 44;
+  const int64_t doff = get_int(info, 1, "dstOffsetBytes", 0, kMax);
+  const int64_t dpitch = get_int(info, 2, "dstPitchBytes", 0, kMax);
+  const int64_t soff = get_int(info, 4, "srcOffsetBytes", 0, kMax);
+  const int64_t spitch = get_int(info, 5, "srcPitchBytes", 0, kMax);
+  const int64_t width = get_int(info, 6, "widthBytes", 0, kMax);
+  const int64_t rows = get_int(info, 7, "rows", 0, kMax);
+  if (width > dpitch)
+    throw_range(env, "widthBytes is " + std::to_string(width) + ", expected at most dstPitchBytes = " + std::to_string(dpitch));
+  if (width > spitch)
+    throw_range(env, "widthBytes is " + std::to_string(width) + ", expected at most srcPitchBytes = " + std::to_string(spitch));
+  Stream s = get_stream(info, 8);
+  // Bytes a slice reaches: offset + (rows - 1) * pitch + width (nothing when it is empty).
+  auto reach = [&](int64_t off, int64_t pitch) -> size_t {
+    if (rows == 0 || width == 0) return 0;
+    return add_sat(add_sat(static_cast<size_t>(off), mul(static_cast<size_t>(rows - 1), static_cast<size_t>(pitch))),
+                   static_cast<size_t>(width));
+  };
+  char* dst = get_buf<char>(info, 0, "dst", reach(doff, dpitch));
+  const char* src = get_buf<char>(info, 3, "src", reach(soff, spitch));
+  guard(env, [&] {
+    cuda::copy_2d(dst + doff, static_cast<size_t>(dpitch), src + soff, static_cast<size_t>(spitch),
+                  static_cast<size_t>(width), static_cast<size_t>(rows), s);
+  });
+  return env.Undefined();
+}
+
+// cudaCopyRowRange(dst, src, offsets, lo, hi, rowBytes, maxRows, stream?)
+Napi::Value copy_row_range(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 7, "cudaCopyRowRange");
+  const int lo = dim(info, 3, "lo");
+  const int hi = dim(info, 4, "hi", lo, 2147483646);
+  const int64_t row_bytes = get_int(info, 5, "rowBytes", 0, int64_t{1} << 40);
+  const int max_rows = dim(info, 6, "maxRows");
+  Stream s = get_stream(info, 7);
+  const size_t span = mul(static_cast<size_t>(max_rows), static_cast<size_t>(row_bytes));
+  void* dst = get_buf(info, 0, "dst", span);
+  const void* src = get_buf(info, 1, "src", span);
+  const int32_t* offsets = get_aligned_buf<int32_t>(info, 2, "offsets", mul(static_cast<size_t>(hi) + 1, I4));
+  // NOTE: offsets[lo] and offsets[hi] live on the device; the kernel clamps them to [0, maxRows].
+  guard(env, [&] {
+    cuda::copy_row_range(dst, src, offsets, lo, hi, static_cast<size_t>(row_bytes), max_rows, s);
+  });
+  return env.Undefined();
+}
+
 // ------------------------------------------------------------------------------- NCCL
 Napi::Value nccl_unique_id(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -994,6 +1143,12 @@ void register_cuda(Napi::Env env, Napi::Object exports) {
   fn("cudaTopN", top_n);
   fn("cudaKvCacheWrite", kv_cache_write);
   fn("cudaPagedAttention", paged_attention);
+  fn("cudaGemmF32", gemm_f32);
+  fn("cudaAdd", add);
+  fn("cudaGatedAdd", gated_add);
+  fn("cudaClamp", clamp);
+  fn("cudaCopy2D", copy_2d);
+  fn("cudaCopyRowRange", copy_row_range);
   fn("cudaNcclUniqueId", nccl_unique_id);
   fn("cudaNcclJoin", nccl_join);
 }

@@ -244,25 +244,33 @@ export interface CudaAddon {
   // --- glue for the device engine (small kernels; semantics fixed by test/cuda.test.ts)
   /**
    * Reference-precision GEMM on CUDA cores (routers, gates, odd shapes): y [m, n] f32 (+)=
-   * x [m, k] f32 * w [n, k]^T (w f32 or bf16) (+ bias [n] f32); any m, n, k; f32 products summed in
-   * double per output, as the CPU's reference denseGemm.
+   * x [m, k] f32 * w [n, k]^T (w f32 or bf16) (+ bias [n] f32); any m, n, k. Per output: the f32
+   * products x*w summed in double, then s = (accumulate ? y : 0) + bias + sum in double, in that
+   * order, rounded to f32 once.
    */
   cudaGemmF32(x: CudaBuffer, m: number, w: CudaBuffer, wDtype: 'f32' | 'bf16', n: number, k: number,
               y: CudaBuffer, bias: CudaBuffer | null, accumulate: boolean, stream?: CudaStream | null): void;
   /** y[i] += x[i] for i < n (f32). */
   cudaAdd(y: CudaBuffer, x: CudaBuffer, n: number, stream?: CudaStream | null): void;
-  /** out [t, h] += sigmoid(gate[t]) * y [t, h] (f32; Qwen2-MoE's shared-expert gate). */
+  /**
+   * out [t, h] += sigmoid(gate[t]) * y [t, h] (f32; Qwen2-MoE's shared-expert gate): sigmoid as
+   * 1 / (1 + exp(-g)), product and sum in double, rounded to f32 once.
+   */
   cudaGatedAdd(out: CudaBuffer, y: CudaBuffer, gate: CudaBuffer, t: number, h: number,
                stream?: CudaStream | null): void;
-  /** x[i] = min(max(x[i], -limit), limit) for i < n (f32; OLMoE's clip_qkv). */
+  /** x[i] = min(max(x[i], -limit), limit) for i < n (f32; OLMoE's clip_qkv; NaN kept; limit >= 0). */
   cudaClamp(x: CudaBuffer, n: number, limit: number, stream?: CudaStream | null): void;
-  /** rows x widthBytes from src (pitch srcPitchBytes) to dst (pitch dstPitchBytes): strided slices. */
+  /**
+   * rows x widthBytes from src (pitch srcPitchBytes) to dst (pitch dstPitchBytes): strided slices.
+   * widthBytes <= both pitches; the slices must not overlap.
+   */
   cudaCopy2D(dst: CudaBuffer, dstOffsetBytes: number, dstPitchBytes: number, src: CudaBuffer,
              srcOffsetBytes: number, srcPitchBytes: number, widthBytes: number, rows: number,
              stream?: CudaStream | null): void;
   /**
    * Copies rows [offsets[lo], offsets[hi]) of src to the same rows of dst (rowBytes each), the
-   * range read on the device from offsets (i32); maxRows bounds it (identity experts' rows).
+   * range read on the device from offsets (i32); maxRows bounds it (identity experts' rows): both
+   * ends are clamped to [0, maxRows], and an empty or reversed range copies nothing.
    */
   cudaCopyRowRange(dst: CudaBuffer, src: CudaBuffer, offsets: CudaBuffer, lo: number, hi: number,
                    rowBytes: number, maxRows: number, stream?: CudaStream | null): void;

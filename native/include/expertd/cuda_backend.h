@@ -170,6 +170,25 @@ void softmax_rows(const float* x, int rows, int cols, float* out, bool log, Stre
 void top_n(const float* x, int rows, int cols, int n, int32_t* ids, float* vals, Stream s);
 void convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, size_t n, Stream s);
 
+// Glue for the device engine (glue.cu; roundings in its header comment).
+// y [m, n] f32 (+)= x [m, k] f32 * w [n, k]^T (f32 or bf16) (+ bias [n] f32): CUDA cores, f32
+// products summed in double, any m, n, k (routers, gates).
+void gemm_f32(const float* x, int m, const void* w, DType w_dtype, int n, int k, float* y,
+              const float* bias, bool accumulate, Stream s);
+// y [n] += x [n] (f32).
+void add(float* y, const float* x, size_t n, Stream s);
+// out [t, h] += sigmoid(gate [t]) * y [t, h] (f32; Qwen2-MoE's shared-expert gate).
+void gated_add(float* out, const float* y, const float* gate, int t, int h, Stream s);
+// x [n] clamped to [-limit, limit] in place (f32; NaN kept).
+void clamp(float* x, size_t n, float limit, Stream s);
+// rows x width_bytes from src (src_pitch bytes between rows) to dst (dst_pitch): device to device.
+void copy_2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t width_bytes,
+             size_t rows, Stream s);
+// Rows [offsets[lo], offsets[hi]) of src to the same rows of dst (row_bytes each); offsets [>= hi+1]
+// int32 is read on the device and the range clamped to [0, max_rows].
+void copy_row_range(void* dst, const void* src, const int32_t* offsets, int lo, int hi,
+                    size_t row_bytes, int max_rows, Stream s);
+
 // Paged attention (f32 cache, layouts of ops.h). seq_info and block_tables are device arrays;
 // total_tokens = rows of q and out; max_context >= every ctx_len (sizes the split-K grid).
 void paged_attention(const float* q, const float* k_cache, const float* v_cache,
