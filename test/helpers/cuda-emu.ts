@@ -525,6 +525,9 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
       if (R <= 0) return;
       const off = i32Of(ob, 'offsets'), xs = u16Of(xb, 'x'), hs = u16Of(hb, 'hScratch'), ys = f32Of(yb, 'y');
       if (hb.offset % 4) fault('hScratch is stored as bf16 pairs (4-byte aligned)');
+      // The down pass checks its x (= hScratch) like the gate pass's x; on a GPU the gate pass is
+      // already enqueued when this throws.
+      if (hb.offset % 16) throw typeError('group_gemm: x must be 16-byte aligned');
       if (yb.offset % 8) fault('y is stored as float2 (8-byte aligned)');
       // Scratch layout: [gate_up 2I*H | down H*I | x row H | h row I] as f32.
       const f = scratch.floats(3 * I * H + H + I);
