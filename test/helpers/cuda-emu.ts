@@ -297,6 +297,10 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
   }
 
   interface Slot { alloc: Allocation; offset: number }
+  // A table collected without dispose() lets go of its slots (the native destructor's job).
+  const tableFinalizer = new FinalizationRegistry<(Slot | null)[][]>((lists) => {
+    for (const list of lists) for (const slot of list) if (slot) release(slot.alloc);
+  });
   class EmuExpertTable implements CudaExpertTable {
     readonly numExperts: number;
     readonly hidden: number;
@@ -311,6 +315,7 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
       if (this.hidden % 8 || this.inter % 8) throw rangeError('hidden and inter must be multiples of 8');
       this.gateUp = new Array<Slot | null>(this.numExperts).fill(null);
       this.down = new Array<Slot | null>(this.numExperts).fill(null);
+      tableFinalizer.register(this, [this.gateUp, this.down], this);
     }
     check(): void {
       if (this.#disposed) throw disposedError('expert table');
@@ -345,6 +350,7 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
     }
     dispose(): void {
       if (this.#disposed) return;
+      tableFinalizer.unregister(this);
       for (let e = 0; e < this.numExperts; e++) this.#drop(e);
       this.#disposed = true;
     }
