@@ -1,7 +1,8 @@
 // The CUDA backend (full build): every op against a float64 reference written plainly here, with
 // fresh random inputs, outputs poisoned with NaN, max-abs and normalised-L2 errors under per-dtype
-// tolerances. Device tests skip with a one-line reason when no GPU is present; the build checks
-// (portable addon free of CUDA, argument errors, no abort without a device) run everywhere.
+// tolerances. The device suite runs twice: on the real addon (skipped with a one-line reason when
+// no GPU is present) and on the CPU emulator (test/helpers/cuda-emu.ts, always). The build checks
+// (portable addon free of CUDA, argument errors, no abort without a device) run on the real addon.
 import assert from 'node:assert/strict';
 import { existsSync, readFileSync } from 'node:fs';
 import path from 'node:path';
@@ -10,6 +11,7 @@ import { test } from 'node:test';
 import { loadNative, packageRoot } from '../src/native/index.js';
 import type { CudaAddon, CudaBuffer, NativeAddon } from '../src/native/types.js';
 import { mulberry32 } from '../src/engine/rng.js';
+import { createCudaEmulator } from './helpers/cuda-emu.js';
 
 const native = loadNative();
 const caps = native.capabilities();
@@ -64,34 +66,45 @@ function fromF16(h: number): number {
 }
 const bf16Round = (x: Float32Array) => Float32Array.from(x, (v) => fromBf16(toBf16(v)));
 
-function upload(data: ArrayBufferView): CudaBuffer {
-  const b = cu.cudaBuffer(Math.max(16, data.byteLength));
-  cu.cudaCopyToDevice(b, 0, data);
-  return b;
-}
-/** A device buffer of n elements of `bytes` each, filled with 0xff (NaN for f32 and bf16). */
-function poisoned(n: number, bytes = 4): CudaBuffer {
-  const b = cu.cudaBuffer(Math.max(16, n * bytes));
-  cu.cudaFill(b, 0xff);
-  return b;
-}
-function f32Of(b: CudaBuffer, n: number): Float32Array {
-  const out = new Float32Array(n);
-  cu.cudaSynchronize();
-  cu.cudaCopyToHost(out, b, 0);
-  return out;
-}
-function i32Of(b: CudaBuffer, n: number): Int32Array {
-  const out = new Int32Array(n);
-  cu.cudaSynchronize();
-  cu.cudaCopyToHost(out, b, 0);
-  return out;
-}
-function bf16Of(b: CudaBuffer, n: number): Float32Array {
-  const out = new Uint16Array(n);
-  cu.cudaSynchronize();
-  cu.cudaCopyToHost(out, b, 0);
-  return Float32Array.from(out, fromBf16);
+/** Upload, poisoned allocation and read-back on one backend. */
+function deviceHelpers(cu: CudaAddon) {
+  return {
+    upload(data: ArrayBufferView): CudaBuffer {
+      const b = cu.cudaBuffer(Math.max(16, data.byteLength));
+      cu.cudaCopyToDevice(b, 0, data);
+      return b;
+    },
+    /** A device buffer of n elements of `bytes` each, filled with 0xff (NaN for f32 and bf16). */
+    poisoned(n: number, bytes = 4): CudaBuffer {
+      const b = cu.cudaBuffer(Math.max(16, n * bytes));
+      cu.cudaFill(b, 0xff);
+      return b;
+    },
+    f32Of(b: CudaBuffer, n: number): Float32Array {
+      const out = new Float32Array(n);
+      cu.cudaSynchronize();
+      cu.cudaCopyToHost(out, b, 0);
+      return out;
+    },
+    i32Of(b: CudaBuffer, n: number): Int32Array {
+      const out = new Int32Array(n);
+      cu.cudaSynchronize();
+      cu.cudaCopyToHost(out, b, 0);
+      return out;
+    },
+    bf16Of(b: CudaBuffer, n: number): Float32Array {
+      const out = new Uint16Array(n);
+      cu.cudaSynchronize();
+      cu.cudaCopyToHost(out, b, 0);
+      return Float32Array.from(out, fromBf16);
+    },
+    u8Of(b: CudaBuffer, n: number): Uint8Array {
+      const out = new Uint8Array(n);
+      cu.cudaSynchronize();
+      cu.cudaCopyToHost(out, b, 0);
+      return out;
+    },
+  };
 }
 
 /** Asserts out ~ ref: no NaN, max-abs and ||out - ref|| / ||ref|| under their tolerances. */
@@ -151,8 +164,7 @@ test('CUDA bindings validate arguments before touching the device', { skip: caps
   });
 });
 
-// ---------------------------------------------------------------------------------- device
-test('caching allocator reuses blocks; views check bounds; copies round-trip', { skip }, () => {
+test('caching allocator reuses blocks', { skip }, () => {
   const a = cu.cudaBuffer(1 << 20);
   a.dispose();
   const before = cu.cudaMemInfo();
@@ -160,115 +172,12 @@ test('caching allocator reuses blocks; views check bounds; copies round-trip', {
   const after = cu.cudaMemInfo();
   assert.equal(after.cacheHits, before.cacheHits + 1);
   assert.equal(after.deviceMallocs, before.deviceMallocs);
-  const host = uniform(1000);
-  cu.cudaCopyToDevice(b, 4096, host);
-  const v = b.view(4096, 4000);
-  assert.equal(v.sizeBytes, 4000);
-  assert.deepEqual(f32Of(v, 1000), host);
-  assert.throws(() => b.view(0, (1 << 20) + 1), { name: 'RangeError' });
   b.dispose();
-  assert.throws(() => cu.cudaFill(b, 0), { code: 'E_DISPOSED' });
-  // Pinned host memory and streams/events.
-  const pinned = new Float32Array(cu.cudaPinnedBuffer(4000));
-  const s = new cu.CudaStream();
-  const e0 = new cu.CudaEvent(true), e1 = new cu.CudaEvent(true);
-  e0.record(s);
-  cu.cudaCopyToHost(pinned, v, 0, s);
-  e1.record(s);
-  s.synchronize();
-  assert.ok(e1.query());
-  assert.ok(e1.elapsedMs(e0) >= 0);
-  assert.deepEqual(pinned, host);
-  s.dispose();
-  e0.dispose();
-  e1.dispose();
 });
 
-test('cudaConvert f32 <-> bf16 <-> f16 matches dtype.h bit for bit', { skip }, () => {
-  const n = 4099;
-  const x = uniform(n, -300, 300);
-  const src = upload(x);
-  const bf = poisoned(n, 2), back = poisoned(n);
-  cu.cudaConvert(src, 'f32', bf, 'bf16', n);
-  cu.cudaConvert(bf, 'bf16', back, 'f32', n);
-  assert.deepEqual(f32Of(back, n), bf16Round(x));
-  const h16 = cu.cudaBuffer(2 * n), gpu16 = new Uint16Array(n);
-  const cpu16 = Uint16Array.from(x, toF16);
-  cu.cudaConvert(src, 'f32', h16, 'f16', n);
-  cu.cudaSynchronize();
-  cu.cudaCopyToHost(gpu16, h16, 0);
-  assert.deepEqual(gpu16, cpu16);
-});
-
+// ---------------------------------------------------------------------------------- device
 // GroupGemm: bf16 operands, f32 accumulate; h rounded to bf16 as the kernel stores it.
 const silu = (g: number) => g / (1 + Math.exp(-g));
-for (const c of [
-  { E: 4, H: 64, I: 32, counts: [0, 1, 17, 70] },
-  { E: 8, H: 128, I: 96, counts: [3, 0, 0, 130, 1, 2, 0, 9] },
-  { E: 3, H: 256, I: 136, counts: [5, 0, 200] },
-  { E: 2, H: 72, I: 40, counts: [1, 2] },
-]) {
-  for (const tile of ['small', 'large', 'auto'] as const) {
-    test(`cudaGroupGemmFfn E=${c.E} H=${c.H} I=${c.I} counts=[${c.counts}] tile=${tile}`, { skip }, () => {
-      const { E, H, I, counts } = c;
-      const rows = counts.reduce((a, b) => a + b, 0);
-      const offsets = new Int32Array(E + 1);
-      for (let e = 0; e < E; e++) offsets[e + 1] = offsets[e]! + counts[e]!;
-      const x = bf16Round(uniform(rows * H));
-      const gu: Float32Array[] = [], dn: Float32Array[] = [];
-      const table = new cu.CudaExpertTable(E, H, I);
-      for (let e = 0; e < E; e++) {
-        gu.push(bf16Round(uniform(2 * I * H, -0.2, 0.2)));
-        dn.push(bf16Round(uniform(H * I, -0.2, 0.2)));
-        if (counts[e]! > 0) table.set(e, upload(bf16Array(gu[e]!)), upload(bf16Array(dn[e]!)));
-      }
-      assert.equal(table.has(1), counts[1]! > 0);
-      const y = poisoned(rows * H), hs = poisoned(rows * I, 2);
-      cu.cudaGroupGemmFfn(upload(bf16Array(x)), upload(offsets), table, rows, hs, y, { tile });
-      const ref = new Float64Array(rows * H);
-      const h = new Float64Array(I);
-      for (let e = 0; e < E; e++) {
-        for (let r = offsets[e]!; r < offsets[e + 1]!; r++) {
-          for (let i = 0; i < I; i++) {
-            let g = 0, u = 0;
-            for (let k = 0; k < H; k++) {
-              g += x[r * H + k]! * gu[e]![i * H + k]!;
-              u += x[r * H + k]! * gu[e]![(I + i) * H + k]!;
-            }
-            h[i] = fromBf16(toBf16(silu(g) * u));
-          }
-          for (let o = 0; o < H; o++) {
-            let s = 0;
-            for (let i = 0; i < I; i++) s += h[i]! * dn[e]![o * I + i]!;
-            ref[r * H + o] = s;
-          }
-        }
-      }
-      close('y', f32Of(y, rows * H), ref, 5e-3, 5e-2);
-      table.dispose();
-    });
-  }
-}
-
-for (const c of [{ m: 1, n: 96, k: 64 }, { m: 7, n: 256, k: 512 }, { m: 130, n: 136, k: 72 }]) {
-  for (const backend of ['kernel', 'auto'] as const) {
-    test(`cudaDenseGemm m=${c.m} n=${c.n} k=${c.k} backend=${backend} (+bias, accumulate)`, { skip }, () => {
-      const { m, n, k } = c;
-      const x = bf16Round(uniform(m * k)), w = bf16Round(uniform(n * k)), bias = uniform(n), y0 = uniform(m * n);
-      const y = upload(y0);
-      const used = cu.cudaDenseGemm(upload(bf16Array(x)), m, upload(bf16Array(w)), n, k, y, upload(bias), true, backend);
-      assert.ok(backend === 'kernel' ? used === 'kernel' : used === (cu.cudaCublasLt() ? 'cublaslt' : 'kernel'));
-      const ref = new Float64Array(m * n);
-      for (let r = 0; r < m; r++)
-        for (let o = 0; o < n; o++) {
-          let s = y0[r * n + o]! + bias[o]!;
-          for (let i = 0; i < k; i++) s += x[r * k + i]! * w[o * k + i]!;
-          ref[r * n + o] = s;
-        }
-      close('y', f32Of(y, m * n), ref, 1e-5, 1e-3);
-    });
-  }
-}
 
 // Routing reference (HF semantics, float64 scores).
 function routeRef(logits: Float32Array, T: number, E: number, k: number, o: {
@@ -313,229 +222,478 @@ function routeRef(logits: Float32Array, T: number, E: number, k: number, o: {
   return { ids, w, counts };
 }
 
-for (const c of [
-  { T: 37, E: 8, k: 2, sigmoid: false, nGroup: 1, topkGroup: 1, top2: false, renorm: true, scale: 1, bias: false },
-  { T: 5, E: 60, k: 4, sigmoid: false, nGroup: 1, topkGroup: 1, top2: false, renorm: false, scale: 1, bias: false },
-  { T: 19, E: 64, k: 6, sigmoid: false, nGroup: 8, topkGroup: 3, top2: false, renorm: false, scale: 16, bias: false },
-  { T: 23, E: 256, k: 8, sigmoid: true, nGroup: 8, topkGroup: 4, top2: true, renorm: true, scale: 2.5, bias: true },
-]) {
-  test(`cudaRoute T=${c.T} E=${c.E} k=${c.k} ${c.sigmoid ? 'sigmoid+bias' : 'softmax'} groups=${c.nGroup}/${c.topkGroup}`, { skip }, () => {
-    const { T, E, k } = c;
-    const logits = uniform(T * E, -4, 4);
-    const bias = c.bias ? uniform(E, -0.1, 0.1) : undefined;
-    const ids = poisoned(T * k), w = poisoned(T * k), counts = poisoned(E);
-    cu.cudaRoute(upload(logits), T, E, k, {
-      scoring: c.sigmoid ? 'sigmoid' : 'softmax', bias: bias ? upload(bias) : null, nGroup: c.nGroup,
-      topkGroup: c.topkGroup, groupScore: c.top2 ? 'top2sum' : 'max', renormalize: c.renorm, scale: c.scale,
-    }, ids, w, counts);
-    const ref = routeRef(logits, T, E, k, { ...c, bias });
-    assert.deepEqual(i32Of(ids, T * k), ref.ids);
-    assert.deepEqual(i32Of(counts, E), ref.counts);
-    close('weights', f32Of(w, T * k), ref.w, 1e-5, 1e-5 * c.scale);
-  });
-}
+function deviceSuite(label: string, cu: CudaAddon, skip: string | false) {
+  const { upload, poisoned, f32Of, i32Of, bf16Of, u8Of } = deviceHelpers(cu);
 
-for (const c of [{ T: 1, h: 64, k: 8, E: 64 }, { T: 333, h: 96, k: 2, E: 8 }, { T: 700, h: 40, k: 6, E: 160 }]) {
-  for (const dtype of ['f32', 'bf16'] as const) {
-    test(`cudaPermute/UnpermuteCombine T=${c.T} h=${c.h} k=${c.k} E=${c.E} ${dtype}`, { skip }, () => {
-      const { T, h, k, E } = c;
-      const x = uniform(T * h);
-      const ids = new Int32Array(T * k);
-      for (let t = 0; t < T; t++) {
-        const pool = Array.from({ length: E }, (_, i) => i);
-        for (let j = 0; j < k; j++) ids[t * k + j] = pool.splice(Math.floor(rand() * Math.min(pool.length, 1 + (t % 7))), 1)[0]!;
+  test(`${label}: views check bounds; copies round-trip; pinned memory, streams and events`, { skip }, () => {
+    const b = cu.cudaBuffer(1 << 20);
+    const host = uniform(1000);
+    cu.cudaCopyToDevice(b, 4096, host);
+    const v = b.view(4096, 4000);
+    assert.equal(v.sizeBytes, 4000);
+    assert.deepEqual(f32Of(v, 1000), host);
+    assert.throws(() => b.view(0, (1 << 20) + 1), { name: 'RangeError' });
+    assert.throws(() => cu.cudaCopyToHost(new Float32Array(1001), v, 0), { name: 'RangeError' });
+    b.dispose();
+    assert.throws(() => cu.cudaFill(b, 0), { code: 'E_DISPOSED' });
+    // A view keeps the allocation alive after its parent handle is disposed.
+    assert.deepEqual(f32Of(v, 1000), host);
+    const c = cu.cudaBuffer(64);
+    cu.cudaCopyDevice(c, 8, v, 16, 32);
+    assert.deepEqual(f32Of(c.view(8, 32), 8), host.subarray(4, 12));
+    // Pinned host memory and streams/events.
+    const pinned = new Float32Array(cu.cudaPinnedBuffer(4000));
+    const s = new cu.CudaStream();
+    const e0 = new cu.CudaEvent(true), e1 = new cu.CudaEvent(true);
+    e0.record(s);
+    cu.cudaCopyToHost(pinned, v, 0, s);
+    e1.record(s);
+    s.synchronize();
+    assert.ok(e1.query());
+    assert.ok(e1.elapsedMs(e0) >= 0);
+    assert.deepEqual(pinned, host);
+    s.dispose();
+    assert.throws(() => cu.cudaFill(c, 0, s), { code: 'E_DISPOSED' });
+    e0.dispose();
+    e1.dispose();
+    v.dispose();
+    c.dispose();
+  });
+
+  test(`${label}: cudaConvert f32 <-> bf16 <-> f16 matches dtype.h bit for bit`, { skip }, () => {
+    const n = 4099;
+    const x = uniform(n, -300, 300);
+    const src = upload(x);
+    const bf = poisoned(n, 2), back = poisoned(n);
+    cu.cudaConvert(src, 'f32', bf, 'bf16', n);
+    cu.cudaConvert(bf, 'bf16', back, 'f32', n);
+    assert.deepEqual(f32Of(back, n), bf16Round(x));
+    const h16 = cu.cudaBuffer(2 * n), gpu16 = new Uint16Array(n);
+    const cpu16 = Uint16Array.from(x, toF16);
+    cu.cudaConvert(src, 'f32', h16, 'f16', n);
+    cu.cudaSynchronize();
+    cu.cudaCopyToHost(gpu16, h16, 0);
+    assert.deepEqual(gpu16, cpu16);
+  });
+
+  for (const c of [
+    { E: 4, H: 64, I: 32, counts: [0, 1, 17, 70] },
+    { E: 8, H: 128, I: 96, counts: [3, 0, 0, 130, 1, 2, 0, 9] },
+    { E: 3, H: 256, I: 136, counts: [5, 0, 200] },
+    { E: 2, H: 72, I: 40, counts: [1, 2] },
+  ]) {
+    for (const tile of ['small', 'large', 'auto'] as const) {
+      test(`${label}: cudaGroupGemmFfn E=${c.E} H=${c.H} I=${c.I} counts=[${c.counts}] tile=${tile}`, { skip }, () => {
+        const { E, H, I, counts } = c;
+        const rows = counts.reduce((a, b) => a + b, 0);
+        const offsets = new Int32Array(E + 1);
+        for (let e = 0; e < E; e++) offsets[e + 1] = offsets[e]! + counts[e]!;
+        const x = bf16Round(uniform(rows * H));
+        const gu: Float32Array[] = [], dn: Float32Array[] = [];
+        const table = new cu.CudaExpertTable(E, H, I);
+        for (let e = 0; e < E; e++) {
+          gu.push(bf16Round(uniform(2 * I * H, -0.2, 0.2)));
+          dn.push(bf16Round(uniform(H * I, -0.2, 0.2)));
+          if (counts[e]! > 0) table.set(e, upload(bf16Array(gu[e]!)), upload(bf16Array(dn[e]!)));
+        }
+        assert.equal(table.has(1), counts[1]! > 0);
+        const y = poisoned(rows * H), hs = poisoned(rows * I, 2);
+        cu.cudaGroupGemmFfn(upload(bf16Array(x)), upload(offsets), table, rows, hs, y, { tile });
+        const ref = new Float64Array(rows * H);
+        const h = new Float64Array(I);
+        for (let e = 0; e < E; e++) {
+          for (let r = offsets[e]!; r < offsets[e + 1]!; r++) {
+            for (let i = 0; i < I; i++) {
+              let g = 0, u = 0;
+              for (let k = 0; k < H; k++) {
+                g += x[r * H + k]! * gu[e]![i * H + k]!;
+                u += x[r * H + k]! * gu[e]![(I + i) * H + k]!;
+              }
+              h[i] = fromBf16(toBf16(silu(g) * u));
+            }
+            for (let o = 0; o < H; o++) {
+              let s = 0;
+              for (let i = 0; i < I; i++) s += h[i]! * dn[e]![o * I + i]!;
+              ref[r * H + o] = s;
+            }
+          }
+        }
+        close('y', f32Of(y, rows * H), ref, 5e-3, 5e-2);
+        table.dispose();
+      });
+    }
+  }
+
+  for (const c of [{ m: 1, n: 96, k: 64 }, { m: 7, n: 256, k: 512 }, { m: 130, n: 136, k: 72 }]) {
+    for (const backend of ['kernel', 'auto'] as const) {
+      test(`${label}: cudaDenseGemm m=${c.m} n=${c.n} k=${c.k} backend=${backend} (+bias, accumulate)`, { skip }, () => {
+        const { m, n, k } = c;
+        const x = bf16Round(uniform(m * k)), w = bf16Round(uniform(n * k)), bias = uniform(n), y0 = uniform(m * n);
+        const y = upload(y0);
+        const used = cu.cudaDenseGemm(upload(bf16Array(x)), m, upload(bf16Array(w)), n, k, y, upload(bias), true, backend);
+        assert.ok(backend === 'kernel' ? used === 'kernel' : used === (cu.cudaCublasLt() ? 'cublaslt' : 'kernel'));
+        const ref = new Float64Array(m * n);
+        for (let r = 0; r < m; r++)
+          for (let o = 0; o < n; o++) {
+            let s = y0[r * n + o]! + bias[o]!;
+            for (let i = 0; i < k; i++) s += x[r * k + i]! * w[o * k + i]!;
+            ref[r * n + o] = s;
+          }
+        close('y', f32Of(y, m * n), ref, 1e-5, 1e-3);
+      });
+    }
+  }
+
+  for (const c of [
+    { T: 37, E: 8, k: 2, sigmoid: false, nGroup: 1, topkGroup: 1, top2: false, renorm: true, scale: 1, bias: false },
+    { T: 5, E: 60, k: 4, sigmoid: false, nGroup: 1, topkGroup: 1, top2: false, renorm: false, scale: 1, bias: false },
+    { T: 19, E: 64, k: 6, sigmoid: false, nGroup: 8, topkGroup: 3, top2: false, renorm: false, scale: 16, bias: false },
+    { T: 23, E: 256, k: 8, sigmoid: true, nGroup: 8, topkGroup: 4, top2: true, renorm: true, scale: 2.5, bias: true },
+  ]) {
+    test(`${label}: cudaRoute T=${c.T} E=${c.E} k=${c.k} ${c.sigmoid ? 'sigmoid+bias' : 'softmax'} groups=${c.nGroup}/${c.topkGroup}`, { skip }, () => {
+      const { T, E, k } = c;
+      const logits = uniform(T * E, -4, 4);
+      const bias = c.bias ? uniform(E, -0.1, 0.1) : undefined;
+      const ids = poisoned(T * k), w = poisoned(T * k), counts = poisoned(E);
+      cu.cudaRoute(upload(logits), T, E, k, {
+        scoring: c.sigmoid ? 'sigmoid' : 'softmax', bias: bias ? upload(bias) : null, nGroup: c.nGroup,
+        topkGroup: c.topkGroup, groupScore: c.top2 ? 'top2sum' : 'max', renormalize: c.renorm, scale: c.scale,
+      }, ids, w, counts);
+      const ref = routeRef(logits, T, E, k, { ...c, bias });
+      assert.deepEqual(i32Of(ids, T * k), ref.ids);
+      assert.deepEqual(i32Of(counts, E), ref.counts);
+      close('weights', f32Of(w, T * k), ref.w, 1e-5, 1e-5 * c.scale);
+    });
+  }
+
+  for (const c of [{ T: 1, h: 64, k: 8, E: 64 }, { T: 333, h: 96, k: 2, E: 8 }, { T: 700, h: 40, k: 6, E: 160 }]) {
+    for (const dtype of ['f32', 'bf16'] as const) {
+      test(`${label}: cudaPermute/UnpermuteCombine T=${c.T} h=${c.h} k=${c.k} E=${c.E} ${dtype}`, { skip }, () => {
+        const { T, h, k, E } = c;
+        const x = uniform(T * h);
+        const ids = new Int32Array(T * k);
+        for (let t = 0; t < T; t++) {
+          const pool = Array.from({ length: E }, (_, i) => i);
+          for (let j = 0; j < k; j++) ids[t * k + j] = pool.splice(Math.floor(rand() * Math.min(pool.length, 1 + (t % 7))), 1)[0]!;
+        }
+        // Stable reference: by expert, then token, then slot.
+        const offsets = new Int32Array(E + 1);
+        for (const e of ids) offsets[e + 1]!++;
+        for (let e = 0; e < E; e++) offsets[e + 1]! += offsets[e]!;
+        const cursor = offsets.slice(0, E), perm = new Int32Array(T * k);
+        for (let p = 0; p < T * k; p++) perm[p] = cursor[ids[p]!]!++;
+        const xp = poisoned(T * k * h, dtype === 'f32' ? 4 : 2), pidx = poisoned(T * k), offs = poisoned(E + 1);
+        cu.cudaPermute(upload(x), T, h, upload(ids), k, E, xp, pidx, offs, dtype);
+        assert.deepEqual(i32Of(offs, E + 1), offsets);
+        assert.deepEqual(i32Of(pidx, T * k), perm);
+        const got = dtype === 'f32' ? f32Of(xp, T * k * h) : bf16Of(xp, T * k * h);
+        const xr = dtype === 'f32' ? x : bf16Round(x);
+        for (let p = 0; p < T * k; p++)
+          assert.deepEqual(got.subarray(perm[p]! * h, perm[p]! * h + h), xr.subarray(Math.floor(p / k) * h, Math.floor(p / k) * h + h));
+        // Combine: out = base + sum_j w * yPerm[perm]
+        const yPerm = uniform(T * k * h), w = uniform(T * k, 0, 1), base = uniform(T * h);
+        const out = upload(base);
+        cu.cudaUnpermuteCombine(upload(yPerm), pidx, upload(w), T, k, h, out, true);
+        const ref = new Float64Array(T * h);
+        for (let t = 0; t < T; t++)
+          for (let cc = 0; cc < h; cc++) {
+            let s = 0;
+            for (let j = 0; j < k; j++) s += w[t * k + j]! * yPerm[perm[t * k + j]! * h + cc]!;
+            ref[t * h + cc] = base[t * h + cc]! + s;
+          }
+        close('combine', f32Of(out, T * h), ref, 1e-6, 1e-5);
+      });
+    }
+  }
+
+  test(`${label}: cudaRmsNorm with and without residual`, { skip }, () => {
+    for (const [rows, dim] of [[1, 4096], [17, 96], [64, 2048]] as const) {
+      const x = uniform(rows * dim, -3, 3), w = uniform(dim), res0 = uniform(rows * dim);
+      const out = poisoned(rows * dim), res = upload(res0);
+      cu.cudaRmsNorm(upload(x), rows, dim, upload(w), 1e-6, out, res);
+      const refOut = new Float64Array(rows * dim), refRes = new Float64Array(rows * dim);
+      for (let r = 0; r < rows; r++) {
+        let ss = 0;
+        for (let i = 0; i < dim; i++) {
+          refRes[r * dim + i] = res0[r * dim + i]! + x[r * dim + i]!;
+          ss += refRes[r * dim + i]! ** 2;
+        }
+        const inv = 1 / Math.sqrt(ss / dim + 1e-6);
+        for (let i = 0; i < dim; i++) refOut[r * dim + i] = w[i]! * refRes[r * dim + i]! * inv;
       }
-      // Stable reference: by expert, then token, then slot.
-      const offsets = new Int32Array(E + 1);
-      for (const e of ids) offsets[e + 1]!++;
-      for (let e = 0; e < E; e++) offsets[e + 1]! += offsets[e]!;
-      const cursor = offsets.slice(0, E), perm = new Int32Array(T * k);
-      for (let p = 0; p < T * k; p++) perm[p] = cursor[ids[p]!]!++;
-      const xp = poisoned(T * k * h, dtype === 'f32' ? 4 : 2), pidx = poisoned(T * k), offs = poisoned(E + 1);
-      cu.cudaPermute(upload(x), T, h, upload(ids), k, E, xp, pidx, offs, dtype);
-      assert.deepEqual(i32Of(offs, E + 1), offsets);
-      assert.deepEqual(i32Of(pidx, T * k), perm);
-      const got = dtype === 'f32' ? f32Of(xp, T * k * h) : bf16Of(xp, T * k * h);
-      const xr = dtype === 'f32' ? x : bf16Round(x);
-      for (let p = 0; p < T * k; p++)
-        assert.deepEqual(got.subarray(perm[p]! * h, perm[p]! * h + h), xr.subarray(Math.floor(p / k) * h, Math.floor(p / k) * h + h));
-      // Combine: out = base + sum_j w * yPerm[perm]
-      const yPerm = uniform(T * k * h), w = uniform(T * k, 0, 1), base = uniform(T * h);
-      const out = upload(base);
-      cu.cudaUnpermuteCombine(upload(yPerm), pidx, upload(w), T, k, h, out, true);
-      const ref = new Float64Array(T * h);
+      close('residual', f32Of(res, rows * dim), refRes, 1e-6, 1e-5);
+      close('out', f32Of(out, rows * dim), refOut, 1e-5, 1e-4);
+      // Without a residual: out = rmsnorm(x) * w, x untouched.
+      const xb = upload(x), out2 = poisoned(rows * dim);
+      cu.cudaRmsNorm(xb, rows, dim, upload(w), 1e-6, out2, null);
+      const ref2 = new Float64Array(rows * dim);
+      for (let r = 0; r < rows; r++) {
+        let ss = 0;
+        for (let i = 0; i < dim; i++) ss += x[r * dim + i]! ** 2;
+        const inv = 1 / Math.sqrt(ss / dim + 1e-6);
+        for (let i = 0; i < dim; i++) ref2[r * dim + i] = w[i]! * x[r * dim + i]! * inv;
+      }
+      close('out (no residual)', f32Of(out2, rows * dim), ref2, 1e-5, 1e-4);
+      assert.deepEqual(f32Of(xb, rows * dim), x);
+    }
+  });
+
+  test(`${label}: cudaRope rotate-half and interleaved, partial with offset`, { skip }, () => {
+    for (const il of [false, true]) {
+      const T = 9, heads = 4, headStride = 24, offset = 8, rot = 16, rowStride = heads * headStride + 8;
+      const x0 = uniform(T * rowStride);
+      const pos = Int32Array.from({ length: T }, () => Math.floor(rand() * 5000));
+      const inv = Float32Array.from({ length: rot / 2 }, (_, i) => Math.pow(10000, (-2 * i) / rot));
+      const x = upload(x0);
+      cu.cudaRope(x, T, heads, rowStride, headStride, offset, upload(pos), upload(inv), rot, 1.25, il);
+      const ref = Float64Array.from(x0);
       for (let t = 0; t < T; t++)
-        for (let cc = 0; cc < h; cc++) {
-          let s = 0;
-          for (let j = 0; j < k; j++) s += w[t * k + j]! * yPerm[perm[t * k + j]! * h + cc]!;
-          ref[t * h + cc] = base[t * h + cc]! + s;
-        }
-      close('combine', f32Of(out, T * h), ref, 1e-6, 1e-5);
-    });
-  }
-}
-
-test('cudaRmsNorm with and without residual', { skip }, () => {
-  for (const [rows, dim] of [[1, 4096], [17, 96], [64, 2048]] as const) {
-    const x = uniform(rows * dim, -3, 3), w = uniform(dim), res0 = uniform(rows * dim);
-    const out = poisoned(rows * dim), res = upload(res0);
-    cu.cudaRmsNorm(upload(x), rows, dim, upload(w), 1e-6, out, res);
-    const refOut = new Float64Array(rows * dim), refRes = new Float64Array(rows * dim);
-    for (let r = 0; r < rows; r++) {
-      let ss = 0;
-      for (let i = 0; i < dim; i++) {
-        refRes[r * dim + i] = res0[r * dim + i]! + x[r * dim + i]!;
-        ss += refRes[r * dim + i]! ** 2;
-      }
-      const inv = 1 / Math.sqrt(ss / dim + 1e-6);
-      for (let i = 0; i < dim; i++) refOut[r * dim + i] = w[i]! * refRes[r * dim + i]! * inv;
+        for (let hd = 0; hd < heads; hd++)
+          for (let i = 0; i < rot / 2; i++) {
+            const base = t * rowStride + hd * headStride + offset;
+            const ia = base + (il ? 2 * i : i), ib = base + (il ? 2 * i + 1 : i + rot / 2);
+            const ang = Math.fround(pos[t]! * inv[i]!);
+            const c = Math.cos(ang) * 1.25, s = Math.sin(ang) * 1.25;
+            ref[ia] = x0[ia]! * c - x0[ib]! * s;
+            ref[ib] = x0[ib]! * c + x0[ia]! * s;
+          }
+      close(`rope interleaved=${il}`, f32Of(x, T * rowStride), ref, 1e-6, 1e-5);
     }
-    close('residual', f32Of(res, rows * dim), refRes, 1e-6, 1e-5);
-    close('out', f32Of(out, rows * dim), refOut, 1e-5, 1e-4);
-  }
-});
+  });
 
-test('cudaRope rotate-half and interleaved, partial with offset', { skip }, () => {
-  for (const il of [false, true]) {
-    const T = 9, heads = 4, headStride = 24, offset = 8, rot = 16, rowStride = heads * headStride + 8;
-    const x0 = uniform(T * rowStride);
-    const pos = Int32Array.from({ length: T }, () => Math.floor(rand() * 5000));
-    const inv = Float32Array.from({ length: rot / 2 }, (_, i) => Math.pow(10000, (-2 * i) / rot));
-    const x = upload(x0);
-    cu.cudaRope(x, T, heads, rowStride, headStride, offset, upload(pos), upload(inv), rot, 1.25, il);
-    const ref = Float64Array.from(x0);
-    for (let t = 0; t < T; t++)
-      for (let hd = 0; hd < heads; hd++)
-        for (let i = 0; i < rot / 2; i++) {
-          const base = t * rowStride + hd * headStride + offset;
-          const ia = base + (il ? 2 * i : i), ib = base + (il ? 2 * i + 1 : i + rot / 2);
-          const ang = Math.fround(pos[t]! * inv[i]!);
-          const c = Math.cos(ang) * 1.25, s = Math.sin(ang) * 1.25;
-          ref[ia] = x0[ia]! * c - x0[ib]! * s;
-          ref[ib] = x0[ib]! * c + x0[ia]! * s;
-        }
-    close(`rope interleaved=${il}`, f32Of(x, T * rowStride), ref, 1e-6, 1e-5);
-  }
-});
+  test(`${label}: cudaSiluMul, cudaEmbedding (f32/bf16/f16), cudaSoftmax, cudaTopN`, { skip }, () => {
+    const T = 13, I = 200;
+    const gu = uniform(T * 2 * I, -6, 6), out = poisoned(T * I);
+    cu.cudaSiluMul(upload(gu), T, I, out);
+    const ref = new Float64Array(T * I);
+    for (let t = 0; t < T; t++) for (let i = 0; i < I; i++) ref[t * I + i] = silu(gu[t * 2 * I + i]!) * gu[t * 2 * I + I + i]!;
+    close('siluMul', f32Of(out, T * I), ref, 1e-6, 1e-5);
 
-test('cudaSiluMul, cudaEmbedding (f32/bf16/f16), cudaSoftmax, cudaTopN', { skip }, () => {
-  const T = 13, I = 200;
-  const gu = uniform(T * 2 * I, -6, 6), out = poisoned(T * I);
-  cu.cudaSiluMul(upload(gu), T, I, out);
-  const ref = new Float64Array(T * I);
-  for (let t = 0; t < T; t++) for (let i = 0; i < I; i++) ref[t * I + i] = silu(gu[t * 2 * I + i]!) * gu[t * 2 * I + I + i]!;
-  close('siluMul', f32Of(out, T * I), ref, 1e-6, 1e-5);
+    const V = 300, H = 72;
+    const table = uniform(V * H), ids = Int32Array.from({ length: T }, () => Math.floor(rand() * V));
+    for (const dtype of ['f32', 'bf16', 'f16'] as const) {
+      const tb = dtype === 'f32' ? table : Uint16Array.from(table, dtype === 'bf16' ? toBf16 : toF16);
+      const expect = dtype === 'f32' ? table
+        : Float32Array.from(tb as Uint16Array, dtype === 'bf16' ? fromBf16 : fromF16);
+      const o = poisoned(T * H);
+      cu.cudaEmbedding(upload(tb), dtype, V, H, upload(ids), T, o);
+      const got = f32Of(o, T * H);
+      for (let t = 0; t < T; t++) assert.deepEqual(got.subarray(t * H, t * H + H), expect.subarray(ids[t]! * H, ids[t]! * H + H), dtype);
+    }
 
-  const V = 300, H = 72;
-  const table = uniform(V * H), ids = Int32Array.from({ length: T }, () => Math.floor(rand() * V));
-  for (const dtype of ['f32', 'bf16', 'f16'] as const) {
-    const tb = dtype === 'f32' ? table : Uint16Array.from(table, dtype === 'bf16' ? toBf16 : toF16);
-    const expect = dtype === 'f32' ? table
-      : Float32Array.from(tb as Uint16Array, dtype === 'bf16' ? fromBf16 : fromF16);
-    const o = poisoned(T * H);
-    cu.cudaEmbedding(upload(tb), dtype, V, H, upload(ids), T, o);
-    const got = f32Of(o, T * H);
-    for (let t = 0; t < T; t++) assert.deepEqual(got.subarray(t * H, t * H + H), expect.subarray(ids[t]! * H, ids[t]! * H + H), dtype);
-  }
-
-  const rows = 3, cols = 50_001;
-  const x = uniform(rows * cols, -20, 20);
-  for (const log of [false, true]) {
-    const o = poisoned(rows * cols);
-    cu.cudaSoftmax(upload(x), rows, cols, o, log);
-    const r = new Float64Array(rows * cols);
+    const rows = 3, cols = 50_001;
+    const x = uniform(rows * cols, -20, 20);
+    for (const log of [false, true]) {
+      const o = poisoned(rows * cols);
+      cu.cudaSoftmax(upload(x), rows, cols, o, log);
+      const r = new Float64Array(rows * cols);
+      for (let q = 0; q < rows; q++) {
+        let mx = -Infinity, s = 0;
+        for (let i = 0; i < cols; i++) mx = Math.max(mx, x[q * cols + i]!);
+        for (let i = 0; i < cols; i++) s += Math.exp(x[q * cols + i]! - mx);
+        for (let i = 0; i < cols; i++) r[q * cols + i] = log ? x[q * cols + i]! - mx - Math.log(s) : Math.exp(x[q * cols + i]! - mx) / s;
+      }
+      close(`softmax log=${log}`, f32Of(o, rows * cols), r, 1e-5, log ? 1e-4 : 1e-6);
+    }
+    const n = 40;
+    x[5] = x[9] = 25;  // a tie: the lower index first
+    const tid = poisoned(rows * n), tv = poisoned(rows * n);
+    cu.cudaTopN(upload(x), rows, cols, n, tid, tv);
+    const gi = i32Of(tid, rows * n), gv = f32Of(tv, rows * n);
     for (let q = 0; q < rows; q++) {
-      let mx = -Infinity, s = 0;
-      for (let i = 0; i < cols; i++) mx = Math.max(mx, x[q * cols + i]!);
-      for (let i = 0; i < cols; i++) s += Math.exp(x[q * cols + i]! - mx);
-      for (let i = 0; i < cols; i++) r[q * cols + i] = log ? x[q * cols + i]! - mx - Math.log(s) : Math.exp(x[q * cols + i]! - mx) / s;
+      const order = Array.from({ length: cols }, (_, i) => i).sort((a, b) => x[q * cols + b]! - x[q * cols + a]! || a - b).slice(0, n);
+      assert.deepEqual(Array.from(gi.subarray(q * n, q * n + n)), order);
+      assert.deepEqual(Array.from(gv.subarray(q * n, q * n + n)), order.map((i) => x[q * cols + i]!));
     }
-    close(`softmax log=${log}`, f32Of(o, rows * cols), r, 1e-5, log ? 1e-4 : 1e-6);
-  }
-  const n = 40;
-  x[5] = x[9] = 25;  // a tie: the lower index first
-  const tid = poisoned(rows * n), tv = poisoned(rows * n);
-  cu.cudaTopN(upload(x), rows, cols, n, tid, tv);
-  const gi = i32Of(tid, rows * n), gv = f32Of(tv, rows * n);
-  for (let q = 0; q < rows; q++) {
-    const order = Array.from({ length: cols }, (_, i) => i).sort((a, b) => x[q * cols + b]! - x[q * cols + a]! || a - b).slice(0, n);
-    assert.deepEqual(Array.from(gi.subarray(q * n, q * n + n)), order);
-    assert.deepEqual(Array.from(gv.subarray(q * n, q * n + n)), order.map((i) => x[q * cols + i]!));
-  }
-});
+  });
 
-// Paged attention against a float64 reference over the same cache.
-interface AttnCase { name: string; heads: number; kvHeads: number; dk: number; dv: number; mla: boolean; window: number; seqs: [number, number][] }
-for (const c of [
-  { name: 'GQA prefill+decode', heads: 8, kvHeads: 2, dk: 64, dv: 64, mla: false, window: 0, seqs: [[37, 37], [1, 90], [5, 21]] },
-  { name: 'MHA sliding window', heads: 4, kvHeads: 4, dk: 32, dv: 48, mla: false, window: 19, seqs: [[40, 60], [1, 77]] },
-  { name: 'MLA (V from the K cache)', heads: 16, kvHeads: 1, dk: 96, dv: 64, mla: true, window: 0, seqs: [[12, 30], [1, 45]] },
-  { name: 'long decode (split-K)', heads: 32, kvHeads: 8, dk: 128, dv: 128, mla: false, window: 0, seqs: [[1, 3000], [2, 1500]] },
-] satisfies AttnCase[]) {
-  test(`cudaPagedAttention ${c.name}`, { skip }, () => {
-    const bs = 16, { heads, kvHeads, dk, dv } = c;
-    const vStride = c.mla ? dk : dv;
-    const maxBlocks = Math.max(...c.seqs.map(([, ctx]) => Math.ceil(ctx / bs)));
-    const numBlocks = c.seqs.reduce((a, [, ctx]) => a + Math.ceil(ctx / bs), 0) + 3;
-    const free = Array.from({ length: numBlocks }, (_, i) => i).sort(() => rand() - 0.5);
-    const kc = uniform(numBlocks * bs * kvHeads * dk), vc = c.mla ? kc : uniform(numBlocks * bs * kvHeads * vStride);
-    const seqInfo = new Int32Array(c.seqs.length * 3), tables = new Int32Array(c.seqs.length * maxBlocks);
-    let T = 0;
-    c.seqs.forEach(([qLen, ctx], s) => {
-      seqInfo.set([T, qLen, ctx], 3 * s);
-      T += qLen;
-      for (let b = 0; b < Math.ceil(ctx / bs); b++) tables[s * maxBlocks + b] = free.pop()!;
-    });
-    const q = uniform(T * heads * dk), scale = 1 / Math.sqrt(dk);
-    const out = poisoned(T * heads * dv);
-    cu.cudaPagedAttention(upload(q), upload(kc), c.mla ? upload(kc) : upload(vc), upload(seqInfo), upload(tables), {
-      numSeqs: c.seqs.length, heads, kvHeads, dk, dv, vStride, vOffset: 0, blockSize: bs, maxBlocks, scale,
-      slidingWindow: c.window, totalTokens: T, maxContext: Math.max(...c.seqs.map(([, ctx]) => ctx)), numBlocks,
-    }, out);
-    const ref = new Float64Array(T * heads * dv);
-    const g = heads / kvHeads;
-    c.seqs.forEach(([qLen, ctx], s) => {
-      for (let i = 0; i < qLen; i++) {
-        const pos = ctx - qLen + i, lo = c.window > 0 ? Math.max(0, pos - c.window + 1) : 0;
-        for (let hd = 0; hd < heads; hd++) {
-          const kvh = Math.floor(hd / g), qr = (seqInfo[3 * s]! + i) * heads * dk + hd * dk;
-          const sc: number[] = [];
-          for (let j = lo; j <= pos; j++) {
-            const row = (tables[s * maxBlocks + Math.floor(j / bs)]! * bs + (j % bs)) * kvHeads + kvh;
-            let d = 0;
-            for (let e = 0; e < dk; e++) d += q[qr + e]! * kc[row * dk + e]!;
-            sc.push(d * scale);
-          }
-          const mx = Math.max(...sc), p = sc.map((v) => Math.exp(v - mx)), sum = p.reduce((a, b) => a + b, 0);
-          const o = (seqInfo[3 * s]! + i) * heads * dv + hd * dv;
-          for (let j = lo; j <= pos; j++) {
-            const row = (tables[s * maxBlocks + Math.floor(j / bs)]! * bs + (j % bs)) * kvHeads + kvh;
-            for (let e = 0; e < dv; e++) ref[o + e]! += (p[j - lo]! / sum) * vc[row * vStride + e]!;
+  // Paged attention against a float64 reference over the same cache.
+  interface AttnCase { name: string; heads: number; kvHeads: number; dk: number; dv: number; mla: boolean; window: number; seqs: [number, number][] }
+  for (const c of [
+    { name: 'GQA prefill+decode', heads: 8, kvHeads: 2, dk: 64, dv: 64, mla: false, window: 0, seqs: [[37, 37], [1, 90], [5, 21]] },
+    { name: 'MHA sliding window', heads: 4, kvHeads: 4, dk: 32, dv: 48, mla: false, window: 19, seqs: [[40, 60], [1, 77]] },
+    { name: 'MLA (V from the K cache)', heads: 16, kvHeads: 1, dk: 96, dv: 64, mla: true, window: 0, seqs: [[12, 30], [1, 45]] },
+    { name: 'long decode (split-K)', heads: 32, kvHeads: 8, dk: 128, dv: 128, mla: false, window: 0, seqs: [[1, 3000], [2, 1500]] },
+  ] satisfies AttnCase[]) {
+    test(`${label}: cudaPagedAttention ${c.name}`, { skip }, () => {
+      const bs = 16, { heads, kvHeads, dk, dv } = c;
+      const vStride = c.mla ? dk : dv;
+      const maxBlocks = Math.max(...c.seqs.map(([, ctx]) => Math.ceil(ctx / bs)));
+      const numBlocks = c.seqs.reduce((a, [, ctx]) => a + Math.ceil(ctx / bs), 0) + 3;
+      const free = Array.from({ length: numBlocks }, (_, i) => i).sort(() => rand() - 0.5);
+      const kc = uniform(numBlocks * bs * kvHeads * dk), vc = c.mla ? kc : uniform(numBlocks * bs * kvHeads * vStride);
+      const seqInfo = new Int32Array(c.seqs.length * 3), tables = new Int32Array(c.seqs.length * maxBlocks);
+      let T = 0;
+      c.seqs.forEach(([qLen, ctx], s) => {
+        seqInfo.set([T, qLen, ctx], 3 * s);
+        T += qLen;
+        for (let b = 0; b < Math.ceil(ctx / bs); b++) tables[s * maxBlocks + b] = free.pop()!;
+      });
+      const q = uniform(T * heads * dk), scale = 1 / Math.sqrt(dk);
+      const out = poisoned(T * heads * dv);
+      // MLA passes the K cache itself as V (the kernel then reads V from its staged K chunk).
+      const kBuf = upload(kc);
+      cu.cudaPagedAttention(upload(q), kBuf, c.mla ? kBuf : upload(vc), upload(seqInfo), upload(tables), {
+        numSeqs: c.seqs.length, heads, kvHeads, dk, dv, vStride, vOffset: 0, blockSize: bs, maxBlocks, scale,
+        slidingWindow: c.window, totalTokens: T, maxContext: Math.max(...c.seqs.map(([, ctx]) => ctx)), numBlocks,
+      }, out);
+      const ref = new Float64Array(T * heads * dv);
+      const g = heads / kvHeads;
+      c.seqs.forEach(([qLen, ctx], s) => {
+        for (let i = 0; i < qLen; i++) {
+          const pos = ctx - qLen + i, lo = c.window > 0 ? Math.max(0, pos - c.window + 1) : 0;
+          for (let hd = 0; hd < heads; hd++) {
+            const kvh = Math.floor(hd / g), qr = (seqInfo[3 * s]! + i) * heads * dk + hd * dk;
+            const sc: number[] = [];
+            for (let j = lo; j <= pos; j++) {
+              const row = (tables[s * maxBlocks + Math.floor(j / bs)]! * bs + (j % bs)) * kvHeads + kvh;
+              let d = 0;
+              for (let e = 0; e < dk; e++) d += q[qr + e]! * kc[row * dk + e]!;
+              sc.push(d * scale);
+            }
+            const mx = Math.max(...sc), p = sc.map((v) => Math.exp(v - mx)), sum = p.reduce((a, b) => a + b, 0);
+            const o = (seqInfo[3 * s]! + i) * heads * dv + hd * dv;
+            for (let j = lo; j <= pos; j++) {
+              const row = (tables[s * maxBlocks + Math.floor(j / bs)]! * bs + (j % bs)) * kvHeads + kvh;
+              for (let e = 0; e < dv; e++) ref[o + e]! += (p[j - lo]! / sum) * vc[row * vStride + e]!;
+            }
           }
         }
-      }
+      });
+      close('attention', f32Of(out, T * heads * dv), ref, 1e-5, 1e-5);
     });
-    close('attention', f32Of(out, T * heads * dv), ref, 1e-5, 1e-5);
+  }
+
+  test(`${label}: cudaKvCacheWrite writes K and strided V at slots, skipping negative ones`, { skip }, () => {
+    const T = 6, kvh = 2, dk = 8, dv = 4, vs = 6, slotsN = 32;
+    const k = uniform(T * kvh * dk), v = uniform(T * kvh * dv);
+    const slots = Int32Array.from([3, -1, 17, 0, 31, 8]);
+    const kc = poisoned(slotsN * kvh * dk), vcache = poisoned(slotsN * kvh * vs);
+    cu.cudaKvCacheWrite(upload(k), upload(v), T, upload(slots), kc, vcache, kvh, dk, dv, vs, slotsN);
+    const gk = f32Of(kc, slotsN * kvh * dk), gv = f32Of(vcache, slotsN * kvh * vs);
+    for (let t = 0; t < T; t++) {
+      if (slots[t]! < 0) continue;
+      assert.deepEqual(gk.subarray(slots[t]! * kvh * dk, (slots[t]! + 1) * kvh * dk), k.subarray(t * kvh * dk, (t + 1) * kvh * dk));
+      for (let h = 0; h < kvh; h++)
+        assert.deepEqual(gv.subarray((slots[t]! * kvh + h) * vs, (slots[t]! * kvh + h) * vs + dv), v.subarray((t * kvh + h) * dv, (t * kvh + h) * dv + dv));
+    }
+    assert.ok(Number.isNaN(gk[1 * kvh * dk]!), 'an unwritten slot stays poisoned');
+  });
+
+  // --- glue for the device engine
+  for (const c of [{ m: 5, n: 10, k: 37 }, { m: 1, n: 3, k: 1 }, { m: 17, n: 64, k: 130 }]) {
+    for (const wDtype of ['f32', 'bf16'] as const) {
+      for (const [withBias, accumulate] of [[false, false], [true, false], [false, true], [true, true]] as const) {
+        test(`${label}: cudaGemmF32 m=${c.m} n=${c.n} k=${c.k} w=${wDtype}${withBias ? ' +bias' : ''}${accumulate ? ' accumulate' : ''}`, { skip }, () => {
+          const { m, n, k } = c;
+          const x = uniform(m * k, -2, 2), w = wDtype === 'f32' ? uniform(n * k) : bf16Round(uniform(n * k));
+          const bias = uniform(n), y0 = uniform(m * n);
+          // Two extra elements past y[m, n] must stay poisoned.
+          const y = poisoned(m * n + 2);
+          if (accumulate) cu.cudaCopyToDevice(y, 0, y0);
+          cu.cudaGemmF32(upload(x), m, upload(wDtype === 'f32' ? w : bf16Array(w)), wDtype, n, k, y,
+            withBias ? upload(bias) : null, accumulate);
+          const ref = new Float64Array(m * n);
+          for (let r = 0; r < m; r++)
+            for (let o = 0; o < n; o++) {
+              let s = (withBias ? bias[o]! : 0) + (accumulate ? y0[r * n + o]! : 0);
+              for (let i = 0; i < k; i++) s += x[r * k + i]! * w[o * k + i]!;
+              ref[r * n + o] = s;
+            }
+          const got = f32Of(y, m * n + 2);
+          close('y', got.subarray(0, m * n), ref, 1e-6, 1e-5);
+          assert.ok(Number.isNaN(got[m * n]!) && Number.isNaN(got[m * n + 1]!), 'nothing written past y[m, n]');
+        });
+      }
+    }
+  }
+
+  test(`${label}: cudaAdd, cudaGatedAdd, cudaClamp`, { skip }, () => {
+    const n = 1003;
+    const y0 = uniform(n, -3, 3), x = uniform(n, -3, 3);
+    const y = poisoned(n + 3);
+    cu.cudaCopyToDevice(y, 0, y0);
+    cu.cudaAdd(y, upload(x), n);
+    const gotAdd = f32Of(y, n + 3);
+    // One f32 addition per element: exact against the f32-rounded double sum.
+    assert.deepEqual(gotAdd.subarray(0, n), Float32Array.from(y0, (v, i) => v + x[i]!));
+    assert.ok(gotAdd.subarray(n).every(Number.isNaN), 'cudaAdd wrote past n');
+
+    const T = 7, H = 37;
+    const out0 = uniform(T * H), yy = uniform(T * H, -4, 4), gate = uniform(T, -6, 6);
+    gate[0] = 0;
+    gate[1] = -30;  // sigmoid ~ 1e-13: the row stays at out0
+    const out = poisoned(T * H + 2);
+    cu.cudaCopyToDevice(out, 0, out0);
+    cu.cudaGatedAdd(out, upload(yy), upload(gate), T, H);
+    const ref = new Float64Array(T * H);
+    for (let t = 0; t < T; t++)
+      for (let c = 0; c < H; c++) ref[t * H + c] = out0[t * H + c]! + yy[t * H + c]! / (1 + Math.exp(-gate[t]!));
+    const gotGated = f32Of(out, T * H + 2);
+    close('gatedAdd', gotGated.subarray(0, T * H), ref, 1e-6, 1e-5);
+    assert.ok(gotGated.subarray(T * H).every(Number.isNaN), 'cudaGatedAdd wrote past t * h');
+
+    const v = uniform(n, -5, 5);
+    v[0] = Infinity;
+    v[1] = -Infinity;
+    v[2] = 2.5;
+    v[3] = -2.5;
+    const xc = poisoned(n + 3);
+    cu.cudaCopyToDevice(xc, 0, v);
+    cu.cudaClamp(xc, n, 2.5);
+    const gotClamp = f32Of(xc, n + 3);
+    assert.deepEqual(gotClamp.subarray(0, n), Float32Array.from(v, (e) => Math.min(Math.max(e, -2.5), 2.5)));
+    assert.ok(gotClamp.subarray(n).every(Number.isNaN), 'cudaClamp wrote past n');
+  });
+
+  test(`${label}: cudaCopy2D slices columns out of and into bigger strided buffers`, { skip }, () => {
+    // A fused qkv [T, 48] f32: take k = columns [16, 32) into a packed [T, 16], then write it into
+    // columns [4, 20) of a wider [T, 24] buffer at a byte offset.
+    const T = 6, W = 48, c0 = 16, C = 16, W2 = 24, c2 = 4, base = 8;
+    const qkv = uniform(T * W);
+    const packed = poisoned(T * C);
+    cu.cudaCopy2D(packed, 0, C * 4, upload(qkv), c0 * 4, W * 4, C * 4, T);
+    const k = f32Of(packed, T * C);
+    for (let t = 0; t < T; t++) assert.deepEqual(k.subarray(t * C, t * C + C), qkv.subarray(t * W + c0, t * W + c0 + C));
+    const wideBytes = base + T * W2 * 4 + 16;
+    const wide = poisoned(wideBytes, 1);
+    cu.cudaCopy2D(wide, base + c2 * 4, W2 * 4, packed, 0, C * 4, C * 4, T);
+    const got = u8Of(wide, wideBytes);
+    const kBytes = new Uint8Array(k.buffer);
+    for (let i = 0; i < wideBytes; i++) {
+      const rel = i - base, t = Math.floor(rel / (W2 * 4)), col = rel - t * W2 * 4;
+      const inside = rel >= 0 && t < T && col >= c2 * 4 && col < (c2 + C) * 4;
+      const want = inside ? kBytes[t * C * 4 + col - c2 * 4]! : 0xff;
+      assert.equal(got[i], want, `byte ${i} (${inside ? 'copied' : 'untouched'})`);
+    }
+    // No rows: nothing moves.
+    cu.cudaCopy2D(wide, 0, 4, packed, 0, 4, 4, 0);
+    assert.deepEqual(u8Of(wide, wideBytes), got);
+  });
+
+  test(`${label}: cudaCopyRowRange copies rows [offsets[lo], offsets[hi]) read on the device`, { skip }, () => {
+    const maxRows = 20, rowFloats = 3, rowBytes = rowFloats * 4;
+    const src = uniform(maxRows * rowFloats);
+    const offsets = Int32Array.from([0, 3, 3, 9, 14, 20]);
+    const srcB = upload(src), offB = upload(offsets);
+    for (const [lo, hi] of [[2, 4], [0, 5], [1, 2], [3, 3], [4, 5]] as const) {
+      const dst = poisoned(maxRows * rowFloats);
+      cu.cudaCopyRowRange(dst, srcB, offB, lo, hi, rowBytes, maxRows);
+      const got = f32Of(dst, maxRows * rowFloats);
+      for (let r = 0; r < maxRows; r++) {
+        const row = got.subarray(r * rowFloats, r * rowFloats + rowFloats);
+        if (r >= offsets[lo]! && r < offsets[hi]!) assert.deepEqual(row, src.subarray(r * rowFloats, r * rowFloats + rowFloats), `lo=${lo} hi=${hi} row ${r}`);
+        else assert.ok(row.every(Number.isNaN), `lo=${lo} hi=${hi}: row ${r} outside the range was written`);
+      }
+    }
   });
 }
 
-test('cudaKvCacheWrite writes K and strided V at slots, skipping negative ones', { skip }, () => {
-  const T = 6, kvh = 2, dk = 8, dv = 4, vs = 6, slotsN = 32;
-  const k = uniform(T * kvh * dk), v = uniform(T * kvh * dv);
-  const slots = Int32Array.from([3, -1, 17, 0, 31, 8]);
-  const kc = poisoned(slotsN * kvh * dk), vcache = poisoned(slotsN * kvh * vs);
-  cu.cudaKvCacheWrite(upload(k), upload(v), T, upload(slots), kc, vcache, kvh, dk, dv, vs, slotsN);
-  const gk = f32Of(kc, slotsN * kvh * dk), gv = f32Of(vcache, slotsN * kvh * vs);
-  for (let t = 0; t < T; t++) {
-    if (slots[t]! < 0) continue;
-    assert.deepEqual(gk.subarray(slots[t]! * kvh * dk, (slots[t]! + 1) * kvh * dk), k.subarray(t * kvh * dk, (t + 1) * kvh * dk));
-    for (let h = 0; h < kvh; h++)
-      assert.deepEqual(gv.subarray((slots[t]! * kvh + h) * vs, (slots[t]! * kvh + h) * vs + dv), v.subarray((t * kvh + h) * dv, (t * kvh + h) * dv + dv));
-  }
-  assert.ok(Number.isNaN(gk[1 * kvh * dk]!), 'an unwritten slot stays poisoned');
-});
+deviceSuite('cuda', cu, skip);
+deviceSuite('emulated', createCudaEmulator(), false);
 
 test('NCCL single-rank group: all2allv to itself and the counts exchange', { skip: skip || (caps.ncclFound ? false : 'NCCL not found (libnccl.so.2)') }, () => {
+  const { upload, poisoned } = deviceHelpers(cu);
   const id = cu.cudaNcclUniqueId();
   assert.equal(id.length, 128);
   const g = cu.cudaNcclJoin(id, 1, 0);

@@ -1,0 +1,1151 @@
+// A CPU emulator of the CUDA addon surface (CudaAddon): device memory in host ArrayBuffers,
+// synchronous streams and events, every op reproducing its kernel's contract (native/cuda/*.cu,
+// the bindings' argument checks in native/cuda/bind_cuda.cc), for GPU-less tests of the device engine.
+//
+// Faithful where it matters to callers: dtypes, roundings (f32 arithmetic via Math.fround and
+// Float32Array stores), orderings and tie-breaks, what a kernel leaves unwritten. Stricter than a
+// GPU where a GPU would fail silently or late: device data that would make a kernel read or write
+// out of bounds (ids, slots, offsets, block tables) or a misaligned typed access raise an E_CUDA
+// "fault" and mark the device lost, as a sticky CUDA error would; fresh allocations are filled
+// with 0xff (NaN) so that reads of memory nobody wrote show up.
+import { loadNative } from '../../src/native/index.js';
+import type {
+  CudaAddon, CudaAttentionOptions, CudaBuffer, CudaDeviceInfo, CudaEvent, CudaExpertTable,
+  CudaMemInfo, CudaRouteOptions, CudaStream, DType,
+} from '../../src/native/types.js';
+
+export interface CudaEmulatorOptions {
+  /** Emulated device memory (default 16 GiB): allocations beyond it fail with E_OOM. */
+  totalBytes?: number;
+  /** Fill fresh allocations with 0xff (NaN for f32/bf16); default true. Cached blocks keep old bytes. */
+  poisonFresh?: boolean;
+}
+
+// ------------------------------------------------------------------------------------ errors
+type Coded = Error & { code: string };
+function coded<E extends Error>(e: E, code: string): E & { code: string } {
+  (e as E & { code: string }).code = code;
+  return e as E & { code: string };
+}
+const typeError = (m: string): Coded => coded(new TypeError(m), 'E_INVALID_ARG');
+const rangeError = (m: string): Coded => coded(new RangeError(m), 'E_INVALID_ARG');
+const disposedError = (what: string): Coded => coded(new Error(`${what} has been disposed`), 'E_DISPOSED');
+
+// std::to_string(double): six decimals.
+const cppDouble = (v: number) => v.toFixed(6);
+
+function getInt(v: unknown, name: string, min: number, max: number): number {
+  if (typeof v !== 'number') throw typeError(`${name} must be a number`);
+  const iv = Math.trunc(v);
+  if (!Number.isFinite(v) || iv !== v) throw typeError(`${name} must be an integer, got ${cppDouble(v)}`);
+  if (iv < min || iv > max) throw rangeError(`${name} is ${iv}, expected ${min}..${max}`);
+  return iv;
+}
+function getDouble(v: unknown, name: string): number {
+  if (typeof v !== 'number') throw typeError(`${name} must be a number`);
+  return v;
+}
+function getBool(v: unknown, name: string): boolean {
+  if (typeof v !== 'boolean') throw typeError(`${name} must be a boolean`);
+  return v;
+}
+const nullish = (v: unknown) => v === null || v === undefined;
+function parseDtype(v: unknown, name: string): DType {
+  if (typeof v !== 'string') throw typeError(`${name} must be 'f32', 'bf16' or 'f16'`);
+  if (v === 'f32' || v === 'bf16' || v === 'f16') return v;
+  throw typeError(`${name} is '${v}', expected 'f32', 'bf16' or 'f16'`);
+}
+const dtypeSize = (d: DType) => (d === 'f32' ? 4 : 2);
+const I32_MAX = 2147483647;
+const BYTES_MAX = 2 ** 44;
+
+// ------------------------------------------------------------------------------------ numerics
+const fr = Math.fround;
+const f32Box = new Float32Array(1);
+const u32Box = new Uint32Array(f32Box.buffer);
+/** f32 -> bf16 bits, round to nearest even, NaN kept quiet (dtype.h's f32_to_bf16). */
+export function f32ToBf16(v: number): number {
+  f32Box[0] = v;
+  let u = u32Box[0]!;
+  if ((u & 0x7fffffff) > 0x7f800000) return ((u >>> 16) | 0x40) & 0xffff;
+  u = (u + 0x7fff + ((u >>> 16) & 1)) >>> 0;
+  return u >>> 16;
+}
+export function bf16ToF32(h: number): number {
+  u32Box[0] = h << 16;
+  return f32Box[0]!;
+}
+/** The CUDA side's rank_before: larger first, ties to the lower index, NaN after everything. */
+function rankBefore(a: number, ia: number, b: number, ib: number): boolean {
+  const na = a !== a, nb = b !== b;
+  if (na || nb) return na === nb ? ia < ib : nb;
+  if (a !== b) return a > b;
+  return ia < ib;
+}
+const siluF32 = (g: number) => fr(g / fr(1 + fr(Math.exp(-g))));
+
+// Grow-only scratch (no per-call allocation on hot paths).
+class Scratch {
+  f32 = new Float32Array(0);
+  u32 = new Uint32Array(0);
+  f64 = new Float64Array(0);
+  /** Float32Array of n elements whose bits are reachable as u32 (bf16 decoding). */
+  floats(n: number): Float32Array {
+    if (this.f32.length < n) {
+      this.f32 = new Float32Array(Math.max(n, 2 * this.f32.length));
+      this.u32 = new Uint32Array(this.f32.buffer);
+    }
+    return this.f32;
+  }
+  doubles(n: number): Float64Array {
+    if (this.f64.length < n) this.f64 = new Float64Array(Math.max(n, 2 * this.f64.length));
+    return this.f64;
+  }
+}
+
+// ------------------------------------------------------------------------------------ memory
+interface Allocation {
+  bytes: Uint8Array;   // the whole block (class bytes), byteOffset 0
+  cls: number;
+  refs: number;        // live handles + expert-table slots
+  id: number;
+}
+
+/** 8 classes per power of two above 4 KiB, 512-byte steps below (cuda_backend.cc's size_class). */
+function sizeClass(bytes: number): number {
+  const kMin = 512;
+  if (bytes <= kMin) return kMin;
+  let step = kMin;
+  if (bytes > 4096) step = Math.max(kMin, 2 ** Math.floor(Math.log2(bytes)) / 8);
+  return Math.ceil(bytes / step) * step;
+}
+
+const internal = Symbol('cuda-emu internal');
+
+/**
+ * Creates a fresh emulated device (its own memory, counters and device-lost flag). Every member of
+ * CudaAddon is present; NCCL members throw E_UNSUPPORTED.
+ */
+export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon {
+  const native = loadNative();
+  const totalBytes = options.totalBytes ?? 16 * 2 ** 30;
+  const poisonFresh = options.poisonFresh ?? true;
+  const scratch = new Scratch();
+  let lost = false;
+  let nextId = 1;
+  const freeLists = new Map<number, Uint8Array[]>();
+  const stats = { allocatedBytes: 0, cachedBytes: 0, peakBytes: 0, deviceMallocs: 0, cacheHits: 0 };
+
+  const ensureAlive = () => {
+    if (lost) throw coded(new Error('the CUDA device is lost after an earlier fault (restart the process)'), 'E_CUDA');
+  };
+  /** A kernel touched memory it must not (a sticky error on a GPU): the device is lost. */
+  const fault = (what: string): never => {
+    lost = true;
+    throw coded(new Error(`cudaErrorIllegalAddress (emulated: ${what}); the CUDA device is lost (restart the process)`), 'E_CUDA');
+  };
+  /** A kernel precondition the binding cannot check (device data): no fault on a GPU, just garbage. */
+  const precondition = (what: string): never => {
+    throw coded(new Error(`emulated kernel precondition violated: ${what}`), 'E_CUDA');
+  };
+
+  function releaseCache() {
+    for (const [cls, list] of freeLists) stats.cachedBytes -= cls * list.length;
+    freeLists.clear();
+  }
+  function allocate(sizeBytes: number): Allocation {
+    ensureAlive();
+    const cls = sizeClass(sizeBytes);
+    const list = freeLists.get(cls);
+    if (list && list.length > 0) {
+      const bytes = list.pop()!;
+      stats.cachedBytes -= cls;
+      stats.allocatedBytes += cls;
+      stats.cacheHits++;
+      return { bytes, cls, refs: 0, id: nextId++ };
+    }
+    if (stats.allocatedBytes + stats.cachedBytes + cls > totalBytes) releaseCache();
+    if (stats.allocatedBytes + cls > totalBytes) {
+      const free = totalBytes - stats.allocatedBytes - stats.cachedBytes;
+      throw coded(new Error(`CUDA out of memory allocating ${sizeBytes} bytes on device 0 (${free} of ${totalBytes} bytes free)`), 'E_OOM');
+    }
+    let bytes: Uint8Array;
+    try {
+      bytes = new Uint8Array(cls);
+    } catch {
+      throw coded(new Error(`CUDA out of memory allocating ${sizeBytes} bytes on device 0 (host memory of the emulator)`), 'E_OOM');
+    }
+    if (poisonFresh) bytes.fill(0xff);
+    stats.allocatedBytes += cls;
+    stats.deviceMallocs++;
+    stats.peakBytes = Math.max(stats.peakBytes, stats.allocatedBytes + stats.cachedBytes);
+    return { bytes, cls, refs: 0, id: nextId++ };
+  }
+  function retain(a: Allocation) {
+    a.refs++;
+  }
+  function release(a: Allocation) {
+    if (--a.refs > 0) return;
+    let list = freeLists.get(a.cls);
+    if (!list) freeLists.set(a.cls, (list = []));
+    list.push(a.bytes);
+    stats.allocatedBytes -= a.cls;
+    stats.cachedBytes += a.cls;
+  }
+  // A handle collected without dispose() gives its reference back (the native finalizer's job).
+  const finalizer = new FinalizationRegistry<Allocation>((a) => release(a));
+
+  // ---------------------------------------------------------------------------------- handles
+  class EmuBuffer implements CudaBuffer {
+    #alloc: Allocation | null;
+    readonly offset: number;
+    readonly sizeBytes: number;
+    constructor(token: symbol, alloc: Allocation, offset: number, sizeBytes: number) {
+      if (token !== internal) throw typeError('CudaBuffer cannot be constructed directly; use cudaBuffer()');
+      this.#alloc = alloc;
+      this.offset = offset;
+      this.sizeBytes = sizeBytes;
+      retain(alloc);
+      finalizer.register(this, alloc, this);
+    }
+    get device(): number { return this.#alloc ? 0 : -1; }
+    get disposed(): boolean { return this.#alloc === null; }
+    /** The allocation, or E_DISPOSED naming the argument. */
+    alloc(name: string): Allocation {
+      if (!this.#alloc) throw disposedError(name);
+      return this.#alloc;
+    }
+    view(offsetBytes: number, sizeBytes: number): CudaBuffer {
+      if (!this.#alloc) throw disposedError('buffer');
+      const off = getInt(offsetBytes, 'offsetBytes', 0, this.sizeBytes);
+      const len = getInt(sizeBytes, 'sizeBytes', 0, this.sizeBytes - off);
+      return new EmuBuffer(internal, this.#alloc, this.offset + off, len);
+    }
+    dispose(): void {
+      if (!this.#alloc) return;
+      finalizer.unregister(this);
+      const a = this.#alloc;
+      this.#alloc = null;
+      release(a);  // the block returns to the cache when its last view goes
+    }
+  }
+
+  class EmuStream implements CudaStream {
+    #disposed = false;
+    constructor(priority?: number) {
+      if (!nullish(priority)) getInt(priority, 'priority', -1000, 1000);
+      ensureAlive();
+    }
+    get disposed(): boolean { return this.#disposed; }
+    check(): void {
+      if (this.#disposed) throw disposedError('stream');
+    }
+    synchronize(): void {
+      this.check();
+      ensureAlive();
+    }
+    query(): boolean {
+      this.check();
+      ensureAlive();
+      return true;  // every op ran to completion when it was enqueued
+    }
+    waitEvent(event: CudaEvent): void {
+      if (!(event instanceof EmuEvent)) throw typeError('event must be a CudaEvent');
+      event.check();
+      this.check();
+    }
+    dispose(): void {
+      this.#disposed = true;
+    }
+  }
+
+  class EmuEvent implements CudaEvent {
+    #disposed = false;
+    readonly timing: boolean;
+    recordedAt: number | null = null;
+    constructor(timing?: boolean) {
+      this.timing = !nullish(timing) && getBool(timing, 'timing');
+      ensureAlive();
+    }
+    check(): void {
+      if (this.#disposed) throw disposedError('event');
+    }
+    record(stream?: CudaStream | null): void {
+      getStream(stream);
+      this.check();
+      this.recordedAt = performance.now();
+    }
+    synchronize(): void {
+      this.check();
+      ensureAlive();
+    }
+    query(): boolean {
+      this.check();
+      return true;
+    }
+    elapsedMs(start: CudaEvent): number {
+      if (!(start instanceof EmuEvent)) throw typeError('start must be a CudaEvent');
+      start.check();
+      this.check();
+      if (!start.timing || !this.timing || start.recordedAt === null || this.recordedAt === null)
+        throw coded(new Error('cudaErrorInvalidResourceHandle (emulated: elapsedMs needs two recorded timing events)'), 'E_CUDA');
+      return this.recordedAt - start.recordedAt;
+    }
+    dispose(): void {
+      this.#disposed = true;
+    }
+  }
+
+  interface Slot { alloc: Allocation; offset: number }
+  // A table collected without dispose() lets go of its slots (the native destructor's job).
+  const tableFinalizer = new FinalizationRegistry<(Slot | null)[][]>((lists) => {
+    for (const list of lists) for (const slot of list) if (slot) release(slot.alloc);
+  });
+  class EmuExpertTable implements CudaExpertTable {
+    readonly numExperts: number;
+    readonly hidden: number;
+    readonly inter: number;
+    #disposed = false;
+    gateUp: (Slot | null)[];
+    down: (Slot | null)[];
+    constructor(numExperts: number, hidden: number, inter: number) {
+      this.numExperts = getInt(numExperts, 'numExperts', 1, 1024);
+      this.hidden = getInt(hidden, 'hidden', 8, 1 << 20);
+      this.inter = getInt(inter, 'inter', 8, 1 << 20);
+      if (this.hidden % 8 || this.inter % 8) throw rangeError('hidden and inter must be multiples of 8');
+      this.gateUp = new Array<Slot | null>(this.numExperts).fill(null);
+      this.down = new Array<Slot | null>(this.numExperts).fill(null);
+      tableFinalizer.register(this, [this.gateUp, this.down], this);
+    }
+    check(): void {
+      if (this.#disposed) throw disposedError('expert table');
+    }
+    #expert(e: number): number {
+      this.check();
+      return getInt(e, 'expert', 0, this.numExperts - 1);
+    }
+    #drop(e: number) {
+      if (this.gateUp[e]) release(this.gateUp[e]!.alloc);
+      if (this.down[e]) release(this.down[e]!.alloc);
+      this.gateUp[e] = this.down[e] = null;
+    }
+    set(expert: number, gateUp: CudaBuffer, down: CudaBuffer): void {
+      const e = this.#expert(expert);
+      // The binding checks sizes and 16-byte alignment only: contents are the caller's (bf16).
+      const gu = buf(gateUp, 'gateUp', 2 * this.inter * this.hidden * 2);
+      const dn = buf(down, 'down', this.hidden * this.inter * 2);
+      if ((gu.offset | dn.offset) % 16) throw rangeError('gateUp and down must start 16-byte aligned');
+      const guA = gu.alloc('gateUp'), dnA = dn.alloc('down');
+      retain(guA);
+      retain(dnA);
+      this.#drop(e);
+      this.gateUp[e] = { alloc: guA, offset: gu.offset };
+      this.down[e] = { alloc: dnA, offset: dn.offset };
+    }
+    clear(expert: number): void {
+      this.#drop(this.#expert(expert));
+    }
+    has(expert: number): boolean {
+      return this.gateUp[this.#expert(expert)] !== null;
+    }
+    dispose(): void {
+      if (this.#disposed) return;
+      tableFinalizer.unregister(this);
+      for (let e = 0; e < this.numExperts; e++) this.#drop(e);
+      this.#disposed = true;
+    }
+  }
+
+  // ---------------------------------------------------------------------------------- argument helpers
+  function unwrap(v: unknown, name: string): EmuBuffer {
+    if (!(v instanceof EmuBuffer)) throw typeError(`${name} must be a CudaBuffer`);
+    return v;
+  }
+  /** A live buffer of at least needBytes (the binding's get_buf). */
+  function buf(v: unknown, name: string, needBytes: number): EmuBuffer {
+    const b = unwrap(v, name);
+    b.alloc(name);
+    if (b.sizeBytes < needBytes) throw rangeError(`${name}.sizeBytes is ${b.sizeBytes}, expected at least ${needBytes}`);
+    return b;
+  }
+  function optBuf(v: unknown, name: string, needBytes: number): EmuBuffer | null {
+    return nullish(v) ? null : buf(v, name, needBytes);
+  }
+  function getStream(v: unknown): void {
+    if (nullish(v)) return;
+    if (!(v instanceof EmuStream)) throw typeError('stream must be a CudaStream or null');
+    v.check();
+  }
+  const dim = (v: unknown, name: string, min = 0, max = I32_MAX) => getInt(v, name, min, max);
+
+  // Typed views on device memory: the whole handle's range from byte `at`; a misaligned one faults.
+  function bytesOf(b: EmuBuffer): Uint8Array {
+    const a = b.alloc('buffer');
+    return a.bytes.subarray(b.offset, b.offset + b.sizeBytes);
+  }
+  function f32Of(b: EmuBuffer, name: string): Float32Array {
+    const a = b.alloc(name);
+    if (b.offset % 4) fault(`misaligned f32 access to ${name} at byte offset ${b.offset}`);
+    return new Float32Array(a.bytes.buffer, b.offset, Math.floor(b.sizeBytes / 4));
+  }
+  function i32Of(b: EmuBuffer, name: string): Int32Array {
+    const a = b.alloc(name);
+    if (b.offset % 4) fault(`misaligned i32 access to ${name} at byte offset ${b.offset}`);
+    return new Int32Array(a.bytes.buffer, b.offset, Math.floor(b.sizeBytes / 4));
+  }
+  function u16Of(b: EmuBuffer, name: string): Uint16Array {
+    const a = b.alloc(name);
+    if (b.offset % 2) fault(`misaligned 16-bit access to ${name} at byte offset ${b.offset}`);
+    return new Uint16Array(a.bytes.buffer, b.offset, Math.floor(b.sizeBytes / 2));
+  }
+  function slotU16(s: Slot, n: number): Uint16Array {
+    return new Uint16Array(s.alloc.bytes.buffer, s.offset, n);
+  }
+  function hostBytes(v: unknown, name: string): Uint8Array {
+    if (ArrayBuffer.isView(v)) return new Uint8Array(v.buffer, v.byteOffset, v.byteLength);
+    if (v instanceof ArrayBuffer) return new Uint8Array(v);
+    throw typeError(`${name} must be a TypedArray or ArrayBuffer`);
+  }
+  /** bf16 [n] -> f32 scratch region [at, at + n) (exact: the bits shifted into place). */
+  function widenBf16(src: Uint16Array, n: number, dst: Float32Array, at: number) {
+    const u = scratch.u32;
+    if (dst !== scratch.f32) throw new Error('widenBf16 writes the scratch only');
+    for (let i = 0; i < n; i++) u[at + i] = src[i]! << 16;
+  }
+
+  // ---------------------------------------------------------------------------------- GEMM cores
+  // y[r, o] for rows of x (f32 values, row stride k) against w (f32 values [n, k]).
+  function dotRows(x: Float32Array, xAt: number, w: Float32Array, wAt: number, k: number): number {
+    let s = 0;
+    for (let i = 0; i < k; i++) s += x[xAt + i]! * w[wAt + i]!;
+    return s;
+  }
+
+  // ---------------------------------------------------------------------------------- the addon
+  const addon: CudaAddon = {
+    CudaBuffer: EmuBuffer,
+    CudaStream: EmuStream,
+    CudaEvent: EmuEvent,
+    CudaExpertTable: EmuExpertTable,
+
+    cudaDeviceCount: () => 1,
+    cudaDeviceInfo(device: number): CudaDeviceInfo {
+      getInt(device, 'device', 0, 0);
+      return {
+        name: 'expertd CUDA emulator (CPU)', computeCapability: '9.0', smCount: 132, totalBytes,
+        l2Bytes: 50 * 2 ** 20, sharedMemPerBlockOptinBytes: 232448,
+      };
+    },
+    cudaSetDevice(device: number): void {
+      const d = getInt(device, 'device', 0, 1023);
+      if (d !== 0) throw coded(new Error(`cudaErrorInvalidDevice (invalid device ordinal) in cudaSetDevice(${d}) (emulated: one device)`), 'E_CUDA');
+    },
+    cudaDeviceLost: () => lost,
+    cudaSynchronize(): void {
+      ensureAlive();
+    },
+    cudaMemInfo(): CudaMemInfo {
+      return {
+        freeBytes: totalBytes - stats.allocatedBytes - stats.cachedBytes, totalBytes,
+        allocatedBytes: stats.allocatedBytes, cachedBytes: stats.cachedBytes, peakBytes: stats.peakBytes,
+        deviceMallocs: stats.deviceMallocs, cacheHits: stats.cacheHits,
+      };
+    },
+    cudaEmptyCache(): void {
+      releaseCache();
+    },
+    cudaBuffer(sizeBytes: number, stream?: CudaStream | null): CudaBuffer {
+      const size = getInt(sizeBytes, 'sizeBytes', 0, BYTES_MAX);
+      getStream(stream);
+      return new EmuBuffer(internal, allocate(size), 0, size);
+    },
+    cudaPinnedBuffer(sizeBytes: number): ArrayBuffer {
+      const size = getInt(sizeBytes, 'sizeBytes', 0, BYTES_MAX);
+      ensureAlive();
+      return new ArrayBuffer(size);
+    },
+    cudaCopyToDevice(dst, dstOffsetBytes, src, stream): void {
+      const s = hostBytes(src, 'src');
+      const d = unwrap(dst, 'dst');
+      const off = getInt(dstOffsetBytes, 'dstOffsetBytes', 0, d.sizeBytes);
+      buf(dst, 'dst', off + s.byteLength);
+      getStream(stream);
+      ensureAlive();
+      bytesOf(d).set(s, off);
+    },
+    cudaCopyToHost(dst, src, srcOffsetBytes, stream): void {
+      const h = hostBytes(dst, 'dst');
+      const sb = unwrap(src, 'src');
+      const off = getInt(srcOffsetBytes, 'srcOffsetBytes', 0, sb.sizeBytes);
+      buf(src, 'src', off + h.byteLength);
+      getStream(stream);
+      ensureAlive();
+      h.set(bytesOf(sb).subarray(off, off + h.byteLength));
+    },
+    cudaCopyDevice(dst, dstOffsetBytes, src, srcOffsetBytes, sizeBytes, stream): void {
+      const doff = getInt(dstOffsetBytes, 'dstOffsetBytes', 0, BYTES_MAX);
+      const soff = getInt(srcOffsetBytes, 'srcOffsetBytes', 0, BYTES_MAX);
+      const n = getInt(sizeBytes, 'sizeBytes', 0, BYTES_MAX);
+      const d = buf(dst, 'dst', doff + n), s = buf(src, 'src', soff + n);
+      getStream(stream);
+      ensureAlive();
+      // NOTE: set() on the same ArrayBuffer copies as if through a temporary (memmove semantics).
+      bytesOf(d).set(bytesOf(s).subarray(soff, soff + n), doff);
+    },
+    cudaFill(dst, byteValue, stream): void {
+      const d = unwrap(dst, 'dst');
+      d.alloc('dst');
+      const v = getInt(byteValue, 'byteValue', 0, 255);
+      getStream(stream);
+      ensureAlive();
+      bytesOf(d).fill(v);
+    },
+    cudaCublasLt: () => null,
+
+    cudaConvert(src, srcDtype, dst, dstDtype, n, stream): void {
+      const sd = parseDtype(srcDtype, 'srcDtype'), dd = parseDtype(dstDtype, 'dstDtype');
+      const count = getInt(n, 'n', 0, 2 ** 42);
+      const s = buf(src, 'src', count * dtypeSize(sd)), d = buf(dst, 'dst', count * dtypeSize(dd));
+      getStream(stream);
+      ensureAlive();
+      if (count === 0) return;
+      // dtype.h's conversions are the CUDA kernel's, bit for bit (non-NaN values; NaN stays NaN).
+      const sv = sd === 'f32' ? f32Of(s, 'src').subarray(0, count) : u16Of(s, 'src').subarray(0, count);
+      const dv = dd === 'f32' ? f32Of(d, 'dst').subarray(0, count) : u16Of(d, 'dst').subarray(0, count);
+      native.convert(sv, sd, dv, dd);
+    },
+
+    cudaGroupGemmFfn(x, offsets, experts, rows, hScratch, y, opts, stream): void {
+      if (!(experts instanceof EmuExpertTable)) throw typeError('experts must be a CudaExpertTable');
+      const E = experts.numExperts, H = experts.hidden, I = experts.inter;
+      const R = dim(rows, 'rows', 0, 1 << 28);
+      const xb = buf(x, 'x', R * H * 2);
+      const ob = buf(offsets, 'offsets', (E + 1) * 4);
+      const hb = buf(hScratch, 'hScratch', R * I * 2);
+      const yb = buf(y, 'y', R * H * 4);
+      parseTile(opts);
+      getStream(stream);
+      experts.check();
+      ensureAlive();
+      if (xb.offset % 16) throw typeError('group_gemm: x must be 16-byte aligned');
+      if (R <= 0) return;
+      const off = i32Of(ob, 'offsets'), xs = u16Of(xb, 'x'), hs = u16Of(hb, 'hScratch'), ys = f32Of(yb, 'y');
+      if (hb.offset % 4) fault('hScratch is stored as bf16 pairs (4-byte aligned)');
+      // The down pass checks its x (= hScratch) like the gate pass's x; on a GPU the gate pass is
+      // already enqueued when this throws.
+      if (hb.offset % 16) throw typeError('group_gemm: x must be 16-byte aligned');
+      if (yb.offset % 8) fault('y is stored as float2 (8-byte aligned)');
+      // Scratch layout: [gate_up 2I*H | down H*I | x row H | h row I] as f32.
+      const f = scratch.floats(3 * I * H + H + I);
+      const guAt = 0, dnAt = 2 * I * H, xAt = 3 * I * H, hAt = xAt + H;
+      for (let e = 0; e < E; e++) {
+        const beg = off[e]!, cnt = off[e + 1]! - beg;
+        if (cnt <= 0) continue;
+        const gu = experts.gateUp[e], dn = experts.down[e];
+        // NOTE: an expert with rows but no weights is skipped by both passes (group_gemm.cu's
+        // `W == nullptr` return): its rows of hScratch and y are left as they were.
+        if (!gu || !dn) continue;
+        if (beg < 0 || beg + cnt > R) fault(`offsets[${e}..${e + 1}] = ${beg}..${beg + cnt} reach outside rows 0..${R}`);
+        widenBf16(slotU16(gu, 2 * I * H), 2 * I * H, f, guAt);
+        widenBf16(slotU16(dn, H * I), H * I, f, dnAt);
+        for (let r = beg; r < beg + cnt; r++) {
+          widenBf16(xs.subarray(r * H, r * H + H), H, f, xAt);
+          // Gate/up pass: f32 accumulators, SiLU(gate)*up in f32, stored as bf16.
+          for (let i = 0; i < I; i++) {
+            const g = fr(dotRows(f, xAt, f, guAt + i * H, H));
+            const u = fr(dotRows(f, xAt, f, guAt + (I + i) * H, H));
+            const hv = f32ToBf16(fr(siluF32(g) * u));
+            hs[r * I + i] = hv;
+          }
+          // Down pass reads h back from hScratch (as the second launch does).
+          widenBf16(hs.subarray(r * I, r * I + I), I, f, hAt);
+          for (let o = 0; o < H; o++) ys[r * H + o] = dotRows(f, hAt, f, dnAt + o * I, I);
+        }
+      }
+    },
+
+    cudaDenseGemm(x, m, w, n, k, y, bias, accumulate, backend, stream) {
+      const M = dim(m, 'm'), N = dim(n, 'n', 8), K = dim(k, 'k', 8);
+      if (N % 8 || K % 8) throw rangeError(`n and k must be multiples of 8 (n is ${N}, k is ${K})`);
+      const xb = buf(x, 'x', M * K * 2), wb = buf(w, 'w', N * K * 2), yb = buf(y, 'y', M * N * 4);
+      const bb = optBuf(bias, 'bias', N * 4);
+      const acc = getBool(accumulate, 'accumulate');
+      let be: 'auto' | 'cublaslt' | 'kernel' = 'auto';
+      if (!nullish(backend)) {
+        if (backend !== 'auto' && backend !== 'cublaslt' && backend !== 'kernel')
+          throw typeError("backend must be 'auto', 'cublaslt' or 'kernel'");
+        be = backend;
+      }
+      getStream(stream);
+      ensureAlive();
+      if (M <= 0) return be === 'cublaslt' ? 'cublaslt' : 'kernel';
+      if (be === 'cublaslt')
+        throw coded(new Error('cuBLASLt was requested but libcublasLt.so.13/.12 could not be loaded ' +
+          '(install the CUDA math libraries or set EXPERTD_CUBLASLT_SO)'), 'E_CUDA');
+      if (xb.offset % 16) throw typeError('group_gemm: x must be 16-byte aligned');
+      if (yb.offset % 8) fault('y is stored as float2 (8-byte aligned)');
+      const f = scratch.floats(N * K + K);
+      const wAt = 0, xAt = N * K;
+      widenBf16(u16Of(wb, 'w'), N * K, f, wAt);
+      const xs = u16Of(xb, 'x'), ys = f32Of(yb, 'y'), bs = bb ? f32Of(bb, 'bias') : null;
+      for (let r = 0; r < M; r++) {
+        widenBf16(xs.subarray(r * K, r * K + K), K, f, xAt);
+        for (let o = 0; o < N; o++) {
+          // Epilogue order of group_gemm.cu: (acc + bias) + old y, each an f32 add.
+          let v = fr(dotRows(f, xAt, f, wAt + o * K, K));
+          if (bs) v = fr(v + bs[o]!);
+          if (acc) v = fr(v + ys[r * N + o]!);
+          ys[r * N + o] = v;
+        }
+      }
+      return 'kernel';
+    },
+
+    cudaRoute(logits, t, e, k, opts, ids, weights, counts, stream): void {
+      const T = dim(t, 't'), E = dim(e, 'e', 1, 1024), K = dim(k, 'k', 1, E);
+      if (typeof opts !== 'object' || opts === null) throw typeError('opts must be an object');
+      const o = opts as CudaRouteOptions & Record<string, unknown>;
+      if (o.scoring !== 'softmax' && o.scoring !== 'sigmoid') throw typeError("opts.scoring must be 'softmax' or 'sigmoid'");
+      const optInt = (key: string, def: number) => {
+        const v = o[key];
+        if (nullish(v)) return def;
+        if (typeof v !== 'number') throw typeError(`opts.${key} must be a number`);
+        return v | 0;
+      };
+      const nGroup = optInt('nGroup', 1);
+      const topkGroup = optInt('topkGroup', nGroup);
+      if (nGroup < 1 || E % nGroup) throw rangeError(`opts.nGroup is ${nGroup}, expected a divisor of e`);
+      if (topkGroup < 1 || topkGroup > nGroup) throw rangeError(`opts.topkGroup is ${topkGroup}, expected 1..${nGroup}`);
+      const gs = typeof o.groupScore === 'string' ? o.groupScore : 'max';
+      if (gs !== 'max' && gs !== 'top2sum') throw typeError("opts.groupScore must be 'max' or 'top2sum'");
+      const top2 = gs === 'top2sum';
+      if (top2 && nGroup > 1 && E / nGroup < 2) throw rangeError("opts.groupScore 'top2sum' needs at least 2 experts per group");
+      if (nGroup > 1 && K > topkGroup * (E / nGroup))
+        throw rangeError(`k is ${K}, expected at most topkGroup * e / nGroup = ${topkGroup * (E / nGroup)}`);
+      const renorm = o.renormalize === true;
+      const scale = typeof o.scale === 'number' ? fr(o.scale) : 1;
+      let biasV: Float32Array | null = null;
+      if (!nullish(o.bias)) {
+        if (!(o.bias instanceof EmuBuffer)) throw typeError('opts.bias must be a CudaBuffer or null');
+        if (o.bias.sizeBytes < E * 4) throw rangeError(`opts.bias.sizeBytes is ${o.bias.sizeBytes}, expected at least ${E * 4}`);
+        o.bias.alloc('opts.bias');
+        biasV = f32Of(o.bias, 'opts.bias');
+      }
+      const lb = buf(logits, 'logits', T * E * 4), ib = buf(ids, 'ids', T * K * 4);
+      const wb = buf(weights, 'weights', T * K * 4), cb = buf(counts, 'counts', E * 4);
+      getStream(stream);
+      ensureAlive();
+      const cnt = i32Of(cb, 'counts');
+      cnt.fill(0, 0, E);
+      if (T <= 0) return;
+      const lg = f32Of(lb, 'logits'), idOut = i32Of(ib, 'ids'), wOut = f32Of(wb, 'weights');
+      const f = scratch.floats(3 * E + nGroup);
+      const scoreAt = 0, choiceAt = E, excludedAt = 2 * E, groupAt = 3 * E;
+      const gsz = E / nGroup;
+      for (let tok = 0; tok < T; tok++) {
+        const l0 = tok * E;
+        if (o.scoring === 'softmax') {
+          let mx = -Infinity;
+          for (let i = 0; i < E; i++) if (lg[l0 + i]! > mx) mx = lg[l0 + i]!;  // fmaxf: NaN ignored
+          let sum = 0;
+          for (let i = 0; i < E; i++) {
+            const v = fr(Math.exp(fr(lg[l0 + i]! - mx)));
+            f[scoreAt + i] = v;
+            sum += v;  // double
+          }
+          const inv = fr(1 / sum);
+          for (let i = 0; i < E; i++) f[scoreAt + i] = f[scoreAt + i]! * inv;
+        } else {
+          for (let i = 0; i < E; i++) f[scoreAt + i] = 1 / fr(1 + fr(Math.exp(-lg[l0 + i]!)));
+        }
+        for (let i = 0; i < E; i++) {
+          f[choiceAt + i] = biasV ? f[scoreAt + i]! + biasV[i]! : f[scoreAt + i]!;
+          f[excludedAt + i] = 0;
+        }
+        if (nGroup > 1 && topkGroup < nGroup) {
+          for (let g = 0; g < nGroup; g++) {
+            const c = choiceAt + g * gsz;
+            let b0 = f[c]!, b1 = -Infinity, i0 = 0, i1 = -1;
+            for (let i = 1; i < gsz; i++) {
+              const v = f[c + i]!;
+              if (rankBefore(v, i, b0, i0)) {
+                b1 = b0; i1 = i0; b0 = v; i0 = i;
+              } else if (i1 < 0 || rankBefore(v, i, b1, i1)) {
+                b1 = v; i1 = i;
+              }
+            }
+            f[groupAt + g] = top2 ? b0 + b1 : b0;
+          }
+          for (let g = 0; g < nGroup; g++) {
+            let better = 0;
+            for (let h = 0; h < nGroup; h++) if (rankBefore(f[groupAt + h]!, h, f[groupAt + g]!, g)) better++;
+            if (better >= topkGroup) for (let i = 0; i < gsz; i++) f[excludedAt + g * gsz + i] = 1;
+          }
+        }
+        let sum = 0;
+        for (let j = 0; j < K; j++) {
+          let bv = 0, bi = -1;
+          for (let i = 0; i < E; i++)
+            if (!f[excludedAt + i] && (bi < 0 || rankBefore(f[choiceAt + i]!, i, bv, bi))) { bv = f[choiceAt + i]!; bi = i; }
+          f[excludedAt + bi] = 1;
+          idOut[tok * K + j] = bi;
+          wOut[tok * K + j] = f[scoreAt + bi]!;
+          sum += f[scoreAt + bi]!;
+          cnt[bi]!++;
+        }
+        if (renorm) {
+          const denom = fr(fr(sum) + fr(1e-20));
+          for (let j = 0; j < K; j++) wOut[tok * K + j] = wOut[tok * K + j]! / denom;
+        }
+        if (scale !== 1) for (let j = 0; j < K; j++) wOut[tok * K + j] = wOut[tok * K + j]! * scale;
+      }
+    },
+
+    cudaPermute(x, t, h, ids, k, e, xPerm, permIndex, offsets, permDtype, stream): void {
+      const T = dim(t, 't'), Hd = dim(h, 'h'), K = dim(k, 'k', 1, 1024), E = dim(e, 'e', 1, 1024);
+      const pd = parseDtype(permDtype, 'permDtype');
+      if (pd === 'f16') throw typeError("permDtype must be 'f32' or 'bf16'");
+      const xb = buf(x, 'x', T * Hd * 4), idb = buf(ids, 'ids', T * K * 4);
+      const xpb = buf(xPerm, 'xPerm', T * K * Hd * dtypeSize(pd));
+      const pb = buf(permIndex, 'permIndex', T * K * 4), ob = buf(offsets, 'offsets', (E + 1) * 4);
+      getStream(stream);
+      ensureAlive();
+      const n = T * K;
+      const idv = i32Of(idb, 'ids'), perm = i32Of(pb, 'permIndex'), offs = i32Of(ob, 'offsets');
+      for (let p = 0; p < n; p++)
+        if (idv[p]! < 0 || idv[p]! >= E) fault(`ids[${p}] is ${idv[p]}, outside 0..${E - 1} (permute counts it in shared memory)`);
+      // Counts -> offsets; ranks stable by (expert, position p = token * k + slot).
+      const cursor = new Int32Array(E);
+      for (let p = 0; p < n; p++) cursor[idv[p]!]!++;
+      let run = 0;
+      for (let ex = 0; ex < E; ex++) {
+        const c = cursor[ex]!;
+        offs[ex] = run;
+        cursor[ex] = run;
+        run += c;
+      }
+      offs[E] = run;
+      for (let p = 0; p < n; p++) perm[p] = cursor[idv[p]!]!++;
+      if (n === 0 || Hd === 0) return;
+      const xs = f32Of(xb, 'x');
+      if (pd === 'f32') {
+        const xp = f32Of(xpb, 'xPerm');
+        for (let p = 0; p < n; p++) xp.set(xs.subarray(Math.floor(p / K) * Hd, Math.floor(p / K) * Hd + Hd), perm[p]! * Hd);
+      } else {
+        const xp = u16Of(xpb, 'xPerm');
+        for (let p = 0; p < n; p++) {
+          const s0 = Math.floor(p / K) * Hd, d0 = perm[p]! * Hd;
+          for (let c = 0; c < Hd; c++) xp[d0 + c] = f32ToBf16(xs[s0 + c]!);
+        }
+      }
+    },
+
+    cudaUnpermuteCombine(yPerm, permIndex, weights, t, k, h, out, accumulate, stream): void {
+      const T = dim(t, 't'), K = dim(k, 'k', 1, 1024), Hd = dim(h, 'h');
+      const yb = buf(yPerm, 'yPerm', T * K * Hd * 4), pb = buf(permIndex, 'permIndex', T * K * 4);
+      const wb = buf(weights, 'weights', T * K * 4), ob = buf(out, 'out', T * Hd * 4);
+      const acc = getBool(accumulate, 'accumulate');
+      getStream(stream);
+      ensureAlive();
+      if (T <= 0 || Hd <= 0) return;
+      const yp = f32Of(yb, 'yPerm'), pidx = i32Of(pb, 'permIndex'), w = f32Of(wb, 'weights'), o = f32Of(ob, 'out');
+      const yRows = Math.floor(yp.length / Hd);
+      for (let p = 0; p < T * K; p++)
+        if (pidx[p]! < 0 || pidx[p]! >= yRows) fault(`permIndex[${p}] is ${pidx[p]}, outside the ${yRows} rows of yPerm`);
+      // Multiply then add (no FMA), slot order, then add to out: each step an f32 rounding.
+      for (let tok = 0; tok < T; tok++) {
+        for (let c = 0; c < Hd; c++) {
+          let s = fr(w[tok * K]! * yp[pidx[tok * K]! * Hd + c]!);
+          for (let j = 1; j < K; j++) s = fr(s + fr(w[tok * K + j]! * yp[pidx[tok * K + j]! * Hd + c]!));
+          o[tok * Hd + c] = acc ? o[tok * Hd + c]! + s : s;
+        }
+      }
+    },
+
+    cudaRmsNorm(x, rows, dimArg, w, eps, out, residual, stream): void {
+      const R = dim(rows, 'rows'), D = dim(dimArg, 'dim', 1);
+      const xb = buf(x, 'x', R * D * 4), wb = buf(w, 'w', D * 4);
+      const ep = fr(getDouble(eps, 'eps'));
+      const ob = buf(out, 'out', R * D * 4), rb = optBuf(residual, 'residual', R * D * 4);
+      getStream(stream);
+      ensureAlive();
+      if (R <= 0) return;
+      const xs = f32Of(xb, 'x'), ws = f32Of(wb, 'w'), os = f32Of(ob, 'out'), rs = rb ? f32Of(rb, 'residual') : null;
+      for (let r = 0; r < R; r++) {
+        const at = r * D;
+        let ss = 0;
+        for (let i = 0; i < D; i++) {
+          let v = xs[at + i]!;
+          if (rs) {
+            v = fr(rs[at + i]! + v);
+            rs[at + i] = v;
+          }
+          ss += v * v;  // double
+        }
+        const inv = fr(1 / fr(Math.sqrt(fr(fr(ss / D) + ep))));
+        const src = rs ?? xs;
+        for (let i = 0; i < D; i++) os[at + i] = ws[i]! * fr(src[at + i]! * inv);
+      }
+    },
+
+    cudaRope(x, t, heads, rowStride, headStride, offset, positions, invFreq, rotDim, attnScale, interleaved, stream): void {
+      const T = dim(t, 't'), Hn = dim(heads, 'heads', 1), rs = dim(rowStride, 'rowStride', 1);
+      const hs = dim(headStride, 'headStride', 0), off = dim(offset, 'offset', 0);
+      const rot = dim(rotDim, 'rotDim', 2, 1 << 16);
+      if (rot % 2) throw rangeError(`rotDim is ${rot}, expected an even number`);
+      const span = (Hn - 1) * hs + off + rot;
+      if (span > rs) throw rangeError(`heads, headStride, offset and rotDim reach column ${span}, beyond rowStride ${rs}`);
+      const xb = buf(x, 'x', T ? ((T - 1) * rs + span) * 4 : 0);
+      const pb = buf(positions, 'positions', T * 4), ib = buf(invFreq, 'invFreq', (rot / 2) * 4);
+      const scale = fr(getDouble(attnScale, 'attnScale'));
+      const il = getBool(interleaved, 'interleaved');
+      getStream(stream);
+      ensureAlive();
+      const half = rot / 2;
+      if (T <= 0) return;
+      const xs = f32Of(xb, 'x'), pos = i32Of(pb, 'positions'), inv = f32Of(ib, 'invFreq');
+      const cs = scratch.floats(2 * half);
+      for (let tok = 0; tok < T; tok++) {
+        const p = fr(pos[tok]!);
+        for (let i = 0; i < half; i++) {
+          const angle = fr(p * inv[i]!);
+          cs[i] = fr(Math.cos(angle)) * scale;
+          cs[half + i] = fr(Math.sin(angle)) * scale;
+        }
+        for (let hd = 0; hd < Hn; hd++) {
+          const base = tok * rs + off + hd * hs;
+          for (let i = 0; i < half; i++) {
+            const ia = base + (il ? 2 * i : i), ib2 = base + (il ? 2 * i + 1 : i + half);
+            const a = xs[ia]!, b = xs[ib2]!, c = cs[i]!, s = cs[half + i]!;
+            xs[ia] = fr(a * c) - fr(b * s);
+            xs[ib2] = fr(b * c) + fr(a * s);
+          }
+        }
+      }
+    },
+
+    cudaSiluMul(gu, t, i, out, stream): void {
+      const T = dim(t, 't'), I = dim(i, 'i');
+      const gb = buf(gu, 'gu', T * 2 * I * 4), ob = buf(out, 'out', T * I * 4);
+      getStream(stream);
+      ensureAlive();
+      if (T * I === 0) return;
+      const g = f32Of(gb, 'gu'), o = f32Of(ob, 'out');
+      for (let tok = 0; tok < T; tok++)
+        for (let c = 0; c < I; c++) o[tok * I + c] = siluF32(g[tok * 2 * I + c]!) * g[tok * 2 * I + I + c]!;
+    },
+
+    cudaEmbedding(table, dtype, v, h, ids, t, out, stream): void {
+      const dt = parseDtype(dtype, 'dtype');
+      const V = dim(v, 'v', 1), Hd = dim(h, 'h', 1), T = dim(t, 't');
+      const tb = buf(table, 'table', V * Hd * dtypeSize(dt)), ib = buf(ids, 'ids', T * 4);
+      const ob = buf(out, 'out', T * Hd * 4);
+      getStream(stream);
+      ensureAlive();
+      if (T <= 0) return;
+      const idv = i32Of(ib, 'ids'), o = f32Of(ob, 'out');
+      const f32t = dt === 'f32' ? f32Of(tb, 'table') : null, u16t = dt === 'f32' ? null : u16Of(tb, 'table');
+      const f16 = dt === 'f16' ? f16Table() : null;
+      for (let tok = 0; tok < T; tok++) {
+        const id = idv[tok]!, o0 = tok * Hd;
+        if (id < 0 || id >= V) {  // ids live on the device: a bad one poisons its row
+          o.fill(NaN, o0, o0 + Hd);
+          continue;
+        }
+        const s0 = id * Hd;
+        if (f32t) o.set(f32t.subarray(s0, s0 + Hd), o0);
+        else if (f16) for (let c = 0; c < Hd; c++) o[o0 + c] = f16[u16t![s0 + c]!]!;
+        else for (let c = 0; c < Hd; c++) o[o0 + c] = bf16ToF32(u16t![s0 + c]!);
+      }
+    },
+
+    cudaSoftmax(x, rows, cols, out, log, stream): void {
+      const R = dim(rows, 'rows'), C = dim(cols, 'cols', 1);
+      const xb = buf(x, 'x', R * C * 4), ob = buf(out, 'out', R * C * 4);
+      const lg = getBool(log, 'log');
+      getStream(stream);
+      ensureAlive();
+      const xs = f32Of(xb, 'x'), o = f32Of(ob, 'out');
+      for (let r = 0; r < R; r++) {
+        const at = r * C;
+        let mx = -Infinity;
+        for (let i = 0; i < C; i++) if (xs[at + i]! > mx) mx = xs[at + i]!;  // fmaxf: NaN ignored
+        let s = 0;
+        for (let i = 0; i < C; i++) {
+          const e = fr(Math.exp(fr(xs[at + i]! - mx)));
+          if (!lg) o[at + i] = e;
+          s += e;  // double
+        }
+        if (lg) {
+          const lse = fr(Math.log(s));
+          for (let i = 0; i < C; i++) o[at + i] = fr(xs[at + i]! - mx) - lse;
+        } else {
+          const inv = fr(1 / s);
+          for (let i = 0; i < C; i++) o[at + i] = o[at + i]! * inv;
+        }
+      }
+    },
+
+    cudaTopN(x, rows, cols, n, ids, vals, stream): void {
+      const R = dim(rows, 'rows'), C = dim(cols, 'cols', 1), N = dim(n, 'n', 1, C);
+      const xb = buf(x, 'x', R * C * 4), ib = buf(ids, 'ids', R * N * 4), vb = buf(vals, 'vals', R * N * 4);
+      getStream(stream);
+      ensureAlive();
+      const xs = f32Of(xb, 'x'), idOut = i32Of(ib, 'ids'), vOut = f32Of(vb, 'vals');
+      // The first N of the strict order rank_before (what the kernel's N argmax rounds produce),
+      // by insertion into a sorted list.
+      for (let r = 0; r < R; r++) {
+        const at = r * C, o0 = r * N;
+        let filled = 0;
+        for (let i = 0; i < C; i++) {
+          const v = xs[at + i]!;
+          if (filled === N && !rankBefore(v, i, vOut[o0 + N - 1]!, idOut[o0 + N - 1]!)) continue;
+          let p = filled < N ? filled : N - 1;
+          while (p > 0 && rankBefore(v, i, vOut[o0 + p - 1]!, idOut[o0 + p - 1]!)) {
+            vOut[o0 + p] = vOut[o0 + p - 1]!;
+            idOut[o0 + p] = idOut[o0 + p - 1]!;
+            p--;
+          }
+          vOut[o0 + p] = v;
+          idOut[o0 + p] = i;
+          if (filled < N) filled++;
+        }
+      }
+    },
+
+    cudaKvCacheWrite(k, v, t, slots, kCache, vCache, kvHeads, dk, dv, vStride, numSlots, stream): void {
+      const T = dim(t, 't'), KVH = dim(kvHeads, 'kvHeads', 1), DK = dim(dk, 'dk', 1);
+      const DV = dim(dv, 'dv', 0), VS = dim(vStride, 'vStride', 0);
+      const S = getInt(numSlots, 'numSlots', 0, 2 ** 40);
+      const hasV = !nullish(v);
+      if (hasV && VS < DV) throw rangeError(`vStride is ${VS}, expected at least dv = ${DV}`);
+      const kb = buf(k, 'k', T * KVH * DK * 4);
+      const vb = hasV ? buf(v, 'v', T * KVH * DV * 4) : null;
+      const sb = buf(slots, 'slots', T * 4);
+      const kcb = buf(kCache, 'kCache', S * KVH * DK * 4);
+      const vcb = hasV ? buf(vCache, 'vCache', S * KVH * VS * 4) : null;
+      getStream(stream);
+      ensureAlive();
+      if (T <= 0) return;
+      const ks = f32Of(kb, 'k'), sl = i32Of(sb, 'slots'), kc = f32Of(kcb, 'kCache');
+      const vs = vb ? f32Of(vb, 'v') : null, vc = vcb ? f32Of(vcb, 'vCache') : null;
+      for (let tok = 0; tok < T; tok++) {
+        const slot = sl[tok]!;
+        if (slot < 0) continue;
+        if (slot >= S) fault(`slots[${tok}] is ${slot}, expected < numSlots = ${S}`);
+        kc.set(ks.subarray(tok * KVH * DK, (tok + 1) * KVH * DK), slot * KVH * DK);
+        if (!vs || !vc) continue;
+        for (let hh = 0; hh < KVH; hh++)
+          vc.set(vs.subarray((tok * KVH + hh) * DV, (tok * KVH + hh + 1) * DV), (slot * KVH + hh) * VS);
+      }
+    },
+
+    cudaPagedAttention(q, kCache, vCache, seqInfo, blockTables, opts, out, stream): void {
+      if (typeof opts !== 'object' || opts === null) throw typeError('opts must be an object');
+      const o = opts as CudaAttentionOptions & Record<string, unknown>;
+      const req = (key: string, min: number, max: number, def: number, required: boolean): number => {
+        const v = o[key];
+        if (nullish(v)) {
+          if (required) throw typeError(`opts.${key} must be a number`);
+          return def;
+        }
+        if (typeof v !== 'number') throw typeError(`opts.${key} must be a number`);
+        if (v !== Math.floor(v) || v < min || v > max)
+          throw rangeError(`opts.${key} is ${cppDouble(v)}, expected an integer in ${min}..${max}`);
+        return v;
+      };
+      const numSeqs = req('numSeqs', 0, 1 << 20, 0, true);
+      const heads = req('heads', 1, 4096, 0, true);
+      const kvHeads = req('kvHeads', 1, heads, 0, true);
+      if (heads % kvHeads) throw rangeError('opts.heads must be a multiple of opts.kvHeads');
+      const dk = req('dk', 1, 4096, 0, true);
+      const dv = req('dv', 1, 512, 0, true);
+      const vStride = req('vStride', 1, 1 << 16, dv, false);
+      const vOffset = req('vOffset', 0, 1 << 16, 0, false);
+      if (vOffset + dv > vStride) throw rangeError('opts.vOffset + opts.dv exceeds opts.vStride');
+      const bs = req('blockSize', 1, 1 << 16, 0, true);
+      const maxBlocks = req('maxBlocks', 1, 1 << 24, 0, true);
+      if (typeof o.scale !== 'number') throw typeError('opts.scale must be a number');
+      const scale = fr(o.scale);
+      const window = req('slidingWindow', 0, 2 ** 30, 0, false);
+      const qRowStride = req('qRowStride', heads * dk, 2 ** 30, heads * dk, false);
+      const total = req('totalTokens', 0, 1 << 28, 0, true);
+      const maxCtx = req('maxContext', 1, 2 ** 30, 0, true);
+      const numBlocks = req('numBlocks', 1, 2 ** 30, 0, true);
+      const qb = buf(q, 'q', total ? ((total - 1) * qRowStride + heads * dk) * 4 : 0);
+      const kcb = buf(kCache, 'kCache', numBlocks * bs * kvHeads * dk * 4);
+      const vcb = buf(vCache, 'vCache', numBlocks * bs * kvHeads * vStride * 4);
+      const sib = buf(seqInfo, 'seqInfo', numSeqs * 3 * 4);
+      const btb = buf(blockTables, 'blockTables', numSeqs * maxBlocks * 4);
+      const ob = buf(out, 'out', total * heads * dv * 4);
+      getStream(stream);
+      ensureAlive();
+      if (total <= 0 || numSeqs <= 0) return;
+      const qs = f32Of(qb, 'q'), kc = f32Of(kcb, 'kCache'), vc = f32Of(vcb, 'vCache');
+      const si = i32Of(sib, 'seqInfo'), bt = i32Of(btb, 'blockTables'), os = f32Of(ob, 'out');
+      const group = heads / kvHeads;
+      for (let s = 0; s < numSeqs; s++) {
+        const qStart = si[3 * s]!, qLen = si[3 * s + 1]!, ctx = si[3 * s + 2]!;
+        if (qLen <= 0) continue;
+        if (qStart < 0 || qStart + qLen > total) fault(`seqInfo[${s}] rows ${qStart}..${qStart + qLen} outside totalTokens ${total}`);
+        // NOTE: the kernel's key splits cover [0, maxContext) rounded up: keys beyond are dropped.
+        if (ctx > maxCtx) precondition(`seqInfo[${s}].ctxLen ${ctx} > maxContext ${maxCtx}`);
+        if (Math.ceil(ctx / bs) > maxBlocks) precondition(`seqInfo[${s}].ctxLen ${ctx} needs more than maxBlocks ${maxBlocks} blocks`);
+        for (let b = 0; b < Math.ceil(ctx / bs); b++) {
+          const blk = bt[s * maxBlocks + b]!;
+          if (blk < 0 || blk >= numBlocks) fault(`blockTables[${s}][${b}] is ${blk}, outside 0..${numBlocks - 1}`);
+        }
+        const sc = scratch.doubles(ctx + dv);  // [scores ctx | output accumulators dv]
+        for (let i = 0; i < qLen; i++) {
+          const pos = ctx - qLen + i, lo = window > 0 ? Math.max(0, pos - window + 1) : 0;
+          const row = qStart + i;
+          for (let hd = 0; hd < heads; hd++) {
+            const kvh = Math.floor(hd / group), q0 = row * qRowStride + hd * dk;
+            let mx = -Infinity;
+            for (let j = lo; j <= pos; j++) {
+              const crow = (bt[s * maxBlocks + Math.floor(j / bs)]! * bs + (j % bs)) * kvHeads + kvh;
+              let d = 0;
+              for (let e = 0; e < dk; e++) d += qs[q0 + e]! * kc[crow * dk + e]!;
+              d *= scale;
+              sc[j] = d;
+              if (d > mx) mx = d;
+            }
+            let sum = 0;
+            for (let j = lo; j <= pos; j++) sum += (sc[j] = Math.exp(sc[j]! - mx));
+            const o0 = (row * heads + hd) * dv;
+            // A row with no visible key divides 0 by 0 (NaN), as the kernel's 0 * (1 / 0).
+            sc.fill(0, ctx, ctx + dv);
+            for (let j = lo; j <= pos; j++) {
+              const crow = (bt[s * maxBlocks + Math.floor(j / bs)]! * bs + (j % bs)) * kvHeads + kvh;
+              const p = sc[j]!, v0 = crow * vStride + vOffset;
+              for (let e = 0; e < dv; e++) sc[ctx + e] += p * vc[v0 + e]!;
+            }
+            for (let e = 0; e < dv; e++) os[o0 + e] = sc[ctx + e]! / sum;
+          }
+        }
+      }
+    },
+
+    // --- glue for the device engine
+    cudaGemmF32(x, m, w, wDtype, n, k, y, bias, accumulate, stream): void {
+      const M = dim(m, 'm'), N = dim(n, 'n'), K = dim(k, 'k');
+      if (wDtype !== 'f32' && wDtype !== 'bf16') throw typeError("wDtype must be 'f32' or 'bf16'");
+      const xb = buf(x, 'x', M * K * 4), wb = buf(w, 'w', N * K * dtypeSize(wDtype));
+      const yb = buf(y, 'y', M * N * 4), bb = optBuf(bias, 'bias', N * 4);
+      const acc = getBool(accumulate, 'accumulate');
+      getStream(stream);
+      ensureAlive();
+      if (M === 0 || N === 0) return;
+      const xs = f32Of(xb, 'x'), ys = f32Of(yb, 'y'), bs = bb ? f32Of(bb, 'bias') : null;
+      let ws: Float32Array;
+      if (wDtype === 'f32') ws = f32Of(wb, 'w');
+      else {
+        ws = scratch.floats(N * K);
+        widenBf16(u16Of(wb, 'w'), N * K, ws, 0);
+      }
+      for (let r = 0; r < M; r++)
+        for (let o = 0; o < N; o++) {
+          // Products of two f32 are exact in double; the sum is a double, rounded once.
+          let v = fr(dotRows(xs, r * K, ws, o * K, K));
+          if (bs) v = fr(v + bs[o]!);
+          if (acc) v = fr(v + ys[r * N + o]!);
+          ys[r * N + o] = v;
+        }
+    },
+    cudaAdd(y, x, n, stream): void {
+      const cnt = getInt(n, 'n', 0, 2 ** 42);
+      const yb = buf(y, 'y', cnt * 4), xb = buf(x, 'x', cnt * 4);
+      getStream(stream);
+      ensureAlive();
+      if (cnt === 0) return;
+      const ys = f32Of(yb, 'y'), xs = f32Of(xb, 'x');
+      for (let i = 0; i < cnt; i++) ys[i] = ys[i]! + xs[i]!;
+    },
+    cudaGatedAdd(out, y, gate, t, h, stream): void {
+      const T = dim(t, 't'), Hd = dim(h, 'h');
+      const ob = buf(out, 'out', T * Hd * 4), yb = buf(y, 'y', T * Hd * 4), gb = buf(gate, 'gate', T * 4);
+      getStream(stream);
+      ensureAlive();
+      if (T * Hd === 0) return;
+      const os = f32Of(ob, 'out'), ys = f32Of(yb, 'y'), gs = f32Of(gb, 'gate');
+      for (let tok = 0; tok < T; tok++) {
+        const sg = fr(1 / fr(1 + fr(Math.exp(-gs[tok]!))));
+        for (let c = 0; c < Hd; c++) os[tok * Hd + c] = os[tok * Hd + c]! + fr(sg * ys[tok * Hd + c]!);
+      }
+    },
+    cudaClamp(x, n, limit, stream): void {
+      const cnt = getInt(n, 'n', 0, 2 ** 42);
+      const xb = buf(x, 'x', cnt * 4);
+      const lim = fr(getDouble(limit, 'limit'));
+      getStream(stream);
+      ensureAlive();
+      if (cnt === 0) return;
+      const xs = f32Of(xb, 'x');
+      // NaN stays NaN (torch.clamp); -0 and 0 compare equal and keep their sign.
+      for (let i = 0; i < cnt; i++) {
+        const v = xs[i]!;
+        if (v > lim) xs[i] = lim;
+        else if (v < -lim) xs[i] = -lim;
+      }
+    },
+    cudaCopy2D(dst, dstOffsetBytes, dstPitchBytes, src, srcOffsetBytes, srcPitchBytes, widthBytes, rows, stream): void {
+      const doff = getInt(dstOffsetBytes, 'dstOffsetBytes', 0, BYTES_MAX);
+      const dp = getInt(dstPitchBytes, 'dstPitchBytes', 0, BYTES_MAX);
+      const soff = getInt(srcOffsetBytes, 'srcOffsetBytes', 0, BYTES_MAX);
+      const sp = getInt(srcPitchBytes, 'srcPitchBytes', 0, BYTES_MAX);
+      const wd = getInt(widthBytes, 'widthBytes', 0, BYTES_MAX);
+      const R = dim(rows, 'rows');
+      if (dp < wd) throw rangeError(`dstPitchBytes is ${dp}, expected at least widthBytes = ${wd}`);
+      if (sp < wd) throw rangeError(`srcPitchBytes is ${sp}, expected at least widthBytes = ${wd}`);
+      const db = buf(dst, 'dst', R ? doff + (R - 1) * dp + wd : 0);
+      const sb = buf(src, 'src', R ? soff + (R - 1) * sp + wd : 0);
+      getStream(stream);
+      ensureAlive();
+      const d = bytesOf(db), s = bytesOf(sb);
+      for (let r = 0; r < R; r++) d.set(s.subarray(soff + r * sp, soff + r * sp + wd), doff + r * dp);
+    },
+    cudaCopyRowRange(dst, src, offsets, lo, hi, rowBytes, maxRows, stream): void {
+      const L = dim(lo, 'lo');
+      const Hh = dim(hi, 'hi', L);
+      const rb = getInt(rowBytes, 'rowBytes', 0, BYTES_MAX);
+      const mr = dim(maxRows, 'maxRows');
+      const db = buf(dst, 'dst', mr * rb), sb = buf(src, 'src', mr * rb);
+      const ob = buf(offsets, 'offsets', (Hh + 1) * 4);
+      getStream(stream);
+      ensureAlive();
+      const off = i32Of(ob, 'offsets');
+      // Rows [offsets[lo], offsets[hi]) clipped to [0, maxRows): the buffers hold maxRows rows.
+      const r0 = Math.max(0, off[L]!), r1 = Math.min(off[Hh]!, mr);
+      if (r1 <= r0 || rb === 0) return;
+      bytesOf(db).set(bytesOf(sb).subarray(r0 * rb, r1 * rb), r0 * rb);
+    },
+
+    cudaNcclUniqueId(): Uint8Array {
+      throw coded(new Error('NCCL is not emulated'), 'E_UNSUPPORTED');
+    },
+    cudaNcclJoin(): never {
+      throw coded(new Error('NCCL is not emulated'), 'E_UNSUPPORTED');
+    },
+  };
+
+  function parseTile(opts: unknown): void {
+    if (nullish(opts)) return;
+    if (typeof opts !== 'object') throw typeError('opts must be an object');
+    const t = (opts as { tile?: unknown }).tile;
+    if (nullish(t) || t === 'auto' || t === 'small' || t === 'large') return;
+    throw typeError("opts.tile must be 'auto', 'small' or 'large'");
+  }
+
+  let f16Decode: Float32Array | null = null;
+  /** All 65536 f16 bit patterns as f32 (dtype.h's f16_to_f32, which __half2float matches). */
+  function f16Table(): Float32Array {
+    if (!f16Decode) {
+      const all = Uint16Array.from({ length: 65536 }, (_, i) => i);
+      f16Decode = new Float32Array(65536);
+      native.convert(all, 'f16', f16Decode, 'f32');
+    }
+    return f16Decode;
+  }
+
+  return addon;
+}
