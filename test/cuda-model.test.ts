@@ -59,7 +59,7 @@ for (const b of backends) {
         try {
           assert.equal(model.numMoeLayers, golden.moe_layers.length);
           const V = spec.vocabSize, k = spec.moe.router.topK;
-          let sumRel = 0, positions = 0, routedSame = 0, routedAll = 0;
+          let sumRel = 0, sumCpu = 0, positions = 0, routedSame = 0, routedAll = 0;
           for (const [ci, c] of golden.cases.entries()) {
             const r = new DirectRunner(model);
             const res = r.step([r.newSeq()], [c.prompt_ids], true);
@@ -72,6 +72,7 @@ for (const b of backends) {
               assert.ok(ours.every(Number.isFinite), `case ${ci} position ${p}: non-finite logits`);
               const rel = relToRange(ours, c.logits[p]!);
               sumRel += rel;
+              sumCpu += relToRange(ours, ref.logits.subarray(p * V, (p + 1) * V));
               positions++;
               const sameRouting = golden.moe_layers.every((_, m) => {
                 for (let q = 0; q <= p; q++) {
@@ -93,6 +94,9 @@ for (const b of backends) {
           }
           const mean = sumRel / positions;
           assert.ok(mean <= BF16_MEAN_REL_TOL, `logits off by ${(mean * 100).toFixed(2)}% of their range on average`);
+          // Same bf16 GEMM inputs as the CPU's fast mode, other summation orders: measured on the
+          // emulator 0.00-0.05% of the logits' range on average.
+          assert.ok(sumCpu / positions <= 0.005, `logits off the CPU bf16 engine's by ${(100 * sumCpu / positions).toFixed(2)}% of their range on average`);
           // Both engines round the same GEMM inputs to bf16; only their summation orders differ, so
           // a near-tie may flip an expert now and then, never wholesale.
           assert.ok(routedSame / routedAll >= 0.97, `routing agrees with the CPU bf16 engine on ${routedSame}/${routedAll} choices`);

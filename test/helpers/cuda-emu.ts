@@ -1045,10 +1045,13 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
       }
       for (let r = 0; r < M; r++)
         for (let o = 0; o < N; o++) {
-          // Products of two f32 are exact in double; the sum is a double, rounded once.
-          let v = fr(dotRows(xs, r * K, ws, o * K, K));
-          if (bs) v = fr(v + bs[o]!);
-          if (acc) v = fr(v + ys[r * N + o]!);
+          // glue.cu's contract: each product rounded to f32, the products summed in double, then
+          // s = (accumulate ? y : 0) + bias + sum in double, rounded to f32 once.
+          let sum = 0;
+          for (let i = 0, xa = r * K, wa = o * K; i < K; i++) sum += fr(xs[xa + i]! * ws[wa + i]!);
+          let sd = acc ? ys[r * N + o]! : 0;
+          if (bs) sd += bs[o]!;
+          const v = fr(sd + sum);
           ys[r * N + o] = v;
         }
     },
@@ -1069,8 +1072,9 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
       if (T * Hd === 0) return;
       const os = f32Of(ob, 'out'), ys = f32Of(yb, 'y'), gs = f32Of(gb, 'gate');
       for (let tok = 0; tok < T; tok++) {
-        const sg = fr(1 / fr(1 + fr(Math.exp(-gs[tok]!))));
-        for (let c = 0; c < Hd; c++) os[tok * Hd + c] = os[tok * Hd + c]! + fr(sg * ys[tok * Hd + c]!);
+        // glue.cu: the sigmoid, product and sum in double, one rounding (the Float32Array store).
+        const sg = 1 / (1 + Math.exp(-gs[tok]!));
+        for (let c = 0; c < Hd; c++) os[tok * Hd + c] = os[tok * Hd + c]! + sg * ys[tok * Hd + c]!;
       }
     },
     cudaClamp(x, n, limit, stream): void {
