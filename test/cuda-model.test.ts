@@ -182,3 +182,35 @@ for (const b of backends) {
     }
   });
 }
+
+for (const b of backends) {
+  test(`device model (${b.label}): per-expert DenseGemm (EPS 'dense') equals the GroupGemm`, { skip: b.skip }, () => {
+    for (const name of ['qwen2_moe', 'deepseek_v3', 'longcat_flash']) {
+      const cuda = b.cuda();
+      const dir = path.join(fixturesDir, name);
+      const { model, spec } = loadCudaModel(dir, { device: 0, ...(cuda ? { cuda } : {}) });
+      try {
+        const golden = JSON.parse(readFileSync(path.join(dir, 'golden.json'), 'utf8')) as Golden;
+        const prompt = golden.cases[0]!.prompt_ids;
+        const run = () => {
+          const r = new DirectRunner(model);
+          return r.step([r.newSeq()], [prompt], true);
+        };
+        model.setExpertKernel('group');
+        const g = run();
+        assert.deepEqual(model.kernelChoices(), { group: model.numMoeLayers });
+        model.setExpertKernel('dense');
+        const d = run();
+        assert.deepEqual(model.kernelChoices(), { dense: model.numMoeLayers });
+        assert.deepEqual(d.routedIds, g.routedIds, `${name}: routing`);
+        for (let p = 0; p < prompt.length; p++) {
+          const V = spec.vocabSize;
+          const rel = relToRange(d.logits.subarray(p * V, (p + 1) * V), g.logits.subarray(p * V, (p + 1) * V));
+          assert.ok(rel < 1e-3, `${name} position ${p}: dense vs group ${rel}`);
+        }
+      } finally {
+        model.dispose();
+      }
+    }
+  });
+}

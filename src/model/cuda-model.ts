@@ -27,6 +27,8 @@ interface DeviceMoe {
   gateBias: CudaBuffer | null;        // [E + Z]
   correctionBias: CudaBuffer | null;  // [E + Z]
   experts: CudaExpertTable;
+  /** The same experts' buffers, for the per-expert DenseGemm path: gate_up [2I, H], down [H, I] bf16. */
+  expertWeights: { gateUp: CudaBuffer; down: CudaBuffer }[];
   shared: DeviceFfn | null;
   sharedGate: DeviceWeight | null;    // [1, H]
 }
@@ -55,6 +57,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
   /** Every cache allocated, with its block count. */
   private readonly caches = new Map<DeviceLayerCache[], number>();
   private readonly k: number;
+  private expertKernel: 'group' | 'dense' = 'group';
   private disposed = false;
 
   constructor(readonly spec: ModelSpec, src: TensorSource, opts: CudaModelOptions) {
@@ -156,6 +159,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     const biasName = spec.modelType === 'longcat_flash' ? `${p}router.e_score_correction_bias` : `${r}.e_score_correction_bias`;
     const correctionBias = m.router.hasCorrectionBias ? dev.vector(vectorF32(src, biasName, ET)) : null;
     const experts = this.table(E, I);
+    const expertWeights: DeviceMoe['expertWeights'] = [];
     const fused = src.has(`${p}experts.gate_up_proj`);
     const gateUpAll = fused ? src.get(`${p}experts.gate_up_proj`) : null;
     const downAll = fused ? src.get(`${p}experts.down_proj`) : null;
@@ -177,7 +181,9 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
       checkShape(`${p}experts.${e} gate`, g, [I, H]);
       checkShape(`${p}experts.${e} up`, u, [I, H]);
       checkShape(`${p}experts.${e} down`, d, [H, I]);
-      experts.set(e, dev.gateUp(g, u), dev.bf16(d));
+      const w = { gateUp: dev.gateUp(g, u), down: dev.bf16(d) };
+      experts.set(e, w.gateUp, w.down);
+      expertWeights.push(w);
     }
     let shared: DeviceFfn | null = null;
     let sharedGate: DeviceWeight | null = null;
@@ -185,17 +191,21 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
       shared = this.ffn(src, spec.modelType === 'qwen2_moe' ? `${p}shared_expert.` : `${p}shared_experts.`, m.sharedIntermediate);
       if (m.sharedGate) sharedGate = dev.linear(`${p}shared_expert_gate.weight`, src.get(`${p}shared_expert_gate.weight`), 1, H, true);
     }
-    return { moeIndex, gate, gateBias, correctionBias, experts, shared, sharedGate };
+    return { moeIndex, gate, gateBias, correctionBias, experts, expertWeights, shared, sharedGate };
   }
 
-  /** GroupGemm only: the EPS planner's per-expert DenseGemm choice is not calibrated on the device yet. */
+  /**
+   * EPS-MoE on the device: 'group' (one GroupGemm launch for every expert) or 'dense' (a DenseGemm
+   * per expert with rows, cuBLASLt when loaded: it needs the per-expert row counts on the host, one
+   * device sync per MoE layer). 'auto' stays on GroupGemm until the crossover is measured on a GPU
+   * (`npm run bench -- kernels --device cuda` prints it); the CPU's calibration does not carry over.
+   */
   setExpertKernel(mode: 'auto' | 'group' | 'dense'): void {
-    if (mode === 'dense')
-      throw new RangeError("--expert-kernel dense is not available with --device cuda yet (use auto or group)");
+    this.expertKernel = mode === 'dense' ? 'dense' : 'group';
   }
 
   kernelChoices(): Record<string, number> {
-    return this.numMoeLayers ? { group: this.numMoeLayers } : {};
+    return this.numMoeLayers ? { [this.expertKernel]: this.numMoeLayers } : {};
   }
 
   cacheFloatsPerToken(): [number, number] {
@@ -347,7 +357,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     if (Z === 0) {
       const xPerm = scratch.get('moe.xperm.bf16', rows * H * BF16);
       cu.cudaPermute(x, T, H, ids, k, ET, xPerm, permIndex, offsets, 'bf16');
-      cu.cudaGroupGemmFfn(xPerm, offsets, m.experts, rows, hs, yPerm, null);
+      this.experts(m, xPerm, offsets, rows, hs, yPerm);
     } else {
       // Identity experts return weight * x exactly: permute in f32, feed the GEMM a bf16 copy and
       // copy the identity rows (after the real experts' rows) through unrounded.
@@ -355,7 +365,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
       const xPerm = scratch.get('moe.xperm.bf16', rows * H * BF16);
       cu.cudaPermute(x, T, H, ids, k, ET, xPermF, permIndex, offsets, 'f32');
       cu.cudaConvert(xPermF, 'f32', xPerm, 'bf16', rows * H);
-      cu.cudaGroupGemmFfn(xPerm, offsets, m.experts, rows, hs, yPerm, null);
+      this.experts(m, xPerm, offsets, rows, hs, yPerm);
       cu.cudaCopyRowRange(yPerm, xPermF, offsets, E, ET, H * F32, rows);
     }
     cu.cudaUnpermuteCombine(yPerm, permIndex, weights, T, k, H, out, false);
@@ -369,6 +379,33 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
       } else {
         cu.cudaAdd(out, y, T * H);
       }
+    }
+  }
+
+  /** yPerm [rows, H] f32 = expert FFNs of xPerm [rows, H] bf16 in expert-contiguous order. */
+  private experts(m: DeviceMoe, xPerm: CudaBuffer, offsets: CudaBuffer, rows: number, hs: CudaBuffer,
+                  yPerm: CudaBuffer): void {
+    const { cu } = this;
+    if (this.expertKernel === 'group') {
+      cu.cudaGroupGemmFfn(xPerm, offsets, m.experts, rows, hs, yPerm, null);
+      return;
+    }
+    const H = this.spec.hidden, I = this.spec.moe.intermediate, E = this.spec.moe.numExperts;
+    const offs = new Int32Array(E + 1);
+    cu.cudaCopyToHost(offs, offsets.view(0, (E + 1) * I32), 0);
+    let most = 0;
+    for (let e = 0; e < E; e++) most = Math.max(most, offs[e + 1]! - offs[e]!);
+    const gu = this.dev.scratch.get('moe.dense.gu', most * 2 * I * F32);
+    const h = this.dev.scratch.get('moe.dense.h', most * I * F32);
+    for (let e = 0; e < E; e++) {
+      const r0 = offs[e]!, n = offs[e + 1]! - r0;
+      if (n === 0) continue;
+      const w = m.expertWeights[e]!;
+      cu.cudaDenseGemm(xPerm.view(r0 * H * BF16, n * H * BF16), n, w.gateUp, 2 * I, H, gu, null, false);
+      cu.cudaSiluMul(gu, n, I, h, null);
+      // The GroupGemm stores SiLU(gate)*up as bf16 too: both paths feed the down GEMM the same.
+      cu.cudaConvert(h, 'f32', hs, 'bf16', n * I);
+      cu.cudaDenseGemm(hs, n, w.down, H, I, yPerm.view(r0 * H * F32, n * H * F32), null, false);
     }
   }
 
