@@ -410,6 +410,7 @@ function measureLimits(cu: Cu, opts: Options, flush: CudaBuffer | null, pool: Cu
     torchMatmulTflops: peer?.limits?.matmul?.tflops ?? null, torchCopyGBps: peer?.limits?.copy?.gbps ?? null,
     cublasLtTflops: null, copyGBps: null, bf16Tflops: null, bf16Source: '', hbmGBps: null, datasheet: null, notes: [],
   };
+  if (peer?.limits?.error) lim.notes.push(`torch limits: ${peer.limits.error}`);
   const arena = new Arena(cu);
   try {
     const n = opts.copyMiB * 2 ** 20;

@@ -70,6 +70,7 @@ export interface TorchRun {
   limits?: {
     matmul?: { n: number; dtype: string; timesMs: number[]; tflops: number };
     copy?: { bytes: number; timesMs: number[]; gbps: number };
+    error?: string;
   };
   checks?: Record<string, TorchCheck>;
   results?: Record<string, Partial<Record<TorchVariant, TorchTimes>>>;

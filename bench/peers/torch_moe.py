@@ -274,6 +274,8 @@ def run_shape(torch, device, gen, timer, spec, shape, gmm, verdict, results):
                 res[name] = {"timesMs": timer(fn, spec["warmup"], spec["reps"])}
             except Exception as err:  # noqa: BLE001 - reported per variant and case
                 res[name] = {"error": f"{type(err).__name__}: {err}".splitlines()[0]}
+        med = {k: round(statistics.median(v["timesMs"]), 4) for k, v in res.items() if "timesMs" in v}
+        log(f"  {case['id']}: {med} ms")
         del x, ffn, y
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -344,10 +346,15 @@ def main():
     timer = Timer(torch, device, int(spec.get("flushBytes", 0)))
     with torch.inference_mode():
         log(f"limits on {out['device'].get('name', 'cpu')}")
-        out["limits"] = measure_limits(torch, device, timer, spec.get("limits", {}))
+        try:
+            out["limits"] = measure_limits(torch, device, timer, spec.get("limits", {}))
+        except Exception as err:  # noqa: BLE001 - the bench falls back to its own limits
+            out["limits"] = {"error": f"{type(err).__name__}: {err}".splitlines()[0]}
         out["checks"] = {}
         out["results"] = {}
         for shape in spec["shapes"]:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             verdict = {}  # variant -> why it is not timed
             if spec.get("checkDir") and shape.get("check"):
                 try:
@@ -362,7 +369,15 @@ def main():
                         verdict[name] = f"wrong result: relative L2 {rel:.2e} > {REL_L2_MAX:g}"
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-            run_shape(torch, device, gen, timer, spec, shape, gmm, verdict, out["results"])
+            try:
+                run_shape(torch, device, gen, timer, spec, shape, gmm, verdict, out["results"])
+            except Exception as err:  # noqa: BLE001 - e.g. no memory for the weights: this shape's cases fail
+                msg = f"{type(err).__name__}: {err}".splitlines()[0]
+                log(f"{shape['name']}: {msg}")
+                for case in shape["cases"]:
+                    res = out["results"].setdefault(case["id"], {})
+                    for name in ("grouped_mm", "loop"):
+                        res.setdefault(name, {"error": msg})
     out["ok"] = True
     print(json.dumps(out))
     return 0
