@@ -7,6 +7,7 @@ import { parseArgs } from 'node:util';
 import type { ExpertTable, NativeAddon, PackedWeight } from '../src/native/index.js';
 import { loadNative } from '../src/native/index.js';
 import { writeChart } from './chart.js';
+import { runKernelsCuda } from './kernels-cuda.js';
 import {
   CacheFlusher, fmt, markdownTable, measure, parseIntList, parsePositiveInt, pct, runInfo, stats,
   writeJson, type Cell, type Stats,
@@ -84,7 +85,7 @@ function parseOptions(argv: string[]): Options {
   });
   const device = values.device ?? 'cpu';
   if (device !== 'cpu')
-    throw new RangeError(`--device is "${device}", expected "cpu" (the GPU kernels have their own bench)`);
+    throw new RangeError(`--device is "${device}", expected "cpu", "cuda" or "cuda:N"`);
   const names = (values.models ?? SHAPES.map((s) => s.name).join(',')).split(',');
   const models = names.map((n) => {
     const s = SHAPES.find((x) => x.name === n.trim());
@@ -544,7 +545,17 @@ function plot(file: string, rows: Row[], models: MoeShape[], tokens: number[]): 
   }
 }
 
+/** The --device value of argv, if any (`--device X` or `--device=X`). */
+function deviceFlag(argv: string[]): string | undefined {
+  for (let i = 0; i < argv.length; i++) {
+    if (argv[i] === '--device') return argv[i + 1];
+    if (argv[i]!.startsWith('--device=')) return argv[i]!.slice('--device='.length);
+  }
+  return undefined;
+}
+
 export async function runKernels(argv: string[]): Promise<void> {
+  if (/^cuda(:|$)/.test(deviceFlag(argv) ?? '')) return runKernelsCuda(argv);
   const opts = parseOptions(argv);
   const native = loadNative();
   native.setNumThreads(opts.threads);
