@@ -6,10 +6,10 @@ import { loadNative, type CudaAddon, type CudaBuffer, type CudaExpertTable, type
 import { CudaGqaAttention, CudaMlaAttention, type DeviceAttentionBlock, type DeviceLayerCache, type DeviceStep } from './cuda-attention.js';
 import { BF16, Device, F32, I32, type DeviceWeight } from './device.js';
 import type { ForwardBatch, ForwardModel, ForwardResult } from './forward-batch.js';
-import { moeNames } from './model.js';
+import { moeTensors } from './moe-tensors.js';
 import type { ModelSpec } from './spec.js';
 import type { HostTensor, TensorSource } from './tensor-source.js';
-import { checkShape, rowsOf, sliceOf, vectorF32 } from './weights.js';
+import { checkExpert, checkShape, ffnSource, vectorF32, type ExpertSource } from './weights.js';
 
 export interface CudaModelOptions {
   /** CUDA device index. */
@@ -132,15 +132,16 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     return t;
   }
 
+  /** A gated FFN's gate_up [2I, H] and down [H, I] on the device (bf16), shapes checked. */
+  private upload(ex: ExpertSource, name: string, inter: number): { gateUp: CudaBuffer; down: CudaBuffer } {
+    checkExpert(ex, name, this.spec.hidden, inter);
+    return { gateUp: this.dev.gateUp(ex.gate, ex.up), down: this.dev.bf16(ex.down) };
+  }
+
   private ffn(src: TensorSource, prefix: string, inter: number): DeviceFfn {
-    const H = this.spec.hidden;
-    const gate = src.get(`${prefix}gate_proj.weight`), up = src.get(`${prefix}up_proj.weight`);
-    const down = src.get(`${prefix}down_proj.weight`);
-    checkShape(`${prefix}gate_proj.weight`, gate, [inter, H]);
-    checkShape(`${prefix}up_proj.weight`, up, [inter, H]);
-    checkShape(`${prefix}down_proj.weight`, down, [H, inter]);
+    const w = this.upload(ffnSource(src, prefix), prefix.replace(/\.$/, ''), inter);
     const table = this.table(1, inter);
-    table.set(0, this.dev.gateUp(gate, up), this.dev.bf16(down));
+    table.set(0, w.gateUp, w.down);
     return { table, inter };
   }
 
@@ -148,50 +149,22 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     const { spec, dev } = this;
     const H = spec.hidden;
     const m = spec.moe;
-    const E = m.numExperts;
-    const ET = E + (m.zeroExperts ?? 0);
-    const I = m.intermediate;
-    const names = moeNames(spec, src, layerPrefix);
-    const p = layerPrefix + names.block;
-    const r = `${p}${names.router}`;
-    const gate = dev.linear(`${r}.weight`, src.get(`${r}.weight`), ET, H, true);
-    const gateBias = m.routerBias ? dev.vector(vectorF32(src, `${r}.bias`, ET)) : null;
-    const biasName = spec.modelType === 'longcat_flash' ? `${p}router.e_score_correction_bias` : `${r}.e_score_correction_bias`;
-    const correctionBias = m.router.hasCorrectionBias ? dev.vector(vectorF32(src, biasName, ET)) : null;
-    const experts = this.table(E, I);
+    const t = moeTensors(spec, src, layerPrefix);
+    const experts = this.table(m.numExperts, m.intermediate);
     const expertWeights: DeviceMoe['expertWeights'] = [];
-    const fused = src.has(`${p}experts.gate_up_proj`);
-    const gateUpAll = fused ? src.get(`${p}experts.gate_up_proj`) : null;
-    const downAll = fused ? src.get(`${p}experts.down_proj`) : null;
-    if (gateUpAll) checkShape(`${p}experts.gate_up_proj`, gateUpAll, [ET, 2 * I, H]);
-    if (downAll) checkShape(`${p}experts.down_proj`, downAll, [E, H, I]);
-    for (let e = 0; e < E; e++) {
-      const ep = `${p}experts.${e}.`;
-      let g: HostTensor, u: HostTensor, d: HostTensor;
-      if (gateUpAll && downAll) {
-        const gu = sliceOf(gateUpAll, e);
-        g = rowsOf(gu, 0, I);
-        u = rowsOf(gu, I, 2 * I);
-        d = sliceOf(downAll, e);
-      } else {
-        g = src.get(`${ep}${names.gate}.weight`);
-        u = src.get(`${ep}${names.up}.weight`);
-        d = src.get(`${ep}${names.down}.weight`);
-      }
-      checkShape(`${p}experts.${e} gate`, g, [I, H]);
-      checkShape(`${p}experts.${e} up`, u, [I, H]);
-      checkShape(`${p}experts.${e} down`, d, [H, I]);
-      const w = { gateUp: dev.gateUp(g, u), down: dev.bf16(d) };
+    for (let e = 0; e < m.numExperts; e++) {
+      const w = this.upload(t.expert(e), `${t.prefix}experts.${e}`, m.intermediate);
       experts.set(e, w.gateUp, w.down);
       expertWeights.push(w);
     }
-    let shared: DeviceFfn | null = null;
-    let sharedGate: DeviceWeight | null = null;
-    if (m.sharedIntermediate > 0) {
-      shared = this.ffn(src, spec.modelType === 'qwen2_moe' ? `${p}shared_expert.` : `${p}shared_experts.`, m.sharedIntermediate);
-      if (m.sharedGate) sharedGate = dev.linear(`${p}shared_expert_gate.weight`, src.get(`${p}shared_expert_gate.weight`), 1, H, true);
-    }
-    return { moeIndex, gate, gateBias, correctionBias, experts, expertWeights, shared, sharedGate };
+    return {
+      moeIndex, experts, expertWeights,
+      gate: dev.linear(t.routerName, t.router, t.router.shape[0]!, H, true),
+      gateBias: t.routerBias ? dev.vector(t.routerBias) : null,
+      correctionBias: t.correctionBias ? dev.vector(t.correctionBias) : null,
+      shared: t.sharedPrefix ? this.ffn(src, t.sharedPrefix, m.sharedIntermediate) : null,
+      sharedGate: t.sharedGate ? dev.linear(`${t.prefix}shared_expert_gate.weight`, t.sharedGate, 1, H, true) : null,
+    };
   }
 
   /**

@@ -9,7 +9,8 @@ import { GqaAttention, MlaAttention, type AttentionBlock, type LayerCache } from
 import { Scratch, type ForwardBatch, type ForwardModel, type ForwardResult } from './forward-batch.js';
 import type { ModelSpec } from './spec.js';
 import type { HostTensor, TensorSource } from './tensor-source.js';
-import { checkShape, denseFfnTable, packExpert, packLinear, sliceOf, rowsOf, vectorF32 } from './weights.js';
+import { moeTensors } from './moe-tensors.js';
+import { checkShape, denseFfnTable, packExpert, packLinear, vectorF32 } from './weights.js';
 
 export interface ModelOptions {
   /** bf16 dot products for activations (fast mode) instead of f32 (reference mode). */
@@ -35,18 +36,6 @@ interface Layer {
   /** The MoE: the FFN of a plain layer, or the shortcut branch of a ScMoE layer. */
   moe: MoeLayer | null;
   shortcut: boolean;
-}
-
-interface MoeNames { block: string; router: string; gate: string; up: string; down: string }
-
-/** Checkpoint names of the MoE block (router and expert projections) per architecture. */
-export function moeNames(spec: ModelSpec, src: TensorSource, layerPrefix: string): MoeNames {
-  if (spec.modelType === 'longcat_flash')
-    return { block: 'mlp.', router: 'router.classifier', gate: 'gate_proj', up: 'up_proj', down: 'down_proj' };
-  // Mixtral hub checkpoints use block_sparse_moe.* (w1/w3/w2); transformers 5.x saves mlp.*.
-  if (spec.modelType === 'mixtral' && !src.has(`${layerPrefix}mlp.gate.weight`))
-    return { block: 'block_sparse_moe.', router: 'gate', gate: 'w1', up: 'w3', down: 'w2' };
-  return { block: 'mlp.', router: 'gate', gate: 'gate_proj', up: 'up_proj', down: 'down_proj' };
 }
 
 export class MoeModel implements ForwardModel<LayerCache[]> {
@@ -91,7 +80,7 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
           postNorm: vectorF32(src, `${p}post_attention_layernorm.${j}.weight`, H),
           attn: attention(`${p}self_attn.${j}.`),
           cacheIndex: cacheIndex++,
-          dense: denseFfnTable(src, `${p}mlps.${j}.`, ['gate_proj', 'up_proj', 'down_proj'], H, spec.denseIntermediate),
+          dense: denseFfnTable(src, `${p}mlps.${j}.`, H, spec.denseIntermediate),
         }));
         const moe = this.buildMoe(src, p, moeIndex++, opts);
         this.moeLayers.push(moe);
@@ -104,7 +93,7 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
         moe = this.buildMoe(src, p, moeIndex++, opts);
         this.moeLayers.push(moe);
       } else {
-        dense = denseFfnTable(src, `${p}mlp.`, ['gate_proj', 'up_proj', 'down_proj'], H, spec.denseIntermediate);
+        dense = denseFfnTable(src, `${p}mlp.`, H, spec.denseIntermediate);
       }
       this.layers.push({
         subs: [{
@@ -123,47 +112,22 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
     const { spec } = this;
     const H = spec.hidden;
     const m = spec.moe;
-    const E = m.numExperts;
-    const ET = E + (m.zeroExperts ?? 0);
-    const I = m.intermediate;
-    const names = moeNames(spec, src, layerPrefix);
-    const p = layerPrefix + names.block;
-    const r = `${p}${names.router}`;
-    const gate = packLinear(src, `${r}.weight`, ET, H);
-    const gateBias = m.routerBias ? vectorF32(src, `${r}.bias`, ET) : null;
-    const biasName = spec.modelType === 'longcat_flash' ? `${p}router.e_score_correction_bias` : `${r}.e_score_correction_bias`;
-    const correctionBias = m.router.hasCorrectionBias ? vectorF32(src, biasName, ET) : null;
-    const experts = new n.ExpertTable(E, H, I);
-    // transformers 5.x stores experts fused: gate_up_proj [E, 2I, H], down_proj [E, H, I].
-    const fused = src.has(`${p}experts.gate_up_proj`);
-    const gateUpAll = fused ? src.get(`${p}experts.gate_up_proj`) : null;
-    const downAll = fused ? src.get(`${p}experts.down_proj`) : null;
-    // LongCat stores gate_up for the identity experts too ([E + Z, 2I, H]); they are never read.
-    if (gateUpAll) checkShape(`${p}experts.gate_up_proj`, gateUpAll, [ET, 2 * I, H]);
-    if (downAll) checkShape(`${p}experts.down_proj`, downAll, [E, H, I]);
-    for (let e = 0; e < E; e++) {
+    const t = moeTensors(spec, src, layerPrefix);
+    const gate = n.packWeight(t.router.data, t.router.dtype, t.router.shape[0]!, H);
+    const experts = new n.ExpertTable(m.numExperts, H, m.intermediate);
+    for (let e = 0; e < m.numExperts; e++) {
       if (opts.loadExpert && !opts.loadExpert(moeIndex, e)) continue;
-      const ep = `${p}experts.${e}.`;
-      const gu = gateUpAll ? sliceOf(gateUpAll, e) : null;
-      const w = packExpert(gu && downAll ? {
-        gate: rowsOf(gu, 0, I), up: rowsOf(gu, I, 2 * I), down: sliceOf(downAll, e),
-      } : {
-        gate: src.get(`${ep}${names.gate}.weight`),
-        up: src.get(`${ep}${names.up}.weight`),
-        down: src.get(`${ep}${names.down}.weight`),
-      }, `${p}experts.${e}`, H, I);
+      const w = packExpert(t.expert(e), `${t.prefix}experts.${e}`, H, m.intermediate);
       experts.set(e, w.gateUp, w.down);
       w.gateUp.dispose();
       w.down.dispose();
     }
-    let shared: ExpertTable | null = null;
-    let sharedGate: PackedWeight | null = null;
-    if (m.sharedIntermediate > 0) {
-      const sp = spec.modelType === 'qwen2_moe' ? `${p}shared_expert.` : `${p}shared_experts.`;
-      shared = denseFfnTable(src, sp, ['gate_proj', 'up_proj', 'down_proj'], H, m.sharedIntermediate);
-      if (m.sharedGate) sharedGate = packLinear(src, `${p}shared_expert_gate.weight`, 1, H);
-    }
-    return new MoeLayer(moeIndex, m, { gate, gateBias, correctionBias, experts, shared, sharedGate }, H, this.comm);
+    const shared = t.sharedPrefix ? denseFfnTable(src, t.sharedPrefix, H, m.sharedIntermediate) : null;
+    if (t.sharedGate) checkShape(`${t.prefix}shared_expert_gate.weight`, t.sharedGate, [1, H]);
+    const sharedGate = t.sharedGate ? n.packWeight(t.sharedGate.data, t.sharedGate.dtype, 1, H) : null;
+    return new MoeLayer(moeIndex, m, {
+      gate, gateBias: t.routerBias, correctionBias: t.correctionBias, experts, shared, sharedGate,
+    }, H, this.comm);
   }
 
   /**

@@ -86,30 +86,38 @@ export interface ExpertSource {
   down: HostTensor; // [H, I]
 }
 
-export function packExpert(ex: ExpertSource, names: string, h: number, i: number):
-    { gateUp: PackedWeight; down: PackedWeight } {
+/** A gated FFN's gate_proj, up_proj and down_proj under a prefix (dense layers, shared experts). */
+export function ffnSource(src: TensorSource, prefix: string): ExpertSource {
+  return {
+    gate: src.get(`${prefix}gate_proj.weight`), up: src.get(`${prefix}up_proj.weight`),
+    down: src.get(`${prefix}down_proj.weight`),
+  };
+}
+
+/** Checks an expert's shapes against the config: gate/up [i, h], down [h, i], one dtype for gate and up. */
+export function checkExpert(ex: ExpertSource, names: string, h: number, i: number): void {
   checkShape(`${names} gate`, ex.gate, [i, h]);
   checkShape(`${names} up`, ex.up, [i, h]);
   checkShape(`${names} down`, ex.down, [h, i]);
-  const n = loadNative();
   if (ex.gate.dtype !== ex.up.dtype)
     throw new ShapeError(`${names}: gate and up have different dtypes (${ex.gate.dtype}, ${ex.up.dtype})`);
+}
+
+export function packExpert(ex: ExpertSource, names: string, h: number, i: number):
+    { gateUp: PackedWeight; down: PackedWeight } {
+  checkExpert(ex, names, h, i);
+  const n = loadNative();
   return {
     gateUp: n.packGateUp(ex.gate.data, ex.up.data, ex.gate.dtype, i, h),
     down: n.packWeight(ex.down.data, ex.down.dtype, h, i),
   };
 }
 
-/** A one-expert table (dense FFN, shared expert) from gate/up/down Linear names. */
-export function denseFfnTable(src: TensorSource, prefix: string, names: [string, string, string],
-                              h: number, i: number): ExpertTable {
+/** A one-expert table (dense FFN, shared expert) from the gate/up/down_proj under a prefix. */
+export function denseFfnTable(src: TensorSource, prefix: string, h: number, i: number): ExpertTable {
   const n = loadNative();
   const table = new n.ExpertTable(1, h, i);
-  const w = packExpert({
-    gate: src.get(`${prefix}${names[0]}.weight`),
-    up: src.get(`${prefix}${names[1]}.weight`),
-    down: src.get(`${prefix}${names[2]}.weight`),
-  }, prefix.replace(/\.$/, ''), h, i);
+  const w = packExpert(ffnSource(src, prefix), prefix.replace(/\.$/, ''), h, i);
   table.set(0, w.gateUp, w.down);
   w.gateUp.dispose();
   w.down.dispose();

@@ -1,0 +1,73 @@
+// Which checkpoint tensors make one MoE block, by role, for every architecture's naming (hub and
+// transformers 5.x layouts): shared by the CPU model and the device model, which only differ in
+// where they put them.
+import type { ModelSpec } from './spec.js';
+import type { HostTensor, TensorSource } from './tensor-source.js';
+import { checkShape, rowsOf, sliceOf, vectorF32, type ExpertSource } from './weights.js';
+
+interface MoeNames { block: string; router: string; gate: string; up: string; down: string }
+
+/** Checkpoint names of the MoE block (router and expert projections) per architecture. */
+function moeNames(spec: ModelSpec, src: TensorSource, layerPrefix: string): MoeNames {
+  if (spec.modelType === 'longcat_flash')
+    return { block: 'mlp.', router: 'router.classifier', gate: 'gate_proj', up: 'up_proj', down: 'down_proj' };
+  // Mixtral hub checkpoints use block_sparse_moe.* (w1/w3/w2); transformers 5.x saves mlp.*.
+  if (spec.modelType === 'mixtral' && !src.has(`${layerPrefix}mlp.gate.weight`))
+    return { block: 'block_sparse_moe.', router: 'gate', gate: 'w1', up: 'w3', down: 'w2' };
+  return { block: 'mlp.', router: 'gate', gate: 'gate_proj', up: 'up_proj', down: 'down_proj' };
+}
+
+export interface MoeTensors {
+  /** Prefix of the block, e.g. 'model.layers.3.mlp.' (names experts in errors). */
+  prefix: string;
+  routerName: string;
+  router: HostTensor;                   // [E + Z, H]
+  routerBias: Float32Array | null;      // [E + Z] (LongCat-Flash router_bias)
+  correctionBias: Float32Array | null;  // [E + Z] (DeepSeek-V3, LongCat-Flash)
+  /** Expert e's projections (views into fused tensors where the checkpoint fuses them; read lazily). */
+  expert(e: number): ExpertSource;
+  /** gate/up/down_proj of the shared experts fused as one FFN, or null. */
+  sharedPrefix: string | null;
+  sharedGate: HostTensor | null;        // [1, H] (Qwen2-MoE)
+}
+
+export function moeTensors(spec: ModelSpec, src: TensorSource, layerPrefix: string): MoeTensors {
+  const H = spec.hidden;
+  const m = spec.moe;
+  const E = m.numExperts;
+  const ET = E + (m.zeroExperts ?? 0);
+  const I = m.intermediate;
+  const names = moeNames(spec, src, layerPrefix);
+  const p = layerPrefix + names.block;
+  const r = `${p}${names.router}`;
+  const router = src.get(`${r}.weight`);
+  checkShape(`${r}.weight`, router, [ET, H]);
+  const biasName = spec.modelType === 'longcat_flash' ? `${p}router.e_score_correction_bias` : `${r}.e_score_correction_bias`;
+  // transformers 5.x stores experts fused: gate_up_proj [E, 2I, H], down_proj [E, H, I]. LongCat
+  // stores gate_up for the identity experts too ([E + Z, 2I, H]); they are never read.
+  const fused = src.has(`${p}experts.gate_up_proj`);
+  const gateUpAll = fused ? src.get(`${p}experts.gate_up_proj`) : null;
+  const downAll = fused ? src.get(`${p}experts.down_proj`) : null;
+  if (gateUpAll) checkShape(`${p}experts.gate_up_proj`, gateUpAll, [ET, 2 * I, H]);
+  if (downAll) checkShape(`${p}experts.down_proj`, downAll, [E, H, I]);
+  const expert = (e: number): ExpertSource => {
+    if (gateUpAll && downAll) {
+      const gu = sliceOf(gateUpAll, e);
+      return { gate: rowsOf(gu, 0, I), up: rowsOf(gu, I, 2 * I), down: sliceOf(downAll, e) };
+    }
+    const ep = `${p}experts.${e}.`;
+    return {
+      gate: src.get(`${ep}${names.gate}.weight`), up: src.get(`${ep}${names.up}.weight`),
+      down: src.get(`${ep}${names.down}.weight`),
+    };
+  };
+  const shared = m.sharedIntermediate > 0;
+  return {
+    prefix: p, routerName: `${r}.weight`, router,
+    routerBias: m.routerBias ? vectorF32(src, `${r}.bias`, ET) : null,
+    correctionBias: m.router.hasCorrectionBias ? vectorF32(src, biasName, ET) : null,
+    expert,
+    sharedPrefix: shared ? (spec.modelType === 'qwen2_moe' ? `${p}shared_expert.` : `${p}shared_experts.`) : null,
+    sharedGate: shared && m.sharedGate ? src.get(`${p}shared_expert_gate.weight`) : null,
+  };
+}
