@@ -8,7 +8,7 @@ import { describe, test } from 'node:test';
 
 import { loadModel } from '../src/model/load.js';
 import { packageRoot } from '../src/native/index.js';
-import { DirectRunner, argmax } from './helpers/model-runner.js';
+import { DirectRunner, aloneAndBatched } from './helpers/model-runner.js';
 
 interface GoldenCase { prompt_ids: number[]; logits: number[][]; greedy: number[]; router: number[][][] }
 interface Golden { model_type: string; moe_layers: number[]; cases: GoldenCase[]; vocab_size: number }
@@ -79,26 +79,13 @@ for (const name of fixtures) {
     });
 
     test('batched sequences of different lengths equal each one alone, bit for bit', () => {
-      const { model, spec } = loadModel(dir, { fast: false });
+      const { model } = loadModel(dir, { fast: false });
       try {
-        const V = spec.vocabSize;
-        const prompts = golden.cases.map((c) => c.prompt_ids);
-        const alone = prompts.map((p) => {
-          const r = new DirectRunner(model);
-          const s = r.newSeq();
-          const first = r.step([s], [p], false).logits.slice(0, V);
-          const next = r.step([s], [[argmax(first)]], false).logits.slice(0, V);
-          return [first, next];
-        });
-        const r = new DirectRunner(model);
-        const seqs = prompts.map(() => r.newSeq());
-        const res = r.step(seqs, prompts, false);
-        const nextIds = prompts.map((_, i) => [argmax(res.logits.subarray(i * V, (i + 1) * V))]);
-        // Second step mixes decodes with nothing else: all sequences decode together.
-        const res2 = r.step(seqs, nextIds, false);
-        prompts.forEach((_, i) => {
-          assert.deepEqual(res.logits.subarray(i * V, (i + 1) * V), alone[i]![0], `prefill logits of sequence ${i}`);
-          assert.deepEqual(res2.logits.subarray(i * V, (i + 1) * V), alone[i]![1], `decode logits of sequence ${i}`);
+        // The second step holds only decodes: all sequences decode together.
+        const { alone, batched } = aloneAndBatched(model, golden.cases.map((c) => c.prompt_ids));
+        batched.forEach(([prefill, decode], i) => {
+          assert.deepEqual(prefill, alone[i]![0], `prefill logits of sequence ${i}`);
+          assert.deepEqual(decode, alone[i]![1], `decode logits of sequence ${i}`);
         });
       } finally {
         model.dispose();

@@ -197,13 +197,7 @@ export class CudaMlaAttention implements DeviceAttentionBlock {
     // Absorb: qFull [T, heads, lora + rope] = [q_nope W_UK, q_pe].
     const qFull = scratch.get('mla.qfull', T * heads * dk * F32);
     dev.copy2d(qFull, lora, dk, q, nope, qk, rope, T * heads); // every head's q_pe in one copy
-    const qNope = scratch.get('mla.qnope', T * nope * F32);
-    const qLat = scratch.get('mla.qlat', T * lora * F32);
-    for (let h = 0; h < heads; h++) {
-      dev.copy2d(qNope, 0, nope, q, h * qk, heads * qk, nope, T);
-      dev.gemm(qNope, T, this.ukT[h]!, qLat, null, false);
-      dev.copy2d(qFull, h * dk, heads * dk, qLat, 0, lora, lora, T);
-    }
+    this.perHead(T, q, qk, nope, this.ukT, qFull, dk, lora);
     const oLat = scratch.get('mla.olat', T * heads * lora * F32); // [T, heads, lora]
     cu.cudaPagedAttention(qFull, cache.k, cache.k, step.seqInfo, step.blockTables, {
       ...attentionGeometry(step), heads, kvHeads: 1, dk, dv: lora, vStride: dk, vOffset: 0,
@@ -211,13 +205,25 @@ export class CudaMlaAttention implements DeviceAttentionBlock {
     }, oLat);
     // Un-absorb: v_h = o_lat_h W_UV^T -> attn [T, heads, v].
     const attn = scratch.get('mla.attn', T * heads * vHeadDim * F32);
-    const oh = scratch.get('mla.oh', T * lora * F32);
-    const vh = scratch.get('mla.vh', T * vHeadDim * F32);
-    for (let h = 0; h < heads; h++) {
-      dev.copy2d(oh, 0, lora, oLat, h * lora, heads * lora, lora, T);
-      dev.gemm(oh, T, this.uv[h]!, vh, null, false);
-      dev.copy2d(attn, h * vHeadDim, heads * vHeadDim, vh, 0, vHeadDim, vHeadDim, T);
-    }
+    this.perHead(T, oLat, lora, lora, this.uv, attn, vHeadDim, vHeadDim);
     dev.gemm(attn, T, this.o, out, null, false);
+  }
+
+  /**
+   * dst [T, heads, dstStride][:, h, :outDim] = src [T, heads, srcStride][:, h, :inDim] W_h^T for every
+   * head: a gathered copy, a reference-precision GEMM and a scattered copy per head.
+   * TODO(perf): one strided-batched GEMM (cuBLASLt) instead of 3 launches per head.
+   */
+  private perHead(T: number, src: CudaBuffer, srcStride: number, inDim: number, w: DeviceWeight[],
+                  dst: CudaBuffer, dstStride: number, outDim: number): void {
+    const { dev } = this;
+    const heads = w.length;
+    const a = dev.scratch.get('mla.head.in', T * inDim * F32);
+    const b = dev.scratch.get('mla.head.out', T * outDim * F32);
+    for (let h = 0; h < heads; h++) {
+      dev.copy2d(a, 0, inDim, src, h * srcStride, heads * srcStride, inDim, T);
+      dev.gemm(a, T, w[h]!, b, null, false);
+      dev.copy2d(dst, h * dstStride, heads * dstStride, b, 0, outDim, outDim, T);
+    }
   }
 }

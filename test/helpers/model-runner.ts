@@ -70,6 +70,30 @@ export class DirectRunner<C = unknown> {
   }
 }
 
+/**
+ * Each prompt alone (prefill, then one greedy decode step), and all prompts batched in one prefill
+ * step then one decode step: [prefill logits, decode logits] per prompt, both ways.
+ */
+export function aloneAndBatched<C>(model: ForwardModel<C>, prompts: number[][]):
+    { alone: [Float32Array, Float32Array][]; batched: [Float32Array, Float32Array][] } {
+  const V = model.spec.vocabSize;
+  const alone = prompts.map((p): [Float32Array, Float32Array] => {
+    const r = new DirectRunner(model);
+    const s = r.newSeq();
+    const first = r.step([s], [p], false).logits.slice(0, V);
+    const next = r.step([s], [[argmax(first)]], false).logits.slice(0, V);
+    return [first, next];
+  });
+  const r = new DirectRunner(model);
+  const seqs = prompts.map(() => r.newSeq());
+  const res = r.step(seqs, prompts, false);
+  const nextIds = prompts.map((_, i) => [argmax(res.logits.subarray(i * V, (i + 1) * V))]);
+  const res2 = r.step(seqs, nextIds, false);
+  const batched = prompts.map((_, i): [Float32Array, Float32Array] =>
+    [res.logits.slice(i * V, (i + 1) * V), res2.logits.slice(i * V, (i + 1) * V)]);
+  return { alone, batched };
+}
+
 export function argmax(x: Float32Array): number {
   let best = 0;
   for (let i = 1; i < x.length; i++) if (x[i]! > x[best]!) best = i;
