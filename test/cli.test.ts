@@ -91,7 +91,6 @@ test('--device: cpu, cuda[:N] checked before any worker starts, auto falls back 
   assert.equal(far.code, 2);
   const offload = await expertd(['generate', '--prompt', 'x', '--device', 'cuda', '--expert-cache-fraction', '0.5']);
   assert.equal(offload.code, 2);
-  if (caps.cudaDevices > 0) assert.match(offload.stderr, /offloading .* runs on the CPU engine only/);
   // auto: the CPU here unless a device is visible (then the summary names it).
   const auto = await expertd(['generate', '--prompt', 'The', '--max-tokens', '3', '--ignore-eos']);
   assert.equal(auto.code, 0, auto.stderr);

@@ -11,12 +11,11 @@ import { test } from 'node:test';
 
 import { SUPPORTED_MODEL_TYPES } from '../src/model/config.js';
 import { ensureDemoModel } from '../src/model/demo.js';
-import { loadModel, type LoadedModel } from '../src/model/load.js';
+import { loadModel } from '../src/model/load.js';
 import { packageRoot } from '../src/native/index.js';
 import { attachOffloader, skipAllExperts, type OffloadConfig } from '../src/offload/setup.js';
-import type { Offloader } from '../src/offload/offloader.js';
 import { readTrace } from '../src/offload/trace-file.js';
-import { DirectRunner, argmax } from './helpers/model-runner.js';
+import { runAll } from './helpers/model-runner.js';
 
 const fixturesDir = path.join(packageRoot(), 'test', 'fixtures');
 const models: Array<[string, string]> = [];
@@ -29,57 +28,11 @@ if (existsSync(fixturesDir))
   }
 models.push(['demo', ensureDemoModel(mkdtempSync(path.join(os.tmpdir(), 'expertd-demo-')))]);
 
-function prompts(vocab: number): number[][] {
-  const r = (i: number) => (i * 7919 + 13) % (vocab - 3) + 3;
-  return [
-    Array.from({ length: 9 }, (_, i) => r(i)),
-    Array.from({ length: 5 }, (_, i) => r(i + 100)),
-    Array.from({ length: 9 }, (_, i) => r(i)), // a repeat: the collection now has its match
-  ];
-}
-
-/** Everything a run produces, concatenated: per-prompt logits, a batched step, greedy tokens. */
-function runAll(loaded: LoadedModel, off: Offloader | null): { logits: Float32Array[]; tokens: number[][] } {
-  const runner = new DirectRunner(loaded.model, 4, 256);
-  const V = loaded.spec.vocabSize;
-  const logits: Float32Array[] = [];
-  const tokens: number[][] = [];
-  let reqId = 0;
-  for (const p of prompts(V)) {
-    const id = `r${reqId++}`;
-    const seq = runner.newSeq();
-    off?.beginStep([{ id, rows: p.length }]);
-    let res = runner.step([seq], [p], true);
-    off?.endStep();
-    logits.push(res.logits);
-    const out: number[] = [];
-    for (let i = 0; i < 4; i++) {
-      const next = argmax(res.logits.subarray(res.logits.length - V));
-      out.push(next);
-      off?.beginStep([{ id, rows: 1 }]);
-      res = runner.step([seq], [[next]], false);
-      off?.endStep();
-      logits.push(res.logits);
-    }
-    off?.finishRequest(id);
-    tokens.push(out);
-  }
-  // Two sequences in one step (prefill of one, more of another): rows of two requests.
-  const a = runner.newSeq();
-  const b = runner.newSeq();
-  const pa = prompts(V)[1]!;
-  const pb = prompts(V)[0]!.slice(0, 3);
-  off?.beginStep([{ id: 'ba', rows: pa.length }, { id: 'bb', rows: pb.length }]);
-  logits.push(runner.step([a, b], [pa, pb], true).logits);
-  off?.endStep();
-  return { logits, tokens };
-}
-
 for (const [name, dir] of models) {
   test(`${name}: offloaded at 25% (eam, lru, lfu) equals fully resident, bit for bit, f32 and bf16`, () => {
     for (const fast of [false, true]) {
       const resident = loadModel(dir, { fast });
-      const want = runAll(resident, null);
+      const want = runAll(resident.model, null);
       resident.model.dispose();
       const configs: Array<{ label: string; cfg: Omit<OffloadConfig, 'traceDir'> }> = [
         ...(['eam', 'lru', 'lfu'] as const).map((policy) => ({ label: policy, cfg: { policy, fraction: 0.25, prefetch: policy === 'eam' } })),
@@ -93,7 +46,7 @@ for (const [name, dir] of models) {
         const traceDir = mkdtempSync(path.join(os.tmpdir(), 'expertd-offload-model-'));
         const loaded = loadModel(dir, { fast, loadExpert: skipAllExperts });
         const off = attachOffloader(loaded, { ...cfg, traceDir });
-        const got = runAll(loaded, off);
+        const got = runAll(loaded.model, off);
         const label = `${name} ${mode} ${fast ? 'bf16' : 'f32'}`;
         assert.deepEqual(got.tokens, want.tokens, label);
         assert.equal(got.logits.length, want.logits.length);

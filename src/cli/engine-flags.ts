@@ -4,7 +4,7 @@ import type { FlagSpec } from './options.js';
 export const modelFlags: FlagSpec[] = [
   { name: 'model', type: 'string', arg: 'DIR', help: 'Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json); empty = the built-in demo model', default: '' },
   { name: 'device', type: 'string', default: 'auto', arg: 'DEV',
-    help: 'cpu, cuda or cuda:N: where weights, KV cache and compute live (auto = cuda:0 when the full build sees a CUDA device and no expert offloading is asked for, else cpu)' },
+    help: 'cpu, cuda or cuda:N: where weights, KV cache and compute live (auto = cuda:0 when the full build sees a CUDA device, else cpu)' },
   { name: 'compute-dtype', type: 'string', choices: ['auto', 'f32', 'bf16'], default: 'auto',
     help: 'Activation precision: f32 is the reference mode, bf16 the fast mode (auto = bf16 where the CPU has bf16 dot products)' },
   { name: 'expert-kernel', type: 'string', choices: ['auto', 'group', 'dense'], default: 'auto',

@@ -19,7 +19,7 @@ export function resolveEngineOptions(flags: ParsedFlags, servedModelName?: strin
   // Fail fast, before a worker starts, on a config we cannot serve (names what is supported).
   const spec = parseModelConfig(modelDir);
   const offload = offloadOptions(flags);
-  const device = resolveDevice(String(flags['device'] ?? 'auto'), offload.offload !== undefined);
+  const device = resolveDevice(String(flags['device'] ?? 'auto'));
   let dtype = String(flags['compute-dtype'] ?? 'auto');
   if (device !== 'cpu') {
     // The device GEMMs take bf16 operands (f32 accumulate); routers stay in f32.
@@ -50,24 +50,21 @@ export function resolveEngineOptions(flags: ParsedFlags, servedModelName?: strin
 }
 
 /**
- * 'auto' -> cuda:0 when this build has CUDA and sees a device (and no offloading is asked for: the
- * expert cache runs on the CPU engine), else cpu. An explicit cuda[:N] is checked here, before any
- * worker starts.
+ * 'auto' -> cuda:0 when this build has CUDA and sees a device, else cpu. An explicit cuda[:N] is
+ * checked here, before any worker starts.
  */
-export function resolveDevice(flag: string, offload: boolean): string {
+export function resolveDevice(flag: string): string {
   const m = /^(auto|cpu|cuda)(?::(\d+))?$/.exec(flag);
   if (!m || (m[2] !== undefined && m[1] !== 'cuda'))
     throw new UsageError(`--device: '${flag}' is not one of auto, cpu, cuda, cuda:N`);
   const caps = loadNative().capabilities();
   if (m[1] === 'cpu') return 'cpu';
-  if (m[1] === 'auto') return caps.cudaCompiled && caps.cudaDevices > 0 && !offload ? 'cuda:0' : 'cpu';
+  if (m[1] === 'auto') return caps.cudaCompiled && caps.cudaDevices > 0 ? 'cuda:0' : 'cpu';
   const index = Number(m[2] ?? 0);
   if (!caps.cudaCompiled)
     throw new UsageError(`--device ${flag}: this addon was built without CUDA (run npm run build:gpu where the CUDA toolkit is installed)`);
   if (index >= caps.cudaDevices)
     throw new UsageError(`--device ${flag}: ${caps.cudaDevices === 0 ? 'no CUDA device is visible' : `only ${caps.cudaDevices} CUDA device(s) are visible`}`);
-  if (offload)
-    throw new UsageError(`--device ${flag}: expert offloading (--expert-cache-gb, --expert-cache-fraction, --trace-dir) runs on the CPU engine only for now`);
   return `cuda:${index}`;
 }
 

@@ -13,7 +13,7 @@ import { formatHelp, parseFlags, UsageError, type FlagSpec } from './options.js'
 
 /** Flags of `serve` that turn expert offloading on (the lead wires them into the engine). */
 export const offloadFlags: FlagSpec[] = [
-  { name: 'expert-cache-gb', type: 'number', min: 0, default: 0, arg: 'GB', help: 'Expert cache (fast tier) size in GiB; experts beyond it stay in the checkpoint and load on demand (0 = see --expert-cache-fraction)' },
+  { name: 'expert-cache-gb', type: 'number', min: 0, default: 0, arg: 'GB', help: 'Expert cache (fast tier) size in GiB: RAM on the CPU (the rest is read from the checkpoint on demand), device memory with --device cuda (the rest waits in pinned host memory) (0 = see --expert-cache-fraction)' },
   { name: 'expert-cache-fraction', type: 'number', min: 0, max: 1, default: 1, arg: 'F', help: 'Expert cache size as a fraction of all routed experts (1 = everything resident, no offloading)' },
   { name: 'cache-policy', type: 'string', choices: ['eam', 'lru', 'lfu'], default: 'eam', help: 'Eviction: eam = lowest predicted reuse from request activation traces (MoE-Infinity); lru, lfu = baselines' },
   { name: 'expert-loader', type: 'string', choices: ['auto', 'copy-thread', 'engine-thread'], default: 'auto',

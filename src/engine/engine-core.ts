@@ -10,6 +10,9 @@ import { Scheduler, type StepPlan } from './scheduler.js';
 import type { StepMetrics } from './protocol.js';
 import type { EngineEvent, EngineStats, GenerateRequest, ModelInfo, RoutedExperts, TokenLogprob } from './types.js';
 
+/** The expert cache as the step loop sees it (CPU or device slots alike). */
+export type StepOffloader = Pick<Offloader, 'beginStep' | 'endStep' | 'finishRequest' | 'dropRequest' | 'stats' | 'takeDelta'>;
+
 export interface EngineCoreOptions {
   kvCacheBlocks: number;
   kvCacheGb: number;
@@ -41,7 +44,7 @@ export class EngineCore {
   private readonly eos: Set<number>;
   private readonly blockSize: number;
 
-  constructor(readonly loaded: LoadedModel<ForwardModel>, opts: EngineCoreOptions, readonly offloader: Offloader | null = null) {
+  constructor(readonly loaded: LoadedModel<ForwardModel>, opts: EngineCoreOptions, readonly offloader: StepOffloader | null = null) {
     const { spec, model } = loaded;
     this.blockSize = opts.blockSize;
     const [kf, vf] = model.cacheFloatsPerToken();

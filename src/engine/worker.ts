@@ -6,9 +6,9 @@ import { parentPort } from 'node:worker_threads';
 import type { ForwardModel } from '../model/forward-batch.js';
 import { loadCudaModel, loadModel, loadSummary, type LoadedModel, type LoadProgress } from '../model/load.js';
 import { loadNative } from '../native/index.js';
-import { attachOffloader, skipAllExperts } from '../offload/setup.js';
+import { attachDeviceOffloader, attachOffloader, skipAllExperts } from '../offload/setup.js';
 import type { Offloader } from '../offload/offloader.js';
-import { EngineCore } from './engine-core.js';
+import { EngineCore, type StepOffloader } from './engine-core.js';
 import type { FromWorker, StepMetrics, ToWorker } from './protocol.js';
 import type { EngineEvent } from './types.js';
 
@@ -16,7 +16,7 @@ const port = parentPort;
 if (!port) throw new Error('engine worker must run in a worker thread');
 
 let core: EngineCore | null = null;
-let offloader: Offloader | null = null;
+let offloader: Pick<Offloader, 'save' | 'stats'> & StepOffloader | null = null;
 let saveTimer: NodeJS.Timeout | null = null;
 let pending: EngineEvent[] = [];
 let scheduled = false;
@@ -82,9 +82,12 @@ port.on('message', (m: ToWorker) => {
         let loaded: LoadedModel<ForwardModel>;
         let autoKvCapBytes: number | undefined;
         if (device.startsWith('cuda')) {
-          const cudaLoaded = loadCudaModel(o.modelDir, { device: Number(device.split(':')[1] ?? 0), onProgress });
+          const cudaLoaded = loadCudaModel(o.modelDir, {
+            device: Number(device.split(':')[1] ?? 0), onProgress, ...(o.offload ? { loadExperts: false } : {}),
+          });
           loaded = cudaLoaded;
-          // Automatic KV size on the device: 90% of what the weights left free.
+          if (o.offload) offloader = attachDeviceOffloader(cudaLoaded, o.offload);
+          // Automatic KV size on the device: 90% of what the weights and expert slots left free.
           const mem = loadNative().cudaMemInfo!();
           autoKvCapBytes = Math.max(0, mem.freeBytes * 0.9 - 512 * 2 ** 20);
         } else {
@@ -92,13 +95,11 @@ port.on('message', (m: ToWorker) => {
             fast, ...(o.offload ? { loadExpert: skipAllExperts } : {}), onProgress,
           });
           loaded = cpuLoaded;
-          if (o.offload) {
-            offloader = attachOffloader(cpuLoaded, o.offload);
-            if (o.offload.traceDir) {
-              saveTimer = setInterval(() => offloader?.save(), 60_000);
-              saveTimer.unref();
-            }
-          }
+          if (o.offload) offloader = attachOffloader(cpuLoaded, o.offload);
+        }
+        if (o.offload?.traceDir) {
+          saveTimer = setInterval(() => offloader?.save(), 60_000);
+          saveTimer.unref();
         }
         loaded.model.setExpertKernel(o.expertKernel ?? 'auto');
         core = new EngineCore(loaded, {

@@ -5,6 +5,7 @@
 import { loadNative, type CudaAddon, type CudaBuffer, type CudaExpertTable, type NativeAddon } from '../native/index.js';
 import { CudaGqaAttention, CudaMlaAttention, type DeviceAttentionBlock, type DeviceLayerCache, type DeviceStep } from './cuda-attention.js';
 import { BF16, Device, F32, I32, type DeviceWeight } from './device.js';
+import type { MoeHooks } from '../moe/moe-layer.js';
 import type { ForwardBatch, ForwardModel, ForwardResult } from './forward-batch.js';
 import { moeTensors } from './moe-tensors.js';
 import type { ModelSpec } from './spec.js';
@@ -16,6 +17,8 @@ export interface CudaModelOptions {
   device: number;
   /** The op surface: the native addon (default) or a stand-in with the same contract (tests). */
   cuda?: CudaAddon;
+  /** false: routed experts are left out of the tables (the device expert cache fills them). */
+  loadExperts?: boolean;
 }
 
 /** A gated FFN (dense layer, shared experts) as a one-expert GroupGemm table. */
@@ -58,7 +61,10 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
   private readonly caches = new Map<DeviceLayerCache[], number>();
   private readonly k: number;
   private expertKernel: 'group' | 'dense' = 'group';
+  private readonly loadExperts: boolean;
   private disposed = false;
+  /** Tracing and expert residency (the device expert cache); routing comes back to the host per layer when set. */
+  hooks: MoeHooks<CudaExpertTable> = {};
 
   constructor(readonly spec: ModelSpec, src: TensorSource, opts: CudaModelOptions) {
     const native = loadNative() as NativeAddon & Partial<CudaAddon>;
@@ -73,6 +79,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     this.dev = new Device(cu, opts.device);
     this.device = `cuda:${opts.device}`;
     this.k = spec.moe.router.topK;
+    this.loadExperts = opts.loadExperts ?? true;
     const H = spec.hidden;
     const dev = this.dev;
     try {
@@ -152,7 +159,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     const t = moeTensors(spec, src, layerPrefix);
     const experts = this.table(m.numExperts, m.intermediate);
     const expertWeights: DeviceMoe['expertWeights'] = [];
-    for (let e = 0; e < m.numExperts; e++) {
+    for (let e = 0; e < m.numExperts && this.loadExperts; e++) {
       const w = this.upload(t.expert(e), `${t.prefix}experts.${e}`, m.intermediate);
       experts.set(e, w.gateUp, w.down);
       expertWeights.push(w);
@@ -174,11 +181,18 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
    * (`npm run bench -- kernels --device cuda` prints it); the CPU's calibration does not carry over.
    */
   setExpertKernel(mode: 'auto' | 'group' | 'dense'): void {
+    if (mode === 'dense' && !this.loadExperts)
+      throw new RangeError('--expert-kernel dense needs every expert resident on the device (no expert offloading)');
     this.expertKernel = mode === 'dense' ? 'dense' : 'group';
   }
 
   kernelChoices(): Record<string, number> {
     return this.numMoeLayers ? { [this.expertKernel]: this.numMoeLayers } : {};
+  }
+
+  /** Each MoE layer's expert table, in order (what the device expert cache binds its slots into). */
+  expertTables(): CudaExpertTable[] {
+    return this.layers.filter((l) => l.moe).map((l) => l.moe!.experts);
   }
 
   cacheFloatsPerToken(): [number, number] {
@@ -322,6 +336,14 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
       scoring: r.scoring, bias: m.correctionBias, nGroup: r.nGroup, topkGroup: r.topkGroup,
       groupScore: r.groupScore, renormalize: r.renormalize, scale: r.scale,
     }, ids, weights, counts);
+    if (this.hooks.onRouted || this.hooks.ensureResident) {
+      // The tracer and the cache work on the host: one device sync per MoE layer.
+      const hostIds = new Int32Array(T * k), hostCounts = new Int32Array(ET);
+      cu.cudaCopyToHost(hostIds, ids, 0);
+      cu.cudaCopyToHost(hostCounts, counts, 0);
+      this.hooks.onRouted?.(m.moeIndex, hostIds, hostCounts, T);
+      this.hooks.ensureResident?.(m.moeIndex, hostCounts.subarray(0, E), m.experts);
+    }
     const rows = T * k;
     const permIndex = scratch.get('moe.perm', rows * I32);
     const offsets = scratch.get('moe.offsets', (ET + 1) * I32);

@@ -20,7 +20,7 @@ export const BF16 = 2;
 export const I32 = 4;
 
 /** Host data of a tensor as bf16 (a copy when it is not bf16 already; f32 -> bf16 rounds to nearest even). */
-function hostBf16(t: HostTensor): Uint16Array {
+export function bf16Of(t: HostTensor): Uint16Array {
   if (t.dtype === 'bf16') return t.data as Uint16Array;
   const out = new Uint16Array(t.data.length);
   loadNative().convert(t.data, t.dtype, out, 'bf16');
@@ -95,13 +95,13 @@ export class Device {
   linear(name: string, t: HostTensor, n: number, k: number, reference = false): DeviceWeight {
     checkShape(name, t, [n, k]);
     const tc = !reference && n % 8 === 0 && k % 8 === 0;
-    if (tc || t.dtype === 'bf16') return { buf: this.upload(hostBf16(t)), n, k, dtype: 'bf16', reference: !tc };
+    if (tc || t.dtype === 'bf16') return { buf: this.upload(bf16Of(t)), n, k, dtype: 'bf16', reference: !tc };
     return { buf: this.upload(hostF32(t)), n, k, dtype: 'f32', reference: true };
   }
 
   /** gate [I, H] and up [I, H] stacked as one bf16 gate_up [2I, H] (the GroupGemm's layout). */
   gateUp(gate: HostTensor, up: HostTensor): CudaBuffer {
-    const g = hostBf16(gate), u = hostBf16(up);
+    const g = bf16Of(gate), u = bf16Of(up);
     const out = new Uint16Array(g.length + u.length);
     out.set(g, 0);
     out.set(u, g.length);
@@ -109,7 +109,7 @@ export class Device {
   }
 
   bf16(t: HostTensor): CudaBuffer {
-    return this.upload(hostBf16(t));
+    return this.upload(bf16Of(t));
   }
 
   /** A table for cudaEmbedding: f32, bf16 and f16 are read as stored. */

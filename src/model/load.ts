@@ -75,12 +75,13 @@ export function loadModel(dir: string, opts: ModelOptions & { onProgress?: (p: L
  * Loads a checkpoint onto a CUDA device (weights uploaded as they are read; the host copy is the
  * mapped file). `cuda` replaces the addon's op surface (tests run the device model on a stand-in).
  */
-export function loadCudaModel(dir: string, opts: { device: number; cuda?: CudaAddon;
+export function loadCudaModel(dir: string, opts: { device: number; cuda?: CudaAddon; loadExperts?: boolean;
     onProgress?: (p: LoadProgress) => void }): LoadedModel<CudaModel> {
   const t0 = performance.now();
   const { spec, checkpoint, report } = openValidated(dir);
   const model = new CudaModel(spec, new CheckpointSource(checkpoint, opts.onProgress), {
     device: opts.device, ...(opts.cuda ? { cuda: opts.cuda } : {}),
+    ...(opts.loadExperts !== undefined ? { loadExperts: opts.loadExperts } : {}),
   });
   return { spec, model, checkpoint, report, loadMs: performance.now() - t0 };
 }

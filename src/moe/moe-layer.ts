@@ -7,11 +7,12 @@ import type { MoeSpec } from '../model/spec.js';
 import type { ExpertComm } from './comm.js';
 import { denseExpertsFfn, type EpsPlan, type EpsPlanner } from './eps-planner.js';
 
-export interface MoeHooks {
+/** T: the expert table type (ExpertTable on the CPU, CudaExpertTable on a GPU). */
+export interface MoeHooks<T = ExpertTable> {
   /** Called after routing with this layer's choices ([T, k] ids) and counts ([E]). */
   onRouted?(moeLayer: number, ids: Int32Array, counts: Int32Array, tokens: number): void;
   /** Makes every expert with counts[e] > 0 resident in `table` before the experts run. */
-  ensureResident?(moeLayer: number, counts: Int32Array, table: ExpertTable): void;
+  ensureResident?(moeLayer: number, counts: Int32Array, table: T): void;
 }
 
 export interface MoeWeights {

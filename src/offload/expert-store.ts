@@ -7,10 +7,13 @@ import { loadNative, type DType, type ExpertLoader, type FileRange, type PackedW
 import type { Checkpoint, TensorInfo } from '../model/safetensors.js';
 import type { ModelSpec } from '../model/spec.js';
 
-/** One cache slot's packed weights: created by the first load, refilled in place afterwards. */
-export interface SlotWeights {
-  gateUp: PackedWeight | null; // [2I, H] gate_up
-  down: PackedWeight | null;   // [H, I]
+/**
+ * One cache slot's weights, created by the first load and refilled in place afterwards: packed
+ * weights on the CPU (W = PackedWeight), device buffers on a GPU (W = CudaBuffer).
+ */
+export interface SlotWeights<W extends { dispose(): void } = PackedWeight> {
+  gateUp: W | null; // [2I, H] gate_up
+  down: W | null;   // [H, I]
 }
 
 /** A load in flight (or finished and not yet waited for). */
@@ -21,7 +24,7 @@ export type LoadTicket = number;
  * wait() blocks until it is done. NOTE: a slot must not be bound into an expert table, nor read,
  * before wait() returned for the load into it.
  */
-export interface ExpertStore {
+export interface ExpertStore<W extends { dispose(): void } = PackedWeight> {
   /** Bytes moved from the slow tier per expert load. */
   readonly expertBytes: number;
   /** Bytes of one slot's packed weights in the fast tier. */
@@ -36,7 +39,7 @@ export interface ExpertStore {
    * (Infinity: a demand miss). `simulatedDelayUs` (SIMULATION, benchmarks) adds that much link
    * time to the load, on the thread that does the load.
    */
-  submit(layer: number, expert: number, slot: SlotWeights, priority: number, simulatedDelayUs?: number): LoadTicket;
+  submit(layer: number, expert: number, slot: SlotWeights<W>, priority: number, simulatedDelayUs?: number): LoadTicket;
   /** Blocks until the load is done (raised to the top priority first); throws its error. */
   wait(ticket: LoadTicket): void;
   /** True when the load is done (wait() will not block). */

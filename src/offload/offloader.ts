@@ -4,7 +4,7 @@
 // slots into the layer's ExpertTable, then submits the coming layers' likely experts by priority
 // within an in-flight byte window (they load on the store's copy thread while the following layers
 // compute). Offloading never changes the numbers.
-import type { ExpertTable } from '../native/index.js';
+import type { PackedWeight } from '../native/index.js';
 import type { MoeHooks } from '../moe/moe-layer.js';
 import type { MoeModel } from '../model/model.js';
 import { EamCollection } from './eam-collection.js';
@@ -72,14 +72,24 @@ export interface OffloadStats extends ExpertCacheDelta {
   collectionSize: number;
 }
 
-export class Offloader implements MoeHooks {
+/** What the cache binds slots into: one MoE layer's expert table (CPU ExpertTable, CudaExpertTable). */
+export interface SlotTable<W> {
+  set(expert: number, gateUp: W, down: W): void;
+  clear(expert: number): void;
+}
+
+/**
+ * W is the slot weight type: PackedWeight on the CPU (slots filled from the checkpoint file), CudaBuffer
+ * on a GPU (slots in device memory filled from pinned host memory on a copy stream).
+ */
+export class Offloader<W extends { dispose(): void } = PackedWeight> implements MoeHooks<SlotTable<W>> {
   readonly cache: ExpertCache;
   readonly tracker: ActivationTracker;
   readonly collection: EamCollection;
-  private readonly slots: SlotWeights[];
+  private readonly slots: SlotWeights<W>[];
   /** [numSlots] ticket of the load into each slot not yet waited for (0: none; the slot is bound). */
   private readonly slotTicket: number[];
-  private tables: ExpertTable[] = [];
+  private tables: SlotTable<W>[] = [];
   private readonly prefetch: boolean;
   private readonly windowBytes: number;
   private readonly trace: TraceWriter | null;
@@ -95,7 +105,7 @@ export class Offloader implements MoeHooks {
   prefetchCancelled = 0;
   prefetchLate = 0;
 
-  constructor(readonly store: ExpertStore, readonly opts: OffloaderOptions) {
+  constructor(readonly store: ExpertStore<W>, readonly opts: OffloaderOptions) {
     const { numLayers: L, numExperts: E } = opts;
     const numSlots = slotsFor({ numLayers: L, numExperts: E, expertBytes: store.slotBytes,
       ...(opts.budgetBytes !== undefined ? { budgetBytes: opts.budgetBytes } : {}),
@@ -123,13 +133,13 @@ export class Offloader implements MoeHooks {
   readonly loadExpert = (): boolean => false;
 
   /** Binds to a model loaded with `loadExpert`: takes its MoE layers' tables and becomes its hooks. */
-  attach(model: MoeModel): void {
+  attach(this: Offloader<PackedWeight>, model: MoeModel): void {
     this.attachTables(model.moeLayers.map((m) => m.weights.experts));
     model.hooks = this;
   }
 
   /** The per-MoE-layer expert tables the cache binds its slots into. */
-  attachTables(tables: ExpertTable[]): void {
+  attachTables(tables: SlotTable<W>[]): void {
     if (tables.length !== this.opts.numLayers)
       throw new RangeError(`got ${tables.length} expert tables, the offloader was made for ${this.opts.numLayers} MoE layers`);
     this.tables = tables;
@@ -187,7 +197,7 @@ export class Offloader implements MoeHooks {
     }
   }
 
-  ensureResident(moeLayer: number, counts: Int32Array, table: ExpertTable): void {
+  ensureResident(moeLayer: number, counts: Int32Array, table: SlotTable<W>): void {
     const { cache } = this;
     const E = this.opts.numExperts;
     if (this.tables.length === 0) throw new Error('Offloader.ensureResident before attach(model)');

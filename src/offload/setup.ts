@@ -1,7 +1,10 @@
 // Wiring an offloader onto a loaded model: load it with `loadExpert: skipAllExperts` (no expert is
 // packed at load), then attachOffloader() builds the checkpoint store and the cache from the
 // user's settings and becomes the model's MoE hooks.
-import type { LoadedModel } from '../model/load.js';
+import type { CudaModel } from '../model/cuda-model.js';
+import { CheckpointSource, type LoadedModel } from '../model/load.js';
+import { loadNative, type CudaAddon, type CudaBuffer } from '../native/index.js';
+import { PinnedExpertStore } from './device-store.js';
 import type { ModelSpec } from '../model/spec.js';
 import type { EvictionPolicy } from './expert-cache.js';
 import { CheckpointExpertStore, SimulatedLinkStore, type ExpertStore } from './expert-store.js';
@@ -42,8 +45,29 @@ export function attachOffloader(loaded: LoadedModel, cfg: OffloadConfig): Offloa
   const { spec, model, checkpoint } = loaded;
   let store: ExpertStore = new CheckpointExpertStore(checkpoint, spec, { copyThread: cfg.copyThread ?? true });
   if (cfg.simulatedLink) store = new SimulatedLinkStore(store, cfg.simulatedLink.gbps, cfg.simulatedLink.latencyUs);
-  const off = new Offloader(store, {
-    numLayers: model.moeLayers.length, numExperts: spec.moe.numExperts, topK: spec.moe.router.topK,
+  const off = new Offloader(store, offloaderOptions(spec, model.moeLayers.length, cfg));
+  off.attach(model);
+  return off;
+}
+
+/**
+ * The device expert cache (MoE-Infinity on a GPU): a CudaModel loaded with `loadExperts: false`, every
+ * routed expert in pinned host memory, `cfg`'s budget of device slots filled on a copy stream.
+ */
+export function attachDeviceOffloader(loaded: LoadedModel<CudaModel>, cfg: OffloadConfig, cuda?: CudaAddon):
+    Offloader<CudaBuffer> {
+  const { spec, model, checkpoint } = loaded;
+  const cu = cuda ?? (loadNative() as unknown as CudaAddon);
+  const store = new PinnedExpertStore(cu, spec, new CheckpointSource(checkpoint));
+  const off = new Offloader<CudaBuffer>(store, offloaderOptions(spec, model.numMoeLayers, cfg));
+  off.attachTables(model.expertTables());
+  model.hooks = off;
+  return off;
+}
+
+function offloaderOptions(spec: ModelSpec, numLayers: number, cfg: OffloadConfig) {
+  return {
+    numLayers, numExperts: spec.moe.numExperts, topK: spec.moe.router.topK,
     policy: cfg.policy, modelId: offloadModelId(spec),
     ...(cfg.budgetBytes !== undefined && cfg.budgetBytes > 0 ? { budgetBytes: cfg.budgetBytes } : {}),
     ...(cfg.fraction !== undefined ? { fraction: cfg.fraction } : {}),
@@ -53,7 +77,5 @@ export function attachOffloader(loaded: LoadedModel, cfg: OffloadConfig): Offloa
     ...(cfg.combine !== undefined ? { combine: cfg.combine } : {}),
     ...(cfg.traceDir ? { traceDir: cfg.traceDir } : {}),
     ...(cfg.eamCapacity ? { eamCapacity: cfg.eamCapacity } : {}),
-  });
-  off.attach(model);
-  return off;
+  };
 }

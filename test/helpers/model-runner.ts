@@ -1,6 +1,7 @@
 // Drives a model (CPU or device) directly (no scheduler) for fidelity tests: teacher-forced logits over a
 // prompt, greedy continuation, and several sequences batched in one step.
 import type { ForwardBatch, ForwardModel, ForwardResult } from '../../src/model/forward-batch.js';
+import type { Offloader } from '../../src/offload/offloader.js';
 
 export interface SeqState { blocks: number[]; len: number }
 
@@ -99,3 +100,55 @@ export function argmax(x: Float32Array): number {
   for (let i = 1; i < x.length; i++) if (x[i]! > x[best]!) best = i;
   return best;
 }
+
+/** Three prompts (the third repeats the first: the EAM collection then has its match). */
+export function offloadPrompts(vocab: number): number[][] {
+  const r = (i: number) => (i * 7919 + 13) % (vocab - 3) + 3;
+  return [
+    Array.from({ length: 9 }, (_, i) => r(i)),
+    Array.from({ length: 5 }, (_, i) => r(i + 100)),
+    Array.from({ length: 9 }, (_, i) => r(i)), // a repeat: the collection now has its match
+  ];
+}
+
+/**
+ * Everything a run produces, concatenated: per-prompt logits, greedy tokens, a batched step of two
+ * requests; `off` (an expert cache) is told each step's rows and each request's end.
+ */
+export function runAll(model: ForwardModel, off: Pick<Offloader, 'beginStep' | 'endStep' | 'finishRequest'> | null):
+    { logits: Float32Array[]; tokens: number[][] } {
+  const runner = new DirectRunner(model, 4, 256);
+  const V = model.spec.vocabSize;
+  const logits: Float32Array[] = [];
+  const tokens: number[][] = [];
+  let reqId = 0;
+  for (const p of offloadPrompts(V)) {
+    const id = `r${reqId++}`;
+    const seq = runner.newSeq();
+    off?.beginStep([{ id, rows: p.length }]);
+    let res = runner.step([seq], [p], true);
+    off?.endStep();
+    logits.push(res.logits);
+    const out: number[] = [];
+    for (let i = 0; i < 4; i++) {
+      const next = argmax(res.logits.subarray(res.logits.length - V));
+      out.push(next);
+      off?.beginStep([{ id, rows: 1 }]);
+      res = runner.step([seq], [[next]], false);
+      off?.endStep();
+      logits.push(res.logits);
+    }
+    off?.finishRequest(id);
+    tokens.push(out);
+  }
+  // Two sequences in one step (prefill of one, more of another): rows of two requests.
+  const a = runner.newSeq();
+  const b = runner.newSeq();
+  const pa = offloadPrompts(V)[1]!;
+  const pb = offloadPrompts(V)[0]!.slice(0, 3);
+  off?.beginStep([{ id: 'ba', rows: pa.length }, { id: 'bb', rows: pb.length }]);
+  logits.push(runner.step([a, b], [pa, pb], true).logits);
+  off?.endStep();
+  return { logits, tokens };
+}
+
