@@ -86,10 +86,16 @@ port.on('message', (m: ToWorker) => {
             device: Number(device.split(':')[1] ?? 0), onProgress, ...(o.offload ? { loadExperts: false } : {}),
           });
           loaded = cudaLoaded;
-          if (o.offload) offloader = attachDeviceOffloader(cudaLoaded, o.offload);
-          // Automatic KV size on the device: 90% of what the weights and expert slots left free.
+          // Automatic KV size on the device: 90% of what the weights left free, less the expert
+          // cache's slots (allocated as they first fill) and 512 MiB of activations.
+          let slotBytes = 0;
+          if (o.offload) {
+            const off = attachDeviceOffloader(cudaLoaded, o.offload);
+            slotBytes = off.stats().slots * off.store.slotBytes;
+            offloader = off;
+          }
           const mem = loadNative().cudaMemInfo!();
-          autoKvCapBytes = Math.max(0, mem.freeBytes * 0.9 - 512 * 2 ** 20);
+          autoKvCapBytes = Math.max(0, mem.freeBytes * 0.9 - slotBytes - 512 * 2 ** 20);
         } else {
           const cpuLoaded = loadModel(o.modelDir, {
             fast, ...(o.offload ? { loadExpert: skipAllExperts } : {}), onProgress,
