@@ -205,11 +205,21 @@ export interface CudaAddon {
   cudaCublasLt(): string | null;
   cudaConvert(src: CudaBuffer, srcDtype: DType, dst: CudaBuffer, dstDtype: DType, n: number,
               stream?: CudaStream | null): void;
-  /** x [rows, H] bf16, offsets [E+1] -> hScratch [rows, I] bf16, y [rows, H] f32. */
+  /**
+   * x [rows, H] bf16, offsets [E+1] i32 (expert e owns rows [offsets[e], offsets[e+1]), E = the
+   * table's numExperts) -> hScratch [rows, I] bf16, y [rows, H] f32. Only rows of experts with
+   * weights in the table are written: an expert with rows but an empty slot, and rows past
+   * offsets[E] (LongCat-Flash's identity experts, beyond the table, which the engine fills with
+   * cudaCopyRowRange), keep their contents in hScratch and y. x and hScratch must start 16-byte
+   * aligned, y 8-byte, offsets 4-byte (RangeError otherwise).
+   */
   cudaGroupGemmFfn(x: CudaBuffer, offsets: CudaBuffer, experts: CudaExpertTable, rows: number,
                    hScratch: CudaBuffer, y: CudaBuffer, opts?: { tile?: 'auto' | 'small' | 'large' } | null,
                    stream?: CudaStream | null): void;
-  /** y [m, n] f32 (+)= x [m, k] bf16 * w [n, k]^T bf16 (+ bias [n] f32); returns the backend used. */
+  /**
+   * y [m, n] f32 (+)= x [m, k] bf16 * w [n, k]^T bf16 (+ bias [n] f32); returns the backend used.
+   * x, w, y and bias must start 16-byte aligned (RangeError otherwise).
+   */
   cudaDenseGemm(x: CudaBuffer, m: number, w: CudaBuffer, n: number, k: number, y: CudaBuffer,
                 bias: CudaBuffer | null, accumulate: boolean,
                 backend?: 'auto' | 'cublaslt' | 'kernel' | null,

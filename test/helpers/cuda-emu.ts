@@ -371,6 +371,12 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
   function optBuf(v: unknown, name: string, needBytes: number): EmuBuffer | null {
     return nullish(v) ? null : buf(v, name, needBytes);
   }
+  /** buf whose start must be `align`-byte aligned (the binding's get_aligned_buf). */
+  function alignedBuf(v: unknown, name: string, needBytes: number, align: number): EmuBuffer {
+    const b = buf(v, name, needBytes);
+    if (b.offset % align) throw rangeError(`${name} must start ${align}-byte aligned`);
+    return b;
+  }
   function getStream(v: unknown): void {
     if (nullish(v)) return;
     if (!(v instanceof EmuStream)) throw typeError('stream must be a CudaStream or null');
@@ -519,22 +525,17 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
       if (!(experts instanceof EmuExpertTable)) throw typeError('experts must be a CudaExpertTable');
       const E = experts.numExperts, H = experts.hidden, I = experts.inter;
       const R = dim(rows, 'rows', 0, 1 << 28);
-      const xb = buf(x, 'x', R * H * 2);
-      const ob = buf(offsets, 'offsets', (E + 1) * 4);
-      const hb = buf(hScratch, 'hScratch', R * I * 2);
-      const yb = buf(y, 'y', R * H * 4);
+      // x and hScratch (the down pass's x) are read in 16-byte cp.async chunks, y as float2.
+      const xb = alignedBuf(x, 'x', R * H * 2, 16);
+      const ob = alignedBuf(offsets, 'offsets', (E + 1) * 4, 4);
+      const hb = alignedBuf(hScratch, 'hScratch', R * I * 2, 16);
+      const yb = alignedBuf(y, 'y', R * H * 4, 8);
       parseTile(opts);
       getStream(stream);
       experts.check();
       ensureAlive();
-      if (xb.offset % 16) throw typeError('group_gemm: x must be 16-byte aligned');
       if (R <= 0) return;
       const off = i32Of(ob, 'offsets'), xs = u16Of(xb, 'x'), hs = u16Of(hb, 'hScratch'), ys = f32Of(yb, 'y');
-      if (hb.offset % 4) fault('hScratch is stored as bf16 pairs (4-byte aligned)');
-      // The down pass checks its x (= hScratch) like the gate pass's x; on a GPU the gate pass is
-      // already enqueued when this throws.
-      if (hb.offset % 16) throw typeError('group_gemm: x must be 16-byte aligned');
-      if (yb.offset % 8) fault('y is stored as float2 (8-byte aligned)');
       // Scratch layout: [gate_up 2I*H | down H*I | x row H | h row I] as f32.
       const f = scratch.floats(3 * I * H + H + I);
       const guAt = 0, dnAt = 2 * I * H, xAt = 3 * I * H, hAt = xAt + H;
@@ -542,8 +543,10 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
         const beg = off[e]!, cnt = off[e + 1]! - beg;
         if (cnt <= 0) continue;
         const gu = experts.gateUp[e], dn = experts.down[e];
-        // NOTE: an expert with rows but no weights is skipped by both passes (group_gemm.cu's
-        // `W == nullptr` return): its rows of hScratch and y are left as they were.
+        // NOTE: the contract of an empty slot (group_gemm.cu's `W == nullptr` return): an expert
+        // with rows but no weights is skipped by both passes, its rows of hScratch and y left as
+        // they were. Rows past offsets[E] belong to no expert of the table and are not touched
+        // either (the device engine's identity experts, filled by cudaCopyRowRange).
         if (!gu || !dn) continue;
         if (beg < 0 || beg + cnt > R) fault(`offsets[${e}..${e + 1}] = ${beg}..${beg + cnt} reach outside rows 0..${R}`);
         widenBf16(slotU16(gu, 2 * I * H), 2 * I * H, f, guAt);
@@ -567,8 +570,10 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
     cudaDenseGemm(x, m, w, n, k, y, bias, accumulate, backend, stream) {
       const M = dim(m, 'm'), N = dim(n, 'n', 8), K = dim(k, 'k', 8);
       if (N % 8 || K % 8) throw rangeError(`n and k must be multiples of 8 (n is ${N}, k is ${K})`);
-      const xb = buf(x, 'x', M * K * 2), wb = buf(w, 'w', N * K * 2), yb = buf(y, 'y', M * N * 4);
-      const bb = optBuf(bias, 'bias', N * 4);
+      // 16 bytes for every operand (cp.async chunks, float2 stores, cuBLASLt's alignment floor).
+      const xb = alignedBuf(x, 'x', M * K * 2, 16), wb = alignedBuf(w, 'w', N * K * 2, 16);
+      const yb = alignedBuf(y, 'y', M * N * 4, 16);
+      const bb = nullish(bias) ? null : alignedBuf(bias, 'bias', N * 4, 16);
       const acc = getBool(accumulate, 'accumulate');
       let be: 'auto' | 'cublaslt' | 'kernel' = 'auto';
       if (!nullish(backend)) {
@@ -582,8 +587,6 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
       if (be === 'cublaslt')
         throw coded(new Error('cuBLASLt was requested but libcublasLt.so.13/.12 could not be loaded ' +
           '(install the CUDA math libraries or set EXPERTD_CUBLASLT_SO)'), 'E_CUDA');
-      if (xb.offset % 16) throw typeError('group_gemm: x must be 16-byte aligned');
-      if (yb.offset % 8) fault('y is stored as float2 (8-byte aligned)');
       const f = scratch.floats(N * K + K);
       const wAt = 0, xAt = N * K;
       widenBf16(u16Of(wb, 'w'), N * K, f, wAt);

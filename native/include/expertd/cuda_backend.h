@@ -131,7 +131,9 @@ struct GroupGemmParams {
 };
 void group_gemm(const GroupGemmParams& p, Stream s);
 // The fused expert FFN: h = SiLU(x Wgu_gate^T) * (x Wgu_up^T) [rows, inter] bf16 (scratch, caller
-// owned), then y = h Wdown^T [rows, hidden] f32. Two launches, each over all experts.
+// owned), then y = h Wdown^T [rows, hidden] f32. Two launches, each over all experts. An expert
+// with a null weight pointer is skipped, and rows past offsets[num_experts] are never touched: those
+// rows of h_scratch and y keep their contents. x and h_scratch 16-byte aligned, y 8-byte.
 void group_gemm_ffn(const uint16_t* x, const int32_t* offsets, const uint16_t* const* gate_up,
                     const uint16_t* const* down, int num_experts, int rows, int hidden, int inter,
                     uint16_t* h_scratch, float* y, GemmTile tile, Stream s);
