@@ -483,6 +483,50 @@ function deviceSuite(label: string, cu: CudaAddon, skip: string | false) {
     }
   }
 
+  // ids live on the device: one outside 0..e-1 is skipped (permIndex -1, no row, not counted),
+  // and the combine skips its slot.
+  for (const dtype of ['f32', 'bf16'] as const) {
+    test(`${label}: cudaPermute skips ids outside 0..e-1, cudaUnpermuteCombine their slots (${dtype})`, { skip }, () => {
+      const T = 45, h = 24, k = 3, E = 6;
+      const ids = Int32Array.from({ length: T * k }, () => Math.floor(rand() * E));
+      for (const [p, bad] of [[0, -1], [4, E], [10, E + 100], [11, 2 ** 31 - 1], [20, -(2 ** 31)], [21, 7], [22, -5], [23, E]] as [number, number][])
+        ids[p] = bad;  // token 7 (positions 21..23) has no valid slot at all
+      const ok = (p: number) => ids[p]! >= 0 && ids[p]! < E;
+      const offsets = new Int32Array(E + 1);
+      for (let p = 0; p < T * k; p++) if (ok(p)) offsets[ids[p]! + 1]!++;
+      for (let e = 0; e < E; e++) offsets[e + 1]! += offsets[e]!;
+      const cursor = offsets.slice(0, E), perm = new Int32Array(T * k);
+      for (let p = 0; p < T * k; p++) perm[p] = ok(p) ? cursor[ids[p]!]!++ : -1;
+      const x = uniform(T * h);
+      const xp = poisoned(T * k * h, dtype === 'f32' ? 4 : 2), pidx = poisoned(T * k), offs = poisoned(E + 1);
+      cu.cudaPermute(upload(x), T, h, upload(ids), k, E, xp, pidx, offs, dtype);
+      assert.deepEqual(i32Of(offs, E + 1), offsets);
+      assert.deepEqual(i32Of(pidx, T * k), perm);
+      const got = dtype === 'f32' ? f32Of(xp, T * k * h) : bf16Of(xp, T * k * h);
+      const xr = dtype === 'f32' ? x : bf16Round(x);
+      for (let p = 0; p < T * k; p++)
+        if (ok(p)) assert.deepEqual(got.subarray(perm[p]! * h, perm[p]! * h + h), xr.subarray(Math.floor(p / k) * h, Math.floor(p / k) * h + h));
+      assert.ok(got.subarray(offsets[E]! * h).every(Number.isNaN), 'rows from offsets[e] on stay unwritten');
+      // Combine over the valid slots only (yPerm's rows past offsets[e] hold garbage on purpose).
+      const yPerm = uniform(T * k * h), w = uniform(T * k, 0, 1), base = uniform(T * h);
+      for (const accumulate of [true, false]) {
+        const out = upload(base);
+        cu.cudaUnpermuteCombine(upload(yPerm), pidx, upload(w), T, k, h, out, accumulate);
+        const ref = new Float64Array(T * h);
+        for (let t = 0; t < T; t++)
+          for (let c = 0; c < h; c++) {
+            let acc = accumulate ? base[t * h + c]! : 0;
+            for (let j = 0; j < k; j++) if (ok(t * k + j)) acc += w[t * k + j]! * yPerm[perm[t * k + j]! * h + c]!;
+            ref[t * h + c] = acc;
+          }
+        const o = f32Of(out, T * h);
+        close(`combine accumulate=${accumulate}`, o, ref, 1e-6, 1e-5);
+        if (!accumulate) assert.ok(o.subarray(7 * h, 8 * h).every((v) => v === 0), 'a token without a valid slot gets 0');
+      }
+      assert.equal(cu.cudaDeviceLost(), false);
+    });
+  }
+
   test(`${label}: cudaRmsNorm with and without residual`, { skip }, () => {
     for (const [rows, dim] of [[1, 4096], [17, 96], [64, 2048]] as const) {
       const x = uniform(rows * dim, -3, 3), w = uniform(dim), res0 = uniform(rows * dim);

@@ -226,9 +226,21 @@ export interface CudaAddon {
                 stream?: CudaStream | null): 'cublaslt' | 'kernel';
   cudaRoute(logits: CudaBuffer, t: number, e: number, k: number, opts: CudaRouteOptions,
             ids: CudaBuffer, weights: CudaBuffer, counts: CudaBuffer, stream?: CudaStream | null): void;
+  /**
+   * x [t, h] f32 -> xPerm [t*k, h] (permDtype) grouped by expert, stable (expert, token, slot);
+   * permIndex [t*k] i32 = the xPerm row of each (token, slot); offsets [e+1] i32. An id outside
+   * 0..e-1 (device data: not checked before the launch) is skipped: it gets permIndex -1 and no
+   * row, offsets count the valid ids only (offsets[e] <= t*k), and rows from offsets[e] on stay
+   * unwritten.
+   */
   cudaPermute(x: CudaBuffer, t: number, h: number, ids: CudaBuffer, k: number, e: number,
               xPerm: CudaBuffer, permIndex: CudaBuffer, offsets: CudaBuffer, permDtype: 'f32' | 'bf16',
               stream?: CudaStream | null): void;
+  /**
+   * out [t, h] (+)= sum over slots j of weights[t, j] * yPerm[permIndex[t, j]] (f32; no FMA, slot
+   * order). A slot whose permIndex is outside 0..t*k-1 (permute's -1) adds nothing; a token
+   * with no valid slot gets 0.
+   */
   cudaUnpermuteCombine(yPerm: CudaBuffer, permIndex: CudaBuffer, weights: CudaBuffer, t: number,
                        k: number, h: number, out: CudaBuffer, accumulate: boolean,
                        stream?: CudaStream | null): void;

@@ -5,7 +5,7 @@
 // Faithful where it matters to callers: dtypes, roundings (f32 arithmetic via Math.fround and
 // Float32Array stores), orderings and tie-breaks, what a kernel leaves unwritten. Stricter than a
 // GPU where a GPU would fail silently or late: device data that would make a kernel read or write
-// out of bounds (ids, slots, offsets, block tables) or a misaligned typed access raise an E_CUDA
+// out of bounds (slots, offsets, block tables) or a misaligned typed access raise an E_CUDA
 // "fault" and mark the device lost, as a sticky CUDA error would; fresh allocations are filled
 // with 0xff (NaN) so that reads of memory nobody wrote show up.
 import { loadNative } from '../../src/native/index.js';
@@ -715,11 +715,12 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
       ensureAlive();
       const n = T * K;
       const idv = i32Of(idb, 'ids'), perm = i32Of(pb, 'permIndex'), offs = i32Of(ob, 'offsets');
-      for (let p = 0; p < n; p++)
-        if (idv[p]! < 0 || idv[p]! >= E) fault(`ids[${p}] is ${idv[p]}, outside 0..${E - 1} (permute counts it in shared memory)`);
+      // routing.cu's contract: an id outside 0..E-1 is skipped (counted nowhere, permIndex -1, no
+      // row of xPerm), so offsets[E] counts the valid ids only.
+      const valid = (p: number) => idv[p]! >= 0 && idv[p]! < E;
       // Counts -> offsets; ranks stable by (expert, position p = token * k + slot).
       const cursor = new Int32Array(E);
-      for (let p = 0; p < n; p++) cursor[idv[p]!]!++;
+      for (let p = 0; p < n; p++) if (valid(p)) cursor[idv[p]!]!++;
       let run = 0;
       for (let ex = 0; ex < E; ex++) {
         const c = cursor[ex]!;
@@ -728,15 +729,17 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
         run += c;
       }
       offs[E] = run;
-      for (let p = 0; p < n; p++) perm[p] = cursor[idv[p]!]!++;
+      for (let p = 0; p < n; p++) perm[p] = valid(p) ? cursor[idv[p]!]!++ : -1;
       if (n === 0 || Hd === 0) return;
       const xs = f32Of(xb, 'x');
       if (pd === 'f32') {
         const xp = f32Of(xpb, 'xPerm');
-        for (let p = 0; p < n; p++) xp.set(xs.subarray(Math.floor(p / K) * Hd, Math.floor(p / K) * Hd + Hd), perm[p]! * Hd);
+        for (let p = 0; p < n; p++)
+          if (perm[p]! >= 0) xp.set(xs.subarray(Math.floor(p / K) * Hd, Math.floor(p / K) * Hd + Hd), perm[p]! * Hd);
       } else {
         const xp = u16Of(xpb, 'xPerm');
         for (let p = 0; p < n; p++) {
+          if (perm[p]! < 0) continue;
           const s0 = Math.floor(p / K) * Hd, d0 = perm[p]! * Hd;
           for (let c = 0; c < Hd; c++) xp[d0 + c] = f32ToBf16(xs[s0 + c]!);
         }
@@ -752,14 +755,20 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
       ensureAlive();
       if (T <= 0 || Hd <= 0) return;
       const yp = f32Of(yb, 'yPerm'), pidx = i32Of(pb, 'permIndex'), w = f32Of(wb, 'weights'), o = f32Of(ob, 'out');
-      const yRows = Math.floor(yp.length / Hd);
-      for (let p = 0; p < T * K; p++)
-        if (pidx[p]! < 0 || pidx[p]! >= yRows) fault(`permIndex[${p}] is ${pidx[p]}, outside the ${yRows} rows of yPerm`);
+      // routing.cu's contract: a slot whose permIndex is outside 0..t*k-1 (permute's -1 for a
+      // skipped id) adds nothing; a token without a valid slot gets 0.
+      const rows = T * K;
       // Multiply then add (no FMA), slot order, then add to out: each step an f32 rounding.
       for (let tok = 0; tok < T; tok++) {
         for (let c = 0; c < Hd; c++) {
-          let s = fr(w[tok * K]! * yp[pidx[tok * K]! * Hd + c]!);
-          for (let j = 1; j < K; j++) s = fr(s + fr(w[tok * K + j]! * yp[pidx[tok * K + j]! * Hd + c]!));
+          let s = 0, any = false;
+          for (let j = 0; j < K; j++) {
+            const r = pidx[tok * K + j]!;
+            if (r < 0 || r >= rows) continue;
+            const v = fr(w[tok * K + j]! * yp[r * Hd + c]!);
+            s = any ? fr(s + v) : v;
+            any = true;
+          }
           o[tok * Hd + c] = acc ? o[tok * Hd + c]! + s : s;
         }
       }

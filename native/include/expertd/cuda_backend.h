@@ -152,10 +152,12 @@ std::string cublaslt_library();
 void route(const float* logits, const RoutingParams& p, int32_t* ids, float* weights,
            int32_t* counts, Stream s);
 // x [T, H] f32 -> x_perm [T*k, H] (f32 or bf16, perm_dtype), perm_index [T*k], offsets [E+1].
-// Stable like the CPU version: by expert, then token, then slot.
+// Stable like the CPU version: by expert, then token, then slot. An id outside 0..E-1 is skipped
+// (perm_index -1, no row; offsets count the valid ids only).
 void permute_rows(const float* x, int tokens, int h, const int32_t* ids, int top_k,
                   int num_experts, void* x_perm, DType perm_dtype, int32_t* perm_index,
                   int32_t* offsets, Stream s);
+// A slot whose perm_index is outside 0..tokens*top_k-1 (permute's -1) adds nothing.
 void unpermute_combine(const float* y_perm, const int32_t* perm_index, const float* weights,
                        int tokens, int top_k, int h, float* out, bool accumulate, Stream s);
 
