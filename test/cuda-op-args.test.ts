@@ -1,4 +1,4 @@
-// Argument checks of cudaGroupGemmFfn and cudaDenseGemm: exact TypeError/RangeError
+// Argument checks of cudaGroupGemmFfn, cudaDenseGemm and cudaRope: exact TypeError/RangeError
 // messages, raised before the device is touched. Each suite runs on the full addon (scalar checks
 // on any full build, buffer sizes and alignments where a device can make buffers) and on the CPU
 // emulator (test/helpers/cuda-emu.ts, always), which must agree with the bindings message for message.
@@ -25,6 +25,26 @@ function argSuite(label: string, cu: CudaAddon, scalarSkip: string | false, buff
   // Calls a binding with a loose argument list (the bad arguments are the point).
   const call = (name: string, ...args: unknown[]) => () =>
     (cu as unknown as Record<string, (...a: unknown[]) => unknown>)[name]!(...args);
+
+  test(`${label}: cudaRope refuses overlapping heads and a rotDim beyond 4096 before its buffers`, { skip: scalarSkip }, () => {
+    const msg = (hs: number, rot: number) =>
+      `headStride is ${hs}, expected at least rotDim = ${rot} when heads > 1 (heads must not overlap)`;
+    // (x, t, heads, rowStride, headStride, offset, positions, invFreq, rotDim, attnScale, interleaved)
+    assert.throws(call('cudaRope', nb, 2, 4, 64, 0, 0, nb, nb, 16, 1, false), rangeErr(msg(0, 16)));
+    assert.throws(call('cudaRope', nb, 2, 2, 64, 8, 0, nb, nb, 16, 1, true), rangeErr(msg(8, 16)));
+    assert.throws(call('cudaRope', nb, 2, 2, 64, 15, 0, nb, nb, 16, 1, false), rangeErr(msg(15, 16)));
+    assert.throws(call('cudaRope', nb, 1, 2, 4096, 0, 0, nb, nb, 4096, 1, false), rangeErr(msg(0, 4096)));
+    assert.throws(call('cudaRope', nb, 2, 1, 8192, 0, 0, nb, nb, 4098, 1, false), rangeErr('rotDim is 4098, expected 2..4096'));
+    assert.throws(call('cudaRope', nb, 2, 1, 1 << 17, 0, 0, nb, nb, 1 << 16, 1, false), rangeErr('rotDim is 65536, expected 2..4096'));
+    assert.throws(call('cudaRope', nb, 2, 1, 8192, 0, 0, nb, nb, 4095, 1, false), rangeErr('rotDim is 4095, expected an even number'));
+    // Valid: one head with headStride 0, heads exactly rotDim apart, rotDim 4096. The buffers come next.
+    assert.throws(call('cudaRope', nb, 2, 1, 64, 0, 0, nb, nb, 16, 1, false), typeErr('x must be a CudaBuffer'));
+    assert.throws(call('cudaRope', nb, 2, 4, 64, 16, 0, nb, nb, 16, 1, false), typeErr('x must be a CudaBuffer'));
+    assert.throws(call('cudaRope', nb, 2, 1, 4096, 0, 0, nb, nb, 4096, 1, false), typeErr('x must be a CudaBuffer'));
+    // The span check still follows: 2 heads 16 apart from column 40 reach column 72 > 64.
+    assert.throws(call('cudaRope', nb, 2, 2, 64, 16, 40, nb, nb, 16, 1, false),
+      rangeErr('heads, headStride, offset and rotDim reach column 72, beyond rowStride 64'));
+  });
 
   test(`${label}: cudaGroupGemmFfn checks its table and rows before its buffers`, { skip: scalarSkip }, () => {
     assert.throws(call('cudaGroupGemmFfn', nb, nb, {}, 4, nb, nb), typeErr('experts must be a CudaExpertTable'));

@@ -745,8 +745,14 @@ Napi::Value rope(const Napi::CallbackInfo& info) {
   const int t = dim(info, 1, "t"), heads = dim(info, 2, "heads", 1);
   const int row_stride = dim(info, 3, "rowStride", 1), head_stride = dim(info, 4, "headStride", 0);
   const int offset = dim(info, 5, "offset", 0);
-  const int rot = dim(info, 8, "rotDim", 2, 1 << 16);
+  // rotDim <= 4096: the kernel keeps cos/sin of a position in 4 * rotDim bytes of shared memory,
+  // under the 48 KiB a launch gets without opting in.
+  const int rot = dim(info, 8, "rotDim", 2, 4096);
   if (rot % 2) throw_range(env, "rotDim is " + std::to_string(rot) + ", expected an even number");
+  // Heads rotated in parallel must not share a column (headStride 0 would race on every one).
+  if (heads > 1 && head_stride < rot)
+    throw_range(env, "headStride is " + std::to_string(head_stride) + ", expected at least rotDim = " +
+                         std::to_string(rot) + " when heads > 1 (heads must not overlap)");
   const size_t span = static_cast<size_t>(heads - 1) * head_stride + offset + rot;
   if (span > static_cast<size_t>(row_stride))
     throw_range(env, "heads, headStride, offset and rotDim reach column " + std::to_string(span) +

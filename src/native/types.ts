@@ -246,6 +246,11 @@ export interface CudaAddon {
                        stream?: CudaStream | null): void;
   cudaRmsNorm(x: CudaBuffer, rows: number, dim: number, w: CudaBuffer, eps: number, out: CudaBuffer,
               residual: CudaBuffer | null, stream?: CudaStream | null): void;
+  /**
+   * Rotates columns [offset + h * headStride, + rotDim) of each row of x [t, rowStride] f32 for
+   * h < heads, in place. rotDim is even and <= 4096 (cos/sin in shared memory); heads rotate in
+   * parallel, so headStride >= rotDim when heads > 1 (RangeError otherwise).
+   */
   cudaRope(x: CudaBuffer, t: number, heads: number, rowStride: number, headStride: number,
            offset: number, positions: CudaBuffer, invFreq: CudaBuffer, rotDim: number,
            attnScale: number, interleaved: boolean, stream?: CudaStream | null): void;

@@ -803,8 +803,11 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
     cudaRope(x, t, heads, rowStride, headStride, offset, positions, invFreq, rotDim, attnScale, interleaved, stream): void {
       const T = dim(t, 't'), Hn = dim(heads, 'heads', 1), rs = dim(rowStride, 'rowStride', 1);
       const hs = dim(headStride, 'headStride', 0), off = dim(offset, 'offset', 0);
-      const rot = dim(rotDim, 'rotDim', 2, 1 << 16);
+      const rot = dim(rotDim, 'rotDim', 2, 4096);  // cos/sin of a position in shared memory
       if (rot % 2) throw rangeError(`rotDim is ${rot}, expected an even number`);
+      // Heads are rotated in parallel on the device: they must not share a column.
+      if (Hn > 1 && hs < rot)
+        throw rangeError(`headStride is ${hs}, expected at least rotDim = ${rot} when heads > 1 (heads must not overlap)`);
       const span = (Hn - 1) * hs + off + rot;
       if (span > rs) throw rangeError(`heads, headStride, offset and rotDim reach column ${span}, beyond rowStride ${rs}`);
       const xb = buf(x, 'x', T ? ((T - 1) * rs + span) * 4 : 0);

@@ -164,6 +164,8 @@ void unpermute_combine(const float* y_perm, const int32_t* perm_index, const flo
 // Elementwise and normalisation (f32 activations, as ops.h).
 void rms_norm(const float* x, int rows, int dim, const float* w, float eps, float* out,
               float* residual, Stream s);
+// rope: rot_dim <= 4096 (cos/sin in shared memory); heads == 1 or head_stride >= rot_dim (heads
+// rotate in parallel).
 void rope(float* x, int tokens, int heads, int row_stride, int head_stride, int offset,
           const int32_t* positions, const float* inv_freq, int rot_dim, float attn_scale,
           bool interleaved, Stream s);
