@@ -685,6 +685,60 @@ function deviceSuite(label: string, cu: CudaAddon, skip: string | false) {
     });
   }
 
+  // maxContext must be >= every ctxLen (the engine takes it from its host copy of seqInfo). When it
+  // is not, the device reads no key at or past min(maxContext, maxBlocks * blockSize): queries keep
+  // their positions and see the keys below that cap. The emulator refuses it (stricter on purpose).
+  for (const c of [
+    { name: 'maxContext', seqs: [[1, 1000], [2, 300]], maxContext: 600, maxBlocks: 63 },
+    { name: 'maxBlocks * blockSize', seqs: [[1, 1000], [3, 300]], maxContext: 1000, maxBlocks: 20 },
+  ] as { name: string; seqs: [number, number][]; maxContext: number; maxBlocks: number }[]) {
+    test(`${label}: cudaPagedAttention with a ctxLen above ${c.name}: ${label === 'emulated' ? 'refused (E_CUDA)' : 'no key past it is read'}`, { skip }, () => {
+      const bs = 16, heads = 4, kvHeads = 2, dk = 32, dv = 32, { maxBlocks, maxContext } = c;
+      const cap = Math.min(maxContext, maxBlocks * bs);
+      const numBlocks = c.seqs.length * maxBlocks;
+      const kc = uniform(numBlocks * bs * kvHeads * dk), vc = uniform(numBlocks * bs * kvHeads * dv);
+      const seqInfo = new Int32Array(c.seqs.length * 3), tables = new Int32Array(c.seqs.length * maxBlocks);
+      let T = 0;
+      c.seqs.forEach(([qLen, ctx], s) => {
+        seqInfo.set([T, qLen, ctx], 3 * s);
+        T += qLen;
+        for (let b = 0; b < maxBlocks; b++) tables[s * maxBlocks + b] = s * maxBlocks + b;
+      });
+      const q = uniform(T * heads * dk), scale = 1 / Math.sqrt(dk), out = poisoned(T * heads * dv);
+      const run = () => cu.cudaPagedAttention(upload(q), upload(kc), upload(vc), upload(seqInfo), upload(tables), {
+        numSeqs: c.seqs.length, heads, kvHeads, dk, dv, blockSize: bs, maxBlocks, scale, totalTokens: T, maxContext, numBlocks,
+      }, out);
+      if (label === 'emulated') {
+        assert.throws(run, (e: Error & { code?: string }) => e.code === 'E_CUDA' && /ctxLen 1000/.test(e.message));
+        assert.equal(cu.cudaDeviceLost(), false, 'a precondition, not a fault');
+        return;
+      }
+      run();
+      const ref = new Float64Array(T * heads * dv), g = heads / kvHeads;
+      c.seqs.forEach(([qLen, ctx], s) => {
+        for (let i = 0; i < qLen; i++) {
+          const last = Math.min(ctx - qLen + i, cap - 1), row = seqInfo[3 * s]! + i;
+          for (let hd = 0; hd < heads; hd++) {
+            const kvh = Math.floor(hd / g), sc: number[] = [];
+            for (let j = 0; j <= last; j++) {
+              const kr = (tables[s * maxBlocks + Math.floor(j / bs)]! * bs + (j % bs)) * kvHeads + kvh;
+              let d = 0;
+              for (let e = 0; e < dk; e++) d += q[(row * heads + hd) * dk + e]! * kc[kr * dk + e]!;
+              sc.push(d * scale);
+            }
+            const mx = Math.max(...sc), p = sc.map((v) => Math.exp(v - mx)), sum = p.reduce((a, b) => a + b, 0);
+            for (let j = 0; j <= last; j++) {
+              const kr = (tables[s * maxBlocks + Math.floor(j / bs)]! * bs + (j % bs)) * kvHeads + kvh;
+              for (let e = 0; e < dv; e++) ref[(row * heads + hd) * dv + e]! += (p[j]! / sum) * vc[kr * dv + e]!;
+            }
+          }
+        }
+      });
+      close('attention', f32Of(out, T * heads * dv), ref, 1e-5, 1e-5);
+      assert.equal(cu.cudaDeviceLost(), false);
+    });
+  }
+
   test(`${label}: cudaKvCacheWrite writes K and strided V at slots, skipping negative ones`, { skip }, () => {
     const T = 6, kvh = 2, dk = 8, dv = 4, vs = 6, slotsN = 32;
     const k = uniform(T * kvh * dk), v = uniform(T * kvh * dv);

@@ -889,7 +889,9 @@ Napi::Value paged_attention(const Napi::CallbackInfo& info) {
   float* out = get_buf<float>(info, 6, "out", mul(total, p.heads, p.dv * F4));
   Stream s = get_stream(info, 7);
   // NOTE: seqInfo and blockTables live on the device; the engine builds them (ctx_len <=
-  // maxContext, blocks < numBlocks, q rows within totalTokens) and the kernel trusts them.
+  // maxContext, from its host copy of seqInfo; blocks < numBlocks; q rows within totalTokens). The
+  // kernel reads no key past min(maxContext, maxBlocks * blockSize) whatever ctx_len says (the
+  // result is then wrong, not a fault); block ids and q rows it trusts.
   guard(env, [&] { cuda::paged_attention(q, kc, vc, si, bt, p, total, max_ctx, out, s); });
   return env.Undefined();
 }

@@ -158,7 +158,12 @@ export interface CudaRouteOptions extends Omit<RouteOptions, 'bias'> {
 export interface CudaAttentionOptions extends AttentionOptions {
   /** rows of q and out */
   totalTokens: number;
-  /** >= every ctxLen in seqInfo (sizes the split-K grid) */
+  /**
+   * Must be >= every ctxLen in seqInfo: the engine computes it from its host copy of seqInfo (the
+   * binding cannot read the device copy). It sizes the split-K grid; the kernel reads no key at or
+   * past min(maxContext, maxBlocks * blockSize), so a larger ctxLen gives a wrong result (rows
+   * left with no visible key come out NaN) but never a fault. The emulator throws E_CUDA for it.
+   */
   maxContext: number;
   /** blocks in kCache/vCache */
   numBlocks: number;

@@ -1003,7 +1003,9 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
         const qStart = si[3 * s]!, qLen = si[3 * s + 1]!, ctx = si[3 * s + 2]!;
         if (qLen <= 0) continue;
         if (qStart < 0 || qStart + qLen > total) fault(`seqInfo[${s}] rows ${qStart}..${qStart + qLen} outside totalTokens ${total}`);
-        // NOTE: the kernel's key splits cover [0, maxContext) rounded up: keys beyond are dropped.
+        // NOTE: stricter than the device, on purpose: attention.cu reads no key at or past
+        // min(maxContext, maxBlocks * blockSize) (a wrong result, not a fault), where the emulator
+        // refuses such a ctxLen outright so that an engine bug shows up here.
         if (ctx > maxCtx) precondition(`seqInfo[${s}].ctxLen ${ctx} > maxContext ${maxCtx}`);
         if (Math.ceil(ctx / bs) > maxBlocks) precondition(`seqInfo[${s}].ctxLen ${ctx} needs more than maxBlocks ${maxBlocks} blocks`);
         for (let b = 0; b < Math.ceil(ctx / bs); b++) {

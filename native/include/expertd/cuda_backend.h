@@ -196,7 +196,8 @@ void copy_row_range(void* dst, const void* src, const int32_t* offsets, int lo, 
                     size_t row_bytes, int max_rows, Stream s);
 
 // Paged attention (f32 cache, layouts of ops.h). seq_info and block_tables are device arrays;
-// total_tokens = rows of q and out; max_context >= every ctx_len (sizes the split-K grid).
+// total_tokens = rows of q and out; max_context >= every ctx_len (sizes the split-K grid): no key
+// at or past min(max_context, max_blocks * block_size) is read, whatever ctx_len says.
 void paged_attention(const float* q, const float* k_cache, const float* v_cache,
                      const int32_t* seq_info, const int32_t* block_tables,
                      const AttentionParams& p, int total_tokens, int max_context, float* out,
