@@ -96,12 +96,16 @@ test('the emulator poisons fresh memory, reuses cached blocks and runs out of me
 
 test('device data that would make a kernel fault loses the emulated device', () => {
   const cu = createCudaEmulator();
-  const T = 4, H = 8, K = 1, E = 4;
-  const x = upload(cu, rnd(T * H)), xp = cu.cudaBuffer(T * K * H * 4), pidx = cu.cudaBuffer(T * K * 4), offs = cu.cudaBuffer((E + 1) * 4);
-  cu.cudaPermute(x, T, H, upload(cu, Int32Array.of(0, 3, 1, 3)), K, E, xp, pidx, offs, 'f32');
+  const T = 4, kvh = 2, dk = 8, slotsN = 16;
+  const k = upload(cu, rnd(T * kvh * dk)), kc = cu.cudaBuffer(slotsN * kvh * dk * 4);
+  cu.cudaKvCacheWrite(k, null, T, upload(cu, Int32Array.of(0, 15, -1, 3)), kc, null, kvh, dk, 0, 0, slotsN);
   assert.equal(cu.cudaDeviceLost(), false);
-  assert.throws(() => cu.cudaPermute(x, T, H, upload(cu, Int32Array.of(0, 4, 1, 3)), K, E, xp, pidx, offs, 'f32'),
-    (e: Error & { code?: string }) => e.code === 'E_CUDA' && /ids\[1\] is 4/.test(e.message) && /device is lost/.test(e.message));
+  // An out-of-range expert id is no fault: permute skips it (its contract, routing.cu).
+  const E = 4, x = upload(cu, rnd(T * 8)), pidx = cu.cudaBuffer(T * 4);
+  cu.cudaPermute(x, T, 8, upload(cu, Int32Array.of(0, 4, -1, 3)), 1, E, cu.cudaBuffer(T * 8 * 4), pidx, cu.cudaBuffer((E + 1) * 4), 'f32');
+  assert.equal(cu.cudaDeviceLost(), false);
+  assert.throws(() => cu.cudaKvCacheWrite(k, null, T, upload(cu, Int32Array.of(0, 16, 1, 3)), kc, null, kvh, dk, 0, 0, slotsN),
+    (e: Error & { code?: string }) => e.code === 'E_CUDA' && /slots\[1\] is 16/.test(e.message) && /device is lost/.test(e.message));
   assert.equal(cu.cudaDeviceLost(), true);
   assert.throws(() => cu.cudaSynchronize(), coded('E_CUDA'));
   assert.throws(() => cu.cudaBuffer(16), coded('E_CUDA'));

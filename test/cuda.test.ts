@@ -179,6 +179,35 @@ test('caching allocator reuses blocks', { skip }, () => {
 // GroupGemm: bf16 operands, f32 accumulate; h rounded to bf16 as the kernel stores it.
 const silu = (g: number) => g / (1 + Math.exp(-g));
 
+/**
+ * Rows of the experts e < E with weights (gu[e] [2I, H], dn[e] [H, I]; null: an empty slot):
+ * h [rows, I] (bf16-rounded) and y [rows, H] in float64; every other row is NaN (unwritten).
+ */
+function ffnRef(x: Float32Array, offsets: Int32Array, gu: (Float32Array | null)[], dn: (Float32Array | null)[],
+                rows: number, H: number, I: number) {
+  const h = new Float64Array(rows * I).fill(NaN), y = new Float64Array(rows * H).fill(NaN);
+  for (let e = 0; e < gu.length; e++) {
+    const g0 = gu[e], d0 = dn[e];
+    if (!g0 || !d0) continue;
+    for (let r = offsets[e]!; r < offsets[e + 1]!; r++) {
+      for (let i = 0; i < I; i++) {
+        let g = 0, u = 0;
+        for (let c = 0; c < H; c++) {
+          g += x[r * H + c]! * g0[i * H + c]!;
+          u += x[r * H + c]! * g0[(I + i) * H + c]!;
+        }
+        h[r * I + i] = fromBf16(toBf16(silu(g) * u));
+      }
+      for (let o = 0; o < H; o++) {
+        let acc = 0;
+        for (let i = 0; i < I; i++) acc += h[r * I + i]! * d0[o * I + i]!;
+        y[r * H + o] = acc;
+      }
+    }
+  }
+  return { h, y };
+}
+
 // Routing reference (HF semantics, float64 scores).
 function routeRef(logits: Float32Array, T: number, E: number, k: number, o: {
   sigmoid: boolean; bias?: Float32Array; nGroup: number; topkGroup: number; top2: boolean; renorm: boolean; scale: number;
@@ -299,29 +328,53 @@ function deviceSuite(label: string, cu: CudaAddon, skip: string | false) {
         assert.equal(table.has(1), counts[1]! > 0);
         const y = poisoned(rows * H), hs = poisoned(rows * I, 2);
         cu.cudaGroupGemmFfn(upload(bf16Array(x)), upload(offsets), table, rows, hs, y, { tile });
-        const ref = new Float64Array(rows * H);
-        const h = new Float64Array(I);
-        for (let e = 0; e < E; e++) {
-          for (let r = offsets[e]!; r < offsets[e + 1]!; r++) {
-            for (let i = 0; i < I; i++) {
-              let g = 0, u = 0;
-              for (let k = 0; k < H; k++) {
-                g += x[r * H + k]! * gu[e]![i * H + k]!;
-                u += x[r * H + k]! * gu[e]![(I + i) * H + k]!;
-              }
-              h[i] = fromBf16(toBf16(silu(g) * u));
-            }
-            for (let o = 0; o < H; o++) {
-              let s = 0;
-              for (let i = 0; i < I; i++) s += h[i]! * dn[e]![o * I + i]!;
-              ref[r * H + o] = s;
-            }
-          }
-        }
-        close('y', f32Of(y, rows * H), ref, 5e-3, 5e-2);
+        close('y', f32Of(y, rows * H), ffnRef(x, offsets, gu, dn, rows, H, I).y, 5e-3, 5e-2);
         table.dispose();
       });
     }
+  }
+
+  // The contract the device engine relies on (LongCat-Flash's identity experts sit after the real
+  // experts, beyond the table): rows of an empty slot and rows past offsets[E] are not written.
+  // The operands are views at the least alignment the binding accepts (x, hScratch 16 B, y 8 B).
+  for (const tile of ['small', 'large'] as const) {
+    test(`${label}: cudaGroupGemmFfn leaves rows of empty slots and past offsets[E] alone (tile=${tile})`, { skip }, () => {
+      const E = 4, H = 64, I = 32, counts = [5, 3, 0, 20], beyond = 7;
+      const valid = counts.reduce((a, b) => a + b, 0), rows = valid + beyond;
+      const offsets = new Int32Array(E + 1);
+      for (let e = 0; e < E; e++) offsets[e + 1] = offsets[e]! + counts[e]!;
+      const x = bf16Round(uniform(rows * H));
+      const table = new cu.CudaExpertTable(E, H, I);
+      const gu: (Float32Array | null)[] = [], dn: (Float32Array | null)[] = [];
+      for (let e = 0; e < E; e++) {
+        // Expert 1 has rows but no weights; expert 2 has weights but no rows.
+        gu.push(e === 1 ? null : bf16Round(uniform(2 * I * H, -0.2, 0.2)));
+        dn.push(e === 1 ? null : bf16Round(uniform(H * I, -0.2, 0.2)));
+        if (gu[e]) table.set(e, upload(bf16Array(gu[e]!)), upload(bf16Array(dn[e]!)));
+      }
+      const xBig = cu.cudaBuffer(16 + rows * H * 2), hBig = poisoned(48 / 2 + rows * I, 2), yBig = poisoned(2 + rows * H);
+      cu.cudaCopyToDevice(xBig, 16, bf16Array(x));
+      const y = yBig.view(8, rows * H * 4), hs = hBig.view(48, rows * I * 2);
+      cu.cudaGroupGemmFfn(xBig.view(16, rows * H * 2), upload(offsets), table, rows, hs, y, { tile });
+      const ref = ffnRef(x, offsets, gu, dn, rows, H, I);
+      const gotY = f32Of(y, rows * H), gotH = bf16Of(hs, rows * I);
+      const written = (r: number) => r < offsets[1]! || (r >= offsets[2]! && r < offsets[E]!);
+      for (let r = 0; r < rows; r++) {
+        const yr = gotY.subarray(r * H, r * H + H), hr = gotH.subarray(r * I, r * I + I);
+        if (written(r)) continue;
+        assert.ok(yr.every(Number.isNaN), `row ${r} of y was written (${r < valid ? 'empty slot' : 'past offsets[E]'})`);
+        assert.ok(hr.every(Number.isNaN), `row ${r} of hScratch was written`);
+      }
+      const rowsOf = (a: ArrayLike<number>, w: number) =>
+        Float64Array.from({ length: rows * w }, (_, i) => a[i]!).filter((_, i) => written(Math.floor(i / w)));
+      close('y (written rows)', rowsOf(gotY, H), rowsOf(ref.y, H), 5e-3, 5e-2);
+      // h is stored as bf16: one rounding apart at most where the f32 sums straddle a tie.
+      close('hScratch (written rows)', rowsOf(gotH, I), rowsOf(ref.h, I), 1e-2, 2e-2);
+      // Nothing before the views was touched.
+      assert.ok(bf16Of(hBig, 24).every(Number.isNaN) && f32Of(yBig, 2).every(Number.isNaN));
+      assert.equal(cu.cudaDeviceLost(), false);
+      table.dispose();
+    });
   }
 
   for (const c of [{ m: 1, n: 96, k: 64 }, { m: 7, n: 256, k: 512 }, { m: 130, n: 136, k: 72 }]) {
@@ -342,6 +395,30 @@ function deviceSuite(label: string, cu: CudaAddon, skip: string | false) {
         close('y', f32Of(y, m * n), ref, 1e-5, 1e-3);
       });
     }
+  }
+
+  // Views 16 bytes into their allocations: the least alignment the binding accepts (cuBLASLt's
+  // plans are chosen per operand alignment, 256 B otherwise).
+  for (const backend of ['kernel', 'auto'] as const) {
+    test(`${label}: cudaDenseGemm on 16-byte aligned views backend=${backend}`, { skip }, () => {
+      const m = 9, n = 40, k = 56, at = 16;
+      const x = bf16Round(uniform(m * k)), w = bf16Round(uniform(n * k)), bias = uniform(n), y0 = uniform(m * n);
+      const view = (data: ArrayBufferView) => {
+        const b = cu.cudaBuffer(at + data.byteLength);
+        cu.cudaCopyToDevice(b, at, data);
+        return b.view(at, data.byteLength);
+      };
+      const y = view(y0);
+      cu.cudaDenseGemm(view(bf16Array(x)), m, view(bf16Array(w)), n, k, y, view(bias), true, backend);
+      const ref = new Float64Array(m * n);
+      for (let r = 0; r < m; r++)
+        for (let o = 0; o < n; o++) {
+          let acc = y0[r * n + o]! + bias[o]!;
+          for (let i = 0; i < k; i++) acc += x[r * k + i]! * w[o * k + i]!;
+          ref[r * n + o] = acc;
+        }
+      close('y', f32Of(y, m * n), ref, 1e-5, 1e-3);
+    });
   }
 
   for (const c of [
@@ -404,6 +481,50 @@ function deviceSuite(label: string, cu: CudaAddon, skip: string | false) {
         close('combine', f32Of(out, T * h), ref, 1e-6, 1e-5);
       });
     }
+  }
+
+  // ids live on the device: one outside 0..e-1 is skipped (permIndex -1, no row, not counted),
+  // and the combine skips its slot.
+  for (const dtype of ['f32', 'bf16'] as const) {
+    test(`${label}: cudaPermute skips ids outside 0..e-1, cudaUnpermuteCombine their slots (${dtype})`, { skip }, () => {
+      const T = 45, h = 24, k = 3, E = 6;
+      const ids = Int32Array.from({ length: T * k }, () => Math.floor(rand() * E));
+      for (const [p, bad] of [[0, -1], [4, E], [10, E + 100], [11, 2 ** 31 - 1], [20, -(2 ** 31)], [21, 7], [22, -5], [23, E]] as [number, number][])
+        ids[p] = bad;  // token 7 (positions 21..23) has no valid slot at all
+      const ok = (p: number) => ids[p]! >= 0 && ids[p]! < E;
+      const offsets = new Int32Array(E + 1);
+      for (let p = 0; p < T * k; p++) if (ok(p)) offsets[ids[p]! + 1]!++;
+      for (let e = 0; e < E; e++) offsets[e + 1]! += offsets[e]!;
+      const cursor = offsets.slice(0, E), perm = new Int32Array(T * k);
+      for (let p = 0; p < T * k; p++) perm[p] = ok(p) ? cursor[ids[p]!]!++ : -1;
+      const x = uniform(T * h);
+      const xp = poisoned(T * k * h, dtype === 'f32' ? 4 : 2), pidx = poisoned(T * k), offs = poisoned(E + 1);
+      cu.cudaPermute(upload(x), T, h, upload(ids), k, E, xp, pidx, offs, dtype);
+      assert.deepEqual(i32Of(offs, E + 1), offsets);
+      assert.deepEqual(i32Of(pidx, T * k), perm);
+      const got = dtype === 'f32' ? f32Of(xp, T * k * h) : bf16Of(xp, T * k * h);
+      const xr = dtype === 'f32' ? x : bf16Round(x);
+      for (let p = 0; p < T * k; p++)
+        if (ok(p)) assert.deepEqual(got.subarray(perm[p]! * h, perm[p]! * h + h), xr.subarray(Math.floor(p / k) * h, Math.floor(p / k) * h + h));
+      assert.ok(got.subarray(offsets[E]! * h).every(Number.isNaN), 'rows from offsets[e] on stay unwritten');
+      // Combine over the valid slots only (yPerm's rows past offsets[e] hold garbage on purpose).
+      const yPerm = uniform(T * k * h), w = uniform(T * k, 0, 1), base = uniform(T * h);
+      for (const accumulate of [true, false]) {
+        const out = upload(base);
+        cu.cudaUnpermuteCombine(upload(yPerm), pidx, upload(w), T, k, h, out, accumulate);
+        const ref = new Float64Array(T * h);
+        for (let t = 0; t < T; t++)
+          for (let c = 0; c < h; c++) {
+            let acc = accumulate ? base[t * h + c]! : 0;
+            for (let j = 0; j < k; j++) if (ok(t * k + j)) acc += w[t * k + j]! * yPerm[perm[t * k + j]! * h + c]!;
+            ref[t * h + c] = acc;
+          }
+        const o = f32Of(out, T * h);
+        close(`combine accumulate=${accumulate}`, o, ref, 1e-6, 1e-5);
+        if (!accumulate) assert.ok(o.subarray(7 * h, 8 * h).every((v) => v === 0), 'a token without a valid slot gets 0');
+      }
+      assert.equal(cu.cudaDeviceLost(), false);
+    });
   }
 
   test(`${label}: cudaRmsNorm with and without residual`, { skip }, () => {
@@ -561,6 +682,60 @@ function deviceSuite(label: string, cu: CudaAddon, skip: string | false) {
         }
       });
       close('attention', f32Of(out, T * heads * dv), ref, 1e-5, 1e-5);
+    });
+  }
+
+  // maxContext must be >= every ctxLen (the engine takes it from its host copy of seqInfo). When it
+  // is not, the device reads no key at or past min(maxContext, maxBlocks * blockSize): queries keep
+  // their positions and see the keys below that cap. The emulator refuses it (stricter on purpose).
+  for (const c of [
+    { name: 'maxContext', seqs: [[1, 1000], [2, 300]], maxContext: 600, maxBlocks: 63 },
+    { name: 'maxBlocks * blockSize', seqs: [[1, 1000], [3, 300]], maxContext: 1000, maxBlocks: 20 },
+  ] as { name: string; seqs: [number, number][]; maxContext: number; maxBlocks: number }[]) {
+    test(`${label}: cudaPagedAttention with a ctxLen above ${c.name}: ${label === 'emulated' ? 'refused (E_CUDA)' : 'no key past it is read'}`, { skip }, () => {
+      const bs = 16, heads = 4, kvHeads = 2, dk = 32, dv = 32, { maxBlocks, maxContext } = c;
+      const cap = Math.min(maxContext, maxBlocks * bs);
+      const numBlocks = c.seqs.length * maxBlocks;
+      const kc = uniform(numBlocks * bs * kvHeads * dk), vc = uniform(numBlocks * bs * kvHeads * dv);
+      const seqInfo = new Int32Array(c.seqs.length * 3), tables = new Int32Array(c.seqs.length * maxBlocks);
+      let T = 0;
+      c.seqs.forEach(([qLen, ctx], s) => {
+        seqInfo.set([T, qLen, ctx], 3 * s);
+        T += qLen;
+        for (let b = 0; b < maxBlocks; b++) tables[s * maxBlocks + b] = s * maxBlocks + b;
+      });
+      const q = uniform(T * heads * dk), scale = 1 / Math.sqrt(dk), out = poisoned(T * heads * dv);
+      const run = () => cu.cudaPagedAttention(upload(q), upload(kc), upload(vc), upload(seqInfo), upload(tables), {
+        numSeqs: c.seqs.length, heads, kvHeads, dk, dv, blockSize: bs, maxBlocks, scale, totalTokens: T, maxContext, numBlocks,
+      }, out);
+      if (label === 'emulated') {
+        assert.throws(run, (e: Error & { code?: string }) => e.code === 'E_CUDA' && /ctxLen 1000/.test(e.message));
+        assert.equal(cu.cudaDeviceLost(), false, 'a precondition, not a fault');
+        return;
+      }
+      run();
+      const ref = new Float64Array(T * heads * dv), g = heads / kvHeads;
+      c.seqs.forEach(([qLen, ctx], s) => {
+        for (let i = 0; i < qLen; i++) {
+          const last = Math.min(ctx - qLen + i, cap - 1), row = seqInfo[3 * s]! + i;
+          for (let hd = 0; hd < heads; hd++) {
+            const kvh = Math.floor(hd / g), sc: number[] = [];
+            for (let j = 0; j <= last; j++) {
+              const kr = (tables[s * maxBlocks + Math.floor(j / bs)]! * bs + (j % bs)) * kvHeads + kvh;
+              let d = 0;
+              for (let e = 0; e < dk; e++) d += q[(row * heads + hd) * dk + e]! * kc[kr * dk + e]!;
+              sc.push(d * scale);
+            }
+            const mx = Math.max(...sc), p = sc.map((v) => Math.exp(v - mx)), sum = p.reduce((a, b) => a + b, 0);
+            for (let j = 0; j <= last; j++) {
+              const kr = (tables[s * maxBlocks + Math.floor(j / bs)]! * bs + (j % bs)) * kvHeads + kvh;
+              for (let e = 0; e < dv; e++) ref[(row * heads + hd) * dv + e]! += (p[j]! / sum) * vc[kr * dv + e]!;
+            }
+          }
+        }
+      });
+      close('attention', f32Of(out, T * heads * dv), ref, 1e-5, 1e-5);
+      assert.equal(cu.cudaDeviceLost(), false);
     });
   }
 

@@ -32,6 +32,7 @@ struct AttnArgs {
   int nsplit;
   int seg;      // keys per split (multiple of kKeys)
   int share_kv; // V is read from the K chunk (MLA)
+  int key_cap;  // keys at positions >= key_cap are never read: min(max_context, max_blocks * block_size)
 };
 
 struct TileRows {
@@ -89,6 +90,11 @@ __device__ RowInfo row_info(const AttnArgs& a, const TileRows& tr, int r) {
   ri.head = kvh * a.group + hh;
   ri.pos = tr.ctx - tr.q_len + ri.token;
   ri.lo = a.window > 0 ? max(0, ri.pos - a.window + 1) : 0;
+  // NOTE: seq_info lives on the device, so nothing upstream can hold ctx_len to max_context (the
+  // splits' key ranges) or to max_blocks * block_size (the block-table row). Past them the query
+  // keeps its position but sees no key: the result is wrong, and nothing outside the buffers is
+  // read. A row left with no visible key comes out NaN.
+  ri.pos = min(ri.pos, a.key_cap - 1);
   return ri;
 }
 
@@ -303,6 +309,8 @@ void paged_attention(const float* q, const float* k_cache, const float* v_cache,
   a.hpc = std::min(a.group, kRows);
   a.bq = kRows / a.hpc;
   a.share_kv = (v_cache == k_cache && p.v_stride == p.dk && p.v_offset + p.dv <= p.dk) ? 1 : 0;
+  a.key_cap = static_cast<int>(std::min<long long>(std::max(1, max_context),
+                                                   static_cast<long long>(p.max_blocks) * p.block_size));
   const int chunks = (a.group + a.hpc - 1) / a.hpc;
 
   // Split-K only when the query tiles leave the GPU idle; each split keeps >= 256 keys.

@@ -286,13 +286,15 @@ size_t add_sat(size_t a, size_t b) {
   return __builtin_add_overflow(a, b, &r) ? SIZE_MAX : r;
 }
 
-// get_buf for a buffer read as T on the device: its start must be aligned for T (a misaligned
-// access is a sticky error that loses the whole context).
+// get_buf for a buffer read as T on the device: its start must be aligned for T, or to `align`
+// bytes where the kernel reads it in wider words (cp.async 16 B, float2 8 B). A misaligned access
+// is a sticky error that loses the whole context.
 template <typename T>
-T* get_aligned_buf(const Napi::CallbackInfo& info, size_t i, const char* name, size_t need_bytes) {
+T* get_aligned_buf(const Napi::CallbackInfo& info, size_t i, const char* name, size_t need_bytes,
+                   size_t align = alignof(T)) {
   T* p = get_buf<T>(info, i, name, need_bytes);
-  if (reinterpret_cast<uintptr_t>(p) % alignof(T))
-    throw_range(info.Env(), std::string(name) + " must start " + std::to_string(alignof(T)) +
+  if (reinterpret_cast<uintptr_t>(p) % align)
+    throw_range(info.Env(), std::string(name) + " must start " + std::to_string(align) +
                                 "-byte aligned");
   return p;
 }
@@ -587,10 +589,12 @@ Napi::Value group_gemm_ffn(const Napi::CallbackInfo& info) {
   TableHandle* t = TableHandle::Unwrap(info[2].As<Napi::Object>());
   const int e = t->num_experts(), h = t->hidden(), inter = t->inter();
   const int rows = dim(info, 3, "rows", 0, 1 << 28);
-  const uint16_t* x = get_buf<uint16_t>(info, 0, "x", mul(rows, h, B2));
-  const int32_t* offsets = get_buf<int32_t>(info, 1, "offsets", (e + 1) * I4);
-  uint16_t* hs = get_buf<uint16_t>(info, 4, "hScratch", mul(rows, inter, B2));
-  float* y = get_buf<float>(info, 5, "y", mul(rows, h, F4));
+  // x and hScratch (the down pass's x) are read in 16-byte cp.async chunks, hScratch written as
+  // bf16 pairs, y read and written as float2.
+  const uint16_t* x = get_aligned_buf<uint16_t>(info, 0, "x", mul(rows, h, B2), 16);
+  const int32_t* offsets = get_aligned_buf<int32_t>(info, 1, "offsets", (e + 1) * I4);
+  uint16_t* hs = get_aligned_buf<uint16_t>(info, 4, "hScratch", mul(rows, inter, B2), 16);
+  float* y = get_aligned_buf<float>(info, 5, "y", mul(rows, h, F4), 8);
   const cuda::GemmTile tile = parse_tile(info, 6);
   Stream s = get_stream(info, 7);
   const uint16_t* const* table = t->device_table(env, s);
@@ -607,10 +611,12 @@ Napi::Value dense_gemm(const Napi::CallbackInfo& info) {
   const int m = dim(info, 1, "m"), n = dim(info, 3, "n", 8), k = dim(info, 4, "k", 8);
   if (n % 8 || k % 8) throw_range(env, "n and k must be multiples of 8 (n is " + std::to_string(n) +
                                            ", k is " + std::to_string(k) + ")");
-  const uint16_t* x = get_buf<uint16_t>(info, 0, "x", mul(m, k, B2));
-  const uint16_t* w = get_buf<uint16_t>(info, 2, "w", mul(n, k, B2));
-  float* y = get_buf<float>(info, 5, "y", mul(m, n, F4));
-  const float* bias = get_opt_buf<float>(info, 6, "bias", n * F4);
+  // 16 bytes for every operand: the kernel reads x and w in cp.async chunks and y as float2, and
+  // cuBLASLt's plans are chosen for the operands' alignment with 16 bytes as the floor.
+  const uint16_t* x = get_aligned_buf<uint16_t>(info, 0, "x", mul(m, k, B2), 16);
+  const uint16_t* w = get_aligned_buf<uint16_t>(info, 2, "w", mul(n, k, B2), 16);
+  float* y = get_aligned_buf<float>(info, 5, "y", mul(m, n, F4), 16);
+  const float* bias = is_nullish(info[6]) ? nullptr : get_aligned_buf<float>(info, 6, "bias", n * F4, 16);
   const bool acc = get_bool(info, 7, "accumulate");
   cuda::DenseBackend be = cuda::DenseBackend::Auto;
   if (info.Length() > 8 && !is_nullish(info[8])) {
@@ -739,8 +745,14 @@ Napi::Value rope(const Napi::CallbackInfo& info) {
   const int t = dim(info, 1, "t"), heads = dim(info, 2, "heads", 1);
   const int row_stride = dim(info, 3, "rowStride", 1), head_stride = dim(info, 4, "headStride", 0);
   const int offset = dim(info, 5, "offset", 0);
-  const int rot = dim(info, 8, "rotDim", 2, 1 << 16);
+  // rotDim <= 4096: the kernel keeps cos/sin of a position in 4 * rotDim bytes of shared memory,
+  // under the 48 KiB a launch gets without opting in.
+  const int rot = dim(info, 8, "rotDim", 2, 4096);
   if (rot % 2) throw_range(env, "rotDim is " + std::to_string(rot) + ", expected an even number");
+  // Heads rotated in parallel must not share a column (headStride 0 would race on every one).
+  if (heads > 1 && head_stride < rot)
+    throw_range(env, "headStride is " + std::to_string(head_stride) + ", expected at least rotDim = " +
+                         std::to_string(rot) + " when heads > 1 (heads must not overlap)");
   const size_t span = static_cast<size_t>(heads - 1) * head_stride + offset + rot;
   if (span > static_cast<size_t>(row_stride))
     throw_range(env, "heads, headStride, offset and rotDim reach column " + std::to_string(span) +
@@ -877,7 +889,9 @@ Napi::Value paged_attention(const Napi::CallbackInfo& info) {
   float* out = get_buf<float>(info, 6, "out", mul(total, p.heads, p.dv * F4));
   Stream s = get_stream(info, 7);
   // NOTE: seqInfo and blockTables live on the device; the engine builds them (ctx_len <=
-  // maxContext, blocks < numBlocks, q rows within totalTokens) and the kernel trusts them.
+  // maxContext, from its host copy of seqInfo; blocks < numBlocks; q rows within totalTokens). The
+  // kernel reads no key past min(maxContext, maxBlocks * blockSize) whatever ctx_len says (the
+  // result is then wrong, not a fault); block ids and q rows it trusts.
   guard(env, [&] { cuda::paged_attention(q, kc, vc, si, bt, p, total, max_ctx, out, s); });
   return env.Undefined();
 }

@@ -2,6 +2,7 @@
 // bias epilogue and beta = 1 for accumulate, and the in-house tensor-core kernel as fallback.
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -41,6 +42,7 @@ constexpr int CUBLASLT_MATMUL_DESC_BIAS_POINTER = 8;
 constexpr uint32_t CUBLASLT_EPILOGUE_DEFAULT = 1;
 constexpr uint32_t CUBLASLT_EPILOGUE_BIAS = 4;
 constexpr int CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES = 1;
+constexpr int CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES = 5;  // B, C, D: 6, 7, 8 (uint32_t)
 constexpr size_t kWorkspaceBytes = size_t{32} << 20;
 
 struct Lt {
@@ -130,7 +132,18 @@ cublasLtHandle_t handle_for(const Lt& lt, int device) {
   return h;
 }
 
-// Descriptors and the chosen algorithm per shape, built once (heuristics cost tens of us).
+// The largest power of two, up to 256, that divides p's address. cuBLASLt's heuristic assumes
+// 256-byte aligned operands unless told otherwise, and an algorithm picked for that may not run
+// on less aligned ones; the binding guarantees 16.
+uint32_t alignment_of(const void* p) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  uint32_t align = 256;
+  while (align > 1 && a % align) align >>= 1;
+  return align;
+}
+
+// Descriptors and the chosen algorithm per (shape, operand alignment), built once (heuristics
+// cost tens of us).
 struct Plan {
   cublasLtMatmulDesc_t desc = nullptr;
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
@@ -139,10 +152,10 @@ struct Plan {
 };
 
 const Plan& plan_for(const Lt& lt, cublasLtHandle_t h, int device, int m, int n, int k,
-                     bool bias) {
-  using Key = std::tuple<int, int, int, int, bool>;
+                     bool bias, uint32_t align) {
+  using Key = std::tuple<int, int, int, int, bool, uint32_t>;
   thread_local std::map<Key, Plan> plans;
-  const Key key{device, m, n, k, bias};
+  const Key key{device, m, n, k, bias, align};
   auto it = plans.find(key);
   if (it != plans.end()) return it->second;
   // Row-major Y[m, n] = X[m, k] W[n, k]^T is column-major Y^T[n, m] = W^T(op T on W as k x n)
@@ -161,9 +174,11 @@ const Plan& plan_for(const Lt& lt, cublasLtHandle_t h, int device, int m, int n,
   EXPERTD_CUBLAS_CHECK(lt, lt.pref_create(&pref));
   const uint64_t ws = kWorkspaceBytes;
   EXPERTD_CUBLAS_CHECK(lt, lt.pref_set(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+  for (int attr = CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES; attr <= CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES + 3; ++attr)
+    EXPERTD_CUBLAS_CHECK(lt, lt.pref_set(pref, attr, &align, sizeof(align)));
   if (bias) {
-    // The heuristic looks at the bias pointer's alignment only; any 16-byte aligned value works.
-    const void* fake = reinterpret_cast<const void*>(uintptr_t{256});
+    // The heuristic looks at the bias pointer's alignment only: a fake address of that alignment.
+    const void* fake = reinterpret_cast<const void*>(uintptr_t{align});
     EXPERTD_CUBLAS_CHECK(lt, lt.desc_set(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &fake, sizeof(fake)));
   }
   cublasLtMatmulHeuristicResult_t res{};
@@ -187,7 +202,9 @@ void lt_gemm(const Lt& lt, const uint16_t* x, int m, const uint16_t* w, int n, i
              const float* bias, bool accumulate, Stream s) {
   const int device = current_device();
   cublasLtHandle_t h = handle_for(lt, device);
-  const Plan& p = plan_for(lt, h, device, m, n, k, bias != nullptr);
+  const uint32_t align = std::min({alignment_of(x), alignment_of(w), alignment_of(y),
+                                   bias ? alignment_of(bias) : 256u});
+  const Plan& p = plan_for(lt, h, device, m, n, k, bias != nullptr, align);
   if (bias)
     EXPERTD_CUBLAS_CHECK(lt, lt.desc_set(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
   std::shared_ptr<DeviceMem> ws;

@@ -211,6 +211,10 @@ void rope(float* x, int tokens, int heads, int row_stride, int head_stride, int 
   ensure_alive();
   const int half = rot_dim / 2;
   if (tokens <= 0 || heads <= 0 || half <= 0) return;
+  EXPERTD_CHECK(rot_dim <= 4096, ErrorCode::InvalidArg,
+                "rope: rot_dim " + std::to_string(rot_dim) + " > 4096 (cos/sin live in shared memory)");
+  EXPERTD_CHECK(heads == 1 || head_stride >= rot_dim, ErrorCode::InvalidArg,
+                "rope: heads overlap (head_stride < rot_dim)");
   rope_kernel<<<tokens, std::min(256, row_threads(heads * half)), sizeof(float) * 2 * half,
                 or_default(s)>>>(x, heads, row_stride, head_stride, offset, positions, inv_freq,
                                  half, attn_scale, interleaved ? 1 : 0);

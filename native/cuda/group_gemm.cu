@@ -108,7 +108,12 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
   const int e = s_e, r0 = s_r0, r1 = s_r1;
   if (e < 0 || r0 >= r1) return;
   const uint16_t* W = a.offsets == nullptr ? a.single_weight : a.weights[e];
-  if (W == nullptr) return;  // NOTE: the binding guarantees weights for experts with rows
+  // NOTE: the contract of an empty table slot (the binding cannot check offsets, they live on
+  // the device): an expert with rows but no weights is skipped, and its rows of this pass's output
+  // (hScratch for gate/up, y for down) stay as they were. Rows past offsets[num_experts] belong to
+  // no expert and are never touched. The device engine relies on both: LongCat-Flash's identity
+  // experts sit after the real experts, beyond the table, and cudaCopyRowRange fills their rows.
+  if (W == nullptr) return;
 
   const int col0 = blockIdx.x * (GATE_UP ? BN / 2 : BN);  // first output column of the CTA
   const int K = a.k;

@@ -2,6 +2,7 @@
 // scale; counts), the stable permutation to expert-contiguous rows with offsets computed on the
 // device, and the weighted unpermute+combine. Semantics and roundings of native/cpu's versions.
 #include <algorithm>
+#include <climits>
 
 #include "cuda_common.h"
 
@@ -125,6 +126,8 @@ __global__ void route_kernel(const RouteArgs a) {
 
 // Stable permutation, one block: counts and offsets, then ranks chunk by chunk (warp peers by
 // __match_any_sync, earlier warps by shared per-warp counts, earlier chunks by a cursor).
+// NOTE: ids live on the device, so the binding cannot check them: an id outside 0..E-1 is
+// skipped (counted nowhere, permIndex -1, no row of x_perm), never used as a shared-memory index.
 constexpr int kPermThreads = 512;
 constexpr int kPermWarps = kPermThreads / 32;
 
@@ -137,7 +140,10 @@ __global__ void __launch_bounds__(kPermThreads)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   for (int i = tid; i < num_experts * (kPermWarps + 1); i += kPermThreads) sh[i] = 0;
   __syncthreads();
-  for (int p = tid; p < n; p += kPermThreads) atomicAdd(cursor + ids[p], 1);
+  for (int p = tid; p < n; p += kPermThreads) {
+    const int e = ids[p];
+    if (static_cast<unsigned>(e) < static_cast<unsigned>(num_experts)) atomicAdd(cursor + e, 1);
+  }
   __syncthreads();
   if (tid == 0) {
     int32_t run = 0;
@@ -152,7 +158,11 @@ __global__ void __launch_bounds__(kPermThreads)
   __syncthreads();
   for (int base = 0; base < n; base += kPermThreads) {
     const int p = base + tid;
-    const int e = p < n ? ids[p] : -1;
+    int e = p < n ? ids[p] : -1;
+    if (static_cast<unsigned>(e) >= static_cast<unsigned>(num_experts)) {
+      if (p < n) perm_index[p] = -1;  // out of range: no row
+      e = -1;
+    }
     const unsigned peers = __match_any_sync(0xffffffffu, e);
     const int leader = __ffs(peers) - 1;
     const int rank_w = __popc(peers & ((1u << lane) - 1u));
@@ -179,28 +189,36 @@ __device__ __forceinline__ float from_f32<float>(float v) { return v; }
 template <>
 __device__ __forceinline__ uint16_t from_f32<uint16_t>(float v) { return f32_to_bf16_bits(v); }
 
-// One block per (token, slot) pair: x_perm[perm_index[p]] = x[p / k].
+// One block per (token, slot) pair: x_perm[perm_index[p]] = x[p / k] (nothing for a skipped id).
 template <typename OutT>
 __global__ void permute_copy_kernel(const float* x, int h, int top_k, const int32_t* perm_index,
                                     OutT* x_perm) {
   const int p = blockIdx.x;
+  if (perm_index[p] < 0) return;
   const float* src = x + static_cast<size_t>(p / top_k) * h;
   OutT* dst = x_perm + static_cast<size_t>(perm_index[p]) * h;
   for (int c = threadIdx.x; c < h; c += blockDim.x) dst[c] = from_f32<OutT>(src[c]);
 }
 
-// Multiply then add (no FMA), slot order, then add to out: the CPU's roundings exactly.
+// Multiply then add (no FMA), slot order, then add to out: the CPU's roundings exactly. A slot
+// whose perm_index is outside 0..rows-1 (permute's -1 for a skipped id) adds nothing; a token with
+// no valid slot gets 0 (added to out when accumulating).
 __global__ void unpermute_combine_kernel(const float* y_perm, const int32_t* perm_index,
-                                         const float* weights, int top_k, int h, float* out,
-                                         int accumulate) {
+                                         const float* weights, int top_k, int h, int rows,
+                                         float* out, int accumulate) {
   const int t = blockIdx.x;
   const int c = blockIdx.y * blockDim.x + threadIdx.x;
   if (c >= h) return;
   const int32_t* pidx = perm_index + static_cast<size_t>(t) * top_k;
   const float* w = weights + static_cast<size_t>(t) * top_k;
-  float s = __fmul_rn(w[0], y_perm[static_cast<size_t>(pidx[0]) * h + c]);
-  for (int j = 1; j < top_k; ++j)
-    s = __fadd_rn(s, __fmul_rn(w[j], y_perm[static_cast<size_t>(pidx[j]) * h + c]));
+  float s = 0.0f;
+  bool any = false;
+  for (int j = 0; j < top_k; ++j) {
+    if (static_cast<unsigned>(pidx[j]) >= static_cast<unsigned>(rows)) continue;
+    const float v = __fmul_rn(w[j], y_perm[static_cast<size_t>(pidx[j]) * h + c]);
+    s = any ? __fadd_rn(s, v) : v;  // the first product as is: no 0 + v (-0 stays -0)
+    any = true;
+  }
   float* o = out + static_cast<size_t>(t) * h + c;
   *o = accumulate ? __fadd_rn(*o, s) : s;
 }
@@ -257,7 +275,9 @@ void unpermute_combine(const float* y_perm, const int32_t* perm_index, const flo
   if (tokens <= 0 || h <= 0) return;
   s = or_default(s);
   const dim3 grid(tokens, blocks_for(static_cast<size_t>(h), 256));
-  unpermute_combine_kernel<<<grid, 256, 0, s>>>(y_perm, perm_index, weights, top_k, h, out,
+  // perm_index is int32: rows beyond INT_MAX cannot be named anyway.
+  const int rows = static_cast<int>(std::min<long long>(static_cast<long long>(tokens) * top_k, INT_MAX));
+  unpermute_combine_kernel<<<grid, 256, 0, s>>>(y_perm, perm_index, weights, top_k, h, rows, out,
                                                 accumulate ? 1 : 0);
   EXPERTD_CUDA_LAUNCH_CHECK();
 }

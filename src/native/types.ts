@@ -158,7 +158,12 @@ export interface CudaRouteOptions extends Omit<RouteOptions, 'bias'> {
 export interface CudaAttentionOptions extends AttentionOptions {
   /** rows of q and out */
   totalTokens: number;
-  /** >= every ctxLen in seqInfo (sizes the split-K grid) */
+  /**
+   * Must be >= every ctxLen in seqInfo: the engine computes it from its host copy of seqInfo (the
+   * binding cannot read the device copy). It sizes the split-K grid; the kernel reads no key at or
+   * past min(maxContext, maxBlocks * blockSize), so a larger ctxLen gives a wrong result (rows
+   * left with no visible key come out NaN) but never a fault. The emulator throws E_CUDA for it.
+   */
   maxContext: number;
   /** blocks in kCache/vCache */
   numBlocks: number;
@@ -205,25 +210,52 @@ export interface CudaAddon {
   cudaCublasLt(): string | null;
   cudaConvert(src: CudaBuffer, srcDtype: DType, dst: CudaBuffer, dstDtype: DType, n: number,
               stream?: CudaStream | null): void;
-  /** x [rows, H] bf16, offsets [E+1] -> hScratch [rows, I] bf16, y [rows, H] f32. */
+  /**
+   * x [rows, H] bf16, offsets [E+1] i32 (expert e owns rows [offsets[e], offsets[e+1]), E = the
+   * table's numExperts) -> hScratch [rows, I] bf16, y [rows, H] f32. Only rows of experts with
+   * weights in the table are written: an expert with rows but an empty slot, and rows past
+   * offsets[E] (LongCat-Flash's identity experts, beyond the table, which the engine fills with
+   * cudaCopyRowRange), keep their contents in hScratch and y. x and hScratch must start 16-byte
+   * aligned, y 8-byte, offsets 4-byte (RangeError otherwise).
+   */
   cudaGroupGemmFfn(x: CudaBuffer, offsets: CudaBuffer, experts: CudaExpertTable, rows: number,
                    hScratch: CudaBuffer, y: CudaBuffer, opts?: { tile?: 'auto' | 'small' | 'large' } | null,
                    stream?: CudaStream | null): void;
-  /** y [m, n] f32 (+)= x [m, k] bf16 * w [n, k]^T bf16 (+ bias [n] f32); returns the backend used. */
+  /**
+   * y [m, n] f32 (+)= x [m, k] bf16 * w [n, k]^T bf16 (+ bias [n] f32); returns the backend used.
+   * x, w, y and bias must start 16-byte aligned (RangeError otherwise).
+   */
   cudaDenseGemm(x: CudaBuffer, m: number, w: CudaBuffer, n: number, k: number, y: CudaBuffer,
                 bias: CudaBuffer | null, accumulate: boolean,
                 backend?: 'auto' | 'cublaslt' | 'kernel' | null,
                 stream?: CudaStream | null): 'cublaslt' | 'kernel';
   cudaRoute(logits: CudaBuffer, t: number, e: number, k: number, opts: CudaRouteOptions,
             ids: CudaBuffer, weights: CudaBuffer, counts: CudaBuffer, stream?: CudaStream | null): void;
+  /**
+   * x [t, h] f32 -> xPerm [t*k, h] (permDtype) grouped by expert, stable (expert, token, slot);
+   * permIndex [t*k] i32 = the xPerm row of each (token, slot); offsets [e+1] i32. An id outside
+   * 0..e-1 (device data: not checked before the launch) is skipped: it gets permIndex -1 and no
+   * row, offsets count the valid ids only (offsets[e] <= t*k), and rows from offsets[e] on stay
+   * unwritten.
+   */
   cudaPermute(x: CudaBuffer, t: number, h: number, ids: CudaBuffer, k: number, e: number,
               xPerm: CudaBuffer, permIndex: CudaBuffer, offsets: CudaBuffer, permDtype: 'f32' | 'bf16',
               stream?: CudaStream | null): void;
+  /**
+   * out [t, h] (+)= sum over slots j of weights[t, j] * yPerm[permIndex[t, j]] (f32; no FMA, slot
+   * order). A slot whose permIndex is outside 0..t*k-1 (permute's -1) adds nothing; a token
+   * with no valid slot gets 0.
+   */
   cudaUnpermuteCombine(yPerm: CudaBuffer, permIndex: CudaBuffer, weights: CudaBuffer, t: number,
                        k: number, h: number, out: CudaBuffer, accumulate: boolean,
                        stream?: CudaStream | null): void;
   cudaRmsNorm(x: CudaBuffer, rows: number, dim: number, w: CudaBuffer, eps: number, out: CudaBuffer,
               residual: CudaBuffer | null, stream?: CudaStream | null): void;
+  /**
+   * Rotates columns [offset + h * headStride, + rotDim) of each row of x [t, rowStride] f32 for
+   * h < heads, in place. rotDim is even and <= 4096 (cos/sin in shared memory); heads rotate in
+   * parallel, so headStride >= rotDim when heads > 1 (RangeError otherwise).
+   */
   cudaRope(x: CudaBuffer, t: number, heads: number, rowStride: number, headStride: number,
            offset: number, positions: CudaBuffer, invFreq: CudaBuffer, rotDim: number,
            attnScale: number, interleaved: boolean, stream?: CudaStream | null): void;

@@ -5,7 +5,7 @@
 // Faithful where it matters to callers: dtypes, roundings (f32 arithmetic via Math.fround and
 // Float32Array stores), orderings and tie-breaks, what a kernel leaves unwritten. Stricter than a
 // GPU where a GPU would fail silently or late: device data that would make a kernel read or write
-// out of bounds (ids, slots, offsets, block tables) or a misaligned typed access raise an E_CUDA
+// out of bounds (slots, offsets, block tables) or a misaligned typed access raise an E_CUDA
 // "fault" and mark the device lost, as a sticky CUDA error would; fresh allocations are filled
 // with 0xff (NaN) so that reads of memory nobody wrote show up.
 import { loadNative } from '../../src/native/index.js';
@@ -371,6 +371,12 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
   function optBuf(v: unknown, name: string, needBytes: number): EmuBuffer | null {
     return nullish(v) ? null : buf(v, name, needBytes);
   }
+  /** buf whose start must be `align`-byte aligned (the binding's get_aligned_buf). */
+  function alignedBuf(v: unknown, name: string, needBytes: number, align: number): EmuBuffer {
+    const b = buf(v, name, needBytes);
+    if (b.offset % align) throw rangeError(`${name} must start ${align}-byte aligned`);
+    return b;
+  }
   function getStream(v: unknown): void {
     if (nullish(v)) return;
     if (!(v instanceof EmuStream)) throw typeError('stream must be a CudaStream or null');
@@ -519,22 +525,17 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
       if (!(experts instanceof EmuExpertTable)) throw typeError('experts must be a CudaExpertTable');
       const E = experts.numExperts, H = experts.hidden, I = experts.inter;
       const R = dim(rows, 'rows', 0, 1 << 28);
-      const xb = buf(x, 'x', R * H * 2);
-      const ob = buf(offsets, 'offsets', (E + 1) * 4);
-      const hb = buf(hScratch, 'hScratch', R * I * 2);
-      const yb = buf(y, 'y', R * H * 4);
+      // x and hScratch (the down pass's x) are read in 16-byte cp.async chunks, y as float2.
+      const xb = alignedBuf(x, 'x', R * H * 2, 16);
+      const ob = alignedBuf(offsets, 'offsets', (E + 1) * 4, 4);
+      const hb = alignedBuf(hScratch, 'hScratch', R * I * 2, 16);
+      const yb = alignedBuf(y, 'y', R * H * 4, 8);
       parseTile(opts);
       getStream(stream);
       experts.check();
       ensureAlive();
-      if (xb.offset % 16) throw typeError('group_gemm: x must be 16-byte aligned');
       if (R <= 0) return;
       const off = i32Of(ob, 'offsets'), xs = u16Of(xb, 'x'), hs = u16Of(hb, 'hScratch'), ys = f32Of(yb, 'y');
-      if (hb.offset % 4) fault('hScratch is stored as bf16 pairs (4-byte aligned)');
-      // The down pass checks its x (= hScratch) like the gate pass's x; on a GPU the gate pass is
-      // already enqueued when this throws.
-      if (hb.offset % 16) throw typeError('group_gemm: x must be 16-byte aligned');
-      if (yb.offset % 8) fault('y is stored as float2 (8-byte aligned)');
       // Scratch layout: [gate_up 2I*H | down H*I | x row H | h row I] as f32.
       const f = scratch.floats(3 * I * H + H + I);
       const guAt = 0, dnAt = 2 * I * H, xAt = 3 * I * H, hAt = xAt + H;
@@ -542,8 +543,10 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
         const beg = off[e]!, cnt = off[e + 1]! - beg;
         if (cnt <= 0) continue;
         const gu = experts.gateUp[e], dn = experts.down[e];
-        // NOTE: an expert with rows but no weights is skipped by both passes (group_gemm.cu's
-        // `W == nullptr` return): its rows of hScratch and y are left as they were.
+        // NOTE: the contract of an empty slot (group_gemm.cu's `W == nullptr` return): an expert
+        // with rows but no weights is skipped by both passes, its rows of hScratch and y left as
+        // they were. Rows past offsets[E] belong to no expert of the table and are not touched
+        // either (the device engine's identity experts, filled by cudaCopyRowRange).
         if (!gu || !dn) continue;
         if (beg < 0 || beg + cnt > R) fault(`offsets[${e}..${e + 1}] = ${beg}..${beg + cnt} reach outside rows 0..${R}`);
         widenBf16(slotU16(gu, 2 * I * H), 2 * I * H, f, guAt);
@@ -567,8 +570,10 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
     cudaDenseGemm(x, m, w, n, k, y, bias, accumulate, backend, stream) {
       const M = dim(m, 'm'), N = dim(n, 'n', 8), K = dim(k, 'k', 8);
       if (N % 8 || K % 8) throw rangeError(`n and k must be multiples of 8 (n is ${N}, k is ${K})`);
-      const xb = buf(x, 'x', M * K * 2), wb = buf(w, 'w', N * K * 2), yb = buf(y, 'y', M * N * 4);
-      const bb = optBuf(bias, 'bias', N * 4);
+      // 16 bytes for every operand (cp.async chunks, float2 stores, cuBLASLt's alignment floor).
+      const xb = alignedBuf(x, 'x', M * K * 2, 16), wb = alignedBuf(w, 'w', N * K * 2, 16);
+      const yb = alignedBuf(y, 'y', M * N * 4, 16);
+      const bb = nullish(bias) ? null : alignedBuf(bias, 'bias', N * 4, 16);
       const acc = getBool(accumulate, 'accumulate');
       let be: 'auto' | 'cublaslt' | 'kernel' = 'auto';
       if (!nullish(backend)) {
@@ -582,8 +587,6 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
       if (be === 'cublaslt')
         throw coded(new Error('cuBLASLt was requested but libcublasLt.so.13/.12 could not be loaded ' +
           '(install the CUDA math libraries or set EXPERTD_CUBLASLT_SO)'), 'E_CUDA');
-      if (xb.offset % 16) throw typeError('group_gemm: x must be 16-byte aligned');
-      if (yb.offset % 8) fault('y is stored as float2 (8-byte aligned)');
       const f = scratch.floats(N * K + K);
       const wAt = 0, xAt = N * K;
       widenBf16(u16Of(wb, 'w'), N * K, f, wAt);
@@ -712,11 +715,12 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
       ensureAlive();
       const n = T * K;
       const idv = i32Of(idb, 'ids'), perm = i32Of(pb, 'permIndex'), offs = i32Of(ob, 'offsets');
-      for (let p = 0; p < n; p++)
-        if (idv[p]! < 0 || idv[p]! >= E) fault(`ids[${p}] is ${idv[p]}, outside 0..${E - 1} (permute counts it in shared memory)`);
+      // routing.cu's contract: an id outside 0..E-1 is skipped (counted nowhere, permIndex -1, no
+      // row of xPerm), so offsets[E] counts the valid ids only.
+      const valid = (p: number) => idv[p]! >= 0 && idv[p]! < E;
       // Counts -> offsets; ranks stable by (expert, position p = token * k + slot).
       const cursor = new Int32Array(E);
-      for (let p = 0; p < n; p++) cursor[idv[p]!]!++;
+      for (let p = 0; p < n; p++) if (valid(p)) cursor[idv[p]!]!++;
       let run = 0;
       for (let ex = 0; ex < E; ex++) {
         const c = cursor[ex]!;
@@ -725,15 +729,17 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
         run += c;
       }
       offs[E] = run;
-      for (let p = 0; p < n; p++) perm[p] = cursor[idv[p]!]!++;
+      for (let p = 0; p < n; p++) perm[p] = valid(p) ? cursor[idv[p]!]!++ : -1;
       if (n === 0 || Hd === 0) return;
       const xs = f32Of(xb, 'x');
       if (pd === 'f32') {
         const xp = f32Of(xpb, 'xPerm');
-        for (let p = 0; p < n; p++) xp.set(xs.subarray(Math.floor(p / K) * Hd, Math.floor(p / K) * Hd + Hd), perm[p]! * Hd);
+        for (let p = 0; p < n; p++)
+          if (perm[p]! >= 0) xp.set(xs.subarray(Math.floor(p / K) * Hd, Math.floor(p / K) * Hd + Hd), perm[p]! * Hd);
       } else {
         const xp = u16Of(xpb, 'xPerm');
         for (let p = 0; p < n; p++) {
+          if (perm[p]! < 0) continue;
           const s0 = Math.floor(p / K) * Hd, d0 = perm[p]! * Hd;
           for (let c = 0; c < Hd; c++) xp[d0 + c] = f32ToBf16(xs[s0 + c]!);
         }
@@ -749,14 +755,20 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
       ensureAlive();
       if (T <= 0 || Hd <= 0) return;
       const yp = f32Of(yb, 'yPerm'), pidx = i32Of(pb, 'permIndex'), w = f32Of(wb, 'weights'), o = f32Of(ob, 'out');
-      const yRows = Math.floor(yp.length / Hd);
-      for (let p = 0; p < T * K; p++)
-        if (pidx[p]! < 0 || pidx[p]! >= yRows) fault(`permIndex[${p}] is ${pidx[p]}, outside the ${yRows} rows of yPerm`);
+      // routing.cu's contract: a slot whose permIndex is outside 0..t*k-1 (permute's -1 for a
+      // skipped id) adds nothing; a token without a valid slot gets 0.
+      const rows = T * K;
       // Multiply then add (no FMA), slot order, then add to out: each step an f32 rounding.
       for (let tok = 0; tok < T; tok++) {
         for (let c = 0; c < Hd; c++) {
-          let s = fr(w[tok * K]! * yp[pidx[tok * K]! * Hd + c]!);
-          for (let j = 1; j < K; j++) s = fr(s + fr(w[tok * K + j]! * yp[pidx[tok * K + j]! * Hd + c]!));
+          let s = 0, any = false;
+          for (let j = 0; j < K; j++) {
+            const r = pidx[tok * K + j]!;
+            if (r < 0 || r >= rows) continue;
+            const v = fr(w[tok * K + j]! * yp[r * Hd + c]!);
+            s = any ? fr(s + v) : v;
+            any = true;
+          }
           o[tok * Hd + c] = acc ? o[tok * Hd + c]! + s : s;
         }
       }
@@ -791,8 +803,11 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
     cudaRope(x, t, heads, rowStride, headStride, offset, positions, invFreq, rotDim, attnScale, interleaved, stream): void {
       const T = dim(t, 't'), Hn = dim(heads, 'heads', 1), rs = dim(rowStride, 'rowStride', 1);
       const hs = dim(headStride, 'headStride', 0), off = dim(offset, 'offset', 0);
-      const rot = dim(rotDim, 'rotDim', 2, 1 << 16);
+      const rot = dim(rotDim, 'rotDim', 2, 4096);  // cos/sin of a position in shared memory
       if (rot % 2) throw rangeError(`rotDim is ${rot}, expected an even number`);
+      // Heads are rotated in parallel on the device: they must not share a column.
+      if (Hn > 1 && hs < rot)
+        throw rangeError(`headStride is ${hs}, expected at least rotDim = ${rot} when heads > 1 (heads must not overlap)`);
       const span = (Hn - 1) * hs + off + rot;
       if (span > rs) throw rangeError(`heads, headStride, offset and rotDim reach column ${span}, beyond rowStride ${rs}`);
       const xb = buf(x, 'x', T ? ((T - 1) * rs + span) * 4 : 0);
@@ -988,7 +1003,9 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
         const qStart = si[3 * s]!, qLen = si[3 * s + 1]!, ctx = si[3 * s + 2]!;
         if (qLen <= 0) continue;
         if (qStart < 0 || qStart + qLen > total) fault(`seqInfo[${s}] rows ${qStart}..${qStart + qLen} outside totalTokens ${total}`);
-        // NOTE: the kernel's key splits cover [0, maxContext) rounded up: keys beyond are dropped.
+        // NOTE: stricter than the device, on purpose: attention.cu reads no key at or past
+        // min(maxContext, maxBlocks * blockSize) (a wrong result, not a fault), where the emulator
+        // refuses such a ctxLen outright so that an engine bug shows up here.
         if (ctx > maxCtx) precondition(`seqInfo[${s}].ctxLen ${ctx} > maxContext ${maxCtx}`);
         if (Math.ceil(ctx / bs) > maxBlocks) precondition(`seqInfo[${s}].ctxLen ${ctx} needs more than maxBlocks ${maxBlocks} blocks`);
         for (let b = 0; b < Math.ceil(ctx / bs); b++) {

@@ -131,7 +131,9 @@ struct GroupGemmParams {
 };
 void group_gemm(const GroupGemmParams& p, Stream s);
 // The fused expert FFN: h = SiLU(x Wgu_gate^T) * (x Wgu_up^T) [rows, inter] bf16 (scratch, caller
-// owned), then y = h Wdown^T [rows, hidden] f32. Two launches, each over all experts.
+// owned), then y = h Wdown^T [rows, hidden] f32. Two launches, each over all experts. An expert
+// with a null weight pointer is skipped, and rows past offsets[num_experts] are never touched: those
+// rows of h_scratch and y keep their contents. x and h_scratch 16-byte aligned, y 8-byte.
 void group_gemm_ffn(const uint16_t* x, const int32_t* offsets, const uint16_t* const* gate_up,
                     const uint16_t* const* down, int num_experts, int rows, int hidden, int inter,
                     uint16_t* h_scratch, float* y, GemmTile tile, Stream s);
@@ -150,16 +152,20 @@ std::string cublaslt_library();
 void route(const float* logits, const RoutingParams& p, int32_t* ids, float* weights,
            int32_t* counts, Stream s);
 // x [T, H] f32 -> x_perm [T*k, H] (f32 or bf16, perm_dtype), perm_index [T*k], offsets [E+1].
-// Stable like the CPU version: by expert, then token, then slot.
+// Stable like the CPU version: by expert, then token, then slot. An id outside 0..E-1 is skipped
+// (perm_index -1, no row; offsets count the valid ids only).
 void permute_rows(const float* x, int tokens, int h, const int32_t* ids, int top_k,
                   int num_experts, void* x_perm, DType perm_dtype, int32_t* perm_index,
                   int32_t* offsets, Stream s);
+// A slot whose perm_index is outside 0..tokens*top_k-1 (permute's -1) adds nothing.
 void unpermute_combine(const float* y_perm, const int32_t* perm_index, const float* weights,
                        int tokens, int top_k, int h, float* out, bool accumulate, Stream s);
 
 // Elementwise and normalisation (f32 activations, as ops.h).
 void rms_norm(const float* x, int rows, int dim, const float* w, float eps, float* out,
               float* residual, Stream s);
+// rope: rot_dim <= 4096 (cos/sin in shared memory); heads == 1 or head_stride >= rot_dim (heads
+// rotate in parallel).
 void rope(float* x, int tokens, int heads, int row_stride, int head_stride, int offset,
           const int32_t* positions, const float* inv_freq, int rot_dim, float attn_scale,
           bool interleaved, Stream s);
@@ -190,7 +196,8 @@ void copy_row_range(void* dst, const void* src, const int32_t* offsets, int lo, 
                     size_t row_bytes, int max_rows, Stream s);
 
 // Paged attention (f32 cache, layouts of ops.h). seq_info and block_tables are device arrays;
-// total_tokens = rows of q and out; max_context >= every ctx_len (sizes the split-K grid).
+// total_tokens = rows of q and out; max_context >= every ctx_len (sizes the split-K grid): no key
+// at or past min(max_context, max_blocks * block_size) is read, whatever ctx_len says.
 void paged_attention(const float* q, const float* k_cache, const float* v_cache,
                      const int32_t* seq_info, const int32_t* block_tables,
                      const AttentionParams& p, int total_tokens, int max_context, float* out,
