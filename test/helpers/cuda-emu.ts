@@ -501,6 +501,8 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
       bytesOf(d).fill(v);
     },
     cudaCublasLt: () => null,
+    // The emulator runs every tile as the same f32 arithmetic; it has no sm_90a kernel.
+    cudaGemmPaths: () => ({ sm90: 'unavailable', reason: 'the CPU emulator has no sm_90a kernel' }),
 
     cudaConvert(src, srcDtype, dst, dstDtype, n, stream): void {
       const sd = parseDtype(srcDtype, 'srcDtype'), dd = parseDtype(dstDtype, 'dstDtype');
@@ -519,14 +521,18 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
       if (!(experts instanceof EmuExpertTable)) throw typeError('experts must be a CudaExpertTable');
       const E = experts.numExperts, H = experts.hidden, I = experts.inter;
       const R = dim(rows, 'rows', 0, 1 << 28);
+      const tile = parseTile(opts);
       const xb = buf(x, 'x', R * H * 2);
       const ob = buf(offsets, 'offsets', (E + 1) * 4);
       const hb = buf(hScratch, 'hScratch', R * I * 2);
       const yb = buf(y, 'y', R * H * 4);
-      parseTile(opts);
       getStream(stream);
       experts.check();
       ensureAlive();
+      if (tile === 'sm90') {
+        throw coded(new Error("group_gemm: tile 'sm90' is unavailable here: the CPU emulator has no sm_90a kernel"),
+          'E_INVALID_ARG');
+      }
       if (xb.offset % 16) throw typeError('group_gemm: x must be 16-byte aligned');
       if (R <= 0) return;
       const off = i32Of(ob, 'offsets'), xs = u16Of(xb, 'x'), hs = u16Of(hb, 'hScratch'), ys = f32Of(yb, 'y');
@@ -1132,12 +1138,13 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
     },
   };
 
-  function parseTile(opts: unknown): void {
-    if (nullish(opts)) return;
+  function parseTile(opts: unknown): 'auto' | 'small' | 'large' | 'sm90' {
+    if (nullish(opts)) return 'auto';
     if (typeof opts !== 'object') throw typeError('opts must be an object');
     const t = (opts as { tile?: unknown }).tile;
-    if (nullish(t) || t === 'auto' || t === 'small' || t === 'large') return;
-    throw typeError("opts.tile must be 'auto', 'small' or 'large'");
+    if (nullish(t)) return 'auto';
+    if (t === 'auto' || t === 'small' || t === 'large' || t === 'sm90') return t;
+    throw typeError("opts.tile must be 'auto', 'small', 'large' or 'sm90'");
   }
 
   let f16Decode: Float32Array | null = null;
