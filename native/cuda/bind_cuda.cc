@@ -588,7 +588,8 @@ Napi::Value fill(const Napi::CallbackInfo& info) {
 // cudaGemmPaths() -> { sm90: 'unchecked' | 'passed' | 'failed' | 'unavailable', reason? }
 Napi::Value gemm_paths(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  const cuda::Sm90Status st = cuda::sm90_status();
+  cuda::Sm90Status st;
+  guard(env, [&] { st = cuda::sm90_status(); });
   static const char* const kNames[] = {"unchecked", "passed", "failed", "unavailable"};
   Napi::Object o = Napi::Object::New(env);
   o.Set("sm90", Napi::String::New(env, kNames[static_cast<int>(st.state)]));

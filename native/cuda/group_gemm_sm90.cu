@@ -69,6 +69,7 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, unsigned byt
 // Waits for the phase of parity `parity` to complete; false when it never does (a bug: the
 // caller leaves the kernel instead of hanging the device forever).
 __device__ __forceinline__ bool mbar_wait(uint32_t bar, uint32_t parity) {
+#pragma unroll 1
   for (unsigned spins = 0; spins < kSpinLimit; ++spins) {
     uint32_t done;
     asm volatile(
