@@ -4,6 +4,7 @@
 #          fixture (test/cuda*.test.js), output in $OUT/cuda-tests.txt
 #   bench  npm run bench -- kernels --device cuda against torch on the same GPU: $OUT/kernels-cuda.*
 #   serve  expertd serve --device cuda on the qwen2_moe fixture, one completion through HTTP
+#   sanitize  the CUDA op tests under compute-sanitizer (memcheck), output in $OUT/sanitize.txt
 set -uo pipefail
 mode="${1:-tests}"
 out="${OUT:-/tmp/expertd-out}"
@@ -32,5 +33,9 @@ case "$mode" in
     curl -s localhost:8011/v1/completions -H 'content-type: application/json' \
       -d '{"model":"qwen2_moe","prompt":"The quick brown fox","max_tokens":16,"temperature":0}' | tee "$out/completion.json"
     kill -TERM $pid; wait $pid; tail -5 "$out/serve.log" ;;
-  *) echo "usage: gpu-run.sh tests|bench|serve" >&2; exit 2 ;;
+  sanitize)
+    compute-sanitizer --tool memcheck --target-processes all --print-limit 20 \
+      node --test --test-concurrency=1 dist/test/cuda.test.js dist/test/cuda-sm90.test.js 2>&1 |
+      tee "$out/sanitize.txt" | grep -E '^# (tests|pass|fail)|ERROR SUMMARY|Invalid' | head -40 ;;
+  *) echo "usage: gpu-run.sh tests|bench|serve|sanitize" >&2; exit 2 ;;
 esac

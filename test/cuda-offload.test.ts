@@ -1,7 +1,8 @@
 // The device expert cache (MoE-Infinity on a GPU: every routed expert in pinned host memory, a budget
 // of device slots filled on a copy stream) never changes the numbers: each fixture run with the
 // cache at 25% and 50% under eam (with prefetching), lru and lfu gives the resident device model's
-// logits bit for bit. Runs on the GPU when present and always on the emulator of the cuda* ops.
+// logits bit for bit. Runs on the GPU when present and always on the emulator of the cuda* ops, also
+// with its side streams held back until ordered (withLazyStreams), which is where a missing wait shows.
 import assert from 'node:assert/strict';
 import { mkdtempSync } from 'node:fs';
 import os from 'node:os';
@@ -12,12 +13,14 @@ import { loadCudaModel } from '../src/model/load.js';
 import { loadNative, packageRoot, type CudaAddon } from '../src/native/index.js';
 import { attachDeviceOffloader, type OffloadConfig } from '../src/offload/setup.js';
 import { readTrace } from '../src/offload/trace-file.js';
-import { createCudaEmulator } from './helpers/cuda-emu.js';
+import { createCudaEmulator, withLazyStreams } from './helpers/cuda-emu.js';
 import { runAll } from './helpers/model-runner.js';
 
 const caps = loadNative().capabilities();
 const backends: { label: string; cuda: () => CudaAddon | undefined; skip: string | false }[] = [
   { label: 'emulator', cuda: () => createCudaEmulator(), skip: false },
+  // The copy stream's work held back until something orders it: a missing wait reads an unfilled slot.
+  { label: 'emulator, lazy streams', cuda: () => withLazyStreams(createCudaEmulator()), skip: false },
   {
     label: 'gpu', cuda: () => undefined,
     skip: !caps.cudaCompiled ? 'CUDA not compiled in (portable build)'

@@ -72,7 +72,7 @@ function argSuite(label: string, cu: CudaAddon, scalarSkip: string | false, buff
     assert.throws(ffn(x, offsets, table, rows, big.view(8, rows * I * 2), y), rangeErr('hScratch must start 16-byte aligned'));
     assert.throws(ffn(x, offsets, table, rows, hs, big.view(0, rows * H * 4 - 4)), rangeErr('y.sizeBytes is 1020, expected at least 1024'));
     assert.throws(ffn(x, offsets, table, rows, hs, big.view(4, rows * H * 4)), rangeErr('y must start 8-byte aligned'));
-    assert.throws(ffn(x, offsets, table, rows, hs, y, { tile: 'huge' }), typeErr("opts.tile must be 'auto', 'small' or 'large'"));
+    assert.throws(ffn(x, offsets, table, rows, hs, y, { tile: 'huge' }), typeErr("opts.tile must be 'auto', 'small', 'large' or 'sm90'"));
     // The least alignments the binding accepts run (offsets all 0: no expert has rows).
     cu.cudaFill(big, 0);
     cu.cudaGroupGemmFfn(big.view(16, rows * H * 2), big.view(4096, 12), table, rows, big.view(1040, rows * I * 2),

@@ -1,6 +1,7 @@
 // JS bindings of the CUDA backend (full build): device buffers, pinned host buffers, streams,
 // events and expert tables as handles, copies, and one function per op (all prefixed `cuda`).
 // Ops enqueue on a stream (the device's default stream when none is given) and return at once.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -355,6 +356,38 @@ class TableHandle : public Napi::ObjectWrap<TableHandle> {
     });
     return static_cast<const uint16_t* const*>(table_->ptr);
   }
+  // TMA descriptors of the weights for the sm_90a GroupGemm ([gate_up E | down E] ExpertMap),
+  // re-encoded only for entries whose pointer changed, uploaded on s; nullptr where that path
+  // cannot run on the current device.
+  const void* device_maps(Napi::Env env, Stream s, bool forced) {
+    if (disposed_) throw_disposed(env, "expert table");
+    const void* out = nullptr;
+    guard(env, [&] {
+      if (!cuda::sm90_maps_wanted(forced)) return;
+      if (!s) s = cuda::default_stream();
+      const size_t n = ptrs_.size();
+      if (!maps_) {
+        maps_ = cuda::device_alloc(sizeof(cuda::ExpertMap) * n, s);
+        maps_host_.assign(n, cuda::ExpertMap{});
+        mapped_.assign(n, nullptr);
+        maps_valid_.assign(n, false);
+      }
+      size_t lo = n, hi = 0;
+      for (size_t i = 0; i < n; ++i) {
+        if (maps_valid_[i] && mapped_[i] == ptrs_[i]) continue;
+        const bool gate_up = i < static_cast<size_t>(e_);
+        cuda::encode_expert_map(static_cast<const uint16_t*>(ptrs_[i]), gate_up, h_, i_, &maps_host_[i]);
+        mapped_[i] = ptrs_[i];
+        maps_valid_[i] = true;
+        lo = std::min(lo, i);
+        hi = i + 1;
+      }
+      auto* dst = static_cast<cuda::ExpertMap*>(maps_->ptr);
+      if (lo < hi) cuda::memcpy_h2d(dst + lo, maps_host_.data() + lo, sizeof(cuda::ExpertMap) * (hi - lo), s);
+      out = maps_->ptr;
+    });
+    return out;
+  }
 
  private:
   struct Slot {
@@ -400,6 +433,7 @@ class TableHandle : public Napi::ObjectWrap<TableHandle> {
     gate_up_.clear();
     down_.clear();
     table_.reset();
+    maps_.reset();
     return info.Env().Undefined();
   }
   Napi::Value num_experts_js(const Napi::CallbackInfo& info) {
@@ -410,6 +444,10 @@ class TableHandle : public Napi::ObjectWrap<TableHandle> {
   std::vector<const void*> ptrs_;  // [gate_up E | down E]
   std::shared_ptr<DeviceMem> table_;
   bool dirty_ = true;
+  std::shared_ptr<DeviceMem> maps_;              // [2E] ExpertMap (device), sm_90a only
+  std::vector<cuda::ExpertMap> maps_host_;       // [2E] as last encoded
+  std::vector<const void*> mapped_;              // [2E] the pointer each map was encoded from
+  std::vector<bool> maps_valid_;
   bool disposed_ = false;
 };
 
@@ -549,6 +587,18 @@ Napi::Value fill(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// cudaGemmPaths() -> { sm90: 'unchecked' | 'passed' | 'failed' | 'unavailable', reason? }
+Napi::Value gemm_paths(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  cuda::Sm90Status st;
+  guard(env, [&] { st = cuda::sm90_status(); });
+  static const char* const kNames[] = {"unchecked", "passed", "failed", "unavailable"};
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("sm90", Napi::String::New(env, kNames[static_cast<int>(st.state)]));
+  if (!st.reason.empty()) o.Set("reason", Napi::String::New(env, st.reason));
+  return o;
+}
+
 Napi::Value cublaslt(const Napi::CallbackInfo& info) {
   const std::string lib = cuda::cublaslt_library();
   if (lib.empty()) return info.Env().Null();
@@ -577,7 +627,8 @@ cuda::GemmTile parse_tile(const Napi::CallbackInfo& info, size_t i) {
   if (v == "auto") return cuda::GemmTile::Auto;
   if (v == "small") return cuda::GemmTile::Small;
   if (v == "large") return cuda::GemmTile::Large;
-  throw_type(info.Env(), "opts.tile must be 'auto', 'small' or 'large'");
+  if (v == "sm90") return cuda::GemmTile::Sm90;
+  throw_type(info.Env(), "opts.tile must be 'auto', 'small', 'large' or 'sm90'");
 }
 
 // cudaGroupGemmFfn(x, offsets, experts, rows, hScratch, y, opts?, stream?)
@@ -589,17 +640,19 @@ Napi::Value group_gemm_ffn(const Napi::CallbackInfo& info) {
   TableHandle* t = TableHandle::Unwrap(info[2].As<Napi::Object>());
   const int e = t->num_experts(), h = t->hidden(), inter = t->inter();
   const int rows = dim(info, 3, "rows", 0, 1 << 28);
+  // Before the buffers: the options are checked on machines without a device too.
+  const cuda::GemmTile tile = parse_tile(info, 6);
   // x and hScratch (the down pass's x) are read in 16-byte cp.async chunks, hScratch written as
   // bf16 pairs, y read and written as float2.
   const uint16_t* x = get_aligned_buf<uint16_t>(info, 0, "x", mul(rows, h, B2), 16);
   const int32_t* offsets = get_aligned_buf<int32_t>(info, 1, "offsets", (e + 1) * I4);
   uint16_t* hs = get_aligned_buf<uint16_t>(info, 4, "hScratch", mul(rows, inter, B2), 16);
   float* y = get_aligned_buf<float>(info, 5, "y", mul(rows, h, F4), 8);
-  const cuda::GemmTile tile = parse_tile(info, 6);
   Stream s = get_stream(info, 7);
   const uint16_t* const* table = t->device_table(env, s);
+  const void* maps = tile == cuda::GemmTile::Auto || tile == cuda::GemmTile::Sm90 ? t->device_maps(env, s, tile == cuda::GemmTile::Sm90) : nullptr;
   guard(env, [&] {
-    cuda::group_gemm_ffn(x, offsets, table, table + e, e, rows, h, inter, hs, y, tile, s);
+    cuda::group_gemm_ffn(x, offsets, table, table + e, e, rows, h, inter, hs, y, tile, s, maps);
   });
   return env.Undefined();
 }
@@ -1143,6 +1196,7 @@ void register_cuda(Napi::Env env, Napi::Object exports) {
   fn("cudaCopyDevice", copy_device);
   fn("cudaFill", fill);
   fn("cudaCublasLt", cublaslt);
+  fn("cudaGemmPaths", gemm_paths);
   fn("cudaConvert", convert);
   fn("cudaGroupGemmFfn", group_gemm_ffn);
   fn("cudaDenseGemm", dense_gemm);

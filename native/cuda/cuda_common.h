@@ -25,6 +25,14 @@ inline Stream or_default(Stream s) { return s ? s : default_stream(); }
 void dense_gemm_kernel(const uint16_t* x, int m, const uint16_t* w, int n, int k, float* y,
                        const float* bias, bool accumulate, Stream s);
 
+// The sm_90a FFN (group_gemm_sm90.cu): runs both passes and returns true when `tile` and the
+// shape select it (Auto: maps given, prefill shape, self-check passed, running it first if due);
+// false leaves the call to the mma.sync kernels. Sm90 forces it (E_INVALID_ARG when unavailable).
+bool sm90_group_gemm_ffn(const uint16_t* x, const int32_t* offsets, const uint16_t* const* gate_up,
+                         const uint16_t* const* down, int num_experts, int rows, int hidden,
+                         int inter, uint16_t* h_scratch, float* y, GemmTile tile,
+                         const void* expert_maps, Stream s);
+
 }  // namespace expertd::cuda
 
 #define EXPERTD_CUDA_CHECK(stmt)                                                     \

@@ -272,6 +272,8 @@ void run(const KArgs& a, bool gate_up, GemmTile tile, Stream s) {
                 "group_gemm: k and n must be multiples of 8");
   EXPERTD_CHECK(reinterpret_cast<uintptr_t>(a.x) % 16 == 0, ErrorCode::InvalidArg,
                 "group_gemm: x must be 16-byte aligned");
+  EXPERTD_CHECK(tile != GemmTile::Sm90, ErrorCode::InvalidArg,
+                "group_gemm: tile 'sm90' applies to group_gemm_ffn only");
   if (a.rows <= 0 || a.n <= 0) return;
   if (tile == GemmTile::Auto)
     tile = a.rows <= kSmallTileRowsPerExpert * std::max(1, a.num_experts) ? GemmTile::Small
@@ -297,7 +299,11 @@ void group_gemm(const GroupGemmParams& p, Stream s) {
 
 void group_gemm_ffn(const uint16_t* x, const int32_t* offsets, const uint16_t* const* gate_up,
                     const uint16_t* const* down, int num_experts, int rows, int hidden, int inter,
-                    uint16_t* h_scratch, float* y, GemmTile tile, Stream s) {
+                    uint16_t* h_scratch, float* y, GemmTile tile, Stream s,
+                    const void* expert_maps) {
+  if (sm90_group_gemm_ffn(x, offsets, gate_up, down, num_experts, rows, hidden, inter, h_scratch,
+                          y, tile, expert_maps, s))
+    return;
   KArgs g{x, offsets, gate_up, nullptr, num_experts, rows, inter, hidden, h_scratch, nullptr, 0};
   run(g, true, tile, s);
   KArgs d{h_scratch, offsets, down, nullptr, num_experts, rows, hidden, inter, y, nullptr, 0};

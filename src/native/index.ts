@@ -44,7 +44,10 @@ function loadsInChild(file: string): boolean {
   let ok = false;
   if (isMainThread) {
     try {
-      execFileSync(process.execPath, ['-e', `require(${JSON.stringify(file)}).capabilities()`], {
+      // RTLD_NOW: an undefined symbol fails here, not at its first call in the server.
+      const probe = `const m = { exports: {} }; process.dlopen(m, ${JSON.stringify(file)}, ` +
+        'require("os").constants.dlopen.RTLD_NOW); m.exports.capabilities()';
+      execFileSync(process.execPath, ['-e', probe], {
         stdio: 'ignore', timeout: 60_000,
       });
       ok = true;

@@ -181,6 +181,17 @@ export interface CudaCommGroup {
   dispose(): void;
 }
 
+/**
+ * The sm_90a GroupGemm path (wgmma + TMA) on the current device: 'unchecked' (could run, its
+ * one-time self-check against the mma.sync kernel has not run yet), 'passed', 'failed' (the check
+ * disagreed or raised a CUDA error: mma.sync is kept for the process), 'unavailable' (not compute
+ * capability 9.0, no sm_90a code, no device, or EXPERTD_DISABLE_SM90=1). reason says why.
+ */
+export interface CudaGemmPaths {
+  sm90: 'unchecked' | 'passed' | 'failed' | 'unavailable';
+  reason?: string;
+}
+
 export interface CudaAddon {
   CudaBuffer: unknown;
   CudaStream: new (priority?: number) => CudaStream;
@@ -217,10 +228,15 @@ export interface CudaAddon {
    * offsets[E] (LongCat-Flash's identity experts, beyond the table, which the engine fills with
    * cudaCopyRowRange), keep their contents in hScratch and y. x and hScratch must start 16-byte
    * aligned, y 8-byte, offsets 4-byte (RangeError otherwise).
+   * tile 'auto' picks the mma.sync tiles by shape, or the sm_90a wgmma kernel for prefill shapes once
+   * its self-check passed (cudaGemmPaths); 'sm90' forces that kernel (E_INVALID_ARG where unavailable).
    */
   cudaGroupGemmFfn(x: CudaBuffer, offsets: CudaBuffer, experts: CudaExpertTable, rows: number,
-                   hScratch: CudaBuffer, y: CudaBuffer, opts?: { tile?: 'auto' | 'small' | 'large' } | null,
+                   hScratch: CudaBuffer, y: CudaBuffer,
+                   opts?: { tile?: 'auto' | 'small' | 'large' | 'sm90' } | null,
                    stream?: CudaStream | null): void;
+  /** State of the GroupGemm kernel paths on the current device (see CudaGemmPaths). */
+  cudaGemmPaths(): CudaGemmPaths;
   /**
    * y [m, n] f32 (+)= x [m, k] bf16 * w [n, k]^T bf16 (+ bias [n] f32); returns the backend used.
    * x, w, y and bias must start 16-byte aligned (RangeError otherwise).

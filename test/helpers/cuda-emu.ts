@@ -507,6 +507,8 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
       bytesOf(d).fill(v);
     },
     cudaCublasLt: () => null,
+    // The emulator runs every tile as the same f32 arithmetic; it has no sm_90a kernel.
+    cudaGemmPaths: () => ({ sm90: 'unavailable', reason: 'the CPU emulator has no sm_90a kernel' }),
 
     cudaConvert(src, srcDtype, dst, dstDtype, n, stream): void {
       const sd = parseDtype(srcDtype, 'srcDtype'), dd = parseDtype(dstDtype, 'dstDtype');
@@ -525,15 +527,19 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
       if (!(experts instanceof EmuExpertTable)) throw typeError('experts must be a CudaExpertTable');
       const E = experts.numExperts, H = experts.hidden, I = experts.inter;
       const R = dim(rows, 'rows', 0, 1 << 28);
+      const tile = parseTile(opts);
       // x and hScratch (the down pass's x) are read in 16-byte cp.async chunks, y as float2.
       const xb = alignedBuf(x, 'x', R * H * 2, 16);
       const ob = alignedBuf(offsets, 'offsets', (E + 1) * 4, 4);
       const hb = alignedBuf(hScratch, 'hScratch', R * I * 2, 16);
       const yb = alignedBuf(y, 'y', R * H * 4, 8);
-      parseTile(opts);
       getStream(stream);
       experts.check();
       ensureAlive();
+      if (tile === 'sm90') {
+        throw coded(new Error("group_gemm: tile 'sm90' is unavailable here: the CPU emulator has no sm_90a kernel"),
+          'E_INVALID_ARG');
+      }
       if (R <= 0) return;
       const off = i32Of(ob, 'offsets'), xs = u16Of(xb, 'x'), hs = u16Of(hb, 'hScratch'), ys = f32Of(yb, 'y');
       // Scratch layout: [gate_up 2I*H | down H*I | x row H | h row I] as f32.
@@ -1149,12 +1155,13 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
     },
   };
 
-  function parseTile(opts: unknown): void {
-    if (nullish(opts)) return;
+  function parseTile(opts: unknown): 'auto' | 'small' | 'large' | 'sm90' {
+    if (nullish(opts)) return 'auto';
     if (typeof opts !== 'object') throw typeError('opts must be an object');
     const t = (opts as { tile?: unknown }).tile;
-    if (nullish(t) || t === 'auto' || t === 'small' || t === 'large') return;
-    throw typeError("opts.tile must be 'auto', 'small' or 'large'");
+    if (nullish(t)) return 'auto';
+    if (t === 'auto' || t === 'small' || t === 'large' || t === 'sm90') return t;
+    throw typeError("opts.tile must be 'auto', 'small', 'large' or 'sm90'");
   }
 
   let f16Decode: Float32Array | null = null;
@@ -1169,4 +1176,85 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
   }
 
   return addon;
+}
+
+/**
+ * Stream ordering made observable: work enqueued on a CudaStream (not the default stream) is held
+ * back until something orders it (the stream's or an event's synchronize, another stream waiting on
+ * an event recorded after it, cudaSynchronize), while the default stream runs at once. Code that
+ * forgets an event or a sync then reads stale data in the tests, as it could on a GPU. Copies follow
+ * CUDA's rules for pageable host memory (synchronous with their stream) and pinned memory (queued:
+ * the host bytes are read when the copy runs). Deferred calls return undefined.
+ */
+export function withLazyStreams(cu: CudaAddon): CudaAddon {
+  const queues = new Map<object, (() => void)[]>();
+  const pinned = new WeakSet<ArrayBufferLike>();
+  const fired = new WeakMap<object, boolean>();
+  const recordedOn = new WeakMap<object, object | null>();
+  const flush = (s: object) => {
+    const q = queues.get(s);
+    while (q && q.length) q.shift()!();
+  };
+  const flushAll = () => { for (const s of queues.keys()) flush(s); };
+  /** Runs the recording stream's queue until the event fires. */
+  const flushTo = (e: object) => {
+    const s = recordedOn.get(e);
+    const q = s ? queues.get(s) : undefined;
+    while (!fired.get(e) && q && q.length) q.shift()!();
+  };
+  const Base = cu.CudaStream as unknown as new (priority?: number) => CudaStream;
+  class LazyStream extends Base {
+    constructor(priority?: number) {
+      super(priority);
+      queues.set(this, []);
+    }
+    override synchronize(): void { flush(this); super.synchronize(); }
+    override query(): boolean { return (queues.get(this)?.length ?? 0) === 0; }
+    override waitEvent(event: CudaEvent): void {
+      super.waitEvent(event);
+      queues.get(this)!.push(() => flushTo(event));
+    }
+  }
+  const EventBase = cu.CudaEvent as unknown as new (timing?: boolean) => CudaEvent;
+  class LazyEvent extends EventBase {
+    override record(stream?: CudaStream | null): void {
+      super.record(stream);
+      if (stream instanceof LazyStream) {
+        fired.set(this, false);
+        recordedOn.set(this, stream);
+        queues.get(stream)!.push(() => fired.set(this, true));
+      } else {
+        fired.set(this, true);
+        recordedOn.set(this, null);
+      }
+    }
+    override synchronize(): void { flushTo(this); super.synchronize(); }
+    override query(): boolean { return fired.get(this) ?? true; }
+  }
+  const hostBuffer = (v: unknown): ArrayBufferLike | null =>
+    v instanceof ArrayBuffer ? v : ArrayBuffer.isView(v) ? v.buffer : null;
+  const out: Record<string, unknown> = { ...cu, CudaStream: LazyStream, CudaEvent: LazyEvent };
+  for (const [name, fn] of Object.entries(cu)) {
+    if (typeof fn !== 'function' || !name.startsWith('cuda')) continue;
+    const f = fn as (...a: unknown[]) => unknown;
+    out[name] = (...args: unknown[]) => {
+      if (name === 'cudaSynchronize') flushAll();
+      if (name === 'cudaPinnedBuffer') {
+        const b = f.apply(cu, args) as ArrayBuffer;
+        pinned.add(b);
+        return b;
+      }
+      const s = args.find((a) => a instanceof LazyStream) as LazyStream | undefined;
+      if (!s) return f.apply(cu, args);
+      const host = name === 'cudaCopyToHost' ? hostBuffer(args[0]) : name === 'cudaCopyToDevice' ? hostBuffer(args[2]) : null;
+      if (host && !pinned.has(host)) {
+        // Pageable host memory: the copy is ordered after the stream's work and done (or staged) on return.
+        flush(s);
+        return f.apply(cu, args);
+      }
+      queues.get(s)!.push(() => { f.apply(cu, args); });
+      return undefined;
+    };
+  }
+  return out as unknown as CudaAddon;
 }

@@ -105,7 +105,8 @@ void memset_async(void* dst, int byte, size_t bytes, Stream s);
 
 // ---------------------------------------------------------------------------------------------
 // GEMMs (bf16 operands, f32 accumulate on tensor cores).
-enum class GemmTile : int { Auto = 0, Small = 1, Large = 2 };
+// Sm90: the wgmma + TMA kernels (group_gemm_ffn only, compute capability 9.0), forced.
+enum class GemmTile : int { Auto = 0, Small = 1, Large = 2, Sm90 = 3 };
 
 // One launch over every expert: rows [offsets[e], offsets[e+1]) of x go through weights[e].
 //   x       [rows, k] bf16 (device)
@@ -134,9 +135,36 @@ void group_gemm(const GroupGemmParams& p, Stream s);
 // owned), then y = h Wdown^T [rows, hidden] f32. Two launches, each over all experts. An expert
 // with a null weight pointer is skipped, and rows past offsets[num_experts] are never touched: those
 // rows of h_scratch and y keep their contents. x and h_scratch 16-byte aligned, y 8-byte.
+// expert_maps: [2E] ExpertMap in device memory (gate_up maps, then down maps; encode_expert_map)
+// for the sm_90a kernels, or nullptr (mma.sync only). Auto uses sm_90a for prefill shapes
+// (rows >= 128 per expert on average) once its self-check passed on the device.
 void group_gemm_ffn(const uint16_t* x, const int32_t* offsets, const uint16_t* const* gate_up,
                     const uint16_t* const* down, int num_experts, int rows, int hidden, int inter,
-                    uint16_t* h_scratch, float* y, GemmTile tile, Stream s);
+                    uint16_t* h_scratch, float* y, GemmTile tile, Stream s,
+                    const void* expert_maps = nullptr);
+
+// The sm_90a GroupGemm path (group_gemm_sm90.cu) on the current device. Unchecked: it could run
+// and its one-time self-check (both kernels on a small problem, compared) has not run yet; Failed:
+// the check disagreed or raised a CUDA error, and Auto keeps mma.sync for the process;
+// Unavailable: not compute capability 9.0, no sm_90a code in the build, no device, or
+// EXPERTD_DISABLE_SM90 set. reason says why for Failed and Unavailable.
+enum class Sm90State : int { Unchecked = 0, Passed = 1, Failed = 2, Unavailable = 3 };
+struct Sm90Status {
+  Sm90State state = Sm90State::Unavailable;
+  std::string reason;
+};
+Sm90Status sm90_status();
+// Whether expert maps are worth building on the current device (Unchecked or Passed): for a
+// forced 'sm90' call, or for 'auto' when EXPERTD_SM90=1 opts in (off by default until the
+// kernels have run on a GPU).
+bool sm90_maps_wanted(bool forced);
+// A TMA descriptor (CUtensorMap: 128 opaque bytes, 64-byte aligned) of one expert's weights:
+// gate_up [2 inter, hidden] or down [hidden, inter] bf16 at `weights` (device). nullptr weights
+// give an all-zero map, never read. Throws E_CUDA when the driver refuses the encoding.
+struct alignas(64) ExpertMap {
+  unsigned char bytes[128];
+};
+void encode_expert_map(const uint16_t* weights, bool gate_up, int hidden, int inter, ExpertMap* out);
 
 enum class DenseBackend : int { Auto = 0, CublasLt = 1, Kernel = 2 };
 // y [m, n] f32 (+)= x [m, k] bf16 * w [n, k]^T bf16 (+ bias [n] f32). Returns the backend used.
