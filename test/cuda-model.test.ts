@@ -13,7 +13,7 @@ import { EngineCore } from '../src/engine/engine-core.js';
 import type { EngineEvent } from '../src/engine/types.js';
 import { loadCudaModel, loadModel } from '../src/model/load.js';
 import { loadNative, packageRoot, type CudaAddon } from '../src/native/index.js';
-import { createCudaEmulator } from './helpers/cuda-emu.js';
+import { createCudaEmulator, withLazyStreams } from './helpers/cuda-emu.js';
 import { DirectRunner, aloneAndBatched, argmax } from './helpers/model-runner.js';
 
 interface GoldenCase { prompt_ids: number[]; logits: number[][]; greedy: number[]; router: number[][][] }
@@ -25,6 +25,10 @@ const fixtures = readdirSync(fixturesDir).filter((d) => existsSync(path.join(fix
 const caps = loadNative().capabilities();
 const backends: { label: string; cuda: () => CudaAddon | undefined; skip: string | false }[] = [
   { label: 'emulator', cuda: () => createCudaEmulator(), skip: false },
+  // Work on the model's streams held back until ordered: a missing event or sync reads stale data.
+  { label: 'emulator, lazy streams', cuda: () => withLazyStreams(createCudaEmulator()), skip: false },
+  // ...and with only the main stream held back: a side stream that does not wait for its fork runs early.
+  { label: 'emulator, lazy main stream', cuda: () => withLazyStreams(createCudaEmulator(), { lazyCount: 1 }), skip: false },
   {
     label: 'gpu', cuda: () => undefined,
     skip: !caps.cudaCompiled ? 'CUDA not compiled in (portable build)'

@@ -1,6 +1,6 @@
 // Attention blocks on the device: grouped-query and DeepSeek MLA, the same math as attention.ts (the
 // CPU blocks) built from the cuda* ops over a device-resident paged KV cache (f32).
-import type { CudaBuffer } from '../native/index.js';
+import type { CudaBuffer, CudaStream } from '../native/index.js';
 import { BF16, F32, type Device, type DeviceWeight } from './device.js';
 import type { ForwardBatch } from './forward-batch.js';
 import type { AttentionSpec } from './spec.js';
@@ -27,6 +27,8 @@ export interface DeviceStep {
   maxContext: number;
   /** bf16 copy of the current normalised input (converted once, shared by the projections). */
   xb: { buf: CudaBuffer; ready: boolean };
+  /** The forward pass's stream. */
+  stream: CudaStream | null;
 }
 
 export interface DeviceAttentionBlock {
@@ -84,34 +86,35 @@ export class CudaGqaAttention implements DeviceAttentionBlock {
     const { cu, scratch } = dev;
     const { heads, kvHeads, headDim, rope } = this.spec;
     const T = step.tokens;
+    const st = step.stream;
     const qDim = heads * headDim, kvDim = kvHeads * headDim;
     const q = scratch.get('attn.q', T * qDim * F32);   // [T, heads, headDim]
     const k = scratch.get('attn.k', T * kvDim * F32);  // [T, kvHeads, headDim]
     const v = scratch.get('attn.v', T * kvDim * F32);
-    dev.gemm(x, T, this.q, q, this.qBias, false, step.xb);
-    dev.gemm(x, T, this.k, k, this.kBias, false, step.xb);
-    dev.gemm(x, T, this.v, v, this.vBias, false, step.xb);
+    dev.gemm(x, T, this.q, q, this.qBias, false, step.xb, st);
+    dev.gemm(x, T, this.k, k, this.kBias, false, step.xb, st);
+    dev.gemm(x, T, this.v, v, this.vBias, false, step.xb, st);
     if (this.qNorm && this.kNorm) {
       const perHead = this.spec.qkNorm === 'per_head';
-      cu.cudaRmsNorm(q, perHead ? T * heads : T, perHead ? headDim : qDim, this.qNorm, this.eps, q, null);
-      cu.cudaRmsNorm(k, perHead ? T * kvHeads : T, perHead ? headDim : kvDim, this.kNorm, this.eps, k, null);
+      cu.cudaRmsNorm(q, perHead ? T * heads : T, perHead ? headDim : qDim, this.qNorm, this.eps, q, null, st);
+      cu.cudaRmsNorm(k, perHead ? T * kvHeads : T, perHead ? headDim : kvDim, this.kNorm, this.eps, k, null, st);
     }
     const clip = this.spec.clipQkv;
     if (clip !== null) {
-      cu.cudaClamp(q, T * qDim, clip);
-      cu.cudaClamp(k, T * kvDim, clip);
-      cu.cudaClamp(v, T * kvDim, clip);
+      cu.cudaClamp(q, T * qDim, clip, st);
+      cu.cudaClamp(k, T * kvDim, clip, st);
+      cu.cudaClamp(v, T * kvDim, clip, st);
     }
-    cu.cudaRope(q, T, heads, qDim, headDim, 0, step.positions, this.invFreq, rope.rotaryDim, rope.attnScale, rope.interleaved);
-    cu.cudaRope(k, T, kvHeads, kvDim, headDim, 0, step.positions, this.invFreq, rope.rotaryDim, rope.attnScale, rope.interleaved);
+    cu.cudaRope(q, T, heads, qDim, headDim, 0, step.positions, this.invFreq, rope.rotaryDim, rope.attnScale, rope.interleaved, st);
+    cu.cudaRope(k, T, kvHeads, kvDim, headDim, 0, step.positions, this.invFreq, rope.rotaryDim, rope.attnScale, rope.interleaved, st);
     const slots = step.numBlocks * step.blockSize;
-    cu.cudaKvCacheWrite(k, v, T, step.slots, cache.k, cache.v, kvHeads, headDim, headDim, headDim, slots);
+    cu.cudaKvCacheWrite(k, v, T, step.slots, cache.k, cache.v, kvHeads, headDim, headDim, headDim, slots, st);
     const attn = scratch.get('attn.out', T * qDim * F32);
     cu.cudaPagedAttention(q, cache.k, cache.v!, step.seqInfo, step.blockTables, {
       ...attentionGeometry(step), heads, kvHeads, dk: headDim, dv: headDim, vStride: headDim, vOffset: 0,
       scale: this.spec.softmaxScale, slidingWindow: this.spec.slidingWindow ?? 0,
-    }, attn);
-    dev.gemm(attn, T, this.o, out, this.oBias, false);
+    }, attn, st);
+    dev.gemm(attn, T, this.o, out, this.oBias, false, null, st);
   }
 }
 
@@ -173,40 +176,41 @@ export class CudaMlaAttention implements DeviceAttentionBlock {
     const { heads, qLoraRank, kvLoraRank: lora, qkNopeHeadDim: nope, qkRopeHeadDim: rope, vHeadDim,
       rope: ropeSpec } = this.spec;
     const T = step.tokens;
+    const st = step.stream;
     const qk = nope + rope, dk = lora + rope;
     const q = scratch.get('mla.q', T * heads * qk * F32); // [T, heads, nope + rope]
     if (this.qProj) {
-      dev.gemm(x, T, this.qProj, q, null, false, step.xb);
+      dev.gemm(x, T, this.qProj, q, null, false, step.xb, st);
     } else {
       const qa = scratch.get('mla.qa', T * qLoraRank! * F32);
-      dev.gemm(x, T, this.qA!, qa, null, false, step.xb);
-      cu.cudaRmsNorm(qa, T, qLoraRank!, this.qANorm!, this.latentEps, qa, null);
-      dev.gemm(qa, T, this.qB!, q, null, false, { buf: scratch.get('mla.qa.bf16', T * qLoraRank! * BF16), ready: false });
+      dev.gemm(x, T, this.qA!, qa, null, false, step.xb, st);
+      cu.cudaRmsNorm(qa, T, qLoraRank!, this.qANorm!, this.latentEps, qa, null, st);
+      dev.gemm(qa, T, this.qB!, q, null, false, { buf: scratch.get('mla.qa.bf16', T * qLoraRank! * BF16), ready: false }, st);
     }
     const kv = scratch.get('mla.kv', T * dk * F32); // [T, lora + rope]: c_kv then k_pe
-    dev.gemm(x, T, this.kvA, kv, null, false, step.xb);
+    dev.gemm(x, T, this.kvA, kv, null, false, step.xb, st);
     // Normalise c_kv (rows strided by dk) through a contiguous buffer.
     const c = scratch.get('mla.c', T * lora * F32);
-    dev.copy2d(c, 0, lora, kv, 0, dk, lora, T);
-    cu.cudaRmsNorm(c, T, lora, this.kvANorm, this.latentEps, c, null);
-    dev.copy2d(kv, 0, dk, c, 0, lora, lora, T);
-    cu.cudaRope(q, T, heads, heads * qk, qk, nope, step.positions, this.invFreq, ropeSpec.rotaryDim, ropeSpec.attnScale, ropeSpec.interleaved);
-    cu.cudaRope(kv, T, 1, dk, dk, lora, step.positions, this.invFreq, ropeSpec.rotaryDim, ropeSpec.attnScale, ropeSpec.interleaved);
-    cu.cudaKvCacheWrite(kv, null, T, step.slots, cache.k, null, 1, dk, 0, 0, step.numBlocks * step.blockSize);
+    dev.copy2d(c, 0, lora, kv, 0, dk, lora, T, st);
+    cu.cudaRmsNorm(c, T, lora, this.kvANorm, this.latentEps, c, null, st);
+    dev.copy2d(kv, 0, dk, c, 0, lora, lora, T, st);
+    cu.cudaRope(q, T, heads, heads * qk, qk, nope, step.positions, this.invFreq, ropeSpec.rotaryDim, ropeSpec.attnScale, ropeSpec.interleaved, st);
+    cu.cudaRope(kv, T, 1, dk, dk, lora, step.positions, this.invFreq, ropeSpec.rotaryDim, ropeSpec.attnScale, ropeSpec.interleaved, st);
+    cu.cudaKvCacheWrite(kv, null, T, step.slots, cache.k, null, 1, dk, 0, 0, step.numBlocks * step.blockSize, st);
 
     // Absorb: qFull [T, heads, lora + rope] = [q_nope W_UK, q_pe].
     const qFull = scratch.get('mla.qfull', T * heads * dk * F32);
-    dev.copy2d(qFull, lora, dk, q, nope, qk, rope, T * heads); // every head's q_pe in one copy
-    this.perHead(T, q, qk, nope, this.ukT, qFull, dk, lora);
+    dev.copy2d(qFull, lora, dk, q, nope, qk, rope, T * heads, st); // every head's q_pe in one copy
+    this.perHead(T, q, qk, nope, this.ukT, qFull, dk, lora, st);
     const oLat = scratch.get('mla.olat', T * heads * lora * F32); // [T, heads, lora]
     cu.cudaPagedAttention(qFull, cache.k, cache.k, step.seqInfo, step.blockTables, {
       ...attentionGeometry(step), heads, kvHeads: 1, dk, dv: lora, vStride: dk, vOffset: 0,
       scale: this.spec.softmaxScale, slidingWindow: 0,
-    }, oLat);
+    }, oLat, st);
     // Un-absorb: v_h = o_lat_h W_UV^T -> attn [T, heads, v].
     const attn = scratch.get('mla.attn', T * heads * vHeadDim * F32);
-    this.perHead(T, oLat, lora, lora, this.uv, attn, vHeadDim, vHeadDim);
-    dev.gemm(attn, T, this.o, out, null, false);
+    this.perHead(T, oLat, lora, lora, this.uv, attn, vHeadDim, vHeadDim, st);
+    dev.gemm(attn, T, this.o, out, null, false, null, st);
   }
 
   /**
@@ -215,15 +219,15 @@ export class CudaMlaAttention implements DeviceAttentionBlock {
    * TODO(perf): one strided-batched GEMM (cuBLASLt) instead of 3 launches per head.
    */
   private perHead(T: number, src: CudaBuffer, srcStride: number, inDim: number, w: DeviceWeight[],
-                  dst: CudaBuffer, dstStride: number, outDim: number): void {
+                  dst: CudaBuffer, dstStride: number, outDim: number, st: CudaStream | null): void {
     const { dev } = this;
     const heads = w.length;
     const a = dev.scratch.get('mla.head.in', T * inDim * F32);
     const b = dev.scratch.get('mla.head.out', T * outDim * F32);
     for (let h = 0; h < heads; h++) {
-      dev.copy2d(a, 0, inDim, src, h * srcStride, heads * srcStride, inDim, T);
-      dev.gemm(a, T, w[h]!, b, null, false);
-      dev.copy2d(dst, h * dstStride, heads * dstStride, b, 0, outDim, outDim, T);
+      dev.copy2d(a, 0, inDim, src, h * srcStride, heads * srcStride, inDim, T, st);
+      dev.gemm(a, T, w[h]!, b, null, false, null, st);
+      dev.copy2d(dst, h * dstStride, heads * dstStride, b, 0, outDim, outDim, T, st);
     }
   }
 }

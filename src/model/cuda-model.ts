@@ -2,7 +2,7 @@
 // MoeModel (model.ts), with weights, activations and the paged KV cache resident on the device.
 // Per step, one host-to-device copy brings the batch's integers and one device-to-host copy each
 // brings back the logits rows and every MoE layer's routing.
-import { loadNative, type CudaAddon, type CudaBuffer, type CudaExpertTable, type NativeAddon } from '../native/index.js';
+import { loadNative, type CudaAddon, type CudaBuffer, type CudaEvent, type CudaExpertTable, type CudaStream, type NativeAddon } from '../native/index.js';
 import { CudaGqaAttention, CudaMlaAttention, type DeviceAttentionBlock, type DeviceLayerCache, type DeviceStep } from './cuda-attention.js';
 import { BF16, Device, F32, I32, type DeviceWeight } from './device.js';
 import type { MoeHooks } from '../moe/moe-layer.js';
@@ -63,6 +63,9 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
   private expertKernel: 'group' | 'dense' = 'group';
   private readonly loadExperts: boolean;
   private disposed = false;
+  /** ScMoE fork and join between the main and the side stream (re-recorded per layer). */
+  private forked: CudaEvent;
+  private joined: CudaEvent;
   /** Tracing and expert residency (the device expert cache); routing comes back to the host per layer when set. */
   hooks: MoeHooks<CudaExpertTable> = {};
 
@@ -122,6 +125,13 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
       }
       this.numCaches = cacheIndex;
       this.numMoeLayers = moeIndex;
+      // Weights were uploaded from pageable memory on the default stream: the DMA may still be in
+      // flight when the copy call returns, so the forward's own streams start after a full sync.
+      dev.main = new cu.CudaStream();
+      if (this.layers.some((l) => l.shortcut)) dev.side = new cu.CudaStream();
+      this.forked = new cu.CudaEvent(false);
+      this.joined = new cu.CudaEvent(false);
+      cu.cudaSynchronize();
     } catch (e) {
       this.dispose();
       throw e;
@@ -190,6 +200,11 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     return this.numMoeLayers ? { [this.expertKernel]: this.numMoeLayers } : {};
   }
 
+  /** The streams the forward pass computes on (an expert cache orders its copies after them). */
+  computeStreams(): (CudaStream | null)[] {
+    return [this.dev.main, ...(this.dev.side ? [this.dev.side] : [])];
+  }
+
   /** Each MoE layer's expert table, in order (what the device expert cache binds its slots into). */
   expertTables(): CudaExpertTable[] {
     return this.layers.filter((l) => l.moe).map((l) => l.moe!.experts);
@@ -239,7 +254,8 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
       views.push(ints.view(off * I32, Math.max(4, p.length * I32)));
       off += p.length;
     }
-    cu.cudaCopyToDevice(ints, 0, host);
+    const st = dev.main;
+    cu.cudaCopyToDevice(ints, 0, host, st);
     const [tokenIds, positions, slots, seqInfo, blockTables, logitRows, denseOffsets] = views as
       [CudaBuffer, CudaBuffer, CudaBuffer, CudaBuffer, CudaBuffer, CudaBuffer, CudaBuffer];
     let maxContext = 1;
@@ -252,15 +268,15 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     const normed = scratch.get('normed', T * H * F32);
     const xb = { buf: scratch.get('normed.bf16', T * H * BF16), ready: false };
     const step: DeviceStep = {
-      batch, tokens: T, positions, slots, seqInfo, blockTables, blockSize, numBlocks, maxContext, xb,
+      batch, tokens: T, positions, slots, seqInfo, blockTables, blockSize, numBlocks, maxContext, xb, stream: st,
     };
     const ids = scratch.get('moe.ids.all', Math.max(1, L * T * k) * I32); // [L, T, k]
     const norm = (w: CudaBuffer) => {
-      cu.cudaRmsNorm(delta, T, H, w, spec.rmsNormEps, normed, residual);
+      cu.cudaRmsNorm(delta, T, H, w, spec.rmsNormEps, normed, residual, st);
       xb.ready = false;
     };
-    cu.cudaEmbedding(this.embed.buf, this.embed.dtype, spec.vocabSize, H, tokenIds, T, delta);
-    cu.cudaFill(residual, 0);
+    cu.cudaEmbedding(this.embed.buf, this.embed.dtype, spec.vocabSize, H, tokenIds, T, delta, st);
+    cu.cudaFill(residual, 0, st);
     for (const layer of this.layers) {
       if (layer.shortcut) {
         // ScMoE schedule (LongCat-Flash), as on the CPU: the MoE reads the first sub-block's
@@ -269,33 +285,43 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
         norm(s0.inputNorm);
         s0.attn.forward(step, normed, cache[s0.cacheIndex]!, delta);
         norm(s0.postNorm);
+        // The MoE runs on the side stream from its own copy of the input while the main stream
+        // runs MLP0, MLA1 and MLP1; the main stream waits for it only at the join.
+        const scX = scratch.get('sc.x', T * H * F32);
         const moeOut = scratch.get('sc.out', T * H * F32);
-        this.moe(layer.moe!, normed, xb, T, moeOut, ids, denseOffsets);
-        this.runFfn(s0.dense!, normed, xb, T, delta, denseOffsets);
+        cu.cudaCopyDevice(scX, 0, normed, 0, T * H * F32, st);
+        const side = dev.side!;
+        this.forked.record(st);
+        side.waitEvent(this.forked);
+        this.moe(layer.moe!, scX, { buf: scratch.get('sc.x.bf16', T * H * BF16), ready: false }, T, moeOut, ids, denseOffsets, side);
+        this.joined.record(side);
+        this.runFfn(s0.dense!, normed, xb, T, delta, denseOffsets, st);
         norm(s1.inputNorm);
         s1.attn.forward(step, normed, cache[s1.cacheIndex]!, delta);
         norm(s1.postNorm);
-        this.runFfn(s1.dense!, normed, xb, T, delta, denseOffsets);
-        cu.cudaAdd(delta, moeOut, T * H);
+        this.runFfn(s1.dense!, normed, xb, T, delta, denseOffsets, st);
+        st!.waitEvent(this.joined);
+        cu.cudaAdd(delta, moeOut, T * H, st);
         continue;
       }
       const sub = layer.subs[0]!;
       norm(sub.inputNorm);
       sub.attn.forward(step, normed, cache[sub.cacheIndex]!, delta);
       norm(sub.postNorm);
-      if (layer.moe) this.moe(layer.moe, normed, xb, T, delta, ids, denseOffsets);
-      else this.runFfn(sub.dense!, normed, xb, T, delta, denseOffsets);
+      if (layer.moe) this.moe(layer.moe, normed, xb, T, delta, ids, denseOffsets, st);
+      else this.runFfn(sub.dense!, normed, xb, T, delta, denseOffsets, st);
     }
     norm(this.finalNorm);
     // Gather the rows whose logits are wanted (an f32 "embedding" lookup over normed), then the head.
     const rows = scratch.get('logit.rows', R * H * F32);
-    cu.cudaEmbedding(normed, 'f32', T, H, logitRows, R, rows);
+    cu.cudaEmbedding(normed, 'f32', T, H, logitRows, R, rows, st);
     const logitsDev = scratch.get('logits', R * spec.vocabSize * F32);
-    dev.gemm(rows, R, this.lmHead, logitsDev, null, false);
+    dev.gemm(rows, R, this.lmHead, logitsDev, null, false, null, st);
     const logits = new Float32Array(R * spec.vocabSize);
-    if (R > 0) cu.cudaCopyToHost(logits, logitsDev, 0);
+    // Pageable host memory: these copies return when the stream's work and the copy are done.
+    if (R > 0) cu.cudaCopyToHost(logits, logitsDev, 0, st);
     const allIds = new Int32Array(L * T * k);
-    if (allIds.length) cu.cudaCopyToHost(allIds, ids, 0);
+    if (allIds.length) cu.cudaCopyToHost(allIds, ids, 0, st);
     const routedIds = Array.from({ length: L }, (_, m) => allIds.subarray(m * T * k, (m + 1) * T * k));
     if (cu.cudaDeviceLost()) throw Object.assign(new Error('the CUDA device was lost (sticky error); restart the daemon'), { code: 'E_CUDA' });
     return { logits, routedIds };
@@ -303,14 +329,14 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
 
   /** out [T, H] = FFN(x) through a one-expert table (overwrites). */
   private runFfn(f: DeviceFfn, x: CudaBuffer, xb: { buf: CudaBuffer; ready: boolean }, T: number,
-                 out: CudaBuffer, offsets: CudaBuffer): void {
+                 out: CudaBuffer, offsets: CudaBuffer, st: CudaStream | null): void {
     const { cu } = this;
     if (!xb.ready) {
-      cu.cudaConvert(x, 'f32', xb.buf, 'bf16', T * this.spec.hidden);
+      cu.cudaConvert(x, 'f32', xb.buf, 'bf16', T * this.spec.hidden, st);
       xb.ready = true;
     }
-    const hs = this.dev.scratch.get('ffn.h', T * f.inter * BF16);
-    cu.cudaGroupGemmFfn(xb.buf, offsets, f.table, T, hs, out, null);
+    const hs = this.dev.scratch.get(st === this.dev.side ? 'ffn.h.side' : 'ffn.h', T * f.inter * BF16);
+    cu.cudaGroupGemmFfn(xb.buf, offsets, f.table, T, hs, out, null, st);
   }
 
   /**
@@ -318,7 +344,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
    * every expert -> identity experts' rows copied through -> unpermute + combine -> shared expert.
    */
   private moe(m: DeviceMoe, x: CudaBuffer, xb: { buf: CudaBuffer; ready: boolean }, T: number,
-              out: CudaBuffer, allIds: CudaBuffer, denseOffsets: CudaBuffer): void {
+              out: CudaBuffer, allIds: CudaBuffer, denseOffsets: CudaBuffer, st: CudaStream | null): void {
     const { cu, spec, dev } = this;
     const { scratch } = dev;
     const H = spec.hidden;
@@ -328,19 +354,19 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     const k = this.k;
     const r = spec.moe.router;
     const logits = scratch.get('moe.logits', T * ET * F32);
-    dev.gemm(x, T, m.gate, logits, m.gateBias, false);
+    dev.gemm(x, T, m.gate, logits, m.gateBias, false, null, st);
     const ids = allIds.view(m.moeIndex * T * k * I32, Math.max(4, T * k * I32));
     const weights = scratch.get('moe.weights', T * k * F32);
     const counts = scratch.get('moe.counts', ET * I32);
     cu.cudaRoute(logits, T, ET, k, {
       scoring: r.scoring, bias: m.correctionBias, nGroup: r.nGroup, topkGroup: r.topkGroup,
       groupScore: r.groupScore, renormalize: r.renormalize, scale: r.scale,
-    }, ids, weights, counts);
+    }, ids, weights, counts, st);
     if (this.hooks.onRouted || this.hooks.ensureResident) {
       // The tracer and the cache work on the host: one device sync per MoE layer.
       const hostIds = new Int32Array(T * k), hostCounts = new Int32Array(ET);
-      cu.cudaCopyToHost(hostIds, ids, 0);
-      cu.cudaCopyToHost(hostCounts, counts, 0);
+      cu.cudaCopyToHost(hostIds, ids, 0, st);
+      cu.cudaCopyToHost(hostCounts, counts, 0, st);
       this.hooks.onRouted?.(m.moeIndex, hostIds, hostCounts, T);
       this.hooks.ensureResident?.(m.moeIndex, hostCounts.subarray(0, E), m.experts);
     }
@@ -351,43 +377,43 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     const hs = scratch.get('moe.h', rows * spec.moe.intermediate * BF16);
     if (Z === 0) {
       const xPerm = scratch.get('moe.xperm.bf16', rows * H * BF16);
-      cu.cudaPermute(x, T, H, ids, k, ET, xPerm, permIndex, offsets, 'bf16');
-      this.experts(m, xPerm, offsets, rows, hs, yPerm);
+      cu.cudaPermute(x, T, H, ids, k, ET, xPerm, permIndex, offsets, 'bf16', st);
+      this.experts(m, xPerm, offsets, rows, hs, yPerm, st);
     } else {
       // Identity experts return weight * x exactly: permute in f32, feed the GEMM a bf16 copy and
       // copy the identity rows (after the real experts' rows) through unrounded.
       const xPermF = scratch.get('moe.xperm.f32', rows * H * F32);
       const xPerm = scratch.get('moe.xperm.bf16', rows * H * BF16);
-      cu.cudaPermute(x, T, H, ids, k, ET, xPermF, permIndex, offsets, 'f32');
-      cu.cudaConvert(xPermF, 'f32', xPerm, 'bf16', rows * H);
-      this.experts(m, xPerm, offsets, rows, hs, yPerm);
-      cu.cudaCopyRowRange(yPerm, xPermF, offsets, E, ET, H * F32, rows);
+      cu.cudaPermute(x, T, H, ids, k, ET, xPermF, permIndex, offsets, 'f32', st);
+      cu.cudaConvert(xPermF, 'f32', xPerm, 'bf16', rows * H, st);
+      this.experts(m, xPerm, offsets, rows, hs, yPerm, st);
+      cu.cudaCopyRowRange(yPerm, xPermF, offsets, E, ET, H * F32, rows, st);
     }
-    cu.cudaUnpermuteCombine(yPerm, permIndex, weights, T, k, H, out, false);
+    cu.cudaUnpermuteCombine(yPerm, permIndex, weights, T, k, H, out, false, st);
     if (m.shared) {
       const y = scratch.get('moe.shared.y', T * H * F32);
-      this.runFfn(m.shared, x, xb, T, y, denseOffsets);
+      this.runFfn(m.shared, x, xb, T, y, denseOffsets, st);
       if (m.sharedGate) {
         const g = scratch.get('moe.shared.gate', T * F32);
-        dev.gemm(x, T, m.sharedGate, g, null, false);
-        cu.cudaGatedAdd(out, y, g, T, H);
+        dev.gemm(x, T, m.sharedGate, g, null, false, null, st);
+        cu.cudaGatedAdd(out, y, g, T, H, st);
       } else {
-        cu.cudaAdd(out, y, T * H);
+        cu.cudaAdd(out, y, T * H, st);
       }
     }
   }
 
   /** yPerm [rows, H] f32 = expert FFNs of xPerm [rows, H] bf16 in expert-contiguous order. */
   private experts(m: DeviceMoe, xPerm: CudaBuffer, offsets: CudaBuffer, rows: number, hs: CudaBuffer,
-                  yPerm: CudaBuffer): void {
+                  yPerm: CudaBuffer, st: CudaStream | null): void {
     const { cu } = this;
     if (this.expertKernel === 'group') {
-      cu.cudaGroupGemmFfn(xPerm, offsets, m.experts, rows, hs, yPerm, null);
+      cu.cudaGroupGemmFfn(xPerm, offsets, m.experts, rows, hs, yPerm, null, st);
       return;
     }
     const H = this.spec.hidden, I = this.spec.moe.intermediate, E = this.spec.moe.numExperts;
     const offs = new Int32Array(E + 1);
-    cu.cudaCopyToHost(offs, offsets.view(0, (E + 1) * I32), 0);
+    cu.cudaCopyToHost(offs, offsets.view(0, (E + 1) * I32), 0, st);
     let most = 0;
     for (let e = 0; e < E; e++) most = Math.max(most, offs[e + 1]! - offs[e]!);
     const gu = this.dev.scratch.get('moe.dense.gu', most * 2 * I * F32);
@@ -396,17 +422,19 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
       const r0 = offs[e]!, n = offs[e + 1]! - r0;
       if (n === 0) continue;
       const w = m.expertWeights[e]!;
-      cu.cudaDenseGemm(xPerm.view(r0 * H * BF16, n * H * BF16), n, w.gateUp, 2 * I, H, gu, null, false);
-      cu.cudaSiluMul(gu, n, I, h, null);
+      cu.cudaDenseGemm(xPerm.view(r0 * H * BF16, n * H * BF16), n, w.gateUp, 2 * I, H, gu, null, false, null, st);
+      cu.cudaSiluMul(gu, n, I, h, st);
       // The GroupGemm stores SiLU(gate)*up as bf16 too: both paths feed the down GEMM the same.
-      cu.cudaConvert(h, 'f32', hs, 'bf16', n * I);
-      cu.cudaDenseGemm(hs, n, w.down, H, I, yPerm.view(r0 * H * F32, n * H * F32), null, false);
+      cu.cudaConvert(h, 'f32', hs, 'bf16', n * I, st);
+      cu.cudaDenseGemm(hs, n, w.down, H, I, yPerm.view(r0 * H * F32, n * H * F32), null, false, null, st);
     }
   }
 
   dispose(): void {
     if (this.disposed) return;
     this.disposed = true;
+    this.forked?.dispose();
+    this.joined?.dispose();
     for (const t of this.tables) t.dispose();
     for (const c of this.caches.keys()) for (const l of c) { l.k.dispose(); l.v?.dispose(); }
     this.dev.dispose();

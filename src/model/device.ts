@@ -1,7 +1,7 @@
 // The device side of the model: weights uploaded once (bf16 for the tensor-core GEMMs, f32 for norms,
 // biases and reference-precision GEMMs), a grow-only arena of per-step device buffers, and the one
 // linear() that picks the tensor-core GEMM or the CUDA-core f32 GEMM by shape and precision.
-import { loadNative, type CudaAddon, type CudaBuffer, type DType } from '../native/index.js';
+import { loadNative, type CudaAddon, type CudaBuffer, type CudaStream, type DType } from '../native/index.js';
 import type { HostTensor } from './tensor-source.js';
 import { checkShape } from './weights.js';
 
@@ -68,6 +68,10 @@ export class Device {
   private readonly owned: CudaBuffer[] = [];
   /** Bytes of weights uploaded. */
   weightBytes = 0;
+  /** The stream of the forward pass (null: the device's default stream). */
+  main: CudaStream | null = null;
+  /** A second stream (ScMoE: the shortcut MoE runs on it beside the dense sub-blocks). */
+  side: CudaStream | null = null;
 
   constructor(readonly cu: CudaAddon, readonly index: number) {
     this.scratch = new DeviceScratch(this);
@@ -122,32 +126,36 @@ export class Device {
    * (into `xb` when given, which then must already hold bf16(x) when `xbReady`).
    */
   gemm(x: CudaBuffer, m: number, w: DeviceWeight, y: CudaBuffer, bias: CudaBuffer | null,
-       accumulate: boolean, xb?: { buf: CudaBuffer; ready: boolean }): void {
+       accumulate: boolean, xb: { buf: CudaBuffer; ready: boolean } | null, s: CudaStream | null): void {
     if (m === 0) return;
     const { cu } = this;
     if (w.reference) {
-      cu.cudaGemmF32(x, m, w.buf, w.dtype, w.n, w.k, y, bias, accumulate);
+      cu.cudaGemmF32(x, m, w.buf, w.dtype, w.n, w.k, y, bias, accumulate, s);
       return;
     }
     let b: CudaBuffer;
     if (xb?.ready) {
       b = xb.buf;
     } else {
-      b = xb?.buf ?? this.scratch.get('gemm.xb', m * w.k * BF16);
-      cu.cudaConvert(x, 'f32', b, 'bf16', m * w.k);
+      // One fallback buffer per stream: two streams never share it.
+      b = xb?.buf ?? this.scratch.get(s === this.side ? 'gemm.xb.side' : 'gemm.xb', m * w.k * BF16);
+      cu.cudaConvert(x, 'f32', b, 'bf16', m * w.k, s);
       if (xb) xb.ready = true;
     }
-    cu.cudaDenseGemm(b, m, w.buf, w.n, w.k, y, bias, accumulate);
+    cu.cudaDenseGemm(b, m, w.buf, w.n, w.k, y, bias, accumulate, null, s);
   }
 
   /** Rows x cols f32 block copy between strided layouts (offsets and pitches in floats). */
   copy2d(dst: CudaBuffer, dstOff: number, dstPitch: number, src: CudaBuffer, srcOff: number,
-         srcPitch: number, cols: number, rows: number): void {
+         srcPitch: number, cols: number, rows: number, s: CudaStream | null): void {
     if (rows === 0 || cols === 0) return;
-    this.cu.cudaCopy2D(dst, dstOff * F32, dstPitch * F32, src, srcOff * F32, srcPitch * F32, cols * F32, rows);
+    this.cu.cudaCopy2D(dst, dstOff * F32, dstPitch * F32, src, srcOff * F32, srcPitch * F32, cols * F32, rows, s);
   }
 
   dispose(): void {
+    if (this.main || this.side) this.cu.cudaSynchronize();
+    this.main?.dispose();
+    this.side?.dispose();
     this.scratch.dispose();
     for (const b of this.owned) if (!b.disposed) b.dispose();
     this.owned.length = 0;

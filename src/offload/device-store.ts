@@ -23,6 +23,8 @@ export class PinnedExpertStore implements ExpertStore<CudaBuffer> {
   private readonly loads = new Map<LoadTicket, Load>();
   private readonly free: CudaEvent[] = [];
   private nextTicket = 1;
+  /** Streams whose enqueued work a copy must not overtake (the model's compute streams). */
+  computeStreams: (CudaStream | null)[] = [null];
   private readonly gateUpElems: number;
   private readonly downElems: number;
 
@@ -66,8 +68,10 @@ export class PinnedExpertStore implements ExpertStore<CudaBuffer> {
     const base = expert * (this.gateUpElems + this.downElems);
     // NOTE: copies run in submission order on one stream (priority is not honoured across
     // loads already queued); the offloader queues demand loads before it waits on anything.
-    this.computeMark.record(null);
-    this.copyStream.waitEvent(this.computeMark);
+    for (const s of this.computeStreams) {
+      this.computeMark.record(s);
+      this.copyStream.waitEvent(this.computeMark);
+    }
     cu.cudaCopyToDevice(slot.gateUp, 0, mem.subarray(base, base + this.gateUpElems), this.copyStream);
     cu.cudaCopyToDevice(slot.down!, 0, mem.subarray(base + this.gateUpElems, base + this.gateUpElems + this.downElems), this.copyStream);
     const event = this.free.pop() ?? new cu.CudaEvent(false);

@@ -59,6 +59,7 @@ export function attachDeviceOffloader(loaded: LoadedModel<CudaModel>, cfg: Offlo
   const { spec, model, checkpoint } = loaded;
   const cu = cuda ?? (loadNative() as unknown as CudaAddon);
   const store = new PinnedExpertStore(cu, spec, new CheckpointSource(checkpoint));
+  store.computeStreams = model.computeStreams();
   const off = new Offloader<CudaBuffer>(store, offloaderOptions(spec, model.numMoeLayers, cfg));
   off.attachTables(model.expertTables());
   model.hooks = off;

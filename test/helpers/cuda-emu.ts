@@ -1186,50 +1186,58 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
  * CUDA's rules for pageable host memory (synchronous with their stream) and pinned memory (queued:
  * the host bytes are read when the copy runs). Deferred calls return undefined.
  */
-export function withLazyStreams(cu: CudaAddon): CudaAddon {
+export function withLazyStreams(cu: CudaAddon, opts: { lazyCount?: number } = {}): CudaAddon {
+  // Only the first lazyCount streams created are held back; later ones run at once. With the model's
+  // main stream lazy and its side stream eager, a side stream that starts before its fork reads
+  // stale inputs; with both lazy, a join that is missing does.
+  let created = 0;
+  const lazyCount = opts.lazyCount ?? Infinity;
   const queues = new Map<object, (() => void)[]>();
   const pinned = new WeakSet<ArrayBufferLike>();
-  const fired = new WeakMap<object, boolean>();
-  const recordedOn = new WeakMap<object, object | null>();
+  /** One record() of an event: done once the recording stream's work before it has run. */
+  interface Marker { done: boolean; stream: object | null }
+  const current = new WeakMap<object, Marker>();
   const flush = (s: object) => {
     const q = queues.get(s);
     while (q && q.length) q.shift()!();
   };
   const flushAll = () => { for (const s of queues.keys()) flush(s); };
-  /** Runs the recording stream's queue until the event fires. */
-  const flushTo = (e: object) => {
-    const s = recordedOn.get(e);
-    const q = s ? queues.get(s) : undefined;
-    while (!fired.get(e) && q && q.length) q.shift()!();
+  /** Runs the recording stream's queue until that record of the event is reached. */
+  const flushTo = (m: Marker | undefined) => {
+    const q = m?.stream ? queues.get(m.stream) : undefined;
+    while (m && !m.done && q && q.length) q.shift()!();
   };
   const Base = cu.CudaStream as unknown as new (priority?: number) => CudaStream;
   class LazyStream extends Base {
     constructor(priority?: number) {
       super(priority);
-      queues.set(this, []);
+      if (created++ < lazyCount) queues.set(this, []);
     }
     override synchronize(): void { flush(this); super.synchronize(); }
     override query(): boolean { return (queues.get(this)?.length ?? 0) === 0; }
     override waitEvent(event: CudaEvent): void {
       super.waitEvent(event);
-      queues.get(this)!.push(() => flushTo(event));
+      // As cudaStreamWaitEvent: the event's most recent record at the time of this call.
+      const m = current.get(event);
+      const q = queues.get(this);
+      if (q) q.push(() => flushTo(m));
+      else flushTo(m);
     }
   }
   const EventBase = cu.CudaEvent as unknown as new (timing?: boolean) => CudaEvent;
   class LazyEvent extends EventBase {
     override record(stream?: CudaStream | null): void {
       super.record(stream);
-      if (stream instanceof LazyStream) {
-        fired.set(this, false);
-        recordedOn.set(this, stream);
-        queues.get(stream)!.push(() => fired.set(this, true));
+      if (stream instanceof LazyStream && queues.has(stream)) {
+        const m: Marker = { done: false, stream };
+        current.set(this, m);
+        queues.get(stream)!.push(() => { m.done = true; });
       } else {
-        fired.set(this, true);
-        recordedOn.set(this, null);
+        current.set(this, { done: true, stream: null });
       }
     }
-    override synchronize(): void { flushTo(this); super.synchronize(); }
-    override query(): boolean { return fired.get(this) ?? true; }
+    override synchronize(): void { flushTo(current.get(this)); super.synchronize(); }
+    override query(): boolean { return current.get(this)?.done ?? true; }
   }
   const hostBuffer = (v: unknown): ArrayBufferLike | null =>
     v instanceof ArrayBuffer ? v : ArrayBuffer.isView(v) ? v.buffer : null;
@@ -1244,7 +1252,7 @@ export function withLazyStreams(cu: CudaAddon): CudaAddon {
         pinned.add(b);
         return b;
       }
-      const s = args.find((a) => a instanceof LazyStream) as LazyStream | undefined;
+      const s = args.find((a) => a instanceof LazyStream && queues.has(a)) as LazyStream | undefined;
       if (!s) return f.apply(cu, args);
       const host = name === 'cudaCopyToHost' ? hostBuffer(args[0]) : name === 'cudaCopyToDevice' ? hostBuffer(args[2]) : null;
       if (host && !pinned.has(host)) {
