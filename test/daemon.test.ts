@@ -3,44 +3,15 @@
 // engine can show: batching equals running alone, seeds, KV blocks freed on disconnect, /health and
 // /metrics answering while the engine is saturated, and a SIGTERM drain that loses nothing.
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdtempSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 
-import OpenAI from 'openai';
 import parsePrometheusTextFormat from 'parse-prometheus-text-format';
 
 import { packageRoot } from '../src/native/index.js';
-
-interface Daemon { proc: ChildProcess; base: string; client: OpenAI; exit: Promise<number | null>; logs: string[] }
-
-async function stopDaemon(d: Daemon): Promise<number | null> {
-  d.proc.kill('SIGTERM');
-  return d.exit;
-}
-
-async function startDaemon(extra: string[] = []): Promise<Daemon> {
-  const bin = path.join(packageRoot(), 'bin', 'expertd.js');
-  const proc = spawn(process.execPath, [bin, 'serve', '--port', '0', '--compute-dtype', 'f32',
-    '--max-num-seqs', '8', '--log-level', 'info', ...extra], { stdio: ['ignore', 'pipe', 'pipe'] });
-  const logs: string[] = [];
-  const exit = new Promise<number | null>((resolve) => proc.on('exit', (code) => resolve(code)));
-  const base = await new Promise<string>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`daemon did not start:\n${logs.join('')}`)), 60_000);
-    const onData = (d: Buffer) => {
-      logs.push(d.toString());
-      const m = /expertd ready on (http:\/\/[0-9.:]+)/.exec(d.toString());
-      if (m) { clearTimeout(timer); resolve(m[1]!); }
-    };
-    proc.stdout!.on('data', onData);
-    proc.stderr!.on('data', (d: Buffer) => logs.push(d.toString()));
-    proc.on('exit', (code) => { clearTimeout(timer); reject(new Error(`daemon exited (${code}):\n${logs.join('')}`)); });
-  });
-  const client = new OpenAI({ baseURL: `${base}/v1`, apiKey: 'unused', maxRetries: 0, timeout: 60_000 });
-  return { proc, base, client, exit, logs };
-}
+import { startDaemon, stopDaemon, type Daemon } from './helpers/daemon.js';
 
 async function metric(base: string, name: string): Promise<number> {
   const text = await (await fetch(`${base}/metrics`)).text();

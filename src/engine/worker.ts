@@ -1,15 +1,17 @@
 // Engine worker entry: owns the model, the KV cache and the step loop. Steps run back to back
 // while there is work, yielding to the worker's event loop between steps so requests and aborts
 // join between steps. The main thread never waits on any of this.
+import path from 'node:path';
+import { pathToFileURL } from 'node:url';
 import { parentPort } from 'node:worker_threads';
 
 import type { ForwardModel } from '../model/forward-batch.js';
 import { loadCudaModel, loadModel, loadSummary, type LoadedModel, type LoadProgress } from '../model/load.js';
-import { loadNative } from '../native/index.js';
+import { loadNative, type CudaAddon } from '../native/index.js';
 import { attachDeviceOffloader, attachOffloader, skipAllExperts } from '../offload/setup.js';
 import type { Offloader } from '../offload/offloader.js';
 import { EngineCore, type StepOffloader } from './engine-core.js';
-import type { FromWorker, StepMetrics, ToWorker } from './protocol.js';
+import type { EngineOptions, FromWorker, StepMetrics, ToWorker } from './protocol.js';
 import type { EngineEvent } from './types.js';
 
 const port = parentPort;
@@ -64,67 +66,79 @@ function kick(): void {
   setImmediate(loop);
 }
 
+/**
+ * Loads the model (CPU or device) and answers 'ready' or 'fatal'. EXPERTD_CUDA_STANDIN (tests only)
+ * names a module whose createCudaEmulator() replaces the addon's CUDA ops, so the device path of
+ * the daemon runs end to end on a machine without a GPU.
+ */
+async function init(o: EngineOptions): Promise<void> {
+  try {
+    const standIn = process.env.EXPERTD_CUDA_STANDIN;
+    const cuda = standIn
+      ? (await import(pathToFileURL(path.resolve(standIn)).href) as { createCudaEmulator(): CudaAddon }).createCudaEmulator()
+      : undefined;
+    if (o.threads > 0) loadNative().setNumThreads(o.threads);
+    const fast = o.computeDtype === 'bf16';
+    let lastProgress = 0;
+    const onProgress = (pr: LoadProgress) => {
+      const now = performance.now();
+      if (now - lastProgress < 100 && pr.tensorsDone < pr.tensorsTotal) return;
+      lastProgress = now;
+      send({ type: 'progress', ...pr });
+    };
+    const device = o.device ?? 'cpu';
+    let loaded: LoadedModel<ForwardModel>;
+    let autoKvCapBytes: number | undefined;
+    if (device.startsWith('cuda')) {
+      const cudaLoaded = loadCudaModel(o.modelDir, {
+        device: Number(device.split(':')[1] ?? 0), onProgress, ...(o.offload ? { loadExperts: false } : {}),
+        ...(cuda ? { cuda } : {}),
+      });
+      loaded = cudaLoaded;
+      // Automatic KV size on the device: 90% of what the weights left free, less the expert
+      // cache's slots (allocated as they first fill) and 512 MiB of activations.
+      let slotBytes = 0;
+      if (o.offload) {
+        const off = attachDeviceOffloader(cudaLoaded, o.offload, cuda);
+        slotBytes = off.stats().slots * off.store.slotBytes;
+        offloader = off;
+      }
+      const mem = (cuda ?? loadNative() as unknown as CudaAddon).cudaMemInfo();
+      autoKvCapBytes = Math.max(0, mem.freeBytes * 0.9 - slotBytes - 512 * 2 ** 20);
+    } else {
+      const cpuLoaded = loadModel(o.modelDir, {
+        fast, ...(o.offload ? { loadExpert: skipAllExperts } : {}), onProgress,
+      });
+      loaded = cpuLoaded;
+      if (o.offload) offloader = attachOffloader(cpuLoaded, o.offload);
+    }
+    if (o.offload?.traceDir) {
+      saveTimer = setInterval(() => offloader?.save(), 60_000);
+      saveTimer.unref();
+    }
+    loaded.model.setExpertKernel(o.expertKernel ?? 'auto');
+    core = new EngineCore(loaded, {
+      kvCacheBlocks: o.kvCacheBlocks, kvCacheGb: o.kvCacheGb, blockSize: o.blockSize,
+      maxNumSeqs: o.maxNumSeqs, maxNumBatchedTokens: o.maxNumBatchedTokens,
+      servedModelName: o.servedModelName,
+      ...(autoKvCapBytes !== undefined ? { autoKvCapBytes } : {}),
+    }, offloader);
+    const summary = `${loadSummary(loaded)}; compute ${o.computeDtype}; KV cache ${core.numBlocks} blocks x ${o.blockSize} tokens` +
+      (loaded.report.warnings.length ? `; ${loaded.report.warnings.length} unexpected tensor(s) ignored` : '') +
+      (offloader ? `; expert cache ${offloader.stats().slots}/${offloader.stats().totalExperts} experts, ` +
+        `policy ${o.offload!.policy}, EAM collection ${offloader.stats().collectionSize}` : '');
+    send({ type: 'ready', info: core.info, summary });
+  } catch (e) {
+    const err = e as Error & { code?: string };
+    send({ type: 'fatal', message: err.message, ...(err.code ? { code: err.code } : {}) });
+  }
+}
+
 port.on('message', (m: ToWorker) => {
   switch (m.type) {
-    case 'init': {
-      try {
-        const o = m.options;
-        if (o.threads > 0) loadNative().setNumThreads(o.threads);
-        const fast = o.computeDtype === 'bf16';
-        let lastProgress = 0;
-        const onProgress = (pr: LoadProgress) => {
-          const now = performance.now();
-          if (now - lastProgress < 100 && pr.tensorsDone < pr.tensorsTotal) return;
-          lastProgress = now;
-          send({ type: 'progress', ...pr });
-        };
-        const device = o.device ?? 'cpu';
-        let loaded: LoadedModel<ForwardModel>;
-        let autoKvCapBytes: number | undefined;
-        if (device.startsWith('cuda')) {
-          const cudaLoaded = loadCudaModel(o.modelDir, {
-            device: Number(device.split(':')[1] ?? 0), onProgress, ...(o.offload ? { loadExperts: false } : {}),
-          });
-          loaded = cudaLoaded;
-          // Automatic KV size on the device: 90% of what the weights left free, less the expert
-          // cache's slots (allocated as they first fill) and 512 MiB of activations.
-          let slotBytes = 0;
-          if (o.offload) {
-            const off = attachDeviceOffloader(cudaLoaded, o.offload);
-            slotBytes = off.stats().slots * off.store.slotBytes;
-            offloader = off;
-          }
-          const mem = loadNative().cudaMemInfo!();
-          autoKvCapBytes = Math.max(0, mem.freeBytes * 0.9 - slotBytes - 512 * 2 ** 20);
-        } else {
-          const cpuLoaded = loadModel(o.modelDir, {
-            fast, ...(o.offload ? { loadExpert: skipAllExperts } : {}), onProgress,
-          });
-          loaded = cpuLoaded;
-          if (o.offload) offloader = attachOffloader(cpuLoaded, o.offload);
-        }
-        if (o.offload?.traceDir) {
-          saveTimer = setInterval(() => offloader?.save(), 60_000);
-          saveTimer.unref();
-        }
-        loaded.model.setExpertKernel(o.expertKernel ?? 'auto');
-        core = new EngineCore(loaded, {
-          kvCacheBlocks: o.kvCacheBlocks, kvCacheGb: o.kvCacheGb, blockSize: o.blockSize,
-          maxNumSeqs: o.maxNumSeqs, maxNumBatchedTokens: o.maxNumBatchedTokens,
-          servedModelName: o.servedModelName,
-          ...(autoKvCapBytes !== undefined ? { autoKvCapBytes } : {}),
-        }, offloader);
-        const summary = `${loadSummary(loaded)}; compute ${o.computeDtype}; KV cache ${core.numBlocks} blocks x ${o.blockSize} tokens` +
-          (loaded.report.warnings.length ? `; ${loaded.report.warnings.length} unexpected tensor(s) ignored` : '') +
-          (offloader ? `; expert cache ${offloader.stats().slots}/${offloader.stats().totalExperts} experts, ` +
-            `policy ${o.offload!.policy}, EAM collection ${offloader.stats().collectionSize}` : '');
-        send({ type: 'ready', info: core.info, summary });
-      } catch (e) {
-        const err = e as Error & { code?: string };
-        send({ type: 'fatal', message: err.message, ...(err.code ? { code: err.code } : {}) });
-      }
+    case 'init':
+      void init(m.options);
       break;
-    }
     case 'generate': {
       if (!core) break;
       const ev = core.add(m.req);

@@ -5,7 +5,6 @@ import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { isMainThread } from 'node:worker_threads';
 
 import type { NativeAddon } from './types.js';
 
@@ -41,19 +40,16 @@ export function addonCandidates(root = packageRoot()): AddonCandidate[] {
 function loadsInChild(file: string): boolean {
   const key = `EXPERTD_ADDON_OK_${Buffer.from(file).toString('hex').slice(-24)}`;
   if (process.env[key] !== undefined) return process.env[key] === '1';
-  let ok = false;
-  if (isMainThread) {
-    try {
-      // RTLD_NOW: an undefined symbol fails here, not at its first call in the server.
-      const probe = `const m = { exports: {} }; process.dlopen(m, ${JSON.stringify(file)}, ` +
-        'require("os").constants.dlopen.RTLD_NOW); m.exports.capabilities()';
-      execFileSync(process.execPath, ['-e', probe], {
-        stdio: 'ignore', timeout: 60_000,
-      });
-      ok = true;
-    } catch {
-      ok = false;
-    }
+  // A worker thread whose parent never loaded the addon probes too (its env is its own copy).
+  let ok: boolean;
+  try {
+    // RTLD_NOW: an undefined symbol fails here, not at its first call in the server.
+    const probe = `const m = { exports: {} }; process.dlopen(m, ${JSON.stringify(file)}, ` +
+      'require("os").constants.dlopen.RTLD_NOW); m.exports.capabilities()';
+    execFileSync(process.execPath, ['-e', probe], { stdio: 'ignore', timeout: 60_000 });
+    ok = true;
+  } catch {
+    ok = false;
   }
   process.env[key] = ok ? '1' : '0';
   return ok;

@@ -1,0 +1,63 @@
+// `expertd serve --device cuda` end to end: the daemon as a child process on fixtures, its device
+// path (weights, KV cache, ScMoE streams, the device expert cache) running on the emulator of the
+// cuda* ops through the EXPERTD_CUDA_STANDIN test hook, and, when a GPU is present, on the GPU.
+// Greedy completions must equal the CPU daemon's in bf16 mode (same bf16 GEMM inputs).
+import assert from 'node:assert/strict';
+import path from 'node:path';
+import { test } from 'node:test';
+
+import { loadNative, packageRoot } from '../src/native/index.js';
+import { startDaemon, stopDaemon } from './helpers/daemon.js';
+
+const caps = loadNative().capabilities();
+const standIn = { EXPERTD_CUDA_STANDIN: path.join(packageRoot(), 'dist', 'test', 'helpers', 'cuda-emu.js') };
+const gpuSkip = !caps.cudaCompiled ? 'CUDA not compiled in (portable build)'
+  : caps.cudaDevices === 0 ? `no CUDA device (cudaDevices = ${caps.cudaDevices})` : false;
+
+const cases: { fixture: string; extra: string[] }[] = [
+  { fixture: 'longcat_flash', extra: [] },
+  { fixture: 'qwen2_moe', extra: ['--expert-cache-fraction', '0.5'] },
+  { fixture: 'deepseek_v2', extra: [] },
+];
+
+async function completions(extra: string[], env: NodeJS.ProcessEnv, fixture: string) {
+  const d = await startDaemon(['--model', path.join(packageRoot(), 'test', 'fixtures', fixture), '--compute-dtype', 'bf16', ...extra], env);
+  try {
+    const health = await fetch(`${d.base}/health`);
+    assert.equal(health.status, 200);
+    const texts: string[] = [];
+    for (const prompt of ['The quick brown fox', 'Once upon a time, in a land', 'Hello']) {
+      const c = await d.client.completions.create({ model: fixture, prompt, max_tokens: 10, temperature: 0 });
+      texts.push(c.choices[0]!.text);
+    }
+    // Several requests batched together (continuous batching over the device KV cache).
+    const batched = await Promise.all(['The quick brown fox', 'Once upon a time, in a land', 'Hello'].map((prompt) =>
+      d.client.completions.create({ model: fixture, prompt, max_tokens: 10, temperature: 0 }).then((c) => c.choices[0]!.text)));
+    const metrics = await (await fetch(`${d.base}/metrics`)).text();
+    return { texts, batched, logs: d.logs.join(''), metrics, exit: await stopDaemon(d) };
+  } catch (e) {
+    d.proc.kill('SIGKILL');
+    throw e;
+  }
+}
+
+for (const { label, env, skip } of [
+  { label: 'emulator', env: standIn, skip: false as const },
+  { label: 'gpu', env: {}, skip: gpuSkip },
+]) {
+  for (const { fixture, extra } of cases) {
+    test(`expertd serve --device cuda (${label}) on ${fixture}${extra.length ? ` ${extra.join(' ')}` : ''} answers as the CPU daemon`, { skip }, async () => {
+      const dev = await completions(['--device', 'cuda', ...extra], env, fixture);
+      const cpu = await completions(['--device', 'cpu'], {}, fixture);
+      assert.match(dev.logs, /device cuda:0/);
+      assert.doesNotMatch(cpu.logs, /device cuda/);
+      assert.equal(dev.exit, 0);
+      assert.deepEqual(dev.texts, cpu.texts);
+      assert.deepEqual(dev.batched, dev.texts, 'batched equals alone');
+      if (extra.includes('--expert-cache-fraction')) {
+        assert.match(dev.logs, /expert cache \d+\/\d+ experts/);
+        assert.match(dev.metrics, /expertd_expert_cache_misses_total [1-9]/);
+      }
+    });
+  }
+}
