@@ -123,6 +123,18 @@ function close(what: string, out: ArrayLike<number>, ref: ArrayLike<number>, rel
   assert.ok(worst <= maxAbs, `${what}: max-abs error ${worst.toExponential(2)} > ${maxAbs}`);
 }
 
+/** float64 y0 + bias + x w^T: x [m, k], w [n, k], y0 [m, n]. */
+function gemmRef(x: Float32Array, w: Float32Array, bias: Float32Array, y0: Float32Array, m: number, n: number, k: number): Float64Array {
+  const ref = new Float64Array(m * n);
+  for (let r = 0; r < m; r++)
+    for (let o = 0; o < n; o++) {
+      let acc = y0[r * n + o]! + bias[o]!;
+      for (let i = 0; i < k; i++) acc += x[r * k + i]! * w[o * k + i]!;
+      ref[r * n + o] = acc;
+    }
+  return ref;
+}
+
 // ---------------------------------------------------------------------------------- everywhere
 test('the portable addon references no CUDA symbol', { skip: existsSync(path.join(packageRoot(), 'build/Release/expertd.node')) ? false : 'portable addon not built' }, () => {
   const bin = readFileSync(path.join(packageRoot(), 'build/Release/expertd.node'));
@@ -385,14 +397,7 @@ function deviceSuite(label: string, cu: CudaAddon, skip: string | false) {
         const y = upload(y0);
         const used = cu.cudaDenseGemm(upload(bf16Array(x)), m, upload(bf16Array(w)), n, k, y, upload(bias), true, backend);
         assert.ok(backend === 'kernel' ? used === 'kernel' : used === (cu.cudaCublasLt() ? 'cublaslt' : 'kernel'));
-        const ref = new Float64Array(m * n);
-        for (let r = 0; r < m; r++)
-          for (let o = 0; o < n; o++) {
-            let s = y0[r * n + o]! + bias[o]!;
-            for (let i = 0; i < k; i++) s += x[r * k + i]! * w[o * k + i]!;
-            ref[r * n + o] = s;
-          }
-        close('y', f32Of(y, m * n), ref, 1e-5, 1e-3);
+        close('y', f32Of(y, m * n), gemmRef(x, w, bias, y0, m, n, k), 1e-5, 1e-3);
       });
     }
   }
@@ -410,14 +415,7 @@ function deviceSuite(label: string, cu: CudaAddon, skip: string | false) {
       };
       const y = view(y0);
       cu.cudaDenseGemm(view(bf16Array(x)), m, view(bf16Array(w)), n, k, y, view(bias), true, backend);
-      const ref = new Float64Array(m * n);
-      for (let r = 0; r < m; r++)
-        for (let o = 0; o < n; o++) {
-          let acc = y0[r * n + o]! + bias[o]!;
-          for (let i = 0; i < k; i++) acc += x[r * k + i]! * w[o * k + i]!;
-          ref[r * n + o] = acc;
-        }
-      close('y', f32Of(y, m * n), ref, 1e-5, 1e-3);
+      close('y', f32Of(y, m * n), gemmRef(x, w, bias, y0, m, n, k), 1e-5, 1e-3);
     });
   }
 

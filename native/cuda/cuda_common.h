@@ -82,6 +82,34 @@ __device__ __forceinline__ int warp_inclusive_scan(int v, int lane) {
   return v;
 }
 
+// The grouped GEMMs' tile lookup, run by one warp: row tile `tile` of the expert-contiguous rows
+// (BM rows per tile, tiles of each expert in expert order) -> expert *e (-1: past the last tile) and
+// its rows [*r0, *r1). Lane 0 writes the results; the caller syncs before reading them.
+__device__ __forceinline__ void expert_row_tile(const int32_t* offsets, int num_experts, int tile, int bm,
+                                                int lane, int* e, int* r0, int* r1) {
+  if (lane == 0) *e = -1;
+  __syncwarp();
+  int base = 0;
+  for (int e0 = 0; e0 < num_experts; e0 += 32) {
+    const int ex = e0 + lane;
+    int beg = 0, cnt = 0;
+    if (ex < num_experts) {
+      beg = offsets[ex];
+      cnt = offsets[ex + 1] - beg;
+    }
+    const int t = cnt > 0 ? (cnt + bm - 1) / bm : 0;
+    const int inc = warp_inclusive_scan(t, lane);
+    const int excl = inc - t;
+    if (t > 0 && tile >= base + excl && tile < base + inc) {
+      *e = ex;
+      *r0 = beg + (tile - base - excl) * bm;
+      *r1 = beg + cnt;
+    }
+    base += __shfl_sync(0xffffffffu, inc, 31);
+    if (base > tile) break;
+  }
+}
+
 // The CPU's rank_before: larger first, ties to the lower index, NaN after everything.
 __device__ __forceinline__ bool rank_before(float a, int ia, float b, int ib) {
   const bool na = a != a, nb = b != b;

@@ -82,27 +82,7 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
       s_r1 = a.rows;
     }
   } else if (warp == 0) {
-    if (lane == 0) s_e = -1;
-    __syncwarp();
-    int base = 0;
-    for (int e0 = 0; e0 < a.num_experts; e0 += 32) {
-      const int ex = e0 + lane;
-      int beg = 0, cnt = 0;
-      if (ex < a.num_experts) {
-        beg = a.offsets[ex];
-        cnt = a.offsets[ex + 1] - beg;
-      }
-      const int t = cnt > 0 ? (cnt + BM - 1) / BM : 0;
-      const int inc = warp_inclusive_scan(t, lane);
-      const int excl = inc - t;
-      if (t > 0 && tile >= base + excl && tile < base + inc) {
-        s_e = ex;
-        s_r0 = beg + (tile - base - excl) * BM;
-        s_r1 = beg + cnt;
-      }
-      base += __shfl_sync(0xffffffffu, inc, 31);
-      if (base > tile) break;
-    }
+    expert_row_tile(a.offsets, a.num_experts, tile, BM, lane, &s_e, &s_r0, &s_r1);
   }
   __syncthreads();
   const int e = s_e, r0 = s_r0, r1 = s_r1;

@@ -180,32 +180,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   // Map the row tile to (expert, row range), as group_gemm.cu does with BM = 128.
   if (warp == 0) {
-    if (lane == 0) s_e = -1;
-    __syncwarp();
-    int base = 0;
-    for (int e0 = 0; e0 < a.num_experts; e0 += 32) {
-      const int ex = e0 + lane;
-      int beg = 0, cnt = 0;
-      if (ex < a.num_experts) {
-        beg = a.offsets[ex];
-        cnt = a.offsets[ex + 1] - beg;
-      }
-      const int t = cnt > 0 ? (cnt + kBM - 1) / kBM : 0;
-      const int inc = warp_inclusive_scan(t, lane);
-      const int excl = inc - t;
-      if (t > 0 && tile >= base + excl && tile < base + inc) {
-        s_e = ex;
-        s_r0 = beg + (tile - base - excl) * kBM;
-        s_r1 = beg + cnt;
-      }
-      base += __shfl_sync(0xffffffffu, inc, 31);
-      if (base > tile) break;
-    }
+    expert_row_tile(a.offsets, a.num_experts, tile, kBM, lane, &s_e, &s_r0, &s_r1);
   }
   __syncthreads();
   const int e = s_e, r0 = s_r0, r1 = s_r1;
   if (e < 0 || r0 >= r1) return;
-  if (a.weights[e] == nullptr) return;  // NOTE: the binding guarantees weights for experts with rows
+  // An empty table slot: the expert's rows stay unwritten (the contract; see group_gemm.cu).
+  if (a.weights[e] == nullptr) return;
 
   const int col0 = blockIdx.x * (GATE_UP ? kBN / 2 : kBN);  // first output column of the CTA
   const int KT = (a.k + kBK - 1) / kBK;
