@@ -61,3 +61,28 @@ for (const { label, env, skip } of [
     });
   }
 }
+
+test('a sticky device fault (emulated): that request fails, /health answers 503, later requests 503, no abort', async () => {
+  const d = await startDaemon(['--model', path.join(packageRoot(), 'test', 'fixtures', 'mixtral'), '--device', 'cuda',
+    '--compute-dtype', 'bf16'], { ...standIn, EXPERTD_EMU_FAULT: 'cudaGroupGemmFfn:3' });
+  try {
+    assert.equal((await fetch(`${d.base}/health`)).status, 200);
+    const post = () => fetch(`${d.base}/v1/completions`, {
+      method: 'POST', headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ model: 'mixtral', prompt: 'The quick brown fox', max_tokens: 8, temperature: 0 }),
+    });
+    const first = await post();
+    assert.equal(first.status, 500, await first.text());
+    const health = await fetch(`${d.base}/health`);
+    assert.equal(health.status, 503);
+    assert.deepEqual(await health.json(), { status: 'failed' });
+    const later = await post();
+    assert.equal(later.status, 503);
+    assert.match(await later.text(), /engine_failed/);
+    assert.equal(d.proc.exitCode, null, 'the process is still up');
+    assert.match(d.logs.join(''), /CUDA device is lost|cudaErrorIllegalAddress/);
+  } finally {
+    d.proc.kill('SIGTERM');
+    await d.exit;
+  }
+});

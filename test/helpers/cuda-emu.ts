@@ -19,6 +19,16 @@ export interface CudaEmulatorOptions {
   totalBytes?: number;
   /** Fill fresh allocations with 0xff (NaN for f32/bf16); default true. Cached blocks keep old bytes. */
   poisonFresh?: boolean;
+  /**
+   * An injected sticky fault: the `calls`-th call of `op` faults (E_CUDA, the device is lost). Default
+   * from EXPERTD_EMU_FAULT=op:calls (the daemon tests, through the EXPERTD_CUDA_STANDIN hook).
+   */
+  faultAt?: { op: string; calls: number };
+}
+
+function faultFromEnv(): { op: string; calls: number } | undefined {
+  const m = /^(\w+):(\d+)$/.exec(process.env.EXPERTD_EMU_FAULT ?? '');
+  return m ? { op: m[1]!, calls: Number(m[2]) } : undefined;
 }
 
 // ------------------------------------------------------------------------------------ errors
@@ -1175,6 +1185,16 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
     return f16Decode;
   }
 
+  const faultAt = options.faultAt ?? faultFromEnv();
+  if (faultAt) {
+    const op = (addon as unknown as Record<string, (...a: unknown[]) => unknown>)[faultAt.op];
+    if (typeof op !== 'function') throw new Error(`faultAt: no op ${faultAt.op}`);
+    let calls = 0;
+    (addon as unknown as Record<string, unknown>)[faultAt.op] = (...args: unknown[]) => {
+      if (++calls === faultAt.calls) fault(`injected at call ${calls} of ${faultAt.op}`);
+      return op.apply(addon, args);
+    };
+  }
   return addon;
 }
 
