@@ -5,13 +5,15 @@
 // checked against the float64 references in cuda.test.ts): that checks the device engine's
 // orchestration (layouts, strides, offsets, buffer sizes) here, not the CUDA kernels.
 import assert from 'node:assert/strict';
-import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync } from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 
 import { EngineCore } from '../src/engine/engine-core.js';
 import type { EngineEvent } from '../src/engine/types.js';
 import { loadCudaModel, loadModel } from '../src/model/load.js';
+import { EpsPlanner } from '../src/moe/eps-planner.js';
 import { loadNative, packageRoot, type CudaAddon } from '../src/native/index.js';
 import { createCudaEmulator, withLazyStreams } from './helpers/cuda-emu.js';
 import { DirectRunner, aloneAndBatched, argmax } from './helpers/model-runner.js';
@@ -204,3 +206,50 @@ for (const b of backends) {
     }
   });
 }
+
+test('device model (emulator): EPS auto times both expert kernels on the device once, caches the table, picks per step', () => {
+  const dir = path.join(fixturesDir, 'mixtral');
+  const cacheDir = mkdtempSync(path.join(os.tmpdir(), 'expertd-eps-cuda-'));
+  const saved = process.env.EXPERTD_CACHE_DIR;
+  process.env.EXPERTD_CACHE_DIR = cacheDir;
+  const { model, spec } = loadCudaModel(dir, { device: 0, cuda: createCudaEmulator() });
+  try {
+    model.setExpertKernel('auto');
+    const cache = JSON.parse(readFileSync(path.join(cacheDir, 'eps-cost.json'), 'utf8')) as Record<string, { rows: number[]; groupMs: number[]; denseMs: number[] }>;
+    const key = `cuda|expertd CUDA emulator (CPU)|E${spec.moe.numExperts}|H${spec.hidden}|I${spec.moe.intermediate}|bf16`;
+    assert.ok(cache[key], `cached under ${key}: ${Object.keys(cache).join(', ')}`);
+    assert.equal(cache[key]!.groupMs.length, cache[key]!.rows.length);
+    assert.ok(cache[key]!.groupMs.every((v) => v > 0) && cache[key]!.denseMs.every((v) => v > 0));
+    const crossover = model.crossoverRows();
+    assert.ok(crossover !== null && crossover >= 1);
+    const golden = JSON.parse(readFileSync(path.join(dir, 'golden.json'), 'utf8')) as Golden;
+    const prompt = golden.cases[0]!.prompt_ids;
+    const r = new DirectRunner(model);
+    const auto = r.step([r.newSeq()], [prompt], true);
+    const choices = model.kernelChoices();
+    assert.equal(Object.values(choices).reduce((a, b) => a + b, 0), model.numMoeLayers, JSON.stringify(choices));
+    // The planner's choice for this batch follows the cached table at the batch's expected load.
+    const rows = prompt.length * spec.moe.router.topK;
+    const active = Math.min(spec.moe.numExperts, rows);
+    const want = new EpsPlanner({ key, ...cache[key]! }).plan(new Float64Array(active).fill(rows / active), spec.hidden * 4).kernel;
+    assert.deepEqual(Object.keys(choices), [want]);
+    model.setExpertKernel('group');
+    const r2 = new DirectRunner(model);
+    const group = r2.step([r2.newSeq()], [prompt], true);
+    assert.deepEqual(auto.routedIds, group.routedIds);
+    for (let p = 0; p < prompt.length; p++) {
+      const V = spec.vocabSize;
+      assert.ok(relToRange(auto.logits.subarray(p * V, (p + 1) * V), group.logits.subarray(p * V, (p + 1) * V)) < 1e-3);
+    }
+    // A second model of the same shape reads the table instead of timing again.
+    const again = loadCudaModel(dir, { device: 0, cuda: createCudaEmulator() });
+    const t0 = performance.now();
+    again.model.setExpertKernel('auto');
+    assert.ok(performance.now() - t0 < 100, 'the cached table is used');
+    again.model.dispose();
+  } finally {
+    model.dispose();
+    if (saved === undefined) delete process.env.EXPERTD_CACHE_DIR;
+    else process.env.EXPERTD_CACHE_DIR = saved;
+  }
+});

@@ -5,7 +5,9 @@
 import { loadNative, type CudaAddon, type CudaBuffer, type CudaEvent, type CudaExpertTable, type CudaStream, type NativeAddon } from '../native/index.js';
 import { CudaGqaAttention, CudaMlaAttention, type DeviceAttentionBlock, type DeviceLayerCache, type DeviceStep } from './cuda-attention.js';
 import { BF16, Device, F32, I32, type DeviceWeight } from './device.js';
+import { cachedCostTable, EpsPlanner, type CostTable, type ExpertKernel } from '../moe/eps-planner.js';
 import type { MoeHooks } from '../moe/moe-layer.js';
+import { mulberry32 } from '../engine/rng.js';
 import type { ForwardBatch, ForwardModel, ForwardResult } from './forward-batch.js';
 import { moeTensors } from './moe-tensors.js';
 import type { ModelSpec } from './spec.js';
@@ -60,7 +62,10 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
   /** Every cache allocated, with its block count. */
   private readonly caches = new Map<DeviceLayerCache[], number>();
   private readonly k: number;
-  private expertKernel: 'group' | 'dense' = 'group';
+  private expertKernel: ExpertKernel = 'group';
+  private planner: EpsPlanner | null = null;
+  /** MoE layers per expert kernel in the last step. */
+  private readonly choices = new Map<ExpertKernel, number>();
   private readonly loadExperts: boolean;
   private disposed = false;
   /** ScMoE fork and join between the main and the side stream (re-recorded per layer). */
@@ -185,19 +190,77 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
   }
 
   /**
-   * EPS-MoE on the device: 'group' (one GroupGemm launch for every expert) or 'dense' (a DenseGemm
-   * per expert with rows, cuBLASLt when loaded: it needs the per-expert row counts on the host, one
-   * device sync per MoE layer). 'auto' stays on GroupGemm until the crossover is measured on a GPU
-   * (`npm run bench -- kernels --device cuda` prints it); the CPU's calibration does not carry over.
+   * EPS-MoE on the device: 'group' (one GroupGemm launch for every expert), 'dense' (a DenseGemm per
+   * expert with rows, cuBLASLt when loaded; it needs the per-expert row counts on the host: one
+   * device sync per MoE layer), or 'auto': a cost table timed on this device for this expert shape
+   * (CUDA events, once, cached beside the CPU's in eps-cost.json) picks per step from the batch's
+   * expected load (T*k rows over min(E, T*k) experts: no device sync to decide).
    */
   setExpertKernel(mode: 'auto' | 'group' | 'dense'): void {
     if (mode === 'dense' && !this.loadExperts)
       throw new RangeError('--expert-kernel dense needs every expert resident on the device (no expert offloading)');
+    this.planner = null;
     this.expertKernel = mode === 'dense' ? 'dense' : 'group';
+    if (mode !== 'auto' || !this.loadExperts || this.numMoeLayers === 0) return;
+    const { spec } = this;
+    const name = this.cu.cudaDeviceInfo(this.dev.index).name;
+    const key = `cuda|${name}|E${spec.moe.numExperts}|H${spec.hidden}|I${spec.moe.intermediate}|bf16`;
+    this.planner = new EpsPlanner(cachedCostTable(key, () => this.calibrate()));
+  }
+
+  /** Rows per expert from which the calibrated DenseGemm beats the GroupGemm (Infinity: never; null: no table). */
+  crossoverRows(): number | null {
+    return this.planner ? this.planner.crossoverRows() : null;
   }
 
   kernelChoices(): Record<string, number> {
-    return this.numMoeLayers ? { [this.expertKernel]: this.numMoeLayers } : {};
+    return Object.fromEntries(this.choices);
+  }
+
+  /** Times both expert kernels on the first MoE layer's experts (random bf16 rows, 4 experts active). */
+  private calibrate(): CostTable {
+    const { cu, dev, spec } = this;
+    const m = this.layers.find((l) => l.moe)!.moe!;
+    const H = spec.hidden, I = spec.moe.intermediate, E = spec.moe.numExperts;
+    const A = Math.min(E, 4);
+    const rowsList = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024];
+    const maxRows = A * rowsList[rowsList.length - 1]!;
+    const rand = mulberry32(7);
+    const xf = Float32Array.from({ length: maxRows * H }, () => rand() * 2 - 1);
+    const xb = new Uint16Array(xf.length);
+    loadNative().convert(xf, 'f32', xb, 'bf16');
+    const st = dev.main;
+    const x = cu.cudaBuffer(xb.byteLength), offsets = cu.cudaBuffer((E + 1) * I32);
+    const y = cu.cudaBuffer(maxRows * H * F32), hs = cu.cudaBuffer(maxRows * I * BF16);
+    const t0 = new cu.CudaEvent(true), t1 = new cu.CudaEvent(true);
+    const groupMs: number[] = [], denseMs: number[] = [];
+    try {
+      cu.cudaCopyToDevice(x, 0, xb, st);
+      const time = (fn: () => void): number => {
+        fn();
+        const ms: number[] = [];
+        for (let i = 0; i < 3; i++) {
+          t0.record(st);
+          fn();
+          t1.record(st);
+          t1.synchronize();
+          ms.push(t1.elapsedMs(t0));
+        }
+        return ms.sort((a, b) => a - b)[1]!;
+      };
+      for (const r of rowsList) {
+        const offs = Int32Array.from({ length: E + 1 }, (_, e) => Math.min(e, A) * r);
+        cu.cudaCopyToDevice(offsets, 0, offs, st);
+        groupMs.push(time(() => this.experts(m, x, offsets, A * r, hs, y, st, 'group')) / A);
+        denseMs.push(time(() => this.experts(m, x, offsets, A * r, hs, y, st, 'dense')) / A);
+      }
+    } finally {
+      cu.cudaSynchronize();
+      for (const b of [x, offsets, y, hs]) b.dispose();
+      t0.dispose();
+      t1.dispose();
+    }
+    return { key: '', rows: rowsList, groupMs, denseMs };
   }
 
   /** The streams the forward pass computes on (an expert cache orders its copies after them). */
@@ -239,6 +302,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     const R = batch.logitRows.length;
     const k = this.k;
     const L = this.numMoeLayers;
+    this.choices.clear();
 
     // The step's integers in one copy: [tokens T | positions T | slots T | seqInfo 3S |
     // blockTables S*maxBlocks | logitRows R | dense offsets 2].
@@ -371,6 +435,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
       this.hooks.ensureResident?.(m.moeIndex, hostCounts.subarray(0, E), m.experts);
     }
     const rows = T * k;
+    const kernel = this.chooseKernel(rows);
     const permIndex = scratch.get('moe.perm', rows * I32);
     const offsets = scratch.get('moe.offsets', (ET + 1) * I32);
     const yPerm = scratch.get('moe.yperm', rows * H * F32);
@@ -378,7 +443,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     if (Z === 0) {
       const xPerm = scratch.get('moe.xperm.bf16', rows * H * BF16);
       cu.cudaPermute(x, T, H, ids, k, ET, xPerm, permIndex, offsets, 'bf16', st);
-      this.experts(m, xPerm, offsets, rows, hs, yPerm, st);
+      this.experts(m, xPerm, offsets, rows, hs, yPerm, st, kernel);
     } else {
       // Identity experts return weight * x exactly: permute in f32, feed the GEMM a bf16 copy and
       // copy the identity rows (after the real experts' rows) through unrounded.
@@ -386,7 +451,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
       const xPerm = scratch.get('moe.xperm.bf16', rows * H * BF16);
       cu.cudaPermute(x, T, H, ids, k, ET, xPermF, permIndex, offsets, 'f32', st);
       cu.cudaConvert(xPermF, 'f32', xPerm, 'bf16', rows * H, st);
-      this.experts(m, xPerm, offsets, rows, hs, yPerm, st);
+      this.experts(m, xPerm, offsets, rows, hs, yPerm, st, kernel);
       cu.cudaCopyRowRange(yPerm, xPermF, offsets, E, ET, H * F32, rows, st);
     }
     cu.cudaUnpermuteCombine(yPerm, permIndex, weights, T, k, H, out, false, st);
@@ -403,11 +468,22 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     }
   }
 
+  /** The EPS choice for a layer of `rows` routed rows (the expected load: no device sync). */
+  private chooseKernel(rows: number): ExpertKernel {
+    let kernel = this.expertKernel;
+    if (this.planner) {
+      const active = Math.min(this.spec.moe.numExperts, rows);
+      kernel = this.planner.plan(new Float64Array(active).fill(rows / active), this.spec.hidden * F32).kernel;
+    }
+    this.choices.set(kernel, (this.choices.get(kernel) ?? 0) + 1);
+    return kernel;
+  }
+
   /** yPerm [rows, H] f32 = expert FFNs of xPerm [rows, H] bf16 in expert-contiguous order. */
   private experts(m: DeviceMoe, xPerm: CudaBuffer, offsets: CudaBuffer, rows: number, hs: CudaBuffer,
-                  yPerm: CudaBuffer, st: CudaStream | null): void {
+                  yPerm: CudaBuffer, st: CudaStream | null, kernel: ExpertKernel): void {
     const { cu } = this;
-    if (this.expertKernel === 'group') {
+    if (kernel === 'group') {
       cu.cudaGroupGemmFfn(xPerm, offsets, m.experts, rows, hs, yPerm, null, st);
       return;
     }

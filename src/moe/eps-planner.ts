@@ -204,7 +204,14 @@ function cacheFile(): string {
 
 /** The calibrated table for this shape from the on-disk cache, calibrating (and saving) if absent. */
 export function loadOrCalibrate(shape: ExpertShape): CostTable {
-  const key = costKey(shape);
+  return cachedCostTable(costKey(shape), () => calibrate(shape));
+}
+
+/**
+ * The cost table stored under `key` in the on-disk cache (~/.cache/expertd/eps-cost.json, or
+ * $EXPERTD_CACHE_DIR), else `calibrate()`'s, saved for the next start (CPU and device tables alike).
+ */
+export function cachedCostTable(key: string, calibrate: () => CostTable): CostTable {
   const file = cacheFile();
   let all: Record<string, CostTable> = {};
   try {
@@ -214,7 +221,7 @@ export function loadOrCalibrate(shape: ExpertShape): CostTable {
   }
   const hit = all[key];
   if (hit && Array.isArray(hit.rows) && hit.rows.length === hit.groupMs.length) return hit;
-  const table = calibrate(shape);
+  const table = { ...calibrate(), key };
   all[key] = table;
   try {
     mkdirSync(path.dirname(file), { recursive: true });
