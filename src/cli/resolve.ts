@@ -45,6 +45,7 @@ export function resolveEngineOptions(flags: ParsedFlags, servedModelName?: strin
     expertKernel: String(flags['expert-kernel'] ?? 'auto') as 'auto' | 'group' | 'dense',
     servedModelName: name,
     device,
+    ...expertParallel(flags, device, offload.offload !== undefined, spec.moe.numExperts),
     ...offload,
   };
 }
@@ -68,6 +69,15 @@ export function resolveDevice(flag: string): string {
   if (index >= caps.cudaDevices)
     throw new UsageError(`--device ${flag}: ${caps.cudaDevices === 0 ? 'no CUDA device is visible' : `only ${caps.cudaDevices} CUDA device(s) are visible`}`);
   return `cuda:${index}`;
+}
+
+function expertParallel(flags: ParsedFlags, device: string, offload: boolean, experts: number): { expertParallel?: number } {
+  const n = Number(flags['expert-parallel'] ?? 1);
+  if (n <= 1) return {};
+  if (device !== 'cpu') throw new UsageError(`--expert-parallel runs on the CPU engine for now (got --device ${device}); add --device cpu`);
+  if (offload) throw new UsageError('--expert-parallel and expert offloading (--expert-cache-*, --trace-dir) cannot be combined yet');
+  if (n > experts) throw new UsageError(`--expert-parallel ${n}: the model has only ${experts} routed experts`);
+  return { expertParallel: n };
 }
 
 /** Offloading is on when the expert cache is smaller than all experts or a trace folder is given. */

@@ -179,9 +179,11 @@ export class EngineCore {
     }
     // After sampling, so requests that finished this step are recorded with it.
     this.offloader?.endStep();
+    const comm = this.loaded.model.takeCommDelta?.() ?? null;
     const metrics: StepMetrics = {
       prefillTokens, decodeTokens, durationMs: performance.now() - t0, preemptions: plan.preempted.length,
       kernelChoices: this.loaded.model.kernelChoices(),
+      ...(comm ? { all2all: comm } : {}),
       queueTimesMs,
       expertTokens: expertTokenCounts(result.routedIds, this.info.numExperts + (this.loaded.spec.moe.zeroExperts ?? 0)),
     };

@@ -15,6 +15,11 @@ export interface EngineOptions {
   /** 0 = all cores. */
   threads: number;
   servedModelName: string;
+  /**
+   * Expert parallelism (CPU, one process): ranks 1..N-1 in worker threads, each holding a slice of
+   * the routed experts, the MoE layers' all2all over a loopback group. Absent or 1 = off.
+   */
+  expertParallel?: number;
   /** 'cpu' or 'cuda:N' (resolved: never 'auto'). Absent = cpu. */
   device?: string;
   /** EPS-MoE expert kernel: auto (calibrated choice per layer and step), group or dense. */
@@ -44,6 +49,8 @@ export interface StepMetrics {
   expertTokens?: number[][];
   /** Time each request first scheduled in this step waited since it reached the engine (ms). */
   queueTimesMs?: number[];
+  /** Expert parallelism: all2all bytes sent and seconds spent this step. */
+  all2all?: { bytes: number; seconds: number };
   /** MoE layers per expert kernel this step (EPS-MoE choice). */
   kernelChoices?: Record<string, number>;
   /** Expert cache activity this step (offloading on). */

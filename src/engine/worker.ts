@@ -8,6 +8,8 @@ import { parentPort } from 'node:worker_threads';
 import type { ForwardModel } from '../model/forward-batch.js';
 import { loadCudaModel, loadModel, loadSummary, type LoadedModel, type LoadProgress } from '../model/load.js';
 import { loadNative, type CudaAddon } from '../native/index.js';
+import { startExpertRanks, type ExpertRanks } from '../moe/expert-ranks.js';
+import type { ModelOptions } from '../model/model.js';
 import { attachDeviceOffloader, attachOffloader, skipAllExperts } from '../offload/setup.js';
 import type { Offloader } from '../offload/offloader.js';
 import { EngineCore, type StepOffloader } from './engine-core.js';
@@ -18,6 +20,7 @@ const port = parentPort;
 if (!port) throw new Error('engine worker must run in a worker thread');
 
 let core: EngineCore | null = null;
+let expertRanks: ExpertRanks | null = null;
 let offloader: Pick<Offloader, 'save' | 'stats'> & StepOffloader | null = null;
 let saveTimer: NodeJS.Timeout | null = null;
 let pending: EngineEvent[] = [];
@@ -106,8 +109,19 @@ async function init(o: EngineOptions): Promise<void> {
       const mem = (cuda ?? loadNative() as unknown as CudaAddon).cudaMemInfo();
       autoKvCapBytes = Math.max(0, mem.freeBytes * 0.9 - slotBytes - 512 * 2 ** 20);
     } else {
+      let ep: Partial<ModelOptions> = {};
+      if ((o.expertParallel ?? 1) > 1) {
+        expertRanks = startExpertRanks(o.modelDir, o.expertParallel!, fast);
+        await expertRanks.ready;
+        expertRanks.onFailure = (message) => {
+          send({ type: 'fatal', message: `expert parallelism: ${message}` });
+          stopping = true;
+        };
+        const [lo, hi] = expertRanks.owned;
+        ep = { comm: expertRanks.comm, loadExpert: (_layer, e) => e >= lo && e < hi };
+      }
       const cpuLoaded = loadModel(o.modelDir, {
-        fast, ...(o.offload ? { loadExpert: skipAllExperts } : {}), onProgress,
+        fast, ...(o.offload ? { loadExpert: skipAllExperts } : {}), ...ep, onProgress,
       });
       loaded = cpuLoaded;
       if (o.offload) offloader = attachOffloader(cpuLoaded, o.offload);
@@ -159,7 +173,8 @@ port.on('message', (m: ToWorker) => {
       } catch (e) {
         send({ type: 'fatal', message: `saving the EAM collection failed: ${(e as Error).message}` });
       }
-      port.close();
+      // Expert ranks leave first (they may be waiting for the next step), then this worker.
+      void (expertRanks?.stop() ?? Promise.resolve()).finally(() => port.close());
       break;
   }
 });

@@ -68,5 +68,7 @@ export interface ForwardModel<C = unknown> {
   setExpertKernel(mode: 'auto' | 'group' | 'dense'): void;
   /** Kernel choices of the last step: kernel -> MoE layers that used it. */
   kernelChoices(): Record<string, number>;
+  /** Expert parallelism: all2all bytes sent and seconds spent since the last call. */
+  takeCommDelta?(): { bytes: number; seconds: number } | null;
   dispose(): void;
 }

@@ -169,8 +169,18 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
     }));
   }
 
+  takeCommDelta(): { bytes: number; seconds: number } | null {
+    return this.comm.takeDelta?.() ?? null;
+  }
+
+  /** An expert rank's step (expert parallelism): every MoE layer's remote part, in order. */
+  serveExperts(): void {
+    for (const m of this.moeLayers) m.serveRemote(this.scratch, this.fast);
+  }
+
   forward(batch: ForwardBatch, cache: LayerCache[], blockSize: number): ForwardResult {
     const n = loadNative();
+    this.comm.beginStep?.();
     const { spec, scratch } = this;
     const H = spec.hidden;
     const T = batch.tokenIds.length;

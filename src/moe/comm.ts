@@ -14,6 +14,10 @@ export interface ExpertComm {
   dispatch(xPerm: Float32Array, offsets: Int32Array, hidden: number): { x: Float32Array; offsets: Int32Array };
   /** Inverse of dispatch for the computed rows: back into yPerm (same layout as xPerm). */
   combine(yLocal: Float32Array, yPerm: Float32Array, hidden: number): void;
+  /** Called at the start of every forward step (expert ranks serve one step per call). */
+  beginStep?(): void;
+  /** All2all bytes sent and seconds spent since the last call (for the metrics). */
+  takeDelta?(): { bytes: number; seconds: number };
 }
 
 export class SingleRankComm implements ExpertComm {

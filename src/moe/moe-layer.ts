@@ -119,6 +119,20 @@ export class MoeLayer {
     n.unpermuteCombine(yPerm, p.permIndex, p.weights, T, k, H, out, false);
     if (this.weights.shared) this.addShared(p.x, T, out, scratch, fast);
   }
+  /**
+   * An expert rank's part of this layer (expert parallelism): no tokens of its own, it computes the
+   * rows other ranks route to its experts and sends the results back.
+   */
+  serveRemote(scratch: Scratch, fast: boolean): void {
+    const n = loadNative();
+    const E = this.numExperts;
+    const empty = new Float32Array(0);
+    const local = this.comm.dispatch(empty, new Int32Array(E + this.zeroExperts + 1), this.hidden);
+    const yLocal = scratch.f32('moe.ylocal', local.x.length);
+    n.groupGemmFfn(local.x, local.offsets.subarray(0, E + 1), this.weights.experts, yLocal, fast);
+    this.comm.combine(yLocal, empty, this.hidden);
+  }
+
   private addShared(x: Float32Array, T: number, out: Float32Array, scratch: Scratch, fast: boolean): void {
     const n = loadNative();
     const H = this.hidden;

@@ -1,0 +1,78 @@
+// Rank 0's side of in-process expert parallelism (--expert-parallel N on the CPU): starts ranks
+// 1..N-1 as worker threads (src/moe/expert-rank.ts), joins their loopback group, and returns the
+// comm the model's MoE layers dispatch through. Every forward on rank 0 lets each expert rank serve
+// one step; stop() ends them.
+import path from 'node:path';
+import { Worker } from 'node:worker_threads';
+
+import { parseModelConfig } from '../model/config.js';
+import { loadNative } from '../native/index.js';
+import { expertSlice, GroupExpertComm } from './ep-comm.js';
+import type { ExpertRankData } from './expert-rank.js';
+
+export interface ExpertRanks {
+  comm: GroupExpertComm;
+  /** Experts [first, last) rank 0 keeps (load only these). */
+  owned: [number, number];
+  /** Resolves when every expert rank has loaded its experts; rejects if one fails. */
+  ready: Promise<void>;
+  /** Called once if an expert rank fails after it was ready (the engine must stop). */
+  onFailure: ((message: string) => void) | null;
+  stop(): Promise<void>;
+}
+
+let groupSeq = 0;
+
+export function startExpertRanks(modelDir: string, worldSize: number, fast: boolean, joinTimeoutMs = 600_000): ExpertRanks {
+  if (!Number.isInteger(worldSize) || worldSize < 2) throw new RangeError(`worldSize is ${worldSize}, expected an integer >= 2`);
+  const spec = parseModelConfig(path.resolve(modelDir));
+  const E = spec.moe.numExperts;
+  if (worldSize > E) throw new RangeError(`--expert-parallel ${worldSize}: the model has only ${E} routed experts`);
+  const group = `expertd-ep-${process.pid}-${Date.now()}-${groupSeq++}`;
+  const control = new Int32Array(new SharedArrayBuffer(8));
+  const exits: Promise<void>[] = [];
+  let stopping = false;
+  const ranks: ExpertRanks = {
+    comm: null as unknown as GroupExpertComm, owned: expertSlice(E, worldSize, 0), ready: Promise.resolve(),
+    onFailure: null,
+    async stop() {
+      if (stopping) return;
+      stopping = true;
+      // The stop flag, then a bump of the step counter: a rank about to wait sees a changed value
+      // (Atomics.wait returns at once) and then the flag, however the two threads interleave.
+      Atomics.store(control, 1, 1);
+      Atomics.add(control, 0, 1);
+      Atomics.notify(control, 0);
+      // Leaving the group also fails a collective an expert rank may be blocked in.
+      ranks.comm?.dispose();
+      await Promise.all(exits);
+    },
+  };
+  const readies: Promise<void>[] = [];
+  for (let rank = 1; rank < worldSize; rank++) {
+    const data: ExpertRankData = { modelDir, rank, worldSize, group, fast, control, joinTimeoutMs };
+    const w = new Worker(new URL('./expert-rank.js', import.meta.url), { workerData: data });
+    exits.push(new Promise<void>((resolve) => w.once('exit', () => resolve())));
+    readies.push(new Promise<void>((resolve, reject) => {
+      let ready = false;
+      w.on('message', (m: { type: string; message?: string }) => {
+        if (m.type === 'ready') { ready = true; resolve(); }
+        if (m.type === 'error') {
+          const msg = `expert rank ${rank}: ${m.message}`;
+          if (!ready) reject(new Error(msg));
+          else if (!stopping) ranks.onFailure?.(msg);
+        }
+      });
+      w.on('error', (e) => (ready ? ranks.onFailure?.(`expert rank ${rank}: ${e.message}`) : reject(e)));
+      w.on('exit', (code) => {
+        if (!ready) reject(new Error(`expert rank ${rank} exited (code ${code}) before it was ready`));
+        else if (!stopping) ranks.onFailure?.(`expert rank ${rank} exited (code ${code})`);
+      });
+    }));
+  }
+  // Blocks this thread until every rank has joined (they join before loading their experts).
+  ranks.comm = new GroupExpertComm(loadNative().loopbackJoin(group, worldSize, 0, joinTimeoutMs), E, control);
+  ranks.ready = Promise.all(readies).then(() => undefined);
+  ranks.ready.catch(() => undefined);
+  return ranks;
+}

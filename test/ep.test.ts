@@ -1,0 +1,93 @@
+// Expert parallelism in one process (--expert-parallel N on the CPU): rank 0 in this thread, ranks
+// 1..N-1 in worker threads, a loopback group between them. Each rank holds only its slice of the
+// routed experts; every fixture's logits and routing equal the single-rank model's bit for bit
+// (f32), with 2 and 3 ranks (uneven slices), through prompts, batched steps and decoding.
+import assert from 'node:assert/strict';
+import path from 'node:path';
+import { test } from 'node:test';
+import { Worker } from 'node:worker_threads';
+
+import { loadModel } from '../src/model/load.js';
+import { expertSlice } from '../src/moe/ep-comm.js';
+import { startExpertRanks } from '../src/moe/expert-ranks.js';
+import { packageRoot } from '../src/native/index.js';
+import { startDaemon, stopDaemon } from './helpers/daemon.js';
+import { runAll } from './helpers/model-runner.js';
+
+test('expertSlice splits experts contiguously, sizes differing by at most one', () => {
+  assert.deepEqual([0, 1, 2].map((r) => expertSlice(8, 3, r)), [[0, 3], [3, 6], [6, 8]]);
+  assert.deepEqual([0, 1].map((r) => expertSlice(60, 2, r)), [[0, 30], [30, 60]]);
+  assert.deepEqual(expertSlice(4, 4, 3), [3, 4]);
+});
+
+for (const name of ['mixtral', 'qwen2_moe', 'deepseek_v3', 'longcat_flash']) {
+  test(`${name}: 2 and 3 expert ranks equal one rank, bit for bit (f32)`, async () => {
+    const dir = path.join(packageRoot(), 'test', 'fixtures', name);
+    const single = loadModel(dir, { fast: false });
+    const want = runAll(single.model, null);
+    single.model.dispose();
+    for (const world of [2, 3]) {
+      const ranks = startExpertRanks(dir, world, false, 60_000);
+      try {
+        await ranks.ready;
+        const [lo, hi] = ranks.owned;
+        const loaded = loadModel(dir, { fast: false, comm: ranks.comm, loadExpert: (_l, e) => e >= lo && e < hi });
+        try {
+          const got = runAll(loaded.model, null);
+          assert.deepEqual(got.tokens, want.tokens, `${name} x${world}: greedy tokens`);
+          got.logits.forEach((l, i) => assert.deepEqual(l, want.logits[i], `${name} x${world}: logits of step ${i}`));
+          assert.ok(ranks.comm.bytesSent > 0, 'rows went to the other ranks');
+        } finally {
+          loaded.model.dispose();
+        }
+      } finally {
+        await ranks.stop();
+      }
+    }
+  });
+}
+
+test('an expert rank that cannot load fails startup with its reason', async () => {
+  const ranks = startExpertRanks(path.join(packageRoot(), 'test', 'fixtures', 'mixtral'), 2, false, 60_000);
+  await ranks.ready;
+  await ranks.stop();
+  assert.throws(() => startExpertRanks(path.join(packageRoot(), 'test', 'fixtures', 'mixtral'), 9, false), /only 8 routed experts/);
+  assert.throws(() => startExpertRanks(path.join(packageRoot(), 'test', 'fixtures', 'mixtral'), 1, false), /expected an integer >= 2/);
+});
+
+test('GroupExpertComm: every rank routing rows to every expert gets each row back in place (2-4 ranks, identity experts)', async () => {
+  for (const world of [2, 3, 4]) {
+    const group = `ep-comm-test-${process.pid}-${world}`;
+    const results = await Promise.all(Array.from({ length: world }, (_, rank) => new Promise<{ ok: boolean; checked?: number; error?: string }>((resolve, reject) => {
+      const w = new Worker(new URL('./helpers/ep-rank-worker.js', import.meta.url), {
+        workerData: { group, world, rank, E: 7, Z: 2, H: 5, steps: 6 },
+      });
+      w.once('message', resolve);
+      w.once('error', reject);
+    })));
+    results.forEach((r, rank) => assert.ok(r.ok, `world ${world} rank ${rank}: ${r.error}`));
+    assert.ok(results.every((r) => (r.checked ?? 0) > 0));
+  }
+});
+
+test('expertd serve --expert-parallel 2 answers as one rank, counts all2all bytes, drains and exits 0', async () => {
+  const run = async (extra: string[]) => {
+    const d = await startDaemon(extra);
+    try {
+      const texts = await Promise.all(['The weather today', 'Once upon a time', 'Hello'].map((prompt) =>
+        d.client.completions.create({ model: 'expertd-demo', prompt, max_tokens: 8, temperature: 0 }).then((c) => c.choices[0]!.text)));
+      const metrics = await (await fetch(`${d.base}/metrics`)).text();
+      return { texts, metrics, exit: await stopDaemon(d) };
+    } catch (e) {
+      d.proc.kill('SIGKILL');
+      throw e;
+    }
+  };
+  const ep = await run(['--expert-parallel', '2']);
+  const one = await run([]);
+  assert.deepEqual(ep.texts, one.texts);
+  assert.equal(ep.exit, 0);
+  const bytes = /^expertd_all2all_bytes_total (\S+)$/m.exec(ep.metrics);
+  assert.ok(bytes && Number(bytes[1]) > 0, 'all2all bytes counted');
+  assert.match(one.metrics, /^expertd_all2all_bytes_total 0$/m);
+});

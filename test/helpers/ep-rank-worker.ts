@@ -1,0 +1,50 @@
+// A rank of the GroupExpertComm test (ep.test.ts): every rank routes rows of its own to every
+// expert (identity experts included), the owners "compute" y = x * (expert + 1), and each rank
+// checks that its rows came back, in place, as exactly that.
+import { isMainThread, parentPort, workerData } from 'node:worker_threads';
+
+import { loadNative } from '../../src/native/index.js';
+import { GroupExpertComm } from '../../src/moe/ep-comm.js';
+import { mulberry32 } from '../../src/engine/rng.js';
+
+// `node --test dist/test/` also loads this file in the main thread: there it does nothing.
+if (!isMainThread) run();
+
+function run(): void {
+  const { group, world, rank, E, Z, H, steps } = workerData as { group: string; world: number; rank: number; E: number; Z: number; H: number; steps: number };
+  const comm = new GroupExpertComm(loadNative().loopbackJoin(group, world, rank, 20_000), E);
+  const rand = mulberry32(1000 + rank);
+  let checked = 0;
+  try {
+    for (let step = 0; step < steps; step++) {
+      // Rank-dependent loads, some experts empty, this rank sometimes with no rows at all.
+      const counts = Array.from({ length: E + Z }, () => (rand() < 0.3 ? 0 : Math.floor(rand() * 4)));
+      if ((step + rank) % 3 === 2) counts.fill(0);
+      const offsets = new Int32Array(E + Z + 1);
+      counts.forEach((c, e) => { offsets[e + 1] = offsets[e]! + c; });
+      const rows = offsets[E + Z]!;
+      const xPerm = Float32Array.from({ length: rows * H }, (_, i) => rank * 1000 + step * 100 + i % 97 + 0.5);
+      const local = comm.dispatch(xPerm, offsets, H);
+      const [lo, hi] = comm.ownedExperts(E);
+      for (let e = 0; e < E; e++) if ((e < lo || e >= hi) && local.offsets[e + 1] !== local.offsets[e]) throw new Error(`rows for expert ${e} not owned`);
+      const yLocal = new Float32Array(local.x.length);
+      for (let e = 0; e < E + Z; e++)
+        for (let r = local.offsets[e]!; r < local.offsets[e + 1]!; r++)
+          for (let j = 0; j < H; j++) yLocal[r * H + j] = local.x[r * H + j]! * (e < E ? e + 1 : 1);
+      const yPerm = new Float32Array(rows * H).fill(NaN);
+      comm.combine(yLocal, yPerm, H);
+      for (let e = 0; e < E + Z; e++)
+        for (let r = offsets[e]!; r < offsets[e + 1]!; r++)
+          for (let j = 0; j < H; j++) {
+            const want = xPerm[r * H + j]! * (e < E ? e + 1 : 1);
+            if (yPerm[r * H + j] !== want) throw new Error(`step ${step} row ${r} (expert ${e}) col ${j}: ${yPerm[r * H + j]} != ${want}`);
+            checked++;
+          }
+    }
+    parentPort!.postMessage({ ok: true, checked });
+  } catch (e) {
+    parentPort!.postMessage({ ok: false, error: (e as Error).message });
+  } finally {
+    comm.dispose();
+  }
+}
