@@ -7,14 +7,12 @@ import { test } from 'node:test';
 
 import { loadNative } from '../src/native/index.js';
 import type { CudaAddon, CudaBuffer, CudaStream, NativeAddon } from '../src/native/types.js';
+import { needsCudaBuild, needsCudaDevice } from './helpers/cuda-skip.js';
 
 const native = loadNative();
-const caps = native.capabilities();
 const cu = native as NativeAddon & CudaAddon;
-const compiled = caps.cudaCompiled ? false : 'CUDA not compiled in (portable build)';
-const device = !caps.cudaCompiled
-  ? 'CUDA not compiled in (portable build)'
-  : caps.cudaDevices === 0 ? `no CUDA device (cudaDevices = ${caps.cudaDevices})` : false;
+const compiled = needsCudaBuild;
+const device = needsCudaDevice;
 
 // Not a CudaBuffer / CudaStream: any check that reaches them fails with its own message.
 const nb = {} as CudaBuffer;

@@ -14,9 +14,10 @@ import { EngineCore } from '../src/engine/engine-core.js';
 import type { EngineEvent } from '../src/engine/types.js';
 import { loadCudaModel, loadModel } from '../src/model/load.js';
 import { EpsPlanner } from '../src/moe/eps-planner.js';
-import { loadNative, packageRoot, type CudaAddon } from '../src/native/index.js';
+import { packageRoot, type CudaAddon } from '../src/native/index.js';
 import { createCudaEmulator, withLazyStreams } from './helpers/cuda-emu.js';
 import { DirectRunner, aloneAndBatched, argmax } from './helpers/model-runner.js';
+import { needsCudaDevice } from './helpers/cuda-skip.js';
 
 interface GoldenCase { prompt_ids: number[]; logits: number[][]; greedy: number[]; router: number[][][] }
 interface Golden { model_type: string; moe_layers: number[]; cases: GoldenCase[] }
@@ -24,7 +25,6 @@ interface Golden { model_type: string; moe_layers: number[]; cases: GoldenCase[]
 const fixturesDir = path.join(packageRoot(), 'test', 'fixtures');
 const fixtures = readdirSync(fixturesDir).filter((d) => existsSync(path.join(fixturesDir, d, 'golden.json'))).sort();
 
-const caps = loadNative().capabilities();
 const backends: { label: string; cuda: () => CudaAddon | undefined; skip: string | false }[] = [
   { label: 'emulator', cuda: () => createCudaEmulator(), skip: false },
   // Work on the model's streams held back until ordered: a missing event or sync reads stale data.
@@ -33,8 +33,7 @@ const backends: { label: string; cuda: () => CudaAddon | undefined; skip: string
   { label: 'emulator, lazy main stream', cuda: () => withLazyStreams(createCudaEmulator(), { lazyCount: 1 }), skip: false },
   {
     label: 'gpu', cuda: () => undefined,
-    skip: !caps.cudaCompiled ? 'CUDA not compiled in (portable build)'
-      : caps.cudaDevices === 0 ? `no CUDA device (cudaDevices = ${caps.cudaDevices})` : false,
+    skip: needsCudaDevice,
   },
 ];
 

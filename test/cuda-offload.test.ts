@@ -10,21 +10,20 @@ import path from 'node:path';
 import { test } from 'node:test';
 
 import { loadCudaModel } from '../src/model/load.js';
-import { loadNative, packageRoot, type CudaAddon } from '../src/native/index.js';
+import { packageRoot, type CudaAddon } from '../src/native/index.js';
 import { attachDeviceOffloader, type OffloadConfig } from '../src/offload/setup.js';
 import { readTrace } from '../src/offload/trace-file.js';
 import { createCudaEmulator, withLazyStreams } from './helpers/cuda-emu.js';
 import { runAll } from './helpers/model-runner.js';
+import { needsCudaDevice } from './helpers/cuda-skip.js';
 
-const caps = loadNative().capabilities();
 const backends: { label: string; cuda: () => CudaAddon | undefined; skip: string | false }[] = [
   { label: 'emulator', cuda: () => createCudaEmulator(), skip: false },
   // The copy stream's work held back until something orders it: a missing wait reads an unfilled slot.
   { label: 'emulator, lazy streams', cuda: () => withLazyStreams(createCudaEmulator()), skip: false },
   {
     label: 'gpu', cuda: () => undefined,
-    skip: !caps.cudaCompiled ? 'CUDA not compiled in (portable build)'
-      : caps.cudaDevices === 0 ? `no CUDA device (cudaDevices = ${caps.cudaDevices})` : false,
+    skip: needsCudaDevice,
   },
 ];
 

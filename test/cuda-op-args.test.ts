@@ -8,14 +8,12 @@ import { test } from 'node:test';
 import { loadNative } from '../src/native/index.js';
 import type { CudaAddon, CudaBuffer, NativeAddon } from '../src/native/types.js';
 import { createCudaEmulator } from './helpers/cuda-emu.js';
+import { needsCudaBuild, needsCudaDevice } from './helpers/cuda-skip.js';
 
 const native = loadNative();
-const caps = native.capabilities();
 const real = native as NativeAddon & CudaAddon;
-const compiled = caps.cudaCompiled ? false : 'CUDA not compiled in (portable build)';
-const device = !caps.cudaCompiled
-  ? 'CUDA not compiled in (portable build)'
-  : caps.cudaDevices === 0 ? `no CUDA device (cudaDevices = ${caps.cudaDevices})` : false;
+const compiled = needsCudaBuild;
+const device = needsCudaDevice;
 
 const nb = {} as CudaBuffer;  // not a CudaBuffer: any check that reaches it fails with its own message
 const typeErr = (message: string) => ({ name: 'TypeError', message, code: 'E_INVALID_ARG' });

@@ -6,13 +6,12 @@ import assert from 'node:assert/strict';
 import path from 'node:path';
 import { test } from 'node:test';
 
-import { loadNative, packageRoot } from '../src/native/index.js';
+import { packageRoot } from '../src/native/index.js';
 import { startDaemon, stopDaemon } from './helpers/daemon.js';
+import { needsCudaDevice } from './helpers/cuda-skip.js';
 
-const caps = loadNative().capabilities();
 const standIn = { EXPERTD_CUDA_STANDIN: path.join(packageRoot(), 'dist', 'test', 'helpers', 'cuda-emu.js') };
-const gpuSkip = !caps.cudaCompiled ? 'CUDA not compiled in (portable build)'
-  : caps.cudaDevices === 0 ? `no CUDA device (cudaDevices = ${caps.cudaDevices})` : false;
+const gpuSkip = needsCudaDevice;
 
 const cases: { fixture: string; extra: string[] }[] = [
   { fixture: 'longcat_flash', extra: [] },

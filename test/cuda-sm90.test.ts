@@ -9,14 +9,14 @@ import { loadNative } from '../src/native/index.js';
 import type { CudaAddon, CudaBuffer, NativeAddon } from '../src/native/types.js';
 import { mulberry32 } from '../src/engine/rng.js';
 import { createCudaEmulator } from './helpers/cuda-emu.js';
+import { needsCudaDevice } from './helpers/cuda-skip.js';
 
 const native = loadNative();
 const caps = native.capabilities();
 const cu = native as NativeAddon & CudaAddon;
 const full = caps.cudaCompiled ? false : 'CUDA not compiled in (portable build)';
 const cc = caps.cudaCompiled && caps.cudaDevices > 0 ? cu.cudaDeviceInfo(0).computeCapability : '';
-const skip = full
-  || (caps.cudaDevices === 0 ? `no CUDA device (cudaDevices = ${caps.cudaDevices})` : false)
+const skip = needsCudaDevice
   || (!cc.startsWith('9.') ? `compute capability ${cc}: the sm_90a kernel needs 9.x` : false)
   || (process.env.EXPERTD_DISABLE_SM90 ? 'EXPERTD_DISABLE_SM90 is set' : false);
 

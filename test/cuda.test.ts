@@ -12,13 +12,12 @@ import { loadNative, packageRoot } from '../src/native/index.js';
 import type { CudaAddon, CudaBuffer, NativeAddon } from '../src/native/types.js';
 import { mulberry32 } from '../src/engine/rng.js';
 import { createCudaEmulator } from './helpers/cuda-emu.js';
+import { needsCudaDevice } from './helpers/cuda-skip.js';
 
 const native = loadNative();
 const caps = native.capabilities();
 const cu = native as NativeAddon & CudaAddon;
-const skip = !caps.cudaCompiled
-  ? 'CUDA not compiled in (portable build)'
-  : caps.cudaDevices === 0 ? `no CUDA device (cudaDevices = ${caps.cudaDevices})` : false;
+const skip = needsCudaDevice;
 
 // ---------------------------------------------------------------------------------- helpers
 const rng = mulberry32;
