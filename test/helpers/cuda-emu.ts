@@ -1210,8 +1210,8 @@ export function withLazyStreams(cu: CudaAddon, opts: { lazyCount?: number } = {}
   // Only the first lazyCount streams created are held back; later ones run at once. With the model's
   // main stream lazy and its side stream eager, a side stream that starts before its fork reads
   // stale inputs; with both lazy, a join that is missing does.
+  // opts is read at each stream's creation: a test may lower lazyCount between creations.
   let created = 0;
-  const lazyCount = opts.lazyCount ?? Infinity;
   const queues = new Map<object, (() => void)[]>();
   const pinned = new WeakSet<ArrayBufferLike>();
   /** One record() of an event: done once the recording stream's work before it has run. */
@@ -1231,7 +1231,7 @@ export function withLazyStreams(cu: CudaAddon, opts: { lazyCount?: number } = {}
   class LazyStream extends Base {
     constructor(priority?: number) {
       super(priority);
-      if (created++ < lazyCount) queues.set(this, []);
+      if (created++ < (opts.lazyCount ?? Infinity)) queues.set(this, []);
     }
     override synchronize(): void { flush(this); super.synchronize(); }
     override query(): boolean { return (queues.get(this)?.length ?? 0) === 0; }
