@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on a lent GPU machine from the repo root with .gpu/ carried (see gpu-pack.sh):
 #   tests  the CUDA op tests (float64 references), the sm_90a path and the device engine on every
-#          fixture (test/cuda*.test.js), output in $OUT/cuda-tests.txt
+#          fixture (test/cuda*.test.js), output in $OUT/cuda-tests.txt; then the fidelity table
 #   bench  npm run bench -- kernels --device cuda against torch on the same GPU: $OUT/kernels-cuda.*
 #   serve  expertd serve --device cuda on the qwen2_moe fixture, one completion through HTTP
 #   sanitize  the CUDA op tests under compute-sanitizer (memcheck), output in $OUT/sanitize.txt
@@ -22,7 +22,8 @@ node -e "import('./dist/src/native/index.js').then(m => console.log(JSON.stringi
 case "$mode" in
   tests)
     tests=$(ls dist/test/cuda*.test.js)
-    node --test --test-concurrency=1 $tests 2>&1 | tee "$out/cuda-tests.txt" | grep -E '^# (tests|pass|fail|skipped)|^not ok|^ +not ok' ;;
+    node --test --test-concurrency=1 $tests 2>&1 | tee "$out/cuda-tests.txt" | grep -E '^# (tests|pass|fail|skipped)|^not ok|^ +not ok'
+    node dist/bench/index.js fidelity --gpu 2>&1 | tee "$out/fidelity.md" ;;
   bench)
     node dist/bench/index.js kernels --device cuda --python python3 --json "$out/kernels-cuda.json" \
       --plot "$out/kernels-cuda.png" 2>&1 | tee "$out/kernels-cuda.md" ;;
