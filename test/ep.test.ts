@@ -90,4 +90,7 @@ test('expertd serve --expert-parallel 2 answers as one rank, counts all2all byte
   const bytes = /^expertd_all2all_bytes_total (\S+)$/m.exec(ep.metrics);
   assert.ok(bytes && Number(bytes[1]) > 0, 'all2all bytes counted');
   assert.match(one.metrics, /^expertd_all2all_bytes_total 0$/m);
+  // Rank 0 computes its own experts between dispatch and combine: some of the window is busy.
+  const overlap = /^expertd_comm_overlap_ratio (\S+)$/m.exec(ep.metrics);
+  assert.ok(overlap && Number(overlap[1]) > 0 && Number(overlap[1]) <= 1, `overlap ratio ${overlap?.[1]}`);
 });

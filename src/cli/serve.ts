@@ -60,7 +60,10 @@ export function wireEngineMetrics(engine: EngineClient, metrics: Metrics): void 
     else metrics.recordDecodeTime(sec);
     s.expertTokens?.forEach((counts, layer) => metrics.recordExpertTokens(layer, counts));
     for (const [kernel, layers] of Object.entries(s.kernelChoices ?? {})) metrics.recordKernelChoice(kernel, layers);
-    if (s.all2all) metrics.recordAll2all(s.all2all.bytes, s.all2all.seconds);
+    if (s.all2all) {
+      metrics.recordAll2all(s.all2all.bytes, s.all2all.seconds);
+      if (s.all2all.overlap !== null) metrics.setCommOverlap(s.all2all.overlap);
+    }
   });
 }
 

@@ -50,7 +50,7 @@ export interface StepMetrics {
   /** Time each request first scheduled in this step waited since it reached the engine (ms). */
   queueTimesMs?: number[];
   /** Expert parallelism: all2all bytes sent and seconds spent this step. */
-  all2all?: { bytes: number; seconds: number };
+  all2all?: { bytes: number; seconds: number; overlap: number | null };
   /** MoE layers per expert kernel this step (EPS-MoE choice). */
   kernelChoices?: Record<string, number>;
   /** Expert cache activity this step (offloading on). */

@@ -69,6 +69,6 @@ export interface ForwardModel<C = unknown> {
   /** Kernel choices of the last step: kernel -> MoE layers that used it. */
   kernelChoices(): Record<string, number>;
   /** Expert parallelism: all2all bytes sent and seconds spent since the last call. */
-  takeCommDelta?(): { bytes: number; seconds: number } | null;
+  takeCommDelta?(): { bytes: number; seconds: number; overlap: number | null } | null;
   dispose(): void;
 }

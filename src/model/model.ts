@@ -169,7 +169,7 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
     }));
   }
 
-  takeCommDelta(): { bytes: number; seconds: number } | null {
+  takeCommDelta(): { bytes: number; seconds: number; overlap: number | null } | null {
     return this.comm.takeDelta?.() ?? null;
   }
 

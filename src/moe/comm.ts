@@ -16,8 +16,11 @@ export interface ExpertComm {
   combine(yLocal: Float32Array, yPerm: Float32Array, hidden: number): void;
   /** Called at the start of every forward step (expert ranks serve one step per call). */
   beginStep?(): void;
-  /** All2all bytes sent and seconds spent since the last call (for the metrics). */
-  takeDelta?(): { bytes: number; seconds: number };
+  /**
+   * All2all bytes sent and seconds spent since the last call, and the overlap ratio of that
+   * interval (the share of dispatch-to-combine time spent computing, not waiting; null: no MoE).
+   */
+  takeDelta?(): { bytes: number; seconds: number; overlap: number | null };
 }
 
 export class SingleRankComm implements ExpertComm {

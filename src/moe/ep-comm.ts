@@ -22,6 +22,8 @@ interface Pending {
   /** Sender side: offsets [ET+1] of the caller's permutation, and ET. */
   offsets: Int32Array;
   received: number;
+  /** When the dispatch returned (ms): from here the other ranks compute while this one goes on. */
+  dispatchedAt: number;
 }
 
 export class GroupExpertComm implements ExpertComm {
@@ -31,7 +33,13 @@ export class GroupExpertComm implements ExpertComm {
   /** Bytes and seconds spent in all2all (for the metrics). */
   bytesSent = 0;
   seconds = 0;
-  private reported = { bytes: 0, seconds: 0 };
+  /**
+   * Overlap: of the time from each dispatch's return to its combine's return, the part this rank
+   * spent computing (its own experts; ScMoE's dense sub-blocks) rather than blocked in the combine.
+   */
+  busyMs = 0;
+  windowMs = 0;
+  private reported = { bytes: 0, seconds: 0, busyMs: 0, windowMs: 0 };
 
   /**
    * control (rank 0 only): [steps started, stop] shared with the expert ranks, which serve one
@@ -102,8 +110,9 @@ export class GroupExpertComm implements ExpertComm {
     local[E] = row;
     x.set(xPerm.subarray(offsets[E]! * hidden, offsets[ET]! * hidden), row * hidden);
     for (let e = E; e < ET; e++) local[e + 1] = local[e]! + offsets[e + 1]! - offsets[e]!;
-    this.pending.push({ fromRank, counts, offsets: Int32Array.from(offsets), received });
-    this.seconds += (performance.now() - t0) / 1000;
+    const now = performance.now();
+    this.pending.push({ fromRank, counts, offsets: Int32Array.from(offsets), received, dispatchedAt: now });
+    this.seconds += (now - t0) / 1000;
     return { x, offsets: local };
   }
 
@@ -138,12 +147,20 @@ export class GroupExpertComm implements ExpertComm {
     // This rank's identity rows, computed locally.
     const idFrom = p.received * hidden;
     yPerm.set(yLocal.subarray(idFrom, idFrom + (p.offsets[ET]! - p.offsets[E]!) * hidden), p.offsets[E]! * hidden);
-    this.seconds += (performance.now() - t0) / 1000;
+    const now = performance.now();
+    this.seconds += (now - t0) / 1000;
+    this.busyMs += t0 - p.dispatchedAt;
+    this.windowMs += now - p.dispatchedAt;
   }
 
-  takeDelta(): { bytes: number; seconds: number } {
-    const d = { bytes: this.bytesSent - this.reported.bytes, seconds: this.seconds - this.reported.seconds };
-    this.reported = { bytes: this.bytesSent, seconds: this.seconds };
+  takeDelta(): { bytes: number; seconds: number; overlap: number | null } {
+    const r = this.reported;
+    const window = this.windowMs - r.windowMs;
+    const d = {
+      bytes: this.bytesSent - r.bytes, seconds: this.seconds - r.seconds,
+      overlap: window > 0 ? (this.busyMs - r.busyMs) / window : null,
+    };
+    this.reported = { bytes: this.bytesSent, seconds: this.seconds, busyMs: this.busyMs, windowMs: this.windowMs };
     return d;
   }
 
