@@ -440,6 +440,28 @@ function deviceSuite(label: string, cu: CudaAddon, skip: string | false) {
     });
   }
 
+  /**
+   * Runs cudaPermute and checks it against the stable reference (by expert, then token, then slot;
+   * ids outside 0..E-1 get no row and permIndex -1). Returns the reference and the device outputs.
+   */
+  function checkPermute(x: Float32Array, ids: Int32Array, T: number, h: number, k: number, E: number, dtype: 'f32' | 'bf16') {
+    const ok = (p: number) => ids[p]! >= 0 && ids[p]! < E;
+    const offsets = new Int32Array(E + 1);
+    for (let p = 0; p < T * k; p++) if (ok(p)) offsets[ids[p]! + 1]!++;
+    for (let e = 0; e < E; e++) offsets[e + 1]! += offsets[e]!;
+    const cursor = offsets.slice(0, E), perm = new Int32Array(T * k);
+    for (let p = 0; p < T * k; p++) perm[p] = ok(p) ? cursor[ids[p]!]!++ : -1;
+    const xp = poisoned(T * k * h, dtype === 'f32' ? 4 : 2), pidx = poisoned(T * k), offs = poisoned(E + 1);
+    cu.cudaPermute(upload(x), T, h, upload(ids), k, E, xp, pidx, offs, dtype);
+    assert.deepEqual(i32Of(offs, E + 1), offsets);
+    assert.deepEqual(i32Of(pidx, T * k), perm);
+    const got = dtype === 'f32' ? f32Of(xp, T * k * h) : bf16Of(xp, T * k * h);
+    const xr = dtype === 'f32' ? x : bf16Round(x);
+    for (let p = 0; p < T * k; p++)
+      if (ok(p)) assert.deepEqual(got.subarray(perm[p]! * h, perm[p]! * h + h), xr.subarray(Math.floor(p / k) * h, Math.floor(p / k) * h + h));
+    return { perm, pidx, got, offsets };
+  }
+
   for (const c of [{ T: 1, h: 64, k: 8, E: 64 }, { T: 333, h: 96, k: 2, E: 8 }, { T: 700, h: 40, k: 6, E: 160 }]) {
     for (const dtype of ['f32', 'bf16'] as const) {
       test(`${label}: cudaPermute/UnpermuteCombine T=${c.T} h=${c.h} k=${c.k} E=${c.E} ${dtype}`, { skip }, () => {
@@ -450,20 +472,7 @@ function deviceSuite(label: string, cu: CudaAddon, skip: string | false) {
           const pool = Array.from({ length: E }, (_, i) => i);
           for (let j = 0; j < k; j++) ids[t * k + j] = pool.splice(Math.floor(rand() * Math.min(pool.length, 1 + (t % 7))), 1)[0]!;
         }
-        // Stable reference: by expert, then token, then slot.
-        const offsets = new Int32Array(E + 1);
-        for (const e of ids) offsets[e + 1]!++;
-        for (let e = 0; e < E; e++) offsets[e + 1]! += offsets[e]!;
-        const cursor = offsets.slice(0, E), perm = new Int32Array(T * k);
-        for (let p = 0; p < T * k; p++) perm[p] = cursor[ids[p]!]!++;
-        const xp = poisoned(T * k * h, dtype === 'f32' ? 4 : 2), pidx = poisoned(T * k), offs = poisoned(E + 1);
-        cu.cudaPermute(upload(x), T, h, upload(ids), k, E, xp, pidx, offs, dtype);
-        assert.deepEqual(i32Of(offs, E + 1), offsets);
-        assert.deepEqual(i32Of(pidx, T * k), perm);
-        const got = dtype === 'f32' ? f32Of(xp, T * k * h) : bf16Of(xp, T * k * h);
-        const xr = dtype === 'f32' ? x : bf16Round(x);
-        for (let p = 0; p < T * k; p++)
-          assert.deepEqual(got.subarray(perm[p]! * h, perm[p]! * h + h), xr.subarray(Math.floor(p / k) * h, Math.floor(p / k) * h + h));
+        const { perm, pidx } = checkPermute(x, ids, T, h, k, E, dtype);
         // Combine: out = base + sum_j w * yPerm[perm]
         const yPerm = uniform(T * k * h), w = uniform(T * k, 0, 1), base = uniform(T * h);
         const out = upload(base);
@@ -489,20 +498,7 @@ function deviceSuite(label: string, cu: CudaAddon, skip: string | false) {
       for (const [p, bad] of [[0, -1], [4, E], [10, E + 100], [11, 2 ** 31 - 1], [20, -(2 ** 31)], [21, 7], [22, -5], [23, E]] as [number, number][])
         ids[p] = bad;  // token 7 (positions 21..23) has no valid slot at all
       const ok = (p: number) => ids[p]! >= 0 && ids[p]! < E;
-      const offsets = new Int32Array(E + 1);
-      for (let p = 0; p < T * k; p++) if (ok(p)) offsets[ids[p]! + 1]!++;
-      for (let e = 0; e < E; e++) offsets[e + 1]! += offsets[e]!;
-      const cursor = offsets.slice(0, E), perm = new Int32Array(T * k);
-      for (let p = 0; p < T * k; p++) perm[p] = ok(p) ? cursor[ids[p]!]!++ : -1;
-      const x = uniform(T * h);
-      const xp = poisoned(T * k * h, dtype === 'f32' ? 4 : 2), pidx = poisoned(T * k), offs = poisoned(E + 1);
-      cu.cudaPermute(upload(x), T, h, upload(ids), k, E, xp, pidx, offs, dtype);
-      assert.deepEqual(i32Of(offs, E + 1), offsets);
-      assert.deepEqual(i32Of(pidx, T * k), perm);
-      const got = dtype === 'f32' ? f32Of(xp, T * k * h) : bf16Of(xp, T * k * h);
-      const xr = dtype === 'f32' ? x : bf16Round(x);
-      for (let p = 0; p < T * k; p++)
-        if (ok(p)) assert.deepEqual(got.subarray(perm[p]! * h, perm[p]! * h + h), xr.subarray(Math.floor(p / k) * h, Math.floor(p / k) * h + h));
+      const { perm, pidx, got, offsets } = checkPermute(uniform(T * h), ids, T, h, k, E, dtype);
       assert.ok(got.subarray(offsets[E]! * h).every(Number.isNaN), 'rows from offsets[e] on stay unwritten');
       // Combine over the valid slots only (yPerm's rows past offsets[e] hold garbage on purpose).
       const yPerm = uniform(T * k * h), w = uniform(T * k, 0, 1), base = uniform(T * h);
