@@ -27,8 +27,15 @@ test('the emulator reports one healthy device without cuBLASLt or NCCL', () => {
   assert.equal(cu.cudaDeviceInfo(0).computeCapability, '9.0');
   assert.throws(() => cu.cudaDeviceInfo(1), { name: 'RangeError', message: 'device is 1, expected 0..0' });
   assert.throws(() => cu.cudaSetDevice(1), coded('E_CUDA'));
-  assert.throws(() => cu.cudaNcclUniqueId(), { code: 'E_UNSUPPORTED', message: 'NCCL is not emulated' });
-  assert.throws(() => cu.cudaNcclJoin(new Uint8Array(128), 1, 0), coded('E_UNSUPPORTED'));
+  // NCCL is the loopback group: a world of one sends to itself.
+  const g = cu.cudaNcclJoin(cu.cudaNcclUniqueId(), 1, 0);
+  const src = upload(cu, Uint16Array.from({ length: 32 }, (_, i) => i * 3 + 1)), dst = cu.cudaBuffer(64);
+  g.all2allv(src, Float64Array.of(64), dst, Float64Array.of(64));
+  const back = new Uint16Array(32);
+  cu.cudaCopyToHost(back, dst, 0);
+  assert.deepEqual(Array.from(back), Array.from({ length: 32 }, (_, i) => i * 3 + 1));
+  g.dispose();
+  assert.throws(() => cu.cudaNcclJoin(new Uint8Array(12), 1, 0), { name: 'RangeError', message: 'uniqueId.length is 12, expected 128' });
   const x = upload(cu, new Uint16Array(64)), y = cu.cudaBuffer(4 * 8 * 8);
   assert.equal(cu.cudaDenseGemm(x, 4, upload(cu, new Uint16Array(64)), 8, 8, y, null, false, 'auto'), 'kernel');
   assert.throws(() => cu.cudaDenseGemm(x, 4, x, 8, 8, y, null, false, 'cublaslt'), coded('E_CUDA'));

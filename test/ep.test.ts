@@ -7,10 +7,11 @@ import path from 'node:path';
 import { test } from 'node:test';
 import { Worker } from 'node:worker_threads';
 
-import { loadModel } from '../src/model/load.js';
+import { loadCudaModel, loadModel } from '../src/model/load.js';
 import { expertSlice } from '../src/moe/ep-comm.js';
-import { startExpertRanks } from '../src/moe/expert-ranks.js';
+import { startDeviceExpertRanks, startExpertRanks } from '../src/moe/expert-ranks.js';
 import { packageRoot } from '../src/native/index.js';
+import { createCudaEmulator } from './helpers/cuda-emu.js';
 import { startDaemon, stopDaemon } from './helpers/daemon.js';
 import { runAll } from './helpers/model-runner.js';
 
@@ -55,17 +56,18 @@ test('an expert rank that cannot load fails startup with its reason', async () =
   assert.throws(() => startExpertRanks(path.join(packageRoot(), 'test', 'fixtures', 'mixtral'), 1, false), /expected an integer >= 2/);
 });
 
-test('GroupExpertComm: every rank routing rows to every expert gets each row back in place (2-4 ranks, identity experts)', async () => {
-  for (const world of [2, 3, 4]) {
-    const group = `ep-comm-test-${process.pid}-${world}`;
+test('GroupExpertComm and DeviceExpertComm: every rank routing rows to every expert gets each row back in place (2-4 ranks)', async () => {
+  for (const [world, device] of [[2, false], [3, false], [4, false], [2, true], [3, true]] as [number, boolean][]) {
+    const group = `ep-comm-test-${process.pid}-${world}-${device}`;
+    const ncclId = device ? createCudaEmulator().cudaNcclUniqueId() : undefined;
     const results = await Promise.all(Array.from({ length: world }, (_, rank) => new Promise<{ ok: boolean; checked?: number; error?: string }>((resolve, reject) => {
       const w = new Worker(new URL('./helpers/ep-rank-worker.js', import.meta.url), {
-        workerData: { group, world, rank, E: 7, Z: 2, H: 5, steps: 6 },
+        workerData: { group, world, rank, E: 7, Z: device ? 0 : 2, H: device ? 8 : 5, steps: 6, ...(ncclId ? { ncclId } : {}) },
       });
       w.once('message', resolve);
       w.once('error', reject);
     })));
-    results.forEach((r, rank) => assert.ok(r.ok, `world ${world} rank ${rank}: ${r.error}`));
+    results.forEach((r, rank) => assert.ok(r.ok, `world ${world}${device ? ' (device)' : ''} rank ${rank}: ${r.error}`));
     assert.ok(results.every((r) => (r.checked ?? 0) > 0));
   }
 });
@@ -94,3 +96,28 @@ test('expertd serve --expert-parallel 2 answers as one rank, counts all2all byte
   const overlap = /^expertd_comm_overlap_ratio (\S+)$/m.exec(ep.metrics);
   assert.ok(overlap && Number(overlap[1]) > 0 && Number(overlap[1]) <= 1, `overlap ratio ${overlap?.[1]}`);
 });
+
+for (const name of ['qwen2_moe', 'longcat_flash']) {
+  test(`${name} on devices (emulated, NCCL as loopback): 2 expert ranks equal one device, bit for bit`, async () => {
+    const dir = path.join(packageRoot(), 'test', 'fixtures', name);
+    const single = loadCudaModel(dir, { device: 0, cuda: createCudaEmulator() });
+    const want = runAll(single.model, null);
+    single.model.dispose();
+    const cuda = createCudaEmulator();
+    const ranks = startDeviceExpertRanks(dir, 2, cuda, path.join(packageRoot(), 'dist', 'test', 'helpers', 'cuda-emu.js'), 60_000);
+    try {
+      await ranks.ready;
+      const loaded = loadCudaModel(dir, { device: 0, cuda, ep: ranks.comm });
+      try {
+        const got = runAll(loaded.model, null);
+        assert.deepEqual(got.tokens, want.tokens, `${name}: greedy tokens`);
+        got.logits.forEach((l, i) => assert.deepEqual(l, want.logits[i], `${name}: logits of step ${i}`));
+        assert.ok(ranks.comm.bytesSent > 0, 'rows went to the other rank');
+      } finally {
+        loaded.model.dispose();
+      }
+    } finally {
+      await ranks.stop();
+    }
+  });
+}

@@ -6,6 +6,7 @@ import { loadNative, type CudaAddon, type CudaBuffer, type CudaEvent, type CudaE
 import { CudaGqaAttention, CudaMlaAttention, type DeviceAttentionBlock, type DeviceLayerCache, type DeviceStep } from './cuda-attention.js';
 import { BF16, Device, F32, I32, type DeviceWeight } from './device.js';
 import { cachedCostTable, EpsPlanner, type CostTable, type ExpertKernel } from '../moe/eps-planner.js';
+import type { DeviceExpertComm } from '../moe/device-ep.js';
 import type { MoeHooks } from '../moe/moe-layer.js';
 import { mulberry32 } from '../engine/rng.js';
 import type { ForwardBatch, ForwardModel, ForwardResult } from './forward-batch.js';
@@ -21,6 +22,8 @@ export interface CudaModelOptions {
   cuda?: CudaAddon;
   /** false: routed experts are left out of the tables (the device expert cache fills them). */
   loadExperts?: boolean;
+  /** Expert parallelism: the comm to the other ranks; only this rank's slice of experts is loaded. */
+  ep?: DeviceExpertComm;
 }
 
 /** A gated FFN (dense layer, shared experts) as a one-expert GroupGemm table. */
@@ -67,6 +70,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
   /** MoE layers per expert kernel in the last step. */
   private readonly choices = new Map<ExpertKernel, number>();
   private readonly loadExperts: boolean;
+  private readonly ep: DeviceExpertComm | null;
   private disposed = false;
   /** ScMoE fork and join between the main and the side stream (re-recorded per layer). */
   private forked: CudaEvent;
@@ -88,6 +92,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     this.device = `cuda:${opts.device}`;
     this.k = spec.moe.router.topK;
     this.loadExperts = opts.loadExperts ?? true;
+    this.ep = opts.ep ?? null;
     const H = spec.hidden;
     const dev = this.dev;
     try {
@@ -174,7 +179,8 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     const t = moeTensors(spec, src, layerPrefix);
     const experts = this.table(m.numExperts, m.intermediate);
     const expertWeights: DeviceMoe['expertWeights'] = [];
-    for (let e = 0; e < m.numExperts && this.loadExperts; e++) {
+    const [lo, hi] = this.ep ? this.ep.owned : [0, m.numExperts];
+    for (let e = lo; e < hi && this.loadExperts; e++) {
       const w = this.upload(t.expert(e), `${t.prefix}experts.${e}`, m.intermediate);
       experts.set(e, w.gateUp, w.down);
       expertWeights.push(w);
@@ -197,11 +203,13 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
    * expected load (T*k rows over min(E, T*k) experts: no device sync to decide).
    */
   setExpertKernel(mode: 'auto' | 'group' | 'dense'): void {
+    if (mode === 'dense' && this.ep)
+      throw new RangeError('--expert-kernel dense is not available with expert parallelism on the device');
     if (mode === 'dense' && !this.loadExperts)
       throw new RangeError('--expert-kernel dense needs every expert resident on the device (no expert offloading)');
     this.planner = null;
     this.expertKernel = mode === 'dense' ? 'dense' : 'group';
-    if (mode !== 'auto' || !this.loadExperts || this.numMoeLayers === 0) return;
+    if (mode !== 'auto' || !this.loadExperts || this.ep || this.numMoeLayers === 0) return;
     const { spec } = this;
     const name = this.cu.cudaDeviceInfo(this.dev.index).name;
     const key = `cuda|${name}|E${spec.moe.numExperts}|H${spec.hidden}|I${spec.moe.intermediate}|bf16`;
@@ -303,6 +311,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     const k = this.k;
     const L = this.numMoeLayers;
     this.choices.clear();
+    this.ep?.beginStep();
 
     // The step's integers in one copy: [tokens T | positions T | slots T | seqInfo 3S |
     // blockTables S*maxBlocks | logitRows R | dense offsets 2].
@@ -443,7 +452,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     if (Z === 0) {
       const xPerm = scratch.get('moe.xperm.bf16', rows * H * BF16);
       cu.cudaPermute(x, T, H, ids, k, ET, xPerm, permIndex, offsets, 'bf16', st);
-      this.experts(m, xPerm, offsets, rows, hs, yPerm, st, kernel);
+      this.expertsOrRemote(m, xPerm, offsets, rows, hs, yPerm, st, kernel, ET);
     } else {
       // Identity experts return weight * x exactly: permute in f32, feed the GEMM a bf16 copy and
       // copy the identity rows (after the real experts' rows) through unrounded.
@@ -451,7 +460,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
       const xPerm = scratch.get('moe.xperm.bf16', rows * H * BF16);
       cu.cudaPermute(x, T, H, ids, k, ET, xPermF, permIndex, offsets, 'f32', st);
       cu.cudaConvert(xPermF, 'f32', xPerm, 'bf16', rows * H, st);
-      this.experts(m, xPerm, offsets, rows, hs, yPerm, st, kernel);
+      this.expertsOrRemote(m, xPerm, offsets, rows, hs, yPerm, st, kernel, ET);
       cu.cudaCopyRowRange(yPerm, xPermF, offsets, E, ET, H * F32, rows, st);
     }
     cu.cudaUnpermuteCombine(yPerm, permIndex, weights, T, k, H, out, false, st);
@@ -466,6 +475,45 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
         cu.cudaAdd(out, y, T * H, st);
       }
     }
+  }
+
+  /**
+   * The experts' part of a MoE layer: here, or with expert parallelism dispatched to the ranks
+   * owning them (this rank computes the rows routed to its own slice, from every rank).
+   */
+  private expertsOrRemote(m: DeviceMoe, xPerm: CudaBuffer, offsets: CudaBuffer, rows: number, hs: CudaBuffer,
+                          yPerm: CudaBuffer, st: CudaStream | null, kernel: ExpertKernel, ET: number): void {
+    const ep = this.ep;
+    if (!ep) {
+      this.experts(m, xPerm, offsets, rows, hs, yPerm, st, kernel);
+      return;
+    }
+    const host = new Int32Array(ET + 1);
+    this.cu.cudaCopyToHost(host, offsets.view(0, (ET + 1) * I32), 0, st);
+    this.remoteExperts(m, xPerm, host, yPerm, st);
+  }
+
+  /** Dispatch -> this rank's GroupGemm over its slice -> combine into yPerm rows [0, offsets[E]). */
+  private remoteExperts(m: DeviceMoe, xPerm: CudaBuffer, hostOffsets: Int32Array, yPerm: CudaBuffer,
+                        st: CudaStream | null): void {
+    const { cu, dev, spec } = this;
+    const ep = this.ep!;
+    const H = spec.hidden, E = spec.moe.numExperts;
+    const get = (name: string, bytes: number) => dev.scratch.get(name, bytes);
+    const local = ep.dispatch(xPerm, hostOffsets, H, st, get);
+    const offs = get('ep.local.offsets', (E + 1) * I32);
+    cu.cudaCopyToDevice(offs, 0, local.offsets, st);
+    const yLocal = get('ep.ylocal', local.rows * H * F32);
+    const hs = get('ep.h', local.rows * spec.moe.intermediate * BF16);
+    cu.cudaGroupGemmFfn(local.x, offs, m.experts, local.rows, hs, yLocal, null, st);
+    ep.combine(yLocal, yPerm, H, st, get);
+  }
+
+  /** An expert rank's step (expert parallelism): every MoE layer's remote part, in order. */
+  serveExperts(): void {
+    const ET = this.spec.moe.numExperts + (this.spec.moe.zeroExperts ?? 0);
+    const none = this.dev.scratch.get('ep.none', 16);
+    for (const l of this.layers) if (l.moe) this.remoteExperts(l.moe, none, new Int32Array(ET + 1), none, this.dev.main);
   }
 
   /** The EPS choice for a layer of `rows` routed rows (the expected load: no device sync). */

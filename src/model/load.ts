@@ -4,6 +4,7 @@ import path from 'node:path';
 
 import { loadNative, type CudaAddon } from '../native/index.js';
 import { parseModelConfig, validateCheckpoint, type CheckpointReport } from './config.js';
+import type { DeviceExpertComm } from '../moe/device-ep.js';
 import { CudaModel } from './cuda-model.js';
 import type { ForwardModel } from './forward-batch.js';
 import { MoeModel, type ModelOptions } from './model.js';
@@ -76,12 +77,13 @@ export function loadModel(dir: string, opts: ModelOptions & { onProgress?: (p: L
  * mapped file). `cuda` replaces the addon's op surface (tests run the device model on a stand-in).
  */
 export function loadCudaModel(dir: string, opts: { device: number; cuda?: CudaAddon; loadExperts?: boolean;
-    onProgress?: (p: LoadProgress) => void }): LoadedModel<CudaModel> {
+    ep?: DeviceExpertComm; onProgress?: (p: LoadProgress) => void }): LoadedModel<CudaModel> {
   const t0 = performance.now();
   const { spec, checkpoint, report } = openValidated(dir);
   const model = new CudaModel(spec, new CheckpointSource(checkpoint, opts.onProgress), {
     device: opts.device, ...(opts.cuda ? { cuda: opts.cuda } : {}),
     ...(opts.loadExperts !== undefined ? { loadExperts: opts.loadExperts } : {}),
+    ...(opts.ep ? { ep: opts.ep } : {}),
   });
   return { spec, model, checkpoint, report, loadMs: performance.now() - t0 };
 }

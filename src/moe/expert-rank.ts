@@ -2,11 +2,13 @@
 // with only its slice of the routed experts, joins the loopback group, then serves one step's MoE
 // layers each time rank 0 starts a forward, until rank 0 says stop (or the group breaks).
 import path from 'node:path';
+import { pathToFileURL } from 'node:url';
 import { parentPort, workerData } from 'node:worker_threads';
 
 import { parseModelConfig } from '../model/config.js';
-import { loadModel } from '../model/load.js';
-import { loadNative } from '../native/index.js';
+import { loadCudaModel, loadModel } from '../model/load.js';
+import { loadNative, type CudaAddon } from '../native/index.js';
+import { DeviceExpertComm } from './device-ep.js';
 import { expertSlice, GroupExpertComm } from './ep-comm.js';
 
 export interface ExpertRankData {
@@ -18,16 +20,19 @@ export interface ExpertRankData {
   /** [steps started, stop], shared with rank 0. */
   control: Int32Array;
   joinTimeoutMs: number;
+  /**
+   * Device ranks: each rank on CUDA device `rank` (or on a stand-in module's emulator, tests), the
+   * all2all over NCCL with this unique id.
+   */
+  device?: { ncclId: Uint8Array; standIn?: string };
 }
 
 const d = workerData as ExpertRankData;
 const port = parentPort!;
-let comm: GroupExpertComm | null = null;
-try {
-  const spec = parseModelConfig(path.resolve(d.modelDir));
-  const [lo, hi] = expertSlice(spec.moe.numExperts, d.worldSize, d.rank);
-  comm = new GroupExpertComm(loadNative().loopbackJoin(d.group, d.worldSize, d.rank, d.joinTimeoutMs), spec.moe.numExperts);
-  const loaded = loadModel(d.modelDir, { fast: d.fast, comm, loadExpert: (_layer, e) => e >= lo && e < hi });
+let comm: { dispose(): void } | null = null;
+
+/** Waits for rank 0's steps and serves each one, until rank 0 says stop. */
+function serve(step: () => void): void {
   port.postMessage({ type: 'ready' });
   let served = 0;
   for (;;) {
@@ -36,14 +41,35 @@ try {
     if (Atomics.load(d.control, 1)) break;
     const started = Atomics.load(d.control, 0);
     while (served < started) {
-      loaded.model.serveExperts();
+      step();
       served++;
     }
   }
-  loaded.model.dispose();
-  port.postMessage({ type: 'stopped' });
-} catch (e) {
-  port.postMessage({ type: 'error', message: (e as Error).message });
-} finally {
-  comm?.dispose();
 }
+
+async function main(): Promise<void> {
+  const spec = parseModelConfig(path.resolve(d.modelDir));
+  if (d.device) {
+    const cu = d.device.standIn
+      ? (await import(pathToFileURL(path.resolve(d.device.standIn)).href) as { createCudaEmulator(): CudaAddon }).createCudaEmulator()
+      : loadNative() as unknown as CudaAddon;
+    if (!d.device.standIn) cu.cudaSetDevice(d.rank);
+    const ep = new DeviceExpertComm(cu, cu.cudaNcclJoin(d.device.ncclId, d.worldSize, d.rank), spec.moe.numExperts);
+    comm = ep;
+    const loaded = loadCudaModel(d.modelDir, { device: d.device.standIn ? 0 : d.rank, cuda: cu, ep });
+    serve(() => loaded.model.serveExperts());
+    loaded.model.dispose();
+  } else {
+    const [lo, hi] = expertSlice(spec.moe.numExperts, d.worldSize, d.rank);
+    const ep = new GroupExpertComm(loadNative().loopbackJoin(d.group, d.worldSize, d.rank, d.joinTimeoutMs), spec.moe.numExperts);
+    comm = ep;
+    const loaded = loadModel(d.modelDir, { fast: d.fast, comm: ep, loadExpert: (_layer, e) => e >= lo && e < hi });
+    serve(() => loaded.model.serveExperts());
+    loaded.model.dispose();
+  }
+  port.postMessage({ type: 'stopped' });
+}
+
+main().catch((e: unknown) => {
+  port.postMessage({ type: 'error', message: (e as Error).message });
+}).finally(() => comm?.dispose());

@@ -6,12 +6,13 @@ import path from 'node:path';
 import { Worker } from 'node:worker_threads';
 
 import { parseModelConfig } from '../model/config.js';
-import { loadNative } from '../native/index.js';
+import { loadNative, type CudaAddon } from '../native/index.js';
+import { DeviceExpertComm } from './device-ep.js';
 import { expertSlice, GroupExpertComm } from './ep-comm.js';
 import type { ExpertRankData } from './expert-rank.js';
 
-export interface ExpertRanks {
-  comm: GroupExpertComm;
+export interface ExpertRanks<C extends { dispose(): void } = GroupExpertComm> {
+  comm: C;
   /** Experts [first, last) rank 0 keeps (load only these). */
   owned: [number, number];
   /** Resolves when every expert rank has loaded its experts; rejects if one fails. */
@@ -24,16 +25,34 @@ export interface ExpertRanks {
 let groupSeq = 0;
 
 export function startExpertRanks(modelDir: string, worldSize: number, fast: boolean, joinTimeoutMs = 600_000): ExpertRanks {
+  const group = `expertd-ep-${process.pid}-${Date.now()}-${groupSeq++}`;
+  return launch(modelDir, worldSize, { group, fast, joinTimeoutMs }, (control, E) =>
+    new GroupExpertComm(loadNative().loopbackJoin(group, worldSize, 0, joinTimeoutMs), E, control));
+}
+
+/**
+ * Expert parallelism over CUDA devices in one process: rank r on device r (or, with `standIn`, each
+ * rank on its own emulator of the cuda* ops, tests), the all2all over NCCL.
+ */
+export function startDeviceExpertRanks(modelDir: string, worldSize: number, cuda: CudaAddon, standIn?: string,
+                                       joinTimeoutMs = 600_000): ExpertRanks<DeviceExpertComm> {
+  const ncclId = cuda.cudaNcclUniqueId();
+  return launch(modelDir, worldSize, { group: '', fast: true, joinTimeoutMs, device: { ncclId, ...(standIn ? { standIn } : {}) } },
+    (control, E) => new DeviceExpertComm(cuda, cuda.cudaNcclJoin(ncclId, worldSize, 0), E, control));
+}
+
+function launch<C extends { dispose(): void }>(modelDir: string, worldSize: number,
+    base: Pick<ExpertRankData, 'group' | 'fast' | 'joinTimeoutMs' | 'device'>,
+    join: (control: Int32Array, numExperts: number) => C): ExpertRanks<C> {
   if (!Number.isInteger(worldSize) || worldSize < 2) throw new RangeError(`worldSize is ${worldSize}, expected an integer >= 2`);
   const spec = parseModelConfig(path.resolve(modelDir));
   const E = spec.moe.numExperts;
   if (worldSize > E) throw new RangeError(`--expert-parallel ${worldSize}: the model has only ${E} routed experts`);
-  const group = `expertd-ep-${process.pid}-${Date.now()}-${groupSeq++}`;
   const control = new Int32Array(new SharedArrayBuffer(8));
   const exits: Promise<void>[] = [];
   let stopping = false;
-  const ranks: ExpertRanks = {
-    comm: null as unknown as GroupExpertComm, owned: expertSlice(E, worldSize, 0), ready: Promise.resolve(),
+  const ranks: ExpertRanks<C> = {
+    comm: null as unknown as C, owned: expertSlice(E, worldSize, 0), ready: Promise.resolve(),
     onFailure: null,
     async stop() {
       if (stopping) return;
@@ -50,7 +69,7 @@ export function startExpertRanks(modelDir: string, worldSize: number, fast: bool
   };
   const readies: Promise<void>[] = [];
   for (let rank = 1; rank < worldSize; rank++) {
-    const data: ExpertRankData = { modelDir, rank, worldSize, group, fast, control, joinTimeoutMs };
+    const data: ExpertRankData = { ...base, modelDir, rank, worldSize, control };
     const w = new Worker(new URL('./expert-rank.js', import.meta.url), { workerData: data });
     exits.push(new Promise<void>((resolve) => w.once('exit', () => resolve())));
     readies.push(new Promise<void>((resolve, reject) => {
@@ -71,7 +90,7 @@ export function startExpertRanks(modelDir: string, worldSize: number, fast: bool
     }));
   }
   // Blocks this thread until every rank has joined (they join before loading their experts).
-  ranks.comm = new GroupExpertComm(loadNative().loopbackJoin(group, worldSize, 0, joinTimeoutMs), E, control);
+  ranks.comm = join(control, E);
   ranks.ready = Promise.all(readies).then(() => undefined);
   ranks.ready.catch(() => undefined);
   return ranks;

@@ -10,7 +10,7 @@
 // with 0xff (NaN) so that reads of memory nobody wrote show up.
 import { loadNative } from '../../src/native/index.js';
 import type {
-  CudaAddon, CudaAttentionOptions, CudaBuffer, CudaDeviceInfo, CudaEvent, CudaExpertTable,
+  CudaAddon, CudaAttentionOptions, CudaBuffer, CudaCommGroup, CudaDeviceInfo, CudaEvent, CudaExpertTable,
   CudaMemInfo, CudaRouteOptions, CudaStream, DType,
 } from '../../src/native/types.js';
 
@@ -1157,11 +1157,28 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
       bytesOf(db).set(bytesOf(sb).subarray(r0 * rb, r1 * rb), r0 * rb);
     },
 
+    // NCCL as the CPU addon's loopback group: emulated devices in worker threads of one process
+    // (each its own emulator) exchange device buffers; the unique id names the group.
     cudaNcclUniqueId(): Uint8Array {
-      throw coded(new Error('NCCL is not emulated'), 'E_UNSUPPORTED');
+      return Uint8Array.from({ length: 128 }, () => Math.floor(Math.random() * 256));
     },
-    cudaNcclJoin(): never {
-      throw coded(new Error('NCCL is not emulated'), 'E_UNSUPPORTED');
+    cudaNcclJoin(uniqueId: Uint8Array, worldSize: number, rank: number): CudaCommGroup {
+      if (!(uniqueId instanceof Uint8Array) || uniqueId.length !== 128)
+        throw rangeError(`uniqueId.length is ${(uniqueId as Uint8Array | undefined)?.length}, expected 128`);
+      const name = `nccl-emu-${Buffer.from(uniqueId).toString('hex').slice(0, 32)}`;
+      const g = native.loopbackJoin(name, worldSize, rank, 600_000);
+      const deviceBytes = (b: CudaBuffer, what: string) => bytesOf(unwrap(b, what));
+      return {
+        rank, worldSize, backend: 'nccl',
+        all2allv(send, sendBytes, recv, recvBytes, stream) {
+          getStream(stream);
+          ensureAlive();
+          g.all2allv(deviceBytes(send, 'send'), sendBytes, deviceBytes(recv, 'recv'), recvBytes);
+        },
+        all2allCounts: (send, recv) => g.all2allCounts(send, recv),
+        barrier: () => g.barrier(),
+        dispose: () => g.dispose(),
+      };
     },
   };
 
