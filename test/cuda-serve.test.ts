@@ -85,3 +85,13 @@ test('a sticky device fault (emulated): that request fails, /health answers 503,
     await d.exit;
   }
 });
+
+test('expertd serve --device cuda --expert-parallel 2 (emulated devices, NCCL as loopback) answers as the CPU daemon', async () => {
+  const dev = await completions(['--device', 'cuda', '--expert-parallel', '2'], standIn, 'qwen2_moe');
+  const cpu = await completions(['--device', 'cpu'], {}, 'qwen2_moe');
+  assert.equal(dev.exit, 0);
+  assert.deepEqual(dev.texts, cpu.texts);
+  assert.deepEqual(dev.batched, dev.texts, 'batched equals alone');
+  const bytes = /^expertd_all2all_bytes_total (\S+)$/m.exec(dev.metrics);
+  assert.ok(bytes && Number(bytes[1]) > 0, 'all2all bytes counted');
+});

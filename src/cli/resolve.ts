@@ -74,7 +74,12 @@ export function resolveDevice(flag: string): string {
 function expertParallel(flags: ParsedFlags, device: string, offload: boolean, experts: number): { expertParallel?: number } {
   const n = Number(flags['expert-parallel'] ?? 1);
   if (n <= 1) return {};
-  if (device !== 'cpu') throw new UsageError(`--expert-parallel runs on the CPU engine for now (got --device ${device}); add --device cpu`);
+  if (device !== 'cpu') {
+    // Device ranks: rank r on cuda:r of this process (a stand-in counts as enough devices).
+    const visible = process.env.EXPERTD_CUDA_STANDIN ? n : loadNative().capabilities().cudaDevices;
+    if (device !== 'cuda:0') throw new UsageError(`--expert-parallel on devices puts rank r on cuda:r; use --device cuda (got ${device})`);
+    if (visible < n) throw new UsageError(`--expert-parallel ${n} on devices needs ${n} CUDA devices, ${visible} visible`);
+  }
   if (offload) throw new UsageError('--expert-parallel and expert offloading (--expert-cache-*, --trace-dir) cannot be combined yet');
   if (n > experts) throw new UsageError(`--expert-parallel ${n}: the model has only ${experts} routed experts`);
   return { expertParallel: n };

@@ -16,8 +16,9 @@ export interface EngineOptions {
   threads: number;
   servedModelName: string;
   /**
-   * Expert parallelism (CPU, one process): ranks 1..N-1 in worker threads, each holding a slice of
-   * the routed experts, the MoE layers' all2all over a loopback group. Absent or 1 = off.
+   * Expert parallelism in one process: ranks 1..N-1 in worker threads, each holding a slice of the
+   * routed experts; the MoE layers' all2all over a loopback group (CPU) or NCCL (device ranks on
+   * cuda:r). Absent or 1 = off.
    */
   expertParallel?: number;
   /** 'cpu' or 'cuda:N' (resolved: never 'auto'). Absent = cpu. */

@@ -8,7 +8,8 @@ import { parentPort } from 'node:worker_threads';
 import type { ForwardModel } from '../model/forward-batch.js';
 import { loadCudaModel, loadModel, loadSummary, type LoadedModel, type LoadProgress } from '../model/load.js';
 import { loadNative, type CudaAddon } from '../native/index.js';
-import { startExpertRanks, type ExpertRanks } from '../moe/expert-ranks.js';
+import type { DeviceExpertComm } from '../moe/device-ep.js';
+import { startDeviceExpertRanks, startExpertRanks, type ExpertRanks } from '../moe/expert-ranks.js';
 import type { ModelOptions } from '../model/model.js';
 import { attachDeviceOffloader, attachOffloader, skipAllExperts } from '../offload/setup.js';
 import type { Offloader } from '../offload/offloader.js';
@@ -20,7 +21,7 @@ const port = parentPort;
 if (!port) throw new Error('engine worker must run in a worker thread');
 
 let core: EngineCore | null = null;
-let expertRanks: ExpertRanks | null = null;
+let expertRanks: Pick<ExpertRanks<{ dispose(): void }>, 'stop'> | null = null;
 let offloader: Pick<Offloader, 'save' | 'stats'> & StepOffloader | null = null;
 let saveTimer: NodeJS.Timeout | null = null;
 let pending: EngineEvent[] = [];
@@ -69,6 +70,12 @@ function kick(): void {
   setImmediate(loop);
 }
 
+/** An expert rank failed after startup: the engine cannot step any more. */
+function onRankFailure(message: string): void {
+  send({ type: 'fatal', message: `expert parallelism: ${message}` });
+  stopping = true;
+}
+
 /**
  * Loads the model (CPU or device) and answers 'ready' or 'fatal'. EXPERTD_CUDA_STANDIN (tests only)
  * names a module whose createCudaEmulator() replaces the addon's CUDA ops, so the device path of
@@ -93,9 +100,18 @@ async function init(o: EngineOptions): Promise<void> {
     let loaded: LoadedModel<ForwardModel>;
     let autoKvCapBytes: number | undefined;
     if (device.startsWith('cuda')) {
+      let ep: DeviceExpertComm | undefined;
+      if ((o.expertParallel ?? 1) > 1) {
+        const ranks = startDeviceExpertRanks(o.modelDir, o.expertParallel!, cuda ?? (loadNative() as unknown as CudaAddon),
+          process.env.EXPERTD_CUDA_STANDIN);
+        expertRanks = ranks;
+        await ranks.ready;
+        ranks.onFailure = onRankFailure;
+        ep = ranks.comm;
+      }
       const cudaLoaded = loadCudaModel(o.modelDir, {
         device: Number(device.split(':')[1] ?? 0), onProgress, ...(o.offload ? { loadExperts: false } : {}),
-        ...(cuda ? { cuda } : {}),
+        ...(cuda ? { cuda } : {}), ...(ep ? { ep } : {}),
       });
       loaded = cudaLoaded;
       // Automatic KV size on the device: 90% of what the weights left free, less the expert
@@ -111,14 +127,12 @@ async function init(o: EngineOptions): Promise<void> {
     } else {
       let ep: Partial<ModelOptions> = {};
       if ((o.expertParallel ?? 1) > 1) {
-        expertRanks = startExpertRanks(o.modelDir, o.expertParallel!, fast);
-        await expertRanks.ready;
-        expertRanks.onFailure = (message) => {
-          send({ type: 'fatal', message: `expert parallelism: ${message}` });
-          stopping = true;
-        };
-        const [lo, hi] = expertRanks.owned;
-        ep = { comm: expertRanks.comm, loadExpert: (_layer, e) => e >= lo && e < hi };
+        const ranks = startExpertRanks(o.modelDir, o.expertParallel!, fast);
+        expertRanks = ranks;
+        await ranks.ready;
+        ranks.onFailure = onRankFailure;
+        const [lo, hi] = ranks.owned;
+        ep = { comm: ranks.comm, loadExpert: (_layer, e) => e >= lo && e < hi };
       }
       const cpuLoaded = loadModel(o.modelDir, {
         fast, ...(o.offload ? { loadExpert: skipAllExperts } : {}), ...ep, onProgress,

@@ -271,6 +271,10 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     return { key: '', rows: rowsList, groupMs, denseMs };
   }
 
+  takeCommDelta(): { bytes: number; seconds: number; overlap: number | null } | null {
+    return this.ep?.takeDelta() ?? null;
+  }
+
   /** The streams the forward pass computes on (an expert cache orders its copies after them). */
   computeStreams(): (CudaStream | null)[] {
     return [this.dev.main, ...(this.dev.side ? [this.dev.side] : [])];

@@ -20,6 +20,7 @@ export class DeviceExpertComm {
   readonly worldSize: number;
   private readonly pending: Pending[] = [];
   bytesSent = 0;
+  private reportedBytes = 0;
 
   /** control (rank 0 only): [steps started, stop] shared with the expert ranks (expert-ranks.ts). */
   constructor(private readonly cu: CudaAddon, readonly group: CudaCommGroup, readonly numExperts: number,
@@ -124,6 +125,13 @@ export class DeviceExpertComm {
     }
     this.group.all2allv(outbox, sendBytes, yPerm, recvBytes, st);
     this.bytesSent += sendBytes.reduce((a, v) => a + v, 0);
+  }
+
+  /** Bytes sent since the last call (the collectives are enqueued on streams: no host-side time). */
+  takeDelta(): { bytes: number; seconds: number; overlap: number | null } {
+    const d = { bytes: this.bytesSent - this.reportedBytes, seconds: 0, overlap: null };
+    this.reportedBytes = this.bytesSent;
+    return d;
   }
 
   dispose(): void {
