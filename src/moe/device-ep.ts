@@ -3,16 +3,14 @@
 // arrive expert-major for the GroupGemm; combine sends the f32 results back where they came from.
 // Identity experts never travel. One device sync per dispatch (the counts come back to the host).
 import type { CudaAddon, CudaBuffer, CudaCommGroup, CudaStream } from '../native/index.js';
-import { expertSlice } from './ep-comm.js';
+import { countBytes, epPlan, expertSlice, rowBytes, type EpPlan } from './ep-comm.js';
 
 const BF16 = 2, F32 = 4, I32 = 4;
 
 interface Pending {
-  fromRank: number[];
-  counts: Int32Array[];
+  plan: EpPlan;
   /** Host offsets [ET+1] of the caller's permutation. */
   offsets: Int32Array;
-  received: number;
 }
 
 export class DeviceExpertComm {
@@ -51,49 +49,22 @@ export class DeviceExpertComm {
     const mine = hi - lo;
     const countSend = new Int32Array(E);
     for (let e = 0; e < E; e++) countSend[e] = offsets[e + 1]! - offsets[e]!;
-    const sendBytes = new Float64Array(W), recvBytes = new Float64Array(W);
-    for (let d = 0; d < W; d++) {
-      const [a, b] = expertSlice(E, W, d);
-      sendBytes[d] = (b - a) * I32;
-      recvBytes[d] = mine * I32;
-    }
+    const cb = countBytes(E, W, mine);
     const cSend = scratch('ep.counts.send', E * I32), cRecv = scratch('ep.counts.recv', W * mine * I32);
     cu.cudaCopyToDevice(cSend, 0, countSend, st);
-    this.group.all2allv(cSend, sendBytes, cRecv, recvBytes, st);
+    this.group.all2allv(cSend, cb.send, cRecv, cb.recv, st);
     const countRecv = new Int32Array(W * mine);
     if (countRecv.length) cu.cudaCopyToHost(countRecv, cRecv, 0, st);
-    const counts = Array.from({ length: W }, (_, s) => countRecv.subarray(s * mine, (s + 1) * mine));
-    const fromRank = counts.map((c) => c.reduce((a, v) => a + v, 0));
-    const received = fromRank.reduce((a, v) => a + v, 0);
-    for (let d = 0; d < W; d++) {
-      const [a, b] = expertSlice(E, W, d);
-      sendBytes[d] = (offsets[b]! - offsets[a]!) * hidden * BF16;
-      recvBytes[d] = fromRank[d]! * hidden * BF16;
-    }
+    const plan = epPlan(Array.from({ length: W }, (_, s) => countRecv.subarray(s * mine, (s + 1) * mine)), E, lo, hi);
     const rowB = hidden * BF16;
-    const inbox = scratch('ep.inbox', received * rowB);
-    this.group.all2allv(xPerm, sendBytes, inbox, recvBytes, st);
-    this.bytesSent += sendBytes.reduce((a, v) => a + v, 0);
-    const x = scratch('ep.x', received * rowB);
-    const local = new Int32Array(E + 1);
-    let row = 0;
-    for (let e = 0; e < E; e++) {
-      local[e] = row;
-      if (e < lo || e >= hi) continue;
-      let src = 0;
-      for (let s = 0; s < W; s++) {
-        const c = counts[s]!;
-        let at = src;
-        for (let j = 0; j < e - lo; j++) at += c[j]!;
-        const n = c[e - lo]!;
-        if (n) cu.cudaCopyDevice(x, row * rowB, inbox, at * rowB, n * rowB, st);
-        row += n;
-        src += fromRank[s]!;
-      }
-    }
-    local[E] = row;
-    this.pending.push({ fromRank, counts, offsets: Int32Array.from(offsets), received });
-    return { x, offsets: local, rows: received };
+    const rb = rowBytes(offsets, plan, E, W, rowB, 'dispatch');
+    const inbox = scratch('ep.inbox', plan.received * rowB);
+    this.group.all2allv(xPerm, rb.send, inbox, rb.recv, st);
+    this.bytesSent += rb.send.reduce((acc, v) => acc + v, 0);
+    const x = scratch('ep.x', plan.received * rowB);
+    for (const k of plan.blocks) cu.cudaCopyDevice(x, k.local * rowB, inbox, k.inbox * rowB, k.rows * rowB, st);
+    this.pending.push({ plan, offsets: Int32Array.from(offsets) });
+    return { x, offsets: plan.local, rows: plan.received };
   }
 
   /** yLocal [rows, H] f32 (expert-major) -> the callers' yPerm rows [0, offsets[E]) (f32). */
@@ -102,29 +73,12 @@ export class DeviceExpertComm {
     const p = this.pending.shift();
     if (!p) throw new Error('DeviceExpertComm.combine without a dispatch');
     const { cu } = this;
-    const W = this.worldSize, E = this.numExperts;
-    const [lo, hi] = this.owned;
     const rowB = hidden * F32;
-    const outbox = scratch('ep.outbox', p.received * rowB);
-    let o = 0;
-    for (let s = 0; s < W; s++) {
-      for (let e = lo; e < hi; e++) {
-        let at = 0;
-        for (let ee = lo; ee < e; ee++) for (let ss = 0; ss < W; ss++) at += p.counts[ss]![ee - lo]!;
-        for (let ss = 0; ss < s; ss++) at += p.counts[ss]![e - lo]!;
-        const n = p.counts[s]![e - lo]!;
-        if (n) cu.cudaCopyDevice(outbox, o * rowB, yLocal, at * rowB, n * rowB, st);
-        o += n;
-      }
-    }
-    const sendBytes = new Float64Array(W), recvBytes = new Float64Array(W);
-    for (let d = 0; d < W; d++) {
-      const [a, b] = expertSlice(E, W, d);
-      sendBytes[d] = p.fromRank[d]! * rowB;
-      recvBytes[d] = (p.offsets[b]! - p.offsets[a]!) * rowB;
-    }
-    this.group.all2allv(outbox, sendBytes, yPerm, recvBytes, st);
-    this.bytesSent += sendBytes.reduce((a, v) => a + v, 0);
+    const outbox = scratch('ep.outbox', p.plan.received * rowB);
+    for (const k of p.plan.blocks) cu.cudaCopyDevice(outbox, k.inbox * rowB, yLocal, k.local * rowB, k.rows * rowB, st);
+    const rb = rowBytes(p.offsets, p.plan, this.numExperts, this.worldSize, rowB, 'combine');
+    this.group.all2allv(outbox, rb.send, yPerm, rb.recv, st);
+    this.bytesSent += rb.send.reduce((acc, v) => acc + v, 0);
   }
 
   /** Bytes sent since the last call (the collectives are enqueued on streams: no host-side time). */

@@ -13,15 +13,74 @@ export function expertSlice(numExperts: number, worldSize: number, rank: number)
   return [first, first + base + (rank < extra ? 1 : 0)];
 }
 
+/**
+ * The all2all plan of one MoE layer on one rank, from the per-expert counts every rank sent it:
+ * rows arrive source-major (each source's rows in expert order); the GroupGemm wants them
+ * expert-major. `blocks` maps one to the other ((source, expert) runs of rows, in expert-major
+ * order): dispatch copies inbox -> local along them, combine copies local -> outbox back, and the
+ * outbox order is the inbox order, which is what each source expects back.
+ */
+export interface EpPlan {
+  /** [world] rows received from (and returned to) each rank. */
+  fromRank: number[];
+  received: number;
+  /** Offsets [E + 1] of the local rows over the routed experts (empty outside this rank's slice). */
+  local: Int32Array;
+  blocks: { inbox: number; local: number; rows: number }[];
+}
+
+export function epPlan(counts: Int32Array[], numExperts: number, lo: number, hi: number): EpPlan {
+  const fromRank = counts.map((c) => c.reduce((a, v) => a + v, 0));
+  const received = fromRank.reduce((a, v) => a + v, 0);
+  const srcStart: number[] = [];
+  fromRank.reduce((a, v) => { srcStart.push(a); return a + v; }, 0);
+  const local = new Int32Array(numExperts + 1);
+  const blocks: EpPlan['blocks'] = [];
+  let row = 0;
+  for (let e = 0; e < numExperts; e++) {
+    local[e] = row;
+    if (e < lo || e >= hi) continue;
+    counts.forEach((c, s) => {
+      let at = srcStart[s]!;
+      for (let j = 0; j < e - lo; j++) at += c[j]!;
+      const n = c[e - lo]!;
+      if (n) blocks.push({ inbox: at, local: row, rows: n });
+      row += n;
+    });
+  }
+  local[numExperts] = row;
+  return { fromRank, received, local, blocks };
+}
+
+/** Per-rank byte counts: to rank d, [offsets[first_d], offsets[last_d]) rows; from each, plan.fromRank rows. */
+export function rowBytes(offsets: Int32Array, plan: EpPlan, numExperts: number, worldSize: number, rowSize: number,
+                         direction: 'dispatch' | 'combine'): { send: Float64Array; recv: Float64Array } {
+  const send = new Float64Array(worldSize), recv = new Float64Array(worldSize);
+  for (let d = 0; d < worldSize; d++) {
+    const [a, b] = expertSlice(numExperts, worldSize, d);
+    const out = (offsets[b]! - offsets[a]!) * rowSize, back = plan.fromRank[d]! * rowSize;
+    send[d] = direction === 'dispatch' ? out : back;
+    recv[d] = direction === 'dispatch' ? back : out;
+  }
+  return { send, recv };
+}
+
+/** Per-rank byte counts of the counts exchange: to rank d the counts of its experts (i32). */
+export function countBytes(numExperts: number, worldSize: number, mine: number): { send: Float64Array; recv: Float64Array } {
+  const send = new Float64Array(worldSize), recv = new Float64Array(worldSize);
+  for (let d = 0; d < worldSize; d++) {
+    const [a, b] = expertSlice(numExperts, worldSize, d);
+    send[d] = (b - a) * 4;
+    recv[d] = mine * 4;
+  }
+  return { send, recv };
+}
+
 /** What combine() needs from the dispatch it answers. */
 interface Pending {
-  /** [world] rows received from each source rank. */
-  fromRank: number[];
-  /** [world][owned experts] rows of each (source, expert). */
-  counts: Int32Array[];
-  /** Sender side: offsets [ET+1] of the caller's permutation, and ET. */
+  plan: EpPlan;
+  /** Sender side: offsets [ET+1] of the caller's permutation. */
   offsets: Int32Array;
-  received: number;
   /** When the dispatch returned (ms): from here the other ranks compute while this one goes on. */
   dispatchedAt: number;
 }
@@ -68,50 +127,25 @@ export class GroupExpertComm implements ExpertComm {
     // 1. Per-expert counts to each owner: rank d gets the counts of its experts.
     const countSend = new Int32Array(E);
     for (let e = 0; e < E; e++) countSend[e] = offsets[e + 1]! - offsets[e]!;
-    const sendBytes = new Float64Array(W), recvBytes = new Float64Array(W);
-    for (let d = 0; d < W; d++) {
-      const [a, b] = expertSlice(E, W, d);
-      sendBytes[d] = (b - a) * 4;
-      recvBytes[d] = mine * 4;
-    }
+    const cb = countBytes(E, W, mine);
     const countRecv = new Int32Array(W * mine);
-    this.group.all2allv(bytes(countSend), sendBytes, bytes(countRecv), recvBytes);
-    const counts = Array.from({ length: W }, (_, s) => countRecv.subarray(s * mine, (s + 1) * mine));
+    this.group.all2allv(bytes(countSend), cb.send, bytes(countRecv), cb.recv);
+    const plan = epPlan(Array.from({ length: W }, (_, s) => countRecv.subarray(s * mine, (s + 1) * mine)), E, lo, hi);
     // 2. The rows: to rank d those of its experts, contiguous in xPerm.
-    const fromRank = counts.map((c) => c.reduce((a, v) => a + v, 0));
-    const received = fromRank.reduce((a, v) => a + v, 0);
-    for (let d = 0; d < W; d++) {
-      const [a, b] = expertSlice(E, W, d);
-      sendBytes[d] = (offsets[b]! - offsets[a]!) * hidden * 4;
-      recvBytes[d] = fromRank[d]! * hidden * 4;
-    }
-    const inbox = new Float32Array(received * hidden); // source-major, expert order within a source
-    this.group.all2allv(bytes(xPerm.subarray(0, offsets[E]! * hidden)), sendBytes, bytes(inbox), recvBytes);
-    this.bytesSent += sendBytes.reduce((a, v) => a + v, 0);
+    const rb = rowBytes(offsets, plan, E, W, hidden * 4, 'dispatch');
+    const inbox = new Float32Array(plan.received * hidden); // source-major, expert order within a source
+    this.group.all2allv(bytes(xPerm.subarray(0, offsets[E]! * hidden)), rb.send, bytes(inbox), rb.recv);
+    this.bytesSent += rb.send.reduce((acc, v) => acc + v, 0);
     // 3. Expert-major for the GroupGemm, this rank's identity-expert rows after them.
     const identity = offsets[ET]! - offsets[E]!;
-    const x = new Float32Array((received + identity) * hidden);
+    const x = new Float32Array((plan.received + identity) * hidden);
+    for (const k of plan.blocks) x.set(inbox.subarray(k.inbox * hidden, (k.inbox + k.rows) * hidden), k.local * hidden);
     const local = new Int32Array(ET + 1);
-    let row = 0;
-    for (let e = 0; e < E; e++) {
-      local[e] = row;
-      if (e < lo || e >= hi) continue;
-      let src = 0;
-      for (let s = 0; s < W; s++) {
-        const c = counts[s]!;
-        let at = src;
-        for (let j = 0; j < e - lo; j++) at += c[j]!;
-        const n = c[e - lo]!;
-        x.set(inbox.subarray(at * hidden, (at + n) * hidden), row * hidden);
-        row += n;
-        src += fromRank[s]!;
-      }
-    }
-    local[E] = row;
-    x.set(xPerm.subarray(offsets[E]! * hidden, offsets[ET]! * hidden), row * hidden);
+    local.set(plan.local);
+    x.set(xPerm.subarray(offsets[E]! * hidden, offsets[ET]! * hidden), plan.received * hidden);
     for (let e = E; e < ET; e++) local[e + 1] = local[e]! + offsets[e + 1]! - offsets[e]!;
     const now = performance.now();
-    this.pending.push({ fromRank, counts, offsets: Int32Array.from(offsets), received, dispatchedAt: now });
+    this.pending.push({ plan, offsets: Int32Array.from(offsets), dispatchedAt: now });
     this.seconds += (now - t0) / 1000;
     return { x, offsets: local };
   }
@@ -121,31 +155,14 @@ export class GroupExpertComm implements ExpertComm {
     const p = this.pending.shift();
     if (!p) throw new Error('GroupExpertComm.combine without a dispatch');
     const W = this.worldSize, E = this.numExperts, ET = p.offsets.length - 1;
-    const [lo, hi] = this.ownedExperts(E);
     // Back to source-major: each source gets its rows in the order it sent them.
-    const outbox = new Float32Array(p.received * hidden);
-    let o = 0;
-    for (let s = 0; s < W; s++) {
-      for (let e = lo; e < hi; e++) {
-        // Rows of (s, e) sit in yLocal at expert e's block, after the earlier sources' rows of e.
-        let at = 0;
-        for (let ee = lo; ee < e; ee++) for (let ss = 0; ss < W; ss++) at += p.counts[ss]![ee - lo]!;
-        for (let ss = 0; ss < s; ss++) at += p.counts[ss]![e - lo]!;
-        const n = p.counts[s]![e - lo]!;
-        outbox.set(yLocal.subarray(at * hidden, (at + n) * hidden), o * hidden);
-        o += n;
-      }
-    }
-    const sendBytes = new Float64Array(W), recvBytes = new Float64Array(W);
-    for (let d = 0; d < W; d++) {
-      const [a, b] = expertSlice(E, W, d);
-      sendBytes[d] = p.fromRank[d]! * hidden * 4;
-      recvBytes[d] = (p.offsets[b]! - p.offsets[a]!) * hidden * 4;
-    }
-    this.group.all2allv(bytes(outbox), sendBytes, bytes(yPerm.subarray(0, p.offsets[E]! * hidden)), recvBytes);
-    this.bytesSent += sendBytes.reduce((a, v) => a + v, 0);
+    const outbox = new Float32Array(p.plan.received * hidden);
+    for (const k of p.plan.blocks) outbox.set(yLocal.subarray(k.local * hidden, (k.local + k.rows) * hidden), k.inbox * hidden);
+    const rb = rowBytes(p.offsets, p.plan, E, W, hidden * 4, 'combine');
+    this.group.all2allv(bytes(outbox), rb.send, bytes(yPerm.subarray(0, p.offsets[E]! * hidden)), rb.recv);
+    this.bytesSent += rb.send.reduce((acc, v) => acc + v, 0);
     // This rank's identity rows, computed locally.
-    const idFrom = p.received * hidden;
+    const idFrom = p.plan.received * hidden;
     yPerm.set(yLocal.subarray(idFrom, idFrom + (p.offsets[ET]! - p.offsets[E]!) * hidden), p.offsets[E]! * hidden);
     const now = performance.now();
     this.seconds += (now - t0) / 1000;
