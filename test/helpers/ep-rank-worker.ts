@@ -12,6 +12,15 @@ import { mulberry32 } from '../../src/engine/rng.js';
 
 const { group, world, rank, E, Z, H, steps, ncclId } = (workerData ?? {}) as { group: string; world: number; rank: number; E: number; Z: number; H: number; steps: number; ncclId?: Uint8Array };
 
+/** This rank's routing of one step: rank-dependent loads, some experts empty, sometimes no rows at all. */
+function stepOffsets(rand: () => number, step: number): Int32Array {
+  const counts = Array.from({ length: E + Z }, () => (rand() < 0.3 ? 0 : Math.floor(rand() * 4)));
+  if ((step + rank) % 3 === 2) counts.fill(0);
+  const offsets = new Int32Array(E + Z + 1);
+  counts.forEach((c, e) => { offsets[e + 1] = offsets[e]! + c; });
+  return offsets;
+}
+
 // `node --test dist/test/` also loads this file in the main thread: there it does nothing.
 if (!isMainThread) {
   if (ncclId) runDevice();
@@ -32,10 +41,7 @@ function runDevice(): void {
   let checked = 0;
   try {
     for (let step = 0; step < steps; step++) {
-      const counts = Array.from({ length: E + Z }, () => (rand() < 0.3 ? 0 : Math.floor(rand() * 4)));
-      if ((step + rank) % 3 === 2) counts.fill(0);
-      const offsets = new Int32Array(E + Z + 1);
-      counts.forEach((c, e) => { offsets[e + 1] = offsets[e]! + c; });
+      const offsets = stepOffsets(rand, step);
       const rows = offsets[E + Z]!;
       const xf = Float32Array.from({ length: rows * H }, (_, i) => rank * 64 + step * 8 + (i % 13) * 0.25);
       const xb = new Uint16Array(xf.length);
@@ -80,11 +86,7 @@ function run(): void {
   let checked = 0;
   try {
     for (let step = 0; step < steps; step++) {
-      // Rank-dependent loads, some experts empty, this rank sometimes with no rows at all.
-      const counts = Array.from({ length: E + Z }, () => (rand() < 0.3 ? 0 : Math.floor(rand() * 4)));
-      if ((step + rank) % 3 === 2) counts.fill(0);
-      const offsets = new Int32Array(E + Z + 1);
-      counts.forEach((c, e) => { offsets[e + 1] = offsets[e]! + c; });
+        const offsets = stepOffsets(rand, step);
       const rows = offsets[E + Z]!;
       const xPerm = Float32Array.from({ length: rows * H }, (_, i) => rank * 1000 + step * 100 + i % 97 + 0.5);
       const local = comm.dispatch(xPerm, offsets, H);
