@@ -69,6 +69,17 @@ inline size_t cache_row(const Tile& t, const AttentionParams& p, int j) {
   return (blk * p.block_size + static_cast<size_t>(j % p.block_size)) * p.kv_heads + t.kvh;
 }
 
+// K and V rows of keys [lo, hi] of the key block starting at kb0: kp[j - kb0], vp[j - kb0].
+inline void key_block_rows(const Ctx& c, const Tile& t, int kb0, int lo, int hi, const float** kp,
+                           const float** vp) {
+  const AttentionParams& p = *c.p;
+  for (int j = lo; j <= hi; ++j) {
+    const size_t row = cache_row(t, p, j);
+    kp[j - kb0] = c.k_cache + row * p.dk;
+    vp[j - kb0] = c.v_cache + row * p.v_stride + p.v_offset;
+  }
+}
+
 // ------------------------------------------------------------------ portable kernels
 // noinline: one compiled body per function, so no call site can contract or reorder differently.
 __attribute__((noinline)) void segment_partial_portable(const Ctx& c, const Tile& t, int seg,
@@ -89,11 +100,7 @@ __attribute__((noinline)) void segment_partial_portable(const Ctx& c, const Tile
   float s[kKeyBlock];
   for (int kb0 = kmin / kKeyBlock * kKeyBlock; kb0 <= kmax; kb0 += kKeyBlock) {
     const int jb_lo = std::max(kb0, kmin), jb_hi = std::min(kb0 + kKeyBlock - 1, kmax);
-    for (int j = jb_lo; j <= jb_hi; ++j) {
-      size_t row = cache_row(t, p, j);
-      kp[j - kb0] = c.k_cache + row * dk;
-      vp[j - kb0] = c.v_cache + row * p.v_stride + p.v_offset;
-    }
+    key_block_rows(c, t, kb0, jb_lo, jb_hi, kp, vp);
     for (int i = t.t0; i < t.t1; ++i) {
       const int pos = row_pos(t, i);
       const int lo = std::max({row_lo(pos, p.sliding_window), kb0, seg_begin});
@@ -321,11 +328,7 @@ EXPERTD_AVX512 __attribute__((noinline)) void segment_partial_avx512(const Ctx& 
   alignas(64) float m_news[16];
   for (int kb0 = kmin / kKeyBlock * kKeyBlock; kb0 <= kmax; kb0 += kKeyBlock) {
     const int jb_lo = std::max(kb0, kmin), jb_hi = std::min(kb0 + kKeyBlock - 1, kmax);
-    for (int j = jb_lo; j <= jb_hi; ++j) {
-      size_t row = cache_row(t, p, j);
-      kp[j - kb0] = c.k_cache + row * dk;
-      vp[j - kb0] = c.v_cache + row * p.v_stride + p.v_offset;
-    }
+    key_block_rows(c, t, kb0, jb_lo, jb_hi, kp, vp);
     // Lanes outside [jb_lo, jb_hi] read a valid key; their scores are masked below.
     for (int j = kb0; j < jb_lo; ++j) kp[j - kb0] = kp[jb_lo - kb0];
     for (int j = jb_hi + 1; j < kb0 + kKeyBlock; ++j) kp[j - kb0] = kp[jb_lo - kb0];

@@ -353,29 +353,7 @@ function weightedSelect(a: Float64Array, m: number, target: number): number {
   let hi = m - 1;
   let need = target;
   while (lo <= hi) {
-    const mid = (lo + hi) >>> 1;
-    const x = a[lo]!, y = a[mid]!, z = a[hi]!;
-    const pivot = x < y ? (y < z ? y : x < z ? z : x) : (x < z ? x : y < z ? z : y);
-    // Descending: [lo, lt) > pivot, [lt, i) == pivot, (gt, hi] < pivot.
-    let lt = lo, i = lo, gt = hi;
-    let greater = 0, equal = 0;
-    while (i <= gt) {
-      const v = a[i]!;
-      if (v > pivot) {
-        a[i] = a[lt]!;
-        a[lt] = v;
-        lt++;
-        i++;
-        greater += v;
-      } else if (v < pivot) {
-        a[i] = a[gt]!;
-        a[gt] = v;
-        gt--;
-      } else {
-        equal += v;
-        i++;
-      }
-    }
+    const { pivot, lt, gt, greater, equal } = partitionDescending(a, lo, hi);
     if (greater >= need) {
       hi = lt - 1;
     } else if (greater + equal >= need) {
@@ -386,6 +364,45 @@ function weightedSelect(a: Float64Array, m: number, target: number): number {
     }
   }
   return 0;
+}
+
+const part = { pivot: 0, lt: 0, gt: 0, greater: 0, equal: 0 };
+
+/**
+ * One three-way partition of a[lo..hi] in descending order around a median-of-three pivot:
+ * [lo, lt) > pivot, [lt, gt] == pivot, (gt, hi] < pivot; greater and equal are the sums of the
+ * first two parts. Runs of equal values (masked logits) cost one pass, not quadratic time.
+ * Returns a shared object (read it before the next call).
+ */
+function partitionDescending(a: Float64Array, lo: number, hi: number): typeof part {
+  const mid = (lo + hi) >>> 1;
+  const x = a[lo]!, y = a[mid]!, z = a[hi]!;
+  const pivot = x < y ? (y < z ? y : x < z ? z : x) : (x < z ? x : y < z ? z : y);
+  let lt = lo, i = lo, gt = hi;
+  let greater = 0, equal = 0;
+  while (i <= gt) {
+    const v = a[i]!;
+    if (v > pivot) {
+      a[i] = a[lt]!;
+      a[lt] = v;
+      lt++;
+      i++;
+      greater += v;
+    } else if (v < pivot) {
+      a[i] = a[gt]!;
+      a[gt] = v;
+      gt--;
+    } else {
+      equal += v;
+      i++;
+    }
+  }
+  part.pivot = pivot;
+  part.lt = lt;
+  part.gt = gt;
+  part.greater = greater;
+  part.equal = equal;
+  return part;
 }
 
 /** Keeps entries with weight >= cutoff, in order; returns the new count and total. */
@@ -427,26 +444,7 @@ export function quickselectLargest(a: Float64Array, n: number, k: number): numbe
   let hi = n - 1;
   const target = k - 1;   // index in descending order
   while (lo < hi) {
-    const mid = (lo + hi) >>> 1;
-    const x = a[lo]!, y = a[mid]!, z = a[hi]!;
-    const pivot = x < y ? (y < z ? y : x < z ? z : x) : (x < z ? x : y < z ? z : y);
-    // Descending: [lo, lt) > pivot, [lt, i) == pivot, (gt, hi] < pivot.
-    let lt = lo, i = lo, gt = hi;
-    while (i <= gt) {
-      const v = a[i]!;
-      if (v > pivot) {
-        a[i] = a[lt]!;
-        a[lt] = v;
-        lt++;
-        i++;
-      } else if (v < pivot) {
-        a[i] = a[gt]!;
-        a[gt] = v;
-        gt--;
-      } else {
-        i++;
-      }
-    }
+    const { pivot, lt, gt } = partitionDescending(a, lo, hi);
     if (target < lt) hi = lt - 1;
     else if (target > gt) lo = gt + 1;
     else return pivot;
