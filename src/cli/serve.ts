@@ -6,10 +6,11 @@ import { EngineClient } from '../engine/engine-client.js';
 import { createMetrics, type Metrics } from '../metrics/registry.js';
 import { ModelTokenizer } from '../model/tokenizer.js';
 import { loadNative } from '../native/index.js';
-import { createServer, type TextCodec } from '../server/index.js';
+import { createServer, type ServerOptions, type TextCodec } from '../server/index.js';
+import { DEFAULT_MAX_QUEUED_SEQUENCES } from '../server/request-params.js';
 import { modelFlags } from './engine-flags.js';
 import { showLoadProgress } from './progress.js';
-import { formatHelp, parseFlags, type FlagSpec } from './options.js';
+import { formatHelp, parseFlags, type FlagSpec, type ParsedFlags } from './options.js';
 import { resolveEngineOptions } from './resolve.js';
 import { offloadFlags } from './trace.js';
 
@@ -20,7 +21,10 @@ export const serveFlags: FlagSpec[] = [
   { name: 'port', type: 'int', min: 0, max: 65535, default: 8000, help: 'Port to listen on (0 = any free port)' },
   { name: 'api-key', type: 'string', arg: 'KEY', help: 'Require "Authorization: Bearer KEY" on every route except /health and /metrics' },
   { name: 'served-model-name', type: 'string', arg: 'NAME', help: 'Model name in the API (default: the folder name, or expertd-demo)' },
-  { name: 'max-queued-requests', type: 'int', min: 0, default: 256, help: 'Waiting requests beyond this get 429 with Retry-After' },
+  { name: 'max-queued-sequences', type: 'int', min: 1, arg: 'N', help: 'Sequences (prompts x n of every request) that may wait for a running slot; a request whose sequences do not fit in the room left gets 429 with Retry-After, one with more than N gets 400 [default: 256]' },
+  { name: 'max-queued-requests', type: 'int', min: 1, arg: 'N', help: 'Old name of --max-queued-sequences (it counts sequences, not requests)' },
+  { name: 'max-prompts-per-request', type: 'int', min: 1, max: 65536, default: 128, help: 'Prompts in one /v1/completions request at most (more: 400)' },
+  { name: 'max-sequences-per-request', type: 'int', min: 1, max: 65536, default: 256, help: 'Sequences (prompts x n) of one request at most (more: 400); n itself is at most 128' },
   { name: 'shutdown-timeout', type: 'number', min: 0, default: 30, arg: 'SECONDS', help: 'On SIGTERM/SIGINT, how long in-flight requests may finish' },
   { name: 'log-level', type: 'string', default: 'info', choices: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'], help: 'pino log level' },
   { name: 'log-prompts', type: 'boolean', default: false, help: 'Include prompt text in request log lines (off: prompts are user data)' },
@@ -42,6 +46,15 @@ export function codecFor(tok: ModelTokenizer): TextCodec {
       return { push: (id) => d.push(id), flush: () => d.flush() };
     },
     eosTokenIds: tok.eosTokenIds,
+  };
+}
+
+/** The request and queue limits of the serve flags (--max-queued-requests is the old name of --max-queued-sequences). */
+export function serverLimits(flags: ParsedFlags): Pick<ServerOptions, 'maxQueuedSequences' | 'maxPromptsPerRequest' | 'maxSequencesPerRequest'> {
+  return {
+    maxQueuedSequences: Number(flags['max-queued-sequences'] ?? flags['max-queued-requests'] ?? DEFAULT_MAX_QUEUED_SEQUENCES),
+    maxPromptsPerRequest: Number(flags['max-prompts-per-request']),
+    maxSequencesPerRequest: Number(flags['max-sequences-per-request']),
   };
 }
 
@@ -82,7 +95,7 @@ export async function serveCommand(argv: string[]): Promise<number> {
   // weights are in; the config gave everything else the API needs.
   const server = createServer({
     engine, codec: codecFor(tok), servedModelName: opts.servedModelName,
-    apiKey: flags['api-key'] as string | undefined, maxQueuedRequests: Number(flags['max-queued-requests']),
+    apiKey: flags['api-key'] as string | undefined, ...serverLimits(flags),
     maxModelLen: opts.info.maxContext, logger, metrics, logPrompts: Boolean(flags['log-prompts']),
   });
   engine.on('failed', (msg: string) => logger.error({ error: msg }, 'engine failed: /health now answers 503'));

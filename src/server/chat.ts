@@ -5,7 +5,7 @@ import type { ServerContext } from './context.js';
 import { invalidRequest } from './errors.js';
 import { runGeneration } from './generation-route.js';
 import { checkModel } from './models.js';
-import { buildParams, resolveMaxTokens, type SamplingBody } from './request-params.js';
+import { buildParams, checkSequenceCount, resolveMaxTokens, type SamplingBody } from './request-params.js';
 import { chatBodySchema } from './schemas.js';
 
 export interface ChatMessage {
@@ -43,6 +43,7 @@ export function registerChat(app: FastifyInstance, ctx: ServerContext): void {
     if (body.top_logprobs != null && !body.logprobs) {
       throw invalidRequest("'top_logprobs' requires 'logprobs' to be true.", 'top_logprobs', 'invalid_value');
     }
+    checkSequenceCount(1, body.n ?? 1, ctx.limits);
     const messages = flattenMessages(body.messages);
     const record = ctx.records.get(request);
     if (record && ctx.opts.logPrompts) record.prompt = messages;

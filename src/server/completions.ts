@@ -5,8 +5,8 @@ import type { ServerContext } from './context.js';
 import { invalidRequest } from './errors.js';
 import { runGeneration } from './generation-route.js';
 import { checkModel } from './models.js';
-import { buildParams, checkTokenIds, resolveMaxTokens, type SamplingBody } from './request-params.js';
-import { completionBodySchema } from './schemas.js';
+import { buildParams, checkSequenceCount, checkTokenIds, resolveMaxTokens, type SamplingBody } from './request-params.js';
+import { completionBodySchemaFor } from './schemas.js';
 
 interface CompletionBody extends SamplingBody {
   model?: string | null;
@@ -20,7 +20,7 @@ interface CompletionBody extends SamplingBody {
 
 export function registerCompletions(app: FastifyInstance, ctx: ServerContext): void {
   const { codec, engine } = ctx.opts;
-  app.post<{ Body: CompletionBody }>('/v1/completions', { schema: { body: completionBodySchema } }, async (request, reply) => {
+  app.post<{ Body: CompletionBody }>('/v1/completions', { schema: { body: completionBodySchemaFor(ctx.limits.maxPromptsPerRequest) } }, async (request, reply) => {
     const body = request.body;
     checkModel(ctx, body.model);
     if (body.stream_options != null && !body.stream) {
@@ -28,6 +28,9 @@ export function registerCompletions(app: FastifyInstance, ctx: ServerContext): v
     }
     const record = ctx.records.get(request);
     if (record && ctx.opts.logPrompts) record.prompt = body.prompt;
+    // Before any tokenizing: a request that could never be admitted costs nothing.
+    const p0 = body.prompt;
+    checkSequenceCount(typeof p0 === 'string' || typeof p0[0] === 'number' ? 1 : p0.length, body.n ?? 1, ctx.limits);
 
     // Normalise the four prompt forms to token-id lists (and the text echo shows).
     let prompts: number[][];

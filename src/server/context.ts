@@ -5,14 +5,25 @@ import type { FastifyBaseLogger, FastifyRequest } from 'fastify';
 import type { Metrics } from '../metrics/registry.js';
 import type { EngineClient, TextCodec } from './deps.js';
 import type { Generation } from './generation.js';
+import { DEFAULT_MAX_QUEUED_SEQUENCES, DEFAULT_MAX_SEQUENCES_PER_REQUEST, type SequenceLimits } from './request-params.js';
+import { DEFAULT_MAX_PROMPTS_PER_REQUEST } from './schemas.js';
 
 export interface ServerOptions {
   engine: EngineClient;
   codec: TextCodec;
   servedModelName: string;
   apiKey?: string | undefined;
-  /** More engine requests than this waiting -> 429. */
-  maxQueuedRequests: number;
+  /**
+   * Sequences (engine requests: prompts x n) that may wait for a running slot, a new request's own
+   * included: a request that does not fit now gets 429, one that never could gets 400 (default 256).
+   */
+  maxQueuedSequences?: number;
+  /** @deprecated the old name of maxQueuedSequences (it always counted sequences, wrongly called requests). */
+  maxQueuedRequests?: number;
+  /** Prompts in one /v1/completions request at most (default 128). */
+  maxPromptsPerRequest?: number;
+  /** Sequences (prompts x n) of one request at most (default 256). */
+  maxSequencesPerRequest?: number;
   maxModelLen: number;
   logger: FastifyBaseLogger;
   metrics: Metrics;
@@ -47,9 +58,15 @@ export class ServerContext {
   private idleWaiters: (() => void)[] = [];
   readonly records = new WeakMap<FastifyRequest, RequestRecord>();
   readonly retryAfter: string;
+  readonly limits: SequenceLimits;
 
   constructor(readonly opts: ServerOptions) {
     this.retryAfter = String(opts.retryAfterSeconds ?? 1);
+    this.limits = {
+      maxPromptsPerRequest: opts.maxPromptsPerRequest ?? DEFAULT_MAX_PROMPTS_PER_REQUEST,
+      maxSequencesPerRequest: opts.maxSequencesPerRequest ?? DEFAULT_MAX_SEQUENCES_PER_REQUEST,
+      maxQueuedSequences: opts.maxQueuedSequences ?? opts.maxQueuedRequests ?? DEFAULT_MAX_QUEUED_SEQUENCES,
+    };
   }
 
   track(g: Generation): void {

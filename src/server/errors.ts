@@ -88,7 +88,11 @@ export function schemaError(errors: AjvError[]): ApiError {
   }
   if (param === '' && chosen.keyword === 'type') return invalidRequest(`The request body must be a JSON object, got ${describeType(chosen.data)}.`, null, 'invalid_type');
   const expected = chosen.parentSchema?.description ?? chosen.message ?? 'is invalid';
-  const got = chosen.keyword === 'type' || anyOfs.length > 0 ? ` (got ${describeType(chosen.data)})` : '';
+  let got = '';
+  if (chosen.keyword === 'type' || anyOfs.length > 0) got = ` (got ${describeType(chosen.data)})`;
+  // A limit is quoted with the value that broke it.
+  else if ((chosen.keyword === 'maxItems' || chosen.keyword === 'minItems') && Array.isArray(chosen.data)) got = ` (got ${chosen.data.length})`;
+  else if (/^(exclusiveM|m)(ax|in)imum$/.test(chosen.keyword) && typeof chosen.data === 'number') got = ` (got ${chosen.data})`;
   const code = chosen.keyword === 'type' || chosen.keyword === 'anyOf' ? 'invalid_type' : 'invalid_value';
   return invalidRequest(`Invalid value for '${param}': ${expected}${got}.`, param, code);
 }

@@ -7,6 +7,7 @@ import type { TokenLogprob } from '../engine/types.js';
 import type { RequestRecord, ServerContext } from './context.js';
 import { ApiError } from './errors.js';
 import { Generation, type ChoiceDelta, type ChoiceState, type GenerationParams } from './generation.js';
+import { checkSequenceCount } from './request-params.js';
 import { SseStream } from './sse.js';
 
 export type EndpointKind = 'completion' | 'chat';
@@ -25,8 +26,11 @@ export interface PreparedGeneration {
   logprobs: number | null;
 }
 
-/** Refuses work the engine cannot take now: not ready, shutting down, or queue full. */
-export function admit(ctx: ServerContext, engineRequests: number): void {
+/**
+ * Refuses work the engine cannot take now: not ready, shutting down, or not enough room in the
+ * queue for all of this request's sequences (checkSequenceCount already refused what never fits).
+ */
+export function admit(ctx: ServerContext, sequences: number): void {
   const retry = { 'retry-after': ctx.retryAfter };
   if (ctx.draining) throw new ApiError(503, 'overloaded_error', 'The server is shutting down; retry on another instance.', null, 'server_shutting_down', retry);
   const state = ctx.opts.engine.state();
@@ -34,10 +38,11 @@ export function admit(ctx: ServerContext, engineRequests: number): void {
   if (state === 'draining') throw new ApiError(503, 'overloaded_error', 'The engine is draining; retry on another instance.', null, 'server_shutting_down', retry);
   if (state === 'failed') throw new ApiError(503, 'overloaded_error', 'The engine has failed and cannot serve requests.', null, 'engine_failed', retry);
   const waiting = ctx.opts.engine.stats().waiting;
-  // A request with n choices adds n engine requests; a lone big request is still let into an empty queue.
-  if (waiting > 0 && waiting + engineRequests > ctx.opts.maxQueuedRequests) {
+  const limit = ctx.limits.maxQueuedSequences;
+  // NOTE: counted in sequences (prompts x n), not requests: one request may bring hundreds.
+  if (waiting + sequences > limit) {
     throw new ApiError(429, 'rate_limit_error',
-      `The server is overloaded: ${waiting} requests are already waiting (limit ${ctx.opts.maxQueuedRequests}). Retry later.`,
+      `The server is overloaded: ${waiting} sequences are waiting and this request adds ${sequences}, more than the ${limit} the queue holds. Retry later.`,
       null, 'queue_full', retry);
   }
 }
@@ -106,8 +111,7 @@ class LogprobFormatter {
 export async function runGeneration(ctx: ServerContext, request: FastifyRequest, reply: FastifyReply, prep: PreparedGeneration): Promise<unknown> {
   const { opts } = ctx;
   const record = ctx.records.get(request);
-  const engineRequests = prep.prompts.length * prep.params.n;
-  admit(ctx, engineRequests);
+  admit(ctx, checkSequenceCount(prep.prompts.length, prep.params.n, ctx.limits));
 
   const requestId = `${prep.kind === 'chat' ? 'chatcmpl' : 'cmpl'}-${randomUUID().replace(/-/g, '')}`;
   const created = Math.floor(Date.now() / 1000);

@@ -106,3 +106,32 @@ export function buildParams(body: SamplingBody, maxTokens: number, logprobs: num
     returnRoutedExperts: body.return_routed_experts ?? false,
   };
 }
+
+/** Defaults of --max-sequences-per-request and --max-queued-sequences. */
+export const DEFAULT_MAX_SEQUENCES_PER_REQUEST = 256;
+export const DEFAULT_MAX_QUEUED_SEQUENCES = 256;
+
+export interface SequenceLimits {
+  maxPromptsPerRequest: number;
+  maxSequencesPerRequest: number;
+  maxQueuedSequences: number;
+}
+
+/**
+ * Refuses (400) a request that could never be admitted: more sequences (prompts x n) than one
+ * request may have, or than the queue can ever hold. Returns the sequence count.
+ */
+export function checkSequenceCount(prompts: number, n: number, limits: SequenceLimits): number {
+  const sequences = prompts * n;
+  const param = n > 1 ? 'n' : 'prompt';
+  const what = `${sequences} sequence${sequences === 1 ? '' : 's'} (${prompts} prompt${prompts === 1 ? '' : 's'} x n=${n})`;
+  if (sequences > limits.maxSequencesPerRequest) {
+    throw invalidRequest(`This request asks for ${what}, but the server accepts at most ${limits.maxSequencesPerRequest} sequences per request. Lower 'n' or split the prompts over several requests.`,
+      param, 'too_many_sequences');
+  }
+  if (sequences > limits.maxQueuedSequences) {
+    throw invalidRequest(`This request asks for ${what}, but the server queues at most ${limits.maxQueuedSequences} sequences, so it could never be admitted. Lower 'n' or split the prompts over several requests.`,
+      param, 'too_many_sequences');
+  }
+  return sequences;
+}

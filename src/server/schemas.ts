@@ -55,12 +55,22 @@ const samplingProperties = {
   return_routed_experts: bool,
 } as const;
 
-export const completionBodySchema = {
+/** Default of --max-prompts-per-request. */
+export const DEFAULT_MAX_PROMPTS_PER_REQUEST = 128;
+
+/**
+ * The /v1/completions body; maxPrompts caps the prompts of one request (a list of strings or of
+ * token-id lists; a single token-id list is one prompt, however long).
+ */
+export const completionBodySchemaFor = (maxPrompts: number) => ({
   type: 'object',
   required: ['prompt'],
   properties: {
     ...samplingProperties,
     prompt: {
+      // NOTE: errors.ts appends '(got N)' to a maxItems failure, so the 400 says both the limit and the value.
+      if: { type: 'array', items: { not: { type: 'integer' } } },
+      then: { type: 'array', maxItems: maxPrompts, description: `must hold at most ${maxPrompts} prompts, the server's limit per request` },
       anyOf: [
         { type: 'string' },
         { type: 'array', minItems: 1, items: { type: 'string' } },
@@ -72,7 +82,9 @@ export const completionBodySchema = {
     logprobs: int(0, 20, 'between 0 and 20'),
     echo: bool,
   },
-} as const;
+} as const);
+
+export const completionBodySchema = completionBodySchemaFor(DEFAULT_MAX_PROMPTS_PER_REQUEST);
 
 const messageSchema = {
   type: 'object',
