@@ -46,7 +46,7 @@ test('--help tells the truth for every command', async () => {
   assert.match(top.stdout, /generate/);
   const serve = await expertd(['serve', '--help']);
   for (const flag of ['--model', '--host', '--port', '--api-key', '--max-num-seqs', '--max-num-batched-tokens',
-    '--max-queued-requests', '--max-queued-sequences', '--max-prompts-per-request', '--max-sequences-per-request', '--kv-cache-gb', '--kv-cache-blocks', '--block-size', '--compute-dtype',
+    '--max-queued-requests', '--max-queued-sequences', '--max-prompts-per-request', '--max-sequences-per-request', '--stream-stall-timeout', '--kv-cache-gb', '--kv-cache-blocks', '--block-size', '--compute-dtype',
     '--served-model-name', '--shutdown-timeout', '--log-level']) assert.ok(serve.stdout.includes(flag), `serve --help lacks ${flag}`);
   assert.match(serve.stdout, /EXPERTD_PORT/);
   const gen = await expertd(['generate', '--help']);

@@ -93,3 +93,54 @@ test('a request that can never fit fails cleanly; the engine keeps serving', asy
     await engine.close();
   }
 });
+
+test('pause: a paused request stops stepping while others run, resumes with the same greedy output; abort frees its KV', async () => {
+  const engine = new EngineClient(options());
+  const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+  try {
+    await engine.ready;
+    const alone = await run(engine, request('alone', prompt(3, 12), 60));
+    // The same request, paused after its first tokens.
+    const tokens: number[] = [];
+    let end: EngineEvent | null = null;
+    let pausedOnce = false;
+    const finished = new Promise<void>((resolve) => engine.generate(request('p', prompt(3, 12), 60), (ev) => {
+      if (ev.type !== 'tokens') { end = ev; resolve(); return; }
+      tokens.push(...ev.tokenIds);
+      if (tokens.length >= 3 && !pausedOnce) { pausedOnce = true; engine.pause(['p']); }
+    }));
+    while (!pausedOnce) await sleep(2);
+    // NOTE: the worker takes messages in order between steps, so once 'other' (posted after the
+    // pause) has its first token, every token of p still in flight has landed: none may follow.
+    let settled = -1;
+    const otherTokens: number[] = [];
+    const otherDone = new Promise<void>((resolve) => engine.generate(request('other', prompt(4, 8), 20), (ev) => {
+      if (ev.type !== 'tokens') { resolve(); return; }
+      if (settled < 0) settled = tokens.length;
+      otherTokens.push(...ev.tokenIds);
+    }));
+    await otherDone;
+    assert.equal(otherTokens.length, 20, 'another request is served meanwhile');
+    assert.ok(settled >= 3 && settled < 60, `paused before the end (at ${settled})`);
+    assert.equal(tokens.length, settled, 'no token while paused');
+    assert.ok(engine.stats().kvBlocksUsed > 0, 'the paused request keeps its KV');
+    engine.resume(['p']);
+    await finished;
+    assert.deepEqual(tokens, alone.tokens, 'resumed from its cached K/V: the same greedy tokens');
+    const last = end as EngineEvent | null;
+    assert.equal(last?.type === 'finished' && last.reason, 'length');
+
+    // Paused, then aborted: its blocks are freed.
+    const aborted = run(engine, request('q', prompt(5, 12), 60));
+    await sleep(50);
+    engine.pause(['q']);
+    await sleep(100);
+    engine.abort('q');
+    const q = await aborted;
+    assert.equal(q.end.type === 'finished' && q.end.reason, 'abort');
+    assert.equal(engine.stats().kvBlocksUsed, 0);
+    assert.equal(engine.stats().running, 0);
+  } finally {
+    await engine.close();
+  }
+});

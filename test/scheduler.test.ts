@@ -323,3 +323,69 @@ test('random simulation: budgets and invariants every step, the oldest always pr
   console.log(`simulation: ${n} sequences, ${h.finished.length} finished, ${h.s.preemptionsTotal} preemptions, ` +
     `worst arrival-to-finish ${worstLatency} steps`);
 });
+
+test('a paused sequence is not stepped, keeps its blocks, and resumes where it stopped; others go on', () => {
+  const h = new Harness({ ...base, maxNumBatchedTokens: 32 });
+  h.add('a', 6, 20);
+  h.add('b', 5, 20);
+  h.step();
+  h.step();
+  assert.ok(h.s.pause('a'));
+  assert.equal(h.s.numPaused, 1);
+  const blocks = [...h.s.cache.blockTable('a')];
+  const computed = h.s.sequenceInfo('a').numComputed;
+  for (let i = 0; i < 5; i++) {
+    const p = h.step();
+    assert.deepEqual(p.entries.map((e) => e.seqId), ['b'], 'only b steps while a is paused');
+  }
+  assert.deepEqual(h.s.sequenceInfo('a'), { state: 'running', paused: true, numComputed: computed, outputTokenIds: h.live.get('a')!.output, numPreemptions: 0 });
+  assert.deepEqual([...h.s.cache.blockTable('a')], blocks, 'its KV blocks are kept');
+  assert.ok(h.s.resume('a'));
+  assert.equal(h.s.numPaused, 0);
+  const p = h.step();
+  const e = p.entries.find((x) => x.seqId === 'a')!;
+  assert.ok(!e.isPrefillChunk, 'no recomputation: a decodes on from its cached K/V');
+  assert.equal(e.startPosition, computed);
+  h.drain();
+  assert.equal(h.s.cache.numUsedBlocks, 0);
+  assert.ok(!h.s.pause('a'), 'a finished sequence is unknown');
+});
+
+test('a paused waiting sequence does not hold up the queue, and abort of a paused one frees its blocks', () => {
+  const h = new Harness({ ...base, maxNumSeqs: 2, maxNumBatchedTokens: 64 });
+  for (const id of ['a', 'b', 'c', 'd']) h.add(id, 3, 4);
+  h.s.pause('c');
+  let p = h.step();
+  assert.deepEqual(p.entries.map((e) => e.seqId), ['a', 'b']);
+  for (let i = 0; i < 20 && h.live.size > 1; i++) h.step();
+  // c is paused: everyone behind it finished.
+  assert.deepEqual(h.finished, ['a', 'b', 'd']);
+  assert.deepEqual(h.s.order(), { running: [], waiting: ['c'] });
+  assert.equal(h.s.step().entries.length, 0, 'nothing to run while c is paused');
+  h.s.resume('c');
+  p = h.step();
+  assert.deepEqual(p.entries.map((e) => e.seqId), ['c']);
+  h.s.pause('c');
+  assert.ok(h.s.cache.numUsedBlocks > 0);
+  h.abort('c');
+  assert.equal(h.s.cache.numUsedBlocks, 0);
+  assert.equal(h.s.numPaused, 0);
+});
+
+test('out of blocks, a paused sequence gives up its blocks before any active one', () => {
+  // As in the preemption test above, but a (the oldest) is paused: it goes instead of c.
+  const h = new Harness({ numBlocks: 6, blockSize: 4, maxContext: 64, maxNumSeqs: 4, maxNumBatchedTokens: 32 });
+  for (const id of ['a', 'b', 'c']) h.add(id, 7, 6);
+  h.step();
+  h.step();
+  h.s.pause('a');
+  const p = h.step(); // b and c need a block at position 8
+  assert.deepEqual(p.preempted, ['a']);
+  assert.deepEqual(p.entries.map((e) => e.seqId), ['b', 'c']);
+  assert.deepEqual(h.s.order(), { running: ['b', 'c'], waiting: ['a'] });
+  assert.deepEqual(h.s.sequenceInfo('a'), { state: 'waiting', paused: true, numComputed: 0, outputTokenIds: h.live.get('a')!.output, numPreemptions: 1 });
+  h.s.resume('a');
+  h.drain();
+  assert.deepEqual(h.finished.sort(), ['a', 'b', 'c']);
+  assert.equal(h.s.cache.numUsedBlocks, 0);
+});

@@ -25,6 +25,7 @@ export const serveFlags: FlagSpec[] = [
   { name: 'max-queued-requests', type: 'int', min: 1, arg: 'N', help: 'Old name of --max-queued-sequences (it counts sequences, not requests)' },
   { name: 'max-prompts-per-request', type: 'int', min: 1, max: 65536, default: 128, help: 'Prompts in one /v1/completions request at most (more: 400)' },
   { name: 'max-sequences-per-request', type: 'int', min: 1, max: 65536, default: 256, help: 'Sequences (prompts x n) of one request at most (more: 400); n itself is at most 128' },
+  { name: 'stream-stall-timeout', type: 'number', min: 0.1, default: 120, arg: 'SECONDS', help: 'A stream whose client stops reading pauses its sequences (KV kept, not stepped); still unread after this long, it is aborted, its KV freed' },
   { name: 'shutdown-timeout', type: 'number', min: 0, default: 30, arg: 'SECONDS', help: 'On SIGTERM/SIGINT, how long in-flight requests may finish' },
   { name: 'log-level', type: 'string', default: 'info', choices: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'], help: 'pino log level' },
   { name: 'log-prompts', type: 'boolean', default: false, help: 'Include prompt text in request log lines (off: prompts are user data)' },
@@ -96,6 +97,7 @@ export async function serveCommand(argv: string[]): Promise<number> {
   const server = createServer({
     engine, codec: codecFor(tok), servedModelName: opts.servedModelName,
     apiKey: flags['api-key'] as string | undefined, ...serverLimits(flags),
+    streamStallTimeoutMs: Number(flags['stream-stall-timeout']) * 1000,
     maxModelLen: opts.info.maxContext, logger, metrics, logPrompts: Boolean(flags['log-prompts']),
   });
   engine.on('failed', (msg: string) => logger.error({ error: msg }, 'engine failed: /health now answers 503'));

@@ -104,6 +104,17 @@ export class EngineClient extends EventEmitter {
     if (this.pending.has(id)) this.post({ type: 'abort', id });
   }
 
+  /** Backpressure: the engine stops stepping these requests (they keep their KV) until resume(). */
+  pause(ids: readonly string[]): void {
+    const live = ids.filter((id) => this.pending.has(id));
+    if (live.length > 0) this.post({ type: 'pause', ids: live });
+  }
+
+  resume(ids: readonly string[]): void {
+    const live = ids.filter((id) => this.pending.has(id));
+    if (live.length > 0) this.post({ type: 'resume', ids: live });
+  }
+
   /**
    * The worker's last figures, with `waiting` counting requests posted but not yet seen running,
    * so admission control (429) is never behind a burst.

@@ -100,8 +100,21 @@ export class EngineCore {
     return { type: 'finished', id, reason: 'abort', promptTokens: r.req.promptTokenIds.length, completionTokens: r.generated };
   }
 
+  /**
+   * Stops stepping a request (its stream's client is not reading): it keeps its KV blocks unless a
+   * decode needs them. False when the request is unknown (already finished).
+   */
+  pause(id: string): boolean {
+    return this.requests.has(id) && this.scheduler.pause(id);
+  }
+
+  resume(id: string): boolean {
+    return this.requests.has(id) && this.scheduler.resume(id);
+  }
+
+  /** Some request could step (paused ones cannot). */
   hasWork(): boolean {
-    return this.requests.size > 0;
+    return this.requests.size > this.scheduler.numPaused;
   }
 
   stats(): EngineStats {
@@ -115,7 +128,9 @@ export class EngineCore {
   /** Runs one step; returns its events and metrics (null when there was nothing to run). */
   step(): { events: EngineEvent[]; metrics: StepMetrics } | null {
     const t0 = performance.now();
-    const plan = this.scheduler.step();
+    let plan = this.scheduler.step();
+    // A plan that only preempted (its one decode was the youngest) admits on the next try.
+    while (plan.entries.length === 0 && plan.preempted.length > 0) plan = this.scheduler.step();
     if (plan.entries.length === 0) return null;
     const queueTimesMs: number[] = [];
     for (const e of plan.entries) {

@@ -33,6 +33,9 @@ export type ToWorker =
   | { type: 'init'; options: EngineOptions }
   | { type: 'generate'; req: GenerateRequest }
   | { type: 'abort'; id: string }
+  /** Backpressure: stop stepping these requests (their client is not reading), or step them again. */
+  | { type: 'pause'; ids: string[] }
+  | { type: 'resume'; ids: string[] }
   | { type: 'shutdown' };
 
 export type FromWorker =

@@ -2,6 +2,8 @@
 // under a token budget, a sequence limit and the KV blocks free. Decodes go first, then a running
 // prefill continues in chunks, then waiting sequences are admitted FIFO; when a decode finds no
 // block the youngest running sequence is preempted and later recomputed from prompt + output.
+// A paused sequence (its client stopped reading) is not stepped and keeps its blocks, and is the
+// first to give them up when a decode needs one.
 
 import { PagedKvCache, type SeqId } from './kv-cache.js';
 import type { EngineStats } from './types.js';
@@ -71,10 +73,13 @@ interface Sequence {
   phase: 'prefill' | 'decode';
   running: boolean;
   numPreemptions: number;
+  /** Not stepped (nor admitted) until resumed: its stream's client is not reading. */
+  paused: boolean;
 }
 
 export interface SequenceInfo {
   state: 'waiting' | 'running';
+  paused: boolean;
   numComputed: number;
   outputTokenIds: readonly number[];
   numPreemptions: number;
@@ -84,14 +89,16 @@ export class Scheduler {
   readonly cache: PagedKvCache;
   readonly config: Readonly<SchedulerConfig>;
   private readonly seqs = new Map<SeqId, Sequence>();
-  /** FIFO by arrival; preempted sequences go back to the front. */
+  /** FIFO by arrival; preempted sequences go back in arrival order. */
   private waiting: Sequence[] = [];
   /**
    * Sorted by arrival, so the youngest is last.
-   * NOTE: every running sequence is older than every waiting one (admission is FIFO and
-   * preemption moves the youngest to the front); the no-starvation argument rests on it.
+   * NOTE: every running sequence is older than every waiting one that is not paused (admission is
+   * FIFO among the unpaused and preemption moves the youngest to the front); the no-starvation
+   * argument rests on it. Paused sequences step aside: they wait in arrival order, skipped.
    */
   private running: Sequence[] = [];
+  private paused = 0;
   private nextArrival = 0;
   private preemptions = 0;
 
@@ -121,6 +128,11 @@ export class Scheduler {
 
   get numWaiting(): number {
     return this.waiting.length;
+  }
+
+  /** Sequences paused (running with their blocks, or waiting). */
+  get numPaused(): number {
+    return this.paused;
   }
 
   get preemptionsTotal(): number {
@@ -164,7 +176,7 @@ export class Scheduler {
     }
     const seq: Sequence = {
       id, prompt: promptTokenIds, output: [], maxTokens, arrival: this.nextArrival++,
-      numComputed: 0, phase: 'prefill', running: false, numPreemptions: 0,
+      numComputed: 0, phase: 'prefill', running: false, numPreemptions: 0, paused: false,
     };
     this.seqs.set(id, seq);
     this.waiting.push(seq);
@@ -178,16 +190,19 @@ export class Scheduler {
     let budget = maxNumBatchedTokens;
 
     const preemptYoungest = (): Sequence => {
-      const victim = this.running.pop()!;
-      // NOTE: decodes are scheduled oldest first, so the youngest is never already in this plan.
+      // A paused sequence gives up its blocks first (youngest paused first): it is not stepped anyway.
+      let i = this.running.length - 1;
+      while (i >= 0 && !this.running[i]!.paused) i--;
+      // NOTE: decodes are scheduled oldest first, so the youngest is never already in this plan
+      // (and a paused one never is).
+      const victim = i >= 0 ? this.running.splice(i, 1)[0]! : this.running.pop()!;
       this.cache.free(victim.id);
       victim.running = false;
       victim.numComputed = 0;
       victim.phase = 'prefill';
       victim.numPreemptions++;
       this.preemptions++;
-      // Victims come youngest first, so unshifting keeps waiting sorted by arrival.
-      this.waiting.unshift(victim);
+      insertByArrival(this.waiting, victim);
       preempted.push(victim.id);
       return victim;
     };
@@ -198,7 +213,7 @@ export class Scheduler {
 
     // (a) Decodes, oldest first: one token each; preempt the youngest until the token fits.
     for (const seq of [...this.running]) {
-      if (!seq.running || seq.phase !== 'decode' || this.remaining(seq) === 0) continue;
+      if (!seq.running || seq.paused || seq.phase !== 'decode' || this.remaining(seq) === 0) continue;
       if (budget < 1) break;
       let self = false;
       while (!self && !this.cache.canAppend(seq.id, 1)) self = preemptYoungest() === seq;
@@ -211,21 +226,22 @@ export class Scheduler {
     // free blocks, which also stops further admissions. So it waits for decodes to finish, or
     // is itself evicted by the next decode that needs a block.
     for (const seq of [...this.running]) {
-      if (!seq.running || seq.phase !== 'prefill' || this.remaining(seq) === 0) continue;
+      if (!seq.running || seq.paused || seq.phase !== 'prefill' || this.remaining(seq) === 0) continue;
       if (budget < 1) break;
       const n = Math.min(this.remaining(seq), budget, this.cache.appendableTokens(seq.id));
       if (n > 0) schedule(seq, n);
     }
 
-    // (c) Admit waiting sequences FIFO; the head blocks the rest so it cannot starve. Not after
-    // a preemption: the blocks are short, and re-admitting a victim at once would thrash.
-    while (preempted.length === 0 && this.waiting.length > 0 && this.running.length < maxNumSeqs && budget > 0) {
-      const seq = this.waiting[0]!;
+    // (c) Admit waiting sequences FIFO, paused ones skipped; the head blocks the rest so it cannot
+    // starve. Not after a preemption: the blocks are short, and re-admitting a victim at once would thrash.
+    for (let i = 0; preempted.length === 0 && i < this.waiting.length && this.running.length < maxNumSeqs && budget > 0;) {
+      const seq = this.waiting[i]!;
+      if (seq.paused) { i++; continue; }
       const n = Math.min(this.remaining(seq), budget);
       if (!this.cache.canAppend(seq.id, n)) break;
-      this.waiting.shift();
+      this.waiting.splice(i, 1);
       seq.running = true;
-      this.running.push(seq);
+      insertByArrival(this.running, seq);
       schedule(seq, n);
     }
 
@@ -285,10 +301,28 @@ export class Scheduler {
     return this.remove(id);
   }
 
+  /**
+   * Stops stepping (and admitting) a sequence until resume(); a running one keeps its blocks.
+   * Returns false for an unknown (finished) sequence.
+   */
+  pause(id: SeqId): boolean {
+    const seq = this.seqs.get(id);
+    if (!seq) return false;
+    if (!seq.paused) { seq.paused = true; this.paused++; }
+    return true;
+  }
+
+  resume(id: SeqId): boolean {
+    const seq = this.seqs.get(id);
+    if (!seq) return false;
+    if (seq.paused) { seq.paused = false; this.paused--; }
+    return true;
+  }
+
   sequenceInfo(id: SeqId): SequenceInfo {
     const seq = this.get(id);
     return {
-      state: seq.running ? 'running' : 'waiting', numComputed: seq.numComputed,
+      state: seq.running ? 'running' : 'waiting', paused: seq.paused, numComputed: seq.numComputed,
       outputTokenIds: seq.output, numPreemptions: seq.numPreemptions,
     };
   }
@@ -303,6 +337,7 @@ export class Scheduler {
     if (!seq) return false;
     this.seqs.delete(id);
     this.cache.free(id);
+    if (seq.paused) this.paused--;
     if (seq.running) this.running.splice(this.running.indexOf(seq), 1);
     else this.waiting.splice(this.waiting.indexOf(seq), 1);
     return true;
@@ -325,4 +360,11 @@ export class Scheduler {
   private tokenAt(seq: Sequence, i: number): number {
     return i < seq.prompt.length ? seq.prompt[i]! : seq.output[i - seq.prompt.length]!;
   }
+}
+
+/** Inserts seq into a list sorted by arrival, keeping it sorted. */
+function insertByArrival(list: Sequence[], seq: Sequence): void {
+  let i = list.length;
+  while (i > 0 && list[i - 1]!.arrival > seq.arrival) i--;
+  list.splice(i, 0, seq);
 }

@@ -46,8 +46,9 @@ function makeEvents(step?: StepMetrics): FromWorker {
 function loop(): void {
   scheduled = false;
   if (!core || stopping) return;
+  let res: ReturnType<EngineCore['step']>;
   try {
-    const res = core.step();
+    res = core.step();
     if (res) {
       pending.push(...res.events);
       flush(res.metrics);
@@ -61,7 +62,9 @@ function loop(): void {
     stopping = true;
     return;
   }
-  if (core.hasWork()) kick();
+  // NOTE: a step that ran nothing (every request paused, or waiting for blocks that paused ones
+  // hold) would run nothing again until a message changes that: generate, abort and resume kick.
+  if (res && core.hasWork()) kick();
 }
 
 function kick(): void {
@@ -176,9 +179,17 @@ port.on('message', (m: ToWorker) => {
     case 'abort': {
       if (!core) break;
       const ev = core.abort(m.id);
-      if (ev) { pending.push(ev); flush(); }
+      if (ev) { pending.push(ev); flush(); kick(); }
       break;
     }
+    case 'pause':
+      for (const id of m.ids) core?.pause(id);
+      break;
+    case 'resume':
+      if (!core) break;
+      for (const id of m.ids) core.resume(id);
+      kick();
+      break;
     case 'shutdown':
       stopping = true;
       if (saveTimer) clearInterval(saveTimer);

@@ -31,6 +31,13 @@ export interface ServerOptions {
   logPrompts: boolean;
   /** Largest accepted request body in bytes (default 4 MiB). */
   bodyLimit?: number;
+  /**
+   * A stream whose client stops reading pauses its sequences; still unread after this long, it is
+   * aborted (KV freed) with a log line (default 120 s, --stream-stall-timeout).
+   */
+  streamStallTimeoutMs?: number;
+  /** Bytes one stream may queue in the process beyond the socket's buffers before it is aborted (default 1 MiB). */
+  streamBufferLimitBytes?: number;
   /** Seconds sent in Retry-After with 429 and 503 (default 1). */
   retryAfterSeconds?: number;
 }

@@ -8,6 +8,9 @@ export interface EngineClient {
   /** Starts a request; events arrive through onEvent until a 'finished' event. */
   generate(req: GenerateRequest, onEvent: (ev: EngineEvent) => void): void;
   abort(id: string): void; // cancels; a 'finished' with reason 'abort' follows
+  /** Backpressure: stop stepping these requests (they keep their KV) until resume(); unknown ids are ignored. */
+  pause(ids: readonly string[]): void;
+  resume(ids: readonly string[]): void;
   stats(): EngineStats;
   state(): 'loading' | 'ready' | 'draining' | 'failed';
 }

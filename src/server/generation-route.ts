@@ -8,7 +8,11 @@ import type { RequestRecord, ServerContext } from './context.js';
 import { ApiError } from './errors.js';
 import { Generation, type ChoiceDelta, type ChoiceState, type GenerationParams } from './generation.js';
 import { checkSequenceCount } from './request-params.js';
-import { SseStream } from './sse.js';
+import { SseStream, type SseFlowControl } from './sse.js';
+
+/** Defaults of --stream-stall-timeout (as ms) and of the bytes a stream may queue in the process. */
+export const DEFAULT_STREAM_STALL_TIMEOUT_MS = 120_000;
+export const DEFAULT_STREAM_BUFFER_LIMIT_BYTES = 1 << 20;
 
 export type EndpointKind = 'completion' | 'chat';
 
@@ -182,27 +186,60 @@ export async function runGeneration(ctx: ServerContext, request: FastifyRequest,
   );
 
   let responded = false;
-  const onClose = () => {
-    if (!responded) {
-      responded = true;
-      generation.abort('client disconnected');
-      if (record && !record.logged) {
-        // The response never finished, so onResponse will not log it: do it here.
-        record.logged = true;
-        record.error = 'client disconnected';
-        record.completionTokens = generation.completionTokens;
-        record.ttftMs = generation.ttftMs === null ? null : Math.round(generation.ttftMs * 10) / 10;
-        request.log.info({ ...logFields(record), status: 499, durationMs: Math.round(reply.elapsedTime) }, 'request aborted by client');
-        opts.metrics.httpRequests.inc({ route: record.route, status: '499' });
-      }
+  /** The response will never finish (client gone or not reading), so onResponse will not log it: do it here. */
+  const endUnfinished = (why: string, message: string, level: 'info' | 'warn', extra: Record<string, unknown> = {}) => {
+    responded = true;
+    generation.abort(why);
+    if (record && !record.logged) {
+      record.logged = true;
+      record.error = why;
+      record.completionTokens = generation.completionTokens;
+      record.ttftMs = generation.ttftMs === null ? null : Math.round(generation.ttftMs * 10) / 10;
+      request.log[level]({ ...logFields(record), ...extra, status: 499, durationMs: Math.round(reply.elapsedTime) }, message);
+      opts.metrics.httpRequests.inc({ route: record.route, status: '499' });
     }
+  };
+  let stallTimer: NodeJS.Timeout | null = null;
+  const clearStall = () => {
+    if (stallTimer) clearTimeout(stallTimer);
+    stallTimer = null;
+  };
+  const onClose = () => {
+    clearStall();
+    if (!responded) endUnfinished('client disconnected', 'request aborted by client', 'info');
   };
   // NOTE: the response's 'close' (not the request's, which fires once the body is read) says the client left.
   reply.raw.on('close', onClose);
 
   if (prep.stream) {
     reply.hijack();
-    sse = new SseStream(reply.raw, { 'x-request-id': String(request.id) });
+    const stallTimeoutMs = opts.streamStallTimeoutMs ?? DEFAULT_STREAM_STALL_TIMEOUT_MS;
+    const bufferLimitBytes = opts.streamBufferLimitBytes ?? DEFAULT_STREAM_BUFFER_LIMIT_BYTES;
+    /** A client that does not read loses its request: KV freed, socket closed (an error chunk would only queue). */
+    const dropStalled = (why: string, extra: Record<string, unknown>) => {
+      clearStall();
+      if (responded) return;
+      endUnfinished(why, 'stream aborted: the client stopped reading', 'warn', extra);
+      reply.raw.destroy();
+    };
+    // Backpressure: a full socket pauses this request's sequences in the engine (they keep their
+    // KV, other requests keep stepping) until it drains; stalled too long, or too much queued, it ends.
+    const flow: SseFlowControl = {
+      onPause() {
+        if (responded) return; // the last chunks of a finished request: nothing left to pause
+        generation.pause();
+        stallTimer ??= setTimeout(() => dropStalled(`client stopped reading for ${stallTimeoutMs / 1000} s`,
+          { stallTimeoutMs, bufferedBytes: sse?.bufferedBytes ?? 0 }), stallTimeoutMs);
+      },
+      onResume() {
+        clearStall();
+        generation.resume();
+      },
+      onOverflow(bufferedBytes) {
+        dropStalled(`client stopped reading: ${bufferedBytes} bytes queued (limit ${bufferLimitBytes})`, { bufferedBytes, bufferLimitBytes });
+      },
+    };
+    sse = new SseStream(reply.raw, { 'x-request-id': String(request.id) }, flow, bufferLimitBytes);
     if (prep.kind === 'chat') {
       // OpenAI opens every chat choice with a role-only delta.
       for (const c of generation.choices) {
@@ -217,6 +254,7 @@ export async function runGeneration(ctx: ServerContext, request: FastifyRequest,
   ctx.track(generation);
   generation.start();
   const outcome = await generation.done;
+  clearStall();
   if (record) {
     record.completionTokens = generation.completionTokens;
     record.ttftMs = generation.ttftMs === null ? null : Math.round(generation.ttftMs * 10) / 10;

@@ -72,6 +72,8 @@ export class Generation {
   private resolve!: (o: GenerationOutcome) => void;
   private outcome: GenerationOutcome | null = null;
   private readonly stopIds: Set<number>;
+  /** Paused by backpressure (see pause()). */
+  paused = false;
   /** Time to the first token of any choice, ms (for the request log line). */
   ttftMs: number | null = null;
 
@@ -136,6 +138,19 @@ export class Generation {
         this.fail({ status: 'error', message: `engine refused request: ${(err as Error)?.message ?? String(err)}` });
       }
     }
+  }
+
+  /** Backpressure: the engine stops stepping this request's unfinished sequences until resume(). */
+  pause(): void {
+    if (this.paused || this.outcome) return;
+    this.paused = true;
+    this.deps.engine.pause(this.engineIds);
+  }
+
+  resume(): void {
+    if (!this.paused) return;
+    this.paused = false;
+    if (!this.outcome) this.deps.engine.resume(this.engineIds);
   }
 
   /** Cancels every unfinished engine request (client gone, shutdown). */

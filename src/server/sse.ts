@@ -1,13 +1,30 @@
 // Server-sent events exactly as OpenAI streams them: `data: {json}\n\n` chunks, then `data: [DONE]\n\n`;
-// a failure mid-stream is one `data: {"error": {...}}` chunk, then the stream closes.
+// a failure mid-stream is one `data: {"error": {...}}` chunk, then the stream closes. Backpressure:
+// when the socket stops taking data the stream says so (pause) and again when it drains (resume).
 
 import type { ServerResponse } from 'node:http';
 import type { ErrorBody } from './errors.js';
 
+export interface SseFlowControl {
+  /** res.write() said the buffers are full: stop producing. */
+  onPause(): void;
+  /** The socket drained: produce again. */
+  onResume(): void;
+  /** Bytes queued in the process (beyond the kernel's socket buffers) passed the limit. */
+  onOverflow(bufferedBytes: number): void;
+}
+
 export class SseStream {
   private ended = false;
+  private blocked = false;
 
-  constructor(private readonly res: ServerResponse, headers: Record<string, string>) {
+  constructor(
+    private readonly res: ServerResponse,
+    headers: Record<string, string>,
+    private readonly flow: SseFlowControl | null = null,
+    /** Bytes this stream may queue in the process while its client does not read. */
+    private readonly bufferLimitBytes = Infinity,
+  ) {
     res.writeHead(200, {
       'content-type': 'text/event-stream; charset=utf-8',
       'cache-control': 'no-cache',
@@ -23,10 +40,30 @@ export class SseStream {
     return this.ended || this.res.destroyed || this.res.writableEnded;
   }
 
+  /** True between a full write and the next 'drain'. */
+  get paused(): boolean {
+    return this.blocked;
+  }
+
+  /** Bytes written but not yet taken by the socket (above what the kernel buffers). */
+  get bufferedBytes(): number {
+    return this.res.writableLength;
+  }
+
   send(chunk: unknown): void {
     if (this.closed) return;
-    // NOTE: no backpressure wait: chunks are small and bounded by max_tokens; a gone client aborts.
-    this.res.write(`data: ${JSON.stringify(chunk)}\n\n`);
+    // NOTE: a chunk is always written (the few in flight when the producer pauses are bounded by
+    // one engine step); what stops growth is the producer pausing, and the overflow limit.
+    const ok = this.res.write(`data: ${JSON.stringify(chunk)}\n\n`);
+    if (!ok && !this.blocked && this.flow) {
+      this.blocked = true;
+      this.res.once('drain', () => {
+        this.blocked = false;
+        if (!this.closed) this.flow!.onResume();
+      });
+      this.flow.onPause();
+    }
+    if (this.flow && this.res.writableLength > this.bufferLimitBytes) this.flow.onOverflow(this.res.writableLength);
   }
 
   done(): void {

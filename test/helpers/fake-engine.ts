@@ -103,6 +103,8 @@ export interface FakeEngineOptions {
   /** Emit eos after this many generated tokens (otherwise the fake never stops by itself). */
   eosAfter?: number;
   info?: Partial<ModelInfo>;
+  /** Record pause/resume calls but keep generating (tokens that were in flight when a pause came). */
+  ignorePause?: boolean;
 }
 
 interface Job {
@@ -117,17 +119,22 @@ interface Job {
   lastToken: number;
   /** Fail with an engine error after this many tokens. */
   failAfter?: number;
+  /** Backpressure: no tokens until resumed. */
+  paused: boolean;
 }
 
 export class FakeEngine implements EngineClient {
   readonly info: ModelInfo;
   readonly requests: GenerateRequest[] = [];
   readonly aborted: string[] = [];
+  /** Every pause / resume call, in order: ['pause', id] or ['resume', id]. */
+  readonly flowCalls: ['pause' | 'resume', string][] = [];
   currentState: 'loading' | 'ready' | 'draining' | 'failed' = 'ready';
   /** Set to fail the next request after this many tokens, with an internal message. */
   failNextAfter: number | null = null;
   private running = new Map<string, Job>();
   private queue: Job[] = [];
+  private jobs = new Map<string, Job>();
   private preemptions = 0;
 
   constructor(private readonly opts: FakeEngineOptions = {}) {
@@ -145,11 +152,12 @@ export class FakeEngine implements EngineClient {
     let h = 0x12345;
     for (const id of req.promptTokenIds) h = mix(h, id);
     if (req.sampling.temperature > 0) h = mix(h, req.sampling.seed ?? Math.floor(Math.random() * 2 ** 31));
-    const job: Job = { req, onEvent, pending: [], generated: 0, rand: rng(h), timer: null, promptSent: false, lastToken: -1 };
+    const job: Job = { req, onEvent, pending: [], generated: 0, rand: rng(h), timer: null, promptSent: false, lastToken: -1, paused: false };
     if (this.failNextAfter !== null) {
       job.failAfter = this.failNextAfter;
       this.failNextAfter = null;
     }
+    this.jobs.set(req.id, job);
     this.queue.push(job);
     this.schedule();
   }
@@ -173,6 +181,33 @@ export class FakeEngine implements EngineClient {
     });
   }
 
+  pause(ids: readonly string[]): void {
+    for (const id of ids) {
+      const job = this.running.get(id) ?? this.queue.find((j) => j.req.id === id);
+      if (!job) continue;
+      this.flowCalls.push(['pause', id]);
+      if (this.opts.ignorePause) continue;
+      job.paused = true;
+      if (job.timer) { clearTimeout(job.timer); job.timer = null; }
+    }
+  }
+
+  resume(ids: readonly string[]): void {
+    for (const id of ids) {
+      const job = this.running.get(id) ?? this.queue.find((j) => j.req.id === id);
+      if (!job) continue;
+      this.flowCalls.push(['resume', id]);
+      if (!job.paused) continue;
+      job.paused = false;
+      if (this.running.has(id)) this.step(job);
+    }
+  }
+
+  /** Tokens generated so far by a request (running or finished). */
+  generatedOf(id: string): number {
+    return this.jobs.get(id)?.generated ?? 0;
+  }
+
   stats(): EngineStats {
     return { running: this.running.size, waiting: this.queue.length, kvBlocksTotal: 64, kvBlocksUsed: this.running.size * 4, preemptionsTotal: this.preemptions };
   }
@@ -191,7 +226,7 @@ export class FakeEngine implements EngineClient {
     while (this.running.size < max && this.queue.length > 0) {
       const job = this.queue.shift()!;
       this.running.set(job.req.id, job);
-      this.step(job);
+      if (!job.paused) this.step(job);
     }
   }
 
@@ -206,7 +241,7 @@ export class FakeEngine implements EngineClient {
   private step(job: Job): void {
     const interval = this.opts.tokenIntervalMs ?? 0;
     const tick = () => {
-      if (!this.running.has(job.req.id)) return;
+      if (!this.running.has(job.req.id) || job.paused) return;
       const { req } = job;
       const ids: number[] = [];
       const lps: TokenLogprob[] = [];
@@ -243,7 +278,7 @@ export class FakeEngine implements EngineClient {
         }
         job.onEvent(ev);
       }
-      if (!this.running.has(job.req.id)) return; // aborted from inside onEvent
+      if (!this.running.has(job.req.id) || job.paused) return; // aborted or paused from inside onEvent
       if (failAfter !== undefined && job.generated >= failAfter) {
         this.running.delete(req.id);
         job.onEvent({ type: 'finished', id: req.id, reason: 'error', error: 'CUDA error: an illegal memory access (internal detail)', promptTokens: req.promptTokenIds.length, completionTokens: job.generated });
