@@ -389,3 +389,23 @@ test('out of blocks, a paused sequence gives up its blocks before any active one
   assert.deepEqual(h.finished.sort(), ['a', 'b', 'c']);
   assert.equal(h.s.cache.numUsedBlocks, 0);
 });
+
+test('paused sequences cannot hold the engine: a waiting one takes the slot of the youngest paused', () => {
+  const h = new Harness({ ...base, maxNumSeqs: 2, maxNumBatchedTokens: 64 });
+  h.add('a', 3, 6);
+  h.add('b', 3, 6);
+  h.step();
+  h.s.pause('a');
+  h.s.pause('b');
+  h.add('c', 3, 6);
+  const p = h.step();
+  assert.deepEqual(p.preempted, ['b'], 'the youngest paused one gives up its slot');
+  assert.deepEqual(p.entries.map((e) => e.seqId), ['c']);
+  assert.deepEqual(h.s.order(), { running: ['a', 'c'], waiting: ['b'] });
+  assert.equal(h.s.sequenceInfo('a').state, 'running', 'a keeps its slot and blocks: nobody else needs them');
+  h.s.resume('a');
+  h.s.resume('b');
+  h.drain();
+  assert.deepEqual(h.finished.sort(), ['a', 'b', 'c']);
+  assert.equal(h.s.cache.numUsedBlocks, 0);
+});

@@ -189,10 +189,15 @@ export class Scheduler {
     const preempted: SeqId[] = [];
     let budget = maxNumBatchedTokens;
 
-    const preemptYoungest = (): Sequence => {
-      // A paused sequence gives up its blocks first (youngest paused first): it is not stepped anyway.
+    /** The youngest paused running sequence's index, or -1. */
+    const youngestPaused = (): number => {
       let i = this.running.length - 1;
       while (i >= 0 && !this.running[i]!.paused) i--;
+      return i;
+    };
+    const preemptYoungest = (): Sequence => {
+      // A paused sequence gives up its blocks first (youngest paused first): it is not stepped anyway.
+      const i = youngestPaused();
       // NOTE: decodes are scheduled oldest first, so the youngest is never already in this plan
       // (and a paused one never is).
       const victim = i >= 0 ? this.running.splice(i, 1)[0]! : this.running.pop()!;
@@ -234,11 +239,19 @@ export class Scheduler {
 
     // (c) Admit waiting sequences FIFO, paused ones skipped; the head blocks the rest so it cannot
     // starve. Not after a preemption: the blocks are short, and re-admitting a victim at once would thrash.
-    for (let i = 0; preempted.length === 0 && i < this.waiting.length && this.running.length < maxNumSeqs && budget > 0;) {
+    // A paused running sequence gives up its slot and blocks to a waiting one that needs them, so
+    // clients that do not read cannot hold the engine (they are recomputed when resumed).
+    const admitting = preempted.length === 0;
+    for (let i = 0; admitting && i < this.waiting.length && budget > 0;) {
       const seq = this.waiting[i]!;
       if (seq.paused) { i++; continue; }
       const n = Math.min(this.remaining(seq), budget);
-      if (!this.cache.canAppend(seq.id, n)) break;
+      if (this.running.length >= maxNumSeqs || !this.cache.canAppend(seq.id, n)) {
+        if (youngestPaused() < 0) break;
+        preemptYoungest(); // takes the youngest paused one
+        i = 0; // the victim joined waiting in arrival order: look again from the front
+        continue;
+      }
       this.waiting.splice(i, 1);
       seq.running = true;
       insertByArrival(this.running, seq);

@@ -36,7 +36,7 @@ export interface ServerOptions {
    * aborted (KV freed) with a log line (default 120 s, --stream-stall-timeout).
    */
   streamStallTimeoutMs?: number;
-  /** Bytes one stream may queue in the process beyond the socket's buffers before it is aborted (default 1 MiB). */
+  /** Bytes one stream may queue in the process beyond the socket's buffers before it is aborted (default 4 MiB). */
   streamBufferLimitBytes?: number;
   /** Seconds sent in Retry-After with 429 and 503 (default 1). */
   retryAfterSeconds?: number;

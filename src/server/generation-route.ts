@@ -12,7 +12,7 @@ import { SseStream, type SseFlowControl } from './sse.js';
 
 /** Defaults of --stream-stall-timeout (as ms) and of the bytes a stream may queue in the process. */
 export const DEFAULT_STREAM_STALL_TIMEOUT_MS = 120_000;
-export const DEFAULT_STREAM_BUFFER_LIMIT_BYTES = 1 << 20;
+export const DEFAULT_STREAM_BUFFER_LIMIT_BYTES = 4 << 20;
 
 export type EndpointKind = 'completion' | 'chat';
 
@@ -227,12 +227,14 @@ export async function runGeneration(ctx: ServerContext, request: FastifyRequest,
     const flow: SseFlowControl = {
       onPause() {
         if (responded) return; // the last chunks of a finished request: nothing left to pause
+        request.log.debug({ completionId: requestId, bufferedBytes: sse?.bufferedBytes ?? 0 }, 'stream paused: the client is not reading');
         generation.pause();
         stallTimer ??= setTimeout(() => dropStalled(`client stopped reading for ${stallTimeoutMs / 1000} s`,
           { stallTimeoutMs, bufferedBytes: sse?.bufferedBytes ?? 0 }), stallTimeoutMs);
       },
       onResume() {
         clearStall();
+        request.log.debug({ completionId: requestId }, 'stream resumed');
         generation.resume();
       },
       onOverflow(bufferedBytes) {

@@ -57,11 +57,19 @@ export class SseStream {
     const ok = this.res.write(`data: ${JSON.stringify(chunk)}\n\n`);
     if (!ok && !this.blocked && this.flow) {
       this.blocked = true;
-      this.res.once('drain', () => {
-        this.blocked = false;
-        if (!this.closed) this.flow!.onResume();
+      let paused = false;
+      // A burst (n choices in one step) passes the high-water mark while the kernel still takes
+      // data: pause only when the socket has not drained by the end of this turn of the event loop.
+      const check = setImmediate(() => {
+        if (this.closed || !this.res.writableNeedDrain) return;
+        paused = true;
+        this.flow!.onPause();
       });
-      this.flow.onPause();
+      this.res.once('drain', () => {
+        clearImmediate(check);
+        this.blocked = false;
+        if (paused && !this.closed) this.flow!.onResume();
+      });
     }
     if (this.flow && this.res.writableLength > this.bufferLimitBytes) this.flow.onOverflow(this.res.writableLength);
   }
