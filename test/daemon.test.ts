@@ -147,7 +147,7 @@ describe('expertd serve drain', () => {
 
 describe('expertd serve backpressure', () => {
   test('a raw socket that never reads: its request stops generating, others are served, it resumes on read, and is aborted after --stream-stall-timeout with its KV freed', async () => {
-    const d = await startDaemon(['--max-num-seqs', '128', '--stream-stall-timeout', '10', '--log-level', 'debug']);
+    const d = await startDaemon(['--max-num-seqs', '128', '--stream-stall-timeout', '5', '--log-level', 'debug']);
     const sock = net.connect(Number(new URL(d.base).port), '127.0.0.1');
     try {
       let received = 0;
@@ -179,14 +179,13 @@ describe('expertd serve backpressure', () => {
         await new Promise((r) => setTimeout(r, 1000));
         const after = await tokens();
         ok = flowLines().length === lines.length; // no drain (resume) came in between
-        console.log('CHECK', Date.now() - t0, before, last, after, lines.length, flowLines().length);
         if (ok) {
           assert.ok(last >= before + 5);
           assert.equal(after, last, 'the paused request generated nothing while its client did not read');
         }
       }
       assert.ok(last < 128 * 3000 / 2, `paused after ${last} tokens`);
-      assert.ok(await metric(d.base, 'expertd_kv_cache_usage_ratio') > 0, `the paused request keeps its KV: ${d.logs.join('').split('\n').filter((l) => /stream|completed/.test(l)).map((l) => l.slice(0, 400)).join('\n')}`);
+      assert.ok(await metric(d.base, 'expertd_kv_cache_usage_ratio') > 0, 'the paused request keeps its KV');
       // Reading resumes it.
       sock.resume();
       const t1 = Date.now();
@@ -204,7 +203,7 @@ describe('expertd serve backpressure', () => {
         await new Promise((r) => setTimeout(r, 100));
         usage = await metric(d.base, 'expertd_kv_cache_usage_ratio');
       }
-      assert.ok(Date.now() - t2 >= 9000, 'not aborted before the stall timeout');
+      assert.ok(Date.now() - t2 >= 4000, 'not aborted before the stall timeout');
       assert.equal(await metric(d.base, 'expertd_requests_running'), 0);
       assert.match(d.logs.join(''), /stream aborted: the client stopped reading/);
       sock.resume();
