@@ -1,5 +1,6 @@
 // A real Prometheus (the `prometheus` binary; CI installs Debian's package) scrapes a live expertd with
-// two expert ranks on loopback every second; what its HTTP API answers must equal what the daemon served.
+// two expert ranks on loopback every second; what its HTTP API answers must equal what the daemon served,
+// and every query of the Grafana dashboard must parse and evaluate there. promtool checks the configs.
 import assert from 'node:assert/strict';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
@@ -8,11 +9,16 @@ import os from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
 
+import { packageRoot } from '../src/native/index.js';
 import { startDaemon, stopDaemon } from './helpers/daemon.js';
 
 const prometheusBin = process.env.EXPERTD_TEST_PROMETHEUS ?? 'prometheus';
 const probe = spawnSync(prometheusBin, ['--version'], { encoding: 'utf8' });
 const skip = probe.error ? `no ${prometheusBin} binary (${(probe.error as NodeJS.ErrnoException).code}): apt-get install -y prometheus` : false;
+const promtoolBin = process.env.EXPERTD_TEST_PROMTOOL ?? 'promtool';
+const promtoolProbe = spawnSync(promtoolBin, ['--version'], { encoding: 'utf8' });
+const skipPromtool = promtoolProbe.error ? `no ${promtoolBin} binary (${(promtoolProbe.error as NodeJS.ErrnoException).code}): apt-get install -y prometheus` : false;
+const dockerDir = path.join(packageRoot(), 'docker');
 
 /** A port free at the time of asking (Prometheus cannot listen on port 0 and report it). */
 async function freePort(): Promise<number> {
@@ -134,10 +140,43 @@ test('a real Prometheus scrapes expertd --expert-parallel 2 and answers the valu
       assert.deepEqual(new Map(got.map((s) => [labelKey(s.metric), Number(s.value[1])])), want, name);
     }
     assert.ok(served(text, 'expertd_all2all_bytes_total').get('[]')! > 0, 'two ranks exchanged rows');
+
+    // Every dashboard query parses and evaluates in this Prometheus (Grafana's variables given values);
+    // one whose metrics this daemon serves returns series once two scrapes fall in the rate window.
+    const dash = JSON.parse(fs.readFileSync(path.join(dockerDir, 'grafana', 'dashboards', 'expertd.json'), 'utf8'));
+    const exprs: { panel: string; expr: string }[] = dash.panels.flatMap((panel: { title: string; targets?: { expr: string }[] }) =>
+      (panel.targets ?? []).map((t) => ({ panel: panel.title, expr: t.expr })));
+    const servedNames = new Set(text.split('\n').filter((l) => l && !l.startsWith('#')).map((l) => /^[A-Za-z_:][A-Za-z0-9_:]*/.exec(l)![0]));
+    for (const { panel, expr } of exprs) {
+      const promql = expr.replaceAll('$__rate_interval', '5s').replaceAll('$__range', '5m').replaceAll('$instance', '.*').replaceAll('$rank', '.*');
+      const expectSeries = [...promql.matchAll(/expertd_[a-z0-9_]+/g)].every((m) => servedNames.has(m[0]));
+      const got = await waitFor(async () => {
+        const r = await query(p.base, promql);
+        return r.length > 0 || !expectSeries ? r : null;
+      }, 15_000);
+      assert.ok(got, `${panel}: ${promql} returned no series`);
+    }
   } finally {
     if (prom) await stopPrometheus(prom);
     await stopDaemon(d);
     fs.rmSync(dir, { recursive: true, force: true });
   }
   assert.equal(prom!.proc.exitCode !== null || prom!.proc.signalCode !== null, true, 'prometheus exited');
+});
+
+test('docker/prometheus*.yml pass promtool check config; a broken copy fails', { skip: skipPromtool, timeout: 30_000 }, () => {
+  for (const file of ['prometheus.yml', 'prometheus.host.yml']) {
+    const r = spawnSync(promtoolBin, ['check', 'config', path.join(dockerDir, file)], { encoding: 'utf8' });
+    assert.equal(r.status, 0, `${file}: ${r.stdout}${r.stderr}`);
+  }
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'expertd-promtool-'));
+  try {
+    const broken = path.join(dir, 'prometheus.yml');
+    fs.writeFileSync(broken, fs.readFileSync(path.join(dockerDir, 'prometheus.host.yml'), 'utf8').replace('scrape_interval', 'scrape_intervall'));
+    const r = spawnSync(promtoolBin, ['check', 'config', broken], { encoding: 'utf8' });
+    assert.notEqual(r.status, 0);
+    assert.match(r.stdout + r.stderr, /scrape_intervall/);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
 });
