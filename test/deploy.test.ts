@@ -79,6 +79,16 @@ function flagValue(args: string[], flag: string): string | undefined {
   return undefined;
 }
 
+/** The ENV an image's Dockerfile sets (`ENV A=1 B=2` lines). */
+function imageEnv(dockerfile: string): Record<string, string> {
+  const text = fs.readFileSync(path.join(dockerDir, dockerfile), 'utf8');
+  const env: Record<string, string> = {};
+  for (const line of text.split('\n').filter((l) => l.startsWith('ENV '))) {
+    for (const m of line.slice(4).matchAll(/([A-Za-z_][A-Za-z0-9_]*)=(\S+)/g)) env[m[1]!] = m[2]!;
+  }
+  return env;
+}
+
 // ---------------------------------------------------------------- LeaderWorkerSet
 
 const lwsInjectedEnv = ['LWS_LEADER_ADDRESS', 'LWS_GROUP_SIZE', 'LWS_WORKER_INDEX', 'LWS_LEADER_NAME'];
@@ -131,6 +141,7 @@ function lwsContractProblems(lws: Json, service: Json): string[] {
   const lwt = lws.spec.leaderWorkerTemplate;
   if (lwt.restartPolicy !== 'RecreateGroupOnPodRestart') problems.push(`restartPolicy is ${lwt.restartPolicy}, expected RecreateGroupOnPodRestart (a lost rank ends the group)`);
   if (!(lwt.size >= 2)) problems.push(`size is ${lwt.size}, expected the K >= 2 nodes of a multi-node group`);
+  if (lws.spec.startupPolicy === 'LeaderReady') problems.push('startupPolicy LeaderReady deadlocks: the leader is ready only when the workers\' ranks are');
   for (const role of ['leaderTemplate', 'workerTemplate']) {
     const pod = lwt[role].spec;
     const c = pod.containers.find((x: Json) => x.name === 'expertd');
@@ -155,7 +166,8 @@ function lwsContractProblems(lws: Json, service: Json): string[] {
     if (leader?.[probe]?.httpGet?.path !== '/health') problems.push(`leader: ${probe} is not on /health`);
   }
   const httpPort = (leader?.ports ?? []).find((p: Json) => p.name === 'http');
-  if (!httpPort) problems.push('leader: no port named http');
+  const servedPort = Number(flagValue(leader?.args ?? [], '--port') ?? imageEnv('Dockerfile.gpu').EXPERTD_PORT);
+  if (httpPort?.containerPort !== servedPort) problems.push(`leader: port http is ${httpPort?.containerPort}, expertd listens on ${servedPort}`);
   // The Service must reach leaders (node 0 serves HTTP) and never workers.
   const selects = (labels: Record<string, string>) => Object.entries(service.spec.selector ?? {}).every(([k, v]) => labels[k] === v);
   const leaderLabels = { ...lwt.leaderTemplate.metadata?.labels, ...lwsPodLabels(lws.metadata.name, 0) };
@@ -220,6 +232,8 @@ test('docker/k8s/expertd-lws.yaml: the group follows the dist contract (LWS env 
     /--node-rank is not \$\(LWS_WORKER_INDEX\)[^]*\$\(LWS_WORKER_IDX\) is neither in env nor injected by LWS/);
   assert.match(broken((l) => { worker(l).volumes = worker(l).volumes.filter((v: Json) => v.name !== 'dshm'); }), /workerTemplate: no memory-backed \/dev\/shm/);
   assert.match(broken((l) => { delete l.spec.leaderWorkerTemplate.leaderTemplate.spec.containers[0].livenessProbe; }), /leader: livenessProbe is not on \/health/);
+  assert.match(broken((l) => { l.spec.startupPolicy = 'LeaderReady'; }), /LeaderReady deadlocks/);
+  assert.match(broken((l) => { l.spec.leaderWorkerTemplate.leaderTemplate.spec.containers[0].args.push('--port=9000'); }), /port http is 8000, expertd listens on 9000/);
 });
 
 // ---------------------------------------------------------------- compose
