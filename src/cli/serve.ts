@@ -37,8 +37,8 @@ export function codecFor(tok: ModelTokenizer): TextCodec {
     encode: (text, add) => tok.encode(text, add),
     decode: (ids, skip) => tok.decode(ids, skip),
     applyChatTemplate: (messages, addGenerationPrompt) => tok.applyChatTemplate(messages, { addGenerationPrompt }),
-    createDetokenizer: (skip) => {
-      const d = tok.detokenizer([], skip);
+    createDetokenizer: (promptIds, skip) => {
+      const d = tok.detokenizer(promptIds, skip);
       return { push: (id) => d.push(id), flush: () => d.flush() };
     },
     eosTokenIds: tok.eosTokenIds,
