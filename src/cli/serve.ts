@@ -1,5 +1,6 @@
 // `expertd serve`: load the model in the engine worker, then serve the OpenAI-compatible API.
-// SIGTERM/SIGINT drain in-flight requests up to --shutdown-timeout and exit 0.
+// SIGTERM/SIGINT drain in-flight requests up to --shutdown-timeout and exit 0; during the model
+// load they stop the load and exit 0.
 import { pino } from 'pino';
 
 import { EngineClient } from '../engine/engine-client.js';
@@ -67,8 +68,23 @@ export function wireEngineMetrics(engine: EngineClient, metrics: Metrics): void 
   });
 }
 
+/**
+ * The first SIGTERM or SIGINT, from the moment this is called. Once-only handlers, as before: a
+ * second signal of the same kind takes Node's default (immediate exit), the escape hatch when a
+ * drain hangs.
+ */
+function firstStopSignal(): Promise<'SIGTERM' | 'SIGINT'> {
+  return new Promise((resolve) => {
+    process.once('SIGTERM', () => resolve('SIGTERM'));
+    process.once('SIGINT', () => resolve('SIGINT'));
+  });
+}
+
 export async function serveCommand(argv: string[]): Promise<number> {
   const { flags } = parseFlags(serveFlags, argv);
+  // NOTE: before the model load starts: a signal during the load must stop it and exit 0, not kill
+  // the process with the default signal exit.
+  const stopSignal = firstStopSignal();
   const logger = pino({ level: String(flags['log-level']) });
   const opts = resolveEngineOptions(flags, flags['served-model-name'] as string | undefined);
   if (opts.isDemo) logger.warn({ model: opts.modelDir }, 'no --model given: serving the built-in demo model (random weights, gibberish text)');
@@ -88,29 +104,35 @@ export async function serveCommand(argv: string[]): Promise<number> {
   engine.on('failed', (msg: string) => logger.error({ error: msg }, 'engine failed: /health now answers 503'));
   const address = await server.listen({ host: String(flags['host']), port: Number(flags['port']) });
   logger.info({ address, model: opts.servedModelName }, `expertd listening on ${address} (loading the model)`);
+  let loaded: 'ready' | 'SIGTERM' | 'SIGINT';
   try {
-    await engine.ready;
+    loaded = await Promise.race([engine.ready.then(() => 'ready' as const), stopSignal]);
   } catch (e) {
     logger.error({ error: (e as Error).message }, 'model load failed');
     await server.close();
     await engine.close();
     throw e;
   }
+  if (loaded !== 'ready') {
+    // Nothing is in flight yet (generation routes answered 503): end the load, close, exit 0.
+    logger.info({ signal: loaded }, `${loaded} while the model was loading: load stopped, exiting`);
+    await server.close();
+    await engine.close();
+    logger.info('stopped');
+    return 0;
+  }
   logger.info(engine.summary);
   logger.info({ address }, `expertd ready on ${address}`);
-  return await new Promise<number>((resolve) => {
-    let stopping = false;
-    const stop = (signal: string) => {
-      if (stopping) return;
-      stopping = true;
-      logger.info({ signal }, 'draining');
-      engine.setDraining();
-      void server.drain(Number(flags['shutdown-timeout']) * 1000)
-        .then(() => engine.close())
-        .then(() => { logger.info('stopped'); resolve(0); })
-        .catch((e: Error) => { logger.error({ error: e.message }, 'shutdown failed'); resolve(1); });
-    };
-    process.once('SIGTERM', () => stop('SIGTERM'));
-    process.once('SIGINT', () => stop('SIGINT'));
-  });
+  const signal = await stopSignal;
+  logger.info({ signal }, 'draining');
+  engine.setDraining();
+  try {
+    await server.drain(Number(flags['shutdown-timeout']) * 1000);
+    await engine.close();
+  } catch (e) {
+    logger.error({ error: (e as Error).message }, 'shutdown failed');
+    return 1;
+  }
+  logger.info('stopped');
+  return 0;
 }
