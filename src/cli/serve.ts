@@ -46,7 +46,7 @@ export function codecFor(tok: ModelTokenizer): TextCodec {
   };
 }
 
-/** Feeds the engine's per-step figures into the metrics registry. */
+/** Feeds the engine's per-step and per-sequence figures into the metrics registry. */
 export function wireEngineMetrics(engine: EngineClient, metrics: Metrics): void {
   engine.on('step', (s: import('../engine/protocol.js').StepMetrics) => {
     if (s.expertCache) {
@@ -57,14 +57,18 @@ export function wireEngineMetrics(engine: EngineClient, metrics: Metrics): void 
     metrics.recordIterationTokens(s.prefillTokens + s.decodeTokens);
     for (const q of s.queueTimesMs ?? []) metrics.recordQueueTime(q / 1000);
     const sec = s.durationMs / 1000;
-    if (s.prefillTokens > 0) metrics.recordPrefillTime(sec);
-    else metrics.recordDecodeTime(sec);
+    if (s.prefillTokens > 0) metrics.recordPrefillStep(sec);
+    else metrics.recordDecodeStep(sec);
     s.expertTokens?.forEach((counts, layer) => metrics.recordExpertTokens(layer, counts));
     for (const [kernel, layers] of Object.entries(s.kernelChoices ?? {})) metrics.recordKernelChoice(kernel, layers);
     if (s.all2all) {
       metrics.recordAll2all(s.all2all.bytes, s.all2all.seconds);
       if (s.all2all.overlap !== null) metrics.setCommOverlap(s.all2all.overlap);
     }
+  });
+  // Per sequence, once, when it ends (stop, length, or an abort after its first token).
+  engine.on('finished', (ev: Extract<import('../engine/types.js').EngineEvent, { type: 'finished' }>) => {
+    if (ev.prefillMs !== undefined && ev.decodeMs !== undefined) metrics.recordRequestPhases(ev.prefillMs / 1000, ev.decodeMs / 1000);
   });
 }
 

@@ -38,6 +38,7 @@ export class EngineClient extends EventEmitter {
             const cb = this.pending.get(ev.id);
             if (ev.type === 'finished') this.pending.delete(ev.id);
             cb?.(ev);
+            if (ev.type === 'finished') this.emit('finished', ev);
           }
           if (m.step) this.emit('step', m.step satisfies StepMetrics);
         } else if (m.type === 'fatal') {
