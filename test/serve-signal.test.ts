@@ -20,8 +20,9 @@ for (const signal of ['SIGTERM', 'SIGINT'] as const) {
     let out = '';
     const exit = new Promise<{ code: number | null; sig: NodeJS.Signals | null }>((resolve) =>
       proc.on('exit', (code, sig) => resolve({ code, sig })));
-    // A backstop far above the time a stop takes, far below the held load: a hang fails, never waits 10 min.
-    const backstop = setTimeout(() => proc.kill('SIGKILL'), 60_000);
+    // A backstop far above the time a start and a stop take (seconds, even on a loaded machine), far
+    // below the held load: a hang fails the test instead of waiting 10 minutes.
+    const backstop = setTimeout(() => proc.kill('SIGKILL'), 120_000);
     try {
       const base = await new Promise<string>((resolve, reject) => {
         proc.stdout!.on('data', (d: Buffer) => {
