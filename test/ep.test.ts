@@ -16,6 +16,7 @@ import { packageRoot } from '../src/native/index.js';
 import { createCudaEmulator } from './helpers/cuda-emu.js';
 import { startDaemon, stopDaemon } from './helpers/daemon.js';
 import { runAll } from './helpers/model-runner.js';
+import { testSeed } from './helpers/seed.js';
 
 test('expertSlice splits experts contiguously, sizes differing by at most one', () => {
   assert.deepEqual([0, 1, 2].map((r) => expertSlice(8, 3, r)), [[0, 3], [3, 6], [6, 8]]);
@@ -75,13 +76,14 @@ test('an expert rank that cannot load fails startup with its reason', async () =
   assert.throws(() => startExpertRanks(path.join(packageRoot(), 'test', 'fixtures', 'mixtral'), 1, false), /expected an integer >= 2/);
 });
 
-test('GroupExpertComm and DeviceExpertComm: every rank routing rows to every expert gets each row back in place (2-4 ranks)', async () => {
+test('GroupExpertComm and DeviceExpertComm: every rank routing rows to every expert gets each row back in place (2-4 ranks)', async (t) => {
+  const seed = testSeed(t, 0, 'base of each rank\'s routing seed');
   for (const [world, device] of [[2, false], [3, false], [4, false], [2, true], [3, true]] as [number, boolean][]) {
     const group = `ep-comm-test-${process.pid}-${world}-${device}`;
     const ncclId = device ? createCudaEmulator().cudaNcclUniqueId() : undefined;
     const results = await Promise.all(Array.from({ length: world }, (_, rank) => new Promise<{ ok: boolean; checked?: number; error?: string }>((resolve, reject) => {
       const w = new Worker(new URL('./helpers/ep-rank-worker.js', import.meta.url), {
-        workerData: { group, world, rank, E: 7, Z: device ? 0 : 2, H: device ? 8 : 5, steps: 6, ...(ncclId ? { ncclId } : {}) },
+        workerData: { group, world, rank, E: 7, Z: device ? 0 : 2, H: device ? 8 : 5, steps: 6, seed, ...(ncclId ? { ncclId } : {}) },
       });
       w.once('message', resolve);
       w.once('error', reject);
