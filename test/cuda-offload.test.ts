@@ -3,7 +3,8 @@
 // cache at 25% and 50% under eam (with prefetching), lru and lfu gives the resident device model's
 // logits bit for bit. Runs on the GPU when present and always on the emulator of the cuda* ops, also
 // with its side streams held back until ordered (withLazyStreams), which is where a missing wait shows;
-// and a load that evicts a slot waits for compute still queued on it (every compute stream).
+// and a load that evicts a slot waits for compute still queued on it (every compute stream), and
+// disposing the cache leaves no copy queued.
 import assert from 'node:assert/strict';
 import { mkdtempSync } from 'node:fs';
 import os from 'node:os';
@@ -16,7 +17,7 @@ import { loadNative, packageRoot, type CudaAddon, type CudaBuffer, type CudaStre
 import type { SlotWeights } from '../src/offload/expert-store.js';
 import { attachDeviceOffloader, type OffloadConfig } from '../src/offload/setup.js';
 import { readTrace } from '../src/offload/trace-file.js';
-import { createCudaEmulator, withLazyStreams } from './helpers/cuda-emu.js';
+import { createCudaEmulator, lazyWorkLeftOnDispose, withLazyStreams } from './helpers/cuda-emu.js';
 import { runAll } from './helpers/model-runner.js';
 import { needsCudaDevice } from './helpers/cuda-skip.js';
 import { testSeed } from './helpers/seed.js';
@@ -78,20 +79,21 @@ for (const b of backends) {
 // syncs the compute stream (routing to the host) before each load, so the runs above cannot see a
 // missing wait; here a GroupGemm reading the slot is queued on each of the model's streams (main,
 // and ScMoE's side stream), then another expert is loaded into the same slot.
-test('device expert cache (emulator, lazy streams): a load into a slot waits for queued compute still reading it, on every compute stream', (t) => {
+test('device expert cache (emulator, lazy streams): a load into a slot waits for queued compute still reading it, on every compute stream; dispose leaves no copy queued', (t) => {
   const dir = path.join(packageRoot(), 'test', 'fixtures', 'longcat_flash');
   const cu = withLazyStreams(createCudaEmulator());
   const loaded = loadCudaModel(dir, { device: 0, loadExperts: false, cuda: cu });
   const off = attachDeviceOffloader(loaded, { policy: 'lru', fraction: 0.25, prefetch: false }, cu);
   const bufs: { dispose(): void }[] = [];
   const buffer = (bytes: number) => { const b = cu.cudaBuffer(bytes); bufs.push(b); return b; };
+  const slot: SlotWeights<CudaBuffer> = { gateUp: null, down: null };
+  let disposed = false;
   try {
     const streams = loaded.model.computeStreams();
     assert.equal(streams.length, 2, 'longcat_flash computes on a main and a side stream');
     const H = loaded.spec.hidden, I = loaded.spec.moe.intermediate, R = 5;
     const table = new cu.CudaExpertTable(1, H, I);
     bufs.push(table);
-    const slot: SlotWeights<CudaBuffer> = { gateUp: null, down: null };
     const rand = mulberry32(testSeed(t));
     const xs = new Uint16Array(R * H);
     native.convert(Float32Array.from({ length: R * H }, () => rand() * 2 - 1), 'f32', xs, 'bf16');
@@ -122,9 +124,17 @@ test('device expert cache (emulator, lazy streams): a load into a slot waits for
       assert.deepEqual(got, expert0, `stream ${i}: the queued GEMM read expert 0, not the expert loaded after it`);
       assert.deepEqual(ffn(st, () => {}), expert1, `stream ${i}: the slot then holds expert 1`);
     });
+    // Disposed with a load still queued: the store finishes its copies before it lets go of the copy
+    // stream (they would still write the slot and read pinned memory that is being freed).
+    off.store.submit(0, 2, slot, 0);
+    off.dispose();
+    disposed = true;
+    assert.equal(lazyWorkLeftOnDispose(cu), 0, 'work left queued on a disposed stream');
   } finally {
     for (const b of bufs) b.dispose();
-    off.dispose();
+    slot.gateUp?.dispose();
+    slot.down?.dispose();
+    if (!disposed) off.dispose();
     loaded.model.dispose();
   }
 });
