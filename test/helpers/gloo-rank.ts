@@ -1,4 +1,4 @@
-// One rank of the Gloo tests (gloo.test.ts) and of bench/comm.ts: a child process (forked with
+// One rank of the Gloo tests (gloo.test.ts): a child process (forked with
 // EXPERTD_GLOO_RANK set to its JSON config) joins a Gloo group through the test's StoreServer and
 // runs a scenario; the EP scenario also runs in a worker thread over a loopback group, so both
 // backends go through the same code. Results go back over IPC (or the worker's port).
@@ -15,10 +15,7 @@ export interface RankConfig {
   rank: number;
   worldSize: number;
   timeoutMs: number;
-  scenario: 'structured' | 'ep' | 'join-only' | 'lose-peer' | 'bench';
-  /** bench: the all2allv sizes (bytes each rank sends each peer) and repetitions. */
-  benchBytes?: number[];
-  benchReps?: number;
+  scenario: 'structured' | 'ep' | 'join-only' | 'lose-peer';
 }
 
 /** Rows sent from source s to dest d in round `round` of the structured scenario (some zero). */
@@ -84,24 +81,6 @@ export function epSteps(g: CommGroup): number[][] {
   return out;
 }
 
-function bench(g: CommGroup, sizes: number[], reps: number): number[][] {
-  const W = g.worldSize;
-  const timesMs: number[][] = [];
-  for (const perPeer of sizes) {
-    const send = new Uint8Array(perPeer * W), recv = new Uint8Array(perPeer * W);
-    const counts = new Float64Array(W).fill(perPeer);
-    const t: number[] = [];
-    for (let i = 0; i < reps + 2; i++) {
-      g.barrier();
-      const t0 = performance.now();
-      g.all2allv(send, counts, recv, counts);
-      if (i >= 2) t.push(performance.now() - t0);   // two warm-up calls
-    }
-    timesMs.push(t);
-  }
-  return timesMs;
-}
-
 function errorOf(e: unknown) {
   const x = e as Error & { code?: string };
   return { name: x.name, message: x.message, code: x.code };
@@ -125,7 +104,6 @@ async function runProcess(cfg: RankConfig) {
   try {
     if (cfg.scenario === 'structured') await send({ kind: 'result', result: structured(g) });
     else if (cfg.scenario === 'ep') await send({ kind: 'result', result: epSteps(g) });
-    else if (cfg.scenario === 'bench') await send({ kind: 'result', result: bench(g, cfg.benchBytes!, cfg.benchReps!) });
     else if (cfg.scenario === 'lose-peer') {
       // Wait for the test's word (it then kills one rank while the others are inside the collective).
       await nextMessage();
