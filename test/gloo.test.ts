@@ -150,6 +150,18 @@ test('gloo: a rank killed mid-collective makes the others\' collective fail with
   });
 });
 
+test('gloo: all2allv sizes that do not match are a RangeError on the rank that sees it and E_COMM on the others, not a crash', { skip }, async () => {
+  const timeoutMs = 3000;
+  await withGroup(2, 'mismatch', timeoutMs, async (ranks) => {
+    const [r0, r1] = (await Promise.all(ranks.map((r) => r.waitFor('result')))).map((m) => m.result);
+    assert.equal(r1.error?.name, 'RangeError', JSON.stringify(r1));
+    assert.match(r1.error.message, /rank 1\/2: all2allv: rank 0 sends 8 bytes to rank 1, which expects 16; the group is broken/);
+    assert.equal(r0.error?.code, 'E_COMM', JSON.stringify(r0));
+    assert.ok(r0.elapsedMs < timeoutMs + 2000, `rank 0 failed after ${r0.elapsedMs} ms`);
+    assert.deepEqual(await Promise.all(ranks.map((r) => r.exited)), [0, 0]);
+  });
+});
+
 test('gloo: glooJoin argument errors are exact', { skip }, () => {
   assert.throws(() => native.glooJoin({ host: HOST, port: 70000, prefix: 'p', rank: 0, worldSize: 2, timeoutMs: 100 }),
     { name: 'RangeError', message: 'options.port is 70000, expected 1..65535' });

@@ -15,7 +15,7 @@ export interface RankConfig {
   rank: number;
   worldSize: number;
   timeoutMs: number;
-  scenario: 'structured' | 'ep' | 'join-only' | 'lose-peer';
+  scenario: 'structured' | 'ep' | 'join-only' | 'lose-peer' | 'mismatch';
 }
 
 /** Rows sent from source s to dest d in round `round` of the structured scenario (some zero). */
@@ -104,7 +104,18 @@ async function runProcess(cfg: RankConfig) {
   try {
     if (cfg.scenario === 'structured') await send({ kind: 'result', result: structured(g) });
     else if (cfg.scenario === 'ep') await send({ kind: 'result', result: epSteps(g) });
-    else if (cfg.scenario === 'lose-peer') {
+    else if (cfg.scenario === 'mismatch') {
+      // Rank 1 expects 16 bytes from rank 0, which sends 8: a caller's bug, reported, not a crash.
+      const W = g.worldSize, t1 = Date.now();
+      const sendBytes = new Float64Array(W).fill(8);
+      const recvBytes = Float64Array.from({ length: W }, (_, s) => (g.rank === 1 && s === 0 ? 16 : 8));
+      try {
+        g.all2allv(new Uint8Array(8 * W), sendBytes, new Uint8Array(8 * W + 8), recvBytes);
+        await send({ kind: 'result', result: { ok: true } });
+      } catch (e) {
+        await send({ kind: 'result', result: { error: errorOf(e), elapsedMs: Date.now() - t1 } });
+      }
+    } else if (cfg.scenario === 'lose-peer') {
       // Wait for the test's word (it then kills one rank while the others are inside the collective).
       await nextMessage();
       const W = g.worldSize;
