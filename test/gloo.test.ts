@@ -80,6 +80,24 @@ for (const W of [2, 3]) {
   });
 }
 
+test('gloo: rank 0 in a worker thread of the process whose main thread serves the store, rank 1 a process', { skip }, async () => {
+  const server = await StoreServer.listen(HOST, 0);
+  const cfg = { host: HOST, port: server.port, prefix: `gloo-test-${process.pid}-${prefixSeq++}`, worldSize: 2, timeoutMs: 10_000, scenario: 'structured' as const };
+  const other = spawnRank({ ...cfg, rank: 1 });
+  try {
+    const w = new Worker(helper, { workerData: { glooRank: { ...cfg, rank: 0 } } });
+    const m = await new Promise<any>((resolve, reject) => { w.once('message', resolve); w.once('error', reject); });
+    assert.equal(m.ok, true, JSON.stringify(m.error));
+    assert.deepEqual(m.result.counts, [countValue(0, 0), countValue(1, 0)]);
+    assert.equal((await other.waitFor('result')).result.counts[0], countValue(0, 1));
+    assert.equal(await other.exited, 0);
+  } finally {
+    if (other.child.exitCode === null) other.child.kill('SIGKILL');
+    await other.exited;
+    await server.close();
+  }
+});
+
 /** The EP scenario over a loopback group in worker threads (the reference). */
 async function loopbackEp(W: number): Promise<number[][][]> {
   const group = `gloo-ref-${process.pid}-${prefixSeq++}`;

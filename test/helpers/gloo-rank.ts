@@ -152,6 +152,19 @@ if (process.env.EXPERTD_GLOO_RANK && process.send) {
   } else {
     runProcess(cfg).then(() => process.exit(0), () => process.exit(1));
   }
+} else if (!isMainThread && (workerData as { glooRank?: RankConfig } | null)?.glooRank) {
+  // A Gloo rank in a worker thread of a process whose main thread serves the store (rank 0 of a
+  // daemon: the engine worker joins while the main thread keeps serving).
+  const cfg = (workerData as { glooRank: RankConfig }).glooRank;
+  let g: CommGroup | null = null;
+  try {
+    g = loadNative().glooJoin({ host: cfg.host, port: cfg.port, prefix: cfg.prefix, rank: cfg.rank, worldSize: cfg.worldSize, timeoutMs: cfg.timeoutMs });
+    parentPort!.postMessage({ ok: true, result: structured(g) });
+  } catch (e) {
+    parentPort!.postMessage({ ok: false, error: errorOf(e) });
+  } finally {
+    g?.dispose();
+  }
 } else if (!isMainThread && (workerData as { loopbackGroup?: string } | null)?.loopbackGroup) {
   // The loopback reference of the EP scenario: one worker thread per rank.
   const { loopbackGroup, rank, worldSize } = workerData as { loopbackGroup: string; rank: number; worldSize: number };
