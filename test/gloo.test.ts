@@ -1,7 +1,8 @@
 // Gloo comm groups across processes: 2 and 3 rank processes (test/helpers/gloo-rank.ts) rendezvous
 // through a StoreServer in this process; structured all2allv data (every received row says where it
 // came from), uneven and zero counts, the i64 counts exchange, barrier; GroupExpertComm over Gloo
-// equals it over loopback; a rank that never joins and a rank killed mid-collective end the others'
+// equals it over loopback; a rank may join from a worker thread while its main thread serves the
+// store; a rank that never joins and a rank killed mid-collective end the others'
 // calls with E_COMM within the timeout, and no process is left behind.
 import assert from 'node:assert/strict';
 import { fork, type ChildProcess } from 'node:child_process';
@@ -155,8 +156,8 @@ test('gloo: a rank killed mid-collective makes the others\' collective fail with
     for (const { result } of results) {
       const [a2a, barrier] = result;
       assert.equal(a2a.error?.code, 'E_COMM', JSON.stringify(a2a));
-      // Gloo names the peer's address; the rank too when that address is the one it published.
-      assert.match(a2a.error.message, /gloo group '.*' rank [01]\/3: all2allv failed: .*peer \[127\.0\.0\.1\]:\d+( \(rank 2\))?; the group is broken/);
+      // Gloo names the peer's address (closed or reset); we add the rank when it is the address that peer published.
+      assert.match(a2a.error.message, /gloo group '.*' rank [01]\/3: all2allv failed: .*\[127\.0\.0\.1\]:\d+.*; the group is broken/);
       assert.ok(a2a.elapsedMs < timeoutMs + 2000, `all2allv failed after ${a2a.elapsedMs} ms`);
       // The group stays broken: the next call fails at once, naming the first failure.
       assert.equal(barrier.error?.code, 'E_COMM');
