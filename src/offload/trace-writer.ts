@@ -84,6 +84,9 @@ export class TraceWriter {
   private dropping = false;
   private writeFailing = false;
   private closed = false;
+  /** The batch being written (counted when its write ends), and whether close() gave up on it. */
+  private inFlight: Queued[] = [];
+  private abandoned = false;
   readonly totals: TraceCounts = zeroCounts();
   private reported: TraceCounts = zeroCounts();
 
@@ -218,15 +221,19 @@ export class TraceWriter {
         n++;
       }
       const batch = this.queue.splice(0, n);
+      this.inFlight = batch;
       this.fileBytes += bytes;
       try {
         await this.handle!.appendFile(batch.map((q) => q.line).join(''));
       } catch (e) {
+        if (this.abandoned) return;
         this.failWrite(batch, e as Error);
         // Start a fresh file: the failed one may end in a partial line.
         await this.closeHandle();
         continue;
       }
+      if (this.abandoned) return;
+      this.inFlight = [];
       this.queuedBytes -= bytes;
       this.totals.written += records;
       this.writeFailing = false;
@@ -280,11 +287,14 @@ export class TraceWriter {
     let timer: NodeJS.Timeout | undefined;
     const timedOut = await Promise.race([
       this.flush().then(() => false),
-      new Promise<boolean>((resolve) => { timer = setTimeout(() => resolve(true), timeoutMs); timer.unref?.(); }),
+      new Promise<boolean>((resolve) => { timer = setTimeout(() => resolve(true), timeoutMs); }),
     ]);
     clearTimeout(timer);
     if (timedOut) {
-      const left = this.queue.splice(0);
+      // The write in flight may still land; it is counted as lost, like the rest of the queue.
+      this.abandoned = true;
+      const left = [...this.inFlight, ...this.queue.splice(0)];
+      this.inFlight = [];
       this.failWrite(left, new Error(`still ${this.queuedBytes} bytes queued after ${timeoutMs} ms at close`));
       return;
     }
