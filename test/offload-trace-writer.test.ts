@@ -240,3 +240,20 @@ test('a synthetic run: queue, rotate and read back equal the trace (summary of w
   const lines = traceFiles(dir).flatMap((f) => fs.readFileSync(f, 'utf8').split('\n').filter(Boolean)).map((l) => JSON.parse(l) as TraceStep);
   assert.deepEqual(lines, trace.steps);
 });
+
+test('the daemon\'s step metrics carry the writer\'s counts into expertd_trace_records_*_total', async () => {
+  const { createMetrics } = await import('../src/metrics/registry.js');
+  const { wireEngineMetrics } = await import('../src/cli/serve.js');
+  const { EventEmitter } = await import('node:events');
+  const metrics = createMetrics({ defaultMetrics: false });
+  const engine = new EventEmitter();
+  wireEngineMetrics(engine as never, metrics);
+  const step = { prefillTokens: 0, decodeTokens: 1, durationMs: 1, preemptions: 0 };
+  engine.emit('step', { ...step, trace: { written: 5, dropped: { sampled_out: 3, queue_full: 0, too_large: 0, write_error: 0 } } });
+  engine.emit('step', { ...step, trace: { written: 2, dropped: { sampled_out: 0, queue_full: 4, too_large: 0, write_error: 0 } } });
+  const text = await metrics.registry.metrics();
+  assert.match(text, /^expertd_trace_records_written_total 7$/m);
+  assert.match(text, /^expertd_trace_records_dropped_total\{reason="sampled_out"\} 3$/m);
+  assert.match(text, /^expertd_trace_records_dropped_total\{reason="queue_full"\} 4$/m);
+  assert.doesNotMatch(text, /reason="write_error"/);
+});
