@@ -257,3 +257,23 @@ test('the daemon\'s step metrics carry the writer\'s counts into expertd_trace_r
   assert.match(text, /^expertd_trace_records_dropped_total\{reason="queue_full"\} 4$/m);
   assert.doesNotMatch(text, /reason="write_error"/);
 });
+
+test('flush() waits for what was queued at the call, not for a queue that steps keep refilling', async () => {
+  const tick = () => new Promise<void>((r) => setImmediate(r));
+  const busyFs: TraceFs = {
+    open: async () => ({ appendFile: async () => { await tick(); await tick(); }, close: async () => undefined }),
+    unlink: async () => undefined,
+  };
+  const w = new TraceWriter(tmpDir(), meta, { fs: busyFs });
+  const all = steps(5000);
+  let i = 0;
+  let flushed = false;
+  for (; i < 10; i++) w.append(all[i]!);
+  const f = w.flush().then(() => { flushed = true; });
+  // The engine keeps stepping: one more step every turn of the event loop.
+  for (; i < all.length && !flushed; i++) { w.append(all[i]!); await tick(); }
+  await f;
+  assert.ok(i < all.length, 'flush() waited until the steps stopped');
+  assert.ok(w.counts().written >= 20);
+  await w.close();
+});

@@ -87,6 +87,10 @@ export class TraceWriter {
   /** The batch being written (counted when its write ends), and whether close() gave up on it. */
   private inFlight: Queued[] = [];
   private abandoned = false;
+  /** Lines accepted into the queue, and lines since written or dropped (flush() waits on these). */
+  private accepted = 0;
+  private settled = 0;
+  private waiters: { upTo: number; resolve: () => void }[] = [];
   readonly totals: TraceCounts = zeroCounts();
   private reported: TraceCounts = zeroCounts();
 
@@ -186,6 +190,7 @@ export class TraceWriter {
     // Report the next episode only once the writer has caught up by half the queue.
     if (this.dropping && this.queuedBytes + bytes <= this.maxQueueBytes / 2) this.dropping = false;
     this.queue.push({ line, bytes, records });
+    this.accepted++;
     this.queuedBytes += bytes;
     this.kick();
   }
@@ -236,11 +241,20 @@ export class TraceWriter {
       this.inFlight = [];
       this.queuedBytes -= bytes;
       this.totals.written += records;
+      this.settle(batch.length);
       this.writeFailing = false;
     }
   }
 
+  private settle(lines: number): void {
+    this.settled += lines;
+    if (!this.waiters.some((w) => w.upTo <= this.settled)) return;
+    for (const w of this.waiters) if (w.upTo <= this.settled) w.resolve();
+    this.waiters = this.waiters.filter((w) => w.upTo > this.settled);
+  }
+
   private failWrite(batch: Queued[], err: Error): void {
+    this.settle(batch.length);
     for (const q of batch) {
       this.queuedBytes -= q.bytes;
       this.totals.dropped.write_error += q.records;
@@ -275,7 +289,11 @@ export class TraceWriter {
 
   /** Resolves once everything queued so far is written (or dropped by a failed write). */
   async flush(): Promise<void> {
-    while (this.writing) await this.writing;
+    // NOTE: waits for the lines queued at the call only, so that steps queueing more meanwhile
+    // (the engine keeps running) cannot keep it waiting.
+    const upTo = this.accepted;
+    if (this.settled >= upTo) return;
+    await new Promise<void>((resolve) => this.waiters.push({ upTo, resolve }));
   }
 
   /**
