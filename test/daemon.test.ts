@@ -11,6 +11,7 @@ import { after, before, describe, test } from 'node:test';
 import parsePrometheusTextFormat from 'parse-prometheus-text-format';
 
 import { packageRoot } from '../src/native/index.js';
+import { EamCollection } from '../src/offload/eam-collection.js';
 import { readTrace, traceFiles } from '../src/offload/trace-file.js';
 import { startDaemon, stopDaemon, type Daemon } from './helpers/daemon.js';
 
@@ -179,9 +180,16 @@ describe('expertd serve with expert offloading (MoE-Infinity)', () => {
     for (const f of files) assert.ok(statSync(f).size <= 4096, `${f}: ${statSync(f).size} bytes`);
     assert.ok((await readTrace(traceDir)).steps.length > 0);
 
-    const again = await startDaemon(args);
+    // --trace-sample 0: nothing more is traced, every record is counted as sampled out, and the
+    // EAM collection still learns from every request.
+    const again = await startDaemon([...args, '--trace-sample', '0']);
     assert.match(again.logs.join(''), /EAM collection 3\b/);
     assert.deepEqual(await ask(again), want);
+    const sampledOut = await metric(again.base, 'expertd_trace_records_dropped_total');
+    assert.ok(sampledOut >= 3 * 12, `sampled out ${sampledOut}`);
+    assert.equal(await metric(again.base, 'expertd_trace_records_written_total'), 0);
     assert.equal(await stopDaemon(again), 0);
+    assert.deepEqual(traceFiles(traceDir), files);
+    assert.equal(EamCollection.load(traceDir, 4, 8).size, 6);
   });
 });

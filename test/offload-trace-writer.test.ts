@@ -277,3 +277,15 @@ test('flush() waits for what was queued at the call, not for a queue that steps 
   assert.ok(w.counts().written >= 20);
   await w.close();
 });
+
+test('an unreadable trace-meta.json is set aside with its files, not appended to', async () => {
+  const dir = tmpDir();
+  fs.writeFileSync(path.join(dir, 'trace-meta.json'), '{"numLayers": 4, "num');
+  fs.writeFileSync(path.join(dir, 'trace-000003.jsonl'), '{"step":0,"requests":[]}\n');
+  const w = new TraceWriter(dir, meta);
+  w.append(steps(1)[0]!);
+  await w.close();
+  assert.deepEqual(traceFiles(dir).map((f) => path.basename(f)), ['trace-000001.jsonl']);
+  assert.equal(fs.readdirSync(dir).filter((f) => f.endsWith('.old')).length, 2);
+  assert.deepEqual(JSON.parse(fs.readFileSync(path.join(dir, 'trace-meta.json'), 'utf8')), meta);
+});

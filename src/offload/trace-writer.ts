@@ -111,8 +111,13 @@ export class TraceWriter {
     fs.mkdirSync(dir, { recursive: true });
     const metaFile = path.join(dir, TRACE_META_FILE);
     if (fs.existsSync(metaFile)) {
-      const old = JSON.parse(fs.readFileSync(metaFile, 'utf8')) as TraceMeta;
-      if (old.numLayers !== meta.numLayers || old.numExperts !== meta.numExperts || old.model !== meta.model) {
+      let old: TraceMeta | null = null;
+      try {
+        old = JSON.parse(fs.readFileSync(metaFile, 'utf8')) as TraceMeta;
+      } catch {
+        // Unreadable: treated as another model's (set aside, not appended to).
+      }
+      if (!old || old.numLayers !== meta.numLayers || old.numExperts !== meta.numExperts || old.model !== meta.model) {
         // Another model's trace: keep it aside rather than mixing shapes in one set.
         const stamp = Date.now();
         for (const f of traceFiles(dir)) fs.renameSync(f, `${f}.${stamp}.old`);
