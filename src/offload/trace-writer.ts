@@ -319,6 +319,8 @@ export class TraceWriter {
       const left = [...this.inFlight, ...this.queue.splice(0)];
       this.inFlight = [];
       this.failWrite(left, new Error(`still ${this.queuedBytes} bytes queued after ${timeoutMs} ms at close`));
+      // Not awaited: a handle closes after its pending write, which may never end.
+      void this.closeHandle();
       return;
     }
     await this.closeHandle();
