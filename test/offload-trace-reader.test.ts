@@ -12,9 +12,11 @@ import { replay, REPLAY_POLICIES } from '../src/offload/replay.js';
 import { syntheticTrace, DEFAULT_SYNTHETIC } from '../src/offload/synthetic-trace.js';
 import { TRACE_FILE, traceFiles, traceSteps, type Trace, type TraceStep } from '../src/offload/trace-file.js';
 import { TraceWriter } from '../src/offload/trace-writer.js';
+import { fileSeed } from './helpers/seed.js';
 
 const CAP = 64 * 1024;
-const trace = syntheticTrace({ ...DEFAULT_SYNTHETIC, requests: 120, numLayers: 12, numExperts: 48 });
+const seed = fileSeed(DEFAULT_SYNTHETIC.seed, 'synthetic traces');
+const trace = syntheticTrace({ ...DEFAULT_SYNTHETIC, seed, requests: 120, numLayers: 12, numExperts: 48 });
 const totalBytes = trace.steps.reduce((a, st) => a + JSON.stringify(st).length + 1, 0);
 
 async function writeSet(t: Trace, opts: { maxFileBytes?: number } = {}): Promise<string> {
@@ -109,7 +111,7 @@ test('the reader streams: the first step comes out after a small part of the set
 });
 
 test('replay over a rotated set equals replay of the trace in memory, every policy', async () => {
-  const small = syntheticTrace({ ...DEFAULT_SYNTHETIC, requests: 24, numLayers: 6, numExperts: 32 });
+  const small = syntheticTrace({ ...DEFAULT_SYNTHETIC, seed, requests: 24, numLayers: 6, numExperts: 32 });
   const dir = await writeSet(small, { maxFileBytes: 8192 });
   assert.ok(traceFiles(dir).length > 4);
   const { code, out } = await capture(() => traceCommand(['replay', '--trace-dir', dir, '--capacity', '0.25', '--json']));
@@ -124,7 +126,7 @@ test('replay over a rotated set equals replay of the trace in memory, every poli
 });
 
 test('a torn last line (a crash, then a restart) is skipped with a warning; a bad line inside a file is an error', async () => {
-  const small = syntheticTrace({ ...DEFAULT_SYNTHETIC, requests: 12, numLayers: 4, numExperts: 16, familySetSize: 6 });
+  const small = syntheticTrace({ ...DEFAULT_SYNTHETIC, seed, requests: 12, numLayers: 4, numExperts: 16, familySetSize: 6 });
   const half = Math.floor(small.steps.length / 2);
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'expertd-trace-torn-'));
   // First run: ends mid-line. Second run: a new file after it.

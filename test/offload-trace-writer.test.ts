@@ -12,9 +12,11 @@ import type { ExpertStore } from '../src/offload/expert-store.js';
 import { syntheticTrace, DEFAULT_SYNTHETIC } from '../src/offload/synthetic-trace.js';
 import { traceFiles, type TraceStep } from '../src/offload/trace-file.js';
 import { sampleKey, TraceWriter, type TraceFs } from '../src/offload/trace-writer.js';
+import { fileSeed } from './helpers/seed.js';
 
 const tmpDir = () => fs.mkdtempSync(path.join(os.tmpdir(), 'expertd-trace-writer-'));
 const meta = { numLayers: 4, numExperts: 16, topK: 2, model: 'test' };
+const seed = fileSeed(DEFAULT_SYNTHETIC.seed, 'synthetic trace');
 
 /** Steps of `requests` requests each, every request routed to a few experts per layer. */
 function steps(n: number, requests = 2, from = 0): TraceStep[] {
@@ -232,7 +234,7 @@ test('a step line larger than a whole file is dropped as too_large, not written 
 
 test('a synthetic run: queue, rotate and read back equal the trace (summary of what the reader gets)', async () => {
   const dir = tmpDir();
-  const trace = syntheticTrace({ ...DEFAULT_SYNTHETIC, requests: 20, numLayers: 4, numExperts: 16, familySetSize: 6 });
+  const trace = syntheticTrace({ ...DEFAULT_SYNTHETIC, seed, requests: 20, numLayers: 4, numExperts: 16, familySetSize: 6 });
   const w = new TraceWriter(dir, trace.meta, { maxFileBytes: 8192, maxFiles: 1000 });
   for (const st of trace.steps) w.append(st);
   await w.close();
