@@ -8,6 +8,7 @@ import { runOffloadBench } from './offload.js';
 import { runProbeBench } from './probe-bench.js';
 import { runSelftest } from './selftest.js';
 import { runServe } from './serve.js';
+import { runTraceBench } from './trace.js';
 
 const BENCHES: Record<string, { run: (argv: string[]) => Promise<void>; about: string }> = {
   comm: { run: runCommBench, about: 'all2allv over Gloo (2, 3 rank processes) vs the in-process loopback group at one MoE layer\'s dispatch sizes of the bench models [--json F] [--reps N] [--warmup N] [--tokens 1,8,64,512] [--worlds 2,3] [--models a,b]' },
@@ -17,6 +18,7 @@ const BENCHES: Record<string, { run: (argv: string[]) => Promise<void>; about: s
   offload: { run: runOffloadBench, about: 'expert cache: replay hit rates (eam, lru, lfu, Belady) on structured and generation traces, live decode tok/s [--json F] [--plot F.png] [--reps N] [--tokens N] [--link-gbps G] [--link-latency-us U] [--no-live] [--no-replay]' },
   probe: { run: runProbeBench, about: 'machine limits (bandwidth, peak FMA) and the OpenBLAS peer at the kernels shapes [--json F] [--reps N] [--threads N]' },
   serve: { run: runServe, about: 'the daemon under 1..32 concurrent streams: tok/s, TTFT and ITL p50/p99 [--json F] [--plot F.png] [--concurrency 1,2,4] [--rounds N] [--max-tokens N] [--prompt-len N]' },
+  trace: { run: runTraceBench, about: 'the routing trace writer on the engine thread: append() time per step, async queue vs synchronous appends, on a local file and a slow FIFO [--json F] [--reps N] [--steps N] [--fifo-kbps K]' },
   selftest: { run: runSelftest, about: 'checks the harness, the chart writer, the probe and the peer (quick)' },
 };
 

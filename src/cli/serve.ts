@@ -49,6 +49,7 @@ export function codecFor(tok: ModelTokenizer): TextCodec {
 /** Feeds the engine's per-step and per-sequence figures into the metrics registry. */
 export function wireEngineMetrics(engine: EngineClient, metrics: Metrics): void {
   engine.on('step', (s: import('../engine/protocol.js').StepMetrics) => {
+    if (s.trace) metrics.recordTrace(s.trace);
     if (s.expertCache) {
       metrics.recordExpertCache(s.expertCache.delta);
       metrics.setExpertCacheOccupancy(s.expertCache.occupancy);
@@ -106,6 +107,7 @@ export async function serveCommand(argv: string[]): Promise<number> {
     maxModelLen: opts.info.maxContext, logger, metrics, logPrompts: Boolean(flags['log-prompts']),
   });
   engine.on('failed', (msg: string) => logger.error({ error: msg }, 'engine failed: /health now answers 503'));
+  engine.on('warning', (msg: string) => logger.warn(msg));
   const address = await server.listen({ host: String(flags['host']), port: Number(flags['port']) });
   logger.info({ address, model: opts.servedModelName }, `expertd listening on ${address} (loading the model)`);
   let loaded: 'ready' | 'SIGTERM' | 'SIGINT';

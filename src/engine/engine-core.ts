@@ -11,7 +11,8 @@ import type { StepMetrics } from './protocol.js';
 import type { EngineEvent, EngineStats, GenerateRequest, ModelInfo, RoutedExperts, TokenLogprob } from './types.js';
 
 /** The expert cache as the step loop sees it (CPU or device slots alike). */
-export type StepOffloader = Pick<Offloader, 'beginStep' | 'endStep' | 'finishRequest' | 'dropRequest' | 'stats' | 'takeDelta'>;
+export type StepOffloader = Pick<Offloader, 'beginStep' | 'endStep' | 'finishRequest' | 'dropRequest' | 'stats' | 'takeDelta'> &
+  Partial<Pick<Offloader, 'takeTraceDelta'>>;
 
 export interface EngineCoreOptions {
   kvCacheBlocks: number;
@@ -203,6 +204,8 @@ export class EngineCore {
     if (this.offloader) {
       const st = this.offloader.stats();
       metrics.expertCache = { delta: this.offloader.takeDelta(), occupancy: st.occupancy, layerHitRate: st.layerHitRate };
+      const trace = this.offloader.takeTraceDelta?.();
+      if (trace) metrics.trace = trace;
     }
     return { events, metrics };
   }

@@ -8,6 +8,12 @@ import type { EngineStats } from '../engine/types.js';
 export type FinishedReasonLabel = 'stop' | 'length' | 'abort' | 'error';
 
 /** Expert-cache events of one engine step (or any interval); every field optional, all added. */
+/** Routing trace records (one request in one step) written and dropped by reason, as increments. */
+export interface TraceRecordDelta {
+  written: number;
+  dropped: Record<string, number>;
+}
+
 export interface ExpertCacheDelta {
   hits?: number;
   misses?: number;
@@ -62,6 +68,8 @@ export class Metrics {
   readonly expertPrefetchWasted: Counter;
   readonly expertBytesLoaded: Counter;
   readonly expertLoadStall: Counter;
+  readonly traceRecordsWritten: Counter;
+  readonly traceRecordsDropped: Counter<'reason'>;
   readonly expertCacheOccupancy: Gauge;
   readonly expertCacheLayerHit: Gauge<'layer'>;
   readonly all2allBytes: Counter;
@@ -139,6 +147,8 @@ export class Metrics {
     this.expertPrefetchWasted = new Counter({ name: 'expertd_expert_prefetch_wasted_total', help: 'Prefetched experts evicted without being used.', registers });
     this.expertBytesLoaded = new Counter({ name: 'expertd_expert_loaded_bytes_total', help: 'Bytes of expert weights copied into the fast tier.', registers });
     this.expertLoadStall = new Counter({ name: 'expertd_expert_load_stall_seconds_total', help: 'Time compute waited for expert weights to arrive.', registers });
+    this.traceRecordsWritten = new Counter({ name: 'expertd_trace_records_written_total', help: 'Routing trace records (one request in one step) written under --trace-dir.', registers });
+    this.traceRecordsDropped = new Counter({ name: 'expertd_trace_records_dropped_total', help: 'Routing trace records not written: sampled_out (--trace-sample), queue_full (the writer fell behind), too_large (a line over --trace-max-file-mb), write_error.', labelNames: ['reason'], registers });
     this.expertCacheOccupancy = new Gauge({ name: 'expertd_expert_cache_occupancy_ratio', help: 'Fraction of expert cache slots holding an expert (0-1).', registers });
     this.expertCacheLayerHit = new Gauge({ name: 'expertd_expert_cache_layer_hit_ratio', help: 'Expert cache hits / accesses per MoE layer since start (0-1).', labelNames: ['layer'], registers });
     this.all2allBytes = new Counter({ name: 'expertd_all2all_bytes_total', help: 'Bytes sent by all2all (dispatch + combine).', registers });
@@ -213,6 +223,11 @@ export class Metrics {
     if (delta.prefetchWasted) this.expertPrefetchWasted.inc(delta.prefetchWasted);
     if (delta.bytesLoaded) this.expertBytesLoaded.inc(delta.bytesLoaded);
     if (delta.loadStallSeconds) this.expertLoadStall.inc(delta.loadStallSeconds);
+  }
+
+  recordTrace(delta: TraceRecordDelta): void {
+    if (delta.written) this.traceRecordsWritten.inc(delta.written);
+    for (const [reason, n] of Object.entries(delta.dropped)) if (n) this.traceRecordsDropped.inc({ reason }, n);
   }
 
   setExpertCacheOccupancy(ratio: number): void {
