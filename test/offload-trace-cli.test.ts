@@ -12,7 +12,8 @@ import { PNG } from 'pngjs';
 import { traceCommand, traceHelp, similarityStructure, requestEams } from '../src/cli/trace.js';
 import { UsageError } from '../src/cli/options.js';
 import { syntheticTrace, DEFAULT_SYNTHETIC } from '../src/offload/synthetic-trace.js';
-import { TraceWriter } from '../src/offload/trace-file.js';
+import { TraceWriter } from '../src/offload/trace-writer.js';
+import { fileSeed } from './helpers/seed.js';
 
 async function capture(fn: () => Promise<number>): Promise<{ code: number; out: string }> {
   const lines: string[] = [];
@@ -26,12 +27,12 @@ async function capture(fn: () => Promise<number>): Promise<{ code: number; out: 
   }
 }
 
-const opts = { ...DEFAULT_SYNTHETIC, requests: 24, families: 3, numLayers: 6, numExperts: 32, decodeTokens: 8 };
+const opts = { ...DEFAULT_SYNTHETIC, seed: fileSeed(DEFAULT_SYNTHETIC.seed), requests: 24, families: 3, numLayers: 6, numExperts: 32, decodeTokens: 8 };
 const trace = syntheticTrace(opts);
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'expertd-trace-cli-'));
 const w = new TraceWriter(dir, trace.meta);
 for (const s of trace.steps) w.append(s);
-w.flush();
+await w.close();
 
 test('summary finds the prompt families as clusters (within >> across)', async () => {
   const { code, out } = await capture(() => traceCommand(['summary', '--trace-dir', dir, '--clusters', '3', '--json']));

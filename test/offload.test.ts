@@ -20,8 +20,10 @@ import { CheckpointExpertStore } from '../src/offload/expert-store.js';
 import { Offloader } from '../src/offload/offloader.js';
 import { readTrace } from '../src/offload/trace-file.js';
 import { mulberry32 } from '../src/engine/rng.js';
+import { fileSeed } from './helpers/seed.js';
 
-const rng = mulberry32;
+const seedBase = fileSeed(0, 'base added to each case seed');
+const rng = (seed: number) => mulberry32(seedBase + seed);
 
 const tmpDir = (): string => fs.mkdtempSync(path.join(os.tmpdir(), 'expertd-offload-'));
 
@@ -341,7 +343,7 @@ function residentTables(dir: string, L: number, E: number, fused: boolean): Expe
 }
 
 for (const fused of [false, true]) {
-  test(`offloader (${fused ? 'fused' : 'per-expert'} checkpoint) gives the resident outputs bit for bit under every policy`, () => {
+  test(`offloader (${fused ? 'fused' : 'per-expert'} checkpoint) gives the resident outputs bit for bit under every policy`, async () => {
     const n = loadNative();
     const L = 4, E = 8, k = 2;
     const dir = tmpDir();
@@ -398,8 +400,8 @@ for (const fused of [false, true]) {
         const d = off.takeDelta();
         assert.equal(d.hits, st.hits);
         assert.equal(off.takeDelta().hits, 0);
-        off.save();
-        const trace = readTrace(traceDir);
+        await off.save();
+        const trace = await readTrace(traceDir);
         assert.equal(trace.steps.length, steps.length);
         assert.equal(trace.meta.numExperts, E);
         assert.equal(EamCollection.load(traceDir, L, E, { model: 'test' }).size, off.collection.size);

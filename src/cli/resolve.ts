@@ -95,7 +95,12 @@ function offloadOptions(flags: ParsedFlags): { offload?: OffloadConfig } {
     offload: {
       policy: String(flags['cache-policy'] ?? 'eam') as EvictionPolicy,
       ...(gb > 0 ? { budgetBytes: gb * 2 ** 30 } : { fraction }),
-      ...(traceDir ? { traceDir: path.resolve(traceDir) } : {}),
+      ...(traceDir ? {
+        traceDir: path.resolve(traceDir),
+        traceMaxFileBytes: Math.round(Number(flags['trace-max-file-mb'] ?? 64) * 2 ** 20),
+        traceMaxFiles: Number(flags['trace-max-files'] ?? 8),
+        traceSample: Number(flags['trace-sample'] ?? 1),
+      } : {}),
       eamCapacity: Number(flags['eam-capacity'] ?? 1000),
       copyThread: copyThread(flags),
     },

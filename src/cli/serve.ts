@@ -1,5 +1,6 @@
 // `expertd serve`: load the model in the engine worker, then serve the OpenAI-compatible API.
-// SIGTERM/SIGINT drain in-flight requests up to --shutdown-timeout and exit 0.
+// SIGTERM/SIGINT drain in-flight requests up to --shutdown-timeout and exit 0; during the model
+// load they stop the load and exit 0.
 import { pino } from 'pino';
 
 import { EngineClient } from '../engine/engine-client.js';
@@ -42,8 +43,8 @@ export function codecFor(tok: ModelTokenizer): TextCodec {
     encode: (text, add) => tok.encode(text, add),
     decode: (ids, skip) => tok.decode(ids, skip),
     applyChatTemplate: (messages, addGenerationPrompt) => tok.applyChatTemplate(messages, { addGenerationPrompt }),
-    createDetokenizer: (skip) => {
-      const d = tok.detokenizer([], skip);
+    createDetokenizer: (promptIds, skip) => {
+      const d = tok.detokenizer(promptIds, skip);
       return { push: (id) => d.push(id), flush: () => d.flush() };
     },
     eosTokenIds: tok.eosTokenIds,
@@ -59,9 +60,10 @@ export function serverLimits(flags: ParsedFlags): Pick<ServerOptions, 'maxQueued
   };
 }
 
-/** Feeds the engine's per-step figures into the metrics registry. */
+/** Feeds the engine's per-step and per-sequence figures into the metrics registry. */
 export function wireEngineMetrics(engine: EngineClient, metrics: Metrics): void {
   engine.on('step', (s: import('../engine/protocol.js').StepMetrics) => {
+    if (s.trace) metrics.recordTrace(s.trace);
     if (s.expertCache) {
       metrics.recordExpertCache(s.expertCache.delta);
       metrics.setExpertCacheOccupancy(s.expertCache.occupancy);
@@ -70,8 +72,8 @@ export function wireEngineMetrics(engine: EngineClient, metrics: Metrics): void 
     metrics.recordIterationTokens(s.prefillTokens + s.decodeTokens);
     for (const q of s.queueTimesMs ?? []) metrics.recordQueueTime(q / 1000);
     const sec = s.durationMs / 1000;
-    if (s.prefillTokens > 0) metrics.recordPrefillTime(sec);
-    else metrics.recordDecodeTime(sec);
+    if (s.prefillTokens > 0) metrics.recordPrefillStep(sec);
+    else metrics.recordDecodeStep(sec);
     s.expertTokens?.forEach((counts, layer) => metrics.recordExpertTokens(layer, counts));
     for (const [kernel, layers] of Object.entries(s.kernelChoices ?? {})) metrics.recordKernelChoice(kernel, layers);
     if (s.all2all) {
@@ -79,10 +81,29 @@ export function wireEngineMetrics(engine: EngineClient, metrics: Metrics): void 
       if (s.all2all.overlap !== null) metrics.setCommOverlap(s.all2all.overlap);
     }
   });
+  // Per sequence, once, when it ends (stop, length, or an abort after its first token).
+  engine.on('finished', (ev: Extract<import('../engine/types.js').EngineEvent, { type: 'finished' }>) => {
+    if (ev.prefillMs !== undefined && ev.decodeMs !== undefined) metrics.recordRequestPhases(ev.prefillMs / 1000, ev.decodeMs / 1000);
+  });
+}
+
+/**
+ * The first SIGTERM or SIGINT, from the moment this is called. Once-only handlers, as before: a
+ * second signal of the same kind takes Node's default (immediate exit), the escape hatch when a
+ * drain hangs.
+ */
+function firstStopSignal(): Promise<'SIGTERM' | 'SIGINT'> {
+  return new Promise((resolve) => {
+    process.once('SIGTERM', () => resolve('SIGTERM'));
+    process.once('SIGINT', () => resolve('SIGINT'));
+  });
 }
 
 export async function serveCommand(argv: string[]): Promise<number> {
   const { flags } = parseFlags(serveFlags, argv);
+  // NOTE: before the model load starts: a signal during the load must stop it and exit 0, not kill
+  // the process with the default signal exit.
+  const stopSignal = firstStopSignal();
   const logger = pino({ level: String(flags['log-level']) });
   const opts = resolveEngineOptions(flags, flags['served-model-name'] as string | undefined);
   if (opts.isDemo) logger.warn({ model: opts.modelDir }, 'no --model given: serving the built-in demo model (random weights, gibberish text)');
@@ -101,31 +122,38 @@ export async function serveCommand(argv: string[]): Promise<number> {
     maxModelLen: opts.info.maxContext, logger, metrics, logPrompts: Boolean(flags['log-prompts']),
   });
   engine.on('failed', (msg: string) => logger.error({ error: msg }, 'engine failed: /health now answers 503'));
+  engine.on('warning', (msg: string) => logger.warn(msg));
   const address = await server.listen({ host: String(flags['host']), port: Number(flags['port']) });
   logger.info({ address, model: opts.servedModelName }, `expertd listening on ${address} (loading the model)`);
+  let loaded: 'ready' | 'SIGTERM' | 'SIGINT';
   try {
-    await engine.ready;
+    loaded = await Promise.race([engine.ready.then(() => 'ready' as const), stopSignal]);
   } catch (e) {
     logger.error({ error: (e as Error).message }, 'model load failed');
     await server.close();
     await engine.close();
     throw e;
   }
+  if (loaded !== 'ready') {
+    // Nothing is in flight yet (generation routes answered 503): end the load, close, exit 0.
+    logger.info({ signal: loaded }, `${loaded} while the model was loading: load stopped, exiting`);
+    await server.close();
+    await engine.close();
+    logger.info('stopped');
+    return 0;
+  }
   logger.info(engine.summary);
   logger.info({ address }, `expertd ready on ${address}`);
-  return await new Promise<number>((resolve) => {
-    let stopping = false;
-    const stop = (signal: string) => {
-      if (stopping) return;
-      stopping = true;
-      logger.info({ signal }, 'draining');
-      engine.setDraining();
-      void server.drain(Number(flags['shutdown-timeout']) * 1000)
-        .then(() => engine.close())
-        .then(() => { logger.info('stopped'); resolve(0); })
-        .catch((e: Error) => { logger.error({ error: e.message }, 'shutdown failed'); resolve(1); });
-    };
-    process.once('SIGTERM', () => stop('SIGTERM'));
-    process.once('SIGINT', () => stop('SIGINT'));
-  });
+  const signal = await stopSignal;
+  logger.info({ signal }, 'draining');
+  engine.setDraining();
+  try {
+    await server.drain(Number(flags['shutdown-timeout']) * 1000);
+    await engine.close();
+  } catch (e) {
+    logger.error({ error: (e as Error).message }, 'shutdown failed');
+    return 1;
+  }
+  logger.info('stopped');
+  return 0;
 }

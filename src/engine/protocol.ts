@@ -1,6 +1,7 @@
 // Messages between the main thread (EngineClient) and the engine worker. Plain data only.
 import type { OffloadConfig } from '../offload/setup.js';
 import type { ExpertCacheDelta } from '../offload/offloader.js';
+import type { TraceCounts } from '../offload/trace-writer.js';
 import type { EngineEvent, EngineStats, GenerateRequest, ModelInfo } from './types.js';
 
 export interface EngineOptions {
@@ -42,7 +43,9 @@ export type FromWorker =
   | { type: 'progress'; tensorsDone: number; tensorsTotal: number; bytesDone: number; bytesTotal: number }
   | { type: 'ready'; info: ModelInfo; summary: string }
   | { type: 'events'; events: EngineEvent[]; stats: EngineStats; step?: StepMetrics }
-  | { type: 'fatal'; message: string; code?: string };
+  | { type: 'fatal'; message: string; code?: string }
+  /** Something the operator should see that does not stop the engine (the trace writer dropping). */
+  | { type: 'warning'; message: string };
 
 export interface StepMetrics {
   prefillTokens: number;
@@ -59,4 +62,6 @@ export interface StepMetrics {
   kernelChoices?: Record<string, number>;
   /** Expert cache activity this step (offloading on). */
   expertCache?: { delta: ExpertCacheDelta; occupancy: number; layerHitRate: number[] };
+  /** Routing trace records written and dropped this step (--trace-dir). */
+  trace?: TraceCounts;
 }

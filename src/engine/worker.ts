@@ -22,7 +22,7 @@ if (!port) throw new Error('engine worker must run in a worker thread');
 
 let core: EngineCore | null = null;
 let expertRanks: Pick<ExpertRanks<{ dispose(): void }>, 'stop'> | null = null;
-let offloader: Pick<Offloader, 'save' | 'stats'> & StepOffloader | null = null;
+let offloader: Pick<Offloader, 'save' | 'close' | 'stats'> & StepOffloader | null = null;
 let saveTimer: NodeJS.Timeout | null = null;
 let pending: EngineEvent[] = [];
 let scheduled = false;
@@ -31,6 +31,9 @@ let stopping = false;
 function send(m: FromWorker): void {
   port!.postMessage(m);
 }
+
+/** The offloader's trace writer reports drops and failed writes through the daemon's log. */
+const offloadHooks = { warn: (message: string) => send({ type: 'warning', message }) };
 
 function flush(step?: StepMetrics): void {
   if (!core) return;
@@ -62,8 +65,8 @@ function loop(): void {
     stopping = true;
     return;
   }
-  // NOTE: a step that ran nothing (every request paused, or waiting for blocks that paused ones
-  // hold) would run nothing again until a message changes that: generate, abort and resume kick.
+  // NOTE: a step that ran nothing (every request paused, say) would run nothing again until a
+  // message changes that: generate, abort and resume kick.
   if (res && core.hasWork()) kick();
 }
 
@@ -80,12 +83,27 @@ function onRankFailure(message: string): void {
 }
 
 /**
+ * Test hook (EXPERTD_TEST_LOAD_DELAY_MS): holds this thread for that long before the load, busy
+ * the way a synchronous load is (no messages are read), so a test can signal the daemon while it
+ * is surely still loading.
+ */
+function testLoadDelay(): void {
+  const ms = Number(process.env.EXPERTD_TEST_LOAD_DELAY_MS ?? 0);
+  if (!(ms > 0)) return;
+  const cell = new Int32Array(new SharedArrayBuffer(4));
+  const end = performance.now() + ms;
+  // Short waits, so that worker.terminate() (checked between them) can end the hold.
+  for (let left = ms; left > 0; left = end - performance.now()) Atomics.wait(cell, 0, 0, Math.min(50, left));
+}
+
+/**
  * Loads the model (CPU or device) and answers 'ready' or 'fatal'. EXPERTD_CUDA_STANDIN (tests only)
  * names a module whose createCudaEmulator() replaces the addon's CUDA ops, so the device path of
  * the daemon runs end to end on a machine without a GPU.
  */
 async function init(o: EngineOptions): Promise<void> {
   try {
+    testLoadDelay();
     const standIn = process.env.EXPERTD_CUDA_STANDIN;
     const cuda = standIn
       ? (await import(pathToFileURL(path.resolve(standIn)).href) as { createCudaEmulator(): CudaAddon }).createCudaEmulator()
@@ -121,7 +139,7 @@ async function init(o: EngineOptions): Promise<void> {
       // cache's slots (allocated as they first fill) and 512 MiB of activations.
       let slotBytes = 0;
       if (o.offload) {
-        const off = attachDeviceOffloader(cudaLoaded, o.offload, cuda);
+        const off = attachDeviceOffloader(cudaLoaded, o.offload, cuda, offloadHooks);
         slotBytes = off.stats().slots * off.store.slotBytes;
         offloader = off;
       }
@@ -141,10 +159,13 @@ async function init(o: EngineOptions): Promise<void> {
         fast, ...(o.offload ? { loadExpert: skipAllExperts } : {}), ...ep, onProgress,
       });
       loaded = cpuLoaded;
-      if (o.offload) offloader = attachOffloader(cpuLoaded, o.offload);
+      if (o.offload) offloader = attachOffloader(cpuLoaded, o.offload, offloadHooks);
     }
     if (o.offload?.traceDir) {
-      saveTimer = setInterval(() => offloader?.save(), 60_000);
+      // The trace is written as it goes (asynchronously); this persists the EAM collection.
+      saveTimer = setInterval(() => {
+        void offloader?.save().catch((e: Error) => send({ type: 'warning', message: `saving the EAM collection failed: ${e.message}` }));
+      }, 60_000);
       saveTimer.unref();
     }
     loaded.model.setExpertKernel(o.expertKernel ?? 'auto');
@@ -193,13 +214,12 @@ port.on('message', (m: ToWorker) => {
     case 'shutdown':
       stopping = true;
       if (saveTimer) clearInterval(saveTimer);
-      try {
-        offloader?.save();
-      } catch (e) {
-        send({ type: 'fatal', message: `saving the EAM collection failed: ${(e as Error).message}` });
-      }
-      // Expert ranks leave first (they may be waiting for the next step), then this worker.
-      void (expertRanks?.stop() ?? Promise.resolve()).finally(() => port.close());
+      // The queued trace gets 3 s (the client terminates this worker after 5 s), then the
+      // collection is saved; expert ranks leave next (they may be waiting for the next step).
+      void (offloader?.close(3000) ?? Promise.resolve())
+        .catch((e: Error) => send({ type: 'fatal', message: `saving the EAM collection failed: ${e.message}` }))
+        .then(() => expertRanks?.stop())
+        .finally(() => port.close());
       break;
   }
 });

@@ -8,6 +8,12 @@ import type { EngineStats } from '../engine/types.js';
 export type FinishedReasonLabel = 'stop' | 'length' | 'abort' | 'error';
 
 /** Expert-cache events of one engine step (or any interval); every field optional, all added. */
+/** Routing trace records (one request in one step) written and dropped by reason, as increments. */
+export interface TraceRecordDelta {
+  written: number;
+  dropped: Record<string, number>;
+}
+
 export interface ExpertCacheDelta {
   hits?: number;
   misses?: number;
@@ -49,6 +55,8 @@ export class Metrics {
   readonly queueTime: Histogram;
   readonly prefillTime: Histogram;
   readonly decodeTime: Histogram;
+  readonly prefillStep: Histogram;
+  readonly decodeStep: Histogram;
   readonly iterationTokens: Histogram;
   // --- MoE ---
   readonly expertTokens: Counter<'layer' | 'expert'>;
@@ -60,6 +68,8 @@ export class Metrics {
   readonly expertPrefetchWasted: Counter;
   readonly expertBytesLoaded: Counter;
   readonly expertLoadStall: Counter;
+  readonly traceRecordsWritten: Counter;
+  readonly traceRecordsDropped: Counter<'reason'>;
   readonly expertCacheOccupancy: Gauge;
   readonly expertCacheLayerHit: Gauge<'layer'>;
   readonly all2allBytes: Counter;
@@ -106,8 +116,20 @@ export class Metrics {
     this.interTokenLatency = new Histogram({ name: 'expertd_inter_token_latency_seconds', help: 'Time between consecutive generated tokens of a request.', buckets: itlBuckets, registers });
     this.e2eLatency = new Histogram({ name: 'expertd_e2e_request_latency_seconds', help: 'Time from request arrival to its last token.', buckets: requestBuckets, registers });
     this.queueTime = new Histogram({ name: 'expertd_request_queue_time_seconds', help: 'Time a request waited in the engine queue before its first step.', buckets: requestBuckets, registers });
-    this.prefillTime = new Histogram({ name: 'expertd_request_prefill_time_seconds', help: 'Time a request spent in prefill.', buckets: requestBuckets, registers });
-    this.decodeTime = new Histogram({ name: 'expertd_request_decode_time_seconds', help: 'Time a request spent in decode.', buckets: requestBuckets, registers });
+    // Per sequence (one engine request: an n > 1 request counts n times), as vLLM defines them.
+    this.prefillTime = new Histogram({
+      name: 'expertd_request_prefill_time_seconds', buckets: requestBuckets, registers,
+      help: 'Per finished sequence: time from its first scheduling to its first generated token (prefill, chunks and preemptions included).',
+    });
+    this.decodeTime = new Histogram({
+      name: 'expertd_request_decode_time_seconds', buckets: requestBuckets, registers,
+      help: 'Per finished sequence: time from its first generated token to its last (decode).',
+    });
+    this.prefillStep = new Histogram({
+      name: 'expertd_prefill_step_seconds', buckets: ttftBuckets, registers,
+      help: 'Duration of each engine step that processed prompt tokens (steps mixing prefill and decode count here).',
+    });
+    this.decodeStep = new Histogram({ name: 'expertd_decode_step_seconds', help: 'Duration of each decode-only engine step.', buckets: itlBuckets, registers });
     this.iterationTokens = new Histogram({ name: 'expertd_iteration_tokens', help: 'Tokens processed per engine step (prefill + decode).', buckets: tokenCountBuckets, registers });
 
     this.expertTokens = new Counter({
@@ -125,6 +147,8 @@ export class Metrics {
     this.expertPrefetchWasted = new Counter({ name: 'expertd_expert_prefetch_wasted_total', help: 'Prefetched experts evicted without being used.', registers });
     this.expertBytesLoaded = new Counter({ name: 'expertd_expert_loaded_bytes_total', help: 'Bytes of expert weights copied into the fast tier.', registers });
     this.expertLoadStall = new Counter({ name: 'expertd_expert_load_stall_seconds_total', help: 'Time compute waited for expert weights to arrive.', registers });
+    this.traceRecordsWritten = new Counter({ name: 'expertd_trace_records_written_total', help: 'Routing trace records (one request in one step) written under --trace-dir.', registers });
+    this.traceRecordsDropped = new Counter({ name: 'expertd_trace_records_dropped_total', help: 'Routing trace records not written: sampled_out (--trace-sample), queue_full (the writer fell behind), too_large (a line over --trace-max-file-mb), write_error.', labelNames: ['reason'], registers });
     this.expertCacheOccupancy = new Gauge({ name: 'expertd_expert_cache_occupancy_ratio', help: 'Fraction of expert cache slots holding an expert (0-1).', registers });
     this.expertCacheLayerHit = new Gauge({ name: 'expertd_expert_cache_layer_hit_ratio', help: 'Expert cache hits / accesses per MoE layer since start (0-1).', labelNames: ['layer'], registers });
     this.all2allBytes = new Counter({ name: 'expertd_all2all_bytes_total', help: 'Bytes sent by all2all (dispatch + combine).', registers });
@@ -162,8 +186,13 @@ export class Metrics {
 
   // ---- called by the engine side ----
   recordQueueTime(seconds: number): void { this.queueTime.observe(seconds); }
-  recordPrefillTime(seconds: number): void { this.prefillTime.observe(seconds); }
-  recordDecodeTime(seconds: number): void { this.decodeTime.observe(seconds); }
+  /** One finished sequence that generated at least one token: its prefill and decode phases. */
+  recordRequestPhases(prefillSeconds: number, decodeSeconds: number): void {
+    this.prefillTime.observe(prefillSeconds);
+    this.decodeTime.observe(decodeSeconds);
+  }
+  recordPrefillStep(seconds: number): void { this.prefillStep.observe(seconds); }
+  recordDecodeStep(seconds: number): void { this.decodeStep.observe(seconds); }
   recordIterationTokens(tokens: number): void { this.iterationTokens.observe(tokens); }
 
   /** counts[expert] = tokens routed to that expert in this layer; also updates the layer's imbalance. */
@@ -194,6 +223,11 @@ export class Metrics {
     if (delta.prefetchWasted) this.expertPrefetchWasted.inc(delta.prefetchWasted);
     if (delta.bytesLoaded) this.expertBytesLoaded.inc(delta.bytesLoaded);
     if (delta.loadStallSeconds) this.expertLoadStall.inc(delta.loadStallSeconds);
+  }
+
+  recordTrace(delta: TraceRecordDelta): void {
+    if (delta.written) this.traceRecordsWritten.inc(delta.written);
+    for (const [reason, n] of Object.entries(delta.dropped)) if (n) this.traceRecordsDropped.inc({ reason }, n);
   }
 
   setExpertCacheOccupancy(ratio: number): void {
