@@ -27,6 +27,7 @@
         "native/cpu/attention.cc",
         "native/cpu/expert_loader.cc",
         "native/comm/loopback.cc",
+        "native/comm/comm_queue.cc",
         "native/io/mmap_file.cc"
       ],
       "include_dirs": [
