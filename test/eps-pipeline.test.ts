@@ -1,0 +1,142 @@
+// EPS-MoE's pipeline on in-process ranks: a MoE layer's tokens split into PN chunks whose dispatch
+// and combine travel on the comm thread while other chunks' expert GEMMs run. Outputs are the same
+// bit for bit for every PN (1, 2, 3, 4 and more chunks than tokens), on every fixture, with 1 to 3
+// ranks, with either expert kernel, and through the daemon.
+import assert from 'node:assert/strict';
+import { readdirSync, statSync } from 'node:fs';
+import path from 'node:path';
+import { test } from 'node:test';
+
+import { loadModel } from '../src/model/load.js';
+import { startExpertRanks } from '../src/moe/expert-ranks.js';
+import { EpsPlanner } from '../src/moe/eps-planner.js';
+import type { PipelineChunks } from '../src/moe/moe-layer.js';
+import { packageRoot } from '../src/native/index.js';
+import { runAll } from './helpers/model-runner.js';
+
+const fixturesDir = path.join(packageRoot(), 'test', 'fixtures');
+const fixtures = readdirSync(fixturesDir).filter((f) => statSync(path.join(fixturesDir, f)).isDirectory() &&
+  readdirSync(path.join(fixturesDir, f)).includes('config.json'));
+// 64 chunks: more chunks than tokens in every step (most chunks empty on some ranks).
+const PNS: PipelineChunks[] = [2, 3, 4, 64];
+
+test('every fixture is covered', () => {
+  assert.ok(fixtures.length >= 7, `fixtures: ${fixtures.join(', ')}`);
+});
+
+for (const name of fixtures) {
+  test(`${name}: one rank, PN 1 to more chunks than tokens, bit for bit (f32, and bf16 fast mode)`, () => {
+    const dir = path.join(fixturesDir, name);
+    for (const fast of [false, true]) {
+      const { model } = loadModel(dir, { fast });
+      try {
+        model.setPipelineChunks(1);
+        const want = runAll(model, null);
+        for (const pn of PNS) {
+          model.setPipelineChunks(pn);
+          const got = runAll(model, null);
+          assert.deepEqual(got.tokens, want.tokens, `${name} PN ${pn}${fast ? ' fast' : ''}: greedy tokens`);
+          got.logits.forEach((l, i) => assert.deepEqual(l, want.logits[i], `${name} PN ${pn}${fast ? ' fast' : ''}: logits of step ${i}`));
+          assert.deepEqual(new Set(model.layerPlans().map((p) => p.chunks)), new Set([pn]), 'the plan records PN');
+        }
+      } finally {
+        model.dispose();
+      }
+    }
+  });
+}
+
+for (const name of fixtures) {
+  test(`${name}: 2 and 3 expert ranks, every PN, equal one rank bit for bit (f32)`, async () => {
+    const dir = path.join(fixturesDir, name);
+    const single = loadModel(dir, { fast: false });
+    single.model.setPipelineChunks(1);
+    const want = runAll(single.model, null);
+    single.model.dispose();
+    for (const world of [2, 3]) {
+      const ranks = startExpertRanks(dir, world, false, 60_000);
+      try {
+        await ranks.ready;
+        const [lo, hi] = ranks.owned;
+        const loaded = loadModel(dir, { fast: false, comm: ranks.comm, loadExpert: (_l, e) => e >= lo && e < hi });
+        try {
+          for (const pn of [1, ...PNS]) {
+            loaded.model.setPipelineChunks(pn);
+            const before = ranks.comm.bytesSent;
+            const got = runAll(loaded.model, null);
+            assert.deepEqual(got.tokens, want.tokens, `${name} x${world} PN ${pn}: greedy tokens`);
+            got.logits.forEach((l, i) => assert.deepEqual(l, want.logits[i], `${name} x${world} PN ${pn}: logits of step ${i}`));
+            assert.ok(ranks.comm.bytesSent > before, 'rows went to the other ranks');
+          }
+          const d = ranks.comm.takeDelta();
+          assert.ok(d.seconds > 0 && d.hidden !== null && d.hidden >= 0 && d.hidden <= 1, `hidden share ${d.hidden}`);
+        } finally {
+          loaded.model.dispose();
+        }
+      } finally {
+        await ranks.stop();
+      }
+    }
+  });
+}
+
+test('DenseGemm experts too: every PN equals PN 1 bit for bit over 2 ranks (qwen2_moe, shared expert)', async () => {
+  const dir = path.join(fixturesDir, 'qwen2_moe');
+  const ranks = startExpertRanks(dir, 2, false, 60_000);
+  try {
+    await ranks.ready;
+    const [lo, hi] = ranks.owned;
+    const loaded = loadModel(dir, { fast: false, comm: ranks.comm, loadExpert: (_l, e) => e >= lo && e < hi });
+    try {
+      loaded.model.setExpertKernel('dense');
+      loaded.model.setPipelineChunks(1);
+      const want = runAll(loaded.model, null);
+      for (const pn of [3, 64]) {
+        loaded.model.setPipelineChunks(pn);
+        const got = runAll(loaded.model, null);
+        got.logits.forEach((l, i) => assert.deepEqual(l, want.logits[i], `dense PN ${pn}: logits of step ${i}`));
+        assert.deepEqual(loaded.model.layerPlans()[0], { chunks: pn, kernel: 'dense' });
+      }
+    } finally {
+      loaded.model.dispose();
+    }
+  } finally {
+    await ranks.stop();
+  }
+});
+
+test('auto: the planner picks PN per layer and step from the link; a slow simulated link pipelines, outputs unchanged', async () => {
+  const dir = path.join(fixturesDir, 'mixtral');
+  const ranks = startExpertRanks(dir, 2, false, 60_000);
+  try {
+    await ranks.ready;
+    const [lo, hi] = ranks.owned;
+    const loaded = loadModel(dir, { fast: false, comm: ranks.comm, loadExpert: (_l, e) => e >= lo && e < hi });
+    try {
+      const m = loaded.model;
+      m.setPipelineChunks(1);
+      const want = runAll(m, null);
+      // A cost table where every expert row costs 1 ms: a link of 1 MB/s makes all2all dominate.
+      const table = { key: 'test', rows: [1, 1024], groupMs: [1, 1024], denseMs: [2, 2048] };
+      for (const layer of m.moeLayers) layer.planner = new EpsPlanner(table);
+      ranks.comm.setSimulatedLink(0.001);
+      m.setPipelineChunks('auto');
+      const got = runAll(m, null);
+      got.logits.forEach((l, i) => assert.deepEqual(l, want.logits[i], `auto: logits of step ${i}`));
+      // The last step decoded a couple of tokens: PN is capped by the tokens.
+      const plans = m.layerPlans();
+      assert.ok(plans.every((p) => p.chunks >= 1 && p.chunks <= 8) && plans.some((p) => p.chunks > 1), JSON.stringify(plans));
+      const model = ranks.comm.commModel();
+      assert.equal(model.bytesPerMs, 1e3);
+      const T = 8;
+      const counts = Array.from({ length: 8 }, () => T * 2 / 8);
+      const pick = new EpsPlanner(table, model, null, 8).plan(counts, m.spec.hidden * 4, { slices: [[0, 4], [4, 8]], self: 0 });
+      assert.ok(pick.chunks > 1, `comm-bound layer: ${pick.chunks} chunk(s)`);
+    } finally {
+      ranks.comm.setSimulatedLink(0);
+      loaded.model.dispose();
+    }
+  } finally {
+    await ranks.stop();
+  }
+});
