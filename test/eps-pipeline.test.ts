@@ -12,6 +12,8 @@ import { startExpertRanks } from '../src/moe/expert-ranks.js';
 import { EpsPlanner } from '../src/moe/eps-planner.js';
 import type { PipelineChunks } from '../src/moe/moe-layer.js';
 import { packageRoot } from '../src/native/index.js';
+import { pipelineChunks } from '../src/cli/resolve.js';
+import { startDaemon, stopDaemon } from './helpers/daemon.js';
 import { runAll } from './helpers/model-runner.js';
 
 const fixturesDir = path.join(packageRoot(), 'test', 'fixtures');
@@ -139,4 +141,38 @@ test('auto: the planner picks PN per layer and step from the link; a slow simula
   } finally {
     await ranks.stop();
   }
+});
+
+test('expertd serve --expert-parallel 2 --pipeline-chunks 3 answers as one rank and reports PN, kernel and the hidden all2all share', async () => {
+  const run = async (extra: string[]) => {
+    const d = await startDaemon(extra);
+    try {
+      const texts = await Promise.all(['The weather today', 'Once upon a time', 'Hello'].map((prompt) =>
+        d.client.completions.create({ model: 'expertd-demo', prompt, max_tokens: 8, temperature: 0 }).then((c) => c.choices[0]!.text)));
+      const metrics = await (await fetch(`${d.base}/metrics`)).text();
+      return { texts, metrics, exit: await stopDaemon(d) };
+    } catch (e) {
+      d.proc.kill('SIGKILL');
+      throw e;
+    }
+  };
+  const one = await run(['--expert-kernel', 'group']);
+  const ep = await run(['--expert-parallel', '2', '--pipeline-chunks', '3', '--expert-kernel', 'group']);
+  assert.deepEqual(ep.texts, one.texts);
+  assert.equal(ep.exit, 0);
+  const layers = [...ep.metrics.matchAll(/^expertd_moe_pipeline_chunks\{layer="(\d+)",kernel="(\w+)"\} (\S+)$/gm)];
+  assert.ok(layers.length > 0, 'a PN gauge per MoE layer');
+  for (const m of layers) assert.deepEqual([m[2], m[3]], ['group', '3'], `layer ${m[1]}`);
+  const hidden = /^expertd_all2all_hidden_ratio (\S+)$/m.exec(ep.metrics);
+  assert.ok(hidden && Number(hidden[1]) >= 0 && Number(hidden[1]) <= 1, `hidden share ${hidden?.[1]}`);
+  // One rank: one chunk (auto, nothing to hide), nothing hidden or waited for.
+  assert.match(one.metrics, /^expertd_moe_pipeline_chunks\{layer="0",kernel="group"\} 1$/m);
+});
+
+test('--pipeline-chunks: auto or an integer from 1 to 256; the device engine does not take N > 1', () => {
+  assert.equal(pipelineChunks('auto', 'cpu'), 'auto');
+  assert.equal(pipelineChunks('4', 'cpu'), 4);
+  assert.equal(pipelineChunks('1', 'cuda:0'), 1);
+  for (const bad of ['0', '257', '2.5', 'x', '']) assert.throws(() => pipelineChunks(bad, 'cpu'), { message: `--pipeline-chunks: '${bad}' is not auto or an integer from 1 to 256` });
+  assert.throws(() => pipelineChunks('2', 'cuda:0'), /the device engine does not pipeline its MoE layers yet/);
 });

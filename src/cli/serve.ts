@@ -64,6 +64,7 @@ export function wireEngineMetrics(engine: EngineClient, metrics: Metrics): void 
       metrics.recordAll2all(s.all2all.bytes, s.all2all.seconds);
       if (s.all2all.overlap !== null) metrics.setCommOverlap(s.all2all.overlap);
     }
+    if (s.layerPlans) metrics.setLayerPlans(s.layerPlans, s.all2all?.hidden);
   });
 }
 
