@@ -176,3 +176,25 @@ test('--pipeline-chunks: auto or an integer from 1 to 256; the device engine doe
   for (const bad of ['0', '257', '2.5', 'x', '']) assert.throws(() => pipelineChunks(bad, 'cpu'), { message: `--pipeline-chunks: '${bad}' is not auto or an integer from 1 to 256` });
   assert.throws(() => pipelineChunks('2', 'cuda:0'), /the device engine does not pipeline its MoE layers yet/);
 });
+
+test('ScMoE: the shortcut MoE overlapped with the dense sub-blocks equals running it where it is routed (longcat_flash, 2 ranks)', async () => {
+  const dir = path.join(fixturesDir, 'longcat_flash');
+  const ranks = startExpertRanks(dir, 2, false, 60_000);
+  try {
+    await ranks.ready;
+    const [lo, hi] = ranks.owned;
+    const { model } = loadModel(dir, { fast: false, comm: ranks.comm, loadExpert: (_l, e) => e >= lo && e < hi });
+    try {
+      model.setPipelineChunks(2);
+      model.shortcutOverlap = false;
+      const plain = runAll(model, null);
+      model.shortcutOverlap = true;
+      const overlapped = runAll(model, null);
+      overlapped.logits.forEach((l, i) => assert.deepEqual(l, plain.logits[i], `logits of step ${i}`));
+    } finally {
+      model.dispose();
+    }
+  } finally {
+    await ranks.stop();
+  }
+});

@@ -54,6 +54,11 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
   }
   hooks: MoeHooks = {};
   fast: boolean;
+  /**
+   * ScMoE: overlap the shortcut MoE with the dense sub-blocks (the schedule); false runs it whole
+   * where it is routed, as a plain MoE would (same numbers; the bench's baseline).
+   */
+  shortcutOverlap = true;
 
   constructor(readonly spec: ModelSpec, src: TensorSource, opts: ModelOptions) {
     this.fast = opts.fast;
@@ -219,6 +224,8 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
         const ids = new Int32Array(T * k);
         const pending = layer.moe!.begin(scX, T, scratch, this.hooks, ids);
         routedIds.push(ids);
+        const moeOut = scratch.f32('sc.out', T * H);
+        if (!this.shortcutOverlap) layer.moe!.finish(pending, moeOut, scratch, this.fast);
         n.groupGemmFfn(normed, offsets, s0.dense!, delta, this.fast);
         // The expert GEMMs here; their combine travels while MLA1 and MLP1 compute.
         layer.moe!.compute(pending, scratch, this.fast);
@@ -226,7 +233,6 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
         s1.attn.forward(ctx, normed, cache[s1.cacheIndex]!, delta);
         n.rmsNorm(delta, T, H, s1.postNorm, spec.rmsNormEps, normed, residual);
         n.groupGemmFfn(normed, offsets, s1.dense!, delta, this.fast);
-        const moeOut = scratch.f32('sc.out', T * H);
         layer.moe!.finish(pending, moeOut, scratch, this.fast);
         for (let i = 0; i < T * H; i++) delta[i] = delta[i]! + moeOut[i]!;
         continue;

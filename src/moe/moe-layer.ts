@@ -53,6 +53,8 @@ export interface MoePending {
   /** The shared expert's output (computed while the first dispatch travels), gated. */
   shared: Float32Array | null;
   computed: boolean;
+  /** finish() has written the output (a second call does nothing). */
+  finished: boolean;
 }
 
 export class MoeLayer {
@@ -139,7 +141,7 @@ export class MoeLayer {
     }
     const p: MoePending = {
       x, tokens: T, bounds, routes, permIndex, weights, xPerm, yPerm: scratch.f32('moe.yperm', T * k * H),
-      xLocal, yLocal, dispatches: [], combines: [], shared: null, computed: false,
+      xLocal, yLocal, dispatches: [], combines: [], shared: null, computed: false, finished: false,
     };
     p.dispatches.push(this.comm.dispatchChunk(routes, 0, this.chunkRows(p, p.xPerm, 0), xLocal[0]!, H));
     return p;
@@ -207,6 +209,8 @@ export class MoeLayer {
   finish(p: MoePending, out: Float32Array, scratch: Scratch, fast: boolean): void {
     const n = loadNative();
     const H = this.hidden, k = this.spec.router.topK;
+    if (p.finished) return;
+    p.finished = true;
     this.compute(p, scratch, fast);
     for (let c = 0; c < p.routes.chunks; c++) {
       p.combines[c]!.wait();
