@@ -9,7 +9,8 @@
 //  2. A LongCat-Flash-shaped model (ScMoE): step time with the shortcut MoE overlapped with the
 //     dense sub-blocks vs the same model running it where it is routed (plain MoE), and the hidden
 //     share of its dispatch and combine.
-// Both models are random bf16 checkpoints made once under ~/.cache/expertd/bench-models/.
+// Both models are random bf16 checkpoints made once under ~/.cache/expertd/bench-models/. Settings
+// are interleaved rep by rep (the machine's load drifts over all of them alike).
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -115,39 +116,47 @@ function ensureModel(kind: 'mixtral' | 'longcat_flash'): string {
 
 interface Run { label: string; stepMs: number[]; moeMs: number[]; all2allS: number; hidden: number | null; chunks: number[] }
 
-/** Times `reps` prefills of T tokens (each a fresh sequence), after `warmup`. */
-function timePrefill(model: MoeModel, ranks: ExpertRanks, T: number, reps: number, warmup: number, label: string): Run {
+/**
+ * Times prefills of T tokens (each a fresh sequence) under each setting, interleaved: every rep runs
+ * every setting once, so that the machine's load drifts over all of them alike.
+ */
+function timePrefill(model: MoeModel, ranks: ExpertRanks, T: number, reps: number, warmup: number,
+                     settings: { label: string; apply: () => void }[]): Run[] {
   const V = model.spec.vocabSize;
   const prompt = Array.from({ length: T }, (_, i) => 3 + ((i * 7919) % (V - 3)));
-  const runner = new DirectRunner(model, 16, Math.ceil(((reps + warmup) * T) / 16) + 4);
+  const runners = settings.map(() => new DirectRunner(model, 16, Math.ceil(((reps + warmup) * T) / 16) + 4));
   let moeMs = 0;
   const orig = MoeLayer.prototype.forward;
   MoeLayer.prototype.forward = function (...args: Parameters<MoeLayer['forward']>) {
     const t0 = performance.now();
     try { orig.apply(this, args); } finally { moeMs += performance.now() - t0; }
   };
-  const run: Run = { label, stepMs: [], moeMs: [], all2allS: 0, hidden: null, chunks: [] };
-  let hiddenS = 0;
+  const runs: Run[] = settings.map((s) => ({ label: s.label, stepMs: [], moeMs: [], all2allS: 0, hidden: null, chunks: [] }));
+  const hiddenS = settings.map(() => 0);
   try {
     for (let r = 0; r < warmup + reps; r++) {
-      ranks.comm.takeDelta();
-      moeMs = 0;
-      const t0 = performance.now();
-      runner.step([runner.newSeq()], [prompt], false);
-      const dt = performance.now() - t0;
-      const d = ranks.comm.takeDelta();
-      if (r < warmup) continue;
-      run.stepMs.push(dt);
-      run.moeMs.push(moeMs / Math.max(1, model.moeLayers.length));
-      run.all2allS += d.seconds;
-      hiddenS += (d.hidden ?? 0) * d.seconds;
-      run.chunks.push(...model.layerPlans().map((p) => p.chunks));
+      settings.forEach((s, i) => {
+        s.apply();
+        const run = runs[i]!, runner = runners[i]!;
+        ranks.comm.takeDelta();
+        moeMs = 0;
+        const t0 = performance.now();
+        runner.step([runner.newSeq()], [prompt], false);
+        const dt = performance.now() - t0;
+        const d = ranks.comm.takeDelta();
+        if (r < warmup) return;
+        run.stepMs.push(dt);
+        run.moeMs.push(moeMs / Math.max(1, model.moeLayers.length));
+        run.all2allS += d.seconds;
+        hiddenS[i] = hiddenS[i]! + (d.hidden ?? 0) * d.seconds;
+        run.chunks.push(...model.layerPlans().map((p) => p.chunks));
+      });
     }
   } finally {
     MoeLayer.prototype.forward = orig;
   }
-  run.hidden = run.all2allS > 0 ? hiddenS / run.all2allS : null;
-  return run;
+  runs.forEach((run, i) => { run.hidden = run.all2allS > 0 ? hiddenS[i]! / run.all2allS : null; });
+  return runs;
 }
 
 const spread = (xs: number[]) => `${fmt(median(xs))} (${fmt(Math.min(...xs))}-${fmt(Math.max(...xs))})`;
@@ -194,13 +203,10 @@ export async function runEp(argv: string[]): Promise<void> {
       model.setExpertKernel('auto');
       for (const mode of modes) {
         ranks.comm.setSimulatedLink(mode.GBps);
-        const runs: Run[] = [];
-        for (const pn of PNS) {
-          model.setPipelineChunks(pn);
-          runs.push(timePrefill(model, ranks, T, reps, warmup, `PN ${pn}`));
-        }
-        model.setPipelineChunks('auto');
-        runs.push(timePrefill(model, ranks, T, reps, warmup, 'auto'));
+        const runs = timePrefill(model, ranks, T, reps, warmup, [
+          ...PNS.map((pn) => ({ label: `PN ${pn}`, apply: () => model.setPipelineChunks(pn) })),
+          { label: 'auto', apply: () => model.setPipelineChunks('auto') },
+        ]);
         eps.push({ mode: mode.label, GBps: mode.GBps, runs });
         const one = median(runs[0]!.stepMs);
         console.error(`# ${mode.label}: PN 1 ${fmt(one)} ms, auto ${fmt(median(runs.at(-1)!.stepMs))} ms`);
@@ -242,10 +248,10 @@ export async function runEp(argv: string[]): Promise<void> {
         model.setPipelineChunks(1);
         for (const mode of modes) {
           lranks.comm.setSimulatedLink(mode.GBps);
-          model.shortcutOverlap = false;
-          const plain = timePrefill(model, lranks, T, reps, warmup, 'plain');
-          model.shortcutOverlap = true;
-          const overlapped = timePrefill(model, lranks, T, reps, warmup, 'ScMoE');
+          const [plain, overlapped] = timePrefill(model, lranks, T, reps, warmup, [
+            { label: 'plain', apply: () => { model.shortcutOverlap = false; } },
+            { label: 'ScMoE', apply: () => { model.shortcutOverlap = true; } },
+          ]) as [Run, Run];
           sc.push({ mode: mode.label, overlapped, plain });
         }
       } finally {

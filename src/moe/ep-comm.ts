@@ -112,8 +112,12 @@ export class GroupExpertComm implements ExpertComm {
   waitTimeoutMs = 600_000;
   /** Simulated link (benchmarks), GB/s; 0: the real transport. */
   private linkGBps = 0;
-  /** Per-collective time beyond the modelled transfer, ms (EWMA): the planner's latency. */
-  private latencyMs = 0.05;
+  /**
+   * Per-collective time beyond the modelled transfer (ms), the last 32 samples: their minimum is
+   * the planner's latency. NOTE: not a mean: an op's time also holds the wait for a peer that is
+   * still computing, which is skew, not a per-op cost of the link.
+   */
+  private readonly latencySamples: number[] = [];
   /** The pipelined layer in progress: ops not yet waited, when its first dispatch was queued. */
   private open = 0;
   private openedAt = 0;
@@ -215,7 +219,8 @@ export class GroupExpertComm implements ExpertComm {
 
   /** The planner's view of this link: the simulated bandwidth (or memcpy speed) and the measured per-op latency. */
   commModel(): CommModel {
-    return { bytesPerMs: this.linkGBps > 0 ? this.linkGBps * 1e6 : 1e7, latencyMs: this.latencyMs };
+    const latencyMs = this.latencySamples.length ? Math.min(...this.latencySamples) : 0.05;
+    return { bytesPerMs: this.linkGBps > 0 ? this.linkGBps * 1e6 : 1e7, latencyMs };
   }
 
   private blocking<T>(fn: () => T): T {
@@ -270,7 +275,8 @@ export class GroupExpertComm implements ExpertComm {
     const now = performance.now();
     this.blockedMs += now - t0;
     this.seconds += s;
-    this.latencyMs = 0.9 * this.latencyMs + 0.1 * Math.max(0, s * 1000 - modelledMs);
+    this.latencySamples.push(Math.max(0, s * 1000 - modelledMs));
+    if (this.latencySamples.length > 32) this.latencySamples.shift();
     if (--this.open === 0) {
       const window = now - this.openedAt;
       this.windowMs += window;
