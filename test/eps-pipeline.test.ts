@@ -107,6 +107,24 @@ test('DenseGemm experts too: every PN equals PN 1 bit for bit over 2 ranks (qwen
   }
 });
 
+test('planner with ranks: only rows leaving this rank travel, and a chunk takes as long as the slowest rank\'s slice', () => {
+  // 0.01 ms per row at every calibrated point (powers of two): expert time ~ rows.
+  const rows = Array.from({ length: 11 }, (_, i) => 2 ** i);
+  const table = { key: 'test', rows, groupMs: rows.map((r) => r * 0.01), denseMs: rows.map((r) => r * 0.02) };
+  const slow = { bytesPerMs: 1e5, latencyMs: 0 };
+  const p = new EpsPlanner(table, slow, null, 8);
+  const slices: [number, number][] = [[0, 2], [2, 4]];
+  // Every row stays on rank 0: nothing travels, nothing to overlap.
+  assert.equal(p.plan([64, 64, 0, 0], 4096, { slices, self: 0 }).chunks, 1);
+  // The same rows seen from rank 1: all of them travel, so chunks pay off.
+  const remote = p.plan([64, 64, 0, 0], 4096, { slices, self: 1 });
+  assert.ok(remote.chunks > 1, `${remote.chunks} chunk(s)`);
+  // Experts: the slowest slice sets a chunk's time (256 rows on rank 1 > 2 rows on rank 0).
+  const fast = new EpsPlanner(table, { bytesPerMs: 1e12, latencyMs: 0 }, null, 1);
+  const skewed = fast.plan([1, 1, 128, 128], 4096, { slices, self: 0 });
+  assert.ok(Math.abs(skewed.totalMs - fast.expertMs('group', [128, 128])) < 1e-4, `${skewed.totalMs}`);
+});
+
 test('auto: the planner picks PN per layer and step from the link; a slow simulated link pipelines, outputs unchanged', async () => {
   const dir = path.join(fixturesDir, 'mixtral');
   const ranks = startExpertRanks(dir, 2, false, 60_000);
