@@ -14,7 +14,7 @@ import { createCudaEmulator, withLazyStreams } from './helpers/cuda-emu.js';
 import { runAll } from './helpers/model-runner.js';
 
 for (const name of ['qwen2_moe', 'longcat_flash']) {
-  test(`${name} on 2 emulated devices: PN 2, 3 and 64 equal one device bit for bit, lazy streams too`, async () => {
+  test(`${name} on 2 emulated devices: PN 2, 3 and 64 equal one device bit for bit, with a lazy compute stream too`, async () => {
     const dir = path.join(packageRoot(), 'test', 'fixtures', name);
     const single = loadCudaModel(dir, { device: 0, cuda: createCudaEmulator() });
     const want = runAll(single.model, null);
