@@ -43,11 +43,20 @@ export function resolveEngineOptions(flags: ParsedFlags, servedModelName?: strin
     maxNumBatchedTokens: Number(flags['max-num-batched-tokens'] ?? 512),
     threads: Number(flags['threads'] ?? 0),
     expertKernel: String(flags['expert-kernel'] ?? 'auto') as 'auto' | 'group' | 'dense',
+    pipelineChunks: pipelineChunks(String(flags['pipeline-chunks'] ?? 'auto')),
     servedModelName: name,
     device,
     ...expertParallel(flags, device, offload.offload !== undefined, spec.moe.numExperts),
     ...offload,
   };
+}
+
+/** --pipeline-chunks auto|N (N in 1..256). */
+export function pipelineChunks(flag: string): 'auto' | number {
+  if (flag === 'auto') return 'auto';
+  const n = /^\d+$/.test(flag) ? Number(flag) : NaN;
+  if (!(n >= 1 && n <= 256)) throw new UsageError(`--pipeline-chunks: '${flag}' is not auto or an integer from 1 to 256`);
+  return n;
 }
 
 /**

@@ -80,6 +80,7 @@ export function wireEngineMetrics(engine: EngineClient, metrics: Metrics): void 
       metrics.recordAll2all(s.all2all.bytes, s.all2all.seconds);
       if (s.all2all.overlap !== null) metrics.setCommOverlap(s.all2all.overlap);
     }
+    if (s.layerPlans) metrics.setLayerPlans(s.layerPlans, s.all2all?.hidden);
   });
   // Per sequence, once, when it ends (stop, length, or an abort after its first token).
   engine.on('finished', (ev: Extract<import('../engine/types.js').EngineEvent, { type: 'finished' }>) => {

@@ -212,6 +212,7 @@ export class EngineCore {
     const metrics: StepMetrics = {
       prefillTokens, decodeTokens, durationMs: this.clock() - t0, preemptions: plan.preempted.length,
       kernelChoices: this.loaded.model.kernelChoices(),
+      ...(this.loaded.model.layerPlans ? { layerPlans: this.loaded.model.layerPlans() } : {}),
       ...(comm ? { all2all: comm } : {}),
       queueTimesMs,
       expertTokens: expertTokenCounts(result.routedIds, this.info.numExperts + (this.loaded.spec.moe.zeroExperts ?? 0)),

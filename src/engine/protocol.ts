@@ -26,6 +26,8 @@ export interface EngineOptions {
   device?: string;
   /** EPS-MoE expert kernel: auto (calibrated choice per layer and step), group or dense. */
   expertKernel?: 'auto' | 'group' | 'dense';
+  /** EPS-MoE pipeline chunks per MoE layer: auto (the planner, per layer and step) or a fixed count. */
+  pipelineChunks?: 'auto' | number;
   /** Expert offloading (MoE-Infinity); absent = every expert resident, no tracing. */
   offload?: OffloadConfig;
 }
@@ -57,7 +59,9 @@ export interface StepMetrics {
   /** Time each request first scheduled in this step waited since it reached the engine (ms). */
   queueTimesMs?: number[];
   /** Expert parallelism: all2all bytes sent and seconds spent this step. */
-  all2all?: { bytes: number; seconds: number; overlap: number | null };
+  all2all?: { bytes: number; seconds: number; overlap: number | null; hidden?: number | null };
+  /** Per MoE layer: EPS-MoE pipeline chunks and expert kernel this step. */
+  layerPlans?: { chunks: number; kernel: string }[];
   /** MoE layers per expert kernel this step (EPS-MoE choice). */
   kernelChoices?: Record<string, number>;
   /** Expert cache activity this step (offloading on). */

@@ -169,6 +169,7 @@ async function init(o: EngineOptions): Promise<void> {
       saveTimer.unref();
     }
     loaded.model.setExpertKernel(o.expertKernel ?? 'auto');
+    loaded.model.setPipelineChunks?.(o.pipelineChunks ?? 'auto');
     core = new EngineCore(loaded, {
       kvCacheBlocks: o.kvCacheBlocks, kvCacheGb: o.kvCacheGb, blockSize: o.blockSize,
       maxNumSeqs: o.maxNumSeqs, maxNumBatchedTokens: o.maxNumBatchedTokens,

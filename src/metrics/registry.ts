@@ -75,6 +75,9 @@ export class Metrics {
   readonly all2allBytes: Counter;
   readonly all2allSeconds: Counter;
   readonly commOverlap: Gauge;
+  /** EPS-MoE: PN per MoE layer, labelled with the layer's expert kernel; the hidden all2all share. */
+  readonly pipelineChunks: Gauge<'layer' | 'kernel'>;
+  readonly all2allHidden: Gauge;
 
   constructor(options: MetricsOptions = {}) {
     const registers = [this.registry];
@@ -154,6 +157,8 @@ export class Metrics {
     this.all2allBytes = new Counter({ name: 'expertd_all2all_bytes_total', help: 'Bytes sent by all2all (dispatch + combine).', registers });
     this.all2allSeconds = new Counter({ name: 'expertd_all2all_seconds_total', help: 'Time spent in all2all.', registers });
     this.commOverlap = new Gauge({ name: 'expertd_comm_overlap_ratio', help: 'Fraction of all2all time hidden behind compute in the last step (0-1).', registers });
+    this.pipelineChunks = new Gauge({ name: 'expertd_moe_pipeline_chunks', help: 'EPS-MoE pipeline chunks (PN) of each MoE layer in the last step, labelled with its expert kernel.', labelNames: ['layer', 'kernel'], registers });
+    this.all2allHidden = new Gauge({ name: 'expertd_all2all_hidden_ratio', help: 'Share of all2all time in the last step that the engine did not wait for (0-1).', registers });
   }
 
   /** Gauges of running/waiting/KV usage and the preemption counter read this at scrape time. */
@@ -246,6 +251,12 @@ export class Metrics {
 
   setCommOverlap(ratio: number): void {
     this.commOverlap.set(ratio);
+  }
+
+  setLayerPlans(plans: readonly { chunks: number; kernel: string }[], hidden: number | null | undefined): void {
+    this.pipelineChunks.reset();
+    plans.forEach((p, layer) => this.pipelineChunks.set({ layer: String(layer), kernel: p.kernel }, p.chunks));
+    if (hidden !== null && hidden !== undefined) this.all2allHidden.set(hidden);
   }
 }
 
