@@ -107,6 +107,30 @@ int64_t sum(const std::vector<int64_t>& v) {
   return s;
 }
 
+// all2allv(send, sendBytes, recv, recvBytes) arguments (blocking or async) -> a checked op.
+std::shared_ptr<CommOp> all2allv_op(const Napi::CallbackInfo& info, CommState& st) {
+  Napi::Env env = info.Env();
+  std::shared_ptr<Comm> c = live(env, st);
+  const size_t world = static_cast<size_t>(c->world_size());
+  Span<uint8_t> send = get_array<uint8_t>(info, 0, "send", 0);
+  std::vector<int64_t> send_bytes = to_i64(env, get_f64(info, 1, "sendBytes", world), world, "sendBytes", true);
+  Span<uint8_t> recv = get_array<uint8_t>(info, 2, "recv", 0);
+  std::vector<int64_t> recv_bytes = to_i64(env, get_f64(info, 3, "recvBytes", world), world, "recvBytes", true);
+  if (static_cast<int64_t>(send.length) < sum(send_bytes))
+    throw_range(env, "send.length is " + std::to_string(send.length) + ", expected at least " +
+                         std::to_string(sum(send_bytes)) + " (the sum of sendBytes)");
+  if (static_cast<int64_t>(recv.length) < sum(recv_bytes))
+    throw_range(env, "recv.length is " + std::to_string(recv.length) + ", expected at least " +
+                         std::to_string(sum(recv_bytes)) + " (the sum of recvBytes)");
+  auto op = std::make_shared<CommOp>();
+  op->kind = CommOp::Kind::All2allv;
+  op->send = send.data;
+  op->recv = recv.data;
+  op->send_bytes = std::move(send_bytes);
+  op->recv_bytes = std::move(recv_bytes);
+  return op;
+}
+
 Napi::Object make_group(Napi::Env env, std::shared_ptr<Comm> comm, const std::string& label) {
   auto st = std::make_shared<CommState>();
   st->queue = std::make_unique<CommQueue>(comm);
@@ -123,24 +147,7 @@ Napi::Object make_group(Napi::Env env, std::shared_ptr<Comm> comm, const std::st
   obj.Set("all2allv", Napi::Function::New(env, [st](const Napi::CallbackInfo& info) -> Napi::Value {
     Napi::Env env = info.Env();
     expect_args(info, 4, "all2allv");
-    std::shared_ptr<Comm> c = live(env, *st);
-    const size_t world = static_cast<size_t>(c->world_size());
-    Span<uint8_t> send = get_array<uint8_t>(info, 0, "send", 0);
-    std::vector<int64_t> send_bytes = to_i64(env, get_f64(info, 1, "sendBytes", world), world, "sendBytes", true);
-    Span<uint8_t> recv = get_array<uint8_t>(info, 2, "recv", 0);
-    std::vector<int64_t> recv_bytes = to_i64(env, get_f64(info, 3, "recvBytes", world), world, "recvBytes", true);
-    if (static_cast<int64_t>(send.length) < sum(send_bytes))
-      throw_range(env, "send.length is " + std::to_string(send.length) + ", expected at least " +
-                           std::to_string(sum(send_bytes)) + " (the sum of sendBytes)");
-    if (static_cast<int64_t>(recv.length) < sum(recv_bytes))
-      throw_range(env, "recv.length is " + std::to_string(recv.length) + ", expected at least " +
-                           std::to_string(sum(recv_bytes)) + " (the sum of recvBytes)");
-    auto op = std::make_shared<CommOp>();
-    op->kind = CommOp::Kind::All2allv;
-    op->send = send.data;
-    op->recv = recv.data;
-    op->send_bytes = std::move(send_bytes);
-    op->recv_bytes = std::move(recv_bytes);
+    std::shared_ptr<CommOp> op = all2allv_op(info, *st);
     run_blocking(env, *st, op);
     return env.Undefined();
   }, "all2allv"));
@@ -150,25 +157,8 @@ Napi::Object make_group(Napi::Env env, std::shared_ptr<Comm> comm, const std::st
   obj.Set("all2allvAsync", Napi::Function::New(env, [st](const Napi::CallbackInfo& info) -> Napi::Value {
     Napi::Env env = info.Env();
     expect_args(info, 4, "all2allvAsync");
-    std::shared_ptr<Comm> c = live(env, *st);
-    const size_t world = static_cast<size_t>(c->world_size());
-    Span<uint8_t> send = get_array<uint8_t>(info, 0, "send", 0);
-    std::vector<int64_t> send_bytes = to_i64(env, get_f64(info, 1, "sendBytes", world), world, "sendBytes", true);
-    Span<uint8_t> recv = get_array<uint8_t>(info, 2, "recv", 0);
-    std::vector<int64_t> recv_bytes = to_i64(env, get_f64(info, 3, "recvBytes", world), world, "recvBytes", true);
-    if (static_cast<int64_t>(send.length) < sum(send_bytes))
-      throw_range(env, "send.length is " + std::to_string(send.length) + ", expected at least " +
-                           std::to_string(sum(send_bytes)) + " (the sum of sendBytes)");
-    if (static_cast<int64_t>(recv.length) < sum(recv_bytes))
-      throw_range(env, "recv.length is " + std::to_string(recv.length) + ", expected at least " +
-                           std::to_string(sum(recv_bytes)) + " (the sum of recvBytes)");
     auto js = std::make_shared<JsOp>();
-    js->op = std::make_shared<CommOp>();
-    js->op->kind = CommOp::Kind::All2allv;
-    js->op->send = send.data;
-    js->op->recv = recv.data;
-    js->op->send_bytes = std::move(send_bytes);
-    js->op->recv_bytes = std::move(recv_bytes);
+    js->op = all2allv_op(info, *st);
     js->send = Napi::Persistent(info[0].As<Napi::Object>());
     js->recv = Napi::Persistent(info[2].As<Napi::Object>());
     guard(env, [&] { st->queue->submit(js->op); });
