@@ -2,6 +2,9 @@
 // SIGTERM/SIGINT drain in-flight requests up to --shutdown-timeout and exit 0.
 import { pino } from 'pino';
 
+import { startFront } from '../dist/launcher.js';
+import { runRelay } from '../dist/relay.js';
+import { resolveTopology, TopologyError, type Topology } from '../dist/topology.js';
 import { EngineClient } from '../engine/engine-client.js';
 import { createMetrics, type Metrics } from '../metrics/registry.js';
 import { ModelTokenizer } from '../model/tokenizer.js';
@@ -10,7 +13,9 @@ import { createServer, type TextCodec } from '../server/index.js';
 import { modelFlags } from './engine-flags.js';
 import { showLoadProgress } from './progress.js';
 import { formatHelp, parseFlags, type FlagSpec } from './options.js';
+import { UsageError } from './options.js';
 import { resolveEngineOptions } from './resolve.js';
+import { packageVersion } from '../server/version.js';
 import { offloadFlags } from './trace.js';
 
 export const serveFlags: FlagSpec[] = [
@@ -22,6 +27,13 @@ export const serveFlags: FlagSpec[] = [
   { name: 'served-model-name', type: 'string', arg: 'NAME', help: 'Model name in the API (default: the folder name, or expertd-demo)' },
   { name: 'max-queued-requests', type: 'int', min: 0, default: 256, help: 'Waiting requests beyond this get 429 with Retry-After' },
   { name: 'shutdown-timeout', type: 'number', min: 0, default: 30, arg: 'SECONDS', help: 'On SIGTERM/SIGINT, how long in-flight requests may finish' },
+  { name: 'nproc-per-node', type: 'int', min: 1, max: 1024, default: 1, arg: 'N',
+    help: 'Data-parallel rank processes on this node, each with the whole model and its own KV cache (with --device cuda rank r on cuda:r); this process serves HTTP and spreads requests over them by load (1 = one engine in this process)' },
+  { name: 'nnodes', type: 'int', min: 1, max: 4096, arg: 'K', help: 'Nodes in the group: run the same command on every node (default 1; else WORLD_SIZE/nproc-per-node or LWS_GROUP_SIZE)' },
+  { name: 'node-rank', type: 'int', min: 0, max: 4095, arg: 'R', help: 'This node\'s index; node 0 serves HTTP (default 0; else RANK/nproc-per-node or LWS_WORKER_INDEX)' },
+  { name: 'dist-init-addr', type: 'string', arg: 'HOST:PORT', help: 'Node 0\'s address for the rank rendezvous and channels, the same on every node (else MASTER_ADDR:MASTER_PORT or LWS_LEADER_ADDRESS:29500)' },
+  { name: 'dist-timeout', type: 'number', min: 1, default: 300, arg: 'SECONDS', help: 'How long every rank has to join the rendezvous' },
+  { name: 'heartbeat-timeout', type: 'number', min: 0.5, default: 10, arg: 'SECONDS', help: 'A rank silent this long (dead, hung or cut off) ends the group: 503s, every process exits non-zero' },
   { name: 'log-level', type: 'string', default: 'info', choices: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'], help: 'pino log level' },
   { name: 'log-prompts', type: 'boolean', default: false, help: 'Include prompt text in request log lines (off: prompts are user data)' },
 ];
@@ -46,7 +58,7 @@ export function codecFor(tok: ModelTokenizer): TextCodec {
 }
 
 /** Feeds the engine's per-step figures into the metrics registry. */
-export function wireEngineMetrics(engine: EngineClient, metrics: Metrics): void {
+export function wireEngineMetrics(engine: Pick<import('node:events').EventEmitter, 'on'>, metrics: Metrics): void {
   engine.on('step', (s: import('../engine/protocol.js').StepMetrics) => {
     if (s.expertCache) {
       metrics.recordExpertCache(s.expertCache.delta);
@@ -67,14 +79,39 @@ export function wireEngineMetrics(engine: EngineClient, metrics: Metrics): void 
   });
 }
 
+/** After a group fault, how long the front keeps answering 503 before it exits non-zero. */
+const FAULT_LINGER_MS = 3000;
+
+function topologyFrom(flags: import('./options.js').ParsedFlags): Topology {
+  const opt = (name: string) => flags[name] as number | string | undefined;
+  try {
+    return resolveTopology({
+      nprocPerNode: opt('nproc-per-node') as number | undefined, nnodes: opt('nnodes') as number | undefined,
+      nodeRank: opt('node-rank') as number | undefined, distInitAddr: opt('dist-init-addr') as string | undefined,
+    });
+  } catch (e) {
+    if (e instanceof TopologyError) throw new UsageError(e.message);
+    throw e;
+  }
+}
+
 export async function serveCommand(argv: string[]): Promise<number> {
   const { flags } = parseFlags(serveFlags, argv);
   const logger = pino({ level: String(flags['log-level']) });
+  const topology = topologyFrom(flags);
   const opts = resolveEngineOptions(flags, flags['served-model-name'] as string | undefined);
   if (opts.isDemo) logger.warn({ model: opts.modelDir }, 'no --model given: serving the built-in demo model (random weights, gibberish text)');
-  logger.info({ capabilities: loadNative().capabilities(), config: { ...opts, apiKey: flags['api-key'] ? '(set)' : '(none)' } }, 'starting');
+  const caps = loadNative().capabilities();
+  logger.info({ capabilities: caps, config: { ...opts, apiKey: flags['api-key'] ? '(set)' : '(none)' },
+    ...(topology.worldSize > 1 ? { topology } : {}) }, 'starting');
+  const launch = { engine: opts, topology, maxModelLen: opts.info.maxContext, version: packageVersion(), hardwareThreads: caps.hardwareThreads };
+  if (topology.nodeRank > 0) return runRelay(launch, Number(flags['dist-timeout']) * 1000, logger);
   const tok = ModelTokenizer.load(opts.modelDir);
-  const engine = new EngineClient(opts, opts.info);
+  const front = topology.worldSize > 1
+    ? await startFront(launch, { rendezvousTimeoutMs: Number(flags['dist-timeout']) * 1000,
+      heartbeatTimeoutMs: Number(flags['heartbeat-timeout']) * 1000 }, opts.info)
+    : null;
+  const engine = front ? front.group : new EngineClient(opts, opts.info);
   showLoadProgress(engine);
   const metrics = createMetrics();
   wireEngineMetrics(engine, metrics);
@@ -89,11 +126,20 @@ export async function serveCommand(argv: string[]): Promise<number> {
   const address = await server.listen({ host: String(flags['host']), port: Number(flags['port']) });
   logger.info({ address, model: opts.servedModelName }, `expertd listening on ${address} (loading the model)`);
   try {
+    if (front) {
+      await front.group.rendezvous();
+      logger.info({ worldSize: topology.worldSize, nnodes: topology.nnodes }, 'rendezvous: every rank loads the same model with the same flags');
+    }
     await engine.ready;
   } catch (e) {
-    logger.error({ error: (e as Error).message }, 'model load failed');
+    logger.error({ error: (e as Error).message }, front ? 'group start failed' : 'model load failed');
     await server.close();
-    await engine.close();
+    if (front) {
+      await front.group.waitAllGone(5000);
+      front.close();
+    } else {
+      await engine.close();
+    }
     throw e;
   }
   logger.info(engine.summary);
@@ -107,10 +153,21 @@ export async function serveCommand(argv: string[]): Promise<number> {
       engine.setDraining();
       void server.drain(Number(flags['shutdown-timeout']) * 1000)
         .then(() => engine.close())
+        .then(() => front?.close())
         .then(() => { logger.info('stopped'); resolve(0); })
         .catch((e: Error) => { logger.error({ error: e.message }, 'shutdown failed'); resolve(1); });
     };
     process.once('SIGTERM', () => stop('SIGTERM'));
     process.once('SIGINT', () => stop('SIGINT'));
+    // A rank lost ends the group: 503s for a moment, every rank gone, then a non-zero exit so that
+    // the launcher, Kubernetes or LeaderWorkerSet restarts the group whole.
+    front?.group.once('failed', () => {
+      if (stopping) return;
+      stopping = true;
+      void front.group.waitAllGone(5000)
+        .then(() => new Promise((r) => setTimeout(r, FAULT_LINGER_MS)))
+        .then(() => server.drain(0))
+        .finally(() => { front.close(); resolve(1); });
+    });
   });
 }
