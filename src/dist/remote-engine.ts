@@ -100,9 +100,12 @@ export class RemoteEngine extends EventEmitter {
     return { ...this.lastStats, waiting };
   }
 
-  /** Load for dispatch: sequences running or waiting on this rank. */
+  /**
+   * Load for dispatch: sequences running or waiting on this rank. Every sequence on a rank came
+   * from this front, so the requests not yet finished count at once, before the rank reports them.
+   */
   load(): number {
-    const s = this.stats();
-    return s.running + s.waiting;
+    const s = this.lastStats;
+    return Math.max(this.pending.size, s.running + s.waiting);
   }
 }
