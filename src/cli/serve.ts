@@ -115,6 +115,10 @@ export async function serveCommand(argv: string[]): Promise<number> {
   showLoadProgress(engine);
   const metrics = createMetrics();
   wireEngineMetrics(engine, metrics);
+  if (front) {
+    metrics.bindRankStats(() => front.group.rankStats());
+    front.group.on('dispatch', (rank: number) => metrics.recordRankRequest(rank));
+  }
   // Listen at once: /health answers 503 and generation routes 503 (model_loading) until the
   // weights are in; the config gave everything else the API needs.
   const server = createServer({
@@ -128,7 +132,7 @@ export async function serveCommand(argv: string[]): Promise<number> {
   try {
     if (front) {
       await front.group.rendezvous();
-      logger.info({ worldSize: topology.worldSize, nnodes: topology.nnodes }, 'rendezvous: every rank loads the same model with the same flags');
+      logger.info({ worldSize: topology.worldSize, nnodes: topology.nnodes, ranks: front.group.ranks.map((e) => ({ rank: e!.rank, pid: e!.pid, node: e!.link.nodeRank })) }, 'rendezvous: every rank loads the same model with the same flags');
     }
     await engine.ready;
   } catch (e) {

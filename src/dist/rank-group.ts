@@ -171,6 +171,7 @@ export class RankGroup extends EventEmitter {
     }
     const e = this.pick();
     this.owner.set(req.id, e);
+    this.emit('dispatch', e.rank);
     e.generate(req, (ev) => {
       if (ev.type === 'finished') this.owner.delete(ev.id);
       onEvent(ev);

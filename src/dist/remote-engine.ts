@@ -16,6 +16,8 @@ export class RemoteEngine extends EventEmitter {
   private failure: string | undefined;
   infoValue: ModelInfo | undefined;
   identity: RankIdentity | undefined;
+  /** The rank process's pid (from its hello; on its own node). */
+  pid: number | undefined;
   summary = '';
   /** performance.now() of the last message from the rank (any message counts as a heartbeat). */
   lastSeenMs = performance.now();
@@ -37,6 +39,7 @@ export class RemoteEngine extends EventEmitter {
     switch (m.type) {
       case 'hello':
         this.identity = m.identity;
+        this.pid = m.pid;
         this.emit('hello', m.identity);
         break;
       case 'ready':

@@ -65,6 +65,10 @@ export class Metrics {
   readonly all2allBytes: Counter;
   readonly all2allSeconds: Counter;
   readonly commOverlap: Gauge;
+  // data-parallel ranks (serve --nproc-per-node / --nnodes)
+  readonly rankRequests: Counter<'rank'>;
+  readonly rankSequences: Gauge<'rank' | 'state'>;
+  private rankStatsSource: (() => EngineStats[]) | null = null;
 
   constructor(options: MetricsOptions = {}) {
     const registers = [this.registry];
@@ -130,6 +134,29 @@ export class Metrics {
     this.all2allBytes = new Counter({ name: 'expertd_all2all_bytes_total', help: 'Bytes sent by all2all (dispatch + combine).', registers });
     this.all2allSeconds = new Counter({ name: 'expertd_all2all_seconds_total', help: 'Time spent in all2all.', registers });
     this.commOverlap = new Gauge({ name: 'expertd_comm_overlap_ratio', help: 'Fraction of all2all time hidden behind compute in the last step (0-1).', registers });
+    this.rankRequests = new Counter({
+      name: 'expertd_rank_requests_total', help: 'Engine requests the front sent to each data-parallel rank.', labelNames: ['rank'], registers,
+    });
+    this.rankSequences = new Gauge({
+      name: 'expertd_rank_sequences', help: 'Sequences running or waiting on each data-parallel rank.', labelNames: ['rank', 'state'], registers,
+      collect() {
+        let all: EngineStats[] | null = null;
+        try { all = self.rankStatsSource?.() ?? null; } catch { all = null; }
+        all?.forEach((s, rank) => {
+          this.set({ rank: String(rank), state: 'running' }, s.running);
+          this.set({ rank: String(rank), state: 'waiting' }, s.waiting);
+        });
+      },
+    });
+  }
+
+  /** Per-rank figures of a data-parallel group, read at scrape time. */
+  bindRankStats(source: () => EngineStats[]): void {
+    this.rankStatsSource = source;
+  }
+
+  recordRankRequest(rank: number): void {
+    this.rankRequests.inc({ rank: String(rank) });
   }
 
   /** Gauges of running/waiting/KV usage and the preemption counter read this at scrape time. */

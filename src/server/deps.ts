@@ -10,6 +10,8 @@ export interface EngineClient {
   abort(id: string): void; // cancels; a 'finished' with reason 'abort' follows
   stats(): EngineStats;
   state(): 'loading' | 'ready' | 'draining' | 'failed';
+  /** Why the engine failed (state 'failed'), for the 503s' message. */
+  readonly failureMessage?: string | undefined;
 }
 
 export interface TextCodec {

@@ -25,6 +25,13 @@ export interface PreparedGeneration {
   logprobs: number | null;
 }
 
+/** 503 once the engine as a whole is down (a device fault, a lost data-parallel rank), with its reason. */
+function engineFailed(ctx: ServerContext): ApiError {
+  const why = ctx.opts.engine.failureMessage;
+  return new ApiError(503, 'overloaded_error', `The engine has failed and cannot serve requests${why ? `: ${why}` : '.'}`,
+    null, 'engine_failed', { 'retry-after': ctx.retryAfter });
+}
+
 /** Refuses work the engine cannot take now: not ready, shutting down, or queue full. */
 export function admit(ctx: ServerContext, engineRequests: number): void {
   const retry = { 'retry-after': ctx.retryAfter };
@@ -32,7 +39,7 @@ export function admit(ctx: ServerContext, engineRequests: number): void {
   const state = ctx.opts.engine.state();
   if (state === 'loading') throw new ApiError(503, 'overloaded_error', 'The model is still loading; retry shortly.', null, 'model_loading', retry);
   if (state === 'draining') throw new ApiError(503, 'overloaded_error', 'The engine is draining; retry on another instance.', null, 'server_shutting_down', retry);
-  if (state === 'failed') throw new ApiError(503, 'overloaded_error', 'The engine has failed and cannot serve requests.', null, 'engine_failed', retry);
+  if (state === 'failed') throw engineFailed(ctx);
   const waiting = ctx.opts.engine.stats().waiting;
   // A request with n choices adds n engine requests; a lone big request is still let into an empty queue.
   if (waiting > 0 && waiting + engineRequests > ctx.opts.maxQueuedRequests) {
