@@ -1,4 +1,7 @@
 {
+  "variables": {
+    "expertd_gloo%": "<!(node native/comm/gloo-probe.cjs)"
+  },
   "targets": [
     {
       "target_name": "expertd",
@@ -27,6 +30,7 @@
         "native/cpu/attention.cc",
         "native/cpu/expert_loader.cc",
         "native/comm/loopback.cc",
+        "native/comm/gloo.cc",
         "native/io/mmap_file.cc"
       ],
       "include_dirs": [
@@ -39,6 +43,12 @@
       "cflags": ["-O3", "-fPIC", "-fno-strict-aliasing"],
       "cflags_cc": ["-std=c++17", "-O3", "-fexceptions", "-frtti", "-Wall", "-Wextra", "-Wno-unused-parameter"],
       "libraries": ["-lpthread"],
+      "conditions": [
+        ["expertd_gloo==1", {
+          "defines": ["EXPERTD_HAVE_GLOO"],
+          "libraries": ["-lgloo"]
+        }]
+      ],
       "xcode_settings": {
         "GCC_ENABLE_CPP_EXCEPTIONS": "YES",
         "CLANG_CXX_LANGUAGE_STANDARD": "c++17",

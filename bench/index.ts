@@ -1,5 +1,6 @@
 // `npm run bench -- NAME [flags]`: the benchmark dispatcher. Each bench prints a markdown table
 // and can write JSON (--json FILE) and charts (--plot FILE.png). Benchmarks are never tests.
+import { runCommBench } from './comm.js';
 import { runE2e } from './e2e.js';
 import { runFidelity } from './fidelity.js';
 import { runKernels } from './kernels.js';
@@ -9,6 +10,7 @@ import { runSelftest } from './selftest.js';
 import { runServe } from './serve.js';
 
 const BENCHES: Record<string, { run: (argv: string[]) => Promise<void>; about: string }> = {
+  comm: { run: runCommBench, about: 'all2allv over Gloo (2, 3 rank processes) vs the in-process loopback group at one MoE layer\'s dispatch sizes of the bench models [--json F] [--reps N] [--warmup N] [--tokens 1,8,64,512] [--worlds 2,3] [--models a,b]' },
   e2e: { run: runE2e, about: 'whole model (bench checkpoints, bf16): prefill 512, decode b1/b8 vs the bandwidth bound and HF transformers [--json F] [--reps N] [--python PATH] [--no-peer] [--models a,b] [--steps N] [--batches 1,8]' },
   fidelity: { run: runFidelity, about: 'the device engine on every fixture vs HF goldens and the CPU bf16 engine (logit error, routing agreement), on the emulator of the cuda* ops [--gpu: the real device]' },
   kernels: { run: runKernels, about: 'CPU MoE kernels vs machine limits and the OpenBLAS loop [--json F] [--plot F.png] [--reps N] [--warmup N] [--tokens 1,8] [--models mixtral-like,qwen3moe-like] [--threads N] [--ctx N] [--hot] [--no-peer] [--device cpu]; GPU: --device cuda[:N] vs torch grouped_mm and a matmul loop [--rows 1,8] [--models mixtral-like,deepseek-like|NAME:H:I:E] [--python PATH] [--matmul-n N] [--copy-mib N]' },

@@ -101,15 +101,17 @@ test('server close fails waiting gets with E_STORE_LOST and signals the loss', a
   await a.close();
 });
 
-test('close() of a client fails its own pending gets and is not a loss', async () => {
+test('close() of a client fails its own pending gets and is not a loss; the server sees it leave', async () => {
   await withServer(async (server) => {
     const a = await StoreClient.connect(HOST, server.port, 2000);
+    const left = new Promise((r) => server.once('disconnect', r));
     let lost = false;
     a.on('lost', () => { lost = true; });
     const waiting = assert.rejects(a.get('never', 30_000), { code: 'E_STORE_LOST' });
     await a.close();
     await waiting;
     assert.equal(lost, false);
+    await left;
   });
 });
 

@@ -1,5 +1,5 @@
 // Bindings for the comm family: a CommGroup object (rank, worldSize, backend, all2allv,
-// all2allCounts, barrier, dispose) over a native Comm. Collectives block the calling JS thread
+// all2allCounts, barrier, dispose) over a native Comm (loopback or Gloo). Collectives block the calling JS thread
 // (a worker: the engine's or a test's rank), never longer than the group's timeout.
 #include <cmath>
 #include <memory>
@@ -140,10 +140,53 @@ Napi::Value loopback_join_js(const Napi::CallbackInfo& info) {
                     "comm group '" + name + "' rank " + std::to_string(rank));
 }
 
+int64_t option_int(Napi::Env env, const Napi::Object& o, const char* name, int64_t min, int64_t max) {
+  Napi::Value v = o.Get(name);
+  if (!v.IsNumber()) throw_type(env, std::string("options.") + name + " must be a number");
+  const double d = v.As<Napi::Number>().DoubleValue();
+  if (!std::isfinite(d) || d != std::floor(d))
+    throw_type(env, std::string("options.") + name + " must be an integer, got " + std::to_string(d));
+  if (d < static_cast<double>(min) || d > static_cast<double>(max))
+    throw_range(env, std::string("options.") + name + " is " + std::to_string(static_cast<int64_t>(d)) +
+                         ", expected " + std::to_string(min) + ".." + std::to_string(max));
+  return static_cast<int64_t>(d);
+}
+
+std::string option_string(Napi::Env env, const Napi::Object& o, const char* name, bool required) {
+  Napi::Value v = o.Get(name);
+  if (!required && (v.IsUndefined() || v.IsNull())) return "";
+  if (!v.IsString()) throw_type(env, std::string("options.") + name + " must be a string");
+  std::string s = v.As<Napi::String>().Utf8Value();
+  if (s.empty()) throw_range(env, std::string("options.") + name + " must not be empty");
+  return s;
+}
+
+// glooJoin({ host, port, prefix, rank, worldSize, timeoutMs, listenHost? }): blocks the calling
+// thread (a worker's, never the main thread's) until the group is connected.
+Napi::Value gloo_join_js(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 1, "glooJoin");
+  if (!info[0].IsObject()) throw_type(env, "glooJoin options must be an object");
+  Napi::Object o = info[0].As<Napi::Object>();
+  GlooJoinOptions opt;
+  opt.host = option_string(env, o, "host", true);
+  opt.port = static_cast<int>(option_int(env, o, "port", 1, 65535));
+  opt.prefix = option_string(env, o, "prefix", true);
+  opt.world_size = static_cast<int>(option_int(env, o, "worldSize", 1, 4096));
+  opt.rank = static_cast<int>(option_int(env, o, "rank", 0, opt.world_size - 1));
+  opt.timeout_ms = static_cast<int>(option_int(env, o, "timeoutMs", 1, 2147483647));
+  opt.listen_host = option_string(env, o, "listenHost", false);
+  std::shared_ptr<Comm> comm;
+  guard(env, [&] { comm = gloo_join(opt); });
+  return make_group(env, std::move(comm),
+                    "comm group '" + opt.prefix + "' rank " + std::to_string(opt.rank));
+}
+
 }  // namespace
 
 void register_comm(Napi::Env env, Napi::Object exports) {
   exports.Set("loopbackJoin", Napi::Function::New(env, loopback_join_js, "loopbackJoin"));
+  exports.Set("glooJoin", Napi::Function::New(env, gloo_join_js, "glooJoin"));
 }
 
 }  // namespace expertd::addon

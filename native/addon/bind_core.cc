@@ -4,6 +4,7 @@
 #include <thread>
 
 #include "args.h"
+#include "expertd/comm.h"
 #include "expertd/cpu_features.h"
 #include "expertd/thread_pool.h"
 #include "register.h"
@@ -53,6 +54,7 @@ Napi::Value capabilities(const Napi::CallbackInfo& info) {
   o.Set("cudaDevices", 0);
   o.Set("ncclFound", false);
 #endif
+  o.Set("gloo", gloo_compiled());
   return o;
 }
 

@@ -23,6 +23,8 @@ export interface Capabilities {
   cudaCompiled: boolean;
   cudaDevices: number;
   ncclFound: boolean;
+  /** Built with Gloo: glooJoin (multi-process CPU ranks) works. */
+  gloo: boolean;
 }
 
 /** A weight W[n, k] repacked once into the kernels' blocked layout (native memory). */
@@ -84,7 +86,7 @@ export interface AttentionOptions {
 export interface CommGroup {
   readonly rank: number;
   readonly worldSize: number;
-  readonly backend: 'loopback' | 'nccl';
+  readonly backend: 'loopback' | 'gloo' | 'nccl';
   /** Send sendBytes[r] bytes to rank r (consecutive in send), receive recvBytes[r] from each. */
   all2allv(send: Uint8Array, sendBytes: Float64Array, recv: Uint8Array, recvBytes: Float64Array): void;
   /** Exchange one value per peer: recv[r] = value this rank's index of rank r's send. */
@@ -471,4 +473,28 @@ export interface NativeAddon extends Partial<CudaAddon> {
   // --- comm
   /** Joins an in-process loopback group (blocks until worldSize ranks joined or timeout). */
   loopbackJoin(group: string, worldSize: number, rank: number, timeoutMs: number): CommGroup;
+  /**
+   * Joins a multi-process CPU group over Gloo (TCP), rendezvous through the StoreServer
+   * (src/dist/store.ts) at host:port. NOTE: blocks the calling thread until every rank has
+   * connected, so call it in a worker thread or a rank process, never on a thread that must serve
+   * the store or HTTP. Fails with code E_COMM within timeoutMs if a rank does not come, and every
+   * later collective fails with E_COMM within timeoutMs of a peer being lost; E_UNSUPPORTED when
+   * the build has no Gloo (capabilities().gloo). The group may be used from one thread other than
+   * the joining one (its collectives run one at a time).
+   */
+  glooJoin(options: GlooJoinOptions): CommGroup;
+}
+
+export interface GlooJoinOptions {
+  /** The rendezvous store (rank 0's StoreServer). */
+  host: string;
+  port: number;
+  /** Store key prefix of this group: unique per group (and per restart) on a shared store. */
+  prefix: string;
+  rank: number;
+  worldSize: number;
+  /** Bounds the join and every later collective. */
+  timeoutMs: number;
+  /** Address peers connect to this rank at; default: the local address of the store connection. */
+  listenHost?: string;
 }

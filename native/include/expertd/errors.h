@@ -1,12 +1,13 @@
 // Error type shared by every native layer: kernels throw expertd::Error, the addon turns it into
-// a JS error with a `code` (E_INVALID_ARG, E_OOM, E_CUDA, E_NCCL, E_DISPOSED, E_IO). Nothing aborts.
+// a JS error with a `code` (E_INVALID_ARG, E_OOM, E_CUDA, E_NCCL, E_COMM, E_DISPOSED, E_IO,
+// E_UNSUPPORTED). Nothing aborts.
 #pragma once
 #include <stdexcept>
 #include <string>
 
 namespace expertd {
 
-enum class ErrorCode { InvalidArg, Range, OutOfMemory, Cuda, Nccl, Disposed, Io, Internal };
+enum class ErrorCode { InvalidArg, Range, OutOfMemory, Cuda, Nccl, Disposed, Io, Internal, Comm, Unsupported };
 
 inline const char* error_code_name(ErrorCode c) {
   switch (c) {
@@ -17,6 +18,8 @@ inline const char* error_code_name(ErrorCode c) {
     case ErrorCode::Nccl: return "E_NCCL";
     case ErrorCode::Disposed: return "E_DISPOSED";
     case ErrorCode::Io: return "E_IO";
+    case ErrorCode::Comm: return "E_COMM";
+    case ErrorCode::Unsupported: return "E_UNSUPPORTED";
     default: return "E_INTERNAL";
   }
 }
