@@ -7,7 +7,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { test } from 'node:test';
 
-import { packageRoot } from '../src/native/index.js';
+import { loadNative, packageRoot } from '../src/native/index.js';
 import { startDaemon, stopDaemon } from './helpers/daemon.js';
 
 const mixtral = path.join(packageRoot(), 'test', 'fixtures', 'mixtral');
@@ -61,6 +61,8 @@ test('two nodes on loopback form one group: requests on both, same answers, SIGT
       const metrics = await (await fetch(`${front.base}/metrics`)).text();
       assert.match(metrics, /^expertd_rank_requests_total\{rank="0"\} 1$/m);
       assert.match(metrics, /^expertd_rank_requests_total\{rank="1"\} 1$/m);
+      // With Gloo the MoE layers are expert-parallel across the nodes (store on the rendezvous port + 1).
+      if (loadNative().capabilities().gloo) assert.ok(Number(/^expertd_all2all_bytes_total (\S+)$/m.exec(metrics)?.[1] ?? 0) > 0, 'rows crossed between the nodes');
       assert.match(front.logs.join(''), /"ranks":\[\{"rank":0,"pid":\d+,"node":0\},\{"rank":1,"pid":\d+,"node":1\}\]/);
     } catch (e) {
       kill(front);

@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import path from 'node:path';
 import { test } from 'node:test';
 
-import { packageRoot } from '../src/native/index.js';
+import { loadNative, packageRoot } from '../src/native/index.js';
 import { startDaemon, stopDaemon, type Daemon } from './helpers/daemon.js';
 
 const fixture = (name: string) => path.join(packageRoot(), 'test', 'fixtures', name);
@@ -64,8 +64,20 @@ async function allGone(pids: number[], withinMs: number): Promise<boolean> {
   return false;
 }
 
+/** expertd_all2all_bytes_total from /metrics (0 when absent). */
+async function all2allBytes(base: string): Promise<number> {
+  const m = /^expertd_all2all_bytes_total (\S+)$/m.exec(await (await fetch(`${base}/metrics`)).text());
+  return m ? Number(m[1]) : 0;
+}
+
+const gloo = loadNative().capabilities().gloo;
+// Expert-parallel MoE across the rank processes needs Gloo in the addon; without it only the
+// replicated layout runs (and says so).
+const layouts: [number, string][] = gloo ? [[2, 'expert'], [3, 'expert'], [2, 'replicated']] : [[2, 'replicated'], [3, 'replicated']];
+
 for (const name of ['mixtral', 'deepseek_v3', 'longcat_flash']) {
-  test(`${name}: 2 and 3 rank processes answer exactly as one engine (greedy text and logprobs, f32), spread over every rank`, async () => {
+  test(`${name}: 2 and 3 rank processes answer exactly as one engine (greedy text and logprobs, f32), spread over every rank` +
+      (gloo ? '; MoE expert-parallel over Gloo and replicated' : ' (replicated MoE only: this addon has no Gloo)'), async () => {
     const one = await startDaemon(['--model', fixture(name)]);
     const want: Out[] = [];
     try {
@@ -73,13 +85,16 @@ for (const name of ['mixtral', 'deepseek_v3', 'longcat_flash']) {
     } finally {
       assert.equal(await stopDaemon(one), 0);
     }
-    for (const world of [2, 3]) {
-      const d = await startDaemon(['--model', fixture(name), '--nproc-per-node', String(world)]);
+    for (const [world, layout] of layouts) {
+      const d = await startDaemon(['--model', fixture(name), '--nproc-per-node', String(world), '--dist-moe', layout]);
       const pids = rankPids(d);
       try {
         assert.equal(pids.length, world);
         // One at a time: every request has a rank to itself, so each runs as it would alone.
-        for (const [i, p] of prompts.entries()) assert.deepEqual(await complete(d.base, name, p), want[i], `${name} x${world}: '${p}'`);
+        for (const [i, p] of prompts.entries()) assert.deepEqual(await complete(d.base, name, p), want[i], `${name} x${world} ${layout}: '${p}'`);
+        const moved = await all2allBytes(d.base);
+        if (layout === 'expert') assert.ok(moved > 0, 'rows travelled between the rank processes');
+        else assert.equal(moved, 0, 'replicated experts: no all2all');
         const spread = await rankRequests(d.base);
         assert.equal(spread.length, world, `every rank got requests: ${JSON.stringify(spread)}`);
         assert.ok(spread.every((n) => n >= 1), `every rank got requests: ${JSON.stringify(spread)}`);
@@ -128,13 +143,15 @@ test('a rank killed mid-generation: its request fails, later requests get 503 na
   assert.equal(later.status, 503);
   const body = await later.json() as { error: { message: string; code: string } };
   assert.equal(body.error.code, 'engine_failed');
-  assert.match(body.error.message, new RegExp(`^The engine has failed and cannot serve requests: rank 1 \\(pid ${pids[1]}\\) exited on signal SIGKILL$`));
+  // The front sees rank 1 exit, or (expert-parallel MoE) rank 0 sees its all2all with rank 1 break first.
+  assert.match(body.error.message, new RegExp('^The engine has failed and cannot serve requests: ' +
+    `(rank 1 \\(pid ${pids[1]}\\) exited on signal SIGKILL|rank 0 \\(pid ${pids[0]}\\) failed: engine step failed: gloo group .*; the group is broken)$`));
   assert.equal((await fetch(`${d.base}/health`)).status, 503);
   await readers[0]!.cancel().catch(() => undefined);
   assert.equal(await d.exit, 1, 'the front exits non-zero');
   assert.ok(await allGone(pids, 5000), 'no rank is left behind');
   assert.ok(Date.now() - started < 30_000, `all gone within 30 s (took ${Date.now() - started} ms)`);
-  assert.match(d.logs.join(''), /expertd rank 0: the group is down: rank 1 \(pid \d+\) exited on signal SIGKILL/);
+  assert.match(d.logs.join(''), /expertd rank 0: the group is down: rank [01] \(pid \d+\)/);
   } finally {
     killAll(d, pids);
   }

@@ -1,8 +1,13 @@
 // `expertd serve`: load the model in the engine worker, then serve the OpenAI-compatible API.
 // SIGTERM/SIGINT drain in-flight requests up to --shutdown-timeout and exit 0.
+import { randomUUID } from 'node:crypto';
+
 import { pino } from 'pino';
 
 import { startFront } from '../dist/launcher.js';
+import type { GroupExperts } from '../dist/rank-protocol.js';
+import { StoreServer } from '../dist/store.js';
+import type { EngineOptions } from '../engine/protocol.js';
 import { runRelay } from '../dist/relay.js';
 import { resolveTopology, TopologyError, type Topology } from '../dist/topology.js';
 import { EngineClient } from '../engine/engine-client.js';
@@ -32,6 +37,8 @@ export const serveFlags: FlagSpec[] = [
   { name: 'nnodes', type: 'int', min: 1, max: 4096, arg: 'K', help: 'Nodes in the group: run the same command on every node (default 1; else WORLD_SIZE/nproc-per-node or LWS_GROUP_SIZE)' },
   { name: 'node-rank', type: 'int', min: 0, max: 4095, arg: 'R', help: 'This node\'s index; node 0 serves HTTP (default 0; else RANK/nproc-per-node or LWS_WORKER_INDEX)' },
   { name: 'dist-init-addr', type: 'string', arg: 'HOST:PORT', help: 'Node 0\'s address for the rank rendezvous and channels, the same on every node (else MASTER_ADDR:MASTER_PORT or LWS_LEADER_ADDRESS:29500)' },
+  { name: 'dist-moe', type: 'string', choices: ['auto', 'expert', 'replicated'], default: 'auto',
+    help: 'MoE layers across the rank processes: expert = each rank holds a slice of the routed experts, tokens travel by all2all over Gloo and the ranks step in lockstep; replicated = every rank holds every expert (auto = expert where the addon has Gloo, the device is the CPU and neither --expert-parallel nor offloading is on)' },
   { name: 'dist-timeout', type: 'number', min: 1, default: 300, arg: 'SECONDS', help: 'How long every rank has to join the rendezvous' },
   { name: 'heartbeat-timeout', type: 'number', min: 0.5, default: 10, arg: 'SECONDS', help: 'A rank silent this long (dead, hung or cut off) ends the group: 503s, every process exits non-zero' },
   { name: 'log-level', type: 'string', default: 'info', choices: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'], help: 'pino log level' },
@@ -95,6 +102,25 @@ function topologyFrom(flags: import('./options.js').ParsedFlags): Topology {
   }
 }
 
+/**
+ * --dist-moe: with 'expert' the front serves the Gloo group's store (127.0.0.1 on one node, else
+ * the rendezvous port + 1 on node 0's address) under a prefix unique to this start.
+ */
+async function groupExperts(mode: string, opts: EngineOptions, t: Topology, gloo: boolean, timeoutMs: number):
+    Promise<{ experts: GroupExperts; store: StoreServer } | null> {
+  const cpu = (opts.device ?? 'cpu') === 'cpu';
+  const why = !gloo ? 'this addon was built without Gloo (install libgloo-dev and rebuild)'
+    : !cpu ? `expert parallelism across rank processes runs on CPU ranks only (--device ${opts.device})`
+      : (opts.expertParallel ?? 1) > 1 ? 'it cannot be combined with --expert-parallel (in-process expert ranks)'
+        : opts.offload ? 'it cannot be combined with expert offloading yet' : null;
+  if (mode === 'replicated' || (mode === 'auto' && why)) return null;
+  if (why) throw new UsageError(`--dist-moe expert: ${why}`);
+  const multi = t.nnodes > 1;
+  const loopback = /^(127\.|localhost$|::1$)/.test(t.initHost ?? '127.0.0.1');
+  const store = await StoreServer.listen(multi && !loopback ? '0.0.0.0' : (multi ? t.initHost! : '127.0.0.1'), multi ? t.initPort! + 1 : 0);
+  return { store, experts: { host: multi ? t.initHost! : '127.0.0.1', port: store.port, prefix: `expertd-${randomUUID()}`, timeoutMs } };
+}
+
 export async function serveCommand(argv: string[]): Promise<number> {
   const { flags } = parseFlags(serveFlags, argv);
   const logger = pino({ level: String(flags['log-level']) });
@@ -111,6 +137,10 @@ export async function serveCommand(argv: string[]): Promise<number> {
     ? await startFront(launch, { rendezvousTimeoutMs: Number(flags['dist-timeout']) * 1000,
       heartbeatTimeoutMs: Number(flags['heartbeat-timeout']) * 1000 }, opts.info)
     : null;
+  const experts = front ? await groupExperts(String(flags['dist-moe']), opts, topology, caps.gloo, Number(flags['dist-timeout']) * 1000) : null;
+  if (front) logger.info({ distMoe: experts ? 'expert' : 'replicated' }, experts
+    ? `MoE layers expert-parallel over ${topology.worldSize} ranks (Gloo, store ${experts.experts.host}:${experts.experts.port})`
+    : `MoE layers replicated on ${topology.worldSize} ranks`);
   const engine = front ? front.group : new EngineClient(opts, opts.info);
   showLoadProgress(engine);
   const metrics = createMetrics();
@@ -131,7 +161,7 @@ export async function serveCommand(argv: string[]): Promise<number> {
   logger.info({ address, model: opts.servedModelName }, `expertd listening on ${address} (loading the model)`);
   try {
     if (front) {
-      await front.group.rendezvous();
+      await front.group.rendezvous(experts?.experts);
       logger.info({ worldSize: topology.worldSize, nnodes: topology.nnodes, ranks: front.group.ranks.map((e) => ({ rank: e!.rank, pid: e!.pid, node: e!.link.nodeRank })) }, 'rendezvous: every rank loads the same model with the same flags');
     }
     await engine.ready;
@@ -141,6 +171,7 @@ export async function serveCommand(argv: string[]): Promise<number> {
     if (front) {
       await front.group.waitAllGone(5000);
       front.close();
+      await experts?.store.close();
     } else {
       await engine.close();
     }
@@ -158,6 +189,7 @@ export async function serveCommand(argv: string[]): Promise<number> {
       void server.drain(Number(flags['shutdown-timeout']) * 1000)
         .then(() => engine.close())
         .then(() => front?.close())
+        .then(() => experts?.store.close())
         .then(() => { logger.info('stopped'); resolve(0); })
         .catch((e: Error) => { logger.error({ error: e.message }, 'shutdown failed'); resolve(1); });
     };
@@ -171,7 +203,7 @@ export async function serveCommand(argv: string[]): Promise<number> {
       void front.group.waitAllGone(5000)
         .then(() => new Promise((r) => setTimeout(r, FAULT_LINGER_MS)))
         .then(() => server.drain(0))
-        .finally(() => { front.close(); resolve(1); });
+        .finally(() => { front.close(); void experts?.store.close(); resolve(1); });
     });
   });
 }

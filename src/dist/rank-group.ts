@@ -7,6 +7,7 @@ import { EventEmitter } from 'node:events';
 import type { EngineState } from '../engine/engine-client.js';
 import type { EngineEvent, EngineStats, GenerateRequest, ModelInfo } from '../engine/types.js';
 import { checkIdentities, type RankIdentity } from './identity.js';
+import type { GroupExperts } from './rank-protocol.js';
 import type { RemoteEngine } from './remote-engine.js';
 
 export interface RankGroupOptions {
@@ -28,6 +29,7 @@ export class RankGroup extends EventEmitter {
   private nextTurn = 0;
   private watchdog: NodeJS.Timeout | undefined;
   private rendezvousDone = false;
+  private experts: GroupExperts | undefined;
   private rendezvousWaiters: { resolve: () => void; reject: (e: Error) => void } | undefined;
   summary = '';
   readonly ready: Promise<ModelInfo>;
@@ -63,7 +65,8 @@ export class RankGroup extends EventEmitter {
    * Waits for every rank's hello, checks that all load the same model with compatible flags, then
    * lets them load. A difference (or a timeout) ends every rank with the reason and rejects.
    */
-  rendezvous(): Promise<void> {
+  rendezvous(experts?: GroupExperts): Promise<void> {
+    this.experts = experts;
     return new Promise<void>((resolve, reject) => {
       const timer = setTimeout(() => {
         const missing = this.ranks.map((e, i) => (e?.identity ? -1 : i)).filter((i) => i >= 0);
@@ -87,7 +90,7 @@ export class RankGroup extends EventEmitter {
       this.fault(`rendezvous refused: ${diff}`);
       return;
     }
-    for (const e of this.ranks) e!.link.send({ type: 'start' });
+    for (const e of this.ranks) e!.link.send({ type: 'start', ...(this.experts ? { experts: this.experts } : {}) });
     this.startWatchdog();
     this.rendezvousWaiters.resolve();
   }

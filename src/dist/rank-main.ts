@@ -5,7 +5,7 @@ import { EngineClient } from '../engine/engine-client.js';
 import type { StepMetrics } from '../engine/protocol.js';
 import type { EngineEvent } from '../engine/types.js';
 import { rankIdentity } from './identity.js';
-import { HEARTBEAT_INTERVAL_MS, type FrontToRank, type RankInit, type RankToFront } from './rank-protocol.js';
+import { HEARTBEAT_INTERVAL_MS, type FrontToRank, type GroupExperts, type RankInit, type RankToFront } from './rank-protocol.js';
 
 if (!process.send) throw new Error('rank-main must be started by child_process.fork');
 
@@ -40,8 +40,9 @@ function queueFlush(): void {
   setImmediate(flush);
 }
 
-function start(i: RankInit): void {
-  const e = new EngineClient(i.options);
+function start(i: RankInit, experts: GroupExperts | undefined): void {
+  const options = experts ? { ...i.options, distExperts: { ...experts, rank: i.rank, worldSize: i.worldSize } } : i.options;
+  const e = new EngineClient(options);
   engine = e;
   e.on('progress', (p: Extract<RankToFront, { type: 'progress' }>) => send({ ...p, type: 'progress' }));
   e.on('step', (s: StepMetrics) => { steps.push(s); queueFlush(); });
@@ -62,7 +63,7 @@ process.on('message', (raw: RankInit | FrontToRank) => {
       }
       break;
     case 'start':
-      if (init && !engine) start(init);
+      if (init && !engine) start(init, raw.experts);
       break;
     case 'generate':
       engine?.generate(raw.req, (ev) => { events.push(ev); queueFlush(); });

@@ -4,6 +4,7 @@
 import type { EngineOptions, StepMetrics } from '../engine/protocol.js';
 import type { EngineEvent, EngineStats, GenerateRequest, ModelInfo } from '../engine/types.js';
 import type { RankIdentity } from './identity.js';
+import type { DistExperts } from './lockstep.js';
 
 /** How often a rank says it is alive, and how long a silent one is given by default. */
 export const HEARTBEAT_INTERVAL_MS = 1000;
@@ -21,8 +22,12 @@ export interface RankInit {
 }
 
 /** From the front to a rank (after rendezvous). */
+/** Expert parallelism across the ranks: the Gloo group's store and prefix (rank and size are the rank's). */
+export type GroupExperts = Omit<DistExperts, 'rank' | 'worldSize'>;
+
 export type FrontToRank =
-  | { type: 'start' }
+  /** Rendezvous passed: load the model (with experts: this rank's slice, then join the Gloo group). */
+  | { type: 'start'; experts?: GroupExperts }
   | { type: 'generate'; req: GenerateRequest }
   | { type: 'abort'; id: string }
   /** Drain is done on the front: close the engine and exit 0. */

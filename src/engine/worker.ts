@@ -16,6 +16,9 @@ import type { Offloader } from '../offload/offloader.js';
 import { EngineCore, type StepOffloader } from './engine-core.js';
 import type { EngineOptions, FromWorker, StepMetrics, ToWorker } from './protocol.js';
 import type { EngineEvent } from './types.js';
+import { Lockstep, Vote } from '../dist/lockstep.js';
+import { expertSlice, GroupExpertComm } from '../moe/ep-comm.js';
+import { parseModelConfig } from '../model/config.js';
 
 const port = parentPort;
 if (!port) throw new Error('engine worker must run in a worker thread');
@@ -27,6 +30,8 @@ let saveTimer: NodeJS.Timeout | null = null;
 let pending: EngineEvent[] = [];
 let scheduled = false;
 let stopping = false;
+/** Expert parallelism across rank processes: the vote, the model's empty step, a stop requested. */
+let lockstep: { sync: Lockstep; serveExperts: () => void; stopRequested: boolean; comm: GroupExpertComm } | null = null;
 
 function send(m: FromWorker): void {
   port!.postMessage(m);
@@ -64,7 +69,44 @@ function loop(): void {
   if (core.hasWork()) kick();
 }
 
+/**
+ * The lockstep loop (distExperts): runs for the engine's whole life, voting every step; a rank with
+ * no work runs an empty step whenever another rank has work, so the MoE all2alls match.
+ */
+function lockstepLoop(): void {
+  const ls = lockstep!;
+  if (!core || stopping) return;
+  let outcome: Vote;
+  try {
+    outcome = ls.sync.vote(ls.stopRequested ? Vote.Stop : core.hasWork() ? Vote.Work : Vote.Idle);
+    if (outcome === Vote.Work) {
+      const res = core.hasWork() ? core.step() : null;
+      if (res) {
+        pending.push(...res.events);
+        flush(res.metrics);
+      } else {
+        ls.serveExperts(); // T = 0 through every MoE layer
+        flush();
+      }
+    }
+  } catch (e) {
+    const err = e as Error & { code?: string };
+    send({ type: 'fatal', message: `engine step failed: ${err.message}`, ...(err.code ? { code: err.code } : {}) });
+    stopping = true;
+    return;
+  }
+  if (outcome === Vote.Stop) {
+    stopping = true;
+    finishShutdown();
+    return;
+  }
+  const delay = ls.sync.nextDelayMs(outcome);
+  if (delay === 0) setImmediate(lockstepLoop);
+  else setTimeout(lockstepLoop, delay);
+}
+
 function kick(): void {
+  if (lockstep) return; // the lockstep loop never stops while the engine lives
   if (scheduled || stopping) return;
   scheduled = true;
   setImmediate(loop);
@@ -126,7 +168,17 @@ async function init(o: EngineOptions): Promise<void> {
       autoKvCapBytes = Math.max(0, mem.freeBytes * 0.9 - slotBytes - 512 * 2 ** 20);
     } else {
       let ep: Partial<ModelOptions> = {};
-      if ((o.expertParallel ?? 1) > 1) {
+      let distComm: GroupExpertComm | undefined;
+      if (o.distExperts) {
+        const d = o.distExperts;
+        const numExperts = parseModelConfig(o.modelDir).moe.numExperts;
+        // Blocks this thread until every rank joined (or the timeout): this is the engine worker.
+        distComm = new GroupExpertComm(loadNative().glooJoin({
+          host: d.host, port: d.port, prefix: d.prefix, rank: d.rank, worldSize: d.worldSize, timeoutMs: d.timeoutMs,
+        }), numExperts);
+        const [lo, hi] = expertSlice(numExperts, d.worldSize, d.rank);
+        ep = { comm: distComm, loadExpert: (_layer, e) => e >= lo && e < hi };
+      } else if ((o.expertParallel ?? 1) > 1) {
         const ranks = startExpertRanks(o.modelDir, o.expertParallel!, fast);
         expertRanks = ranks;
         await ranks.ready;
@@ -139,6 +191,10 @@ async function init(o: EngineOptions): Promise<void> {
       });
       loaded = cpuLoaded;
       if (o.offload) offloader = attachOffloader(cpuLoaded, o.offload);
+      if (distComm) {
+        const model = cpuLoaded.model;
+        lockstep = { sync: new Lockstep(distComm.group), serveExperts: () => model.serveExperts(), stopRequested: false, comm: distComm };
+      }
     }
     if (o.offload?.traceDir) {
       saveTimer = setInterval(() => offloader?.save(), 60_000);
@@ -156,6 +212,7 @@ async function init(o: EngineOptions): Promise<void> {
       (offloader ? `; expert cache ${offloader.stats().slots}/${offloader.stats().totalExperts} experts, ` +
         `policy ${o.offload!.policy}, EAM collection ${offloader.stats().collectionSize}` : '');
     send({ type: 'ready', info: core.info, summary });
+    if (lockstep) setImmediate(lockstepLoop);
   } catch (e) {
     const err = e as Error & { code?: string };
     send({ type: 'fatal', message: err.message, ...(err.code ? { code: err.code } : {}) });
@@ -180,15 +237,28 @@ port.on('message', (m: ToWorker) => {
       break;
     }
     case 'shutdown':
-      stopping = true;
-      if (saveTimer) clearInterval(saveTimer);
-      try {
-        offloader?.save();
-      } catch (e) {
-        send({ type: 'fatal', message: `saving the EAM collection failed: ${(e as Error).message}` });
+      // In lockstep the ranks leave together: the next vote says stop, then every rank shuts down.
+      if (lockstep && !stopping && core) {
+        lockstep.stopRequested = true;
+        break;
       }
-      // Expert ranks leave first (they may be waiting for the next step), then this worker.
-      void (expertRanks?.stop() ?? Promise.resolve()).finally(() => port.close());
+      finishShutdown();
       break;
   }
 });
+
+/** Saves the EAM collection, stops the in-process expert ranks, leaves the Gloo group, ends the worker. */
+function finishShutdown(): void {
+  stopping = true;
+  if (saveTimer) clearInterval(saveTimer);
+  try {
+    offloader?.save();
+  } catch (e) {
+    send({ type: 'fatal', message: `saving the EAM collection failed: ${(e as Error).message}` });
+  }
+  // Expert ranks leave first (they may be waiting for the next step), then this worker.
+  void (expertRanks?.stop() ?? Promise.resolve()).finally(() => {
+    lockstep?.comm.dispose();
+    port!.close();
+  });
+}
