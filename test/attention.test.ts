@@ -7,10 +7,12 @@ import { test } from 'node:test';
 import { loadNative } from '../src/native/index.js';
 import type { AttentionOptions } from '../src/native/index.js';
 import { mulberry32 } from '../src/engine/rng.js';
+import { fileSeed } from './helpers/seed.js';
 
 const native = loadNative();
 
-const rng = mulberry32;
+const seedBase = fileSeed(0, 'base added to each case seed');
+const rng = (seed: number) => mulberry32(seedBase + seed);
 
 function uniform(n: number, r: () => number, amp = 1): Float32Array {
   const a = new Float32Array(n);

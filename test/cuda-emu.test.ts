@@ -7,8 +7,9 @@ import { test } from 'node:test';
 import type { CudaAddon, CudaBuffer } from '../src/native/types.js';
 import { mulberry32 } from '../src/engine/rng.js';
 import { createCudaEmulator, f32ToBf16 } from './helpers/cuda-emu.js';
+import { fileSeed } from './helpers/seed.js';
 
-const rand = mulberry32(1234);
+const rand = mulberry32(fileSeed(1234));
 const rnd = (n: number, amp = 0.1) => Float32Array.from({ length: n }, () => (rand() * 2 - 1) * amp);
 const bf16 = (x: Float32Array) => Uint16Array.from(x, f32ToBf16);
 const coded = (code: string) => (e: Error & { code?: string }) => e.code === code;

@@ -10,6 +10,7 @@ import type { CudaAddon, CudaBuffer, NativeAddon } from '../src/native/types.js'
 import { mulberry32 } from '../src/engine/rng.js';
 import { createCudaEmulator } from './helpers/cuda-emu.js';
 import { needsCudaDevice } from './helpers/cuda-skip.js';
+import { fileSeed } from './helpers/seed.js';
 
 const native = loadNative();
 const caps = native.capabilities();
@@ -20,7 +21,7 @@ const skip = needsCudaDevice
   || (!cc.startsWith('9.') ? `compute capability ${cc}: the sm_90a kernel needs 9.x` : false)
   || (process.env.EXPERTD_DISABLE_SM90 ? 'EXPERTD_DISABLE_SM90 is set' : false);
 
-const rand = mulberry32(Date.now() & 0xffff);
+const rand = mulberry32(fileSeed());
 const uniform = (n: number, lo = -1, hi = 1) => Float32Array.from({ length: n }, () => lo + (hi - lo) * rand());
 const f32b = new Float32Array(1);
 const u32b = new Uint32Array(f32b.buffer);

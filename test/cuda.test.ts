@@ -13,6 +13,7 @@ import type { CudaAddon, CudaBuffer, NativeAddon } from '../src/native/types.js'
 import { mulberry32 } from '../src/engine/rng.js';
 import { createCudaEmulator } from './helpers/cuda-emu.js';
 import { needsCudaDevice } from './helpers/cuda-skip.js';
+import { fileSeed } from './helpers/seed.js';
 
 const native = loadNative();
 const caps = native.capabilities();
@@ -21,7 +22,7 @@ const skip = needsCudaDevice;
 
 // ---------------------------------------------------------------------------------- helpers
 const rng = mulberry32;
-const rand = rng(Date.now() & 0xffff);
+const rand = rng(fileSeed());
 const uniform = (n: number, lo = -1, hi = 1) => Float32Array.from({ length: n }, () => lo + (hi - lo) * rand());
 
 const f32b = new Float32Array(1);

@@ -1,8 +1,10 @@
 // Expert parallelism in one process (--expert-parallel N on the CPU): rank 0 in this thread, ranks
 // 1..N-1 in worker threads, a loopback group between them. Each rank holds only its slice of the
 // routed experts; every fixture's logits and routing equal the single-rank model's bit for bit
-// (f32), with 2 and 3 ranks (uneven slices), through prompts, batched steps and decoding.
+// (f32 and bf16, each against one rank in its mode), with 2 and 3 ranks (uneven slices), through
+// prompts, batched steps and decoding.
 import assert from 'node:assert/strict';
+import { readdirSync } from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { Worker } from 'node:worker_threads';
@@ -14,6 +16,7 @@ import { packageRoot } from '../src/native/index.js';
 import { createCudaEmulator } from './helpers/cuda-emu.js';
 import { startDaemon, stopDaemon } from './helpers/daemon.js';
 import { runAll } from './helpers/model-runner.js';
+import { testSeed } from './helpers/seed.js';
 
 test('expertSlice splits experts contiguously, sizes differing by at most one', () => {
   assert.deepEqual([0, 1, 2].map((r) => expertSlice(8, 3, r)), [[0, 3], [3, 6], [6, 8]]);
@@ -21,28 +24,45 @@ test('expertSlice splits experts contiguously, sizes differing by at most one', 
   assert.deepEqual(expertSlice(4, 4, 3), [3, 4]);
 });
 
-for (const name of ['mixtral', 'qwen2_moe', 'deepseek_v3', 'longcat_flash']) {
-  test(`${name}: 2 and 3 expert ranks equal one rank, bit for bit (f32)`, async () => {
+// Every fixture, in both compute modes: bf16 is compared with one rank in bf16 (the same kernels
+// on the same rows, so the same bits). One test per fixture keeps the one-rank reference of each
+// mode loaded once for both world sizes.
+const fixtures = readdirSync(path.join(packageRoot(), 'test', 'fixtures'), { withFileTypes: true })
+  .filter((d) => d.isDirectory()).map((d) => d.name).sort();
+
+test('the EP fixture list is every fixture', () => {
+  assert.deepEqual(fixtures, ['deepseek_v2', 'deepseek_v3', 'longcat_flash', 'mixtral', 'olmoe', 'qwen2_moe', 'qwen3_moe']);
+});
+
+for (const name of fixtures) {
+  test(`${name}: 2 and 3 expert ranks equal one rank, bit for bit (f32 and bf16)`, async () => {
     const dir = path.join(packageRoot(), 'test', 'fixtures', name);
-    const single = loadModel(dir, { fast: false });
-    const want = runAll(single.model, null);
-    single.model.dispose();
-    for (const world of [2, 3]) {
-      const ranks = startExpertRanks(dir, world, false, 60_000);
-      try {
-        await ranks.ready;
-        const [lo, hi] = ranks.owned;
-        const loaded = loadModel(dir, { fast: false, comm: ranks.comm, loadExpert: (_l, e) => e >= lo && e < hi });
+    let f32Logits: Float32Array[] = [];
+    for (const fast of [false, true]) {
+      const mode = fast ? 'bf16' : 'f32';
+      const single = loadModel(dir, { fast });
+      const want = runAll(single.model, null);
+      single.model.dispose();
+      // The bf16 reference must really be the other mode, or the bf16 half would test f32 twice.
+      if (fast) assert.notDeepEqual(want.logits, f32Logits, `${name}: bf16 logits differ from f32`);
+      else f32Logits = want.logits;
+      for (const world of [2, 3]) {
+        const ranks = startExpertRanks(dir, world, fast, 60_000);
         try {
-          const got = runAll(loaded.model, null);
-          assert.deepEqual(got.tokens, want.tokens, `${name} x${world}: greedy tokens`);
-          got.logits.forEach((l, i) => assert.deepEqual(l, want.logits[i], `${name} x${world}: logits of step ${i}`));
-          assert.ok(ranks.comm.bytesSent > 0, 'rows went to the other ranks');
+          await ranks.ready;
+          const [lo, hi] = ranks.owned;
+          const loaded = loadModel(dir, { fast, comm: ranks.comm, loadExpert: (_l, e) => e >= lo && e < hi });
+          try {
+            const got = runAll(loaded.model, null);
+            assert.deepEqual(got.tokens, want.tokens, `${name} ${mode} x${world}: greedy tokens`);
+            got.logits.forEach((l, i) => assert.deepEqual(l, want.logits[i], `${name} ${mode} x${world}: logits of step ${i}`));
+            assert.ok(ranks.comm.bytesSent > 0, 'rows went to the other ranks');
+          } finally {
+            loaded.model.dispose();
+          }
         } finally {
-          loaded.model.dispose();
+          await ranks.stop();
         }
-      } finally {
-        await ranks.stop();
       }
     }
   });
@@ -56,13 +76,14 @@ test('an expert rank that cannot load fails startup with its reason', async () =
   assert.throws(() => startExpertRanks(path.join(packageRoot(), 'test', 'fixtures', 'mixtral'), 1, false), /expected an integer >= 2/);
 });
 
-test('GroupExpertComm and DeviceExpertComm: every rank routing rows to every expert gets each row back in place (2-4 ranks)', async () => {
+test('GroupExpertComm and DeviceExpertComm: every rank routing rows to every expert gets each row back in place (2-4 ranks)', async (t) => {
+  const seed = testSeed(t, 0, 'base of each rank\'s routing seed');
   for (const [world, device] of [[2, false], [3, false], [4, false], [2, true], [3, true]] as [number, boolean][]) {
     const group = `ep-comm-test-${process.pid}-${world}-${device}`;
     const ncclId = device ? createCudaEmulator().cudaNcclUniqueId() : undefined;
     const results = await Promise.all(Array.from({ length: world }, (_, rank) => new Promise<{ ok: boolean; checked?: number; error?: string }>((resolve, reject) => {
       const w = new Worker(new URL('./helpers/ep-rank-worker.js', import.meta.url), {
-        workerData: { group, world, rank, E: 7, Z: device ? 0 : 2, H: device ? 8 : 5, steps: 6, ...(ncclId ? { ncclId } : {}) },
+        workerData: { group, world, rank, E: 7, Z: device ? 0 : 2, H: device ? 8 : 5, steps: 6, seed, ...(ncclId ? { ncclId } : {}) },
       });
       w.once('message', resolve);
       w.once('error', reject);

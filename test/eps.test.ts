@@ -11,10 +11,12 @@ import { loadModel } from '../src/model/load.js';
 import { EpsPlanner, calibrate, denseExpertsFfn, loadOrCalibrate, type CostTable } from '../src/moe/eps-planner.js';
 import { loadNative, packageRoot } from '../src/native/index.js';
 import { DirectRunner } from './helpers/model-runner.js';
+import { fileSeed } from './helpers/seed.js';
 
+const seedBase = fileSeed(0, 'base added to each case seed');
 function rand(len: number, seed: number): Float32Array {
   const a = new Float32Array(len);
-  let s = seed >>> 0;
+  let s = (seedBase + seed) >>> 0;
   for (let i = 0; i < len; i++) { s = (s * 1664525 + 1013904223) >>> 0; a[i] = (s / 2 ** 32 - 0.5) * 0.5; }
   return a;
 }

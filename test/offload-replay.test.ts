@@ -11,8 +11,10 @@ import { replay, replayBelady } from '../src/offload/replay.js';
 import { syntheticTrace, DEFAULT_SYNTHETIC } from '../src/offload/synthetic-trace.js';
 import { readTrace, TraceWriter, type Trace } from '../src/offload/trace-file.js';
 import { mulberry32 } from '../src/engine/rng.js';
+import { fileSeed } from './helpers/seed.js';
 
-const rng = mulberry32;
+const seedBase = fileSeed(0, 'base added to each case seed');
+const rng = (seed: number) => mulberry32(seedBase + seed);
 
 /** A random single-request trace: each step, each layer uses 1..maxPerLayer distinct experts. */
 function randomTrace(r: () => number, L: number, E: number, steps: number, maxPerLayer: number): Trace {
@@ -103,7 +105,7 @@ test('no policy has fewer demand misses than Belady; everything hits with a full
 });
 
 test('on structured traces (prompt families) the EAM policy beats LRU and LFU and stays under Belady', () => {
-  const trace = syntheticTrace({ ...DEFAULT_SYNTHETIC, requests: 30, familySkew: 1.2 });
+  const trace = syntheticTrace({ ...DEFAULT_SYNTHETIC, seed: seedBase + DEFAULT_SYNTHETIC.seed, requests: 30, familySkew: 1.2 });
   const at = (policy: 'eam' | 'lru' | 'lfu' | 'belady') => replay(trace, { policy, capacity: 0.25 }).hitRate;
   const eam = at('eam'), lru = at('lru'), lfu = at('lfu'), belady = at('belady');
   assert.ok(eam > lru + 0.05 && eam > lfu, `eam ${eam} lru ${lru} lfu ${lfu}`);
@@ -115,7 +117,7 @@ test('on structured traces (prompt families) the EAM policy beats LRU and LFU an
 
 test('trace files round trip; a torn last line is dropped', () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'expertd-trace-'));
-  const trace = syntheticTrace({ ...DEFAULT_SYNTHETIC, requests: 3, numLayers: 2, numExperts: 8, topK: 2, familySetSize: 4 });
+  const trace = syntheticTrace({ ...DEFAULT_SYNTHETIC, seed: seedBase + DEFAULT_SYNTHETIC.seed, requests: 3, numLayers: 2, numExperts: 8, topK: 2, familySetSize: 4 });
   const w = new TraceWriter(dir, trace.meta, 2);
   for (const s of trace.steps) w.append(s);
   w.flush();

@@ -13,6 +13,7 @@ import { traceCommand, traceHelp, similarityStructure, requestEams } from '../sr
 import { UsageError } from '../src/cli/options.js';
 import { syntheticTrace, DEFAULT_SYNTHETIC } from '../src/offload/synthetic-trace.js';
 import { TraceWriter } from '../src/offload/trace-file.js';
+import { fileSeed } from './helpers/seed.js';
 
 async function capture(fn: () => Promise<number>): Promise<{ code: number; out: string }> {
   const lines: string[] = [];
@@ -26,7 +27,7 @@ async function capture(fn: () => Promise<number>): Promise<{ code: number; out: 
   }
 }
 
-const opts = { ...DEFAULT_SYNTHETIC, requests: 24, families: 3, numLayers: 6, numExperts: 32, decodeTokens: 8 };
+const opts = { ...DEFAULT_SYNTHETIC, seed: fileSeed(DEFAULT_SYNTHETIC.seed), requests: 24, families: 3, numLayers: 6, numExperts: 32, decodeTokens: 8 };
 const trace = syntheticTrace(opts);
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'expertd-trace-cli-'));
 const w = new TraceWriter(dir, trace.meta);

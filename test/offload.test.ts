@@ -20,8 +20,10 @@ import { CheckpointExpertStore } from '../src/offload/expert-store.js';
 import { Offloader } from '../src/offload/offloader.js';
 import { readTrace } from '../src/offload/trace-file.js';
 import { mulberry32 } from '../src/engine/rng.js';
+import { fileSeed } from './helpers/seed.js';
 
-const rng = mulberry32;
+const seedBase = fileSeed(0, 'base added to each case seed');
+const rng = (seed: number) => mulberry32(seedBase + seed);
 
 const tmpDir = (): string => fs.mkdtempSync(path.join(os.tmpdir(), 'expertd-offload-'));
 

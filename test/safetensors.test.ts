@@ -11,6 +11,7 @@ import {
   CheckpointError, MAX_HEADER_BYTES, openCheckpoint, readSafetensorsHeader, writeSafetensors,
   type TensorToWrite,
 } from '../src/model/safetensors.js';
+import { fileSeed } from './helpers/seed.js';
 
 const root = fs.mkdtempSync(path.join(os.tmpdir(), 'expertd-st-'));
 after(() => fs.rmSync(root, { recursive: true, force: true }));
@@ -21,8 +22,9 @@ const freshDir = (): string => {
   return d;
 };
 
+const seedBase = fileSeed(0, 'base added to each case seed');
 function seeded(seed: number): () => number {
-  let s = seed >>> 0;
+  let s = (seedBase + seed) >>> 0;
   return () => ((s = (Math.imul(s, 1664525) + 1013904223) >>> 0) / 4294967296);
 }
 

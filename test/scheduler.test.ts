@@ -6,6 +6,7 @@ import { test } from 'node:test';
 
 import { Rng } from '../src/engine/rng.js';
 import { KvCapacityError, Scheduler, type SchedulerConfig, type StepPlan } from '../src/engine/scheduler.js';
+import { testSeed } from './helpers/seed.js';
 
 /** The token a deterministic fake model emits for seq at position pos. */
 const gen = (id: string, pos: number): number => (id.length * 7919 + Number(id.replace(/\D/g, '') || 0) * 131 + pos * 104729) % 50_000;
@@ -282,8 +283,8 @@ test('requests that can never fit fail at once with a clear error', () => {
   assert.equal(h.live.size, 0);
 });
 
-test('random simulation: budgets and invariants every step, the oldest always progresses, all finish', () => {
-  const rng = new Rng(4242);
+test('random simulation: budgets and invariants every step, the oldest always progresses, all finish', (t) => {
+  const rng = new Rng(testSeed(t, 4242));
   const rand = (n: number): number => Math.floor(rng.nextFloat() * n);
   const cfg: SchedulerConfig = { numBlocks: 48, blockSize: 8, maxContext: 256, maxNumSeqs: 8, maxNumBatchedTokens: 64 };
   const h = new Harness(cfg);

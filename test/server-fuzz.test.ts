@@ -8,9 +8,10 @@ import type { AddressInfo } from 'node:net';
 import { test } from 'node:test';
 import { BOS } from './helpers/fake-engine.js';
 import { MODEL, startServer } from './helpers/server-harness.js';
+import { fileSeed } from './helpers/seed.js';
 
 // --- seeded PRNG (xorshift32) so a failure can be replayed ---
-const SEED = Number(process.env.FUZZ_SEED ?? 0x5eed) >>> 0;
+const SEED = fileSeed(0x5eed);
 let s = SEED || 1;
 const rand = () => { s ^= s << 13; s >>>= 0; s ^= s >>> 17; s ^= s << 5; s >>>= 0; return s / 4294967296; };
 const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rand() * xs.length)]!;

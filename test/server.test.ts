@@ -582,7 +582,8 @@ test('metrics: prometheus text parses; names, types and values', async () => {
     assert.equal(Number(ttft.metrics[0]!.count), 3);
     assert.equal(Number(by.get('expertd_inter_token_latency_seconds')!.metrics[0]!.count), 4 + 2 * 2);
     assert.equal(Number(by.get('expertd_request_queue_time_seconds')!.metrics[0]!.count), 1);
-    for (const name of ['expertd_e2e_request_latency_seconds', 'expertd_request_prefill_time_seconds', 'expertd_request_decode_time_seconds', 'expertd_iteration_tokens',
+    for (const name of ['expertd_e2e_request_latency_seconds', 'expertd_request_prefill_time_seconds', 'expertd_request_decode_time_seconds',
+      'expertd_prefill_step_seconds', 'expertd_decode_step_seconds', 'expertd_iteration_tokens',
       'expertd_expert_cache_misses_total', 'expertd_expert_prefetch_used_total', 'expertd_expert_prefetch_wasted_total', 'expertd_expert_load_stall_seconds_total',
       'expertd_requests_waiting', 'expertd_all2all_bytes_total', 'expertd_comm_overlap_ratio']) {
       assert.ok(by.has(name), name);

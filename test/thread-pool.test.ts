@@ -7,9 +7,11 @@ import { test } from 'node:test';
 
 import { mulberry32 } from '../src/engine/rng.js';
 import { loadNative } from '../src/native/index.js';
+import { fileSeed } from './helpers/seed.js';
 
+const seedBase = fileSeed(0, 'base added to each case seed');
 function rng(seed: number): () => number {
-  const next = mulberry32(seed);
+  const next = mulberry32(seedBase + seed);
   return () => next() - 0.5;
 }
 

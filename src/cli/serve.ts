@@ -1,5 +1,6 @@
 // `expertd serve`: load the model in the engine worker, then serve the OpenAI-compatible API.
-// SIGTERM/SIGINT drain in-flight requests up to --shutdown-timeout and exit 0.
+// SIGTERM/SIGINT drain in-flight requests up to --shutdown-timeout and exit 0; during the model
+// load they stop the load and exit 0. With rank processes this process is the front (src/dist/).
 import { randomUUID } from 'node:crypto';
 
 import { pino } from 'pino';
@@ -56,15 +57,15 @@ export function codecFor(tok: ModelTokenizer): TextCodec {
     encode: (text, add) => tok.encode(text, add),
     decode: (ids, skip) => tok.decode(ids, skip),
     applyChatTemplate: (messages, addGenerationPrompt) => tok.applyChatTemplate(messages, { addGenerationPrompt }),
-    createDetokenizer: (skip) => {
-      const d = tok.detokenizer([], skip);
+    createDetokenizer: (promptIds, skip) => {
+      const d = tok.detokenizer(promptIds, skip);
       return { push: (id) => d.push(id), flush: () => d.flush() };
     },
     eosTokenIds: tok.eosTokenIds,
   };
 }
 
-/** Feeds the engine's per-step figures into the metrics registry. */
+/** Feeds the engine's per-step and per-sequence figures into the metrics registry. */
 export function wireEngineMetrics(engine: Pick<import('node:events').EventEmitter, 'on'>, metrics: Metrics): void {
   engine.on('step', (s: import('../engine/protocol.js').StepMetrics) => {
     if (s.expertCache) {
@@ -75,14 +76,30 @@ export function wireEngineMetrics(engine: Pick<import('node:events').EventEmitte
     metrics.recordIterationTokens(s.prefillTokens + s.decodeTokens);
     for (const q of s.queueTimesMs ?? []) metrics.recordQueueTime(q / 1000);
     const sec = s.durationMs / 1000;
-    if (s.prefillTokens > 0) metrics.recordPrefillTime(sec);
-    else metrics.recordDecodeTime(sec);
+    if (s.prefillTokens > 0) metrics.recordPrefillStep(sec);
+    else metrics.recordDecodeStep(sec);
     s.expertTokens?.forEach((counts, layer) => metrics.recordExpertTokens(layer, counts));
     for (const [kernel, layers] of Object.entries(s.kernelChoices ?? {})) metrics.recordKernelChoice(kernel, layers);
     if (s.all2all) {
       metrics.recordAll2all(s.all2all.bytes, s.all2all.seconds);
       if (s.all2all.overlap !== null) metrics.setCommOverlap(s.all2all.overlap);
     }
+  });
+  // Per sequence, once, when it ends (stop, length, or an abort after its first token).
+  engine.on('finished', (ev: Extract<import('../engine/types.js').EngineEvent, { type: 'finished' }>) => {
+    if (ev.prefillMs !== undefined && ev.decodeMs !== undefined) metrics.recordRequestPhases(ev.prefillMs / 1000, ev.decodeMs / 1000);
+  });
+}
+
+/**
+ * The first SIGTERM or SIGINT, from the moment this is called. Once-only handlers, as before: a
+ * second signal of the same kind takes Node's default (immediate exit), the escape hatch when a
+ * drain hangs.
+ */
+function firstStopSignal(): Promise<'SIGTERM' | 'SIGINT'> {
+  return new Promise((resolve) => {
+    process.once('SIGTERM', () => resolve('SIGTERM'));
+    process.once('SIGINT', () => resolve('SIGINT'));
   });
 }
 
@@ -123,6 +140,9 @@ async function groupExperts(mode: string, opts: EngineOptions, t: Topology, gloo
 
 export async function serveCommand(argv: string[]): Promise<number> {
   const { flags } = parseFlags(serveFlags, argv);
+  // NOTE: before the model load starts: a signal during the load must stop it and exit 0, not kill
+  // the process with the default signal exit.
+  const stopSignal = firstStopSignal();
   const logger = pino({ level: String(flags['log-level']) });
   const topology = topologyFrom(flags);
   const opts = resolveEngineOptions(flags, flags['served-model-name'] as string | undefined);
@@ -159,12 +179,20 @@ export async function serveCommand(argv: string[]): Promise<number> {
   engine.on('failed', (msg: string) => logger.error({ error: msg }, 'engine failed: /health now answers 503'));
   const address = await server.listen({ host: String(flags['host']), port: Number(flags['port']) });
   logger.info({ address, model: opts.servedModelName }, `expertd listening on ${address} (loading the model)`);
-  try {
+  // A lost rank ends the group at any time; listened for from the start.
+  const groupFailed = front ? new Promise<'fault'>((r) => front.group.once('failed', () => r('fault'))) : new Promise<never>(() => undefined);
+  const started = (async () => {
     if (front) {
       await front.group.rendezvous(experts?.experts);
       logger.info({ worldSize: topology.worldSize, nnodes: topology.nnodes, ranks: front.group.ranks.map((e) => ({ rank: e!.rank, pid: e!.pid, node: e!.link.nodeRank })) }, 'rendezvous: every rank loads the same model with the same flags');
     }
     await engine.ready;
+    return 'ready' as const;
+  })();
+  started.catch(() => undefined);
+  let loaded: 'ready' | 'SIGTERM' | 'SIGINT';
+  try {
+    loaded = await Promise.race([started, stopSignal]);
   } catch (e) {
     logger.error({ error: (e as Error).message }, front ? 'group start failed' : 'model load failed');
     await server.close();
@@ -177,33 +205,41 @@ export async function serveCommand(argv: string[]): Promise<number> {
     }
     throw e;
   }
+  const closeEngine = async () => {
+    await engine.close();
+    front?.close();
+    await experts?.store.close();
+  };
+  if (loaded !== 'ready') {
+    // Nothing is in flight yet (generation routes answered 503): end the load, close, exit 0.
+    logger.info({ signal: loaded }, `${loaded} while the model was loading: load stopped, exiting`);
+    await server.close();
+    await closeEngine();
+    logger.info('stopped');
+    return 0;
+  }
   logger.info(engine.summary);
   logger.info({ address }, `expertd ready on ${address}`);
-  return await new Promise<number>((resolve) => {
-    let stopping = false;
-    const stop = (signal: string) => {
-      if (stopping) return;
-      stopping = true;
-      logger.info({ signal }, 'draining');
-      engine.setDraining();
-      void server.drain(Number(flags['shutdown-timeout']) * 1000)
-        .then(() => engine.close())
-        .then(() => front?.close())
-        .then(() => experts?.store.close())
-        .then(() => { logger.info('stopped'); resolve(0); })
-        .catch((e: Error) => { logger.error({ error: e.message }, 'shutdown failed'); resolve(1); });
-    };
-    process.once('SIGTERM', () => stop('SIGTERM'));
-    process.once('SIGINT', () => stop('SIGINT'));
+  const ended = await Promise.race([stopSignal, groupFailed]);
+  if (ended === 'fault') {
     // A rank lost ends the group: 503s for a moment, every rank gone, then a non-zero exit so that
     // the launcher, Kubernetes or LeaderWorkerSet restarts the group whole.
-    front?.group.once('failed', () => {
-      if (stopping) return;
-      stopping = true;
-      void front.group.waitAllGone(5000)
-        .then(() => new Promise((r) => setTimeout(r, FAULT_LINGER_MS)))
-        .then(() => server.drain(0))
-        .finally(() => { front.close(); void experts?.store.close(); resolve(1); });
-    });
-  });
+    await front!.group.waitAllGone(5000);
+    await new Promise((r) => setTimeout(r, FAULT_LINGER_MS));
+    await server.drain(0).catch(() => undefined);
+    front!.close();
+    await experts?.store.close();
+    return 1;
+  }
+  logger.info({ signal: ended }, 'draining');
+  engine.setDraining();
+  try {
+    await server.drain(Number(flags['shutdown-timeout']) * 1000);
+    await closeEngine();
+  } catch (e) {
+    logger.error({ error: (e as Error).message }, 'shutdown failed');
+    return 1;
+  }
+  logger.info('stopped');
+  return 0;
 }

@@ -58,6 +58,7 @@ export class RankGroup extends EventEmitter {
       this.fault(`rank ${r} (${engine.link.where}) ${reason}${engine.closing ? ' while shutting down' : ''}`);
     });
     engine.on('step', (s) => this.emit('step', s, r));
+    engine.on('finished', (ev) => this.emit('finished', ev));
     if (r === 0) engine.on('progress', (p) => this.emit('progress', p));
   }
 

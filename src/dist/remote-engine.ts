@@ -57,6 +57,7 @@ export class RemoteEngine extends EventEmitter {
           const cb = this.pending.get(ev.id);
           if (ev.type === 'finished') this.pending.delete(ev.id);
           cb?.(ev);
+          if (ev.type === 'finished') this.emit('finished', ev);
         }
         for (const s of m.steps) this.emit('step', s satisfies StepMetrics);
         break;

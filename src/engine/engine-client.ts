@@ -38,6 +38,7 @@ export class EngineClient extends EventEmitter {
             const cb = this.pending.get(ev.id);
             if (ev.type === 'finished') this.pending.delete(ev.id);
             cb?.(ev);
+            if (ev.type === 'finished') this.emit('finished', ev);
           }
           if (m.step) this.emit('step', m.step satisfies StepMetrics);
         } else if (m.type === 'fatal') {
@@ -117,7 +118,15 @@ export class EngineClient extends EventEmitter {
     return this.pending.size;
   }
 
+  /** Stops the worker: a clean shutdown when loaded; during the load, at once (see below). */
   async close(): Promise<void> {
+    if (this.current === 'loading') {
+      // The load runs synchronously in the worker, so a 'shutdown' message would wait for it to
+      // finish: terminate() stops its JavaScript at once (a native call in progress ends first),
+      // and the worker's memory goes with its environment.
+      await this.worker.terminate();
+      return;
+    }
     this.post({ type: 'shutdown' });
     await new Promise<void>((resolve) => {
       const timer = setTimeout(() => { void this.worker.terminate().then(() => resolve()); }, 5000);

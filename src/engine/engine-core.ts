@@ -22,6 +22,8 @@ export interface EngineCoreOptions {
   servedModelName: string;
   /** Upper bound for the automatic KV size (bytes). */
   autoKvCapBytes?: number;
+  /** Milliseconds for every timing the core reports (default performance.now; tests pass their own). */
+  clock?: () => number;
 }
 
 interface Running {
@@ -31,7 +33,11 @@ interface Running {
   /** Positions whose routing was already reported (recomputation after preemption repeats them). */
   routedUpTo: number;
   arrivedAtMs: number;
-  scheduled: boolean;
+  /** Start of the first step that scheduled it (null: still waiting). */
+  scheduledAtMs: number | null;
+  /** When its first and latest generated tokens were sampled (null: none yet). */
+  firstTokenAtMs: number | null;
+  lastTokenAtMs: number;
 }
 
 export class EngineCore {
@@ -43,10 +49,12 @@ export class EngineCore {
   private readonly requests = new Map<string, Running>();
   private readonly eos: Set<number>;
   private readonly blockSize: number;
+  private readonly clock: () => number;
 
   constructor(readonly loaded: LoadedModel<ForwardModel>, opts: EngineCoreOptions, readonly offloader: StepOffloader | null = null) {
     const { spec, model } = loaded;
     this.blockSize = opts.blockSize;
+    this.clock = opts.clock ?? (() => performance.now());
     const [kf, vf] = model.cacheFloatsPerToken();
     const bytesPerBlock = model.numCaches * opts.blockSize * (kf + vf) * 4;
     let numBlocks = opts.kvCacheBlocks;
@@ -87,7 +95,9 @@ export class EngineCore {
     } catch (e) {
       return fail((e as Error).message);
     }
-    this.requests.set(req.id, { req, sampling, generated: 0, routedUpTo: 0, arrivedAtMs: performance.now(), scheduled: false });
+    this.requests.set(req.id, {
+      req, sampling, generated: 0, routedUpTo: 0, arrivedAtMs: this.clock(), scheduledAtMs: null, firstTokenAtMs: null, lastTokenAtMs: 0,
+    });
     return null;
   }
 
@@ -97,7 +107,7 @@ export class EngineCore {
     this.scheduler.abort(id);
     this.requests.delete(id);
     this.offloader?.dropRequest(id);
-    return { type: 'finished', id, reason: 'abort', promptTokens: r.req.promptTokenIds.length, completionTokens: r.generated };
+    return { type: 'finished', id, reason: 'abort', promptTokens: r.req.promptTokenIds.length, completionTokens: r.generated, ...phases(r) };
   }
 
   hasWork(): boolean {
@@ -114,14 +124,14 @@ export class EngineCore {
 
   /** Runs one step; returns its events and metrics (null when there was nothing to run). */
   step(): { events: EngineEvent[]; metrics: StepMetrics } | null {
-    const t0 = performance.now();
+    const t0 = this.clock();
     const plan = this.scheduler.step();
     if (plan.entries.length === 0) return null;
     const queueTimesMs: number[] = [];
     for (const e of plan.entries) {
       const r = this.requests.get(e.seqId);
-      if (r && !r.scheduled) {
-        r.scheduled = true;
+      if (r && r.scheduledAtMs === null) {
+        r.scheduledAtMs = t0;
         queueTimesMs.push(t0 - r.arrivedAtMs);
       }
     }
@@ -134,6 +144,7 @@ export class EngineCore {
       this.offloader?.endStep();
       throw e;
     }
+    const sampledAtMs = this.clock(); // the host has the logits: this step's tokens exist from here
     const events: EngineEvent[] = [];
     const V = this.info.vocabSize;
     let row = 0;
@@ -155,6 +166,8 @@ export class EngineCore {
       const s = this.sampler.sample(logits, r.sampling);
       r.sampling.addOutputToken(s.tokenId);
       r.generated++;
+      r.firstTokenAtMs ??= sampledAtMs;
+      r.lastTokenAtMs = sampledAtMs;
       const ev: EngineEvent = { type: 'tokens', id: r.req.id, tokenIds: [s.tokenId] };
       if (s.logprob !== undefined) {
         const lp: TokenLogprob = { tokenId: s.tokenId, logprob: s.logprob, top: s.top ?? [] };
@@ -171,7 +184,7 @@ export class EngineCore {
         this.offloader?.finishRequest(r.req.id);
         const fin: EngineEvent = {
           type: 'finished', id: r.req.id, reason: stopHit ? 'stop' : 'length',
-          promptTokens: r.req.promptTokenIds.length, completionTokens: r.generated,
+          promptTokens: r.req.promptTokenIds.length, completionTokens: r.generated, ...phases(r),
         };
         if (stopHit) fin.stopTokenId = s.tokenId;
         events.push(fin);
@@ -181,7 +194,7 @@ export class EngineCore {
     this.offloader?.endStep();
     const comm = this.loaded.model.takeCommDelta?.() ?? null;
     const metrics: StepMetrics = {
-      prefillTokens, decodeTokens, durationMs: performance.now() - t0, preemptions: plan.preempted.length,
+      prefillTokens, decodeTokens, durationMs: this.clock() - t0, preemptions: plan.preempted.length,
       kernelChoices: this.loaded.model.kernelChoices(),
       ...(comm ? { all2all: comm } : {}),
       queueTimesMs,
@@ -234,6 +247,15 @@ export class EngineCore {
     });
     return { tokenIds, positions, numSeqs: S, seqInfo, blockTables, maxBlocks, slots, logitRows: Int32Array.from(logitRows) };
   }
+}
+
+/**
+ * vLLM's per-request phases: prefill from the first scheduling to the first token (chunks and any
+ * preemption included), decode from the first token to the last. None before a first token.
+ */
+function phases(r: Running): { prefillMs: number; decodeMs: number } | Record<string, never> {
+  if (r.firstTokenAtMs === null || r.scheduledAtMs === null) return {};
+  return { prefillMs: r.firstTokenAtMs - r.scheduledAtMs, decodeMs: r.lastTokenAtMs - r.firstTokenAtMs };
 }
 
 function expertTokenCounts(routedIds: Int32Array[], E: number): number[][] {

@@ -61,6 +61,12 @@ export type EngineEvent =
       error?: string;
       promptTokens: number;
       completionTokens: number;
+      /**
+       * Present once a token was generated: prefill = first scheduling to first token, decode =
+       * first token to last (vLLM's request prefill/decode time), in the engine's clock.
+       */
+      prefillMs?: number;
+      decodeMs?: number;
     };
 
 export interface EngineStats {

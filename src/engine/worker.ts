@@ -119,12 +119,27 @@ function onRankFailure(message: string): void {
 }
 
 /**
+ * Test hook (EXPERTD_TEST_LOAD_DELAY_MS): holds this thread for that long before the load, busy
+ * the way a synchronous load is (no messages are read), so a test can signal the daemon while it
+ * is surely still loading.
+ */
+function testLoadDelay(): void {
+  const ms = Number(process.env.EXPERTD_TEST_LOAD_DELAY_MS ?? 0);
+  if (!(ms > 0)) return;
+  const cell = new Int32Array(new SharedArrayBuffer(4));
+  const end = performance.now() + ms;
+  // Short waits, so that worker.terminate() (checked between them) can end the hold.
+  for (let left = ms; left > 0; left = end - performance.now()) Atomics.wait(cell, 0, 0, Math.min(50, left));
+}
+
+/**
  * Loads the model (CPU or device) and answers 'ready' or 'fatal'. EXPERTD_CUDA_STANDIN (tests only)
  * names a module whose createCudaEmulator() replaces the addon's CUDA ops, so the device path of
  * the daemon runs end to end on a machine without a GPU.
  */
 async function init(o: EngineOptions): Promise<void> {
   try {
+    testLoadDelay();
     const standIn = process.env.EXPERTD_CUDA_STANDIN;
     const cuda = standIn
       ? (await import(pathToFileURL(path.resolve(standIn)).href) as { createCudaEmulator(): CudaAddon }).createCudaEmulator()

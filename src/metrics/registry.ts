@@ -49,6 +49,8 @@ export class Metrics {
   readonly queueTime: Histogram;
   readonly prefillTime: Histogram;
   readonly decodeTime: Histogram;
+  readonly prefillStep: Histogram;
+  readonly decodeStep: Histogram;
   readonly iterationTokens: Histogram;
   // --- MoE ---
   readonly expertTokens: Counter<'layer' | 'expert'>;
@@ -110,8 +112,20 @@ export class Metrics {
     this.interTokenLatency = new Histogram({ name: 'expertd_inter_token_latency_seconds', help: 'Time between consecutive generated tokens of a request.', buckets: itlBuckets, registers });
     this.e2eLatency = new Histogram({ name: 'expertd_e2e_request_latency_seconds', help: 'Time from request arrival to its last token.', buckets: requestBuckets, registers });
     this.queueTime = new Histogram({ name: 'expertd_request_queue_time_seconds', help: 'Time a request waited in the engine queue before its first step.', buckets: requestBuckets, registers });
-    this.prefillTime = new Histogram({ name: 'expertd_request_prefill_time_seconds', help: 'Time a request spent in prefill.', buckets: requestBuckets, registers });
-    this.decodeTime = new Histogram({ name: 'expertd_request_decode_time_seconds', help: 'Time a request spent in decode.', buckets: requestBuckets, registers });
+    // Per sequence (one engine request: an n > 1 request counts n times), as vLLM defines them.
+    this.prefillTime = new Histogram({
+      name: 'expertd_request_prefill_time_seconds', buckets: requestBuckets, registers,
+      help: 'Per finished sequence: time from its first scheduling to its first generated token (prefill, chunks and preemptions included).',
+    });
+    this.decodeTime = new Histogram({
+      name: 'expertd_request_decode_time_seconds', buckets: requestBuckets, registers,
+      help: 'Per finished sequence: time from its first generated token to its last (decode).',
+    });
+    this.prefillStep = new Histogram({
+      name: 'expertd_prefill_step_seconds', buckets: ttftBuckets, registers,
+      help: 'Duration of each engine step that processed prompt tokens (steps mixing prefill and decode count here).',
+    });
+    this.decodeStep = new Histogram({ name: 'expertd_decode_step_seconds', help: 'Duration of each decode-only engine step.', buckets: itlBuckets, registers });
     this.iterationTokens = new Histogram({ name: 'expertd_iteration_tokens', help: 'Tokens processed per engine step (prefill + decode).', buckets: tokenCountBuckets, registers });
 
     this.expertTokens = new Counter({
@@ -189,8 +203,13 @@ export class Metrics {
 
   // ---- called by the engine side ----
   recordQueueTime(seconds: number): void { this.queueTime.observe(seconds); }
-  recordPrefillTime(seconds: number): void { this.prefillTime.observe(seconds); }
-  recordDecodeTime(seconds: number): void { this.decodeTime.observe(seconds); }
+  /** One finished sequence that generated at least one token: its prefill and decode phases. */
+  recordRequestPhases(prefillSeconds: number, decodeSeconds: number): void {
+    this.prefillTime.observe(prefillSeconds);
+    this.decodeTime.observe(decodeSeconds);
+  }
+  recordPrefillStep(seconds: number): void { this.prefillStep.observe(seconds); }
+  recordDecodeStep(seconds: number): void { this.decodeStep.observe(seconds); }
   recordIterationTokens(tokens: number): void { this.iterationTokens.observe(tokens); }
 
   /** counts[expert] = tokens routed to that expert in this layer; also updates the layer's imbalance. */

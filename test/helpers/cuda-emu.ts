@@ -1229,6 +1229,7 @@ export function withLazyStreams(cu: CudaAddon, opts: { lazyCount?: number } = {}
   // stale inputs; with both lazy, a join that is missing does.
   // opts is read at each stream's creation: a test may lower lazyCount between creations.
   let created = 0;
+  let left = 0;
   const queues = new Map<object, (() => void)[]>();
   const pinned = new WeakSet<ArrayBufferLike>();
   /** One record() of an event: done once the recording stream's work before it has run. */
@@ -1252,6 +1253,13 @@ export function withLazyStreams(cu: CudaAddon, opts: { lazyCount?: number } = {}
     }
     override synchronize(): void { flush(this); super.synchronize(); }
     override query(): boolean { return (queues.get(this)?.length ?? 0) === 0; }
+    override dispose(): void {
+      // CUDA lets a destroyed stream's work finish later, racing whatever the caller frees next
+      // (buffers, pinned memory): counted, for tests that ask that nothing was left behind.
+      left += queues.get(this)?.length ?? 0;
+      queues.delete(this);
+      super.dispose();
+    }
     override waitEvent(event: CudaEvent): void {
       super.waitEvent(event);
       // As cudaStreamWaitEvent: the event's most recent record at the time of this call.
@@ -1301,5 +1309,15 @@ export function withLazyStreams(cu: CudaAddon, opts: { lazyCount?: number } = {}
       return undefined;
     };
   }
+  workLeft.set(out, () => left);
   return out as unknown as CudaAddon;
+}
+
+const workLeft = new WeakMap<object, () => number>();
+
+/** Operations still queued on lazy streams of `cu` (from withLazyStreams) when they were disposed. */
+export function lazyWorkLeftOnDispose(cu: CudaAddon): number {
+  const f = workLeft.get(cu);
+  if (!f) throw new TypeError('lazyWorkLeftOnDispose: not an addon from withLazyStreams');
+  return f();
 }

@@ -10,7 +10,7 @@ import type { CudaBuffer } from '../../src/native/index.js';
 import { createCudaEmulator } from './cuda-emu.js';
 import { mulberry32 } from '../../src/engine/rng.js';
 
-const { group, world, rank, E, Z, H, steps, ncclId } = (workerData ?? {}) as { group: string; world: number; rank: number; E: number; Z: number; H: number; steps: number; ncclId?: Uint8Array };
+const { group, world, rank, E, Z, H, steps, seed, ncclId } = (workerData ?? {}) as { group: string; world: number; rank: number; E: number; Z: number; H: number; steps: number; seed: number; ncclId?: Uint8Array };
 
 /** This rank's routing of one step: rank-dependent loads, some experts empty, sometimes no rows at all. */
 function stepOffsets(rand: () => number, step: number): Int32Array {
@@ -37,7 +37,7 @@ function runDevice(): void {
     if (!b || b.sizeBytes < Math.max(16, bytes)) { b = cu.cudaBuffer(Math.max(16, bytes)); bufs.set(name, b); }
     return b;
   };
-  const rand = mulberry32(2000 + rank);
+  const rand = mulberry32(seed + 2000 + rank);
   let checked = 0;
   try {
     for (let step = 0; step < steps; step++) {
@@ -82,7 +82,7 @@ function runDevice(): void {
 
 function run(): void {
   const comm = new GroupExpertComm(loadNative().loopbackJoin(group, world, rank, 20_000), E);
-  const rand = mulberry32(1000 + rank);
+  const rand = mulberry32(seed + 1000 + rank);
   let checked = 0;
   try {
     for (let step = 0; step < steps; step++) {

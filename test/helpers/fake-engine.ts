@@ -38,7 +38,7 @@ export class FakeCodec implements TextCodec {
   }
 
   decode(ids: number[], skipSpecialTokens: boolean): string {
-    const d = this.createDetokenizer(skipSpecialTokens);
+    const d = this.createDetokenizer([], skipSpecialTokens);
     let s = '';
     for (const id of ids) s += d.push(id);
     return s + d.flush();
@@ -54,7 +54,8 @@ export class FakeCodec implements TextCodec {
     return addGenerationPrompt ? `${s}<|assistant|>` : s;
   }
 
-  createDetokenizer(skipSpecialTokens: boolean): { push(id: number): string; flush(): string } {
+  // Bytes need no context: the prompt ids change nothing here.
+  createDetokenizer(_promptTokenIds: number[], skipSpecialTokens: boolean): { push(id: number): string; flush(): string } {
     let dec = new TextDecoder('utf-8');
     return {
       push(id: number): string {
@@ -102,6 +103,12 @@ export interface FakeEngineOptions {
   maxRunning?: number;
   /** Emit eos after this many generated tokens (otherwise the fake never stops by itself). */
   eosAfter?: number;
+  /**
+   * Scripted output: the exact ids each request generates, in order (choice = the index after the
+   * last '-' of the engine request id); the request ends with 'length' when the script or
+   * maxTokens runs out. No eos logic: the script is the whole truth. For tests with a real codec.
+   */
+  script?: (req: GenerateRequest, choice: number) => number[];
   info?: Partial<ModelInfo>;
 }
 
@@ -115,6 +122,7 @@ interface Job {
   timer: NodeJS.Timeout | null;
   promptSent: boolean;
   lastToken: number;
+  scripted: number[] | null;
   /** Fail with an engine error after this many tokens. */
   failAfter?: number;
 }
@@ -145,7 +153,8 @@ export class FakeEngine implements EngineClient {
     let h = 0x12345;
     for (const id of req.promptTokenIds) h = mix(h, id);
     if (req.sampling.temperature > 0) h = mix(h, req.sampling.seed ?? Math.floor(Math.random() * 2 ** 31));
-    const job: Job = { req, onEvent, pending: [], generated: 0, rand: rng(h), timer: null, promptSent: false, lastToken: -1 };
+    const scripted = this.opts.script ? this.opts.script(req, Number(req.id.slice(req.id.lastIndexOf('-') + 1))) : null;
+    const job: Job = { req, onEvent, pending: [], generated: 0, rand: rng(h), timer: null, promptSent: false, lastToken: -1, scripted };
     if (this.failNextAfter !== null) {
       job.failAfter = this.failNextAfter;
       this.failNextAfter = null;
@@ -216,6 +225,13 @@ export class FakeEngine implements EngineClient {
       const failAfter = job.failAfter;
       for (let i = 0; i < per && finish === null; i++) {
         if (failAfter !== undefined && job.generated >= failAfter) break;
+        if (job.scripted) {
+          if (job.scripted.length === 0) { finish = 'length'; break; }
+          ids.push(job.scripted[job.generated]!);
+          job.generated++;
+          if (job.generated >= Math.min(job.scripted.length, req.maxTokens)) finish = 'length';
+          continue;
+        }
         let id = this.nextToken(job);
         if (this.opts.eosAfter !== undefined && job.generated === this.opts.eosAfter && !req.ignoreEos && job.generated >= req.minTokens) id = EOS;
         ids.push(id);

