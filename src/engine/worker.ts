@@ -9,7 +9,7 @@ import type { ForwardModel } from '../model/forward-batch.js';
 import { loadCudaModel, loadModel, loadSummary, type LoadedModel, type LoadProgress } from '../model/load.js';
 import { loadNative, type CudaAddon } from '../native/index.js';
 import type { DeviceExpertComm } from '../moe/device-ep.js';
-import { startDeviceExpertRanks, startExpertRanks, type ExpertRanks } from '../moe/expert-ranks.js';
+import { startDeviceExpertRanks, startExpertRanks, type ExpertRanks } from '../dist/expert-ranks.js';
 import type { ModelOptions } from '../model/model.js';
 import { attachDeviceOffloader, attachOffloader, skipAllExperts } from '../offload/setup.js';
 import type { Offloader } from '../offload/offloader.js';

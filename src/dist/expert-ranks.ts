@@ -7,8 +7,8 @@ import { Worker } from 'node:worker_threads';
 
 import { parseModelConfig } from '../model/config.js';
 import { loadNative, type CudaAddon } from '../native/index.js';
-import { DeviceExpertComm } from './device-ep.js';
-import { expertSlice, GroupExpertComm } from './ep-comm.js';
+import { DeviceExpertComm } from '../moe/device-ep.js';
+import { expertSlice, GroupExpertComm } from '../moe/ep-comm.js';
 import type { ExpertRankData } from './expert-rank.js';
 
 export interface ExpertRanks<C extends { dispose(): void } = GroupExpertComm> {
