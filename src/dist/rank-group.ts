@@ -52,7 +52,10 @@ export class RankGroup extends EventEmitter {
     this.ranks[r] = engine;
     engine.on('hello', () => this.checkRendezvous());
     engine.on('ready', () => this.checkReady());
-    engine.on('fatal', (msg: string) => this.fault(`rank ${r} (${engine.link.where}) failed: ${msg}`));
+    engine.on('fatal', (msg: string) => {
+      // A rank told to shut down while loading reports its load as stopped: not a fault.
+      if (!engine.closing) this.fault(`rank ${r} (${engine.link.where}) failed: ${msg}`);
+    });
     engine.on('gone', (reason: string, clean: boolean) => {
       if (engine.closing && clean) return;
       this.fault(`rank ${r} (${engine.link.where}) ${reason}${engine.closing ? ' while shutting down' : ''}`);
