@@ -38,9 +38,9 @@ export const serveFlags: FlagSpec[] = [
   { name: 'nnodes', type: 'int', min: 1, max: 4096, arg: 'K', help: 'Nodes in the group: run the same command on every node (default 1; else WORLD_SIZE/nproc-per-node or LWS_GROUP_SIZE)' },
   { name: 'node-rank', type: 'int', min: 0, max: 4095, arg: 'R', help: 'This node\'s index; node 0 serves HTTP (default 0; else RANK/nproc-per-node or LWS_WORKER_INDEX)' },
   { name: 'dist-init-addr', type: 'string', arg: 'HOST:PORT', help: 'Node 0\'s address for the rank rendezvous and channels, the same on every node (else MASTER_ADDR:MASTER_PORT or LWS_LEADER_ADDRESS:29500)' },
-  { name: 'dist-moe', type: 'string', choices: ['auto', 'expert', 'replicated'], default: 'auto',
+  { name: 'dist-moe', type: 'string', arg: 'MODE', choices: ['auto', 'expert', 'replicated'], default: 'auto',
     help: 'MoE layers across the rank processes: expert = each rank holds a slice of the routed experts, tokens travel by all2all over Gloo and the ranks step in lockstep; replicated = every rank holds every expert (auto = expert where the addon has Gloo, the device is the CPU and neither --expert-parallel nor offloading is on)' },
-  { name: 'dist-timeout', type: 'number', min: 1, default: 300, arg: 'SECONDS', help: 'How long every rank has to join the rendezvous' },
+  { name: 'dist-timeout', type: 'number', min: 1, default: 300, arg: 'SECONDS', help: 'How long every rank has to join the rendezvous (with --dist-moe expert also the bound on the Gloo join and each all2all)' },
   { name: 'heartbeat-timeout', type: 'number', min: 0.5, default: 10, arg: 'SECONDS', help: 'A rank silent this long (dead, hung or cut off) ends the group: 503s, every process exits non-zero' },
   { name: 'log-level', type: 'string', default: 'info', choices: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'], help: 'pino log level' },
   { name: 'log-prompts', type: 'boolean', default: false, help: 'Include prompt text in request log lines (off: prompts are user data)' },
@@ -150,6 +150,13 @@ export async function serveCommand(argv: string[]): Promise<number> {
   const caps = loadNative().capabilities();
   logger.info({ capabilities: caps, config: { ...opts, apiKey: flags['api-key'] ? '(set)' : '(none)' },
     ...(topology.worldSize > 1 ? { topology } : {}) }, 'starting');
+  if (topology.worldSize > 1 && (opts.device ?? 'cpu').startsWith('cuda')) {
+    // Rank l of this node on cuda:(offset + l): that many devices must be visible (a test stand-in is one per rank).
+    const need = topology.deviceOffset + topology.nprocPerNode;
+    const visible = process.env.EXPERTD_CUDA_STANDIN ? need : caps.cudaDevices;
+    if (visible < need) throw new UsageError(`--nproc-per-node ${topology.nprocPerNode} on devices puts local rank l on cuda:${topology.deviceOffset ? `${topology.deviceOffset}+l` : 'l'}: needs ${need} CUDA devices, ${visible} visible`);
+    if ((opts.expertParallel ?? 1) > 1) throw new UsageError('--expert-parallel on devices (ranks on cuda:0..N-1 of one process) cannot be combined with rank processes; use one or the other');
+  }
   const launch = { engine: opts, topology, maxModelLen: opts.info.maxContext, version: packageVersion(), hardwareThreads: caps.hardwareThreads };
   if (topology.nodeRank > 0) return runRelay(launch, Number(flags['dist-timeout']) * 1000, logger);
   const tok = ModelTokenizer.load(opts.modelDir);
