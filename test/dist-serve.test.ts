@@ -92,12 +92,15 @@ for (const name of ['mixtral', 'deepseek_v3', 'longcat_flash']) {
         assert.equal(pids.length, world);
         // One at a time: every request has a rank to itself, so each runs as it would alone.
         for (const [i, p] of prompts.entries()) assert.deepEqual(await complete(d.base, name, p), want[i], `${name} x${world} ${layout}: '${p}'`);
+        // All at once: the ranks step together, each with its own batch, the MoE rows of both in one all2all.
+        const together = await Promise.all(prompts.map((p) => complete(d.base, name, p)));
+        together.forEach((got, i) => assert.deepEqual(got, want[i], `${name} x${world} ${layout}, concurrent: '${prompts[i]}'`));
         const moved = await all2allBytes(d.base);
         if (layout === 'expert') assert.ok(moved > 0, 'rows travelled between the rank processes');
         else assert.equal(moved, 0, 'replicated experts: no all2all');
         const spread = await rankRequests(d.base);
         assert.equal(spread.length, world, `every rank got requests: ${JSON.stringify(spread)}`);
-        assert.ok(spread.every((n) => n >= 1), `every rank got requests: ${JSON.stringify(spread)}`);
+        assert.ok(spread.every((n) => n >= 2), `every rank got requests: ${JSON.stringify(spread)}`);
       } catch (e) {
         killAll(d, pids);
         throw e;
