@@ -107,7 +107,9 @@ test('a node that vanishes (its launcher killed) ends the group: its rank exits,
       }
       assert.equal(status, 503);
       assert.equal(await front.exit, 1);
-      assert.match(front.logs.join(''), /rank 1 \(node 1\) (lost its link to the front|exited with code 1)/);
+      // The front sees node 1 go, or (expert-parallel MoE) rank 0's all2all with rank 1 breaks first.
+      assert.match(front.logs.join(''),
+        /rank 1 \(node 1\) (lost its link to the front|exited with code 1)|rank 0 \(pid \d+\) failed: engine step failed: gloo group .*; the group is broken/);
       const alive = (pid: number) => { try { process.kill(pid, 0); return true; } catch { return false; } };
       const until = Date.now() + 5000;
       while (Date.now() < until && pids.some(alive)) await new Promise((r) => setTimeout(r, 100));
