@@ -31,6 +31,7 @@
         "native/cpu/expert_loader.cc",
         "native/comm/loopback.cc",
         "native/comm/gloo.cc",
+        "native/comm/comm_queue.cc",
         "native/io/mmap_file.cc"
       ],
       "include_dirs": [

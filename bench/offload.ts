@@ -77,7 +77,7 @@ function familyPrompts(vocab: number, families: number, perFamily: number, len: 
   return out;
 }
 
-function recordTrace(dir: string, decodeTokens: number): { trace: Trace; model: string } {
+async function recordTrace(dir: string, decodeTokens: number): Promise<{ trace: Trace; model: string }> {
   const traceDir = fs.mkdtempSync(path.join(os.tmpdir(), 'expertd-bench-trace-'));
   const loaded = loadModel(dir, { fast: false, loadExpert: skipAllExperts });
   const off = attachOffloader(loaded, { policy: 'lru', fraction: 1, traceDir });
@@ -96,8 +96,8 @@ function recordTrace(dir: string, decodeTokens: number): { trace: Trace; model: 
     }
     off.finishRequest(id);
   });
-  off.save();
-  const trace = readTrace(traceDir);
+  await off.save();
+  const trace = await readTrace(traceDir);
   off.dispose();
   loaded.model.dispose();
   fs.rmSync(traceDir, { recursive: true, force: true });
@@ -282,7 +282,7 @@ export async function runOffloadBench(argv: string[]): Promise<void> {
   const realDirs = values['no-replay'] ? [] : [ensureDemoModel(), path.join(packageRoot(), 'test', 'fixtures', 'mixtral')].filter((d) => fs.existsSync(path.join(d, 'config.json')));
   for (const d of realDirs) {
     console.error(`# recording a generation trace with ${d}...`);
-    const { trace, model } = recordTrace(d, 16);
+    const { trace, model } = await recordTrace(d, 16);
     const name = `generation trace: ${model} (18 requests of 3 prompt families, random weights)`;
     real.push(name);
     replayRows.push(...replayAll(name, trace));

@@ -36,7 +36,7 @@ const backends: { label: string; cuda: () => CudaAddon | undefined; skip: string
 
 for (const b of backends) {
   for (const name of ['mixtral', 'qwen2_moe', 'deepseek_v3', 'longcat_flash']) {
-    test(`device expert cache (${b.label}) on ${name}: 25% and 50% under eam, lru, lfu equal resident, bit for bit`, { skip: b.skip }, () => {
+    test(`device expert cache (${b.label}) on ${name}: 25% and 50% under eam, lru, lfu equal resident, bit for bit`, { skip: b.skip }, async () => {
       const dir = path.join(packageRoot(), 'test', 'fixtures', name);
       const cuda = b.cuda();
       const on = cuda ? { cuda } : {};
@@ -63,8 +63,8 @@ for (const b of backends) {
           assert.ok(st.bytesLoaded >= st.misses * off.store.expertBytes, `${label}: bytes loaded`);
           if (cfg.policy === 'eam') assert.ok(st.prefetchLoads > 0, `${label}: the prefetch path must run: ${JSON.stringify(st)}`);
           assert.equal(st.collectionSize, 3);
-          off.save();
-          assert.equal(readTrace(traceDir).steps.length, got.logits.length);
+          await off.save();
+          assert.equal((await readTrace(traceDir)).steps.length, got.logits.length);
         } finally {
           off.dispose();
           loaded.model.dispose();

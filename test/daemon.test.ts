@@ -3,7 +3,7 @@
 // engine can show: batching equals running alone, seeds, KV blocks freed on disconnect, /health and
 // /metrics answering while the engine is saturated, and a SIGTERM drain that loses nothing.
 import assert from 'node:assert/strict';
-import { existsSync, mkdtempSync } from 'node:fs';
+import { existsSync, mkdtempSync, statSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
@@ -11,6 +11,8 @@ import { after, before, describe, test } from 'node:test';
 import parsePrometheusTextFormat from 'parse-prometheus-text-format';
 
 import { packageRoot } from '../src/native/index.js';
+import { EamCollection } from '../src/offload/eam-collection.js';
+import { readTrace, traceFiles } from '../src/offload/trace-file.js';
 import { startDaemon, stopDaemon, type Daemon } from './helpers/daemon.js';
 
 async function metric(base: string, name: string): Promise<number> {
@@ -161,7 +163,9 @@ describe('expertd serve with expert offloading (MoE-Infinity)', () => {
     const want = await ask(resident);
     assert.equal(await stopDaemon(resident), 0);
 
-    const args = ['--model', fixture, '--expert-cache-fraction', '0.25', '--cache-policy', 'eam', '--trace-dir', traceDir];
+    // A 4 KiB x 3 trace: rotation and retention in the daemon (a step line is ~130 bytes here).
+    const args = ['--model', fixture, '--expert-cache-fraction', '0.25', '--cache-policy', 'eam', '--trace-dir', traceDir,
+      '--trace-max-file-mb', String(4 / 1024), '--trace-max-files', '3'];
     const off = await startDaemon(args);
     assert.deepEqual(await ask(off), want);
     const hits = await metric(off.base, 'expertd_expert_cache_hits_total');
@@ -171,10 +175,21 @@ describe('expertd serve with expert offloading (MoE-Infinity)', () => {
     assert.ok(hits > 0, 'decode steps reuse experts');
     assert.equal(await stopDaemon(off), 0);
     assert.ok(existsSync(path.join(traceDir, 'eam-collection.bin')), 'the EAM collection was not saved');
+    const files = traceFiles(traceDir);
+    assert.ok(files.length >= 2 && files.length <= 3, files.join(', '));
+    for (const f of files) assert.ok(statSync(f).size <= 4096, `${f}: ${statSync(f).size} bytes`);
+    assert.ok((await readTrace(traceDir)).steps.length > 0);
 
-    const again = await startDaemon(args);
+    // --trace-sample 0: nothing more is traced, every record is counted as sampled out, and the
+    // EAM collection still learns from every request.
+    const again = await startDaemon([...args, '--trace-sample', '0']);
     assert.match(again.logs.join(''), /EAM collection 3\b/);
     assert.deepEqual(await ask(again), want);
+    const sampledOut = await metric(again.base, 'expertd_trace_records_dropped_total');
+    assert.ok(sampledOut >= 3 * 12, `sampled out ${sampledOut}`);
+    assert.equal(await metric(again.base, 'expertd_trace_records_written_total'), 0);
     assert.equal(await stopDaemon(again), 0);
+    assert.deepEqual(traceFiles(traceDir), files);
+    assert.equal(EamCollection.load(traceDir, 4, 8).size, 6);
   });
 });

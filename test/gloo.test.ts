@@ -86,7 +86,8 @@ test('gloo: rank 0 in a worker thread of the process whose main thread serves th
   const cfg = { host: HOST, port: server.port, prefix: `gloo-test-${process.pid}-${prefixSeq++}`, worldSize: 2, timeoutMs: 10_000, scenario: 'structured' as const };
   const other = spawnRank({ ...cfg, rank: 1 });
   try {
-    const w = new Worker(helper, { workerData: { glooRank: { ...cfg, rank: 0 } } });
+    // This rank names its listening address (listenHost); the process rank takes the default.
+    const w = new Worker(helper, { workerData: { glooRank: { ...cfg, rank: 0, listenHost: '127.0.0.1' } } });
     const m = await new Promise<any>((resolve, reject) => { w.once('message', resolve); w.once('error', reject); });
     assert.equal(m.ok, true, JSON.stringify(m.error));
     assert.deepEqual(m.result.counts, [countValue(0, 0), countValue(1, 0)]);

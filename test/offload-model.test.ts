@@ -29,7 +29,7 @@ if (existsSync(fixturesDir))
 models.push(['demo', ensureDemoModel(mkdtempSync(path.join(os.tmpdir(), 'expertd-demo-')))]);
 
 for (const [name, dir] of models) {
-  test(`${name}: offloaded at 25% (eam, lru, lfu) equals fully resident, bit for bit, f32 and bf16`, () => {
+  test(`${name}: offloaded at 25% (eam, lru, lfu) equals fully resident, bit for bit, f32 and bf16`, async () => {
     for (const fast of [false, true]) {
       const resident = loadModel(dir, { fast });
       const want = runAll(resident.model, null);
@@ -62,8 +62,8 @@ for (const [name, dir] of models) {
         if (policy === 'eam') assert.ok(st.prefetchLoads > 0, `${label}: the prefetch path must run`);
         if (cfg.simulatedLink && st.slots > loaded.spec.moe.numExperts) assert.ok(st.prefetchLate > 0, `${label}: no prefetch was awaited in flight: ${JSON.stringify(st)}`);
         assert.equal(st.collectionSize, 3);
-        off.save();
-        assert.equal(readTrace(traceDir).steps.length, got.logits.length);
+        await off.save();
+        assert.equal((await readTrace(traceDir)).steps.length, got.logits.length);
         off.dispose();
         loaded.model.dispose();
       }

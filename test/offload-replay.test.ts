@@ -9,7 +9,8 @@ import { test } from 'node:test';
 
 import { replay, replayBelady } from '../src/offload/replay.js';
 import { syntheticTrace, DEFAULT_SYNTHETIC } from '../src/offload/synthetic-trace.js';
-import { readTrace, TraceWriter, type Trace } from '../src/offload/trace-file.js';
+import { readTrace, type Trace } from '../src/offload/trace-file.js';
+import { TraceWriter } from '../src/offload/trace-writer.js';
 import { mulberry32 } from '../src/engine/rng.js';
 import { fileSeed } from './helpers/seed.js';
 
@@ -115,18 +116,21 @@ test('on structured traces (prompt families) the EAM policy beats LRU and LFU an
   assert.ok(pf.hitRate > eam && pf.loads >= pf.misses && pf.prefetchUsed > 0, JSON.stringify(pf));
 });
 
-test('trace files round trip; a torn last line is dropped', () => {
+test('trace files round trip; a torn last line is dropped with a warning', async () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'expertd-trace-'));
   const trace = syntheticTrace({ ...DEFAULT_SYNTHETIC, seed: seedBase + DEFAULT_SYNTHETIC.seed, requests: 3, numLayers: 2, numExperts: 8, topK: 2, familySetSize: 4 });
-  const w = new TraceWriter(dir, trace.meta, 2);
+  const w = new TraceWriter(dir, trace.meta);
   for (const s of trace.steps) w.append(s);
-  w.flush();
-  assert.deepEqual(readTrace(dir), trace);
-  fs.appendFileSync(path.join(dir, 'trace.jsonl'), '{"step": 99, "requ');
-  assert.equal(readTrace(dir).steps.length, trace.steps.length);
-  assert.throws(() => readTrace(path.join(dir, 'nope')), /holds no routing trace/);
+  await w.close();
+  assert.deepEqual(await readTrace(dir), trace);
+  fs.appendFileSync(path.join(dir, 'trace-000001.jsonl'), '{"step": 99, "requ');
+  const warnings: string[] = [];
+  assert.equal((await readTrace(dir, { warn: (m) => warnings.push(m) })).steps.length, trace.steps.length);
+  assert.equal(warnings.length, 1);
+  assert.match(warnings[0]!, /trace-000001\.jsonl:\d+: skipped a torn last line/);
+  await assert.rejects(readTrace(path.join(dir, 'nope')), /holds no routing trace/);
   // Another model's trace is moved aside, not mixed.
   new TraceWriter(dir, { ...trace.meta, numExperts: 16 });
   assert.ok(fs.readdirSync(dir).some((f) => f.endsWith('.old')));
-  assert.throws(() => readTrace(dir), /holds no routing trace/);
+  await assert.rejects(readTrace(dir), /holds no routing trace/);
 });

@@ -12,7 +12,7 @@ import { PNG } from 'pngjs';
 import { traceCommand, traceHelp, similarityStructure, requestEams } from '../src/cli/trace.js';
 import { UsageError } from '../src/cli/options.js';
 import { syntheticTrace, DEFAULT_SYNTHETIC } from '../src/offload/synthetic-trace.js';
-import { TraceWriter } from '../src/offload/trace-file.js';
+import { TraceWriter } from '../src/offload/trace-writer.js';
 import { fileSeed } from './helpers/seed.js';
 
 async function capture(fn: () => Promise<number>): Promise<{ code: number; out: string }> {
@@ -32,7 +32,7 @@ const trace = syntheticTrace(opts);
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'expertd-trace-cli-'));
 const w = new TraceWriter(dir, trace.meta);
 for (const s of trace.steps) w.append(s);
-w.flush();
+await w.close();
 
 test('summary finds the prompt families as clusters (within >> across)', async () => {
   const { code, out } = await capture(() => traceCommand(['summary', '--trace-dir', dir, '--clusters', '3', '--json']));

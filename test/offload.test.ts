@@ -343,7 +343,7 @@ function residentTables(dir: string, L: number, E: number, fused: boolean): Expe
 }
 
 for (const fused of [false, true]) {
-  test(`offloader (${fused ? 'fused' : 'per-expert'} checkpoint) gives the resident outputs bit for bit under every policy`, () => {
+  test(`offloader (${fused ? 'fused' : 'per-expert'} checkpoint) gives the resident outputs bit for bit under every policy`, async () => {
     const n = loadNative();
     const L = 4, E = 8, k = 2;
     const dir = tmpDir();
@@ -400,8 +400,8 @@ for (const fused of [false, true]) {
         const d = off.takeDelta();
         assert.equal(d.hits, st.hits);
         assert.equal(off.takeDelta().hits, 0);
-        off.save();
-        const trace = readTrace(traceDir);
+        await off.save();
+        const trace = await readTrace(traceDir);
         assert.equal(trace.steps.length, steps.length);
         assert.equal(trace.meta.numExperts, E);
         assert.equal(EamCollection.load(traceDir, L, E, { model: 'test' }).size, off.collection.size);

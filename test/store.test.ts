@@ -186,3 +186,22 @@ test('wire format: hand-built frames get the documented answers; a malformed fra
     await other.close();
   });
 });
+
+test('a get longer than a timer can hold waits instead of timing out at once; the client refuses it with a RangeError', async () => {
+  await withServer(async (server) => {
+    const sock = net.connect(server.port, HOST);
+    await new Promise((r) => sock.once('connect', r));
+    const received: Buffer[] = [];
+    sock.on('data', (d) => received.push(d));
+    sock.write(rawRequest(2, 1, [...le32(0xffffffff), ...str('k')]));   // wait 2^32 - 1 ms
+    await new Promise((r) => setTimeout(r, 200));
+    assert.equal(Buffer.concat(received).length, 0, 'answered before the key was set');
+    const c = await StoreClient.connect(HOST, server.port, 2000);
+    await c.set('k', 'v');
+    for (let i = 0; i < 200 && Buffer.concat(received).length < 14; i++) await new Promise((r) => setTimeout(r, 10));
+    assert.deepEqual([...Buffer.concat(received)], [10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0x76]);
+    await assert.rejects(c.get('k', 2 ** 32), RangeError);
+    sock.destroy();
+    await c.close();
+  });
+});

@@ -346,9 +346,9 @@ class GlooComm final : public Comm {
   }
 
   // A one-value all-to-all: no rank leaves it before every rank has entered it. NOTE: not
-  // gloo::barrier, which took 4.0 ms per call at 3 ranks on loopback TCP (0.07 ms at 2) where this
-  // takes 0.1 ms (medians of 40 calls, measured once while writing this; `npm run bench -- comm`
-  // times this barrier).
+  // gloo::barrier, which took 4.0 ms per call at 3 ranks on loopback TCP (0.07 ms at 2) while a
+  // one-value all-to-all took 0.1 ms in the same processes (medians of 40 calls, two runs, while
+  // writing this; `npm run bench -- comm` times this barrier).
   void barrier() override {
     std::lock_guard<std::mutex> lk(mu_);
     std::vector<int64_t> zeros(static_cast<size_t>(ctx_->size) * 2, 0);

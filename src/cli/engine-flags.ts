@@ -11,6 +11,8 @@ export const modelFlags: FlagSpec[] = [
     help: 'Activation precision: f32 is the reference mode, bf16 the fast mode (auto = bf16 where the CPU has bf16 dot products)' },
   { name: 'expert-kernel', type: 'string', choices: ['auto', 'group', 'dense'], default: 'auto',
     help: 'Expert GEMMs: auto = EPS-MoE choice per layer and step from a calibrated cost model (cached under ~/.cache/expertd); group = one GroupGemm over all experts; dense = a DenseGemm per expert' },
+  { name: 'pipeline-chunks', type: 'string', default: 'auto', arg: 'auto|N',
+    help: 'EPS-MoE pipeline with --expert-parallel: each MoE layer splits its tokens into chunks whose all2all overlaps the other chunks\' expert GEMMs; auto = the planner\'s count per layer and step (cost model of the experts and the link), N = always N chunks (1 = no pipelining); on devices auto is 1' },
   { name: 'threads', type: 'int', min: 0, max: 1024, default: 0, help: 'CPU threads for the kernels (0 = all cores)' },
   { name: 'kv-cache-gb', type: 'number', min: 0, default: 0, arg: 'GB', help: 'KV cache size in GiB (0 = sized from --kv-cache-blocks)' },
   { name: 'kv-cache-blocks', type: 'int', min: 0, default: 0, arg: 'N', help: 'KV cache size in blocks (0 = enough for --max-num-seqs full contexts, capped at 1 GiB)' },

@@ -43,11 +43,20 @@ export function resolveEngineOptions(flags: ParsedFlags, servedModelName?: strin
     maxNumBatchedTokens: Number(flags['max-num-batched-tokens'] ?? 512),
     threads: Number(flags['threads'] ?? 0),
     expertKernel: String(flags['expert-kernel'] ?? 'auto') as 'auto' | 'group' | 'dense',
+    pipelineChunks: pipelineChunks(String(flags['pipeline-chunks'] ?? 'auto')),
     servedModelName: name,
     device,
     ...expertParallel(flags, device, offload.offload !== undefined, spec.moe.numExperts),
     ...offload,
   };
+}
+
+/** --pipeline-chunks auto|N (N in 1..256). */
+export function pipelineChunks(flag: string): 'auto' | number {
+  if (flag === 'auto') return 'auto';
+  const n = /^\d+$/.test(flag) ? Number(flag) : NaN;
+  if (!(n >= 1 && n <= 256)) throw new UsageError(`--pipeline-chunks: '${flag}' is not auto or an integer from 1 to 256`);
+  return n;
 }
 
 /**
@@ -95,7 +104,12 @@ function offloadOptions(flags: ParsedFlags): { offload?: OffloadConfig } {
     offload: {
       policy: String(flags['cache-policy'] ?? 'eam') as EvictionPolicy,
       ...(gb > 0 ? { budgetBytes: gb * 2 ** 30 } : { fraction }),
-      ...(traceDir ? { traceDir: path.resolve(traceDir) } : {}),
+      ...(traceDir ? {
+        traceDir: path.resolve(traceDir),
+        traceMaxFileBytes: Math.round(Number(flags['trace-max-file-mb'] ?? 64) * 2 ** 20),
+        traceMaxFiles: Number(flags['trace-max-files'] ?? 8),
+        traceSample: Number(flags['trace-sample'] ?? 1),
+      } : {}),
       eamCapacity: Number(flags['eam-capacity'] ?? 1000),
       copyThread: copyThread(flags),
     },

@@ -68,6 +68,7 @@ export function codecFor(tok: ModelTokenizer): TextCodec {
 /** Feeds the engine's per-step and per-sequence figures into the metrics registry. */
 export function wireEngineMetrics(engine: Pick<import('node:events').EventEmitter, 'on'>, metrics: Metrics): void {
   engine.on('step', (s: import('../engine/protocol.js').StepMetrics) => {
+    if (s.trace) metrics.recordTrace(s.trace);
     if (s.expertCache) {
       metrics.recordExpertCache(s.expertCache.delta);
       metrics.setExpertCacheOccupancy(s.expertCache.occupancy);
@@ -84,6 +85,7 @@ export function wireEngineMetrics(engine: Pick<import('node:events').EventEmitte
       metrics.recordAll2all(s.all2all.bytes, s.all2all.seconds);
       if (s.all2all.overlap !== null) metrics.setCommOverlap(s.all2all.overlap);
     }
+    if (s.layerPlans) metrics.setLayerPlans(s.layerPlans, s.all2all?.hidden);
   });
   // Per sequence, once, when it ends (stop, length, or an abort after its first token).
   engine.on('finished', (ev: Extract<import('../engine/types.js').EngineEvent, { type: 'finished' }>) => {
@@ -184,6 +186,7 @@ export async function serveCommand(argv: string[]): Promise<number> {
     maxModelLen: opts.info.maxContext, logger, metrics, logPrompts: Boolean(flags['log-prompts']),
   });
   engine.on('failed', (msg: string) => logger.error({ error: msg }, 'engine failed: /health now answers 503'));
+  engine.on('warning', (msg: string) => logger.warn(msg));
   const address = await server.listen({ host: String(flags['host']), port: Number(flags['port']) });
   logger.info({ address, model: opts.servedModelName }, `expertd listening on ${address} (loading the model)`);
   // A lost rank ends the group at any time; listened for from the start.

@@ -1,14 +1,16 @@
 // `expertd trace summary | heatmap | replay`: reads a --trace-dir written by the offloader (the
-// routing trace and the EAM collection) and reports request counts, per-layer expert popularity
-// and similarity structure, draws per-layer expert heatmaps, or replays the trace through a
-// simulated expert cache under a policy. Also the offloading flags that `serve` takes.
+// rotated routing trace, streamed oldest file first, and the EAM collection) and reports request
+// counts, per-layer expert popularity and similarity structure, draws per-layer expert heatmaps,
+// or replays the trace through a simulated expert cache. Also the offloading flags of `serve`.
 import fs from 'node:fs';
 import path from 'node:path';
 
 import { ExpertActivationMatrix, unitRows, unitSimilarity } from '../offload/eam.js';
 import { EamCollection, EAM_COLLECTION_FILE } from '../offload/eam-collection.js';
-import { replay, REPLAY_POLICIES, type ReplayPolicy, type ReplayResult } from '../offload/replay.js';
-import { readTrace, type Trace } from '../offload/trace-file.js';
+import { mulberry32 } from '../engine/rng.js';
+import { BeladyReplayer, offloaderReplayer, REPLAY_POLICIES, type ReplayPolicy, type ReplayResult, type StepReplayer } from '../offload/replay.js';
+import { readTraceMeta, traceSteps, type Trace, type TraceMeta, type TraceReadOptions } from '../offload/trace-file.js';
+import { DEFAULT_TRACE_MAX_FILE_BYTES, DEFAULT_TRACE_MAX_FILES } from '../offload/trace-writer.js';
 import { formatHelp, parseFlags, UsageError, type FlagSpec } from './options.js';
 
 /** Flags of `serve` that turn expert offloading on (the lead wires them into the engine). */
@@ -19,7 +21,13 @@ export const offloadFlags: FlagSpec[] = [
   { name: 'expert-loader', type: 'string', choices: ['auto', 'copy-thread', 'engine-thread'], default: 'auto',
     help: 'Where offloaded experts are read and repacked: a copy thread that overlaps prefetch with compute, or the engine thread between layers (auto = copy thread only when --threads leaves a core free)' },
   { name: 'eam-capacity', type: 'int', min: 1, default: 1000, arg: 'N', help: "Finished requests' expert activation matrices kept for prediction (the least-matched is replaced when full)" },
-  { name: 'trace-dir', type: 'string', arg: 'DIR', default: '', help: 'Folder for the routing trace and the EAM collection (reloaded at start, saved on shutdown)' },
+  { name: 'trace-dir', type: 'string', arg: 'DIR', default: '', help: 'Folder for the routing trace (written off the step path; records the writer cannot keep up with are dropped and counted) and the EAM collection (reloaded at start, saved every minute and on shutdown)' },
+  { name: 'trace-max-file-mb', type: 'number', min: 0.001, default: DEFAULT_TRACE_MAX_FILE_BYTES / 2 ** 20, arg: 'MB',
+    help: 'Routing trace: start a new file (trace-NNNNNN.jsonl) before one passes this many MiB' },
+  { name: 'trace-max-files', type: 'int', min: 1, default: DEFAULT_TRACE_MAX_FILES, arg: 'N',
+    help: 'Routing trace: keep the newest N files, delete older ones (the trace takes at most N x --trace-max-file-mb)' },
+  { name: 'trace-sample', type: 'number', min: 0, max: 1, default: 1, arg: 'F',
+    help: 'Routing trace: fraction of requests traced, chosen by request id (the EAM collection still learns from all)' },
 ];
 
 const commonFlags: FlagSpec[] = [
@@ -29,6 +37,7 @@ const commonFlags: FlagSpec[] = [
 
 const summaryFlags: FlagSpec[] = [
   ...commonFlags,
+  { name: 'max-requests', type: 'int', min: 2, default: 1000, arg: 'N', help: 'Requests (a seeded uniform sample of them when the trace holds more) whose EAMs the similarity structure compares', noEnv: true },
   { name: 'clusters', type: 'int', min: 1, max: 64, default: 4, help: 'Clusters for the similarity structure (spherical k-means on EAMs)', noEnv: true },
   { name: 'top', type: 'int', min: 1, max: 64, default: 4, help: 'Most popular experts listed per layer', noEnv: true },
 ];
@@ -43,12 +52,15 @@ const replayFlags: FlagSpec[] = [
   { name: 'policy', type: 'string', choices: [...REPLAY_POLICIES, 'all'], default: 'all', help: 'Eviction policy to simulate', noEnv: true },
   { name: 'prefetch', type: 'boolean', help: 'eam: also prefetch the coming layers (hit rates then exceed what eviction alone can do)', noEnv: true },
   { name: 'warm', type: 'boolean', help: `Start from the folder's ${EAM_COLLECTION_FILE} (it may hold the replayed requests themselves: optimistic)`, noEnv: true },
+  { name: 'belady-max-accesses', type: 'int', min: 1, default: 25_000_000, arg: 'N',
+    help: 'belady needs every future access in memory (4 bytes each): skipped, with a warning, on a trace with more', noEnv: true },
 ];
 
 export const traceHelp = [
   'Usage: expertd trace <summary|heatmap|replay> --trace-dir DIR [options]',
   '',
-  'Inspects a routing trace recorded by `expertd serve --trace-dir DIR`.',
+  'Inspects a routing trace recorded by `expertd serve --trace-dir DIR`: every trace file of the folder,',
+  'oldest first, streamed line by line (a torn last line, from a crash mid-write, is skipped with a warning).',
   '',
   formatHelp('expertd trace summary --trace-dir DIR', 'Requests, per-layer expert popularity, and how similar requests are (within vs across clusters).', summaryFlags),
   '',
@@ -82,6 +94,79 @@ export function popularity(trace: Trace): ExpertActivationMatrix {
   const m = new ExpertActivationMatrix(trace.meta.numLayers, trace.meta.numExperts);
   for (const eam of requestEams(trace).values()) m.addMatrix(eam);
   return m;
+}
+
+/** What one streaming pass over a trace folder gathers (memory: the sample, not the trace). */
+export interface TraceScan {
+  meta: TraceMeta;
+  steps: number;
+  /** Distinct requests seen, and finished-request entries. */
+  requests: number;
+  finishedRequests: number;
+  /** [L, E] tokens routed per (layer, expert) over the whole trace. */
+  popularity: ExpertActivationMatrix;
+  /**
+   * Whole-life EAMs of at most maxRequests requests, in order of first appearance: all of them
+   * when the trace holds no more, else a uniform sample (reservoir, seeded: the same every run).
+   */
+  eams: ExpertActivationMatrix[];
+}
+
+export interface ScanOptions extends TraceReadOptions {
+  /** EAMs kept for the similarity structure (0: none, and no per-request state is kept). */
+  maxRequests?: number;
+}
+
+/**
+ * One streaming pass: per-request EAMs are held only while a request runs (until the step that
+ * lists it as finished), then kept in a bounded reservoir. Requests still running when the trace
+ * ends (a crash, or the newest steps) are included as they are.
+ */
+export async function scanTrace(dir: string, opts: ScanOptions = {}): Promise<TraceScan> {
+  const meta = readTraceMeta(dir);
+  const { numLayers: L, numExperts: E } = meta;
+  const maxRequests = opts.maxRequests ?? 1000;
+  const pop = new ExpertActivationMatrix(L, E);
+  const running = new Map<string, { seq: number; eam: ExpertActivationMatrix }>();
+  const sample: { seq: number; eam: ExpertActivationMatrix }[] = [];
+  const rand = mulberry32(1);
+  let seen = 0;
+  let done = 0;
+  let steps = 0;
+  let finishedRequests = 0;
+  const keep = (r: { seq: number; eam: ExpertActivationMatrix }) => {
+    done++;
+    if (sample.length < maxRequests) sample.push(r);
+    else {
+      const j = Math.floor(rand() * done);
+      if (j < maxRequests) sample[j] = r;
+    }
+  };
+  const readOpts: TraceReadOptions = { ...(opts.warn ? { warn: opts.warn } : {}), ...(opts.createReadStream ? { createReadStream: opts.createReadStream } : {}) };
+  for await (const st of traceSteps(dir, readOpts)) {
+    steps++;
+    for (const r of st.requests) {
+      let live = running.get(r.id);
+      if (!live) {
+        seen++;
+        if (maxRequests > 0) running.set(r.id, (live = { seq: seen, eam: new ExpertActivationMatrix(L, E) }));
+      }
+      r.layers.forEach((row, l) => {
+        for (let i = 0; i < row.length; i += 2) {
+          pop.counts[l * E + row[i]!]! += row[i + 1]!;
+          if (live) live.eam.counts[l * E + row[i]!]! += row[i + 1]!;
+        }
+      });
+    }
+    for (const id of st.finished ?? []) {
+      finishedRequests++;
+      const live = running.get(id);
+      if (live) { running.delete(id); keep(live); }
+    }
+  }
+  for (const live of running.values()) keep(live);
+  sample.sort((a, b) => a.seq - b.seq);
+  return { meta, steps, requests: seen, finishedRequests, popularity: pop, eams: sample.map((x) => x.eam) };
 }
 
 export interface SimilarityStructure {
@@ -135,13 +220,14 @@ export function similarityStructure(eams: ExpertActivationMatrix[], k: number): 
   return { clusters: k, sizes, withinMean: wN ? wSum / wN : NaN, acrossMean: aN ? aSum / aN : NaN };
 }
 
-function summary(argv: string[]): number {
+const stderrWarn = (m: string) => process.stderr.write(`warning: ${m}\n`);
+
+async function summary(argv: string[]): Promise<number> {
   const { flags } = parseFlags(summaryFlags, argv);
   const dir = traceDirOf(flags);
-  const trace = readTrace(dir);
-  const { numLayers: L, numExperts: E } = trace.meta;
-  const eams = requestEams(trace);
-  const pop = popularity(trace);
+  const scan = await scanTrace(dir, { maxRequests: Number(flags['max-requests']), warn: stderrWarn });
+  const { meta, popularity: pop } = scan;
+  const { numLayers: L, numExperts: E } = meta;
   const top = Number(flags['top']);
   const layers = Array.from({ length: L }, (_, l) => {
     const row = pop.normalisedRow(l);
@@ -150,15 +236,15 @@ function summary(argv: string[]): number {
     const order = [...row.keys()].sort((a, b) => row[b]! - row[a]! || a - b).slice(0, top);
     return { layer: l, tokens: pop.rowSum(l), effectiveExperts: Math.exp(entropy), top: order.map((e) => ({ expert: e, share: row[e]! })) };
   });
-  const finished = new Set(trace.steps.flatMap((s) => s.finished ?? []));
   const collectionFile = path.join(dir, EAM_COLLECTION_FILE);
-  const collection = fs.existsSync(collectionFile) ? EamCollection.load(dir, L, E, { warn: (m) => process.stderr.write(`warning: ${m}\n`) }) : null;
-  const structure = similarityStructure([...eams.values()].filter((m) => m.total() > 0), Number(flags['clusters']));
+  const collection = fs.existsSync(collectionFile) ? EamCollection.load(dir, L, E, { warn: stderrWarn }) : null;
+  const compared = scan.eams.filter((m) => m.total() > 0);
+  const structure = similarityStructure(compared, Number(flags['clusters']));
   const out = {
-    traceDir: dir, model: trace.meta.model, moeLayers: L, experts: E, topK: trace.meta.topK,
-    steps: trace.steps.length, requests: eams.size, finishedRequests: finished.size,
+    traceDir: dir, model: meta.model, moeLayers: L, experts: E, topK: meta.topK,
+    steps: scan.steps, requests: scan.requests, finishedRequests: scan.finishedRequests,
     collection: collection ? { size: collection.size, capacity: collection.capacity } : null,
-    layers, similarity: structure,
+    layers, similarity: { ...structure, requestsCompared: compared.length },
   };
   if (flags['json']) {
     console.log(JSON.stringify(out, null, 2));
@@ -171,9 +257,10 @@ function summary(argv: string[]): number {
   for (const l of layers)
     console.log(`  layer ${String(l.layer).padStart(3)}: ${String(l.tokens).padStart(8)} tokens, ${l.effectiveExperts.toFixed(1).padStart(5)} effective experts; top ` +
       l.top.map((t) => `${t.expert} (${(t.share * 100).toFixed(1)}%)`).join(', '));
-  const s = structure;
-  console.log(`\nsimilarity (per-layer cosine of request EAMs): ${s.clusters} clusters of sizes ${s.sizes.join(', ')}; ` +
-    `mean within ${s.withinMean.toFixed(3)}, across ${s.acrossMean.toFixed(3)}`);
+  const st = structure;
+  const of = compared.length < scan.requests ? ` (over a sample of ${compared.length} of the ${scan.requests} requests)` : '';
+  console.log(`\nsimilarity (per-layer cosine of request EAMs${of}): ${st.clusters} clusters of sizes ${st.sizes.join(', ')}; ` +
+    `mean within ${st.withinMean.toFixed(3)}, across ${st.acrossMean.toFixed(3)}`);
   return 0;
 }
 
@@ -182,9 +269,9 @@ async function heatmap(argv: string[]): Promise<number> {
   const dir = traceDirOf(flags);
   const outFile = flags['out'];
   if (typeof outFile !== 'string' || !outFile) throw new UsageError('--out FILE.png is required');
-  const trace = readTrace(dir);
-  const { numLayers: L, numExperts: E } = trace.meta;
-  const pop = popularity(trace);
+  const scan = await scanTrace(dir, { maxRequests: 0, warn: stderrWarn });
+  const { numLayers: L, numExperts: E } = scan.meta;
+  const pop = scan.popularity;
   let PNG: typeof import('pngjs').PNG;
   try {
     ({ PNG } = await import('pngjs'));
@@ -220,24 +307,44 @@ async function heatmap(argv: string[]): Promise<number> {
   return 0;
 }
 
-function replayCmd(argv: string[]): number {
+async function replayCmd(argv: string[]): Promise<number> {
   const { flags } = parseFlags(replayFlags, argv);
   const dir = traceDirOf(flags);
-  const trace = readTrace(dir);
-  const { numLayers: L, numExperts: E } = trace.meta;
+  const meta = readTraceMeta(dir);
+  const { numLayers: L, numExperts: E } = meta;
   const capacity = Number(flags['capacity']);
   const which = String(flags['policy']);
   const policies: ReplayPolicy[] = which === 'all' ? [...REPLAY_POLICIES] : [which as ReplayPolicy];
-  const results: ReplayResult[] = policies.map((policy) => replay(trace, {
+  const belady = policies.includes('belady') ? new BeladyReplayer(meta, capacity, Number(flags['belady-max-accesses'])) : null;
+  const online = new Map<ReplayPolicy, StepReplayer>();
+  for (const policy of policies) if (policy !== 'belady') online.set(policy, offloaderReplayer(meta, {
     policy, capacity, prefetch: Boolean(flags['prefetch']) && policy === 'eam',
-    ...(flags['warm'] ? { collection: EamCollection.load(dir, L, E, { warn: (m) => process.stderr.write(`warning: ${m}\n`) }) } : {}),
+    ...(flags['warm'] ? { collection: EamCollection.load(dir, L, E, { warn: stderrWarn }) } : {}),
   }));
+  // Pass 1: the online policies, and Belady's index of future uses; pass 2 (Belady only): the replay.
+  let steps = 0;
+  for await (const st of traceSteps(dir, { warn: stderrWarn })) {
+    steps++;
+    for (const r of online.values()) r.step(st);
+    belady?.observe(st);
+  }
+  if (belady && belady.overLimit) {
+    stderrWarn(`belady skipped: the trace has more than ${belady.maxAccesses} expert accesses (--belady-max-accesses)`);
+  } else if (belady) {
+    // The torn-line warnings were given in pass 1.
+    for await (const st of traceSteps(dir, { warn: () => undefined })) belady.step(st);
+  }
+  const results: ReplayResult[] = policies.flatMap((p) => {
+    if (p !== 'belady') return [online.get(p)!.result()];
+    return belady && !belady.overLimit ? [belady.result()] : [];
+  });
   if (flags['json']) {
     console.log(JSON.stringify(results, null, 2));
     return 0;
   }
+  if (results.length === 0) return 1;
   const r0 = results[0]!;
-  console.log(`replay of ${dir}: ${trace.steps.length} steps, cache of ${r0.slots}/${r0.totalExperts} experts ` +
+  console.log(`replay of ${dir}: ${steps} steps, cache of ${r0.slots}/${r0.totalExperts} experts ` +
     `(${(100 * r0.slots / r0.totalExperts).toFixed(0)}%, asked ${(capacity * 100).toFixed(0)}%), ${r0.accesses} expert accesses`);
   console.log('| policy | hit rate | misses | loads | prefetch used | prefetch wasted |');
   console.log('|:--|--:|--:|--:|--:|--:|');

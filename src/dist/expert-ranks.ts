@@ -1,5 +1,5 @@
 // Rank 0's side of in-process expert parallelism (--expert-parallel N on the CPU): starts ranks
-// 1..N-1 as worker threads (src/moe/expert-rank.ts), joins their loopback group, and returns the
+// 1..N-1 as worker threads (src/dist/expert-rank.ts), joins their loopback group, and returns the
 // comm the model's MoE layers dispatch through. Every forward on rank 0 lets each expert rank serve
 // one step; stop() ends them.
 import path from 'node:path';

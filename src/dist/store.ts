@@ -24,6 +24,8 @@ import net from 'node:net';
 
 export const MAX_FRAME_BYTES = 64 * 1024 * 1024 + 4096;
 export const MAX_KEY_BYTES = 4096;
+/** Longest wait a timer can express (Node's setTimeout limit, 2^31 - 1 ms, less the client's grace). */
+export const MAX_TIMEOUT_MS = 2 ** 31 - 1 - 1000;
 
 export const enum StoreOp { Set = 1, Get = 2, Add = 3, Check = 4 }
 export const enum StoreStatus { Ok = 0, Timeout = 1, Error = 2 }
@@ -191,11 +193,12 @@ export class StoreServer extends EventEmitter {
         let set = this.waiters.get(key);
         if (!set) this.waiters.set(key, set = new Set());
         set.add(waiter);
+        // NOTE: clamped: Node fires a timer longer than 2^31 - 1 ms at once (the C++ client may ask).
         waiter.timer = setTimeout(() => {
           set!.delete(waiter);
           if (set!.size === 0 && this.waiters.get(key) === set) this.waiters.delete(key);
           this.reply(socket, id, StoreStatus.Timeout);
-        }, timeoutMs);
+        }, Math.min(timeoutMs, 2 ** 31 - 1));
         return;
       }
       case StoreOp.Add: {
@@ -288,7 +291,7 @@ export class StoreClient extends EventEmitter {
    */
   static async connect(host: string, port: number, timeoutMs: number): Promise<StoreClient> {
     if (!Number.isInteger(port) || port <= 0 || port > 65535) throw new RangeError(`port is ${port}, expected an integer in [1, 65535]`);
-    if (!(timeoutMs > 0)) throw new RangeError(`timeoutMs is ${timeoutMs}, expected > 0`);
+    if (!(timeoutMs > 0 && timeoutMs <= MAX_TIMEOUT_MS)) throw new RangeError(`timeoutMs is ${timeoutMs}, expected a number in (0, ${MAX_TIMEOUT_MS}]`);
     const address = `${host}:${port}`;
     const deadline = Date.now() + timeoutMs;
     let delayMs = 20;
@@ -323,7 +326,7 @@ export class StoreClient extends EventEmitter {
 
   /** The value of key, waiting up to timeoutMs for some client to set it (E_STORE_TIMEOUT after). */
   async get(key: string, timeoutMs: number): Promise<Uint8Array> {
-    if (!(timeoutMs >= 0) || timeoutMs > 0xffffffff) throw new RangeError(`timeoutMs is ${timeoutMs}, expected a number in [0, 2^32)`);
+    if (!(timeoutMs >= 0 && timeoutMs <= MAX_TIMEOUT_MS)) throw new RangeError(`timeoutMs is ${timeoutMs}, expected a number in [0, ${MAX_TIMEOUT_MS}]`);
     const waitMs = Math.ceil(timeoutMs);
     // The server times the wait; the local timer (a little later) covers a server that stops answering.
     const c = await this.call(StoreOp.Get, [u32(waitMs), ...lengthPrefixed(keyBytes(key))], waitMs + 1000, `get('${key}')`, waitMs);

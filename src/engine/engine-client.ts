@@ -41,6 +41,8 @@ export class EngineClient extends EventEmitter {
             if (ev.type === 'finished') this.emit('finished', ev);
           }
           if (m.step) this.emit('step', m.step satisfies StepMetrics);
+        } else if (m.type === 'warning') {
+          this.emit('warning', m.message);
         } else if (m.type === 'fatal') {
           this.fail(m.message);
           reject(new Error(m.message));

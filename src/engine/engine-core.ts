@@ -11,7 +11,8 @@ import type { StepMetrics } from './protocol.js';
 import type { EngineEvent, EngineStats, GenerateRequest, ModelInfo, RoutedExperts, TokenLogprob } from './types.js';
 
 /** The expert cache as the step loop sees it (CPU or device slots alike). */
-export type StepOffloader = Pick<Offloader, 'beginStep' | 'endStep' | 'finishRequest' | 'dropRequest' | 'stats' | 'takeDelta'>;
+export type StepOffloader = Pick<Offloader, 'beginStep' | 'endStep' | 'finishRequest' | 'dropRequest' | 'stats' | 'takeDelta'> &
+  Partial<Pick<Offloader, 'takeTraceDelta'>>;
 
 export interface EngineCoreOptions {
   kvCacheBlocks: number;
@@ -196,6 +197,7 @@ export class EngineCore {
     const metrics: StepMetrics = {
       prefillTokens, decodeTokens, durationMs: this.clock() - t0, preemptions: plan.preempted.length,
       kernelChoices: this.loaded.model.kernelChoices(),
+      ...(this.loaded.model.layerPlans ? { layerPlans: this.loaded.model.layerPlans() } : {}),
       ...(comm ? { all2all: comm } : {}),
       queueTimesMs,
       expertTokens: expertTokenCounts(result.routedIds, this.info.numExperts + (this.loaded.spec.moe.zeroExperts ?? 0)),
@@ -203,6 +205,8 @@ export class EngineCore {
     if (this.offloader) {
       const st = this.offloader.stats();
       metrics.expertCache = { delta: this.offloader.takeDelta(), occupancy: st.occupancy, layerHitRate: st.layerHitRate };
+      const trace = this.offloader.takeTraceDelta?.();
+      if (trace) metrics.trace = trace;
     }
     return { events, metrics };
   }

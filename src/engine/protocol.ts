@@ -1,6 +1,7 @@
 // Messages between the main thread (EngineClient) and the engine worker. Plain data only.
 import type { OffloadConfig } from '../offload/setup.js';
 import type { ExpertCacheDelta } from '../offload/offloader.js';
+import type { TraceCounts } from '../offload/trace-writer.js';
 import type { EngineEvent, EngineStats, GenerateRequest, ModelInfo } from './types.js';
 
 export interface EngineOptions {
@@ -31,6 +32,8 @@ export interface EngineOptions {
   device?: string;
   /** EPS-MoE expert kernel: auto (calibrated choice per layer and step), group or dense. */
   expertKernel?: 'auto' | 'group' | 'dense';
+  /** EPS-MoE pipeline chunks per MoE layer: auto (the planner, per layer and step) or a fixed count. */
+  pipelineChunks?: 'auto' | number;
   /** Expert offloading (MoE-Infinity); absent = every expert resident, no tracing. */
   offload?: OffloadConfig;
 }
@@ -45,7 +48,9 @@ export type FromWorker =
   | { type: 'progress'; tensorsDone: number; tensorsTotal: number; bytesDone: number; bytesTotal: number }
   | { type: 'ready'; info: ModelInfo; summary: string }
   | { type: 'events'; events: EngineEvent[]; stats: EngineStats; step?: StepMetrics }
-  | { type: 'fatal'; message: string; code?: string };
+  | { type: 'fatal'; message: string; code?: string }
+  /** Something the operator should see that does not stop the engine (the trace writer dropping). */
+  | { type: 'warning'; message: string };
 
 export interface StepMetrics {
   prefillTokens: number;
@@ -57,9 +62,13 @@ export interface StepMetrics {
   /** Time each request first scheduled in this step waited since it reached the engine (ms). */
   queueTimesMs?: number[];
   /** Expert parallelism: all2all bytes sent and seconds spent this step. */
-  all2all?: { bytes: number; seconds: number; overlap: number | null };
+  all2all?: { bytes: number; seconds: number; overlap: number | null; hidden?: number | null };
+  /** Per MoE layer: EPS-MoE pipeline chunks and expert kernel this step. */
+  layerPlans?: { chunks: number; kernel: string }[];
   /** MoE layers per expert kernel this step (EPS-MoE choice). */
   kernelChoices?: Record<string, number>;
   /** Expert cache activity this step (offloading on). */
   expertCache?: { delta: ExpertCacheDelta; occupancy: number; layerHitRate: number[] };
+  /** Routing trace records written and dropped this step (--trace-dir). */
+  trace?: TraceCounts;
 }

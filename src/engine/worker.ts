@@ -25,7 +25,7 @@ if (!port) throw new Error('engine worker must run in a worker thread');
 
 let core: EngineCore | null = null;
 let expertRanks: Pick<ExpertRanks<{ dispose(): void }>, 'stop'> | null = null;
-let offloader: Pick<Offloader, 'save' | 'stats'> & StepOffloader | null = null;
+let offloader: Pick<Offloader, 'save' | 'close' | 'stats'> & StepOffloader | null = null;
 let saveTimer: NodeJS.Timeout | null = null;
 let pending: EngineEvent[] = [];
 let scheduled = false;
@@ -36,6 +36,9 @@ let lockstep: { sync: Lockstep; serveExperts: () => void; stopRequested: boolean
 function send(m: FromWorker): void {
   port!.postMessage(m);
 }
+
+/** The offloader's trace writer reports drops and failed writes through the daemon's log. */
+const offloadHooks = { warn: (message: string) => send({ type: 'warning', message }) };
 
 function flush(step?: StepMetrics): void {
   if (!core) return;
@@ -175,7 +178,7 @@ async function init(o: EngineOptions): Promise<void> {
       // cache's slots (allocated as they first fill) and 512 MiB of activations.
       let slotBytes = 0;
       if (o.offload) {
-        const off = attachDeviceOffloader(cudaLoaded, o.offload, cuda);
+        const off = attachDeviceOffloader(cudaLoaded, o.offload, cuda, offloadHooks);
         slotBytes = off.stats().slots * off.store.slotBytes;
         offloader = off;
       }
@@ -205,17 +208,21 @@ async function init(o: EngineOptions): Promise<void> {
         fast, ...(o.offload ? { loadExpert: skipAllExperts } : {}), ...ep, onProgress,
       });
       loaded = cpuLoaded;
-      if (o.offload) offloader = attachOffloader(cpuLoaded, o.offload);
+      if (o.offload) offloader = attachOffloader(cpuLoaded, o.offload, offloadHooks);
       if (distComm) {
         const model = cpuLoaded.model;
         lockstep = { sync: new Lockstep(distComm.group), serveExperts: () => model.serveExperts(), stopRequested: false, comm: distComm };
       }
     }
     if (o.offload?.traceDir) {
-      saveTimer = setInterval(() => offloader?.save(), 60_000);
+      // The trace is written as it goes (asynchronously); this persists the EAM collection.
+      saveTimer = setInterval(() => {
+        void offloader?.save().catch((e: Error) => send({ type: 'warning', message: `saving the EAM collection failed: ${e.message}` }));
+      }, 60_000);
       saveTimer.unref();
     }
     loaded.model.setExpertKernel(o.expertKernel ?? 'auto');
+    loaded.model.setPipelineChunks?.(o.pipelineChunks ?? 'auto');
     core = new EngineCore(loaded, {
       kvCacheBlocks: o.kvCacheBlocks, kvCacheGb: o.kvCacheGb, blockSize: o.blockSize,
       maxNumSeqs: o.maxNumSeqs, maxNumBatchedTokens: o.maxNumBatchedTokens,
@@ -262,18 +269,17 @@ port.on('message', (m: ToWorker) => {
   }
 });
 
-/** Saves the EAM collection, stops the in-process expert ranks, leaves the Gloo group, ends the worker. */
+/** Flushes the trace and saves the EAM collection, stops the in-process expert ranks, leaves the Gloo group, ends the worker. */
 function finishShutdown(): void {
   stopping = true;
   if (saveTimer) clearInterval(saveTimer);
-  try {
-    offloader?.save();
-  } catch (e) {
-    send({ type: 'fatal', message: `saving the EAM collection failed: ${(e as Error).message}` });
-  }
-  // Expert ranks leave first (they may be waiting for the next step), then this worker.
-  void (expertRanks?.stop() ?? Promise.resolve()).finally(() => {
-    lockstep?.comm.dispose();
-    port!.close();
-  });
+  // The queued trace gets 3 s (the client terminates this worker after 5 s), then the
+  // collection is saved; expert ranks leave next (they may be waiting for the next step).
+  void (offloader?.close(3000) ?? Promise.resolve())
+    .catch((e: Error) => send({ type: 'fatal', message: `saving the EAM collection failed: ${e.message}` }))
+    .then(() => expertRanks?.stop())
+    .finally(() => {
+      lockstep?.comm.dispose();
+      port!.close();
+    });
 }

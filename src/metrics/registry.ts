@@ -8,6 +8,12 @@ import type { EngineStats } from '../engine/types.js';
 export type FinishedReasonLabel = 'stop' | 'length' | 'abort' | 'error';
 
 /** Expert-cache events of one engine step (or any interval); every field optional, all added. */
+/** Routing trace records (one request in one step) written and dropped by reason, as increments. */
+export interface TraceRecordDelta {
+  written: number;
+  dropped: Record<string, number>;
+}
+
 export interface ExpertCacheDelta {
   hits?: number;
   misses?: number;
@@ -62,11 +68,16 @@ export class Metrics {
   readonly expertPrefetchWasted: Counter;
   readonly expertBytesLoaded: Counter;
   readonly expertLoadStall: Counter;
+  readonly traceRecordsWritten: Counter;
+  readonly traceRecordsDropped: Counter<'reason'>;
   readonly expertCacheOccupancy: Gauge;
   readonly expertCacheLayerHit: Gauge<'layer'>;
   readonly all2allBytes: Counter;
   readonly all2allSeconds: Counter;
   readonly commOverlap: Gauge;
+  /** EPS-MoE: PN per MoE layer, labelled with the layer's expert kernel; the hidden all2all share. */
+  readonly pipelineChunks: Gauge<'layer' | 'kernel'>;
+  readonly all2allHidden: Gauge;
   // data-parallel ranks (serve --nproc-per-node / --nnodes)
   readonly rankRequests: Counter<'rank'>;
   readonly rankSequences: Gauge<'rank' | 'state'>;
@@ -143,11 +154,15 @@ export class Metrics {
     this.expertPrefetchWasted = new Counter({ name: 'expertd_expert_prefetch_wasted_total', help: 'Prefetched experts evicted without being used.', registers });
     this.expertBytesLoaded = new Counter({ name: 'expertd_expert_loaded_bytes_total', help: 'Bytes of expert weights copied into the fast tier.', registers });
     this.expertLoadStall = new Counter({ name: 'expertd_expert_load_stall_seconds_total', help: 'Time compute waited for expert weights to arrive.', registers });
+    this.traceRecordsWritten = new Counter({ name: 'expertd_trace_records_written_total', help: 'Routing trace records (one request in one step) written under --trace-dir.', registers });
+    this.traceRecordsDropped = new Counter({ name: 'expertd_trace_records_dropped_total', help: 'Routing trace records not written: sampled_out (--trace-sample), queue_full (the writer fell behind), too_large (a line over --trace-max-file-mb), write_error.', labelNames: ['reason'], registers });
     this.expertCacheOccupancy = new Gauge({ name: 'expertd_expert_cache_occupancy_ratio', help: 'Fraction of expert cache slots holding an expert (0-1).', registers });
     this.expertCacheLayerHit = new Gauge({ name: 'expertd_expert_cache_layer_hit_ratio', help: 'Expert cache hits / accesses per MoE layer since start (0-1).', labelNames: ['layer'], registers });
     this.all2allBytes = new Counter({ name: 'expertd_all2all_bytes_total', help: 'Bytes sent by all2all (dispatch + combine).', registers });
     this.all2allSeconds = new Counter({ name: 'expertd_all2all_seconds_total', help: 'Time spent in all2all.', registers });
     this.commOverlap = new Gauge({ name: 'expertd_comm_overlap_ratio', help: 'Fraction of all2all time hidden behind compute in the last step (0-1).', registers });
+    this.pipelineChunks = new Gauge({ name: 'expertd_moe_pipeline_chunks', help: 'EPS-MoE pipeline chunks (PN) of each MoE layer in the last step, labelled with its expert kernel.', labelNames: ['layer', 'kernel'], registers });
+    this.all2allHidden = new Gauge({ name: 'expertd_all2all_hidden_ratio', help: 'Share of all2all time in the last step that the engine did not wait for (0-1).', registers });
     this.rankRequests = new Counter({
       name: 'expertd_rank_requests_total', help: 'Engine requests the front sent to each data-parallel rank.', labelNames: ['rank'], registers,
     });
@@ -242,6 +257,11 @@ export class Metrics {
     if (delta.loadStallSeconds) this.expertLoadStall.inc(delta.loadStallSeconds);
   }
 
+  recordTrace(delta: TraceRecordDelta): void {
+    if (delta.written) this.traceRecordsWritten.inc(delta.written);
+    for (const [reason, n] of Object.entries(delta.dropped)) if (n) this.traceRecordsDropped.inc({ reason }, n);
+  }
+
   setExpertCacheOccupancy(ratio: number): void {
     this.expertCacheOccupancy.set(ratio);
   }
@@ -258,6 +278,12 @@ export class Metrics {
 
   setCommOverlap(ratio: number): void {
     this.commOverlap.set(ratio);
+  }
+
+  setLayerPlans(plans: readonly { chunks: number; kernel: string }[], hidden: number | null | undefined): void {
+    this.pipelineChunks.reset();
+    plans.forEach((p, layer) => this.pipelineChunks.set({ layer: String(layer), kernel: p.kernel }, p.chunks));
+    if (hidden !== null && hidden !== undefined) this.all2allHidden.set(hidden);
   }
 }
 

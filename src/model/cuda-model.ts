@@ -72,6 +72,13 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
   private readonly loadExperts: boolean;
   private readonly ep: DeviceExpertComm | null;
   private disposed = false;
+  /** EPS-MoE pipeline chunks asked for (expert parallelism only; 'auto' is 1 on the device for now). */
+  private pipelineChunks = 1;
+  /** Per MoE layer, the chunks of the last step. */
+  private readonly chunksUsed = new Map<number, number>();
+  /** The pipeline's comm stream and its events (made on first use). */
+  private commStream: CudaStream | null = null;
+  private readonly pipeEvents: CudaEvent[] = [];
   /** ScMoE fork and join between the main and the side stream (re-recorded per layer). */
   private forked: CudaEvent;
   private joined: CudaEvent;
@@ -223,6 +230,21 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
 
   kernelChoices(): Record<string, number> {
     return Object.fromEntries(this.choices);
+  }
+
+  /**
+   * EPS-MoE pipeline with expert parallelism: N chunks per MoE layer, each chunk's dispatch and
+   * combine on a comm stream, its GroupGemm on the compute stream, ordered by events. 'auto' is 1
+   * here (the device has no calibrated link model yet).
+   */
+  setPipelineChunks(mode: 'auto' | number): void {
+    this.pipelineChunks = mode === 'auto' ? 1 : mode;
+  }
+
+  layerPlans(): { chunks: number; kernel: string }[] {
+    return this.layers.filter((l) => l.moe).map((l) => ({
+      chunks: this.chunksUsed.get(l.moe!.moeIndex) ?? 1, kernel: this.ep ? 'group' : this.expertKernel,
+    }));
   }
 
   /** Times both expert kernels on the first MoE layer's experts (random bf16 rows, 4 experts active). */
@@ -447,6 +469,17 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
       this.hooks.onRouted?.(m.moeIndex, hostIds, hostCounts, T);
       this.hooks.ensureResident?.(m.moeIndex, hostCounts.subarray(0, E), m.experts);
     }
+    if (this.ep) {
+      const PN = Math.max(1, this.ep.agreeChunks(this.pipelineChunks));
+      this.chunksUsed.set(m.moeIndex, PN);
+      if (PN > 1) {
+        this.choices.set('group', (this.choices.get('group') ?? 0) + 1);
+        let sh: ReturnType<CudaModel['sharedY']> = null;
+        this.pipelined(m, x, T, ids, weights, PN, st, () => { sh = this.sharedY(m, x, xb, T, denseOffsets, st); }, out);
+        this.addShared(sh, T, out, st);
+        return;
+      }
+    }
     const rows = T * k;
     const kernel = this.chooseKernel(rows);
     const permIndex = scratch.get('moe.perm', rows * I32);
@@ -468,16 +501,109 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
       cu.cudaCopyRowRange(yPerm, xPermF, offsets, E, ET, H * F32, rows, st);
     }
     cu.cudaUnpermuteCombine(yPerm, permIndex, weights, T, k, H, out, false, st);
-    if (m.shared) {
-      const y = scratch.get('moe.shared.y', T * H * F32);
-      this.runFfn(m.shared, x, xb, T, y, denseOffsets, st);
-      if (m.sharedGate) {
-        const g = scratch.get('moe.shared.gate', T * F32);
-        dev.gemm(x, T, m.sharedGate, g, null, false, null, st);
-        cu.cudaGatedAdd(out, y, g, T, H, st);
-      } else {
-        cu.cudaAdd(out, y, T * H, st);
+    this.addShared(this.sharedY(m, x, xb, T, denseOffsets, st), T, out, st);
+  }
+
+  /** The shared expert of x (and its gate logits), when the layer has one: [T, H] f32. */
+  private sharedY(m: DeviceMoe, x: CudaBuffer, xb: { buf: CudaBuffer; ready: boolean }, T: number, denseOffsets: CudaBuffer,
+                  st: CudaStream | null): { y: CudaBuffer; g: CudaBuffer | null } | null {
+    if (!m.shared) return null;
+    const { dev, spec } = this;
+    const y = dev.scratch.get('moe.shared.y', T * spec.hidden * F32);
+    this.runFfn(m.shared, x, xb, T, y, denseOffsets, st);
+    let g: CudaBuffer | null = null;
+    if (m.sharedGate) {
+      g = dev.scratch.get('moe.shared.gate', T * F32);
+      dev.gemm(x, T, m.sharedGate, g, null, false, null, st);
+    }
+    return { y, g };
+  }
+
+  /** out += the shared expert's output (gated). */
+  private addShared(s: { y: CudaBuffer; g: CudaBuffer | null } | null, T: number, out: CudaBuffer, st: CudaStream | null): void {
+    if (!s) return;
+    const H = this.spec.hidden;
+    if (s.g) this.cu.cudaGatedAdd(out, s.y, s.g, T, H, st);
+    else this.cu.cudaAdd(out, s.y, T * H, st);
+  }
+
+  /** The pipeline's i-th event (made on first use). */
+  private pipeEvent(i: number): CudaEvent {
+    while (this.pipeEvents.length <= i) this.pipeEvents.push(new this.cu.CudaEvent(false));
+    return this.pipeEvents[i]!;
+  }
+
+  /**
+   * EPS-MoE on the device with expert parallelism: tokens in PN chunks; chunk c+1's dispatch and
+   * chunk c-1's combine run on the comm stream while chunk c's GroupGemm runs on `st`, ordered by
+   * events; the shared expert computes on `st` while the first dispatch travels. The collectives
+   * are queued in the same order on every rank (d0, d1, c0, d2, c1, ...), as on the CPU.
+   * T = 0 (an expert rank): empty chunks, the same schedule. Writes out [T, H] (+ shared).
+   */
+  private pipelined(m: DeviceMoe, x: CudaBuffer | null, T: number, ids: CudaBuffer | null, weights: CudaBuffer | null,
+                    PN: number, st: CudaStream | null, shared: () => void = () => {}, out: CudaBuffer | null = null): void {
+    const { cu, dev, spec } = this;
+    const ep = this.ep!;
+    const H = spec.hidden, E = spec.moe.numExperts, Z = spec.moe.zeroExperts ?? 0, ET = E + Z, k = this.k;
+    const get = (c: number) => (name: string, bytes: number) => dev.scratch.get(`${name}.${c}`, bytes);
+    const cs = (this.commStream ??= new cu.CudaStream());
+    const bounds = Array.from({ length: PN + 1 }, (_, c) => Math.floor((c * T) / PN));
+    // Permute each chunk's tokens (its own permutation, offsets and permIndex).
+    const hostOffsets = Array.from({ length: PN }, () => new Int32Array(ET + 1));
+    const chunk = bounds.slice(0, PN).map((a, c) => {
+      const b = bounds[c + 1]!, rows = (b - a) * k;
+      const g = get(c);
+      const xPerm = g('moe.xperm.bf16', rows * H * BF16);
+      const xPermF = Z > 0 ? g('moe.xperm.f32', rows * H * F32) : null;
+      const permIndex = g('moe.perm', rows * I32);
+      const offsets = g('moe.offsets', (ET + 1) * I32);
+      const yPerm = g('moe.yperm', rows * H * F32);
+      if (rows > 0) {
+        const xc = x!.view(a * H * F32, (b - a) * H * F32), idc = ids!.view(a * k * I32, rows * I32);
+        if (xPermF) {
+          cu.cudaPermute(xc, b - a, H, idc, k, ET, xPermF, permIndex, offsets, 'f32', st);
+          cu.cudaConvert(xPermF, 'f32', xPerm, 'bf16', rows * H, st);
+        } else {
+          cu.cudaPermute(xc, b - a, H, idc, k, ET, xPerm, permIndex, offsets, 'bf16', st);
+        }
+        cu.cudaCopyToHost(hostOffsets[c]!, offsets.view(0, (ET + 1) * I32), 0, st);
       }
+      return { a, b, rows, xPerm, xPermF, permIndex, offsets, yPerm };
+    });
+    const ev = (i: number) => this.pipeEvent(i);
+    ev(0).record(st);
+    cs.waitEvent(ev(0));
+    const dispatch = (c: number) => {
+      const local = ep.dispatch(chunk[c]!.xPerm, hostOffsets[c]!, H, cs, get(c));
+      ev(1 + 3 * c).record(cs);
+      return local;
+    };
+    const locals = [dispatch(0)];
+    shared();
+    for (let c = 0; c < PN; c++) {
+      const local = locals[c]!;
+      const g = get(c);
+      st?.waitEvent(ev(1 + 3 * c));
+      const offs = g('ep.local.offsets', (E + 1) * I32);
+      cu.cudaCopyToDevice(offs, 0, local.offsets, st);
+      const yLocal = g('ep.ylocal', local.rows * H * F32);
+      const hs = g('ep.h', local.rows * spec.moe.intermediate * BF16);
+      cu.cudaGroupGemmFfn(local.x, offs, m.experts, local.rows, hs, yLocal, null, st);
+      ev(2 + 3 * c).record(st);
+      // NOTE: the next dispatch is queued after this chunk's GEMM, so that the compute stream has
+      // work while the host waits on the comm stream for that dispatch's counts.
+      if (c + 1 < PN) locals.push(dispatch(c + 1));
+      cs.waitEvent(ev(2 + 3 * c));
+      ep.combine(yLocal, chunk[c]!.yPerm, H, cs, g);
+      ev(3 + 3 * c).record(cs);
+    }
+    st?.waitEvent(ev(3 * PN));
+    if (!out) return;
+    for (const ch of chunk) {
+      if (ch.rows === 0) continue;
+      if (ch.xPermF) cu.cudaCopyRowRange(ch.yPerm, ch.xPermF, ch.offsets, E, ET, H * F32, ch.rows, st);
+      cu.cudaUnpermuteCombine(ch.yPerm, ch.permIndex, weights!.view(ch.a * k * F32, ch.rows * F32), ch.b - ch.a, k, H,
+        out.view(ch.a * H * F32, (ch.b - ch.a) * H * F32), false, st);
     }
   }
 
@@ -517,7 +643,12 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
   serveExperts(): void {
     const ET = this.spec.moe.numExperts + (this.spec.moe.zeroExperts ?? 0);
     const none = this.dev.scratch.get('ep.none', 16);
-    for (const l of this.layers) if (l.moe) this.remoteExperts(l.moe, none, new Int32Array(ET + 1), none, this.dev.main);
+    for (const l of this.layers) {
+      if (!l.moe) continue;
+      const PN = Math.max(1, this.ep!.agreeChunks(0));
+      if (PN > 1) this.pipelined(l.moe, null, 0, null, null, PN, this.dev.main);
+      else this.remoteExperts(l.moe, none, new Int32Array(ET + 1), none, this.dev.main);
+    }
   }
 
   /** The EPS choice for a layer of `rows` routed rows (the expected load: no device sync). */
@@ -563,6 +694,9 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     this.disposed = true;
     this.forked?.dispose();
     this.joined?.dispose();
+    this.commStream?.synchronize();
+    this.commStream?.dispose();
+    for (const e of this.pipeEvents) e.dispose();
     for (const t of this.tables) t.dispose();
     for (const c of this.caches.keys()) for (const l of c) { l.k.dispose(); l.v?.dispose(); }
     this.dev.dispose();

@@ -68,7 +68,14 @@ export interface ForwardModel<C = unknown> {
   setExpertKernel(mode: 'auto' | 'group' | 'dense'): void;
   /** Kernel choices of the last step: kernel -> MoE layers that used it. */
   kernelChoices(): Record<string, number>;
-  /** Expert parallelism: all2all bytes sent and seconds spent since the last call. */
-  takeCommDelta?(): { bytes: number; seconds: number; overlap: number | null } | null;
+  /** EPS-MoE pipeline chunks per MoE layer (models that pipeline): 'auto' or a fixed count. */
+  setPipelineChunks?(mode: 'auto' | number): void;
+  /** Per MoE layer, the pipeline chunks and expert kernel of the last step (models that pipeline). */
+  layerPlans?(): { chunks: number; kernel: string }[];
+  /**
+   * Expert parallelism: all2all bytes sent and seconds spent since the last call, the overlap ratio,
+   * and the hidden share of the all2all time (absent or null: not measured).
+   */
+  takeCommDelta?(): { bytes: number; seconds: number; overlap: number | null; hidden?: number | null } | null;
   dispose(): void;
 }

@@ -2,9 +2,9 @@
 // (attention + dense FFN or MoE), final norm and LM head. forward() runs one batched step over
 // the paged KV cache and returns the logits of the requested rows and every MoE layer's routing.
 import { loadNative, type ExpertTable, type PackedWeight } from '../native/index.js';
-import { SingleRankComm, type ExpertComm } from '../moe/comm.js';
+import { SingleRankComm, type CommDelta, type ExpertComm } from '../moe/comm.js';
 import { EpsPlanner, loadOrCalibrate, type ExpertKernel } from '../moe/eps-planner.js';
-import { MoeLayer, type MoeHooks } from '../moe/moe-layer.js';
+import { MoeLayer, type MoeHooks, type PipelineChunks } from '../moe/moe-layer.js';
 import { GqaAttention, MlaAttention, type AttentionBlock, type LayerCache } from './attention.js';
 import { Scratch, type ForwardBatch, type ForwardModel, type ForwardResult } from './forward-batch.js';
 import type { ModelSpec } from './spec.js';
@@ -54,6 +54,11 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
   }
   hooks: MoeHooks = {};
   fast: boolean;
+  /**
+   * ScMoE: overlap the shortcut MoE with the dense sub-blocks (the schedule); false runs it whole
+   * where it is routed, as a plain MoE would (same numbers; the bench's baseline).
+   */
+  shortcutOverlap = true;
 
   constructor(readonly spec: ModelSpec, src: TensorSource, opts: ModelOptions) {
     this.fast = opts.fast;
@@ -145,6 +150,16 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
     for (const m of this.moeLayers) m.planner = new EpsPlanner(table, null, mode === 'auto' ? null : mode);
   }
 
+  /** EPS-MoE pipeline chunks per MoE layer: 'auto' (the planner, per layer and step) or a fixed PN. */
+  setPipelineChunks(mode: PipelineChunks): void {
+    for (const m of this.moeLayers) m.pipelineChunks = mode;
+  }
+
+  /** Per MoE layer, the chunks and kernel of the last step. */
+  layerPlans(): { chunks: number; kernel: string }[] {
+    return this.moeLayers.map((m) => ({ chunks: m.lastPlan?.chunks ?? 1, kernel: m.lastPlan?.kernel ?? 'group' }));
+  }
+
   /** Kernel choices of the last step: kernel -> MoE layers that used it. */
   kernelChoices(): Record<string, number> {
     const out: Record<string, number> = {};
@@ -169,7 +184,7 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
     }));
   }
 
-  takeCommDelta(): { bytes: number; seconds: number; overlap: number | null } | null {
+  takeCommDelta(): CommDelta | null {
     return this.comm.takeDelta?.() ?? null;
   }
 
@@ -198,7 +213,8 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
     for (const layer of this.layers) {
       if (layer.shortcut) {
         // ScMoE schedule (LongCat-Flash): x1 = x + MLA0(LN0(x)); the MoE reads LN0'(x1) and is
-        // dispatched at once; MLP0, MLA1 and MLP1 run while it is in flight; its output joins at the end.
+        // dispatched at once; MLP0 runs while it is in flight, then the expert GEMMs, then MLA1 and
+        // MLP1 while the combine is in flight; its output joins at the end.
         const [s0, s1] = layer.subs as [SubBlock, SubBlock];
         n.rmsNorm(delta, T, H, s0.inputNorm, spec.rmsNormEps, normed, residual);
         s0.attn.forward(ctx, normed, cache[s0.cacheIndex]!, delta);
@@ -208,12 +224,15 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
         const ids = new Int32Array(T * k);
         const pending = layer.moe!.begin(scX, T, scratch, this.hooks, ids);
         routedIds.push(ids);
+        const moeOut = scratch.f32('sc.out', T * H);
+        if (!this.shortcutOverlap) layer.moe!.finish(pending, moeOut, scratch, this.fast);
         n.groupGemmFfn(normed, offsets, s0.dense!, delta, this.fast);
+        // The expert GEMMs here; their combine travels while MLA1 and MLP1 compute.
+        layer.moe!.compute(pending, scratch, this.fast);
         n.rmsNorm(delta, T, H, s1.inputNorm, spec.rmsNormEps, normed, residual);
         s1.attn.forward(ctx, normed, cache[s1.cacheIndex]!, delta);
         n.rmsNorm(delta, T, H, s1.postNorm, spec.rmsNormEps, normed, residual);
         n.groupGemmFfn(normed, offsets, s1.dense!, delta, this.fast);
-        const moeOut = scratch.f32('sc.out', T * H);
         layer.moe!.finish(pending, moeOut, scratch, this.fast);
         for (let i = 0; i < T * H; i++) delta[i] = delta[i]! + moeOut[i]!;
         continue;

@@ -27,6 +27,14 @@ export class DeviceExpertComm {
     this.worldSize = group.worldSize;
   }
 
+  /** EPS-MoE: the chunk count every rank uses for this layer (the largest any rank asks for). */
+  agreeChunks(want: number): number {
+    if (this.worldSize === 1) return want;
+    const recv = new Float64Array(this.worldSize);
+    this.group.all2allCounts(new Float64Array(this.worldSize).fill(want), recv);
+    return Math.max(...recv);
+  }
+
   get owned(): [number, number] {
     return expertSlice(this.numExperts, this.worldSize, this.rank);
   }

@@ -3,8 +3,9 @@
 // expert-ordered permutation) and gathers the rows routed to this rank's experts from every rank,
 // expert-major; combine sends the results back to where the rows came from. Identity
 // ("zero-computation") experts never travel: their rows stay on the rank that routed them.
-import type { CommGroup } from '../native/index.js';
-import type { ExpertComm } from './comm.js';
+import type { CommGroup, CommOp } from '../native/index.js';
+import type { ChunkRoutes, CommDelta, ExpertComm, Inflight } from './comm.js';
+import type { CommModel } from './eps-planner.js';
 
 /** Experts [first, last) of `rank` when numExperts are split over worldSize ranks (sizes differ by <= 1). */
 export function expertSlice(numExperts: number, worldSize: number, rank: number): [number, number] {
@@ -85,6 +86,12 @@ interface Pending {
   dispatchedAt: number;
 }
 
+/** The routes of a pipelined layer on a group: each chunk's all2all plan and sender offsets. */
+interface GroupRoutes extends ChunkRoutes {
+  plans: EpPlan[];
+  offsets: Int32Array[];
+}
+
 export class GroupExpertComm implements ExpertComm {
   readonly rank: number;
   readonly worldSize: number;
@@ -98,7 +105,23 @@ export class GroupExpertComm implements ExpertComm {
    */
   busyMs = 0;
   windowMs = 0;
-  private reported = { bytes: 0, seconds: 0, busyMs: 0, windowMs: 0 };
+  /** Time this rank's caller was blocked on all2all (blocking collectives and waits). */
+  blockedMs = 0;
+  private reported = { bytes: 0, seconds: 0, busyMs: 0, windowMs: 0, blockedMs: 0 };
+  /** A wait on the comm thread gives up after this long (the backend's own timeout is shorter). */
+  waitTimeoutMs = 600_000;
+  /** Simulated link (benchmarks), GB/s; 0: the real transport. */
+  private linkGBps = 0;
+  /**
+   * Per-collective time beyond the modelled transfer (ms), the last 32 samples: their minimum is
+   * the planner's latency. NOTE: not a mean: an op's time also holds the wait for a peer that is
+   * still computing, which is skew, not a per-op cost of the link.
+   */
+  private readonly latencySamples: number[] = [];
+  /** The pipelined layer in progress: ops not yet waited, when its first dispatch was queued. */
+  private open = 0;
+  private openedAt = 0;
+  private blockedAtOpen = 0;
 
   /**
    * control (rank 0 only): [steps started, stop] shared with the expert ranks, which serve one
@@ -147,6 +170,7 @@ export class GroupExpertComm implements ExpertComm {
     const now = performance.now();
     this.pending.push({ plan, offsets: Int32Array.from(offsets), dispatchedAt: now });
     this.seconds += (now - t0) / 1000;
+    this.blockedMs += now - t0;
     return { x, offsets: local };
   }
 
@@ -166,19 +190,141 @@ export class GroupExpertComm implements ExpertComm {
     yPerm.set(yLocal.subarray(idFrom, idFrom + (p.offsets[ET]! - p.offsets[E]!) * hidden), p.offsets[E]! * hidden);
     const now = performance.now();
     this.seconds += (now - t0) / 1000;
+    this.blockedMs += now - t0;
     this.busyMs += t0 - p.dispatchedAt;
     this.windowMs += now - p.dispatchedAt;
   }
 
-  takeDelta(): { bytes: number; seconds: number; overlap: number | null } {
+  takeDelta(): CommDelta {
     const r = this.reported;
     const window = this.windowMs - r.windowMs;
+    const seconds = this.seconds - r.seconds;
     const d = {
-      bytes: this.bytesSent - r.bytes, seconds: this.seconds - r.seconds,
+      bytes: this.bytesSent - r.bytes, seconds,
       overlap: window > 0 ? (this.busyMs - r.busyMs) / window : null,
+      hidden: seconds > 0 ? Math.min(1, Math.max(0, 1 - (this.blockedMs - r.blockedMs) / 1000 / seconds)) : null,
     };
-    this.reported = { bytes: this.bytesSent, seconds: this.seconds, busyMs: this.busyMs, windowMs: this.windowMs };
+    this.reported = { bytes: this.bytesSent, seconds: this.seconds, busyMs: this.busyMs, windowMs: this.windowMs, blockedMs: this.blockedMs };
     return d;
+  }
+
+  /**
+   * Benchmarks: every all2allv takes max(bytes out, bytes in) / (GB/s) on the comm thread (0: off).
+   * Set the same on every rank.
+   */
+  setSimulatedLink(GBps: number): void {
+    this.group.setSimulatedLink(GBps * 1e9);
+    this.linkGBps = GBps;
+  }
+
+  /** The planner's view of this link: the simulated bandwidth (or memcpy speed) and the measured per-op latency. */
+  commModel(): CommModel {
+    const latencyMs = this.latencySamples.length ? Math.min(...this.latencySamples) : 0.05;
+    return { bytesPerMs: this.linkGBps > 0 ? this.linkGBps * 1e6 : 1e7, latencyMs };
+  }
+
+  private blocking<T>(fn: () => T): T {
+    const t0 = performance.now();
+    try {
+      return fn();
+    } finally {
+      const ms = performance.now() - t0;
+      this.blockedMs += ms;
+      this.seconds += ms / 1000;
+    }
+  }
+
+  agreeChunks(want: number): number {
+    if (this.worldSize === 1) return want;
+    const recv = new Float64Array(this.worldSize);
+    this.blocking(() => this.group.all2allCounts(new Float64Array(this.worldSize).fill(want), recv));
+    return Math.max(...recv);
+  }
+
+  routeChunks(offsets: Int32Array[]): GroupRoutes {
+    const W = this.worldSize, E = this.numExperts, PN = offsets.length;
+    const [lo, hi] = this.ownedExperts(E);
+    const mine = hi - lo;
+    // Counts of every chunk in one exchange: to rank d, chunk-major, the counts of its experts.
+    const send = new Int32Array(PN * E);
+    const sendBytes = new Float64Array(W), recvBytes = new Float64Array(W).fill(PN * mine * 4);
+    let at = 0;
+    for (let d = 0; d < W; d++) {
+      const [a, b] = expertSlice(E, W, d);
+      for (const off of offsets) for (let e = a; e < b; e++) send[at++] = off[e + 1]! - off[e]!;
+      sendBytes[d] = PN * (b - a) * 4;
+    }
+    const recv = new Int32Array(W * PN * mine);
+    this.blocking(() => this.group.all2allv(bytes(send), sendBytes, bytes(recv), recvBytes));
+    const plans = offsets.map((_, c) => epPlan(Array.from({ length: W }, (_, s) =>
+      recv.subarray((s * PN + c) * mine, (s * PN + c + 1) * mine)), E, lo, hi));
+    const local = offsets.map((off, c) => {
+      const ET = off.length - 1;
+      const l = new Int32Array(ET + 1);
+      l.set(plans[c]!.local);
+      for (let e = E; e < ET; e++) l[e + 1] = l[e]! + off[e + 1]! - off[e]!;
+      return l;
+    });
+    return { chunks: PN, local, plans, offsets: offsets.map((o) => Int32Array.from(o)) };
+  }
+
+  /** Waits for a queued op; its comm-thread time is all2all time, the wait is blocked time. */
+  private waitOp(op: CommOp, modelledMs: number): void {
+    const t0 = performance.now();
+    const s = op.wait(this.waitTimeoutMs);
+    const now = performance.now();
+    this.blockedMs += now - t0;
+    this.seconds += s;
+    this.latencySamples.push(Math.max(0, s * 1000 - modelledMs));
+    if (this.latencySamples.length > 32) this.latencySamples.shift();
+    if (--this.open === 0) {
+      const window = now - this.openedAt;
+      this.windowMs += window;
+      this.busyMs += Math.max(0, window - (this.blockedMs - this.blockedAtOpen));
+    }
+  }
+
+  private queue(send: Uint8Array, sb: Float64Array, recv: Uint8Array, rb: Float64Array): { op: CommOp; modelledMs: number } {
+    if (this.open++ === 0) {
+      this.openedAt = performance.now();
+      this.blockedAtOpen = this.blockedMs;
+    }
+    let out = 0, inb = 0;
+    sb.forEach((v, r) => { if (r !== this.rank) out += v; });
+    rb.forEach((v, r) => { if (r !== this.rank) inb += v; });
+    this.bytesSent += sb.reduce((a, v) => a + v, 0);
+    const op = this.group.all2allvAsync(send, sb, recv, rb);
+    return { op, modelledMs: this.linkGBps > 0 ? Math.max(out, inb) / (this.linkGBps * 1e6) : 0 };
+  }
+
+  dispatchChunk(routes: ChunkRoutes, c: number, xPerm: Float32Array, x: Float32Array, hidden: number): Inflight<void> {
+    const r = routes as GroupRoutes;
+    const plan = r.plans[c]!, off = r.offsets[c]!;
+    const E = this.numExperts, ET = off.length - 1;
+    const rb = rowBytes(off, plan, E, this.worldSize, hidden * 4, 'dispatch');
+    const inbox = new Float32Array(plan.received * hidden); // source-major, expert order within a source
+    const q = this.queue(bytes(xPerm.subarray(0, off[E]! * hidden)), rb.send, bytes(inbox), rb.recv);
+    // This rank's identity-expert rows stay here, after the expert rows.
+    x.set(xPerm.subarray(off[E]! * hidden, off[ET]! * hidden), plan.received * hidden);
+    return {
+      wait: () => {
+        this.waitOp(q.op, q.modelledMs);
+        for (const k of plan.blocks) x.set(inbox.subarray(k.inbox * hidden, (k.inbox + k.rows) * hidden), k.local * hidden);
+      },
+    };
+  }
+
+  combineChunk(routes: ChunkRoutes, c: number, yLocal: Float32Array, yPerm: Float32Array, hidden: number): Inflight<void> {
+    const r = routes as GroupRoutes;
+    const plan = r.plans[c]!, off = r.offsets[c]!;
+    const E = this.numExperts, ET = off.length - 1;
+    const outbox = new Float32Array(plan.received * hidden);
+    for (const k of plan.blocks) outbox.set(yLocal.subarray(k.local * hidden, (k.local + k.rows) * hidden), k.inbox * hidden);
+    const rb = rowBytes(off, plan, E, this.worldSize, hidden * 4, 'combine');
+    const q = this.queue(bytes(outbox), rb.send, bytes(yPerm.subarray(0, off[E]! * hidden)), rb.recv);
+    const idFrom = plan.received * hidden;
+    yPerm.set(yLocal.subarray(idFrom, idFrom + (off[ET]! - off[E]!) * hidden), off[E]! * hidden);
+    return { wait: () => this.waitOp(q.op, q.modelledMs) };
   }
 
   dispose(): void {

@@ -67,22 +67,32 @@ export class EpsPlanner {
   /**
    * counts [E]: rows per expert this step; rowBytes: bytes per dispatched row (hidden * 4).
    * time(PN) = dispatch(chunk 1) + sum_i max(experts(chunk i), comm(chunk i+1)) + combine(last).
+   * With `ranks` (expert parallelism: each rank's expert slice, and which one is this rank) the
+   * experts of a chunk take as long as the slowest rank's share, and only the rows that leave this
+   * rank travel.
    */
-  plan(counts: ArrayLike<number>, rowBytes: number): EpsPlan {
+  plan(counts: ArrayLike<number>, rowBytes: number, ranks?: { slices: [number, number][]; self: number }): EpsPlan {
     const groupMs = this.expertMs('group', counts);
     const denseMs = this.expertMs('dense', counts);
     const kernel: ExpertKernel = this.force ?? (denseMs < groupMs ? 'dense' : 'group');
     if (!this.comm) return { kernel, chunks: 1, groupMs, denseMs, totalMs: kernel === 'group' ? groupMs : denseMs };
     let rows = 0;
     for (let e = 0; e < counts.length; e++) rows += counts[e]!;
+    const slices = ranks?.slices ?? [[0, counts.length] as [number, number]];
+    if (ranks) {
+      const [a, b] = slices[ranks.self]!;
+      for (let e = a; e < b; e++) rows -= counts[e]!;
+    }
+    const parts = slices.map(([a, b]) => Array.prototype.slice.call(counts, a, b) as number[]);
     let best: EpsPlan | null = null;
-    for (let pn = 1; pn <= this.maxChunks; pn *= 2) {
+    for (let pn = 1; pn <= this.maxChunks; pn++) {
       const comm = this.comm.latencyMs + (rows / pn) * rowBytes / this.comm.bytesPerMs;
-      const experts = this.expertMs(kernel, counts, 1 / pn);
+      const experts = Math.max(...parts.map((p) => this.expertMs(kernel, p, 1 / pn)));
       // dispatch of chunk 1, then each chunk's experts overlapped with the next chunk's dispatch
       // and the previous chunk's combine, then the last combine.
       const total = comm + (pn - 1) * Math.max(experts, 2 * comm) + experts + comm;
-      if (!best || total < best.totalMs) best = { kernel, chunks: pn, groupMs, denseMs, totalMs: total };
+      // NOTE: strictly better only: ties keep fewer chunks (fewer collectives, same prediction).
+      if (!best || total < best.totalMs * (1 - 1e-9)) best = { kernel, chunks: pn, groupMs, denseMs, totalMs: total };
     }
     return best!;
   }

@@ -1,13 +1,22 @@
 // The MoE layer as one pipeline:
 //   [Router] -> [trace hook] -> [ensure experts resident] -> [Dispatch] -> [Experts] -> [Combine]
 // plus the shared expert (Qwen2-MoE with its sigmoid gate, DeepSeek) added to the routed output.
+// EPS-MoE: the tokens split into PN chunks; chunk i+1's dispatch and chunk i-1's combine travel on
+// the comm thread while chunk i's expert GEMMs run here, and the shared expert overlaps the first
+// dispatch. Every row's arithmetic is the same for every PN, so outputs do not depend on it.
 import { loadNative, type ExpertTable, type PackedWeight, type RouteOptions } from '../native/index.js';
 import type { Scratch } from '../model/forward-batch.js';
 import type { MoeSpec } from '../model/spec.js';
-import type { ExpertComm } from './comm.js';
-import { denseExpertsFfn, type EpsPlan, type EpsPlanner } from './eps-planner.js';
+import type { ChunkRoutes, ExpertComm, Inflight } from './comm.js';
+import { expertSlice } from './ep-comm.js';
+import { denseExpertsFfn, EpsPlanner, type EpsPlan, type ExpertKernel } from './eps-planner.js';
 
-/** T: the expert table type (ExpertTable on the CPU, CudaExpertTable on a GPU). */
+/** Pipeline chunks per MoE layer: the planner's choice per layer and step, or a fixed count. */
+export type PipelineChunks = 'auto' | number;
+
+/** Most chunks the planner considers. */
+export const MAX_AUTO_CHUNKS = 8;
+
 export interface MoeHooks<T = ExpertTable> {
   /** Called after routing with this layer's choices ([T, k] ids) and counts ([E]). */
   onRouted?(moeLayer: number, ids: Int32Array, counts: Int32Array, tokens: number): void;
@@ -24,14 +33,28 @@ export interface MoeWeights {
   sharedGate: PackedWeight | null;    // [1, H] (Qwen2-MoE)
 }
 
-/** A routed, dispatched batch whose experts and combine have not run yet (see begin/finish). */
+/** A routed batch whose pipeline has started (see begin/compute/finish). */
 export interface MoePending {
   x: Float32Array;
   tokens: number;
-  local: { x: Float32Array; offsets: Int32Array };
+  /** Token bounds of the chunks: chunk c is tokens [bounds[c], bounds[c + 1]). */
+  bounds: number[];
+  routes: ChunkRoutes;
   permIndex: Int32Array;
   weights: Float32Array;
-  offsets: Int32Array;
+  /** [T * k, H]: chunk c's rows at [k * bounds[c], k * bounds[c + 1]). */
+  xPerm: Float32Array;
+  yPerm: Float32Array;
+  /** Per chunk, the rows this rank computes [local[c] rows, H] and their outputs. */
+  xLocal: Float32Array[];
+  yLocal: Float32Array[];
+  dispatches: Inflight<void>[];
+  combines: Inflight<void>[];
+  /** The shared expert's output (computed while the first dispatch travels), gated. */
+  shared: Float32Array | null;
+  computed: boolean;
+  /** finish() has written the output (a second call does nothing). */
+  finished: boolean;
 }
 
 export class MoeLayer {
@@ -41,6 +64,8 @@ export class MoeLayer {
   readonly zeroExperts: number;
   /** EPS-MoE kernel choice; absent = always GroupGemm. */
   planner: EpsPlanner | null = null;
+  /** EPS-MoE chunking: 'auto' = the planner's PN (1 without a planner or a link to hide). */
+  pipelineChunks: PipelineChunks = 'auto';
   /** The plan of the last step (kernel choice, chunks) for metrics. */
   lastPlan: EpsPlan | null = null;
 
@@ -58,12 +83,16 @@ export class MoeLayer {
   /** x [T, H] normalised hidden -> out [T, H] (overwritten); idsOut [T, k] gets the chosen ids. */
   forward(x: Float32Array, T: number, out: Float32Array, scratch: Scratch, fast: boolean,
           hooks: MoeHooks, idsOut: Int32Array): void {
-    this.finish(this.begin(x, T, scratch, hooks, idsOut), out, scratch, fast);
+    const p = this.begin(x, T, scratch, hooks, idsOut);
+    if (this.weights.shared) p.shared = this.sharedFfn(x, T, scratch, fast);
+    this.compute(p, scratch, fast);
+    this.finish(p, out, scratch, fast);
   }
 
   /**
-   * Router -> trace -> residency -> Dispatch. A shortcut-connected (ScMoE) layer calls this early
-   * and runs attention and dense FFNs before finish(), which is where the all2all hides.
+   * Router -> trace -> residency -> chunking -> counts exchange -> first chunk's dispatch queued. A
+   * shortcut-connected (ScMoE) layer calls this early and runs attention and dense FFNs before
+   * compute() and finish(), which is where the all2all hides.
    */
   begin(x: Float32Array, T: number, scratch: Scratch, hooks: MoeHooks, idsOut: Int32Array): MoePending {
     const n = loadNative();
@@ -79,61 +108,140 @@ export class MoeLayer {
     n.route(logits, T, ET, k, this.routeOpts, idsOut, weights, counts);
     hooks.onRouted?.(this.moeIndex, idsOut, counts, T);
     hooks.ensureResident?.(this.moeIndex, counts.subarray(0, E), this.weights.experts);
+    const PN = Math.max(1, this.comm.agreeChunks(this.chooseChunks(counts.subarray(0, E), T)));
+    const bounds = Array.from({ length: PN + 1 }, (_, c) => Math.floor((c * T) / PN));
     const xPerm = scratch.f32('moe.xperm', T * k * H);
     const permIndex = scratch.i32('moe.perm', T * k);
-    const offsets = scratch.i32('moe.offsets', ET + 1);
-    n.permute(x, T, H, idsOut, k, ET, xPerm, permIndex, offsets);
-    const local = this.comm.dispatch(xPerm, offsets, H);
-    return { x, tokens: T, local, permIndex, weights, offsets };
+    const offsets = bounds.slice(0, PN).map((a, c) => {
+      const b = bounds[c + 1]!;
+      const off = new Int32Array(ET + 1);
+      if (b > a) {
+        n.permute(x.subarray(a * H, b * H), b - a, H, idsOut.subarray(a * k, b * k), k, ET,
+          xPerm.subarray(a * k * H, b * k * H), permIndex.subarray(a * k, b * k), off);
+      }
+      return off;
+    });
+    return this.start(x, T, bounds, offsets, xPerm, permIndex, weights, scratch);
   }
 
-  /** Experts (one grouped GEMM over every expert with rows) -> Combine (+ shared expert). */
+  /** The counts exchange, buffers, and the first chunk's dispatch. */
+  private start(x: Float32Array, T: number, bounds: number[], offsets: Int32Array[], xPerm: Float32Array,
+                permIndex: Int32Array, weights: Float32Array, scratch: Scratch): MoePending {
+    const H = this.hidden, k = this.spec.router.topK;
+    const routes = this.comm.routeChunks(offsets);
+    const rows = routes.local.map((l) => l.at(-1)!);
+    const total = rows.reduce((a, v) => a + v, 0);
+    const xAll = scratch.f32('moe.xlocal', total * H), yAll = scratch.f32('moe.ylocal', total * H);
+    const xLocal: Float32Array[] = [], yLocal: Float32Array[] = [];
+    let at = 0;
+    for (const r of rows) {
+      xLocal.push(xAll.subarray(at * H, (at + r) * H));
+      yLocal.push(yAll.subarray(at * H, (at + r) * H));
+      at += r;
+    }
+    const p: MoePending = {
+      x, tokens: T, bounds, routes, permIndex, weights, xPerm, yPerm: scratch.f32('moe.yperm', T * k * H),
+      xLocal, yLocal, dispatches: [], combines: [], shared: null, computed: false, finished: false,
+    };
+    p.dispatches.push(this.comm.dispatchChunk(routes, 0, this.chunkRows(p, p.xPerm, 0), xLocal[0]!, H));
+    return p;
+  }
+
+  /** Chunk c's rows of a [T * k, H] buffer. */
+  private chunkRows(p: MoePending, buf: Float32Array, c: number): Float32Array {
+    const H = this.hidden, k = this.spec.router.topK;
+    return buf.subarray(k * p.bounds[c]! * H, k * p.bounds[c + 1]! * H);
+  }
+
+  /** This rank's wish for PN: forced, else the planner's on this step's routed counts and the link. */
+  private chooseChunks(counts: Int32Array, T: number): number {
+    if (this.pipelineChunks !== 'auto') return this.pipelineChunks;
+    const model = this.comm.commModel?.();
+    if (!this.planner || !model || this.comm.worldSize === 1 || T === 0) return 1;
+    const W = this.comm.worldSize;
+    const slices = Array.from({ length: W }, (_, r) => expertSlice(this.numExperts, W, r));
+    const planner = new EpsPlanner(this.planner.table, model, this.planner.force, MAX_AUTO_CHUNKS);
+    return Math.min(T, planner.plan(counts, this.hidden * 4, { slices, self: this.comm.rank }).chunks);
+  }
+
+  /**
+   * The pipeline proper: for each chunk, queue the next chunk's dispatch, wait for this one's rows,
+   * run their expert GEMMs, queue their combine. One kernel for every chunk (chosen on the whole
+   * step's local load), so that the kernel does not depend on PN either.
+   */
+  compute(p: MoePending, scratch: Scratch, fast: boolean): void {
+    if (p.computed) return;
+    p.computed = true;
+    const n = loadNative();
+    const H = this.hidden, E = this.numExperts, ET = E + this.zeroExperts;
+    const { routes } = p;
+    const PN = routes.chunks;
+    let kernel: ExpertKernel = 'group';
+    const counts = scratch.i32('moe.localcounts', E);
+    counts.fill(0);
+    for (const l of routes.local) for (let e = 0; e < E; e++) counts[e] = counts[e]! + l[e + 1]! - l[e]!;
+    if (this.planner) {
+      this.lastPlan = { ...this.planner.plan(counts, H * 4), chunks: PN };
+      kernel = this.lastPlan.kernel;
+    } else {
+      this.lastPlan = { kernel, chunks: PN, groupMs: 0, denseMs: 0, totalMs: 0 };
+    }
+    let maxRows = 0;
+    for (const l of routes.local) for (let e = 0; e < E; e++) maxRows = Math.max(maxRows, l[e + 1]! - l[e]!);
+    for (let c = 0; c < PN; c++) {
+      if (c + 1 < PN) p.dispatches.push(this.comm.dispatchChunk(routes, c + 1, this.chunkRows(p, p.xPerm, c + 1), p.xLocal[c + 1]!, H));
+      p.dispatches[c]!.wait();
+      const x = p.xLocal[c]!, y = p.yLocal[c]!, local = routes.local[c]!;
+      // Expert-contiguous order puts identity experts' rows last: [local[E], local[E+Z]).
+      const offsets = local.subarray(0, E + 1);
+      if (kernel === 'dense') {
+        denseExpertsFfn(x, offsets, this.weights.experts, H, this.spec.intermediate, y, fast,
+          scratch.f32('moe.dense', 3 * this.spec.intermediate * Math.max(1, maxRows)));
+      } else {
+        n.groupGemmFfn(x, offsets, this.weights.experts, y, fast);
+      }
+      if (ET > E) y.set(x.subarray(local[E]! * H, local[ET]! * H), local[E]! * H);
+      p.combines.push(this.comm.combineChunk(routes, c, y, this.chunkRows(p, p.yPerm, c), H));
+    }
+  }
+
+  /** Waits for each chunk's combine and sums its tokens' k outputs (+ the shared expert). */
   finish(p: MoePending, out: Float32Array, scratch: Scratch, fast: boolean): void {
     const n = loadNative();
-    const H = this.hidden;
-    const E = this.numExperts;
-    const k = this.spec.router.topK;
-    const T = p.tokens;
-    const yLocal = scratch.f32('moe.ylocal', p.local.x.length);
-    // Expert-contiguous order puts identity experts' rows last: [offsets[E], offsets[E+Z]).
-    const offsets = p.local.offsets.subarray(0, E + 1);
-    let kernel: 'group' | 'dense' = 'group';
-    if (this.planner) {
-      const counts = scratch.i32('moe.localcounts', E);
-      for (let e = 0; e < E; e++) counts[e] = offsets[e + 1]! - offsets[e]!;
-      this.lastPlan = this.planner.plan(counts, H * 4);
-      kernel = this.lastPlan.kernel;
+    const H = this.hidden, k = this.spec.router.topK;
+    if (p.finished) return;
+    p.finished = true;
+    this.compute(p, scratch, fast);
+    for (let c = 0; c < p.routes.chunks; c++) {
+      p.combines[c]!.wait();
+      const a = p.bounds[c]!, b = p.bounds[c + 1]!;
+      if (b > a) {
+        n.unpermuteCombine(this.chunkRows(p, p.yPerm, c), p.permIndex.subarray(a * k, b * k),
+          p.weights.subarray(a * k, b * k), b - a, k, H, out.subarray(a * H, b * H), false);
+      }
     }
-    if (kernel === 'dense') {
-      denseExpertsFfn(p.local.x, offsets, this.weights.experts, H, this.spec.intermediate, yLocal, fast,
-        scratch.f32('moe.dense', 3 * this.spec.intermediate * Math.max(1, T * k)));
-    } else {
-      n.groupGemmFfn(p.local.x, offsets, this.weights.experts, yLocal, fast);
+    if (this.weights.shared) {
+      const y = p.shared ?? this.sharedFfn(p.x, p.tokens, scratch, fast);
+      for (let i = 0; i < p.tokens * H; i++) out[i] = out[i]! + y[i]!;
     }
-    if (this.zeroExperts > 0) {
-      const end = p.local.offsets[E + this.zeroExperts]!;
-      yLocal.set(p.local.x.subarray(p.local.offsets[E]! * H, end * H), p.local.offsets[E]! * H);
-    }
-    const yPerm = scratch.f32('moe.yperm', T * k * H);
-    this.comm.combine(yLocal, yPerm, H);
-    n.unpermuteCombine(yPerm, p.permIndex, p.weights, T, k, H, out, false);
-    if (this.weights.shared) this.addShared(p.x, T, out, scratch, fast);
-  }
-  /**
-   * An expert rank's part of this layer (expert parallelism): no tokens of its own, it computes the
-   * rows other ranks route to its experts and sends the results back.
-   */
-  serveRemote(scratch: Scratch, fast: boolean): void {
-    const n = loadNative();
-    const E = this.numExperts;
-    const empty = new Float32Array(0);
-    const local = this.comm.dispatch(empty, new Int32Array(E + this.zeroExperts + 1), this.hidden);
-    const yLocal = scratch.f32('moe.ylocal', local.x.length);
-    n.groupGemmFfn(local.x, local.offsets.subarray(0, E + 1), this.weights.experts, yLocal, fast);
-    this.comm.combine(yLocal, empty, this.hidden);
   }
 
-  private addShared(x: Float32Array, T: number, out: Float32Array, scratch: Scratch, fast: boolean): void {
+  /**
+   * An expert rank's part of this layer (expert parallelism): no tokens of its own, it computes the
+   * rows other ranks route to its experts, chunk by chunk, and sends the results back.
+   */
+  serveRemote(scratch: Scratch, fast: boolean): void {
+    const ET = this.numExperts + this.zeroExperts;
+    const PN = Math.max(1, this.comm.agreeChunks(0));
+    const empty = new Float32Array(0);
+    const p = this.start(empty, 0, new Array<number>(PN + 1).fill(0),
+      Array.from({ length: PN }, () => new Int32Array(ET + 1)), empty, new Int32Array(0), empty, scratch);
+    this.compute(p, scratch, fast);
+    for (const c of p.combines) c.wait();
+  }
+
+  /** The shared expert on all T tokens, times its sigmoid gate (Qwen2-MoE): [T, H]. */
+  private sharedFfn(x: Float32Array, T: number, scratch: Scratch, fast: boolean): Float32Array {
     const n = loadNative();
     const H = this.hidden;
     const offsets = scratch.i32('moe.shared.offsets', 2);
@@ -146,11 +254,10 @@ export class MoeLayer {
       n.denseGemm(x, T, this.weights.sharedGate, g, null, false, false);
       for (let t = 0; t < T; t++) {
         const s = 1 / (1 + Math.exp(-g[t]!));
-        for (let i = t * H; i < (t + 1) * H; i++) out[i] = out[i]! + s * y[i]!;
+        for (let i = t * H; i < (t + 1) * H; i++) y[i] = s * y[i]!;
       }
-    } else {
-      for (let i = 0; i < T * H; i++) out[i] = out[i]! + y[i]!;
     }
+    return y;
   }
 
   dispose(): void {

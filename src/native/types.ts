@@ -92,7 +92,24 @@ export interface CommGroup {
   /** Exchange one value per peer: recv[r] = value this rank's index of rank r's send. */
   all2allCounts(send: Float64Array, recv: Float64Array): void;
   barrier(): void;
+  /**
+   * all2allv on the group's comm thread, after every collective queued before it (blocking ones
+   * included); returns at once. send and recv must not be touched until the op is done.
+   */
+  all2allvAsync(send: Uint8Array, sendBytes: Float64Array, recv: Uint8Array, recvBytes: Float64Array): CommOp;
+  /**
+   * Benchmarks: every later all2allv also takes max(bytes to peers, bytes from peers) / bytesPerSecond,
+   * slept on the thread that runs it (0: off).
+   */
+  setSimulatedLink(bytesPerSecond: number): void;
   dispose(): void;
+}
+
+/** A queued collective (CommGroup.all2allvAsync). */
+export interface CommOp {
+  /** Blocks until the op finished (throws its error, or after timeoutMs); seconds it took on the comm thread. */
+  wait(timeoutMs: number): number;
+  done(): boolean;
 }
 
 // --- CUDA (full build with EXPERTD_WITH_CUDA only; absent from the portable addon) ---------------

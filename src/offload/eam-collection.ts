@@ -9,6 +9,8 @@ import { ExpertActivationMatrix, unitRows } from './eam.js';
 export const DEFAULT_EAM_CAPACITY = 1000;
 export const EAM_COLLECTION_FILE = 'eam-collection.bin';
 const MAGIC = 'EXPEAM01';
+/** Distinguishes the temporary files of overlapping asynchronous saves. */
+let saveSeq = 0;
 
 export interface EamEntry {
   eam: ExpertActivationMatrix;
@@ -78,10 +80,8 @@ export class EamCollection {
     if (e) e.matches++;
   }
 
-  /** Writes the collection atomically (temporary file + rename) to dir/eam-collection.bin. */
-  save(dir: string): string {
-    fs.mkdirSync(dir, { recursive: true });
-    const file = path.join(dir, EAM_COLLECTION_FILE);
+  /** The collection file's bytes (header and f32 data). */
+  serialize(): Buffer {
     // NOTE: entries are written in insertion order so that a reload keeps the replacement ties.
     const ordered = [...this.entries].sort((a, b) => a.seq - b.seq);
     const header: FileHeader = {
@@ -100,9 +100,30 @@ export class EamCollection {
     const data = new Float32Array(LE * ordered.length);
     ordered.forEach((e, i) => data.set(e.eam.counts, i * LE));
     Buffer.from(data.buffer).copy(buf, headBytes + pad);
+    return buf;
+  }
+
+  /** Writes the collection atomically (temporary file + rename) to dir/eam-collection.bin. */
+  save(dir: string): string {
+    fs.mkdirSync(dir, { recursive: true });
+    const file = path.join(dir, EAM_COLLECTION_FILE);
     const tmp = `${file}.tmp-${process.pid}`;
-    fs.writeFileSync(tmp, buf);
+    fs.writeFileSync(tmp, this.serialize());
     fs.renameSync(tmp, file);
+    return file;
+  }
+
+  /**
+   * save() without blocking the thread on the disk (the engine thread saves now and then): the
+   * bytes are taken at the call, so later changes do not tear the file.
+   */
+  async saveAsync(dir: string): Promise<string> {
+    const buf = this.serialize();
+    await fs.promises.mkdir(dir, { recursive: true });
+    const file = path.join(dir, EAM_COLLECTION_FILE);
+    const tmp = `${file}.tmp-${process.pid}-${++saveSeq}`;
+    await fs.promises.writeFile(tmp, buf);
+    await fs.promises.rename(tmp, file);
     return file;
   }
 

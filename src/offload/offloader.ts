@@ -12,7 +12,8 @@ import { ExpertCache, slotsFor, type EvictionPolicy } from './expert-cache.js';
 import type { ExpertStore, SlotWeights } from './expert-store.js';
 import { planPrefetch } from './prefetcher.js';
 import { ActivationTracker, type BatchCombine, type StepRows } from './predictor.js';
-import { sparseCounts, TraceWriter, type TraceRequestStep } from './trace-file.js';
+import { sparseCounts, type TraceRequestStep } from './trace-file.js';
+import { TraceWriter, type TraceCounts, type TraceWriterOptions } from './trace-writer.js';
 
 export interface OffloaderOptions {
   numLayers: number;  // MoE layers
@@ -43,6 +44,8 @@ export interface OffloaderOptions {
   modelId?: string;
   /** Finished requests' EAMs kept at most (--eam-capacity, default 1000). */
   eamCapacity?: number;
+  /** The trace writer's bounds, sampling and warnings (--trace-max-file-mb, --trace-max-files, --trace-sample). */
+  trace?: TraceWriterOptions;
 }
 
 /** What the metrics registry's recordExpertCache takes (an interval's increments). */
@@ -94,6 +97,7 @@ export class Offloader<W extends { dispose(): void } = PackedWeight> implements 
   private readonly windowBytes: number;
   private readonly trace: TraceWriter | null;
   private stepIndex = 0;
+  private saving: Promise<void> | null = null;
   private stepRows: StepRows[] = [];
   /** [requests in step] per-request [L, E] counts of the step being traced. */
   private stepCounts: Float32Array[] = [];
@@ -125,7 +129,7 @@ export class Offloader<W extends { dispose(): void } = PackedWeight> implements 
     this.prefetch = opts.prefetch ?? (opts.policy === 'eam' && store.overlapsCompute);
     this.windowBytes = opts.prefetchWindowBytes ?? 2 * opts.topK * store.expertBytes;
     this.trace = opts.traceDir
-      ? new TraceWriter(opts.traceDir, { numLayers: L, numExperts: E, topK: opts.topK, model: opts.modelId ?? `${L}x${E}` })
+      ? new TraceWriter(opts.traceDir, { numLayers: L, numExperts: E, topK: opts.topK, model: opts.modelId ?? `${L}x${E}` }, opts.trace)
       : null;
   }
 
@@ -337,10 +341,35 @@ export class Offloader<W extends { dispose(): void } = PackedWeight> implements 
     return d;
   }
 
-  /** Persists the EAM collection and flushes the trace (call on shutdown and now and then). */
-  save(): void {
-    this.trace?.flush();
-    if (this.opts.traceDir) this.collection.save(this.opts.traceDir);
+  /** Trace records written and dropped since the last call (null: no trace). */
+  takeTraceDelta(): TraceCounts | null {
+    return this.trace?.takeDelta() ?? null;
+  }
+
+  /** The trace writer (null without --trace-dir). */
+  get traceWriter(): TraceWriter | null {
+    return this.trace;
+  }
+
+  /**
+   * Persists the EAM collection and waits for the trace queued so far (now and then, off the
+   * step path: the collection is serialised here and written asynchronously). A save still
+   * running makes this one a no-op.
+   */
+  async save(): Promise<void> {
+    if (this.saving) return this.saving;
+    this.saving = (async () => {
+      await this.trace?.flush();
+      if (this.opts.traceDir) await this.collection.saveAsync(this.opts.traceDir);
+    })().finally(() => { this.saving = null; });
+    return this.saving;
+  }
+
+  /** On shutdown: writes what the trace has queued (at most timeoutMs) and saves the collection. */
+  async close(timeoutMs = 5000): Promise<void> {
+    await this.saving?.catch(() => undefined);
+    await this.trace?.close(timeoutMs);
+    if (this.opts.traceDir) await this.collection.saveAsync(this.opts.traceDir);
   }
 
   dispose(): void {

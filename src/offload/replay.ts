@@ -7,7 +7,7 @@ import { EamCollection } from './eam-collection.js';
 import { slotsFor, type EvictionPolicy } from './expert-cache.js';
 import type { ExpertStore } from './expert-store.js';
 import { Offloader } from './offloader.js';
-import type { Trace } from './trace-file.js';
+import type { Trace, TraceMeta, TraceStep } from './trace-file.js';
 
 export type ReplayPolicy = EvictionPolicy | 'belady';
 export const REPLAY_POLICIES: readonly ReplayPolicy[] = ['eam', 'lru', 'lfu', 'belady'];
@@ -76,13 +76,19 @@ function layerIds(req: { layers: number[][] }, layer: number): number[] {
   return out;
 }
 
-export function replay(trace: Trace, opts: ReplayOptions): ReplayResult {
+/** A replay fed one step at a time (the CLI streams a trace from disk through it). */
+export interface StepReplayer {
+  step(st: TraceStep): void;
+  result(): ReplayResult;
+}
+
+/** The live Offloader under 'eam', 'lru' or 'lfu' on a weightless store, fed step by step. */
+export function offloaderReplayer(meta: TraceMeta, opts: ReplayOptions & { policy: EvictionPolicy }): StepReplayer {
   if (!(opts.capacity > 0 && opts.capacity <= 1)) throw new RangeError(`capacity is ${opts.capacity}, expected a fraction in (0, 1]`);
-  if (opts.policy === 'belady') return replayBelady(trace, opts.capacity);
-  const { numLayers: L, numExperts: E } = trace.meta;
+  const { numLayers: L, numExperts: E } = meta;
   const collection = opts.collection ?? new EamCollection(L, E, opts.collectionCapacity);
   const off = new Offloader(new NullStore(), {
-    numLayers: L, numExperts: E, topK: trace.meta.topK, policy: opts.policy, fraction: opts.capacity,
+    numLayers: L, numExperts: E, topK: meta.topK, policy: opts.policy, fraction: opts.capacity,
     prefetch: opts.prefetch ?? false, collection,
     ...(opts.prefetchWindowExperts !== undefined ? { prefetchWindowBytes: opts.prefetchWindowExperts } : {}),
     ...(opts.prefetchMinProbability !== undefined ? { prefetchMinProbability: opts.prefetchMinProbability } : {}),
@@ -90,10 +96,10 @@ export function replay(trace: Trace, opts: ReplayOptions): ReplayResult {
   const tables = Array.from({ length: L }, () => new NullTable(E));
   off.attachTables(tables);
   let accesses = 0;
-  for (const step of trace.steps) {
+  const step = (st: TraceStep): void => {
     // Each routed (token, expert) pair becomes one row with k = 1: the EAM counts are the same.
-    const perReq = step.requests.map((r) => Array.from({ length: L }, (_, l) => layerIds(r, l)));
-    off.beginStep(step.requests.map((r, i) => ({ id: r.id, rows: Math.max(...perReq[i]!.map((x) => x.length), 0) })));
+    const perReq = st.requests.map((r) => Array.from({ length: L }, (_, l) => layerIds(r, l)));
+    off.beginStep(st.requests.map((r, i) => ({ id: r.id, rows: Math.max(...perReq[i]!.map((x) => x.length), 0) })));
     for (let l = 0; l < L; l++) {
       const rowsPerReq = perReq.map((p) => Math.max(...p.map((x) => x.length), 0));
       const T = rowsPerReq.reduce((a, b) => a + b, 0);
@@ -112,76 +118,141 @@ export function replay(trace: Trace, opts: ReplayOptions): ReplayResult {
       }
     }
     off.endStep();
-    for (const id of step.finished ?? []) off.finishRequest(id);
-  }
-  const st = off.stats();
-  return {
-    policy: opts.policy, prefetch: opts.prefetch ?? false, slots: st.slots, totalExperts: st.totalExperts,
-    accesses, hits: st.hits, misses: st.misses, hitRate: accesses ? st.hits / accesses : 0,
-    loads: st.demandLoads + st.prefetchLoads, prefetchUsed: st.prefetchUsed, prefetchWasted: st.prefetchWasted,
-    layerHitRate: st.layerHitRate,
+    for (const id of st.finished ?? []) off.finishRequest(id);
   };
+  const result = (): ReplayResult => {
+    const st = off.stats();
+    return {
+      policy: opts.policy, prefetch: opts.prefetch ?? false, slots: st.slots, totalExperts: st.totalExperts,
+      accesses, hits: st.hits, misses: st.misses, hitRate: accesses ? st.hits / accesses : 0,
+      loads: st.demandLoads + st.prefetchLoads, prefetchUsed: st.prefetchUsed, prefetchWasted: st.prefetchWasted,
+      layerHitRate: st.layerHitRate,
+    };
+  };
+  return { step, result };
 }
 
-/** The trace as a sequence of layer visits, each the set of experts it needs. */
-function layerVisits(trace: Trace): { layer: number; experts: number[] }[] {
-  const { numLayers: L } = trace.meta;
-  const visits: { layer: number; experts: number[] }[] = [];
-  for (const step of trace.steps) {
-    for (let l = 0; l < L; l++) {
-      const set = new Set<number>();
-      for (const r of step.requests) {
-        const row = r.layers[l] ?? [];
-        for (let i = 0; i < row.length; i += 2) if (row[i + 1]! > 0) set.add(row[i]!);
-      }
-      visits.push({ layer: l, experts: [...set].sort((a, b) => a - b) });
-    }
-  }
-  return visits;
+export function replay(trace: Trace, opts: ReplayOptions): ReplayResult {
+  if (opts.policy === 'belady') return replayBelady(trace, opts.capacity);
+  const r = offloaderReplayer(trace.meta, { ...opts, policy: opts.policy });
+  for (const st of trace.steps) r.step(st);
+  return r.result();
 }
 
-/** Belady's MIN on layer visits: on a miss, evict the unneeded resident used farthest in the future. */
-export function replayBelady(trace: Trace, capacity: number): ReplayResult {
-  const { numLayers: L, numExperts: E } = trace.meta;
-  const slots = slotsFor({ numLayers: L, numExperts: E, expertBytes: 1, fraction: capacity });
-  const visits = layerVisits(trace);
-  // next[v][j]: index of the next visit that needs visits[v].experts[j] again (Infinity: never).
-  const nextOf = new Float64Array(L * E).fill(Infinity);
-  const next: Float64Array[] = new Array(visits.length);
-  for (let v = visits.length - 1; v >= 0; v--) {
-    const { layer, experts } = visits[v]!;
-    next[v] = Float64Array.from(experts, (e) => nextOf[layer * E + e]!);
-    for (const e of experts) nextOf[layer * E + e] = v;
+/** The experts a step's layer visit needs, ascending. */
+function visitExperts(st: TraceStep, l: number): number[] {
+  const set = new Set<number>();
+  for (const r of st.requests) {
+    const row = r.layers[l] ?? [];
+    for (let i = 0; i < row.length; i += 2) if (row[i + 1]! > 0) set.add(row[i]!);
   }
-  const resident = new Map<number, number>(); // key -> next use
-  const hits = new Float64Array(L);
-  const misses = new Float64Array(L);
-  let accesses = 0;
-  for (let v = 0; v < visits.length; v++) {
-    const { layer, experts } = visits[v]!;
-    const need = new Set(experts.map((e) => layer * E + e));
-    experts.forEach((e, j) => {
-      const key = layer * E + e;
-      accesses++;
-      if (resident.has(key)) {
-        hits[layer]!++;
-      } else {
-        misses[layer]!++;
-        if (resident.size >= slots) {
-          let victim = -1;
-          let far = -1;
-          for (const [k, nu] of resident) if (!need.has(k) && nu > far) { far = nu; victim = k; }
-          resident.delete(victim);
+  return [...set].sort((a, b) => a - b);
+}
+
+/**
+ * Belady's MIN on layer visits (one per step and MoE layer): on a miss, evict the unneeded
+ * resident expert used farthest in the future. Offline, so two passes over the trace: observe()
+ * every step first (it keeps, per expert, the visits that use it: 4 bytes per access, refused past
+ * maxAccesses), then step() every step again.
+ */
+export class BeladyReplayer implements StepReplayer {
+  readonly slots: number;
+  private readonly L: number;
+  private readonly E: number;
+  /** [L * E] visit indices that use each (layer, expert), ascending, and how many. */
+  private readonly uses: Int32Array[];
+  private readonly useCount: Int32Array;
+  private readonly cursor: Int32Array;
+  private observedVisits = 0;
+  private observedAccesses = 0;
+  /** Set when observe() passed maxAccesses: the index was freed and there is no result. */
+  overLimit = false;
+  private visit = 0;
+  private readonly resident = new Map<number, number>(); // key -> next use
+  private readonly hits: Float64Array;
+  private readonly misses: Float64Array;
+  private accesses = 0;
+
+  constructor(meta: TraceMeta, capacity: number, readonly maxAccesses = Infinity) {
+    if (!(capacity > 0 && capacity <= 1)) throw new RangeError(`capacity is ${capacity}, expected a fraction in (0, 1]`);
+    this.L = meta.numLayers;
+    this.E = meta.numExperts;
+    this.slots = slotsFor({ numLayers: this.L, numExperts: this.E, expertBytes: 1, fraction: capacity });
+    this.uses = Array.from({ length: this.L * this.E }, () => new Int32Array(4));
+    this.useCount = new Int32Array(this.L * this.E);
+    this.cursor = new Int32Array(this.L * this.E);
+    this.hits = new Float64Array(this.L);
+    this.misses = new Float64Array(this.L);
+  }
+
+  /** Pass 1: records which experts each of the step's layer visits needs. */
+  observe(st: TraceStep): void {
+    if (this.overLimit) return;
+    for (let l = 0; l < this.L; l++, this.observedVisits++) {
+      for (const e of visitExperts(st, l)) {
+        const key = l * this.E + e;
+        let a = this.uses[key]!;
+        const n = this.useCount[key]!;
+        if (n === a.length) {
+          const b = new Int32Array(a.length * 2);
+          b.set(a);
+          this.uses[key] = a = b;
+        }
+        a[n] = this.observedVisits;
+        this.useCount[key] = n + 1;
+        if (++this.observedAccesses > this.maxAccesses) {
+          this.overLimit = true;
+          this.uses.fill(new Int32Array(0));
+          return;
         }
       }
-      resident.set(key, next[v]![j]!);
-    });
+    }
   }
-  const h = hits.reduce((a, b) => a + b, 0);
-  const m = misses.reduce((a, b) => a + b, 0);
-  return {
-    policy: 'belady', prefetch: false, slots, totalExperts: L * E, accesses, hits: h, misses: m,
-    hitRate: accesses ? h / accesses : 0, loads: m, prefetchUsed: 0, prefetchWasted: 0,
-    layerHitRate: Array.from(hits, (x, l) => (x + misses[l]! > 0 ? x / (x + misses[l]!) : NaN)),
-  };
+
+  /** Pass 2: simulates the step's layer visits (after every step was observed). */
+  step(st: TraceStep): void {
+    if (this.overLimit) throw new Error(`belady: the trace has more than ${this.maxAccesses} expert accesses`);
+    const { E } = this;
+    for (let l = 0; l < this.L; l++, this.visit++) {
+      const experts = visitExperts(st, l);
+      const need = new Set(experts.map((e) => l * E + e));
+      for (const e of experts) {
+        const key = l * E + e;
+        // This visit is uses[key][cursor]; the next use follows it.
+        const c = ++this.cursor[key]!;
+        const nextUse = c < this.useCount[key]! ? this.uses[key]![c]! : Infinity;
+        this.accesses++;
+        if (this.resident.has(key)) {
+          this.hits[l]!++;
+        } else {
+          this.misses[l]!++;
+          if (this.resident.size >= this.slots) {
+            let victim = -1;
+            let far = -1;
+            for (const [k, nu] of this.resident) if (!need.has(k) && nu > far) { far = nu; victim = k; }
+            this.resident.delete(victim);
+          }
+        }
+        this.resident.set(key, nextUse);
+      }
+    }
+  }
+
+  result(): ReplayResult {
+    const h = this.hits.reduce((a, b) => a + b, 0);
+    const m = this.misses.reduce((a, b) => a + b, 0);
+    return {
+      policy: 'belady', prefetch: false, slots: this.slots, totalExperts: this.L * this.E, accesses: this.accesses, hits: h, misses: m,
+      hitRate: this.accesses ? h / this.accesses : 0, loads: m, prefetchUsed: 0, prefetchWasted: 0,
+      layerHitRate: Array.from(this.hits, (x, l) => (x + this.misses[l]! > 0 ? x / (x + this.misses[l]!) : NaN)),
+    };
+  }
+}
+
+/** Belady's MIN on an in-memory trace. */
+export function replayBelady(trace: Trace, capacity: number): ReplayResult {
+  const b = new BeladyReplayer(trace.meta, capacity);
+  for (const st of trace.steps) b.observe(st);
+  for (const st of trace.steps) b.step(st);
+  return b.result();
 }

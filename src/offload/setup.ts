@@ -22,6 +22,11 @@ export interface OffloadConfig {
   prefetchMinProbability?: number;
   combine?: BatchCombine;
   traceDir?: string;
+  /** Trace files: rotate before this size (--trace-max-file-mb), keep the newest N (--trace-max-files). */
+  traceMaxFileBytes?: number;
+  traceMaxFiles?: number;
+  /** Fraction of requests traced (--trace-sample). */
+  traceSample?: number;
   eamCapacity?: number;
   /**
    * Load experts on the native copy thread (default true), so that prefetching overlaps compute;
@@ -41,11 +46,16 @@ export function offloadModelId(spec: ModelSpec): string {
   return `${spec.modelType}:${moeLayers}x${spec.moe.numExperts}:h${spec.hidden}:i${spec.moe.intermediate}`;
 }
 
-export function attachOffloader(loaded: LoadedModel, cfg: OffloadConfig): Offloader {
+/** What the offloader reports outside the numbers (the trace writer's drops); the worker logs it. */
+export interface OffloadHooks {
+  warn?: (msg: string) => void;
+}
+
+export function attachOffloader(loaded: LoadedModel, cfg: OffloadConfig, hooks: OffloadHooks = {}): Offloader {
   const { spec, model, checkpoint } = loaded;
   let store: ExpertStore = new CheckpointExpertStore(checkpoint, spec, { copyThread: cfg.copyThread ?? true });
   if (cfg.simulatedLink) store = new SimulatedLinkStore(store, cfg.simulatedLink.gbps, cfg.simulatedLink.latencyUs);
-  const off = new Offloader(store, offloaderOptions(spec, model.moeLayers.length, cfg));
+  const off = new Offloader(store, offloaderOptions(spec, model.moeLayers.length, cfg, hooks));
   off.attach(model);
   return off;
 }
@@ -54,19 +64,19 @@ export function attachOffloader(loaded: LoadedModel, cfg: OffloadConfig): Offloa
  * The device expert cache (MoE-Infinity on a GPU): a CudaModel loaded with `loadExperts: false`, every
  * routed expert in pinned host memory, `cfg`'s budget of device slots filled on a copy stream.
  */
-export function attachDeviceOffloader(loaded: LoadedModel<CudaModel>, cfg: OffloadConfig, cuda?: CudaAddon):
-    Offloader<CudaBuffer> {
+export function attachDeviceOffloader(loaded: LoadedModel<CudaModel>, cfg: OffloadConfig, cuda?: CudaAddon,
+    hooks: OffloadHooks = {}): Offloader<CudaBuffer> {
   const { spec, model, checkpoint } = loaded;
   const cu = cuda ?? (loadNative() as unknown as CudaAddon);
   const store = new PinnedExpertStore(cu, spec, new CheckpointSource(checkpoint));
   store.computeStreams = model.computeStreams();
-  const off = new Offloader<CudaBuffer>(store, offloaderOptions(spec, model.numMoeLayers, cfg));
+  const off = new Offloader<CudaBuffer>(store, offloaderOptions(spec, model.numMoeLayers, cfg, hooks));
   off.attachTables(model.expertTables());
   model.hooks = off;
   return off;
 }
 
-function offloaderOptions(spec: ModelSpec, numLayers: number, cfg: OffloadConfig) {
+function offloaderOptions(spec: ModelSpec, numLayers: number, cfg: OffloadConfig, hooks: OffloadHooks) {
   return {
     numLayers, numExperts: spec.moe.numExperts, topK: spec.moe.router.topK,
     policy: cfg.policy, modelId: offloadModelId(spec),
@@ -77,6 +87,12 @@ function offloaderOptions(spec: ModelSpec, numLayers: number, cfg: OffloadConfig
     ...(cfg.prefetchMinProbability !== undefined ? { prefetchMinProbability: cfg.prefetchMinProbability } : {}),
     ...(cfg.combine !== undefined ? { combine: cfg.combine } : {}),
     ...(cfg.traceDir ? { traceDir: cfg.traceDir } : {}),
+    trace: {
+      ...(cfg.traceMaxFileBytes !== undefined ? { maxFileBytes: cfg.traceMaxFileBytes } : {}),
+      ...(cfg.traceMaxFiles !== undefined ? { maxFiles: cfg.traceMaxFiles } : {}),
+      ...(cfg.traceSample !== undefined ? { sampleRate: cfg.traceSample } : {}),
+      ...(hooks.warn ? { warn: hooks.warn } : {}),
+    },
     ...(cfg.eamCapacity ? { eamCapacity: cfg.eamCapacity } : {}),
   };
 }

@@ -1,11 +1,14 @@
-// The routing trace on disk (the --trace-dir folder): trace-meta.json (model shape) and
-// trace.jsonl, one line per engine step with each request's per-layer expert counts and the
-// requests that finished after it. Replay, summaries and heatmaps read it back.
+// The routing trace on disk (the --trace-dir folder): trace-meta.json (model shape) and a rotated
+// set of trace-NNNNNN.jsonl files, one line per engine step with each request's per-layer expert
+// counts and the requests that finished after it. Readers stream the set, oldest file first.
 import fs from 'node:fs';
 import path from 'node:path';
+import readline from 'node:readline';
 
+/** The single file of traces written before rotation; read as the oldest file of the set. */
 export const TRACE_FILE = 'trace.jsonl';
 export const TRACE_META_FILE = 'trace-meta.json';
+const TRACE_FILE_RE = /^trace-(\d{6,})\.jsonl$/;
 
 export interface TraceMeta {
   numLayers: number;  // MoE layers
@@ -32,59 +35,90 @@ export interface Trace {
   steps: TraceStep[];
 }
 
-/** Appends steps to dir/trace.jsonl, buffered (flushed every `flushEvery` steps and on flush()). */
-export class TraceWriter {
-  private readonly file: string;
-  private buffered: string[] = [];
+/** Name of the index-th file of a rotated set (indices only grow, so names sort oldest first). */
+export function traceFileName(index: number): string {
+  return `trace-${String(index).padStart(6, '0')}.jsonl`;
+}
 
-  constructor(readonly dir: string, meta: TraceMeta, private readonly flushEvery = 64) {
-    fs.mkdirSync(dir, { recursive: true });
-    this.file = path.join(dir, TRACE_FILE);
-    const metaFile = path.join(dir, TRACE_META_FILE);
-    if (fs.existsSync(metaFile)) {
-      const old = JSON.parse(fs.readFileSync(metaFile, 'utf8')) as TraceMeta;
-      if (old.numLayers !== meta.numLayers || old.numExperts !== meta.numExperts || old.model !== meta.model) {
-        // Another model's trace: keep it aside rather than mixing shapes in one file.
-        const stamp = Date.now();
-        if (fs.existsSync(this.file)) fs.renameSync(this.file, `${this.file}.${stamp}.old`);
-        fs.renameSync(metaFile, `${metaFile}.${stamp}.old`);
+/** Index of a rotated file's name (-1: not a file of the set). */
+export function traceFileIndex(name: string): number {
+  const m = TRACE_FILE_RE.exec(name);
+  return m ? Number(m[1]) : -1;
+}
+
+/** The trace files of a folder, oldest first (the pre-rotation trace.jsonl before every rotated one). */
+export function traceFiles(dir: string): string[] {
+  let names: string[];
+  try {
+    names = fs.readdirSync(dir);
+  } catch {
+    return [];
+  }
+  const rotated = names.filter((n) => traceFileIndex(n) >= 0).sort((a, b) => traceFileIndex(a) - traceFileIndex(b));
+  return [...(names.includes(TRACE_FILE) ? [TRACE_FILE] : []), ...rotated].map((n) => path.join(dir, n));
+}
+
+function noTrace(dir: string): Error {
+  return new Error(`${dir} holds no routing trace (${TRACE_META_FILE} and trace-*.jsonl); run the server with --trace-dir ${dir} first`);
+}
+
+/** The folder's trace-meta.json; throws a sentence naming the folder when it holds no trace. */
+export function readTraceMeta(dir: string): TraceMeta {
+  const metaFile = path.join(dir, TRACE_META_FILE);
+  if (!fs.existsSync(metaFile) || traceFiles(dir).length === 0) throw noTrace(dir);
+  return JSON.parse(fs.readFileSync(metaFile, 'utf8')) as TraceMeta;
+}
+
+export interface TraceReadOptions {
+  /** Told about each torn last line skipped (default: a process warning). */
+  warn?: (msg: string) => void;
+  /** Opens a file for reading (tests count the bytes read through it). */
+  createReadStream?: (file: string) => NodeJS.ReadableStream;
+}
+
+/**
+ * Streams the steps of a folder's trace, file by file, oldest first, line by line: memory holds a
+ * few stream chunks, never a whole file. A file's last line that does not parse (a crash
+ * mid-write) is skipped with a warning; a bad line anywhere else is an error naming file and line.
+ */
+export async function* traceSteps(dir: string, opts: TraceReadOptions = {}): AsyncGenerator<TraceStep> {
+  const files = traceFiles(dir);
+  if (files.length === 0 || !fs.existsSync(path.join(dir, TRACE_META_FILE))) throw noTrace(dir);
+  const warn = opts.warn ?? ((m: string) => process.emitWarning(m, { code: 'EXPERTD_TRACE' }));
+  const open = opts.createReadStream ?? ((f: string) => fs.createReadStream(f));
+  for (const file of files) {
+    const input = open(file);
+    const lines = readline.createInterface({ input, crlfDelay: Infinity });
+    // A line that fails to parse is an error only once another non-empty line follows it.
+    let bad: { line: number; message: string } | null = null;
+    let n = 0;
+    try {
+      for await (const line of lines) {
+        n++;
+        if (!line.trim()) continue;
+        if (bad) throw new Error(`${file}:${bad.line}: ${bad.message}`);
+        let st: TraceStep;
+        try {
+          st = JSON.parse(line) as TraceStep;
+        } catch (e) {
+          bad = { line: n, message: (e as Error).message };
+          continue;
+        }
+        yield st;
       }
+    } finally {
+      lines.close();
+      (input as Partial<fs.ReadStream>).destroy?.();
     }
-    const tmp = `${metaFile}.tmp-${process.pid}`;
-    fs.writeFileSync(tmp, JSON.stringify(meta, null, 2));
-    fs.renameSync(tmp, metaFile);
-  }
-
-  append(step: TraceStep): void {
-    this.buffered.push(JSON.stringify(step));
-    if (this.buffered.length >= this.flushEvery) this.flush();
-  }
-
-  flush(): void {
-    if (this.buffered.length === 0) return;
-    fs.appendFileSync(this.file, `${this.buffered.join('\n')}\n`);
-    this.buffered = [];
+    if (bad) warn(`${file}:${bad.line}: skipped a torn last line (the writer stopped mid-line: ${bad.message})`);
   }
 }
 
-/** Reads a trace folder; throws a sentence naming the folder when it holds no trace. */
-export function readTrace(dir: string): Trace {
-  const metaFile = path.join(dir, TRACE_META_FILE);
-  const file = path.join(dir, TRACE_FILE);
-  if (!fs.existsSync(metaFile) || !fs.existsSync(file))
-    throw new Error(`${dir} holds no routing trace (${TRACE_META_FILE} and ${TRACE_FILE}); run the server with --trace-dir ${dir} first`);
-  const meta = JSON.parse(fs.readFileSync(metaFile, 'utf8')) as TraceMeta;
+/** Reads a whole trace into memory (small traces and tests; the CLI streams with traceSteps). */
+export async function readTrace(dir: string, opts: TraceReadOptions = {}): Promise<Trace> {
+  const meta = readTraceMeta(dir);
   const steps: TraceStep[] = [];
-  const lines = fs.readFileSync(file, 'utf8').split('\n');
-  lines.forEach((line, i) => {
-    if (!line.trim()) return;
-    try {
-      steps.push(JSON.parse(line) as TraceStep);
-    } catch (e) {
-      // A torn last line (crash mid-append) is dropped; a bad line elsewhere is an error.
-      if (i < lines.length - 2) throw new Error(`${file}:${i + 1}: ${(e as Error).message}`);
-    }
-  });
+  for await (const st of traceSteps(dir, opts)) steps.push(st);
   return { meta, steps };
 }
 

@@ -16,6 +16,7 @@ export interface RankConfig {
   worldSize: number;
   timeoutMs: number;
   scenario: 'structured' | 'ep' | 'join-only' | 'lose-peer' | 'mismatch';
+  listenHost?: string;
 }
 
 /** Rows sent from source s to dest d in round `round` of the structured scenario (some zero). */
@@ -158,7 +159,8 @@ if (process.env.EXPERTD_GLOO_RANK && process.send) {
   const cfg = (workerData as { glooRank: RankConfig }).glooRank;
   let g: CommGroup | null = null;
   try {
-    g = loadNative().glooJoin({ host: cfg.host, port: cfg.port, prefix: cfg.prefix, rank: cfg.rank, worldSize: cfg.worldSize, timeoutMs: cfg.timeoutMs });
+    g = loadNative().glooJoin({ host: cfg.host, port: cfg.port, prefix: cfg.prefix, rank: cfg.rank, worldSize: cfg.worldSize,
+                                timeoutMs: cfg.timeoutMs, ...(cfg.listenHost ? { listenHost: cfg.listenHost } : {}) });
     parentPort!.postMessage({ ok: true, result: structured(g) });
   } catch (e) {
     parentPort!.postMessage({ ok: false, error: errorOf(e) });
