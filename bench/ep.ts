@@ -22,7 +22,7 @@ import type { MoeModel } from '../src/model/model.js';
 import { writeSafetensors, type TensorToWrite } from '../src/model/safetensors.js';
 import { mulberry32 } from '../src/engine/rng.js';
 import { calibrate } from '../src/moe/eps-planner.js';
-import { startExpertRanks, type ExpertRanks } from '../src/moe/expert-ranks.js';
+import { startExpertRanks, type ExpertRanks } from '../src/dist/expert-ranks.js';
 import { MoeLayer } from '../src/moe/moe-layer.js';
 import { packageRoot } from '../src/native/index.js';
 import { DirectRunner } from '../test/helpers/model-runner.js';

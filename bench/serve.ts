@@ -123,6 +123,8 @@ function promptIds(seed: number, n: number): number[] {
 }
 
 interface Level {
+  /** Rank processes behind the front (--nproc-per-node; 1 = the engine in the daemon's process). */
+  ranks: number;
   concurrency: number;
   requests: number;
   failed: number;
@@ -138,7 +140,7 @@ interface Level {
 }
 
 /** Closed loop: `c` clients, each sends `rounds` requests one after another. */
-async function runLevel(base: string, model: string, c: number, rounds: number, promptLen: number,
+async function runLevel(base: string, model: string, ranks: number, c: number, rounds: number, promptLen: number,
                         maxTokens: number): Promise<Level> {
   const t0 = performance.now();
   const all: RequestResult[] = [];
@@ -152,7 +154,7 @@ async function runLevel(base: string, model: string, c: number, rounds: number, 
   const ttft = ok.map((r) => r.ttftMs);
   const itl = ok.flatMap((r) => r.itlMs);
   return {
-    concurrency: c, requests: all.length, failed: all.length - ok.length,
+    ranks, concurrency: c, requests: all.length, failed: all.length - ok.length,
     errors: [...new Set(all.filter((r) => !r.ok).map((r) => r.error ?? '?'))].slice(0, 5),
     wallS, outputTokens, outputTokPerS: outputTokens / wallS,
     ttftP50Ms: percentile(ttft, 0.5), ttftP99Ms: percentile(ttft, 0.99),
@@ -168,6 +170,7 @@ export async function runServe(argv: string[]): Promise<void> {
       json: { type: 'string' }, plot: { type: 'string' }, model: { type: 'string' },
       concurrency: { type: 'string' }, 'prompt-len': { type: 'string' }, 'max-tokens': { type: 'string' },
       rounds: { type: 'string' }, threads: { type: 'string' }, 'max-num-batched-tokens': { type: 'string' },
+      'nproc-per-node': { type: 'string' }, 'dist-moe': { type: 'string' },
     },
     strict: true,
   });
@@ -182,47 +185,59 @@ export async function runServe(argv: string[]): Promise<void> {
   if (!BENCH_MODEL_NAMES.includes(name)) throw new RangeError(`--model is "${name}", expected one of ${BENCH_MODEL_NAMES.join(', ')}`);
   const dir = ensureBenchModel(name, (s) => console.error(s));
   const flags = ['--compute-dtype', 'bf16', '--max-num-seqs', String(maxNumSeqs), '--threads', String(threads),
-    '--max-num-batched-tokens', String(batched)];
+    '--max-num-batched-tokens', String(batched), ...(values['dist-moe'] ? ['--dist-moe', values['dist-moe']] : [])];
+  // Rank processes: every count gets its own daemon and the same load (1 = the plain daemon).
+  const rankCounts = values['nproc-per-node'] ? parseIntList('nproc-per-node', values['nproc-per-node']) : [1];
   const info = runInfo();
-  console.error(`# starting expertd serve --model ${dir} ${flags.join(' ')}`);
-  const t0 = performance.now();
-  const d = await startDaemon(dir, flags);
   const results: Level[] = [];
-  try {
-    await waitHealthy(d.base);
-    console.error(`# ready in ${((performance.now() - t0) / 1e3).toFixed(1)} s; warm-up request...`);
-    const model = ((await (await fetch(`${d.base}/v1/models`)).json()) as { data: { id: string }[] }).data[0]!.id;
-    const warm = await streamOne(d.base, model, promptIds(7, promptLen), 8);
-    if (!warm.ok) throw new Error(`warm-up request failed: ${warm.error}`);
-    for (const c of levels) {
-      const lv = await runLevel(d.base, model, c, rounds, promptLen, maxTokens);
-      console.error(`# concurrency ${c}: ${fmt(lv.outputTokPerS)} tok/s, TTFT p50 ${fmt(lv.ttftP50Ms)} ms, ` +
-        `ITL p50/p99 ${fmt(lv.itlP50Ms)}/${fmt(lv.itlP99Ms)} ms, ${lv.failed} failed, load avg ${lv.loadAverage.map((v) => v.toFixed(1)).join(' ')}`);
-      results.push(lv);
+  for (const ranks of rankCounts) {
+    const rankFlags = ranks > 1 ? [...flags, '--nproc-per-node', String(ranks)] : flags;
+    console.error(`# starting expertd serve --model ${dir} ${rankFlags.join(' ')}`);
+    const t0 = performance.now();
+    const d = await startDaemon(dir, rankFlags);
+    try {
+      await waitHealthy(d.base);
+      console.error(`# ready in ${((performance.now() - t0) / 1e3).toFixed(1)} s; warm-up request...`);
+      const model = ((await (await fetch(`${d.base}/v1/models`)).json()) as { data: { id: string }[] }).data[0]!.id;
+      const warm = await streamOne(d.base, model, promptIds(7, promptLen), 8);
+      if (!warm.ok) throw new Error(`warm-up request failed: ${warm.error}`);
+      for (const c of levels) {
+        const lv = await runLevel(d.base, model, ranks, c, rounds, promptLen, maxTokens);
+        console.error(`# ${ranks} rank(s), concurrency ${c}: ${fmt(lv.outputTokPerS)} tok/s, TTFT p50 ${fmt(lv.ttftP50Ms)} ms, ` +
+          `ITL p50/p99 ${fmt(lv.itlP50Ms)}/${fmt(lv.itlP99Ms)} ms, ${lv.failed} failed, load avg ${lv.loadAverage.map((v) => v.toFixed(1)).join(' ')}`);
+        results.push(lv);
+      }
+    } finally {
+      d.proc.kill('SIGTERM');
+      const timer = setTimeout(() => d.proc.kill('SIGKILL'), 15_000);
+      await d.exit;
+      clearTimeout(timer);
     }
-  } finally {
-    d.proc.kill('SIGTERM');
-    const timer = setTimeout(() => d.proc.kill('SIGKILL'), 15_000);
-    await d.exit;
-    clearTimeout(timer);
   }
 
-  const single = results.find((r) => r.concurrency === 1);
-  const rows: Cell[][] = results.map((r) => [
-    r.concurrency, r.requests, r.failed, r.outputTokPerS, single ? `${fmt(r.outputTokPerS / single.outputTokPerS)}x` : '-',
-    r.ttftP50Ms, r.ttftP99Ms, r.itlP50Ms, r.itlP99Ms, single ? `${fmt(r.itlP99Ms / single.itlP99Ms)}x` : '-',
-    r.loadAverage[0]!.toFixed(1),
-  ]);
+  // Ratios: against the same daemon's single stream, and against one rank at the same concurrency.
+  const single = results.find((r) => r.concurrency === 1 && r.ranks === rankCounts[0]);
+  const singleOf = (ranks: number) => results.find((r) => r.concurrency === 1 && r.ranks === ranks);
+  const oneRank = (c: number) => results.find((r) => r.concurrency === c && r.ranks === 1);
+  const rows: Cell[][] = results.map((r) => {
+    const s1 = singleOf(r.ranks), r1 = oneRank(r.concurrency);
+    return [
+      r.ranks, r.concurrency, r.requests, r.failed, r.outputTokPerS, s1 ? `${fmt(r.outputTokPerS / s1.outputTokPerS)}x` : '-',
+      r1 ? `${fmt(r.outputTokPerS / r1.outputTokPerS)}x` : '-',
+      r.ttftP50Ms, r.ttftP99Ms, r.itlP50Ms, r.itlP99Ms, s1 ? `${fmt(r.itlP99Ms / s1.itlP99Ms)}x` : '-',
+      r.loadAverage[0]!.toFixed(1),
+    ];
+  });
   console.log(`## serve: expertd daemon, ${name} (bf16), ${os.cpus()[0]?.model ?? 'cpu'}\n`);
   console.log(`Streaming /v1/completions, ${promptLen}-token prompts, max_tokens ${maxTokens}, ignore_eos, temperature 0; ` +
     `closed loop: c clients x ${rounds} requests each; daemon flags: ${flags.join(' ')}. Load average at start ` +
     `${info.loadAverage instanceof Array ? (info.loadAverage as number[]).map((v) => v.toFixed(1)).join(' ') : ''}.\n`);
   console.log(markdownTable(
-    ['concurrency', 'requests', 'failed', 'output tok/s', 'vs c=1', 'TTFT p50 ms', 'TTFT p99 ms', 'ITL p50 ms', 'ITL p99 ms',
+    ['ranks', 'concurrency', 'requests', 'failed', 'output tok/s', 'vs c=1', 'vs 1 rank', 'TTFT p50 ms', 'TTFT p99 ms', 'ITL p50 ms', 'ITL p99 ms',
       'ITL p99 vs c=1', 'load 1m'],
     rows));
-  for (const r of results) if (r.errors.length) console.log(`\nconcurrency ${r.concurrency} errors: ${r.errors.join('; ')}`);
-  const c16 = results.find((r) => r.concurrency === 16);
+  for (const r of results) if (r.errors.length) console.log(`\n${r.ranks} rank(s), concurrency ${r.concurrency} errors: ${r.errors.join('; ')}`);
+  const c16 = results.find((r) => r.concurrency === 16 && r.ranks === rankCounts[0]);
   console.log('\nTargets:\n');
   if (single && c16) {
     const tp = c16.outputTokPerS / single.outputTokPerS;
@@ -233,21 +248,25 @@ export async function runServe(argv: string[]): Promise<void> {
     console.log('- NOT MEASURED (needs concurrency 1 and 16)');
   }
   if (values.json) writeJson(values.json, { bench: 'serve', run: info, loadAverageEnd: os.loadavg(), model: name, dir, flags,
-    promptLen, maxTokens, rounds, levels: results });
+    promptLen, maxTokens, rounds, rankCounts, levels: results });
   if (values.plot) {
-    const x = results.map((r) => String(r.concurrency));
+    const x = levels.map(String);
+    const of = (ranks: number) => levels.map((c) => results.find((r) => r.ranks === ranks && r.concurrency === c)?.outputTokPerS ?? NaN);
     writeChart(values.plot, {
       title: `expertd serve ${name}: output tokens/s`, xLabel: 'concurrent streams', yLabel: 'tok/s', xLabels: x,
-      series: [{ name: 'output tok/s', values: results.map((r) => r.outputTokPerS) },
-        ...(single ? [{ name: 'linear from c=1', values: results.map((r) => single.outputTokPerS * r.concurrency) }] : [])],
+      series: [...rankCounts.map((ranks) => ({ name: `${ranks} rank(s)`, values: of(ranks) })),
+        ...(single ? [{ name: 'linear from c=1', values: levels.map((c) => single.outputTokPerS * c) }] : [])],
       logY: true,
     });
     const lat = values.plot.replace(/\.png$/i, '') + '-latency.png';
     writeChart(lat, {
       title: `expertd serve ${name}: latency`, xLabel: 'concurrent streams', yLabel: 'ms', xLabels: x, logY: true,
       series: [
-        { name: 'TTFT p50', values: results.map((r) => r.ttftP50Ms) }, { name: 'TTFT p99', values: results.map((r) => r.ttftP99Ms) },
-        { name: 'ITL p50', values: results.map((r) => r.itlP50Ms) }, { name: 'ITL p99', values: results.map((r) => r.itlP99Ms) },
+        ...rankCounts.flatMap((ranks) => {
+          const lv = levels.map((c) => results.find((r) => r.ranks === ranks && r.concurrency === c));
+          return [{ name: `TTFT p50, ${ranks} rank(s)`, values: lv.map((r) => r?.ttftP50Ms ?? NaN) },
+            { name: `ITL p99, ${ranks} rank(s)`, values: lv.map((r) => r?.itlP99Ms ?? NaN) }];
+        }),
       ],
     });
     console.error(`# wrote ${values.plot} and ${lat}`);

@@ -131,13 +131,20 @@ test('pause: a paused request stops stepping while others run, resumes with the 
     assert.equal(last?.type === 'finished' && last.reason, 'length');
 
     // Paused, then aborted: its blocks are freed.
-    const aborted = run(engine, request('q', prompt(5, 12), 60));
+    // NOTE: paused from its first token event, not after a sleep: a fast machine finishes all 60
+    // tokens within any fixed delay.
+    let qEnd: EngineEvent | null = null;
+    let qPaused = false;
+    const aborted = new Promise<void>((resolve) => engine.generate(request('q', prompt(5, 12), 60), (ev) => {
+      if (ev.type !== 'tokens') { qEnd = ev; resolve(); return; }
+      if (!qPaused) { qPaused = true; engine.pause(['q']); }
+    }));
+    while (!qPaused) await sleep(2);
     await sleep(50);
-    engine.pause(['q']);
-    await sleep(100);
     engine.abort('q');
-    const q = await aborted;
-    assert.equal(q.end.type === 'finished' && q.end.reason, 'abort');
+    await aborted;
+    const qLast = qEnd as EngineEvent | null;
+    assert.equal(qLast?.type === 'finished' && qLast.reason, 'abort');
     assert.equal(engine.stats().kvBlocksUsed, 0);
     assert.equal(engine.stats().running, 0);
   } finally {

@@ -11,7 +11,7 @@ import { Worker } from 'node:worker_threads';
 
 import { loadCudaModel, loadModel } from '../src/model/load.js';
 import { expertSlice } from '../src/moe/ep-comm.js';
-import { startDeviceExpertRanks, startExpertRanks } from '../src/moe/expert-ranks.js';
+import { startDeviceExpertRanks, startExpertRanks } from '../src/dist/expert-ranks.js';
 import { packageRoot } from '../src/native/index.js';
 import { createCudaEmulator } from './helpers/cuda-emu.js';
 import { startDaemon, stopDaemon } from './helpers/daemon.js';

@@ -8,7 +8,7 @@ import path from 'node:path';
 import { test } from 'node:test';
 
 import { loadCudaModel } from '../src/model/load.js';
-import { startDeviceExpertRanks } from '../src/moe/expert-ranks.js';
+import { startDeviceExpertRanks } from '../src/dist/expert-ranks.js';
 import { packageRoot } from '../src/native/index.js';
 import { createCudaEmulator, withLazyStreams } from './helpers/cuda-emu.js';
 import { runAll } from './helpers/model-runner.js';

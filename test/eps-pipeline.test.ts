@@ -8,7 +8,7 @@ import path from 'node:path';
 import { test } from 'node:test';
 
 import { loadModel } from '../src/model/load.js';
-import { startExpertRanks } from '../src/moe/expert-ranks.js';
+import { startExpertRanks } from '../src/dist/expert-ranks.js';
 import { EpsPlanner } from '../src/moe/eps-planner.js';
 import type { PipelineChunks } from '../src/moe/moe-layer.js';
 import { packageRoot } from '../src/native/index.js';

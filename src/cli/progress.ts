@@ -1,8 +1,10 @@
 // Load progress on a terminal (tensors and bytes), nothing when stderr is not a TTY (logs get the
 // one-line summary instead).
-import type { EngineClient } from '../engine/engine-client.js';
+import type { EventEmitter } from 'node:events';
 
-export function showLoadProgress(engine: EngineClient, stream: NodeJS.WriteStream = process.stderr): void {
+import type { ModelInfo } from '../engine/types.js';
+
+export function showLoadProgress(engine: Pick<EventEmitter, 'on' | 'off'> & { ready: Promise<ModelInfo> }, stream: NodeJS.WriteStream = process.stderr): void {
   if (!stream.isTTY) return;
   const mib = (b: number) => (b / 2 ** 20).toFixed(0);
   const onProgress = (p: { tensorsDone: number; tensorsTotal: number; bytesDone: number; bytesTotal: number }) => {

@@ -1,8 +1,16 @@
 // `expertd serve`: load the model in the engine worker, then serve the OpenAI-compatible API.
 // SIGTERM/SIGINT drain in-flight requests up to --shutdown-timeout and exit 0; during the model
-// load they stop the load and exit 0.
+// load they stop the load and exit 0. With rank processes this process is the front (src/dist/).
+import { randomUUID } from 'node:crypto';
+
 import { pino } from 'pino';
 
+import { startFront } from '../dist/launcher.js';
+import type { GroupExperts } from '../dist/rank-protocol.js';
+import { StoreServer } from '../dist/store.js';
+import type { EngineOptions } from '../engine/protocol.js';
+import { runRelay } from '../dist/relay.js';
+import { resolveTopology, TopologyError, type Topology } from '../dist/topology.js';
 import { EngineClient } from '../engine/engine-client.js';
 import { createMetrics, type Metrics } from '../metrics/registry.js';
 import { ModelTokenizer } from '../model/tokenizer.js';
@@ -11,8 +19,9 @@ import { createServer, type ServerOptions, type TextCodec } from '../server/inde
 import { DEFAULT_MAX_QUEUED_SEQUENCES } from '../server/request-params.js';
 import { modelFlags } from './engine-flags.js';
 import { showLoadProgress } from './progress.js';
-import { formatHelp, parseFlags, type FlagSpec, type ParsedFlags } from './options.js';
+import { formatHelp, parseFlags, UsageError, type FlagSpec, type ParsedFlags } from './options.js';
 import { resolveEngineOptions } from './resolve.js';
+import { packageVersion } from '../server/version.js';
 import { offloadFlags } from './trace.js';
 
 export const serveFlags: FlagSpec[] = [
@@ -28,6 +37,15 @@ export const serveFlags: FlagSpec[] = [
   { name: 'max-sequences-per-request', type: 'int', min: 1, max: 65536, default: 256, help: 'Sequences (prompts x n) of one request at most (more: 400); n itself is at most 128' },
   { name: 'stream-stall-timeout', type: 'number', min: 0.1, default: 120, arg: 'SECONDS', help: 'A stream whose client stops reading pauses its sequences (KV kept, not stepped); still unread after this long, it is aborted, its KV freed' },
   { name: 'shutdown-timeout', type: 'number', min: 0, default: 30, arg: 'SECONDS', help: 'On SIGTERM/SIGINT, how long in-flight requests may finish' },
+  { name: 'nproc-per-node', type: 'int', min: 1, max: 1024, default: 1, arg: 'N',
+    help: 'Data-parallel rank processes on this node, each with the whole model and its own KV cache (with --device cuda rank r on cuda:r); this process serves HTTP and spreads requests over them by load (1 = one engine in this process)' },
+  { name: 'nnodes', type: 'int', min: 1, max: 4096, arg: 'K', help: 'Nodes in the group: run the same command on every node (default 1; else WORLD_SIZE/nproc-per-node or LWS_GROUP_SIZE)' },
+  { name: 'node-rank', type: 'int', min: 0, max: 4095, arg: 'R', help: 'This node\'s index; node 0 serves HTTP (default 0; else RANK/nproc-per-node or LWS_WORKER_INDEX)' },
+  { name: 'dist-init-addr', type: 'string', arg: 'HOST:PORT', help: 'Node 0\'s address for the rank rendezvous and channels, the same on every node (else MASTER_ADDR:MASTER_PORT or LWS_LEADER_ADDRESS:29500)' },
+  { name: 'dist-moe', type: 'string', arg: 'MODE', choices: ['auto', 'expert', 'replicated'], default: 'auto',
+    help: 'MoE layers across the rank processes: expert = each rank holds a slice of the routed experts, tokens travel by all2all over Gloo and the ranks step in lockstep; replicated = every rank holds every expert (auto = expert where the addon has Gloo, the device is the CPU and neither --expert-parallel nor offloading is on)' },
+  { name: 'dist-timeout', type: 'number', min: 1, default: 300, arg: 'SECONDS', help: 'How long every rank has to join the rendezvous (with --dist-moe expert also the bound on the Gloo join and each all2all)' },
+  { name: 'heartbeat-timeout', type: 'number', min: 0.5, default: 10, arg: 'SECONDS', help: 'A rank silent this long (dead, hung or cut off) ends the group: 503s, every process exits non-zero' },
   { name: 'log-level', type: 'string', default: 'info', choices: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'], help: 'pino log level' },
   { name: 'log-prompts', type: 'boolean', default: false, help: 'Include prompt text in request log lines (off: prompts are user data)' },
 ];
@@ -61,7 +79,7 @@ export function serverLimits(flags: ParsedFlags): Pick<ServerOptions, 'maxQueued
 }
 
 /** Feeds the engine's per-step and per-sequence figures into the metrics registry. */
-export function wireEngineMetrics(engine: EngineClient, metrics: Metrics): void {
+export function wireEngineMetrics(engine: Pick<import('node:events').EventEmitter, 'on'>, metrics: Metrics): void {
   engine.on('step', (s: import('../engine/protocol.js').StepMetrics) => {
     if (s.trace) metrics.recordTrace(s.trace);
     if (s.expertCache) {
@@ -100,20 +118,79 @@ function firstStopSignal(): Promise<'SIGTERM' | 'SIGINT'> {
   });
 }
 
+/** After a group fault, how long the front keeps answering 503 before it exits non-zero. */
+const FAULT_LINGER_MS = 3000;
+
+function topologyFrom(flags: import('./options.js').ParsedFlags): Topology {
+  const opt = (name: string) => flags[name] as number | string | undefined;
+  try {
+    return resolveTopology({
+      nprocPerNode: opt('nproc-per-node') as number | undefined, nnodes: opt('nnodes') as number | undefined,
+      nodeRank: opt('node-rank') as number | undefined, distInitAddr: opt('dist-init-addr') as string | undefined,
+    });
+  } catch (e) {
+    if (e instanceof TopologyError) throw new UsageError(e.message);
+    throw e;
+  }
+}
+
+/**
+ * --dist-moe: with 'expert' the front serves the Gloo group's store (127.0.0.1 on one node, else
+ * the rendezvous port + 1 on node 0's address) under a prefix unique to this start.
+ */
+async function groupExperts(mode: string, opts: EngineOptions, t: Topology, gloo: boolean, timeoutMs: number):
+    Promise<{ experts: GroupExperts; store: StoreServer } | null> {
+  const cpu = (opts.device ?? 'cpu') === 'cpu';
+  const why = !gloo ? 'this addon was built without Gloo (install libgloo-dev and rebuild)'
+    : !cpu ? `expert parallelism across rank processes runs on CPU ranks only (--device ${opts.device})`
+      : (opts.expertParallel ?? 1) > 1 ? 'it cannot be combined with --expert-parallel (in-process expert ranks)'
+        : opts.offload ? 'it cannot be combined with expert offloading yet' : null;
+  if (mode === 'replicated' || (mode === 'auto' && why)) return null;
+  if (why) throw new UsageError(`--dist-moe expert: ${why}`);
+  const multi = t.nnodes > 1;
+  const loopback = /^(127\.|localhost$|::1$)/.test(t.initHost ?? '127.0.0.1');
+  const store = await StoreServer.listen(multi && !loopback ? '0.0.0.0' : (multi ? t.initHost! : '127.0.0.1'), multi ? t.initPort! + 1 : 0);
+  return { store, experts: { host: multi ? t.initHost! : '127.0.0.1', port: store.port, prefix: `expertd-${randomUUID()}`, timeoutMs } };
+}
+
 export async function serveCommand(argv: string[]): Promise<number> {
   const { flags } = parseFlags(serveFlags, argv);
   // NOTE: before the model load starts: a signal during the load must stop it and exit 0, not kill
   // the process with the default signal exit.
   const stopSignal = firstStopSignal();
   const logger = pino({ level: String(flags['log-level']) });
+  const topology = topologyFrom(flags);
   const opts = resolveEngineOptions(flags, flags['served-model-name'] as string | undefined);
   if (opts.isDemo) logger.warn({ model: opts.modelDir }, 'no --model given: serving the built-in demo model (random weights, gibberish text)');
-  logger.info({ capabilities: loadNative().capabilities(), config: { ...opts, apiKey: flags['api-key'] ? '(set)' : '(none)' } }, 'starting');
+  const caps = loadNative().capabilities();
+  logger.info({ capabilities: caps, config: { ...opts, apiKey: flags['api-key'] ? '(set)' : '(none)' },
+    ...(topology.worldSize > 1 ? { topology } : {}) }, 'starting');
+  if (topology.worldSize > 1 && (opts.device ?? 'cpu').startsWith('cuda')) {
+    // Rank l of this node on cuda:(offset + l): that many devices must be visible (a test stand-in is one per rank).
+    const need = topology.deviceOffset + topology.nprocPerNode;
+    const visible = process.env.EXPERTD_CUDA_STANDIN ? need : caps.cudaDevices;
+    if (visible < need) throw new UsageError(`--nproc-per-node ${topology.nprocPerNode} on devices puts local rank l on cuda:${topology.deviceOffset ? `${topology.deviceOffset}+l` : 'l'}: needs ${need} CUDA devices, ${visible} visible`);
+    if ((opts.expertParallel ?? 1) > 1) throw new UsageError('--expert-parallel on devices (ranks on cuda:0..N-1 of one process) cannot be combined with rank processes; use one or the other');
+  }
+  const launch = { engine: opts, topology, maxModelLen: opts.info.maxContext, version: packageVersion(), hardwareThreads: caps.hardwareThreads };
+  if (topology.nodeRank > 0) return runRelay(launch, Number(flags['dist-timeout']) * 1000, logger);
   const tok = ModelTokenizer.load(opts.modelDir);
-  const engine = new EngineClient(opts, opts.info);
+  const front = topology.worldSize > 1
+    ? await startFront(launch, { rendezvousTimeoutMs: Number(flags['dist-timeout']) * 1000,
+      heartbeatTimeoutMs: Number(flags['heartbeat-timeout']) * 1000 }, opts.info)
+    : null;
+  const experts = front ? await groupExperts(String(flags['dist-moe']), opts, topology, caps.gloo, Number(flags['dist-timeout']) * 1000) : null;
+  if (front) logger.info({ distMoe: experts ? 'expert' : 'replicated' }, experts
+    ? `MoE layers expert-parallel over ${topology.worldSize} ranks (Gloo, store ${experts.experts.host}:${experts.experts.port})`
+    : `MoE layers replicated on ${topology.worldSize} ranks`);
+  const engine = front ? front.group : new EngineClient(opts, opts.info);
   showLoadProgress(engine);
   const metrics = createMetrics();
   wireEngineMetrics(engine, metrics);
+  if (front) {
+    metrics.bindRankStats(() => front.group.rankStats());
+    front.group.on('dispatch', (rank: number) => metrics.recordRankRequest(rank));
+  }
   // Listen at once: /health answers 503 and generation routes 503 (model_loading) until the
   // weights are in; the config gave everything else the API needs.
   const server = createServer({
@@ -126,31 +203,63 @@ export async function serveCommand(argv: string[]): Promise<number> {
   engine.on('warning', (msg: string) => logger.warn(msg));
   const address = await server.listen({ host: String(flags['host']), port: Number(flags['port']) });
   logger.info({ address, model: opts.servedModelName }, `expertd listening on ${address} (loading the model)`);
+  // A lost rank ends the group at any time; listened for from the start.
+  const groupFailed = front ? new Promise<'fault'>((r) => front.group.once('failed', () => r('fault'))) : new Promise<never>(() => undefined);
+  const started = (async () => {
+    if (front) {
+      await front.group.rendezvous(experts?.experts);
+      logger.info({ worldSize: topology.worldSize, nnodes: topology.nnodes, ranks: front.group.ranks.map((e) => ({ rank: e!.rank, pid: e!.pid, node: e!.link.nodeRank })) }, 'rendezvous: every rank loads the same model with the same flags');
+    }
+    await engine.ready;
+    return 'ready' as const;
+  })();
+  started.catch(() => undefined);
   let loaded: 'ready' | 'SIGTERM' | 'SIGINT';
   try {
-    loaded = await Promise.race([engine.ready.then(() => 'ready' as const), stopSignal]);
+    loaded = await Promise.race([started, stopSignal]);
   } catch (e) {
-    logger.error({ error: (e as Error).message }, 'model load failed');
+    logger.error({ error: (e as Error).message }, front ? 'group start failed' : 'model load failed');
     await server.close();
-    await engine.close();
+    if (front) {
+      await front.group.waitAllGone(5000);
+      front.close();
+      await experts?.store.close();
+    } else {
+      await engine.close();
+    }
     throw e;
   }
+  const closeEngine = async () => {
+    await engine.close();
+    front?.close();
+    await experts?.store.close();
+  };
   if (loaded !== 'ready') {
     // Nothing is in flight yet (generation routes answered 503): end the load, close, exit 0.
     logger.info({ signal: loaded }, `${loaded} while the model was loading: load stopped, exiting`);
     await server.close();
-    await engine.close();
+    await closeEngine();
     logger.info('stopped');
     return 0;
   }
   logger.info(engine.summary);
   logger.info({ address }, `expertd ready on ${address}`);
-  const signal = await stopSignal;
-  logger.info({ signal }, 'draining');
+  const ended = await Promise.race([stopSignal, groupFailed]);
+  if (ended === 'fault') {
+    // A rank lost ends the group: 503s for a moment, every rank gone, then a non-zero exit so that
+    // the launcher, Kubernetes or LeaderWorkerSet restarts the group whole.
+    await front!.group.waitAllGone(5000);
+    await new Promise((r) => setTimeout(r, FAULT_LINGER_MS));
+    await server.drain(0).catch(() => undefined);
+    front!.close();
+    await experts?.store.close();
+    return 1;
+  }
+  logger.info({ signal: ended }, 'draining');
   engine.setDraining();
   try {
     await server.drain(Number(flags['shutdown-timeout']) * 1000);
-    await engine.close();
+    await closeEngine();
   } catch (e) {
     logger.error({ error: (e as Error).message }, 'shutdown failed');
     return 1;

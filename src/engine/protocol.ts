@@ -22,6 +22,12 @@ export interface EngineOptions {
    * cuda:r). Absent or 1 = off.
    */
   expertParallel?: number;
+  /**
+   * Expert parallelism across rank processes (serve --nproc-per-node/--nnodes, --dist-moe expert):
+   * this rank holds its slice of the routed experts, joins the Gloo group through the front's
+   * store, and steps in lockstep with the other ranks (an empty batch when it has no work).
+   */
+  distExperts?: import('../dist/lockstep.js').DistExperts;
   /** 'cpu' or 'cuda:N' (resolved: never 'auto'). Absent = cpu. */
   device?: string;
   /** EPS-MoE expert kernel: auto (calibrated choice per layer and step), group or dense. */

@@ -9,13 +9,16 @@ import type { ForwardModel } from '../model/forward-batch.js';
 import { loadCudaModel, loadModel, loadSummary, type LoadedModel, type LoadProgress } from '../model/load.js';
 import { loadNative, type CudaAddon } from '../native/index.js';
 import type { DeviceExpertComm } from '../moe/device-ep.js';
-import { startDeviceExpertRanks, startExpertRanks, type ExpertRanks } from '../moe/expert-ranks.js';
+import { startDeviceExpertRanks, startExpertRanks, type ExpertRanks } from '../dist/expert-ranks.js';
 import type { ModelOptions } from '../model/model.js';
 import { attachDeviceOffloader, attachOffloader, skipAllExperts } from '../offload/setup.js';
 import type { Offloader } from '../offload/offloader.js';
 import { EngineCore, type StepOffloader } from './engine-core.js';
 import type { EngineOptions, FromWorker, StepMetrics, ToWorker } from './protocol.js';
 import type { EngineEvent } from './types.js';
+import { Lockstep, Vote } from '../dist/lockstep.js';
+import { expertSlice, GroupExpertComm } from '../moe/ep-comm.js';
+import { parseModelConfig } from '../model/config.js';
 
 const port = parentPort;
 if (!port) throw new Error('engine worker must run in a worker thread');
@@ -27,6 +30,8 @@ let saveTimer: NodeJS.Timeout | null = null;
 let pending: EngineEvent[] = [];
 let scheduled = false;
 let stopping = false;
+/** Expert parallelism across rank processes: the vote, the model's empty step, a stop requested. */
+let lockstep: { sync: Lockstep; serveExperts: () => void; stopRequested: boolean; comm: GroupExpertComm } | null = null;
 
 function send(m: FromWorker): void {
   port!.postMessage(m);
@@ -70,7 +75,44 @@ function loop(): void {
   if (res && core.hasWork()) kick();
 }
 
+/**
+ * The lockstep loop (distExperts): runs for the engine's whole life, voting every step; a rank with
+ * no work runs an empty step whenever another rank has work, so the MoE all2alls match.
+ */
+function lockstepLoop(): void {
+  const ls = lockstep!;
+  if (!core || stopping) return;
+  let outcome: Vote;
+  try {
+    outcome = ls.sync.vote(ls.stopRequested ? Vote.Stop : core.hasWork() ? Vote.Work : Vote.Idle);
+    if (outcome === Vote.Work) {
+      const res = core.hasWork() ? core.step() : null;
+      if (res) {
+        pending.push(...res.events);
+        flush(res.metrics);
+      } else {
+        ls.serveExperts(); // T = 0 through every MoE layer
+        flush();
+      }
+    }
+  } catch (e) {
+    const err = e as Error & { code?: string };
+    send({ type: 'fatal', message: `engine step failed: ${err.message}`, ...(err.code ? { code: err.code } : {}) });
+    stopping = true;
+    return;
+  }
+  if (outcome === Vote.Stop) {
+    stopping = true;
+    finishShutdown();
+    return;
+  }
+  const delay = ls.sync.nextDelayMs(outcome);
+  if (delay === 0) setImmediate(lockstepLoop);
+  else setTimeout(lockstepLoop, delay);
+}
+
 function kick(): void {
+  if (lockstep) return; // the lockstep loop never stops while the engine lives
   if (scheduled || stopping) return;
   scheduled = true;
   setImmediate(loop);
@@ -147,7 +189,17 @@ async function init(o: EngineOptions): Promise<void> {
       autoKvCapBytes = Math.max(0, mem.freeBytes * 0.9 - slotBytes - 512 * 2 ** 20);
     } else {
       let ep: Partial<ModelOptions> = {};
-      if ((o.expertParallel ?? 1) > 1) {
+      let distComm: GroupExpertComm | undefined;
+      if (o.distExperts) {
+        const d = o.distExperts;
+        const numExperts = parseModelConfig(o.modelDir).moe.numExperts;
+        // Blocks this thread until every rank joined (or the timeout): this is the engine worker.
+        distComm = new GroupExpertComm(loadNative().glooJoin({
+          host: d.host, port: d.port, prefix: d.prefix, rank: d.rank, worldSize: d.worldSize, timeoutMs: d.timeoutMs,
+        }), numExperts);
+        const [lo, hi] = expertSlice(numExperts, d.worldSize, d.rank);
+        ep = { comm: distComm, loadExpert: (_layer, e) => e >= lo && e < hi };
+      } else if ((o.expertParallel ?? 1) > 1) {
         const ranks = startExpertRanks(o.modelDir, o.expertParallel!, fast);
         expertRanks = ranks;
         await ranks.ready;
@@ -160,6 +212,10 @@ async function init(o: EngineOptions): Promise<void> {
       });
       loaded = cpuLoaded;
       if (o.offload) offloader = attachOffloader(cpuLoaded, o.offload, offloadHooks);
+      if (distComm) {
+        const model = cpuLoaded.model;
+        lockstep = { sync: new Lockstep(distComm.group), serveExperts: () => model.serveExperts(), stopRequested: false, comm: distComm };
+      }
     }
     if (o.offload?.traceDir) {
       // The trace is written as it goes (asynchronously); this persists the EAM collection.
@@ -181,6 +237,7 @@ async function init(o: EngineOptions): Promise<void> {
       (offloader ? `; expert cache ${offloader.stats().slots}/${offloader.stats().totalExperts} experts, ` +
         `policy ${o.offload!.policy}, EAM collection ${offloader.stats().collectionSize}` : '');
     send({ type: 'ready', info: core.info, summary });
+    if (lockstep) setImmediate(lockstepLoop);
   } catch (e) {
     const err = e as Error & { code?: string };
     send({ type: 'fatal', message: err.message, ...(err.code ? { code: err.code } : {}) });
@@ -213,14 +270,27 @@ port.on('message', (m: ToWorker) => {
       kick();
       break;
     case 'shutdown':
-      stopping = true;
-      if (saveTimer) clearInterval(saveTimer);
-      // The queued trace gets 3 s (the client terminates this worker after 5 s), then the
-      // collection is saved; expert ranks leave next (they may be waiting for the next step).
-      void (offloader?.close(3000) ?? Promise.resolve())
-        .catch((e: Error) => send({ type: 'fatal', message: `saving the EAM collection failed: ${e.message}` }))
-        .then(() => expertRanks?.stop())
-        .finally(() => port.close());
+      // In lockstep the ranks leave together: the next vote says stop, then every rank shuts down.
+      if (lockstep && !stopping && core) {
+        lockstep.stopRequested = true;
+        break;
+      }
+      finishShutdown();
       break;
   }
 });
+
+/** Flushes the trace and saves the EAM collection, stops the in-process expert ranks, leaves the Gloo group, ends the worker. */
+function finishShutdown(): void {
+  stopping = true;
+  if (saveTimer) clearInterval(saveTimer);
+  // The queued trace gets 3 s (the client terminates this worker after 5 s), then the
+  // collection is saved; expert ranks leave next (they may be waiting for the next step).
+  void (offloader?.close(3000) ?? Promise.resolve())
+    .catch((e: Error) => send({ type: 'fatal', message: `saving the EAM collection failed: ${e.message}` }))
+    .then(() => expertRanks?.stop())
+    .finally(() => {
+      lockstep?.comm.dispose();
+      port!.close();
+    });
+}

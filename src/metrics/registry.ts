@@ -78,6 +78,10 @@ export class Metrics {
   /** EPS-MoE: PN per MoE layer, labelled with the layer's expert kernel; the hidden all2all share. */
   readonly pipelineChunks: Gauge<'layer' | 'kernel'>;
   readonly all2allHidden: Gauge;
+  // data-parallel ranks (serve --nproc-per-node / --nnodes)
+  readonly rankRequests: Counter<'rank'>;
+  readonly rankSequences: Gauge<'rank' | 'state'>;
+  private rankStatsSource: (() => EngineStats[]) | null = null;
 
   constructor(options: MetricsOptions = {}) {
     const registers = [this.registry];
@@ -159,6 +163,29 @@ export class Metrics {
     this.commOverlap = new Gauge({ name: 'expertd_comm_overlap_ratio', help: 'Fraction of all2all time hidden behind compute in the last step (0-1).', registers });
     this.pipelineChunks = new Gauge({ name: 'expertd_moe_pipeline_chunks', help: 'EPS-MoE pipeline chunks (PN) of each MoE layer in the last step, labelled with its expert kernel.', labelNames: ['layer', 'kernel'], registers });
     this.all2allHidden = new Gauge({ name: 'expertd_all2all_hidden_ratio', help: 'Share of all2all time in the last step that the engine did not wait for (0-1).', registers });
+    this.rankRequests = new Counter({
+      name: 'expertd_rank_requests_total', help: 'Engine requests the front sent to each data-parallel rank.', labelNames: ['rank'], registers,
+    });
+    this.rankSequences = new Gauge({
+      name: 'expertd_rank_sequences', help: 'Sequences running or waiting on each data-parallel rank.', labelNames: ['rank', 'state'], registers,
+      collect() {
+        let all: EngineStats[] | null = null;
+        try { all = self.rankStatsSource?.() ?? null; } catch { all = null; }
+        all?.forEach((s, rank) => {
+          this.set({ rank: String(rank), state: 'running' }, s.running);
+          this.set({ rank: String(rank), state: 'waiting' }, s.waiting);
+        });
+      },
+    });
+  }
+
+  /** Per-rank figures of a data-parallel group, read at scrape time. */
+  bindRankStats(source: () => EngineStats[]): void {
+    this.rankStatsSource = source;
+  }
+
+  recordRankRequest(rank: number): void {
+    this.rankRequests.inc({ rank: String(rank) });
   }
 
   /** Gauges of running/waiting/KV usage and the preemption counter read this at scrape time. */

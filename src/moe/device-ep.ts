@@ -20,7 +20,7 @@ export class DeviceExpertComm {
   bytesSent = 0;
   private reportedBytes = 0;
 
-  /** control (rank 0 only): [steps started, stop] shared with the expert ranks (expert-ranks.ts). */
+  /** control (rank 0 only): [steps started, stop] shared with the expert ranks (dist/expert-ranks.ts). */
   constructor(private readonly cu: CudaAddon, readonly group: CudaCommGroup, readonly numExperts: number,
               private readonly control: Int32Array | null = null) {
     this.rank = group.rank;

@@ -125,7 +125,7 @@ export class GroupExpertComm implements ExpertComm {
 
   /**
    * control (rank 0 only): [steps started, stop] shared with the expert ranks, which serve one
-   * step's MoE layers per increment (see expert-ranks.ts).
+   * step's MoE layers per increment (see dist/expert-ranks.ts).
    */
   constructor(readonly group: CommGroup, readonly numExperts: number, private readonly control: Int32Array | null = null) {
     this.rank = group.rank;

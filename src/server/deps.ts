@@ -13,6 +13,8 @@ export interface EngineClient {
   resume(ids: readonly string[]): void;
   stats(): EngineStats;
   state(): 'loading' | 'ready' | 'draining' | 'failed';
+  /** Why the engine failed (state 'failed'), for the 503s' message. */
+  readonly failureMessage?: string | undefined;
 }
 
 export interface TextCodec {

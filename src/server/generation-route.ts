@@ -30,6 +30,13 @@ export interface PreparedGeneration {
   logprobs: number | null;
 }
 
+/** 503 once the engine as a whole is down (a device fault, a lost data-parallel rank), with its reason. */
+function engineFailed(ctx: ServerContext): ApiError {
+  const why = ctx.opts.engine.failureMessage;
+  return new ApiError(503, 'overloaded_error', `The engine has failed and cannot serve requests${why ? `: ${why}` : '.'}`,
+    null, 'engine_failed', { 'retry-after': ctx.retryAfter });
+}
+
 /**
  * Refuses work the engine cannot take now: not ready, shutting down, or not enough room in the
  * queue for all of this request's sequences (checkSequenceCount already refused what never fits).
@@ -40,7 +47,7 @@ export function admit(ctx: ServerContext, sequences: number): void {
   const state = ctx.opts.engine.state();
   if (state === 'loading') throw new ApiError(503, 'overloaded_error', 'The model is still loading; retry shortly.', null, 'model_loading', retry);
   if (state === 'draining') throw new ApiError(503, 'overloaded_error', 'The engine is draining; retry on another instance.', null, 'server_shutting_down', retry);
-  if (state === 'failed') throw new ApiError(503, 'overloaded_error', 'The engine has failed and cannot serve requests.', null, 'engine_failed', retry);
+  if (state === 'failed') throw engineFailed(ctx);
   const waiting = ctx.opts.engine.stats().waiting;
   const limit = ctx.limits.maxQueuedSequences;
   // NOTE: counted in sequences (prompts x n), not requests: one request may bring hundreds.

@@ -8,8 +8,8 @@ import { parentPort, workerData } from 'node:worker_threads';
 import { parseModelConfig } from '../model/config.js';
 import { loadCudaModel, loadModel } from '../model/load.js';
 import { loadNative, type CudaAddon } from '../native/index.js';
-import { DeviceExpertComm } from './device-ep.js';
-import { expertSlice, GroupExpertComm } from './ep-comm.js';
+import { DeviceExpertComm } from '../moe/device-ep.js';
+import { expertSlice, GroupExpertComm } from '../moe/ep-comm.js';
 
 export interface ExpertRankData {
   modelDir: string;

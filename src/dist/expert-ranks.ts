@@ -1,5 +1,5 @@
 // Rank 0's side of in-process expert parallelism (--expert-parallel N on the CPU): starts ranks
-// 1..N-1 as worker threads (src/moe/expert-rank.ts), joins their loopback group, and returns the
+// 1..N-1 as worker threads (src/dist/expert-rank.ts), joins their loopback group, and returns the
 // comm the model's MoE layers dispatch through. Every forward on rank 0 lets each expert rank serve
 // one step; stop() ends them.
 import path from 'node:path';
@@ -7,8 +7,8 @@ import { Worker } from 'node:worker_threads';
 
 import { parseModelConfig } from '../model/config.js';
 import { loadNative, type CudaAddon } from '../native/index.js';
-import { DeviceExpertComm } from './device-ep.js';
-import { expertSlice, GroupExpertComm } from './ep-comm.js';
+import { DeviceExpertComm } from '../moe/device-ep.js';
+import { expertSlice, GroupExpertComm } from '../moe/ep-comm.js';
 import type { ExpertRankData } from './expert-rank.js';
 
 export interface ExpertRanks<C extends { dispose(): void } = GroupExpertComm> {

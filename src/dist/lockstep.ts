@@ -1,0 +1,48 @@
+// Lockstep of the data-parallel ranks around expert-parallel MoE layers: every step all ranks first
+// agree (a one-value all2all vote) whether anyone has work or wants to stop; then every rank runs
+// one forward, its own batch or an empty one, so that the MoE layers' all2alls match across ranks.
+import type { CommGroup } from '../native/index.js';
+
+/** A rank's vote: nothing to do, work to run, or the front said shut down. */
+export const enum Vote { Idle = 0, Work = 1, Stop = 2 }
+
+/** Idle backoff between votes when nobody has work: doubling from 1 ms up to this. */
+export const MAX_IDLE_MS = 20;
+
+export interface DistExperts {
+  /** The group's rendezvous store (the front's StoreServer). */
+  host: string;
+  port: number;
+  /** Store key prefix, unique per group start. */
+  prefix: string;
+  rank: number;
+  worldSize: number;
+  /** Bounds the join and every collective: a lost or hung peer is an error after this long. */
+  timeoutMs: number;
+}
+
+export class Lockstep {
+  private readonly send: Float64Array;
+  private readonly recv: Float64Array;
+  idleMs = 0;
+
+  constructor(readonly group: CommGroup) {
+    this.send = new Float64Array(group.worldSize);
+    this.recv = new Float64Array(group.worldSize);
+  }
+
+  /** Every rank's vote, combined: Stop if anyone stops, else Work if anyone has work, else Idle. */
+  vote(mine: Vote): Vote {
+    this.send.fill(mine);
+    this.group.all2allCounts(this.send, this.recv);
+    let v = Vote.Idle;
+    for (const x of this.recv) v = Math.max(v, x) as Vote;
+    return v;
+  }
+
+  /** How long to wait before the next vote: 0 after work, else doubling up to MAX_IDLE_MS. */
+  nextDelayMs(outcome: Vote): number {
+    this.idleMs = outcome === Vote.Work ? 0 : Math.min(MAX_IDLE_MS, Math.max(1, this.idleMs * 2));
+    return this.idleMs;
+  }
+}

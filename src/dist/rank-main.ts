@@ -1,0 +1,95 @@
+// A rank process: one engine (its own worker thread, weights and KV cache) driven by the front
+// over IPC from its node's launcher. It exits when the launcher goes away, when the front says
+// so, or non-zero when its engine fails; signals are the launcher's business, so it ignores them.
+import { EngineClient } from '../engine/engine-client.js';
+import type { StepMetrics } from '../engine/protocol.js';
+import type { EngineEvent } from '../engine/types.js';
+import { rankIdentity } from './identity.js';
+import { HEARTBEAT_INTERVAL_MS, type FrontToRank, type GroupExperts, type RankInit, type RankToFront } from './rank-protocol.js';
+
+if (!process.send) throw new Error('rank-main must be started by child_process.fork');
+
+let init: RankInit | null = null;
+let engine: EngineClient | null = null;
+let events: EngineEvent[] = [];
+let steps: StepMetrics[] = [];
+let flushQueued = false;
+let closing = false;
+
+function send(m: RankToFront): void {
+  // A closed channel means the launcher is gone; 'disconnect' below ends this process.
+  if (process.connected) process.send!(m);
+}
+
+function exit(code: number, message?: string): never {
+  if (message) process.stderr.write(`expertd rank ${init?.rank ?? '?'}: ${message}\n`);
+  process.exit(code);
+}
+
+function flush(): void {
+  flushQueued = false;
+  if (!engine || (events.length === 0 && steps.length === 0)) return;
+  send({ type: 'events', events, stats: engine.stats(), steps });
+  events = [];
+  steps = [];
+}
+
+function queueFlush(): void {
+  if (flushQueued) return;
+  flushQueued = true;
+  setImmediate(flush);
+}
+
+function start(i: RankInit, experts: GroupExperts | undefined): void {
+  const options = experts ? { ...i.options, distExperts: { ...experts, rank: i.rank, worldSize: i.worldSize } } : i.options;
+  const e = new EngineClient(options);
+  engine = e;
+  e.on('progress', (p: Extract<RankToFront, { type: 'progress' }>) => send({ ...p, type: 'progress' }));
+  e.on('step', (s: StepMetrics) => { steps.push(s); queueFlush(); });
+  e.on('failed', (message: string) => { flush(); send({ type: 'fatal', message }); });
+  e.ready.then((info) => send({ type: 'ready', info, summary: e.summary }),
+    (err: Error) => send({ type: 'fatal', message: `model load failed: ${err.message}` }));
+}
+
+process.on('message', (raw: RankInit | FrontToRank) => {
+  switch (raw.type) {
+    case 'init':
+      init = raw;
+      try {
+        send({ type: 'hello', pid: process.pid,
+          identity: rankIdentity(raw.options, raw.maxModelLen, raw.rank, raw.nodeRank, raw.version) });
+      } catch (e) {
+        send({ type: 'fatal', message: `cannot read the model's identity: ${(e as Error).message}` });
+      }
+      break;
+    case 'start':
+      if (init && !engine) start(init, raw.experts);
+      break;
+    case 'generate':
+      engine?.generate(raw.req, (ev) => { events.push(ev); queueFlush(); });
+      break;
+    case 'abort':
+      engine?.abort(raw.id);
+      break;
+    case 'pause':
+      engine?.pause(raw.ids);
+      break;
+    case 'resume':
+      engine?.resume(raw.ids);
+      break;
+    case 'shutdown':
+      if (closing) break;
+      closing = true;
+      flush();
+      void (engine?.close() ?? Promise.resolve()).then(() => exit(0), (e: Error) => exit(1, `engine close failed: ${e.message}`));
+      break;
+    case 'exit':
+      exit(raw.code, raw.message);
+  }
+});
+
+// The launcher died (or closed the channel): nothing can reach this rank any more.
+process.on('disconnect', () => { if (!closing) exit(1, 'lost the launcher (IPC channel closed); exiting'); else exit(0); });
+process.on('SIGTERM', () => undefined);
+process.on('SIGINT', () => undefined);
+setInterval(() => send({ type: 'heartbeat' }), HEARTBEAT_INTERVAL_MS).unref();

@@ -1,0 +1,211 @@
+// `expertd serve --nproc-per-node N` end to end: rank processes behind one front on a real port.
+// Greedy outputs and logprobs equal one engine's on three fixtures (f32) with 2 and 3 ranks and
+// the requests spread over every rank; a killed rank gives 503s and every process exits; SIGTERM
+// drains in-flight requests on all ranks and everything exits 0.
+import assert from 'node:assert/strict';
+import path from 'node:path';
+import { test } from 'node:test';
+
+import { loadNative, packageRoot } from '../src/native/index.js';
+import { startDaemon, stopDaemon, type Daemon } from './helpers/daemon.js';
+
+const fixture = (name: string) => path.join(packageRoot(), 'test', 'fixtures', name);
+const prompts = ['The quick brown fox', 'Once upon a time', 'hello world', '1 2 3 4', 'MoE layers route tokens'];
+
+interface Out { text: string; tokens: string[]; logprobs: number[] }
+
+async function complete(base: string, model: string, prompt: string, maxTokens = 6): Promise<Out> {
+  const r = await fetch(`${base}/v1/completions`, {
+    method: 'POST', headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ model, prompt, max_tokens: maxTokens, temperature: 0, logprobs: 2, ignore_eos: true }),
+  });
+  const body = await r.json() as { choices: { text: string; logprobs: { tokens: string[]; token_logprobs: number[] } }[] };
+  assert.equal(r.status, 200, JSON.stringify(body));
+  const c = body.choices[0]!;
+  return { text: c.text, tokens: c.logprobs.tokens, logprobs: c.logprobs.token_logprobs };
+}
+
+/** expertd_rank_requests_total per rank, from /metrics. */
+async function rankRequests(base: string): Promise<number[]> {
+  const text = await (await fetch(`${base}/metrics`)).text();
+  const out: number[] = [];
+  for (const m of text.matchAll(/^expertd_rank_requests_total\{rank="(\d+)"\} (\d+)/gm)) out[Number(m[1])] = Number(m[2]);
+  return out;
+}
+
+/** The rank pids the front logged at rendezvous. */
+function rankPids(d: Daemon): number[] {
+  const line = d.logs.join('').split('\n').find((l) => l.includes('"rendezvous'));
+  assert.ok(line, 'the front logged the rendezvous');
+  return (JSON.parse(line) as { ranks: { pid: number }[] }).ranks.map((r) => r.pid);
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Test cleanup after a failure: nothing this file started may outlive it. */
+function killAll(d: Daemon, pids: number[]): void {
+  for (const pid of pids) if (alive(pid)) process.kill(pid, 'SIGKILL');
+  if (d.proc.exitCode === null && d.proc.signalCode === null) d.proc.kill('SIGKILL');
+}
+
+async function allGone(pids: number[], withinMs: number): Promise<boolean> {
+  const deadline = Date.now() + withinMs;
+  while (Date.now() < deadline) {
+    if (!pids.some(alive)) return true;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  return false;
+}
+
+/** expertd_all2all_bytes_total from /metrics (0 when absent). */
+async function all2allBytes(base: string): Promise<number> {
+  const m = /^expertd_all2all_bytes_total (\S+)$/m.exec(await (await fetch(`${base}/metrics`)).text());
+  return m ? Number(m[1]) : 0;
+}
+
+const gloo = loadNative().capabilities().gloo;
+// Expert-parallel MoE across the rank processes needs Gloo in the addon; without it only the
+// replicated layout runs (and says so).
+const layouts: [number, string][] = gloo ? [[2, 'expert'], [3, 'expert'], [2, 'replicated']] : [[2, 'replicated'], [3, 'replicated']];
+
+for (const name of ['mixtral', 'deepseek_v3', 'longcat_flash']) {
+  test(`${name}: 2 and 3 rank processes answer exactly as one engine (greedy text and logprobs, f32), spread over every rank` +
+      (gloo ? '; MoE expert-parallel over Gloo and replicated' : ' (replicated MoE only: this addon has no Gloo)'), async () => {
+    const one = await startDaemon(['--model', fixture(name)]);
+    const want: Out[] = [];
+    try {
+      for (const p of prompts) want.push(await complete(one.base, name, p));
+    } finally {
+      assert.equal(await stopDaemon(one), 0);
+    }
+    for (const [world, layout] of layouts) {
+      const d = await startDaemon(['--model', fixture(name), '--nproc-per-node', String(world), '--dist-moe', layout]);
+      const pids = rankPids(d);
+      try {
+        assert.equal(pids.length, world);
+        // One at a time: every request has a rank to itself, so each runs as it would alone.
+        for (const [i, p] of prompts.entries()) assert.deepEqual(await complete(d.base, name, p), want[i], `${name} x${world} ${layout}: '${p}'`);
+        // All at once: the ranks step together, each with its own batch, the MoE rows of both in one all2all.
+        const together = await Promise.all(prompts.map((p) => complete(d.base, name, p)));
+        together.forEach((got, i) => assert.deepEqual(got, want[i], `${name} x${world} ${layout}, concurrent: '${prompts[i]}'`));
+        const moved = await all2allBytes(d.base);
+        if (layout === 'expert') assert.ok(moved > 0, 'rows travelled between the rank processes');
+        else assert.equal(moved, 0, 'replicated experts: no all2all');
+        const spread = await rankRequests(d.base);
+        assert.equal(spread.length, world, `every rank got requests: ${JSON.stringify(spread)}`);
+        assert.ok(spread.every((n) => n >= 2), `every rank got requests: ${JSON.stringify(spread)}`);
+      } catch (e) {
+        killAll(d, pids);
+        throw e;
+      }
+      assert.equal(await stopDaemon(d), 0, `${name} x${world}: the front exits 0 after SIGTERM`);
+      assert.ok(await allGone(pids, 10_000), 'no rank process is left behind');
+    }
+  });
+}
+
+test('a rank killed mid-generation: its request fails, later requests get 503 naming the rank, every process exits non-zero within 30 s', async () => {
+  const d = await startDaemon(['--model', fixture('mixtral'), '--nproc-per-node', '2', '--max-num-seqs', '2']);
+  const pids = rankPids(d);
+  const started = Date.now();
+  try {
+  // A long stream on each rank (spread by load); wait until both are producing tokens.
+  const streams = [0, 1].map(async () => {
+    const r = await fetch(`${d.base}/v1/completions`, {
+      method: 'POST', headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ model: 'mixtral', prompt: 'a long story', max_tokens: 480, ignore_eos: true, stream: true, temperature: 0 }),
+    });
+    return r;
+  });
+  const responses = await Promise.all(streams);
+  const readers = responses.map((r) => r.body!.getReader());
+  for (const rd of readers) await rd.read();
+  // Stopped first, so its request is surely still running when it dies.
+  process.kill(pids[1]!, 'SIGSTOP');
+  assert.deepEqual(await rankRequests(d.base), [1, 1]);
+  process.kill(pids[1]!, 'SIGKILL');
+  // Rank 1's stream ends with an error event naming the lost rank.
+  const dec = new TextDecoder();
+  let text = '';
+  for (;;) {
+    const { done, value } = await readers[1]!.read();
+    if (done) break;
+    text += dec.decode(value);
+  }
+  assert.match(text, /"error"/);
+  const later = await fetch(`${d.base}/v1/completions`, {
+    method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ model: 'mixtral', prompt: 'x', max_tokens: 2 }),
+  });
+  assert.equal(later.status, 503);
+  const body = await later.json() as { error: { message: string; code: string } };
+  assert.equal(body.error.code, 'engine_failed');
+  // The front sees rank 1 exit, or (expert-parallel MoE) rank 0 sees its all2all with rank 1 break first.
+  assert.match(body.error.message, new RegExp('^The engine has failed and cannot serve requests: ' +
+    `(rank 1 \\(pid ${pids[1]}\\) exited on signal SIGKILL|rank 0 \\(pid ${pids[0]}\\) failed: engine step failed: gloo group .*; the group is broken)$`));
+  assert.equal((await fetch(`${d.base}/health`)).status, 503);
+  await readers[0]!.cancel().catch(() => undefined);
+  assert.equal(await d.exit, 1, 'the front exits non-zero');
+  assert.ok(await allGone(pids, 5000), 'no rank is left behind');
+  assert.ok(Date.now() - started < 30_000, `all gone within 30 s (took ${Date.now() - started} ms)`);
+  assert.match(d.logs.join(''), /expertd rank 0: the group is down: rank [01] \(pid \d+\)/);
+  } finally {
+    killAll(d, pids);
+  }
+});
+
+test('a hung rank (SIGSTOP) is found by the heartbeat timeout: 503s, and every process exits non-zero', async () => {
+  const d = await startDaemon(['--model', fixture('mixtral'), '--nproc-per-node', '2', '--heartbeat-timeout', '2']);
+  const pids = rankPids(d);
+  process.kill(pids[0]!, 'SIGSTOP');
+  try {
+    assert.equal(await d.exit, 1);
+    assert.match(d.logs.join(''), /rank 0 \(pid \d+\) sent nothing for 2\.0 s \(hung or unreachable\)/);
+    assert.ok(await allGone(pids, 5000), 'the stopped rank was killed, the other exited');
+  } finally {
+    killAll(d, pids);
+  }
+});
+
+test('SIGTERM on the front drains in-flight requests on every rank, then all exit 0', async () => {
+  const d = await startDaemon(['--model', fixture('mixtral'), '--nproc-per-node', '2', '--shutdown-timeout', '60']);
+  const pids = rankPids(d);
+  try {
+  const reqs = [0, 1].map(() => fetch(`${d.base}/v1/completions`, {
+    method: 'POST', headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ model: 'mixtral', prompt: 'drain me', max_tokens: 400, ignore_eos: true, stream: true, temperature: 0 }),
+  }));
+  const responses = await Promise.all(reqs);
+  const readers = responses.map((r) => r.body!.getReader());
+  for (const rd of readers) await rd.read();
+  // Both ranks held still, so both requests are in flight when SIGTERM comes; the front waits.
+  for (const pid of pids) process.kill(pid, 'SIGSTOP');
+  assert.deepEqual(await rankRequests(d.base), [1, 1], 'one request on each rank');
+  d.proc.kill('SIGTERM');
+  await new Promise((r) => setTimeout(r, 500));
+  assert.equal(d.proc.exitCode, null, 'the front is still draining');
+  assert.equal((await fetch(`${d.base}/health`)).status, 503, '/health says draining');
+  for (const pid of pids) process.kill(pid, 'SIGCONT');
+  const dec = new TextDecoder();
+  for (const rd of readers) {
+    let text = '';
+    for (;;) {
+      const { done, value } = await rd.read();
+      if (done) break;
+      text += dec.decode(value);
+    }
+    assert.match(text, /"finish_reason":"length"/, 'the request ran to its end');
+    assert.match(text, /data: \[DONE\]/);
+  }
+  assert.equal(await d.exit, 0);
+  assert.ok(await allGone(pids, 5000));
+  } finally {
+    killAll(d, pids);
+  }
+});
