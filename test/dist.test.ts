@@ -157,6 +157,22 @@ test('the front sends each request to the least-loaded rank, equals in turn, and
   assert.deepEqual(group.stats(), { running: 1, waiting: 1, kvBlocksTotal: 24, kvBlocksUsed: 0, preemptionsTotal: 0 });
 });
 
+test('backpressure: pause and resume reach the rank that owns each request, unknown ids go nowhere', async () => {
+  const { group, links } = await startFake(2);
+  group.generate(req('a'), () => undefined);
+  group.generate(req('b'), () => undefined);
+  const owner = (id: string) => links.findIndex((l) => l.sent.some((m) => (m as { req?: { id: string } }).req?.id === id));
+  const [oa, ob] = [owner('a'), owner('b')];
+  assert.notEqual(oa, ob, 'equal loads go in turn');
+  const before = links.map((l) => l.sent.length);
+  group.pause(['a', 'b', 'nobody']);
+  assert.deepEqual(links[oa]!.sent.at(-1), { type: 'pause', ids: ['a'] });
+  assert.deepEqual(links[ob]!.sent.at(-1), { type: 'pause', ids: ['b'] });
+  group.resume(['b']);
+  assert.deepEqual(links[ob]!.sent.at(-1), { type: 'resume', ids: ['b'] });
+  assert.deepEqual(links.map((l, r) => l.sent.length - before[r]!), [oa, ob].includes(0) ? links.map((_, r) => (r === ob ? 2 : 1)) : [0, 0]);
+});
+
 test('a rank that goes away fails the group: in-flight requests error, every rank is told to exit 1, later requests fail', async () => {
   const { group, links } = await startFake(2);
   const failed: string[] = [];
