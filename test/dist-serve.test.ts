@@ -1,8 +1,10 @@
 // `expertd serve --nproc-per-node N` end to end: rank processes behind one front on a real port.
 // Greedy outputs and logprobs equal one engine's on three fixtures (f32) with 2 and 3 ranks and
-// the requests spread over every rank; a killed rank gives 503s and every process exits; SIGTERM
-// drains in-flight requests on all ranks and everything exits 0.
+// the requests spread over every rank, and on the other four with 2 ranks and two prompts; a
+// killed rank gives 503s and every process exits; SIGTERM drains in-flight requests on all ranks
+// and everything exits 0.
 import assert from 'node:assert/strict';
+import { readdirSync } from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 
@@ -108,6 +110,44 @@ for (const name of ['mixtral', 'deepseek_v3', 'longcat_flash']) {
       assert.equal(await stopDaemon(d), 0, `${name} x${world}: the front exits 0 after SIGTERM`);
       assert.ok(await allGone(pids, 10_000), 'no rank process is left behind');
     }
+  });
+}
+
+// The other fixtures, lighter: every architecture the loader knows serves through 2 rank processes
+// with its MoE expert-parallel (or replicated without Gloo), a couple of prompts each.
+const heavy = ['mixtral', 'deepseek_v3', 'longcat_flash'];
+const allFixtures = readdirSync(path.join(packageRoot(), 'test', 'fixtures'), { withFileTypes: true })
+  .filter((e) => e.isDirectory()).map((e) => e.name).sort();
+test('every fixture is covered by a rank-process test', () => {
+  assert.equal(allFixtures.length, 7, `fixtures: ${allFixtures.join(', ')}`);
+  for (const name of heavy) assert.ok(allFixtures.includes(name), name);
+});
+for (const name of allFixtures.filter((n) => !heavy.includes(n))) {
+  const layout = gloo ? 'expert' : 'replicated';
+  test(`${name}: 2 rank processes (--dist-moe ${layout}) answer exactly as one engine (greedy text and logprobs, f32)`, async () => {
+    const few = prompts.slice(0, 2);
+    const one = await startDaemon(['--model', fixture(name)]);
+    const want: Out[] = [];
+    try {
+      for (const p of few) want.push(await complete(one.base, name, p, 4));
+    } finally {
+      assert.equal(await stopDaemon(one), 0);
+    }
+    const d = await startDaemon(['--model', fixture(name), '--nproc-per-node', '2', '--dist-moe', layout]);
+    const pids = rankPids(d);
+    try {
+      assert.equal(pids.length, 2);
+      // Together, so each rank holds one and the MoE rows of both meet in the all2all.
+      const got = await Promise.all(few.map((p) => complete(d.base, name, p, 4)));
+      got.forEach((g, i) => assert.deepEqual(g, want[i], `${name} x2 ${layout}: '${few[i]}'`));
+      if (layout === 'expert') assert.ok(await all2allBytes(d.base) > 0, 'rows travelled between the rank processes');
+      assert.deepEqual(await rankRequests(d.base), [1, 1], 'one request on each rank');
+    } catch (e) {
+      killAll(d, pids);
+      throw e;
+    }
+    assert.equal(await stopDaemon(d), 0, `${name} x2: the front exits 0 after SIGTERM`);
+    assert.ok(await allGone(pids, 10_000), 'no rank process is left behind');
   });
 }
 
