@@ -17,7 +17,7 @@ import { EngineCore, type StepOffloader } from './engine-core.js';
 import type { EngineOptions, FromWorker, StepMetrics, ToWorker } from './protocol.js';
 import type { EngineEvent } from './types.js';
 import { Lockstep, Vote } from '../dist/lockstep.js';
-import { expertSlice, GroupExpertComm } from '../moe/ep-comm.js';
+import { GroupExpertComm } from '../moe/ep-comm.js';
 import { parseModelConfig } from '../model/config.js';
 
 const port = parentPort;
@@ -197,15 +197,14 @@ async function init(o: EngineOptions): Promise<void> {
         distComm = new GroupExpertComm(loadNative().glooJoin({
           host: d.host, port: d.port, prefix: d.prefix, rank: d.rank, worldSize: d.worldSize, timeoutMs: d.timeoutMs,
         }), numExperts);
-        const [lo, hi] = expertSlice(numExperts, d.worldSize, d.rank);
-        ep = { comm: distComm, loadExpert: (_layer, e) => e >= lo && e < hi };
+        const comm = distComm;
+        ep = { comm, loadExpert: (_layer, e) => comm.ownsExpert(e) };
       } else if ((o.expertParallel ?? 1) > 1) {
         const ranks = startExpertRanks(o.modelDir, o.expertParallel!, fast);
         expertRanks = ranks;
         await ranks.ready;
         ranks.onFailure = onRankFailure;
-        const [lo, hi] = ranks.owned;
-        ep = { comm: ranks.comm, loadExpert: (_layer, e) => e >= lo && e < hi };
+                ep = { comm: ranks.comm, loadExpert: (_layer, e) => ranks.comm.ownsExpert(e) };
       }
       const cpuLoaded = loadModel(o.modelDir, {
         fast, ...(o.offload ? { loadExpert: skipAllExperts } : {}), ...ep, onProgress,
