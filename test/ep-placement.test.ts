@@ -3,17 +3,21 @@
 // single-rank model's outputs bit for bit with in-process expert ranks, with and without the EPS
 // pipeline (PN > 1), on the host and on emulated devices; invalid tables are exact RangeErrors.
 import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { Worker } from 'node:worker_threads';
 
 import { mulberry32 } from '../src/engine/rng.js';
 import { loadCudaModel, loadModel } from '../src/model/load.js';
-import { contiguousPlacement, epPlan, expertSlice, placementFromExperts, placementFromOwners,
+import { expertPlacement } from '../src/cli/resolve.js';
+import { contiguousPlacement, epPlan, expertSlice, parsePlacement, placementFromExperts, placementFromOwners,
   type ExpertPlacement } from '../src/moe/ep-comm.js';
 import { startDeviceExpertRanks, startExpertRanks } from '../src/dist/expert-ranks.js';
 import { packageRoot } from '../src/native/index.js';
 import { createCudaEmulator } from './helpers/cuda-emu.js';
+import { startDaemon, stopDaemon } from './helpers/daemon.js';
 import { runAll } from './helpers/model-runner.js';
 import { testSeed } from './helpers/seed.js';
 
@@ -185,3 +189,55 @@ for (const name of ['qwen2_moe', 'longcat_flash']) {
     }
   });
 }
+
+test('--expert-placement FILE: parsed and checked before any worker starts, exact errors', () => {
+  assert.deepEqual(Array.from(parsePlacement('[[0, 2], [1, 3]]', 4, 2).owner), [0, 1, 0, 1]);
+  assert.throws(() => parsePlacement('[[0, 2], [1, 3]]', 4, 3), { name: 'RangeError', message: 'placement: lists 2 ranks, expected 3' });
+  assert.throws(() => parsePlacement('{"0": [0]}', 4, 2),
+    { name: 'RangeError', message: 'placement: expected an array of each rank\'s expert ids, e.g. [[0, 2], [1, 3]]' });
+  assert.throws(() => parsePlacement('[[0, 2], [1, "3"]]', 4, 2),
+    { name: 'RangeError', message: 'placement: expected an array of each rank\'s expert ids, e.g. [[0, 2], [1, 3]]' });
+  assert.throws(() => parsePlacement('[[0, 2], [1, 3', 4, 2), (e: Error) => e instanceof RangeError && e.message.startsWith('placement: not JSON ('));
+  const dir = mkdtempSync(path.join(tmpdir(), 'expertd-placement-'));
+  try {
+    const file = path.join(dir, 'p.json');
+    writeFileSync(file, '[[0, 1, 2], [2, 3]]');
+    assert.throws(() => expertPlacement(file, 4, 2), { name: 'UsageError', message: `--expert-placement ${file}: placement: expert 2 is owned by ranks 0 and 1` });
+    writeFileSync(file, '[[3, 1], [0, 2]]');
+    assert.deepEqual(expertPlacement(file, 4, 2), [1, 0, 1, 0]);
+    assert.throws(() => expertPlacement(path.join(dir, 'missing.json'), 4, 2), (e: Error) =>
+      e.name === 'UsageError' && e.message.startsWith(`--expert-placement ${path.join(dir, 'missing.json')}: ENOENT`));
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('expertd serve --expert-parallel 2 --expert-placement FILE (round-robin) answers as one rank', async () => {
+  const dir = mkdtempSync(path.join(tmpdir(), 'expertd-placement-'));
+  const file = path.join(dir, 'p.json');
+  writeFileSync(file, JSON.stringify([[0, 2, 4, 6], [1, 3, 5, 7]])); // the demo model has 8 experts
+  const run = async (extra: string[]) => {
+    const d = await startDaemon(extra);
+    try {
+      const texts = await Promise.all(['The weather today', 'Once upon a time', 'Hello'].map((prompt) =>
+        d.client.completions.create({ model: 'expertd-demo', prompt, max_tokens: 8, temperature: 0 }).then((c) => c.choices[0]!.text)));
+      const metrics = await (await fetch(`${d.base}/metrics`)).text();
+      return { texts, metrics, logs: d.logs.join(''), exit: await stopDaemon(d) };
+    } catch (e) {
+      d.proc.kill('SIGKILL');
+      throw e;
+    }
+  };
+  try {
+    const ep = await run(['--expert-parallel', '2', '--expert-placement', file]);
+    const one = await run([]);
+    assert.deepEqual(ep.texts, one.texts);
+    assert.equal(ep.exit, 0);
+    assert.match(ep.logs, /expert placement rank 0 \[0,2,4,6\], rank 1 \[1,3,5,7\]/);
+    assert.doesNotMatch(one.logs, /expert placement/);
+    const bytes = /^expertd_all2all_bytes_total (\S+)$/m.exec(ep.metrics);
+    assert.ok(bytes && Number(bytes[1]) > 0, 'all2all bytes counted');
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -479,3 +479,21 @@ export class GroupExpertComm implements ExpertComm {
 function bytes(a: Float32Array | Int32Array): Uint8Array {
   return new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
 }
+
+/**
+ * A placement file (--expert-placement): JSON, rank r's experts as the r-th array, e.g.
+ * [[0, 2, 4, 6], [1, 3, 5, 7]]. Throws an exact RangeError when it is not that shape, does not
+ * list worldSize ranks, or is not a valid placement of numExperts experts.
+ */
+export function parsePlacement(text: string, numExperts: number, worldSize: number): ExpertPlacement {
+  let v: unknown;
+  try {
+    v = JSON.parse(text);
+  } catch (e) {
+    throw new RangeError(`placement: not JSON (${(e as Error).message})`);
+  }
+  if (!Array.isArray(v) || !v.every((l) => Array.isArray(l) && l.every((e) => typeof e === 'number')))
+    throw new RangeError('placement: expected an array of each rank\'s expert ids, e.g. [[0, 2], [1, 3]]');
+  if (v.length !== worldSize) throw new RangeError(`placement: lists ${v.length} ranks, expected ${worldSize}`);
+  return placementFromExperts(v as number[][], numExperts);
+}
