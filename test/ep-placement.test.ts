@@ -165,7 +165,7 @@ test('bf16: a random placement over 3 ranks equals one rank in bf16, bit for bit
 });
 
 for (const name of ['qwen2_moe', 'longcat_flash']) {
-  test(`${name} on devices (emulated): a round-robin placement over 2 ranks equals one device, bit for bit`, async () => {
+  test(`${name} on devices (emulated): a round-robin placement over 2 ranks equals one device, bit for bit (PN 1 and 3)`, async () => {
     const dir = path.join(fixturesDir, name);
     const single = loadCudaModel(dir, { device: 0, cuda: createCudaEmulator() });
     const want = runAll(single.model, null);
@@ -177,9 +177,12 @@ for (const name of ['qwen2_moe', 'longcat_flash']) {
       await ranks.ready;
       const loaded = loadCudaModel(dir, { device: 0, cuda, ep: ranks.comm });
       try {
-        const got = runAll(loaded.model, null);
-        assert.deepEqual(got.tokens, want.tokens, `${name}: greedy tokens`);
-        got.logits.forEach((l, i) => assert.deepEqual(l, want.logits[i], `${name}: logits of step ${i}`));
+        for (const pn of [1, 3]) {
+          loaded.model.setPipelineChunks(pn);
+          const got = runAll(loaded.model, null);
+          assert.deepEqual(got.tokens, want.tokens, `${name} PN ${pn}: greedy tokens`);
+          got.logits.forEach((l, i) => assert.deepEqual(l, want.logits[i], `${name} PN ${pn}: logits of step ${i}`));
+        }
         assert.ok(ranks.comm.bytesSent > 0, 'rows went to the other rank');
       } finally {
         loaded.model.dispose();
