@@ -8,7 +8,7 @@ import { loadNative, type ExpertTable, type PackedWeight, type RouteOptions } fr
 import type { Scratch } from '../model/forward-batch.js';
 import type { MoeSpec } from '../model/spec.js';
 import type { ChunkRoutes, ExpertComm, Inflight } from './comm.js';
-import { expertSlice } from './ep-comm.js';
+import { contiguousPlacement } from './ep-comm.js';
 import { denseExpertsFfn, EpsPlanner, type EpsPlan, type ExpertKernel } from './eps-planner.js';
 
 /** Pipeline chunks per MoE layer: the planner's choice per layer and step, or a fixed count. */
@@ -159,9 +159,19 @@ export class MoeLayer {
     const model = this.comm.commModel?.();
     if (!this.planner || !model || this.comm.worldSize === 1 || T === 0) return 1;
     const W = this.comm.worldSize;
-    const slices = Array.from({ length: W }, (_, r) => expertSlice(this.numExperts, W, r));
+    // The planner takes each rank's experts as a contiguous slice: hand it the counts grouped by
+    // owner (the counts themselves for contiguous slices).
+    const P = this.comm.placement ?? contiguousPlacement(this.numExperts, W);
+    const grouped = P.contiguous ? counts : new Int32Array(this.numExperts);
+    const slices: [number, number][] = [];
+    let at = 0;
+    for (const list of P.experts) {
+      const from = at;
+      for (const e of list) { if (grouped !== counts) grouped[at] = counts[e]!; at++; }
+      slices.push([from, at]);
+    }
     const planner = new EpsPlanner(this.planner.table, model, this.planner.force, MAX_AUTO_CHUNKS);
-    return Math.min(T, planner.plan(counts, this.hidden * 4, { slices, self: this.comm.rank }).chunks);
+    return Math.min(T, planner.plan(grouped, this.hidden * 4, { slices, self: this.comm.rank }).chunks);
   }
 
   /**
