@@ -1,7 +1,8 @@
 // EPS-MoE expert pipeline scheduling: per MoE layer and step, pick the expert kernel that fits the
 // load (one GroupGemm over all experts, or a DenseGemm per expert) and the number of pipeline chunks
-// PN that best overlaps the all2all of one chunk with the expert GEMMs of another. The cost model is
-// calibrated once per machine and expert shape by a short microbenchmark, cached on disk.
+// PN that best overlaps the all2all of one chunk with the expert GEMMs of another. The expert cost
+// table is calibrated once per machine and expert shape by a short microbenchmark, cached on disk; the
+// per-chunk overhead is measured online per comm group (ChunkOverheadEstimator).
 import { mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
