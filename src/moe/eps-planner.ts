@@ -174,6 +174,11 @@ export class ChunkOverheadEstimator {
     this.residuals.set(chunks, r);
   }
 
+  /** Layers recorded at each PN (within the window). */
+  recorded(): Map<number, number> {
+    return new Map([...this.residuals].map(([pn, r]) => [pn, r.length]));
+  }
+
   /** True once PN 1 and some PN > 1 have enough residuals for a slope. */
   calibrated(): boolean {
     if ((this.residuals.get(1)?.length ?? 0) < this.samples) return false;
