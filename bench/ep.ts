@@ -199,8 +199,7 @@ export async function runEp(argv: string[]): Promise<void> {
   const eps: { mode: string; GBps: number; runs: Run[]; chunkOverheadMs: number }[] = [];
   try {
     await ranks.ready;
-    const [lo, hi] = ranks.owned;
-    const { model } = loadModel(dir, { fast: false, comm: ranks.comm, loadExpert: (_l, e) => e >= lo && e < hi });
+        const { model } = loadModel(dir, { fast: false, comm: ranks.comm, loadExpert: (_l, e) => ranks.comm.ownsExpert(e) });
     try {
       model.setExpertKernel('auto');
       for (const mode of modes) {
@@ -252,8 +251,7 @@ export async function runEp(argv: string[]): Promise<void> {
     const lranks = startExpertRanks(ldir, W, false, 600_000);
     try {
       await lranks.ready;
-      const [lo, hi] = lranks.owned;
-      const { model } = loadModel(ldir, { fast: false, comm: lranks.comm, loadExpert: (_l, e) => e >= lo && e < hi });
+            const { model } = loadModel(ldir, { fast: false, comm: lranks.comm, loadExpert: (_l, e) => lranks.comm.ownsExpert(e) });
       try {
         model.setExpertKernel('group');
         model.setPipelineChunks(1);

@@ -441,10 +441,11 @@ async function liveMetrics(d: Daemon): Promise<string> {
   return res.text();
 }
 
-test('the dashboard queries only metrics a live expertd serves (--expert-parallel 2, and with expert offloading)', async () => {
-  // Expert parallelism and offloading cannot run together yet: the union of the two daemons' series.
+test('the dashboard queries only metrics a live expertd serves (--nproc-per-node 2, and with expert offloading)', async () => {
+  // Rank processes (expert-parallel MoE over Gloo, the front's per-rank series) and offloading
+  // cannot run together yet: the union of the two daemons' series.
   const served = new Set<string>();
-  for (const flags of [['--expert-parallel', '2'], ['--expert-cache-fraction', '0.5']]) {
+  for (const flags of [['--nproc-per-node', '2'], ['--expert-cache-fraction', '0.5']]) {
     const d = await startDaemon(flags);
     try {
       for (const n of sampleNames(await liveMetrics(d))) served.add(n);

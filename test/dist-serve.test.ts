@@ -1,8 +1,10 @@
 // `expertd serve --nproc-per-node N` end to end: rank processes behind one front on a real port.
 // Greedy outputs and logprobs equal one engine's on three fixtures (f32) with 2 and 3 ranks and
-// the requests spread over every rank; a killed rank gives 503s and every process exits; SIGTERM
-// drains in-flight requests on all ranks and everything exits 0.
+// the requests spread over every rank, and on the other four with 2 ranks and two prompts; a
+// killed rank gives 503s and every process exits; a hung rank or a hung front ends the group;
+// SIGTERM drains in-flight requests on all ranks and everything exits 0.
 import assert from 'node:assert/strict';
+import { readdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 
@@ -111,6 +113,44 @@ for (const name of ['mixtral', 'deepseek_v3', 'longcat_flash']) {
   });
 }
 
+// The other fixtures, lighter: every architecture the loader knows serves through 2 rank processes
+// with its MoE expert-parallel (or replicated without Gloo), a couple of prompts each.
+const heavy = ['mixtral', 'deepseek_v3', 'longcat_flash'];
+const allFixtures = readdirSync(path.join(packageRoot(), 'test', 'fixtures'), { withFileTypes: true })
+  .filter((e) => e.isDirectory()).map((e) => e.name).sort();
+test('every fixture is covered by a rank-process test', () => {
+  assert.equal(allFixtures.length, 7, `fixtures: ${allFixtures.join(', ')}`);
+  for (const name of heavy) assert.ok(allFixtures.includes(name), name);
+});
+for (const name of allFixtures.filter((n) => !heavy.includes(n))) {
+  const layout = gloo ? 'expert' : 'replicated';
+  test(`${name}: 2 rank processes (--dist-moe ${layout}) answer exactly as one engine (greedy text and logprobs, f32)`, async () => {
+    const few = prompts.slice(0, 2);
+    const one = await startDaemon(['--model', fixture(name)]);
+    const want: Out[] = [];
+    try {
+      for (const p of few) want.push(await complete(one.base, name, p, 4));
+    } finally {
+      assert.equal(await stopDaemon(one), 0);
+    }
+    const d = await startDaemon(['--model', fixture(name), '--nproc-per-node', '2', '--dist-moe', layout]);
+    const pids = rankPids(d);
+    try {
+      assert.equal(pids.length, 2);
+      // Together, so each rank holds one and the MoE rows of both meet in the all2all.
+      const got = await Promise.all(few.map((p) => complete(d.base, name, p, 4)));
+      got.forEach((g, i) => assert.deepEqual(g, want[i], `${name} x2 ${layout}: '${few[i]}'`));
+      if (layout === 'expert') assert.ok(await all2allBytes(d.base) > 0, 'rows travelled between the rank processes');
+      assert.deepEqual(await rankRequests(d.base), [1, 1], 'one request on each rank');
+    } catch (e) {
+      killAll(d, pids);
+      throw e;
+    }
+    assert.equal(await stopDaemon(d), 0, `${name} x2: the front exits 0 after SIGTERM`);
+    assert.ok(await allGone(pids, 10_000), 'no rank process is left behind');
+  });
+}
+
 test('a rank killed mid-generation: its request fails, later requests get 503 naming the rank, every process exits non-zero within 30 s', async () => {
   const d = await startDaemon(['--model', fixture('mixtral'), '--nproc-per-node', '2', '--max-num-seqs', '2']);
   const pids = rankPids(d);
@@ -169,6 +209,40 @@ test('a hung rank (SIGSTOP) is found by the heartbeat timeout: 503s, and every p
     assert.match(d.logs.join(''), /rank 0 \(pid \d+\) sent nothing for 2\.0 s \(hung or unreachable\)/);
     assert.ok(await allGone(pids, 5000), 'the stopped rank was killed, the other exited');
   } finally {
+    killAll(d, pids);
+  }
+});
+
+/** Running, not a zombie (a rank that exited under a stopped front stays a zombie until reaped). */
+function running(pid: number): boolean {
+  try {
+    return !/^\d+ \(.*\) Z/.test(readFileSync(`/proc/${pid}/stat`, 'utf8'));
+  } catch {
+    return false;
+  }
+}
+
+test('a hung front (SIGSTOP) is found by the ranks\' heartbeat timeout: they exit non-zero; the front, continued, sees that and exits non-zero', async () => {
+  const d = await startDaemon(['--model', fixture('mixtral'), '--nproc-per-node', '2', '--heartbeat-timeout', '2']);
+  const pids = rankPids(d);
+  try {
+    d.proc.kill('SIGSTOP');
+    const stopped = Date.now();
+    while (pids.some(running)) {
+      assert.ok(Date.now() - stopped < 15_000, 'the ranks outlived a hung front by 15 s');
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    const tookMs = Date.now() - stopped;
+    // The last heartbeat came up to one interval (1 s) before the stop.
+    assert.ok(tookMs >= 1000, `the ranks waited for the timeout (gone after ${tookMs} ms)`);
+    for (const r of [0, 1]) assert.match(d.logs.join(''), new RegExp(`expertd rank ${r}: the front sent nothing for 2\\.0 s \\(hung or unreachable\\); exiting`));
+    d.proc.kill('SIGCONT');
+    assert.equal(await d.exit, 1, 'the front exits non-zero');
+    // The front reads what the ranks left in the channel: an exit with code 1, or first the other
+    // rank's broken all2all (expert-parallel MoE: its peer went first).
+    assert.match(d.logs.join(''), /"error":"rank [01] \(pid \d+\) (exited with code 1|failed: engine step failed: gloo group .*; the group is broken)"/);
+  } finally {
+    if (d.proc.exitCode === null && d.proc.signalCode === null) d.proc.kill('SIGCONT');
     killAll(d, pids);
   }
 });

@@ -205,6 +205,23 @@ test('a silent rank (no heartbeat) fails the group within the heartbeat timeout 
   }
 });
 
+test('the front heartbeats every rank (its first as the rank joins) with the --heartbeat-timeout, and stops once the group is down', async () => {
+  const { group, links } = fakeGroup(2, 2500);
+  const beats = (l: FakeLink) => l.sent.filter((m) => (m as { type: string }).type === 'heartbeat');
+  for (const l of links) assert.deepEqual(l.sent[0], { type: 'heartbeat', timeoutMs: 2500 });
+  // Then every HEARTBEAT_INTERVAL_MS (polled, not timed: a loaded machine may be late).
+  const t0 = Date.now();
+  while (!links.every((l) => beats(l).length >= 2)) {
+    assert.ok(Date.now() - t0 < 20_000, 'no second heartbeat');
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  group.fault('over');
+  const after = links.map((l) => l.sent.length);
+  await new Promise((r) => setTimeout(r, 1500));
+  assert.deepEqual(links.map((l) => l.sent.length), after, 'nothing sent after the exit');
+  for (const l of links) assert.equal((l.sent.at(-1) as { type: string }).type, 'exit');
+});
+
 test('a refused rendezvous rejects with the difference and tells every rank to exit', async () => {
   const { group, links } = fakeGroup(2);
   const rv = group.rendezvous();

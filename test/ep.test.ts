@@ -50,8 +50,7 @@ for (const name of fixtures) {
         const ranks = startExpertRanks(dir, world, fast, 60_000);
         try {
           await ranks.ready;
-          const [lo, hi] = ranks.owned;
-          const loaded = loadModel(dir, { fast, comm: ranks.comm, loadExpert: (_l, e) => e >= lo && e < hi });
+                    const loaded = loadModel(dir, { fast, comm: ranks.comm, loadExpert: (_l, e) => ranks.comm.ownsExpert(e) });
           try {
             const got = runAll(loaded.model, null);
             assert.deepEqual(got.tokens, want.tokens, `${name} ${mode} x${world}: greedy tokens`);

@@ -59,8 +59,7 @@ for (const name of fixtures) {
       const ranks = startExpertRanks(dir, world, false, 60_000);
       try {
         await ranks.ready;
-        const [lo, hi] = ranks.owned;
-        const loaded = loadModel(dir, { fast: false, comm: ranks.comm, loadExpert: (_l, e) => e >= lo && e < hi });
+                const loaded = loadModel(dir, { fast: false, comm: ranks.comm, loadExpert: (_l, e) => ranks.comm.ownsExpert(e) });
         try {
           for (const pn of [1, ...PNS]) {
             loaded.model.setPipelineChunks(pn);
@@ -87,8 +86,7 @@ test('DenseGemm experts too: every PN equals PN 1 bit for bit over 2 ranks (qwen
   const ranks = startExpertRanks(dir, 2, false, 60_000);
   try {
     await ranks.ready;
-    const [lo, hi] = ranks.owned;
-    const loaded = loadModel(dir, { fast: false, comm: ranks.comm, loadExpert: (_l, e) => e >= lo && e < hi });
+        const loaded = loadModel(dir, { fast: false, comm: ranks.comm, loadExpert: (_l, e) => ranks.comm.ownsExpert(e) });
     try {
       loaded.model.setExpertKernel('dense');
       loaded.model.setPipelineChunks(1);
@@ -130,8 +128,7 @@ test('auto: the planner picks PN per layer and step from the link; a slow simula
   const ranks = startExpertRanks(dir, 2, false, 60_000);
   try {
     await ranks.ready;
-    const [lo, hi] = ranks.owned;
-    const loaded = loadModel(dir, { fast: false, comm: ranks.comm, loadExpert: (_l, e) => e >= lo && e < hi });
+        const loaded = loadModel(dir, { fast: false, comm: ranks.comm, loadExpert: (_l, e) => ranks.comm.ownsExpert(e) });
     try {
       const m = loaded.model;
       m.setPipelineChunks(1);
@@ -202,8 +199,7 @@ test('ScMoE: the shortcut MoE overlapped with the dense sub-blocks equals runnin
   const ranks = startExpertRanks(dir, 2, false, 60_000);
   try {
     await ranks.ready;
-    const [lo, hi] = ranks.owned;
-    const { model } = loadModel(dir, { fast: false, comm: ranks.comm, loadExpert: (_l, e) => e >= lo && e < hi });
+        const { model } = loadModel(dir, { fast: false, comm: ranks.comm, loadExpert: (_l, e) => ranks.comm.ownsExpert(e) });
     try {
       model.setPipelineChunks(2);
       model.shortcutOverlap = false;

@@ -1,5 +1,5 @@
 // A real Prometheus (the `prometheus` binary; CI installs Debian's package) scrapes a live expertd with
-// two expert ranks on loopback every second; what its HTTP API answers must equal what the daemon served,
+// two rank processes (--nproc-per-node 2, expert-parallel MoE over Gloo) on loopback every second; what its HTTP API answers must equal what the daemon served,
 // and every query of the Grafana dashboard must parse and evaluate there. promtool checks the configs.
 import assert from 'node:assert/strict';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
@@ -109,9 +109,9 @@ function labelKey(labels: Record<string, string>): string {
   return JSON.stringify(Object.entries(labels).filter(([k]) => k !== '__name__' && k !== 'job' && k !== 'instance').sort());
 }
 
-test('a real Prometheus scrapes expertd --expert-parallel 2 and answers the values it served', { skip, timeout: 180_000 }, async () => {
+test('a real Prometheus scrapes expertd --nproc-per-node 2 and answers the values it served', { skip, timeout: 180_000 }, async () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'expertd-prometheus-'));
-  const d = await startDaemon(['--expert-parallel', '2']);
+  const d = await startDaemon(['--nproc-per-node', '2']);
   let prom: Prometheus | null = null;
   try {
     await Promise.all(['The weather today', 'Once upon a time'].map((prompt) =>
@@ -129,7 +129,8 @@ test('a real Prometheus scrapes expertd --expert-parallel 2 and answers the valu
     assert.ok(up, `expertd never scraped up:\n${p.logs.join('')}`);
     assert.equal(up[0]!.metric.instance, target);
 
-    for (const name of ['expertd_all2all_bytes_total', 'expertd_all2all_seconds_total', 'expertd_generation_tokens_total', 'expertd_expert_tokens_total', 'expertd_moe_kernel_choice_total']) {
+    for (const name of ['expertd_all2all_bytes_total', 'expertd_all2all_seconds_total', 'expertd_generation_tokens_total', 'expertd_expert_tokens_total', 'expertd_moe_kernel_choice_total',
+    'expertd_rank_requests_total', 'expertd_rank_sequences']) {
       const want = served(text, name);
       assert.ok(want.size > 0, `${name} served`);
       const got = await waitFor(async () => {
@@ -140,6 +141,7 @@ test('a real Prometheus scrapes expertd --expert-parallel 2 and answers the valu
       assert.deepEqual(new Map(got.map((s) => [labelKey(s.metric), Number(s.value[1])])), want, name);
     }
     assert.ok(served(text, 'expertd_all2all_bytes_total').get('[]')! > 0, 'two ranks exchanged rows');
+    assert.deepEqual([...served(text, 'expertd_rank_requests_total').values()], [1, 1], 'the front sent one request to each rank');
 
     // Every dashboard query parses and evaluates in this Prometheus (Grafana's variables given values);
     // one whose metrics this daemon serves returns series once two scrapes fall in the rate window.

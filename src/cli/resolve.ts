@@ -1,9 +1,11 @@
 // Turns the model flags into engine options: the demo model when no --model is given, the compute
 // dtype from the CPU when 'auto'.
+import { readFileSync } from 'node:fs';
 import path from 'node:path';
 
 import { parseModelConfig } from '../model/config.js';
 import { ensureDemoModel } from '../model/demo.js';
+import { parsePlacement } from '../moe/ep-comm.js';
 import { loadNative } from '../native/index.js';
 import type { EngineOptions } from '../engine/protocol.js';
 import type { ModelInfo } from '../engine/types.js';
@@ -80,8 +82,11 @@ export function resolveDevice(flag: string): string {
   return `cuda:${index}`;
 }
 
-function expertParallel(flags: ParsedFlags, device: string, offload: boolean, experts: number): { expertParallel?: number } {
+function expertParallel(flags: ParsedFlags, device: string, offload: boolean, experts: number):
+    { expertParallel?: number; expertPlacement?: number[] } {
   const n = Number(flags['expert-parallel'] ?? 1);
+  const file = String(flags['expert-placement'] ?? '');
+  if (file && n <= 1) throw new UsageError('--expert-placement needs --expert-parallel N (N >= 2)');
   if (n <= 1) return {};
   if (device !== 'cpu') {
     // Device ranks: rank r on cuda:r of this process (a stand-in counts as enough devices).
@@ -91,7 +96,22 @@ function expertParallel(flags: ParsedFlags, device: string, offload: boolean, ex
   }
   if (offload) throw new UsageError('--expert-parallel and expert offloading (--expert-cache-*, --trace-dir) cannot be combined yet');
   if (n > experts) throw new UsageError(`--expert-parallel ${n}: the model has only ${experts} routed experts`);
-  return { expertParallel: n };
+  return { expertParallel: n, ...(file ? { expertPlacement: expertPlacement(file, experts, n) } : {}) };
+}
+
+/** --expert-placement FILE: the owner rank of each expert, checked here, before any worker starts. */
+export function expertPlacement(file: string, experts: number, worldSize: number): number[] {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (e) {
+    throw new UsageError(`--expert-placement ${file}: ${(e as Error).message}`);
+  }
+  try {
+    return Array.from(parsePlacement(text, experts, worldSize).owner);
+  } catch (e) {
+    throw new UsageError(`--expert-placement ${file}: ${(e as Error).message}`);
+  }
 }
 
 /** Offloading is on when the expert cache is smaller than all experts or a trace folder is given. */

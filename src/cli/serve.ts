@@ -45,7 +45,7 @@ export const serveFlags: FlagSpec[] = [
   { name: 'dist-moe', type: 'string', arg: 'MODE', choices: ['auto', 'expert', 'replicated'], default: 'auto',
     help: 'MoE layers across the rank processes: expert = each rank holds a slice of the routed experts, tokens travel by all2all over Gloo and the ranks step in lockstep; replicated = every rank holds every expert (auto = expert where the addon has Gloo, the device is the CPU and neither --expert-parallel nor offloading is on)' },
   { name: 'dist-timeout', type: 'number', min: 1, default: 300, arg: 'SECONDS', help: 'How long every rank has to join the rendezvous (with --dist-moe expert also the bound on the Gloo join and each all2all)' },
-  { name: 'heartbeat-timeout', type: 'number', min: 0.5, default: 10, arg: 'SECONDS', help: 'A rank silent this long (dead, hung or cut off) ends the group: 503s, every process exits non-zero' },
+  { name: 'heartbeat-timeout', type: 'number', min: 0.5, default: 10, arg: 'SECONDS', help: 'A rank silent this long (dead, hung or cut off) ends the group: 503s, every process exits non-zero; ranks whose front is silent this long exit non-zero' },
   { name: 'log-level', type: 'string', default: 'info', choices: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'], help: 'pino log level' },
   { name: 'log-prompts', type: 'boolean', default: false, help: 'Include prompt text in request log lines (off: prompts are user data)' },
 ];

@@ -1,15 +1,14 @@
 // Worker entry of an expert rank (expert parallelism in one process, ranks 1..N-1): loads the model
-// with only its slice of the routed experts, joins the loopback group, then serves one step's MoE
+// with only its experts (the placement rank 0 passed), joins the loopback group, then serves one step's MoE
 // layers each time rank 0 starts a forward, until rank 0 says stop (or the group breaks).
 import path from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { parentPort, workerData } from 'node:worker_threads';
 
-import { parseModelConfig } from '../model/config.js';
 import { loadCudaModel, loadModel } from '../model/load.js';
 import { loadNative, type CudaAddon } from '../native/index.js';
 import { DeviceExpertComm } from '../moe/device-ep.js';
-import { expertSlice, GroupExpertComm } from '../moe/ep-comm.js';
+import { GroupExpertComm, placementFromOwners } from '../moe/ep-comm.js';
 
 export interface ExpertRankData {
   modelDir: string;
@@ -20,6 +19,8 @@ export interface ExpertRankData {
   /** [steps started, stop], shared with rank 0. */
   control: Int32Array;
   joinTimeoutMs: number;
+  /** [E] the rank owning each routed expert (the same table on every rank). */
+  owner: number[];
   /**
    * Device ranks: each rank on CUDA device `rank` (or on a stand-in module's emulator, tests), the
    * all2all over NCCL with this unique id.
@@ -48,22 +49,21 @@ function serve(step: () => void): void {
 }
 
 async function main(): Promise<void> {
-  const spec = parseModelConfig(path.resolve(d.modelDir));
+  const placement = placementFromOwners(d.owner, d.worldSize);
   if (d.device) {
     const cu = d.device.standIn
       ? (await import(pathToFileURL(path.resolve(d.device.standIn)).href) as { createCudaEmulator(): CudaAddon }).createCudaEmulator()
       : loadNative() as unknown as CudaAddon;
     if (!d.device.standIn) cu.cudaSetDevice(d.rank);
-    const ep = new DeviceExpertComm(cu, cu.cudaNcclJoin(d.device.ncclId, d.worldSize, d.rank), spec.moe.numExperts);
+    const ep = new DeviceExpertComm(cu, cu.cudaNcclJoin(d.device.ncclId, d.worldSize, d.rank), placement);
     comm = ep;
     const loaded = loadCudaModel(d.modelDir, { device: d.device.standIn ? 0 : d.rank, cuda: cu, ep });
     serve(() => loaded.model.serveExperts());
     loaded.model.dispose();
   } else {
-    const [lo, hi] = expertSlice(spec.moe.numExperts, d.worldSize, d.rank);
-    const ep = new GroupExpertComm(loadNative().loopbackJoin(d.group, d.worldSize, d.rank, d.joinTimeoutMs), spec.moe.numExperts);
+    const ep = new GroupExpertComm(loadNative().loopbackJoin(d.group, d.worldSize, d.rank, d.joinTimeoutMs), placement);
     comm = ep;
-    const loaded = loadModel(d.modelDir, { fast: d.fast, comm: ep, loadExpert: (_layer, e) => e >= lo && e < hi });
+    const loaded = loadModel(d.modelDir, { fast: d.fast, comm: ep, loadExpert: (_layer, e) => ep.ownsExpert(e) });
     serve(() => loaded.model.serveExperts());
     loaded.model.dispose();
   }

@@ -8,13 +8,13 @@ import { Worker } from 'node:worker_threads';
 import { parseModelConfig } from '../model/config.js';
 import { loadNative, type CudaAddon } from '../native/index.js';
 import { DeviceExpertComm } from '../moe/device-ep.js';
-import { expertSlice, GroupExpertComm } from '../moe/ep-comm.js';
+import { checkPlacement, contiguousPlacement, GroupExpertComm, type ExpertPlacement } from '../moe/ep-comm.js';
 import type { ExpertRankData } from './expert-rank.js';
 
 export interface ExpertRanks<C extends { dispose(): void } = GroupExpertComm> {
   comm: C;
-  /** Experts [first, last) rank 0 keeps (load only these). */
-  owned: [number, number];
+  /** Which rank owns each routed expert: rank 0 keeps (loads) only placement.experts[0]. */
+  placement: ExpertPlacement;
   /** Resolves when every expert rank has loaded its experts; rejects if one fails. */
   ready: Promise<void>;
   /** Called once if an expert rank fails after it was ready (the engine must stop). */
@@ -24,10 +24,12 @@ export interface ExpertRanks<C extends { dispose(): void } = GroupExpertComm> {
 
 let groupSeq = 0;
 
-export function startExpertRanks(modelDir: string, worldSize: number, fast: boolean, joinTimeoutMs = 600_000): ExpertRanks {
+/** `placement`: which rank owns each expert (default: contiguous slices). */
+export function startExpertRanks(modelDir: string, worldSize: number, fast: boolean, joinTimeoutMs = 600_000,
+                                 placement?: ExpertPlacement): ExpertRanks {
   const group = `expertd-ep-${process.pid}-${Date.now()}-${groupSeq++}`;
-  return launch(modelDir, worldSize, { group, fast, joinTimeoutMs }, (control, E) =>
-    new GroupExpertComm(loadNative().loopbackJoin(group, worldSize, 0, joinTimeoutMs), E, control));
+  return launch(modelDir, worldSize, { group, fast, joinTimeoutMs }, placement, (control, P) =>
+    new GroupExpertComm(loadNative().loopbackJoin(group, worldSize, 0, joinTimeoutMs), P, control));
 }
 
 /**
@@ -35,24 +37,25 @@ export function startExpertRanks(modelDir: string, worldSize: number, fast: bool
  * rank on its own emulator of the cuda* ops, tests), the all2all over NCCL.
  */
 export function startDeviceExpertRanks(modelDir: string, worldSize: number, cuda: CudaAddon, standIn?: string,
-                                       joinTimeoutMs = 600_000): ExpertRanks<DeviceExpertComm> {
+                                       joinTimeoutMs = 600_000, placement?: ExpertPlacement): ExpertRanks<DeviceExpertComm> {
   const ncclId = cuda.cudaNcclUniqueId();
   return launch(modelDir, worldSize, { group: '', fast: true, joinTimeoutMs, device: { ncclId, ...(standIn ? { standIn } : {}) } },
-    (control, E) => new DeviceExpertComm(cuda, cuda.cudaNcclJoin(ncclId, worldSize, 0), E, control));
+    placement, (control, P) => new DeviceExpertComm(cuda, cuda.cudaNcclJoin(ncclId, worldSize, 0), P, control));
 }
 
 function launch<C extends { dispose(): void }>(modelDir: string, worldSize: number,
-    base: Pick<ExpertRankData, 'group' | 'fast' | 'joinTimeoutMs' | 'device'>,
-    join: (control: Int32Array, numExperts: number) => C): ExpertRanks<C> {
+    base: Pick<ExpertRankData, 'group' | 'fast' | 'joinTimeoutMs' | 'device'>, given: ExpertPlacement | undefined,
+    join: (control: Int32Array, placement: ExpertPlacement) => C): ExpertRanks<C> {
   if (!Number.isInteger(worldSize) || worldSize < 2) throw new RangeError(`worldSize is ${worldSize}, expected an integer >= 2`);
   const spec = parseModelConfig(path.resolve(modelDir));
   const E = spec.moe.numExperts;
   if (worldSize > E) throw new RangeError(`--expert-parallel ${worldSize}: the model has only ${E} routed experts`);
+  const placement = given ? checkPlacement(given, E, worldSize) : contiguousPlacement(E, worldSize);
   const control = new Int32Array(new SharedArrayBuffer(8));
   const exits: Promise<void>[] = [];
   let stopping = false;
   const ranks: ExpertRanks<C> = {
-    comm: null as unknown as C, owned: expertSlice(E, worldSize, 0), ready: Promise.resolve(),
+    comm: null as unknown as C, placement, ready: Promise.resolve(),
     onFailure: null,
     async stop() {
       if (stopping) return;
@@ -69,7 +72,7 @@ function launch<C extends { dispose(): void }>(modelDir: string, worldSize: numb
   };
   const readies: Promise<void>[] = [];
   for (let rank = 1; rank < worldSize; rank++) {
-    const data: ExpertRankData = { ...base, modelDir, rank, worldSize, control };
+    const data: ExpertRankData = { ...base, modelDir, rank, worldSize, control, owner: Array.from(placement.owner) };
     const w = new Worker(new URL('./expert-rank.js', import.meta.url), { workerData: data });
     exits.push(new Promise<void>((resolve) => w.once('exit', () => resolve())));
     readies.push(new Promise<void>((resolve, reject) => {
@@ -90,7 +93,7 @@ function launch<C extends { dispose(): void }>(modelDir: string, worldSize: numb
     }));
   }
   // Blocks this thread until every rank has joined (they join before loading their experts).
-  ranks.comm = join(control, E);
+  ranks.comm = join(control, placement);
   ranks.ready = Promise.all(readies).then(() => undefined);
   ranks.ready.catch(() => undefined);
   return ranks;

@@ -1,20 +1,23 @@
 // The front's engine over every data-parallel rank: the EngineClient surface the server uses,
 // requests spread by load (fewest running + waiting sequences, ties in turn), the rendezvous check,
-// heartbeats, and the one way a group ends on a fault: every request fails, every rank is told to
+// heartbeats both ways, and the one way a group ends on a fault: every request fails, every rank is told to
 // exit non-zero, /health answers 503 and 'failed' is emitted once.
 import { EventEmitter } from 'node:events';
 
 import type { EngineState } from '../engine/engine-client.js';
 import type { EngineEvent, EngineStats, GenerateRequest, ModelInfo } from '../engine/types.js';
 import { checkIdentities, type RankIdentity } from './identity.js';
-import type { GroupExperts } from './rank-protocol.js';
+import { HEARTBEAT_INTERVAL_MS, type GroupExperts } from './rank-protocol.js';
 import type { RemoteEngine } from './remote-engine.js';
 
 export interface RankGroupOptions {
   worldSize: number;
   /** How long every rank has to say hello (rendezvous) and then to load the model. */
   rendezvousTimeoutMs: number;
-  /** A rank silent for longer than this (no heartbeat, no events) fails the group. */
+  /**
+   * A rank silent for longer than this (no heartbeat, no events) fails the group; the front's own
+   * heartbeats tell every rank the same bound, and a rank whose front is silent that long exits.
+   */
   heartbeatTimeoutMs: number;
   /** After shutdown, how long ranks get to exit before they are killed. */
   closeTimeoutMs?: number;
@@ -28,6 +31,7 @@ export class RankGroup extends EventEmitter {
   private infoValue: ModelInfo | undefined;
   private nextTurn = 0;
   private watchdog: NodeJS.Timeout | undefined;
+  private readonly beat: NodeJS.Timeout;
   private rendezvousDone = false;
   private experts: GroupExperts | undefined;
   private rendezvousWaiters: { resolve: () => void; reject: (e: Error) => void } | undefined;
@@ -42,6 +46,13 @@ export class RankGroup extends EventEmitter {
     this.infoValue = provisional;
     this.ready = new Promise<ModelInfo>((resolve, reject) => { this.resolveReady = resolve; this.rejectReady = reject; });
     this.ready.catch(() => undefined);
+    this.beat = setInterval(() => { for (const e of this.ranks) if (e) this.heartbeat(e); }, HEARTBEAT_INTERVAL_MS);
+    this.beat.unref();
+  }
+
+  /** Tells a rank the front is alive, and how long a silence means it is not. */
+  private heartbeat(e: RemoteEngine): void {
+    if (!e.closing) e.link.send({ type: 'heartbeat', timeoutMs: this.options.heartbeatTimeoutMs });
   }
 
   /** Adds a rank (local at once, remote ones as their node's relay connects). */
@@ -50,6 +61,7 @@ export class RankGroup extends EventEmitter {
     if (r < 0 || r >= this.ranks.length) throw new Error(`rank ${r} is outside the group of ${this.ranks.length}`);
     if (this.ranks[r]) throw new Error(`rank ${r} joined twice`);
     this.ranks[r] = engine;
+    this.heartbeat(engine);
     engine.on('hello', () => this.checkRendezvous());
     engine.on('ready', () => this.checkReady());
     engine.on('fatal', (msg: string) => {
@@ -129,6 +141,7 @@ export class RankGroup extends EventEmitter {
     this.current = 'failed';
     this.failure = message;
     clearInterval(this.watchdog);
+    clearInterval(this.beat);
     for (const e of this.ranks) {
       if (!e) continue;
       e.fail(message);
@@ -230,6 +243,7 @@ export class RankGroup extends EventEmitter {
   /** Every rank closes its engine and exits 0; resolves when all are gone. */
   async close(): Promise<void> {
     clearInterval(this.watchdog);
+    clearInterval(this.beat);
     for (const e of this.ranks) {
       if (!e) continue;
       e.closing = true;

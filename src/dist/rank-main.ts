@@ -1,6 +1,7 @@
 // A rank process: one engine (its own worker thread, weights and KV cache) driven by the front
 // over IPC from its node's launcher. It exits when the launcher goes away, when the front says
-// so, or non-zero when its engine fails; signals are the launcher's business, so it ignores them.
+// so, non-zero when its engine fails, and non-zero when the front (once heard) sends nothing for
+// --heartbeat-timeout (hung); signals are the launcher's business, so it ignores them.
 import { EngineClient } from '../engine/engine-client.js';
 import type { StepMetrics } from '../engine/protocol.js';
 import type { EngineEvent } from '../engine/types.js';
@@ -15,6 +16,9 @@ let events: EngineEvent[] = [];
 let steps: StepMetrics[] = [];
 let flushQueued = false;
 let closing = false;
+/** performance.now() of the front's last message, and its --heartbeat-timeout (0 until its first heartbeat). */
+let frontSeenMs = performance.now();
+let frontTimeoutMs = 0;
 
 function send(m: RankToFront): void {
   // A closed channel means the launcher is gone; 'disconnect' below ends this process.
@@ -52,6 +56,7 @@ function start(i: RankInit, experts: GroupExperts | undefined): void {
 }
 
 process.on('message', (raw: RankInit | FrontToRank) => {
+  frontSeenMs = performance.now(); // any message from the front counts as a heartbeat
   switch (raw.type) {
     case 'init':
       init = raw;
@@ -85,6 +90,9 @@ process.on('message', (raw: RankInit | FrontToRank) => {
       break;
     case 'exit':
       exit(raw.code, raw.message);
+      break;
+    case 'heartbeat':
+      frontTimeoutMs = raw.timeoutMs;
   }
 });
 
@@ -93,3 +101,10 @@ process.on('disconnect', () => { if (!closing) exit(1, 'lost the launcher (IPC c
 process.on('SIGTERM', () => undefined);
 process.on('SIGINT', () => undefined);
 setInterval(() => send({ type: 'heartbeat' }), HEARTBEAT_INTERVAL_MS).unref();
+// A hung front (stopped, deadlocked, its node cut off behind a live relay) is silent: end this rank.
+// Shutting down, the rank exits on its own once its engine has closed.
+setInterval(() => {
+  if (closing || frontTimeoutMs === 0) return;
+  const silentMs = performance.now() - frontSeenMs;
+  if (silentMs > frontTimeoutMs) exit(1, `the front sent nothing for ${(frontTimeoutMs / 1000).toFixed(1)} s (hung or unreachable); exiting`);
+}, 250).unref();

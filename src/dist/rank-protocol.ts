@@ -6,7 +6,7 @@ import type { EngineEvent, EngineStats, GenerateRequest, ModelInfo } from '../en
 import type { RankIdentity } from './identity.js';
 import type { DistExperts } from './lockstep.js';
 
-/** How often a rank says it is alive, and how long a silent one is given by default. */
+/** How often a rank says it is alive to the front, and the front to every rank. */
 export const HEARTBEAT_INTERVAL_MS = 1000;
 
 /** From a node's launcher to its own rank process (IPC). */
@@ -35,7 +35,13 @@ export type FrontToRank =
   /** Drain is done on the front: close the engine and exit 0. */
   | { type: 'shutdown' }
   /** The group is over (a fault, or a refused rendezvous): print the message, exit with code. */
-  | { type: 'exit'; code: number; message: string };
+  | { type: 'exit'; code: number; message: string }
+  /**
+   * The front is alive (every HEARTBEAT_INTERVAL_MS, the first as the rank joins the group). The
+   * rank exits non-zero when the front then sends nothing for timeoutMs (--heartbeat-timeout): a
+   * hung front keeps the IPC channel or the relay's TCP link open, so only silence shows it.
+   */
+  | { type: 'heartbeat'; timeoutMs: number };
 
 export type RankToFront =
   | { type: 'hello'; identity: RankIdentity; pid: number }

@@ -22,6 +22,8 @@ export interface EngineOptions {
    * cuda:r). Absent or 1 = off.
    */
   expertParallel?: number;
+  /** With expertParallel: the owner rank of each routed expert (--expert-placement; absent = contiguous slices). */
+  expertPlacement?: number[];
   /**
    * Expert parallelism across rank processes (serve --nproc-per-node/--nnodes, --dist-moe expert):
    * this rank holds its slice of the routed experts, joins the Gloo group through the front's

@@ -17,14 +17,14 @@ import { EngineCore, type StepOffloader } from './engine-core.js';
 import type { EngineOptions, FromWorker, StepMetrics, ToWorker } from './protocol.js';
 import type { EngineEvent } from './types.js';
 import { Lockstep, Vote } from '../dist/lockstep.js';
-import { expertSlice, GroupExpertComm } from '../moe/ep-comm.js';
+import { GroupExpertComm, placementFromOwners, type ExpertPlacement } from '../moe/ep-comm.js';
 import { parseModelConfig } from '../model/config.js';
 
 const port = parentPort;
 if (!port) throw new Error('engine worker must run in a worker thread');
 
 let core: EngineCore | null = null;
-let expertRanks: Pick<ExpertRanks<{ dispose(): void }>, 'stop'> | null = null;
+let expertRanks: Pick<ExpertRanks<{ dispose(): void }>, 'stop' | 'placement'> | null = null;
 let offloader: Pick<Offloader, 'save' | 'close' | 'stats'> & StepOffloader | null = null;
 let saveTimer: NodeJS.Timeout | null = null;
 let pending: EngineEvent[] = [];
@@ -166,7 +166,7 @@ async function init(o: EngineOptions): Promise<void> {
       let ep: DeviceExpertComm | undefined;
       if ((o.expertParallel ?? 1) > 1) {
         const ranks = startDeviceExpertRanks(o.modelDir, o.expertParallel!, cuda ?? (loadNative() as unknown as CudaAddon),
-          process.env.EXPERTD_CUDA_STANDIN);
+          process.env.EXPERTD_CUDA_STANDIN, undefined, placementOption(o));
         expertRanks = ranks;
         await ranks.ready;
         ranks.onFailure = onRankFailure;
@@ -197,15 +197,14 @@ async function init(o: EngineOptions): Promise<void> {
         distComm = new GroupExpertComm(loadNative().glooJoin({
           host: d.host, port: d.port, prefix: d.prefix, rank: d.rank, worldSize: d.worldSize, timeoutMs: d.timeoutMs,
         }), numExperts);
-        const [lo, hi] = expertSlice(numExperts, d.worldSize, d.rank);
-        ep = { comm: distComm, loadExpert: (_layer, e) => e >= lo && e < hi };
+        const comm = distComm;
+        ep = { comm, loadExpert: (_layer, e) => comm.ownsExpert(e) };
       } else if ((o.expertParallel ?? 1) > 1) {
-        const ranks = startExpertRanks(o.modelDir, o.expertParallel!, fast);
+        const ranks = startExpertRanks(o.modelDir, o.expertParallel!, fast, undefined, placementOption(o));
         expertRanks = ranks;
         await ranks.ready;
         ranks.onFailure = onRankFailure;
-        const [lo, hi] = ranks.owned;
-        ep = { comm: ranks.comm, loadExpert: (_layer, e) => e >= lo && e < hi };
+                ep = { comm: ranks.comm, loadExpert: (_layer, e) => ranks.comm.ownsExpert(e) };
       }
       const cpuLoaded = loadModel(o.modelDir, {
         fast, ...(o.offload ? { loadExpert: skipAllExperts } : {}), ...ep, onProgress,
@@ -235,7 +234,8 @@ async function init(o: EngineOptions): Promise<void> {
     const summary = `${loadSummary(loaded)}; compute ${o.computeDtype}; KV cache ${core.numBlocks} blocks x ${o.blockSize} tokens` +
       (loaded.report.warnings.length ? `; ${loaded.report.warnings.length} unexpected tensor(s) ignored` : '') +
       (offloader ? `; expert cache ${offloader.stats().slots}/${offloader.stats().totalExperts} experts, ` +
-        `policy ${o.offload!.policy}, EAM collection ${offloader.stats().collectionSize}` : '');
+        `policy ${o.offload!.policy}, EAM collection ${offloader.stats().collectionSize}` : '') +
+      (expertRanks && o.expertPlacement ? `; expert placement ${expertRanks.placement.experts.map((l, r) => `rank ${r} [${Array.from(l)}]`).join(', ')}` : '');
     send({ type: 'ready', info: core.info, summary });
     if (lockstep) setImmediate(lockstepLoop);
   } catch (e) {
@@ -293,4 +293,9 @@ function finishShutdown(): void {
       lockstep?.comm.dispose();
       port!.close();
     });
+}
+
+/** The in-process expert ranks' placement (--expert-placement), or undefined: contiguous slices. */
+function placementOption(o: EngineOptions): ExpertPlacement | undefined {
+  return o.expertPlacement ? placementFromOwners(o.expertPlacement, o.expertParallel!) : undefined;
 }

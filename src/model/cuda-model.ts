@@ -186,8 +186,8 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     const t = moeTensors(spec, src, layerPrefix);
     const experts = this.table(m.numExperts, m.intermediate);
     const expertWeights: DeviceMoe['expertWeights'] = [];
-    const [lo, hi] = this.ep ? this.ep.owned : [0, m.numExperts];
-    for (let e = lo; e < hi && this.loadExperts; e++) {
+    for (let e = 0; e < m.numExperts && this.loadExperts; e++) {
+      if (this.ep && !this.ep.ownsExpert(e)) continue;
       const w = this.upload(t.expert(e), `${t.prefix}experts.${e}`, m.intermediate);
       experts.set(e, w.gateUp, w.down);
       expertWeights.push(w);

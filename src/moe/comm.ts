@@ -17,12 +17,15 @@ export interface ChunkRoutes {
 }
 
 import type { CommModel } from './eps-planner.js';
+import type { ExpertPlacement } from './ep-comm.js';
 
 export interface ExpertComm {
   readonly rank: number;
   readonly worldSize: number;
-  /** Experts owned by this rank: [first, last). */
-  ownedExperts(numExperts: number): [number, number];
+  /** Whether this rank owns routed expert e (its placement; see ep-comm.ts). */
+  ownsExpert(e: number): boolean;
+  /** The placement of the routed experts over the ranks (absent: one rank owns them all). */
+  readonly placement?: ExpertPlacement;
   /**
    * xPerm [rows, H] in expert order with offsets [E+1] -> the rows this rank must compute and their
    * local offsets over its owned experts. Identity for one rank.
@@ -60,7 +63,7 @@ const done: Inflight<void> = { wait() {} };
 export class SingleRankComm implements ExpertComm {
   readonly rank = 0;
   readonly worldSize = 1;
-  ownedExperts(numExperts: number): [number, number] { return [0, numExperts]; }
+  ownsExpert(): boolean { return true; }
   dispatch(xPerm: Float32Array, offsets: Int32Array): { x: Float32Array; offsets: Int32Array } {
     return { x: xPerm, offsets };
   }

@@ -8,7 +8,7 @@ import { loadNative, type ExpertTable, type PackedWeight, type RouteOptions } fr
 import type { Scratch } from '../model/forward-batch.js';
 import type { MoeSpec } from '../model/spec.js';
 import type { ChunkRoutes, ExpertComm, Inflight } from './comm.js';
-import { expertSlice } from './ep-comm.js';
+import { contiguousPlacement } from './ep-comm.js';
 import { ChunkOverheadEstimator, denseExpertsFfn, EpsPlanner, type EpsPlan, type ExpertKernel } from './eps-planner.js';
 
 /** Pipeline chunks per MoE layer: the planner's choice per layer and step, or a fixed count. */
@@ -135,7 +135,9 @@ export class MoeLayer {
       return off;
     });
     const p = this.start(x, T, bounds, offsets, xPerm, permIndex, weights, scratch);
-    if (choice.planner) p.timing = { startedAt, predictedMs: choice.planner.scheduleMs(counts.subarray(0, E), H * 4, PN, choice.ranks) };
+    if (choice.planner && choice.counts) {
+      p.timing = { startedAt, predictedMs: choice.planner.scheduleMs(choice.counts, H * 4, PN, choice.ranks) };
+    }
     return p;
   }
 
@@ -172,18 +174,30 @@ export class MoeLayer {
    * This rank's wish for PN: forced, else the planner's on this step's routed counts, the link and
    * the measured per-chunk overhead (while that is being measured, PN 1 and the wish in turn).
    */
-  private chooseChunks(counts: Int32Array, T: number): { chunks: number; planner?: EpsPlanner; ranks?: { slices: [number, number][]; self: number } } {
+  private chooseChunks(counts: Int32Array, T: number): {
+    chunks: number; planner?: EpsPlanner; ranks?: { slices: [number, number][]; self: number }; counts?: ArrayLike<number>;
+  } {
     if (this.pipelineChunks !== 'auto') return { chunks: this.pipelineChunks };
     const model = this.comm.commModel?.();
     if (!this.planner || !model || this.comm.worldSize === 1 || T === 0) return { chunks: 1 };
     const W = this.comm.worldSize;
-    const slices = Array.from({ length: W }, (_, r) => expertSlice(this.numExperts, W, r));
+    // The planner takes each rank's experts as a contiguous slice: hand it the counts grouped by
+    // owner (the counts themselves for contiguous slices).
+    const P = this.comm.placement ?? contiguousPlacement(this.numExperts, W);
+    const grouped = P.contiguous ? counts : new Int32Array(this.numExperts);
+    const slices: [number, number][] = [];
+    let at = 0;
+    for (const list of P.experts) {
+      const from = at;
+      for (const e of list) { if (grouped !== counts) grouped[at] = counts[e]!; at++; }
+      slices.push([from, at]);
+    }
     const ranks = { slices, self: this.comm.rank };
     const est = chunkOverheadOf(this.comm).useLink(model.bytesPerMs);
     const planner = new EpsPlanner(this.planner.table, { ...model, chunkOverheadMs: est.overheadMs() },
       this.planner.force, MAX_AUTO_CHUNKS);
-    const want = Math.min(T, planner.plan(counts, this.hidden * 4, ranks).chunks);
-    return { chunks: est.schedule(want), planner, ranks };
+    const want = Math.min(T, planner.plan(grouped, this.hidden * 4, ranks).chunks);
+    return { chunks: est.schedule(want), planner, ranks, counts: grouped };
   }
 
   /**

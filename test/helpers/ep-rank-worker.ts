@@ -1,16 +1,18 @@
 // A rank of the GroupExpertComm test (ep.test.ts): every rank routes rows of its own to every
 // expert (identity experts included), the owners "compute" y = x * (expert + 1), and each rank
-// checks that its rows came back, in place, as exactly that.
+// checks that its rows came back, in place, as exactly that. `owner` (optional): the expert
+// placement as the owner rank of each expert (default: contiguous slices).
 import { isMainThread, parentPort, workerData } from 'node:worker_threads';
 
 import { loadNative } from '../../src/native/index.js';
-import { GroupExpertComm } from '../../src/moe/ep-comm.js';
+import { GroupExpertComm, placementFromOwners } from '../../src/moe/ep-comm.js';
 import { DeviceExpertComm } from '../../src/moe/device-ep.js';
 import type { CudaBuffer } from '../../src/native/index.js';
 import { createCudaEmulator } from './cuda-emu.js';
 import { mulberry32 } from '../../src/engine/rng.js';
 
-const { group, world, rank, E, Z, H, steps, seed, ncclId } = (workerData ?? {}) as { group: string; world: number; rank: number; E: number; Z: number; H: number; steps: number; seed: number; ncclId?: Uint8Array };
+const { group, world, rank, E, Z, H, steps, seed, ncclId, owner } = (workerData ?? {}) as { group: string; world: number; rank: number; E: number; Z: number; H: number; steps: number; seed: number; ncclId?: Uint8Array; owner?: number[] };
+const experts = () => (owner ? placementFromOwners(owner, world) : E);
 
 /** This rank's routing of one step: rank-dependent loads, some experts empty, sometimes no rows at all. */
 function stepOffsets(rand: () => number, step: number): Int32Array {
@@ -30,7 +32,7 @@ if (!isMainThread) {
 /** The same over device buffers (an emulator per rank, NCCL as the loopback group): bf16 rows out, f32 back. */
 function runDevice(): void {
   const cu = createCudaEmulator();
-  const comm = new DeviceExpertComm(cu, cu.cudaNcclJoin(ncclId!, world, rank), E);
+  const comm = new DeviceExpertComm(cu, cu.cudaNcclJoin(ncclId!, world, rank), experts());
   const bufs = new Map<string, CudaBuffer>();
   const scratch = (name: string, bytes: number) => {
     let b = bufs.get(name);
@@ -49,6 +51,7 @@ function runDevice(): void {
       const xPerm = scratch('x', xb.byteLength);
       cu.cudaCopyToDevice(xPerm, 0, xb);
       const local = comm.dispatch(xPerm, offsets, H, null, scratch);
+      for (let e = 0; e < E; e++) if (!comm.ownsExpert(e) && local.offsets[e + 1] !== local.offsets[e]) throw new Error(`device: rows for expert ${e} not owned`);
       const lx = new Uint16Array(local.rows * H);
       if (lx.length) cu.cudaCopyToHost(lx, local.x, 0);
       const lf = new Float32Array(lx.length);
@@ -81,7 +84,7 @@ function runDevice(): void {
 }
 
 function run(): void {
-  const comm = new GroupExpertComm(loadNative().loopbackJoin(group, world, rank, 20_000), E);
+  const comm = new GroupExpertComm(loadNative().loopbackJoin(group, world, rank, 20_000), experts());
   const rand = mulberry32(seed + 1000 + rank);
   let checked = 0;
   try {
@@ -90,8 +93,7 @@ function run(): void {
       const rows = offsets[E + Z]!;
       const xPerm = Float32Array.from({ length: rows * H }, (_, i) => rank * 1000 + step * 100 + i % 97 + 0.5);
       const local = comm.dispatch(xPerm, offsets, H);
-      const [lo, hi] = comm.ownedExperts(E);
-      for (let e = 0; e < E; e++) if ((e < lo || e >= hi) && local.offsets[e + 1] !== local.offsets[e]) throw new Error(`rows for expert ${e} not owned`);
+      for (let e = 0; e < E; e++) if (!comm.ownsExpert(e) && local.offsets[e + 1] !== local.offsets[e]) throw new Error(`rows for expert ${e} not owned`);
       const yLocal = new Float32Array(local.x.length);
       for (let e = 0; e < E + Z; e++)
         for (let r = local.offsets[e]!; r < local.offsets[e + 1]!; r++)
