@@ -10,7 +10,7 @@ import { test } from 'node:test';
 import { loadModel } from '../src/model/load.js';
 import { startExpertRanks } from '../src/dist/expert-ranks.js';
 import { EpsPlanner } from '../src/moe/eps-planner.js';
-import type { PipelineChunks } from '../src/moe/moe-layer.js';
+import { chunkOverheadOf, type PipelineChunks } from '../src/moe/moe-layer.js';
 import { packageRoot } from '../src/native/index.js';
 import { pipelineChunks } from '../src/cli/resolve.js';
 import { startDaemon, stopDaemon } from './helpers/daemon.js';
@@ -143,6 +143,9 @@ test('auto: the planner picks PN per layer and step from the link; a slow simula
       // The last step decoded a couple of tokens: PN is capped by the tokens.
       const plans = m.layerPlans();
       assert.ok(plans.every((p) => p.chunks >= 1 && p.chunks <= 8) && plans.some((p) => p.chunks > 1), JSON.stringify(plans));
+      // The layers measured the per-chunk overhead: PN 1 and the planner's wish in turn at first.
+      const seen = chunkOverheadOf(ranks.comm).recorded();
+      assert.ok((seen.get(1) ?? 0) > 0 && [...seen.keys()].some((pn) => pn > 1), JSON.stringify([...seen]));
       const model = ranks.comm.commModel();
       assert.equal(model.bytesPerMs, 1e3);
       const T = 8;

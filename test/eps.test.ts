@@ -8,7 +8,7 @@ import path from 'node:path';
 import { test } from 'node:test';
 
 import { loadModel } from '../src/model/load.js';
-import { EpsPlanner, calibrate, denseExpertsFfn, loadOrCalibrate, type CostTable } from '../src/moe/eps-planner.js';
+import { ChunkOverheadEstimator, EpsPlanner, calibrate, denseExpertsFfn, loadOrCalibrate, type CostTable } from '../src/moe/eps-planner.js';
 import { loadNative, packageRoot } from '../src/native/index.js';
 import { DirectRunner } from './helpers/model-runner.js';
 import { fileSeed } from './helpers/seed.js';
@@ -133,4 +133,61 @@ test('a model run with DenseGemm experts matches GroupGemm experts (f32) and rou
   let worst = 0;
   for (let i = 0; i < g.logits.length; i++) worst = Math.max(worst, Math.abs(g.logits[i]! - d.logits[i]!));
   assert.ok(worst < 1e-4, `logits differ by ${worst}`);
+});
+
+test('a measured per-chunk overhead makes fewer chunks win where it outweighs the overlap, and only there', () => {
+  const counts = [512, 512, 512, 512];
+  const link = { bytesPerMs: 2e5, latencyMs: 0.01 };
+  const free = new EpsPlanner(synthetic, link).plan(counts, 4096);
+  assert.ok(free.chunks >= 4, `comm-bound load without overhead: ${free.chunks} chunk(s)`);
+  // All2all ~42 ms, experts ~24 ms at PN 1; an overhead of 4 ms per chunk: the deep pipelines lose.
+  const costly = new EpsPlanner(synthetic, { ...link, chunkOverheadMs: 4 }).plan(counts, 4096);
+  assert.ok(costly.chunks < free.chunks, `overhead 4 ms/chunk: ${costly.chunks} chunk(s) vs ${free.chunks}`);
+  assert.ok(costly.chunks > 1, 'pipelining still pays for its overhead here');
+  // Its prediction is the overhead-free schedule plus the overhead of its extra chunks.
+  const p = new EpsPlanner(synthetic, link);
+  assert.ok(Math.abs(costly.totalMs - (p.scheduleMs(counts, 4096, costly.chunks) + (costly.chunks - 1) * 4)) < 1e-9);
+  // An overhead far below the overlap gained changes nothing; a huge one means one chunk.
+  assert.equal(new EpsPlanner(synthetic, { ...link, chunkOverheadMs: 0.01 }).plan(counts, 4096).chunks, free.chunks);
+  assert.equal(new EpsPlanner(synthetic, { ...link, chunkOverheadMs: 1e6 }).plan(counts, 4096).chunks, 1);
+});
+
+test('the per-chunk overhead estimator: alternates PN 1 and the wish until measured, then fits the per-chunk slope', () => {
+  const est = new ChunkOverheadEstimator(3, 9);
+  assert.equal(est.overheadMs(), 0, 'nothing measured yet');
+  assert.equal(est.schedule(1), 1, 'no pipelining wished: nothing to measure');
+  // Residual = 5 ms every layer pays + 1.5 ms per chunk, with a slow outlier now and then.
+  const residual = (pn: number, i: number) => 5 + 1.5 * pn + (i % 4 === 3 ? 40 : 0);
+  const ran: number[] = [];
+  for (let i = 0; i < 6; i++) {
+    const pn = est.schedule(8);
+    ran.push(pn);
+    est.record(pn, 100 + residual(pn, i), 100);
+  }
+  assert.deepEqual(ran, [1, 8, 1, 8, 1, 8]);
+  assert.ok(est.calibrated());
+  assert.equal(est.schedule(8), 8, 'measured: the wish runs');
+  assert.equal(est.schedule(3), 3);
+  assert.ok(Math.abs(est.overheadMs() - 1.5) < 1e-9, `slope ${est.overheadMs()}`);
+  // A flat residual (the fixed costs only): no per-chunk overhead, nothing changes.
+  const flat = new ChunkOverheadEstimator(2);
+  for (const pn of [1, 6, 1, 6]) flat.record(pn, 20 + 3, 20);
+  assert.equal(flat.overheadMs(), 0);
+  // Faster than predicted with more chunks: clamped at 0, never a reward per chunk.
+  const neg = new ChunkOverheadEstimator(1);
+  neg.record(1, 10, 0);
+  neg.record(4, 4, 0);
+  assert.equal(neg.overheadMs(), 0);
+  // A new link starts over.
+  est.useLink(1e3);
+  est.useLink(1e3);
+  assert.ok(!est.calibrated() && est.overheadMs() === 0);
+  // Fed to the planner, the fitted overhead moves a comm-bound load to fewer chunks.
+  const fit = new ChunkOverheadEstimator(1);
+  fit.record(1, 30, 0);
+  fit.record(8, 30 + 7 * 8, 0);
+  const link = { bytesPerMs: 2e5, latencyMs: 0.01 };
+  const counts = [512, 512, 512, 512];
+  assert.ok(new EpsPlanner(synthetic, { ...link, chunkOverheadMs: fit.overheadMs() }).plan(counts, 4096).chunks <
+    new EpsPlanner(synthetic, link).plan(counts, 4096).chunks);
 });

@@ -1,7 +1,8 @@
 // EPS-MoE expert pipeline scheduling: per MoE layer and step, pick the expert kernel that fits the
 // load (one GroupGemm over all experts, or a DenseGemm per expert) and the number of pipeline chunks
-// PN that best overlaps the all2all of one chunk with the expert GEMMs of another. The cost model is
-// calibrated once per machine and expert shape by a short microbenchmark, cached on disk.
+// PN that best overlaps the all2all of one chunk with the expert GEMMs of another. The expert cost
+// table is calibrated once per machine and expert shape by a short microbenchmark, cached on disk; the
+// per-chunk overhead is measured online per comm group (ChunkOverheadEstimator).
 import { mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -23,6 +24,12 @@ export interface CommModel {
   /** All2all bandwidth (bytes per ms) and per-call latency (ms); absent = one rank, no comm. */
   bytesPerMs: number;
   latencyMs: number;
+  /**
+   * What each chunk beyond the first adds to the layer beyond its bytes and GEMMs (ms): the rank
+   * handshakes, thread wake-ups and per-chunk bookkeeping that the link latency does not see.
+   * Measured online (ChunkOverheadEstimator); absent = 0.
+   */
+  chunkOverheadMs?: number;
 }
 
 export interface EpsPlan {
@@ -84,17 +91,44 @@ export class EpsPlanner {
       for (let e = a; e < b; e++) rows -= counts[e]!;
     }
     const parts = slices.map(([a, b]) => Array.prototype.slice.call(counts, a, b) as number[]);
+    const overheadMs = Math.max(0, this.comm.chunkOverheadMs ?? 0);
     let best: EpsPlan | null = null;
     for (let pn = 1; pn <= this.maxChunks; pn++) {
-      const comm = this.comm.latencyMs + (rows / pn) * rowBytes / this.comm.bytesPerMs;
-      const experts = Math.max(...parts.map((p) => this.expertMs(kernel, p, 1 / pn)));
-      // dispatch of chunk 1, then each chunk's experts overlapped with the next chunk's dispatch
-      // and the previous chunk's combine, then the last combine.
-      const total = comm + (pn - 1) * Math.max(experts, 2 * comm) + experts + comm;
+      const total = this.pipelineMs(kernel, rows, parts, rowBytes, pn) + (pn - 1) * overheadMs;
       // NOTE: strictly better only: ties keep fewer chunks (fewer collectives, same prediction).
       if (!best || total < best.totalMs * (1 - 1e-9)) best = { kernel, chunks: pn, groupMs, denseMs, totalMs: total };
     }
     return best!;
+  }
+
+  /**
+   * The model's time of this load at PN chunks without the per-chunk overhead (ms): what the
+   * overhead estimator compares a measured layer against. Same arguments as plan().
+   */
+  scheduleMs(counts: ArrayLike<number>, rowBytes: number, pn: number,
+             ranks?: { slices: [number, number][]; self: number }): number {
+    const { kernel, totalMs } = new EpsPlanner(this.table, null, this.force).plan(counts, rowBytes);
+    if (!this.comm) return totalMs;
+    let rows = 0;
+    for (let e = 0; e < counts.length; e++) rows += counts[e]!;
+    const slices = ranks?.slices ?? [[0, counts.length] as [number, number]];
+    if (ranks) {
+      const [a, b] = slices[ranks.self]!;
+      for (let e = a; e < b; e++) rows -= counts[e]!;
+    }
+    const parts = slices.map(([a, b]) => Array.prototype.slice.call(counts, a, b) as number[]);
+    return this.pipelineMs(kernel, rows, parts, rowBytes, pn);
+  }
+
+  /**
+   * rows: rows that leave this rank; parts: each rank's per-expert counts. Dispatch of chunk 1,
+   * then each chunk's experts overlapped with the next chunk's dispatch and the previous chunk's
+   * combine, then the last combine.
+   */
+  private pipelineMs(kernel: ExpertKernel, rows: number, parts: number[][], rowBytes: number, pn: number): number {
+    const comm = this.comm!.latencyMs + (rows / pn) * rowBytes / this.comm!.bytesPerMs;
+    const experts = Math.max(...parts.map((p) => this.expertMs(kernel, p, 1 / pn)));
+    return comm + (pn - 1) * Math.max(experts, 2 * comm) + experts + comm;
   }
 
   /**
@@ -107,6 +141,81 @@ export class EpsPlanner {
     for (let i = rows.length - 1; i >= 0 && denseMs[i]! < groupMs[i]!; i--) from = rows[i]!;
     return from;
   }
+}
+
+/**
+ * The per-chunk overhead of one comm group, measured online. Each pipelined layer reports its wall
+ * time minus the model's prediction at the PN it ran (its residual); the overhead is the least-squares
+ * slope over PN of the residuals' per-PN lower quartiles, so that what every layer pays whatever its PN
+ * (routing, the counts exchange, a peer's skew, a cost table off by the machine's load) is not
+ * charged to chunks. Until a PN > 1 and PN 1 both have `samples` residuals, schedule() alternates
+ * between them (the only steps that may run a PN the model would not pick).
+ */
+export class ChunkOverheadEstimator {
+  /** PN -> its latest residuals (ms), at most `window`. */
+  private readonly residuals = new Map<number, number[]>();
+
+  private link = NaN;
+
+  constructor(readonly samples = 5, readonly window = 15) {}
+
+  /** A different link (a benchmark's simulated bandwidth) starts the measurement over. */
+  useLink(bytesPerMs: number): this {
+    if (bytesPerMs !== this.link) this.residuals.clear();
+    this.link = bytesPerMs;
+    return this;
+  }
+
+  /** Records a layer that ran `chunks` chunks in `measuredMs` where the model predicted `predictedMs` (no overhead). */
+  record(chunks: number, measuredMs: number, predictedMs: number): void {
+    const r = this.residuals.get(chunks) ?? [];
+    r.push(measuredMs - predictedMs);
+    if (r.length > this.window) r.shift();
+    this.residuals.set(chunks, r);
+  }
+
+  /** Layers recorded at each PN (within the window). */
+  recorded(): Map<number, number> {
+    return new Map([...this.residuals].map(([pn, r]) => [pn, r.length]));
+  }
+
+  /** True once PN 1 and some PN > 1 have enough residuals for a slope. */
+  calibrated(): boolean {
+    if ((this.residuals.get(1)?.length ?? 0) < this.samples) return false;
+    for (const [pn, r] of this.residuals) if (pn > 1 && r.length >= this.samples) return true;
+    return false;
+  }
+
+  /** The PN to run, given the PN the model wants: `want` once calibrated, else PN 1 and `want` in turn. */
+  schedule(want: number): number {
+    if (want <= 1 || this.calibrated()) return want;
+    const one = this.residuals.get(1)?.length ?? 0;
+    return one <= (this.residuals.get(want)?.length ?? 0) ? 1 : want;
+  }
+
+  /**
+   * Per-chunk overhead (ms, >= 0) over the PNs with `samples` residuals or more; 0 until calibrated
+   * (NOTE: one slow layer, a first run at a new PN say, must not set it).
+   */
+  overheadMs(): number {
+    if (!this.calibrated()) return 0;
+    const pts = [...this.residuals].filter(([, r]) => r.length >= this.samples).map(([pn, r]) => [pn, lowQuartile(r)] as const);
+    const mx = pts.reduce((a, [x]) => a + x, 0) / pts.length;
+    const my = pts.reduce((a, [, y]) => a + y, 0) / pts.length;
+    let sxy = 0, sxx = 0;
+    for (const [x, y] of pts) { sxy += (x - mx) * (y - my); sxx += (x - mx) ** 2; }
+    return Math.max(0, sxy / sxx);
+  }
+}
+
+/**
+ * The lower quartile: the machine's load only ever adds time (on a shared 2-vCPU VM, half of a PN's
+ * layers can be slowed by tens of ms), so this is what a layer at that PN takes when undisturbed,
+ * without resting on one lucky sample as a minimum would.
+ */
+function lowQuartile(v: number[]): number {
+  const s = [...v].sort((a, b) => a - b);
+  return s[Math.floor((s.length - 1) / 4)]!;
 }
 
 export interface ExpertShape { numExperts: number; hidden: number; inter: number; dtype: DType; fast: boolean }

@@ -9,13 +9,22 @@ import type { Scratch } from '../model/forward-batch.js';
 import type { MoeSpec } from '../model/spec.js';
 import type { ChunkRoutes, ExpertComm, Inflight } from './comm.js';
 import { contiguousPlacement } from './ep-comm.js';
-import { denseExpertsFfn, EpsPlanner, type EpsPlan, type ExpertKernel } from './eps-planner.js';
+import { ChunkOverheadEstimator, denseExpertsFfn, EpsPlanner, type EpsPlan, type ExpertKernel } from './eps-planner.js';
 
 /** Pipeline chunks per MoE layer: the planner's choice per layer and step, or a fixed count. */
 export type PipelineChunks = 'auto' | number;
 
 /** Most chunks the planner considers. */
 export const MAX_AUTO_CHUNKS = 8;
+
+/** Per comm group (shared by its layers): the planner's measured per-chunk overhead. */
+const chunkOverheads = new WeakMap<ExpertComm, ChunkOverheadEstimator>();
+
+export function chunkOverheadOf(comm: ExpertComm): ChunkOverheadEstimator {
+  let est = chunkOverheads.get(comm);
+  if (!est) chunkOverheads.set(comm, est = new ChunkOverheadEstimator());
+  return est;
+}
 
 export interface MoeHooks<T = ExpertTable> {
   /** Called after routing with this layer's choices ([T, k] ids) and counts ([E]). */
@@ -55,6 +64,8 @@ export interface MoePending {
   computed: boolean;
   /** finish() has written the output (a second call does nothing). */
   finished: boolean;
+  /** The planner chose PN: when the layer began (ms) and the model's time at the agreed PN, for the overhead estimator. */
+  timing?: { startedAt: number; predictedMs: number };
 }
 
 export class MoeLayer {
@@ -108,7 +119,9 @@ export class MoeLayer {
     n.route(logits, T, ET, k, this.routeOpts, idsOut, weights, counts);
     hooks.onRouted?.(this.moeIndex, idsOut, counts, T);
     hooks.ensureResident?.(this.moeIndex, counts.subarray(0, E), this.weights.experts);
-    const PN = Math.max(1, this.comm.agreeChunks(this.chooseChunks(counts.subarray(0, E), T)));
+    const startedAt = performance.now();
+    const choice = this.chooseChunks(counts.subarray(0, E), T);
+    const PN = Math.max(1, this.comm.agreeChunks(choice.chunks));
     const bounds = Array.from({ length: PN + 1 }, (_, c) => Math.floor((c * T) / PN));
     const xPerm = scratch.f32('moe.xperm', T * k * H);
     const permIndex = scratch.i32('moe.perm', T * k);
@@ -121,7 +134,11 @@ export class MoeLayer {
       }
       return off;
     });
-    return this.start(x, T, bounds, offsets, xPerm, permIndex, weights, scratch);
+    const p = this.start(x, T, bounds, offsets, xPerm, permIndex, weights, scratch);
+    if (choice.planner && choice.counts) {
+      p.timing = { startedAt, predictedMs: choice.planner.scheduleMs(choice.counts, H * 4, PN, choice.ranks) };
+    }
+    return p;
   }
 
   /** The counts exchange, buffers, and the first chunk's dispatch. */
@@ -153,11 +170,16 @@ export class MoeLayer {
     return buf.subarray(k * p.bounds[c]! * H, k * p.bounds[c + 1]! * H);
   }
 
-  /** This rank's wish for PN: forced, else the planner's on this step's routed counts and the link. */
-  private chooseChunks(counts: Int32Array, T: number): number {
-    if (this.pipelineChunks !== 'auto') return this.pipelineChunks;
+  /**
+   * This rank's wish for PN: forced, else the planner's on this step's routed counts, the link and
+   * the measured per-chunk overhead (while that is being measured, PN 1 and the wish in turn).
+   */
+  private chooseChunks(counts: Int32Array, T: number): {
+    chunks: number; planner?: EpsPlanner; ranks?: { slices: [number, number][]; self: number }; counts?: ArrayLike<number>;
+  } {
+    if (this.pipelineChunks !== 'auto') return { chunks: this.pipelineChunks };
     const model = this.comm.commModel?.();
-    if (!this.planner || !model || this.comm.worldSize === 1 || T === 0) return 1;
+    if (!this.planner || !model || this.comm.worldSize === 1 || T === 0) return { chunks: 1 };
     const W = this.comm.worldSize;
     // The planner takes each rank's experts as a contiguous slice: hand it the counts grouped by
     // owner (the counts themselves for contiguous slices).
@@ -170,8 +192,12 @@ export class MoeLayer {
       for (const e of list) { if (grouped !== counts) grouped[at] = counts[e]!; at++; }
       slices.push([from, at]);
     }
-    const planner = new EpsPlanner(this.planner.table, model, this.planner.force, MAX_AUTO_CHUNKS);
-    return Math.min(T, planner.plan(grouped, this.hidden * 4, { slices, self: this.comm.rank }).chunks);
+    const ranks = { slices, self: this.comm.rank };
+    const est = chunkOverheadOf(this.comm).useLink(model.bytesPerMs);
+    const planner = new EpsPlanner(this.planner.table, { ...model, chunkOverheadMs: est.overheadMs() },
+      this.planner.force, MAX_AUTO_CHUNKS);
+    const want = Math.min(T, planner.plan(grouped, this.hidden * 4, ranks).chunks);
+    return { chunks: est.schedule(want), planner, ranks, counts: grouped };
   }
 
   /**
@@ -230,6 +256,7 @@ export class MoeLayer {
           p.weights.subarray(a * k, b * k), b - a, k, H, out.subarray(a * H, b * H), false);
       }
     }
+    if (p.timing) chunkOverheadOf(this.comm).record(p.routes.chunks, performance.now() - p.timing.startedAt, p.timing.predictedMs);
     if (this.weights.shared) {
       const y = p.shared ?? this.sharedFfn(p.x, p.tokens, scratch, fast);
       for (let i = 0; i < p.tokens * H; i++) out[i] = out[i]! + y[i]!;
