@@ -1,7 +1,7 @@
 // Lockstep of the data-parallel ranks around expert-parallel MoE layers: every step all ranks first
 // agree (a one-value all2all vote) whether anyone has work or wants to stop; then every rank runs
 // one forward, its own batch or an empty one, so that the MoE layers' all2alls match across ranks.
-import type { CommGroup } from '../native/index.js';
+import type { CommGroup, GlooJoinOptions } from '../native/index.js';
 
 /** A rank's vote: nothing to do, work to run, or the front said shut down. */
 export const enum Vote { Idle = 0, Work = 1, Stop = 2 }
@@ -9,17 +9,9 @@ export const enum Vote { Idle = 0, Work = 1, Stop = 2 }
 /** Idle backoff between votes when nobody has work: doubling from 1 ms up to this. */
 export const MAX_IDLE_MS = 20;
 
-export interface DistExperts {
-  /** The group's rendezvous store (the front's StoreServer). */
-  host: string;
-  port: number;
-  /** Store key prefix, unique per group start. */
-  prefix: string;
-  rank: number;
-  worldSize: number;
-  /** Bounds the join and every collective: a lost or hung peer is an error after this long. */
-  timeoutMs: number;
-}
+/** A rank's Gloo group: the front's StoreServer, a prefix unique per group start, and the bound on
+ * the join and every collective (a lost or hung peer is an error after this long). */
+export type DistExperts = Omit<GlooJoinOptions, 'listenHost'>;
 
 export class Lockstep {
   private readonly send: Float64Array;

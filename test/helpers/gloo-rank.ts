@@ -6,17 +6,10 @@ import { isMainThread, parentPort, workerData } from 'node:worker_threads';
 
 import { mulberry32 } from '../../src/engine/rng.js';
 import { GroupExpertComm } from '../../src/moe/ep-comm.js';
-import { loadNative, type CommGroup } from '../../src/native/index.js';
+import { loadNative, type CommGroup, type GlooJoinOptions } from '../../src/native/index.js';
 
-export interface RankConfig {
-  host: string;
-  port: number;
-  prefix: string;
-  rank: number;
-  worldSize: number;
-  timeoutMs: number;
+export interface RankConfig extends GlooJoinOptions {
   scenario: 'structured' | 'ep' | 'join-only' | 'lose-peer' | 'mismatch';
-  listenHost?: string;
 }
 
 /** Rows sent from source s to dest d in round `round` of the structured scenario (some zero). */
