@@ -5,7 +5,7 @@
 import { EventEmitter } from 'node:events';
 
 import type { EngineState } from '../engine/engine-client.js';
-import type { EngineEvent, EngineStats, GenerateRequest, ModelInfo } from '../engine/types.js';
+import { refusedEvent, type EngineEvent, type EngineStats, type GenerateRequest, type ModelInfo } from '../engine/types.js';
 import { checkIdentities, type RankIdentity } from './identity.js';
 import { HEARTBEAT_INTERVAL_MS, type GroupExperts } from './rank-protocol.js';
 import type { RemoteEngine } from './remote-engine.js';
@@ -185,8 +185,7 @@ export class RankGroup extends EventEmitter {
 
   generate(req: GenerateRequest, onEvent: (ev: EngineEvent) => void): void {
     if (this.current === 'failed' || this.current === 'loading') {
-      queueMicrotask(() => onEvent({ type: 'finished', id: req.id, reason: 'error',
-        error: this.failure ?? 'the ranks are still loading', promptTokens: req.promptTokenIds.length, completionTokens: 0 }));
+      queueMicrotask(() => onEvent(refusedEvent(req, this.failure ?? 'the ranks are still loading')));
       return;
     }
     const e = this.pick();

@@ -3,7 +3,7 @@
 import { EventEmitter } from 'node:events';
 
 import type { StepMetrics } from '../engine/protocol.js';
-import type { EngineEvent, EngineStats, GenerateRequest, ModelInfo } from '../engine/types.js';
+import { refusedEvent, type EngineEvent, type EngineStats, type GenerateRequest, type ModelInfo } from '../engine/types.js';
 import type { EngineState } from '../engine/engine-client.js';
 import type { RankIdentity } from './identity.js';
 import type { RankLink } from './rank-link.js';
@@ -86,8 +86,7 @@ export class RemoteEngine extends EventEmitter {
 
   generate(req: GenerateRequest, onEvent: (ev: EngineEvent) => void): void {
     if (this.current === 'failed') {
-      queueMicrotask(() => onEvent({ type: 'finished', id: req.id, reason: 'error',
-        error: this.failure ?? 'rank failed', promptTokens: req.promptTokenIds.length, completionTokens: 0 }));
+      queueMicrotask(() => onEvent(refusedEvent(req, this.failure ?? 'rank failed')));
       return;
     }
     this.pending.set(req.id, onEvent);

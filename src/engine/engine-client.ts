@@ -4,7 +4,7 @@ import { EventEmitter } from 'node:events';
 import { Worker } from 'node:worker_threads';
 
 import type { EngineOptions, FromWorker, StepMetrics, ToWorker } from './protocol.js';
-import type { EngineEvent, EngineStats, GenerateRequest, ModelInfo } from './types.js';
+import { refusedEvent, type EngineEvent, type EngineStats, type GenerateRequest, type ModelInfo } from './types.js';
 
 export type EngineState = 'loading' | 'ready' | 'draining' | 'failed';
 
@@ -95,8 +95,7 @@ export class EngineClient extends EventEmitter {
 
   generate(req: GenerateRequest, onEvent: (ev: EngineEvent) => void): void {
     if (this.current === 'failed') {
-      queueMicrotask(() => onEvent({ type: 'finished', id: req.id, reason: 'error',
-        error: this.failure ?? 'engine failed', promptTokens: req.promptTokenIds.length, completionTokens: 0 }));
+      queueMicrotask(() => onEvent(refusedEvent(req, this.failure ?? 'engine failed')));
       return;
     }
     this.pending.set(req.id, onEvent);

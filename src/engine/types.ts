@@ -87,3 +87,8 @@ export interface ModelInfo {
   numExperts: number;
   topK: number;
 }
+
+/** The event that ends a request the engine cannot take (failed, or not loaded): reason 'error'. */
+export function refusedEvent(req: GenerateRequest, error: string): EngineEvent {
+  return { type: 'finished', id: req.id, reason: 'error', error, promptTokens: req.promptTokenIds.length, completionTokens: 0 };
+}

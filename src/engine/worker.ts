@@ -51,23 +51,32 @@ function makeEvents(step?: StepMetrics): FromWorker {
   return { type: 'events', events: pending, stats: core!.stats(), ...(step ? { step } : {}) };
 }
 
+/** Sends a step's events and figures (or only what is pending, when the step ran nothing). */
+function emitStep(res: ReturnType<EngineCore['step']>): void {
+  if (res) {
+    pending.push(...res.events);
+    flush(res.metrics);
+  } else {
+    flush();
+  }
+}
+
+/** A failed step fails the engine: device/kernel/collective errors are not recoverable per request. */
+function failStep(e: unknown): void {
+  const err = e as Error & { code?: string };
+  send({ type: 'fatal', message: `engine step failed: ${err.message}`, ...(err.code ? { code: err.code } : {}) });
+  stopping = true;
+}
+
 function loop(): void {
   scheduled = false;
   if (!core || stopping) return;
   let res: ReturnType<EngineCore['step']>;
   try {
     res = core.step();
-    if (res) {
-      pending.push(...res.events);
-      flush(res.metrics);
-    } else {
-      flush();
-    }
+    emitStep(res);
   } catch (e) {
-    const err = e as Error & { code?: string };
-    // A failed step fails the engine: device/kernel errors are not recoverable per request.
-    send({ type: 'fatal', message: `engine step failed: ${err.message}`, ...(err.code ? { code: err.code } : {}) });
-    stopping = true;
+    failStep(e);
     return;
   }
   // NOTE: a step that ran nothing (every request paused, say) would run nothing again until a
@@ -87,18 +96,11 @@ function lockstepLoop(): void {
     outcome = ls.sync.vote(ls.stopRequested ? Vote.Stop : core.hasWork() ? Vote.Work : Vote.Idle);
     if (outcome === Vote.Work) {
       const res = core.hasWork() ? core.step() : null;
-      if (res) {
-        pending.push(...res.events);
-        flush(res.metrics);
-      } else {
-        ls.serveExperts(); // T = 0 through every MoE layer
-        flush();
-      }
+      if (!res) ls.serveExperts(); // T = 0 through every MoE layer
+      emitStep(res);
     }
   } catch (e) {
-    const err = e as Error & { code?: string };
-    send({ type: 'fatal', message: `engine step failed: ${err.message}`, ...(err.code ? { code: err.code } : {}) });
-    stopping = true;
+    failStep(e);
     return;
   }
   if (outcome === Vote.Stop) {

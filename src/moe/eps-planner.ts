@@ -81,16 +81,9 @@ export class EpsPlanner {
   plan(counts: ArrayLike<number>, rowBytes: number, ranks?: { slices: [number, number][]; self: number }): EpsPlan {
     const groupMs = this.expertMs('group', counts);
     const denseMs = this.expertMs('dense', counts);
-    const kernel: ExpertKernel = this.force ?? (denseMs < groupMs ? 'dense' : 'group');
+    const kernel = this.kernelOf(groupMs, denseMs);
     if (!this.comm) return { kernel, chunks: 1, groupMs, denseMs, totalMs: kernel === 'group' ? groupMs : denseMs };
-    let rows = 0;
-    for (let e = 0; e < counts.length; e++) rows += counts[e]!;
-    const slices = ranks?.slices ?? [[0, counts.length] as [number, number]];
-    if (ranks) {
-      const [a, b] = slices[ranks.self]!;
-      for (let e = a; e < b; e++) rows -= counts[e]!;
-    }
-    const parts = slices.map(([a, b]) => Array.prototype.slice.call(counts, a, b) as number[]);
+    const { rows, parts } = loadShape(counts, ranks);
     const overheadMs = Math.max(0, this.comm.chunkOverheadMs ?? 0);
     let best: EpsPlan | null = null;
     for (let pn = 1; pn <= this.maxChunks; pn++) {
@@ -101,22 +94,22 @@ export class EpsPlanner {
     return best!;
   }
 
+  /** The forced kernel, else the cheaper one (ties: GroupGemm). */
+  private kernelOf(groupMs: number, denseMs: number): ExpertKernel {
+    return this.force ?? (denseMs < groupMs ? 'dense' : 'group');
+  }
+
   /**
    * The model's time of this load at PN chunks without the per-chunk overhead (ms): what the
    * overhead estimator compares a measured layer against. Same arguments as plan().
    */
   scheduleMs(counts: ArrayLike<number>, rowBytes: number, pn: number,
              ranks?: { slices: [number, number][]; self: number }): number {
-    const { kernel, totalMs } = new EpsPlanner(this.table, null, this.force).plan(counts, rowBytes);
-    if (!this.comm) return totalMs;
-    let rows = 0;
-    for (let e = 0; e < counts.length; e++) rows += counts[e]!;
-    const slices = ranks?.slices ?? [[0, counts.length] as [number, number]];
-    if (ranks) {
-      const [a, b] = slices[ranks.self]!;
-      for (let e = a; e < b; e++) rows -= counts[e]!;
-    }
-    const parts = slices.map(([a, b]) => Array.prototype.slice.call(counts, a, b) as number[]);
+    const groupMs = this.expertMs('group', counts);
+    const denseMs = this.expertMs('dense', counts);
+    const kernel = this.kernelOf(groupMs, denseMs);
+    if (!this.comm) return kernel === 'group' ? groupMs : denseMs;
+    const { rows, parts } = loadShape(counts, ranks);
     return this.pipelineMs(kernel, rows, parts, rowBytes, pn);
   }
 
@@ -351,4 +344,19 @@ export function cachedCostTable(key: string, calibrate: () => CostTable): CostTa
     // A read-only cache folder only costs a recalibration next start.
   }
   return table;
+}
+
+/**
+ * rows: the rows that leave this rank (all rows without ranks); parts: each rank's per-expert
+ * counts (one part without ranks).
+ */
+function loadShape(counts: ArrayLike<number>, ranks?: { slices: [number, number][]; self: number }): { rows: number; parts: number[][] } {
+  let rows = 0;
+  for (let e = 0; e < counts.length; e++) rows += counts[e]!;
+  const slices = ranks?.slices ?? [[0, counts.length] as [number, number]];
+  if (ranks) {
+    const [a, b] = slices[ranks.self]!;
+    for (let e = a; e < b; e++) rows -= counts[e]!;
+  }
+  return { rows, parts: slices.map(([a, b]) => Array.prototype.slice.call(counts, a, b) as number[]) };
 }
