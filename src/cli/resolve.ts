@@ -41,6 +41,7 @@ export function resolveEngineOptions(flags: ParsedFlags, servedModelName?: strin
     kvCacheBlocks: Number(flags['kv-cache-blocks'] ?? 0),
     kvCacheGb: Number(flags['kv-cache-gb'] ?? 0),
     blockSize: Number(flags['block-size'] ?? 16),
+    prefixCaching: flags['prefix-caching'] !== false,
     maxNumSeqs: Number(flags['max-num-seqs'] ?? 16),
     maxNumBatchedTokens: Number(flags['max-num-batched-tokens'] ?? 512),
     threads: Number(flags['threads'] ?? 0),

@@ -1,6 +1,7 @@
 // The engine's step loop (runs inside the worker): the scheduler plans a step, the model runs it
 // as one batch over the paged KV cache, the sampler picks each sequence's next token, and events
-// go out. Requests join and leave between steps.
+// go out. Requests join and leave between steps. With prefix caching a prefill starts after the
+// prompt's cached blocks: its first position is the cached length, and only the rest is computed.
 import type { ForwardBatch } from '../model/forward-batch.js';
 import type { ForwardModel } from '../model/forward-batch.js';
 import type { LoadedModel } from '../model/load.js';
@@ -23,6 +24,11 @@ export interface EngineCoreOptions {
   servedModelName: string;
   /** Upper bound for the automatic KV size (bytes). */
   autoKvCapBytes?: number;
+  /**
+   * Automatic prefix caching: the chain root naming what, besides the tokens, makes a block's K/V
+   * (model identity, dtypes); absent or null = off. Refused (off) for models with recurrent state.
+   */
+  prefixCacheKey?: string | null;
   /** Milliseconds for every timing the core reports (default performance.now; tests pass their own). */
   clock?: () => number;
 }
@@ -36,6 +42,8 @@ interface Running {
   arrivedAtMs: number;
   /** Start of the first step that scheduled it (null: still waiting). */
   scheduledAtMs: number | null;
+  /** Prompt tokens found in the prefix cache when it was first scheduled. */
+  cachedTokens: number;
   /** When its first and latest generated tokens were sampled (null: none yet). */
   firstTokenAtMs: number | null;
   lastTokenAtMs: number;
@@ -51,6 +59,8 @@ export class EngineCore {
   private readonly eos: Set<number>;
   private readonly blockSize: number;
   private readonly clock: () => number;
+  /** Why prefix caching is off although it was asked for (null: on, or not asked for). */
+  readonly prefixCachingRefused: string | null = null;
 
   constructor(readonly loaded: LoadedModel<ForwardModel>, opts: EngineCoreOptions, readonly offloader: StepOffloader | null = null) {
     const { spec, model } = loaded;
@@ -67,9 +77,17 @@ export class EngineCore {
     if (numBlocks < 1) throw new RangeError('the KV cache must hold at least one block; raise --kv-cache-gb');
     this.numBlocks = numBlocks;
     this.cache = model.allocateKvCache(numBlocks, opts.blockSize);
+    let prefixCacheKey = opts.prefixCacheKey ?? null;
+    if (prefixCacheKey !== null && spec.recurrentState) {
+      // NOTE: a cached prefix would restore the attention layers' K/V but not the linear layers'
+      // state at that position; until that state can be snapshotted per block, no reuse.
+      this.prefixCachingRefused = `prefix caching is off: ${spec.modelType} keeps recurrent state (linear attention layers) ` +
+        'that KV blocks alone cannot restore';
+      prefixCacheKey = null;
+    }
     this.scheduler = new Scheduler({
       numBlocks, blockSize: opts.blockSize, maxContext: spec.maxContext,
-      maxNumSeqs: opts.maxNumSeqs, maxNumBatchedTokens: opts.maxNumBatchedTokens,
+      maxNumSeqs: opts.maxNumSeqs, maxNumBatchedTokens: opts.maxNumBatchedTokens, prefixCacheKey,
     });
     this.sampler = new Sampler(spec.vocabSize);
     this.eos = new Set(spec.eosTokenIds);
@@ -92,12 +110,15 @@ export class EngineCore {
     let sampling: SamplingState;
     try {
       sampling = new SamplingState(req.sampling, req.promptTokenIds, V);
-      this.scheduler.addSequence({ id: req.id, promptTokenIds: req.promptTokenIds, maxTokens: req.maxTokens });
+      // Routing is reported for every prompt position, so such a request computes them all.
+      this.scheduler.addSequence({ id: req.id, promptTokenIds: req.promptTokenIds, maxTokens: req.maxTokens,
+        usePrefixCache: !req.returnRoutedExperts });
     } catch (e) {
       return fail((e as Error).message);
     }
     this.requests.set(req.id, {
-      req, sampling, generated: 0, routedUpTo: 0, arrivedAtMs: this.clock(), scheduledAtMs: null, firstTokenAtMs: null, lastTokenAtMs: 0,
+      req, sampling, generated: 0, routedUpTo: 0, arrivedAtMs: this.clock(), scheduledAtMs: null, cachedTokens: 0,
+      firstTokenAtMs: null, lastTokenAtMs: 0,
     });
     return null;
   }
@@ -108,7 +129,10 @@ export class EngineCore {
     this.scheduler.abort(id);
     this.requests.delete(id);
     this.offloader?.dropRequest(id);
-    return { type: 'finished', id, reason: 'abort', promptTokens: r.req.promptTokenIds.length, completionTokens: r.generated, ...phases(r) };
+    return {
+      type: 'finished', id, reason: 'abort', promptTokens: r.req.promptTokenIds.length, completionTokens: r.generated,
+      cachedTokens: r.cachedTokens, ...phases(r),
+    };
   }
 
   /**
@@ -148,6 +172,8 @@ export class EngineCore {
       const r = this.requests.get(e.seqId);
       if (r && r.scheduledAtMs === null) {
         r.scheduledAtMs = t0;
+        // A first admission starts right after its cached prefix.
+        r.cachedTokens = e.startPosition;
         queueTimesMs.push(t0 - r.arrivedAtMs);
       }
     }
@@ -185,6 +211,7 @@ export class EngineCore {
       r.firstTokenAtMs ??= sampledAtMs;
       r.lastTokenAtMs = sampledAtMs;
       const ev: EngineEvent = { type: 'tokens', id: r.req.id, tokenIds: [s.tokenId] };
+      if (r.generated === 1) ev.cachedTokens = r.cachedTokens;
       if (s.logprob !== undefined) {
         const lp: TokenLogprob = { tokenId: s.tokenId, logprob: s.logprob, top: s.top ?? [] };
         ev.logprobs = [lp];
@@ -200,7 +227,7 @@ export class EngineCore {
         this.offloader?.finishRequest(r.req.id);
         const fin: EngineEvent = {
           type: 'finished', id: r.req.id, reason: stopHit ? 'stop' : 'length',
-          promptTokens: r.req.promptTokenIds.length, completionTokens: r.generated, ...phases(r),
+          promptTokens: r.req.promptTokenIds.length, completionTokens: r.generated, cachedTokens: r.cachedTokens, ...phases(r),
         };
         if (stopHit) fin.stopTokenId = s.tokenId;
         events.push(fin);
@@ -215,6 +242,8 @@ export class EngineCore {
       ...(this.loaded.model.layerPlans ? { layerPlans: this.loaded.model.layerPlans() } : {}),
       ...(comm ? { all2all: comm } : {}),
       queueTimesMs,
+      ...(this.scheduler.cache.prefixCaching
+        ? { prefixCache: { queriedTokens: plan.prefixQueriedTokens, hitTokens: plan.prefixHitTokens } } : {}),
       expertTokens: expertTokenCounts(result.routedIds, this.info.numExperts + (this.loaded.spec.moe.zeroExperts ?? 0)),
     };
     if (this.offloader) {

@@ -232,12 +232,15 @@ async function init(o: EngineOptions): Promise<void> {
       maxNumSeqs: o.maxNumSeqs, maxNumBatchedTokens: o.maxNumBatchedTokens,
       servedModelName: o.servedModelName,
       ...(autoKvCapBytes !== undefined ? { autoKvCapBytes } : {}),
+      prefixCacheKey: o.prefixCaching === false ? null : prefixCacheKey(o),
     }, offloader);
     const summary = `${loadSummary(loaded)}; compute ${o.computeDtype}; KV cache ${core.numBlocks} blocks x ${o.blockSize} tokens` +
+      `, prefix caching ${core.scheduler.cache.prefixCaching ? 'on' : 'off'}` +
       (loaded.report.warnings.length ? `; ${loaded.report.warnings.length} unexpected tensor(s) ignored` : '') +
       (offloader ? `; expert cache ${offloader.stats().slots}/${offloader.stats().totalExperts} experts, ` +
         `policy ${o.offload!.policy}, EAM collection ${offloader.stats().collectionSize}` : '') +
       (expertRanks && o.expertPlacement ? `; expert placement ${expertRanks.placement.experts.map((l, r) => `rank ${r} [${Array.from(l)}]`).join(', ')}` : '');
+    if (core.prefixCachingRefused) send({ type: 'warning', message: core.prefixCachingRefused });
     send({ type: 'ready', info: core.info, summary });
     if (lockstep) setImmediate(lockstepLoop);
   } catch (e) {
@@ -295,6 +298,15 @@ function finishShutdown(): void {
       lockstep?.comm.dispose();
       port!.close();
     });
+}
+
+/**
+ * The prefix cache's chain root: the model and every engine option, so a cached block is only ever
+ * named for what computed it (the cache lives as long as this engine; this guards any later sharing).
+ * NOTE: an option that changes K/V contents (compute or KV dtype, device) must be in EngineOptions.
+ */
+function prefixCacheKey(o: EngineOptions): string {
+  return JSON.stringify({ ...o, distExperts: undefined, offload: undefined });
 }
 
 /** The in-process expert ranks' placement (--expert-placement), or undefined: contiguous slices. */
