@@ -1,6 +1,7 @@
 // `npm run bench -- serve`: the real daemon (a child process on 127.0.0.1, Mixtral-like bench model,
 // bf16) under a bounded closed-loop load of streaming completions at rising concurrency: output
 // tokens/s, TTFT and inter-token latency percentiles, against the same daemon's single stream.
+// `serve --shared-prefix` runs the prefix-caching workload instead (serve-prefix.ts).
 import { spawn, type ChildProcess } from 'node:child_process';
 import os from 'node:os';
 import path from 'node:path';
@@ -11,10 +12,11 @@ import { packageRoot } from '../src/native/index.js';
 import { BENCH_MODEL_NAMES, ensureBenchModel, type BenchModelName } from './bench-models.js';
 import { writeChart } from './chart.js';
 import { fmt, markdownTable, parseIntList, parsePositiveInt, percentile, runInfo, writeJson, type Cell } from './harness.js';
+import { runSharedPrefix } from './serve-prefix.js';
 
-interface Daemon { proc: ChildProcess; base: string; exit: Promise<number | null>; logTail: string[] }
+export interface Daemon { proc: ChildProcess; base: string; exit: Promise<number | null>; logTail: string[] }
 
-async function startDaemon(modelDir: string, extra: string[]): Promise<Daemon> {
+export async function startDaemon(modelDir: string, extra: string[]): Promise<Daemon> {
   const bin = path.join(packageRoot(), 'bin', 'expertd.js');
   const args = [bin, 'serve', '--model', modelDir, '--host', '127.0.0.1', '--port', '0', '--log-level', 'info', ...extra];
   const proc = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
@@ -42,7 +44,7 @@ async function startDaemon(modelDir: string, extra: string[]): Promise<Daemon> {
 }
 
 /** `/health` answers 200 once the model is loaded (503 while loading). */
-async function waitHealthy(base: string, timeoutMs = 600_000): Promise<void> {
+export async function waitHealthy(base: string, timeoutMs = 600_000): Promise<void> {
   const deadline = performance.now() + timeoutMs;
   for (;;) {
     const r = await fetch(`${base}/health`).catch(() => null);
@@ -52,7 +54,7 @@ async function waitHealthy(base: string, timeoutMs = 600_000): Promise<void> {
   }
 }
 
-interface RequestResult {
+export interface RequestResult {
   ok: boolean;
   error?: string;
   startMs: number;
@@ -61,12 +63,14 @@ interface RequestResult {
   tokens: number;
   /** Gaps between token arrivals; a chunk of n tokens after a gap g counts n gaps of g/n. */
   itlMs: number[];
+  /** usage.prompt_tokens_details.cached_tokens of the streamed usage (NaN: absent). */
+  cachedTokens: number;
 }
 
 /** One streaming completion over raw fetch + SSE parsing; times token arrivals. */
-async function streamOne(base: string, model: string, prompt: number[], maxTokens: number): Promise<RequestResult> {
+export async function streamOne(base: string, model: string, prompt: number[], maxTokens: number): Promise<RequestResult> {
   const start = performance.now();
-  const res: RequestResult = { ok: false, startMs: start, ttftMs: NaN, endMs: NaN, tokens: 0, itlMs: [] };
+  const res: RequestResult = { ok: false, startMs: start, ttftMs: NaN, endMs: NaN, tokens: 0, itlMs: [], cachedTokens: NaN };
   try {
     const r = await fetch(`${base}/v1/completions`, {
       method: 'POST',
@@ -94,8 +98,10 @@ async function streamOne(base: string, model: string, prompt: number[], maxToken
         if (!event.startsWith('data: ')) continue;
         const data = event.slice(6);
         if (data === '[DONE]') continue;
-        const j = JSON.parse(data) as { choices: { token_ids?: number[] }[]; usage?: { completion_tokens: number } | null };
+        const j = JSON.parse(data) as { choices: { token_ids?: number[] }[];
+          usage?: { completion_tokens: number; prompt_tokens_details?: { cached_tokens: number } } | null };
         if (j.usage) usageTokens = j.usage.completion_tokens;
+        if (j.usage?.prompt_tokens_details) res.cachedTokens = j.usage.prompt_tokens_details.cached_tokens;
         const n = j.choices[0]?.token_ids?.length ?? 0;
         if (n === 0) continue;
         if (res.tokens === 0) res.ttftMs = now - start;
@@ -114,7 +120,7 @@ async function streamOne(base: string, model: string, prompt: number[], maxToken
   return res;
 }
 
-function promptIds(seed: number, n: number): number[] {
+export function promptIds(seed: number, n: number): number[] {
   let a = (seed * 2654435761) >>> 0 || 1;
   return Array.from({ length: n }, () => {
     a ^= a << 13; a ^= a >>> 17; a ^= a << 5; a >>>= 0;
@@ -164,6 +170,7 @@ async function runLevel(base: string, model: string, ranks: number, c: number, r
 }
 
 export async function runServe(argv: string[]): Promise<void> {
+  if (argv.includes('--shared-prefix')) return runSharedPrefix(argv.filter((a) => a !== '--shared-prefix'));
   const { values } = parseArgs({
     args: argv,
     options: {
