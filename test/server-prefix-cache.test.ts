@@ -82,6 +82,13 @@ describe('prefix caching through the API (demo model, f32)', () => {
     assert.ok(queries >= q0.usage!.prompt_tokens + q1.usage!.prompt_tokens + q2.usage!.prompt_tokens * 2, `queries ${queries}`);
     assert.equal(await metric(off.base, 'expertd_prefix_cache_hits_total'), 0);
     assert.equal(await metric(off.base, 'expertd_prefix_cache_queries_total'), 0);
+    // A new prompt with n = 2: the second choice starts on the blocks the first computes in the same
+    // step (a hit in the metrics), but the prompt was computed once, so usage reports no cached tokens.
+    const fresh = await on.client.completions.create({
+      model: MODEL, prompt: `A new system text, never seen. ${SYSTEM.split('').reverse().join('')}`, max_tokens: 2, n: 2, temperature: 0,
+    });
+    assert.equal(fresh.usage!.prompt_tokens_details!.cached_tokens, 0);
+    assert.ok(await metric(on.base, 'expertd_prefix_cache_hits_total') > hits, 'the second choice found the first one\'s blocks');
   });
 
   test('chat: cached tokens in the usage, streamed (stream_options.include_usage) and not', async () => {
