@@ -1191,14 +1191,14 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
       if (options.ncclStore) return storeId(options.ncclStore);
       return Uint8Array.from({ length: 128 }, () => Math.floor(Math.random() * 256));
     },
-    cudaNcclJoin(uniqueId: Uint8Array, worldSize: number, rank: number): CudaCommGroup {
+    cudaNcclJoin(uniqueId: Uint8Array, worldSize: number, rank: number, timeoutMs?: number): CudaCommGroup {
       if (!(uniqueId instanceof Uint8Array) || uniqueId.length !== 128)
         throw rangeError(`uniqueId.length is ${(uniqueId as Uint8Array | undefined)?.length}, expected 128`);
+      const ms = nullish(timeoutMs) ? 600_000 : getInt(timeoutMs, 'timeoutMs', 1, 2147483647);
       const across = parseStoreId(uniqueId);
       const g = across
-        ? native.glooJoin({ host: across.host, port: across.port, prefix: `nccl-emu-${across.nonce}`, rank, worldSize,
-          timeoutMs: options.ncclStore?.timeoutMs ?? 600_000 })
-        : native.loopbackJoin(`nccl-emu-${Buffer.from(uniqueId).toString('hex').slice(0, 32)}`, worldSize, rank, 600_000);
+        ? native.glooJoin({ host: across.host, port: across.port, prefix: `nccl-emu-${across.nonce}`, rank, worldSize, timeoutMs: ms })
+        : native.loopbackJoin(`nccl-emu-${Buffer.from(uniqueId).toString('hex').slice(0, 32)}`, worldSize, rank, ms);
       const deviceBytes = (b: CudaBuffer, what: string) => bytesOf(unwrap(b, what));
       return {
         rank, worldSize, backend: 'nccl',
