@@ -176,7 +176,7 @@ async function init(o: EngineOptions): Promise<void> {
         const cu = cuda ?? (loadNative() as unknown as CudaAddon);
         if (!cuda) cu.cudaSetDevice(Number(device.split(':')[1] ?? 0));
         const id = await ncclIdFromStore(d, () => cu.cudaNcclUniqueId());
-        // Blocks this thread until every rank joined (or --dist-timeout: E_NCCL): this is the engine worker.
+        // Blocks this thread until every rank joined (or --dist-timeout: E_COMM): this is the engine worker.
         ep = new DeviceExpertComm(cu, cu.cudaNcclJoin(id, d.worldSize, d.rank, d.timeoutMs), distPlacement(o, d.worldSize));
       } else if ((o.expertParallel ?? 1) > 1) {
         const ranks = startDeviceExpertRanks(o.modelDir, o.expertParallel!, cuda ?? (loadNative() as unknown as CudaAddon),
