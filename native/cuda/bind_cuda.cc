@@ -1090,15 +1090,17 @@ std::vector<int64_t> byte_counts(const Napi::CallbackInfo& info, size_t i, const
   return v;
 }
 
-// cudaNcclJoin(uniqueId, worldSize, rank): blocks until every rank joined.
+// cudaNcclJoin(uniqueId, worldSize, rank, timeoutMs = 600000): blocks until every rank joined, at
+// most timeoutMs (then E_COMM); timeoutMs also bounds each later collective of the group.
 Napi::Value nccl_join(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   expect_args(info, 3, "cudaNcclJoin");
   Span<uint8_t> id = get_array<uint8_t>(info, 0, "uniqueId", kNcclUniqueIdBytes, true);
   const int world = dim(info, 1, "worldSize", 1, 65536);
   const int rank = dim(info, 2, "rank", 0, world - 1);
+  const int timeout_ms = info.Length() > 3 && !is_nullish(info[3]) ? dim(info, 3, "timeoutMs", 1, 2147483647) : 600000;
   std::shared_ptr<Comm> comm;
-  guard(env, [&] { comm = expertd::nccl_join(id.data, world, rank); });
+  guard(env, [&] { comm = expertd::nccl_join(id.data, world, rank, timeout_ms); });
   auto st = std::make_shared<std::shared_ptr<Comm>>(comm);
   auto live = [st](Napi::Env e) -> Comm& {
     if (!*st) throw_disposed(e, "NCCL comm group");

@@ -8,7 +8,7 @@ export const modelFlags: FlagSpec[] = [
   { name: 'expert-parallel', type: 'int', min: 1, max: 64, default: 1, arg: 'N',
     help: 'Expert parallelism in this process: N ranks (worker threads; with --device cuda rank r on cuda:r, all2all over NCCL), each holding 1/N of the routed experts, the MoE layers dispatching and combining rows over all2all (1 = off)' },
   { name: 'expert-placement', type: 'string', default: '', arg: 'FILE',
-    help: 'With --expert-parallel N: which rank holds which routed experts, a JSON file listing each rank\'s expert ids, e.g. [[0,2,4,6],[1,3,5,7]] (empty = contiguous slices, sizes differing by at most one)' },
+    help: 'With --expert-parallel N, or rank processes with --dist-moe expert (N = every rank of the group): which rank holds which routed experts, a JSON file listing each rank\'s expert ids, e.g. [[0,2,4,6],[1,3,5,7]] (empty = contiguous slices, sizes differing by at most one)' },
   { name: 'compute-dtype', type: 'string', choices: ['auto', 'f32', 'bf16'], default: 'auto',
     help: 'Activation precision: f32 is the reference mode, bf16 the fast mode (auto = bf16 where the CPU has bf16 dot products)' },
   { name: 'expert-kernel', type: 'string', choices: ['auto', 'group', 'dense'], default: 'auto',

@@ -13,7 +13,8 @@ import type { EvictionPolicy } from '../offload/expert-cache.js';
 import type { OffloadConfig } from '../offload/setup.js';
 import { UsageError, type ParsedFlags } from './options.js';
 
-export function resolveEngineOptions(flags: ParsedFlags, servedModelName?: string):
+/** `ranks`: the rank processes of the group (serve --nproc-per-node x --nnodes), 1 without. */
+export function resolveEngineOptions(flags: ParsedFlags, servedModelName?: string, ranks = 1):
     EngineOptions & { isDemo: boolean; info: ModelInfo } {
   const given = String(flags['model'] ?? '');
   const isDemo = given === '';
@@ -48,7 +49,7 @@ export function resolveEngineOptions(flags: ParsedFlags, servedModelName?: strin
     pipelineChunks: pipelineChunks(String(flags['pipeline-chunks'] ?? 'auto')),
     servedModelName: name,
     device,
-    ...expertParallel(flags, device, offload.offload !== undefined, spec.moe.numExperts),
+    ...expertParallel(flags, device, offload.offload !== undefined, spec.moe.numExperts, ranks),
     ...offload,
   };
 }
@@ -82,11 +83,13 @@ export function resolveDevice(flag: string): string {
   return `cuda:${index}`;
 }
 
-function expertParallel(flags: ParsedFlags, device: string, offload: boolean, experts: number):
+function expertParallel(flags: ParsedFlags, device: string, offload: boolean, experts: number, ranks: number):
     { expertParallel?: number; expertPlacement?: number[] } {
   const n = Number(flags['expert-parallel'] ?? 1);
   const file = String(flags['expert-placement'] ?? '');
-  if (file && n <= 1) throw new UsageError('--expert-placement needs --expert-parallel N (N >= 2)');
+  // Rank processes: the table spreads the experts over the group's ranks (--dist-moe expert).
+  if (file && n <= 1 && ranks > 1) return { expertPlacement: expertPlacement(file, experts, ranks) };
+  if (file && n <= 1) throw new UsageError('--expert-placement needs --expert-parallel N (N >= 2) or rank processes (--nproc-per-node, --nnodes)');
   if (n <= 1) return {};
   if (device !== 'cpu') {
     // Device ranks: rank r on cuda:r of this process (a stand-in counts as enough devices).

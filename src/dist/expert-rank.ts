@@ -55,7 +55,7 @@ async function main(): Promise<void> {
       ? (await import(pathToFileURL(path.resolve(d.device.standIn)).href) as { createCudaEmulator(): CudaAddon }).createCudaEmulator()
       : loadNative() as unknown as CudaAddon;
     if (!d.device.standIn) cu.cudaSetDevice(d.rank);
-    const ep = new DeviceExpertComm(cu, cu.cudaNcclJoin(d.device.ncclId, d.worldSize, d.rank), placement);
+    const ep = new DeviceExpertComm(cu, cu.cudaNcclJoin(d.device.ncclId, d.worldSize, d.rank, d.joinTimeoutMs), placement);
     comm = ep;
     const loaded = loadCudaModel(d.modelDir, { device: d.device.standIn ? 0 : d.rank, cuda: cu, ep });
     serve(() => loaded.model.serveExperts());

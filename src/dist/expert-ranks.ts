@@ -40,7 +40,7 @@ export function startDeviceExpertRanks(modelDir: string, worldSize: number, cuda
                                        joinTimeoutMs = 600_000, placement?: ExpertPlacement): ExpertRanks<DeviceExpertComm> {
   const ncclId = cuda.cudaNcclUniqueId();
   return launch(modelDir, worldSize, { group: '', fast: true, joinTimeoutMs, device: { ncclId, ...(standIn ? { standIn } : {}) } },
-    placement, (control, P) => new DeviceExpertComm(cuda, cuda.cudaNcclJoin(ncclId, worldSize, 0), P, control));
+    placement, (control, P) => new DeviceExpertComm(cuda, cuda.cudaNcclJoin(ncclId, worldSize, 0, joinTimeoutMs), P, control));
 }
 
 function launch<C extends { dispose(): void }>(modelDir: string, worldSize: number,

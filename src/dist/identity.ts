@@ -26,6 +26,8 @@ export interface RankCompat {
   deviceKind: string;
   expertKernel: string;
   expertdVersion: string;
+  /** --expert-placement's table (each expert's owner rank) as JSON, or 'contiguous' (the default). */
+  expertPlacement: string;
 }
 
 function sha256(data: Buffer | string): string {
@@ -66,6 +68,7 @@ export function rankIdentity(o: EngineOptions, maxModelLen: number, rank: number
       deviceKind: (o.device ?? 'cpu').split(':')[0]!,
       expertKernel: o.expertKernel ?? 'auto',
       expertdVersion: version,
+      expertPlacement: o.expertPlacement ? JSON.stringify(o.expertPlacement) : 'contiguous',
     },
   };
 }

@@ -343,8 +343,12 @@ export interface CudaAddon {
                    rowBytes: number, maxRows: number, stream?: CudaStream | null): void;
   /** 128 bytes that rank 0 creates and the rendezvous hands to every rank. */
   cudaNcclUniqueId(): Uint8Array;
-  /** Blocks until worldSize ranks have joined (run it in a worker). */
-  cudaNcclJoin(uniqueId: Uint8Array, worldSize: number, rank: number): CudaCommGroup;
+  /**
+   * Blocks until worldSize ranks have joined (run it in a worker), at most timeoutMs (default 600000;
+   * then E_COMM, the communicator aborted). timeoutMs also bounds every later collective of the
+   * group: one that does not finish in time aborts the group (E_COMM then, and on every later call).
+   */
+  cudaNcclJoin(uniqueId: Uint8Array, worldSize: number, rank: number, timeoutMs?: number): CudaCommGroup;
 }
 
 /** A byte range of a file (a checkpoint tensor, or one expert's slice of a fused tensor). */

@@ -241,10 +241,12 @@ void kv_cache_write(const float* k, const float* v, int tokens, const int32_t* s
 // creates and the rendezvous hands to every rank.
 constexpr size_t kNcclUniqueIdBytes = 128;
 void nccl_unique_id(uint8_t* out);
-// Blocks until all world_size ranks have joined (ncclCommInitRank) on the current device.
-std::shared_ptr<Comm> nccl_join(const uint8_t* unique_id, int world_size, int rank);
+// Blocks until all world_size ranks have joined on the current device, at most timeout_ms (then
+// E_COMM, the communicator aborted). timeout_ms also bounds every later collective of the group.
+std::shared_ptr<Comm> nccl_join(const uint8_t* unique_id, int world_size, int rank, int timeout_ms);
 // all2allv over device buffers enqueued on `s` without waiting (Comm::all2allv is the blocking
-// form on the group's own stream). comm must come from nccl_join.
+// form on the group's own stream); the group's watchdog aborts it past the timeout, and the next
+// call raises E_COMM. comm must come from nccl_join.
 void nccl_all2allv_async(Comm& comm, const void* send, const int64_t* send_bytes, void* recv,
                          const int64_t* recv_bytes, cuda::Stream s);
 
