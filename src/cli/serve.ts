@@ -40,7 +40,7 @@ export const serveFlags: FlagSpec[] = [
   { name: 'node-rank', type: 'int', min: 0, max: 4095, arg: 'R', help: 'This node\'s index; node 0 serves HTTP (default 0; else RANK/nproc-per-node or LWS_WORKER_INDEX)' },
   { name: 'dist-init-addr', type: 'string', arg: 'HOST:PORT', help: 'Node 0\'s address for the rank rendezvous and channels, the same on every node (else MASTER_ADDR:MASTER_PORT or LWS_LEADER_ADDRESS:29500)' },
   { name: 'dist-moe', type: 'string', arg: 'MODE', choices: ['auto', 'expert', 'replicated'], default: 'auto',
-    help: 'MoE layers across the rank processes: expert = each rank holds a slice of the routed experts (--expert-placement), tokens travel by all2all (Gloo on CPU ranks, NCCL on devices) and the ranks step in lockstep; replicated = every rank holds every expert (auto = expert where the addon has Gloo (CPU) or finds NCCL (--device cuda) and neither --expert-parallel nor offloading is on)' },
+    help: 'MoE layers across the rank processes: expert = each rank holds a slice of the routed experts (--expert-placement), tokens travel by all2all (Gloo on CPU ranks, NCCL on devices) and the ranks step in lockstep; replicated = every rank holds every expert (auto = expert on CPU ranks where the addon has Gloo and neither --expert-parallel nor offloading is on; on devices auto is replicated until the NCCL path has run on GPUs, --dist-moe expert opts in)' },
   { name: 'dist-timeout', type: 'number', min: 1, default: 300, arg: 'SECONDS', help: 'How long every rank has to join the rendezvous (with --dist-moe expert also the bound on the Gloo or NCCL join and each all2all)' },
   { name: 'heartbeat-timeout', type: 'number', min: 0.5, default: 10, arg: 'SECONDS', help: 'A rank silent this long (dead, hung or cut off) ends the group: 503s, every process exits non-zero; ranks whose front is silent this long exit non-zero' },
   { name: 'log-level', type: 'string', default: 'info', choices: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'], help: 'pino log level' },
@@ -142,8 +142,11 @@ function expertMode(mode: string, opts: EngineOptions, caps: { gloo: boolean; nc
     : !cpu && !caps.ncclFound && !process.env.EXPERTD_CUDA_STANDIN ? 'NCCL was not found (install NCCL or set EXPERTD_NCCL_SO)'
       : (opts.expertParallel ?? 1) > 1 ? 'it cannot be combined with --expert-parallel (in-process expert ranks)'
         : opts.offload ? 'it cannot be combined with expert offloading yet' : null;
-  if (mode === 'replicated' || (mode === 'auto' && why)) {
-    if (opts.expertPlacement) throw new UsageError(`--expert-placement with rank processes needs --dist-moe expert${why ? ` (not possible here: ${why})` : ''}`);
+  // NOTE: auto stays replicated on devices until expert parallelism across GPU rank processes has
+  // run on GPUs (it is tested on the emulator only); --dist-moe expert opts in.
+  const autoWhy = why ?? (!cpu ? 'device rank processes use it only when asked (--dist-moe expert; not yet validated on GPUs)' : null);
+  if (mode === 'replicated' || (mode === 'auto' && autoWhy)) {
+    if (opts.expertPlacement) throw new UsageError(`--expert-placement with rank processes needs --dist-moe expert${autoWhy ? ` (${why ? 'not possible here: ' : ''}${autoWhy})` : ''}`);
     return false;
   }
   if (why) throw new UsageError(`--dist-moe expert: ${why}`);
