@@ -79,13 +79,26 @@ function compare(V: number, cases: Partial<SamplingParams>[], steps: number, see
   }
 }
 
-test('same seeds, same tokens as the JS sampler with every option (V = 1000, 8 steps)', (t) => {
-  compare(1000, CASES, 8, testSeed(t, 17));
-});
+for (const level of ['auto', 'scalar'] as const) {
+  const simd = (): void => { loadNative().setSimdLevel(level); };
+  test(`same seeds, same tokens as the JS sampler with every option (V = 1000, 8 steps, ${level} SIMD)`, (t) => {
+    simd();
+    try {
+      compare(1000, CASES, 8, testSeed(t, 17));
+    } finally {
+      loadNative().setSimdLevel('auto');
+    }
+  });
 
-test('same tokens at a 152K vocabulary (one step over every case)', (t) => {
-  compare(152_064, CASES, 1, testSeed(t, 91));
-});
+  test(`same tokens at a 152K vocabulary (one step over every case, ${level} SIMD)`, (t) => {
+    simd();
+    try {
+      compare(152_064, CASES, 1, testSeed(t, 91));
+    } finally {
+      loadNative().setSimdLevel('auto');
+    }
+  });
+}
 
 test('a vocabulary that is not a multiple of 32 and a grammar bitmask applied first', (t) => {
   const V = 1001;

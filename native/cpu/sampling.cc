@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "parallel_rows.h"
@@ -81,8 +82,128 @@ inline double fast_exp(double x) {
   return poly * kPow2.v[static_cast<int>(k) + 1075];
 }
 
+#if defined(__x86_64__)
+// fast_exp on 4 lanes: the same multiplies and adds in the same order (no FMA: target avx2 alone
+// does not enable it), the same table, the same out-of-range answers, so every lane equals the
+// scalar result bit for bit.
+__attribute__((target("avx2"))) inline __m256d fast_exp4(__m256d x) {
+  const __m256d t = _mm256_mul_pd(x, _mm256_set1_pd(kLog2e));
+  const __m256d k = _mm256_floor_pd(_mm256_add_pd(t, _mm256_set1_pd(0.5)));
+  const __m256d r = _mm256_mul_pd(_mm256_sub_pd(t, k), _mm256_set1_pd(kLn2));
+  __m256d p = _mm256_set1_pd(1.0 / 40320);
+  p = _mm256_add_pd(_mm256_set1_pd(1.0 / 5040), _mm256_mul_pd(r, p));
+  p = _mm256_add_pd(_mm256_set1_pd(1.0 / 720), _mm256_mul_pd(r, p));
+  p = _mm256_add_pd(_mm256_set1_pd(1.0 / 120), _mm256_mul_pd(r, p));
+  p = _mm256_add_pd(_mm256_set1_pd(1.0 / 24), _mm256_mul_pd(r, p));
+  p = _mm256_add_pd(_mm256_set1_pd(1.0 / 6), _mm256_mul_pd(r, p));
+  p = _mm256_add_pd(_mm256_set1_pd(1.0 / 2), _mm256_mul_pd(r, p));
+  p = _mm256_add_pd(_mm256_set1_pd(1.0), _mm256_mul_pd(r, p));
+  p = _mm256_add_pd(_mm256_set1_pd(1.0), _mm256_mul_pd(r, p));
+  // max_pd(k, c) answers c for a NaN k: every lane indexes inside the table.
+  const __m256d kc = _mm256_min_pd(_mm256_max_pd(k, _mm256_set1_pd(-1075.0)), _mm256_set1_pd(1024.0));
+  const __m128i idx = _mm_add_epi32(_mm256_cvtpd_epi32(kc), _mm_set1_epi32(1075));
+  __m256d y = _mm256_mul_pd(p, _mm256_i32gather_pd(kPow2.v, idx, 8));
+  const __m256d low = _mm256_cmp_pd(t, _mm256_set1_pd(-1074.0), _CMP_NGT_UQ);  // !(t > -1074)
+  const __m256d ordered = _mm256_cmp_pd(t, t, _CMP_ORD_Q);
+  const __m256d low_value = _mm256_blendv_pd(_mm256_set1_pd(std::numeric_limits<double>::quiet_NaN()),
+                                             _mm256_setzero_pd(), ordered);
+  y = _mm256_blendv_pd(y, low_value, low);
+  return _mm256_blendv_pd(y, _mm256_set1_pd(kInf), _mm256_cmp_pd(t, _mm256_set1_pd(1023.0), _CMP_GT_OQ));
+}
+
+// Largest value; NaNs ignored (max_ps answers its second operand when either is NaN).
+__attribute__((target("avx2"))) float max_value_avx2(const float* x, int n) {
+  __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int i = 0;
+  for (; i + 8 <= n; i += 8) m = _mm256_max_ps(_mm256_loadu_ps(x + i), m);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m);
+  float best = -std::numeric_limits<float>::infinity();
+  for (float v : lanes)
+    if (v > best) best = v;
+  for (; i < n; ++i)
+    if (x[i] > best) best = x[i];
+  return best;
+}
+
+__attribute__((target("avx2"))) int first_equal_avx2(const float* x, int n, float v) {
+  const __m256 vv = _mm256_set1_ps(v);
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const int bits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), vv, _CMP_EQ_OQ));
+    if (bits) return i + __builtin_ctz(static_cast<unsigned>(bits));
+  }
+  for (; i < n; ++i)
+    if (x[i] == v) return i;
+  return 0;
+}
+
+// Sum of fast_exp(x - max) in four lanes: logprobs only need f32 rounding, not the JS order.
+__attribute__((target("avx2"))) double sum_exp_avx2(const float* x, int n, double max) {
+  __m256d acc = _mm256_setzero_pd();
+  const __m256d m = _mm256_set1_pd(max);
+  int i = 0;
+  for (; i + 4 <= n; i += 4)
+    acc = _mm256_add_pd(acc, fast_exp4(_mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + i)), m)));
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, acc);
+  double sum = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+  for (; i < n; ++i) sum += fast_exp(static_cast<double>(x[i]) - max);
+  return sum;
+}
+
+// The candidate pass of sample_random with the exps four at a time; the appends and the running
+// sum stay in index order (the sum is what a seeded draw scales).
+__attribute__((target("avx2"))) int candidates_avx2(const float* w, int V, double kth, double max,
+                                                    double inv_t, int32_t* ids, double* weights,
+                                                    double* sum_out) {
+  int n = 0;
+  double sum = 0;
+  const __m256d vk = _mm256_set1_pd(kth), vm = _mm256_set1_pd(max), vt = _mm256_set1_pd(inv_t);
+  alignas(32) double e[4];
+  int i = 0;
+  for (; i + 4 <= V; i += 4) {
+    const __m256d x = _mm256_cvtps_pd(_mm_loadu_ps(w + i));
+    const int keep = _mm256_movemask_pd(_mm256_cmp_pd(x, vk, _CMP_GE_OQ));
+    if (!keep) continue;
+    _mm256_store_pd(e, fast_exp4(_mm256_mul_pd(_mm256_sub_pd(x, vm), vt)));
+    for (int j = 0; j < 4; ++j) {
+      if (((keep >> j) & 1) && e[j] > 0) {
+        ids[n] = i + j;
+        weights[n] = e[j];
+        sum += e[j];
+        ++n;
+      }
+    }
+  }
+  for (; i < V; ++i) {
+    const double x = w[i];
+    if (x >= kth) {
+      const double v = fast_exp((x - max) * inv_t);
+      if (v > 0) {
+        ids[n] = i;
+        weights[n] = v;
+        sum += v;
+        ++n;
+      }
+    }
+  }
+  *sum_out = sum;
+  return n;
+}
+#endif
+
+// Set per call: AVX2 where the CPU has it and the tests have not forced the portable code.
+thread_local bool tls_avx2 = false;
+
 // Index of the largest value, the lowest index among equals; NaNs never win.
 int argmax(const float* x, int n) {
+#if defined(__x86_64__)
+  if (tls_avx2) {
+    const float m = max_value_avx2(x, n);
+    return m == -std::numeric_limits<float>::infinity() ? 0 : first_equal_avx2(x, n, m);
+  }
+#endif
   int best = 0;
   float best_value = -std::numeric_limits<float>::infinity();
   for (int i = 0; i < n; ++i) {
@@ -95,6 +216,9 @@ int argmax(const float* x, int n) {
 }
 
 float max_value(const float* x, int n) {
+#if defined(__x86_64__)
+  if (tls_avx2) return max_value_avx2(x, n);
+#endif
   float m = -std::numeric_limits<float>::infinity();
   for (int i = 0; i < n; ++i)
     if (x[i] > m) m = x[i];
@@ -106,6 +230,9 @@ double log_sum_exp(const float* x, int n) {
   const double max = max_value(x, n);
   if (max == -kInf) return -kInf;
   double sum = 0;
+#if defined(__x86_64__)
+  if (tls_avx2) return max + std::log(sum_exp_avx2(x, n, max));
+#endif
   for (int i = 0; i < n; ++i) sum += fast_exp(static_cast<double>(x[i]) - max);
   return max + std::log(sum);
 }
@@ -283,15 +410,22 @@ int sample_random(const float* w, int V, const SampleParams& p, Xoshiro& rng, Sc
 
   int n = 0;
   double sum = 0;
-  for (int i = 0; i < V; ++i) {
-    const double x = w[i];
-    if (x >= kth) {
-      const double e = fast_exp((x - max) * inv_t);
-      if (e > 0) {
-        ids[n] = i;
-        weights[n] = e;
-        sum += e;
-        ++n;
+#if defined(__x86_64__)
+  if (tls_avx2) {
+    n = candidates_avx2(w, V, kth, max, inv_t, ids, weights, &sum);
+  } else
+#endif
+  {
+    for (int i = 0; i < V; ++i) {
+      const double x = w[i];
+      if (x >= kth) {
+        const double e = fast_exp((x - max) * inv_t);
+        if (e > 0) {
+          ids[n] = i;
+          weights[n] = e;
+          sum += e;
+          ++n;
+        }
       }
     }
   }
@@ -410,8 +544,10 @@ void sample_row(const float* logits, int V, const SampleSeq& q, const SampleOut&
 
 void sample_batch(const float* logits, int rows, int vocab, const SampleSeq* seqs,
                   const SampleOut& out) {
+  const bool avx2 = cpu_features().avx2;  // false when the tests force the portable code
   // One row is a few O(V) passes: worth a thread each.
   parallel_rows(static_cast<size_t>(rows), static_cast<size_t>(vocab) * 8, [&](size_t r0, size_t r1) {
+    tls_avx2 = avx2;
     for (size_t r = r0; r < r1; ++r)
       sample_row(logits + r * static_cast<size_t>(vocab), vocab, seqs[r], out, static_cast<int>(r));
   });
