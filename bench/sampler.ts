@@ -13,7 +13,7 @@ import type { SamplingParams } from '../src/engine/types.js';
 import { loadModel } from '../src/model/load.js';
 import { loadNative } from '../src/native/index.js';
 import { BENCH_MODEL_NAMES, type BenchModelName, ensureBenchModel } from './bench-models.js';
-import { fmt, markdownTable, measure, median, parseIntList, parsePositiveInt, runInfo, writeJson } from './harness.js';
+import { fmt, markdownTable, median, parseIntList, parsePositiveInt, runInfo, writeJson } from './harness.js';
 
 const MODES: Record<string, Partial<SamplingParams>> = {
   greedy: { temperature: 0 },
@@ -40,7 +40,27 @@ function makeLogits(rows: number, V: number, seed: number): Float32Array {
   return x;
 }
 
-interface Row { mode: string; vocab: number; batch: number; jsMs: number[]; nativeMs: number[] }
+interface Row { mode: string; vocab: number; batch: number; jsMs: number[]; nativeMs: number[]; jsCpuMs: number[]; nativeCpuMs: number[] }
+
+/**
+ * Wall and CPU time (this process, every thread: user + system) of each run. On a shared machine
+ * a run longer than a scheduler slice waits for the CPU in wall time; its CPU time does not.
+ */
+function timed(fn: () => void, reps: number, warmup: number): { wallMs: number[]; cpuMs: number[] } {
+  const wallMs: number[] = [], cpuMs: number[] = [];
+  for (let r = 0; r < warmup + reps; r++) {
+    const c0 = process.cpuUsage();
+    const t0 = performance.now();
+    fn();
+    const dt = performance.now() - t0;
+    const c = process.cpuUsage(c0);
+    if (r >= warmup) {
+      wallMs.push(dt);
+      cpuMs.push((c.user + c.system) / 1000);
+    }
+  }
+  return { wallMs, cpuMs };
+}
 
 function microBench(batches: number[], vocabs: number[], reps: number, warmup: number): Row[] {
   const rows: Row[] = [];
@@ -52,11 +72,11 @@ function microBench(batches: number[], vocabs: number[], reps: number, warmup: n
       for (const [mode, over] of Object.entries(MODES)) {
         const states = Array.from({ length: B }, (_, i) => new SamplingState(params(over, 100 + i), [], V));
         // The JS path is the old engine loop: one Sampler.sample per row.
-        const jsMs = measure(() => {
+        const j = timed(() => {
           for (let r = 0; r < B; r++) js.sample(logits.subarray(r * V, (r + 1) * V), states[r]!);
-        }, { reps, warmup });
-        const nativeMs = measure(() => { native.sample(logits, states); }, { reps, warmup });
-        rows.push({ mode, vocab: V, batch: B, jsMs, nativeMs });
+        }, reps, warmup);
+        const n = timed(() => { native.sample(logits, states); }, reps, warmup);
+        rows.push({ mode, vocab: V, batch: B, jsMs: j.wallMs, nativeMs: n.wallMs, jsCpuMs: j.cpuMs, nativeCpuMs: n.cpuMs });
       }
     }
   }
@@ -131,9 +151,10 @@ export async function runSamplerBench(argv: string[]): Promise<void> {
   const rows = microBench(batches, vocabs, reps, warmup);
   console.log(`\n### sampler time per step: JS row by row vs one native batched call (${threads} threads), ` +
     `median [min-max] of ${reps} reps; ${os.cpus()[0]?.model}, load average ${os.loadavg().map((x) => x.toFixed(1)).join(' ')}\n`);
-  console.log(markdownTable(['mode', 'vocab', 'batch', 'JS ms', 'JS min-max', 'native ms', 'native min-max', 'JS / native'],
+  console.log(markdownTable(['mode', 'vocab', 'batch', 'JS ms', 'JS min-max', 'native ms', 'native min-max', 'JS / native',
+    'JS cpu ms', 'native cpu ms', 'JS / native (cpu)'],
     rows.map((r) => [r.mode, r.vocab, r.batch, median(r.jsMs), spread(r.jsMs), median(r.nativeMs), spread(r.nativeMs),
-      median(r.jsMs) / median(r.nativeMs)])));
+      median(r.jsMs) / median(r.nativeMs), median(r.jsCpuMs), median(r.nativeCpuMs), median(r.jsCpuMs) / median(r.nativeCpuMs)])));
 
   const shares: ShareRow[] = [];
   if (!values['no-share']) {

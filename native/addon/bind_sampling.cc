@@ -10,13 +10,14 @@
 #include "args.h"
 #include "expertd/sampling.h"
 #include "register.h"
+#include "sampling_args.h"
 
 namespace expertd::addon {
 
 namespace {
 
 // Column order of batch.params: one row of kParamCols f64 per sequence.
-constexpr int kParamCols = 8;
+constexpr int kParamCols = kSampleParamCols;
 const char* const kParamNames[kParamCols] = {"temperature", "topP", "topK", "minP",
                                               "repetitionPenalty", "presencePenalty",
                                               "frequencyPenalty", "numTopLogprobs"};
@@ -105,18 +106,12 @@ void check_param(Napi::Env env, size_t r, int c, double v) {
                          " of row " + std::to_string(r) + ") is " + num(v) + ", expected " + expected);
 }
 
-// sampleBatch(logits, rows, vocabSize, batch, out)
-Napi::Value sample_batch(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  expect_args(info, 5, "sampleBatch");
-  const int64_t rows = get_int(info, 1, "rows", 0, 1 << 20);
-  const int64_t vocab = get_int(info, 2, "vocabSize", 1, 1 << 30);
-  auto logits = get_array<float>(info, 0, "logits", static_cast<size_t>(rows * vocab));
-  if (!info[3].IsObject()) throw_type(env, "batch must be an object");
-  if (!info[4].IsObject()) throw_type(env, "out must be an object");
-  Napi::Object batch = info[3].As<Napi::Object>();
-  Napi::Object outo = info[4].As<Napi::Object>();
+}  // namespace
+
+ParsedSampleBatch parse_sample_batch(Napi::Env env, int64_t rows, int64_t vocab, Napi::Object batch,
+                                     Napi::Object outo) {
   const size_t R = static_cast<size_t>(rows);
+  ParsedSampleBatch b;
 
   auto params = field<double>(env, batch, "params", R * kParamCols, false);
   auto rng = field<uint32_t>(env, batch, "rngState", R * 4, false);
@@ -181,14 +176,49 @@ Napi::Value sample_batch(const Napi::CallbackInfo& info) {
     if (mask_rows.data && mask_rows.data[r] >= 0)
       q.bitmask = mask.data + static_cast<size_t>(mask_rows.data[r]) * words;
   }
-  SampleOut out;
-  out.token_ids = token_ids.data;
-  out.logprobs = logprobs.data;
-  out.top_ids = top_ids.data;
-  out.top_logprobs = top_lp.data;
-  out.top_counts = top_counts.data;
+  b.out.token_ids = token_ids.data;
+  b.out.logprobs = logprobs.data;
+  b.out.top_ids = top_ids.data;
+  b.out.top_logprobs = top_lp.data;
+  b.out.top_counts = top_counts.data;
+  b.rows = R;
+  b.vocab = static_cast<size_t>(vocab);
+  b.words = words;
+  b.params = params.data;
+  b.rng = rng.data;
+  b.bias_offsets = bias.offsets;
+  b.bias_ids = bias.ids;
+  b.bias_values = bias_values.data;
+  b.seen_offsets = seen.offsets;
+  b.seen_ids = seen.ids;
+  b.count_offsets = counts.offsets;
+  b.count_ids = counts.ids;
+  b.count_values = count_values.data;
+  b.mask_rows = mask_rows.data;
+  b.masks = mask.data;
+  b.n_bias = n_bias;
+  b.n_seen = n_seen;
+  b.n_counts = n_counts;
+  b.n_masks = n_masks;
+  b.seqs = std::move(seqs);
+  return b;
+}
+
+namespace {
+
+
+// sampleBatch(logits, rows, vocabSize, batch, out)
+Napi::Value sample_batch(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 5, "sampleBatch");
+  const int64_t rows = get_int(info, 1, "rows", 0, 1 << 20);
+  const int64_t vocab = get_int(info, 2, "vocabSize", 1, 1 << 30);
+  auto logits = get_array<float>(info, 0, "logits", static_cast<size_t>(rows * vocab));
+  if (!info[3].IsObject()) throw_type(env, "batch must be an object");
+  if (!info[4].IsObject()) throw_type(env, "out must be an object");
+  ParsedSampleBatch b = parse_sample_batch(env, rows, vocab, info[3].As<Napi::Object>(), info[4].As<Napi::Object>());
   guard(env, [&] {
-    expertd::sample_batch(logits.data, static_cast<int>(rows), static_cast<int>(vocab), seqs.data(), out);
+    expertd::sample_batch(logits.data, static_cast<int>(rows), static_cast<int>(vocab), b.seqs.data(), b.out);
   });
   return env.Undefined();
 }
