@@ -11,9 +11,6 @@
 
 namespace expertd::addon {
 
-// Columns of batch.params per row.
-constexpr int kSampleParamCols = 8;
-
 // Views of the caller's typed arrays (valid during the call) and the per-row descriptors.
 struct ParsedSampleBatch {
   size_t rows = 0, vocab = 0, words = 0;

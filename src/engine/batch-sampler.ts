@@ -47,14 +47,17 @@ export class BatchSampler {
   /**
    * @param logits [rows, V] f32 with rows = states.length; not modified.
    * @param bitmasks per row a grammar bitmask ([ceil(V/32)] words, bit set = allowed) or null.
+   * @param device samples where the logits are instead (ForwardModel.sampleLogits: the device
+   *   engine's kernel); `logits` is then unused.
    * Advances each state's RNG as Sampler.sample would; does not record the sampled tokens (call
    * addOutputToken once they are accepted).
    */
   sample(logits: Float32Array, states: readonly SamplingState[],
-    bitmasks?: readonly (Int32Array | null | undefined)[]): SampleResult[] {
+    bitmasks?: readonly (Int32Array | null | undefined)[],
+    device?: (rows: number, batch: SampleBatchArgs, out: SampleBatchOut) => void): SampleResult[] {
     const V = this.vocabSize;
     const R = states.length;
-    if (logits.length < R * V) throw new RangeError(`logits.length is ${logits.length}, expected at least ${R * V} (${R} rows of ${V})`);
+    if (!device && logits.length < R * V) throw new RangeError(`logits.length is ${logits.length}, expected at least ${R * V} (${R} rows of ${V})`);
     if (bitmasks && bitmasks.length !== R) throw new RangeError(`bitmasks.length is ${bitmasks.length}, expected ${R}`);
     if (R === 0) return [];
     const a = this.args;
@@ -139,7 +142,8 @@ export class BatchSampler {
       };
     }
     const o = this.out;
-    this.native.sampleBatch(logits, R, V, args, o);
+    if (device) device(R, args, o);
+    else this.native.sampleBatch(logits, R, V, args, o);
 
     const results: SampleResult[] = new Array(R);
     for (let r = 0; r < R; r++) {

@@ -248,7 +248,11 @@ export class EngineCore {
       masks.push(r.bitmask);
       if (r.bitmask) anyMask = true;
     }
-    if (this.sampler instanceof BatchSampler) return this.sampler.sample(logits, states, anyMask ? masks : undefined);
+    if (this.sampler instanceof BatchSampler) {
+      const model = this.loaded.model;
+      const device = model.sampleLogits ? model.sampleLogits.bind(model) : undefined;
+      return this.sampler.sample(logits, states, anyMask ? masks : undefined, device);
+    }
     const sampler = this.sampler;
     return states.map((st, i) => sampler.sample(logits.subarray(i * V, (i + 1) * V), st, masks[i]));
   }
@@ -291,7 +295,12 @@ export class EngineCore {
       if (e.sample) logitRows.push(row + n - 1);
       row += n;
     });
-    return { tokenIds, positions, numSeqs: S, seqInfo, blockTables, maxBlocks, slots, logitRows: Int32Array.from(logitRows) };
+    // The native sampler runs where the logits are when the model can (the device engine).
+    const logitsOnDevice = this.sampler instanceof BatchSampler && this.loaded.model.sampleLogits !== undefined;
+    return {
+      tokenIds, positions, numSeqs: S, seqInfo, blockTables, maxBlocks, slots, logitRows: Int32Array.from(logitRows),
+      ...(logitsOnDevice ? { logitsOnDevice } : {}),
+    };
   }
 }
 

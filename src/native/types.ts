@@ -301,6 +301,12 @@ export interface CudaAddon {
               stream?: CudaStream | null): void;
   cudaTopN(x: CudaBuffer, rows: number, cols: number, n: number, ids: CudaBuffer, vals: CudaBuffer,
            stream?: CudaStream | null): void;
+  /**
+   * The batched sampler over logits [rows, vocabSize] f32 on the device (sampleBatch's arguments
+   * otherwise): one copy up, one kernel, one copy down; returns with out and batch.rngState filled.
+   */
+  cudaSampleBatch(logits: CudaBuffer, rows: number, vocabSize: number, batch: SampleBatchArgs,
+                  out: SampleBatchOut, stream?: CudaStream | null): void;
   /** numSlots = numBlocks * blockSize of the caches. */
   cudaKvCacheWrite(k: CudaBuffer, v: CudaBuffer | null, t: number, slots: CudaBuffer,
                    kCache: CudaBuffer, vCache: CudaBuffer | null, kvHeads: number, dk: number,

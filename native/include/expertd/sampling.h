@@ -9,6 +9,8 @@ namespace expertd {
 
 // OpenAI caps top_logprobs at 20 (MAX_TOP_LOGPROBS in sampler.ts).
 constexpr int kSampleMaxTopLogprobs = 20;
+// Columns of the per-row parameter matrix the bindings take (SampleBatchArgs.params).
+constexpr int kSampleParamCols = 8;
 // Temperatures below this sample greedily (GREEDY_TEMPERATURE in sampler.ts).
 constexpr double kSampleGreedyTemperature = 1e-5;
 
