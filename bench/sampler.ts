@@ -83,13 +83,13 @@ function microBench(batches: number[], vocabs: number[], reps: number, warmup: n
   return rows;
 }
 
-interface ShareRow { model: string; sampler: string; stepMs: number[]; sampleMs: number[] }
+interface ShareRow { model: string; mode: string; sampler: string; stepMs: number[]; sampleMs: number[] }
 
 /**
- * Batch-64 decode on a bench model: 64 seeded top_p streams, step time from the engine's metrics,
+ * Batch-64 decode on a bench model: 64 seeded streams of one mode, step time from the engine's metrics,
  * sampler time from a timer around the sampler's call (the same engine, JS or native sampler).
  */
-function stepShare(name: BenchModelName, batch: number, steps: number, log: (s: string) => void): ShareRow[] {
+function stepShare(name: BenchModelName, mode: string, batch: number, steps: number, log: (s: string) => void): ShareRow[] {
   const dir = ensureBenchModel(name, log);
   const out: ShareRow[] = [];
   for (const kind of ['js', 'native'] as const) {
@@ -111,12 +111,12 @@ function stepShare(name: BenchModelName, batch: number, steps: number, log: (s: 
       core.add({
         id: `s${i}`, promptTokenIds: Array.from({ length: 8 }, (_, j) => 100 + ((i * 131 + j * 17) % 30000)),
         maxTokens: steps + 4, stopTokenIds: [], ignoreEos: true, minTokens: 0, returnRoutedExperts: false,
-        sampling: params(MODES['top_p']!, i),
+        sampling: params(MODES[mode]!, i),
       });
     }
     core.step();   // every prompt in one prefill step (batch * 8 tokens)
     core.step();   // warm-up decode
-    const row: ShareRow = { model: name, sampler: kind, stepMs: [], sampleMs: [] };
+    const row: ShareRow = { model: name, mode, sampler: kind, stepMs: [], sampleMs: [] };
     for (let s = 0; s < steps; s++) {
       sampleMs = 0;
       const r = core.step();
@@ -136,7 +136,7 @@ export async function runSamplerBench(argv: string[]): Promise<void> {
     args: argv, options: {
       json: { type: 'string' }, reps: { type: 'string' }, warmup: { type: 'string' }, batches: { type: 'string' },
       vocabs: { type: 'string' }, models: { type: 'string' }, steps: { type: 'string' }, threads: { type: 'string' },
-      'no-share': { type: 'boolean' },
+      'no-share': { type: 'boolean' }, 'share-modes': { type: 'string' },
     },
   });
   const reps = parsePositiveInt('reps', values.reps, 7);
@@ -145,6 +145,8 @@ export async function runSamplerBench(argv: string[]): Promise<void> {
   const vocabs = values.vocabs ? parseIntList('vocabs', values.vocabs) : [32_000, 152_064];
   const steps = parsePositiveInt('steps', values.steps, 8);
   const threads = loadNative().setNumThreads(parsePositiveInt('threads', values.threads, 0));
+  const shareModes = values['share-modes'] ? values['share-modes'].split(',') : ['top_p', 'greedy'];
+  for (const m of shareModes) if (!(m in MODES)) throw new RangeError(`--share-modes has "${m}", expected ${Object.keys(MODES).join(', ')}`);
   const models = (values.models ? values.models.split(',') : BENCH_MODEL_NAMES) as BenchModelName[];
   for (const m of models) if (!BENCH_MODEL_NAMES.includes(m)) throw new RangeError(`--models has "${m}", expected ${BENCH_MODEL_NAMES.join(', ')}`);
 
@@ -158,11 +160,11 @@ export async function runSamplerBench(argv: string[]): Promise<void> {
 
   const shares: ShareRow[] = [];
   if (!values['no-share']) {
-    for (const m of models) shares.push(...stepShare(m, 64, steps, (s) => console.error(s)));
-    console.log(`\n### sampler share of a batch-64 decode step (temperature 0.8, top_p 0.9, vocab 32000), ` +
+    for (const m of models) for (const mode of shareModes) shares.push(...stepShare(m, mode, 64, steps, (s) => console.error(s)));
+    console.log(`\n### sampler share of a batch-64 decode step (top_p: temperature 0.8 + top_p 0.9; vocab 32000), ` +
       `median [min-max] of ${steps} steps\n`);
-    console.log(markdownTable(['model', 'sampler', 'step ms', 'min-max', 'sampler ms', 'min-max', 'share'],
-      shares.map((s) => [s.model, s.sampler, median(s.stepMs), spread(s.stepMs), median(s.sampleMs), spread(s.sampleMs),
+    console.log(markdownTable(['model', 'mode', 'sampler', 'step ms', 'min-max', 'sampler ms', 'min-max', 'share'],
+      shares.map((s) => [s.model, s.mode, s.sampler, median(s.stepMs), spread(s.stepMs), median(s.sampleMs), spread(s.sampleMs),
         `${(100 * median(s.sampleMs) / median(s.stepMs)).toFixed(1)}%`])));
   }
   if (values.json) writeJson(values.json, { info: runInfo(), threads, reps, warmup, rows, shares });
