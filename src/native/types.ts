@@ -301,6 +301,12 @@ export interface CudaAddon {
               stream?: CudaStream | null): void;
   cudaTopN(x: CudaBuffer, rows: number, cols: number, n: number, ids: CudaBuffer, vals: CudaBuffer,
            stream?: CudaStream | null): void;
+  /**
+   * The batched sampler over logits [rows, vocabSize] f32 on the device (sampleBatch's arguments
+   * otherwise): one copy up, one kernel, one copy down; returns with out and batch.rngState filled.
+   */
+  cudaSampleBatch(logits: CudaBuffer, rows: number, vocabSize: number, batch: SampleBatchArgs,
+                  out: SampleBatchOut, stream?: CudaStream | null): void;
   /** numSlots = numBlocks * blockSize of the caches. */
   cudaKvCacheWrite(k: CudaBuffer, v: CudaBuffer | null, t: number, slots: CudaBuffer,
                    kCache: CudaBuffer, vCache: CudaBuffer | null, kvHeads: number, dk: number,
@@ -408,6 +414,33 @@ export interface ExpertLoader {
   dispose(): void;
 }
 
+/**
+ * The rows of one sampler call. Lists are CSR: row r's entries are [offsets[r], offsets[r+1]).
+ */
+export interface SampleBatchArgs {
+  /** [rows, 8] f64: temperature, topP, topK, minP, repetitionPenalty, presencePenalty,
+   *  frequencyPenalty, numTopLogprobs (-1 = no logprobs). */
+  params: Float64Array;
+  /** [rows, 4] xoshiro128** states (Rng.getState), advanced in place. */
+  rngState: Uint32Array;
+  biasOffsets: Int32Array; biasIds: Int32Array; biasValues: Float32Array;
+  /** Distinct ids of prompt and output (repetition penalty). */
+  seenOffsets: Int32Array; seenIds: Int32Array;
+  /** Distinct output ids and their counts (presence / frequency penalties). */
+  countOffsets: Int32Array; countIds: Int32Array; countValues: Int32Array;
+  /** [masks, ceil(V/32)] grammar bitmasks (bit set = allowed) and each row's mask (-1 = none). */
+  bitmask?: Int32Array | null;
+  bitmaskRows?: Int32Array | null;
+}
+
+export interface SampleBatchOut {
+  tokenIds: Int32Array;       // [rows]
+  logprobs: Float64Array;     // [rows] (NaN where not requested)
+  topIds: Int32Array;         // [rows, 20]
+  topLogprobs: Float64Array;  // [rows, 20]
+  topCounts: Int32Array;      // [rows]
+}
+
 /** CUDA members are present only in a full build (capabilities().cudaCompiled). */
 export interface NativeAddon extends Partial<CudaAddon> {
   // --- core
@@ -469,6 +502,14 @@ export interface NativeAddon extends Partial<CudaAddon> {
   /** fp8 e4m3 [rows, cols] with block scales [ceil(rows/br), ceil(cols/bc)] -> bf16. */
   dequantFp8(src: Uint8Array, scaleInv: Float32Array, rows: number, cols: number,
              blockRows: number, blockCols: number, dst: Uint16Array): void;
+
+  // --- sampling
+  /**
+   * One engine step's sampler over logits [rows, vocabSize] (src/engine/batch-sampler.ts builds
+   * the arguments); threaded over rows; advances batch.rngState in place.
+   */
+  sampleBatch(logits: Float32Array, rows: number, vocabSize: number, batch: SampleBatchArgs,
+              out: SampleBatchOut): void;
 
   // --- attention
   /** k [t, kvHeads, dk], v [t, kvHeads, dv] (or null for MLA) into cache slots. */

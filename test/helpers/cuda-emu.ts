@@ -971,6 +971,16 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
       }
     },
 
+    cudaSampleBatch(logits, rows, vocabSize, batch, out, stream): void {
+      const R = dim(rows, 'rows', 0, 1 << 20), V = dim(vocabSize, 'vocabSize', 1, 2 ** 30);
+      const lb = alignedBuf(logits, 'logits', R * V * 4, 4);
+      getStream(stream);
+      ensureAlive();
+      // The kernel is native/cpu/sampling.cc line for line (sampling.cu) and the binding parses
+      // with the same parse_sample_batch: the CPU call is its contract, checks and results alike.
+      native.sampleBatch(f32Of(lb, 'logits').subarray(0, R * V), R, V, batch, out);
+    },
+
     cudaKvCacheWrite(k, v, t, slots, kCache, vCache, kvHeads, dk, dv, vStride, numSlots, stream): void {
       const T = dim(t, 't'), KVH = dim(kvHeads, 'kvHeads', 1), DK = dim(dk, 'dk', 1);
       const DV = dim(dv, 'dv', 0), VS = dim(vStride, 'vStride', 0);
@@ -1332,7 +1342,8 @@ export function withLazyStreams(cu: CudaAddon, opts: { lazyCount?: number } = {}
       const s = args.find((a) => a instanceof LazyStream && queues.has(a)) as LazyStream | undefined;
       if (!s) return f.apply(cu, args);
       const host = name === 'cudaCopyToHost' ? hostBuffer(args[0]) : name === 'cudaCopyToDevice' ? hostBuffer(args[2]) : null;
-      if (host && !pinned.has(host)) {
+      // cudaSampleBatch returns its results through pageable copies: it runs in order, done on return.
+      if ((host && !pinned.has(host)) || name === 'cudaSampleBatch') {
         // Pageable host memory: the copy is ordered after the stream's work and done (or staged) on return.
         flush(s);
         return f.apply(cu, args);

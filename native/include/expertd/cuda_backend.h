@@ -10,6 +10,7 @@
 #include "expertd/comm.h"
 #include "expertd/dtype.h"
 #include "expertd/ops.h"
+#include "expertd/sampling.h"
 
 struct CUstream_st;  // == cudaStream_t's pointee
 struct CUevent_st;   // == cudaEvent_t's pointee
@@ -202,6 +203,24 @@ void embedding(const void* table, DType dtype, int vocab, int h, const int32_t* 
                float* out, Stream s);
 void softmax_rows(const float* x, int rows, int cols, float* out, bool log, Stream s);
 void top_n(const float* x, int rows, int cols, int n, int32_t* ids, float* vals, Stream s);
+
+// The batched sampler (sampling.cu) over logits [rows, vocab] f32 on the device, with the host
+// arrays the addon checked (native/addon/sampling_args.h; see expertd/sampling.h for their
+// meaning). One copy up, one kernel, one copy down: returns with out and rng filled.
+struct SampleBatchHost {
+  int rows = 0, vocab = 0;
+  const double* params = nullptr;  // [rows, kSampleParamCols]
+  uint32_t* rng = nullptr;         // [rows, 4] in/out
+  const int32_t *bias_offsets = nullptr, *bias_ids = nullptr;
+  const float* bias_values = nullptr;
+  const int32_t *seen_offsets = nullptr, *seen_ids = nullptr;
+  const int32_t *count_offsets = nullptr, *count_ids = nullptr, *count_values = nullptr;
+  const int32_t* mask_rows = nullptr;  // [rows] or null
+  const int32_t* masks = nullptr;      // [n_masks, ceil(vocab/32)]
+  size_t n_bias = 0, n_seen = 0, n_counts = 0, n_masks = 0;
+  SampleOut out;
+};
+void sample_batch(const float* logits, const SampleBatchHost& h, Stream s);
 void convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, size_t n, Stream s);
 
 // Glue for the device engine (glue.cu; roundings in its header comment).
