@@ -52,6 +52,106 @@ Napi::Value pack_gate_up_js(const Napi::CallbackInfo& info) {
   return WeightHandle::create(env, std::move(w));
 }
 
+QFormat parse_quantize(Napi::Env env, const Napi::Value& v) {
+  const std::string s = v.IsString() ? v.As<Napi::String>().Utf8Value() : std::string();
+  if (s == "int8") return QFormat::I8;
+  if (s == "int4") return QFormat::I4;
+  if (s == "fp8") return QFormat::F8;
+  throw_type(env, "format must be \"int8\", \"int4\" or \"fp8\"");
+  return QFormat::None;
+}
+
+// quantizeWeight(src, dtype, n, k, format, group) -> PackedWeight (quantized at load)
+Napi::Value quantize_weight_js(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 6, "quantizeWeight");
+  const DType dtype = parse_dtype(env, info[1], "dtype");
+  const int64_t n = get_int(info, 2, "n", 1, kMaxDim);
+  const int64_t k = get_int(info, 3, "k", 1, kMaxDim);
+  const QFormat q = parse_quantize(env, info[4]);
+  const int64_t group = get_int(info, 5, "group", 0, kMaxDim);
+  const void* src = get_dtype_array(info, 0, "src", dtype, static_cast<size_t>(n * k));
+  std::shared_ptr<PackedWeight> w;
+  guard(env, [&] {
+    w = alloc_quant_weight(q, static_cast<int>(group), WeightKind::Plain, static_cast<int>(n),
+                           static_cast<int>(k));
+    quantize_weight(*w, src, nullptr, dtype);
+  });
+  return WeightHandle::create(env, std::move(w));
+}
+
+// quantizeGateUp(gate, up, dtype, i, h, format, group) -> quantized gate_up, n = 2i
+Napi::Value quantize_gate_up_js(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 7, "quantizeGateUp");
+  const DType dtype = parse_dtype(env, info[2], "dtype");
+  const int64_t inter = get_int(info, 3, "i", 1, kMaxDim / 2);
+  const int64_t h = get_int(info, 4, "h", 1, kMaxDim);
+  const QFormat q = parse_quantize(env, info[5]);
+  const int64_t group = get_int(info, 6, "group", 0, kMaxDim);
+  const size_t len = static_cast<size_t>(inter * h);
+  const void* gate = get_dtype_array(info, 0, "gate", dtype, len);
+  const void* up = get_dtype_array(info, 1, "up", dtype, len);
+  std::shared_ptr<PackedWeight> w;
+  guard(env, [&] {
+    w = alloc_quant_weight(q, static_cast<int>(group), WeightKind::GateUp,
+                           static_cast<int>(2 * inter), static_cast<int>(h));
+    quantize_weight(*w, gate, up, dtype);
+  });
+  return WeightHandle::create(env, std::move(w));
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// packFp8(codes, scaleInv, n, k, br, bc, upCodes?, upScaleInv?) -> fp8 weight kept in fp8.
+// With the up pair the result is a gate_up weight of n = 2 * (rows of codes).
+Napi::Value pack_fp8_js(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 6, "packFp8");
+  const int64_t n = get_int(info, 2, "n", 1, kMaxDim);
+  const int64_t k = get_int(info, 3, "k", 1, kMaxDim);
+  const int64_t br = get_int(info, 4, "br", 1, kMaxDim);
+  const int64_t bc = get_int(info, 5, "bc", 2, kMaxDim);
+  if (bc % 2) throw_range(env, "bc is " + str(bc) + ", expected an even block width");
+  const size_t len = static_cast<size_t>(n * k);
+  const size_t slen = static_cast<size_t>(ceil_div(n, br) * ceil_div(k, bc));
+  const uint8_t* codes = get_array<uint8_t>(info, 0, "codes", len).data;
+  const float* sc = get_array<float>(info, 1, "scaleInv", slen).data;
+  const bool gu = info.Length() > 6 && !is_nullish(info[6]);
+  const uint8_t* ucodes = gu ? get_array<uint8_t>(info, 6, "upCodes", len).data : nullptr;
+  const float* usc = gu ? get_array<float>(info, 7, "upScaleInv", slen).data : nullptr;
+  std::shared_ptr<PackedWeight> w;
+  guard(env, [&] {
+    w = alloc_quant_weight(QFormat::F8, static_cast<int>(bc),
+                           gu ? WeightKind::GateUp : WeightKind::Plain,
+                           static_cast<int>(gu ? 2 * n : n), static_cast<int>(k));
+    pack_fp8_weight(*w, codes, sc, ucodes, usc, static_cast<int>(br), static_cast<int>(bc));
+  });
+  return WeightHandle::create(env, std::move(w));
+}
+
+// packMxfp4(blocks, scales, n, k, upBlocks?, upScales?) -> MXFP4 weight kept in MXFP4.
+Napi::Value pack_mxfp4_js(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 4, "packMxfp4");
+  const int64_t n = get_int(info, 2, "n", 1, kMaxDim);
+  const int64_t k = get_int(info, 3, "k", 32, kMaxDim);
+  if (k % 32) throw_range(env, "k is " + str(k) + ", expected a multiple of 32 (MXFP4 blocks)");
+  const size_t blen = static_cast<size_t>(n * k / 2), slen = static_cast<size_t>(n * k / 32);
+  const uint8_t* blocks = get_array<uint8_t>(info, 0, "blocks", blen).data;
+  const uint8_t* scales = get_array<uint8_t>(info, 1, "scales", slen).data;
+  const bool gu = info.Length() > 4 && !is_nullish(info[4]);
+  const uint8_t* ublocks = gu ? get_array<uint8_t>(info, 4, "upBlocks", blen).data : nullptr;
+  const uint8_t* uscales = gu ? get_array<uint8_t>(info, 5, "upScales", slen).data : nullptr;
+  std::shared_ptr<PackedWeight> w;
+  guard(env, [&] {
+    w = alloc_quant_weight(QFormat::FP4, 32, gu ? WeightKind::GateUp : WeightKind::Plain,
+                           static_cast<int>(gu ? 2 * n : n), static_cast<int>(k));
+    pack_mxfp4_weight(*w, blocks, scales, ublocks, uscales);
+  });
+  return WeightHandle::create(env, std::move(w));
+}
+
 // repackInto(dst, src, dtype, up?): new contents, same geometry; dtype is the source's (it is
 // converted to dst's storage dtype when they differ).
 Napi::Value repack_into_js(const Napi::CallbackInfo& info) {
@@ -155,6 +255,10 @@ Napi::Value group_gemm_ffn_js(const Napi::CallbackInfo& info) {
 void register_gemm(Napi::Env env, Napi::Object exports) {
   exports.Set("packWeight", Napi::Function::New(env, pack_weight_js, "packWeight"));
   exports.Set("packGateUp", Napi::Function::New(env, pack_gate_up_js, "packGateUp"));
+  exports.Set("quantizeWeight", Napi::Function::New(env, quantize_weight_js, "quantizeWeight"));
+  exports.Set("quantizeGateUp", Napi::Function::New(env, quantize_gate_up_js, "quantizeGateUp"));
+  exports.Set("packFp8", Napi::Function::New(env, pack_fp8_js, "packFp8"));
+  exports.Set("packMxfp4", Napi::Function::New(env, pack_mxfp4_js, "packMxfp4"));
   exports.Set("repackInto", Napi::Function::New(env, repack_into_js, "repackInto"));
   exports.Set("packedWeightAt", Napi::Function::New(env, packed_weight_at_js, "packedWeightAt"));
   exports.Set("denseGemm", Napi::Function::New(env, dense_gemm_js, "denseGemm"));

@@ -12,6 +12,7 @@ Napi::Function WeightHandle::define(Napi::Env env) {
                       InstanceAccessor("k", &WeightHandle::getK, nullptr),
                       InstanceAccessor("dtype", &WeightHandle::getDtype, nullptr),
                       InstanceAccessor("kind", &WeightHandle::getKind, nullptr),
+                      InstanceAccessor("quant", &WeightHandle::getQuant, nullptr),
                       InstanceAccessor("sizeBytes", &WeightHandle::getSizeBytes, nullptr),
                       InstanceAccessor("disposed", &WeightHandle::getDisposed, nullptr)});
 }
@@ -65,6 +66,11 @@ Napi::Value WeightHandle::getDtype(const Napi::CallbackInfo& info) {
 Napi::Value WeightHandle::getKind(const Napi::CallbackInfo& info) {
   return Napi::String::New(
       info.Env(), get(info.Env(), "weight")->kind == WeightKind::GateUp ? "gate_up" : "plain");
+}
+Napi::Value WeightHandle::getQuant(const Napi::CallbackInfo& info) {
+  const PackedWeight& w = *get(info.Env(), "weight");
+  if (!w.quantized()) return info.Env().Null();
+  return Napi::String::New(info.Env(), qformat_name(w.q));
 }
 Napi::Value WeightHandle::getSizeBytes(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(),

@@ -25,6 +25,7 @@ class WeightHandle : public Napi::ObjectWrap<WeightHandle> {
   Napi::Value getK(const Napi::CallbackInfo& info);
   Napi::Value getDtype(const Napi::CallbackInfo& info);
   Napi::Value getKind(const Napi::CallbackInfo& info);
+  Napi::Value getQuant(const Napi::CallbackInfo& info);
   Napi::Value getSizeBytes(const Napi::CallbackInfo& info);
   Napi::Value getDisposed(const Napi::CallbackInfo& info);
   std::shared_ptr<PackedWeight> weight_;
