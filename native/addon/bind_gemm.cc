@@ -52,15 +52,6 @@ Napi::Value pack_gate_up_js(const Napi::CallbackInfo& info) {
   return WeightHandle::create(env, std::move(w));
 }
 
-QFormat parse_quantize(Napi::Env env, const Napi::Value& v) {
-  const std::string s = v.IsString() ? v.As<Napi::String>().Utf8Value() : std::string();
-  if (s == "int8") return QFormat::I8;
-  if (s == "int4") return QFormat::I4;
-  if (s == "fp8") return QFormat::F8;
-  throw_type(env, "format must be \"int8\", \"int4\" or \"fp8\"");
-  return QFormat::None;
-}
-
 // quantizeWeight(src, dtype, n, k, format, group) -> PackedWeight (quantized at load)
 Napi::Value quantize_weight_js(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();

@@ -80,6 +80,16 @@ Napi::Value WeightHandle::getDisposed(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(info.Env(), !weight_);
 }
 
+// --quantize formats by name (MXFP4 is a checkpoint format only).
+QFormat parse_quantize(Napi::Env env, const Napi::Value& v) {
+  const std::string s = v.IsString() ? v.As<Napi::String>().Utf8Value() : std::string();
+  if (s == "int8") return QFormat::I8;
+  if (s == "int4") return QFormat::I4;
+  if (s == "fp8") return QFormat::F8;
+  throw_type(env, "format must be \"int8\", \"int4\" or \"fp8\"");
+  return QFormat::None;
+}
+
 const PackedWeight& get_weight(const Napi::CallbackInfo& info, size_t i, const char* name) {
   Napi::Env env = info.Env();
   auto* data = env.GetInstanceData<AddonData>();

@@ -2,6 +2,7 @@
 // norms and biases, expert tables. Shapes are checked against the config here, by name.
 import { loadNative, type ExpertTable, type PackedWeight } from '../native/index.js';
 import type { HostTensor, TensorSource } from './tensor-source.js';
+import type { QuantizeSpec } from './quantize.js';
 
 export class ShapeError extends Error {
   override name = 'ShapeError';
@@ -103,10 +104,17 @@ export function checkExpert(ex: ExpertSource, names: string, h: number, i: numbe
     throw new ShapeError(`${names}: gate and up have different dtypes (${ex.gate.dtype}, ${ex.up.dtype})`);
 }
 
-export function packExpert(ex: ExpertSource, names: string, h: number, i: number):
-    { gateUp: PackedWeight; down: PackedWeight } {
+export function packExpert(ex: ExpertSource, names: string, h: number, i: number,
+                           quantize: QuantizeSpec | null = null): { gateUp: PackedWeight; down: PackedWeight } {
   checkExpert(ex, names, h, i);
   const n = loadNative();
+  if (quantize) {
+    const { format, group } = quantize;
+    return {
+      gateUp: n.quantizeGateUp(ex.gate.data, ex.up.data, ex.gate.dtype, i, h, format, group),
+      down: n.quantizeWeight(ex.down.data, ex.down.dtype, h, i, format, group),
+    };
+  }
   return {
     gateUp: n.packGateUp(ex.gate.data, ex.up.data, ex.gate.dtype, i, h),
     down: n.packWeight(ex.down.data, ex.down.dtype, h, i),

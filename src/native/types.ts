@@ -515,7 +515,8 @@ export interface NativeAddon extends Partial<CudaAddon> {
   // --- expert loader (the offloader's copy thread)
   ExpertLoader: new () => ExpertLoader;
   /** A zero weight of the given geometry: an expert cache slot for an ExpertLoader to fill. */
-  allocPackedWeight(dtype: DType, kind: 'plain' | 'gate_up', n: number, k: number): PackedWeight;
+  allocPackedWeight(dtype: DType, kind: 'plain' | 'gate_up', n: number, k: number,
+                    format?: QuantFormat, group?: number): PackedWeight;
 
   // --- comm
   /** Joins an in-process loopback group (blocks until worldSize ranks joined or timeout). */
