@@ -3,6 +3,7 @@
 import { loadNative, type ExpertTable, type PackedWeight } from '../native/index.js';
 import type { HostTensor, TensorSource } from './tensor-source.js';
 import type { QuantizeSpec } from './quantize.js';
+import type { Fp8Weight } from './safetensors.js';
 
 export class ShapeError extends Error {
   override name = 'ShapeError';
@@ -118,6 +119,17 @@ export function packExpert(ex: ExpertSource, names: string, h: number, i: number
   return {
     gateUp: n.packGateUp(ex.gate.data, ex.up.data, ex.gate.dtype, i, h),
     down: n.packWeight(ex.down.data, ex.down.dtype, h, i),
+  };
+}
+
+/** An FP8 checkpoint's expert kept in FP8: gate/up and down with their block scales. */
+export function packFp8Expert(ex: { gate: Fp8Weight; up: Fp8Weight; down: Fp8Weight }):
+    { gateUp: PackedWeight; down: PackedWeight } {
+  const n = loadNative();
+  const { gate, up, down } = ex;
+  return {
+    gateUp: n.packFp8(gate.codes, gate.scaleInv, gate.rows, gate.cols, gate.br, gate.bc, up.codes, up.scaleInv),
+    down: n.packFp8(down.codes, down.scaleInv, down.rows, down.cols, down.br, down.bc),
   };
 }
 
