@@ -100,7 +100,7 @@ test('--quantize formats: scales from the absmax, every value within half a step
   const n = 33, k = 200;
   const src = uniform(rand, n * k, 0.5);
   for (const [format, group, qmax] of [['int8', 0, 127], ['int4', 32, 7], ['int4', 128, 7]] as const) {
-    const w = native.quantizeWeight(src, 'f32', n, k, format, group);
+    const w = native.packWeight(src, 'f32', n, k, format, group);
     const g = group === 0 ? k : group;
     for (let r = 0; r < n; r++)
       for (let c0 = 0; c0 < k; c0 += g) {
@@ -119,7 +119,7 @@ test('--quantize formats: scales from the absmax, every value within half a step
     w.dispose();
   }
   // fp8: per 128 x 128 block, scale absmax/448; values are e4m3 codes times it, to 2^-4 relative.
-  const w = native.quantizeWeight(src, 'f32', n, k, 'fp8', 128);
+  const w = native.packWeight(src, 'f32', n, k, 'fp8', 128);
   for (let r = 0; r < n; r++)
     for (let c = 0; c < k; c++) {
       let amax = 0;
@@ -136,10 +136,10 @@ test('--quantize formats: scales from the absmax, every value within half a step
 // Every format as the GEMMs see it: a weight of [n, k] made by the given builder.
 type Build = (rand: () => number, n: number, k: number) => PackedWeight;
 const BUILDS: [string, Build][] = [
-  ['int8', (rand, n, k) => native.quantizeWeight(uniform(rand, n * k), 'f32', n, k, 'int8', 0)],
-  ['int4/32', (rand, n, k) => native.quantizeWeight(uniform(rand, n * k), 'f32', n, k, 'int4', 32)],
-  ['int4/128', (rand, n, k) => native.quantizeWeight(uniform(rand, n * k), 'f32', n, k, 'int4', 128)],
-  ['fp8', (rand, n, k) => native.quantizeWeight(uniform(rand, n * k), 'f32', n, k, 'fp8', 128)],
+  ['int8', (rand, n, k) => native.packWeight(uniform(rand, n * k), 'f32', n, k, 'int8', 0)],
+  ['int4/32', (rand, n, k) => native.packWeight(uniform(rand, n * k), 'f32', n, k, 'int4', 32)],
+  ['int4/128', (rand, n, k) => native.packWeight(uniform(rand, n * k), 'f32', n, k, 'int4', 128)],
+  ['fp8', (rand, n, k) => native.packWeight(uniform(rand, n * k), 'f32', n, k, 'fp8', 128)],
   ['mxfp4', (rand, n, k) => {
     const kk = Math.ceil(k / 32) * 32;  // MXFP4 needs k % 32 == 0
     const blocks = new Uint8Array(n * kk / 2).map(() => Math.floor(rand() * 256));
@@ -199,7 +199,7 @@ test('groupGemmFfn with quantized experts (and a bf16 one beside them) matches f
         } else {
           const fmt = name.split('/')[0] as QuantFormat;
           const group = name === 'int8' ? 0 : name === 'int4/32' ? 32 : 128;
-          gu = native.quantizeGateUp(uniform(rand, inter * h), uniform(rand, inter * h), 'f32', inter, h, fmt, group);
+          gu = native.packGateUp(uniform(rand, inter * h), uniform(rand, inter * h), 'f32', inter, h, fmt, group);
           dn = build(rand, h, inter);
         }
         const d = dequantised(gu);
@@ -240,9 +240,9 @@ test('a quantized expert slot re-quantizes what repackInto gives it', () => {
   const rand = rng();
   const n = 24, k = 64;
   const a = uniform(rand, n * k), b = uniform(rand, n * k, 3);
-  const w = native.quantizeWeight(a, 'f32', n, k, 'int8', 0);
+  const w = native.packWeight(a, 'f32', n, k, 'int8', 0);
   native.repackInto(w, b, 'f32');
-  const fresh = native.quantizeWeight(b, 'f32', n, k, 'int8', 0);
+  const fresh = native.packWeight(b, 'f32', n, k, 'int8', 0);
   assert.deepEqual(dequantised(w), dequantised(fresh));
   w.dispose();
   fresh.dispose();
@@ -250,7 +250,7 @@ test('a quantized expert slot re-quantizes what repackInto gives it', () => {
 
 test('bad quantization arguments are refused with a reason', () => {
   const src = new Float32Array(32 * 64);
-  assert.throws(() => native.quantizeWeight(src, 'f32', 32, 64, 'int3' as QuantFormat, 32), /format must be/);
-  assert.throws(() => native.quantizeWeight(src, 'f32', 32, 64, 'int4', 31), /group 31 must be even/);
+  assert.throws(() => native.packWeight(src, 'f32', 32, 64, 'int3' as QuantFormat, 32), /format must be/);
+  assert.throws(() => native.packWeight(src, 'f32', 32, 64, 'int4', 31), /group 31 must be even/);
   assert.throws(() => native.packFp8(new Uint8Array(10), new Float32Array(1), 32, 64, 128, 128), /codes/);
 });

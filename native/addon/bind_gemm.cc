@@ -17,77 +17,57 @@ constexpr int64_t kMaxDim = int64_t(1) << 24;
 
 std::string str(int64_t v) { return std::to_string(v); }
 
-// packWeight(src, dtype, n, k) -> PackedWeight
+// Optional trailing (format, group) of packWeight / packGateUp: quantize at load (--quantize).
+struct QuantArg {
+  QFormat q = QFormat::None;
+  int group = 0;
+};
+QuantArg quant_arg(const Napi::CallbackInfo& info, size_t i) {
+  QuantArg a;
+  if (info.Length() <= i || is_nullish(info[i])) return a;
+  a.q = parse_quantize(info.Env(), info[i]);
+  a.group = static_cast<int>(get_int(info, i + 1, "group", 0, kMaxDim));
+  return a;
+}
+
+std::shared_ptr<PackedWeight> alloc_weight(const QuantArg& qa, DType dtype, WeightKind kind, int n,
+                                           int k) {
+  return qa.q == QFormat::None ? alloc_packed_weight(dtype, kind, n, k)
+                               : alloc_quant_weight(qa.q, qa.group, kind, n, k);
+}
+
+// packWeight(src, dtype, n, k, format?, group?) -> PackedWeight (quantized when format is given)
 Napi::Value pack_weight_js(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   expect_args(info, 4, "packWeight");
   const DType dtype = parse_dtype(env, info[1], "dtype");
   const int64_t n = get_int(info, 2, "n", 1, kMaxDim);
   const int64_t k = get_int(info, 3, "k", 1, kMaxDim);
+  const QuantArg qa = quant_arg(info, 4);
   const void* src = get_dtype_array(info, 0, "src", dtype, static_cast<size_t>(n * k));
   std::shared_ptr<PackedWeight> w;
   guard(env, [&] {
-    w = alloc_packed_weight(dtype, WeightKind::Plain, static_cast<int>(n), static_cast<int>(k));
+    w = alloc_weight(qa, dtype, WeightKind::Plain, static_cast<int>(n), static_cast<int>(k));
     pack_weight(*w, src, dtype);
   });
   return WeightHandle::create(env, std::move(w));
 }
 
-// packGateUp(gate, up, dtype, i, h) -> PackedWeight of kind gate_up, n = 2i
+// packGateUp(gate, up, dtype, i, h, format?, group?) -> PackedWeight of kind gate_up, n = 2i
 Napi::Value pack_gate_up_js(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   expect_args(info, 5, "packGateUp");
   const DType dtype = parse_dtype(env, info[2], "dtype");
   const int64_t inter = get_int(info, 3, "i", 1, kMaxDim / 2);
   const int64_t h = get_int(info, 4, "h", 1, kMaxDim);
+  const QuantArg qa = quant_arg(info, 5);
   const size_t len = static_cast<size_t>(inter * h);
   const void* gate = get_dtype_array(info, 0, "gate", dtype, len);
   const void* up = get_dtype_array(info, 1, "up", dtype, len);
   std::shared_ptr<PackedWeight> w;
   guard(env, [&] {
-    w = alloc_packed_weight(dtype, WeightKind::GateUp, static_cast<int>(2 * inter),
-                            static_cast<int>(h));
+    w = alloc_weight(qa, dtype, WeightKind::GateUp, static_cast<int>(2 * inter), static_cast<int>(h));
     pack_gate_up(*w, gate, up, dtype);
-  });
-  return WeightHandle::create(env, std::move(w));
-}
-
-// quantizeWeight(src, dtype, n, k, format, group) -> PackedWeight (quantized at load)
-Napi::Value quantize_weight_js(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  expect_args(info, 6, "quantizeWeight");
-  const DType dtype = parse_dtype(env, info[1], "dtype");
-  const int64_t n = get_int(info, 2, "n", 1, kMaxDim);
-  const int64_t k = get_int(info, 3, "k", 1, kMaxDim);
-  const QFormat q = parse_quantize(env, info[4]);
-  const int64_t group = get_int(info, 5, "group", 0, kMaxDim);
-  const void* src = get_dtype_array(info, 0, "src", dtype, static_cast<size_t>(n * k));
-  std::shared_ptr<PackedWeight> w;
-  guard(env, [&] {
-    w = alloc_quant_weight(q, static_cast<int>(group), WeightKind::Plain, static_cast<int>(n),
-                           static_cast<int>(k));
-    quantize_weight(*w, src, nullptr, dtype);
-  });
-  return WeightHandle::create(env, std::move(w));
-}
-
-// quantizeGateUp(gate, up, dtype, i, h, format, group) -> quantized gate_up, n = 2i
-Napi::Value quantize_gate_up_js(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  expect_args(info, 7, "quantizeGateUp");
-  const DType dtype = parse_dtype(env, info[2], "dtype");
-  const int64_t inter = get_int(info, 3, "i", 1, kMaxDim / 2);
-  const int64_t h = get_int(info, 4, "h", 1, kMaxDim);
-  const QFormat q = parse_quantize(env, info[5]);
-  const int64_t group = get_int(info, 6, "group", 0, kMaxDim);
-  const size_t len = static_cast<size_t>(inter * h);
-  const void* gate = get_dtype_array(info, 0, "gate", dtype, len);
-  const void* up = get_dtype_array(info, 1, "up", dtype, len);
-  std::shared_ptr<PackedWeight> w;
-  guard(env, [&] {
-    w = alloc_quant_weight(q, static_cast<int>(group), WeightKind::GateUp,
-                           static_cast<int>(2 * inter), static_cast<int>(h));
-    quantize_weight(*w, gate, up, dtype);
   });
   return WeightHandle::create(env, std::move(w));
 }
@@ -246,8 +226,6 @@ Napi::Value group_gemm_ffn_js(const Napi::CallbackInfo& info) {
 void register_gemm(Napi::Env env, Napi::Object exports) {
   exports.Set("packWeight", Napi::Function::New(env, pack_weight_js, "packWeight"));
   exports.Set("packGateUp", Napi::Function::New(env, pack_gate_up_js, "packGateUp"));
-  exports.Set("quantizeWeight", Napi::Function::New(env, quantize_weight_js, "quantizeWeight"));
-  exports.Set("quantizeGateUp", Napi::Function::New(env, quantize_gate_up_js, "quantizeGateUp"));
   exports.Set("packFp8", Napi::Function::New(env, pack_fp8_js, "packFp8"));
   exports.Set("packMxfp4", Napi::Function::New(env, pack_mxfp4_js, "packMxfp4"));
   exports.Set("repackInto", Napi::Function::New(env, repack_into_js, "repackInto"));

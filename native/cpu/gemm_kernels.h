@@ -156,11 +156,43 @@ struct QScales {
 using TileFn = void (*)(const void* x, size_t ldx, const void* w, size_t wstride, int kp,
                         float* tile, QScales qs);
 
-// Portable kernel (f32 activations, any weight dtype). Also the reference for what the SIMD
+// The portable register tile over any weight form: L::load_pair(w, wstride, b, k, qs, w0, w1)
+// widens elements k and k+1 of block b's 16 rows to f32. Also the reference for what the SIMD
 // kernels compute: per k pair, acc += x[k] * w[k]; acc += x[k+1] * w[k+1].
+template <class L>
+struct ScalarLoop {
+  template <int MR, int NR>
+  static void run(const void* xv, size_t ldx, const void* w, size_t wstride, int kp,
+                  float* tile, QScales qs) {
+    const float* x = static_cast<const float*>(xv);
+    float acc[MR][NR][16];
+    std::memset(acc, 0, sizeof(acc));
+    float w0[16], w1[16];
+    for (int k = 0; k < kp; k += 2) {
+      for (int b = 0; b < NR; ++b) {
+        L::load_pair(w, wstride, b, k, qs, w0, w1);
+        for (int r = 0; r < MR; ++r) {
+          const float x0 = x[r * ldx + k], x1 = x[r * ldx + k + 1];
+          float* a = acc[r][b];
+          for (int i = 0; i < 16; ++i) {
+            float t = a[i];
+            t += x0 * w0[i];
+            t += x1 * w1[i];
+            a[i] = t;
+          }
+        }
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int b = 0; b < NR; ++b) std::memcpy(tile + r * kTileLd + b * 16, acc[r][b], 64);
+  }
+};
+
+// Portable kernel (f32 activations, any float weight dtype).
 template <DType WD>
-struct ScalarTile {
-  static void load_pair(const void* w, size_t off, int k, float* w0, float* w1) {
+struct ScalarTile : ScalarLoop<ScalarTile<WD>> {
+  static void load_pair(const void* w, size_t wstride, int b, int k, QScales, float* w0, float* w1) {
+    const size_t off = b * wstride;
     if constexpr (WD == DType::BF16) {
       const uint16_t* p = static_cast<const uint16_t*>(w) + off + static_cast<size_t>(k / 2) * 32;
       for (int i = 0; i < 16; ++i) {
@@ -180,32 +212,6 @@ struct ScalarTile {
         w1[i] = p[16 + i];
       }
     }
-  }
-
-  template <int MR, int NR>
-  static void run(const void* xv, size_t ldx, const void* w, size_t wstride, int kp,
-                  float* tile, QScales) {
-    const float* x = static_cast<const float*>(xv);
-    float acc[MR][NR][16];
-    std::memset(acc, 0, sizeof(acc));
-    float w0[16], w1[16];
-    for (int k = 0; k < kp; k += 2) {
-      for (int b = 0; b < NR; ++b) {
-        load_pair(w, b * wstride, k, w0, w1);
-        for (int r = 0; r < MR; ++r) {
-          const float x0 = x[r * ldx + k], x1 = x[r * ldx + k + 1];
-          float* a = acc[r][b];
-          for (int i = 0; i < 16; ++i) {
-            float t = a[i];
-            t += x0 * w0[i];
-            t += x1 * w1[i];
-            a[i] = t;
-          }
-        }
-      }
-    }
-    for (int r = 0; r < MR; ++r)
-      for (int b = 0; b < NR; ++b) std::memcpy(tile + r * kTileLd + b * 16, acc[r][b], 64);
   }
 };
 
@@ -331,39 +337,15 @@ inline float decode_code(const uint8_t* blk, int c, int i) {
 }
 
 template <QFormat Q>
-struct ScalarQTile {
-  template <int MR, int NR>
-  static void run(const void* xv, size_t ldx, const void* wv, size_t wstride, int kp,
-                  float* tile, QScales qs) {
-    const float* x = static_cast<const float*>(xv);
-    const uint8_t* w = static_cast<const uint8_t*>(wv);
-    const size_t bstride = wstride * qformat_bits(Q) / 8;  // bytes between blocks
-    float acc[MR][NR][16];
-    std::memset(acc, 0, sizeof(acc));
-    float w0[16], w1[16];
-    for (int k = 0; k < kp; k += 2) {
-      const int g = k / qs.group;
-      for (int b = 0; b < NR; ++b) {
-        const uint8_t* blk = w + b * bstride;
-        const float* sc = qs.s + b * qs.sstride + static_cast<size_t>(g) * 16;
-        for (int i = 0; i < 16; ++i) {
-          w0[i] = decode_code<Q>(blk, k, i) * sc[i];
-          w1[i] = decode_code<Q>(blk, k + 1, i) * sc[i];
-        }
-        for (int r = 0; r < MR; ++r) {
-          const float x0 = x[r * ldx + k], x1 = x[r * ldx + k + 1];
-          float* a = acc[r][b];
-          for (int i = 0; i < 16; ++i) {
-            float t = a[i];
-            t += x0 * w0[i];
-            t += x1 * w1[i];
-            a[i] = t;
-          }
-        }
-      }
+struct ScalarQTile : ScalarLoop<ScalarQTile<Q>> {
+  static void load_pair(const void* wv, size_t wstride, int b, int k, QScales qs, float* w0,
+                        float* w1) {
+    const uint8_t* blk = static_cast<const uint8_t*>(wv) + b * (wstride * qformat_bits(Q) / 8);
+    const float* sc = qs.s + b * qs.sstride + static_cast<size_t>(k / qs.group) * 16;
+    for (int i = 0; i < 16; ++i) {
+      w0[i] = decode_code<Q>(blk, k, i) * sc[i];
+      w1[i] = decode_code<Q>(blk, k + 1, i) * sc[i];
     }
-    for (int r = 0; r < MR; ++r)
-      for (int b = 0; b < NR; ++b) std::memcpy(tile + r * kTileLd + b * 16, acc[r][b], 64);
   }
 };
 

@@ -109,16 +109,10 @@ export function packExpert(ex: ExpertSource, names: string, h: number, i: number
                            quantize: QuantizeSpec | null = null): { gateUp: PackedWeight; down: PackedWeight } {
   checkExpert(ex, names, h, i);
   const n = loadNative();
-  if (quantize) {
-    const { format, group } = quantize;
-    return {
-      gateUp: n.quantizeGateUp(ex.gate.data, ex.up.data, ex.gate.dtype, i, h, format, group),
-      down: n.quantizeWeight(ex.down.data, ex.down.dtype, h, i, format, group),
-    };
-  }
+  const q = quantize;
   return {
-    gateUp: n.packGateUp(ex.gate.data, ex.up.data, ex.gate.dtype, i, h),
-    down: n.packWeight(ex.down.data, ex.down.dtype, h, i),
+    gateUp: n.packGateUp(ex.gate.data, ex.up.data, ex.gate.dtype, i, h, q?.format, q?.group),
+    down: n.packWeight(ex.down.data, ex.down.dtype, h, i, q?.format, q?.group),
   };
 }
 

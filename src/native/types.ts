@@ -422,20 +422,16 @@ export interface NativeAddon extends Partial<CudaAddon> {
   allocHostBuffer(sizeBytes: number): ArrayBuffer;
 
   // --- weights and GEMMs
-  /** src [n, k] row-major in `dtype` -> packed weight. */
-  packWeight(src: WeightSource, dtype: DType, n: number, k: number): PackedWeight;
-  /** gate [i, h], up [i, h] -> one gate_up weight of n = 2i (SiLU(gate)*up fused downstream). */
-  packGateUp(gate: WeightSource, up: WeightSource, dtype: DType, i: number, h: number): PackedWeight;
   /**
-   * src [n, k] -> weight quantized at load: int8 (symmetric, one scale per output row when group
-   * is 0), int4 (symmetric, groups of `group` k, 32 or 128), fp8 e4m3 (absmax/448 block scales of
-   * 128 rows x `group` k, as FP8 checkpoints). The kernels read it directly (activations f32).
+   * src [n, k] row-major in `dtype` -> packed weight. With `format`, quantized at load: int8
+   * (symmetric, one scale per output row when group is 0), int4 (symmetric, groups of `group` k,
+   * 32 or 128), fp8 e4m3 (absmax/448 block scales of 128 rows x `group` k, as FP8 checkpoints);
+   * the kernels read it directly (activations f32).
    */
-  quantizeWeight(src: WeightSource, dtype: DType, n: number, k: number, format: QuantFormat,
-                 group: number): PackedWeight;
-  /** gate [i, h], up [i, h] -> quantized gate_up weight of n = 2i (as quantizeWeight). */
-  quantizeGateUp(gate: WeightSource, up: WeightSource, dtype: DType, i: number, h: number,
-                 format: QuantFormat, group: number): PackedWeight;
+  packWeight(src: WeightSource, dtype: DType, n: number, k: number, format?: QuantFormat, group?: number): PackedWeight;
+  /** gate [i, h], up [i, h] -> one gate_up weight of n = 2i (SiLU(gate)*up fused downstream). */
+  packGateUp(gate: WeightSource, up: WeightSource, dtype: DType, i: number, h: number,
+             format?: QuantFormat, group?: number): PackedWeight;
   /**
    * An FP8 checkpoint weight kept in FP8: codes [n, k] e4m3fn, scaleInv [ceil(n/br), ceil(k/bc)]
    * f32 (weight_scale_inv). With upCodes/upScaleInv (same shapes) the result is a gate_up weight

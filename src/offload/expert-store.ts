@@ -244,9 +244,9 @@ export class CheckpointExpertStore implements ExpertStore {
     // A quantized slot re-quantizes what it is given (repackInto); a new one is made quantized.
     const q = this.quantize;
     if (slot.gateUp) n.repackInto(slot.gateUp, gate, dtype, up);
-    else slot.gateUp = q ? n.quantizeGateUp(gate, up, dtype, I, H, q.format, q.group) : n.packGateUp(gate, up, dtype, I, H);
+    else slot.gateUp = n.packGateUp(gate, up, dtype, I, H, q?.format, q?.group);
     if (slot.down) n.repackInto(slot.down, down, dtype);
-    else slot.down = q ? n.quantizeWeight(down, dtype, H, I, q.format, q.group) : n.packWeight(down, dtype, H, I);
+    else slot.down = n.packWeight(down, dtype, H, I, q?.format, q?.group);
   }
 
   private view(buf: Uint8Array, sizeBytes: number): Float32Array | Uint16Array {
