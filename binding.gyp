@@ -19,6 +19,7 @@
         "native/cpu/thread_pool.cc",
         "native/cpu/cpu_features.cc",
         "native/cpu/weights.cc",
+        "native/cpu/quant.cc",
         "native/cpu/dense_gemm.cc",
         "native/cpu/group_gemm.cc",
         "native/cpu/routing.cc",

@@ -26,7 +26,7 @@ const BLOCK_SIZE = 16;
 interface Seq { blocks: number[]; len: number }
 
 /** A minimal paged-KV driver: contiguous block hand-out, reset between repetitions. */
-class Runner {
+export class Runner {
   readonly cache: LayerCache[];
   private next = 0;
   constructor(readonly model: MoeModel, readonly numBlocks: number) {
@@ -71,7 +71,7 @@ class Runner {
   }
 }
 
-function argmaxRows(logits: Float32Array, rows: number, V: number): number[] {
+export function argmaxRows(logits: Float32Array, rows: number, V: number): number[] {
   const out: number[] = [];
   for (let r = 0; r < rows; r++) {
     let best = 0;
@@ -87,7 +87,7 @@ function argmaxRows(logits: Float32Array, rows: number, V: number): number[] {
 }
 
 /** Deterministic prompt token ids in [100, 30100) (no special tokens). */
-function promptIds(seed: number, n: number): number[] {
+export function promptIds(seed: number, n: number): number[] {
   let a = (seed * 2654435761) >>> 0 || 1;
   return Array.from({ length: n }, () => {
     a ^= a << 13; a ^= a >>> 17; a ^= a << 5; a >>>= 0;
@@ -96,9 +96,9 @@ function promptIds(seed: number, n: number): number[] {
 }
 
 /** Bytes one decode step reads: dense weights, the experts its routing chose, and the KV cache. */
-class DecodeBytes {
+export class DecodeBytes {
   readonly denseBytes: number;
-  readonly expertBytes: number;
+  expertBytes: number;
   private readonly kvBytesPerTokenLayer: number;
   constructor(private readonly spec: ModelSpec) {
     const H = spec.hidden;

@@ -8,6 +8,7 @@ import { runKernels } from './kernels.js';
 import { runOffloadBench } from './offload.js';
 import { runProbeBench } from './probe-bench.js';
 import { runSamplerBench } from './sampler.js';
+import { runQuantBench } from './quant.js';
 import { runSelftest } from './selftest.js';
 import { runServe } from './serve.js';
 import { runTraceBench } from './trace.js';
@@ -21,6 +22,7 @@ const BENCHES: Record<string, { run: (argv: string[]) => Promise<void>; about: s
   offload: { run: runOffloadBench, about: 'expert cache: replay hit rates (eam, lru, lfu, Belady) on structured and generation traces, live decode tok/s [--json F] [--plot F.png] [--reps N] [--tokens N] [--link-gbps G] [--link-latency-us U] [--no-live] [--no-replay]' },
   probe: { run: runProbeBench, about: 'machine limits (bandwidth, peak FMA) and the OpenBLAS peer at the kernels shapes [--json F] [--reps N] [--threads N]' },
   sampler: { run: runSamplerBench, about: 'sampler time per step, JS row by row vs the native batched call, batch 1/16/64, vocab 32K/152K, greedy / top_p / logprobs 5; its share of a batch-64 decode step on the bench models [--json F] [--reps N] [--warmup N] [--batches 1,16,64] [--vocabs 32000,152064] [--models a,b] [--steps N] [--share-modes top_p,greedy,logprobs5] [--threads N] [--no-share]' },
+  quant: { run: runQuantBench, about: 'quantized experts (--quantize int8, fp8, int4 beside bf16) on the bench checkpoints: prefill, decode b1/b8 vs each format\'s read bound, experts held [--json F] [--reps N] [--models a,b] [--formats bf16,int8,fp8,int4,int4-g128] [--prefill N] [--steps N] [--batches 1,8]' },
   serve: { run: runServe, about: 'the daemon under 1..32 concurrent streams: tok/s, TTFT and ITL p50/p99 [--json F] [--plot F.png] [--concurrency 1,2,4] [--rounds N] [--max-tokens N] [--prompt-len N]' },
   trace: { run: runTraceBench, about: 'the routing trace writer on the engine thread: append() time per step, async queue vs synchronous appends, on a local file and a slow FIFO [--json F] [--reps N] [--steps N] [--fifo-kbps K]' },
   selftest: { run: runSelftest, about: 'checks the harness, the chart writer, the probe and the peer (quick)' },

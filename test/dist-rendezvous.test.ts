@@ -13,7 +13,7 @@ function identity(rank: number, over: Partial<RankIdentity['compat']> = {}): Ran
   return {
     rank, nodeRank: 0, configSha256: 'c'.repeat(64), tensorsSha256: 't'.repeat(64),
     compat: { computeDtype: 'f32', blockSize: 16, expertParallel: 1, maxModelLen: 4096, deviceKind: 'cpu', expertKernel: 'auto',
-      expertdVersion: '0.1.0', expertPlacement: 'contiguous', ...over },
+      quantize: 'none', expertdVersion: '0.1.0', expertPlacement: 'contiguous', ...over },
   };
 }
 

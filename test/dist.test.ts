@@ -66,7 +66,7 @@ test('rank numbering and per-rank engine options', () => {
 function identity(rank: number, over: Partial<RankIdentity['compat']> = {}, config = 'c'): RankIdentity {
   return {
     rank, nodeRank: rank >> 1, configSha256: config.repeat(64), tensorsSha256: 't'.repeat(64),
-    compat: { computeDtype: 'f32', blockSize: 16, expertParallel: 1, maxModelLen: 4096, deviceKind: 'cpu', expertKernel: 'auto', expertdVersion: '0.1.0', expertPlacement: 'contiguous', ...over },
+    compat: { computeDtype: 'f32', blockSize: 16, expertParallel: 1, maxModelLen: 4096, deviceKind: 'cpu', expertKernel: 'auto', quantize: 'none', expertdVersion: '0.1.0', expertPlacement: 'contiguous', ...over },
   };
 }
 

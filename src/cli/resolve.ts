@@ -12,6 +12,7 @@ import type { ModelInfo } from '../engine/types.js';
 import type { EvictionPolicy } from '../offload/expert-cache.js';
 import type { OffloadConfig } from '../offload/setup.js';
 import { UsageError, type ParsedFlags } from './options.js';
+import { quantizeSpec, type QuantizeSpec } from '../model/quantize.js';
 
 /** `ranks`: the rank processes of the group (serve --nproc-per-node x --nnodes), 1 without. */
 export function resolveEngineOptions(flags: ParsedFlags, servedModelName?: string, ranks = 1):
@@ -39,6 +40,7 @@ export function resolveEngineOptions(flags: ParsedFlags, servedModelName?: strin
   return {
     modelDir, isDemo, info,
     computeDtype: dtype as 'f32' | 'bf16',
+    quantize: quantizeOption(flags, device),
     kvCacheBlocks: Number(flags['kv-cache-blocks'] ?? 0),
     kvCacheGb: Number(flags['kv-cache-gb'] ?? 0),
     blockSize: Number(flags['block-size'] ?? 16),
@@ -52,6 +54,19 @@ export function resolveEngineOptions(flags: ParsedFlags, servedModelName?: strin
     ...expertParallel(flags, device, offload.offload !== undefined, spec.moe.numExperts, ranks),
     ...offload,
   };
+}
+
+/** --quantize / --quantize-group -> the spec (null = none); the device engine refuses it. */
+export function quantizeOption(flags: ParsedFlags, device: string): QuantizeSpec | null {
+  let q: QuantizeSpec | null;
+  try {
+    q = quantizeSpec(String(flags['quantize'] ?? 'none'), Number(flags['quantize-group'] ?? 32));
+  } catch (e) {
+    throw new UsageError((e as Error).message);
+  }
+  if (q && device !== 'cpu')
+    throw new UsageError(`--quantize ${q.format} runs on the CPU engine; --device ${device} keeps experts in bf16 (the CUDA kernels for quantized experts are not built yet)`);
+  return q;
 }
 
 /** --pipeline-chunks auto|N (N in 1..256). */

@@ -21,6 +21,7 @@ import { contiguousPlacement, GroupExpertComm, placementFromOwners, type ExpertP
 import { parseModelConfig } from '../model/config.js';
 import { exchangeNcclId } from '../dist/rendezvous.js';
 import { StoreClient } from '../dist/store.js';
+import { describeQuantize } from '../model/quantize.js';
 
 const port = parentPort;
 if (!port) throw new Error('engine worker must run in a worker thread');
@@ -216,17 +217,17 @@ async function init(o: EngineOptions): Promise<void> {
         const comm = distComm;
         ep = { comm, loadExpert: (_layer, e) => comm.ownsExpert(e) };
       } else if ((o.expertParallel ?? 1) > 1) {
-        const ranks = startExpertRanks(o.modelDir, o.expertParallel!, fast, undefined, placementOption(o));
+        const ranks = startExpertRanks(o.modelDir, o.expertParallel!, fast, undefined, placementOption(o), o.quantize ?? null);
         expertRanks = ranks;
         await ranks.ready;
         ranks.onFailure = onRankFailure;
                 ep = { comm: ranks.comm, loadExpert: (_layer, e) => ranks.comm.ownsExpert(e) };
       }
       const cpuLoaded = loadModel(o.modelDir, {
-        fast, ...(o.offload ? { loadExpert: skipAllExperts } : {}), ...ep, onProgress,
+        fast, quantize: o.quantize ?? null, ...(o.offload ? { loadExpert: skipAllExperts } : {}), ...ep, onProgress,
       });
       loaded = cpuLoaded;
-      if (o.offload) offloader = attachOffloader(cpuLoaded, o.offload, offloadHooks);
+      if (o.offload) offloader = attachOffloader(cpuLoaded, { ...o.offload, quantize: o.quantize ?? null }, offloadHooks);
       if (distComm) {
         const model = cpuLoaded.model;
         lockstep = { sync: new Lockstep(distComm.group), serveExperts: () => model.serveExperts(), stopRequested: false, comm: distComm };
@@ -247,7 +248,7 @@ async function init(o: EngineOptions): Promise<void> {
       servedModelName: o.servedModelName,
       ...(autoKvCapBytes !== undefined ? { autoKvCapBytes } : {}),
     }, offloader);
-    const summary = `${loadSummary(loaded)}; compute ${o.computeDtype}; KV cache ${core.numBlocks} blocks x ${o.blockSize} tokens` +
+    const summary = `${loadSummary(loaded)}; compute ${o.computeDtype}${o.quantize ? `; experts ${describeQuantize(o.quantize)}` : ''}; KV cache ${core.numBlocks} blocks x ${o.blockSize} tokens` +
       (loaded.report.warnings.length ? `; ${loaded.report.warnings.length} unexpected tensor(s) ignored` : '') +
       (offloader ? `; expert cache ${offloader.stats().slots}/${offloader.stats().totalExperts} experts, ` +
         `policy ${o.offload!.policy}, EAM collection ${offloader.stats().collectionSize}` : '') +

@@ -27,12 +27,18 @@ export interface Capabilities {
   gloo: boolean;
 }
 
+/** Formats `--quantize` produces at load (MXFP4 is read from checkpoints only). */
+export type QuantFormat = 'int8' | 'int4' | 'fp8';
+
 /** A weight W[n, k] repacked once into the kernels' blocked layout (native memory). */
 export interface PackedWeight {
   readonly n: number;
   readonly k: number;
   readonly dtype: DType;
   readonly kind: 'plain' | 'gate_up';
+  /** Quantized storage (dtype is then 'f32', what the kernels compute in), or null. */
+  readonly quant: QuantFormat | 'mxfp4' | null;
+  /** Bytes held: elements or codes, plus scales. */
   readonly sizeBytes: number;
   readonly disposed: boolean;
   dispose(): void;
@@ -453,11 +459,31 @@ export interface NativeAddon extends Partial<CudaAddon> {
   allocHostBuffer(sizeBytes: number): ArrayBuffer;
 
   // --- weights and GEMMs
-  /** src [n, k] row-major in `dtype` -> packed weight. */
-  packWeight(src: WeightSource, dtype: DType, n: number, k: number): PackedWeight;
+  /**
+   * src [n, k] row-major in `dtype` -> packed weight. With `format`, quantized at load: int8
+   * (symmetric, one scale per output row when group is 0), int4 (symmetric, groups of `group` k,
+   * 32 or 128), fp8 e4m3 (absmax/448 block scales of 128 rows x `group` k, as FP8 checkpoints);
+   * the kernels read it directly (activations f32).
+   */
+  packWeight(src: WeightSource, dtype: DType, n: number, k: number, format?: QuantFormat, group?: number): PackedWeight;
   /** gate [i, h], up [i, h] -> one gate_up weight of n = 2i (SiLU(gate)*up fused downstream). */
-  packGateUp(gate: WeightSource, up: WeightSource, dtype: DType, i: number, h: number): PackedWeight;
-  /** Re-packs new contents into an existing weight of the same geometry (expert cache slots). */
+  packGateUp(gate: WeightSource, up: WeightSource, dtype: DType, i: number, h: number,
+             format?: QuantFormat, group?: number): PackedWeight;
+  /**
+   * An FP8 checkpoint weight kept in FP8: codes [n, k] e4m3fn, scaleInv [ceil(n/br), ceil(k/bc)]
+   * f32 (weight_scale_inv). With upCodes/upScaleInv (same shapes) the result is a gate_up weight
+   * of 2n rows.
+   */
+  packFp8(codes: Uint8Array, scaleInv: Float32Array, n: number, k: number, br: number, bc: number,
+          upCodes?: Uint8Array | null, upScaleInv?: Float32Array | null): PackedWeight;
+  /**
+   * An MXFP4 checkpoint weight kept in MXFP4: blocks [n, k/32, 16] (two e2m1 per byte, low nibble
+   * first), scales [n, k/32] e8m0. With the up pair: a gate_up weight of 2n rows.
+   */
+  packMxfp4(blocks: Uint8Array, scales: Uint8Array, n: number, k: number,
+            upBlocks?: Uint8Array | null, upScales?: Uint8Array | null): PackedWeight;
+  /** Re-packs new contents into an existing weight of the same geometry (expert cache slots; a
+   * quantized slot re-quantizes them). */
   repackInto(dst: PackedWeight, src: WeightSource, dtype: DType, up?: WeightSource | null): void;
   /** Reads element (row, col) of a packed weight as a number (tests). */
   packedWeightAt(w: PackedWeight, row: number, col: number): number;
@@ -530,7 +556,8 @@ export interface NativeAddon extends Partial<CudaAddon> {
   // --- expert loader (the offloader's copy thread)
   ExpertLoader: new () => ExpertLoader;
   /** A zero weight of the given geometry: an expert cache slot for an ExpertLoader to fill. */
-  allocPackedWeight(dtype: DType, kind: 'plain' | 'gate_up', n: number, k: number): PackedWeight;
+  allocPackedWeight(dtype: DType, kind: 'plain' | 'gate_up', n: number, k: number,
+                    format?: QuantFormat, group?: number): PackedWeight;
 
   // --- comm
   /** Joins an in-process loopback group (blocks until worldSize ranks joined or timeout). */
