@@ -177,12 +177,13 @@ export function heatmapChart(c: HeatmapChart): TopLevelSpec {
     data: { values },
     width: { step: cell },
     height: { step: rowCell },
-    mark: { type: 'rect' },
+    mark: { type: 'rect', stroke: '#e8e8e8', strokeWidth: 0.5 },
     encoding: {
       x: { field: 'col', type: 'ordinal', title: c.colTitle, axis: { labelAngle: 0, labelExpr: labelExpr(colEvery), ticks: true } },
       y: { field: 'row', type: 'ordinal', title: c.rowTitle, axis: { labelExpr: labelExpr(rowEvery) } },
       color: {
-        field: 'value', type: 'quantitative', title: c.colorTitle, scale: { scheme: 'blues', domainMin: 0 },
+        field: 'value', type: 'quantitative', title: c.colorTitle, // White = never routed; darker = a larger share.
+        scale: { range: ['#ffffff', '#08306b'], interpolate: 'rgb', domainMin: 0 },
         legend: { gradientLength: Math.max(120, Math.min(320, R * rowCell)), ...(c.colorFormat ? { format: c.colorFormat } : {}) },
       },
     },

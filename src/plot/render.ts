@@ -40,6 +40,13 @@ export interface RenderOptions {
   fontFiles?: string[];
 }
 
+export type PlotFormat = 'png' | 'svg';
+
+export interface WriteOptions extends RenderOptions {
+  /** Images to write beside the .vl.json spec (default both). */
+  formats?: PlotFormat[];
+}
+
 let fontFilesCache: string[] | null = null;
 
 /** DejaVu Sans (regular, bold) inside node_modules/dejavu-fonts-ttf; a clear error if it is missing. */
@@ -134,14 +141,16 @@ export function plotFiles(file: string): { png: string; svg: string; spec: strin
 
 /**
  * Writes the plot as .png, .svg and its .vl.json spec (data inline: a user can open it in the
- * Vega editor and restyle it) next to each other; returns the three paths.
+ * Vega editor and restyle it) next to each other; returns the paths (of the images not asked
+ * for too, which are then not written) and the PNG size.
  */
-export async function writePlot(file: string, spec: TopLevelSpec, opts: RenderOptions = {}): Promise<{ png: string; svg: string; spec: string; width: number; height: number }> {
+export async function writePlot(file: string, spec: TopLevelSpec, opts: WriteOptions = {}): Promise<{ png: string; svg: string; spec: string; width: number; height: number }> {
   const out = plotFiles(file);
+  const formats = opts.formats ?? ['png', 'svg'];
   const r = await renderPlot(spec, opts);
   fs.mkdirSync(path.dirname(path.resolve(out.png)), { recursive: true });
-  fs.writeFileSync(out.png, r.png);
-  fs.writeFileSync(out.svg, r.svg);
+  if (formats.includes('png')) fs.writeFileSync(out.png, r.png);
+  if (formats.includes('svg')) fs.writeFileSync(out.svg, r.svg);
   fs.writeFileSync(out.spec, `${JSON.stringify(spec, null, 2)}\n`);
   return { ...out, width: r.width, height: r.height };
 }
