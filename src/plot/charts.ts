@@ -212,6 +212,8 @@ export interface TimelineChart extends PlotMeta {
   laneTitle: string;
   /** Legend order and the phases' colours follow this order. */
   phases: string[];
+  /** One colour per phase (default: vega's category palette). */
+  colors?: string[];
   width?: number;
 }
 
@@ -239,7 +241,7 @@ export function timelineChart(c: TimelineChart): TopLevelSpec {
           mark: { type: 'bar', cornerRadius: 2, stroke: 'white', strokeWidth: 0.5 },
           encoding: {
             x, x2: { field: 'endMs' }, y,
-            color: { field: 'phase', type: 'nominal', title: 'phase', sort: c.phases, scale: { domain: c.phases } },
+            color: { field: 'phase', type: 'nominal', title: 'phase', sort: c.phases, scale: { domain: c.phases, ...(c.colors ? { range: c.colors } : {}) } },
           },
         },
         {
