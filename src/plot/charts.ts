@@ -183,7 +183,7 @@ export function heatmapChart(c: HeatmapChart): TopLevelSpec {
       y: { field: 'row', type: 'ordinal', title: c.rowTitle, axis: { labelExpr: labelExpr(rowEvery) } },
       color: {
         field: 'value', type: 'quantitative', title: c.colorTitle, // White = never routed; darker = a larger share.
-        scale: { range: ['#ffffff', '#08306b'], interpolate: 'rgb', domainMin: 0 },
+        scale: { range: ['#ffffff', '#c6dbef', '#6baed6', '#2171b5', '#08306b'], domainMin: 0 },
         legend: { gradientLength: Math.max(120, Math.min(320, R * rowCell)), ...(c.colorFormat ? { format: c.colorFormat } : {}) },
       },
     },
