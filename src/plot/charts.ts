@@ -169,7 +169,9 @@ export function heatmapChart(c: HeatmapChart): TopLevelSpec {
   // Cells 4..24 px wide; a label every n experts so that the ids never overlap.
   const cell = Math.max(4, Math.min(24, Math.floor(960 / Math.max(1, C))));
   const rowCell = Math.max(8, Math.min(24, Math.floor(640 / Math.max(1, R))));
-  const colEvery = Math.ceil(24 / cell), rowEvery = Math.ceil(14 / rowCell);
+  // A label every 1, 2, 5, 10, 20, ... ids: the smallest step whose labels do not overlap.
+  const nice = (min: number) => [1, 2, 5, 10, 20, 50, 100, 200, 500].find((n) => n >= min) ?? 1000;
+  const colEvery = nice(24 / cell), rowEvery = nice(14 / rowCell);
   const labelExpr = (n: number) => (n > 1 ? `datum.value % ${n} === 0 ? datum.label : ''` : 'datum.label');
   return {
     $schema: SCHEMA,

@@ -74,8 +74,13 @@ let libs: Promise<Libs> | null = null;
 /** Loaded on first use: the CLI and the daemon do not pay for vega unless they draw. */
 function loadLibs(): Promise<Libs> {
   libs ??= (async () => {
-    const [vega, vl, resvg] = await Promise.all([import('vega'), import('vega-lite'), import('@resvg/resvg-js')]);
-    return { vega, compile: vl.compile, Resvg: resvg.Resvg };
+    try {
+      const [vega, vl, resvg] = await Promise.all([import('vega'), import('vega-lite'), import('@resvg/resvg-js')]);
+      return { vega, compile: vl.compile, Resvg: resvg.Resvg };
+    } catch (err) {
+      libs = null;
+      throw new Error(`plots need the vega, vega-lite and @resvg/resvg-js packages (npm install): ${err instanceof Error ? err.message : String(err)}`);
+    }
   })();
   return libs;
 }
