@@ -133,5 +133,5 @@ export function loadSummary(loaded: LoadedModel<ForwardModel>): string {
     `checkpoint ${gb(bytes)} GiB, ${loaded.loadMs.toFixed(0)} ms; ` +
     (loaded.model.device !== 'cpu' ? `device ${loaded.model.device}; ` : '') +
     `cpu ${caps.simd} x${caps.threads} threads, ` +
-    `${caps.build} build${caps.cudaDevices ? `, ${caps.cudaDevices} CUDA device(s)` : ''}`;
+    `${caps.build} build${caps.cudaDevices ? `, ${caps.cudaDevices} CUDA device(s)` : caps.cudaError ? ` (${caps.cudaError})` : ''}`;
 }
