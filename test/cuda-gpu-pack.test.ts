@@ -8,7 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
 
-import { packageRoot } from '../src/native/index.js';
+import { loadNative, packageRoot } from '../src/native/index.js';
 
 const root = packageRoot();
 const skip = existsSync(path.join(root, 'build-full/Release/expertd.node')) ? false
@@ -50,5 +50,27 @@ test('every test file the GPU run runs, and the bench entry, load from the pack 
     assert.match(bench.stdout, /gpu-serve/);
   } finally {
     rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('gpu-run.sh without a usable device stops at the gate with the CUDA error, before any other step', {
+  skip: skip || (loadNative().capabilities().cudaDevices > 0 ? 'a CUDA device is present' : false),
+}, () => {
+  const caps = loadNative().capabilities();
+  const out = mkdtempSync(path.join(os.tmpdir(), 'expertd-gpu-run-'));
+  try {
+    const r = spawnSync('bash', [path.join(root, 'bench/gpu-run.sh')], {
+      cwd: root, encoding: 'utf8', timeout: 120_000, env: { ...process.env, OUT: out, NODE_TEST_CONTEXT: '' },
+    });
+    assert.equal(r.status, 3, `exit ${r.status}:\n${r.stdout}${r.stderr}`);
+    assert.ok(r.stdout.includes(caps.cudaError!), `the gate names ${caps.cudaError}:\n${r.stdout}`);
+    assert.match(r.stdout, /nothing else runs/);
+    assert.doesNotMatch(r.stdout, /=== gpu-run: (ops|sm90|kernels|serve|engine|sanitize)/);
+    const summary = JSON.parse(readFileSync(path.join(out, 'summary.json'), 'utf8')) as { steps: { step: string; rc: number }[] };
+    assert.deepEqual(summary.steps.map((s) => [s.step, s.rc]), [['gate', 3]]);
+    const machine = JSON.parse(readFileSync(path.join(out, 'machine.json'), 'utf8')) as { capabilities: { cudaError: string } };
+    assert.equal(machine.capabilities.cudaError, caps.cudaError);
+  } finally {
+    rmSync(out, { recursive: true, force: true });
   }
 });
