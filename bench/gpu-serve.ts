@@ -1,13 +1,15 @@
 // `npm run bench -- gpu-serve`: `expertd serve --device cuda` against the same daemon on the CPU
 // engine, through the HTTP API on a bench checkpoint (bf16): prefill tokens/s (one long prompt),
 // decode tokens/s at batch 1 and batch 8 (concurrent streams), and whether their greedy texts agree.
+import { readFileSync } from 'node:fs';
 import os from 'node:os';
+import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
 
 import { BENCH_MODEL_NAMES, ensureBenchModel, type BenchModelName } from './bench-models.js';
 import { fmt, markdownTable, parsePositiveInt, runInfo, writeJson, type Cell } from './harness.js';
-import { promptIds, startDaemon, streamOne, waitHealthy, type RequestResult } from './serve.js';
+import { promptIds as benchPromptIds, startDaemon, streamOne, waitHealthy, type RequestResult } from './serve.js';
 
 interface DeviceResult {
   device: string;
@@ -37,7 +39,8 @@ function decodeRate(rs: RequestResult[]): number {
 }
 
 async function benchDevice(dir: string, device: string, flags: string[], promptLen: number, maxTokens: number,
-                           reps: number): Promise<DeviceResult> {
+                           reps: number, vocab: number): Promise<DeviceResult> {
+  const promptIds = (seed: number, n: number) => benchPromptIds(seed, n).map((id) => id % vocab);
   const out: DeviceResult = { device, readyS: NaN, prefillTokPerS: [], decodeB1TokPerS: [], decodeB8TokPerS: [], greedyText: null, errors: [] };
   const t0 = performance.now();
   console.error(`# gpu-serve: starting expertd serve --device ${device} ${flags.join(' ')}`);
@@ -79,6 +82,7 @@ export async function runGpuServe(argv: string[]): Promise<void> {
     options: {
       json: { type: 'string' }, model: { type: 'string' }, 'prompt-len': { type: 'string' },
       'max-tokens': { type: 'string' }, reps: { type: 'string' }, devices: { type: 'string' },
+      'model-dir': { type: 'string' },
     },
     strict: true,
   });
@@ -90,26 +94,28 @@ export async function runGpuServe(argv: string[]): Promise<void> {
   const devices = (values.devices ?? 'cuda,cpu').split(',');
   for (const dv of devices)
     if (!/^(cpu|cuda(:\d+)?)$/.test(dv)) throw new RangeError(`--devices: '${dv}' is not cpu, cuda or cuda:N`);
-  const dir = ensureBenchModel(name, (s) => console.error(s));
+  // --model-dir: any checkpoint folder instead (the runbook's CPU stand-in uses a tiny fixture).
+  const dir = values['model-dir'] ?? ensureBenchModel(name, (s) => console.error(s));
   // bf16 on both engines: the device engine's weights are bf16, and the CPU's fast mode is the peer.
   const flags = ['--compute-dtype', 'bf16', '--max-num-seqs', '8', '--max-num-batched-tokens', String(Math.max(512, promptLen))];
   const results: DeviceResult[] = [];
-  for (const dv of devices) results.push(await benchDevice(dir, dv, flags, promptLen, maxTokens, reps));
+  const vocab = (JSON.parse(readFileSync(path.join(dir, 'config.json'), 'utf8')) as { vocab_size: number }).vocab_size;
+  for (const dv of devices) results.push(await benchDevice(dir, dv, flags, promptLen, maxTokens, reps, vocab));
 
   const cpu = results.find((r) => r.device === 'cpu');
   const vs = (r: DeviceResult, key: 'prefillTokPerS' | 'decodeB1TokPerS' | 'decodeB8TokPerS'): Cell =>
     cpu && r !== cpu ? `${fmt(median(r[key]) / median(cpu[key]))}x` : '-';
-  console.log(`## gpu-serve: expertd serve, ${name} (bf16), prompt ${promptLen}, ${maxTokens} new tokens, median of ${reps}` +
+  console.log(`## gpu-serve: expertd serve, ${values['model-dir'] ?? name} (bf16), prompt ${promptLen}, ${maxTokens} new tokens, median of ${reps}` +
     `${process.env.EXPERTD_CUDA_STANDIN ? ' (cuda is the CPU STAND-IN: plumbing timed, not a GPU)' : ''}\n`);
   console.log(markdownTable(
     ['device', 'ready s', 'prefill tok/s', 'spread', 'vs cpu', 'decode b1 tok/s', 'spread', 'vs cpu', 'decode b8 tok/s', 'spread', 'vs cpu', 'errors'],
     results.map((r) => [r.device, fmt(r.readyS), fmt(median(r.prefillTokPerS)), spread(r.prefillTokPerS), vs(r, 'prefillTokPerS'),
       fmt(median(r.decodeB1TokPerS)), spread(r.decodeB1TokPerS), vs(r, 'decodeB1TokPerS'),
-      fmt(median(r.decodeB8TokPerS)), spread(r.decodeB8TokPerS), vs(r, 'decodeB8TokPerS'), r.errors.length ? r.errors.slice(0, 2).join('; ') : '-']),
+      fmt(median(r.decodeB8TokPerS)), spread(r.decodeB8TokPerS), vs(r, 'decodeB8TokPerS'), r.errors.length ? `${r.errors.length}: ${r.errors[0]!.slice(0, 100)}` : '-']),
   ));
   const texts = results.map((r) => r.greedyText);
   const agree = texts.every((t) => t !== null && t === texts[0]);
   console.log(`\ngreedy 16 tokens of "The quick brown fox": ${agree ? 'identical on every device' : 'DIFFER'}${agree ? '' : `\n${results.map((r) => `- ${r.device}: ${JSON.stringify(r.greedyText)}`).join('\n')}`}`);
-  if (values.json) writeJson(values.json, { bench: 'gpu-serve', run: runInfo(), loadAverageEnd: os.loadavg(), model: name, promptLen, maxTokens, reps, flags, standIn: Boolean(process.env.EXPERTD_CUDA_STANDIN), greedyAgree: agree, results });
+  if (values.json) writeJson(values.json, { bench: 'gpu-serve', run: runInfo(), loadAverageEnd: os.loadavg(), model: values['model-dir'] ?? name, promptLen, maxTokens, reps, flags, standIn: Boolean(process.env.EXPERTD_CUDA_STANDIN), greedyAgree: agree, results });
   if (results.some((r) => r.errors.length > 0)) process.exitCode = 1;
 }
