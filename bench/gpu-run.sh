@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runbook in one call, on a lent GPU machine from the repo root with .gpu/ carried (made by
-# bench/gpu-pack.sh): run(command="bash bench/gpu-run.sh", carry=[".gpu"], timeout_s=600).
+# bench/gpu-pack.sh): run(command="bash bench/gpu-run.sh", carry=[".gpu"], timeout_s=480).
 # Steps in order, each under `timeout` within one time budget, logs and JSON into $OUT as it goes:
 #   gate      capabilities(), libraries, nvidia-smi, torch -> machine.json; no usable device: exit 3 at once
 #   ops       the CUDA op tests against float64 (cuda.test, op/glue args, library lookup) -> tests.txt
@@ -13,13 +13,14 @@
 # summary.json as it ends; the table printed last is what the device tool's reply shows.
 #   --standin  on a machine without a GPU (here): no gate exit, the serve step's cuda daemon on the
 #              CPU emulator with a short load; times the runbook end to end (see bench/README.md).
-#   GPU_RUN_BUDGET_S (default 540): the whole run's seconds, under the device call's 600.
+#   GPU_RUN_BUDGET_S (default 420): the whole run's seconds, under the call's timeout_s (480): with a
+#              machine start that leaves room for one rerun of some steps in a 15-minute lease.
 #   GPU_RUN_STEPS: a comma list to run only some steps (gate always runs).
 set -euo pipefail  # for the setup; the steps below run with -e off, each judged by its rc
 standin=0
 [ "${1:-}" = "--standin" ] && standin=1
 out="${OUT:-/tmp/expertd-gpu-out}"
-budget="${GPU_RUN_BUDGET_S:-540}"
+budget="${GPU_RUN_BUDGET_S:-420}"
 only="${GPU_RUN_STEPS:-}"
 t0=$(date +%s)
 mkdir -p "$out"
@@ -119,18 +120,18 @@ if [ "$failed" != 0 ]; then
   exit 3
 fi
 
-step ops 120 tests ops dist/test/cuda.test.js dist/test/cuda-op-args.test.js dist/test/cuda-glue-args.test.js dist/test/cuda-libs.test.js
-step sm90 90 tests sm90 dist/test/cuda-sm90.test.js
+step ops 90 tests ops dist/test/cuda.test.js dist/test/cuda-op-args.test.js dist/test/cuda-glue-args.test.js dist/test/cuda-libs.test.js
+step sm90 60 tests sm90 dist/test/cuda-sm90.test.js
 if [ "$standin" = 1 ]; then
   step kernels 150 node dist/bench/index.js kernels --device cuda --rows 1,16,256,4096 --reps 5 --warmup 2 --python "$py" --json "$out/kernels-cuda.json"
   # The CPU emulator stands in for the device, on a tiny fixture: the plumbing timed, not the model.
   step serve 150 env EXPERTD_CUDA_STANDIN="$PWD/dist/test/helpers/cuda-emu.js" \
     node dist/bench/index.js gpu-serve --model-dir test/fixtures/qwen2_moe --prompt-len 64 --max-tokens 8 --json "$out/gpu-serve.json"
 else
-  step kernels 150 bash -c "set -o pipefail; node dist/bench/index.js kernels --device cuda --rows 1,16,256,4096 --reps 5 --warmup 2 --python '$py' --json '$out/kernels-cuda.json' | tee '$out/kernels-cuda.md'"
-  step serve 150 node dist/bench/index.js gpu-serve --json "$out/gpu-serve.json"
+  step kernels 120 bash -c "set -o pipefail; node dist/bench/index.js kernels --device cuda --rows 1,16,256,4096 --reps 5 --warmup 2 --python '$py' --json '$out/kernels-cuda.json' | tee '$out/kernels-cuda.md'"
+  step serve 120 node dist/bench/index.js gpu-serve --json "$out/gpu-serve.json"
 fi
-step engine 120 tests engine dist/test/cuda-model.test.js dist/test/cuda-offload.test.js dist/test/cuda-serve.test.js
+step engine 90 tests engine dist/test/cuda-model.test.js dist/test/cuda-offload.test.js dist/test/cuda-serve.test.js
 if command -v compute-sanitizer >/dev/null; then
   step sanitize 150 bash -c "set -o pipefail; compute-sanitizer --tool memcheck --target-processes all --print-limit 20 node --test --test-concurrency=1 dist/test/cuda.test.js dist/test/cuda-sm90.test.js 2>&1 | tee '$out/sanitize.txt' | grep -E '^# (tests|pass|fail)|ERROR SUMMARY|Invalid' | head -40"
 elif [ -z "$only" ] || [[ ",$only," == *",sanitize,"* ]]; then
