@@ -25,6 +25,13 @@ only="${GPU_RUN_STEPS:-}"
 t0=$(date +%s)
 mkdir -p "$out"
 exec > >(tee -a "$out/run.log") 2>&1
+tee_pid=$!
+# Ends the run after tee has written everything (the device tool's reply shows the output's tail).
+finish() {
+  exec 1>&- 2>&-
+  wait "$tee_pid" 2>/dev/null
+  exit "$1"
+}
 
 # --- setup (set -e: a broken pack stops here, loudly)
 if [ -f .gpu/node.xz ]; then
@@ -93,7 +100,7 @@ gate() {
     import { execFileSync } from 'node:child_process';
     const n = loadNative();
     const caps = n.capabilities();
-    const run = (cmd, args) => { try { return execFileSync(cmd, args, { encoding: 'utf8', timeout: 60000 }).trim(); } catch (e) { return 'unavailable: ' + String(e.message).split('\n')[0]; } };
+    const run = (cmd, args) => { try { return execFileSync(cmd, args, { encoding: 'utf8', timeout: 60000, stdio: ['ignore', 'pipe', 'pipe'] }).trim(); } catch (e) { return 'unavailable: ' + String(e.message).split('\n')[0]; } };
     const info = {
       capabilities: caps, noDevice: noCudaDeviceReason(caps),
       libraries: caps.cudaCompiled ? n.cudaLibraries() : null,
@@ -117,7 +124,7 @@ export out py standin
 step gate 60 gate
 if [ "$failed" != 0 ]; then
   echo "gpu-run: the gate failed: no usable CUDA device, nothing else runs (see machine.json)"
-  exit 3
+  finish 3
 fi
 
 step ops 90 tests ops dist/test/cuda.test.js dist/test/cuda-op-args.test.js dist/test/cuda-glue-args.test.js dist/test/cuda-libs.test.js
@@ -145,4 +152,4 @@ echo "| step | status | seconds |"
 echo "|:--|:--|--:|"
 node -e "for (const s of JSON.parse(require('fs').readFileSync('$out/summary.json', 'utf8')).steps) console.log('| ' + s.step + ' | ' + s.status + ' | ' + s.seconds + ' |')"
 echo "gpu-run: $(( $(date +%s) - t0 )) s in all (budget ${budget} s); files in $out"
-exit $failed
+finish $failed
