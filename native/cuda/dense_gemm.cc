@@ -222,9 +222,12 @@ DenseBackend dense_gemm(const uint16_t* x, int m, const uint16_t* w, int n, int 
   s = or_default(s);
   if (m <= 0 || n <= 0) return backend == DenseBackend::CublasLt ? backend : DenseBackend::Kernel;
   const Lt* lt = load_lt();
-  if (backend == DenseBackend::CublasLt && !lt)
+  if (backend == DenseBackend::CublasLt && !lt) {
+    std::string tried;
+    for (const std::string& t : cublaslt_load().tried) tried += (tried.empty() ? "" : "; ") + t;
     fail(ErrorCode::Cuda, "cuBLASLt was requested but libcublasLt.so.13/.12 could not be loaded "
-                          "(install the CUDA math libraries or set EXPERTD_CUBLASLT_SO)");
+                          "(tried " + tried + "; install the CUDA math libraries or set EXPERTD_CUBLASLT_SO)");
+  }
   if (backend != DenseBackend::Kernel && lt) {
     lt_gemm(*lt, x, m, w, n, k, y, bias, accumulate, s);
     return DenseBackend::CublasLt;
