@@ -4,6 +4,7 @@ import { runCommBench } from './comm.js';
 import { runE2e } from './e2e.js';
 import { runEp } from './ep.js';
 import { runFidelity } from './fidelity.js';
+import { runGpuServe } from './gpu-serve.js';
 import { runKernels } from './kernels.js';
 import { runOffloadBench } from './offload.js';
 import { runProbeBench } from './probe-bench.js';
@@ -18,6 +19,7 @@ const BENCHES: Record<string, { run: (argv: string[]) => Promise<void>; about: s
   e2e: { run: runE2e, about: 'whole model (bench checkpoints, bf16): prefill 512, decode b1/b8 vs the bandwidth bound and HF transformers [--json F] [--plot F.png] [--reps N] [--python PATH] [--no-peer] [--models a,b] [--steps N] [--batches 1,8]' },
   ep: { run: runEp, about: 'EPS-MoE pipeline (PN 1, best, planner) and ScMoE overlap over in-process ranks, real and SIMULATED links (25/50/150 GB/s) [--json F] [--plot F.png: step time vs PN, and F-timeline.png: one step of the pipeline per MoE layer] [--reps N] [--warmup N] [--tokens T] [--ranks N] [--chunks 1,2,4] [--link-scale 1,auto] [--no-real] [--no-scmoe]' },
   fidelity: { run: runFidelity, about: 'the device engine on every fixture vs HF goldens and the CPU bf16 engine (logit error, routing agreement), on the emulator of the cuda* ops [--gpu: the real device]' },
+  'gpu-serve': { run: runGpuServe, about: 'expertd serve --device cuda vs --device cpu through the API on a bench checkpoint: prefill, decode b1/b8 tok/s, greedy agreement [--json F] [--model NAME | --model-dir DIR] [--prompt-len N] [--max-tokens N] [--reps N] [--devices cuda,cpu]' },
   kernels: { run: runKernels, about: 'CPU MoE kernels vs machine limits and the OpenBLAS loop [--json F] [--plot F.png] [--reps N] [--warmup N] [--tokens 1,8] [--models mixtral-like,qwen3moe-like] [--threads N] [--ctx N] [--hot] [--no-peer] [--device cpu]; GPU: --device cuda[:N] vs torch grouped_mm and a matmul loop [--rows 1,8] [--models mixtral-like,deepseek-like|NAME:H:I:E] [--python PATH] [--matmul-n N] [--copy-mib N]' },
   offload: { run: runOffloadBench, about: 'expert cache: replay hit rates (eam, lru, lfu, Belady) on structured and generation traces, live decode tok/s [--json F] [--plot F.png] [--reps N] [--tokens N] [--link-gbps G] [--link-latency-us U] [--no-live] [--no-replay]' },
   probe: { run: runProbeBench, about: 'machine limits (bandwidth, peak FMA) and the OpenBLAS peer at the kernels shapes [--json F] [--reps N] [--threads N]' },

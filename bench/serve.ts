@@ -13,9 +13,9 @@ import { seriesChart } from '../src/plot/charts.js';
 import { writePlot } from '../src/plot/render.js';
 import { fmt, markdownTable, parseIntList, parsePositiveInt, percentile, runInfo, writeJson, type Cell } from './harness.js';
 
-interface Daemon { proc: ChildProcess; base: string; exit: Promise<number | null>; logTail: string[] }
+export interface Daemon { proc: ChildProcess; base: string; exit: Promise<number | null>; logTail: string[] }
 
-async function startDaemon(modelDir: string, extra: string[]): Promise<Daemon> {
+export async function startDaemon(modelDir: string, extra: string[]): Promise<Daemon> {
   const bin = path.join(packageRoot(), 'bin', 'expertd.js');
   const args = [bin, 'serve', '--model', modelDir, '--host', '127.0.0.1', '--port', '0', '--log-level', 'info', ...extra];
   const proc = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
@@ -43,7 +43,7 @@ async function startDaemon(modelDir: string, extra: string[]): Promise<Daemon> {
 }
 
 /** `/health` answers 200 once the model is loaded (503 while loading). */
-async function waitHealthy(base: string, timeoutMs = 600_000): Promise<void> {
+export async function waitHealthy(base: string, timeoutMs = 600_000): Promise<void> {
   const deadline = performance.now() + timeoutMs;
   for (;;) {
     const r = await fetch(`${base}/health`).catch(() => null);
@@ -53,7 +53,7 @@ async function waitHealthy(base: string, timeoutMs = 600_000): Promise<void> {
   }
 }
 
-interface RequestResult {
+export interface RequestResult {
   ok: boolean;
   error?: string;
   startMs: number;
@@ -65,7 +65,7 @@ interface RequestResult {
 }
 
 /** One streaming completion over raw fetch + SSE parsing; times token arrivals. */
-async function streamOne(base: string, model: string, prompt: number[], maxTokens: number): Promise<RequestResult> {
+export async function streamOne(base: string, model: string, prompt: number[], maxTokens: number): Promise<RequestResult> {
   const start = performance.now();
   const res: RequestResult = { ok: false, startMs: start, ttftMs: NaN, endMs: NaN, tokens: 0, itlMs: [] };
   try {
@@ -115,7 +115,7 @@ async function streamOne(base: string, model: string, prompt: number[], maxToken
   return res;
 }
 
-function promptIds(seed: number, n: number): number[] {
+export function promptIds(seed: number, n: number): number[] {
   let a = (seed * 2654435761) >>> 0 || 1;
   return Array.from({ length: n }, () => {
     a ^= a << 13; a ^= a >>> 17; a ^= a << 5; a >>>= 0;

@@ -17,7 +17,7 @@ import { EpsPlanner } from '../src/moe/eps-planner.js';
 import { packageRoot, type CudaAddon } from '../src/native/index.js';
 import { createCudaEmulator, withLazyStreams } from './helpers/cuda-emu.js';
 import { DirectRunner, aloneAndBatched, argmax } from './helpers/model-runner.js';
-import { needsCudaDevice } from './helpers/cuda-skip.js';
+import { emulatorSkip, needsCudaDevice } from './helpers/cuda-skip.js';
 import { SAMPLING_CASES } from './helpers/sampling-cases.js';
 
 interface GoldenCase { prompt_ids: number[]; logits: number[][]; greedy: number[]; router: number[][][] }
@@ -27,11 +27,11 @@ const fixturesDir = path.join(packageRoot(), 'test', 'fixtures');
 const fixtures = readdirSync(fixturesDir).filter((d) => existsSync(path.join(fixturesDir, d, 'golden.json'))).sort();
 
 const backends: { label: string; cuda: () => CudaAddon | undefined; skip: string | false }[] = [
-  { label: 'emulator', cuda: () => createCudaEmulator(), skip: false },
+  { label: 'emulator', cuda: () => createCudaEmulator(), skip: emulatorSkip },
   // Work on the model's streams held back until ordered: a missing event or sync reads stale data.
-  { label: 'emulator, lazy streams', cuda: () => withLazyStreams(createCudaEmulator()), skip: false },
+  { label: 'emulator, lazy streams', cuda: () => withLazyStreams(createCudaEmulator()), skip: emulatorSkip },
   // ...and with only the main stream held back: a side stream that does not wait for its fork runs early.
-  { label: 'emulator, lazy main stream', cuda: () => withLazyStreams(createCudaEmulator(), { lazyCount: 1 }), skip: false },
+  { label: 'emulator, lazy main stream', cuda: () => withLazyStreams(createCudaEmulator(), { lazyCount: 1 }), skip: emulatorSkip },
   {
     label: 'gpu', cuda: () => undefined,
     skip: needsCudaDevice,
@@ -256,7 +256,7 @@ for (const b of backends) {
   });
 }
 
-test('device model (emulator): EPS auto times both expert kernels on the device once, caches the table, picks per step', () => {
+test('device model (emulator): EPS auto times both expert kernels on the device once, caches the table, picks per step', { skip: emulatorSkip }, () => {
   const dir = path.join(fixturesDir, 'mixtral');
   const cacheDir = mkdtempSync(path.join(os.tmpdir(), 'expertd-eps-cuda-'));
   const saved = process.env.EXPERTD_CACHE_DIR;

@@ -10,7 +10,7 @@ import { test } from 'node:test';
 
 import { packageRoot } from '../src/native/index.js';
 import { startDaemon, stopDaemon } from './helpers/daemon.js';
-import { needsCudaDevice } from './helpers/cuda-skip.js';
+import { emulatorSkip, needsCudaDevice } from './helpers/cuda-skip.js';
 
 const standIn = { EXPERTD_CUDA_STANDIN: path.join(packageRoot(), 'dist', 'test', 'helpers', 'cuda-emu.js') };
 const gpuSkip = needsCudaDevice;
@@ -43,7 +43,7 @@ async function completions(extra: string[], env: NodeJS.ProcessEnv, fixture: str
 }
 
 for (const { label, env, skip } of [
-  { label: 'emulator', env: standIn, skip: false as const },
+  { label: 'emulator', env: standIn, skip: emulatorSkip },
   { label: 'gpu', env: {}, skip: gpuSkip },
 ]) {
   for (const { fixture, extra } of cases) {
@@ -63,7 +63,7 @@ for (const { label, env, skip } of [
   }
 }
 
-test('a sticky device fault (emulated): that request fails, /health answers 503, later requests 503, no abort', async () => {
+test('a sticky device fault (emulated): that request fails, /health answers 503, later requests 503, no abort', { skip: emulatorSkip }, async () => {
   const d = await startDaemon(['--model', path.join(packageRoot(), 'test', 'fixtures', 'mixtral'), '--device', 'cuda',
     '--compute-dtype', 'bf16'], { ...standIn, EXPERTD_EMU_FAULT: 'cudaGroupGemmFfn:3' });
   try {
@@ -88,7 +88,7 @@ test('a sticky device fault (emulated): that request fails, /health answers 503,
   }
 });
 
-test('expertd serve --device cuda --expert-parallel 2 (emulated devices, NCCL as loopback) answers as the CPU daemon', async () => {
+test('expertd serve --device cuda --expert-parallel 2 (emulated devices, NCCL as loopback) answers as the CPU daemon', { skip: emulatorSkip }, async () => {
   const dev = await completions(['--device', 'cuda', '--expert-parallel', '2'], standIn, 'qwen2_moe');
   const cpu = await completions(['--device', 'cpu'], {}, 'qwen2_moe');
   assert.equal(dev.exit, 0);

@@ -14,7 +14,7 @@ import { mulberry32 } from '../src/engine/rng.js';
 import { BatchSampler } from '../src/engine/batch-sampler.js';
 import { Sampler, SamplingState } from '../src/engine/sampler.js';
 import { createCudaEmulator } from './helpers/cuda-emu.js';
-import { needsCudaDevice } from './helpers/cuda-skip.js';
+import { emulatorSkip, needsCudaDevice } from './helpers/cuda-skip.js';
 import { SAMPLING_CASES } from './helpers/sampling-cases.js';
 import { fileSeed } from './helpers/seed.js';
 
@@ -149,9 +149,19 @@ test('capabilities and the cuda surface agree', () => {
   if (!caps.cudaCompiled) {
     assert.equal(cu.cudaBuffer, undefined);
     assert.equal(caps.cudaDevices, 0);
+    assert.deepEqual([caps.cudaError, caps.cudaDriverVersion, caps.cudaRuntimeVersion], [null, 0, 0]);
     return;
   }
   assert.equal(caps.build, 'full');
+  // cudart is linked statically: its version is known with or without a driver.
+  assert.ok(caps.cudaRuntimeVersion >= 12000, `cudaRuntimeVersion is ${caps.cudaRuntimeVersion}`);
+  if (caps.cudaDevices > 0) assert.equal(caps.cudaError, null);
+  else {
+    // No fake green: the runtime's reason is kept, and every device test's skip names it.
+    assert.match(caps.cudaError ?? 'null', /^cudaError\w+ \(.+\)$/);
+    assert.ok(typeof needsCudaDevice === 'string' && needsCudaDevice.includes(caps.cudaError!), `skip: ${needsCudaDevice}`);
+    assert.match(String(needsCudaDevice), /; driver (none|\d+\.\d+), runtime \d+\.\d+$/);
+  }
   assert.equal(cu.cudaDeviceCount(), caps.cudaDevices);
   assert.equal(cu.cudaDeviceLost(), false);
   assert.equal(typeof caps.ncclFound, 'boolean');
@@ -901,7 +911,25 @@ function deviceSuite(label: string, cu: CudaAddon, skip: string | false) {
 }
 
 deviceSuite('cuda', cu, skip);
-deviceSuite('emulated', createCudaEmulator(), false);
+
+// No silent fallback: on a device DenseGemm 'auto' must run cuBLASLt (the GPU image ships it in
+// torch's wheels, which cuda_libs.cc searches); EXPERTD_ALLOW_NO_CUBLASLT=1 accepts the in-house
+// kernel on a machine that truly has no cuBLASLt.
+test('on a device, cuBLASLt is loaded and DenseGemm auto runs it', {
+  skip: skip || (process.env.EXPERTD_ALLOW_NO_CUBLASLT === '1' ? 'EXPERTD_ALLOW_NO_CUBLASLT=1' : false),
+}, () => {
+  const libs = cu.cudaLibraries();
+  assert.ok(libs.cublasLt.path, `cuBLASLt was not loaded; tried: ${libs.cublasLt.tried.join('; ')}`);
+  assert.equal(cu.cudaCublasLt(), libs.cublasLt.path);
+  const m = 4, n = 16, k = 32;
+  const x = cu.cudaBuffer(m * k * 2), w = cu.cudaBuffer(n * k * 2), y = cu.cudaBuffer(m * n * 4);
+  cu.cudaCopyToDevice(x, 0, bf16Array(bf16Round(uniform(m * k))));
+  cu.cudaCopyToDevice(w, 0, bf16Array(bf16Round(uniform(n * k))));
+  assert.equal(cu.cudaDenseGemm(x, m, w, n, k, y, null, false, 'auto'), 'cublaslt', 'DenseGemm auto fell back to the in-house kernel');
+  cu.cudaSynchronize();
+  for (const b of [x, w, y]) b.dispose();
+});
+deviceSuite('emulated', createCudaEmulator(), emulatorSkip);
 
 test('NCCL single-rank group: all2allv to itself and the counts exchange', { skip: skip || (caps.ncclFound ? false : 'NCCL not found (libnccl.so.2)') }, () => {
   const { upload, poisoned } = deviceHelpers(cu);

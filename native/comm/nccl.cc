@@ -90,8 +90,8 @@ const Nccl* load_nccl() {
   static Nccl n;
   static bool ok = false;
   std::call_once(once, [] {
-    const char* env = getenv("EXPERTD_NCCL_SO");
-    n.lib = dlopen(env && *env ? env : "libnccl.so.2", RTLD_NOW | RTLD_LOCAL);
+    // $EXPERTD_NCCL_SO, the pip wheels' folders (nvidia/cu13/lib, nvidia/nccl/lib), the loader path.
+    n.lib = nccl_load().handle;
     if (!n.lib) return;
     ok = bind(n.lib, "ncclGetUniqueId", n.get_unique_id) &&
          bind(n.lib, "ncclCommInitRankConfig", n.comm_init_rank_config) &&
@@ -107,10 +107,10 @@ const Nccl* load_nccl() {
 const Nccl& nccl() {
   const Nccl* n = load_nccl();
   if (!n) {
-    const char* env = getenv("EXPERTD_NCCL_SO");
-    fail(ErrorCode::Nccl, std::string("NCCL is not available: could not load ") +
-                              (env && *env ? env : "libnccl.so.2") +
-                              " with the NCCL 2.14+ API (install NCCL or set EXPERTD_NCCL_SO)");
+    std::string tried;
+    for (const std::string& t : nccl_load().tried) tried += (tried.empty() ? "" : "; ") + t;
+    fail(ErrorCode::Nccl, "NCCL is not available: could not load libnccl.so.2 with the NCCL 2.14+ API (tried " + tried +
+                              "; install NCCL or set EXPERTD_NCCL_SO)");
   }
   return *n;
 }

@@ -588,11 +588,7 @@ Napi::Value fill(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// cudaGemmPaths() -> { sm90: 'unchecked' | 'passed' | 'failed' | 'unavailable', reason? }
-Napi::Value gemm_paths(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  cuda::Sm90Status st;
-  guard(env, [&] { st = cuda::sm90_status(); });
+Napi::Object sm90_object(Napi::Env env, const cuda::Sm90Status& st) {
   static const char* const kNames[] = {"unchecked", "passed", "failed", "unavailable"};
   Napi::Object o = Napi::Object::New(env);
   o.Set("sm90", Napi::String::New(env, kNames[static_cast<int>(st.state)]));
@@ -600,10 +596,43 @@ Napi::Value gemm_paths(const Napi::CallbackInfo& info) {
   return o;
 }
 
+// cudaGemmPaths() -> { sm90: 'unchecked' | 'passed' | 'failed' | 'unavailable', reason? }
+Napi::Value gemm_paths(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  cuda::Sm90Status st;
+  guard(env, [&] { st = cuda::sm90_status(); });
+  return sm90_object(env, st);
+}
+
+// cudaSm90SelfCheck() -> the same object, after running the self-check if it had not run.
+Napi::Value sm90_self_check(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  cuda::Sm90Status st;
+  guard(env, [&] { st = cuda::sm90_self_check(); });
+  return sm90_object(env, st);
+}
+
 Napi::Value cublaslt(const Napi::CallbackInfo& info) {
   const std::string lib = cuda::cublaslt_library();
   if (lib.empty()) return info.Env().Null();
   return Napi::String::New(info.Env(), lib);
+}
+
+// cudaLibraries() -> { cublasLt, nccl }: each { path: string | null, tried: string[] } (loads them).
+Napi::Value libraries(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto one = [&](const LoadedLibrary& lib) {
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("path", lib.handle ? Napi::Value(Napi::String::New(env, lib.path)) : env.Null());
+    Napi::Array tried = Napi::Array::New(env, lib.tried.size());
+    for (size_t i = 0; i < lib.tried.size(); ++i) tried.Set(static_cast<uint32_t>(i), lib.tried[i]);
+    o.Set("tried", tried);
+    return o;
+  };
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("cublasLt", one(cublaslt_load()));
+  o.Set("nccl", one(nccl_load()));
+  return o;
 }
 
 // ------------------------------------------------------------------------------- ops
@@ -629,7 +658,9 @@ cuda::GemmTile parse_tile(const Napi::CallbackInfo& info, size_t i) {
   if (v == "small") return cuda::GemmTile::Small;
   if (v == "large") return cuda::GemmTile::Large;
   if (v == "sm90") return cuda::GemmTile::Sm90;
-  throw_type(info.Env(), "opts.tile must be 'auto', 'small', 'large' or 'sm90'");
+  if (v == "sm90-swizzle") return cuda::GemmTile::Sm90Swizzle;
+  if (v == "sm90-persistent") return cuda::GemmTile::Sm90Persistent;
+  throw_type(info.Env(), "opts.tile must be 'auto', 'small', 'large', 'sm90', 'sm90-swizzle' or 'sm90-persistent'");
 }
 
 // cudaGroupGemmFfn(x, offsets, experts, rows, hScratch, y, opts?, stream?)
@@ -651,7 +682,8 @@ Napi::Value group_gemm_ffn(const Napi::CallbackInfo& info) {
   float* y = get_aligned_buf<float>(info, 5, "y", mul(rows, h, F4), 8);
   Stream s = get_stream(info, 7);
   const uint16_t* const* table = t->device_table(env, s);
-  const void* maps = tile == cuda::GemmTile::Auto || tile == cuda::GemmTile::Sm90 ? t->device_maps(env, s, tile == cuda::GemmTile::Sm90) : nullptr;
+  const bool forced = cuda::is_sm90_tile(tile);
+  const void* maps = tile == cuda::GemmTile::Auto || forced ? t->device_maps(env, s, forced) : nullptr;
   guard(env, [&] {
     cuda::group_gemm_ffn(x, offsets, table, table + e, e, rows, h, inter, hs, y, tile, s, maps);
   });
@@ -1234,7 +1266,9 @@ void register_cuda(Napi::Env env, Napi::Object exports) {
   fn("cudaCopyDevice", copy_device);
   fn("cudaFill", fill);
   fn("cudaCublasLt", cublaslt);
+  fn("cudaLibraries", libraries);
   fn("cudaGemmPaths", gemm_paths);
+  fn("cudaSm90SelfCheck", sm90_self_check);
   fn("cudaConvert", convert);
   fn("cudaGroupGemmFfn", group_gemm_ffn);
   fn("cudaDenseGemm", dense_gemm);

@@ -94,7 +94,7 @@ export function resolveDevice(flag: string): string {
   if (!caps.cudaCompiled)
     throw new UsageError(`--device ${flag}: this addon was built without CUDA (run npm run build:gpu where the CUDA toolkit is installed)`);
   if (index >= caps.cudaDevices)
-    throw new UsageError(`--device ${flag}: ${caps.cudaDevices === 0 ? 'no CUDA device is visible' : `only ${caps.cudaDevices} CUDA device(s) are visible`}`);
+    throw new UsageError(`--device ${flag}: ${caps.cudaDevices === 0 ? `no CUDA device is visible${'cudaError' in caps && caps.cudaError ? ` (${caps.cudaError})` : ''}` : `only ${caps.cudaDevices} CUDA device(s) are visible`}`);
   return `cuda:${index}`;
 }
 

@@ -130,6 +130,14 @@ export function countParams(spec: ModelSpec): { total: number; active: number } 
   return { total, active };
 }
 
+/** ", cuBLASLt <file>" or ", cuBLASLt none (DenseGemm: in-house kernel)" on a full build; "" elsewhere. */
+function cublasLtNote(): string {
+  const n = loadNative() as Partial<CudaAddon>;
+  if (typeof n.cudaLibraries !== 'function') return '';
+  const lt = n.cudaLibraries().cublasLt.path;
+  return lt ? `, cuBLASLt ${lt}` : ', cuBLASLt none (DenseGemm: in-house kernel)';
+}
+
 export function loadSummary(loaded: LoadedModel<ForwardModel>): string {
   const { spec } = loaded;
   const p = countParams(spec);
@@ -141,7 +149,7 @@ export function loadSummary(loaded: LoadedModel<ForwardModel>): string {
   return `loaded ${spec.modelType}: ${(p.total / 1e6).toFixed(1)}M params (${(p.active / 1e6).toFixed(1)}M active), ` +
     `${spec.numLayers} layers (${moeLayers} MoE), ${spec.moe.numExperts} experts top-${spec.moe.router.topK}, ` +
     `checkpoint ${gb(bytes)} GiB, ${loaded.loadMs.toFixed(0)} ms; ` +
-    (loaded.model.device !== 'cpu' ? `device ${loaded.model.device}; ` : '') +
+    (loaded.model.device !== 'cpu' ? `device ${loaded.model.device}${cublasLtNote()}; ` : '') +
     `cpu ${caps.simd} x${caps.threads} threads, ` +
-    `${caps.build} build${caps.cudaDevices ? `, ${caps.cudaDevices} CUDA device(s)` : ''}`;
+    `${caps.build} build${caps.cudaDevices ? `, ${caps.cudaDevices} CUDA device(s)` : caps.cudaError ? ` (${caps.cudaError})` : ''}`;
 }

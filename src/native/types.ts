@@ -22,6 +22,16 @@ export interface Capabilities {
   build: 'portable' | 'full';
   cudaCompiled: boolean;
   cudaDevices: number;
+  /**
+   * Why cudaGetDeviceCount failed ("cudaErrorInsufficientDriver (CUDA driver version is insufficient
+   * for CUDA runtime version)", "cudaErrorNoDevice (no CUDA-capable device is detected)"), or null when
+   * it succeeded or the build has no CUDA.
+   */
+  cudaError: string | null;
+  /** cudaDriverGetVersion (1000 * major + 10 * minor; 0: no driver, or no CUDA in the build). */
+  cudaDriverVersion: number;
+  /** cudaRuntimeGetVersion of the runtime linked in (0 without CUDA). */
+  cudaRuntimeVersion: number;
   ncclFound: boolean;
   /** Built with Gloo: glooJoin (multi-process CPU ranks) works. */
   gloo: boolean;
@@ -212,6 +222,16 @@ export interface CudaCommGroup {
  * disagreed or raised a CUDA error: mma.sync is kept for the process), 'unavailable' (not compute
  * capability 9.0, no sm_90a code, no device, or EXPERTD_DISABLE_SM90=1). reason says why.
  */
+/**
+ * GroupGemm tiles: 'small'/'large' mma.sync; 'sm90' the sm_90a wgmma + TMA kernel in grid order;
+ * 'sm90-swizzle' the same kernel in group-M tile order within an expert (an expert's weight tile is
+ * read by 8 row tiles close in time, from L2); 'sm90-persistent' one CTA per SM walking that order
+ * (static tile scheduler, setmaxnreg). The two variants are opt-in only until measured on a GPU.
+ */
+export type CudaGemmTile = 'auto' | 'small' | 'large' | 'sm90' | 'sm90-swizzle' | 'sm90-persistent';
+
+export interface CudaLibrary { path: string | null; tried: string[] }
+
 export interface CudaGemmPaths {
   sm90: 'unchecked' | 'passed' | 'failed' | 'unavailable';
   reason?: string;
@@ -242,8 +262,16 @@ export interface CudaAddon {
                  sizeBytes: number, stream?: CudaStream | null): void;
   /** Sets every byte (0xff poisons f32 and bf16 with NaN). */
   cudaFill(dst: CudaBuffer, byteValue: number, stream?: CudaStream | null): void;
-  /** The cuBLASLt library loaded, or null. */
+  /** The cuBLASLt library loaded (its file), or null (DenseGemm then uses the in-house kernel). */
   cudaCublasLt(): string | null;
+  /**
+   * The run-time loaded libraries (loads them on first call): the file taken (null: none) and
+   * every candidate tried, in order, with what happened ("<path>: loaded", "<path>: <dlerror>",
+   * "<path>: has no <symbol>"). Order: $EXPERTD_CUBLASLT_SO / $EXPERTD_NCCL_SO; the pip wheels'
+   * nvidia/cu13/lib and nvidia/<package>/lib under every Python site folder (PYTHONPATH, the
+   * interpreters on PATH, venvs, the system's); then the loader path.
+   */
+  cudaLibraries(): { cublasLt: CudaLibrary; nccl: CudaLibrary };
   cudaConvert(src: CudaBuffer, srcDtype: DType, dst: CudaBuffer, dstDtype: DType, n: number,
               stream?: CudaStream | null): void;
   /**
@@ -254,14 +282,21 @@ export interface CudaAddon {
    * cudaCopyRowRange), keep their contents in hScratch and y. x and hScratch must start 16-byte
    * aligned, y 8-byte, offsets 4-byte (RangeError otherwise).
    * tile 'auto' picks the mma.sync tiles by shape, or the sm_90a wgmma kernel for prefill shapes once
-   * its self-check passed (cudaGemmPaths); 'sm90' forces that kernel (E_INVALID_ARG where unavailable).
+   * its self-check passed (cudaGemmPaths); 'sm90' forces that kernel, 'sm90-swizzle' and
+   * 'sm90-persistent' its variants (E_INVALID_ARG where unavailable; see CudaGemmTile).
    */
   cudaGroupGemmFfn(x: CudaBuffer, offsets: CudaBuffer, experts: CudaExpertTable, rows: number,
                    hScratch: CudaBuffer, y: CudaBuffer,
-                   opts?: { tile?: 'auto' | 'small' | 'large' | 'sm90' } | null,
+                   opts?: { tile?: CudaGemmTile } | null,
                    stream?: CudaStream | null): void;
   /** State of the GroupGemm kernel paths on the current device (see CudaGemmPaths). */
   cudaGemmPaths(): CudaGemmPaths;
+  /**
+   * Runs the sm_90a self-check now when it has not run on the current device, and returns the
+   * verdict (as cudaGemmPaths). Call it before forcing an sm90 tile: a broken kernel then shows as
+   * 'failed' with a reason, from a small problem, rather than as a fault in the forced call.
+   */
+  cudaSm90SelfCheck(): CudaGemmPaths;
   /**
    * y [m, n] f32 (+)= x [m, k] bf16 * w [n, k]^T bf16 (+ bias [n] f32); returns the backend used.
    * x, w, y and bias must start 16-byte aligned (RangeError otherwise).

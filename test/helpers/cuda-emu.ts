@@ -10,7 +10,7 @@
 // with 0xff (NaN) so that reads of memory nobody wrote show up.
 import { loadNative } from '../../src/native/index.js';
 import type {
-  CudaAddon, CudaAttentionOptions, CudaBuffer, CudaCommGroup, CudaDeviceInfo, CudaEvent, CudaExpertTable,
+  CudaAddon, CudaAttentionOptions, CudaBuffer, CudaCommGroup, CudaDeviceInfo, CudaEvent, CudaExpertTable, CudaGemmTile,
   CudaMemInfo, CudaRouteOptions, CudaStream, DType,
 } from '../../src/native/types.js';
 
@@ -544,8 +544,10 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
       bytesOf(d).fill(v);
     },
     cudaCublasLt: () => null,
+    cudaLibraries: () => ({ cublasLt: { path: null, tried: [] }, nccl: { path: null, tried: [] } }),
     // The emulator runs every tile as the same f32 arithmetic; it has no sm_90a kernel.
     cudaGemmPaths: () => ({ sm90: 'unavailable', reason: 'the CPU emulator has no sm_90a kernel' }),
+    cudaSm90SelfCheck: () => ({ sm90: 'unavailable', reason: 'the CPU emulator has no sm_90a kernel' }),
 
     cudaConvert(src, srcDtype, dst, dstDtype, n, stream): void {
       const sd = parseDtype(srcDtype, 'srcDtype'), dd = parseDtype(dstDtype, 'dstDtype');
@@ -573,8 +575,8 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
       getStream(stream);
       experts.check();
       ensureAlive();
-      if (tile === 'sm90') {
-        throw coded(new Error("group_gemm: tile 'sm90' is unavailable here: the CPU emulator has no sm_90a kernel"),
+      if (tile.startsWith('sm90')) {
+        throw coded(new Error(`group_gemm: tile '${tile}' is unavailable here: the CPU emulator has no sm_90a kernel`),
           'E_INVALID_ARG');
       }
       if (R <= 0) return;
@@ -1224,13 +1226,14 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
     },
   };
 
-  function parseTile(opts: unknown): 'auto' | 'small' | 'large' | 'sm90' {
+  const TILES: readonly CudaGemmTile[] = ['auto', 'small', 'large', 'sm90', 'sm90-swizzle', 'sm90-persistent'];
+  function parseTile(opts: unknown): CudaGemmTile {
     if (nullish(opts)) return 'auto';
     if (typeof opts !== 'object') throw typeError('opts must be an object');
     const t = (opts as { tile?: unknown }).tile;
     if (nullish(t)) return 'auto';
-    if (t === 'auto' || t === 'small' || t === 'large' || t === 'sm90') return t;
-    throw typeError("opts.tile must be 'auto', 'small', 'large' or 'sm90'");
+    if (TILES.includes(t as CudaGemmTile)) return t as CudaGemmTile;
+    throw typeError("opts.tile must be 'auto', 'small', 'large', 'sm90', 'sm90-swizzle' or 'sm90-persistent'");
   }
 
   let f16Decode: Float32Array | null = null;

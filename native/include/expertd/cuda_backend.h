@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "expertd/comm.h"
 #include "expertd/dtype.h"
@@ -19,8 +20,38 @@ namespace expertd {
 
 // Devices visible to this process (0 when the driver or a GPU is missing; never throws).
 int cuda_device_count();
+// What the runtime said when it counted the devices, for capabilities(): error is empty when
+// cudaGetDeviceCount succeeded, else "cudaErrorInsufficientDriver (CUDA driver version is
+// insufficient for CUDA runtime version)" and the like; versions as CUDA encodes them
+// (1000 * major + 10 * minor; driver 0: no driver). Never throws.
+struct CudaRuntimeStatus {
+  int device_count = 0;
+  std::string error;
+  int driver_version = 0;
+  int runtime_version = 0;
+};
+CudaRuntimeStatus cuda_runtime_status();
 // libnccl.so.2 (or $EXPERTD_NCCL_SO) can be loaded and has the entry points expertd uses.
 bool nccl_available();
+
+// A library loaded at run time (cuBLASLt, NCCL; cuda_libs.cc): handle and the file dlopen took
+// (nullptr and "" when none would do), and every candidate in order with what happened to it
+// ("<path>: loaded", "<path>: <dlerror>", "<path>: has no <symbol>"), for the log.
+struct LoadedLibrary {
+  void* handle = nullptr;
+  std::string path;
+  std::vector<std::string> tried;
+};
+// The candidates in order: $env_var; for each soname (newest first), the pip wheels' folders under
+// every Python site folder (CUDA 13: nvidia/cu13/lib; CUDA 12: nvidia/<package>/lib); then the
+// sonames themselves (the loader path).
+std::vector<std::string> library_candidates(const char* env_var, const std::vector<std::string>& sonames);
+// The first candidate that dlopens (RTLD_NOW | RTLD_LOCAL) and has every required symbol.
+LoadedLibrary load_library(const char* env_var, const std::vector<std::string>& sonames,
+                           const std::vector<std::string>& required_symbols);
+// The loads of cuBLASLt (dense_gemm.cc) and NCCL (nccl.cc), done once on first use.
+const LoadedLibrary& cublaslt_load();
+const LoadedLibrary& nccl_load();
 // A sticky CUDA error (illegal address, launch failure, ...) happened: the context is unusable
 // until the process restarts. Every launcher refuses to run afterwards (E_CUDA).
 bool cuda_device_lost();
@@ -106,8 +137,14 @@ void memset_async(void* dst, int byte, size_t bytes, Stream s);
 
 // ---------------------------------------------------------------------------------------------
 // GEMMs (bf16 operands, f32 accumulate on tensor cores).
-// Sm90: the wgmma + TMA kernels (group_gemm_ffn only, compute capability 9.0), forced.
-enum class GemmTile : int { Auto = 0, Small = 1, Large = 2, Sm90 = 3 };
+// Sm90: the wgmma + TMA kernels (group_gemm_ffn only, compute capability 9.0), forced; the
+// Sm90Swizzle (group-M tile order within an expert) and Sm90Persistent (one CTA per SM, a static
+// tile scheduler over the same order, setmaxnreg) variants are opt-in until measured on a GPU.
+enum class GemmTile : int { Auto = 0, Small = 1, Large = 2, Sm90 = 3, Sm90Swizzle = 4, Sm90Persistent = 5 };
+inline bool is_sm90_tile(GemmTile t) {
+  return t == GemmTile::Sm90 || t == GemmTile::Sm90Swizzle || t == GemmTile::Sm90Persistent;
+}
+const char* gemm_tile_name(GemmTile tile);
 
 // One launch over every expert: rows [offsets[e], offsets[e+1]) of x go through weights[e].
 //   x       [rows, k] bf16 (device)
@@ -155,6 +192,10 @@ struct Sm90Status {
   std::string reason;
 };
 Sm90Status sm90_status();
+// Runs the one-time self-check now if it has not run on the current device (Unchecked), and
+// returns the verdict: test and bench scripts call it before any forced sm90 tile, so that a
+// broken kernel shows as 'failed' with a reason rather than as the first forced call's fault.
+Sm90Status sm90_self_check();
 // Whether expert maps are worth building on the current device (Unchecked or Passed): for a
 // forced 'sm90' call, or for 'auto' when EXPERTD_SM90=1 opts in (off by default until the
 // kernels have run on a GPU).
