@@ -3,12 +3,14 @@
 // cuda* ops through the EXPERTD_CUDA_STANDIN test hook, and, when a GPU is present, on the GPU.
 // Greedy completions must equal the CPU daemon's in bf16 mode (same bf16 GEMM inputs).
 import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
 
 import { packageRoot } from '../src/native/index.js';
 import { startDaemon, stopDaemon } from './helpers/daemon.js';
-import { needsCudaDevice } from './helpers/cuda-skip.js';
+import { emulatorSkip, needsCudaDevice } from './helpers/cuda-skip.js';
 
 const standIn = { EXPERTD_CUDA_STANDIN: path.join(packageRoot(), 'dist', 'test', 'helpers', 'cuda-emu.js') };
 const gpuSkip = needsCudaDevice;
@@ -41,7 +43,7 @@ async function completions(extra: string[], env: NodeJS.ProcessEnv, fixture: str
 }
 
 for (const { label, env, skip } of [
-  { label: 'emulator', env: standIn, skip: false as const },
+  { label: 'emulator', env: standIn, skip: emulatorSkip },
   { label: 'gpu', env: {}, skip: gpuSkip },
 ]) {
   for (const { fixture, extra } of cases) {
@@ -61,7 +63,7 @@ for (const { label, env, skip } of [
   }
 }
 
-test('a sticky device fault (emulated): that request fails, /health answers 503, later requests 503, no abort', async () => {
+test('a sticky device fault (emulated): that request fails, /health answers 503, later requests 503, no abort', { skip: emulatorSkip }, async () => {
   const d = await startDaemon(['--model', path.join(packageRoot(), 'test', 'fixtures', 'mixtral'), '--device', 'cuda',
     '--compute-dtype', 'bf16'], { ...standIn, EXPERTD_EMU_FAULT: 'cudaGroupGemmFfn:3' });
   try {
@@ -86,7 +88,7 @@ test('a sticky device fault (emulated): that request fails, /health answers 503,
   }
 });
 
-test('expertd serve --device cuda --expert-parallel 2 (emulated devices, NCCL as loopback) answers as the CPU daemon', async () => {
+test('expertd serve --device cuda --expert-parallel 2 (emulated devices, NCCL as loopback) answers as the CPU daemon', { skip: emulatorSkip }, async () => {
   const dev = await completions(['--device', 'cuda', '--expert-parallel', '2'], standIn, 'qwen2_moe');
   const cpu = await completions(['--device', 'cpu'], {}, 'qwen2_moe');
   assert.equal(dev.exit, 0);
@@ -94,4 +96,25 @@ test('expertd serve --device cuda --expert-parallel 2 (emulated devices, NCCL as
   assert.deepEqual(dev.batched, dev.texts, 'batched equals alone');
   const bytes = /^expertd_all2all_bytes_total (\S+)$/m.exec(dev.metrics);
   assert.ok(bytes && Number(bytes[1]) > 0, 'all2all bytes counted');
+});
+
+test('expertd serve --device cuda --nproc-per-node 2 --dist-moe expert (emulated devices in 2 rank processes, NCCL id through the store, uneven placement) answers as the CPU daemon', async () => {
+  const dir = mkdtempSync(path.join(tmpdir(), 'expertd-cuda-dist-'));
+  const file = path.join(dir, 'p.json');
+  writeFileSync(file, JSON.stringify([[5], [0, 1, 2, 3, 4, 6, 7]]));  // qwen2_moe has 8 experts
+  try {
+    for (const placement of [[], ['--expert-placement', file]]) {
+      const dev = await completions(['--device', 'cuda', '--nproc-per-node', '2', '--dist-moe', 'expert', ...placement], standIn, 'qwen2_moe');
+      const cpu = await completions(['--device', 'cpu'], {}, 'qwen2_moe');
+      assert.equal(dev.exit, 0, dev.logs);
+      assert.deepEqual(dev.texts, cpu.texts, placement.join(' '));
+      assert.deepEqual(dev.batched, dev.texts, 'batched (over both ranks) equals alone');
+      assert.match(dev.logs, /MoE layers expert-parallel over 2 ranks \(NCCL/);
+      if (placement.length) assert.match(dev.logs, /expert placement rank 0 \[5\], rank 1 \[0,1,2,3,4,6,7\]/);
+      const bytes = /^expertd_all2all_bytes_total (\S+)$/m.exec(dev.metrics);
+      assert.ok(bytes && Number(bytes[1]) > 0, 'rows travelled between the rank processes');
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 });

@@ -11,8 +11,11 @@ import { test } from 'node:test';
 import { loadNative, packageRoot } from '../src/native/index.js';
 import type { CudaAddon, CudaBuffer, NativeAddon } from '../src/native/types.js';
 import { mulberry32 } from '../src/engine/rng.js';
+import { BatchSampler } from '../src/engine/batch-sampler.js';
+import { Sampler, SamplingState } from '../src/engine/sampler.js';
 import { createCudaEmulator } from './helpers/cuda-emu.js';
-import { needsCudaDevice } from './helpers/cuda-skip.js';
+import { emulatorSkip, needsCudaDevice } from './helpers/cuda-skip.js';
+import { SAMPLING_CASES } from './helpers/sampling-cases.js';
 import { fileSeed } from './helpers/seed.js';
 
 const native = loadNative();
@@ -146,9 +149,19 @@ test('capabilities and the cuda surface agree', () => {
   if (!caps.cudaCompiled) {
     assert.equal(cu.cudaBuffer, undefined);
     assert.equal(caps.cudaDevices, 0);
+    assert.deepEqual([caps.cudaError, caps.cudaDriverVersion, caps.cudaRuntimeVersion], [null, 0, 0]);
     return;
   }
   assert.equal(caps.build, 'full');
+  // cudart is linked statically: its version is known with or without a driver.
+  assert.ok(caps.cudaRuntimeVersion >= 12000, `cudaRuntimeVersion is ${caps.cudaRuntimeVersion}`);
+  if (caps.cudaDevices > 0) assert.equal(caps.cudaError, null);
+  else {
+    // No fake green: the runtime's reason is kept, and every device test's skip names it.
+    assert.match(caps.cudaError ?? 'null', /^cudaError\w+ \(.+\)$/);
+    assert.ok(typeof needsCudaDevice === 'string' && needsCudaDevice.includes(caps.cudaError!), `skip: ${needsCudaDevice}`);
+    assert.match(String(needsCudaDevice), /; driver (none|\d+\.\d+), runtime \d+\.\d+$/);
+  }
   assert.equal(cu.cudaDeviceCount(), caps.cudaDevices);
   assert.equal(cu.cudaDeviceLost(), false);
   assert.equal(typeof caps.ncclFound, 'boolean');
@@ -622,6 +635,45 @@ function deviceSuite(label: string, cu: CudaAddon, skip: string | false) {
     }
   });
 
+  test(`${label}: cudaSampleBatch gives the JS sampler's tokens (every option, seeds, bitmask) and its logprobs`, { skip }, () => {
+    for (const V of [1001, 152_064]) {
+      const R = SAMPLING_CASES.length;
+      const words = Math.ceil(V / 32);
+      const js = new Sampler(V);
+      const dev = new BatchSampler(V);
+      const mk = (i: number) => new SamplingState({
+        temperature: 1, topP: 1, topK: 0, minP: 0, repetitionPenalty: 1, presencePenalty: 0, frequencyPenalty: 0,
+        seed: 7 + i, ...SAMPLING_CASES[i],
+      }, [1, 2, 3, 5, 8, 13], V, i % 2);
+      const ref = SAMPLING_CASES.map((_, i) => mk(i)), got = SAMPLING_CASES.map((_, i) => mk(i));
+      for (let step = 0; step < (V > 10_000 ? 1 : 4); step++) {
+        const logits = uniform(R * V, -4, 4);
+        for (let r = 0; r < R; r++) logits[r * V + ((r * 7919 + step) % V)] = 9;   // a peaked head
+        if (step === 1) logits.fill(-Infinity, 0, V);                              // a row with nothing to draw
+        const masks = SAMPLING_CASES.map((_, r) => {
+          if (r % 3 !== 1) return null;
+          const m = Int32Array.from({ length: words }, () => (rand() * 2 ** 32) | 0);
+          return m;
+        });
+        const d = upload(logits);
+        const out = dev.sample(new Float32Array(0), got, masks, (rows, batch, o) => cu.cudaSampleBatch(d, rows, V, batch, o));
+        for (let r = 0; r < R; r++) {
+          const want = js.sample(logits.subarray(r * V, (r + 1) * V), ref[r]!, masks[r]);
+          const where = `V ${V} step ${step} ${JSON.stringify(SAMPLING_CASES[r])}`;
+          assert.equal(out[r]!.tokenId, want.tokenId, `${where}: token`);
+          if (want.logprob !== undefined && Number.isFinite(want.logprob)) {
+            assert.ok(Math.abs(out[r]!.logprob! - want.logprob) <= 1e-7 * (1 + Math.abs(want.logprob)), `${where}: logprob`);
+          }
+          assert.deepEqual(out[r]!.top?.map((t) => t.tokenId), want.top?.map((t) => t.tokenId), `${where}: top ids`);
+          assert.deepEqual(got[r]!.rng.getState(), ref[r]!.rng.getState(), `${where}: rng state`);
+          ref[r]!.addOutputToken(want.tokenId);
+          got[r]!.addOutputToken(out[r]!.tokenId);
+        }
+        d.dispose();
+      }
+    }
+  });
+
   // Paged attention against a float64 reference over the same cache.
   interface AttnCase { name: string; heads: number; kvHeads: number; dk: number; dv: number; mla: boolean; window: number; seqs: [number, number][] }
   for (const c of [
@@ -859,7 +911,25 @@ function deviceSuite(label: string, cu: CudaAddon, skip: string | false) {
 }
 
 deviceSuite('cuda', cu, skip);
-deviceSuite('emulated', createCudaEmulator(), false);
+
+// No silent fallback: on a device DenseGemm 'auto' must run cuBLASLt (the GPU image ships it in
+// torch's wheels, which cuda_libs.cc searches); EXPERTD_ALLOW_NO_CUBLASLT=1 accepts the in-house
+// kernel on a machine that truly has no cuBLASLt.
+test('on a device, cuBLASLt is loaded and DenseGemm auto runs it', {
+  skip: skip || (process.env.EXPERTD_ALLOW_NO_CUBLASLT === '1' ? 'EXPERTD_ALLOW_NO_CUBLASLT=1' : false),
+}, () => {
+  const libs = cu.cudaLibraries();
+  assert.ok(libs.cublasLt.path, `cuBLASLt was not loaded; tried: ${libs.cublasLt.tried.join('; ')}`);
+  assert.equal(cu.cudaCublasLt(), libs.cublasLt.path);
+  const m = 4, n = 16, k = 32;
+  const x = cu.cudaBuffer(m * k * 2), w = cu.cudaBuffer(n * k * 2), y = cu.cudaBuffer(m * n * 4);
+  cu.cudaCopyToDevice(x, 0, bf16Array(bf16Round(uniform(m * k))));
+  cu.cudaCopyToDevice(w, 0, bf16Array(bf16Round(uniform(n * k))));
+  assert.equal(cu.cudaDenseGemm(x, m, w, n, k, y, null, false, 'auto'), 'cublaslt', 'DenseGemm auto fell back to the in-house kernel');
+  cu.cudaSynchronize();
+  for (const b of [x, w, y]) b.dispose();
+});
+deviceSuite('emulated', createCudaEmulator(), emulatorSkip);
 
 test('NCCL single-rank group: all2allv to itself and the counts exchange', { skip: skip || (caps.ncclFound ? false : 'NCCL not found (libnccl.so.2)') }, () => {
   const { upload, poisoned } = deviceHelpers(cu);

@@ -14,6 +14,7 @@
 
 #include "../addon/args.h"
 #include "../addon/register.h"
+#include "../addon/sampling_args.h"
 #include "expertd/cuda_backend.h"
 
 namespace expertd::addon {
@@ -587,11 +588,7 @@ Napi::Value fill(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// cudaGemmPaths() -> { sm90: 'unchecked' | 'passed' | 'failed' | 'unavailable', reason? }
-Napi::Value gemm_paths(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  cuda::Sm90Status st;
-  guard(env, [&] { st = cuda::sm90_status(); });
+Napi::Object sm90_object(Napi::Env env, const cuda::Sm90Status& st) {
   static const char* const kNames[] = {"unchecked", "passed", "failed", "unavailable"};
   Napi::Object o = Napi::Object::New(env);
   o.Set("sm90", Napi::String::New(env, kNames[static_cast<int>(st.state)]));
@@ -599,10 +596,43 @@ Napi::Value gemm_paths(const Napi::CallbackInfo& info) {
   return o;
 }
 
+// cudaGemmPaths() -> { sm90: 'unchecked' | 'passed' | 'failed' | 'unavailable', reason? }
+Napi::Value gemm_paths(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  cuda::Sm90Status st;
+  guard(env, [&] { st = cuda::sm90_status(); });
+  return sm90_object(env, st);
+}
+
+// cudaSm90SelfCheck() -> the same object, after running the self-check if it had not run.
+Napi::Value sm90_self_check(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  cuda::Sm90Status st;
+  guard(env, [&] { st = cuda::sm90_self_check(); });
+  return sm90_object(env, st);
+}
+
 Napi::Value cublaslt(const Napi::CallbackInfo& info) {
   const std::string lib = cuda::cublaslt_library();
   if (lib.empty()) return info.Env().Null();
   return Napi::String::New(info.Env(), lib);
+}
+
+// cudaLibraries() -> { cublasLt, nccl }: each { path: string | null, tried: string[] } (loads them).
+Napi::Value libraries(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto one = [&](const LoadedLibrary& lib) {
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("path", lib.handle ? Napi::Value(Napi::String::New(env, lib.path)) : env.Null());
+    Napi::Array tried = Napi::Array::New(env, lib.tried.size());
+    for (size_t i = 0; i < lib.tried.size(); ++i) tried.Set(static_cast<uint32_t>(i), lib.tried[i]);
+    o.Set("tried", tried);
+    return o;
+  };
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("cublasLt", one(cublaslt_load()));
+  o.Set("nccl", one(nccl_load()));
+  return o;
 }
 
 // ------------------------------------------------------------------------------- ops
@@ -628,7 +658,9 @@ cuda::GemmTile parse_tile(const Napi::CallbackInfo& info, size_t i) {
   if (v == "small") return cuda::GemmTile::Small;
   if (v == "large") return cuda::GemmTile::Large;
   if (v == "sm90") return cuda::GemmTile::Sm90;
-  throw_type(info.Env(), "opts.tile must be 'auto', 'small', 'large' or 'sm90'");
+  if (v == "sm90-swizzle") return cuda::GemmTile::Sm90Swizzle;
+  if (v == "sm90-persistent") return cuda::GemmTile::Sm90Persistent;
+  throw_type(info.Env(), "opts.tile must be 'auto', 'small', 'large', 'sm90', 'sm90-swizzle' or 'sm90-persistent'");
 }
 
 // cudaGroupGemmFfn(x, offsets, experts, rows, hScratch, y, opts?, stream?)
@@ -650,7 +682,8 @@ Napi::Value group_gemm_ffn(const Napi::CallbackInfo& info) {
   float* y = get_aligned_buf<float>(info, 5, "y", mul(rows, h, F4), 8);
   Stream s = get_stream(info, 7);
   const uint16_t* const* table = t->device_table(env, s);
-  const void* maps = tile == cuda::GemmTile::Auto || tile == cuda::GemmTile::Sm90 ? t->device_maps(env, s, tile == cuda::GemmTile::Sm90) : nullptr;
+  const bool forced = cuda::is_sm90_tile(tile);
+  const void* maps = tile == cuda::GemmTile::Auto || forced ? t->device_maps(env, s, forced) : nullptr;
   guard(env, [&] {
     cuda::group_gemm_ffn(x, offsets, table, table + e, e, rows, h, inter, hs, y, tile, s, maps);
   });
@@ -873,6 +906,41 @@ Napi::Value top_n(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// cudaSampleBatch(logits, rows, vocabSize, batch, out, stream?): the host arrays of sampleBatch,
+// the logits on the device; returns with out and batch.rngState filled.
+Napi::Value sample_batch(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 5, "cudaSampleBatch");
+  const int rows = dim(info, 1, "rows", 0, 1 << 20), vocab = dim(info, 2, "vocabSize", 1, 1 << 30);
+  const float* logits = get_aligned_buf<float>(info, 0, "logits", mul(rows, vocab, F4));
+  if (!info[3].IsObject()) throw_type(env, "batch must be an object");
+  if (!info[4].IsObject()) throw_type(env, "out must be an object");
+  ParsedSampleBatch b = parse_sample_batch(env, rows, vocab, info[3].As<Napi::Object>(), info[4].As<Napi::Object>());
+  Stream s = get_stream(info, 5);
+  cuda::SampleBatchHost h;
+  h.rows = rows;
+  h.vocab = vocab;
+  h.params = b.params;
+  h.rng = b.rng;
+  h.bias_offsets = b.bias_offsets;
+  h.bias_ids = b.bias_ids;
+  h.bias_values = b.bias_values;
+  h.seen_offsets = b.seen_offsets;
+  h.seen_ids = b.seen_ids;
+  h.count_offsets = b.count_offsets;
+  h.count_ids = b.count_ids;
+  h.count_values = b.count_values;
+  h.mask_rows = b.mask_rows;
+  h.masks = b.masks;
+  h.n_bias = b.n_bias;
+  h.n_seen = b.n_seen;
+  h.n_counts = b.n_counts;
+  h.n_masks = b.n_masks;
+  h.out = b.out;
+  guard(env, [&] { cuda::sample_batch(logits, h, s); });
+  return env.Undefined();
+}
+
 // cudaKvCacheWrite(k, v, t, slots, kCache, vCache, kvHeads, dk, dv, vStride, numSlots, stream?)
 Napi::Value kv_cache_write(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -1090,15 +1158,17 @@ std::vector<int64_t> byte_counts(const Napi::CallbackInfo& info, size_t i, const
   return v;
 }
 
-// cudaNcclJoin(uniqueId, worldSize, rank): blocks until every rank joined.
+// cudaNcclJoin(uniqueId, worldSize, rank, timeoutMs = 600000): blocks until every rank joined, at
+// most timeoutMs (then E_COMM); timeoutMs also bounds each later collective of the group.
 Napi::Value nccl_join(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   expect_args(info, 3, "cudaNcclJoin");
   Span<uint8_t> id = get_array<uint8_t>(info, 0, "uniqueId", kNcclUniqueIdBytes, true);
   const int world = dim(info, 1, "worldSize", 1, 65536);
   const int rank = dim(info, 2, "rank", 0, world - 1);
+  const int timeout_ms = info.Length() > 3 && !is_nullish(info[3]) ? dim(info, 3, "timeoutMs", 1, 2147483647) : 600000;
   std::shared_ptr<Comm> comm;
-  guard(env, [&] { comm = expertd::nccl_join(id.data, world, rank); });
+  guard(env, [&] { comm = expertd::nccl_join(id.data, world, rank, timeout_ms); });
   auto st = std::make_shared<std::shared_ptr<Comm>>(comm);
   auto live = [st](Napi::Env e) -> Comm& {
     if (!*st) throw_disposed(e, "NCCL comm group");
@@ -1196,7 +1266,9 @@ void register_cuda(Napi::Env env, Napi::Object exports) {
   fn("cudaCopyDevice", copy_device);
   fn("cudaFill", fill);
   fn("cudaCublasLt", cublaslt);
+  fn("cudaLibraries", libraries);
   fn("cudaGemmPaths", gemm_paths);
+  fn("cudaSm90SelfCheck", sm90_self_check);
   fn("cudaConvert", convert);
   fn("cudaGroupGemmFfn", group_gemm_ffn);
   fn("cudaDenseGemm", dense_gemm);
@@ -1209,6 +1281,7 @@ void register_cuda(Napi::Env env, Napi::Object exports) {
   fn("cudaEmbedding", embedding);
   fn("cudaSoftmax", softmax);
   fn("cudaTopN", top_n);
+  fn("cudaSampleBatch", sample_batch);
   fn("cudaKvCacheWrite", kv_cache_write);
   fn("cudaPagedAttention", paged_attention);
   fn("cudaGemmF32", gemm_f32);

@@ -16,13 +16,22 @@ namespace {
 std::atomic<bool> g_device_lost{false};
 }
 
-int cuda_device_count() {
+int cuda_device_count() { return cuda_runtime_status().device_count; }
+
+CudaRuntimeStatus cuda_runtime_status() {
+  CudaRuntimeStatus st;
   int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    cudaGetLastError();  // no driver / no device: not an error for the caller
-    return 0;
+  const cudaError_t err = cudaGetDeviceCount(&n);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // no driver / no device: not an error for the caller, but said
+    st.error = std::string(cudaGetErrorName(err)) + " (" + cudaGetErrorString(err) + ")";
+    n = 0;
   }
-  return n;
+  st.device_count = n;
+  if (cudaDriverGetVersion(&st.driver_version) != cudaSuccess) st.driver_version = 0;
+  if (cudaRuntimeGetVersion(&st.runtime_version) != cudaSuccess) st.runtime_version = 0;
+  cudaGetLastError();
+  return st;
 }
 
 bool cuda_device_lost() { return g_device_lost.load(); }

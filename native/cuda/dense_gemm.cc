@@ -1,4 +1,5 @@
-// DenseGemm: cuBLASLt (libcublasLt.so.13/.12 loaded with dlopen at first use, never linked) with a
+// DenseGemm: cuBLASLt (libcublasLt.so.13/.12 loaded with dlopen at first use, never linked, found
+// by cuda_libs.cc: $EXPERTD_CUBLASLT_SO, the pip wheels' nvidia/cu13/lib, the loader path) with a
 // bias epilogue and beta = 1 for accumulate, and the in-house tensor-core kernel as fallback.
 #include <dlfcn.h>
 
@@ -80,17 +81,10 @@ const Lt* load_lt() {
   static Lt lt;
   static bool ok = false;
   std::call_once(once, [] {
-    const char* names[] = {getenv("EXPERTD_CUBLASLT_SO"), "libcublasLt.so.13", "libcublasLt.so.12",
-                           "libcublasLt.so"};
-    for (const char* n : names) {
-      if (!n || !*n) continue;
-      lt.lib = dlopen(n, RTLD_NOW | RTLD_LOCAL);
-      if (lt.lib) {
-        lt.path = n;
-        break;
-      }
-    }
-    if (!lt.lib) return;
+    const LoadedLibrary& found = cublaslt_load();
+    if (!found.handle) return;
+    lt.lib = found.handle;
+    lt.path = found.path;
     ok = bind(lt.lib, "cublasLtCreate", lt.create) &&
          bind(lt.lib, "cublasLtMatmulDescCreate", lt.desc_create) &&
          bind(lt.lib, "cublasLtMatmulDescDestroy", lt.desc_destroy) &&
@@ -228,9 +222,12 @@ DenseBackend dense_gemm(const uint16_t* x, int m, const uint16_t* w, int n, int 
   s = or_default(s);
   if (m <= 0 || n <= 0) return backend == DenseBackend::CublasLt ? backend : DenseBackend::Kernel;
   const Lt* lt = load_lt();
-  if (backend == DenseBackend::CublasLt && !lt)
+  if (backend == DenseBackend::CublasLt && !lt) {
+    std::string tried;
+    for (const std::string& t : cublaslt_load().tried) tried += (tried.empty() ? "" : "; ") + t;
     fail(ErrorCode::Cuda, "cuBLASLt was requested but libcublasLt.so.13/.12 could not be loaded "
-                          "(install the CUDA math libraries or set EXPERTD_CUBLASLT_SO)");
+                          "(tried " + tried + "; install the CUDA math libraries or set EXPERTD_CUBLASLT_SO)");
+  }
   if (backend != DenseBackend::Kernel && lt) {
     lt_gemm(*lt, x, m, w, n, k, y, bias, accumulate, s);
     return DenseBackend::CublasLt;

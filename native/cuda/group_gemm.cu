@@ -252,8 +252,8 @@ void run(const KArgs& a, bool gate_up, GemmTile tile, Stream s) {
                 "group_gemm: k and n must be multiples of 8");
   EXPERTD_CHECK(reinterpret_cast<uintptr_t>(a.x) % 16 == 0, ErrorCode::InvalidArg,
                 "group_gemm: x must be 16-byte aligned");
-  EXPERTD_CHECK(tile != GemmTile::Sm90, ErrorCode::InvalidArg,
-                "group_gemm: tile 'sm90' applies to group_gemm_ffn only");
+  EXPERTD_CHECK(!is_sm90_tile(tile), ErrorCode::InvalidArg,
+                std::string("group_gemm: tile '") + gemm_tile_name(tile) + "' applies to group_gemm_ffn only");
   if (a.rows <= 0 || a.n <= 0) return;
   if (tile == GemmTile::Auto)
     tile = a.rows <= kSmallTileRowsPerExpert * std::max(1, a.num_experts) ? GemmTile::Small

@@ -1,6 +1,8 @@
 // GroupGemm FFN on Hopper (sm_90a): TMA loads into a 5-stage shared-memory ring (mbarriers), one
 // producer warp, two consumer warpgroups issuing wgmma m64n128k16 (bf16 -> f32); the epilogues of
 // group_gemm.cu. Used for prefill shapes after a one-time self-check against the mma.sync kernel.
+// Three tile orders (GemmTile): sm90 (grid order), sm90-swizzle (group-M order within an expert)
+// and sm90-persistent (one CTA per SM walking the group-M order, setmaxnreg).
 #include <cuda.h>  // CUtensorMap and its enums only: the driver is reached through the runtime
 #include <cudaTypedefs.h>
 
@@ -35,6 +37,11 @@ constexpr int kStageBytes = kTileABytes + kTileBBytes;
 constexpr int kSmemBytes = kStages * kStageBytes + 1024;
 // Average rows per expert from which Auto picks this path (a calibration point, not measured yet).
 constexpr int kSm90RowsPerExpert = 128;
+// Row tiles of one expert that take the column tiles together in the group-M orders.
+[[maybe_unused]] constexpr int kGroupM = 8;
+// Tile orders: blockIdx = (column tile, row tile); one 1-D id per (row tile, column tile) in group-M
+// order; the same order walked by a persistent grid of one CTA per SM.
+constexpr int kOrderGrid = 0, kOrderSwizzle = 1, kOrderPersistent = 2;
 
 struct Sm90Args {
   const int32_t* offsets;          // [E + 1] device
@@ -44,17 +51,25 @@ struct Sm90Args {
   int rows;
   int n;  // output columns (gate_up: I)
   int k;
+  int n_tiles;  // column tiles (of kBN / 2 for gate_up, kBN for down)
   void* out;   // gate_up: h [rows, n] bf16; down: y [rows, n] f32
   int* fault;  // set to 1 when a wait hangs (self-check); nullptr: trap instead
 };
 
 #ifdef EXPERTD_SM90A
-// Spins of mbarrier.try_wait before a wait counts as hung (each try suspends for a while, so
-// this is seconds; a descheduled context does not spin, so time slicing cannot trip it).
-constexpr unsigned kSpinLimit = 1u << 28;
+// A wait that lasts this long (wall clock, %globaltimer) counts as hung: the kernel gives up
+// instead of hanging the device. NOTE: the GPU is not time-sliced with other work during a run
+// here; on a shared GPU a descheduled CTA could see a long wait and give up (a loud error, never
+// a wrong result).
+constexpr uint64_t kWaitLimitNs = 2000000000ull;
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
+  return t;
 }
 __device__ __forceinline__ void mbar_init(uint32_t bar, unsigned count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
@@ -66,11 +81,12 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, unsigned byt
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
                : "memory");
 }
-// Waits for the phase of parity `parity` to complete; false when it never does (a bug: the
-// caller leaves the kernel instead of hanging the device forever).
+// Waits for the phase of parity `parity` to complete; false when it has not after kWaitLimitNs
+// (a bug: the caller leaves the kernel instead of hanging the device forever).
 __device__ __forceinline__ bool mbar_wait(uint32_t bar, uint32_t parity) {
+  uint64_t start = 0;
 #pragma unroll 1
-  for (unsigned spins = 0; spins < kSpinLimit; ++spins) {
+  for (unsigned tries = 0;; ++tries) {
     uint32_t done;
     asm volatile(
         "{\n.reg .pred p;\n"
@@ -80,8 +96,12 @@ __device__ __forceinline__ bool mbar_wait(uint32_t bar, uint32_t parity) {
         : "r"(bar), "r"(parity)
         : "memory");
     if (done) return true;
+    if ((tries & 15) == 0) {  // try_wait itself suspends a while: read the clock now and then
+      const uint64_t now = global_ns();
+      if (start == 0) start = now;
+      else if (now - start > kWaitLimitNs) return false;
+    }
   }
-  return false;
 }
 __device__ __forceinline__ void hung(int* fault) {
   if (fault == nullptr) __trap();  // a loud, sticky error rather than a silent wrong result
@@ -147,26 +167,85 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t da, ui
 __device__ __forceinline__ float silu(float g) { return g / (1.0f + expf(-g)); }
 #endif  // EXPERTD_SM90A
 
-// One CTA: row tile blockIdx.y (numbered expert by expert, as group_gemm.cu), column tile
-// blockIdx.x. Warpgroup 0: warp 0 lane 0 issues the TMA loads, the rest idle out. Warpgroups
-// 1 and 2: rows [64 (wg - 1), 64 wg) of the tile.
+// A CTA's tile: expert e (-1: past the last tile), its rows [r0, r1) from r0, column tile nt.
+struct TileCoord {
+  int e, r0, r1, nt;
+};
+
+// Tile `id` of order ORDER, found by one warp (every lane gets the result). kOrderGrid: id is the
+// row tile (numbered expert by expert, as group_gemm.cu) and nt is blockIdx.x. The group-M orders:
+// ids run expert by expert over (row tile, column tile) pairs; within an expert, kGroupM row tiles
+// take the column tiles together (m fastest), so a weight tile is read by kGroupM CTAs close in
+// time (from L2 after the first) rather than once per row tile a wave apart.
+template <int ORDER>
+__device__ __forceinline__ TileCoord map_tile(const int32_t* offsets, int num_experts, int id,
+                                              int n_tiles, int lane) {
+  const int per_m = ORDER == kOrderGrid ? 1 : n_tiles;
+  int base = 0;
+  for (int e0 = 0; e0 < num_experts; e0 += 32) {
+    const int ex = e0 + lane;
+    int beg = 0, cnt = 0;
+    if (ex < num_experts) {
+      beg = offsets[ex];
+      cnt = offsets[ex + 1] - beg;
+    }
+    const int mt = cnt > 0 ? (cnt + kBM - 1) / kBM : 0;
+    const int units = mt * per_m;
+    const int inc = warp_inclusive_scan(units, lane);
+    const int excl = inc - units;
+    const bool mine = units > 0 && id >= base + excl && id < base + inc;
+    const unsigned who = __ballot_sync(0xffffffffu, mine);
+    if (who != 0) {
+      int m = 0, nt = 0;
+      if (mine) {
+        const int local = id - base - excl;
+        if (ORDER == kOrderGrid) {
+          m = local;
+          nt = static_cast<int>(blockIdx.x);
+        } else {
+          const int span = kGroupM * n_tiles;
+          const int g = local / span, first = g * kGroupM;
+          const int gm = min(kGroupM, mt - first);
+          const int within = local - g * span;
+          m = first + within % gm;
+          nt = within / gm;
+        }
+      }
+      const int src = __ffs(static_cast<int>(who)) - 1;
+      return TileCoord{__shfl_sync(0xffffffffu, ex, src), __shfl_sync(0xffffffffu, beg + m * kBM, src),
+                       __shfl_sync(0xffffffffu, beg + cnt, src), __shfl_sync(0xffffffffu, nt, src)};
+    }
+    base += __shfl_sync(0xffffffffu, inc, 31);
+    if (base > id) break;
+  }
+  return TileCoord{-1, 0, 0, 0};
+}
+
+// The CTA's tiles: one (kOrderGrid: blockIdx.y; kOrderSwizzle: blockIdx.x), or every
+// gridDim.x-th id from blockIdx.x (kOrderPersistent: the static tile scheduler). Warpgroup 0:
+// warp 0 lane 0 issues the TMA loads (its warp finds the tiles), the rest idle out. Warpgroups 1
+// and 2: rows [64 (wg - 1), 64 wg) of each tile.
 // NOTE: stage s is refilled only after all 8 consumer warps arrived on empty[s]; full[s] counts
-// the stage's bytes (the whole boxes, out-of-bounds parts included: TMA zero-fills them).
-template <bool GATE_UP>
+// the stage's bytes (the whole boxes, out-of-bounds parts included: TMA zero-fills them). The ring
+// runs on across tiles: the CTA's k-step g uses stage g % kStages, phase g / kStages.
+// NOTE: the CTA's shared memory is freed when its last thread exits, so the producer waits for
+// every bulk copy it issued before it leaves, on every path (a consumer that gave up may be gone).
+template <bool GATE_UP, int ORDER>
 __global__ void __launch_bounds__(kThreads, 1)
     group_gemm_sm90_kernel(const __grid_constant__ CUtensorMap xmap, const Sm90Args a) {
 #ifdef EXPERTD_SM90A
   extern __shared__ uint8_t smem_raw[];
   __shared__ __align__(8) uint64_t full_bar[kStages];
   __shared__ __align__(8) uint64_t empty_bar[kStages];
-  __shared__ int s_e, s_r0, s_r1;
 
   const int tid = threadIdx.x, lane = tid & 31;
   // Broadcast from lane 0 so that the compiler sees the role split as warp-uniform (otherwise it
   // serialises the wgmma of a divergent path, warning C7518).
   const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0), wg = warp >> 2;
-  const int tile = blockIdx.y;
   const uint32_t smem_base = (smem_u32(smem_raw) + 1023u) & ~1023u;
+  const int first_id = static_cast<int>(ORDER == kOrderGrid ? blockIdx.y : blockIdx.x);
+  const int id_step = ORDER == kOrderPersistent ? static_cast<int>(gridDim.x) : 0;
+  const int KT = (a.k + kBK - 1) / kBK;
 
   if (warp == 1 && lane == 0) {
 #pragma unroll
@@ -178,108 +257,134 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
   }
-  // Map the row tile to (expert, row range), as group_gemm.cu does with BM = 128.
-  if (warp == 0) {
-    expert_row_tile(a.offsets, a.num_experts, tile, kBM, lane, &s_e, &s_r0, &s_r1);
-  }
   __syncthreads();
-  const int e = s_e, r0 = s_r0, r1 = s_r1;
-  if (e < 0 || r0 >= r1) return;
-  // An empty table slot: the expert's rows stay unwritten (the contract; see group_gemm.cu).
-  if (a.weights[e] == nullptr) return;
-
-  const int col0 = blockIdx.x * (GATE_UP ? kBN / 2 : kBN);  // first output column of the CTA
-  const int KT = (a.k + kBK - 1) / kBK;
 
   if (wg == 0) {
-    if (warp == 0 && lane == 0) {
-      const CUtensorMap* wmap = a.wmaps + e;
-      // The weight maps were written by the host (cudaMemcpy): the tensormap proxy must acquire
-      // them before the first use in this kernel.
-      asm volatile("fence.proxy.tensormap::generic.acquire.sys [%0], 128;\n" ::"l"(
-                       reinterpret_cast<uint64_t>(wmap))
-                   : "memory");
-      for (int kt = 0; kt < KT; ++kt) {
-        const int s = kt % kStages;
-        if (kt >= kStages && !mbar_wait(smem_u32(&empty_bar[s]), ((kt / kStages) + 1) & 1)) {
-          hung(a.fault);
-          return;
+    // The producer needs few registers: hand them to the consumers (sm_90a register reallocation;
+    // each warpgroup executes its own setmaxnreg, one branch of this if/else).
+    if (ORDER == kOrderPersistent) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (warp != 0) return;
+    int it = 0;  // k-steps issued so far
+    bool ok = true;
+    for (int id = first_id;; id += id_step) {
+      const TileCoord t = map_tile<ORDER>(a.offsets, a.num_experts, id, a.n_tiles, lane);
+      if (t.e < 0) break;
+      // An empty table slot: the expert's rows stay unwritten (the contract; see group_gemm.cu).
+      if (t.r0 < t.r1 && a.weights[t.e] != nullptr) {
+        if (lane == 0) {
+          const CUtensorMap* wmap = a.wmaps + t.e;
+          // The weight maps were written by the host (cudaMemcpy): the tensormap proxy must
+          // acquire them before their use in this kernel.
+          asm volatile("fence.proxy.tensormap::generic.acquire.sys [%0], 128;\n" ::"l"(
+                           reinterpret_cast<uint64_t>(wmap))
+                       : "memory");
+          const int col0 = t.nt * (GATE_UP ? kBN / 2 : kBN);
+          for (int kt = 0; kt < KT; ++kt, ++it) {
+            const int s = it % kStages;
+            if (it >= kStages && !mbar_wait(smem_u32(&empty_bar[s]), ((it / kStages) + 1) & 1)) {
+              ok = false;
+              break;
+            }
+            const uint32_t full = smem_u32(&full_bar[s]);
+            const uint32_t sa = smem_base + s * kStageBytes, sb = sa + kTileABytes;
+            mbar_arrive_expect_tx(full, kStageBytes);
+            tma_load_2d(sa, &xmap, full, kt * kBK, t.r0);
+            if (GATE_UP) {
+              tma_load_2d(sb, wmap, full, kt * kBK, col0);                         // gate rows
+              tma_load_2d(sb + kTileBBytes / 2, wmap, full, kt * kBK, a.n + col0);  // up rows
+            } else {
+              tma_load_2d(sb, wmap, full, kt * kBK, col0);
+            }
+          }
         }
-        const uint32_t full = smem_u32(&full_bar[s]);
-        const uint32_t sa = smem_base + s * kStageBytes, sb = sa + kTileABytes;
-        mbar_arrive_expect_tx(full, kStageBytes);
-        tma_load_2d(sa, &xmap, full, kt * kBK, r0);
-        if (GATE_UP) {
-          tma_load_2d(sb, wmap, full, kt * kBK, col0);                         // gate rows
-          tma_load_2d(sb + kTileBBytes / 2, wmap, full, kt * kBK, a.n + col0);  // up rows
-        } else {
-          tma_load_2d(sb, wmap, full, kt * kBK, col0);
-        }
+        ok = __shfl_sync(0xffffffffu, ok ? 1 : 0, 0) != 0;
+        it = __shfl_sync(0xffffffffu, it, 0);
+        if (!ok) break;
       }
+      if (id_step == 0) break;
+    }
+    if (lane == 0) {
+      // Drain: the last kStages loads may still be in flight (earlier ones were consumed before
+      // their stage was refilled). A copy that never lands can only be stopped by a trap.
+      for (int g = it > kStages ? it - kStages : 0; g < it; ++g)
+        if (!mbar_wait(smem_u32(&full_bar[g % kStages]), (g / kStages) & 1)) __trap();
+      if (!ok) hung(a.fault);
     }
     return;
   }
 
+  if (ORDER == kOrderPersistent) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
   const int cw = wg - 1;  // consumer warpgroup: rows [64 cw, 64 cw + 64) of the tile
-  float acc[64];
+  int it = 0;             // k-steps consumed so far
+  for (int id = first_id;; id += id_step) {
+    const TileCoord t = map_tile<ORDER>(a.offsets, a.num_experts, id, a.n_tiles, lane);
+    if (t.e < 0) break;
+    if (t.r0 < t.r1 && a.weights[t.e] != nullptr) {
+      float acc[64];
 #pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
-
-  bool ok = true;
-  for (int kt = 0; kt < KT; ++kt) {
-    const int s = kt % kStages;
-    if (!mbar_wait(smem_u32(&full_bar[s]), (kt / kStages) & 1)) {
-      ok = false;
-      break;
-    }
-    const uint32_t sa = smem_base + s * kStageBytes + cw * (kTileABytes / 2);
-    const uint32_t sb = smem_base + s * kStageBytes + kTileABytes;
-    pin(acc);
-    wgmma_fence();
+      for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+      bool ok = true;
+      for (int kt = 0; kt < KT; ++kt) {
+        const int g = it + kt, s = g % kStages;
+        if (!mbar_wait(smem_u32(&full_bar[s]), (g / kStages) & 1)) {
+          ok = false;
+          break;
+        }
+        const uint32_t sa = smem_base + s * kStageBytes + cw * (kTileABytes / 2);
+        const uint32_t sb = smem_base + s * kStageBytes + kTileABytes;
+        pin(acc);
+        wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kBK / 16; ++kk)  // 16 bf16 = 32 bytes along the swizzled row
-      wgmma_m64n128k16(acc, smem_desc(sa + kk * 32), smem_desc(sb + kk * 32));
-    wgmma_commit();
-    // The group of step kt-1 has finished reading its stage: hand it back to the producer.
-    wgmma_wait<1>();
-    pin(acc);
-    if (kt > 0 && lane == 0) mbar_arrive(smem_u32(&empty_bar[(kt - 1) % kStages]));
-  }
-  wgmma_wait<0>();
-  pin(acc);
-  if (!ok) {
-    hung(a.fault);
-    return;
-  }
-
-  // Epilogue. acc[4j + c]: column 8j + 2 (lane % 4) + (c & 1), row (warp % 4) 16 + lane / 4
-  // (+ 8 for c >= 2) of this warpgroup's 64 x 128 block.
-  const int row_base = r0 + cw * 64 + (warp & 3) * 16 + (lane >> 2);
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int gr = row_base + h * 8;
-    if (gr >= r1) continue;
-    if (GATE_UP) {
-      uint16_t* out = static_cast<uint16_t*>(a.out) + static_cast<size_t>(gr) * a.n;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int col = col0 + j * 8 + (lane & 3) * 2;
-        if (col >= a.n) continue;
-        const float v0 = silu(acc[4 * j + 2 * h]) * acc[4 * (j + 8) + 2 * h];
-        const float v1 = silu(acc[4 * j + 2 * h + 1]) * acc[4 * (j + 8) + 2 * h + 1];
-        const uint32_t packed = static_cast<uint32_t>(f32_to_bf16_bits(v0)) |
-                                (static_cast<uint32_t>(f32_to_bf16_bits(v1)) << 16);
-        *reinterpret_cast<uint32_t*>(out + col) = packed;
+        for (int kk = 0; kk < kBK / 16; ++kk)  // 16 bf16 = 32 bytes along the swizzled row
+          wgmma_m64n128k16(acc, smem_desc(sa + kk * 32), smem_desc(sb + kk * 32));
+        wgmma_commit();
+        // The group of step g-1 has finished reading its stage: hand it back to the producer.
+        wgmma_wait<1>();
+        pin(acc);
+        if (kt > 0 && lane == 0) mbar_arrive(smem_u32(&empty_bar[(g - 1) % kStages]));
       }
-    } else {
-      float* out = static_cast<float*>(a.out) + static_cast<size_t>(gr) * a.n;
+      wgmma_wait<0>();
+      pin(acc);
+      if (!ok) {
+        hung(a.fault);
+        return;
+      }
+      if (lane == 0) mbar_arrive(smem_u32(&empty_bar[(it + KT - 1) % kStages]));
+      it += KT;
+
+      // Epilogue. acc[4j + c]: column 8j + 2 (lane % 4) + (c & 1), row (warp % 4) 16 + lane / 4
+      // (+ 8 for c >= 2) of this warpgroup's 64 x 128 block.
+      const int col0 = t.nt * (GATE_UP ? kBN / 2 : kBN);
+      const int row_base = t.r0 + cw * 64 + (warp & 3) * 16 + (lane >> 2);
 #pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        const int col = col0 + j * 8 + (lane & 3) * 2;
-        if (col >= a.n) continue;
-        *reinterpret_cast<float2*>(out + col) = make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+      for (int h = 0; h < 2; ++h) {
+        const int gr = row_base + h * 8;
+        if (gr >= t.r1) continue;
+        if (GATE_UP) {
+          uint16_t* out = static_cast<uint16_t*>(a.out) + static_cast<size_t>(gr) * a.n;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            const int col = col0 + j * 8 + (lane & 3) * 2;
+            if (col >= a.n) continue;
+            const float v0 = silu(acc[4 * j + 2 * h]) * acc[4 * (j + 8) + 2 * h];
+            const float v1 = silu(acc[4 * j + 2 * h + 1]) * acc[4 * (j + 8) + 2 * h + 1];
+            const uint32_t packed = static_cast<uint32_t>(f32_to_bf16_bits(v0)) |
+                                    (static_cast<uint32_t>(f32_to_bf16_bits(v1)) << 16);
+            *reinterpret_cast<uint32_t*>(out + col) = packed;
+          }
+        } else {
+          float* out = static_cast<float*>(a.out) + static_cast<size_t>(gr) * a.n;
+#pragma unroll
+          for (int j = 0; j < 16; ++j) {
+            const int col = col0 + j * 8 + (lane & 3) * 2;
+            if (col >= a.n) continue;
+            *reinterpret_cast<float2*>(out + col) =
+                make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+          }
+        }
       }
     }
+    if (id_step == 0) break;
   }
 #endif  // EXPERTD_SM90A
 }
@@ -392,32 +497,59 @@ DeviceState& probe(int dev) {
   return d;
 }
 
-template <bool GATE_UP>
-void launch_sm90(const CUtensorMap& xmap, const Sm90Args& a, Stream s) {
+int order_of(GemmTile tile) {
+  return tile == GemmTile::Sm90Swizzle ? kOrderSwizzle
+         : tile == GemmTile::Sm90Persistent ? kOrderPersistent
+                                            : kOrderGrid;
+}
+
+template <bool GATE_UP, int ORDER>
+void launch_order(const CUtensorMap& xmap, const Sm90Args& a, Stream s) {
   const long long m_tiles = (a.rows + kBM - 1) / kBM + std::min(a.num_experts, a.rows);
-  const int cols_per_cta = GATE_UP ? kBN / 2 : kBN;
-  const long long n_tiles = (a.n + cols_per_cta - 1) / cols_per_cta;
-  EXPERTD_CHECK(m_tiles <= 65535, ErrorCode::InvalidArg,
-                "group_gemm_sm90: too many row tiles (" + std::to_string(m_tiles) + "); split the call");
-  EXPERTD_CUDA_CHECK(cudaFuncSetAttribute(group_gemm_sm90_kernel<GATE_UP>,
+  EXPERTD_CUDA_CHECK(cudaFuncSetAttribute(group_gemm_sm90_kernel<GATE_UP, ORDER>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
-  const dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(m_tiles));
-  group_gemm_sm90_kernel<GATE_UP><<<grid, kThreads, kSmemBytes, s>>>(xmap, a);
+  dim3 grid;
+  if (ORDER == kOrderGrid) {
+    EXPERTD_CHECK(m_tiles <= 65535, ErrorCode::InvalidArg,
+                  "group_gemm_sm90: too many row tiles (" + std::to_string(m_tiles) + "); split the call");
+    grid = dim3(static_cast<unsigned>(a.n_tiles), static_cast<unsigned>(m_tiles));
+  } else {
+    const long long units = m_tiles * a.n_tiles;  // an upper bound: ids past the last tile leave
+    EXPERTD_CHECK(units <= 0x7fffffffLL, ErrorCode::InvalidArg,
+                  "group_gemm_sm90: too many tiles (" + std::to_string(units) + "); split the call");
+    long long ctas = units;
+    if (ORDER == kOrderPersistent) {
+      int sms = 0;
+      EXPERTD_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, current_device()));
+      ctas = std::min<long long>(units, std::max(1, sms));
+    }
+    grid = dim3(static_cast<unsigned>(ctas));
+  }
+  group_gemm_sm90_kernel<GATE_UP, ORDER><<<grid, kThreads, kSmemBytes, s>>>(xmap, a);
   EXPERTD_CUDA_LAUNCH_CHECK();
+}
+
+template <bool GATE_UP>
+void launch_sm90(const CUtensorMap& xmap, Sm90Args a, int order, Stream s) {
+  const int cols_per_cta = GATE_UP ? kBN / 2 : kBN;
+  a.n_tiles = (a.n + cols_per_cta - 1) / cols_per_cta;
+  if (order == kOrderSwizzle) launch_order<GATE_UP, kOrderSwizzle>(xmap, a, s);
+  else if (order == kOrderPersistent) launch_order<GATE_UP, kOrderPersistent>(xmap, a, s);
+  else launch_order<GATE_UP, kOrderGrid>(xmap, a, s);
 }
 
 // Both passes on s. maps: [2E] device (gate_up maps then down maps).
 void run_sm90(const uint16_t* x, const int32_t* offsets, const uint16_t* const* gate_up,
               const uint16_t* const* down, int num_experts, int rows, int hidden, int inter,
-              uint16_t* h_scratch, float* y, const void* maps, int* fault, Stream s) {
+              uint16_t* h_scratch, float* y, const void* maps, int* fault, int order, Stream s) {
   EXPERTD_CHECK(reinterpret_cast<uintptr_t>(h_scratch) % 16 == 0, ErrorCode::InvalidArg,
                 "group_gemm: x must be 16-byte aligned");  // hScratch is the down pass's x
   const CUtensorMap* m = static_cast<const CUtensorMap*>(maps);
   alignas(64) CUtensorMap xmap, hmap;
   encode_2d(&xmap, x, rows, hidden, kBM);
   encode_2d(&hmap, h_scratch, rows, inter, kBM);
-  launch_sm90<true>(xmap, Sm90Args{offsets, gate_up, m, num_experts, rows, inter, hidden, h_scratch, fault}, s);
-  launch_sm90<false>(hmap, Sm90Args{offsets, down, m + num_experts, num_experts, rows, hidden, inter, y, fault}, s);
+  launch_sm90<true>(xmap, Sm90Args{offsets, gate_up, m, num_experts, rows, inter, hidden, 0, h_scratch, fault}, order, s);
+  launch_sm90<false>(hmap, Sm90Args{offsets, down, m + num_experts, num_experts, rows, hidden, inter, 0, y, fault}, order, s);
 }
 
 uint32_t lcg_next(uint32_t& st) {
@@ -488,7 +620,7 @@ std::string self_check(Stream s) {
     group_gemm_ffn(dx, doff, table, table + E, E, rows, H, I, static_cast<uint16_t*>(h_ref->ptr),
                    static_cast<float*>(y_ref->ptr), GemmTile::Large, s, nullptr);
     run_sm90(dx, doff, table, table + E, E, rows, H, I, static_cast<uint16_t*>(h_new->ptr),
-             static_cast<float*>(y_new->ptr), d_maps->ptr, static_cast<int*>(d_fault->ptr), s);
+             static_cast<float*>(y_new->ptr), d_maps->ptr, static_cast<int*>(d_fault->ptr), kOrderGrid, s);
     std::vector<float> yr(static_cast<size_t>(rows) * H), yn(yr.size());
     int fault = 0;
     memcpy_d2h(yr.data(), y_ref->ptr, y_bytes, s);
@@ -537,11 +669,40 @@ Sm90Status sm90_status() {
   return {d.state, d.reason};
 }
 
+Sm90Status sm90_self_check() {
+  if (env_disabled()) return {Sm90State::Unavailable, "EXPERTD_DISABLE_SM90 is set"};
+  if (cuda_device_count() == 0) return {Sm90State::Unavailable, "no CUDA device"};
+  ensure_alive();
+  std::lock_guard<std::mutex> lock(g_mu);
+  DeviceState& d = probe(current_device());
+  if (d.state == Sm90State::Unchecked) {
+    // NOTE: the check runs under the lock, so concurrent first callers wait for its verdict.
+    const std::string why = self_check(default_stream());
+    d.state = why.empty() ? Sm90State::Passed : Sm90State::Failed;
+    d.reason = why;
+    ensure_alive();  // a sticky fault in the check: the device is lost for every path
+  }
+  return {d.state, d.reason};
+}
+
+const char* gemm_tile_name(GemmTile tile) {
+  switch (tile) {
+    case GemmTile::Auto: return "auto";
+    case GemmTile::Small: return "small";
+    case GemmTile::Large: return "large";
+    case GemmTile::Sm90: return "sm90";
+    case GemmTile::Sm90Swizzle: return "sm90-swizzle";
+    case GemmTile::Sm90Persistent: return "sm90-persistent";
+  }
+  return "?";
+}
+
 bool sm90_group_gemm_ffn(const uint16_t* x, const int32_t* offsets, const uint16_t* const* gate_up,
                          const uint16_t* const* down, int num_experts, int rows, int hidden,
                          int inter, uint16_t* h_scratch, float* y, GemmTile tile,
                          const void* expert_maps, Stream s) {
-  if (tile != GemmTile::Auto && tile != GemmTile::Sm90) return false;
+  const bool forced = is_sm90_tile(tile);
+  if (tile != GemmTile::Auto && !forced) return false;
   if (tile == GemmTile::Auto && (expert_maps == nullptr || !env_auto_enabled() ||
                                  rows < kSm90RowsPerExpert * std::max(1, num_experts) || env_disabled()))
     return false;
@@ -551,13 +712,14 @@ bool sm90_group_gemm_ffn(const uint16_t* x, const int32_t* offsets, const uint16
     std::unique_lock<std::mutex> lock(g_mu);
     const int dev = current_device();
     DeviceState& d = probe(dev);
-    if (tile == GemmTile::Sm90) {
+    if (forced) {
+      const std::string name = gemm_tile_name(tile);
       const Sm90Status st = env_disabled() ? Sm90Status{Sm90State::Unavailable, "EXPERTD_DISABLE_SM90 is set"}
                                            : Sm90Status{d.state, d.reason};
       EXPERTD_CHECK(st.state != Sm90State::Unavailable, ErrorCode::InvalidArg,
-                    "group_gemm: tile 'sm90' is unavailable here: " + st.reason);
+                    "group_gemm: tile '" + name + "' is unavailable here: " + st.reason);
       EXPERTD_CHECK(expert_maps != nullptr, ErrorCode::InvalidArg,
-                    "group_gemm: tile 'sm90' needs the experts' tensor maps");
+                    "group_gemm: tile '" + name + "' needs the experts' tensor maps");
     } else {
       if (d.state == Sm90State::Unchecked) {
         // NOTE: the check runs under the lock, so concurrent first callers wait for its verdict.
@@ -573,7 +735,7 @@ bool sm90_group_gemm_ffn(const uint16_t* x, const int32_t* offsets, const uint16
                 "group_gemm: x must be 16-byte aligned");
   if (rows <= 0) return true;
   run_sm90(x, offsets, gate_up, down, num_experts, rows, hidden, inter, h_scratch, y, expert_maps,
-           nullptr, s);
+           nullptr, order_of(tile), s);
   return true;
 }
 

@@ -6,7 +6,8 @@ import type { ForwardBatch } from '../model/forward-batch.js';
 import type { ForwardModel } from '../model/forward-batch.js';
 import type { LoadedModel } from '../model/load.js';
 import type { Offloader } from '../offload/offloader.js';
-import { Sampler, SamplingState } from './sampler.js';
+import { BatchSampler } from './batch-sampler.js';
+import { Sampler, SamplingState, type SampleResult } from './sampler.js';
 import { Scheduler, type StepPlan } from './scheduler.js';
 import type { StepMetrics } from './protocol.js';
 import type { EngineEvent, EngineStats, GenerateRequest, ModelInfo, RoutedExperts, TokenLogprob } from './types.js';
@@ -31,11 +32,21 @@ export interface EngineCoreOptions {
   prefixCacheKey?: string | null;
   /** Milliseconds for every timing the core reports (default performance.now; tests pass their own). */
   clock?: () => number;
+  /**
+   * 'native' (default): one batched native sampler call per step; 'js': the reference sampler row
+   * by row (tests compare the two).
+   */
+  sampler?: 'native' | 'js';
 }
 
 interface Running {
   req: GenerateRequest;
   sampling: SamplingState;
+  /**
+   * The grammar's token bitmask for the next token ([ceil(V/32)] words, bit set = allowed), set
+   * before the step by structured outputs; null: unconstrained.
+   */
+  bitmask: Int32Array | null;
   generated: number;
   /** Positions whose routing was already reported (recomputation after preemption repeats them). */
   routedUpTo: number;
@@ -54,7 +65,7 @@ export class EngineCore {
   readonly cache: unknown;
   readonly info: ModelInfo;
   readonly numBlocks: number;
-  private readonly sampler: Sampler;
+  private readonly sampler: Sampler | BatchSampler;
   private readonly requests = new Map<string, Running>();
   private readonly eos: Set<number>;
   private readonly blockSize: number;
@@ -89,7 +100,7 @@ export class EngineCore {
       numBlocks, blockSize: opts.blockSize, maxContext: spec.maxContext,
       maxNumSeqs: opts.maxNumSeqs, maxNumBatchedTokens: opts.maxNumBatchedTokens, prefixCacheKey,
     });
-    this.sampler = new Sampler(spec.vocabSize);
+    this.sampler = opts.sampler === 'js' ? new Sampler(spec.vocabSize) : new BatchSampler(spec.vocabSize);
     this.eos = new Set(spec.eosTokenIds);
     this.info = {
       name: opts.servedModelName, architecture: spec.modelType, maxContext: spec.maxContext,
@@ -117,7 +128,7 @@ export class EngineCore {
       return fail((e as Error).message);
     }
     this.requests.set(req.id, {
-      req, sampling, generated: 0, routedUpTo: 0, arrivedAtMs: this.clock(), scheduledAtMs: null, cachedTokens: 0,
+      req, sampling, bitmask: null, generated: 0, routedUpTo: 0, arrivedAtMs: this.clock(), scheduledAtMs: null, cachedTokens: 0,
       firstTokenAtMs: null, lastTokenAtMs: 0,
     });
     return null;
@@ -187,8 +198,8 @@ export class EngineCore {
       throw e;
     }
     const sampledAtMs = this.clock(); // the host has the logits: this step's tokens exist from here
+    const samples = this.sampleStep(plan, result.logits);
     const events: EngineEvent[] = [];
-    const V = this.info.vocabSize;
     let row = 0;
     let logitIndex = 0;
     let prefillTokens = 0;
@@ -203,9 +214,7 @@ export class EngineCore {
         if (routed) events.push({ type: 'tokens', id: r.req.id, tokenIds: [], routedExperts: routed });
         continue;
       }
-      const logits = result.logits.subarray(logitIndex * V, (logitIndex + 1) * V);
-      logitIndex++;
-      const s = this.sampler.sample(logits, r.sampling);
+      const s = samples[logitIndex++]!;
       r.sampling.addOutputToken(s.tokenId);
       r.generated++;
       r.firstTokenAtMs ??= sampledAtMs;
@@ -255,6 +264,28 @@ export class EngineCore {
     return { events, metrics };
   }
 
+  /** Every sampling entry's next token: one native call over the step's logits rows. */
+  private sampleStep(plan: StepPlan, logits: Float32Array): SampleResult[] {
+    const V = this.info.vocabSize;
+    const states: SamplingState[] = [];
+    const masks: (Int32Array | null)[] = [];
+    let anyMask = false;
+    for (const e of plan.entries) {
+      if (!e.sample) continue;
+      const r = this.requests.get(e.seqId)!;
+      states.push(r.sampling);
+      masks.push(r.bitmask);
+      if (r.bitmask) anyMask = true;
+    }
+    if (this.sampler instanceof BatchSampler) {
+      const model = this.loaded.model;
+      const device = model.sampleLogits ? model.sampleLogits.bind(model) : undefined;
+      return this.sampler.sample(logits, states, anyMask ? masks : undefined, device);
+    }
+    const sampler = this.sampler;
+    return states.map((st, i) => sampler.sample(logits.subarray(i * V, (i + 1) * V), st, masks[i]));
+  }
+
   private routedFor(r: Running, start: number, n: number, row: number, routedIds: Int32Array[]): RoutedExperts | undefined {
     const k = this.info.topK;
     const out: RoutedExperts = [];
@@ -293,7 +324,12 @@ export class EngineCore {
       if (e.sample) logitRows.push(row + n - 1);
       row += n;
     });
-    return { tokenIds, positions, numSeqs: S, seqInfo, blockTables, maxBlocks, slots, logitRows: Int32Array.from(logitRows) };
+    // The native sampler runs where the logits are when the model can (the device engine).
+    const logitsOnDevice = this.sampler instanceof BatchSampler && this.loaded.model.sampleLogits !== undefined;
+    return {
+      tokenIds, positions, numSeqs: S, seqInfo, blockTables, maxBlocks, slots, logitRows: Int32Array.from(logitRows),
+      ...(logitsOnDevice ? { logitsOnDevice } : {}),
+    };
   }
 }
 

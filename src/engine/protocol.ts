@@ -3,6 +3,7 @@ import type { OffloadConfig } from '../offload/setup.js';
 import type { ExpertCacheDelta } from '../offload/offloader.js';
 import type { TraceCounts } from '../offload/trace-writer.js';
 import type { EngineEvent, EngineStats, GenerateRequest, ModelInfo } from './types.js';
+import type { QuantizeSpec } from '../model/quantize.js';
 
 export interface EngineOptions {
   modelDir: string;
@@ -40,6 +41,8 @@ export interface EngineOptions {
   offload?: OffloadConfig;
   /** Automatic prefix caching (--prefix-caching); absent = on. */
   prefixCaching?: boolean;
+  /** --quantize: routed experts quantized at load (CPU engine); absent/null = checkpoint precision. */
+  quantize?: QuantizeSpec | null;
 }
 
 export type ToWorker =

@@ -8,7 +8,7 @@ import type { DeviceExpertComm } from '../moe/device-ep.js';
 import { CudaModel } from './cuda-model.js';
 import type { ForwardModel } from './forward-batch.js';
 import { MoeModel, type ModelOptions } from './model.js';
-import { openCheckpoint, type Checkpoint } from './safetensors.js';
+import { openCheckpoint, type Checkpoint, type Fp8Weight } from './safetensors.js';
 import type { ModelSpec } from './spec.js';
 import type { HostTensor, TensorSource } from './tensor-source.js';
 
@@ -42,11 +42,21 @@ export class CheckpointSource implements TensorSource {
   get(name: string): HostTensor {
     const info = this.checkpoint.getTensor(name);
     const w = this.checkpoint.loadWeightBf16OrNative(name);
+    this.progress(info.sizeBytes);
+    return { dtype: w.dtype, shape: info.shape, data: w.data };
+  }
+
+  getFp8(name: string): Fp8Weight | null {
+    const w = this.checkpoint.loadFp8(name);
+    if (w) this.progress(this.checkpoint.getTensor(name).sizeBytes);
+    return w;
+  }
+
+  private progress(bytes: number): void {
     this.tensorsDone++;
-    this.bytesDone += info.sizeBytes;
+    this.bytesDone += bytes;
     this.onProgress?.({ tensorsDone: this.tensorsDone, tensorsTotal: this.totals.tensors,
       bytesDone: this.bytesDone, bytesTotal: this.totals.bytes });
-    return { dtype: w.dtype, shape: info.shape, data: w.data };
   }
 }
 
@@ -120,6 +130,14 @@ export function countParams(spec: ModelSpec): { total: number; active: number } 
   return { total, active };
 }
 
+/** ", cuBLASLt <file>" or ", cuBLASLt none (DenseGemm: in-house kernel)" on a full build; "" elsewhere. */
+function cublasLtNote(): string {
+  const n = loadNative() as Partial<CudaAddon>;
+  if (typeof n.cudaLibraries !== 'function') return '';
+  const lt = n.cudaLibraries().cublasLt.path;
+  return lt ? `, cuBLASLt ${lt}` : ', cuBLASLt none (DenseGemm: in-house kernel)';
+}
+
 export function loadSummary(loaded: LoadedModel<ForwardModel>): string {
   const { spec } = loaded;
   const p = countParams(spec);
@@ -131,7 +149,7 @@ export function loadSummary(loaded: LoadedModel<ForwardModel>): string {
   return `loaded ${spec.modelType}: ${(p.total / 1e6).toFixed(1)}M params (${(p.active / 1e6).toFixed(1)}M active), ` +
     `${spec.numLayers} layers (${moeLayers} MoE), ${spec.moe.numExperts} experts top-${spec.moe.router.topK}, ` +
     `checkpoint ${gb(bytes)} GiB, ${loaded.loadMs.toFixed(0)} ms; ` +
-    (loaded.model.device !== 'cpu' ? `device ${loaded.model.device}; ` : '') +
+    (loaded.model.device !== 'cpu' ? `device ${loaded.model.device}${cublasLtNote()}; ` : '') +
     `cpu ${caps.simd} x${caps.threads} threads, ` +
-    `${caps.build} build${caps.cudaDevices ? `, ${caps.cudaDevices} CUDA device(s)` : ''}`;
+    `${caps.build} build${caps.cudaDevices ? `, ${caps.cudaDevices} CUDA device(s)` : caps.cudaError ? ` (${caps.cudaError})` : ''}`;
 }

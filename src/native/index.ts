@@ -6,7 +6,7 @@ import { createRequire } from 'node:module';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-import type { NativeAddon } from './types.js';
+import type { Capabilities, NativeAddon } from './types.js';
 
 export type * from './types.js';
 
@@ -76,4 +76,20 @@ export function loadNative(): NativeAddon {
 export function nativePath(): string | undefined {
   loadNative();
   return cachedPath;
+}
+
+/** A CUDA version as cudaDriverGetVersion/cudaRuntimeGetVersion encode it (12080) -> "12.8"; 0 -> "none". */
+export function cudaVersionString(v: number): string {
+  return v > 0 ? `${Math.floor(v / 1000)}.${Math.floor((v % 1000) / 10)}` : 'none';
+}
+
+/**
+ * Why a full build sees no CUDA device, in one line that keeps the runtime's own error:
+ * "no CUDA device: cudaErrorInsufficientDriver (CUDA driver version is insufficient for CUDA runtime
+ * version); driver none, runtime 13.0". null when a device is visible or the build has no CUDA.
+ */
+export function noCudaDeviceReason(caps: Capabilities): string | null {
+  if (!caps.cudaCompiled || caps.cudaDevices > 0) return null;
+  return `no CUDA device: ${caps.cudaError ?? 'cudaGetDeviceCount() = 0'}; ` +
+    `driver ${cudaVersionString(caps.cudaDriverVersion)}, runtime ${cudaVersionString(caps.cudaRuntimeVersion)}`;
 }

@@ -6,10 +6,12 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "expertd/comm.h"
 #include "expertd/dtype.h"
 #include "expertd/ops.h"
+#include "expertd/sampling.h"
 
 struct CUstream_st;  // == cudaStream_t's pointee
 struct CUevent_st;   // == cudaEvent_t's pointee
@@ -18,8 +20,38 @@ namespace expertd {
 
 // Devices visible to this process (0 when the driver or a GPU is missing; never throws).
 int cuda_device_count();
+// What the runtime said when it counted the devices, for capabilities(): error is empty when
+// cudaGetDeviceCount succeeded, else "cudaErrorInsufficientDriver (CUDA driver version is
+// insufficient for CUDA runtime version)" and the like; versions as CUDA encodes them
+// (1000 * major + 10 * minor; driver 0: no driver). Never throws.
+struct CudaRuntimeStatus {
+  int device_count = 0;
+  std::string error;
+  int driver_version = 0;
+  int runtime_version = 0;
+};
+CudaRuntimeStatus cuda_runtime_status();
 // libnccl.so.2 (or $EXPERTD_NCCL_SO) can be loaded and has the entry points expertd uses.
 bool nccl_available();
+
+// A library loaded at run time (cuBLASLt, NCCL; cuda_libs.cc): handle and the file dlopen took
+// (nullptr and "" when none would do), and every candidate in order with what happened to it
+// ("<path>: loaded", "<path>: <dlerror>", "<path>: has no <symbol>"), for the log.
+struct LoadedLibrary {
+  void* handle = nullptr;
+  std::string path;
+  std::vector<std::string> tried;
+};
+// The candidates in order: $env_var; for each soname (newest first), the pip wheels' folders under
+// every Python site folder (CUDA 13: nvidia/cu13/lib; CUDA 12: nvidia/<package>/lib); then the
+// sonames themselves (the loader path).
+std::vector<std::string> library_candidates(const char* env_var, const std::vector<std::string>& sonames);
+// The first candidate that dlopens (RTLD_NOW | RTLD_LOCAL) and has every required symbol.
+LoadedLibrary load_library(const char* env_var, const std::vector<std::string>& sonames,
+                           const std::vector<std::string>& required_symbols);
+// The loads of cuBLASLt (dense_gemm.cc) and NCCL (nccl.cc), done once on first use.
+const LoadedLibrary& cublaslt_load();
+const LoadedLibrary& nccl_load();
 // A sticky CUDA error (illegal address, launch failure, ...) happened: the context is unusable
 // until the process restarts. Every launcher refuses to run afterwards (E_CUDA).
 bool cuda_device_lost();
@@ -105,8 +137,14 @@ void memset_async(void* dst, int byte, size_t bytes, Stream s);
 
 // ---------------------------------------------------------------------------------------------
 // GEMMs (bf16 operands, f32 accumulate on tensor cores).
-// Sm90: the wgmma + TMA kernels (group_gemm_ffn only, compute capability 9.0), forced.
-enum class GemmTile : int { Auto = 0, Small = 1, Large = 2, Sm90 = 3 };
+// Sm90: the wgmma + TMA kernels (group_gemm_ffn only, compute capability 9.0), forced; the
+// Sm90Swizzle (group-M tile order within an expert) and Sm90Persistent (one CTA per SM, a static
+// tile scheduler over the same order, setmaxnreg) variants are opt-in until measured on a GPU.
+enum class GemmTile : int { Auto = 0, Small = 1, Large = 2, Sm90 = 3, Sm90Swizzle = 4, Sm90Persistent = 5 };
+inline bool is_sm90_tile(GemmTile t) {
+  return t == GemmTile::Sm90 || t == GemmTile::Sm90Swizzle || t == GemmTile::Sm90Persistent;
+}
+const char* gemm_tile_name(GemmTile tile);
 
 // One launch over every expert: rows [offsets[e], offsets[e+1]) of x go through weights[e].
 //   x       [rows, k] bf16 (device)
@@ -154,6 +192,10 @@ struct Sm90Status {
   std::string reason;
 };
 Sm90Status sm90_status();
+// Runs the one-time self-check now if it has not run on the current device (Unchecked), and
+// returns the verdict: test and bench scripts call it before any forced sm90 tile, so that a
+// broken kernel shows as 'failed' with a reason rather than as the first forced call's fault.
+Sm90Status sm90_self_check();
 // Whether expert maps are worth building on the current device (Unchecked or Passed): for a
 // forced 'sm90' call, or for 'auto' when EXPERTD_SM90=1 opts in (off by default until the
 // kernels have run on a GPU).
@@ -202,6 +244,24 @@ void embedding(const void* table, DType dtype, int vocab, int h, const int32_t* 
                float* out, Stream s);
 void softmax_rows(const float* x, int rows, int cols, float* out, bool log, Stream s);
 void top_n(const float* x, int rows, int cols, int n, int32_t* ids, float* vals, Stream s);
+
+// The batched sampler (sampling.cu) over logits [rows, vocab] f32 on the device, with the host
+// arrays the addon checked (native/addon/sampling_args.h; see expertd/sampling.h for their
+// meaning). One copy up, one kernel, one copy down: returns with out and rng filled.
+struct SampleBatchHost {
+  int rows = 0, vocab = 0;
+  const double* params = nullptr;  // [rows, kSampleParamCols]
+  uint32_t* rng = nullptr;         // [rows, 4] in/out
+  const int32_t *bias_offsets = nullptr, *bias_ids = nullptr;
+  const float* bias_values = nullptr;
+  const int32_t *seen_offsets = nullptr, *seen_ids = nullptr;
+  const int32_t *count_offsets = nullptr, *count_ids = nullptr, *count_values = nullptr;
+  const int32_t* mask_rows = nullptr;  // [rows] or null
+  const int32_t* masks = nullptr;      // [n_masks, ceil(vocab/32)]
+  size_t n_bias = 0, n_seen = 0, n_counts = 0, n_masks = 0;
+  SampleOut out;
+};
+void sample_batch(const float* logits, const SampleBatchHost& h, Stream s);
 void convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, size_t n, Stream s);
 
 // Glue for the device engine (glue.cu; roundings in its header comment).
@@ -241,10 +301,12 @@ void kv_cache_write(const float* k, const float* v, int tokens, const int32_t* s
 // creates and the rendezvous hands to every rank.
 constexpr size_t kNcclUniqueIdBytes = 128;
 void nccl_unique_id(uint8_t* out);
-// Blocks until all world_size ranks have joined (ncclCommInitRank) on the current device.
-std::shared_ptr<Comm> nccl_join(const uint8_t* unique_id, int world_size, int rank);
+// Blocks until all world_size ranks have joined on the current device, at most timeout_ms (then
+// E_COMM, the communicator aborted). timeout_ms also bounds every later collective of the group.
+std::shared_ptr<Comm> nccl_join(const uint8_t* unique_id, int world_size, int rank, int timeout_ms);
 // all2allv over device buffers enqueued on `s` without waiting (Comm::all2allv is the blocking
-// form on the group's own stream). comm must come from nccl_join.
+// form on the group's own stream); the group's watchdog aborts it past the timeout, and the next
+// call raises E_COMM. comm must come from nccl_join.
 void nccl_all2allv_async(Comm& comm, const void* send, const int64_t* send_bytes, void* recv,
                          const int64_t* recv_bytes, cuda::Stream s);
 
