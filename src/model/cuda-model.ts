@@ -11,6 +11,7 @@ import type { MoeHooks } from '../moe/moe-layer.js';
 import { mulberry32 } from '../engine/rng.js';
 import type { ForwardBatch, ForwardModel, ForwardResult } from './forward-batch.js';
 import { moeTensors } from './moe-tensors.js';
+import type { KvDtype } from './kv-dtype.js';
 import type { ModelSpec } from './spec.js';
 import type { HostTensor, TensorSource } from './tensor-source.js';
 import { checkExpert, checkShape, ffnSource, vectorF32, type ExpertSource } from './weights.js';
@@ -53,6 +54,7 @@ interface DeviceLayer { subs: DeviceSub[]; moe: DeviceMoe | null; shortcut: bool
 
 export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
   readonly device: string;
+  readonly kvDtypes: readonly KvDtype[] = ['f32'];
   readonly numCaches: number;
   readonly numMoeLayers: number;
   private readonly dev: Device;
@@ -309,6 +311,11 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
 
   cacheFloatsPerToken(): [number, number] {
     return this.layers[0]!.subs[0]!.attn.cacheFloatsPerToken;
+  }
+
+  cacheKvHeads(): number {
+    const a = this.spec.attention;
+    return a.kind === 'mla' ? 1 : a.kvHeads;
   }
 
   allocateKvCache(numBlocks: number, blockSize: number): DeviceLayerCache[] {
