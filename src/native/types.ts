@@ -183,6 +183,11 @@ export interface CudaRouteOptions extends Omit<RouteOptions, 'bias'> {
 }
 
 export interface CudaAttentionOptions extends AttentionOptions {
+  /**
+   * Element type of kCache / vCache (default f32); fp8 takes opts.kScales / vScales (host arrays,
+   * at most 256 kv heads: they travel by value in the kernel's arguments).
+   */
+  kvDtype?: 'f32' | 'bf16' | 'fp8';
   /** rows of q and out */
   totalTokens: number;
   /**
@@ -309,10 +314,15 @@ export interface CudaAddon {
               stream?: CudaStream | null): void;
   cudaTopN(x: CudaBuffer, rows: number, cols: number, n: number, ids: CudaBuffer, vals: CudaBuffer,
            stream?: CudaStream | null): void;
-  /** numSlots = numBlocks * blockSize of the caches. */
+  /**
+   * numSlots = numBlocks * blockSize of the caches. kvDtype (default f32) is the caches' element
+   * type, rounded as kvCacheWrite does; fp8 takes kScales (and vScales with v), host [kvHeads].
+   */
   cudaKvCacheWrite(k: CudaBuffer, v: CudaBuffer | null, t: number, slots: CudaBuffer,
                    kCache: CudaBuffer, vCache: CudaBuffer | null, kvHeads: number, dk: number,
-                   dv: number, vStride: number, numSlots: number, stream?: CudaStream | null): void;
+                   dv: number, vStride: number, numSlots: number, stream?: CudaStream | null,
+                   kvDtype?: 'f32' | 'bf16' | 'fp8', kScales?: Float32Array | null,
+                   vScales?: Float32Array | null): void;
   cudaPagedAttention(q: CudaBuffer, kCache: CudaBuffer, vCache: CudaBuffer, seqInfo: CudaBuffer,
                      blockTables: CudaBuffer, opts: CudaAttentionOptions, out: CudaBuffer,
                      stream?: CudaStream | null): void;

@@ -3,6 +3,7 @@
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 
+import type { ForwardModel } from '../../src/model/forward-batch.js';
 import type { KvDtype } from '../../src/model/kv-dtype.js';
 import { loadModel } from '../../src/model/load.js';
 import { DirectRunner } from './model-runner.js';
@@ -25,9 +26,19 @@ export interface KvFidelity {
 }
 
 export function kvFidelity(dir: string, fast: boolean, kvDtype: KvDtype): KvFidelity {
-  const golden = JSON.parse(readFileSync(path.join(dir, 'golden.json'), 'utf8')) as Golden;
-  const { model, spec } = loadModel(dir, { fast });
+  const { model } = loadModel(dir, { fast });
   try {
+    return kvFidelityOf(model, dir, kvDtype);
+  } finally {
+    model.dispose();
+  }
+}
+
+/** The same for a loaded model (CPU or device) of the fixture in dir. */
+export function kvFidelityOf<C>(model: ForwardModel<C>, dir: string, kvDtype: KvDtype): KvFidelity {
+  const golden = JSON.parse(readFileSync(path.join(dir, 'golden.json'), 'utf8')) as Golden;
+  const spec = model.spec;
+  {
     const V = spec.vocabSize;
     const k = spec.moe.router.topK;
     const r: KvFidelity = { mean: 0, maxConsistent: 0, maxAll: 0, positions: 0, consistent: 0, top1: 0 };
@@ -63,7 +74,5 @@ export function kvFidelity(dir: string, fast: boolean, kvDtype: KvDtype): KvFide
     }
     r.mean /= r.positions;
     return r;
-  } finally {
-    model.dispose();
   }
 }
