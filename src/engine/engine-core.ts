@@ -143,6 +143,7 @@ export class EngineCore {
     return {
       running: this.scheduler.numRunning, waiting: this.scheduler.numWaiting,
       kvBlocksTotal: this.numBlocks, kvBlocksUsed: used, preemptionsTotal: this.scheduler.preemptionsTotal,
+      kvBytesTotal: this.numBlocks * this.kvBytesPerBlock, kvBytesUsed: used * this.kvBytesPerBlock,
     };
   }
 
