@@ -335,3 +335,35 @@ test('KV sizing counts bytes of the cache dtype: the same GiB holds 2x (bf16) an
   assert.equal(resolveKvDtype('fp8', 'f32'), 'fp8');
   assert.throws(() => resolveKvDtype('int4', 'f32'), /--kv-cache-dtype is 'int4', expected auto, f32, bf16 or fp8/);
 });
+
+test('engine core: --kv-cache-gb gives 2x / 4x the f32 blocks in bf16 / fp8, stats count bytes of the type, ' +
+     'and a bf16 / fp8 engine serves greedy requests', async () => {
+  const { EngineCore } = await import('../src/engine/engine-core.js');
+  const { loadModel } = await import('../src/model/load.js');
+  const { packageRoot } = await import('../src/native/index.js');
+  const path = await import('node:path');
+  const loaded = loadModel(path.join(packageRoot(), 'test', 'fixtures', 'qwen3_moe'), { fast: true });
+  try {
+    const [kf, vf] = loaded.model.cacheFloatsPerToken();
+    const f32Bytes = loaded.model.numCaches * 4 * (kf + vf) * 4;
+    const gib = (200 * f32Bytes) / 2 ** 30; // exactly 200 f32 blocks of 4 tokens
+    const blocks: Record<string, number> = {};
+    for (const kvCacheDtype of ['f32', 'bf16', 'fp8'] as const) {
+      const core = new EngineCore(loaded, {
+        kvCacheBlocks: 0, kvCacheGb: gib, kvCacheDtype, blockSize: 4, maxNumSeqs: 4, maxNumBatchedTokens: 64, servedModelName: 't',
+      });
+      blocks[kvCacheDtype] = core.numBlocks;
+      assert.equal(core.kvDtype, kvCacheDtype);
+      assert.equal(core.add({ id: 'a', promptTokenIds: [1, 2, 3, 4, 5, 6], maxTokens: 3, sampling: { temperature: 0, topP: 1, topK: 0, minP: 0, repetitionPenalty: 1, presencePenalty: 0, frequencyPenalty: 0 } } as never), null);
+      const r = core.step()!;
+      const s = core.stats();
+      assert.equal(s.kvBytesTotal, core.numBlocks * f32Bytes / (kvCacheDtype === 'f32' ? 1 : kvCacheDtype === 'bf16' ? 2 : 4));
+      assert.equal(s.kvBytesUsed, s.kvBlocksUsed * s.kvBytesTotal! / s.kvBlocksTotal);
+      assert.ok(s.kvBlocksUsed >= 2, `${kvCacheDtype}: the prompt holds blocks`);
+      assert.ok(r.events.some((e) => e.type === 'tokens'), `${kvCacheDtype}: a token came out`);
+    }
+    assert.deepEqual(blocks, { f32: 200, bf16: 400, fp8: 800 });
+  } finally {
+    loaded.model.dispose();
+  }
+});
