@@ -5,6 +5,7 @@ import { runE2e } from './e2e.js';
 import { runEp } from './ep.js';
 import { runFidelity } from './fidelity.js';
 import { runKernels } from './kernels.js';
+import { runKvAttention } from './kv-attention.js';
 import { runOffloadBench } from './offload.js';
 import { runProbeBench } from './probe-bench.js';
 import { runSelftest } from './selftest.js';
@@ -18,6 +19,7 @@ const BENCHES: Record<string, { run: (argv: string[]) => Promise<void>; about: s
   fidelity: { run: runFidelity, about: 'the device engine on every fixture vs HF goldens and the CPU bf16 engine (logit error, routing agreement), on the emulator of the cuda* ops [--gpu: the real device; --kv: the CPU engine per KV cache dtype]' },
   kernels: { run: runKernels, about: 'CPU MoE kernels vs machine limits and the OpenBLAS loop [--json F] [--plot F.png] [--reps N] [--warmup N] [--tokens 1,8] [--models mixtral-like,qwen3moe-like] [--threads N] [--ctx N] [--hot] [--no-peer] [--device cpu]; GPU: --device cuda[:N] vs torch grouped_mm and a matmul loop [--rows 1,8] [--models mixtral-like,deepseek-like|NAME:H:I:E] [--python PATH] [--matmul-n N] [--copy-mib N]' },
   offload: { run: runOffloadBench, about: 'expert cache: replay hit rates (eam, lru, lfu, Belady) on structured and generation traces, live decode tok/s [--json F] [--plot F.png] [--reps N] [--tokens N] [--link-gbps G] [--link-latency-us U] [--no-live] [--no-replay]' },
+  'kv-attention': { run: runKvAttention, about: 'decode attention over an f32, bf16 and fp8 KV cache (bench models\' attention shape), interleaved, as ratios to f32 [--json F] [--reps N] [--seqs 16,64] [--ctx 160,1024] [--threads N]' },
   probe: { run: runProbeBench, about: 'machine limits (bandwidth, peak FMA) and the OpenBLAS peer at the kernels shapes [--json F] [--reps N] [--threads N]' },
   serve: { run: runServe, about: 'the daemon under 1..32 concurrent streams: tok/s, TTFT and ITL p50/p99 [--json F] [--plot F.png] [--concurrency 1,2,4] [--rounds N] [--max-tokens N] [--prompt-len N]' },
   trace: { run: runTraceBench, about: 'the routing trace writer on the engine thread: append() time per step, async queue vs synchronous appends, on a local file and a slow FIFO [--json F] [--reps N] [--steps N] [--fifo-kbps K]' },
