@@ -6,6 +6,7 @@ import { runEp } from './ep.js';
 import { runFidelity } from './fidelity.js';
 import { runGpuServe } from './gpu-serve.js';
 import { runKernels } from './kernels.js';
+import { runKvAttention } from './kv-attention.js';
 import { runOffloadBench } from './offload.js';
 import { runProbeBench } from './probe-bench.js';
 import { runSamplerBench } from './sampler.js';
@@ -18,10 +19,11 @@ const BENCHES: Record<string, { run: (argv: string[]) => Promise<void>; about: s
   comm: { run: runCommBench, about: 'all2allv over Gloo (2, 3 rank processes) vs the in-process loopback group at one MoE layer\'s dispatch sizes of the bench models [--json F] [--reps N] [--warmup N] [--tokens 1,8,64,512] [--worlds 2,3] [--models a,b]' },
   e2e: { run: runE2e, about: 'whole model (bench checkpoints, bf16): prefill 512, decode b1/b8 vs the bandwidth bound and HF transformers [--json F] [--plot F.png] [--reps N] [--python PATH] [--no-peer] [--models a,b] [--steps N] [--batches 1,8]' },
   ep: { run: runEp, about: 'EPS-MoE pipeline (PN 1, best, planner) and ScMoE overlap over in-process ranks, real and SIMULATED links (25/50/150 GB/s) [--json F] [--plot F.png: step time vs PN, and F-timeline.png: one step of the pipeline per MoE layer] [--reps N] [--warmup N] [--tokens T] [--ranks N] [--chunks 1,2,4] [--link-scale 1,auto] [--no-real] [--no-scmoe]' },
-  fidelity: { run: runFidelity, about: 'the device engine on every fixture vs HF goldens and the CPU bf16 engine (logit error, routing agreement), on the emulator of the cuda* ops [--gpu: the real device]' },
+  fidelity: { run: runFidelity, about: 'the device engine on every fixture vs HF goldens and the CPU bf16 engine (logit error, routing agreement), on the emulator of the cuda* ops [--gpu: the real device; --kv: the CPU engine per KV cache dtype]' },
   'gpu-serve': { run: runGpuServe, about: 'expertd serve --device cuda vs --device cpu through the API on a bench checkpoint: prefill, decode b1/b8 tok/s, greedy agreement [--json F] [--model NAME | --model-dir DIR] [--prompt-len N] [--max-tokens N] [--reps N] [--devices cuda,cpu]' },
   kernels: { run: runKernels, about: 'CPU MoE kernels vs machine limits and the OpenBLAS loop [--json F] [--plot F.png] [--reps N] [--warmup N] [--tokens 1,8] [--models mixtral-like,qwen3moe-like] [--threads N] [--ctx N] [--hot] [--no-peer] [--device cpu]; GPU: --device cuda[:N] vs torch grouped_mm and a matmul loop [--rows 1,8] [--models mixtral-like,deepseek-like|NAME:H:I:E] [--python PATH] [--matmul-n N] [--copy-mib N]' },
   offload: { run: runOffloadBench, about: 'expert cache: replay hit rates (eam, lru, lfu, Belady) on structured and generation traces, live decode tok/s [--json F] [--plot F.png] [--reps N] [--tokens N] [--link-gbps G] [--link-latency-us U] [--no-live] [--no-replay]' },
+  'kv-attention': { run: runKvAttention, about: 'decode attention over an f32, bf16 and fp8 KV cache (bench models\' attention shape), interleaved, as ratios to f32 [--json F] [--reps N] [--seqs 16,64] [--ctx 160,1024] [--threads N]' },
   probe: { run: runProbeBench, about: 'machine limits (bandwidth, peak FMA) and the OpenBLAS peer at the kernels shapes [--json F] [--reps N] [--threads N]' },
   sampler: { run: runSamplerBench, about: 'sampler time per step, JS row by row vs the native batched call, batch 1/16/64, vocab 32K/152K, greedy / top_p / logprobs 5; its share of a batch-64 decode step on the bench models [--json F] [--reps N] [--warmup N] [--batches 1,16,64] [--vocabs 32000,152064] [--models a,b] [--steps N] [--share-modes top_p,greedy,logprobs5] [--threads N] [--no-share]' },
   quant: { run: runQuantBench, about: 'quantized experts (--quantize int8, fp8, int4 beside bf16) on the bench checkpoints: prefill, decode b1/b8 vs each format\'s read bound, experts held [--json F] [--reps N] [--models a,b] [--formats bf16,int8,fp8,int4,int4-g128] [--prefill N] [--steps N] [--batches 1,8]' },

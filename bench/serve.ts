@@ -1,6 +1,7 @@
 // `npm run bench -- serve`: the real daemon (a child process on 127.0.0.1, Mixtral-like bench model,
 // bf16) under a bounded closed-loop load of streaming completions at rising concurrency: output
 // tokens/s, TTFT and inter-token latency percentiles, against the same daemon's single stream.
+// --kv-cache-dtype f32,bf16,fp8 runs one daemon per KV cache dtype (KV blocks from its load line).
 // `serve --shared-prefix` runs the prefix-caching workload instead (serve-prefix.ts).
 import { spawn, type ChildProcess } from 'node:child_process';
 import os from 'node:os';
@@ -15,7 +16,11 @@ import { writePlot } from '../src/plot/render.js';
 import { fmt, markdownTable, parseIntList, parsePositiveInt, percentile, runInfo, writeJson, type Cell } from './harness.js';
 import { runSharedPrefix } from './serve-prefix.js';
 
-export interface Daemon { proc: ChildProcess; base: string; exit: Promise<number | null>; logTail: string[] }
+export interface Daemon {
+  proc: ChildProcess; base: string; exit: Promise<number | null>; logTail: string[];
+  /** From the load summary ("KV cache N blocks x B tokens DTYPE"); null until it is logged. */
+  kvBlocks: () => number | null;
+}
 
 export async function startDaemon(modelDir: string, extra: string[]): Promise<Daemon> {
   const bin = path.join(packageRoot(), 'bin', 'expertd.js');
@@ -27,12 +32,17 @@ export async function startDaemon(modelDir: string, extra: string[]): Promise<Da
     if (logTail.length > 50) logTail.shift();
   };
   const exit = new Promise<number | null>((resolve) => proc.on('exit', (code) => resolve(code)));
+  let kvBlocks: number | null = null;
   const base = await new Promise<string>((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`daemon did not start in 10 min:\n${logTail.join('')}`)), 600_000);
     let found = false;
     // NOTE: 'listening on' is an info line; later per-request lines are read and dropped (the
     // pipe must keep draining or the daemon would block on a full stdout).
     proc.stdout!.on('data', (d: Buffer) => {
+      if (kvBlocks === null) {
+        const kv = /KV cache (\d+) blocks/.exec(d.toString());
+        if (kv) kvBlocks = Number(kv[1]);
+      }
       if (found) return;
       keep(d);
       const m = /listening on (http:\/\/[0-9.:]+)/.exec(d.toString());
@@ -41,7 +51,7 @@ export async function startDaemon(modelDir: string, extra: string[]): Promise<Da
     proc.stderr!.on('data', keep);
     proc.on('exit', (code) => { clearTimeout(timer); reject(new Error(`daemon exited (${code}):\n${logTail.join('')}`)); });
   });
-  return { proc, base, exit, logTail };
+  return { proc, base, exit, logTail, kvBlocks: () => kvBlocks };
 }
 
 /** `/health` answers 200 once the model is loaded (503 while loading). */
@@ -132,6 +142,9 @@ export function promptIds(seed: number, n: number): number[] {
 interface Level {
   /** Rank processes behind the front (--nproc-per-node; 1 = the engine in the daemon's process). */
   ranks: number;
+  /** --kv-cache-dtype of the daemon ('auto' when not given) and the KV blocks it allocated. */
+  kvDtype?: string;
+  kvBlocks?: number | null;
   concurrency: number;
   requests: number;
   failed: number;
@@ -179,6 +192,7 @@ export async function runServe(argv: string[]): Promise<void> {
       concurrency: { type: 'string' }, 'prompt-len': { type: 'string' }, 'max-tokens': { type: 'string' },
       rounds: { type: 'string' }, threads: { type: 'string' }, 'max-num-batched-tokens': { type: 'string' },
       'nproc-per-node': { type: 'string' }, 'dist-moe': { type: 'string' },
+      'kv-cache-dtype': { type: 'string' }, 'kv-cache-gb': { type: 'string' },
     },
     strict: true,
   });
@@ -194,12 +208,19 @@ export async function runServe(argv: string[]): Promise<void> {
   const dir = ensureBenchModel(name, (s) => console.error(s));
   const flags = ['--compute-dtype', 'bf16', '--max-num-seqs', String(maxNumSeqs), '--threads', String(threads),
     '--max-num-batched-tokens', String(batched), ...(values['dist-moe'] ? ['--dist-moe', values['dist-moe']] : [])];
-  // Rank processes: every count gets its own daemon and the same load (1 = the plain daemon).
+  if (values['kv-cache-gb']) flags.push('--kv-cache-gb', values['kv-cache-gb']);
+  // Rank processes: every count gets its own daemon and the same load (1 = the plain daemon); so does
+  // every KV cache dtype ('' = the daemon's auto).
   const rankCounts = values['nproc-per-node'] ? parseIntList('nproc-per-node', values['nproc-per-node']) : [1];
+  const kvDtypes = values['kv-cache-dtype'] ? values['kv-cache-dtype'].split(',') : [''];
+  for (const k of kvDtypes) {
+    if (!['', 'auto', 'f32', 'bf16', 'fp8'].includes(k)) throw new RangeError(`--kv-cache-dtype lists '${k}', expected auto, f32, bf16 or fp8`);
+  }
   const info = runInfo();
   const results: Level[] = [];
-  for (const ranks of rankCounts) {
-    const rankFlags = ranks > 1 ? [...flags, '--nproc-per-node', String(ranks)] : flags;
+  for (const ranks of rankCounts) for (const kv of kvDtypes) {
+    const rankFlags = [...(ranks > 1 ? [...flags, '--nproc-per-node', String(ranks)] : flags),
+      ...(kv ? ['--kv-cache-dtype', kv] : [])];
     console.error(`# starting expertd serve --model ${dir} ${rankFlags.join(' ')}`);
     const t0 = performance.now();
     const d = await startDaemon(dir, rankFlags);
@@ -211,6 +232,8 @@ export async function runServe(argv: string[]): Promise<void> {
       if (!warm.ok) throw new Error(`warm-up request failed: ${warm.error}`);
       for (const c of levels) {
         const lv = await runLevel(d.base, model, ranks, c, rounds, promptLen, maxTokens);
+        lv.kvDtype = kv || 'auto';
+        lv.kvBlocks = d.kvBlocks();
         console.error(`# ${ranks} rank(s), concurrency ${c}: ${fmt(lv.outputTokPerS)} tok/s, TTFT p50 ${fmt(lv.ttftP50Ms)} ms, ` +
           `ITL p50/p99 ${fmt(lv.itlP50Ms)}/${fmt(lv.itlP99Ms)} ms, ${lv.failed} failed, load avg ${lv.loadAverage.map((v) => v.toFixed(1)).join(' ')}`);
         results.push(lv);
@@ -224,14 +247,18 @@ export async function runServe(argv: string[]): Promise<void> {
   }
 
   // Ratios: against the same daemon's single stream, and against one rank at the same concurrency.
-  const single = results.find((r) => r.concurrency === 1 && r.ranks === rankCounts[0]);
-  const singleOf = (ranks: number) => results.find((r) => r.concurrency === 1 && r.ranks === ranks);
-  const oneRank = (c: number) => results.find((r) => r.concurrency === c && r.ranks === 1);
+  const kv0 = kvDtypes[0] || 'auto';
+  const single = results.find((r) => r.concurrency === 1 && r.ranks === rankCounts[0] && r.kvDtype === kv0);
+  const singleOf = (ranks: number, kv: string) => results.find((r) => r.concurrency === 1 && r.ranks === ranks && r.kvDtype === kv);
+  const oneRank = (c: number, kv: string) => results.find((r) => r.concurrency === c && r.ranks === 1 && r.kvDtype === kv);
+  const firstKv = (c: number, ranks: number) => results.find((r) => r.concurrency === c && r.ranks === ranks && r.kvDtype === kv0);
   const rows: Cell[][] = results.map((r) => {
-    const s1 = singleOf(r.ranks), r1 = oneRank(r.concurrency);
+    const s1 = singleOf(r.ranks, r.kvDtype!), r1 = oneRank(r.concurrency, r.kvDtype!), k1 = firstKv(r.concurrency, r.ranks);
     return [
-      r.ranks, r.concurrency, r.requests, r.failed, r.outputTokPerS, s1 ? `${fmt(r.outputTokPerS / s1.outputTokPerS)}x` : '-',
+      r.ranks, r.kvDtype!, r.kvBlocks ?? '-', r.concurrency, r.requests, r.failed, r.outputTokPerS,
+      s1 ? `${fmt(r.outputTokPerS / s1.outputTokPerS)}x` : '-',
       r1 ? `${fmt(r.outputTokPerS / r1.outputTokPerS)}x` : '-',
+      k1 ? `${fmt(r.outputTokPerS / k1.outputTokPerS)}x` : '-',
       r.ttftP50Ms, r.ttftP99Ms, r.itlP50Ms, r.itlP99Ms, s1 ? `${fmt(r.itlP99Ms / s1.itlP99Ms)}x` : '-',
       r.loadAverage[0]!.toFixed(1),
     ];
@@ -241,11 +268,20 @@ export async function runServe(argv: string[]): Promise<void> {
     `closed loop: c clients x ${rounds} requests each; daemon flags: ${flags.join(' ')}. Load average at start ` +
     `${info.loadAverage instanceof Array ? (info.loadAverage as number[]).map((v) => v.toFixed(1)).join(' ') : ''}.\n`);
   console.log(markdownTable(
-    ['ranks', 'concurrency', 'requests', 'failed', 'output tok/s', 'vs c=1', 'vs 1 rank', 'TTFT p50 ms', 'TTFT p99 ms', 'ITL p50 ms', 'ITL p99 ms',
-      'ITL p99 vs c=1', 'load 1m'],
+    ['ranks', 'KV', 'KV blocks', 'concurrency', 'requests', 'failed', 'output tok/s', 'vs c=1', 'vs 1 rank', `vs KV ${kv0}`,
+      'TTFT p50 ms', 'TTFT p99 ms', 'ITL p50 ms', 'ITL p99 ms', 'ITL p99 vs c=1', 'load 1m'],
     rows));
   for (const r of results) if (r.errors.length) console.log(`\n${r.ranks} rank(s), concurrency ${r.concurrency} errors: ${r.errors.join('; ')}`);
-  const c16 = results.find((r) => r.concurrency === 16 && r.ranks === rankCounts[0]);
+  if (kvDtypes.length > 1) {
+    console.log(`\nKV cache dtype (vs ${kv0}, same concurrency):\n`);
+    for (const r of results) {
+      const k1 = firstKv(r.concurrency, r.ranks);
+      if (!k1 || r.kvDtype === kv0 || r.concurrency < 16) continue;
+      const cap = r.kvBlocks && k1.kvBlocks ? `${fmt(r.kvBlocks / k1.kvBlocks)}x KV blocks` : 'KV blocks not logged';
+      console.log(`- ${r.kvDtype} at ${r.concurrency} streams: ${fmt(r.outputTokPerS / k1.outputTokPerS)}x aggregate decode, ${cap}`);
+    }
+  }
+  const c16 = results.find((r) => r.concurrency === 16 && r.ranks === rankCounts[0] && r.kvDtype === kv0);
   console.log('\nTargets:\n');
   if (single && c16) {
     const tp = c16.outputTokPerS / single.outputTokPerS;

@@ -8,6 +8,7 @@ import { describe, test } from 'node:test';
 
 import { loadModel } from '../src/model/load.js';
 import { packageRoot } from '../src/native/index.js';
+import { kvFidelity } from './helpers/kv-fidelity.js';
 import { DirectRunner, aloneAndBatched } from './helpers/model-runner.js';
 
 interface GoldenCase { prompt_ids: number[]; logits: number[][]; greedy: number[]; router: number[][][] }
@@ -27,6 +28,13 @@ const F32_LOGIT_TOL = 1e-3;
 // cost of bf16 activations, not a bug. So: routing-consistent positions <= 5%, mean <= 2%.
 const BF16_REL_TOL = 0.05;
 const BF16_MEAN_REL_TOL = 0.02;
+// fp8 e4m3 KV cache (3 mantissa bits: up to 2^-4 relative error per stored K/V element, 16x bf16's),
+// with the fast mode. Measured over the seven fixtures (kvFidelity, `npm run bench -- fidelity --kv`):
+// mean 3.6-9.7% of the logits' range, routing-consistent positions up to 10.3%; on these random tiny
+// checkpoints one K/V rounding flips routing near-ties in most positions. So: mean <= 12%, routing-
+// consistent positions <= 13%. The bound is fp8's, recorded in bench/RESULTS.md.
+const FP8_MEAN_REL_TOL = 0.12;
+const FP8_REL_TOL = 0.13;
 
 function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
   let m = 0;
@@ -87,6 +95,33 @@ for (const name of fixtures) {
           assert.deepEqual(prefill, alone[i]![0], `prefill logits of sequence ${i}`);
           assert.deepEqual(decode, alone[i]![1], `decode logits of sequence ${i}`);
         });
+      } finally {
+        model.dispose();
+      }
+    });
+
+    test('bf16 KV cache (the fast mode\'s auto) stays within the bf16 mode\'s tolerance of the f32 goldens', () => {
+      const r = kvFidelity(dir, true, 'bf16');
+      assert.ok(r.maxConsistent <= BF16_REL_TOL, `bf16 KV: routing-consistent logits off by ${(r.maxConsistent * 100).toFixed(2)}%`);
+      assert.ok(r.mean <= BF16_MEAN_REL_TOL, `bf16 KV: logits off by ${(r.mean * 100).toFixed(2)}% of their range on average`);
+    });
+
+    test('fp8 KV cache stays within its measured tolerance of the f32 goldens', () => {
+      const r = kvFidelity(dir, true, 'fp8');
+      assert.ok(r.maxConsistent <= FP8_REL_TOL, `fp8 KV: routing-consistent logits off by ${(r.maxConsistent * 100).toFixed(2)}%`);
+      assert.ok(r.mean <= FP8_MEAN_REL_TOL, `fp8 KV: logits off by ${(r.mean * 100).toFixed(2)}% of their range on average`);
+    });
+
+    test('bf16 and fp8 KV caches: batched sequences equal each one alone, bit for bit', () => {
+      const { model } = loadModel(dir, { fast: true });
+      try {
+        for (const kv of ['bf16', 'fp8'] as const) {
+          const { alone, batched } = aloneAndBatched(model, golden.cases.map((c) => c.prompt_ids), kv);
+          batched.forEach(([prefill, decode], i) => {
+            assert.deepEqual(prefill, alone[i]![0], `${kv}: prefill logits of sequence ${i}`);
+            assert.deepEqual(decode, alone[i]![1], `${kv}: decode logits of sequence ${i}`);
+          });
+        }
       } finally {
         model.dispose();
       }

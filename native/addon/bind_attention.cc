@@ -34,6 +34,55 @@ int64_t opt_int(Napi::Env env, const Napi::Object& opts, const char* key, int64_
 
 std::string s(int64_t v) { return std::to_string(v); }
 
+// A KV cache array: its element type is the array's (Float32Array f32, Uint16Array bf16,
+// Uint8Array fp8 e4m3).
+struct CacheArray {
+  void* data = nullptr;
+  size_t length = 0;  // elements
+  KvDtype dtype = KvDtype::F32;
+};
+
+CacheArray get_cache(const Napi::CallbackInfo& info, size_t i, const char* name) {
+  Napi::Env env = info.Env();
+  Napi::Value v = info[i];
+  if (v.IsTypedArray()) {
+    auto ta = v.As<Napi::TypedArray>();
+    switch (ta.TypedArrayType()) {
+      case napi_float32_array: {
+        auto a = get_array<float>(info, i, name, 0);
+        return {a.data, a.length, KvDtype::F32};
+      }
+      case napi_uint16_array: {
+        auto a = get_array<uint16_t>(info, i, name, 0);
+        return {a.data, a.length, KvDtype::BF16};
+      }
+      case napi_uint8_array: {
+        auto a = get_array<uint8_t>(info, i, name, 0);
+        return {a.data, a.length, KvDtype::FP8};
+      }
+      default:
+        break;
+    }
+  }
+  throw_type(env, std::string(name) +
+                      " must be a Float32Array (f32), Uint16Array (bf16) or Uint8Array (fp8 e4m3)");
+}
+
+// Per kv head fp8 scales: finite and positive (a zero scale would divide by zero on write).
+const float* get_scales(Napi::Env env, const Napi::Value& v, const std::string& name, int kv_heads) {
+  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array)
+    throw_type(env, name + " must be a Float32Array [kvHeads] for an fp8 (Uint8Array) cache");
+  auto a = v.As<Napi::Float32Array>();
+  if (a.ElementLength() < static_cast<size_t>(kv_heads))
+    throw_range(env, name + ".length is " + s(static_cast<int64_t>(a.ElementLength())) +
+                         ", expected at least kvHeads = " + s(kv_heads));
+  for (int h = 0; h < kv_heads; ++h)
+    if (!(std::isfinite(a[h]) && a[h] > 0.0f))
+      throw_range(env, name + "[" + s(h) + "] is " + std::to_string(a[h]) +
+                           ", expected a finite number > 0");
+  return a.Data();
+}
+
 Napi::Value paged_attention_js(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   expect_args(info, 7, "pagedAttention");
@@ -71,11 +120,22 @@ Napi::Value paged_attention_js(const Napi::CallbackInfo& info) {
                          s(head_floats));
 
   Span<float> q = get_array<float>(info, 0, "q", 0);
-  Span<float> k_cache = get_array<float>(info, 1, "kCache", 0);
+  const CacheArray k_cache = get_cache(info, 1, "kCache");
   const int64_t block_floats_k = int64_t{p.block_size} * p.kv_heads * p.dk;
   const int64_t num_blocks = static_cast<int64_t>(k_cache.length) / block_floats_k;
-  Span<float> v_cache = get_array<float>(info, 2, "vCache",
-                                         num_blocks * p.block_size * p.kv_heads * p.v_stride);
+  const CacheArray v_cache = get_cache(info, 2, "vCache");
+  if (v_cache.dtype != k_cache.dtype)
+    throw_type(env, std::string("vCache holds ") + kv_dtype_name(v_cache.dtype) + ", expected " +
+                        kv_dtype_name(k_cache.dtype) + " like kCache");
+  const int64_t v_need = num_blocks * p.block_size * p.kv_heads * p.v_stride;
+  if (static_cast<int64_t>(v_cache.length) < v_need)
+    throw_range(env, "vCache.length is " + s(static_cast<int64_t>(v_cache.length)) +
+                         ", expected at least " + s(v_need));
+  p.kv_dtype = k_cache.dtype;
+  if (p.kv_dtype == KvDtype::FP8) {
+    p.k_scales = get_scales(env, opts.Get("kScales"), "opts.kScales", p.kv_heads);
+    p.v_scales = get_scales(env, opts.Get("vScales"), "opts.vScales", p.kv_heads);
+  }
   Span<int32_t> seq_info = get_array<int32_t>(info, 3, "seqInfo", size_t(p.num_seqs) * 3);
   Span<int32_t> tables =
       get_array<int32_t>(info, 4, "blockTables", size_t(p.num_seqs) * size_t(p.max_blocks));
@@ -120,6 +180,7 @@ Napi::Value paged_attention_js(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// kvCacheWrite(k, v, t, slots, kCache, vCache, kvHeads, dk, dv, vStride, kScales?, vScales?)
 Napi::Value kv_cache_write_js(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   expect_args(info, 10, "kvCacheWrite");
@@ -134,19 +195,29 @@ Napi::Value kv_cache_write_js(const Napi::CallbackInfo& info) {
   Span<float> v{};
   if (!is_nullish(info[1])) v = get_array<float>(info, 1, "v", size_t(t * kv_heads * dv));
   Span<int32_t> slots = get_array<int32_t>(info, 3, "slots", size_t(t));
-  Span<float> k_cache = get_array<float>(info, 4, "kCache", 0);
+  const CacheArray k_cache = get_cache(info, 4, "kCache");
   int64_t num_slots = static_cast<int64_t>(k_cache.length) / (kv_heads * dk);
   const char* limit = "kCache";
-  Span<float> v_cache{};
+  CacheArray v_cache{};
   if (v.data != nullptr) {
-    if (is_nullish(info[5])) throw_type(env, "vCache must be a Float32Array when v is given");
-    v_cache = get_array<float>(info, 5, "vCache", 0);
+    if (is_nullish(info[5])) throw_type(env, "vCache must be given when v is given");
+    v_cache = get_cache(info, 5, "vCache");
+    if (v_cache.dtype != k_cache.dtype)
+      throw_type(env, std::string("vCache holds ") + kv_dtype_name(v_cache.dtype) + ", expected " +
+                          kv_dtype_name(k_cache.dtype) + " like kCache");
     if (v_stride == 0) throw_range(env, "vStride is 0, expected at least 1 when v is given");
     const int64_t v_slots = static_cast<int64_t>(v_cache.length) / (kv_heads * v_stride);
     if (v_slots < num_slots) {
       num_slots = v_slots;
       limit = "vCache";
     }
+  }
+  const float* k_scales = nullptr;
+  const float* v_scales = nullptr;
+  if (k_cache.dtype == KvDtype::FP8) {
+    k_scales = get_scales(env, info.Length() > 10 ? info[10] : env.Undefined(), "kScales", static_cast<int>(kv_heads));
+    if (v.data != nullptr)
+      v_scales = get_scales(env, info.Length() > 11 ? info[11] : env.Undefined(), "vScales", static_cast<int>(kv_heads));
   }
   for (int64_t i = 0; i < t; ++i)
     if (slots.data[i] >= num_slots)
@@ -155,7 +226,7 @@ Napi::Value kv_cache_write_js(const Napi::CallbackInfo& info) {
   guard(env, [&] {
     kv_cache_write(k.data, v.data, static_cast<int>(t), slots.data, k_cache.data, v_cache.data,
                    static_cast<int>(kv_heads), static_cast<int>(dk), static_cast<int>(dv),
-                   static_cast<int>(v_stride));
+                   static_cast<int>(v_stride), k_cache.dtype, k_scales, v_scales);
   });
   return env.Undefined();
 }

@@ -1,5 +1,5 @@
-// Attention over the paged KV cache (prefill and decode, GQA, sliding window, MLA dims), and the
-// KV cache write. Flash-style online softmax in f32 on the thread pool, AVX-512 where present:
+// Attention over the paged KV cache (prefill and decode, GQA, sliding window, MLA dims; an f32,
+// bf16 or fp8 e4m3 cache), and the KV cache write. Flash-style online softmax in f32 on the thread pool, AVX-512 where present:
 // each 16-key block is a small register-blocked GEMM (scores, then P.V) over the tile's rows.
 #include <algorithm>
 #include <cmath>
@@ -48,8 +48,8 @@ struct Tile {
 
 struct Ctx {
   const float* q;
-  const float* k_cache;
-  const float* v_cache;
+  const void* k_cache;  // p->kv_dtype elements
+  const void* v_cache;
   const AttentionParams* p;
   float* out;
   int group;   // query heads per kv head
@@ -69,14 +69,100 @@ inline size_t cache_row(const Tile& t, const AttentionParams& p, int j) {
   return (blk * p.block_size + static_cast<size_t>(j % p.block_size)) * p.kv_heads + t.kvh;
 }
 
-// K and V rows of keys [lo, hi] of the key block starting at kb0: kp[j - kb0], vp[j - kb0].
+// Widens n cache elements of type `dt` to f32 (times `scale` for fp8): the dequantised values,
+// the same bits as fp8_e4m3_to_f32(x) * scale / bf16_to_f32(x) (so an fp8 or bf16 cache gives the
+// results of an f32 cache holding these values). NOTE: the fp8 NaN code 0x7f never occurs (writes
+// saturate); the vector path would read it as 480 * scale.
+void dequant_row_portable(const void* src, KvDtype dt, float scale, int n, float* dst) {
+  if (dt == KvDtype::BF16) {
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    for (int d = 0; d < n; ++d) dst[d] = bf16_to_f32(s[d]);
+  } else {
+    const uint8_t* s = static_cast<const uint8_t*>(src);
+    for (int d = 0; d < n; ++d) dst[d] = fp8_e4m3_to_f32(s[d]) * scale;
+  }
+}
+
+#if defined(__x86_64__)
+// GCC 12's false positive on its own AVX-512 intrinsics (see the kernels below).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void dequant_row_avx512(
+    const void* src, KvDtype dt, float scale, int n, float* dst) {
+  int d = 0;
+  if (dt == KvDtype::BF16) {
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    for (; d < n; d += 16) {
+      const __mmask16 m = n - d >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - d)) - 1u);
+      const __m256i h = _mm256_maskz_loadu_epi16(m, s + d);
+      const __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+      _mm512_mask_storeu_ps(dst + d, m, _mm512_castsi512_ps(w));
+    }
+    return;
+  }
+  // e4m3 -> f16 bits (sign << 8, the rest << 7: both formats' subnormals line up) -> f32, then
+  // x 2^8 (the bias difference) x scale in one exact-then-rounded multiply.
+  const uint8_t* s = static_cast<const uint8_t*>(src);
+  const __m512 mul = _mm512_set1_ps(256.0f * scale);
+  for (; d < n; d += 16) {
+    const __mmask16 m = n - d >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - d)) - 1u);
+    const __m256i b = _mm256_cvtepu8_epi16(_mm_maskz_loadu_epi8(m, s + d));
+    const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8),
+                                      _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7f)), 7));
+    _mm512_mask_storeu_ps(dst + d, m, _mm512_mul_ps(_mm512_cvtph_ps(h), mul));
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
+using DequantRow = void (*)(const void*, KvDtype, float, int, float*);
+DequantRow pick_dequant() {
+#if defined(__x86_64__)
+  if (cpu_features().kernel_avx512) return dequant_row_avx512;
+#endif
+  return dequant_row_portable;
+}
+
+// K and V rows of keys [lo, hi] of the key block starting at kb0: kp[j - kb0], vp[j - kb0]. An f32
+// cache is read in place; a bf16 / fp8 one is widened into a per-thread buffer (the key block stays
+// in L1), the K rows once per tile and block, shared by every query row of the tile.
 inline void key_block_rows(const Ctx& c, const Tile& t, int kb0, int lo, int hi, const float** kp,
                            const float** vp) {
   const AttentionParams& p = *c.p;
+  if (p.kv_dtype == KvDtype::F32) {
+    const float* kc = static_cast<const float*>(c.k_cache);
+    const float* vc = static_cast<const float*>(c.v_cache);
+    for (int j = lo; j <= hi; ++j) {
+      const size_t row = cache_row(t, p, j);
+      kp[j - kb0] = kc + row * p.dk;
+      vp[j - kb0] = vc + row * p.v_stride + p.v_offset;
+    }
+    return;
+  }
+  // MLA: values are a slice of the key row (one array, one scale).
+  const bool shared = c.k_cache == c.v_cache && p.v_stride == p.dk;
+  const size_t es = kv_dtype_size(p.kv_dtype);
+  const int kw = (p.dk + 15) / 16 * 16, vw = shared ? 0 : (p.dv + 15) / 16 * 16;
+  thread_local std::vector<float> tl_rows;
+  const size_t need = static_cast<size_t>(kKeyBlock) * (kw + vw);
+  if (tl_rows.size() < need) tl_rows.resize(need);
+  const float ks = p.kv_dtype == KvDtype::FP8 ? p.k_scales[t.kvh] : 1.0f;
+  const float vs = p.kv_dtype == KvDtype::FP8 ? p.v_scales[t.kvh] : 1.0f;
+  const DequantRow dq = pick_dequant();
+  const uint8_t* kc = static_cast<const uint8_t*>(c.k_cache);
+  const uint8_t* vc = static_cast<const uint8_t*>(c.v_cache);
   for (int j = lo; j <= hi; ++j) {
     const size_t row = cache_row(t, p, j);
-    kp[j - kb0] = c.k_cache + row * p.dk;
-    vp[j - kb0] = c.v_cache + row * p.v_stride + p.v_offset;
+    float* kr = tl_rows.data() + static_cast<size_t>(j - kb0) * kw;
+    dq(kc + row * p.dk * es, p.kv_dtype, ks, p.dk, kr);
+    kp[j - kb0] = kr;
+    if (shared) {
+      vp[j - kb0] = kr + p.v_offset;
+    } else {
+      float* vr = tl_rows.data() + static_cast<size_t>(kKeyBlock) * kw + static_cast<size_t>(j - kb0) * vw;
+      dq(vc + (row * p.v_stride + p.v_offset) * es, p.kv_dtype, vs, p.dv, vr);
+      vp[j - kb0] = vr;
+    }
   }
 }
 
@@ -455,7 +541,7 @@ struct ThreadScratch {
 
 }  // namespace
 
-void paged_attention(const float* q, const float* k_cache, const float* v_cache,
+void paged_attention(const float* q, const void* k_cache, const void* v_cache,
                      const int32_t* seq_info, const int32_t* block_tables,
                      const AttentionParams& p, float* out) {
   // NOTE: the pool's tasks must reach the caller's scratch through this reference; naming a
@@ -571,10 +657,34 @@ void paged_attention(const float* q, const float* k_cache, const float* v_cache,
   });
 }
 
+namespace {
+
+// n f32 values -> cache elements of type dt (fp8: x / scale, saturated).
+void store_row(const float* src, int n, KvDtype dt, float scale, void* dst) {
+  if (dt == KvDtype::F32) {
+    std::memcpy(dst, src, sizeof(float) * n);
+  } else if (dt == KvDtype::BF16) {
+    uint16_t* d = static_cast<uint16_t*>(dst);
+    for (int i = 0; i < n; ++i) d[i] = f32_to_bf16(src[i]);
+  } else {
+    // NOTE: divide, not multiply by 1 / scale: the stored byte is e4m3(x / scale) exactly as the
+    // references compute it.
+    uint8_t* d = static_cast<uint8_t*>(dst);
+    for (int i = 0; i < n; ++i) d[i] = f32_to_fp8_e4m3(src[i] / scale);
+  }
+}
+
+}  // namespace
+
 void kv_cache_write(const float* k, const float* v, int tokens, const int32_t* slots,
-                    float* k_cache, float* v_cache, int kv_heads, int dk, int dv, int v_stride) {
+                    void* k_cache, void* v_cache, int kv_heads, int dk, int dv, int v_stride,
+                    KvDtype dtype, const float* k_scales, const float* v_scales) {
   // NOTE: duplicate slots in one call are a caller bug (the chunks below run concurrently).
   constexpr int kChunk = 64;
+  const size_t es = kv_dtype_size(dtype);
+  uint8_t* kc = static_cast<uint8_t*>(k_cache);
+  uint8_t* vc = static_cast<uint8_t*>(v_cache);
+  const bool fp8 = dtype == KvDtype::FP8;
   const size_t n_chunks = static_cast<size_t>((tokens + kChunk - 1) / kChunk);
   ThreadPool::instance().parallel_for(n_chunks, [&](size_t chunk, size_t) {
     const int t_end = std::min(tokens, static_cast<int>(chunk + 1) * kChunk);
@@ -582,12 +692,13 @@ void kv_cache_write(const float* k, const float* v, int tokens, const int32_t* s
       const int32_t slot = slots[t];
       if (slot < 0) continue;
       const size_t row = static_cast<size_t>(slot) * kv_heads;
-      std::memcpy(k_cache + row * dk, k + static_cast<size_t>(t) * kv_heads * dk,
-                  sizeof(float) * kv_heads * dk);
+      for (int h = 0; h < kv_heads; ++h)
+        store_row(k + (static_cast<size_t>(t) * kv_heads + h) * dk, dk, dtype,
+                  fp8 ? k_scales[h] : 1.0f, kc + (row + h) * dk * es);
       if (v == nullptr) continue;
       for (int h = 0; h < kv_heads; ++h)
-        std::memcpy(v_cache + (row + h) * v_stride,
-                    v + (static_cast<size_t>(t) * kv_heads + h) * dv, sizeof(float) * dv);
+        store_row(v + (static_cast<size_t>(t) * kv_heads + h) * dv, dv, dtype,
+                  fp8 ? v_scales[h] : 1.0f, vc + (row + h) * v_stride * es);
     }
   });
 }

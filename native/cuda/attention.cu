@@ -1,5 +1,6 @@
-// Paged attention on the device (f32 cache, layouts and semantics of ops.h): causal, GQA, sliding
-// window, MLA dims with V read from the K cache. Flash-style online softmax over 32-key chunks
+// Paged attention on the device (f32, bf16 or fp8 e4m3 cache with static per-kv-head scales; layouts
+// and semantics of ops.h): causal, GQA, sliding window, MLA dims with V read from the K cache. Keys
+// and values are widened to f32 as they are staged in shared memory. Flash-style online softmax over 32-key chunks
 // staged in shared memory; split-K over absolute key ranges (flash-decoding) when the query
 // tiles alone cannot fill the GPU, folded by a second kernel. Also the KV cache write.
 #include <algorithm>
@@ -15,10 +16,56 @@ constexpr int kRows = 8;       // (token, head) rows per CTA: 4 warps x 2 rows
 constexpr int kKeys = 32;      // keys per shared-memory chunk (one per lane)
 constexpr int kThreads = 128;
 
+// The stored element types: f32, bf16 bits, fp8 e4m3fn bits. A value reads as the CPU kernels'
+// dequantisation (dtype.h): bf16 widened, e4m3 x scale rounded once to f32.
+__device__ __forceinline__ float kv_load(const float* p, size_t i, float) { return p[i]; }
+__device__ __forceinline__ float kv_load(const uint16_t* p, size_t i, float) {
+  return __uint_as_float(static_cast<uint32_t>(p[i]) << 16);
+}
+__device__ __forceinline__ float kv_load(const uint8_t* p, size_t i, float scale) {
+  const uint32_t b = p[i], e = (b >> 3) & 15u, m = b & 7u;
+  const float mag = e == 0 ? static_cast<float>(m) * (1.0f / 512.0f) : __uint_as_float(((e + 120u) << 23) | (m << 20));
+  return __fmul_rn((b & 0x80u) ? -mag : mag, scale);
+}
+
+// f32 -> stored element: the same rounding as dtype.h's f32_to_bf16 and f32_to_fp8_e4m3 (nearest
+// even; e4m3 of x / scale, saturated to +-448).
+__device__ __forceinline__ void kv_store(float* p, size_t i, float x, float) { p[i] = x; }
+__device__ __forceinline__ void kv_store(uint16_t* p, size_t i, float x, float) {
+  uint32_t u = __float_as_uint(x);
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    p[i] = static_cast<uint16_t>((u >> 16) | 0x40);
+    return;
+  }
+  u += 0x7fffu + ((u >> 16) & 1u);
+  p[i] = static_cast<uint16_t>(u >> 16);
+}
+__device__ __forceinline__ void kv_store(uint8_t* p, size_t i, float x, float scale) {
+  const uint32_t u = __float_as_uint(__fdiv_rn(x, scale));
+  const uint32_t sign = (u >> 24) & 0x80u, absu = u & 0x7fffffffu;
+  uint32_t h;
+  if (absu > 0x7f800000u) {
+    h = 0x7fu;
+  } else if (absu >= 0x43e00000u) {
+    h = 0x7eu;
+  } else if (absu < 0x3c800000u) {
+    const float scaled = __uint_as_float(absu) * 512.0f;
+    h = static_cast<uint32_t>(scaled);
+    const float rem = scaled - static_cast<float>(h);
+    if (rem > 0.5f || (rem == 0.5f && (h & 1u))) ++h;
+  } else {
+    h = ((((absu >> 23) - 127u + 7u) << 3)) | ((absu >> 20) & 7u);
+    const uint32_t rest = absu & 0xfffffu;
+    if (rest > 0x80000u || (rest == 0x80000u && (h & 1u))) ++h;
+    if (h > 0x7eu) h = 0x7eu;
+  }
+  p[i] = static_cast<uint8_t>(sign | h);
+}
+
 struct AttnArgs {
   const float* q;
-  const float* k_cache;
-  const float* v_cache;
+  const void* k_cache;  // CacheT elements
+  const void* v_cache;
   const int32_t* seq_info;      // [num_seqs, 3] (q_start, q_len, ctx_len)
   const int32_t* block_tables;  // [num_seqs, max_blocks]
   float* out;                   // [T, heads, dv]
@@ -33,6 +80,7 @@ struct AttnArgs {
   int seg;      // keys per split (multiple of kKeys)
   int share_kv; // V is read from the K chunk (MLA)
   int key_cap;  // keys at positions >= key_cap are never read: min(max_context, max_blocks * block_size)
+  KvScales scales;  // fp8: per kv head (by value: no device buffer to keep alive)
 };
 
 struct TileRows {
@@ -98,7 +146,7 @@ __device__ RowInfo row_info(const AttnArgs& a, const TileRows& tr, int r) {
   return ri;
 }
 
-template <int NACC>  // dv <= 32 * NACC
+template <int NACC, typename CacheT>  // dv <= 32 * NACC
 __global__ void __launch_bounds__(kThreads) paged_attention_kernel(const AttnArgs a) {
   extern __shared__ float sm[];
   const int dk = a.dk, dv = a.dv, ldk = dk + 1;  // +1: lane j reads row j conflict-free
@@ -149,11 +197,13 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(const AttnArg
       const size_t crow =
           (static_cast<size_t>(table[key / a.block_size]) * a.block_size + key % a.block_size) *
               a.kv_heads + kvh;
-      const float* kr = a.k_cache + crow * dk;
-      for (int d = lane; d < dk; d += 32) k_s[j * ldk + d] = kr[d];
+      const CacheT* kr = static_cast<const CacheT*>(a.k_cache) + crow * dk;
+      const float ks = a.scales.k[kvh];
+      for (int d = lane; d < dk; d += 32) k_s[j * ldk + d] = kv_load(kr, d, ks);
       if (!a.share_kv) {
-        const float* vr = a.v_cache + crow * a.v_stride + a.v_offset;
-        for (int d = lane; d < dv; d += 32) v_s[j * dv + d] = vr[d];
+        const CacheT* vr = static_cast<const CacheT*>(a.v_cache) + crow * a.v_stride + a.v_offset;
+        const float vs = a.scales.v[kvh];
+        for (int d = lane; d < dv; d += 32) v_s[j * dv + d] = kv_load(vr, d, vs);
       }
     }
     __syncthreads();
@@ -250,19 +300,20 @@ __global__ void __launch_bounds__(kThreads) attention_combine_kernel(const AttnA
   }
 }
 
+template <typename CacheT>
 __global__ void kv_cache_write_kernel(const float* k, const float* v, const int32_t* slots,
-                                      float* k_cache, float* v_cache, int kv_heads, int dk,
-                                      int dv, int v_stride) {
+                                      CacheT* k_cache, CacheT* v_cache, int kv_heads, int dk,
+                                      int dv, int v_stride, const KvScales sc) {
   const int t = blockIdx.x;
   const int32_t slot = slots[t];
   if (slot < 0) return;
   const size_t row = static_cast<size_t>(slot) * kv_heads;
   for (int u = threadIdx.x; u < kv_heads * dk; u += blockDim.x)
-    k_cache[row * dk + u] = k[static_cast<size_t>(t) * kv_heads * dk + u];
+    kv_store(k_cache, row * dk + u, k[static_cast<size_t>(t) * kv_heads * dk + u], sc.k[u / dk]);
   if (!v) return;
   for (int u = threadIdx.x; u < kv_heads * dv; u += blockDim.x) {
     const int h = u / dv, d = u % dv;
-    v_cache[(row + h) * v_stride + d] = v[static_cast<size_t>(t) * kv_heads * dv + u];
+    kv_store(v_cache, (row + h) * v_stride + d, v[static_cast<size_t>(t) * kv_heads * dv + u], sc.v[h]);
   }
 }
 
@@ -278,11 +329,13 @@ int sm_count_of_current_device() {
 
 }  // namespace
 
-void paged_attention(const float* q, const float* k_cache, const float* v_cache,
+void paged_attention(const float* q, const void* k_cache, const void* v_cache,
                      const int32_t* seq_info, const int32_t* block_tables,
                      const AttentionParams& p, int total_tokens, int max_context, float* out,
                      Stream s) {
   ensure_alive();
+  EXPERTD_CHECK(p.kv_dtype != KvDtype::FP8 || p.kv_heads <= kMaxScaleHeads, ErrorCode::InvalidArg,
+                "paged_attention: an fp8 cache on CUDA takes at most 256 kv heads");
   s = or_default(s);
   if (total_tokens <= 0 || p.num_seqs <= 0) return;
   EXPERTD_CHECK(p.dv <= 512, ErrorCode::InvalidArg, "paged_attention: dv > 512 is not supported on CUDA");
@@ -309,6 +362,10 @@ void paged_attention(const float* q, const float* k_cache, const float* v_cache,
   a.hpc = std::min(a.group, kRows);
   a.bq = kRows / a.hpc;
   a.share_kv = (v_cache == k_cache && p.v_stride == p.dk && p.v_offset + p.dv <= p.dk) ? 1 : 0;
+  for (int h = 0; h < p.kv_heads && h < kMaxScaleHeads; ++h) {
+    a.scales.k[h] = p.kv_dtype == KvDtype::FP8 ? p.k_scales[h] : 1.0f;
+    a.scales.v[h] = p.kv_dtype == KvDtype::FP8 ? p.v_scales[h] : 1.0f;
+  }
   a.key_cap = static_cast<int>(std::min<long long>(std::max(1, max_context),
                                                    static_cast<long long>(p.max_blocks) * p.block_size));
   const int chunks = (a.group + a.hpc - 1) / a.hpc;
@@ -339,10 +396,19 @@ void paged_attention(const float* q, const float* k_cache, const float* v_cache,
     kernel<<<grid, kThreads, smem, s>>>(a);
     EXPERTD_CUDA_LAUNCH_CHECK();
   };
-  if (p.dv <= 128)
-    go(paged_attention_kernel<4>);
+  auto by_dv = [&](auto tag) {
+    using CacheT = decltype(tag);
+    if (p.dv <= 128)
+      go(paged_attention_kernel<4, CacheT>);
+    else
+      go(paged_attention_kernel<16, CacheT>);
+  };
+  if (p.kv_dtype == KvDtype::BF16)
+    by_dv(uint16_t{});
+  else if (p.kv_dtype == KvDtype::FP8)
+    by_dv(uint8_t{});
   else
-    go(paged_attention_kernel<16>);
+    by_dv(float{});
   if (a.nsplit > 1) {
     attention_combine_kernel<<<dim3(static_cast<unsigned>(tiles), p.kv_heads * chunks, 1), kThreads, 0, s>>>(a);
     EXPERTD_CUDA_LAUNCH_CHECK();
@@ -351,12 +417,28 @@ void paged_attention(const float* q, const float* k_cache, const float* v_cache,
 }
 
 void kv_cache_write(const float* k, const float* v, int tokens, const int32_t* slots,
-                    float* k_cache, float* v_cache, int kv_heads, int dk, int dv, int v_stride,
-                    Stream s) {
+                    void* k_cache, void* v_cache, int kv_heads, int dk, int dv, int v_stride,
+                    KvDtype dtype, const float* k_scales, const float* v_scales, Stream s) {
   ensure_alive();
+  EXPERTD_CHECK(dtype != KvDtype::FP8 || kv_heads <= kMaxScaleHeads, ErrorCode::InvalidArg,
+                "kv_cache_write: an fp8 cache on CUDA takes at most 256 kv heads");
   if (tokens <= 0) return;
-  kv_cache_write_kernel<<<tokens, 128, 0, or_default(s)>>>(k, v, slots, k_cache, v_cache, kv_heads,
-                                                           dk, dv, v_stride);
+  KvScales sc;
+  for (int h = 0; h < kMaxScaleHeads; ++h) sc.k[h] = sc.v[h] = 1.0f;
+  if (dtype == KvDtype::FP8)
+    for (int h = 0; h < kv_heads; ++h) {
+      sc.k[h] = k_scales[h];
+      if (v_scales) sc.v[h] = v_scales[h];
+    }
+  auto go = [&](auto* kc, auto* vc) {
+    kv_cache_write_kernel<<<tokens, 128, 0, or_default(s)>>>(k, v, slots, kc, vc, kv_heads, dk, dv, v_stride, sc);
+  };
+  if (dtype == KvDtype::BF16)
+    go(static_cast<uint16_t*>(k_cache), static_cast<uint16_t*>(v_cache));
+  else if (dtype == KvDtype::FP8)
+    go(static_cast<uint8_t*>(k_cache), static_cast<uint8_t*>(v_cache));
+  else
+    go(static_cast<float*>(k_cache), static_cast<float*>(v_cache));
   EXPERTD_CUDA_LAUNCH_CHECK();
 }
 

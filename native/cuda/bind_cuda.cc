@@ -941,7 +941,38 @@ Napi::Value sample_batch(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// cudaKvCacheWrite(k, v, t, slots, kCache, vCache, kvHeads, dk, dv, vStride, numSlots, stream?)
+// The KV cache element type named by v ('f32' when absent).
+KvDtype kv_dtype_arg(Napi::Env env, const Napi::Value& v, const std::string& name) {
+  if (is_nullish(v)) return KvDtype::F32;
+  if (v.IsString()) {
+    const std::string s = v.As<Napi::String>().Utf8Value();
+    if (s == "f32") return KvDtype::F32;
+    if (s == "bf16") return KvDtype::BF16;
+    if (s == "fp8") return KvDtype::FP8;
+  }
+  throw_type(env, name + " must be 'f32', 'bf16' or 'fp8'");
+}
+
+// Host fp8 scales [kv_heads]: finite and > 0; at most kMaxScaleHeads (they travel by value).
+const float* kv_scales_arg(Napi::Env env, const Napi::Value& v, const std::string& name, int kv_heads) {
+  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array)
+    throw_type(env, name + " must be a Float32Array [kvHeads] for an fp8 cache");
+  if (kv_heads > cuda::kMaxScaleHeads)
+    throw_range(env, "kvHeads is " + std::to_string(kv_heads) + ", expected at most " +
+                         std::to_string(cuda::kMaxScaleHeads) + " for an fp8 cache");
+  auto a = v.As<Napi::Float32Array>();
+  if (a.ElementLength() < static_cast<size_t>(kv_heads))
+    throw_range(env, name + ".length is " + std::to_string(a.ElementLength()) +
+                         ", expected at least kvHeads = " + std::to_string(kv_heads));
+  for (int h = 0; h < kv_heads; ++h)
+    if (!(std::isfinite(a[h]) && a[h] > 0.0f))
+      throw_range(env, name + "[" + std::to_string(h) + "] is " + std::to_string(a[h]) +
+                           ", expected a finite number > 0");
+  return a.Data();
+}
+
+// cudaKvCacheWrite(k, v, t, slots, kCache, vCache, kvHeads, dk, dv, vStride, numSlots, stream?,
+//                  kvDtype?, kScales?, vScales?)
 Napi::Value kv_cache_write(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   expect_args(info, 11, "cudaKvCacheWrite");
@@ -953,12 +984,20 @@ Napi::Value kv_cache_write(const Napi::CallbackInfo& info) {
   const float* k = get_buf<float>(info, 0, "k", mul(t, kvh, dk * F4));
   const float* v = has_v ? get_buf<float>(info, 1, "v", mul(t, kvh, dv * F4)) : nullptr;
   const int32_t* slots = get_buf<int32_t>(info, 3, "slots", t * I4);
-  float* kc = get_buf<float>(info, 4, "kCache", mul(static_cast<size_t>(slots_n), kvh, dk * F4));
-  float* vc = has_v ? get_buf<float>(info, 5, "vCache", mul(static_cast<size_t>(slots_n), kvh, vs * F4)) : nullptr;
+  const KvDtype dt = kv_dtype_arg(env, info.Length() > 12 ? info[12] : env.Undefined(), "kvDtype");
+  const size_t es = kv_dtype_size(dt);
+  void* kc = get_aligned_buf<char>(info, 4, "kCache", mul(static_cast<size_t>(slots_n), kvh, dk * es), es);
+  void* vc = has_v ? get_aligned_buf<char>(info, 5, "vCache", mul(static_cast<size_t>(slots_n), kvh, vs * es), es) : nullptr;
   Stream s = get_stream(info, 11);
+  const float* ksc = nullptr;
+  const float* vsc = nullptr;
+  if (dt == KvDtype::FP8) {
+    ksc = kv_scales_arg(env, info.Length() > 13 ? info[13] : env.Undefined(), "kScales", kvh);
+    if (has_v) vsc = kv_scales_arg(env, info.Length() > 14 ? info[14] : env.Undefined(), "vScales", kvh);
+  }
   // NOTE: slots live on the device: the kernel trusts them to be < numSlots (the engine's
   // block manager hands them out).
-  guard(env, [&] { cuda::kv_cache_write(k, v, t, slots, kc, vc, kvh, dk, dv, vs, s); });
+  guard(env, [&] { cuda::kv_cache_write(k, v, t, slots, kc, vc, kvh, dk, dv, vs, dt, ksc, vsc, s); });
   return env.Undefined();
 }
 
@@ -1003,8 +1042,14 @@ Napi::Value paged_attention(const Napi::CallbackInfo& info) {
   const int max_ctx = req("maxContext", 1, 1 << 30, 0, true);
   const int num_blocks = req("numBlocks", 1, 1 << 30, 0, true);
   const float* q = get_buf<float>(info, 0, "q", total ? (mul(total - 1, p.q_row_stride) + p.heads * p.dk) * F4 : 0);
-  const float* kc = get_buf<float>(info, 1, "kCache", mul(mul(num_blocks, p.block_size), p.kv_heads, p.dk * F4));
-  const float* vc = get_buf<float>(info, 2, "vCache", mul(mul(num_blocks, p.block_size), p.kv_heads, p.v_stride * F4));
+  p.kv_dtype = kv_dtype_arg(env, o.Get("kvDtype"), "opts.kvDtype");
+  const size_t es = kv_dtype_size(p.kv_dtype);
+  if (p.kv_dtype == KvDtype::FP8) {
+    p.k_scales = kv_scales_arg(env, o.Get("kScales"), "opts.kScales", p.kv_heads);
+    p.v_scales = kv_scales_arg(env, o.Get("vScales"), "opts.vScales", p.kv_heads);
+  }
+  const void* kc = get_aligned_buf<char>(info, 1, "kCache", mul(mul(num_blocks, p.block_size), p.kv_heads, p.dk * es), es);
+  const void* vc = get_aligned_buf<char>(info, 2, "vCache", mul(mul(num_blocks, p.block_size), p.kv_heads, p.v_stride * es), es);
   const int32_t* si = get_buf<int32_t>(info, 3, "seqInfo", mul(p.num_seqs, 3, I4));
   const int32_t* bt = get_buf<int32_t>(info, 4, "blockTables", mul(p.num_seqs, p.max_blocks, I4));
   float* out = get_buf<float>(info, 6, "out", mul(total, p.heads, p.dv * F4));

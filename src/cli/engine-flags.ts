@@ -20,6 +20,8 @@ export const modelFlags: FlagSpec[] = [
   { name: 'pipeline-chunks', type: 'string', default: 'auto', arg: 'auto|N',
     help: 'EPS-MoE pipeline with --expert-parallel: each MoE layer splits its tokens into chunks whose all2all overlaps the other chunks\' expert GEMMs; auto = the planner\'s count per layer and step (cost model of the experts and the link), N = always N chunks (1 = no pipelining); on devices auto is 1' },
   { name: 'threads', type: 'int', min: 0, max: 1024, default: 0, help: 'CPU threads for the kernels (0 = all cores)' },
+  { name: 'kv-cache-dtype', type: 'string', choices: ['auto', 'f32', 'bf16', 'fp8'], default: 'auto',
+    help: 'KV cache element type, read directly by the attention kernels: auto = f32 with --compute-dtype f32 (exact), else bf16; fp8 = e4m3 with static per-kv-head scales (1.0, as vLLM without calibrated scales); --kv-cache-gb holds 2x (bf16) or 4x (fp8) the f32 blocks' },
   { name: 'kv-cache-gb', type: 'number', min: 0, default: 0, arg: 'GB', help: 'KV cache size in GiB (0 = sized from --kv-cache-blocks)' },
   { name: 'kv-cache-blocks', type: 'int', min: 0, default: 0, arg: 'N', help: 'KV cache size in blocks (0 = enough for --max-num-seqs full contexts, capped at 1 GiB)' },
   { name: 'block-size', type: 'int', min: 1, max: 1024, default: 16, help: 'Tokens per KV cache block' },

@@ -5,6 +5,7 @@ import path from 'node:path';
 
 import { parseModelConfig } from '../model/config.js';
 import { ensureDemoModel } from '../model/demo.js';
+import { resolveKvDtype } from '../model/kv-dtype.js';
 import { parsePlacement } from '../moe/ep-comm.js';
 import { loadNative } from '../native/index.js';
 import type { EngineOptions } from '../engine/protocol.js';
@@ -43,6 +44,7 @@ export function resolveEngineOptions(flags: ParsedFlags, servedModelName?: strin
     quantize: quantizeOption(flags, device),
     kvCacheBlocks: Number(flags['kv-cache-blocks'] ?? 0),
     kvCacheGb: Number(flags['kv-cache-gb'] ?? 0),
+    kvCacheDtype: resolveKvDtype(String(flags['kv-cache-dtype'] ?? 'auto'), dtype as 'f32' | 'bf16'),
     blockSize: Number(flags['block-size'] ?? 16),
     prefixCaching: flags['prefix-caching'] !== false,
     maxNumSeqs: Number(flags['max-num-seqs'] ?? 16),

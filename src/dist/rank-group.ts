@@ -239,6 +239,8 @@ export class RankGroup extends EventEmitter {
       sum.waiting += s.waiting;
       sum.kvBlocksTotal += s.kvBlocksTotal;
       sum.kvBlocksUsed += s.kvBlocksUsed;
+      if (s.kvBytesTotal !== undefined) sum.kvBytesTotal = (sum.kvBytesTotal ?? 0) + s.kvBytesTotal;
+      if (s.kvBytesUsed !== undefined) sum.kvBytesUsed = (sum.kvBytesUsed ?? 0) + s.kvBytesUsed;
       sum.preemptionsTotal += s.preemptionsTotal;
     }
     return sum;

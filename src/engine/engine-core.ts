@@ -4,10 +4,12 @@
 // prompt's cached blocks: its first position is the cached length, and only the rest is computed.
 import type { ForwardBatch } from '../model/forward-batch.js';
 import type { ForwardModel } from '../model/forward-batch.js';
+import type { KvDtype } from '../model/kv-dtype.js';
 import type { LoadedModel } from '../model/load.js';
 import type { Offloader } from '../offload/offloader.js';
 import { BatchSampler } from './batch-sampler.js';
 import { Sampler, SamplingState, type SampleResult } from './sampler.js';
+import { kvBytesPerBlock, kvCacheNumBlocks } from './kv-cache.js';
 import { Scheduler, type StepPlan } from './scheduler.js';
 import type { StepMetrics } from './protocol.js';
 import type { EngineEvent, EngineStats, GenerateRequest, ModelInfo, RoutedExperts, TokenLogprob } from './types.js';
@@ -19,6 +21,8 @@ export type StepOffloader = Pick<Offloader, 'beginStep' | 'endStep' | 'finishReq
 export interface EngineCoreOptions {
   kvCacheBlocks: number;
   kvCacheGb: number;
+  /** Element type of the KV cache (default f32); --kv-cache-gb counts bytes of this type. */
+  kvCacheDtype?: KvDtype;
   blockSize: number;
   maxNumSeqs: number;
   maxNumBatchedTokens: number;
@@ -65,6 +69,9 @@ export class EngineCore {
   readonly cache: unknown;
   readonly info: ModelInfo;
   readonly numBlocks: number;
+  /** Element type of the KV cache, and the bytes one block takes over every layer. */
+  readonly kvDtype: KvDtype;
+  readonly kvBytesPerBlock: number;
   private readonly sampler: Sampler | BatchSampler;
   private readonly requests = new Map<string, Running>();
   private readonly eos: Set<number>;
@@ -77,17 +84,20 @@ export class EngineCore {
     const { spec, model } = loaded;
     this.blockSize = opts.blockSize;
     this.clock = opts.clock ?? (() => performance.now());
-    const [kf, vf] = model.cacheFloatsPerToken();
-    const bytesPerBlock = model.numCaches * opts.blockSize * (kf + vf) * 4;
-    let numBlocks = opts.kvCacheBlocks;
-    if (!numBlocks && opts.kvCacheGb > 0) numBlocks = Math.floor((opts.kvCacheGb * 2 ** 30) / bytesPerBlock);
-    if (!numBlocks) {
-      const want = opts.maxNumSeqs * Math.ceil(spec.maxContext / opts.blockSize);
-      numBlocks = Math.max(1, Math.min(want, Math.floor((opts.autoKvCapBytes ?? 2 ** 30) / bytesPerBlock)));
+    const kvDtype = opts.kvCacheDtype ?? 'f32';
+    if (!model.kvDtypes.includes(kvDtype)) {
+      throw new RangeError(`--kv-cache-dtype ${kvDtype} is not supported on ${model.device}; ` +
+        `use ${model.kvDtypes.join(' or ')}`);
     }
-    if (numBlocks < 1) throw new RangeError('the KV cache must hold at least one block; raise --kv-cache-gb');
+    const sizing = { numCaches: model.numCaches, elementsPerToken: model.cacheFloatsPerToken(), dtype: kvDtype,
+      blockSize: opts.blockSize };
+    const numBlocks = kvCacheNumBlocks(sizing, { blocks: opts.kvCacheBlocks, gib: opts.kvCacheGb,
+      maxNumSeqs: opts.maxNumSeqs, maxContext: spec.maxContext,
+      ...(opts.autoKvCapBytes !== undefined ? { autoCapBytes: opts.autoKvCapBytes } : {}) });
     this.numBlocks = numBlocks;
-    this.cache = model.allocateKvCache(numBlocks, opts.blockSize);
+    this.kvDtype = kvDtype;
+    this.kvBytesPerBlock = kvBytesPerBlock(sizing);
+    this.cache = model.allocateKvCache(numBlocks, opts.blockSize, kvDtype);
     let prefixCacheKey = opts.prefixCacheKey ?? null;
     if (prefixCacheKey !== null && spec.recurrentState) {
       // NOTE: a cached prefix would restore the attention layers' K/V but not the linear layers'
@@ -168,6 +178,7 @@ export class EngineCore {
     return {
       running: this.scheduler.numRunning, waiting: this.scheduler.numWaiting,
       kvBlocksTotal: this.numBlocks, kvBlocksUsed: used, preemptionsTotal: this.scheduler.preemptionsTotal,
+      kvBytesTotal: this.numBlocks * this.kvBytesPerBlock, kvBytesUsed: used * this.kvBytesPerBlock,
     };
   }
 

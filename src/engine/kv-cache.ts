@@ -2,8 +2,11 @@
 // the slot mapping the attention kernels write new K/V to. Bookkeeping only; the K/V memory
 // itself lives with the device. Blocks are refcounted so prefix caching can share them: a full
 // block is named by a hash chained over its tokens and stays cached after it is freed, until the
-// allocator needs it (least recently freed first, a sequence's last blocks before its first).
+// allocator needs it (least recently freed first, a sequence's last blocks before its first). Also
+// the cache's size in bytes of its element type (--kv-cache-dtype) and the block count it gives.
 import { createHash } from 'node:crypto';
+
+import { kvDtypeBytes, type KvDtype } from '../model/kv-dtype.js';
 
 /** Identifies a sequence (one choice of one request). */
 export type SeqId = string;
@@ -412,4 +415,40 @@ export class PagedKvCache {
       }
     }
   }
+}
+
+export interface KvSizing {
+  /** Caches (attentions) in the model. */
+  numCaches: number;
+  /** Elements per token per cache: [k, v]. */
+  elementsPerToken: [number, number];
+  dtype: KvDtype;
+  blockSize: number;
+}
+
+/**
+ * Bytes of one block over every cache: elements x the dtype's bytes (fp8's static per-head scales
+ * are per cache, not per block, and are left out).
+ */
+export function kvBytesPerBlock(s: KvSizing): number {
+  const [kf, vf] = s.elementsPerToken;
+  return s.numCaches * s.blockSize * (kf + vf) * kvDtypeBytes(s.dtype);
+}
+
+/**
+ * Blocks of the cache: `blocks` when given, else as many as `gib` GiB holds, else enough for
+ * maxNumSeqs full contexts within autoCapBytes (1 GiB by default). Counted in bytes of the dtype, so
+ * the same GiB holds 2x the f32 blocks in bf16 and 4x in fp8.
+ */
+export function kvCacheNumBlocks(s: KvSizing, o: { blocks: number; gib: number; maxNumSeqs: number;
+  maxContext: number; autoCapBytes?: number }): number {
+  const bytesPerBlock = kvBytesPerBlock(s);
+  let numBlocks = o.blocks;
+  if (!numBlocks && o.gib > 0) numBlocks = Math.floor((o.gib * 2 ** 30) / bytesPerBlock);
+  if (!numBlocks) {
+    const want = o.maxNumSeqs * Math.ceil(o.maxContext / s.blockSize);
+    numBlocks = Math.max(1, Math.min(want, Math.floor((o.autoCapBytes ?? 2 ** 30) / bytesPerBlock)));
+  }
+  if (numBlocks < 1) throw new RangeError('the KV cache must hold at least one block; raise --kv-cache-gb');
+  return numBlocks;
 }

@@ -1,4 +1,5 @@
 // Messages between the main thread (EngineClient) and the engine worker. Plain data only.
+import type { KvDtype } from '../model/kv-dtype.js';
 import type { OffloadConfig } from '../offload/setup.js';
 import type { ExpertCacheDelta } from '../offload/offloader.js';
 import type { TraceCounts } from '../offload/trace-writer.js';
@@ -11,6 +12,8 @@ export interface EngineOptions {
   /** KV cache size: blocks, or GiB when kvCacheBlocks is 0. */
   kvCacheBlocks: number;
   kvCacheGb: number;
+  /** Element type of the KV cache (resolved: auto is f32 with computeDtype f32, else bf16). */
+  kvCacheDtype?: KvDtype;
   blockSize: number;
   maxNumSeqs: number;
   maxNumBatchedTokens: number;

@@ -78,6 +78,9 @@ export interface EngineStats {
   waiting: number;
   kvBlocksTotal: number;
   kvBlocksUsed: number;
+  /** Bytes of the KV cache and of its used blocks, in its element type (absent: not reported). */
+  kvBytesTotal?: number;
+  kvBytesUsed?: number;
   preemptionsTotal: number;
 }
 

@@ -243,13 +243,13 @@ async function init(o: EngineOptions): Promise<void> {
     loaded.model.setExpertKernel(o.expertKernel ?? 'auto');
     loaded.model.setPipelineChunks?.(o.pipelineChunks ?? 'auto');
     core = new EngineCore(loaded, {
-      kvCacheBlocks: o.kvCacheBlocks, kvCacheGb: o.kvCacheGb, blockSize: o.blockSize,
+      kvCacheBlocks: o.kvCacheBlocks, kvCacheGb: o.kvCacheGb, kvCacheDtype: o.kvCacheDtype ?? 'f32', blockSize: o.blockSize,
       maxNumSeqs: o.maxNumSeqs, maxNumBatchedTokens: o.maxNumBatchedTokens,
       servedModelName: o.servedModelName,
       ...(autoKvCapBytes !== undefined ? { autoKvCapBytes } : {}),
       prefixCacheKey: o.prefixCaching === false ? null : prefixCacheKey(o),
     }, offloader);
-    const summary = `${loadSummary(loaded)}; compute ${o.computeDtype}${o.quantize ? `; experts ${describeQuantize(o.quantize)}` : ''}; KV cache ${core.numBlocks} blocks x ${o.blockSize} tokens` +
+    const summary = `${loadSummary(loaded)}; compute ${o.computeDtype}${o.quantize ? `; experts ${describeQuantize(o.quantize)}` : ''}; KV cache ${core.numBlocks} blocks x ${o.blockSize} tokens ${core.kvDtype}` +
       `, prefix caching ${core.scheduler.cache.prefixCaching ? 'on' : 'off'}` +
       (loaded.report.warnings.length ? `; ${loaded.report.warnings.length} unexpected tensor(s) ignored` : '') +
       (offloader ? `; expert cache ${offloader.stats().slots}/${offloader.stats().totalExperts} experts, ` +

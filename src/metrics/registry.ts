@@ -43,6 +43,8 @@ export class Metrics {
   readonly requestsRunning: Gauge;
   readonly requestsWaiting: Gauge;
   readonly kvCacheUsage: Gauge;
+  readonly kvCacheBytes: Gauge;
+  readonly kvCacheUsedBytes: Gauge;
   readonly preemptions: Counter;
   readonly promptTokens: Counter;
   readonly generationTokens: Counter;
@@ -101,6 +103,15 @@ export class Metrics {
     this.kvCacheUsage = new Gauge({
       name: 'expertd_kv_cache_usage_ratio', help: 'Fraction of KV cache blocks in use (0-1).', registers,
       collect() { const s = self.stats(); if (s) this.set(s.kvBlocksTotal > 0 ? s.kvBlocksUsed / s.kvBlocksTotal : 0); },
+    });
+    // In bytes of the cache's element type (--kv-cache-dtype): bf16 and fp8 blocks cost 1/2 and 1/4.
+    this.kvCacheBytes = new Gauge({
+      name: 'expertd_kv_cache_bytes', help: 'Size of the KV cache in bytes (its element type).', registers,
+      collect() { const s = self.stats(); if (s?.kvBytesTotal !== undefined) this.set(s.kvBytesTotal); },
+    });
+    this.kvCacheUsedBytes = new Gauge({
+      name: 'expertd_kv_cache_used_bytes', help: 'Bytes of the KV cache blocks in use.', registers,
+      collect() { const s = self.stats(); if (s?.kvBytesUsed !== undefined) this.set(s.kvBytesUsed); },
     });
     this.preemptions = new Counter({
       name: 'expertd_preemptions_total', help: 'Sequences preempted because KV blocks ran out.', registers,

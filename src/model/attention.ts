@@ -1,15 +1,25 @@
 // Attention blocks over the paged KV cache: grouped-query (Mixtral, Qwen, OLMoE) and DeepSeek's
 // multi-head latent attention, which caches the compressed latent and absorbs the up-projections.
-import { loadNative, type AttentionOptions, type PackedWeight } from '../native/index.js';
+import { loadNative, type AttentionOptions, type KvArray, type PackedWeight } from '../native/index.js';
 import type { ForwardBatch, Scratch } from './forward-batch.js';
 import type { AttentionSpec } from './spec.js';
 import type { TensorSource } from './tensor-source.js';
 import { checkShape, packLinear, packStacked, rowsOf, transpose, vectorF32 } from './weights.js';
 
 export interface LayerCache {
-  k: Float32Array;
+  /** [slots, kvHeads, dk] of the cache dtype (f32, bf16 bits or fp8 e4m3 bits). */
+  k: KvArray;
   /** null for MLA (values are read from the latent in k). */
-  v: Float32Array | null;
+  v: KvArray | null;
+  /** fp8 only: static dequantisation scales per kv head [kvHeads] (null otherwise). */
+  kScales: Float32Array | null;
+  vScales: Float32Array | null;
+}
+
+/** The fp8 scales of a cache, as pagedAttention takes them (none for f32 / bf16). */
+export function scaleOptions(cache: LayerCache): { kScales?: Float32Array; vScales?: Float32Array } {
+  if (!cache.kScales) return {};
+  return { kScales: cache.kScales, vScales: cache.vScales ?? cache.kScales };
 }
 
 export interface AttentionContext {
@@ -101,11 +111,12 @@ export class GqaAttention implements AttentionBlock {
     const pos = ctx.batch.positions;
     n.rope(q, T, heads, heads * headDim, headDim, 0, pos, rope.invFreq, rope.attnScale, rope.interleaved);
     n.rope(k, T, kvHeads, kvHeads * headDim, headDim, 0, pos, rope.invFreq, rope.attnScale, rope.interleaved);
-    n.kvCacheWrite(k, v, T, ctx.batch.slots, cache.k, cache.v, kvHeads, headDim, headDim, headDim);
+    n.kvCacheWrite(k, v, T, ctx.batch.slots, cache.k, cache.v, kvHeads, headDim, headDim, headDim,
+      cache.kScales, cache.vScales);
     const attn = ctx.scratch.f32('attn.out', T * heads * headDim);
     n.pagedAttention(q, cache.k, cache.v!, ctx.batch.seqInfo, ctx.batch.blockTables, attentionOptions(ctx, {
       heads, kvHeads, dk: headDim, dv: headDim, scale: this.spec.softmaxScale,
-      slidingWindow: this.spec.slidingWindow ?? 0,
+      slidingWindow: this.spec.slidingWindow ?? 0, ...scaleOptions(cache),
     }), attn);
     n.denseGemm(attn, T, this.o, out, this.oBias, false, ctx.fast);
   }
@@ -212,7 +223,7 @@ export class MlaAttention implements AttentionBlock {
     const pos = ctx.batch.positions;
     n.rope(q, T, heads, heads * qk, qk, nope, pos, ropeSpec.invFreq, ropeSpec.attnScale, ropeSpec.interleaved);
     n.rope(kv, T, 1, dk, dk, lora, pos, ropeSpec.invFreq, ropeSpec.attnScale, ropeSpec.interleaved);
-    n.kvCacheWrite(kv, null, T, ctx.batch.slots, cache.k, null, 1, dk, 0, 0);
+    n.kvCacheWrite(kv, null, T, ctx.batch.slots, cache.k, null, 1, dk, 0, 0, cache.kScales, null);
 
     // Absorb: qFull [T, heads, lora + rope] = [q_nope W_UK, q_pe].
     const qFull = s.f32('mla.qfull', T * heads * dk);
@@ -230,6 +241,7 @@ export class MlaAttention implements AttentionBlock {
     const oLat = s.f32('mla.olat', T * heads * lora); // [T, heads, lora]
     n.pagedAttention(qFull, cache.k, cache.k, ctx.batch.seqInfo, ctx.batch.blockTables, attentionOptions(ctx, {
       heads, kvHeads: 1, dk, dv: lora, vStride: dk, vOffset: 0, scale: this.spec.softmaxScale,
+      ...scaleOptions(cache),
     }), oLat);
     // Un-absorb: v_h = o_lat_h W_UV^T -> [T, heads, v].
     const attn = s.f32('mla.attn', T * heads * vHeadDim);

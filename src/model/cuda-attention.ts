@@ -1,16 +1,27 @@
 // Attention blocks on the device: grouped-query and DeepSeek MLA, the same math as attention.ts (the
-// CPU blocks) built from the cuda* ops over a device-resident paged KV cache (f32).
+// CPU blocks) built from the cuda* ops over a device-resident paged KV cache (f32, bf16 or fp8).
 import type { CudaBuffer, CudaStream } from '../native/index.js';
 import { BF16, F32, type Device, type DeviceWeight } from './device.js';
 import type { ForwardBatch } from './forward-batch.js';
 import type { AttentionSpec } from './spec.js';
+import type { KvDtype } from './kv-dtype.js';
 import type { TensorSource } from './tensor-source.js';
 import { checkShape, rowsOf, transpose, vectorF32 } from './weights.js';
 
 export interface DeviceLayerCache {
+  /** [slots, kvHeads, dk] of `dtype`. */
   k: CudaBuffer;
   /** null for MLA (values are read from the latent in k). */
   v: CudaBuffer | null;
+  dtype: KvDtype;
+  /** fp8 only: static dequantisation scales per kv head [kvHeads] (host; by value to the kernels). */
+  kScales: Float32Array | null;
+  vScales: Float32Array | null;
+}
+
+/** The cache's dtype and scales as cudaPagedAttention takes them. */
+function cacheOptions(c: DeviceLayerCache): { kvDtype: KvDtype; kScales?: Float32Array; vScales?: Float32Array } {
+  return c.kScales ? { kvDtype: c.dtype, kScales: c.kScales, vScales: c.vScales ?? c.kScales } : { kvDtype: c.dtype };
 }
 
 /** One step's inputs on the device, shared by every layer. */
@@ -108,11 +119,12 @@ export class CudaGqaAttention implements DeviceAttentionBlock {
     cu.cudaRope(q, T, heads, qDim, headDim, 0, step.positions, this.invFreq, rope.rotaryDim, rope.attnScale, rope.interleaved, st);
     cu.cudaRope(k, T, kvHeads, kvDim, headDim, 0, step.positions, this.invFreq, rope.rotaryDim, rope.attnScale, rope.interleaved, st);
     const slots = step.numBlocks * step.blockSize;
-    cu.cudaKvCacheWrite(k, v, T, step.slots, cache.k, cache.v, kvHeads, headDim, headDim, headDim, slots, st);
+    cu.cudaKvCacheWrite(k, v, T, step.slots, cache.k, cache.v, kvHeads, headDim, headDim, headDim, slots, st,
+      cache.dtype, cache.kScales, cache.vScales);
     const attn = scratch.get('attn.out', T * qDim * F32);
     cu.cudaPagedAttention(q, cache.k, cache.v!, step.seqInfo, step.blockTables, {
       ...attentionGeometry(step), heads, kvHeads, dk: headDim, dv: headDim, vStride: headDim, vOffset: 0,
-      scale: this.spec.softmaxScale, slidingWindow: this.spec.slidingWindow ?? 0,
+      scale: this.spec.softmaxScale, slidingWindow: this.spec.slidingWindow ?? 0, ...cacheOptions(cache),
     }, attn, st);
     dev.gemm(attn, T, this.o, out, this.oBias, false, null, st);
   }
@@ -196,7 +208,8 @@ export class CudaMlaAttention implements DeviceAttentionBlock {
     dev.copy2d(kv, 0, dk, c, 0, lora, lora, T, st);
     cu.cudaRope(q, T, heads, heads * qk, qk, nope, step.positions, this.invFreq, ropeSpec.rotaryDim, ropeSpec.attnScale, ropeSpec.interleaved, st);
     cu.cudaRope(kv, T, 1, dk, dk, lora, step.positions, this.invFreq, ropeSpec.rotaryDim, ropeSpec.attnScale, ropeSpec.interleaved, st);
-    cu.cudaKvCacheWrite(kv, null, T, step.slots, cache.k, null, 1, dk, 0, 0, step.numBlocks * step.blockSize, st);
+    cu.cudaKvCacheWrite(kv, null, T, step.slots, cache.k, null, 1, dk, 0, 0, step.numBlocks * step.blockSize, st,
+      cache.dtype, cache.kScales, null);
 
     // Absorb: qFull [T, heads, lora + rope] = [q_nope W_UK, q_pe].
     const qFull = scratch.get('mla.qfull', T * heads * dk * F32);
@@ -205,7 +218,7 @@ export class CudaMlaAttention implements DeviceAttentionBlock {
     const oLat = scratch.get('mla.olat', T * heads * lora * F32); // [T, heads, lora]
     cu.cudaPagedAttention(qFull, cache.k, cache.k, step.seqInfo, step.blockTables, {
       ...attentionGeometry(step), heads, kvHeads: 1, dk, dv: lora, vStride: dk, vOffset: 0,
-      scale: this.spec.softmaxScale, slidingWindow: 0,
+      scale: this.spec.softmaxScale, slidingWindow: 0, ...cacheOptions(cache),
     }, oLat, st);
     // Un-absorb: v_h = o_lat_h W_UV^T -> attn [T, heads, v].
     const attn = scratch.get('mla.attn', T * heads * vHeadDim * F32);

@@ -12,6 +12,7 @@ import type { MoeHooks } from '../moe/moe-layer.js';
 import { mulberry32 } from '../engine/rng.js';
 import type { ForwardBatch, ForwardModel, ForwardResult } from './forward-batch.js';
 import { moeTensors } from './moe-tensors.js';
+import { kvDtypeBytes, type KvDtype } from './kv-dtype.js';
 import type { ModelSpec } from './spec.js';
 import type { HostTensor, TensorSource } from './tensor-source.js';
 import { checkExpert, checkShape, ffnSource, vectorF32, type ExpertSource } from './weights.js';
@@ -54,6 +55,7 @@ interface DeviceLayer { subs: DeviceSub[]; moe: DeviceMoe | null; shortcut: bool
 
 export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
   readonly device: string;
+  readonly kvDtypes: readonly KvDtype[] = ['f32', 'bf16', 'fp8'];
   readonly numCaches: number;
   readonly numMoeLayers: number;
   private readonly dev: Device;
@@ -324,13 +326,25 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     return this.layers[0]!.subs[0]!.attn.cacheFloatsPerToken;
   }
 
-  allocateKvCache(numBlocks: number, blockSize: number): DeviceLayerCache[] {
+  cacheKvHeads(): number {
+    const a = this.spec.attention;
+    return a.kind === 'mla' ? 1 : a.kvHeads;
+  }
+
+  /** The per-layer device KV cache of `dtype` (fp8: static per-kv-head scales 1.0, as on the CPU). */
+  allocateKvCache(numBlocks: number, blockSize: number, dtype: KvDtype = 'f32'): DeviceLayerCache[] {
     const [kf, vf] = this.cacheFloatsPerToken();
     const slots = numBlocks * blockSize;
+    const eb = kvDtypeBytes(dtype);
+    const kvHeads = this.cacheKvHeads();
     const cache: DeviceLayerCache[] = [];
     try {
       for (let i = 0; i < this.numCaches; i++) {
-        cache.push({ k: this.cu.cudaBuffer(slots * kf * F32), v: vf > 0 ? this.cu.cudaBuffer(slots * vf * F32) : null });
+        cache.push({
+          k: this.cu.cudaBuffer(slots * kf * eb), v: vf > 0 ? this.cu.cudaBuffer(slots * vf * eb) : null, dtype,
+          kScales: dtype === 'fp8' ? new Float32Array(kvHeads).fill(1) : null,
+          vScales: dtype === 'fp8' && vf > 0 ? new Float32Array(kvHeads).fill(1) : null,
+        });
       }
     } catch (e) {
       for (const c of cache) { c.k.dispose(); c.v?.dispose(); }

@@ -1,6 +1,7 @@
 // One forward step's input: several sequences' new tokens (prefill chunks and decode tokens mixed)
 // over the paged KV cache, and the per-step scratch shared by the layers.
 import type { SampleBatchArgs, SampleBatchOut } from '../native/types.js';
+import type { KvDtype } from './kv-dtype.js';
 
 export interface ForwardBatch {
   /** [T] new tokens of all sequences, sequence after sequence. */
@@ -66,9 +67,13 @@ export interface ForwardModel<C = unknown> {
   /** KV caches: one per attention (two per LongCat-Flash layer). */
   readonly numCaches: number;
   readonly numMoeLayers: number;
-  /** Floats per token per cache: [k, v]. */
+  /** Elements per token per cache: [k, v] (of the cache dtype). */
   cacheFloatsPerToken(): [number, number];
-  allocateKvCache(numBlocks: number, blockSize: number): C;
+  /** KV heads per cache row (1 for MLA's latent): fp8 keeps one scale per kv head. */
+  cacheKvHeads(): number;
+  /** The cache dtypes this model's attention kernels read. */
+  readonly kvDtypes: readonly KvDtype[];
+  allocateKvCache(numBlocks: number, blockSize: number, dtype?: KvDtype): C;
   forward(batch: ForwardBatch, cache: C, blockSize: number): ForwardResult;
   /**
    * Samples the last forward's logits rows where they are (a forward with logitsOnDevice): the

@@ -7,6 +7,7 @@ import { EpsPlanner, loadOrCalibrate, type ExpertKernel } from '../moe/eps-plann
 import { MoeLayer, type MoeHooks, type PipelineChunks } from '../moe/moe-layer.js';
 import { GqaAttention, MlaAttention, type AttentionBlock, type LayerCache } from './attention.js';
 import { Scratch, type ForwardBatch, type ForwardModel, type ForwardResult } from './forward-batch.js';
+import { allocKvArray, type KvDtype } from './kv-dtype.js';
 import type { ModelSpec } from './spec.js';
 import type { HostTensor, TensorSource } from './tensor-source.js';
 import { moeTensors } from './moe-tensors.js';
@@ -43,6 +44,7 @@ interface Layer {
 
 export class MoeModel implements ForwardModel<LayerCache[]> {
   readonly device = 'cpu';
+  readonly kvDtypes: readonly KvDtype[] = ['f32', 'bf16', 'fp8'];
   readonly layers: Layer[] = [];
   readonly moeLayers: MoeLayer[] = [];
   private readonly embed: HostTensor;
@@ -180,13 +182,25 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
     return this.layers[0]!.subs[0]!.attn.cacheFloatsPerToken;
   }
 
-  /** Allocates the per-layer paged KV cache. */
-  allocateKvCache(numBlocks: number, blockSize: number): LayerCache[] {
+  /**
+   * Allocates the per-layer paged KV cache of element type `dtype`. fp8 scales are static per layer
+   * and kv head: 1.0, vLLM's default when the checkpoint ships none.
+   */
+  allocateKvCache(numBlocks: number, blockSize: number, dtype: KvDtype = 'f32'): LayerCache[] {
     const [kf, vf] = this.cacheFloatsPerToken();
+    const kvHeads = this.cacheKvHeads();
     return Array.from({ length: this.numCaches }, () => ({
-      k: new Float32Array(numBlocks * blockSize * kf),
-      v: vf > 0 ? new Float32Array(numBlocks * blockSize * vf) : null,
+      k: allocKvArray(dtype, numBlocks * blockSize * kf),
+      v: vf > 0 ? allocKvArray(dtype, numBlocks * blockSize * vf) : null,
+      kScales: dtype === 'fp8' ? new Float32Array(kvHeads).fill(1) : null,
+      vScales: dtype === 'fp8' && vf > 0 ? new Float32Array(kvHeads).fill(1) : null,
     }));
+  }
+
+  /** KV heads per cache row (1 for MLA's latent). */
+  cacheKvHeads(): number {
+    const a = this.spec.attention;
+    return a.kind === 'mla' ? 1 : a.kvHeads;
   }
 
   takeCommDelta(): CommDelta | null {

@@ -6,6 +6,8 @@
 // errors throw TypeError/RangeError with code 'E_INVALID_ARG'; a disposed handle 'E_DISPOSED'.
 
 export type DType = 'f32' | 'bf16' | 'f16';
+/** A host KV cache array: Float32Array (f32), Uint16Array (bf16 bits), Uint8Array (fp8 e4m3 bits). */
+export type KvArray = Float32Array | Uint16Array | Uint8Array;
 export type SimdLevel = 'amx' | 'avx512bf16' | 'avx512' | 'avx2' | 'neon' | 'scalar';
 
 export interface Capabilities {
@@ -97,6 +99,12 @@ export interface AttentionOptions {
   slidingWindow?: number;
   /** floats between token rows of q (default heads * dk) */
   qRowStride?: number;
+  /**
+   * fp8 caches only: static dequantisation scales per kv head ([kvHeads] f32, value = e4m3 x
+   * scale). MLA (vCache = kCache) reads values with kScales.
+   */
+  kScales?: Float32Array;
+  vScales?: Float32Array;
 }
 
 export interface CommGroup {
@@ -191,6 +199,11 @@ export interface CudaRouteOptions extends Omit<RouteOptions, 'bias'> {
 }
 
 export interface CudaAttentionOptions extends AttentionOptions {
+  /**
+   * Element type of kCache / vCache (default f32); fp8 takes opts.kScales / vScales (host arrays,
+   * at most 256 kv heads: they travel by value in the kernel's arguments).
+   */
+  kvDtype?: 'f32' | 'bf16' | 'fp8';
   /** rows of q and out */
   totalTokens: number;
   /**
@@ -348,10 +361,15 @@ export interface CudaAddon {
    */
   cudaSampleBatch(logits: CudaBuffer, rows: number, vocabSize: number, batch: SampleBatchArgs,
                   out: SampleBatchOut, stream?: CudaStream | null): void;
-  /** numSlots = numBlocks * blockSize of the caches. */
+  /**
+   * numSlots = numBlocks * blockSize of the caches. kvDtype (default f32) is the caches' element
+   * type, rounded as kvCacheWrite does; fp8 takes kScales (and vScales with v), host [kvHeads].
+   */
   cudaKvCacheWrite(k: CudaBuffer, v: CudaBuffer | null, t: number, slots: CudaBuffer,
                    kCache: CudaBuffer, vCache: CudaBuffer | null, kvHeads: number, dk: number,
-                   dv: number, vStride: number, numSlots: number, stream?: CudaStream | null): void;
+                   dv: number, vStride: number, numSlots: number, stream?: CudaStream | null,
+                   kvDtype?: 'f32' | 'bf16' | 'fp8', kScales?: Float32Array | null,
+                   vScales?: Float32Array | null): void;
   cudaPagedAttention(q: CudaBuffer, kCache: CudaBuffer, vCache: CudaBuffer, seqInfo: CudaBuffer,
                      blockTables: CudaBuffer, opts: CudaAttentionOptions, out: CudaBuffer,
                      stream?: CudaStream | null): void;
@@ -573,12 +591,20 @@ export interface NativeAddon extends Partial<CudaAddon> {
               out: SampleBatchOut): void;
 
   // --- attention
-  /** k [t, kvHeads, dk], v [t, kvHeads, dv] (or null for MLA) into cache slots. */
+  /**
+   * k [t, kvHeads, dk], v [t, kvHeads, dv] (or null for MLA) into cache slots. The cache's element
+   * type is its array's: Float32Array f32, Uint16Array bf16 (nearest even), Uint8Array fp8 e4m3
+   * (e4m3(x / scale), nearest even, saturated to +-448; kScales / vScales [kvHeads] required).
+   */
   kvCacheWrite(k: Float32Array, v: Float32Array | null, t: number, slots: Int32Array,
-               kCache: Float32Array, vCache: Float32Array | null, kvHeads: number, dk: number,
-               dv: number, vStride: number): void;
-  /** seqInfo [numSeqs, 3] = (qStart, qLen, ctxLen); blockTables [numSeqs, maxBlocks]. */
-  pagedAttention(q: Float32Array, kCache: Float32Array, vCache: Float32Array,
+               kCache: KvArray, vCache: KvArray | null, kvHeads: number, dk: number,
+               dv: number, vStride: number, kScales?: Float32Array | null,
+               vScales?: Float32Array | null): void;
+  /**
+   * seqInfo [numSeqs, 3] = (qStart, qLen, ctxLen); blockTables [numSeqs, maxBlocks]. kCache and
+   * vCache hold f32, bf16 or fp8 (as in kvCacheWrite), read directly.
+   */
+  pagedAttention(q: Float32Array, kCache: KvArray, vCache: KvArray,
                  seqInfo: Int32Array, blockTables: Int32Array, opts: AttentionOptions,
                  out: Float32Array): void;
 

@@ -8,6 +8,7 @@
 // out of bounds (slots, offsets, block tables) or a misaligned typed access raise an E_CUDA
 // "fault" and mark the device lost, as a sticky CUDA error would; fresh allocations are filled
 // with 0xff (NaN) so that reads of memory nobody wrote show up.
+import { kvDecode, kvDtypeBytes, kvEncode, type KvArray, type KvDtype } from '../../src/model/kv-dtype.js';
 import { loadNative } from '../../src/native/index.js';
 import type {
   CudaAddon, CudaAttentionOptions, CudaBuffer, CudaCommGroup, CudaDeviceInfo, CudaEvent, CudaExpertTable, CudaGemmTile,
@@ -252,6 +253,10 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
       if (!this.#alloc) throw disposedError(name);
       return this.#alloc;
     }
+    /** The same device memory (the kernels compare pointers). */
+    sameAs(o: EmuBuffer): boolean {
+      return this.#alloc !== null && this.#alloc === o.#alloc && this.offset === o.offset;
+    }
     view(offsetBytes: number, sizeBytes: number): CudaBuffer {
       if (!this.#alloc) throw disposedError('buffer');
       const off = getInt(offsetBytes, 'offsetBytes', 0, this.sizeBytes);
@@ -440,6 +445,37 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
     const a = b.alloc(name);
     if (b.offset % 2) fault(`misaligned 16-bit access to ${name} at byte offset ${b.offset}`);
     return new Uint16Array(a.bytes.buffer, b.offset, Math.floor(b.sizeBytes / 2));
+  }
+  /** The KV cache element type argument of the binding (f32 when absent). */
+  function kvDtypeArg(v: unknown, name: string): KvDtype {
+    if (nullish(v)) return 'f32';
+    if (v === 'f32' || v === 'bf16' || v === 'fp8') return v;
+    throw typeError(`${name} must be 'f32', 'bf16' or 'fp8'`);
+  }
+  /** std::to_string(float) of the binding's messages. */
+  function cppFloat(x: number): string {
+    return Number.isNaN(x) ? 'nan' : !Number.isFinite(x) ? (x > 0 ? 'inf' : '-inf') : x.toFixed(6);
+  }
+  /** fp8 scales as the binding checks them: host Float32Array [kvHeads], finite and > 0. */
+  function kvScalesArg(v: unknown, name: string, kvHeads: number): Float32Array {
+    if (!(v instanceof Float32Array)) throw typeError(`${name} must be a Float32Array [kvHeads] for an fp8 cache`);
+    if (kvHeads > 256) throw rangeError(`kvHeads is ${kvHeads}, expected at most 256 for an fp8 cache`);
+    if (v.length < kvHeads) throw rangeError(`${name}.length is ${v.length}, expected at least kvHeads = ${kvHeads}`);
+    for (let h = 0; h < kvHeads; h++)
+      if (!(Number.isFinite(v[h]) && v[h]! > 0)) throw rangeError(`${name}[${h}] is ${cppFloat(v[h]!)}, expected a finite number > 0`);
+    return v.slice(0, kvHeads);
+  }
+  function kvArrayOf(b: EmuBuffer, dt: KvDtype, name: string): KvArray {
+    if (dt === 'f32') return f32Of(b, name);
+    if (dt === 'bf16') return u16Of(b, name);
+    return bytesOf(b);
+  }
+  /** A cache [slots, kvHeads, width] as the f32 values it holds (e4m3 x scale of its head). */
+  function dequantCache(c: KvArray, dt: KvDtype, scales: Float32Array | null, kvHeads: number, width: number): ArrayLike<number> {
+    if (dt === 'f32') return c;
+    const out = new Float32Array(c.length);
+    for (let i = 0; i < c.length; i++) out[i] = kvDecode(dt, c[i]!, scales?.[Math.floor(i / width) % kvHeads] ?? 1);
+    return out;
   }
   function slotU16(s: Slot, n: number): Uint16Array {
     return new Uint16Array(s.alloc.bytes.buffer, s.offset, n);
@@ -983,7 +1019,8 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
       native.sampleBatch(f32Of(lb, 'logits').subarray(0, R * V), R, V, batch, out);
     },
 
-    cudaKvCacheWrite(k, v, t, slots, kCache, vCache, kvHeads, dk, dv, vStride, numSlots, stream): void {
+    cudaKvCacheWrite(k, v, t, slots, kCache, vCache, kvHeads, dk, dv, vStride, numSlots, stream,
+                     kvDtype, kScales, vScales): void {
       const T = dim(t, 't'), KVH = dim(kvHeads, 'kvHeads', 1), DK = dim(dk, 'dk', 1);
       const DV = dim(dv, 'dv', 0), VS = dim(vStride, 'vStride', 0);
       const S = getInt(numSlots, 'numSlots', 0, 2 ** 40);
@@ -992,21 +1029,28 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
       const kb = buf(k, 'k', T * KVH * DK * 4);
       const vb = hasV ? buf(v, 'v', T * KVH * DV * 4) : null;
       const sb = buf(slots, 'slots', T * 4);
-      const kcb = buf(kCache, 'kCache', S * KVH * DK * 4);
-      const vcb = hasV ? buf(vCache, 'vCache', S * KVH * VS * 4) : null;
+      const dt = kvDtypeArg(kvDtype, 'kvDtype');
+      const es = kvDtypeBytes(dt);
+      const kcb = alignedBuf(kCache, 'kCache', S * KVH * DK * es, es);
+      const vcb = hasV ? alignedBuf(vCache, 'vCache', S * KVH * VS * es, es) : null;
       getStream(stream);
+      const ksc = dt === 'fp8' ? kvScalesArg(kScales, 'kScales', KVH) : null;
+      const vsc = dt === 'fp8' && hasV ? kvScalesArg(vScales, 'vScales', KVH) : null;
       ensureAlive();
       if (T <= 0) return;
-      const ks = f32Of(kb, 'k'), sl = i32Of(sb, 'slots'), kc = f32Of(kcb, 'kCache');
-      const vs = vb ? f32Of(vb, 'v') : null, vc = vcb ? f32Of(vcb, 'vCache') : null;
+      const ks = f32Of(kb, 'k'), sl = i32Of(sb, 'slots'), kc = kvArrayOf(kcb, dt, 'kCache');
+      const vs = vb ? f32Of(vb, 'v') : null, vc = vcb ? kvArrayOf(vcb, dt, 'vCache') : null;
       for (let tok = 0; tok < T; tok++) {
         const slot = sl[tok]!;
         if (slot < 0) continue;
         if (slot >= S) fault(`slots[${tok}] is ${slot}, expected < numSlots = ${S}`);
-        kc.set(ks.subarray(tok * KVH * DK, (tok + 1) * KVH * DK), slot * KVH * DK);
+        for (let hh = 0; hh < KVH; hh++)
+          for (let e = 0; e < DK; e++)
+            kc[(slot * KVH + hh) * DK + e] = kvEncode(dt, ks[(tok * KVH + hh) * DK + e]!, ksc?.[hh] ?? 1);
         if (!vs || !vc) continue;
         for (let hh = 0; hh < KVH; hh++)
-          vc.set(vs.subarray((tok * KVH + hh) * DV, (tok * KVH + hh + 1) * DV), (slot * KVH + hh) * VS);
+          for (let e = 0; e < DV; e++)
+            vc[(slot * KVH + hh) * VS + e] = kvEncode(dt, vs[(tok * KVH + hh) * DV + e]!, vsc?.[hh] ?? 1);
       }
     },
 
@@ -1043,15 +1087,23 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
       const maxCtx = req('maxContext', 1, 2 ** 30, 0, true);
       const numBlocks = req('numBlocks', 1, 2 ** 30, 0, true);
       const qb = buf(q, 'q', total ? ((total - 1) * qRowStride + heads * dk) * 4 : 0);
-      const kcb = buf(kCache, 'kCache', numBlocks * bs * kvHeads * dk * 4);
-      const vcb = buf(vCache, 'vCache', numBlocks * bs * kvHeads * vStride * 4);
+      const dt = kvDtypeArg(o.kvDtype, 'opts.kvDtype');
+      const es = kvDtypeBytes(dt);
+      const kScales = dt === 'fp8' ? kvScalesArg(o.kScales, 'opts.kScales', kvHeads) : null;
+      const vScales = dt === 'fp8' ? kvScalesArg(o.vScales, 'opts.vScales', kvHeads) : null;
+      const kcb = alignedBuf(kCache, 'kCache', numBlocks * bs * kvHeads * dk * es, es);
+      const vcb = alignedBuf(vCache, 'vCache', numBlocks * bs * kvHeads * vStride * es, es);
       const sib = buf(seqInfo, 'seqInfo', numSeqs * 3 * 4);
       const btb = buf(blockTables, 'blockTables', numSeqs * maxBlocks * 4);
       const ob = buf(out, 'out', total * heads * dv * 4);
       getStream(stream);
       ensureAlive();
       if (total <= 0 || numSeqs <= 0) return;
-      const qs = f32Of(qb, 'q'), kc = f32Of(kcb, 'kCache'), vc = f32Of(vcb, 'vCache');
+      // The cache's values as f32 (the dequantised cache the kernel reads; MLA reads V with K's scale).
+      const shareKv = kcb.sameAs(vcb) && vStride === dk;
+      const kc = dequantCache(kvArrayOf(kcb, dt, 'kCache'), dt, kScales, kvHeads, dk);
+      const vc = shareKv ? kc : dequantCache(kvArrayOf(vcb, dt, 'vCache'), dt, vScales, kvHeads, vStride);
+      const qs = f32Of(qb, 'q');
       const si = i32Of(sib, 'seqInfo'), bt = i32Of(btb, 'blockTables'), os = f32Of(ob, 'out');
       const group = heads / kvHeads;
       for (let s = 0; s < numSeqs; s++) {

@@ -1,6 +1,7 @@
 // Drives a model (CPU or device) directly (no scheduler) for fidelity tests: teacher-forced logits over a
 // prompt, greedy continuation, and several sequences batched in one step.
 import type { ForwardBatch, ForwardModel, ForwardResult } from '../../src/model/forward-batch.js';
+import type { KvDtype } from '../../src/model/kv-dtype.js';
 import type { Offloader } from '../../src/offload/offloader.js';
 
 export interface SeqState { blocks: number[]; len: number }
@@ -9,8 +10,9 @@ export class DirectRunner<C = unknown> {
   readonly cache: C;
   private nextBlock = 0;
 
-  constructor(readonly model: ForwardModel<C>, readonly blockSize = 4, readonly numBlocks = 256) {
-    this.cache = model.allocateKvCache(numBlocks, blockSize);
+  constructor(readonly model: ForwardModel<C>, readonly blockSize = 4, readonly numBlocks = 256,
+              readonly kvDtype: KvDtype = 'f32') {
+    this.cache = model.allocateKvCache(numBlocks, blockSize, kvDtype);
   }
 
   newSeq(): SeqState {
@@ -75,17 +77,17 @@ export class DirectRunner<C = unknown> {
  * Each prompt alone (prefill, then one greedy decode step), and all prompts batched in one prefill
  * step then one decode step: [prefill logits, decode logits] per prompt, both ways.
  */
-export function aloneAndBatched<C>(model: ForwardModel<C>, prompts: number[][]):
+export function aloneAndBatched<C>(model: ForwardModel<C>, prompts: number[][], kvDtype: KvDtype = 'f32'):
     { alone: [Float32Array, Float32Array][]; batched: [Float32Array, Float32Array][] } {
   const V = model.spec.vocabSize;
   const alone = prompts.map((p): [Float32Array, Float32Array] => {
-    const r = new DirectRunner(model);
+    const r = new DirectRunner(model, 4, 256, kvDtype);
     const s = r.newSeq();
     const first = r.step([s], [p], false).logits.slice(0, V);
     const next = r.step([s], [[argmax(first)]], false).logits.slice(0, V);
     return [first, next];
   });
-  const r = new DirectRunner(model);
+  const r = new DirectRunner(model, 4, 256, kvDtype);
   const seqs = prompts.map(() => r.newSeq());
   const res = r.step(seqs, prompts, false);
   const nextIds = prompts.map((_, i) => [argmax(res.logits.subarray(i * V, (i + 1) * V))]);

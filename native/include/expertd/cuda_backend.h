@@ -283,16 +283,26 @@ void copy_2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, siz
 void copy_row_range(void* dst, const void* src, const int32_t* offsets, int lo, int hi,
                     size_t row_bytes, int max_rows, Stream s);
 
-// Paged attention (f32 cache, layouts of ops.h). seq_info and block_tables are device arrays;
-// total_tokens = rows of q and out; max_context >= every ctx_len (sizes the split-K grid): no key
-// at or past min(max_context, max_blocks * block_size) is read, whatever ctx_len says.
-void paged_attention(const float* q, const float* k_cache, const float* v_cache,
+// fp8 KV scales travel by value in the kernels' arguments (host arrays, nothing to keep alive).
+constexpr int kMaxScaleHeads = 256;
+struct KvScales {
+  float k[kMaxScaleHeads];
+  float v[kMaxScaleHeads];
+};
+
+// Paged attention (f32, bf16 or fp8 cache as p.kv_dtype says, layouts of ops.h; p.k_scales /
+// p.v_scales are host arrays, fp8 takes at most kMaxScaleHeads kv heads). seq_info and
+// block_tables are device arrays; total_tokens = rows of q and out; max_context >= every ctx_len
+// (sizes the split-K grid): no key at or past min(max_context, max_blocks * block_size) is read,
+// whatever ctx_len says.
+void paged_attention(const float* q, const void* k_cache, const void* v_cache,
                      const int32_t* seq_info, const int32_t* block_tables,
                      const AttentionParams& p, int total_tokens, int max_context, float* out,
                      Stream s);
+// Rounds as the CPU kv_cache_write (k_scales / v_scales: host arrays [kv_heads], fp8 only).
 void kv_cache_write(const float* k, const float* v, int tokens, const int32_t* slots,
-                    float* k_cache, float* v_cache, int kv_heads, int dk, int dv, int v_stride,
-                    Stream s);
+                    void* k_cache, void* v_cache, int kv_heads, int dk, int dv, int v_stride,
+                    KvDtype dtype, const float* k_scales, const float* v_scales, Stream s);
 
 }  // namespace cuda
 

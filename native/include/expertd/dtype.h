@@ -98,28 +98,38 @@ inline float fp8_e4m3_to_f32(uint8_t v) {
   return sign ? -mag : mag;
 }
 
-// f32 -> e4m3fn, round to nearest even, saturating to +-448 (as torch's float8_e4m3fn cast of
-// values already scaled into range); NaN -> 0x7f.
+// f32 -> e4m3fn, round to nearest even, saturating to +-448 (never the NaN code): how the fp8 KV
+// cache stores a value already divided by its scale. NaN in stays NaN (0x7f with its sign).
 inline uint8_t f32_to_fp8_e4m3(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
   const uint8_t sign = static_cast<uint8_t>((u >> 24) & 0x80u);
-  uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return 0x7f;
-  if (a >= 0x43e00000u) return sign | 0x7e;  // >= 448 (and inf): the largest finite
-  if (a < 0x3c800000u) {                       // below 2^-6: subnormal, units of 2^-9
+  const uint32_t absu = u & 0x7fffffffu;
+  if (absu > 0x7f800000u) return static_cast<uint8_t>(sign | 0x7fu);
+  if (absu >= 0x43e00000u) return static_cast<uint8_t>(sign | 0x7eu);  // >= 448 (and inf): 448
+  if (absu < 0x3c800000u) {  // below 2^-6: subnormal in e4m3, units of 2^-9
     float af;
-    std::memcpy(&af, &a, 4);
-    const float scaled = af * 512.0f;  // exact (power of two)
-    uint32_t m = static_cast<uint32_t>(scaled);
-    const float rem = scaled - static_cast<float>(m);
-    if (rem > 0.5f || (rem == 0.5f && (m & 1u))) ++m;  // m == 8 is the smallest normal, 0x08
-    return static_cast<uint8_t>(sign | m);
+    std::memcpy(&af, &absu, 4);
+    const float scaled = af * 512.0f;  // exact (power of two), < 8
+    uint32_t r = static_cast<uint32_t>(scaled);
+    const float rem = scaled - static_cast<float>(r);
+    if (rem > 0.5f || (rem == 0.5f && (r & 1u))) ++r;
+    return static_cast<uint8_t>(sign | r);  // r == 8 is the smallest normal, 0x08
   }
-  a += 0x7ffffu + ((a >> 20) & 1u);  // round the mantissa to 3 bits
-  const uint32_t e = (a >> 23) - 127 + 7;
-  if (e > 15 || (e == 15 && ((a >> 20) & 7u) == 7u)) return sign | 0x7e;
-  return static_cast<uint8_t>(sign | (e << 3) | ((a >> 20) & 7u));
+  // Normal: keep 3 mantissa bits, round to nearest even on the 20 dropped ones.
+  const uint32_t exp = (absu >> 23) - 127 + 7;  // 1..15
+  uint32_t h = (exp << 3) | ((absu >> 20) & 0x7u);
+  const uint32_t rest = absu & 0xfffffu;
+  if (rest > 0x80000u || (rest == 0x80000u && (h & 1u))) ++h;
+  if (h > 0x7eu) h = 0x7eu;  // rounding up past 448 saturates
+  return static_cast<uint8_t>(sign | h);
+}
+
+// Element type of the paged KV cache (--kv-cache-dtype).
+enum class KvDtype : int { F32 = 0, BF16 = 1, FP8 = 2 };
+inline size_t kv_dtype_size(KvDtype t) { return t == KvDtype::F32 ? 4 : t == KvDtype::BF16 ? 2 : 1; }
+inline const char* kv_dtype_name(KvDtype t) {
+  return t == KvDtype::F32 ? "f32" : t == KvDtype::BF16 ? "bf16" : "fp8";
 }
 
 }  // namespace expertd

@@ -200,18 +200,29 @@ struct AttentionParams {
   float scale = 1.0f;       // softmax scale
   int sliding_window = 0;   // 0 = none; else key positions > pos - window are visible
   int q_row_stride = 0;     // floats between token rows of q (>= heads * dk)
+  KvDtype kv_dtype = KvDtype::F32;  // element type of k_cache / v_cache
+  // fp8 only: static dequantisation scales per kv head ([kv_heads] f32; value = e4m3 * scale).
+  const float* k_scales = nullptr;
+  const float* v_scales = nullptr;
 };
 
 // seq_info [num_seqs, 3]: (q_start, q_len, ctx_len): the sequence's new tokens are q rows
 // [q_start, q_start + q_len) at positions ctx_len - q_len + i; keys 0..ctx_len-1 are in the cache.
 // out [T, heads, dv]. Causal.
-void paged_attention(const float* q, const float* k_cache, const float* v_cache,
+// The cache holds p.kv_dtype elements; the kernel reads them directly (a key block is widened to
+// f32 in registers or L1, then the same f32 arithmetic runs as for an f32 cache holding the
+// dequantised values: results are bit-identical to that).
+void paged_attention(const float* q, const void* k_cache, const void* v_cache,
                      const int32_t* seq_info, const int32_t* block_tables,
                      const AttentionParams& p, float* out);
 
 // Writes k [T, kv_heads, dk] and (optionally) v [T, kv_heads, dv] at cache slots
 // slots[t] = block * block_size + offset (negative: skipped).
+// The cache holds `dtype` elements: bf16 rounds to nearest even, fp8 stores e4m3(x / scale[head])
+// rounded to nearest even and saturated to +-448 (k_scales / v_scales [kv_heads], fp8 only).
 void kv_cache_write(const float* k, const float* v, int tokens, const int32_t* slots,
-                    float* k_cache, float* v_cache, int kv_heads, int dk, int dv, int v_stride);
+                    void* k_cache, void* v_cache, int kv_heads, int dk, int dv, int v_stride,
+                    KvDtype dtype = KvDtype::F32, const float* k_scales = nullptr,
+                    const float* v_scales = nullptr);
 
 }  // namespace expertd
