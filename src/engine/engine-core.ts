@@ -5,7 +5,9 @@ import type { ForwardBatch } from '../model/forward-batch.js';
 import type { ForwardModel } from '../model/forward-batch.js';
 import type { LoadedModel } from '../model/load.js';
 import type { Offloader } from '../offload/offloader.js';
+import type { SequenceGrammar } from '../structured/grammar-engine.js';
 import { Sampler, SamplingState } from './sampler.js';
+import { applyTokenBitmask, bitmaskWords } from './token-bitmask.js';
 import { Scheduler, type StepPlan } from './scheduler.js';
 import type { StepMetrics } from './protocol.js';
 import type { EngineEvent, EngineStats, GenerateRequest, ModelInfo, RoutedExperts, TokenLogprob } from './types.js';
@@ -39,6 +41,8 @@ interface Running {
   /** When its first and latest generated tokens were sampled (null: none yet). */
   firstTokenAtMs: number | null;
   lastTokenAtMs: number;
+  /** Structured output: the grammar every sampled token must follow (disposed when the request ends). */
+  grammar: SequenceGrammar | null;
 }
 
 export class EngineCore {
@@ -51,6 +55,8 @@ export class EngineCore {
   private readonly eos: Set<number>;
   private readonly blockSize: number;
   private readonly clock: () => number;
+  /** [ceil(V / 32)] i32 scratch: the token bitmask of the sequence being sampled. */
+  private readonly tokenMask: Int32Array;
 
   constructor(readonly loaded: LoadedModel<ForwardModel>, opts: EngineCoreOptions, readonly offloader: StepOffloader | null = null) {
     const { spec, model } = loaded;
@@ -72,6 +78,7 @@ export class EngineCore {
       maxNumSeqs: opts.maxNumSeqs, maxNumBatchedTokens: opts.maxNumBatchedTokens,
     });
     this.sampler = new Sampler(spec.vocabSize);
+    this.tokenMask = new Int32Array(bitmaskWords(spec.vocabSize));
     this.eos = new Set(spec.eosTokenIds);
     this.info = {
       name: opts.servedModelName, architecture: spec.modelType, maxContext: spec.maxContext,
@@ -80,8 +87,17 @@ export class EngineCore {
     };
   }
 
-  /** Queues a request; returns an immediate 'finished' event when it cannot run at all. */
-  add(req: GenerateRequest): EngineEvent | null {
+  /**
+   * Queues a request; returns an immediate 'finished' event when it cannot run at all. grammar:
+   * its compiled structured-output matcher (req.grammar), owned by the core from here on.
+   */
+  add(req: GenerateRequest, grammar: SequenceGrammar | null = null): EngineEvent | null {
+    const ev = this.admit(req, grammar);
+    if (ev) grammar?.dispose();
+    return ev;
+  }
+
+  private admit(req: GenerateRequest, grammar: SequenceGrammar | null): EngineEvent | null {
     const fail = (msg: string): EngineEvent => ({
       type: 'finished', id: req.id, reason: 'error', error: msg,
       promptTokens: req.promptTokenIds.length, completionTokens: 0,
@@ -96,8 +112,10 @@ export class EngineCore {
     } catch (e) {
       return fail((e as Error).message);
     }
+    if (req.grammar && !grammar) return fail('the request has a grammar but no compiled matcher was given');
     this.requests.set(req.id, {
       req, sampling, generated: 0, routedUpTo: 0, arrivedAtMs: this.clock(), scheduledAtMs: null, firstTokenAtMs: null, lastTokenAtMs: 0,
+      grammar,
     });
     return null;
   }
@@ -107,6 +125,7 @@ export class EngineCore {
     if (!r) return null;
     this.scheduler.abort(id);
     this.requests.delete(id);
+    r.grammar?.dispose();
     this.offloader?.dropRequest(id);
     return { type: 'finished', id, reason: 'abort', promptTokens: r.req.promptTokenIds.length, completionTokens: r.generated, ...phases(r) };
   }
@@ -179,6 +198,11 @@ export class EngineCore {
       }
       const logits = result.logits.subarray(logitIndex * V, (logitIndex + 1) * V);
       logitIndex++;
+      if (r.grammar) {
+        // NOTE: eos is allowed only where the grammar accepts, so a constrained output ends complete.
+        r.grammar.fillMask(this.tokenMask);
+        applyTokenBitmask(logits, this.tokenMask);
+      }
       const s = this.sampler.sample(logits, r.sampling);
       r.sampling.addOutputToken(s.tokenId);
       r.generated++;
@@ -192,11 +216,28 @@ export class EngineCore {
       if (routed) ev.routedExperts = routed;
       events.push(ev);
       const reachedLimit = this.scheduler.appendToken(r.req.id, s.tokenId);
-      const stopHit = r.generated >= r.req.minTokens &&
-        ((!r.req.ignoreEos && this.eos.has(s.tokenId)) || r.req.stopTokenIds.includes(s.tokenId));
+      let grammarDone = false;
+      if (r.grammar) {
+        if (!r.grammar.accept(s.tokenId)) {
+          if (!reachedLimit) this.scheduler.finish(r.req.id);
+          this.requests.delete(r.req.id);
+          this.offloader?.finishRequest(r.req.id);
+          r.grammar.dispose();
+          events.push({
+            type: 'finished', id: r.req.id, reason: 'error', error: `the grammar rejected sampled token ${s.tokenId}`,
+            promptTokens: r.req.promptTokenIds.length, completionTokens: r.generated, ...phases(r),
+          });
+          continue;
+        }
+        grammarDone = r.grammar.terminated;
+      }
+      // A finished grammar stops the sequence even under ignore_eos / min_tokens: nothing else may follow.
+      const stopHit = grammarDone || (r.generated >= r.req.minTokens &&
+        ((!r.req.ignoreEos && this.eos.has(s.tokenId)) || r.req.stopTokenIds.includes(s.tokenId)));
       if (stopHit || reachedLimit) {
         if (!reachedLimit) this.scheduler.finish(r.req.id);
         this.requests.delete(r.req.id);
+        r.grammar?.dispose();
         this.offloader?.finishRequest(r.req.id);
         const fin: EngineEvent = {
           type: 'finished', id: r.req.id, reason: stopHit ? 'stop' : 'length',

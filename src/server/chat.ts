@@ -5,6 +5,7 @@ import type { ServerContext } from './context.js';
 import { invalidRequest } from './errors.js';
 import { runGeneration } from './generation-route.js';
 import { checkModel } from './models.js';
+import { checkGrammar, grammarFromBody } from './structured-output.js';
 import { buildParams, checkSequenceCount, resolveMaxTokens, type SamplingBody } from './request-params.js';
 import { chatBodySchema } from './schemas.js';
 
@@ -67,6 +68,11 @@ export function registerChat(app: FastifyInstance, ctx: ServerContext): void {
     });
     const logprobs = body.logprobs ? (body.top_logprobs ?? 0) : null;
     const params = buildParams(body, maxTokens, logprobs, engine.info.vocabSize);
+    const grammar = grammarFromBody(body);
+    if (grammar) {
+      await checkGrammar(ctx.grammarChecker, grammar);
+      params.grammar = grammar.spec;
+    }
     return runGeneration(ctx, request, reply, {
       kind: 'chat',
       prompts: [ids],

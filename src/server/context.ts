@@ -5,6 +5,7 @@ import type { FastifyBaseLogger, FastifyRequest } from 'fastify';
 import type { Metrics } from '../metrics/registry.js';
 import type { EngineClient, TextCodec } from './deps.js';
 import type { Generation } from './generation.js';
+import { GrammarChecker } from '../structured/grammar-checker.js';
 import { DEFAULT_MAX_QUEUED_SEQUENCES, DEFAULT_MAX_SEQUENCES_PER_REQUEST, type SequenceLimits } from './request-params.js';
 import { DEFAULT_MAX_PROMPTS_PER_REQUEST } from './schemas.js';
 
@@ -66,6 +67,8 @@ export class ServerContext {
   readonly records = new WeakMap<FastifyRequest, RequestRecord>();
   readonly retryAfter: string;
   readonly limits: SequenceLimits;
+  /** Checks structured-output grammars off the main thread (started on first use). */
+  readonly grammarChecker = new GrammarChecker();
 
   constructor(readonly opts: ServerOptions) {
     this.retryAfter = String(opts.retryAfterSeconds ?? 1);

@@ -1,6 +1,8 @@
 // JSON schemas of every request body. Unknown OpenAI fields pass (additionalProperties), known ones
 // are type-checked; `description` is what the 400 message says was expected (see errors.ts).
 
+import { structuredOutputProperties } from './structured-output.js';
+
 const MAX_SAFE = Number.MAX_SAFE_INTEGER;
 
 const tokenId = { type: 'integer', minimum: 0, maximum: 2 ** 31 - 1, description: 'must be a token id (an integer >= 0)' };
@@ -53,6 +55,7 @@ const samplingProperties = {
   skip_special_tokens: bool,
   return_token_ids: bool,
   return_routed_experts: bool,
+  ...structuredOutputProperties,
 } as const;
 
 /** Default of --max-prompts-per-request. */
