@@ -6,6 +6,8 @@ import type { Metrics } from '../metrics/registry.js';
 import type { EngineClient, TextCodec } from './deps.js';
 import type { Generation } from './generation.js';
 import { GrammarChecker } from '../structured/grammar-checker.js';
+import type { ReasoningParserName } from './reasoning.js';
+import type { ToolCallParserName } from './tool-calls.js';
 import { DEFAULT_MAX_QUEUED_SEQUENCES, DEFAULT_MAX_SEQUENCES_PER_REQUEST, type SequenceLimits } from './request-params.js';
 import { DEFAULT_MAX_PROMPTS_PER_REQUEST } from './schemas.js';
 
@@ -41,6 +43,10 @@ export interface ServerOptions {
   streamBufferLimitBytes?: number;
   /** Seconds sent in Retry-After with 429 and 503 (default 1). */
   retryAfterSeconds?: number;
+  /** Chat: how reasoning text is split into reasoning_content (null/absent = it is content). */
+  reasoningParser?: ReasoningParserName | null;
+  /** Chat: how the model's tool-call text is parsed into tool_calls (null/absent = no tool calls). */
+  toolCallParser?: ToolCallParserName | null;
 }
 
 /** What one generation request contributes to its log line. */

@@ -26,7 +26,7 @@ export const structuredOutputProperties = {
         properties: {
           name: { type: 'string', pattern: '^[a-zA-Z0-9_-]{1,64}$', description: 'must be a name of 1 to 64 letters, digits, _ or -' },
           description: { type: 'string', description: 'must be a string' },
-          schema: { type: ['object', 'boolean'], description: 'must be a JSON Schema (an object)' },
+          schema: { anyOf: [{ type: 'object' }, { type: 'boolean' }], description: 'must be a JSON Schema (an object)' },
           strict: { type: ['boolean', 'null'], description: 'must be a boolean' },
         },
         description: 'must be an object like {"name": "...", "schema": {...}, "strict": true}',
@@ -34,7 +34,7 @@ export const structuredOutputProperties = {
     },
     description: 'must be an object like {"type": "json_schema", "json_schema": {"name": "...", "schema": {...}}}',
   },
-  guided_json: { type: ['object', 'string', 'boolean', 'null'], description: 'must be a JSON Schema (an object or its JSON text)' },
+  guided_json: { anyOf: [{ type: 'object' }, { type: 'string' }, { type: 'boolean' }, { type: 'null' }], description: 'must be a JSON Schema (an object or its JSON text)' },
   guided_regex: { type: ['string', 'null'], minLength: 1, description: 'must be a non-empty regular expression' },
   guided_choice: { type: ['array', 'null'], minItems: 1, maxItems: 4096, items: { type: 'string', minLength: 1 }, description: 'must be a non-empty array of non-empty strings' },
   guided_grammar: { type: ['string', 'null'], minLength: 1, description: 'must be a non-empty EBNF grammar' },

@@ -60,6 +60,11 @@ const OBJECT_SCHEMA = '{"type": "object"}';
  * such strings get the equivalent pattern without them instead (they then hold no escapes).
  */
 export function xgrammarSchema(schemaText: string): string {
+  return JSON.stringify(xgrammarSchemaValue(JSON.parse(schemaText)));
+}
+
+/** xgrammarSchema on a parsed schema (for schemas inside structural tags). */
+export function xgrammarSchemaValue(schema: unknown): unknown {
   const fix = (node: unknown): unknown => {
     if (Array.isArray(node)) return node.map(fix);
     if (node === null || typeof node !== 'object') return node;
@@ -75,7 +80,7 @@ export function xgrammarSchema(schemaText: string): string {
     }
     return o;
   };
-  return JSON.stringify(fix(JSON.parse(schemaText)));
+  return fix(schema);
 }
 
 /** Parses the spec into a grammar without a vocabulary: the cheap check that it is valid. */

@@ -78,6 +78,11 @@ export function loadXgrammar(): XgInstance {
         try {
           return await fn();
         } catch (e) {
+          // A C++ exception arrives as a number (a pointer into the wasm heap), without its message.
+          if (typeof e === 'number') {
+            inst.aborts++;
+            throw new GrammarError(fatal.length ? fatal.join('; ') : 'xgrammar refused it (an internal error, no reason given)');
+          }
           if ((e as Error)?.name !== 'RuntimeError' || !/Aborted\(/.test(String((e as Error).message))) throw e;
           inst.aborts++;
           throw new GrammarError(fatal.length ? fatal.join('; ') : 'xgrammar refused it (no reason given)');
