@@ -224,7 +224,7 @@ test('json_object, guided_regex, guided_choice, guided_grammar and guided_json; 
     await bad({ guided_choice: [] }, 'guided_choice', /non-empty array/);
     await bad({ guided_regex: 'a', guided_choice: ['a'] }, 'guided_choice', /Only one kind of structured output per request: this one sets 'guided_regex' and 'guided_choice'/);
     // Many refusals in a row (each one costs xgrammar's checker its wasm instance), then a valid one still works.
-    for (let i = 0; i < 30; i++) await bad({ guided_json: { type: `t${i}` } }, 'guided_json', new RegExp(`Unsupported type "t${i}"`));
+    for (let i = 0; i < 100; i++) await bad({ guided_json: { type: `t${i}` } }, 'guided_json', new RegExp(`Unsupported type "t${i}"`));
     const after = await completion({ guided_choice: ['ok'] }, 1);
     assert.equal(after.text, 'ok');
     // A plain request on the same daemon is unconstrained as before.
