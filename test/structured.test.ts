@@ -239,3 +239,18 @@ test('the fixtures this test uses have byte-fallback tokenizers (the vocabulary 
     assert.equal(vocabForGrammar(fixture(m), cfg.vocab_size).encodedVocab.length, cfg.vocab_size);
   }
 });
+
+test('rank processes (--nproc-per-node 2): the grammar travels with the request and the rank applies it', async () => {
+  const d = await startDaemon(['--model', fixture('qwen3_moe'), '--nproc-per-node', '2']);
+  try {
+    // Four requests, so that the front's spreading by load gives both ranks some.
+    const texts = await Promise.all([0, 1, 2, 3].map(async (seed) => {
+      const r = await d.client.completions.create({ model: 'qwen3_moe', prompt: `x${seed}`, max_tokens: 40, temperature: 1, seed, guided_regex: '[a-z]{2}-[0-9]{3}' } as never) as unknown as { choices: { text: string; finish_reason: string }[] };
+      assert.equal(r.choices[0]!.finish_reason, 'stop');
+      return r.choices[0]!.text;
+    }));
+    for (const t of texts) assert.match(t, /^[a-z]{2}-[0-9]{3}$/);
+  } finally {
+    await stopDaemon(d);
+  }
+});
