@@ -16,6 +16,8 @@ import type { MoeModel } from '../src/model/model.js';
 import type { ModelSpec } from '../src/model/spec.js';
 import { loadNative } from '../src/native/index.js';
 import { BENCH_MODEL_NAMES, ensureBenchModel, type BenchModelName } from './bench-models.js';
+import { seriesChart, type Series } from '../src/plot/charts.js';
+import { writePlot } from '../src/plot/render.js';
 import { fmt, markdownTable, median, parseIntList, parsePositiveInt, pct, runInfo, writeJson, type Cell } from './harness.js';
 import { OpProfiler } from './op-profile.js';
 import { HfPeer, hfPython, type HfDecodeRun, type HfInfo } from './peers/hf.js';
@@ -26,7 +28,7 @@ const BLOCK_SIZE = 16;
 interface Seq { blocks: number[]; len: number }
 
 /** A minimal paged-KV driver: contiguous block hand-out, reset between repetitions. */
-class Runner {
+export class Runner {
   readonly cache: LayerCache[];
   private next = 0;
   constructor(readonly model: MoeModel, readonly numBlocks: number) {
@@ -71,7 +73,7 @@ class Runner {
   }
 }
 
-function argmaxRows(logits: Float32Array, rows: number, V: number): number[] {
+export function argmaxRows(logits: Float32Array, rows: number, V: number): number[] {
   const out: number[] = [];
   for (let r = 0; r < rows; r++) {
     let best = 0;
@@ -87,7 +89,7 @@ function argmaxRows(logits: Float32Array, rows: number, V: number): number[] {
 }
 
 /** Deterministic prompt token ids in [100, 30100) (no special tokens). */
-function promptIds(seed: number, n: number): number[] {
+export function promptIds(seed: number, n: number): number[] {
   let a = (seed * 2654435761) >>> 0 || 1;
   return Array.from({ length: n }, () => {
     a ^= a << 13; a ^= a >>> 17; a ^= a << 5; a >>>= 0;
@@ -96,9 +98,9 @@ function promptIds(seed: number, n: number): number[] {
 }
 
 /** Bytes one decode step reads: dense weights, the experts its routing chose, and the KV cache. */
-class DecodeBytes {
+export class DecodeBytes {
   readonly denseBytes: number;
-  readonly expertBytes: number;
+  expertBytes: number;
   private readonly kvBytesPerTokenLayer: number;
   constructor(private readonly spec: ModelSpec) {
     const H = spec.hidden;
@@ -362,11 +364,37 @@ function report(results: ModelResult[], o: Options): { table: string; verdicts: 
   return { table, verdicts };
 }
 
+/** Per model: tokens/s of each phase (prefill, decode per batch) for expertd, the HF peer and the bandwidth bound. */
+async function plot(file: string, results: ModelResult[], o: Options): Promise<void> {
+  for (const r of results) {
+    const x = [`prefill ${o.prefill}`, ...Object.keys(r.decode).map((B) => `decode b${B}`)];
+    const ours = [r.prefillMs.map((ms) => o.prefill / (ms / 1e3)), ...Object.values(r.decode).map((reps) => reps.map((d) => d.tokPerS))];
+    const hf = [r.hf?.prefillS.length ? r.hf.prefillS.map((sec) => o.prefill / sec) : null,
+      ...Object.keys(r.decode).map((B) => {
+        const runs = r.hf?.decode[B];
+        return runs?.length ? runs.map((h) => (Number(B) * h.stepS.length) / h.stepS.reduce((a, b) => a + b, 0)) : null;
+      })];
+    const side = (name: string, v: (number[] | null)[]): Series => ({
+      name, values: v.map((xs) => (xs ? median(xs) : null)), lo: v.map((xs) => (xs ? Math.min(...xs) : null)), hi: v.map((xs) => (xs ? Math.max(...xs) : null)),
+    });
+    const series: Series[] = [side('expertd (bf16)', ours)];
+    if (hf.some((v) => v !== null)) series.push(side(`HF transformers bf16${r.hf?.info ? ` (torch ${r.hf.info.torch})` : ''}`, hf));
+    series.push({ name: 'bandwidth bound (measured, decode)', values: [null, ...Object.values(r.decode).map((reps) => median(reps.map((d) => d.boundTokPerS)))] });
+    const out = results.length > 1 ? file.replace(/(\.png)?$/i, `-${r.model}.png`) : file;
+    const w = await writePlot(out, seriesChart({
+      title: `${r.model}: tokens/s per phase, expertd beside its peers`,
+      note: `${o.reps} reps, bars: median, whiskers: min-max; ${o.threads || os.availableParallelism()} threads; read bandwidth ${fmt(r.bandwidthGBps)} GB/s`,
+      kind: 'bar', x, xTitle: 'phase (prompt tokens / decode batch)', yTitle: 'throughput (tokens/s)', legendTitle: 'engine', series,
+    }));
+    console.error(`# wrote ${w.png}, ${w.svg} and ${w.spec}`);
+  }
+}
+
 export async function runE2e(argv: string[]): Promise<void> {
   const { values } = parseArgs({
     args: argv,
     options: {
-      json: { type: 'string' }, reps: { type: 'string' }, warmup: { type: 'string' }, python: { type: 'string' },
+      json: { type: 'string' }, plot: { type: 'string' }, reps: { type: 'string' }, warmup: { type: 'string' }, python: { type: 'string' },
       'no-peer': { type: 'boolean' }, profile: { type: 'boolean' }, models: { type: 'string' }, threads: { type: 'string' },
       prefill: { type: 'string' }, 'decode-prompt': { type: 'string' }, steps: { type: 'string' }, batches: { type: 'string' },
     },
@@ -431,4 +459,5 @@ export async function runE2e(argv: string[]): Promise<void> {
     try { capabilities = loadNative().capabilities(); } catch { /* not built */ }
     writeJson(values.json, { bench: 'e2e', run: info, loadAverageEnd: os.loadavg(), capabilities, options: o, results, verdicts });
   }
+  if (values.plot) await plot(values.plot, results, o);
 }

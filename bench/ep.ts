@@ -26,7 +26,9 @@ import { startExpertRanks, type ExpertRanks } from '../src/dist/expert-ranks.js'
 import { chunkOverheadOf, MoeLayer } from '../src/moe/moe-layer.js';
 import { packageRoot } from '../src/native/index.js';
 import { DirectRunner } from '../test/helpers/model-runner.js';
-import { writeChart } from './chart.js';
+import { seriesChart, timelineChart, type Span } from '../src/plot/charts.js';
+import { writePlot } from '../src/plot/render.js';
+import { PIPELINE_COLORS, PIPELINE_PHASES, recordPipeline } from './ep-timeline.js';
 import { fmt, markdownTable, median, parseIntList, parsePositiveInt, runInfo, writeJson, type Cell } from './harness.js';
 
 const VERSION = 1;
@@ -197,6 +199,7 @@ export async function runEp(argv: string[]): Promise<void> {
   }
   const ranks = startExpertRanks(dir, W, false, 600_000);
   const eps: { mode: string; GBps: number; runs: Run[]; chunkOverheadMs: number }[] = [];
+  const timelines: { mode: string; speedup: number; spans: Span[] }[] = [];
   try {
     await ranks.ready;
         const { model } = loadModel(dir, { fast: false, comm: ranks.comm, loadExpert: (_l, e) => ranks.comm.ownsExpert(e) });
@@ -210,6 +213,19 @@ export async function runEp(argv: string[]): Promise<void> {
         ]);
         const chunkOverheadMs = chunkOverheadOf(ranks.comm).overheadMs();
         eps.push({ mode: mode.label, GBps: mode.GBps, runs, chunkOverheadMs });
+        if (values.plot) {
+          // One more step each at PN 1 and at this link's best forced PN, recorded span by span.
+          const forced = runs.slice(0, -1);
+          const best = forced.reduce((a, r) => (median(r.stepMs) < median(a.stepMs) ? r : a));
+          const pns = [...new Set([1, Number(best.label.replace('PN ', ''))])];
+          timelines.push({ mode: mode.label, speedup: median(forced[0]!.stepMs) / median(best.stepMs), spans: pns.flatMap((pn) => {
+            model.setPipelineChunks(pn);
+            const runner = new DirectRunner(model, 16, Math.ceil(T / 16) + 4);
+            const prompt = Array.from({ length: T }, (_, i) => 3 + ((i * 7919) % (model.spec.vocabSize - 3)));
+            return recordPipeline(model, ranks.comm, () => { runner.step([runner.newSeq()], [prompt], false); })
+              .map((sp) => ({ ...sp, column: `PN ${pn}${pn === 1 ? ' (no pipeline)' : ' (best forced)'}` }));
+          }) });
+        }
         const one = median(runs[0]!.stepMs);
         console.error(`# ${mode.label}: PN 1 ${fmt(one)} ms, auto ${fmt(median(runs.at(-1)!.stepMs))} ms, measured overhead ${fmt(chunkOverheadMs)} ms/chunk`);
       }
@@ -277,11 +293,25 @@ export async function runEp(argv: string[]): Promise<void> {
   }
   if (values.json) writeJson(values.json, { bench: 'ep', info, T, ranks: W, reps, warmup, gemmFlops, autoScale, eps, summary, scmoe: sc });
   if (values.plot) {
-    writeChart(values.plot, {
-      title: `EPS-MoE prefill step time vs PN (${W} ranks, ${T} tokens)`, xLabel: 'pipeline chunks PN', yLabel: 'step ms (median)',
-      xLabels: PNS.map(String), kind: 'line', logY: true,
-      series: eps.map((e) => ({ name: e.mode, values: e.runs.slice(0, -1).map((r) => median(r.stepMs)) })),
-    });
-    console.error(`# wrote ${values.plot}`);
+    const stepPlot = await writePlot(values.plot, seriesChart({
+      title: `EPS-MoE prefill step time vs pipeline chunks (Mixtral-shaped, ${W} ranks, ${T} tokens)`,
+      note: `median over ${reps} reps, whiskers: min-max; SIMULATED links are modelled on the comm thread, not measured`,
+      x: PNS, xTitle: 'pipeline chunks PN', yTitle: 'prefill step time (ms)', legendTitle: 'link',
+      series: eps.map((e) => {
+        const forced = e.runs.slice(0, -1);
+        return { name: e.mode, values: forced.map((r) => median(r.stepMs)), lo: forced.map((r) => Math.min(...r.stepMs)), hi: forced.map((r) => Math.max(...r.stepMs)) };
+      }),
+    }));
+    console.error(`# wrote ${stepPlot.png}, ${stepPlot.svg} and ${stepPlot.spec}`);
+    // The link where pipelining paid most shows the overlap best.
+    const shown = timelines.reduce<(typeof timelines)[number] | null>((a, t) => (a && a.speedup >= t.speedup ? a : t), null);
+    if (shown) {
+      const tl = await writePlot(`${values.plot.replace(/\.png$/i, '')}-timeline.png`, timelineChart({
+        title: `EPS-MoE pipeline, one prefill step of ${T} tokens: ${shown.mode}`,
+        note: `rank 0 of ${W}; comm-thread spans placed in queue order from each all2all's measured comm-thread time; best PN ${fmt(shown.speedup)}x faster than PN 1 (median step)`,
+        spans: shown.spans, phases: PIPELINE_PHASES, colors: PIPELINE_COLORS, xTitle: 'time from the MoE layer start (ms)', laneTitle: 'thread',
+      }));
+      console.error(`# wrote ${tl.png}, ${tl.svg} and ${tl.spec}`);
+    }
   }
 }

@@ -7,18 +7,22 @@ import { runFidelity } from './fidelity.js';
 import { runKernels } from './kernels.js';
 import { runOffloadBench } from './offload.js';
 import { runProbeBench } from './probe-bench.js';
+import { runSamplerBench } from './sampler.js';
+import { runQuantBench } from './quant.js';
 import { runSelftest } from './selftest.js';
 import { runServe } from './serve.js';
 import { runTraceBench } from './trace.js';
 
 const BENCHES: Record<string, { run: (argv: string[]) => Promise<void>; about: string }> = {
   comm: { run: runCommBench, about: 'all2allv over Gloo (2, 3 rank processes) vs the in-process loopback group at one MoE layer\'s dispatch sizes of the bench models [--json F] [--reps N] [--warmup N] [--tokens 1,8,64,512] [--worlds 2,3] [--models a,b]' },
-  e2e: { run: runE2e, about: 'whole model (bench checkpoints, bf16): prefill 512, decode b1/b8 vs the bandwidth bound and HF transformers [--json F] [--reps N] [--python PATH] [--no-peer] [--models a,b] [--steps N] [--batches 1,8]' },
-  ep: { run: runEp, about: 'EPS-MoE pipeline (PN 1, best, planner) and ScMoE overlap over in-process ranks, real and SIMULATED links (25/50/150 GB/s) [--json F] [--plot F.png] [--reps N] [--warmup N] [--tokens T] [--ranks N] [--chunks 1,2,4] [--link-scale 1,auto] [--no-real] [--no-scmoe]' },
+  e2e: { run: runE2e, about: 'whole model (bench checkpoints, bf16): prefill 512, decode b1/b8 vs the bandwidth bound and HF transformers [--json F] [--plot F.png] [--reps N] [--python PATH] [--no-peer] [--models a,b] [--steps N] [--batches 1,8]' },
+  ep: { run: runEp, about: 'EPS-MoE pipeline (PN 1, best, planner) and ScMoE overlap over in-process ranks, real and SIMULATED links (25/50/150 GB/s) [--json F] [--plot F.png: step time vs PN, and F-timeline.png: one step of the pipeline per MoE layer] [--reps N] [--warmup N] [--tokens T] [--ranks N] [--chunks 1,2,4] [--link-scale 1,auto] [--no-real] [--no-scmoe]' },
   fidelity: { run: runFidelity, about: 'the device engine on every fixture vs HF goldens and the CPU bf16 engine (logit error, routing agreement), on the emulator of the cuda* ops [--gpu: the real device]' },
   kernels: { run: runKernels, about: 'CPU MoE kernels vs machine limits and the OpenBLAS loop [--json F] [--plot F.png] [--reps N] [--warmup N] [--tokens 1,8] [--models mixtral-like,qwen3moe-like] [--threads N] [--ctx N] [--hot] [--no-peer] [--device cpu]; GPU: --device cuda[:N] vs torch grouped_mm and a matmul loop [--rows 1,8] [--models mixtral-like,deepseek-like|NAME:H:I:E] [--python PATH] [--matmul-n N] [--copy-mib N]' },
   offload: { run: runOffloadBench, about: 'expert cache: replay hit rates (eam, lru, lfu, Belady) on structured and generation traces, live decode tok/s [--json F] [--plot F.png] [--reps N] [--tokens N] [--link-gbps G] [--link-latency-us U] [--no-live] [--no-replay]' },
   probe: { run: runProbeBench, about: 'machine limits (bandwidth, peak FMA) and the OpenBLAS peer at the kernels shapes [--json F] [--reps N] [--threads N]' },
+  sampler: { run: runSamplerBench, about: 'sampler time per step, JS row by row vs the native batched call, batch 1/16/64, vocab 32K/152K, greedy / top_p / logprobs 5; its share of a batch-64 decode step on the bench models [--json F] [--reps N] [--warmup N] [--batches 1,16,64] [--vocabs 32000,152064] [--models a,b] [--steps N] [--share-modes top_p,greedy,logprobs5] [--threads N] [--no-share]' },
+  quant: { run: runQuantBench, about: 'quantized experts (--quantize int8, fp8, int4 beside bf16) on the bench checkpoints: prefill, decode b1/b8 vs each format\'s read bound, experts held [--json F] [--reps N] [--models a,b] [--formats bf16,int8,fp8,int4,int4-g128] [--prefill N] [--steps N] [--batches 1,8]' },
   serve: { run: runServe, about: 'the daemon under 1..32 concurrent streams: tok/s, TTFT and ITL p50/p99 [--json F] [--plot F.png] [--concurrency 1,2,4] [--rounds N] [--max-tokens N] [--prompt-len N]; --structured [--pairs N] [--items N]: JSON-schema decode tok/s vs unconstrained' },
   trace: { run: runTraceBench, about: 'the routing trace writer on the engine thread: append() time per step, async queue vs synchronous appends, on a local file and a slow FIFO [--json F] [--reps N] [--steps N] [--fifo-kbps K]' },
   selftest: { run: runSelftest, about: 'checks the harness, the chart writer, the probe and the peer (quick)' },

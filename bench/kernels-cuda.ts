@@ -10,7 +10,8 @@ import { parseArgs } from 'node:util';
 import type { Capabilities, CudaAddon, CudaBuffer, CudaDeviceInfo, NativeAddon } from '../src/native/index.js';
 import { loadNative, nativePath } from '../src/native/index.js';
 import { mulberry32 } from '../src/engine/rng.js';
-import { writeChart } from './chart.js';
+import { seriesChart, type Series } from '../src/plot/charts.js';
+import { writePlot } from '../src/plot/render.js';
 import {
   fmt, markdownTable, median, parseIntList, parsePositiveInt, pct, runInfo, stats, writeJson, type Cell, type Stats,
 } from './harness.js';
@@ -657,22 +658,27 @@ function printShape(shape: CudaMoeShape, rows: CudaRow[], limits: Limits, check:
     console.log(`- ${t.pass === null ? 'n/a' : t.pass ? 'PASS' : 'FAIL'} ${t.name}: ${t.detail}`);
 }
 
-function plot(file: string, rows: CudaRow[], shapes: CudaMoeShape[], limits: Limits): void {
+async function plot(file: string, rows: CudaRow[], shapes: CudaMoeShape[], limits: Limits, device: string): Promise<void> {
   for (const s of shapes) {
     const even = rows.filter((r) => r.model === s.name && r.rowsPerExpert !== null);
-    const series = [
+    const tflops = (r: CudaRow, ms: number | undefined) => (ms ? r.flops / (ms / 1e3) / 1e12 : null);
+    const series: Series[] = [
       ...(['group auto', 'torch grouped_mm', 'torch loop'] as const).map((v) => ({
-        name: v, values: even.map((r) => r.results[v].tflops ?? null),
+        name: v,
+        values: even.map((r) => r.results[v].tflops ?? null),
+        lo: even.map((r) => tflops(r, r.results[v].stats?.maxMs)),
+        hi: even.map((r) => tflops(r, r.results[v].stats?.minMs)),
       })),
       { name: 'dense best', values: even.map((r) => { const b = bestDense(r); return b ? r.flops / (b.ms / 1e3) / 1e12 : null; }) },
-      { name: 'bf16 peak (measured)', values: even.map(() => limits.bf16Tflops) },
+      { name: `bf16 peak (measured, ${limits.bf16Source})`, values: even.map(() => limits.bf16Tflops), dashed: true },
     ].filter((x) => x.values.some((v) => v !== null));
     const out = shapes.length > 1 ? file.replace(/(\.png)?$/i, `-${s.name}.png`) : file;
-    writeChart(out, {
-      title: `Expert FFN on GPU ${s.name} (H ${s.h} I ${s.inter} E ${s.experts})`,
-      xLabel: 'rows per expert', yLabel: 'TFLOP/s', xLabels: even.map((r) => r.load), series, logY: true,
-    });
-    console.error(`# wrote ${out}`);
+    const w = await writePlot(out, seriesChart({
+      title: `Expert FFN on GPU ${s.name} (H ${s.h}, I ${s.inter}, E ${s.experts}) vs the measured bf16 peak`,
+      note: 'median over reps, bars: min-max', machine: device,
+      x: even.map((r) => r.load), xTitle: 'rows per expert', yTitle: 'throughput (TFLOP/s)', legendTitle: 'kernel', series, logY: 'auto',
+    }));
+    console.error(`# wrote ${w.png}, ${w.svg} and ${w.spec}`);
   }
 }
 
@@ -790,7 +796,7 @@ export async function runKernelsCuda(argv: string[]): Promise<void> {
         crossover: Object.fromEntries(opts.models.map((s) => [s.name, crossover(rows.filter((r) => r.model === s.name))])),
         targets: Object.fromEntries(opts.models.map((s) => [s.name, targets(rows.filter((r) => r.model === s.name), limits)])),
       });
-    if (opts.plot) plot(opts.plot, rows, opts.models, limits);
+    if (opts.plot) await plot(opts.plot, rows, opts.models, limits, `${dev.name} (sm ${dev.computeCapability})`);
   } finally {
     rmSync(work, { recursive: true, force: true });
   }

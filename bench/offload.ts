@@ -21,7 +21,8 @@ import { syntheticTrace, DEFAULT_SYNTHETIC } from '../src/offload/synthetic-trac
 import { readTrace, type Trace } from '../src/offload/trace-file.js';
 import { packageRoot } from '../src/native/index.js';
 import { DirectRunner, argmax } from '../test/helpers/model-runner.js';
-import { writeChart } from './chart.js';
+import { seriesChart } from '../src/plot/charts.js';
+import { writePlot } from '../src/plot/render.js';
 import { fmt, markdownTable, median, runInfo, writeJson, type Cell } from './harness.js';
 
 const CAPACITIES = [0.1, 0.25, 0.5, 0.75];
@@ -322,14 +323,18 @@ export async function runOffloadBench(argv: string[]): Promise<void> {
   if (values.plot) {
     const names = [...synth.map((s) => s.name), ...real];
     const short = names.map((n) => n.replace(/^synthetic families \((\w+).*$/, 'synthetic, $1 in family').replace(/^generation trace: (\S+ \S+).*$/, 'generation, $1'));
-    names.forEach((name, i) => {
-      const file = i === 0 ? values.plot! : values.plot!.replace(/(\.png)?$/, `-${i}.png`);
-      writeChart(file, {
-        title: `expert cache hit rate: ${short[i]}`, xLabel: 'cache capacity (share of all experts)',
-        yLabel: 'hit rate %', xLabels: CAPACITIES.map((c) => `${c * 100}%`),
-        series: POLICIES.map((p) => ({ name: p.label, values: CAPACITIES.map((c) => 100 * replayRows.find((r) => r.trace === name && r.capacity === c && r.label === p.label)!.result.hitRate) })),
-      });
-      console.error(`# wrote ${file}`);
-    });
+    for (const [i, name] of names.entries()) {
+      const file = i === 0 ? values.plot : values.plot.replace(/(\.png)?$/, `-${i}.png`);
+      const w = await writePlot(file, seriesChart({
+        title: `Expert cache hit rate vs capacity: ${short[i]}`, note: 'replayed trace; Belady = the offline optimum, the ceiling of any policy',
+        x: CAPACITIES.map((c) => `${c * 100}%`), xTitle: 'cache capacity (% of all routed experts)', yTitle: 'hit rate (%)', legendTitle: 'policy',
+        logY: false, yDomain: [0, 100],
+        series: POLICIES.map((p) => ({
+          name: p.policy === 'belady' ? 'Belady (ceiling)' : p.label, dashed: p.policy === 'belady',
+          values: CAPACITIES.map((c) => 100 * replayRows.find((r) => r.trace === name && r.capacity === c && r.label === p.label)!.result.hitRate),
+        })),
+      }));
+      console.error(`# wrote ${w.png}, ${w.svg} and ${w.spec}`);
+    }
   }
 }

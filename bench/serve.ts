@@ -9,7 +9,8 @@ import { parseArgs } from 'node:util';
 
 import { packageRoot } from '../src/native/index.js';
 import { BENCH_MODEL_NAMES, ensureBenchModel, type BenchModelName } from './bench-models.js';
-import { writeChart } from './chart.js';
+import { seriesChart } from '../src/plot/charts.js';
+import { writePlot } from '../src/plot/render.js';
 import { printStructured, runStructuredCompare } from './serve-structured.js';
 import { fmt, markdownTable, parseIntList, parsePositiveInt, percentile, runInfo, writeJson, type Cell } from './harness.js';
 
@@ -270,25 +271,28 @@ export async function runServe(argv: string[]): Promise<void> {
   if (values.json) writeJson(values.json, { bench: 'serve', run: info, loadAverageEnd: os.loadavg(), model: name, dir, flags,
     promptLen, maxTokens, rounds, rankCounts, levels: results });
   if (values.plot) {
-    const x = levels.map(String);
-    const of = (ranks: number) => levels.map((c) => results.find((r) => r.ranks === ranks && r.concurrency === c)?.outputTokPerS ?? NaN);
-    writeChart(values.plot, {
-      title: `expertd serve ${name}: output tokens/s`, xLabel: 'concurrent streams', yLabel: 'tok/s', xLabels: x,
-      series: [...rankCounts.map((ranks) => ({ name: `${ranks} rank(s)`, values: of(ranks) })),
-        ...(single ? [{ name: 'linear from c=1', values: levels.map((c) => single.outputTokPerS * c) }] : [])],
-      logY: true,
-    });
-    const lat = values.plot.replace(/\.png$/i, '') + '-latency.png';
-    writeChart(lat, {
-      title: `expertd serve ${name}: latency`, xLabel: 'concurrent streams', yLabel: 'ms', xLabels: x, logY: true,
-      series: [
-        ...rankCounts.flatMap((ranks) => {
-          const lv = levels.map((c) => results.find((r) => r.ranks === ranks && r.concurrency === c));
-          return [{ name: `TTFT p50, ${ranks} rank(s)`, values: lv.map((r) => r?.ttftP50Ms ?? NaN) },
-            { name: `ITL p99, ${ranks} rank(s)`, values: lv.map((r) => r?.itlP99Ms ?? NaN) }];
-        }),
-      ],
-    });
-    console.error(`# wrote ${values.plot} and ${lat}`);
+    const at = (ranks: number) => levels.map((c) => results.find((r) => r.ranks === ranks && r.concurrency === c));
+    const note = `${promptLen}-token prompts, max_tokens ${maxTokens}, ${rounds} requests per client`;
+    const tput = await writePlot(values.plot, seriesChart({
+      title: `expertd serve ${name}: output tokens/s vs concurrency`, note,
+      x: levels, xTitle: 'concurrent streams', yTitle: 'output throughput (tokens/s)', legendTitle: 'ranks',
+      series: [...rankCounts.map((ranks) => ({ name: `${ranks} rank(s)`, values: at(ranks).map((r) => r?.outputTokPerS ?? null) })),
+        ...(single ? [{ name: 'linear from c=1', dashed: true, values: levels.map((c) => single.outputTokPerS * c) }] : [])],
+    }));
+    const lat = await writePlot(`${values.plot.replace(/\.png$/i, '')}-latency.png`, seriesChart({
+      title: `expertd serve ${name}: latency percentiles vs concurrency`, note,
+      x: levels, xTitle: 'concurrent streams', yTitle: 'latency (ms)', legendTitle: 'percentile',
+      series: rankCounts.flatMap((ranks) => {
+        const lv = at(ranks);
+        const tag = rankCounts.length > 1 ? `, ${ranks} rank(s)` : '';
+        return [
+          { name: `TTFT p50${tag}`, values: lv.map((r) => r?.ttftP50Ms ?? null) },
+          { name: `TTFT p99${tag}`, values: lv.map((r) => r?.ttftP99Ms ?? null), dashed: true },
+          { name: `ITL p50${tag}`, values: lv.map((r) => r?.itlP50Ms ?? null) },
+          { name: `ITL p99${tag}`, values: lv.map((r) => r?.itlP99Ms ?? null), dashed: true },
+        ];
+      }),
+    }));
+    console.error(`# wrote ${tput.png} and ${lat.png} (with .svg and .vl.json beside them)`);
   }
 }

@@ -18,6 +18,7 @@ import { packageRoot, type CudaAddon } from '../src/native/index.js';
 import { createCudaEmulator, withLazyStreams } from './helpers/cuda-emu.js';
 import { DirectRunner, aloneAndBatched, argmax } from './helpers/model-runner.js';
 import { needsCudaDevice } from './helpers/cuda-skip.js';
+import { SAMPLING_CASES } from './helpers/sampling-cases.js';
 
 interface GoldenCase { prompt_ids: number[]; logits: number[][]; greedy: number[]; router: number[][][] }
 interface Golden { model_type: string; moe_layers: number[]; cases: GoldenCase[] }
@@ -170,6 +171,55 @@ for (const b of backends) {
     } finally {
       loaded.model.dispose();
       cpu.model.dispose();
+    }
+  });
+
+  test(`device model (${b.label}): sampling on the device gives the host JS sampler's tokens; no logits row comes back`, { skip: b.skip }, () => {
+    const cuda = b.cuda();
+    const dir = path.join(fixturesDir, 'mixtral');
+    const loaded = loadCudaModel(dir, { device: 0, ...(cuda ? { cuda } : {}) });
+    try {
+      const forward = loaded.model.forward.bind(loaded.model);
+      const hostRows: number[] = [];
+      loaded.model.forward = (batch, cache, blockSize) => {
+        const r = forward(batch, cache, blockSize);
+        hostRows.push(r.logits.length / loaded.spec.vocabSize);
+        return r;
+      };
+      const run = (sampler: 'native' | 'js') => {
+        hostRows.length = 0;
+        const core = new EngineCore(loaded, {
+          kvCacheBlocks: 128, kvCacheGb: 0, blockSize: 4, maxNumSeqs: 32, maxNumBatchedTokens: 64, servedModelName: 't', sampler,
+        });
+        const out = new Map<string, { tokens: number[]; logprobs: number[] }>();
+        SAMPLING_CASES.forEach((c, i) => {
+          assert.equal(core.add({
+            id: `r${i}`, promptTokenIds: Array.from({ length: 2 + (i % 5) }, (_, j) => (11 * i + 29 * j) % 1000 + 1),
+            maxTokens: 4, stopTokenIds: [], ignoreEos: true, minTokens: 0, returnRoutedExperts: false,
+            sampling: { temperature: 1, topP: 1, topK: 0, minP: 0, repetitionPenalty: 1, presencePenalty: 0, frequencyPenalty: 0, seed: 40 + i, ...c },
+          }), null);
+          out.set(`r${i}`, { tokens: [], logprobs: [] });
+        });
+        for (let steps = 0; core.hasWork() && steps < 200; steps++) {
+          for (const ev of core.step()?.events ?? [] as EngineEvent[]) {
+            if (ev.type !== 'tokens') continue;
+            out.get(ev.id)!.tokens.push(...ev.tokenIds);
+            for (const lp of ev.logprobs ?? []) out.get(ev.id)!.logprobs.push(lp.logprob, ...lp.top.flatMap((t) => [t.tokenId, t.logprob]));
+          }
+        }
+        return { out, hostRows: [...hostRows] };
+      };
+      const dev = run('native'), host = run('js');
+      assert.ok(dev.hostRows.every((n) => n === 0), `logits rows copied to the host per step: ${dev.hostRows.join(',')}`);
+      assert.ok(host.hostRows.some((n) => n > 0));
+      for (const [id, want] of host.out) {
+        const got = dev.out.get(id)!;
+        assert.deepEqual(got.tokens, want.tokens, `${id} ${JSON.stringify(SAMPLING_CASES[Number(id.slice(1))])}: tokens`);
+        assert.equal(got.logprobs.length, want.logprobs.length, `${id}: logprobs`);
+        got.logprobs.forEach((v, j) => assert.ok(Math.abs(v - want.logprobs[j]!) <= 1e-7 * (1 + Math.abs(want.logprobs[j]!)), `${id}: logprob ${j}`));
+      }
+    } finally {
+      loaded.model.dispose();
     }
   });
 }

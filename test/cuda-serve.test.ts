@@ -3,6 +3,8 @@
 // cuda* ops through the EXPERTD_CUDA_STANDIN test hook, and, when a GPU is present, on the GPU.
 // Greedy completions must equal the CPU daemon's in bf16 mode (same bf16 GEMM inputs).
 import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
 
@@ -94,4 +96,25 @@ test('expertd serve --device cuda --expert-parallel 2 (emulated devices, NCCL as
   assert.deepEqual(dev.batched, dev.texts, 'batched equals alone');
   const bytes = /^expertd_all2all_bytes_total (\S+)$/m.exec(dev.metrics);
   assert.ok(bytes && Number(bytes[1]) > 0, 'all2all bytes counted');
+});
+
+test('expertd serve --device cuda --nproc-per-node 2 --dist-moe expert (emulated devices in 2 rank processes, NCCL id through the store, uneven placement) answers as the CPU daemon', async () => {
+  const dir = mkdtempSync(path.join(tmpdir(), 'expertd-cuda-dist-'));
+  const file = path.join(dir, 'p.json');
+  writeFileSync(file, JSON.stringify([[5], [0, 1, 2, 3, 4, 6, 7]]));  // qwen2_moe has 8 experts
+  try {
+    for (const placement of [[], ['--expert-placement', file]]) {
+      const dev = await completions(['--device', 'cuda', '--nproc-per-node', '2', '--dist-moe', 'expert', ...placement], standIn, 'qwen2_moe');
+      const cpu = await completions(['--device', 'cpu'], {}, 'qwen2_moe');
+      assert.equal(dev.exit, 0, dev.logs);
+      assert.deepEqual(dev.texts, cpu.texts, placement.join(' '));
+      assert.deepEqual(dev.batched, dev.texts, 'batched (over both ranks) equals alone');
+      assert.match(dev.logs, /MoE layers expert-parallel over 2 ranks \(NCCL/);
+      if (placement.length) assert.match(dev.logs, /expert placement rank 0 \[5\], rank 1 \[0,1,2,3,4,6,7\]/);
+      const bytes = /^expertd_all2all_bytes_total (\S+)$/m.exec(dev.metrics);
+      assert.ok(bytes && Number(bytes[1]) > 0, 'rows travelled between the rank processes');
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 });

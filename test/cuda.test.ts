@@ -11,8 +11,11 @@ import { test } from 'node:test';
 import { loadNative, packageRoot } from '../src/native/index.js';
 import type { CudaAddon, CudaBuffer, NativeAddon } from '../src/native/types.js';
 import { mulberry32 } from '../src/engine/rng.js';
+import { BatchSampler } from '../src/engine/batch-sampler.js';
+import { Sampler, SamplingState } from '../src/engine/sampler.js';
 import { createCudaEmulator } from './helpers/cuda-emu.js';
 import { needsCudaDevice } from './helpers/cuda-skip.js';
+import { SAMPLING_CASES } from './helpers/sampling-cases.js';
 import { fileSeed } from './helpers/seed.js';
 
 const native = loadNative();
@@ -619,6 +622,45 @@ function deviceSuite(label: string, cu: CudaAddon, skip: string | false) {
       const order = Array.from({ length: cols }, (_, i) => i).sort((a, b) => x[q * cols + b]! - x[q * cols + a]! || a - b).slice(0, n);
       assert.deepEqual(Array.from(gi.subarray(q * n, q * n + n)), order);
       assert.deepEqual(Array.from(gv.subarray(q * n, q * n + n)), order.map((i) => x[q * cols + i]!));
+    }
+  });
+
+  test(`${label}: cudaSampleBatch gives the JS sampler's tokens (every option, seeds, bitmask) and its logprobs`, { skip }, () => {
+    for (const V of [1001, 152_064]) {
+      const R = SAMPLING_CASES.length;
+      const words = Math.ceil(V / 32);
+      const js = new Sampler(V);
+      const dev = new BatchSampler(V);
+      const mk = (i: number) => new SamplingState({
+        temperature: 1, topP: 1, topK: 0, minP: 0, repetitionPenalty: 1, presencePenalty: 0, frequencyPenalty: 0,
+        seed: 7 + i, ...SAMPLING_CASES[i],
+      }, [1, 2, 3, 5, 8, 13], V, i % 2);
+      const ref = SAMPLING_CASES.map((_, i) => mk(i)), got = SAMPLING_CASES.map((_, i) => mk(i));
+      for (let step = 0; step < (V > 10_000 ? 1 : 4); step++) {
+        const logits = uniform(R * V, -4, 4);
+        for (let r = 0; r < R; r++) logits[r * V + ((r * 7919 + step) % V)] = 9;   // a peaked head
+        if (step === 1) logits.fill(-Infinity, 0, V);                              // a row with nothing to draw
+        const masks = SAMPLING_CASES.map((_, r) => {
+          if (r % 3 !== 1) return null;
+          const m = Int32Array.from({ length: words }, () => (rand() * 2 ** 32) | 0);
+          return m;
+        });
+        const d = upload(logits);
+        const out = dev.sample(new Float32Array(0), got, masks, (rows, batch, o) => cu.cudaSampleBatch(d, rows, V, batch, o));
+        for (let r = 0; r < R; r++) {
+          const want = js.sample(logits.subarray(r * V, (r + 1) * V), ref[r]!, masks[r]);
+          const where = `V ${V} step ${step} ${JSON.stringify(SAMPLING_CASES[r])}`;
+          assert.equal(out[r]!.tokenId, want.tokenId, `${where}: token`);
+          if (want.logprob !== undefined && Number.isFinite(want.logprob)) {
+            assert.ok(Math.abs(out[r]!.logprob! - want.logprob) <= 1e-7 * (1 + Math.abs(want.logprob)), `${where}: logprob`);
+          }
+          assert.deepEqual(out[r]!.top?.map((t) => t.tokenId), want.top?.map((t) => t.tokenId), `${where}: top ids`);
+          assert.deepEqual(got[r]!.rng.getState(), ref[r]!.rng.getState(), `${where}: rng state`);
+          ref[r]!.addOutputToken(want.tokenId);
+          got[r]!.addOutputToken(out[r]!.tokenId);
+        }
+        d.dispose();
+      }
     }
   });
 

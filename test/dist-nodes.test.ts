@@ -3,7 +3,9 @@
 // SIGTERM; a node with other flags is refused at rendezvous; a node that vanishes ends the group.
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
+import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
 
@@ -87,6 +89,28 @@ test('a node with another block size is refused at rendezvous: both nodes exit n
   } finally {
     kill(node0);
     kill(node1);
+  }
+});
+
+test('nodes with different --expert-placement tables are refused at rendezvous (through the store), naming the field and both tables', { skip: !loadNative().capabilities().gloo && 'this addon has no Gloo' }, async () => {
+  const dir = mkdtempSync(path.join(tmpdir(), 'expertd-nodes-placement-'));
+  const mine = path.join(dir, 'a.json'), theirs = path.join(dir, 'b.json');
+  writeFileSync(mine, JSON.stringify([[1, 4, 6], [0, 2, 3, 5, 7]]));
+  writeFileSync(theirs, JSON.stringify([[0, 1, 2, 3], [4, 5, 6, 7]]));
+  const port = await freePort();
+  const node1 = spawnNode([...nodeArgs(port, 1), '--dist-moe', 'expert', '--expert-placement', theirs]);
+  const node0 = spawnNode([...nodeArgs(port, 0), '--dist-moe', 'expert', '--expert-placement', mine]);
+  try {
+    assert.equal(await node0.exit, 1);
+    assert.notEqual(await node1.exit, 0);
+    const diff = 'rank 1 (node 1) differs from rank 0 (node 0) in expertPlacement: "[0,0,0,0,1,1,1,1]" vs "[1,0,1,1,0,1,0,1]"';
+    assert.ok(node0.logs.join('').includes(`rendezvous refused: ${JSON.stringify(diff).slice(1, -1)}`), node0.logs.join(''));
+    // Rank 1 exits with the verdict (its own from the store, or the front's: whichever came first).
+    assert.ok(node1.logs.join('').includes(`rendezvous refused: ${diff}`), node1.logs.join(''));
+  } finally {
+    kill(node0);
+    kill(node1);
+    rmSync(dir, { recursive: true, force: true });
   }
 });
 

@@ -4,7 +4,8 @@
 // killed rank gives 503s and every process exits; a hung rank or a hung front ends the group;
 // SIGTERM drains in-flight requests on all ranks and everything exits 0.
 import assert from 'node:assert/strict';
-import { readdirSync, readFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
 
@@ -150,6 +151,37 @@ for (const name of allFixtures.filter((n) => !heavy.includes(n))) {
     assert.ok(await allGone(pids, 10_000), 'no rank process is left behind');
   });
 }
+
+test('--expert-placement FILE with 2 rank processes (uneven, non-contiguous) answers exactly as one engine; the ranks agree on the table', { skip: !gloo && 'this addon has no Gloo' }, async () => {
+  const dir = mkdtempSync(path.join(tmpdir(), 'expertd-dist-placement-'));
+  const file = path.join(dir, 'p.json');
+  writeFileSync(file, JSON.stringify([[1, 4, 6], [0, 2, 3, 5, 7]]));  // mixtral has 8 experts
+  try {
+    const one = await startDaemon(['--model', fixture('mixtral')]);
+    const want: Out[] = [];
+    try {
+      for (const p of prompts) want.push(await complete(one.base, 'mixtral', p));
+    } finally {
+      assert.equal(await stopDaemon(one), 0);
+    }
+    const d = await startDaemon(['--model', fixture('mixtral'), '--nproc-per-node', '2', '--dist-moe', 'expert', '--expert-placement', file]);
+    const pids = rankPids(d);
+    try {
+      const got = await Promise.all(prompts.map((p) => complete(d.base, 'mixtral', p)));
+      got.forEach((g, i) => assert.deepEqual(g, want[i], `'${prompts[i]}'`));
+      for (const [i, p] of prompts.entries()) assert.deepEqual(await complete(d.base, 'mixtral', p), want[i], `alone: '${p}'`);
+      assert.ok(await all2allBytes(d.base) > 0, 'rows travelled between the rank processes');
+      assert.match(d.logs.join(''), /expert placement rank 0 \[1,4,6\], rank 1 \[0,2,3,5,7\]/);
+    } catch (e) {
+      killAll(d, pids);
+      throw e;
+    }
+    assert.equal(await stopDaemon(d), 0);
+    assert.ok(await allGone(pids, 10_000), 'no rank process is left behind');
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
 
 test('a rank killed mid-generation: its request fails, later requests get 503 naming the rank, every process exits non-zero within 30 s', async () => {
   const d = await startDaemon(['--model', fixture('mixtral'), '--nproc-per-node', '2', '--max-num-seqs', '2']);

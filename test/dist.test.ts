@@ -12,6 +12,7 @@ import { localRanks, rankEngineOptions } from '../src/dist/launcher.js';
 import type { RankLink } from '../src/dist/rank-link.js';
 import { RankGroup } from '../src/dist/rank-group.js';
 import { RemoteEngine } from '../src/dist/remote-engine.js';
+import { identityKey } from '../src/dist/rendezvous.js';
 import { DEFAULT_DIST_PORT, resolveTopology } from '../src/dist/topology.js';
 import type { EngineOptions } from '../src/engine/protocol.js';
 import { packageRoot } from '../src/native/index.js';
@@ -65,7 +66,7 @@ test('rank numbering and per-rank engine options', () => {
 function identity(rank: number, over: Partial<RankIdentity['compat']> = {}, config = 'c'): RankIdentity {
   return {
     rank, nodeRank: rank >> 1, configSha256: config.repeat(64), tensorsSha256: 't'.repeat(64),
-    compat: { computeDtype: 'f32', blockSize: 16, expertParallel: 1, maxModelLen: 4096, deviceKind: 'cpu', expertKernel: 'auto', expertdVersion: '0.1.0', ...over },
+    compat: { computeDtype: 'f32', blockSize: 16, expertParallel: 1, maxModelLen: 4096, deviceKind: 'cpu', expertKernel: 'auto', quantize: 'none', expertdVersion: '0.1.0', expertPlacement: 'contiguous', ...over },
   };
 }
 
@@ -124,10 +125,38 @@ const info = { name: 'm', architecture: 'mixtral', maxContext: 64, vocabSize: 10
 const stats = (running: number, waiting: number) => ({ running, waiting, kvBlocksTotal: 8, kvBlocksUsed: 0, preemptionsTotal: 0 });
 const req = (id: string) => ({ id, promptTokenIds: [1], maxTokens: 1, sampling: { temperature: 0, topP: 1, topK: 0, minP: 0, repetitionPenalty: 1, presencePenalty: 0, frequencyPenalty: 0 }, stopTokenIds: [], ignoreEos: false, minTokens: 0, returnRoutedExperts: false });
 
+/** The group's store as the ranks see it, in memory (the real one: dist-rendezvous.test.ts). */
+class MemStore {
+  private readonly values = new Map<string, Uint8Array>();
+  private readonly waiters = new Map<string, ((v: Uint8Array) => void)[]>();
+  async set(key: string, value: Uint8Array | string): Promise<void> {
+    const v = typeof value === 'string' ? Buffer.from(value) : value;
+    this.values.set(key, v);
+    for (const w of this.waiters.get(key) ?? []) w(v);
+    this.waiters.delete(key);
+  }
+  get(key: string, timeoutMs: number): Promise<Uint8Array> {
+    const v = this.values.get(key);
+    if (v) return Promise.resolve(v);
+    return new Promise((resolve, reject) => {
+      const t = setTimeout(() => reject(Object.assign(new Error(`get('${key}') timed out`), { code: 'E_STORE_TIMEOUT' })), timeoutMs);
+      this.waiters.set(key, [...(this.waiters.get(key) ?? []), (x) => { clearTimeout(t); resolve(x); }]);
+    });
+  }
+  async getString(key: string, timeoutMs: number): Promise<string> { return Buffer.from(await this.get(key, timeoutMs)).toString(); }
+}
+
+/** Every rank of a fake group publishes its identity to the store, as rank-main does. */
+function publish(store: MemStore, ids: RankIdentity[]): void {
+  for (const id of ids) void store.set(identityKey('P', id.rank), JSON.stringify(id));
+}
+
 async function startFake(n: number, heartbeatTimeoutMs?: number) {
   const f = fakeGroup(n, heartbeatTimeoutMs);
-  const rv = f.group.rendezvous();
-  f.links.forEach((l, r) => l.emit('message', { type: 'hello', pid: 1, identity: identity(r) }));
+  const store = new MemStore();
+  const rv = f.group.rendezvous({ client: store, prefix: 'P' });
+  f.links.forEach((l) => l.emit('message', { type: 'hello', pid: 1 }));
+  publish(store, f.links.map((_, r) => identity(r)));
   await rv;
   f.links.forEach((l) => l.emit('message', { type: 'ready', info, summary: 's' }));
   await f.group.ready;
@@ -224,10 +253,39 @@ test('the front heartbeats every rank (its first as the rank joins) with the --h
 
 test('a refused rendezvous rejects with the difference and tells every rank to exit', async () => {
   const { group, links } = fakeGroup(2);
-  const rv = group.rendezvous();
-  links[0]!.emit('message', { type: 'hello', pid: 1, identity: identity(0) });
-  links[1]!.emit('message', { type: 'hello', pid: 1, identity: identity(1, { expertParallel: 2 }) });
+  const store = new MemStore();
+  const rv = group.rendezvous({ client: store, prefix: 'P' });
+  publish(store, [identity(0), identity(1, { expertParallel: 2 })]);
   await assert.rejects(rv, /^Error: rendezvous refused: rank 1 \(node 0\) differs from rank 0 \(node 0\) in expertParallel: 2 vs 1$/);
   for (const l of links) assert.equal((l.sent.at(-1) as { type: string }).type, 'exit');
   assert.ok(!links.some((l) => l.sent.some((m) => (m as { type: string }).type === 'start')), 'no rank was told to start');
+});
+
+test('the rendezvous reads every identity from the store, waits for a node whose link comes later, and names ranks that never publish', async () => {
+  // Rank 1's identity is in the store before its node's relay brought its link: no start until then.
+  const group = new RankGroup({ worldSize: 2, rendezvousTimeoutMs: 60_000, heartbeatTimeoutMs: 60_000 });
+  const l0 = new FakeLink(0), l1 = new FakeLink(1, 1);
+  group.add(new RemoteEngine(l0));
+  const store = new MemStore();
+  let done = false;
+  const rv = group.rendezvous({ client: store, prefix: 'P' }).then(() => { done = true; });
+  publish(store, [identity(0), identity(1)]);
+  await new Promise((r) => setTimeout(r, 50));
+  assert.equal(done, false, 'rank 1 has no link yet');
+  assert.ok(!l0.sent.some((m) => (m as { type: string }).type === 'start'));
+  group.add(new RemoteEngine(l1));
+  await rv;
+  for (const l of [l0, l1]) assert.ok(l.sent.some((m) => (m as { type: string }).type === 'start'));
+  assert.deepEqual(group.ranks.map((e) => e!.identity), [identity(0), identity(1)]);
+  group.fault('test over');
+
+  const g2 = fakeGroup(3);
+  const s2 = new MemStore();
+  const rv2 = new RankGroup({ worldSize: 3, rendezvousTimeoutMs: 200, heartbeatTimeoutMs: 60_000 });
+  g2.links.forEach((l) => rv2.add(new RemoteEngine(l)));
+  const p = rv2.rendezvous({ client: s2, prefix: 'P' });
+  publish(s2, [identity(1)]);
+  await assert.rejects(p, { message: 'rendezvous failed: rank(s) 0, 2 did not publish their identity to the store within 0.2 s' });
+  for (const l of g2.links) assert.equal((l.sent.at(-1) as { type: string }).type, 'exit');
+  g2.group.fault('test over');
 });

@@ -27,8 +27,19 @@ function roundRobin(E: number, W: number): ExpertPlacement {
   return placementFromOwners(Array.from({ length: E }, (_, e) => e % W), W);
 }
 
-/** A random permutation of the experts cut into W runs of random (uneven, non-empty) sizes. */
+/**
+ * A random permutation of the experts cut into W runs of random (uneven, non-empty) sizes; never
+ * the contiguous table (a draw that happens to be it, e.g. seed 817496050 for 8 experts over 2
+ * ranks, is drawn again from the next stream).
+ */
 function randomPlacement(E: number, W: number, seed: number): ExpertPlacement {
+  for (let s = seed; ; s = (s + 0x9e3779b9) >>> 0) {
+    const p = drawPlacement(E, W, s);
+    if (!p.contiguous) return p;
+  }
+}
+
+function drawPlacement(E: number, W: number, seed: number): ExpertPlacement {
   const rand = mulberry32(seed);
   const perm = Array.from({ length: E }, (_, e) => e);
   for (let i = E - 1; i > 0; i--) {

@@ -8,6 +8,7 @@ import { loadNative } from '../src/native/index.js';
 import type { DType, ExpertTable, NativeAddon, PackedWeight } from '../src/native/index.js';
 import { mulberry32 } from '../src/engine/rng.js';
 import { fileSeed } from './helpers/seed.js';
+import { compare, refGemm, silu, uniform } from './helpers/gemm-ref.js';
 
 const native: NativeAddon = loadNative();
 
@@ -30,12 +31,6 @@ let seedCounter = fileSeed(1234, 'first case seed');
 function freshRng(): { rand: () => number; seed: number } {
   const seed = seedCounter++;
   return { rand: mulberry32(seed), seed };
-}
-
-function uniform(rand: () => number, n: number, scale = 1): Float32Array {
-  const a = new Float32Array(n);
-  for (let i = 0; i < n; i++) a[i] = (rand() * 2 - 1) * scale;
-  return a;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -83,24 +78,6 @@ function randomWeight(rand: () => number, dtype: DType, n: number, k: number, sc
 
 // ---------------------------------------------------------------------------------------------
 // References and comparison.
-function refGemm(x: ArrayLike<number>, m: number, w: Float64Array, n: number, k: number,
-                 roundX: boolean): Float64Array {
-  const y = new Float64Array(m * n);
-  const xr = new Float64Array(m * k);
-  for (let i = 0; i < m * k; i++) xr[i] = roundX ? roundBf16(x[i]!) : x[i]!;
-  for (let r = 0; r < m; r++)
-    for (let j = 0; j < n; j++) {
-      let s = 0;
-      for (let c = 0; c < k; c++) s += xr[r * k + c]! * w[j * k + c]!;
-      y[r * n + j] = s;
-    }
-  return y;
-}
-
-function silu(v: number): number {
-  return v / (1 + Math.exp(-v));
-}
-
 interface Expert { gate: Float64Array; up: Float64Array; down: Float64Array; dtype: DType }
 
 function refFfn(x: Float32Array, offsets: Int32Array, experts: (Expert | null)[], h: number,
@@ -124,24 +101,6 @@ function refFfn(x: Float32Array, offsets: Int32Array, experts: (Expert | null)[]
     y.set(out, r0 * h);
   }
   return y;
-}
-
-function compare(got: Float32Array, ref: Float64Array, tol: number, label: string): number {
-  let num = 0, den = 0, maxAbs = 0, maxRef = 0;
-  for (let i = 0; i < ref.length; i++) {
-    const g = got[i]!;
-    if (!Number.isFinite(g)) assert.fail(`${label}: element ${i} is ${g} (not written?)`);
-    const d = g - ref[i]!;
-    num += d * d;
-    den += ref[i]! * ref[i]!;
-    maxAbs = Math.max(maxAbs, Math.abs(d));
-    maxRef = Math.max(maxRef, Math.abs(ref[i]!));
-  }
-  const l2 = den > 0 ? Math.sqrt(num / den) : Math.sqrt(num);
-  assert.ok(l2 <= tol, `${label}: normalised L2 error ${l2.toExponential(2)} > ${tol}`);
-  assert.ok(maxAbs <= tol * Math.max(maxRef, 1e-30),
-    `${label}: max-abs error ${maxAbs.toExponential(2)} > ${tol} * max|ref| ${maxRef.toExponential(2)}`);
-  return l2;
 }
 
 function poisoned(n: number, extra = 5): Float32Array {

@@ -1,5 +1,5 @@
 // `expertd trace summary | heatmap | replay` on a synthetic trace folder with known structure:
-// the clusters found are the prompt families, the PNG decodes to the right size, replay prints
+// the clusters found are the prompt families, the heatmap holds each layer's expert shares, replay prints
 // every policy, and usage errors are clear.
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
@@ -54,19 +54,59 @@ test('summary finds the prompt families as clusters (within >> across)', async (
   assert.match(text.out, /layer {3}0: +\d+ tokens/);
 });
 
-test('heatmap writes a PNG of one row per layer and one column per expert', async () => {
-  const out = path.join(dir, 'heat.png');
-  const { code } = await capture(() => traceCommand(['heatmap', '--trace-dir', dir, '--out', out, '--cell', '4']));
-  assert.equal(code, 0);
-  const png = PNG.sync.read(fs.readFileSync(out));
-  assert.equal(png.width, 32 * 4 + 2);
-  assert.equal(png.height, 6 * 5 + 2);
-  // Every layer's most popular expert is drawn in the darkest color.
-  const dark = (x: number, y: number) => png.data[(y * png.width + x) * 4]! === 8;
-  for (let l = 0; l < 6; l++) {
-    const y = 1 + l * 5 + 1;
-    assert.ok([...Array(32).keys()].some((e) => dark(1 + e * 4 + 1, y)), `layer ${l}`);
+/** Per layer, the share of the layer's routed tokens each expert got, summed from the raw steps. */
+function sharesOf(only?: string): number[][] {
+  const c = Array.from({ length: 6 }, () => new Array<number>(32).fill(0));
+  for (const st of trace.steps) for (const r of st.requests) {
+    if (only !== undefined && r.id !== only) continue;
+    r.layers.forEach((row, l) => { for (let i = 0; i < row.length; i += 2) c[l]![row[i]!]! += row[i + 1]!; });
   }
+  return c.map((row) => { const s = row.reduce((x, y) => x + y, 0); return row.map((v) => v / s); });
+}
+
+/** The heatmap's cells as its .vl.json spec holds them: [layer][expert]. */
+function specCells(file: string): { cells: number[][]; title: string } {
+  const spec = JSON.parse(fs.readFileSync(file, 'utf8')) as { title: { text: string }; data: { values: { row: number; col: number; value: number }[] } };
+  const cells = Array.from({ length: 6 }, () => new Array<number>(32).fill(NaN));
+  for (const v of spec.data.values) cells[v.row]![v.col] = v.value;
+  return { cells, title: spec.title.text };
+}
+
+function assertClose(got: number[][], want: number[][]): void {
+  got.forEach((row, l) => row.forEach((v, e) => assert.ok(Math.abs(v - want[l]![e]!) < 1e-6, `layer ${l} expert ${e}: ${v} vs ${want[l]![e]}`)));
+}
+
+test('heatmap: a PNG and its Vega-Lite spec of every layer\'s expert shares, titled with the model', async () => {
+  const out = path.join(dir, 'heat.png');
+  const { code, out: printed } = await capture(() => traceCommand(['heatmap', '--trace-dir', dir, '--out', out, '--json']));
+  assert.equal(code, 0);
+  const info = JSON.parse(printed) as { out: string; spec: string; format: string; width: number; height: number };
+  assert.deepEqual([info.out, info.spec, info.format], [out, path.join(dir, 'heat.vl.json'), 'png']);
+  const png = PNG.sync.read(fs.readFileSync(out));
+  assert.deepEqual([png.width, png.height], [info.width, info.height]);
+  assert.ok(png.width > 32 * 4 && png.height > 6 * 8, `${png.width}x${png.height}`);
+  assert.equal(fs.existsSync(path.join(dir, 'heat.svg')), false, 'only the asked format');
+  const { cells, title } = specCells(info.spec);
+  assertClose(cells, sharesOf());
+  assert.match(title, new RegExp(`Expert activation: ${trace.meta.model}, 24 requests`));
+});
+
+test('heatmap --request ID --format svg: one request\'s matrix, labelled axes and colour legend as SVG text', async () => {
+  const id = trace.steps[0]!.requests[0]!.id;
+  const base = path.join(dir, 'one');
+  const { code } = await capture(() => traceCommand(['heatmap', '--trace-dir', dir, '--out', base, '--request', id, '--format', 'svg']));
+  assert.equal(code, 0);
+  const svg = fs.readFileSync(`${base}.svg`, 'utf8');
+  for (const t of ['MoE layer', 'expert', 'share of the layer&#39;s routed tokens', `request ${id}`])
+    assert.ok(svg.includes(t) || svg.includes(t.replace('&#39;', "'")), `the SVG holds '${t}'`);
+  const { cells } = specCells(`${base}.vl.json`);
+  const want = sharesOf(id);
+  assert.notDeepEqual(want, sharesOf(), 'one request differs from the whole trace');
+  assertClose(cells, want);
+  await assert.rejects(traceCommand(['heatmap', '--trace-dir', dir, '--out', base, '--request', 'no-such-id']),
+    (e: Error) => e instanceof UsageError && /--request no-such-id is not in the trace at .* \(24 requests, e\.g\. /.test(e.message));
+  await assert.rejects(traceCommand(['heatmap', '--trace-dir', dir, '--out', `${base}.png`, '--format', 'svg']),
+    /ends in \.png but --format is svg/);
 });
 
 test('replay prints every policy; Belady has the fewest misses', async () => {

@@ -100,6 +100,10 @@ template <>
 constexpr napi_typedarray_type typed_array_kind<uint16_t>() { return napi_uint16_array; }
 template <>
 constexpr napi_typedarray_type typed_array_kind<uint8_t>() { return napi_uint8_array; }
+template <>
+constexpr napi_typedarray_type typed_array_kind<uint32_t>() { return napi_uint32_array; }
+template <>
+constexpr napi_typedarray_type typed_array_kind<double>() { return napi_float64_array; }
 
 template <typename T>
 constexpr const char* typed_array_name();
@@ -111,6 +115,10 @@ template <>
 constexpr const char* typed_array_name<uint16_t>() { return "Uint16Array"; }
 template <>
 constexpr const char* typed_array_name<uint8_t>() { return "Uint8Array"; }
+template <>
+constexpr const char* typed_array_name<uint32_t>() { return "Uint32Array"; }
+template <>
+constexpr const char* typed_array_name<double>() { return "Float64Array"; }
 
 // A typed array of element type T with at least `min_len` elements (exact when exact = true).
 template <typename T>

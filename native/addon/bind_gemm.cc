@@ -17,37 +17,108 @@ constexpr int64_t kMaxDim = int64_t(1) << 24;
 
 std::string str(int64_t v) { return std::to_string(v); }
 
-// packWeight(src, dtype, n, k) -> PackedWeight
+// Optional trailing (format, group) of packWeight / packGateUp: quantize at load (--quantize).
+struct QuantArg {
+  QFormat q = QFormat::None;
+  int group = 0;
+};
+QuantArg quant_arg(const Napi::CallbackInfo& info, size_t i) {
+  QuantArg a;
+  if (info.Length() <= i || is_nullish(info[i])) return a;
+  a.q = parse_quantize(info.Env(), info[i]);
+  a.group = static_cast<int>(get_int(info, i + 1, "group", 0, kMaxDim));
+  return a;
+}
+
+std::shared_ptr<PackedWeight> alloc_weight(const QuantArg& qa, DType dtype, WeightKind kind, int n,
+                                           int k) {
+  return qa.q == QFormat::None ? alloc_packed_weight(dtype, kind, n, k)
+                               : alloc_quant_weight(qa.q, qa.group, kind, n, k);
+}
+
+// packWeight(src, dtype, n, k, format?, group?) -> PackedWeight (quantized when format is given)
 Napi::Value pack_weight_js(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   expect_args(info, 4, "packWeight");
   const DType dtype = parse_dtype(env, info[1], "dtype");
   const int64_t n = get_int(info, 2, "n", 1, kMaxDim);
   const int64_t k = get_int(info, 3, "k", 1, kMaxDim);
+  const QuantArg qa = quant_arg(info, 4);
   const void* src = get_dtype_array(info, 0, "src", dtype, static_cast<size_t>(n * k));
   std::shared_ptr<PackedWeight> w;
   guard(env, [&] {
-    w = alloc_packed_weight(dtype, WeightKind::Plain, static_cast<int>(n), static_cast<int>(k));
+    w = alloc_weight(qa, dtype, WeightKind::Plain, static_cast<int>(n), static_cast<int>(k));
     pack_weight(*w, src, dtype);
   });
   return WeightHandle::create(env, std::move(w));
 }
 
-// packGateUp(gate, up, dtype, i, h) -> PackedWeight of kind gate_up, n = 2i
+// packGateUp(gate, up, dtype, i, h, format?, group?) -> PackedWeight of kind gate_up, n = 2i
 Napi::Value pack_gate_up_js(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   expect_args(info, 5, "packGateUp");
   const DType dtype = parse_dtype(env, info[2], "dtype");
   const int64_t inter = get_int(info, 3, "i", 1, kMaxDim / 2);
   const int64_t h = get_int(info, 4, "h", 1, kMaxDim);
+  const QuantArg qa = quant_arg(info, 5);
   const size_t len = static_cast<size_t>(inter * h);
   const void* gate = get_dtype_array(info, 0, "gate", dtype, len);
   const void* up = get_dtype_array(info, 1, "up", dtype, len);
   std::shared_ptr<PackedWeight> w;
   guard(env, [&] {
-    w = alloc_packed_weight(dtype, WeightKind::GateUp, static_cast<int>(2 * inter),
-                            static_cast<int>(h));
+    w = alloc_weight(qa, dtype, WeightKind::GateUp, static_cast<int>(2 * inter), static_cast<int>(h));
     pack_gate_up(*w, gate, up, dtype);
+  });
+  return WeightHandle::create(env, std::move(w));
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// packFp8(codes, scaleInv, n, k, br, bc, upCodes?, upScaleInv?) -> fp8 weight kept in fp8.
+// With the up pair the result is a gate_up weight of n = 2 * (rows of codes).
+Napi::Value pack_fp8_js(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 6, "packFp8");
+  const int64_t n = get_int(info, 2, "n", 1, kMaxDim);
+  const int64_t k = get_int(info, 3, "k", 1, kMaxDim);
+  const int64_t br = get_int(info, 4, "br", 1, kMaxDim);
+  const int64_t bc = get_int(info, 5, "bc", 2, kMaxDim);
+  if (bc % 2) throw_range(env, "bc is " + str(bc) + ", expected an even block width");
+  const size_t len = static_cast<size_t>(n * k);
+  const size_t slen = static_cast<size_t>(ceil_div(n, br) * ceil_div(k, bc));
+  const uint8_t* codes = get_array<uint8_t>(info, 0, "codes", len).data;
+  const float* sc = get_array<float>(info, 1, "scaleInv", slen).data;
+  const bool gu = info.Length() > 6 && !is_nullish(info[6]);
+  const uint8_t* ucodes = gu ? get_array<uint8_t>(info, 6, "upCodes", len).data : nullptr;
+  const float* usc = gu ? get_array<float>(info, 7, "upScaleInv", slen).data : nullptr;
+  std::shared_ptr<PackedWeight> w;
+  guard(env, [&] {
+    w = alloc_quant_weight(QFormat::F8, static_cast<int>(bc),
+                           gu ? WeightKind::GateUp : WeightKind::Plain,
+                           static_cast<int>(gu ? 2 * n : n), static_cast<int>(k));
+    pack_fp8_weight(*w, codes, sc, ucodes, usc, static_cast<int>(br), static_cast<int>(bc));
+  });
+  return WeightHandle::create(env, std::move(w));
+}
+
+// packMxfp4(blocks, scales, n, k, upBlocks?, upScales?) -> MXFP4 weight kept in MXFP4.
+Napi::Value pack_mxfp4_js(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 4, "packMxfp4");
+  const int64_t n = get_int(info, 2, "n", 1, kMaxDim);
+  const int64_t k = get_int(info, 3, "k", 32, kMaxDim);
+  if (k % 32) throw_range(env, "k is " + str(k) + ", expected a multiple of 32 (MXFP4 blocks)");
+  const size_t blen = static_cast<size_t>(n * k / 2), slen = static_cast<size_t>(n * k / 32);
+  const uint8_t* blocks = get_array<uint8_t>(info, 0, "blocks", blen).data;
+  const uint8_t* scales = get_array<uint8_t>(info, 1, "scales", slen).data;
+  const bool gu = info.Length() > 4 && !is_nullish(info[4]);
+  const uint8_t* ublocks = gu ? get_array<uint8_t>(info, 4, "upBlocks", blen).data : nullptr;
+  const uint8_t* uscales = gu ? get_array<uint8_t>(info, 5, "upScales", slen).data : nullptr;
+  std::shared_ptr<PackedWeight> w;
+  guard(env, [&] {
+    w = alloc_quant_weight(QFormat::FP4, 32, gu ? WeightKind::GateUp : WeightKind::Plain,
+                           static_cast<int>(gu ? 2 * n : n), static_cast<int>(k));
+    pack_mxfp4_weight(*w, blocks, scales, ublocks, uscales);
   });
   return WeightHandle::create(env, std::move(w));
 }
@@ -155,6 +226,8 @@ Napi::Value group_gemm_ffn_js(const Napi::CallbackInfo& info) {
 void register_gemm(Napi::Env env, Napi::Object exports) {
   exports.Set("packWeight", Napi::Function::New(env, pack_weight_js, "packWeight"));
   exports.Set("packGateUp", Napi::Function::New(env, pack_gate_up_js, "packGateUp"));
+  exports.Set("packFp8", Napi::Function::New(env, pack_fp8_js, "packFp8"));
+  exports.Set("packMxfp4", Napi::Function::New(env, pack_mxfp4_js, "packMxfp4"));
   exports.Set("repackInto", Napi::Function::New(env, repack_into_js, "repackInto"));
   exports.Set("packedWeightAt", Napi::Function::New(env, packed_weight_at_js, "packedWeightAt"));
   exports.Set("denseGemm", Napi::Function::New(env, dense_gemm_js, "denseGemm"));

@@ -188,7 +188,8 @@ class ExpertLoaderHandle : public Napi::ObjectWrap<ExpertLoaderHandle> {
   std::unique_ptr<ExpertLoader> loader_;
 };
 
-// allocPackedWeight(dtype, kind, n, k) -> zero PackedWeight (an expert slot for the loader to fill)
+// allocPackedWeight(dtype, kind, n, k, format?, group?) -> zero PackedWeight (an expert slot for
+// the loader to fill; quantized when format is given)
 Napi::Value alloc_packed_weight_js(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   expect_args(info, 4, "allocPackedWeight");
@@ -201,10 +202,19 @@ Napi::Value alloc_packed_weight_js(const Napi::CallbackInfo& info) {
   const int64_t k = get_int(info, 3, "k", 1, kMaxDim);
   if (kind == "gate_up" && n % 2 != 0)
     throw_range(env, "n is " + std::to_string(n) + ", expected an even number for a gate_up weight (2 * inter)");
+  // Optional (format, group): a quantized slot (--quantize), filled by re-quantizing.
+  const WeightKind wk = kind == "gate_up" ? WeightKind::GateUp : WeightKind::Plain;
+  QFormat q = QFormat::None;
+  int64_t group = 0;
+  if (info.Length() > 4 && !is_nullish(info[4])) {
+    q = parse_quantize(env, info[4]);
+    group = get_int(info, 5, "group", 0, kMaxDim);
+  }
   std::shared_ptr<PackedWeight> w;
   guard(env, [&] {
-    w = alloc_packed_weight(dtype, kind == "gate_up" ? WeightKind::GateUp : WeightKind::Plain,
-                            static_cast<int>(n), static_cast<int>(k));
+    w = q == QFormat::None
+            ? alloc_packed_weight(dtype, wk, static_cast<int>(n), static_cast<int>(k))
+            : alloc_quant_weight(q, static_cast<int>(group), wk, static_cast<int>(n), static_cast<int>(k));
   });
   return WeightHandle::create(env, std::move(w));
 }

@@ -12,6 +12,7 @@ Napi::Function WeightHandle::define(Napi::Env env) {
                       InstanceAccessor("k", &WeightHandle::getK, nullptr),
                       InstanceAccessor("dtype", &WeightHandle::getDtype, nullptr),
                       InstanceAccessor("kind", &WeightHandle::getKind, nullptr),
+                      InstanceAccessor("quant", &WeightHandle::getQuant, nullptr),
                       InstanceAccessor("sizeBytes", &WeightHandle::getSizeBytes, nullptr),
                       InstanceAccessor("disposed", &WeightHandle::getDisposed, nullptr)});
 }
@@ -66,12 +67,27 @@ Napi::Value WeightHandle::getKind(const Napi::CallbackInfo& info) {
   return Napi::String::New(
       info.Env(), get(info.Env(), "weight")->kind == WeightKind::GateUp ? "gate_up" : "plain");
 }
+Napi::Value WeightHandle::getQuant(const Napi::CallbackInfo& info) {
+  const PackedWeight& w = *get(info.Env(), "weight");
+  if (!w.quantized()) return info.Env().Null();
+  return Napi::String::New(info.Env(), qformat_name(w.q));
+}
 Napi::Value WeightHandle::getSizeBytes(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(),
                            weight_ ? static_cast<double>(weight_->size_bytes) : 0.0);
 }
 Napi::Value WeightHandle::getDisposed(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(info.Env(), !weight_);
+}
+
+// --quantize formats by name (MXFP4 is a checkpoint format only).
+QFormat parse_quantize(Napi::Env env, const Napi::Value& v) {
+  const std::string s = v.IsString() ? v.As<Napi::String>().Utf8Value() : std::string();
+  if (s == "int8") return QFormat::I8;
+  if (s == "int4") return QFormat::I4;
+  if (s == "fp8") return QFormat::F8;
+  throw_type(env, "format must be \"int8\", \"int4\" or \"fp8\"");
+  return QFormat::None;
 }
 
 const PackedWeight& get_weight(const Napi::CallbackInfo& info, size_t i, const char* name) {

@@ -25,6 +25,7 @@ class WeightHandle : public Napi::ObjectWrap<WeightHandle> {
   Napi::Value getK(const Napi::CallbackInfo& info);
   Napi::Value getDtype(const Napi::CallbackInfo& info);
   Napi::Value getKind(const Napi::CallbackInfo& info);
+  Napi::Value getQuant(const Napi::CallbackInfo& info);
   Napi::Value getSizeBytes(const Napi::CallbackInfo& info);
   Napi::Value getDisposed(const Napi::CallbackInfo& info);
   std::shared_ptr<PackedWeight> weight_;
@@ -61,6 +62,8 @@ class ExpertTableHandle : public Napi::ObjectWrap<ExpertTableHandle> {
 
 // Unwraps argument i as a live weight handle.
 const PackedWeight& get_weight(const Napi::CallbackInfo& info, size_t i, const char* name);
+// "int8" | "int4" | "fp8" -> QFormat (throws a TypeError otherwise).
+QFormat parse_quantize(Napi::Env env, const Napi::Value& v);
 ExpertTableHandle& get_expert_table(const Napi::CallbackInfo& info, size_t i, const char* name);
 
 // Per-env constructors (stored in the addon's instance data).

@@ -10,6 +10,7 @@ void register_attention(Napi::Env env, Napi::Object exports);  // paged attentio
 void register_io(Napi::Env env, Napi::Object exports);         // mmap, file reads
 void register_comm(Napi::Env env, Napi::Object exports);       // comm groups (loopback, NCCL)
 void register_loader(Napi::Env env, Napi::Object exports);     // expert loader (copy thread)
+void register_sampling(Napi::Env env, Napi::Object exports);   // batched token sampler
 #ifdef EXPERTD_WITH_CUDA
 void register_cuda(Napi::Env env, Napi::Object exports);       // CUDA buffers, streams, ops
 #endif

@@ -44,8 +44,8 @@ void dense_gemm(const float* x, int m, const PackedWeight& w, float* y, const fl
 
   DenseCall c;
   c.path = path;
-  c.table = tile_table(path, w.dtype);
-  c.x = prepare_activations(path, rounds_activations(w.dtype, fast_bf16), x, m, w.k, w.kp,
+  c.table = tile_table(path, w);
+  c.x = prepare_activations(path, rounds_activations(w.dtype, fast_bf16), x, m, w.k, w.k_even(),
                             path == Path::Bf16Dot ? s.x_bf16 : s.x_f32);
   c.w = &w;
   c.y = y;

@@ -129,7 +129,7 @@ inline void plan_tasks(std::vector<Task>& out, int g, int rows, const PackedWeig
                        size_t act_bytes, int min_chunks) {
   if (rows <= 0) return;
   const int blocks = w.np / 16;
-  const size_t block_bytes = static_cast<size_t>(16) * w.kp * dtype_size(w.dtype);
+  const size_t block_bytes = static_cast<size_t>(w.kp) * w.k_bytes16();
   int nc = static_cast<int>(std::max<size_t>(1, kChunkBytes / block_bytes));
   if (min_chunks > 0) nc = std::min(nc, (blocks + min_chunks - 1) / min_chunks);
   nc = std::max(kNr, nc / kNr * kNr);
@@ -145,15 +145,54 @@ inline void plan_tasks(std::vector<Task>& out, int g, int rows, const PackedWeig
 
 // ---------------------------------------------------------------------------------------------
 // Tile kernels: tile[r * kTileLd + b * 16 + i] = sum_k x[r][k] * W[16 (b0 + b) + i][k] for
-// r < MR, b < NR. w points at block b0; wstride = 16 * kp elements between blocks.
+// r < MR, b < NR. w points at block b0; wstride = 16 * kp elements between blocks. Quantized
+// kernels also read scales (at block b0; sstride = (kp / group) * 16 floats between blocks);
+// the others ignore them.
+struct QScales {
+  const float* s = nullptr;
+  size_t sstride = 0;
+  int group = 0;
+};
 using TileFn = void (*)(const void* x, size_t ldx, const void* w, size_t wstride, int kp,
-                        float* tile);
+                        float* tile, QScales qs);
 
-// Portable kernel (f32 activations, any weight dtype). Also the reference for what the SIMD
+// The portable register tile over any weight form: L::load_pair(w, wstride, b, k, qs, w0, w1)
+// widens elements k and k+1 of block b's 16 rows to f32. Also the reference for what the SIMD
 // kernels compute: per k pair, acc += x[k] * w[k]; acc += x[k+1] * w[k+1].
+template <class L>
+struct ScalarLoop {
+  template <int MR, int NR>
+  static void run(const void* xv, size_t ldx, const void* w, size_t wstride, int kp,
+                  float* tile, QScales qs) {
+    const float* x = static_cast<const float*>(xv);
+    float acc[MR][NR][16];
+    std::memset(acc, 0, sizeof(acc));
+    float w0[16], w1[16];
+    for (int k = 0; k < kp; k += 2) {
+      for (int b = 0; b < NR; ++b) {
+        L::load_pair(w, wstride, b, k, qs, w0, w1);
+        for (int r = 0; r < MR; ++r) {
+          const float x0 = x[r * ldx + k], x1 = x[r * ldx + k + 1];
+          float* a = acc[r][b];
+          for (int i = 0; i < 16; ++i) {
+            float t = a[i];
+            t += x0 * w0[i];
+            t += x1 * w1[i];
+            a[i] = t;
+          }
+        }
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int b = 0; b < NR; ++b) std::memcpy(tile + r * kTileLd + b * 16, acc[r][b], 64);
+  }
+};
+
+// Portable kernel (f32 activations, any float weight dtype).
 template <DType WD>
-struct ScalarTile {
-  static void load_pair(const void* w, size_t off, int k, float* w0, float* w1) {
+struct ScalarTile : ScalarLoop<ScalarTile<WD>> {
+  static void load_pair(const void* w, size_t wstride, int b, int k, QScales, float* w0, float* w1) {
+    const size_t off = b * wstride;
     if constexpr (WD == DType::BF16) {
       const uint16_t* p = static_cast<const uint16_t*>(w) + off + static_cast<size_t>(k / 2) * 32;
       for (int i = 0; i < 16; ++i) {
@@ -174,32 +213,6 @@ struct ScalarTile {
       }
     }
   }
-
-  template <int MR, int NR>
-  static void run(const void* xv, size_t ldx, const void* w, size_t wstride, int kp,
-                  float* tile) {
-    const float* x = static_cast<const float*>(xv);
-    float acc[MR][NR][16];
-    std::memset(acc, 0, sizeof(acc));
-    float w0[16], w1[16];
-    for (int k = 0; k < kp; k += 2) {
-      for (int b = 0; b < NR; ++b) {
-        load_pair(w, b * wstride, k, w0, w1);
-        for (int r = 0; r < MR; ++r) {
-          const float x0 = x[r * ldx + k], x1 = x[r * ldx + k + 1];
-          float* a = acc[r][b];
-          for (int i = 0; i < 16; ++i) {
-            float t = a[i];
-            t += x0 * w0[i];
-            t += x1 * w1[i];
-            a[i] = t;
-          }
-        }
-      }
-    }
-    for (int r = 0; r < MR; ++r)
-      for (int b = 0; b < NR; ++b) std::memcpy(tile + r * kTileLd + b * 16, acc[r][b], 64);
-  }
 };
 
 #if EXPERTD_GEMM_X86
@@ -209,7 +222,7 @@ template <DType WD>
 struct Avx512Tile {
   template <int MR, int NR>
   EXPERTD_AVX512 static void run(const void* xv, size_t ldx, const void* wv, size_t wstride,
-                                 int kp, float* tile) {
+                                 int kp, float* tile, QScales) {
     const float* x = static_cast<const float*>(xv);
     __m512 acc[MR][NR];
 #pragma GCC unroll 8
@@ -264,7 +277,7 @@ struct Avx512Tile {
 struct Bf16DotTile {
   template <int MR, int NR>
   EXPERTD_AVX512BF16 static void run(const void* xv, size_t ldx, const void* wv, size_t wstride,
-                                     int kp, float* tile) {
+                                     int kp, float* tile, QScales) {
     typedef int32_t __attribute__((may_alias, aligned(2))) pair_t;
     const uint16_t* x = static_cast<const uint16_t*>(xv);
     const uint16_t* w = static_cast<const uint16_t*>(wv);
@@ -296,9 +309,139 @@ struct Bf16DotTile {
 };
 #endif
 
+
+// ---------------------------------------------------------------------------------------------
+// Quantized weights (see QFormat in ops.h): codes decode to f32, times the (row, group) scale,
+// then the same accumulation as the f32 kernels. Activations are f32 on every path.
+
+// The 16 e2m1 values (sign in bit 3).
+inline const float* fp4_e2m1_table() {
+  static const float t[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
+                              -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+  return t;
+}
+
+// Code of row i (0..15) at column c of a block, as a signed/unsigned small integer.
+template <QFormat Q>
+inline float decode_code(const uint8_t* blk, int c, int i) {
+  if constexpr (Q == QFormat::I8) {
+    return static_cast<float>(static_cast<int8_t>(blk[static_cast<size_t>(c) * 16 + i]));
+  } else if constexpr (Q == QFormat::F8) {
+    return fp8_e4m3_to_f32(blk[static_cast<size_t>(c) * 16 + i]);
+  } else {
+    const uint8_t byte = blk[static_cast<size_t>(c) * 8 + (i & 7)];
+    const int nib = i < 8 ? (byte & 0xf) : (byte >> 4);
+    if constexpr (Q == QFormat::I4) return static_cast<float>((nib ^ 8) - 8);
+    else return fp4_e2m1_table()[nib];
+  }
+}
+
+template <QFormat Q>
+struct ScalarQTile : ScalarLoop<ScalarQTile<Q>> {
+  static void load_pair(const void* wv, size_t wstride, int b, int k, QScales qs, float* w0,
+                        float* w1) {
+    const uint8_t* blk = static_cast<const uint8_t*>(wv) + b * (wstride * qformat_bits(Q) / 8);
+    const float* sc = qs.s + b * qs.sstride + static_cast<size_t>(k / qs.group) * 16;
+    for (int i = 0; i < 16; ++i) {
+      w0[i] = decode_code<Q>(blk, k, i) * sc[i];
+      w1[i] = decode_code<Q>(blk, k + 1, i) * sc[i];
+    }
+  }
+};
+
+#if EXPERTD_GEMM_X86
+// 16 codes of one k (16 rows of a block) -> f32, unscaled.
+template <QFormat Q>
+EXPERTD_AVX512 inline __m512 decode16(const uint8_t* blk, int k) {
+  if constexpr (Q == QFormat::I8) {
+    const __m128i v = _mm_load_si128(reinterpret_cast<const __m128i*>(blk + static_cast<size_t>(k) * 16));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v));
+  } else if constexpr (Q == QFormat::F8) {
+    // e4m3 -> f32: the 7 magnitude bits moved to the top of an f32's exponent/mantissa make
+    // 2^(e - 127) * 1.m (or a denormal for e = 0); times 2^120 rebias that exactly (denormal
+    // inputs are exact unless DAZ is set, which Node never does). The 0x7f NaN is not decoded.
+    const __m128i v = _mm_load_si128(reinterpret_cast<const __m128i*>(blk + static_cast<size_t>(k) * 16));
+    const __m512i u = _mm512_cvtepu8_epi32(v);
+    const __m512i mag = _mm512_slli_epi32(_mm512_and_si512(u, _mm512_set1_epi32(0x7f)), 20);
+    const __m512 f = _mm512_mul_ps(_mm512_castsi512_ps(mag), _mm512_set1_ps(0x1p120f));
+    const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(u, _mm512_set1_epi32(0x80)), 24);
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(f), sign));
+  } else {
+    const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + static_cast<size_t>(k) * 8));
+    const __m128i m = _mm_set1_epi8(0x0f);
+    const __m128i lo = _mm_and_si128(v, m);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
+    const __m128i nib = _mm_unpacklo_epi64(lo, hi);  // rows 0..7 then 8..15
+    if constexpr (Q == QFormat::I4) {
+      const __m128i e = _mm_set1_epi8(8);
+      return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(_mm_xor_si128(nib, e), e)));
+    } else {
+      return _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(nib), _mm512_loadu_ps(fp4_e2m1_table()));
+    }
+  }
+}
+
+template <QFormat Q>
+struct Avx512QTile {
+  template <int MR, int NR>
+  EXPERTD_AVX512 static void run(const void* xv, size_t ldx, const void* wv, size_t wstride,
+                                 int kp, float* tile, QScales qs) {
+    const float* x = static_cast<const float*>(xv);
+    const uint8_t* w = static_cast<const uint8_t*>(wv);
+    const size_t bstride = wstride * qformat_bits(Q) / 8;
+    __m512 acc[MR][NR];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int b = 0; b < NR; ++b) acc[r][b] = _mm512_setzero_ps();
+    for (int k0 = 0; k0 < kp; k0 += qs.group) {
+      __m512 sc[NR];
+#pragma GCC unroll 4
+      for (int b = 0; b < NR; ++b)
+        sc[b] = _mm512_load_ps(qs.s + b * qs.sstride + static_cast<size_t>(k0 / qs.group) * 16);
+      const int k1 = std::min(kp, k0 + qs.group);
+      for (int k = k0; k < k1; ++k) {
+#pragma GCC unroll 4
+        for (int b = 0; b < NR; ++b) {
+          const __m512 wk = _mm512_mul_ps(decode16<Q>(w + b * bstride, k), sc[b]);
+#pragma GCC unroll 8
+          for (int r = 0; r < MR; ++r)
+            acc[r][b] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k]), wk, acc[r][b]);
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int b = 0; b < NR; ++b) _mm512_store_ps(tile + r * kTileLd + b * 16, acc[r][b]);
+  }
+};
+#endif
+
 template <class K, int... I>
 constexpr std::array<TileFn, sizeof...(I)> make_tile_table(std::integer_sequence<int, I...>) {
   return {{&K::template run<I / kNr + 1, I % kNr + 1>...}};
+}
+
+// Table of kernels for quantized weights of format q on a path (Scalar or Avx512).
+inline const TileFn* qtile_table(Path path, QFormat q) {
+  using Seq = std::make_integer_sequence<int, kMr * kNr>;
+  static const auto s_i8 = make_tile_table<ScalarQTile<QFormat::I8>>(Seq{});
+  static const auto s_i4 = make_tile_table<ScalarQTile<QFormat::I4>>(Seq{});
+  static const auto s_f8 = make_tile_table<ScalarQTile<QFormat::F8>>(Seq{});
+  static const auto s_fp4 = make_tile_table<ScalarQTile<QFormat::FP4>>(Seq{});
+#if EXPERTD_GEMM_X86
+  static const auto a_i8 = make_tile_table<Avx512QTile<QFormat::I8>>(Seq{});
+  static const auto a_i4 = make_tile_table<Avx512QTile<QFormat::I4>>(Seq{});
+  static const auto a_f8 = make_tile_table<Avx512QTile<QFormat::F8>>(Seq{});
+  static const auto a_fp4 = make_tile_table<Avx512QTile<QFormat::FP4>>(Seq{});
+  if (path != Path::Scalar)
+    return q == QFormat::I8 ? a_i8.data() : q == QFormat::I4 ? a_i4.data()
+           : q == QFormat::F8 ? a_f8.data() : a_fp4.data();
+#endif
+  (void)path;
+  return q == QFormat::I8 ? s_i8.data() : q == QFormat::I4 ? s_i4.data()
+         : q == QFormat::F8 ? s_f8.data() : s_fp4.data();
 }
 
 // Table of kernels for (path, weight dtype), indexed [(mr - 1) * kNr + (nr - 1)].
@@ -321,6 +464,11 @@ inline const TileFn* tile_table(Path path, DType wd) {
                            : wd == DType::F16 ? scalar_f16.data() : scalar_f32.data();
 }
 
+// The kernel table for a packed weight on a path.
+inline const TileFn* tile_table(Path path, const PackedWeight& w) {
+  return w.quantized() ? qtile_table(path, w.q) : tile_table(path, w.dtype);
+}
+
 // Runs every register tile of rows [0, rows) of x against blocks [b0, b1) of w, handing each
 // finished tile to epi(row, mr, block, nr, tile). Rows outermost: an MR-row slice of x stays in
 // L1 while the task's weight chunk streams from L2.
@@ -331,13 +479,20 @@ inline void run_tiles(const TileFn* table, Path path, Act x, int rows, const Pac
   const size_t xes = act_size(path);
   const size_t wstride = static_cast<size_t>(16) * w.kp;
   const uint8_t* wbase = static_cast<const uint8_t*>(w.ptr());
-  const size_t wes = dtype_size(w.dtype);
+  const size_t block_bytes = static_cast<size_t>(w.kp) * w.k_bytes16();
+  QScales qs;
+  if (w.quantized()) {
+    qs.group = w.group;
+    qs.sstride = static_cast<size_t>(w.kp / w.group) * 16;
+  }
   for (int r = 0; r < rows; r += kMr) {
     const int mr = std::min(kMr, rows - r);
     const uint8_t* xr = static_cast<const uint8_t*>(x.data) + r * x.ld * xes;
     for (int b = b0; b < b1; b += kNr) {
       const int nr = std::min(kNr, b1 - b);
-      table[(mr - 1) * kNr + (nr - 1)](xr, x.ld, wbase + b * wstride * wes, wstride, w.kp, tile);
+      if (w.quantized()) qs.s = w.scales.get() + b * qs.sstride;
+      table[(mr - 1) * kNr + (nr - 1)](xr, x.ld, wbase + b * block_bytes, wstride, w.k_even(),
+                                       tile, qs);
       epi(r, mr, b, nr, tile);
     }
   }

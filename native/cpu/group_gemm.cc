@@ -53,7 +53,7 @@ void run_gate_up_task(const FfnCall& c, const Task& t) {
   Act x = x_for(c, path, rounds_activations(w.dtype, c.fast));
   x.data = static_cast<const uint8_t*>(x.data) + row0 * x.ld * act_size(path);
   uint8_t* h = c.hbuf + row0 * c.h_row_bytes;
-  run_tiles(tile_table(path, w.dtype), path, x, t.r1 - t.r0, w, t.b0, t.b1,
+  run_tiles(tile_table(path, w), path, x, t.r1 - t.r0, w, t.b0, t.b1,
             [&](int r, int mr, int b, int nr, const float* tile) {
               store_gate_up(path, tile, mr, nr, b, h + r * c.h_row_bytes, c.h_row_bytes, fmt);
             });
@@ -67,7 +67,7 @@ void run_down_task(const FfnCall& c, const Task& t) {
   Act x{c.hbuf + row0 * c.h_row_bytes, c.h_row_bytes / act_size(path)};
   const size_t ldy = static_cast<size_t>(c.h);
   float* y = c.y + row0 * ldy;
-  run_tiles(tile_table(path, w.dtype), path, x, t.r1 - t.r0, w, t.b0, t.b1,
+  run_tiles(tile_table(path, w), path, x, t.r1 - t.r0, w, t.b0, t.b1,
             [&](int r, int mr, int b, int nr, const float* tile) {
               store_plain(tile, mr, nr, w, b, y + r * ldy, ldy, nullptr, false);
             });

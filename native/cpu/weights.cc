@@ -8,22 +8,13 @@
 #include "expertd/errors.h"
 #include "expertd/ops.h"
 #include "expertd/thread_pool.h"
+#include "packed_layout.h"
 
 namespace expertd {
 
 namespace {
 
 int round_up(int v, int m) { return (v + m - 1) / m * m; }
-
-// Physical row (within the padded [np] rows) of logical row r. GateUp interleaves 16-row blocks:
-// gate rows [16j, 16j+16) -> block 2j, up rows of the same range -> block 2j+1.
-int physical_row(const PackedWeight& w, int r) {
-  if (w.kind == WeightKind::Plain) return r;
-  int inter = w.n / 2;
-  bool up = r >= inter;
-  int q = up ? r - inter : r;
-  return (q / 16) * 32 + (up ? 16 : 0) + q % 16;
-}
 
 // Element offset of (physical row p, col c) in the packed buffer (same for every dtype: a block
 // holds 16 * kp elements).
@@ -32,14 +23,6 @@ size_t packed_offset(const PackedWeight& w, int p, int c) {
   int i = p % 16;
   if (w.dtype == DType::BF16) return block + static_cast<size_t>(c / 2) * 32 + i * 2 + (c & 1);
   return block + static_cast<size_t>(c) * 16 + i;
-}
-
-float load_as_f32(const void* src, DType t, size_t idx) {
-  switch (t) {
-    case DType::F32: return static_cast<const float*>(src)[idx];
-    case DType::BF16: return bf16_to_f32(static_cast<const uint16_t*>(src)[idx]);
-    default: return f16_to_f32(static_cast<const uint16_t*>(src)[idx]);
-  }
 }
 
 // One row of the source converted to the storage dtype into out[k] (bit copy when dtypes match,
@@ -55,15 +38,6 @@ void convert_row(const void* src_row, DType src_t, int k, DType dst_t, void* out
     else if (dst_t == DType::BF16) static_cast<uint16_t*>(out)[c] = f32_to_bf16(v);
     else static_cast<uint16_t*>(out)[c] = f32_to_f16(v);
   }
-}
-
-// Logical row held by physical row p of w, or -1 for padding.
-int logical_row(const PackedWeight& w, int p) {
-  if (w.kind == WeightKind::Plain) return p < w.n ? p : -1;
-  const int inter = w.n / 2;
-  const int q = (p / 32) * 16 + p % 16;
-  const bool up = (p / 16) % 2 == 1;
-  return q < inter ? (up ? inter + q : q) : -1;
 }
 
 // dst[c * 16 + i] = rows[i][c] for c < cols: a 16-row transpose of T-sized elements (bf16
@@ -168,6 +142,7 @@ std::shared_ptr<PackedWeight> alloc_packed_weight(DType dtype, WeightKind kind, 
 }
 
 void pack_weight(PackedWeight& w, const void* src, DType src_dtype, bool use_pool) {
+  if (w.quantized()) return quantize_weight(w, src, nullptr, src_dtype, 128, use_pool);
   const size_t row_bytes = static_cast<size_t>(w.k) * dtype_size(src_dtype);
   const uint8_t* s = static_cast<const uint8_t*>(src);
   pack_all(w, src_dtype, [&](int r) { return s + static_cast<size_t>(r) * row_bytes; }, use_pool);
@@ -177,6 +152,7 @@ void pack_gate_up(PackedWeight& w, const void* gate, const void* up, DType src_d
                   bool use_pool) {
   EXPERTD_CHECK(w.kind == WeightKind::GateUp, ErrorCode::InvalidArg,
                 "pack_gate_up needs a gate_up weight");
+  if (w.quantized()) return quantize_weight(w, gate, up, src_dtype, 128, use_pool);
   const size_t row_bytes = static_cast<size_t>(w.k) * dtype_size(src_dtype);
   const int inter = w.n / 2;
   const uint8_t* g = static_cast<const uint8_t*>(gate);
@@ -190,6 +166,7 @@ void pack_gate_up(PackedWeight& w, const void* gate, const void* up, DType src_d
 float packed_weight_at(const PackedWeight& w, int row, int col) {
   EXPERTD_CHECK(row >= 0 && row < w.n && col >= 0 && col < w.k, ErrorCode::Range,
                 "packed weight element out of range");
+  if (w.quantized()) return quant_weight_at(w, row, col);
   return load_as_f32(w.ptr(), w.dtype, packed_offset(w, physical_row(w, row), col));
 }
 

@@ -14,6 +14,7 @@
 
 #include "../addon/args.h"
 #include "../addon/register.h"
+#include "../addon/sampling_args.h"
 #include "expertd/cuda_backend.h"
 
 namespace expertd::addon {
@@ -873,6 +874,41 @@ Napi::Value top_n(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// cudaSampleBatch(logits, rows, vocabSize, batch, out, stream?): the host arrays of sampleBatch,
+// the logits on the device; returns with out and batch.rngState filled.
+Napi::Value sample_batch(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 5, "cudaSampleBatch");
+  const int rows = dim(info, 1, "rows", 0, 1 << 20), vocab = dim(info, 2, "vocabSize", 1, 1 << 30);
+  const float* logits = get_aligned_buf<float>(info, 0, "logits", mul(rows, vocab, F4));
+  if (!info[3].IsObject()) throw_type(env, "batch must be an object");
+  if (!info[4].IsObject()) throw_type(env, "out must be an object");
+  ParsedSampleBatch b = parse_sample_batch(env, rows, vocab, info[3].As<Napi::Object>(), info[4].As<Napi::Object>());
+  Stream s = get_stream(info, 5);
+  cuda::SampleBatchHost h;
+  h.rows = rows;
+  h.vocab = vocab;
+  h.params = b.params;
+  h.rng = b.rng;
+  h.bias_offsets = b.bias_offsets;
+  h.bias_ids = b.bias_ids;
+  h.bias_values = b.bias_values;
+  h.seen_offsets = b.seen_offsets;
+  h.seen_ids = b.seen_ids;
+  h.count_offsets = b.count_offsets;
+  h.count_ids = b.count_ids;
+  h.count_values = b.count_values;
+  h.mask_rows = b.mask_rows;
+  h.masks = b.masks;
+  h.n_bias = b.n_bias;
+  h.n_seen = b.n_seen;
+  h.n_counts = b.n_counts;
+  h.n_masks = b.n_masks;
+  h.out = b.out;
+  guard(env, [&] { cuda::sample_batch(logits, h, s); });
+  return env.Undefined();
+}
+
 // cudaKvCacheWrite(k, v, t, slots, kCache, vCache, kvHeads, dk, dv, vStride, numSlots, stream?)
 Napi::Value kv_cache_write(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -1090,15 +1126,17 @@ std::vector<int64_t> byte_counts(const Napi::CallbackInfo& info, size_t i, const
   return v;
 }
 
-// cudaNcclJoin(uniqueId, worldSize, rank): blocks until every rank joined.
+// cudaNcclJoin(uniqueId, worldSize, rank, timeoutMs = 600000): blocks until every rank joined, at
+// most timeoutMs (then E_COMM); timeoutMs also bounds each later collective of the group.
 Napi::Value nccl_join(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   expect_args(info, 3, "cudaNcclJoin");
   Span<uint8_t> id = get_array<uint8_t>(info, 0, "uniqueId", kNcclUniqueIdBytes, true);
   const int world = dim(info, 1, "worldSize", 1, 65536);
   const int rank = dim(info, 2, "rank", 0, world - 1);
+  const int timeout_ms = info.Length() > 3 && !is_nullish(info[3]) ? dim(info, 3, "timeoutMs", 1, 2147483647) : 600000;
   std::shared_ptr<Comm> comm;
-  guard(env, [&] { comm = expertd::nccl_join(id.data, world, rank); });
+  guard(env, [&] { comm = expertd::nccl_join(id.data, world, rank, timeout_ms); });
   auto st = std::make_shared<std::shared_ptr<Comm>>(comm);
   auto live = [st](Napi::Env e) -> Comm& {
     if (!*st) throw_disposed(e, "NCCL comm group");
@@ -1209,6 +1247,7 @@ void register_cuda(Napi::Env env, Napi::Object exports) {
   fn("cudaEmbedding", embedding);
   fn("cudaSoftmax", softmax);
   fn("cudaTopN", top_n);
+  fn("cudaSampleBatch", sample_batch);
   fn("cudaKvCacheWrite", kv_cache_write);
   fn("cudaPagedAttention", paged_attention);
   fn("cudaGemmF32", gemm_f32);

@@ -9,7 +9,7 @@ const usage = `Usage: expertd <command> [options]
 Commands:
   serve       Serve a model over an OpenAI-compatible HTTP API (default: the built-in demo model)
   generate    Generate text from one prompt and stream it to stdout
-  trace       Inspect expert-activation traces: summary, heatmap (PNG), replay against a cache
+  trace       Inspect expert-activation traces: summary, heatmap (PNG or SVG plot), replay against a cache
 
 Run 'expertd <command> --help' for the options of a command.
 Every option can also be set through an EXPERTD_* environment variable (e.g. EXPERTD_PORT=8080).`;

@@ -12,8 +12,10 @@ import type { ModelInfo } from '../engine/types.js';
 import type { EvictionPolicy } from '../offload/expert-cache.js';
 import type { OffloadConfig } from '../offload/setup.js';
 import { UsageError, type ParsedFlags } from './options.js';
+import { quantizeSpec, type QuantizeSpec } from '../model/quantize.js';
 
-export function resolveEngineOptions(flags: ParsedFlags, servedModelName?: string):
+/** `ranks`: the rank processes of the group (serve --nproc-per-node x --nnodes), 1 without. */
+export function resolveEngineOptions(flags: ParsedFlags, servedModelName?: string, ranks = 1):
     EngineOptions & { isDemo: boolean; info: ModelInfo } {
   const given = String(flags['model'] ?? '');
   const isDemo = given === '';
@@ -38,6 +40,7 @@ export function resolveEngineOptions(flags: ParsedFlags, servedModelName?: strin
   return {
     modelDir, isDemo, info,
     computeDtype: dtype as 'f32' | 'bf16',
+    quantize: quantizeOption(flags, device),
     kvCacheBlocks: Number(flags['kv-cache-blocks'] ?? 0),
     kvCacheGb: Number(flags['kv-cache-gb'] ?? 0),
     blockSize: Number(flags['block-size'] ?? 16),
@@ -48,9 +51,22 @@ export function resolveEngineOptions(flags: ParsedFlags, servedModelName?: strin
     pipelineChunks: pipelineChunks(String(flags['pipeline-chunks'] ?? 'auto')),
     servedModelName: name,
     device,
-    ...expertParallel(flags, device, offload.offload !== undefined, spec.moe.numExperts),
+    ...expertParallel(flags, device, offload.offload !== undefined, spec.moe.numExperts, ranks),
     ...offload,
   };
+}
+
+/** --quantize / --quantize-group -> the spec (null = none); the device engine refuses it. */
+export function quantizeOption(flags: ParsedFlags, device: string): QuantizeSpec | null {
+  let q: QuantizeSpec | null;
+  try {
+    q = quantizeSpec(String(flags['quantize'] ?? 'none'), Number(flags['quantize-group'] ?? 32));
+  } catch (e) {
+    throw new UsageError((e as Error).message);
+  }
+  if (q && device !== 'cpu')
+    throw new UsageError(`--quantize ${q.format} runs on the CPU engine; --device ${device} keeps experts in bf16 (the CUDA kernels for quantized experts are not built yet)`);
+  return q;
 }
 
 /** --pipeline-chunks auto|N (N in 1..256). */
@@ -82,11 +98,13 @@ export function resolveDevice(flag: string): string {
   return `cuda:${index}`;
 }
 
-function expertParallel(flags: ParsedFlags, device: string, offload: boolean, experts: number):
+function expertParallel(flags: ParsedFlags, device: string, offload: boolean, experts: number, ranks: number):
     { expertParallel?: number; expertPlacement?: number[] } {
   const n = Number(flags['expert-parallel'] ?? 1);
   const file = String(flags['expert-placement'] ?? '');
-  if (file && n <= 1) throw new UsageError('--expert-placement needs --expert-parallel N (N >= 2)');
+  // Rank processes: the table spreads the experts over the group's ranks (--dist-moe expert).
+  if (file && n <= 1 && ranks > 1) return { expertPlacement: expertPlacement(file, experts, ranks) };
+  if (file && n <= 1) throw new UsageError('--expert-placement needs --expert-parallel N (N >= 2) or rank processes (--nproc-per-node, --nnodes)');
   if (n <= 1) return {};
   if (device !== 'cpu') {
     // Device ranks: rank r on cuda:r of this process (a stand-in counts as enough devices).

@@ -1,13 +1,10 @@
 // `expertd serve`: load the model in the engine worker, then serve the OpenAI-compatible API.
 // SIGTERM/SIGINT drain in-flight requests up to --shutdown-timeout and exit 0; during the model
 // load they stop the load and exit 0. With rank processes this process is the front (src/dist/).
-import { randomUUID } from 'node:crypto';
-
 import { pino } from 'pino';
 
-import { startFront } from '../dist/launcher.js';
+import { startFront, type Front } from '../dist/launcher.js';
 import type { GroupExperts } from '../dist/rank-protocol.js';
-import { StoreServer } from '../dist/store.js';
 import type { EngineOptions } from '../engine/protocol.js';
 import { runRelay } from '../dist/relay.js';
 import { resolveTopology, TopologyError, type Topology } from '../dist/topology.js';
@@ -45,8 +42,8 @@ export const serveFlags: FlagSpec[] = [
   { name: 'node-rank', type: 'int', min: 0, max: 4095, arg: 'R', help: 'This node\'s index; node 0 serves HTTP (default 0; else RANK/nproc-per-node or LWS_WORKER_INDEX)' },
   { name: 'dist-init-addr', type: 'string', arg: 'HOST:PORT', help: 'Node 0\'s address for the rank rendezvous and channels, the same on every node (else MASTER_ADDR:MASTER_PORT or LWS_LEADER_ADDRESS:29500)' },
   { name: 'dist-moe', type: 'string', arg: 'MODE', choices: ['auto', 'expert', 'replicated'], default: 'auto',
-    help: 'MoE layers across the rank processes: expert = each rank holds a slice of the routed experts, tokens travel by all2all over Gloo and the ranks step in lockstep; replicated = every rank holds every expert (auto = expert where the addon has Gloo, the device is the CPU and neither --expert-parallel nor offloading is on)' },
-  { name: 'dist-timeout', type: 'number', min: 1, default: 300, arg: 'SECONDS', help: 'How long every rank has to join the rendezvous (with --dist-moe expert also the bound on the Gloo join and each all2all)' },
+    help: 'MoE layers across the rank processes: expert = each rank holds a slice of the routed experts (--expert-placement), tokens travel by all2all (Gloo on CPU ranks, NCCL on devices) and the ranks step in lockstep; replicated = every rank holds every expert (auto = expert on CPU ranks where the addon has Gloo and neither --expert-parallel nor offloading is on; on devices auto is replicated until the NCCL path has run on GPUs, --dist-moe expert opts in)' },
+  { name: 'dist-timeout', type: 'number', min: 1, default: 300, arg: 'SECONDS', help: 'How long every rank has to join the rendezvous (with --dist-moe expert also the bound on the Gloo or NCCL join and each all2all)' },
   { name: 'heartbeat-timeout', type: 'number', min: 0.5, default: 10, arg: 'SECONDS', help: 'A rank silent this long (dead, hung or cut off) ends the group: 503s, every process exits non-zero; ranks whose front is silent this long exit non-zero' },
   { name: 'reasoning-parser', type: 'string', arg: 'NAME', choices: ['auto', 'none', 'think', 'gpt_oss'], default: 'auto',
     help: 'Chat completions split reasoning into message.reasoning_content: think = <think>...</think> (Qwen3, DeepSeek-R1, GLM-4.5), gpt_oss = harmony analysis channel (auto = from the chat template\'s markers; none = all text is content)' },
@@ -151,22 +148,30 @@ function topologyFrom(flags: import('./options.js').ParsedFlags): Topology {
 }
 
 /**
- * --dist-moe: with 'expert' the front serves the Gloo group's store (127.0.0.1 on one node, else
- * the rendezvous port + 1 on node 0's address) under a prefix unique to this start.
+ * --dist-moe: with 'expert' the ranks' MoE group (Gloo on CPU ranks, NCCL on devices) rendezvous in
+ * the front's store under the group's prefix. Device ranks need NCCL in the addon (or the test
+ * stand-in); CPU ranks need Gloo.
  */
-async function groupExperts(mode: string, opts: EngineOptions, t: Topology, gloo: boolean, timeoutMs: number):
-    Promise<{ experts: GroupExperts; store: StoreServer } | null> {
+function expertMode(mode: string, opts: EngineOptions, caps: { gloo: boolean; ncclFound: boolean }): boolean {
   const cpu = (opts.device ?? 'cpu') === 'cpu';
-  const why = !gloo ? 'this addon was built without Gloo (install libgloo-dev and rebuild)'
-    : !cpu ? `expert parallelism across rank processes runs on CPU ranks only (--device ${opts.device})`
+  const why = cpu && !caps.gloo ? 'this addon was built without Gloo (install libgloo-dev and rebuild)'
+    : !cpu && !caps.ncclFound && !process.env.EXPERTD_CUDA_STANDIN ? 'NCCL was not found (install NCCL or set EXPERTD_NCCL_SO)'
       : (opts.expertParallel ?? 1) > 1 ? 'it cannot be combined with --expert-parallel (in-process expert ranks)'
         : opts.offload ? 'it cannot be combined with expert offloading yet' : null;
-  if (mode === 'replicated' || (mode === 'auto' && why)) return null;
+  // NOTE: auto stays replicated on devices until expert parallelism across GPU rank processes has
+  // run on GPUs (it is tested on the emulator only); --dist-moe expert opts in.
+  const autoWhy = why ?? (!cpu ? 'device rank processes use it only when asked (--dist-moe expert; not yet validated on GPUs)' : null);
+  if (mode === 'replicated' || (mode === 'auto' && autoWhy)) {
+    if (opts.expertPlacement) throw new UsageError(`--expert-placement with rank processes needs --dist-moe expert${autoWhy ? ` (${why ? 'not possible here: ' : ''}${autoWhy})` : ''}`);
+    return false;
+  }
   if (why) throw new UsageError(`--dist-moe expert: ${why}`);
-  const multi = t.nnodes > 1;
-  const loopback = /^(127\.|localhost$|::1$)/.test(t.initHost ?? '127.0.0.1');
-  const store = await StoreServer.listen(multi && !loopback ? '0.0.0.0' : (multi ? t.initHost! : '127.0.0.1'), multi ? t.initPort! + 1 : 0);
-  return { store, experts: { host: multi ? t.initHost! : '127.0.0.1', port: store.port, prefix: `expertd-${randomUUID()}`, timeoutMs } };
+  return true;
+}
+
+/** The MoE group of the ranks (expertMode): its store is the front's, its keys under the group's prefix. */
+function groupExperts(front: Front, timeoutMs: number): GroupExperts {
+  return { host: front.storeHost, port: front.store.port, prefix: `${front.prefix}/moe`, timeoutMs };
 }
 
 export async function serveCommand(argv: string[]): Promise<number> {
@@ -176,7 +181,7 @@ export async function serveCommand(argv: string[]): Promise<number> {
   const stopSignal = firstStopSignal();
   const logger = pino({ level: String(flags['log-level']) });
   const topology = topologyFrom(flags);
-  const opts = resolveEngineOptions(flags, flags['served-model-name'] as string | undefined);
+  const opts = resolveEngineOptions(flags, flags['served-model-name'] as string | undefined, topology.worldSize);
   if (opts.isDemo) logger.warn({ model: opts.modelDir }, 'no --model given: serving the built-in demo model (random weights, gibberish text)');
   const caps = loadNative().capabilities();
   logger.info({ capabilities: caps, config: { ...opts, apiKey: flags['api-key'] ? '(set)' : '(none)' },
@@ -188,16 +193,19 @@ export async function serveCommand(argv: string[]): Promise<number> {
     if (visible < need) throw new UsageError(`--nproc-per-node ${topology.nprocPerNode} on devices puts local rank l on cuda:${topology.deviceOffset ? `${topology.deviceOffset}+l` : 'l'}: needs ${need} CUDA devices, ${visible} visible`);
     if ((opts.expertParallel ?? 1) > 1) throw new UsageError('--expert-parallel on devices (ranks on cuda:0..N-1 of one process) cannot be combined with rank processes; use one or the other');
   }
-  const launch = { engine: opts, topology, maxModelLen: opts.info.maxContext, version: packageVersion(), hardwareThreads: caps.hardwareThreads };
-  if (topology.nodeRank > 0) return runRelay(launch, Number(flags['dist-timeout']) * 1000, logger);
+  const distTimeoutMs = Number(flags['dist-timeout']) * 1000;
+  const launch = { engine: opts, topology, maxModelLen: opts.info.maxContext, version: packageVersion(),
+    hardwareThreads: caps.hardwareThreads, distTimeoutMs };
+  if (topology.nodeRank > 0) return runRelay(launch, distTimeoutMs, logger);
   const tok = ModelTokenizer.load(opts.modelDir);
+  const expert = topology.worldSize > 1 && expertMode(String(flags['dist-moe']), opts, caps);
   const front = topology.worldSize > 1
-    ? await startFront(launch, { rendezvousTimeoutMs: Number(flags['dist-timeout']) * 1000,
+    ? await startFront(launch, { rendezvousTimeoutMs: distTimeoutMs,
       heartbeatTimeoutMs: Number(flags['heartbeat-timeout']) * 1000 }, opts.info)
     : null;
-  const experts = front ? await groupExperts(String(flags['dist-moe']), opts, topology, caps.gloo, Number(flags['dist-timeout']) * 1000) : null;
-  if (front) logger.info({ distMoe: experts ? 'expert' : 'replicated' }, experts
-    ? `MoE layers expert-parallel over ${topology.worldSize} ranks (Gloo, store ${experts.experts.host}:${experts.experts.port})`
+  const experts = front && expert ? groupExperts(front, distTimeoutMs) : null;
+  if (front) logger.info({ distMoe: experts ? 'expert' : 'replicated', store: `${front.storeHost}:${front.store.port}` }, experts
+    ? `MoE layers expert-parallel over ${topology.worldSize} ranks (${(opts.device ?? 'cpu') === 'cpu' ? 'Gloo' : 'NCCL'}, store ${experts.host}:${experts.port})`
     : `MoE layers replicated on ${topology.worldSize} ranks`);
   const engine = front ? front.group : new EngineClient(opts, opts.info);
   showLoadProgress(engine);
@@ -224,7 +232,7 @@ export async function serveCommand(argv: string[]): Promise<number> {
   const groupFailed = front ? new Promise<'fault'>((r) => front.group.once('failed', () => r('fault'))) : new Promise<never>(() => undefined);
   const started = (async () => {
     if (front) {
-      await front.group.rendezvous(experts?.experts);
+      await front.group.rendezvous({ client: front.client, prefix: front.prefix }, experts ?? undefined);
       logger.info({ worldSize: topology.worldSize, nnodes: topology.nnodes, ranks: front.group.ranks.map((e) => ({ rank: e!.rank, pid: e!.pid, node: e!.link.nodeRank })) }, 'rendezvous: every rank loads the same model with the same flags');
     }
     await engine.ready;
@@ -239,8 +247,7 @@ export async function serveCommand(argv: string[]): Promise<number> {
     await server.close();
     if (front) {
       await front.group.waitAllGone(5000);
-      front.close();
-      await experts?.store.close();
+      await front.close();
     } else {
       await engine.close();
     }
@@ -248,8 +255,7 @@ export async function serveCommand(argv: string[]): Promise<number> {
   }
   const closeEngine = async () => {
     await engine.close();
-    front?.close();
-    await experts?.store.close();
+    await front?.close();
   };
   if (loaded !== 'ready') {
     // Nothing is in flight yet (generation routes answered 503): end the load, close, exit 0.
@@ -268,8 +274,7 @@ export async function serveCommand(argv: string[]): Promise<number> {
     await front!.group.waitAllGone(5000);
     await new Promise((r) => setTimeout(r, FAULT_LINGER_MS));
     await server.drain(0).catch(() => undefined);
-    front!.close();
-    await experts?.store.close();
+    await front!.close();
     return 1;
   }
   logger.info({ signal: ended }, 'draining');

@@ -11,6 +11,8 @@ import { mulberry32 } from '../engine/rng.js';
 import { BeladyReplayer, offloaderReplayer, REPLAY_POLICIES, type ReplayPolicy, type ReplayResult, type StepReplayer } from '../offload/replay.js';
 import { readTraceMeta, traceSteps, type Trace, type TraceMeta, type TraceReadOptions } from '../offload/trace-file.js';
 import { DEFAULT_TRACE_MAX_FILE_BYTES, DEFAULT_TRACE_MAX_FILES } from '../offload/trace-writer.js';
+import { heatmapChart } from '../plot/charts.js';
+import { plotFiles, writePlot, type PlotFormat } from '../plot/render.js';
 import { formatHelp, parseFlags, UsageError, type FlagSpec } from './options.js';
 
 /** Flags of `serve` that turn expert offloading on (the lead wires them into the engine). */
@@ -43,8 +45,9 @@ const summaryFlags: FlagSpec[] = [
 ];
 const heatmapFlags: FlagSpec[] = [
   ...commonFlags,
-  { name: 'out', type: 'string', arg: 'FILE.png', help: 'PNG to write', noEnv: true },
-  { name: 'cell', type: 'int', min: 1, max: 64, default: 0, help: 'Cell size in pixels (0 = automatic)', noEnv: true },
+  { name: 'out', type: 'string', arg: 'FILE', help: 'Image to write (FILE.png or FILE.svg); its Vega-Lite spec goes beside it as FILE.vl.json', noEnv: true },
+  { name: 'format', type: 'string', choices: ['png', 'svg'], help: "Image format (default: --out's extension, else png)", noEnv: true },
+  { name: 'request', type: 'string', arg: 'ID', help: "One request's expert activation matrix instead of the whole trace's", noEnv: true },
 ];
 const replayFlags: FlagSpec[] = [
   ...commonFlags,
@@ -64,7 +67,8 @@ export const traceHelp = [
   '',
   formatHelp('expertd trace summary --trace-dir DIR', 'Requests, per-layer expert popularity, and how similar requests are (within vs across clusters).', summaryFlags),
   '',
-  formatHelp('expertd trace heatmap --trace-dir DIR --out FILE.png', 'Per-layer expert popularity as a PNG: one row per MoE layer, one column per expert.', heatmapFlags),
+  formatHelp('expertd trace heatmap --trace-dir DIR --out FILE.png [--request ID] [--format png|svg]',
+    "Per-layer expert popularity as a picture: MoE layers x experts, colour = share of the layer's routed tokens.", heatmapFlags),
   '',
   formatHelp('expertd trace replay --trace-dir DIR [--capacity 0.25] [--policy eam|lru|lfu|belady|all]', 'Hit rates of a simulated expert cache on the trace (belady = the offline optimum).', replayFlags),
 ].join('\n');
@@ -127,7 +131,7 @@ export async function scanTrace(dir: string, opts: ScanOptions = {}): Promise<Tr
   const { numLayers: L, numExperts: E } = meta;
   const maxRequests = opts.maxRequests ?? 1000;
   const pop = new ExpertActivationMatrix(L, E);
-  const running = new Map<string, { seq: number; eam: ExpertActivationMatrix }>();
+  const running = new Map<string, { seq: number; eam: ExpertActivationMatrix | null }>();
   const sample: { seq: number; eam: ExpertActivationMatrix }[] = [];
   const rand = mulberry32(1);
   let seen = 0;
@@ -149,22 +153,24 @@ export async function scanTrace(dir: string, opts: ScanOptions = {}): Promise<Tr
       let live = running.get(r.id);
       if (!live) {
         seen++;
-        if (maxRequests > 0) running.set(r.id, (live = { seq: seen, eam: new ExpertActivationMatrix(L, E) }));
+        // NOTE: tracked even without a sample (maxRequests 0), else every step would count it anew.
+        running.set(r.id, (live = { seq: seen, eam: maxRequests > 0 ? new ExpertActivationMatrix(L, E) : null }));
       }
+      const eam = live.eam;
       r.layers.forEach((row, l) => {
         for (let i = 0; i < row.length; i += 2) {
           pop.counts[l * E + row[i]!]! += row[i + 1]!;
-          if (live) live.eam.counts[l * E + row[i]!]! += row[i + 1]!;
+          if (eam) eam.counts[l * E + row[i]!]! += row[i + 1]!;
         }
       });
     }
     for (const id of st.finished ?? []) {
       finishedRequests++;
       const live = running.get(id);
-      if (live) { running.delete(id); keep(live); }
+      if (live) { running.delete(id); if (live.eam) keep({ seq: live.seq, eam: live.eam }); }
     }
   }
-  for (const live of running.values()) keep(live);
+  for (const live of running.values()) if (live.eam) keep({ seq: live.seq, eam: live.eam });
   sample.sort((a, b) => a.seq - b.seq);
   return { meta, steps, requests: seen, finishedRequests, popularity: pop, eams: sample.map((x) => x.eam) };
 }
@@ -264,46 +270,67 @@ async function summary(argv: string[]): Promise<number> {
   return 0;
 }
 
+/** One request's EAM from the trace (null: the id is not in it), and a few ids for the error. */
+async function requestEam(dir: string, meta: TraceMeta, id: string): Promise<{ eam: ExpertActivationMatrix | null; ids: string[]; requests: number }> {
+  const { numLayers: L, numExperts: E } = meta;
+  let eam: ExpertActivationMatrix | null = null;
+  const seen = new Set<string>();
+  for await (const st of traceSteps(dir, { warn: stderrWarn })) {
+    for (const r of st.requests) {
+      seen.add(r.id);
+      if (r.id !== id) continue;
+      eam ??= new ExpertActivationMatrix(L, E);
+      r.layers.forEach((row, l) => {
+        for (let i = 0; i < row.length; i += 2) eam!.counts[l * E + row[i]!]! += row[i + 1]!;
+      });
+    }
+  }
+  return { eam, ids: [...seen].slice(0, 3), requests: seen.size };
+}
+
 async function heatmap(argv: string[]): Promise<number> {
   const { flags } = parseFlags(heatmapFlags, argv);
   const dir = traceDirOf(flags);
-  const outFile = flags['out'];
-  if (typeof outFile !== 'string' || !outFile) throw new UsageError('--out FILE.png is required');
-  const scan = await scanTrace(dir, { maxRequests: 0, warn: stderrWarn });
-  const { numLayers: L, numExperts: E } = scan.meta;
-  const pop = scan.popularity;
-  let PNG: typeof import('pngjs').PNG;
-  try {
-    ({ PNG } = await import('pngjs'));
-  } catch {
-    throw new Error('trace heatmap needs the pngjs package (npm install pngjs)');
-  }
-  const cell = Number(flags['cell']) || Math.max(2, Math.min(24, Math.floor(1200 / E)));
-  const gap = 1;
-  const width = E * cell + 2;
-  const height = L * (cell + gap) + 2;
-  const png = new PNG({ width, height });
-  png.data.fill(255);
-  for (let l = 0; l < L; l++) {
-    const row = pop.normalisedRow(l);
-    const max = Math.max(...row, 1e-12);
-    for (let e = 0; e < E; e++) {
-      // White (never routed) to dark blue (the layer's most popular expert).
-      const v = row[e]! / max;
-      const rgb = [255 - v * (255 - 8), 255 - v * (255 - 48), 255 - v * (255 - 107)];
-      for (let y = 1 + l * (cell + gap); y < 1 + l * (cell + gap) + cell; y++)
-        for (let x = 1 + e * cell; x < 1 + (e + 1) * cell; x++) {
-          const i = (y * width + x) * 4;
-          png.data[i] = rgb[0]!; png.data[i + 1] = rgb[1]!; png.data[i + 2] = rgb[2]!; png.data[i + 3] = 255;
-        }
+  const outFlag = flags['out'];
+  if (typeof outFlag !== 'string' || !outFlag) throw new UsageError('--out FILE.png is required');
+  const ext = /\.(png|svg)$/i.exec(outFlag)?.[1]?.toLowerCase() as PlotFormat | undefined;
+  const asked = flags['format'] as PlotFormat | undefined;
+  if (asked && ext && asked !== ext) throw new UsageError(`--out ${outFlag} ends in .${ext} but --format is ${asked}; make them agree`);
+  const format: PlotFormat = asked ?? ext ?? 'png';
+  const files = plotFiles(outFlag);
+  const outFile = format === 'png' ? files.png : files.svg;
+  const meta = readTraceMeta(dir);
+  const { numLayers: L, numExperts: E } = meta;
+  const request = typeof flags['request'] === 'string' && flags['request'] !== '' ? flags['request'] : null;
+  let eam: ExpertActivationMatrix;
+  let about: string;
+  if (request !== null) {
+    const found = await requestEam(dir, meta, request);
+    if (!found.eam) {
+      throw new UsageError(`--request ${request} is not in the trace at ${dir} (${found.requests} requests` +
+        `${found.ids.length ? `, e.g. ${found.ids.join(', ')}` : ''}); ids are the ones the daemon logged and returned`);
     }
+    eam = found.eam;
+    about = `request ${request}`;
+  } else {
+    const scan = await scanTrace(dir, { maxRequests: 0, warn: stderrWarn });
+    eam = scan.popularity;
+    about = `${scan.requests} requests`;
   }
-  fs.mkdirSync(path.dirname(path.resolve(outFile)), { recursive: true });
-  fs.writeFileSync(outFile, PNG.sync.write(png));
-  const msg = `wrote ${outFile} (${width}x${height}): rows = MoE layers 0..${L - 1} top to bottom, columns = experts 0..${E - 1}; ` +
-    'white = never routed, dark blue = the layer\'s most popular expert';
-  if (flags['json']) console.log(JSON.stringify({ out: outFile, width, height, layers: L, experts: E }));
-  else console.log(msg);
+  const cells = Array.from({ length: L }, (_, l) => eam.normalisedRow(l));
+  const tokens = eam.total() / Math.max(1, meta.topK * L);
+  const spec = heatmapChart({
+    title: `Expert activation: ${meta.model}, ${about}`,
+    note: `trace ${path.resolve(dir)}; ${L} MoE layers x ${E} experts, top-${meta.topK}, ${Math.round(tokens)} routed tokens per layer`,
+    cells, rowTitle: 'MoE layer', colTitle: 'expert', colorTitle: "share of the layer's routed tokens", colorFormat: '.0%',
+  });
+  const out = await writePlot(outFile, spec, { formats: [format] });
+  if (flags['json']) {
+    console.log(JSON.stringify({ out: outFile, spec: out.spec, format, width: out.width, height: out.height, layers: L, experts: E, request }));
+  } else {
+    console.log(`wrote ${outFile} (${out.width}x${out.height}) and its Vega-Lite spec ${out.spec}: rows = MoE layers 0..${L - 1}, ` +
+      `columns = experts 0..${E - 1}, colour = share of the layer's routed tokens (${about})`);
+  }
   return 0;
 }
 

@@ -9,6 +9,7 @@ import { loadCudaModel, loadModel } from '../model/load.js';
 import { loadNative, type CudaAddon } from '../native/index.js';
 import { DeviceExpertComm } from '../moe/device-ep.js';
 import { GroupExpertComm, placementFromOwners } from '../moe/ep-comm.js';
+import type { QuantizeSpec } from '../model/quantize.js';
 
 export interface ExpertRankData {
   modelDir: string;
@@ -16,6 +17,8 @@ export interface ExpertRankData {
   worldSize: number;
   group: string;
   fast: boolean;
+  /** --quantize: this rank's experts quantized at load (absent = the checkpoint's precision). */
+  quantize?: QuantizeSpec | null;
   /** [steps started, stop], shared with rank 0. */
   control: Int32Array;
   joinTimeoutMs: number;
@@ -55,7 +58,7 @@ async function main(): Promise<void> {
       ? (await import(pathToFileURL(path.resolve(d.device.standIn)).href) as { createCudaEmulator(): CudaAddon }).createCudaEmulator()
       : loadNative() as unknown as CudaAddon;
     if (!d.device.standIn) cu.cudaSetDevice(d.rank);
-    const ep = new DeviceExpertComm(cu, cu.cudaNcclJoin(d.device.ncclId, d.worldSize, d.rank), placement);
+    const ep = new DeviceExpertComm(cu, cu.cudaNcclJoin(d.device.ncclId, d.worldSize, d.rank, d.joinTimeoutMs), placement);
     comm = ep;
     const loaded = loadCudaModel(d.modelDir, { device: d.device.standIn ? 0 : d.rank, cuda: cu, ep });
     serve(() => loaded.model.serveExperts());
@@ -63,7 +66,7 @@ async function main(): Promise<void> {
   } else {
     const ep = new GroupExpertComm(loadNative().loopbackJoin(d.group, d.worldSize, d.rank, d.joinTimeoutMs), placement);
     comm = ep;
-    const loaded = loadModel(d.modelDir, { fast: d.fast, comm: ep, loadExpert: (_layer, e) => ep.ownsExpert(e) });
+    const loaded = loadModel(d.modelDir, { fast: d.fast, quantize: d.quantize ?? null, comm: ep, loadExpert: (_layer, e) => ep.ownsExpert(e) });
     serve(() => loaded.model.serveExperts());
     loaded.model.dispose();
   }

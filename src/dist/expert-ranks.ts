@@ -10,6 +10,7 @@ import { loadNative, type CudaAddon } from '../native/index.js';
 import { DeviceExpertComm } from '../moe/device-ep.js';
 import { checkPlacement, contiguousPlacement, GroupExpertComm, type ExpertPlacement } from '../moe/ep-comm.js';
 import type { ExpertRankData } from './expert-rank.js';
+import type { QuantizeSpec } from '../model/quantize.js';
 
 export interface ExpertRanks<C extends { dispose(): void } = GroupExpertComm> {
   comm: C;
@@ -26,9 +27,9 @@ let groupSeq = 0;
 
 /** `placement`: which rank owns each expert (default: contiguous slices). */
 export function startExpertRanks(modelDir: string, worldSize: number, fast: boolean, joinTimeoutMs = 600_000,
-                                 placement?: ExpertPlacement): ExpertRanks {
+                                 placement?: ExpertPlacement, quantize: QuantizeSpec | null = null): ExpertRanks {
   const group = `expertd-ep-${process.pid}-${Date.now()}-${groupSeq++}`;
-  return launch(modelDir, worldSize, { group, fast, joinTimeoutMs }, placement, (control, P) =>
+  return launch(modelDir, worldSize, { group, fast, joinTimeoutMs, quantize }, placement, (control, P) =>
     new GroupExpertComm(loadNative().loopbackJoin(group, worldSize, 0, joinTimeoutMs), P, control));
 }
 
@@ -40,11 +41,11 @@ export function startDeviceExpertRanks(modelDir: string, worldSize: number, cuda
                                        joinTimeoutMs = 600_000, placement?: ExpertPlacement): ExpertRanks<DeviceExpertComm> {
   const ncclId = cuda.cudaNcclUniqueId();
   return launch(modelDir, worldSize, { group: '', fast: true, joinTimeoutMs, device: { ncclId, ...(standIn ? { standIn } : {}) } },
-    placement, (control, P) => new DeviceExpertComm(cuda, cuda.cudaNcclJoin(ncclId, worldSize, 0), P, control));
+    placement, (control, P) => new DeviceExpertComm(cuda, cuda.cudaNcclJoin(ncclId, worldSize, 0, joinTimeoutMs), P, control));
 }
 
 function launch<C extends { dispose(): void }>(modelDir: string, worldSize: number,
-    base: Pick<ExpertRankData, 'group' | 'fast' | 'joinTimeoutMs' | 'device'>, given: ExpertPlacement | undefined,
+    base: Pick<ExpertRankData, 'group' | 'fast' | 'joinTimeoutMs' | 'device' | 'quantize'>, given: ExpertPlacement | undefined,
     join: (control: Int32Array, placement: ExpertPlacement) => C): ExpertRanks<C> {
   if (!Number.isInteger(worldSize) || worldSize < 2) throw new RangeError(`worldSize is ${worldSize}, expected an integer >= 2`);
   const spec = parseModelConfig(path.resolve(modelDir));

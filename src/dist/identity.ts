@@ -25,7 +25,11 @@ export interface RankCompat {
   maxModelLen: number;
   deviceKind: string;
   expertKernel: string;
+  /** --quantize of the experts: 'none' or format/group. */
+  quantize: string;
   expertdVersion: string;
+  /** --expert-placement's table (each expert's owner rank) as JSON, or 'contiguous' (the default). */
+  expertPlacement: string;
 }
 
 function sha256(data: Buffer | string): string {
@@ -65,7 +69,9 @@ export function rankIdentity(o: EngineOptions, maxModelLen: number, rank: number
       maxModelLen,
       deviceKind: (o.device ?? 'cpu').split(':')[0]!,
       expertKernel: o.expertKernel ?? 'auto',
+      quantize: o.quantize ? `${o.quantize.format}/${o.quantize.group}` : 'none',
       expertdVersion: version,
+      expertPlacement: o.expertPlacement ? JSON.stringify(o.expertPlacement) : 'contiguous',
     },
   };
 }

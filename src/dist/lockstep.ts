@@ -18,7 +18,8 @@ export class Lockstep {
   private readonly recv: Float64Array;
   idleMs = 0;
 
-  constructor(readonly group: CommGroup) {
+  /** A CPU group (Gloo) or a device one (NCCL): only its one-value exchange is used. */
+  constructor(readonly group: Pick<CommGroup, 'worldSize' | 'all2allCounts'>) {
     this.send = new Float64Array(group.worldSize);
     this.recv = new Float64Array(group.worldSize);
   }

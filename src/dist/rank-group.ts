@@ -1,13 +1,15 @@
 // The front's engine over every data-parallel rank: the EngineClient surface the server uses,
-// requests spread by load (fewest running + waiting sequences, ties in turn), the rendezvous check,
-// heartbeats both ways, and the one way a group ends on a fault: every request fails, every rank is told to
-// exit non-zero, /health answers 503 and 'failed' is emitted once.
+// requests spread by load (fewest running + waiting sequences, ties in turn), the rendezvous check
+// (every rank's identity, read from the group's store), heartbeats both ways, and the one way a
+// group ends on a fault: every request fails, every rank is told to exit non-zero, /health answers
+// 503 and 'failed' is emitted once.
 import { EventEmitter } from 'node:events';
 
 import type { EngineState } from '../engine/engine-client.js';
 import { refusedEvent, type EngineEvent, type EngineStats, type GenerateRequest, type ModelInfo } from '../engine/types.js';
 import { checkIdentities, type RankIdentity } from './identity.js';
 import { HEARTBEAT_INTERVAL_MS, type GroupExperts } from './rank-protocol.js';
+import { readIdentities, type RendezvousStore } from './rendezvous.js';
 import type { RemoteEngine } from './remote-engine.js';
 
 export interface RankGroupOptions {
@@ -33,6 +35,7 @@ export class RankGroup extends EventEmitter {
   private watchdog: NodeJS.Timeout | undefined;
   private readonly beat: NodeJS.Timeout;
   private rendezvousDone = false;
+  private identities: RankIdentity[] | undefined;
   private experts: GroupExperts | undefined;
   private rendezvousWaiters: { resolve: () => void; reject: (e: Error) => void } | undefined;
   summary = '';
@@ -62,7 +65,7 @@ export class RankGroup extends EventEmitter {
     if (this.ranks[r]) throw new Error(`rank ${r} joined twice`);
     this.ranks[r] = engine;
     this.heartbeat(engine);
-    engine.on('hello', () => this.checkRendezvous());
+    this.checkRendezvous();
     engine.on('ready', () => this.checkReady());
     engine.on('fatal', (msg: string) => {
       // A rank told to shut down while loading reports its load as stopped: not a fault.
@@ -78,30 +81,37 @@ export class RankGroup extends EventEmitter {
   }
 
   /**
-   * Waits for every rank's hello, checks that all load the same model with compatible flags, then
-   * lets them load. A difference (or a timeout) ends every rank with the reason and rejects.
+   * Waits for every rank's identity in the store (each rank publishes its own and checks everyone's
+   * too, rendezvous.ts) and for every rank's link, checks that all load the same model with
+   * compatible flags, then lets them load. A difference (or a timeout) ends every rank with the
+   * reason and rejects.
    */
-  rendezvous(experts?: GroupExperts): Promise<void> {
+  rendezvous(store: { client: RendezvousStore; prefix: string }, experts?: GroupExperts): Promise<void> {
     this.experts = experts;
+    const timeoutMs = this.options.rendezvousTimeoutMs;
     return new Promise<void>((resolve, reject) => {
+      // A second later than the store's wait, which names the ranks whose identity never came.
       const timer = setTimeout(() => {
-        const missing = this.ranks.map((e, i) => (e?.identity ? -1 : i)).filter((i) => i >= 0);
-        this.fault(`rendezvous timed out after ${this.options.rendezvousTimeoutMs / 1000} s: rank(s) ${missing.join(', ')} never reported`);
-      }, this.options.rendezvousTimeoutMs);
+        const missing = this.ranks.map((e, i) => (e ? -1 : i)).filter((i) => i >= 0);
+        this.fault(`rendezvous timed out after ${timeoutMs / 1000} s: rank(s) ${missing.join(', ')} never joined the front`);
+      }, timeoutMs + 1000);
       this.rendezvousWaiters = {
         resolve: () => { clearTimeout(timer); resolve(); },
         reject: (e) => { clearTimeout(timer); reject(e); },
       };
-      this.checkRendezvous();
+      readIdentities(store.client, store.prefix, this.ranks.length, timeoutMs).then((ids) => {
+        this.identities = ids;
+        this.checkRendezvous();
+      }, (e: Error) => this.fault(`rendezvous failed: ${e.message}`));
     });
   }
 
   private checkRendezvous(): void {
-    if (this.rendezvousDone || !this.rendezvousWaiters) return;
-    const ids = this.ranks.map((e) => e?.identity);
-    if (ids.some((i) => !i)) return;
+    if (this.rendezvousDone || !this.rendezvousWaiters || !this.identities) return;
+    if (this.ranks.some((e) => !e)) return;   // a node's relay has not brought its ranks yet
     this.rendezvousDone = true;
-    const diff = checkIdentities(ids as RankIdentity[]);
+    this.identities.forEach((id, r) => { this.ranks[r]!.identity = id; });
+    const diff = checkIdentities(this.identities);
     if (diff) {
       this.fault(`rendezvous refused: ${diff}`);
       return;

@@ -6,11 +6,15 @@ import { EngineClient } from '../engine/engine-client.js';
 import type { StepMetrics } from '../engine/protocol.js';
 import type { EngineEvent } from '../engine/types.js';
 import { rankIdentity } from './identity.js';
+import { publishAndCheck } from './rendezvous.js';
+import { StoreClient } from './store.js';
 import { HEARTBEAT_INTERVAL_MS, type FrontToRank, type GroupExperts, type RankInit, type RankToFront } from './rank-protocol.js';
 
 if (!process.send) throw new Error('rank-main must be started by child_process.fork');
 
 let init: RankInit | null = null;
+/** Settles true once this rank found every identity in the store equal to its own (the rendezvous). */
+let agreed: Promise<boolean> = Promise.resolve(false);
 let engine: EngineClient | null = null;
 let events: EngineEvent[] = [];
 let steps: StepMetrics[] = [];
@@ -44,6 +48,34 @@ function queueFlush(): void {
   setImmediate(flush);
 }
 
+/**
+ * Publishes this rank's identity to the group's store and compares every rank's with it. A
+ * difference is not this rank's to report: the front reads the same identities, refuses the group
+ * naming the difference and tells every rank to exit; this rank only never starts.
+ */
+async function rendezvous(i: RankInit): Promise<boolean> {
+  let store: StoreClient | null = null;
+  try {
+    let identity;
+    try {
+      identity = rankIdentity(i.options, i.maxModelLen, i.rank, i.nodeRank, i.version);
+    } catch (e) {
+      send({ type: 'fatal', message: `cannot read the model's identity: ${(e as Error).message}` });
+      return false;
+    }
+    const deadline = performance.now() + i.store.timeoutMs;
+    store = await StoreClient.connect(i.store.host, i.store.port, i.store.timeoutMs);
+    const { refused } = await publishAndCheck(store, identity, i.worldSize, deadline);
+    if (refused) process.stderr.write(`expertd rank ${i.rank}: rendezvous refused: ${refused}\n`);
+    return refused === null;
+  } catch (e) {
+    send({ type: 'fatal', message: `rendezvous failed: ${(e as Error).message}` });
+    return false;
+  } finally {
+    await store?.close();
+  }
+}
+
 function start(i: RankInit, experts: GroupExperts | undefined): void {
   const options = experts ? { ...i.options, distExperts: { ...experts, rank: i.rank, worldSize: i.worldSize } } : i.options;
   const e = new EngineClient(options);
@@ -60,16 +92,15 @@ process.on('message', (raw: RankInit | FrontToRank) => {
   switch (raw.type) {
     case 'init':
       init = raw;
-      try {
-        send({ type: 'hello', pid: process.pid,
-          identity: rankIdentity(raw.options, raw.maxModelLen, raw.rank, raw.nodeRank, raw.version) });
-      } catch (e) {
-        send({ type: 'fatal', message: `cannot read the model's identity: ${(e as Error).message}` });
-      }
+      send({ type: 'hello', pid: process.pid });
+      agreed = rendezvous(raw);
       break;
-    case 'start':
-      if (init && !engine) start(init, raw.experts);
+    case 'start': {
+      // The front's go, after its own check of the same identities; this rank's check must agree.
+      const experts = raw.experts;
+      void agreed.then((ok) => { if (ok && init && !engine && !closing) start(init, experts); });
       break;
+    }
     case 'generate':
       engine?.generate(raw.req, (ev) => { events.push(ev); queueFlush(); });
       break;

@@ -3,7 +3,6 @@
 // Plain JSON data only.
 import type { EngineOptions, StepMetrics } from '../engine/protocol.js';
 import type { EngineEvent, EngineStats, GenerateRequest, ModelInfo } from '../engine/types.js';
-import type { RankIdentity } from './identity.js';
 import type { DistExperts } from './lockstep.js';
 
 /** How often a rank says it is alive to the front, and the front to every rank. */
@@ -19,6 +18,11 @@ export interface RankInit {
   /** The context length the launcher resolved (part of the identity every rank must share). */
   maxModelLen: number;
   version: string;
+  /**
+   * The group's store (the front's, store.ts): the rank publishes its identity there and checks
+   * everyone's (rendezvous.ts), within timeoutMs (--dist-timeout).
+   */
+  store: { host: string; port: number; timeoutMs: number };
 }
 
 /** From the front to a rank (after rendezvous). */
@@ -44,7 +48,8 @@ export type FrontToRank =
   | { type: 'heartbeat'; timeoutMs: number };
 
 export type RankToFront =
-  | { type: 'hello'; identity: RankIdentity; pid: number }
+  /** The rank process runs (its identity goes to the store, not here). */
+  | { type: 'hello'; pid: number }
   | { type: 'progress'; tensorsDone: number; tensorsTotal: number; bytesDone: number; bytesTotal: number }
   | { type: 'ready'; info: ModelInfo; summary: string }
   | { type: 'events'; events: EngineEvent[]; stats: EngineStats; steps: StepMetrics[] }

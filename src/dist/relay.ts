@@ -7,7 +7,7 @@ import net from 'node:net';
 import type { Logger } from 'pino';
 
 import { JsonLines } from './json-lines.js';
-import { forkRanks, localRanks, type LaunchOptions } from './launcher.js';
+import { forkRanks, localRanks, storeAddress, type LaunchOptions } from './launcher.js';
 import type { FrontToRelay, RelayToFront } from './rank-protocol.js';
 
 /** Connects to the front, retrying until timeoutMs: node 0 may start after this node. */
@@ -55,7 +55,7 @@ export async function runRelay(l: LaunchOptions, connectTimeoutMs: number, logge
       if (!clean) logger.error({ node: t.nodeRank, reason: failure ?? 'a rank exited non-zero' }, `node ${t.nodeRank}: group ended`);
       resolve(clean ? 0 : 1);
     };
-    forkRanks(l).forEach((child, i) => {
+    forkRanks(l, storeAddress(t)).forEach((child, i) => {
       const rank = ranks[i]!;
       children.set(rank, child);
       child.on('message', (m) => lines.write({ type: 'rank', rank, m } as RelayToFront));

@@ -15,6 +15,7 @@ export class RemoteEngine extends EventEmitter {
   private current: EngineState = 'loading';
   private failure: string | undefined;
   infoValue: ModelInfo | undefined;
+  /** The rank's identity, as the rendezvous read it from the store. */
   identity: RankIdentity | undefined;
   /** The rank process's pid (from its hello; on its own node). */
   pid: number | undefined;
@@ -38,9 +39,8 @@ export class RemoteEngine extends EventEmitter {
     this.lastSeenMs = performance.now();
     switch (m.type) {
       case 'hello':
-        this.identity = m.identity;
         this.pid = m.pid;
-        this.emit('hello', m.identity);
+        this.emit('hello');
         break;
       case 'ready':
         this.infoValue = m.info;

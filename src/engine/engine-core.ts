@@ -6,8 +6,9 @@ import type { ForwardModel } from '../model/forward-batch.js';
 import type { LoadedModel } from '../model/load.js';
 import type { Offloader } from '../offload/offloader.js';
 import type { SequenceGrammar } from '../structured/grammar-engine.js';
-import { Sampler, SamplingState } from './sampler.js';
-import { applyTokenBitmask, bitmaskWords } from './token-bitmask.js';
+import { BatchSampler } from './batch-sampler.js';
+import { Sampler, SamplingState, type SampleResult } from './sampler.js';
+import { bitmaskWords } from './token-bitmask.js';
 import { Scheduler, type StepPlan } from './scheduler.js';
 import type { StepMetrics } from './protocol.js';
 import type { EngineEvent, EngineStats, GenerateRequest, ModelInfo, RoutedExperts, TokenLogprob } from './types.js';
@@ -27,11 +28,21 @@ export interface EngineCoreOptions {
   autoKvCapBytes?: number;
   /** Milliseconds for every timing the core reports (default performance.now; tests pass their own). */
   clock?: () => number;
+  /**
+   * 'native' (default): one batched native sampler call per step; 'js': the reference sampler row
+   * by row (tests compare the two).
+   */
+  sampler?: 'native' | 'js';
 }
 
 interface Running {
   req: GenerateRequest;
   sampling: SamplingState;
+  /**
+   * The grammar's token bitmask for the next token ([ceil(V/32)] words, bit set = allowed), set
+   * before the step by structured outputs; null: unconstrained.
+   */
+  bitmask: Int32Array | null;
   generated: number;
   /** Positions whose routing was already reported (recomputation after preemption repeats them). */
   routedUpTo: number;
@@ -50,13 +61,11 @@ export class EngineCore {
   readonly cache: unknown;
   readonly info: ModelInfo;
   readonly numBlocks: number;
-  private readonly sampler: Sampler;
+  private readonly sampler: Sampler | BatchSampler;
   private readonly requests = new Map<string, Running>();
   private readonly eos: Set<number>;
   private readonly blockSize: number;
   private readonly clock: () => number;
-  /** [ceil(V / 32)] i32 scratch: the token bitmask of the sequence being sampled. */
-  private readonly tokenMask: Int32Array;
 
   constructor(readonly loaded: LoadedModel<ForwardModel>, opts: EngineCoreOptions, readonly offloader: StepOffloader | null = null) {
     const { spec, model } = loaded;
@@ -77,8 +86,7 @@ export class EngineCore {
       numBlocks, blockSize: opts.blockSize, maxContext: spec.maxContext,
       maxNumSeqs: opts.maxNumSeqs, maxNumBatchedTokens: opts.maxNumBatchedTokens,
     });
-    this.sampler = new Sampler(spec.vocabSize);
-    this.tokenMask = new Int32Array(bitmaskWords(spec.vocabSize));
+    this.sampler = opts.sampler === 'js' ? new Sampler(spec.vocabSize) : new BatchSampler(spec.vocabSize);
     this.eos = new Set(spec.eosTokenIds);
     this.info = {
       name: opts.servedModelName, architecture: spec.modelType, maxContext: spec.maxContext,
@@ -114,7 +122,7 @@ export class EngineCore {
     }
     if (req.grammar && !grammar) return fail('the request has a grammar but no compiled matcher was given');
     this.requests.set(req.id, {
-      req, sampling, generated: 0, routedUpTo: 0, arrivedAtMs: this.clock(), scheduledAtMs: null, firstTokenAtMs: null, lastTokenAtMs: 0,
+      req, sampling, bitmask: grammar ? new Int32Array(bitmaskWords(this.info.vocabSize)) : null, generated: 0, routedUpTo: 0, arrivedAtMs: this.clock(), scheduledAtMs: null, firstTokenAtMs: null, lastTokenAtMs: 0,
       grammar,
     });
     return null;
@@ -180,8 +188,8 @@ export class EngineCore {
       throw e;
     }
     const sampledAtMs = this.clock(); // the host has the logits: this step's tokens exist from here
+    const samples = this.sampleStep(plan, result.logits);
     const events: EngineEvent[] = [];
-    const V = this.info.vocabSize;
     let row = 0;
     let logitIndex = 0;
     let prefillTokens = 0;
@@ -196,14 +204,7 @@ export class EngineCore {
         if (routed) events.push({ type: 'tokens', id: r.req.id, tokenIds: [], routedExperts: routed });
         continue;
       }
-      const logits = result.logits.subarray(logitIndex * V, (logitIndex + 1) * V);
-      logitIndex++;
-      if (r.grammar) {
-        // NOTE: eos is allowed only where the grammar accepts, so a constrained output ends complete.
-        r.grammar.fillMask(this.tokenMask);
-        applyTokenBitmask(logits, this.tokenMask);
-      }
-      const s = this.sampler.sample(logits, r.sampling);
+      const s = samples[logitIndex++]!;
       r.sampling.addOutputToken(s.tokenId);
       r.generated++;
       r.firstTokenAtMs ??= sampledAtMs;
@@ -267,6 +268,30 @@ export class EngineCore {
     return { events, metrics };
   }
 
+  /** Every sampling entry's next token: one native call over the step's logits rows. */
+  private sampleStep(plan: StepPlan, logits: Float32Array): SampleResult[] {
+    const V = this.info.vocabSize;
+    const states: SamplingState[] = [];
+    const masks: (Int32Array | null)[] = [];
+    let anyMask = false;
+    for (const e of plan.entries) {
+      if (!e.sample) continue;
+      const r = this.requests.get(e.seqId)!;
+      states.push(r.sampling);
+      // NOTE: eos is allowed only where the grammar accepts, so a constrained output ends complete.
+      if (r.grammar) r.grammar.fillMask(r.bitmask!);
+      masks.push(r.bitmask);
+      if (r.bitmask) anyMask = true;
+    }
+    if (this.sampler instanceof BatchSampler) {
+      const model = this.loaded.model;
+      const device = model.sampleLogits ? model.sampleLogits.bind(model) : undefined;
+      return this.sampler.sample(logits, states, anyMask ? masks : undefined, device);
+    }
+    const sampler = this.sampler;
+    return states.map((st, i) => sampler.sample(logits.subarray(i * V, (i + 1) * V), st, masks[i]));
+  }
+
   private routedFor(r: Running, start: number, n: number, row: number, routedIds: Int32Array[]): RoutedExperts | undefined {
     const k = this.info.topK;
     const out: RoutedExperts = [];
@@ -305,7 +330,12 @@ export class EngineCore {
       if (e.sample) logitRows.push(row + n - 1);
       row += n;
     });
-    return { tokenIds, positions, numSeqs: S, seqInfo, blockTables, maxBlocks, slots, logitRows: Int32Array.from(logitRows) };
+    // The native sampler runs where the logits are when the model can (the device engine).
+    const logitsOnDevice = this.sampler instanceof BatchSampler && this.loaded.model.sampleLogits !== undefined;
+    return {
+      tokenIds, positions, numSeqs: S, seqInfo, blockTables, maxBlocks, slots, logitRows: Int32Array.from(logitRows),
+      ...(logitsOnDevice ? { logitsOnDevice } : {}),
+    };
   }
 }
 

@@ -3,6 +3,7 @@ import type { OffloadConfig } from '../offload/setup.js';
 import type { ExpertCacheDelta } from '../offload/offloader.js';
 import type { TraceCounts } from '../offload/trace-writer.js';
 import type { EngineEvent, EngineStats, GenerateRequest, ModelInfo } from './types.js';
+import type { QuantizeSpec } from '../model/quantize.js';
 
 export interface EngineOptions {
   modelDir: string;
@@ -38,6 +39,8 @@ export interface EngineOptions {
   pipelineChunks?: 'auto' | number;
   /** Expert offloading (MoE-Infinity); absent = every expert resident, no tracing. */
   offload?: OffloadConfig;
+  /** --quantize: routed experts quantized at load (CPU engine); absent/null = checkpoint precision. */
+  quantize?: QuantizeSpec | null;
 }
 
 export type ToWorker =

@@ -128,14 +128,17 @@ export class Sampler {
 
   /**
    * @param logits [V] f32, one row; not modified.
+   * @param bitmask [ceil(V/32)] grammar bitmask (xgrammar's layout: bit j of word i allows token
+   *   32i + j), applied first: a disallowed token's logit becomes -Infinity.
    * Does not record the sampled token: call state.addOutputToken once it is accepted.
    */
-  sample(logits: Float32Array, state: SamplingState): SampleResult {
+  sample(logits: Float32Array, state: SamplingState, bitmask?: Int32Array | null): SampleResult {
     const V = this.vocabSize;
     if (logits.length !== V) throw new RangeError(`logits.length is ${logits.length}, expected ${V}`);
     const p = state.params;
     const w = this.work;
     w.set(logits);
+    if (bitmask) applyBitmask(w, bitmask);
 
     // vLLM order: bias, then repetition penalty, then presence/frequency penalties.
     for (let i = 0; i < state.biasIds.length; i++) w[state.biasIds[i]!]! += state.biasValues[i]!;
@@ -237,6 +240,24 @@ export class Sampler {
     const top: { tokenId: number; logprob: number }[] = [];
     for (let j = 0; j < size; j++) top.push({ tokenId: ids[j]!, logprob: vals[j]! - lse });
     return top;
+  }
+}
+
+/** Number of Int32 words of a grammar bitmask over V tokens. */
+export function bitmaskWords(vocabSize: number): number {
+  return Math.ceil(vocabSize / 32);
+}
+
+/** Sets every token whose bit is clear in bitmask ([ceil(V/32)] words) to -Infinity. */
+export function applyBitmask(w: Float32Array, bitmask: Int32Array): void {
+  const V = w.length;
+  const words = bitmaskWords(V);
+  if (bitmask.length !== words) throw new RangeError(`bitmask.length is ${bitmask.length}, expected ${words}`);
+  for (let i = 0; i < words; i++) {
+    const bits = bitmask[i]!;
+    if (bits === -1) continue;
+    const end = Math.min(32, V - 32 * i);
+    for (let j = 0; j < end; j++) if (((bits >>> j) & 1) === 0) w[32 * i + j] = -Infinity;
   }
 }
 

@@ -8,7 +8,7 @@ import { parentPort } from 'node:worker_threads';
 import type { ForwardModel } from '../model/forward-batch.js';
 import { loadCudaModel, loadModel, loadSummary, type LoadedModel, type LoadProgress } from '../model/load.js';
 import { loadNative, type CudaAddon } from '../native/index.js';
-import type { DeviceExpertComm } from '../moe/device-ep.js';
+import { DeviceExpertComm } from '../moe/device-ep.js';
 import { startDeviceExpertRanks, startExpertRanks, type ExpertRanks } from '../dist/expert-ranks.js';
 import type { ModelOptions } from '../model/model.js';
 import { attachDeviceOffloader, attachOffloader, skipAllExperts } from '../offload/setup.js';
@@ -17,8 +17,11 @@ import { EngineCore, type StepOffloader } from './engine-core.js';
 import type { EngineOptions, FromWorker, StepMetrics, ToWorker } from './protocol.js';
 import type { EngineEvent } from './types.js';
 import { Lockstep, Vote } from '../dist/lockstep.js';
-import { GroupExpertComm, placementFromOwners, type ExpertPlacement } from '../moe/ep-comm.js';
+import { contiguousPlacement, GroupExpertComm, placementFromOwners, type ExpertPlacement } from '../moe/ep-comm.js';
 import { parseModelConfig } from '../model/config.js';
+import { exchangeNcclId } from '../dist/rendezvous.js';
+import { StoreClient } from '../dist/store.js';
+import { describeQuantize } from '../model/quantize.js';
 import { GrammarEngine } from '../structured/grammar-engine.js';
 import { refusedEvent, type GenerateRequest } from './types.js';
 
@@ -33,7 +36,7 @@ let pending: EngineEvent[] = [];
 let scheduled = false;
 let stopping = false;
 /** Expert parallelism across rank processes: the vote, the model's empty step, a stop requested. */
-let lockstep: { sync: Lockstep; serveExperts: () => void; stopRequested: boolean; comm: GroupExpertComm } | null = null;
+let lockstep: { sync: Lockstep; serveExperts: () => void; stopRequested: boolean; comm: { dispose(): void; placement: ExpertPlacement } } | null = null;
 /** Structured output: made on the first request with a grammar (the vocabulary's preprocessing costs once). */
 let grammarEngine: Promise<GrammarEngine> | null = null;
 let modelDir = '';
@@ -157,8 +160,11 @@ async function init(o: EngineOptions): Promise<void> {
   try {
     testLoadDelay();
     const standIn = process.env.EXPERTD_CUDA_STANDIN;
+    // A stand-in's NCCL spans rank processes through the group's store (like NCCL's own bootstrap).
+    const d = o.distExperts;
     const cuda = standIn
-      ? (await import(pathToFileURL(path.resolve(standIn)).href) as { createCudaEmulator(): CudaAddon }).createCudaEmulator()
+      ? (await import(pathToFileURL(path.resolve(standIn)).href) as { createCudaEmulator(opts?: object): CudaAddon })
+        .createCudaEmulator(d ? { ncclStore: { host: d.host, port: d.port, timeoutMs: d.timeoutMs } } : {})
       : undefined;
     if (o.threads > 0) loadNative().setNumThreads(o.threads);
     const fast = o.computeDtype === 'bf16';
@@ -174,7 +180,14 @@ async function init(o: EngineOptions): Promise<void> {
     let autoKvCapBytes: number | undefined;
     if (device.startsWith('cuda')) {
       let ep: DeviceExpertComm | undefined;
-      if ((o.expertParallel ?? 1) > 1) {
+      if (d) {
+        // Expert parallelism across rank processes: rank 0's NCCL unique id through the store.
+        const cu = cuda ?? (loadNative() as unknown as CudaAddon);
+        if (!cuda) cu.cudaSetDevice(Number(device.split(':')[1] ?? 0));
+        const id = await ncclIdFromStore(d, () => cu.cudaNcclUniqueId());
+        // Blocks this thread until every rank joined (or --dist-timeout: E_COMM): this is the engine worker.
+        ep = new DeviceExpertComm(cu, cu.cudaNcclJoin(id, d.worldSize, d.rank, d.timeoutMs), distPlacement(o, d.worldSize));
+      } else if ((o.expertParallel ?? 1) > 1) {
         const ranks = startDeviceExpertRanks(o.modelDir, o.expertParallel!, cuda ?? (loadNative() as unknown as CudaAddon),
           process.env.EXPERTD_CUDA_STANDIN, undefined, placementOption(o));
         expertRanks = ranks;
@@ -187,6 +200,10 @@ async function init(o: EngineOptions): Promise<void> {
         ...(cuda ? { cuda } : {}), ...(ep ? { ep } : {}),
       });
       loaded = cudaLoaded;
+      if (d && ep) {
+        const group = ep, model = cudaLoaded.model;
+        lockstep = { sync: new Lockstep(group.group), serveExperts: () => model.serveExperts(), stopRequested: false, comm: group };
+      }
       // Automatic KV size on the device: 90% of what the weights left free, less the expert
       // cache's slots (allocated as they first fill) and 512 MiB of activations.
       let slotBytes = 0;
@@ -200,27 +217,25 @@ async function init(o: EngineOptions): Promise<void> {
     } else {
       let ep: Partial<ModelOptions> = {};
       let distComm: GroupExpertComm | undefined;
-      if (o.distExperts) {
-        const d = o.distExperts;
-        const numExperts = parseModelConfig(o.modelDir).moe.numExperts;
+      if (d) {
         // Blocks this thread until every rank joined (or the timeout): this is the engine worker.
         distComm = new GroupExpertComm(loadNative().glooJoin({
           host: d.host, port: d.port, prefix: d.prefix, rank: d.rank, worldSize: d.worldSize, timeoutMs: d.timeoutMs,
-        }), numExperts);
+        }), distPlacement(o, d.worldSize));
         const comm = distComm;
         ep = { comm, loadExpert: (_layer, e) => comm.ownsExpert(e) };
       } else if ((o.expertParallel ?? 1) > 1) {
-        const ranks = startExpertRanks(o.modelDir, o.expertParallel!, fast, undefined, placementOption(o));
+        const ranks = startExpertRanks(o.modelDir, o.expertParallel!, fast, undefined, placementOption(o), o.quantize ?? null);
         expertRanks = ranks;
         await ranks.ready;
         ranks.onFailure = onRankFailure;
                 ep = { comm: ranks.comm, loadExpert: (_layer, e) => ranks.comm.ownsExpert(e) };
       }
       const cpuLoaded = loadModel(o.modelDir, {
-        fast, ...(o.offload ? { loadExpert: skipAllExperts } : {}), ...ep, onProgress,
+        fast, quantize: o.quantize ?? null, ...(o.offload ? { loadExpert: skipAllExperts } : {}), ...ep, onProgress,
       });
       loaded = cpuLoaded;
-      if (o.offload) offloader = attachOffloader(cpuLoaded, o.offload, offloadHooks);
+      if (o.offload) offloader = attachOffloader(cpuLoaded, { ...o.offload, quantize: o.quantize ?? null }, offloadHooks);
       if (distComm) {
         const model = cpuLoaded.model;
         lockstep = { sync: new Lockstep(distComm.group), serveExperts: () => model.serveExperts(), stopRequested: false, comm: distComm };
@@ -241,11 +256,12 @@ async function init(o: EngineOptions): Promise<void> {
       servedModelName: o.servedModelName,
       ...(autoKvCapBytes !== undefined ? { autoKvCapBytes } : {}),
     }, offloader);
-    const summary = `${loadSummary(loaded)}; compute ${o.computeDtype}; KV cache ${core.numBlocks} blocks x ${o.blockSize} tokens` +
+    const summary = `${loadSummary(loaded)}; compute ${o.computeDtype}${o.quantize ? `; experts ${describeQuantize(o.quantize)}` : ''}; KV cache ${core.numBlocks} blocks x ${o.blockSize} tokens` +
       (loaded.report.warnings.length ? `; ${loaded.report.warnings.length} unexpected tensor(s) ignored` : '') +
       (offloader ? `; expert cache ${offloader.stats().slots}/${offloader.stats().totalExperts} experts, ` +
         `policy ${o.offload!.policy}, EAM collection ${offloader.stats().collectionSize}` : '') +
-      (expertRanks && o.expertPlacement ? `; expert placement ${expertRanks.placement.experts.map((l, r) => `rank ${r} [${Array.from(l)}]`).join(', ')}` : '');
+      (lockstep && o.expertPlacement ? `; expert placement ${describePlacement(lockstep.comm.placement)}` : '') +
+      (expertRanks && o.expertPlacement ? `; expert placement ${describePlacement(expertRanks.placement)}` : '');
     send({ type: 'ready', info: core.info, summary });
     if (lockstep) setImmediate(lockstepLoop);
   } catch (e) {
@@ -338,6 +354,27 @@ function finishShutdown(): void {
       lockstep?.comm.dispose();
       port!.close();
     });
+}
+
+/** 'rank 0 [0,2], rank 1 [1,3]': each rank's experts, for the startup summary. */
+function describePlacement(p: ExpertPlacement): string {
+  return p.experts.map((l, r) => `rank ${r} [${Array.from(l)}]`).join(', ');
+}
+
+/** Rank processes' placement: --expert-placement's table over the group, else contiguous slices. */
+function distPlacement(o: EngineOptions, worldSize: number): ExpertPlacement {
+  return o.expertPlacement ? placementFromOwners(o.expertPlacement, worldSize)
+    : contiguousPlacement(parseModelConfig(o.modelDir).moe.numExperts, worldSize);
+}
+
+/** Rank 0 makes the NCCL unique id and publishes it in the group's store; the others read it there. */
+async function ncclIdFromStore(d: NonNullable<EngineOptions['distExperts']>, make: () => Uint8Array): Promise<Uint8Array> {
+  const store = await StoreClient.connect(d.host, d.port, d.timeoutMs);
+  try {
+    return await exchangeNcclId(store, d.prefix, d.rank, make, d.timeoutMs);
+  } finally {
+    await store.close();
+  }
 }
 
 /** The in-process expert ranks' placement (--expert-placement), or undefined: contiguous slices. */

@@ -193,7 +193,7 @@ function parseQuantization(raw: Raw, mt: string): ModelSpec['quantization'] {
       (q.activation_scheme ?? 'dynamic') !== 'dynamic') {
     throw new ConfigError(`${mt} config quantization_config ${JSON.stringify(q)} is not supported; ` +
       'supported: quant_method "fp8", fmt "e4m3", float block scales (weight_block_size [rows, cols]), ' +
-      'activation_scheme "dynamic" (weights are dequantised to bf16 at load)');
+      'activation_scheme "dynamic" (routed experts stay FP8 on the CPU engine; other weights are dequantised to bf16 at load)');
   }
   return { method: 'fp8', blockSize: block as [number, number] };
 }

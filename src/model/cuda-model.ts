@@ -2,7 +2,8 @@
 // MoeModel (model.ts), with weights, activations and the paged KV cache resident on the device.
 // Per step, one host-to-device copy brings the batch's integers and one device-to-host copy each
 // brings back the logits rows and every MoE layer's routing.
-import { loadNative, type CudaAddon, type CudaBuffer, type CudaEvent, type CudaExpertTable, type CudaStream, type NativeAddon } from '../native/index.js';
+import { loadNative, type CudaAddon, type CudaBuffer, type CudaEvent, type CudaExpertTable, type CudaStream, type NativeAddon,
+  type SampleBatchArgs, type SampleBatchOut } from '../native/index.js';
 import { CudaGqaAttention, CudaMlaAttention, type DeviceAttentionBlock, type DeviceLayerCache, type DeviceStep } from './cuda-attention.js';
 import { BF16, Device, F32, I32, type DeviceWeight } from './device.js';
 import { cachedCostTable, EpsPlanner, type CostTable, type ExpertKernel } from '../moe/eps-planner.js';
@@ -66,6 +67,8 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
   private readonly caches = new Map<DeviceLayerCache[], number>();
   private readonly k: number;
   private expertKernel: ExpertKernel = 'group';
+  /** The last forward's logits left on the device for sampleLogits ([rows, V] f32 scratch). */
+  private lastLogits: { buf: CudaBuffer; rows: number; stream: CudaStream | null } | null = null;
   private planner: EpsPlanner | null = null;
   /** MoE layers per expert kernel in the last step. */
   private readonly choices = new Map<ExpertKernel, number>();
@@ -230,6 +233,16 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
 
   kernelChoices(): Record<string, number> {
     return Object.fromEntries(this.choices);
+  }
+
+  /** The batched sampler's kernel over the last forward's logits (a forward with logitsOnDevice). */
+  sampleLogits(rows: number, batch: SampleBatchArgs, out: SampleBatchOut): void {
+    const last = this.lastLogits;
+    if (!last || last.rows !== rows) {
+      throw new Error(`sampleLogits: the last forward left ${last?.rows ?? 0} logits rows on the device, not ${rows}`);
+    }
+    this.cu.cudaSampleBatch(last.buf, rows, this.spec.vocabSize, batch, out, last.stream);
+    if (this.cu.cudaDeviceLost()) throw Object.assign(new Error('the CUDA device was lost (sticky error); restart the daemon'), { code: 'E_CUDA' });
   }
 
   /**
@@ -416,9 +429,11 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     cu.cudaEmbedding(normed, 'f32', T, H, logitRows, R, rows, st);
     const logitsDev = scratch.get('logits', R * spec.vocabSize * F32);
     dev.gemm(rows, R, this.lmHead, logitsDev, null, false, null, st);
-    const logits = new Float32Array(R * spec.vocabSize);
+    // With device sampling only the sampled ids cross later (sampleLogits); else the rows do here.
+    this.lastLogits = batch.logitsOnDevice ? { buf: logitsDev, rows: R, stream: st } : null;
+    const logits = new Float32Array(batch.logitsOnDevice ? 0 : R * spec.vocabSize);
     // Pageable host memory: these copies return when the stream's work and the copy are done.
-    if (R > 0) cu.cudaCopyToHost(logits, logitsDev, 0, st);
+    if (R > 0 && !batch.logitsOnDevice) cu.cudaCopyToHost(logits, logitsDev, 0, st);
     const allIds = new Int32Array(L * T * k);
     if (allIds.length) cu.cudaCopyToHost(allIds, ids, 0, st);
     const routedIds = Array.from({ length: L }, (_, m) => allIds.subarray(m * T * k, (m + 1) * T * k));

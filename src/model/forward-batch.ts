@@ -1,5 +1,6 @@
 // One forward step's input: several sequences' new tokens (prefill chunks and decode tokens mixed)
 // over the paged KV cache, and the per-step scratch shared by the layers.
+import type { SampleBatchArgs, SampleBatchOut } from '../native/types.js';
 
 export interface ForwardBatch {
   /** [T] new tokens of all sequences, sequence after sequence. */
@@ -16,6 +17,11 @@ export interface ForwardBatch {
   slots: Int32Array;
   /** Rows whose logits are wanted (usually the last token of each sampling sequence). */
   logitRows: Int32Array;
+  /**
+   * The engine samples on the device (ForwardModel.sampleLogits): the model keeps the logits there
+   * and returns an empty `logits`.
+   */
+  logitsOnDevice?: boolean;
 }
 
 export interface ForwardResult {
@@ -64,6 +70,12 @@ export interface ForwardModel<C = unknown> {
   cacheFloatsPerToken(): [number, number];
   allocateKvCache(numBlocks: number, blockSize: number): C;
   forward(batch: ForwardBatch, cache: C, blockSize: number): ForwardResult;
+  /**
+   * Samples the last forward's logits rows where they are (a forward with logitsOnDevice): the
+   * batched sampler's arguments (src/engine/batch-sampler.ts); only ids and logprobs come back.
+   * Absent: the model returns its logits to the host.
+   */
+  sampleLogits?(rows: number, batch: SampleBatchArgs, out: SampleBatchOut): void;
   /** EPS-MoE kernel choice ('auto' calibrates where the model supports it). */
   setExpertKernel(mode: 'auto' | 'group' | 'dense'): void;
   /** Kernel choices of the last step: kernel -> MoE layers that used it. */

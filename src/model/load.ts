@@ -8,7 +8,7 @@ import type { DeviceExpertComm } from '../moe/device-ep.js';
 import { CudaModel } from './cuda-model.js';
 import type { ForwardModel } from './forward-batch.js';
 import { MoeModel, type ModelOptions } from './model.js';
-import { openCheckpoint, type Checkpoint } from './safetensors.js';
+import { openCheckpoint, type Checkpoint, type Fp8Weight } from './safetensors.js';
 import type { ModelSpec } from './spec.js';
 import type { HostTensor, TensorSource } from './tensor-source.js';
 
@@ -42,11 +42,21 @@ export class CheckpointSource implements TensorSource {
   get(name: string): HostTensor {
     const info = this.checkpoint.getTensor(name);
     const w = this.checkpoint.loadWeightBf16OrNative(name);
+    this.progress(info.sizeBytes);
+    return { dtype: w.dtype, shape: info.shape, data: w.data };
+  }
+
+  getFp8(name: string): Fp8Weight | null {
+    const w = this.checkpoint.loadFp8(name);
+    if (w) this.progress(this.checkpoint.getTensor(name).sizeBytes);
+    return w;
+  }
+
+  private progress(bytes: number): void {
     this.tensorsDone++;
-    this.bytesDone += info.sizeBytes;
+    this.bytesDone += bytes;
     this.onProgress?.({ tensorsDone: this.tensorsDone, tensorsTotal: this.totals.tensors,
       bytesDone: this.bytesDone, bytesTotal: this.totals.bytes });
-    return { dtype: w.dtype, shape: info.shape, data: w.data };
   }
 }
 

@@ -10,7 +10,8 @@ import { Scratch, type ForwardBatch, type ForwardModel, type ForwardResult } fro
 import type { ModelSpec } from './spec.js';
 import type { HostTensor, TensorSource } from './tensor-source.js';
 import { moeTensors } from './moe-tensors.js';
-import { checkShape, denseFfnTable, packExpert, packLinear, vectorF32 } from './weights.js';
+import { checkShape, denseFfnTable, packExpert, packFp8Expert, packLinear, vectorF32 } from './weights.js';
+import type { QuantizeSpec } from './quantize.js';
 
 export interface ModelOptions {
   /** bf16 dot products for activations (fast mode) instead of f32 (reference mode). */
@@ -18,6 +19,8 @@ export interface ModelOptions {
   comm?: ExpertComm;
   /** Called for each expert while loading; return false to leave it out of the table (offloader). */
   loadExpert?: (moeLayer: number, expert: number) => boolean;
+  /** --quantize: routed experts quantized at load (null/absent = the checkpoint's precision). */
+  quantize?: QuantizeSpec | null;
 }
 
 /** One attention + FFN sub-block: x += Attn(LN(x)); x += FFN(LN(x)). */
@@ -122,7 +125,9 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
     const experts = new n.ExpertTable(m.numExperts, H, m.intermediate);
     for (let e = 0; e < m.numExperts; e++) {
       if (opts.loadExpert && !opts.loadExpert(moeIndex, e)) continue;
-      const w = packExpert(t.expert(e), `${t.prefix}experts.${e}`, H, m.intermediate);
+      // FP8 checkpoints keep their experts in FP8 (unless --quantize asks for another format).
+      const fp8 = opts.quantize ? null : t.expertFp8(e);
+      const w = fp8 ? packFp8Expert(fp8) : packExpert(t.expert(e), `${t.prefix}experts.${e}`, H, m.intermediate, opts.quantize ?? null);
       experts.set(e, w.gateUp, w.down);
       w.gateUp.dispose();
       w.down.dispose();

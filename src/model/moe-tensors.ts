@@ -2,8 +2,9 @@
 // transformers 5.x layouts): shared by the CPU model and the device model, which only differ in
 // where they put them.
 import type { ModelSpec } from './spec.js';
+import type { Fp8Weight } from './safetensors.js';
 import type { HostTensor, TensorSource } from './tensor-source.js';
-import { checkShape, rowsOf, sliceOf, vectorF32, type ExpertSource } from './weights.js';
+import { checkShape, rowsOf, ShapeError, sliceOf, vectorF32, type ExpertSource } from './weights.js';
 
 interface MoeNames { block: string; router: string; gate: string; up: string; down: string }
 
@@ -26,6 +27,9 @@ export interface MoeTensors {
   correctionBias: Float32Array | null;  // [E + Z] (DeepSeek-V3, LongCat-Flash)
   /** Expert e's projections (views into fused tensors where the checkpoint fuses them; read lazily). */
   expert(e: number): ExpertSource;
+  /** Expert e's projections as FP8 codes and block scales when the checkpoint stores them so
+   * (DeepSeek-V3 style, per-expert tensors) and the source can keep FP8; else null. */
+  expertFp8(e: number): { gate: Fp8Weight; up: Fp8Weight; down: Fp8Weight } | null;
   /** gate/up/down_proj of the shared experts fused as one FFN, or null. */
   sharedPrefix: string | null;
   sharedGate: HostTensor | null;        // [1, H] (Qwen2-MoE)
@@ -61,9 +65,25 @@ export function moeTensors(spec: ModelSpec, src: TensorSource, layerPrefix: stri
       down: src.get(`${ep}${names.down}.weight`),
     };
   };
+  const expertFp8 = (e: number) => {
+    if (gateUpAll || !src.getFp8) return null;
+    const ep = `${p}experts.${e}.`;
+    const gate = src.getFp8(`${ep}${names.gate}.weight`);
+    if (!gate) return null;
+    const up = src.getFp8(`${ep}${names.up}.weight`), down = src.getFp8(`${ep}${names.down}.weight`);
+    if (!up || !down) throw new ShapeError(`${ep}: gate_proj is FP8 but up_proj or down_proj is not`);
+    const want = (w: Fp8Weight, rows: number, cols: number, what: string) => {
+      if (w.rows !== rows || w.cols !== cols)
+        throw new ShapeError(`${ep}${what} is [${w.rows}, ${w.cols}], expected [${rows}, ${cols}]`);
+    };
+    want(gate, I, H, names.gate);
+    want(up, I, H, names.up);
+    want(down, H, I, names.down);
+    return { gate, up, down };
+  };
   const shared = m.sharedIntermediate > 0;
   return {
-    prefix: p, routerName: `${r}.weight`, router,
+    prefix: p, routerName: `${r}.weight`, router, expertFp8,
     routerBias: m.routerBias ? vectorF32(src, `${r}.bias`, ET) : null,
     correctionBias: m.router.hasCorrectionBias ? vectorF32(src, biasName, ET) : null,
     expert,

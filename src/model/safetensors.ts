@@ -247,6 +247,22 @@ export class Checkpoint {
   }
 
   private dequantFp8(t: TensorInfo): Uint16Array {
+    const f = this.fp8Parts(t);
+    const dst = new Uint16Array(f.rows * f.cols);
+    loadNative().dequantFp8(f.codes, f.scaleInv, f.rows, f.cols, f.br, f.bc, dst);
+    return dst;
+  }
+
+  /**
+   * An F8_E4M3 weight as stored: its codes and `<name>_scale_inv` block scales (f32), for kernels
+   * that keep FP8 (the experts); null when the tensor is not F8_E4M3.
+   */
+  loadFp8(name: string): Fp8Weight | null {
+    const t = this.getTensor(name);
+    return t.dtype === 'F8_E4M3' ? this.fp8Parts(t) : null;
+  }
+
+  private fp8Parts(t: TensorInfo): Fp8Weight {
     const scaleName = `${t.name}_scale_inv`;
     if (!this.tensors.has(scaleName))
       throw new CheckpointError(`tensor ${t.name} is F8_E4M3 but ${scaleName} (its block scales) is missing`, t.file);
@@ -270,9 +286,7 @@ export class Checkpoint {
     } else {
       throw new CheckpointError(`tensor ${scaleName} has dtype ${s.dtype}, expected F32 or BF16`, s.file);
     }
-    const dst = new Uint16Array(rows * cols);
-    loadNative().dequantFp8(t.data() as Uint8Array, scale, rows, cols, br, bc, dst);
-    return dst;
+    return { codes: t.data() as Uint8Array, scaleInv: scale, rows, cols, br, bc };
   }
 
   private mapping(file: string): ArrayBuffer | null {
@@ -367,6 +381,16 @@ export function openCheckpoint(dir: string, options: OpenOptions = {}): Checkpoi
   const all = fs.readdirSync(abs).filter((f) => f.endsWith('.safetensors')).sort();
   if (all.length === 0) throw new CheckpointError(`no .safetensors files in ${abs}`);
   return new Checkpoint(abs, all.map((f) => path.join(abs, f)), options);
+}
+
+/** An FP8 block-quantised weight as stored: e4m3 codes [rows, cols], scales [ceil(rows/br), ceil(cols/bc)]. */
+export interface Fp8Weight {
+  codes: Uint8Array;
+  scaleInv: Float32Array;
+  rows: number;
+  cols: number;
+  br: number;
+  bc: number;
 }
 
 export interface TensorToWrite {

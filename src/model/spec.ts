@@ -94,7 +94,7 @@ export interface ModelSpec {
   /** Checkpoint tensor-name prefix conventions, e.g. 'model.layers.{i}.' */
   bosTokenId: number | null;
   eosTokenIds: number[];
-  /** FP8 block-quantised checkpoint (DeepSeek-V3 style): weights dequantised to bf16 at load. */
+  /** FP8 block-quantised checkpoint (DeepSeek-V3 style): routed experts kept in FP8 (CPU engine), other weights dequantised to bf16 at load. */
   quantization: { method: 'fp8'; blockSize: [number, number] } | null;
   /** Original config for logging. */
   raw: Record<string, unknown>;

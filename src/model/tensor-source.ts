@@ -1,5 +1,6 @@
 // The narrow view of a checkpoint the model builder needs: named tensors in their stored dtype.
 import type { DType } from '../native/index.js';
+import type { Fp8Weight } from './safetensors.js';
 
 export interface HostTensor {
   dtype: DType;
@@ -12,4 +13,7 @@ export interface TensorSource {
   has(name: string): boolean;
   /** Throws an error naming the tensor when it is missing. */
   get(name: string): HostTensor;
+  /** The FP8 codes and block scales of an F8_E4M3 weight, or null when it is not one (or the
+   * source cannot keep FP8). */
+  getFp8?(name: string): Fp8Weight | null;
 }

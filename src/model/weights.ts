@@ -2,6 +2,8 @@
 // norms and biases, expert tables. Shapes are checked against the config here, by name.
 import { loadNative, type ExpertTable, type PackedWeight } from '../native/index.js';
 import type { HostTensor, TensorSource } from './tensor-source.js';
+import type { QuantizeSpec } from './quantize.js';
+import type { Fp8Weight } from './safetensors.js';
 
 export class ShapeError extends Error {
   override name = 'ShapeError';
@@ -103,13 +105,25 @@ export function checkExpert(ex: ExpertSource, names: string, h: number, i: numbe
     throw new ShapeError(`${names}: gate and up have different dtypes (${ex.gate.dtype}, ${ex.up.dtype})`);
 }
 
-export function packExpert(ex: ExpertSource, names: string, h: number, i: number):
-    { gateUp: PackedWeight; down: PackedWeight } {
+export function packExpert(ex: ExpertSource, names: string, h: number, i: number,
+                           quantize: QuantizeSpec | null = null): { gateUp: PackedWeight; down: PackedWeight } {
   checkExpert(ex, names, h, i);
   const n = loadNative();
+  const q = quantize;
   return {
-    gateUp: n.packGateUp(ex.gate.data, ex.up.data, ex.gate.dtype, i, h),
-    down: n.packWeight(ex.down.data, ex.down.dtype, h, i),
+    gateUp: n.packGateUp(ex.gate.data, ex.up.data, ex.gate.dtype, i, h, q?.format, q?.group),
+    down: n.packWeight(ex.down.data, ex.down.dtype, h, i, q?.format, q?.group),
+  };
+}
+
+/** An FP8 checkpoint's expert kept in FP8: gate/up and down with their block scales. */
+export function packFp8Expert(ex: { gate: Fp8Weight; up: Fp8Weight; down: Fp8Weight }):
+    { gateUp: PackedWeight; down: PackedWeight } {
+  const n = loadNative();
+  const { gate, up, down } = ex;
+  return {
+    gateUp: n.packFp8(gate.codes, gate.scaleInv, gate.rows, gate.cols, gate.br, gate.bc, up.codes, up.scaleInv),
+    down: n.packFp8(down.codes, down.scaleInv, down.rows, down.cols, down.br, down.bc),
   };
 }
 

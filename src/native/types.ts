@@ -27,12 +27,18 @@ export interface Capabilities {
   gloo: boolean;
 }
 
+/** Formats `--quantize` produces at load (MXFP4 is read from checkpoints only). */
+export type QuantFormat = 'int8' | 'int4' | 'fp8';
+
 /** A weight W[n, k] repacked once into the kernels' blocked layout (native memory). */
 export interface PackedWeight {
   readonly n: number;
   readonly k: number;
   readonly dtype: DType;
   readonly kind: 'plain' | 'gate_up';
+  /** Quantized storage (dtype is then 'f32', what the kernels compute in), or null. */
+  readonly quant: QuantFormat | 'mxfp4' | null;
+  /** Bytes held: elements or codes, plus scales. */
   readonly sizeBytes: number;
   readonly disposed: boolean;
   dispose(): void;
@@ -301,6 +307,12 @@ export interface CudaAddon {
               stream?: CudaStream | null): void;
   cudaTopN(x: CudaBuffer, rows: number, cols: number, n: number, ids: CudaBuffer, vals: CudaBuffer,
            stream?: CudaStream | null): void;
+  /**
+   * The batched sampler over logits [rows, vocabSize] f32 on the device (sampleBatch's arguments
+   * otherwise): one copy up, one kernel, one copy down; returns with out and batch.rngState filled.
+   */
+  cudaSampleBatch(logits: CudaBuffer, rows: number, vocabSize: number, batch: SampleBatchArgs,
+                  out: SampleBatchOut, stream?: CudaStream | null): void;
   /** numSlots = numBlocks * blockSize of the caches. */
   cudaKvCacheWrite(k: CudaBuffer, v: CudaBuffer | null, t: number, slots: CudaBuffer,
                    kCache: CudaBuffer, vCache: CudaBuffer | null, kvHeads: number, dk: number,
@@ -343,8 +355,12 @@ export interface CudaAddon {
                    rowBytes: number, maxRows: number, stream?: CudaStream | null): void;
   /** 128 bytes that rank 0 creates and the rendezvous hands to every rank. */
   cudaNcclUniqueId(): Uint8Array;
-  /** Blocks until worldSize ranks have joined (run it in a worker). */
-  cudaNcclJoin(uniqueId: Uint8Array, worldSize: number, rank: number): CudaCommGroup;
+  /**
+   * Blocks until worldSize ranks have joined (run it in a worker), at most timeoutMs (default 600000;
+   * then E_COMM, the communicator aborted). timeoutMs also bounds every later collective of the
+   * group: one that does not finish in time aborts the group (E_COMM then, and on every later call).
+   */
+  cudaNcclJoin(uniqueId: Uint8Array, worldSize: number, rank: number, timeoutMs?: number): CudaCommGroup;
 }
 
 /** A byte range of a file (a checkpoint tensor, or one expert's slice of a fused tensor). */
@@ -404,6 +420,33 @@ export interface ExpertLoader {
   dispose(): void;
 }
 
+/**
+ * The rows of one sampler call. Lists are CSR: row r's entries are [offsets[r], offsets[r+1]).
+ */
+export interface SampleBatchArgs {
+  /** [rows, 8] f64: temperature, topP, topK, minP, repetitionPenalty, presencePenalty,
+   *  frequencyPenalty, numTopLogprobs (-1 = no logprobs). */
+  params: Float64Array;
+  /** [rows, 4] xoshiro128** states (Rng.getState), advanced in place. */
+  rngState: Uint32Array;
+  biasOffsets: Int32Array; biasIds: Int32Array; biasValues: Float32Array;
+  /** Distinct ids of prompt and output (repetition penalty). */
+  seenOffsets: Int32Array; seenIds: Int32Array;
+  /** Distinct output ids and their counts (presence / frequency penalties). */
+  countOffsets: Int32Array; countIds: Int32Array; countValues: Int32Array;
+  /** [masks, ceil(V/32)] grammar bitmasks (bit set = allowed) and each row's mask (-1 = none). */
+  bitmask?: Int32Array | null;
+  bitmaskRows?: Int32Array | null;
+}
+
+export interface SampleBatchOut {
+  tokenIds: Int32Array;       // [rows]
+  logprobs: Float64Array;     // [rows] (NaN where not requested)
+  topIds: Int32Array;         // [rows, 20]
+  topLogprobs: Float64Array;  // [rows, 20]
+  topCounts: Int32Array;      // [rows]
+}
+
 /** CUDA members are present only in a full build (capabilities().cudaCompiled). */
 export interface NativeAddon extends Partial<CudaAddon> {
   // --- core
@@ -416,11 +459,31 @@ export interface NativeAddon extends Partial<CudaAddon> {
   allocHostBuffer(sizeBytes: number): ArrayBuffer;
 
   // --- weights and GEMMs
-  /** src [n, k] row-major in `dtype` -> packed weight. */
-  packWeight(src: WeightSource, dtype: DType, n: number, k: number): PackedWeight;
+  /**
+   * src [n, k] row-major in `dtype` -> packed weight. With `format`, quantized at load: int8
+   * (symmetric, one scale per output row when group is 0), int4 (symmetric, groups of `group` k,
+   * 32 or 128), fp8 e4m3 (absmax/448 block scales of 128 rows x `group` k, as FP8 checkpoints);
+   * the kernels read it directly (activations f32).
+   */
+  packWeight(src: WeightSource, dtype: DType, n: number, k: number, format?: QuantFormat, group?: number): PackedWeight;
   /** gate [i, h], up [i, h] -> one gate_up weight of n = 2i (SiLU(gate)*up fused downstream). */
-  packGateUp(gate: WeightSource, up: WeightSource, dtype: DType, i: number, h: number): PackedWeight;
-  /** Re-packs new contents into an existing weight of the same geometry (expert cache slots). */
+  packGateUp(gate: WeightSource, up: WeightSource, dtype: DType, i: number, h: number,
+             format?: QuantFormat, group?: number): PackedWeight;
+  /**
+   * An FP8 checkpoint weight kept in FP8: codes [n, k] e4m3fn, scaleInv [ceil(n/br), ceil(k/bc)]
+   * f32 (weight_scale_inv). With upCodes/upScaleInv (same shapes) the result is a gate_up weight
+   * of 2n rows.
+   */
+  packFp8(codes: Uint8Array, scaleInv: Float32Array, n: number, k: number, br: number, bc: number,
+          upCodes?: Uint8Array | null, upScaleInv?: Float32Array | null): PackedWeight;
+  /**
+   * An MXFP4 checkpoint weight kept in MXFP4: blocks [n, k/32, 16] (two e2m1 per byte, low nibble
+   * first), scales [n, k/32] e8m0. With the up pair: a gate_up weight of 2n rows.
+   */
+  packMxfp4(blocks: Uint8Array, scales: Uint8Array, n: number, k: number,
+            upBlocks?: Uint8Array | null, upScales?: Uint8Array | null): PackedWeight;
+  /** Re-packs new contents into an existing weight of the same geometry (expert cache slots; a
+   * quantized slot re-quantizes them). */
   repackInto(dst: PackedWeight, src: WeightSource, dtype: DType, up?: WeightSource | null): void;
   /** Reads element (row, col) of a packed weight as a number (tests). */
   packedWeightAt(w: PackedWeight, row: number, col: number): number;
@@ -466,6 +529,14 @@ export interface NativeAddon extends Partial<CudaAddon> {
   dequantFp8(src: Uint8Array, scaleInv: Float32Array, rows: number, cols: number,
              blockRows: number, blockCols: number, dst: Uint16Array): void;
 
+  // --- sampling
+  /**
+   * One engine step's sampler over logits [rows, vocabSize] (src/engine/batch-sampler.ts builds
+   * the arguments); threaded over rows; advances batch.rngState in place.
+   */
+  sampleBatch(logits: Float32Array, rows: number, vocabSize: number, batch: SampleBatchArgs,
+              out: SampleBatchOut): void;
+
   // --- attention
   /** k [t, kvHeads, dk], v [t, kvHeads, dv] (or null for MLA) into cache slots. */
   kvCacheWrite(k: Float32Array, v: Float32Array | null, t: number, slots: Int32Array,
@@ -485,7 +556,8 @@ export interface NativeAddon extends Partial<CudaAddon> {
   // --- expert loader (the offloader's copy thread)
   ExpertLoader: new () => ExpertLoader;
   /** A zero weight of the given geometry: an expert cache slot for an ExpertLoader to fill. */
-  allocPackedWeight(dtype: DType, kind: 'plain' | 'gate_up', n: number, k: number): PackedWeight;
+  allocPackedWeight(dtype: DType, kind: 'plain' | 'gate_up', n: number, k: number,
+                    format?: QuantFormat, group?: number): PackedWeight;
 
   // --- comm
   /** Joins an in-process loopback group (blocks until worldSize ranks joined or timeout). */

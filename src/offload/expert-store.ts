@@ -6,6 +6,7 @@
 import { loadNative, type DType, type ExpertLoader, type FileRange, type PackedWeight } from '../native/index.js';
 import type { Checkpoint, TensorInfo } from '../model/safetensors.js';
 import type { ModelSpec } from '../model/spec.js';
+import { quantizedBytes, type QuantizeSpec } from '../model/quantize.js';
 
 /**
  * One cache slot's weights, created by the first load and refilled in place afterwards: packed
@@ -79,6 +80,8 @@ export interface CheckpointStoreOptions {
    * compute; false loads on the calling thread (pread, then repack on the compute pool).
    */
   copyThread?: boolean;
+  /** --quantize: slots hold experts quantized as they load (more slots per byte). */
+  quantize?: QuantizeSpec | null;
 }
 
 /** Reads experts from the checkpoint files with pread into staging buffers, then repacks. */
@@ -86,6 +89,7 @@ export class CheckpointExpertStore implements ExpertStore {
   readonly overlapsCompute: boolean;
   readonly expertBytes: number;
   readonly slotBytes: number;
+  private readonly quantize: QuantizeSpec | null;
   private readonly dtype: DType;
   private readonly H: number;
   private readonly I: number;
@@ -151,7 +155,11 @@ export class CheckpointExpertStore implements ExpertStore {
     this.dtype = dtype ?? 'bf16';
     const bytes = this.ranges[0]?.[0]?.gate.sizeBytes ?? 0;
     this.expertBytes = 3 * bytes;
-    this.slotBytes = 3 * bytes; // packed weights keep the checkpoint dtype
+    this.quantize = opts.quantize ?? null;
+    // Packed weights keep the checkpoint dtype, or the --quantize format's codes and scales.
+    this.slotBytes = this.quantize
+      ? quantizedBytes(this.quantize, 2 * this.I, this.H, true) + quantizedBytes(this.quantize, this.H, this.I, false)
+      : 3 * bytes;
     this.overlapsCompute = opts.copyThread ?? true;
     this.loader = this.overlapsCompute ? new (loadNative().ExpertLoader)() : null;
   }
@@ -171,8 +179,9 @@ export class CheckpointExpertStore implements ExpertStore {
       const n = loadNative();
       const { H, I, dtype } = this;
       // Empty slots get their weights now (zeros, right geometry); the copy thread fills them.
-      slot.gateUp ??= n.allocPackedWeight(dtype, 'gate_up', 2 * I, H);
-      slot.down ??= n.allocPackedWeight(dtype, 'plain', H, I);
+      const q = this.quantize;
+      slot.gateUp ??= n.allocPackedWeight(dtype, 'gate_up', 2 * I, H, q?.format, q?.group);
+      slot.down ??= n.allocPackedWeight(dtype, 'plain', H, I, q?.format, q?.group);
       return this.loader.submit({
         gate: r.gate, up: r.up, down: r.down, dtype, dst: { gateUp: slot.gateUp, down: slot.down }, priority,
         ...(simulatedDelayUs > 0 ? { delayUs: simulatedDelayUs } : {}),
@@ -232,10 +241,12 @@ export class CheckpointExpertStore implements ExpertStore {
     const up = this.view(this.up, r.up.sizeBytes);
     const down = this.view(this.down, r.down.sizeBytes);
     const { H, I, dtype } = this;
+    // A quantized slot re-quantizes what it is given (repackInto); a new one is made quantized.
+    const q = this.quantize;
     if (slot.gateUp) n.repackInto(slot.gateUp, gate, dtype, up);
-    else slot.gateUp = n.packGateUp(gate, up, dtype, I, H);
+    else slot.gateUp = n.packGateUp(gate, up, dtype, I, H, q?.format, q?.group);
     if (slot.down) n.repackInto(slot.down, down, dtype);
-    else slot.down = n.packWeight(down, dtype, H, I);
+    else slot.down = n.packWeight(down, dtype, H, I, q?.format, q?.group);
   }
 
   private view(buf: Uint8Array, sizeBytes: number): Float32Array | Uint16Array {

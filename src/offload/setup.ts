@@ -10,9 +10,12 @@ import type { EvictionPolicy } from './expert-cache.js';
 import { CheckpointExpertStore, SimulatedLinkStore, type ExpertStore } from './expert-store.js';
 import { Offloader } from './offloader.js';
 import type { BatchCombine } from './predictor.js';
+import type { QuantizeSpec } from '../model/quantize.js';
 
 export interface OffloadConfig {
   policy: EvictionPolicy;
+  /** --quantize: cache slots hold quantized experts (set by the worker from the engine options). */
+  quantize?: QuantizeSpec | null;
   /** Byte budget of the fast tier (--expert-cache-gb); wins over `fraction` when > 0. */
   budgetBytes?: number;
   /** Fraction of all experts (--expert-cache-fraction). */
@@ -53,7 +56,7 @@ export interface OffloadHooks {
 
 export function attachOffloader(loaded: LoadedModel, cfg: OffloadConfig, hooks: OffloadHooks = {}): Offloader {
   const { spec, model, checkpoint } = loaded;
-  let store: ExpertStore = new CheckpointExpertStore(checkpoint, spec, { copyThread: cfg.copyThread ?? true });
+  let store: ExpertStore = new CheckpointExpertStore(checkpoint, spec, { copyThread: cfg.copyThread ?? true, quantize: cfg.quantize ?? null });
   if (cfg.simulatedLink) store = new SimulatedLinkStore(store, cfg.simulatedLink.gbps, cfg.simulatedLink.latencyUs);
   const off = new Offloader(store, offloaderOptions(spec, model.moeLayers.length, cfg, hooks));
   off.attach(model);

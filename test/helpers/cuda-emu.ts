@@ -24,6 +24,33 @@ export interface CudaEmulatorOptions {
    * from EXPERTD_EMU_FAULT=op:calls (the daemon tests, through the EXPERTD_CUDA_STANDIN hook).
    */
   faultAt?: { op: string; calls: number };
+  /**
+   * Rank processes (the engine worker passes the group's store): the emulated NCCL unique id then
+   * carries this store's address, as a real NCCL id carries rank 0's bootstrap address, and
+   * cudaNcclJoin forms a Gloo group through it, so device ranks in separate processes exchange their
+   * device buffers. Without it the group is the loopback one of worker threads in one process.
+   */
+  ncclStore?: { host: string; port: number; timeoutMs: number };
+}
+
+/** The emulated NCCL unique id of a group across processes: magic, store port, host, nonce. */
+const EMU_ID_MAGIC = 'EMUGLOO\0';
+function storeId(store: { host: string; port: number }): Uint8Array {
+  const id = Buffer.alloc(128);
+  const host = Buffer.from(store.host, 'utf8');
+  if (host.length > 80) throw rangeError(`ncclStore.host is ${host.length} bytes, expected at most 80`);
+  id.write(EMU_ID_MAGIC, 0, 'latin1');
+  id.writeUInt16LE(store.port, 8);
+  id.writeUInt16LE(host.length, 10);
+  host.copy(id, 12);
+  for (let i = 96; i < 128; i++) id[i] = Math.floor(Math.random() * 256);
+  return new Uint8Array(id);
+}
+function parseStoreId(id: Uint8Array): { host: string; port: number; nonce: string } | null {
+  const b = Buffer.from(id.buffer, id.byteOffset, id.length);
+  if (b.toString('latin1', 0, 8) !== EMU_ID_MAGIC) return null;
+  const n = b.readUInt16LE(10);
+  return { port: b.readUInt16LE(8), host: b.toString('utf8', 12, 12 + n), nonce: b.toString('hex', 96, 128) };
 }
 
 function faultFromEnv(): { op: string; calls: number } | undefined {
@@ -944,6 +971,16 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
       }
     },
 
+    cudaSampleBatch(logits, rows, vocabSize, batch, out, stream): void {
+      const R = dim(rows, 'rows', 0, 1 << 20), V = dim(vocabSize, 'vocabSize', 1, 2 ** 30);
+      const lb = alignedBuf(logits, 'logits', R * V * 4, 4);
+      getStream(stream);
+      ensureAlive();
+      // The kernel is native/cpu/sampling.cc line for line (sampling.cu) and the binding parses
+      // with the same parse_sample_batch: the CPU call is its contract, checks and results alike.
+      native.sampleBatch(f32Of(lb, 'logits').subarray(0, R * V), R, V, batch, out);
+    },
+
     cudaKvCacheWrite(k, v, t, slots, kCache, vCache, kvHeads, dk, dv, vStride, numSlots, stream): void {
       const T = dim(t, 't'), KVH = dim(kvHeads, 'kvHeads', 1), DK = dim(dk, 'dk', 1);
       const DV = dim(dv, 'dv', 0), VS = dim(vStride, 'vStride', 0);
@@ -1158,15 +1195,20 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
     },
 
     // NCCL as the CPU addon's loopback group: emulated devices in worker threads of one process
-    // (each its own emulator) exchange device buffers; the unique id names the group.
+    // (each its own emulator) exchange device buffers; the unique id names the group. With
+    // options.ncclStore (rank processes), a Gloo group through the store the id names.
     cudaNcclUniqueId(): Uint8Array {
+      if (options.ncclStore) return storeId(options.ncclStore);
       return Uint8Array.from({ length: 128 }, () => Math.floor(Math.random() * 256));
     },
-    cudaNcclJoin(uniqueId: Uint8Array, worldSize: number, rank: number): CudaCommGroup {
+    cudaNcclJoin(uniqueId: Uint8Array, worldSize: number, rank: number, timeoutMs?: number): CudaCommGroup {
       if (!(uniqueId instanceof Uint8Array) || uniqueId.length !== 128)
         throw rangeError(`uniqueId.length is ${(uniqueId as Uint8Array | undefined)?.length}, expected 128`);
-      const name = `nccl-emu-${Buffer.from(uniqueId).toString('hex').slice(0, 32)}`;
-      const g = native.loopbackJoin(name, worldSize, rank, 600_000);
+      const ms = nullish(timeoutMs) ? 600_000 : getInt(timeoutMs, 'timeoutMs', 1, 2147483647);
+      const across = parseStoreId(uniqueId);
+      const g = across
+        ? native.glooJoin({ host: across.host, port: across.port, prefix: `nccl-emu-${across.nonce}`, rank, worldSize, timeoutMs: ms })
+        : native.loopbackJoin(`nccl-emu-${Buffer.from(uniqueId).toString('hex').slice(0, 32)}`, worldSize, rank, ms);
       const deviceBytes = (b: CudaBuffer, what: string) => bytesOf(unwrap(b, what));
       return {
         rank, worldSize, backend: 'nccl',
@@ -1300,7 +1342,8 @@ export function withLazyStreams(cu: CudaAddon, opts: { lazyCount?: number } = {}
       const s = args.find((a) => a instanceof LazyStream && queues.has(a)) as LazyStream | undefined;
       if (!s) return f.apply(cu, args);
       const host = name === 'cudaCopyToHost' ? hostBuffer(args[0]) : name === 'cudaCopyToDevice' ? hostBuffer(args[2]) : null;
-      if (host && !pinned.has(host)) {
+      // cudaSampleBatch returns its results through pageable copies: it runs in order, done on return.
+      if ((host && !pinned.has(host)) || name === 'cudaSampleBatch') {
         // Pageable host memory: the copy is ordered after the stream's work and done (or staged) on return.
         flush(s);
         return f.apply(cu, args);

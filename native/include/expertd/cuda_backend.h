@@ -10,6 +10,7 @@
 #include "expertd/comm.h"
 #include "expertd/dtype.h"
 #include "expertd/ops.h"
+#include "expertd/sampling.h"
 
 struct CUstream_st;  // == cudaStream_t's pointee
 struct CUevent_st;   // == cudaEvent_t's pointee
@@ -202,6 +203,24 @@ void embedding(const void* table, DType dtype, int vocab, int h, const int32_t* 
                float* out, Stream s);
 void softmax_rows(const float* x, int rows, int cols, float* out, bool log, Stream s);
 void top_n(const float* x, int rows, int cols, int n, int32_t* ids, float* vals, Stream s);
+
+// The batched sampler (sampling.cu) over logits [rows, vocab] f32 on the device, with the host
+// arrays the addon checked (native/addon/sampling_args.h; see expertd/sampling.h for their
+// meaning). One copy up, one kernel, one copy down: returns with out and rng filled.
+struct SampleBatchHost {
+  int rows = 0, vocab = 0;
+  const double* params = nullptr;  // [rows, kSampleParamCols]
+  uint32_t* rng = nullptr;         // [rows, 4] in/out
+  const int32_t *bias_offsets = nullptr, *bias_ids = nullptr;
+  const float* bias_values = nullptr;
+  const int32_t *seen_offsets = nullptr, *seen_ids = nullptr;
+  const int32_t *count_offsets = nullptr, *count_ids = nullptr, *count_values = nullptr;
+  const int32_t* mask_rows = nullptr;  // [rows] or null
+  const int32_t* masks = nullptr;      // [n_masks, ceil(vocab/32)]
+  size_t n_bias = 0, n_seen = 0, n_counts = 0, n_masks = 0;
+  SampleOut out;
+};
+void sample_batch(const float* logits, const SampleBatchHost& h, Stream s);
 void convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, size_t n, Stream s);
 
 // Glue for the device engine (glue.cu; roundings in its header comment).
@@ -241,10 +260,12 @@ void kv_cache_write(const float* k, const float* v, int tokens, const int32_t* s
 // creates and the rendezvous hands to every rank.
 constexpr size_t kNcclUniqueIdBytes = 128;
 void nccl_unique_id(uint8_t* out);
-// Blocks until all world_size ranks have joined (ncclCommInitRank) on the current device.
-std::shared_ptr<Comm> nccl_join(const uint8_t* unique_id, int world_size, int rank);
+// Blocks until all world_size ranks have joined on the current device, at most timeout_ms (then
+// E_COMM, the communicator aborted). timeout_ms also bounds every later collective of the group.
+std::shared_ptr<Comm> nccl_join(const uint8_t* unique_id, int world_size, int rank, int timeout_ms);
 // all2allv over device buffers enqueued on `s` without waiting (Comm::all2allv is the blocking
-// form on the group's own stream). comm must come from nccl_join.
+// form on the group's own stream); the group's watchdog aborts it past the timeout, and the next
+// call raises E_COMM. comm must come from nccl_join.
 void nccl_all2allv_async(Comm& comm, const void* send, const int64_t* send_bytes, void* recv,
                          const int64_t* recv_bytes, cuda::Stream s);
 

@@ -98,4 +98,28 @@ inline float fp8_e4m3_to_f32(uint8_t v) {
   return sign ? -mag : mag;
 }
 
+// f32 -> e4m3fn, round to nearest even, saturating to +-448 (as torch's float8_e4m3fn cast of
+// values already scaled into range); NaN -> 0x7f.
+inline uint8_t f32_to_fp8_e4m3(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint8_t sign = static_cast<uint8_t>((u >> 24) & 0x80u);
+  uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return 0x7f;
+  if (a >= 0x43e00000u) return sign | 0x7e;  // >= 448 (and inf): the largest finite
+  if (a < 0x3c800000u) {                       // below 2^-6: subnormal, units of 2^-9
+    float af;
+    std::memcpy(&af, &a, 4);
+    const float scaled = af * 512.0f;  // exact (power of two)
+    uint32_t m = static_cast<uint32_t>(scaled);
+    const float rem = scaled - static_cast<float>(m);
+    if (rem > 0.5f || (rem == 0.5f && (m & 1u))) ++m;  // m == 8 is the smallest normal, 0x08
+    return static_cast<uint8_t>(sign | m);
+  }
+  a += 0x7ffffu + ((a >> 20) & 1u);  // round the mantissa to 3 bits
+  const uint32_t e = (a >> 23) - 127 + 7;
+  if (e > 15 || (e == 15 && ((a >> 20) & 7u) == 7u)) return sign | 0x7e;
+  return static_cast<uint8_t>(sign | (e << 3) | ((a >> 20) & 7u));
+}
+
 }  // namespace expertd

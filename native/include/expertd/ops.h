@@ -22,6 +22,30 @@ namespace expertd {
 // while both tiles are in registers. I is padded to a multiple of 16 for this.
 enum class WeightKind : int { Plain = 0, GateUp = 1 };
 
+// Quantized storage (weights only; activations stay f32). A quantized weight keeps integer or
+// minifloat codes in the same 16-row blocks, [Kp][16] codes per block, plus f32 scales per
+// (row, group of `group` k): scales [Np/16][Kp/group][16]. The value of element (r, c) is
+// decode(code) * scale(r, c / group), and the kernels compute exactly that in f32 (so a
+// quantized GEMM equals an f32 GEMM over the dequantised weight, in the same order).
+//   I8  int8 codes, one byte each (symmetric, -127..127 from --quantize)
+//   I4  int4 two's complement nibbles (-8..7): byte 8c + j of a block holds row j (low nibble)
+//       and row j + 8 (high nibble) of column c
+//   F8  fp8 e4m3fn codes, one byte each (DeepSeek-V3 style checkpoints, --quantize fp8)
+//   FP4 fp4 e2m1 nibbles (MXFP4, gpt-oss), nibble layout as I4; scales are powers of two
+// Kp is a multiple of `group` (and even); padding codes are zero.
+enum class QFormat : int { None = 0, I8 = 1, I4 = 2, F8 = 3, FP4 = 4 };
+
+inline const char* qformat_name(QFormat q) {
+  switch (q) {
+    case QFormat::I8: return "int8";
+    case QFormat::I4: return "int4";
+    case QFormat::F8: return "fp8";
+    case QFormat::FP4: return "mxfp4";
+    default: return "none";
+  }
+}
+inline int qformat_bits(QFormat q) { return q == QFormat::I4 || q == QFormat::FP4 ? 4 : 8; }
+
 struct PackedWeight {
   DType dtype = DType::BF16;  // storage dtype (the checkpoint's)
   WeightKind kind = WeightKind::Plain;
@@ -29,22 +53,52 @@ struct PackedWeight {
   int k = 0;   // logical reduction length
   int np = 0;  // padded rows (GateUp: 2*Ip)
   int kp = 0;  // padded k (even)
-  size_t size_bytes = 0;
+  size_t size_bytes = 0;           // codes/elements plus scales
   std::shared_ptr<uint8_t> data;  // 64-byte aligned, owned
+  QFormat q = QFormat::None;      // quantized storage (dtype is then F32: what the kernels read)
+  int group = 0;                  // k per scale group (quantized only)
+  std::shared_ptr<float> scales;  // [np/16][kp/group][16] (quantized only)
   const void* ptr() const { return data.get(); }
+  bool quantized() const { return q != QFormat::None; }
+  // k rounded up to even: the reduction length the kernels run (kp may be padded further to a
+  // multiple of a quantized weight's group; those codes are zero and are skipped).
+  int k_even() const { return (k + 1) / 2 * 2; }
+  // Bytes of one k step of a 16-row block (16 elements or codes).
+  size_t k_bytes16() const {
+    return quantized() ? static_cast<size_t>(2 * qformat_bits(q)) : 16 * dtype_size(dtype);
+  }
 };
 
 // Allocates an empty packed weight of the given geometry (contents zero).
 std::shared_ptr<PackedWeight> alloc_packed_weight(DType dtype, WeightKind kind, int n, int k);
 // Packs src [n, k] (row-major, dtype) into w; w must have been allocated with the same geometry.
+// A quantized w (expert cache slots under --quantize) is filled by quantize_weight.
 // use_pool = false packs on the calling thread only (the expert loader's copy thread must not
 // enter the compute pool).
 void pack_weight(PackedWeight& w, const void* src, DType src_dtype, bool use_pool = true);
 // Packs gate [I, K] and up [I, K] into a GateUp weight of logical n = 2*I.
 void pack_gate_up(PackedWeight& w, const void* gate, const void* up, DType src_dtype,
                   bool use_pool = true);
-// Reads element (row, col) back as f32 (tests, debugging).
+// Reads element (row, col) back as f32 (tests, debugging); quantized: the dequantised value.
 float packed_weight_at(const PackedWeight& w, int row, int col);
+
+// Quantized weights. group: k per scale (I8: 0 means one scale per output row, i.e. group = Kp;
+// I4: 32 or 128; F8: the k side of the block scales, 128; FP4: 32).
+std::shared_ptr<PackedWeight> alloc_quant_weight(QFormat q, int group, WeightKind kind, int n,
+                                                 int k);
+// Quantizes src [n, k] (or gate/up [I, K] each for GateUp) with scales computed from the data:
+// I8/I4 symmetric absmax per (row, group); F8 absmax / 448 per (block_rows x group) block, the
+// way FP8 checkpoints are made (block_rows = 128). FP4 is not a --quantize target.
+void quantize_weight(PackedWeight& w, const void* src, const void* up, DType src_dtype,
+                     int block_rows = 128, bool use_pool = true);
+// Packs pre-quantized checkpoint data. F8: codes [n, k] e4m3 and scale_inv [ceil(n/br),
+// ceil(k/bc)] f32 with bc == w.group. FP4 (MXFP4): blocks [n, k/32, 16] bytes (two e2m1 codes
+// per byte, low nibble first) and e8m0 scales [n, k/32]. For GateUp, the *_up arguments give the
+// up half (same shapes with n = I); gate and up share br.
+void pack_fp8_weight(PackedWeight& w, const uint8_t* codes, const float* scale_inv,
+                     const uint8_t* codes_up, const float* scale_inv_up, int br, int bc);
+void pack_mxfp4_weight(PackedWeight& w, const uint8_t* blocks, const uint8_t* scales,
+                       const uint8_t* blocks_up, const uint8_t* scales_up);
 
 // ---------------------------------------------------------------------------------------------
 // DenseGemm: Y[M, N] = X[M, K] * W[N, K]^T (+ bias[N]) (+= Y if accumulate).

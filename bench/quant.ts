@@ -1,0 +1,180 @@
+// `npm run bench -- quant`: the quantized-expert formats on the bench checkpoints, in one run:
+// prefill, decode batch 1 and 8 tokens/s for bf16 (the checkpoint's experts) and --quantize int8,
+// fp8 and int4, each against its own weights-read bound (the bytes each decode step really reads
+// in that format, over the probed bandwidth), and the bytes the experts hold.
+//
+// Every format's model is loaded at once and the repetitions go round-robin over the formats, so
+// on a shared machine every format samples the same load and the ratios between them hold.
+import os from 'node:os';
+import { performance } from 'node:perf_hooks';
+import { parseArgs } from 'node:util';
+
+import { loadModel, type LoadedModel } from '../src/model/load.js';
+import type { MoeModel } from '../src/model/model.js';
+import { describeQuantize, quantizeSpec, type QuantizeSpec } from '../src/model/quantize.js';
+import { loadNative } from '../src/native/index.js';
+import { BENCH_MODEL_NAMES, ensureBenchModel, type BenchModelName } from './bench-models.js';
+import { DecodeBytes, Runner, argmaxRows, promptIds } from './e2e.js';
+import { fmt, markdownTable, median, parseIntList, parsePositiveInt, pct, runInfo, writeJson, type Cell } from './harness.js';
+import { runProbe } from './probe/probe.js';
+
+const FORMATS: Record<string, QuantizeSpec | null> = {
+  bf16: null,
+  int8: quantizeSpec('int8', 0),
+  fp8: quantizeSpec('fp8', 0),
+  int4: quantizeSpec('int4', 32),
+  'int4-g128': quantizeSpec('int4', 128),
+};
+
+interface FormatRun {
+  format: string;
+  loaded: LoadedModel;
+  runner: Runner;
+  bytes: DecodeBytes;
+  /** Bytes of the routed experts as held (codes and scales, or bf16). */
+  expertsHeldBytes: number;
+  prefillMs: number[];
+  decode: Record<string, { tokPerS: number[]; bytesPerStep: number[] }>;
+}
+
+/** Sum of the routed experts' packed bytes over every MoE layer, and one expert's bytes. */
+function expertBytes(model: MoeModel): { total: number; one: number } {
+  let total = 0, one = 0;
+  for (const layer of model.moeLayers) {
+    const t = layer.weights.experts;
+    for (let e = 0; e < t.numExperts; e++) {
+      const w = t.get(e);
+      if (!w) continue;
+      const b = w.gateUp.sizeBytes + w.down.sizeBytes;
+      total += b;
+      one ||= b;
+      w.gateUp.dispose();
+      w.down.dispose();
+    }
+  }
+  return { total, one };
+}
+
+function decodeRun(fr: FormatRun, B: number, decodePrompt: number, steps: number): { tokPerS: number; bytesPerStep: number } {
+  const V = fr.loaded.spec.vocabSize;
+  fr.runner.reset();
+  const prompts = Array.from({ length: B }, (_, i) => promptIds(100 + i, decodePrompt));
+  const seqs = prompts.map(() => fr.runner.newSeq());
+  let next = argmaxRows(fr.runner.step(seqs, prompts).logits, B, V);
+  let ms = 0, bytes = 0;
+  for (let s = 0; s < steps; s++) {
+    const t0 = performance.now();
+    const out = fr.runner.step(seqs, next.map((t) => [t]));
+    next = argmaxRows(out.logits, B, V);
+    ms += performance.now() - t0;
+    bytes += fr.bytes.step(out.routedIds, seqs.map((q) => q.len), B).bytes;
+  }
+  return { tokPerS: (B * steps) / (ms / 1e3), bytesPerStep: bytes / steps };
+}
+
+export async function runQuantBench(argv: string[]): Promise<void> {
+  const { values } = parseArgs({
+    args: argv,
+    options: {
+      json: { type: 'string' }, reps: { type: 'string' }, warmup: { type: 'string' }, models: { type: 'string' },
+      formats: { type: 'string' }, prefill: { type: 'string' }, 'decode-prompt': { type: 'string' },
+      steps: { type: 'string' }, batches: { type: 'string' }, threads: { type: 'string' },
+    },
+    strict: true,
+  });
+  const models = (values.models?.split(',') ?? ['mixtral-like']) as BenchModelName[];
+  for (const m of models)
+    if (!BENCH_MODEL_NAMES.includes(m)) throw new RangeError(`--models has "${m}", expected some of ${BENCH_MODEL_NAMES.join(', ')}`);
+  const formats = values.formats?.split(',') ?? ['bf16', 'int8', 'fp8', 'int4'];
+  for (const f of formats) if (!(f in FORMATS)) throw new RangeError(`--formats has "${f}", expected some of ${Object.keys(FORMATS).join(', ')}`);
+  const reps = Math.max(1, parsePositiveInt('reps', values.reps, 3));
+  const warmup = parsePositiveInt('warmup', values.warmup, 1);
+  const prefill = Math.max(1, parsePositiveInt('prefill', values.prefill, 512));
+  const decodePrompt = Math.max(1, parsePositiveInt('decode-prompt', values['decode-prompt'], 64));
+  const steps = Math.max(1, parsePositiveInt('steps', values.steps, 16));
+  const batches = values.batches ? parseIntList('batches', values.batches) : [1, 8];
+  const threads = parsePositiveInt('threads', values.threads, 0);
+  loadNative().setNumThreads(threads);
+  const info = runInfo();
+  const rows: Cell[][] = [];
+  const verdicts: string[] = [];
+  const json: unknown[] = [];
+  const loadAvg: number[] = [];
+  for (const name of models) {
+    const dir = ensureBenchModel(name, (s) => console.error(s));
+    const runs: FormatRun[] = [];
+    for (const format of formats) {
+      console.error(`# ${name}: loading (${format})...`);
+      const q = FORMATS[format]!;
+      const loaded = loadModel(dir, { fast: true, quantize: q });
+      const perSeq = Math.ceil((decodePrompt + steps + 2) / 16);
+      const runner = new Runner(loaded.model, Math.max(Math.ceil((prefill + 1) / 16), Math.max(...batches) * perSeq));
+      const bytes = new DecodeBytes(loaded.spec);
+      const held = expertBytes(loaded.model);
+      bytes.expertBytes = held.one;  // what one expert's FFN reads in this format
+      runs.push({ format, loaded, runner, bytes, expertsHeldBytes: held.total, prefillMs: [], decode: {} });
+    }
+    const bw: number[] = [runProbe({ threads: threads || undefined }).readBandwidthGBps];
+    try {
+      for (let r = 0; r < warmup + reps; r++) {
+        loadAvg.push(os.loadavg()[0]!);
+        for (const fr of runs) {
+          fr.runner.reset();
+          const t0 = performance.now();
+          argmaxRows(fr.runner.step([fr.runner.newSeq()], [promptIds(1, prefill)]).logits, 1, fr.loaded.spec.vocabSize);
+          const ms = performance.now() - t0;
+          if (r >= warmup) fr.prefillMs.push(ms);
+          for (const B of batches) {
+            const d = decodeRun(fr, B, decodePrompt, steps);
+            console.error(`# ${name} ${fr.format}: prefill ${ms.toFixed(0)} ms; decode b${B} ${fmt(d.tokPerS)} tok/s${r < warmup ? ' (warm-up)' : ''}`);
+            if (r < warmup) continue;
+            const slot = (fr.decode[String(B)] ??= { tokPerS: [], bytesPerStep: [] });
+            slot.tokPerS.push(d.tokPerS);
+            slot.bytesPerStep.push(d.bytesPerStep);
+          }
+        }
+        bw.push(runProbe({ threads: threads || undefined }).readBandwidthGBps);
+      }
+      const bandwidth = Math.max(...bw);
+      const base = runs.find((x) => x.format === 'bf16');
+      for (const fr of runs) {
+        const pre = fr.prefillMs.map((ms) => prefill / (ms / 1e3));
+        const preVs = base && base !== fr ? median(pre) / median(base.prefillMs.map((ms) => prefill / (ms / 1e3))) : null;
+        rows.push([name, fr.format, `prefill ${prefill}`, median(pre), `${fmt(Math.min(...pre))}-${fmt(Math.max(...pre))}`, '-', '-',
+          preVs === null ? '-' : `${fmt(preVs)}x`, fmt(fr.expertsHeldBytes / 2 ** 20)]);
+        if (fr.format === 'int8' && preVs !== null) verdicts.push(`${name}: prefill int8 >= 1.3x bf16: ${fmt(preVs)}x -> ${preVs >= 1.3 ? 'PASS' : 'FAIL'}`);
+        for (const [B, d] of Object.entries(fr.decode)) {
+          const tps = median(d.tokPerS);
+          const bound = Number(B) / (median(d.bytesPerStep) / (bandwidth * 1e9));
+          const baseTps = base?.decode[B] ? median(base.decode[B]!.tokPerS) : null;
+          const vs = baseTps && base !== fr ? tps / baseTps : null;
+          rows.push([name, fr.format, `decode b${B}`, tps, `${fmt(Math.min(...d.tokPerS))}-${fmt(Math.max(...d.tokPerS))}`, bound,
+            pct(tps / bound), vs === null ? '-' : `${fmt(vs)}x`, fmt(fr.expertsHeldBytes / 2 ** 20)]);
+          if (B === '1' && vs !== null) {
+            const need = fr.format.startsWith('int4') ? 2.8 : 1.8;
+            verdicts.push(`${name}: decode b1 ${fr.format} >= ${need}x bf16: ${fmt(vs)}x -> ${vs >= need ? 'PASS' : 'FAIL'}`);
+          }
+          if (B === '1' && fr.format !== 'bf16')
+            verdicts.push(`${name}: decode b1 ${fr.format} >= 75% of its read bound: ${pct(tps / bound)} -> ${tps / bound >= 0.75 ? 'PASS' : 'FAIL'}`);
+        }
+        if (fr.format === 'int8' && base)
+          verdicts.push(`${name}: experts held int8 <= 0.6x bf16: ${fmt(fr.expertsHeldBytes / base.expertsHeldBytes)}x -> ${fr.expertsHeldBytes / base.expertsHeldBytes <= 0.6 ? 'PASS' : 'FAIL'}`);
+        json.push({ model: name, format: fr.format, quantize: FORMATS[fr.format] ? describeQuantize(FORMATS[fr.format]!) : 'bf16',
+          prefillMs: fr.prefillMs, decode: fr.decode, expertsHeldBytes: fr.expertsHeldBytes, bandwidthGBps: bandwidth });
+      }
+      console.error(`# ${name}: read bandwidth probes ${bw.map((v) => fmt(v)).join(', ')} GB/s`);
+    } finally {
+      for (const fr of runs) fr.loaded.model.dispose();
+    }
+  }
+  console.log(`## quant: quantized experts, fast mode, ${os.cpus()[0]?.model ?? 'cpu'}, ${threads || os.availableParallelism()} threads\n`);
+  console.log(`Prefill: one ${prefill}-token prompt in one step. Decode: batch B of ${decodePrompt}-token prompts, ${steps} greedy ` +
+    `steps. ${reps} reps after ${warmup} warm-up, round-robin over the formats; tok/s median and min-max. The bound: the ` +
+    `bytes each step reads in that format (dense weights bf16, the routed experts in the format, f32 KV) over the best ` +
+    `read-bandwidth probe of the run. 1-min load average ${fmt(Math.min(...loadAvg))}-${fmt(Math.max(...loadAvg))}.\n`);
+  console.log(markdownTable(['model', 'format', 'workload', 'tok/s', 'min-max', 'bound tok/s', 'of bound', 'vs bf16', 'experts MiB'],
+    rows, ['left', 'left', 'left', 'right', 'right', 'right', 'right', 'right', 'right']));
+  console.log('\nTargets:\n');
+  for (const v of verdicts) console.log(`- ${v}`);
+  if (values.json) writeJson(values.json, { bench: 'quant', run: info, loadAverage: loadAvg, results: json, verdicts });
+}

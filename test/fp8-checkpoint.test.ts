@@ -1,0 +1,131 @@
+// An FP8 checkpoint (DeepSeek-V3 style: e4m3 weights with weight_scale_inv block scales) served
+// natively: its routed experts stay FP8 in memory, and the model's logits equal those of the same
+// checkpoint with the experts written out as the exact dequantised f32 values (the plain f32 path,
+// itself checked against HF transformers on the fixture), within f32 rounding. Ragged edge blocks.
+import assert from 'node:assert/strict';
+import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { test } from 'node:test';
+
+import { loadModel } from '../src/model/load.js';
+import { readSafetensorsHeader, writeSafetensors, type TensorToWrite } from '../src/model/safetensors.js';
+import { packageRoot } from '../src/native/index.js';
+import { DirectRunner } from './helpers/model-runner.js';
+
+const src = path.join(packageRoot(), 'test', 'fixtures', 'deepseek_v3');
+// Blocks of 24 x 24 over [32, 64] and [64, 32] experts: partial blocks on both edges.
+const BR = 24, BC = 24;
+
+/** e4m3fn value of a code (bias 7, subnormals at exponent 0). */
+function e4m3(code: number): number {
+  const sign = code & 0x80 ? -1 : 1;
+  const e = (code >> 3) & 0xf, m = code & 7;
+  return sign * (e === 0 ? (m / 8) * 2 ** -6 : (1 + m / 8) * 2 ** (e - 7));
+}
+const MAGS = Array.from({ length: 127 }, (_, c) => e4m3(c));  // 0x00..0x7e (0x7f is NaN)
+/** Nearest e4m3 code (ties to even code) of v, saturating at 448. */
+function toE4m3(v: number): number {
+  const a = Math.min(Math.abs(v), 448);
+  let best = 0;
+  for (let c = 1; c < MAGS.length; c++) {
+    const d = Math.abs(MAGS[c]! - a), db = Math.abs(MAGS[best]! - a);
+    if (d < db || (d === db && c % 2 === 0)) best = c;
+  }
+  return (v < 0 ? 0x80 : 0) | best;
+}
+
+function bf16ToF32(u: Uint16Array): Float32Array {
+  const out = new Uint32Array(u.length);
+  for (let i = 0; i < u.length; i++) out[i] = u[i]! << 16;
+  return new Float32Array(out.buffer);
+}
+
+/** Writes two checkpoints: experts in FP8 (+ scales), and experts as their dequantised f32. */
+function makeCheckpoints(): { fp8Dir: string; refDir: string; root: string } {
+  const root = mkdtempSync(path.join(os.tmpdir(), 'expertd-fp8-'));
+  const fp8Dir = path.join(root, 'fp8'), refDir = path.join(root, 'ref');
+  const file = path.join(src, 'model.safetensors');
+  const header = readSafetensorsHeader(file);
+  const bytes = readFileSync(file);
+  const fp8: TensorToWrite[] = [], ref: TensorToWrite[] = [];
+  for (const t of header.tensors) {
+    const raw = bytes.subarray(header.dataStart + t.begin, header.dataStart + t.end);
+    const data = new Uint8Array(raw.byteLength);
+    data.set(raw);
+    if (!/\.experts\.\d+\.(gate|up|down)_proj\.weight$/.test(t.name) || t.dtype !== 'BF16') {
+      fp8.push({ name: t.name, dtype: t.dtype, shape: t.shape, data });
+      ref.push({ name: t.name, dtype: t.dtype, shape: t.shape, data });
+      continue;
+    }
+    const [rows, cols] = t.shape as [number, number];
+    const w = bf16ToF32(new Uint16Array(data.buffer, 0, rows * cols));
+    const nbr = Math.ceil(rows / BR), nbc = Math.ceil(cols / BC);
+    const scale = new Float32Array(nbr * nbc);
+    for (let r = 0; r < rows; r++)
+      for (let c = 0; c < cols; c++) {
+        const i = Math.floor(r / BR) * nbc + Math.floor(c / BC);
+        scale[i] = Math.max(scale[i]!, Math.abs(w[r * cols + c]!));
+      }
+    for (let i = 0; i < scale.length; i++) scale[i] = Math.fround(scale[i]! / 448);
+    const codes = new Uint8Array(rows * cols), deq = new Float32Array(rows * cols);
+    for (let r = 0; r < rows; r++)
+      for (let c = 0; c < cols; c++) {
+        const s = scale[Math.floor(r / BR) * nbc + Math.floor(c / BC)]!;
+        const code = toE4m3(w[r * cols + c]! / s);
+        codes[r * cols + c] = code;
+        deq[r * cols + c] = Math.fround(e4m3(code) * s);  // what the checkpoint means, in f32
+      }
+    fp8.push({ name: t.name, dtype: 'F8_E4M3', shape: t.shape, data: codes });
+    fp8.push({ name: `${t.name}_scale_inv`, dtype: 'F32', shape: [nbr, nbc], data: scale });
+    ref.push({ name: t.name, dtype: 'F32', shape: t.shape, data: deq });
+  }
+  const config = JSON.parse(readFileSync(path.join(src, 'config.json'), 'utf8')) as Record<string, unknown>;
+  for (const [dir, tensors, quant] of [[fp8Dir, fp8, true], [refDir, ref, false]] as const) {
+    mkdirSync(dir);
+    writeSafetensors(path.join(dir, 'model.safetensors'), tensors);
+    const c = quant ? { ...config, quantization_config: { quant_method: 'fp8', fmt: 'e4m3', activation_scheme: 'dynamic', weight_block_size: [BR, BC] } } : config;
+    writeFileSync(path.join(dir, 'config.json'), JSON.stringify(c));
+    for (const f of ['generation_config.json', 'tokenizer.json', 'tokenizer_config.json', 'golden.json'])
+      copyFileSync(path.join(src, f), path.join(dir, f));
+  }
+  return { fp8Dir, refDir, root };
+}
+
+function teacherForced(dir: string): { logits: Float32Array[]; expertsQuant: (string | null)[] } {
+  const golden = JSON.parse(readFileSync(path.join(dir, 'golden.json'), 'utf8')) as { cases: { prompt_ids: number[]; greedy: number[] }[] };
+  const { model, spec } = loadModel(dir, { fast: false });
+  try {
+    const logits: Float32Array[] = [];
+    for (const c of golden.cases) {
+      const ids = [...c.prompt_ids, ...c.greedy];
+      const runner = new DirectRunner(model);
+      const res = runner.step([runner.newSeq()], [ids], true);
+      for (let p = 0; p < ids.length; p++) logits.push(res.logits.slice(p * spec.vocabSize, (p + 1) * spec.vocabSize));
+    }
+    const e = model.moeLayers[0]!.weights.experts.get(0)!;
+    const quant = [e.gateUp.quant, e.down.quant];
+    e.gateUp.dispose();
+    e.down.dispose();
+    return { logits, expertsQuant: quant };
+  } finally {
+    model.dispose();
+  }
+}
+
+test('an FP8 checkpoint keeps its experts in FP8 and equals the dequantised f32 experts', () => {
+  const { fp8Dir, refDir, root } = makeCheckpoints();
+  try {
+    const got = teacherForced(fp8Dir);
+    const want = teacherForced(refDir);
+    assert.deepEqual(got.expertsQuant, ['fp8', 'fp8'], 'experts held as fp8 codes');
+    assert.deepEqual(want.expertsQuant, [null, null]);
+    let worst = 0;
+    for (let i = 0; i < want.logits.length; i++)
+      for (let v = 0; v < want.logits[i]!.length; v++)
+        worst = Math.max(worst, Math.abs(got.logits[i]![v]! - want.logits[i]![v]!));
+    assert.ok(worst <= 1e-5, `logits max-abs difference ${worst}`);
+  } finally {
+    rmSync(root, { recursive: true, force: true });
+  }
+});

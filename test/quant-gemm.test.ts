@@ -1,0 +1,256 @@
+// Quantized weights (int8, int4, fp8 from --quantize; FP8 and MXFP4 checkpoint data kept as is):
+// the stored values against independent decoders written here (e4m3, e2m1, e8m0 from their
+// definitions), quantization error bounds, and DenseGemm / GroupGemm against float64 references
+// over the dequantised weights, on the SIMD and the portable path, with ragged shapes.
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+
+import { loadNative } from '../src/native/index.js';
+import type { NativeAddon, PackedWeight, QuantFormat } from '../src/native/index.js';
+import { mulberry32 } from '../src/engine/rng.js';
+import { fileSeed } from './helpers/seed.js';
+import { compare, refGemm, silu, uniform } from './helpers/gemm-ref.js';
+
+const native: NativeAddon = loadNative();
+// The kernels compute decode(code) * scale in f32, then the f32 kernels' accumulation: against
+// a float64 reference over the same dequantised values only f32 accumulation error remains.
+const TOL = 2e-5;
+
+let seed = fileSeed(777, 'first case seed');
+const rng = () => mulberry32(seed++);
+
+/** e4m3fn from its definition: bias 7, subnormals at exponent 0, 0x7f/0xff NaN. */
+function e4m3(code: number): number {
+  const sign = code & 0x80 ? -1 : 1;
+  const e = (code >> 3) & 0xf, m = code & 7;
+  if (e === 15 && m === 7) return NaN;
+  return sign * (e === 0 ? (m / 8) * 2 ** -6 : (1 + m / 8) * 2 ** (e - 7));
+}
+/** e2m1: bias 1, one mantissa bit; sign in bit 3. */
+function e2m1(code: number): number {
+  const sign = code & 8 ? -1 : 1;
+  const e = (code >> 1) & 3, m = code & 1;
+  return sign * (e === 0 ? m * 0.5 : (1 + m / 2) * 2 ** (e - 1));
+}
+const f32 = (v: number) => Math.fround(v);
+
+/** The packed weight's values as float64 [n, k] (what the kernels must use). */
+function dequantised(w: PackedWeight): Float64Array {
+  const out = new Float64Array(w.n * w.k);
+  for (let r = 0; r < w.n; r++)
+    for (let c = 0; c < w.k; c++) out[r * w.k + c] = native.packedWeightAt(w, r, c);
+  return out;
+}
+
+function withScalar(fn: () => void): void {
+  native.setSimdLevel('scalar');
+  try { fn(); } finally { native.setSimdLevel('auto'); }
+}
+
+test('FP8 checkpoint data is kept as codes x block scale, ragged edge blocks included', () => {
+  const rand = rng();
+  // 37 x 300 with 16 x 128 blocks: 3 x 3 scales, the last row and column blocks partial.
+  const n = 37, k = 300, br = 16, bc = 128;
+  const codes = new Uint8Array(n * k);
+  for (let i = 0; i < codes.length; i++) {
+    let c = Math.floor(rand() * 256);
+    if ((c & 0x7f) === 0x7f) c = 0x7e;  // no NaN codes in real weights
+    codes[i] = c;
+  }
+  const scale = new Float32Array(Math.ceil(n / br) * Math.ceil(k / bc)).map(() => rand() * 0.01 + 1e-4);
+  const w = native.packFp8(codes, scale, n, k, br, bc);
+  assert.equal(w.quant, 'fp8');
+  assert.ok(w.sizeBytes < n * k * 2, `fp8 holds fewer bytes than bf16: ${w.sizeBytes}`);
+  for (let r = 0; r < n; r++)
+    for (let c = 0; c < k; c++) {
+      const want = f32(e4m3(codes[r * k + c]!) * scale[Math.floor(r / br) * 3 + Math.floor(c / bc)]!);
+      const got = native.packedWeightAt(w, r, c);
+      if (got !== want) assert.fail(`(${r}, ${c}) code ${codes[r * k + c]}: ${got} != ${want}`);
+    }
+  w.dispose();
+});
+
+test('MXFP4 checkpoint data is kept as e2m1 x 2^(e8m0 - 127), gate_up halves apart', () => {
+  const rand = rng();
+  const n = 20, k = 96;
+  const mk = () => {
+    const blocks = new Uint8Array(n * k / 2).map(() => Math.floor(rand() * 256));
+    const scales = new Uint8Array(n * k / 32).map(() => 115 + Math.floor(rand() * 20));
+    return { blocks, scales };
+  };
+  const g = mk(), u = mk();
+  const value = (h: { blocks: Uint8Array; scales: Uint8Array }, r: number, c: number) => {
+    const byte = h.blocks[(r * k + c) >> 1]!;
+    return e2m1(c & 1 ? byte >> 4 : byte & 0xf) * 2 ** (h.scales[r * (k / 32) + Math.floor(c / 32)]! - 127);
+  };
+  const w = native.packMxfp4(g.blocks, g.scales, n, k, u.blocks, u.scales);
+  assert.equal(w.kind, 'gate_up');
+  assert.equal(w.quant, 'mxfp4');
+  for (let r = 0; r < 2 * n; r++)
+    for (let c = 0; c < k; c++) {
+      const want = r < n ? value(g, r, c) : value(u, r - n, c);
+      assert.equal(native.packedWeightAt(w, r, c), want, `(${r}, ${c})`);
+    }
+  w.dispose();
+  assert.throws(() => native.packMxfp4(g.blocks, g.scales, n, 40), /multiple of 32/);
+});
+
+test('--quantize formats: scales from the absmax, every value within half a step', () => {
+  const rand = rng();
+  const n = 33, k = 200;
+  const src = uniform(rand, n * k, 0.5);
+  for (const [format, group, qmax] of [['int8', 0, 127], ['int4', 32, 7], ['int4', 128, 7]] as const) {
+    const w = native.packWeight(src, 'f32', n, k, format, group);
+    const g = group === 0 ? k : group;
+    for (let r = 0; r < n; r++)
+      for (let c0 = 0; c0 < k; c0 += g) {
+        let amax = 0;
+        for (let c = c0; c < Math.min(k, c0 + g); c++) amax = Math.max(amax, Math.abs(src[r * k + c]!));
+        const step = f32(amax / qmax);
+        for (let c = c0; c < Math.min(k, c0 + g); c++) {
+          const got = native.packedWeightAt(w, r, c);
+          const code = got / step;
+          assert.ok(Math.abs(code - Math.round(code)) < 1e-3 && Math.abs(code) <= qmax + 1e-3,
+            `${format}/${group} (${r}, ${c}): ${got} is not a code times ${step}`);
+          assert.ok(Math.abs(got - src[r * k + c]!) <= step / 2 * (1 + 1e-5) + 1e-12,
+            `${format}/${group} (${r}, ${c}): |${got} - ${src[r * k + c]}| > step/2`);
+        }
+      }
+    w.dispose();
+  }
+  // fp8: per 128 x 128 block, scale absmax/448; values are e4m3 codes times it, to 2^-4 relative.
+  const w = native.packWeight(src, 'f32', n, k, 'fp8', 128);
+  for (let r = 0; r < n; r++)
+    for (let c = 0; c < k; c++) {
+      let amax = 0;
+      const c0 = Math.floor(c / 128) * 128;
+      for (let rr = 0; rr < n; rr++)
+        for (let cc = c0; cc < Math.min(k, c0 + 128); cc++) amax = Math.max(amax, Math.abs(src[rr * k + cc]!));
+      const got = native.packedWeightAt(w, r, c), v = src[r * k + c]!;
+      assert.ok(Math.abs(got - v) <= Math.max(Math.abs(v) * 2 ** -4, f32(amax / 448) * 2 ** -9 * 1.01),
+        `fp8 (${r}, ${c}): ${got} vs ${v}`);
+    }
+  w.dispose();
+});
+
+// Every format as the GEMMs see it: a weight of [n, k] made by the given builder.
+type Build = (rand: () => number, n: number, k: number) => PackedWeight;
+const BUILDS: [string, Build][] = [
+  ['int8', (rand, n, k) => native.packWeight(uniform(rand, n * k), 'f32', n, k, 'int8', 0)],
+  ['int4/32', (rand, n, k) => native.packWeight(uniform(rand, n * k), 'f32', n, k, 'int4', 32)],
+  ['int4/128', (rand, n, k) => native.packWeight(uniform(rand, n * k), 'f32', n, k, 'int4', 128)],
+  ['fp8', (rand, n, k) => native.packWeight(uniform(rand, n * k), 'f32', n, k, 'fp8', 128)],
+  ['mxfp4', (rand, n, k) => {
+    const kk = Math.ceil(k / 32) * 32;  // MXFP4 needs k % 32 == 0
+    const blocks = new Uint8Array(n * kk / 2).map(() => Math.floor(rand() * 256));
+    const scales = new Uint8Array(n * kk / 32).map(() => 120 + Math.floor(rand() * 8));
+    return native.packMxfp4(blocks, scales, n, kk);
+  }],
+];
+
+function denseCase(name: string, build: Build, m: number, n: number, k: number, fast: boolean): void {
+  const rand = rng();
+  const w = build(rand, n, k);
+  const kk = w.k;
+  const x = uniform(rand, m * kk);
+  const bias = uniform(rand, n);
+  const y = new Float32Array(m * n);
+  native.denseGemm(x, m, w, y, bias, false, fast);
+  const ref = refGemm(x, m, dequantised(w), n, kk, false);
+  for (let r = 0; r < m; r++) for (let j = 0; j < n; j++) ref[r * n + j] += bias[j]!;
+  compare(y, ref, TOL, `${name} dense m=${m} n=${n} k=${kk} fast=${fast}`);
+  w.dispose();
+}
+
+test('denseGemm on quantized weights matches float64 over the dequantised values', () => {
+  for (const [name, build] of BUILDS)
+    for (const fast of [false, true])
+      for (const [m, n, k] of [[1, 16, 64], [7, 37, 130], [13, 50, 257], [1, 300, 512]] as const)
+        denseCase(name, build, m, n, k, fast);
+});
+
+test('denseGemm on quantized weights: the portable path matches float64 too', () => {
+  withScalar(() => {
+    for (const [name, build] of BUILDS)
+      for (const [m, n, k] of [[1, 16, 64], [7, 37, 130]] as const) denseCase(name, build, m, n, k, false);
+  });
+});
+
+test('groupGemmFfn with quantized experts (and a bf16 one beside them) matches float64', () => {
+  const run = () => {
+    for (const [name, build] of BUILDS) {
+      const rand = rng();
+      const e = 4, h = name === 'mxfp4' ? 96 : 72, inter = name === 'mxfp4' ? 64 : 40;
+      const table = new native.ExpertTable(e, h, inter);
+      const experts: { gate: Float64Array; up: Float64Array; down: Float64Array }[] = [];
+      for (let i = 0; i < e; i++) {
+        let gu: PackedWeight, dn: PackedWeight;
+        if (i === 3) {  // a plain f32 expert in the same call
+          gu = native.packGateUp(uniform(rand, inter * h), uniform(rand, inter * h), 'f32', inter, h);
+          dn = native.packWeight(uniform(rand, h * inter), 'f32', h, inter);
+        } else if (name === 'mxfp4') {
+          const half = () => ({
+            b: new Uint8Array(inter * h / 2).map(() => Math.floor(rand() * 256)),
+            s: new Uint8Array(inter * h / 32).map(() => 120 + Math.floor(rand() * 6)),
+          });
+          const g = half(), u = half();
+          gu = native.packMxfp4(g.b, g.s, inter, h, u.b, u.s);
+          dn = build(rand, h, inter);
+        } else {
+          const fmt = name.split('/')[0] as QuantFormat;
+          const group = name === 'int8' ? 0 : name === 'int4/32' ? 32 : 128;
+          gu = native.packGateUp(uniform(rand, inter * h), uniform(rand, inter * h), 'f32', inter, h, fmt, group);
+          dn = build(rand, h, inter);
+        }
+        const d = dequantised(gu);
+        experts.push({ gate: d.subarray(0, inter * h), up: d.subarray(inter * h), down: dequantised(dn) });
+        table.set(i, gu, dn);
+        gu.dispose();
+        dn.dispose();
+      }
+      const counts = [3, 0, 9, 2];
+      const offsets = new Int32Array(e + 1);
+      for (let i = 0; i < e; i++) offsets[i + 1] = offsets[i]! + counts[i]!;
+      const rows = offsets[e]!;
+      const x = uniform(rand, rows * h);
+      for (const fast of [false, true]) {
+        const y = new Float32Array(rows * h);
+        native.groupGemmFfn(x, offsets, table, y, fast);
+        const ref = new Float64Array(rows * h);
+        for (let i = 0; i < e; i++) {
+          const r0 = offsets[i]!, r1 = offsets[i + 1]!;
+          if (r1 === r0) continue;
+          const xs = x.subarray(r0 * h, r1 * h);
+          const g = refGemm(xs, r1 - r0, experts[i]!.gate, inter, h, false);
+          const u = refGemm(xs, r1 - r0, experts[i]!.up, inter, h, false);
+          const hh = g.map((v, j) => silu(v) * u[j]!);
+          ref.set(refGemm(hh, r1 - r0, experts[i]!.down, h, inter, false), r0 * h);
+        }
+        // The f32 expert in fast mode rounds nothing (only bf16 weights round activations).
+        compare(y, ref, TOL, `${name} ffn fast=${fast}`);
+      }
+      table.dispose();
+    }
+  };
+  run();
+  withScalar(run);
+});
+
+test('a quantized expert slot re-quantizes what repackInto gives it', () => {
+  const rand = rng();
+  const n = 24, k = 64;
+  const a = uniform(rand, n * k), b = uniform(rand, n * k, 3);
+  const w = native.packWeight(a, 'f32', n, k, 'int8', 0);
+  native.repackInto(w, b, 'f32');
+  const fresh = native.packWeight(b, 'f32', n, k, 'int8', 0);
+  assert.deepEqual(dequantised(w), dequantised(fresh));
+  w.dispose();
+  fresh.dispose();
+});
+
+test('bad quantization arguments are refused with a reason', () => {
+  const src = new Float32Array(32 * 64);
+  assert.throws(() => native.packWeight(src, 'f32', 32, 64, 'int3' as QuantFormat, 32), /format must be/);
+  assert.throws(() => native.packWeight(src, 'f32', 32, 64, 'int4', 31), /group 31 must be even/);
+  assert.throws(() => native.packFp8(new Uint8Array(10), new Float32Array(1), 32, 64, 128, 128), /codes/);
+});
