@@ -13,6 +13,7 @@ import { packageRoot } from '../src/native/index.js';
 import { BENCH_MODEL_NAMES, ensureBenchModel, type BenchModelName } from './bench-models.js';
 import { seriesChart } from '../src/plot/charts.js';
 import { writePlot } from '../src/plot/render.js';
+import { printStructured, runStructuredCompare } from './serve-structured.js';
 import { fmt, markdownTable, parseIntList, parsePositiveInt, percentile, runInfo, writeJson, type Cell } from './harness.js';
 import { runSharedPrefix } from './serve-prefix.js';
 
@@ -193,6 +194,7 @@ export async function runServe(argv: string[]): Promise<void> {
       rounds: { type: 'string' }, threads: { type: 'string' }, 'max-num-batched-tokens': { type: 'string' },
       'nproc-per-node': { type: 'string' }, 'dist-moe': { type: 'string' },
       'kv-cache-dtype': { type: 'string' }, 'kv-cache-gb': { type: 'string' },
+      structured: { type: 'boolean' }, pairs: { type: 'string' }, items: { type: 'string' },
     },
     strict: true,
   });
@@ -217,6 +219,24 @@ export async function runServe(argv: string[]): Promise<void> {
     if (!['', 'auto', 'f32', 'bf16', 'fp8'].includes(k)) throw new RangeError(`--kv-cache-dtype lists '${k}', expected auto, f32, bf16 or fp8`);
   }
   const info = runInfo();
+  if (values.structured) {
+    // The cost of structured output (serve-structured.ts) instead of the concurrency sweep.
+    const pairs = Math.max(2, parsePositiveInt('pairs', values.pairs, 12));
+    const items = Math.max(4, parsePositiveInt('items', values.items, 48));
+    console.error(`# starting expertd serve --model ${dir} ${flags.join(' ')}`);
+    const d = await startDaemon(dir, flags);
+    try {
+      await waitHealthy(d.base);
+      const model = ((await (await fetch(`${d.base}/v1/models`)).json()) as { data: { id: string }[] }).data[0]!.id;
+      const r = await runStructuredCompare(d.base, model, (i) => promptIds(500 + i, promptLen), pairs, items);
+      printStructured(r, name);
+      if (values.json) writeJson(values.json, { bench: 'serve-structured', run: info, loadAverageEnd: os.loadavg(), model: name, flags, promptLen, ...r });
+    } finally {
+      d.proc.kill('SIGTERM');
+      await d.exit;
+    }
+    return;
+  }
   const results: Level[] = [];
   for (const ranks of rankCounts) for (const kv of kvDtypes) {
     const rankFlags = [...(ranks > 1 ? [...flags, '--nproc-per-node', String(ranks)] : flags),

@@ -20,6 +20,8 @@ import { formatHelp, parseFlags, UsageError, type FlagSpec, type ParsedFlags } f
 import { resolveEngineOptions } from './resolve.js';
 import { packageVersion } from '../server/version.js';
 import { offloadFlags } from './trace.js';
+import { detectReasoningParser, type ReasoningParserName } from '../server/reasoning.js';
+import { detectToolCallParser, TOOL_CALL_PARSERS, type ToolCallParserName } from '../server/tool-calls.js';
 
 export const serveFlags: FlagSpec[] = [
   ...modelFlags,
@@ -43,6 +45,10 @@ export const serveFlags: FlagSpec[] = [
     help: 'MoE layers across the rank processes: expert = each rank holds a slice of the routed experts (--expert-placement), tokens travel by all2all (Gloo on CPU ranks, NCCL on devices) and the ranks step in lockstep; replicated = every rank holds every expert (auto = expert on CPU ranks where the addon has Gloo and neither --expert-parallel nor offloading is on; on devices auto is replicated until the NCCL path has run on GPUs, --dist-moe expert opts in)' },
   { name: 'dist-timeout', type: 'number', min: 1, default: 300, arg: 'SECONDS', help: 'How long every rank has to join the rendezvous (with --dist-moe expert also the bound on the Gloo or NCCL join and each all2all)' },
   { name: 'heartbeat-timeout', type: 'number', min: 0.5, default: 10, arg: 'SECONDS', help: 'A rank silent this long (dead, hung or cut off) ends the group: 503s, every process exits non-zero; ranks whose front is silent this long exit non-zero' },
+  { name: 'reasoning-parser', type: 'string', arg: 'NAME', choices: ['auto', 'none', 'think', 'gpt_oss'], default: 'auto',
+    help: 'Chat completions split reasoning into message.reasoning_content: think = <think>...</think> (Qwen3, DeepSeek-R1, GLM-4.5), gpt_oss = harmony analysis channel (auto = from the chat template\'s markers; none = all text is content)' },
+  { name: 'tool-call-parser', type: 'string', arg: 'NAME', choices: ['auto', 'none', ...TOOL_CALL_PARSERS], default: 'auto',
+    help: 'How the model writes tool calls, parsed into message.tool_calls: hermes (Qwen3 <tool_call>), deepseek_v3, glm45, minimax_m2, gpt_oss, mistral (auto = from the chat template\'s markers)' },
   { name: 'log-level', type: 'string', default: 'info', choices: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'], help: 'pino log level' },
   { name: 'log-prompts', type: 'boolean', default: false, help: 'Include prompt text in request log lines (off: prompts are user data)' },
 ];
@@ -52,12 +58,22 @@ export const serveHelp = formatHelp('expertd serve [--model DIR] [options]',
   '/v1/chat/completions; GET /v1/models, /health, /metrics, /version; POST /tokenize, /detokenize).\n' +
   'Without --model it serves the built-in demo model (random weights: gibberish text, real API).', serveFlags);
 
+/** --reasoning-parser and --tool-call-parser, auto resolved from the chat template (and model type). */
+export function chatParsers(flags: ParsedFlags, tok: ModelTokenizer, modelType: string): Pick<ServerOptions, 'reasoningParser' | 'toolCallParser'> {
+  const r = String(flags['reasoning-parser'] ?? 'auto');
+  const t = String(flags['tool-call-parser'] ?? 'auto');
+  return {
+    reasoningParser: r === 'auto' ? detectReasoningParser(tok.chatTemplate, modelType) : r === 'none' ? null : r as ReasoningParserName,
+    toolCallParser: t === 'auto' ? detectToolCallParser(tok.chatTemplate, modelType) : t === 'none' ? null : t as ToolCallParserName,
+  };
+}
+
 /** ModelTokenizer as the server's TextCodec. */
 export function codecFor(tok: ModelTokenizer): TextCodec {
   return {
     encode: (text, add) => tok.encode(text, add),
     decode: (ids, skip) => tok.decode(ids, skip),
-    applyChatTemplate: (messages, addGenerationPrompt) => tok.applyChatTemplate(messages, { addGenerationPrompt }),
+    applyChatTemplate: (messages, addGenerationPrompt, extra) => tok.applyChatTemplate(messages, { addGenerationPrompt, ...(extra ? { extra } : {}) }),
     createDetokenizer: (promptIds, skip) => {
       const d = tok.detokenizer(promptIds, skip);
       return { push: (id) => d.push(id), flush: () => d.flush() };
@@ -207,6 +223,7 @@ export async function serveCommand(argv: string[]): Promise<number> {
     apiKey: flags['api-key'] as string | undefined, ...serverLimits(flags),
     streamStallTimeoutMs: Number(flags['stream-stall-timeout']) * 1000,
     maxModelLen: opts.info.maxContext, logger, metrics, logPrompts: Boolean(flags['log-prompts']),
+    ...chatParsers(flags, tok, opts.info.architecture),
   });
   engine.on('failed', (msg: string) => logger.error({ error: msg }, 'engine failed: /health now answers 503'));
   engine.on('warning', (msg: string) => logger.warn(msg));

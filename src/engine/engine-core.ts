@@ -7,9 +7,11 @@ import type { ForwardModel } from '../model/forward-batch.js';
 import type { KvDtype } from '../model/kv-dtype.js';
 import type { LoadedModel } from '../model/load.js';
 import type { Offloader } from '../offload/offloader.js';
+import type { SequenceGrammar } from '../structured/grammar-engine.js';
 import { BatchSampler } from './batch-sampler.js';
 import { Sampler, SamplingState, type SampleResult } from './sampler.js';
 import { kvBytesPerBlock, kvCacheNumBlocks } from './kv-cache.js';
+import { bitmaskWords } from './token-bitmask.js';
 import { Scheduler, type StepPlan } from './scheduler.js';
 import type { StepMetrics } from './protocol.js';
 import type { EngineEvent, EngineStats, GenerateRequest, ModelInfo, RoutedExperts, TokenLogprob } from './types.js';
@@ -62,6 +64,8 @@ interface Running {
   /** When its first and latest generated tokens were sampled (null: none yet). */
   firstTokenAtMs: number | null;
   lastTokenAtMs: number;
+  /** Structured output: the grammar every sampled token must follow (disposed when the request ends). */
+  grammar: SequenceGrammar | null;
 }
 
 export class EngineCore {
@@ -119,8 +123,17 @@ export class EngineCore {
     };
   }
 
-  /** Queues a request; returns an immediate 'finished' event when it cannot run at all. */
-  add(req: GenerateRequest): EngineEvent | null {
+  /**
+   * Queues a request; returns an immediate 'finished' event when it cannot run at all. grammar:
+   * its compiled structured-output matcher (req.grammar), owned by the core from here on.
+   */
+  add(req: GenerateRequest, grammar: SequenceGrammar | null = null): EngineEvent | null {
+    const ev = this.admit(req, grammar);
+    if (ev) grammar?.dispose();
+    return ev;
+  }
+
+  private admit(req: GenerateRequest, grammar: SequenceGrammar | null): EngineEvent | null {
     const fail = (msg: string): EngineEvent => ({
       type: 'finished', id: req.id, reason: 'error', error: msg,
       promptTokens: req.promptTokenIds.length, completionTokens: 0,
@@ -137,9 +150,11 @@ export class EngineCore {
     } catch (e) {
       return fail((e as Error).message);
     }
+    if (req.grammar && !grammar) return fail('the request has a grammar but no compiled matcher was given');
     this.requests.set(req.id, {
-      req, sampling, bitmask: null, generated: 0, routedUpTo: 0, arrivedAtMs: this.clock(), scheduledAtMs: null, cachedTokens: 0,
-      firstTokenAtMs: null, lastTokenAtMs: 0,
+      req, sampling, bitmask: grammar ? new Int32Array(bitmaskWords(this.info.vocabSize)) : null, generated: 0, routedUpTo: 0,
+      arrivedAtMs: this.clock(), scheduledAtMs: null, cachedTokens: 0, firstTokenAtMs: null, lastTokenAtMs: 0,
+      grammar,
     });
     return null;
   }
@@ -149,6 +164,7 @@ export class EngineCore {
     if (!r) return null;
     this.scheduler.abort(id);
     this.requests.delete(id);
+    r.grammar?.dispose();
     this.offloader?.dropRequest(id);
     return {
       type: 'finished', id, reason: 'abort', promptTokens: r.req.promptTokenIds.length, completionTokens: r.generated,
@@ -239,11 +255,28 @@ export class EngineCore {
       if (routed) ev.routedExperts = routed;
       events.push(ev);
       const reachedLimit = this.scheduler.appendToken(r.req.id, s.tokenId);
-      const stopHit = r.generated >= r.req.minTokens &&
-        ((!r.req.ignoreEos && this.eos.has(s.tokenId)) || r.req.stopTokenIds.includes(s.tokenId));
+      let grammarDone = false;
+      if (r.grammar) {
+        if (!r.grammar.accept(s.tokenId)) {
+          if (!reachedLimit) this.scheduler.finish(r.req.id);
+          this.requests.delete(r.req.id);
+          this.offloader?.finishRequest(r.req.id);
+          r.grammar.dispose();
+          events.push({
+            type: 'finished', id: r.req.id, reason: 'error', error: `the grammar rejected sampled token ${s.tokenId}`,
+            promptTokens: r.req.promptTokenIds.length, completionTokens: r.generated, ...phases(r),
+          });
+          continue;
+        }
+        grammarDone = r.grammar.terminated;
+      }
+      // A finished grammar stops the sequence even under ignore_eos / min_tokens: nothing else may follow.
+      const stopHit = grammarDone || (r.generated >= r.req.minTokens &&
+        ((!r.req.ignoreEos && this.eos.has(s.tokenId)) || r.req.stopTokenIds.includes(s.tokenId)));
       if (stopHit || reachedLimit) {
         if (!reachedLimit) this.scheduler.finish(r.req.id);
         this.requests.delete(r.req.id);
+        r.grammar?.dispose();
         this.offloader?.finishRequest(r.req.id);
         const fin: EngineEvent = {
           type: 'finished', id: r.req.id, reason: stopHit ? 'stop' : 'length',
@@ -285,6 +318,8 @@ export class EngineCore {
       if (!e.sample) continue;
       const r = this.requests.get(e.seqId)!;
       states.push(r.sampling);
+      // NOTE: eos is allowed only where the grammar accepts, so a constrained output ends complete.
+      if (r.grammar) r.grammar.fillMask(r.bitmask!);
       masks.push(r.bitmask);
       if (r.bitmask) anyMask = true;
     }

@@ -1,6 +1,8 @@
 // The engine's public contract: what the server (main thread) sends to the engine worker and
 // what comes back. Plain data only: these objects cross a MessagePort.
 
+import type { GrammarSpec } from '../structured/grammar-spec.js';
+
 export interface SamplingParams {
   /** 0 = greedy. */
   temperature: number;
@@ -30,6 +32,8 @@ export interface GenerateRequest {
   minTokens: number;
   /** Return, per position, the experts chosen in every MoE layer (see RoutedExperts). */
   returnRoutedExperts: boolean;
+  /** Structured output: every generated token follows this grammar, eos only where it is complete. */
+  grammar?: GrammarSpec;
 }
 
 export interface TokenLogprob {

@@ -22,6 +22,8 @@ import { parseModelConfig } from '../model/config.js';
 import { exchangeNcclId } from '../dist/rendezvous.js';
 import { StoreClient } from '../dist/store.js';
 import { describeQuantize } from '../model/quantize.js';
+import { GrammarEngine } from '../structured/grammar-engine.js';
+import { refusedEvent, type GenerateRequest } from './types.js';
 
 const port = parentPort;
 if (!port) throw new Error('engine worker must run in a worker thread');
@@ -35,6 +37,11 @@ let scheduled = false;
 let stopping = false;
 /** Expert parallelism across rank processes: the vote, the model's empty step, a stop requested. */
 let lockstep: { sync: Lockstep; serveExperts: () => void; stopRequested: boolean; comm: { dispose(): void; placement: ExpertPlacement } } | null = null;
+/** Structured output: made on the first request with a grammar (the vocabulary's preprocessing costs once). */
+let grammarEngine: Promise<GrammarEngine> | null = null;
+let modelDir = '';
+/** Requests whose grammar is compiling (not yet in the core): id -> aborted while compiling. */
+const compiling = new Map<string, { aborted: boolean }>();
 
 function send(m: FromWorker): void {
   port!.postMessage(m);
@@ -149,6 +156,7 @@ function testLoadDelay(): void {
  * the daemon runs end to end on a machine without a GPU.
  */
 async function init(o: EngineOptions): Promise<void> {
+  modelDir = o.modelDir;
   try {
     testLoadDelay();
     const standIn = process.env.EXPERTD_CUDA_STANDIN;
@@ -272,12 +280,18 @@ port.on('message', (m: ToWorker) => {
       break;
     case 'generate': {
       if (!core) break;
+      if (m.req.grammar) {
+        void addConstrained(m.req);
+        break;
+      }
       const ev = core.add(m.req);
       if (ev) { pending.push(ev); flush(); } else kick();
       break;
     }
     case 'abort': {
       if (!core) break;
+      const c = compiling.get(m.id);
+      if (c) { c.aborted = true; break; } // addConstrained answers once the compile is over
       const ev = core.abort(m.id);
       if (ev) { pending.push(ev); flush(); kick(); }
       break;
@@ -300,6 +314,35 @@ port.on('message', (m: ToWorker) => {
       break;
   }
 });
+
+/**
+ * A request with structured output: its grammar is compiled (or found in the cache) first, and only
+ * then is the request admitted, so compiling never happens inside a step. NOTE: xgrammar's wasm
+ * compiles synchronously on this thread, so a new schema holds the step loop for its compile time
+ * (tens to hundreds of ms by vocabulary size) once; cached ones cost nothing.
+ */
+async function addConstrained(req: GenerateRequest): Promise<void> {
+  const state = { aborted: false };
+  compiling.set(req.id, state);
+  let ev;
+  try {
+    const info = core!.info;
+    grammarEngine ??= GrammarEngine.create(modelDir, info.vocabSize, info.eosTokenIds);
+    grammarEngine.catch(() => { grammarEngine = null; });
+    const matcher = await (await grammarEngine).matcher(req.grammar!);
+    compiling.delete(req.id);
+    if (state.aborted) {
+      matcher.dispose();
+      ev = { type: 'finished' as const, id: req.id, reason: 'abort' as const, promptTokens: req.promptTokenIds.length, completionTokens: 0 };
+    } else {
+      ev = core!.add(req, matcher);
+    }
+  } catch (e) {
+    compiling.delete(req.id);
+    ev = refusedEvent(req, `the grammar could not be compiled: ${(e as Error).message}`);
+  }
+  if (ev) { pending.push(ev); flush(); } else kick();
+}
 
 /** Flushes the trace and saves the EAM collection, stops the in-process expert ranks, leaves the Gloo group, ends the worker. */
 function finishShutdown(): void {

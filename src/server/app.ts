@@ -141,6 +141,7 @@ export function createServer(opts: ServerOptions): ExpertdServer {
     throw notFound(`Unknown route: ${request.method} ${url}`, null, 'route_not_found');
   });
 
+  app.addHook('onClose', async () => ctx.grammarChecker.close());
   registerCompletions(app, ctx);
   registerChat(app, ctx);
   registerModels(app, ctx);

@@ -5,6 +5,7 @@ import type { ServerContext } from './context.js';
 import { invalidRequest } from './errors.js';
 import { runGeneration } from './generation-route.js';
 import { checkModel } from './models.js';
+import { checkGrammar, grammarFromBody } from './structured-output.js';
 import { buildParams, checkSequenceCount, checkTokenIds, resolveMaxTokens, type SamplingBody } from './request-params.js';
 import { completionBodySchemaFor } from './schemas.js';
 
@@ -62,6 +63,11 @@ export function registerCompletions(app: FastifyInstance, ctx: ServerContext): v
       maxTokensParam: 'max_tokens',
     });
     const params = buildParams(body, maxTokens, body.logprobs ?? null, engine.info.vocabSize);
+    const grammar = grammarFromBody(body);
+    if (grammar) {
+      await checkGrammar(ctx.grammarChecker, grammar);
+      params.grammar = grammar.spec;
+    }
     return runGeneration(ctx, request, reply, {
       kind: 'completion',
       prompts,

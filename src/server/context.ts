@@ -5,6 +5,9 @@ import type { FastifyBaseLogger, FastifyRequest } from 'fastify';
 import type { Metrics } from '../metrics/registry.js';
 import type { EngineClient, TextCodec } from './deps.js';
 import type { Generation } from './generation.js';
+import { GrammarChecker } from '../structured/grammar-checker.js';
+import type { ReasoningParserName } from './reasoning.js';
+import type { ToolCallParserName } from './tool-calls.js';
 import { DEFAULT_MAX_QUEUED_SEQUENCES, DEFAULT_MAX_SEQUENCES_PER_REQUEST, type SequenceLimits } from './request-params.js';
 import { DEFAULT_MAX_PROMPTS_PER_REQUEST } from './schemas.js';
 
@@ -40,6 +43,10 @@ export interface ServerOptions {
   streamBufferLimitBytes?: number;
   /** Seconds sent in Retry-After with 429 and 503 (default 1). */
   retryAfterSeconds?: number;
+  /** Chat: how reasoning text is split into reasoning_content (null/absent = it is content). */
+  reasoningParser?: ReasoningParserName | null;
+  /** Chat: how the model's tool-call text is parsed into tool_calls (null/absent = no tool calls). */
+  toolCallParser?: ToolCallParserName | null;
 }
 
 /** What one generation request contributes to its log line. */
@@ -66,6 +73,8 @@ export class ServerContext {
   readonly records = new WeakMap<FastifyRequest, RequestRecord>();
   readonly retryAfter: string;
   readonly limits: SequenceLimits;
+  /** Checks structured-output grammars off the main thread (started on first use). */
+  readonly grammarChecker = new GrammarChecker();
 
   constructor(readonly opts: ServerOptions) {
     this.retryAfter = String(opts.retryAfterSeconds ?? 1);

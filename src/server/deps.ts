@@ -20,7 +20,8 @@ export interface EngineClient {
 export interface TextCodec {
   encode(text: string, addSpecialTokens: boolean): number[];
   decode(ids: number[], skipSpecialTokens: boolean): string;
-  applyChatTemplate(messages: { role: string; content: string }[], addGenerationPrompt: boolean): string;
+  /** extra: more template variables (tools, chat_template_kwargs such as enable_thinking). */
+  applyChatTemplate(messages: { role: string; content: string }[], addGenerationPrompt: boolean, extra?: Record<string, unknown>): string;
   /**
    * Streaming detokenizer: push ids, get the text that became stable (never half a UTF-8 char).
    * promptTokenIds are the ids the generated ones follow (the prompt; for chat, the templated

@@ -5,6 +5,7 @@ import { randomUUID } from 'node:crypto';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { TokenLogprob } from '../engine/types.js';
 import type { RequestRecord, ServerContext } from './context.js';
+import { ChatChoiceOutput, type ChatParsing } from './chat-output.js';
 import { ApiError } from './errors.js';
 import { Generation, type ChoiceDelta, type ChoiceState, type GenerationParams } from './generation.js';
 import { checkSequenceCount } from './request-params.js';
@@ -28,6 +29,8 @@ export interface PreparedGeneration {
   echo: boolean;
   /** Completions: top-n count; chat: top_logprobs count; null when logprobs are off. */
   logprobs: number | null;
+  /** Chat: reasoning and tool-call parsing of the output (absent: all text is content). */
+  chatParsing?: ChatParsing;
 }
 
 /** 503 once the engine as a whole is down (a device fault, a lost data-parallel rank), with its reason. */
@@ -150,6 +153,13 @@ export async function runGeneration(ctx: ServerContext, request: FastifyRequest,
 
   let sse: SseStream | null = null;
   const sentFirst = new Set<number>();
+  const chatParsing = prep.kind === 'chat' && prep.chatParsing && (prep.chatParsing.reasoning || prep.chatParsing.tools) ? prep.chatParsing : null;
+  const chatOutputs = new Map<number, ChatChoiceOutput>();
+  const chatOutput = (c: ChoiceState): ChatChoiceOutput => {
+    let o = chatOutputs.get(c.index);
+    if (!o) chatOutputs.set(c.index, o = new ChatChoiceOutput(chatParsing!, prep.promptTexts[c.promptIndex] ?? ''));
+    return o;
+  };
   const chunkBase = () => ({
     id: requestId,
     object: prep.kind === 'chat' ? 'chat.completion.chunk' : 'text_completion',
@@ -159,7 +169,8 @@ export async function runGeneration(ctx: ServerContext, request: FastifyRequest,
   const withUsageNull = (o: Record<string, unknown>) => (prep.includeUsage ? { ...o, usage: null } : o);
 
   /** One streamed choice update; the first one of a choice carries the echo / prompt ids / role. */
-  const streamChunk = (c: ChoiceState, d: ChoiceDelta, finish: string | null) => {
+  const streamChunk = (c: ChoiceState, d: ChoiceDelta, finishReason: string | null) => {
+    let finish = finishReason;
     const first = !sentFirst.has(c.index);
     sentFirst.add(c.index);
     const choice: Record<string, unknown> = { index: c.index };
@@ -168,6 +179,25 @@ export async function runGeneration(ctx: ServerContext, request: FastifyRequest,
       if (first && prep.echo) text = prep.promptTexts[c.promptIndex]! + text;
       choice.text = text;
       choice.logprobs = lpf ? lpf.completion(c.index, d.logprobs, first && prep.echo ? c.promptTokenIds : []) : null;
+    } else if (chatParsing) {
+      const o = chatOutput(c);
+      const part = o.push(text);
+      const delta: Record<string, unknown> = {};
+      if (finish !== null) {
+        const end = o.finish();
+        part.reasoning += end.reasoning;
+        part.content += end.content;
+        if (end.toolCalls.length) {
+          delta.tool_calls = end.toolCalls.map((call, index) => ({ index, ...call }));
+          if (finish === 'stop') finish = 'tool_calls';
+        }
+      }
+      if (part.reasoning) delta.reasoning_content = part.reasoning;
+      if (part.content) delta.content = part.content;
+      const extras = lpf !== null || prep.returnTokenIds || prep.params.returnRoutedExperts;
+      if (Object.keys(delta).length === 0 && finish === null && !extras && !first) return;
+      choice.delta = delta;
+      choice.logprobs = lpf ? lpf.chat(d.logprobs) : null;
     } else {
       choice.delta = text === '' ? {} : { content: text };
       choice.logprobs = lpf ? lpf.chat(d.logprobs) : null;
@@ -303,11 +333,23 @@ export async function runGeneration(ctx: ServerContext, request: FastifyRequest,
     if (prep.kind === 'completion') {
       out.text = (prep.echo ? prep.promptTexts[c.promptIndex]! : '') + c.text;
       out.logprobs = lpf ? lpf.completion(c.index, c.logprobs, prep.echo ? c.promptTokenIds : []) : null;
+    } else if (chatParsing) {
+      const o = chatOutput(c);
+      const part = o.push(c.text);
+      const end = o.finish();
+      const content = part.content + end.content;
+      const reasoning = part.reasoning + end.reasoning;
+      const message: Record<string, unknown> = { role: 'assistant', content: content === '' && end.toolCalls.length ? null : content };
+      if (chatParsing.reasoning) message.reasoning_content = reasoning === '' ? null : reasoning;
+      if (end.toolCalls.length) message.tool_calls = end.toolCalls;
+      out.message = message;
+      out.logprobs = lpf ? lpf.chat(c.logprobs) : null;
+      out.finish_reason = end.toolCalls.length && c.finishReason === 'stop' ? 'tool_calls' : c.finishReason;
     } else {
       out.message = { role: 'assistant', content: c.text };
       out.logprobs = lpf ? lpf.chat(c.logprobs) : null;
     }
-    out.finish_reason = c.finishReason;
+    out.finish_reason ??= c.finishReason;
     out.stop_reason = c.stopReason;
     if (prep.returnTokenIds) {
       out.prompt_token_ids = c.promptTokenIds;

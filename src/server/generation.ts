@@ -3,6 +3,7 @@
 
 import type { EngineEvent, GenerateRequest, RoutedExperts, SamplingParams, TokenLogprob } from '../engine/types.js';
 import type { Metrics } from '../metrics/registry.js';
+import type { GrammarSpec } from '../structured/grammar-spec.js';
 import type { EngineClient, TextCodec } from './deps.js';
 import { StopMatcher } from './stop-strings.js';
 
@@ -16,6 +17,8 @@ export interface GenerationParams {
   minTokens: number;
   skipSpecialTokens: boolean;
   returnRoutedExperts: boolean;
+  /** Structured output: the grammar every choice follows (already checked). */
+  grammar?: GrammarSpec;
 }
 
 /** New output of one choice since its previous delta. */
@@ -147,6 +150,7 @@ export class Generation {
         minTokens: params.minTokens,
         returnRoutedExperts: params.returnRoutedExperts,
       };
+      if (params.grammar) req.grammar = params.grammar;
       if (req.sampling.seed === undefined) delete req.sampling.seed;
       try {
         this.deps.engine.generate(req, (ev) => this.onEvent(c, ev));

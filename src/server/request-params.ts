@@ -4,9 +4,10 @@
 import type { SamplingParams } from '../engine/types.js';
 import { invalidRequest } from './errors.js';
 import type { GenerationParams } from './generation.js';
+import type { StructuredOutputBody } from './structured-output.js';
 
 /** The generation fields shared by /v1/completions and /v1/chat/completions (snake_case, as sent). */
-export interface SamplingBody {
+export interface SamplingBody extends StructuredOutputBody {
   max_tokens?: number | null;
   max_completion_tokens?: number | null;
   temperature?: number | null;

@@ -1,6 +1,8 @@
 // JSON schemas of every request body. Unknown OpenAI fields pass (additionalProperties), known ones
 // are type-checked; `description` is what the 400 message says was expected (see errors.ts).
 
+import { structuredOutputProperties } from './structured-output.js';
+
 const MAX_SAFE = Number.MAX_SAFE_INTEGER;
 
 const tokenId = { type: 'integer', minimum: 0, maximum: 2 ** 31 - 1, description: 'must be a token id (an integer >= 0)' };
@@ -53,6 +55,7 @@ const samplingProperties = {
   skip_special_tokens: bool,
   return_token_ids: bool,
   return_routed_experts: bool,
+  ...structuredOutputProperties,
 } as const;
 
 /** Default of --max-prompts-per-request. */
@@ -107,8 +110,46 @@ const messageSchema = {
       description: "must be a string or an array of {\"type\": \"text\", \"text\": string} parts (only text is supported)",
     },
     name: { type: 'string', description: 'must be a string' },
+    tool_call_id: { type: 'string', description: 'must be a string (the id of the tool call this message answers)' },
+    reasoning_content: { type: ['string', 'null'], description: 'must be a string' },
+    tool_calls: {
+      type: ['array', 'null'],
+      items: {
+        type: 'object',
+        required: ['function'],
+        properties: {
+          id: { type: 'string' },
+          type: { const: 'function' },
+          function: {
+            type: 'object', required: ['name', 'arguments'],
+            properties: { name: { type: 'string' }, arguments: { type: 'string' } },
+          },
+        },
+      },
+      description: 'must be an array of {"id", "type": "function", "function": {"name", "arguments": JSON text}}',
+    },
   },
   description: 'must be an object with a role and content',
+} as const;
+
+const toolSchema = {
+  type: 'object',
+  required: ['type', 'function'],
+  properties: {
+    type: { const: 'function', description: "must be 'function'" },
+    function: {
+      type: 'object',
+      required: ['name'],
+      properties: {
+        name: { type: 'string', pattern: '^[a-zA-Z0-9_.-]{1,64}$', description: 'must be a function name of 1 to 64 letters, digits, _, . or -' },
+        description: { type: 'string', description: 'must be a string' },
+        parameters: { type: 'object', description: 'must be a JSON Schema object' },
+        strict: { type: ['boolean', 'null'], description: 'must be a boolean' },
+      },
+      description: 'must be an object like {"name": "...", "parameters": {...}}',
+    },
+  },
+  description: 'must be an object like {"type": "function", "function": {"name": "...", "parameters": {...}}}',
 } as const;
 
 export const chatBodySchema = {
@@ -120,6 +161,17 @@ export const chatBodySchema = {
     max_completion_tokens: int(1, MAX_SAFE, '>= 1'),
     logprobs: bool,
     top_logprobs: int(0, 20, 'between 0 and 20'),
+    tools: { type: ['array', 'null'], maxItems: 1024, items: toolSchema, description: 'must be an array of tools' },
+    tool_choice: {
+      anyOf: [
+        { type: 'null' },
+        { type: 'string', enum: ['none', 'auto', 'required'] },
+        { type: 'object', required: ['type', 'function'], properties: { type: { const: 'function' }, function: { type: 'object', required: ['name'], properties: { name: { type: 'string' } } } } },
+      ],
+      description: "must be 'none', 'auto', 'required' or {\"type\": \"function\", \"function\": {\"name\": \"...\"}}",
+    },
+    parallel_tool_calls: bool,
+    chat_template_kwargs: { type: ['object', 'null'], description: 'must be an object of chat template variables' },
   },
 } as const;
 
