@@ -2,6 +2,7 @@
 // bf16) under a bounded closed-loop load of streaming completions at rising concurrency: output
 // tokens/s, TTFT and inter-token latency percentiles, against the same daemon's single stream.
 // --kv-cache-dtype f32,bf16,fp8 runs one daemon per KV cache dtype (KV blocks from its load line).
+// `serve --shared-prefix` runs the prefix-caching workload instead (serve-prefix.ts).
 import { spawn, type ChildProcess } from 'node:child_process';
 import os from 'node:os';
 import path from 'node:path';
@@ -14,6 +15,7 @@ import { seriesChart } from '../src/plot/charts.js';
 import { writePlot } from '../src/plot/render.js';
 import { printStructured, runStructuredCompare } from './serve-structured.js';
 import { fmt, markdownTable, parseIntList, parsePositiveInt, percentile, runInfo, writeJson, type Cell } from './harness.js';
+import { runSharedPrefix } from './serve-prefix.js';
 
 export interface Daemon {
   proc: ChildProcess; base: string; exit: Promise<number | null>; logTail: string[];
@@ -73,12 +75,14 @@ export interface RequestResult {
   tokens: number;
   /** Gaps between token arrivals; a chunk of n tokens after a gap g counts n gaps of g/n. */
   itlMs: number[];
+  /** usage.prompt_tokens_details.cached_tokens of the streamed usage (NaN: absent). */
+  cachedTokens: number;
 }
 
 /** One streaming completion over raw fetch + SSE parsing; times token arrivals. */
 export async function streamOne(base: string, model: string, prompt: number[], maxTokens: number): Promise<RequestResult> {
   const start = performance.now();
-  const res: RequestResult = { ok: false, startMs: start, ttftMs: NaN, endMs: NaN, tokens: 0, itlMs: [] };
+  const res: RequestResult = { ok: false, startMs: start, ttftMs: NaN, endMs: NaN, tokens: 0, itlMs: [], cachedTokens: NaN };
   try {
     const r = await fetch(`${base}/v1/completions`, {
       method: 'POST',
@@ -106,8 +110,10 @@ export async function streamOne(base: string, model: string, prompt: number[], m
         if (!event.startsWith('data: ')) continue;
         const data = event.slice(6);
         if (data === '[DONE]') continue;
-        const j = JSON.parse(data) as { choices: { token_ids?: number[] }[]; usage?: { completion_tokens: number } | null };
+        const j = JSON.parse(data) as { choices: { token_ids?: number[] }[];
+          usage?: { completion_tokens: number; prompt_tokens_details?: { cached_tokens: number } } | null };
         if (j.usage) usageTokens = j.usage.completion_tokens;
+        if (j.usage?.prompt_tokens_details) res.cachedTokens = j.usage.prompt_tokens_details.cached_tokens;
         const n = j.choices[0]?.token_ids?.length ?? 0;
         if (n === 0) continue;
         if (res.tokens === 0) res.ttftMs = now - start;
@@ -179,6 +185,7 @@ async function runLevel(base: string, model: string, ranks: number, c: number, r
 }
 
 export async function runServe(argv: string[]): Promise<void> {
+  if (argv.includes('--shared-prefix')) return runSharedPrefix(argv.filter((a) => a !== '--shared-prefix'));
   const { values } = parseArgs({
     args: argv,
     options: {

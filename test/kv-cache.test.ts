@@ -1,5 +1,6 @@
-// The paged KV block allocator: slot mapping, block tables, refcounted sharing, and a random
-// alloc/free soak against a plain model that must never see a block handed out twice.
+// The paged KV block allocator: slot mapping, block tables, refcounted sharing, a random
+// alloc/free soak against a plain model that must never see a block handed out twice, and the
+// prefix cache (chained block hashes, verified hits, LRU eviction with leaves first).
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 
@@ -90,7 +91,7 @@ test('shared prefix blocks are refcounted and freed by their last owner', () => 
   assert.equal(cache.free('child'), 3);
   assert.equal(cache.numUsedBlocks, 0);
   assert.throws(() => cache.attachPrefix('z', [full[0]!]), {
-    name: 'RangeError', message: `blocks[0] is ${full[0]}, expected a block in use`,
+    name: 'RangeError', message: `blocks[0] is ${full[0]}, expected a block in use or in the prefix cache`,
   });
   cache.checkInvariants();
 });
@@ -166,8 +167,120 @@ test('random alloc/free/share soak never hands out a block or slot twice', (t) =
 test('checkInvariants catches a corrupted free list', () => {
   const cache = new PagedKvCache({ numBlocks: 4, blockSize: 2, maxBlocksPerSeq: 4 });
   cache.append('a', 3);
-  // Reach in and duplicate a free block: the check must notice.
-  const freeList = (cache as unknown as { freeList: Int32Array }).freeList;
-  freeList[1] = freeList[0]!;
-  assert.throws(() => cache.checkInvariants(), /on the free list twice/);
+  // Reach in and link the free queue back to a block already in it: the check must notice.
+  const nextFree = (cache as unknown as { nextFree: Int32Array }).nextFree;
+  const first = nextFree[4]!;
+  nextFree[nextFree[first]!] = first;
+  assert.throws(() => cache.checkInvariants(), /free queue's links disagree at block/);
+});
+
+/** A sequence's tokens as the cache reads them. */
+const at = (tokens: readonly number[]) => (p: number): number => tokens[p]!;
+
+/** Appends tokens to seq and offers its full blocks, as the scheduler does; returns its chain. */
+function write(cache: PagedKvCache, seq: string, tokens: readonly number[], hashes: string[] = []): string[] {
+  cache.append(seq, tokens.length - cache.numTokens(seq));
+  cache.hashBlocks(hashes, at(tokens), tokens.length);
+  cache.cacheFullBlocks(seq, hashes, at(tokens));
+  return hashes;
+}
+
+test('prefix cache: full blocks are found by a later sequence with the same prefix, even after they are freed', () => {
+  const cache = new PagedKvCache({ numBlocks: 8, blockSize: 4, maxBlocksPerSeq: 8, prefixCacheKey: 'model A' });
+  assert.ok(cache.prefixCaching);
+  const a = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14];        // 2 full blocks + 2 tokens
+  const ha = write(cache, 'a', a);
+  assert.equal(ha.length, 2);
+  assert.equal(cache.numCachedBlocks, 2, 'the partial third block is not named');
+  const blocksA = Array.from(cache.blockTable('a'));
+  // Same 10 tokens: both full blocks; diverging inside the second block: the first only.
+  const find = (tokens: number[]) => cache.findCachedPrefix(cache.hashBlocks([], at(tokens), tokens.length), at(tokens), 99);
+  assert.deepEqual(find(a), blocksA.slice(0, 2));
+  assert.deepEqual(find([5, 6, 7, 8, 9, 10, 99, 12, 13]), blocksA.slice(0, 1));
+  assert.deepEqual(find([4, 6, 7, 8, 9, 10, 11, 12]), [], 'a different first block breaks the chain');
+  assert.equal(cache.findCachedPrefix(ha, at(a), 1).length, 1, 'maxBlocks caps the match');
+  // Freed, the named blocks stay cached (and count as free).
+  cache.free('a');
+  assert.equal(cache.numFreeBlocks, 8);
+  assert.equal(cache.numCachedBlocks, 2);
+  assert.deepEqual(find(a), blocksA.slice(0, 2));
+  // A new sequence attaches them (taking them off the free queue) and appends after them.
+  const prefix = find(a);
+  assert.ok(cache.canAttach(prefix, 4));
+  cache.attachPrefix('b', prefix);
+  assert.equal(cache.numTokens('b'), 8);
+  assert.equal(cache.numFreeBlocks, 6);
+  const slots = cache.append('b', 2);
+  assert.ok(!prefix.includes(Math.floor(slots[0]! / 4)), 'new tokens go to a fresh block');
+  cache.checkInvariants();
+  // Another model (root key) never finds them.
+  const other = new PagedKvCache({ numBlocks: 8, blockSize: 4, maxBlocksPerSeq: 8, prefixCacheKey: 'model B' });
+  assert.notDeepEqual(other.hashBlocks([], at(a), 8), ha);
+  // Off: nothing is named or found.
+  const off = new PagedKvCache({ numBlocks: 8, blockSize: 4, maxBlocksPerSeq: 8 });
+  assert.ok(!off.prefixCaching);
+  off.append('a', 10);
+  off.cacheFullBlocks('a', ha, at(a));
+  assert.deepEqual(off.findCachedPrefix(ha, at(a), 99), []);
+  assert.throws(() => off.hashBlocks([], at(a), 8), /prefix caching is off/);
+});
+
+test('prefix cache: a hit is verified token for token and parent for parent, so no hash can alias', () => {
+  const cache = new PagedKvCache({ numBlocks: 8, blockSize: 2, maxBlocksPerSeq: 8, prefixCacheKey: 'k' });
+  const a = [1, 2, 3, 4, 5, 6];
+  const ha = write(cache, 'a', a);
+  // Pretend another sequence's blocks hashed like a's (a collision): its tokens differ, so no hit.
+  assert.deepEqual(cache.findCachedPrefix(ha, at([1, 2, 3, 9, 5, 6]), 3).length, 1);
+  // Hashes out of chain order: the second block's parent is not the first hash given.
+  assert.deepEqual(cache.findCachedPrefix([ha[1]!, ha[1]!], at([3, 4, 3, 4]), 2), []);
+  // A block whose hash is already cached elsewhere stays unnamed (one block per hash).
+  const hb = write(cache, 'b', [1, 2, 3, 4]);
+  assert.deepEqual(hb, ha.slice(0, 2));
+  assert.equal(cache.numCachedBlocks, 3);
+  cache.free('a');
+  cache.free('b');
+  cache.checkInvariants();
+  assert.equal(cache.numCachedBlocks, 3, "b's duplicate blocks went back unnamed");
+});
+
+test('prefix cache: eviction takes unnamed blocks first, then the least recently freed, last block before first', () => {
+  const cache = new PagedKvCache({ numBlocks: 6, blockSize: 2, maxBlocksPerSeq: 6, prefixCacheKey: 'k' });
+  const x = [1, 2, 3, 4, 5];       // blocks x0 x1 named, x2 partial
+  const y = [7, 8, 9, 10];         // blocks y0 y1 named
+  write(cache, 'x', x);
+  write(cache, 'y', y);
+  const [x0, x1, x2] = Array.from(cache.blockTable('x'));
+  const [y0, y1] = Array.from(cache.blockTable('y'));
+  cache.free('x');                 // x freed first: x1 then x0 are the oldest cached
+  cache.free('y');
+  assert.equal(cache.numFreeBlocks, 6);
+  const order: number[] = [];
+  for (let i = 0; i < 6; i++) {
+    cache.append(`z${i}`, 1);
+    order.push(cache.blockTable(`z${i}`)[0]!);
+  }
+  const never = [0, 1, 2, 3, 4, 5].find((b) => ![x0, x1, x2, y0, y1].includes(b))!;
+  // Unnamed first (x's partial block, freed last onto the front; then the never-used one), then x1, x0, y1, y0.
+  assert.deepEqual(order, [x2, never, x1, x0, y1, y0]);
+  assert.equal(cache.numCachedBlocks, 0);
+  assert.equal(cache.evictionsTotal, 4);
+  cache.checkInvariants();
+});
+
+test('prefix cache: a hit refreshes its blocks (freed again, they are the most recently used)', () => {
+  const cache = new PagedKvCache({ numBlocks: 4, blockSize: 2, maxBlocksPerSeq: 4, prefixCacheKey: 'k' });
+  const p = [1, 2];
+  const q = [3, 4];
+  write(cache, 'p', p);
+  write(cache, 'q', q);
+  cache.free('p');
+  cache.free('q');                 // LRU: p's block, then q's
+  const hp = cache.hashBlocks([], at(p), 2);
+  const hit = cache.findCachedPrefix(hp, at(p), 1);
+  cache.attachPrefix('p2', hit);
+  cache.free('p2');                // p's block is now the most recent
+  cache.append('w', 6);            // the 2 never-used blocks, then q's (evicted), not p's
+  assert.deepEqual(cache.findCachedPrefix(hp, at(p), 1), hit);
+  assert.deepEqual(cache.findCachedPrefix(cache.hashBlocks([], at(q), 2), at(q), 1), []);
+  cache.checkInvariants();
 });

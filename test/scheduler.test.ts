@@ -1,6 +1,7 @@
 // Continuous batching against a fake engine that checks every plan: chunked prefill, budgets,
 // decode-first order, preemption of the youngest with recomputation, aborts, context limits,
-// and a long random simulation where the oldest sequence must progress every step.
+// prefix caching (the fake engine keeps what every KV slot holds and checks each step reads only
+// its own tokens' K/V), and a long random simulation where the oldest sequence must progress every step.
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 
@@ -17,6 +18,8 @@ interface Live {
   maxTokens: number;
   /** Positions our fake engine holds K/V for. */
   computed: number;
+  /** keys[p]: the name of tokens[0..p] (what the K/V at position p depends on). */
+  keys: number[];
 }
 
 /** The fake engine: checks a plan against its own model of every sequence, then "runs" it. */
@@ -24,6 +27,12 @@ class Harness {
   readonly s: Scheduler;
   readonly live = new Map<string, Live>();
   readonly finished: string[] = [];
+  /** The fake K/V: slot -> the name of the token prefix whose last position was written there. */
+  readonly kv = new Map<number, number>();
+  /** Names token prefixes: `${name of the prefix before}:${token}` -> name (a trie, so names are exact). */
+  private readonly prefixNames = new Map<string, number>();
+  /** Tokens that admitted sequences found cached (startPosition > 0 on their first entry). */
+  cachedTokens = 0;
   steps = 0;
   /** Called with each sampled token; true stops the sequence (an eos, say). */
   stop: (id: string, token: number) => boolean = () => false;
@@ -32,10 +41,22 @@ class Harness {
     this.s = new Scheduler(cfg);
   }
 
-  add(id: string, promptLength: number, maxTokens: number): void {
-    const prompt = Array.from({ length: promptLength }, (_, i) => 1000 + ((i * 37 + id.length) % 500));
-    this.s.addSequence({ id, promptTokenIds: prompt, maxTokens });
-    this.live.set(id, { prompt, output: [], maxTokens, computed: 0 });
+  /** Prompts of ids of one length are equal (or one a prefix of the other) unless given. */
+  add(id: string, promptLength: number, maxTokens: number, given?: number[], usePrefixCache?: boolean): void {
+    const prompt = given ?? Array.from({ length: promptLength }, (_, i) => 1000 + ((i * 37 + id.length) % 500));
+    this.s.addSequence({ id, promptTokenIds: prompt, maxTokens, ...(usePrefixCache === undefined ? {} : { usePrefixCache }) });
+    this.live.set(id, { prompt, output: [], maxTokens, computed: 0, keys: [] });
+  }
+
+  private key(seq: Live, p: number): number {
+    for (let i = seq.keys.length; i <= p; i++) {
+      const token = i < seq.prompt.length ? seq.prompt[i]! : seq.output[i - seq.prompt.length]!;
+      const k = `${i === 0 ? -1 : seq.keys[i - 1]!}:${token}`;
+      let name = this.prefixNames.get(k);
+      if (name === undefined) this.prefixNames.set(k, name = this.prefixNames.size);
+      seq.keys.push(name);
+    }
+    return seq.keys[p]!;
   }
 
   abort(id: string): void {
@@ -48,6 +69,8 @@ class Harness {
     const plan = s.step();
     this.steps++;
     for (const id of plan.preempted) this.live.get(id)!.computed = 0;
+    assert.equal(plan.prefixHitTokens <= plan.prefixQueriedTokens, true);
+    if (cfg.prefixCacheKey == null) assert.deepEqual([plan.prefixQueriedTokens, plan.prefixHitTokens], [0, 0]);
 
     // Budgets and shape.
     assert.ok(plan.numBatchedTokens <= cfg.maxNumBatchedTokens, 'token budget');
@@ -64,6 +87,14 @@ class Harness {
       const n = e.tokenIds.length;
       const tokens = [...seq.prompt, ...seq.output];
       assert.ok(n >= 1);
+      if (seq.computed === 0 && e.startPosition > 0) {
+        // Admitted on cached blocks: whole blocks, short of the last token (checked below: they hold its K/V).
+        assert.ok(cfg.prefixCacheKey != null, `${e.seqId} starts at ${e.startPosition} with prefix caching off`);
+        assert.equal(e.startPosition % cfg.blockSize, 0);
+        assert.ok(e.startPosition < tokens.length);
+        seq.computed = e.startPosition;
+        this.cachedTokens += e.startPosition;
+      }
       assert.equal(e.startPosition, seq.computed, `${e.seqId} resumes where its K/V ends`);
       assert.deepEqual(e.tokenIds, tokens.slice(e.startPosition, e.startPosition + n), `${e.seqId} tokens`);
       assert.ok(e.startPosition + n <= cfg.maxContext, 'positions stay inside the context');
@@ -76,9 +107,19 @@ class Harness {
         assert.equal(slot, e.blockTable[Math.floor(pos / cfg.blockSize)]! * cfg.blockSize + (pos % cfg.blockSize));
         assert.ok(!slotsSeen.has(slot), `slot ${slot} twice in one step`);
         slotsSeen.add(slot);
+        this.kv.set(slot, this.key(seq, pos));
       });
       seq.computed += n;
       assert.equal(s.cache.numTokens(e.seqId), seq.computed);
+    }
+    // The step's attention reads (after every K/V of the step is written, as the models do): each
+    // position of each sequence holds the K/V of that sequence's own tokens.
+    for (const e of plan.entries) {
+      const seq = this.live.get(e.seqId)!;
+      for (let p = 0; p < seq.computed; p++) {
+        const slot = e.blockTable[Math.floor(p / cfg.blockSize)]! * cfg.blockSize + (p % cfg.blockSize);
+        assert.equal(this.kv.get(slot), this.key(seq, p), `${e.seqId} reads position ${p} (slot ${slot}) holding other K/V`);
+      }
     }
     // Sample after the whole plan ran, as the engine does.
     for (const e of plan.entries) {
@@ -283,10 +324,10 @@ test('requests that can never fit fail at once with a clear error', () => {
   assert.equal(h.live.size, 0);
 });
 
-test('random simulation: budgets and invariants every step, the oldest always progresses, all finish', (t) => {
-  const rng = new Rng(testSeed(t, 4242));
+/** Random arrivals, stops and aborts for 3000 steps; checks every step; returns the harness drained. */
+function simulate(seed: number, cfg: SchedulerConfig): Harness {
+  const rng = new Rng(seed);
   const rand = (n: number): number => Math.floor(rng.nextFloat() * n);
-  const cfg: SchedulerConfig = { numBlocks: 48, blockSize: 8, maxContext: 256, maxNumSeqs: 8, maxNumBatchedTokens: 64 };
   const h = new Harness(cfg);
   h.stop = () => rng.nextFloat() < 0.03;
   const arrivals: string[] = [];
@@ -322,7 +363,24 @@ test('random simulation: budgets and invariants every step, the oldest always pr
   assert.ok(h.finished.length > 300);
   assert.equal(h.s.cache.numUsedBlocks, 0);
   console.log(`simulation: ${n} sequences, ${h.finished.length} finished, ${h.s.preemptionsTotal} preemptions, ` +
-    `worst arrival-to-finish ${worstLatency} steps`);
+    `worst arrival-to-finish ${worstLatency} steps, ${h.cachedTokens} tokens started from the prefix cache`);
+  return h;
+}
+
+test('random simulation: budgets and invariants every step, the oldest always progresses, all finish', (t) => {
+  const cfg: SchedulerConfig = { numBlocks: 48, blockSize: 8, maxContext: 256, maxNumSeqs: 8, maxNumBatchedTokens: 64 };
+  const h = simulate(testSeed(t, 4242), cfg);
+  assert.equal(h.cachedTokens, 0);
+});
+
+test('random simulation with prefix caching: every step reads only its own K/V, and many prompts start cached', (t) => {
+  const cfg: SchedulerConfig = { numBlocks: 36, blockSize: 8, maxContext: 256, maxNumSeqs: 8, maxNumBatchedTokens: 64, prefixCacheKey: 'sim' };
+  const h = simulate(testSeed(t, 4243), cfg);
+  const totals = h.s.prefixCacheTotals;
+  assert.equal(totals.hitTokens, h.cachedTokens, 'the hits counted are the positions plans skipped');
+  assert.ok(h.cachedTokens > 1000, `only ${h.cachedTokens} tokens came from the cache`);
+  assert.ok(h.s.cache.evictionsTotal > 0, 'the cache should have been under pressure');
+  h.s.cache.checkInvariants();
 });
 
 test('a paused sequence is not stepped, keeps its blocks, and resumes where it stopped; others go on', () => {
@@ -339,7 +397,7 @@ test('a paused sequence is not stepped, keeps its blocks, and resumes where it s
     const p = h.step();
     assert.deepEqual(p.entries.map((e) => e.seqId), ['b'], 'only b steps while a is paused');
   }
-  assert.deepEqual(h.s.sequenceInfo('a'), { state: 'running', paused: true, numComputed: computed, outputTokenIds: h.live.get('a')!.output, numPreemptions: 0 });
+  assert.deepEqual(h.s.sequenceInfo('a'), { state: 'running', paused: true, numComputed: computed, outputTokenIds: h.live.get('a')!.output, numPreemptions: 0, cachedTokens: 0 });
   assert.deepEqual([...h.s.cache.blockTable('a')], blocks, 'its KV blocks are kept');
   assert.ok(h.s.resume('a'));
   assert.equal(h.s.numPaused, 0);
@@ -384,7 +442,7 @@ test('out of blocks, a paused sequence gives up its blocks before any active one
   assert.deepEqual(p.preempted, ['a']);
   assert.deepEqual(p.entries.map((e) => e.seqId), ['b', 'c']);
   assert.deepEqual(h.s.order(), { running: ['b', 'c'], waiting: ['a'] });
-  assert.deepEqual(h.s.sequenceInfo('a'), { state: 'waiting', paused: true, numComputed: 0, outputTokenIds: h.live.get('a')!.output, numPreemptions: 1 });
+  assert.deepEqual(h.s.sequenceInfo('a'), { state: 'waiting', paused: true, numComputed: 0, outputTokenIds: h.live.get('a')!.output, numPreemptions: 1, cachedTokens: 0 });
   h.s.resume('a');
   h.drain();
   assert.deepEqual(h.finished.sort(), ['a', 'b', 'c']);
@@ -409,4 +467,98 @@ test('paused sequences cannot hold the engine: a waiting one takes the slot of t
   h.drain();
   assert.deepEqual(h.finished.sort(), ['a', 'b', 'c']);
   assert.equal(h.s.cache.numUsedBlocks, 0);
+});
+
+const cachedCfg: SchedulerConfig = { ...base, maxNumBatchedTokens: 64, prefixCacheKey: 'test' };
+
+test('prefix caching: a later prompt starts after the cached full blocks of its prefix, never past its last token', () => {
+  const h = new Harness(cachedCfg);
+  const prompt = Array.from({ length: 10 }, (_, i) => 500 + i);
+  h.add('a', 0, 2, prompt);
+  h.drain();
+  // Same prompt: 2 full blocks (8 tokens) cached; the 2 others computed.
+  h.add('b', 0, 2, prompt);
+  let p = h.step();
+  assert.deepEqual(p.entries.map((e) => [e.seqId, e.startPosition, e.tokenIds.length]), [['b', 8, 2]]);
+  assert.deepEqual([p.prefixQueriedTokens, p.prefixHitTokens], [10, 8]);
+  assert.equal(h.s.sequenceInfo('b').cachedTokens, 8);
+  h.drain();
+  // A prompt of exactly 2 blocks: its last token must be computed (its logits), so 1 block is reused
+  // and the second is recomputed into a fresh block, not written into the cached one.
+  const cachedBlocks = h.s.cache.numCachedBlocks;
+  h.add('c', 0, 1, prompt.slice(0, 8));
+  p = h.step();
+  assert.deepEqual(p.entries.map((e) => [e.seqId, e.startPosition, e.tokenIds.length]), [['c', 4, 4]]);
+  assert.equal(h.s.cache.numCachedBlocks, cachedBlocks, 'its recomputed block duplicates a cached one: not named twice');
+  h.drain();
+  // Diverging inside the second block: only the first is shared.
+  h.add('d', 0, 1, [...prompt.slice(0, 6), 1, 2, 3]);
+  p = h.step();
+  assert.deepEqual(p.entries.map((e) => [e.seqId, e.startPosition]), [['d', 4]]);
+  h.drain();
+  // A different first token shares nothing.
+  h.add('e', 0, 1, [1, ...prompt.slice(1)]);
+  assert.deepEqual(h.step().entries.map((e) => e.startPosition), [0]);
+  h.drain();
+  assert.equal(h.s.cache.numUsedBlocks, 0);
+  assert.deepEqual(h.s.prefixCacheTotals, { queriedTokens: 10 + 10 + 8 + 9 + 10, hitTokens: 8 + 4 + 4 });
+});
+
+test('prefix caching: siblings admitted in one step share the blocks the first one computes in that step (n > 1)', () => {
+  const h = new Harness({ ...cachedCfg, maxNumBatchedTokens: 24 });
+  const prompt = Array.from({ length: 14 }, (_, i) => 700 + i);
+  for (const id of ['n0', 'n1', 'n2']) h.add(id, 0, 3, prompt);
+  const p = h.step();
+  // n0 computes 14 tokens (3 full blocks named as scheduled); n1 and n2 start at 12 with 2 each.
+  assert.deepEqual(p.entries.map((e) => [e.seqId, e.startPosition, e.tokenIds.length]), [['n0', 0, 14], ['n1', 12, 2], ['n2', 12, 2]]);
+  const tables = ['n0', 'n1', 'n2'].map((id) => Array.from(h.s.cache.blockTable(id)));
+  assert.deepEqual(tables[1]!.slice(0, 3), tables[0]!.slice(0, 3));
+  assert.deepEqual(tables[2]!.slice(0, 3), tables[0]!.slice(0, 3));
+  assert.equal(h.s.cache.refCount(tables[0]![0]!), 3);
+  assert.equal(h.s.cache.numUsedBlocks, 3 + 3, 'three shared blocks and one own block each');
+  h.drain();
+});
+
+test('prefix caching: a preempted sequence comes back on its own cached blocks (prompt and output)', () => {
+  // As the preemption test above with one more block, and prefix caching: b takes c's last block
+  // (leaves are evicted first), c's first block stays cached while c waits.
+  const h = new Harness({ numBlocks: 7, blockSize: 4, maxContext: 64, maxNumSeqs: 4, maxNumBatchedTokens: 32, prefixCacheKey: 'test' });
+  for (const id of ['a', 'b', 'c']) h.add(id, 0, 6, Array.from({ length: 7 }, (_, i) => id.charCodeAt(0) * 100 + i));
+  h.step();
+  h.step();
+  const p = h.step();
+  assert.deepEqual(p.preempted, ['c']);
+  let resumed: { start: number; n: number } | null = null;
+  while (h.live.has('c')) {
+    const e = h.step().entries.find((x) => x.seqId === 'c');
+    if (e && !resumed) resumed = { start: e.startPosition, n: e.tokenIds.length };
+  }
+  // c held 9 tokens (7 prompt + 2 generated) and comes back on its first block.
+  assert.deepEqual(resumed, { start: 4, n: 5 });
+  assert.equal(h.cachedTokens, 4);
+  h.drain();
+});
+
+test('prefix caching: a sequence that must compute every position (usePrefixCache false) skips the lookup but offers its blocks', () => {
+  const h = new Harness(cachedCfg);
+  const prompt = Array.from({ length: 9 }, (_, i) => 300 + i);
+  h.add('a', 0, 1, prompt);
+  h.drain();
+  h.add('b', 0, 1, prompt, false);
+  let p = h.step();
+  assert.deepEqual(p.entries.map((e) => [e.seqId, e.startPosition]), [['b', 0]]);
+  assert.deepEqual([p.prefixQueriedTokens, p.prefixHitTokens], [0, 0]);
+  h.drain();
+  h.add('c', 0, 1, [...prompt, 5]);
+  p = h.step();
+  assert.deepEqual(p.entries.map((e) => [e.seqId, e.startPosition]), [['c', 8]]);
+  h.drain();
+  // Off: the same sequence of requests computes everything.
+  const off = new Harness({ ...cachedCfg, prefixCacheKey: null });
+  off.add('a', 0, 1, prompt);
+  off.drain();
+  off.add('b', 0, 1, prompt);
+  assert.deepEqual(off.step().entries.map((e) => e.startPosition), [0]);
+  off.drain();
+  assert.equal(off.s.cache.numCachedBlocks, 0);
 });

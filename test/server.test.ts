@@ -24,7 +24,8 @@ test('completions: text, usage, determinism, token ids, length finish', async ()
     assert.deepEqual(c.prompt_token_ids, h.codec.encode(prompt, true));
     assert.equal(c.token_ids.length, 12);
     assert.equal(c.text, h.codec.decode(c.token_ids, true));
-    assert.deepEqual(r1.usage, { prompt_tokens: prompt.length + 1, completion_tokens: 12, total_tokens: prompt.length + 13 });
+    assert.deepEqual(r1.usage, { prompt_tokens: prompt.length + 1, completion_tokens: 12, total_tokens: prompt.length + 13,
+      prompt_tokens_details: { cached_tokens: 0 } });
     // The engine got what the client asked for.
     const req = h.engine.requests[0]!;
     assert.equal(req.maxTokens, 12);

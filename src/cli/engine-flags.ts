@@ -25,6 +25,8 @@ export const modelFlags: FlagSpec[] = [
   { name: 'kv-cache-gb', type: 'number', min: 0, default: 0, arg: 'GB', help: 'KV cache size in GiB (0 = sized from --kv-cache-blocks)' },
   { name: 'kv-cache-blocks', type: 'int', min: 0, default: 0, arg: 'N', help: 'KV cache size in blocks (0 = enough for --max-num-seqs full contexts, capped at 1 GiB)' },
   { name: 'block-size', type: 'int', min: 1, max: 1024, default: 16, help: 'Tokens per KV cache block' },
+  { name: 'prefix-caching', type: 'boolean', default: true,
+    help: 'Automatic prefix caching: full KV blocks are named by a hash chained over their tokens, kept after their request ends, and reused by later prompts with the same prefix, evicted least recently used (--no-prefix-caching turns it off; outputs are the same either way)' },
   { name: 'max-num-seqs', type: 'int', min: 1, max: 65536, default: 16, help: 'Sequences decoded together in one step' },
   { name: 'max-num-batched-tokens', type: 'int', min: 1, max: 1 << 20, default: 512, help: 'Token budget of one step (prefill chunks + decodes)' },
 ];

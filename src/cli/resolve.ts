@@ -46,6 +46,7 @@ export function resolveEngineOptions(flags: ParsedFlags, servedModelName?: strin
     kvCacheGb: Number(flags['kv-cache-gb'] ?? 0),
     kvCacheDtype: resolveKvDtype(String(flags['kv-cache-dtype'] ?? 'auto'), dtype as 'f32' | 'bf16'),
     blockSize: Number(flags['block-size'] ?? 16),
+    prefixCaching: flags['prefix-caching'] !== false,
     maxNumSeqs: Number(flags['max-num-seqs'] ?? 16),
     maxNumBatchedTokens: Number(flags['max-num-batched-tokens'] ?? 512),
     threads: Number(flags['threads'] ?? 0),

@@ -101,6 +101,7 @@ export function wireEngineMetrics(engine: Pick<import('node:events').EventEmitte
       metrics.setExpertCacheLayerHitRatio(s.expertCache.layerHitRate);
     }
     metrics.recordIterationTokens(s.prefillTokens + s.decodeTokens);
+    if (s.prefixCache) metrics.recordPrefixCache(s.prefixCache.queriedTokens, s.prefixCache.hitTokens);
     for (const q of s.queueTimesMs ?? []) metrics.recordQueueTime(q / 1000);
     const sec = s.durationMs / 1000;
     if (s.prefillTokens > 0) metrics.recordPrefillStep(sec);

@@ -1,6 +1,7 @@
 // The engine's step loop (runs inside the worker): the scheduler plans a step, the model runs it
 // as one batch over the paged KV cache, the sampler picks each sequence's next token, and events
-// go out. Requests join and leave between steps.
+// go out. Requests join and leave between steps. With prefix caching a prefill starts after the
+// prompt's cached blocks: its first position is the cached length, and only the rest is computed.
 import type { ForwardBatch } from '../model/forward-batch.js';
 import type { ForwardModel } from '../model/forward-batch.js';
 import type { KvDtype } from '../model/kv-dtype.js';
@@ -30,6 +31,11 @@ export interface EngineCoreOptions {
   servedModelName: string;
   /** Upper bound for the automatic KV size (bytes). */
   autoKvCapBytes?: number;
+  /**
+   * Automatic prefix caching: the chain root naming what, besides the tokens, makes a block's K/V
+   * (model identity, dtypes); absent or null = off. Refused (off) for models with recurrent state.
+   */
+  prefixCacheKey?: string | null;
   /** Milliseconds for every timing the core reports (default performance.now; tests pass their own). */
   clock?: () => number;
   /**
@@ -53,6 +59,8 @@ interface Running {
   arrivedAtMs: number;
   /** Start of the first step that scheduled it (null: still waiting). */
   scheduledAtMs: number | null;
+  /** Prompt tokens found in the prefix cache when it was first scheduled. */
+  cachedTokens: number;
   /** When its first and latest generated tokens were sampled (null: none yet). */
   firstTokenAtMs: number | null;
   lastTokenAtMs: number;
@@ -73,6 +81,8 @@ export class EngineCore {
   private readonly eos: Set<number>;
   private readonly blockSize: number;
   private readonly clock: () => number;
+  /** Why prefix caching is off although it was asked for (null: on, or not asked for). */
+  readonly prefixCachingRefused: string | null = null;
 
   constructor(readonly loaded: LoadedModel<ForwardModel>, opts: EngineCoreOptions, readonly offloader: StepOffloader | null = null) {
     const { spec, model } = loaded;
@@ -92,9 +102,17 @@ export class EngineCore {
     this.kvDtype = kvDtype;
     this.kvBytesPerBlock = kvBytesPerBlock(sizing);
     this.cache = model.allocateKvCache(numBlocks, opts.blockSize, kvDtype);
+    let prefixCacheKey = opts.prefixCacheKey ?? null;
+    if (prefixCacheKey !== null && spec.recurrentState) {
+      // NOTE: a cached prefix would restore the attention layers' K/V but not the linear layers'
+      // state at that position; until that state can be snapshotted per block, no reuse.
+      this.prefixCachingRefused = `prefix caching is off: ${spec.modelType} keeps recurrent state (linear attention layers) ` +
+        'that KV blocks alone cannot restore';
+      prefixCacheKey = null;
+    }
     this.scheduler = new Scheduler({
       numBlocks, blockSize: opts.blockSize, maxContext: spec.maxContext,
-      maxNumSeqs: opts.maxNumSeqs, maxNumBatchedTokens: opts.maxNumBatchedTokens,
+      maxNumSeqs: opts.maxNumSeqs, maxNumBatchedTokens: opts.maxNumBatchedTokens, prefixCacheKey,
     });
     this.sampler = opts.sampler === 'js' ? new Sampler(spec.vocabSize) : new BatchSampler(spec.vocabSize);
     this.eos = new Set(spec.eosTokenIds);
@@ -126,13 +144,16 @@ export class EngineCore {
     let sampling: SamplingState;
     try {
       sampling = new SamplingState(req.sampling, req.promptTokenIds, V);
-      this.scheduler.addSequence({ id: req.id, promptTokenIds: req.promptTokenIds, maxTokens: req.maxTokens });
+      // Routing is reported for every prompt position, so such a request computes them all.
+      this.scheduler.addSequence({ id: req.id, promptTokenIds: req.promptTokenIds, maxTokens: req.maxTokens,
+        usePrefixCache: !req.returnRoutedExperts });
     } catch (e) {
       return fail((e as Error).message);
     }
     if (req.grammar && !grammar) return fail('the request has a grammar but no compiled matcher was given');
     this.requests.set(req.id, {
-      req, sampling, bitmask: grammar ? new Int32Array(bitmaskWords(this.info.vocabSize)) : null, generated: 0, routedUpTo: 0, arrivedAtMs: this.clock(), scheduledAtMs: null, firstTokenAtMs: null, lastTokenAtMs: 0,
+      req, sampling, bitmask: grammar ? new Int32Array(bitmaskWords(this.info.vocabSize)) : null, generated: 0, routedUpTo: 0,
+      arrivedAtMs: this.clock(), scheduledAtMs: null, cachedTokens: 0, firstTokenAtMs: null, lastTokenAtMs: 0,
       grammar,
     });
     return null;
@@ -145,7 +166,10 @@ export class EngineCore {
     this.requests.delete(id);
     r.grammar?.dispose();
     this.offloader?.dropRequest(id);
-    return { type: 'finished', id, reason: 'abort', promptTokens: r.req.promptTokenIds.length, completionTokens: r.generated, ...phases(r) };
+    return {
+      type: 'finished', id, reason: 'abort', promptTokens: r.req.promptTokenIds.length, completionTokens: r.generated,
+      cachedTokens: r.cachedTokens, ...phases(r),
+    };
   }
 
   /**
@@ -186,6 +210,8 @@ export class EngineCore {
       const r = this.requests.get(e.seqId);
       if (r && r.scheduledAtMs === null) {
         r.scheduledAtMs = t0;
+        // A first admission starts right after its cached prefix.
+        r.cachedTokens = e.startPosition;
         queueTimesMs.push(t0 - r.arrivedAtMs);
       }
     }
@@ -221,6 +247,7 @@ export class EngineCore {
       r.firstTokenAtMs ??= sampledAtMs;
       r.lastTokenAtMs = sampledAtMs;
       const ev: EngineEvent = { type: 'tokens', id: r.req.id, tokenIds: [s.tokenId] };
+      if (r.generated === 1) ev.cachedTokens = r.cachedTokens;
       if (s.logprob !== undefined) {
         const lp: TokenLogprob = { tokenId: s.tokenId, logprob: s.logprob, top: s.top ?? [] };
         ev.logprobs = [lp];
@@ -253,7 +280,7 @@ export class EngineCore {
         this.offloader?.finishRequest(r.req.id);
         const fin: EngineEvent = {
           type: 'finished', id: r.req.id, reason: stopHit ? 'stop' : 'length',
-          promptTokens: r.req.promptTokenIds.length, completionTokens: r.generated, ...phases(r),
+          promptTokens: r.req.promptTokenIds.length, completionTokens: r.generated, cachedTokens: r.cachedTokens, ...phases(r),
         };
         if (stopHit) fin.stopTokenId = s.tokenId;
         events.push(fin);
@@ -268,6 +295,8 @@ export class EngineCore {
       ...(this.loaded.model.layerPlans ? { layerPlans: this.loaded.model.layerPlans() } : {}),
       ...(comm ? { all2all: comm } : {}),
       queueTimesMs,
+      ...(this.scheduler.cache.prefixCaching
+        ? { prefixCache: { queriedTokens: plan.prefixQueriedTokens, hitTokens: plan.prefixHitTokens } } : {}),
       expertTokens: expertTokenCounts(result.routedIds, this.info.numExperts + (this.loaded.spec.moe.zeroExperts ?? 0)),
     };
     if (this.offloader) {

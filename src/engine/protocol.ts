@@ -42,6 +42,8 @@ export interface EngineOptions {
   pipelineChunks?: 'auto' | number;
   /** Expert offloading (MoE-Infinity); absent = every expert resident, no tracing. */
   offload?: OffloadConfig;
+  /** Automatic prefix caching (--prefix-caching); absent = on. */
+  prefixCaching?: boolean;
   /** --quantize: routed experts quantized at load (CPU engine); absent/null = checkpoint precision. */
   quantize?: QuantizeSpec | null;
 }
@@ -72,6 +74,8 @@ export interface StepMetrics {
   expertTokens?: number[][];
   /** Time each request first scheduled in this step waited since it reached the engine (ms). */
   queueTimesMs?: number[];
+  /** Prefix caching on: tokens of the sequences admitted this step, and those found cached. */
+  prefixCache?: { queriedTokens: number; hitTokens: number };
   /** Expert parallelism: all2all bytes sent and seconds spent this step. */
   all2all?: { bytes: number; seconds: number; overlap: number | null; hidden?: number | null };
   /** Per MoE layer: EPS-MoE pipeline chunks and expert kernel this step. */

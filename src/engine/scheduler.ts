@@ -3,9 +3,10 @@
 // prefill continues in chunks, then waiting sequences are admitted FIFO; when a decode finds no
 // block the youngest running sequence is preempted and later recomputed from prompt + output.
 // A paused sequence (its client stopped reading) is not stepped and keeps its blocks, and is the
-// first to give them up when a decode needs one.
+// first to give them up when a decode needs one. With prefix caching, a sequence admitted with no
+// K/V starts on the cached blocks of its longest cached prefix and computes from there.
 
-import { PagedKvCache, type SeqId } from './kv-cache.js';
+import { PagedKvCache, type BlockHash, type SeqId } from './kv-cache.js';
 import type { EngineStats } from './types.js';
 
 export type { SeqId } from './kv-cache.js';
@@ -19,12 +20,20 @@ export interface SchedulerConfig {
   maxNumSeqs: number;
   /** Tokens processed in one step at most (decodes + prefill chunks). */
   maxNumBatchedTokens: number;
+  /** Automatic prefix caching: the chain root (see KvCacheOptions.prefixCacheKey); absent or null = off. */
+  prefixCacheKey?: string | null;
 }
 
 export interface SequenceInput {
   id: SeqId;
   promptTokenIds: readonly number[];
   maxTokens: number;
+  /**
+   * Start on cached blocks when admitted (default true; prefix caching must be on). False for a
+   * request that needs every position computed (routing reported per prompt position); its own
+   * blocks are still offered to the cache.
+   */
+  usePrefixCache?: boolean;
 }
 
 /** One sequence's share of a step. */
@@ -52,6 +61,9 @@ export interface StepPlan {
   numBatchedTokens: number;
   /** Sequences preempted this step: their K/V is gone; they will be recomputed. */
   preempted: SeqId[];
+  /** Prefix cache, over the sequences admitted this step: tokens they held, and tokens found cached. */
+  prefixQueriedTokens: number;
+  prefixHitTokens: number;
 }
 
 /** A request that could not fit in the whole KV cache even alone. */
@@ -75,6 +87,11 @@ interface Sequence {
   numPreemptions: number;
   /** Not stepped (nor admitted) until resumed: its stream's client is not reading. */
   paused: boolean;
+  usePrefixCache: boolean;
+  /** Chained hashes of its full blocks so far (filled as needed; tokens never change). */
+  hashes: BlockHash[];
+  /** Prompt tokens found in the prefix cache at its first admission (null: not admitted yet). */
+  cachedTokens: number | null;
 }
 
 export interface SequenceInfo {
@@ -83,6 +100,8 @@ export interface SequenceInfo {
   numComputed: number;
   outputTokenIds: readonly number[];
   numPreemptions: number;
+  /** Prompt tokens found in the prefix cache at its first admission (0 before it). */
+  cachedTokens: number;
 }
 
 export class Scheduler {
@@ -101,6 +120,8 @@ export class Scheduler {
   private paused = 0;
   private nextArrival = 0;
   private preemptions = 0;
+  private prefixQueried = 0;
+  private prefixHits = 0;
 
   constructor(config: SchedulerConfig) {
     for (const key of ['numBlocks', 'blockSize', 'maxContext', 'maxNumSeqs', 'maxNumBatchedTokens'] as const) {
@@ -119,7 +140,13 @@ export class Scheduler {
       blockSize: config.blockSize,
       // K/V is kept for at most maxContext - 1 tokens: the last sampled one is never processed.
       maxBlocksPerSeq: Math.ceil((config.maxContext - 1) / config.blockSize),
+      prefixCacheKey: config.prefixCacheKey ?? null,
     });
+  }
+
+  /** Prefix cache totals since the start: tokens of admitted sequences looked up, and found. */
+  get prefixCacheTotals(): { queriedTokens: number; hitTokens: number } {
+    return { queriedTokens: this.prefixQueried, hitTokens: this.prefixHits };
   }
 
   get numRunning(): number {
@@ -177,6 +204,7 @@ export class Scheduler {
     const seq: Sequence = {
       id, prompt: promptTokenIds, output: [], maxTokens, arrival: this.nextArrival++,
       numComputed: 0, phase: 'prefill', running: false, numPreemptions: 0, paused: false,
+      usePrefixCache: input.usePrefixCache ?? true, hashes: [], cachedTokens: null,
     };
     this.seqs.set(id, seq);
     this.waiting.push(seq);
@@ -188,6 +216,8 @@ export class Scheduler {
     const scheduled = new Map<SeqId, Int32Array>();   // seq -> [n] slots of its tokens this step
     const preempted: SeqId[] = [];
     let budget = maxNumBatchedTokens;
+    let prefixQueriedTokens = 0;
+    let prefixHitTokens = 0;
 
     /** The youngest paused running sequence's index, or -1. */
     const youngestPaused = (): number => {
@@ -214,6 +244,12 @@ export class Scheduler {
     const schedule = (seq: Sequence, n: number): void => {
       scheduled.set(seq.id, this.cache.append(seq.id, n));
       budget -= n;
+      if (this.cache.prefixCaching) {
+        // Blocks this step fills are named now, so a sequence admitted after this one can share them.
+        const at = (p: number) => this.tokenAt(seq, p);
+        this.cache.hashBlocks(seq.hashes, at, seq.numComputed + n);
+        this.cache.cacheFullBlocks(seq.id, seq.hashes, at);
+      }
     };
 
     // (a) Decodes, oldest first: one token each; preempt the youngest until the token fits.
@@ -245,8 +281,10 @@ export class Scheduler {
     for (let i = 0; admitting && i < this.waiting.length && budget > 0;) {
       const seq = this.waiting[i]!;
       if (seq.paused) { i++; continue; }
-      const n = Math.min(this.remaining(seq), budget);
-      if (this.running.length >= maxNumSeqs || !this.cache.canAppend(seq.id, n)) {
+      const prefix = this.cachedPrefix(seq);
+      const cached = prefix.length * this.config.blockSize;
+      const n = Math.min(this.remaining(seq) - cached, budget);
+      if (this.running.length >= maxNumSeqs || !this.cache.canAttach(prefix, n)) {
         if (youngestPaused() < 0) break;
         preemptYoungest(); // takes the youngest paused one
         i = 0; // the victim joined waiting in arrival order: look again from the front
@@ -255,8 +293,19 @@ export class Scheduler {
       this.waiting.splice(i, 1);
       seq.running = true;
       insertByArrival(this.running, seq);
+      if (this.cache.prefixCaching && seq.usePrefixCache) {
+        prefixQueriedTokens += this.length(seq);
+        prefixHitTokens += cached;
+      }
+      seq.cachedTokens ??= Math.min(cached, seq.prompt.length);
+      if (prefix.length > 0) {
+        this.cache.attachPrefix(seq.id, prefix);
+        seq.numComputed = cached;
+      }
       schedule(seq, n);
     }
+    this.prefixQueried += prefixQueriedTokens;
+    this.prefixHits += prefixHitTokens;
 
     // Build entries after all allocation, so block-table views are final. Order: decodes, then
     // prefill chunks, each oldest first (admitted sequences are younger than running ones).
@@ -270,7 +319,19 @@ export class Scheduler {
         numBatchedTokens += slots.length;
       }
     }
-    return { entries, numBatchedTokens, preempted };
+    return { entries, numBatchedTokens, preempted, prefixQueriedTokens, prefixHitTokens };
+  }
+
+  /**
+   * The cached blocks a sequence with no K/V would start on: its longest cached prefix of full
+   * blocks, short of its last token (whose logits must be computed), or none.
+   */
+  private cachedPrefix(seq: Sequence): number[] {
+    if (!this.cache.prefixCaching || !seq.usePrefixCache || seq.numComputed !== 0) return [];
+    const maxBlocks = Math.floor((this.length(seq) - 1) / this.config.blockSize);
+    const at = (p: number) => this.tokenAt(seq, p);
+    this.cache.hashBlocks(seq.hashes, at, maxBlocks * this.config.blockSize);
+    return this.cache.findCachedPrefix(seq.hashes, at, maxBlocks);
   }
 
   private makeEntry(seq: Sequence, slots: Int32Array): StepEntry {
@@ -336,7 +397,7 @@ export class Scheduler {
     const seq = this.get(id);
     return {
       state: seq.running ? 'running' : 'waiting', paused: seq.paused, numComputed: seq.numComputed,
-      outputTokenIds: seq.output, numPreemptions: seq.numPreemptions,
+      outputTokenIds: seq.output, numPreemptions: seq.numPreemptions, cachedTokens: seq.cachedTokens ?? 0,
     };
   }
 

@@ -55,6 +55,8 @@ export type EngineEvent =
       logprobs?: TokenLogprob[];
       /** Routing of the positions processed in this step (prompt positions first, once). */
       routedExperts?: RoutedExperts;
+      /** On the first generated token: prompt tokens found in the prefix cache (see 'finished'). */
+      cachedTokens?: number;
     }
   | {
       type: 'finished';
@@ -65,6 +67,8 @@ export type EngineEvent =
       error?: string;
       promptTokens: number;
       completionTokens: number;
+      /** Prompt tokens found in the prefix cache (their K/V reused, not computed) when first scheduled. */
+      cachedTokens?: number;
       /**
        * Present once a token was generated: prefill = first scheduling to first token, decode =
        * first token to last (vLLM's request prefill/decode time), in the engine's clock.

@@ -255,13 +255,16 @@ async function init(o: EngineOptions): Promise<void> {
       maxNumSeqs: o.maxNumSeqs, maxNumBatchedTokens: o.maxNumBatchedTokens,
       servedModelName: o.servedModelName,
       ...(autoKvCapBytes !== undefined ? { autoKvCapBytes } : {}),
+      prefixCacheKey: o.prefixCaching === false ? null : prefixCacheKey(o),
     }, offloader);
     const summary = `${loadSummary(loaded)}; compute ${o.computeDtype}${o.quantize ? `; experts ${describeQuantize(o.quantize)}` : ''}; KV cache ${core.numBlocks} blocks x ${o.blockSize} tokens ${core.kvDtype}` +
+      `, prefix caching ${core.scheduler.cache.prefixCaching ? 'on' : 'off'}` +
       (loaded.report.warnings.length ? `; ${loaded.report.warnings.length} unexpected tensor(s) ignored` : '') +
       (offloader ? `; expert cache ${offloader.stats().slots}/${offloader.stats().totalExperts} experts, ` +
         `policy ${o.offload!.policy}, EAM collection ${offloader.stats().collectionSize}` : '') +
       (lockstep && o.expertPlacement ? `; expert placement ${describePlacement(lockstep.comm.placement)}` : '') +
       (expertRanks && o.expertPlacement ? `; expert placement ${describePlacement(expertRanks.placement)}` : '');
+    if (core.prefixCachingRefused) send({ type: 'warning', message: core.prefixCachingRefused });
     send({ type: 'ready', info: core.info, summary });
     if (lockstep) setImmediate(lockstepLoop);
   } catch (e) {
@@ -354,6 +357,15 @@ function finishShutdown(): void {
       lockstep?.comm.dispose();
       port!.close();
     });
+}
+
+/**
+ * The prefix cache's chain root: the model and every engine option, so a cached block is only ever
+ * named for what computed it (the cache lives as long as this engine; this guards any later sharing).
+ * NOTE: an option that changes K/V contents (compute or KV dtype, device) must be in EngineOptions.
+ */
+function prefixCacheKey(o: EngineOptions): string {
+  return JSON.stringify({ ...o, distExperts: undefined, offload: undefined });
 }
 
 /** 'rank 0 [0,2], rank 1 [1,3]': each rank's experts, for the startup summary. */

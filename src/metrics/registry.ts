@@ -60,6 +60,8 @@ export class Metrics {
   readonly prefillStep: Histogram;
   readonly decodeStep: Histogram;
   readonly iterationTokens: Histogram;
+  readonly prefixCacheQueries: Counter;
+  readonly prefixCacheHits: Counter;
   // --- MoE ---
   readonly expertTokens: Counter<'layer' | 'expert'>;
   readonly layerLoadImbalance: Gauge<'layer'>;
@@ -149,6 +151,15 @@ export class Metrics {
     });
     this.decodeStep = new Histogram({ name: 'expertd_decode_step_seconds', help: 'Duration of each decode-only engine step.', buckets: itlBuckets, registers });
     this.iterationTokens = new Histogram({ name: 'expertd_iteration_tokens', help: 'Tokens processed per engine step (prefill + decode).', buckets: tokenCountBuckets, registers });
+    // vLLM's pair: the hit rate is hits / queries.
+    this.prefixCacheQueries = new Counter({
+      name: 'expertd_prefix_cache_queries_total', registers,
+      help: 'Tokens looked up in the prefix cache: every token of each sequence admitted without K/V (again after a preemption).',
+    });
+    this.prefixCacheHits = new Counter({
+      name: 'expertd_prefix_cache_hits_total', registers,
+      help: 'Tokens of those found in the prefix cache (their K/V reused, not computed).',
+    });
 
     this.expertTokens = new Counter({
       name: 'expertd_expert_tokens_total', help: 'Tokens routed to each expert of each MoE layer.', labelNames: ['layer', 'expert'], registers,
@@ -237,6 +248,10 @@ export class Metrics {
   recordPrefillStep(seconds: number): void { this.prefillStep.observe(seconds); }
   recordDecodeStep(seconds: number): void { this.decodeStep.observe(seconds); }
   recordIterationTokens(tokens: number): void { this.iterationTokens.observe(tokens); }
+  recordPrefixCache(queriedTokens: number, hitTokens: number): void {
+    if (queriedTokens > 0) this.prefixCacheQueries.inc(queriedTokens);
+    if (hitTokens > 0) this.prefixCacheHits.inc(hitTokens);
+  }
 
   /** counts[expert] = tokens routed to that expert in this layer; also updates the layer's imbalance. */
   recordExpertTokens(layer: number, counts: ArrayLike<number>): void {

@@ -96,6 +96,12 @@ export interface ModelSpec {
   eosTokenIds: number[];
   /** FP8 block-quantised checkpoint (DeepSeek-V3 style): routed experts kept in FP8 (CPU engine), other weights dequantised to bf16 at load. */
   quantization: { method: 'fp8'; blockSize: [number, number] } | null;
+  /**
+   * Some layers keep per-sequence recurrent state instead of KV blocks (hybrid linear attention):
+   * the engine turns prefix caching off for such a model (with a log line), since cached KV blocks
+   * cannot restore that state. Absent = false.
+   */
+  recurrentState?: boolean;
   /** Original config for logging. */
   raw: Record<string, unknown>;
 }

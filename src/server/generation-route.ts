@@ -61,7 +61,13 @@ export function admit(ctx: ServerContext, sequences: number): void {
   }
 }
 
-interface Usage { prompt_tokens: number; completion_tokens: number; total_tokens: number }
+interface Usage {
+  prompt_tokens: number;
+  completion_tokens: number;
+  total_tokens: number;
+  /** As OpenAI reports it: prompt tokens whose K/V came from the prefix cache. */
+  prompt_tokens_details: { cached_tokens: number };
+}
 
 /** Formats logprobs and token strings; token strings are cached per request. */
 class LogprobFormatter {
@@ -142,6 +148,7 @@ export async function runGeneration(ctx: ServerContext, request: FastifyRequest,
     prompt_tokens: g.promptTokens,
     completion_tokens: g.completionTokens,
     total_tokens: g.promptTokens + g.completionTokens,
+    prompt_tokens_details: { cached_tokens: g.cachedTokens },
   });
 
   let sse: SseStream | null = null;

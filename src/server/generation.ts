@@ -43,6 +43,8 @@ export interface ChoiceState {
   finishReason: ChoiceFinishReason | null;
   /** The stop string or stop token id that ended the choice (vLLM's stop_reason). */
   stopReason: string | number | null;
+  /** Prompt tokens the engine found in its prefix cache for this choice (known from its first token). */
+  cachedTokens: number;
 }
 
 export interface GenerationListener {
@@ -96,7 +98,7 @@ export class Generation {
         const index = p * params.n + i;
         this.choices.push({
           index, promptIndex: p, engineId: `${requestId}-${index}`, promptTokenIds,
-          text: '', tokenIds: [], logprobs: [], routedExperts: [], finishReason: null, stopReason: null,
+          text: '', tokenIds: [], logprobs: [], routedExperts: [], finishReason: null, stopReason: null, cachedTokens: 0,
           detok: deps.codec.createDetokenizer(promptTokenIds, params.skipSpecialTokens),
           matcher: new StopMatcher(params.stop),
           engineDone: false, firstTokenAt: 0, lastTokenAt: 0,
@@ -107,6 +109,21 @@ export class Generation {
 
   get promptTokens(): number {
     return this.prompts.reduce((s, p) => s + p.length, 0);
+  }
+
+  /**
+   * Prompt tokens served from the prefix cache, for usage.prompt_tokens_details.cached_tokens: per
+   * prompt (counted once, as in prompt_tokens) the fewest any of its n choices found, so a prompt
+   * that one choice had to compute counts as computed.
+   */
+  get cachedTokens(): number {
+    let sum = 0;
+    for (let p = 0; p < this.prompts.length; p++) {
+      let min = Infinity;
+      for (const c of this.choices) if (c.promptIndex === p) min = Math.min(min, c.cachedTokens);
+      if (Number.isFinite(min)) sum += min;
+    }
+    return sum;
   }
 
   get completionTokens(): number {
@@ -178,6 +195,7 @@ export class Generation {
   private onTokens(c: ChoiceRun, ev: Extract<EngineEvent, { type: 'tokens' }>): void {
     // After a stop string matched (or the request failed), later tokens are the engine catching up.
     if (c.finishReason !== null || this.outcome) return;
+    if (ev.cachedTokens !== undefined) c.cachedTokens = ev.cachedTokens;
     const now = performance.now();
     const m = this.deps.metrics;
     const delta: ChoiceDelta = { text: '', tokenIds: [], logprobs: [], routedExperts: [] };
