@@ -11,8 +11,8 @@ interface MoeNames { block: string; router: string; gate: string; up: string; do
 function moeNames(spec: ModelSpec, src: TensorSource, layerPrefix: string): MoeNames {
   if (spec.modelType === 'longcat_flash')
     return { block: 'mlp.', router: 'router.classifier', gate: 'gate_proj', up: 'up_proj', down: 'down_proj' };
-  // Mixtral hub checkpoints use block_sparse_moe.* (w1/w3/w2); transformers 5.x saves mlp.*.
-  if (spec.modelType === 'mixtral' && !src.has(`${layerPrefix}mlp.gate.weight`))
+  // Mixtral and MiniMax-M2 hub checkpoints use block_sparse_moe.* (w1/w3/w2); transformers 5.x saves mlp.*.
+  if ((spec.modelType === 'mixtral' || spec.modelType === 'minimax_m2') && !src.has(`${layerPrefix}mlp.gate.weight`))
     return { block: 'block_sparse_moe.', router: 'gate', gate: 'w1', up: 'w3', down: 'w2' };
   return { block: 'mlp.', router: 'gate', gate: 'gate_proj', up: 'up_proj', down: 'down_proj' };
 }
@@ -23,7 +23,7 @@ export interface MoeTensors {
   routerName: string;
   router: HostTensor;                   // [E + Z, H]
   routerBias: Float32Array | null;      // [E + Z] (LongCat-Flash router_bias)
-  correctionBias: Float32Array | null;  // [E + Z] (DeepSeek-V3, LongCat-Flash)
+  correctionBias: Float32Array | null;  // [E + Z] (DeepSeek-V3, GLM-4.5, MiniMax-M2, LongCat-Flash)
   /** Expert e's projections (views into fused tensors where the checkpoint fuses them; read lazily). */
   expert(e: number): ExpertSource;
   /** gate/up/down_proj of the shared experts fused as one FFN, or null. */
@@ -42,7 +42,9 @@ export function moeTensors(spec: ModelSpec, src: TensorSource, layerPrefix: stri
   const r = `${p}${names.router}`;
   const router = src.get(`${r}.weight`);
   checkShape(`${r}.weight`, router, [ET, H]);
-  const biasName = spec.modelType === 'longcat_flash' ? `${p}router.e_score_correction_bias` : `${r}.e_score_correction_bias`;
+  // LongCat-Flash and MiniMax-M2 keep the correction bias beside the router, the others on it.
+  const biasName = spec.modelType === 'longcat_flash' ? `${p}router.e_score_correction_bias`
+    : spec.modelType === 'minimax_m2' ? `${p}e_score_correction_bias` : `${r}.e_score_correction_bias`;
   // transformers 5.x stores experts fused: gate_up_proj [E, 2I, H], down_proj [E, H, I]. LongCat
   // stores gate_up for the identity experts too ([E + Z, 2I, H]); they are never read.
   const fused = src.has(`${p}experts.gate_up_proj`);

@@ -3,7 +3,8 @@
 // raw config.
 
 export type ModelType =
-  | 'mixtral' | 'qwen2_moe' | 'qwen3_moe' | 'olmoe' | 'deepseek_v2' | 'deepseek_v3' | 'longcat_flash';
+  | 'mixtral' | 'qwen2_moe' | 'qwen3_moe' | 'olmoe' | 'deepseek_v2' | 'deepseek_v3' | 'longcat_flash'
+  | 'glm4_moe' | 'minimax_m2';
 
 export interface RopeSpec {
   /** [rotaryDim / 2] inverse frequencies (already scaled for YaRN, linear, llama3, ...). */
@@ -23,8 +24,8 @@ export interface AttentionSpec {
   headDim: number;          // gqa: q/k/v head dim
   qkvBias: boolean;         // qwen2_moe
   oBias: boolean;
-  /** Per-head RMSNorm of q and k over headDim (qwen3_moe). */
-  qkNorm: 'none' | 'per_head' | 'full';   // 'full': over the whole projection (olmoe)
+  /** Per-head RMSNorm of q and k over headDim (qwen3_moe, glm4_moe use_qk_norm). */
+  qkNorm: 'none' | 'per_head' | 'full';   // 'full': over the whole projection (olmoe, minimax_m2)
   clipQkv: number | null;   // olmoe
   slidingWindow: number | null;
   softmaxScale: number;
@@ -48,7 +49,7 @@ export interface RouterSpec {
   nGroup: number;                // 1 = no group limit
   topkGroup: number;
   groupScore: 'max' | 'top2sum';
-  /** e_score_correction_bias present (deepseek_v3). */
+  /** e_score_correction_bias present (deepseek_v3, glm4_moe, minimax_m2). */
   hasCorrectionBias: boolean;
 }
 
