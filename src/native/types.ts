@@ -81,6 +81,11 @@ export interface AttentionOptions {
   slidingWindow?: number;
   /** floats between token rows of q (default heads * dk) */
   qRowStride?: number;
+  /**
+   * [heads] attention sinks (gpt-oss): a learned logit per query head in the softmax denominator
+   * only, out = sum_j e^(s_j) v_j / (sum_j e^(s_j) + e^(sink)). Absent = none.
+   */
+  sinks?: Float32Array | null;
 }
 
 export interface CommGroup {

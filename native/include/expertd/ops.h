@@ -146,6 +146,9 @@ struct AttentionParams {
   float scale = 1.0f;       // softmax scale
   int sliding_window = 0;   // 0 = none; else key positions > pos - window are visible
   int q_row_stride = 0;     // floats between token rows of q (>= heads * dk)
+  // [heads] learned logit per query head that joins the softmax denominator only (gpt-oss
+  // attention sinks): out = sum_j e^(s_j) v_j / (sum_j e^(s_j) + e^(sink)). nullptr = none.
+  const float* sinks = nullptr;
 };
 
 // seq_info [num_seqs, 3]: (q_start, q_len, ctx_len): the sequence's new tokens are q rows
