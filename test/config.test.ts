@@ -340,6 +340,46 @@ test('minimax_m2: rotary_dim or partial_rotary_factor, full-projection q/k norm,
   for (const [cfg, re] of refused) assert.throws(() => parseModelConfig(cfg), (e: Error) => e instanceof ConfigError && re.test(e.message));
 });
 
+// gpt-oss-20b's config shape (4.x spelling: rope_scaling yarn with truncate, no layer_types).
+function gptOss(): Raw {
+  return { ...common, model_type: 'gpt_oss', head_dim: 16, intermediate_size: 32, num_local_experts: 8,
+    sliding_window: 128, attention_bias: true, rope_theta: 150000, rope_scaling: { rope_type: 'yarn', factor: 32,
+      beta_fast: 32, beta_slow: 1, truncate: false, original_max_position_embeddings: 4096 } };
+}
+
+test('gpt_oss: sinks, per-layer windows from layer_types, biases, router bias, clamped SwiGLU, YaRN truncate', () => {
+  const s = both(gptOss());
+  assert.deepEqual(moeLayers(s), [0, 1, 2, 3, 4, 5]);
+  // transformers' default layer_types: sliding on even layers, full on odd.
+  assert.deepEqual(s.layers.map((l) => l.slidingWindow), [128, null, 128, null, 128, null]);
+  const types = ['full_attention', 'full_attention', 'sliding_attention', 'full_attention', 'sliding_attention', 'sliding_attention'];
+  assert.deepEqual(parseModelConfig({ ...gptOss(), layer_types: types }).layers.map((l) => l.slidingWindow),
+    [null, null, 128, null, 128, 128]);
+  const a = s.attention;
+  assert.deepEqual([a.sinks, a.qkvBias, a.oBias, a.slidingWindow, a.rope.rotaryDim, a.rope.interleaved],
+    [true, true, true, null, 16, false]);
+  assert.deepEqual(s.moe.router, { scoring: 'softmax', topK: 2, renormalize: true, scale: 1, nGroup: 1, topkGroup: 1,
+    groupScore: 'max', hasCorrectionBias: false });
+  assert.deepEqual([s.moe.routerBias, s.moe.clampedSwiglu], [true, { alpha: 1.702, limit: 7 }]);
+  // YaRN attention factor 0.1 ln(32) + 1 on cos/sin; truncate false keeps the fractional ramp bounds
+  // (so the spec differs from truncate true).
+  assert.ok(Math.abs(a.rope.attnScale - (0.1 * Math.log(32) + 1)) < 1e-12);
+  const truncated = parseModelConfig({ ...gptOss(), rope_scaling: { ...(gptOss().rope_scaling as Raw), truncate: true } });
+  assert.notDeepEqual(Array.from(truncated.attention.rope.invFreq), Array.from(a.rope.invFreq));
+  const t = new Map(expectedTensors(s).map((x) => [x.name, x.shape]));
+  assert.deepEqual(t.get('model.layers.1.self_attn.sinks'), [4]);
+  assert.deepEqual(t.get('model.layers.1.self_attn.o_proj.bias'), [64]);
+  assert.deepEqual(t.get('model.layers.1.mlp.router.bias'), [8]);
+  assert.deepEqual(t.get('model.layers.1.mlp.experts.gate_up_proj'), [8, 64, 64]);
+  assert.deepEqual(t.get('model.layers.1.mlp.experts.gate_up_proj_bias'), [8, 64]);
+  assert.deepEqual(t.get('model.layers.1.mlp.experts.down_proj'), [8, 32, 64]);
+  assert.deepEqual(t.get('model.layers.1.mlp.experts.down_proj_bias'), [8, 64]);
+  assert.throws(() => parseModelConfig({ ...gptOss(), layer_types: ['sliding_attention'] }),
+    (e: Error) => e instanceof ConfigError && /layer_types is \["sliding_attention"\], expected 6 of/.test(e.message));
+  assert.throws(() => parseModelConfig({ ...gptOss(), quantization_config: { quant_method: 'mxfp4' } }),
+    (e: Error) => e instanceof ConfigError && /quantization_config .*"mxfp4".* is not supported/.test(e.message));
+});
+
 test('fp8 block quantisation is accepted and recorded; other quantisation is refused', () => {
   const q = { quant_method: 'fp8', fmt: 'e4m3', activation_scheme: 'dynamic', weight_block_size: [128, 128] };
   assert.deepEqual(parseModelConfig({ ...deepseekV3(), quantization_config: q }).quantization,

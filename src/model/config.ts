@@ -22,7 +22,7 @@ export class ConfigError extends Error {
 
 export const SUPPORTED_MODEL_TYPES: readonly ModelType[] =
   ['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v2', 'deepseek_v3', 'longcat_flash', 'glm4_moe',
-    'minimax_m2'];
+    'minimax_m2', 'gpt_oss'];
 
 type Raw = Record<string, unknown>;
 
@@ -150,6 +150,7 @@ function buildSpec(raw: Raw, gen: Raw | null): ModelSpec {
   const c = new Fields(raw, mt);
 
   const act = c.str('hidden_act', 'silu');
+  // gpt-oss configs say 'silu' but its experts use their own clamped SwiGLU (MoeSpec.clampedSwiglu).
   if (act !== 'silu')
     throw new ConfigError(`${mt} config hidden_act is '${act}'; only 'silu' (SwiGLU experts) is supported`);
   const quantization = parseQuantization(raw, mt);
@@ -298,13 +299,20 @@ function gqaAttention(c: Fields, mt: ModelType, hidden: number, heads: number,
     qkNorm = 'full';
   }
   if (mt === 'qwen2_moe') qkvBias = c.bool('qkv_bias', true);
+  let sinks = false;
+  if (mt === 'gpt_oss') {
+    // gpt-oss: biases on q/k/v and o (attention_bias, default true), sinks, per-layer windows
+    // (layer_types; the spec's window is null and each LayerSpec says its own).
+    qkvBias = oBias = c.bool('attention_bias', true);
+    sinks = true;
+  }
   if (mt === 'qwen3_moe' || mt === 'olmoe') qkvBias = oBias = c.bool('attention_bias', false);
   if (mt === 'mixtral' && c.bool('attention_bias', false))
     throw new ConfigError('mixtral config attention_bias=true is not supported (Mixtral has no attention bias)');
   const clip = mt === 'olmoe' && c.has('clip_qkv') ? c.num('clip_qkv') : null;
   return {
     kind: 'gqa', heads, kvHeads, headDim, qkvBias, oBias,
-    qkNorm, clipQkv: clip, slidingWindow,
+    qkNorm, clipQkv: clip, slidingWindow, ...(sinks ? { sinks } : {}),
     softmaxScale: invSqrt(headDim),
     qLoraRank: null, kvLoraRank: 0, qkNopeHeadDim: 0, qkRopeHeadDim: 0, vHeadDim: headDim,
     rope: rope(c, rotaryDim(c, headDim), maxContext, false),
@@ -435,6 +443,16 @@ function moeAndLayers(c: Fields, mt: ModelType, numLayers: number):
       isMoe = () => true;
       break;
     }
+    case 'gpt_oss': {
+      // Router Linear with bias; top-k of its logits, then softmax over the chosen k (equal to the
+      // renormalised softmax top-k); experts with biases and the clamped SwiGLU (alpha, limit are
+      // constants in transformers).
+      numExperts = c.intAny(['num_local_experts', 'num_experts'], undefined, 1);
+      intermediate = c.int('intermediate_size', undefined, 1);
+      router.renormalize = true;
+      isMoe = () => true;
+      break;
+    }
     case 'deepseek_v2':
     case 'deepseek_v3': {
       numExperts = c.intAny(['n_routed_experts', 'num_local_experts'], undefined, 1);
@@ -486,6 +504,20 @@ function moeAndLayers(c: Fields, mt: ModelType, numLayers: number):
     throw new ConfigError(`${mt} config num_experts_per_tok ${topK} exceeds the ${numExperts} experts`);
   const layers: LayerSpec[] = [];
   for (let i = 0; i < numLayers; i++) layers.push({ ffn: isMoe(i) ? 'moe' : 'dense' });
+  if (mt === 'gpt_oss') {
+    const window = c.intOrNull('sliding_window');
+    const types = c.raw.layer_types ?? layers.map((_, i) => ((i + 1) % 2 ? 'sliding_attention' : 'full_attention'));
+    if (!Array.isArray(types) || types.length !== numLayers ||
+        !types.every((t) => t === 'sliding_attention' || t === 'full_attention'))
+      throw new ConfigError(`gpt_oss config layer_types is ${JSON.stringify(types)}, expected ${numLayers} of ` +
+        "'sliding_attention' / 'full_attention'");
+    types.forEach((t, i) => { layers[i]!.slidingWindow = t === 'sliding_attention' ? window : null; });
+    return {
+      moe: { numExperts, intermediate, router, sharedIntermediate, sharedGate, routerBias: true,
+        clampedSwiglu: { alpha: 1.702, limit: 7 } },
+      layers, denseIntermediate,
+    };
+  }
   return {
     moe: { numExperts, intermediate, router, sharedIntermediate, sharedGate },
     layers, denseIntermediate,
@@ -564,6 +596,7 @@ export function expectedTensors(spec: ModelSpec, layout: ExpertLayout = 'per_exp
         add(`${s}v_proj.bias`, [kv]);
       }
       if (a.oBias) add(`${s}o_proj.bias`, [H]);
+      if (a.sinks) add(`${s}sinks`, [a.heads]);
       if (a.qkNorm === 'per_head') {
         add(`${s}q_norm.weight`, [a.headDim]);
         add(`${s}k_norm.weight`, [a.headDim]);
@@ -586,6 +619,16 @@ export function expectedTensors(spec: ModelSpec, layout: ExpertLayout = 'per_exp
     }
     const E = m.numExperts;
     const I = m.intermediate;
+    if (spec.modelType === 'gpt_oss') {
+      // One layout (hub and transformers 5.x): [E, H, 2I] with gate and up interleaved by column.
+      add(`${p}mlp.router.weight`, [E, H]);
+      add(`${p}mlp.router.bias`, [E]);
+      add(`${p}mlp.experts.gate_up_proj`, [E, H, 2 * I]);
+      add(`${p}mlp.experts.gate_up_proj_bias`, [E, 2 * I]);
+      add(`${p}mlp.experts.down_proj`, [E, I, H]);
+      add(`${p}mlp.experts.down_proj_bias`, [E, H]);
+      continue;
+    }
     // Mixtral and MiniMax-M2 hub checkpoints: block_sparse_moe.experts.{e}.w1/w3/w2.
     const mixtralOld = (spec.modelType === 'mixtral' || spec.modelType === 'minimax_m2') && layout === 'per_expert';
     const moe = mixtralOld ? `${p}block_sparse_moe.` : `${p}mlp.`;
@@ -687,6 +730,9 @@ export class CheckpointMismatchError extends Error {
 export function validateCheckpoint(spec: ModelSpec, ckpt: TensorShapes): CheckpointReport {
   let fused = false;
   for (const name of ckpt.tensors.keys()) if (name.endsWith('.experts.gate_up_proj')) fused = true;
+  if (spec.quantization === null && [...ckpt.tensors.keys()].some((n) => n.endsWith('.experts.gate_up_proj_blocks')))
+    throw new CheckpointMismatchError(`this ${spec.modelType} checkpoint stores its experts in MXFP4 ` +
+      '(gate_up_proj_blocks / _scales), which expertd does not read yet; use a bf16 copy of the checkpoint', [], []);
   const layout: ExpertLayout = fused ? 'fused' : 'per_expert';
   const expected = expectedTensors(spec, layout);
   const expectedNames = new Set(expected.map((t) => t.name));

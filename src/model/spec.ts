@@ -4,7 +4,7 @@
 
 export type ModelType =
   | 'mixtral' | 'qwen2_moe' | 'qwen3_moe' | 'olmoe' | 'deepseek_v2' | 'deepseek_v3' | 'longcat_flash'
-  | 'glm4_moe' | 'minimax_m2';
+  | 'glm4_moe' | 'minimax_m2' | 'gpt_oss';
 
 export interface RopeSpec {
   /** [rotaryDim / 2] inverse frequencies (already scaled for YaRN, linear, llama3, ...). */
@@ -35,6 +35,8 @@ export interface AttentionSpec {
   qkNopeHeadDim: number;
   qkRopeHeadDim: number;
   vHeadDim: number;
+  /** gpt-oss: a learned logit per query head (self_attn.sinks) in the softmax denominator. */
+  sinks?: boolean;
   /** LongCat-Flash MLA: q (after q_b_proj) and the normalised latent are scaled by these. */
   qScale?: number;
   kvScale?: number;
@@ -66,8 +68,14 @@ export interface MoeSpec {
    * scores numExperts + zeroExperts; choosing one adds weight * x.
    */
   zeroExperts?: number;
-  /** The router Linear has a bias (LongCat-Flash router_bias). */
+  /** The router Linear has a bias (LongCat-Flash router_bias, gpt-oss). */
   routerBias?: boolean;
+  /**
+   * gpt-oss experts: gate_up and down projections with biases, and the clamped SwiGLU
+   * h = (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = min(gate, limit).
+   * Absent: SiLU(gate) * up without biases.
+   */
+  clampedSwiglu?: { alpha: number; limit: number };
 }
 
 export interface LayerSpec {
@@ -78,6 +86,11 @@ export interface LayerSpec {
    * MoE that reads the first sub-block's normalised output and is added at the end of the layer.
    */
   shortcut?: boolean;
+  /**
+   * This layer's attention window when it differs from attention.slidingWindow (gpt-oss
+   * layer_types: 'sliding_attention' layers get sliding_window, 'full_attention' layers null).
+   */
+  slidingWindow?: number | null;
 }
 
 export interface ModelSpec {

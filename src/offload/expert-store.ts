@@ -105,6 +105,11 @@ export class CheckpointExpertStore implements ExpertStore {
   readSeconds = 0;
 
   constructor(private readonly checkpoint: Checkpoint, spec: ModelSpec, opts: CheckpointStoreOptions = {}) {
+    // gpt-oss stores gate_up as [E, H, 2I] (transposed, gate/up interleaved by column): not the
+    // contiguous gate and up rows the copy thread reads.
+    if (spec.modelType === 'gpt_oss')
+      throw new RangeError('the expert cache (--expert-cache-gb, --offload) does not support gpt_oss checkpoints ' +
+        'yet (transposed, interleaved gate_up_proj); serve gpt_oss with every expert resident');
     this.H = spec.hidden;
     this.I = spec.moe.intermediate;
     const names = expertTensorPrefix(spec);
