@@ -62,7 +62,9 @@ const ST_DTYPE: Record<string, DType | undefined> = { BF16: 'bf16', F16: 'f16', 
 
 /** Checkpoint names of MoE layer blocks and their expert projections (as src/model/model.ts builds them). */
 export function expertTensorPrefix(spec: ModelSpec): { block: string; gate: string; up: string; down: string } {
-  if (spec.modelType === 'mixtral') return { block: 'block_sparse_moe.', gate: 'w1', up: 'w3', down: 'w2' };
+  // Mixtral and MiniMax-M2 hub checkpoints: block_sparse_moe.experts.{e}.w1/w3/w2.
+  if (spec.modelType === 'mixtral' || spec.modelType === 'minimax_m2')
+    return { block: 'block_sparse_moe.', gate: 'w1', up: 'w3', down: 'w2' };
   return { block: 'mlp.', gate: 'gate_proj', up: 'up_proj', down: 'down_proj' };
 }
 
