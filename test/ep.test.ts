@@ -31,7 +31,7 @@ const fixtures = readdirSync(path.join(packageRoot(), 'test', 'fixtures'), { wit
   .filter((d) => d.isDirectory()).map((d) => d.name).sort();
 
 test('the EP fixture list is every fixture', () => {
-  assert.deepEqual(fixtures, ['deepseek_v2', 'deepseek_v3', 'gpt_oss', 'longcat_flash', 'minimax_m2', 'mixtral', 'olmoe',
+  assert.deepEqual(fixtures, ['deepseek_v2', 'deepseek_v3', 'glm4_moe', 'gpt_oss', 'longcat_flash', 'minimax_m2', 'mixtral', 'olmoe',
     'qwen2_moe', 'qwen3_moe']);
 });
 

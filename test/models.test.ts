@@ -51,7 +51,7 @@ function range(a: ArrayLike<number>): number {
 
 test('fixtures exist for every supported architecture', () => {
   for (const arch of ['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v2', 'deepseek_v3', 'longcat_flash',
-    'minimax_m2', 'gpt_oss'])
+    'glm4_moe', 'minimax_m2', 'gpt_oss'])
     assert.ok(fixtures.includes(arch), `missing fixture ${arch}`);
 });
 
