@@ -35,6 +35,8 @@ interface Shape {
   slidingWindow?: number;
   /** extra floats at the end of each q row (qRowStride = heads * dk + qPad) */
   qPad?: number;
+  /** gpt-oss attention sinks: [heads] logits in the softmax denominator only */
+  sinks?: Float32Array;
 }
 
 /** One sequence: qLen new tokens at the end of a context of ctxLen keys. */
@@ -105,6 +107,7 @@ function optsOf(w: World, numSeqs: number): AttentionOptions {
   if (s.mla) { o.vStride = s.dk; o.vOffset = s.mla.vOffset; }
   if (s.slidingWindow) o.slidingWindow = s.slidingWindow;
   if (s.qPad) o.qRowStride = qRowStrideOf(s);
+  if (s.sinks) o.sinks = s.sinks;
   return o;
 }
 
@@ -159,6 +162,8 @@ function reference(w: World, seq: number, i: number, h: number): Float64Array {
       out[x] += p * val;
     }
   }
+  // gpt-oss (HF eager_attention_forward): the sink joins the softmax over [scores, sink] and is dropped.
+  if (s.sinks) sum += Math.exp(s.sinks[h]! - m);
   for (let x = 0; x < s.dv; x++) out[x] /= sum;
   return out;
 }
@@ -239,6 +244,24 @@ test('pagedAttention: sliding window (HF semantics: window keys including the qu
     const w = buildWorld(shape, [...MIXED, { qLen: 5, ctxLen: 60 }], 77 + win);
     forEachSimd((level) => checkAgainstReference(w, runAll(w), `window ${win} bs ${bs} [${level}]`));
   }
+});
+
+test('pagedAttention: attention sinks (gpt-oss), with and without a sliding window, split-K decodes', () => {
+  // Sinks around the scores' scale and far above it (a sink that takes most of the mass).
+  const sinks = Float32Array.from([0.5, -1.25, 3, 40]);
+  for (const win of [0, 5]) {
+    const shape: Shape = { heads: 4, kvHeads: 2, dk: 64, dv: 64, blockSize: 4, sinks, ...(win ? { slidingWindow: win } : {}) };
+    const w = buildWorld(shape, [...MIXED, { qLen: 2, ctxLen: 1300 }], 91 + win);
+    forEachSimd((level) => checkAgainstReference(w, runAll(w), `sinks window ${win} [${level}]`));
+    // Without sinks the result differs (the sinks really reach the kernel).
+    const plain = runAll({ ...w, shape: { ...shape, sinks: undefined } });
+    assert.ok(!bitEqual(plain, runAll(w)));
+  }
+  const w = buildWorld({ heads: 4, kvHeads: 2, dk: 64, dv: 64, blockSize: 4 }, MIXED, 3);
+  const { seqInfo, tables } = packSeqs(w, [{ seq: 0, qFrom: 0, qLen: 37, ctxLen: 37, qStart: 0 }]);
+  const out = new Float32Array(w.rows * 4 * 64);
+  assert.throws(() => native.pagedAttention(w.q, w.kCache, w.vCache, seqInfo, tables,
+    { ...optsOf(w, 1), sinks: new Float32Array(3) }, out), /opts\.sinks\.length is 3, expected heads = 4/);
 });
 
 test('pagedAttention: blocks outside every window may be freed (-1) without changing the result', () => {

@@ -251,6 +251,135 @@ test('deepseek_v3: sigmoid noaux_tc router with correction bias, q_lora, YaRN ms
   assert.ok(!fused.has('model.layers.3.mlp.experts.0.gate_proj.weight'));
 });
 
+// GLM-4.5 as on the hub (4.x spelling: top-level rope_theta and partial_rotary_factor, MTP layer count).
+function glm4Moe(): Raw {
+  return { ...common, model_type: 'glm4_moe', head_dim: 32, intermediate_size: 128, moe_intermediate_size: 32,
+    n_routed_experts: 8, n_shared_experts: 1, first_k_dense_replace: 1, n_group: 4, topk_group: 2,
+    norm_topk_prob: true, routed_scaling_factor: 2.5, use_qk_norm: true, attention_bias: true,
+    partial_rotary_factor: 0.5, num_nextn_predict_layers: 1 };
+}
+// MiniMax-M2 as on the hub: rotary_dim (not partial_rotary_factor), qk norm type, routing-bias switches.
+function minimaxM2(): Raw {
+  return { ...common, model_type: 'minimax_m2', head_dim: 24, intermediate_size: 32, num_local_experts: 8,
+    rotary_dim: 12, use_qk_norm: true, qk_norm_type: 'per_layer', scoring_func: 'sigmoid', use_routing_bias: true };
+}
+
+/** transformers 5.x: partial_rotary_factor inside rope_parameters, no rotary_dim. */
+function partialV5(cfg: Raw, factor: number): Raw {
+  const v5 = toV5(cfg);
+  const out: Raw = { ...v5, rope_parameters: { ...(v5.rope_parameters as Raw), partial_rotary_factor: factor } };
+  delete out.partial_rotary_factor;
+  delete out.rotary_dim;
+  return out;
+}
+
+test('glm4_moe: partial rotary, per-head q/k norm, qkv bias, DeepSeek-V3 router, shared expert, dense first', () => {
+  const s = parseModelConfig(glm4Moe());
+  const v5 = parseModelConfig(partialV5(glm4Moe(), 0.5));
+  assert.deepEqual(Array.from(v5.attention.rope.invFreq), Array.from(s.attention.rope.invFreq));
+  assert.deepEqual(moeLayers(s), [1, 2, 3, 4, 5]);
+  assert.deepEqual(moeLayers(v5), [1, 2, 3, 4, 5]);
+  assert.deepEqual(s.moe.router, { scoring: 'sigmoid', topK: 2, renormalize: true, scale: 2.5, nGroup: 4,
+    topkGroup: 2, groupScore: 'top2sum', hasCorrectionBias: true });
+  assert.equal(s.moe.sharedIntermediate, 32);
+  assert.equal(s.denseIntermediate, 128);
+  const a = s.attention;
+  assert.deepEqual([a.kind, a.headDim, a.qkvBias, a.oBias, a.qkNorm], ['gqa', 32, true, false, 'per_head']);
+  // Half of head_dim 32 rotates: 8 frequencies theta^(-2i/16).
+  assert.equal(a.rope.rotaryDim, 16);
+  assert.equal(a.rope.invFreq.length, 8);
+  assert.ok(Math.abs(a.rope.invFreq[1]! - 10000 ** (-2 / 16)) < 1e-7);
+  // GLM-4.5 defaults partial_rotary_factor to 0.5 when the config does not say.
+  const noFactor = glm4Moe();
+  delete noFactor.partial_rotary_factor;
+  assert.equal(parseModelConfig(noFactor).attention.rope.rotaryDim, 16);
+  assert.equal(parseModelConfig({ ...glm4Moe(), partial_rotary_factor: 1 }).attention.rope.rotaryDim, 32);
+  assert.equal(parseModelConfig({ ...glm4Moe(), use_qk_norm: false }).attention.qkNorm, 'none');
+  const t = new Map(expectedTensors(s).map((x) => [x.name, x.shape]));
+  assert.deepEqual(t.get('model.layers.0.mlp.gate_proj.weight'), [128, 64]);
+  assert.deepEqual(t.get('model.layers.1.mlp.gate.e_score_correction_bias'), [8]);
+  assert.deepEqual(t.get('model.layers.1.mlp.shared_experts.up_proj.weight'), [32, 64]);
+  assert.deepEqual(t.get('model.layers.1.self_attn.q_norm.weight'), [32]);
+  assert.deepEqual(t.get('model.layers.1.self_attn.k_proj.bias'), [64]);
+  assert.ok(!t.has('model.layers.1.self_attn.o_proj.bias'));
+  // The MTP layer (model.layers.6.*) is loaded never: one warning, not an error.
+  const all = expectedTensors(s);
+  const mtp = [{ name: 'model.layers.6.eh_proj.weight', shape: [64, 128] },
+    { name: 'model.layers.6.mlp.gate.weight', shape: [8, 64] }, { name: 'model.layers.6.enorm.weight', shape: [64] }];
+  assert.deepEqual(validateCheckpoint(s, fakeCheckpoint([...all, ...mtp])).warnings,
+    ['3 tensor(s) of layer(s) 6 beyond num_hidden_layers 6 (multi-token-prediction layers) are not used']);
+});
+
+test('minimax_m2: rotary_dim or partial_rotary_factor, full-projection q/k norm, sigmoid router with bias', () => {
+  const s = parseModelConfig(minimaxM2());
+  const v5 = parseModelConfig(partialV5(minimaxM2(), 0.5));
+  assert.deepEqual(Array.from(v5.attention.rope.invFreq), Array.from(s.attention.rope.invFreq));
+  assert.deepEqual(moeLayers(s), [0, 1, 2, 3, 4, 5]);
+  assert.deepEqual(s.moe.router, { scoring: 'sigmoid', topK: 2, renormalize: true, scale: 1, nGroup: 1,
+    topkGroup: 1, groupScore: 'max', hasCorrectionBias: true });
+  assert.equal(s.moe.intermediate, 32);
+  const a = s.attention;
+  assert.deepEqual([a.headDim, a.qkvBias, a.oBias, a.qkNorm, a.rope.rotaryDim], [24, false, false, 'full', 12]);
+  assert.ok(Math.abs(a.softmaxScale - 1 / Math.sqrt(24)) < 1e-15);
+  // Hub layout (block_sparse_moe, w1/w3/w2, the bias on the block) and the 5.x fused one.
+  const t = new Map(expectedTensors(s).map((x) => [x.name, x.shape]));
+  assert.deepEqual(t.get('model.layers.2.block_sparse_moe.gate.weight'), [8, 64]);
+  assert.deepEqual(t.get('model.layers.2.block_sparse_moe.e_score_correction_bias'), [8]);
+  assert.deepEqual(t.get('model.layers.2.block_sparse_moe.experts.7.w2.weight'), [64, 32]);
+  assert.deepEqual(t.get('model.layers.2.self_attn.q_norm.weight'), [96]);
+  assert.deepEqual(t.get('model.layers.2.self_attn.k_norm.weight'), [48]);
+  const fused = new Map(expectedTensors(s, 'fused').map((x) => [x.name, x.shape]));
+  assert.deepEqual(fused.get('model.layers.2.mlp.e_score_correction_bias'), [8]);
+  assert.deepEqual(fused.get('model.layers.2.mlp.experts.gate_up_proj'), [8, 64, 64]);
+  const refused: Array<[Raw, RegExp]> = [
+    [{ ...minimaxM2(), scoring_func: 'softmax' }, /minimax_m2 config scoring_func 'softmax' is not supported; supported: sigmoid/],
+    [{ ...minimaxM2(), use_routing_bias: false }, /use_routing_bias=false is not supported/],
+    [{ ...minimaxM2(), qk_norm_type: 'per_head' }, /qk_norm_type="per_head" is not supported/],
+    [{ ...minimaxM2(), rotary_dim: 7 }, /gives 7 rotated dims; expected a positive even number/],
+  ];
+  for (const [cfg, re] of refused) assert.throws(() => parseModelConfig(cfg), (e: Error) => e instanceof ConfigError && re.test(e.message));
+});
+
+// gpt-oss-20b's config shape (4.x spelling: rope_scaling yarn with truncate, no layer_types).
+function gptOss(): Raw {
+  return { ...common, model_type: 'gpt_oss', head_dim: 16, intermediate_size: 32, num_local_experts: 8,
+    sliding_window: 128, attention_bias: true, rope_theta: 150000, rope_scaling: { rope_type: 'yarn', factor: 32,
+      beta_fast: 32, beta_slow: 1, truncate: false, original_max_position_embeddings: 4096 } };
+}
+
+test('gpt_oss: sinks, per-layer windows from layer_types, biases, router bias, clamped SwiGLU, YaRN truncate', () => {
+  const s = both(gptOss());
+  assert.deepEqual(moeLayers(s), [0, 1, 2, 3, 4, 5]);
+  // transformers' default layer_types: sliding on even layers, full on odd.
+  assert.deepEqual(s.layers.map((l) => l.slidingWindow), [128, null, 128, null, 128, null]);
+  const types = ['full_attention', 'full_attention', 'sliding_attention', 'full_attention', 'sliding_attention', 'sliding_attention'];
+  assert.deepEqual(parseModelConfig({ ...gptOss(), layer_types: types }).layers.map((l) => l.slidingWindow),
+    [null, null, 128, null, 128, 128]);
+  const a = s.attention;
+  assert.deepEqual([a.sinks, a.qkvBias, a.oBias, a.slidingWindow, a.rope.rotaryDim, a.rope.interleaved],
+    [true, true, true, null, 16, false]);
+  assert.deepEqual(s.moe.router, { scoring: 'softmax', topK: 2, renormalize: true, scale: 1, nGroup: 1, topkGroup: 1,
+    groupScore: 'max', hasCorrectionBias: false });
+  assert.deepEqual([s.moe.routerBias, s.moe.clampedSwiglu], [true, { alpha: 1.702, limit: 7 }]);
+  // YaRN attention factor 0.1 ln(32) + 1 on cos/sin; truncate false keeps the fractional ramp bounds
+  // (so the spec differs from truncate true).
+  assert.ok(Math.abs(a.rope.attnScale - (0.1 * Math.log(32) + 1)) < 1e-12);
+  const truncated = parseModelConfig({ ...gptOss(), rope_scaling: { ...(gptOss().rope_scaling as Raw), truncate: true } });
+  assert.notDeepEqual(Array.from(truncated.attention.rope.invFreq), Array.from(a.rope.invFreq));
+  const t = new Map(expectedTensors(s).map((x) => [x.name, x.shape]));
+  assert.deepEqual(t.get('model.layers.1.self_attn.sinks'), [4]);
+  assert.deepEqual(t.get('model.layers.1.self_attn.o_proj.bias'), [64]);
+  assert.deepEqual(t.get('model.layers.1.mlp.router.bias'), [8]);
+  assert.deepEqual(t.get('model.layers.1.mlp.experts.gate_up_proj'), [8, 64, 64]);
+  assert.deepEqual(t.get('model.layers.1.mlp.experts.gate_up_proj_bias'), [8, 64]);
+  assert.deepEqual(t.get('model.layers.1.mlp.experts.down_proj'), [8, 32, 64]);
+  assert.deepEqual(t.get('model.layers.1.mlp.experts.down_proj_bias'), [8, 64]);
+  assert.throws(() => parseModelConfig({ ...gptOss(), layer_types: ['sliding_attention'] }),
+    (e: Error) => e instanceof ConfigError && /layer_types is \["sliding_attention"\], expected 6 of/.test(e.message));
+  assert.throws(() => parseModelConfig({ ...gptOss(), quantization_config: { quant_method: 'mxfp4' } }),
+    (e: Error) => e instanceof ConfigError && /quantization_config .*"mxfp4".* is not supported/.test(e.message));
+});
+
 test('fp8 block quantisation is accepted and recorded; other quantisation is refused', () => {
   const q = { quant_method: 'fp8', fmt: 'e4m3', activation_scheme: 'dynamic', weight_block_size: [128, 128] };
   assert.deepEqual(parseModelConfig({ ...deepseekV3(), quantization_config: q }).quantization,

@@ -19,6 +19,8 @@ const cases: { fixture: string; extra: string[] }[] = [
   { fixture: 'longcat_flash', extra: [] },
   { fixture: 'qwen2_moe', extra: ['--expert-cache-fraction', '0.5'] },
   { fixture: 'deepseek_v2', extra: [] },
+  { fixture: 'minimax_m2', extra: ['--expert-cache-fraction', '0.5'] },
+  { fixture: 'glm4_moe', extra: [] },
 ];
 
 async function completions(extra: string[], env: NodeJS.ProcessEnv, fixture: string) {

@@ -31,7 +31,8 @@ const fixtures = readdirSync(path.join(packageRoot(), 'test', 'fixtures'), { wit
   .filter((d) => d.isDirectory()).map((d) => d.name).sort();
 
 test('the EP fixture list is every fixture', () => {
-  assert.deepEqual(fixtures, ['deepseek_v2', 'deepseek_v3', 'longcat_flash', 'mixtral', 'olmoe', 'qwen2_moe', 'qwen3_moe']);
+  assert.deepEqual(fixtures, ['deepseek_v2', 'deepseek_v3', 'glm4_moe', 'gpt_oss', 'longcat_flash', 'minimax_m2', 'mixtral', 'olmoe',
+    'qwen2_moe', 'qwen3_moe']);
 });
 
 for (const name of fixtures) {

@@ -7,12 +7,17 @@ import path from 'node:path';
 import { describe, test } from 'node:test';
 
 import { loadModel } from '../src/model/load.js';
+import { ModelTokenizer } from '../src/model/tokenizer.js';
 import { packageRoot } from '../src/native/index.js';
 import { kvFidelity } from './helpers/kv-fidelity.js';
 import { DirectRunner, aloneAndBatched } from './helpers/model-runner.js';
 
 interface GoldenCase { prompt_ids: number[]; logits: number[][]; greedy: number[]; router: number[][][] }
-interface Golden { model_type: string; moe_layers: number[]; cases: GoldenCase[]; vocab_size: number }
+interface Golden {
+  model_type: string; moe_layers: number[]; cases: GoldenCase[]; vocab_size: number;
+  /** Families that ship chat_template.jinja: transformers' rendering (add_generation_prompt) of messages. */
+  chat?: { messages: { role: string; content: string }[]; rendered: string };
+}
 
 const fixturesDir = path.join(packageRoot(), 'test', 'fixtures');
 const fixtures = existsSync(fixturesDir)
@@ -35,6 +40,9 @@ const BF16_MEAN_REL_TOL = 0.02;
 // consistent positions <= 13%. The bound is fp8's, recorded in bench/RESULTS.md.
 const FP8_MEAN_REL_TOL = 0.12;
 const FP8_REL_TOL = 0.13;
+// gpt_oss (its fixture's expert gate_up weights are larger, so that the clamped SwiGLU's limit is
+// reached): measured 5.07% at one routing-consistent position (case 0, position 2), mean 1.04%.
+const BF16_REL_TOL_BY_FAMILY: Record<string, number> = { gpt_oss: 0.06 };
 
 function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
   let m = 0;
@@ -50,7 +58,8 @@ function range(a: ArrayLike<number>): number {
 }
 
 test('fixtures exist for every supported architecture', () => {
-  for (const arch of ['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v2', 'deepseek_v3', 'longcat_flash'])
+  for (const arch of ['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v2', 'deepseek_v3', 'longcat_flash',
+    'glm4_moe', 'minimax_m2', 'gpt_oss'])
     assert.ok(fixtures.includes(arch), `missing fixture ${arch}`);
 });
 
@@ -58,6 +67,13 @@ for (const name of fixtures) {
   const dir = path.join(fixturesDir, name);
   const golden = JSON.parse(readFileSync(path.join(dir, 'golden.json'), 'utf8')) as Golden;
   describe(`fixture ${name}`, () => {
+    if (golden.chat) {
+      const chat = golden.chat;
+      test('chat_template.jinja renders the messages as transformers does', () => {
+        assert.ok(existsSync(path.join(dir, 'chat_template.jinja')));
+        assert.equal(ModelTokenizer.load(dir).applyChatTemplate(chat.messages, { addGenerationPrompt: true }), chat.rendered);
+      });
+    }
 
     test('f32 mode: router ids, logits and greedy tokens match transformers', () => {
       const { model, spec } = loadModel(dir, { fast: false });
@@ -152,7 +168,7 @@ for (const name of fixtures) {
               return true;
             });
             if (sameRouting)
-              assert.ok(rel <= BF16_REL_TOL, `case ${ci} position ${p}: bf16 logits off by ${(rel * 100).toFixed(2)}% of their range`);
+              assert.ok(rel <= (BF16_REL_TOL_BY_FAMILY[name] ?? BF16_REL_TOL), `case ${ci} position ${p}: bf16 logits off by ${(rel * 100).toFixed(2)}% of their range`);
           }
         }
         const mean = sumRel / positions;

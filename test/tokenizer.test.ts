@@ -123,6 +123,10 @@ test('chat template renders messages, add_generation_prompt and special tokens',
   assert.equal(t2.applyChatTemplate(msgs), 'DEFAULT2');
   // No template: a clear error.
   assert.throws(() => tok.applyChatTemplate(msgs), (e: Error) => e instanceof TokenizerError && /no chat template/.test(e.message));
+  // chat_template.jinja beside tokenizer_config.json wins over the config's template (transformers).
+  const jinjaDir = folder('chat-jinja', { chat_template: template });
+  fs.writeFileSync(path.join(jinjaDir, 'chat_template.jinja'), '[gMASK]{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}{% endfor %}');
+  assert.equal(ModelTokenizer.load(jinjaDir).applyChatTemplate(msgs), '[gMASK]<|system|>\nBe brief.<|user|>\nHi 🙂');
   const t3 = ModelTokenizer.load(folder('chat-bad', { chat_template: '{% for %}' }));
   assert.throws(() => t3.applyChatTemplate(msgs), (e: Error) => e instanceof TokenizerError && /does not parse/.test(e.message));
 });

@@ -140,6 +140,19 @@ Napi::Value paged_attention_js(const Napi::CallbackInfo& info) {
   Span<int32_t> tables =
       get_array<int32_t>(info, 4, "blockTables", size_t(p.num_seqs) * size_t(p.max_blocks));
   Span<float> out = get_array<float>(info, 6, "out", 0);
+  {
+    // Optional per-head attention sinks (gpt-oss): a Float32Array of exactly `heads` logits.
+    Napi::Value sv = opts.Get("sinks");
+    if (!is_nullish(sv)) {
+      if (!sv.IsTypedArray() || sv.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array)
+        throw_type(env, "opts.sinks must be a Float32Array");
+      auto arr = sv.As<Napi::Float32Array>();
+      if (arr.ElementLength() != static_cast<size_t>(p.heads))
+        throw_range(env, "opts.sinks.length is " + s(static_cast<int64_t>(arr.ElementLength())) +
+                             ", expected heads = " + s(p.heads));
+      p.sinks = arr.Data();
+    }
+  }
 
   const int64_t ctx_cap = int64_t{p.max_blocks} * p.block_size;
   int64_t rows = 0;  // q/out token rows the call touches

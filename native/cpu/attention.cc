@@ -1,5 +1,5 @@
-// Attention over the paged KV cache (prefill and decode, GQA, sliding window, MLA dims; an f32,
-// bf16 or fp8 e4m3 cache), and the KV cache write. Flash-style online softmax in f32 on the thread pool, AVX-512 where present:
+// Attention over the paged KV cache (prefill and decode, GQA, sliding window, MLA dims, sinks; an
+// f32, bf16 or fp8 e4m3 cache), and the KV cache write. Flash-style online softmax in f32 on the thread pool, AVX-512 where present:
 // each 16-key block is a small register-blocked GEMM (scores, then P.V) over the tile's rows.
 #include <algorithm>
 #include <cmath>
@@ -164,6 +164,12 @@ inline void key_block_rows(const Ctx& c, const Tile& t, int kb0, int lo, int hi,
       vp[j - kb0] = vr;
     }
   }
+}
+
+// A row state's denominator gains the head's sink: l += e^(sink - m) (m is the row's running max
+// over real keys; at least one key, the query's own, is always visible).
+inline void add_sink(const AttentionParams& p, int head, float* st) {
+  if (p.sinks) st[1] += std::exp(p.sinks[head] - st[0]);
 }
 
 // ------------------------------------------------------------------ portable kernels
@@ -629,9 +635,11 @@ void paged_attention(const float* q, const void* k_cache, const void* v_cache,
       }
     }
     for (int i = t.t0; i < t.t1; ++i)
-      for (int hh = 0; hh < g; ++hh)
-        kern.finalize(ts.total.data() + static_cast<size_t>((i - t.t0) * g + hh) * stride, p.dv,
-                      out_row(t, i, hh));
+      for (int hh = 0; hh < g; ++hh) {
+        float* st = ts.total.data() + static_cast<size_t>((i - t.t0) * g + hh) * stride;
+        add_sink(p, t.kvh * g + hh, st);
+        kern.finalize(st, p.dv, out_row(t, i, hh));
+      }
   });
 
   if (split_floats == 0) return;
@@ -651,6 +659,7 @@ void paged_attention(const float* q, const void* k_cache, const void* v_cache,
         std::memcpy(total, split_row(t, first_seg(lo), r), sizeof(float) * stride);
         for (int s = first_seg(lo) + 1; s <= pos / kSegment; ++s)
           kern.combine(total, split_row(t, s, r), p.dv);
+        add_sink(p, t.kvh * g + hh, total);
         kern.finalize(total, p.dv, out_row(t, i, hh));
       }
     }

@@ -52,6 +52,7 @@ export class GqaAttention implements AttentionBlock {
   private readonly oBias: Float32Array | null;
   private readonly qNorm: Float32Array | null;
   private readonly kNorm: Float32Array | null;
+  private readonly sinks: Float32Array | null;     // [heads] (gpt-oss)
   readonly cacheFloatsPerToken: [number, number];
 
   constructor(private readonly spec: AttentionSpec, src: TensorSource, prefix: string,
@@ -76,6 +77,7 @@ export class GqaAttention implements AttentionBlock {
     const kn = spec.qkNorm === 'per_head' ? headDim : kvHeads * headDim;
     this.qNorm = spec.qkNorm === 'none' ? null : vectorF32(src, `${p}q_norm.weight`, qn);
     this.kNorm = spec.qkNorm === 'none' ? null : vectorF32(src, `${p}k_norm.weight`, kn);
+    this.sinks = spec.sinks ? vectorF32(src, `${p}sinks`, heads) : null;
     this.cacheFloatsPerToken = [kvHeads * headDim, kvHeads * headDim];
   }
 
@@ -116,7 +118,7 @@ export class GqaAttention implements AttentionBlock {
     const attn = ctx.scratch.f32('attn.out', T * heads * headDim);
     n.pagedAttention(q, cache.k, cache.v!, ctx.batch.seqInfo, ctx.batch.blockTables, attentionOptions(ctx, {
       heads, kvHeads, dk: headDim, dv: headDim, scale: this.spec.softmaxScale,
-      slidingWindow: this.spec.slidingWindow ?? 0, ...scaleOptions(cache),
+      slidingWindow: this.spec.slidingWindow ?? 0, ...scaleOptions(cache), sinks: this.sinks,
     }), attn);
     n.denseGemm(attn, T, this.o, out, this.oBias, false, ctx.fast);
   }

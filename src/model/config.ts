@@ -1,4 +1,4 @@
-// HF config.json (+ generation_config.json) -> ModelSpec for the six supported MoE families, in
+// HF config.json (+ generation_config.json) -> ModelSpec for the supported MoE families, in
 // both transformers 4.x (rope_scaling, top-level rope_theta) and 5.x (rope_parameters) spellings.
 // Anything not implemented is a ConfigError naming the value and what is supported: never a
 // silently different model.
@@ -21,7 +21,8 @@ export class ConfigError extends Error {
 }
 
 export const SUPPORTED_MODEL_TYPES: readonly ModelType[] =
-  ['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v2', 'deepseek_v3', 'longcat_flash'];
+  ['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v2', 'deepseek_v3', 'longcat_flash', 'glm4_moe',
+    'minimax_m2', 'gpt_oss'];
 
 type Raw = Record<string, unknown>;
 
@@ -149,6 +150,7 @@ function buildSpec(raw: Raw, gen: Raw | null): ModelSpec {
   const c = new Fields(raw, mt);
 
   const act = c.str('hidden_act', 'silu');
+  // gpt-oss configs say 'silu' but its experts use their own clamped SwiGLU (MoeSpec.clampedSwiglu).
   if (act !== 'silu')
     throw new ConfigError(`${mt} config hidden_act is '${act}'; only 'silu' (SwiGLU experts) is supported`);
   const quantization = parseQuantization(raw, mt);
@@ -216,14 +218,35 @@ function ropeDict(c: Fields): { ropeType: string; theta: number; params: Raw } {
     else if (params.original_max_position_embeddings === undefined)
       params.original_max_position_embeddings = raw.max_position_embeddings;
   }
-  const prf = params.partial_rotary_factor ?? raw.partial_rotary_factor;
-  if (prf !== undefined && prf !== null && prf !== 1)
-    throw new ConfigError(`${c.modelType} config partial_rotary_factor is ${JSON.stringify(prf)}; ` +
-      `only 1.0 is supported for ${c.modelType}`);
   if (!(SUPPORTED_ROPE_TYPES as readonly string[]).includes(ropeType))
     throw new ConfigError(`${c.modelType} config rope_type '${ropeType}' is not supported; supported: ` +
       SUPPORTED_ROPE_TYPES.join(', '));
   return { ropeType, theta, params };
+}
+
+/**
+ * Rotated dims per head: head_dim * partial_rotary_factor (rope_parameters in 5.x, top level in 4.x;
+ * GLM-4.5 defaults to 0.5; MiniMax-M2 hub configs say rotary_dim instead). Families without partial
+ * rotary in transformers refuse a factor other than 1.
+ */
+function rotaryDim(c: Fields, headDim: number): number {
+  const raw = c.raw;
+  const params = (raw.rope_parameters ?? raw.rope_scaling ?? {}) as Raw;
+  let prf = (params.partial_rotary_factor ?? raw.partial_rotary_factor) as unknown;
+  if (c.modelType === 'minimax_m2' && (prf === undefined || prf === null) && c.has('rotary_dim'))
+    prf = c.int('rotary_dim', undefined, 2) / headDim;
+  if (c.modelType === 'glm4_moe' && (prf === undefined || prf === null)) prf = 0.5;
+  if (prf === undefined || prf === null) return headDim;
+  const partial = c.modelType === 'glm4_moe' || c.modelType === 'minimax_m2';
+  if (typeof prf !== 'number' || !(prf > 0 && prf <= 1) || (!partial && prf !== 1))
+    throw new ConfigError(`${c.modelType} config partial_rotary_factor is ${JSON.stringify(prf)}; ` +
+      (partial ? 'expected a number in (0, 1]' : `only 1.0 is supported for ${c.modelType}`));
+  // transformers: int(head_dim * partial_rotary_factor)
+  const dim = Math.floor(headDim * prf);
+  if (dim < 2 || dim % 2 !== 0)
+    throw new ConfigError(`${c.modelType} config: head_dim ${headDim} x partial_rotary_factor ${prf} gives ` +
+      `${dim} rotated dims; expected a positive even number`);
+  return dim;
 }
 
 function rope(c: Fields, dim: number, maxContext: number, interleaved: boolean): RopeSpec {
@@ -259,18 +282,40 @@ function gqaAttention(c: Fields, mt: ModelType, hidden: number, heads: number,
   }
   let qkvBias = false;
   let oBias = false;
+  let qkNorm: AttentionSpec['qkNorm'] = mt === 'qwen3_moe' ? 'per_head' : mt === 'olmoe' ? 'full' : 'none';
+  if (mt === 'glm4_moe') {
+    // GLM-4.5: q/k/v bias (attention_bias), none on o_proj; use_qk_norm: per-head RMSNorm before RoPE.
+    qkvBias = c.bool('attention_bias', false);
+    if (c.bool('use_qk_norm', false)) qkNorm = 'per_head';
+  }
+  if (mt === 'minimax_m2') {
+    // MiniMax-M2: RMSNorm over the whole q and k projections (hub configs: use_qk_norm true,
+    // qk_norm_type 'per_layer'), no attention biases.
+    const type = c.str('qk_norm_type', 'per_layer');
+    if (!c.bool('use_qk_norm', true) || type !== 'per_layer')
+      throw new ConfigError(`minimax_m2 config use_qk_norm=${JSON.stringify(c.raw.use_qk_norm)} qk_norm_type=` +
+        `${JSON.stringify(type)} is not supported; supported: use_qk_norm true with qk_norm_type 'per_layer' ` +
+        '(what transformers implements)');
+    qkNorm = 'full';
+  }
   if (mt === 'qwen2_moe') qkvBias = c.bool('qkv_bias', true);
+  let sinks = false;
+  if (mt === 'gpt_oss') {
+    // gpt-oss: biases on q/k/v and o (attention_bias, default true), sinks, per-layer windows
+    // (layer_types; the spec's window is null and each LayerSpec says its own).
+    qkvBias = oBias = c.bool('attention_bias', true);
+    sinks = true;
+  }
   if (mt === 'qwen3_moe' || mt === 'olmoe') qkvBias = oBias = c.bool('attention_bias', false);
   if (mt === 'mixtral' && c.bool('attention_bias', false))
     throw new ConfigError('mixtral config attention_bias=true is not supported (Mixtral has no attention bias)');
   const clip = mt === 'olmoe' && c.has('clip_qkv') ? c.num('clip_qkv') : null;
   return {
     kind: 'gqa', heads, kvHeads, headDim, qkvBias, oBias,
-    qkNorm: mt === 'qwen3_moe' ? 'per_head' : mt === 'olmoe' ? 'full' : 'none',
-    clipQkv: clip, slidingWindow,
+    qkNorm, clipQkv: clip, slidingWindow, ...(sinks ? { sinks } : {}),
     softmaxScale: invSqrt(headDim),
     qLoraRank: null, kvLoraRank: 0, qkNopeHeadDim: 0, qkRopeHeadDim: 0, vHeadDim: headDim,
-    rope: rope(c, headDim, maxContext, false),
+    rope: rope(c, rotaryDim(c, headDim), maxContext, false),
   };
 }
 
@@ -362,6 +407,52 @@ function moeAndLayers(c: Fields, mt: ModelType, numLayers: number):
       }
       break;
     }
+    case 'glm4_moe': {
+      // DeepSeek-V3's router (sigmoid, e_score_correction_bias, group-limited top-k of the top-2
+      // sums), shared experts, dense layers below first_k_dense_replace. The MTP layers
+      // (num_nextn_predict_layers, stored as model.layers.{L}...) are not part of the decoder.
+      numExperts = c.intAny(['n_routed_experts', 'num_local_experts'], undefined, 1);
+      intermediate = c.int('moe_intermediate_size', undefined, 1);
+      denseIntermediate = c.int('intermediate_size', undefined, 1);
+      sharedIntermediate = intermediate * c.int('n_shared_experts', 1, 0);
+      router.scale = c.num('routed_scaling_factor', 1);
+      router.renormalize = c.bool('norm_topk_prob', true);
+      router.scoring = 'sigmoid';
+      router.hasCorrectionBias = true;
+      router.nGroup = c.int('n_group', 1, 1);
+      router.topkGroup = c.int('topk_group', 1, 1);
+      router.groupScore = 'top2sum';
+      const firstDense = c.int('first_k_dense_replace', 1, 0);
+      isMoe = (i) => i >= firstDense;
+      break;
+    }
+    case 'minimax_m2': {
+      // Sigmoid scores, top-k of score + e_score_correction_bias, weights = the chosen scores
+      // renormalised to sum 1 (always, in transformers), no scaling, no groups.
+      numExperts = c.intAny(['num_local_experts', 'num_experts'], undefined, 1);
+      intermediate = c.int('intermediate_size', undefined, 1);
+      const scoring = c.str('scoring_func', 'sigmoid');
+      if (scoring !== 'sigmoid')
+        throw new ConfigError(`minimax_m2 config scoring_func '${scoring}' is not supported; supported: sigmoid`);
+      if (!c.bool('use_routing_bias', true))
+        throw new ConfigError('minimax_m2 config use_routing_bias=false is not supported; supported: true ' +
+          '(transformers always adds e_score_correction_bias)');
+      router.scoring = 'sigmoid';
+      router.hasCorrectionBias = true;
+      router.renormalize = true;
+      isMoe = () => true;
+      break;
+    }
+    case 'gpt_oss': {
+      // Router Linear with bias; top-k of its logits, then softmax over the chosen k (equal to the
+      // renormalised softmax top-k); experts with biases and the clamped SwiGLU (alpha, limit are
+      // constants in transformers).
+      numExperts = c.intAny(['num_local_experts', 'num_experts'], undefined, 1);
+      intermediate = c.int('intermediate_size', undefined, 1);
+      router.renormalize = true;
+      isMoe = () => true;
+      break;
+    }
     case 'deepseek_v2':
     case 'deepseek_v3': {
       numExperts = c.intAny(['n_routed_experts', 'num_local_experts'], undefined, 1);
@@ -413,6 +504,20 @@ function moeAndLayers(c: Fields, mt: ModelType, numLayers: number):
     throw new ConfigError(`${mt} config num_experts_per_tok ${topK} exceeds the ${numExperts} experts`);
   const layers: LayerSpec[] = [];
   for (let i = 0; i < numLayers; i++) layers.push({ ffn: isMoe(i) ? 'moe' : 'dense' });
+  if (mt === 'gpt_oss') {
+    const window = c.intOrNull('sliding_window');
+    const types = c.raw.layer_types ?? layers.map((_, i) => ((i + 1) % 2 ? 'sliding_attention' : 'full_attention'));
+    if (!Array.isArray(types) || types.length !== numLayers ||
+        !types.every((t) => t === 'sliding_attention' || t === 'full_attention'))
+      throw new ConfigError(`gpt_oss config layer_types is ${JSON.stringify(types)}, expected ${numLayers} of ` +
+        "'sliding_attention' / 'full_attention'");
+    types.forEach((t, i) => { layers[i]!.slidingWindow = t === 'sliding_attention' ? window : null; });
+    return {
+      moe: { numExperts, intermediate, router, sharedIntermediate, sharedGate, routerBias: true,
+        clampedSwiglu: { alpha: 1.702, limit: 7 } },
+      layers, denseIntermediate,
+    };
+  }
   return {
     moe: { numExperts, intermediate, router, sharedIntermediate, sharedGate },
     layers, denseIntermediate,
@@ -491,6 +596,7 @@ export function expectedTensors(spec: ModelSpec, layout: ExpertLayout = 'per_exp
         add(`${s}v_proj.bias`, [kv]);
       }
       if (a.oBias) add(`${s}o_proj.bias`, [H]);
+      if (a.sinks) add(`${s}sinks`, [a.heads]);
       if (a.qkNorm === 'per_head') {
         add(`${s}q_norm.weight`, [a.headDim]);
         add(`${s}k_norm.weight`, [a.headDim]);
@@ -513,10 +619,23 @@ export function expectedTensors(spec: ModelSpec, layout: ExpertLayout = 'per_exp
     }
     const E = m.numExperts;
     const I = m.intermediate;
-    const mixtralOld = spec.modelType === 'mixtral' && layout === 'per_expert';
+    if (spec.modelType === 'gpt_oss') {
+      // One layout (hub and transformers 5.x): [E, H, 2I] with gate and up interleaved by column.
+      add(`${p}mlp.router.weight`, [E, H]);
+      add(`${p}mlp.router.bias`, [E]);
+      add(`${p}mlp.experts.gate_up_proj`, [E, H, 2 * I]);
+      add(`${p}mlp.experts.gate_up_proj_bias`, [E, 2 * I]);
+      add(`${p}mlp.experts.down_proj`, [E, I, H]);
+      add(`${p}mlp.experts.down_proj_bias`, [E, H]);
+      continue;
+    }
+    // Mixtral and MiniMax-M2 hub checkpoints: block_sparse_moe.experts.{e}.w1/w3/w2.
+    const mixtralOld = (spec.modelType === 'mixtral' || spec.modelType === 'minimax_m2') && layout === 'per_expert';
     const moe = mixtralOld ? `${p}block_sparse_moe.` : `${p}mlp.`;
     add(`${moe}gate.weight`, [E, H]);
-    if (m.router.hasCorrectionBias) add(`${moe}gate.e_score_correction_bias`, [E]);
+    // MiniMax-M2 keeps the correction bias on the block, the others on the router.
+    if (m.router.hasCorrectionBias)
+      add(spec.modelType === 'minimax_m2' ? `${moe}e_score_correction_bias` : `${moe}gate.e_score_correction_bias`, [E]);
     if (layout === 'fused') {
       add(`${moe}experts.gate_up_proj`, [E, 2 * I, H]);
       add(`${moe}experts.down_proj`, [E, H, I]);
@@ -611,6 +730,9 @@ export class CheckpointMismatchError extends Error {
 export function validateCheckpoint(spec: ModelSpec, ckpt: TensorShapes): CheckpointReport {
   let fused = false;
   for (const name of ckpt.tensors.keys()) if (name.endsWith('.experts.gate_up_proj')) fused = true;
+  if (spec.quantization === null && [...ckpt.tensors.keys()].some((n) => n.endsWith('.experts.gate_up_proj_blocks')))
+    throw new CheckpointMismatchError(`this ${spec.modelType} checkpoint stores its experts in MXFP4 ` +
+      '(gate_up_proj_blocks / _scales), which expertd does not read yet; use a bf16 copy of the checkpoint', [], []);
   const layout: ExpertLayout = fused ? 'fused' : 'per_expert';
   const expected = expectedTensors(spec, layout);
   const expectedNames = new Set(expected.map((t) => t.name));
@@ -628,11 +750,25 @@ export function validateCheckpoint(spec: ModelSpec, ckpt: TensorShapes): Checkpo
       missing.push(`${t.name}_scale_inv`);
   }
   const warnings: string[] = [];
+  // Multi-token-prediction layers (GLM-4.5 and DeepSeek-V3 num_nextn_predict_layers) are stored as
+  // model.layers.{L + i}.*: not part of the decoder, loaded never, one warning for all of them.
+  const mtp = new Set<number>();
+  let mtpTensors = 0;
   for (const name of ckpt.tensors.keys()) {
     if (expectedNames.has(name)) continue;
+    const layer = /^model\.layers\.(\d+)\./.exec(name);
+    if (layer && Number(layer[1]) >= spec.numLayers && spec.modelType !== 'longcat_flash') {
+      mtp.add(Number(layer[1]));
+      mtpTensors++;
+      continue;
+    }
     if (spec.quantization && name.endsWith('_scale_inv') && expectedNames.has(name.slice(0, -'_scale_inv'.length)))
       continue;
     warnings.push(`unexpected tensor ${name} (not used by ${spec.modelType})`);
+  }
+  if (mtp.size) {
+    warnings.push(`${mtpTensors} tensor(s) of layer(s) ${[...mtp].sort((a, b) => a - b).join(', ')} beyond ` +
+      `num_hidden_layers ${spec.numLayers} (multi-token-prediction layers) are not used`);
   }
   if (missing.length || shapeErrors.length) {
     const parts: string[] = [];

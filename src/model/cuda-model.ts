@@ -91,6 +91,10 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
   hooks: MoeHooks<CudaExpertTable> = {};
 
   constructor(readonly spec: ModelSpec, src: TensorSource, opts: CudaModelOptions) {
+    // NOTE: the device ops have no attention sinks and no biased, clamped SwiGLU experts yet.
+    if (spec.modelType === 'gpt_oss')
+      throw new Error('gpt_oss runs on the CPU engine only (--device cpu): the device engine has no attention ' +
+        'sinks and no clamped-SwiGLU experts yet');
     const native = loadNative() as NativeAddon & Partial<CudaAddon>;
     const cu = opts.cuda ?? (native.cudaBuffer ? native as CudaAddon : null);
     if (!cu) throw new Error('--device cuda needs the full build with CUDA (npm run build:gpu); this addon has none');

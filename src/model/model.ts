@@ -77,9 +77,12 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
     else this.lmHead = packLinear(src, 'lm_head.weight', spec.vocabSize, H);
     let moeIndex = 0;
     let cacheIndex = 0;
-    const attention = (p: string): AttentionBlock => spec.attention.kind === 'mla'
-      ? new MlaAttention(spec.attention, src, p, H)
-      : new GqaAttention(spec.attention, src, p, H, spec.rmsNormEps);
+    // A layer's own window (gpt-oss layer_types) overrides the model's.
+    const attention = (p: string, i: number): AttentionBlock => {
+      const w = spec.layers[i]!.slidingWindow;
+      const a = w === undefined ? spec.attention : { ...spec.attention, slidingWindow: w };
+      return a.kind === 'mla' ? new MlaAttention(a, src, p, H) : new GqaAttention(a, src, p, H, spec.rmsNormEps);
+    };
     for (let i = 0; i < spec.numLayers; i++) {
       const p = `model.layers.${i}.`;
       const ls = spec.layers[i]!;
@@ -88,7 +91,7 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
         const subs = [0, 1].map((j) => ({
           inputNorm: vectorF32(src, `${p}input_layernorm.${j}.weight`, H),
           postNorm: vectorF32(src, `${p}post_attention_layernorm.${j}.weight`, H),
-          attn: attention(`${p}self_attn.${j}.`),
+          attn: attention(`${p}self_attn.${j}.`, i),
           cacheIndex: cacheIndex++,
           dense: denseFfnTable(src, `${p}mlps.${j}.`, H, spec.denseIntermediate),
         }));
@@ -109,7 +112,7 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
         subs: [{
           inputNorm: vectorF32(src, `${p}input_layernorm.weight`, H),
           postNorm: vectorF32(src, `${p}post_attention_layernorm.weight`, H),
-          attn: attention(`${p}self_attn.`), cacheIndex: cacheIndex++, dense,
+          attn: attention(`${p}self_attn.`, i), cacheIndex: cacheIndex++, dense,
         }],
         moe, shortcut: false,
       });
@@ -139,6 +142,7 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
     const sharedGate = t.sharedGate ? n.packWeight(t.sharedGate.data, t.sharedGate.dtype, 1, H) : null;
     return new MoeLayer(moeIndex, m, {
       gate, gateBias: t.routerBias, correctionBias: t.correctionBias, experts, shared, sharedGate,
+      expertBias: t.expertBias,
     }, H, this.comm);
   }
 

@@ -4,7 +4,7 @@
 import type { ModelSpec } from './spec.js';
 import type { Fp8Weight } from './safetensors.js';
 import type { HostTensor, TensorSource } from './tensor-source.js';
-import { checkShape, rowsOf, ShapeError, sliceOf, vectorF32, type ExpertSource } from './weights.js';
+import { checkShape, rowsOf, ShapeError, sliceOf, toF32, vectorF32, type ExpertSource } from './weights.js';
 
 interface MoeNames { block: string; router: string; gate: string; up: string; down: string }
 
@@ -12,8 +12,10 @@ interface MoeNames { block: string; router: string; gate: string; up: string; do
 function moeNames(spec: ModelSpec, src: TensorSource, layerPrefix: string): MoeNames {
   if (spec.modelType === 'longcat_flash')
     return { block: 'mlp.', router: 'router.classifier', gate: 'gate_proj', up: 'up_proj', down: 'down_proj' };
-  // Mixtral hub checkpoints use block_sparse_moe.* (w1/w3/w2); transformers 5.x saves mlp.*.
-  if (spec.modelType === 'mixtral' && !src.has(`${layerPrefix}mlp.gate.weight`))
+  if (spec.modelType === 'gpt_oss')
+    return { block: 'mlp.', router: 'router', gate: 'gate_up_proj', up: 'gate_up_proj', down: 'down_proj' };
+  // Mixtral and MiniMax-M2 hub checkpoints use block_sparse_moe.* (w1/w3/w2); transformers 5.x saves mlp.*.
+  if ((spec.modelType === 'mixtral' || spec.modelType === 'minimax_m2') && !src.has(`${layerPrefix}mlp.gate.weight`))
     return { block: 'block_sparse_moe.', router: 'gate', gate: 'w1', up: 'w3', down: 'w2' };
   return { block: 'mlp.', router: 'gate', gate: 'gate_proj', up: 'up_proj', down: 'down_proj' };
 }
@@ -24,12 +26,17 @@ export interface MoeTensors {
   routerName: string;
   router: HostTensor;                   // [E + Z, H]
   routerBias: Float32Array | null;      // [E + Z] (LongCat-Flash router_bias)
-  correctionBias: Float32Array | null;  // [E + Z] (DeepSeek-V3, LongCat-Flash)
+  correctionBias: Float32Array | null;  // [E + Z] (DeepSeek-V3, GLM-4.5, MiniMax-M2, LongCat-Flash)
   /** Expert e's projections (views into fused tensors where the checkpoint fuses them; read lazily). */
   expert(e: number): ExpertSource;
   /** Expert e's projections as FP8 codes and block scales when the checkpoint stores them so
    * (DeepSeek-V3 style, per-expert tensors) and the source can keep FP8; else null. */
   expertFp8(e: number): { gate: Fp8Weight; up: Fp8Weight; down: Fp8Weight } | null;
+  /**
+   * gpt-oss expert biases, f32: gateUp [E, 2I] as [gate (I) | up (I)] per expert (the order of
+   * packGateUp's output), down [E, H]. null for the other families.
+   */
+  expertBias: { gateUp: Float32Array; down: Float32Array } | null;
   /** gate/up/down_proj of the shared experts fused as one FFN, or null. */
   sharedPrefix: string | null;
   sharedGate: HostTensor | null;        // [1, H] (Qwen2-MoE)
@@ -46,9 +53,12 @@ export function moeTensors(spec: ModelSpec, src: TensorSource, layerPrefix: stri
   const r = `${p}${names.router}`;
   const router = src.get(`${r}.weight`);
   checkShape(`${r}.weight`, router, [ET, H]);
-  const biasName = spec.modelType === 'longcat_flash' ? `${p}router.e_score_correction_bias` : `${r}.e_score_correction_bias`;
+  // LongCat-Flash and MiniMax-M2 keep the correction bias beside the router, the others on it.
+  const biasName = spec.modelType === 'longcat_flash' ? `${p}router.e_score_correction_bias`
+    : spec.modelType === 'minimax_m2' ? `${p}e_score_correction_bias` : `${r}.e_score_correction_bias`;
   // transformers 5.x stores experts fused: gate_up_proj [E, 2I, H], down_proj [E, H, I]. LongCat
   // stores gate_up for the identity experts too ([E + Z, 2I, H]); they are never read.
+  if (spec.modelType === 'gpt_oss') return gptOssTensors(spec, src, p, r);
   const fused = src.has(`${p}experts.gate_up_proj`);
   const gateUpAll = fused ? src.get(`${p}experts.gate_up_proj`) : null;
   const downAll = fused ? src.get(`${p}experts.down_proj`) : null;
@@ -86,8 +96,59 @@ export function moeTensors(spec: ModelSpec, src: TensorSource, layerPrefix: stri
     prefix: p, routerName: `${r}.weight`, router, expertFp8,
     routerBias: m.routerBias ? vectorF32(src, `${r}.bias`, ET) : null,
     correctionBias: m.router.hasCorrectionBias ? vectorF32(src, biasName, ET) : null,
-    expert,
+    expert, expertBias: null,
     sharedPrefix: shared ? (spec.modelType === 'qwen2_moe' ? `${p}shared_expert.` : `${p}shared_experts.`) : null,
     sharedGate: shared && m.sharedGate ? src.get(`${p}shared_expert_gate.weight`) : null,
+  };
+}
+
+/**
+ * gpt-oss: gate_up_proj [E, H, 2I] (x @ W, gate = even columns, up = odd), down_proj [E, I, H]
+ * (h @ W), biases beside them. Each expert is transposed and de-interleaved at load into the
+ * gate [I, H], up [I, H], down [H, I] every expert kernel reads (a copy; the checkpoint dtype kept).
+ */
+function gptOssTensors(spec: ModelSpec, src: TensorSource, p: string, r: string): MoeTensors {
+  const H = spec.hidden;
+  const E = spec.moe.numExperts;
+  const I = spec.moe.intermediate;
+  const router = src.get(`${r}.weight`);
+  checkShape(`${r}.weight`, router, [E, H]);
+  const gu = src.get(`${p}experts.gate_up_proj`);
+  const dn = src.get(`${p}experts.down_proj`);
+  checkShape(`${p}experts.gate_up_proj`, gu, [E, H, 2 * I]);
+  checkShape(`${p}experts.down_proj`, dn, [E, I, H]);
+  const guBias = src.get(`${p}experts.gate_up_proj_bias`);
+  checkShape(`${p}experts.gate_up_proj_bias`, guBias, [E, 2 * I]);
+  const interleaved = toF32(guBias);
+  const gateUpBias = new Float32Array(E * 2 * I);
+  for (let e = 0; e < E; e++) {
+    for (let i = 0; i < I; i++) {
+      gateUpBias[e * 2 * I + i] = interleaved[e * 2 * I + 2 * i]!;
+      gateUpBias[e * 2 * I + I + i] = interleaved[e * 2 * I + 2 * i + 1]!;
+    }
+  }
+  const downBiasT = src.get(`${p}experts.down_proj_bias`);
+  checkShape(`${p}experts.down_proj_bias`, downBiasT, [E, H]);
+  const expert = (e: number): ExpertSource => {
+    const w = gu.data.subarray(e * H * 2 * I, (e + 1) * H * 2 * I);  // [H, 2I]
+    const d = dn.data.subarray(e * I * H, (e + 1) * I * H);          // [I, H]
+    const make = (n: number) => (gu.dtype === 'f32' ? new Float32Array(n) : new Uint16Array(n));
+    const gate = make(I * H), up = make(I * H);
+    for (let h = 0; h < H; h++) {
+      for (let i = 0; i < I; i++) {
+        gate[i * H + h] = w[h * 2 * I + 2 * i]!;
+        up[i * H + h] = w[h * 2 * I + 2 * i + 1]!;
+      }
+    }
+    const down = dn.dtype === 'f32' ? new Float32Array(H * I) : new Uint16Array(H * I);
+    for (let i = 0; i < I; i++) for (let h = 0; h < H; h++) down[h * I + i] = d[i * H + h]!;
+    return {
+      gate: { dtype: gu.dtype, shape: [I, H], data: gate }, up: { dtype: gu.dtype, shape: [I, H], data: up },
+      down: { dtype: dn.dtype, shape: [H, I], data: down },
+    };
+  };
+  return {
+    prefix: p, routerName: `${r}.weight`, router, routerBias: vectorF32(src, `${r}.bias`, E), correctionBias: null,
+    expert, expertFp8: () => null, expertBias: { gateUp: gateUpBias, down: toF32(downBiasT) }, sharedPrefix: null, sharedGate: null,
   };
 }

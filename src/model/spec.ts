@@ -3,7 +3,8 @@
 // raw config.
 
 export type ModelType =
-  | 'mixtral' | 'qwen2_moe' | 'qwen3_moe' | 'olmoe' | 'deepseek_v2' | 'deepseek_v3' | 'longcat_flash';
+  | 'mixtral' | 'qwen2_moe' | 'qwen3_moe' | 'olmoe' | 'deepseek_v2' | 'deepseek_v3' | 'longcat_flash'
+  | 'glm4_moe' | 'minimax_m2' | 'gpt_oss';
 
 export interface RopeSpec {
   /** [rotaryDim / 2] inverse frequencies (already scaled for YaRN, linear, llama3, ...). */
@@ -23,8 +24,8 @@ export interface AttentionSpec {
   headDim: number;          // gqa: q/k/v head dim
   qkvBias: boolean;         // qwen2_moe
   oBias: boolean;
-  /** Per-head RMSNorm of q and k over headDim (qwen3_moe). */
-  qkNorm: 'none' | 'per_head' | 'full';   // 'full': over the whole projection (olmoe)
+  /** Per-head RMSNorm of q and k over headDim (qwen3_moe, glm4_moe use_qk_norm). */
+  qkNorm: 'none' | 'per_head' | 'full';   // 'full': over the whole projection (olmoe, minimax_m2)
   clipQkv: number | null;   // olmoe
   slidingWindow: number | null;
   softmaxScale: number;
@@ -34,6 +35,8 @@ export interface AttentionSpec {
   qkNopeHeadDim: number;
   qkRopeHeadDim: number;
   vHeadDim: number;
+  /** gpt-oss: a learned logit per query head (self_attn.sinks) in the softmax denominator. */
+  sinks?: boolean;
   /** LongCat-Flash MLA: q (after q_b_proj) and the normalised latent are scaled by these. */
   qScale?: number;
   kvScale?: number;
@@ -48,7 +51,7 @@ export interface RouterSpec {
   nGroup: number;                // 1 = no group limit
   topkGroup: number;
   groupScore: 'max' | 'top2sum';
-  /** e_score_correction_bias present (deepseek_v3). */
+  /** e_score_correction_bias present (deepseek_v3, glm4_moe, minimax_m2). */
   hasCorrectionBias: boolean;
 }
 
@@ -65,8 +68,14 @@ export interface MoeSpec {
    * scores numExperts + zeroExperts; choosing one adds weight * x.
    */
   zeroExperts?: number;
-  /** The router Linear has a bias (LongCat-Flash router_bias). */
+  /** The router Linear has a bias (LongCat-Flash router_bias, gpt-oss). */
   routerBias?: boolean;
+  /**
+   * gpt-oss experts: gate_up and down projections with biases, and the clamped SwiGLU
+   * h = (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = min(gate, limit).
+   * Absent: SiLU(gate) * up without biases.
+   */
+  clampedSwiglu?: { alpha: number; limit: number };
 }
 
 export interface LayerSpec {
@@ -77,6 +86,11 @@ export interface LayerSpec {
    * MoE that reads the first sub-block's normalised output and is added at the end of the layer.
    */
   shortcut?: boolean;
+  /**
+   * This layer's attention window when it differs from attention.slidingWindow (gpt-oss
+   * layer_types: 'sliding_attention' layers get sliding_window, 'full_attention' layers null).
+   */
+  slidingWindow?: number | null;
 }
 
 export interface ModelSpec {

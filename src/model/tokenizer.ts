@@ -106,8 +106,10 @@ export class ModelTokenizer {
       const named = ct as Array<{ name?: string; template?: string }>;
       template = (named.find((t) => t.name === 'default') ?? named[0])?.template ?? null;
     }
+    // transformers: a chat_template.jinja beside tokenizer_config.json takes priority over the
+    // config's chat_template (GLM-4.5, gpt-oss and transformers-5 saves ship it that way).
     const jinjaFile = path.join(dir, 'chat_template.jinja');
-    if (template === null && fs.existsSync(jinjaFile)) template = fs.readFileSync(jinjaFile, 'utf8');
+    if (fs.existsSync(jinjaFile)) template = fs.readFileSync(jinjaFile, 'utf8');
     let tok: Tokenizer;
     try {
       tok = new Tokenizer(tj, cfg);

@@ -10,6 +10,7 @@ import type { MoeSpec } from '../model/spec.js';
 import type { ChunkRoutes, ExpertComm, Inflight } from './comm.js';
 import { contiguousPlacement } from './ep-comm.js';
 import { ChunkOverheadEstimator, denseExpertsFfn, EpsPlanner, type EpsPlan, type ExpertKernel } from './eps-planner.js';
+import { clampedSwigluExpertsFfn } from './expert-ffn.js';
 
 /** Pipeline chunks per MoE layer: the planner's choice per layer and step, or a fixed count. */
 export type PipelineChunks = 'auto' | number;
@@ -40,6 +41,8 @@ export interface MoeWeights {
   experts: ExpertTable;               // routed experts (or cache slots bound by the offloader)
   shared: ExpertTable | null;         // shared experts fused as one FFN
   sharedGate: PackedWeight | null;    // [1, H] (Qwen2-MoE)
+  /** gpt-oss: per-expert biases, gateUp [E, 2I] as [gate | up], down [E, H] f32; else null/absent. */
+  expertBias?: { gateUp: Float32Array; down: Float32Array } | null;
 }
 
 /** A routed batch whose pipeline has started (see begin/compute/finish). */
@@ -230,7 +233,10 @@ export class MoeLayer {
       const x = p.xLocal[c]!, y = p.yLocal[c]!, local = routes.local[c]!;
       // Expert-contiguous order puts identity experts' rows last: [local[E], local[E+Z]).
       const offsets = local.subarray(0, E + 1);
-      if (kernel === 'dense') {
+      if (this.spec.clampedSwiglu) {
+        clampedSwigluExpertsFfn(x, offsets, this.weights.experts, this.weights.expertBias!, H, this.spec.intermediate,
+          this.spec.clampedSwiglu, y, fast, scratch.f32('moe.dense', 3 * this.spec.intermediate * Math.max(1, maxRows)));
+      } else if (kernel === 'dense') {
         denseExpertsFfn(x, offsets, this.weights.experts, H, this.spec.intermediate, y, fast,
           scratch.f32('moe.dense', 3 * this.spec.intermediate * Math.max(1, maxRows)));
       } else {

@@ -105,6 +105,11 @@ export interface AttentionOptions {
    */
   kScales?: Float32Array;
   vScales?: Float32Array;
+  /**
+   * [heads] attention sinks (gpt-oss): a learned logit per query head in the softmax denominator
+   * only, out = sum_j e^(s_j) v_j / (sum_j e^(s_j) + e^(sink)). Absent = none.
+   */
+  sinks?: Float32Array | null;
 }
 
 export interface CommGroup {

@@ -63,7 +63,9 @@ const ST_DTYPE: Record<string, DType | undefined> = { BF16: 'bf16', F16: 'f16', 
 
 /** Checkpoint names of MoE layer blocks and their expert projections (as src/model/model.ts builds them). */
 export function expertTensorPrefix(spec: ModelSpec): { block: string; gate: string; up: string; down: string } {
-  if (spec.modelType === 'mixtral') return { block: 'block_sparse_moe.', gate: 'w1', up: 'w3', down: 'w2' };
+  // Mixtral and MiniMax-M2 hub checkpoints: block_sparse_moe.experts.{e}.w1/w3/w2.
+  if (spec.modelType === 'mixtral' || spec.modelType === 'minimax_m2')
+    return { block: 'block_sparse_moe.', gate: 'w1', up: 'w3', down: 'w2' };
   return { block: 'mlp.', gate: 'gate_proj', up: 'up_proj', down: 'down_proj' };
 }
 
@@ -109,6 +111,11 @@ export class CheckpointExpertStore implements ExpertStore {
   readSeconds = 0;
 
   constructor(private readonly checkpoint: Checkpoint, spec: ModelSpec, opts: CheckpointStoreOptions = {}) {
+    // gpt-oss stores gate_up as [E, H, 2I] (transposed, gate/up interleaved by column): not the
+    // contiguous gate and up rows the copy thread reads.
+    if (spec.modelType === 'gpt_oss')
+      throw new RangeError('the expert cache (--expert-cache-gb, --offload) does not support gpt_oss checkpoints ' +
+        'yet (transposed, interleaved gate_up_proj); serve gpt_oss with every expert resident');
     this.H = spec.hidden;
     this.I = spec.moe.intermediate;
     const names = expertTensorPrefix(spec);

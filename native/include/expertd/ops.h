@@ -204,6 +204,9 @@ struct AttentionParams {
   // fp8 only: static dequantisation scales per kv head ([kv_heads] f32; value = e4m3 * scale).
   const float* k_scales = nullptr;
   const float* v_scales = nullptr;
+  // [heads] learned logit per query head that joins the softmax denominator only (gpt-oss
+  // attention sinks): out = sum_j e^(s_j) v_j / (sum_j e^(s_j) + e^(sink)). nullptr = none.
+  const float* sinks = nullptr;
 };
 
 // seq_info [num_seqs, 3]: (q_start, q_len, ctx_len): the sequence's new tokens are q rows
