@@ -9,6 +9,7 @@ import { test } from 'node:test';
 import { quantizeOption } from '../src/cli/resolve.js';
 import { startExpertRanks } from '../src/dist/expert-ranks.js';
 import { loadModel } from '../src/model/load.js';
+import type { MoeModel } from '../src/model/model.js';
 import { quantizeSpec, type QuantizeSpec } from '../src/model/quantize.js';
 import { packageRoot } from '../src/native/index.js';
 import { attachOffloader, skipAllExperts } from '../src/offload/setup.js';
@@ -18,20 +19,25 @@ interface GoldenCase { prompt_ids: number[]; greedy: number[] }
 const fixturesDir = path.join(packageRoot(), 'test', 'fixtures');
 const fixtures = readdirSync(fixturesDir).filter((d) => existsSync(path.join(fixturesDir, d, 'golden.json'))).sort();
 
-/** Every case's prompt + HF greedy continuation, teacher-forced: logits [positions][V]. */
-function teacherForced(dir: string, quantize: QuantizeSpec | null, fast = false): Float32Array[] {
+/** Every case's prompt + HF greedy continuation through a loaded model, teacher-forced: logits [positions][V]. */
+function forcedLogits(model: MoeModel, dir: string): Float32Array[] {
   const golden = JSON.parse(readFileSync(path.join(dir, 'golden.json'), 'utf8')) as { cases: GoldenCase[] };
-  const { model, spec } = loadModel(dir, { fast, quantize });
+  const V = model.spec.vocabSize;
+  const out: Float32Array[] = [];
+  for (const c of golden.cases) {
+    const ids = [...c.prompt_ids, ...c.greedy];
+    const runner = new DirectRunner(model);
+    const res = runner.step([runner.newSeq()], [ids], true);
+    for (let p = 0; p < ids.length; p++) out.push(res.logits.slice(p * V, (p + 1) * V));
+  }
+  return out;
+}
+
+/** forcedLogits of the fixture loaded alone, with the given --quantize and mode. */
+function teacherForced(dir: string, quantize: QuantizeSpec | null, fast = false): Float32Array[] {
+  const { model } = loadModel(dir, { fast, quantize });
   try {
-    const out: Float32Array[] = [];
-    for (const c of golden.cases) {
-      const ids = [...c.prompt_ids, ...c.greedy];
-      const runner = new DirectRunner(model);
-      const res = runner.step([runner.newSeq()], [ids], true);
-      const V = spec.vocabSize;
-      for (let p = 0; p < ids.length; p++) out.push(res.logits.slice(p * V, (p + 1) * V));
-    }
-    return out;
+    return forcedLogits(model, dir);
   } finally {
     model.dispose();
   }
@@ -114,18 +120,9 @@ test('--quantize int8 with 2 expert ranks equals the quantized model alone, bit 
   const ranks = startExpertRanks(dir, 2, false, 60_000, undefined, q);
   try {
     await ranks.ready;
-    const golden = JSON.parse(readFileSync(path.join(dir, 'golden.json'), 'utf8')) as { cases: GoldenCase[] };
     const loaded = loadModel(dir, { fast: false, quantize: q, comm: ranks.comm, loadExpert: (_l, e) => ranks.comm.ownsExpert(e) });
     try {
-      let i = 0;
-      for (const c of golden.cases) {
-        const ids = [...c.prompt_ids, ...c.greedy];
-        const runner = new DirectRunner(loaded.model);
-        const res = runner.step([runner.newSeq()], [ids], true);
-        const V = loaded.spec.vocabSize;
-        for (let p = 0; p < ids.length; p++, i++)
-          assert.deepEqual(res.logits.slice(p * V, (p + 1) * V), want[i], `position ${p}`);
-      }
+      forcedLogits(loaded.model, dir).forEach((l, i) => assert.deepEqual(l, want[i], `position ${i}`));
     } finally {
       loaded.model.dispose();
     }
@@ -144,16 +141,7 @@ test('--quantize int4 through the offloader (25% of experts cached) equals it re
     // Slots hold quantized experts: a quarter or less of the bytes of the checkpoint's bf16.
     assert.ok(off.store.slotBytes < off.store.expertBytes * 0.4,
       `slot ${off.store.slotBytes} bytes vs expert ${off.store.expertBytes} bytes`);
-    const golden = JSON.parse(readFileSync(path.join(dir, 'golden.json'), 'utf8')) as { cases: GoldenCase[] };
-    let i = 0;
-    for (const c of golden.cases) {
-      const ids = [...c.prompt_ids, ...c.greedy];
-      const runner = new DirectRunner(loaded.model);
-      const res = runner.step([runner.newSeq()], [ids], true);
-      const V = loaded.spec.vocabSize;
-      for (let p = 0; p < ids.length; p++, i++)
-        assert.deepEqual(res.logits.slice(p * V, (p + 1) * V), want[i], `position ${p}`);
-    }
+    forcedLogits(loaded.model, dir).forEach((l, i) => assert.deepEqual(l, want[i], `position ${i}`));
   } finally {
     await off.close();
     off.dispose();
