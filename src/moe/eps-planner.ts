@@ -9,6 +9,7 @@ import path from 'node:path';
 
 import { mulberry32 } from '../engine/rng.js';
 import { loadNative, type DType, type ExpertTable } from '../native/index.js';
+import { perExpertFfn } from './expert-ffn.js';
 
 export type ExpertKernel = 'group' | 'dense';
 
@@ -224,27 +225,7 @@ export function costKey(shape: ExpertShape): string {
 export function denseExpertsFfn(x: Float32Array, offsets: Int32Array, table: ExpertTable, hidden: number,
                                 inter: number, y: Float32Array, fast: boolean, scratch?: Float32Array): void {
   const n = loadNative();
-  const E = offsets.length - 1;
-  let maxRows = 0;
-  for (let e = 0; e < E; e++) maxRows = Math.max(maxRows, offsets[e + 1]! - offsets[e]!);
-  const buf = scratch && scratch.length >= maxRows * 3 * inter ? scratch : new Float32Array(maxRows * 3 * inter);
-  for (let e = 0; e < E; e++) {
-    const r0 = offsets[e]!;
-    const rows = offsets[e + 1]! - r0;
-    if (rows === 0) continue;
-    const w = table.get(e);
-    if (!w) throw new RangeError(`expert ${e} has ${rows} rows but no weights`);
-    try {
-      const gu = buf.subarray(0, rows * 2 * inter);
-      const h = buf.subarray(rows * 2 * inter, rows * 3 * inter);
-      n.denseGemm(x.subarray(r0 * hidden, (r0 + rows) * hidden), rows, w.gateUp, gu, null, false, fast);
-      n.siluMul(gu, rows, inter, h);
-      n.denseGemm(h, rows, w.down, y.subarray(r0 * hidden, (r0 + rows) * hidden), null, false, fast);
-    } finally {
-      w.gateUp.dispose();
-      w.down.dispose();
-    }
-  }
+  perExpertFfn(x, offsets, table, hidden, inter, y, fast, { act: (gu, rows, h) => n.siluMul(gu, rows, inter, h) }, scratch);
 }
 
 /**
