@@ -134,8 +134,8 @@ const LoadedLibrary& cublaslt_load() {
 const LoadedLibrary& nccl_load() {
   static const LoadedLibrary lib = load_library(
       "EXPERTD_NCCL_SO", {"libnccl.so.2"},
-      {"ncclGetUniqueId", "ncclCommInitRank", "ncclCommDestroy", "ncclSend", "ncclRecv",
-       "ncclGroupStart", "ncclGroupEnd", "ncclGetErrorString"});
+      {"ncclGetUniqueId", "ncclCommInitRankConfig", "ncclCommGetAsyncError", "ncclCommAbort",
+       "ncclSend", "ncclRecv", "ncclGroupStart", "ncclGroupEnd", "ncclGetErrorString"});
   return lib;
 }
 
