@@ -17,25 +17,6 @@ constexpr int64_t kMaxDim = int64_t(1) << 24;
 
 std::string str(int64_t v) { return std::to_string(v); }
 
-// Optional trailing (format, group) of packWeight / packGateUp: quantize at load (--quantize).
-struct QuantArg {
-  QFormat q = QFormat::None;
-  int group = 0;
-};
-QuantArg quant_arg(const Napi::CallbackInfo& info, size_t i) {
-  QuantArg a;
-  if (info.Length() <= i || is_nullish(info[i])) return a;
-  a.q = parse_quantize(info.Env(), info[i]);
-  a.group = static_cast<int>(get_int(info, i + 1, "group", 0, kMaxDim));
-  return a;
-}
-
-std::shared_ptr<PackedWeight> alloc_weight(const QuantArg& qa, DType dtype, WeightKind kind, int n,
-                                           int k) {
-  return qa.q == QFormat::None ? alloc_packed_weight(dtype, kind, n, k)
-                               : alloc_quant_weight(qa.q, qa.group, kind, n, k);
-}
-
 // packWeight(src, dtype, n, k, format?, group?) -> PackedWeight (quantized when format is given)
 Napi::Value pack_weight_js(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();

@@ -203,18 +203,11 @@ Napi::Value alloc_packed_weight_js(const Napi::CallbackInfo& info) {
   if (kind == "gate_up" && n % 2 != 0)
     throw_range(env, "n is " + std::to_string(n) + ", expected an even number for a gate_up weight (2 * inter)");
   // Optional (format, group): a quantized slot (--quantize), filled by re-quantizing.
-  const WeightKind wk = kind == "gate_up" ? WeightKind::GateUp : WeightKind::Plain;
-  QFormat q = QFormat::None;
-  int64_t group = 0;
-  if (info.Length() > 4 && !is_nullish(info[4])) {
-    q = parse_quantize(env, info[4]);
-    group = get_int(info, 5, "group", 0, kMaxDim);
-  }
+  const QuantArg qa = quant_arg(info, 4);
   std::shared_ptr<PackedWeight> w;
   guard(env, [&] {
-    w = q == QFormat::None
-            ? alloc_packed_weight(dtype, wk, static_cast<int>(n), static_cast<int>(k))
-            : alloc_quant_weight(q, static_cast<int>(group), wk, static_cast<int>(n), static_cast<int>(k));
+    w = alloc_weight(qa, dtype, kind == "gate_up" ? WeightKind::GateUp : WeightKind::Plain,
+                     static_cast<int>(n), static_cast<int>(k));
   });
   return WeightHandle::create(env, std::move(w));
 }

@@ -90,6 +90,19 @@ QFormat parse_quantize(Napi::Env env, const Napi::Value& v) {
   return QFormat::None;
 }
 
+QuantArg quant_arg(const Napi::CallbackInfo& info, size_t i) {
+  QuantArg a;
+  if (info.Length() <= i || is_nullish(info[i])) return a;
+  a.q = parse_quantize(info.Env(), info[i]);
+  a.group = static_cast<int>(get_int(info, i + 1, "group", 0, int64_t(1) << 24));
+  return a;
+}
+
+std::shared_ptr<PackedWeight> alloc_weight(const QuantArg& qa, DType dtype, WeightKind kind, int n, int k) {
+  return qa.q == QFormat::None ? alloc_packed_weight(dtype, kind, n, k)
+                               : alloc_quant_weight(qa.q, qa.group, kind, n, k);
+}
+
 const PackedWeight& get_weight(const Napi::CallbackInfo& info, size_t i, const char* name) {
   Napi::Env env = info.Env();
   auto* data = env.GetInstanceData<AddonData>();

@@ -64,6 +64,15 @@ class ExpertTableHandle : public Napi::ObjectWrap<ExpertTableHandle> {
 const PackedWeight& get_weight(const Napi::CallbackInfo& info, size_t i, const char* name);
 // "int8" | "int4" | "fp8" -> QFormat (throws a TypeError otherwise).
 QFormat parse_quantize(Napi::Env env, const Napi::Value& v);
+// The optional trailing (format, group) of packWeight / packGateUp / allocPackedWeight: quantize
+// at load (--quantize); absent or null = the float dtype.
+struct QuantArg {
+  QFormat q = QFormat::None;
+  int group = 0;
+};
+QuantArg quant_arg(const Napi::CallbackInfo& info, size_t i);
+// An empty packed weight: float of dtype, or quantized as qa says.
+std::shared_ptr<PackedWeight> alloc_weight(const QuantArg& qa, DType dtype, WeightKind kind, int n, int k);
 ExpertTableHandle& get_expert_table(const Napi::CallbackInfo& info, size_t i, const char* name);
 
 // Per-env constructors (stored in the addon's instance data).

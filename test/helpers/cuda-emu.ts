@@ -8,7 +8,10 @@
 // out of bounds (slots, offsets, block tables) or a misaligned typed access raise an E_CUDA
 // "fault" and mark the device lost, as a sticky CUDA error would; fresh allocations are filled
 // with 0xff (NaN) so that reads of memory nobody wrote show up.
-import { kvDecode, kvDtypeBytes, kvEncode, type KvArray, type KvDtype } from '../../src/model/kv-dtype.js';
+import { bf16ToF32, f32ToBf16, kvDecode, kvDtypeBytes, kvEncode, type KvArray, type KvDtype } from '../../src/model/kv-dtype.js';
+
+// The bf16 conversions are the engine's own (dtype.h's f32_to_bf16, round to nearest even).
+export { f32ToBf16 };
 import { loadNative } from '../../src/native/index.js';
 import type {
   CudaAddon, CudaAttentionOptions, CudaBuffer, CudaCommGroup, CudaDeviceInfo, CudaEvent, CudaExpertTable, CudaGemmTile,
@@ -99,20 +102,6 @@ const BYTES_MAX = 2 ** 44;
 
 // ------------------------------------------------------------------------------------ numerics
 const fr = Math.fround;
-const f32Box = new Float32Array(1);
-const u32Box = new Uint32Array(f32Box.buffer);
-/** f32 -> bf16 bits, round to nearest even, NaN kept quiet (dtype.h's f32_to_bf16). */
-export function f32ToBf16(v: number): number {
-  f32Box[0] = v;
-  let u = u32Box[0]!;
-  if ((u & 0x7fffffff) > 0x7f800000) return ((u >>> 16) | 0x40) & 0xffff;
-  u = (u + 0x7fff + ((u >>> 16) & 1)) >>> 0;
-  return u >>> 16;
-}
-export function bf16ToF32(h: number): number {
-  u32Box[0] = h << 16;
-  return f32Box[0]!;
-}
 /** The CUDA side's rank_before: larger first, ties to the lower index, NaN after everything. */
 function rankBefore(a: number, ia: number, b: number, ib: number): boolean {
   const na = a !== a, nb = b !== b;
