@@ -15,6 +15,8 @@ export const modelFlags: FlagSpec[] = [
     help: 'Quantize the routed experts at load and keep them so: int8 (one scale per output row), int4 (groups of --quantize-group), fp8 e4m3 (128x128 block scales); the kernels read them directly, activations stay in the compute dtype (CPU engine)' },
   { name: 'quantize-group', type: 'int', min: 1, max: 1 << 20, default: 32, arg: 'N',
     help: 'With --quantize int4: weights per scale along k, 32 or 128' },
+  { name: 'quantize-dense', type: 'boolean', default: false,
+    help: 'With --quantize: the attention projections, dense FFNs and shared experts quantized too, in the same format (the router, norms, embeddings and lm_head stay in the checkpoint\'s precision)' },
   { name: 'expert-kernel', type: 'string', choices: ['auto', 'group', 'dense'], default: 'auto',
     help: 'Expert GEMMs: auto = EPS-MoE choice per layer and step from a calibrated cost model (cached under ~/.cache/expertd); group = one GroupGemm over all experts; dense = a DenseGemm per expert' },
   { name: 'pipeline-chunks', type: 'string', default: 'auto', arg: 'auto|N',

@@ -59,11 +59,11 @@ export function resolveEngineOptions(flags: ParsedFlags, servedModelName?: strin
   };
 }
 
-/** --quantize / --quantize-group -> the spec (null = none); the device engine refuses it. */
+/** --quantize / --quantize-group / --quantize-dense -> the spec (null = none); the device engine refuses it. */
 export function quantizeOption(flags: ParsedFlags, device: string): QuantizeSpec | null {
   let q: QuantizeSpec | null;
   try {
-    q = quantizeSpec(String(flags['quantize'] ?? 'none'), Number(flags['quantize-group'] ?? 32));
+    q = quantizeSpec(String(flags['quantize'] ?? 'none'), Number(flags['quantize-group'] ?? 32), flags['quantize-dense'] === true);
   } catch (e) {
     throw new UsageError((e as Error).message);
   }

@@ -6,6 +6,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 
 import type { EngineOptions } from '../engine/protocol.js';
+import { quantizeKey } from '../model/quantize.js';
 
 export interface RankIdentity {
   rank: number;
@@ -25,7 +26,7 @@ export interface RankCompat {
   maxModelLen: number;
   deviceKind: string;
   expertKernel: string;
-  /** --quantize of the experts: 'none' or format/group. */
+  /** --quantize: 'none' or format/group, '/dense' with --quantize-dense. */
   quantize: string;
   expertdVersion: string;
   /** --expert-placement's table (each expert's owner rank) as JSON, or 'contiguous' (the default). */
@@ -69,7 +70,7 @@ export function rankIdentity(o: EngineOptions, maxModelLen: number, rank: number
       maxModelLen,
       deviceKind: (o.device ?? 'cpu').split(':')[0]!,
       expertKernel: o.expertKernel ?? 'auto',
-      quantize: o.quantize ? `${o.quantize.format}/${o.quantize.group}` : 'none',
+      quantize: quantizeKey(o.quantize),
       expertdVersion: version,
       expertPlacement: o.expertPlacement ? JSON.stringify(o.expertPlacement) : 'contiguous',
     },

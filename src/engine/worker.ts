@@ -257,7 +257,7 @@ async function init(o: EngineOptions): Promise<void> {
       ...(autoKvCapBytes !== undefined ? { autoKvCapBytes } : {}),
       prefixCacheKey: o.prefixCaching === false ? null : prefixCacheKey(o),
     }, offloader);
-    const summary = `${loadSummary(loaded)}; compute ${o.computeDtype}${o.quantize ? `; experts ${describeQuantize(o.quantize)}` : ''}; KV cache ${core.numBlocks} blocks x ${o.blockSize} tokens ${core.kvDtype}` +
+    const summary = `${loadSummary(loaded)}; compute ${o.computeDtype}${o.quantize ? `; quantized ${describeQuantize(o.quantize)}` : ''}; KV cache ${core.numBlocks} blocks x ${o.blockSize} tokens ${core.kvDtype}` +
       `, prefix caching ${core.scheduler.cache.prefixCaching ? 'on' : 'off'}` +
       (loaded.report.warnings.length ? `; ${loaded.report.warnings.length} unexpected tensor(s) ignored` : '') +
       (offloader ? `; expert cache ${offloader.stats().slots}/${offloader.stats().totalExperts} experts, ` +

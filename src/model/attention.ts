@@ -5,6 +5,7 @@ import type { ForwardBatch, Scratch } from './forward-batch.js';
 import type { AttentionSpec } from './spec.js';
 import type { TensorSource } from './tensor-source.js';
 import { checkShape, packLinear, packStacked, rowsOf, transpose, vectorF32 } from './weights.js';
+import type { QuantizeSpec } from './quantize.js';
 
 export interface LayerCache {
   /** [slots, kvHeads, dk] of the cache dtype (f32, bf16 bits or fp8 e4m3 bits). */
@@ -33,6 +34,8 @@ export interface AttentionContext {
 export interface AttentionBlock {
   /** Floats per token per layer in the KV cache: [k floats, v floats]. */
   readonly cacheFloatsPerToken: [number, number];
+  /** Bytes of the projection weights held (codes and scales when quantized). */
+  readonly weightBytes: number;
   forward(ctx: AttentionContext, x: Float32Array, cache: LayerCache, out: Float32Array): void;
   dispose(): void;
 }
@@ -55,15 +58,19 @@ export class GqaAttention implements AttentionBlock {
   private readonly sinks: Float32Array | null;     // [heads] (gpt-oss)
   readonly cacheFloatsPerToken: [number, number];
 
+  readonly weightBytes: number;
+
+  /** `quantize`: the projections quantized in that format (--quantize-dense), else kept in their dtype. */
   constructor(private readonly spec: AttentionSpec, src: TensorSource, prefix: string,
-              hidden: number, private readonly eps: number) {
+              hidden: number, private readonly eps: number, quantize: QuantizeSpec | null = null) {
     const { heads, kvHeads, headDim } = spec;
     const p = prefix;
     const qDim = heads * headDim;
     const kvDim = kvHeads * headDim;
     this.qkv = packStacked(src, [`${p}q_proj.weight`, `${p}k_proj.weight`, `${p}v_proj.weight`],
-      [qDim, kvDim, kvDim], hidden);
-    this.o = packLinear(src, `${p}o_proj.weight`, hidden, qDim);
+      [qDim, kvDim, kvDim], hidden, quantize);
+    this.o = packLinear(src, `${p}o_proj.weight`, hidden, qDim, quantize);
+    this.weightBytes = this.qkv.sizeBytes + this.o.sizeBytes;
     if (spec.qkvBias) {
       this.qkvBias = new Float32Array(qDim + 2 * kvDim);
       this.qkvBias.set(vectorF32(src, `${p}q_proj.bias`, qDim), 0);
@@ -158,23 +165,31 @@ export class MlaAttention implements AttentionBlock {
   // config.rms_norm_eps.
   private readonly latentEps = 1e-6;
 
+  readonly weightBytes: number;
+
+  /**
+   * `quantize` (--quantize-dense): q, kv_a and o projections in that format. kv_b stays in its dtype:
+   * decode absorbs it per head into [kvLoraRank, nope] / [v, kvLoraRank] pieces whose k (nope) is
+   * below a quantization group, and it is a few percent of the layer's bytes.
+   */
   constructor(private readonly spec: AttentionSpec, src: TensorSource, prefix: string,
-              hidden: number) {
+              hidden: number, quantize: QuantizeSpec | null = null) {
     const { heads, qLoraRank, kvLoraRank, qkNopeHeadDim: nope, qkRopeHeadDim: rope, vHeadDim } = spec;
     const p = prefix;
     const qDim = heads * (nope + rope);
+    const q = quantize;
     if (qLoraRank) {
       this.qProj = null;
-      this.qA = packLinear(src, `${p}q_a_proj.weight`, qLoraRank, hidden);
+      this.qA = packLinear(src, `${p}q_a_proj.weight`, qLoraRank, hidden, q);
       this.qANorm = vectorF32(src, `${p}q_a_layernorm.weight`, qLoraRank);
-      this.qB = packLinear(src, `${p}q_b_proj.weight`, qDim, qLoraRank);
+      this.qB = packLinear(src, `${p}q_b_proj.weight`, qDim, qLoraRank, q);
     } else {
-      this.qProj = packLinear(src, `${p}q_proj.weight`, qDim, hidden);
+      this.qProj = packLinear(src, `${p}q_proj.weight`, qDim, hidden, q);
       this.qA = null;
       this.qANorm = null;
       this.qB = null;
     }
-    this.kvA = packLinear(src, `${p}kv_a_proj_with_mqa.weight`, kvLoraRank + rope, hidden);
+    this.kvA = packLinear(src, `${p}kv_a_proj_with_mqa.weight`, kvLoraRank + rope, hidden, q);
     this.kvANorm = vectorF32(src, `${p}kv_a_layernorm.weight`, kvLoraRank);
     // LongCat-Flash scales: q = q_b(norm(q_a x) * w) * s_q and latent = norm(c) * w * s_kv. Both are
     // linear in the norm weight, so they fold into it (exact up to f32 rounding).
@@ -194,8 +209,11 @@ export class MlaAttention implements AttentionBlock {
       const uv = rowsOf(kvB, base + nope, base + nope + vHeadDim); // [v, kvLoraRank]
       this.uv.push(n.packWeight(uv.data, uv.dtype, vHeadDim, kvLoraRank));
     }
-    this.o = packLinear(src, `${p}o_proj.weight`, hidden, heads * vHeadDim);
+    this.o = packLinear(src, `${p}o_proj.weight`, hidden, heads * vHeadDim, q);
     this.cacheFloatsPerToken = [kvLoraRank + rope, 0];
+    let bytes = 0;
+    for (const w of [this.qProj, this.qA, this.qB, this.kvA, this.o, ...this.ukT, ...this.uv]) bytes += w?.sizeBytes ?? 0;
+    this.weightBytes = bytes;
   }
 
   forward(ctx: AttentionContext, x: Float32Array, cache: LayerCache, out: Float32Array): void {

@@ -12,7 +12,7 @@ import type { ModelSpec } from './spec.js';
 import type { HostTensor, TensorSource } from './tensor-source.js';
 import { moeTensors } from './moe-tensors.js';
 import { checkShape, denseFfnTable, packExpert, packFp8Expert, packLinear, vectorF32 } from './weights.js';
-import type { QuantizeSpec } from './quantize.js';
+import { denseQuantize, type QuantizeSpec } from './quantize.js';
 
 export interface ModelOptions {
   /** bf16 dot products for activations (fast mode) instead of f32 (reference mode). */
@@ -20,7 +20,10 @@ export interface ModelOptions {
   comm?: ExpertComm;
   /** Called for each expert while loading; return false to leave it out of the table (offloader). */
   loadExpert?: (moeLayer: number, expert: number) => boolean;
-  /** --quantize: routed experts quantized at load (null/absent = the checkpoint's precision). */
+  /**
+   * --quantize: routed experts quantized at load, with `dense` the attention projections, dense FFNs
+   * and shared experts too (null/absent = the checkpoint's precision).
+   */
   quantize?: QuantizeSpec | null;
 }
 
@@ -64,6 +67,12 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
    * where it is routed, as a plain MoE would (same numbers; the bench's baseline).
    */
   shortcutOverlap = true;
+  /**
+   * Resident bytes of the weights outside the routed experts (attention, dense FFNs, shared experts,
+   * router, lm_head; codes and scales where --quantize-dense quantized them), and of the routed
+   * experts this model holds itself (0 for those the offloader or other ranks hold).
+   */
+  readonly weightBytes = { dense: 0, experts: 0 };
 
   constructor(readonly spec: ModelSpec, src: TensorSource, opts: ModelOptions) {
     this.fast = opts.fast;
@@ -75,13 +84,22 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
     if (spec.tieWordEmbeddings && !src.has('lm_head.weight'))
       this.lmHead = loadNative().packWeight(this.embed.data, this.embed.dtype, spec.vocabSize, H);
     else this.lmHead = packLinear(src, 'lm_head.weight', spec.vocabSize, H);
+    this.weightBytes.dense += this.lmHead.sizeBytes;
+    const dq = denseQuantize(opts.quantize);
+    const denseFfn = (prefix: string, inter: number): ExpertTable => {
+      const d = denseFfnTable(src, prefix, H, inter, dq);
+      this.weightBytes.dense += d.sizeBytes;
+      return d.table;
+    };
     let moeIndex = 0;
     let cacheIndex = 0;
     // A layer's own window (gpt-oss layer_types) overrides the model's.
     const attention = (p: string, i: number): AttentionBlock => {
       const w = spec.layers[i]!.slidingWindow;
       const a = w === undefined ? spec.attention : { ...spec.attention, slidingWindow: w };
-      return a.kind === 'mla' ? new MlaAttention(a, src, p, H) : new GqaAttention(a, src, p, H, spec.rmsNormEps);
+      const block = a.kind === 'mla' ? new MlaAttention(a, src, p, H, dq) : new GqaAttention(a, src, p, H, spec.rmsNormEps, dq);
+      this.weightBytes.dense += block.weightBytes;
+      return block;
     };
     for (let i = 0; i < spec.numLayers; i++) {
       const p = `model.layers.${i}.`;
@@ -93,7 +111,7 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
           postNorm: vectorF32(src, `${p}post_attention_layernorm.${j}.weight`, H),
           attn: attention(`${p}self_attn.${j}.`, i),
           cacheIndex: cacheIndex++,
-          dense: denseFfnTable(src, `${p}mlps.${j}.`, H, spec.denseIntermediate),
+          dense: denseFfn(`${p}mlps.${j}.`, spec.denseIntermediate),
         }));
         const moe = this.buildMoe(src, p, moeIndex++, opts);
         this.moeLayers.push(moe);
@@ -106,7 +124,7 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
         moe = this.buildMoe(src, p, moeIndex++, opts);
         this.moeLayers.push(moe);
       } else {
-        dense = denseFfnTable(src, `${p}mlp.`, H, spec.denseIntermediate);
+        dense = denseFfn(`${p}mlp.`, spec.denseIntermediate);
       }
       this.layers.push({
         subs: [{
@@ -127,6 +145,7 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
     const m = spec.moe;
     const t = moeTensors(spec, src, layerPrefix);
     const gate = n.packWeight(t.router.data, t.router.dtype, t.router.shape[0]!, H);
+    this.weightBytes.dense += gate.sizeBytes;
     const experts = new n.ExpertTable(m.numExperts, H, m.intermediate);
     for (let e = 0; e < m.numExperts; e++) {
       if (opts.loadExpert && !opts.loadExpert(moeIndex, e)) continue;
@@ -134,10 +153,16 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
       const fp8 = opts.quantize ? null : t.expertFp8(e);
       const w = fp8 ? packFp8Expert(fp8) : packExpert(t.expert(e), `${t.prefix}experts.${e}`, H, m.intermediate, opts.quantize ?? null);
       experts.set(e, w.gateUp, w.down);
+      this.weightBytes.experts += w.gateUp.sizeBytes + w.down.sizeBytes;
       w.gateUp.dispose();
       w.down.dispose();
     }
-    const shared = t.sharedPrefix ? denseFfnTable(src, t.sharedPrefix, H, m.sharedIntermediate) : null;
+    let shared: ExpertTable | null = null;
+    if (t.sharedPrefix) {
+      const d = denseFfnTable(src, t.sharedPrefix, H, m.sharedIntermediate, denseQuantize(opts.quantize));
+      this.weightBytes.dense += d.sizeBytes;
+      shared = d.table;
+    }
     if (t.sharedGate) checkShape(`${t.prefix}shared_expert_gate.weight`, t.sharedGate, [1, H]);
     const sharedGate = t.sharedGate ? n.packWeight(t.sharedGate.data, t.sharedGate.dtype, 1, H) : null;
     return new MoeLayer(moeIndex, m, {

@@ -1,28 +1,44 @@
 // --quantize: routed experts quantized at load (int8 per output row, int4 in groups, fp8 with
-// 128 x 128 block scales), kept so in memory and read directly by the GEMM kernels. The router,
-// norms, attention, embeddings and dense FFNs stay in the checkpoint's precision.
+// 128 x 128 block scales), kept so in memory and read directly by the GEMM kernels; with
+// --quantize-dense the attention projections, dense FFNs and shared experts too. The router, norms,
+// embeddings and lm_head stay in the checkpoint's precision.
 import type { QuantFormat } from '../native/index.js';
 
 export interface QuantizeSpec {
   format: QuantFormat;
   /** k per scale: int8 0 (one per output row), int4 32 or 128, fp8 128 (block columns). */
   group: number;
+  /** --quantize-dense: attention projections, dense FFNs and shared experts quantized too. */
+  dense?: boolean;
 }
 
 export const QUANTIZE_FORMATS = ['none', 'int8', 'int4', 'fp8'] as const;
 
-/** --quantize FORMAT with --quantize-group N (int4 only) -> spec, or null for none. */
-export function quantizeSpec(format: string, group: number): QuantizeSpec | null {
+/**
+ * --quantize FORMAT with --quantize-group N (int4 only) and --quantize-dense -> spec, or null for
+ * none.
+ */
+export function quantizeSpec(format: string, group: number, dense = false): QuantizeSpec | null {
+  let q: QuantizeSpec;
   switch (format) {
-    case 'none': return null;
-    case 'int8': return { format: 'int8', group: 0 };
-    case 'fp8': return { format: 'fp8', group: 128 };
+    case 'none':
+      if (dense) throw new RangeError('--quantize-dense needs --quantize int8, int4 or fp8 (it quantizes the dense weights in that format)');
+      return null;
+    case 'int8': q = { format: 'int8', group: 0 }; break;
+    case 'fp8': q = { format: 'fp8', group: 128 }; break;
     case 'int4':
       if (group !== 32 && group !== 128) throw new RangeError(`--quantize-group ${group}: int4 groups are 32 or 128`);
-      return { format: 'int4', group };
+      q = { format: 'int4', group };
+      break;
     default:
       throw new RangeError(`--quantize '${format}' is not one of ${QUANTIZE_FORMATS.join(', ')}`);
   }
+  return dense ? { ...q, dense: true } : q;
+}
+
+/** The spec for the dense weights (attention, dense FFNs, shared experts): q with --quantize-dense, else null. */
+export function denseQuantize(q: QuantizeSpec | null | undefined): QuantizeSpec | null {
+  return q?.dense ? q : null;
 }
 
 /**
@@ -42,7 +58,12 @@ export function quantizedBytes(q: QuantizeSpec, n: number, k: number, gateUp: bo
 
 /** For logs and summaries: "int4 (groups of 32)". */
 export function describeQuantize(q: QuantizeSpec): string {
-  if (q.format === 'int8') return 'int8 (per output row)';
-  if (q.format === 'fp8') return 'fp8 e4m3 (128 x 128 blocks)';
-  return `int4 (groups of ${q.group})`;
+  const f = q.format === 'int8' ? 'int8 (per output row)' : q.format === 'fp8' ? 'fp8 e4m3 (128 x 128 blocks)'
+    : `int4 (groups of ${q.group})`;
+  return q.dense ? `${f}, dense weights too` : f;
+}
+
+/** Rank identity and cache keys: 'int8/0', 'int4/32/dense'. */
+export function quantizeKey(q: QuantizeSpec | null | undefined): string {
+  return q ? `${q.format}/${q.group}${q.dense ? '/dense' : ''}` : 'none';
 }

@@ -16,18 +16,20 @@ export function checkShape(name: string, t: HostTensor, expected: number[]): voi
       `[${expected.join(', ')}]`);
 }
 
-/** Packs a Linear weight [n, k]. */
-export function packLinear(src: TensorSource, name: string, n: number, k: number): PackedWeight {
+/** Packs a Linear weight [n, k] (quantized in `quantize`'s format when given: --quantize-dense). */
+export function packLinear(src: TensorSource, name: string, n: number, k: number,
+                           quantize: QuantizeSpec | null = null): PackedWeight {
   const t = src.get(name);
   checkShape(name, t, [n, k]);
-  return loadNative().packWeight(t.data, t.dtype, n, k);
+  return loadNative().packWeight(t.data, t.dtype, n, k, quantize?.format, quantize?.group);
 }
 
 /**
  * Packs Linear weights [rows[i], k] stacked along the output dimension as one weight
  * [sum(rows), k] (fused projections). Mixed dtypes are widened to f32 (exact).
  */
-export function packStacked(src: TensorSource, names: string[], rows: number[], k: number): PackedWeight {
+export function packStacked(src: TensorSource, names: string[], rows: number[], k: number,
+                            quantize: QuantizeSpec | null = null): PackedWeight {
   const parts = names.map((name, i) => {
     const t = src.get(name);
     checkShape(name, t, [rows[i]!, k]);
@@ -43,7 +45,7 @@ export function packStacked(src: TensorSource, names: string[], rows: number[], 
     else (out as Float32Array).set(toF32(t), off);
     off += t.data.length;
   }
-  return loadNative().packWeight(out, dtype, total, k);
+  return loadNative().packWeight(out, dtype, total, k, quantize?.format, quantize?.group);
 }
 
 /** Any 1-D tensor as f32 (norm weights, biases, correction biases). */
@@ -127,13 +129,18 @@ export function packFp8Expert(ex: { gate: Fp8Weight; up: Fp8Weight; down: Fp8Wei
   };
 }
 
-/** A one-expert table (dense FFN, shared expert) from the gate/up/down_proj under a prefix. */
-export function denseFfnTable(src: TensorSource, prefix: string, h: number, i: number): ExpertTable {
+/**
+ * A one-expert table (dense FFN, shared expert) from the gate/up/down_proj under a prefix, quantized
+ * in `quantize`'s format when given (--quantize-dense); its resident bytes beside it.
+ */
+export function denseFfnTable(src: TensorSource, prefix: string, h: number, i: number,
+                              quantize: QuantizeSpec | null = null): { table: ExpertTable; sizeBytes: number } {
   const n = loadNative();
   const table = new n.ExpertTable(1, h, i);
-  const w = packExpert(ffnSource(src, prefix), prefix.replace(/\.$/, ''), h, i);
+  const w = packExpert(ffnSource(src, prefix), prefix.replace(/\.$/, ''), h, i, quantize);
   table.set(0, w.gateUp, w.down);
+  const sizeBytes = w.gateUp.sizeBytes + w.down.sizeBytes;
   w.gateUp.dispose();
   w.down.dispose();
-  return table;
+  return { table, sizeBytes };
 }
