@@ -2,13 +2,18 @@
 // natively: its routed experts stay FP8 in memory, and the model's logits equal those of the same
 // checkpoint with the experts written out as the exact dequantised f32 values (the plain f32 path,
 // itself checked against HF transformers on the fixture), within f32 rounding. Ragged edge blocks.
+// Through the expert cache (slots hold FP8 codes and block scales) and over expert ranks, the FP8
+// model equals itself all-resident, bit for bit.
 import assert from 'node:assert/strict';
 import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
 
+import { startExpertRanks } from '../src/dist/expert-ranks.js';
 import { loadModel } from '../src/model/load.js';
+import type { MoeModel } from '../src/model/model.js';
+import { attachOffloader, skipAllExperts } from '../src/offload/setup.js';
 import { readSafetensorsHeader, writeSafetensors, type TensorToWrite } from '../src/model/safetensors.js';
 import { packageRoot } from '../src/native/index.js';
 import { DirectRunner } from './helpers/model-runner.js';
@@ -92,17 +97,24 @@ function makeCheckpoints(): { fp8Dir: string; refDir: string; root: string } {
   return { fp8Dir, refDir, root };
 }
 
-function teacherForced(dir: string): { logits: Float32Array[]; expertsQuant: (string | null)[] } {
+/** Every golden case's prompt + greedy tokens through the model, teacher-forced: logits per position. */
+function forcedLogits(model: MoeModel, dir: string): Float32Array[] {
   const golden = JSON.parse(readFileSync(path.join(dir, 'golden.json'), 'utf8')) as { cases: { prompt_ids: number[]; greedy: number[] }[] };
-  const { model, spec } = loadModel(dir, { fast: false });
+  const V = model.spec.vocabSize;
+  const logits: Float32Array[] = [];
+  for (const c of golden.cases) {
+    const ids = [...c.prompt_ids, ...c.greedy];
+    const runner = new DirectRunner(model);
+    const res = runner.step([runner.newSeq()], [ids], true);
+    for (let p = 0; p < ids.length; p++) logits.push(res.logits.slice(p * V, (p + 1) * V));
+  }
+  return logits;
+}
+
+function teacherForced(dir: string): { logits: Float32Array[]; expertsQuant: (string | null)[] } {
+  const { model } = loadModel(dir, { fast: false });
   try {
-    const logits: Float32Array[] = [];
-    for (const c of golden.cases) {
-      const ids = [...c.prompt_ids, ...c.greedy];
-      const runner = new DirectRunner(model);
-      const res = runner.step([runner.newSeq()], [ids], true);
-      for (let p = 0; p < ids.length; p++) logits.push(res.logits.slice(p * spec.vocabSize, (p + 1) * spec.vocabSize));
-    }
+    const logits = forcedLogits(model, dir);
     const e = model.moeLayers[0]!.weights.experts.get(0)!;
     const quant = [e.gateUp.quant, e.down.quant];
     e.gateUp.dispose();
@@ -125,6 +137,74 @@ test('an FP8 checkpoint keeps its experts in FP8 and equals the dequantised f32 
       for (let v = 0; v < want.logits[i]!.length; v++)
         worst = Math.max(worst, Math.abs(got.logits[i]![v]! - want.logits[i]![v]!));
     assert.ok(worst <= 1e-5, `logits max-abs difference ${worst}`);
+  } finally {
+    rmSync(root, { recursive: true, force: true });
+  }
+});
+
+for (const copyThread of [true, false]) {
+  test(`an FP8 checkpoint through the expert cache (a quarter of the experts, ${copyThread ? 'copy thread' : 'engine thread'}) equals it all-resident`, async () => {
+    const { fp8Dir, root } = makeCheckpoints();
+    try {
+      const want = teacherForced(fp8Dir).logits;
+      const loaded = loadModel(fp8Dir, { fast: false, loadExpert: skipAllExperts });
+      const off = attachOffloader(loaded, { policy: 'lru', fraction: 0.25, copyThread });
+      try {
+        // Slots hold FP8 codes (1 byte per weight) and block scales, not a bf16 copy.
+        const bf16Bytes = 3 * loaded.spec.hidden * loaded.spec.moe.intermediate * 2;
+        assert.ok(off.store.slotBytes < bf16Bytes * 0.75, `slot ${off.store.slotBytes} bytes vs bf16 ${bf16Bytes}`);
+        assert.ok(off.stats().slots < off.stats().totalExperts / 2, `${off.stats().slots} slots`);
+        forcedLogits(loaded.model, fp8Dir).forEach((l, i) => assert.deepEqual(l, want[i], `position ${i}`));
+        const e = loaded.model.moeLayers[0]!.weights.experts;
+        for (let x = 0; x < loaded.spec.moe.numExperts; x++) {
+          const w = e.get(x);
+          if (!w) continue;
+          assert.deepEqual([w.gateUp.quant, w.down.quant], ['fp8', 'fp8'], `cached expert ${x} held as fp8`);
+          w.gateUp.dispose();
+          w.down.dispose();
+        }
+      } finally {
+        await off.close();
+        off.dispose();
+        loaded.model.dispose();
+      }
+    } finally {
+      rmSync(root, { recursive: true, force: true });
+    }
+  });
+}
+
+test('an FP8 checkpoint over 2 expert ranks equals it on one, bit for bit', async () => {
+  const { fp8Dir, root } = makeCheckpoints();
+  try {
+    const want = teacherForced(fp8Dir).logits;
+    const ranks = startExpertRanks(fp8Dir, 2, false, 60_000);
+    try {
+      await ranks.ready;
+      const loaded = loadModel(fp8Dir, { fast: false, comm: ranks.comm, loadExpert: (_l, e) => ranks.comm.ownsExpert(e) });
+      try {
+        forcedLogits(loaded.model, fp8Dir).forEach((l, i) => assert.deepEqual(l, want[i], `position ${i}`));
+      } finally {
+        loaded.model.dispose();
+      }
+    } finally {
+      await ranks.stop();
+    }
+  } finally {
+    rmSync(root, { recursive: true, force: true });
+  }
+});
+
+test('--quantize with an FP8 checkpoint under the expert cache is refused, naming both', () => {
+  const { fp8Dir, root } = makeCheckpoints();
+  try {
+    const loaded = loadModel(fp8Dir, { fast: false, loadExpert: skipAllExperts });
+    try {
+      assert.throws(() => attachOffloader(loaded, { policy: 'lru', fraction: 0.25, quantize: { format: 'int8', group: 0 } }),
+        /^RangeError: --quantize int8 with the expert cache: this checkpoint's experts are FP8/);
+    } finally {
+      loaded.model.dispose();
+    }
   } finally {
     rmSync(root, { recursive: true, force: true });
   }

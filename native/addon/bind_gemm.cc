@@ -82,6 +82,31 @@ Napi::Value pack_fp8_js(const Napi::CallbackInfo& info) {
   return WeightHandle::create(env, std::move(w));
 }
 
+// repackFp8Into(dst, codes, scaleInv, br, bc, upCodes?, upScaleInv?): an FP8 checkpoint's codes and
+// block scales into an existing fp8 weight of group bc (expert cache slots), in place.
+Napi::Value repack_fp8_into_js(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 5, "repackFp8Into");
+  // NOTE: the handle's weight is shared (expert tables hold it too); repacking writes in place.
+  PackedWeight& dst = const_cast<PackedWeight&>(get_weight(info, 0, "dst"));
+  const int64_t br = get_int(info, 3, "br", 1, kMaxDim);
+  const int64_t bc = get_int(info, 4, "bc", 2, kMaxDim);
+  if (!dst.quantized() || dst.q != QFormat::F8 || dst.group != bc)
+    throw_type(env, "dst must be an fp8 weight of group " + str(bc) + " (bc)");
+  const bool gu = dst.kind == WeightKind::GateUp;
+  const int64_t n = gu ? dst.n / 2 : dst.n, k = dst.k;
+  const size_t len = static_cast<size_t>(n * k);
+  const size_t slen = static_cast<size_t>(ceil_div(n, br) * ceil_div(k, bc));
+  const uint8_t* codes = get_array<uint8_t>(info, 1, "codes", len).data;
+  const float* sc = get_array<float>(info, 2, "scaleInv", slen).data;
+  if (gu && (info.Length() < 7 || is_nullish(info[5]) || is_nullish(info[6])))
+    throw_type(env, "a gate_up dst needs upCodes and upScaleInv");
+  const uint8_t* ucodes = gu ? get_array<uint8_t>(info, 5, "upCodes", len).data : nullptr;
+  const float* usc = gu ? get_array<float>(info, 6, "upScaleInv", slen).data : nullptr;
+  guard(env, [&] { pack_fp8_weight(dst, codes, sc, ucodes, usc, static_cast<int>(br), static_cast<int>(bc)); });
+  return env.Undefined();
+}
+
 // packMxfp4(blocks, scales, n, k, upBlocks?, upScales?) -> MXFP4 weight kept in MXFP4.
 Napi::Value pack_mxfp4_js(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -210,6 +235,7 @@ void register_gemm(Napi::Env env, Napi::Object exports) {
   exports.Set("packFp8", Napi::Function::New(env, pack_fp8_js, "packFp8"));
   exports.Set("packMxfp4", Napi::Function::New(env, pack_mxfp4_js, "packMxfp4"));
   exports.Set("repackInto", Napi::Function::New(env, repack_into_js, "repackInto"));
+  exports.Set("repackFp8Into", Napi::Function::New(env, repack_fp8_into_js, "repackFp8Into"));
   exports.Set("packedWeightAt", Napi::Function::New(env, packed_weight_at_js, "packedWeightAt"));
   exports.Set("denseGemm", Napi::Function::New(env, dense_gemm_js, "denseGemm"));
   exports.Set("groupGemmFfn", Napi::Function::New(env, group_gemm_ffn_js, "groupGemmFfn"));

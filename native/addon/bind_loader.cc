@@ -92,7 +92,10 @@ class ExpertLoaderHandle : public Napi::ObjectWrap<ExpertLoaderHandle> {
     return t;
   }
 
-  // submit({gate, up, down: {path, offset, sizeBytes}, dtype, dst: {gateUp, down}, priority, delayUs?})
+  // submit({gate, up, down: {path, offset, sizeBytes}, dtype, dst: {gateUp, down}, priority, delayUs?,
+  //         fp8Block?: [br, bc], gateScale?, upScale?, downScale?})
+  // With fp8Block the ranges are an FP8 checkpoint's e4m3 codes and the *Scale ranges their
+  // weight_scale_inv (f32), packed as they are into fp8 slots of group bc (dtype is then ignored).
   Napi::Value submit(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     expect_args(info, 1, "ExpertLoader.submit");
@@ -100,7 +103,23 @@ class ExpertLoaderHandle : public Napi::ObjectWrap<ExpertLoaderHandle> {
     if (!info[0].IsObject()) throw_type(env, "job must be an object");
     Napi::Object o = info[0].As<Napi::Object>();
     ExpertLoadJob job;
-    job.dtype = parse_dtype(env, o.Get("dtype"), "job.dtype");
+    Napi::Value fb = o.Get("fp8Block");
+    const bool fp8 = !is_nullish(fb);
+    if (fp8) {
+      if (!fb.IsArray() || fb.As<Napi::Array>().Length() != 2)
+        throw_type(env, "job.fp8Block must be [blockRows, blockCols]");
+      Napi::Array a = fb.As<Napi::Array>();
+      for (uint32_t i = 0; i < 2; ++i) {
+        Napi::Value v = a.Get(i);
+        const double d = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : -1;
+        if (!(d >= 1 && d <= kMaxDim && d == std::floor(d)))
+          throw_range(env, "job.fp8Block[" + std::to_string(i) + "] must be a positive integer");
+        (i == 0 ? job.fp8_br : job.fp8_bc) = static_cast<int>(d);
+      }
+      job.dtype = DType::BF16;  // unused
+    } else {
+      job.dtype = parse_dtype(env, o.Get("dtype"), "job.dtype");
+    }
     Napi::Value dst = o.Get("dst");
     if (!dst.IsObject()) throw_type(env, "job.dst must be an object {gateUp, down}");
     job.gate_up_w = weight_field(env, dst.As<Napi::Object>(), "gateUp", "job.dst.gateUp");
@@ -114,12 +133,28 @@ class ExpertLoaderHandle : public Napi::ObjectWrap<ExpertLoaderHandle> {
       throw_range(env, "job.dst.down shape is [" + std::to_string(dn.n) + ", " + std::to_string(dn.k) +
                            "], expected [" + std::to_string(h) + ", " + std::to_string(inter) +
                            "] (gateUp is [" + std::to_string(gu.n) + ", " + std::to_string(h) + "])");
-    const size_t bytes = static_cast<size_t>(inter * h) * dtype_size(job.dtype);
-    const std::string ih = "[" + std::to_string(inter) + ", " + std::to_string(h) + "] " + dtype_name(job.dtype);
-    const std::string hi = "[" + std::to_string(h) + ", " + std::to_string(inter) + "] " + dtype_name(job.dtype);
+    const char* elem = fp8 ? "e4m3" : dtype_name(job.dtype);
+    const size_t bytes = static_cast<size_t>(inter * h) * (fp8 ? 1 : dtype_size(job.dtype));
+    const std::string ih = "[" + std::to_string(inter) + ", " + std::to_string(h) + "] " + elem;
+    const std::string hi = "[" + std::to_string(h) + ", " + std::to_string(inter) + "] " + elem;
     job.gate = range_field(env, o, "gate", bytes, ih);
     job.up = range_field(env, o, "up", bytes, ih);
     job.down = range_field(env, o, "down", bytes, hi);
+    if (fp8) {
+      if (!gu.quantized() || gu.q != QFormat::F8 || !dn.quantized() || dn.q != QFormat::F8 ||
+          gu.group != job.fp8_bc || dn.group != job.fp8_bc)
+        throw_type(env, "job.dst weights must be fp8 weights of group " + std::to_string(job.fp8_bc) +
+                            " (fp8Block[1]) for an FP8 job");
+      const int64_t br = job.fp8_br, bc = job.fp8_bc;
+      auto blocks = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
+      const size_t s_ih = static_cast<size_t>(blocks(inter, br) * blocks(h, bc)) * 4;
+      const size_t s_hi = static_cast<size_t>(blocks(h, br) * blocks(inter, bc)) * 4;
+      const std::string sih = "[" + std::to_string(blocks(inter, br)) + ", " + std::to_string(blocks(h, bc)) + "] f32";
+      const std::string shi = "[" + std::to_string(blocks(h, br)) + ", " + std::to_string(blocks(inter, bc)) + "] f32";
+      job.gate_scale = range_field(env, o, "gateScale", s_ih, sih);
+      job.up_scale = range_field(env, o, "upScale", s_ih, sih);
+      job.down_scale = range_field(env, o, "downScale", s_hi, shi);
+    }
     Napi::Value pr = o.Get("priority");
     if (!pr.IsNumber() || std::isnan(pr.As<Napi::Number>().DoubleValue()))
       throw_type(env, "job.priority must be a number");

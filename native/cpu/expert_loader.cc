@@ -153,15 +153,33 @@ void ExpertLoader::execute(ExpertLoadJob& job, Stats& local) {
     if (stage.size() < r.size_bytes) stage.resize(r.size_bytes);
     pread_all(fd_for(r.path), r.path, r.offset, stage.data(), r.size_bytes);
   };
+  auto read_f32 = [&](const FileRange& r, std::vector<float>& stage) {
+    stage.resize((r.size_bytes + 3) / 4);
+    pread_all(fd_for(r.path), r.path, r.offset, reinterpret_cast<uint8_t*>(stage.data()), r.size_bytes);
+  };
   read(job.gate, stage_gate_);
   read(job.up, stage_up_);
   read(job.down, stage_down_);
+  const bool fp8 = job.fp8_br > 0;
+  if (fp8) {
+    read_f32(job.gate_scale, stage_gate_scale_);
+    read_f32(job.up_scale, stage_up_scale_);
+    read_f32(job.down_scale, stage_down_scale_);
+  }
   local.read_seconds = seconds_since(t0);
-  local.bytes_read = job.gate.size_bytes + job.up.size_bytes + job.down.size_bytes;
+  local.bytes_read = job.gate.size_bytes + job.up.size_bytes + job.down.size_bytes +
+                     (fp8 ? job.gate_scale.size_bytes + job.up_scale.size_bytes + job.down_scale.size_bytes : 0);
   // NOTE: single-threaded packing: entering the compute pool from this thread would serialise
   // the loader behind the engine's kernels (and them behind it).
-  pack_gate_up(*job.gate_up_w, stage_gate_.data(), stage_up_.data(), job.dtype, false);
-  pack_weight(*job.down_w, stage_down_.data(), job.dtype, false);
+  if (fp8) {
+    pack_fp8_weight(*job.gate_up_w, stage_gate_.data(), stage_gate_scale_.data(), stage_up_.data(),
+                    stage_up_scale_.data(), job.fp8_br, job.fp8_bc, false);
+    pack_fp8_weight(*job.down_w, stage_down_.data(), stage_down_scale_.data(), nullptr, nullptr,
+                    job.fp8_br, job.fp8_bc, false);
+  } else {
+    pack_gate_up(*job.gate_up_w, stage_gate_.data(), stage_up_.data(), job.dtype, false);
+    pack_weight(*job.down_w, stage_down_.data(), job.dtype, false);
+  }
   if (job.delay_us > 0) {
     // SIMULATION: the link's time follows the host-side work; a DMA copy costs time but no CPU,
     // so sleep (the thread's timer slack is set fine in run()).

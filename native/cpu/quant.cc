@@ -211,7 +211,8 @@ void quantize_weight(PackedWeight& w, const void* src, const void* up, DType src
 }
 
 void pack_fp8_weight(PackedWeight& w, const uint8_t* codes, const float* scale_inv,
-                     const uint8_t* codes_up, const float* scale_inv_up, int br, int bc) {
+                     const uint8_t* codes_up, const float* scale_inv_up, int br, int bc,
+                     bool use_pool) {
   check_quant(w, QFormat::F8, "pack_fp8_weight");
   EXPERTD_CHECK(bc == w.group, ErrorCode::InvalidArg,
                 "fp8 block columns " + std::to_string(bc) + " differ from the weight's group " +
@@ -228,7 +229,7 @@ void pack_fp8_weight(PackedWeight& w, const uint8_t* codes, const float* scale_i
     const float* s = (is_up ? scale_inv_up : scale_inv) + static_cast<size_t>(row / br) * nbc;
     std::memcpy(q.codes.data(), c, static_cast<size_t>(k));
     for (int g = 0; g < nbc; ++g) q.scales[g] = s[g];
-  }, true);
+  }, use_pool);
 }
 
 void pack_mxfp4_weight(PackedWeight& w, const uint8_t* blocks, const uint8_t* scales,

@@ -442,6 +442,15 @@ export interface ExpertLoadJob {
   priority: number;
   /** SIMULATION: the copy thread also sleeps this long after the load (a host-to-device link). */
   delayUs?: number;
+  /**
+   * An FP8 checkpoint's expert kept in FP8: gate/up/down are e4m3 codes, these their
+   * weight_scale_inv ranges (f32 [ceil(rows / br), ceil(cols / bc)]); dst are fp8 weights of group
+   * bc; dtype is ignored.
+   */
+  fp8Block?: [number, number];
+  gateScale?: FileRange;
+  upScale?: FileRange;
+  downScale?: FileRange;
 }
 
 export interface ExpertLoaderStats {
@@ -543,6 +552,9 @@ export interface NativeAddon extends Partial<CudaAddon> {
   /** Re-packs new contents into an existing weight of the same geometry (expert cache slots; a
    * quantized slot re-quantizes them). */
   repackInto(dst: PackedWeight, src: WeightSource, dtype: DType, up?: WeightSource | null): void;
+  /** packFp8's contents into an existing fp8 weight of group bc (expert cache slots), in place. */
+  repackFp8Into(dst: PackedWeight, codes: Uint8Array, scaleInv: Float32Array, br: number, bc: number,
+                upCodes?: Uint8Array | null, upScaleInv?: Float32Array | null): void;
   /** Reads element (row, col) of a packed weight as a number (tests). */
   packedWeightAt(w: PackedWeight, row: number, col: number): number;
   /** y[m, n] (+)= x[m, k] * w^T (+ bias[n]). fast: bf16 dot products (fast mode). */

@@ -2,7 +2,8 @@
 // On CPU that is the checkpoint file itself, read with real I/O (pread, not the mmap) and repacked
 // into the cache slot, either on a copy thread of its own (the native ExpertLoader: loads overlap
 // compute, so prefetching pays) or on the engine thread. A GPU tier (pinned host -> device copy on
-// a copy stream) implements the same ticket interface.
+// a copy stream) implements the same ticket interface. An FP8 checkpoint's experts stay FP8 in the
+// slots (codes and block scales read as stored).
 import { loadNative, type DType, type ExpertLoader, type FileRange, type PackedWeight } from '../native/index.js';
 import type { Checkpoint, TensorInfo } from '../model/safetensors.js';
 import type { ModelSpec } from '../model/spec.js';
@@ -57,7 +58,13 @@ export function loadNow(store: ExpertStore, layer: number, expert: number, slot:
   store.wait(store.submit(layer, expert, slot, Infinity));
 }
 
-interface ExpertRanges { gate: FileRange; up: FileRange; down: FileRange }
+interface ExpertRanges {
+  gate: FileRange;
+  up: FileRange;
+  down: FileRange;
+  /** FP8 checkpoints: each projection's weight_scale_inv (f32). */
+  scales?: { gate: FileRange; up: FileRange; down: FileRange };
+}
 
 const ST_DTYPE: Record<string, DType | undefined> = { BF16: 'bf16', F16: 'f16', F32: 'f32' };
 
@@ -92,6 +99,8 @@ export class CheckpointExpertStore implements ExpertStore {
   readonly expertBytes: number;
   readonly slotBytes: number;
   private readonly quantize: QuantizeSpec | null;
+  /** FP8 checkpoint experts kept in FP8: the block size [rows, cols] of their scales, else null. */
+  private readonly fp8Block: [number, number] | null;
   private readonly dtype: DType;
   private readonly H: number;
   private readonly I: number;
@@ -121,9 +130,20 @@ export class CheckpointExpertStore implements ExpertStore {
     const names = expertTensorPrefix(spec);
     const E = spec.moe.numExperts;
     let dtype: DType | undefined;
+    // FP8 checkpoints (quantization_config fp8): experts stay FP8 in the slots, as resident.
+    this.fp8Block = spec.quantization?.method === 'fp8' ? spec.quantization.blockSize : null;
+    this.quantize = opts.quantize ?? null;
+    if (this.fp8Block && this.quantize)
+      throw new RangeError(`--quantize ${this.quantize.format} with the expert cache: this checkpoint's experts are FP8 ` +
+        '(quantization_config fp8), which the cache keeps as stored; drop --quantize, or keep every expert resident');
     const eb = (t: TensorInfo) => {
+      if (this.fp8Block && t.dtype === 'F8_E4M3') {
+        if (dtype && dtype !== 'bf16') throw new Error(`expert offloading needs one expert dtype; ${t.name} is F8_E4M3, others ${dtype}`);
+        dtype = 'bf16';  // unused for FP8 loads
+        return 1;
+      }
       const d = ST_DTYPE[t.dtype];
-      if (!d) throw new Error(`expert offloading reads bf16/f16/f32 experts; ${t.name} is ${t.dtype}`);
+      if (!d) throw new Error(`expert offloading reads bf16/f16/f32 experts and FP8 (F8_E4M3 with weight_scale_inv) ones; ${t.name} is ${t.dtype}`);
       if (dtype && d !== dtype) throw new Error(`expert offloading needs one expert dtype; ${t.name} is ${d}, others ${dtype}`);
       dtype = d;
       return t.sizeBytes / (t.shape.reduce((a, b) => a * b, 1));
@@ -134,6 +154,8 @@ export class CheckpointExpertStore implements ExpertStore {
       const fusedName = `${p}gate_up_proj`;
       const out: ExpertRanges[] = [];
       if (checkpoint.has(fusedName)) {
+        if (this.fp8Block && checkpoint.getTensor(fusedName).dtype === 'F8_E4M3')
+          throw new Error(`expert offloading reads FP8 experts stored one tensor per expert; ${fusedName} stacks them`);
         // transformers 5.x: gate_up_proj [E, 2I, H] (gate rows then up rows), down_proj [E, H, I]
         const gu = checkpoint.getTensor(fusedName);
         const dn = checkpoint.getTensor(`${p}down_proj`);
@@ -154,18 +176,33 @@ export class CheckpointExpertStore implements ExpertStore {
             eb(info);
             return { path: info.file, offset: info.offset, sizeBytes: info.sizeBytes };
           };
-          out.push({ gate: t(names.gate), up: t(names.up), down: t(names.down) });
+          const s = (n: string): FileRange => {
+            const name = `${p}${e}.${n}.weight_scale_inv`;
+            const info = checkpoint.getTensor(name);
+            if (info.dtype !== 'F32')
+              throw new Error(`expert offloading reads f32 FP8 block scales; ${name} is ${info.dtype}`);
+            return { path: info.file, offset: info.offset, sizeBytes: info.sizeBytes };
+          };
+          const fp8 = this.fp8Block !== null && checkpoint.getTensor(`${p}${e}.${names.gate}.weight`).dtype === 'F8_E4M3';
+          out.push({
+            gate: t(names.gate), up: t(names.up), down: t(names.down),
+            ...(fp8 ? { scales: { gate: s(names.gate), up: s(names.up), down: s(names.down) } } : {}),
+          });
         }
       }
       return out;
     });
     this.dtype = dtype ?? 'bf16';
-    const bytes = this.ranges[0]?.[0]?.gate.sizeBytes ?? 0;
-    this.expertBytes = 3 * bytes;
-    this.quantize = opts.quantize ?? null;
-    // Packed weights keep the checkpoint dtype, or the --quantize format's codes and scales.
-    this.slotBytes = this.quantize
-      ? quantizedBytes(this.quantize, 2 * this.I, this.H, true) + quantizedBytes(this.quantize, this.H, this.I, false)
+    const first = this.ranges[0]?.[0];
+    const bytes = first?.gate.sizeBytes ?? 0;
+    const sc = first?.scales;
+    this.expertBytes = 3 * bytes + (sc ? sc.gate.sizeBytes + sc.up.sizeBytes + sc.down.sizeBytes : 0);
+    if (this.fp8Block && !sc) this.fp8Block = null;  // an FP8 config over bf16 experts: plain slots
+    // Packed weights keep the checkpoint dtype, or FP8 codes and block scales, or the --quantize
+    // format's codes and scales.
+    const slotQuant: QuantizeSpec | null = this.fp8Block ? { format: 'fp8', group: this.fp8Block[1] } : this.quantize;
+    this.slotBytes = slotQuant
+      ? quantizedBytes(slotQuant, 2 * this.I, this.H, true) + quantizedBytes(slotQuant, this.H, this.I, false)
       : 3 * bytes;
     this.overlapsCompute = opts.copyThread ?? true;
     this.loader = this.overlapsCompute ? new (loadNative().ExpertLoader)() : null;
@@ -179,19 +216,23 @@ export class CheckpointExpertStore implements ExpertStore {
 
   submit(layer: number, expert: number, slot: SlotWeights, priority: number, simulatedDelayUs = 0): LoadTicket {
     const r = this.rangesOf(layer, expert);
-    const bytes = r.gate.sizeBytes + r.up.sizeBytes + r.down.sizeBytes;
+    const bytes = r.gate.sizeBytes + r.up.sizeBytes + r.down.sizeBytes +
+      (r.scales ? r.scales.gate.sizeBytes + r.scales.up.sizeBytes + r.scales.down.sizeBytes : 0);
     this.loads++;
     this.bytesRead += bytes;
     if (this.loader) {
       const n = loadNative();
       const { H, I, dtype } = this;
       // Empty slots get their weights now (zeros, right geometry); the copy thread fills them.
-      const q = this.quantize;
+      const q = this.fp8Block ? { format: 'fp8' as const, group: this.fp8Block[1] } : this.quantize;
       slot.gateUp ??= n.allocPackedWeight(dtype, 'gate_up', 2 * I, H, q?.format, q?.group);
       slot.down ??= n.allocPackedWeight(dtype, 'plain', H, I, q?.format, q?.group);
       return this.loader.submit({
         gate: r.gate, up: r.up, down: r.down, dtype, dst: { gateUp: slot.gateUp, down: slot.down }, priority,
         ...(simulatedDelayUs > 0 ? { delayUs: simulatedDelayUs } : {}),
+        ...(r.scales && this.fp8Block ? {
+          fp8Block: this.fp8Block, gateScale: r.scales.gate, upScale: r.scales.up, downScale: r.scales.down,
+        } : {}),
       });
     }
     this.loadHere(r, slot);
@@ -244,10 +285,30 @@ export class CheckpointExpertStore implements ExpertStore {
     n.readFileRange(r.up.path, r.up.offset, this.up.subarray(0, r.up.sizeBytes));
     n.readFileRange(r.down.path, r.down.offset, this.down.subarray(0, r.down.sizeBytes));
     this.readSeconds += (performance.now() - t0) / 1000;
+    const { H, I, dtype } = this;
+    if (r.scales && this.fp8Block) {
+      // FP8: codes as read, scales read beside them; slots are fp8 weights of group bc.
+      const [br, bc] = this.fp8Block;
+      const s = r.scales;
+      const t1 = performance.now();
+      const scale = (f: FileRange) => {
+        const out = new Float32Array(f.sizeBytes / 4);
+        n.readFileRange(f.path, f.offset, new Uint8Array(out.buffer));
+        return out;
+      };
+      const gs = scale(s.gate), us = scale(s.up), ds = scale(s.down);
+      this.readSeconds += (performance.now() - t1) / 1000;
+      const gc = this.gate.subarray(0, r.gate.sizeBytes), uc = this.up.subarray(0, r.up.sizeBytes);
+      const dc = this.down.subarray(0, r.down.sizeBytes);
+      if (slot.gateUp) n.repackFp8Into(slot.gateUp, gc, gs, br, bc, uc, us);
+      else slot.gateUp = n.packFp8(gc, gs, I, H, br, bc, uc, us);
+      if (slot.down) n.repackFp8Into(slot.down, dc, ds, br, bc);
+      else slot.down = n.packFp8(dc, ds, H, I, br, bc);
+      return;
+    }
     const gate = this.view(this.gate, r.gate.sizeBytes);
     const up = this.view(this.up, r.up.sizeBytes);
     const down = this.view(this.down, r.down.sizeBytes);
-    const { H, I, dtype } = this;
     // A quantized slot re-quantizes what it is given (repackInto); a new one is made quantized.
     const q = this.quantize;
     if (slot.gateUp) n.repackInto(slot.gateUp, gate, dtype, up);

@@ -29,6 +29,11 @@ struct FileRange {
 struct ExpertLoadJob {
   FileRange gate, up, down;
   DType dtype = DType::BF16;
+  // An FP8 checkpoint's expert kept in FP8 (fp8_br > 0): gate, up and down are e4m3 codes and
+  // these their weight_scale_inv [ceil(rows / br), ceil(cols / bc)] f32; the slot is an fp8 weight
+  // of group bc.
+  FileRange gate_scale, up_scale, down_scale;
+  int fp8_br = 0, fp8_bc = 0;
   std::shared_ptr<PackedWeight> gate_up_w;
   std::shared_ptr<PackedWeight> down_w;
   double priority = 0;       // higher first; FIFO among equals
@@ -94,6 +99,7 @@ class ExpertLoader {
   // Copy-thread only: open checkpoint files and the staging buffers (grow-only).
   std::unordered_map<std::string, int> fds_;
   std::vector<uint8_t> stage_gate_, stage_up_, stage_down_;
+  std::vector<float> stage_gate_scale_, stage_up_scale_, stage_down_scale_;  // FP8 jobs
   std::thread thread_;
 };
 

@@ -94,9 +94,11 @@ void quantize_weight(PackedWeight& w, const void* src, const void* up, DType src
 // Packs pre-quantized checkpoint data. F8: codes [n, k] e4m3 and scale_inv [ceil(n/br),
 // ceil(k/bc)] f32 with bc == w.group. FP4 (MXFP4): blocks [n, k/32, 16] bytes (two e2m1 codes
 // per byte, low nibble first) and e8m0 scales [n, k/32]. For GateUp, the *_up arguments give the
-// up half (same shapes with n = I); gate and up share br.
+// up half (same shapes with n = I); gate and up share br. use_pool = false: on the calling thread
+// only (the expert loader's copy thread).
 void pack_fp8_weight(PackedWeight& w, const uint8_t* codes, const float* scale_inv,
-                     const uint8_t* codes_up, const float* scale_inv_up, int br, int bc);
+                     const uint8_t* codes_up, const float* scale_inv_up, int br, int bc,
+                     bool use_pool = true);
 void pack_mxfp4_weight(PackedWeight& w, const uint8_t* blocks, const uint8_t* scales,
                        const uint8_t* blocks_up, const uint8_t* scales_up);
 
