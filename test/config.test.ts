@@ -386,6 +386,36 @@ test('fp8 block quantisation is accepted and recorded; other quantisation is ref
     { method: 'fp8', blockSize: [128, 128] });
   assert.throws(() => parseModelConfig({ ...deepseekV3(), quantization_config: { quant_method: 'awq', bits: 4 } }),
     (e: Error) => e instanceof ConfigError && /quantization_config .*"awq".* is not supported; supported: quant_method "fp8"/.test(e.message));
+  // Non-128 blocks with an even width are read (ragged edges exact; test/fp8-checkpoint.test.ts).
+  assert.deepEqual(parseModelConfig({ ...deepseekV3(), quantization_config: { ...q, weight_block_size: [24, 24] } }).quantization,
+    { method: 'fp8', blockSize: [24, 24] });
+  assert.deepEqual(parseModelConfig({ ...deepseekV3(), quantization_config: { quant_method: 'fp8' } }).quantization,
+    { method: 'fp8', blockSize: [128, 128] }, "HF's fine-grained FP8 default");
+});
+
+test('each refused quantization_config says which field and value, and what to do', () => {
+  const fp8 = { quant_method: 'fp8', fmt: 'e4m3', activation_scheme: 'dynamic', weight_block_size: [128, 128] };
+  const cases: Array<[unknown, RegExp]> = [
+    [{ quant_method: 'awq', bits: 4, group_size: 128, zero_point: true }, /\. quant_method "awq" \(AutoAWQ: 4-bit weights with zero points, packed for its own kernels\): serve the bf16 original, with --quantize int8\|int4\|fp8/],
+    [{ quant_method: 'gptq', bits: 4, desc_act: true }, /\. quant_method "gptq" \(GPTQ: 4\/8-bit weights with zero points and act-order/],
+    [{ quant_method: 'bitsandbytes', load_in_4bit: true }, /\. quant_method "bitsandbytes" \(bitsandbytes: LLM\.int8 \/ NF4 \/ FP4/],
+    [{ quant_method: 'compressed-tensors', format: 'float-quantized' }, /\. quant_method "compressed-tensors" \(compressed-tensors \(llm-compressor\) checkpoints are not read yet\)/],
+    [{ quant_method: 'hqq' }, /\. quant_method "hqq" is not a method expertd knows: serve the bf16 original/],
+    [{ bits: 4 }, /\. It names no quant_method\.$/],
+    [[1, 2], /\. quantization_config must be an object\.$/],
+    [{ ...fp8, fmt: 'e5m2' }, /\. fmt "e5m2": FP8 weights are read as e4m3/],
+    [{ ...fp8, scale_fmt: 'ue8m0' }, /\. scale_fmt "ue8m0": block scales are read as float/],
+    [{ ...fp8, activation_scheme: 'static' }, /\. activation_scheme "static": its calibrated activation scales \(input_scale\) would be ignored/],
+    [{ ...fp8, weight_block_size: null }, /\. weight_block_size null \(one scale per tensor\): expertd reads block-scaled FP8/],
+    [{ ...fp8, weight_block_size: [128] }, /\. weight_block_size \[128\]: expected \[rows, cols\], two positive integers\.$/],
+    [{ ...fp8, weight_block_size: [128, 0] }, /\. weight_block_size \[128,0\]: expected \[rows, cols\]/],
+    [{ ...fp8, weight_block_size: [128, 127] }, /\. weight_block_size \[128,127\]: the block width \(cols\) must be even/],
+  ];
+  for (const [qc, re] of cases) {
+    assert.throws(() => parseModelConfig({ ...deepseekV3(), quantization_config: qc as Raw }), (e: Error) =>
+      e instanceof ConfigError && e.message.startsWith(`deepseek_v3 config quantization_config ${JSON.stringify(qc)} is not supported; supported: quant_method "fp8"`) &&
+      re.test(e.message), `${JSON.stringify(qc)}`);
+  }
 });
 
 test('unsupported values are ConfigErrors naming the value and what is supported', () => {

@@ -182,21 +182,48 @@ function buildSpec(raw: Raw, gen: Raw | null): ModelSpec {
   };
 }
 
+// Quantization methods expertd does not read, and what to do instead (the refusal says it).
+const OTHER_QUANT_METHODS: Record<string, string> = {
+  awq: 'AutoAWQ: 4-bit weights with zero points, packed for its own kernels',
+  gptq: 'GPTQ: 4/8-bit weights with zero points and act-order, packed for its own kernels',
+  bitsandbytes: 'bitsandbytes: LLM.int8 / NF4 / FP4 quantized at load by its own kernels',
+  'compressed-tensors': 'compressed-tensors (llm-compressor) checkpoints are not read yet',
+  mxfp4: 'MXFP4 checkpoints (gpt-oss) are not read yet',
+};
+
 function parseQuantization(raw: Raw, mt: string): ModelSpec['quantization'] {
   const q = raw.quantization_config as Raw | undefined | null;
   if (!q) return null;
+  // NOTE: tests match the first sentence; the second names the field at fault and what to do.
+  const refuse = (why: string) => new ConfigError(`${mt} config quantization_config ${JSON.stringify(q)} is not supported; ` +
+    'supported: quant_method "fp8", fmt "e4m3", float block scales (weight_block_size [rows, cols]), ' +
+    'activation_scheme "dynamic" (routed experts stay FP8 on the CPU engine; other weights are dequantised to bf16 at load). ' + why);
+  if (typeof q !== 'object' || Array.isArray(q)) throw refuse('quantization_config must be an object.');
   const method = q.quant_method;
+  if (method === undefined) throw refuse('It names no quant_method.');
+  if (method !== 'fp8') {
+    const known = typeof method === 'string' ? OTHER_QUANT_METHODS[method] : undefined;
+    throw refuse(`quant_method ${JSON.stringify(method)} ${known ? `(${known})` : 'is not a method expertd knows'}: ` +
+      'serve the bf16 original, with --quantize int8|int4|fp8 to quantize it at load.');
+  }
   const fmt = q.fmt ?? 'e4m3';
+  if (fmt !== 'e4m3') throw refuse(`fmt ${JSON.stringify(fmt)}: FP8 weights are read as e4m3 (e4m3fn codes).`);
   const scaleFmt = q.scale_fmt ?? 'float';
-  const block = q.weight_block_size ?? [128, 128];
+  if (scaleFmt !== 'float')
+    throw refuse(`scale_fmt ${JSON.stringify(scaleFmt)}: block scales are read as float (weight_scale_inv in f32 or bf16).`);
+  const act = q.activation_scheme ?? 'dynamic';
+  if (act !== 'dynamic')
+    throw refuse(`activation_scheme ${JSON.stringify(act)}: its calibrated activation scales (input_scale) would be ` +
+      'ignored; expertd reads FP8 checkpoints whose activations are quantized dynamically or not at all.');
+  // HF's fine-grained FP8 (quant_method "fp8") defaults to 128 x 128 blocks; null means per-tensor scales.
+  const block = 'weight_block_size' in q ? q.weight_block_size : [128, 128];
+  if (block === null)
+    throw refuse('weight_block_size null (one scale per tensor): expertd reads block-scaled FP8 (weight_block_size [rows, cols]).');
   const okBlock = Array.isArray(block) && block.length === 2 &&
     block.every((x) => Number.isInteger(x) && (x as number) > 0);
-  if (method !== 'fp8' || fmt !== 'e4m3' || scaleFmt !== 'float' || !okBlock ||
-      (q.activation_scheme ?? 'dynamic') !== 'dynamic') {
-    throw new ConfigError(`${mt} config quantization_config ${JSON.stringify(q)} is not supported; ` +
-      'supported: quant_method "fp8", fmt "e4m3", float block scales (weight_block_size [rows, cols]), ' +
-      'activation_scheme "dynamic" (routed experts stay FP8 on the CPU engine; other weights are dequantised to bf16 at load)');
-  }
+  if (!okBlock) throw refuse(`weight_block_size ${JSON.stringify(block)}: expected [rows, cols], two positive integers.`);
+  if ((block as number[])[1]! % 2 !== 0)
+    throw refuse(`weight_block_size ${JSON.stringify(block)}: the block width (cols) must be even for the FP8 kernels.`);
   return { method: 'fp8', blockSize: block as [number, number] };
 }
 
