@@ -50,11 +50,11 @@ function teacherForced(dir: string, quantize: QuantizeSpec | null, fast = false)
   }
 }
 
-/** model.weightBytes of the fixture loaded with the given --quantize. */
+/** model.residentWeightBytes of the fixture loaded with the given --quantize. */
 function residentBytes(dir: string, quantize: QuantizeSpec | null): { dense: number; experts: number } {
   const { model } = loadModel(dir, { fast: false, quantize });
   try {
-    return { ...model.weightBytes };
+    return { ...model.residentWeightBytes };
   } finally {
     model.dispose();
   }

@@ -10,7 +10,7 @@ import { loadCudaModel, loadModel, loadSummary, type LoadedModel, type LoadProgr
 import { loadNative, type CudaAddon } from '../native/index.js';
 import { DeviceExpertComm } from '../moe/device-ep.js';
 import { startDeviceExpertRanks, startExpertRanks, type ExpertRanks } from '../dist/expert-ranks.js';
-import type { ModelOptions } from '../model/model.js';
+import type { ModelOptions, MoeModel } from '../model/model.js';
 import { attachDeviceOffloader, attachOffloader, skipAllExperts } from '../offload/setup.js';
 import type { Offloader } from '../offload/offloader.js';
 import { EngineCore, type StepOffloader } from './engine-core.js';
@@ -257,7 +257,10 @@ async function init(o: EngineOptions): Promise<void> {
       ...(autoKvCapBytes !== undefined ? { autoKvCapBytes } : {}),
       prefixCacheKey: o.prefixCaching === false ? null : prefixCacheKey(o),
     }, offloader);
-    const summary = `${loadSummary(loaded)}; compute ${o.computeDtype}${o.quantize ? `; quantized ${describeQuantize(o.quantize)}` : ''}; KV cache ${core.numBlocks} blocks x ${o.blockSize} tokens ${core.kvDtype}` +
+    const resident = (loaded.model as Partial<MoeModel>).residentWeightBytes;
+    const mib = (b: number) => (b / 2 ** 20).toFixed(1);
+    const summary = `${loadSummary(loaded)}; compute ${o.computeDtype}${o.quantize ? `; quantized ${describeQuantize(o.quantize)}` : ''}` +
+      (resident ? `; weights resident ${mib(resident.dense)} MiB + experts ${mib(resident.experts)} MiB` : '') + `; KV cache ${core.numBlocks} blocks x ${o.blockSize} tokens ${core.kvDtype}` +
       `, prefix caching ${core.scheduler.cache.prefixCaching ? 'on' : 'off'}` +
       (loaded.report.warnings.length ? `; ${loaded.report.warnings.length} unexpected tensor(s) ignored` : '') +
       (offloader ? `; expert cache ${offloader.stats().slots}/${offloader.stats().totalExperts} experts, ` +

@@ -72,7 +72,7 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
    * router, lm_head; codes and scales where --quantize-dense quantized them), and of the routed
    * experts this model holds itself (0 for those the offloader or other ranks hold).
    */
-  readonly weightBytes = { dense: 0, experts: 0 };
+  readonly residentWeightBytes = { dense: 0, experts: 0 };
 
   constructor(readonly spec: ModelSpec, src: TensorSource, opts: ModelOptions) {
     this.fast = opts.fast;
@@ -84,11 +84,11 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
     if (spec.tieWordEmbeddings && !src.has('lm_head.weight'))
       this.lmHead = loadNative().packWeight(this.embed.data, this.embed.dtype, spec.vocabSize, H);
     else this.lmHead = packLinear(src, 'lm_head.weight', spec.vocabSize, H);
-    this.weightBytes.dense += this.lmHead.sizeBytes;
+    this.residentWeightBytes.dense += this.lmHead.sizeBytes;
     const dq = denseQuantize(opts.quantize);
     const denseFfn = (prefix: string, inter: number): ExpertTable => {
       const d = denseFfnTable(src, prefix, H, inter, dq);
-      this.weightBytes.dense += d.sizeBytes;
+      this.residentWeightBytes.dense += d.sizeBytes;
       return d.table;
     };
     let moeIndex = 0;
@@ -98,7 +98,7 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
       const w = spec.layers[i]!.slidingWindow;
       const a = w === undefined ? spec.attention : { ...spec.attention, slidingWindow: w };
       const block = a.kind === 'mla' ? new MlaAttention(a, src, p, H, dq) : new GqaAttention(a, src, p, H, spec.rmsNormEps, dq);
-      this.weightBytes.dense += block.weightBytes;
+      this.residentWeightBytes.dense += block.weightBytes;
       return block;
     };
     for (let i = 0; i < spec.numLayers; i++) {
@@ -145,7 +145,7 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
     const m = spec.moe;
     const t = moeTensors(spec, src, layerPrefix);
     const gate = n.packWeight(t.router.data, t.router.dtype, t.router.shape[0]!, H);
-    this.weightBytes.dense += gate.sizeBytes;
+    this.residentWeightBytes.dense += gate.sizeBytes;
     const experts = new n.ExpertTable(m.numExperts, H, m.intermediate);
     for (let e = 0; e < m.numExperts; e++) {
       if (opts.loadExpert && !opts.loadExpert(moeIndex, e)) continue;
@@ -153,14 +153,14 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
       const fp8 = opts.quantize ? null : t.expertFp8(e);
       const w = fp8 ? packFp8Expert(fp8) : packExpert(t.expert(e), `${t.prefix}experts.${e}`, H, m.intermediate, opts.quantize ?? null);
       experts.set(e, w.gateUp, w.down);
-      this.weightBytes.experts += w.gateUp.sizeBytes + w.down.sizeBytes;
+      this.residentWeightBytes.experts += w.gateUp.sizeBytes + w.down.sizeBytes;
       w.gateUp.dispose();
       w.down.dispose();
     }
     let shared: ExpertTable | null = null;
     if (t.sharedPrefix) {
       const d = denseFfnTable(src, t.sharedPrefix, H, m.sharedIntermediate, denseQuantize(opts.quantize));
-      this.weightBytes.dense += d.sizeBytes;
+      this.residentWeightBytes.dense += d.sizeBytes;
       shared = d.table;
     }
     if (t.sharedGate) checkShape(`${t.prefix}shared_expert_gate.weight`, t.sharedGate, [1, H]);
