@@ -185,7 +185,20 @@ test('loader arguments are checked with exact messages', () => {
   assert.throws(() => loader.wait(12345), (e: Error) => e instanceof RangeError && e.message === 'ticket 12345 is not pending (already waited for, cancelled, or never submitted)');
   assert.throws(() => n.allocPackedWeight('bf16', 'gate_up', 7, 4), (e: Error) => e instanceof RangeError && e.message === 'n is 7, expected an even number for a gate_up weight (2 * inter)');
   assert.throws(() => n.allocPackedWeight('bf16', 'dense' as 'plain', 8, 4), (e: Error) => e instanceof TypeError && e.message === "kind is 'dense', expected 'plain' or 'gate_up'");
+  // FP8 jobs: e4m3 codes (1 byte per weight) and f32 block scales into fp8 slots of group bc.
+  const r = (f: string, off: number, sizeBytes: number) => ({ path: f, offset: off, sizeBytes });
+  const f8dst = { gateUp: n.allocPackedWeight('bf16', 'gate_up', 32, 32, 'fp8', 16), down: n.allocPackedWeight('bf16', 'plain', 32, 16, 'fp8', 16) };
+  const f8: ExpertLoadJob = {
+    gate: r(fx.file, 40, 512), up: r(fx.file, 552, 512), down: r(fx.file, 1064, 512), dtype: 'bf16', dst: f8dst, priority: 0,
+    fp8Block: [8, 16], gateScale: r(fx.file, 0, 16), upScale: r(fx.file, 16, 16), downScale: r(fx.file, 0, 16),
+  };
+  bad({ ...f8, fp8Block: [8] }, TypeError, 'job.fp8Block must be [blockRows, blockCols]');
+  bad({ ...f8, fp8Block: [0, 16] }, RangeError, 'job.fp8Block[0] must be a positive integer');
+  bad({ ...f8, gate: r(fx.file, 40, 1024) }, RangeError, 'job.gate.sizeBytes is 1024, expected 512 ([16, 32] e4m3)');
+  bad({ ...f8, dst }, TypeError, 'job.dst weights must be fp8 weights of group 16 (fp8Block[1]) for an FP8 job');
+  bad({ ...f8, gateScale: r(fx.file, 0, 4) }, RangeError, 'job.gateScale.sizeBytes is 4, expected 16 ([2, 2] f32)');
+  bad({ ...f8, downScale: r(fx.file, 0, 8) }, RangeError, 'job.downScale.sizeBytes is 8, expected 16 ([4, 1] f32)');
   assert.equal(loader.inFlight, 0, 'no bad job was queued');
   loader.dispose();
-  for (const w of [dst.gateUp, dst.down, wrong]) w.dispose();
+  for (const w of [dst.gateUp, dst.down, wrong, f8dst.gateUp, f8dst.down]) w.dispose();
 });
