@@ -12,7 +12,11 @@
 #include "parallel_rows.h"
 
 #if defined(__x86_64__)
+#include "simd_exp.h"
 #include "x86_intrin.h"
+#define EXPERTD_DELTANET_AVX512 1
+#else
+#define EXPERTD_DELTANET_AVX512 0
 #endif
 
 namespace expertd {
@@ -22,7 +26,7 @@ namespace {
 // Per-thread scratch of the delta-rule kernels: grown once to the largest chunk seen, then reused
 // (decode steps do not allocate).
 struct DeltaScratch {
-  enum Slot { Q = 0, K, W, U, A, P, G, kSlots };
+  enum Slot { Q = 0, K, W, U, A, P, KT, G, kSlots };
   std::vector<float> buf[kSlots];
   float* get(Slot s, size_t n) {
     if (buf[s].size() < n) buf[s].resize(n);
@@ -35,32 +39,31 @@ DeltaScratch& scratch() {
   return ws;
 }
 
+// The kernels twice: portable, and AVX-512 (a target pragma over the whole included body, so its
+// helpers inline into one another; the caller picks by cpu_features() at run time).
 namespace portable {
 #define DN_AVX512 0
 #include "deltanet_kernels.h"
 #undef DN_AVX512
 }  // namespace portable
 
-inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
+#if EXPERTD_DELTANET_AVX512
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
+namespace avx512 {
+#define DN_AVX512 1
+#include "deltanet_kernels.h"
+#undef DN_AVX512
+}  // namespace avx512
+#pragma GCC pop_options
+#endif
 
-// One channel c of a causal conv over T tokens; state [K-1] in/out. The output sum runs from the
-// oldest tap to the newest, bias first.
-inline void conv_channel(const float* x, int tokens, int channels, int c, const float* w,
-                         float b, int kernel, float* state, bool act, float* out) {
-  float hist[64];
-  const int ks = kernel - 1;
-  for (int j = 0; j < ks; ++j) hist[j] = state[j];
-  for (int t = 0; t < tokens; ++t) {
-    const size_t at = static_cast<size_t>(t) * channels + c;
-    const float xv = x[at];  // read before out[at] is written: out may alias x
-    float acc = b;
-    for (int j = 0; j < ks; ++j) acc += w[j] * hist[j];
-    acc += w[ks] * xv;
-    for (int j = 0; j + 1 < ks; ++j) hist[j] = hist[j + 1];
-    if (ks > 0) hist[ks - 1] = xv;
-    out[at] = act ? silu(acc) : acc;
-  }
-  for (int j = 0; j < ks; ++j) state[j] = hist[j];
+bool use_avx512() {
+#if EXPERTD_DELTANET_AVX512
+  return cpu_features().kernel_avx512;
+#else
+  return false;
+#endif
 }
 
 }  // namespace
@@ -70,19 +73,28 @@ void causal_conv1d_batch(const float* x, int tokens, int channels, const float* 
                          const int32_t* seq_starts, int num_seqs, bool silu_act, float* out) {
   const size_t cs = static_cast<size_t>(channels);
   const size_t state_len = static_cast<size_t>(kernel - 1);
-  const size_t rows = static_cast<size_t>(num_seqs) * cs;
-  const size_t work = static_cast<size_t>(std::max(1, tokens / std::max(1, num_seqs))) * kernel;
+  const size_t blocks = (cs + 15) / 16;  // tasks: (sequence, block of 16 channels)
+  const size_t rows = static_cast<size_t>(num_seqs) * blocks;
+  const size_t work = static_cast<size_t>(std::max(1, tokens / std::max(1, num_seqs))) * kernel * 16;
+  const bool simd = use_avx512();
   parallel_rows(rows, work, [&](size_t r0, size_t r1) {
     for (size_t r = r0; r < r1; ++r) {
-      const size_t b = r / cs;
-      const int c = static_cast<int>(r % cs);
+      const size_t b = r / blocks;
+      const int c0 = static_cast<int>((r % blocks) * 16);
+      const int nc = std::min(16, channels - c0);
       const int t0 = seq_starts[b];
       const int n = seq_starts[b + 1] - t0;
       if (n == 0) continue;
-      float* st = state_pool + static_cast<size_t>(slots[b]) * cs * state_len + c * state_len;
-      conv_channel(x + static_cast<size_t>(t0) * cs, n, channels, c,
-                   weight + static_cast<size_t>(c) * kernel, bias ? bias[c] : 0.0f, kernel, st,
-                   silu_act, out + static_cast<size_t>(t0) * cs);
+      float* st = state_pool + static_cast<size_t>(slots[b]) * cs * state_len;
+      const float* xs = x + static_cast<size_t>(t0) * cs;
+      float* os = out + static_cast<size_t>(t0) * cs;
+#if EXPERTD_DELTANET_AVX512
+      if (simd) {
+        avx512::conv_block(xs, n, channels, c0, nc, weight, bias, kernel, st, silu_act, os);
+        continue;
+      }
+#endif
+      portable::conv_block(xs, n, channels, c0, nc, weight, bias, kernel, st, silu_act, os);
     }
   });
 }
@@ -107,6 +119,7 @@ void gated_delta_rule_batch(const float* q, const float* k, const float* v, cons
   const size_t seq_state = head_state * p.hv;
   const size_t tasks = static_cast<size_t>(num_seqs) * p.hv;
   const size_t work = static_cast<size_t>(std::max(1, p.tokens / std::max(1, num_seqs))) * head_state * 4;
+  const bool simd = use_avx512();
   parallel_rows(tasks, work, [&](size_t r0, size_t r1) {
     DeltaScratch& ws = scratch();
     for (size_t r = r0; r < r1; ++r) {
@@ -116,9 +129,17 @@ void gated_delta_rule_batch(const float* q, const float* k, const float* v, cons
       const int n = seq_starts[b + 1] - seq_starts[b];
       if (n == 0) continue;
       float* S = state_pool + static_cast<size_t>(slots[b]) * seq_state + h * head_state;
-      portable::head_run(q + t0 * p.q_stride, k + t0 * p.k_stride, v + t0 * p.v_stride,
-                         g + t0 * p.hv, beta + t0 * p.hv, n, h, p, S,
-                         out + t0 * p.hv * p.dv, ws);
+      const float* qs = q + t0 * p.q_stride;
+      const float* ks = k + t0 * p.k_stride;
+      const float* vs = v + t0 * p.v_stride;
+      float* os = out + t0 * p.hv * p.dv;
+#if EXPERTD_DELTANET_AVX512
+      if (simd) {
+        avx512::head_run(qs, ks, vs, g + t0 * p.hv, beta + t0 * p.hv, n, h, p, S, os, ws);
+        continue;
+      }
+#endif
+      portable::head_run(qs, ks, vs, g + t0 * p.hv, beta + t0 * p.hv, n, h, p, S, os, ws);
     }
   });
 }
@@ -133,15 +154,16 @@ void gated_delta_rule(const float* q, const float* k, const float* v, const floa
 void gated_rms_norm(const float* x, const float* z, const float* w, float eps, int rows, int dim,
                     float* out) {
   const size_t d = static_cast<size_t>(dim);
+  const bool simd = use_avx512();
   parallel_rows(static_cast<size_t>(rows), d * 4, [&](size_t r0, size_t r1) {
     for (size_t r = r0; r < r1; ++r) {
-      const float* xr = x + r * d;
-      const float* zr = z + r * d;
-      float* o = out + r * d;
-      double ss = 0.0;
-      for (size_t i = 0; i < d; ++i) ss += static_cast<double>(xr[i]) * xr[i];
-      const float inv = 1.0f / std::sqrt(static_cast<float>(ss / dim) + eps);
-      for (size_t i = 0; i < d; ++i) o[i] = (w[i] * (xr[i] * inv)) * silu(zr[i]);
+#if EXPERTD_DELTANET_AVX512
+      if (simd) {
+        avx512::gated_norm_row(x + r * d, z + r * d, w, eps, dim, out + r * d);
+        continue;
+      }
+#endif
+      portable::gated_norm_row(x + r * d, z + r * d, w, eps, dim, out + r * d);
     }
   });
 }
