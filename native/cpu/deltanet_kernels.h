@@ -56,14 +56,45 @@ inline void axpy(float* y, float a, const float* x, int n) {
 }
 #endif
 
+// y += sum_(j < m) c[j] * X[j] (rows of X ld apart, n long); the sum stays in registers (one
+// store per element instead of one per term).
+#if DN_AVX512
+inline void combine_rows(float* y, const float* c, int c_step, const float* X, size_t ld, int m,
+                         int n) {
+  for (int e0 = 0; e0 < n; e0 += 64) {
+    __mmask16 mk[4];
+    __m512 acc[4];
+    for (int u = 0; u < 4; ++u) {
+      mk[u] = tail_mask(n - e0 - 16 * u);
+      acc[u] = _mm512_maskz_loadu_ps(mk[u], y + e0 + 16 * u);
+    }
+    for (int j = 0; j < m; ++j) {
+      const __m512 cj = _mm512_set1_ps(c[static_cast<size_t>(j) * c_step]);
+      const float* xr = X + j * ld + e0;
+      for (int u = 0; u < 4; ++u) acc[u] = _mm512_fmadd_ps(cj, _mm512_maskz_loadu_ps(mk[u], xr + 16 * u), acc[u]);
+    }
+    for (int u = 0; u < 4; ++u) _mm512_mask_storeu_ps(y + e0 + 16 * u, mk[u], acc[u]);
+  }
+}
+#else
+inline void combine_rows(float* y, const float* c, int c_step, const float* X, size_t ld, int m,
+                         int n) {
+  for (int j = 0; j < m; ++j) axpy(y, c[static_cast<size_t>(j) * c_step], X + j * ld, n);
+}
+#endif
+
 inline float silu1(float x) { return x / (1.0f + std::exp(-x)); }
 
 // dst = src * rsqrt(sum(src^2) + 1e-6) (when l2) * scale, as HF's l2norm then the q scaling.
 inline void load_head(const float* src, int n, bool l2, float scale, float* dst) {
   float inv = 1.0f;
   if (l2) {
+#if DN_AVX512
+    const float ss = dot(src, src, n);
+#else
     double ss = 0.0;
     for (int i = 0; i < n; ++i) ss += static_cast<double>(src[i]) * src[i];
+#endif
     inv = 1.0f / std::sqrt(static_cast<float>(ss) + 1e-6f);
   }
   for (int i = 0; i < n; ++i) {
@@ -253,6 +284,62 @@ inline void update_state(float* S, const float* KdT, int ldk, const float* V, in
 #endif
 }
 
+// A[i][j] = beta_i (k_i.k_j) e^(G_i - G_j) for j < i and P[i][j] = (q_i.k_j) e^(G_i - G_j) for
+// j <= i (rows C apart); entries above are not written. KnT: scratch [dk][C].
+inline void chunk_scores(const float* qn, const float* kn, const float* G, const float* B, int n,
+                         int C, int dk, float* KnT, float* A, float* P) {
+#if DN_AVX512
+  // Rows of A and P as vectors over j: sum_d k_i[d] KnT[d][j], no horizontal sums.
+  for (int i = 0; i < n; ++i)
+    for (int d = 0; d < dk; ++d) KnT[static_cast<size_t>(d) * C + i] = kn[static_cast<size_t>(i) * dk + d];
+  for (int i = 0; i < n; ++i) {
+    const float* ki = kn + static_cast<size_t>(i) * dk;
+    const float* qi = qn + static_cast<size_t>(i) * dk;
+    const __m512 gi = _mm512_set1_ps(G[i]), bi = _mm512_set1_ps(B[i]);
+    for (int j0 = 0; j0 <= i; j0 += 64) {
+      __mmask16 m[4];
+      __m512 a[4], pq[4];
+      for (int u = 0; u < 4; ++u) {
+        m[u] = tail_mask(i + 1 - j0 - 16 * u);  // j <= i
+        a[u] = _mm512_setzero_ps();
+        pq[u] = _mm512_setzero_ps();
+      }
+      for (int d = 0; d < dk; ++d) {
+        const float* row = KnT + static_cast<size_t>(d) * C + j0;
+        const __m512 kd = _mm512_set1_ps(ki[d]), qd = _mm512_set1_ps(qi[d]);
+        for (int u = 0; u < 4; ++u) {
+          if (!m[u]) break;
+          const __m512 kj = _mm512_maskz_loadu_ps(m[u], row + 16 * u);
+          a[u] = _mm512_fmadd_ps(kd, kj, a[u]);
+          pq[u] = _mm512_fmadd_ps(qd, kj, pq[u]);
+        }
+      }
+      for (int u = 0; u < 4; ++u) {
+        if (!m[u]) break;
+        const int j = j0 + 16 * u;
+        const __m512 dec = exp512_ps(_mm512_sub_ps(gi, _mm512_maskz_loadu_ps(m[u], G + j)));
+        const __mmask16 strict = static_cast<__mmask16>(m[u] & tail_mask(i - j));  // j < i
+        _mm512_mask_storeu_ps(A + static_cast<size_t>(i) * C + j, strict,
+                              _mm512_mul_ps(_mm512_mul_ps(bi, a[u]), dec));
+        _mm512_mask_storeu_ps(P + static_cast<size_t>(i) * C + j, m[u], _mm512_mul_ps(pq[u], dec));
+      }
+    }
+  }
+#else
+  (void)KnT;
+  for (int i = 0; i < n; ++i) {
+    const float* ki = kn + static_cast<size_t>(i) * dk;
+    const float* qi = qn + static_cast<size_t>(i) * dk;
+    for (int j = 0; j <= i; ++j) {
+      const float* kj = kn + static_cast<size_t>(j) * dk;
+      const float dec = std::exp(G[i] - G[j]);
+      if (j < i) A[static_cast<size_t>(i) * C + j] = B[i] * dot(ki, kj, dk) * dec;
+      P[static_cast<size_t>(i) * C + j] = dot(qi, kj, dk) * dec;
+    }
+  }
+#endif
+}
+
 // ---- the chunkwise algorithm (HF torch_chunk_gated_delta_rule) for T tokens of one head. Per
 // chunk of n tokens with cumulative log decay G_i and L = I + tril(beta_i k_i.k_j e^(G_i - G_j), -1):
 //   U = L^-1 (beta v),  W = L^-1 (beta e^G k)          (forward substitution, the UT transform)
@@ -289,16 +376,7 @@ inline void head_chunked(const float* q, const float* k, const float* v, const f
       B[i] = beta[t * hv + h];
     }
     // A (strictly lower) and P = the decayed q.k (lower, diagonal included).
-    for (int i = 0; i < n; ++i) {
-      const float* ki = kn + static_cast<size_t>(i) * dk;
-      const float* qi = qn + static_cast<size_t>(i) * dk;
-      for (int j = 0; j <= i; ++j) {
-        const float* kj = kn + static_cast<size_t>(j) * dk;
-        const float dec = std::exp(G[i] - G[j]);
-        if (j < i) A[static_cast<size_t>(i) * C + j] = B[i] * dot(ki, kj, dk) * dec;
-        P[static_cast<size_t>(i) * C + j] = dot(qi, kj, dk) * dec;
-      }
-    }
+    chunk_scores(qn, kn, G, B, n, C, dk, ws.get(DeltaScratch::KN, static_cast<size_t>(dk) * C), A, P);
     // Forward substitution: row i of U and W from the rows before it.
     for (int i = 0; i < n; ++i) {
       float* ui = U + static_cast<size_t>(i) * dv;
@@ -308,11 +386,10 @@ inline void head_chunked(const float* q, const float* k, const float* v, const f
       const float bw = B[i] * std::exp(G[i]);
       for (int e = 0; e < dv; ++e) ui[e] = vi[e] * B[i];
       for (int d = 0; d < dk; ++d) wi[d] = ki[d] * bw;
-      for (int j = 0; j < i; ++j) {
-        const float a = -A[static_cast<size_t>(i) * C + j];
-        axpy(ui, a, U + static_cast<size_t>(j) * dv, dv);
-        axpy(wi, a, W + static_cast<size_t>(j) * dk, dk);
-      }
+      float* ai = A + static_cast<size_t>(i) * C;
+      for (int j = 0; j < i; ++j) ai[j] = -ai[j];
+      combine_rows(ui, ai, 1, U, dv, i, dv);
+      combine_rows(wi, ai, 1, W, dk, i, dk);
     }
     // Qd = e^(G_i) q_i (in place: P is done with q); then V' = U - W S (into U), O = Qd S.
     for (int i = 0; i < n; ++i) {
@@ -324,8 +401,7 @@ inline void head_chunked(const float* q, const float* k, const float* v, const f
     rows_times_state(U, W, qn, o0, out_stride, n, S, dk, dv);
     // out_i += sum_(j<=i) P_ij V'_j
     for (int i = 0; i < n; ++i)
-      for (int j = 0; j <= i; ++j)
-        axpy(o0 + i * out_stride, P[static_cast<size_t>(i) * C + j], U + static_cast<size_t>(j) * dv, dv);
+      combine_rows(o0 + i * out_stride, P + static_cast<size_t>(i) * C, 1, U, dv, i + 1, dv);
     // S = e^(G_n) S + sum_i (e^(G_n - G_i) k_i) V'_i^T, with the decayed keys transposed [dk][n].
     const float glast = G[n - 1];
     for (int i = 0; i < n; ++i) {
