@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "args.h"
+#include "deltanet_args.h"
 #include "expertd/ops.h"
 #include "register.h"
 
@@ -16,7 +17,6 @@ namespace {
 
 constexpr int64_t kMaxDim = std::numeric_limits<int32_t>::max();
 constexpr int64_t kMaxConvKernel = 64;  // NOTE: deltanet.cc keeps K-1 taps in a stack array
-constexpr int64_t kMaxChunk = 256;
 
 std::string s(int64_t v) { return std::to_string(v); }
 
@@ -102,49 +102,6 @@ Napi::Value causal_conv1d_batch(const Napi::CallbackInfo& info) {
 }
 
 // ---- gated delta rule
-
-int64_t opt_int(Napi::Env env, Napi::Object o, const char* key, bool required, int64_t def,
-                int64_t min, int64_t max) {
-  Napi::Value v = o.Get(key);
-  const std::string name = std::string("opts.") + key;
-  if (v.IsUndefined()) {
-    if (required) throw_type(env, name + " must be an integer");
-    return def;
-  }
-  if (!v.IsNumber()) throw_type(env, name + " must be an integer");
-  const double d = v.As<Napi::Number>().DoubleValue();
-  if (!std::isfinite(d) || d != std::floor(d)) throw_type(env, name + " must be an integer");
-  if (d < static_cast<double>(min) || d > static_cast<double>(max))
-    throw_range(env, name + " is " + std::to_string(static_cast<int64_t>(d)) + ", expected " + s(min) +
-                         ".." + s(max));
-  return static_cast<int64_t>(d);
-}
-
-DeltaRuleParams delta_params(Napi::Env env, const Napi::Value& v) {
-  if (!v.IsObject() || v.IsArray() || v.IsTypedArray()) throw_type(env, "opts must be an object");
-  Napi::Object o = v.As<Napi::Object>();
-  DeltaRuleParams p;
-  p.tokens = static_cast<int>(opt_int(env, o, "T", true, 0, 0, kMaxDim));
-  p.hk = static_cast<int>(opt_int(env, o, "Hk", true, 0, 1, kMaxDim));
-  p.hv = static_cast<int>(opt_int(env, o, "Hv", true, 0, 1, kMaxDim));
-  p.dk = static_cast<int>(opt_int(env, o, "Dk", true, 0, 1, 65536));
-  p.dv = static_cast<int>(opt_int(env, o, "Dv", true, 0, 1, 65536));
-  if (p.hv % p.hk != 0)
-    throw_range(env, "opts.Hv is " + s(p.hv) + ", expected a multiple of opts.Hk (" + s(p.hk) + ")");
-  Napi::Value l2 = o.Get("l2normQk");
-  if (!l2.IsBoolean()) throw_type(env, "opts.l2normQk must be a boolean");
-  p.l2norm_qk = l2.As<Napi::Boolean>().Value();
-  p.chunk = static_cast<int>(opt_int(env, o, "chunk", false, 64, 1, kMaxChunk));
-  const int64_t qk_row = static_cast<int64_t>(p.hk) * p.dk;
-  const int64_t v_row = static_cast<int64_t>(p.hv) * p.dv;
-  p.q_stride = static_cast<int>(opt_int(env, o, "qStride", false, qk_row, qk_row, kMaxDim));
-  p.k_stride = static_cast<int>(opt_int(env, o, "kStride", false, qk_row, qk_row, kMaxDim));
-  p.v_stride = static_cast<int>(opt_int(env, o, "vStride", false, v_row, v_row, kMaxDim));
-  return p;
-}
-
-// Elements a strided [T, row] operand must have: (T-1) rows apart plus one row.
-int64_t strided_len(int64_t t, int64_t stride, int64_t row) { return t == 0 ? 0 : (t - 1) * stride + row; }
 
 struct DeltaArrays {
   Span<float> q, k, v, g, beta, out;

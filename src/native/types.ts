@@ -346,6 +346,25 @@ export interface CudaAddon {
   cudaRmsNorm(x: CudaBuffer, rows: number, dim: number, w: CudaBuffer, eps: number, out: CudaBuffer,
               residual: CudaBuffer | null, stream?: CudaStream | null): void;
   /**
+   * causalConv1dBatch on the device: x, out [t, c] f32, weight [c, k], bias [c] | null, statePool
+   * [slots, c, k-1]; slots [numSeqs] and seqStarts [numSeqs+1] are device int32 buffers (a slot
+   * outside the pool or a sequence outside 0..t traps: the device is lost). k <= 64.
+   */
+  cudaCausalConv1d(x: CudaBuffer, t: number, c: number, weight: CudaBuffer, bias: CudaBuffer | null,
+                   k: number, statePool: CudaBuffer, slots: CudaBuffer, seqStarts: CudaBuffer,
+                   numSeqs: number, silu: boolean, out: CudaBuffer, stream?: CudaStream | null): void;
+  /**
+   * gatedDeltaRuleBatch on the device (statePool [slots, Hv, Dk, Dv]; slots and seqStarts as
+   * cudaCausalConv1d). Runs the recurrence token by token for every T (opts.chunk is ignored);
+   * Dk <= 256.
+   */
+  cudaGatedDeltaRule(q: CudaBuffer, k: CudaBuffer, v: CudaBuffer, g: CudaBuffer, beta: CudaBuffer,
+                     statePool: CudaBuffer, slots: CudaBuffer, seqStarts: CudaBuffer, numSeqs: number,
+                     out: CudaBuffer, opts: DeltaRuleOptions, stream?: CudaStream | null): void;
+  /** gatedRmsNorm on the device. */
+  cudaGatedRmsNorm(x: CudaBuffer, z: CudaBuffer, weight: CudaBuffer, eps: number, rows: number, d: number,
+                   out: CudaBuffer, stream?: CudaStream | null): void;
+  /**
    * Rotates columns [offset + h * headStride, + rotDim) of each row of x [t, rowStride] f32 for
    * h < heads, in place. rotDim is even and <= 4096 (cos/sin in shared memory); heads rotate in
    * parallel, so headStride >= rotDim when heads > 1 (RangeError otherwise).
