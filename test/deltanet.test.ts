@@ -180,7 +180,7 @@ test('gatedDeltaRule: chunkwise (T > 1) vs float64, T around the chunk, Hv > Hk,
       for (const [T, Hk, Hv, Dk, Dv, l2, chunk] of [
         [2, 1, 1, 16, 16, true, 64], [63, 2, 4, 16, 24, true, 64], [64, 2, 4, 16, 24, true, 64],
         [65, 2, 4, 16, 24, false, 64], [200, 1, 3, 20, 9, true, 64], [150, 2, 2, 32, 32, true, 16],
-        [130, 1, 2, 128, 128, true, 64], [40, 3, 3, 8, 8, false, 1],
+        [130, 1, 2, 128, 128, true, 64], [40, 3, 3, 8, 8, false, 1], [70, 1, 2, 13, 7, true, 64],
       ] as const) {
         const s: DeltaShape = { T, Hk, Hv, Dk, Dv };
         const inp = deltaInputs(s, seed++, l2);
