@@ -25,6 +25,7 @@ Napi::Object init(Napi::Env env, Napi::Object exports) {
   register_comm(env, exports);
   register_loader(env, exports);
   register_sampling(env, exports);
+  register_deltanet(env, exports);
 #ifdef EXPERTD_WITH_CUDA
   register_cuda(env, exports);
 #endif

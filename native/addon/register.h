@@ -11,6 +11,7 @@ void register_io(Napi::Env env, Napi::Object exports);         // mmap, file rea
 void register_comm(Napi::Env env, Napi::Object exports);       // comm groups (loopback, NCCL)
 void register_loader(Napi::Env env, Napi::Object exports);     // expert loader (copy thread)
 void register_sampling(Napi::Env env, Napi::Object exports);   // batched token sampler
+void register_deltanet(Napi::Env env, Napi::Object exports);   // Gated DeltaNet (conv, delta rule, gated norm)
 #ifdef EXPERTD_WITH_CUDA
 void register_cuda(Napi::Env env, Napi::Object exports);       // CUDA buffers, streams, ops
 #endif

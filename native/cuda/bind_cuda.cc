@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../addon/args.h"
+#include "../addon/deltanet_args.h"
 #include "../addon/register.h"
 #include "../addon/sampling_args.h"
 #include "expertd/cuda_backend.h"
@@ -823,6 +824,83 @@ Napi::Value rms_norm(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// ---- Gated DeltaNet (deltanet.cu). slots [numSeqs] and seqStarts [numSeqs + 1] are device
+// int32 buffers (the kernel traps on values outside the pool or the tokens).
+
+// State slots a pool buffer holds: its size over one state's bytes (per_bytes 0: any slot is empty).
+long long pool_slots_of(size_t pool_bytes, size_t per_bytes) {
+  return per_bytes == 0 ? (1LL << 62) : static_cast<long long>(pool_bytes / per_bytes);
+}
+
+// cudaCausalConv1d(x, t, c, weight, bias, k, statePool, slots, seqStarts, numSeqs, silu, out,
+//                  stream?)
+Napi::Value causal_conv1d(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 12, "cudaCausalConv1d");
+  const int t = dim(info, 1, "t"), c = dim(info, 2, "c", 1), k = dim(info, 5, "k", 1, 64);
+  const int b = dim(info, 9, "numSeqs");
+  const float* x = get_aligned_buf<float>(info, 0, "x", mul(t, c, F4));
+  const float* w = get_aligned_buf<float>(info, 3, "weight", mul(c, k, F4));
+  const float* bias = nullptr;
+  if (!is_nullish(info[4])) bias = get_aligned_buf<float>(info, 4, "bias", mul(c, 1, F4));
+  const size_t per = mul(mul(c, k - 1), F4);
+  BufferHandle* pool_h = unwrap_buffer(info, 6, "statePool");
+  float* pool = get_aligned_buf<float>(info, 6, "statePool", 0);
+  const int32_t* slots = get_aligned_buf<int32_t>(info, 7, "slots", mul(b, I4));
+  const int32_t* starts = get_aligned_buf<int32_t>(info, 8, "seqStarts", mul(b + 1, I4));
+  const bool silu = get_bool(info, 10, "silu");
+  float* out = get_aligned_buf<float>(info, 11, "out", mul(t, c, F4));
+  Stream s = get_stream(info, 12);
+  const long long slots_n = pool_slots_of(pool_h->size(), per);
+  guard(env, [&] {
+    cuda::causal_conv1d_batch(x, t, c, w, bias, k, pool, slots_n, slots, starts, b, silu, out, s);
+  });
+  return env.Undefined();
+}
+
+// cudaGatedDeltaRule(q, k, v, g, beta, statePool, slots, seqStarts, numSeqs, out, opts, stream?)
+Napi::Value gated_delta_rule(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 11, "cudaGatedDeltaRule");
+  const DeltaRuleParams p = delta_params(env, info[10], cuda::kDeltaMaxDk);
+  const int b = dim(info, 8, "numSeqs");
+  const size_t t = static_cast<size_t>(p.tokens);
+  const size_t qk_row = static_cast<size_t>(p.hk) * p.dk, v_row = static_cast<size_t>(p.hv) * p.dv;
+  const float* q = get_aligned_buf<float>(info, 0, "q", mul(strided_len(p.tokens, p.q_stride, qk_row), F4));
+  const float* k = get_aligned_buf<float>(info, 1, "k", mul(strided_len(p.tokens, p.k_stride, qk_row), F4));
+  const float* v = get_aligned_buf<float>(info, 2, "v", mul(strided_len(p.tokens, p.v_stride, v_row), F4));
+  const float* g = get_aligned_buf<float>(info, 3, "g", mul(t, p.hv, F4));
+  const float* beta = get_aligned_buf<float>(info, 4, "beta", mul(t, p.hv, F4));
+  BufferHandle* pool_h = unwrap_buffer(info, 5, "statePool");
+  float* pool = get_aligned_buf<float>(info, 5, "statePool", 0);
+  const int32_t* slots = get_aligned_buf<int32_t>(info, 6, "slots", mul(b, I4));
+  const int32_t* starts = get_aligned_buf<int32_t>(info, 7, "seqStarts", mul(b + 1, I4));
+  float* out = get_aligned_buf<float>(info, 9, "out", mul(t, v_row, F4));
+  Stream s = get_stream(info, 11);
+  const long long slots_n = pool_slots_of(pool_h->size(), mul(mul(p.hv, p.dk), p.dv, F4));
+  guard(env, [&] {
+    cuda::gated_delta_rule_batch(q, k, v, g, beta, pool, slots_n, slots, starts, b, out, p, s);
+  });
+  return env.Undefined();
+}
+
+// cudaGatedRmsNorm(x, z, weight, eps, rows, d, out, stream?)
+Napi::Value gated_rms_norm(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 7, "cudaGatedRmsNorm");
+  const int rows = dim(info, 4, "rows"), d = dim(info, 5, "d", 1);
+  const float* x = get_aligned_buf<float>(info, 0, "x", mul(rows, d, F4));
+  const float* z = get_aligned_buf<float>(info, 1, "z", mul(rows, d, F4));
+  const float* w = get_aligned_buf<float>(info, 2, "weight", mul(d, 1, F4));
+  const double eps = get_double(info, 3, "eps");
+  if (!std::isfinite(eps) || eps < 0)
+    throw_range(env, "eps is " + std::to_string(eps) + ", expected a finite number >= 0");
+  float* out = get_aligned_buf<float>(info, 6, "out", mul(rows, d, F4));
+  Stream s = get_stream(info, 7);
+  guard(env, [&] { cuda::gated_rms_norm(x, z, w, static_cast<float>(eps), rows, d, out, s); });
+  return env.Undefined();
+}
+
 // cudaRope(x, t, heads, rowStride, headStride, offset, positions, invFreq, rotDim, attnScale,
 //          interleaved, stream?)
 Napi::Value rope(const Napi::CallbackInfo& info) {
@@ -1322,6 +1400,9 @@ void register_cuda(Napi::Env env, Napi::Object exports) {
   fn("cudaUnpermuteCombine", unpermute_combine);
   fn("cudaRmsNorm", rms_norm);
   fn("cudaRope", rope);
+  fn("cudaCausalConv1d", causal_conv1d);
+  fn("cudaGatedDeltaRule", gated_delta_rule);
+  fn("cudaGatedRmsNorm", gated_rms_norm);
   fn("cudaSiluMul", silu_mul);
   fn("cudaEmbedding", embedding);
   fn("cudaSoftmax", softmax);

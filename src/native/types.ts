@@ -346,6 +346,25 @@ export interface CudaAddon {
   cudaRmsNorm(x: CudaBuffer, rows: number, dim: number, w: CudaBuffer, eps: number, out: CudaBuffer,
               residual: CudaBuffer | null, stream?: CudaStream | null): void;
   /**
+   * causalConv1dBatch on the device: x, out [t, c] f32, weight [c, k], bias [c] | null, statePool
+   * [slots, c, k-1]; slots [numSeqs] and seqStarts [numSeqs+1] are device int32 buffers (a slot
+   * outside the pool or a sequence outside 0..t traps: the device is lost). k <= 64.
+   */
+  cudaCausalConv1d(x: CudaBuffer, t: number, c: number, weight: CudaBuffer, bias: CudaBuffer | null,
+                   k: number, statePool: CudaBuffer, slots: CudaBuffer, seqStarts: CudaBuffer,
+                   numSeqs: number, silu: boolean, out: CudaBuffer, stream?: CudaStream | null): void;
+  /**
+   * gatedDeltaRuleBatch on the device (statePool [slots, Hv, Dk, Dv]; slots and seqStarts as
+   * cudaCausalConv1d). Runs the recurrence token by token for every T (opts.chunk is ignored);
+   * Dk <= 256.
+   */
+  cudaGatedDeltaRule(q: CudaBuffer, k: CudaBuffer, v: CudaBuffer, g: CudaBuffer, beta: CudaBuffer,
+                     statePool: CudaBuffer, slots: CudaBuffer, seqStarts: CudaBuffer, numSeqs: number,
+                     out: CudaBuffer, opts: DeltaRuleOptions, stream?: CudaStream | null): void;
+  /** gatedRmsNorm on the device. */
+  cudaGatedRmsNorm(x: CudaBuffer, z: CudaBuffer, weight: CudaBuffer, eps: number, rows: number, d: number,
+                   out: CudaBuffer, stream?: CudaStream | null): void;
+  /**
    * Rotates columns [offset + h * headStride, + rotDim) of each row of x [t, rowStride] f32 for
    * h < heads, in place. rotDim is even and <= 4096 (cos/sin in shared memory); heads rotate in
    * parallel, so headStride >= rotDim when heads > 1 (RangeError otherwise).
@@ -505,6 +524,28 @@ export interface SampleBatchOut {
   topCounts: Int32Array;      // [rows]
 }
 
+/**
+ * Shapes of one gatedDeltaRule call (the field's letters: T tokens, Hk q/k heads, Hv v heads, Dk,
+ * Dv head dims). Hv is a multiple of Hk; v head h reads q/k head h / (Hv / Hk) (HF's
+ * repeat_interleave).
+ */
+export interface DeltaRuleOptions {
+  T: number;
+  Hk: number;
+  Hv: number;
+  Dk: number;
+  Dv: number;
+  /** q, k = x * rsqrt(sum(x^2) + 1e-6) before use (Qwen3-Next: true). */
+  l2normQk: boolean;
+  /** Chunk length of the chunkwise (T > 1) algorithm, 1..256; default 64. */
+  chunk?: number;
+  /** Floats between token rows of q / k / v (default Hk*Dk, Hk*Dk, Hv*Dv): lets q, k and v be
+   * column slices (subarray) of one mixed_qkv [T, 2*Hk*Dk + Hv*Dv] buffer, without copies. */
+  qStride?: number;
+  kStride?: number;
+  vStride?: number;
+}
+
 /** CUDA members are present only in a full build (capabilities().cudaCompiled). */
 export interface NativeAddon extends Partial<CudaAddon> {
   // --- core
@@ -586,6 +627,45 @@ export interface NativeAddon extends Partial<CudaAddon> {
   /** fp8 e4m3 [rows, cols] with block scales [ceil(rows/br), ceil(cols/bc)] -> bf16. */
   dequantFp8(src: Uint8Array, scaleInv: Float32Array, rows: number, cols: number,
              blockRows: number, blockCols: number, dst: Uint16Array): void;
+
+  // --- Gated DeltaNet (Qwen3-Next / Qwen3.5 linear attention; f32)
+  /**
+   * Depthwise causal conv over time: x [t, c], weight [c, k], bias [c] | null, convState [c, k-1]
+   * in/out (the last k-1 inputs per channel, oldest first; zeros for a new sequence) -> out [t, c]
+   * (SiLU applied when silu). Calls continue a sequence: split calls equal one call bit for bit.
+   * out may be x. k <= 64.
+   */
+  causalConv1d(x: Float32Array, t: number, c: number, weight: Float32Array,
+               bias: Float32Array | null, k: number, convState: Float32Array, silu: boolean,
+               out: Float32Array): void;
+  /**
+   * causalConv1d over a batch: sequence b owns rows [seqStarts[b], seqStarts[b+1]) of x and out
+   * and the state at statePool[slots[b] * c * (k-1)...]; slots distinct. Each sequence gets the
+   * bits it would get alone.
+   */
+  causalConv1dBatch(x: Float32Array, t: number, c: number, weight: Float32Array,
+                    bias: Float32Array | null, k: number, statePool: Float32Array, slots: Int32Array,
+                    seqStarts: Int32Array, silu: boolean, out: Float32Array): void;
+  /**
+   * Gated delta rule of one sequence: q, k [T, Hk, Dk], v [T, Hv, Dv], g [T, Hv] (log decay),
+   * beta [T, Hv], state [Hv, Dk, Dv] in/out (HF's recurrent_state), out [T, Hv, Dv]. q is scaled
+   * by Dk^-0.5. T == 1 is the recurrent (decode) step, T > 1 the chunkwise algorithm.
+   */
+  gatedDeltaRule(q: Float32Array, k: Float32Array, v: Float32Array, g: Float32Array,
+                 beta: Float32Array, state: Float32Array, out: Float32Array,
+                 opts: DeltaRuleOptions): void;
+  /**
+   * gatedDeltaRule over a batch (opts.T = all tokens): sequence b owns token rows
+   * [seqStarts[b], seqStarts[b+1]) and the state at statePool[slots[b] * Hv*Dk*Dv...]; slots
+   * distinct. Threaded over (sequence, head); each sequence gets the bits it would get alone.
+   */
+  gatedDeltaRuleBatch(q: Float32Array, k: Float32Array, v: Float32Array, g: Float32Array,
+                      beta: Float32Array, statePool: Float32Array, slots: Int32Array,
+                      seqStarts: Int32Array, out: Float32Array, opts: DeltaRuleOptions): void;
+  /** Qwen3NextRMSNormGated: out = (weight * (x * rsqrt(mean(x^2) + eps))) * SiLU(z) per row of d
+   * (the weight as is, not 1 + w). x, z, out [rows, d]; out may be x. */
+  gatedRmsNorm(x: Float32Array, z: Float32Array, weight: Float32Array, eps: number, rows: number,
+               d: number, out: Float32Array): void;
 
   // --- sampling
   /**

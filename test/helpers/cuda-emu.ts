@@ -15,7 +15,7 @@ export { f32ToBf16 };
 import { loadNative } from '../../src/native/index.js';
 import type {
   CudaAddon, CudaAttentionOptions, CudaBuffer, CudaCommGroup, CudaDeviceInfo, CudaEvent, CudaExpertTable, CudaGemmTile,
-  CudaMemInfo, CudaRouteOptions, CudaStream, DType,
+  CudaMemInfo, CudaRouteOptions, CudaStream, DType, DeltaRuleOptions,
 } from '../../src/native/types.js';
 
 export interface CudaEmulatorOptions {
@@ -60,6 +60,57 @@ function parseStoreId(id: Uint8Array): { host: string; port: number; nonce: stri
 function faultFromEnv(): { op: string; calls: number } | undefined {
   const m = /^(\w+):(\d+)$/.exec(process.env.EXPERTD_EMU_FAULT ?? '');
   return m ? { op: m[1]!, calls: Number(m[2]) } : undefined;
+}
+
+// ---- Gated DeltaNet (native/cuda/deltanet.cu)
+
+/** The device's Dk bound (cuda_backend.h kDeltaMaxDk: the state slice lives in shared memory). */
+const DELTA_MAX_DK = 256;
+
+/** The options object as native/addon/deltanet_args.h reads it (same checks, same messages). */
+function deltaOpts(v: unknown, dkMax: number): Required<DeltaRuleOptions> {
+  if (typeof v !== 'object' || v === null || Array.isArray(v) || ArrayBuffer.isView(v)) throw typeError('opts must be an object');
+  const o = v as Record<string, unknown>;
+  const int = (key: string, required: boolean, def: number, min: number, max: number): number => {
+    const x = o[key];
+    const name = `opts.${key}`;
+    if (x === undefined) {
+      if (required) throw typeError(`${name} must be an integer`);
+      return def;
+    }
+    if (typeof x !== 'number' || !Number.isFinite(x) || x !== Math.floor(x)) throw typeError(`${name} must be an integer`);
+    if (x < min || x > max) throw rangeError(`${name} is ${x}, expected ${min}..${max}`);
+    return x;
+  };
+  const T = int('T', true, 0, 0, I32_MAX), Hk = int('Hk', true, 0, 1, I32_MAX), Hv = int('Hv', true, 0, 1, I32_MAX);
+  const Dk = int('Dk', true, 0, 1, dkMax), Dv = int('Dv', true, 0, 1, 65536);
+  if (Hv % Hk !== 0) throw rangeError(`opts.Hv is ${Hv}, expected a multiple of opts.Hk (${Hk})`);
+  if (typeof o.l2normQk !== 'boolean') throw typeError('opts.l2normQk must be a boolean');
+  const chunk = int('chunk', false, 64, 1, 256);
+  const qk = Hk * Dk, vr = Hv * Dv;
+  if (qk > I32_MAX || vr > I32_MAX) throw rangeError(`opts.Hk * opts.Dk and opts.Hv * opts.Dv must be at most ${I32_MAX}`);
+  return {
+    T, Hk, Hv, Dk, Dv, l2normQk: o.l2normQk, chunk,
+    qStride: int('qStride', false, qk, qk, I32_MAX), kStride: int('kStride', false, qk, qk, I32_MAX),
+    vStride: int('vStride', false, vr, vr, I32_MAX),
+  };
+}
+
+/** A warp's butterfly sum of 32 lane partials in double (v += shfl_xor(v, o), o = 16..1). */
+function warpSumF64(p: Float64Array): number {
+  const n = new Float64Array(32);
+  for (let o = 16; o > 0; o >>= 1) {
+    for (let l = 0; l < 32; l++) n[l] = p[l]! + p[l ^ o]!;
+    p.set(n);
+  }
+  return p[0]!;
+}
+
+/** Lane-strided sums of squares of a[at .. at+n) in double, then the butterfly. */
+function sumSquaresF64(a: Float32Array, at: number, n: number, lanes: Float64Array): number {
+  lanes.fill(0);
+  for (let i = 0; i < n; i++) lanes[i & 31] += a[at + i]! * a[at + i]!;
+  return warpSumF64(lanes);
 }
 
 // ------------------------------------------------------------------------------------ errors
@@ -175,6 +226,26 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
   const precondition = (what: string): never => {
     throw coded(new Error(`emulated kernel precondition violated: ${what}`), 'E_CUDA');
   };
+
+  /**
+   * The sequences of a Gated DeltaNet batch (device data): deltanet.cu traps on a slot outside the
+   * pool or a sequence outside 0..T (the device is lost); distinct slots are the caller's promise
+   * (a GPU would race, silently).
+   */
+  function deltaSeqs(slots: Int32Array, starts: Int32Array, B: number, T: number, poolSlots: number):
+    { t0: number; t1: number; slot: number }[] {
+    const out: { t0: number; t1: number; slot: number }[] = [];
+    const seen = new Set<number>();
+    for (let b = 0; b < B; b++) {
+      const t0 = starts[b]!, t1 = starts[b + 1]!, slot = slots[b]!;
+      if (t0 < 0 || t1 < t0 || t1 > T) fault(`seqStarts[${b}..${b + 1}] = ${t0}..${t1} reach outside tokens 0..${T}`);
+      if (slot < 0 || slot >= poolSlots) fault(`slots[${b}] is ${slot}, expected 0..${poolSlots - 1}`);
+      if (seen.has(slot)) precondition(`slots[${b}] is ${slot}, used by an earlier sequence (slots must be distinct)`);
+      seen.add(slot);
+      out.push({ t0, t1, slot });
+    }
+    return out;
+  }
 
   function releaseCache() {
     for (const [cls, list] of freeLists) stats.cachedBytes -= cls * list.length;
@@ -841,6 +912,117 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
           }
           o[tok * Hd + c] = acc ? o[tok * Hd + c]! + s : s;
         }
+      }
+    },
+
+    cudaCausalConv1d(x, t, c, weight, bias, k, statePool, slots, seqStarts, numSeqs, silu, out, stream): void {
+      const T = dim(t, 't'), C = dim(c, 'c', 1), K = dim(k, 'k', 1, 64), B = dim(numSeqs, 'numSeqs');
+      const xb = buf(x, 'x', T * C * 4), wb = buf(weight, 'weight', C * K * 4), bb = optBuf(bias, 'bias', C * 4);
+      const pb = buf(statePool, 'statePool', 0), sb = buf(slots, 'slots', B * 4), stb = buf(seqStarts, 'seqStarts', (B + 1) * 4);
+      const act = getBool(silu, 'silu');
+      const ob = buf(out, 'out', T * C * 4);
+      getStream(stream);
+      ensureAlive();
+      if (B <= 0) return;
+      const ks = K - 1;
+      const poolSlots = ks ? Math.floor(pb.sizeBytes / (C * ks * 4)) : Infinity;
+      const xs = f32Of(xb, 'x'), ws = f32Of(wb, 'weight'), bs = bb ? f32Of(bb, 'bias') : null;
+      const ps = f32Of(pb, 'statePool'), sl = i32Of(sb, 'slots'), st = i32Of(stb, 'seqStarts'), os = f32Of(ob, 'out');
+      const seqs = deltaSeqs(sl, st, B, T, poolSlots);
+      const hist = new Float32Array(64);
+      for (const { t0, t1, slot } of seqs) {
+        for (let ch = 0; ch < C; ch++) {
+          const sAt = (slot * C + ch) * ks;
+          for (let j = 0; j < ks; j++) hist[j] = ps[sAt + j]!;
+          const bc = bs ? bs[ch]! : 0;
+          for (let tok = t0; tok < t1; tok++) {
+            const at = tok * C + ch;
+            const xv = xs[at]!;
+            let acc = bc;
+            for (let j = 0; j < ks; j++) acc = fr(acc + fr(ws[ch * K + j]! * hist[j]!));
+            acc = fr(acc + fr(ws[ch * K + ks]! * xv));
+            for (let j = 0; j + 1 < ks; j++) hist[j] = hist[j + 1]!;
+            if (ks > 0) hist[ks - 1] = xv;
+            os[at] = act ? siluF32(acc) : acc;
+          }
+          for (let j = 0; j < ks; j++) ps[sAt + j] = hist[j]!;
+        }
+      }
+    },
+
+    cudaGatedDeltaRule(q, k, v, g, beta, statePool, slots, seqStarts, numSeqs, out, opts, stream): void {
+      const p = deltaOpts(opts, DELTA_MAX_DK);
+      const B = dim(numSeqs, 'numSeqs');
+      const T = p.T, qk = p.Hk * p.Dk, vr = p.Hv * p.Dv;
+      const span = (stride: number, row: number) => (T === 0 ? 0 : (T - 1) * stride + row);
+      const qb = buf(q, 'q', span(p.qStride, qk) * 4), kb = buf(k, 'k', span(p.kStride, qk) * 4);
+      const vb = buf(v, 'v', span(p.vStride, vr) * 4);
+      const gb = buf(g, 'g', T * p.Hv * 4), bb = buf(beta, 'beta', T * p.Hv * 4);
+      const pb = buf(statePool, 'statePool', 0), sb = buf(slots, 'slots', B * 4), stb = buf(seqStarts, 'seqStarts', (B + 1) * 4);
+      const ob = buf(out, 'out', T * vr * 4);
+      getStream(stream);
+      ensureAlive();
+      if (B <= 0) return;
+      const { Hk, Hv, Dk, Dv } = p;
+      const per = Hv * Dk * Dv;
+      const qs = f32Of(qb, 'q'), kss = f32Of(kb, 'k'), vs = f32Of(vb, 'v'), gs = f32Of(gb, 'g'), bs = f32Of(bb, 'beta');
+      const ps = f32Of(pb, 'statePool'), os = f32Of(ob, 'out');
+      const seqs = deltaSeqs(i32Of(sb, 'slots'), i32Of(stb, 'seqStarts'), B, T, Math.floor(pb.sizeBytes / (per * 4)));
+      const qscale = fr(1 / Math.sqrt(Dk));
+      const lanes = new Float64Array(32);
+      const qn = new Float32Array(Dk), kn = new Float32Array(Dk);
+      for (const { t0, t1, slot } of seqs) {
+        if (t1 === t0) continue;
+        for (let h = 0; h < Hv; h++) {
+          const kh = Math.floor(h / (Hv / Hk));
+          const S = ps.subarray((slot * Hv + h) * Dk * Dv, (slot * Hv + h + 1) * Dk * Dv);
+          for (let tok = t0; tok < t1; tok++) {
+            const qa = tok * p.qStride + kh * Dk, ka = tok * p.kStride + kh * Dk;
+            let iq = 1, ik = 1;
+            if (p.l2normQk) {
+              iq = fr(1 / fr(Math.sqrt(fr(fr(sumSquaresF64(qs, qa, Dk, lanes)) + fr(1e-6)))));
+              ik = fr(1 / fr(Math.sqrt(fr(fr(sumSquaresF64(kss, ka, Dk, lanes)) + fr(1e-6)))));
+            }
+            for (let d = 0; d < Dk; d++) {
+              qn[d] = fr((p.l2normQk ? fr(qs[qa + d]! * iq) : qs[qa + d]!) * qscale);
+              kn[d] = p.l2normQk ? fr(kss[ka + d]! * ik) : kss[ka + d]!;
+            }
+            const eg = fr(Math.exp(gs[tok * Hv + h]!));
+            const bt = bs[tok * Hv + h]!;
+            for (let e = 0; e < Dv; e++) {
+              let kvm = 0;
+              for (let d = 0; d < Dk; d++) kvm = fr(kvm + fr(kn[d]! * S[d * Dv + e]!));
+              const delta = fr(fr(vs[tok * p.vStride + h * Dv + e]! - fr(eg * kvm)) * bt);
+              let o = 0;
+              for (let d = 0; d < Dk; d++) {
+                const sv = fr(fr(eg * S[d * Dv + e]!) + fr(kn[d]! * delta));
+                S[d * Dv + e] = sv;
+                o = fr(o + fr(qn[d]! * sv));
+              }
+              os[(tok * Hv + h) * Dv + e] = o;
+            }
+          }
+        }
+      }
+    },
+
+    cudaGatedRmsNorm(x, z, weight, eps, rows, d, out, stream): void {
+      const R = dim(rows, 'rows'), D = dim(d, 'd', 1);
+      const xb = buf(x, 'x', R * D * 4), zb = buf(z, 'z', R * D * 4), wb = buf(weight, 'weight', D * 4);
+      const epsD = getDouble(eps, 'eps');
+      if (!Number.isFinite(epsD) || epsD < 0) throw rangeError(`eps is ${cppDouble(epsD)}, expected a finite number >= 0`);
+      const ob = buf(out, 'out', R * D * 4);
+      getStream(stream);
+      ensureAlive();
+      if (R <= 0) return;
+      const ep = fr(epsD);
+      const xs = f32Of(xb, 'x'), zs = f32Of(zb, 'z'), ws = f32Of(wb, 'weight'), os = f32Of(ob, 'out');
+      const lanes = new Float64Array(32);
+      for (let r = 0; r < R; r++) {
+        const at = r * D;
+        const ss = sumSquaresF64(xs, at, D, lanes);
+        const inv = fr(1 / fr(Math.sqrt(fr(fr(ss / D) + ep))));
+        for (let i = 0; i < D; i++) os[at + i] = fr(fr(ws[i]! * fr(xs[at + i]! * inv)) * siluF32(zs[at + i]!));
       }
     },
 

@@ -243,6 +243,21 @@ void silu_mul(const float* gu, int tokens, int inter, float* out, Stream s);
 void embedding(const void* table, DType dtype, int vocab, int h, const int32_t* ids, int tokens,
                float* out, Stream s);
 void softmax_rows(const float* x, int rows, int cols, float* out, bool log, Stream s);
+// Gated DeltaNet (deltanet.cu), the batched forms of ops.h's: slots [num_seqs] and seq_starts
+// [num_seqs + 1] live on the device (a slot outside 0..pool_slots-1 or a sequence outside the
+// tokens traps); slots must be distinct. The delta rule runs the recurrence for every T (chunk is
+// ignored); Dk <= kDeltaMaxDk.
+constexpr int kDeltaMaxDk = 256;
+void causal_conv1d_batch(const float* x, int tokens, int channels, const float* weight,
+                         const float* bias, int kernel, float* state_pool, long long pool_slots,
+                         const int32_t* slots, const int32_t* seq_starts, int num_seqs, bool silu,
+                         float* out, Stream s);
+void gated_delta_rule_batch(const float* q, const float* k, const float* v, const float* g,
+                            const float* beta, float* state_pool, long long pool_slots,
+                            const int32_t* slots, const int32_t* seq_starts, int num_seqs,
+                            float* out, const DeltaRuleParams& p, Stream s);
+void gated_rms_norm(const float* x, const float* z, const float* w, float eps, int rows, int dim,
+                    float* out, Stream s);
 void top_n(const float* x, int rows, int cols, int n, int32_t* ids, float* vals, Stream s);
 
 // The batched sampler (sampling.cu) over logits [rows, vocab] f32 on the device, with the host

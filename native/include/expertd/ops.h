@@ -228,4 +228,58 @@ void kv_cache_write(const float* k, const float* v, int tokens, const int32_t* s
                     KvDtype dtype = KvDtype::F32, const float* k_scales = nullptr,
                     const float* v_scales = nullptr);
 
+// ---------------------------------------------------------------------------------------------
+// Gated DeltaNet (Qwen3-Next / Qwen3.5 linear attention), f32, semantics of transformers'
+// qwen3_next (torch_causal_conv1d_update / causal_conv1d_fn, l2norm, torch_chunk_gated_delta_rule,
+// torch_recurrent_gated_delta_rule, Qwen3NextRMSNormGated). native/cpu/deltanet.cc.
+
+// Depthwise causal conv over time: x [T, C] row-major, weight [C, K] (HF conv1d.weight squeezed),
+// bias [C] or null, conv_state [C, K-1] in/out: the last K-1 inputs of each channel, oldest first
+// (zeros for a new sequence), so calls continue a sequence. out [T, C] = conv (+ bias), then SiLU
+// when silu. out may alias x. Per channel the arithmetic is the same whatever the split of the
+// sequence into calls: split calls equal one call bit for bit.
+void causal_conv1d(const float* x, int tokens, int channels, const float* weight,
+                   const float* bias, int kernel, float* conv_state, bool silu, float* out);
+
+// A batch of sequences in one call: sequence b owns rows [seq_starts[b], seq_starts[b+1]) of x
+// and out and the state at state_pool + slots[b] * C * (K-1). Slots are distinct. Each sequence
+// gets exactly the arithmetic of causal_conv1d alone.
+void causal_conv1d_batch(const float* x, int tokens, int channels, const float* weight,
+                         const float* bias, int kernel, float* state_pool, const int32_t* slots,
+                         const int32_t* seq_starts, int num_seqs, bool silu, float* out);
+
+struct DeltaRuleParams {
+  int tokens = 0;        // T (all sequences of a batch together)
+  int hk = 0;            // q/k heads
+  int hv = 0;            // v heads (a multiple of hk; v head h reads q/k head h / (hv / hk))
+  int dk = 0;
+  int dv = 0;
+  bool l2norm_qk = true; // q, k = x * rsqrt(sum(x^2) + 1e-6) first
+  int chunk = 64;        // chunk length of the chunkwise (T > 1) algorithm
+  int q_stride = 0;      // floats between token rows of q (>= hk * dk); 0 = hk * dk
+  int k_stride = 0;      // of k (>= hk * dk); 0 = hk * dk
+  int v_stride = 0;      // of v (>= hv * dv); 0 = hv * dv
+};
+
+// One sequence: q [T, hk, dk], k [T, hk, dk], v [T, hv, dv] (rows p.*_stride apart), g [T, hv]
+// (log decay, <= 0), beta [T, hv], state [hv, dk, dv] in/out (HF's recurrent_state layout),
+// out [T, hv, dv]. q is scaled by dk^-0.5 after the l2norm. T == 1 runs the recurrent step;
+// T > 1 the chunkwise (UT transform) algorithm in chunks of p.chunk, in f32. Threaded over heads.
+void gated_delta_rule(const float* q, const float* k, const float* v, const float* g,
+                      const float* beta, float* state, float* out, const DeltaRuleParams& p);
+
+// A batch of sequences: sequence b owns token rows [seq_starts[b], seq_starts[b+1]) and the
+// state at state_pool + slots[b] * hv * dk * dv (slots distinct). Threaded over (sequence, head);
+// each (sequence, head) runs exactly the arithmetic of gated_delta_rule on that sequence alone,
+// so batched equals alone bit for bit (decode at batch B: B recurrent steps in one call).
+void gated_delta_rule_batch(const float* q, const float* k, const float* v, const float* g,
+                            const float* beta, float* state_pool, const int32_t* slots,
+                            const int32_t* seq_starts, int num_seqs, float* out,
+                            const DeltaRuleParams& p);
+
+// Qwen3NextRMSNormGated: out = (w * (x * rsqrt(mean(x^2) + eps))) * SiLU(z), row by row over dim
+// (the weight as is, not 1 + w). x, z, out [rows, dim]; out may alias x.
+void gated_rms_norm(const float* x, const float* z, const float* w, float eps, int rows, int dim,
+                    float* out);
+
 }  // namespace expertd
