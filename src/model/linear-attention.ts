@@ -108,7 +108,9 @@ export class GatedDeltaNet {
 
   /**
    * x [T, H] -> out [T, H] for the batch's sequences; each reads and advances the state in its slot
-   * (batch.stateSlots). A sequence whose first token is position 0 starts from a zero state.
+   * (batch.stateSlots). A sequence whose first token is position 0 starts from a zero state. The
+   * conv and the delta rule run as one batched native call each (chunkwise for a prefill chunk, one
+   * recurrent step for a decode token); each sequence gets the bits it would get alone.
    */
   forward(ctx: AttentionContext, x: Float32Array, state: LinearLayerState, out: Float32Array): void {
     const n = loadNative();
@@ -117,112 +119,44 @@ export class GatedDeltaNet {
     const { C, P } = this;
     const Kd = Hk * Dk;
     const Vd = Hv * Dv;
-    const r = Hv / Hk;
     const slots = ctx.batch.stateSlots;
     if (!slots) throw new Error('this model has linear-attention layers: the batch needs stateSlots (one per sequence)');
+    const S = ctx.batch.numSeqs;
     const proj = ctx.scratch.f32('la.proj', T * P);            // [T, q | k | v | z | b | a]
     n.denseGemm(x, T, this.inProj, proj, null, false, ctx.fast);
-    const core = ctx.scratch.f32('la.core', T * Vd);           // [T, Hv, Dv] delta-rule output, then normed
-    const mixed = ctx.scratch.f32('la.mixed', T * C);          // [T, C] conv + SiLU output
-    const [convFloats, recFloats] = linearStateFloats(this.la);
-    const qn = new Float64Array(Dk);
-    const kn = new Float64Array(Dk);
-    const kvMem = new Float64Array(Dv);
-    const scale = 1 / Math.sqrt(Dk);
-    const info = ctx.batch.seqInfo;
-    for (let s = 0; s < ctx.batch.numSeqs; s++) {
-      const q0 = info[s * 3]!;
-      const qLen = info[s * 3 + 1]!;
-      const start = info[s * 3 + 2]! - qLen;
-      const slot = slots[s]!;
-      const conv = state.conv.subarray(slot * convFloats, (slot + 1) * convFloats);   // [C, K-1]
-      const S = state.recurrent.subarray(slot * recFloats, (slot + 1) * recFloats);  // [Hv, Dk, Dv]
-      if (start === 0) { conv.fill(0); S.fill(0); }
-      // Causal depthwise conv over [state (K-1 inputs) ++ this chunk], SiLU; the state keeps the last K-1 inputs.
-      for (let c = 0; c < C; c++) {
-        const w = this.convW.subarray(c * K, (c + 1) * K);
-        const hist = conv.subarray(c * (K - 1), (c + 1) * (K - 1));
-        for (let t = 0; t < qLen; t++) {
-          let acc = 0;
-          for (let j = 0; j < K; j++) {
-            const src = t - (K - 1) + j;   // index into the chunk; negative reads the history
-            const xv = src >= 0 ? proj[(q0 + src) * P + c]! : hist[K - 1 + src]!;
-            acc += w[j]! * xv;
-          }
-          mixed[(q0 + t) * C + c] = acc / (1 + Math.exp(-acc));
-        }
-        // Shift the history: the last K-1 inputs of (history ++ chunk).
-        const tmp = new Float32Array(K - 1);
-        for (let j = 0; j < K - 1; j++) {
-          const src = qLen - (K - 1) + j;
-          tmp[j] = src >= 0 ? proj[(q0 + src) * P + c]! : hist[K - 1 + src]!;
-        }
-        hist.set(tmp);
-      }
-      // The gated delta rule, token by token (HF's recurrent form; its chunkwise form is the same sum).
-      for (let t = q0; t < q0 + qLen; t++) {
-        const row = mixed.subarray(t * C, (t + 1) * C);
-        const prow = proj.subarray(t * P, (t + 1) * P);
-        for (let h = 0; h < Hv; h++) {
-          const g = Math.floor(h / r);
-          let qq = 0;
-          let kk = 0;
-          for (let i = 0; i < Dk; i++) {
-            const qv = row[g * Dk + i]!;
-            const kv = row[Kd + g * Dk + i]!;
-            qq += qv * qv;
-            kk += kv * kv;
-          }
-          const qs = scale / Math.sqrt(qq + 1e-6);
-          const ks = 1 / Math.sqrt(kk + 1e-6);
-          for (let i = 0; i < Dk; i++) {
-            qn[i] = row[g * Dk + i]! * qs;
-            kn[i] = row[Kd + g * Dk + i]! * ks;
-          }
-          const bRaw = prow[2 * Kd + 2 * Vd + h]!;
-          const aRaw = prow[2 * Kd + 2 * Vd + Hv + h]!;
-          const beta = 1 / (1 + Math.exp(-bRaw));
-          const decay = Math.exp(this.negA[h]! * softplus(aRaw + this.dtBias[h]!));
-          const Sh = S.subarray(h * Dk * Dv, (h + 1) * Dk * Dv);
-          kvMem.fill(0);
-          for (let i = 0; i < Dk; i++) {
-            const ki = kn[i]!;
-            for (let j = 0; j < Dv; j++) {
-              const sv = Sh[i * Dv + j]! * decay;
-              Sh[i * Dv + j] = sv;
-              kvMem[j] = kvMem[j]! + sv * ki;
-            }
-          }
-          const v = row.subarray(2 * Kd + h * Dv, 2 * Kd + (h + 1) * Dv);
-          const o = core.subarray(t * Vd + h * Dv, t * Vd + (h + 1) * Dv);
-          o.fill(0);
-          for (let j = 0; j < Dv; j++) kvMem[j] = (v[j]! - kvMem[j]!) * beta;
-          for (let i = 0; i < Dk; i++) {
-            const ki = kn[i]!;
-            const qi = qn[i]!;
-            for (let j = 0; j < Dv; j++) {
-              const sv = Sh[i * Dv + j]! + ki * kvMem[j]!;
-              Sh[i * Dv + j] = sv;
-              o[j] = o[j]! + sv * qi;
-            }
-          }
-        }
-      }
-    }
-    // Gated RMSNorm per (token, value head): RMSNorm(core) * weight * SiLU(z).
+    const qkv = ctx.scratch.f32('la.qkv', T * C);              // [T, C] conv input, then its output (in place)
+    const z = ctx.scratch.f32('la.z', T * Vd);                 // [T, Hv, Dv]
+    const g = ctx.scratch.f32('la.g', T * Hv);                 // [T, Hv] log decay
+    const beta = ctx.scratch.f32('la.beta', T * Hv);           // [T, Hv]
     for (let t = 0; t < T; t++) {
+      const row = proj.subarray(t * P, (t + 1) * P);
+      qkv.set(row.subarray(0, C), t * C);
+      z.set(row.subarray(C, C + Vd), t * Vd);
       for (let h = 0; h < Hv; h++) {
-        const o = core.subarray(t * Vd + h * Dv, t * Vd + (h + 1) * Dv);
-        const zOff = t * P + 2 * Kd + Vd + h * Dv;
-        let ss = 0;
-        for (let j = 0; j < Dv; j++) ss += o[j]! * o[j]!;
-        const inv = 1 / Math.sqrt(ss / Dv + this.eps);
-        for (let j = 0; j < Dv; j++) {
-          const z = proj[zOff + j]!;
-          o[j] = Math.fround(o[j]! * inv) * this.normW[j]! * (z / (1 + Math.exp(-z)));
-        }
+        // HF: beta = sigmoid(b); g = -exp(A_log) * softplus(a + dt_bias), in f32.
+        beta[t * Hv + h] = 1 / (1 + Math.exp(-row[C + Vd + h]!));
+        g[t * Hv + h] = this.negA[h]! * softplus(Math.fround(row[C + Vd + Hv + h]! + this.dtBias[h]!));
       }
     }
+    const [convFloats, recFloats] = linearStateFloats(this.la);
+    const seqStarts = ctx.scratch.i32('la.seqStarts', S + 1);
+    const info = ctx.batch.seqInfo;
+    for (let s = 0; s < S; s++) {
+      seqStarts[s] = info[s * 3]!;
+      // A sequence computed from position 0 (new, or recomputed after preemption) starts from zeros.
+      if (info[s * 3 + 2]! - info[s * 3 + 1]! === 0) {
+        const slot = slots[s]!;
+        state.conv.fill(0, slot * convFloats, (slot + 1) * convFloats);
+        state.recurrent.fill(0, slot * recFloats, (slot + 1) * recFloats);
+      }
+    }
+    seqStarts[S] = T;
+    const slotView = slots.subarray(0, S);
+    n.causalConv1dBatch(qkv, T, C, this.convW, null, K, state.conv, slotView, seqStarts, true, qkv);
+    const core = ctx.scratch.f32('la.core', T * Vd);           // [T, Hv, Dv]
+    n.gatedDeltaRuleBatch(qkv, qkv.subarray(Kd), qkv.subarray(2 * Kd), g, beta, state.recurrent, slotView, seqStarts,
+      core, { T, Hk, Hv, Dk, Dv, l2normQk: true, qStride: C, kStride: C, vStride: C });
+    n.gatedRmsNorm(core, z, this.normW, this.eps, T * Hv, Dv, core);
     n.denseGemm(core, T, this.outProj, out, null, false, ctx.fast);
   }
 
