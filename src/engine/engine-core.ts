@@ -108,7 +108,7 @@ export class EngineCore {
       kvGib -= stateBytes / 2 ** 30;
       if (kvGib <= 0) {
         throw new RangeError(`--kv-cache-gb ${opts.kvCacheGb} does not hold the state cache of ${spec.modelType} ` +
-          `(${this.numStateSlots} sequences x ${(this.stateBytesPerSlot / 2 ** 20).toFixed(1)} MiB of linear-attention ` +
+          `(${this.numStateSlots} sequences x ${(this.stateBytesPerSlot / 2 ** 20).toFixed(2)} MiB of linear-attention ` +
           'state); raise --kv-cache-gb or lower --max-num-seqs');
       }
     }
