@@ -23,7 +23,7 @@ async function expertd(args: string[], env: NodeJS.ProcessEnv = {}): Promise<{ c
 }
 
 for (const arch of ['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v2', 'deepseek_v3', 'longcat_flash', 'glm4_moe',
-  'minimax_m2', 'gpt_oss']) {
+  'minimax_m2', 'gpt_oss', 'qwen3_next']) {
   test(`expertd generate runs on the ${arch} fixture`, async () => {
     const dir = path.join(packageRoot(), 'test', 'fixtures', arch);
     const r = await expertd(['generate', '--model', dir, '--prompt', 'The quick brown fox', '--max-tokens', '12',
