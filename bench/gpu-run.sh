@@ -3,7 +3,7 @@
 # bench/gpu-pack.sh): run(command="bash bench/gpu-run.sh", carry=[".gpu"], timeout_s=480).
 # Steps in order, each under `timeout` within one time budget, logs and JSON into $OUT as it goes:
 #   gate      capabilities(), libraries, nvidia-smi, torch -> machine.json; no usable device: exit 3 at once
-#   ops       the CUDA op tests against float64 (cuda.test, op/glue args, library lookup) -> tests.txt
+#   ops       the CUDA op tests against float64 (cuda.test, op/glue args, library lookup, Gated DeltaNet) -> tests.txt
 #   sm90      the sm_90a self-check, then every forced sm90 tile against float64 -> tests.txt
 #   kernels   bench kernels --device cuda at 1, 16, 256, 4096 rows/expert, few reps, vs torch -> kernels-cuda.*
 #   serve     bench gpu-serve: serve --device cuda vs --device cpu through the API -> gpu-serve.json
@@ -127,7 +127,7 @@ if [ "$failed" != 0 ]; then
   finish 3
 fi
 
-step ops 90 tests ops dist/test/cuda.test.js dist/test/cuda-op-args.test.js dist/test/cuda-glue-args.test.js dist/test/cuda-libs.test.js
+step ops 90 tests ops dist/test/cuda.test.js dist/test/cuda-op-args.test.js dist/test/cuda-glue-args.test.js dist/test/cuda-libs.test.js dist/test/cuda-deltanet.test.js
 step sm90 60 tests sm90 dist/test/cuda-sm90.test.js
 if [ "$standin" = 1 ]; then
   step kernels 150 node dist/bench/index.js kernels --device cuda --rows 1,16,256,4096 --reps 5 --warmup 2 --python "$py" --json "$out/kernels-cuda.json"
@@ -140,7 +140,7 @@ else
 fi
 step engine 90 tests engine dist/test/cuda-model.test.js dist/test/cuda-offload.test.js dist/test/cuda-serve.test.js
 if command -v compute-sanitizer >/dev/null; then
-  step sanitize 150 bash -c "set -o pipefail; compute-sanitizer --tool memcheck --target-processes all --print-limit 20 node --test --test-concurrency=1 dist/test/cuda.test.js dist/test/cuda-sm90.test.js 2>&1 | tee '$out/sanitize.txt' | grep -E '^# (tests|pass|fail)|ERROR SUMMARY|Invalid' | head -40"
+  step sanitize 150 bash -c "set -o pipefail; compute-sanitizer --tool memcheck --target-processes all --print-limit 20 node --test --test-concurrency=1 dist/test/cuda.test.js dist/test/cuda-sm90.test.js dist/test/cuda-deltanet.test.js 2>&1 | tee '$out/sanitize.txt' | grep -E '^# (tests|pass|fail)|ERROR SUMMARY|Invalid' | head -40"
 elif [ -z "$only" ] || [[ ",$only," == *",sanitize,"* ]]; then
   steps_json="$steps_json,{\"step\": \"sanitize\", \"status\": \"skipped: no compute-sanitizer\", \"rc\": 0, \"seconds\": 0, \"timeoutS\": 0}"
   summary

@@ -3,6 +3,8 @@
 // thread counts; split prompts vs whole, batched vs alone (bit for bit), strided q/k/v, and
 // argument errors (E_INVALID_ARG, never an abort).
 import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import path from 'node:path';
 import { test } from 'node:test';
 
 import type { DeltaRuleOptions } from '../src/native/types.js';
@@ -180,7 +182,7 @@ test('gatedDeltaRule: chunkwise (T > 1) vs float64, T around the chunk, Hv > Hk,
       for (const [T, Hk, Hv, Dk, Dv, l2, chunk] of [
         [2, 1, 1, 16, 16, true, 64], [63, 2, 4, 16, 24, true, 64], [64, 2, 4, 16, 24, true, 64],
         [65, 2, 4, 16, 24, false, 64], [200, 1, 3, 20, 9, true, 64], [150, 2, 2, 32, 32, true, 16],
-        [130, 1, 2, 128, 128, true, 64], [40, 3, 3, 8, 8, false, 1],
+        [130, 1, 2, 128, 128, true, 64], [40, 3, 3, 8, 8, false, 1], [70, 1, 2, 13, 7, true, 64],
       ] as const) {
         const s: DeltaShape = { T, Hk, Hv, Dk, Dv };
         const inp = deltaInputs(s, seed++, l2);
@@ -312,6 +314,47 @@ test('gatedRmsNorm: vs float64 (weight as is), out aliasing x', () => {
         assert.deepEqual(xin, out, `${level}/${threads} ${rows_}x${D} in place`);
       }
     });
+  });
+});
+
+// ---- against transformers itself
+
+test('matches transformers\' own functions: prefill 70 tokens (chunkwise) then 3 decode steps (test/fixtures/deltanet-golden.json)', () => {
+  const gold = JSON.parse(readFileSync(path.join(import.meta.dirname, '..', '..', 'test', 'fixtures', 'deltanet-golden.json'), 'utf8')) as
+    Record<string, string> & { shape: { T: number; steps: number; Hk: number; Hv: number; Dk: number; Dv: number; K: number; C: number } };
+  const f32 = (key: string) => {
+    const b = Buffer.from(gold[key]!, 'base64');
+    return new Float32Array(b.buffer.slice(b.byteOffset, b.byteOffset + b.length));
+  };
+  const { T, steps, Hk, Hv, Dk, Dv, K, C } = gold.shape;
+  const N = T + steps;
+  const x = f32('x'), w = f32('w'), g = f32('g'), beta = f32('beta');
+  const qk = Hk * Dk, vw = Hv * Dv;
+  bothSimd((level) => {
+    // conv: the prefill in one call, then one call per decode token, carrying the state
+    const convState = new Float32Array(C * (K - 1));
+    const conv = nanF32(N * C);
+    native.causalConv1d(x.subarray(0, T * C), T, C, w, null, K, convState, true, conv.subarray(0, T * C));
+    for (let t = T; t < N; t++)
+      native.causalConv1d(x.subarray(t * C, (t + 1) * C), 1, C, w, null, K, convState, true, conv.subarray(t * C, (t + 1) * C));
+    close(conv, f32('conv'), CONV_TOL, `${level} conv vs HF`);
+    assert.deepEqual(convState, f32('convState'), `${level} conv state vs HF's cache`);
+    // delta rule on HF's conv output (q/k/v read in place), the same split
+    const mixed = f32('conv');
+    const state = f32('s0');
+    const out = nanF32(N * vw);
+    const o = { Hk, Hv, Dk, Dv, l2normQk: true, qStride: C, kStride: C, vStride: C };
+    native.gatedDeltaRule(mixed, mixed.subarray(qk), mixed.subarray(2 * qk), g, beta, state, out.subarray(0, T * vw), { ...o, T });
+    for (let t = T; t < N; t++) {
+      const row = mixed.subarray(t * C);
+      native.gatedDeltaRule(row, row.subarray(qk), row.subarray(2 * qk), g.subarray(t * Hv), beta.subarray(t * Hv), state,
+        out.subarray(t * vw, (t + 1) * vw), { ...o, T: 1 });
+    }
+    close(out, f32('out'), DELTA_TOL, `${level} delta out vs HF`);
+    close(state, f32('state'), DELTA_TOL, `${level} delta state vs HF`);
+    const normed = nanF32(N * vw);
+    native.gatedRmsNorm(f32('out'), f32('z'), f32('normWeight'), 1e-6, N * Hv, Dv, normed);
+    close(normed, f32('normed'), NORM_TOL, `${level} gated norm vs HF`);
   });
 });
 

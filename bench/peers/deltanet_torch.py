@@ -9,7 +9,6 @@
 #        "reps": 10, "warmup": 2, "threads": N, "flushBytes": N}
 import argparse
 import json
-import statistics
 import sys
 import time
 
@@ -37,16 +36,20 @@ def main():
     flush = torch.ones(max(1, spec["flushBytes"] // 4))
 
     def timed(fn, before=None):
-        out = []
+        """Wall and CPU (this process, all threads) milliseconds of each rep."""
+        wall, cpu = [], []
         for r in range(warmup + reps):
             if before:
                 before()
+            c0 = time.process_time()
             t0 = time.perf_counter()
             fn()
             dt = (time.perf_counter() - t0) * 1e3
+            dc = (time.process_time() - c0) * 1e3
             if r >= warmup:
-                out.append(dt)
-        return out
+                wall.append(dt)
+                cpu.append(dc)
+        return {"wall": wall, "cpu": cpu}
 
     def do_flush():
         flush.sum()

@@ -77,6 +77,7 @@ void causal_conv1d_batch(const float* x, int tokens, int channels, const float* 
   const size_t rows = static_cast<size_t>(num_seqs) * blocks;
   const size_t work = static_cast<size_t>(std::max(1, tokens / std::max(1, num_seqs))) * kernel * 16;
   const bool simd = use_avx512();
+  (void)simd;  // unused where only the portable kernels exist
   parallel_rows(rows, work, [&](size_t r0, size_t r1) {
     for (size_t r = r0; r < r1; ++r) {
       const size_t b = r / blocks;
@@ -120,6 +121,7 @@ void gated_delta_rule_batch(const float* q, const float* k, const float* v, cons
   const size_t tasks = static_cast<size_t>(num_seqs) * p.hv;
   const size_t work = static_cast<size_t>(std::max(1, p.tokens / std::max(1, num_seqs))) * head_state * 4;
   const bool simd = use_avx512();
+  (void)simd;  // unused where only the portable kernels exist
   parallel_rows(tasks, work, [&](size_t r0, size_t r1) {
     DeltaScratch& ws = scratch();
     for (size_t r = r0; r < r1; ++r) {
@@ -155,6 +157,7 @@ void gated_rms_norm(const float* x, const float* z, const float* w, float eps, i
                     float* out) {
   const size_t d = static_cast<size_t>(dim);
   const bool simd = use_avx512();
+  (void)simd;  // unused where only the portable kernels exist
   parallel_rows(static_cast<size_t>(rows), d * 4, [&](size_t r0, size_t r1) {
     for (size_t r = r0; r < r1; ++r) {
 #if EXPERTD_DELTANET_AVX512
