@@ -500,3 +500,69 @@ test('validateCheckpoint on an FP8 checkpoint expects the _scale_inv companions'
   assert.throws(() => validateCheckpoint(s, fakeCheckpoint(all, true)), (e: Error) =>
     e instanceof CheckpointMismatchError && /model\.layers\.0\.self_attn\.q_a_proj\.weight_scale_inv/.test(e.message));
 });
+
+// Qwen3-Next-80B-A3B's hub config shape (4.x spelling: full_attention_interval, top-level
+// partial_rotary_factor and rope_theta, no layer_types), scaled down.
+function qwen3Next(): Raw {
+  return { ...common, model_type: 'qwen3_next', num_hidden_layers: 8, head_dim: 32, intermediate_size: 96,
+    moe_intermediate_size: 16, shared_expert_intermediate_size: 32, num_experts: 16, num_experts_per_tok: 4,
+    norm_topk_prob: true, decoder_sparse_step: 1, mlp_only_layers: [1], full_attention_interval: 4,
+    partial_rotary_factor: 0.25, linear_num_key_heads: 2, linear_num_value_heads: 4, linear_key_head_dim: 16,
+    linear_value_head_dim: 8, linear_conv_kernel_dim: 4 };
+}
+
+test('qwen3_next: hybrid layers from full_attention_interval or layer_types, linear dims, gated attention, shared expert', () => {
+  const s = both(qwen3Next());
+  assert.deepEqual(s.layers.map((l) => l.mixer), ['linear_attention', 'linear_attention', 'linear_attention', 'attention',
+    'linear_attention', 'linear_attention', 'linear_attention', 'attention']);
+  assert.deepEqual(moeLayers(s), [0, 2, 3, 4, 5, 6, 7]);
+  assert.deepEqual(s.linearAttention, { keyHeads: 2, valueHeads: 4, keyHeadDim: 16, valueHeadDim: 8, convKernel: 4 });
+  assert.deepEqual([s.recurrentState, s.zeroCentredNorms, s.attention.outputGate, s.attention.qkNorm, s.attention.rope.rotaryDim],
+    [true, true, true, 'per_head', 8]);
+  assert.deepEqual([s.moe.sharedIntermediate, s.moe.sharedGate, s.moe.router.renormalize], [32, true, true]);
+  // 5.x: layer_types wins over the interval; rope_parameters carries the partial factor.
+  const types = ['full_attention', 'linear_attention', 'linear_attention', 'full_attention', 'linear_attention',
+    'full_attention', 'linear_attention', 'linear_attention'];
+  const v5 = parseModelConfig({ ...qwen3Next(), layer_types: types, partial_rotary_factor: undefined, rope_theta: undefined,
+    rope_parameters: { rope_type: 'default', rope_theta: 10000, partial_rotary_factor: 0.5 } });
+  assert.deepEqual(v5.layers.map((l) => l.mixer === 'linear_attention'), types.map((t) => t === 'linear_attention'));
+  assert.equal(v5.attention.rope.rotaryDim, 16);
+  // Absent partial_rotary_factor: transformers' 0.25.
+  assert.equal(parseModelConfig({ ...qwen3Next(), partial_rotary_factor: undefined }).attention.rope.rotaryDim, 8);
+  const t = new Map(expectedTensors(s).map((x) => [x.name, x.shape]));
+  assert.deepEqual(t.get('model.layers.0.linear_attn.in_proj_qkvz.weight'), [2 * 32 + 2 * 32, 64]);
+  assert.deepEqual(t.get('model.layers.0.linear_attn.in_proj_ba.weight'), [8, 64]);
+  assert.deepEqual(t.get('model.layers.0.linear_attn.conv1d.weight'), [96, 1, 4]);
+  assert.deepEqual(t.get('model.layers.0.linear_attn.norm.weight'), [8]);
+  assert.deepEqual(t.get('model.layers.3.self_attn.q_proj.weight'), [2 * 4 * 32, 64]);
+  assert.deepEqual(t.get('model.layers.3.self_attn.o_proj.weight'), [64, 128]);
+  assert.deepEqual(t.get('model.layers.3.mlp.shared_expert_gate.weight'), [1, 64]);
+  assert.deepEqual(t.get('model.layers.1.mlp.gate_proj.weight'), [96, 64]);
+  assert.equal(t.has('model.layers.0.self_attn.q_proj.weight'), false);
+  for (const [cfg, re] of [
+    [{ ...qwen3Next(), layer_types: ['linear_attention'] }, /qwen3_next config layer_types is \["linear_attention"\], expected 8 of/],
+    [{ ...qwen3Next(), linear_num_value_heads: 3 }, /linear_num_value_heads 3 is not a multiple of linear_num_key_heads 2/],
+  ] as [Raw, RegExp][]) assert.throws(() => parseModelConfig(cfg), (e: Error) => e instanceof ConfigError && re.test(e.message));
+});
+
+test('qwen3_5_moe: the text model from text_config (model.language_model.*), split linear projections, every layer MoE', () => {
+  const { mlp_only_layers: _a, decoder_sparse_step: _b, intermediate_size: _c, norm_topk_prob: _d, ...text } = qwen3Next();
+  const nested = parseModelConfig({ model_type: 'qwen3_5_moe', tie_word_embeddings: false, eos_token_id: 2,
+    text_config: { ...text, model_type: 'qwen3_5_moe_text', rope_parameters: { rope_type: 'default', rope_theta: 10000,
+      partial_rotary_factor: 0.25, mrope_section: [11, 11, 10], mrope_interleaved: true } },
+    vision_config: { depth: 2 } });
+  assert.equal(nested.modelType, 'qwen3_5_moe');
+  assert.equal(nested.weightPrefix, 'model.language_model.');
+  assert.deepEqual(nested.eosTokenIds, [2]);
+  assert.deepEqual(moeLayers(nested), [0, 1, 2, 3, 4, 5, 6, 7]);
+  assert.equal(nested.moe.router.renormalize, true);
+  const t = new Map(expectedTensors(nested).map((x) => [x.name, x.shape]));
+  assert.deepEqual(t.get('model.language_model.layers.0.linear_attn.in_proj_qkv.weight'), [2 * 32 + 32, 64]);
+  assert.deepEqual(t.get('model.language_model.layers.0.linear_attn.in_proj_z.weight'), [32, 64]);
+  assert.deepEqual(t.get('model.language_model.layers.0.linear_attn.in_proj_b.weight'), [4, 64]);
+  assert.deepEqual(t.get('model.language_model.embed_tokens.weight'), [1000, 64]);
+  assert.deepEqual(t.get('lm_head.weight'), [1000, 64]);
+  const flat = parseModelConfig({ ...text, model_type: 'qwen3_5_moe_text' });
+  assert.equal(flat.weightPrefix, undefined);
+  assert.throws(() => parseModelConfig({ model_type: 'qwen3_5_moe' }), /qwen3_5_moe config has no text_config object/);
+});

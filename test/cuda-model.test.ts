@@ -25,7 +25,14 @@ interface Golden { model_type: string; moe_layers: number[]; cases: GoldenCase[]
 
 const fixturesDir = path.join(packageRoot(), 'test', 'fixtures');
 // gpt_oss runs on the CPU engine only (no sinks or clamped-SwiGLU experts among the device ops yet): refused below.
-const fixtures = readdirSync(fixturesDir).filter((d) => existsSync(path.join(fixturesDir, d, 'golden.json')) && d !== 'gpt_oss').sort();
+// qwen3_next too (no linear-attention ops or state cache on the device engine yet): refused below.
+const fixtures = readdirSync(fixturesDir).filter((d) => existsSync(path.join(fixturesDir, d, 'golden.json')) &&
+  d !== 'gpt_oss' && d !== 'qwen3_next' && d !== 'qwen3_5_moe_text').sort();
+
+test('the device engine refuses qwen3_next with a clear error', () => {
+  assert.throws(() => loadCudaModel(path.join(fixturesDir, 'qwen3_next'), { device: 0, cuda: createCudaEmulator() }),
+    /qwen3_next runs on the CPU engine only \(--device cpu\) for now/);
+});
 
 test('the device engine refuses gpt_oss with a clear error', () => {
   assert.throws(() => loadCudaModel(path.join(fixturesDir, 'gpt_oss'), { device: 0, cuda: createCudaEmulator() }),

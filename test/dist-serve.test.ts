@@ -120,7 +120,7 @@ const heavy = ['mixtral', 'deepseek_v3', 'longcat_flash'];
 const allFixtures = readdirSync(path.join(packageRoot(), 'test', 'fixtures'), { withFileTypes: true })
   .filter((e) => e.isDirectory()).map((e) => e.name).sort();
 test('every fixture is covered by a rank-process test', () => {
-  assert.equal(allFixtures.length, 10, `fixtures: ${allFixtures.join(', ')}`);
+  assert.equal(allFixtures.length, 12, `fixtures: ${allFixtures.join(', ')}`);
   for (const name of heavy) assert.ok(allFixtures.includes(name), name);
 });
 for (const name of allFixtures.filter((n) => !heavy.includes(n))) {

@@ -32,7 +32,7 @@ const fixtures = readdirSync(path.join(packageRoot(), 'test', 'fixtures'), { wit
 
 test('the EP fixture list is every fixture', () => {
   assert.deepEqual(fixtures, ['deepseek_v2', 'deepseek_v3', 'glm4_moe', 'gpt_oss', 'longcat_flash', 'minimax_m2', 'mixtral', 'olmoe',
-    'qwen2_moe', 'qwen3_moe']);
+    'qwen2_moe', 'qwen3_5_moe_text', 'qwen3_moe', 'qwen3_next']);
 });
 
 for (const name of fixtures) {

@@ -45,7 +45,16 @@ const FP8_REL_TOL = 0.13;
 const FP8_REL_TOL_BY_FAMILY: Record<string, number> = { gpt_oss: 0.18 };
 // gpt_oss (its fixture's expert gate_up weights are larger, so that the clamped SwiGLU's limit is
 // reached): measured 5.07% at one routing-consistent position (case 0, position 2), mean 1.04%.
-const BF16_REL_TOL_BY_FAMILY: Record<string, number> = { gpt_oss: 0.06 };
+// qwen3_next: 7 MoE layers of 16 experts top-4 over 8 layers, a 67-token prompt, and a recurrent state
+// that carries an early rounding to every later position: bf16 flips routing from position 1-5 on.
+// Measured: routing-consistent positions up to 4.81% (bf16 KV 5.28%), mean 4.85%. HF transformers'
+// own bf16 run of the same checkpoint is further from its f32 goldens: mean 5.5-7.4% per case, max
+// 10.9-35% (qwen3_moe for comparison: mean 0.65-1.24%), so the bound is the family's, not a bug.
+// qwen3_5_moe_text: measured 7.20% at a routing-consistent position of the 67-token case (bf16 KV 7.12%);
+// HF's own bf16 run: mean 1.8-14.9% per case, max 3.4-58%.
+const BF16_REL_TOL_BY_FAMILY: Record<string, number> = { gpt_oss: 0.06, qwen3_next: 0.06, qwen3_5_moe_text: 0.08 };
+// qwen3_5_moe_text: mean measured 2.87% (HF's own bf16: 1.8-14.9% per case).
+const BF16_MEAN_REL_TOL_BY_FAMILY: Record<string, number> = { qwen3_next: 0.06, qwen3_5_moe_text: 0.04 };
 
 function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
   let m = 0;
@@ -62,7 +71,7 @@ function range(a: ArrayLike<number>): number {
 
 test('fixtures exist for every supported architecture', () => {
   for (const arch of ['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v2', 'deepseek_v3', 'longcat_flash',
-    'glm4_moe', 'minimax_m2', 'gpt_oss'])
+    'glm4_moe', 'minimax_m2', 'gpt_oss', 'qwen3_next', 'qwen3_5_moe_text'])
     assert.ok(fixtures.includes(arch), `missing fixture ${arch}`);
 });
 
@@ -121,8 +130,8 @@ for (const name of fixtures) {
 
     test('bf16 KV cache (the fast mode\'s auto) stays within the bf16 mode\'s tolerance of the f32 goldens', () => {
       const r = kvFidelity(dir, true, 'bf16');
-      assert.ok(r.maxConsistent <= BF16_REL_TOL, `bf16 KV: routing-consistent logits off by ${(r.maxConsistent * 100).toFixed(2)}%`);
-      assert.ok(r.mean <= BF16_MEAN_REL_TOL, `bf16 KV: logits off by ${(r.mean * 100).toFixed(2)}% of their range on average`);
+      assert.ok(r.maxConsistent <= (BF16_REL_TOL_BY_FAMILY[name] ?? BF16_REL_TOL), `bf16 KV: routing-consistent logits off by ${(r.maxConsistent * 100).toFixed(2)}%`);
+      assert.ok(r.mean <= (BF16_MEAN_REL_TOL_BY_FAMILY[name] ?? BF16_MEAN_REL_TOL), `bf16 KV: logits off by ${(r.mean * 100).toFixed(2)}% of their range on average`);
     });
 
     test('fp8 KV cache stays within its measured tolerance of the f32 goldens', () => {
@@ -175,7 +184,7 @@ for (const name of fixtures) {
           }
         }
         const mean = sumRel / positions;
-        assert.ok(mean <= BF16_MEAN_REL_TOL, `bf16 logits off by ${(mean * 100).toFixed(2)}% of their range on average`);
+        assert.ok(mean <= (BF16_MEAN_REL_TOL_BY_FAMILY[name] ?? BF16_MEAN_REL_TOL), `bf16 logits off by ${(mean * 100).toFixed(2)}% of their range on average`);
       } finally {
         model.dispose();
       }

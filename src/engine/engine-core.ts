@@ -76,6 +76,9 @@ export class EngineCore {
   /** Element type of the KV cache, and the bytes one block takes over every layer. */
   readonly kvDtype: KvDtype;
   readonly kvBytesPerBlock: number;
+  /** Hybrid models: state slots (one per running sequence, maxNumSeqs of them) and the bytes of one. */
+  readonly numStateSlots: number;
+  readonly stateBytesPerSlot: number;
   private readonly sampler: Sampler | BatchSampler;
   private readonly requests = new Map<string, Running>();
   private readonly eos: Set<number>;
@@ -95,13 +98,29 @@ export class EngineCore {
     }
     const sizing = { numCaches: model.numCaches, elementsPerToken: model.cacheFloatsPerToken(), dtype: kvDtype,
       blockSize: opts.blockSize };
-    const numBlocks = kvCacheNumBlocks(sizing, { blocks: opts.kvCacheBlocks, gib: opts.kvCacheGb,
+    // Hybrid models: the state cache (maxNumSeqs slots, so that admission is bounded by the sequence
+    // limit as before) comes out of the same memory budget as the KV blocks.
+    this.stateBytesPerSlot = model.stateBytesPerSlot ?? 0;
+    this.numStateSlots = this.stateBytesPerSlot > 0 ? opts.maxNumSeqs : 0;
+    const stateBytes = this.numStateSlots * this.stateBytesPerSlot;
+    let kvGib = opts.kvCacheGb;
+    if (stateBytes > 0 && kvGib > 0) {
+      kvGib -= stateBytes / 2 ** 30;
+      if (kvGib <= 0) {
+        throw new RangeError(`--kv-cache-gb ${opts.kvCacheGb} does not hold the state cache of ${spec.modelType} ` +
+          `(${this.numStateSlots} sequences x ${(this.stateBytesPerSlot / 2 ** 20).toFixed(2)} MiB of linear-attention ` +
+          'state); raise --kv-cache-gb or lower --max-num-seqs');
+      }
+    }
+    const autoCap = opts.autoKvCapBytes ?? 2 ** 30;
+    const numBlocks = kvCacheNumBlocks(sizing, { blocks: opts.kvCacheBlocks, gib: kvGib,
       maxNumSeqs: opts.maxNumSeqs, maxContext: spec.maxContext,
-      ...(opts.autoKvCapBytes !== undefined ? { autoCapBytes: opts.autoKvCapBytes } : {}) });
+      autoCapBytes: Math.max(kvBytesPerBlock(sizing), autoCap - stateBytes) });
     this.numBlocks = numBlocks;
     this.kvDtype = kvDtype;
     this.kvBytesPerBlock = kvBytesPerBlock(sizing);
     this.cache = model.allocateKvCache(numBlocks, opts.blockSize, kvDtype);
+    if (this.numStateSlots > 0) model.allocateStateCache!(this.numStateSlots);
     let prefixCacheKey = opts.prefixCacheKey ?? null;
     if (prefixCacheKey !== null && spec.recurrentState) {
       // NOTE: a cached prefix would restore the attention layers' K/V but not the linear layers'
@@ -113,6 +132,7 @@ export class EngineCore {
     this.scheduler = new Scheduler({
       numBlocks, blockSize: opts.blockSize, maxContext: spec.maxContext,
       maxNumSeqs: opts.maxNumSeqs, maxNumBatchedTokens: opts.maxNumBatchedTokens, prefixCacheKey,
+      numStateSlots: this.numStateSlots,
     });
     this.sampler = opts.sampler === 'js' ? new Sampler(spec.vocabSize) : new BatchSampler(spec.vocabSize);
     this.eos = new Set(spec.eosTokenIds);
@@ -195,6 +215,11 @@ export class EngineCore {
       running: this.scheduler.numRunning, waiting: this.scheduler.numWaiting,
       kvBlocksTotal: this.numBlocks, kvBlocksUsed: used, preemptionsTotal: this.scheduler.preemptionsTotal,
       kvBytesTotal: this.numBlocks * this.kvBytesPerBlock, kvBytesUsed: used * this.kvBytesPerBlock,
+      ...(this.scheduler.states ? {
+        stateSlotsTotal: this.numStateSlots, stateSlotsUsed: this.scheduler.states.numUsed,
+        stateBytesTotal: this.numStateSlots * this.stateBytesPerSlot,
+        stateBytesUsed: this.scheduler.states.numUsed * this.stateBytesPerSlot,
+      } : {}),
     };
   }
 
@@ -354,6 +379,7 @@ export class EngineCore {
     const seqInfo = new Int32Array(S * 3);
     const maxBlocks = Math.max(1, ...plan.entries.map((e) => e.blockTable.length));
     const blockTables = new Int32Array(S * maxBlocks);
+    const stateSlots = this.numStateSlots > 0 ? new Int32Array(S) : null;
     const logitRows: number[] = [];
     let row = 0;
     plan.entries.forEach((e, s) => {
@@ -367,6 +393,7 @@ export class EngineCore {
       seqInfo[s * 3 + 1] = n;
       seqInfo[s * 3 + 2] = e.startPosition + n;
       blockTables.set(e.blockTable, s * maxBlocks);
+      if (stateSlots) stateSlots[s] = e.stateSlot;
       if (e.sample) logitRows.push(row + n - 1);
       row += n;
     });
@@ -374,7 +401,7 @@ export class EngineCore {
     const logitsOnDevice = this.sampler instanceof BatchSampler && this.loaded.model.sampleLogits !== undefined;
     return {
       tokenIds, positions, numSeqs: S, seqInfo, blockTables, maxBlocks, slots, logitRows: Int32Array.from(logitRows),
-      ...(logitsOnDevice ? { logitsOnDevice } : {}),
+      ...(stateSlots ? { stateSlots } : {}), ...(logitsOnDevice ? { logitsOnDevice } : {}),
     };
   }
 }

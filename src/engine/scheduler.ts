@@ -7,6 +7,7 @@
 // K/V starts on the cached blocks of its longest cached prefix and computes from there.
 
 import { PagedKvCache, type BlockHash, type SeqId } from './kv-cache.js';
+import { StateSlotPool } from './state-cache.js';
 import type { EngineStats } from './types.js';
 
 export type { SeqId } from './kv-cache.js';
@@ -22,6 +23,11 @@ export interface SchedulerConfig {
   maxNumBatchedTokens: number;
   /** Automatic prefix caching: the chain root (see KvCacheOptions.prefixCacheKey); absent or null = off. */
   prefixCacheKey?: string | null;
+  /**
+   * Hybrid models: per-sequence state slots (linear attention) beside the KV blocks; a sequence holds
+   * one while running. Absent or 0: none.
+   */
+  numStateSlots?: number;
 }
 
 export interface SequenceInput {
@@ -53,6 +59,8 @@ export interface StepEntry {
   blockTable: Int32Array;
   /** [n] i32 KV slots (block * blockSize + offset) for the new tokens. */
   slots: Int32Array;
+  /** The sequence's state slot (hybrid models), -1 without a state cache. */
+  stateSlot: number;
 }
 
 export interface StepPlan {
@@ -106,6 +114,8 @@ export interface SequenceInfo {
 
 export class Scheduler {
   readonly cache: PagedKvCache;
+  /** The state cache's slots (hybrid models), or null. */
+  readonly states: StateSlotPool | null;
   readonly config: Readonly<SchedulerConfig>;
   private readonly seqs = new Map<SeqId, Sequence>();
   /** FIFO by arrival; preempted sequences go back in arrival order. */
@@ -142,6 +152,7 @@ export class Scheduler {
       maxBlocksPerSeq: Math.ceil((config.maxContext - 1) / config.blockSize),
       prefixCacheKey: config.prefixCacheKey ?? null,
     });
+    this.states = config.numStateSlots ? new StateSlotPool(config.numStateSlots) : null;
   }
 
   /** Prefix cache totals since the start: tokens of admitted sequences looked up, and found. */
@@ -171,6 +182,7 @@ export class Scheduler {
     return {
       running: this.running.length, waiting: this.waiting.length, kvBlocksTotal: this.cache.numBlocks,
       kvBlocksUsed: this.cache.numUsedBlocks, preemptionsTotal: this.preemptions,
+      ...(this.states ? { stateSlotsTotal: this.states.numSlots, stateSlotsUsed: this.states.numUsed } : {}),
     };
   }
 
@@ -232,6 +244,7 @@ export class Scheduler {
       // (and a paused one never is).
       const victim = i >= 0 ? this.running.splice(i, 1)[0]! : this.running.pop()!;
       this.cache.free(victim.id);
+      this.states?.release(victim.id);
       victim.running = false;
       victim.numComputed = 0;
       victim.phase = 'prefill';
@@ -284,7 +297,8 @@ export class Scheduler {
       const prefix = this.cachedPrefix(seq);
       const cached = prefix.length * this.config.blockSize;
       const n = Math.min(this.remaining(seq) - cached, budget);
-      if (this.running.length >= maxNumSeqs || !this.cache.canAttach(prefix, n)) {
+      if (this.running.length >= maxNumSeqs || !this.cache.canAttach(prefix, n) ||
+          (this.states !== null && this.states.numFree === 0)) {
         if (youngestPaused() < 0) break;
         preemptYoungest(); // takes the youngest paused one
         i = 0; // the victim joined waiting in arrival order: look again from the front
@@ -293,6 +307,7 @@ export class Scheduler {
       this.waiting.splice(i, 1);
       seq.running = true;
       insertByArrival(this.running, seq);
+      this.states?.allocate(seq.id);
       if (this.cache.prefixCaching && seq.usePrefixCache) {
         prefixQueriedTokens += this.length(seq);
         prefixHitTokens += cached;
@@ -346,6 +361,7 @@ export class Scheduler {
     return {
       seqId: seq.id, tokenIds, startPosition: start, isPrefillChunk, sample,
       completesPrefill: isPrefillChunk && sample, blockTable: this.cache.blockTable(seq.id), slots,
+      stateSlot: this.states?.slotOf(seq.id) ?? -1,
     };
   }
 
@@ -411,6 +427,7 @@ export class Scheduler {
     if (!seq) return false;
     this.seqs.delete(id);
     this.cache.free(id);
+    this.states?.release(id);
     if (seq.paused) this.paused--;
     if (seq.running) this.running.splice(this.running.indexOf(seq), 1);
     else this.waiting.splice(this.waiting.indexOf(seq), 1);

@@ -85,6 +85,11 @@ export interface EngineStats {
   /** Bytes of the KV cache and of its used blocks, in its element type (absent: not reported). */
   kvBytesTotal?: number;
   kvBytesUsed?: number;
+  /** Hybrid models: the state cache's per-sequence slots (linear attention), and their bytes. */
+  stateSlotsTotal?: number;
+  stateSlotsUsed?: number;
+  stateBytesTotal?: number;
+  stateBytesUsed?: number;
   preemptionsTotal: number;
 }
 

@@ -113,6 +113,24 @@ export class Metrics {
       name: 'expertd_kv_cache_used_bytes', help: 'Bytes of the KV cache blocks in use.', registers,
       collect() { const s = self.stats(); if (s?.kvBytesUsed !== undefined) this.set(s.kvBytesUsed); },
     });
+    // Hybrid models (Qwen3-Next): the state cache beside the KV cache, one slot per running sequence.
+    // Registered for every model; a model without linear attention reports 0.
+    new Gauge({
+      name: 'expertd_state_cache_usage_ratio', registers,
+      help: 'Fraction of state cache slots (per-sequence linear-attention state) in use (0-1).',
+      collect() {
+        const s = self.stats();
+        if (s?.stateSlotsTotal) this.set((s.stateSlotsUsed ?? 0) / s.stateSlotsTotal);
+      },
+    });
+    new Gauge({
+      name: 'expertd_state_cache_bytes', help: 'Size of the state cache in bytes (f32 conv and recurrent state).', registers,
+      collect() { const s = self.stats(); if (s?.stateBytesTotal !== undefined) this.set(s.stateBytesTotal); },
+    });
+    new Gauge({
+      name: 'expertd_state_cache_used_bytes', help: 'Bytes of the state cache slots in use.', registers,
+      collect() { const s = self.stats(); if (s?.stateBytesUsed !== undefined) this.set(s.stateBytesUsed); },
+    });
     this.preemptions = new Counter({
       name: 'expertd_preemptions_total', help: 'Sequences preempted because KV blocks ran out.', registers,
       collect() {

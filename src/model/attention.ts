@@ -59,17 +59,24 @@ export class GqaAttention implements AttentionBlock {
   readonly cacheFloatsPerToken: [number, number];
 
   readonly weightBytes: number;
+  /** Qwen3-Next's output gate: q_proj rows per head [q (headDim) | gate (headDim)]. */
+  private readonly gated: boolean;
 
-  /** `quantize`: the projections quantized in that format (--quantize-dense), else kept in their dtype. */
+  /**
+   * `quantize`: the projections quantized in that format (--quantize-dense), else kept in their dtype.
+   * normOffset: 1 for zero-centred q/k norm weights (Qwen3-Next: x * (1 + w)), else 0.
+   */
   constructor(private readonly spec: AttentionSpec, src: TensorSource, prefix: string,
-              hidden: number, private readonly eps: number, quantize: QuantizeSpec | null = null) {
+              hidden: number, private readonly eps: number, quantize: QuantizeSpec | null = null, normOffset = 0) {
     const { heads, kvHeads, headDim } = spec;
     const p = prefix;
-    const qDim = heads * headDim;
+    this.gated = spec.outputGate === true;
+    // With the output gate, q_proj gives [heads, 2 headDim]: the packed "q" part is q and gate interleaved per head.
+    const qDim = heads * headDim * (this.gated ? 2 : 1);
     const kvDim = kvHeads * headDim;
     this.qkv = packStacked(src, [`${p}q_proj.weight`, `${p}k_proj.weight`, `${p}v_proj.weight`],
       [qDim, kvDim, kvDim], hidden, quantize);
-    this.o = packLinear(src, `${p}o_proj.weight`, hidden, qDim, quantize);
+    this.o = packLinear(src, `${p}o_proj.weight`, hidden, heads * headDim, quantize);
     this.weightBytes = this.qkv.sizeBytes + this.o.sizeBytes;
     if (spec.qkvBias) {
       this.qkvBias = new Float32Array(qDim + 2 * kvDim);
@@ -82,8 +89,13 @@ export class GqaAttention implements AttentionBlock {
     this.oBias = spec.oBias ? vectorF32(src, `${p}o_proj.bias`, hidden) : null;
     const qn = spec.qkNorm === 'per_head' ? headDim : heads * headDim;
     const kn = spec.qkNorm === 'per_head' ? headDim : kvHeads * headDim;
-    this.qNorm = spec.qkNorm === 'none' ? null : vectorF32(src, `${p}q_norm.weight`, qn);
-    this.kNorm = spec.qkNorm === 'none' ? null : vectorF32(src, `${p}k_norm.weight`, kn);
+    const normW = (name: string, len: number) => {
+      const w = vectorF32(src, name, len);
+      if (normOffset) for (let i = 0; i < len; i++) w[i] = normOffset + w[i]!;
+      return w;
+    };
+    this.qNorm = spec.qkNorm === 'none' ? null : normW(`${p}q_norm.weight`, qn);
+    this.kNorm = spec.qkNorm === 'none' ? null : normW(`${p}k_norm.weight`, kn);
     this.sinks = spec.sinks ? vectorF32(src, `${p}sinks`, heads) : null;
     this.cacheFloatsPerToken = [kvHeads * headDim, kvHeads * headDim];
   }
@@ -97,14 +109,24 @@ export class GqaAttention implements AttentionBlock {
     const v = ctx.scratch.f32('attn.v', T * kvHeads * headDim);
     const qDim = heads * headDim;
     const kvDim = kvHeads * headDim;
-    const W = qDim + 2 * kvDim;
+    const qw = this.gated ? 2 * qDim : qDim;
+    const W = qw + 2 * kvDim;
     const qkv = ctx.scratch.f32('attn.qkv', T * W);                 // [T, q | k | v]
     n.denseGemm(x, T, this.qkv, qkv, this.qkvBias, false, ctx.fast);
+    const gate = this.gated ? ctx.scratch.f32('attn.gate', T * qDim) : null;  // [T, heads, headDim]
     for (let t = 0; t < T; t++) {
       const r = t * W;
-      q.set(qkv.subarray(r, r + qDim), t * qDim);
-      k.set(qkv.subarray(r + qDim, r + qDim + kvDim), t * kvDim);
-      v.set(qkv.subarray(r + qDim + kvDim, r + W), t * kvDim);
+      if (gate) {
+        for (let h = 0; h < heads; h++) {
+          const src = r + h * 2 * headDim;
+          q.set(qkv.subarray(src, src + headDim), t * qDim + h * headDim);
+          gate.set(qkv.subarray(src + headDim, src + 2 * headDim), t * qDim + h * headDim);
+        }
+      } else {
+        q.set(qkv.subarray(r, r + qDim), t * qDim);
+      }
+      k.set(qkv.subarray(r + qw, r + qw + kvDim), t * kvDim);
+      v.set(qkv.subarray(r + qw + kvDim, r + W), t * kvDim);
     }
     if (this.qNorm && this.kNorm) {
       if (this.spec.qkNorm === 'per_head') {
@@ -127,6 +149,7 @@ export class GqaAttention implements AttentionBlock {
       heads, kvHeads, dk: headDim, dv: headDim, scale: this.spec.softmaxScale,
       slidingWindow: this.spec.slidingWindow ?? 0, ...scaleOptions(cache), sinks: this.sinks,
     }), attn);
+    if (gate) for (let i = 0; i < T * qDim; i++) attn[i] = attn[i]! * (1 / (1 + Math.exp(-gate[i]!)));
     n.denseGemm(attn, T, this.o, out, this.oBias, false, ctx.fast);
   }
 

@@ -9,8 +9,9 @@ import {
   computeRope, invSqrt, RopeConfigError, SUPPORTED_ROPE_TYPES, yarnGetMscale,
 } from './rope.js';
 import type {
-  AttentionSpec, LayerSpec, ModelSpec, ModelType, MoeSpec, RopeSpec, RouterSpec,
+  AttentionSpec, LayerSpec, LinearAttentionSpec, ModelSpec, ModelType, MoeSpec, RopeSpec, RouterSpec,
 } from './spec.js';
+import { singleSharedExpert } from './moe-tensors.js';
 
 export class ConfigError extends Error {
   readonly code = 'E_CONFIG';
@@ -22,7 +23,7 @@ export class ConfigError extends Error {
 
 export const SUPPORTED_MODEL_TYPES: readonly ModelType[] =
   ['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v2', 'deepseek_v3', 'longcat_flash', 'glm4_moe',
-    'minimax_m2', 'gpt_oss'];
+    'minimax_m2', 'gpt_oss', 'qwen3_next', 'qwen3_5_moe'];
 
 type Raw = Record<string, unknown>;
 
@@ -141,7 +142,26 @@ export function parseModelConfig(source: string | Raw, options: ParseOptions = {
   return buildSpec(raw, gen);
 }
 
-function buildSpec(raw: Raw, gen: Raw | null): ModelSpec {
+/**
+ * Qwen3.5-MoE: the hub config (model_type qwen3_5_moe, Qwen3_5MoeForConditionalGeneration) nests the
+ * text model under text_config, whose tensors are model.language_model.*; a text-only config
+ * (qwen3_5_moe_text, Qwen3_5MoeForCausalLM) is flat with model.*. expertd serves the text model.
+ */
+function flattenTextConfig(raw: Raw): { raw: Raw; weightPrefix: string | null } {
+  if (raw.model_type === 'qwen3_5_moe_text') return { raw: { ...raw, model_type: 'qwen3_5_moe' }, weightPrefix: null };
+  if (raw.model_type !== 'qwen3_5_moe') return { raw, weightPrefix: null };
+  const text = raw.text_config;
+  if (!text || typeof text !== 'object' || Array.isArray(text))
+    throw new ConfigError('qwen3_5_moe config has no text_config object (the text model expertd serves)');
+  // Outer keys (eos/bos ids, tie_word_embeddings) apply where the text config does not set them.
+  const outer: Raw = {};
+  for (const key of ['bos_token_id', 'eos_token_id', 'tie_word_embeddings'])
+    if (raw[key] !== undefined) outer[key] = raw[key];
+  return { raw: { ...outer, ...(text as Raw), model_type: 'qwen3_5_moe' }, weightPrefix: 'model.language_model.' };
+}
+
+function buildSpec(rawIn: Raw, gen: Raw | null): ModelSpec {
+  const { raw, weightPrefix } = flattenTextConfig(rawIn);
   const modelType = raw.model_type;
   if (typeof modelType !== 'string' || !(SUPPORTED_MODEL_TYPES as readonly string[]).includes(modelType))
     throw new ConfigError(`model_type ${JSON.stringify(modelType)} is not supported; supported: ` +
@@ -169,6 +189,8 @@ function buildSpec(raw: Raw, gen: Raw | null): ModelSpec {
   const attention = isDeepseek ? mlaAttention(c, hidden, heads, maxContext)
     : gqaAttention(c, mt, hidden, heads, maxContext);
   const { moe, layers, denseIntermediate } = moeAndLayers(c, mt, numLayers);
+  const hybrid = mt === 'qwen3_next' || mt === 'qwen3_5_moe';
+  const linearAttention = hybrid ? hybridLayers(c, layers) : undefined;
 
   const eosTokenIds: number[] = [];
   for (const id of [...idList(gen?.eos_token_id), ...idList(raw.eos_token_id)])
@@ -179,6 +201,8 @@ function buildSpec(raw: Raw, gen: Raw | null): ModelSpec {
   return {
     modelType: mt, hidden, vocabSize, numLayers, rmsNormEps, maxContext, tieWordEmbeddings,
     denseIntermediate, attention, moe, layers, bosTokenId, eosTokenIds, quantization, raw,
+    ...(linearAttention ? { linearAttention, recurrentState: true, zeroCentredNorms: true } : {}),
+    ...(weightPrefix ? { weightPrefix } : {}),
   };
 }
 
@@ -190,6 +214,35 @@ const OTHER_QUANT_METHODS: Record<string, string> = {
   'compressed-tensors': 'compressed-tensors (llm-compressor) checkpoints are not read yet',
   mxfp4: 'MXFP4 checkpoints (gpt-oss) are not read yet',
 };
+
+/**
+ * Qwen3-Next / Qwen3.5: layer_types (or, in older configs, full_attention_interval: every n-th layer
+ * full attention, default 4) marks each layer linear or full attention; the linear_* dims.
+ */
+function hybridLayers(c: Fields, layers: LayerSpec[]): LinearAttentionSpec {
+  const L = layers.length;
+  let types = c.raw.layer_types as unknown;
+  if (types === undefined || types === null) {
+    const interval = c.int('full_attention_interval', 4, 1);
+    types = layers.map((_, i) => ((i + 1) % interval ? 'linear_attention' : 'full_attention'));
+  }
+  if (!Array.isArray(types) || types.length !== L ||
+      !types.every((t) => t === 'linear_attention' || t === 'full_attention'))
+    throw new ConfigError(`${c.modelType} config layer_types is ${JSON.stringify(types)}, expected ${L} of ` +
+      "'linear_attention' / 'full_attention'");
+  types.forEach((t, i) => { layers[i]!.mixer = t === 'linear_attention' ? 'linear_attention' : 'attention'; });
+  const la: LinearAttentionSpec = {
+    keyHeads: c.int('linear_num_key_heads', 16, 1),
+    valueHeads: c.int('linear_num_value_heads', 32, 1),
+    keyHeadDim: c.int('linear_key_head_dim', 128, 1),
+    valueHeadDim: c.int('linear_value_head_dim', 128, 1),
+    convKernel: c.int('linear_conv_kernel_dim', 4, 1),
+  };
+  if (la.valueHeads % la.keyHeads !== 0)
+    throw new ConfigError(`${c.modelType} config linear_num_value_heads ${la.valueHeads} is not a multiple of ` +
+      `linear_num_key_heads ${la.keyHeads}`);
+  return la;
+}
 
 function parseQuantization(raw: Raw, mt: string): ModelSpec['quantization'] {
   const q = raw.quantization_config as Raw | undefined | null;
@@ -263,8 +316,11 @@ function rotaryDim(c: Fields, headDim: number): number {
   if (c.modelType === 'minimax_m2' && (prf === undefined || prf === null) && c.has('rotary_dim'))
     prf = c.int('rotary_dim', undefined, 2) / headDim;
   if (c.modelType === 'glm4_moe' && (prf === undefined || prf === null)) prf = 0.5;
+  const qwenHybrid = c.modelType === 'qwen3_next' || c.modelType === 'qwen3_5_moe';
+  // Qwen3-Next / Qwen3.5 default to 0.25 (transformers' config sets it when absent).
+  if (qwenHybrid && (prf === undefined || prf === null)) prf = 0.25;
   if (prf === undefined || prf === null) return headDim;
-  const partial = c.modelType === 'glm4_moe' || c.modelType === 'minimax_m2';
+  const partial = c.modelType === 'glm4_moe' || c.modelType === 'minimax_m2' || qwenHybrid;
   if (typeof prf !== 'number' || !(prf > 0 && prf <= 1) || (!partial && prf !== 1))
     throw new ConfigError(`${c.modelType} config partial_rotary_factor is ${JSON.stringify(prf)}; ` +
       (partial ? 'expected a number in (0, 1]' : `only 1.0 is supported for ${c.modelType}`));
@@ -334,12 +390,20 @@ function gqaAttention(c: Fields, mt: ModelType, hidden: number, heads: number,
     sinks = true;
   }
   if (mt === 'qwen3_moe' || mt === 'olmoe') qkvBias = oBias = c.bool('attention_bias', false);
+  let outputGate = false;
+  if (mt === 'qwen3_next' || mt === 'qwen3_5_moe') {
+    // Qwen3-Next full attention: per-head q/k RMSNorm (zero-centred), the output gate, biases on all
+    // four projections when attention_bias.
+    qkvBias = oBias = c.bool('attention_bias', false);
+    qkNorm = 'per_head';
+    outputGate = true;
+  }
   if (mt === 'mixtral' && c.bool('attention_bias', false))
     throw new ConfigError('mixtral config attention_bias=true is not supported (Mixtral has no attention bias)');
   const clip = mt === 'olmoe' && c.has('clip_qkv') ? c.num('clip_qkv') : null;
   return {
     kind: 'gqa', heads, kvHeads, headDim, qkvBias, oBias,
-    qkNorm, clipQkv: clip, slidingWindow, ...(sinks ? { sinks } : {}),
+    qkNorm, clipQkv: clip, slidingWindow, ...(sinks ? { sinks } : {}), ...(outputGate ? { outputGate } : {}),
     softmaxScale: invSqrt(headDim),
     qLoraRank: null, kvLoraRank: 0, qkNopeHeadDim: 0, qkRopeHeadDim: 0, vHeadDim: headDim,
     rope: rope(c, rotaryDim(c, headDim), maxContext, false),
@@ -432,6 +496,26 @@ function moeAndLayers(c: Fields, mt: ModelType, numLayers: number):
         sharedIntermediate = c.int('shared_expert_intermediate_size', 0, 0);
         sharedGate = sharedIntermediate > 0;
       }
+      break;
+    }
+    case 'qwen3_next':
+    case 'qwen3_5_moe': {
+      // Many small experts (softmax top-k, renormalised: norm_topk_prob, always in Qwen3.5) plus one
+      // shared expert scaled by sigmoid(shared_expert_gate(x)). Qwen3.5 has no dense layers.
+      numExperts = c.intAny(['num_experts', 'num_local_experts'], undefined, 1);
+      intermediate = c.int('moe_intermediate_size', undefined, 1);
+      sharedIntermediate = c.int('shared_expert_intermediate_size', 0, 0);
+      sharedGate = sharedIntermediate > 0;
+      if (mt === 'qwen3_5_moe') {
+        router.renormalize = true;
+        isMoe = () => true;
+        break;
+      }
+      denseIntermediate = c.int('intermediate_size', 0, 0);
+      router.renormalize = c.bool('norm_topk_prob', true);
+      const step = c.int('decoder_sparse_step', 1, 1);
+      const mlpOnly = new Set(c.intList('mlp_only_layers'));
+      isMoe = (i) => !mlpOnly.has(i) && (i + 1) % step === 0;
       break;
     }
     case 'glm4_moe': {
@@ -610,15 +694,19 @@ export function expectedTensors(spec: ModelSpec, layout: ExpertLayout = 'per_exp
     add(`${p}input_layernorm.weight`, [H]);
     add(`${p}post_attention_layernorm.weight`, [H]);
     const s = `${p}self_attn.`;
-    if (a.kind === 'gqa') {
+    if (spec.layers[i]!.mixer === 'linear_attention') {
+      linearAttentionTensors(spec, `${p}linear_attn.`, layout, add);
+    } else if (a.kind === 'gqa') {
       const q = a.heads * a.headDim;
+      // Qwen3-Next's q_proj also yields the output gate: [heads * 2 headDim, H].
+      const qRows = a.outputGate ? 2 * q : q;
       const kv = a.kvHeads * a.headDim;
-      add(`${s}q_proj.weight`, [q, H]);
+      add(`${s}q_proj.weight`, [qRows, H]);
       add(`${s}k_proj.weight`, [kv, H]);
       add(`${s}v_proj.weight`, [kv, H]);
       add(`${s}o_proj.weight`, [H, q]);
       if (a.qkvBias) {
-        add(`${s}q_proj.bias`, [q]);
+        add(`${s}q_proj.bias`, [qRows]);
         add(`${s}k_proj.bias`, [kv]);
         add(`${s}v_proj.bias`, [kv]);
       }
@@ -671,14 +759,45 @@ export function expectedTensors(spec: ModelSpec, layout: ExpertLayout = 'per_exp
         ffn(`${moe}experts.${e}.`, I, mixtralOld ? ['w1', 'w3', 'w2'] : swiglu);
     }
     if (m.sharedIntermediate > 0) {
-      const shared = spec.modelType === 'qwen2_moe' ? 'shared_expert' : 'shared_experts';
+      const shared = singleSharedExpert(spec) ? 'shared_expert' : 'shared_experts';
       ffn(`${moe}${shared}.`, m.sharedIntermediate, swiglu);
     }
     if (m.sharedGate) add(`${moe}shared_expert_gate.weight`, [1, H]);
   }
   add('model.norm.weight', [H]);
   if (!spec.tieWordEmbeddings) add('lm_head.weight', [V, H]);
+  // Qwen3.5's multimodal checkpoints keep the text model under model.language_model.
+  const wp = spec.weightPrefix;
+  if (wp) for (const t of out) if (t.name.startsWith('model.')) t.name = wp + t.name.slice('model.'.length);
   return out;
+}
+
+/**
+ * A Gated DeltaNet layer's tensors: Qwen3-Next's fused in_proj_qkvz [2 Kd + 2 Vd, H] (grouped per key
+ * head) and in_proj_ba [2 Hv, H], or Qwen3.5's in_proj_qkv / in_proj_z / in_proj_b / in_proj_a; whichever
+ * the checkpoint has (`layout` 'fused' is the transformers-5 expert layout and says nothing here, so the
+ * model family decides: qwen3_next fused, qwen3_5_moe split).
+ */
+function linearAttentionTensors(spec: ModelSpec, p: string, _layout: ExpertLayout,
+                                add: (name: string, shape: number[]) => void): void {
+  const la = spec.linearAttention!;
+  const H = spec.hidden;
+  const Kd = la.keyHeads * la.keyHeadDim;
+  const Vd = la.valueHeads * la.valueHeadDim;
+  if (spec.modelType === 'qwen3_next') {
+    add(`${p}in_proj_qkvz.weight`, [2 * Kd + 2 * Vd, H]);
+    add(`${p}in_proj_ba.weight`, [2 * la.valueHeads, H]);
+  } else {
+    add(`${p}in_proj_qkv.weight`, [2 * Kd + Vd, H]);
+    add(`${p}in_proj_z.weight`, [Vd, H]);
+    add(`${p}in_proj_b.weight`, [la.valueHeads, H]);
+    add(`${p}in_proj_a.weight`, [la.valueHeads, H]);
+  }
+  add(`${p}conv1d.weight`, [2 * Kd + Vd, 1, la.convKernel]);
+  add(`${p}dt_bias`, [la.valueHeads]);
+  add(`${p}A_log`, [la.valueHeads]);
+  add(`${p}norm.weight`, [la.valueHeadDim]);
+  add(`${p}out_proj.weight`, [H, Vd]);
 }
 
 /** What validateCheckpoint needs of a checkpoint (Checkpoint from safetensors.ts fits). */
@@ -781,8 +900,16 @@ export function validateCheckpoint(spec: ModelSpec, ckpt: TensorShapes): Checkpo
   // model.layers.{L + i}.*: not part of the decoder, loaded never, one warning for all of them.
   const mtp = new Set<number>();
   let mtpTensors = 0;
+  // Qwen3-Next / Qwen3.5 keep their MTP head as mtp.* and Qwen3.5 its vision tower as model.visual.*:
+  // not part of the text decoder (transformers ignores them too), one warning per group.
+  const ignoredGroups = new Map<string, number>();
   for (const name of ckpt.tensors.keys()) {
     if (expectedNames.has(name)) continue;
+    const group = /^(mtp\.|model\.visual\.)/.exec(name);
+    if (group && (spec.modelType === 'qwen3_next' || spec.modelType === 'qwen3_5_moe')) {
+      ignoredGroups.set(group[1]!, (ignoredGroups.get(group[1]!) ?? 0) + 1);
+      continue;
+    }
     const layer = /^model\.layers\.(\d+)\./.exec(name);
     if (layer && Number(layer[1]) >= spec.numLayers && spec.modelType !== 'longcat_flash') {
       mtp.add(Number(layer[1]));
@@ -793,6 +920,9 @@ export function validateCheckpoint(spec: ModelSpec, ckpt: TensorShapes): Checkpo
       continue;
     warnings.push(`unexpected tensor ${name} (not used by ${spec.modelType})`);
   }
+  for (const [group, n] of ignoredGroups)
+    warnings.push(`${n} tensor(s) under ${group}* (${group === 'mtp.' ? 'multi-token prediction' : 'the vision tower'}) ` +
+      'are not used');
   if (mtp.size) {
     warnings.push(`${mtpTensors} tensor(s) of layer(s) ${[...mtp].sort((a, b) => a - b).join(', ')} beyond ` +
       `num_hidden_layers ${spec.numLayers} (multi-token-prediction layers) are not used`);

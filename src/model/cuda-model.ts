@@ -95,6 +95,9 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     if (spec.modelType === 'gpt_oss')
       throw new Error('gpt_oss runs on the CPU engine only (--device cpu): the device engine has no attention ' +
         'sinks and no clamped-SwiGLU experts yet');
+    if (spec.linearAttention)
+      throw new Error(`${spec.modelType} runs on the CPU engine only (--device cpu) for now: the device engine has no ` +
+        'linear-attention (Gated DeltaNet) layers or state cache yet');
     const native = loadNative() as NativeAddon & Partial<CudaAddon>;
     const cu = opts.cuda ?? (native.cudaBuffer ? native as CudaAddon : null);
     if (!cu) throw new Error('--device cuda needs the full build with CUDA (npm run build:gpu); this addon has none');

@@ -16,6 +16,11 @@ export interface ForwardBatch {
   maxBlocks: number;
   /** [T] KV cache slot (block * blockSize + offset) for each new token. */
   slots: Int32Array;
+  /**
+   * [numSeqs] each sequence's state slot (models with linear-attention layers; absent otherwise): the
+   * slot's state is reset where the sequence's first token this step is position 0.
+   */
+  stateSlots?: Int32Array;
   /** Rows whose logits are wanted (usually the last token of each sampling sequence). */
   logitRows: Int32Array;
   /**
@@ -74,6 +79,12 @@ export interface ForwardModel<C = unknown> {
   /** The cache dtypes this model's attention kernels read. */
   readonly kvDtypes: readonly KvDtype[];
   allocateKvCache(numBlocks: number, blockSize: number, dtype?: KvDtype): C;
+  /**
+   * Hybrid models (linear attention): bytes of one sequence's state over all layers, and the
+   * allocation of `slots` of them (ForwardBatch.stateSlots index them). Absent or 0: no state.
+   */
+  readonly stateBytesPerSlot?: number;
+  allocateStateCache?(slots: number): void;
   forward(batch: ForwardBatch, cache: C, blockSize: number): ForwardResult;
   /**
    * Samples the last forward's logits rows where they are (a forward with logitsOnDevice): the

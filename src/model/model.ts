@@ -9,7 +9,8 @@ import { GqaAttention, MlaAttention, type AttentionBlock, type LayerCache } from
 import { Scratch, type ForwardBatch, type ForwardModel, type ForwardResult } from './forward-batch.js';
 import { allocKvArray, type KvDtype } from './kv-dtype.js';
 import type { ModelSpec } from './spec.js';
-import type { HostTensor, TensorSource } from './tensor-source.js';
+import { withWeightPrefix, type HostTensor, type TensorSource } from './tensor-source.js';
+import { GatedDeltaNet, linearStateFloats, type LinearLayerState } from './linear-attention.js';
 import { moeTensors } from './moe-tensors.js';
 import { checkShape, denseFfnTable, packExpert, packFp8Expert, packLinear, vectorF32 } from './weights.js';
 import { denseQuantize, type QuantizeSpec } from './quantize.js';
@@ -31,9 +32,13 @@ export interface ModelOptions {
 interface SubBlock {
   inputNorm: Float32Array;
   postNorm: Float32Array;
-  attn: AttentionBlock;
-  /** KV cache index of this attention. */
+  /** Full attention, or null where the layer's mixer is linear attention. */
+  attn: AttentionBlock | null;
+  /** KV cache index of this attention (-1 for a linear-attention layer). */
   cacheIndex: number;
+  /** Gated DeltaNet (hybrid models), with its index among the linear layers (state pool); else null. */
+  linear: GatedDeltaNet | null;
+  linearIndex: number;
   dense: ExpertTable | null;
 }
 
@@ -57,6 +62,10 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
   readonly comm: ExpertComm;
   /** KV caches: one per attention (two per LongCat-Flash layer). */
   readonly numCaches: number;
+  /** Linear-attention layers (hybrid models): their per-sequence state slots, once allocated. */
+  readonly numLinearLayers: number;
+  private linearStates: LinearLayerState[] = [];
+  private stateSlots = 0;
   get numMoeLayers(): number {
     return this.moeLayers.length;
   }
@@ -74,13 +83,20 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
    */
   readonly residentWeightBytes = { dense: 0, experts: 0 };
 
-  constructor(readonly spec: ModelSpec, src: TensorSource, opts: ModelOptions) {
+  constructor(readonly spec: ModelSpec, checkpointSrc: TensorSource, opts: ModelOptions) {
+    const src = withWeightPrefix(checkpointSrc, spec.weightPrefix);
     this.fast = opts.fast;
+    // Zero-centred RMSNorm weights (Qwen3-Next): x * (1 + w), with 1 + w formed once here in f32.
+    const norm = (name: string, n: number): Float32Array => {
+      const w = vectorF32(src, name, n);
+      if (spec.zeroCentredNorms) for (let i = 0; i < n; i++) w[i] = 1 + w[i]!;
+      return w;
+    };
     this.comm = opts.comm ?? new SingleRankComm();
     const H = spec.hidden;
     this.embed = src.get('model.embed_tokens.weight');
     checkShape('model.embed_tokens.weight', this.embed, [spec.vocabSize, H]);
-    this.finalNorm = vectorF32(src, 'model.norm.weight', H);
+    this.finalNorm = norm('model.norm.weight', H);
     if (spec.tieWordEmbeddings && !src.has('lm_head.weight'))
       this.lmHead = loadNative().packWeight(this.embed.data, this.embed.dtype, spec.vocabSize, H);
     else this.lmHead = packLinear(src, 'lm_head.weight', spec.vocabSize, H);
@@ -93,11 +109,13 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
     };
     let moeIndex = 0;
     let cacheIndex = 0;
+    let linearIndex = 0;
     // A layer's own window (gpt-oss layer_types) overrides the model's.
     const attention = (p: string, i: number): AttentionBlock => {
       const w = spec.layers[i]!.slidingWindow;
       const a = w === undefined ? spec.attention : { ...spec.attention, slidingWindow: w };
-      const block = a.kind === 'mla' ? new MlaAttention(a, src, p, H, dq) : new GqaAttention(a, src, p, H, spec.rmsNormEps, dq);
+      const block = a.kind === 'mla' ? new MlaAttention(a, src, p, H, dq)
+        : new GqaAttention(a, src, p, H, spec.rmsNormEps, dq, spec.zeroCentredNorms ? 1 : 0);
       this.residentWeightBytes.dense += block.weightBytes;
       return block;
     };
@@ -110,7 +128,7 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
           inputNorm: vectorF32(src, `${p}input_layernorm.${j}.weight`, H),
           postNorm: vectorF32(src, `${p}post_attention_layernorm.${j}.weight`, H),
           attn: attention(`${p}self_attn.${j}.`, i),
-          cacheIndex: cacheIndex++,
+          cacheIndex: cacheIndex++, linear: null, linearIndex: -1,
           dense: denseFfn(`${p}mlps.${j}.`, spec.denseIntermediate),
         }));
         const moe = this.buildMoe(src, p, moeIndex++, opts);
@@ -126,16 +144,37 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
       } else {
         dense = denseFfn(`${p}mlp.`, spec.denseIntermediate);
       }
+      const linear = ls.mixer === 'linear_attention'
+        ? new GatedDeltaNet(spec.linearAttention!, src, `${p}linear_attn.`, H, spec.rmsNormEps) : null;
       this.layers.push({
         subs: [{
-          inputNorm: vectorF32(src, `${p}input_layernorm.weight`, H),
-          postNorm: vectorF32(src, `${p}post_attention_layernorm.weight`, H),
-          attn: attention(`${p}self_attn.`, i), cacheIndex: cacheIndex++, dense,
+          inputNorm: norm(`${p}input_layernorm.weight`, H),
+          postNorm: norm(`${p}post_attention_layernorm.weight`, H),
+          attn: linear ? null : attention(`${p}self_attn.`, i), cacheIndex: linear ? -1 : cacheIndex++, dense,
+          linear, linearIndex: linear ? linearIndex++ : -1,
         }],
         moe, shortcut: false,
       });
     }
     this.numCaches = cacheIndex;
+    this.numLinearLayers = linearIndex;
+  }
+
+  /** Bytes of one sequence's state over every linear-attention layer (0 for a model without any). */
+  get stateBytesPerSlot(): number {
+    if (!this.spec.linearAttention) return 0;
+    const [c, s] = linearStateFloats(this.spec.linearAttention);
+    return this.numLinearLayers * (c + s) * 4;
+  }
+
+  /**
+   * Allocates (replacing any before) the linear-attention state for `slots` sequences: batch.stateSlots
+   * index it. A sequence's state is reset when its first scheduled token is position 0.
+   */
+  allocateStateCache(slots: number): void {
+    this.stateSlots = slots;
+    this.linearStates = [];
+    for (const l of this.layers) for (const sub of l.subs) if (sub.linear) this.linearStates.push(sub.linear.allocState(slots));
   }
 
   private buildMoe(src: TensorSource, layerPrefix: string, moeIndex: number, opts: ModelOptions): MoeLayer {
@@ -208,7 +247,8 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
 
   /** Floats per token per layer of KV cache: [k, v]. */
   cacheFloatsPerToken(): [number, number] {
-    return this.layers[0]!.subs[0]!.attn.cacheFloatsPerToken;
+    for (const l of this.layers) for (const sub of l.subs) if (sub.attn) return sub.attn.cacheFloatsPerToken;
+    return [0, 0];
   }
 
   /**
@@ -265,7 +305,7 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
         // MLP1 while the combine is in flight; its output joins at the end.
         const [s0, s1] = layer.subs as [SubBlock, SubBlock];
         n.rmsNorm(delta, T, H, s0.inputNorm, spec.rmsNormEps, normed, residual);
-        s0.attn.forward(ctx, normed, cache[s0.cacheIndex]!, delta);
+        s0.attn!.forward(ctx, normed, cache[s0.cacheIndex]!, delta);
         n.rmsNorm(delta, T, H, s0.postNorm, spec.rmsNormEps, normed, residual);
         const scX = scratch.f32('sc.x', T * H);
         scX.set(normed);
@@ -278,7 +318,7 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
         // The expert GEMMs here; their combine travels while MLA1 and MLP1 compute.
         layer.moe!.compute(pending, scratch, this.fast);
         n.rmsNorm(delta, T, H, s1.inputNorm, spec.rmsNormEps, normed, residual);
-        s1.attn.forward(ctx, normed, cache[s1.cacheIndex]!, delta);
+        s1.attn!.forward(ctx, normed, cache[s1.cacheIndex]!, delta);
         n.rmsNorm(delta, T, H, s1.postNorm, spec.rmsNormEps, normed, residual);
         n.groupGemmFfn(normed, offsets, s1.dense!, delta, this.fast);
         layer.moe!.finish(pending, moeOut, scratch, this.fast);
@@ -287,7 +327,14 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
       }
       const sub = layer.subs[0]!;
       n.rmsNorm(delta, T, H, sub.inputNorm, spec.rmsNormEps, normed, residual);
-      sub.attn.forward(ctx, normed, cache[sub.cacheIndex]!, delta);
+      if (sub.linear) {
+        if (sub.linearIndex >= this.linearStates.length)
+          throw new Error(`${spec.modelType} keeps per-sequence state: call allocateStateCache(slots) before forward`);
+        checkStateSlots(batch, this.stateSlots);
+        sub.linear.forward(ctx, normed, this.linearStates[sub.linearIndex]!, delta);
+      } else {
+        sub.attn!.forward(ctx, normed, cache[sub.cacheIndex]!, delta);
+      }
       n.rmsNorm(delta, T, H, sub.postNorm, spec.rmsNormEps, normed, residual);
       if (layer.moe) {
         const ids = new Int32Array(T * k);
@@ -313,10 +360,19 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
     this.lmHead.dispose();
     for (const l of this.layers) {
       for (const sub of l.subs) {
-        sub.attn.dispose();
+        sub.attn?.dispose();
+        sub.linear?.dispose();
         sub.dense?.dispose();
       }
       l.moe?.dispose();
     }
   }
+}
+
+function checkStateSlots(batch: ForwardBatch, slots: number): void {
+  const ss = batch.stateSlots;
+  if (!ss || ss.length < batch.numSeqs)
+    throw new Error(`batch.stateSlots has ${ss?.length ?? 0} entries, expected one per sequence (${batch.numSeqs})`);
+  for (let s = 0; s < batch.numSeqs; s++)
+    if (!(ss[s]! >= 0 && ss[s]! < slots)) throw new RangeError(`batch.stateSlots[${s}] is ${ss[s]}, expected 0..${slots - 1}`);
 }

@@ -97,7 +97,7 @@ export function moeTensors(spec: ModelSpec, src: TensorSource, layerPrefix: stri
     routerBias: m.routerBias ? vectorF32(src, `${r}.bias`, ET) : null,
     correctionBias: m.router.hasCorrectionBias ? vectorF32(src, biasName, ET) : null,
     expert, expertBias: null,
-    sharedPrefix: shared ? (spec.modelType === 'qwen2_moe' ? `${p}shared_expert.` : `${p}shared_experts.`) : null,
+    sharedPrefix: shared ? (singleSharedExpert(spec) ? `${p}shared_expert.` : `${p}shared_experts.`) : null,
     sharedGate: shared && m.sharedGate ? src.get(`${p}shared_expert_gate.weight`) : null,
   };
 }
@@ -151,4 +151,9 @@ function gptOssTensors(spec: ModelSpec, src: TensorSource, p: string, r: string)
     prefix: p, routerName: `${r}.weight`, router, routerBias: vectorF32(src, `${r}.bias`, E), correctionBias: null,
     expert, expertFp8: () => null, expertBias: { gateUp: gateUpBias, down: toF32(downBiasT) }, sharedPrefix: null, sharedGate: null,
   };
+}
+
+/** Qwen2-MoE, Qwen3-Next and Qwen3.5 name their one gated shared expert mlp.shared_expert (DeepSeek: shared_experts). */
+export function singleSharedExpert(spec: ModelSpec): boolean {
+  return spec.modelType === 'qwen2_moe' || spec.modelType === 'qwen3_next' || spec.modelType === 'qwen3_5_moe';
 }

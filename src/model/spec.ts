@@ -4,7 +4,7 @@
 
 export type ModelType =
   | 'mixtral' | 'qwen2_moe' | 'qwen3_moe' | 'olmoe' | 'deepseek_v2' | 'deepseek_v3' | 'longcat_flash'
-  | 'glm4_moe' | 'minimax_m2' | 'gpt_oss';
+  | 'glm4_moe' | 'minimax_m2' | 'gpt_oss' | 'qwen3_next' | 'qwen3_5_moe';
 
 export interface RopeSpec {
   /** [rotaryDim / 2] inverse frequencies (already scaled for YaRN, linear, llama3, ...). */
@@ -37,6 +37,11 @@ export interface AttentionSpec {
   vHeadDim: number;
   /** gpt-oss: a learned logit per query head (self_attn.sinks) in the softmax denominator. */
   sinks?: boolean;
+  /**
+   * Qwen3-Next: q_proj yields, per head, headDim query values then headDim gate values; the
+   * attention output is multiplied by sigmoid(gate) before o_proj.
+   */
+  outputGate?: boolean;
   /** LongCat-Flash MLA: q (after q_b_proj) and the normalised latent are scaled by these. */
   qScale?: number;
   kvScale?: number;
@@ -78,7 +83,25 @@ export interface MoeSpec {
   clampedSwiglu?: { alpha: number; limit: number };
 }
 
+/**
+ * Gated DeltaNet linear attention (Qwen3-Next, Qwen3.5): q/k/v from one projection through a
+ * causal depthwise conv (kernel convKernel, SiLU), the gated delta rule over a per-sequence state
+ * [valueHeads, keyHeadDim, valueHeadDim], a gated RMSNorm (weight, not 1 + weight) and out_proj.
+ */
+export interface LinearAttentionSpec {
+  keyHeads: number;
+  valueHeads: number;
+  keyHeadDim: number;
+  valueHeadDim: number;
+  convKernel: number;
+}
+
 export interface LayerSpec {
+  /**
+   * The token mixer: 'linear_attention' (Gated DeltaNet, per-sequence state) or full attention
+   * (absent = 'attention').
+   */
+  mixer?: 'attention' | 'linear_attention';
   /** 'moe' layers use the MoE block, 'dense' a plain gated FFN of denseIntermediate. */
   ffn: 'moe' | 'dense';
   /**
@@ -105,6 +128,18 @@ export interface ModelSpec {
   attention: AttentionSpec;
   moe: MoeSpec;
   layers: LayerSpec[];
+  /** Hybrid models (Qwen3-Next): the linear-attention layers' dims (layers[i].mixer says which). */
+  linearAttention?: LinearAttentionSpec;
+  /**
+   * RMSNorm weights are zero-centred (Qwen3-Next: x * (1 + w)); the model adds 1 at load. The gated
+   * norm of the linear-attention layers is not (x * w).
+   */
+  zeroCentredNorms?: boolean;
+  /**
+   * Where the decoder's tensors live: 'model.' (default) or 'model.language_model.' (Qwen3.5's
+   * multimodal checkpoints, whose text model is what expertd serves).
+   */
+  weightPrefix?: string;
   /** Checkpoint tensor-name prefix conventions, e.g. 'model.layers.{i}.' */
   bosTokenId: number | null;
   eosTokenIds: number[];

@@ -17,3 +17,17 @@ export interface TensorSource {
    * source cannot keep FP8). */
   getFp8?(name: string): Fp8Weight | null;
 }
+
+/**
+ * A source whose decoder tensors live under another prefix (Qwen3.5's model.language_model.*): the
+ * model asks for model.X and gets `prefix`X; other names (lm_head.weight) pass through.
+ */
+export function withWeightPrefix(src: TensorSource, prefix: string | undefined): TensorSource {
+  if (!prefix || prefix === 'model.') return src;
+  const map = (name: string) => (name.startsWith('model.') ? prefix + name.slice('model.'.length) : name);
+  return {
+    has: (name) => src.has(map(name)),
+    get: (name) => src.get(map(name)),
+    ...(src.getFp8 ? { getFp8: (name: string) => src.getFp8!(map(name)) } : {}),
+  };
+}

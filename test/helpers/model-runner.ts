@@ -4,19 +4,27 @@ import type { ForwardBatch, ForwardModel, ForwardResult } from '../../src/model/
 import type { KvDtype } from '../../src/model/kv-dtype.js';
 import type { Offloader } from '../../src/offload/offloader.js';
 
-export interface SeqState { blocks: number[]; len: number }
+/** slot: the sequence's linear-attention state slot (hybrid models). */
+export interface SeqState { blocks: number[]; len: number; slot: number }
+
+/** State slots a DirectRunner allocates for hybrid models: sequences per runner at most. */
+const RUNNER_STATE_SLOTS = 16;
 
 export class DirectRunner<C = unknown> {
   readonly cache: C;
   private nextBlock = 0;
+  private nextSlot = 0;
 
   constructor(readonly model: ForwardModel<C>, readonly blockSize = 4, readonly numBlocks = 256,
               readonly kvDtype: KvDtype = 'f32') {
     this.cache = model.allocateKvCache(numBlocks, blockSize, kvDtype);
+    if (model.stateBytesPerSlot) model.allocateStateCache!(RUNNER_STATE_SLOTS);
   }
 
   newSeq(): SeqState {
-    return { blocks: [], len: 0 };
+    if (this.model.stateBytesPerSlot && this.nextSlot >= RUNNER_STATE_SLOTS) throw new Error('DirectRunner: out of state slots');
+    // Slots in a scrambled order, like blocks, so that a sequence never gets slot == its index by chance.
+    return { blocks: [], len: 0, slot: (this.nextSlot++ * 7) % RUNNER_STATE_SLOTS };
   }
 
   /** One step over several sequences; chunks[i] are the new tokens of seqs[i]. */
@@ -53,7 +61,7 @@ export class DirectRunner<C = unknown> {
     seqs.forEach((s, i) => blockTables.set(s.blocks, i * maxBlocks));
     const batch: ForwardBatch = {
       tokenIds, positions, numSeqs: seqs.length, seqInfo, blockTables, maxBlocks, slots,
-      logitRows: Int32Array.from(logitRows),
+      logitRows: Int32Array.from(logitRows), stateSlots: Int32Array.from(seqs, (s) => s.slot),
     };
     return this.model.forward(batch, this.cache, this.blockSize);
   }
