@@ -67,37 +67,44 @@ function rne(v: number): number {
   return d > 0.5 ? f + 1 : d < 0.5 ? f : f % 2 === 0 ? f : f + 1;
 }
 
+const gcd = (a: number, b: number): number => (b === 0 ? a : gcd(b, a % b));
+
 /**
- * Rows of x [m, k] as fast mode's int8 activations see them: per row scale = absmax / 127 (f32),
- * code = round-half-even(f32(x / scale)) in [-127, 127]; returns code * scale in float64.
+ * Rows of x [m, k] as fast mode's int8 activations see them: per block of `block` columns of a
+ * row, scale = absmax / 127 (f32), code = round-half-even(f32(x / scale)) in [-127, 127]; returns
+ * code * scale in float64.
  */
-function quantizeRowsI8(x: ArrayLike<number>, m: number, k: number): Float64Array {
+function quantizeRowsI8(x: ArrayLike<number>, m: number, k: number, block: number): Float64Array {
   const out = new Float64Array(m * k);
-  for (let r = 0; r < m; r++) {
-    let amax = 0;
-    for (let c = 0; c < k; c++) amax = Math.max(amax, Math.abs(x[r * k + c]!));
-    const sc = f32(amax / 127);
-    for (let c = 0; c < k; c++) {
-      const code = sc > 0 ? Math.max(-127, Math.min(127, rne(f32(x[r * k + c]! / sc)))) : 0;
-      out[r * k + c] = code * sc;
+  for (let r = 0; r < m; r++)
+    for (let c0 = 0; c0 < k; c0 += block) {
+      const c1 = Math.min(k, c0 + block);
+      let amax = 0;
+      for (let c = c0; c < c1; c++) amax = Math.max(amax, Math.abs(x[r * k + c]!));
+      const sc = f32(amax / 127);
+      for (let c = c0; c < c1; c++) {
+        const code = sc > 0 ? Math.max(-127, Math.min(127, rne(f32(x[r * k + c]! / sc)))) : 0;
+        out[r * k + c] = code * sc;
+      }
     }
-  }
   return out;
 }
 
-/** What a weight built as `name` ('int8', 'int4/32', 'fp8', ...) with k columns reads in fast mode. */
-function fastActivations(name: string, k: number): 'int8' | 'bf16' | 'f32' {
+/**
+ * What a weight built as `name` ('int8', 'int4/32', 'fp8', ...) with k columns reads in fast mode:
+ * int8 in blocks of gcd(32, its group) columns, bf16, or f32.
+ */
+function fastActivations(name: string, k: number): { kind: 'int8' | 'bf16' | 'f32'; block: number } {
   const kEven = k + (k & 1);
-  if (name === 'int8') return kEven % 4 === 0 ? 'int8' : 'f32';  // k steps of 4
-  if (name.startsWith('int4')) return 'int8';
-  if (name === 'fp8') return 'bf16';
-  return 'f32';
+  if (name === 'int8') return kEven % 4 === 0 ? { kind: 'int8', block: gcd(32, kEven) } : { kind: 'f32', block: 0 };
+  if (name.startsWith('int4')) return { kind: 'int8', block: 32 };
+  return { kind: name === 'fp8' ? 'bf16' : 'f32', block: 0 };
 }
 
 /** x [m, k] as a weight built as `name` reads it (fast or reference mode), float64. */
 function activationsFor(name: string, x: ArrayLike<number>, m: number, k: number, fast: boolean): Float64Array {
-  const a = fast ? fastActivations(name, k) : 'f32';
-  if (a === 'int8') return quantizeRowsI8(x, m, k);
+  const { kind: a, block } = fast ? fastActivations(name, k) : { kind: 'f32', block: 0 };
+  if (a === 'int8') return quantizeRowsI8(x, m, k, block);
   return Float64Array.from({ length: m * k }, (_, i) => (a === 'bf16' ? roundBf16(x[i]!) : x[i]!));
 }
 
@@ -260,7 +267,7 @@ test('fast mode runs int8 activations on the int8 dot-product kernels where the 
     for (let i = 0; i < x.length; i += 5) x[i] = i % 2 ? 1 : -1;  // +-127 codes
     const y = new Float32Array(m * n);
     native.denseGemm(x, m, w, y, null, false, true);
-    compare(y, refGemm(quantizeRowsI8(x, m, k), m, dequantised(w), n, k, false), TOL, `${name} k=${k}`);
+    compare(y, refGemm(quantizeRowsI8(x, m, k, 32), m, dequantised(w), n, k, false), TOL, `${name} k=${k}`);
     w.dispose();
   }
 });

@@ -1,6 +1,8 @@
 // DenseGemm: Y = X * W^T (+ bias) (+= Y) over a packed weight, split across the thread pool by
 // (row tile, weight block chunk) so decode streams every weight byte once and prefill reuses
 // each chunk from L2 for a whole row tile.
+#include <numeric>
+
 #include "expertd/ops.h"
 #include "expertd/thread_pool.h"
 #include "gemm_kernels.h"
@@ -46,7 +48,7 @@ void dense_gemm(const float* x, int m, const PackedWeight& w, float* y, const fl
   c.path = path;
   c.table = tile_table(path, w);
   if (int8_path(path)) {
-    c.x = alloc_i8(m, w.kp, w.group, s.x_i8, s.x_i8_scale, s.x_i8_sums);
+    c.x = alloc_i8(m, w.kp, std::gcd(kActBlock, w.group), s.x_i8, s.x_i8_scale, s.x_i8_sums);
     quantize_rows_i8(f.kernel_avx512, x, static_cast<size_t>(w.k), 0, m, w.k, c.x);
   } else {
     c.x = prepare_activations(path, rounds_activations(w, fast_bf16), x, m, w.k, w.k_even(),

@@ -69,9 +69,11 @@ inline bool int8_path(Path p) { return p == Path::Vnni || p == Path::ScalarI8; }
 // The path runs AVX-512 code (epilogues may use it too).
 inline bool simd_path(Path p) { return p == Path::Avx512 || p == Path::Bf16Dot || p == Path::Vnni; }
 
-// Fast mode on int8 and int4 weights quantizes activations to int8 per token (symmetric, f32
-// scale per row) and multiplies codes by codes: int8 k steps of 4 and int4 steps of 8 need the
-// groups (and so kp) to be multiples of them; other shapes keep f32 activations.
+// Fast mode on int8 and int4 weights quantizes activations to int8 (symmetric, an f32 scale per
+// block of kActBlock columns of a row, as llama.cpp's Q8_0) and multiplies codes by codes: int8
+// k steps of 4 and int4 steps of 8 need the groups (and so kp) to be multiples of them; other
+// shapes keep f32 activations.
+constexpr int kActBlock = 32;
 inline bool int8_activations(const PackedWeight& w, bool fast) {
   if (!fast) return false;
   if (w.q == QFormat::I8) return w.group % 4 == 0 && w.kp % 4 == 0;
@@ -105,22 +107,22 @@ inline Path choose_path(const CpuFeatures& f, const PackedWeight& w, bool fast) 
 }
 
 // Activation rows as a kernel reads them: element type per Path, ld in elements. Int8 rows also
-// carry a dequantisation scale per row and the sum of the codes per sum_group columns (sums_ld
-// per row), from which the VNNI kernels undo the +128 / +8 shift of the weight codes.
+// carry, per block of `block` columns (blocks_ld per row), the dequantisation scale and the sum
+// of the codes, from which the VNNI kernels undo the +128 / +8 shift of the weight codes.
 struct Act {
   const void* data = nullptr;
   size_t ld = 0;
-  const float* row_scale = nullptr;
+  const float* scales = nullptr;
   const int32_t* sums = nullptr;
-  size_t sums_ld = 0;
-  int sum_group = 0;
+  size_t blocks_ld = 0;
+  int block = 0;
 };
 
 // a advanced by rows.
 inline Act act_rows(Act a, Path p, int rows) {
   a.data = static_cast<const uint8_t*>(a.data) + static_cast<size_t>(rows) * a.ld * act_size(p);
-  if (a.row_scale) a.row_scale += rows;
-  if (a.sums) a.sums += static_cast<size_t>(rows) * a.sums_ld;
+  if (a.scales) a.scales += static_cast<size_t>(rows) * a.blocks_ld;
+  if (a.sums) a.sums += static_cast<size_t>(rows) * a.blocks_ld;
   return a;
 }
 
@@ -198,11 +200,11 @@ struct QScales {
   const float* s = nullptr;
   size_t sstride = 0;
   int group = 0;
-  // Int8 activation rows (Vnni, ScalarI8): x's scale per row and code sums (see Act).
-  const float* xscale = nullptr;
+  // Int8 activation rows (Vnni, ScalarI8): x's scales and code sums per block (see Act).
+  const float* xscales = nullptr;
   const int32_t* xsums = nullptr;
-  size_t xsums_ld = 0;
-  int xsum_group = 0;
+  size_t xblocks_ld = 0;
+  int xblock = 0;
 };
 using TileFn = void (*)(const void* x, size_t ldx, const void* w, size_t wstride, int kp,
                         float* tile, QScales qs);
@@ -470,10 +472,10 @@ struct Avx512QTile {
 #endif
 
 // ---------------------------------------------------------------------------------------------
-// Int8 and int4 weights against int8 activations (fast mode): per scale group an exact integer
-// dot product of the codes, then acc += float(dot) * weight scale, and the tile times the row's
-// activation scale at the end. The integer dot is exact (|dot| < 2^31 for k < 133,000), so the
-// portable and VNNI kernels differ only by f32 rounding of the per-group terms.
+// Int8 and int4 weights against int8 activations (fast mode): per activation block (which divides
+// the weight's scale group) an exact integer dot product of the codes, then acc += float(dot) *
+// (weight scale * activation scale). The integer dot is exact, so the portable and VNNI kernels
+// differ only by f32 rounding of the per-block terms.
 
 // Signed code of row i (0..15) at column c of a block.
 template <QFormat Q>
@@ -487,14 +489,6 @@ inline int code_int(const uint8_t* blk, int c, int i) {
   }
 }
 
-// Sum of x's codes over columns [g0, g1) of row r (g0, g1 multiples of the sum group).
-inline int32_t xsum_range(const QScales& qs, int r, int g0, int g1) {
-  const int32_t* s = qs.xsums + static_cast<size_t>(r) * qs.xsums_ld;
-  int32_t t = 0;
-  for (int j = g0 / qs.xsum_group; j < g1 / qs.xsum_group; ++j) t += s[j];
-  return t;
-}
-
 template <QFormat Q>
 struct ScalarI8Tile {
   template <int MR, int NR>
@@ -503,22 +497,22 @@ struct ScalarI8Tile {
     const int8_t* x = static_cast<const int8_t*>(xv);
     const size_t bstride = wstride * qformat_bits(Q) / 8;
     for (int r = 0; r < MR; ++r) {
+      const float* xs = qs.xscales + static_cast<size_t>(r) * qs.xblocks_ld;
       for (int b = 0; b < NR; ++b) {
         const uint8_t* blk = static_cast<const uint8_t*>(wv) + b * bstride;
         float accf[16] = {0};
-        for (int g0 = 0, gi = 0; g0 < kp; g0 += qs.group, ++gi) {
+        for (int k0 = 0; k0 < kp; k0 += qs.xblock) {
           int32_t acc[16] = {0};
-          const int g1 = std::min(kp, g0 + qs.group);
-          for (int k = g0; k < g1; ++k) {
+          for (int k = k0; k < k0 + qs.xblock; ++k) {
             const int xk = x[r * ldx + k];
             if (xk == 0) continue;
             for (int i = 0; i < 16; ++i) acc[i] += code_int<Q>(blk, k, i) * xk;
           }
-          const float* sc = qs.s + b * qs.sstride + static_cast<size_t>(gi) * 16;
-          for (int i = 0; i < 16; ++i) accf[i] += static_cast<float>(acc[i]) * sc[i];
+          const float* sc = qs.s + b * qs.sstride + static_cast<size_t>(k0 / qs.group) * 16;
+          const float sx = xs[k0 / qs.xblock];
+          for (int i = 0; i < 16; ++i) accf[i] += static_cast<float>(acc[i]) * (sc[i] * sx);
         }
-        float* t = tile + r * kTileLd + b * 16;
-        for (int i = 0; i < 16; ++i) t[i] = accf[i] * qs.xscale[r];
+        std::memcpy(tile + r * kTileLd + b * 16, accf, 64);
       }
     }
   }
@@ -559,8 +553,8 @@ struct VnniTile {
     for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
       for (int b = 0; b < NR; ++b) _mm512_store_ps(tile + r * kTileLd + b * 16, _mm512_setzero_ps());
-    for (int g0 = 0, gi = 0; g0 < kp; g0 += qs.group, ++gi) {
-      const int g1 = std::min(kp, g0 + qs.group);
+    for (int g0 = 0; g0 < kp; g0 += qs.xblock) {
+      const int g1 = g0 + qs.xblock;
       __m512i acc[MR][NR];
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r)
@@ -600,27 +594,24 @@ struct VnniTile {
           }
         }
       }
+      const int xb = g0 / qs.xblock;
+      __m512 sc[NR];
+#pragma GCC unroll 4
+      for (int b = 0; b < NR; ++b)
+        sc[b] = _mm512_load_ps(qs.s + b * qs.sstride + static_cast<size_t>(g0 / qs.group) * 16);
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
+        const size_t xo = static_cast<size_t>(r) * qs.xblocks_ld + xb;
         // s * sum(x) in uint32: the shifted dot wraps modulo 2^32, the difference is exact.
-        const uint32_t comp = static_cast<uint32_t>(xsum_range(qs, r, g0, g1)) << kShift;
+        const uint32_t comp = static_cast<uint32_t>(qs.xsums[xo]) << kShift;
         const __m512i c = _mm512_set1_epi32(static_cast<int32_t>(comp));
+        const __m512 xs = _mm512_set1_ps(qs.xscales[xo]);
 #pragma GCC unroll 4
         for (int b = 0; b < NR; ++b) {
-          const __m512 sc = _mm512_load_ps(qs.s + b * qs.sstride + static_cast<size_t>(gi) * 16);
           float* t = tile + r * kTileLd + b * 16;
           const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][b], c));
-          _mm512_store_ps(t, _mm512_fmadd_ps(d, sc, _mm512_load_ps(t)));
+          _mm512_store_ps(t, _mm512_fmadd_ps(d, _mm512_mul_ps(sc[b], xs), _mm512_load_ps(t)));
         }
-      }
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const __m512 xs = _mm512_set1_ps(qs.xscale[r]);
-#pragma GCC unroll 4
-      for (int b = 0; b < NR; ++b) {
-        float* t = tile + r * kTileLd + b * 16;
-        _mm512_store_ps(t, _mm512_mul_ps(_mm512_load_ps(t), xs));
       }
     }
   }
@@ -815,15 +806,15 @@ inline void run_tiles(const TileFn* table, Path path, Act x, int rows, const Pac
   if (w.quantized()) {
     qs.group = w.group;
     qs.sstride = static_cast<size_t>(w.kp / w.group) * 16;
-    qs.xsums_ld = x.sums_ld;
-    qs.xsum_group = x.sum_group;
+    qs.xblocks_ld = x.blocks_ld;
+    qs.xblock = x.block;
   }
   for (int r = 0; r < rows; r += kMr) {
     const int mr = std::min(kMr, rows - r);
     const uint8_t* xr = static_cast<const uint8_t*>(x.data) + r * x.ld * xes;
-    if (x.row_scale) {
-      qs.xscale = x.row_scale + r;
-      qs.xsums = x.sums + static_cast<size_t>(r) * x.sums_ld;
+    if (x.scales) {
+      qs.xscales = x.scales + static_cast<size_t>(r) * x.blocks_ld;
+      qs.xsums = x.sums + static_cast<size_t>(r) * x.blocks_ld;
     }
     for (int b = b0; b < b1; b += kNr) {
       const int nr = std::min(kNr, b1 - b);
@@ -878,79 +869,77 @@ inline Act prepare_activations(Path path, bool round, const float* x, int rows, 
   return Act{out, static_cast<size_t>(kp)};
 }
 
-// Int8 activation rows (Vnni, ScalarI8): per row, scale = absmax / 127 and code =
-// round-to-nearest-even(x / scale) in [-127, 127] (f32 division, as a reference can repeat it),
-// codes zero in [k, ld), and the sum of the codes per sg columns. ld must be at least the kp of
-// every weight that reads the rows, and sg must divide each one's group.
-inline void quantize_row_i8_scalar(const float* x, int k, int ld, int sg, int8_t* codes,
-                                   float* scale, int32_t* sums) {
-  float amax = 0.0f;
-  for (int c = 0; c < k; ++c) {
-    const float a = std::fabs(x[c]);
-    if (!(a <= amax)) amax = a;  // NaN sticks (and makes the scale NaN: the output says so)
-  }
-  const float sc = amax / 127.0f;
-  *scale = sc;
-  for (int c = 0; c < k; ++c) {
-    float v = sc > 0.0f ? std::nearbyint(x[c] / sc) : 0.0f;
-    v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
-    codes[c] = static_cast<int8_t>(v == v ? v : 0.0f);
-  }
-  for (int c = k; c < ld; ++c) codes[c] = 0;
-  for (int j = 0; j < ld / sg; ++j) {
-    int32_t t = 0;
-    for (int c = j * sg; c < (j + 1) * sg; ++c) t += codes[c];
-    sums[j] = t;
+// Int8 activation rows (Vnni, ScalarI8): per block of `block` columns, scale = absmax / 127 and
+// code = round-to-nearest-even(x / scale) in [-127, 127] (f32 division, as a reference can repeat
+// it), codes zero in [k, ld), and the sum of the block's codes. ld must be at least the kp of
+// every weight that reads the rows, and block must divide each one's group.
+inline void quantize_row_i8_scalar(const float* x, int k, int ld, int block, int8_t* codes,
+                                   float* scales, int32_t* sums) {
+  for (int j = 0; j < ld / block; ++j) {
+    const int c0 = j * block, c1 = std::min(k, c0 + block);
+    float amax = 0.0f;
+    for (int c = c0; c < c1; ++c) {
+      const float a = std::fabs(x[c]);
+      if (!(a <= amax)) amax = a;  // NaN sticks (and makes the scale NaN: the output says so)
+    }
+    const float sc = amax / 127.0f;
+    scales[j] = sc;
+    int32_t sum = 0;
+    for (int c = c0; c < c0 + block; ++c) {
+      float v = c < c1 && sc > 0.0f ? std::nearbyint(x[c] / sc) : 0.0f;
+      v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
+      codes[c] = static_cast<int8_t>(v == v ? v : 0.0f);
+      sum += codes[c];
+    }
+    sums[j] = sum;
   }
 }
 
 #if EXPERTD_GEMM_X86
 // The same numbers (vdivps rounds like the scalar division; vcvtps2dq rounds to nearest even
-// under the default MXCSR, which Node keeps).
-EXPERTD_AVX512 inline void quantize_row_i8_avx512(const float* x, int k, int ld, int sg,
-                                                  int8_t* codes, float* scale, int32_t* sums) {
-  __m512 vmax = _mm512_setzero_ps();
-  bool nan = false;
-  for (int c = 0; c < k; c += 16) {
-    const __mmask16 m = static_cast<__mmask16>(k - c >= 16 ? 0xffff : (1u << (k - c)) - 1);
-    const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(m, x + c));
-    nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) != 0;
-    vmax = _mm512_max_ps(vmax, a);
-  }
-  const float amax = nan ? std::nanf("") : _mm512_reduce_max_ps(vmax);
-  const float sc = amax / 127.0f;
-  *scale = sc;
-  if (!(sc > 0.0f)) {
-    std::memset(codes, 0, static_cast<size_t>(ld));
-  } else {
-    const __m512 vs = _mm512_set1_ps(sc);
-    const __m512i lim = _mm512_set1_epi32(127);
-    for (int c = 0; c < k; c += 16) {
-      const __mmask16 m = static_cast<__mmask16>(k - c >= 16 ? 0xffff : (1u << (k - c)) - 1);
-      __m512i q = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_maskz_loadu_ps(m, x + c), vs));
-      q = _mm512_max_epi32(_mm512_min_epi32(q, lim), _mm512_sub_epi32(_mm512_setzero_si512(), lim));
-      _mm_mask_storeu_epi8(codes + c, m, _mm512_cvtepi32_epi8(q));
+// under the default MXCSR, which Node keeps). Blocks of 16 or more columns; the scalar one below.
+EXPERTD_AVX512 inline void quantize_row_i8_avx512(const float* x, int k, int ld, int block,
+                                                  int8_t* codes, float* scales, int32_t* sums) {
+  const __m512i lim = _mm512_set1_epi32(127), nlim = _mm512_set1_epi32(-127);
+  for (int j = 0; j < ld / block; ++j) {
+    const int c0 = j * block, c1 = std::min(k, c0 + block);
+    __m512 vmax = _mm512_setzero_ps();
+    bool nan = false;
+    for (int c = c0; c < c1; c += 16) {
+      const __mmask16 m = static_cast<__mmask16>(c1 - c >= 16 ? 0xffff : (1u << (c1 - c)) - 1);
+      const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(m, x + c));
+      nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) != 0;
+      vmax = _mm512_max_ps(vmax, a);
     }
-    for (int c = k; c < ld; ++c) codes[c] = 0;
-  }
-  for (int j = 0; j < ld / sg; ++j) {
-    int32_t t = 0;
-    for (int c = j * sg; c < (j + 1) * sg; ++c) t += codes[c];
-    sums[j] = t;
+    const float amax = nan ? std::nanf("") : _mm512_reduce_max_ps(vmax);
+    const float sc = amax / 127.0f;
+    scales[j] = sc;
+    __m512i vsum = _mm512_setzero_si512();
+    const __m512 vs = _mm512_set1_ps(sc);
+    const bool live = sc > 0.0f;
+    for (int c = c0; c < c0 + block; c += 16) {
+      const int n = std::max(0, std::min(16, c1 - c));
+      const __mmask16 m = static_cast<__mmask16>(live ? (n >= 16 ? 0xffff : (1u << n) - 1) : 0);
+      __m512i q = _mm512_maskz_cvtps_epi32(m, _mm512_div_ps(_mm512_maskz_loadu_ps(m, x + c), vs));
+      q = _mm512_max_epi32(_mm512_min_epi32(q, lim), nlim);
+      vsum = _mm512_add_epi32(vsum, q);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + c), _mm512_cvtepi32_epi8(q));
+    }
+    sums[j] = _mm512_reduce_add_epi32(vsum);
   }
 }
 #endif
 
-// Scratch for int8 rows [rows] of ld codes, summed per sg (ld and sg as above).
-inline Act alloc_i8(int rows, int ld, int sg, Buffer& codes_buf, Buffer& scale_buf,
+// Scratch for int8 rows [rows] of ld codes in blocks of `block` (ld and block as above).
+inline Act alloc_i8(int rows, int ld, int block, Buffer& codes_buf, Buffer& scale_buf,
                     Buffer& sums_buf) {
   Act a;
   a.data = codes_buf.get(static_cast<size_t>(rows) * ld);
   a.ld = static_cast<size_t>(ld);
-  a.row_scale = static_cast<float*>(scale_buf.get(static_cast<size_t>(rows) * 4));
-  a.sums_ld = static_cast<size_t>(ld / sg);
-  a.sums = static_cast<int32_t*>(sums_buf.get(static_cast<size_t>(rows) * a.sums_ld * 4));
-  a.sum_group = sg;
+  a.blocks_ld = static_cast<size_t>(ld / block);
+  a.scales = static_cast<float*>(scale_buf.get(static_cast<size_t>(rows) * a.blocks_ld * 4));
+  a.sums = static_cast<int32_t*>(sums_buf.get(static_cast<size_t>(rows) * a.blocks_ld * 4));
+  a.block = block;
   return a;
 }
 
@@ -961,16 +950,16 @@ inline void quantize_rows_i8(bool simd, const float* x, size_t ldx, int r0, int 
   for (int r = r0; r < r1; ++r) {
     const float* xr = x + static_cast<size_t>(r) * ldx;
     int8_t* cr = const_cast<int8_t*>(static_cast<const int8_t*>(a.data)) + static_cast<size_t>(r) * ld;
-    float* sc = const_cast<float*>(a.row_scale) + r;
-    int32_t* sr = const_cast<int32_t*>(a.sums) + static_cast<size_t>(r) * a.sums_ld;
+    float* sc = const_cast<float*>(a.scales) + static_cast<size_t>(r) * a.blocks_ld;
+    int32_t* sr = const_cast<int32_t*>(a.sums) + static_cast<size_t>(r) * a.blocks_ld;
 #if EXPERTD_GEMM_X86
-    if (simd) {
-      quantize_row_i8_avx512(xr, k, ld, a.sum_group, cr, sc, sr);
+    if (simd && a.block % 16 == 0) {
+      quantize_row_i8_avx512(xr, k, ld, a.block, cr, sc, sr);
       continue;
     }
 #endif
     (void)simd;
-    quantize_row_i8_scalar(xr, k, ld, a.sum_group, cr, sc, sr);
+    quantize_row_i8_scalar(xr, k, ld, a.block, cr, sc, sr);
   }
 }
 

@@ -50,13 +50,22 @@ HFormat h_format(Path down_path, bool round) {
   return round ? HFormat::F32Rounded : HFormat::F32;
 }
 
-// The int8 row form several weights can read: codes padded to the largest kp, sums per the gcd
-// of their groups.
+// The int8 row form several weights can read: codes padded to the largest kp, blocks of the gcd
+// of kActBlock and their groups.
 struct I8Shape {
-  int ld = 0, sg = 0;
+  int ld = 0, block = kActBlock;
+  bool int4 = false;
   void add(const PackedWeight& w) {
     ld = std::max(ld, w.kp);
-    sg = std::gcd(sg, w.group);
+    block = std::gcd(block, w.group);
+    int4 = int4 || w.q == QFormat::I4;
+  }
+  // NOTE: int4 kernels step k by 8 inside a block; int8 and int4 experts with an int8 hidden size
+  // that is not a multiple of 8 cannot share one form (no --quantize makes such a layer).
+  void check() const {
+    EXPERTD_CHECK(!int4 || block % 8 == 0, ErrorCode::Internal,
+                  "int8 activation blocks of " + std::to_string(block) +
+                      " columns cannot feed an int4 expert");
   }
 };
 
@@ -132,7 +141,8 @@ void group_gemm_ffn(const float* x, const int32_t* offsets, int num_experts,
   if (need_plain)
     c.x.plain = prepare_activations(Path::Scalar, false, x, rows, h, kp, s.x_f32_plain);
   if (x_i8.ld > 0) {
-    c.x.i8 = alloc_i8(rows, x_i8.ld, x_i8.sg, s.x_i8, s.x_i8_scale, s.x_i8_sums);
+    x_i8.check();
+    c.x.i8 = alloc_i8(rows, x_i8.ld, x_i8.block, s.x_i8, s.x_i8_scale, s.x_i8_sums);
     quantize_rows_i8(cpu.kernel_avx512, x, static_cast<size_t>(h), 0, rows, h, c.x.i8);
   }
 
@@ -156,7 +166,8 @@ void group_gemm_ffn(const float* x, const int32_t* offsets, int num_experts,
   // Between the phases: h rows of the experts whose down projection is int8, quantized per row
   // (the scale needs the whole row, which phase 1 writes in pieces), in row chunks on the pool.
   if (h_i8.ld > 0) {
-    c.h_i8 = alloc_i8(rows, h_i8.ld, h_i8.sg, s.h_i8, s.h_i8_scale, s.h_i8_sums);
+    h_i8.check();
+    c.h_i8 = alloc_i8(rows, h_i8.ld, h_i8.block, s.h_i8, s.h_i8_scale, s.h_i8_sums);
     constexpr int kRowsPerTask = 32;
     s.tasks.clear();
     for (int e = 0; e < num_experts; ++e)
