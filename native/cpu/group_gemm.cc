@@ -164,7 +164,8 @@ void group_gemm_ffn(const float* x, const int32_t* offsets, int num_experts,
   pool.parallel_for(s.tasks.size(), [&c](size_t t, size_t) { run_gate_up_task(c, (*c.tasks)[t]); });
 
   // Between the phases: h rows of the experts whose down projection is int8, quantized per row
-  // (the scale needs the whole row, which phase 1 writes in pieces), in row chunks on the pool.
+  // (the scales need whole blocks, which phase 1 writes in pieces): in row chunks on the pool, or
+  // here when they are few (decode), which saves a wake-up of the pool per layer.
   if (h_i8.ld > 0) {
     h_i8.check();
     c.h_i8 = alloc_i8(rows, h_i8.ld, h_i8.block, s.h_i8, s.h_i8_scale, s.h_i8_sums);
@@ -175,11 +176,16 @@ void group_gemm_ffn(const float* x, const int32_t* offsets, int num_experts,
         for (int r = offsets[e]; r < offsets[e + 1]; r += kRowsPerTask)
           s.tasks.push_back(Task{e, r, std::min(offsets[e + 1], r + kRowsPerTask), 0, 0});
     const bool simd = cpu.kernel_avx512;
-    pool.parallel_for(s.tasks.size(), [&c, inter, simd](size_t t, size_t) {
+    const auto quantize = [&c, inter, simd](size_t t, size_t) {
       const Task& k = (*c.tasks)[t];
       quantize_rows_i8(simd, reinterpret_cast<const float*>(c.hbuf), c.h_row_bytes / 4, k.r0, k.r1,
                        inter, c.h_i8);
-    });
+    };
+    if (static_cast<size_t>(rows) * inter <= (size_t{1} << 16)) {
+      for (size_t t = 0; t < s.tasks.size(); ++t) quantize(t, 0);
+    } else {
+      pool.parallel_for(s.tasks.size(), quantize);
+    }
   }
 
   // Phase 2: down projection h -> y.
