@@ -12,6 +12,7 @@ import { runOffloadBench } from './offload.js';
 import { runProbeBench } from './probe-bench.js';
 import { runSamplerBench } from './sampler.js';
 import { runQuantBench } from './quant.js';
+import { runQuantKernels } from './quant-kernels.js';
 import { runSelftest } from './selftest.js';
 import { runServe } from './serve.js';
 import { runTraceBench } from './trace.js';
@@ -31,6 +32,7 @@ const BENCHES: Record<string, { run: (argv: string[]) => Promise<void>; about: s
   quant: { run: runQuantBench, about: 'quantized experts (--quantize int8, fp8, int4 beside bf16) on the bench checkpoints: prefill, decode b1/b8 vs each format\'s read bound, experts held [--json F] [--reps N] [--models a,b] [--formats bf16,int8,fp8,int4,int4-g128] [--prefill N] [--steps N] [--batches 1,8]' },
   serve: { run: runServe, about: 'the daemon under 1..32 concurrent streams: tok/s, TTFT and ITL p50/p99 [--json F] [--plot F.png] [--concurrency 1,2,4] [--rounds N] [--max-tokens N] [--prompt-len N]; --structured [--pairs N] [--items N]: JSON-schema decode tok/s vs unconstrained; --shared-prefix: a 1,000-token system prompt and short questions with prefix caching on and off, warm vs cold TTFT and throughput [--system-len N] [--question-len N] [--reps N] [--warm N] [--concurrency C] [--rounds N]' },
   trace: { run: runTraceBench, about: 'the routing trace writer on the engine thread: append() time per step, async queue vs synchronous appends, on a local file and a slow FIFO [--json F] [--reps N] [--steps N] [--fifo-kbps K]' },
+  'quant-kernels': { run: runQuantKernels, about: 'the quantized DenseGemm kernels alone (int8, fp8, int4 g32/g128, fast mode) vs bf16 at one shape, round-robin: ms, GB/s read, ratio [--json F] [--reps N] [--n N] [--k K] [--rows 1,8,512]' },
   selftest: { run: runSelftest, about: 'checks the harness, the chart writer, the probe and the peer (quick)' },
 };
 

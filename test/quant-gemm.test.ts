@@ -1,7 +1,9 @@
 // Quantized weights (int8, int4, fp8 from --quantize; FP8 and MXFP4 checkpoint data kept as is):
 // the stored values against independent decoders written here (e4m3, e2m1, e8m0 from their
 // definitions), quantization error bounds, and DenseGemm / GroupGemm against float64 references
-// over the dequantised weights, on the SIMD and the portable path, with ragged shapes.
+// over the dequantised weights, at every dispatch level, with ragged shapes. Fast mode: int8 and
+// int4 weights against activations quantized per row to int8 (quantized here too, from the
+// definition), fp8 against bf16-rounded activations.
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 
@@ -9,12 +11,16 @@ import { loadNative } from '../src/native/index.js';
 import type { NativeAddon, PackedWeight, QuantFormat } from '../src/native/index.js';
 import { mulberry32 } from '../src/engine/rng.js';
 import { fileSeed } from './helpers/seed.js';
-import { compare, refGemm, silu, uniform } from './helpers/gemm-ref.js';
+import { compare, refGemm, roundBf16, silu, uniform } from './helpers/gemm-ref.js';
 
 const native: NativeAddon = loadNative();
 // The kernels compute decode(code) * scale in f32, then the f32 kernels' accumulation: against
 // a float64 reference over the same dequantised values only f32 accumulation error remains.
 const TOL = 2e-5;
+// The FFN in fast mode quantizes (or rounds) h between the projections: h here is float64, the
+// kernel's f32 (its own exp), so a value next to a rounding boundary may take the other code (one
+// int8 step of 1/127 of the row's max, or one bf16 ulp) and move its row's outputs by ~1e-3.
+const TOL_FFN_FAST = 2e-3;
 
 let seed = fileSeed(777, 'first case seed');
 const rng = () => mulberry32(seed++);
@@ -42,9 +48,64 @@ function dequantised(w: PackedWeight): Float64Array {
   return out;
 }
 
-function withScalar(fn: () => void): void {
-  native.setSimdLevel('scalar');
-  try { fn(); } finally { native.setSimdLevel('auto'); }
+/** Runs fn at every dispatch level (the levels the CPU lacks run its best, which is also fine). */
+const LEVELS = ['auto', 'avx512bf16', 'avx512', 'scalar'] as const;
+function forEachLevel(fn: (level: string) => void): void {
+  try {
+    for (const level of LEVELS) {
+      native.setSimdLevel(level);
+      fn(level);
+    }
+  } finally {
+    native.setSimdLevel('auto');
+  }
+}
+
+/** Round half to even (what the kernels' activation quantization does). */
+function rne(v: number): number {
+  const f = Math.floor(v), d = v - f;
+  return d > 0.5 ? f + 1 : d < 0.5 ? f : f % 2 === 0 ? f : f + 1;
+}
+
+const gcd = (a: number, b: number): number => (b === 0 ? a : gcd(b, a % b));
+
+/**
+ * Rows of x [m, k] as fast mode's int8 activations see them: per block of `block` columns of a
+ * row, scale = absmax / 127 (f32), code = round-half-even(f32(x / scale)) in [-127, 127]; returns
+ * code * scale in float64.
+ */
+function quantizeRowsI8(x: ArrayLike<number>, m: number, k: number, block: number): Float64Array {
+  const out = new Float64Array(m * k);
+  for (let r = 0; r < m; r++)
+    for (let c0 = 0; c0 < k; c0 += block) {
+      const c1 = Math.min(k, c0 + block);
+      let amax = 0;
+      for (let c = c0; c < c1; c++) amax = Math.max(amax, Math.abs(x[r * k + c]!));
+      const sc = f32(amax / 127);
+      for (let c = c0; c < c1; c++) {
+        const code = sc > 0 ? Math.max(-127, Math.min(127, rne(f32(x[r * k + c]! / sc)))) : 0;
+        out[r * k + c] = code * sc;
+      }
+    }
+  return out;
+}
+
+/**
+ * What a weight built as `name` ('int8', 'int4/32', 'fp8', ...) with k columns reads in fast mode:
+ * int8 in blocks of gcd(32, its group) columns, bf16, or f32.
+ */
+function fastActivations(name: string, k: number): { kind: 'int8' | 'bf16' | 'f32'; block: number } {
+  const kEven = k + (k & 1);
+  if (name === 'int8') return kEven % 4 === 0 ? { kind: 'int8', block: gcd(32, kEven) } : { kind: 'f32', block: 0 };
+  if (name.startsWith('int4')) return { kind: 'int8', block: 32 };
+  return { kind: name === 'fp8' ? 'bf16' : 'f32', block: 0 };
+}
+
+/** x [m, k] as a weight built as `name` reads it (fast or reference mode), float64. */
+function activationsFor(name: string, x: ArrayLike<number>, m: number, k: number, fast: boolean): Float64Array {
+  const { kind: a, block } = fast ? fastActivations(name, k) : { kind: 'f32', block: 0 };
+  if (a === 'int8') return quantizeRowsI8(x, m, k, block);
+  return Float64Array.from({ length: m * k }, (_, i) => (a === 'bf16' ? roundBf16(x[i]!) : x[i]!));
 }
 
 test('FP8 checkpoint data is kept as codes x block scale, ragged edge blocks included', () => {
@@ -148,32 +209,67 @@ const BUILDS: [string, Build][] = [
   }],
 ];
 
-function denseCase(name: string, build: Build, m: number, n: number, k: number, fast: boolean): void {
+function denseCase(name: string, build: Build, m: number, n: number, k: number, fast: boolean,
+                   tag = ''): void {
   const rand = rng();
   const w = build(rand, n, k);
   const kk = w.k;
+  // Outliers in some rows: the per-row int8 scale follows each row's own maximum.
   const x = uniform(rand, m * kk);
+  for (let r = 1; r < m; r += 3) x[r * kk + Math.floor(rand() * kk)] = 20 * (rand() - 0.5);
   const bias = uniform(rand, n);
-  const y = new Float32Array(m * n);
+  const y = new Float32Array(m * n).fill(NaN);
   native.denseGemm(x, m, w, y, bias, false, fast);
-  const ref = refGemm(x, m, dequantised(w), n, kk, false);
+  const ref = refGemm(activationsFor(name, x, m, kk, fast), m, dequantised(w), n, kk, false);
   for (let r = 0; r < m; r++) for (let j = 0; j < n; j++) ref[r * n + j] += bias[j]!;
-  compare(y, ref, TOL, `${name} dense m=${m} n=${n} k=${kk} fast=${fast}`);
+  compare(y, ref, TOL, `${name} dense m=${m} n=${n} k=${kk} fast=${fast}${tag}`);
+  // NOTE (determinism): a row alone gives the bits it gives inside the batch.
+  if (m > 1) {
+    const r = m - 1, one = new Float32Array(n);
+    native.denseGemm(x.subarray(r * kk, (r + 1) * kk), 1, w, one, bias, false, fast);
+    assert.deepEqual(one, y.subarray(r * n, (r + 1) * n), `${name} dense row ${r} alone${tag}`);
+  }
   w.dispose();
 }
+
+// Ragged shapes: n not a multiple of 16; k odd, k % 4 == 2 (int8 keeps f32 activations), k % 4 ==
+// 0 but not % 16 or % 32 (int8 k steps of 4; int4 groups padded), rows past the 6-row tile.
+const DENSE_SHAPES = [[1, 16, 64], [7, 37, 130], [13, 50, 257], [1, 300, 512], [9, 33, 36], [2, 20, 132]] as const;
 
 test('denseGemm on quantized weights matches float64 over the dequantised values', () => {
   for (const [name, build] of BUILDS)
     for (const fast of [false, true])
-      for (const [m, n, k] of [[1, 16, 64], [7, 37, 130], [13, 50, 257], [1, 300, 512]] as const)
-        denseCase(name, build, m, n, k, fast);
+      for (const [m, n, k] of DENSE_SHAPES) denseCase(name, build, m, n, k, fast);
 });
 
-test('denseGemm on quantized weights: the portable path matches float64 too', () => {
-  withScalar(() => {
+test('denseGemm on quantized weights: every dispatch level matches float64 too', () => {
+  forEachLevel((level) => {
+    if (level === 'auto') return;  // the test above
     for (const [name, build] of BUILDS)
-      for (const [m, n, k] of [[1, 16, 64], [7, 37, 130]] as const) denseCase(name, build, m, n, k, false);
+      for (const fast of [false, true])
+        for (const [m, n, k] of [[1, 16, 64], [7, 37, 130], [9, 33, 36]] as const)
+          denseCase(name, build, m, n, k, fast, ` level=${level}`);
   });
+});
+
+test('fast mode runs int8 activations on the int8 dot-product kernels where the CPU has them', () => {
+  const caps = native.capabilities();
+  assert.equal(caps.int8Dot, caps.isa.avx512vnni && caps.isa.avx512vbmi && caps.isa.avx512bw);
+  // Large k (int32 sums of 4096 products) with codes at both ends of the range: the shifted
+  // unsigned products and their correction stay exact.
+  const rand = rng();
+  const n = 64, k = 4096, m = 3;
+  for (const [name, format, group] of [['int8', 'int8', 0], ['int4/128', 'int4', 128]] as const) {
+    const src = uniform(rand, n * k);
+    for (let i = 0; i < src.length; i += 7) src[i] = i % 2 ? 1 : -1;  // +-qmax codes
+    const w = native.packWeight(src, 'f32', n, k, format, group);
+    const x = uniform(rand, m * k);
+    for (let i = 0; i < x.length; i += 5) x[i] = i % 2 ? 1 : -1;  // +-127 codes
+    const y = new Float32Array(m * n);
+    native.denseGemm(x, m, w, y, null, false, true);
+    compare(y, refGemm(quantizeRowsI8(x, m, k, 32), m, dequantised(w), n, k, false), TOL, `${name} k=${k}`);
+    w.dispose();
+  }
 });
 
 test('groupGemmFfn with quantized experts (and a bf16 one beside them) matches float64', () => {
@@ -214,26 +310,27 @@ test('groupGemmFfn with quantized experts (and a bf16 one beside them) matches f
       const rows = offsets[e]!;
       const x = uniform(rand, rows * h);
       for (const fast of [false, true]) {
-        const y = new Float32Array(rows * h);
+        const y = new Float32Array(rows * h).fill(NaN);
         native.groupGemmFfn(x, offsets, table, y, fast);
         const ref = new Float64Array(rows * h);
         for (let i = 0; i < e; i++) {
           const r0 = offsets[i]!, r1 = offsets[i + 1]!;
           if (r1 === r0) continue;
-          const xs = x.subarray(r0 * h, r1 * h);
+          // The f32 expert in fast mode rounds nothing (only bf16 and fp8 weights round activations).
+          const fmt = i === 3 ? 'f32' : name;
+          const gateFmt = i !== 3 && name === 'mxfp4' ? 'mxfp4' : fmt;
+          const xs = activationsFor(gateFmt, x.subarray(r0 * h, r1 * h), r1 - r0, h, fast);
           const g = refGemm(xs, r1 - r0, experts[i]!.gate, inter, h, false);
           const u = refGemm(xs, r1 - r0, experts[i]!.up, inter, h, false);
-          const hh = g.map((v, j) => silu(v) * u[j]!);
+          const hh = activationsFor(fmt, g.map((v, j) => silu(v) * u[j]!), r1 - r0, inter, fast);
           ref.set(refGemm(hh, r1 - r0, experts[i]!.down, h, inter, false), r0 * h);
         }
-        // The f32 expert in fast mode rounds nothing (only bf16 weights round activations).
-        compare(y, ref, TOL, `${name} ffn fast=${fast}`);
+        compare(y, ref, fast && name !== 'mxfp4' ? TOL_FFN_FAST : TOL, `${name} ffn fast=${fast}`);
       }
       table.dispose();
     }
   };
-  run();
-  withScalar(run);
+  forEachLevel(run);
 });
 
 test('a quantized expert slot re-quantizes what repackInto gives it', () => {

@@ -37,10 +37,14 @@ Napi::Value capabilities(const Napi::CallbackInfo& info) {
   isa.Set("avx512bw", f.avx512bw);
   isa.Set("avx512vl", f.avx512vl);
   isa.Set("avx512bf16", f.avx512bf16);
+  isa.Set("avx512vnni", f.avx512vnni);
+  isa.Set("avx512vbmi", f.avx512vbmi);
   isa.Set("amxBf16", f.amx_bf16);
+  isa.Set("amxInt8", f.amx_int8);
   isa.Set("neon", f.neon);
   o.Set("isa", isa);
   o.Set("bf16Dot", f.kernel_bf16dot);
+  o.Set("int8Dot", f.kernel_vnni);
   o.Set("threads", static_cast<double>(ThreadPool::instance().num_threads()));
   o.Set("hardwareThreads", static_cast<double>(std::thread::hardware_concurrency()));
 #ifdef EXPERTD_WITH_CUDA
@@ -75,10 +79,11 @@ Napi::Value set_num_threads(const Napi::CallbackInfo& info) {
 
 Napi::Value set_simd(const Napi::CallbackInfo& info) {
   expect_args(info, 1, "setSimdLevel");
-  if (!info[0].IsString()) throw_type(info.Env(), "level must be 'auto' or 'scalar'");
+  const char* kLevels = "'auto', 'scalar', 'avx512' or 'avx512bf16'";
+  if (!info[0].IsString()) throw_type(info.Env(), std::string("level must be ") + kLevels);
   std::string s = info[0].As<Napi::String>().Utf8Value();
-  if (s != "auto" && s != "scalar")
-    throw_type(info.Env(), "level is '" + s + "', expected 'auto' or 'scalar'");
+  if (s != "auto" && s != "scalar" && s != "avx512" && s != "avx512bf16")
+    throw_type(info.Env(), "level is '" + s + "', expected " + kLevels);
   set_simd_override(s);
   return Napi::String::New(info.Env(), simd_level());
 }

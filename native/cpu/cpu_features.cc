@@ -53,21 +53,27 @@ CpuFeatures detect() {
     f.avx512vl = zmm_ok && (b & (1u << 31));
     bool amx_tile = d & (1u << 24);
     bool amx_bf16 = d & (1u << 22);
+    bool amx_int8 = d & (1u << 25);
+    f.avx512vbmi = f.avx512f && (c & (1u << 1));
+    f.avx512vnni = f.avx512f && (c & (1u << 11));
     __cpuid_count(7, 1, a, b, c, d);
     f.avx512bf16 = f.avx512f && (a & (1u << 5));
     bool tile_os = (xcr0 & (3ull << 17)) == (3ull << 17);
-    f.amx_bf16 = amx_tile && amx_bf16 && tile_os && request_amx_permission();
+    const bool amx_ok = amx_tile && tile_os && request_amx_permission();
+    f.amx_bf16 = amx_ok && amx_bf16;
+    f.amx_int8 = amx_ok && amx_int8;
   }
   if (!f.fma || !f.avx2) f.avx2 = false;
   f.kernel_avx512 = f.avx512f && f.avx512bw && f.avx512vl && f.fma;
   f.kernel_bf16dot = f.kernel_avx512 && f.avx512bf16;
+  f.kernel_vnni = f.kernel_avx512 && f.avx512vnni && f.avx512vbmi;
 #elif defined(__aarch64__)
   f.neon = true;
 #endif
   return f;
 }
 
-std::atomic<int> g_override{0};  // 0 auto, 1 scalar
+std::atomic<int> g_override{0};  // 0 auto, 1 scalar, 2 avx512, 3 avx512bf16
 
 }  // namespace
 
@@ -78,7 +84,25 @@ const CpuFeatures& cpu_features() {
     s.neon = detected.neon;
     return s;
   }();
-  return g_override.load() == 1 ? scalar : detected;
+  // The forced levels only take away: a level the CPU lacks stays off.
+  static const CpuFeatures avx512 = [] {
+    CpuFeatures s = detected;
+    s.avx512bf16 = s.avx512vnni = s.amx_bf16 = s.amx_int8 = false;
+    s.kernel_bf16dot = s.kernel_vnni = false;
+    return s;
+  }();
+  static const CpuFeatures avx512bf16 = [] {
+    CpuFeatures s = detected;
+    s.avx512vnni = s.amx_int8 = false;
+    s.kernel_vnni = false;
+    return s;
+  }();
+  switch (g_override.load()) {
+    case 1: return scalar;
+    case 2: return avx512;
+    case 3: return avx512bf16;
+    default: return detected;
+  }
 }
 
 std::string simd_level() {
@@ -91,6 +115,8 @@ std::string simd_level() {
   return "scalar";
 }
 
-void set_simd_override(const std::string& level) { g_override.store(level == "scalar" ? 1 : 0); }
+void set_simd_override(const std::string& level) {
+  g_override.store(level == "scalar" ? 1 : level == "avx512" ? 2 : level == "avx512bf16" ? 3 : 0);
+}
 
 }  // namespace expertd

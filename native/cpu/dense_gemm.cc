@@ -1,6 +1,8 @@
 // DenseGemm: Y = X * W^T (+ bias) (+= Y) over a packed weight, split across the thread pool by
 // (row tile, weight block chunk) so decode streams every weight byte once and prefill reuses
 // each chunk from L2 for a whole row tile.
+#include <numeric>
+
 #include "expertd/ops.h"
 #include "expertd/thread_pool.h"
 #include "gemm_kernels.h"
@@ -24,7 +26,7 @@ struct DenseCall {
 
 void run_dense_task(const DenseCall& c, const Task& t) {
   const size_t ldy = static_cast<size_t>(c.w->n);
-  const Act x{static_cast<const uint8_t*>(c.x.data) + t.r0 * c.x.ld * act_size(c.path), c.x.ld};
+  const Act x = act_rows(c.x, c.path, t.r0);
   float* y = c.y + t.r0 * ldy;
   run_tiles(c.table, c.path, x, t.r1 - t.r0, *c.w, t.b0, t.b1,
             [&](int r, int mr, int b, int nr, const float* tile) {
@@ -38,15 +40,20 @@ void dense_gemm(const float* x, int m, const PackedWeight& w, float* y, const fl
                 bool accumulate, bool fast_bf16) {
   if (m <= 0) return;
   const CpuFeatures& f = cpu_features();
-  const Path path = choose_path(f, w.dtype, fast_bf16);
+  const Path path = choose_path(f, w, fast_bf16);
   GemmScratch& s = gemm_scratch();
   auto& pool = ThreadPool::instance();
 
   DenseCall c;
   c.path = path;
   c.table = tile_table(path, w);
-  c.x = prepare_activations(path, rounds_activations(w.dtype, fast_bf16), x, m, w.k, w.k_even(),
-                            path == Path::Bf16Dot ? s.x_bf16 : s.x_f32);
+  if (int8_path(path)) {
+    c.x = alloc_i8(m, w.kp, std::gcd(kActBlock, w.group), s.x_i8, s.x_i8_scale, s.x_i8_sums);
+    quantize_rows_i8(f.kernel_avx512, x, static_cast<size_t>(w.k), 0, m, w.k, c.x);
+  } else {
+    c.x = prepare_activations(path, rounds_activations(w, fast_bf16), x, m, w.k, w.k_even(),
+                              path == Path::Bf16Dot ? s.x_bf16 : s.x_f32);
+  }
   c.w = &w;
   c.y = y;
   c.bias = bias;

@@ -1,6 +1,7 @@
 // Internal to DenseGemm and GroupGemm: register-tile kernels over the packed weight layout
-// (portable C++, AVX-512 FMA on widened weights, AVX512-BF16 dot products), activation
-// preparation, epilogues (bias/accumulate store, fused SiLU(gate)*up) and grow-only scratch.
+// (portable C++, AVX-512 FMA on widened weights, AVX512-BF16 dot products, AVX512-VNNI int8 dot
+// products on quantized weights), activation preparation (bf16 rounding, int8 per-token
+// quantization), epilogues (bias/accumulate store, fused SiLU(gate)*up) and grow-only scratch.
 //
 // NOTE (determinism): every output element is one accumulator that runs over k = 0..Kp-1 in
 // order, whatever the tile shape (MR x NR), the task split or the thread count. Tile shapes only
@@ -37,6 +38,10 @@
 #define EXPERTD_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 #define EXPERTD_AVX512BF16 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+#define EXPERTD_AVX512BF16_VBMI \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi,fma")))
+#define EXPERTD_AVX512VNNI \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,fma")))
 #endif
 
 namespace expertd::gemm {
@@ -52,32 +57,74 @@ constexpr size_t kChunkBytes = 256 << 10;
 constexpr size_t kRowTileBytes = 320 << 10;
 constexpr int kMaxRowTile = 240;
 
-// Which kernel family runs a weight. Activations are bf16 (uint16) rows for Bf16Dot, f32 rows
-// for the others.
-enum class Path : int { Scalar = 0, Avx512 = 1, Bf16Dot = 2 };
+// Which kernel family runs a weight. Activations are bf16 (uint16) rows for Bf16Dot, int8 rows
+// (codes, a scale per row, code sums per group) for Vnni and ScalarI8, f32 rows for the others.
+// Bf16Dot runs bf16 weights, and fp8 weights decoded to bf16 in registers.
+enum class Path : int { Scalar = 0, Avx512 = 1, Bf16Dot = 2, Vnni = 3, ScalarI8 = 4 };
 
-inline size_t act_size(Path p) { return p == Path::Bf16Dot ? 2 : 4; }
+inline size_t act_size(Path p) {
+  return p == Path::Bf16Dot ? 2 : (p == Path::Vnni || p == Path::ScalarI8) ? 1 : 4;
+}
+inline bool int8_path(Path p) { return p == Path::Vnni || p == Path::ScalarI8; }
+// The path runs AVX-512 code (epilogues may use it too).
+inline bool simd_path(Path p) { return p == Path::Avx512 || p == Path::Bf16Dot || p == Path::Vnni; }
 
-inline Path choose_path(const CpuFeatures& f, DType wdtype, bool fast) {
+// Fast mode on int8 and int4 weights quantizes activations to int8 (symmetric, an f32 scale per
+// block of kActBlock columns of a row, as llama.cpp's Q8_0) and multiplies codes by codes: int8
+// k steps of 4 and int4 steps of 8 need the groups (and so kp) to be multiples of them; other
+// shapes keep f32 activations.
+constexpr int kActBlock = 32;
+inline bool int8_activations(const PackedWeight& w, bool fast) {
+  if (!fast) return false;
+  if (w.q == QFormat::I8) return w.group % 4 == 0 && w.kp % 4 == 0;
+  if (w.q == QFormat::I4) return w.group % 8 == 0 && w.kp % 8 == 0;
+  return false;
+}
+
+// Fast mode on bf16 and fp8 weights rounds activations (x, and h between the expert projections)
+// to bf16 whichever path runs it, so fast-mode numbers mean the same thing on every machine (the
+// int8 activations of int8_activations likewise: the portable ScalarI8 computes them too).
+inline bool rounds_activations(const PackedWeight& w, bool fast) {
+  return fast && ((!w.quantized() && w.dtype == DType::BF16) || w.q == QFormat::F8);
+}
+
+inline Path choose_path(const CpuFeatures& f, const PackedWeight& w, bool fast) {
+  if (int8_activations(w, fast)) {
 #if EXPERTD_GEMM_X86
-  if (fast && wdtype == DType::BF16 && f.kernel_bf16dot) return Path::Bf16Dot;
+    if (f.kernel_vnni) return Path::Vnni;
+#endif
+    return Path::ScalarI8;
+  }
+#if EXPERTD_GEMM_X86
+  if (fast && !w.quantized() && w.dtype == DType::BF16 && f.kernel_bf16dot) return Path::Bf16Dot;
+  // fp8 -> bf16 in registers takes VBMI byte permutes; k steps of 4 inside a scale group.
+  if (fast && w.q == QFormat::F8 && f.kernel_bf16dot && f.avx512vbmi && w.group % 4 == 0)
+    return Path::Bf16Dot;
   if (f.kernel_avx512) return Path::Avx512;
 #endif
   (void)f;
-  (void)wdtype;
-  (void)fast;
   return Path::Scalar;
 }
 
-// Fast mode on bf16 weights rounds activations (x, and h between the expert projections) to
-// bf16 whichever path runs it, so fast-mode numbers mean the same thing on every machine.
-inline bool rounds_activations(DType wdtype, bool fast) { return fast && wdtype == DType::BF16; }
-
-// Activation rows as a kernel reads them: element type per Path, ld in elements.
+// Activation rows as a kernel reads them: element type per Path, ld in elements. Int8 rows also
+// carry, per block of `block` columns (blocks_ld per row), the dequantisation scale and the sum
+// of the codes, from which the VNNI kernels undo the +128 / +8 shift of the weight codes.
 struct Act {
   const void* data = nullptr;
   size_t ld = 0;
+  const float* scales = nullptr;
+  const int32_t* sums = nullptr;
+  size_t blocks_ld = 0;
+  int block = 0;
 };
+
+// a advanced by rows.
+inline Act act_rows(Act a, Path p, int rows) {
+  a.data = static_cast<const uint8_t*>(a.data) + static_cast<size_t>(rows) * a.ld * act_size(p);
+  if (a.scales) a.scales += static_cast<size_t>(rows) * a.blocks_ld;
+  if (a.sums) a.sums += static_cast<size_t>(rows) * a.blocks_ld;
+  return a;
+}
 
 // Grow-only, 64-byte aligned buffer (no allocation once warm).
 class Buffer {
@@ -114,6 +161,7 @@ struct Task {
 // Per calling thread (the engine worker, tests on the main thread): scratch survives calls.
 struct GemmScratch {
   Buffer x_bf16, x_f32, x_f32_plain, h;
+  Buffer x_i8, x_i8_scale, x_i8_sums, h_i8, h_i8_scale, h_i8_sums;
   std::vector<Task> tasks;
 };
 
@@ -152,6 +200,11 @@ struct QScales {
   const float* s = nullptr;
   size_t sstride = 0;
   int group = 0;
+  // Int8 activation rows (Vnni, ScalarI8): x's scales and code sums per block (see Act).
+  const float* xscales = nullptr;
+  const int32_t* xsums = nullptr;
+  size_t xblocks_ld = 0;
+  int xblock = 0;
 };
 using TileFn = void (*)(const void* x, size_t ldx, const void* w, size_t wstride, int kp,
                         float* tile, QScales qs);
@@ -418,14 +471,280 @@ struct Avx512QTile {
 };
 #endif
 
+// ---------------------------------------------------------------------------------------------
+// Int8 and int4 weights against int8 activations (fast mode): per activation block (which divides
+// the weight's scale group) an exact integer dot product of the codes, then acc += float(dot) *
+// (weight scale * activation scale). The integer dot is exact, so the portable and VNNI kernels
+// differ only by f32 rounding of the per-block terms.
+
+// Signed code of row i (0..15) at column c of a block.
+template <QFormat Q>
+inline int code_int(const uint8_t* blk, int c, int i) {
+  if constexpr (Q == QFormat::I8) {
+    return static_cast<int8_t>(blk[static_cast<size_t>(c) * 16 + i]);
+  } else {
+    const uint8_t byte = blk[static_cast<size_t>(c) * 8 + (i & 7)];
+    const int nib = i < 8 ? (byte & 0xf) : (byte >> 4);
+    return (nib ^ 8) - 8;
+  }
+}
+
+template <QFormat Q>
+struct ScalarI8Tile {
+  template <int MR, int NR>
+  static void run(const void* xv, size_t ldx, const void* wv, size_t wstride, int kp,
+                  float* tile, QScales qs) {
+    const int8_t* x = static_cast<const int8_t*>(xv);
+    const size_t bstride = wstride * qformat_bits(Q) / 8;
+    for (int r = 0; r < MR; ++r) {
+      const float* xs = qs.xscales + static_cast<size_t>(r) * qs.xblocks_ld;
+      for (int b = 0; b < NR; ++b) {
+        const uint8_t* blk = static_cast<const uint8_t*>(wv) + b * bstride;
+        float accf[16] = {0};
+        for (int k0 = 0; k0 < kp; k0 += qs.xblock) {
+          int32_t acc[16] = {0};
+          for (int k = k0; k < k0 + qs.xblock; ++k) {
+            const int xk = x[r * ldx + k];
+            if (xk == 0) continue;
+            for (int i = 0; i < 16; ++i) acc[i] += code_int<Q>(blk, k, i) * xk;
+          }
+          const float* sc = qs.s + b * qs.sstride + static_cast<size_t>(k0 / qs.group) * 16;
+          const float sx = xs[k0 / qs.xblock];
+          for (int i = 0; i < 16; ++i) accf[i] += static_cast<float>(acc[i]) * (sc[i] * sx);
+        }
+        std::memcpy(tile + r * kTileLd + b * 16, accf, 64);
+      }
+    }
+  }
+};
+
+#if EXPERTD_GEMM_X86
+typedef int32_t __attribute__((may_alias, aligned(1))) unaligned_i32;
+
+// AVX512-VNNI: vpdpbusd multiplies 4 unsigned bytes by 4 signed bytes per int32 lane. The weight
+// codes are the unsigned side, shifted by +128 (int8, xor 0x80) or +8 (int4, xor 0x8), and the
+// activations the signed side; sum(x * (w + s)) - s * sum(x) undoes the shift per group, from the
+// code sums prepared with the activations. The [k][16] code layout becomes [16 rows][4 k] per
+// zmm by a VBMI byte permute (int8) or a two-source permute of the nibble halves (int4).
+template <QFormat Q>
+struct VnniTile {
+  template <int MR, int NR>
+  EXPERTD_AVX512VNNI static void run(const void* xv, size_t ldx, const void* wv, size_t wstride,
+                                     int kp, float* tile, QScales qs) {
+    const int8_t* x = static_cast<const int8_t*>(xv);
+    const uint8_t* w = static_cast<const uint8_t*>(wv);
+    const size_t bstride = wstride * qformat_bits(Q) / 8;
+    constexpr int kShift = Q == QFormat::I8 ? 7 : 3;
+    alignas(64) uint8_t ia[64], ib[64];
+    for (int i = 0; i < 16; ++i)
+      for (int j = 0; j < 4; ++j) {
+        if constexpr (Q == QFormat::I8) {
+          ia[4 * i + j] = static_cast<uint8_t>(j * 16 + i);
+        } else {  // nibble halves: rows 0..7 from the low nibbles (a), 8..15 from the high (b)
+          ia[4 * i + j] = static_cast<uint8_t>(i < 8 ? j * 8 + i : 64 + j * 8 + i - 8);
+          ib[4 * i + j] = static_cast<uint8_t>(i < 8 ? (4 + j) * 8 + i : 64 + (4 + j) * 8 + i - 8);
+        }
+      }
+    const __m512i idx_a = _mm512_load_si512(ia);
+    const __m512i idx_b = Q == QFormat::I8 ? idx_a : _mm512_load_si512(ib);
+    const __m512i flip = _mm512_set1_epi8(Q == QFormat::I8 ? static_cast<char>(0x80) : 0x08 | 0x80);
+    const __m512i lo4 = _mm512_set1_epi8(0x0f);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int b = 0; b < NR; ++b) _mm512_store_ps(tile + r * kTileLd + b * 16, _mm512_setzero_ps());
+    for (int g0 = 0; g0 < kp; g0 += qs.xblock) {
+      const int g1 = g0 + qs.xblock;
+      __m512i acc[MR][NR];
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+        for (int b = 0; b < NR; ++b) acc[r][b] = _mm512_setzero_si512();
+      if constexpr (Q == QFormat::I8) {
+        for (int k = g0; k < g1; k += 4) {
+#pragma GCC unroll 4
+          for (int b = 0; b < NR; ++b) {
+            const __m512i v = _mm512_load_si512(w + b * bstride + static_cast<size_t>(k) * 16);
+            const __m512i wk = _mm512_permutexvar_epi8(idx_a, _mm512_xor_si512(v, flip));
+#pragma GCC unroll 8
+            for (int r = 0; r < MR; ++r)
+              acc[r][b] = _mm512_dpbusd_epi32(
+                  acc[r][b], wk,
+                  _mm512_set1_epi32(*reinterpret_cast<const unaligned_i32*>(x + r * ldx + k)));
+          }
+        }
+      } else {
+        for (int k = g0; k < g1; k += 8) {
+#pragma GCC unroll 4
+          for (int b = 0; b < NR; ++b) {
+            const __m512i v = _mm512_xor_si512(
+                _mm512_load_si512(w + b * bstride + static_cast<size_t>(k) * 8), flip);
+            const __m512i lo = _mm512_and_si512(v, lo4);
+            const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4);
+            const __m512i wa = _mm512_permutex2var_epi8(lo, idx_a, hi);
+            const __m512i wb = _mm512_permutex2var_epi8(lo, idx_b, hi);
+#pragma GCC unroll 8
+            for (int r = 0; r < MR; ++r) {
+              const int8_t* xr = x + r * ldx + k;
+              acc[r][b] = _mm512_dpbusd_epi32(
+                  acc[r][b], wa, _mm512_set1_epi32(*reinterpret_cast<const unaligned_i32*>(xr)));
+              acc[r][b] = _mm512_dpbusd_epi32(
+                  acc[r][b], wb, _mm512_set1_epi32(*reinterpret_cast<const unaligned_i32*>(xr + 4)));
+            }
+          }
+        }
+      }
+      const int xb = g0 / qs.xblock;
+      __m512 sc[NR];
+#pragma GCC unroll 4
+      for (int b = 0; b < NR; ++b)
+        sc[b] = _mm512_load_ps(qs.s + b * qs.sstride + static_cast<size_t>(g0 / qs.group) * 16);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const size_t xo = static_cast<size_t>(r) * qs.xblocks_ld + xb;
+        // s * sum(x) in uint32: the shifted dot wraps modulo 2^32, the difference is exact.
+        const uint32_t comp = static_cast<uint32_t>(qs.xsums[xo]) << kShift;
+        const __m512i c = _mm512_set1_epi32(static_cast<int32_t>(comp));
+        const __m512 xs = _mm512_set1_ps(qs.xscales[xo]);
+#pragma GCC unroll 4
+        for (int b = 0; b < NR; ++b) {
+          float* t = tile + r * kTileLd + b * 16;
+          const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][b], c));
+          _mm512_store_ps(t, _mm512_fmadd_ps(d, _mm512_mul_ps(sc[b], xs), _mm512_load_ps(t)));
+        }
+      }
+    }
+  }
+};
+
+// e4m3 magnitude (7 bits) -> the high and low byte of its bf16 (exact: 3 mantissa bits, and the
+// subnormals 2^-9..2^-7 are normal bf16 numbers). 0x7f (NaN) gives a bf16 NaN.
+struct Fp8Bf16Luts {
+  alignas(64) uint8_t hi[128];
+  alignas(64) uint8_t lo[128];
+};
+inline const Fp8Bf16Luts& fp8_bf16_luts() {
+  static const Fp8Bf16Luts t = [] {
+    Fp8Bf16Luts l;
+    for (int m = 0; m < 128; ++m) {
+      const float f = fp8_e4m3_to_f32(static_cast<uint8_t>(m));
+      uint32_t u;
+      std::memcpy(&u, &f, 4);
+      l.hi[m] = static_cast<uint8_t>(u >> 24);
+      l.lo[m] = static_cast<uint8_t>(u >> 16);
+    }
+    return l;
+  }();
+  return t;
+}
+
+// fp8 e4m3 weights against bf16 activations: 64 codes (4 k x 16 rows) -> two byte-table lookups
+// (vpermt2b ignores the sign bit, which is or-ed back into the high byte), a permute into the
+// bf16 k pairs of vdpbf16ps, and per 128-column block acc += dot * scale.
+struct Bf16DotF8Tile {
+  template <int MR, int NR>
+  EXPERTD_AVX512BF16_VBMI static void run(const void* xv, size_t ldx, const void* wv,
+                                          size_t wstride, int kp, float* tile, QScales qs) {
+    const uint16_t* x = static_cast<const uint16_t*>(xv);
+    const uint8_t* w = static_cast<const uint8_t*>(wv);
+    const size_t bstride = wstride;  // one byte per code
+    const Fp8Bf16Luts& lut = fp8_bf16_luts();
+    const __m512i th0 = _mm512_load_si512(lut.hi), th1 = _mm512_load_si512(lut.hi + 64);
+    const __m512i tl0 = _mm512_load_si512(lut.lo), tl1 = _mm512_load_si512(lut.lo + 64);
+    alignas(64) uint8_t ia[64], ib[64];
+    for (int i = 0; i < 16; ++i) {  // lane i: (lo, hi) of k then of k + 1; a: k 0-1, b: k 2-3
+      ia[4 * i + 0] = static_cast<uint8_t>(i);
+      ia[4 * i + 1] = static_cast<uint8_t>(64 + i);
+      ia[4 * i + 2] = static_cast<uint8_t>(16 + i);
+      ia[4 * i + 3] = static_cast<uint8_t>(64 + 16 + i);
+      ib[4 * i + 0] = static_cast<uint8_t>(32 + i);
+      ib[4 * i + 1] = static_cast<uint8_t>(64 + 32 + i);
+      ib[4 * i + 2] = static_cast<uint8_t>(48 + i);
+      ib[4 * i + 3] = static_cast<uint8_t>(64 + 48 + i);
+    }
+    const __m512i idx_a = _mm512_load_si512(ia), idx_b = _mm512_load_si512(ib);
+    const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
+    typedef int32_t __attribute__((may_alias, aligned(2))) pair_t;
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int b = 0; b < NR; ++b) _mm512_store_ps(tile + r * kTileLd + b * 16, _mm512_setzero_ps());
+    for (int g0 = 0, gi = 0; g0 < kp; g0 += qs.group, ++gi) {
+      const int g1 = std::min(kp, g0 + qs.group);
+      __m512 acc[MR][NR];
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+        for (int b = 0; b < NR; ++b) acc[r][b] = _mm512_setzero_ps();
+      // kp is even; the last group may end on a k pair (the codes there are 16 bytes short of 64,
+      // so the load is masked).
+      for (int k = g0; k < g1; k += 4) {
+        const bool pair_only = g1 - k < 4;
+#pragma GCC unroll 4
+        for (int b = 0; b < NR; ++b) {
+          const uint8_t* p = w + b * bstride + static_cast<size_t>(k) * 16;
+          const __m512i c = pair_only ? _mm512_maskz_loadu_epi8(0xffffffffull, p)
+                                      : _mm512_load_si512(p);
+          // hi | (c & 0x80): ternary logic a | (b & c) = 0xf8
+          const __m512i hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(th0, c, th1), c,
+                                                       sign, 0xf8);
+          const __m512i lo = _mm512_permutex2var_epi8(tl0, c, tl1);
+          const __m512i wa = _mm512_permutex2var_epi8(lo, idx_a, hi);
+#pragma GCC unroll 8
+          for (int r = 0; r < MR; ++r) {
+            const __m512i xa = _mm512_set1_epi32(*reinterpret_cast<const pair_t*>(x + r * ldx + k));
+            acc[r][b] = _mm512_dpbf16_ps(acc[r][b], (__m512bh)xa, (__m512bh)wa);
+          }
+          if (!pair_only) {
+            const __m512i wb = _mm512_permutex2var_epi8(lo, idx_b, hi);
+#pragma GCC unroll 8
+            for (int r = 0; r < MR; ++r) {
+              const __m512i xb =
+                  _mm512_set1_epi32(*reinterpret_cast<const pair_t*>(x + r * ldx + k + 2));
+              acc[r][b] = _mm512_dpbf16_ps(acc[r][b], (__m512bh)xb, (__m512bh)wb);
+            }
+          }
+        }
+      }
+#pragma GCC unroll 4
+      for (int b = 0; b < NR; ++b) {
+        const __m512 sc = _mm512_load_ps(qs.s + b * qs.sstride + static_cast<size_t>(gi) * 16);
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; ++r) {
+          float* t = tile + r * kTileLd + b * 16;
+          _mm512_store_ps(t, _mm512_fmadd_ps(acc[r][b], sc, _mm512_load_ps(t)));
+        }
+      }
+    }
+  }
+};
+#endif
+
 template <class K, int... I>
 constexpr std::array<TileFn, sizeof...(I)> make_tile_table(std::integer_sequence<int, I...>) {
   return {{&K::template run<I / kNr + 1, I % kNr + 1>...}};
 }
 
-// Table of kernels for quantized weights of format q on a path (Scalar or Avx512).
+// Table of kernels for quantized weights of format q on a path (Scalar or Avx512: f32
+// activations; ScalarI8 or Vnni: int8 activations; Bf16Dot: fp8 against bf16 activations).
 inline const TileFn* qtile_table(Path path, QFormat q) {
   using Seq = std::make_integer_sequence<int, kMr * kNr>;
+  if (path == Path::ScalarI8) {
+    static const auto si_i8 = make_tile_table<ScalarI8Tile<QFormat::I8>>(Seq{});
+    static const auto si_i4 = make_tile_table<ScalarI8Tile<QFormat::I4>>(Seq{});
+    return q == QFormat::I8 ? si_i8.data() : si_i4.data();
+  }
+#if EXPERTD_GEMM_X86
+  if (path == Path::Vnni) {
+    static const auto v_i8 = make_tile_table<VnniTile<QFormat::I8>>(Seq{});
+    static const auto v_i4 = make_tile_table<VnniTile<QFormat::I4>>(Seq{});
+    return q == QFormat::I8 ? v_i8.data() : v_i4.data();
+  }
+  if (path == Path::Bf16Dot) {
+    static const auto d_f8 = make_tile_table<Bf16DotF8Tile>(Seq{});
+    return d_f8.data();
+  }
+#endif
   static const auto s_i8 = make_tile_table<ScalarQTile<QFormat::I8>>(Seq{});
   static const auto s_i4 = make_tile_table<ScalarQTile<QFormat::I4>>(Seq{});
   static const auto s_f8 = make_tile_table<ScalarQTile<QFormat::F8>>(Seq{});
@@ -480,19 +799,27 @@ inline void run_tiles(const TileFn* table, Path path, Act x, int rows, const Pac
   const size_t wstride = static_cast<size_t>(16) * w.kp;
   const uint8_t* wbase = static_cast<const uint8_t*>(w.ptr());
   const size_t block_bytes = static_cast<size_t>(w.kp) * w.k_bytes16();
+  // Int8 kernels run whole groups (padded codes and activations are zero); the others stop at
+  // the even k their activations are padded to.
+  const int kp = int8_path(path) ? w.kp : w.k_even();
   QScales qs;
   if (w.quantized()) {
     qs.group = w.group;
     qs.sstride = static_cast<size_t>(w.kp / w.group) * 16;
+    qs.xblocks_ld = x.blocks_ld;
+    qs.xblock = x.block;
   }
   for (int r = 0; r < rows; r += kMr) {
     const int mr = std::min(kMr, rows - r);
     const uint8_t* xr = static_cast<const uint8_t*>(x.data) + r * x.ld * xes;
+    if (x.scales) {
+      qs.xscales = x.scales + static_cast<size_t>(r) * x.blocks_ld;
+      qs.xsums = x.sums + static_cast<size_t>(r) * x.blocks_ld;
+    }
     for (int b = b0; b < b1; b += kNr) {
       const int nr = std::min(kNr, b1 - b);
       if (w.quantized()) qs.s = w.scales.get() + b * qs.sstride;
-      table[(mr - 1) * kNr + (nr - 1)](xr, x.ld, wbase + b * block_bytes, wstride, w.k_even(),
-                                       tile, qs);
+      table[(mr - 1) * kNr + (nr - 1)](xr, x.ld, wbase + b * block_bytes, wstride, kp, tile, qs);
       epi(r, mr, b, nr, tile);
     }
   }
@@ -540,6 +867,100 @@ inline Act prepare_activations(Path path, bool round, const float* x, int rows, 
     if (kp > k) o[k] = 0.0f;
   }
   return Act{out, static_cast<size_t>(kp)};
+}
+
+// Int8 activation rows (Vnni, ScalarI8): per block of `block` columns, scale = absmax / 127 and
+// code = round-to-nearest-even(x / scale) in [-127, 127] (f32 division, as a reference can repeat
+// it), codes zero in [k, ld), and the sum of the block's codes. ld must be at least the kp of
+// every weight that reads the rows, and block must divide each one's group.
+inline void quantize_row_i8_scalar(const float* x, int k, int ld, int block, int8_t* codes,
+                                   float* scales, int32_t* sums) {
+  for (int j = 0; j < ld / block; ++j) {
+    const int c0 = j * block, c1 = std::min(k, c0 + block);
+    float amax = 0.0f;
+    for (int c = c0; c < c1; ++c) {
+      const float a = std::fabs(x[c]);
+      if (!(a <= amax)) amax = a;  // NaN sticks (and makes the scale NaN: the output says so)
+    }
+    const float sc = amax / 127.0f;
+    scales[j] = sc;
+    int32_t sum = 0;
+    for (int c = c0; c < c0 + block; ++c) {
+      float v = c < c1 && sc > 0.0f ? std::nearbyint(x[c] / sc) : 0.0f;
+      v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
+      codes[c] = static_cast<int8_t>(v == v ? v : 0.0f);
+      sum += codes[c];
+    }
+    sums[j] = sum;
+  }
+}
+
+#if EXPERTD_GEMM_X86
+// The same numbers (vdivps rounds like the scalar division; vcvtps2dq rounds to nearest even
+// under the default MXCSR, which Node keeps). Blocks of 16 or more columns; the scalar one below.
+EXPERTD_AVX512 inline void quantize_row_i8_avx512(const float* x, int k, int ld, int block,
+                                                  int8_t* codes, float* scales, int32_t* sums) {
+  const __m512i lim = _mm512_set1_epi32(127), nlim = _mm512_set1_epi32(-127);
+  for (int j = 0; j < ld / block; ++j) {
+    const int c0 = j * block, c1 = std::min(k, c0 + block);
+    __m512 vmax = _mm512_setzero_ps();
+    bool nan = false;
+    for (int c = c0; c < c1; c += 16) {
+      const __mmask16 m = static_cast<__mmask16>(c1 - c >= 16 ? 0xffff : (1u << (c1 - c)) - 1);
+      const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(m, x + c));
+      nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) != 0;
+      vmax = _mm512_max_ps(vmax, a);
+    }
+    const float amax = nan ? std::nanf("") : _mm512_reduce_max_ps(vmax);
+    const float sc = amax / 127.0f;
+    scales[j] = sc;
+    __m512i vsum = _mm512_setzero_si512();
+    const __m512 vs = _mm512_set1_ps(sc);
+    const bool live = sc > 0.0f;
+    for (int c = c0; c < c0 + block; c += 16) {
+      const int n = std::max(0, std::min(16, c1 - c));
+      const __mmask16 m = static_cast<__mmask16>(live ? (n >= 16 ? 0xffff : (1u << n) - 1) : 0);
+      __m512i q = _mm512_maskz_cvtps_epi32(m, _mm512_div_ps(_mm512_maskz_loadu_ps(m, x + c), vs));
+      q = _mm512_max_epi32(_mm512_min_epi32(q, lim), nlim);
+      vsum = _mm512_add_epi32(vsum, q);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + c), _mm512_cvtepi32_epi8(q));
+    }
+    sums[j] = _mm512_reduce_add_epi32(vsum);
+  }
+}
+#endif
+
+// Scratch for int8 rows [rows] of ld codes in blocks of `block` (ld and block as above).
+inline Act alloc_i8(int rows, int ld, int block, Buffer& codes_buf, Buffer& scale_buf,
+                    Buffer& sums_buf) {
+  Act a;
+  a.data = codes_buf.get(static_cast<size_t>(rows) * ld);
+  a.ld = static_cast<size_t>(ld);
+  a.blocks_ld = static_cast<size_t>(ld / block);
+  a.scales = static_cast<float*>(scale_buf.get(static_cast<size_t>(rows) * a.blocks_ld * 4));
+  a.sums = static_cast<int32_t*>(sums_buf.get(static_cast<size_t>(rows) * a.blocks_ld * 4));
+  a.block = block;
+  return a;
+}
+
+// Rows [r0, r1) of x (ldx floats apart, k used) into a's rows [r0, r1).
+inline void quantize_rows_i8(bool simd, const float* x, size_t ldx, int r0, int r1, int k,
+                             const Act& a) {
+  const int ld = static_cast<int>(a.ld);
+  for (int r = r0; r < r1; ++r) {
+    const float* xr = x + static_cast<size_t>(r) * ldx;
+    int8_t* cr = const_cast<int8_t*>(static_cast<const int8_t*>(a.data)) + static_cast<size_t>(r) * ld;
+    float* sc = const_cast<float*>(a.scales) + static_cast<size_t>(r) * a.blocks_ld;
+    int32_t* sr = const_cast<int32_t*>(a.sums) + static_cast<size_t>(r) * a.blocks_ld;
+#if EXPERTD_GEMM_X86
+    if (simd && a.block % 16 == 0) {
+      quantize_row_i8_avx512(xr, k, ld, a.block, cr, sc, sr);
+      continue;
+    }
+#endif
+    (void)simd;
+    quantize_row_i8_scalar(xr, k, ld, a.block, cr, sc, sr);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -663,12 +1084,13 @@ EXPERTD_AVX512BF16 inline void store_gate_up_bf16(const float* tile, int mr, int
 #endif
 
 // Fused SiLU(gate)*up epilogue; vectorized when the AVX-512 kernels are in use.
+// (HFormat::Bf16 is asked for only when the down projection runs Bf16Dot: the CPU has bf16.)
 inline void store_gate_up(Path path, const float* tile, int mr, int nr, int b0, uint8_t* h,
                           size_t h_row_bytes, HFormat fmt) {
 #if EXPERTD_GEMM_X86
-  if (fmt == HFormat::Bf16 && path != Path::Scalar)
+  if (fmt == HFormat::Bf16 && simd_path(path))
     return store_gate_up_bf16(tile, mr, nr, b0, h, h_row_bytes);
-  if (path != Path::Scalar) return store_gate_up_avx512(tile, mr, nr, b0, h, h_row_bytes, fmt);
+  if (simd_path(path)) return store_gate_up_avx512(tile, mr, nr, b0, h, h_row_bytes, fmt);
 #endif
   store_gate_up_scalar(tile, mr, nr, b0, h, h_row_bytes, fmt);
 }

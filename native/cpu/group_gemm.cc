@@ -2,6 +2,9 @@
 // Phase 1: x -> h = SiLU(gate(x)) * up(x) per (expert, gate/up chunk, row tile), the two tiles
 // side by side in registers; phase 2: h -> y by the down projection. Both phases hand all
 // experts' work items to the pool at once, so 2 cores stay busy with 1 expert or 64.
+// Experts whose down projection reads int8 activations get h quantized per row between the phases.
+#include <numeric>
+
 #include "expertd/ops.h"
 #include "expertd/thread_pool.h"
 #include "gemm_kernels.h"
@@ -17,6 +20,7 @@ struct XForms {
   Act bf16;     // Bf16Dot
   Act rounded;  // f32 rounded to bf16 (fast mode without bf16 dot products)
   Act plain;    // f32 as given (padded copy when H is odd)
+  Act i8;       // int8 per row (Vnni, ScalarI8)
 };
 
 struct FfnCall {
@@ -30,28 +34,49 @@ struct FfnCall {
   XForms x;
   uint8_t* hbuf;       // [rows, Ip] in f32 row pitch; bf16 rows use the first half of each row
   size_t h_row_bytes;  // Ip * 4
+  Act h_i8;            // h quantized per row, for the experts whose down projection is int8
   const std::vector<Task>* tasks;
 };
 
 Act x_for(const FfnCall& c, Path path, bool round) {
   if (path == Path::Bf16Dot) return c.x.bf16;
+  if (int8_path(path)) return c.x.i8;
   return round ? c.x.rounded : c.x.plain;
 }
 
 HFormat h_format(Path down_path, bool round) {
   if (down_path == Path::Bf16Dot) return HFormat::Bf16;
+  if (int8_path(down_path)) return HFormat::F32;  // quantized per row after phase 1
   return round ? HFormat::F32Rounded : HFormat::F32;
 }
+
+// The int8 row form several weights can read: codes padded to the largest kp, blocks of the gcd
+// of kActBlock and their groups.
+struct I8Shape {
+  int ld = 0, block = kActBlock;
+  bool int4 = false;
+  void add(const PackedWeight& w) {
+    ld = std::max(ld, w.kp);
+    block = std::gcd(block, w.group);
+    int4 = int4 || w.q == QFormat::I4;
+  }
+  // NOTE: int4 kernels step k by 8 inside a block; int8 and int4 experts with an int8 hidden size
+  // that is not a multiple of 8 cannot share one form (no --quantize makes such a layer).
+  void check() const {
+    EXPERTD_CHECK(!int4 || block % 8 == 0, ErrorCode::Internal,
+                  "int8 activation blocks of " + std::to_string(block) +
+                      " columns cannot feed an int4 expert");
+  }
+};
 
 void run_gate_up_task(const FfnCall& c, const Task& t) {
   const PackedWeight& w = *c.gate_up[t.g];
   const PackedWeight& dn = *c.down[t.g];
-  const Path path = choose_path(*c.cpu, w.dtype, c.fast);
-  const Path down_path = choose_path(*c.cpu, dn.dtype, c.fast);
-  const HFormat fmt = h_format(down_path, rounds_activations(dn.dtype, c.fast));
+  const Path path = choose_path(*c.cpu, w, c.fast);
+  const Path down_path = choose_path(*c.cpu, dn, c.fast);
+  const HFormat fmt = h_format(down_path, rounds_activations(dn, c.fast));
   const int row0 = c.offsets[t.g] + t.r0;
-  Act x = x_for(c, path, rounds_activations(w.dtype, c.fast));
-  x.data = static_cast<const uint8_t*>(x.data) + row0 * x.ld * act_size(path);
+  const Act x = act_rows(x_for(c, path, rounds_activations(w, c.fast)), path, row0);
   uint8_t* h = c.hbuf + row0 * c.h_row_bytes;
   run_tiles(tile_table(path, w), path, x, t.r1 - t.r0, w, t.b0, t.b1,
             [&](int r, int mr, int b, int nr, const float* tile) {
@@ -61,10 +86,11 @@ void run_gate_up_task(const FfnCall& c, const Task& t) {
 
 void run_down_task(const FfnCall& c, const Task& t) {
   const PackedWeight& w = *c.down[t.g];
-  const Path path = choose_path(*c.cpu, w.dtype, c.fast);
+  const Path path = choose_path(*c.cpu, w, c.fast);
   const int row0 = c.offsets[t.g] + t.r0;
   // h rows have a fixed byte pitch, so their element stride depends on the stored type.
   Act x{c.hbuf + row0 * c.h_row_bytes, c.h_row_bytes / act_size(path)};
+  if (int8_path(path)) x = act_rows(c.h_i8, path, row0);
   const size_t ldy = static_cast<size_t>(c.h);
   float* y = c.y + row0 * ldy;
   run_tiles(tile_table(path, w), path, x, t.r1 - t.r0, w, t.b0, t.b1,
@@ -96,14 +122,17 @@ void group_gemm_ffn(const float* x, const int32_t* offsets, int num_experts,
 
   // Prepare each activation form some active expert reads.
   bool need_bf16 = false, need_rounded = false, need_plain = false;
+  I8Shape x_i8, h_i8;
   for (int e = 0; e < num_experts; ++e) {
     if (offsets[e + 1] <= offsets[e]) continue;
     EXPERTD_CHECK(gate_up[e] && down[e], ErrorCode::Range, "expert has rows but no weights");
-    const DType dt = gate_up[e]->dtype;
-    const Path p = choose_path(cpu, dt, fast_bf16);
+    const PackedWeight& w = *gate_up[e];
+    const Path p = choose_path(cpu, w, fast_bf16);
     if (p == Path::Bf16Dot) need_bf16 = true;
-    else if (rounds_activations(dt, fast_bf16)) need_rounded = true;
+    else if (int8_path(p)) x_i8.add(w);
+    else if (rounds_activations(w, fast_bf16)) need_rounded = true;
     else need_plain = true;
+    if (int8_path(choose_path(cpu, *down[e], fast_bf16))) h_i8.add(*down[e]);
   }
   const int kp = (h + 1) / 2 * 2;
   if (need_bf16) c.x.bf16 = prepare_activations(Path::Bf16Dot, true, x, rows, h, kp, s.x_bf16);
@@ -111,6 +140,11 @@ void group_gemm_ffn(const float* x, const int32_t* offsets, int num_experts,
     c.x.rounded = prepare_activations(Path::Scalar, true, x, rows, h, kp, s.x_f32);
   if (need_plain)
     c.x.plain = prepare_activations(Path::Scalar, false, x, rows, h, kp, s.x_f32_plain);
+  if (x_i8.ld > 0) {
+    x_i8.check();
+    c.x.i8 = alloc_i8(rows, x_i8.ld, x_i8.block, s.x_i8, s.x_i8_scale, s.x_i8_sums);
+    quantize_rows_i8(cpu.kernel_avx512, x, static_cast<size_t>(h), 0, rows, h, c.x.i8);
+  }
 
   c.h_row_bytes = static_cast<size_t>(ip) * 4;
   c.hbuf = static_cast<uint8_t*>(s.h.get(static_cast<size_t>(rows) * c.h_row_bytes));
@@ -125,16 +159,41 @@ void group_gemm_ffn(const float* x, const int32_t* offsets, int num_experts,
   for (int e = 0; e < num_experts; ++e)
     if (offsets[e + 1] > offsets[e])
       plan_tasks(s.tasks, e, offsets[e + 1] - offsets[e], *gate_up[e],
-                 act_size(choose_path(cpu, gate_up[e]->dtype, fast_bf16)), min_chunks);
+                 act_size(choose_path(cpu, *gate_up[e], fast_bf16)), min_chunks);
   c.tasks = &s.tasks;
   pool.parallel_for(s.tasks.size(), [&c](size_t t, size_t) { run_gate_up_task(c, (*c.tasks)[t]); });
+
+  // Between the phases: h rows of the experts whose down projection is int8, quantized per row
+  // (the scales need whole blocks, which phase 1 writes in pieces): in row chunks on the pool, or
+  // here when they are few (decode), which saves a wake-up of the pool per layer.
+  if (h_i8.ld > 0) {
+    h_i8.check();
+    c.h_i8 = alloc_i8(rows, h_i8.ld, h_i8.block, s.h_i8, s.h_i8_scale, s.h_i8_sums);
+    constexpr int kRowsPerTask = 32;
+    s.tasks.clear();
+    for (int e = 0; e < num_experts; ++e)
+      if (offsets[e + 1] > offsets[e] && int8_path(choose_path(cpu, *down[e], fast_bf16)))
+        for (int r = offsets[e]; r < offsets[e + 1]; r += kRowsPerTask)
+          s.tasks.push_back(Task{e, r, std::min(offsets[e + 1], r + kRowsPerTask), 0, 0});
+    const bool simd = cpu.kernel_avx512;
+    const auto quantize = [&c, inter, simd](size_t t, size_t) {
+      const Task& k = (*c.tasks)[t];
+      quantize_rows_i8(simd, reinterpret_cast<const float*>(c.hbuf), c.h_row_bytes / 4, k.r0, k.r1,
+                       inter, c.h_i8);
+    };
+    if (static_cast<size_t>(rows) * inter <= (size_t{1} << 16)) {
+      for (size_t t = 0; t < s.tasks.size(); ++t) quantize(t, 0);
+    } else {
+      pool.parallel_for(s.tasks.size(), quantize);
+    }
+  }
 
   // Phase 2: down projection h -> y.
   s.tasks.clear();
   for (int e = 0; e < num_experts; ++e)
     if (offsets[e + 1] > offsets[e])
       plan_tasks(s.tasks, e, offsets[e + 1] - offsets[e], *down[e],
-                 act_size(choose_path(cpu, down[e]->dtype, fast_bf16)), min_chunks);
+                 act_size(choose_path(cpu, *down[e], fast_bf16)), min_chunks);
   pool.parallel_for(s.tasks.size(), [&c](size_t t, size_t) { run_down_task(c, (*c.tasks)[t]); });
 }
 

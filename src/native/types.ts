@@ -15,10 +15,16 @@ export interface Capabilities {
   simd: SimdLevel;
   isa: {
     avx2: boolean; fma: boolean; f16c: boolean; avx512f: boolean; avx512bw: boolean;
-    avx512vl: boolean; avx512bf16: boolean; amxBf16: boolean; neon: boolean;
+    avx512vl: boolean; avx512bf16: boolean; avx512vnni: boolean; avx512vbmi: boolean;
+    amxBf16: boolean; amxInt8: boolean; neon: boolean;
   };
   /** bf16 dot-product kernels are in use (fast mode runs at full speed). */
   bf16Dot: boolean;
+  /**
+   * int8 dot-product kernels (AVX512-VNNI vpdpbusd, VBMI byte permutes) run int8/int4 weights in
+   * fast mode; without them the portable integer kernel computes the same numbers.
+   */
+  int8Dot: boolean;
   threads: number;
   hardwareThreads: number;
   build: 'portable' | 'full';
@@ -561,8 +567,11 @@ export interface NativeAddon extends Partial<CudaAddon> {
   capabilities(): Capabilities;
   /** 0 = all hardware threads; returns the count in use. */
   setNumThreads(threads: number): number;
-  /** 'scalar' forces the portable kernels (tests), 'auto' picks the best; returns the level. */
-  setSimdLevel(level: 'auto' | 'scalar'): SimdLevel;
+  /**
+   * Forces a dispatch level (tests): 'scalar' the portable kernels, 'avx512' AVX-512 without bf16 or
+   * int8 dot products, 'avx512bf16' without int8 dot products; 'auto' picks the best. Returns the level.
+   */
+  setSimdLevel(level: 'auto' | 'scalar' | 'avx512' | 'avx512bf16'): SimdLevel;
   /** A zeroed, 64-byte aligned buffer owned by native code. */
   allocHostBuffer(sizeBytes: number): ArrayBuffer;
 

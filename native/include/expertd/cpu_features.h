@@ -13,16 +13,21 @@ struct CpuFeatures {
   bool avx512bw = false;
   bool avx512vl = false;
   bool avx512bf16 = false;
+  bool avx512vnni = false;
+  bool avx512vbmi = false;
   bool amx_bf16 = false;  // AMX tiles usable (CPU bit and OS permission)
+  bool amx_int8 = false;  // AMX int8 tiles usable (CPU bit and OS permission)
   bool neon = false;
   bool kernel_avx512 = false;  // the AVX-512 kernels will be used (f+bw+vl)
   bool kernel_bf16dot = false;  // bf16 dot-product kernels will be used
+  bool kernel_vnni = false;     // int8 dot-product kernels (VNNI + VBMI byte permutes) will be used
 };
 
 const CpuFeatures& cpu_features();
 // "amx" | "avx512bf16" | "avx512" | "avx2" | "neon" | "scalar"
 std::string simd_level();
-// Lets tests force the portable kernels ("scalar"), or go back to auto ("auto").
+// Lets tests force a dispatch level: "scalar" (the portable kernels), "avx512" (AVX-512 without
+// bf16 or int8 dot products), "avx512bf16" (without int8 dot products), or "auto" (what the CPU has).
 void set_simd_override(const std::string& level);
 
 }  // namespace expertd
