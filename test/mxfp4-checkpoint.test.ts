@@ -15,7 +15,9 @@ import { loadModel } from '../src/model/load.js';
 import type { MoeModel } from '../src/model/model.js';
 import { readSafetensorsHeader, writeSafetensors, type TensorToWrite } from '../src/model/safetensors.js';
 import { startExpertRanks } from '../src/dist/expert-ranks.js';
-import { packageRoot } from '../src/native/index.js';
+import { loadNative, packageRoot } from '../src/native/index.js';
+import { Mxfp4ExpertStore } from '../src/offload/mxfp4-store.js';
+import { attachOffloader, skipAllExperts } from '../src/offload/setup.js';
 import { DirectRunner, runAll } from './helpers/model-runner.js';
 
 const dir = path.join(packageRoot(), 'test', 'fixtures-quant', 'gpt_oss_mxfp4');
@@ -161,8 +163,9 @@ test('MXFP4 experts equal the same experts decoded to f32, in both compute modes
   }
 });
 
-test('--quantize on an MXFP4 checkpoint re-quantizes the dequantised experts', () => {
-  const { model } = loadModel(dir, { fast: false, quantize: { format: 'int8', group: 0 } });
+test('--quantize on an MXFP4 checkpoint re-quantizes the dequantised experts, resident and in the expert cache', () => {
+  const quantize = { format: 'int8', group: 0 } as const;
+  const { model } = loadModel(dir, { fast: false, quantize });
   try {
     assert.deepEqual([...expertStorage(model).formats], ['int8']);
     const c = golden.cases[0]!;
@@ -174,6 +177,19 @@ test('--quantize on an MXFP4 checkpoint re-quantizes the dequantised experts', (
       for (let v = 0; v < V; v++) worst = Math.max(worst, Math.abs(res.logits[p * V + v]! - c.logits[p]![v]!));
     // int8 per row of e2m1 values: close to, but not, the MXFP4 goldens.
     assert.ok(worst > 0 && worst < 0.5, `int8 logits differ from the MXFP4 goldens by ${worst}`);
+    // The expert cache quantizes its slots the same way.
+    const want = runAll(model, null);
+    const loaded = loadModel(dir, { fast: false, quantize, loadExpert: skipAllExperts });
+    const off = attachOffloader(loaded, { policy: 'lru', fraction: 0.25, quantize });
+    try {
+      const got = runAll(loaded.model, off);
+      got.logits.forEach((l, i) => assert.deepEqual(l, want.logits[i], `offloaded int8: logits of step ${i}`));
+      assert.deepEqual([...expertStorage(loaded.model).formats], ['int8']);
+      assert.ok(off.cache.evictions > 0);
+    } finally {
+      off.dispose();
+      loaded.model.dispose();
+    }
   } finally {
     model.dispose();
   }
@@ -203,6 +219,57 @@ test('expert ranks load their experts in MXFP4: 2 ranks equal one rank, bit for 
   } finally {
     await ranks.stop();
   }
+});
+
+test('the expert cache holds MXFP4 experts in its slots and equals fully resident, bit for bit', () => {
+  for (const fast of [false, true]) {
+    const resident = loadModel(dir, { fast });
+    const want = runAll(resident.model, null);
+    resident.model.dispose();
+    for (const policy of ['eam', 'lru'] as const) {
+      const loaded = loadModel(dir, { fast, loadExpert: skipAllExperts });
+      const off = attachOffloader(loaded, { policy, fraction: 0.25, prefetch: policy === 'eam' });
+      try {
+        assert.ok(off.store instanceof Mxfp4ExpertStore);
+        const got = runAll(loaded.model, off);
+        const label = `${policy} ${fast ? 'bf16' : 'f32'}`;
+        assert.deepEqual(got.tokens, want.tokens, label);
+        got.logits.forEach((l, i) => assert.deepEqual(l, want.logits[i], `${label}: logits of step ${i}`));
+        const st = off.stats();
+        assert.ok(st.slots < st.totalExperts && st.misses > 0 && st.hits > 0 && off.cache.evictions > 0, `${label}: ${JSON.stringify(st)}`);
+        // A slot holds the expert as MXFP4: its bytes are what the cache budgets by, a third of bf16's.
+        const held = expertStorage(loaded.model);
+        assert.deepEqual([...held.formats], ['mxfp4']);
+        const bound = loaded.model.moeLayers.reduce((a, m) => a + [...Array(m.weights.experts.numExperts).keys()].filter((e) => m.weights.experts.has(e)).length, 0);
+        assert.equal(held.bytes, bound * off.store.slotBytes, 'slotBytes is the packed size');
+        const { hidden: H, moe: { intermediate: I } } = loaded.spec;
+        assert.equal(off.store.slotBytes, (3 * H * I * 5) / 8, '0.625 bytes per weight');
+        assert.equal(off.store.expertBytes, (3 * H * I * 17) / 32, 'half a byte per weight plus a byte per 32 read');
+      } finally {
+        off.dispose();
+        loaded.model.dispose();
+      }
+    }
+  }
+});
+
+test('repackMxfp4Into refills an MXFP4 weight in place and checks what it is given', () => {
+  const n = loadNative();
+  const rows = 16, k = 64;
+  const rand = (len: number, max: number) => Uint8Array.from({ length: len }, (_, i) => (i * 37 + 11) % max);
+  const b1 = rand(rows * k / 2, 256), s1 = rand(rows * k / 32, 8).map((v) => 124 + v);
+  const b2 = b1.map((v) => v ^ 0x5a), s2 = s1.map((v) => v + 1);
+  const w = n.packMxfp4(b1, s1, rows, k), want = n.packMxfp4(b2, s2, rows, k);
+  n.repackMxfp4Into(w, b2, s2);
+  for (let r = 0; r < rows; r++)
+    for (let c = 0; c < k; c++) assert.equal(n.packedWeightAt(w, r, c), n.packedWeightAt(want, r, c), `(${r}, ${c})`);
+  const gu = n.packMxfp4(b1, s1, rows, k, b1, s1);
+  assert.throws(() => n.repackMxfp4Into(gu, b2, s2), /upBlocks and upScales are required to repack a gate_up weight/);
+  assert.throws(() => n.repackMxfp4Into(w, b2, s2, b2, s2), /upBlocks must be null or absent for a plain weight/);
+  assert.throws(() => n.repackMxfp4Into(w, b2.subarray(1), s2), /blocks/);
+  const bf = n.packWeight(new Uint16Array(rows * k), 'bf16', rows, k);
+  assert.throws(() => n.repackMxfp4Into(bf, b2, s2), /dst is an unquantized weight, expected an mxfp4 one/);
+  for (const x of [w, want, gu, bf]) x.dispose();
 });
 
 test('unsupported MXFP4 configs and checkpoints are refused, naming what is wrong', () => {
