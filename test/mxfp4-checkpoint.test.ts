@@ -253,6 +253,29 @@ test('the expert cache holds MXFP4 experts in its slots and equals fully residen
   }
 });
 
+test('experts left out of MXFP4 (modules_to_not_convert) load as stored', () => {
+  const root = mkdtempSync(path.join(os.tmpdir(), 'expertd-mxfp4-skip-'));
+  try {
+    for (const f of ['model.safetensors', 'generation_config.json', 'tokenizer.json', 'tokenizer_config.json'])
+      copyFileSync(path.join(bf16Dir, f), path.join(root, f));
+    const config = JSON.parse(readFileSync(path.join(bf16Dir, 'config.json'), 'utf8')) as Record<string, unknown>;
+    config.quantization_config = { quant_method: 'mxfp4', modules_to_not_convert: ['model.layers.*.mlp.experts', 'lm_head'] };
+    writeFileSync(path.join(root, 'config.json'), JSON.stringify(config));
+    const got = loadModel(root, { fast: false }), want = loadModel(bf16Dir, { fast: false });
+    try {
+      assert.equal(got.spec.quantization?.method, 'mxfp4');
+      assert.deepEqual([...expertStorage(got.model).formats], [null]);
+      const a = runAll(got.model, null), b = runAll(want.model, null);
+      a.logits.forEach((l, i) => assert.deepEqual(l, b.logits[i], `logits of step ${i}`));
+    } finally {
+      got.model.dispose();
+      want.model.dispose();
+    }
+  } finally {
+    rmSync(root, { recursive: true, force: true });
+  }
+});
+
 test('repackMxfp4Into refills an MXFP4 weight in place and checks what it is given', () => {
   const n = loadNative();
   const rows = 16, k = 64;

@@ -58,7 +58,8 @@ export interface OffloadHooks {
 export function attachOffloader(loaded: LoadedModel, cfg: OffloadConfig, hooks: OffloadHooks = {}): Offloader {
   const { spec, model, checkpoint } = loaded;
   // MXFP4 checkpoints (gpt-oss) have a store of their own: slots hold MXFP4 (or --quantize's format).
-  let store: ExpertStore = spec.quantization?.method === 'mxfp4' ? new Mxfp4ExpertStore(checkpoint, spec, cfg.quantize ?? null)
+  const mxfp4 = spec.quantization?.method === 'mxfp4' && checkpoint.names().some((n) => n.endsWith('.mlp.experts.gate_up_proj_blocks'));
+  let store: ExpertStore = mxfp4 ? new Mxfp4ExpertStore(checkpoint, spec, cfg.quantize ?? null)
     : new CheckpointExpertStore(checkpoint, spec, { copyThread: cfg.copyThread ?? true, quantize: cfg.quantize ?? null });
   if (cfg.simulatedLink) store = new SimulatedLinkStore(store, cfg.simulatedLink.gbps, cfg.simulatedLink.latencyUs);
   const off = new Offloader(store, offloaderOptions(spec, model.moeLayers.length, cfg, hooks));
