@@ -376,8 +376,10 @@ test('gpt_oss: sinks, per-layer windows from layer_types, biases, router bias, c
   assert.deepEqual(t.get('model.layers.1.mlp.experts.down_proj_bias'), [8, 64]);
   assert.throws(() => parseModelConfig({ ...gptOss(), layer_types: ['sliding_attention'] }),
     (e: Error) => e instanceof ConfigError && /layer_types is \["sliding_attention"\], expected 6 of/.test(e.message));
-  assert.throws(() => parseModelConfig({ ...gptOss(), quantization_config: { quant_method: 'mxfp4' } }),
-    (e: Error) => e instanceof ConfigError && /quantization_config .*"mxfp4".* is not supported/.test(e.message));
+  assert.deepEqual(parseModelConfig({ ...gptOss(), quantization_config: { quant_method: 'mxfp4' } }).quantization,
+    { method: 'mxfp4', modulesToNotConvert: [] });
+  assert.throws(() => parseModelConfig({ ...gptOss(), quantization_config: { quant_method: 'mxfp4', block_size: 16 } }),
+    (e: Error) => e instanceof ConfigError && /quantization_config .*"mxfp4".* is not supported.*\(unknown: block_size\)/.test(e.message));
 });
 
 test('fp8 block quantisation is accepted and recorded; other quantisation is refused', () => {

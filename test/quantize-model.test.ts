@@ -213,7 +213,7 @@ test('--quantize-dense: every fixture equals the model over its dense weights qu
         // The reference: routed experts quantized the same way (--quantize without -dense), dense
         // weights handed over already quantize-dequantized in f32, everything else as stored.
         const spec = parseModelConfig(dir);
-        const ckpt = openCheckpoint(dir, spec.quantization ? { fp8BlockSize: spec.quantization.blockSize } : {});
+        const ckpt = openCheckpoint(dir, spec.quantization?.method === 'fp8' ? { fp8BlockSize: spec.quantization.blockSize } : {});
         validateCheckpoint(spec, ckpt);
         const src = new DequantizedDense(new CheckpointSource(ckpt), qmax, q.group);
         const model = new MoeModel(spec, src, { fast: false, quantize: { format: q.format, group: q.group } });

@@ -129,6 +129,32 @@ Napi::Value pack_mxfp4_js(const Napi::CallbackInfo& info) {
   return WeightHandle::create(env, std::move(w));
 }
 
+// repackMxfp4Into(dst, blocks, scales, upBlocks?, upScales?): new MXFP4 contents for an MXFP4 weight
+// (an expert cache slot), same geometry; the arrays are packMxfp4's.
+Napi::Value repack_mxfp4_into_js(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 3, "repackMxfp4Into");
+  // NOTE: the handle's weight is shared (expert tables hold it too); repacking writes in place.
+  PackedWeight& dst = const_cast<PackedWeight&>(get_weight(info, 0, "dst"));
+  if (dst.q != QFormat::FP4)
+    throw_type(env, std::string("dst is ") +
+                        (dst.q == QFormat::None ? std::string("an unquantized") : std::string("a ") + qformat_name(dst.q)) +
+                        " weight, expected an mxfp4 one");
+  const bool gu = dst.kind == WeightKind::GateUp;
+  const bool has_up = info.Length() > 3 && !is_nullish(info[3]);
+  if (gu != has_up)
+    throw_type(env, gu ? "upBlocks and upScales are required to repack a gate_up weight"
+                       : "upBlocks must be null or absent for a plain weight");
+  const int64_t rows = gu ? dst.n / 2 : dst.n;
+  const size_t blen = static_cast<size_t>(rows * dst.k / 2), slen = static_cast<size_t>(rows * dst.k / 32);
+  const uint8_t* blocks = get_array<uint8_t>(info, 1, "blocks", blen).data;
+  const uint8_t* scales = get_array<uint8_t>(info, 2, "scales", slen).data;
+  const uint8_t* ublocks = gu ? get_array<uint8_t>(info, 3, "upBlocks", blen).data : nullptr;
+  const uint8_t* uscales = gu ? get_array<uint8_t>(info, 4, "upScales", slen).data : nullptr;
+  guard(env, [&] { pack_mxfp4_weight(dst, blocks, scales, ublocks, uscales); });
+  return env.Undefined();
+}
+
 // repackInto(dst, src, dtype, up?): new contents, same geometry; dtype is the source's (it is
 // converted to dst's storage dtype when they differ).
 Napi::Value repack_into_js(const Napi::CallbackInfo& info) {
@@ -234,6 +260,7 @@ void register_gemm(Napi::Env env, Napi::Object exports) {
   exports.Set("packGateUp", Napi::Function::New(env, pack_gate_up_js, "packGateUp"));
   exports.Set("packFp8", Napi::Function::New(env, pack_fp8_js, "packFp8"));
   exports.Set("packMxfp4", Napi::Function::New(env, pack_mxfp4_js, "packMxfp4"));
+  exports.Set("repackMxfp4Into", Napi::Function::New(env, repack_mxfp4_into_js, "repackMxfp4Into"));
   exports.Set("repackInto", Napi::Function::New(env, repack_into_js, "repackInto"));
   exports.Set("repackFp8Into", Napi::Function::New(env, repack_fp8_into_js, "repackFp8Into"));
   exports.Set("packedWeightAt", Napi::Function::New(env, packed_weight_at_js, "packedWeightAt"));

@@ -212,7 +212,6 @@ const OTHER_QUANT_METHODS: Record<string, string> = {
   gptq: 'GPTQ: 4/8-bit weights with zero points and act-order, packed for its own kernels',
   bitsandbytes: 'bitsandbytes: LLM.int8 / NF4 / FP4 quantized at load by its own kernels',
   'compressed-tensors': 'compressed-tensors (llm-compressor) checkpoints are not read yet',
-  mxfp4: 'MXFP4 checkpoints (gpt-oss) are not read yet',
 };
 
 /**
@@ -253,6 +252,7 @@ function parseQuantization(raw: Raw, mt: string): ModelSpec['quantization'] {
     'activation_scheme "dynamic" (routed experts stay FP8 on the CPU engine; other weights are dequantised to bf16 at load). ' + why);
   if (typeof q !== 'object' || Array.isArray(q)) throw refuse('quantization_config must be an object.');
   const method = q.quant_method;
+  if (method === 'mxfp4') return parseMxfp4(q, mt);
   if (method === undefined) throw refuse('It names no quant_method.');
   if (method !== 'fp8') {
     const known = typeof method === 'string' ? OTHER_QUANT_METHODS[method] : undefined;
@@ -278,6 +278,23 @@ function parseQuantization(raw: Raw, mt: string): ModelSpec['quantization'] {
   if ((block as number[])[1]! % 2 !== 0)
     throw refuse(`weight_block_size ${JSON.stringify(block)}: the block width (cols) must be even for the FP8 kernels.`);
   return { method: 'fp8', blockSize: block as [number, number] };
+}
+
+/**
+ * gpt-oss's MXFP4 (transformers Mxfp4Config): the experts' gate_up_proj / down_proj stored as
+ * `*_blocks` (two e2m1 per byte) and `*_scales` (e8m0 per 32 values); everything else as stored.
+ * `modules_to_not_convert` only says what was left unquantized, which the tensors show anyway.
+ */
+function parseMxfp4(q: Raw, mt: string): ModelSpec['quantization'] {
+  const known = ['quant_method', 'modules_to_not_convert', 'dequantize'];
+  const unknown = Object.keys(q).filter((k) => !known.includes(k));
+  const skip = q.modules_to_not_convert ?? [];
+  if (mt !== 'gpt_oss' || unknown.length || !Array.isArray(skip) || skip.some((m) => typeof m !== 'string'))
+    throw new ConfigError(`${mt} config quantization_config ${JSON.stringify(q)} is not supported; ` +
+      'supported for mxfp4: gpt_oss checkpoints (experts as *_blocks / *_scales) with the fields ' +
+      `${known.join(', ')}` + (mt !== 'gpt_oss' ? ` (model_type ${mt} has no MXFP4 checkpoint layout)` : '') +
+      (unknown.length ? ` (unknown: ${unknown.join(', ')})` : ''));
+  return { method: 'mxfp4', modulesToNotConvert: skip as string[] };
 }
 
 /** rope_parameters (5.x) or rope_scaling + rope_theta (4.x) -> type, theta and the dict. */
@@ -668,6 +685,8 @@ function longcatMoe(c: Fields, numLayers: number): { moe: MoeSpec; layers: Layer
 export interface ExpectedTensor {
   name: string;
   shape: number[];
+  /** The safetensors dtype when only one will do (MXFP4 blocks and scales: U8). */
+  dtype?: string;
 }
 
 export type ExpertLayout = 'per_expert' | 'fused';
@@ -851,6 +870,55 @@ function longcatTensors(spec: ModelSpec, layout: ExpertLayout, add: (name: strin
   }
 }
 
+/**
+ * MXFP4 (gpt-oss): the experts' gate_up_proj [E, H, 2I] and down_proj [E, I, H] are stored as
+ * `*_blocks` [E, rows, k/32, 16] U8 (rows = the output side: 2I interleaved gate/up rows, or H) and
+ * `*_scales` [E, rows, k/32] U8 (e8m0). A layer without blocks keeps its bf16 experts
+ * (modules_to_not_convert). MXFP4 anywhere else, or without the config's quantization_config, is refused.
+ */
+function mxfp4Expected(spec: ModelSpec, ckpt: TensorShapes, expected: ExpectedTensor[]): ExpectedTensor[] {
+  const mx = spec.quantization?.method === 'mxfp4';
+  const stray: string[] = [];
+  for (const name of ckpt.tensors.keys()) {
+    if (!name.endsWith('_blocks') && !(name.endsWith('_scales') && ckpt.tensors.has(`${name.slice(0, -7)}_blocks`)))
+      continue;
+    if (!mx) {
+      throw new CheckpointMismatchError(`this ${spec.modelType} checkpoint stores ${name} (MXFP4 blocks / scales) ` +
+        'but config.json has no quantization_config with quant_method "mxfp4"; add it, or use a bf16 copy of the checkpoint', [], []);
+    }
+    if (!/\.mlp\.experts\.(gate_up|down)_proj_(blocks|scales)$/.test(name)) stray.push(name);
+  }
+  if (stray.length) {
+    throw new CheckpointMismatchError(`this ${spec.modelType} checkpoint has MXFP4 tensors outside the experts ` +
+      `(${stray.slice(0, 5).join(', ')}${stray.length > 5 ? ', ...' : ''}); expertd reads MXFP4 only for ` +
+      'mlp.experts.gate_up_proj and down_proj (gpt-oss\'s layout)', [], []);
+  }
+  if (!mx) return expected;
+  const E = spec.moe.numExperts;
+  const out: ExpectedTensor[] = [];
+  for (const t of expected) {
+    if (!/\.experts\.(gate_up|down)_proj$/.test(t.name) || !ckpt.tensors.has(`${t.name}_blocks`)) {
+      out.push(t);
+      continue;
+    }
+    // HF shape [E, k, rows] (x @ W); the blocks are stored by output row.
+    const [, k, rows] = t.shape as [number, number, number];
+    const blocks = ckpt.tensors.get(`${t.name}_blocks`)!.shape;
+    if (blocks.length === 4 && blocks[3] !== 16) {
+      throw new CheckpointMismatchError(`${t.name}_blocks has shape [${blocks.join(', ')}]: blocks of ` +
+        `${2 * blocks[3]!} values; expertd reads MXFP4 blocks of 32 values (16 bytes, the OCP MX format gpt-oss uses)`,
+      [], [`${t.name}_blocks`]);
+    }
+    if (k % 32) {
+      throw new CheckpointMismatchError(`${t.name} is MXFP4 with k ${k}, which is not a multiple of 32 (the MXFP4 block); ` +
+        'expertd cannot read it', [], [`${t.name}_blocks`]);
+    }
+    out.push({ name: `${t.name}_blocks`, shape: [E, rows, k / 32, 16], dtype: 'U8' });
+    out.push({ name: `${t.name}_scales`, shape: [E, rows, k / 32], dtype: 'U8' });
+  }
+  return out;
+}
+
 export interface TensorShapes {
   tensors: Map<string, { shape: number[]; dtype: string }>;
 }
@@ -876,11 +944,8 @@ export class CheckpointMismatchError extends Error {
 export function validateCheckpoint(spec: ModelSpec, ckpt: TensorShapes): CheckpointReport {
   let fused = false;
   for (const name of ckpt.tensors.keys()) if (name.endsWith('.experts.gate_up_proj')) fused = true;
-  if (spec.quantization === null && [...ckpt.tensors.keys()].some((n) => n.endsWith('.experts.gate_up_proj_blocks')))
-    throw new CheckpointMismatchError(`this ${spec.modelType} checkpoint stores its experts in MXFP4 ` +
-      '(gate_up_proj_blocks / _scales), which expertd does not read yet; use a bf16 copy of the checkpoint', [], []);
   const layout: ExpertLayout = fused ? 'fused' : 'per_expert';
-  const expected = expectedTensors(spec, layout);
+  const expected = mxfp4Expected(spec, ckpt, expectedTensors(spec, layout));
   const expectedNames = new Set(expected.map((t) => t.name));
   const missing: string[] = [];
   const shapeErrors: string[] = [];
@@ -894,6 +959,8 @@ export function validateCheckpoint(spec: ModelSpec, ckpt: TensorShapes): Checkpo
       shapeErrors.push(`${t.name} has shape [${got.shape.join(', ')}], the config implies [${t.shape.join(', ')}]`);
     if (spec.quantization && got.dtype === 'F8_E4M3' && !ckpt.tensors.has(`${t.name}_scale_inv`))
       missing.push(`${t.name}_scale_inv`);
+    if (t.dtype && got.dtype !== t.dtype)
+      shapeErrors.push(`${t.name} has dtype ${got.dtype}, MXFP4 ${t.name.endsWith('_blocks') ? 'blocks' : 'scales'} are ${t.dtype}`);
   }
   const warnings: string[] = [];
   // Multi-token-prediction layers (GLM-4.5 and DeepSeek-V3 num_nextn_predict_layers) are stored as

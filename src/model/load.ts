@@ -52,6 +52,13 @@ export class CheckpointSource implements TensorSource {
     return w;
   }
 
+  getU8(name: string): { shape: number[]; data: Uint8Array } {
+    const info = this.checkpoint.getTensor(name);
+    if (info.dtype !== 'U8') throw new Error(`tensor ${name} has dtype ${info.dtype}, expected U8`);
+    this.progress(info.sizeBytes);
+    return { shape: info.shape, data: info.data() as Uint8Array };
+  }
+
   private progress(bytes: number): void {
     this.tensorsDone++;
     this.bytesDone += bytes;
@@ -68,7 +75,7 @@ function sumBytes(c: Checkpoint): number {
 
 function openValidated(dir: string) {
   const spec = parseModelConfig(path.resolve(dir));
-  const checkpoint = openCheckpoint(dir, spec.quantization ? { fp8BlockSize: spec.quantization.blockSize } : {});
+  const checkpoint = openCheckpoint(dir, spec.quantization?.method === 'fp8' ? { fp8BlockSize: spec.quantization.blockSize } : {});
   const report = validateCheckpoint(spec, checkpoint);
   return { spec, checkpoint, report };
 }

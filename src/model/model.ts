@@ -12,6 +12,7 @@ import type { ModelSpec } from './spec.js';
 import { withWeightPrefix, type HostTensor, type TensorSource } from './tensor-source.js';
 import { GatedDeltaNet, linearStateFloats, type LinearLayerState } from './linear-attention.js';
 import { moeTensors } from './moe-tensors.js';
+import { packMxfp4Expert } from './mxfp4.js';
 import { checkShape, denseFfnTable, packExpert, packFp8Expert, packLinear, vectorF32 } from './weights.js';
 import { denseQuantize, type QuantizeSpec } from './quantize.js';
 
@@ -188,9 +189,11 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
     const experts = new n.ExpertTable(m.numExperts, H, m.intermediate);
     for (let e = 0; e < m.numExperts; e++) {
       if (opts.loadExpert && !opts.loadExpert(moeIndex, e)) continue;
-      // FP8 checkpoints keep their experts in FP8 (unless --quantize asks for another format).
+      // FP8 and MXFP4 checkpoints keep their experts so (unless --quantize asks for another format).
       const fp8 = opts.quantize ? null : t.expertFp8(e);
-      const w = fp8 ? packFp8Expert(fp8) : packExpert(t.expert(e), `${t.prefix}experts.${e}`, H, m.intermediate, opts.quantize ?? null);
+      const mx = opts.quantize ? null : t.expertMxfp4?.(e);
+      const w = fp8 ? packFp8Expert(fp8) : mx ? packMxfp4Expert(mx)
+        : packExpert(t.expert(e), `${t.prefix}experts.${e}`, H, m.intermediate, opts.quantize ?? null);
       experts.set(e, w.gateUp, w.down);
       this.residentWeightBytes.experts += w.gateUp.sizeBytes + w.down.sizeBytes;
       w.gateUp.dispose();

@@ -5,6 +5,7 @@ import type { ModelSpec } from './spec.js';
 import type { Fp8Weight } from './safetensors.js';
 import type { HostTensor, TensorSource } from './tensor-source.js';
 import { checkShape, rowsOf, ShapeError, sliceOf, toF32, vectorF32, type ExpertSource } from './weights.js';
+import { dequantMxfp4, gptOssMxfp4, type Mxfp4Weight } from './mxfp4.js';
 
 interface MoeNames { block: string; router: string; gate: string; up: string; down: string }
 
@@ -32,6 +33,8 @@ export interface MoeTensors {
   /** Expert e's projections as FP8 codes and block scales when the checkpoint stores them so
    * (DeepSeek-V3 style, per-expert tensors) and the source can keep FP8; else null. */
   expertFp8(e: number): { gate: Fp8Weight; up: Fp8Weight; down: Fp8Weight } | null;
+  /** Expert e as MXFP4 blocks and scales when the checkpoint stores it so (gpt-oss), else absent or null. */
+  expertMxfp4?(e: number): { gate: Mxfp4Weight; up: Mxfp4Weight; down: Mxfp4Weight } | null;
   /**
    * gpt-oss expert biases, f32: gateUp [E, 2I] as [gate (I) | up (I)] per expert (the order of
    * packGateUp's output), down [E, H]. null for the other families.
@@ -113,22 +116,25 @@ function gptOssTensors(spec: ModelSpec, src: TensorSource, p: string, r: string)
   const I = spec.moe.intermediate;
   const router = src.get(`${r}.weight`);
   checkShape(`${r}.weight`, router, [E, H]);
+  const biases = gptOssBiases(src, p, E, H, I);
+  const common = {
+    prefix: p, routerName: `${r}.weight`, router, routerBias: vectorF32(src, `${r}.bias`, E), correctionBias: null,
+    expertFp8: () => null, expertBias: biases, sharedPrefix: null, sharedGate: null,
+  };
+  if (spec.quantization?.method === 'mxfp4' && src.getU8 && src.has(`${p}experts.gate_up_proj_blocks`)) {
+    const expertMxfp4 = gptOssMxfp4(src, p, E, H, I);
+    // Dequantised (exact, f32) for what needs plain weights: --quantize re-quantizes from these.
+    const expert = (e: number): ExpertSource => {
+      const w = expertMxfp4(e);
+      const f32 = (x: Mxfp4Weight) => ({ dtype: 'f32' as const, shape: [x.rows, x.cols], data: dequantMxfp4(x) });
+      return { gate: f32(w.gate), up: f32(w.up), down: f32(w.down) };
+    };
+    return { ...common, expert, expertMxfp4 };
+  }
   const gu = src.get(`${p}experts.gate_up_proj`);
   const dn = src.get(`${p}experts.down_proj`);
   checkShape(`${p}experts.gate_up_proj`, gu, [E, H, 2 * I]);
   checkShape(`${p}experts.down_proj`, dn, [E, I, H]);
-  const guBias = src.get(`${p}experts.gate_up_proj_bias`);
-  checkShape(`${p}experts.gate_up_proj_bias`, guBias, [E, 2 * I]);
-  const interleaved = toF32(guBias);
-  const gateUpBias = new Float32Array(E * 2 * I);
-  for (let e = 0; e < E; e++) {
-    for (let i = 0; i < I; i++) {
-      gateUpBias[e * 2 * I + i] = interleaved[e * 2 * I + 2 * i]!;
-      gateUpBias[e * 2 * I + I + i] = interleaved[e * 2 * I + 2 * i + 1]!;
-    }
-  }
-  const downBiasT = src.get(`${p}experts.down_proj_bias`);
-  checkShape(`${p}experts.down_proj_bias`, downBiasT, [E, H]);
   const expert = (e: number): ExpertSource => {
     const w = gu.data.subarray(e * H * 2 * I, (e + 1) * H * 2 * I);  // [H, 2I]
     const d = dn.data.subarray(e * I * H, (e + 1) * I * H);          // [I, H]
@@ -147,10 +153,25 @@ function gptOssTensors(spec: ModelSpec, src: TensorSource, p: string, r: string)
       down: { dtype: dn.dtype, shape: [H, I], data: down },
     };
   };
-  return {
-    prefix: p, routerName: `${r}.weight`, router, routerBias: vectorF32(src, `${r}.bias`, E), correctionBias: null,
-    expert, expertFp8: () => null, expertBias: { gateUp: gateUpBias, down: toF32(downBiasT) }, sharedPrefix: null, sharedGate: null,
-  };
+  return { ...common, expert };
+}
+
+/** gpt-oss expert biases as f32: gate_up de-interleaved to [gate (I) | up (I)] per expert, down [E, H]. */
+function gptOssBiases(src: TensorSource, p: string, E: number, H: number, I: number):
+    { gateUp: Float32Array; down: Float32Array } {
+  const guBias = src.get(`${p}experts.gate_up_proj_bias`);
+  checkShape(`${p}experts.gate_up_proj_bias`, guBias, [E, 2 * I]);
+  const interleaved = toF32(guBias);
+  const gateUpBias = new Float32Array(E * 2 * I);
+  for (let e = 0; e < E; e++) {
+    for (let i = 0; i < I; i++) {
+      gateUpBias[e * 2 * I + i] = interleaved[e * 2 * I + 2 * i]!;
+      gateUpBias[e * 2 * I + I + i] = interleaved[e * 2 * I + 2 * i + 1]!;
+    }
+  }
+  const downBiasT = src.get(`${p}experts.down_proj_bias`);
+  checkShape(`${p}experts.down_proj_bias`, downBiasT, [E, H]);
+  return { gateUp: gateUpBias, down: toF32(downBiasT) };
 }
 
 /** Qwen2-MoE, Qwen3-Next and Qwen3.5 name their one gated shared expert mlp.shared_expert (DeepSeek: shared_experts). */

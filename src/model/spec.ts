@@ -143,8 +143,11 @@ export interface ModelSpec {
   /** Checkpoint tensor-name prefix conventions, e.g. 'model.layers.{i}.' */
   bosTokenId: number | null;
   eosTokenIds: number[];
-  /** FP8 block-quantised checkpoint (DeepSeek-V3 style): routed experts kept in FP8 (CPU engine), other weights dequantised to bf16 at load. */
-  quantization: { method: 'fp8'; blockSize: [number, number] } | null;
+  /**
+   * FP8 block-quantised checkpoint (DeepSeek-V3 style): routed experts kept in FP8 (CPU engine), other
+   * weights dequantised to bf16 at load. MXFP4 (gpt-oss): experts kept in MXFP4 (CPU engine).
+   */
+  quantization: { method: 'fp8'; blockSize: [number, number] } | { method: 'mxfp4'; modulesToNotConvert: string[] } | null;
   /**
    * Some layers keep per-sequence recurrent state instead of KV blocks (hybrid linear attention):
    * the engine turns prefix caching off for such a model (with a log line), since cached KV blocks

@@ -16,6 +16,8 @@ export interface TensorSource {
   /** The FP8 codes and block scales of an F8_E4M3 weight, or null when it is not one (or the
    * source cannot keep FP8). */
   getFp8?(name: string): Fp8Weight | null;
+  /** A U8 tensor as stored (MXFP4 blocks and e8m0 scales); throws naming a tensor of another dtype. */
+  getU8?(name: string): { shape: number[]; data: Uint8Array };
 }
 
 /**

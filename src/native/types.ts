@@ -599,6 +599,10 @@ export interface NativeAddon extends Partial<CudaAddon> {
    */
   packMxfp4(blocks: Uint8Array, scales: Uint8Array, n: number, k: number,
             upBlocks?: Uint8Array | null, upScales?: Uint8Array | null): PackedWeight;
+  /** Re-packs new MXFP4 contents (packMxfp4's arrays) into an MXFP4 weight of the same geometry
+   * (expert cache slots of an MXFP4 checkpoint); a gate_up weight needs the up pair. */
+  repackMxfp4Into(dst: PackedWeight, blocks: Uint8Array, scales: Uint8Array,
+                  upBlocks?: Uint8Array | null, upScales?: Uint8Array | null): void;
   /** Re-packs new contents into an existing weight of the same geometry (expert cache slots; a
    * quantized slot re-quantizes them). */
   repackInto(dst: PackedWeight, src: WeightSource, dtype: DType, up?: WeightSource | null): void;

@@ -8,6 +8,7 @@ import { PinnedExpertStore } from './device-store.js';
 import type { ModelSpec } from '../model/spec.js';
 import type { EvictionPolicy } from './expert-cache.js';
 import { CheckpointExpertStore, SimulatedLinkStore, type ExpertStore } from './expert-store.js';
+import { Mxfp4ExpertStore } from './mxfp4-store.js';
 import { Offloader } from './offloader.js';
 import type { BatchCombine } from './predictor.js';
 import type { QuantizeSpec } from '../model/quantize.js';
@@ -56,7 +57,10 @@ export interface OffloadHooks {
 
 export function attachOffloader(loaded: LoadedModel, cfg: OffloadConfig, hooks: OffloadHooks = {}): Offloader {
   const { spec, model, checkpoint } = loaded;
-  let store: ExpertStore = new CheckpointExpertStore(checkpoint, spec, { copyThread: cfg.copyThread ?? true, quantize: cfg.quantize ?? null });
+  // MXFP4 checkpoints (gpt-oss) have a store of their own: slots hold MXFP4 (or --quantize's format).
+  const mxfp4 = spec.quantization?.method === 'mxfp4' && checkpoint.names().some((n) => n.endsWith('.mlp.experts.gate_up_proj_blocks'));
+  let store: ExpertStore = mxfp4 ? new Mxfp4ExpertStore(checkpoint, spec, cfg.quantize ?? null)
+    : new CheckpointExpertStore(checkpoint, spec, { copyThread: cfg.copyThread ?? true, quantize: cfg.quantize ?? null });
   if (cfg.simulatedLink) store = new SimulatedLinkStore(store, cfg.simulatedLink.gbps, cfg.simulatedLink.latencyUs);
   const off = new Offloader(store, offloaderOptions(spec, model.moeLayers.length, cfg, hooks));
   off.attach(model);
