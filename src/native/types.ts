@@ -174,9 +174,26 @@ export interface CudaEvent {
   dispose(): void;
 }
 
-/** Per-layer expert slots on the device: expert e -> (gate_up [2I, H] bf16, down [H, I] bf16). */
+/**
+ * A quantized CudaExpertTable: each slot holds one buffer per matrix in the device layout of
+ * native/include/expertd/cuda_quant.h (codes, then scales at a 16-byte boundary; written by
+ * src/model/cuda-quant.ts). int8: one scale per output row (group 0); int4: group 32 or 128;
+ * fp8: e4m3 with blockRows x group block scales (default 128 x 128); mxfp4: e2m1 with e8m0 per 32.
+ */
+export interface CudaQuantLayout {
+  format: 'int8' | 'int4' | 'fp8' | 'mxfp4';
+  group?: number;
+  blockRows?: number;
+}
+
+/**
+ * Per-layer expert slots on the device: expert e -> (gate_up [2I, H] bf16, down [H, I] bf16), or
+ * with `quant` the same matrices quantized (CudaQuantLayout; the GroupGemm dequantises them).
+ */
 export interface CudaExpertTable {
   readonly numExperts: number;
+  /** The table's quantization (group and, for fp8, blockRows filled in), or null for bf16. */
+  readonly quant: CudaQuantLayout | null;
   set(expert: number, gateUp: CudaBuffer, down: CudaBuffer): void;
   clear(expert: number): void;
   has(expert: number): boolean;
@@ -259,7 +276,7 @@ export interface CudaAddon {
   CudaBuffer: unknown;
   CudaStream: new (priority?: number) => CudaStream;
   CudaEvent: new (timing?: boolean) => CudaEvent;
-  CudaExpertTable: new (numExperts: number, hidden: number, inter: number) => CudaExpertTable;
+  CudaExpertTable: new (numExperts: number, hidden: number, inter: number, quant?: CudaQuantLayout | null) => CudaExpertTable;
   cudaDeviceCount(): number;
   cudaDeviceInfo(device: number): CudaDeviceInfo;
   cudaSetDevice(device: number): void;

@@ -13,9 +13,10 @@ import { bf16ToF32, f32ToBf16, kvDecode, kvDtypeBytes, kvEncode, type KvArray, t
 // The bf16 conversions are the engine's own (dtype.h's f32_to_bf16, round to nearest even).
 export { f32ToBf16 };
 import { loadNative } from '../../src/native/index.js';
+import { deviceQuant, deviceQuantError, dequantMatrixBf16, quantMatrixBytes, type DeviceQuant } from '../../src/model/cuda-quant.js';
 import type {
   CudaAddon, CudaAttentionOptions, CudaBuffer, CudaCommGroup, CudaDeviceInfo, CudaEvent, CudaExpertTable, CudaGemmTile,
-  CudaMemInfo, CudaRouteOptions, CudaStream, DType,
+  CudaMemInfo, CudaQuantLayout, CudaRouteOptions, CudaStream, DType,
 } from '../../src/native/types.js';
 
 export interface CudaEmulatorOptions {
@@ -339,14 +340,22 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
     #disposed = false;
     gateUp: (Slot | null)[];
     down: (Slot | null)[];
-    constructor(numExperts: number, hidden: number, inter: number) {
+    /** The quantization (native/include/expertd/cuda_quant.h's layout), or null for bf16. */
+    readonly q: DeviceQuant | null;
+    constructor(numExperts: number, hidden: number, inter: number, quant?: CudaQuantLayout | null) {
       this.numExperts = getInt(numExperts, 'numExperts', 1, 1024);
       this.hidden = getInt(hidden, 'hidden', 8, 1 << 20);
       this.inter = getInt(inter, 'inter', 8, 1 << 20);
       if (this.hidden % 8 || this.inter % 8) throw rangeError('hidden and inter must be multiples of 8');
+      this.q = quantLayoutArg(quant, this.hidden, this.inter);
       this.gateUp = new Array<Slot | null>(this.numExperts).fill(null);
       this.down = new Array<Slot | null>(this.numExperts).fill(null);
       tableFinalizer.register(this, [this.gateUp, this.down], this);
+    }
+    get quant(): CudaQuantLayout | null {
+      const q = this.q;
+      if (!q) return null;
+      return q.format === 'fp8' ? { format: q.format, group: q.group, blockRows: q.blockRows } : { format: q.format, group: q.group };
     }
     check(): void {
       if (this.#disposed) throw disposedError('expert table');
@@ -362,9 +371,11 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
     }
     set(expert: number, gateUp: CudaBuffer, down: CudaBuffer): void {
       const e = this.#expert(expert);
-      // The binding checks sizes and 16-byte alignment only: contents are the caller's (bf16).
-      const gu = buf(gateUp, 'gateUp', 2 * this.inter * this.hidden * 2);
-      const dn = buf(down, 'down', this.hidden * this.inter * 2);
+      // The binding checks sizes and 16-byte alignment only: contents are the caller's (bf16, or
+      // the quantized layout's codes and scales).
+      const H = this.hidden, I = this.inter;
+      const gu = buf(gateUp, 'gateUp', this.q ? quantMatrixBytes(this.q, 2 * I, H, true).totalBytes : 2 * I * H * 2);
+      const dn = buf(down, 'down', this.q ? quantMatrixBytes(this.q, H, I, false).totalBytes : H * I * 2);
       if ((gu.offset | dn.offset) % 16) throw rangeError('gateUp and down must start 16-byte aligned');
       const guA = gu.alloc('gateUp'), dnA = dn.alloc('down');
       retain(guA);
@@ -388,6 +399,29 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
   }
 
   // ---------------------------------------------------------------------------------- argument helpers
+  /** The binding's parse_quant_layout: { format, group?, blockRows? } or null, checked for the shape. */
+  function quantLayoutArg(v: unknown, hidden: number, inter: number): DeviceQuant | null {
+    if (nullish(v)) return null;
+    if (typeof v !== 'object') throw typeError('quant must be an object or null');
+    const o = v as Record<string, unknown>;
+    const f = o['format'];
+    if (f !== 'int8' && f !== 'int4' && f !== 'fp8' && f !== 'mxfp4')
+      throw typeError("quant.format must be 'int8', 'int4', 'fp8' or 'mxfp4'");
+    const field = (name: string): number | undefined => {
+      const x = o[name];
+      if (nullish(x)) return undefined;
+      if (!(typeof x === 'number' && Number.isInteger(x) && x >= 0 && x <= 1 << 20))
+        throw rangeError(`quant.${name} must be an integer 0..${1 << 20}`);
+      return x;
+    };
+    const q = deviceQuant({
+      format: f, ...(f !== 'int8' ? { group: field('group') ?? (f === 'int4' ? 0 : undefined) } : {}),
+      ...(f === 'fp8' ? { blockRows: field('blockRows') } : {}),
+    } as CudaQuantLayout);
+    const why = deviceQuantError(q, hidden, inter);
+    if (why) throw rangeError(why);
+    return q;
+  }
   function unwrap(v: unknown, name: string): EmuBuffer {
     if (!(v instanceof EmuBuffer)) throw typeError(`${name} must be a CudaBuffer`);
     return v;
@@ -600,6 +634,11 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
       getStream(stream);
       experts.check();
       ensureAlive();
+      const q = experts.q;
+      if (q && tile.startsWith('sm90')) {
+        throw coded(new Error(`group_gemm: tile '${tile}' runs bf16 experts only; this table holds ${q.format} experts`),
+          'E_INVALID_ARG');
+      }
       if (tile.startsWith('sm90')) {
         throw coded(new Error(`group_gemm: tile '${tile}' is unavailable here: the CPU emulator has no sm_90a kernel`),
           'E_INVALID_ARG');
@@ -619,8 +658,16 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
         // either (the device engine's identity experts, filled by cudaCopyRowRange).
         if (!gu || !dn) continue;
         if (beg < 0 || beg + cnt > R) fault(`offsets[${e}..${e + 1}] = ${beg}..${beg + cnt} reach outside rows 0..${R}`);
-        widenBf16(slotU16(gu, 2 * I * H), 2 * I * H, f, guAt);
-        widenBf16(slotU16(dn, H * I), H * I, f, dnAt);
+        if (q) {
+          // group_gemm_quant.cu: every weight dequantised to bf16(f32(code x scale)), then the
+          // bf16 GroupGemm's contract.
+          const guB = quantMatrixBytes(q, 2 * I, H, true).totalBytes, dnB = quantMatrixBytes(q, H, I, false).totalBytes;
+          dequantMatrixBf16(q, gu.alloc.bytes.subarray(gu.offset, gu.offset + guB), 2 * I, H, true, f.subarray(guAt, guAt + 2 * I * H));
+          dequantMatrixBf16(q, dn.alloc.bytes.subarray(dn.offset, dn.offset + dnB), H, I, false, f.subarray(dnAt, dnAt + H * I));
+        } else {
+          widenBf16(slotU16(gu, 2 * I * H), 2 * I * H, f, guAt);
+          widenBf16(slotU16(dn, H * I), H * I, f, dnAt);
+        }
         for (let r = beg; r < beg + cnt; r++) {
           widenBf16(xs.subarray(r * H, r * H + H), H, f, xAt);
           // Gate/up pass: f32 accumulators, SiLU(gate)*up in f32, stored as bf16.
