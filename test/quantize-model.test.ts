@@ -150,9 +150,13 @@ test('--quantize int4 through the offloader (25% of experts cached) equals it re
   }
 });
 
-test('--quantize flags: bad groups and the device engine are refused with a reason', () => {
+test('--quantize flags: bad groups, and the device engine with the expert cache or expert ranks, are refused with a reason', () => {
   assert.equal(quantizeOption({ quantize: 'none' }, 'cpu'), null);
   assert.deepEqual(quantizeOption({ quantize: 'int4', 'quantize-group': 128 }, 'cpu'), { format: 'int4', group: 128 });
   assert.throws(() => quantizeOption({ quantize: 'int4', 'quantize-group': 64 }, 'cpu'), /int4 groups are 32 or 128/);
-  assert.throws(() => quantizeOption({ quantize: 'int8' }, 'cuda:0'), /runs on the CPU engine/);
+  // The device engine keeps quantized experts (test/cuda-quant.test.ts), except in the expert cache's
+  // bf16 slots and on in-process expert ranks.
+  assert.deepEqual(quantizeOption({ quantize: 'int8' }, 'cuda:0'), { format: 'int8', group: 0 });
+  assert.throws(() => quantizeOption({ quantize: 'int8' }, 'cuda:0', true), /does not work with the expert cache yet/);
+  assert.throws(() => quantizeOption({ quantize: 'fp8', 'expert-parallel': 2 }, 'cuda:0'), /does not work with --expert-parallel yet/);
 });
