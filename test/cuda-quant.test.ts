@@ -79,24 +79,43 @@ function randomMatrix(q: DeviceQuant, n: number, k: number, gateUp: boolean): { 
   return { blob: rawQuantMatrix(q, n, k, gateUp, codes, scales), w };
 }
 
-/** float64 FFN of the rows of each expert with weights; h is rounded to bf16 as the kernel stores it. */
+/** Activations quantized per 128 to e4m3 with s = amax / 448 (f32), as dequantised values. */
+function fp8Act(v: ArrayLike<number>): Float64Array {
+  const out = new Float64Array(v.length);
+  for (let k0 = 0; k0 < v.length; k0 += 128) {
+    const k1 = Math.min(v.length, k0 + 128);
+    let amax = 0;
+    for (let c = k0; c < k1; c++) amax = Math.max(amax, Math.abs(v[c]!));
+    const s = Math.fround(amax / 448);
+    for (let c = k0; c < k1; c++) out[c] = s > 0 ? e4m3(toE4m3(Math.fround(v[c]! / s))) * s : 0;
+  }
+  return out;
+}
+
+/**
+ * float64 FFN of the rows of each expert with weights; h is rounded to bf16 as the kernel stores it.
+ * act: what the activations (x, then h) go through first (the FP8-activation path's quantization).
+ */
 function ffnRef(x: Float32Array, offsets: Int32Array, gu: (Float64Array | null)[], dn: (Float64Array | null)[],
-                rows: number, H: number, I: number): { h: Float64Array; y: Float64Array } {
+                rows: number, H: number, I: number,
+                act: (v: ArrayLike<number>) => ArrayLike<number> = (v) => v): { h: Float64Array; y: Float64Array } {
   const h = new Float64Array(rows * I), y = new Float64Array(rows * H);
   for (let e = 0; e + 1 < offsets.length; e++) {
     if (!gu[e]) continue;
     for (let r = offsets[e]!; r < offsets[e + 1]!; r++) {
+      const xr = act(x.subarray(r * H, r * H + H));
       for (let i = 0; i < I; i++) {
         let g = 0, u = 0;
         for (let c = 0; c < H; c++) {
-          g += x[r * H + c]! * gu[e]![i * H + c]!;
-          u += x[r * H + c]! * gu[e]![(I + i) * H + c]!;
+          g += xr[c]! * gu[e]![i * H + c]!;
+          u += xr[c]! * gu[e]![(I + i) * H + c]!;
         }
         h[r * I + i] = bf16ToF32(f32ToBf16(g / (1 + Math.exp(-g)) * u));
       }
+      const hr = act(h.subarray(r * I, r * I + I));
       for (let o = 0; o < H; o++) {
         let s = 0;
-        for (let i = 0; i < I; i++) s += h[r * I + i]! * dn[e]![o * I + i]!;
+        for (let i = 0; i < I; i++) s += hr[i]! * dn[e]![o * I + i]!;
         y[r * H + o] = s;
       }
     }
@@ -205,6 +224,58 @@ function kernelSuite(label: string, cu: () => CudaAddon, skip: string | false) {
       }
     }
 
+    // FP8 activations (DeepSeek-V3's recipe): x and h quantized per (row, 128 k) to e4m3, block sums
+    // scaled by both scales. Reference: the same quantize-dequantize, written here, in float64.
+    for (const layout of [{ format: 'fp8' }, { format: 'fp8', blockRows: 24 }] as CudaQuantLayout[]) {
+      const q = deviceQuant(layout);
+      for (const c of [
+        { E: 4, H: 64, I: 32, counts: [0, 1, 17, 70] },
+        { E: 5, H: 192, I: 144, counts: [3, 6, 0, 130, 2], empty: 1 },
+      ]) {
+        for (const tile of ['small', 'large'] as const) {
+          test(`fp8 ${q.blockRows}x128, FP8 activations: E=${c.E} H=${c.H} I=${c.I} counts=[${c.counts}] tile=${tile}`,
+            { skip: !skip && !api!.cudaQuantPaths().fp8Act ? 'no FP8-activation kernels on this device (sm_89+)' : false }, () => {
+              const cu = api!;
+              const { E, H, I, counts } = c;
+              const rows = counts.reduce((a, b) => a + b, 0);
+              const offsets = new Int32Array(E + 1);
+              for (let e = 0; e < E; e++) offsets[e + 1] = offsets[e]! + counts[e]!;
+              const x = bf16Round(uniform(rows * H));
+              const table = new cu.CudaExpertTable(E, H, I, layout);
+              const gu: (Float64Array | null)[] = [], dn: (Float64Array | null)[] = [];
+              for (let e = 0; e < E; e++) {
+                if (e === c.empty) {
+                  gu.push(null);
+                  dn.push(null);
+                  continue;
+                }
+                const g = randomMatrix(q, 2 * I, H, true), d = randomMatrix(q, H, I, false);
+                gu.push(g.w);
+                dn.push(d.w);
+                table.set(e, upload(g.blob), upload(d.blob));
+              }
+              const y = poisoned(rows * H), hs = poisoned(rows * I, 2);
+              cu.cudaGroupGemmFfn(upload(bf16Array(x)), upload(offsets), table, rows, hs, y, { tile, fp8Path: 'act' });
+              const ref = ffnRef(x, offsets, gu, dn, rows, H, I, fp8Act);
+              const gotY = f32Of(y, rows * H), gotH = bf16Of(hs, rows * I);
+              const written = (r: number) => c.empty === undefined || r < offsets[c.empty]! || r >= offsets[c.empty + 1]!;
+              for (let r = 0; r < rows; r++)
+                if (!written(r)) assert.ok(gotY.subarray(r * H, r * H + H).every(Number.isNaN), `row ${r} of an empty slot was written`);
+              const pick = (a: ArrayLike<number>, w: number) =>
+                Float64Array.from({ length: rows * w }, (_, i) => a[i]!).filter((_, i) => written(Math.floor(i / w)));
+              // f32 block sums and promotions against float64; h one bf16 rounding apart where the sums straddle a
+              // tie, which can move an h code in the down pass.
+              close('y', pick(gotY, H), pick(ref.y, H), 5e-3);
+              close('hScratch', pick(gotH, I), pick(ref.h, I), 1e-2);
+              // ...and the activation quantization is really there: the exact-activation reference is further off.
+              const exact = ffnRef(x, offsets, gu, dn, rows, H, I);
+              assert.notDeepEqual(pick(gotY, H), pick(exact.y, H));
+              table.dispose();
+            });
+        }
+      }
+    }
+
     test('the tables check their layout and buffers; sm90 tiles are bf16 only', () => {
       const cu = api!;
       assert.throws(() => new cu.CudaExpertTable(2, 64, 48, { format: 'int4', group: 32 }),
@@ -227,6 +298,10 @@ function kernelSuite(label: string, cu: () => CudaAddon, skip: string | false) {
       const x = cu.cudaBuffer(64 * 2), off = upload(Int32Array.from([0, 1, 1])), hs = cu.cudaBuffer(64), y = cu.cudaBuffer(256);
       assert.throws(() => cu.cudaGroupGemmFfn(x, off, table, 1, hs, y, { tile: 'sm90' }),
         { code: 'E_INVALID_ARG', message: /tile 'sm90' runs bf16 experts only; this table holds int8 experts/ });
+      assert.throws(() => cu.cudaGroupGemmFfn(x, off, table, 1, hs, y, { fp8Path: 'act' }),
+        { code: 'E_INVALID_ARG', message: /FP8 activations need an fp8 table with 128-column blocks; this one is int8 with groups of 0/ });
+      assert.throws(() => cu.cudaGroupGemmFfn(x, off, table, 1, hs, y, { fp8Path: 'fp8' as never }),
+        { name: 'TypeError', message: "opts.fp8Path must be 'auto', 'dequant' or 'act'" });
       assert.equal(cu.cudaDeviceLost(), false);
       table.dispose();
     });

@@ -713,6 +713,18 @@ cuda::GemmTile parse_tile(const Napi::CallbackInfo& info, size_t i) {
   throw_type(info.Env(), "opts.tile must be 'auto', 'small', 'large', 'sm90', 'sm90-swizzle' or 'sm90-persistent'");
 }
 
+// opts.fp8Path: 'auto' (default), 'dequant' or 'act' (cuda_quant.h's Fp8Path).
+cuda::Fp8Path parse_fp8_path(const Napi::CallbackInfo& info, size_t i) {
+  if (i >= info.Length() || is_nullish(info[i]) || !info[i].IsObject()) return cuda::Fp8Path::Auto;
+  Napi::Value t = info[i].As<Napi::Object>().Get("fp8Path");
+  if (is_nullish(t)) return cuda::Fp8Path::Auto;
+  const std::string v = t.IsString() ? t.As<Napi::String>().Utf8Value() : "";
+  if (v == "auto") return cuda::Fp8Path::Auto;
+  if (v == "dequant") return cuda::Fp8Path::Dequant;
+  if (v == "act") return cuda::Fp8Path::Act;
+  throw_type(info.Env(), "opts.fp8Path must be 'auto', 'dequant' or 'act'");
+}
+
 // cudaGroupGemmFfn(x, offsets, experts, rows, hScratch, y, opts?, stream?)
 Napi::Value group_gemm_ffn(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -724,6 +736,9 @@ Napi::Value group_gemm_ffn(const Napi::CallbackInfo& info) {
   const int rows = dim(info, 3, "rows", 0, 1 << 28);
   // Before the buffers: the options are checked on machines without a device too.
   const cuda::GemmTile tile = parse_tile(info, 6);
+  const cuda::Fp8Path fp8_path = parse_fp8_path(info, 6);
+  if (fp8_path == cuda::Fp8Path::Act && !t->quantized())
+    throw_range(env, "opts.fp8Path 'act' needs an fp8 table; this one holds bf16 experts");
   // x and hScratch (the down pass's x) are read in 16-byte cp.async chunks, hScratch written as
   // bf16 pairs, y read and written as float2.
   const uint16_t* x = get_aligned_buf<uint16_t>(info, 0, "x", mul(rows, h, B2), 16);
@@ -735,7 +750,7 @@ Napi::Value group_gemm_ffn(const Napi::CallbackInfo& info) {
   if (t->quantized()) {
     const auto* qt = reinterpret_cast<const uint8_t* const*>(table);
     guard(env, [&] {
-      cuda::group_gemm_quant_ffn(x, offsets, qt, qt + e, e, rows, h, inter, t->quant(), hs, y, tile, s);
+      cuda::group_gemm_quant_ffn(x, offsets, qt, qt + e, e, rows, h, inter, t->quant(), hs, y, tile, s, fp8_path);
     });
     return env.Undefined();
   }
@@ -745,6 +760,16 @@ Napi::Value group_gemm_ffn(const Napi::CallbackInfo& info) {
     cuda::group_gemm_ffn(x, offsets, table, table + e, e, rows, h, inter, hs, y, tile, s, maps);
   });
   return env.Undefined();
+}
+
+// cudaQuantPaths() -> { fp8Act }: whether the FP8-activation GroupGemm can run on the current device.
+Napi::Value quant_paths(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  bool act = false;
+  if (cuda_device_count() > 0) guard(env, [&] { act = cuda::group_gemm_fp8_act_available(); });
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("fp8Act", act);
+  return o;
 }
 
 // cudaDenseGemm(x, m, w, n, k, y, bias, accumulate, backend?, stream?) -> backend used
@@ -1373,6 +1398,7 @@ void register_cuda(Napi::Env env, Napi::Object exports) {
   fn("cudaSm90SelfCheck", sm90_self_check);
   fn("cudaConvert", convert);
   fn("cudaGroupGemmFfn", group_gemm_ffn);
+  fn("cudaQuantPaths", quant_paths);
   fn("cudaDenseGemm", dense_gemm);
   fn("cudaRoute", route);
   fn("cudaPermute", permute);

@@ -265,6 +265,14 @@ export interface CudaCommGroup {
  */
 export type CudaGemmTile = 'auto' | 'small' | 'large' | 'sm90' | 'sm90-swizzle' | 'sm90-persistent';
 
+/**
+ * Quantized tables (CudaQuantLayout): 'dequant' dequantises every weight to bf16 in registers for
+ * bf16 mma.sync (sm_80+, every format); 'act' (fp8 tables with 128-column blocks, sm_89+) quantizes x
+ * and h per (row, 128 k) to e4m3 and multiplies on FP8 tensor cores, DeepSeek-V3's recipe (contract:
+ * native/include/expertd/cuda_quant.h); 'auto' is 'dequant' unless EXPERTD_FP8_ACT=1 and 'act' can run.
+ */
+export type CudaFp8Path = 'auto' | 'dequant' | 'act';
+
 export interface CudaLibrary { path: string | null; tried: string[] }
 
 export interface CudaGemmPaths {
@@ -322,8 +330,10 @@ export interface CudaAddon {
    */
   cudaGroupGemmFfn(x: CudaBuffer, offsets: CudaBuffer, experts: CudaExpertTable, rows: number,
                    hScratch: CudaBuffer, y: CudaBuffer,
-                   opts?: { tile?: CudaGemmTile } | null,
+                   opts?: { tile?: CudaGemmTile; fp8Path?: CudaFp8Path } | null,
                    stream?: CudaStream | null): void;
+  /** Whether the FP8-activation GroupGemm (CudaFp8Path 'act') can run on the current device. */
+  cudaQuantPaths(): { fp8Act: boolean };
   /** State of the GroupGemm kernel paths on the current device (see CudaGemmPaths). */
   cudaGemmPaths(): CudaGemmPaths;
   /**

@@ -8,15 +8,15 @@
 // out of bounds (slots, offsets, block tables) or a misaligned typed access raise an E_CUDA
 // "fault" and mark the device lost, as a sticky CUDA error would; fresh allocations are filled
 // with 0xff (NaN) so that reads of memory nobody wrote show up.
-import { bf16ToF32, f32ToBf16, kvDecode, kvDtypeBytes, kvEncode, type KvArray, type KvDtype } from '../../src/model/kv-dtype.js';
+import { bf16ToF32, f32ToBf16, f32ToFp8, fp8ToF32, kvDecode, kvDtypeBytes, kvEncode, type KvArray, type KvDtype } from '../../src/model/kv-dtype.js';
 
 // The bf16 conversions are the engine's own (dtype.h's f32_to_bf16, round to nearest even).
 export { f32ToBf16 };
 import { loadNative } from '../../src/native/index.js';
-import { deviceQuant, deviceQuantError, dequantMatrixBf16, quantMatrixBytes, type DeviceQuant } from '../../src/model/cuda-quant.js';
+import { deviceQuant, deviceQuantError, dequantMatrixBf16, quantElement, quantMatrixBytes, type DeviceQuant } from '../../src/model/cuda-quant.js';
 import type {
   CudaAddon, CudaAttentionOptions, CudaBuffer, CudaCommGroup, CudaDeviceInfo, CudaEvent, CudaExpertTable, CudaGemmTile,
-  CudaMemInfo, CudaQuantLayout, CudaRouteOptions, CudaStream, DType,
+  CudaFp8Path, CudaMemInfo, CudaQuantLayout, CudaRouteOptions, CudaStream, DType,
 } from '../../src/native/types.js';
 
 export interface CudaEmulatorOptions {
@@ -635,6 +635,8 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
       experts.check();
       ensureAlive();
       const q = experts.q;
+      const fp8Path = parseFp8Path(opts);
+      if (fp8Path === 'act' && !q) throw rangeError("opts.fp8Path 'act' needs an fp8 table; this one holds bf16 experts");
       if (q && tile.startsWith('sm90')) {
         throw coded(new Error(`group_gemm: tile '${tile}' runs bf16 experts only; this table holds ${q.format} experts`),
           'E_INVALID_ARG');
@@ -643,8 +645,34 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
         throw coded(new Error(`group_gemm: tile '${tile}' is unavailable here: the CPU emulator has no sm_90a kernel`),
           'E_INVALID_ARG');
       }
+      const fp8Table = q?.format === 'fp8' && q.group === 128;
+      if (fp8Path === 'act' && !fp8Table) {
+        throw coded(new Error('group_gemm_quant: FP8 activations need an fp8 table with 128-column blocks; this one is ' +
+          `${q!.format} with groups of ${q!.group}`), 'E_INVALID_ARG');
+      }
+      // The emulated device is sm_90: the FP8-activation kernels are available.
+      const act = fp8Path === 'act' || (fp8Path === 'auto' && fp8Table && process.env.EXPERTD_FP8_ACT === '1');
       if (R <= 0) return;
       const off = i32Of(ob, 'offsets'), xs = u16Of(xb, 'x'), hs = u16Of(hb, 'hScratch'), ys = f32Of(yb, 'y');
+      if (act) {
+        const xr = new Float32Array(H), hr = new Float32Array(I), g = new Float64Array(2 * I), yo = new Float64Array(H);
+        for (let e = 0; e < E; e++) {
+          const beg = off[e]!, cnt = off[e + 1]! - beg;
+          const gu = experts.gateUp[e], dn = experts.down[e];
+          if (cnt <= 0 || !gu || !dn) continue;
+          if (beg < 0 || beg + cnt > R) fault(`offsets[${e}..${e + 1}] = ${beg}..${beg + cnt} reach outside rows 0..${R}`);
+          const guW = gu.alloc.bytes.subarray(gu.offset), dnW = dn.alloc.bytes.subarray(dn.offset);
+          for (let r = beg; r < beg + cnt; r++) {
+            for (let c = 0; c < H; c++) xr[c] = bf16ToF32(xs[r * H + c]!);
+            fp8ActRow(q!, guW, 2 * I, H, true, xr, g);
+            for (let i = 0; i < I; i++) hs[r * I + i] = f32ToBf16(fr(siluF32(g[i]!) * g[I + i]!));
+            for (let i = 0; i < I; i++) hr[i] = bf16ToF32(hs[r * I + i]!);
+            fp8ActRow(q!, dnW, H, I, false, hr, yo);
+            for (let o = 0; o < H; o++) ys[r * H + o] = yo[o]!;
+          }
+        }
+        return;
+      }
       // Scratch layout: [gate_up 2I*H | down H*I | x row H | h row I] as f32.
       const f = scratch.floats(3 * I * H + H + I);
       const guAt = 0, dnAt = 2 * I * H, xAt = 3 * I * H, hAt = xAt + H;
@@ -683,6 +711,8 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
         }
       }
     },
+
+    cudaQuantPaths: () => ({ fp8Act: true }),
 
     cudaDenseGemm(x, m, w, n, k, y, bias, accumulate, backend, stream) {
       const M = dim(m, 'm'), N = dim(n, 'n', 8), K = dim(k, 'k', 8);
@@ -1315,6 +1345,47 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
   };
 
   const TILES: readonly CudaGemmTile[] = ['auto', 'small', 'large', 'sm90', 'sm90-swizzle', 'sm90-persistent'];
+  /** opts.fp8Path of cudaGroupGemmFfn (after parseTile checked opts is an object). */
+  function parseFp8Path(opts: unknown): CudaFp8Path {
+    const t = nullish(opts) ? undefined : (opts as { fp8Path?: unknown }).fp8Path;
+    if (nullish(t)) return 'auto';
+    if (t === 'auto' || t === 'dequant' || t === 'act') return t;
+    throw typeError("opts.fp8Path must be 'auto', 'dequant' or 'act'");
+  }
+
+  /**
+   * group_gemm_quant.cu's FP8-activation pass for one row: v (k values) quantized per 128 to e4m3
+   * with s = amax / 448; out[o] = sum over blocks of acc + p * (s_x * s_w), p the block's sum of
+   * e4m3 x e4m3 products (one f32 rounding, as the bf16 GroupGemm's emulation), each step an f32 rounding.
+   */
+  function fp8ActRow(q: DeviceQuant, w: Uint8Array, n: number, k: number, gateUp: boolean, v: Float32Array,
+                     out: Float64Array) {
+    const b = quantMatrixBytes(q, n, k, gateUp);
+    const KB = Math.ceil(k / 128);
+    const xa = new Float64Array(k), sx = new Float64Array(KB);
+    for (let kb = 0; kb < KB; kb++) {
+      const c1 = Math.min(k, kb * 128 + 128);
+      let amax = 0;
+      for (let c = kb * 128; c < c1; c++) amax = Math.max(amax, Math.abs(v[c]!));
+      const sc = fr(amax / 448);
+      sx[kb] = sc;
+      for (let c = kb * 128; c < c1; c++) xa[c] = sc > 0 ? fp8ToF32(f32ToFp8(fr(v[c]! / sc))) : 0;
+    }
+    for (let o = 0; o < n; o++) {
+      let acc = 0;
+      for (let kb = 0; kb < KB; kb++) {
+        let p = 0, sw = 0;
+        for (let c = kb * 128; c < Math.min(k, kb * 128 + 128); c++) {
+          const el = quantElement(q, w, b, n, k, gateUp, o, c);
+          p += xa[c]! * el.code;
+          sw = el.scale;
+        }
+        acc = fr(acc + fr(fr(p) * fr(sx[kb]! * sw)));
+      }
+      out[o] = acc;
+    }
+  }
+
   function parseTile(opts: unknown): CudaGemmTile {
     if (nullish(opts)) return 'auto';
     if (typeof opts !== 'object') throw typeError('opts must be an object');

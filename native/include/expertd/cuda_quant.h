@@ -108,9 +108,18 @@ inline std::string quant_layout_error(const QuantLayout& l, int hidden, int inte
 // its rows of h_scratch and y kept). Every weight is dequantised in registers to
 // bf16(f32(value)) (round to nearest even) and multiplied on bf16 tensor cores (mma.sync, sm_80+),
 // f32 accumulate. tile: Auto, Small or Large (the sm90 tiles are bf16 only: E_INVALID_ARG).
+//
+// Fp8Path::Act (fp8 tables with 128-column blocks, sm_89+): instead, x and h are quantized per
+// (row, 128 k) to e4m3 with s = amax / 448 (code = e4m3(v / s), nearest even, saturating), each
+// 128-k block is summed on e4m3 tensor cores in f32 (p), and acc = acc + p * (s_x * s_w), each
+// operation rounded to f32. Auto takes it where available and EXPERTD_FP8_ACT=1 (opt-in until the
+// kernels have run on a GPU); Dequant never does; Act forces it (E_INVALID_ARG where unavailable).
+enum class Fp8Path : int { Auto = 0, Dequant = 1, Act = 2 };
 void group_gemm_quant_ffn(const uint16_t* x, const int32_t* offsets, const uint8_t* const* gate_up,
                           const uint8_t* const* down, int num_experts, int rows, int hidden,
                           int inter, const QuantLayout& layout, uint16_t* h_scratch, float* y,
-                          GemmTile tile, Stream s);
+                          GemmTile tile, Stream s, Fp8Path path = Fp8Path::Auto);
+// Whether the FP8-activation kernels can run on the current device (sm_89+, code in the build).
+bool group_gemm_fp8_act_available();
 
 }  // namespace expertd::cuda
