@@ -302,10 +302,11 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
 // ------------------------------------------------------------------------ FP8 activations (sm_89+)
 // x [rows, k] bf16 -> codes [rows, k] e4m3 and scales [rows, ceil(k / 128)] f32: per (row, 128-k
 // group) s = amax / 448, code = e4m3(x / s) (round to nearest even, saturating; 0 where s is 0).
-// One warp per (group, row), four values per lane (k % 16 == 0: a lane's four are all in or out).
+// One warp per (row, group): rows on grid.x (prefill rows can pass grid.y's 65535), four values per
+// lane (k % 16 == 0: a lane's four are all in or out).
 __global__ void quantize_act_e4m3_kernel(const uint16_t* __restrict__ x, int k, uint8_t* __restrict__ codes,
                                          float* __restrict__ scales) {
-  const int row = blockIdx.y, kb = blockIdx.x, lane = threadIdx.x;
+  const int row = blockIdx.x, kb = blockIdx.y, lane = threadIdx.x;
   const int c = kb * 128 + lane * 4;
   const size_t at = static_cast<size_t>(row) * k + c;
   float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -657,7 +658,7 @@ void group_gemm_quant_ffn(const uint16_t* x, const int32_t* offsets, const uint8
     auto* xq = static_cast<uint8_t*>(q->ptr);
     auto* xs = static_cast<float*>(sc->ptr);
     const auto pass = [&](const uint16_t* in, int k, int n, const uint8_t* const* w, bool gu, void* out) {
-      quantize_act_e4m3_kernel<<<dim3((k + 127) / 128, rows), 32, 0, s>>>(in, k, xq, xs);
+      quantize_act_e4m3_kernel<<<dim3(rows, (k + 127) / 128), 32, 0, s>>>(in, k, xq, xs);
       EXPERTD_CUDA_LAUNCH_CHECK();
       const QuantMatrixBytes b = quant_matrix_bytes(layout, gu ? 2 * n : n, k, gu);
       const F8Args a{xq, xs, offsets, w, num_experts, rows, n, k, out, layout.block_rows,
