@@ -3,9 +3,10 @@
 # bench/gpu-pack.sh): run(command="bash bench/gpu-run.sh", carry=[".gpu"], timeout_s=480).
 # Steps in order, each under `timeout` within one time budget, logs and JSON into $OUT as it goes:
 #   gate      capabilities(), libraries, nvidia-smi, torch -> machine.json; no usable device: exit 3 at once
-#   ops       the CUDA op tests against float64 (cuda.test, op/glue args, library lookup, Gated DeltaNet) -> tests.txt
+#   ops       the CUDA op tests against float64 (cuda.test, cuda-quant, op/glue args, library lookup, Gated DeltaNet) -> tests.txt
 #   sm90      the sm_90a self-check, then every forced sm90 tile against float64 -> tests.txt
 #   kernels   bench kernels --device cuda at 1, 16, 256, 4096 rows/expert, few reps, vs torch -> kernels-cuda.*
+#   quant     bench kernels-quant: the quantized GroupGemm per format vs bf16 and torch (_scaled_mm) -> kernels-cuda.md
 #   serve     bench gpu-serve: serve --device cuda vs --device cpu through the API -> gpu-serve.json
 #   engine    the device engine tests (cuda-model, cuda-offload, cuda-serve) -> tests.txt
 #   sanitize  compute-sanitizer memcheck on the op tests, with the time left -> sanitize.txt
@@ -127,15 +128,18 @@ if [ "$failed" != 0 ]; then
   finish 3
 fi
 
-step ops 90 tests ops dist/test/cuda.test.js dist/test/cuda-op-args.test.js dist/test/cuda-glue-args.test.js dist/test/cuda-libs.test.js dist/test/cuda-deltanet.test.js
+step ops 90 tests ops dist/test/cuda.test.js dist/test/cuda-quant.test.js dist/test/cuda-op-args.test.js dist/test/cuda-glue-args.test.js dist/test/cuda-libs.test.js dist/test/cuda-deltanet.test.js
 step sm90 60 tests sm90 dist/test/cuda-sm90.test.js
 if [ "$standin" = 1 ]; then
   step kernels 150 node dist/bench/index.js kernels --device cuda --rows 1,16,256,4096 --reps 5 --warmup 2 --python "$py" --json "$out/kernels-cuda.json"
+  step quant 60 node dist/bench/index.js kernels-quant --standin --shape tiny:64:32:8:4 --rows 1,16 --reps 3 --warmup 1
   # The CPU emulator stands in for the device, on a tiny fixture: the plumbing timed, not the model.
   step serve 150 env EXPERTD_CUDA_STANDIN="$PWD/dist/test/helpers/cuda-emu.js" \
     node dist/bench/index.js gpu-serve --model-dir test/fixtures/qwen2_moe --prompt-len 64 --max-tokens 8 --json "$out/gpu-serve.json"
 else
   step kernels 120 bash -c "set -o pipefail; node dist/bench/index.js kernels --device cuda --rows 1,16,256,4096 --reps 5 --warmup 2 --python '$py' --json '$out/kernels-cuda.json' | tee '$out/kernels-cuda.md'"
+  # Its table goes after the kernels step's in kernels-cuda.md (8 files at most come back).
+  step quant 60 bash -c "set -o pipefail; node dist/bench/index.js kernels-quant --rows 1,16,256 --reps 10 --warmup 2 --python '$py' | tee -a '$out/kernels-cuda.md'"
   step serve 120 node dist/bench/index.js gpu-serve --json "$out/gpu-serve.json"
 fi
 step engine 90 tests engine dist/test/cuda-model.test.js dist/test/cuda-offload.test.js dist/test/cuda-serve.test.js

@@ -17,6 +17,7 @@
 #include "../addon/register.h"
 #include "../addon/sampling_args.h"
 #include "expertd/cuda_backend.h"
+#include "expertd/cuda_quant.h"
 
 namespace expertd::addon {
 namespace {
@@ -315,8 +316,38 @@ std::string js_number(double d) {
   return buf;
 }
 
+// The optional quantization of a CudaExpertTable: { format, group?, blockRows? } (null: bf16).
+cuda::QuantLayout parse_quant_layout(Napi::Env env, Napi::Value v, int hidden, int inter) {
+  cuda::QuantLayout l;
+  if (is_nullish(v)) return l;
+  if (!v.IsObject()) throw_type(env, "quant must be an object or null");
+  Napi::Object o = v.As<Napi::Object>();
+  Napi::Value f = o.Get("format");
+  const std::string fmt = f.IsString() ? f.As<Napi::String>().Utf8Value() : "";
+  int group = 0, block_rows = 0;
+  if (fmt == "int8") l.q = QFormat::I8;
+  else if (fmt == "int4") l.q = QFormat::I4;
+  else if (fmt == "fp8") { l.q = QFormat::F8; group = 128; block_rows = 128; }
+  else if (fmt == "mxfp4") { l.q = QFormat::FP4; group = 32; }
+  else throw_type(env, "quant.format must be 'int8', 'int4', 'fp8' or 'mxfp4'");
+  auto field = [&](const char* name, int def) {
+    Napi::Value x = o.Get(name);
+    if (is_nullish(x)) return def;
+    const double d = x.IsNumber() ? x.As<Napi::Number>().DoubleValue() : -1;
+    if (!(d >= 0 && d <= (1 << 20) && d == static_cast<int>(d)))
+      throw_range(env, std::string("quant.") + name + " must be an integer 0.." + std::to_string(1 << 20));
+    return static_cast<int>(d);
+  };
+  l.group = l.q == QFormat::I8 ? 0 : field("group", group);
+  l.block_rows = l.q == QFormat::F8 ? field("blockRows", block_rows) : 0;
+  const std::string why = cuda::quant_layout_error(l, hidden, inter);
+  if (!why.empty()) throw_range(env, why);
+  return l;
+}
+
 // ------------------------------------------------------------------------------- CudaExpertTable
-// expert e -> (gate_up [2I, H] bf16, down [H, I] bf16) device buffers. Holds the allocations, so
+// expert e -> (gate_up [2I, H] bf16, down [H, I] bf16) device buffers, or with a quantization one
+// matrix each in cuda_quant.h's layout (codes, then scales). Holds the allocations, so
 // disposing a buffer handle never leaves a dangling slot; the device pointer table is uploaded
 // on the stream of the GEMM that reads it, when it changed.
 // NOTE: use one table per stream: an upload must not overtake a GEMM still reading it elsewhere.
@@ -328,15 +359,17 @@ class TableHandle : public Napi::ObjectWrap<TableHandle> {
                         InstanceMethod("clear", &TableHandle::clear),
                         InstanceMethod("has", &TableHandle::has),
                         InstanceMethod("dispose", &TableHandle::dispose),
-                        InstanceAccessor("numExperts", &TableHandle::num_experts_js, nullptr)});
+                        InstanceAccessor("numExperts", &TableHandle::num_experts_js, nullptr),
+                        InstanceAccessor("quant", &TableHandle::quant_js, nullptr)});
   }
-  // new CudaExpertTable(numExperts, hidden, inter)
+  // new CudaExpertTable(numExperts, hidden, inter, quant?)
   explicit TableHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<TableHandle>(info) {
     expect_args(info, 3, "CudaExpertTable");
     e_ = dim(info, 0, "numExperts", 1, 1024);
     h_ = dim(info, 1, "hidden", 8, 1 << 20);
     i_ = dim(info, 2, "inter", 8, 1 << 20);
     if (h_ % 8 || i_ % 8) throw_range(info.Env(), "hidden and inter must be multiples of 8");
+    quant_ = parse_quant_layout(info.Env(), info.Length() > 3 ? info[3] : info.Env().Undefined(), h_, i_);
     gate_up_.resize(e_);
     down_.resize(e_);
     ptrs_.assign(2 * static_cast<size_t>(e_), nullptr);
@@ -344,6 +377,8 @@ class TableHandle : public Napi::ObjectWrap<TableHandle> {
   int num_experts() const { return e_; }
   int hidden() const { return h_; }
   int inter() const { return i_; }
+  const cuda::QuantLayout& quant() const { return quant_; }
+  bool quantized() const { return quant_.q != QFormat::None; }
   bool has_expert(int e) const { return gate_up_[e].mem != nullptr; }
   // Device pointer arrays (gate_up [E], down [E]), uploaded on s if stale.
   const uint16_t* const* device_table(Napi::Env env, Stream s) {
@@ -404,8 +439,13 @@ class TableHandle : public Napi::ObjectWrap<TableHandle> {
     Napi::Env env = info.Env();
     expect_args(info, 3, "set");
     const int e = expert_arg(info);
-    get_buf(info, 1, "gateUp", mul(2 * static_cast<size_t>(i_), h_, B2));
-    get_buf(info, 2, "down", mul(h_, i_, B2));
+    if (quantized()) {
+      get_buf(info, 1, "gateUp", cuda::quant_matrix_bytes(quant_, 2 * i_, h_, true).total_bytes);
+      get_buf(info, 2, "down", cuda::quant_matrix_bytes(quant_, h_, i_, false).total_bytes);
+    } else {
+      get_buf(info, 1, "gateUp", mul(2 * static_cast<size_t>(i_), h_, B2));
+      get_buf(info, 2, "down", mul(h_, i_, B2));
+    }
     BufferHandle* gu = unwrap_buffer(info, 1, "gateUp");
     BufferHandle* dn = unwrap_buffer(info, 2, "down");
     if ((reinterpret_cast<uintptr_t>(gu->ptr(env, "gateUp")) | reinterpret_cast<uintptr_t>(dn->ptr(env, "down"))) % 16)
@@ -441,7 +481,17 @@ class TableHandle : public Napi::ObjectWrap<TableHandle> {
   Napi::Value num_experts_js(const Napi::CallbackInfo& info) {
     return Napi::Number::New(info.Env(), e_);
   }
+  Napi::Value quant_js(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (!quantized()) return env.Null();
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("format", qformat_name(quant_.q));
+    o.Set("group", quant_.group);
+    if (quant_.q == QFormat::F8) o.Set("blockRows", quant_.block_rows);
+    return o;
+  }
   int e_ = 0, h_ = 0, i_ = 0;
+  cuda::QuantLayout quant_;
   std::vector<Slot> gate_up_, down_;
   std::vector<const void*> ptrs_;  // [gate_up E | down E]
   std::shared_ptr<DeviceMem> table_;
@@ -664,6 +714,18 @@ cuda::GemmTile parse_tile(const Napi::CallbackInfo& info, size_t i) {
   throw_type(info.Env(), "opts.tile must be 'auto', 'small', 'large', 'sm90', 'sm90-swizzle' or 'sm90-persistent'");
 }
 
+// opts.fp8Path: 'auto' (default), 'dequant' or 'act' (cuda_quant.h's Fp8Path).
+cuda::Fp8Path parse_fp8_path(const Napi::CallbackInfo& info, size_t i) {
+  if (i >= info.Length() || is_nullish(info[i]) || !info[i].IsObject()) return cuda::Fp8Path::Auto;
+  Napi::Value t = info[i].As<Napi::Object>().Get("fp8Path");
+  if (is_nullish(t)) return cuda::Fp8Path::Auto;
+  const std::string v = t.IsString() ? t.As<Napi::String>().Utf8Value() : "";
+  if (v == "auto") return cuda::Fp8Path::Auto;
+  if (v == "dequant") return cuda::Fp8Path::Dequant;
+  if (v == "act") return cuda::Fp8Path::Act;
+  throw_type(info.Env(), "opts.fp8Path must be 'auto', 'dequant' or 'act'");
+}
+
 // cudaGroupGemmFfn(x, offsets, experts, rows, hScratch, y, opts?, stream?)
 Napi::Value group_gemm_ffn(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -675,6 +737,9 @@ Napi::Value group_gemm_ffn(const Napi::CallbackInfo& info) {
   const int rows = dim(info, 3, "rows", 0, 1 << 28);
   // Before the buffers: the options are checked on machines without a device too.
   const cuda::GemmTile tile = parse_tile(info, 6);
+  const cuda::Fp8Path fp8_path = parse_fp8_path(info, 6);
+  if (fp8_path == cuda::Fp8Path::Act && !t->quantized())
+    throw_range(env, "opts.fp8Path 'act' needs an fp8 table; this one holds bf16 experts");
   // x and hScratch (the down pass's x) are read in 16-byte cp.async chunks, hScratch written as
   // bf16 pairs, y read and written as float2.
   const uint16_t* x = get_aligned_buf<uint16_t>(info, 0, "x", mul(rows, h, B2), 16);
@@ -683,12 +748,29 @@ Napi::Value group_gemm_ffn(const Napi::CallbackInfo& info) {
   float* y = get_aligned_buf<float>(info, 5, "y", mul(rows, h, F4), 8);
   Stream s = get_stream(info, 7);
   const uint16_t* const* table = t->device_table(env, s);
+  if (t->quantized()) {
+    const auto* qt = reinterpret_cast<const uint8_t* const*>(table);
+    guard(env, [&] {
+      cuda::group_gemm_quant_ffn(x, offsets, qt, qt + e, e, rows, h, inter, t->quant(), hs, y, tile, s, fp8_path);
+    });
+    return env.Undefined();
+  }
   const bool forced = cuda::is_sm90_tile(tile);
   const void* maps = tile == cuda::GemmTile::Auto || forced ? t->device_maps(env, s, forced) : nullptr;
   guard(env, [&] {
     cuda::group_gemm_ffn(x, offsets, table, table + e, e, rows, h, inter, hs, y, tile, s, maps);
   });
   return env.Undefined();
+}
+
+// cudaQuantPaths() -> { fp8Act }: whether the FP8-activation GroupGemm can run on the current device.
+Napi::Value quant_paths(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  bool act = false;
+  if (cuda_device_count() > 0) guard(env, [&] { act = cuda::group_gemm_fp8_act_available(); });
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("fp8Act", act);
+  return o;
 }
 
 // cudaDenseGemm(x, m, w, n, k, y, bias, accumulate, backend?, stream?) -> backend used
@@ -1394,6 +1476,7 @@ void register_cuda(Napi::Env env, Napi::Object exports) {
   fn("cudaSm90SelfCheck", sm90_self_check);
   fn("cudaConvert", convert);
   fn("cudaGroupGemmFfn", group_gemm_ffn);
+  fn("cudaQuantPaths", quant_paths);
   fn("cudaDenseGemm", dense_gemm);
   fn("cudaRoute", route);
   fn("cudaPermute", permute);

@@ -197,7 +197,7 @@ async function init(o: EngineOptions): Promise<void> {
       }
       const cudaLoaded = loadCudaModel(o.modelDir, {
         device: Number(device.split(':')[1] ?? 0), onProgress, ...(o.offload ? { loadExperts: false } : {}),
-        ...(cuda ? { cuda } : {}), ...(ep ? { ep } : {}),
+        ...(cuda ? { cuda } : {}), ...(ep ? { ep } : {}), ...(o.quantize ? { quantize: o.quantize } : {}),
       });
       loaded = cudaLoaded;
       if (d && ep) {

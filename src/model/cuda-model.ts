@@ -16,6 +16,8 @@ import { kvDtypeBytes, type KvDtype } from './kv-dtype.js';
 import type { ModelSpec } from './spec.js';
 import type { HostTensor, TensorSource } from './tensor-source.js';
 import { checkExpert, checkShape, ffnSource, vectorF32, type ExpertSource } from './weights.js';
+import { deviceQuantError, deviceQuantOf, fp8Matrix, quantizeMatrix, type DeviceQuant } from './cuda-quant.js';
+import type { QuantizeSpec } from './quantize.js';
 
 export interface CudaModelOptions {
   /** CUDA device index. */
@@ -26,6 +28,8 @@ export interface CudaModelOptions {
   loadExperts?: boolean;
   /** Expert parallelism: the comm to the other ranks; only this rank's slice of experts is loaded. */
   ep?: DeviceExpertComm;
+  /** --quantize: routed experts quantized at load and kept so on the device (group_gemm_quant.cu). */
+  quantize?: QuantizeSpec | null;
 }
 
 /** A gated FFN (dense layer, shared experts) as a one-expert GroupGemm table. */
@@ -37,7 +41,8 @@ interface DeviceMoe {
   gateBias: CudaBuffer | null;        // [E + Z]
   correctionBias: CudaBuffer | null;  // [E + Z]
   experts: CudaExpertTable;
-  /** The same experts' buffers, for the per-expert DenseGemm path: gate_up [2I, H], down [H, I] bf16. */
+  /** The same experts' buffers, for the per-expert DenseGemm path: gate_up [2I, H], down [H, I] bf16
+   * (quantized experts: their codes and scales, and the DenseGemm path is off). */
   expertWeights: { gateUp: CudaBuffer; down: CudaBuffer }[];
   shared: DeviceFfn | null;
   sharedGate: DeviceWeight | null;    // [1, H]
@@ -75,6 +80,9 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
   /** MoE layers per expert kernel in the last step. */
   private readonly choices = new Map<ExpertKernel, number>();
   private readonly loadExperts: boolean;
+  /** The routed experts' device format: --quantize's, an FP8 checkpoint's, or null (bf16). */
+  readonly expertQuant: DeviceQuant | null;
+  private readonly quantizedAtLoad: boolean;
   private readonly ep: DeviceExpertComm | null;
   private disposed = false;
   /** EPS-MoE pipeline chunks asked for (expert parallelism only; 'auto' is 1 on the device for now). */
@@ -112,6 +120,8 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     this.k = spec.moe.router.topK;
     this.loadExperts = opts.loadExperts ?? true;
     this.ep = opts.ep ?? null;
+    this.expertQuant = expertQuantFor(spec, opts.quantize ?? null, this.loadExperts);
+    this.quantizedAtLoad = !!opts.quantize;
     const H = spec.hidden;
     const dev = this.dev;
     try {
@@ -172,8 +182,8 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     return this.dev.weightBytes;
   }
 
-  private table(experts: number, inter: number): CudaExpertTable {
-    const t = new this.cu.CudaExpertTable(experts, this.spec.hidden, inter);
+  private table(experts: number, inter: number, quant: DeviceQuant | null = null): CudaExpertTable {
+    const t = new this.cu.CudaExpertTable(experts, this.spec.hidden, inter, quant);
     this.tables.push(t);
     return t;
   }
@@ -182,6 +192,22 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
   private upload(ex: ExpertSource, name: string, inter: number): { gateUp: CudaBuffer; down: CudaBuffer } {
     checkExpert(ex, name, this.spec.hidden, inter);
     return { gateUp: this.dev.gateUp(ex.gate, ex.up), down: this.dev.bf16(ex.down) };
+  }
+
+  /**
+   * A routed expert in the table's quantized format: an FP8 checkpoint's codes and block scales as
+   * shipped (without --quantize), else the bf16 weights quantized here (the CPU engine's rules).
+   */
+  private uploadQuant(q: DeviceQuant, ex: ExpertSource, fp8: ReturnType<ReturnType<typeof moeTensors>['expertFp8']>,
+                      name: string, inter: number): { gateUp: CudaBuffer; down: CudaBuffer } {
+    const H = this.spec.hidden;
+    if (fp8 && q.format === 'fp8' && !this.quantizedAtLoad)
+      return { gateUp: this.dev.upload(fp8Matrix(q, fp8.gate, fp8.up)), down: this.dev.upload(fp8Matrix(q, fp8.down, null)) };
+    checkExpert(ex, name, H, inter);
+    return {
+      gateUp: this.dev.upload(quantizeMatrix(q, ex.gate, ex.up, inter, H)),
+      down: this.dev.upload(quantizeMatrix(q, ex.down, null, H, inter)),
+    };
   }
 
   private ffn(src: TensorSource, prefix: string, inter: number): DeviceFfn {
@@ -196,11 +222,14 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     const H = spec.hidden;
     const m = spec.moe;
     const t = moeTensors(spec, src, layerPrefix);
-    const experts = this.table(m.numExperts, m.intermediate);
+    const q = this.expertQuant;
+    const experts = this.table(m.numExperts, m.intermediate, q);
     const expertWeights: DeviceMoe['expertWeights'] = [];
     for (let e = 0; e < m.numExperts && this.loadExperts; e++) {
       if (this.ep && !this.ep.ownsExpert(e)) continue;
-      const w = this.upload(t.expert(e), `${t.prefix}experts.${e}`, m.intermediate);
+      const name = `${t.prefix}experts.${e}`;
+      const w = q ? this.uploadQuant(q, t.expert(e), t.expertFp8(e), name, m.intermediate)
+        : this.upload(t.expert(e), name, m.intermediate);
       experts.set(e, w.gateUp, w.down);
       expertWeights.push(w);
     }
@@ -222,13 +251,16 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
    * expected load (T*k rows over min(E, T*k) experts: no device sync to decide).
    */
   setExpertKernel(mode: 'auto' | 'group' | 'dense'): void {
+    if (mode === 'dense' && this.expertQuant)
+      throw new RangeError(`--expert-kernel dense runs bf16 experts only; the device holds ${this.expertQuant.format} experts ` +
+        '(use --expert-kernel group or auto)');
     if (mode === 'dense' && this.ep)
       throw new RangeError('--expert-kernel dense is not available with expert parallelism on the device');
     if (mode === 'dense' && !this.loadExperts)
       throw new RangeError('--expert-kernel dense needs every expert resident on the device (no expert offloading)');
     this.planner = null;
     this.expertKernel = mode === 'dense' ? 'dense' : 'group';
-    if (mode !== 'auto' || !this.loadExperts || this.ep || this.numMoeLayers === 0) return;
+    if (mode !== 'auto' || !this.loadExperts || this.ep || this.numMoeLayers === 0 || this.expertQuant) return;
     const { spec } = this;
     const name = this.cu.cudaDeviceInfo(this.dev.index).name;
     const key = `cuda|${name}|E${spec.moe.numExperts}|H${spec.hidden}|I${spec.moe.intermediate}|bf16`;
@@ -737,4 +769,28 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     for (const c of this.caches.keys()) for (const l of c) { l.k.dispose(); l.v?.dispose(); }
     this.dev.dispose();
   }
+}
+
+/**
+ * The routed experts' device format: --quantize's; else an FP8 checkpoint's block layout when the
+ * device kernels take it (block columns a multiple of 16) and the experts are resident; else null
+ * (bf16, dequantised at load).
+ */
+function expertQuantFor(spec: ModelSpec, quantize: QuantizeSpec | null, loadExperts: boolean): DeviceQuant | null {
+  const H = spec.hidden, I = spec.moe.intermediate;
+  // NOTE: the device expert cache (src/offload/device-store.ts) fills slots with bf16 experts.
+  if (quantize && !loadExperts)
+    throw new RangeError(`--quantize ${quantize.format} on the device does not work with the device expert cache yet ` +
+      '(its slots hold bf16 experts); drop --offload or --quantize');
+  if (!loadExperts) return null;
+  if (quantize) {
+    const q = deviceQuantOf(quantize);
+    const why = deviceQuantError(q, H, I);
+    if (why) throw new RangeError(`--quantize ${quantize.format} on the device: ${why}`);
+    return q;
+  }
+  if (spec.quantization?.method !== 'fp8') return null;
+  const [br, bc] = spec.quantization.blockSize;
+  const q: DeviceQuant = { format: 'fp8', group: bc, blockRows: br };
+  return deviceQuantError(q, H, I) ? null : q;
 }

@@ -9,6 +9,7 @@ import { CudaModel } from './cuda-model.js';
 import type { ForwardModel } from './forward-batch.js';
 import { MoeModel, type ModelOptions } from './model.js';
 import { openCheckpoint, type Checkpoint, type Fp8Weight } from './safetensors.js';
+import type { QuantizeSpec } from './quantize.js';
 import type { ModelSpec } from './spec.js';
 import type { HostTensor, TensorSource } from './tensor-source.js';
 
@@ -94,13 +95,14 @@ export function loadModel(dir: string, opts: ModelOptions & { onProgress?: (p: L
  * mapped file). `cuda` replaces the addon's op surface (tests run the device model on a stand-in).
  */
 export function loadCudaModel(dir: string, opts: { device: number; cuda?: CudaAddon; loadExperts?: boolean;
-    ep?: DeviceExpertComm; onProgress?: (p: LoadProgress) => void }): LoadedModel<CudaModel> {
+    ep?: DeviceExpertComm; quantize?: QuantizeSpec | null; onProgress?: (p: LoadProgress) => void }): LoadedModel<CudaModel> {
   const t0 = performance.now();
   const { spec, checkpoint, report } = openValidated(dir);
   const model = new CudaModel(spec, new CheckpointSource(checkpoint, opts.onProgress), {
     device: opts.device, ...(opts.cuda ? { cuda: opts.cuda } : {}),
     ...(opts.loadExperts !== undefined ? { loadExperts: opts.loadExperts } : {}),
     ...(opts.ep ? { ep: opts.ep } : {}),
+    ...(opts.quantize ? { quantize: opts.quantize } : {}),
   });
   return { spec, model, checkpoint, report, loadMs: performance.now() - t0 };
 }

@@ -180,9 +180,26 @@ export interface CudaEvent {
   dispose(): void;
 }
 
-/** Per-layer expert slots on the device: expert e -> (gate_up [2I, H] bf16, down [H, I] bf16). */
+/**
+ * A quantized CudaExpertTable: each slot holds one buffer per matrix in the device layout of
+ * native/include/expertd/cuda_quant.h (codes, then scales at a 16-byte boundary; written by
+ * src/model/cuda-quant.ts). int8: one scale per output row (group 0); int4: group 32 or 128;
+ * fp8: e4m3 with blockRows x group block scales (default 128 x 128); mxfp4: e2m1 with e8m0 per 32.
+ */
+export interface CudaQuantLayout {
+  format: 'int8' | 'int4' | 'fp8' | 'mxfp4';
+  group?: number;
+  blockRows?: number;
+}
+
+/**
+ * Per-layer expert slots on the device: expert e -> (gate_up [2I, H] bf16, down [H, I] bf16), or
+ * with `quant` the same matrices quantized (CudaQuantLayout; the GroupGemm dequantises them).
+ */
 export interface CudaExpertTable {
   readonly numExperts: number;
+  /** The table's quantization (group and, for fp8, blockRows filled in), or null for bf16. */
+  readonly quant: CudaQuantLayout | null;
   set(expert: number, gateUp: CudaBuffer, down: CudaBuffer): void;
   clear(expert: number): void;
   has(expert: number): boolean;
@@ -254,6 +271,14 @@ export interface CudaCommGroup {
  */
 export type CudaGemmTile = 'auto' | 'small' | 'large' | 'sm90' | 'sm90-swizzle' | 'sm90-persistent';
 
+/**
+ * Quantized tables (CudaQuantLayout): 'dequant' dequantises every weight to bf16 in registers for
+ * bf16 mma.sync (sm_80+, every format); 'act' (fp8 tables with 128-column blocks, sm_89+) quantizes x
+ * and h per (row, 128 k) to e4m3 and multiplies on FP8 tensor cores, DeepSeek-V3's recipe (contract:
+ * native/include/expertd/cuda_quant.h); 'auto' is 'dequant' unless EXPERTD_FP8_ACT=1 and 'act' can run.
+ */
+export type CudaFp8Path = 'auto' | 'dequant' | 'act';
+
 export interface CudaLibrary { path: string | null; tried: string[] }
 
 export interface CudaGemmPaths {
@@ -265,7 +290,7 @@ export interface CudaAddon {
   CudaBuffer: unknown;
   CudaStream: new (priority?: number) => CudaStream;
   CudaEvent: new (timing?: boolean) => CudaEvent;
-  CudaExpertTable: new (numExperts: number, hidden: number, inter: number) => CudaExpertTable;
+  CudaExpertTable: new (numExperts: number, hidden: number, inter: number, quant?: CudaQuantLayout | null) => CudaExpertTable;
   cudaDeviceCount(): number;
   cudaDeviceInfo(device: number): CudaDeviceInfo;
   cudaSetDevice(device: number): void;
@@ -311,8 +336,10 @@ export interface CudaAddon {
    */
   cudaGroupGemmFfn(x: CudaBuffer, offsets: CudaBuffer, experts: CudaExpertTable, rows: number,
                    hScratch: CudaBuffer, y: CudaBuffer,
-                   opts?: { tile?: CudaGemmTile } | null,
+                   opts?: { tile?: CudaGemmTile; fp8Path?: CudaFp8Path } | null,
                    stream?: CudaStream | null): void;
+  /** Whether the FP8-activation GroupGemm (CudaFp8Path 'act') can run on the current device. */
+  cudaQuantPaths(): { fp8Act: boolean };
   /** State of the GroupGemm kernel paths on the current device (see CudaGemmPaths). */
   cudaGemmPaths(): CudaGemmPaths;
   /**

@@ -8,14 +8,15 @@
 // out of bounds (slots, offsets, block tables) or a misaligned typed access raise an E_CUDA
 // "fault" and mark the device lost, as a sticky CUDA error would; fresh allocations are filled
 // with 0xff (NaN) so that reads of memory nobody wrote show up.
-import { bf16ToF32, f32ToBf16, kvDecode, kvDtypeBytes, kvEncode, type KvArray, type KvDtype } from '../../src/model/kv-dtype.js';
+import { bf16ToF32, f32ToBf16, f32ToFp8, fp8ToF32, kvDecode, kvDtypeBytes, kvEncode, type KvArray, type KvDtype } from '../../src/model/kv-dtype.js';
 
 // The bf16 conversions are the engine's own (dtype.h's f32_to_bf16, round to nearest even).
 export { f32ToBf16 };
 import { loadNative } from '../../src/native/index.js';
+import { deviceQuant, deviceQuantError, dequantMatrixBf16, quantElement, quantMatrixBytes, type DeviceQuant } from '../../src/model/cuda-quant.js';
 import type {
   CudaAddon, CudaAttentionOptions, CudaBuffer, CudaCommGroup, CudaDeviceInfo, CudaEvent, CudaExpertTable, CudaGemmTile,
-  CudaMemInfo, CudaRouteOptions, CudaStream, DType, DeltaRuleOptions,
+  CudaFp8Path, CudaMemInfo, CudaQuantLayout, CudaRouteOptions, CudaStream, DType, DeltaRuleOptions,
 } from '../../src/native/types.js';
 
 export interface CudaEmulatorOptions {
@@ -410,14 +411,22 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
     #disposed = false;
     gateUp: (Slot | null)[];
     down: (Slot | null)[];
-    constructor(numExperts: number, hidden: number, inter: number) {
+    /** The quantization (native/include/expertd/cuda_quant.h's layout), or null for bf16. */
+    readonly q: DeviceQuant | null;
+    constructor(numExperts: number, hidden: number, inter: number, quant?: CudaQuantLayout | null) {
       this.numExperts = getInt(numExperts, 'numExperts', 1, 1024);
       this.hidden = getInt(hidden, 'hidden', 8, 1 << 20);
       this.inter = getInt(inter, 'inter', 8, 1 << 20);
       if (this.hidden % 8 || this.inter % 8) throw rangeError('hidden and inter must be multiples of 8');
+      this.q = quantLayoutArg(quant, this.hidden, this.inter);
       this.gateUp = new Array<Slot | null>(this.numExperts).fill(null);
       this.down = new Array<Slot | null>(this.numExperts).fill(null);
       tableFinalizer.register(this, [this.gateUp, this.down], this);
+    }
+    get quant(): CudaQuantLayout | null {
+      const q = this.q;
+      if (!q) return null;
+      return q.format === 'fp8' ? { format: q.format, group: q.group, blockRows: q.blockRows } : { format: q.format, group: q.group };
     }
     check(): void {
       if (this.#disposed) throw disposedError('expert table');
@@ -433,9 +442,11 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
     }
     set(expert: number, gateUp: CudaBuffer, down: CudaBuffer): void {
       const e = this.#expert(expert);
-      // The binding checks sizes and 16-byte alignment only: contents are the caller's (bf16).
-      const gu = buf(gateUp, 'gateUp', 2 * this.inter * this.hidden * 2);
-      const dn = buf(down, 'down', this.hidden * this.inter * 2);
+      // The binding checks sizes and 16-byte alignment only: contents are the caller's (bf16, or
+      // the quantized layout's codes and scales).
+      const H = this.hidden, I = this.inter;
+      const gu = buf(gateUp, 'gateUp', this.q ? quantMatrixBytes(this.q, 2 * I, H, true).totalBytes : 2 * I * H * 2);
+      const dn = buf(down, 'down', this.q ? quantMatrixBytes(this.q, H, I, false).totalBytes : H * I * 2);
       if ((gu.offset | dn.offset) % 16) throw rangeError('gateUp and down must start 16-byte aligned');
       const guA = gu.alloc('gateUp'), dnA = dn.alloc('down');
       retain(guA);
@@ -459,6 +470,29 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
   }
 
   // ---------------------------------------------------------------------------------- argument helpers
+  /** The binding's parse_quant_layout: { format, group?, blockRows? } or null, checked for the shape. */
+  function quantLayoutArg(v: unknown, hidden: number, inter: number): DeviceQuant | null {
+    if (nullish(v)) return null;
+    if (typeof v !== 'object') throw typeError('quant must be an object or null');
+    const o = v as Record<string, unknown>;
+    const f = o['format'];
+    if (f !== 'int8' && f !== 'int4' && f !== 'fp8' && f !== 'mxfp4')
+      throw typeError("quant.format must be 'int8', 'int4', 'fp8' or 'mxfp4'");
+    const field = (name: string): number | undefined => {
+      const x = o[name];
+      if (nullish(x)) return undefined;
+      if (!(typeof x === 'number' && Number.isInteger(x) && x >= 0 && x <= 1 << 20))
+        throw rangeError(`quant.${name} must be an integer 0..${1 << 20}`);
+      return x;
+    };
+    const q = deviceQuant({
+      format: f, ...(f !== 'int8' ? { group: field('group') ?? (f === 'int4' ? 0 : undefined) } : {}),
+      ...(f === 'fp8' ? { blockRows: field('blockRows') } : {}),
+    } as CudaQuantLayout);
+    const why = deviceQuantError(q, hidden, inter);
+    if (why) throw rangeError(why);
+    return q;
+  }
   function unwrap(v: unknown, name: string): EmuBuffer {
     if (!(v instanceof EmuBuffer)) throw typeError(`${name} must be a CudaBuffer`);
     return v;
@@ -671,12 +705,45 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
       getStream(stream);
       experts.check();
       ensureAlive();
+      const q = experts.q;
+      const fp8Path = parseFp8Path(opts);
+      if (fp8Path === 'act' && !q) throw rangeError("opts.fp8Path 'act' needs an fp8 table; this one holds bf16 experts");
+      if (q && tile.startsWith('sm90')) {
+        throw coded(new Error(`group_gemm: tile '${tile}' runs bf16 experts only; this table holds ${q.format} experts`),
+          'E_INVALID_ARG');
+      }
       if (tile.startsWith('sm90')) {
         throw coded(new Error(`group_gemm: tile '${tile}' is unavailable here: the CPU emulator has no sm_90a kernel`),
           'E_INVALID_ARG');
       }
+      const fp8Table = q?.format === 'fp8' && q.group === 128;
+      if (fp8Path === 'act' && !fp8Table) {
+        throw coded(new Error('group_gemm_quant: FP8 activations need an fp8 table with 128-column blocks; this one is ' +
+          `${q!.format} with groups of ${q!.group}`), 'E_INVALID_ARG');
+      }
+      // The emulated device is sm_90: the FP8-activation kernels are available.
+      const act = fp8Path === 'act' || (fp8Path === 'auto' && fp8Table && process.env.EXPERTD_FP8_ACT === '1');
       if (R <= 0) return;
       const off = i32Of(ob, 'offsets'), xs = u16Of(xb, 'x'), hs = u16Of(hb, 'hScratch'), ys = f32Of(yb, 'y');
+      if (act) {
+        const xr = new Float32Array(H), hr = new Float32Array(I), g = new Float64Array(2 * I), yo = new Float64Array(H);
+        for (let e = 0; e < E; e++) {
+          const beg = off[e]!, cnt = off[e + 1]! - beg;
+          const gu = experts.gateUp[e], dn = experts.down[e];
+          if (cnt <= 0 || !gu || !dn) continue;
+          if (beg < 0 || beg + cnt > R) fault(`offsets[${e}..${e + 1}] = ${beg}..${beg + cnt} reach outside rows 0..${R}`);
+          const guW = gu.alloc.bytes.subarray(gu.offset), dnW = dn.alloc.bytes.subarray(dn.offset);
+          for (let r = beg; r < beg + cnt; r++) {
+            for (let c = 0; c < H; c++) xr[c] = bf16ToF32(xs[r * H + c]!);
+            fp8ActRow(q!, guW, 2 * I, H, true, xr, g);
+            for (let i = 0; i < I; i++) hs[r * I + i] = f32ToBf16(fr(siluF32(g[i]!) * g[I + i]!));
+            for (let i = 0; i < I; i++) hr[i] = bf16ToF32(hs[r * I + i]!);
+            fp8ActRow(q!, dnW, H, I, false, hr, yo);
+            for (let o = 0; o < H; o++) ys[r * H + o] = yo[o]!;
+          }
+        }
+        return;
+      }
       // Scratch layout: [gate_up 2I*H | down H*I | x row H | h row I] as f32.
       const f = scratch.floats(3 * I * H + H + I);
       const guAt = 0, dnAt = 2 * I * H, xAt = 3 * I * H, hAt = xAt + H;
@@ -690,8 +757,16 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
         // either (the device engine's identity experts, filled by cudaCopyRowRange).
         if (!gu || !dn) continue;
         if (beg < 0 || beg + cnt > R) fault(`offsets[${e}..${e + 1}] = ${beg}..${beg + cnt} reach outside rows 0..${R}`);
-        widenBf16(slotU16(gu, 2 * I * H), 2 * I * H, f, guAt);
-        widenBf16(slotU16(dn, H * I), H * I, f, dnAt);
+        if (q) {
+          // group_gemm_quant.cu: every weight dequantised to bf16(f32(code x scale)), then the
+          // bf16 GroupGemm's contract.
+          const guB = quantMatrixBytes(q, 2 * I, H, true).totalBytes, dnB = quantMatrixBytes(q, H, I, false).totalBytes;
+          dequantMatrixBf16(q, gu.alloc.bytes.subarray(gu.offset, gu.offset + guB), 2 * I, H, true, f.subarray(guAt, guAt + 2 * I * H));
+          dequantMatrixBf16(q, dn.alloc.bytes.subarray(dn.offset, dn.offset + dnB), H, I, false, f.subarray(dnAt, dnAt + H * I));
+        } else {
+          widenBf16(slotU16(gu, 2 * I * H), 2 * I * H, f, guAt);
+          widenBf16(slotU16(dn, H * I), H * I, f, dnAt);
+        }
         for (let r = beg; r < beg + cnt; r++) {
           widenBf16(xs.subarray(r * H, r * H + H), H, f, xAt);
           // Gate/up pass: f32 accumulators, SiLU(gate)*up in f32, stored as bf16.
@@ -707,6 +782,8 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
         }
       }
     },
+
+    cudaQuantPaths: () => ({ fp8Act: true }),
 
     cudaDenseGemm(x, m, w, n, k, y, bias, accumulate, backend, stream) {
       const M = dim(m, 'm'), N = dim(n, 'n', 8), K = dim(k, 'k', 8);
@@ -1450,6 +1527,47 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
   };
 
   const TILES: readonly CudaGemmTile[] = ['auto', 'small', 'large', 'sm90', 'sm90-swizzle', 'sm90-persistent'];
+  /** opts.fp8Path of cudaGroupGemmFfn (after parseTile checked opts is an object). */
+  function parseFp8Path(opts: unknown): CudaFp8Path {
+    const t = nullish(opts) ? undefined : (opts as { fp8Path?: unknown }).fp8Path;
+    if (nullish(t)) return 'auto';
+    if (t === 'auto' || t === 'dequant' || t === 'act') return t;
+    throw typeError("opts.fp8Path must be 'auto', 'dequant' or 'act'");
+  }
+
+  /**
+   * group_gemm_quant.cu's FP8-activation pass for one row: v (k values) quantized per 128 to e4m3
+   * with s = amax / 448; out[o] = sum over blocks of acc + p * (s_x * s_w), p the block's sum of
+   * e4m3 x e4m3 products (one f32 rounding, as the bf16 GroupGemm's emulation), each step an f32 rounding.
+   */
+  function fp8ActRow(q: DeviceQuant, w: Uint8Array, n: number, k: number, gateUp: boolean, v: Float32Array,
+                     out: Float64Array) {
+    const b = quantMatrixBytes(q, n, k, gateUp);
+    const KB = Math.ceil(k / 128);
+    const xa = new Float64Array(k), sx = new Float64Array(KB);
+    for (let kb = 0; kb < KB; kb++) {
+      const c1 = Math.min(k, kb * 128 + 128);
+      let amax = 0;
+      for (let c = kb * 128; c < c1; c++) amax = Math.max(amax, Math.abs(v[c]!));
+      const sc = fr(amax / 448);
+      sx[kb] = sc;
+      for (let c = kb * 128; c < c1; c++) xa[c] = sc > 0 ? fp8ToF32(f32ToFp8(fr(v[c]! / sc))) : 0;
+    }
+    for (let o = 0; o < n; o++) {
+      let acc = 0;
+      for (let kb = 0; kb < KB; kb++) {
+        let p = 0, sw = 0;
+        for (let c = kb * 128; c < Math.min(k, kb * 128 + 128); c++) {
+          const el = quantElement(q, w, b, n, k, gateUp, o, c);
+          p += xa[c]! * el.code;
+          sw = el.scale;
+        }
+        acc = fr(acc + fr(fr(p) * fr(sx[kb]! * sw)));
+      }
+      out[o] = acc;
+    }
+  }
+
   function parseTile(opts: unknown): CudaGemmTile {
     if (nullish(opts)) return 'auto';
     if (typeof opts !== 'object') throw typeError('opts must be an object');
