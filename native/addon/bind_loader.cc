@@ -93,6 +93,7 @@ class ExpertLoaderHandle : public Napi::ObjectWrap<ExpertLoaderHandle> {
   }
 
   // submit({gate, up, down: {path, offset, sizeBytes}, dtype, dst: {gateUp, down}, priority, delayUs?})
+  // or, layout 'gpt_oss', {gateUp [H, 2I], down [I, H], ...} in the checkpoint's layout.
   Napi::Value submit(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     expect_args(info, 1, "ExpertLoader.submit");
@@ -117,9 +118,22 @@ class ExpertLoaderHandle : public Napi::ObjectWrap<ExpertLoaderHandle> {
     const size_t bytes = static_cast<size_t>(inter * h) * dtype_size(job.dtype);
     const std::string ih = "[" + std::to_string(inter) + ", " + std::to_string(h) + "] " + dtype_name(job.dtype);
     const std::string hi = "[" + std::to_string(h) + ", " + std::to_string(inter) + "] " + dtype_name(job.dtype);
-    job.gate = range_field(env, o, "gate", bytes, ih);
-    job.up = range_field(env, o, "up", bytes, ih);
-    job.down = range_field(env, o, "down", bytes, hi);
+    Napi::Value layout = o.Get("layout");
+    if (!is_nullish(layout)) {
+      const std::string l = layout.IsString() ? layout.As<Napi::String>().Utf8Value() : "";
+      if (l != "rows" && l != "gpt_oss") throw_type(env, "job.layout must be 'rows' or 'gpt_oss'");
+      job.gpt_oss = l == "gpt_oss";
+    }
+    if (job.gpt_oss) {
+      // The checkpoint's own layout: gate_up_proj [H, 2I] and down_proj [I, H] of one expert.
+      const std::string h2i = "[" + std::to_string(h) + ", " + std::to_string(2 * inter) + "] " + dtype_name(job.dtype);
+      job.gate = range_field(env, o, "gateUp", 2 * bytes, h2i);
+      job.down = range_field(env, o, "down", bytes, ih);
+    } else {
+      job.gate = range_field(env, o, "gate", bytes, ih);
+      job.up = range_field(env, o, "up", bytes, ih);
+      job.down = range_field(env, o, "down", bytes, hi);
+    }
     Napi::Value pr = o.Get("priority");
     if (!pr.IsNumber() || std::isnan(pr.As<Napi::Number>().DoubleValue()))
       throw_type(env, "job.priority must be a number");

@@ -454,9 +454,15 @@ export interface FileRange {
  * One expert cache slot fill: gate [I, H], up [I, H], down [H, I] row-major in `dtype` read from
  * the files, repacked into dst.gateUp ([2I, H] gate_up) and dst.down ([H, I] plain) in place.
  */
+/**
+ * One slot fill: gate [I, H], up [I, H], down [H, I] rows; or (layout 'gpt_oss') the checkpoint's
+ * gateUp [H, 2I] (gate = even columns, up = odd) and down [I, H], rearranged on the copy thread.
+ */
 export interface ExpertLoadJob {
-  gate: FileRange;
-  up: FileRange;
+  layout?: 'rows' | 'gpt_oss';
+  gate?: FileRange;
+  up?: FileRange;
+  gateUp?: FileRange;
   down: FileRange;
   dtype: DType;
   dst: { gateUp: PackedWeight; down: PackedWeight };

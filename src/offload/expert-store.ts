@@ -6,6 +6,7 @@
 import { loadNative, type DType, type ExpertLoader, type FileRange, type PackedWeight } from '../native/index.js';
 import type { Checkpoint, TensorInfo } from '../model/safetensors.js';
 import type { ModelSpec } from '../model/spec.js';
+import { gptOssExpertRows } from '../model/moe-tensors.js';
 import { quantizedBytes, type QuantizeSpec } from '../model/quantize.js';
 
 /**
@@ -57,7 +58,14 @@ export function loadNow(store: ExpertStore, layer: number, expert: number, slot:
   store.wait(store.submit(layer, expert, slot, Infinity));
 }
 
-interface ExpertRanges { gate: FileRange; up: FileRange; down: FileRange }
+/**
+ * Where one expert's bytes are: gate [I, H], up [I, H], down [H, I] rows; or gpt-oss's own layout,
+ * gate_up [H, 2I] (gate = even columns, up = odd) and down [I, H], rearranged as they load.
+ */
+type ExpertRanges = { layout: 'rows'; gate: FileRange; up: FileRange; down: FileRange }
+  | { layout: 'gpt_oss'; gateUp: FileRange; down: FileRange };
+
+const rangeBytes = (r: ExpertRanges) => (r.layout === 'rows' ? r.gate.sizeBytes + r.up.sizeBytes : r.gateUp.sizeBytes) + r.down.sizeBytes;
 
 const ST_DTYPE: Record<string, DType | undefined> = { BF16: 'bf16', F16: 'f16', F32: 'f32' };
 
@@ -111,11 +119,6 @@ export class CheckpointExpertStore implements ExpertStore {
   readSeconds = 0;
 
   constructor(private readonly checkpoint: Checkpoint, spec: ModelSpec, opts: CheckpointStoreOptions = {}) {
-    // gpt-oss stores gate_up as [E, H, 2I] (transposed, gate/up interleaved by column): not the
-    // contiguous gate and up rows the copy thread reads.
-    if (spec.modelType === 'gpt_oss')
-      throw new RangeError('the expert cache (--expert-cache-gb, --offload) does not support gpt_oss checkpoints ' +
-        'yet (transposed, interleaved gate_up_proj); serve gpt_oss with every expert resident');
     this.H = spec.hidden;
     this.I = spec.moe.intermediate;
     const names = expertTensorPrefix(spec);
@@ -133,7 +136,20 @@ export class CheckpointExpertStore implements ExpertStore {
       const p = `model.layers.${li}.${names.block}experts.`;
       const fusedName = `${p}gate_up_proj`;
       const out: ExpertRanges[] = [];
-      if (checkpoint.has(fusedName)) {
+      if (spec.modelType === 'gpt_oss') {
+        // gpt-oss: gate_up_proj [E, H, 2I] (transposed, gate/up interleaved by column), down_proj [E, I, H].
+        const gu = checkpoint.getTensor(fusedName);
+        const dn = checkpoint.getTensor(`${p}down_proj`);
+        const b = eb(gu);
+        eb(dn);
+        for (let e = 0; e < E; e++) {
+          out.push({
+            layout: 'gpt_oss',
+            gateUp: { path: gu.file, offset: gu.offset + e * 2 * HI * b, sizeBytes: 2 * HI * b },
+            down: { path: dn.file, offset: dn.offset + e * HI * b, sizeBytes: HI * b },
+          });
+        }
+      } else if (checkpoint.has(fusedName)) {
         // transformers 5.x: gate_up_proj [E, 2I, H] (gate rows then up rows), down_proj [E, H, I]
         const gu = checkpoint.getTensor(fusedName);
         const dn = checkpoint.getTensor(`${p}down_proj`);
@@ -142,6 +158,7 @@ export class CheckpointExpertStore implements ExpertStore {
         for (let e = 0; e < E; e++) {
           const base = gu.offset + e * 2 * HI * b;
           out.push({
+            layout: 'rows',
             gate: { path: gu.file, offset: base, sizeBytes: HI * b },
             up: { path: gu.file, offset: base + HI * b, sizeBytes: HI * b },
             down: { path: dn.file, offset: dn.offset + e * HI * b, sizeBytes: HI * b },
@@ -154,13 +171,14 @@ export class CheckpointExpertStore implements ExpertStore {
             eb(info);
             return { path: info.file, offset: info.offset, sizeBytes: info.sizeBytes };
           };
-          out.push({ gate: t(names.gate), up: t(names.up), down: t(names.down) });
+          out.push({ layout: 'rows', gate: t(names.gate), up: t(names.up), down: t(names.down) });
         }
       }
       return out;
     });
     this.dtype = dtype ?? 'bf16';
-    const bytes = this.ranges[0]?.[0]?.gate.sizeBytes ?? 0;
+    const first = this.ranges[0]?.[0];
+    const bytes = first ? first.down.sizeBytes : 0;  // one of the three [I, H]-sized matrices
     this.expertBytes = 3 * bytes;
     this.quantize = opts.quantize ?? null;
     // Packed weights keep the checkpoint dtype, or the --quantize format's codes and scales.
@@ -179,7 +197,7 @@ export class CheckpointExpertStore implements ExpertStore {
 
   submit(layer: number, expert: number, slot: SlotWeights, priority: number, simulatedDelayUs = 0): LoadTicket {
     const r = this.rangesOf(layer, expert);
-    const bytes = r.gate.sizeBytes + r.up.sizeBytes + r.down.sizeBytes;
+    const bytes = rangeBytes(r);
     this.loads++;
     this.bytesRead += bytes;
     if (this.loader) {
@@ -189,8 +207,9 @@ export class CheckpointExpertStore implements ExpertStore {
       const q = this.quantize;
       slot.gateUp ??= n.allocPackedWeight(dtype, 'gate_up', 2 * I, H, q?.format, q?.group);
       slot.down ??= n.allocPackedWeight(dtype, 'plain', H, I, q?.format, q?.group);
+      const from = r.layout === 'rows' ? { gate: r.gate, up: r.up, down: r.down } : { layout: 'gpt_oss' as const, gateUp: r.gateUp, down: r.down };
       return this.loader.submit({
-        gate: r.gate, up: r.up, down: r.down, dtype, dst: { gateUp: slot.gateUp, down: slot.down }, priority,
+        ...from, dtype, dst: { gateUp: slot.gateUp, down: slot.down }, priority,
         ...(simulatedDelayUs > 0 ? { delayUs: simulatedDelayUs } : {}),
       });
     }
@@ -234,20 +253,29 @@ export class CheckpointExpertStore implements ExpertStore {
   /** The synchronous path: pread into staging here, repack on the compute pool. */
   private loadHere(r: ExpertRanges, slot: SlotWeights): void {
     const n = loadNative();
-    const bytes = r.gate.sizeBytes;
-    // 64-byte aligned staging (allocHostBuffer) so that typed views of any element size work.
-    this.gate ??= new Uint8Array(n.allocHostBuffer(Math.max(1, bytes)));
+    const bytes = r.down.sizeBytes;
+    // 64-byte aligned staging (allocHostBuffer) so that typed views of any element size work; gpt-oss
+    // reads its gate_up [H, 2I] into gate and up together.
+    this.gate ??= new Uint8Array(n.allocHostBuffer(Math.max(1, r.layout === 'rows' ? bytes : 2 * bytes)));
     this.up ??= new Uint8Array(n.allocHostBuffer(Math.max(1, bytes)));
     this.down ??= new Uint8Array(n.allocHostBuffer(Math.max(1, bytes)));
     const t0 = performance.now();
-    n.readFileRange(r.gate.path, r.gate.offset, this.gate.subarray(0, r.gate.sizeBytes));
-    n.readFileRange(r.up.path, r.up.offset, this.up.subarray(0, r.up.sizeBytes));
+    if (r.layout === 'rows') {
+      n.readFileRange(r.gate.path, r.gate.offset, this.gate.subarray(0, r.gate.sizeBytes));
+      n.readFileRange(r.up.path, r.up.offset, this.up.subarray(0, r.up.sizeBytes));
+    } else {
+      n.readFileRange(r.gateUp.path, r.gateUp.offset, this.gate.subarray(0, r.gateUp.sizeBytes));
+    }
     n.readFileRange(r.down.path, r.down.offset, this.down.subarray(0, r.down.sizeBytes));
     this.readSeconds += (performance.now() - t0) / 1000;
-    const gate = this.view(this.gate, r.gate.sizeBytes);
-    const up = this.view(this.up, r.up.sizeBytes);
-    const down = this.view(this.down, r.down.sizeBytes);
     const { H, I, dtype } = this;
+    let gate = this.view(this.gate, r.layout === 'rows' ? bytes : 2 * bytes);
+    let up = this.view(this.up, bytes);
+    let down = this.view(this.down, bytes);
+    if (r.layout === 'gpt_oss') {
+      // TODO(perf): a copy per load on the engine thread (the copy thread does it natively).
+      ({ gate, up, down } = gptOssExpertRows(gate, down, H, I));
+    }
     // A quantized slot re-quantizes what it is given (repackInto); a new one is made quantized.
     const q = this.quantize;
     if (slot.gateUp) n.repackInto(slot.gateUp, gate, dtype, up);

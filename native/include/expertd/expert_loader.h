@@ -28,6 +28,9 @@ struct FileRange {
 // compute must not read them until the job is waited for.
 struct ExpertLoadJob {
   FileRange gate, up, down;
+  // gpt-oss's layout: `gate` is the expert's gate_up_proj [H, 2I] (x @ W; gate = even columns, up =
+  // odd), `up` is unused, `down` is down_proj [I, H]; transposed and de-interleaved on the copy thread.
+  bool gpt_oss = false;
   DType dtype = DType::BF16;
   std::shared_ptr<PackedWeight> gate_up_w;
   std::shared_ptr<PackedWeight> down_w;
@@ -94,6 +97,7 @@ class ExpertLoader {
   // Copy-thread only: open checkpoint files and the staging buffers (grow-only).
   std::unordered_map<std::string, int> fds_;
   std::vector<uint8_t> stage_gate_, stage_up_, stage_down_;
+  std::vector<uint8_t> stage_raw_gu_, stage_raw_down_;  // gpt-oss: the checkpoint's layout
   std::thread thread_;
 };
 
