@@ -73,7 +73,8 @@ const rangeError = (m: string): Coded => coded(new RangeError(m), 'E_INVALID_ARG
 const disposedError = (what: string): Coded => coded(new Error(`${what} has been disposed`), 'E_DISPOSED');
 
 // std::to_string(double): six decimals.
-const cppDouble = (v: number) => v.toFixed(6);
+/** std::to_string of a double: six decimals; inf, -inf and nan as C++ writes them. */
+const cppDouble = (v: number) => (Number.isFinite(v) ? v.toFixed(6) : Number.isNaN(v) ? 'nan' : v > 0 ? 'inf' : '-inf');
 
 function getInt(v: unknown, name: string, min: number, max: number): number {
   if (typeof v !== 'number') throw typeError(`${name} must be a number`);
