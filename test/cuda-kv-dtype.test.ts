@@ -44,12 +44,15 @@ function download<T extends ArrayBufferView>(cu: CudaAddon, out: T, b: CudaBuffe
 interface Case {
   name: string; heads: number; kvHeads: number; dk: number; dv: number; mla: boolean; window: number;
   seqs: [number, number][]; // [qLen, ctxLen]
+  sinks?: boolean;           // gpt-oss: a sink logit per head
 }
 const CASES: Case[] = [
   { name: 'GQA prefill+decode', heads: 8, kvHeads: 2, dk: 64, dv: 64, mla: false, window: 0, seqs: [[37, 37], [1, 90], [5, 21]] },
   { name: 'MHA sliding window', heads: 4, kvHeads: 4, dk: 32, dv: 48, mla: false, window: 19, seqs: [[40, 60], [1, 77]] },
   { name: 'MLA latent (V from the K cache)', heads: 16, kvHeads: 1, dk: 96, dv: 64, mla: true, window: 0, seqs: [[12, 30], [1, 45]] },
   { name: 'long decode (split-K)', heads: 16, kvHeads: 4, dk: 64, dv: 64, mla: false, window: 0, seqs: [[1, 1500], [2, 700]] },
+  { name: 'sinks, sliding window', heads: 8, kvHeads: 2, dk: 64, dv: 64, mla: false, window: 7, seqs: [[20, 20], [1, 50]], sinks: true },
+  { name: 'sinks, long decode (split-K)', heads: 16, kvHeads: 4, dk: 64, dv: 64, mla: false, window: 0, seqs: [[1, 1500], [2, 700]], sinks: true },
 ];
 
 for (const [label, make, skip] of backends) {
@@ -114,12 +117,14 @@ for (const [label, make, skip] of backends) {
         const q = uniform(T * heads * dk, r, 1.5), scale = 1 / Math.sqrt(dk);
         const base = { numSeqs: c.seqs.length, heads, kvHeads, dk, dv, vStride, vOffset: 0, blockSize: bs, maxBlocks, scale,
           slidingWindow: c.window, ...(dtype === 'fp8' ? { kScales, vScales: c.mla ? kScales : vScales } : {}) };
+        const sinks = c.sinks ? uniform(heads, r, 4) : null;
         const want = new Float32Array(T * heads * dv).fill(NaN);
-        native.pagedAttention(q, hostK, hostV, seqInfo, tables, base, want);
+        native.pagedAttention(q, hostK, hostV, seqInfo, tables, { ...base, sinks }, want);
         const out = cu.cudaBuffer(T * heads * dv * 4);
         cu.cudaFill(out, 0xff);
         cu.cudaPagedAttention(upload(cu, q), devK, devV, upload(cu, seqInfo), upload(cu, tables), {
           ...base, kvDtype: dtype, totalTokens: T, maxContext: Math.max(...c.seqs.map(([, ctx]) => ctx)), numBlocks,
+          ...(sinks ? { sinks: upload(cu, sinks) } : {}),
         }, out);
         const got = download(cu, new Float32Array(T * heads * dv), out);
         let maxAbs = 0, err = 0, ref = 0;
@@ -155,15 +160,17 @@ for (const [label, make, skip] of backends) {
   });
 }
 
-// The device engine with a bf16 / fp8 cache: the CPU's bounds of HF's goldens (models.test.ts).
+// The device engine with a bf16 / fp8 cache: the CPU's bounds of HF's goldens (models.test.ts), with
+// its family bounds (gpt_oss over fp8: 18%).
 const BOUNDS: Record<'bf16' | 'fp8', { max: number; mean: number }> = {
   bf16: { max: 0.05, mean: 0.02 },
   fp8: { max: 0.13, mean: 0.12 },
 };
+const MAX_BY_FAMILY: Record<'bf16' | 'fp8', Record<string, number>> = { bf16: {}, fp8: { gpt_oss: 0.18 } };
 const fixturesDir = path.join(packageRoot(), 'test', 'fixtures');
-// gpt_oss and qwen3_next run on the CPU engine only (cuda-model.test checks the device engine's refusal).
+// qwen3_next runs on the CPU engine only (cuda-model.test checks the device engine's refusal).
 const fixtures = readdirSync(fixturesDir).filter((d) => existsSync(path.join(fixturesDir, d, 'golden.json')) &&
-  d !== 'gpt_oss' && d !== 'qwen3_next' && d !== 'qwen3_5_moe_text').sort();
+  d !== 'qwen3_next' && d !== 'qwen3_5_moe_text').sort();
 for (const [label, make, skip] of backends) {
   for (const dtype of ['bf16', 'fp8'] as const) {
     test(`${label}: device model with a ${dtype} KV cache on every fixture: within the CPU's ${dtype} KV bounds of HF`, { skip }, () => {
@@ -172,7 +179,7 @@ for (const [label, make, skip] of backends) {
         const { model } = loadCudaModel(dir, { device: 0, ...(label === 'emulator' ? { cuda: make() } : {}) });
         try {
           const r = kvFidelityOf(model, dir, dtype);
-          assert.ok(r.maxConsistent <= BOUNDS[dtype].max, `${name}: routing-consistent logits off by ${(100 * r.maxConsistent).toFixed(2)}%`);
+          assert.ok(r.maxConsistent <= (MAX_BY_FAMILY[dtype][name] ?? BOUNDS[dtype].max), `${name}: routing-consistent logits off by ${(100 * r.maxConsistent).toFixed(2)}%`);
           assert.ok(r.mean <= BOUNDS[dtype].mean, `${name}: logits off by ${(100 * r.mean).toFixed(2)}% on average`);
         } finally {
           model.dispose();

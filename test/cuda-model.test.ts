@@ -24,19 +24,13 @@ interface GoldenCase { prompt_ids: number[]; logits: number[][]; greedy: number[
 interface Golden { model_type: string; moe_layers: number[]; cases: GoldenCase[] }
 
 const fixturesDir = path.join(packageRoot(), 'test', 'fixtures');
-// gpt_oss runs on the CPU engine only (no sinks or clamped-SwiGLU experts among the device ops yet): refused below.
-// qwen3_next too (no linear-attention ops or state cache on the device engine yet): refused below.
+// qwen3_next runs on the CPU engine only (no linear-attention ops or state cache on the device engine yet): refused below.
 const fixtures = readdirSync(fixturesDir).filter((d) => existsSync(path.join(fixturesDir, d, 'golden.json')) &&
-  d !== 'gpt_oss' && d !== 'qwen3_next' && d !== 'qwen3_5_moe_text').sort();
+  d !== 'qwen3_next' && d !== 'qwen3_5_moe_text').sort();
 
 test('the device engine refuses qwen3_next with a clear error', () => {
   assert.throws(() => loadCudaModel(path.join(fixturesDir, 'qwen3_next'), { device: 0, cuda: createCudaEmulator() }),
     /qwen3_next runs on the CPU engine only \(--device cpu\) for now/);
-});
-
-test('the device engine refuses gpt_oss with a clear error', () => {
-  assert.throws(() => loadCudaModel(path.join(fixturesDir, 'gpt_oss'), { device: 0, cuda: createCudaEmulator() }),
-    /gpt_oss runs on the CPU engine only \(--device cpu\)/);
 });
 
 const backends: { label: string; cuda: () => CudaAddon | undefined; skip: string | false }[] = [
@@ -55,6 +49,9 @@ const backends: { label: string; cuda: () => CudaAddon | undefined; skip: string
 // within 5% of the logits' range, and the mean over all positions within 2%.
 const BF16_REL_TOL = 0.05;
 const BF16_MEAN_REL_TOL = 0.02;
+// gpt_oss: the family bound of models.test.ts (its fixture's large expert gate_up weights reach the
+// clamped SwiGLU's limit; the CPU bf16 engine is 5.07% off at case 0, position 2, and so is this one).
+const BF16_REL_TOL_BY_FAMILY: Record<string, number> = { gpt_oss: 0.06 };
 
 function relToRange(ours: ArrayLike<number>, ref: ArrayLike<number>): number {
   let lo = Infinity, hi = -Infinity, worst = 0;
@@ -102,7 +99,7 @@ for (const b of backends) {
                 return true;
               });
               if (sameRouting)
-                assert.ok(rel <= BF16_REL_TOL, `case ${ci} position ${p}: logits off by ${(rel * 100).toFixed(2)}% of their range`);
+                assert.ok(rel <= (BF16_REL_TOL_BY_FAMILY[name] ?? BF16_REL_TOL), `case ${ci} position ${p}: logits off by ${(rel * 100).toFixed(2)}% of their range`);
             }
             for (let m = 0; m < golden.moe_layers.length; m++) {
               for (let i = 0; i < res.routedIds[m]!.length; i++) {
@@ -239,7 +236,7 @@ for (const b of backends) {
 
 for (const b of backends) {
   test(`device model (${b.label}): per-expert DenseGemm (EPS 'dense') equals the GroupGemm`, { skip: b.skip }, () => {
-    for (const name of ['qwen2_moe', 'deepseek_v3', 'longcat_flash']) {
+    for (const name of ['qwen2_moe', 'deepseek_v3', 'longcat_flash', 'gpt_oss']) {
       const cuda = b.cuda();
       const dir = path.join(fixturesDir, name);
       const { model, spec } = loadCudaModel(dir, { device: 0, ...(cuda ? { cuda } : {}) });

@@ -35,7 +35,7 @@ const backends: { label: string; cuda: () => CudaAddon | undefined; skip: string
 ];
 
 for (const b of backends) {
-  for (const name of ['mixtral', 'qwen2_moe', 'deepseek_v3', 'longcat_flash', 'glm4_moe', 'minimax_m2']) {
+  for (const name of ['mixtral', 'qwen2_moe', 'deepseek_v3', 'longcat_flash', 'glm4_moe', 'minimax_m2', 'gpt_oss']) {
     test(`device expert cache (${b.label}) on ${name}: 25% and 50% under eam, lru, lfu equal resident, bit for bit`, { skip: b.skip }, async () => {
       const dir = path.join(packageRoot(), 'test', 'fixtures', name);
       const cuda = b.cuda();

@@ -1,4 +1,4 @@
-// Argument checks of cudaGroupGemmFfn, cudaDenseGemm and cudaRope: exact TypeError/RangeError
+// Argument checks of cudaGroupGemmFfn, cudaGroupGemmBiasedFfn, cudaClampedSwiglu, cudaDenseGemm and cudaRope: exact TypeError/RangeError
 // messages, raised before the device is touched. Each suite runs on the full addon (scalar checks
 // on any full build, buffer sizes and alignments where a device can make buffers) and on the CPU
 // emulator (test/helpers/cuda-emu.ts, always), which must agree with the bindings message for message.
@@ -50,6 +50,22 @@ function argSuite(label: string, cu: CudaAddon, scalarSkip: string | false, buff
     assert.throws(call('cudaGroupGemmFfn', nb, nb, table, -1, nb, nb), rangeErr('rows is -1, expected 0..268435456'));
     assert.throws(call('cudaGroupGemmFfn', nb, nb, table, 4, nb, nb), typeErr('x must be a CudaBuffer'));
     table.dispose();
+  });
+
+  test(`${label}: cudaGroupGemmBiasedFfn and cudaClampedSwiglu (gpt-oss) check their scalars before their buffers`, { skip: scalarSkip }, () => {
+    const act = { gateUpBias: nb, downBias: nb, alpha: 1.702, limit: 7 };
+    assert.throws(call('cudaGroupGemmBiasedFfn', nb, nb, {}, 4, nb, nb, nb, act), typeErr('experts must be a CudaExpertTable'));
+    const table = new cu.CudaExpertTable(2, 64, 32);
+    assert.throws(call('cudaGroupGemmBiasedFfn', nb, nb, table, -1, nb, nb, nb, act), rangeErr('rows is -1, expected 0..268435456'));
+    assert.throws(call('cudaGroupGemmBiasedFfn', nb, nb, table, 4, nb, nb, nb, null), typeErr('opts must be an object'));
+    assert.throws(call('cudaGroupGemmBiasedFfn', nb, nb, table, 4, nb, nb, nb, { ...act, alpha: '1' }), typeErr('opts.alpha must be a number'));
+    assert.throws(call('cudaGroupGemmBiasedFfn', nb, nb, table, 4, nb, nb, nb, { ...act, limit: -7 }),
+      rangeErr('opts.limit is -7.000000, expected a positive number'));
+    assert.throws(call('cudaGroupGemmBiasedFfn', nb, nb, table, 4, nb, nb, nb, act), typeErr('x must be a CudaBuffer'));
+    table.dispose();
+    assert.throws(call('cudaClampedSwiglu', nb, 2, 8, 0, 7, nb), rangeErr('alpha is 0.000000, expected a positive number'));
+    assert.throws(call('cudaClampedSwiglu', nb, 2, 8, 1.702, Infinity, nb), rangeErr('limit is inf, expected a positive number'));
+    assert.throws(call('cudaClampedSwiglu', nb, 2, 8, 1.702, 7, nb), typeErr('gu must be a CudaBuffer'));
   });
 
   test(`${label}: cudaGroupGemmFfn checks sizes and alignments: x, hScratch 16 B, y 8 B, offsets 4 B`, { skip: bufferSkip }, () => {

@@ -21,6 +21,7 @@ const cases: { fixture: string; extra: string[] }[] = [
   { fixture: 'deepseek_v2', extra: [] },
   { fixture: 'minimax_m2', extra: ['--expert-cache-fraction', '0.5'] },
   { fixture: 'glm4_moe', extra: [] },
+  { fixture: 'gpt_oss', extra: ['--expert-cache-fraction', '0.5'] },
 ];
 
 async function completions(extra: string[], env: NodeJS.ProcessEnv, fixture: string) {
@@ -36,8 +37,15 @@ async function completions(extra: string[], env: NodeJS.ProcessEnv, fixture: str
     // Several requests batched together (continuous batching over the device KV cache).
     const batched = await Promise.all(['The quick brown fox', 'Once upon a time, in a land', 'Hello'].map((prompt) =>
       d.client.completions.create({ model: fixture, prompt, max_tokens: 10, temperature: 0 }).then((c) => c.choices[0]!.text)));
+    // return_routed_experts: every processed position's experts per MoE layer.
+    const res = await fetch(`${d.base}/v1/completions`, {
+      method: 'POST', headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ model: fixture, prompt: 'Route me', max_tokens: 4, temperature: 0, return_routed_experts: true }),
+    });
+    assert.equal(res.status, 200);
+    const routed = ((await res.json()) as { choices: { routed_experts: number[][][] }[] }).choices[0]!.routed_experts;
     const metrics = await (await fetch(`${d.base}/metrics`)).text();
-    return { texts, batched, logs: d.logs.join(''), metrics, exit: await stopDaemon(d) };
+    return { texts, batched, routed, logs: d.logs.join(''), metrics, exit: await stopDaemon(d) };
   } catch (e) {
     d.proc.kill('SIGKILL');
     throw e;
@@ -57,6 +65,8 @@ for (const { label, env, skip } of [
       assert.equal(dev.exit, 0);
       assert.deepEqual(dev.texts, cpu.texts);
       assert.deepEqual(dev.batched, dev.texts, 'batched equals alone');
+      assert.ok(dev.routed.length > 0 && dev.routed.every((pos) => pos.length > 0), 'routed experts per position and MoE layer');
+      assert.deepEqual(dev.routed, cpu.routed, 'routed experts equal the CPU daemon\'s');
       if (extra.includes('--expert-cache-fraction')) {
         assert.match(dev.logs, /expert cache \d+\/\d+ experts/);
         assert.match(dev.metrics, /expertd_expert_cache_misses_total [1-9]/);
@@ -91,13 +101,16 @@ test('a sticky device fault (emulated): that request fails, /health answers 503,
 });
 
 test('expertd serve --device cuda --expert-parallel 2 (emulated devices, NCCL as loopback) answers as the CPU daemon', { skip: emulatorSkip }, async () => {
-  const dev = await completions(['--device', 'cuda', '--expert-parallel', '2'], standIn, 'qwen2_moe');
-  const cpu = await completions(['--device', 'cpu'], {}, 'qwen2_moe');
-  assert.equal(dev.exit, 0);
-  assert.deepEqual(dev.texts, cpu.texts);
-  assert.deepEqual(dev.batched, dev.texts, 'batched equals alone');
-  const bytes = /^expertd_all2all_bytes_total (\S+)$/m.exec(dev.metrics);
-  assert.ok(bytes && Number(bytes[1]) > 0, 'all2all bytes counted');
+  for (const fixture of ['qwen2_moe', 'gpt_oss']) {
+    const dev = await completions(['--device', 'cuda', '--expert-parallel', '2'], standIn, fixture);
+    const cpu = await completions(['--device', 'cpu'], {}, fixture);
+    assert.equal(dev.exit, 0);
+    assert.deepEqual(dev.texts, cpu.texts, fixture);
+    assert.deepEqual(dev.batched, dev.texts, `${fixture}: batched equals alone`);
+    assert.deepEqual(dev.routed, cpu.routed, `${fixture}: routed experts equal the CPU daemon's`);
+    const bytes = /^expertd_all2all_bytes_total (\S+)$/m.exec(dev.metrics);
+    assert.ok(bytes && Number(bytes[1]) > 0, `${fixture}: all2all bytes counted`);
+  }
 });
 
 test('expertd serve --device cuda --nproc-per-node 2 --dist-moe expert (emulated devices in 2 rank processes, NCCL id through the store, uneven placement) answers as the CPU daemon', async () => {

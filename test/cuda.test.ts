@@ -402,6 +402,77 @@ function deviceSuite(label: string, cu: CudaAddon, skip: string | false) {
     });
   }
 
+  // gpt-oss's experts: biases on both GEMMs and the clamped SwiGLU (alpha 1.702, limit 7), against a
+  // float64 reference; gate/up values spread past the limit so that both clamps act. Expert 1 has
+  // rows but no weights: its rows of hScratch and y, and rows past offsets[E], stay unwritten.
+  test(`${label}: cudaGroupGemmBiasedFfn (gpt-oss) and cudaClampedSwiglu against float64`, { skip }, () => {
+    const E = 4, H = 64, I = 40, counts = [9, 3, 0, 70], beyond = 5, alpha = 1.702, limit = 7;
+    const valid = counts.reduce((a, b) => a + b, 0), rows = valid + beyond;
+    const offsets = new Int32Array(E + 1);
+    for (let e = 0; e < E; e++) offsets[e + 1] = offsets[e]! + counts[e]!;
+    const x = bf16Round(uniform(rows * H));
+    const table = new cu.CudaExpertTable(E, H, I);
+    const gu: (Float32Array | null)[] = [], dn: (Float32Array | null)[] = [];
+    for (let e = 0; e < E; e++) {
+      gu.push(e === 1 ? null : bf16Round(uniform(2 * I * H, -1.5, 1.5)));
+      dn.push(e === 1 ? null : bf16Round(uniform(H * I, -0.2, 0.2)));
+      if (gu[e]) table.set(e, upload(bf16Array(gu[e]!)), upload(bf16Array(dn[e]!)));
+    }
+    const guBias = uniform(E * 2 * I, -2, 2), dnBias = uniform(E * H, -1, 1);
+    const y = poisoned(rows * H), hs = poisoned(rows * I, 2), guS = poisoned(rows * 2 * I);
+    cu.cudaGroupGemmBiasedFfn(upload(bf16Array(x)), upload(offsets), table, rows, guS, hs, y,
+      { gateUpBias: upload(guBias), downBias: upload(dnBias), alpha, limit });
+    const act = (g0: number, u0: number) => {
+      const g = Math.min(g0, limit), u = Math.min(Math.max(u0, -limit), limit);
+      return (u + 1) * g / (1 + Math.exp(-alpha * g));
+    };
+    const refY = new Float64Array(rows * H), refH = new Float64Array(rows * I);
+    let clamped = 0;
+    const written = (r: number) => r < offsets[1]! || (r >= offsets[2]! && r < offsets[E]!);
+    for (let e = 0; e < E; e++) {
+      if (!gu[e]) continue;
+      for (let r = offsets[e]!; r < offsets[e + 1]!; r++) {
+        const h = new Float64Array(I);
+        for (let i = 0; i < I; i++) {
+          let g = guBias[e * 2 * I + i]!, u = guBias[e * 2 * I + I + i]!;
+          for (let c = 0; c < H; c++) {
+            g += x[r * H + c]! * gu[e]![i * H + c]!;
+            u += x[r * H + c]! * gu[e]![(I + i) * H + c]!;
+          }
+          if (g > limit || Math.abs(u) > limit) clamped++;
+          // The kernel stores h as bf16: the reference's down pass reads it rounded too.
+          h[i] = refH[r * I + i] = act(g, u);
+        }
+        const hb = bf16Round(Float32Array.from(h));
+        for (let o = 0; o < H; o++) {
+          let v = dnBias[e * H + o]!;
+          for (let i = 0; i < I; i++) v += hb[i]! * dn[e]![o * I + i]!;
+          refY[r * H + o] = v;
+        }
+      }
+    }
+    assert.ok(clamped > 20, `the clamps must act (${clamped} clamped gate/up values)`);
+    const gotY = f32Of(y, rows * H), gotH = bf16Of(hs, rows * I);
+    for (let r = 0; r < rows; r++) {
+      if (written(r)) continue;
+      assert.ok(gotY.subarray(r * H, r * H + H).every(Number.isNaN), `row ${r} of y was written`);
+      assert.ok(gotH.subarray(r * I, r * I + I).every(Number.isNaN), `row ${r} of hScratch was written`);
+    }
+    const rowsOf = (a: ArrayLike<number>, w: number) =>
+      Float64Array.from({ length: rows * w }, (_, i) => a[i]!).filter((_, i) => written(Math.floor(i / w)));
+    close('biased ffn y', rowsOf(gotY, H), rowsOf(refY, H), 5e-3, 5e-2);
+    // h reaches (limit + 1) * limit = 56, stored as bf16: one rounding of 56 is 0.22.
+    close('biased ffn h', rowsOf(gotH, I), rowsOf(refH, I), 1e-2, 0.25);
+    table.dispose();
+
+    const T = 13;
+    const g2 = uniform(T * 2 * I, -12, 12), out = poisoned(T * I);
+    cu.cudaClampedSwiglu(upload(g2), T, I, alpha, limit, out);
+    const ref = new Float64Array(T * I);
+    for (let t = 0; t < T; t++) for (let i = 0; i < I; i++) ref[t * I + i] = act(g2[t * 2 * I + i]!, g2[t * 2 * I + I + i]!);
+    close('clampedSwiglu', f32Of(out, T * I), ref, 1e-6, 1e-5);
+  });
+
   for (const c of [{ m: 1, n: 96, k: 64 }, { m: 7, n: 256, k: 512 }, { m: 130, n: 136, k: 72 }]) {
     for (const backend of ['kernel', 'auto'] as const) {
       test(`${label}: cudaDenseGemm m=${c.m} n=${c.n} k=${c.k} backend=${backend} (+bias, accumulate)`, { skip }, () => {
@@ -675,12 +746,15 @@ function deviceSuite(label: string, cu: CudaAddon, skip: string | false) {
   });
 
   // Paged attention against a float64 reference over the same cache.
-  interface AttnCase { name: string; heads: number; kvHeads: number; dk: number; dv: number; mla: boolean; window: number; seqs: [number, number][] }
+  interface AttnCase { name: string; heads: number; kvHeads: number; dk: number; dv: number; mla: boolean; window: number; seqs: [number, number][]; sinks?: boolean }
   for (const c of [
     { name: 'GQA prefill+decode', heads: 8, kvHeads: 2, dk: 64, dv: 64, mla: false, window: 0, seqs: [[37, 37], [1, 90], [5, 21]] },
     { name: 'MHA sliding window', heads: 4, kvHeads: 4, dk: 32, dv: 48, mla: false, window: 19, seqs: [[40, 60], [1, 77]] },
     { name: 'MLA (V from the K cache)', heads: 16, kvHeads: 1, dk: 96, dv: 64, mla: true, window: 0, seqs: [[12, 30], [1, 45]] },
     { name: 'long decode (split-K)', heads: 32, kvHeads: 8, dk: 128, dv: 128, mla: false, window: 0, seqs: [[1, 3000], [2, 1500]] },
+    // gpt-oss: a sink per head in the denominator, with a window and without; once after the split merge.
+    { name: 'sinks, sliding window', heads: 8, kvHeads: 2, dk: 64, dv: 64, mla: false, window: 7, seqs: [[20, 20], [1, 50]], sinks: true },
+    { name: 'sinks, long decode (split-K)', heads: 32, kvHeads: 8, dk: 64, dv: 64, mla: false, window: 0, seqs: [[1, 3000], [2, 1500]], sinks: true },
   ] satisfies AttnCase[]) {
     test(`${label}: cudaPagedAttention ${c.name}`, { skip }, () => {
       const bs = 16, { heads, kvHeads, dk, dv } = c;
@@ -698,11 +772,14 @@ function deviceSuite(label: string, cu: CudaAddon, skip: string | false) {
       });
       const q = uniform(T * heads * dk), scale = 1 / Math.sqrt(dk);
       const out = poisoned(T * heads * dv);
+      // Sinks from -2 to 6: some far above the scores (most of the mass), some below.
+      const sinks = c.sinks ? uniform(heads, -2, 6) : null;
       // MLA passes the K cache itself as V (the kernel then reads V from its staged K chunk).
       const kBuf = upload(kc);
       cu.cudaPagedAttention(upload(q), kBuf, c.mla ? kBuf : upload(vc), upload(seqInfo), upload(tables), {
         numSeqs: c.seqs.length, heads, kvHeads, dk, dv, vStride, vOffset: 0, blockSize: bs, maxBlocks, scale,
         slidingWindow: c.window, totalTokens: T, maxContext: Math.max(...c.seqs.map(([, ctx]) => ctx)), numBlocks,
+        ...(sinks ? { sinks: upload(sinks) } : {}),
       }, out);
       const ref = new Float64Array(T * heads * dv);
       const g = heads / kvHeads;
@@ -718,7 +795,8 @@ function deviceSuite(label: string, cu: CudaAddon, skip: string | false) {
               for (let e = 0; e < dk; e++) d += q[qr + e]! * kc[row * dk + e]!;
               sc.push(d * scale);
             }
-            const mx = Math.max(...sc), p = sc.map((v) => Math.exp(v - mx)), sum = p.reduce((a, b) => a + b, 0);
+            const mx = Math.max(...sc), p = sc.map((v) => Math.exp(v - mx));
+            const sum = p.reduce((a, b) => a + b, 0) + (sinks ? Math.exp(sinks[hd]! - mx) : 0);
             const o = (seqInfo[3 * s]! + i) * heads * dv + hd * dv;
             for (let j = lo; j <= pos; j++) {
               const row = (tables[s * maxBlocks + Math.floor(j / bs)]! * bs + (j % bs)) * kvHeads + kvh;

@@ -1,5 +1,5 @@
 // The native ExpertLoader (the offloader's copy thread): slot fills equal packGateUp/packWeight of
-// the same bytes bit for bit (per-expert and fused layouts, bf16 and f32), jobs run by priority
+// the same bytes bit for bit (per-expert, fused and gpt-oss layouts, bf16 and f32), jobs run by priority
 // (FIFO among equals, wait() raises a queued job to the top), cancel drops only queued jobs, read
 // errors come back from wait() as text with the process alive, bad arguments raise exact errors.
 import assert from 'node:assert/strict';
@@ -70,6 +70,42 @@ function sameWeights(a: PackedWeight, b: PackedWeight, label: string): void {
       if (u[0] !== u[1]) assert.fail(`${label}: element (${r}, ${c}) is ${f[0]}, expected ${f[1]}`);
     }
 }
+
+// gpt-oss's layout: the expert's gate_up [H, 2I] (gate = even columns, up = odd) and down [I, H] as
+// the checkpoint has them, rearranged on the copy thread; the reference transposes by index here.
+test("loader: layout 'gpt_oss' fills slots equal to packGateUp/packWeight of the transposed, de-interleaved bytes", () => {
+  for (const [I, H, dtype] of [[16, 32, 'bf16'], [12, 40, 'f32']] as const) {
+    const fx = fixture(I, H, dtype, 3, I * 300 + H);
+    const loader = new n.ExpertLoader();
+    for (let e = 0; e < fx.E; e++) {
+      const dst = slot(fx);
+      const base = 40 + e * 3 * fx.bytes;
+      const t = loader.submit({
+        layout: 'gpt_oss', dtype, dst, priority: 0,
+        gateUp: { path: fx.file, offset: base, sizeBytes: 2 * fx.bytes },
+        down: { path: fx.file, offset: base + 2 * fx.bytes, sizeBytes: fx.bytes },
+      });
+      assert.equal(loader.wait(t), null);
+      const a = view(fx, base), b = view(fx, base + fx.bytes), d = view(fx, base + 2 * fx.bytes);
+      const guAt = (h: number, c: number) => { const i = h * 2 * I + c; return i < I * H ? a[i]! : b[i - I * H]!; };
+      const make = (count: number) => (dtype === 'f32' ? new Float32Array(count) : new Uint16Array(count));
+      const gate = make(I * H), up = make(I * H), down = make(H * I);
+      for (let i = 0; i < I; i++)
+        for (let h = 0; h < H; h++) {
+          gate[i * H + h] = guAt(h, 2 * i);
+          up[i * H + h] = guAt(h, 2 * i + 1);
+          down[h * I + i] = d[i * H + h]!;
+        }
+      const want = n.packGateUp(gate, up, dtype, I, H);
+      const wantDown = n.packWeight(down, dtype, H, I);
+      sameWeights(dst.gateUp, want, `gpt_oss ${dtype} ${I}x${H} expert ${e} gate_up`);
+      sameWeights(dst.down, wantDown, `gpt_oss ${dtype} ${I}x${H} expert ${e} down`);
+      for (const w of [want, wantDown, dst.gateUp, dst.down]) w.dispose();
+    }
+    assert.equal(loader.stats().bytesRead, fx.E * 3 * fx.bytes);
+    loader.dispose();
+  }
+});
 
 test('loader fills slots equal to packGateUp/packWeight of the same bytes, bit for bit', () => {
   for (const [I, H, dtype] of [[16, 32, 'bf16'], [24, 40, 'bf16'], [17, 33, 'bf16'], [20, 12, 'f32']] as const) {

@@ -24,8 +24,7 @@ if (existsSync(fixturesDir))
     const cfg = path.join(fixturesDir, d, 'config.json');
     if (!existsSync(cfg)) continue;
     const type = (JSON.parse(readFileSync(cfg, 'utf8')) as { model_type: string }).model_type;
-    // gpt_oss: refused by the expert cache (tested below).
-    if ((SUPPORTED_MODEL_TYPES as readonly string[]).includes(type) && type !== 'gpt_oss') models.push([d, path.join(fixturesDir, d)]);
+    if ((SUPPORTED_MODEL_TYPES as readonly string[]).includes(type)) models.push([d, path.join(fixturesDir, d)]);
   }
 models.push(['demo', ensureDemoModel(mkdtempSync(path.join(os.tmpdir(), 'expertd-demo-')))]);
 
@@ -71,14 +70,3 @@ for (const [name, dir] of models) {
     }
   });
 }
-
-test('the expert cache refuses gpt_oss (transposed, interleaved gate_up_proj) with a clear error', () => {
-  const dir = path.join(fixturesDir, 'gpt_oss');
-  const loaded = loadModel(dir, { fast: false, loadExpert: skipAllExperts });
-  try {
-    assert.throws(() => attachOffloader(loaded, { policy: 'eam', fraction: 0.25, traceDir: mkdtempSync(path.join(os.tmpdir(), 'expertd-gptoss-')) }),
-      /the expert cache .* does not support gpt_oss checkpoints yet/);
-  } finally {
-    loaded.model.dispose();
-  }
-});

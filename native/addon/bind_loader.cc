@@ -96,6 +96,7 @@ class ExpertLoaderHandle : public Napi::ObjectWrap<ExpertLoaderHandle> {
   //         fp8Block?: [br, bc], gateScale?, upScale?, downScale?})
   // With fp8Block the ranges are an FP8 checkpoint's e4m3 codes and the *Scale ranges their
   // weight_scale_inv (f32), packed as they are into fp8 slots of group bc (dtype is then ignored).
+  // Or, layout 'gpt_oss', {gateUp [H, 2I], down [I, H], ...} in the checkpoint's layout.
   Napi::Value submit(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     expect_args(info, 1, "ExpertLoader.submit");
@@ -137,9 +138,23 @@ class ExpertLoaderHandle : public Napi::ObjectWrap<ExpertLoaderHandle> {
     const size_t bytes = static_cast<size_t>(inter * h) * (fp8 ? 1 : dtype_size(job.dtype));
     const std::string ih = "[" + std::to_string(inter) + ", " + std::to_string(h) + "] " + elem;
     const std::string hi = "[" + std::to_string(h) + ", " + std::to_string(inter) + "] " + elem;
-    job.gate = range_field(env, o, "gate", bytes, ih);
-    job.up = range_field(env, o, "up", bytes, ih);
-    job.down = range_field(env, o, "down", bytes, hi);
+    Napi::Value layout = o.Get("layout");
+    if (!is_nullish(layout)) {
+      const std::string l = layout.IsString() ? layout.As<Napi::String>().Utf8Value() : "";
+      if (l != "rows" && l != "gpt_oss") throw_type(env, "job.layout must be 'rows' or 'gpt_oss'");
+      job.gpt_oss = l == "gpt_oss";
+    }
+    if (job.gpt_oss && fp8) throw_type(env, "job.layout 'gpt_oss' has no FP8 form (drop fp8Block)");
+    if (job.gpt_oss) {
+      // The checkpoint's own layout: gate_up_proj [H, 2I] and down_proj [I, H] of one expert.
+      const std::string h2i = "[" + std::to_string(h) + ", " + std::to_string(2 * inter) + "] " + elem;
+      job.gate = range_field(env, o, "gateUp", 2 * bytes, h2i);
+      job.down = range_field(env, o, "down", bytes, ih);
+    } else {
+      job.gate = range_field(env, o, "gate", bytes, ih);
+      job.up = range_field(env, o, "up", bytes, ih);
+      job.down = range_field(env, o, "down", bytes, hi);
+    }
     if (fp8) {
       if (!gu.quantized() || gu.q != QFormat::F8 || !dn.quantized() || dn.q != QFormat::F8 ||
           gu.group != job.fp8_bc || dn.group != job.fp8_bc)

@@ -147,6 +147,25 @@ int ExpertLoader::fd_for(const std::string& path) {
   return fd;
 }
 
+// gpt-oss: gate_up [H, 2I] (gate = even columns, up = odd) -> gate [I, H], up [I, H]; down [I, H]
+// -> [H, I]. Elements are moved, never converted (T: the element's bytes as an integer).
+template <typename T>
+void gpt_oss_to_rows(const uint8_t* gu_raw, const uint8_t* down_raw, size_t h, size_t inter,
+                     uint8_t* gate_out, uint8_t* up_out, uint8_t* down_out) {
+  const T* w = reinterpret_cast<const T*>(gu_raw);
+  const T* d = reinterpret_cast<const T*>(down_raw);
+  T* gate = reinterpret_cast<T*>(gate_out);
+  T* up = reinterpret_cast<T*>(up_out);
+  T* down = reinterpret_cast<T*>(down_out);
+  for (size_t r = 0; r < h; ++r)
+    for (size_t i = 0; i < inter; ++i) {
+      gate[i * h + r] = w[r * 2 * inter + 2 * i];
+      up[i * h + r] = w[r * 2 * inter + 2 * i + 1];
+    }
+  for (size_t i = 0; i < inter; ++i)
+    for (size_t r = 0; r < h; ++r) down[r * inter + i] = d[i * h + r];
+}
+
 void ExpertLoader::execute(ExpertLoadJob& job, Stats& local) {
   auto t0 = Clock::now();
   auto read = [&](const FileRange& r, std::vector<uint8_t>& stage) {
@@ -157,9 +176,14 @@ void ExpertLoader::execute(ExpertLoadJob& job, Stats& local) {
     stage.resize((r.size_bytes + 3) / 4);
     pread_all(fd_for(r.path), r.path, r.offset, reinterpret_cast<uint8_t*>(stage.data()), r.size_bytes);
   };
-  read(job.gate, stage_gate_);
-  read(job.up, stage_up_);
-  read(job.down, stage_down_);
+  if (job.gpt_oss) {
+    read(job.gate, stage_raw_gu_);
+    read(job.down, stage_raw_down_);
+  } else {
+    read(job.gate, stage_gate_);
+    read(job.up, stage_up_);
+    read(job.down, stage_down_);
+  }
   const bool fp8 = job.fp8_br > 0;
   if (fp8) {
     read_f32(job.gate_scale, stage_gate_scale_);
@@ -169,6 +193,18 @@ void ExpertLoader::execute(ExpertLoadJob& job, Stats& local) {
   local.read_seconds = seconds_since(t0);
   local.bytes_read = job.gate.size_bytes + job.up.size_bytes + job.down.size_bytes +
                      (fp8 ? job.gate_scale.size_bytes + job.up_scale.size_bytes + job.down_scale.size_bytes : 0);
+  if (job.gpt_oss) {
+    const size_t h = static_cast<size_t>(job.gate_up_w->k), inter = static_cast<size_t>(job.gate_up_w->n / 2);
+    const size_t bytes = h * inter * dtype_size(job.dtype);
+    for (auto* v : {&stage_gate_, &stage_up_, &stage_down_})
+      if (v->size() < bytes) v->resize(bytes);
+    if (dtype_size(job.dtype) == 4)
+      gpt_oss_to_rows<uint32_t>(stage_raw_gu_.data(), stage_raw_down_.data(), h, inter, stage_gate_.data(),
+                                stage_up_.data(), stage_down_.data());
+    else
+      gpt_oss_to_rows<uint16_t>(stage_raw_gu_.data(), stage_raw_down_.data(), h, inter, stage_gate_.data(),
+                                stage_up_.data(), stage_down_.data());
+  }
   // NOTE: single-threaded packing: entering the compute pool from this thread would serialise
   // the loader behind the engine's kernels (and them behind it).
   if (fp8) {

@@ -1,5 +1,5 @@
 // Paged attention on the device (f32, bf16 or fp8 e4m3 cache with static per-kv-head scales; layouts
-// and semantics of ops.h): causal, GQA, sliding window, MLA dims with V read from the K cache. Keys
+// and semantics of ops.h): causal, GQA, sliding window, sinks, MLA dims with V read from the K cache. Keys
 // and values are widened to f32 as they are staged in shared memory. Flash-style online softmax over 32-key chunks
 // staged in shared memory; split-K over absolute key ranges (flash-decoding) when the query
 // tiles alone cannot fill the GPU, folded by a second kernel. Also the KV cache write.
@@ -81,6 +81,7 @@ struct AttnArgs {
   int share_kv; // V is read from the K chunk (MLA)
   int key_cap;  // keys at positions >= key_cap are never read: min(max_context, max_blocks * block_size)
   KvScales scales;  // fp8: per kv head (by value: no device buffer to keep alive)
+  const float* sinks;  // [heads] device, or null (gpt-oss)
 };
 
 struct TileRows {
@@ -254,7 +255,9 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(const AttnArg
     if (!ri.valid) continue;
     const size_t orow = static_cast<size_t>(tr.q_start + ri.token) * a.heads + ri.head;
     if (a.nsplit == 1) {
-      const float inv = 1.0f / l[rr];
+      // The sink enters the denominator only: l += e^(sink - m) (m the row's max over its keys).
+      const float lt = a.sinks ? l[rr] + expf(a.sinks[ri.head] - m[rr]) : l[rr];
+      const float inv = 1.0f / lt;
       float* o = a.out + orow * dv;
 #pragma unroll
       for (int i = 0; i < NACC; ++i)
@@ -288,6 +291,8 @@ __global__ void __launch_bounds__(kThreads) attention_combine_kernel(const AttnA
       const float mz = st[z * (a.dv + 2)];
       if (mz != -INFINITY) lsum += st[z * (a.dv + 2) + 1] * expf(mz - mx);
     }
+    // NOTE: once per row, after the merge (a split must not add it: it would count nsplit times).
+    if (a.sinks) lsum += expf(a.sinks[ri.head] - mx);
     const float inv = 1.0f / lsum;
     for (int d = threadIdx.x; d < a.dv; d += kThreads) {
       float v = 0.0f;
@@ -361,6 +366,7 @@ void paged_attention(const float* q, const void* k_cache, const void* v_cache,
   a.group = p.heads / p.kv_heads;
   a.hpc = std::min(a.group, kRows);
   a.bq = kRows / a.hpc;
+  a.sinks = p.sinks;
   a.share_kv = (v_cache == k_cache && p.v_stride == p.dk && p.v_offset + p.dv <= p.dk) ? 1 : 0;
   for (int h = 0; h < p.kv_heads && h < kMaxScaleHeads; ++h) {
     a.scales.k[h] = p.kv_dtype == KvDtype::FP8 ? p.k_scales[h] : 1.0f;

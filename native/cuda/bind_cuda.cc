@@ -303,6 +303,23 @@ T* get_aligned_buf(const Napi::CallbackInfo& info, size_t i, const char* name, s
   return p;
 }
 
+// An optional CudaBuffer in an options object (opts.<key>): null when absent, else a live buffer of
+// at least need_bytes, aligned for float.
+const float* opt_float_buf(Napi::Env env, Napi::Object o, const char* key, size_t need_bytes) {
+  Napi::Value v = o.Get(key);
+  if (is_nullish(v)) return nullptr;
+  const std::string name = std::string("opts.") + key;
+  if (!v.IsObject() || !v.As<Napi::Object>().InstanceOf(ctors(env).buffer.Value()))
+    throw_type(env, name + " must be a CudaBuffer or null");
+  BufferHandle* b = BufferHandle::Unwrap(v.As<Napi::Object>());
+  const char* p = b->ptr(env, name.c_str());
+  if (b->size() < need_bytes)
+    throw_range(env, name + ".sizeBytes is " + std::to_string(b->size()) + ", expected at least " +
+                         std::to_string(need_bytes));
+  if (reinterpret_cast<uintptr_t>(p) % alignof(float)) throw_range(env, name + " must start 4-byte aligned");
+  return reinterpret_cast<const float*>(p);
+}
+
 // A JS number as JS prints it (integers without a fraction, NaN, Infinity, shortest round trip).
 std::string js_number(double d) {
   if (std::isnan(d)) return "NaN";
@@ -773,6 +790,46 @@ Napi::Value quant_paths(const Napi::CallbackInfo& info) {
   return o;
 }
 
+// cudaGroupGemmBiasedFfn(x, offsets, experts, rows, guScratch, hScratch, y, opts, stream?)
+// opts: { gateUpBias [E, 2I] f32, downBias [E, H] f32 (CudaBuffers), alpha, limit } (gpt-oss).
+Napi::Value group_gemm_biased_ffn(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 8, "cudaGroupGemmBiasedFfn");
+  if (!info[2].IsObject() || !info[2].As<Napi::Object>().InstanceOf(ctors(env).table.Value()))
+    throw_type(env, "experts must be a CudaExpertTable");
+  TableHandle* t = TableHandle::Unwrap(info[2].As<Napi::Object>());
+  if (t->quantized())
+    throw_type(env, "cudaGroupGemmBiasedFfn reads bf16 expert tables; this table is quantized");
+  const int e = t->num_experts(), h = t->hidden(), inter = t->inter();
+  const int rows = dim(info, 3, "rows", 0, 1 << 28);
+  if (!info[7].IsObject()) throw_type(env, "opts must be an object");
+  Napi::Object o = info[7].As<Napi::Object>();
+  auto num = [&](const char* key) {
+    Napi::Value v = o.Get(key);
+    if (!v.IsNumber()) throw_type(env, std::string("opts.") + key + " must be a number");
+    const double d = v.As<Napi::Number>().DoubleValue();
+    if (!(d > 0) || !std::isfinite(d))
+      throw_range(env, std::string("opts.") + key + " is " + std::to_string(d) + ", expected a positive number");
+    return static_cast<float>(d);
+  };
+  const float alpha = num("alpha"), limit = num("limit");
+  Stream s = get_stream(info, 8);
+  // The plain passes read x and hScratch in 16-byte cp.async chunks and write guScratch and y as float2.
+  const uint16_t* x = get_aligned_buf<uint16_t>(info, 0, "x", mul(rows, h, B2), 16);
+  const int32_t* offsets = get_aligned_buf<int32_t>(info, 1, "offsets", (e + 1) * I4);
+  float* gu = get_aligned_buf<float>(info, 4, "guScratch", mul(rows, 2 * static_cast<size_t>(inter), F4), 8);
+  uint16_t* hs = get_aligned_buf<uint16_t>(info, 5, "hScratch", mul(rows, inter, B2), 16);
+  float* y = get_aligned_buf<float>(info, 6, "y", mul(rows, h, F4), 8);
+  const float* gub = opt_float_buf(env, o, "gateUpBias", mul(e, 2 * static_cast<size_t>(inter), F4));
+  const float* db = opt_float_buf(env, o, "downBias", mul(e, h, F4));
+  if (!gub || !db) throw_type(env, "opts.gateUpBias and opts.downBias must be CudaBuffers");
+  const uint16_t* const* table = t->device_table(env, s);
+  guard(env, [&] {
+    cuda::group_gemm_biased_ffn(x, offsets, table, table + e, e, rows, h, inter, gub, db, alpha, limit, gu, hs, y, s);
+  });
+  return env.Undefined();
+}
+
 // cudaDenseGemm(x, m, w, n, k, y, bias, accumulate, backend?, stream?) -> backend used
 Napi::Value dense_gemm(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -1025,6 +1082,23 @@ Napi::Value silu_mul(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// cudaClampedSwiglu(gu, t, i, alpha, limit, out, stream?)
+Napi::Value clamped_swiglu(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 6, "cudaClampedSwiglu");
+  const int t = dim(info, 1, "t"), i = dim(info, 2, "i");
+  const double alpha = get_double(info, 3, "alpha"), limit = get_double(info, 4, "limit");
+  if (!(alpha > 0) || !std::isfinite(alpha)) throw_range(env, "alpha is " + std::to_string(alpha) + ", expected a positive number");
+  if (!(limit > 0) || !std::isfinite(limit)) throw_range(env, "limit is " + std::to_string(limit) + ", expected a positive number");
+  Stream s = get_stream(info, 6);
+  const float* gu = get_buf<float>(info, 0, "gu", mul(t, 2 * static_cast<size_t>(i), F4));
+  float* out = get_buf<float>(info, 5, "out", mul(t, i, F4));
+  guard(env, [&] {
+    cuda::clamped_swiglu(gu, t, i, static_cast<float>(alpha), static_cast<float>(limit), out, s);
+  });
+  return env.Undefined();
+}
+
 // cudaEmbedding(table, dtype, v, h, ids, t, out, stream?)
 Napi::Value embedding(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -1210,6 +1284,8 @@ Napi::Value paged_attention(const Napi::CallbackInfo& info) {
   }
   const void* kc = get_aligned_buf<char>(info, 1, "kCache", mul(mul(num_blocks, p.block_size), p.kv_heads, p.dk * es), es);
   const void* vc = get_aligned_buf<char>(info, 2, "vCache", mul(mul(num_blocks, p.block_size), p.kv_heads, p.v_stride * es), es);
+  // Optional per-head attention sinks (gpt-oss): a device array of `heads` f32 logits.
+  p.sinks = opt_float_buf(env, o, "sinks", mul(p.heads, F4));
   const int32_t* si = get_buf<int32_t>(info, 3, "seqInfo", mul(p.num_seqs, 3, I4));
   const int32_t* bt = get_buf<int32_t>(info, 4, "blockTables", mul(p.num_seqs, p.max_blocks, I4));
   float* out = get_buf<float>(info, 6, "out", mul(total, p.heads, p.dv * F4));
@@ -1477,6 +1553,7 @@ void register_cuda(Napi::Env env, Napi::Object exports) {
   fn("cudaConvert", convert);
   fn("cudaGroupGemmFfn", group_gemm_ffn);
   fn("cudaQuantPaths", quant_paths);
+  fn("cudaGroupGemmBiasedFfn", group_gemm_biased_ffn);
   fn("cudaDenseGemm", dense_gemm);
   fn("cudaRoute", route);
   fn("cudaPermute", permute);
@@ -1487,6 +1564,7 @@ void register_cuda(Napi::Env env, Napi::Object exports) {
   fn("cudaGatedDeltaRule", gated_delta_rule);
   fn("cudaGatedRmsNorm", gated_rms_norm);
   fn("cudaSiluMul", silu_mul);
+  fn("cudaClampedSwiglu", clamped_swiglu);
   fn("cudaEmbedding", embedding);
   fn("cudaSoftmax", softmax);
   fn("cudaTopN", top_n);

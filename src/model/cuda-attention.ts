@@ -1,5 +1,6 @@
-// Attention blocks on the device: grouped-query and DeepSeek MLA, the same math as attention.ts (the
-// CPU blocks) built from the cuda* ops over a device-resident paged KV cache (f32, bf16 or fp8).
+// Attention blocks on the device: grouped-query (with gpt-oss's sinks and per-layer windows) and
+// DeepSeek MLA, the same math as attention.ts (the CPU blocks) built from the cuda* ops over a
+// device-resident paged KV cache (f32, bf16 or fp8).
 import type { CudaBuffer, CudaStream } from '../native/index.js';
 import { BF16, F32, type Device, type DeviceWeight } from './device.js';
 import type { ForwardBatch } from './forward-batch.js';
@@ -66,6 +67,7 @@ export class CudaGqaAttention implements DeviceAttentionBlock {
   private readonly oBias: CudaBuffer | null;
   private readonly qNorm: CudaBuffer | null;
   private readonly kNorm: CudaBuffer | null;
+  private readonly sinks: CudaBuffer | null;   // [heads] (gpt-oss)
   private readonly invFreq: CudaBuffer;
   readonly cacheFloatsPerToken: [number, number];
 
@@ -88,6 +90,7 @@ export class CudaGqaAttention implements DeviceAttentionBlock {
     const kn = spec.qkNorm === 'per_head' ? headDim : kvDim;
     this.qNorm = spec.qkNorm === 'none' ? null : dev.vector(vectorF32(src, `${p}q_norm.weight`, qn));
     this.kNorm = spec.qkNorm === 'none' ? null : dev.vector(vectorF32(src, `${p}k_norm.weight`, kn));
+    this.sinks = spec.sinks ? dev.vector(vectorF32(src, `${p}sinks`, heads)) : null;
     this.invFreq = dev.vector(spec.rope.invFreq);
     this.cacheFloatsPerToken = [kvDim, kvDim];
   }
@@ -125,6 +128,7 @@ export class CudaGqaAttention implements DeviceAttentionBlock {
     cu.cudaPagedAttention(q, cache.k, cache.v!, step.seqInfo, step.blockTables, {
       ...attentionGeometry(step), heads, kvHeads, dk: headDim, dv: headDim, vStride: headDim, vOffset: 0,
       scale: this.spec.softmaxScale, slidingWindow: this.spec.slidingWindow ?? 0, ...cacheOptions(cache),
+      ...(this.sinks ? { sinks: this.sinks } : {}),
     }, attn, st);
     dev.gemm(attn, T, this.o, out, this.oBias, false, null, st);
   }

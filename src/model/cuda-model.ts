@@ -46,6 +46,9 @@ interface DeviceMoe {
   expertWeights: { gateUp: CudaBuffer; down: CudaBuffer }[];
   shared: DeviceFfn | null;
   sharedGate: DeviceWeight | null;    // [1, H]
+  /** gpt-oss: the experts' biases (resident even when the experts are cached): gate_up [E, 2I] as
+   * [gate (I) | up (I)] per expert, down [E, H]; with the clamped SwiGLU between the GEMMs. */
+  bias: { gateUp: CudaBuffer; down: CudaBuffer } | null;
 }
 
 interface DeviceSub {
@@ -99,10 +102,6 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
   hooks: MoeHooks<CudaExpertTable> = {};
 
   constructor(readonly spec: ModelSpec, src: TensorSource, opts: CudaModelOptions) {
-    // NOTE: the device ops have no attention sinks and no biased, clamped SwiGLU experts yet.
-    if (spec.modelType === 'gpt_oss')
-      throw new Error('gpt_oss runs on the CPU engine only (--device cpu): the device engine has no attention ' +
-        'sinks and no clamped-SwiGLU experts yet');
     if (spec.linearAttention)
       throw new Error(`${spec.modelType} runs on the CPU engine only (--device cpu) for now: the device engine has no ` +
         'linear-attention (Gated DeltaNet) layers or state cache yet');
@@ -134,9 +133,12 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
         : dev.linear('lm_head.weight', src.get('lm_head.weight'), spec.vocabSize, H);
       let moeIndex = 0;
       let cacheIndex = 0;
-      const attention = (p: string): DeviceAttentionBlock => spec.attention.kind === 'mla'
-        ? new CudaMlaAttention(dev, spec.attention, src, p, H)
-        : new CudaGqaAttention(dev, spec.attention, src, p, H, spec.rmsNormEps);
+      // A layer's own window (gpt-oss layer_types) overrides the model's, as on the CPU.
+      const attention = (p: string, i: number): DeviceAttentionBlock => {
+        const w = spec.layers[i]!.slidingWindow;
+        const a = w === undefined ? spec.attention : { ...spec.attention, slidingWindow: w };
+        return a.kind === 'mla' ? new CudaMlaAttention(dev, a, src, p, H) : new CudaGqaAttention(dev, a, src, p, H, spec.rmsNormEps);
+      };
       for (let i = 0; i < spec.numLayers; i++) {
         const p = `model.layers.${i}.`;
         const ls = spec.layers[i]!;
@@ -144,7 +146,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
           const subs = [0, 1].map((j) => ({
             inputNorm: dev.vector(vectorF32(src, `${p}input_layernorm.${j}.weight`, H)),
             postNorm: dev.vector(vectorF32(src, `${p}post_attention_layernorm.${j}.weight`, H)),
-            attn: attention(`${p}self_attn.${j}.`),
+            attn: attention(`${p}self_attn.${j}.`, i),
             cacheIndex: cacheIndex++,
             dense: this.ffn(src, `${p}mlps.${j}.`, spec.denseIntermediate),
           }));
@@ -156,7 +158,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
           subs: [{
             inputNorm: dev.vector(vectorF32(src, `${p}input_layernorm.weight`, H)),
             postNorm: dev.vector(vectorF32(src, `${p}post_attention_layernorm.weight`, H)),
-            attn: attention(`${p}self_attn.`), cacheIndex: cacheIndex++,
+            attn: attention(`${p}self_attn.`, i), cacheIndex: cacheIndex++,
             dense: moe ? null : this.ffn(src, `${p}mlp.`, spec.denseIntermediate),
           }],
           moe, shortcut: false,
@@ -240,6 +242,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
       correctionBias: t.correctionBias ? dev.vector(t.correctionBias) : null,
       shared: t.sharedPrefix ? this.ffn(src, t.sharedPrefix, m.sharedIntermediate) : null,
       sharedGate: t.sharedGate ? dev.linear(`${t.prefix}shared_expert_gate.weight`, t.sharedGate, 1, H, true) : null,
+      bias: t.expertBias ? { gateUp: dev.vector(t.expertBias.gateUp), down: dev.vector(t.expertBias.down) } : null,
     };
   }
 
@@ -656,7 +659,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
       cu.cudaCopyToDevice(offs, 0, local.offsets, st);
       const yLocal = g('ep.ylocal', local.rows * H * F32);
       const hs = g('ep.h', local.rows * spec.moe.intermediate * BF16);
-      cu.cudaGroupGemmFfn(local.x, offs, m.experts, local.rows, hs, yLocal, null, st);
+      this.groupFfn(m, local.x, offs, local.rows, hs, yLocal, st, g);
       ev(2 + 3 * c).record(st);
       // NOTE: the next dispatch is queued after this chunk's GEMM, so that the compute stream has
       // work while the host waits on the comm stream for that dispatch's counts.
@@ -703,7 +706,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     cu.cudaCopyToDevice(offs, 0, local.offsets, st);
     const yLocal = get('ep.ylocal', local.rows * H * F32);
     const hs = get('ep.h', local.rows * spec.moe.intermediate * BF16);
-    cu.cudaGroupGemmFfn(local.x, offs, m.experts, local.rows, hs, yLocal, null, st);
+    this.groupFfn(m, local.x, offs, local.rows, hs, yLocal, st, get);
     ep.combine(yLocal, yPerm, H, st, get);
   }
 
@@ -730,12 +733,28 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     return kernel;
   }
 
+  /**
+   * y [rows, H] f32 = the GroupGemm FFN of x [rows, H] bf16 over the table's experts (rows by
+   * offsets); gpt-oss's biased, clamped-SwiGLU experts through cudaGroupGemmBiasedFfn.
+   */
+  private groupFfn(m: DeviceMoe, x: CudaBuffer, offsets: CudaBuffer, rows: number, hs: CudaBuffer, y: CudaBuffer,
+                   st: CudaStream | null, get: (name: string, bytes: number) => CudaBuffer): void {
+    const act = this.spec.moe.clampedSwiglu;
+    if (!m.bias || !act) {
+      this.cu.cudaGroupGemmFfn(x, offsets, m.experts, rows, hs, y, null, st);
+      return;
+    }
+    const gu = get('moe.gu', Math.max(1, rows) * 2 * this.spec.moe.intermediate * F32);
+    this.cu.cudaGroupGemmBiasedFfn(x, offsets, m.experts, rows, gu, hs, y,
+      { gateUpBias: m.bias.gateUp, downBias: m.bias.down, alpha: act.alpha, limit: act.limit }, st);
+  }
+
   /** yPerm [rows, H] f32 = expert FFNs of xPerm [rows, H] bf16 in expert-contiguous order. */
   private experts(m: DeviceMoe, xPerm: CudaBuffer, offsets: CudaBuffer, rows: number, hs: CudaBuffer,
                   yPerm: CudaBuffer, st: CudaStream | null, kernel: ExpertKernel): void {
     const { cu } = this;
     if (kernel === 'group') {
-      cu.cudaGroupGemmFfn(xPerm, offsets, m.experts, rows, hs, yPerm, null, st);
+      this.groupFfn(m, xPerm, offsets, rows, hs, yPerm, st, (name, bytes) => this.dev.scratch.get(name, bytes));
       return;
     }
     const H = this.spec.hidden, I = this.spec.moe.intermediate, E = this.spec.moe.numExperts;
@@ -749,11 +768,16 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
       const r0 = offs[e]!, n = offs[e + 1]! - r0;
       if (n === 0) continue;
       const w = m.expertWeights[e]!;
-      cu.cudaDenseGemm(xPerm.view(r0 * H * BF16, n * H * BF16), n, w.gateUp, 2 * I, H, gu, null, false, null, st);
-      cu.cudaSiluMul(gu, n, I, h, st);
+      const b = m.bias;
+      cu.cudaDenseGemm(xPerm.view(r0 * H * BF16, n * H * BF16), n, w.gateUp, 2 * I, H, gu,
+        b ? b.gateUp.view(e * 2 * I * F32, 2 * I * F32) : null, false, null, st);
+      const act = this.spec.moe.clampedSwiglu;
+      if (act) cu.cudaClampedSwiglu(gu, n, I, act.alpha, act.limit, h, st);
+      else cu.cudaSiluMul(gu, n, I, h, st);
       // The GroupGemm stores SiLU(gate)*up as bf16 too: both paths feed the down GEMM the same.
       cu.cudaConvert(h, 'f32', hs, 'bf16', n * I, st);
-      cu.cudaDenseGemm(hs, n, w.down, H, I, yPerm.view(r0 * H * F32, n * H * F32), null, false, null, st);
+      cu.cudaDenseGemm(hs, n, w.down, H, I, yPerm.view(r0 * H * F32, n * H * F32),
+        b ? b.down.view(e * H * F32, H * F32) : null, false, null, st);
     }
   }
 

@@ -136,21 +136,10 @@ function gptOssTensors(spec: ModelSpec, src: TensorSource, p: string, r: string)
   checkShape(`${p}experts.gate_up_proj`, gu, [E, H, 2 * I]);
   checkShape(`${p}experts.down_proj`, dn, [E, I, H]);
   const expert = (e: number): ExpertSource => {
-    const w = gu.data.subarray(e * H * 2 * I, (e + 1) * H * 2 * I);  // [H, 2I]
-    const d = dn.data.subarray(e * I * H, (e + 1) * I * H);          // [I, H]
-    const make = (n: number) => (gu.dtype === 'f32' ? new Float32Array(n) : new Uint16Array(n));
-    const gate = make(I * H), up = make(I * H);
-    for (let h = 0; h < H; h++) {
-      for (let i = 0; i < I; i++) {
-        gate[i * H + h] = w[h * 2 * I + 2 * i]!;
-        up[i * H + h] = w[h * 2 * I + 2 * i + 1]!;
-      }
-    }
-    const down = dn.dtype === 'f32' ? new Float32Array(H * I) : new Uint16Array(H * I);
-    for (let i = 0; i < I; i++) for (let h = 0; h < H; h++) down[h * I + i] = d[i * H + h]!;
+    const w = gptOssExpertRows(gu.data.subarray(e * H * 2 * I, (e + 1) * H * 2 * I), dn.data.subarray(e * I * H, (e + 1) * I * H), H, I);
     return {
-      gate: { dtype: gu.dtype, shape: [I, H], data: gate }, up: { dtype: gu.dtype, shape: [I, H], data: up },
-      down: { dtype: dn.dtype, shape: [H, I], data: down },
+      gate: { dtype: gu.dtype, shape: [I, H], data: w.gate }, up: { dtype: gu.dtype, shape: [I, H], data: w.up },
+      down: { dtype: dn.dtype, shape: [H, I], data: w.down },
     };
   };
   return { ...common, expert };
@@ -177,4 +166,23 @@ function gptOssBiases(src: TensorSource, p: string, E: number, H: number, I: num
 /** Qwen2-MoE, Qwen3-Next and Qwen3.5 name their one gated shared expert mlp.shared_expert (DeepSeek: shared_experts). */
 export function singleSharedExpert(spec: ModelSpec): boolean {
   return spec.modelType === 'qwen2_moe' || spec.modelType === 'qwen3_next' || spec.modelType === 'qwen3_5_moe';
+}
+
+/**
+ * One gpt-oss expert from its checkpoint layout, gate_up [H, 2I] (gate = even columns, up = odd) and
+ * down [I, H], to the rows every expert kernel reads: gate [I, H], up [I, H], down [H, I] (elements
+ * moved, the dtype kept; the expert cache's loads do the same, expert_loader.cc on its copy thread).
+ */
+export function gptOssExpertRows<T extends Float32Array | Uint16Array>(gateUp: T, down: T, H: number, I: number): { gate: T; up: T; down: T } {
+  const make = (n: number) => (gateUp instanceof Float32Array ? new Float32Array(n) : new Uint16Array(n)) as T;
+  const gate = make(I * H), up = make(I * H);
+  const d = (down instanceof Float32Array ? new Float32Array(H * I) : new Uint16Array(H * I)) as T;
+  for (let h = 0; h < H; h++) {
+    for (let i = 0; i < I; i++) {
+      gate[i * H + h] = gateUp[h * 2 * I + 2 * i]!;
+      up[i * H + h] = gateUp[h * 2 * I + 2 * i + 1]!;
+    }
+  }
+  for (let i = 0; i < I; i++) for (let h = 0; h < H; h++) d[h * I + i] = down[i * H + h]!;
+  return { gate, up, down: d };
 }

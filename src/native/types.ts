@@ -226,7 +226,12 @@ export interface CudaRouteOptions extends Omit<RouteOptions, 'bias'> {
   bias?: CudaBuffer | null;
 }
 
-export interface CudaAttentionOptions extends AttentionOptions {
+export interface CudaAttentionOptions extends Omit<AttentionOptions, 'sinks'> {
+  /**
+   * [heads] f32 on the device: attention sinks (gpt-oss), in each row's softmax denominator only,
+   * added once after the split-K merge. Absent = none.
+   */
+  sinks?: CudaBuffer | null;
   /**
    * Element type of kCache / vCache (default f32); fp8 takes opts.kScales / vScales (host arrays,
    * at most 256 kv heads: they travel by value in the kernel's arguments).
@@ -340,6 +345,17 @@ export interface CudaAddon {
                    stream?: CudaStream | null): void;
   /** Whether the FP8-activation GroupGemm (CudaFp8Path 'act') can run on the current device. */
   cudaQuantPaths(): { fp8Act: boolean };
+  /**
+   * gpt-oss's experts in one call (two plain GroupGemm passes): guScratch [rows, 2I] f32 = x Wgu^T,
+   * + opts.gateUpBias [E, 2I] ([gate (I) | up (I)] per expert), the clamped SwiGLU of
+   * cudaClampedSwiglu -> hScratch [rows, I] bf16, y [rows, H] f32 = h Wdown^T + opts.downBias [E, H].
+   * Roundings: each bias add and each activation step one f32 rounding; h rounded to bf16 once.
+   * Same empty-slot contract as cudaGroupGemmFfn. x and hScratch 16-byte aligned, guScratch and y 8.
+   */
+  cudaGroupGemmBiasedFfn(x: CudaBuffer, offsets: CudaBuffer, experts: CudaExpertTable, rows: number,
+                         guScratch: CudaBuffer, hScratch: CudaBuffer, y: CudaBuffer,
+                         opts: { gateUpBias: CudaBuffer; downBias: CudaBuffer; alpha: number; limit: number },
+                         stream?: CudaStream | null): void;
   /** State of the GroupGemm kernel paths on the current device (see CudaGemmPaths). */
   cudaGemmPaths(): CudaGemmPaths;
   /**
@@ -406,6 +422,12 @@ export interface CudaAddon {
            offset: number, positions: CudaBuffer, invFreq: CudaBuffer, rotDim: number,
            attnScale: number, interleaved: boolean, stream?: CudaStream | null): void;
   cudaSiluMul(gu: CudaBuffer, t: number, i: number, out: CudaBuffer, stream?: CudaStream | null): void;
+  /**
+   * gpt-oss: out [t, i] f32 = (clamp(up, -limit, limit) + 1) * g / (1 + e^(-alpha g)), g = min(gate,
+   * limit), from gu [t, gate (i) | up (i)] f32; every operation one f32 rounding.
+   */
+  cudaClampedSwiglu(gu: CudaBuffer, t: number, i: number, alpha: number, limit: number, out: CudaBuffer,
+                    stream?: CudaStream | null): void;
   cudaEmbedding(table: CudaBuffer, dtype: DType, v: number, h: number, ids: CudaBuffer, t: number,
                 out: CudaBuffer, stream?: CudaStream | null): void;
   cudaSoftmax(x: CudaBuffer, rows: number, cols: number, out: CudaBuffer, log: boolean,
@@ -484,9 +506,15 @@ export interface FileRange {
  * One expert cache slot fill: gate [I, H], up [I, H], down [H, I] row-major in `dtype` read from
  * the files, repacked into dst.gateUp ([2I, H] gate_up) and dst.down ([H, I] plain) in place.
  */
+/**
+ * One slot fill: gate [I, H], up [I, H], down [H, I] rows; or (layout 'gpt_oss') the checkpoint's
+ * gateUp [H, 2I] (gate = even columns, up = odd) and down [I, H], rearranged on the copy thread.
+ */
 export interface ExpertLoadJob {
-  gate: FileRange;
-  up: FileRange;
+  layout?: 'rows' | 'gpt_oss';
+  gate?: FileRange;
+  up?: FileRange;
+  gateUp?: FileRange;
   down: FileRange;
   dtype: DType;
   dst: { gateUp: PackedWeight; down: PackedWeight };

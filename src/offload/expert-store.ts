@@ -7,6 +7,7 @@
 import { loadNative, type DType, type ExpertLoader, type FileRange, type PackedWeight } from '../native/index.js';
 import type { Checkpoint, TensorInfo } from '../model/safetensors.js';
 import type { ModelSpec } from '../model/spec.js';
+import { gptOssExpertRows } from '../model/moe-tensors.js';
 import { quantizedBytes, type QuantizeSpec } from '../model/quantize.js';
 
 /**
@@ -58,13 +59,19 @@ export function loadNow(store: ExpertStore, layer: number, expert: number, slot:
   store.wait(store.submit(layer, expert, slot, Infinity));
 }
 
-interface ExpertRanges {
-  gate: FileRange;
-  up: FileRange;
-  down: FileRange;
-  /** FP8 checkpoints: each projection's weight_scale_inv (f32). */
+/**
+ * Where one expert's bytes are: gate [I, H], up [I, H], down [H, I] rows (with each projection's
+ * weight_scale_inv (f32) for FP8 checkpoints); or gpt-oss's own layout, gate_up [H, 2I] (gate = even
+ * columns, up = odd) and down [I, H], rearranged as they load.
+ */
+type ExpertRanges = {
+  layout: 'rows'; gate: FileRange; up: FileRange; down: FileRange;
   scales?: { gate: FileRange; up: FileRange; down: FileRange };
-}
+} | { layout: 'gpt_oss'; gateUp: FileRange; down: FileRange };
+
+const rangeBytes = (r: ExpertRanges) => r.down.sizeBytes + (r.layout === 'rows'
+  ? r.gate.sizeBytes + r.up.sizeBytes + (r.scales ? r.scales.gate.sizeBytes + r.scales.up.sizeBytes + r.scales.down.sizeBytes : 0)
+  : r.gateUp.sizeBytes);
 
 const ST_DTYPE: Record<string, DType | undefined> = { BF16: 'bf16', F16: 'f16', F32: 'f32' };
 
@@ -120,11 +127,6 @@ export class CheckpointExpertStore implements ExpertStore {
   readSeconds = 0;
 
   constructor(private readonly checkpoint: Checkpoint, spec: ModelSpec, opts: CheckpointStoreOptions = {}) {
-    // gpt-oss stores gate_up as [E, H, 2I] (transposed, gate/up interleaved by column): not the
-    // contiguous gate and up rows the copy thread reads.
-    if (spec.modelType === 'gpt_oss')
-      throw new RangeError('the expert cache (--expert-cache-gb, --offload) does not support gpt_oss checkpoints ' +
-        'yet (transposed, interleaved gate_up_proj); serve gpt_oss with every expert resident');
     this.H = spec.hidden;
     this.I = spec.moe.intermediate;
     const names = expertTensorPrefix(spec);
@@ -153,7 +155,20 @@ export class CheckpointExpertStore implements ExpertStore {
       const p = `model.layers.${li}.${names.block}experts.`;
       const fusedName = `${p}gate_up_proj`;
       const out: ExpertRanges[] = [];
-      if (checkpoint.has(fusedName)) {
+      if (spec.modelType === 'gpt_oss') {
+        // gpt-oss: gate_up_proj [E, H, 2I] (transposed, gate/up interleaved by column), down_proj [E, I, H].
+        const gu = checkpoint.getTensor(fusedName);
+        const dn = checkpoint.getTensor(`${p}down_proj`);
+        const b = eb(gu);
+        eb(dn);
+        for (let e = 0; e < E; e++) {
+          out.push({
+            layout: 'gpt_oss',
+            gateUp: { path: gu.file, offset: gu.offset + e * 2 * HI * b, sizeBytes: 2 * HI * b },
+            down: { path: dn.file, offset: dn.offset + e * HI * b, sizeBytes: HI * b },
+          });
+        }
+      } else if (checkpoint.has(fusedName)) {
         if (this.fp8Block && checkpoint.getTensor(fusedName).dtype === 'F8_E4M3')
           throw new Error(`expert offloading reads FP8 experts stored one tensor per expert; ${fusedName} stacks them`);
         // transformers 5.x: gate_up_proj [E, 2I, H] (gate rows then up rows), down_proj [E, H, I]
@@ -164,6 +179,7 @@ export class CheckpointExpertStore implements ExpertStore {
         for (let e = 0; e < E; e++) {
           const base = gu.offset + e * 2 * HI * b;
           out.push({
+            layout: 'rows',
             gate: { path: gu.file, offset: base, sizeBytes: HI * b },
             up: { path: gu.file, offset: base + HI * b, sizeBytes: HI * b },
             down: { path: dn.file, offset: dn.offset + e * HI * b, sizeBytes: HI * b },
@@ -185,7 +201,7 @@ export class CheckpointExpertStore implements ExpertStore {
           };
           const fp8 = this.fp8Block !== null && checkpoint.getTensor(`${p}${e}.${names.gate}.weight`).dtype === 'F8_E4M3';
           out.push({
-            gate: t(names.gate), up: t(names.up), down: t(names.down),
+            layout: 'rows', gate: t(names.gate), up: t(names.up), down: t(names.down),
             ...(fp8 ? { scales: { gate: s(names.gate), up: s(names.up), down: s(names.down) } } : {}),
           });
         }
@@ -194,8 +210,8 @@ export class CheckpointExpertStore implements ExpertStore {
     });
     this.dtype = dtype ?? 'bf16';
     const first = this.ranges[0]?.[0];
-    const bytes = first?.gate.sizeBytes ?? 0;
-    const sc = first?.scales;
+    const bytes = first ? first.down.sizeBytes : 0;  // one of the three [I, H]-sized matrices
+    const sc = first?.layout === 'rows' ? first.scales : undefined;
     this.expertBytes = 3 * bytes + (sc ? sc.gate.sizeBytes + sc.up.sizeBytes + sc.down.sizeBytes : 0);
     if (this.fp8Block && !sc) this.fp8Block = null;  // an FP8 config over bf16 experts: plain slots
     // Packed weights keep the checkpoint dtype, or FP8 codes and block scales, or the --quantize
@@ -216,8 +232,7 @@ export class CheckpointExpertStore implements ExpertStore {
 
   submit(layer: number, expert: number, slot: SlotWeights, priority: number, simulatedDelayUs = 0): LoadTicket {
     const r = this.rangesOf(layer, expert);
-    const bytes = r.gate.sizeBytes + r.up.sizeBytes + r.down.sizeBytes +
-      (r.scales ? r.scales.gate.sizeBytes + r.scales.up.sizeBytes + r.scales.down.sizeBytes : 0);
+    const bytes = rangeBytes(r);
     this.loads++;
     this.bytesRead += bytes;
     if (this.loader) {
@@ -227,10 +242,11 @@ export class CheckpointExpertStore implements ExpertStore {
       const q = this.fp8Block ? { format: 'fp8' as const, group: this.fp8Block[1] } : this.quantize;
       slot.gateUp ??= n.allocPackedWeight(dtype, 'gate_up', 2 * I, H, q?.format, q?.group);
       slot.down ??= n.allocPackedWeight(dtype, 'plain', H, I, q?.format, q?.group);
+      const from = r.layout === 'rows' ? { gate: r.gate, up: r.up, down: r.down } : { layout: 'gpt_oss' as const, gateUp: r.gateUp, down: r.down };
       return this.loader.submit({
-        gate: r.gate, up: r.up, down: r.down, dtype, dst: { gateUp: slot.gateUp, down: slot.down }, priority,
+        ...from, dtype, dst: { gateUp: slot.gateUp, down: slot.down }, priority,
         ...(simulatedDelayUs > 0 ? { delayUs: simulatedDelayUs } : {}),
-        ...(r.scales && this.fp8Block ? {
+        ...(r.layout === 'rows' && r.scales && this.fp8Block ? {
           fp8Block: this.fp8Block, gateScale: r.scales.gate, upScale: r.scales.up, downScale: r.scales.down,
         } : {}),
       });
@@ -275,18 +291,23 @@ export class CheckpointExpertStore implements ExpertStore {
   /** The synchronous path: pread into staging here, repack on the compute pool. */
   private loadHere(r: ExpertRanges, slot: SlotWeights): void {
     const n = loadNative();
-    const bytes = r.gate.sizeBytes;
-    // 64-byte aligned staging (allocHostBuffer) so that typed views of any element size work.
-    this.gate ??= new Uint8Array(n.allocHostBuffer(Math.max(1, bytes)));
+    const bytes = r.down.sizeBytes;
+    // 64-byte aligned staging (allocHostBuffer) so that typed views of any element size work; gpt-oss
+    // reads its gate_up [H, 2I] into gate and up together.
+    this.gate ??= new Uint8Array(n.allocHostBuffer(Math.max(1, r.layout === 'rows' ? bytes : 2 * bytes)));
     this.up ??= new Uint8Array(n.allocHostBuffer(Math.max(1, bytes)));
     this.down ??= new Uint8Array(n.allocHostBuffer(Math.max(1, bytes)));
     const t0 = performance.now();
-    n.readFileRange(r.gate.path, r.gate.offset, this.gate.subarray(0, r.gate.sizeBytes));
-    n.readFileRange(r.up.path, r.up.offset, this.up.subarray(0, r.up.sizeBytes));
+    if (r.layout === 'rows') {
+      n.readFileRange(r.gate.path, r.gate.offset, this.gate.subarray(0, r.gate.sizeBytes));
+      n.readFileRange(r.up.path, r.up.offset, this.up.subarray(0, r.up.sizeBytes));
+    } else {
+      n.readFileRange(r.gateUp.path, r.gateUp.offset, this.gate.subarray(0, r.gateUp.sizeBytes));
+    }
     n.readFileRange(r.down.path, r.down.offset, this.down.subarray(0, r.down.sizeBytes));
     this.readSeconds += (performance.now() - t0) / 1000;
     const { H, I, dtype } = this;
-    if (r.scales && this.fp8Block) {
+    if (r.layout === 'rows' && r.scales && this.fp8Block) {
       // FP8: codes as read, scales read beside them; slots are fp8 weights of group bc.
       const [br, bc] = this.fp8Block;
       const s = r.scales;
@@ -306,9 +327,13 @@ export class CheckpointExpertStore implements ExpertStore {
       else slot.down = n.packFp8(dc, ds, H, I, br, bc);
       return;
     }
-    const gate = this.view(this.gate, r.gate.sizeBytes);
-    const up = this.view(this.up, r.up.sizeBytes);
-    const down = this.view(this.down, r.down.sizeBytes);
+    let gate = this.view(this.gate, r.layout === 'rows' ? bytes : 2 * bytes);
+    let up = this.view(this.up, bytes);
+    let down = this.view(this.down, bytes);
+    if (r.layout === 'gpt_oss') {
+      // TODO(perf): a copy per load on the engine thread (the copy thread does it natively).
+      ({ gate, up, down } = gptOssExpertRows(gate, down, H, I));
+    }
     // A quantized slot re-quantizes what it is given (repackInto); a new one is made quantized.
     const q = this.quantize;
     if (slot.gateUp) n.repackInto(slot.gateUp, gate, dtype, up);

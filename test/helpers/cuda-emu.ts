@@ -125,7 +125,8 @@ const rangeError = (m: string): Coded => coded(new RangeError(m), 'E_INVALID_ARG
 const disposedError = (what: string): Coded => coded(new Error(`${what} has been disposed`), 'E_DISPOSED');
 
 // std::to_string(double): six decimals.
-const cppDouble = (v: number) => v.toFixed(6);
+/** std::to_string of a double: six decimals; inf, -inf and nan as C++ writes them. */
+const cppDouble = (v: number) => (Number.isFinite(v) ? v.toFixed(6) : Number.isNaN(v) ? 'nan' : v > 0 ? 'inf' : '-inf');
 
 function getInt(v: unknown, name: string, min: number, max: number): number {
   if (typeof v !== 'number') throw typeError(`${name} must be a number`);
@@ -162,6 +163,11 @@ function rankBefore(a: number, ia: number, b: number, ib: number): boolean {
   return ia < ib;
 }
 const siluF32 = (g: number) => fr(g / fr(1 + fr(Math.exp(-g))));
+/** biased_ffn.cu's clamped SwiGLU (gpt-oss), every operation one f32 rounding; alpha and limit are f32. */
+const clampedSwigluF32 = (gate: number, up: number, alpha: number, limit: number) => {
+  const g = Math.min(gate, limit), u = Math.min(Math.max(up, -limit), limit);
+  return fr(fr(u + 1) * fr(g / fr(1 + fr(Math.exp(fr(-alpha * g))))));
+};
 
 // Grow-only scratch (no per-call allocation on hot paths).
 class Scratch {
@@ -784,6 +790,60 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
     },
 
     cudaQuantPaths: () => ({ fp8Act: true }),
+    cudaGroupGemmBiasedFfn(x, offsets, experts, rows, guScratch, hScratch, y, opts, stream): void {
+      if (!(experts instanceof EmuExpertTable)) throw typeError('experts must be a CudaExpertTable');
+      if (experts.q) throw typeError('cudaGroupGemmBiasedFfn reads bf16 expert tables; this table is quantized');
+      const E = experts.numExperts, H = experts.hidden, I = experts.inter;
+      const R = dim(rows, 'rows', 0, 1 << 28);
+      if (typeof opts !== 'object' || opts === null) throw typeError('opts must be an object');
+      const o = opts as Record<string, unknown>;
+      const num = (key: string): number => {
+        const v = o[key];
+        if (typeof v !== 'number') throw typeError(`opts.${key} must be a number`);
+        if (!(v > 0) || !Number.isFinite(v)) throw rangeError(`opts.${key} is ${cppDouble(v)}, expected a positive number`);
+        return fr(v);
+      };
+      const alpha = num('alpha'), limit = num('limit');
+      getStream(stream);
+      const xb = alignedBuf(x, 'x', R * H * 2, 16);
+      const ob = alignedBuf(offsets, 'offsets', (E + 1) * 4, 4);
+      const gb = alignedBuf(guScratch, 'guScratch', R * 2 * I * 4, 8);
+      const hb = alignedBuf(hScratch, 'hScratch', R * I * 2, 16);
+      const yb = alignedBuf(y, 'y', R * H * 4, 8);
+      const gub = nullish(o.gateUpBias) ? null : alignedBuf(o.gateUpBias, 'opts.gateUpBias', E * 2 * I * 4, 4);
+      const dbb = nullish(o.downBias) ? null : alignedBuf(o.downBias, 'opts.downBias', E * H * 4, 4);
+      if (!gub || !dbb) throw typeError('opts.gateUpBias and opts.downBias must be CudaBuffers');
+      experts.check();
+      ensureAlive();
+      if (R <= 0) return;
+      const off = i32Of(ob, 'offsets'), xs = u16Of(xb, 'x'), gus = f32Of(gb, 'guScratch'), hs = u16Of(hb, 'hScratch');
+      const ys = f32Of(yb, 'y'), gbias = f32Of(gub, 'opts.gateUpBias'), dbias = f32Of(dbb, 'opts.downBias');
+      const f = scratch.floats(3 * I * H + H + I);
+      const guAt = 0, dnAt = 2 * I * H, xAt = 3 * I * H, hAt = xAt + H;
+      for (let e = 0; e < E; e++) {
+        const beg = off[e]!, cnt = off[e + 1]! - beg;
+        if (cnt <= 0) continue;
+        const gu = experts.gateUp[e], dn = experts.down[e];
+        // NOTE: the empty-slot contract of cudaGroupGemmFfn (group_gemm.cu and biased_ffn.cu skip it).
+        if (!gu || !dn) continue;
+        if (beg < 0 || beg + cnt > R) fault(`offsets[${e}..${e + 1}] = ${beg}..${beg + cnt} reach outside rows 0..${R}`);
+        widenBf16(slotU16(gu, 2 * I * H), 2 * I * H, f, guAt);
+        widenBf16(slotU16(dn, H * I), H * I, f, dnAt);
+        for (let r = beg; r < beg + cnt; r++) {
+          widenBf16(xs.subarray(r * H, r * H + H), H, f, xAt);
+          // Plain gate/up pass: f32 stores; then the bias (one f32 add) and the activation, stored bf16.
+          for (let c = 0; c < 2 * I; c++) gus[r * 2 * I + c] = dotRows(f, xAt, f, guAt + c * H, H);
+          for (let i = 0; i < I; i++) {
+            const g = fr(gus[r * 2 * I + i]! + gbias[e * 2 * I + i]!);
+            const u = fr(gus[r * 2 * I + I + i]! + gbias[e * 2 * I + I + i]!);
+            hs[r * I + i] = f32ToBf16(clampedSwigluF32(g, u, alpha, limit));
+          }
+          widenBf16(hs.subarray(r * I, r * I + I), I, f, hAt);
+          // Plain down pass (f32 store), then the bias kernel's f32 add.
+          for (let o2 = 0; o2 < H; o2++) ys[r * H + o2] = fr(fr(dotRows(f, hAt, f, dnAt + o2 * I, I)) + dbias[e * H + o2]!);
+        }
+      }
+    },
 
     cudaDenseGemm(x, m, w, n, k, y, bias, accumulate, backend, stream) {
       const M = dim(m, 'm'), N = dim(n, 'n', 8), K = dim(k, 'k', 8);
@@ -1179,6 +1239,23 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
         for (let c = 0; c < I; c++) o[tok * I + c] = siluF32(g[tok * 2 * I + c]!) * g[tok * 2 * I + I + c]!;
     },
 
+    cudaClampedSwiglu(gu, t, i, alpha, limit, out, stream): void {
+      const T = dim(t, 't'), I = dim(i, 'i');
+      const pos = (v: unknown, name: string): number => {
+        if (typeof v !== 'number') throw typeError(`${name} must be a number`);
+        if (!(v > 0) || !Number.isFinite(v)) throw rangeError(`${name} is ${cppDouble(v)}, expected a positive number`);
+        return fr(v);
+      };
+      const a = pos(alpha, 'alpha'), l = pos(limit, 'limit');
+      getStream(stream);
+      const gb = buf(gu, 'gu', T * 2 * I * 4), ob = buf(out, 'out', T * I * 4);
+      ensureAlive();
+      if (T * I === 0) return;
+      const g = f32Of(gb, 'gu'), o = f32Of(ob, 'out');
+      for (let tok = 0; tok < T; tok++)
+        for (let c = 0; c < I; c++) o[tok * I + c] = clampedSwigluF32(g[tok * 2 * I + c]!, g[tok * 2 * I + I + c]!, a, l);
+    },
+
     cudaEmbedding(table, dtype, v, h, ids, t, out, stream): void {
       const dt = parseDtype(dtype, 'dtype');
       const V = dim(v, 'v', 1), Hd = dim(h, 'h', 1), T = dim(t, 't');
@@ -1344,9 +1421,11 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
       const sib = buf(seqInfo, 'seqInfo', numSeqs * 3 * 4);
       const btb = buf(blockTables, 'blockTables', numSeqs * maxBlocks * 4);
       const ob = buf(out, 'out', total * heads * dv * 4);
+      const snb = nullish(o.sinks) ? null : alignedBuf(o.sinks, 'opts.sinks', heads * 4, 4);
       getStream(stream);
       ensureAlive();
       if (total <= 0 || numSeqs <= 0) return;
+      const sinks = snb ? f32Of(snb, 'opts.sinks') : null;
       // The cache's values as f32 (the dequantised cache the kernel reads; MLA reads V with K's scale).
       const shareKv = kcb.sameAs(vcb) && vStride === dk;
       const kc = dequantCache(kvArrayOf(kcb, dt, 'kCache'), dt, kScales, kvHeads, dk);
@@ -1384,6 +1463,8 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
             }
             let sum = 0;
             for (let j = lo; j <= pos; j++) sum += (sc[j] = Math.exp(sc[j]! - mx));
+            // The sink: in the denominator only, once (after attention.cu's split-K merge).
+            if (sinks) sum += Math.exp(sinks[hd]! - mx);
             const o0 = (row * heads + hd) * dv;
             // A row with no visible key divides 0 by 0 (NaN), as the kernel's 0 * (1 / 0).
             sc.fill(0, ctx, ctx + dv);

@@ -181,6 +181,17 @@ void group_gemm_ffn(const uint16_t* x, const int32_t* offsets, const uint16_t* c
                     uint16_t* h_scratch, float* y, GemmTile tile, Stream s,
                     const void* expert_maps = nullptr);
 
+// gpt-oss's experts (biased_ffn.cu): gu [rows, 2I] f32 = x Wgu^T (plain pass), + gate_up_bias
+// [E, 2I] ([gate (I) | up (I)] per expert), clamped SwiGLU -> h [rows, I] bf16, y [rows, hidden] f32
+// = h Wdown^T + down_bias [E, hidden]. Same empty-slot contract as group_gemm_ffn (an expert with a
+// null gate_up pointer leaves its rows of h and y as they were; so do rows past offsets[E]).
+void group_gemm_biased_ffn(const uint16_t* x, const int32_t* offsets,
+                           const uint16_t* const* gate_up, const uint16_t* const* down,
+                           int num_experts, int rows, int hidden, int inter,
+                           const float* gate_up_bias, const float* down_bias, float alpha,
+                           float limit, float* gu_scratch, uint16_t* h_scratch, float* y,
+                           Stream s);
+
 // The sm_90a GroupGemm path (group_gemm_sm90.cu) on the current device. Unchecked: it could run
 // and its one-time self-check (both kernels on a small problem, compared) has not run yet; Failed:
 // the check disagreed or raised a CUDA error, and Auto keeps mma.sync for the process;
@@ -240,6 +251,10 @@ void rope(float* x, int tokens, int heads, int row_stride, int head_stride, int 
           const int32_t* positions, const float* inv_freq, int rot_dim, float attn_scale,
           bool interleaved, Stream s);
 void silu_mul(const float* gu, int tokens, int inter, float* out, Stream s);
+// gpt-oss's clamped SwiGLU (biased_ffn.cu): out [t, I] = (clamp(up, +-limit) + 1) * g *
+// sigmoid(alpha g), g = min(gate, limit), from gu [t, gate (I) | up (I)] f32.
+void clamped_swiglu(const float* gu, int tokens, int inter, float alpha, float limit, float* out,
+                    Stream s);
 void embedding(const void* table, DType dtype, int vocab, int h, const int32_t* ids, int tokens,
                float* out, Stream s);
 void softmax_rows(const float* x, int rows, int cols, float* out, bool log, Stream s);
@@ -306,7 +321,8 @@ struct KvScales {
 };
 
 // Paged attention (f32, bf16 or fp8 cache as p.kv_dtype says, layouts of ops.h; p.k_scales /
-// p.v_scales are host arrays, fp8 takes at most kMaxScaleHeads kv heads). seq_info and
+// p.v_scales are host arrays, fp8 takes at most kMaxScaleHeads kv heads; p.sinks, when set, is a
+// device array [heads] f32 that enters each row's denominator once, after the split-K merge). seq_info and
 // block_tables are device arrays; total_tokens = rows of q and out; max_context >= every ctx_len
 // (sizes the split-K grid): no key at or past min(max_context, max_blocks * block_size) is read,
 // whatever ctx_len says.

@@ -28,6 +28,9 @@ struct FileRange {
 // compute must not read them until the job is waited for.
 struct ExpertLoadJob {
   FileRange gate, up, down;
+  // gpt-oss's layout: `gate` is the expert's gate_up_proj [H, 2I] (x @ W; gate = even columns, up =
+  // odd), `up` is unused, `down` is down_proj [I, H]; transposed and de-interleaved on the copy thread.
+  bool gpt_oss = false;
   DType dtype = DType::BF16;
   // An FP8 checkpoint's expert kept in FP8 (fp8_br > 0): gate, up and down are e4m3 codes and
   // these their weight_scale_inv [ceil(rows / br), ceil(cols / bc)] f32; the slot is an fp8 weight
@@ -100,6 +103,7 @@ class ExpertLoader {
   std::unordered_map<std::string, int> fds_;
   std::vector<uint8_t> stage_gate_, stage_up_, stage_down_;
   std::vector<float> stage_gate_scale_, stage_up_scale_, stage_down_scale_;  // FP8 jobs
+  std::vector<uint8_t> stage_raw_gu_, stage_raw_down_;  // gpt-oss: the checkpoint's layout
   std::thread thread_;
 };
 
