@@ -1,6 +1,7 @@
 // `npm run bench -- NAME [flags]`: the benchmark dispatcher. Each bench prints a markdown table
 // and can write JSON (--json FILE) and charts (--plot FILE.png). Benchmarks are never tests.
 import { runCommBench } from './comm.js';
+import { runDecodeStep } from './decode-step.js';
 import { runE2e } from './e2e.js';
 import { runEp } from './ep.js';
 import { runFidelity } from './fidelity.js';
@@ -23,6 +24,7 @@ const BENCHES: Record<string, { run: (argv: string[]) => Promise<void>; about: s
   'gpu-serve': { run: runGpuServe, about: 'expertd serve --device cuda vs --device cpu through the API on a bench checkpoint: prefill, decode b1/b8 tok/s, greedy agreement [--json F] [--model NAME | --model-dir DIR] [--prompt-len N] [--max-tokens N] [--reps N] [--devices cuda,cpu]' },
   kernels: { run: runKernels, about: 'CPU MoE kernels vs machine limits and the OpenBLAS loop [--json F] [--plot F.png] [--reps N] [--warmup N] [--tokens 1,8] [--models mixtral-like,qwen3moe-like] [--threads N] [--ctx N] [--hot] [--no-peer] [--device cpu]; GPU: --device cuda[:N] vs torch grouped_mm and a matmul loop [--rows 1,8] [--models mixtral-like,deepseek-like|NAME:H:I:E] [--python PATH] [--matmul-n N] [--copy-mib N]' },
   offload: { run: runOffloadBench, about: 'expert cache: replay hit rates (eam, lru, lfu, Belady) on structured and generation traces, live decode tok/s [--json F] [--plot F.png] [--reps N] [--tokens N] [--link-gbps G] [--link-latency-us U] [--no-live] [--no-replay]' },
+  'decode-step': { run: runDecodeStep, about: 'CPU time of one decode step of a bench model by batch and KV cache dtype (in-process engine, greedy) [--json F] [--model NAME] [--batches 16,32,64] [--kv-cache-dtype f32,bf16] [--prompt-len N] [--steps N] [--threads N]' },
   'kv-attention': { run: runKvAttention, about: 'decode attention over an f32, bf16 and fp8 KV cache (bench models\' attention shape), interleaved, as ratios to f32 [--json F] [--reps N] [--seqs 16,64] [--ctx 160,1024] [--threads N]' },
   probe: { run: runProbeBench, about: 'machine limits (bandwidth, peak FMA) and the OpenBLAS peer at the kernels shapes [--json F] [--reps N] [--threads N]' },
   sampler: { run: runSamplerBench, about: 'sampler time per step, JS row by row vs the native batched call, batch 1/16/64, vocab 32K/152K, greedy / top_p / logprobs 5; its share of a batch-64 decode step on the bench models [--json F] [--reps N] [--warmup N] [--batches 1,16,64] [--vocabs 32000,152064] [--models a,b] [--steps N] [--share-modes top_p,greedy,logprobs5] [--threads N] [--no-share] [--modes greedy,top_p,logprobs5,top_k,min_p] [--rows lm|flat] [--no-js]' },
