@@ -2,6 +2,7 @@
 // and can write JSON (--json FILE) and charts (--plot FILE.png). Benchmarks are never tests.
 import { runCommBench } from './comm.js';
 import { runDeltanet } from './deltanet.js';
+import { runDecodeStep } from './decode-step.js';
 import { runE2e } from './e2e.js';
 import { runEp } from './ep.js';
 import { runFidelity } from './fidelity.js';
@@ -30,9 +31,10 @@ const BENCHES: Record<string, { run: (argv: string[]) => Promise<void>; about: s
   'kernels-quant': { run: runKernelsQuant, about: 'GPU: the quantized GroupGemm (int8, int4 g32/g128, fp8 dequantised and FP8 activations, mxfp4) vs bf16 and torch (matmul loop, _scaled_mm e4m3) [--json F] [--rows 1,16,256] [--shape NAME:H:I:E:ACTIVE] [--formats bf16,int8,...] [--reps N] [--warmup N] [--python PATH] [--no-peer] [--standin: the CPU emulator, plumbing only]' },
   mxfp4: { run: runMxfp4Bench, about: 'an MXFP4 gpt-oss-like checkpoint vs the same experts in bf16: load memory (RssAnon, RssFile), experts held, decode b1 vs each format\'s read bound [--json F] [--reps N] [--steps N] [--threads N]' },
   offload: { run: runOffloadBench, about: 'expert cache: replay hit rates (eam, lru, lfu, Belady) on structured and generation traces, live decode tok/s [--json F] [--plot F.png] [--reps N] [--tokens N] [--link-gbps G] [--link-latency-us U] [--no-live] [--no-replay]' },
+  'decode-step': { run: runDecodeStep, about: 'CPU time of one decode step of a bench model by batch and KV cache dtype (in-process engine, greedy) [--json F] [--model NAME] [--batches 16,32,64] [--kv-cache-dtype f32,bf16] [--prompt-len N] [--steps N] [--threads N]' },
   'kv-attention': { run: runKvAttention, about: 'decode attention over an f32, bf16 and fp8 KV cache (bench models\' attention shape), interleaved, as ratios to f32 [--json F] [--reps N] [--seqs 16,64] [--ctx 160,1024] [--threads N]' },
   probe: { run: runProbeBench, about: 'machine limits (bandwidth, peak FMA) and the OpenBLAS peer at the kernels shapes [--json F] [--reps N] [--threads N]' },
-  sampler: { run: runSamplerBench, about: 'sampler time per step, JS row by row vs the native batched call, batch 1/16/64, vocab 32K/152K, greedy / top_p / logprobs 5; its share of a batch-64 decode step on the bench models [--json F] [--reps N] [--warmup N] [--batches 1,16,64] [--vocabs 32000,152064] [--models a,b] [--steps N] [--share-modes top_p,greedy,logprobs5] [--threads N] [--no-share]' },
+  sampler: { run: runSamplerBench, about: 'sampler time per step, JS row by row vs the native batched call, batch 1/16/64, vocab 32K/152K, greedy / top_p / logprobs 5; its share of a batch-64 decode step on the bench models [--json F] [--reps N] [--warmup N] [--batches 1,16,64] [--vocabs 32000,152064] [--models a,b] [--steps N] [--share-modes top_p,greedy,logprobs5] [--threads N] [--no-share] [--modes greedy,top_p,logprobs5,top_k,min_p] [--rows lm|flat] [--no-js]' },
   quant: { run: runQuantBench, about: 'quantized experts (--quantize int8, fp8, int4 beside bf16) on the bench checkpoints: prefill, decode b1/b8 vs each format\'s read bound, experts held [--json F] [--reps N] [--models a,b] [--formats bf16,int8,fp8,int4,int4-g128] [--prefill N] [--steps N] [--batches 1,8]' },
   serve: { run: runServe, about: 'the daemon under 1..32 concurrent streams: tok/s, TTFT and ITL p50/p99 [--json F] [--plot F.png] [--concurrency 1,2,4] [--rounds N] [--max-tokens N] [--prompt-len N]; --structured [--pairs N] [--items N]: JSON-schema decode tok/s vs unconstrained; --shared-prefix: a 1,000-token system prompt and short questions with prefix caching on and off, warm vs cold TTFT and throughput [--system-len N] [--question-len N] [--reps N] [--warm N] [--concurrency C] [--rounds N]' },
   trace: { run: runTraceBench, about: 'the routing trace writer on the engine thread: append() time per step, async queue vs synchronous appends, on a local file and a slow FIFO [--json F] [--reps N] [--steps N] [--fifo-kbps K]' },

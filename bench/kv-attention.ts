@@ -40,27 +40,34 @@ export async function runKvAttention(argv: string[]): Promise<void> {
     const caches = dtypes.map((dt) => {
       const kc = allocKvArray(dt, slots * kvHeads * d), vc = allocKvArray(dt, slots * kvHeads * d);
       native.kvCacheWrite(k, v, slots, all, kc, vc, kvHeads, d, d, d, scales, scales);
-      return { dt, kc, vc, out: new Float32Array(t * heads * d), times: [] as number[] };
+      return { dt, kc, vc, out: new Float32Array(t * heads * d), times: [] as number[], cpuMs: [] as number[] };
     });
     const opts = { numSeqs: t, heads, kvHeads, dk: d, dv: d, blockSize, maxBlocks, scale: 0.125, kScales: scales, vScales: scales };
     for (let r = 0; r < reps + 3; r++) {
       for (const c of caches) {
+        // CPU time (this process, all threads) beside wall time: on a shared machine a call that
+        // waits for a core grows in wall time only.
+        const c0 = process.cpuUsage();
         const t0 = performance.now();
         native.pagedAttention(q, c.kc, c.vc, seqInfo, tables, opts, c.out);
-        if (r >= 3) c.times.push(performance.now() - t0);
+        const dt = performance.now() - t0;
+        const cu = process.cpuUsage(c0);
+        if (r >= 3) { c.times.push(dt); c.cpuMs.push((cu.user + cu.system) / 1000); }
       }
     }
-    const base = stats(caches[0]!.times).medianMs;
+    const base = stats(caches[0]!.times).medianMs, baseCpu = stats(caches[0]!.cpuMs).medianMs;
     for (const c of caches) {
-      const st = stats(c.times);
+      const st = stats(c.times), cpu = stats(c.cpuMs);
       const bytes = 2 * t * ctxLen * kvHeads * d * kvDtypeBytes(c.dt);
-      rows.push([t, ctxLen, c.dt, st.medianMs, `${fmt(st.minMs)}-${fmt(st.maxMs)}`, bytes / 2 ** 20, bytes / (st.medianMs * 1e6), `${fmt(base / st.medianMs)}x`]);
-      json.push({ seqs: t, ctx: ctxLen, dtype: c.dt, ...st, kvBytes: bytes });
+      rows.push([t, ctxLen, c.dt, st.medianMs, `${fmt(st.minMs)}-${fmt(st.maxMs)}`, bytes / 2 ** 20, bytes / (st.medianMs * 1e6), `${fmt(base / st.medianMs)}x`,
+        cpu.medianMs, `${fmt(cpu.minMs)}-${fmt(cpu.maxMs)}`, `${fmt(baseCpu / cpu.medianMs)}x`]);
+      json.push({ seqs: t, ctx: ctxLen, dtype: c.dt, ...st, cpuMs: c.cpuMs, kvBytes: bytes });
     }
   }
   const info = runInfo();
   console.log(`## decode attention over the paged KV cache by dtype (heads ${heads}, kv heads ${kvHeads}, d ${d}, block ${blockSize}; ${reps} reps, interleaved)\n`);
-  console.log(markdownTable(['sequences', 'ctx', 'KV', 'median ms', 'min-max ms', 'KV MiB read', 'GB/s', 'speed vs f32'], rows));
+  console.log(markdownTable(['sequences', 'ctx', 'KV', 'median ms', 'min-max ms', 'KV MiB read', 'GB/s', 'speed vs f32',
+    'cpu ms', 'cpu min-max', 'cpu vs f32'], rows));
   console.log(`\nload average ${(info.loadAverage as number[]).map((x) => x.toFixed(1)).join(' ')}`);
   if (values.json) writeJson(values.json, { bench: 'kv-attention', run: info, rows: json });
 }

@@ -19,7 +19,10 @@ const MODES: Record<string, Partial<SamplingParams>> = {
   greedy: { temperature: 0 },
   top_p: { temperature: 0.8, topP: 0.9 },
   logprobs5: { temperature: 0, logprobs: 5 },
+  top_k: { temperature: 0.8, topK: 50 },
+  min_p: { temperature: 0.8, minP: 0.05 },
 };
+const DEFAULT_MODES = ['greedy', 'top_p', 'logprobs5'];
 
 function params(over: Partial<SamplingParams>, seed: number): SamplingParams {
   return {
@@ -32,9 +35,14 @@ function params(over: Partial<SamplingParams>, seed: number): SamplingParams {
  * Rows shaped like a language model's: roughly normal logits (sd 2, the sum of four uniforms) with
  * a handful of boosted tokens, so that top_p keeps a realistic few-hundred-token nucleus.
  */
-function makeLogits(rows: number, V: number, seed: number): Float32Array {
+function makeLogits(rows: number, V: number, seed: number, flat = false): Float32Array {
   const rand = mulberry32(seed);
   const x = new Float32Array(rows * V);
+  if (flat) {
+    // --rows flat: a random-weight model's rows (the bench models'): top_p keeps most of the vocabulary.
+    for (let i = 0; i < x.length; i++) x[i] = (rand() - 0.5) * 0.5;
+    return x;
+  }
   for (let i = 0; i < x.length; i++) x[i] = (rand() + rand() + rand() + rand() - 2) * 3.5;
   for (let r = 0; r < rows; r++) for (let j = 0; j < 8; j++) x[r * V + Math.floor(rand() * V)] = 9 + j;
   return x;
@@ -62,19 +70,21 @@ function timed(fn: () => void, reps: number, warmup: number): { wallMs: number[]
   return { wallMs, cpuMs };
 }
 
-function microBench(batches: number[], vocabs: number[], reps: number, warmup: number): Row[] {
+function microBench(batches: number[], vocabs: number[], reps: number, warmup: number, modes: string[],
+  flat: boolean, withJs: boolean): Row[] {
   const rows: Row[] = [];
   for (const V of vocabs) {
     const js = new Sampler(V);
     const native = new BatchSampler(V);
     for (const B of batches) {
-      const logits = makeLogits(B, V, 7 + B);
-      for (const [mode, over] of Object.entries(MODES)) {
+      const logits = makeLogits(B, V, 7 + B, flat);
+      for (const mode of modes) {
+        const over = MODES[mode]!;
         const states = Array.from({ length: B }, (_, i) => new SamplingState(params(over, 100 + i), [], V));
         // The JS path is the old engine loop: one Sampler.sample per row.
-        const j = timed(() => {
+        const j = withJs ? timed(() => {
           for (let r = 0; r < B; r++) js.sample(logits.subarray(r * V, (r + 1) * V), states[r]!);
-        }, reps, warmup);
+        }, reps, warmup) : { wallMs: [NaN], cpuMs: [NaN] };
         const n = timed(() => { native.sample(logits, states); }, reps, warmup);
         rows.push({ mode, vocab: V, batch: B, jsMs: j.wallMs, nativeMs: n.wallMs, jsCpuMs: j.cpuMs, nativeCpuMs: n.cpuMs });
       }
@@ -136,7 +146,8 @@ export async function runSamplerBench(argv: string[]): Promise<void> {
     args: argv, options: {
       json: { type: 'string' }, reps: { type: 'string' }, warmup: { type: 'string' }, batches: { type: 'string' },
       vocabs: { type: 'string' }, models: { type: 'string' }, steps: { type: 'string' }, threads: { type: 'string' },
-      'no-share': { type: 'boolean' }, 'share-modes': { type: 'string' },
+      'no-share': { type: 'boolean' }, 'share-modes': { type: 'string' }, modes: { type: 'string' },
+      rows: { type: 'string' }, 'no-js': { type: 'boolean' },
     },
   });
   const reps = parsePositiveInt('reps', values.reps, 7);
@@ -150,8 +161,12 @@ export async function runSamplerBench(argv: string[]): Promise<void> {
   const models = (values.models ? values.models.split(',') : BENCH_MODEL_NAMES) as BenchModelName[];
   for (const m of models) if (!BENCH_MODEL_NAMES.includes(m)) throw new RangeError(`--models has "${m}", expected ${BENCH_MODEL_NAMES.join(', ')}`);
 
-  const rows = microBench(batches, vocabs, reps, warmup);
-  console.log(`\n### sampler time per step: JS row by row vs one native batched call (${threads} threads), ` +
+  const modes = values.modes ? values.modes.split(',') : DEFAULT_MODES;
+  for (const m of modes) if (!(m in MODES)) throw new RangeError(`--modes has "${m}", expected ${Object.keys(MODES).join(', ')}`);
+  const rowKind = values.rows ?? 'lm';
+  if (rowKind !== 'lm' && rowKind !== 'flat') throw new RangeError(`--rows is "${rowKind}", expected lm or flat`);
+  const rows = microBench(batches, vocabs, reps, warmup, modes, rowKind === 'flat', !values['no-js']);
+  console.log(`\n### sampler time per step (${rowKind} rows): JS row by row vs one native batched call (${threads} threads), ` +
     `median [min-max] of ${reps} reps; ${os.cpus()[0]?.model}, load average ${os.loadavg().map((x) => x.toFixed(1)).join(' ')}\n`);
   console.log(markdownTable(['mode', 'vocab', 'batch', 'JS ms', 'JS min-max', 'native ms', 'native min-max', 'JS / native',
     'JS cpu ms', 'native cpu ms', 'JS / native (cpu)'],
@@ -167,5 +182,5 @@ export async function runSamplerBench(argv: string[]): Promise<void> {
       shares.map((s) => [s.model, s.mode, s.sampler, median(s.stepMs), spread(s.stepMs), median(s.sampleMs), spread(s.sampleMs),
         `${(100 * median(s.sampleMs) / median(s.stepMs)).toFixed(1)}%`])));
   }
-  if (values.json) writeJson(values.json, { info: runInfo(), threads, reps, warmup, rows, shares });
+  if (values.json) writeJson(values.json, { info: runInfo(), threads, reps, warmup, rowKind, rows, shares });
 }

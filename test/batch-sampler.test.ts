@@ -6,7 +6,7 @@ import { test } from 'node:test';
 
 import { BatchSampler } from '../src/engine/batch-sampler.js';
 import { mulberry32 } from '../src/engine/rng.js';
-import { Sampler, SamplingState, bitmaskWords, type SampleResult } from '../src/engine/sampler.js';
+import { Sampler, SamplingState, bitmaskWords, fastExp, type SampleResult } from '../src/engine/sampler.js';
 import type { SamplingParams } from '../src/engine/types.js';
 import { loadNative } from '../src/native/index.js';
 import { SAMPLING_CASES as CASES } from './helpers/sampling-cases.js';
@@ -176,4 +176,81 @@ test('bad arguments are exact RangeErrors and TypeErrors', () => {
   bad({ rngState: new Uint32Array(4) }, 'batch.rngState of row 0 is all zero, which xoshiro128** cannot leave');
   bad({ bitmask: new Int32Array(1), bitmaskRows: Int32Array.from([1]) }, 'batch.bitmaskRows[0] is 1, expected -1..0');
   bad({ rngState: new Int32Array(4) }, 'batch.rngState must be a Uint32Array', 'TypeError');
+});
+
+/** One batch of rows through both samplers, states built by mk(row); compares every result. */
+function compareRows(V: number, logits: Float32Array, mk: (row: number) => Partial<SamplingParams>, where: string): void {
+  const rows = logits.length / V;
+  const js = new Sampler(V);
+  const states = (): SamplingState[] => Array.from({ length: rows }, (_, r) => new SamplingState(params(mk(r)), [], V));
+  const ref = states();
+  const got = new BatchSampler(V).sample(logits, states());
+  for (let r = 0; r < rows; r++) {
+    assertSame(got[r]!, js.sample(logits.subarray(r * V, (r + 1) * V), ref[r]!), `${where} row ${r} ${JSON.stringify(mk(r))}`);
+  }
+}
+
+// The native sampler's partial selection (AVX-512) keeps only the candidates near the max and finds
+// top-p's cutoff among them; these rows are the ones it takes: a trained model's peaked head over a
+// long tail (the sampler bench's rows), at both vocabularies, with every truncation knob.
+for (const level of ['auto', 'scalar'] as const) {
+  test(`peaked rows over a long tail: the partial selection keeps the JS sampler's set (${level} SIMD)`, (t) => {
+    loadNative().setSimdLevel(level);
+    try {
+      const seed = testSeed(t, 31);
+      const rand = mulberry32(seed);
+      for (const V of [32_000, 152_064]) {
+        const rows = 24;
+        const x = new Float32Array(rows * V);
+        for (let i = 0; i < x.length; i++) x[i] = (rand() + rand() + rand() + rand() - 2) * 3.5;
+        for (let r = 0; r < rows; r++) {
+          for (let j = 0; j < 1 + (r % 12); j++) x[r * V + Math.floor(rand() * V)] = 7 + j * (r % 3 === 0 ? 0.25 : 1);
+          if (r % 5 === 4) x[r * V + 11] = x[r * V + 12] = x[r * V + 13] = 19;   // a tie at the max
+        }
+        const knobs: Partial<SamplingParams>[] = [
+          { temperature: 0.8, topP: 0.9 }, { temperature: 1, topP: 0.5 }, { temperature: 1.2, topP: 0.99 },
+          { temperature: 0.7, topP: 0.95, minP: 0.05 }, { temperature: 0.8, minP: 0.1 }, { temperature: 1, topK: 20 },
+          { temperature: 0.9, topK: 40, topP: 0.9 }, { temperature: 1.5 }, { temperature: 0.6, topP: 0.3, logprobs: 5 },
+        ];
+        compareRows(V, x, (r) => ({ ...knobs[r % knobs.length]!, seed: seed + r }), `V ${V}`);
+      }
+    } finally {
+      loadNative().setSimdLevel('auto');
+    }
+  });
+}
+
+// top_p chosen so that its target lands on a nucleus boundary, to the last bits: where the kept set
+// then hangs on the rounding of the sum (the JS sampler sums in index order, the vector pass does
+// not), the native sampler must fall back to the JS order rather than guess. A few heavy tokens over a
+// tail of thousands make the sums' last bits differ between orders; 24 seeds per row draw from each
+// kept set, so a token kept by one sampler and not the other shows.
+test('top_p exactly at a nucleus boundary: the same kept set as the JS sampler', (t) => {
+  const seed = testSeed(t, 41);
+  const rand = mulberry32(seed);
+  const V = 4099;
+  const draws = 24;
+  for (let row = 0; row < 12; row++) {
+    const one = new Float32Array(V);
+    for (let i = 0; i < V; i++) one[i] = -4 + rand() * 3;
+    const heavy = 6;
+    for (let j = 0; j < heavy; j++) one[37 + 613 * j] = (rand() - 0.5) * 0.3;
+    let max = -Infinity;
+    for (const v of one) max = Math.max(max, v);
+    // The JS sampler's weights, total (index order) and nucleus masses from the top.
+    const w = Array.from(one, (v) => fastExp(v - max));
+    let total = 0;
+    for (const v of w) total += v;
+    const sorted = [...w].sort((a, b) => b - a);
+    const k = 1 + (row % (heavy - 1));
+    let mass = 0;
+    for (let j = 0; j < k; j++) mass += sorted[j]!;
+    const p0 = mass / (total * (1 - 1e-6));
+    for (const ulps of [-2, -1, 0, 1, 2]) {
+      const topP = p0 + ulps * p0 * Number.EPSILON;
+      const x = new Float32Array(draws * V);
+      for (let d = 0; d < draws; d++) x.set(one, d * V);
+      compareRows(V, x, (d) => ({ temperature: 1, topP, seed: seed + 1000 * row + d }), `row ${row} k ${k} ulps ${ulps}`);
+    }
+  }
 });

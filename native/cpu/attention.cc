@@ -72,7 +72,7 @@ inline size_t cache_row(const Tile& t, const AttentionParams& p, int j) {
 // Widens n cache elements of type `dt` to f32 (times `scale` for fp8): the dequantised values,
 // the same bits as fp8_e4m3_to_f32(x) * scale / bf16_to_f32(x) (so an fp8 or bf16 cache gives the
 // results of an f32 cache holding these values). NOTE: the fp8 NaN code 0x7f never occurs (writes
-// saturate); the vector path would read it as 480 * scale.
+// saturate); the AVX-512 kernel's load_kv16 would read it as 480 * scale.
 void dequant_row_portable(const void* src, KvDtype dt, float scale, int n, float* dst) {
   if (dt == KvDtype::BF16) {
     const uint16_t* s = static_cast<const uint16_t*>(src);
@@ -83,49 +83,10 @@ void dequant_row_portable(const void* src, KvDtype dt, float scale, int n, float
   }
 }
 
-#if defined(__x86_64__)
-// GCC 12's false positive on its own AVX-512 intrinsics (see the kernels below).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void dequant_row_avx512(
-    const void* src, KvDtype dt, float scale, int n, float* dst) {
-  int d = 0;
-  if (dt == KvDtype::BF16) {
-    const uint16_t* s = static_cast<const uint16_t*>(src);
-    for (; d < n; d += 16) {
-      const __mmask16 m = n - d >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - d)) - 1u);
-      const __m256i h = _mm256_maskz_loadu_epi16(m, s + d);
-      const __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
-      _mm512_mask_storeu_ps(dst + d, m, _mm512_castsi512_ps(w));
-    }
-    return;
-  }
-  // e4m3 -> f16 bits (sign << 8, the rest << 7: both formats' subnormals line up) -> f32, then
-  // x 2^8 (the bias difference) x scale in one exact-then-rounded multiply.
-  const uint8_t* s = static_cast<const uint8_t*>(src);
-  const __m512 mul = _mm512_set1_ps(256.0f * scale);
-  for (; d < n; d += 16) {
-    const __mmask16 m = n - d >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - d)) - 1u);
-    const __m256i b = _mm256_cvtepu8_epi16(_mm_maskz_loadu_epi8(m, s + d));
-    const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8),
-                                      _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7f)), 7));
-    _mm512_mask_storeu_ps(dst + d, m, _mm512_mul_ps(_mm512_cvtph_ps(h), mul));
-  }
-}
-#pragma GCC diagnostic pop
-#endif
-
-using DequantRow = void (*)(const void*, KvDtype, float, int, float*);
-DequantRow pick_dequant() {
-#if defined(__x86_64__)
-  if (cpu_features().kernel_avx512) return dequant_row_avx512;
-#endif
-  return dequant_row_portable;
-}
-
-// K and V rows of keys [lo, hi] of the key block starting at kb0: kp[j - kb0], vp[j - kb0]. An f32
-// cache is read in place; a bf16 / fp8 one is widened into a per-thread buffer (the key block stays
-// in L1), the K rows once per tile and block, shared by every query row of the tile.
+// K and V rows of keys [lo, hi] of the key block starting at kb0 for the portable kernel: kp[j - kb0],
+// vp[j - kb0]. An f32 cache is read in place; a bf16 / fp8 one is widened into a per-thread buffer
+// (the key block stays in L1), the K rows once per tile and block, shared by every query row of the
+// tile. (The AVX-512 kernel widens in registers instead.)
 inline void key_block_rows(const Ctx& c, const Tile& t, int kb0, int lo, int hi, const float** kp,
                            const float** vp) {
   const AttentionParams& p = *c.p;
@@ -148,7 +109,7 @@ inline void key_block_rows(const Ctx& c, const Tile& t, int kb0, int lo, int hi,
   if (tl_rows.size() < need) tl_rows.resize(need);
   const float ks = p.kv_dtype == KvDtype::FP8 ? p.k_scales[t.kvh] : 1.0f;
   const float vs = p.kv_dtype == KvDtype::FP8 ? p.v_scales[t.kvh] : 1.0f;
-  const DequantRow dq = pick_dequant();
+  const auto dq = dequant_row_portable;
   const uint8_t* kc = static_cast<const uint8_t*>(c.k_cache);
   const uint8_t* vc = static_cast<const uint8_t*>(c.v_cache);
   for (int j = lo; j <= hi; ++j) {
@@ -301,12 +262,34 @@ EXPERTD_AVX512 inline void transpose16(__m512 r[16]) {
   }
 }
 
-// kt [dk, 16]: kt[d * 16 + j] = kp[j][d], the key block laid out with one key per lane.
-EXPERTD_AVX512 inline void transpose_keys(const float* const kp[kKeyBlock], int dk, float* kt) {
+// 16 cache elements row[d0, d0 + 16) (lanes outside m zero) as f32, widened in registers: the
+// same bits as dequant_row_avx512 (bf16 << 16; fp8 e4m3 -> f16 bits -> f32, times mul = 256 x
+// scale), so each dtype's arithmetic below is the f32 kernel's on the dequantised values, without
+// the copy through a per-thread buffer.
+template <KvDtype DT>
+EXPERTD_AVX512 inline __m512 load_kv16(const uint8_t* row, int d0, __mmask16 m, __m512 mul) {
+  if constexpr (DT == KvDtype::F32) {
+    return _mm512_maskz_loadu_ps(m, reinterpret_cast<const float*>(row) + d0);
+  } else if constexpr (DT == KvDtype::BF16) {
+    const __m256i h = _mm256_maskz_loadu_epi16(m, reinterpret_cast<const uint16_t*>(row) + d0);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else {
+    const __m256i b = _mm256_cvtepu8_epi16(_mm_maskz_loadu_epi8(m, row + d0));
+    const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8),
+                                      _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7f)), 7));
+    return _mm512_mul_ps(_mm512_cvtph_ps(h), mul);
+  }
+}
+
+// kt [dk, 16]: kt[d * 16 + j] = kp[j][d], the key block laid out with one key per lane (kp: the
+// cache rows, elements of DT).
+template <KvDtype DT>
+EXPERTD_AVX512 inline void transpose_keys(const uint8_t* const kp[kKeyBlock], int dk, __m512 kmul,
+                                          float* kt) {
   __m512 r[16];
   for (int d0 = 0; d0 < dk; d0 += 16) {
     const __mmask16 m = tail_mask(dk - d0);
-    for (int j = 0; j < 16; ++j) r[j] = _mm512_maskz_loadu_ps(m, kp[j] + d0);
+    for (int j = 0; j < 16; ++j) r[j] = load_kv16<DT>(kp[j], d0, m, kmul);
     transpose16(r);
     const int n = std::min(16, dk - d0);
     for (int i = 0; i < n; ++i) _mm512_store_ps(kt + static_cast<size_t>(d0 + i) * 16, r[i]);
@@ -350,9 +333,9 @@ EXPERTD_AVX512 inline void block_scores(const float* const* qr, const float* kt,
 // acc_r[d0, d0 + 16 NV) = acc_r * alpha_r + sum over keys j in [lo, hi] (in order) of p_r[j] v_j,
 // (j relative to the block start) for NR rows that share the key range (the heads of one token), so each V load serves NR rows.
 // Per row and lane this is the same sequence of f32 operations whatever NR and NV are.
-template <int NR, int NV>
+template <KvDtype DT, int NR, int NV>
 EXPERTD_AVX512 inline void block_pv(float* const* acc, const float* alpha, const float* pr,
-                                    const float* const* vp, int lo, int hi, int d0,
+                                    const uint8_t* const* vp, __m512 vmul, int lo, int hi, int d0,
                                     __mmask16 last) {
   __m512 a[NR][NV];
   for (int r = 0; r < NR; ++r) {
@@ -362,8 +345,7 @@ EXPERTD_AVX512 inline void block_pv(float* const* acc, const float* alpha, const
   for (int j = lo; j <= hi; ++j) {
     __m512 vv[NV];
     for (int v = 0; v < NV; ++v)
-      vv[v] = v + 1 < NV ? _mm512_loadu_ps(vp[j] + d0 + 16 * v)
-                         : _mm512_maskz_loadu_ps(last, vp[j] + d0 + 16 * v);
+      vv[v] = load_kv16<DT>(vp[j], d0 + 16 * v, v + 1 < NV ? static_cast<__mmask16>(0xFFFF) : last, vmul);
     for (int r = 0; r < NR; ++r) {
       const __m512 pj = _mm512_set1_ps(pr[r * kKeyBlock + j]);
       for (int v = 0; v < NV; ++v) a[r][v] = _mm512_fmadd_ps(pj, vv[v], a[r][v]);
@@ -373,15 +355,17 @@ EXPERTD_AVX512 inline void block_pv(float* const* acc, const float* alpha, const
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(acc[r] + d0 + 16 * v, a[r][v]);
 }
 
-template <int NR>
+template <KvDtype DT, int NR>
 EXPERTD_AVX512 inline void block_pv_rows(float* const* acc, const float* alpha, const float* pr,
-                                         const float* const* vp, int lo, int hi, int dv) {
+                                         const uint8_t* const* vp, __m512 vmul, int lo, int hi,
+                                         int dv) {
   int d0 = 0;
   for (; d0 + 64 <= dv; d0 += 64)
-    block_pv<NR, 4>(acc, alpha, pr, vp, lo, hi, d0, static_cast<__mmask16>(0xFFFF));
-  for (; d0 < dv; d0 += 16) block_pv<NR, 1>(acc, alpha, pr, vp, lo, hi, d0, tail_mask(dv - d0));
+    block_pv<DT, NR, 4>(acc, alpha, pr, vp, vmul, lo, hi, d0, static_cast<__mmask16>(0xFFFF));
+  for (; d0 < dv; d0 += 16) block_pv<DT, NR, 1>(acc, alpha, pr, vp, vmul, lo, hi, d0, tail_mask(dv - d0));
 }
 
+template <KvDtype DT>
 EXPERTD_AVX512 __attribute__((noinline)) void segment_partial_avx512(const Ctx& c, const Tile& t,
                                                                      int seg, float* part) {
   const AttentionParams& p = *c.p;
@@ -404,8 +388,17 @@ EXPERTD_AVX512 __attribute__((noinline)) void segment_partial_avx512(const Ctx& 
   const float* qrow[4];
   const int kmin = std::max(seg_begin, row_lo(row_pos(t, t.t0), p.sliding_window));
   const int kmax = std::min(seg_end, row_pos(t, t.t1 - 1));
-  const float* kp[kKeyBlock];
-  const float* vp[kKeyBlock];
+  // The key block's cache rows, read in place whatever the dtype (widened in registers).
+  const uint8_t* kp[kKeyBlock];
+  const uint8_t* vp[kKeyBlock];
+  const size_t es = kv_dtype_size(DT);
+  const uint8_t* kc = static_cast<const uint8_t*>(c.k_cache);
+  const uint8_t* vc = static_cast<const uint8_t*>(c.v_cache);
+  // MLA: values are a slice of the key row (one array, one scale).
+  const bool shared = c.k_cache == c.v_cache && p.v_stride == p.dk;
+  const float ks = DT == KvDtype::FP8 ? p.k_scales[t.kvh] : 1.0f;
+  const float vs = DT == KvDtype::FP8 ? (shared ? ks : p.v_scales[t.kvh]) : 1.0f;
+  const __m512 kmul = _mm512_set1_ps(256.0f * ks), vmul = _mm512_set1_ps(256.0f * vs);
   // Per head of one token: probabilities pr [g, 16], rescale factors and accumulators.
   thread_local std::vector<float> tl_pr;
   thread_local std::vector<float*> tl_accs;
@@ -420,11 +413,15 @@ EXPERTD_AVX512 __attribute__((noinline)) void segment_partial_avx512(const Ctx& 
   alignas(64) float m_news[16];
   for (int kb0 = kmin / kKeyBlock * kKeyBlock; kb0 <= kmax; kb0 += kKeyBlock) {
     const int jb_lo = std::max(kb0, kmin), jb_hi = std::min(kb0 + kKeyBlock - 1, kmax);
-    key_block_rows(c, t, kb0, jb_lo, jb_hi, kp, vp);
+    for (int j = jb_lo; j <= jb_hi; ++j) {
+      const size_t row = cache_row(t, p, j);
+      kp[j - kb0] = kc + row * p.dk * es;
+      vp[j - kb0] = vc + (row * p.v_stride + p.v_offset) * es;
+    }
     // Lanes outside [jb_lo, jb_hi] read a valid key; their scores are masked below.
     for (int j = kb0; j < jb_lo; ++j) kp[j - kb0] = kp[jb_lo - kb0];
     for (int j = jb_hi + 1; j < kb0 + kKeyBlock; ++j) kp[j - kb0] = kp[jb_lo - kb0];
-    transpose_keys(kp, dk, kt);
+    transpose_keys<DT>(kp, dk, kmul, kt);
     // Rows that see some key of this block: tokens [i_lo, t1) (row_pos grows with i; rows past
     // their sliding window are skipped in the softmax loop below).
     int i_lo = t.t0;
@@ -480,9 +477,9 @@ EXPERTD_AVX512 __attribute__((noinline)) void segment_partial_avx512(const Ctx& 
       }
       int hh = 0;
       for (; hh + 4 <= g; hh += 4)
-        block_pv_rows<4>(accs + hh, alphas + hh, pr + hh * kKeyBlock, vp, lo - kb0, hi - kb0, dv);
+        block_pv_rows<DT, 4>(accs + hh, alphas + hh, pr + hh * kKeyBlock, vp, vmul, lo - kb0, hi - kb0, dv);
       for (; hh < g; ++hh)
-        block_pv_rows<1>(accs + hh, alphas + hh, pr + hh * kKeyBlock, vp, lo - kb0, hi - kb0, dv);
+        block_pv_rows<DT, 1>(accs + hh, alphas + hh, pr + hh * kKeyBlock, vp, vmul, lo - kb0, hi - kb0, dv);
     }
   }
 }
@@ -518,9 +515,14 @@ struct Kernels {
   void (*finalize)(const float*, int, float*);
 };
 
-Kernels pick_kernels() {
+Kernels pick_kernels(KvDtype dt) {
 #if defined(__x86_64__)
-  if (cpu_features().kernel_avx512) return {segment_partial_avx512, combine_avx512, finalize_avx512};
+  if (cpu_features().kernel_avx512) {
+    auto seg = dt == KvDtype::BF16  ? segment_partial_avx512<KvDtype::BF16>
+               : dt == KvDtype::FP8 ? segment_partial_avx512<KvDtype::FP8>
+                                    : segment_partial_avx512<KvDtype::F32>;
+    return {seg, combine_avx512, finalize_avx512};
+  }
 #endif
   return {segment_partial_portable, combine_portable, finalize_portable};
 }
@@ -554,7 +556,7 @@ void paged_attention(const float* q, const void* k_cache, const void* v_cache,
   // thread_local inside a task would give the worker thread's own (empty) instance.
   thread_local CallScratch tls_scratch;
   CallScratch& cs = tls_scratch;
-  const Kernels kern = pick_kernels();
+  const Kernels kern = pick_kernels(p.kv_dtype);
   const int g = p.heads / p.kv_heads;
   const int stride = 16 + (p.dv + 15) / 16 * 16;
   const int tile_tokens = std::max(1, kTileRows / g);

@@ -191,10 +191,93 @@ __attribute__((target("avx2"))) int candidates_avx2(const float* w, int V, doubl
   *sum_out = sum;
   return n;
 }
+
+// ---- AVX-512: the same exps eight at a time, and the threshold pass of the partial selection
+
+#define EXPERTD_SAMPLE_AVX512 __attribute__((target("avx512f,avx512vl")))
+
+// fast_exp on 8 lanes, bit for bit: the same multiplies and adds in the same order (the file's
+// fp-contract=off keeps them unfused), and poly * 2^k as one scalef, which rounds the exact
+// product once, as the multiply by the table's exact power of two does.
+EXPERTD_SAMPLE_AVX512 inline __m512d fast_exp8(__m512d x) {
+  const __m512d t = _mm512_mul_pd(x, _mm512_set1_pd(kLog2e));
+  const __m512d k = _mm512_roundscale_pd(_mm512_add_pd(t, _mm512_set1_pd(0.5)), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512d r = _mm512_mul_pd(_mm512_sub_pd(t, k), _mm512_set1_pd(kLn2));
+  __m512d p = _mm512_set1_pd(1.0 / 40320);
+  p = _mm512_add_pd(_mm512_set1_pd(1.0 / 5040), _mm512_mul_pd(r, p));
+  p = _mm512_add_pd(_mm512_set1_pd(1.0 / 720), _mm512_mul_pd(r, p));
+  p = _mm512_add_pd(_mm512_set1_pd(1.0 / 120), _mm512_mul_pd(r, p));
+  p = _mm512_add_pd(_mm512_set1_pd(1.0 / 24), _mm512_mul_pd(r, p));
+  p = _mm512_add_pd(_mm512_set1_pd(1.0 / 6), _mm512_mul_pd(r, p));
+  p = _mm512_add_pd(_mm512_set1_pd(1.0 / 2), _mm512_mul_pd(r, p));
+  p = _mm512_add_pd(_mm512_set1_pd(1.0), _mm512_mul_pd(r, p));
+  p = _mm512_add_pd(_mm512_set1_pd(1.0), _mm512_mul_pd(r, p));
+  __m512d y = _mm512_scalef_pd(p, k);
+  const __mmask8 low = _mm512_cmp_pd_mask(t, _mm512_set1_pd(-1074.0), _CMP_NGT_UQ);  // !(t > -1074)
+  const __mmask8 ordered = _mm512_cmp_pd_mask(t, t, _CMP_ORD_Q);
+  y = _mm512_mask_mov_pd(y, low & ordered, _mm512_setzero_pd());
+  y = _mm512_mask_mov_pd(y, low & ~ordered, _mm512_set1_pd(std::numeric_limits<double>::quiet_NaN()));
+  return _mm512_mask_mov_pd(y, _mm512_cmp_pd_mask(t, _mm512_set1_pd(1023.0), _CMP_GT_OQ), _mm512_set1_pd(kInf));
+}
+
+EXPERTD_SAMPLE_AVX512 inline __mmask8 tail_mask8(int n) {
+  return n >= 8 ? static_cast<__mmask8>(0xFF) : static_cast<__mmask8>((1u << n) - 1u);
+}
+
+// Sum of fast_exp(x - max) in eight lanes (logprobs: f32 rounding, any order).
+EXPERTD_SAMPLE_AVX512 double sum_exp_avx512(const float* x, int n, double max) {
+  __m512d acc = _mm512_setzero_pd();
+  const __m512d m = _mm512_set1_pd(max);
+  for (int i = 0; i < n; i += 8) {
+    const __mmask8 tm = tail_mask8(n - i);
+    const __m512d xd = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(tm, x + i));
+    acc = _mm512_mask_add_pd(acc, tm, acc, fast_exp8(_mm512_sub_pd(xd, m)));
+  }
+  return _mm512_reduce_add_pd(acc);
+}
+
+// The threshold pass of sample_random: the weights w = fast_exp((x - max) / T) of every x >= kth,
+// their total in eight lanes (*sum_out, not the JS order: callers bound its error), and the
+// candidates with w >= theta (ids and weights, in index order, compress-stored).
+EXPERTD_SAMPLE_AVX512 int threshold_pass_avx512(const float* w, int V, double kth, double max,
+                                                double inv_t, double theta, int32_t* ids,
+                                                double* weights, double* sum_out) {
+  __m512d acc = _mm512_setzero_pd();
+  const __m512d vk = _mm512_set1_pd(kth), vm = _mm512_set1_pd(max), vt = _mm512_set1_pd(inv_t),
+                vth = _mm512_set1_pd(theta);
+  const __m256i step = _mm256_set1_epi32(8);
+  __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  int n = 0;
+  for (int i = 0; i < V; i += 8, idx = _mm256_add_epi32(idx, step)) {
+    const __mmask8 tm = tail_mask8(V - i);
+    const __m512d x = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(tm, w + i));
+    const __mmask8 keep = _mm512_mask_cmp_pd_mask(tm, x, vk, _CMP_GE_OQ);
+    if (!keep) continue;
+    const __m512d e = fast_exp8(_mm512_mul_pd(_mm512_sub_pd(x, vm), vt));
+    acc = _mm512_mask_add_pd(acc, keep, acc, e);
+    const __mmask8 cand = _mm512_mask_cmp_pd_mask(keep, e, vth, _CMP_GE_OQ);
+    if (!cand) continue;
+    _mm512_mask_compressstoreu_pd(weights + n, cand, e);
+    _mm256_mask_compressstoreu_epi32(ids + n, cand, idx);
+    n += __builtin_popcount(cand);
+  }
+  *sum_out = _mm512_reduce_add_pd(acc);
+  return n;
+}
+
+// Masks of the 16 values of x[i..i+16) greater than v (NaN never is): lets the k-heap and the
+// top-n logprobs skip the blocks that cannot enter (nearly all of a row once they are full).
+EXPERTD_SAMPLE_AVX512 inline unsigned greater_mask16(const float* x, int n, float v) {
+  const __mmask16 tm = n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+  return _mm512_mask_cmp_ps_mask(tm, _mm512_maskz_loadu_ps(tm, x), _mm512_set1_ps(v), _CMP_GT_OQ);
+}
+#undef EXPERTD_SAMPLE_AVX512
 #endif
 
 // Set per call: AVX2 where the CPU has it and the tests have not forced the portable code.
 thread_local bool tls_avx2 = false;
+// Set per call: AVX-512 (f, vl) likewise; selects the partial selection of sample_random.
+thread_local bool tls_avx512 = false;
 
 // Index of the largest value, the lowest index among equals; NaNs never win.
 int argmax(const float* x, int n) {
@@ -231,6 +314,7 @@ double log_sum_exp(const float* x, int n) {
   if (max == -kInf) return -kInf;
   double sum = 0;
 #if defined(__x86_64__)
+  if (tls_avx512) return max + std::log(sum_exp_avx512(x, n, max));
   if (tls_avx2) return max + std::log(sum_exp_avx2(x, n, max));
 #endif
   for (int i = 0; i < n; ++i) sum += fast_exp(static_cast<double>(x[i]) - max);
@@ -302,6 +386,19 @@ double kth_largest(const float* values, int n_values, int k, double* s) {
   if (k <= kHeapSelectMaxK) {
     int size = 0;
     for (int i = 0; i < n_values; ++i) {
+#if defined(__x86_64__)
+      // A full heap takes only values above its root: skip the blocks of 16 that hold none (the
+      // root is an f32 value, so the f32 compare is the f64 one). Same inserts, same order.
+      if (tls_avx512 && size == k && (i & 15) == 0) {
+        unsigned bits = greater_mask16(values + i, n_values - i, static_cast<float>(s[0]));
+        for (; bits; bits &= bits - 1) {
+          const double x = values[i + __builtin_ctz(bits)];
+          if (x > s[0]) sift_down_root(s, size, x);
+        }
+        i += 15;
+        continue;
+      }
+#endif
       const double x = values[i];
       if (size < k) {
         if (x != x) continue;
@@ -378,6 +475,60 @@ int compact(int32_t* ids, double* weights, int n, double cutoff, double* sum) {
   return m;
 }
 
+// The top-p cutoff by buckets of the weights' bit patterns (positive doubles order as their bits):
+// one pass fills per-bucket masses, the bucket where the mass from the top reaches target is
+// gathered and sorted, and its distinct values are walked. c is the largest weight with
+// mass(w >= c) >= target; *above = mass(w > c), *at_or_above = mass(w >= c), summed in an order
+// of their own (callers bound the error). False where the rounded walk does not reach target.
+// O(n) with no data-dependent partition branches: the flat rows where the nucleus is most of the
+// vocabulary cost a few passes, not a quickselect's.
+constexpr int kCutoffBuckets = 4096;
+bool bucket_cutoff(const double* w, int n, double target, double* sel, uint16_t* bucket_of,
+                   double* mass, double* c_out, double* above_out, double* at_or_above_out) {
+  uint64_t lo = ~uint64_t{0}, hi = 0;
+  for (int j = 0; j < n; ++j) {
+    uint64_t b;
+    std::memcpy(&b, &w[j], 8);
+    lo = std::min(lo, b);
+    hi = std::max(hi, b);
+  }
+  int shift = 0;
+  while (((hi - lo) >> shift) >= static_cast<uint64_t>(kCutoffBuckets)) ++shift;
+  const int nb = static_cast<int>((hi - lo) >> shift) + 1;
+  std::fill(mass, mass + nb, 0.0);
+  for (int j = 0; j < n; ++j) {
+    uint64_t b;
+    std::memcpy(&b, &w[j], 8);
+    const int k = static_cast<int>((b - lo) >> shift);
+    bucket_of[j] = static_cast<uint16_t>(k);
+    mass[k] += w[j];
+  }
+  double acc = 0;
+  int k = nb - 1;
+  for (; k >= 0; --k) {
+    if (acc + mass[k] >= target) break;
+    acc += mass[k];
+  }
+  if (k < 0) return false;
+  int m = 0;
+  for (int j = 0; j < n; ++j)
+    if (bucket_of[j] == k) sel[m++] = w[j];
+  std::sort(sel, sel + m, [](double a, double b) { return a > b; });
+  for (int j = 0; j < m;) {
+    const double v = sel[j];
+    double eq = 0;
+    while (j < m && sel[j] == v) eq += sel[j++];
+    if (acc + eq >= target) {
+      *c_out = v;
+      *above_out = acc;
+      *at_or_above_out = acc + eq;
+      return true;
+    }
+    acc += eq;
+  }
+  return false;
+}
+
 // ---- one row
 
 // Per-thread scratch, kept between calls (a fresh 3.6 MB per row at V = 152K would be page
@@ -387,17 +538,96 @@ struct Scratch {
   std::vector<int32_t> cand_ids;  // [V]
   std::vector<double> cand_w;     // [V]
   std::vector<double> sel;        // [V] selection scratch
+  std::vector<uint16_t> bucket_of;  // [V] bucket_cutoff's bucket per candidate
+  std::vector<double> bucket_mass;  // [kCutoffBuckets]
   void ensure(size_t v) {
     if (work.size() < v) {
       work.resize(v);
       cand_ids.resize(v);
       cand_w.resize(v);
       sel.resize(v);
+      bucket_of.resize(v);
     }
+    if (bucket_mass.empty()) bucket_mass.resize(kCutoffBuckets);
   }
 };
 
 thread_local Scratch tls_scratch;
+
+// The draw: u = next_float * sum over the kept candidates, the first whose running sum passes it.
+int draw(const int32_t* ids, const double* weights, int n, double sum, Xoshiro& rng) {
+  const double u = rng.next_float() * sum;
+  double acc = 0;
+  for (int j = 0; j < n; ++j) {
+    acc += weights[j];
+    if (u < acc) return ids[j];
+  }
+  return ids[n - 1];
+}
+
+#if defined(__x86_64__)
+// The partial selection (AVX-512): one vector pass computes every weight, the total to a bounded
+// error and the candidates w >= theta, then top-p and min-p work on the candidates alone. Returns
+// -1 (rng untouched) where it cannot prove the JS sampler's kept set; the caller then runs the
+// full path. Why it is the same kept set, and so the same tokens:
+//  - the weights are the JS ones bit for bit (fast_exp8); only their total S is summed in another
+//    order, within 16 V 2^-53 S of the JS total (and the JS partitions' sums likewise);
+//  - the JS cutoff c (its weighted quickselect, on its sum/1000 filter or on all weights) is the
+//    largest weight with mass(w >= c) >= target = top_p S (1 - tol); c is found here among the
+//    candidates and accepted only when mass(w > c) < target - margin and mass(w >= c) >=
+//    target + margin, with a margin above every rounding of both computations: then every
+//    rounded comparison the JS selection makes falls on the same side, and it returns this c.
+//    Non-candidates (w < theta <= c) are below c, so they change neither mass;
+//  - the kept set {w >= c} and then {w >= min_p} is compacted in index order with the JS sequential
+//    sums, so the draw scales and walks the same numbers.
+// A peaked row (a trained model's) keeps a handful of candidates; a flat one keeps the vocabulary
+// and costs what the full path does.
+constexpr int kSmallNucleus = 256;  // up to this many candidates: a quickselect, then a check
+
+int sample_random_partial(const float* w, int V, const SampleParams& p, double kth, double max,
+                          Xoshiro& rng, Scratch& sc) {
+  if (!(std::isfinite(max))) return -1;
+  int32_t* ids = sc.cand_ids.data();
+  double* weights = sc.cand_w.data();
+  const double inv_t = 1 / p.temperature;
+  const bool nucleus = p.top_p < 1;
+  // The JS nucleus filter's own bound (sum / 1000, and sum >= 1: the max's weight is exactly 1),
+  // raised to min_p, which drops everything below it anyway; without top-p and min-p every
+  // positive weight is a candidate.
+  const double theta = nucleus ? std::max(1e-3, p.min_p)
+                               : p.min_p > 0 ? p.min_p : std::numeric_limits<double>::denorm_min();
+  double total = 0;
+  int n = threshold_pass_avx512(w, V, kth, max, inv_t, theta, ids, weights, &total);
+  if (n == 0) return -1;
+  double sum = 0;
+  if (nucleus) {  // NOTE: even for one candidate: the JS nucleus may hold non-candidates
+    const double target = p.top_p * total * (1 - kTopPRelTolerance);
+    const double margin = std::max(1e-9, 16.0 * V * 0x1p-53) * total;
+    double c = 0, above = 0, at_or_above = 0;
+    if (n > kSmallNucleus) {
+      // The candidates do not reach top_p (false): the full path.
+      if (!bucket_cutoff(weights, n, target, sc.sel.data(), sc.bucket_of.data(),
+                         sc.bucket_mass.data(), &c, &above, &at_or_above))
+        return -1;
+    } else {
+      double* a = sc.sel.data();
+      std::memcpy(a, weights, sizeof(double) * static_cast<size_t>(n));
+      c = weighted_select(a, n, target);
+      if (!(c > 0)) return -1;
+      for (int j = 0; j < n; ++j) {
+        if (weights[j] > c) above += weights[j];
+        if (weights[j] >= c) at_or_above += weights[j];
+      }
+    }
+    if (!(above < target - margin && at_or_above >= target + margin)) return -1;
+    n = compact(ids, weights, n, c, &sum);
+  } else {
+    n = compact(ids, weights, n, 0, &sum);  // the JS sequential sum of the candidates
+  }
+  if (p.min_p > 0 && n > 1) n = compact(ids, weights, n, p.min_p, &sum);
+  return draw(ids, weights, n, sum, rng);
+}
+#endif
 
 int sample_random(const float* w, int V, const SampleParams& p, Xoshiro& rng, Scratch& sc) {
   int32_t* ids = sc.cand_ids.data();
@@ -407,6 +637,13 @@ int sample_random(const float* w, int V, const SampleParams& p, Xoshiro& rng, Sc
   const int k = p.top_k > 0 && p.top_k < V ? p.top_k : 0;
   const double kth = k > 0 ? kth_largest(w, V, k, sc.sel.data()) : -kInf;
   const double max = max_value(w, V);
+
+#if defined(__x86_64__)
+  if (tls_avx512) {
+    const int token = sample_random_partial(w, V, p, kth, max, rng, sc);
+    if (token >= 0) return token;
+  }
+#endif
 
   int n = 0;
   double sum = 0;
@@ -436,14 +673,7 @@ int sample_random(const float* w, int V, const SampleParams& p, Xoshiro& rng, Sc
     n = compact(ids, weights, n, cutoff, &sum);
   }
   if (p.min_p > 0 && n > 1) n = compact(ids, weights, n, p.min_p, &sum);
-
-  const double u = rng.next_float() * sum;
-  double acc = 0;
-  for (int j = 0; j < n; ++j) {
-    acc += weights[j];
-    if (u < acc) return ids[j];
-  }
-  return ids[n - 1];
+  return draw(ids, weights, n, sum, rng);
 }
 
 void top_logprobs(const float* w, int V, int count, double lse, int32_t* out_ids,
@@ -453,6 +683,14 @@ void top_logprobs(const float* w, int V, int count, double lse, int32_t* out_ids
   const int n = std::min(count, V);
   int size = 0;
   for (int i = 0; i < V; ++i) {
+#if defined(__x86_64__)
+    // Once full, only values above the n-th can enter: skip the blocks of 16 that hold none.
+    if (tls_avx512 && size == n && (i & 15) == 0 &&
+        !greater_mask16(w + i, V - i, static_cast<float>(vals[n - 1]))) {
+      i += 15;
+      continue;
+    }
+#endif
     const double x = w[i];
     if (size == n && !(x > vals[n - 1])) continue;
     if (x != x) continue;
@@ -545,9 +783,11 @@ void sample_row(const float* logits, int V, const SampleSeq& q, const SampleOut&
 void sample_batch(const float* logits, int rows, int vocab, const SampleSeq* seqs,
                   const SampleOut& out) {
   const bool avx2 = cpu_features().avx2;  // false when the tests force the portable code
+  const bool avx512 = cpu_features().kernel_avx512;
   // One row is a few O(V) passes: worth a thread each.
   parallel_rows(static_cast<size_t>(rows), static_cast<size_t>(vocab) * 8, [&](size_t r0, size_t r1) {
     tls_avx2 = avx2;
+    tls_avx512 = avx512;
     for (size_t r = r0; r < r1; ++r)
       sample_row(logits + r * static_cast<size_t>(vocab), vocab, seqs[r], out, static_cast<int>(r));
   });
