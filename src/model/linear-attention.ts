@@ -4,6 +4,7 @@
 // recurrent states live in slots of a LinearStatePool (one slot per running sequence, engine-owned).
 import { loadNative, type PackedWeight } from '../native/index.js';
 import type { AttentionContext } from './attention.js';
+import type { QuantizeSpec } from './quantize.js';
 import type { LinearAttentionSpec } from './spec.js';
 import type { HostTensor, TensorSource } from './tensor-source.js';
 import { checkShape, toF32, vectorF32 } from './weights.js';
@@ -44,8 +45,16 @@ export class GatedDeltaNet {
   private readonly C: number;
   private readonly P: number;
 
+  /** Resident bytes of the two projections (codes and scales where --quantize-dense quantized them). */
+  readonly weightBytes: number;
+
+  /**
+   * `quantize`: out_proj quantized in that format (--quantize-dense), else kept in its dtype. The fused
+   * in_proj stays in the checkpoint's precision: its b / a rows set the delta rule's step and decay, and
+   * one packed weight holds one format (splitting them out is the step to quantize the q/k/v/z rows).
+   */
   constructor(private readonly la: LinearAttentionSpec, src: TensorSource, p: string, hidden: number,
-              private readonly eps: number) {
+              private readonly eps: number, quantize: QuantizeSpec | null = null) {
     const { keyHeads: Hk, valueHeads: Hv, keyHeadDim: Dk, valueHeadDim: Dv, convKernel: K } = la;
     const H = hidden;
     const Kd = Hk * Dk;
@@ -91,7 +100,8 @@ export class GatedDeltaNet {
     this.inProj = n.packWeight(all, dtype, this.P, H);
     const ow = src.get(`${p}out_proj.weight`);
     checkShape(`${p}out_proj.weight`, ow, [H, Vd]);
-    this.outProj = n.packWeight(ow.data, ow.dtype, H, Vd);
+    this.outProj = n.packWeight(ow.data, ow.dtype, H, Vd, quantize?.format, quantize?.group);
+    this.weightBytes = this.inProj.sizeBytes + this.outProj.sizeBytes;
     const cw = src.get(`${p}conv1d.weight`);
     checkShape(`${p}conv1d.weight`, cw, [this.C, 1, K]);
     this.convW = toF32(cw);

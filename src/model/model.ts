@@ -146,7 +146,8 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
         dense = denseFfn(`${p}mlp.`, spec.denseIntermediate);
       }
       const linear = ls.mixer === 'linear_attention'
-        ? new GatedDeltaNet(spec.linearAttention!, src, `${p}linear_attn.`, H, spec.rmsNormEps) : null;
+        ? new GatedDeltaNet(spec.linearAttention!, src, `${p}linear_attn.`, H, spec.rmsNormEps, dq) : null;
+      if (linear) this.residentWeightBytes.dense += linear.weightBytes;
       this.layers.push({
         subs: [{
           inputNorm: norm(`${p}input_layernorm.weight`, H),
