@@ -10,7 +10,7 @@ import type { KvDtype } from '../src/model/kv-dtype.js';
 import { loadModel } from '../src/model/load.js';
 import { loadNative } from '../src/native/index.js';
 import { BENCH_MODEL_NAMES, type BenchModelName, ensureBenchModel } from './bench-models.js';
-import { fmt, markdownTable, median, parseIntList, parsePositiveInt, runInfo, writeJson, type Cell } from './harness.js';
+import { fmt, markdownTable, measureWallCpu, median, parseIntList, parsePositiveInt, runInfo, writeJson, type Cell } from './harness.js';
 
 export async function runDecodeStep(argv: string[]): Promise<void> {
   const { values } = parseArgs({ args: argv, options: {
@@ -46,16 +46,12 @@ export async function runDecodeStep(argv: string[]): Promise<void> {
       const r = core.step();
       if (r && r.metrics.decodeTokens === B) break;
     }
-    const cpuMs: number[] = [], wallMs: number[] = [];
-    for (let s = 0; s < steps; s++) {
-      const c0 = process.cpuUsage();
-      const t0 = performance.now();
+    let s = 0;
+    const { cpuMs, wallMs } = measureWallCpu(() => {
       const r = core.step();
-      wallMs.push(performance.now() - t0);
-      const c = process.cpuUsage(c0);
-      cpuMs.push((c.user + c.system) / 1000);
       if (!r || r.metrics.decodeTokens !== B) throw new Error(`step ${s} decoded ${r?.metrics.decodeTokens} rows, expected ${B}`);
-    }
+      s++;
+    }, { reps: steps, warmup: 0 });
     const m = median(cpuMs);
     rows.push([B, dt, m, `${fmt(Math.min(...cpuMs))}-${fmt(Math.max(...cpuMs))}`, B / m * 1000, median(wallMs)]);
     json.push({ batch: B, kvDtype: dt, cpuMs, wallMs });

@@ -13,7 +13,7 @@ import { parseArgs } from 'node:util';
 import { loadNative } from '../src/native/index.js';
 import { mulberry32 } from '../src/engine/rng.js';
 import {
-  CacheFlusher, fmt, markdownTable, parseIntList, parsePositiveInt, pct, runInfo, stats,
+  CacheFlusher, fmt, markdownTable, measureWallCpu, parseIntList, parsePositiveInt, pct, runInfo, stats,
   writeJson, type Stats,
 } from './harness.js';
 import { runProbe } from './probe/probe.js';
@@ -26,25 +26,9 @@ type Op = typeof OPS[number];
 interface Times { wall: number[]; cpu: number[] }
 interface PeerRun { ok: boolean; error?: string; torch?: string; threads?: number; results?: Record<string, Record<Op, Times>> }
 
-/**
- * Runs fn warmup + reps times. On a shared machine a run waits for the CPU in wall time; its CPU
- * time does not (pool threads that spin while waiting count, so CPU time is not less honest).
- */
 function timed(fn: () => void, reps: number, warmup: number, before?: () => void): Times {
-  const wall: number[] = [], cpu: number[] = [];
-  for (let r = 0; r < warmup + reps; r++) {
-    before?.();
-    const c0 = process.cpuUsage();
-    const t0 = performance.now();
-    fn();
-    const dt = performance.now() - t0;
-    const c = process.cpuUsage(c0);
-    if (r >= warmup) {
-      wall.push(dt);
-      cpu.push((c.user + c.system) / 1000);
-    }
-  }
-  return { wall, cpu };
+  const t = measureWallCpu(fn, { reps, warmup, ...(before ? { before } : {}) });
+  return { wall: t.wallMs, cpu: t.cpuMs };
 }
 
 function runPeer(python: string, spec: Record<string, unknown>): PeerRun {

@@ -62,6 +62,28 @@ export function measure(fn: () => void, opts: MeasureOptions): number[] {
 }
 
 /**
+ * measure() with each run's CPU time (user + system of the process, every thread) beside its wall
+ * time: on a shared machine a run waits for the CPU in wall time, not in CPU time (pool threads that
+ * spin while waiting still count, so CPU time is not the less honest figure).
+ */
+export function measureWallCpu(fn: () => void, opts: MeasureOptions): { wallMs: number[]; cpuMs: number[] } {
+  const wallMs: number[] = [], cpuMs: number[] = [];
+  for (let r = 0; r < opts.warmup + opts.reps; r++) {
+    opts.before?.();
+    const c0 = process.cpuUsage();
+    const t0 = performance.now();
+    fn();
+    const dt = performance.now() - t0;
+    const c = process.cpuUsage(c0);
+    if (r >= opts.warmup) {
+      wallMs.push(dt);
+      cpuMs.push((c.user + c.system) / 1000);
+    }
+  }
+  return { wallMs, cpuMs };
+}
+
+/**
  * Evicts the last-level cache by reading a buffer of `bytes` (2-4x the L3): weights of a real
  * model are read once per step, so a benchmark that re-reads cache-hot weights lies.
  */

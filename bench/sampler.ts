@@ -13,7 +13,7 @@ import type { SamplingParams } from '../src/engine/types.js';
 import { loadModel } from '../src/model/load.js';
 import { loadNative } from '../src/native/index.js';
 import { BENCH_MODEL_NAMES, type BenchModelName, ensureBenchModel } from './bench-models.js';
-import { fmt, markdownTable, median, parseIntList, parsePositiveInt, runInfo, writeJson } from './harness.js';
+import { fmt, markdownTable, measureWallCpu, median, parseIntList, parsePositiveInt, runInfo, writeJson } from './harness.js';
 
 const MODES: Record<string, Partial<SamplingParams>> = {
   greedy: { temperature: 0 },
@@ -50,25 +50,7 @@ function makeLogits(rows: number, V: number, seed: number, flat = false): Float3
 
 interface Row { mode: string; vocab: number; batch: number; jsMs: number[]; nativeMs: number[]; jsCpuMs: number[]; nativeCpuMs: number[] }
 
-/**
- * Wall and CPU time (this process, every thread: user + system) of each run. On a shared machine
- * a run longer than a scheduler slice waits for the CPU in wall time; its CPU time does not.
- */
-function timed(fn: () => void, reps: number, warmup: number): { wallMs: number[]; cpuMs: number[] } {
-  const wallMs: number[] = [], cpuMs: number[] = [];
-  for (let r = 0; r < warmup + reps; r++) {
-    const c0 = process.cpuUsage();
-    const t0 = performance.now();
-    fn();
-    const dt = performance.now() - t0;
-    const c = process.cpuUsage(c0);
-    if (r >= warmup) {
-      wallMs.push(dt);
-      cpuMs.push((c.user + c.system) / 1000);
-    }
-  }
-  return { wallMs, cpuMs };
-}
+const timed = (fn: () => void, reps: number, warmup: number) => measureWallCpu(fn, { reps, warmup });
 
 function microBench(batches: number[], vocabs: number[], reps: number, warmup: number, modes: string[],
   flat: boolean, withJs: boolean): Row[] {
