@@ -20,6 +20,7 @@ import { seriesChart, type Series } from '../src/plot/charts.js';
 import { writePlot } from '../src/plot/render.js';
 import { fmt, markdownTable, median, parseIntList, parsePositiveInt, pct, runInfo, writeJson, type Cell } from './harness.js';
 import { OpProfiler } from './op-profile.js';
+import { runQuantBench } from './quant.js';
 import { HfPeer, hfPython, type HfDecodeRun, type HfInfo } from './peers/hf.js';
 import { runProbe, type MachineLimits } from './probe/probe.js';
 
@@ -391,6 +392,8 @@ async function plot(file: string, results: ModelResult[], o: Options): Promise<v
 }
 
 export async function runE2e(argv: string[]): Promise<void> {
+  // `e2e --formats bf16,int8,...`: the quantized formats in one run (quant.ts), beside llama.cpp.
+  if (argv.some((a) => a === '--formats' || a.startsWith('--formats='))) return runQuantBench(argv);
   const { values } = parseArgs({
     args: argv,
     options: {

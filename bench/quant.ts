@@ -3,6 +3,9 @@
 // fp8 and int4, each against its own weights-read bound (the bytes each decode step really reads
 // in that format, over the probed bandwidth), and the bytes the experts hold.
 //
+// Beside them, llama.cpp (node-llama-cpp's prebuilt CPU build) on the same checkpoint as GGUF Q8_0 and
+// Q4_K_M made by llama.cpp's own quantizer (bench/peers/llama.ts); `--no-peer` leaves it out.
+//
 // Every format's model is loaded at once and the repetitions go round-robin over the formats, so
 // on a shared machine every format samples the same load and the ratios between them hold.
 import os from 'node:os';
@@ -16,6 +19,8 @@ import { loadNative } from '../src/native/index.js';
 import { BENCH_MODEL_NAMES, ensureBenchModel, type BenchModelName } from './bench-models.js';
 import { DecodeBytes, Runner, argmaxRows, promptIds } from './e2e.js';
 import { fmt, markdownTable, median, parseIntList, parsePositiveInt, pct, runInfo, writeJson, type Cell } from './harness.js';
+import { hfPython } from './peers/hf.js';
+import { LLAMA_TYPES, LlamaPeer } from './peers/llama.js';
 import { runProbe } from './probe/probe.js';
 
 const FORMATS: Record<string, QuantizeSpec | null> = {
@@ -79,6 +84,7 @@ export async function runQuantBench(argv: string[]): Promise<void> {
       json: { type: 'string' }, reps: { type: 'string' }, warmup: { type: 'string' }, models: { type: 'string' },
       formats: { type: 'string' }, prefill: { type: 'string' }, 'decode-prompt': { type: 'string' },
       steps: { type: 'string' }, batches: { type: 'string' }, threads: { type: 'string' },
+      'no-peer': { type: 'boolean' }, python: { type: 'string' },
     },
     strict: true,
   });
@@ -114,6 +120,19 @@ export async function runQuantBench(argv: string[]): Promise<void> {
       bytes.expertBytes = held.one;  // what one expert's FFN reads in this format
       runs.push({ format, loaded, runner, bytes, expertsHeldBytes: held.total, prefillMs: [], decode: {} });
     }
+    let peer: LlamaPeer | null = null;
+    let peerWhy = values['no-peer'] ? '--no-peer' : '';
+    const peerRuns: Record<string, { prefillMs: number[]; decode: Record<string, number[]> }> = {};
+    if (!values['no-peer']) {
+      try {
+        peer = await LlamaPeer.start({ hfDir: dir, python: hfPython(values.python), types: LLAMA_TYPES, threads,
+          sequences: Math.max(...batches), contextSize: Math.max(prefill, decodePrompt + steps + 2) + 8, log: (s) => console.error(s) });
+        for (const t of LLAMA_TYPES) peerRuns[t] = { prefillMs: [], decode: {} };
+      } catch (e) {
+        peerWhy = (e as Error).message.split('\n')[0]!;
+        console.error(`# ${name}: llama.cpp peer unavailable: ${peerWhy}`);
+      }
+    }
     const bw: number[] = [runProbe({ threads: threads || undefined }).readBandwidthGBps];
     try {
       for (let r = 0; r < warmup + reps; r++) {
@@ -131,6 +150,15 @@ export async function runQuantBench(argv: string[]): Promise<void> {
             const slot = (fr.decode[String(B)] ??= { tokPerS: [], bytesPerStep: [] });
             slot.tokPerS.push(d.tokPerS);
             slot.bytesPerStep.push(d.bytesPerStep);
+          }
+        }
+        if (peer) for (const t of LLAMA_TYPES) {
+          const ms = (await peer.prefill(t, promptIds(1, prefill))) * 1e3;
+          if (r >= warmup) peerRuns[t]!.prefillMs.push(ms);
+          for (const B of batches) {
+            const tps = await peer.decode(t, Array.from({ length: B }, (_, i) => promptIds(100 + i, decodePrompt)), steps);
+            console.error(`# ${name} llama.cpp ${t}: prefill ${ms.toFixed(0)} ms; decode b${B} ${fmt(tps)} tok/s${r < warmup ? ' (warm-up)' : ''}`);
+            if (r >= warmup) (peerRuns[t]!.decode[String(B)] ??= []).push(tps);
           }
         }
         bw.push(runProbe({ threads: threads || undefined }).readBandwidthGBps);
@@ -162,16 +190,39 @@ export async function runQuantBench(argv: string[]): Promise<void> {
         json.push({ model: name, format: fr.format, quantize: FORMATS[fr.format] ? describeQuantize(FORMATS[fr.format]!) : 'bf16',
           prefillMs: fr.prefillMs, decode: fr.decode, expertsHeldBytes: fr.expertsHeldBytes, bandwidthGBps: bandwidth });
       }
+      const prefillTps = (ms: number[]) => median(ms.map((v) => prefill / (v / 1e3)));
+      for (const [t, pr] of Object.entries(peerRuns)) {
+        const pre = pr.prefillMs.map((ms) => prefill / (ms / 1e3));
+        const baseVs = base ? `${fmt(median(pre) / prefillTps(base.prefillMs))}x` : '-';
+        const mib = fmt(peer!.info.fileBytes[t]! / 2 ** 20);
+        rows.push([name, `llama.cpp ${t}`, `prefill ${prefill}`, median(pre), `${fmt(Math.min(...pre))}-${fmt(Math.max(...pre))}`, '-', '-', baseVs, `(file ${mib})`]);
+        for (const [B, tps] of Object.entries(pr.decode)) {
+          const vs = base?.decode[B] ? `${fmt(median(tps) / median(base.decode[B]!.tokPerS))}x` : '-';
+          rows.push([name, `llama.cpp ${t}`, `decode b${B}`, median(tps), `${fmt(Math.min(...tps))}-${fmt(Math.max(...tps))}`, '-', '-', vs, `(file ${mib})`]);
+        }
+        // Ours against llama.cpp's format of about the same bits.
+        const ours = runs.find((x) => x.format === (t === 'Q8_0' ? 'int8' : 'int4'));
+        if (!ours) continue;
+        const pv = prefillTps(ours.prefillMs) / median(pre);
+        verdicts.push(`${name}: ${ours.format} vs llama.cpp ${t}: prefill ${fmt(pv)}x` + Object.entries(pr.decode)
+          .map(([B, tps]) => `, decode b${B} ${fmt(median(ours.decode[B]!.tokPerS) / median(tps))}x`).join(''));
+        json.push({ model: name, peer: `llama.cpp ${t}`, nodeLlamaCpp: peer!.info.version, prefillMs: pr.prefillMs, decode: pr.decode,
+          fileBytes: peer!.info.fileBytes[t] });
+      }
+      if (peerWhy) verdicts.push(`${name}: llama.cpp peer not run: ${peerWhy}`);
       console.error(`# ${name}: read bandwidth probes ${bw.map((v) => fmt(v)).join(', ')} GB/s`);
     } finally {
       for (const fr of runs) fr.loaded.model.dispose();
+      await peer?.close();
     }
   }
   console.log(`## quant: quantized experts, fast mode, ${os.cpus()[0]?.model ?? 'cpu'}, ${threads || os.availableParallelism()} threads\n`);
   console.log(`Prefill: one ${prefill}-token prompt in one step. Decode: batch B of ${decodePrompt}-token prompts, ${steps} greedy ` +
     `steps. ${reps} reps after ${warmup} warm-up, round-robin over the formats; tok/s median and min-max. The bound: the ` +
     `bytes each step reads in that format (dense weights bf16, the routed experts in the format, f32 KV) over the best ` +
-    `read-bandwidth probe of the run. 1-min load average ${fmt(Math.min(...loadAvg))}-${fmt(Math.max(...loadAvg))}.\n`);
+    `read-bandwidth probe of the run. llama.cpp rows: node-llama-cpp's prebuilt CPU build, same threads, ` +
+    `GGUF made by llama.cpp's quantizer from the same checkpoint; its prefill runs in batches of up to 512 tokens, its decode batch B ` +
+    `is B sequences in one context; the last column is its GGUF file size. 1-min load average ${fmt(Math.min(...loadAvg))}-${fmt(Math.max(...loadAvg))}.\n`);
   console.log(markdownTable(['model', 'format', 'workload', 'tok/s', 'min-max', 'bound tok/s', 'of bound', 'vs bf16', 'experts MiB'],
     rows, ['left', 'left', 'left', 'right', 'right', 'right', 'right', 'right', 'right']));
   console.log('\nTargets:\n');
