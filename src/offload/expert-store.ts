@@ -32,6 +32,8 @@ export interface ExpertStore<W extends { dispose(): void } = PackedWeight> {
   readonly expertBytes: number;
   /** Bytes of one slot's packed weights in the fast tier. */
   readonly slotBytes: number;
+  /** What a slot holds (bf16, f32, int8, int4, fp8), for the load line; absent: not said. */
+  readonly slotFormat?: string;
   /**
    * True when a load runs beside compute (a copy stream, a copy thread): only then does
    * prefetching hide latency. A synchronous tier would make every prefetch a stall of its own.
@@ -105,6 +107,7 @@ export class CheckpointExpertStore implements ExpertStore {
   readonly overlapsCompute: boolean;
   readonly expertBytes: number;
   readonly slotBytes: number;
+  readonly slotFormat: string;
   private readonly quantize: QuantizeSpec | null;
   /** FP8 checkpoint experts kept in FP8: the block size [rows, cols] of their scales, else null. */
   private readonly fp8Block: [number, number] | null;
@@ -220,6 +223,7 @@ export class CheckpointExpertStore implements ExpertStore {
     this.slotBytes = slotQuant
       ? quantizedBytes(slotQuant, 2 * this.I, this.H, true) + quantizedBytes(slotQuant, this.H, this.I, false)
       : 3 * bytes;
+    this.slotFormat = slotQuant?.format ?? this.dtype;
     this.overlapsCompute = opts.copyThread ?? true;
     this.loader = this.overlapsCompute ? new (loadNative().ExpertLoader)() : null;
   }
@@ -371,6 +375,7 @@ export class SimulatedLinkStore implements ExpertStore {
 
   get expertBytes(): number { return this.inner.expertBytes; }
   get slotBytes(): number { return this.inner.slotBytes; }
+  get slotFormat(): string | undefined { return this.inner.slotFormat; }
   get overlapsCompute(): boolean { return this.inner.overlapsCompute; }
   get inFlight(): number { return this.inner.inFlight; }
 
