@@ -61,8 +61,7 @@ export function resolveEngineOptions(flags: ParsedFlags, servedModelName?: strin
 
 /**
  * --quantize / --quantize-group / --quantize-dense -> the spec (null = none). On a device the experts stay quantized in
- * device memory (group_gemm_quant.cu), in the device expert cache's slots too; in-process expert
- * ranks load bf16 experts, so that combination is refused.
+ * device memory (group_gemm_quant.cu), in the device expert cache's slots and on expert ranks too.
  */
 export function quantizeOption(flags: ParsedFlags, device: string): QuantizeSpec | null {
   let q: QuantizeSpec | null;
@@ -73,8 +72,6 @@ export function quantizeOption(flags: ParsedFlags, device: string): QuantizeSpec
   }
   if (q?.dense && device !== 'cpu')
     throw new UsageError(`--quantize-dense runs on the CPU engine only for now (the device engine quantizes the routed experts); drop --quantize-dense or use --device cpu`);
-  if (q && device !== 'cpu' && Number(flags['expert-parallel'] ?? 1) > 1)
-    throw new UsageError(`--quantize ${q.format} with --device ${device} does not work with --expert-parallel yet (the expert ranks load bf16 experts); drop one of them`);
   return q;
 }
 

@@ -189,7 +189,7 @@ async function init(o: EngineOptions): Promise<void> {
         ep = new DeviceExpertComm(cu, cu.cudaNcclJoin(id, d.worldSize, d.rank, d.timeoutMs), distPlacement(o, d.worldSize));
       } else if ((o.expertParallel ?? 1) > 1) {
         const ranks = startDeviceExpertRanks(o.modelDir, o.expertParallel!, cuda ?? (loadNative() as unknown as CudaAddon),
-          process.env.EXPERTD_CUDA_STANDIN, undefined, placementOption(o));
+          process.env.EXPERTD_CUDA_STANDIN, undefined, placementOption(o), o.quantize ?? null);
         expertRanks = ranks;
         await ranks.ready;
         ranks.onFailure = onRankFailure;
