@@ -115,3 +115,10 @@ test('device expert cache: the same --expert-cache-gb holds more quantized exper
   assert.ok(int8.slots > bf16.slots && int8.slots < int8.total, `int8: ${int8.slots} slots`);
   assert.equal(int4.slots, int4.total, 'int4 g32: every expert fits in the budget of 10 bf16 ones');
 });
+
+test('--quantize on the device with gpt-oss (biased, clamped-SwiGLU experts) is refused at load with the reason, resident and cached', { skip: emulatorSkip }, () => {
+  for (const loadExperts of [true, false]) {
+    assert.throws(() => loadCudaModel(fixture('gpt_oss'), { device: 0, cuda: createCudaEmulator(), loadExperts, quantize: quantizeSpec('int8', 0) }),
+      /^RangeError: --quantize int8 on the device: gpt_oss's experts \(biases and the clamped SwiGLU\) run on bf16 expert tables only/);
+  }
+});

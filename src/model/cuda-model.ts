@@ -795,6 +795,11 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
 function expertQuantFor(spec: ModelSpec, quantize: QuantizeSpec | null): DeviceQuant | null {
   const H = spec.hidden, I = spec.moe.intermediate;
   if (quantize) {
+    // NOTE: cudaGroupGemmBiasedFfn (biased_ffn.cu) runs two plain bf16 GroupGemm passes; the quantized
+    // GroupGemm fuses SiLU into its gate_up pass and has no plain pass for the clamped SwiGLU yet.
+    if (spec.moe.clampedSwiglu)
+      throw new RangeError(`--quantize ${quantize.format} on the device: ${spec.modelType}'s experts (biases and the clamped ` +
+        'SwiGLU) run on bf16 expert tables only for now; use --device cpu with --quantize, or the device without it');
     const q = deviceQuantOf(quantize);
     const why = deviceQuantError(q, H, I);
     if (why) throw new RangeError(`--quantize ${quantize.format} on the device: ${why}`);
