@@ -4,8 +4,7 @@
 // the device engine serving --quantize and an FP8 checkpoint against the CPU engine with the same
 // weights. Kernel tests run on the emulator here and on the real kernels where a GPU is present.
 import assert from 'node:assert/strict';
-import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import os from 'node:os';
+import { readFileSync, rmSync } from 'node:fs';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 
@@ -13,10 +12,10 @@ import { loadCudaModel, loadModel } from '../src/model/load.js';
 import { deviceQuant, quantMatrixBytes, rawQuantMatrix, type DeviceQuant } from '../src/model/cuda-quant.js';
 import { bf16ToF32, f32ToBf16 } from '../src/model/kv-dtype.js';
 import { quantizeSpec } from '../src/model/quantize.js';
-import { readSafetensorsHeader, writeSafetensors, type TensorToWrite } from '../src/model/safetensors.js';
 import { loadNative, packageRoot, type CudaAddon, type CudaBuffer, type CudaQuantLayout } from '../src/native/index.js';
 import { createCudaEmulator } from './helpers/cuda-emu.js';
 import { emulatorSkip, needsCudaBuild, needsCudaDevice } from './helpers/cuda-skip.js';
+import { e4m3, makeFp8Checkpoint, toE4m3 } from './helpers/fp8-checkpoint.js';
 import { DirectRunner } from './helpers/model-runner.js';
 
 const fixturesDir = path.join(packageRoot(), 'test', 'fixtures');
@@ -419,64 +418,3 @@ describe('the device engine serves quantized experts (emulator)', { skip: emulat
     }
   });
 });
-
-/** e4m3fn value of a code. */
-function e4m3(code: number): number {
-  const sign = code & 0x80 ? -1 : 1;
-  const e = (code >> 3) & 0xf, m = code & 7;
-  return sign * (e === 0 ? (m / 8) * 2 ** -6 : (1 + m / 8) * 2 ** (e - 7));
-}
-const MAGS = Array.from({ length: 127 }, (_, c) => e4m3(c));
-function toE4m3(v: number): number {
-  const a = Math.min(Math.abs(v), 448);
-  let best = 0;
-  for (let c = 1; c < MAGS.length; c++) {
-    const d = Math.abs(MAGS[c]! - a), db = Math.abs(MAGS[best]! - a);
-    if (d < db || (d === db && c % 2 === 0)) best = c;
-  }
-  return (v < 0 ? 0x80 : 0) | best;
-}
-
-/** The deepseek_v3 fixture with its routed experts in FP8 (br x bc block scales, weight_scale_inv). */
-function makeFp8Checkpoint(br: number, bc: number): string {
-  const src = path.join(fixturesDir, 'deepseek_v3');
-  const root = mkdtempSync(path.join(os.tmpdir(), 'expertd-cuda-fp8-'));
-  const file = path.join(src, 'model.safetensors');
-  const header = readSafetensorsHeader(file);
-  const bytes = readFileSync(file);
-  const out: TensorToWrite[] = [];
-  for (const t of header.tensors) {
-    const raw = bytes.subarray(header.dataStart + t.begin, header.dataStart + t.end);
-    const data = new Uint8Array(raw.byteLength);
-    data.set(raw);
-    if (!/\.experts\.\d+\.(gate|up|down)_proj\.weight$/.test(t.name) || t.dtype !== 'BF16') {
-      out.push({ name: t.name, dtype: t.dtype, shape: t.shape, data });
-      continue;
-    }
-    const [rows, cols] = t.shape as [number, number];
-    const w = Float32Array.from(new Uint16Array(data.buffer, 0, rows * cols), bf16ToF32);
-    const nbr = Math.ceil(rows / br), nbc = Math.ceil(cols / bc);
-    const scale = new Float32Array(nbr * nbc);
-    for (let r = 0; r < rows; r++)
-      for (let c = 0; c < cols; c++) {
-        const i = Math.floor(r / br) * nbc + Math.floor(c / bc);
-        scale[i] = Math.max(scale[i]!, Math.abs(w[r * cols + c]!) / 448);
-      }
-    const codes = new Uint8Array(rows * cols);
-    for (let r = 0; r < rows; r++)
-      for (let c = 0; c < cols; c++) {
-        const s = scale[Math.floor(r / br) * nbc + Math.floor(c / bc)]!;
-        codes[r * cols + c] = s > 0 ? toE4m3(w[r * cols + c]! / s) : 0;
-      }
-    out.push({ name: t.name, dtype: 'F8_E4M3', shape: [rows, cols], data: codes });
-    out.push({ name: `${t.name}_scale_inv`, dtype: 'F32', shape: [nbr, nbc], data: new Uint8Array(scale.buffer) });
-  }
-  mkdirSync(root, { recursive: true });
-  writeSafetensors(path.join(root, 'model.safetensors'), out);
-  const config = JSON.parse(readFileSync(path.join(src, 'config.json'), 'utf8')) as Record<string, unknown>;
-  config.quantization_config = { quant_method: 'fp8', fmt: 'e4m3', activation_scheme: 'dynamic', weight_block_size: [br, bc] };
-  writeFileSync(path.join(root, 'config.json'), JSON.stringify(config));
-  for (const f of ['tokenizer.json', 'tokenizer_config.json', 'golden.json'])
-    copyFileSync(path.join(src, f), path.join(root, f));
-  return root;
-}

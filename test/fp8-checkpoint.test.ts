@@ -2,8 +2,8 @@
 // natively: its routed experts stay FP8 in memory, and the model's logits equal those of the same
 // checkpoint with the experts written out as the exact dequantised f32 values (the plain f32 path,
 // itself checked against HF transformers on the fixture), within f32 rounding. Ragged edge blocks.
-// Through the expert cache (slots hold FP8 codes and block scales) and over expert ranks, the FP8
-// model equals itself all-resident, bit for bit.
+// Through the expert cache (slots hold FP8 codes and block scales; with --quantize, the dequantised
+// experts re-quantized) and over expert ranks, the FP8 model equals itself all-resident, bit for bit.
 import assert from 'node:assert/strict';
 import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
@@ -195,17 +195,49 @@ test('an FP8 checkpoint over 2 expert ranks equals it on one, bit for bit', asyn
   }
 });
 
-test('--quantize with an FP8 checkpoint under the expert cache is refused, naming both', () => {
-  const { fp8Dir, root } = makeCheckpoints();
-  try {
-    const loaded = loadModel(fp8Dir, { fast: false, loadExpert: skipAllExperts });
+for (const q of [{ format: 'int8', group: 0 }, { format: 'int4', group: 32 }] as const) {
+  test(`--quantize ${q.format} with an FP8 checkpoint through the expert cache (a quarter of the experts) equals it all-resident, bit for bit`, () => {
+    const { fp8Dir, root } = makeCheckpoints();
     try {
-      assert.throws(() => attachOffloader(loaded, { policy: 'lru', fraction: 0.25, quantize: { format: 'int8', group: 0 } }),
-        /^RangeError: --quantize int8 with the expert cache: this checkpoint's experts are FP8/);
+      // Resident: the experts dequantised to bf16 at load, then quantized.
+      const resident = loadModel(fp8Dir, { fast: false, quantize: q }).model;
+      let want: Float32Array[];
+      try {
+        want = forcedLogits(resident, fp8Dir);
+        const e = resident.moeLayers[0]!.weights.experts.get(0)!;
+        assert.deepEqual([e.gateUp.quant, e.down.quant], [q.format, q.format], 'resident experts re-quantized');
+      } finally {
+        resident.dispose();
+      }
+      const loaded = loadModel(fp8Dir, { fast: false, quantize: q, loadExpert: skipAllExperts });
+      // copyThread asked for: the store loads on the engine thread (the copy thread keeps FP8 as stored).
+      const off = attachOffloader(loaded, { policy: 'lru', fraction: 0.25, quantize: q, copyThread: true });
+      try {
+        assert.equal(off.store.overlapsCompute, false, 'FP8 re-quantized loads run on the engine thread');
+        assert.equal(off.store.slotFormat, q.format);
+        const bf16Bytes = 3 * loaded.spec.hidden * loaded.spec.moe.intermediate * 2;
+        assert.ok(off.store.slotBytes < bf16Bytes * (q.format === 'int4' ? 0.4 : 0.75), `slot ${off.store.slotBytes} bytes vs bf16 ${bf16Bytes}`);
+        forcedLogits(loaded.model, fp8Dir).forEach((l, i) => assert.deepEqual(l, want[i], `position ${i}`));
+        const st = off.stats();
+        assert.ok(st.misses > 0 && off.cache.evictions > 0, JSON.stringify(st));
+        let seen = 0;
+        for (const layer of loaded.model.moeLayers) {
+          for (let x = 0; x < loaded.spec.moe.numExperts; x++) {
+            const w = layer.weights.experts.get(x);
+            if (!w) continue;
+            seen++;
+            assert.deepEqual([w.gateUp.quant, w.down.quant], [q.format, q.format], `cached expert ${x} held as ${q.format}`);
+            w.gateUp.dispose();
+            w.down.dispose();
+          }
+        }
+        assert.ok(seen > 0, 'some expert is cached');
+      } finally {
+        off.dispose();
+        loaded.model.dispose();
+      }
     } finally {
-      loaded.model.dispose();
+      rmSync(root, { recursive: true, force: true });
     }
-  } finally {
-    rmSync(root, { recursive: true, force: true });
-  }
-});
+  });
+}

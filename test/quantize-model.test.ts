@@ -322,15 +322,14 @@ test('--quantize int8 --quantize-dense on every fixture: the expert cache and 2 
   assert.equal(cached.length, fixtures.length - 1);
 });
 
-test('--quantize flags: bad groups, and the device engine with the expert cache or expert ranks, are refused with a reason', () => {
+test('--quantize flags: bad groups and --quantize-dense on the device are refused with a reason', () => {
   assert.equal(quantizeOption({ quantize: 'none' }, 'cpu'), null);
   assert.deepEqual(quantizeOption({ quantize: 'int4', 'quantize-group': 128 }, 'cpu'), { format: 'int4', group: 128 });
   assert.throws(() => quantizeOption({ quantize: 'int4', 'quantize-group': 64 }, 'cpu'), /int4 groups are 32 or 128/);
-  // The device engine keeps quantized experts (test/cuda-quant.test.ts), except in the expert cache's
-  // bf16 slots and on in-process expert ranks.
+  // The device engine keeps quantized experts (test/cuda-quant.test.ts), in the expert cache's slots and
+  // on expert ranks too (test/cuda-offload-quant.test.ts, test/ep.test.ts).
   assert.deepEqual(quantizeOption({ quantize: 'int8' }, 'cuda:0'), { format: 'int8', group: 0 });
-  assert.throws(() => quantizeOption({ quantize: 'int8' }, 'cuda:0', true), /does not work with the expert cache yet/);
-  assert.throws(() => quantizeOption({ quantize: 'fp8', 'expert-parallel': 2 }, 'cuda:0'), /does not work with --expert-parallel yet/);
+  assert.deepEqual(quantizeOption({ quantize: 'fp8', 'expert-parallel': 2 }, 'cuda:0'), { format: 'fp8', group: 128 });
   assert.throws(() => quantizeOption({ quantize: 'int8', 'quantize-dense': true }, 'cuda:0'), /--quantize-dense runs on the CPU engine/);
   assert.deepEqual(quantizeOption({ quantize: 'int8', 'quantize-dense': true }, 'cpu'), { format: 'int8', group: 0, dense: true });
   assert.throws(() => quantizeOption({ quantize: 'none', 'quantize-dense': true }, 'cpu'),

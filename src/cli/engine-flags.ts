@@ -12,7 +12,7 @@ export const modelFlags: FlagSpec[] = [
   { name: 'compute-dtype', type: 'string', choices: ['auto', 'f32', 'bf16'], default: 'auto',
     help: 'Activation precision: f32 is the reference mode, bf16 the fast mode (auto = bf16 where the CPU has bf16 dot products)' },
   { name: 'quantize', type: 'string', choices: ['none', 'int8', 'int4', 'fp8'], default: 'none',
-    help: 'Quantize the routed experts at load and keep them so: int8 (one scale per output row), int4 (groups of --quantize-group), fp8 e4m3 (128x128 block scales); the kernels read them directly, activations stay in the compute dtype (CPU engine; --device cuda too, without the expert cache or --expert-parallel)' },
+    help: 'Quantize the routed experts at load and keep them so: int8 (one scale per output row), int4 (groups of --quantize-group), fp8 e4m3 (128x128 block scales); the kernels read them directly, activations stay in the compute dtype (CPU and device engines, with the expert cache and expert parallelism)' },
   { name: 'quantize-group', type: 'int', min: 1, max: 1 << 20, default: 32, arg: 'N',
     help: 'With --quantize int4: weights per scale along k, 32 or 128' },
   { name: 'quantize-dense', type: 'boolean', default: false,

@@ -41,7 +41,7 @@ export function resolveEngineOptions(flags: ParsedFlags, servedModelName?: strin
   return {
     modelDir, isDemo, info,
     computeDtype: dtype as 'f32' | 'bf16',
-    quantize: quantizeOption(flags, device, offload.offload !== undefined),
+    quantize: quantizeOption(flags, device),
     kvCacheBlocks: Number(flags['kv-cache-blocks'] ?? 0),
     kvCacheGb: Number(flags['kv-cache-gb'] ?? 0),
     kvCacheDtype: resolveKvDtype(String(flags['kv-cache-dtype'] ?? 'auto'), dtype as 'f32' | 'bf16'),
@@ -61,10 +61,9 @@ export function resolveEngineOptions(flags: ParsedFlags, servedModelName?: strin
 
 /**
  * --quantize / --quantize-group / --quantize-dense -> the spec (null = none). On a device the experts stay quantized in
- * device memory (group_gemm_quant.cu); the device expert cache and in-process expert ranks hold
- * bf16 experts, so those combinations are refused.
+ * device memory (group_gemm_quant.cu), in the device expert cache's slots and on expert ranks too.
  */
-export function quantizeOption(flags: ParsedFlags, device: string, offloading = false): QuantizeSpec | null {
+export function quantizeOption(flags: ParsedFlags, device: string): QuantizeSpec | null {
   let q: QuantizeSpec | null;
   try {
     q = quantizeSpec(String(flags['quantize'] ?? 'none'), Number(flags['quantize-group'] ?? 32), flags['quantize-dense'] === true);
@@ -73,10 +72,6 @@ export function quantizeOption(flags: ParsedFlags, device: string, offloading = 
   }
   if (q?.dense && device !== 'cpu')
     throw new UsageError(`--quantize-dense runs on the CPU engine only for now (the device engine quantizes the routed experts); drop --quantize-dense or use --device cpu`);
-  if (q && device !== 'cpu' && offloading)
-    throw new UsageError(`--quantize ${q.format} with --device ${device} does not work with the expert cache yet (its device slots hold bf16 experts); drop --quantize or the expert cache flags`);
-  if (q && device !== 'cpu' && Number(flags['expert-parallel'] ?? 1) > 1)
-    throw new UsageError(`--quantize ${q.format} with --device ${device} does not work with --expert-parallel yet (the expert ranks load bf16 experts); drop one of them`);
   return q;
 }
 

@@ -60,7 +60,7 @@ async function main(): Promise<void> {
     if (!d.device.standIn) cu.cudaSetDevice(d.rank);
     const ep = new DeviceExpertComm(cu, cu.cudaNcclJoin(d.device.ncclId, d.worldSize, d.rank, d.joinTimeoutMs), placement);
     comm = ep;
-    const loaded = loadCudaModel(d.modelDir, { device: d.device.standIn ? 0 : d.rank, cuda: cu, ep });
+    const loaded = loadCudaModel(d.modelDir, { device: d.device.standIn ? 0 : d.rank, cuda: cu, ep, quantize: d.quantize ?? null });
     serve(() => loaded.model.serveExperts());
     loaded.model.dispose();
   } else {

@@ -35,12 +35,14 @@ export function startExpertRanks(modelDir: string, worldSize: number, fast: bool
 
 /**
  * Expert parallelism over CUDA devices in one process: rank r on device r (or, with `standIn`, each
- * rank on its own emulator of the cuda* ops, tests), the all2all over NCCL.
+ * rank on its own emulator of the cuda* ops, tests), the all2all over NCCL. `quantize`: each rank
+ * quantizes its own experts at load (--quantize), as rank 0's model must.
  */
 export function startDeviceExpertRanks(modelDir: string, worldSize: number, cuda: CudaAddon, standIn?: string,
-                                       joinTimeoutMs = 600_000, placement?: ExpertPlacement): ExpertRanks<DeviceExpertComm> {
+                                       joinTimeoutMs = 600_000, placement?: ExpertPlacement,
+                                       quantize: QuantizeSpec | null = null): ExpertRanks<DeviceExpertComm> {
   const ncclId = cuda.cudaNcclUniqueId();
-  return launch(modelDir, worldSize, { group: '', fast: true, joinTimeoutMs, device: { ncclId, ...(standIn ? { standIn } : {}) } },
+  return launch(modelDir, worldSize, { group: '', fast: true, joinTimeoutMs, quantize, device: { ncclId, ...(standIn ? { standIn } : {}) } },
     placement, (control, P) => new DeviceExpertComm(cuda, cuda.cudaNcclJoin(ncclId, worldSize, 0, joinTimeoutMs), P, control));
 }
 

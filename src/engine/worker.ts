@@ -30,7 +30,7 @@ if (!port) throw new Error('engine worker must run in a worker thread');
 
 let core: EngineCore | null = null;
 let expertRanks: Pick<ExpertRanks<{ dispose(): void }>, 'stop' | 'placement'> | null = null;
-let offloader: Pick<Offloader, 'save' | 'close' | 'stats'> & StepOffloader | null = null;
+let offloader: Pick<Offloader, 'save' | 'close' | 'stats'> & { store: Pick<Offloader['store'], 'slotBytes' | 'slotFormat'> } & StepOffloader | null = null;
 let saveTimer: NodeJS.Timeout | null = null;
 let pending: EngineEvent[] = [];
 let scheduled = false;
@@ -189,7 +189,7 @@ async function init(o: EngineOptions): Promise<void> {
         ep = new DeviceExpertComm(cu, cu.cudaNcclJoin(id, d.worldSize, d.rank, d.timeoutMs), distPlacement(o, d.worldSize));
       } else if ((o.expertParallel ?? 1) > 1) {
         const ranks = startDeviceExpertRanks(o.modelDir, o.expertParallel!, cuda ?? (loadNative() as unknown as CudaAddon),
-          process.env.EXPERTD_CUDA_STANDIN, undefined, placementOption(o));
+          process.env.EXPERTD_CUDA_STANDIN, undefined, placementOption(o), o.quantize ?? null);
         expertRanks = ranks;
         await ranks.ready;
         ranks.onFailure = onRankFailure;
@@ -259,11 +259,13 @@ async function init(o: EngineOptions): Promise<void> {
     }, offloader);
     const resident = (loaded.model as Partial<MoeModel>).residentWeightBytes;
     const mib = (b: number) => (b / 2 ** 20).toFixed(1);
+    const sizeText = (b: number) => (b >= 2 ** 20 ? `${mib(b)} MiB` : `${(b / 1024).toFixed(1)} KiB`);
     const summary = `${loadSummary(loaded)}; compute ${o.computeDtype}${o.quantize ? `; quantized ${describeQuantize(o.quantize)}` : ''}` +
       (resident ? `; weights resident ${mib(resident.dense)} MiB + experts ${mib(resident.experts)} MiB` : '') + `; KV cache ${core.numBlocks} blocks x ${o.blockSize} tokens ${core.kvDtype}` +
       `, prefix caching ${core.scheduler.cache.prefixCaching ? 'on' : 'off'}` +
       (loaded.report.warnings.length ? `; ${loaded.report.warnings.length} unexpected tensor(s) ignored` : '') +
-      (offloader ? `; expert cache ${offloader.stats().slots}/${offloader.stats().totalExperts} experts, ` +
+      (offloader ? `; expert cache ${offloader.stats().slots}/${offloader.stats().totalExperts} experts` +
+        `${offloader.store.slotFormat ? ` (${offloader.store.slotFormat})` : ''} in slots of ${sizeText(offloader.store.slotBytes)}, ` +
         `policy ${o.offload!.policy}, EAM collection ${offloader.stats().collectionSize}` : '') +
       (lockstep && o.expertPlacement ? `; expert placement ${describePlacement(lockstep.comm.placement)}` : '') +
       (expertRanks && o.expertPlacement ? `; expert placement ${describePlacement(expertRanks.placement)}` : '');

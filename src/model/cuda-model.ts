@@ -16,7 +16,7 @@ import { kvDtypeBytes, type KvDtype } from './kv-dtype.js';
 import type { ModelSpec } from './spec.js';
 import type { HostTensor, TensorSource } from './tensor-source.js';
 import { checkExpert, checkShape, ffnSource, vectorF32, type ExpertSource } from './weights.js';
-import { deviceQuantError, deviceQuantOf, fp8Matrix, quantizeMatrix, type DeviceQuant } from './cuda-quant.js';
+import { deviceQuantError, deviceQuantOf, quantizedExpert, type DeviceQuant } from './cuda-quant.js';
 import type { QuantizeSpec } from './quantize.js';
 
 export interface CudaModelOptions {
@@ -85,7 +85,8 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
   private readonly loadExperts: boolean;
   /** The routed experts' device format: --quantize's, an FP8 checkpoint's, or null (bf16). */
   readonly expertQuant: DeviceQuant | null;
-  private readonly quantizedAtLoad: boolean;
+  /** --quantize: the experts were quantized here (an FP8 checkpoint's too, from its dequantised weights). */
+  readonly quantizedAtLoad: boolean;
   private readonly ep: DeviceExpertComm | null;
   private disposed = false;
   /** EPS-MoE pipeline chunks asked for (expert parallelism only; 'auto' is 1 on the device for now). */
@@ -119,7 +120,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     this.k = spec.moe.router.topK;
     this.loadExperts = opts.loadExperts ?? true;
     this.ep = opts.ep ?? null;
-    this.expertQuant = expertQuantFor(spec, opts.quantize ?? null, this.loadExperts);
+    this.expertQuant = expertQuantFor(spec, opts.quantize ?? null);
     this.quantizedAtLoad = !!opts.quantize;
     const H = spec.hidden;
     const dev = this.dev;
@@ -196,20 +197,11 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     return { gateUp: this.dev.gateUp(ex.gate, ex.up), down: this.dev.bf16(ex.down) };
   }
 
-  /**
-   * A routed expert in the table's quantized format: an FP8 checkpoint's codes and block scales as
-   * shipped (without --quantize), else the bf16 weights quantized here (the CPU engine's rules).
-   */
-  private uploadQuant(q: DeviceQuant, ex: ExpertSource, fp8: ReturnType<ReturnType<typeof moeTensors>['expertFp8']>,
-                      name: string, inter: number): { gateUp: CudaBuffer; down: CudaBuffer } {
-    const H = this.spec.hidden;
-    if (fp8 && q.format === 'fp8' && !this.quantizedAtLoad)
-      return { gateUp: this.dev.upload(fp8Matrix(q, fp8.gate, fp8.up)), down: this.dev.upload(fp8Matrix(q, fp8.down, null)) };
-    checkExpert(ex, name, H, inter);
-    return {
-      gateUp: this.dev.upload(quantizeMatrix(q, ex.gate, ex.up, inter, H)),
-      down: this.dev.upload(quantizeMatrix(q, ex.down, null, H, inter)),
-    };
+  /** A routed expert in the table's quantized format (cuda-quant.ts's quantizedExpert), uploaded. */
+  private uploadQuant(q: DeviceQuant, t: ReturnType<typeof moeTensors>, e: number, name: string, inter: number):
+      { gateUp: CudaBuffer; down: CudaBuffer } {
+    const b = quantizedExpert(q, () => t.expert(e), t.expertFp8(e), this.quantizedAtLoad, name, this.spec.hidden, inter);
+    return { gateUp: this.dev.upload(b.gateUp), down: this.dev.upload(b.down) };
   }
 
   private ffn(src: TensorSource, prefix: string, inter: number): DeviceFfn {
@@ -230,7 +222,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     for (let e = 0; e < m.numExperts && this.loadExperts; e++) {
       if (this.ep && !this.ep.ownsExpert(e)) continue;
       const name = `${t.prefix}experts.${e}`;
-      const w = q ? this.uploadQuant(q, t.expert(e), t.expertFp8(e), name, m.intermediate)
+      const w = q ? this.uploadQuant(q, t, e, name, m.intermediate)
         : this.upload(t.expert(e), name, m.intermediate);
       experts.set(e, w.gateUp, w.down);
       expertWeights.push(w);
@@ -796,18 +788,18 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
 }
 
 /**
- * The routed experts' device format: --quantize's; else an FP8 checkpoint's block layout when the
- * device kernels take it (block columns a multiple of 16) and the experts are resident; else null
- * (bf16, dequantised at load).
+ * The routed experts' device format, the same for resident experts and the device expert cache's
+ * slots: --quantize's; else an FP8 checkpoint's block layout when the device kernels take it (block
+ * columns a multiple of 16); else null (bf16, dequantised at load).
  */
-function expertQuantFor(spec: ModelSpec, quantize: QuantizeSpec | null, loadExperts: boolean): DeviceQuant | null {
+function expertQuantFor(spec: ModelSpec, quantize: QuantizeSpec | null): DeviceQuant | null {
   const H = spec.hidden, I = spec.moe.intermediate;
-  // NOTE: the device expert cache (src/offload/device-store.ts) fills slots with bf16 experts.
-  if (quantize && !loadExperts)
-    throw new RangeError(`--quantize ${quantize.format} on the device does not work with the device expert cache yet ` +
-      '(its slots hold bf16 experts); drop --offload or --quantize');
-  if (!loadExperts) return null;
   if (quantize) {
+    // NOTE: cudaGroupGemmBiasedFfn (biased_ffn.cu) runs two plain bf16 GroupGemm passes; the quantized
+    // GroupGemm fuses SiLU into its gate_up pass and has no plain pass for the clamped SwiGLU yet.
+    if (spec.moe.clampedSwiglu)
+      throw new RangeError(`--quantize ${quantize.format} on the device: ${spec.modelType}'s experts (biases and the clamped ` +
+        'SwiGLU) run on bf16 expert tables only for now; use --device cpu with --quantize, or the device without it');
     const q = deviceQuantOf(quantize);
     const why = deviceQuantError(q, H, I);
     if (why) throw new RangeError(`--quantize ${quantize.format} on the device: ${why}`);

@@ -7,7 +7,7 @@ import { bf16ToF32, f32ToBf16, f32ToFp8, fp8ToF32 } from './kv-dtype.js';
 import type { QuantizeSpec } from './quantize.js';
 import type { Fp8Weight } from './safetensors.js';
 import type { HostTensor } from './tensor-source.js';
-import { toF32 } from './weights.js';
+import { checkExpert, toF32, type ExpertSource } from './weights.js';
 
 /** A layout with its defaults filled in (what CudaExpertTable.quant reports). */
 export interface DeviceQuant {
@@ -194,6 +194,24 @@ export function fp8Matrix(q: DeviceQuant, gate: Fp8Weight, up: Fp8Weight | null)
   });
   return blob;
 }
+
+/**
+ * A routed expert's gate_up [2I, H] and down [H, I] in the device layout q, as the resident tables and
+ * the device expert cache's pinned store both hold it (so that the two are equal bit for bit): an FP8
+ * checkpoint's codes and block scales as shipped (fp8 given, q fp8 and not --quantize), else the
+ * weights quantized with the CPU engine's rules (an FP8 checkpoint with --quantize: from its
+ * dequantised weights, as the CPU engine does).
+ */
+export function quantizedExpert(q: DeviceQuant, ex: () => ExpertSource, fp8: Fp8Expert | null, quantizedAtLoad: boolean,
+                                name: string, hidden: number, inter: number): { gateUp: Uint8Array; down: Uint8Array } {
+  if (fp8 && q.format === 'fp8' && !quantizedAtLoad) return { gateUp: fp8Matrix(q, fp8.gate, fp8.up), down: fp8Matrix(q, fp8.down, null) };
+  const w = ex();
+  checkExpert(w, name, hidden, inter);
+  return { gateUp: quantizeMatrix(q, w.gate, w.up, inter, hidden), down: quantizeMatrix(q, w.down, null, hidden, inter) };
+}
+
+/** An FP8 checkpoint's expert (moe-tensors' expertFp8). */
+export interface Fp8Expert { gate: Fp8Weight; up: Fp8Weight; down: Fp8Weight }
 
 /**
  * A matrix from codes and scales already in the device order (tests, MXFP4 checkpoints): codes

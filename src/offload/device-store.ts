@@ -1,7 +1,9 @@
 // The slow tier of the expert cache on a GPU (MoE-Infinity's setting): every routed expert in pinned
-// host memory as the device slots want it (bf16 gate_up [2I, H] then down [H, I]), copied into a
-// device slot on a copy stream of its own, so prefetches overlap the compute stream.
+// host memory as the device slots want it (bf16 gate_up [2I, H] then down [H, I], or the quantized
+// layout of the model's expert tables: --quantize, FP8 checkpoints), copied into a device slot on a
+// copy stream of its own, so prefetches overlap the compute stream.
 import type { CudaAddon, CudaBuffer, CudaEvent, CudaStream } from '../native/index.js';
+import { quantExpertBytes, quantizedExpert, type DeviceQuant } from '../model/cuda-quant.js';
 import { bf16Of, BF16 } from '../model/device.js';
 import { moeTensors } from '../model/moe-tensors.js';
 import type { ModelSpec } from '../model/spec.js';
@@ -14,9 +16,10 @@ interface Load { event: CudaEvent; slot: SlotWeights<CudaBuffer> }
 export class PinnedExpertStore implements ExpertStore<CudaBuffer> {
   readonly expertBytes: number;
   readonly slotBytes: number;
+  readonly slotFormat: string;
   readonly overlapsCompute = true;
-  /** [MoE layer] pinned host memory: E experts x (gate_up | down) bf16. */
-  private readonly host: Uint16Array[] = [];
+  /** [MoE layer] pinned host memory: E experts x (gate_up | down), bf16 or the quantized layout. */
+  private readonly host: Uint8Array[] = [];
   private readonly copyStream: CudaStream;
   /** Recorded on the compute stream before each copy, so a copy never overtakes work enqueued before it. */
   private readonly computeMark: CudaEvent;
@@ -25,25 +28,40 @@ export class PinnedExpertStore implements ExpertStore<CudaBuffer> {
   private nextTicket = 1;
   /** Streams whose enqueued work a copy must not overtake (the model's compute streams). */
   computeStreams: (CudaStream | null)[] = [null];
-  private readonly gateUpElems: number;
-  private readonly downElems: number;
+  private readonly gateUpBytes: number;
+  private readonly downBytes: number;
 
-  constructor(private readonly cu: CudaAddon, spec: ModelSpec, src: TensorSource) {
+  /**
+   * `quant`: the layout of the model's expert tables (CudaModel.expertQuant), so that a slot holds
+   * the bytes a resident expert would; `quantizedAtLoad`: --quantize (CudaModel.quantizedAtLoad).
+   */
+  constructor(private readonly cu: CudaAddon, spec: ModelSpec, src: TensorSource,
+              readonly quant: DeviceQuant | null = null, quantizedAtLoad = false) {
     const H = spec.hidden, I = spec.moe.intermediate, E = spec.moe.numExperts;
-    this.gateUpElems = 2 * I * H;
-    this.downElems = H * I;
-    this.expertBytes = this.slotBytes = (this.gateUpElems + this.downElems) * BF16;
+    const qb = quant ? quantExpertBytes(quant, H, I) : null;
+    this.gateUpBytes = qb ? qb.gateUp : 2 * I * H * BF16;
+    this.downBytes = qb ? qb.down : H * I * BF16;
+    this.expertBytes = this.slotBytes = this.gateUpBytes + this.downBytes;
+    this.slotFormat = !quant ? 'bf16' : quant.format === 'int4' ? `int4 g${quant.group}` : quant.format;
     spec.layers.forEach((l, i) => {
       if (l.ffn !== 'moe') return;
       const t = moeTensors(spec, src, `model.layers.${i}.`);
-      const mem = new Uint16Array(cu.cudaPinnedBuffer(E * this.expertBytes));
+      const mem = new Uint8Array(cu.cudaPinnedBuffer(E * this.expertBytes));
       for (let e = 0; e < E; e++) {
+        const name = `${t.prefix}experts.${e}`;
+        const base = e * this.expertBytes;
+        if (quant) {
+          const b = quantizedExpert(quant, () => t.expert(e), t.expertFp8(e), quantizedAtLoad, name, H, I);
+          mem.set(b.gateUp, base);
+          mem.set(b.down, base + this.gateUpBytes);
+          continue;
+        }
         const ex = t.expert(e);
-        checkExpert(ex, `${t.prefix}experts.${e}`, H, I);
-        const base = e * (this.gateUpElems + this.downElems);
-        mem.set(bf16Of(ex.gate), base);
-        mem.set(bf16Of(ex.up), base + I * H);
-        mem.set(bf16Of(ex.down), base + this.gateUpElems);
+        checkExpert(ex, name, H, I);
+        const bf16 = new Uint16Array(mem.buffer, mem.byteOffset + base, (this.expertBytes) / BF16);
+        bf16.set(bf16Of(ex.gate), 0);
+        bf16.set(bf16Of(ex.up), I * H);
+        bf16.set(bf16Of(ex.down), 2 * I * H);
       }
       this.host.push(mem);
     });
@@ -62,18 +80,18 @@ export class PinnedExpertStore implements ExpertStore<CudaBuffer> {
     if (!mem) throw new RangeError(`MoE layer ${layer} is not in the pinned store (${this.host.length} layers)`);
     if (!slot.gateUp) {
       // The offloader owns the slots (and disposes them).
-      slot.gateUp = cu.cudaBuffer(this.gateUpElems * BF16);
-      slot.down = cu.cudaBuffer(this.downElems * BF16);
+      slot.gateUp = cu.cudaBuffer(this.gateUpBytes);
+      slot.down = cu.cudaBuffer(this.downBytes);
     }
-    const base = expert * (this.gateUpElems + this.downElems);
+    const base = expert * this.expertBytes;
     // NOTE: copies run in submission order on one stream (priority is not honoured across
     // loads already queued); the offloader queues demand loads before it waits on anything.
     for (const s of this.computeStreams) {
       this.computeMark.record(s);
       this.copyStream.waitEvent(this.computeMark);
     }
-    cu.cudaCopyToDevice(slot.gateUp, 0, mem.subarray(base, base + this.gateUpElems), this.copyStream);
-    cu.cudaCopyToDevice(slot.down!, 0, mem.subarray(base + this.gateUpElems, base + this.gateUpElems + this.downElems), this.copyStream);
+    cu.cudaCopyToDevice(slot.gateUp, 0, mem.subarray(base, base + this.gateUpBytes), this.copyStream);
+    cu.cudaCopyToDevice(slot.down!, 0, mem.subarray(base + this.gateUpBytes, base + this.expertBytes), this.copyStream);
     const event = this.free.pop() ?? new cu.CudaEvent(false);
     event.record(this.copyStream);
     const ticket = this.nextTicket++;

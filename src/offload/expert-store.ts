@@ -32,6 +32,8 @@ export interface ExpertStore<W extends { dispose(): void } = PackedWeight> {
   readonly expertBytes: number;
   /** Bytes of one slot's packed weights in the fast tier. */
   readonly slotBytes: number;
+  /** What a slot holds (bf16, f32, int8, int4, fp8), for the load line; absent: not said. */
+  readonly slotFormat?: string;
   /**
    * True when a load runs beside compute (a copy stream, a copy thread): only then does
    * prefetching hide latency. A synchronous tier would make every prefetch a stall of its own.
@@ -105,6 +107,7 @@ export class CheckpointExpertStore implements ExpertStore {
   readonly overlapsCompute: boolean;
   readonly expertBytes: number;
   readonly slotBytes: number;
+  readonly slotFormat: string;
   private readonly quantize: QuantizeSpec | null;
   /** FP8 checkpoint experts kept in FP8: the block size [rows, cols] of their scales, else null. */
   private readonly fp8Block: [number, number] | null;
@@ -135,9 +138,6 @@ export class CheckpointExpertStore implements ExpertStore {
     // FP8 checkpoints (quantization_config fp8): experts stay FP8 in the slots, as resident.
     this.fp8Block = spec.quantization?.method === 'fp8' ? spec.quantization.blockSize : null;
     this.quantize = opts.quantize ?? null;
-    if (this.fp8Block && this.quantize)
-      throw new RangeError(`--quantize ${this.quantize.format} with the expert cache: this checkpoint's experts are FP8 ` +
-        '(quantization_config fp8), which the cache keeps as stored; drop --quantize, or keep every expert resident');
     const eb = (t: TensorInfo) => {
       if (this.fp8Block && t.dtype === 'F8_E4M3') {
         if (dtype && dtype !== 'bf16') throw new Error(`expert offloading needs one expert dtype; ${t.name} is F8_E4M3, others ${dtype}`);
@@ -216,11 +216,17 @@ export class CheckpointExpertStore implements ExpertStore {
     if (this.fp8Block && !sc) this.fp8Block = null;  // an FP8 config over bf16 experts: plain slots
     // Packed weights keep the checkpoint dtype, or FP8 codes and block scales, or the --quantize
     // format's codes and scales.
-    const slotQuant: QuantizeSpec | null = this.fp8Block ? { format: 'fp8', group: this.fp8Block[1] } : this.quantize;
+    // An FP8 checkpoint with --quantize: slots hold the --quantize format, re-quantized from the
+    // dequantised (bf16) FP8 weights as the resident path does (packExpert over Checkpoint's dequantFp8).
+    // NOTE: the copy thread packs FP8 as stored or the checkpoint dtype, so those loads run here, on
+    // the engine thread (and prefetching is then off unless asked for).
+    const requantFp8 = this.fp8Block !== null && this.quantize !== null;
+    const slotQuant: QuantizeSpec | null = this.fp8Block && !requantFp8 ? { format: 'fp8', group: this.fp8Block[1] } : this.quantize;
     this.slotBytes = slotQuant
       ? quantizedBytes(slotQuant, 2 * this.I, this.H, true) + quantizedBytes(slotQuant, this.H, this.I, false)
       : 3 * bytes;
-    this.overlapsCompute = opts.copyThread ?? true;
+    this.slotFormat = slotQuant?.format ?? this.dtype;
+    this.overlapsCompute = !requantFp8 && (opts.copyThread ?? true);
     this.loader = this.overlapsCompute ? new (loadNative().ExpertLoader)() : null;
   }
 
@@ -321,6 +327,21 @@ export class CheckpointExpertStore implements ExpertStore {
       this.readSeconds += (performance.now() - t1) / 1000;
       const gc = this.gate.subarray(0, r.gate.sizeBytes), uc = this.up.subarray(0, r.up.sizeBytes);
       const dc = this.down.subarray(0, r.down.sizeBytes);
+      const q = this.quantize;
+      if (q) {
+        // --quantize over FP8: dequantise to bf16 (Checkpoint.dequantFp8's call), then quantize.
+        const bf16 = (codes: Uint8Array, scales: Float32Array, rows: number, cols: number) => {
+          const out = new Uint16Array(rows * cols);
+          n.dequantFp8(codes, scales, rows, cols, br, bc, out);
+          return out;
+        };
+        const g = bf16(gc, gs, I, H), u = bf16(uc, us, I, H), d = bf16(dc, ds, H, I);
+        if (slot.gateUp) n.repackInto(slot.gateUp, g, 'bf16', u);
+        else slot.gateUp = n.packGateUp(g, u, 'bf16', I, H, q.format, q.group);
+        if (slot.down) n.repackInto(slot.down, d, 'bf16');
+        else slot.down = n.packWeight(d, 'bf16', H, I, q.format, q.group);
+        return;
+      }
       if (slot.gateUp) n.repackFp8Into(slot.gateUp, gc, gs, br, bc, uc, us);
       else slot.gateUp = n.packFp8(gc, gs, I, H, br, bc, uc, us);
       if (slot.down) n.repackFp8Into(slot.down, dc, ds, br, bc);
@@ -371,6 +392,7 @@ export class SimulatedLinkStore implements ExpertStore {
 
   get expertBytes(): number { return this.inner.expertBytes; }
   get slotBytes(): number { return this.inner.slotBytes; }
+  get slotFormat(): string | undefined { return this.inner.slotFormat; }
   get overlapsCompute(): boolean { return this.inner.overlapsCompute; }
   get inFlight(): number { return this.inner.inFlight; }
 

@@ -16,6 +16,7 @@ export class Mxfp4ExpertStore implements ExpertStore {
   readonly overlapsCompute = false;
   readonly expertBytes: number;
   readonly slotBytes: number;
+  readonly slotFormat: string;
   private readonly H: number;
   private readonly I: number;
   private readonly ranges: Mxfp4Ranges[][]; // [moeLayer][expert]
@@ -49,6 +50,7 @@ export class Mxfp4ExpertStore implements ExpertStore {
     // MXFP4 packs like int4 in groups of 32 (4-bit codes, one f32 scale per 32 values).
     const q = quantize ?? { format: 'int4', group: 32 };
     this.slotBytes = quantizedBytes(q, 2 * I, H, true) + quantizedBytes(q, H, I, false);
+    this.slotFormat = q.format === 'int4' ? `int4 g${q.group}` : q.format;
     this.stage = new Uint8Array(loadNative().allocHostBuffer(this.expertBytes));
   }
 

@@ -75,7 +75,8 @@ export function attachDeviceOffloader(loaded: LoadedModel<CudaModel>, cfg: Offlo
     hooks: OffloadHooks = {}): Offloader<CudaBuffer> {
   const { spec, model, checkpoint } = loaded;
   const cu = cuda ?? (loadNative() as unknown as CudaAddon);
-  const store = new PinnedExpertStore(cu, spec, new CheckpointSource(checkpoint));
+  // Slots in the tables' layout: bf16, --quantize's, or an FP8 checkpoint's blocks as shipped.
+  const store = new PinnedExpertStore(cu, spec, new CheckpointSource(checkpoint), model.expertQuant, model.quantizedAtLoad);
   store.computeStreams = model.computeStreams();
   const off = new Offloader<CudaBuffer>(store, offloaderOptions(spec, model.numMoeLayers, cfg, hooks));
   off.attachTables(model.expertTables());
