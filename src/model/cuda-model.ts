@@ -15,8 +15,8 @@ import { moeTensors } from './moe-tensors.js';
 import { kvDtypeBytes, type KvDtype } from './kv-dtype.js';
 import type { ModelSpec } from './spec.js';
 import type { HostTensor, TensorSource } from './tensor-source.js';
-import { checkExpert, checkShape, ffnSource, vectorF32, type ExpertSource } from './weights.js';
-import { deviceQuantError, deviceQuantOf, fp8Matrix, quantizeMatrix, type DeviceQuant } from './cuda-quant.js';
+import { checkExpert, checkShape, ffnSource, packIntFfn, vectorF32, type ExpertSource } from './weights.js';
+import { deviceQuantError, deviceQuantOf, fp8Matrix, intMatrix, quantizeMatrix, type DeviceQuant } from './cuda-quant.js';
 import type { QuantizeSpec } from './quantize.js';
 
 export interface CudaModelOptions {
@@ -212,6 +212,15 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     };
   }
 
+  /** A compressed-tensors expert kept as its int8 / int4 codes and scales (the table's format). */
+  private uploadInt(q: DeviceQuant, iw: NonNullable<ReturnType<NonNullable<ReturnType<typeof moeTensors>['expertInt']>>>,
+                    inter: number): { gateUp: CudaBuffer; down: CudaBuffer } {
+    const { gate, up, down } = iw;
+    // Checks shapes and that the three are quantized together (packIntFfn's rules), without packing.
+    if (!gate || !up || !down) packIntFfn(iw.names, gate, up, down, this.spec.hidden, inter);
+    return { gateUp: this.dev.upload(intMatrix(q, gate!, up!)), down: this.dev.upload(intMatrix(q, down!, null)) };
+  }
+
   private ffn(src: TensorSource, prefix: string, inter: number): DeviceFfn {
     const w = this.upload(ffnSource(src, prefix), prefix.replace(/\.$/, ''), inter);
     const table = this.table(1, inter);
@@ -230,7 +239,12 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     for (let e = 0; e < m.numExperts && this.loadExperts; e++) {
       if (this.ep && !this.ep.ownsExpert(e)) continue;
       const name = `${t.prefix}experts.${e}`;
-      const w = q ? this.uploadQuant(q, t.expert(e), t.expertFp8(e), name, m.intermediate)
+      const iw = this.quantizedAtLoad ? null : t.expertInt?.(e);
+      if (!iw && q && spec.quantization?.method === 'compressed-tensors' && !this.quantizedAtLoad)
+        throw new RangeError(`${name} is not stored as int codes, but this compressed-tensors checkpoint's experts are read ` +
+          `as ${q.format} on the device; serve it with --quantize ${q.format}, or on the CPU engine`);
+      const w = iw && q ? this.uploadInt(q, iw, m.intermediate)
+        : q ? this.uploadQuant(q, t.expert(e), t.expertFp8(e), name, m.intermediate)
         : this.upload(t.expert(e), name, m.intermediate);
       experts.set(e, w.gateUp, w.down);
       expertWeights.push(w);
@@ -806,6 +820,7 @@ function expertQuantFor(spec: ModelSpec, quantize: QuantizeSpec | null, loadExpe
   if (quantize && !loadExperts)
     throw new RangeError(`--quantize ${quantize.format} on the device does not work with the device expert cache yet ` +
       '(its slots hold bf16 experts); drop --offload or --quantize');
+  if (!loadExperts && spec.quantization?.method === 'compressed-tensors') return compressedExpertQuant(spec, loadExperts);
   if (!loadExperts) return null;
   if (quantize) {
     const q = deviceQuantOf(quantize);
@@ -813,8 +828,30 @@ function expertQuantFor(spec: ModelSpec, quantize: QuantizeSpec | null, loadExpe
     if (why) throw new RangeError(`--quantize ${quantize.format} on the device: ${why}`);
     return q;
   }
+  if (spec.quantization?.method === 'compressed-tensors') return compressedExpertQuant(spec, loadExperts);
   if (spec.quantization?.method !== 'fp8') return null;
   const [br, bc] = spec.quantization.blockSize;
   const q: DeviceQuant = { format: 'fp8', group: bc, blockRows: br };
   return deviceQuantError(q, H, I) ? null : q;
+}
+
+/**
+ * compressed-tensors checkpoints: the routed experts' device format from the config's one scheme
+ * (int8 per row, or int4 in groups of 32 / 128), kept as stored; refused where the device cannot.
+ */
+function compressedExpertQuant(spec: ModelSpec, loadExperts: boolean): DeviceQuant {
+  const q = spec.quantization;
+  if (q?.method !== 'compressed-tensors') throw new Error('not a compressed-tensors spec');
+  // NOTE: the device expert cache (src/offload/device-store.ts) fills slots with bf16 experts.
+  if (!loadExperts)
+    throw new RangeError('a compressed-tensors checkpoint on the device does not work with the device expert cache yet ' +
+      '(its slots hold bf16 experts); drop --offload, or serve it on the CPU engine');
+  const { bits, groupSizes } = q.schemes;
+  if (bits.length !== 1 || groupSizes.length > 1)
+    throw new RangeError(`a compressed-tensors checkpoint with several weight schemes (num_bits ${bits.join(', ')}` +
+      `${groupSizes.length ? `, group_size ${groupSizes.join(', ')}` : ''}) is not read on the device: one table holds one format`);
+  const dq: DeviceQuant = bits[0] === 8 ? { format: 'int8', group: 0, blockRows: 0 } : { format: 'int4', group: groupSizes[0]!, blockRows: 0 };
+  const why = deviceQuantError(dq, spec.hidden, spec.moe.intermediate);
+  if (why) throw new RangeError(`this compressed-tensors checkpoint on the device: ${why}`);
+  return dq;
 }
