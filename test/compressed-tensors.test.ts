@@ -15,9 +15,10 @@ import { describe, test } from 'node:test';
 import { ConfigError, parseModelConfig } from '../src/model/config.js';
 import { loadCudaModel, loadModel } from '../src/model/load.js';
 import type { MoeModel } from '../src/model/model.js';
-import { readSafetensorsHeader, writeSafetensors, type TensorToWrite } from '../src/model/safetensors.js';
+import { openCheckpoint, readSafetensorsHeader, writeSafetensors, type TensorToWrite } from '../src/model/safetensors.js';
+import { quantElement, quantMatrixBytes } from '../src/model/cuda-quant.js';
 import { startExpertRanks } from '../src/dist/expert-ranks.js';
-import { loadNative, packageRoot, type PackedWeight } from '../src/native/index.js';
+import { loadNative, packageRoot, type CudaBuffer, type PackedWeight } from '../src/native/index.js';
 import { attachOffloader, skipAllExperts } from '../src/offload/setup.js';
 import { createCudaEmulator } from './helpers/cuda-emu.js';
 import { emulatorSkip } from './helpers/cuda-skip.js';
@@ -466,6 +467,26 @@ describe('compressed-tensors on the device engine (emulator)', { skip: emulatorS
         try {
           assert.deepEqual(model.expertQuant, fmt === 'int8' ? { format: 'int8', group: 0, blockRows: 0 } : { format: 'int4', group: 32, blockRows: 0 });
           assert.deepEqual(held(cpu), [`expert ${fmt}/${fmt}`, 'shared null/null']);
+          // The device holds the checkpoint's own codes and scales (not a re-quantization of their values).
+          const q = model.expertQuant!;
+          const layer = (model as unknown as { layers: { moe: { expertWeights: { down: CudaBuffer }[] } | null }[] }).layers.find((l) => l.moe)!;
+          const ck = openCheckpoint(experts, { compressed: { bits: [fmt === 'int8' ? 8 : 4], groupSizes: fmt === 'int8' ? [] : [32] } });
+          let extremes = 0;
+          for (let x = 0; x < model.spec.moe.numExperts; x++) {
+            const stored = ck.loadInt(`model.layers.0.mlp.experts.${x}.down_proj.weight`)!;
+            const bytes = quantMatrixBytes(q, stored.rows, stored.cols, false);
+            const blob = new Uint8Array(bytes.totalBytes);
+            cuda.cudaCopyToHost(blob, layer.moe!.expertWeights[x]!.down, 0, null);
+            const g = stored.group || stored.cols, per = Math.ceil(stored.cols / g);
+            for (let r = 0; r < stored.rows; r++)
+              for (let c = 0; c < stored.cols; c++) {
+                const e = quantElement(q, blob, bytes, stored.rows, stored.cols, false, r, c);
+                const code = stored.codes[r * stored.cols + c]!;
+                if (code === (fmt === 'int8' ? -128 : -8)) extremes++;
+                assert.deepEqual([e.code, e.scale], [code, stored.scales[r * per + Math.floor(c / g)]], `expert ${x} (${r}, ${c})`);
+              }
+          }
+          assert.ok(extremes > 0, 'the checked codes include the most negative one (which a re-quantization never makes)');
           const V = model.spec.vocabSize, k = model.spec.moe.router.topK;
           let sum = 0, n = 0, worst = 0, skipped = 0, total = 0;
           for (const c of goldenOf(dir).cases) {
