@@ -4,8 +4,9 @@
 // experts, shared expert, dense MLP) stays int8 / int4 in memory, and the logits match HF transformers
 // run on the dequantised weights; they equal the same checkpoint with the weights decoded here
 // (independently of the loader) and written as f32; through the expert cache and over expert ranks
-// they equal the all-resident model bit for bit; on the device engine's emulator the int experts match
-// the CPU engine's. Unsupported schemes are refused by name.
+// they equal the all-resident model bit for bit, and 2 rank processes serve it as one engine does; on
+// the device engine's emulator the int experts hold the stored codes and match the CPU engine's.
+// Unsupported schemes are refused by name.
 import assert from 'node:assert/strict';
 import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
@@ -22,6 +23,7 @@ import { loadNative, packageRoot, type CudaBuffer, type PackedWeight } from '../
 import { attachOffloader, skipAllExperts } from '../src/offload/setup.js';
 import { createCudaEmulator } from './helpers/cuda-emu.js';
 import { emulatorSkip } from './helpers/cuda-skip.js';
+import { startDaemon, stopDaemon } from './helpers/daemon.js';
 import { argmax, DirectRunner } from './helpers/model-runner.js';
 
 const root = path.join(packageRoot(), 'test', 'fixtures-quant');
@@ -317,6 +319,37 @@ test('an int4 checkpoint over 2 expert ranks equals it on one, bit for bit', asy
     }
   } finally {
     await ranks.stop();
+  }
+});
+
+/** Greedy completion with logprobs over the daemon's HTTP API. */
+async function complete(base: string, prompt: string): Promise<{ text: string; logprobs: number[] }> {
+  const r = await fetch(`${base}/v1/completions`, {
+    method: 'POST', headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ model: 'm', prompt, max_tokens: 4, temperature: 0, logprobs: 2, ignore_eos: true }),
+  });
+  const body = await r.json() as { choices: { text: string; logprobs: { token_logprobs: number[] } }[] };
+  assert.equal(r.status, 200, JSON.stringify(body));
+  return { text: body.choices[0]!.text, logprobs: body.choices[0]!.logprobs.token_logprobs };
+}
+
+test('the int8 checkpoint served by 2 rank processes answers exactly as one engine (greedy text and logprobs, f32)', async () => {
+  const prompts = ['The quick brown fox', 'Once upon a time'];
+  const gloo = loadNative().capabilities().gloo;
+  const layout = gloo ? 'expert' : 'replicated';
+  const one = await startDaemon(['--model', W8, '--served-model-name', 'm']);
+  const want: { text: string; logprobs: number[] }[] = [];
+  try {
+    for (const p of prompts) want.push(await complete(one.base, p));
+  } finally {
+    assert.equal(await stopDaemon(one), 0);
+  }
+  const d = await startDaemon(['--model', W8, '--served-model-name', 'm', '--nproc-per-node', '2', '--dist-moe', layout]);
+  try {
+    const got = await Promise.all(prompts.map((p) => complete(d.base, p)));
+    got.forEach((g, i) => assert.deepEqual(g, want[i], `x2 ${layout}: '${prompts[i]}'`));
+  } finally {
+    assert.equal(await stopDaemon(d), 0, 'the front exits 0 after SIGTERM');
   }
 });
 

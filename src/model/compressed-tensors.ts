@@ -178,9 +178,11 @@ export function unpackInt32(packed: Int32Array, rows: number, cols: number, word
   const per = 32 / bits, mask = (1 << bits) - 1, offset = 1 << (bits - 1);
   const out = new Int8Array(rows * cols);
   for (let r = 0; r < rows; r++) {
-    for (let c = 0; c < cols; c++) {
-      const word = packed[r * words + Math.floor(c / per)]!;
-      out[r * cols + c] = ((word >>> (bits * (c % per))) & mask) - offset;
+    const o = r * cols;
+    for (let w = 0; w < words; w++) {
+      let word = packed[r * words + w]!;
+      const c0 = w * per, n = Math.min(per, cols - c0);
+      for (let j = 0; j < n; j++, word >>>= bits) out[o + c0 + j] = (word & mask) - offset;
     }
   }
   return out;
