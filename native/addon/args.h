@@ -101,6 +101,8 @@ constexpr napi_typedarray_type typed_array_kind<uint16_t>() { return napi_uint16
 template <>
 constexpr napi_typedarray_type typed_array_kind<uint8_t>() { return napi_uint8_array; }
 template <>
+constexpr napi_typedarray_type typed_array_kind<int8_t>() { return napi_int8_array; }
+template <>
 constexpr napi_typedarray_type typed_array_kind<uint32_t>() { return napi_uint32_array; }
 template <>
 constexpr napi_typedarray_type typed_array_kind<double>() { return napi_float64_array; }
@@ -115,6 +117,8 @@ template <>
 constexpr const char* typed_array_name<uint16_t>() { return "Uint16Array"; }
 template <>
 constexpr const char* typed_array_name<uint8_t>() { return "Uint8Array"; }
+template <>
+constexpr const char* typed_array_name<int8_t>() { return "Int8Array"; }
 template <>
 constexpr const char* typed_array_name<uint32_t>() { return "Uint32Array"; }
 template <>

@@ -155,6 +155,74 @@ Napi::Value repack_mxfp4_into_js(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// Int codes of an int8 / int4 weight quantized elsewhere (compressed-tensors checkpoints): codes one
+// signed value per element, int4 within -8..7 (checked here, before any packing).
+const int8_t* int_codes(const Napi::CallbackInfo& info, size_t i, const char* name, size_t len, QFormat q) {
+  const int8_t* c = get_array<int8_t>(info, i, name, len, true).data;
+  if (q == QFormat::I4)
+    for (size_t j = 0; j < len; ++j)
+      if (c[j] < -8 || c[j] > 7)
+        throw_range(info.Env(), std::string(name) + "[" + str(static_cast<int64_t>(j)) + "] is " + str(c[j]) +
+                                    ", outside the int4 range -8..7");
+  return c;
+}
+
+// packInt(codes, scales, n, k, format, group, upCodes?, upScales?) -> int8 / int4 weight from codes
+// and scales [n, ceil(k / group)] (int8 group 0: one scale per row, scales [n]). With the up pair the
+// result is a gate_up weight of n = 2 * (rows of codes).
+Napi::Value pack_int_js(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 6, "packInt");
+  const int64_t n = get_int(info, 2, "n", 1, kMaxDim);
+  const int64_t k = get_int(info, 3, "k", 1, kMaxDim);
+  const QuantArg qa = quant_arg(info, 4);
+  if (qa.q != QFormat::I8 && qa.q != QFormat::I4) throw_type(env, "format must be 'int8' or 'int4'");
+  if (qa.q == QFormat::I8 && qa.group != 0) throw_range(env, "int8 group is " + str(qa.group) + ", expected 0 (one scale per row)");
+  if (qa.q == QFormat::I4 && qa.group != 32 && qa.group != 128)
+    throw_range(env, "int4 group is " + str(qa.group) + ", expected 32 or 128");
+  const size_t len = static_cast<size_t>(n * k);
+  const size_t slen = static_cast<size_t>(n * (qa.group ? ceil_div(k, qa.group) : 1));
+  const int8_t* codes = int_codes(info, 0, "codes", len, qa.q);
+  const float* sc = get_array<float>(info, 1, "scales", slen, true).data;
+  const bool gu = info.Length() > 6 && !is_nullish(info[6]);
+  const int8_t* ucodes = gu ? int_codes(info, 6, "upCodes", len, qa.q) : nullptr;
+  const float* usc = gu ? get_array<float>(info, 7, "upScales", slen, true).data : nullptr;
+  std::shared_ptr<PackedWeight> w;
+  guard(env, [&] {
+    w = alloc_quant_weight(qa.q, qa.group, gu ? WeightKind::GateUp : WeightKind::Plain,
+                           static_cast<int>(gu ? 2 * n : n), static_cast<int>(k));
+    pack_int_weight(*w, codes, sc, ucodes, usc);
+  });
+  return WeightHandle::create(env, std::move(w));
+}
+
+// repackIntInto(dst, codes, scales, upCodes?, upScales?): packInt's arrays into an existing int8 /
+// int4 weight of the same geometry and group (expert cache slots), in place.
+Napi::Value repack_int_into_js(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 3, "repackIntInto");
+  // NOTE: the handle's weight is shared (expert tables hold it too); repacking writes in place.
+  PackedWeight& dst = const_cast<PackedWeight&>(get_weight(info, 0, "dst"));
+  if (dst.q != QFormat::I8 && dst.q != QFormat::I4)
+    throw_type(env, std::string("dst is ") +
+                        (dst.q == QFormat::None ? std::string("an unquantized") : std::string("a ") + qformat_name(dst.q)) +
+                        " weight, expected an int8 or int4 one");
+  const bool gu = dst.kind == WeightKind::GateUp;
+  const bool has_up = info.Length() > 3 && !is_nullish(info[3]);
+  if (gu != has_up)
+    throw_type(env, gu ? "upCodes and upScales are required to repack a gate_up weight"
+                       : "upCodes must be null or absent for a plain weight");
+  const int64_t rows = gu ? dst.n / 2 : dst.n;
+  const size_t len = static_cast<size_t>(rows * dst.k);
+  const size_t slen = static_cast<size_t>(rows * ceil_div(dst.k, dst.group));
+  const int8_t* codes = int_codes(info, 1, "codes", len, dst.q);
+  const float* sc = get_array<float>(info, 2, "scales", slen, true).data;
+  const int8_t* ucodes = gu ? int_codes(info, 3, "upCodes", len, dst.q) : nullptr;
+  const float* usc = gu ? get_array<float>(info, 4, "upScales", slen, true).data : nullptr;
+  guard(env, [&] { pack_int_weight(dst, codes, sc, ucodes, usc); });
+  return env.Undefined();
+}
+
 // repackInto(dst, src, dtype, up?): new contents, same geometry; dtype is the source's (it is
 // converted to dst's storage dtype when they differ).
 Napi::Value repack_into_js(const Napi::CallbackInfo& info) {
@@ -262,6 +330,8 @@ void register_gemm(Napi::Env env, Napi::Object exports) {
   exports.Set("packMxfp4", Napi::Function::New(env, pack_mxfp4_js, "packMxfp4"));
   exports.Set("repackMxfp4Into", Napi::Function::New(env, repack_mxfp4_into_js, "repackMxfp4Into"));
   exports.Set("repackInto", Napi::Function::New(env, repack_into_js, "repackInto"));
+  exports.Set("packInt", Napi::Function::New(env, pack_int_js, "packInt"));
+  exports.Set("repackIntInto", Napi::Function::New(env, repack_int_into_js, "repackIntInto"));
   exports.Set("repackFp8Into", Napi::Function::New(env, repack_fp8_into_js, "repackFp8Into"));
   exports.Set("packedWeightAt", Napi::Function::New(env, packed_weight_at_js, "packedWeightAt"));
   exports.Set("denseGemm", Napi::Function::New(env, dense_gemm_js, "denseGemm"));

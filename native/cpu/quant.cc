@@ -253,6 +253,27 @@ void pack_mxfp4_weight(PackedWeight& w, const uint8_t* blocks, const uint8_t* sc
   }, true);
 }
 
+void pack_int_weight(PackedWeight& w, const int8_t* codes, const float* scales,
+                     const int8_t* codes_up, const float* scales_up, bool use_pool) {
+  EXPERTD_CHECK(w.q == QFormat::I8 || w.q == QFormat::I4, ErrorCode::InvalidArg,
+                std::string("pack_int_weight needs an int8 or int4 weight, got ") + qformat_name(w.q));
+  EXPERTD_CHECK(w.data != nullptr && w.scales != nullptr, ErrorCode::Internal,
+                "quantized weight has no storage");
+  EXPERTD_CHECK(w.kind == WeightKind::Plain || (codes_up && scales_up), ErrorCode::InvalidArg,
+                "an int gate_up weight needs its up half");
+  const int k = w.k, groups = (k + w.group - 1) / w.group, inter = w.n / 2;
+  const bool gu = w.kind == WeightKind::GateUp;
+  pack_rows(w, [&](int r, QRow& q) {
+    const bool is_up = gu && r >= inter;
+    const int row = is_up ? r - inter : r;
+    const int8_t* c = (is_up ? codes_up : codes) + static_cast<size_t>(row) * k;
+    const float* s = (is_up ? scales_up : scales) + static_cast<size_t>(row) * groups;
+    // The shared row form holds a code's two's complement byte (I4: its low nibble is the code).
+    std::memcpy(q.codes.data(), c, static_cast<size_t>(k));
+    for (int g = 0; g < groups; ++g) q.scales[g] = s[g];
+  }, use_pool);
+}
+
 float quant_weight_at(const PackedWeight& w, int row, int col) {
   const int p = physical_row(w, row);
   const uint8_t* blk = w.data.get() + static_cast<size_t>(p / 16) * w.kp * w.k_bytes16();

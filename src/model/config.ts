@@ -12,6 +12,7 @@ import type {
   AttentionSpec, LayerSpec, LinearAttentionSpec, ModelSpec, ModelType, MoeSpec, RopeSpec, RouterSpec,
 } from './spec.js';
 import { singleSharedExpert } from './moe-tensors.js';
+import { parseCompressedTensors } from './compressed-tensors.js';
 
 export class ConfigError extends Error {
   readonly code = 'E_CONFIG';
@@ -211,7 +212,6 @@ const OTHER_QUANT_METHODS: Record<string, string> = {
   awq: 'AutoAWQ: 4-bit weights with zero points, packed for its own kernels',
   gptq: 'GPTQ: 4/8-bit weights with zero points and act-order, packed for its own kernels',
   bitsandbytes: 'bitsandbytes: LLM.int8 / NF4 / FP4 quantized at load by its own kernels',
-  'compressed-tensors': 'compressed-tensors (llm-compressor) checkpoints are not read yet',
 };
 
 /**
@@ -253,6 +253,7 @@ function parseQuantization(raw: Raw, mt: string): ModelSpec['quantization'] {
   if (typeof q !== 'object' || Array.isArray(q)) throw refuse('quantization_config must be an object.');
   const method = q.quant_method;
   if (method === 'mxfp4') return parseMxfp4(q, mt);
+  if (method === 'compressed-tensors') return parseCompressedTensors(q, mt, (msg) => new ConfigError(msg));
   if (method === undefined) throw refuse('It names no quant_method.');
   if (method !== 'fp8') {
     const known = typeof method === 'string' ? OTHER_QUANT_METHODS[method] : undefined;
@@ -949,12 +950,22 @@ export function validateCheckpoint(spec: ModelSpec, ckpt: TensorShapes): Checkpo
   const expectedNames = new Set(expected.map((t) => t.name));
   const missing: string[] = [];
   const shapeErrors: string[] = [];
+  const ct = spec.quantization?.method === 'compressed-tensors';
   for (const t of expected) {
     const got = ckpt.tensors.get(t.name);
+    // compressed-tensors pack-quantized: X.weight_packed [rows, words] with X.weight_shape and X.weight_scale.
+    if (!got && ct && ckpt.tensors.has(`${t.name}_packed`)) {
+      const packed = ckpt.tensors.get(`${t.name}_packed`)!;
+      if (packed.dtype !== 'I32' || packed.shape.length !== 2 || packed.shape[0] !== t.shape[0])
+        shapeErrors.push(`${t.name}_packed is ${packed.dtype} [${packed.shape.join(', ')}], the config implies I32 [${t.shape[0]}, words]`);
+      for (const part of ['_scale', '_shape']) if (!ckpt.tensors.has(`${t.name}${part}`)) missing.push(`${t.name}${part}`);
+      continue;
+    }
     if (!got) {
       missing.push(t.name);
       continue;
     }
+    if (ct && got.dtype === 'I8' && !ckpt.tensors.has(`${t.name}_scale`)) missing.push(`${t.name}_scale`);
     if (got.shape.length !== t.shape.length || got.shape.some((d, k) => d !== t.shape[k]))
       shapeErrors.push(`${t.name} has shape [${got.shape.join(', ')}], the config implies [${t.shape.join(', ')}]`);
     if (spec.quantization && got.dtype === 'F8_E4M3' && !ckpt.tensors.has(`${t.name}_scale_inv`))
@@ -985,6 +996,8 @@ export function validateCheckpoint(spec: ModelSpec, ckpt: TensorShapes): Checkpo
     }
     if (spec.quantization && name.endsWith('_scale_inv') && expectedNames.has(name.slice(0, -'_scale_inv'.length)))
       continue;
+    const ctPart = /_(packed|scale|shape|zero_point|g_idx)$/.exec(name);
+    if (ct && ctPart && expectedNames.has(name.slice(0, -ctPart[0].length))) continue;
     warnings.push(`unexpected tensor ${name} (not used by ${spec.modelType})`);
   }
   for (const [group, n] of ignoredGroups)

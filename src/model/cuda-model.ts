@@ -15,8 +15,8 @@ import { moeTensors } from './moe-tensors.js';
 import { kvDtypeBytes, type KvDtype } from './kv-dtype.js';
 import type { ModelSpec } from './spec.js';
 import type { HostTensor, TensorSource } from './tensor-source.js';
-import { checkExpert, checkShape, ffnSource, vectorF32, type ExpertSource } from './weights.js';
-import { deviceQuantError, deviceQuantOf, quantizedExpert, type DeviceQuant } from './cuda-quant.js';
+import { checkExpert, checkShape, ffnSource, packIntFfn, vectorF32, type ExpertSource } from './weights.js';
+import { deviceQuantError, deviceQuantOf, intMatrix, quantizedExpert, type DeviceQuant } from './cuda-quant.js';
 import type { QuantizeSpec } from './quantize.js';
 
 export interface CudaModelOptions {
@@ -120,7 +120,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     this.k = spec.moe.router.topK;
     this.loadExperts = opts.loadExperts ?? true;
     this.ep = opts.ep ?? null;
-    this.expertQuant = expertQuantFor(spec, opts.quantize ?? null);
+    this.expertQuant = expertQuantFor(spec, opts.quantize ?? null, this.loadExperts);
     this.quantizedAtLoad = !!opts.quantize;
     const H = spec.hidden;
     const dev = this.dev;
@@ -204,6 +204,15 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     return { gateUp: this.dev.upload(b.gateUp), down: this.dev.upload(b.down) };
   }
 
+  /** A compressed-tensors expert kept as its int8 / int4 codes and scales (the table's format). */
+  private uploadInt(q: DeviceQuant, iw: NonNullable<ReturnType<NonNullable<ReturnType<typeof moeTensors>['expertInt']>>>,
+                    inter: number): { gateUp: CudaBuffer; down: CudaBuffer } {
+    const { gate, up, down } = iw;
+    // Checks shapes and that the three are quantized together (packIntFfn's rules), without packing.
+    if (!gate || !up || !down) packIntFfn(iw.names, gate, up, down, this.spec.hidden, inter);
+    return { gateUp: this.dev.upload(intMatrix(q, gate!, up!)), down: this.dev.upload(intMatrix(q, down!, null)) };
+  }
+
   private ffn(src: TensorSource, prefix: string, inter: number): DeviceFfn {
     const w = this.upload(ffnSource(src, prefix), prefix.replace(/\.$/, ''), inter);
     const table = this.table(1, inter);
@@ -222,7 +231,12 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     for (let e = 0; e < m.numExperts && this.loadExperts; e++) {
       if (this.ep && !this.ep.ownsExpert(e)) continue;
       const name = `${t.prefix}experts.${e}`;
-      const w = q ? this.uploadQuant(q, t, e, name, m.intermediate)
+      const iw = this.quantizedAtLoad ? null : t.expertInt?.(e);
+      if (!iw && q && spec.quantization?.method === 'compressed-tensors' && !this.quantizedAtLoad)
+        throw new RangeError(`${name} is not stored as int codes, but this compressed-tensors checkpoint's experts are read ` +
+          `as ${q.format} on the device; serve it with --quantize ${q.format}, or on the CPU engine`);
+      const w = iw && q ? this.uploadInt(q, iw, m.intermediate)
+        : q ? this.uploadQuant(q, t, e, name, m.intermediate)
         : this.upload(t.expert(e), name, m.intermediate);
       experts.set(e, w.gateUp, w.down);
       expertWeights.push(w);
@@ -792,7 +806,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
  * slots: --quantize's; else an FP8 checkpoint's block layout when the device kernels take it (block
  * columns a multiple of 16); else null (bf16, dequantised at load).
  */
-function expertQuantFor(spec: ModelSpec, quantize: QuantizeSpec | null): DeviceQuant | null {
+function expertQuantFor(spec: ModelSpec, quantize: QuantizeSpec | null, loadExperts: boolean): DeviceQuant | null {
   const H = spec.hidden, I = spec.moe.intermediate;
   if (quantize) {
     // NOTE: cudaGroupGemmBiasedFfn (biased_ffn.cu) runs two plain bf16 GroupGemm passes; the quantized
@@ -805,8 +819,31 @@ function expertQuantFor(spec: ModelSpec, quantize: QuantizeSpec | null): DeviceQ
     if (why) throw new RangeError(`--quantize ${quantize.format} on the device: ${why}`);
     return q;
   }
+  if (spec.quantization?.method === 'compressed-tensors') return compressedExpertQuant(spec, loadExperts);
   if (spec.quantization?.method !== 'fp8') return null;
   const [br, bc] = spec.quantization.blockSize;
   const q: DeviceQuant = { format: 'fp8', group: bc, blockRows: br };
   return deviceQuantError(q, H, I) ? null : q;
+}
+
+/**
+ * compressed-tensors checkpoints: the routed experts' device format from the config's one scheme
+ * (int8 per row, or int4 in groups of 32 / 128), kept as stored; refused where the device cannot.
+ */
+function compressedExpertQuant(spec: ModelSpec, loadExperts: boolean): DeviceQuant {
+  const q = spec.quantization;
+  if (q?.method !== 'compressed-tensors') throw new Error('not a compressed-tensors spec');
+  // NOTE: the device expert cache (src/offload/device-store.ts) packs --quantize's formats and FP8
+  // checkpoints into its slots, not compressed-tensors' int codes.
+  if (!loadExperts)
+    throw new RangeError('a compressed-tensors checkpoint on the device does not work with the device expert cache yet ' +
+      '(its slots are filled from bf16 or FP8 experts, not int codes); drop --offload, or serve it on the CPU engine');
+  const { bits, groupSizes } = q.schemes;
+  if (bits.length !== 1 || groupSizes.length > 1)
+    throw new RangeError(`a compressed-tensors checkpoint with several weight schemes (num_bits ${bits.join(', ')}` +
+      `${groupSizes.length ? `, group_size ${groupSizes.join(', ')}` : ''}) is not read on the device: one table holds one format`);
+  const dq: DeviceQuant = bits[0] === 8 ? { format: 'int8', group: 0, blockRows: 0 } : { format: 'int4', group: groupSizes[0]!, blockRows: 0 };
+  const why = deviceQuantError(dq, spec.hidden, spec.moe.intermediate);
+  if (why) throw new RangeError(`this compressed-tensors checkpoint on the device: ${why}`);
+  return dq;
 }

@@ -6,7 +6,7 @@ import type { CudaQuantLayout } from '../native/index.js';
 import { bf16ToF32, f32ToBf16, f32ToFp8, fp8ToF32 } from './kv-dtype.js';
 import type { QuantizeSpec } from './quantize.js';
 import type { Fp8Weight } from './safetensors.js';
-import type { HostTensor } from './tensor-source.js';
+import type { HostTensor, IntWeight } from './tensor-source.js';
 import { checkExpert, toF32, type ExpertSource } from './weights.js';
 
 /** A layout with its defaults filled in (what CudaExpertTable.quant reports). */
@@ -212,6 +212,29 @@ export function quantizedExpert(q: DeviceQuant, ex: () => ExpertSource, fp8: Fp8
 
 /** An FP8 checkpoint's expert (moe-tensors' expertFp8). */
 export interface Fp8Expert { gate: Fp8Weight; up: Fp8Weight; down: Fp8Weight }
+
+/**
+ * A compressed-tensors int8 / int4 weight kept as its codes and scales (gate_up: gate's rows then
+ * up's). q must be the weight's format and group (int8: one scale per row).
+ */
+export function intMatrix(q: DeviceQuant, gate: IntWeight, up: IntWeight | null): Uint8Array {
+  const want = gate.bits === 8 ? 'int8' : 'int4';
+  if (q.format !== want || (want === 'int4' && gate.group !== q.group) || (up && (up.bits !== gate.bits || up.group !== gate.group)))
+    throw new RangeError(`an int${gate.bits} weight${gate.group ? ` in groups of ${gate.group}` : ''} does not fit the table's ` +
+      `${q.format}${q.group ? ` group ${q.group}` : ''} layout`);
+  const parts = up ? [gate, up] : [gate];
+  const n = gate.rows * parts.length, k = gate.cols;
+  const b = quantMatrixBytes(q, n, k, up !== null);
+  const blob = new Uint8Array(b.totalBytes);
+  const codes = blob.subarray(0, b.codeBytes);
+  const scales = scalesOf(q, blob, b) as Float32Array;
+  parts.forEach((w, half) => {
+    for (let r = 0; r < w.rows; r++)
+      for (let c = 0; c < k; c++) setCode(q, codes, k, half * w.rows + r, c, w.codes[r * k + c]!);
+    scales.set(w.scales, half * w.rows * b.scaleCols);
+  });
+  return blob;
+}
 
 /**
  * A matrix from codes and scales already in the device order (tests, MXFP4 checkpoints): codes

@@ -7,7 +7,7 @@ import type { AttentionContext } from './attention.js';
 import type { QuantizeSpec } from './quantize.js';
 import type { LinearAttentionSpec } from './spec.js';
 import type { HostTensor, TensorSource } from './tensor-source.js';
-import { checkShape, toF32, vectorF32 } from './weights.js';
+import { checkShape, packLinear, refuseInt, toF32, vectorF32 } from './weights.js';
 
 /** One linear layer's state slots: conv [slots, C, K-1] and recurrent [slots, Hv, Dk, Dv], f32. */
 export interface LinearLayerState {
@@ -63,6 +63,8 @@ export class GatedDeltaNet {
     this.C = 2 * Kd + Vd;
     this.P = 2 * Kd + 2 * Vd + 2 * Hv;
     let parts: HostTensor[];
+    for (const name of ['in_proj_qkvz', 'in_proj_ba', 'in_proj_qkv', 'in_proj_z', 'in_proj_b', 'in_proj_a'])
+      if (src.has(`${p}${name}.weight`)) refuseInt(src, `${p}${name}.weight`, 'the Gated DeltaNet in_proj (one fused float weight)');
     if (src.has(`${p}in_proj_qkvz.weight`)) {
       // Qwen3-Next: rows grouped per key head g: [q_g (Dk), k_g (Dk), v_g (r Dv), z_g (r Dv)]; ba per g:
       // [b_g (r), a_g (r)]. Value head h = g r + j (transformers' fix_query_key_value_ordering).
@@ -98,9 +100,7 @@ export class GatedDeltaNet {
     }
     const n = loadNative();
     this.inProj = n.packWeight(all, dtype, this.P, H);
-    const ow = src.get(`${p}out_proj.weight`);
-    checkShape(`${p}out_proj.weight`, ow, [H, Vd]);
-    this.outProj = n.packWeight(ow.data, ow.dtype, H, Vd, quantize?.format, quantize?.group);
+    this.outProj = packLinear(src, `${p}out_proj.weight`, H, Vd, quantize);
     this.weightBytes = this.inProj.sizeBytes + this.outProj.sizeBytes;
     const cw = src.get(`${p}conv1d.weight`);
     checkShape(`${p}conv1d.weight`, cw, [this.C, 1, K]);

@@ -11,7 +11,8 @@ import { MoeModel, type ModelOptions } from './model.js';
 import { openCheckpoint, type Checkpoint, type Fp8Weight } from './safetensors.js';
 import type { QuantizeSpec } from './quantize.js';
 import type { ModelSpec } from './spec.js';
-import type { HostTensor, TensorSource } from './tensor-source.js';
+import type { HostTensor, IntWeight, TensorSource } from './tensor-source.js';
+import { dequantInt } from './compressed-tensors.js';
 
 export interface LoadedModel<M extends ForwardModel = MoeModel> {
   spec: ModelSpec;
@@ -37,10 +38,18 @@ export class CheckpointSource implements TensorSource {
               private readonly totals = { tensors: checkpoint.tensors.size, bytes: sumBytes(checkpoint) }) {}
 
   has(name: string): boolean {
-    return this.checkpoint.has(name);
+    return this.checkpoint.has(name) || this.checkpoint.isCompressed(name);
+  }
+
+  getInt(name: string): IntWeight | null {
+    const w = this.checkpoint.loadInt(name);
+    if (w) this.progress(w.codes.length * w.bits / 8 + w.scales.byteLength);
+    return w;
   }
 
   get(name: string): HostTensor {
+    const iw = this.getInt(name);
+    if (iw) return { dtype: 'f32', shape: [iw.rows, iw.cols], data: dequantInt(iw) };
     const info = this.checkpoint.getTensor(name);
     const w = this.checkpoint.loadWeightBf16OrNative(name);
     this.progress(info.sizeBytes);
@@ -76,7 +85,9 @@ function sumBytes(c: Checkpoint): number {
 
 function openValidated(dir: string) {
   const spec = parseModelConfig(path.resolve(dir));
-  const checkpoint = openCheckpoint(dir, spec.quantization?.method === 'fp8' ? { fp8BlockSize: spec.quantization.blockSize } : {});
+  const q = spec.quantization;
+  const checkpoint = openCheckpoint(dir, q?.method === 'fp8' ? { fp8BlockSize: q.blockSize }
+    : q?.method === 'compressed-tensors' ? { compressed: q.schemes } : {});
   const report = validateCheckpoint(spec, checkpoint);
   return { spec, checkpoint, report };
 }
@@ -98,6 +109,15 @@ export function loadCudaModel(dir: string, opts: { device: number; cuda?: CudaAd
     ep?: DeviceExpertComm; quantize?: QuantizeSpec | null; onProgress?: (p: LoadProgress) => void }): LoadedModel<CudaModel> {
   const t0 = performance.now();
   const { spec, checkpoint, report } = openValidated(dir);
+  if (spec.quantization?.method === 'compressed-tensors' && !opts.quantize) {
+    // The device engine has int8 / int4 kernels for the routed experts only (no --quantize-dense there).
+    const dense = checkpoint.names().filter((n) => /\.weight_packed$|\.weight_scale$/.test(n))
+      .map((n) => n.replace(/_(packed|scale)$/, '')).filter((n, i, a) => a.indexOf(n) === i && !/\.experts\.\d+\./.test(n));
+    if (dense.length)
+      throw new RangeError(`this compressed-tensors checkpoint quantizes ${dense.length} weight(s) outside the routed experts ` +
+        `(${dense.slice(0, 3).join(', ')}${dense.length > 3 ? ', ...' : ''}), and the device engine has int8 / int4 kernels ` +
+        'for the routed experts only; serve it on the CPU engine, or requantize it with the other modules in its ignore list');
+  }
   const model = new CudaModel(spec, new CheckpointSource(checkpoint, opts.onProgress), {
     device: opts.device, ...(opts.cuda ? { cuda: opts.cuda } : {}),
     ...(opts.loadExperts !== undefined ? { loadExperts: opts.loadExperts } : {}),

@@ -13,7 +13,7 @@ import { withWeightPrefix, type HostTensor, type TensorSource } from './tensor-s
 import { GatedDeltaNet, linearStateFloats, type LinearLayerState } from './linear-attention.js';
 import { moeTensors } from './moe-tensors.js';
 import { packMxfp4Expert } from './mxfp4.js';
-import { checkShape, denseFfnTable, packExpert, packFp8Expert, packLinear, vectorF32 } from './weights.js';
+import { checkShape, denseFfnTable, packExpert, packFp8Expert, packIntFfn, packLinear, vectorF32 } from './weights.js';
 import { denseQuantize, type QuantizeSpec } from './quantize.js';
 
 export interface ModelOptions {
@@ -190,10 +190,13 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
     const experts = new n.ExpertTable(m.numExperts, H, m.intermediate);
     for (let e = 0; e < m.numExperts; e++) {
       if (opts.loadExpert && !opts.loadExpert(moeIndex, e)) continue;
-      // FP8 and MXFP4 checkpoints keep their experts so (unless --quantize asks for another format).
+      // FP8 and MXFP4 checkpoints keep their experts so, compressed-tensors ones as int8 / int4 codes
+      // (unless --quantize asks for another format).
       const fp8 = opts.quantize ? null : t.expertFp8(e);
       const mx = opts.quantize ? null : t.expertMxfp4?.(e);
+      const iw = opts.quantize ? null : t.expertInt?.(e);
       const w = fp8 ? packFp8Expert(fp8) : mx ? packMxfp4Expert(mx)
+        : iw ? packIntFfn(iw.names, iw.gate, iw.up, iw.down, H, m.intermediate)
         : packExpert(t.expert(e), `${t.prefix}experts.${e}`, H, m.intermediate, opts.quantize ?? null);
       experts.set(e, w.gateUp, w.down);
       this.residentWeightBytes.experts += w.gateUp.sizeBytes + w.down.sizeBytes;

@@ -3,7 +3,7 @@
 // where they put them.
 import type { ModelSpec } from './spec.js';
 import type { Fp8Weight } from './safetensors.js';
-import type { HostTensor, TensorSource } from './tensor-source.js';
+import type { HostTensor, IntWeight, TensorSource } from './tensor-source.js';
 import { checkShape, rowsOf, ShapeError, sliceOf, toF32, vectorF32, type ExpertSource } from './weights.js';
 import { dequantMxfp4, gptOssMxfp4, type Mxfp4Weight } from './mxfp4.js';
 
@@ -33,6 +33,9 @@ export interface MoeTensors {
   /** Expert e's projections as FP8 codes and block scales when the checkpoint stores them so
    * (DeepSeek-V3 style, per-expert tensors) and the source can keep FP8; else null. */
   expertFp8(e: number): { gate: Fp8Weight; up: Fp8Weight; down: Fp8Weight } | null;
+  /** Expert e as int8 / int4 codes and scales when the checkpoint stores it so (compressed-tensors,
+   * per-expert tensors), else absent or null. */
+  expertInt?(e: number): { names: string[]; gate: IntWeight | null; up: IntWeight | null; down: IntWeight | null } | null;
   /** Expert e as MXFP4 blocks and scales when the checkpoint stores it so (gpt-oss), else absent or null. */
   expertMxfp4?(e: number): { gate: Mxfp4Weight; up: Mxfp4Weight; down: Mxfp4Weight } | null;
   /**
@@ -94,9 +97,17 @@ export function moeTensors(spec: ModelSpec, src: TensorSource, layerPrefix: stri
     want(down, H, I, names.down);
     return { gate, up, down };
   };
+  const names_ = names;
+  const expertInt = (e: number) => {
+    if (gateUpAll || !src.getInt) return null;
+    const ep = `${p}experts.${e}.`;
+    const names = [names_.gate, names_.up, names_.down].map((n) => `${ep}${n}.weight`);
+    const [gate, up, down] = names.map((n) => src.getInt!(n));
+    return gate || up || down ? { names, gate: gate ?? null, up: up ?? null, down: down ?? null } : null;
+  };
   const shared = m.sharedIntermediate > 0;
   return {
-    prefix: p, routerName: `${r}.weight`, router, expertFp8,
+    prefix: p, routerName: `${r}.weight`, router, expertFp8, expertInt,
     routerBias: m.routerBias ? vectorF32(src, `${r}.bias`, ET) : null,
     correctionBias: m.router.hasCorrectionBias ? vectorF32(src, biasName, ET) : null,
     expert, expertBias: null,

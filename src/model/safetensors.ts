@@ -1,10 +1,12 @@
 // Safetensors checkpoints: header parsing and validation, zero-copy tensor views over mmapped
 // files (single file, sharded via model.safetensors.index.json, or any *.safetensors), FP8 block
-// dequantisation at load, and a writer for tests, the demo model and benchmarks.
+// dequantisation at load, compressed-tensors int8/int4 codes, and a writer for tests, the demo model and benchmarks.
 import fs from 'node:fs';
 import path from 'node:path';
 
 import { loadNative } from '../native/index.js';
+import { dequantInt, intWeightOf } from './compressed-tensors.js';
+import type { IntWeight } from './tensor-source.js';
 
 /** Safetensors element types this reader understands. */
 export type StDType =
@@ -176,9 +178,13 @@ function typedView(dtype: StDType, buf: ArrayBuffer, byteOffset: number, numel: 
   }
 }
 
+export type { IntWeight };
+
 export interface OpenOptions {
   /** FP8 block size [rows, cols] (config quantization_config.weight_block_size); default [128, 128]. */
   fp8BlockSize?: [number, number];
+  /** compressed-tensors: the weight bit widths and int4 group sizes its config declares. */
+  compressed?: { bits: number[]; groupSizes: number[] };
 }
 
 export type LoadedWeight =
@@ -231,9 +237,12 @@ export class Checkpoint {
 
   /**
    * The weight in a dtype the kernels take: BF16/F16/F32 as stored (zero-copy), F8_E4M3 with its
-   * `<name>_scale_inv` block scales dequantised to bf16 (a new buffer).
+   * `<name>_scale_inv` block scales dequantised to bf16 (a new buffer), compressed-tensors int8 /
+   * int4 dequantised to f32 (exact; a new buffer).
    */
   loadWeightBf16OrNative(name: string): LoadedWeight {
+    const iw = this.loadInt(name);
+    if (iw) return { dtype: 'f32', data: dequantInt(iw) };
     const t = this.getTensor(name);
     switch (t.dtype) {
       case 'BF16': return { dtype: 'bf16', data: t.data() as Uint16Array };
@@ -253,11 +262,64 @@ export class Checkpoint {
     return dst;
   }
 
+  /** True when `name` (`X.weight`) is stored as compressed-tensors codes (`X.weight_packed`, or I8 with `X.weight_scale`). */
+  isCompressed(name: string): boolean {
+    if (!this.options.compressed || !name.endsWith('.weight')) return false;
+    if (this.tensors.has(`${name}_packed`)) return true;
+    return this.tensors.get(name)?.dtype === 'I8' && this.tensors.has(`${name}_scale`);
+  }
+
+  /** Shape [rows, cols] of a weight, compressed or not. */
+  weightShape(name: string): number[] {
+    if (this.isCompressed(name) && !this.tensors.has(name)) return this.packedShape(name);
+    return this.getTensor(name).shape;
+  }
+
+  private packedShape(name: string): [number, number] {
+    const t = this.getTensor(`${name}_shape`);
+    const d = t.data();
+    if (t.shape.length !== 1 || t.shape[0] !== 2 || !(d instanceof Int32Array || d instanceof BigInt64Array))
+      throw new CheckpointError(`tensor ${name}_shape is ${t.dtype} [${t.shape.join(', ')}], expected I32 or I64 [2]`, t.file);
+    return [Number(d[0]), Number(d[1])];
+  }
+
+  /**
+   * A compressed-tensors int8 / int4 weight's codes (unpacked, one per element) and f32 scales;
+   * null when `name` is not stored so.
+   */
+  loadInt(name: string): IntWeight | null {
+    if (!this.isCompressed(name)) return null;
+    const packed = this.tensors.has(`${name}_packed`);
+    const c = this.getTensor(packed ? `${name}_packed` : name);
+    for (const extra of ['_zero_point', '_g_idx'])
+      if (this.tensors.has(`${name}${extra}`))
+        throw new CheckpointError(`tensor ${name}${extra} is present: asymmetric or activation-ordered weights are not read`, c.file);
+    const s = this.getTensor(`${name}_scale`);
+    const fail = (msg: string) => new CheckpointError(msg, c.file);
+    return intWeightOf(name, {
+      codes: { dtype: c.dtype, shape: c.shape, data: c.data() as Int8Array | Int32Array },
+      scale: { dtype: s.dtype, shape: s.shape, data: this.floatScales(s) },
+      shape: packed ? this.packedShape(name) : null,
+    }, this.options.compressed!, fail);
+  }
+
+  private floatScales(s: TensorInfo): Float32Array {
+    const d = s.data();
+    if (s.dtype === 'F32') return d as Float32Array;
+    if (s.dtype === 'BF16' || s.dtype === 'F16') {
+      const out = new Float32Array(d.length);
+      loadNative().convert(d as Uint16Array, s.dtype === 'BF16' ? 'bf16' : 'f16', out, 'f32');
+      return out;
+    }
+    throw new CheckpointError(`tensor ${s.name} has dtype ${s.dtype}, expected F32, BF16 or F16 scales`, s.file);
+  }
+
   /**
    * An F8_E4M3 weight as stored: its codes and `<name>_scale_inv` block scales (f32), for kernels
    * that keep FP8 (the experts); null when the tensor is not F8_E4M3.
    */
   loadFp8(name: string): Fp8Weight | null {
+    if (this.isCompressed(name)) return null;
     const t = this.getTensor(name);
     return t.dtype === 'F8_E4M3' ? this.fp8Parts(t) : null;
   }

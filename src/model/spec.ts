@@ -1,6 +1,7 @@
 // ModelSpec: everything the engine needs to know about an architecture, normalised from an HF
 // config.json (transformers 4.x and 5.x spellings). The forward pass reads only this, never the
 // raw config.
+import type { CompressedTensorsConfig } from './compressed-tensors.js';
 
 export type ModelType =
   | 'mixtral' | 'qwen2_moe' | 'qwen3_moe' | 'olmoe' | 'deepseek_v2' | 'deepseek_v3' | 'longcat_flash'
@@ -146,8 +147,10 @@ export interface ModelSpec {
   /**
    * FP8 block-quantised checkpoint (DeepSeek-V3 style): routed experts kept in FP8 (CPU engine), other
    * weights dequantised to bf16 at load. MXFP4 (gpt-oss): experts kept in MXFP4 (CPU engine).
+   * compressed-tensors int8 / int4: every quantized Linear kept as int8 / int4 codes and scales.
    */
-  quantization: { method: 'fp8'; blockSize: [number, number] } | { method: 'mxfp4'; modulesToNotConvert: string[] } | null;
+  quantization: { method: 'fp8'; blockSize: [number, number] } | { method: 'mxfp4'; modulesToNotConvert: string[] } |
+    CompressedTensorsConfig | null;
   /**
    * Some layers keep per-sequence recurrent state instead of KV blocks (hybrid linear attention):
    * the engine turns prefix caching off for such a model (with a log line), since cached KV blocks

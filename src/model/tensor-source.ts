@@ -9,6 +9,19 @@ export interface HostTensor {
   data: Float32Array | Uint16Array;
 }
 
+/** An int8 / int4 weight [rows, cols] quantized elsewhere: value = codes[r, c] * scales[r, group of c]. */
+export interface IntWeight {
+  bits: 4 | 8;
+  /** [rows, cols] signed values (4-bit: -8..7). */
+  codes: Int8Array;
+  /** [rows, ceil(cols / group)] f32 (group 0: [rows], one per output row). */
+  scales: Float32Array;
+  rows: number;
+  cols: number;
+  /** k per scale: 0 for one per row (int8), else 32 or 128 (int4). */
+  group: number;
+}
+
 export interface TensorSource {
   has(name: string): boolean;
   /** Throws an error naming the tensor when it is missing. */
@@ -16,6 +29,9 @@ export interface TensorSource {
   /** The FP8 codes and block scales of an F8_E4M3 weight, or null when it is not one (or the
    * source cannot keep FP8). */
   getFp8?(name: string): Fp8Weight | null;
+  /** The codes and scales of a Linear weight stored as compressed-tensors int8 / int4 (`name` is the
+   * logical `X.weight`), or null when it is not one (or the source cannot keep them). */
+  getInt?(name: string): IntWeight | null;
   /** A U8 tensor as stored (MXFP4 blocks and e8m0 scales); throws naming a tensor of another dtype. */
   getU8?(name: string): { shape: number[]; data: Uint8Array };
 }
@@ -31,5 +47,6 @@ export function withWeightPrefix(src: TensorSource, prefix: string | undefined):
     has: (name) => src.has(map(name)),
     get: (name) => src.get(map(name)),
     ...(src.getFp8 ? { getFp8: (name: string) => src.getFp8!(map(name)) } : {}),
+    ...(src.getInt ? { getInt: (name: string) => src.getInt!(map(name)) } : {}),
   };
 }

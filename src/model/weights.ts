@@ -1,7 +1,7 @@
 // Turns checkpoint tensors into what the kernels consume: packed GEMM weights, f32 vectors for
 // norms and biases, expert tables. Shapes are checked against the config here, by name.
 import { loadNative, type ExpertTable, type PackedWeight } from '../native/index.js';
-import type { HostTensor, TensorSource } from './tensor-source.js';
+import type { HostTensor, IntWeight, TensorSource } from './tensor-source.js';
 import type { QuantizeSpec } from './quantize.js';
 import type { Fp8Weight } from './safetensors.js';
 
@@ -16,9 +16,45 @@ export function checkShape(name: string, t: HostTensor, expected: number[]): voi
       `[${expected.join(', ')}]`);
 }
 
+/**
+ * A Linear the checkpoint stores as int8 / int4 codes (compressed-tensors), unless `quantize`
+ * (--quantize / --quantize-dense) asks for its own format: then the exact dequantised values are
+ * re-quantized like any other weight.
+ */
+export function intWeight(src: TensorSource, name: string, quantize: QuantizeSpec | null): IntWeight | null {
+  return quantize ? null : src.getInt?.(name) ?? null;
+}
+
+/**
+ * Refuses a weight stored as int codes where this engine has no int path for it (`what` says where),
+ * rather than serving it dequantised behind the user's back.
+ */
+export function refuseInt(src: TensorSource, name: string, what: string): void {
+  const w = src.getInt?.(name);
+  if (w)
+    throw new ShapeError(`${name} is stored as int${w.bits} codes (compressed-tensors), but ${what} has no int${w.bits} path; ` +
+      'requantize the checkpoint with this module in its ignore list, or serve the bf16 original');
+}
+
+function checkInt(name: string, w: IntWeight, rows: number, cols: number): void {
+  if (w.rows !== rows || w.cols !== cols)
+    throw new ShapeError(`tensor ${name} has shape [${w.rows}, ${w.cols}], but the config implies [${rows}, ${cols}]`);
+}
+
+/** int8 / int4 codes kept as such (with `up`: a gate_up weight of 2 * rows). */
+export function packIntWeight(w: IntWeight, up: IntWeight | null = null): PackedWeight {
+  return loadNative().packInt(w.codes, w.scales, w.rows, w.cols, w.bits === 8 ? 'int8' : 'int4', w.group,
+    up?.codes, up?.scales);
+}
+
 /** Packs a Linear weight [n, k] (quantized in `quantize`'s format when given: --quantize-dense). */
 export function packLinear(src: TensorSource, name: string, n: number, k: number,
                            quantize: QuantizeSpec | null = null): PackedWeight {
+  const iw = intWeight(src, name, quantize);
+  if (iw) {
+    checkInt(name, iw, n, k);
+    return packIntWeight(iw);
+  }
   const t = src.get(name);
   checkShape(name, t, [n, k]);
   return loadNative().packWeight(t.data, t.dtype, n, k, quantize?.format, quantize?.group);
@@ -30,6 +66,27 @@ export function packLinear(src: TensorSource, name: string, n: number, k: number
  */
 export function packStacked(src: TensorSource, names: string[], rows: number[], k: number,
                             quantize: QuantizeSpec | null = null): PackedWeight {
+  const ints = names.map((name) => intWeight(src, name, quantize));
+  if (ints.some((w) => w)) {
+    const first = ints[0];
+    const same = first && ints.every((w) => w && w.bits === first.bits && w.group === first.group);
+    if (!same)
+      throw new ShapeError(`${names.join(', ')} are fused into one weight but are not all stored in one int format ` +
+        `(${ints.map((w) => (w ? `int${w.bits}${w.group ? `/g${w.group}` : ''}` : 'float')).join(', ')}); ` +
+        'quantize them with one scheme, or serve with --quantize-dense to re-quantize them');
+    ints.forEach((w, i) => checkInt(names[i]!, w!, rows[i]!, k));
+    const total = rows.reduce((a, b) => a + b, 0);
+    const codes = new Int8Array(total * k);
+    const scales = new Float32Array(ints.reduce((a, w) => a + w!.scales.length, 0));
+    let co = 0, so = 0;
+    for (const w of ints) {
+      codes.set(w!.codes, co);
+      scales.set(w!.scales, so);
+      co += w!.codes.length;
+      so += w!.scales.length;
+    }
+    return packIntWeight({ ...first, codes, scales, rows: total });
+  }
   const parts = names.map((name, i) => {
     const t = src.get(name);
     checkShape(name, t, [rows[i]!, k]);
@@ -137,10 +194,31 @@ export function denseFfnTable(src: TensorSource, prefix: string, h: number, i: n
                               quantize: QuantizeSpec | null = null): { table: ExpertTable; sizeBytes: number } {
   const n = loadNative();
   const table = new n.ExpertTable(1, h, i);
-  const w = packExpert(ffnSource(src, prefix), prefix.replace(/\.$/, ''), h, i, quantize);
+  const names = ['gate_proj', 'up_proj', 'down_proj'].map((p) => `${prefix}${p}.weight`);
+  const [gi, ui, di] = names.map((name) => intWeight(src, name, quantize));
+  const w = gi || ui || di ? packIntFfn(names, gi ?? null, ui ?? null, di ?? null, h, i)
+    : packExpert(ffnSource(src, prefix), prefix.replace(/\.$/, ''), h, i, quantize);
   table.set(0, w.gateUp, w.down);
   const sizeBytes = w.gateUp.sizeBytes + w.down.sizeBytes;
   w.gateUp.dispose();
   w.down.dispose();
   return { table, sizeBytes };
+}
+
+/**
+ * A gated FFN (an expert, a shared expert, a dense FFN) stored as int8 / int4 codes (compressed-
+ * tensors): gate/up [i, h] in one format (they are fused), down [h, i]. names: gate, up, down.
+ */
+export function packIntFfn(names: string[], gate: IntWeight | null, up: IntWeight | null, down: IntWeight | null,
+                           h: number, i: number): { gateUp: PackedWeight; down: PackedWeight } {
+  if (!gate || !up || !down)
+    throw new ShapeError(`${names.join(', ')}: some are stored as int codes and some as floats; expertd reads a ` +
+      'quantized FFN with all three projections quantized (quantize them together), or re-quantizes them with --quantize');
+  if (gate.bits !== up.bits || gate.group !== up.group)
+    throw new ShapeError(`${names[0]} and ${names[1]} are fused into one weight but have different int formats ` +
+      `(int${gate.bits} group ${gate.group}, int${up.bits} group ${up.group})`);
+  checkInt(names[0]!, gate, i, h);
+  checkInt(names[1]!, up, i, h);
+  checkInt(names[2]!, down, h, i);
+  return { gateUp: packIntWeight(gate, up), down: packIntWeight(down) };
 }

@@ -658,6 +658,18 @@ export interface NativeAddon extends Partial<CudaAddon> {
    * (expert cache slots of an MXFP4 checkpoint); a gate_up weight needs the up pair. */
   repackMxfp4Into(dst: PackedWeight, blocks: Uint8Array, scales: Uint8Array,
                   upBlocks?: Uint8Array | null, upScales?: Uint8Array | null): void;
+  /**
+   * An int8 / int4 weight quantized elsewhere (compressed-tensors checkpoints) kept as its codes:
+   * codes [n, k] one signed value per element (int4: -8..7), scales [n, ceil(k / group)] f32 (int8:
+   * group 0, one scale per row, scales [n]); value = code * scale. With upCodes/upScales (same
+   * shapes) the result is a gate_up weight of 2n rows.
+   */
+  packInt(codes: Int8Array, scales: Float32Array, n: number, k: number, format: 'int8' | 'int4', group: number,
+          upCodes?: Int8Array | null, upScales?: Float32Array | null): PackedWeight;
+  /** packInt's arrays into an existing int8 / int4 weight of the same geometry and group (expert
+   * cache slots), in place; a gate_up weight needs the up pair. */
+  repackIntInto(dst: PackedWeight, codes: Int8Array, scales: Float32Array,
+                upCodes?: Int8Array | null, upScales?: Float32Array | null): void;
   /** Re-packs new contents into an existing weight of the same geometry (expert cache slots; a
    * quantized slot re-quantizes them). */
   repackInto(dst: PackedWeight, src: WeightSource, dtype: DType, up?: WeightSource | null): void;

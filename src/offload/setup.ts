@@ -7,7 +7,8 @@ import { loadNative, type CudaAddon, type CudaBuffer } from '../native/index.js'
 import { PinnedExpertStore } from './device-store.js';
 import type { ModelSpec } from '../model/spec.js';
 import type { EvictionPolicy } from './expert-cache.js';
-import { CheckpointExpertStore, SimulatedLinkStore, type ExpertStore } from './expert-store.js';
+import { CheckpointExpertStore, expertTensorPrefix, SimulatedLinkStore, type ExpertStore } from './expert-store.js';
+import { CompressedExpertStore } from './compressed-store.js';
 import { Mxfp4ExpertStore } from './mxfp4-store.js';
 import { Offloader } from './offloader.js';
 import type { BatchCombine } from './predictor.js';
@@ -59,7 +60,13 @@ export function attachOffloader(loaded: LoadedModel, cfg: OffloadConfig, hooks: 
   const { spec, model, checkpoint } = loaded;
   // MXFP4 checkpoints (gpt-oss) have a store of their own: slots hold MXFP4 (or --quantize's format).
   const mxfp4 = spec.quantization?.method === 'mxfp4' && checkpoint.names().some((n) => n.endsWith('.mlp.experts.gate_up_proj_blocks'));
+  // compressed-tensors checkpoints with int experts likewise (slots hold int8 / int4 codes and scales).
+  const names = expertTensorPrefix(spec);
+  const firstMoe = spec.layers.findIndex((l) => l.ffn === 'moe');
+  const intExperts = spec.quantization?.method === 'compressed-tensors' &&
+    checkpoint.isCompressed(`model.layers.${firstMoe}.${names.block}experts.0.${names.gate}.weight`);
   let store: ExpertStore = mxfp4 ? new Mxfp4ExpertStore(checkpoint, spec, cfg.quantize ?? null)
+    : intExperts ? new CompressedExpertStore(checkpoint, spec, cfg.quantize ?? null)
     : new CheckpointExpertStore(checkpoint, spec, { copyThread: cfg.copyThread ?? true, quantize: cfg.quantize ?? null });
   if (cfg.simulatedLink) store = new SimulatedLinkStore(store, cfg.simulatedLink.gbps, cfg.simulatedLink.latencyUs);
   const off = new Offloader(store, offloaderOptions(spec, model.moeLayers.length, cfg, hooks));

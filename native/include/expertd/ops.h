@@ -101,6 +101,11 @@ void pack_fp8_weight(PackedWeight& w, const uint8_t* codes, const float* scale_i
                      bool use_pool = true);
 void pack_mxfp4_weight(PackedWeight& w, const uint8_t* blocks, const uint8_t* scales,
                        const uint8_t* blocks_up, const uint8_t* scales_up);
+// Packs integer codes quantized elsewhere (compressed-tensors int8 / int4 checkpoints) into an I8
+// or I4 weight: codes [n, k] one signed value per byte (I4: -8..7), scales [n, ceil(k / w.group)]
+// f32 (I8 per row: [n, 1]); value = code * scale. GateUp takes the up half as for FP8.
+void pack_int_weight(PackedWeight& w, const int8_t* codes, const float* scales,
+                     const int8_t* codes_up, const float* scales_up, bool use_pool = true);
 
 // ---------------------------------------------------------------------------------------------
 // DenseGemm: Y[M, N] = X[M, K] * W[N, K]^T (+ bias[N]) (+= Y if accumulate).

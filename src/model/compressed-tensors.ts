@@ -1,0 +1,198 @@
+// compressed-tensors checkpoints (llm-compressor, what vLLM's users produce): the quantization_config
+// schemes expertd reads (int8 W8A8 per output channel, int4 W4A16 in groups of 32 or 128, symmetric)
+// and the stored tensors of one quantized Linear turned into codes and scales for packInt. Anything
+// else is refused naming the field and value.
+import type { IntWeight } from './tensor-source.js';
+
+type Raw = Record<string, unknown>;
+
+export interface CompressedTensorsConfig {
+  method: 'compressed-tensors';
+  /** int-quantized / naive-quantized (int8 bytes per weight) or pack-quantized (int32 words of 8 nibbles / 4 bytes). */
+  format: 'int-quantized' | 'naive-quantized' | 'pack-quantized';
+  /** The checkpoint's ignore list (modules left unquantized), as written; the tensors say the same. */
+  ignore: string[];
+  /** Weight bit widths and int4 group sizes over the config groups. */
+  schemes: { bits: number[]; groupSizes: number[] };
+}
+
+const FORMATS = ['int-quantized', 'naive-quantized', 'pack-quantized'] as const;
+const OTHER_FORMATS: Record<string, string> = {
+  'float-quantized': 'FP8 weights with per-channel or per-tensor scales; expertd reads block-scaled FP8 checkpoints (quant_method "fp8")',
+  'nvfp4-pack-quantized': 'NVFP4 (e2m1 with fp8 group scales)',
+  'mxfp4-pack-quantized': 'MXFP4 in compressed-tensors packing',
+  'marlin-24': '2:4 sparse weights packed for Marlin kernels',
+  'sparse-24-bitmask': '2:4 sparse weights with a bitmask',
+  'sparse-bitmask': 'sparse weights with a bitmask',
+  dense: 'unquantized weights (drop quantization_config)',
+  'mixed-precision': 'a different format per group',
+};
+const TOP_FIELDS = ['quant_method', 'format', 'config_groups', 'ignore', 'quantization_status', 'kv_cache_scheme',
+  'global_compression_ratio', 'sparsity_config', 'transform_config', 'version'];
+const SUPPORTED = 'supported for compressed-tensors: format "int-quantized", "naive-quantized" or "pack-quantized" with ' +
+  'weights {type "int", symmetric, num_bits 8 strategy "channel" | num_bits 4 strategy "group" group_size 32 or 128} ' +
+  'and input_activations null or dynamic int8 per token';
+
+/**
+ * quantization_config with quant_method "compressed-tensors" -> what the loader needs, or a
+ * ConfigError (made by `fail`) naming the field at fault.
+ */
+export function parseCompressedTensors(q: Raw, mt: string, fail: (msg: string) => Error): CompressedTensorsConfig {
+  const refuse = (why: string) => fail(`${mt} config quantization_config ${JSON.stringify(q)} is not supported; ${SUPPORTED}. ${why}`);
+  const unknown = Object.keys(q).filter((k) => !TOP_FIELDS.includes(k));
+  if (unknown.length) throw refuse(`Unknown field(s): ${unknown.join(', ')}.`);
+  const format = checkFormat(q.format, 'format', refuse);
+  const status = q.quantization_status ?? 'compressed';
+  if (status !== 'compressed')
+    throw refuse(`quantization_status ${JSON.stringify(status)}: expertd reads compressed (saved) weights, not a model mid-calibration.`);
+  if (q.kv_cache_scheme != null)
+    throw refuse('kv_cache_scheme (calibrated KV cache scales) is not read: drop it and choose the cache with --kv-dtype.');
+  const sparsity = q.sparsity_config;
+  if (sparsity != null && !(typeof sparsity === 'object' && Object.keys(sparsity).length === 0))
+    throw refuse('sparsity_config: sparse compressed-tensors weights are not read.');
+  if (q.transform_config != null) throw refuse('transform_config (rotations applied to the weights) is not read.');
+  const ignore = q.ignore ?? [];
+  if (!Array.isArray(ignore) || ignore.some((m) => typeof m !== 'string')) throw refuse(`ignore ${JSON.stringify(ignore)}: expected a list of module names.`);
+  const groups = q.config_groups;
+  if (!groups || typeof groups !== 'object' || Array.isArray(groups) || Object.keys(groups).length === 0)
+    throw refuse('config_groups: expected an object of one or more scheme groups.');
+  for (const [name, g] of Object.entries(groups as Raw)) checkGroup(name, g, format, refuse);
+  return { method: 'compressed-tensors', format, ignore: ignore as string[], schemes: declaredSchemes(q) };
+}
+
+function checkFormat(f: unknown, field: string, refuse: (why: string) => Error): CompressedTensorsConfig['format'] {
+  if ((FORMATS as readonly unknown[]).includes(f)) return f as CompressedTensorsConfig['format'];
+  const other = typeof f === 'string' ? OTHER_FORMATS[f] : undefined;
+  throw refuse(`${field} ${JSON.stringify(f)} ${other ? `(${other})` : 'is not a format expertd reads'}.`);
+}
+
+function checkGroup(name: string, g: unknown, format: string, refuse: (why: string) => Error): void {
+  const at = `config_groups.${name}`;
+  if (!g || typeof g !== 'object' || Array.isArray(g)) throw refuse(`${at} must be an object.`);
+  const grp = g as Raw;
+  if (grp.format !== undefined && grp.format !== null && grp.format !== format) checkFormat(grp.format, `${at}.format`, refuse);
+  if (grp.output_activations != null) throw refuse(`${at}.output_activations: quantized outputs are not read.`);
+  const w = grp.weights as Raw | null | undefined;
+  if (!w || typeof w !== 'object') throw refuse(`${at}.weights ${JSON.stringify(w)}: expected the weights' quantization args.`);
+  const wa = `${at}.weights`;
+  const type = w.type ?? 'int';
+  if (type !== 'int')
+    throw refuse(`${wa}.type ${JSON.stringify(type)}: expertd reads integer weights (FP8 checkpoints: quant_method "fp8").`);
+  if (w.symmetric === false)
+    throw refuse(`${wa}.symmetric false: asymmetric weights (weight_zero_point) are not read; expertd's int8/int4 formats are symmetric.`);
+  if (w.dynamic === true || w.dynamic === 'local') throw refuse(`${wa}.dynamic ${JSON.stringify(w.dynamic)}: weights must carry their scales.`);
+  const act = w.actorder ?? null;
+  if (act !== null && act !== false && act !== 'static')
+    throw refuse(`${wa}.actorder ${JSON.stringify(act)}: activation-ordered groups (weight_g_idx) are not read; ` +
+      'quantize with actorder "static" or null.');
+  const bits = w.num_bits, strategy = w.strategy;
+  if (bits === 8) {
+    if (strategy !== 'channel')
+      throw refuse(`${wa}.strategy ${JSON.stringify(strategy)} with num_bits 8: int8 weights are read per output channel (strategy "channel").`);
+  } else if (bits === 4) {
+    if (strategy !== 'group')
+      throw refuse(`${wa}.strategy ${JSON.stringify(strategy)} with num_bits 4: int4 weights are read in groups (strategy "group", group_size 32 or 128).`);
+    if (w.group_size !== 32 && w.group_size !== 128)
+      throw refuse(`${wa}.group_size ${JSON.stringify(w.group_size)}: int4 groups are 32 or 128 (expertd's int4 format).`);
+  } else {
+    throw refuse(`${wa}.num_bits ${JSON.stringify(bits)}: expertd reads 8-bit and 4-bit integer weights.`);
+  }
+  const ia = grp.input_activations as Raw | null | undefined;
+  if (ia != null) {
+    const ok = typeof ia === 'object' && (ia.type ?? 'int') === 'int' && ia.num_bits === 8 && ia.dynamic === true;
+    if (!ok)
+      throw refuse(`${at}.input_activations ${JSON.stringify(ia)}: expertd quantizes activations itself, dynamically ` +
+        '(int8 W8A8 dynamic per token is read; static input_scale or FP8 activations are not).');
+  }
+}
+
+/** What a Linear's stored tensors are, by their dtypes and shapes (names without the ".weight"). */
+export interface CompressedParts {
+  /** `.weight` I8 (int-quantized) or `.weight_packed` I32 (pack-quantized). */
+  codes: { dtype: string; shape: number[]; data: Int8Array | Int32Array };
+  scale: { dtype: string; shape: number[]; data: Float32Array };
+  /** `.weight_shape` [rows, cols] (pack-quantized). */
+  shape: [number, number] | null;
+}
+
+/** The schemes a config declares: weight bit widths and int4 group sizes (to read tensors whose
+ * shapes alone are ambiguous: an int4 weight stored one value per byte, one group per row). */
+export function declaredSchemes(q: Raw): { bits: number[]; groupSizes: number[] } {
+  const bits = new Set<number>(), groupSizes = new Set<number>();
+  for (const g of Object.values((q.config_groups ?? {}) as Record<string, Raw>)) {
+    const w = g.weights as Raw;
+    bits.add(w.num_bits as number);
+    if (w.num_bits === 4) groupSizes.add(w.group_size as number);
+  }
+  return { bits: [...bits], groupSizes: [...groupSizes] };
+}
+
+/**
+ * One Linear's codes and scales from its stored tensors: `X.weight` int8 [rows, cols] or
+ * `X.weight_packed` int32 [rows, ceil(cols * bits / 32)] (values + 2^(bits-1), the lowest bits
+ * first) with `X.weight_shape`; `X.weight_scale` [rows, 1] (per channel) or [rows, ceil(cols / group)].
+ * Throws naming the tensor when the shapes disagree or the scheme is not one expertd's formats hold.
+ */
+export function intWeightOf(name: string, p: CompressedParts, schemes: { bits: number[]; groupSizes: number[] },
+                            fail: (msg: string) => Error): IntWeight {
+  let rows: number, cols: number, codes: Int8Array, bits: 4 | 8;
+  const s = p.scale;
+  if (p.codes.dtype === 'I8') {
+    if (p.codes.shape.length !== 2) throw fail(`${name} is I8 with shape [${p.codes.shape.join(', ')}], expected [rows, cols]`);
+    [rows, cols] = p.codes.shape as [number, number];
+    codes = p.codes.data as Int8Array;
+    // One value per byte: 8-bit, or 4-bit (int-quantized num_bits 4) when the config has only that or
+    // the scales are grouped.
+    bits = schemes.bits.length === 1 ? (schemes.bits[0] as 4 | 8) : s.shape[1] === 1 ? 8 : 4;
+  } else if (p.codes.dtype === 'I32') {
+    if (!p.shape) throw fail(`${name}_packed has no ${name}_shape beside it (the unpacked [rows, cols])`);
+    [rows, cols] = p.shape;
+    const words = p.codes.shape[1] ?? 0;
+    if (p.codes.shape.length !== 2 || p.codes.shape[0] !== rows)
+      throw fail(`${name}_packed has shape [${p.codes.shape.join(', ')}], expected [${rows}, words] for ${name}_shape [${rows}, ${cols}]`);
+    if (words === Math.ceil(cols / 8) && schemes.bits.includes(4)) bits = 4;
+    else if (words === Math.ceil(cols / 4) && schemes.bits.includes(8)) bits = 8;
+    else throw fail(`${name}_packed has ${words} int32 words per row for ${cols} columns: not the ${schemes.bits.join(' or ')}-bit packing the config declares`);
+    codes = unpackInt32(p.codes.data as Int32Array, rows, cols, words, bits);
+  } else {
+    throw fail(`${name} has dtype ${p.codes.dtype}; compressed-tensors integer weights are I8 or I32 (packed)`);
+  }
+  if (s.shape.length !== 2 || s.shape[0] !== rows || !(s.shape[1]! >= 1))
+    throw fail(`${name}_scale has shape [${s.shape.join(', ')}], expected [${rows}, 1] or [${rows}, groups]`);
+  const nScale = s.shape[1]!;
+  if (bits === 8) {
+    if (nScale !== 1)
+      throw fail(`${name}_scale has ${nScale} scales per row: expertd reads int8 weights with one scale per output channel`);
+    return { bits, codes, scales: s.data, rows, cols, group: 0 };
+  }
+  // Group g covers columns [g * size, (g + 1) * size); the last one may be ragged.
+  const sizes = schemes.groupSizes.length ? schemes.groupSizes : [32, 128];
+  const group = sizes.find((gs) => Math.ceil(cols / gs) === nScale);
+  if (group === undefined)
+    throw fail(`${name}_scale has ${nScale} scale(s) per row of ${cols} 4-bit values: not groups of ${sizes.join(' or ')}`);
+  return { bits, codes, scales: s.data, rows, cols, group };
+}
+
+/** Unpacks words [rows, words] of `bits`-bit values (offset by 2^(bits-1), lowest bits first) to signed codes [rows, cols]. */
+export function unpackInt32(packed: Int32Array, rows: number, cols: number, words: number, bits: 4 | 8): Int8Array {
+  const per = 32 / bits, mask = (1 << bits) - 1, offset = 1 << (bits - 1);
+  const out = new Int8Array(rows * cols);
+  for (let r = 0; r < rows; r++) {
+    const o = r * cols;
+    for (let w = 0; w < words; w++) {
+      let word = packed[r * words + w]!;
+      const c0 = w * per, n = Math.min(per, cols - c0);
+      for (let j = 0; j < n; j++, word >>>= bits) out[o + c0 + j] = (word & mask) - offset;
+    }
+  }
+  return out;
+}
+
+/** The f32 values code * scale (exact for bf16 scales) of an int weight [rows, cols]. */
+export function dequantInt(w: IntWeight): Float32Array {
+  const out = new Float32Array(w.rows * w.cols);
+  const g = w.group === 0 ? w.cols : w.group, per = Math.ceil(w.cols / g);
+  for (let r = 0; r < w.rows; r++)
+    for (let c = 0; c < w.cols; c++) out[r * w.cols + c] = Math.fround(w.codes[r * w.cols + c]! * w.scales[r * per + Math.floor(c / g)]!);
+  return out;
+}

@@ -1,0 +1,572 @@
+// compressed-tensors checkpoints (llm-compressor's int8 W8A8 "int-quantized" and int4 W4A16
+// "pack-quantized", test/fixtures-quant/qwen2_moe_w8a8 and _w4a16 made by
+// test/fixtures/make_quant_fixtures.py) served natively: every quantized Linear (attention, routed
+// experts, shared expert, dense MLP) stays int8 / int4 in memory, and the logits match HF transformers
+// run on the dequantised weights; they equal the same checkpoint with the weights decoded here
+// (independently of the loader) and written as f32; through the expert cache and over expert ranks
+// they equal the all-resident model bit for bit, and 2 rank processes serve it as one engine does; on
+// the device engine's emulator the int experts hold the stored codes and match the CPU engine's.
+// Unsupported schemes are refused by name.
+import assert from 'node:assert/strict';
+import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { describe, test } from 'node:test';
+
+import { ConfigError, parseModelConfig } from '../src/model/config.js';
+import { loadCudaModel, loadModel } from '../src/model/load.js';
+import type { MoeModel } from '../src/model/model.js';
+import { openCheckpoint, readSafetensorsHeader, writeSafetensors, type TensorToWrite } from '../src/model/safetensors.js';
+import { quantElement, quantMatrixBytes } from '../src/model/cuda-quant.js';
+import { startExpertRanks } from '../src/dist/expert-ranks.js';
+import { loadNative, packageRoot, type CudaBuffer, type PackedWeight } from '../src/native/index.js';
+import { attachOffloader, skipAllExperts } from '../src/offload/setup.js';
+import { createCudaEmulator } from './helpers/cuda-emu.js';
+import { emulatorSkip } from './helpers/cuda-skip.js';
+import { startDaemon, stopDaemon } from './helpers/daemon.js';
+import { argmax, DirectRunner } from './helpers/model-runner.js';
+
+const root = path.join(packageRoot(), 'test', 'fixtures-quant');
+const W8 = path.join(root, 'qwen2_moe_w8a8');
+const W4 = path.join(root, 'qwen2_moe_w4a16');
+
+interface Golden { moe_layers: number[]; cases: { prompt_ids: number[]; logits: number[][]; greedy: number[]; router: number[][][] }[] }
+const goldenOf = (dir: string) => JSON.parse(readFileSync(path.join(dir, 'golden.json'), 'utf8')) as Golden;
+
+function bf16ToF32(u: Uint16Array): Float32Array {
+  const out = new Uint32Array(u.length);
+  for (let i = 0; i < u.length; i++) out[i] = u[i]! << 16;
+  return new Float32Array(out.buffer);
+}
+
+/** f32 -> bf16 bits, round to nearest even. */
+function toBf16(f: Float32Array): Uint16Array {
+  const u = new Uint32Array(f.buffer, f.byteOffset, f.length);
+  return Uint16Array.from(u, (x) => (x + 0x7fff + ((x >>> 16) & 1)) >>> 16);
+}
+
+/** A few weights of the loaded model: (quant format, group) of the attention, shared expert and an expert. */
+function held(model: MoeModel): string[] {
+  const out: string[] = [];
+  const fmt = (w: PackedWeight) => String(w.quant);
+  for (const layer of model.moeLayers) {
+    for (let e = 0; e < layer.weights.experts.numExperts; e++) {
+      const w = layer.weights.experts.get(e);
+      if (!w) continue;
+      out.push(`expert ${fmt(w.gateUp)}/${fmt(w.down)}`);
+      w.gateUp.dispose();
+      w.down.dispose();
+    }
+    const s = layer.weights.shared?.get(0);
+    if (s) {
+      out.push(`shared ${fmt(s.gateUp)}/${fmt(s.down)}`);
+      s.gateUp.dispose();
+      s.down.dispose();
+    }
+  }
+  return [...new Set(out)];
+}
+
+/** Every golden case's prompt + greedy tokens through the model, teacher-forced: logits per position. */
+function forcedLogits(model: MoeModel, dir: string): Float32Array[] {
+  const V = model.spec.vocabSize;
+  const logits: Float32Array[] = [];
+  for (const c of goldenOf(dir).cases) {
+    const ids = [...c.prompt_ids, ...c.greedy];
+    const runner = new DirectRunner(model);
+    const res = runner.step([runner.newSeq()], [ids], true);
+    for (let p = 0; p < ids.length; p++) logits.push(res.logits.slice(p * V, (p + 1) * V));
+  }
+  return logits;
+}
+
+for (const [dir, bits] of [[W8, 8], [W4, 4]] as const) {
+  const name = path.basename(dir);
+  test(`${name}: int${bits} weights kept as codes, logits match transformers on the dequantised weights`, (t) => {
+    const { model, spec } = loadModel(dir, { fast: false });
+    const bf16 = loadModel(path.join(packageRoot(), 'test', 'fixtures', 'qwen2_moe'), { fast: false });
+    try {
+      assert.equal(spec.quantization?.method, 'compressed-tensors');
+      const f = `int${bits}`;
+      assert.deepEqual(held(model), [`expert ${f}/${f}`, `shared ${f}/${f}`], 'experts and shared experts held as codes');
+      // Attention and the dense MLP hold codes too: the dense bytes are well under bf16's.
+      const ours = model.residentWeightBytes, theirs = bf16.model.residentWeightBytes;
+      t.diagnostic(`resident bytes: experts ${ours.experts} vs bf16 ${theirs.experts}, dense ${ours.dense} vs ${theirs.dense}`);
+      assert.ok(ours.experts <= (bits === 8 ? 0.6 : 0.35) * theirs.experts, `experts ${ours.experts} B vs bf16 ${theirs.experts} B`);
+      // Dense bytes include the bf16 embeddings-sized lm_head (1024 x 64) and the routers, which stay.
+      assert.ok(ours.dense < theirs.dense - (bits === 8 ? 20_000 : 30_000), `dense ${ours.dense} B vs bf16 ${theirs.dense} B`);
+
+      const golden = goldenOf(dir);
+      const V = spec.vocabSize, k = spec.moe.router.topK;
+      let worst = 0;
+      for (const [ci, c] of golden.cases.entries()) {
+        const runner = new DirectRunner(model);
+        const res = runner.step([runner.newSeq()], [c.prompt_ids], true);
+        for (let m = 0; m < golden.moe_layers.length; m++)
+          for (let p = 0; p < c.prompt_ids.length; p++)
+            assert.deepEqual(Array.from(res.routedIds[m]!.subarray(p * k, (p + 1) * k)), c.router[m]![p], `case ${ci} layer ${m} position ${p}`);
+        for (let p = 0; p < c.prompt_ids.length; p++)
+          for (let v = 0; v < V; v++) worst = Math.max(worst, Math.abs(res.logits[p * V + v]! - c.logits[p]![v]!));
+        assert.deepEqual(new DirectRunner(model).greedy(c.prompt_ids, c.greedy.length), c.greedy, `case ${ci} greedy`);
+      }
+      t.diagnostic(`logits max-abs difference from transformers: ${worst}`);
+      // f32 rounding: golden.json's f64_logits_max_abs_diff is ~1.8e-5 (HF f32 vs f64 on the same weights).
+      assert.ok(worst <= 1e-4, `logits max-abs difference ${worst}`);
+    } finally {
+      model.dispose();
+      bf16.model.dispose();
+    }
+  });
+}
+
+test('the compressed-tensors goldens are not the bf16 fixture\'s: the quantization changes the outputs tested', () => {
+  const bf = goldenOf(path.join(packageRoot(), 'test', 'fixtures', 'qwen2_moe'));
+  for (const dir of [W8, W4]) {
+    let diff = 0;
+    goldenOf(dir).cases.forEach((c, i) => c.logits.forEach((row, p) => row.forEach((v, j) => {
+      diff = Math.max(diff, Math.abs(v - bf.cases[i]!.logits[p]![j]!));
+    })));
+    assert.ok(diff > 1e-3, `${path.basename(dir)} and bf16 goldens differ by at most ${diff}`);
+  }
+});
+
+/**
+ * The checkpoint with every quantized weight decoded here (int8 bytes, or int32 words of eight
+ * 4-bit fields, lowest first, minus 8; times the bf16 scale of its row and group) and written as f32
+ * `X.weight`: a plain qwen2_moe checkpoint. `keep` names weights left quantized (regex).
+ */
+function decodeCheckpoint(dir: string, out: string, keep: RegExp | null = null, asBf16 = false): void {
+  const file = path.join(dir, 'model.safetensors');
+  const header = readSafetensorsHeader(file);
+  const bytes = readFileSync(file);
+  const raw = (n: string) => {
+    const t = header.tensors.find((x) => x.name === n)!;
+    const b = new Uint8Array(t.end - t.begin);
+    b.set(bytes.subarray(header.dataStart + t.begin, header.dataStart + t.end));
+    return { t, b };
+  };
+  const tensors: TensorToWrite[] = [];
+  const names = header.tensors.map((t) => t.name);
+  const q = (JSON.parse(readFileSync(path.join(dir, 'config.json'), 'utf8')) as { quantization_config: { config_groups: { group_0: { weights: { group_size: number | null } } } } }).quantization_config;
+  const groupSize = q.config_groups.group_0.weights.group_size ?? 0;
+  for (const t of header.tensors) {
+    const m = /^(.*\.weight)(_packed|_scale|_shape)?$/.exec(t.name);
+    const base = m?.[1];
+    const quantized = base !== undefined && names.includes(`${base}_scale`);
+    if (!quantized || (keep && keep.test(base!))) {
+      tensors.push({ name: t.name, dtype: t.dtype, shape: t.shape, data: raw(t.name).b });
+      continue;
+    }
+    if (m![2]) continue;  // _packed / _scale / _shape: written once, as base
+  }
+  for (const n of names) {
+    if (!n.endsWith('.weight_scale')) continue;
+    const base = n.slice(0, -'_scale'.length);
+    if (keep && keep.test(base)) continue;
+    const s = raw(n);
+    const scales = bf16ToF32(new Uint16Array(s.b.buffer, 0, s.b.byteLength / 2));
+    let rows: number, cols: number, code: (r: number, c: number) => number;
+    if (names.includes(`${base}_packed`)) {
+      const shape = new Int32Array(raw(`${base}_shape`).b.buffer);
+      [rows, cols] = [shape[0]!, shape[1]!];
+      const p = raw(`${base}_packed`);
+      const words = new Uint32Array(p.b.buffer);
+      const per = p.t.shape[1]!;
+      code = (r, c) => ((words[r * per + (c >> 3)]! >>> (4 * (c & 7))) & 15) - 8;
+    } else {
+      const w = raw(base);
+      [rows, cols] = w.t.shape as [number, number];
+      const i8 = new Int8Array(w.b.buffer);
+      code = (r, c) => i8[r * cols + c]!;
+    }
+    const groups = s.t.shape[1]!, g = groups === 1 ? cols : groupSize;
+    const f = new Float32Array(rows * cols);
+    for (let r = 0; r < rows; r++)
+      for (let c = 0; c < cols; c++) f[r * cols + c] = code(r, c) * scales[r * groups + Math.floor(c / g)]!;
+    // asBf16 (the device test): decoded weights rounded to bf16, which both engines then hold exactly.
+    if (asBf16) tensors.push({ name: base, dtype: 'BF16', shape: [rows, cols], data: new Uint8Array(toBf16(f).buffer) });
+    else tensors.push({ name: base, dtype: 'F32', shape: [rows, cols], data: new Uint8Array(f.buffer) });
+  }
+  mkdirSync(out, { recursive: true });
+  writeSafetensors(path.join(out, 'model.safetensors'), tensors);
+  const config = JSON.parse(readFileSync(path.join(dir, 'config.json'), 'utf8')) as Record<string, unknown>;
+  // With `keep`, the config stays (its ignore list is not what expertd reads: the tensors are).
+  if (!keep) delete config.quantization_config;
+  writeFileSync(path.join(out, 'config.json'), JSON.stringify(config));
+  for (const f of ['generation_config.json', 'tokenizer.json', 'tokenizer_config.json', 'golden.json'])
+    copyFileSync(path.join(dir, f), path.join(out, f));
+}
+
+test('int8 and int4 checkpoints equal their weights decoded independently and served as f32 (reference mode)', () => {
+  const tmp = mkdtempSync(path.join(os.tmpdir(), 'expertd-ct-'));
+  try {
+    for (const dir of [W8, W4]) {
+      const ref = path.join(tmp, path.basename(dir));
+      decodeCheckpoint(dir, ref);
+      const a = loadModel(dir, { fast: false }).model, b = loadModel(ref, { fast: false }).model;
+      try {
+        assert.deepEqual(held(b), ['expert null/null', 'shared null/null']);
+        const got = forcedLogits(a, dir), want = forcedLogits(b, dir);
+        let worst = 0;
+        for (let i = 0; i < want.length; i++)
+          for (let v = 0; v < want[i]!.length; v++) worst = Math.max(worst, Math.abs(got[i]![v]! - want[i]![v]!));
+        assert.ok(worst <= 1e-5, `${path.basename(dir)}: logits max-abs difference ${worst}`);
+      } finally {
+        a.dispose();
+        b.dispose();
+      }
+    }
+  } finally {
+    rmSync(tmp, { recursive: true, force: true });
+  }
+});
+
+// Fast mode: the int weights against activations quantized to int8 per 32 columns (the VNNI path;
+// vLLM's W8A8 quantizes per token, one scale per row, which is coarser), bf16 activations elsewhere.
+// Against HF on the dequantised weights in f32 only the activation rounding differs. Measured over the
+// 26 prompt positions of the goldens: w8a8 24/26, w4a16 23/26 (top-1 margins of these random fixtures
+// are ~0.01 logits). The floors are the --quantize fast-mode ones (test/quantize-model.test.ts: int8
+// 0.89, int4 g32 0.55).
+test('fast mode: teacher-forced top-1 agreement with transformers on the dequantised weights', (t) => {
+  for (const dir of [W8, W4]) {
+    const { model } = loadModel(dir, { fast: true });
+    try {
+      const golden = goldenOf(dir);
+      const V = model.spec.vocabSize;
+      let agree = 0, n = 0, worst = 0;
+      for (const c of golden.cases) {
+        const runner = new DirectRunner(model);
+        const res = runner.step([runner.newSeq()], [c.prompt_ids], true);
+        for (let p = 0; p < c.prompt_ids.length; p++) {
+          const row = res.logits.subarray(p * V, (p + 1) * V);
+          if (argmax(row) === argmax(Float32Array.from(c.logits[p]!))) agree++;
+          for (let v = 0; v < V; v++) worst = Math.max(worst, Math.abs(row[v]! - c.logits[p]![v]!));
+          n++;
+        }
+      }
+      t.diagnostic(`${path.basename(dir)} fast: top-1 ${agree}/${n}, logits max-abs ${worst.toFixed(4)}`);
+      const floor = dir === W8 ? 0.89 : 0.55;
+      assert.ok(agree / n >= floor, `${path.basename(dir)} fast: top-1 ${agree}/${n} below ${floor}`);
+    } finally {
+      model.dispose();
+    }
+  }
+});
+
+test('int8 and int4 experts through the expert cache (a quarter, engine thread) equal them all-resident, bit for bit', async () => {
+  for (const dir of [W8, W4]) {
+    const want = forcedLogits(loadModel(dir, { fast: false }).model, dir);
+    const loaded = loadModel(dir, { fast: false, loadExpert: skipAllExperts });
+    const off = attachOffloader(loaded, { policy: 'lru', fraction: 0.25 });
+    try {
+      const bf16Bytes = 3 * loaded.spec.hidden * loaded.spec.moe.intermediate * 2;
+      assert.ok(off.store.slotBytes < bf16Bytes * 0.7, `slot ${off.store.slotBytes} bytes vs bf16 ${bf16Bytes}`);
+      assert.ok(off.stats().slots < off.stats().totalExperts / 2, `${off.stats().slots} slots`);
+      forcedLogits(loaded.model, dir).forEach((l, i) => assert.deepEqual(l, want[i], `${path.basename(dir)} position ${i}`));
+      assert.ok((off.store as unknown as { loads: number }).loads > 0, 'the cache loaded experts');
+      const fmt = dir === W8 ? 'int8' : 'int4';
+      assert.ok(held(loaded.model).every((h) => !h.startsWith('expert') || h === `expert ${fmt}/${fmt}`), 'cached experts held as codes');
+    } finally {
+      await off.close();
+      off.dispose();
+      loaded.model.dispose();
+    }
+  }
+});
+
+test('--quantize int8 over the int4 checkpoint re-quantizes its experts from the exact dequantised values, resident and cached alike', async () => {
+  const quantize = { format: 'int8' as const, group: 0 };
+  const tmp = mkdtempSync(path.join(os.tmpdir(), 'expertd-ct-'));
+  try {
+    // The reference: the decoded f32 checkpoint with the same --quantize.
+    const ref = path.join(tmp, 'ref');
+    decodeCheckpoint(W4, ref, /\.(self_attn|shared_expert|mlp\.(gate|up|down)_proj)/);
+    const a = loadModel(W4, { fast: false, quantize }).model, b = loadModel(ref, { fast: false, quantize }).model;
+    try {
+      assert.deepEqual(held(a), ['expert int8/int8', 'shared int4/int4'], 'experts re-quantized, the rest as stored (no --quantize-dense)');
+      assert.deepEqual(held(b), held(a));
+      const want = forcedLogits(b, W4);
+      forcedLogits(a, W4).forEach((l, i) => assert.deepEqual(l, want[i], `position ${i}`));
+      const loaded = loadModel(W4, { fast: false, quantize, loadExpert: skipAllExperts });
+      const off = attachOffloader(loaded, { policy: 'lru', fraction: 0.25, quantize });
+      try {
+        forcedLogits(loaded.model, W4).forEach((l, i) => assert.deepEqual(l, want[i], `cached, position ${i}`));
+        assert.ok(held(loaded.model).includes('expert int8/int8'));
+      } finally {
+        await off.close();
+        off.dispose();
+        loaded.model.dispose();
+      }
+    } finally {
+      a.dispose();
+      b.dispose();
+    }
+  } finally {
+    rmSync(tmp, { recursive: true, force: true });
+  }
+});
+
+test('an int4 checkpoint over 2 expert ranks equals it on one, bit for bit', async () => {
+  const want = forcedLogits(loadModel(W4, { fast: false }).model, W4);
+  const ranks = startExpertRanks(W4, 2, false, 60_000);
+  try {
+    await ranks.ready;
+    const loaded = loadModel(W4, { fast: false, comm: ranks.comm, loadExpert: (_l, e) => ranks.comm.ownsExpert(e) });
+    try {
+      forcedLogits(loaded.model, W4).forEach((l, i) => assert.deepEqual(l, want[i], `position ${i}`));
+    } finally {
+      loaded.model.dispose();
+    }
+  } finally {
+    await ranks.stop();
+  }
+});
+
+/** Greedy completion with logprobs over the daemon's HTTP API. */
+async function complete(base: string, prompt: string): Promise<{ text: string; logprobs: number[] }> {
+  const r = await fetch(`${base}/v1/completions`, {
+    method: 'POST', headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ model: 'm', prompt, max_tokens: 4, temperature: 0, logprobs: 2, ignore_eos: true }),
+  });
+  const body = await r.json() as { choices: { text: string; logprobs: { token_logprobs: number[] } }[] };
+  assert.equal(r.status, 200, JSON.stringify(body));
+  return { text: body.choices[0]!.text, logprobs: body.choices[0]!.logprobs.token_logprobs };
+}
+
+test('the int8 checkpoint served by 2 rank processes answers exactly as one engine (greedy text and logprobs, f32)', async () => {
+  const prompts = ['The quick brown fox', 'Once upon a time'];
+  const gloo = loadNative().capabilities().gloo;
+  const layout = gloo ? 'expert' : 'replicated';
+  const one = await startDaemon(['--model', W8, '--served-model-name', 'm']);
+  const want: { text: string; logprobs: number[] }[] = [];
+  try {
+    for (const p of prompts) want.push(await complete(one.base, p));
+  } finally {
+    assert.equal(await stopDaemon(one), 0);
+  }
+  const d = await startDaemon(['--model', W8, '--served-model-name', 'm', '--nproc-per-node', '2', '--dist-moe', layout]);
+  try {
+    const got = await Promise.all(prompts.map((p) => complete(d.base, p)));
+    got.forEach((g, i) => assert.deepEqual(g, want[i], `x2 ${layout}: '${prompts[i]}'`));
+  } finally {
+    assert.equal(await stopDaemon(d), 0, 'the front exits 0 after SIGTERM');
+  }
+});
+
+test('packInt: codes and scales read back exactly (int8 -128..127 per row; int4 -8..7 in ragged groups of 32 and 128)', () => {
+  const n = loadNative();
+  let seed = 7;
+  const rnd = () => ((seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32);
+  for (const [fmt, group, rows, cols] of [['int8', 0, 20, 70], ['int4', 32, 17, 80], ['int4', 128, 18, 200]] as const) {
+    const lo = fmt === 'int8' ? -128 : -8, span = fmt === 'int8' ? 256 : 16;
+    const make = () => Int8Array.from({ length: rows * cols }, () => lo + Math.floor(rnd() * span));
+    const groups = group ? Math.ceil(cols / group) : 1;
+    const scales = () => Float32Array.from({ length: rows * groups }, () => Math.fround(0.001 + rnd() / 50));
+    const codes = make(), sc = scales(), ucodes = make(), usc = scales();
+    codes[0] = lo;  // the most negative code, which symmetric --quantize never makes
+    const plain = n.packInt(codes, sc, rows, cols, fmt, group);
+    const gu = n.packInt(codes, sc, rows, cols, fmt, group, ucodes, usc);
+    const g = group || cols;
+    for (let r = 0; r < rows; r++)
+      for (let c = 0; c < cols; c++) {
+        const s = Math.floor(c / g);
+        assert.equal(n.packedWeightAt(plain, r, c), Math.fround(codes[r * cols + c]! * sc[r * groups + s]!), `${fmt} (${r}, ${c})`);
+        assert.equal(n.packedWeightAt(gu, rows + r, c), Math.fround(ucodes[r * cols + c]! * usc[r * groups + s]!), `${fmt} up (${r}, ${c})`);
+      }
+    assert.equal(plain.quant, fmt);
+    // repackIntInto: new contents in place.
+    n.repackIntInto(plain, ucodes, usc);
+    assert.equal(n.packedWeightAt(plain, 3, 5), Math.fround(ucodes[3 * cols + 5]! * usc[3 * groups + Math.floor(5 / g)]!));
+    // Dense GEMM against a float64 reference of the dequantised weights (f32 activations).
+    const m = 3;
+    const x = Float32Array.from({ length: m * cols }, () => rnd() * 2 - 1);
+    const y = new Float32Array(m * rows).fill(NaN);
+    n.denseGemm(x, m, plain, y, null, false, false);
+    for (let i = 0; i < m; i++)
+      for (let r = 0; r < rows; r++) {
+        let ref = 0;
+        for (let c = 0; c < cols; c++) ref += x[i * cols + c]! * ucodes[r * cols + c]! * usc[r * groups + Math.floor(c / g)]!;
+        assert.ok(Math.abs(y[i * rows + r]! - ref) <= 1e-5 * (1 + Math.abs(ref)), `${fmt} y[${i}, ${r}] ${y[i * rows + r]} vs ${ref}`);
+      }
+    plain.dispose();
+    gu.dispose();
+  }
+  assert.throws(() => n.packInt(Int8Array.of(8, 0), Float32Array.of(1), 1, 2, 'int4', 32), /^RangeError: codes\[0\] is 8, outside the int4 range -8\.\.7/);
+  assert.throws(() => n.packInt(new Int8Array(4), Float32Array.of(1), 1, 4, 'int4', 64), /^RangeError: int4 group is 64, expected 32 or 128/);
+  assert.throws(() => n.packInt(new Int8Array(4), Float32Array.of(1, 1), 1, 4, 'int8', 0), /^RangeError: scales\.length is 2, expected 1/);
+});
+
+// ---------------------------------------------------------------------------------------------
+// Refusals
+
+/** The qwen2_moe_w4a16 config with quantization_config changed by `edit`. */
+function w4Config(edit: (q: Record<string, any>) => void): Record<string, unknown> {
+  const c = JSON.parse(readFileSync(path.join(W4, 'config.json'), 'utf8')) as Record<string, any>;
+  edit(c.quantization_config);
+  return c;
+}
+
+test('unsupported compressed-tensors configs are refused naming the field and value', () => {
+  const w = (f: (w: Record<string, unknown>) => void) => (q: Record<string, any>) => f(q.config_groups.group_0.weights);
+  const cases: [(q: Record<string, any>) => void, RegExp][] = [
+    [(q) => { q.format = 'float-quantized'; }, /\. format "float-quantized" \(FP8 weights with per-channel or per-tensor scales/],
+    [(q) => { q.format = 'nvfp4-pack-quantized'; }, /\. format "nvfp4-pack-quantized" \(NVFP4/],
+    [(q) => { q.format = 'marlin-24'; }, /\. format "marlin-24" \(2:4 sparse/],
+    [w((x) => { x.symmetric = false; }), /\. config_groups\.group_0\.weights\.symmetric false: asymmetric weights \(weight_zero_point\) are not read/],
+    [w((x) => { x.actorder = 'group'; }), /\.weights\.actorder "group": activation-ordered groups \(weight_g_idx\) are not read/],
+    [w((x) => { x.actorder = 'weight'; }), /\.weights\.actorder "weight"/],
+    [w((x) => { x.group_size = 64; }), /\.weights\.group_size 64: int4 groups are 32 or 128/],
+    [w((x) => { x.strategy = 'channel'; }), /\.weights\.strategy "channel" with num_bits 4/],
+    [w((x) => { x.num_bits = 8; x.strategy = 'group'; x.group_size = 128; }), /\.weights\.strategy "group" with num_bits 8: int8 weights are read per output channel/],
+    [w((x) => { x.num_bits = 8; x.strategy = 'tensor'; }), /\.weights\.strategy "tensor" with num_bits 8/],
+    [w((x) => { x.num_bits = 2; }), /\.weights\.num_bits 2: expertd reads 8-bit and 4-bit/],
+    [w((x) => { x.type = 'float'; }), /\.weights\.type "float": expertd reads integer weights/],
+    [(q) => { q.config_groups.group_0.input_activations = { num_bits: 8, type: 'int', dynamic: false, strategy: 'tensor' }; },
+      /\.input_activations .*: expertd quantizes activations itself, dynamically/],
+    [(q) => { q.config_groups.group_0.input_activations = { num_bits: 8, type: 'float', dynamic: true, strategy: 'token' }; },
+      /\.input_activations .*FP8 activations are not/],
+    [(q) => { q.kv_cache_scheme = { num_bits: 8, type: 'float' }; }, /\. kv_cache_scheme \(calibrated KV cache scales\) is not read/],
+    [(q) => { q.sparsity_config = { format: 'sparse-24-bitmask' }; }, /\. sparsity_config: sparse compressed-tensors weights are not read/],
+    [(q) => { q.transform_config = { config_groups: {} }; }, /\. transform_config \(rotations/],
+    [(q) => { q.quantization_status = 'frozen'; }, /\. quantization_status "frozen"/],
+    [(q) => { q.config_groups = {}; }, /\. config_groups: expected an object of one or more scheme groups/],
+    [(q) => { q.mystery = 1; }, /\. Unknown field\(s\): mystery\./],
+  ];
+  for (const [edit, re] of cases) {
+    const c = w4Config(edit);
+    assert.throws(() => parseModelConfig(c as never), (e: Error) =>
+      e instanceof ConfigError && e.message.startsWith(`qwen2_moe config quantization_config ${JSON.stringify(c.quantization_config)} is not supported; supported for compressed-tensors:`) &&
+      re.test(e.message), `${JSON.stringify(c.quantization_config)}: ${re}`);
+  }
+  // What is read: both fixtures' schemes, actorder "static" (no g_idx stored), group 128.
+  for (const dir of [W8, W4]) assert.equal(parseModelConfig(dir).quantization?.method, 'compressed-tensors');
+  const ok = w4Config((q) => { q.config_groups.group_0.weights.actorder = 'static'; q.config_groups.group_0.weights.group_size = 128; });
+  assert.deepEqual((parseModelConfig(ok as never).quantization as { schemes: unknown }).schemes, { bits: [4], groupSizes: [128] });
+});
+
+/** A copy of the w4a16 fixture with extra tensors and a config edit. */
+function variant(tmp: string, name: string, extra: TensorToWrite[], edit?: (q: Record<string, any>) => void): string {
+  const out = path.join(tmp, name);
+  mkdirSync(out);
+  const file = path.join(W4, 'model.safetensors');
+  const header = readSafetensorsHeader(file);
+  const bytes = readFileSync(file);
+  const tensors: TensorToWrite[] = header.tensors.map((t) => {
+    const b = new Uint8Array(t.end - t.begin);
+    b.set(bytes.subarray(header.dataStart + t.begin, header.dataStart + t.end));
+    return { name: t.name, dtype: t.dtype, shape: t.shape, data: b };
+  });
+  writeSafetensors(path.join(out, 'model.safetensors'), [...tensors, ...extra]);
+  writeFileSync(path.join(out, 'config.json'), JSON.stringify(w4Config(edit ?? (() => {}))));
+  for (const f of ['generation_config.json', 'tokenizer.json', 'tokenizer_config.json', 'golden.json'])
+    copyFileSync(path.join(W4, f), path.join(out, f));
+  return out;
+}
+
+test('stored zero points or g_idx, and a group size the scales do not show, are refused naming the tensor', () => {
+  const tmp = mkdtempSync(path.join(os.tmpdir(), 'expertd-ct-'));
+  try {
+    const e0 = 'model.layers.0.mlp.experts.0.gate_proj.weight';
+    const zp = variant(tmp, 'zp', [{ name: `${e0}_zero_point`, dtype: 'I32', shape: [4, 2], data: new Uint8Array(32) }]);
+    assert.throws(() => loadModel(zp, { fast: false }), new RegExp(`tensor ${e0.replace(/\./g, '\\.')}_zero_point is present: asymmetric or activation-ordered weights are not read`));
+    const g128 = variant(tmp, 'g128', [], (q) => { q.config_groups.group_0.weights.group_size = 128; });
+    assert.throws(() => loadModel(g128, { fast: false }), /_scale has 2 scale\(s\) per row of 64 4-bit values: not groups of 128/);
+  } finally {
+    rmSync(tmp, { recursive: true, force: true });
+  }
+});
+
+// ---------------------------------------------------------------------------------------------
+// The device engine (emulator): int experts kept as codes; dense quantized weights refused.
+
+describe('compressed-tensors on the device engine (emulator)', { skip: emulatorSkip }, () => {
+  test('quantized attention / shared experts are refused naming them; so is the device expert cache', () => {
+    const cuda = createCudaEmulator();
+    assert.throws(() => loadCudaModel(W8, { device: 0, cuda }),
+      /^RangeError: this compressed-tensors checkpoint quantizes \d+ weight\(s\) outside the routed experts \(model\.layers\.0\.mlp\.shared_expert\.down_proj\.weight, .*the device engine has int8 \/ int4 kernels for the routed experts only/);
+  });
+
+  for (const [dir, fmt] of [[W8, 'int8'], [W4, 'int4']] as const) {
+    test(`${path.basename(dir)} with only the experts quantized: ${fmt} experts on the device, logits as the CPU engine's`, (t) => {
+      const tmp = mkdtempSync(path.join(os.tmpdir(), 'expertd-ct-dev-'));
+      try {
+        const experts = path.join(tmp, 'experts');
+        decodeCheckpoint(dir, experts, /\.mlp\.experts\.\d+\./, true);
+        const cuda = createCudaEmulator();
+        assert.throws(() => loadCudaModel(experts, { device: 0, cuda, loadExperts: false }),
+          /^RangeError: a compressed-tensors checkpoint on the device does not work with the device expert cache yet/);
+        const { model } = loadCudaModel(experts, { device: 0, cuda });
+        const cpu = loadModel(experts, { fast: false }).model;
+        try {
+          assert.deepEqual(model.expertQuant, fmt === 'int8' ? { format: 'int8', group: 0, blockRows: 0 } : { format: 'int4', group: 32, blockRows: 0 });
+          assert.deepEqual(held(cpu), [`expert ${fmt}/${fmt}`, 'shared null/null']);
+          // The device holds the checkpoint's own codes and scales (not a re-quantization of their values).
+          const q = model.expertQuant!;
+          const layer = (model as unknown as { layers: { moe: { expertWeights: { down: CudaBuffer }[] } | null }[] }).layers.find((l) => l.moe)!;
+          const ck = openCheckpoint(experts, { compressed: { bits: [fmt === 'int8' ? 8 : 4], groupSizes: fmt === 'int8' ? [] : [32] } });
+          let extremes = 0;
+          for (let x = 0; x < model.spec.moe.numExperts; x++) {
+            const stored = ck.loadInt(`model.layers.0.mlp.experts.${x}.down_proj.weight`)!;
+            const bytes = quantMatrixBytes(q, stored.rows, stored.cols, false);
+            const blob = new Uint8Array(bytes.totalBytes);
+            cuda.cudaCopyToHost(blob, layer.moe!.expertWeights[x]!.down, 0, null);
+            const g = stored.group || stored.cols, per = Math.ceil(stored.cols / g);
+            for (let r = 0; r < stored.rows; r++)
+              for (let c = 0; c < stored.cols; c++) {
+                const e = quantElement(q, blob, bytes, stored.rows, stored.cols, false, r, c);
+                const code = stored.codes[r * stored.cols + c]!;
+                if (code === (fmt === 'int8' ? -128 : -8)) extremes++;
+                assert.deepEqual([e.code, e.scale], [code, stored.scales[r * per + Math.floor(c / g)]], `expert ${x} (${r}, ${c})`);
+              }
+          }
+          assert.ok(extremes > 0, 'the checked codes include the most negative one (which a re-quantization never makes)');
+          const V = model.spec.vocabSize, k = model.spec.moe.router.topK;
+          let sum = 0, n = 0, worst = 0, skipped = 0, total = 0;
+          for (const c of goldenOf(dir).cases) {
+            const a = new DirectRunner(model), b = new DirectRunner(cpu);
+            const ra = a.step([a.newSeq()], [c.prompt_ids], true), rb = b.step([b.newSeq()], [c.prompt_ids], true);
+            const la = ra.logits, lb = rb.logits;
+            // From the first position where the engines pick different experts (bf16 against f32 activations
+            // on a near-tie), that position and those attending to it are not comparable.
+            let flip = c.prompt_ids.length;
+            for (let m = 0; m < ra.routedIds.length; m++)
+              for (let p = 0; p < flip; p++) {
+                const set = (r: Int32Array) => Array.from(r.subarray(p * k, (p + 1) * k)).sort().join();
+                if (set(ra.routedIds[m]!) !== set(rb.routedIds[m]!)) flip = p;
+              }
+            total += c.prompt_ids.length;
+            skipped += c.prompt_ids.length - flip;
+            for (let p = 0; p < flip; p++) {
+              let lo = Infinity, hi = -Infinity, w = 0;
+              for (let v = 0; v < V; v++) {
+                const ref = lb[p * V + v]!;
+                lo = Math.min(lo, ref);
+                hi = Math.max(hi, ref);
+                w = Math.max(w, Math.abs(la[p * V + v]! - ref));
+              }
+              sum += w / (hi - lo);
+              worst = Math.max(worst, w / (hi - lo));
+              n++;
+            }
+          }
+          // The device rounds each dequantised weight and the activations to bf16, the CPU engine (f32 mode)
+          // neither. test/cuda-quant.test.ts bounds --quantize on the device by 0.6% / 2% of the range (mean /
+          // worst) from qwen3_moe and mixtral; qwen2_moe sits higher: --quantize int8 and int4 on the bf16
+          // fixture measure 0.61% on average, and --quantize int8 on this derived checkpoint 0.75% (the
+          // checkpoint's own codes: 0.72%). The w4a16 one routes one position differently (case 2 position
+          // 4, layer 1; 0.50% over the positions before it). Hence 1% / 2.5% here.
+          t.diagnostic(`${fmt}: mean ${((sum / n) * 100).toFixed(3)}%, worst ${(worst * 100).toFixed(3)}% of the range over ${n} positions; ` +
+            `${skipped}/${total} from a routing flip on`);
+          assert.ok(skipped <= total / 3, `${skipped}/${total} positions at or after a routing flip`);
+          assert.ok(sum / n <= 0.01, `logits off the CPU engine's by ${((sum / n) * 100).toFixed(2)}% of their range on average`);
+          assert.ok(worst <= 0.025, `logits off the CPU engine's by up to ${(worst * 100).toFixed(2)}% of their range`);
+        } finally {
+          model.dispose();
+          cpu.dispose();
+        }
+      } finally {
+        rmSync(tmp, { recursive: true, force: true });
+      }
+    });
+  }
+});
