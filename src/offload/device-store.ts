@@ -5,7 +5,7 @@ import type { CudaAddon, CudaBuffer, CudaEvent, CudaStream } from '../native/ind
 import { bf16Of, BF16 } from '../model/device.js';
 import { moeTensors } from '../model/moe-tensors.js';
 import type { ModelSpec } from '../model/spec.js';
-import type { TensorSource } from '../model/tensor-source.js';
+import { withWeightPrefix, type TensorSource } from '../model/tensor-source.js';
 import { checkExpert } from '../model/weights.js';
 import type { ExpertStore, LoadTicket, SlotWeights } from './expert-store.js';
 
@@ -28,7 +28,9 @@ export class PinnedExpertStore implements ExpertStore<CudaBuffer> {
   private readonly gateUpElems: number;
   private readonly downElems: number;
 
-  constructor(private readonly cu: CudaAddon, spec: ModelSpec, src: TensorSource) {
+  constructor(private readonly cu: CudaAddon, spec: ModelSpec, checkpointSrc: TensorSource) {
+    // Qwen3.5's multimodal checkpoints keep the text model's tensors under model.language_model.
+    const src = withWeightPrefix(checkpointSrc, spec.weightPrefix);
     const H = spec.hidden, I = spec.moe.intermediate, E = spec.moe.numExperts;
     this.gateUpElems = 2 * I * H;
     this.downElems = H * I;
