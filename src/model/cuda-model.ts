@@ -504,6 +504,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     if (hybrid) {
       // A sequence computed from position 0 (new, or recomputed after preemption) starts from zeros:
       // its slot may hold a finished or preempted sequence's state.
+      // TODO(perf): one kernel over the step's new slots instead of two memsets per sequence and layer.
       const [cf, rf] = linearStateFloats(spec.linearAttention!);
       for (let s = 0; s < S; s++) {
         if (batch.seqInfo[3 * s + 2]! - batch.seqInfo[3 * s + 1]! !== 0) continue;
@@ -879,8 +880,8 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     this.commStream?.dispose();
     for (const e of this.pipeEvents) e.dispose();
     for (const t of this.tables) t.dispose();
-    for (const c of this.caches.keys()) for (const l of c) { l.k.dispose(); l.v?.dispose(); }
     this.freeStateCache();
+    for (const c of this.caches.keys()) for (const l of c) { l.k.dispose(); l.v?.dispose(); }
     this.dev.dispose();
   }
 }
