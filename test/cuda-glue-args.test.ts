@@ -1,5 +1,5 @@
 // Argument checks of the device engine's glue ops (cudaGemmF32, cudaAdd, cudaGatedAdd, cudaClamp,
-// cudaCopy2D, cudaCopyRowRange): exact TypeError/RangeError messages, raised before the device is
+// cudaCopy2D, cudaCopyRowRange, cudaSigmoidMul, cudaDeltaGates): exact TypeError/RangeError messages, raised before the device is
 // touched (so the scalar checks run on any full build; buffer sizes need a device to make buffers).
 // Their numerics are test/cuda.test.ts's.
 import assert from 'node:assert/strict';
@@ -23,9 +23,10 @@ const rangeErr = (message: string) => ({ name: 'RangeError', message, code: 'E_I
 const call = (name: string, ...args: unknown[]) => () =>
   (cu as unknown as Record<string, (...a: unknown[]) => unknown>)[name]!(...args);
 
-const glue = ['cudaGemmF32', 'cudaAdd', 'cudaGatedAdd', 'cudaClamp', 'cudaCopy2D', 'cudaCopyRowRange'];
+const glue = ['cudaGemmF32', 'cudaAdd', 'cudaGatedAdd', 'cudaClamp', 'cudaCopy2D', 'cudaCopyRowRange', 'cudaSigmoidMul',
+  'cudaDeltaGates'];
 
-test('the full build exports the six glue ops', { skip: compiled }, () => {
+test('the full build exports the eight glue ops', { skip: compiled }, () => {
   for (const name of glue) assert.equal(typeof (cu as unknown as Record<string, unknown>)[name], 'function', name);
 });
 
@@ -42,6 +43,18 @@ test('cudaGemmF32 checks its scalars, dtype, flag and stream before its buffers'
   // Everything scalar is fine: the first buffer is checked next (and no device was needed so far).
   assert.throws(call('cudaGemmF32', nb, 3, nb, 'bf16', 5, 7, nb, null, true, null), typeErr('x must be a CudaBuffer'));
   assert.throws(call('cudaGemmF32', nb, 0, nb, 'f32', 0, 0, nb, null, false), typeErr('x must be a CudaBuffer'));
+});
+
+test('cudaSigmoidMul and cudaDeltaGates check their scalars before their buffers', { skip: compiled }, () => {
+  assert.throws(call('cudaSigmoidMul', nb, nb), typeErr('cudaSigmoidMul expects 3 arguments, got 2'));
+  assert.throws(call('cudaSigmoidMul', nb, nb, -1), rangeErr('n is -1, expected 0..4398046511104'));
+  assert.throws(call('cudaSigmoidMul', nb, nb, 8, ns), typeErr('stream must be a CudaStream or null'));
+  assert.throws(call('cudaSigmoidMul', nb, nb, 8), typeErr('x must be a CudaBuffer'));
+  assert.throws(call('cudaDeltaGates', nb, 2, 4, nb, nb, nb), typeErr('cudaDeltaGates expects 7 arguments, got 6'));
+  assert.throws(call('cudaDeltaGates', nb, -2, 4, nb, nb, nb, nb), rangeErr('t is -2, expected 0..2147483647'));
+  assert.throws(call('cudaDeltaGates', nb, 2, 'hv', nb, nb, nb, nb), typeErr('hv must be a number'));
+  assert.throws(call('cudaDeltaGates', nb, 2, 4, nb, nb, nb, nb, ns), typeErr('stream must be a CudaStream or null'));
+  assert.throws(call('cudaDeltaGates', nb, 2, 4, nb, nb, nb, nb), typeErr('ba must be a CudaBuffer'));
 });
 
 test('cudaAdd, cudaGatedAdd and cudaClamp check their scalars before their buffers', { skip: compiled }, () => {

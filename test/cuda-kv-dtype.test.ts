@@ -166,11 +166,14 @@ const BOUNDS: Record<'bf16' | 'fp8', { max: number; mean: number }> = {
   bf16: { max: 0.05, mean: 0.02 },
   fp8: { max: 0.13, mean: 0.12 },
 };
-const MAX_BY_FAMILY: Record<'bf16' | 'fp8', Record<string, number>> = { bf16: {}, fp8: { gpt_oss: 0.18 } };
+// qwen3_next, qwen3_5_moe_text: the hybrid families' bf16 bounds of models.test.ts (a recurrent state
+// carries an early rounding to every later position).
+const MAX_BY_FAMILY: Record<'bf16' | 'fp8', Record<string, number>> = {
+  bf16: { qwen3_next: 0.06, qwen3_5_moe_text: 0.08 }, fp8: { gpt_oss: 0.18 },
+};
+const MEAN_BY_FAMILY: Record<'bf16' | 'fp8', Record<string, number>> = { bf16: { qwen3_next: 0.06, qwen3_5_moe_text: 0.04 }, fp8: {} };
 const fixturesDir = path.join(packageRoot(), 'test', 'fixtures');
-// qwen3_next runs on the CPU engine only (cuda-model.test checks the device engine's refusal).
-const fixtures = readdirSync(fixturesDir).filter((d) => existsSync(path.join(fixturesDir, d, 'golden.json')) &&
-  d !== 'qwen3_next' && d !== 'qwen3_5_moe_text').sort();
+const fixtures = readdirSync(fixturesDir).filter((d) => existsSync(path.join(fixturesDir, d, 'golden.json'))).sort();
 for (const [label, make, skip] of backends) {
   for (const dtype of ['bf16', 'fp8'] as const) {
     test(`${label}: device model with a ${dtype} KV cache on every fixture: within the CPU's ${dtype} KV bounds of HF`, { skip }, () => {
@@ -180,7 +183,7 @@ for (const [label, make, skip] of backends) {
         try {
           const r = kvFidelityOf(model, dir, dtype);
           assert.ok(r.maxConsistent <= (MAX_BY_FAMILY[dtype][name] ?? BOUNDS[dtype].max), `${name}: routing-consistent logits off by ${(100 * r.maxConsistent).toFixed(2)}%`);
-          assert.ok(r.mean <= BOUNDS[dtype].mean, `${name}: logits off by ${(100 * r.mean).toFixed(2)}% on average`);
+          assert.ok(r.mean <= (MEAN_BY_FAMILY[dtype][name] ?? BOUNDS[dtype].mean), `${name}: logits off by ${(100 * r.mean).toFixed(2)}% on average`);
         } finally {
           model.dispose();
         }

@@ -24,14 +24,7 @@ interface GoldenCase { prompt_ids: number[]; logits: number[][]; greedy: number[
 interface Golden { model_type: string; moe_layers: number[]; cases: GoldenCase[] }
 
 const fixturesDir = path.join(packageRoot(), 'test', 'fixtures');
-// qwen3_next runs on the CPU engine only (no linear-attention ops or state cache on the device engine yet): refused below.
-const fixtures = readdirSync(fixturesDir).filter((d) => existsSync(path.join(fixturesDir, d, 'golden.json')) &&
-  d !== 'qwen3_next' && d !== 'qwen3_5_moe_text').sort();
-
-test('the device engine refuses qwen3_next with a clear error', () => {
-  assert.throws(() => loadCudaModel(path.join(fixturesDir, 'qwen3_next'), { device: 0, cuda: createCudaEmulator() }),
-    /qwen3_next runs on the CPU engine only \(--device cpu\) for now/);
-});
+const fixtures = readdirSync(fixturesDir).filter((d) => existsSync(path.join(fixturesDir, d, 'golden.json'))).sort();
 
 const backends: { label: string; cuda: () => CudaAddon | undefined; skip: string | false }[] = [
   { label: 'emulator', cuda: () => createCudaEmulator(), skip: emulatorSkip },
@@ -51,7 +44,11 @@ const BF16_REL_TOL = 0.05;
 const BF16_MEAN_REL_TOL = 0.02;
 // gpt_oss: the family bound of models.test.ts (its fixture's large expert gate_up weights reach the
 // clamped SwiGLU's limit; the CPU bf16 engine is 5.07% off at case 0, position 2, and so is this one).
-const BF16_REL_TOL_BY_FAMILY: Record<string, number> = { gpt_oss: 0.06 };
+// qwen3_next, qwen3_5_moe_text: the hybrid families' bounds of models.test.ts (a recurrent state carries
+// an early bf16 rounding to every later position; the CPU bf16 engine is at 4.85% / 2.87% on average,
+// HF transformers' own bf16 run further still).
+const BF16_REL_TOL_BY_FAMILY: Record<string, number> = { gpt_oss: 0.06, qwen3_next: 0.06, qwen3_5_moe_text: 0.08 };
+const BF16_MEAN_REL_TOL_BY_FAMILY: Record<string, number> = { qwen3_next: 0.06, qwen3_5_moe_text: 0.04 };
 
 function relToRange(ours: ArrayLike<number>, ref: ArrayLike<number>): number {
   let lo = Infinity, hi = -Infinity, worst = 0;
@@ -109,7 +106,7 @@ for (const b of backends) {
             }
           }
           const mean = sumRel / positions;
-          assert.ok(mean <= BF16_MEAN_REL_TOL, `logits off by ${(mean * 100).toFixed(2)}% of their range on average`);
+          assert.ok(mean <= (BF16_MEAN_REL_TOL_BY_FAMILY[name] ?? BF16_MEAN_REL_TOL), `logits off by ${(mean * 100).toFixed(2)}% of their range on average`);
           // Same bf16 GEMM inputs as the CPU's fast mode, other summation orders: measured on the
           // emulator 0.00-0.05% of the logits' range on average.
           assert.ok(sumCpu / positions <= 0.005, `logits off the CPU bf16 engine's by ${(100 * sumCpu / positions).toFixed(2)}% of their range on average`);

@@ -35,7 +35,8 @@ const backends: { label: string; cuda: () => CudaAddon | undefined; skip: string
 ];
 
 for (const b of backends) {
-  for (const name of ['mixtral', 'qwen2_moe', 'deepseek_v3', 'longcat_flash', 'glm4_moe', 'minimax_m2', 'gpt_oss']) {
+  for (const name of ['mixtral', 'qwen2_moe', 'deepseek_v3', 'longcat_flash', 'glm4_moe', 'minimax_m2', 'gpt_oss', 'qwen3_next',
+    'qwen3_5_moe_text']) {
     test(`device expert cache (${b.label}) on ${name}: 25% and 50% under eam, lru, lfu equal resident, bit for bit`, { skip: b.skip }, async () => {
       const dir = path.join(packageRoot(), 'test', 'fixtures', name);
       const cuda = b.cuda();

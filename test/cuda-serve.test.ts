@@ -22,6 +22,9 @@ const cases: { fixture: string; extra: string[] }[] = [
   { fixture: 'minimax_m2', extra: ['--expert-cache-fraction', '0.5'] },
   { fixture: 'glm4_moe', extra: [] },
   { fixture: 'gpt_oss', extra: ['--expert-cache-fraction', '0.5'] },
+  // Hybrid: Gated DeltaNet layers with the device state pools (the state cache's slots).
+  { fixture: 'qwen3_next', extra: ['--expert-cache-fraction', '0.5'] },
+  { fixture: 'qwen3_5_moe_text', extra: [] },
 ];
 
 async function completions(extra: string[], env: NodeJS.ProcessEnv, fixture: string) {
@@ -67,6 +70,8 @@ for (const { label, env, skip } of [
       assert.deepEqual(dev.batched, dev.texts, 'batched equals alone');
       assert.ok(dev.routed.length > 0 && dev.routed.every((pos) => pos.length > 0), 'routed experts per position and MoE layer');
       assert.deepEqual(dev.routed, cpu.routed, 'routed experts equal the CPU daemon\'s');
+      if (fixture.startsWith('qwen3_next') || fixture.startsWith('qwen3_5'))
+        assert.match(dev.metrics, /^expertd_state_cache_bytes [1-9]/m, 'the state cache is counted');
       if (extra.includes('--expert-cache-fraction')) {
         assert.match(dev.logs, /expert cache \d+\/\d+ experts/);
         assert.match(dev.metrics, /expertd_expert_cache_misses_total [1-9]/);

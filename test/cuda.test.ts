@@ -945,6 +945,39 @@ function deviceSuite(label: string, cu: CudaAddon, skip: string | false) {
     assert.ok(gotClamp.subarray(n).every(Number.isNaN), 'cudaClamp wrote past n');
   });
 
+  test(`${label}: cudaSigmoidMul and cudaDeltaGates (Qwen3-Next's gates) against float64`, { skip }, () => {
+    const n = 517;
+    const x0 = uniform(n, -4, 4), gate = uniform(n, -8, 8);
+    gate[0] = 0;
+    gate[1] = -40;  // sigmoid ~ 4e-18: x goes to ~0
+    const x = poisoned(n + 2);
+    cu.cudaCopyToDevice(x, 0, x0);
+    cu.cudaSigmoidMul(x, upload(gate), n);
+    const gotMul = f32Of(x, n + 2);
+    close('sigmoidMul', gotMul.subarray(0, n), Float64Array.from(x0, (v, i) => v / (1 + Math.exp(-gate[i]!))), 1e-7, 1e-6);
+    assert.ok(gotMul.subarray(n).every(Number.isNaN), 'cudaSigmoidMul wrote past n');
+
+    const T = 9, Hv = 6;
+    const ba = uniform(T * 2 * Hv, -6, 6);
+    ba[Hv] = 25;     // a + dt_bias above softplus's threshold 20: softplus(v) = v
+    ba[Hv + 1] = -30; // softplus ~ 1e-13
+    const negA = Float32Array.from(uniform(Hv, -2, 2), (v) => -Math.exp(v));
+    const dtBias = uniform(Hv, -1, 1);
+    const g = poisoned(T * Hv + 2), beta = poisoned(T * Hv + 2);
+    cu.cudaDeltaGates(upload(ba), T, Hv, upload(negA), upload(dtBias), g, beta);
+    const refG = new Float64Array(T * Hv), refB = new Float64Array(T * Hv);
+    for (let t = 0; t < T; t++)
+      for (let h = 0; h < Hv; h++) {
+        const v = ba[t * 2 * Hv + Hv + h]! + dtBias[h]!;
+        refG[t * Hv + h] = negA[h]! * (v > 20 ? v : Math.log(1 + Math.exp(v)));
+        refB[t * Hv + h] = 1 / (1 + Math.exp(-ba[t * 2 * Hv + h]!));
+      }
+    const gotG = f32Of(g, T * Hv + 2), gotB = f32Of(beta, T * Hv + 2);
+    close('g', gotG.subarray(0, T * Hv), refG, 1e-6, 1e-5);
+    close('beta', gotB.subarray(0, T * Hv), refB, 1e-7, 1e-6);
+    assert.ok(gotG.subarray(T * Hv).every(Number.isNaN) && gotB.subarray(T * Hv).every(Number.isNaN), 'cudaDeltaGates wrote past t * hv');
+  });
+
   test(`${label}: cudaCopy2D slices columns out of and into bigger strided buffers`, { skip }, () => {
     // A fused qkv [T, 48] f32: take k = columns [16, 32) into a packed [T, 16], then write it into
     // columns [4, 20) of a wider [T, 24] buffer at a byte offset.

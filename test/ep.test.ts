@@ -118,7 +118,7 @@ test('expertd serve --expert-parallel 2 answers as one rank, counts all2all byte
   assert.ok(overlap && Number(overlap[1]) > 0 && Number(overlap[1]) <= 1, `overlap ratio ${overlap?.[1]}`);
 });
 
-for (const name of ['qwen2_moe', 'longcat_flash', 'gpt_oss']) {
+for (const name of ['qwen2_moe', 'longcat_flash', 'gpt_oss', 'qwen3_next', 'qwen3_5_moe_text']) {
   test(`${name} on devices (emulated, NCCL as loopback): 2 expert ranks equal one device, bit for bit`, async () => {
     const dir = path.join(packageRoot(), 'test', 'fixtures', name);
     const single = loadCudaModel(dir, { device: 0, cuda: createCudaEmulator() });

@@ -13,7 +13,7 @@ import { packageRoot } from '../src/native/index.js';
 import { createCudaEmulator, withLazyStreams } from './helpers/cuda-emu.js';
 import { runAll } from './helpers/model-runner.js';
 
-for (const name of ['qwen2_moe', 'longcat_flash', 'gpt_oss']) {
+for (const name of ['qwen2_moe', 'longcat_flash', 'gpt_oss', 'qwen3_next']) {
   test(`${name} on 2 emulated devices: PN 2, 3 and 64 equal one device bit for bit, with a lazy compute stream too`, async () => {
     const dir = path.join(packageRoot(), 'test', 'fixtures', name);
     const single = loadCudaModel(dir, { device: 0, cuda: createCudaEmulator() });

@@ -1359,6 +1359,33 @@ Napi::Value clamp(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// cudaSigmoidMul(x, gate, n, stream?)
+Napi::Value sigmoid_mul(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 3, "cudaSigmoidMul");
+  const int64_t n = get_int(info, 2, "n", 0, int64_t{1} << 42);
+  Stream s = get_stream(info, 3);
+  float* x = get_aligned_buf<float>(info, 0, "x", mul(static_cast<size_t>(n), F4));
+  const float* gate = get_aligned_buf<float>(info, 1, "gate", mul(static_cast<size_t>(n), F4));
+  guard(env, [&] { cuda::sigmoid_mul(x, gate, static_cast<size_t>(n), s); });
+  return env.Undefined();
+}
+
+// cudaDeltaGates(ba, t, hv, negA, dtBias, g, beta, stream?)
+Napi::Value delta_gates(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 7, "cudaDeltaGates");
+  const int t = dim(info, 1, "t"), hv = dim(info, 2, "hv");
+  Stream s = get_stream(info, 7);
+  const float* ba = get_aligned_buf<float>(info, 0, "ba", mul(t, 2 * static_cast<size_t>(hv), F4));
+  const float* neg_a = get_aligned_buf<float>(info, 3, "negA", mul(hv, F4));
+  const float* dt_bias = get_aligned_buf<float>(info, 4, "dtBias", mul(hv, F4));
+  float* g = get_aligned_buf<float>(info, 5, "g", mul(t, hv, F4));
+  float* beta = get_aligned_buf<float>(info, 6, "beta", mul(t, hv, F4));
+  guard(env, [&] { cuda::delta_gates(ba, t, hv, neg_a, dt_bias, g, beta, s); });
+  return env.Undefined();
+}
+
 // cudaCopy2D(dst, dstOffsetBytes, dstPitchBytes, src, srcOffsetBytes, srcPitchBytes, widthBytes,
 //            rows, stream?)
 // NOTE: the two slices must not overlap (cudaMemcpy2D's rule); nothing checks it here.
@@ -1575,6 +1602,8 @@ void register_cuda(Napi::Env env, Napi::Object exports) {
   fn("cudaAdd", add);
   fn("cudaGatedAdd", gated_add);
   fn("cudaClamp", clamp);
+  fn("cudaSigmoidMul", sigmoid_mul);
+  fn("cudaDeltaGates", delta_gates);
   fn("cudaCopy2D", copy_2d);
   fn("cudaCopyRowRange", copy_row_range);
   fn("cudaNcclUniqueId", nccl_unique_id);

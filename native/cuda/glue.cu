@@ -1,6 +1,7 @@
 // Glue for the device engine: a reference-precision f32 GEMM on CUDA cores (routers, gates, odd
-// shapes), y += x, the sigmoid-gated add of Qwen2-MoE's shared expert, OLMoE's clamp, strided 2-D
-// copies and a row-range copy whose bounds are read on the device (the engine's expert offsets).
+// shapes), y += x, the sigmoid-gated add of Qwen2-MoE's shared expert, OLMoE's clamp, Qwen3-Next's
+// sigmoid output gate and Gated DeltaNet step/decay gates, strided 2-D copies and a row-range copy
+// whose bounds are read on the device (the engine's expert offsets).
 //
 // Roundings (the contract test/cuda.test.ts checks against float64 references):
 //   gemm_f32:  per output, p_k = f32(x[r,k] * w[c,k]) (bf16 w widened exactly), the p_k summed in
@@ -11,6 +12,9 @@
 //   gated_add: g = 1 / (1 + exp(-gate[t])) in double; out = f32(out + g * y) in double (one
 //              rounding: the CPU engine's own arithmetic in JS numbers)
 //   clamp:     x > limit -> limit, x < -limit -> -limit, NaN kept
+//   sigmoid_mul: x = f32(x * (1 / (1 + exp(-gate)))) in double (Qwen3-Next's attention output gate)
+//   delta_gates: beta = f32(1 / (1 + exp(-b))) in double; g = f32(negA * softplus(f32(a + dt_bias)))
+//              with softplus(v) = v > 20 ? v : log1p(exp(v)) in double (the CPU engine's arithmetic)
 #include <algorithm>
 
 #include "cuda_common.h"
@@ -98,6 +102,29 @@ __global__ void clamp_kernel(float* x, size_t n, float limit) {
   }
 }
 
+__global__ void sigmoid_mul_kernel(float* __restrict__ x, const float* __restrict__ gate, size_t n) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x)
+    x[i] = static_cast<float>(static_cast<double>(x[i]) * (1.0 / (1.0 + exp(-static_cast<double>(gate[i])))));
+}
+
+// Thread per (token, value head); ba rows are [b (hv) | a (hv)].
+__global__ void delta_gates_kernel(const float* __restrict__ ba, int t, int hv,
+                                   const float* __restrict__ neg_a, const float* __restrict__ dt_bias,
+                                   float* __restrict__ g, float* __restrict__ beta) {
+  const size_t n = static_cast<size_t>(t) * hv;
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    const size_t r = i / hv;
+    const int h = static_cast<int>(i % hv);
+    const float* row = ba + r * 2 * hv;
+    beta[i] = static_cast<float>(1.0 / (1.0 + exp(-static_cast<double>(row[h]))));
+    const double v = static_cast<double>(__fadd_rn(row[hv + h], dt_bias[h]));
+    const double sp = v > 20.0 ? v : log1p(exp(v));
+    g[i] = static_cast<float>(static_cast<double>(neg_a[h]) * sp);
+  }
+}
+
 // Words [r0 * words_per_row, r1 * words_per_row) with r0 = offsets[lo], r1 = offsets[hi] clamped
 // to [0, max_rows] (the offsets live on the device; a bad pair copies nothing, never out of range).
 template <typename Word>
@@ -166,6 +193,22 @@ void clamp(float* x, size_t n, float limit, Stream s) {
   ensure_alive();
   if (n == 0) return;
   clamp_kernel<<<grid_stride_blocks(n), 256, 0, or_default(s)>>>(x, n, limit);
+  EXPERTD_CUDA_LAUNCH_CHECK();
+}
+
+void sigmoid_mul(float* x, const float* gate, size_t n, Stream s) {
+  ensure_alive();
+  if (n == 0) return;
+  sigmoid_mul_kernel<<<grid_stride_blocks(n), 256, 0, or_default(s)>>>(x, gate, n);
+  EXPERTD_CUDA_LAUNCH_CHECK();
+}
+
+void delta_gates(const float* ba, int t, int hv, const float* neg_a, const float* dt_bias, float* g,
+                 float* beta, Stream s) {
+  ensure_alive();
+  if (t <= 0 || hv <= 0) return;
+  delta_gates_kernel<<<grid_stride_blocks(static_cast<size_t>(t) * hv), 256, 0, or_default(s)>>>(
+      ba, t, hv, neg_a, dt_bias, g, beta);
   EXPERTD_CUDA_LAUNCH_CHECK();
 }
 

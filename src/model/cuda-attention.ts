@@ -1,12 +1,13 @@
-// Attention blocks on the device: grouped-query (with gpt-oss's sinks and per-layer windows) and
-// DeepSeek MLA, the same math as attention.ts (the CPU blocks) built from the cuda* ops over a
-// device-resident paged KV cache (f32, bf16 or fp8).
+// Attention blocks on the device: grouped-query (with gpt-oss's sinks and per-layer windows, Qwen3-Next's
+// output gate) and DeepSeek MLA, the same math as attention.ts (the CPU blocks) built from the cuda*
+// ops over a device-resident paged KV cache (f32, bf16 or fp8).
 import type { CudaBuffer, CudaStream } from '../native/index.js';
 import { BF16, F32, type Device, type DeviceWeight } from './device.js';
 import type { ForwardBatch } from './forward-batch.js';
 import type { AttentionSpec } from './spec.js';
 import type { KvDtype } from './kv-dtype.js';
 import type { TensorSource } from './tensor-source.js';
+import { gatherRows } from './linear-attention.js';
 import { checkShape, rowsOf, transpose, vectorF32 } from './weights.js';
 
 export interface DeviceLayerCache {
@@ -68,15 +69,27 @@ export class CudaGqaAttention implements DeviceAttentionBlock {
   private readonly qNorm: CudaBuffer | null;
   private readonly kNorm: CudaBuffer | null;
   private readonly sinks: CudaBuffer | null;   // [heads] (gpt-oss)
+  /** Qwen3-Next's output gate: the gate rows of q_proj [heads * headDim, H] (sigmoid(gate) scales the output). */
+  private readonly gate: DeviceWeight | null = null;
   private readonly invFreq: CudaBuffer;
   readonly cacheFloatsPerToken: [number, number];
 
+  /** normOffset: 1 for zero-centred q/k norm weights (Qwen3-Next: x * (1 + w)), else 0. */
   constructor(private readonly dev: Device, private readonly spec: AttentionSpec, src: TensorSource,
-              p: string, hidden: number, private readonly eps: number) {
+              p: string, hidden: number, private readonly eps: number, normOffset = 0) {
     const { heads, kvHeads, headDim } = spec;
     const qDim = heads * headDim, kvDim = kvHeads * headDim;
     // Three GEMMs instead of the CPU's fused qkv: their outputs land contiguous, ready for RoPE.
-    this.q = dev.linear(`${p}q_proj.weight`, src.get(`${p}q_proj.weight`), qDim, hidden);
+    if (spec.outputGate) {
+      // q_proj [heads, q (headDim) | gate (headDim), H]: split at load into a q and a gate weight.
+      const qg = src.get(`${p}q_proj.weight`);
+      checkShape(`${p}q_proj.weight`, qg, [2 * qDim, hidden]);
+      const rows = (off: number) => Array.from({ length: qDim }, (_, i) => Math.floor(i / headDim) * 2 * headDim + off + (i % headDim));
+      this.q = dev.linear(`${p}q_proj.weight (query rows)`, gatherRows(qg, rows(0)), qDim, hidden);
+      this.gate = dev.linear(`${p}q_proj.weight (gate rows)`, gatherRows(qg, rows(headDim)), qDim, hidden);
+    } else {
+      this.q = dev.linear(`${p}q_proj.weight`, src.get(`${p}q_proj.weight`), qDim, hidden);
+    }
     this.k = dev.linear(`${p}k_proj.weight`, src.get(`${p}k_proj.weight`), kvDim, hidden);
     this.v = dev.linear(`${p}v_proj.weight`, src.get(`${p}v_proj.weight`), kvDim, hidden);
     this.o = dev.linear(`${p}o_proj.weight`, src.get(`${p}o_proj.weight`), hidden, qDim);
@@ -88,8 +101,13 @@ export class CudaGqaAttention implements DeviceAttentionBlock {
     this.oBias = spec.oBias ? dev.vector(vectorF32(src, `${p}o_proj.bias`, hidden)) : null;
     const qn = spec.qkNorm === 'per_head' ? headDim : qDim;
     const kn = spec.qkNorm === 'per_head' ? headDim : kvDim;
-    this.qNorm = spec.qkNorm === 'none' ? null : dev.vector(vectorF32(src, `${p}q_norm.weight`, qn));
-    this.kNorm = spec.qkNorm === 'none' ? null : dev.vector(vectorF32(src, `${p}k_norm.weight`, kn));
+    const normW = (name: string, len: number) => {
+      const w = vectorF32(src, name, len);
+      if (normOffset) for (let i = 0; i < len; i++) w[i] = normOffset + w[i]!;
+      return dev.vector(w);
+    };
+    this.qNorm = spec.qkNorm === 'none' ? null : normW(`${p}q_norm.weight`, qn);
+    this.kNorm = spec.qkNorm === 'none' ? null : normW(`${p}k_norm.weight`, kn);
     this.sinks = spec.sinks ? dev.vector(vectorF32(src, `${p}sinks`, heads)) : null;
     this.invFreq = dev.vector(spec.rope.invFreq);
     this.cacheFloatsPerToken = [kvDim, kvDim];
@@ -108,6 +126,8 @@ export class CudaGqaAttention implements DeviceAttentionBlock {
     dev.gemm(x, T, this.q, q, this.qBias, false, step.xb, st);
     dev.gemm(x, T, this.k, k, this.kBias, false, step.xb, st);
     dev.gemm(x, T, this.v, v, this.vBias, false, step.xb, st);
+    const gate = this.gate ? scratch.get('attn.gate', T * qDim * F32) : null; // [T, heads, headDim]
+    if (gate) dev.gemm(x, T, this.gate!, gate, null, false, step.xb, st);
     if (this.qNorm && this.kNorm) {
       const perHead = this.spec.qkNorm === 'per_head';
       cu.cudaRmsNorm(q, perHead ? T * heads : T, perHead ? headDim : qDim, this.qNorm, this.eps, q, null, st);
@@ -130,6 +150,7 @@ export class CudaGqaAttention implements DeviceAttentionBlock {
       scale: this.spec.softmaxScale, slidingWindow: this.spec.slidingWindow ?? 0, ...cacheOptions(cache),
       ...(this.sinks ? { sinks: this.sinks } : {}),
     }, attn, st);
+    if (gate) cu.cudaSigmoidMul(attn, gate, T * qDim, st);
     dev.gemm(attn, T, this.o, out, this.oBias, false, null, st);
   }
 }

@@ -14,7 +14,9 @@ import type { ForwardBatch, ForwardModel, ForwardResult } from './forward-batch.
 import { moeTensors } from './moe-tensors.js';
 import { kvDtypeBytes, type KvDtype } from './kv-dtype.js';
 import type { ModelSpec } from './spec.js';
-import type { HostTensor, TensorSource } from './tensor-source.js';
+import { withWeightPrefix, type HostTensor, type TensorSource } from './tensor-source.js';
+import { CudaGatedDeltaNet, type DeviceLinearState, type DeviceStateStep } from './cuda-linear-attention.js';
+import { linearStateFloats } from './linear-attention.js';
 import { checkExpert, checkShape, ffnSource, packIntFfn, vectorF32, type ExpertSource } from './weights.js';
 import { deviceQuantError, deviceQuantOf, intMatrix, quantizedExpert, type DeviceQuant } from './cuda-quant.js';
 import type { QuantizeSpec } from './quantize.js';
@@ -54,8 +56,13 @@ interface DeviceMoe {
 interface DeviceSub {
   inputNorm: CudaBuffer;
   postNorm: CudaBuffer;
-  attn: DeviceAttentionBlock;
+  /** Full attention, or null where the layer's mixer is linear attention. */
+  attn: DeviceAttentionBlock | null;
+  /** KV cache index of this attention (-1 for a linear-attention layer). */
   cacheIndex: number;
+  /** Gated DeltaNet (hybrid models), with its index among the linear layers (state pools); else null. */
+  linear: CudaGatedDeltaNet | null;
+  linearIndex: number;
   dense: DeviceFfn | null;
 }
 
@@ -101,11 +108,13 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
   private joined: CudaEvent;
   /** Tracing and expert residency (the device expert cache); routing comes back to the host per layer when set. */
   hooks: MoeHooks<CudaExpertTable> = {};
+  /** Linear-attention layers (hybrid models): their state pools, one per layer, once allocated. */
+  readonly numLinearLayers: number;
+  private linearStates: DeviceLinearState[] = [];
+  private stateSlots = 0;
 
-  constructor(readonly spec: ModelSpec, src: TensorSource, opts: CudaModelOptions) {
-    if (spec.linearAttention)
-      throw new Error(`${spec.modelType} runs on the CPU engine only (--device cpu) for now: the device engine has no ` +
-        'linear-attention (Gated DeltaNet) layers or state cache yet');
+  constructor(readonly spec: ModelSpec, checkpointSrc: TensorSource, opts: CudaModelOptions) {
+    const src = withWeightPrefix(checkpointSrc, spec.weightPrefix);
     const native = loadNative() as NativeAddon & Partial<CudaAddon>;
     const cu = opts.cuda ?? (native.cudaBuffer ? native as CudaAddon : null);
     if (!cu) throw new Error('--device cuda needs the full build with CUDA (npm run build:gpu); this addon has none');
@@ -128,17 +137,25 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
       const embed = src.get('model.embed_tokens.weight');
       checkShape('model.embed_tokens.weight', embed, [spec.vocabSize, H]);
       this.embed = dev.table(embed);
-      this.finalNorm = dev.vector(vectorF32(src, 'model.norm.weight', H));
+      // Zero-centred RMSNorm weights (Qwen3-Next): x * (1 + w), with 1 + w formed once here in f32.
+      const norm = (name: string): CudaBuffer => {
+        const w = vectorF32(src, name, H);
+        if (spec.zeroCentredNorms) for (let i = 0; i < H; i++) w[i] = 1 + w[i]!;
+        return dev.vector(w);
+      };
+      this.finalNorm = norm('model.norm.weight');
       this.lmHead = spec.tieWordEmbeddings && !src.has('lm_head.weight')
         ? dev.linear('model.embed_tokens.weight', embed, spec.vocabSize, H)
         : dev.linear('lm_head.weight', src.get('lm_head.weight'), spec.vocabSize, H);
       let moeIndex = 0;
       let cacheIndex = 0;
+      let linearIndex = 0;
       // A layer's own window (gpt-oss layer_types) overrides the model's, as on the CPU.
       const attention = (p: string, i: number): DeviceAttentionBlock => {
         const w = spec.layers[i]!.slidingWindow;
         const a = w === undefined ? spec.attention : { ...spec.attention, slidingWindow: w };
-        return a.kind === 'mla' ? new CudaMlaAttention(dev, a, src, p, H) : new CudaGqaAttention(dev, a, src, p, H, spec.rmsNormEps);
+        return a.kind === 'mla' ? new CudaMlaAttention(dev, a, src, p, H)
+          : new CudaGqaAttention(dev, a, src, p, H, spec.rmsNormEps, spec.zeroCentredNorms ? 1 : 0);
       };
       for (let i = 0; i < spec.numLayers; i++) {
         const p = `model.layers.${i}.`;
@@ -148,18 +165,21 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
             inputNorm: dev.vector(vectorF32(src, `${p}input_layernorm.${j}.weight`, H)),
             postNorm: dev.vector(vectorF32(src, `${p}post_attention_layernorm.${j}.weight`, H)),
             attn: attention(`${p}self_attn.${j}.`, i),
-            cacheIndex: cacheIndex++,
+            cacheIndex: cacheIndex++, linear: null, linearIndex: -1,
             dense: this.ffn(src, `${p}mlps.${j}.`, spec.denseIntermediate),
           }));
           this.layers.push({ subs, moe: this.buildMoe(src, p, moeIndex++), shortcut: true });
           continue;
         }
         const moe = ls.ffn === 'moe' ? this.buildMoe(src, p, moeIndex++) : null;
+        const linear = ls.mixer === 'linear_attention'
+          ? new CudaGatedDeltaNet(dev, spec.linearAttention!, src, `${p}linear_attn.`, H, spec.rmsNormEps) : null;
         this.layers.push({
           subs: [{
-            inputNorm: dev.vector(vectorF32(src, `${p}input_layernorm.weight`, H)),
-            postNorm: dev.vector(vectorF32(src, `${p}post_attention_layernorm.weight`, H)),
-            attn: attention(`${p}self_attn.`, i), cacheIndex: cacheIndex++,
+            inputNorm: norm(`${p}input_layernorm.weight`),
+            postNorm: norm(`${p}post_attention_layernorm.weight`),
+            attn: linear ? null : attention(`${p}self_attn.`, i), cacheIndex: linear ? -1 : cacheIndex++,
+            linear, linearIndex: linear ? linearIndex++ : -1,
             dense: moe ? null : this.ffn(src, `${p}mlp.`, spec.denseIntermediate),
           }],
           moe, shortcut: false,
@@ -167,6 +187,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
       }
       this.numCaches = cacheIndex;
       this.numMoeLayers = moeIndex;
+      this.numLinearLayers = linearIndex;
       // Weights were uploaded from pageable memory on the default stream: the DMA may still be in
       // flight when the copy call returns, so the forward's own streams start after a full sync.
       dev.main = new cu.CudaStream();
@@ -371,7 +392,45 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
   }
 
   cacheFloatsPerToken(): [number, number] {
-    return this.layers[0]!.subs[0]!.attn.cacheFloatsPerToken;
+    for (const l of this.layers) for (const sub of l.subs) if (sub.attn) return sub.attn.cacheFloatsPerToken;
+    return [0, 0];
+  }
+
+  /** Bytes of one sequence's state over every linear-attention layer (0 for a model without any). */
+  get stateBytesPerSlot(): number {
+    if (!this.spec.linearAttention) return 0;
+    const [c, r] = linearStateFloats(this.spec.linearAttention);
+    return this.numLinearLayers * (c + r) * F32;
+  }
+
+  /**
+   * Allocates (replacing any before) the linear-attention state pools on the device for `slots`
+   * sequences, zeroed: batch.stateSlots index them (the engine's StateSlotPool decides the numbers).
+   * A sequence's slot is zeroed again when its first scheduled token is position 0 (admission,
+   * or recomputation after preemption).
+   */
+  allocateStateCache(slots: number): void {
+    if (!Number.isInteger(slots) || slots < 1) throw new RangeError(`slots is ${slots}, expected a positive integer`);
+    this.freeStateCache();
+    for (const l of this.layers) {
+      for (const sub of l.subs) {
+        if (!sub.linear) continue;
+        try {
+          this.linearStates.push(sub.linear.allocState(slots));
+        } catch (e) {
+          this.freeStateCache();
+          throw e;
+        }
+      }
+    }
+    this.stateSlots = slots;
+  }
+
+  private freeStateCache(): void {
+    if (this.linearStates.length) this.cu.cudaSynchronize();  // work queued may still read the old pools
+    for (const s of this.linearStates) { s.conv.dispose(); s.recurrent.dispose(); }
+    this.linearStates = [];
+    this.stateSlots = 0;
   }
 
   cacheKvHeads(): number {
@@ -415,9 +474,24 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     this.ep?.beginStep();
 
     // The step's integers in one copy: [tokens T | positions T | slots T | seqInfo 3S |
-    // blockTables S*maxBlocks | logitRows R | dense offsets 2].
+    // blockTables S*maxBlocks | logitRows R | dense offsets 2 | (hybrid models) state slots S |
+    // sequence starts S+1].
     const parts = [batch.tokenIds, batch.positions, batch.slots, batch.seqInfo,
       batch.blockTables.subarray(0, S * batch.maxBlocks), batch.logitRows, Int32Array.of(0, T)];
+    const hybrid = this.numLinearLayers > 0;
+    if (hybrid) {
+      if (this.linearStates.length < this.numLinearLayers)
+        throw new Error(`${spec.modelType} keeps per-sequence state: call allocateStateCache(slots) before forward`);
+      const ss = batch.stateSlots;
+      if (!ss || ss.length < S)
+        throw new Error(`batch.stateSlots has ${ss?.length ?? 0} entries, expected one per sequence (${S})`);
+      for (let s = 0; s < S; s++)
+        if (!(ss[s]! >= 0 && ss[s]! < this.stateSlots)) throw new RangeError(`batch.stateSlots[${s}] is ${ss[s]}, expected 0..${this.stateSlots - 1}`);
+      const starts = new Int32Array(S + 1);
+      for (let s = 0; s < S; s++) starts[s] = batch.seqInfo[3 * s]!;
+      starts[S] = T;
+      parts.push(ss.subarray(0, S), starts);
+    }
     const total = parts.reduce((a, p) => a + p.length, 0);
     const host = new Int32Array(total);
     const views: CudaBuffer[] = [];
@@ -430,8 +504,23 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     }
     const st = dev.main;
     cu.cudaCopyToDevice(ints, 0, host, st);
-    const [tokenIds, positions, slots, seqInfo, blockTables, logitRows, denseOffsets] = views as
-      [CudaBuffer, CudaBuffer, CudaBuffer, CudaBuffer, CudaBuffer, CudaBuffer, CudaBuffer];
+    const [tokenIds, positions, slots, seqInfo, blockTables, logitRows, denseOffsets, stSlots, stStarts] = views as
+      [CudaBuffer, CudaBuffer, CudaBuffer, CudaBuffer, CudaBuffer, CudaBuffer, CudaBuffer, CudaBuffer?, CudaBuffer?];
+    const stateStep: DeviceStateStep | null = hybrid ? { slots: stSlots!, seqStarts: stStarts! } : null;
+    if (hybrid) {
+      // A sequence computed from position 0 (new, or recomputed after preemption) starts from zeros:
+      // its slot may hold a finished or preempted sequence's state.
+      // TODO(perf): one kernel over the step's new slots instead of two memsets per sequence and layer.
+      const [cf, rf] = linearStateFloats(spec.linearAttention!);
+      for (let s = 0; s < S; s++) {
+        if (batch.seqInfo[3 * s + 2]! - batch.seqInfo[3 * s + 1]! !== 0) continue;
+        const slot = batch.stateSlots![s]!;
+        for (const ls of this.linearStates) {
+          if (cf > 0) cu.cudaFill(ls.conv.view(slot * cf * F32, cf * F32), 0, st);
+          cu.cudaFill(ls.recurrent.view(slot * rf * F32, rf * F32), 0, st);
+        }
+      }
+    }
     let maxContext = 1;
     for (let s = 0; s < S; s++) maxContext = Math.max(maxContext, batch.seqInfo[3 * s + 2]!);
     const numBlocks = this.caches.get(cache);
@@ -457,7 +546,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
         // normalised output; its result joins at the end of the layer.
         const [s0, s1] = layer.subs as [DeviceSub, DeviceSub];
         norm(s0.inputNorm);
-        s0.attn.forward(step, normed, cache[s0.cacheIndex]!, delta);
+        s0.attn!.forward(step, normed, cache[s0.cacheIndex]!, delta);
         norm(s0.postNorm);
         // The MoE runs on the side stream from its own copy of the input while the main stream
         // runs MLP0, MLA1 and MLP1; the main stream waits for it only at the join.
@@ -471,7 +560,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
         this.joined.record(side);
         this.runFfn(s0.dense!, normed, xb, T, delta, denseOffsets, st);
         norm(s1.inputNorm);
-        s1.attn.forward(step, normed, cache[s1.cacheIndex]!, delta);
+        s1.attn!.forward(step, normed, cache[s1.cacheIndex]!, delta);
         norm(s1.postNorm);
         this.runFfn(s1.dense!, normed, xb, T, delta, denseOffsets, st);
         st!.waitEvent(this.joined);
@@ -480,7 +569,8 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
       }
       const sub = layer.subs[0]!;
       norm(sub.inputNorm);
-      sub.attn.forward(step, normed, cache[sub.cacheIndex]!, delta);
+      if (sub.linear) sub.linear.forward(step, normed, this.linearStates[sub.linearIndex]!, stateStep!, delta);
+      else sub.attn!.forward(step, normed, cache[sub.cacheIndex]!, delta);
       norm(sub.postNorm);
       if (layer.moe) this.moe(layer.moe, normed, xb, T, delta, ids, denseOffsets, st);
       else this.runFfn(sub.dense!, normed, xb, T, delta, denseOffsets, st);
@@ -796,6 +886,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     this.commStream?.dispose();
     for (const e of this.pipeEvents) e.dispose();
     for (const t of this.tables) t.dispose();
+    this.freeStateCache();
     for (const c of this.caches.keys()) for (const l of c) { l.k.dispose(); l.v?.dispose(); }
     this.dev.dispose();
   }

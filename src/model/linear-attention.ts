@@ -22,11 +22,58 @@ export function linearStateFloats(la: LinearAttentionSpec): [number, number] {
 }
 
 /** Rows of a 2-D tensor gathered in the order of `rows` (load time: de-interleaves fused projections). */
-function gatherRows(t: HostTensor, rows: number[]): HostTensor {
+export function gatherRows(t: HostTensor, rows: number[]): HostTensor {
   const cols = t.shape[1]!;
   const out = t.dtype === 'f32' ? new Float32Array(rows.length * cols) : new Uint16Array(rows.length * cols);
   rows.forEach((r, i) => (out as Uint16Array).set((t.data as Uint16Array).subarray(r * cols, (r + 1) * cols), i * cols));
   return { dtype: t.dtype, shape: [rows.length, cols], data: out };
+}
+
+/**
+ * A Gated DeltaNet layer's input projections in the order the kernels want them: qkv [C, H] (q | k | v,
+ * the conv's channel order), z [Vd, H] and ba [2 Hv, H] (b | a), from Qwen3-Next's fused
+ * in_proj_qkvz / in_proj_ba or Qwen3.5's split in_proj_qkv / _z / _b / _a (shapes checked).
+ */
+export function deltaNetInProj(la: LinearAttentionSpec, src: TensorSource, p: string, H: number):
+    { qkv: HostTensor; z: HostTensor; ba: HostTensor } {
+  const { keyHeads: Hk, valueHeads: Hv, keyHeadDim: Dk, valueHeadDim: Dv } = la;
+  const Kd = Hk * Dk;
+  const Vd = Hv * Dv;
+  const r = Hv / Hk;
+  if (src.has(`${p}in_proj_qkvz.weight`)) {
+    // Qwen3-Next: rows grouped per key head g: [q_g (Dk), k_g (Dk), v_g (r Dv), z_g (r Dv)]; ba per g:
+    // [b_g (r), a_g (r)]. Value head h = g r + j (transformers' fix_query_key_value_ordering).
+    const qkvz = src.get(`${p}in_proj_qkvz.weight`);
+    checkShape(`${p}in_proj_qkvz.weight`, qkvz, [2 * Kd + 2 * Vd, H]);
+    const ba = src.get(`${p}in_proj_ba.weight`);
+    checkShape(`${p}in_proj_ba.weight`, ba, [2 * Hv, H]);
+    const G = 2 * Dk + 2 * r * Dv;
+    const q: number[] = [], k: number[] = [], v: number[] = [], z: number[] = [], b: number[] = [], a: number[] = [];
+    for (let g = 0; g < Hk; g++) {
+      for (let i = 0; i < Dk; i++) { q.push(g * G + i); k.push(g * G + Dk + i); }
+      for (let i = 0; i < r * Dv; i++) { v.push(g * G + 2 * Dk + i); z.push(g * G + 2 * Dk + r * Dv + i); }
+      for (let j = 0; j < r; j++) { b.push(g * 2 * r + j); a.push(g * 2 * r + r + j); }
+    }
+    return { qkv: gatherRows(qkvz, [...q, ...k, ...v]), z: gatherRows(qkvz, z), ba: gatherRows(ba, [...b, ...a]) };
+  }
+  // Qwen3.5: in_proj_qkv [q | k | v] (the conv's channel order), in_proj_z, in_proj_b, in_proj_a.
+  const get = (name: string, rows: number): HostTensor => {
+    const t = src.get(`${p}${name}.weight`);
+    checkShape(`${p}${name}.weight`, t, [rows, H]);
+    return t;
+  };
+  const b = get('in_proj_b', Hv), a = get('in_proj_a', Hv);
+  const ba: HostTensor = b.dtype === a.dtype
+    ? { dtype: b.dtype, shape: [2 * Hv, H], data: concat(b.data, a.data) }
+    : { dtype: 'f32', shape: [2 * Hv, H], data: concat(toF32(b), toF32(a)) };
+  return { qkv: get('in_proj_qkv', 2 * Kd + Vd), z: get('in_proj_z', Vd), ba };
+}
+
+function concat<A extends Float32Array | Uint16Array>(x: A, y: A): A {
+  const out = new (x.constructor as new (n: number) => A)(x.length + y.length);
+  out.set(x, 0);
+  out.set(y, x.length);
+  return out;
 }
 
 function softplus(x: number): number {
@@ -59,36 +106,12 @@ export class GatedDeltaNet {
     const H = hidden;
     const Kd = Hk * Dk;
     const Vd = Hv * Dv;
-    const r = Hv / Hk;
     this.C = 2 * Kd + Vd;
     this.P = 2 * Kd + 2 * Vd + 2 * Hv;
-    let parts: HostTensor[];
     for (const name of ['in_proj_qkvz', 'in_proj_ba', 'in_proj_qkv', 'in_proj_z', 'in_proj_b', 'in_proj_a'])
       if (src.has(`${p}${name}.weight`)) refuseInt(src, `${p}${name}.weight`, 'the Gated DeltaNet in_proj (one fused float weight)');
-    if (src.has(`${p}in_proj_qkvz.weight`)) {
-      // Qwen3-Next: rows grouped per key head g: [q_g (Dk), k_g (Dk), v_g (r Dv), z_g (r Dv)]; ba per g:
-      // [b_g (r), a_g (r)]. Value head h = g r + j (transformers' fix_query_key_value_ordering).
-      const qkvz = src.get(`${p}in_proj_qkvz.weight`);
-      checkShape(`${p}in_proj_qkvz.weight`, qkvz, [2 * Kd + 2 * Vd, H]);
-      const ba = src.get(`${p}in_proj_ba.weight`);
-      checkShape(`${p}in_proj_ba.weight`, ba, [2 * Hv, H]);
-      const G = 2 * Dk + 2 * r * Dv;
-      const q: number[] = [], k: number[] = [], v: number[] = [], z: number[] = [], b: number[] = [], a: number[] = [];
-      for (let g = 0; g < Hk; g++) {
-        for (let i = 0; i < Dk; i++) { q.push(g * G + i); k.push(g * G + Dk + i); }
-        for (let i = 0; i < r * Dv; i++) { v.push(g * G + 2 * Dk + i); z.push(g * G + 2 * Dk + r * Dv + i); }
-        for (let j = 0; j < r; j++) { b.push(g * 2 * r + j); a.push(g * 2 * r + r + j); }
-      }
-      parts = [gatherRows(qkvz, [...q, ...k, ...v, ...z]), gatherRows(ba, [...b, ...a])];
-    } else {
-      // Qwen3.5: in_proj_qkv [q | k | v] (the conv's channel order), in_proj_z, in_proj_b, in_proj_a.
-      const shapes: [string, number][] = [['in_proj_qkv', this.C], ['in_proj_z', Vd], ['in_proj_b', Hv], ['in_proj_a', Hv]];
-      parts = shapes.map(([name, rows]) => {
-        const t = src.get(`${p}${name}.weight`);
-        checkShape(`${p}${name}.weight`, t, [rows, H]);
-        return t;
-      });
-    }
+    const { qkv, z, ba } = deltaNetInProj(la, src, p, H);
+    const parts = [qkv, z, ba];
     const same = parts.every((t) => t.dtype === parts[0]!.dtype);
     const dtype = same ? parts[0]!.dtype : 'f32';
     const all = dtype === 'f32' ? new Float32Array(this.P * H) : new Uint16Array(this.P * H);

@@ -472,6 +472,18 @@ export interface CudaAddon {
   /** x[i] = min(max(x[i], -limit), limit) for i < n (f32; OLMoE's clip_qkv; NaN kept; limit >= 0). */
   cudaClamp(x: CudaBuffer, n: number, limit: number, stream?: CudaStream | null): void;
   /**
+   * x[i] *= sigmoid(gate[i]) for i < n (f32; Qwen3-Next's attention output gate): sigmoid as
+   * 1 / (1 + exp(-g)) and the product in double, rounded to f32 once (the CPU engine's arithmetic).
+   */
+  cudaSigmoidMul(x: CudaBuffer, gate: CudaBuffer, n: number, stream?: CudaStream | null): void;
+  /**
+   * Gated DeltaNet's per-head gates from ba [t, b (hv) | a (hv)] f32: beta [t, hv] = sigmoid(b), g [t, hv]
+   * = negA * softplus(f32(a + dtBias)) (negA = -exp(A_log), dtBias: [hv] f32; softplus with torch's
+   * threshold 20), in double, each rounded to f32 once (the CPU engine's arithmetic).
+   */
+  cudaDeltaGates(ba: CudaBuffer, t: number, hv: number, negA: CudaBuffer, dtBias: CudaBuffer, g: CudaBuffer,
+                 beta: CudaBuffer, stream?: CudaStream | null): void;
+  /**
    * rows x widthBytes from src (pitch srcPitchBytes) to dst (pitch dstPitchBytes): strided slices.
    * widthBytes <= both pitches; the slices must not overlap.
    */

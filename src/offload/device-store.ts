@@ -7,7 +7,7 @@ import { quantExpertBytes, quantizedExpert, type DeviceQuant } from '../model/cu
 import { bf16Of, BF16 } from '../model/device.js';
 import { moeTensors } from '../model/moe-tensors.js';
 import type { ModelSpec } from '../model/spec.js';
-import type { TensorSource } from '../model/tensor-source.js';
+import { withWeightPrefix, type TensorSource } from '../model/tensor-source.js';
 import { checkExpert } from '../model/weights.js';
 import type { ExpertStore, LoadTicket, SlotWeights } from './expert-store.js';
 
@@ -35,8 +35,10 @@ export class PinnedExpertStore implements ExpertStore<CudaBuffer> {
    * `quant`: the layout of the model's expert tables (CudaModel.expertQuant), so that a slot holds
    * the bytes a resident expert would; `quantizedAtLoad`: --quantize (CudaModel.quantizedAtLoad).
    */
-  constructor(private readonly cu: CudaAddon, spec: ModelSpec, src: TensorSource,
+  constructor(private readonly cu: CudaAddon, spec: ModelSpec, checkpointSrc: TensorSource,
               readonly quant: DeviceQuant | null = null, quantizedAtLoad = false) {
+    // Qwen3.5's multimodal checkpoints keep the text model's tensors under model.language_model.
+    const src = withWeightPrefix(checkpointSrc, spec.weightPrefix);
     const H = spec.hidden, I = spec.moe.intermediate, E = spec.moe.numExperts;
     const qb = quant ? quantExpertBytes(quant, H, I) : null;
     this.gateUpBytes = qb ? qb.gateUp : 2 * I * H * BF16;

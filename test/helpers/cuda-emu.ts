@@ -1530,6 +1530,32 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
         for (let c = 0; c < Hd; c++) os[tok * Hd + c] = os[tok * Hd + c]! + sg * ys[tok * Hd + c]!;
       }
     },
+    cudaSigmoidMul(x, gate, n, stream): void {
+      const cnt = getInt(n, 'n', 0, 2 ** 42);
+      getStream(stream);
+      const xb = buf(x, 'x', cnt * 4), gb = buf(gate, 'gate', cnt * 4);
+      ensureAlive();
+      if (cnt === 0) return;
+      const xs = f32Of(xb, 'x'), gs = f32Of(gb, 'gate');
+      // glue.cu: sigmoid and product in double, one rounding (the Float32Array store).
+      for (let i = 0; i < cnt; i++) xs[i] = xs[i]! * (1 / (1 + Math.exp(-gs[i]!)));
+    },
+    cudaDeltaGates(ba, t, hv, negA, dtBias, g, beta, stream): void {
+      const T = dim(t, 't'), Hv = dim(hv, 'hv');
+      getStream(stream);
+      const bab = buf(ba, 'ba', T * 2 * Hv * 4), nb = buf(negA, 'negA', Hv * 4), db = buf(dtBias, 'dtBias', Hv * 4);
+      const gb = buf(g, 'g', T * Hv * 4), bb = buf(beta, 'beta', T * Hv * 4);
+      ensureAlive();
+      if (T * Hv === 0) return;
+      const bas = f32Of(bab, 'ba'), ns = f32Of(nb, 'negA'), ds = f32Of(db, 'dtBias'), gs = f32Of(gb, 'g'), bs = f32Of(bb, 'beta');
+      for (let tok = 0; tok < T; tok++) {
+        for (let h = 0; h < Hv; h++) {
+          bs[tok * Hv + h] = 1 / (1 + Math.exp(-bas[tok * 2 * Hv + h]!));
+          const v = fr(bas[tok * 2 * Hv + Hv + h]! + ds[h]!);
+          gs[tok * Hv + h] = ns[h]! * (v > 20 ? v : Math.log1p(Math.exp(v)));
+        }
+      }
+    },
     cudaClamp(x, n, limit, stream): void {
       const cnt = getInt(n, 'n', 0, 2 ** 42);
       const xb = buf(x, 'x', cnt * 4);

@@ -305,6 +305,12 @@ void add(float* y, const float* x, size_t n, Stream s);
 void gated_add(float* out, const float* y, const float* gate, int t, int h, Stream s);
 // x [n] clamped to [-limit, limit] in place (f32; NaN kept).
 void clamp(float* x, size_t n, float limit, Stream s);
+// x [n] *= sigmoid(gate [n]) in place (f32; Qwen3-Next's attention output gate).
+void sigmoid_mul(float* x, const float* gate, size_t n, Stream s);
+// Gated DeltaNet gates from ba [t, b (hv) | a (hv)] f32: beta [t, hv] = sigmoid(b), g [t, hv] =
+// neg_a * softplus(a + dt_bias) (neg_a = -exp(A_log), both [hv] f32).
+void delta_gates(const float* ba, int t, int hv, const float* neg_a, const float* dt_bias, float* g,
+                 float* beta, Stream s);
 // rows x width_bytes from src (src_pitch bytes between rows) to dst (dst_pitch): device to device.
 void copy_2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t width_bytes,
              size_t rows, Stream s);
