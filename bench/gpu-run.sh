@@ -7,6 +7,7 @@
 #   sm90      the sm_90a self-check, then every forced sm90 tile against float64 -> tests.txt
 #   kernels   bench kernels --device cuda at 1, 16, 256, 4096 rows/expert, few reps, vs torch -> kernels-cuda.*
 #   quant     bench kernels-quant: the quantized GroupGemm per format vs bf16 and torch (_scaled_mm) -> kernels-cuda.md
+#   deltanet  bench kernels-deltanet: the chunked gated delta rule prefill (4096 tokens) and decode b1/b64 vs HF's torch functions and fla -> kernels-cuda.md
 #   serve     bench gpu-serve: serve --device cuda vs --device cpu through the API -> gpu-serve.json
 #   engine    the device engine tests (cuda-model, cuda-offload, cuda-serve) -> tests.txt
 #   sanitize  compute-sanitizer memcheck on the op tests, with the time left -> sanitize.txt
@@ -133,6 +134,7 @@ step sm90 60 tests sm90 dist/test/cuda-sm90.test.js
 if [ "$standin" = 1 ]; then
   step kernels 150 node dist/bench/index.js kernels --device cuda --rows 1,16,256,4096 --reps 5 --warmup 2 --python "$py" --json "$out/kernels-cuda.json"
   step quant 60 node dist/bench/index.js kernels-quant --standin --shape tiny:64:32:8:4 --rows 1,16 --reps 3 --warmup 1
+  step deltanet 60 node dist/bench/index.js kernels-deltanet --standin --shape 2:4:32:32 --tokens 256 --batches 1,4 --reps 2 --warmup 1
   # The CPU emulator stands in for the device, on a tiny fixture: the plumbing timed, not the model.
   step serve 150 env EXPERTD_CUDA_STANDIN="$PWD/dist/test/helpers/cuda-emu.js" \
     node dist/bench/index.js gpu-serve --model-dir test/fixtures/qwen2_moe --prompt-len 64 --max-tokens 8 --json "$out/gpu-serve.json"
@@ -140,6 +142,7 @@ else
   step kernels 120 bash -c "set -o pipefail; node dist/bench/index.js kernels --device cuda --rows 1,16,256,4096 --reps 5 --warmup 2 --python '$py' --json '$out/kernels-cuda.json' | tee '$out/kernels-cuda.md'"
   # Its table goes after the kernels step's in kernels-cuda.md (8 files at most come back).
   step quant 60 bash -c "set -o pipefail; node dist/bench/index.js kernels-quant --rows 1,16,256 --reps 10 --warmup 2 --python '$py' | tee -a '$out/kernels-cuda.md'"
+  step deltanet 60 bash -c "set -o pipefail; node dist/bench/index.js kernels-deltanet --reps 10 --warmup 3 --python '$py' | tee -a '$out/kernels-cuda.md'"
   step serve 120 node dist/bench/index.js gpu-serve --json "$out/gpu-serve.json"
 fi
 step engine 90 tests engine dist/test/cuda-model.test.js dist/test/cuda-offload.test.js dist/test/cuda-serve.test.js

@@ -9,6 +9,7 @@ import { runFidelity } from './fidelity.js';
 import { runGpuServe } from './gpu-serve.js';
 import { runKernels } from './kernels.js';
 import { runKernelsQuant } from './kernels-cuda-quant.js';
+import { runKernelsDeltanet } from './kernels-cuda-deltanet.js';
 import { runKvAttention } from './kv-attention.js';
 import { runMxfp4Bench } from './mxfp4.js';
 import { runOffloadBench } from './offload.js';
@@ -28,6 +29,7 @@ const BENCHES: Record<string, { run: (argv: string[]) => Promise<void>; about: s
   fidelity: { run: runFidelity, about: 'the device engine on every fixture vs HF goldens and the CPU bf16 engine (logit error, routing agreement), on the emulator of the cuda* ops [--gpu: the real device; --kv: the CPU engine per KV cache dtype]' },
   'gpu-serve': { run: runGpuServe, about: 'expertd serve --device cuda vs --device cpu through the API on a bench checkpoint: prefill, decode b1/b8 tok/s, greedy agreement [--json F] [--model NAME | --model-dir DIR] [--prompt-len N] [--max-tokens N] [--reps N] [--devices cuda,cpu]' },
   kernels: { run: runKernels, about: 'CPU MoE kernels vs machine limits and the OpenBLAS loop [--json F] [--plot F.png] [--reps N] [--warmup N] [--tokens 1,8] [--models mixtral-like,qwen3moe-like] [--threads N] [--ctx N] [--hot] [--no-peer] [--device cpu]; GPU: --device cuda[:N] vs torch grouped_mm and a matmul loop [--rows 1,8] [--models mixtral-like,deepseek-like|NAME:H:I:E] [--python PATH] [--matmul-n N] [--copy-mib N]' },
+  'kernels-deltanet': { run: runKernelsDeltanet, about: 'GPU: the device gated delta rule (f32) of a qwen3_next-like layer: chunked prefill of T tokens, the same by the recurrence, decode b1/b64, vs HF transformers\' torch functions and fla on the same GPU [--json F] [--tokens 4096] [--batches 1,64] [--shape Hk:Hv:Dk:Dv] [--reps N] [--warmup N] [--python PATH] [--no-peer] [--standin: the CPU emulator, plumbing only]' },
   'kernels-quant': { run: runKernelsQuant, about: 'GPU: the quantized GroupGemm (int8, int4 g32/g128, fp8 dequantised and FP8 activations, mxfp4) vs bf16 and torch (matmul loop, _scaled_mm e4m3) [--json F] [--rows 1,16,256] [--shape NAME:H:I:E:ACTIVE] [--formats bf16,int8,...] [--reps N] [--warmup N] [--python PATH] [--no-peer] [--standin: the CPU emulator, plumbing only]' },
   mxfp4: { run: runMxfp4Bench, about: 'an MXFP4 gpt-oss-like checkpoint vs the same experts in bf16: load memory (RssAnon, RssFile), experts held, decode b1 vs each format\'s read bound [--json F] [--reps N] [--steps N] [--threads N]' },
   offload: { run: runOffloadBench, about: 'expert cache: replay hit rates (eam, lru, lfu, Belady) on structured and generation traces, live decode tok/s [--json F] [--plot F.png] [--reps N] [--tokens N] [--link-gbps G] [--link-latency-us U] [--no-live] [--no-replay]' },

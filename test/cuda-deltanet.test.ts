@@ -13,10 +13,18 @@ import { assertClose, rng, uniform } from './helpers/ops-ref.js';
 
 const native = loadNative();
 
-// Relative to max |reference|. The device runs the recurrence token by token in f32 (no chunks):
-// measured worst on the emulator 2.2e-7 relL2 (printed as a diagnostic); bounds leave margin for a
+// Relative to max |reference|. TOL: the recurrence (decode steps, sequences shorter than a chunk),
+// measured worst on the emulator 4.2e-7 relL2 (printed as a diagnostic); bounds leave margin for a
 // GPU's exp (double, then rounded) differing in the last bit.
 const TOL = { maxAbs: 4e-6, relL2: 2e-6 };
+// TOL_CHUNK: sequences of at least opts.chunk tokens (the chunked kernel, then the recurrence for the
+// tail). The chunk's cumulative log decay G reaches about -60 at strong decay (g ~ -1 per token), so
+// e^(G_i - G_j) inherits G's f32 error (an ulp of 60 is 4e-6), as HF's f32 chunked function does:
+// measured worst 1.8e-6 relL2 (the state after one chunk at g ~ U(-2, 0); diagnostic).
+const TOL_CHUNK = { maxAbs: 1e-5, relL2: 5e-6 };
+// The chunked kernel against the recurrence on the same inputs (both f32, different orders):
+// measured worst 1.0e-6 of max |out| (maxAbs), 4.9e-7 relL2.
+const CHUNK_VS_REC = { maxAbs: 4e-6, relL2: 2e-6 };
 
 function maxAbsOf(a: ArrayLike<number>): number {
   let m = 0;
@@ -134,6 +142,137 @@ function deviceSuite(label: string, cu: CudaAddon, skip: string | false) {
     t.diagnostic(`${label}: worst relL2 vs float64 ${worst.toExponential(2)}`);
   });
 
+  // ---- the chunked kernel (sequences of at least opts.chunk tokens; chunk 1 = the recurrence throughout)
+  interface DeltaIn { q: Float32Array; k: Float32Array; v: Float32Array; g: Float32Array; beta: Float32Array }
+  const deltaInputs = (seed: number, T: number, Hk: number, Hv: number, Dk: number, Dv: number, l2: boolean,
+    gAmp: number): DeltaIn => {
+    const r = rng(seed);
+    const kAmp = l2 ? 1 : Math.sqrt(3 / Dk);
+    return {
+      q: uniform(T * Hk * Dk, r, l2 ? 1 : 2 * kAmp), k: uniform(T * Hk * Dk, r, kAmp), v: uniform(T * Hv * Dv, r),
+      g: Float32Array.from({ length: T * Hv }, () => -r() * gAmp), beta: Float32Array.from({ length: T * Hv }, () => r()),
+    };
+  };
+  /** One call over sequences of `lens` tokens (slots as given) from pool0; returns out and the pool. */
+  const runDelta = (x: DeltaIn, lens: readonly number[], slots: Int32Array, pool0: Float32Array, opts: DeltaRuleOptions,
+    seqLens?: Int32Array) => {
+    const starts = new Int32Array(lens.length + 1);
+    lens.forEach((n, b) => { starts[b + 1] = starts[b]! + n; });
+    const T = starts[lens.length]!, n = T * opts.Hv * opts.Dv;
+    const bufs = [up(x.q), up(x.k), up(x.v), up(x.g), up(x.beta), up(pool0), up(slots), up(starts)];
+    const out = poisoned(n);
+    cu.cudaGatedDeltaRule(bufs[0]!, bufs[1]!, bufs[2]!, bufs[3]!, bufs[4]!, bufs[5]!, bufs[6]!, bufs[7]!, lens.length, out,
+      { ...opts, T }, null, seqLens);
+    const res = { out: down(out, n), pool: down(bufs[5]!, pool0.length) };
+    for (const b of [...bufs, out]) b.dispose();
+    return res;
+  };
+  /** Rows [t0, t0 + n) of a [T, w] array. */
+  const rows = (a: Float32Array, t0: number, n: number, w: number) => a.slice(t0 * w, (t0 + n) * w);
+  const sliceIn = (x: DeltaIn, t0: number, n: number, Hk: number, Hv: number, Dk: number, Dv: number): DeltaIn => ({
+    q: rows(x.q, t0, n, Hk * Dk), k: rows(x.k, t0, n, Hk * Dk), v: rows(x.v, t0, n, Hv * Dv),
+    g: rows(x.g, t0, n, Hv), beta: rows(x.beta, t0, n, Hv),
+  });
+  const differs = (a: Float32Array, b: Float32Array) => a.some((x, i) => !Object.is(x, b[i]));
+
+  test(`${label}: chunked prefill (T 64, 130, 300; Hv > Hk; l2norm on/off) vs float64 and vs the token-by-token path`, { skip }, (t) => {
+    let worstRef = 0, worstRec = { maxAbs: 0, relL2: 0 }, worstTag = '';
+    for (const [Hk, Hv, Dk, Dv, l2, T, gAmp] of [
+      [1, 2, 32, 40, true, 64, 2], [2, 4, 16, 24, false, 130, 0.1], [1, 3, 128, 36, true, 300, 0.5], [2, 2, 8, 8, false, 300, 2],
+    ] as const) {
+      const x = deltaInputs(3400 + T + Dk, T, Hk, Hv, Dk, Dv, l2, gAmp);
+      const per = Hv * Dk * Dv;
+      const pool0 = uniform(2 * per, rng(3401 + T), 0.5);
+      const slot = Int32Array.of(1);
+      const base: DeltaRuleOptions = { T, Hk, Hv, Dk, Dv, l2normQk: l2 };
+      const chunked = runDelta(x, [T], slot, pool0, { ...base, chunk: 64 });
+      const rec = runDelta(x, [T], slot, pool0, { ...base, chunk: 1 });
+      const tag = `Hk${Hk} Hv${Hv} Dk${Dk} Dv${Dv} l2 ${l2} T${T} g ${gAmp}`;
+      const refState = Float64Array.from(pool0.subarray(per));
+      const ref = refDelta(x.q, x.k, x.v, x.g, x.beta, refState, { T, Hk, Hv, Dk, Dv }, l2);
+      for (const [got, want, what] of [[chunked.out, ref, 'out'], [chunked.pool.subarray(per), refState, 'state']] as const) {
+        const e = close(got, want, TOL_CHUNK, `${tag} chunked ${what}`);
+        if (e > worstRef) [worstRef, worstTag] = [e, `${tag} ${what}`];
+      }
+      assert.deepEqual(chunked.pool.subarray(0, per), pool0.subarray(0, per), `${label} ${tag}: slot 0 untouched`);
+      // the chunked kernel ran (its roundings are not the recurrence's) and agrees with it to f32 rounding
+      assert.ok(differs(chunked.out, rec.out), `${label} ${tag}: chunk 64 gave the recurrence's bits`);
+      const m = maxAbsOf(rec.out);
+      const e = assertClose(chunked.out, rec.out, { maxAbs: CHUNK_VS_REC.maxAbs * m, relL2: CHUNK_VS_REC.relL2 },
+        `${label} ${tag} chunked vs token by token`);
+      worstRec = { maxAbs: Math.max(worstRec.maxAbs, e.maxAbs / m), relL2: Math.max(worstRec.relL2, e.relL2) };
+    }
+    t.diagnostic(`${label}: chunked worst relL2 vs float64 ${worstRef.toExponential(2)} (${worstTag}); vs token by token ` +
+      `maxAbs/max ${worstRec.maxAbs.toExponential(2)}, relL2 ${worstRec.relL2.toExponential(2)}`);
+  });
+
+  test(`${label}: a chunked prefill's state carries into the next decode step`, { skip }, () => {
+    const [Hk, Hv, Dk, Dv, T] = [1, 2, 32, 32, 131];
+    const x = deltaInputs(3500, T, Hk, Hv, Dk, Dv, true, 0.5);
+    const per = Hv * Dk * Dv;
+    const pool0 = uniform(per, rng(3501), 0.5);
+    const base: DeltaRuleOptions = { T, Hk, Hv, Dk, Dv, l2normQk: true, chunk: 64 };
+    const pre = runDelta(sliceIn(x, 0, T - 1, Hk, Hv, Dk, Dv), [T - 1], Int32Array.of(0), pool0, base);
+    const dec = runDelta(sliceIn(x, T - 1, 1, Hk, Hv, Dk, Dv), [1], Int32Array.of(0), pre.pool, base);
+    const refState = Float64Array.from(pool0);
+    const ref = refDelta(x.q, x.k, x.v, x.g, x.beta, refState, { T, Hk, Hv, Dk, Dv }, true);
+    close(pre.out, ref.subarray(0, (T - 1) * Hv * Dv), TOL_CHUNK, 'prefill out');
+    close(dec.out, ref.subarray((T - 1) * Hv * Dv), TOL_CHUNK, 'decode out after the chunked prefill');
+    close(dec.pool, refState, TOL_CHUNK, 'state after the decode step');
+    // the decode step is the recurrent kernel's: the same bits as a chunk-1 call from the same state
+    const rec = runDelta(sliceIn(x, T - 1, 1, Hk, Hv, Dk, Dv), [1], Int32Array.of(0), pre.pool, { ...base, chunk: 1 });
+    assert.deepEqual(dec.out, rec.out, `${label}: decode step == the recurrent step`);
+    assert.deepEqual(dec.pool, rec.pool, `${label}: decode state == the recurrent step's`);
+  });
+
+  test(`${label}: a mixed batch (a 130-token prefill beside two decodes) equals each sequence alone`, { skip }, () => {
+    const [Hk, Hv, Dk, Dv] = [2, 4, 16, 40];
+    const lens = [1, 130, 1], slots = Int32Array.from([3, 0, 2]);
+    const T = 132, per = Hv * Dk * Dv;
+    const x = deltaInputs(3600, T, Hk, Hv, Dk, Dv, true, 1);
+    const pool0 = uniform(4 * per, rng(3601), 0.5);
+    const opts: DeltaRuleOptions = { T, Hk, Hv, Dk, Dv, l2normQk: true, chunk: 64 };
+    const both = runDelta(x, lens, slots, pool0, opts);
+    // the host-side lengths only decide whether the chunked kernel is launched: the same bits with them
+    const hinted = runDelta(x, lens, slots, pool0, opts, Int32Array.from(lens));
+    assert.deepEqual(hinted.out, both.out, `${label}: seqLens given == not given (out)`);
+    assert.deepEqual(hinted.pool, both.pool, `${label}: seqLens given == not given (state)`);
+    // lengths that say no sequence has a whole chunk: every token by the recurrence (a chunk-1 call)
+    const rec = runDelta(x, lens, slots, pool0, { ...opts, chunk: 1 });
+    assert.deepEqual(runDelta(x, lens, slots, pool0, opts, Int32Array.of(1, 1, 1)).out, rec.out, `${label}: seqLens below the chunk == the recurrence`);
+    assert.ok(differs(both.out, rec.out), `${label}: the 130-token sequence ran the chunked kernel`);
+    let t0 = 0;
+    lens.forEach((n, b) => {
+      const sl = slots[b]!;
+      const alone = runDelta(sliceIn(x, t0, n, Hk, Hv, Dk, Dv), [n], Int32Array.of(0), pool0.slice(sl * per, (sl + 1) * per), opts);
+      assert.deepEqual(both.out.subarray(t0 * Hv * Dv, (t0 + n) * Hv * Dv), alone.out, `${label} seq ${b}: batched == alone (out)`);
+      assert.deepEqual(both.pool.subarray(sl * per, (sl + 1) * per), alone.pool, `${label} seq ${b}: batched == alone (state)`);
+      const refState = Float64Array.from(pool0.subarray(sl * per, (sl + 1) * per));
+      const xi = sliceIn(x, t0, n, Hk, Hv, Dk, Dv);
+      const ref = refDelta(xi.q, xi.k, xi.v, xi.g, xi.beta, refState, { T: n, Hk, Hv, Dk, Dv }, true);
+      close(alone.out, ref, TOL_CHUNK, `mixed seq ${b} out`);
+      close(alone.pool, refState, TOL_CHUNK, `mixed seq ${b} state`);
+      t0 += n;
+    });
+    assert.deepEqual(both.pool.subarray(per, 2 * per), pool0.subarray(per, 2 * per), `${label}: unused slot untouched`);
+  });
+
+  test(`${label}: Dk 256 runs chunkwise at chunk 32 and by the recurrence at chunk 64 (shared memory bound)`, { skip }, () => {
+    const [Hk, Hv, Dk, Dv, T] = [1, 1, 256, 8, 70];
+    const x = deltaInputs(3700, T, Hk, Hv, Dk, Dv, true, 0.5);
+    const per = Hv * Dk * Dv, pool0 = uniform(per, rng(3701), 0.5), slot = Int32Array.of(0);
+    const base: DeltaRuleOptions = { T, Hk, Hv, Dk, Dv, l2normQk: true };
+    const rec = runDelta(x, [T], slot, pool0, { ...base, chunk: 1 });
+    const c64 = runDelta(x, [T], slot, pool0, { ...base, chunk: 64 });
+    const c32 = runDelta(x, [T], slot, pool0, { ...base, chunk: 32 });
+    assert.deepEqual(c64.out, rec.out, `${label}: chunk 64 at Dk 256 is the recurrence`);
+    assert.ok(differs(c32.out, rec.out), `${label}: chunk 32 at Dk 256 runs the chunked kernel`);
+    const refState = Float64Array.from(pool0);
+    const ref = refDelta(x.q, x.k, x.v, x.g, x.beta, refState, { T, Hk, Hv, Dk, Dv }, true);
+    close(c32.out, ref, TOL_CHUNK, 'Dk 256 chunk 32 out');
+    close(c32.pool, refState, TOL_CHUNK, 'Dk 256 chunk 32 state');
+  });
+
   test(`${label}: gated RMSNorm vs float64 and the CPU op`, { skip }, () => {
     const r = rng(3300);
     for (const [rows, D] of [[1, 1], [7, 128], [130, 100]] as const) {
@@ -157,6 +296,12 @@ function deviceSuite(label: string, cu: CudaAddon, skip: string | false) {
     inv(() => cu.cudaGatedDeltaRule(b, b, b, b, b, b, b, b, 1, b, { ...opts, Dk: 257 }), /opts\.Dk is 257, expected 1\.\.256/);
     inv(() => cu.cudaGatedDeltaRule(b, b, b, b, b, b, b, b, 1, b, { ...opts, Hv: 3, Hk: 2 }), /opts\.Hv is 3, expected a multiple of opts\.Hk \(2\)/);
     inv(() => cu.cudaGatedDeltaRule(small, b, b, b, b, b, b, b, 1, b, opts), /q\.sizeBytes is 16, expected at least 64/);
+    inv(() => cu.cudaGatedDeltaRule(b, b, b, b, b, b, b, b, 1, b, { ...opts, chunk: 0 }), /opts\.chunk is 0, expected 1\.\.256/);
+    inv(() => cu.cudaGatedDeltaRule(b, b, b, b, b, b, b, b, 1, b, { ...opts, chunk: 257 }), /opts\.chunk is 257, expected 1\.\.256/);
+    inv(() => cu.cudaGatedDeltaRule(b, b, b, b, b, b, b, b, 1, b, { ...opts, chunk: 1.5 }), /opts\.chunk must be an integer/);
+    inv(() => cu.cudaGatedDeltaRule(b, b, b, b, b, b, b, b, 1, b, opts, null, Int32Array.of(1, 1)), /seqLens\.length is 2, expected 1/);
+    inv(() => cu.cudaGatedDeltaRule(b, b, b, b, b, b, b, b, 1, b, opts, null, Int32Array.of(3)), /seqLens\[0\] is 3, expected 0\.\.2 \(opts\.T\)/);
+    inv(() => cu.cudaGatedDeltaRule(b, b, b, b, b, b, b, b, 1, b, opts, null, [2] as unknown as Int32Array), /seqLens must be a Int32Array/);
     inv(() => cu.cudaCausalConv1d(b, 2, 4, b, null, 65, b, b, b, 1, true, b), /k is 65, expected 1\.\.64/);
     inv(() => cu.cudaGatedRmsNorm(b, b, small, 1e-6, 2, 8, b), /weight\.sizeBytes is 16, expected at least 32/);
     for (const q of [b, small]) q.dispose();

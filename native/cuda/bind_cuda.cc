@@ -997,7 +997,9 @@ Napi::Value causal_conv1d(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// cudaGatedDeltaRule(q, k, v, g, beta, statePool, slots, seqStarts, numSeqs, out, opts, stream?)
+// cudaGatedDeltaRule(q, k, v, g, beta, statePool, slots, seqStarts, numSeqs, out, opts, stream?,
+//                    seqLens?): seqLens [numSeqs] host Int32Array, the lengths seqStarts gives (a
+// launch hint: without it the chunked kernel is launched whenever T >= opts.chunk).
 Napi::Value gated_delta_rule(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   expect_args(info, 11, "cudaGatedDeltaRule");
@@ -1016,9 +1018,20 @@ Napi::Value gated_delta_rule(const Napi::CallbackInfo& info) {
   const int32_t* starts = get_aligned_buf<int32_t>(info, 7, "seqStarts", mul(b + 1, I4));
   float* out = get_aligned_buf<float>(info, 9, "out", mul(t, v_row, F4));
   Stream s = get_stream(info, 11);
+  int longest = p.tokens;
+  const Span<int32_t> lens = get_optional_array<int32_t>(info, 12, "seqLens", static_cast<size_t>(b), true);
+  if (lens.data) {
+    longest = 0;
+    for (size_t i = 0; i < lens.length; ++i) {
+      if (lens.data[i] < 0 || lens.data[i] > p.tokens)
+        throw_range(env, "seqLens[" + std::to_string(i) + "] is " + std::to_string(lens.data[i]) +
+                             ", expected 0.." + std::to_string(p.tokens) + " (opts.T)");
+      longest = std::max(longest, static_cast<int>(lens.data[i]));
+    }
+  }
   const long long slots_n = pool_slots_of(pool_h->size(), mul(mul(p.hv, p.dk), p.dv, F4));
   guard(env, [&] {
-    cuda::gated_delta_rule_batch(q, k, v, g, beta, pool, slots_n, slots, starts, b, out, p, s);
+    cuda::gated_delta_rule_batch(q, k, v, g, beta, pool, slots_n, slots, starts, b, out, p, longest, s);
   });
   return env.Undefined();
 }

@@ -404,12 +404,19 @@ export interface CudaAddon {
                    numSeqs: number, silu: boolean, out: CudaBuffer, stream?: CudaStream | null): void;
   /**
    * gatedDeltaRuleBatch on the device (statePool [slots, Hv, Dk, Dv]; slots and seqStarts as
-   * cudaCausalConv1d). Runs the recurrence token by token for every T (opts.chunk is ignored);
-   * Dk <= 256.
+   * cudaCausalConv1d); Dk <= 256. A sequence of n >= opts.chunk tokens runs chunkwise (floor(n /
+   * chunk) whole chunks, then the recurrence for the tail); decode steps and shorter sequences run the
+   * recurrence. chunk 1, and a chunk whose kernel would need more than 96 KiB of shared memory
+   * (chunk 64 fits Dk <= 139, chunk 32 every Dk), run the recurrence for every token.
+   * seqLens [numSeqs] (optional, host): the lengths seqStarts gives, a launch hint: without it the
+   * chunked kernel is launched whenever T >= opts.chunk (its blocks for short sequences return at
+   * once); with it only when some entry is >= chunk (an understated length runs that sequence by
+   * the recurrence). RangeError for an entry outside 0..T or a length other than numSeqs.
    */
   cudaGatedDeltaRule(q: CudaBuffer, k: CudaBuffer, v: CudaBuffer, g: CudaBuffer, beta: CudaBuffer,
                      statePool: CudaBuffer, slots: CudaBuffer, seqStarts: CudaBuffer, numSeqs: number,
-                     out: CudaBuffer, opts: DeltaRuleOptions, stream?: CudaStream | null): void;
+                     out: CudaBuffer, opts: DeltaRuleOptions, stream?: CudaStream | null,
+                     seqLens?: Int32Array | null): void;
   /** gatedRmsNorm on the device. */
   cudaGatedRmsNorm(x: CudaBuffer, z: CudaBuffer, weight: CudaBuffer, eps: number, rows: number, d: number,
                    out: CudaBuffer, stream?: CudaStream | null): void;

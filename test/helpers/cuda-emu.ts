@@ -67,6 +67,23 @@ function faultFromEnv(): { op: string; calls: number } | undefined {
 
 /** The device's Dk bound (cuda_backend.h kDeltaMaxDk: the state slice lives in shared memory). */
 const DELTA_MAX_DK = 256;
+/** Shared memory the chunked kernel may use (cuda_backend.h kDeltaChunkSmemMax: under sm_89's 99 KiB). */
+const DELTA_CHUNK_SMEM_MAX = 96 * 1024;
+
+/**
+ * Bytes of shared memory of deltanet.cu's chunked kernel for chunk C and key dim Dk (delta_chunk_smem_bytes):
+ * K [C][Dk+1], a Q block [min(C,16)][Dk+1], A/P [C][C+1], the state tile [Dk][32], X and QS [C][32],
+ * partial sums [8][32], and g, G, beta, e^G, the end decays [C].
+ */
+export function deltaChunkSmemBytes(C: number, Dk: number): number {
+  const qr = Math.min(C, 16);
+  return 4 * ((C + qr) * (Dk + 1) + C * (C + 1) + (Dk + 2 * C + 8) * 32 + 5 * C);
+}
+
+/** Whether the device runs sequences of at least `chunk` tokens chunkwise (else all by the recurrence). */
+export function deltaChunked(chunk: number, Dk: number): boolean {
+  return chunk >= 2 && deltaChunkSmemBytes(chunk, Dk) <= DELTA_CHUNK_SMEM_MAX;
+}
 
 /** The options object as native/addon/deltanet_args.h reads it (same checks, same messages). */
 function deltaOpts(v: unknown, dkMax: number): Required<DeltaRuleOptions> {
@@ -1087,7 +1104,7 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
       }
     },
 
-    cudaGatedDeltaRule(q, k, v, g, beta, statePool, slots, seqStarts, numSeqs, out, opts, stream): void {
+    cudaGatedDeltaRule(q, k, v, g, beta, statePool, slots, seqStarts, numSeqs, out, opts, stream, seqLens): void {
       const p = deltaOpts(opts, DELTA_MAX_DK);
       const B = dim(numSeqs, 'numSeqs');
       const T = p.T, qk = p.Hk * p.Dk, vr = p.Hv * p.Dv;
@@ -1098,6 +1115,16 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
       const pb = buf(statePool, 'statePool', 0), sb = buf(slots, 'slots', B * 4), stb = buf(seqStarts, 'seqStarts', (B + 1) * 4);
       const ob = buf(out, 'out', T * vr * 4);
       getStream(stream);
+      let longest = T;
+      if (seqLens !== undefined && seqLens !== null) {
+        if (!(seqLens instanceof Int32Array)) throw typeError('seqLens must be a Int32Array');
+        if (seqLens.length !== B) throw rangeError(`seqLens.length is ${seqLens.length}, expected ${B}`);
+        longest = 0;
+        seqLens.forEach((n, i) => {
+          if (n < 0 || n > T) throw rangeError(`seqLens[${i}] is ${n}, expected 0..${T} (opts.T)`);
+          longest = Math.max(longest, n);
+        });
+      }
       ensureAlive();
       if (B <= 0) return;
       const { Hk, Hv, Dk, Dv } = p;
@@ -1107,23 +1134,84 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
       const seqs = deltaSeqs(i32Of(sb, 'slots'), i32Of(stb, 'seqStarts'), B, T, Math.floor(pb.sizeBytes / (per * 4)));
       const qscale = fr(1 / Math.sqrt(Dk));
       const lanes = new Float64Array(32);
-      const qn = new Float32Array(Dk), kn = new Float32Array(Dk);
+      // the chunked kernel is launched (and the recurrent one skips whole chunks) only when some
+      // sequence may have a whole chunk, as deltanet.cu's host side decides
+      const C = p.chunk, chunked = deltaChunked(C, Dk) && Math.min(longest, T) >= C;
+      // q/k rows as both kernels normalise them (a warp per row: lane partials in double, the butterfly)
+      const loadQ = (tok: number, kh: number, dst: Float32Array, at: number) => {
+        const a = tok * p.qStride + kh * Dk;
+        const iq = p.l2normQk ? fr(1 / fr(Math.sqrt(fr(fr(sumSquaresF64(qs, a, Dk, lanes)) + fr(1e-6))))) : 1;
+        for (let d = 0; d < Dk; d++) dst[at + d] = fr((p.l2normQk ? fr(qs[a + d]! * iq) : qs[a + d]!) * qscale);
+      };
+      const loadK = (tok: number, kh: number, dst: Float32Array, at: number) => {
+        const a = tok * p.kStride + kh * Dk;
+        const ik = p.l2normQk ? fr(1 / fr(Math.sqrt(fr(fr(sumSquaresF64(kss, a, Dk, lanes)) + fr(1e-6))))) : 1;
+        for (let d = 0; d < Dk; d++) dst[at + d] = p.l2normQk ? fr(kss[a + d]! * ik) : kss[a + d]!;
+      };
+      const qn = new Float32Array(Math.max(C, 1) * Dk), kn = new Float32Array(Math.max(C, 1) * Dk);
+      const G = new Float32Array(C), Bt = new Float32Array(C), eG = new Float32Array(C), decN = new Float32Array(C);
+      const A = new Float32Array(C * C), P = new Float32Array(C * C), X = new Float32Array(C), QS = new Float32Array(C);
+      const dot = (a: Float32Array, ai: number, b: Float32Array, bi: number) => {
+        let acc = 0;
+        for (let d = 0; d < Dk; d++) acc = fr(acc + fr(a[ai + d]! * b[bi + d]!));
+        return acc;
+      };
       for (const { t0, t1, slot } of seqs) {
-        if (t1 === t0) continue;
+        const n = t1 - t0;
+        const nc = chunked && n >= C ? Math.floor(n / C) : 0;
         for (let h = 0; h < Hv; h++) {
           const kh = Math.floor(h / (Hv / Hk));
           const S = ps.subarray((slot * Hv + h) * Dk * Dv, (slot * Hv + h + 1) * Dk * Dv);
-          for (let tok = t0; tok < t1; tok++) {
-            const qa = tok * p.qStride + kh * Dk, ka = tok * p.kStride + kh * Dk;
-            let iq = 1, ik = 1;
-            if (p.l2normQk) {
-              iq = fr(1 / fr(Math.sqrt(fr(fr(sumSquaresF64(qs, qa, Dk, lanes)) + fr(1e-6)))));
-              ik = fr(1 / fr(Math.sqrt(fr(fr(sumSquaresF64(kss, ka, Dk, lanes)) + fr(1e-6)))));
+          // the chunked kernel: whole chunks of C tokens (deltanet.cu, gated_delta_chunk_kernel)
+          for (let c = 0; c < nc; c++) {
+            const tc = t0 + c * C;
+            for (let i = 0; i < C; i++) {
+              loadK(tc + i, kh, kn, i * Dk);
+              loadQ(tc + i, kh, qn, i * Dk);
+              G[i] = i === 0 ? gs[tc * Hv + h]! : fr(G[i - 1]! + gs[(tc + i) * Hv + h]!);
+              Bt[i] = bs[(tc + i) * Hv + h]!;
+              eG[i] = fr(Math.exp(G[i]!));
             }
-            for (let d = 0; d < Dk; d++) {
-              qn[d] = fr((p.l2normQk ? fr(qs[qa + d]! * iq) : qs[qa + d]!) * qscale);
-              kn[d] = p.l2normQk ? fr(kss[ka + d]! * ik) : kss[ka + d]!;
+            for (let i = 0; i < C; i++) {
+              decN[i] = fr(Math.exp(fr(G[C - 1]! - G[i]!)));
+              for (let j = 0; j <= i; j++) {
+                const dec = fr(Math.exp(fr(G[i]! - G[j]!)));
+                if (j < i) A[i * C + j] = fr(fr(Bt[i]! * dot(kn, i * Dk, kn, j * Dk)) * dec);
+                P[i * C + j] = fr(dot(qn, i * Dk, kn, j * Dk) * dec);
+              }
             }
+            for (let e = 0; e < Dv; e++) {
+              for (let i = 0; i < C; i++) {
+                let ks = 0, qsum = 0;
+                for (let d = 0; d < Dk; d++) {
+                  ks = fr(ks + fr(kn[i * Dk + d]! * S[d * Dv + e]!));
+                  qsum = fr(qsum + fr(qn[i * Dk + d]! * S[d * Dv + e]!));
+                }
+                X[i] = fr(Bt[i]! * fr(vs[(tc + i) * p.vStride + h * Dv + e]! - fr(eG[i]! * ks)));
+                QS[i] = qsum;
+              }
+              // V' = (I + A)^-1 X by forward substitution
+              for (let i = 0; i < C; i++) {
+                let s = 0;
+                for (let j = 0; j < i; j++) s = fr(s + fr(A[i * C + j]! * X[j]!));
+                X[i] = fr(X[i]! - s);
+              }
+              for (let i = 0; i < C; i++) {
+                let o = fr(eG[i]! * QS[i]!);
+                for (let j = 0; j <= i; j++) o = fr(o + fr(P[i * C + j]! * X[j]!));
+                os[((tc + i) * Hv + h) * Dv + e] = o;
+              }
+              for (let d = 0; d < Dk; d++) {
+                let sv = fr(eG[C - 1]! * S[d * Dv + e]!);
+                for (let i = 0; i < C; i++) sv = fr(sv + fr(fr(decN[i]! * kn[i * Dk + d]!) * X[i]!));
+                S[d * Dv + e] = sv;
+              }
+            }
+          }
+          // the recurrent kernel: the tail (or every token of a sequence shorter than a chunk)
+          for (let tok = t0 + nc * C; tok < t1; tok++) {
+            loadQ(tok, kh, qn, 0);
+            loadK(tok, kh, kn, 0);
             const eg = fr(Math.exp(gs[tok * Hv + h]!));
             const bt = bs[tok * Hv + h]!;
             for (let e = 0; e < Dv; e++) {

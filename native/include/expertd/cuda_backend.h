@@ -260,9 +260,28 @@ void embedding(const void* table, DType dtype, int vocab, int h, const int32_t* 
 void softmax_rows(const float* x, int rows, int cols, float* out, bool log, Stream s);
 // Gated DeltaNet (deltanet.cu), the batched forms of ops.h's: slots [num_seqs] and seq_starts
 // [num_seqs + 1] live on the device (a slot outside 0..pool_slots-1 or a sequence outside the
-// tokens traps); slots must be distinct. The delta rule runs the recurrence for every T (chunk is
-// ignored); Dk <= kDeltaMaxDk.
+// tokens traps); slots must be distinct. Dk <= kDeltaMaxDk. The delta rule runs a sequence of n >=
+// p.chunk tokens chunkwise (floor(n / chunk) whole chunks, then the recurrence for the tail) when
+// delta_chunked(p.chunk, p.dk), and every other token by the recurrence (decode steps, short
+// sequences, chunk 1, or a chunk whose kernel would not fit kDeltaChunkSmemMax). longest: the
+// longest sequence as the host knows it (p.tokens when it does not): the chunked kernel is launched
+// only when longest >= p.chunk; an understated value runs the longer sequences by the recurrence.
 constexpr int kDeltaMaxDk = 256;
+// Shared memory the chunked kernel may use: under the 99 KiB a block may opt into on sm_86/sm_89
+// (sm_80 allows 163 KiB, sm_90 227 KiB), so that whether a shape runs chunkwise does not depend on
+// the device. chunk 64 fits Dk <= 139, chunk 32 any Dk <= 256; chunk >= 124 never fits.
+constexpr size_t kDeltaChunkSmemMax = 96 * 1024;
+// Bytes of the chunked kernel's shared memory: K [C][Dk+1], a block of Q rows [min(C,16)][Dk+1],
+// A and P [C][C+1], the state tile [Dk][32], X and QS [C][32], partial sums [8][32], and g, G,
+// beta, e^G and the end decays [C] (test/helpers/cuda-emu.ts deltaChunkSmemBytes says the same).
+inline size_t delta_chunk_smem_bytes(int chunk, int dk) {
+  const size_t c = static_cast<size_t>(chunk), d = static_cast<size_t>(dk);
+  const size_t qr = c < 16 ? c : 16;
+  return sizeof(float) * ((c + qr) * (d + 1) + c * (c + 1) + (d + 2 * c + 8) * 32 + 5 * c);
+}
+inline bool delta_chunked(int chunk, int dk) {
+  return chunk >= 2 && delta_chunk_smem_bytes(chunk, dk) <= kDeltaChunkSmemMax;
+}
 void causal_conv1d_batch(const float* x, int tokens, int channels, const float* weight,
                          const float* bias, int kernel, float* state_pool, long long pool_slots,
                          const int32_t* slots, const int32_t* seq_starts, int num_seqs, bool silu,
@@ -270,7 +289,7 @@ void causal_conv1d_batch(const float* x, int tokens, int channels, const float* 
 void gated_delta_rule_batch(const float* q, const float* k, const float* v, const float* g,
                             const float* beta, float* state_pool, long long pool_slots,
                             const int32_t* slots, const int32_t* seq_starts, int num_seqs,
-                            float* out, const DeltaRuleParams& p, Stream s);
+                            float* out, const DeltaRuleParams& p, int longest, Stream s);
 void gated_rms_norm(const float* x, const float* z, const float* w, float eps, int rows, int dim,
                     float* out, Stream s);
 void top_n(const float* x, int rows, int cols, int n, int32_t* ids, float* vals, Stream s);
