@@ -72,6 +72,20 @@ export class CudaGatedDeltaNet {
     return { conv, recurrent };
   }
 
+  private lens = new Int32Array(0);
+
+  /**
+   * The step's per-sequence token counts (seqInfo's qLen), the launch hint that keeps a batch of
+   * decodes whose total reaches the chunk off the chunked kernel.
+   */
+  private seqLens(step: DeviceStep): Int32Array | null {
+    const S = step.batch.numSeqs;
+    if (this.lens.length !== S) this.lens = new Int32Array(S);
+    let sum = 0;
+    for (let b = 0; b < S; b++) sum += this.lens[b] = step.batch.seqInfo[3 * b + 1]!;
+    return sum === step.tokens ? this.lens : null;  // a sub-batch's rows: no hint
+  }
+
   /**
    * x [T, H] f32 -> out [T, H] f32 (overwritten) for the step's sequences, each reading and advancing
    * the state in its slot (the model zeroes the slots of sequences that start at position 0).
@@ -97,7 +111,8 @@ export class CudaGatedDeltaNet {
     const span = Math.max(4, (T * C - Kd) * F32);
     cu.cudaGatedDeltaRule(qkv, qkv.view(Kd * F32, span), qkv.view(2 * Kd * F32, Math.max(4, (T * C - 2 * Kd) * F32)), g, beta,
       state.recurrent, ss.slots, ss.seqStarts, S, core,
-      { T, Hk, Hv, Dk, Dv, l2normQk: true, chunk: DELTA_CHUNK, qStride: C, kStride: C, vStride: C }, st);
+      { T, Hk, Hv, Dk, Dv, l2normQk: true, chunk: DELTA_CHUNK, qStride: C, kStride: C, vStride: C }, st,
+      T >= DELTA_CHUNK ? this.seqLens(step) : null);
     cu.cudaGatedRmsNorm(core, z, this.normW, this.eps, T * Hv, Dv, core, st);
     dev.gemm(core, T, this.out, out, null, false, null, st);
   }
