@@ -17,6 +17,8 @@ export interface DecodeRate {
   decodeBusyS: number;
   /** decodeTokens / decodeBusyS. */
   decodeTokPerS: number;
+  /** The busy time's disjoint intervals (ms), for CPU accounting. */
+  busyIntervalsMs: [number, number][];
   /** [latest first token of a round-0 request, earliest last token of a client's last request] (ms);
    * empty (NaN rate) when not every stream was decoding at once. */
   steadyFromMs: number;
@@ -26,19 +28,36 @@ export interface DecodeRate {
   steadyTokPerS: number;
 }
 
+/** The union of closed intervals (ms) as disjoint intervals in time order (empty ones dropped). */
+export function mergeIntervals(intervals: readonly (readonly [number, number])[]): [number, number][] {
+  const s = intervals.filter(([a, b]) => b > a).map(([a, b]) => [a, b] as [number, number]).sort((x, y) => x[0] - y[0]);
+  const out: [number, number][] = [];
+  for (const [a, b] of s) {
+    const last = out[out.length - 1];
+    if (!last || a > last[1]) out.push([a, b]);
+    else if (b > last[1]) last[1] = b;
+  }
+  return out;
+}
+
 /** Measure of the union of closed intervals (ms). */
 export function unionLengthMs(intervals: readonly (readonly [number, number])[]): number {
-  const s = intervals.filter(([a, b]) => b > a).map(([a, b]) => [a, b] as const).sort((x, y) => x[0] - y[0]);
-  let total = 0;
-  let curA = NaN, curB = NaN;
-  for (const [a, b] of s) {
-    if (Number.isNaN(curA) || a > curB) {
-      if (!Number.isNaN(curA)) total += curB - curA;
-      curA = a; curB = b;
-    } else if (b > curB) curB = b;
-  }
-  if (!Number.isNaN(curA)) total += curB - curA;
-  return total;
+  return mergeIntervals(intervals).reduce((t, [a, b]) => t + b - a, 0);
+}
+
+/**
+ * CPU ms a process spent inside the given intervals, from (wall ms, cumulative CPU ms) samples in
+ * time order, interpolated linearly between samples (NaN where an interval is not inside them).
+ */
+export function cpuMsWithin(samples: readonly (readonly [number, number])[], intervals: readonly (readonly [number, number])[]): number {
+  const at = (t: number): number => {
+    if (samples.length === 0 || t < samples[0]![0] || t > samples[samples.length - 1]![0]) return NaN;
+    let i = 1;
+    while (i < samples.length - 1 && samples[i]![0] < t) i++;
+    const [t0, c0] = samples[i - 1]!, [t1, c1] = samples[i]!;
+    return t1 === t0 ? c1 : c0 + (c1 - c0) * (t - t0) / (t1 - t0);
+  };
+  return intervals.reduce((sum, [a, b]) => sum + at(b) - at(a), 0);
 }
 
 /**
@@ -56,7 +75,8 @@ export function decodeRate(reqs: readonly Arrivals[], minSteadyMs = 1000): Decod
     decodeTokens += a.length - 1;
     busy.push([a[0]!, a[a.length - 1]!]);
   }
-  const decodeBusyS = unionLengthMs(busy) / 1e3;
+  const busyIntervalsMs = mergeIntervals(busy);
+  const decodeBusyS = busyIntervalsMs.reduce((t, [a, b]) => t + b - a, 0) / 1e3;
   // Steady window: from the last stream's first token to the first stream's end.
   const clients = new Set(reqs.map((r) => r.client));
   let from = -Infinity, to = Infinity;
@@ -77,7 +97,7 @@ export function decodeRate(reqs: readonly Arrivals[], minSteadyMs = 1000): Decod
     }
   }
   return {
-    decodeTokens, decodeBusyS, decodeTokPerS: decodeBusyS > 0 ? decodeTokens / decodeBusyS : NaN,
+    decodeTokens, decodeBusyS, decodeTokPerS: decodeBusyS > 0 ? decodeTokens / decodeBusyS : NaN, busyIntervalsMs,
     steadyFromMs: ok ? from : NaN, steadyToMs: ok ? to : NaN, steadyTokens,
     steadyTokPerS: ok ? steadyTokens / ((to - from) / 1e3) : NaN,
   };

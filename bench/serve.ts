@@ -6,7 +6,9 @@
 // decode tokens/s comes from the streamed arrival times (decode-rate.ts).
 // `serve --shared-prefix` runs the prefix-caching workload instead (serve-prefix.ts).
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, statSync, writeFileSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import http, { type IncomingMessage } from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
@@ -14,7 +16,7 @@ import { pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
 
 import { packageRoot } from '../src/native/index.js';
-import { decodeRate } from './decode-rate.js';
+import { cpuMsWithin, decodeRate } from './decode-rate.js';
 import { BENCH_MODEL_NAMES, ensureBenchModel, type BenchModelName } from './bench-models.js';
 import { seriesChart } from '../src/plot/charts.js';
 import { writePlot } from '../src/plot/render.js';
@@ -108,30 +110,44 @@ export interface BenchSampling { temperature: number; topP: number }
 export const GREEDY: BenchSampling = { temperature: 0, topP: 1 };
 export const samplingLabel = (s: BenchSampling): string => s.temperature === 0 ? 'greedy' : `T ${s.temperature}, top_p ${s.topP}`;
 
-/** One streaming completion over raw fetch + SSE parsing; times token arrivals. */
+/**
+ * POST a JSON body over node:http. NOTE: not fetch: undici fails a response body that stays silent
+ * for 300 s, which a request queued behind a full KV cache on a loaded machine can be before its
+ * first token; node:http has no such timeout (the daemon's own stall timeout still applies).
+ */
+function postJson(url: string, body: unknown): Promise<IncomingMessage> {
+  const u = new URL(url);
+  const data = JSON.stringify(body);
+  return new Promise((resolve, reject) => {
+    const req = http.request({ hostname: u.hostname, port: u.port, path: u.pathname, method: 'POST',
+      headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(data) } }, resolve);
+    req.on('error', reject);
+    req.end(data);
+  });
+}
+
+/** One streaming completion over node:http + SSE parsing; times token arrivals. */
 export async function streamOne(base: string, model: string, prompt: number[], maxTokens: number,
                                 sampling: BenchSampling = GREEDY, seed?: number): Promise<RequestResult> {
   const start = performance.now();
   const res: RequestResult = { ok: false, startMs: start, ttftMs: NaN, endMs: NaN, tokens: 0, itlMs: [], cachedTokens: NaN, arrivalsMs: [] };
   try {
-    const r = await fetch(`${base}/v1/completions`, {
-      method: 'POST',
-      headers: { 'content-type': 'application/json' },
-      body: JSON.stringify({
-        model, prompt, max_tokens: maxTokens, temperature: sampling.temperature, ignore_eos: true, stream: true,
-        ...(sampling.temperature > 0 ? { top_p: sampling.topP } : {}), ...(seed !== undefined ? { seed } : {}),
-        return_token_ids: true, stream_options: { include_usage: true },
-      }),
+    const r = await postJson(`${base}/v1/completions`, {
+      model, prompt, max_tokens: maxTokens, temperature: sampling.temperature, ignore_eos: true, stream: true,
+      ...(sampling.temperature > 0 ? { top_p: sampling.topP } : {}), ...(seed !== undefined ? { seed } : {}),
+      return_token_ids: true, stream_options: { include_usage: true },
     });
-    if (r.status !== 200 || !r.body) {
-      res.error = `HTTP ${r.status}: ${(await r.text()).slice(0, 200)}`;
+    if (r.statusCode !== 200) {
+      let text = '';
+      for await (const part of r) text += String(part);
+      res.error = `HTTP ${r.statusCode}: ${text.slice(0, 200)}`;
       return res;
     }
     const decoder = new TextDecoder();
     let buf = '';
     let last = NaN;
     let usageTokens = -1;
-    for await (const part of r.body as unknown as AsyncIterable<Uint8Array>) {
+    for await (const part of r as AsyncIterable<Buffer>) {
       const now = performance.now();
       buf += decoder.decode(part, { stream: true });
       let sep: number;
@@ -199,12 +215,37 @@ interface Level {
   decodeTokPerS: number;
   steadyS: number;
   steadyTokPerS: number;
+  /** The same counts per CPU-second of the daemon process (all its threads; /proc, Linux, one rank):
+   * what a shared machine's load changes far less than the wall rates. NaN where not measured. */
+  decodeTokPerCpuS: number;
+  steadyTokPerCpuS: number;
   loadAverage: number[];
 }
 
 /** Closed loop: `c` clients, each sends `rounds` requests one after another. */
+let clockTicksPerS = 0;
+/** Cumulative user + system CPU ms of a process (all threads), or NaN where /proc cannot tell. */
+function processCpuMs(pid: number): number {
+  try {
+    if (!clockTicksPerS) clockTicksPerS = Number(execFileSync('getconf', ['CLK_TCK']).toString().trim()) || 100;
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');  // f[0] is field 3 (state)
+    return (Number(f[11]) + Number(f[12])) * 1000 / clockTicksPerS;  // fields 14 utime, 15 stime
+  } catch {
+    return NaN;
+  }
+}
+
 async function runLevel(base: string, model: string, ranks: number, c: number, rounds: number, promptLen: number,
-                        maxTokens: number, sampling: BenchSampling): Promise<Level> {
+                        maxTokens: number, sampling: BenchSampling, pid?: number): Promise<Level> {
+  // The daemon's CPU time every 200 ms (one rank only: rank processes are other pids).
+  const cpuSamples: [number, number][] = [];
+  const sampleCpu = () => {
+    const cpu = pid !== undefined && ranks === 1 ? processCpuMs(pid) : NaN;
+    if (!Number.isNaN(cpu)) cpuSamples.push([performance.now(), cpu]);
+  };
+  sampleCpu();
+  const timer = setInterval(sampleCpu, 200);
   const t0 = performance.now();
   const all: RequestResult[] = [];
   const arrivals: { client: number; round: number; arrivalsMs: number[] }[] = [];
@@ -216,7 +257,11 @@ async function runLevel(base: string, model: string, ranks: number, c: number, r
       arrivals.push({ client, round: r, arrivalsMs: res.arrivalsMs });
     }
   }));
+  clearInterval(timer);
+  sampleCpu();
   const rate = decodeRate(arrivals);
+  const busyCpuMs = cpuMsWithin(cpuSamples, rate.busyIntervalsMs);
+  const steadyCpuMs = Number.isNaN(rate.steadyFromMs) ? NaN : cpuMsWithin(cpuSamples, [[rate.steadyFromMs, rate.steadyToMs]]);
   const wallS = (performance.now() - t0) / 1e3;
   const ok = all.filter((r) => r.ok);
   const outputTokens = all.reduce((a, r) => a + r.tokens, 0);
@@ -230,6 +275,8 @@ async function runLevel(base: string, model: string, ranks: number, c: number, r
     itlP50Ms: percentile(itl, 0.5), itlP99Ms: percentile(itl, 0.99),
     decodeTokens: rate.decodeTokens, decodeBusyS: rate.decodeBusyS, decodeTokPerS: rate.decodeTokPerS,
     steadyS: (rate.steadyToMs - rate.steadyFromMs) / 1e3, steadyTokPerS: rate.steadyTokPerS,
+    decodeTokPerCpuS: busyCpuMs > 0 ? rate.decodeTokens / (busyCpuMs / 1e3) : NaN,
+    steadyTokPerCpuS: steadyCpuMs > 0 ? rate.steadyTokens / (steadyCpuMs / 1e3) : NaN,
     loadAverage: os.loadavg(),
   };
 }
@@ -310,12 +357,13 @@ export async function runServe(argv: string[]): Promise<void> {
       const warm = await streamOne(d.base, model, promptIds(7, promptLen), 8);
       if (!warm.ok) throw new Error(`warm-up request failed: ${warm.error}`);
       for (const sampling of samplings) for (const c of levels) {
-        const lv = await runLevel(d.base, model, ranks, c, rounds, promptLen, maxTokens, sampling);
+        const lv = await runLevel(d.base, model, ranks, c, rounds, promptLen, maxTokens, sampling, d.proc.pid);
         lv.daemon = daemon;
         lv.kvDtype = kv || 'auto';
         lv.kvBlocks = d.kvBlocks();
         console.error(`# ${daemon}, ${ranks} rank(s), KV ${lv.kvDtype}, ${lv.sampling}, concurrency ${c}: ${fmt(lv.outputTokPerS)} tok/s, ` +
-          `decode ${fmt(lv.decodeTokPerS)} tok/s (steady ${fmt(lv.steadyTokPerS)}), TTFT p50 ${fmt(lv.ttftP50Ms)} ms, ` +
+          `decode ${fmt(lv.decodeTokPerS)} tok/s (steady ${fmt(lv.steadyTokPerS)}), per CPU-s ${fmt(lv.decodeTokPerCpuS)} ` +
+          `(steady ${fmt(lv.steadyTokPerCpuS)}), TTFT p50 ${fmt(lv.ttftP50Ms)} ms, ` +
           `ITL p50/p99 ${fmt(lv.itlP50Ms)}/${fmt(lv.itlP99Ms)} ms, ${lv.failed} failed, load avg ${lv.loadAverage.map((v) => v.toFixed(1)).join(' ')}`);
         results.push(lv);
       }
@@ -346,6 +394,8 @@ export async function runServe(argv: string[]): Promise<void> {
       r.daemon, r.ranks, r.kvDtype!, r.kvBlocks ?? '-', r.sampling, r.concurrency, r.requests, r.failed, r.outputTokPerS,
       r.decodeTokPerS, Number.isNaN(r.steadyTokPerS) ? '-' : r.steadyTokPerS,
       ratio(r.decodeTokPerS, b1?.decodeTokPerS), ratio(r.decodeTokPerS, k1?.decodeTokPerS),
+      Number.isNaN(r.decodeTokPerCpuS) ? '-' : r.decodeTokPerCpuS, Number.isNaN(r.steadyTokPerCpuS) ? '-' : r.steadyTokPerCpuS,
+      ratio(r.decodeTokPerCpuS, b1?.decodeTokPerCpuS),
       ratio(r.outputTokPerS, s1?.outputTokPerS), ratio(r.outputTokPerS, r1?.outputTokPerS),
       r.ttftP50Ms, r.ttftP99Ms, r.itlP50Ms, r.itlP99Ms, ratio(r.itlP99Ms, s1?.itlP99Ms),
       r.loadAverage[0]!.toFixed(1),
@@ -360,10 +410,12 @@ export async function runServe(argv: string[]): Promise<void> {
     'token over the time at least one stream was decoding (the union of [first token, last token] over requests; ' +
     'prefill steps of other requests inside it count). steady: the same count over the window in which every client\'s ' +
     'stream had its first token and none had finished ("-": all streams never decoded at once, e.g. the KV cache held ' +
-    'fewer). Ratios of decode tok/s at the same concurrency and sampling.\n');
+    'fewer). per CPU-s: the same token counts over the daemon process\'s CPU time (all threads) in the same spans, ' +
+    'which a shared machine\'s load moves far less than wall time. Ratios at the same concurrency and sampling.\n');
   console.log(markdownTable(
     ['daemon', 'ranks', 'KV', 'KV blocks', 'sampling', 'concurrency', 'requests', 'failed', 'output tok/s', 'decode tok/s',
-      'steady decode tok/s', 'decode vs baseline', `decode vs KV ${kv0}`, 'output vs c=1', 'output vs 1 rank',
+      'steady decode tok/s', 'decode vs baseline', `decode vs KV ${kv0}`, 'decode tok per CPU-s', 'steady per CPU-s',
+      'per CPU-s vs baseline', 'output vs c=1', 'output vs 1 rank',
       'TTFT p50 ms', 'TTFT p99 ms', 'ITL p50 ms', 'ITL p99 ms', 'ITL p99 vs c=1', 'load 1m'],
     rows));
   for (const r of results) if (r.errors.length) console.log(`\n${r.daemon}, ${r.ranks} rank(s), KV ${r.kvDtype}, ${r.sampling}, concurrency ${r.concurrency} errors: ${r.errors.join('; ')}`);
@@ -390,8 +442,10 @@ export async function runServe(argv: string[]): Promise<void> {
   const at64 = cur.filter((r) => r.concurrency === 64 && baseOf(r));
   if (at64.length === 0) console.log('- aggregate decode at 64 streams >= 1.2x the baseline: NOT MEASURED (needs --baseline-bin and concurrency 64)');
   for (const r of at64) {
-    const x = r.decodeTokPerS / baseOf(r)!.decodeTokPerS;
-    console.log(`- aggregate decode at 64 streams >= 1.2x the baseline, KV ${r.kvDtype}, ${r.sampling}: ${fmt(x)}x -> ${x >= 1.2 ? 'PASS' : 'FAIL'}`);
+    const b = baseOf(r)!;
+    const x = r.decodeTokPerS / b.decodeTokPerS, y = r.decodeTokPerCpuS / b.decodeTokPerCpuS;
+    console.log(`- aggregate decode at 64 streams >= 1.2x the baseline, KV ${r.kvDtype}, ${r.sampling}: ${fmt(x)}x (wall) ` +
+      `-> ${x >= 1.2 ? 'PASS' : 'FAIL'}; per CPU-second ${fmt(y)}x`);
   }
   if (values.json) writeJson(values.json, { bench: 'serve', run: info, loadAverageEnd: os.loadavg(), model: name, dir, flags,
     promptLen, maxTokens, rounds, rankCounts, samplings, baselineBin: baselineBin ?? null, levels: results });

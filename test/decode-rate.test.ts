@@ -3,7 +3,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 
-import { decodeRate, unionLengthMs, type Arrivals } from '../bench/decode-rate.js';
+import { cpuMsWithin, decodeRate, unionLengthMs, type Arrivals } from '../bench/decode-rate.js';
 
 test('unionLengthMs equals a 1 ms grid count of covered instants over random integer intervals', () => {
   let a = 12345;
@@ -68,4 +68,13 @@ test('decodeRate: chunks of several tokens and closed-loop rounds', () => {
   assert.equal(r.steadyFromMs, 150);
   assert.equal(r.steadyToMs, 600);
   assert.equal(r.steadyTokens, 6);
+});
+
+test('cpuMsWithin: CPU inside intervals, interpolated between samples', () => {
+  // A process that uses 1 CPU ms per wall ms from 0 to 100, then 2 per ms to 200.
+  const samples: [number, number][] = [[0, 0], [50, 50], [100, 100], [150, 200], [200, 300]];
+  assert.equal(cpuMsWithin(samples, [[10, 20]]), 10);
+  assert.equal(cpuMsWithin(samples, [[90, 160], [180, 190]]), 10 + 100 + 20 + 20);
+  assert.ok(Number.isNaN(cpuMsWithin(samples, [[150, 250]])));
+  assert.equal(cpuMsWithin(samples, []), 0);
 });
