@@ -13,7 +13,7 @@ import { loadCudaModel, loadModel } from '../src/model/load.js';
 import { packageRoot } from '../src/native/index.js';
 import { createCudaEmulator } from '../test/helpers/cuda-emu.js';
 import { kvFidelity } from '../test/helpers/kv-fidelity.js';
-import { PRECISIONS, agreement, fixtureSequences, medianMargin, teacherForced } from '../test/helpers/quant-fidelity.js';
+import { PRECISIONS, agreement, argmax, fixtureSequences, medianMargin, teacherForced, topMargin } from '../test/helpers/quant-fidelity.js';
 import { DirectRunner } from '../test/helpers/model-runner.js';
 import type { KvDtype } from '../src/model/kv-dtype.js';
 
@@ -109,21 +109,28 @@ function runQuantFidelity(fx: string, trained: boolean, only?: string[]): void {
     console.log(`| ${name} | ${ref.length} | ${medianMargin(ref).toFixed(3)} | ${g.heldout_loss ?? '-'} |`);
   }
   const total = [...refs.values()].reduce((a, r) => a + r.length, 0);
-  console.log(`\n| setting | top-1 = f32 | mean KL (nats) | ${names.join(' | ')} |`);
-  console.log(`|---|---|---|${names.map(() => '---').join('|')}|`);
+  // Where the flips are: agreement over the positions whose f32 top-1 margin is at least 1 logit.
+  const wide = new Map([...refs].map(([n, r]) => [n, r.map((row) => topMargin(row) >= 1)]));
+  const wideTotal = [...wide.values()].reduce((a, w) => a + w.filter(Boolean).length, 0);
+  console.log(`\n| setting | top-1 = f32 | mean KL (nats) | top-1 = f32 at margin >= 1 | ${names.join(' | ')} |`);
+  console.log(`|---|---|---|---|${names.map(() => '---').join('|')}|`);
   const rows: unknown[] = [];
   for (const p of PRECISIONS) {
-    let agree = 0, klSum = 0;
+    let agree = 0, klSum = 0, wideAgree = 0;
     const per: Record<string, { agree: number; positions: number; meanKl: number }> = {};
     for (const name of names) {
-      const r = agreement(refs.get(name)!, teacherForced(path.join(fx, name), p, seqs.get(name)));
+      const got = teacherForced(path.join(fx, name), p, seqs.get(name));
+      const r = agreement(refs.get(name)!, got);
+      refs.get(name)!.forEach((row, i) => { if (wide.get(name)![i] && argmax(row) === argmax(got[i]!)) wideAgree++; });
       agree += r.agree;
       klSum += r.klSum;
       per[name] = { agree: r.agree, positions: r.positions, meanKl: r.klSum / r.positions };
     }
     console.log(`| ${p.name} | ${agree}/${total} = ${pct(agree, total)} | ${(klSum / total).toExponential(2)} | ` +
+      `${wideAgree}/${wideTotal} = ${pct(wideAgree, wideTotal)} | ` +
       `${names.map((n) => pct(per[n]!.agree, per[n]!.positions)).join(' | ')} |`);
-    rows.push({ setting: p.name, quantize: p.quantize, fast: p.fast, kvDtype: p.kvDtype, agree, positions: total, meanKl: klSum / total, per });
+    rows.push({ setting: p.name, quantize: p.quantize, fast: p.fast, kvDtype: p.kvDtype, agree, positions: total, meanKl: klSum / total,
+      wideAgree, widePositions: wideTotal, per });
   }
   const outDir = path.join(packageRoot(), 'bench', 'out');
   mkdirSync(outDir, { recursive: true });
