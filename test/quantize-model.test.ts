@@ -3,7 +3,7 @@
 // weights' quantize-dequantized copies, and the quantized model through expert parallelism and the
 // offloader equal to the quantized model alone, bit for bit.
 import assert from 'node:assert/strict';
-import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { existsSync, readdirSync } from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 
@@ -20,34 +20,19 @@ import { toF32 } from '../src/model/weights.js';
 import { quantizeSpec, type QuantizeSpec } from '../src/model/quantize.js';
 import { packageRoot } from '../src/native/index.js';
 import { attachOffloader, skipAllExperts } from '../src/offload/setup.js';
-import { DirectRunner } from './helpers/model-runner.js';
+import { agreement, fixtureSequences, forcedLogits as forcedSeqLogits, teacherForced as teacherForcedAt } from './helpers/quant-fidelity.js';
 
-interface GoldenCase { prompt_ids: number[]; greedy: number[] }
 const fixturesDir = path.join(packageRoot(), 'test', 'fixtures');
 const fixtures = readdirSync(fixturesDir).filter((d) => existsSync(path.join(fixturesDir, d, 'golden.json'))).sort();
 
 /** Every case's prompt + HF greedy continuation through a loaded model, teacher-forced: logits [positions][V]. */
 function forcedLogits(model: MoeModel, dir: string): Float32Array[] {
-  const golden = JSON.parse(readFileSync(path.join(dir, 'golden.json'), 'utf8')) as { cases: GoldenCase[] };
-  const V = model.spec.vocabSize;
-  const out: Float32Array[] = [];
-  for (const c of golden.cases) {
-    const ids = [...c.prompt_ids, ...c.greedy];
-    const runner = new DirectRunner(model);
-    const res = runner.step([runner.newSeq()], [ids], true);
-    for (let p = 0; p < ids.length; p++) out.push(res.logits.slice(p * V, (p + 1) * V));
-  }
-  return out;
+  return forcedSeqLogits(model, fixtureSequences(dir));
 }
 
 /** forcedLogits of the fixture loaded alone, with the given --quantize and mode. */
 function teacherForced(dir: string, quantize: QuantizeSpec | null, fast = false): Float32Array[] {
-  const { model } = loadModel(dir, { fast, quantize });
-  try {
-    return forcedLogits(model, dir);
-  } finally {
-    model.dispose();
-  }
+  return teacherForcedAt(dir, { quantize, fast, kvDtype: 'f32' });
 }
 
 /** model.residentWeightBytes of the fixture loaded with the given --quantize. */
@@ -113,30 +98,6 @@ class DequantizedDense implements TensorSource {
   }
 }
 
-function argmax(a: Float32Array): number {
-  let b = 0;
-  for (let i = 1; i < a.length; i++) if (a[i]! > a[b]!) b = i;
-  return b;
-}
-
-/** KL(p || q) of the softmaxes of two logit rows, in nats. */
-function kl(p: Float32Array, q: Float32Array): number {
-  const lse = (a: Float32Array) => {
-    let m = -Infinity;
-    for (const v of a) m = Math.max(m, v);
-    let s = 0;
-    for (const v of a) s += Math.exp(v - m);
-    return m + Math.log(s);
-  };
-  const lp = lse(p), lq = lse(q);
-  let d = 0;
-  for (let i = 0; i < p.length; i++) {
-    const a = p[i]! - lp;
-    d += Math.exp(a) * (a - (q[i]! - lq));
-  }
-  return d;
-}
-
 // Bounds, pooled over every fixture's teacher-forced positions. The issue asks int8 and fp8 >= 99%
 // top-1 and int4 >= 95%, but these random tiny fixtures have top-1 margins of ~0.01 logits at many
 // positions: the bf16 mode that ships (bf16 activations, exact weights) agrees with f32 at only
@@ -173,15 +134,6 @@ const FAST_FORMATS: [string, QuantizeSpec, number | 'bf16', true][] = [
   ['int4 g32 fast (int8 activations)', quantizeSpec('int4', 32)!, 0.55, true],
 ];
 
-function agreement(ref: Float32Array[], got: Float32Array[]): { agree: number; kl: number } {
-  let agree = 0, klSum = 0;
-  for (let i = 0; i < ref.length; i++) {
-    if (argmax(ref[i]!) === argmax(got[i]!)) agree++;
-    klSum += kl(ref[i]!, got[i]!);
-  }
-  return { agree, kl: klSum };
-}
-
 test('--quantize: teacher-forced top-1 agreement with the f32 model on every fixture', (t) => {
   const refs = new Map(fixtures.map((f) => [f, teacherForced(path.join(fixturesDir, f), null)]));
   const total = [...refs.values()].reduce((a, r) => a + r.length, 0);
@@ -195,7 +147,7 @@ test('--quantize: teacher-forced top-1 agreement with the f32 model on every fix
       const ref = refs.get(f)!;
       const r = agreement(ref, teacherForced(path.join(fixturesDir, f), q, fast));
       agree += r.agree;
-      klSum += r.kl;
+      klSum += r.klSum;
       per.push(`${f} ${r.agree}/${ref.length}`);
     }
     t.diagnostic(`${name}: top-1 ${agree}/${total} = ${(100 * agree / total).toFixed(2)}%, mean KL ${(klSum / total).toExponential(2)} (${per.join(', ')})`);
