@@ -1,13 +1,14 @@
 // The e2e bench's weights-read bound (bench/e2e.ts DecodeBytes) against an independent count: the bf16
 // bytes of every checkpoint tensor a decode step reads (all but the routed experts and the embedding
 // table), on a plain and a hybrid (Gated DeltaNet) fixture; the linear-attention state it counts
-// against the engine's own state slot size; and its Runner driving a hybrid model.
+// against the engine's own state slot size; its Runner driving a hybrid model; and the parameter
+// counts it prints (countParams) against the checkpoints' matrices.
 import assert from 'node:assert/strict';
 import path from 'node:path';
 import { test } from 'node:test';
 
 import { DecodeBytes, Runner, argmaxRows } from '../bench/e2e.js';
-import { loadModel } from '../src/model/load.js';
+import { countParams, loadModel } from '../src/model/load.js';
 import { packageRoot } from '../src/native/index.js';
 
 const fixturesDir = path.join(packageRoot(), 'test', 'fixtures');
@@ -62,3 +63,16 @@ test('Runner: a hybrid model batched gives each sequence the tokens it gets alon
     model.dispose();
   }
 });
+
+for (const f of ['mixtral', 'qwen3_next', 'qwen3_5_moe_text']) {
+  test(`countParams (${f}): total = the elements of the checkpoint's matrices (norms and per-head vectors aside)`, () => {
+    const { spec, model, checkpoint } = loadModel(path.join(fixturesDir, f), { fast: true });
+    try {
+      let want = spec.tieWordEmbeddings && !checkpoint.has('lm_head.weight') ? spec.vocabSize * spec.hidden : 0;
+      for (const t of checkpoint.tensors.values()) if (t.shape.length >= 2) want += t.shape.reduce((a, c) => a * c, 1);
+      assert.equal(countParams(spec).total, want);
+    } finally {
+      model.dispose();
+    }
+  });
+}
