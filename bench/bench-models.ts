@@ -1,20 +1,21 @@
-// The two end-to-end bench checkpoints (Mixtral-like, Qwen3-MoE-like; ~200M active parameters,
-// real per-layer sizes, random bf16 weights, deterministic seed) as HF folders, created once under
-// ~/.cache/expertd/bench-models/<name>-v<version>, one safetensors shard per layer plus an index.
+// The end-to-end bench checkpoints (Mixtral-like, Qwen3-MoE-like, Qwen3-Next-like; ~250M active
+// parameters, real per-layer sizes, random bf16 weights, deterministic seed) as HF folders, created once
+// under ~/.cache/expertd/bench-models/<name>-v<version>, one safetensors shard per layer plus an index.
 import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import os from 'node:os';
 import path from 'node:path';
 
+import { expectedTensors, parseModelConfig } from '../src/model/config.js';
 import { type TensorToWrite, writeSafetensors } from '../src/model/safetensors.js';
 
 /** Bump when a config or the weight recipe changes: a new folder is made. */
 export const BENCH_MODELS_VERSION = 1;
 
-export type BenchModelName = 'mixtral-like' | 'qwen3moe-like';
-export const BENCH_MODEL_NAMES: BenchModelName[] = ['mixtral-like', 'qwen3moe-like'];
+export type BenchModelName = 'mixtral-like' | 'qwen3moe-like' | 'qwen3next-like';
+export const BENCH_MODEL_NAMES: BenchModelName[] = ['mixtral-like', 'qwen3moe-like', 'qwen3next-like'];
 
-// NOTE: vocab is 32000 for both (Qwen3's real one is 151936): the bench is about the MoE layers,
+// NOTE: vocab is 32000 for all (Qwen3's real one is 151936): the bench is about the MoE layers,
 // and a 151K vocab would make the LM head (311 MB of bf16 at H = 1024, more than a Qwen3-like
 // layer's 8 active experts x 20 layers) dominate the decode step of a 200M-active model.
 export const BENCH_CONFIGS: Record<BenchModelName, Record<string, unknown>> = {
@@ -82,9 +83,57 @@ export const BENCH_CONFIGS: Record<BenchModelName, Record<string, unknown>> = {
     use_cache: true,
     transformers_version: '4.51.0',
   },
+  // Qwen3-Next-80B-A3B's layer at half its hidden size: layer_types 3 linear : 1 full (the hub's
+  // full_attention_interval 4), Gated DeltaNet with the real heads (Hk 16, Hv 32, Dk = Dv = 128, conv
+  // kernel 4), gated full attention with the real heads (16 x 256, 2 KV heads, partial rotary 0.25),
+  // many small experts (128, top-10, moe_intermediate_size = hidden / 4 as in the real one) plus a
+  // shared expert of the same size with its sigmoid gate. 8 layers: ~1.0G params, ~264M active. The
+  // linear layers' heads are the real ones at half the hidden size, so their projections weigh more
+  // than in the real model (16.8M of a linear layer's 25.6M active, 66%, against 33.7M of 69.3M, 49%).
+  'qwen3next-like': {
+    architectures: ['Qwen3NextForCausalLM'],
+    model_type: 'qwen3_next',
+    vocab_size: 32000,
+    hidden_size: 1024,
+    intermediate_size: 3072, // dense FFN size: unused (every layer is MoE), kept as the hub does
+    moe_intermediate_size: 256,
+    shared_expert_intermediate_size: 256,
+    num_hidden_layers: 8,
+    full_attention_interval: 4,
+    num_attention_heads: 16,
+    num_key_value_heads: 2,
+    head_dim: 256,
+    partial_rotary_factor: 0.25,
+    linear_num_key_heads: 16,
+    linear_num_value_heads: 32,
+    linear_key_head_dim: 128,
+    linear_value_head_dim: 128,
+    linear_conv_kernel_dim: 4,
+    hidden_act: 'silu',
+    max_position_embeddings: 4096,
+    initializer_range: 0.02,
+    rms_norm_eps: 1e-6,
+    rope_theta: 1e7,
+    rope_scaling: null,
+    attention_bias: false,
+    attention_dropout: 0.0,
+    decoder_sparse_step: 1,
+    mlp_only_layers: [],
+    num_experts: 128,
+    num_experts_per_tok: 10,
+    norm_topk_prob: true,
+    router_aux_loss_coef: 0.001,
+    output_router_logits: false,
+    tie_word_embeddings: false,
+    bos_token_id: 1,
+    eos_token_id: 2,
+    torch_dtype: 'bfloat16',
+    use_cache: true,
+    transformers_version: '4.57.0',
+  },
 };
 
-const SEEDS: Record<BenchModelName, number> = { 'mixtral-like': 20240101, 'qwen3moe-like': 20240102 };
+const SEEDS: Record<BenchModelName, number> = { 'mixtral-like': 20240101, 'qwen3moe-like': 20240102, 'qwen3next-like': 20240103 };
 
 /** xorshift32: fast enough for ~2G weights; each 32-bit draw gives two 16-bit uniforms. */
 class Uniform16 {
@@ -145,6 +194,7 @@ interface Shard {
 }
 
 function shards(name: BenchModelName): Shard[] {
+  if (name === 'qwen3next-like') return hybridShards(name);
   const c = BENCH_CONFIGS[name] as Record<string, number>;
   const rng = new Uniform16(SEEDS[name]);
   const H = c.hidden_size!;
@@ -197,6 +247,40 @@ function shards(name: BenchModelName): Shard[] {
   return out;
 }
 
+/**
+ * Qwen3-Next-like shards: every tensor the checkpoint of this config holds (the list the loader checks
+ * a checkpoint against; transformers loading the folder checks it independently), one shard per layer.
+ * Zero-centred RMSNorm weights (x * (1 + w)) are 0, the gated norm's are 1; A_log = log(A), A uniform
+ * on [0.01, 16] and dt_bias 1 as transformers initialises them; the depthwise conv as nn.Conv1d does
+ * (uniform, bound 1/sqrt(kernel)); every other matrix std 0.02.
+ */
+function hybridShards(name: BenchModelName): Shard[] {
+  const rng = new Uniform16(SEEDS[name]);
+  const spec = parseModelConfig(BENCH_CONFIGS[name]);
+  const L = spec.numLayers;
+  const byShard = Array.from({ length: L + 1 }, () => [] as { name: string; shape: number[] }[]);
+  for (const t of expectedTensors(spec, 'per_expert')) {
+    const m = /^model\.layers\.(\d+)\./.exec(t.name);
+    byShard[m ? Number(m[1]) : L]!.push(t);
+  }
+  const K = spec.linearAttention!.convKernel;
+  const file = (i: number) => `model-${String(i + 1).padStart(5, '0')}-of-${String(L + 1).padStart(5, '0')}.safetensors`;
+  const tensor = (t: { name: string; shape: number[] }): TensorToWrite => {
+    const n = t.shape.reduce((a, b) => a * b, 1);
+    if (/linear_attn\.norm\.weight$/.test(t.name)) return onesBf16(t.name, n);
+    if (/norm\.weight$/.test(t.name)) return { name: t.name, dtype: 'BF16', shape: t.shape, data: new Uint16Array(n) };
+    if (t.name.endsWith('.dt_bias')) return onesBf16(t.name, n);
+    if (t.name.endsWith('.A_log')) {
+      const data = new Uint16Array(n);
+      for (let i = 0; i < n; i++) data[i] = toBf16(Math.log(0.01 + (16 - 0.01) * (rng.next() / 65536)));
+      return { name: t.name, dtype: 'BF16', shape: t.shape, data };
+    }
+    if (t.name.endsWith('.conv1d.weight')) return randomBf16(rng, t.name, t.shape, 1 / Math.sqrt(K) / Math.sqrt(3));
+    return randomBf16(rng, t.name, t.shape, STD);
+  };
+  return byShard.map((list, i) => ({ file: file(i), tensors: () => list.map(tensor) }));
+}
+
 export function benchModelsRoot(): string {
   const root = process.env.EXPERTD_CACHE_DIR ?? path.join(os.homedir(), '.cache', 'expertd');
   return path.join(root, 'bench-models');
@@ -214,7 +298,7 @@ function llama2TokenizerDir(): string {
 }
 
 /**
- * Returns the bench model's folder, creating it on first use (tens of seconds, ~1.6 / 2.3 GB).
+ * Returns the bench model's folder, creating it on first use (tens of seconds, ~1.6 / 2.3 / 2.0 GB).
  * Built shard by shard in a temporary sibling folder (one layer in memory at a time) and renamed
  * into place, so a crash or a concurrent creator never leaves a half-written model.
  */

@@ -1,4 +1,4 @@
-// `npm run bench -- e2e`: whole-model speed on the two bench checkpoints in fast (bf16) mode:
+// `npm run bench -- e2e`: whole-model speed on the bench checkpoints in fast (bf16) mode:
 // prefill 512 tokens, greedy decode at batch 1 and 8, against the weights-read bandwidth bound
 // (bytes each decode step really reads, from its routing, over the probed bandwidth) and against
 // HF transformers bf16 on the CPU with the same checkpoint, workloads and thread count.
@@ -26,20 +26,27 @@ import { runProbe, type MachineLimits } from './probe/probe.js';
 
 const BLOCK_SIZE = 16;
 
-interface Seq { blocks: number[]; len: number }
+interface Seq { blocks: number[]; len: number; slot: number }
 
-/** A minimal paged-KV driver: contiguous block hand-out, reset between repetitions. */
+/**
+ * A minimal paged-KV driver: contiguous block hand-out, reset between repetitions. Hybrid models
+ * (linear-attention layers) get a state slot per sequence, in order, out of `maxSeqs`.
+ */
 export class Runner {
   readonly cache: LayerCache[];
   private next = 0;
-  constructor(readonly model: MoeModel, readonly numBlocks: number) {
+  private nextSlot = 0;
+  constructor(readonly model: MoeModel, readonly numBlocks: number, readonly maxSeqs = 64) {
     this.cache = model.allocateKvCache(numBlocks, BLOCK_SIZE);
+    if (model.numLinearLayers > 0) model.allocateStateCache(maxSeqs);
   }
   reset(): void {
     this.next = 0;
+    this.nextSlot = 0;
   }
   newSeq(): Seq {
-    return { blocks: [], len: 0 };
+    if (this.nextSlot >= this.maxSeqs) throw new Error('e2e runner: out of state slots');
+    return { blocks: [], len: 0, slot: this.nextSlot++ };
   }
   /** One step; chunks[i] are seqs[i]'s new tokens; logits of each chunk's last token. */
   step(seqs: Seq[], chunks: number[][]): ForwardResult {
@@ -69,7 +76,11 @@ export class Runner {
     const maxBlocks = Math.max(1, ...seqs.map((s) => s.blocks.length));
     const blockTables = new Int32Array(seqs.length * maxBlocks);
     seqs.forEach((s, i) => blockTables.set(s.blocks, i * maxBlocks));
-    const batch: ForwardBatch = { tokenIds, positions, numSeqs: seqs.length, seqInfo, blockTables, maxBlocks, slots, logitRows };
+    // A sequence starting at position 0 starts from a zero state (the model resets its slot).
+    const stateSlots = Int32Array.from(seqs, (s) => s.slot);
+    const batch: ForwardBatch = {
+      tokenIds, positions, numSeqs: seqs.length, seqInfo, blockTables, maxBlocks, slots, logitRows, stateSlots,
+    };
     return this.model.forward(batch, this.cache, BLOCK_SIZE);
   }
 }
@@ -98,29 +109,64 @@ export function promptIds(seed: number, n: number): number[] {
   });
 }
 
-/** Bytes one decode step reads: dense weights, the experts its routing chose, and the KV cache. */
+/**
+ * Bytes one decode step reads: dense weights (attention or Gated DeltaNet projections, router, shared
+ * expert and its gate, norms, LM head), the experts its routing chose, the KV cache of the full-attention
+ * layers, and each sequence's linear-attention state (f32 recurrent [Hv, Dk, Dv] and conv [C, K-1], read
+ * and written back, as the engine stores them).
+ */
 export class DecodeBytes {
   readonly denseBytes: number;
   expertBytes: number;
+  /** Linear-attention state bytes per sequence per step over all linear layers (read + write). */
+  readonly stateBytesPerSeq: number;
   private readonly kvBytesPerTokenLayer: number;
+  private readonly attentionLayers: number;
   constructor(private readonly spec: ModelSpec) {
     const H = spec.hidden;
     const a = spec.attention;
     if (a.kind !== 'gqa') throw new Error('e2e: the bound is written for GQA models');
-    const attn = 2 * (H * a.heads * a.headDim * 2 + H * a.kvHeads * a.headDim * 2); // bf16 q, k, v, o
-    const router = spec.moe.numExperts * H * 2;
+    // bf16 q (with Qwen3-Next's output gate: twice the rows), k, v, o
+    const attn = (a.outputGate ? 3 : 2) * H * a.heads * a.headDim * 2 + 2 * H * a.kvHeads * a.headDim * 2;
     const norms = 2 * H * 4 + (a.qkNorm !== 'none' ? 2 * a.headDim * 4 : 0);
-    this.denseBytes = spec.numLayers * (attn + router + norms) + spec.vocabSize * H * 2 + H * 4;
-    this.expertBytes = 3 * H * spec.moe.intermediate * 2;
+    const m = spec.moe;
+    const moe = m.numExperts * H * 2 + 3 * H * m.sharedIntermediate * 2 + (m.sharedGate ? H * 2 : 0);
+    let linear = 0;
+    let state = 0;
+    const la = spec.linearAttention;
+    if (la) {
+      const Kd = la.keyHeads * la.keyHeadDim;
+      const Vd = la.valueHeads * la.valueHeadDim;
+      const C = 2 * Kd + Vd;
+      // in_proj [q | k | v | z | b | a] and out_proj in bf16; the conv weight [C, K] f32; the gated norm f32.
+      linear = (2 * Kd + 2 * Vd + 2 * la.valueHeads) * H * 2 + H * Vd * 2 + C * la.convKernel * 4 + la.valueHeadDim * 4 + 2 * H * 4;
+      state = 2 * 4 * (la.valueHeads * la.keyHeadDim * la.valueHeadDim + C * (la.convKernel - 1));
+    }
+    let dense = 0;
+    let stateBytes = 0;
+    this.attentionLayers = 0;
+    for (const l of spec.layers) {
+      if (l.mixer === 'linear_attention') {
+        dense += linear;
+        stateBytes += state;
+      } else {
+        dense += attn + norms;
+        this.attentionLayers++;
+      }
+      dense += l.ffn === 'moe' ? moe : 3 * H * spec.denseIntermediate * 2;
+    }
+    this.denseBytes = dense + spec.vocabSize * H * 2 + H * 4;
+    this.stateBytesPerSeq = stateBytes;
+    this.expertBytes = 3 * H * m.intermediate * 2;
     this.kvBytesPerTokenLayer = 2 * a.kvHeads * a.headDim * 4; // f32 K and V
   }
   /** routedIds per MoE layer [B, k]; ctxLens = each sequence's tokens in cache after the step. */
   step(routedIds: Int32Array[], ctxLens: number[], batch: number): { bytes: number; experts: number } {
     let experts = 0;
     for (const ids of routedIds) experts += new Set(ids).size;
-    const kv = ctxLens.reduce((a, c) => a + c, 0) * this.kvBytesPerTokenLayer * this.spec.numLayers;
+    const kv = ctxLens.reduce((a, c) => a + c, 0) * this.kvBytesPerTokenLayer * this.attentionLayers;
     const embedRows = batch * this.spec.hidden * 2;
-    return { bytes: this.denseBytes + experts * this.expertBytes + kv + embedRows, experts };
+    return { bytes: this.denseBytes + experts * this.expertBytes + kv + embedRows + batch * this.stateBytesPerSeq, experts };
   }
 }
 

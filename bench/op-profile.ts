@@ -9,7 +9,9 @@ import { fmt, markdownTable, pct, type Cell } from './harness.js';
 interface Entry { calls: number; ms: number; bytes: number }
 
 const HOT = ['denseGemm', 'groupGemmFfn', 'route', 'permute', 'unpermuteCombine', 'rmsNorm', 'rope', 'embedding',
-  'pagedAttention', 'kvCacheWrite', 'siluMul', 'softmax', 'topN', 'convert'] as const;
+  'pagedAttention', 'kvCacheWrite', 'siluMul', 'softmax', 'topN', 'convert',
+  // Gated DeltaNet (hybrid models)
+  'causalConv1dBatch', 'gatedDeltaRuleBatch', 'gatedRmsNorm'] as const;
 
 export class OpProfiler {
   private readonly entries = new Map<string, Entry>();

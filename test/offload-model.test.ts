@@ -4,7 +4,7 @@
 // eam loading on the engine thread) gives the same logits bit for bit, in f32 and bf16 modes, over
 // prompts, a batched step and greedy decoding.
 import assert from 'node:assert/strict';
-import { existsSync, mkdtempSync, readdirSync, readFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
@@ -12,6 +12,7 @@ import { test } from 'node:test';
 import { SUPPORTED_MODEL_TYPES } from '../src/model/config.js';
 import { ensureDemoModel } from '../src/model/demo.js';
 import { loadModel } from '../src/model/load.js';
+import { openCheckpoint, writeSafetensors } from '../src/model/safetensors.js';
 import { packageRoot } from '../src/native/index.js';
 import { attachOffloader, skipAllExperts, type OffloadConfig } from '../src/offload/setup.js';
 import { readTrace } from '../src/offload/trace-file.js';
@@ -24,9 +25,34 @@ if (existsSync(fixturesDir))
     const cfg = path.join(fixturesDir, d, 'config.json');
     if (!existsSync(cfg)) continue;
     const type = (JSON.parse(readFileSync(cfg, 'utf8')) as { model_type: string }).model_type;
-    if ((SUPPORTED_MODEL_TYPES as readonly string[]).includes(type)) models.push([d, path.join(fixturesDir, d)]);
+    // qwen3_5_moe_text: Qwen3.5's text model, which loads as qwen3_5_moe.
+    if ((SUPPORTED_MODEL_TYPES as readonly string[]).includes(type) || type === 'qwen3_5_moe_text')
+      models.push([d, path.join(fixturesDir, d)]);
   }
 models.push(['demo', ensureDemoModel(mkdtempSync(path.join(os.tmpdir(), 'expertd-demo-')))]);
+if (existsSync(path.join(fixturesDir, 'qwen3_5_moe_text', 'config.json')))
+  models.push(['qwen3_5_moe (hub layout, model.language_model.*)', nestedQwen35(path.join(fixturesDir, 'qwen3_5_moe_text'))]);
+
+/**
+ * The qwen3_5_moe_text fixture in the hub's Qwen3.5 layout: config nested under text_config (model_type
+ * qwen3_5_moe) and the text model's tensors under model.language_model.* (lm_head.weight stays on top).
+ */
+function nestedQwen35(flatDir: string): string {
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'expertd-qwen35-nested-'));
+  const text = JSON.parse(readFileSync(path.join(flatDir, 'config.json'), 'utf8')) as Record<string, unknown>;
+  writeFileSync(path.join(dir, 'config.json'), JSON.stringify({
+    architectures: ['Qwen3_5MoeForConditionalGeneration'], model_type: 'qwen3_5_moe',
+    tie_word_embeddings: text.tie_word_embeddings, text_config: text, vision_config: { depth: 1 },
+  }));
+  for (const f of ['generation_config.json', 'tokenizer.json', 'tokenizer_config.json'])
+    if (existsSync(path.join(flatDir, f))) copyFileSync(path.join(flatDir, f), path.join(dir, f));
+  const ckpt = openCheckpoint(flatDir);
+  writeSafetensors(path.join(dir, 'model.safetensors'), [...ckpt.tensors.values()].map((t) => ({
+    name: t.name.startsWith('model.') ? `model.language_model.${t.name.slice('model.'.length)}` : t.name,
+    dtype: t.dtype, shape: t.shape, data: t.data(),
+  })));
+  return dir;
+}
 
 for (const [name, dir] of models) {
   test(`${name}: offloaded at 25% (eam, lru, lfu) equals fully resident, bit for bit, f32 and bf16`, async () => {

@@ -47,12 +47,15 @@ function residentBytes(dir: string, quantize: QuantizeSpec | null): { dense: num
 
 /**
  * The weights --quantize-dense must quantize, by name, in every family's checkpoint: the attention
- * projections (MLA's kv_b_proj excepted: decode absorbs it per head, unquantized) and the dense FFN
- * and shared expert projections; not the routed experts, routers, norms, embeddings or lm_head.
+ * projections (MLA's kv_b_proj excepted: decode absorbs it per head, unquantized), Gated DeltaNet's
+ * in_proj q / k / v / z rows (Qwen3-Next's fused in_proj_qkvz, Qwen3.5's in_proj_qkv and in_proj_z) and
+ * out_proj, and the dense FFN and shared expert projections; not the routed experts, routers, norms,
+ * embeddings, lm_head, or the DeltaNet's b / a rows (in_proj_ba, in_proj_b, in_proj_a: they set the
+ * delta rule's step and decay).
  */
 function isDenseWeight(name: string, t: HostTensor): boolean {
-  return t.shape.length === 2 && /_proj(_with_mqa)?\.weight$/.test(name) && !name.includes('kv_b_proj') &&
-    !/\.experts\.\d+\./.test(name) && !name.startsWith('lm_head');
+  return t.shape.length === 2 && /(_proj|in_proj_qkvz|in_proj_qkv|in_proj_z)(_with_mqa)?\.weight$/.test(name) &&
+    !name.includes('kv_b_proj') && !/\.experts\.\d+\./.test(name) && !name.startsWith('lm_head');
 }
 
 /**

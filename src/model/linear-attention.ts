@@ -82,8 +82,12 @@ function softplus(x: number): number {
 }
 
 export class GatedDeltaNet {
-  /** [q (Kd) | k (Kd) | v (Vd) | z (Vd) | b (Hv) | a (Hv), H]: one GEMM for every input projection. */
+  /**
+   * [q (Kd) | k (Kd) | v (Vd) | z (Vd) | b (Hv) | a (Hv), H]: one GEMM for every input projection; with
+   * --quantize-dense, [q | k | v | z, H] quantized and `inProjBa` [b | a, H] beside it in its precision.
+   */
   private readonly inProj: PackedWeight;
+  private readonly inProjBa: PackedWeight | null;
   private readonly outProj: PackedWeight;    // [H, Vd]
   private readonly convW: Float32Array;      // [C, K]
   private readonly negA: Float32Array;       // [Hv] -exp(A_log)
@@ -96,9 +100,9 @@ export class GatedDeltaNet {
   readonly weightBytes: number;
 
   /**
-   * `quantize`: out_proj quantized in that format (--quantize-dense), else kept in its dtype. The fused
-   * in_proj stays in the checkpoint's precision: its b / a rows set the delta rule's step and decay, and
-   * one packed weight holds one format (splitting them out is the step to quantize the q/k/v/z rows).
+   * `quantize` (--quantize-dense): in_proj's q / k / v / z rows and out_proj quantized in that format,
+   * else kept in their dtype. The b / a rows stay in the checkpoint's precision (2 Hv rows, a tiny share
+   * of the bytes): they set the delta rule's step size and decay, where rounding compounds over tokens.
    */
   constructor(private readonly la: LinearAttentionSpec, src: TensorSource, p: string, hidden: number,
               private readonly eps: number, quantize: QuantizeSpec | null = null) {
@@ -122,9 +126,16 @@ export class GatedDeltaNet {
       off += t.data.length;
     }
     const n = loadNative();
-    this.inProj = n.packWeight(all, dtype, this.P, H);
+    if (quantize) {
+      const Q = 2 * Kd + 2 * Vd;
+      this.inProj = n.packWeight(all.subarray(0, Q * H), dtype, Q, H, quantize.format, quantize.group);
+      this.inProjBa = n.packWeight(all.subarray(Q * H), dtype, 2 * Hv, H);
+    } else {
+      this.inProj = n.packWeight(all, dtype, this.P, H);
+      this.inProjBa = null;
+    }
     this.outProj = packLinear(src, `${p}out_proj.weight`, H, Vd, quantize);
-    this.weightBytes = this.inProj.sizeBytes + this.outProj.sizeBytes;
+    this.weightBytes = this.inProj.sizeBytes + (this.inProjBa?.sizeBytes ?? 0) + this.outProj.sizeBytes;
     const cw = src.get(`${p}conv1d.weight`);
     checkShape(`${p}conv1d.weight`, cw, [this.C, 1, K]);
     this.convW = toF32(cw);
@@ -155,20 +166,32 @@ export class GatedDeltaNet {
     const slots = ctx.batch.stateSlots;
     if (!slots) throw new Error('this model has linear-attention layers: the batch needs stateSlots (one per sequence)');
     const S = ctx.batch.numSeqs;
-    const proj = ctx.scratch.f32('la.proj', T * P);            // [T, q | k | v | z | b | a]
+    // [T, q | k | v | z | b | a] (one GEMM), or [T, q | k | v | z] and [T, b | a] (quantized q/k/v/z rows)
+    const qkvzWidth = this.inProjBa ? P - 2 * Hv : P;
+    const proj = ctx.scratch.f32('la.proj', T * qkvzWidth);
     n.denseGemm(x, T, this.inProj, proj, null, false, ctx.fast);
+    let ba = proj;            // where b and a are: row t at t * baStride + baOffset
+    let baStride = P;
+    let baOffset = C + Vd;
+    if (this.inProjBa) {
+      ba = ctx.scratch.f32('la.ba', T * 2 * Hv);
+      n.denseGemm(x, T, this.inProjBa, ba, null, false, ctx.fast);
+      baStride = 2 * Hv;
+      baOffset = 0;
+    }
     const qkv = ctx.scratch.f32('la.qkv', T * C);              // [T, C] conv input, then its output (in place)
     const z = ctx.scratch.f32('la.z', T * Vd);                 // [T, Hv, Dv]
     const g = ctx.scratch.f32('la.g', T * Hv);                 // [T, Hv] log decay
     const beta = ctx.scratch.f32('la.beta', T * Hv);           // [T, Hv]
     for (let t = 0; t < T; t++) {
-      const row = proj.subarray(t * P, (t + 1) * P);
+      const row = proj.subarray(t * qkvzWidth, (t + 1) * qkvzWidth);
       qkv.set(row.subarray(0, C), t * C);
       z.set(row.subarray(C, C + Vd), t * Vd);
+      const b0 = t * baStride + baOffset;
       for (let h = 0; h < Hv; h++) {
         // HF: beta = sigmoid(b); g = -exp(A_log) * softplus(a + dt_bias), in f32.
-        beta[t * Hv + h] = 1 / (1 + Math.exp(-row[C + Vd + h]!));
-        g[t * Hv + h] = this.negA[h]! * softplus(Math.fround(row[C + Vd + Hv + h]! + this.dtBias[h]!));
+        beta[t * Hv + h] = 1 / (1 + Math.exp(-ba[b0 + h]!));
+        g[t * Hv + h] = this.negA[h]! * softplus(Math.fround(ba[b0 + Hv + h]! + this.dtBias[h]!));
       }
     }
     const [convFloats, recFloats] = linearStateFloats(this.la);
@@ -195,6 +218,7 @@ export class GatedDeltaNet {
 
   dispose(): void {
     this.inProj.dispose();
+    this.inProjBa?.dispose();
     this.outProj.dispose();
   }
 }

@@ -127,7 +127,7 @@ export function loadCudaModel(dir: string, opts: { device: number; cuda?: CudaAd
   return { spec, model, checkpoint, report, loadMs: performance.now() - t0 };
 }
 
-/** Counts parameters (total and active per token) for the load summary. */
+/** Counts parameters (total and active per token; matrices, not norms or per-head vectors) for the load summary. */
 export function countParams(spec: ModelSpec): { total: number; active: number } {
   const H = spec.hidden;
   const a = spec.attention;
@@ -138,16 +138,22 @@ export function countParams(spec: ModelSpec): { total: number; active: number } 
     attn = q + H * (a.kvLoraRank + a.qkRopeHeadDim) + a.kvLoraRank * a.heads * (a.qkNopeHeadDim + a.vHeadDim) +
       a.heads * a.vHeadDim * H;
   } else {
-    attn = H * a.heads * a.headDim * 2 + H * a.kvHeads * a.headDim * 2;
+    // q (with Qwen3-Next's output gate: twice the rows), o, k, v
+    attn = H * a.heads * a.headDim * (a.outputGate ? 3 : 2) + H * a.kvHeads * a.headDim * 2;
   }
+  // Gated DeltaNet: in_proj [2 Kd + 2 Vd + 2 Hv, H], out_proj [H, Vd], the depthwise conv [C, K]
+  const la = spec.linearAttention;
+  const linear = la ? (2 * la.keyHeads * la.keyHeadDim + 2 * la.valueHeads * la.valueHeadDim + 2 * la.valueHeads) * H +
+    H * la.valueHeads * la.valueHeadDim + (2 * la.keyHeads * la.keyHeadDim + la.valueHeads * la.valueHeadDim) * la.convKernel : 0;
   const m = spec.moe;
   const expert = 3 * H * m.intermediate;
-  const shared = 3 * H * m.sharedIntermediate;
+  const shared = 3 * H * m.sharedIntermediate + (m.sharedGate ? H : 0);
   let total = 2 * spec.vocabSize * H;
   let active = total;
   for (const l of spec.layers) {
-    total += attn;
-    active += attn;
+    const mixer = l.mixer === 'linear_attention' ? linear : attn;
+    total += mixer;
+    active += mixer;
     if (l.ffn === 'moe') {
       total += m.numExperts * expert + shared + m.numExperts * H;
       active += m.router.topK * expert + shared + m.numExperts * H;

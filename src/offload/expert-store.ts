@@ -77,12 +77,17 @@ const rangeBytes = (r: ExpertRanges) => r.down.sizeBytes + (r.layout === 'rows'
 
 const ST_DTYPE: Record<string, DType | undefined> = { BF16: 'bf16', F16: 'f16', F32: 'f32' };
 
-/** Checkpoint names of MoE layer blocks and their expert projections (as src/model/model.ts builds them). */
-export function expertTensorPrefix(spec: ModelSpec): { block: string; gate: string; up: string; down: string } {
+/**
+ * Checkpoint names of MoE layer blocks and their expert projections (as src/model/model.ts builds them):
+ * decoder layer i's block is `${layers}${i}.${block}`; `layers` carries the checkpoint's weight prefix
+ * (Qwen3.5's hub checkpoints keep the text model under model.language_model.*).
+ */
+export function expertTensorPrefix(spec: ModelSpec): { layers: string; block: string; gate: string; up: string; down: string } {
+  const layers = `${spec.weightPrefix ?? 'model.'}layers.`;
   // Mixtral and MiniMax-M2 hub checkpoints: block_sparse_moe.experts.{e}.w1/w3/w2.
   if (spec.modelType === 'mixtral' || spec.modelType === 'minimax_m2')
-    return { block: 'block_sparse_moe.', gate: 'w1', up: 'w3', down: 'w2' };
-  return { block: 'mlp.', gate: 'gate_proj', up: 'up_proj', down: 'down_proj' };
+    return { layers, block: 'block_sparse_moe.', gate: 'w1', up: 'w3', down: 'w2' };
+  return { layers, block: 'mlp.', gate: 'gate_proj', up: 'up_proj', down: 'down_proj' };
 }
 
 /** Decoder layer index of each MoE layer. */
@@ -152,7 +157,7 @@ export class CheckpointExpertStore implements ExpertStore {
     };
     const HI = this.H * this.I;
     this.ranges = moeLayerIndices(spec).map((li) => {
-      const p = `model.layers.${li}.${names.block}experts.`;
+      const p = `${names.layers}${li}.${names.block}experts.`;
       const fusedName = `${p}gate_up_proj`;
       const out: ExpertRanges[] = [];
       if (spec.modelType === 'gpt_oss') {
