@@ -98,7 +98,7 @@ function fastActivations(name: string, k: number): { kind: 'int8' | 'bf16' | 'f3
   const kEven = k + (k & 1);
   if (name === 'int8') return kEven % 4 === 0 ? { kind: 'int8', block: gcd(32, kEven) } : { kind: 'f32', block: 0 };
   if (name.startsWith('int4')) return { kind: 'int8', block: 32 };
-  return { kind: name === 'fp8' ? 'bf16' : 'f32', block: 0 };
+  return { kind: name.startsWith('fp8') ? 'bf16' : 'f32', block: 0 };
 }
 
 /** x [m, k] as a weight built as `name` reads it (fast or reference mode), float64. */
@@ -201,6 +201,16 @@ const BUILDS: [string, Build][] = [
   ['int4/32', (rand, n, k) => native.packWeight(uniform(rand, n * k), 'f32', n, k, 'int4', 32)],
   ['int4/128', (rand, n, k) => native.packWeight(uniform(rand, n * k), 'f32', n, k, 'int4', 128)],
   ['fp8', (rand, n, k) => native.packWeight(uniform(rand, n * k), 'f32', n, k, 'fp8', 128)],
+  // Every e4m3 code but NaN, equally likely (zero and the subnormals in most 4-k chunks: the fast
+  // kernel's exponent-0 fix-up), both signs, 64 x 64 blocks (ragged at both edges).
+  ['fp8/codes', (rand, n, k) => {
+    const codes = new Uint8Array(n * k).map(() => {
+      const c = Math.floor(rand() * 256);
+      return (c & 0x7f) === 0x7f ? c - 1 : c;
+    });
+    const scale = new Float32Array(Math.ceil(n / 64) * Math.ceil(k / 64)).map(() => 1e-3 + rand() * 1e-2);
+    return native.packFp8(codes, scale, n, k, 64, 64);
+  }],
   ['mxfp4', (rand, n, k) => {
     const kk = Math.ceil(k / 32) * 32;  // MXFP4 needs k % 32 == 0
     const blocks = new Uint8Array(n * kk / 2).map(() => Math.floor(rand() * 256));
