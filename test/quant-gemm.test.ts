@@ -98,7 +98,7 @@ function fastActivations(name: string, k: number): { kind: 'int8' | 'bf16' | 'f3
   const kEven = k + (k & 1);
   if (name === 'int8') return kEven % 4 === 0 ? { kind: 'int8', block: gcd(32, kEven) } : { kind: 'f32', block: 0 };
   if (name.startsWith('int4')) return { kind: 'int8', block: 32 };
-  return { kind: name === 'fp8' ? 'bf16' : 'f32', block: 0 };
+  return { kind: name.startsWith('fp8') ? 'bf16' : 'f32', block: 0 };
 }
 
 /** x [m, k] as a weight built as `name` reads it (fast or reference mode), float64. */
@@ -201,6 +201,17 @@ const BUILDS: [string, Build][] = [
   ['int4/32', (rand, n, k) => native.packWeight(uniform(rand, n * k), 'f32', n, k, 'int4', 32)],
   ['int4/128', (rand, n, k) => native.packWeight(uniform(rand, n * k), 'f32', n, k, 'int4', 128)],
   ['fp8', (rand, n, k) => native.packWeight(uniform(rand, n * k), 'f32', n, k, 'fp8', 128)],
+  // e4m3 codes of exponents 0 to 3, half of them 0 (zero and the subnormals, which the fast kernel
+  // fixes up after its shift-and-mask decode), so that they weigh in the outputs; both signs, 64 x
+  // 64 blocks (ragged at both edges). The 'fp8' weights above span the large exponents.
+  ['fp8/codes', (rand, n, k) => {
+    const codes = new Uint8Array(n * k).map(() => {
+      const c = Math.floor(rand() * 256);
+      return rand() < 0.5 ? c & 0x87 : (c & 0x9f) | ((c & 0x18) === 0 ? 0x08 : 0);
+    });
+    const scale = new Float32Array(Math.ceil(n / 64) * Math.ceil(k / 64)).map(() => 1e-3 + rand() * 1e-2);
+    return native.packFp8(codes, scale, n, k, 64, 64);
+  }],
   ['mxfp4', (rand, n, k) => {
     const kk = Math.ceil(k / 32) * 32;  // MXFP4 needs k % 32 == 0
     const blocks = new Uint8Array(n * kk / 2).map(() => Math.floor(rand() * 256));

@@ -21,6 +21,7 @@
 #include "expertd/dtype.h"
 #include "expertd/errors.h"
 #include "expertd/ops.h"
+#include "quant_layout.h"
 
 // x86 kernels are compiled in unless EXPERTD_PORTABLE_ONLY asks for the portable build alone
 // (used to check that build on x86 hosts).
@@ -38,8 +39,6 @@
 #define EXPERTD_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 #define EXPERTD_AVX512BF16 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
-#define EXPERTD_AVX512BF16_VBMI \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi,fma")))
 #define EXPERTD_AVX512VNNI \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,fma")))
 #endif
@@ -97,8 +96,8 @@ inline Path choose_path(const CpuFeatures& f, const PackedWeight& w, bool fast) 
   }
 #if EXPERTD_GEMM_X86
   if (fast && !w.quantized() && w.dtype == DType::BF16 && f.kernel_bf16dot) return Path::Bf16Dot;
-  // fp8 -> bf16 in registers takes VBMI byte permutes; k steps of 4 inside a scale group.
-  if (fast && w.q == QFormat::F8 && f.kernel_bf16dot && f.avx512vbmi && w.group % 4 == 0)
+  // fp8 -> bf16 in registers: whole 4-k chunks inside a scale group.
+  if (fast && w.q == QFormat::F8 && f.kernel_bf16dot && w.group % 4 == 0)
     return Path::Bf16Dot;
   if (f.kernel_avx512) return Path::Avx512;
 #endif
@@ -374,16 +373,16 @@ inline const float* fp4_e2m1_table() {
   return t;
 }
 
-// Code of row i (0..15) at column c of a block, as a signed/unsigned small integer.
+// Code of row i (0..15) at column c of a block of kp columns (quant_layout.h), decoded.
 template <QFormat Q>
-inline float decode_code(const uint8_t* blk, int c, int i) {
+inline float decode_code(const uint8_t* blk, int c, int i, int kp) {
   if constexpr (Q == QFormat::I8) {
-    return static_cast<float>(static_cast<int8_t>(blk[static_cast<size_t>(c) * 16 + i]));
+    return static_cast<float>(static_cast<int8_t>(blk[code8_offset(Q, i, c, kp)]));
   } else if constexpr (Q == QFormat::F8) {
-    return fp8_e4m3_to_f32(blk[static_cast<size_t>(c) * 16 + i]);
+    return fp8_e4m3_to_f32(f8_load(blk[code8_offset(Q, i, c, kp)]));
   } else {
-    const uint8_t byte = blk[static_cast<size_t>(c) * 8 + (i & 7)];
-    const int nib = i < 8 ? (byte & 0xf) : (byte >> 4);
+    int shift;
+    const int nib = (blk[code4_offset(i, c, kp, &shift)] >> shift) & 0xf;
     if constexpr (Q == QFormat::I4) return static_cast<float>((nib ^ 8) - 8);
     else return fp4_e2m1_table()[nib];
   }
@@ -394,42 +393,68 @@ struct ScalarQTile : ScalarLoop<ScalarQTile<Q>> {
   static void load_pair(const void* wv, size_t wstride, int b, int k, QScales qs, float* w0,
                         float* w1) {
     const uint8_t* blk = static_cast<const uint8_t*>(wv) + b * (wstride * qformat_bits(Q) / 8);
+    const int kp = static_cast<int>(wstride / 16);
     const float* sc = qs.s + b * qs.sstride + static_cast<size_t>(k / qs.group) * 16;
     for (int i = 0; i < 16; ++i) {
-      w0[i] = decode_code<Q>(blk, k, i) * sc[i];
-      w1[i] = decode_code<Q>(blk, k + 1, i) * sc[i];
+      const float s = Q == QFormat::F8 ? std::fabs(sc[i]) : sc[i];  // F8: the sign is a flag
+      w0[i] = decode_code<Q>(blk, k, i, kp) * s;
+      w1[i] = decode_code<Q>(blk, k + 1, i, kp) * s;
     }
   }
 };
 
 #if EXPERTD_GEMM_X86
-// 16 codes of one k (16 rows of a block) -> f32, unscaled.
+// 16 codes of column k (the 16 rows of a block of kp columns) -> f32, unscaled.
 template <QFormat Q>
-EXPERTD_AVX512 inline __m512 decode16(const uint8_t* blk, int k) {
+EXPERTD_AVX512 inline __m512 decode16(const uint8_t* blk, int k, int kp) {
   if constexpr (Q == QFormat::I8) {
     const __m128i v = _mm_load_si128(reinterpret_cast<const __m128i*>(blk + static_cast<size_t>(k) * 16));
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v));
   } else if constexpr (Q == QFormat::F8) {
-    // e4m3 -> f32: the 7 magnitude bits moved to the top of an f32's exponent/mantissa make
-    // 2^(e - 127) * 1.m (or a denormal for e = 0); times 2^120 rebias that exactly (denormal
-    // inputs are exact unless DAZ is set, which Node never does). The 0x7f NaN is not decoded.
-    const __m128i v = _mm_load_si128(reinterpret_cast<const __m128i*>(blk + static_cast<size_t>(k) * 16));
-    const __m512i u = _mm512_cvtepu8_epi32(v);
+    // Gather the 16 rows' bytes and put their bits back in e4m3 order (quant_layout.h), then e4m3 -> f32: the 7 magnitude bits moved to
+    // the top of an f32's exponent/mantissa make 2^(e - 127) * 1.m (or a denormal for e = 0);
+    // times 2^120 rebias that exactly (denormal inputs are exact unless DAZ is set, which Node
+    // never does). The 0x7f NaN is not decoded.
+    __m512i u;
+    const int c0 = k / 4 * 4, j = k & 3;
+    if (c0 + 4 <= kp) {  // a whole chunk: the k pair's words of lane L's rows are its qword j / 2
+      const __m512i v = _mm512_load_si512(blk + static_cast<size_t>(c0) * 16);
+      const int h = j >> 1;
+      const __m512i q = _mm512_permutexvar_epi64(_mm512_setr_epi64(h, 2 + h, 4 + h, 6 + h, 0, 0, 0, 0), v);
+      const __m512i pairs = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(q));
+      u = _mm512_and_si512(_mm512_srli_epi32(pairs, 8 * (j & 1)), _mm512_set1_epi32(0xff));
+    } else {
+      alignas(16) uint8_t b[16];
+      for (int i = 0; i < 16; ++i) b[i] = blk[code8_offset(Q, i, k, kp)];
+      u = _mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(b)));
+    }
+    u = _mm512_or_si512(  // f8_load
+        _mm512_or_si512(_mm512_and_si512(u, _mm512_set1_epi32(0x80)),
+                        _mm512_and_si512(_mm512_slli_epi32(u, 4), _mm512_set1_epi32(0x70))),
+        _mm512_and_si512(_mm512_srli_epi32(u, 3), _mm512_set1_epi32(0x0f)));
     const __m512i mag = _mm512_slli_epi32(_mm512_and_si512(u, _mm512_set1_epi32(0x7f)), 20);
     const __m512 f = _mm512_mul_ps(_mm512_castsi512_ps(mag), _mm512_set1_ps(0x1p120f));
     const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(u, _mm512_set1_epi32(0x80)), 24);
     return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(f), sign));
   } else {
-    const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + static_cast<size_t>(k) * 8));
-    const __m128i m = _mm_set1_epi8(0x0f);
-    const __m128i lo = _mm_and_si128(v, m);
-    const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
-    const __m128i nib = _mm_unpacklo_epi64(lo, hi);  // rows 0..7 then 8..15
+    __m512i nib;
+    const int c0 = k / 8 * 8;
+    if (c0 + 8 <= kp) {  // a whole chunk: row i's 4 bytes are int32 lane i
+      const int shift = 8 * (k & 3) + ((k & 4) ? 4 : 0);
+      const __m512i v = _mm512_load_si512(blk + static_cast<size_t>(c0) * 8);
+      nib = _mm512_and_si512(_mm512_srl_epi32(v, _mm_cvtsi32_si128(shift)), _mm512_set1_epi32(0xf));
+    } else {  // tail: byte j holds rows j (low) and j + 8 (high)
+      const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + static_cast<size_t>(k) * 8));
+      const __m128i m = _mm_set1_epi8(0x0f);
+      const __m128i lo = _mm_and_si128(v, m);
+      const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
+      nib = _mm512_cvtepu8_epi32(_mm_unpacklo_epi64(lo, hi));
+    }
     if constexpr (Q == QFormat::I4) {
-      const __m128i e = _mm_set1_epi8(8);
-      return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(_mm_xor_si128(nib, e), e)));
+      const __m512i e = _mm512_set1_epi32(8);
+      return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_xor_si512(nib, e), e));
     } else {
-      return _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(nib), _mm512_loadu_ps(fp4_e2m1_table()));
+      return _mm512_permutexvar_ps(nib, _mm512_loadu_ps(fp4_e2m1_table()));
     }
   }
 }
@@ -442,6 +467,7 @@ struct Avx512QTile {
     const float* x = static_cast<const float*>(xv);
     const uint8_t* w = static_cast<const uint8_t*>(wv);
     const size_t bstride = wstride * qformat_bits(Q) / 8;
+    const int wkp = static_cast<int>(wstride / 16);  // the layout's kp (kp here may stop short)
     __m512 acc[MR][NR];
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r)
@@ -452,11 +478,14 @@ struct Avx512QTile {
 #pragma GCC unroll 4
       for (int b = 0; b < NR; ++b)
         sc[b] = _mm512_load_ps(qs.s + b * qs.sstride + static_cast<size_t>(k0 / qs.group) * 16);
+      if constexpr (Q == QFormat::F8)  // the sign is a flag
+#pragma GCC unroll 4
+        for (int b = 0; b < NR; ++b) sc[b] = _mm512_abs_ps(sc[b]);
       const int k1 = std::min(kp, k0 + qs.group);
       for (int k = k0; k < k1; ++k) {
 #pragma GCC unroll 4
         for (int b = 0; b < NR; ++b) {
-          const __m512 wk = _mm512_mul_ps(decode16<Q>(w + b * bstride, k), sc[b]);
+          const __m512 wk = _mm512_mul_ps(decode16<Q>(w + b * bstride, k, wkp), sc[b]);
 #pragma GCC unroll 8
           for (int r = 0; r < MR; ++r)
             acc[r][b] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k]), wk, acc[r][b]);
@@ -477,14 +506,14 @@ struct Avx512QTile {
 // (weight scale * activation scale). The integer dot is exact, so the portable and VNNI kernels
 // differ only by f32 rounding of the per-block terms.
 
-// Signed code of row i (0..15) at column c of a block.
+// Signed code of row i (0..15) at column c of a block of kp columns.
 template <QFormat Q>
-inline int code_int(const uint8_t* blk, int c, int i) {
+inline int code_int(const uint8_t* blk, int c, int i, int kp) {
   if constexpr (Q == QFormat::I8) {
-    return static_cast<int8_t>(blk[static_cast<size_t>(c) * 16 + i]);
+    return static_cast<int8_t>(blk[code8_offset(Q, i, c, kp)]);
   } else {
-    const uint8_t byte = blk[static_cast<size_t>(c) * 8 + (i & 7)];
-    const int nib = i < 8 ? (byte & 0xf) : (byte >> 4);
+    int shift;
+    const int nib = (blk[code4_offset(i, c, kp, &shift)] >> shift) & 0xf;
     return (nib ^ 8) - 8;
   }
 }
@@ -506,7 +535,7 @@ struct ScalarI8Tile {
           for (int k = k0; k < k0 + qs.xblock; ++k) {
             const int xk = x[r * ldx + k];
             if (xk == 0) continue;
-            for (int i = 0; i < 16; ++i) acc[i] += code_int<Q>(blk, k, i) * xk;
+            for (int i = 0; i < 16; ++i) acc[i] += code_int<Q>(blk, k, i, static_cast<int>(wstride / 16)) * xk;
           }
           const float* sc = qs.s + b * qs.sstride + static_cast<size_t>(k0 / qs.group) * 16;
           const float sx = xs[k0 / qs.xblock];
@@ -523,9 +552,12 @@ typedef int32_t __attribute__((may_alias, aligned(1))) unaligned_i32;
 
 // AVX512-VNNI: vpdpbusd multiplies 4 unsigned bytes by 4 signed bytes per int32 lane. The weight
 // codes are the unsigned side, shifted by +128 (int8, xor 0x80) or +8 (int4, xor 0x8), and the
-// activations the signed side; sum(x * (w + s)) - s * sum(x) undoes the shift per group, from the
-// code sums prepared with the activations. The [k][16] code layout becomes [16 rows][4 k] per
-// zmm by a VBMI byte permute (int8) or a two-source permute of the nibble halves (int4).
+// activations the signed side; sum(x * (w + s)) - s * sum(x) undoes the shift per block: the
+// int32 accumulators start at -s * sum(x) (from the code sums prepared with the activations), so
+// each block costs one conversion and one FMA per accumulator, into f32 accumulators that stay in
+// registers. The int8 [k][16] code layout becomes [16 rows][4 k] per zmm by a VBMI byte permute;
+// int4 chunks are already [16 rows][4 k] in each nibble half (quant_layout.h): one 64-byte load
+// feeds two vpdpbusd after a mask and a shift, no permute.
 template <QFormat Q>
 struct VnniTile {
   template <int MR, int NR>
@@ -535,37 +567,38 @@ struct VnniTile {
     const uint8_t* w = static_cast<const uint8_t*>(wv);
     const size_t bstride = wstride * qformat_bits(Q) / 8;
     constexpr int kShift = Q == QFormat::I8 ? 7 : 3;
-    alignas(64) uint8_t ia[64], ib[64];
-    for (int i = 0; i < 16; ++i)
-      for (int j = 0; j < 4; ++j) {
-        if constexpr (Q == QFormat::I8) {
-          ia[4 * i + j] = static_cast<uint8_t>(j * 16 + i);
-        } else {  // nibble halves: rows 0..7 from the low nibbles (a), 8..15 from the high (b)
-          ia[4 * i + j] = static_cast<uint8_t>(i < 8 ? j * 8 + i : 64 + j * 8 + i - 8);
-          ib[4 * i + j] = static_cast<uint8_t>(i < 8 ? (4 + j) * 8 + i : 64 + (4 + j) * 8 + i - 8);
-        }
-      }
-    const __m512i idx_a = _mm512_load_si512(ia);
-    const __m512i idx_b = Q == QFormat::I8 ? idx_a : _mm512_load_si512(ib);
-    const __m512i flip = _mm512_set1_epi8(Q == QFormat::I8 ? static_cast<char>(0x80) : 0x08 | 0x80);
-    const __m512i lo4 = _mm512_set1_epi8(0x0f);
+    __m512i idx = _mm512_setzero_si512();
+    if constexpr (Q == QFormat::I8) {
+      alignas(64) uint8_t ia[64];
+      for (int i = 0; i < 16; ++i)
+        for (int j = 0; j < 4; ++j) ia[4 * i + j] = static_cast<uint8_t>(j * 16 + i);
+      idx = _mm512_load_si512(ia);
+    }
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+    const __m512i n8 = _mm512_set1_epi8(0x08), lo4 = _mm512_set1_epi8(0x0f);
+    __m512 accf[MR][NR];
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-      for (int b = 0; b < NR; ++b) _mm512_store_ps(tile + r * kTileLd + b * 16, _mm512_setzero_ps());
+      for (int b = 0; b < NR; ++b) accf[r][b] = _mm512_setzero_ps();
     for (int g0 = 0; g0 < kp; g0 += qs.xblock) {
       const int g1 = g0 + qs.xblock;
+      const int xb = g0 / qs.xblock;
       __m512i acc[MR][NR];
 #pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r)
+      for (int r = 0; r < MR; ++r) {
+        // s * sum(x) in uint32: the shifted dot wraps modulo 2^32, the difference is exact.
+        const uint32_t comp = static_cast<uint32_t>(qs.xsums[static_cast<size_t>(r) * qs.xblocks_ld + xb]) << kShift;
+        const __m512i c = _mm512_set1_epi32(static_cast<int32_t>(0u - comp));
 #pragma GCC unroll 4
-        for (int b = 0; b < NR; ++b) acc[r][b] = _mm512_setzero_si512();
+        for (int b = 0; b < NR; ++b) acc[r][b] = c;
+      }
       if constexpr (Q == QFormat::I8) {
         for (int k = g0; k < g1; k += 4) {
 #pragma GCC unroll 4
           for (int b = 0; b < NR; ++b) {
             const __m512i v = _mm512_load_si512(w + b * bstride + static_cast<size_t>(k) * 16);
-            const __m512i wk = _mm512_permutexvar_epi8(idx_a, _mm512_xor_si512(v, flip));
+            const __m512i wk = _mm512_permutexvar_epi8(idx, _mm512_xor_si512(v, flip));
 #pragma GCC unroll 8
             for (int r = 0; r < MR; ++r)
               acc[r][b] = _mm512_dpbusd_epi32(
@@ -577,12 +610,10 @@ struct VnniTile {
         for (int k = g0; k < g1; k += 8) {
 #pragma GCC unroll 4
           for (int b = 0; b < NR; ++b) {
-            const __m512i v = _mm512_xor_si512(
-                _mm512_load_si512(w + b * bstride + static_cast<size_t>(k) * 8), flip);
-            const __m512i lo = _mm512_and_si512(v, lo4);
-            const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4);
-            const __m512i wa = _mm512_permutex2var_epi8(lo, idx_a, hi);
-            const __m512i wb = _mm512_permutex2var_epi8(lo, idx_b, hi);
+            const __m512i v = _mm512_load_si512(w + b * bstride + static_cast<size_t>(k) * 8);
+            // (v ^ 8) & 0xf per nibble half: ternary logic (a ^ b) & c = 0x28.
+            const __m512i wa = _mm512_ternarylogic_epi32(v, n8, lo4, 0x28);
+            const __m512i wb = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), n8, lo4, 0x28);
 #pragma GCC unroll 8
             for (int r = 0; r < MR; ++r) {
               const int8_t* xr = x + r * ldx + k;
@@ -594,81 +625,62 @@ struct VnniTile {
           }
         }
       }
-      const int xb = g0 / qs.xblock;
       __m512 sc[NR];
 #pragma GCC unroll 4
       for (int b = 0; b < NR; ++b)
         sc[b] = _mm512_load_ps(qs.s + b * qs.sstride + static_cast<size_t>(g0 / qs.group) * 16);
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
-        const size_t xo = static_cast<size_t>(r) * qs.xblocks_ld + xb;
-        // s * sum(x) in uint32: the shifted dot wraps modulo 2^32, the difference is exact.
-        const uint32_t comp = static_cast<uint32_t>(qs.xsums[xo]) << kShift;
-        const __m512i c = _mm512_set1_epi32(static_cast<int32_t>(comp));
-        const __m512 xs = _mm512_set1_ps(qs.xscales[xo]);
+        const __m512 xs = _mm512_set1_ps(qs.xscales[static_cast<size_t>(r) * qs.xblocks_ld + xb]);
 #pragma GCC unroll 4
-        for (int b = 0; b < NR; ++b) {
-          float* t = tile + r * kTileLd + b * 16;
-          const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][b], c));
-          _mm512_store_ps(t, _mm512_fmadd_ps(d, _mm512_mul_ps(sc[b], xs), _mm512_load_ps(t)));
-        }
+        for (int b = 0; b < NR; ++b)
+          accf[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][b]), _mm512_mul_ps(sc[b], xs), accf[r][b]);
       }
     }
-  }
-};
-
-// e4m3 magnitude (7 bits) -> the high and low byte of its bf16 (exact: 3 mantissa bits, and the
-// subnormals 2^-9..2^-7 are normal bf16 numbers). 0x7f (NaN) gives a bf16 NaN.
-struct Fp8Bf16Luts {
-  alignas(64) uint8_t hi[128];
-  alignas(64) uint8_t lo[128];
-};
-inline const Fp8Bf16Luts& fp8_bf16_luts() {
-  static const Fp8Bf16Luts t = [] {
-    Fp8Bf16Luts l;
-    for (int m = 0; m < 128; ++m) {
-      const float f = fp8_e4m3_to_f32(static_cast<uint8_t>(m));
-      uint32_t u;
-      std::memcpy(&u, &f, 4);
-      l.hi[m] = static_cast<uint8_t>(u >> 24);
-      l.lo[m] = static_cast<uint8_t>(u >> 16);
-    }
-    return l;
-  }();
-  return t;
-}
-
-// fp8 e4m3 weights against bf16 activations: 64 codes (4 k x 16 rows) -> two byte-table lookups
-// (vpermt2b ignores the sign bit, which is or-ed back into the high byte), a permute into the
-// bf16 k pairs of vdpbf16ps, and per 128-column block acc += dot * scale.
-struct Bf16DotF8Tile {
-  template <int MR, int NR>
-  EXPERTD_AVX512BF16_VBMI static void run(const void* xv, size_t ldx, const void* wv,
-                                          size_t wstride, int kp, float* tile, QScales qs) {
-    const uint16_t* x = static_cast<const uint16_t*>(xv);
-    const uint8_t* w = static_cast<const uint8_t*>(wv);
-    const size_t bstride = wstride;  // one byte per code
-    const Fp8Bf16Luts& lut = fp8_bf16_luts();
-    const __m512i th0 = _mm512_load_si512(lut.hi), th1 = _mm512_load_si512(lut.hi + 64);
-    const __m512i tl0 = _mm512_load_si512(lut.lo), tl1 = _mm512_load_si512(lut.lo + 64);
-    alignas(64) uint8_t ia[64], ib[64];
-    for (int i = 0; i < 16; ++i) {  // lane i: (lo, hi) of k then of k + 1; a: k 0-1, b: k 2-3
-      ia[4 * i + 0] = static_cast<uint8_t>(i);
-      ia[4 * i + 1] = static_cast<uint8_t>(64 + i);
-      ia[4 * i + 2] = static_cast<uint8_t>(16 + i);
-      ia[4 * i + 3] = static_cast<uint8_t>(64 + 16 + i);
-      ib[4 * i + 0] = static_cast<uint8_t>(32 + i);
-      ib[4 * i + 1] = static_cast<uint8_t>(64 + 32 + i);
-      ib[4 * i + 2] = static_cast<uint8_t>(48 + i);
-      ib[4 * i + 3] = static_cast<uint8_t>(64 + 48 + i);
-    }
-    const __m512i idx_a = _mm512_load_si512(ia), idx_b = _mm512_load_si512(ib);
-    const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
-    typedef int32_t __attribute__((may_alias, aligned(2))) pair_t;
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-      for (int b = 0; b < NR; ++b) _mm512_store_ps(tile + r * kTileLd + b * 16, _mm512_setzero_ps());
+      for (int b = 0; b < NR; ++b) _mm512_store_ps(tile + r * kTileLd + b * 16, accf[r][b]);
+  }
+};
+
+// fp8 e4m3 weights against bf16 activations, decoded to bf16 k pairs in registers by a shift, two
+// unpacks and a mask, no table. The packer stores each e4m3 code with its bits reordered
+// (quant_layout.h): c' = s e0 m2 m1 m0 e3 e2 e1. The bf16 2^(e + 1) * 1.mmm, which is the e4m3
+// value times 2^8 for every normal code (e = 1..15), exactly, has high byte (s 1 0 0 0 e3 e2 e1)
+// = (c' & 0x87) | 0x40 and low byte (e0 m2 m1 m0 0 0 0 0) = (c' << 1) & 0xf0; vpunpck{l,h}bw of
+// (c' << 1, c') makes the words of the two zmm of bf16 k pairs of a 64-byte chunk (4 k x 16 rows)
+// that vdpbf16ps wants, and one ternary-logic op per zmm masks them and sets bit 14. The 2^8 goes
+// back out with the block scale (scale * 2^-8 is exact for any normal scale).
+// Codes with e = 0 (zero and the subnormals m * 2^-9) do not decode so (and vdpbf16ps flushes
+// bf16 subnormals anyway): the groups that hold any (flagged by the packer in the sign of a
+// scale) run a fix-up, those words from a table of +-m * 2^-9 * 2^8 = +-m / 2 (normal bf16
+// numbers) indexed by the code's s and m bits. The NaN code decodes to a finite value (real
+// weights never hold it).
+struct Bf16DotF8Tile {
+  template <int MR, int NR>
+  EXPERTD_AVX512BF16 static void run(const void* xv, size_t ldx, const void* wv, size_t wstride,
+                                     int kp, float* tile, QScales qs) {
+    typedef int32_t __attribute__((may_alias, aligned(2))) pair_t;
+    const uint16_t* x = static_cast<const uint16_t*>(xv);
+    const uint8_t* w = static_cast<const uint8_t*>(wv);
+    const size_t bstride = wstride;  // one byte per code
+    const __m512i keep = _mm512_set1_epi16(static_cast<short>(0x87f0));
+    const __m512i bias = _mm512_set1_epi16(0x4000);
+    const __m512i exp_words = _mm512_set1_epi16(0x4700);  // e0 and e3 e2 e1 in the high byte
+    // Index (word >> 11) & 31 = s e0 m2 m1 m0: +-m / 2 as bf16 at s m (e0 = 0 for these codes).
+    alignas(64) uint16_t sub_tab[32];
+    for (int i = 0; i < 32; ++i) {
+      const float v = static_cast<float>(i & 7) * 0.5f * (i & 16 ? -1.0f : 1.0f);
+      sub_tab[i] = f32_to_bf16(v);
+    }
+    const __m512i sub = _mm512_load_si512(sub_tab);
+    const __m512 unscale = _mm512_set1_ps(0x1p-8f);
+    __m512 accf[MR][NR];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int b = 0; b < NR; ++b) accf[r][b] = _mm512_setzero_ps();
     for (int g0 = 0, gi = 0; g0 < kp; g0 += qs.group, ++gi) {
       const int g1 = std::min(kp, g0 + qs.group);
       __m512 acc[MR][NR];
@@ -676,31 +688,35 @@ struct Bf16DotF8Tile {
       for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
         for (int b = 0; b < NR; ++b) acc[r][b] = _mm512_setzero_ps();
-      // kp is even; the last group may end on a k pair (the codes there are 16 bytes short of 64,
-      // so the load is masked).
+      bool exp0[NR];
+#pragma GCC unroll 4
+      for (int b = 0; b < NR; ++b) exp0[b] = std::signbit(qs.s[b * qs.sstride + static_cast<size_t>(gi) * 16]);
       for (int k = g0; k < g1; k += 4) {
-        const bool pair_only = g1 - k < 4;
 #pragma GCC unroll 4
         for (int b = 0; b < NR; ++b) {
-          const uint8_t* p = w + b * bstride + static_cast<size_t>(k) * 16;
-          const __m512i c = pair_only ? _mm512_maskz_loadu_epi8(0xffffffffull, p)
-                                      : _mm512_load_si512(p);
-          // hi | (c & 0x80): ternary logic a | (b & c) = 0xf8
-          const __m512i hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(th0, c, th1), c,
-                                                       sign, 0xf8);
-          const __m512i lo = _mm512_permutex2var_epi8(tl0, c, tl1);
-          const __m512i wa = _mm512_permutex2var_epi8(lo, idx_a, hi);
+          const __m512i c = _mm512_load_si512(w + b * bstride + static_cast<size_t>(k) * 16);
+          const __m512i c1 = _mm512_slli_epi16(c, 1);
+          const __m512i ra = _mm512_unpacklo_epi8(c1, c), rb = _mm512_unpackhi_epi8(c1, c);
+          // (a & b) | c = 0xea
+          __m512i wa = _mm512_ternarylogic_epi32(ra, keep, bias, 0xea);
+          __m512i wb = _mm512_ternarylogic_epi32(rb, keep, bias, 0xea);
+          if (exp0[b]) {
+            wa = _mm512_mask_mov_epi16(wa, _mm512_testn_epi16_mask(ra, exp_words),
+                                       _mm512_permutexvar_epi16(_mm512_srli_epi16(ra, 11), sub));
+            wb = _mm512_mask_mov_epi16(wb, _mm512_testn_epi16_mask(rb, exp_words),
+                                       _mm512_permutexvar_epi16(_mm512_srli_epi16(rb, 11), sub));
+          }
 #pragma GCC unroll 8
           for (int r = 0; r < MR; ++r) {
             const __m512i xa = _mm512_set1_epi32(*reinterpret_cast<const pair_t*>(x + r * ldx + k));
             acc[r][b] = _mm512_dpbf16_ps(acc[r][b], (__m512bh)xa, (__m512bh)wa);
           }
-          if (!pair_only) {
-            const __m512i wb = _mm512_permutex2var_epi8(lo, idx_b, hi);
+          // NOTE: kp (the activations' even k) may end on a k pair inside the last chunk; the
+          // activations stop there, so its second pair is not read.
+          if (__builtin_expect(k + 2 < g1, 1)) {
 #pragma GCC unroll 8
             for (int r = 0; r < MR; ++r) {
-              const __m512i xb =
-                  _mm512_set1_epi32(*reinterpret_cast<const pair_t*>(x + r * ldx + k + 2));
+              const __m512i xb = _mm512_set1_epi32(*reinterpret_cast<const pair_t*>(x + r * ldx + k + 2));
               acc[r][b] = _mm512_dpbf16_ps(acc[r][b], (__m512bh)xb, (__m512bh)wb);
             }
           }
@@ -708,14 +724,16 @@ struct Bf16DotF8Tile {
       }
 #pragma GCC unroll 4
       for (int b = 0; b < NR; ++b) {
-        const __m512 sc = _mm512_load_ps(qs.s + b * qs.sstride + static_cast<size_t>(gi) * 16);
+        const __m512 sc = _mm512_mul_ps(
+            _mm512_abs_ps(_mm512_load_ps(qs.s + b * qs.sstride + static_cast<size_t>(gi) * 16)), unscale);
 #pragma GCC unroll 8
-        for (int r = 0; r < MR; ++r) {
-          float* t = tile + r * kTileLd + b * 16;
-          _mm512_store_ps(t, _mm512_fmadd_ps(acc[r][b], sc, _mm512_load_ps(t)));
-        }
+        for (int r = 0; r < MR; ++r) accf[r][b] = _mm512_fmadd_ps(acc[r][b], sc, accf[r][b]);
       }
     }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int b = 0; b < NR; ++b) _mm512_store_ps(tile + r * kTileLd + b * 16, accf[r][b]);
   }
 };
 #endif

@@ -16,6 +16,7 @@
 #include "expertd/thread_pool.h"
 #include "gemm_kernels.h"
 #include "packed_layout.h"
+#include "quant_layout.h"
 
 namespace expertd {
 
@@ -36,19 +37,36 @@ void write_block(PackedWeight& w, int blk, const QRow* const* rows) {
   for (int g = 0; g < groups; ++g)
     for (int i = 0; i < 16; ++i) sdst[g * 16 + i] = rows[i] ? rows[i]->scales[g] : 0.0f;
   uint8_t* dst = w.data.get() + static_cast<size_t>(blk) * w.kp * w.k_bytes16();
-  static const uint8_t kZero[1] = {0};
-  const uint8_t* c[16];
-  for (int i = 0; i < 16; ++i) c[i] = rows[i] ? rows[i]->codes.data() : nullptr;
+  // NOTE: a slot may be repacked with another expert: clear the block (padding rows and padding
+  // columns stay zero), then put every live code where quant_layout.h says.
+  std::memset(dst, 0, static_cast<size_t>(w.kp) * w.k_bytes16());
   if (qformat_bits(w.q) == 8) {
-    for (int k = 0; k < w.kp; ++k)
-      for (int i = 0; i < 16; ++i) dst[static_cast<size_t>(k) * 16 + i] = c[i] ? c[i][k] : kZero[0];
-  } else {
-    for (int k = 0; k < w.kp; ++k)
-      for (int j = 0; j < 8; ++j) {
-        const uint8_t lo = c[j] ? (c[j][k] & 0xf) : 0;
-        const uint8_t hi = c[j + 8] ? (c[j + 8][k] & 0xf) : 0;
-        dst[static_cast<size_t>(k) * 8 + j] = static_cast<uint8_t>(lo | (hi << 4));
+    for (int i = 0; i < 16; ++i) {
+      if (!rows[i]) continue;
+      const uint8_t* c = rows[i]->codes.data();
+      if (w.q == QFormat::F8)
+        for (int k = 0; k < w.kp; ++k) dst[code8_offset(w.q, i, k, w.kp)] = f8_store(c[k]);
+      else
+        for (int k = 0; k < w.kp; ++k) dst[code8_offset(w.q, i, k, w.kp)] = c[k];
+    }
+    if (w.q == QFormat::F8)  // the exponent-0 flags (quant_layout.h); padding codes are 0
+      for (int g = 0; g < groups; ++g) {
+        bool exp0 = false;
+        for (int i = 0; i < 16 && !exp0; ++i)
+          for (int k = g * w.group; k < (g + 1) * w.group && !exp0; ++k)
+            exp0 = !rows[i] || f8_exp0(rows[i]->codes[k]);
+        if (exp0) sdst[g * 16] = -sdst[g * 16];
       }
+  } else {
+    for (int i = 0; i < 16; ++i) {
+      if (!rows[i]) continue;
+      const uint8_t* c = rows[i]->codes.data();
+      for (int k = 0; k < w.kp; ++k) {
+        int shift;
+        const size_t off = code4_offset(i, k, w.kp, &shift);
+        dst[off] = static_cast<uint8_t>(dst[off] | ((c[k] & 0xf) << shift));
+      }
+    }
   }
 }
 
@@ -280,13 +298,14 @@ float quant_weight_at(const PackedWeight& w, int row, int col) {
   const int i = p % 16;
   float v;
   switch (w.q) {
-    case QFormat::I8: v = gemm::decode_code<QFormat::I8>(blk, col, i); break;
-    case QFormat::I4: v = gemm::decode_code<QFormat::I4>(blk, col, i); break;
-    case QFormat::F8: v = gemm::decode_code<QFormat::F8>(blk, col, i); break;
-    default: v = gemm::decode_code<QFormat::FP4>(blk, col, i); break;
+    case QFormat::I8: v = gemm::decode_code<QFormat::I8>(blk, col, i, w.kp); break;
+    case QFormat::I4: v = gemm::decode_code<QFormat::I4>(blk, col, i, w.kp); break;
+    case QFormat::F8: v = gemm::decode_code<QFormat::F8>(blk, col, i, w.kp); break;
+    default: v = gemm::decode_code<QFormat::FP4>(blk, col, i, w.kp); break;
   }
   const size_t groups = static_cast<size_t>(w.kp / w.group);
-  return v * w.scales.get()[(static_cast<size_t>(p / 16) * groups + col / w.group) * 16 + i];
+  const float s = w.scales.get()[(static_cast<size_t>(p / 16) * groups + col / w.group) * 16 + i];
+  return v * (w.q == QFormat::F8 ? std::fabs(s) : s);  // F8: the sign is a flag
 }
 
 }  // namespace expertd

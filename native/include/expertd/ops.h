@@ -23,14 +23,15 @@ namespace expertd {
 enum class WeightKind : int { Plain = 0, GateUp = 1 };
 
 // Quantized storage (weights only; activations stay f32). A quantized weight keeps integer or
-// minifloat codes in the same 16-row blocks, [Kp][16] codes per block, plus f32 scales per
-// (row, group of `group` k): scales [Np/16][Kp/group][16]. The value of element (r, c) is
-// decode(code) * scale(r, c / group), and the kernels compute exactly that in f32 (so a
-// quantized GEMM equals an f32 GEMM over the dequantised weight, in the same order).
+// minifloat codes in the same 16-row blocks, Kp x 16 codes per block (ordered inside a block as
+// the kernels read them: native/cpu/quant_layout.h), plus f32 scales per (row, group of `group`
+// k): scales [Np/16][Kp/group][16]. The value of element (r, c) is decode(code) * scale(r, c /
+// group), and the kernels compute exactly that in f32 (so a quantized GEMM equals an f32 GEMM over
+// the dequantised weight, in the same order).
 //   I8  int8 codes, one byte each (symmetric, -127..127 from --quantize)
-//   I4  int4 two's complement nibbles (-8..7): byte 8c + j of a block holds row j (low nibble)
-//       and row j + 8 (high nibble) of column c
-//   F8  fp8 e4m3fn codes, one byte each (DeepSeek-V3 style checkpoints, --quantize fp8)
+//   I4  int4 two's complement nibbles (-8..7), two per byte, in chunks of 8 k
+//   F8  fp8 e4m3fn codes, one byte each (DeepSeek-V3 style checkpoints, --quantize fp8), bits
+//       reordered, in chunks of 4 k; the sign of some scales is a flag (read them as |scale|)
 //   FP4 fp4 e2m1 nibbles (MXFP4, gpt-oss), nibble layout as I4; scales are powers of two
 // Kp is a multiple of `group` (and even); padding codes are zero.
 enum class QFormat : int { None = 0, I8 = 1, I4 = 2, F8 = 3, FP4 = 4 };

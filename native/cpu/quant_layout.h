@@ -1,0 +1,56 @@
+// Internal to quantized weights: where the code of (row i, column c) of a 16-row block lives, for
+// the packer (quant.cc write_block) and every kernel that decodes codes (gemm_kernels.h). The
+// layouts are chosen so that the SIMD kernels' loads feed their dot products without shuffles:
+//   I8  [kp][16] bytes (the VNNI kernel permutes 4 k x 16 rows per zmm; unchanged)
+//   F8  chunks of 4 k (64 bytes): 128-bit lane L holds rows 4L..4L+3; bytes 0-7 of the lane the
+//       (k, k+1) pairs of those rows, bytes 8-15 the (k+2, k+3) pairs, so vpunpck{l,h}bw of a
+//       chunk gives the two zmm of bf16 k pairs that vdpbf16ps wants, in row order. Each e4m3
+//       code's bits are stored reordered (f8_store: s e0 m2 m1 m0 e3 e2 e1), see Bf16DotF8Tile.
+//       NOTE: the sign bit of the scale of row 0 of each (block, group) is a flag, set when any
+//       of the group's codes in the block has exponent 0 (zero or subnormal): F8 scales are read
+//       as their absolute value.
+//   I4, FP4  chunks of 8 k (64 bytes): byte 4i + j (j < 4) holds row i's column 8c8 + j in the
+//       low nibble and column 8c8 + 4 + j in the high nibble, so the low and the high nibbles of
+//       one zmm are each [16 rows][4 k], the operand form of vpdpbusd.
+// kp that is not a multiple of the chunk (only for groups that are not multiples of 4 or 8, which
+// --quantize and the checkpoint formats never make; the SIMD dot-product kernels are not used
+// there) ends in a tail chunk of the old [k][16] form: F8 pairs [2][16], 4-bit bytes [k][8] with
+// row i in the low nibble of byte i and row i + 8 in the high one.
+#pragma once
+#include <cstddef>
+
+#include "expertd/ops.h"
+
+namespace expertd {
+
+// An e4m3 code (s e3 e2 e1 e0 m2 m1 m0) as the F8 layout stores it (s e0 m2 m1 m0 e3 e2 e1), and
+// back.
+inline uint8_t f8_store(uint8_t c) {
+  return static_cast<uint8_t>((c & 0x80) | ((c & 0x0f) << 3) | ((c >> 4) & 0x07));
+}
+inline uint8_t f8_load(uint8_t s) {
+  return static_cast<uint8_t>((s & 0x80) | ((s & 0x07) << 4) | ((s >> 3) & 0x0f));
+}
+// The e4m3 code has exponent 0 (zero or a subnormal).
+inline bool f8_exp0(uint8_t c) { return (c & 0x78) == 0; }
+
+// Byte offset in a block of the code of row i (0..15) at column c, kp columns in the block.
+inline size_t code8_offset(QFormat q, int i, int c, int kp) {
+  if (q != QFormat::F8) return static_cast<size_t>(c) * 16 + i;
+  const int c0 = c / 4 * 4, j = c % 4;
+  if (c0 + 4 > kp) return static_cast<size_t>(c0) * 16 + 2 * i + j;  // tail pair
+  return static_cast<size_t>(c0) * 16 + 16 * (i / 4) + (j >> 1) * 8 + 2 * (i % 4) + (j & 1);
+}
+
+// Byte offset and nibble shift (0 or 4) in a block of the 4-bit code of row i at column c.
+inline size_t code4_offset(int i, int c, int kp, int* shift) {
+  const int c0 = c / 8 * 8, j = c % 8;
+  if (c0 + 8 > kp) {  // tail
+    *shift = i < 8 ? 0 : 4;
+    return static_cast<size_t>(c0) * 8 + static_cast<size_t>(j) * 8 + (i & 7);
+  }
+  *shift = j < 4 ? 0 : 4;
+  return static_cast<size_t>(c0) * 8 + 4 * i + (j & 3);
+}
+
+}  // namespace expertd
