@@ -9,7 +9,8 @@ import { CheckpointError, type Checkpoint } from '../model/safetensors.js';
 import type { ModelSpec } from '../model/spec.js';
 import type { IntWeight } from '../model/tensor-source.js';
 import { quantizedBytes, type QuantizeSpec } from '../model/quantize.js';
-import { expertTensorPrefix, moeLayerIndices, type ExpertStore, type LoadTicket, type SlotWeights } from './expert-store.js';
+import { EngineThreadExpertStore, packRequantized } from './engine-thread-store.js';
+import { expertTensorPrefix, moeLayerIndices, type SlotWeights } from './expert-store.js';
 
 /** One stored matrix of an expert: its codes and scales in the file, with what reading them back needs. */
 interface IntRanges {
@@ -26,8 +27,7 @@ interface IntRanges {
 
 const up8 = (v: number) => Math.ceil(v / 8) * 8;
 
-export class CompressedExpertStore implements ExpertStore {
-  readonly overlapsCompute = false;
+export class CompressedExpertStore extends EngineThreadExpertStore<IntRanges[]> {
   readonly expertBytes: number;
   readonly slotBytes: number;
   private readonly H: number;
@@ -35,14 +35,10 @@ export class CompressedExpertStore implements ExpertStore {
   private readonly ranges: IntRanges[][][]; // [moeLayer][expert][gate, up, down]
   /** One expert's stored codes and scales, back to back (8-byte aligned); grown on first use. */
   private stage: ArrayBuffer | null = null;
-  private readonly finished = new Set<LoadTicket>();
-  private nextTicket = 1;
-  loads = 0;
-  bytesRead = 0;
-  readSeconds = 0;
 
   /** --quantize: slots hold the dequantised experts re-quantized to that format instead. */
   constructor(private readonly checkpoint: Checkpoint, spec: ModelSpec, private readonly quantize: QuantizeSpec | null = null) {
+    super();
     const H = (this.H = spec.hidden);
     const I = (this.I = spec.moe.intermediate);
     const E = spec.moe.numExperts;
@@ -75,20 +71,12 @@ export class CompressedExpertStore implements ExpertStore {
       : quantizedBytes(own, 2 * I, H, true) + quantizedBytes(downQ, H, I, false);
   }
 
-  submit(layer: number, expert: number, slot: SlotWeights, _priority: number, simulatedDelayUs = 0): LoadTicket {
-    const r = this.ranges[layer]?.[expert];
-    if (!r) throw new RangeError(`no expert (${layer}, ${expert}) in the checkpoint at ${this.checkpoint.dir}`);
-    this.loads++;
-    this.bytesRead += this.expertBytes;
-    this.load(r, slot);
-    if (simulatedDelayUs > 0) {
-      // SIMULATION on the engine thread: a blocking copy, spent like one (busy-wait).
-      const until = performance.now() + simulatedDelayUs / 1000;
-      while (performance.now() < until) { /* busy-wait */ }
-    }
-    const t = this.nextTicket++;
-    this.finished.add(t);
-    return t;
+  protected get where(): string {
+    return this.checkpoint.dir;
+  }
+
+  protected rangesOf(layer: number, expert: number): IntRanges[] | undefined {
+    return this.ranges[layer]?.[expert];
   }
 
   /** pread of an expert's three matrices, decoded to codes and f32 scales. */
@@ -125,17 +113,14 @@ export class CompressedExpertStore implements ExpertStore {
     return out as [IntWeight, IntWeight, IntWeight];
   }
 
-  private load(r: IntRanges[], slot: SlotWeights): void {
+  protected load(r: IntRanges[], slot: SlotWeights): void {
     const n = loadNative();
     const { H, I } = this;
     const [gate, up, down] = this.read(r);
     const q = this.quantize;
     if (q) {
       const [g, u, d] = [gate, up, down].map(dequantInt) as [Float32Array, Float32Array, Float32Array];
-      if (slot.gateUp) n.repackInto(slot.gateUp, g, 'f32', u);
-      else slot.gateUp = n.packGateUp(g, u, 'f32', I, H, q.format, q.group);
-      if (slot.down) n.repackInto(slot.down, d, 'f32');
-      else slot.down = n.packWeight(d, 'f32', H, I, q.format, q.group);
+      packRequantized(slot, g, u, d, q, H, I);
       return;
     }
     const fmt = (w: IntWeight) => (w.bits === 8 ? 'int8' : 'int4');
@@ -145,23 +130,4 @@ export class CompressedExpertStore implements ExpertStore {
     else slot.down = n.packInt(down.codes, down.scales, H, I, fmt(down), down.group);
   }
 
-  wait(ticket: LoadTicket): void {
-    if (!this.finished.delete(ticket)) throw new RangeError(`ticket ${ticket} is not pending (already waited for or cancelled)`);
-  }
-
-  done(): boolean {
-    return true;
-  }
-
-  cancel(): boolean {
-    return false;
-  }
-
-  get inFlight(): number {
-    return 0;
-  }
-
-  dispose(): void {
-    this.finished.clear();
-  }
 }

@@ -56,6 +56,16 @@ export interface ExpertStore<W extends { dispose(): void } = PackedWeight> {
   dispose(): void;
 }
 
+/**
+ * SIMULATION (benchmarks' simulated link): a load on the engine thread spends `us` more as a blocking
+ * copy would (busy-wait); nothing when us <= 0.
+ */
+export function spendLinkDelay(us: number): void {
+  if (us <= 0) return;
+  const until = performance.now() + us / 1000;
+  while (performance.now() < until) { /* busy-wait */ }
+}
+
 /** submit + wait: fills `slot` now (tests, tools). */
 export function loadNow(store: ExpertStore, layer: number, expert: number, slot: SlotWeights): void {
   store.wait(store.submit(layer, expert, slot, Infinity));
@@ -263,11 +273,7 @@ export class CheckpointExpertStore implements ExpertStore {
       });
     }
     this.loadHere(r, slot);
-    if (simulatedDelayUs > 0) {
-      // SIMULATION on the engine thread: a blocking copy, spent like one (busy-wait).
-      const until = performance.now() + simulatedDelayUs / 1000;
-      while (performance.now() < until) { /* busy-wait */ }
-    }
+    spendLinkDelay(simulatedDelayUs);
     const t = this.nextTicket++;
     this.finished.add(t);
     return t;

@@ -7,13 +7,13 @@ import type { Checkpoint } from '../model/safetensors.js';
 import type { ModelSpec } from '../model/spec.js';
 import { dequantMxfp4 } from '../model/mxfp4.js';
 import { quantizedBytes, type QuantizeSpec } from '../model/quantize.js';
-import { moeLayerIndices, type ExpertStore, type LoadTicket, type SlotWeights } from './expert-store.js';
+import { EngineThreadExpertStore, packRequantized } from './engine-thread-store.js';
+import { moeLayerIndices, type SlotWeights } from './expert-store.js';
 
 /** One expert's bytes in the file: gate_up blocks/scales (2I rows, gate and up interleaved), down blocks/scales. */
 interface Mxfp4Ranges { guBlocks: FileRange; guScales: FileRange; dnBlocks: FileRange; dnScales: FileRange }
 
-export class Mxfp4ExpertStore implements ExpertStore {
-  readonly overlapsCompute = false;
+export class Mxfp4ExpertStore extends EngineThreadExpertStore<Mxfp4Ranges> {
   readonly expertBytes: number;
   readonly slotBytes: number;
   readonly slotFormat: string;
@@ -21,14 +21,10 @@ export class Mxfp4ExpertStore implements ExpertStore {
   private readonly I: number;
   private readonly ranges: Mxfp4Ranges[][]; // [moeLayer][expert]
   private readonly stage: Uint8Array;        // one expert's four ranges, back to back
-  private readonly finished = new Set<LoadTicket>();
-  private nextTicket = 1;
-  loads = 0;
-  bytesRead = 0;
-  readSeconds = 0;
 
   /** --quantize: slots hold the dequantised experts re-quantized to that format instead. */
   constructor(private readonly checkpoint: Checkpoint, spec: ModelSpec, private readonly quantize: QuantizeSpec | null = null) {
+    super();
     const H = (this.H = spec.hidden);
     const I = (this.I = spec.moe.intermediate);
     const E = spec.moe.numExperts;
@@ -54,23 +50,15 @@ export class Mxfp4ExpertStore implements ExpertStore {
     this.stage = new Uint8Array(loadNative().allocHostBuffer(this.expertBytes));
   }
 
-  submit(layer: number, expert: number, slot: SlotWeights, _priority: number, simulatedDelayUs = 0): LoadTicket {
-    const r = this.ranges[layer]?.[expert];
-    if (!r) throw new RangeError(`no expert (${layer}, ${expert}) in the checkpoint at ${this.checkpoint.dir}`);
-    this.loads++;
-    this.bytesRead += this.expertBytes;
-    this.load(r, slot);
-    if (simulatedDelayUs > 0) {
-      // SIMULATION on the engine thread: a blocking copy, spent like one (busy-wait).
-      const until = performance.now() + simulatedDelayUs / 1000;
-      while (performance.now() < until) { /* busy-wait */ }
-    }
-    const t = this.nextTicket++;
-    this.finished.add(t);
-    return t;
+  protected get where(): string {
+    return this.checkpoint.dir;
   }
 
-  private load(r: Mxfp4Ranges, slot: SlotWeights): void {
+  protected rangesOf(layer: number, expert: number): Mxfp4Ranges | undefined {
+    return this.ranges[layer]?.[expert];
+  }
+
+  protected load(r: Mxfp4Ranges, slot: SlotWeights): void {
     const n = loadNative();
     const { H, I } = this;
     const parts: Uint8Array[] = [];
@@ -99,10 +87,7 @@ export class Mxfp4ExpertStore implements ExpertStore {
     const q = this.quantize;
     if (q) {
       const [g, u, d] = [gate, up, down].map(dequantMxfp4) as [Float32Array, Float32Array, Float32Array];
-      if (slot.gateUp) n.repackInto(slot.gateUp, g, 'f32', u);
-      else slot.gateUp = n.packGateUp(g, u, 'f32', I, H, q.format, q.group);
-      if (slot.down) n.repackInto(slot.down, d, 'f32');
-      else slot.down = n.packWeight(d, 'f32', H, I, q.format, q.group);
+      packRequantized(slot, g, u, d, q, H, I);
       return;
     }
     if (slot.gateUp) n.repackMxfp4Into(slot.gateUp, gate.blocks, gate.scales, up.blocks, up.scales);
@@ -111,23 +96,4 @@ export class Mxfp4ExpertStore implements ExpertStore {
     else slot.down = n.packMxfp4(dnB, dnS, H, I);
   }
 
-  wait(ticket: LoadTicket): void {
-    if (!this.finished.delete(ticket)) throw new RangeError(`ticket ${ticket} is not pending (already waited for or cancelled)`);
-  }
-
-  done(): boolean {
-    return true;
-  }
-
-  cancel(): boolean {
-    return false;
-  }
-
-  get inFlight(): number {
-    return 0;
-  }
-
-  dispose(): void {
-    this.finished.clear();
-  }
 }
