@@ -6,13 +6,12 @@ import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 
-import { EngineCore, type EngineCoreOptions } from '../src/engine/engine-core.js';
+import { EngineCore } from '../src/engine/engine-core.js';
 import { Scheduler } from '../src/engine/scheduler.js';
 import { StateSlotPool } from '../src/engine/state-cache.js';
-import type { EngineEvent, GenerateRequest } from '../src/engine/types.js';
-import type { ForwardModel } from '../src/model/forward-batch.js';
-import { loadModel, type LoadedModel } from '../src/model/load.js';
+import { loadModel } from '../src/model/load.js';
 import { packageRoot } from '../src/native/index.js';
+import { request, runAll } from './helpers/hybrid-engine.js';
 
 const dir = path.join(packageRoot(), 'test', 'fixtures', 'qwen3_next');
 const golden = JSON.parse(readFileSync(path.join(dir, 'golden.json'), 'utf8')) as {
@@ -64,46 +63,6 @@ test('scheduler: a running sequence holds one slot; admission waits for a free o
   assert.equal(s.states!.numUsed, 0);
 });
 
-function request(id: string, prompt: number[], maxTokens: number): GenerateRequest {
-  return {
-    id, promptTokenIds: prompt, maxTokens, stopTokenIds: [], ignoreEos: true, minTokens: 0, returnRoutedExperts: false,
-    // logprobs: the 20 best log-softmax values of every step's logits row (a function of the whole row).
-    sampling: { temperature: 0, topP: 1, topK: 0, minP: 0, repetitionPenalty: 1, presencePenalty: 0, frequencyPenalty: 0, logprobs: 20 },
-  };
-}
-
-interface Outcome { tokens: number[]; logprobs: unknown[] }
-
-function runAll(loaded: LoadedModel<ForwardModel>, opts: Partial<EngineCoreOptions>, reqs: GenerateRequest[]):
-    { out: Map<string, Outcome>; core: EngineCore; preemptions: number } {
-  const core = new EngineCore(loaded, {
-    kvCacheBlocks: 128, kvCacheGb: 0, blockSize: 4, maxNumSeqs: 8, maxNumBatchedTokens: 512, servedModelName: 't', ...opts,
-  });
-  const out = new Map<string, Outcome>();
-  let preemptions = 0;
-  for (const r of reqs) {
-    assert.equal(core.add(r), null);
-    out.set(r.id, { tokens: [], logprobs: [] });
-  }
-  for (let steps = 0; core.hasWork(); steps++) {
-    assert.ok(steps < 2000, 'the engine should finish');
-    const res = core.step();
-    preemptions += res?.metrics.preemptions ?? 0;
-    const st = core.stats();
-    assert.equal(st.stateSlotsUsed, st.running, 'state slots in use = running sequences');
-    for (const ev of res?.events ?? [] as EngineEvent[]) {
-      const o = out.get(ev.id)!;
-      if (ev.type === 'tokens') {
-        o.tokens.push(...ev.tokenIds);
-        o.logprobs.push(...(ev.logprobs ?? []));
-      } else {
-        assert.equal(ev.reason, 'length', `${ev.id}: ${ev.type === 'finished' ? ev.error : ''}`);
-      }
-    }
-  }
-  assert.equal(core.stats().stateSlotsUsed, 0, 'every slot given back');
-  return { out, core, preemptions };
-}
 
 test('engine, qwen3_next: sequences batched equal each alone bit for bit (tokens and logprobs)', () => {
   const loaded = loadModel(dir, { fast: false });
