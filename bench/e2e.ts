@@ -116,7 +116,8 @@ export function promptIds(seed: number, n: number): number[] {
  * and written back, as the engine stores them).
  */
 export class DecodeBytes {
-  readonly denseBytes: number;
+  /** Bytes every step reads whatever the routing (set lower by quant.ts for --quantize-dense). */
+  denseBytes: number;
   expertBytes: number;
   /** Linear-attention state bytes per sequence per step over all linear layers (read + write). */
   readonly stateBytesPerSeq: number;

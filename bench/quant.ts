@@ -14,7 +14,8 @@ import { parseArgs } from 'node:util';
 
 import { loadModel, type LoadedModel } from '../src/model/load.js';
 import type { MoeModel } from '../src/model/model.js';
-import { describeQuantize, quantizeSpec, type QuantizeSpec } from '../src/model/quantize.js';
+import { describeQuantize, quantizeSpec, quantizedBytes, type QuantizeSpec } from '../src/model/quantize.js';
+import type { ModelSpec } from '../src/model/spec.js';
 import { loadNative } from '../src/native/index.js';
 import { BENCH_MODEL_NAMES, ensureBenchModel, type BenchModelName } from './bench-models.js';
 import { DecodeBytes, Runner, argmaxRows, promptIds } from './e2e.js';
@@ -29,7 +30,28 @@ const FORMATS: Record<string, QuantizeSpec | null> = {
   fp8: quantizeSpec('fp8', 0),
   int4: quantizeSpec('int4', 32),
   'int4-g128': quantizeSpec('int4', 128),
+  // --quantize-dense: the attention projections, shared experts and dense FFNs in the format too.
+  'int8-dense': quantizeSpec('int8', 0, true),
+  'fp8-dense': quantizeSpec('fp8', 0, true),
+  'int4-dense': quantizeSpec('int4', 32, true),
 };
+
+/**
+ * Bytes --quantize-dense takes off a decode step's dense reads: each attention layer's q/k/v (one
+ * fused weight) and o, the shared experts and dense FFNs, packed in q instead of bf16 (the packer's
+ * own sizes). Gated DeltaNet layers are not counted (refused: the bench's models have none).
+ */
+function denseQuantSaving(spec: ModelSpec, q: QuantizeSpec): number {
+  const H = spec.hidden, a = spec.attention;
+  if (a.kind !== 'gqa' || spec.linearAttention) throw new RangeError('quant: the --quantize-dense bound is written for GQA models');
+  const qRows = (a.outputGate ? 2 : 1) * a.heads * a.headDim, kvRows = 2 * a.kvHeads * a.headDim, oCols = a.heads * a.headDim;
+  const attn = (qRows + kvRows) * H * 2 + H * oCols * 2
+    - quantizedBytes(q, qRows + kvRows, H, false) - quantizedBytes(q, H, oCols, false);
+  const ffn = (inter: number) => inter ? 3 * H * inter * 2 - quantizedBytes(q, 2 * inter, H, true) - quantizedBytes(q, H, inter, false) : 0;
+  let saved = 0;
+  for (const l of spec.layers) saved += attn + (l.ffn === 'moe' ? ffn(spec.moe.sharedIntermediate) : ffn(spec.denseIntermediate));
+  return saved;
+}
 
 interface FormatRun {
   format: string;
@@ -118,6 +140,7 @@ export async function runQuantBench(argv: string[]): Promise<void> {
       const bytes = new DecodeBytes(loaded.spec);
       const held = expertBytes(loaded.model);
       bytes.expertBytes = held.one;  // what one expert's FFN reads in this format
+      if (q?.dense) bytes.denseBytes -= denseQuantSaving(loaded.spec, q);
       runs.push({ format, loaded, runner, bytes, expertsHeldBytes: held.total, prefillMs: [], decode: {} });
     }
     let peer: LlamaPeer | null = null;
@@ -179,7 +202,7 @@ export async function runQuantBench(argv: string[]): Promise<void> {
           rows.push([name, fr.format, `decode b${B}`, tps, `${fmt(Math.min(...d.tokPerS))}-${fmt(Math.max(...d.tokPerS))}`, bound,
             pct(tps / bound), vs === null ? '-' : `${fmt(vs)}x`, fmt(fr.expertsHeldBytes / 2 ** 20)]);
           if (B === '1' && vs !== null) {
-            const need = fr.format.startsWith('int4') ? 2.8 : 1.8;
+            const need = fr.format.startsWith('int4') ? 2.8 : 1.8;  // -dense rows too: the same targets
             verdicts.push(`${name}: decode b1 ${fr.format} >= ${need}x bf16: ${fmt(vs)}x -> ${vs >= need ? 'PASS' : 'FAIL'}`);
           }
           if (B === '1' && fr.format !== 'bf16')
@@ -219,7 +242,8 @@ export async function runQuantBench(argv: string[]): Promise<void> {
   console.log(`## quant: quantized experts, fast mode, ${os.cpus()[0]?.model ?? 'cpu'}, ${threads || os.availableParallelism()} threads\n`);
   console.log(`Prefill: one ${prefill}-token prompt in one step. Decode: batch B of ${decodePrompt}-token prompts, ${steps} greedy ` +
     `steps. ${reps} reps after ${warmup} warm-up, round-robin over the formats; tok/s median and min-max. The bound: the ` +
-    `bytes each step reads in that format (dense weights bf16, the routed experts in the format, f32 KV) over the best ` +
+    `bytes each step reads in that format (dense weights bf16, or in the format for the -dense rows: --quantize-dense; the ` +
+    `routed experts in the format; LM head bf16; f32 KV) over the best ` +
     `read-bandwidth probe of the run. llama.cpp rows: node-llama-cpp's prebuilt CPU build, same threads, ` +
     `GGUF made by llama.cpp's quantizer from the same checkpoint; its prefill runs in batches of up to 512 tokens, its decode batch B ` +
     `is B sequences in one context; the last column is its GGUF file size. 1-min load average ${fmt(Math.min(...loadAvg))}-${fmt(Math.max(...loadAvg))}.\n`);
