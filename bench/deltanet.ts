@@ -3,8 +3,6 @@
 // norm) and decode steps at batch 1/8, against HF transformers' own torch functions in the same
 // run (optional: skipped without ~/ref's python) and, for decode, the machine's read bound of the
 // state bytes (read once and written once per step). Ratios, medians and min-max spread.
-import { spawnSync } from 'node:child_process';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -13,7 +11,7 @@ import { parseArgs } from 'node:util';
 import { loadNative } from '../src/native/index.js';
 import { mulberry32 } from '../src/engine/rng.js';
 import {
-  CacheFlusher, fmt, markdownTable, measureWallCpu, parseIntList, parsePositiveInt, pct, runInfo, stats,
+  CacheFlusher, fmt, markdownTable, measureWallCpu, parseIntList, parsePositiveInt, pct, runInfo, runSpecScript, stats,
   writeJson, type Stats,
 } from './harness.js';
 import { runProbe } from './probe/probe.js';
@@ -32,23 +30,7 @@ function timed(fn: () => void, reps: number, warmup: number, before?: () => void
 }
 
 function runPeer(python: string, spec: Record<string, unknown>): PeerRun {
-  const dir = mkdtempSync(path.join(os.tmpdir(), 'expertd-deltanet-'));
-  try {
-    const file = path.join(dir, 'spec.json');
-    writeFileSync(file, JSON.stringify(spec));
-    const r = spawnSync(python, [SCRIPT, '--spec', file], {
-      stdio: ['ignore', 'pipe', 'inherit'], encoding: 'utf8', timeout: 900_000, maxBuffer: 64 << 20,
-    });
-    if (r.error) return { ok: false, error: `cannot run ${python}: ${r.error.message}` };
-    const last = (r.stdout ?? '').trim().split('\n').pop() ?? '';
-    try {
-      return JSON.parse(last) as PeerRun;
-    } catch {
-      return { ok: false, error: `${python} deltanet_torch.py exited with ${r.status ?? r.signal} and no JSON answer` };
-    }
-  } finally {
-    rmSync(dir, { recursive: true, force: true });
-  }
+  return runSpecScript<PeerRun>(python, SCRIPT, spec, 900_000);
 }
 
 function defaultPython(): string {

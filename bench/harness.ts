@@ -1,6 +1,7 @@
 // Shared benchmark plumbing: timed repetitions with warm-up, robust statistics (median, min-max,
 // percentiles), a markdown table printer and a JSON writer. Charts live in chart.ts.
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
@@ -178,4 +179,29 @@ export function parsePositiveInt(flag: string, value: string | undefined, fallba
   const v = Number(value);
   if (!Number.isInteger(v) || v < 0) throw new RangeError(`--${flag} is "${value}", expected a non-negative integer`);
   return v;
+}
+
+/**
+ * Runs a Python peer script as `python SCRIPT --spec FILE` (the spec written as JSON to a temporary
+ * file, removed afterwards) and parses the last line of its stdout as its JSON answer; stderr passes
+ * through. A script that cannot start, or ends without a JSON line, answers { ok: false, error }.
+ */
+export function runSpecScript<T extends { ok: boolean; error?: string }>(python: string, script: string,
+  spec: Record<string, unknown>, timeoutMs: number): T {
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'expertd-peer-'));
+  try {
+    const file = path.join(dir, 'spec.json');
+    writeFileSync(file, JSON.stringify(spec));
+    const r = spawnSync(python, [script, '--spec', file], {
+      stdio: ['ignore', 'pipe', 'inherit'], encoding: 'utf8', timeout: timeoutMs, maxBuffer: 64 << 20,
+    });
+    if (r.error) return { ok: false, error: `cannot run ${python}: ${r.error.message}` } as T;
+    try {
+      return JSON.parse((r.stdout ?? '').trim().split('\n').pop() ?? '') as T;
+    } catch {
+      return { ok: false, error: `${python} ${path.basename(script)} exited with ${r.status ?? r.signal} and no JSON answer` } as T;
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 }

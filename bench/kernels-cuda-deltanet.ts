@@ -4,8 +4,6 @@
 // against HF transformers' torch functions on the same GPU (torch_chunk_gated_delta_rule,
 // torch_recurrent_gated_delta_rule) and fla's Triton kernels when installed. Device milliseconds by
 // CUDA events, median (p10-p90). --standin runs the CPU emulator instead (plumbing only, labelled).
-import { spawnSync } from 'node:child_process';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -14,7 +12,7 @@ import { parseArgs } from 'node:util';
 import type { CudaAddon, CudaBuffer, DeltaRuleOptions } from '../src/native/types.js';
 import { loadNative } from '../src/native/index.js';
 import { mulberry32 } from '../src/engine/rng.js';
-import { fmt, markdownTable, parseIntList, parsePositiveInt, percentile, runInfo, writeJson } from './harness.js';
+import { fmt, markdownTable, parseIntList, parsePositiveInt, percentile, runInfo, runSpecScript, writeJson } from './harness.js';
 
 const SCRIPT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../bench/peers/deltanet_torch_cuda.py');
 
@@ -24,22 +22,7 @@ interface PeerRun {
 }
 
 function runPeer(python: string, spec: Record<string, unknown>): PeerRun {
-  const dir = mkdtempSync(path.join(os.tmpdir(), 'expertd-deltanet-cuda-'));
-  try {
-    const file = path.join(dir, 'spec.json');
-    writeFileSync(file, JSON.stringify(spec));
-    const r = spawnSync(python, [SCRIPT, '--spec', file], {
-      stdio: ['ignore', 'pipe', 'inherit'], encoding: 'utf8', timeout: 300_000, maxBuffer: 16 << 20,
-    });
-    if (r.error) return { ok: false, error: `cannot run ${python}: ${r.error.message}` };
-    try {
-      return JSON.parse((r.stdout ?? '').trim().split('\n').pop() ?? '') as PeerRun;
-    } catch {
-      return { ok: false, error: `${python} deltanet_torch_cuda.py exited with ${r.status ?? r.signal} and no JSON answer` };
-    }
-  } finally {
-    rmSync(dir, { recursive: true, force: true });
-  }
+  return runSpecScript<PeerRun>(python, SCRIPT, spec, 300_000);
 }
 
 interface Row { case: string; variant: string; ms: number[]; tokens: number }

@@ -4,15 +4,14 @@
 // torch.matmul loop and torch._scaled_mm on e4m3 with row-wise scales), with the weight bytes each
 // format reads per call. Median and p10-p90 of CUDA-event times; random codes (speed, not numerics:
 // test/cuda-quant.test.ts holds the numerics).
-import { spawnSync } from 'node:child_process';
-import { mkdtempSync, writeFileSync } from 'node:fs';
-import os from 'node:os';
+import { writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 
 import { deviceQuant, quantExpertBytes, type DeviceQuant } from '../src/model/cuda-quant.js';
 import { loadNative, type CudaAddon, type CudaFp8Path, type CudaQuantLayout } from '../src/native/index.js';
+import { runSpecScript } from './harness.js';
 
 interface Variant { name: string; layout: CudaQuantLayout | null; fp8Path: CudaFp8Path }
 
@@ -157,14 +156,5 @@ interface TorchQuantRun {
 const SCRIPT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../bench/peers/torch_quant.py');
 
 function runTorchQuant(python: string, spec: Record<string, unknown>): TorchQuantRun {
-  const dir = mkdtempSync(path.join(os.tmpdir(), 'expertd-quant-peer-'));
-  const file = path.join(dir, 'spec.json');
-  writeFileSync(file, JSON.stringify(spec));
-  const r = spawnSync(python, [SCRIPT, '--spec', file], { stdio: ['ignore', 'pipe', 'inherit'], encoding: 'utf8', timeout: 300_000 });
-  if (r.error) return { ok: false, error: `cannot run ${python}: ${r.error.message}` };
-  try {
-    return JSON.parse((r.stdout ?? '').trim().split('\n').pop() ?? '') as TorchQuantRun;
-  } catch {
-    return { ok: false, error: `${python} torch_quant.py exited with ${r.status ?? r.signal} and no JSON answer` };
-  }
+  return runSpecScript<TorchQuantRun>(python, SCRIPT, spec, 300_000);
 }
