@@ -17,6 +17,8 @@ export const modelFlags: FlagSpec[] = [
     help: 'With --quantize int4: weights per scale along k, 32 or 128' },
   { name: 'quantize-dense', type: 'boolean', default: false,
     help: 'With --quantize: the attention projections, dense FFNs and shared experts quantized too, in the same format (the router, norms, embeddings and lm_head stay in the checkpoint\'s precision)' },
+  { name: 'quantize-lm-head', type: 'boolean', default: false,
+    help: 'With --quantize: the LM head (lm_head, the largest single read of a decode step) quantized too, in the same format; with tied embeddings the LM head becomes a quantized copy and the embedding lookup keeps its table; CPU engine only (off by default)' },
   { name: 'expert-kernel', type: 'string', choices: ['auto', 'group', 'dense'], default: 'auto',
     help: 'Expert GEMMs: auto = EPS-MoE choice per layer and step from a calibrated cost model (cached under ~/.cache/expertd); group = one GroupGemm over all experts; dense = a DenseGemm per expert' },
   { name: 'pipeline-chunks', type: 'string', default: 'auto', arg: 'auto|N',
