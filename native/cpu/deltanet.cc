@@ -26,7 +26,7 @@ namespace {
 // Per-thread scratch of the delta-rule kernels: grown once to the largest chunk seen, then reused
 // (decode steps do not allocate).
 struct DeltaScratch {
-  enum Slot { Q = 0, K, W, U, A, P, KT, KN, G, kSlots };
+  enum Slot { Q = 0, K, W, U, A, P, KT, KN, TI, DEC, G, kSlots };
   std::vector<float> buf[kSlots];
   float* get(Slot s, size_t n) {
     if (buf[s].size() < n) buf[s].resize(n);
