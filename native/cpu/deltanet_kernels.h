@@ -457,15 +457,43 @@ inline void conv_block(const float* x, int tokens, int channels, int c0, int nc,
   const int ks = kernel - 1;
 #if DN_AVX512
   const __mmask16 m = tail_mask(nc);
-  float wt[64][16] = {};
-  float st[64][16] = {};
-  for (int c = 0; c < nc; ++c) {
-    for (int j = 0; j < kernel; ++j) wt[j][c] = w[static_cast<size_t>(c0 + c) * kernel + j];
-    for (int j = 0; j < ks; ++j) st[j][c] = state[static_cast<size_t>(c0 + c) * ks + j];
+  // Taps and state transposed to [tap][channel], lanes past nc zero. NOTE: only the `kernel` rows
+  // in use are written: zero-filling all 64 cost more than a decode step's conv itself.
+  float wt[64][16];
+  float st[64][16];
+  for (int j = 0; j < kernel; ++j)
+    for (int c = 0; c < 16; ++c) wt[j][c] = c < nc ? w[static_cast<size_t>(c0 + c) * kernel + j] : 0.0f;
+  for (int j = 0; j < ks; ++j)
+    for (int c = 0; c < 16; ++c) st[j][c] = c < nc ? state[static_cast<size_t>(c0 + c) * ks + j] : 0.0f;
+  const __m512 bv = bias ? _mm512_maskz_loadu_ps(m, bias + c0) : _mm512_setzero_ps();
+  if (kernel == 4) {
+    // Qwen3-Next's width: taps and history in named registers (same sums, same order as below).
+    const __m512 w0 = _mm512_loadu_ps(wt[0]), w1 = _mm512_loadu_ps(wt[1]), w2 = _mm512_loadu_ps(wt[2]),
+                 w3 = _mm512_loadu_ps(wt[3]);
+    __m512 h0 = _mm512_loadu_ps(st[0]), h1 = _mm512_loadu_ps(st[1]), h2 = _mm512_loadu_ps(st[2]);
+    for (int t = 0; t < tokens; ++t) {
+      const size_t at = static_cast<size_t>(t) * channels + c0;
+      // rows are a whole [channels] apart: fetch ahead (the hardware prefetcher does not)
+      if (t + 8 < tokens) __builtin_prefetch(x + at + 8 * static_cast<size_t>(channels));
+      const __m512 xv = _mm512_maskz_loadu_ps(m, x + at);  // read before out: out may alias x
+      __m512 acc = _mm512_fmadd_ps(w0, h0, bv);
+      acc = _mm512_fmadd_ps(w1, h1, acc);
+      acc = _mm512_fmadd_ps(w2, h2, acc);
+      acc = _mm512_fmadd_ps(w3, xv, acc);
+      h0 = h1;
+      h1 = h2;
+      h2 = xv;
+      _mm512_mask_storeu_ps(out + at, m, act ? silu16(acc) : acc);
+    }
+    _mm512_storeu_ps(st[0], h0);
+    _mm512_storeu_ps(st[1], h1);
+    _mm512_storeu_ps(st[2], h2);
+    for (int c = 0; c < nc; ++c)
+      for (int j = 0; j < ks; ++j) state[static_cast<size_t>(c0 + c) * ks + j] = st[j][c];
+    return;
   }
   __m512 hist[64];
   for (int j = 0; j < ks; ++j) hist[j] = _mm512_loadu_ps(st[j]);
-  const __m512 bv = bias ? _mm512_maskz_loadu_ps(m, bias + c0) : _mm512_setzero_ps();
   for (int t = 0; t < tokens; ++t) {
     const size_t at = static_cast<size_t>(t) * channels + c0;
     const __m512 xv = _mm512_maskz_loadu_ps(m, x + at);  // read before out: out may alias x
