@@ -295,6 +295,52 @@ test('gatedDeltaRule: q/k/v as column slices of one mixed_qkv buffer (strides) g
   }
 });
 
+test('gatedDeltaRuleBatch and causalConv1dBatch: the same bits at 1, 2 and 3 threads (prefill-sized chunks beside decode tokens)', () => {
+  // Outputs and states must not depend on how (sequence, head) work is spread over threads. Hv 5
+  // and Dv 40 / Dk 36 leave ragged tiles of the chunk kernels; 130 tokens span three chunks.
+  const Hk = 1, Hv = 5, Dk = 36, Dv = 40, K = 4;
+  const lens = [130, 1, 64, 0, 3];
+  const B = lens.length;
+  const T = lens.reduce((a, b) => a + b, 0);
+  const s: DeltaShape = { T, Hk, Hv, Dk, Dv };
+  const inp = deltaInputs(s, 2100, true);
+  const per = Hv * Dk * Dv;
+  const pool0 = uniform(B * per, rng(2101), 0.5);
+  const slots = Int32Array.from([4, 0, 2, 1, 3]);
+  const starts = new Int32Array(B + 1);
+  lens.forEach((n, b) => { starts[b + 1] = starts[b]! + n; });
+  const C = 2 * Hk * Dk + Hv * Dv;
+  const r = rng(2102);
+  const x = uniform(T * C, r, 1);
+  const w = uniform(C * K, r, 0.5);
+  const convPool0 = uniform(B * C * (K - 1), r, 1);
+  bothSimd((level) => {
+    const before = native.capabilities().threads;
+    let first: { out: Float32Array; pool: Float32Array; conv: Float32Array; convPool: Float32Array } | null = null;
+    try {
+      for (const threads of [1, 2, 3]) {
+        native.setNumThreads(threads);
+        const pool = Float32Array.from(pool0);
+        const out = nanF32(T * Hv * Dv);
+        native.gatedDeltaRuleBatch(inp.q, inp.k, inp.v, inp.g, inp.beta, pool, slots, starts, out, opts(s, true));
+        const convPool = Float32Array.from(convPool0);
+        const conv = nanF32(T * C);
+        native.causalConv1dBatch(x, T, C, w, null, K, convPool, slots, starts, true, conv);
+        if (!first) {
+          first = { out, pool, conv, convPool };
+          continue;
+        }
+        assert.deepEqual(out, first.out, `${level} delta out at ${threads} threads vs 1`);
+        assert.deepEqual(pool, first.pool, `${level} delta state at ${threads} threads vs 1`);
+        assert.deepEqual(conv, first.conv, `${level} conv out at ${threads} threads vs 1`);
+        assert.deepEqual(convPool, first.convPool, `${level} conv state at ${threads} threads vs 1`);
+      }
+    } finally {
+      native.setNumThreads(before);
+    }
+  });
+});
+
 // ---- gated RMSNorm
 
 test('gatedRmsNorm: vs float64 (weight as is), out aliasing x', () => {
