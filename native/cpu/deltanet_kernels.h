@@ -530,11 +530,25 @@ inline void conv_block(const float* x, int tokens, int channels, int c0, int nc,
 }
 
 // ---- gated RMSNorm of one row: out = (w * (x * r)) * SiLU(z), r = rsqrt(mean(x^2) + eps); the
-// sum of squares in double.
+// sum of squares in double (its order differs between the two paths: both far inside f32).
 inline void gated_norm_row(const float* x, const float* z, const float* w, float eps, int dim,
                            float* out) {
+#if DN_AVX512
+  // the squares summed in double, 8 lanes x 2 accumulators (a scalar chain of dependent double
+  // adds took as long as the rest of the row)
+  __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd();
+  for (int i = 0; i < dim; i += 16) {
+    const __m512 xv = _mm512_maskz_loadu_ps(tail_mask(dim - i), x + i);
+    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(xv));
+    const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(xv), 1)));
+    s0 = _mm512_fmadd_pd(lo, lo, s0);
+    s1 = _mm512_fmadd_pd(hi, hi, s1);
+  }
+  const double ss = _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));
+#else
   double ss = 0.0;
   for (int i = 0; i < dim; ++i) ss += static_cast<double>(x[i]) * x[i];
+#endif
   const float r = 1.0f / std::sqrt(static_cast<float>(ss / dim) + eps);
 #if DN_AVX512
   const __m512 rv = _mm512_set1_ps(r);
