@@ -341,6 +341,43 @@ test('gatedDeltaRuleBatch and causalConv1dBatch: the same bits at 1, 2 and 3 thr
   });
 });
 
+test('gatedDeltaRule: decays through the subnormal range cost about what mild ones do (flushed to zero)', (t) => {
+  // A head that decays by ~3 per token puts e^(G_i - G_j) of a 64-token chunk into the subnormal
+  // range (e^-87 .. e^-103) a few columns per row; unflushed, every FMA that meets one takes a
+  // microcode assist (10-15x slower). CPU time of this process at one thread, the least of 5
+  // alternating calls each, so a busy machine moves both sides alike.
+  const s: DeltaShape = { T: 256, Hk: 1, Hv: 4, Dk: 128, Dv: 128 };
+  const inp = deltaInputs(s, 2200, true);
+  const r = rng(2201);
+  const mild = new Float32Array(s.T * s.Hv).map(() => -0.05 * r());
+  const strong = new Float32Array(s.T * s.Hv).map(() => -6 * r());
+  const before = native.capabilities().threads;
+  const cpuMs = (g: Float32Array): number => {
+    const state = Float32Array.from(inp.state0);
+    const out = new Float32Array(s.T * s.Hv * s.Dv);
+    const c0 = process.cpuUsage();
+    native.gatedDeltaRule(inp.q, inp.k, inp.v, g, inp.beta, state, out, opts(s, true));
+    const c = process.cpuUsage(c0);
+    assert.ok(out.every(Number.isFinite), 'finite outputs');
+    return (c.user + c.system) / 1e3;
+  };
+  try {
+    native.setNumThreads(1);
+    let mildMs = Infinity, strongMs = Infinity;
+    cpuMs(mild);
+    cpuMs(strong);
+    for (let rep = 0; rep < 5; rep++) {
+      mildMs = Math.min(mildMs, cpuMs(mild));
+      strongMs = Math.min(strongMs, cpuMs(strong));
+    }
+    t.diagnostic(`least CPU ms of 5: mild decays ${mildMs.toFixed(2)}, strong decays ${strongMs.toFixed(2)}`);
+    assert.ok(strongMs < 3 * mildMs + 0.5,
+      `strong decays took ${strongMs.toFixed(2)} CPU ms vs ${mildMs.toFixed(2)} for mild ones: subnormals not flushed?`);
+  } finally {
+    native.setNumThreads(before);
+  }
+});
+
 // ---- gated RMSNorm
 
 test('gatedRmsNorm: vs float64 (weight as is), out aliasing x', () => {
