@@ -49,7 +49,7 @@ export async function runDeltanet(argv: string[]): Promise<void> {
     options: {
       json: { type: 'string' }, reps: { type: 'string' }, warmup: { type: 'string' },
       python: { type: 'string' }, 'no-peer': { type: 'boolean' }, threads: { type: 'string' },
-      batches: { type: 'string' }, tokens: { type: 'string' },
+      batches: { type: 'string' }, tokens: { type: 'string' }, decay: { type: 'string' },
     },
   });
   const native = loadNative();
@@ -57,6 +57,11 @@ export async function runDeltanet(argv: string[]): Promise<void> {
   const warmup = parsePositiveInt('warmup', o.warmup, 3);
   const batches = o.batches ? parseIntList('batches', o.batches) : [1, 8];
   const T = parsePositiveInt('tokens', o.tokens, 512);
+  // prefill log decays g = -U(0, decay) per token and head: 1.5 keeps a 64-token chunk's decays
+  // e^(G_i - G_j) above the subnormal range; Qwen3-Next's decays (-exp(A_log) softplus(a + dt_bias),
+  // A_log up to log 16) reach it, which --decay 6 reproduces.
+  const decay = o.decay === undefined ? 1.5 : Number(o.decay);
+  if (!(decay >= 0 && Number.isFinite(decay))) throw new RangeError(`--decay is ${o.decay}, expected a number >= 0 (the largest per-token log decay)`);
   if (o.threads) native.setNumThreads(parsePositiveInt('threads', o.threads, 0));
   const threads = native.capabilities().threads;
   const Hk = 16, Hv = 32, Dk = 128, Dv = 128, K = 4;
@@ -77,7 +82,7 @@ export async function runDeltanet(argv: string[]): Promise<void> {
     const x = rand(T * C, r, 1);
     const mixed = new Float32Array(T * C);
     const convState = new Float32Array(C * (K - 1));
-    const g = new Float32Array(T * Hv).map(() => -r() * 1.5);
+    const g = new Float32Array(T * Hv).map(() => -r() * decay);
     const beta = new Float32Array(T * Hv).map(() => r());
     const state = new Float32Array(stateFloats);
     const out = new Float32Array(T * Hv * Dv);
@@ -124,7 +129,7 @@ export async function runDeltanet(argv: string[]): Promise<void> {
   let peer: PeerRun = { ok: false, error: 'skipped (--no-peer)' };
   if (!o['no-peer']) {
     const python = o.python ?? defaultPython();
-    peer = runPeer(python, { T, Hk, Hv, Dk, Dv, K, batches, reps, warmup, threads, flushBytes: flusher.bytes });
+    peer = runPeer(python, { T, Hk, Hv, Dk, Dv, K, decay, batches, reps, warmup, threads, flushBytes: flusher.bytes });
     if (!peer.ok) console.log(`torch peer: ${peer.error}`);
   }
 
@@ -156,10 +161,10 @@ export async function runDeltanet(argv: string[]): Promise<void> {
   console.log(`\nGated DeltaNet layer ops, Hk ${Hk} Hv ${Hv} Dk ${Dk} Dv ${Dv} conv ${C}x${K}, f32, ${threads} threads, ` +
     `${reps} reps; read bandwidth ${fmt(bw)} GB/s; load ${os.loadavg().map((v) => v.toFixed(2)).join(' ')}` +
     (peer.ok ? `; torch ${peer.torch} (${peer.threads} threads)` : ''));
-  console.log(`prefill = ${T} tokens of one sequence; decodeB = one token of B sequences, caches flushed (states cold).`);
+  console.log(`prefill = ${T} tokens of one sequence, log decays -U(0, ${decay}) per token; decodeB = one token of B sequences, caches flushed (states cold).`);
   console.log('read bound: state bytes read + written once (delta), plus conv state and weight (total), at the measured read bandwidth.\n');
   console.log('wall: median (min–max) ms; cpu: median CPU ms of the process (all threads), which a busy machine inflates less.\n');
   console.log(markdownTable(['case', 'op', 'expertd wall ms', 'expertd cpu ms', 'torch wall ms', 'torch cpu ms',
     'torch / expertd (wall)', '(cpu)', 'read bound ms', 'of bound (wall)'], rows));
-  if (o.json) writeJson(o.json, { info: runInfo(), limits, threads, shape: { T, Hk, Hv, Dk, Dv, K, C }, peer: { ok: peer.ok, error: peer.error, torch: peer.torch }, results: json });
+  if (o.json) writeJson(o.json, { info: runInfo(), limits, threads, shape: { T, Hk, Hv, Dk, Dv, K, C }, decay, peer: { ok: peer.ok, error: peer.error, torch: peer.torch }, results: json });
 }

@@ -295,6 +295,89 @@ test('gatedDeltaRule: q/k/v as column slices of one mixed_qkv buffer (strides) g
   }
 });
 
+test('gatedDeltaRuleBatch and causalConv1dBatch: the same bits at 1, 2 and 3 threads (prefill-sized chunks beside decode tokens)', () => {
+  // Outputs and states must not depend on how (sequence, head) work is spread over threads. Hv 5
+  // and Dv 40 / Dk 36 leave ragged tiles of the chunk kernels; 130 tokens span three chunks.
+  const Hk = 1, Hv = 5, Dk = 36, Dv = 40, K = 4;
+  const lens = [130, 1, 64, 0, 3];
+  const B = lens.length;
+  const T = lens.reduce((a, b) => a + b, 0);
+  const s: DeltaShape = { T, Hk, Hv, Dk, Dv };
+  const inp = deltaInputs(s, 2100, true);
+  const per = Hv * Dk * Dv;
+  const pool0 = uniform(B * per, rng(2101), 0.5);
+  const slots = Int32Array.from([4, 0, 2, 1, 3]);
+  const starts = new Int32Array(B + 1);
+  lens.forEach((n, b) => { starts[b + 1] = starts[b]! + n; });
+  const C = 2 * Hk * Dk + Hv * Dv;
+  const r = rng(2102);
+  const x = uniform(T * C, r, 1);
+  const w = uniform(C * K, r, 0.5);
+  const convPool0 = uniform(B * C * (K - 1), r, 1);
+  bothSimd((level) => {
+    const before = native.capabilities().threads;
+    let first: { out: Float32Array; pool: Float32Array; conv: Float32Array; convPool: Float32Array } | null = null;
+    try {
+      for (const threads of [1, 2, 3]) {
+        native.setNumThreads(threads);
+        const pool = Float32Array.from(pool0);
+        const out = nanF32(T * Hv * Dv);
+        native.gatedDeltaRuleBatch(inp.q, inp.k, inp.v, inp.g, inp.beta, pool, slots, starts, out, opts(s, true));
+        const convPool = Float32Array.from(convPool0);
+        const conv = nanF32(T * C);
+        native.causalConv1dBatch(x, T, C, w, null, K, convPool, slots, starts, true, conv);
+        if (!first) {
+          first = { out, pool, conv, convPool };
+          continue;
+        }
+        assert.deepEqual(out, first.out, `${level} delta out at ${threads} threads vs 1`);
+        assert.deepEqual(pool, first.pool, `${level} delta state at ${threads} threads vs 1`);
+        assert.deepEqual(conv, first.conv, `${level} conv out at ${threads} threads vs 1`);
+        assert.deepEqual(convPool, first.convPool, `${level} conv state at ${threads} threads vs 1`);
+      }
+    } finally {
+      native.setNumThreads(before);
+    }
+  });
+});
+
+test('gatedDeltaRule: decays through the subnormal range cost about what mild ones do (flushed to zero)', (t) => {
+  // A head that decays by ~3 per token puts e^(G_i - G_j) of a 64-token chunk into the subnormal
+  // range (e^-87 .. e^-103) a few columns per row; unflushed, every FMA that meets one takes a
+  // microcode assist (10-15x slower). CPU time of this process at one thread, the least of 5
+  // alternating calls each, so a busy machine moves both sides alike.
+  const s: DeltaShape = { T: 256, Hk: 1, Hv: 4, Dk: 128, Dv: 128 };
+  const inp = deltaInputs(s, 2200, true);
+  const r = rng(2201);
+  const mild = new Float32Array(s.T * s.Hv).map(() => -0.05 * r());
+  const strong = new Float32Array(s.T * s.Hv).map(() => -6 * r());
+  const before = native.capabilities().threads;
+  const cpuMs = (g: Float32Array): number => {
+    const state = Float32Array.from(inp.state0);
+    const out = new Float32Array(s.T * s.Hv * s.Dv);
+    const c0 = process.cpuUsage();
+    native.gatedDeltaRule(inp.q, inp.k, inp.v, g, inp.beta, state, out, opts(s, true));
+    const c = process.cpuUsage(c0);
+    assert.ok(out.every(Number.isFinite), 'finite outputs');
+    return (c.user + c.system) / 1e3;
+  };
+  try {
+    native.setNumThreads(1);
+    let mildMs = Infinity, strongMs = Infinity;
+    cpuMs(mild);
+    cpuMs(strong);
+    for (let rep = 0; rep < 5; rep++) {
+      mildMs = Math.min(mildMs, cpuMs(mild));
+      strongMs = Math.min(strongMs, cpuMs(strong));
+    }
+    t.diagnostic(`least CPU ms of 5: mild decays ${mildMs.toFixed(2)}, strong decays ${strongMs.toFixed(2)}`);
+    assert.ok(strongMs < 3 * mildMs + 0.5,
+      `strong decays took ${strongMs.toFixed(2)} CPU ms vs ${mildMs.toFixed(2)} for mild ones: subnormals not flushed?`);
+  } finally {
+    native.setNumThreads(before);
+  }
+});
+
 // ---- gated RMSNorm
 
 test('gatedRmsNorm: vs float64 (weight as is), out aliasing x', () => {

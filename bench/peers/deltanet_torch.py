@@ -67,7 +67,7 @@ def main():
     q = q.reshape(1, T, Hk, Dk)
     k = k.reshape(1, T, Hk, Dk)
     v = v.reshape(1, T, Hv, Dv)
-    g = -torch.rand(1, T, Hv) * 1.5
+    g = -torch.rand(1, T, Hv) * spec.get("decay", 1.5)
     beta = torch.rand(1, T, Hv)
     z = torch.randn(T * Hv, Dv)
     state0 = torch.zeros(1, Hv, Dk, Dv)

@@ -173,193 +173,204 @@ inline void head_step(const float* q_row, const float* k_row, const float* v_row
 #endif
 }
 
-// ---- products of a chunk with the state
+// ---- the chunk's products as small GEMMs on one register-tiled micro-kernel:
+//   C[i][j] = (acc ? cscale C[i][j] : 0) -+ sum_(p < kk_i) A[i][p] B[p][j]
+// over tiles of 6 rows x 64 columns (24 accumulators; per p: 4 vector loads of B, 6 broadcasts of
+// A, 24 FMAs). `lower_k`: A is lower-triangular (entries right of the diagonal are zero), so a
+// tile of rows [i0, i0 + 6) stops at p = i0 + 6. `lower_n`: only columns j <= i are wanted, so a
+// tile stops at column i0 + 6 (the columns past i in it are computed and left for the caller to
+// ignore). Each element sums its terms in p order whatever the tiling, so the bits do not depend
+// on the shape around it.
+constexpr int kTileRows = 6;
+constexpr int kTileCols = 64;
 
 #if DN_AVX512
-// For R rows i and columns [e0, e0 + 32): U_i -= W_i S and O_i = Qd_i S, reading S once.
-template <int R>
-inline void rows_state_block(float* U, const float* W, const float* Qd, float* O, size_t o_stride,
-                             const float* S, int dk, int dv, int e0) {
-  const __mmask16 m0 = tail_mask(dv - e0), m1 = tail_mask(dv - e0 - 16);
-  __m512 u0[R], u1[R], o0[R], o1[R];
-  for (int r = 0; r < R; ++r) {
-    u0[r] = _mm512_maskz_loadu_ps(m0, U + static_cast<size_t>(r) * dv + e0);
-    u1[r] = _mm512_maskz_loadu_ps(m1, U + static_cast<size_t>(r) * dv + e0 + 16);
-    o0[r] = _mm512_setzero_ps();
-    o1[r] = _mm512_setzero_ps();
-  }
-  for (int d = 0; d < dk; ++d) {
-    const float* srow = S + static_cast<size_t>(d) * dv + e0;
-    const __m512 s0 = _mm512_maskz_loadu_ps(m0, srow), s1 = _mm512_maskz_loadu_ps(m1, srow + 16);
-    for (int r = 0; r < R; ++r) {
-      const __m512 w = _mm512_set1_ps(W[static_cast<size_t>(r) * dk + d]);
-      const __m512 q = _mm512_set1_ps(Qd[static_cast<size_t>(r) * dk + d]);
-      u0[r] = _mm512_fnmadd_ps(w, s0, u0[r]);
-      u1[r] = _mm512_fnmadd_ps(w, s1, u1[r]);
-      o0[r] = _mm512_fmadd_ps(q, s0, o0[r]);
-      o1[r] = _mm512_fmadd_ps(q, s1, o1[r]);
+// The accumulators are named variables, not an array: GCC keeps an array of __m512 on the stack
+// and spills it every iteration.
+#define DN_EACH(X) \
+  X(0, 0) X(0, 1) X(0, 2) X(0, 3) X(1, 0) X(1, 1) X(1, 2) X(1, 3) X(2, 0) X(2, 1) X(2, 2) X(2, 3) \
+  X(3, 0) X(3, 1) X(3, 2) X(3, 3) X(4, 0) X(4, 1) X(4, 2) X(4, 3) X(5, 0) X(5, 1) X(5, 2) X(5, 3)
+template <int MR, int NV, bool NEG>
+inline void gemm_tile(const float* A, size_t lda, const float* B, size_t ldb, float* C, size_t ldc,
+                      int kk, int nc, bool acc_c, float cscale) {
+  const __mmask16 m0 = tail_mask(nc), m1 = tail_mask(nc - 16), m2 = tail_mask(nc - 32),
+                  m3 = tail_mask(nc - 48);
+#define DN_DECL(r, v) __m512 c##r##v = _mm512_setzero_ps();
+  DN_EACH(DN_DECL)
+#undef DN_DECL
+  if (acc_c) {
+    const __m512 cs = _mm512_set1_ps(cscale);
+    const bool scale = cscale != 1.0f;
+#define DN_LOAD(r, v)                                                       \
+    if (MR > r && NV > v) {                                                 \
+      c##r##v = _mm512_maskz_loadu_ps(m##v, C + r * ldc + 16 * v);          \
+      if (scale) c##r##v = _mm512_mul_ps(cs, c##r##v);                      \
     }
+    DN_EACH(DN_LOAD)
+#undef DN_LOAD
   }
-  for (int r = 0; r < R; ++r) {
-    _mm512_mask_storeu_ps(U + static_cast<size_t>(r) * dv + e0, m0, u0[r]);
-    _mm512_mask_storeu_ps(U + static_cast<size_t>(r) * dv + e0 + 16, m1, u1[r]);
-    _mm512_mask_storeu_ps(O + r * o_stride + e0, m0, o0[r]);
-    _mm512_mask_storeu_ps(O + r * o_stride + e0 + 16, m1, o1[r]);
+  const float* a = A;
+  const float* bp = B;
+  for (int p = 0; p < kk; ++p, ++a, bp += ldb) {
+    const __m512 b0 = _mm512_maskz_loadu_ps(m0, bp);
+    const __m512 b1 = NV > 1 ? _mm512_maskz_loadu_ps(m1, bp + 16) : b0;
+    const __m512 b2 = NV > 2 ? _mm512_maskz_loadu_ps(m2, bp + 32) : b0;
+    const __m512 b3 = NV > 3 ? _mm512_maskz_loadu_ps(m3, bp + 48) : b0;
+#define DN_FMA(r, v)                                                                    \
+    if (MR > r && NV > v)                                                               \
+      c##r##v = NEG ? _mm512_fnmadd_ps(a##r, b##v, c##r##v) : _mm512_fmadd_ps(a##r, b##v, c##r##v);
+    const __m512 a0 = _mm512_set1_ps(a[0]);
+    const __m512 a1 = MR > 1 ? _mm512_set1_ps(a[lda]) : a0;
+    const __m512 a2 = MR > 2 ? _mm512_set1_ps(a[2 * lda]) : a0;
+    const __m512 a3 = MR > 3 ? _mm512_set1_ps(a[3 * lda]) : a0;
+    const __m512 a4 = MR > 4 ? _mm512_set1_ps(a[4 * lda]) : a0;
+    const __m512 a5 = MR > 5 ? _mm512_set1_ps(a[5 * lda]) : a0;
+    DN_EACH(DN_FMA)
+#undef DN_FMA
+  }
+#define DN_STORE(r, v) \
+  if (MR > r && NV > v) _mm512_mask_storeu_ps(C + r * ldc + 16 * v, m##v, c##r##v);
+  DN_EACH(DN_STORE)
+#undef DN_STORE
+}
+#undef DN_EACH
+
+template <int MR, bool NEG>
+inline void gemm_tile_nv(int nv, const float* A, size_t lda, const float* B, size_t ldb, float* C,
+                         size_t ldc, int kk, int nc, bool acc_c, float cscale) {
+  switch (nv) {
+    case 1: gemm_tile<MR, 1, NEG>(A, lda, B, ldb, C, ldc, kk, nc, acc_c, cscale); break;
+    case 2: gemm_tile<MR, 2, NEG>(A, lda, B, ldb, C, ldc, kk, nc, acc_c, cscale); break;
+    case 3: gemm_tile<MR, 3, NEG>(A, lda, B, ldb, C, ldc, kk, nc, acc_c, cscale); break;
+    default: gemm_tile<MR, 4, NEG>(A, lda, B, ldb, C, ldc, kk, nc, acc_c, cscale); break;
   }
 }
 
-// For R state rows d and columns [e0, e0 + 32): S_d = eg S_d + sum_i KdT[d][i] V'_i.
-template <int R>
-inline void state_update_block(float* S, const float* KdT, int ldk, const float* V, int n, int dv,
-                               float eg, int e0) {
-  const __mmask16 m0 = tail_mask(dv - e0), m1 = tail_mask(dv - e0 - 16);
-  const __m512 egv = _mm512_set1_ps(eg);
-  __m512 a0[R], a1[R];
-  for (int r = 0; r < R; ++r) {
-    a0[r] = _mm512_mul_ps(egv, _mm512_maskz_loadu_ps(m0, S + static_cast<size_t>(r) * dv + e0));
-    a1[r] = _mm512_mul_ps(egv, _mm512_maskz_loadu_ps(m1, S + static_cast<size_t>(r) * dv + e0 + 16));
-  }
-  for (int i = 0; i < n; ++i) {
-    const float* vrow = V + static_cast<size_t>(i) * dv + e0;
-    const __m512 v0 = _mm512_maskz_loadu_ps(m0, vrow), v1 = _mm512_maskz_loadu_ps(m1, vrow + 16);
-    for (int r = 0; r < R; ++r) {
-      const __m512 kb = _mm512_set1_ps(KdT[static_cast<size_t>(r) * ldk + i]);
-      a0[r] = _mm512_fmadd_ps(kb, v0, a0[r]);
-      a1[r] = _mm512_fmadd_ps(kb, v1, a1[r]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    _mm512_mask_storeu_ps(S + static_cast<size_t>(r) * dv + e0, m0, a0[r]);
-    _mm512_mask_storeu_ps(S + static_cast<size_t>(r) * dv + e0 + 16, m1, a1[r]);
+template <bool NEG>
+inline void gemm_rows(int mr, int nv, const float* A, size_t lda, const float* B, size_t ldb,
+                      float* C, size_t ldc, int kk, int nc, bool acc_c, float cscale) {
+  switch (mr) {
+    case 1: gemm_tile_nv<1, NEG>(nv, A, lda, B, ldb, C, ldc, kk, nc, acc_c, cscale); break;
+    case 2: gemm_tile_nv<2, NEG>(nv, A, lda, B, ldb, C, ldc, kk, nc, acc_c, cscale); break;
+    case 3: gemm_tile_nv<3, NEG>(nv, A, lda, B, ldb, C, ldc, kk, nc, acc_c, cscale); break;
+    case 4: gemm_tile_nv<4, NEG>(nv, A, lda, B, ldb, C, ldc, kk, nc, acc_c, cscale); break;
+    case 5: gemm_tile_nv<5, NEG>(nv, A, lda, B, ldb, C, ldc, kk, nc, acc_c, cscale); break;
+    default: gemm_tile_nv<6, NEG>(nv, A, lda, B, ldb, C, ldc, kk, nc, acc_c, cscale); break;
   }
 }
 #endif
 
-// U_i -= W_i S and O_i = Qd_i S for i < n (O rows o_stride apart).
-inline void rows_times_state(float* U, const float* W, const float* Qd, float* O, size_t o_stride,
-                             int n, const float* S, int dk, int dv) {
-#if DN_AVX512
-  int i = 0;
-  for (; i + 4 <= n; i += 4)
-    for (int e0 = 0; e0 < dv; e0 += 32)
-      rows_state_block<4>(U + static_cast<size_t>(i) * dv, W + static_cast<size_t>(i) * dk,
-                          Qd + static_cast<size_t>(i) * dk, O + i * o_stride, o_stride, S, dk, dv, e0);
-  for (; i < n; ++i)
-    for (int e0 = 0; e0 < dv; e0 += 32)
-      rows_state_block<1>(U + static_cast<size_t>(i) * dv, W + static_cast<size_t>(i) * dk,
-                          Qd + static_cast<size_t>(i) * dk, O + i * o_stride, o_stride, S, dk, dv, e0);
-#else
-  for (int i = 0; i < n; ++i) {
-    float* ui = U + static_cast<size_t>(i) * dv;
-    float* oi = O + i * o_stride;
-    for (int e = 0; e < dv; ++e) oi[e] = 0.0f;
-    for (int d = 0; d < dk; ++d) {
-      const float* srow = S + static_cast<size_t>(d) * dv;
-      axpy(ui, -W[static_cast<size_t>(i) * dk + d], srow, dv);
-      axpy(oi, Qd[static_cast<size_t>(i) * dk + d], srow, dv);
-    }
-  }
-#endif
-}
+struct GemmShape {
+  bool lower_k = false;
+  bool lower_n = false;
+  bool acc_c = false;
+  float cscale = 1.0f;
+};
 
-// S_d = eg S_d + sum_(i < n) KdT[d][i] V_i for every state row d.
-inline void update_state(float* S, const float* KdT, int ldk, const float* V, int n, int dk, int dv,
-                         float eg) {
+// C [m, n] (ldc) = (acc_c ? cscale C : 0) -+ A [m, kk] (lda) B [kk, n] (ldb); see above.
+template <bool NEG>
+inline void small_gemm(int m, int n, int kk, const float* A, size_t lda, const float* B, size_t ldb,
+                       float* C, size_t ldc, const GemmShape& s) {
 #if DN_AVX512
-  int d = 0;
-  for (; d + 4 <= dk; d += 4)
-    for (int e0 = 0; e0 < dv; e0 += 32)
-      state_update_block<4>(S + static_cast<size_t>(d) * dv, KdT + static_cast<size_t>(d) * ldk, ldk,
-                            V, n, dv, eg, e0);
-  for (; d < dk; ++d)
-    for (int e0 = 0; e0 < dv; e0 += 32)
-      state_update_block<1>(S + static_cast<size_t>(d) * dv, KdT + static_cast<size_t>(d) * ldk, ldk,
-                            V, n, dv, eg, e0);
-#else
-  for (int d = 0; d < dk; ++d) {
-    float* srow = S + static_cast<size_t>(d) * dv;
-    for (int e = 0; e < dv; ++e) srow[e] *= eg;
-    for (int i = 0; i < n; ++i) axpy(srow, KdT[static_cast<size_t>(d) * ldk + i], V + static_cast<size_t>(i) * dv, dv);
-  }
-#endif
-}
-
-// A[i][j] = beta_i (k_i.k_j) e^(G_i - G_j) for j < i and P[i][j] = (q_i.k_j) e^(G_i - G_j) for
-// j <= i (rows C apart); entries above are not written. KnT: scratch [dk][C].
-inline void chunk_scores(const float* qn, const float* kn, const float* G, const float* B, int n,
-                         int C, int dk, float* KnT, float* A, float* P) {
-#if DN_AVX512
-  // Rows of A and P as vectors over j: sum_d k_i[d] KnT[d][j], no horizontal sums.
-  for (int i = 0; i < n; ++i)
-    for (int d = 0; d < dk; ++d) KnT[static_cast<size_t>(d) * C + i] = kn[static_cast<size_t>(i) * dk + d];
-  for (int i = 0; i < n; ++i) {
-    const float* ki = kn + static_cast<size_t>(i) * dk;
-    const float* qi = qn + static_cast<size_t>(i) * dk;
-    const __m512 gi = _mm512_set1_ps(G[i]), bi = _mm512_set1_ps(B[i]);
-    for (int j0 = 0; j0 <= i; j0 += 64) {
-      __mmask16 m[4];
-      __m512 a[4], pq[4];
-      for (int u = 0; u < 4; ++u) {
-        m[u] = tail_mask(i + 1 - j0 - 16 * u);  // j <= i
-        a[u] = _mm512_setzero_ps();
-        pq[u] = _mm512_setzero_ps();
-      }
-      for (int d = 0; d < dk; ++d) {
-        const float* row = KnT + static_cast<size_t>(d) * C + j0;
-        const __m512 kd = _mm512_set1_ps(ki[d]), qd = _mm512_set1_ps(qi[d]);
-        for (int u = 0; u < 4; ++u) {
-          if (!m[u]) break;
-          const __m512 kj = _mm512_maskz_loadu_ps(m[u], row + 16 * u);
-          a[u] = _mm512_fmadd_ps(kd, kj, a[u]);
-          pq[u] = _mm512_fmadd_ps(qd, kj, pq[u]);
-        }
-      }
-      for (int u = 0; u < 4; ++u) {
-        if (!m[u]) break;
-        const int j = j0 + 16 * u;
-        const __m512 dec = exp512_ps(_mm512_sub_ps(gi, _mm512_maskz_loadu_ps(m[u], G + j)));
-        const __mmask16 strict = static_cast<__mmask16>(m[u] & tail_mask(i - j));  // j < i
-        _mm512_mask_storeu_ps(A + static_cast<size_t>(i) * C + j, strict,
-                              _mm512_mul_ps(_mm512_mul_ps(bi, a[u]), dec));
-        _mm512_mask_storeu_ps(P + static_cast<size_t>(i) * C + j, m[u], _mm512_mul_ps(pq[u], dec));
-      }
+  // Column panels outside: a panel of B (kk x 64 floats) stays in L1 across the row tiles.
+  for (int j0 = 0; j0 < n; j0 += kTileCols) {
+    for (int i0 = 0; i0 < m; i0 += kTileRows) {
+      const int mr = std::min(kTileRows, m - i0);
+      const int k1 = s.lower_k ? std::min(kk, i0 + mr) : kk;
+      const int n1 = s.lower_n ? std::min(n, i0 + mr) : n;
+      if (j0 >= n1) continue;
+      const int nc = std::min(kTileCols, n1 - j0);
+      gemm_rows<NEG>(mr, (nc + 15) / 16, A + static_cast<size_t>(i0) * lda, lda, B + j0, ldb,
+                     C + static_cast<size_t>(i0) * ldc + j0, ldc, k1, nc, s.acc_c, s.cscale);
     }
   }
 #else
-  (void)KnT;
-  for (int i = 0; i < n; ++i) {
-    const float* ki = kn + static_cast<size_t>(i) * dk;
-    const float* qi = qn + static_cast<size_t>(i) * dk;
-    for (int j = 0; j <= i; ++j) {
-      const float* kj = kn + static_cast<size_t>(j) * dk;
-      const float dec = std::exp(G[i] - G[j]);
-      if (j < i) A[static_cast<size_t>(i) * C + j] = B[i] * dot(ki, kj, dk) * dec;
-      P[static_cast<size_t>(i) * C + j] = dot(qi, kj, dk) * dec;
+  for (int i = 0; i < m; ++i) {
+    const int k1 = s.lower_k ? std::min(kk, (i / kTileRows + 1) * kTileRows) : kk;
+    const int n1 = s.lower_n ? std::min(n, (i / kTileRows + 1) * kTileRows) : n;
+    float* ci = C + static_cast<size_t>(i) * ldc;
+    for (int j = 0; j < n1; ++j) {
+      float acc = s.acc_c ? (s.cscale == 1.0f ? ci[j] : s.cscale * ci[j]) : 0.0f;
+      for (int p = 0; p < k1; ++p) {
+        const float t = A[static_cast<size_t>(i) * lda + p] * B[static_cast<size_t>(p) * ldb + j];
+        acc = NEG ? acc - t : acc + t;
+      }
+      ci[j] = acc;
     }
   }
 #endif
+}
+
+// The decay masks on a row of K K^T and Q K^T, for every j < n (zeros where not wanted, so that
+// the triangular products may read them):
+//   A[i][j] = -beta_i (k_i.k_j) e^(G_i - G_j) for j < i, else 0 (the negated strict lower part of L)
+//   P[i][j] = (q_i.k_j) e^(G_i - G_j) for j <= i, else 0
+inline void decay_masks(const float* G, const float* B, int n, int C, float* A, float* P) {
+  for (int i = 0; i < n; ++i) {
+    float* ai = A + static_cast<size_t>(i) * C;
+    float* pi = P + static_cast<size_t>(i) * C;
+#if DN_AVX512
+    const __m512 gi = _mm512_set1_ps(G[i]), nbi = _mm512_set1_ps(-B[i]);
+    for (int j = 0; j < n; j += 16) {
+      const __mmask16 m = tail_mask(n - j);
+      const __mmask16 le = static_cast<__mmask16>(m & tail_mask(i + 1 - j));  // j <= i
+      const __mmask16 lt = static_cast<__mmask16>(m & tail_mask(i - j));      // j < i
+      // exp of masked lanes is never used: G_i - G_j > 0 there may overflow.
+      const __m512 dec = exp512_ps(_mm512_maskz_sub_ps(le, gi, _mm512_maskz_loadu_ps(le, G + j)));
+      _mm512_mask_storeu_ps(ai + j, m, _mm512_maskz_mul_ps(lt, _mm512_mul_ps(nbi, _mm512_maskz_loadu_ps(m, ai + j)), dec));
+      _mm512_mask_storeu_ps(pi + j, m, _mm512_maskz_mul_ps(le, _mm512_maskz_loadu_ps(m, pi + j), dec));
+    }
+#else
+    for (int j = 0; j < n; ++j) {
+      const float dec = j <= i ? std::exp(G[i] - G[j]) : 0.0f;
+      ai[j] = j < i ? (-B[i] * ai[j]) * dec : 0.0f;
+      pi[j] = j <= i ? pi[j] * dec : 0.0f;
+    }
+#endif
+  }
+}
+
+// T = (I - A)^-1 for the strictly lower A of decay_masks (T lower, unit diagonal; rows C apart,
+// zeros right of the diagonal up to n): T_i = e_i + sum_(j < i) A_ij T_j, row by row.
+inline void unit_lower_inverse(const float* A, int n, int C, float* T) {
+  for (int i = 0; i < n; ++i) {
+    float* ti = T + static_cast<size_t>(i) * C;
+    for (int j = 0; j < n; ++j) ti[j] = 0.0f;
+    combine_rows(ti, A + static_cast<size_t>(i) * C, 1, T, C, i, i);
+    ti[i] = 1.0f;
+  }
+}
+
+constexpr int kPrefetchTokens = 6;
+
+inline void prefetch_row(const float* row, int n) {
+  for (int i = 0; i < n; i += 16) __builtin_prefetch(row + i);
 }
 
 // ---- the chunkwise algorithm (HF torch_chunk_gated_delta_rule) for T tokens of one head. Per
 // chunk of n tokens with cumulative log decay G_i and L = I + tril(beta_i k_i.k_j e^(G_i - G_j), -1):
-//   U = L^-1 (beta v),  W = L^-1 (beta e^G k)          (forward substitution, the UT transform)
+//   T = L^-1;  [W | U] = T [beta e^G k | beta v]      (the UT transform)
 //   V' = U - W S
 //   out_i = e^(G_i) q_i^T S + sum_(j<=i) (q_i.k_j) e^(G_i - G_j) V'_j
 //   S = e^(G_n) S + sum_i e^(G_n - G_i) k_i V'_i^T
-// q/k/v/g/beta/out point at the run's token 0; out rows are hv * dv apart.
+// every product a small_gemm. q/k/v/g/beta/out point at the run's token 0; out rows are hv * dv
+// apart.
 inline void head_chunked(const float* q, const float* k, const float* v, const float* g,
                          const float* beta, int tokens, int h, const DeltaRuleParams& p,
                          float qscale, float* S, float* out, DeltaScratch& ws) {
   const int dk = p.dk, dv = p.dv, hv = p.hv, C = p.chunk;
   const int kh = h / (p.hv / p.hk);
   const size_t out_stride = static_cast<size_t>(hv) * dv;
+  const size_t wu_ld = static_cast<size_t>(dk) + dv;  // rows of [W | U] and of [beta e^G k | beta v]
   float* qn = ws.get(DeltaScratch::Q, static_cast<size_t>(C) * dk);
   float* kn = ws.get(DeltaScratch::K, static_cast<size_t>(C) * dk);
-  float* W = ws.get(DeltaScratch::W, static_cast<size_t>(C) * dk);
-  float* U = ws.get(DeltaScratch::U, static_cast<size_t>(C) * dv);
+  float* Y = ws.get(DeltaScratch::W, static_cast<size_t>(C) * wu_ld);
+  float* WU = ws.get(DeltaScratch::U, static_cast<size_t>(C) * wu_ld);
   float* A = ws.get(DeltaScratch::A, static_cast<size_t>(C) * C);
   float* P = ws.get(DeltaScratch::P, static_cast<size_t>(C) * C);
   float* KdT = ws.get(DeltaScratch::KT, static_cast<size_t>(dk) * C);
+  float* KnT = ws.get(DeltaScratch::KN, static_cast<size_t>(dk) * C);
+  float* Tm = ws.get(DeltaScratch::TI, static_cast<size_t>(C) * C);
   float* G = ws.get(DeltaScratch::G, static_cast<size_t>(C) * 2);
   float* B = G + C;
   for (int c0 = 0; c0 < tokens; c0 += C) {
@@ -367,49 +378,60 @@ inline void head_chunked(const float* q, const float* k, const float* v, const f
     float gsum = 0.0f;
     for (int i = 0; i < n; ++i) {
       const size_t t = static_cast<size_t>(c0 + i);
+      // Token rows are a whole mixed-qkv row apart (tens of KiB): the hardware prefetcher does
+      // not follow them, so fetch the q/k/v of a few tokens ahead (the v rows for the UT step).
+      if (i + kPrefetchTokens < n) {
+        const size_t ta = t + kPrefetchTokens;
+        prefetch_row(q + ta * p.q_stride + static_cast<size_t>(kh) * dk, dk);
+        prefetch_row(k + ta * p.k_stride + static_cast<size_t>(kh) * dk, dk);
+        prefetch_row(v + ta * p.v_stride + static_cast<size_t>(h) * dv, dv);
+      }
+      float* ki = kn + static_cast<size_t>(i) * dk;
       load_head(q + t * p.q_stride + static_cast<size_t>(kh) * dk, dk, p.l2norm_qk, qscale,
                 qn + static_cast<size_t>(i) * dk);
-      load_head(k + t * p.k_stride + static_cast<size_t>(kh) * dk, dk, p.l2norm_qk, 1.0f,
-                kn + static_cast<size_t>(i) * dk);
+      load_head(k + t * p.k_stride + static_cast<size_t>(kh) * dk, dk, p.l2norm_qk, 1.0f, ki);
       gsum += g[t * hv + h];
       G[i] = gsum;
       B[i] = beta[t * hv + h];
+      for (int d = 0; d < dk; ++d) KnT[static_cast<size_t>(d) * C + i] = ki[d];
     }
-    // A (strictly lower) and P = the decayed q.k (lower, diagonal included).
-    chunk_scores(qn, kn, G, B, n, C, dk, ws.get(DeltaScratch::KN, static_cast<size_t>(dk) * C), A, P);
-    // Forward substitution: row i of U and W from the rows before it.
+    // K K^T and Q K^T (lower parts), then the decays: A = -(L - I), P.
+    const GemmShape tri_n{false, true, false, 1.0f};
+    small_gemm<false>(n, n, dk, kn, dk, KnT, C, A, C, tri_n);
+    small_gemm<false>(n, n, dk, qn, dk, KnT, C, P, C, tri_n);
+    decay_masks(G, B, n, C, A, P);
+    unit_lower_inverse(A, n, C, Tm);
+    // [W | U] = T [beta e^G k | beta v]
     for (int i = 0; i < n; ++i) {
-      float* ui = U + static_cast<size_t>(i) * dv;
-      float* wi = W + static_cast<size_t>(i) * dk;
-      const float* vi = v + static_cast<size_t>(c0 + i) * p.v_stride + static_cast<size_t>(h) * dv;
+      float* yi = Y + i * wu_ld;
       const float* ki = kn + static_cast<size_t>(i) * dk;
+      const float* vi = v + static_cast<size_t>(c0 + i) * p.v_stride + static_cast<size_t>(h) * dv;
       const float bw = B[i] * std::exp(G[i]);
-      for (int e = 0; e < dv; ++e) ui[e] = vi[e] * B[i];
-      for (int d = 0; d < dk; ++d) wi[d] = ki[d] * bw;
-      float* ai = A + static_cast<size_t>(i) * C;
-      for (int j = 0; j < i; ++j) ai[j] = -ai[j];
-      combine_rows(ui, ai, 1, U, dv, i, dv);
-      combine_rows(wi, ai, 1, W, dk, i, dk);
+      for (int d = 0; d < dk; ++d) yi[d] = ki[d] * bw;
+      for (int e = 0; e < dv; ++e) yi[dk + e] = vi[e] * B[i];
     }
-    // Qd = e^(G_i) q_i (in place: P is done with q); then V' = U - W S (into U), O = Qd S.
+    small_gemm<false>(n, static_cast<int>(wu_ld), n, Tm, C, Y, wu_ld, WU, wu_ld, GemmShape{true, false, false, 1.0f});
+    float* U = WU + dk;
+    // V' = U - W S (into U); Qd = e^(G_i) q_i (in place: P is done with q); O = Qd S + P V'.
+    small_gemm<true>(n, dv, dk, WU, wu_ld, S, dv, U, wu_ld, GemmShape{false, false, true, 1.0f});
     for (int i = 0; i < n; ++i) {
       const float eq = std::exp(G[i]);
       float* qi = qn + static_cast<size_t>(i) * dk;
       for (int d = 0; d < dk; ++d) qi[d] *= eq;
     }
     float* o0 = out + static_cast<size_t>(c0) * out_stride + static_cast<size_t>(h) * dv;
-    rows_times_state(U, W, qn, o0, out_stride, n, S, dk, dv);
-    // out_i += sum_(j<=i) P_ij V'_j
-    for (int i = 0; i < n; ++i)
-      combine_rows(o0 + i * out_stride, P + static_cast<size_t>(i) * C, 1, U, dv, i + 1, dv);
-    // S = e^(G_n) S + sum_i (e^(G_n - G_i) k_i) V'_i^T, with the decayed keys transposed [dk][n].
+    small_gemm<false>(n, dv, dk, qn, dk, S, dv, o0, out_stride, GemmShape{});
+    small_gemm<false>(n, dv, n, P, C, U, wu_ld, o0, out_stride, GemmShape{true, false, true, 1.0f});
+    // S = e^(G_n) S + KdT V', with the decayed keys transposed [dk][n].
     const float glast = G[n - 1];
-    for (int i = 0; i < n; ++i) {
-      const float dec = std::exp(glast - G[i]);
-      const float* ki = kn + static_cast<size_t>(i) * dk;
-      for (int d = 0; d < dk; ++d) KdT[static_cast<size_t>(d) * C + i] = ki[d] * dec;
+    float* dec = ws.get(DeltaScratch::DEC, static_cast<size_t>(C));
+    for (int i = 0; i < n; ++i) dec[i] = std::exp(glast - G[i]);
+    for (int d = 0; d < dk; ++d) {
+      const float* src = KnT + static_cast<size_t>(d) * C;
+      float* dst = KdT + static_cast<size_t>(d) * C;
+      for (int i = 0; i < n; ++i) dst[i] = src[i] * dec[i];
     }
-    update_state(S, KdT, C, U, n, dk, dv, std::exp(glast));
+    small_gemm<false>(dk, dv, n, KdT, C, U, wu_ld, S, dv, GemmShape{false, false, true, std::exp(glast)});
   }
 }
 
@@ -435,15 +457,43 @@ inline void conv_block(const float* x, int tokens, int channels, int c0, int nc,
   const int ks = kernel - 1;
 #if DN_AVX512
   const __mmask16 m = tail_mask(nc);
-  float wt[64][16] = {};
-  float st[64][16] = {};
-  for (int c = 0; c < nc; ++c) {
-    for (int j = 0; j < kernel; ++j) wt[j][c] = w[static_cast<size_t>(c0 + c) * kernel + j];
-    for (int j = 0; j < ks; ++j) st[j][c] = state[static_cast<size_t>(c0 + c) * ks + j];
+  // Taps and state transposed to [tap][channel], lanes past nc zero. NOTE: only the `kernel` rows
+  // in use are written: zero-filling all 64 cost more than a decode step's conv itself.
+  float wt[64][16];
+  float st[64][16];
+  for (int j = 0; j < kernel; ++j)
+    for (int c = 0; c < 16; ++c) wt[j][c] = c < nc ? w[static_cast<size_t>(c0 + c) * kernel + j] : 0.0f;
+  for (int j = 0; j < ks; ++j)
+    for (int c = 0; c < 16; ++c) st[j][c] = c < nc ? state[static_cast<size_t>(c0 + c) * ks + j] : 0.0f;
+  const __m512 bv = bias ? _mm512_maskz_loadu_ps(m, bias + c0) : _mm512_setzero_ps();
+  if (kernel == 4) {
+    // Qwen3-Next's width: taps and history in named registers (same sums, same order as below).
+    const __m512 w0 = _mm512_loadu_ps(wt[0]), w1 = _mm512_loadu_ps(wt[1]), w2 = _mm512_loadu_ps(wt[2]),
+                 w3 = _mm512_loadu_ps(wt[3]);
+    __m512 h0 = _mm512_loadu_ps(st[0]), h1 = _mm512_loadu_ps(st[1]), h2 = _mm512_loadu_ps(st[2]);
+    for (int t = 0; t < tokens; ++t) {
+      const size_t at = static_cast<size_t>(t) * channels + c0;
+      // rows are a whole [channels] apart: fetch ahead (the hardware prefetcher does not)
+      if (t + 8 < tokens) __builtin_prefetch(x + at + 8 * static_cast<size_t>(channels));
+      const __m512 xv = _mm512_maskz_loadu_ps(m, x + at);  // read before out: out may alias x
+      __m512 acc = _mm512_fmadd_ps(w0, h0, bv);
+      acc = _mm512_fmadd_ps(w1, h1, acc);
+      acc = _mm512_fmadd_ps(w2, h2, acc);
+      acc = _mm512_fmadd_ps(w3, xv, acc);
+      h0 = h1;
+      h1 = h2;
+      h2 = xv;
+      _mm512_mask_storeu_ps(out + at, m, act ? silu16(acc) : acc);
+    }
+    _mm512_storeu_ps(st[0], h0);
+    _mm512_storeu_ps(st[1], h1);
+    _mm512_storeu_ps(st[2], h2);
+    for (int c = 0; c < nc; ++c)
+      for (int j = 0; j < ks; ++j) state[static_cast<size_t>(c0 + c) * ks + j] = st[j][c];
+    return;
   }
   __m512 hist[64];
   for (int j = 0; j < ks; ++j) hist[j] = _mm512_loadu_ps(st[j]);
-  const __m512 bv = bias ? _mm512_maskz_loadu_ps(m, bias + c0) : _mm512_setzero_ps();
   for (int t = 0; t < tokens; ++t) {
     const size_t at = static_cast<size_t>(t) * channels + c0;
     const __m512 xv = _mm512_maskz_loadu_ps(m, x + at);  // read before out: out may alias x
@@ -480,11 +530,25 @@ inline void conv_block(const float* x, int tokens, int channels, int c0, int nc,
 }
 
 // ---- gated RMSNorm of one row: out = (w * (x * r)) * SiLU(z), r = rsqrt(mean(x^2) + eps); the
-// sum of squares in double.
+// sum of squares in double (its order differs between the two paths: both far inside f32).
 inline void gated_norm_row(const float* x, const float* z, const float* w, float eps, int dim,
                            float* out) {
+#if DN_AVX512
+  // the squares summed in double, 8 lanes x 2 accumulators (a scalar chain of dependent double
+  // adds took as long as the rest of the row)
+  __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd();
+  for (int i = 0; i < dim; i += 16) {
+    const __m512 xv = _mm512_maskz_loadu_ps(tail_mask(dim - i), x + i);
+    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(xv));
+    const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(xv), 1)));
+    s0 = _mm512_fmadd_pd(lo, lo, s0);
+    s1 = _mm512_fmadd_pd(hi, hi, s1);
+  }
+  const double ss = _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));
+#else
   double ss = 0.0;
   for (int i = 0; i < dim; ++i) ss += static_cast<double>(x[i]) * x[i];
+#endif
   const float r = 1.0f / std::sqrt(static_cast<float>(ss / dim) + eps);
 #if DN_AVX512
   const __m512 rv = _mm512_set1_ps(r);
