@@ -31,6 +31,9 @@ const cases: { label: string; dir: () => string; quantize: QuantizeSpec | null; 
   { label: 'longcat_flash --quantize int4 g32', dir: () => fixture('longcat_flash'), quantize: quantizeSpec('int4', 32), format: 'int4', pn: 1 },
   { label: 'an FP8 checkpoint (24 x 48 blocks, kept FP8)', dir: fp8Checkpoint, quantize: null, format: 'fp8', pn: 1 },
   { label: 'an FP8 checkpoint with --quantize int8', dir: fp8Checkpoint, quantize: quantizeSpec('int8', 0), format: 'int8', pn: 2 },
+  // gpt-oss's biased, clamped-SwiGLU experts: each rank runs cudaGroupGemmBiasedFfn over its quantized slice.
+  { label: 'gpt_oss --quantize int8', dir: () => fixture('gpt_oss'), quantize: quantizeSpec('int8', 0), format: 'int8', pn: 1 },
+  { label: 'gpt_oss --quantize fp8, PN 2', dir: () => fixture('gpt_oss'), quantize: quantizeSpec('fp8', 0), format: 'fp8', pn: 2 },
 ];
 
 for (const c of cases) {

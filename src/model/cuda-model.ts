@@ -831,7 +831,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
 
   /**
    * y [rows, H] f32 = the GroupGemm FFN of x [rows, H] bf16 over the table's experts (rows by
-   * offsets); gpt-oss's biased, clamped-SwiGLU experts through cudaGroupGemmBiasedFfn.
+   * offsets); gpt-oss's biased, clamped-SwiGLU experts through cudaGroupGemmBiasedFfn (bf16 or quantized).
    */
   private groupFfn(m: DeviceMoe, x: CudaBuffer, offsets: CudaBuffer, rows: number, hs: CudaBuffer, y: CudaBuffer,
                    st: CudaStream | null, get: (name: string, bytes: number) => CudaBuffer): void {
@@ -900,11 +900,8 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
 function expertQuantFor(spec: ModelSpec, quantize: QuantizeSpec | null, loadExperts: boolean): DeviceQuant | null {
   const H = spec.hidden, I = spec.moe.intermediate;
   if (quantize) {
-    // NOTE: cudaGroupGemmBiasedFfn (biased_ffn.cu) runs two plain bf16 GroupGemm passes; the quantized
-    // GroupGemm fuses SiLU into its gate_up pass and has no plain pass for the clamped SwiGLU yet.
-    if (spec.moe.clampedSwiglu)
-      throw new RangeError(`--quantize ${quantize.format} on the device: ${spec.modelType}'s experts (biases and the clamped ` +
-        'SwiGLU) run on bf16 expert tables only for now; use --device cpu with --quantize, or the device without it');
+    // gpt-oss's biased, clamped-SwiGLU experts run the quantized GroupGemm's plain passes
+    // (cudaGroupGemmBiasedFfn over a quantized table).
     const q = deviceQuantOf(quantize);
     const why = deviceQuantError(q, H, I);
     if (why) throw new RangeError(`--quantize ${quantize.format} on the device: ${why}`);
