@@ -34,6 +34,8 @@ const cases: { label: string; dir: () => string; quantize: QuantizeSpec | null; 
   // gpt-oss's biased, clamped-SwiGLU experts: each rank runs cudaGroupGemmBiasedFfn over its quantized slice.
   { label: 'gpt_oss --quantize int8', dir: () => fixture('gpt_oss'), quantize: quantizeSpec('int8', 0), format: 'int8', pn: 1 },
   { label: 'gpt_oss --quantize fp8, PN 2', dir: () => fixture('gpt_oss'), quantize: quantizeSpec('fp8', 0), format: 'fp8', pn: 2 },
+  // --quantize-dense: rank 0's attention and shared expert quantized too (expert ranks hold experts only).
+  { label: 'qwen2_moe --quantize int8 --quantize-dense, PN 2', dir: () => fixture('qwen2_moe'), quantize: quantizeSpec('int8', 0, true), format: 'int8', pn: 2 },
 ];
 
 for (const c of cases) {

@@ -55,6 +55,8 @@ const cases: { label: string; dir: () => string; quantize: QuantizeSpec | null; 
   { label: 'gpt_oss --quantize int8', dir: () => fixture('gpt_oss'), quantize: quantizeSpec('int8', 0), format: 'int8', group: 0 },
   { label: 'gpt_oss --quantize int4 g32', dir: () => fixture('gpt_oss'), quantize: quantizeSpec('int4', 32), format: 'int4', group: 32 },
   { label: 'gpt_oss --quantize fp8', dir: () => fixture('gpt_oss'), quantize: quantizeSpec('fp8', 0), format: 'fp8', group: 128 },
+  // --quantize-dense: the attention and shared expert weights quantized beside the cached experts.
+  { label: 'qwen2_moe --quantize int8 --quantize-dense', dir: () => fixture('qwen2_moe'), quantize: quantizeSpec('int8', 0, true), format: 'int8', group: 0 },
 ];
 
 for (const c of cases) {

@@ -17,7 +17,7 @@ import { loadNative, packageRoot, type CudaAddon, type CudaBuffer, type CudaQuan
 import { createCudaEmulator } from './helpers/cuda-emu.js';
 import { emulatorSkip, needsCudaBuild, needsCudaDevice } from './helpers/cuda-skip.js';
 import { e4m3, makeFp8Checkpoint, toE4m3 } from './helpers/fp8-checkpoint.js';
-import { gptOssDequantExperts } from './helpers/device-dequant.js';
+import { dequantDenseSource, gptOssDequantExperts } from './helpers/device-dequant.js';
 import { DirectRunner } from './helpers/model-runner.js';
 
 const fixturesDir = path.join(packageRoot(), 'test', 'fixtures');
@@ -581,6 +581,54 @@ describe('gpt-oss --quantize on the device (emulator): biased, clamped-SwiGLU ex
         ref.dispose();
         base.model.dispose();
         cpuQuant.dispose();
+      }
+    });
+  }
+});
+
+describe('--quantize-dense on the device (emulator): attention, Gated DeltaNet, dense FFN and shared expert weights quantized', { skip: emulatorSkip }, () => {
+  // fp8 only where the device keeps each checkpoint tensor as one matrix (qwen3_next splits its gated
+  // q_proj and fused in_proj_qkvz by rows, which moves fp8's 128-row blocks; per-row int8 / int4 do not
+  // care; qwen3_next's experts, inter 16, take no int4). Bounds (mean, worst, of the logits' range): the
+  // device's bf16 model is already off the CPU's bf16 mode on MLA (0.006% mean, 0.09% worst) and
+  // qwen3_next (0.10%, 0.36%), where an f32 sum order flips an activation's bf16 rounding now and then,
+  // and the quantized weights carry such flips further: measured qwen2_moe 0 / 0, deepseek_v2 int4
+  // 0.17% / 1.96% (one prompt, from its 4th position; its routing equal), fp8 0.019% / 0.25%, qwen3_next
+  // int8 0.32% / 1.29%; without --quantize-dense the same models are 4-33% off.
+  for (const [fixture, fmt, group, meanTol, worstTol] of [
+    ['qwen2_moe', 'int8', 0, 5e-4, 5e-3], ['qwen2_moe', 'fp8', 128, 5e-4, 5e-3],
+    ['deepseek_v2', 'int4', 32, 5e-3, 0.03], ['deepseek_v2', 'fp8', 128, 5e-3, 0.03],
+    ['qwen3_next', 'int8', 0, 5e-3, 0.03],
+  ] as const) {
+    test(`${fixture} --quantize ${fmt}${fmt === 'int4' ? ` --quantize-group ${group}` : ''} --quantize-dense: as the CPU engine over the same dequantised weights`, (t) => {
+      const dir = path.join(fixturesDir, fixture);
+      const quantize = quantizeSpec(fmt, group || 32, true);
+      const cuda = createCudaEmulator();
+      const { model } = loadCudaModel(dir, { device: 0, cuda, quantize });
+      const expertsOnly = loadCudaModel(dir, { device: 0, cuda, quantize: quantizeSpec(fmt, group || 32) }).model;
+      // The reference: the CPU engine's bf16 mode over the checkpoint with every weight the CPU's
+      // --quantize-dense quantizes replaced by the values the device multiplies (test/helpers/device-dequant.ts).
+      const base = loadModel(dir, { fast: true });
+      const src = dequantDenseSource(new CheckpointSource(base.checkpoint), quantize!);
+      const ref = new MoeModel(base.spec, src, { fast: true });
+      try {
+        assert.ok(model.weightBytes < expertsOnly.weightBytes, `--quantize-dense holds ${model.weightBytes} B, --quantize alone ${expertsOnly.weightBytes} B`);
+        const { mean, worst } = compareEngines(dir, model, ref);
+        const vsExperts = compareEngines(dir, expertsOnly, ref);
+        t.diagnostic(`${src.replaced} weights replaced; vs the reference: mean ${(mean * 100).toFixed(4)}%, worst ${(worst * 100).toFixed(4)}%; ` +
+          `--quantize without -dense vs the reference: mean ${(vsExperts.mean * 100).toFixed(3)}%`);
+        assert.ok(mean <= meanTol, `logits off the reference by ${(mean * 100).toFixed(3)}% of their range on average`);
+        assert.ok(worst <= worstTol, `logits off the reference by up to ${(worst * 100).toFixed(3)}% of their range`);
+        // The dense weights' quantization shows: the model with bf16 dense weights is further off.
+        assert.ok(vsExperts.mean > 4 * mean, 'the --quantize-dense device model is not the --quantize one');
+        const cases = (JSON.parse(readFileSync(path.join(dir, 'golden.json'), 'utf8')) as { cases: GoldenCase[] }).cases;
+        for (const c of cases)
+          assert.deepEqual(new DirectRunner(model).greedy(c.prompt_ids, 8), new DirectRunner(ref).greedy(c.prompt_ids, 8), 'greedy tokens');
+      } finally {
+        model.dispose();
+        expertsOnly.dispose();
+        ref.dispose();
+        base.model.dispose();
       }
     });
   }

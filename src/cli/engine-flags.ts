@@ -16,7 +16,7 @@ export const modelFlags: FlagSpec[] = [
   { name: 'quantize-group', type: 'int', min: 1, max: 1 << 20, default: 32, arg: 'N',
     help: 'With --quantize int4: weights per scale along k, 32 or 128' },
   { name: 'quantize-dense', type: 'boolean', default: false,
-    help: 'With --quantize: the attention projections, dense FFNs and shared experts quantized too, in the same format (the router, norms, embeddings and lm_head stay in the checkpoint\'s precision)' },
+    help: 'With --quantize: the attention projections, dense FFNs and shared experts quantized too, in the same format (the router, norms, embeddings and lm_head stay in the checkpoint\'s precision; CPU and device engines)' },
   { name: 'expert-kernel', type: 'string', choices: ['auto', 'group', 'dense'], default: 'auto',
     help: 'Expert GEMMs: auto = EPS-MoE choice per layer and step from a calibrated cost model (cached under ~/.cache/expertd); group = one GroupGemm over all experts; dense = a DenseGemm per expert' },
   { name: 'pipeline-chunks', type: 'string', default: 'auto', arg: 'auto|N',

@@ -18,7 +18,7 @@ import { withWeightPrefix, type HostTensor, type TensorSource } from './tensor-s
 import { CudaGatedDeltaNet, type DeviceLinearState, type DeviceStateStep } from './cuda-linear-attention.js';
 import { linearStateFloats } from './linear-attention.js';
 import { checkExpert, checkShape, ffnSource, packIntFfn, vectorF32, type ExpertSource } from './weights.js';
-import { deviceQuantError, deviceQuantOf, intMatrix, quantizedExpert, type DeviceQuant } from './cuda-quant.js';
+import { deviceQuantError, deviceQuantOf, intMatrix, quantizedExpert, quantizeMatrix, type DeviceQuant } from './cuda-quant.js';
 import type { QuantizeSpec } from './quantize.js';
 
 export interface CudaModelOptions {
@@ -30,7 +30,11 @@ export interface CudaModelOptions {
   loadExperts?: boolean;
   /** Expert parallelism: the comm to the other ranks; only this rank's slice of experts is loaded. */
   ep?: DeviceExpertComm;
-  /** --quantize: routed experts quantized at load and kept so on the device (group_gemm_quant.cu). */
+  /**
+   * --quantize: routed experts quantized at load and kept so on the device (group_gemm_quant.cu); with
+   * `dense` (--quantize-dense) the attention projections, Gated DeltaNet in_proj q/k/v/z and out_proj,
+   * dense FFNs and shared experts too, in the same format.
+   */
   quantize?: QuantizeSpec | null;
 }
 
@@ -133,6 +137,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     this.quantizedAtLoad = !!opts.quantize;
     const H = spec.hidden;
     const dev = this.dev;
+    dev.denseQuant = opts.quantize?.dense ? deviceQuantOf(opts.quantize) : null;
     try {
       const embed = src.get('model.embed_tokens.weight');
       checkShape('model.embed_tokens.weight', embed, [spec.vocabSize, H]);
@@ -234,8 +239,21 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     return { gateUp: this.dev.upload(intMatrix(q, gate!, up!)), down: this.dev.upload(intMatrix(q, down!, null)) };
   }
 
+  /** A dense FFN or shared expert as a one-expert table: bf16, or with --quantize-dense quantized (the fused GroupGemm). */
   private ffn(src: TensorSource, prefix: string, inter: number): DeviceFfn {
-    const w = this.upload(ffnSource(src, prefix), prefix.replace(/\.$/, ''), inter);
+    const name = prefix.replace(/\.$/, '');
+    const q = this.dev.denseQuant;
+    if (q) {
+      const H = this.spec.hidden;
+      const why = deviceQuantError(q, H, inter);
+      if (why) throw new RangeError(`--quantize-dense ${q.format} on the device: ${name}: ${why}`);
+      const ex = ffnSource(src, prefix);
+      checkExpert(ex, name, H, inter);
+      const table = this.table(1, inter, q);
+      table.set(0, this.dev.upload(quantizeMatrix(q, ex.gate, ex.up, inter, H)), this.dev.upload(quantizeMatrix(q, ex.down, null, H, inter)));
+      return { table, inter };
+    }
+    const w = this.upload(ffnSource(src, prefix), name, inter);
     const table = this.table(1, inter);
     table.set(0, w.gateUp, w.down);
     return { table, inter };

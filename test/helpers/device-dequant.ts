@@ -68,3 +68,34 @@ export function gptOssDequantExperts(spec: ModelSpec, src: TensorSource, quantiz
   };
   return out;
 }
+
+/**
+ * The weights --quantize with --quantize-dense quantizes, by name, the CPU engine's choice (as
+ * test/quantize-model.test.ts names them): attention projections (not MLA's kv_b_proj), Gated
+ * DeltaNet in_proj q / k / v / z and out_proj (not in_proj_ba), dense FFN, shared and routed expert
+ * projections; not routers, norms, embeddings or lm_head.
+ */
+export function isQuantizedDense(name: string, t: HostTensor): boolean {
+  return t.shape.length === 2 && /(_proj|in_proj_qkvz|in_proj_qkv|in_proj_z)(_with_mqa)?\.weight$/.test(name) &&
+    !name.includes('kv_b_proj') && !name.startsWith('lm_head');
+}
+
+/**
+ * `src` with every weight isQuantizedDense names replaced by its device-dequantised values, each
+ * quantized as one matrix (per-row int8 / int4 do not care how the device splits or stacks rows; fp8
+ * blocks do: use it for fp8 only where the device keeps each tensor as one matrix).
+ */
+export function dequantDenseSource(src: TensorSource, quantize: QuantizeSpec): TensorSource & { replaced: number } {
+  const q = deviceQuantOf(quantize);
+  const out = {
+    replaced: 0,
+    has: (name: string) => src.has(name),
+    get(name: string): HostTensor {
+      const t = src.get(name);
+      if (!isQuantizedDense(name, t)) return t;
+      out.replaced++;
+      return bf16Tensor(t.shape, deviceDequant(q, t));
+    },
+  };
+  return out;
+}
