@@ -133,7 +133,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     this.k = spec.moe.router.topK;
     this.loadExperts = opts.loadExperts ?? true;
     this.ep = opts.ep ?? null;
-    this.expertQuant = expertQuantFor(spec, opts.quantize ?? null, this.loadExperts);
+    this.expertQuant = expertQuantFor(spec, opts.quantize ?? null);
     this.quantizedAtLoad = !!opts.quantize;
     const H = spec.hidden;
     const dev = this.dev;
@@ -915,7 +915,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
  * slots: --quantize's; else an FP8 checkpoint's block layout when the device kernels take it (block
  * columns a multiple of 16); else null (bf16, dequantised at load).
  */
-function expertQuantFor(spec: ModelSpec, quantize: QuantizeSpec | null, loadExperts: boolean): DeviceQuant | null {
+function expertQuantFor(spec: ModelSpec, quantize: QuantizeSpec | null): DeviceQuant | null {
   const H = spec.hidden, I = spec.moe.intermediate;
   if (quantize) {
     // gpt-oss's biased, clamped-SwiGLU experts run the quantized GroupGemm's plain passes
@@ -925,7 +925,7 @@ function expertQuantFor(spec: ModelSpec, quantize: QuantizeSpec | null, loadExpe
     if (why) throw new RangeError(`--quantize ${quantize.format} on the device: ${why}`);
     return q;
   }
-  if (spec.quantization?.method === 'compressed-tensors') return compressedExpertQuant(spec, loadExperts);
+  if (spec.quantization?.method === 'compressed-tensors') return compressedExpertQuant(spec);
   if (spec.quantization?.method !== 'fp8') return null;
   const [br, bc] = spec.quantization.blockSize;
   const q: DeviceQuant = { format: 'fp8', group: bc, blockRows: br };
@@ -936,14 +936,10 @@ function expertQuantFor(spec: ModelSpec, quantize: QuantizeSpec | null, loadExpe
  * compressed-tensors checkpoints: the routed experts' device format from the config's one scheme
  * (int8 per row, or int4 in groups of 32 / 128), kept as stored; refused where the device cannot.
  */
-function compressedExpertQuant(spec: ModelSpec, loadExperts: boolean): DeviceQuant {
+function compressedExpertQuant(spec: ModelSpec): DeviceQuant {
   const q = spec.quantization;
   if (q?.method !== 'compressed-tensors') throw new Error('not a compressed-tensors spec');
-  // NOTE: the device expert cache (src/offload/device-store.ts) packs --quantize's formats and FP8
-  // checkpoints into its slots, not compressed-tensors' int codes.
-  if (!loadExperts)
-    throw new RangeError('a compressed-tensors checkpoint on the device does not work with the device expert cache yet ' +
-      '(its slots are filled from bf16 or FP8 experts, not int codes); drop --offload, or serve it on the CPU engine');
+  // The device expert cache's pinned store (src/offload/device-store.ts) holds the int codes as stored too.
   const { bits, groupSizes } = q.schemes;
   if (bits.length !== 1 || groupSizes.length > 1)
     throw new RangeError(`a compressed-tensors checkpoint with several weight schemes (num_bits ${bits.join(', ')}` +
