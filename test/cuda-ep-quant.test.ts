@@ -103,3 +103,11 @@ test('expertd serve --device cuda --quantize int8 (emulated): --expert-parallel 
   // qwen2_moe fixture: H 64, I 32: int8 gate_up 4096 + 256 B, down 2048 + 256 B.
   assert.match(cached.logs, /expert cache \d+\/\d+ experts \(int8\) in slots of 6\.5 KiB/);
 });
+
+test('expertd serve --device cuda --quantize int8 --quantize-dense (emulated): served, and rank processes answer as one device', { skip: emulatorSkip }, async () => {
+  const env = { EXPERTD_CUDA_STANDIN: emu };
+  const one = await texts(['--quantize-dense'], env);
+  const procs = await texts(['--quantize-dense', '--nproc-per-node', '2', '--dist-moe', 'expert'], env);
+  assert.deepEqual(procs.texts, one.texts, '--nproc-per-node 2 --dist-moe expert');
+  assert.deepEqual(procs.logprobs, one.logprobs, '--nproc-per-node 2 --dist-moe expert: logprobs');
+});
