@@ -116,7 +116,7 @@ export function promptIds(seed: number, n: number): number[] {
  * and written back, as the engine stores them).
  */
 export class DecodeBytes {
-  /** Bytes every step reads whatever the routing (set lower by quant.ts for --quantize-dense). */
+  /** Bytes every step reads whatever the routing (set lower by quant.ts for --quantize-dense and --quantize-lm-head). */
   denseBytes: number;
   expertBytes: number;
   /** Linear-attention state bytes per sequence per step over all linear layers (read + write). */

@@ -1,7 +1,8 @@
 // `npm run bench -- quant`: the quantized-expert formats on the bench checkpoints, in one run:
 // prefill, decode batch 1 and 8 tokens/s for bf16 (the checkpoint's experts) and --quantize int8,
-// fp8 and int4, each against its own weights-read bound (the bytes each decode step really reads
-// in that format, over the probed bandwidth), and the bytes the experts hold.
+// fp8 and int4 (-dense: with --quantize-dense; -full: with --quantize-dense --quantize-lm-head), each
+// against its own weights-read bound (the bytes each decode step really reads in that format, over
+// the probed bandwidth), and the bytes the experts hold.
 //
 // Beside them, llama.cpp (node-llama-cpp's prebuilt CPU build) on the same checkpoint as GGUF Q8_0 and
 // Q4_K_M made by llama.cpp's own quantizer (bench/peers/llama.ts); `--no-peer` leaves it out.
@@ -34,6 +35,10 @@ const FORMATS: Record<string, QuantizeSpec | null> = {
   'int8-dense': quantizeSpec('int8', 0, true),
   'fp8-dense': quantizeSpec('fp8', 0, true),
   'int4-dense': quantizeSpec('int4', 32, true),
+  // --quantize-dense --quantize-lm-head: the LM head in the format too.
+  'int8-full': quantizeSpec('int8', 0, true, true),
+  'fp8-full': quantizeSpec('fp8', 0, true, true),
+  'int4-full': quantizeSpec('int4', 32, true, true),
 };
 
 /**
@@ -51,6 +56,11 @@ function denseQuantSaving(spec: ModelSpec, q: QuantizeSpec): number {
   let saved = 0;
   for (const l of spec.layers) saved += attn + (l.ffn === 'moe' ? ffn(spec.moe.sharedIntermediate) : ffn(spec.denseIntermediate));
   return saved;
+}
+
+/** Bytes --quantize-lm-head takes off a decode step's dense reads: the LM head [V, H] packed in q instead of bf16. */
+function lmHeadQuantSaving(spec: ModelSpec, q: QuantizeSpec): number {
+  return spec.vocabSize * spec.hidden * 2 - quantizedBytes(q, spec.vocabSize, spec.hidden, false);
 }
 
 interface FormatRun {
@@ -141,6 +151,7 @@ export async function runQuantBench(argv: string[]): Promise<void> {
       const held = expertBytes(loaded.model);
       bytes.expertBytes = held.one;  // what one expert's FFN reads in this format
       if (q?.dense) bytes.denseBytes -= denseQuantSaving(loaded.spec, q);
+      if (q?.lmHead) bytes.denseBytes -= lmHeadQuantSaving(loaded.spec, q);
       runs.push({ format, loaded, runner, bytes, expertsHeldBytes: held.total, prefillMs: [], decode: {} });
     }
     let peer: LlamaPeer | null = null;
@@ -243,7 +254,8 @@ export async function runQuantBench(argv: string[]): Promise<void> {
   console.log(`Prefill: one ${prefill}-token prompt in one step. Decode: batch B of ${decodePrompt}-token prompts, ${steps} greedy ` +
     `steps. ${reps} reps after ${warmup} warm-up, round-robin over the formats; tok/s median and min-max. The bound: the ` +
     `bytes each step reads in that format (dense weights bf16, or in the format for the -dense rows: --quantize-dense; the ` +
-    `routed experts in the format; LM head bf16; f32 KV) over the best ` +
+    `routed experts in the format; LM head bf16, or in the format for the -full rows: --quantize-dense ` +
+    `--quantize-lm-head; f32 KV) over the best ` +
     `read-bandwidth probe of the run. llama.cpp rows: node-llama-cpp's prebuilt CPU build, same threads, ` +
     `GGUF made by llama.cpp's quantizer from the same checkpoint; its prefill runs in batches of up to 512 tokens, its decode batch B ` +
     `is B sequences in one context; the last column is its GGUF file size. 1-min load average ${fmt(Math.min(...loadAvg))}-${fmt(Math.max(...loadAvg))}.\n`);

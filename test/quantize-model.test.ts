@@ -16,10 +16,10 @@ import { CheckpointSource, loadModel } from '../src/model/load.js';
 import { MoeModel } from '../src/model/model.js';
 import { openCheckpoint } from '../src/model/safetensors.js';
 import type { HostTensor, TensorSource } from '../src/model/tensor-source.js';
-import { toF32 } from '../src/model/weights.js';
 import { quantizeSpec, type QuantizeSpec } from '../src/model/quantize.js';
 import { packageRoot } from '../src/native/index.js';
 import { attachOffloader, skipAllExperts } from '../src/offload/setup.js';
+import { quantDequant } from './helpers/quant-dequant.js';
 import { agreement, fixtureSequences, forcedLogits as forcedSeqLogits, teacherForced as teacherForcedAt } from './helpers/quant-fidelity.js';
 
 const fixturesDir = path.join(packageRoot(), 'test', 'fixtures');
@@ -56,34 +56,6 @@ function residentBytes(dir: string, quantize: QuantizeSpec | null): { dense: num
 function isDenseWeight(name: string, t: HostTensor): boolean {
   return t.shape.length === 2 && /(_proj|in_proj_qkvz|in_proj_qkv|in_proj_z)(_with_mqa)?\.weight$/.test(name) &&
     !name.includes('kv_b_proj') && !/\.experts\.\d+\./.test(name) && !name.startsWith('lm_head');
-}
-
-/**
- * Symmetric round-to-nearest-even quantize-dequantize of one [n, k] weight, per row in groups of
- * `group` (0 = the whole row), qmax 127 (int8) or 7 (int4), in f32 steps: what --quantize's
- * per-row formats define, written here from that definition.
- */
-function quantDequant(t: HostTensor, qmax: number, group: number): HostTensor {
-  const [n, k] = t.shape as [number, number];
-  const x = toF32(t);
-  const out = new Float32Array(n * k);
-  const g = group === 0 ? k : group;
-  const rne = (v: number) => {
-    const r = Math.round(v);
-    return r - v === 0.5 && r % 2 !== 0 ? r - 1 : r;  // Math.round takes .5 up; ties go to even
-  };
-  for (let r = 0; r < n; r++)
-    for (let c0 = 0; c0 < k; c0 += g) {
-      const c1 = Math.min(k, c0 + g);
-      let amax = 0;
-      for (let c = c0; c < c1; c++) amax = Math.max(amax, Math.abs(x[r * k + c]!));
-      const sc = Math.fround(amax / qmax);
-      for (let c = c0; c < c1; c++) {
-        const code = sc > 0 ? Math.max(-qmax, Math.min(qmax, rne(Math.fround(x[r * k + c]! / sc)))) : 0;
-        out[r * k + c] = Math.fround(code * sc);
-      }
-    }
-  return { dtype: 'f32', shape: t.shape, data: out };
 }
 
 /** A checkpoint source whose dense weights (isDenseWeight) are their quantize-dequantized f32 copies. */
@@ -237,11 +209,11 @@ test('--quantize int4 through the offloader (25% of experts cached) equals it re
   }
 });
 
-// Every family with --quantize int8 (dense weights too) through the expert cache (a quarter of the
-// experts) and over 2 expert ranks: the same logits as the quantized model alone, bit for bit.
+// Every family with --quantize int8 (dense weights and LM head too) through the expert cache (a quarter
+// of the experts) and over 2 expert ranks: the same logits as the quantized model alone, bit for bit.
 // gpt_oss is left out of the cache, which refuses it (its transposed, interleaved gate_up_proj).
-test('--quantize int8 --quantize-dense on every fixture: the expert cache and 2 expert ranks equal the model alone', async () => {
-  const q = quantizeSpec('int8', 0, true)!;
+test('--quantize int8 --quantize-dense --quantize-lm-head on every fixture: the expert cache and 2 expert ranks equal the model alone', async () => {
+  const q = quantizeSpec('int8', 0, true, true)!;
   const cached: string[] = [];
   for (const f of fixtures) {
     const dir = path.join(fixturesDir, f);

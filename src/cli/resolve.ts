@@ -60,17 +60,20 @@ export function resolveEngineOptions(flags: ParsedFlags, servedModelName?: strin
 }
 
 /**
- * --quantize / --quantize-group / --quantize-dense -> the spec (null = none). On a device the experts stay quantized in
+ * --quantize / --quantize-group / --quantize-dense / --quantize-lm-head -> the spec (null = none). On a device the experts stay quantized in
  * device memory (group_gemm_quant.cu), in the device expert cache's slots and on expert ranks too, and
  * --quantize-dense's weights run through cudaDenseGemmQuant and quantized one-expert tables.
  */
 export function quantizeOption(flags: ParsedFlags, device: string): QuantizeSpec | null {
   let q: QuantizeSpec | null;
   try {
-    q = quantizeSpec(String(flags['quantize'] ?? 'none'), Number(flags['quantize-group'] ?? 32), flags['quantize-dense'] === true);
+    q = quantizeSpec(String(flags['quantize'] ?? 'none'), Number(flags['quantize-group'] ?? 32), flags['quantize-dense'] === true,
+      flags['quantize-lm-head'] === true);
   } catch (e) {
     throw new UsageError((e as Error).message);
   }
+  if (q?.lmHead && device !== 'cpu')
+    throw new UsageError(`--quantize-lm-head runs on the CPU engine only for now (the device engine keeps the LM head in the checkpoint's precision); drop --quantize-lm-head or use --device cpu`);
   return q;
 }
 

@@ -26,7 +26,7 @@ export interface RankCompat {
   maxModelLen: number;
   deviceKind: string;
   expertKernel: string;
-  /** --quantize: 'none' or format/group, '/dense' with --quantize-dense. */
+  /** --quantize: 'none' or format/group, '/dense' with --quantize-dense, '/lm_head' with --quantize-lm-head. */
   quantize: string;
   expertdVersion: string;
   /** --expert-placement's table (each expert's owner rank) as JSON, or 'contiguous' (the default). */

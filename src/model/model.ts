@@ -14,7 +14,7 @@ import { GatedDeltaNet, linearStateFloats, type LinearLayerState } from './linea
 import { moeTensors } from './moe-tensors.js';
 import { packMxfp4Expert } from './mxfp4.js';
 import { checkShape, denseFfnTable, packExpert, packFp8Expert, packIntFfn, packLinear, vectorF32 } from './weights.js';
-import { denseQuantize, type QuantizeSpec } from './quantize.js';
+import { denseQuantize, lmHeadQuantize, type QuantizeSpec } from './quantize.js';
 
 export interface ModelOptions {
   /** bf16 dot products for activations (fast mode) instead of f32 (reference mode). */
@@ -24,7 +24,7 @@ export interface ModelOptions {
   loadExpert?: (moeLayer: number, expert: number) => boolean;
   /**
    * --quantize: routed experts quantized at load, with `dense` the attention projections, dense FFNs
-   * and shared experts too (null/absent = the checkpoint's precision).
+   * and shared experts too, with `lmHead` the LM head (null/absent = the checkpoint's precision).
    */
   quantize?: QuantizeSpec | null;
 }
@@ -79,7 +79,7 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
   shortcutOverlap = true;
   /**
    * Resident bytes of the weights outside the routed experts (attention, dense FFNs, shared experts,
-   * router, lm_head; codes and scales where --quantize-dense quantized them), and of the routed
+   * router, lm_head; codes and scales where --quantize-dense / --quantize-lm-head quantized them), and of the routed
    * experts this model holds itself (0 for those the offloader or other ranks hold).
    */
   readonly residentWeightBytes = { dense: 0, experts: 0 };
@@ -98,9 +98,11 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
     this.embed = src.get('model.embed_tokens.weight');
     checkShape('model.embed_tokens.weight', this.embed, [spec.vocabSize, H]);
     this.finalNorm = norm('model.norm.weight', H);
+    // --quantize-lm-head: tied embeddings get a quantized copy for the LM head; the lookup keeps the table.
+    const lq = lmHeadQuantize(opts.quantize);
     if (spec.tieWordEmbeddings && !src.has('lm_head.weight'))
-      this.lmHead = loadNative().packWeight(this.embed.data, this.embed.dtype, spec.vocabSize, H);
-    else this.lmHead = packLinear(src, 'lm_head.weight', spec.vocabSize, H);
+      this.lmHead = loadNative().packWeight(this.embed.data, this.embed.dtype, spec.vocabSize, H, lq?.format, lq?.group);
+    else this.lmHead = packLinear(src, 'lm_head.weight', spec.vocabSize, H, lq);
     this.residentWeightBytes.dense += this.lmHead.sizeBytes;
     const dq = denseQuantize(opts.quantize);
     const denseFfn = (prefix: string, inter: number): ExpertTable => {

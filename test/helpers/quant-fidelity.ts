@@ -31,10 +31,14 @@ export const PRECISIONS: Precision[] = [
   { name: 'fp8 +dense', quantize: quantizeSpec('fp8', 0, true), fast: false, kvDtype: 'f32' },
   { name: 'int4 g32 +dense', quantize: quantizeSpec('int4', 32, true), fast: false, kvDtype: 'f32' },
   { name: 'int4 g128 +dense', quantize: quantizeSpec('int4', 128, true), fast: false, kvDtype: 'f32' },
+  { name: 'int8 +dense +lm_head', quantize: quantizeSpec('int8', 0, true, true), fast: false, kvDtype: 'f32' },
+  { name: 'fp8 +dense +lm_head', quantize: quantizeSpec('fp8', 0, true, true), fast: false, kvDtype: 'f32' },
+  { name: 'int4 g32 +dense +lm_head', quantize: quantizeSpec('int4', 32, true, true), fast: false, kvDtype: 'f32' },
   { name: 'int8, bf16 mode + bf16 KV', quantize: quantizeSpec('int8', 0), fast: true, kvDtype: 'bf16' },
   { name: 'fp8, bf16 mode + bf16 KV', quantize: quantizeSpec('fp8', 0), fast: true, kvDtype: 'bf16' },
   { name: 'int4 g32, bf16 mode + bf16 KV', quantize: quantizeSpec('int4', 32), fast: true, kvDtype: 'bf16' },
   { name: 'int8 +dense, bf16 mode + bf16 KV', quantize: quantizeSpec('int8', 0, true), fast: true, kvDtype: 'bf16' },
+  { name: 'int8 +dense +lm_head, bf16 mode + bf16 KV', quantize: quantizeSpec('int8', 0, true, true), fast: true, kvDtype: 'bf16' },
 ];
 
 interface GoldenFile { cases: { prompt_ids: number[]; greedy: number[] }[]; heldout?: number[][] }
