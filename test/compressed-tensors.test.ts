@@ -20,11 +20,11 @@ import { openCheckpoint, readSafetensorsHeader, writeSafetensors, type TensorToW
 import { quantElement, quantMatrixBytes } from '../src/model/cuda-quant.js';
 import { startExpertRanks } from '../src/dist/expert-ranks.js';
 import { loadNative, packageRoot, type CudaBuffer, type PackedWeight } from '../src/native/index.js';
-import { attachOffloader, skipAllExperts } from '../src/offload/setup.js';
-import { createCudaEmulator } from './helpers/cuda-emu.js';
+import { attachDeviceOffloader, attachOffloader, skipAllExperts } from '../src/offload/setup.js';
+import { createCudaEmulator, withLazyStreams } from './helpers/cuda-emu.js';
 import { emulatorSkip } from './helpers/cuda-skip.js';
 import { startDaemon, stopDaemon } from './helpers/daemon.js';
-import { argmax, DirectRunner } from './helpers/model-runner.js';
+import { argmax, DirectRunner, runAll } from './helpers/model-runner.js';
 
 const root = path.join(packageRoot(), 'test', 'fixtures-quant');
 const W8 = path.join(root, 'qwen2_moe_w8a8');
@@ -480,7 +480,7 @@ test('stored zero points or g_idx, and a group size the scales do not show, are 
 // The device engine (emulator): int experts kept as codes; dense quantized weights refused.
 
 describe('compressed-tensors on the device engine (emulator)', { skip: emulatorSkip }, () => {
-  test('quantized attention / shared experts are refused naming them; so is the device expert cache', () => {
+  test('quantized attention / shared experts are refused naming them', () => {
     const cuda = createCudaEmulator();
     assert.throws(() => loadCudaModel(W8, { device: 0, cuda }),
       /^RangeError: this compressed-tensors checkpoint quantizes \d+ weight\(s\) outside the routed experts \(model\.layers\.0\.mlp\.shared_expert\.down_proj\.weight, .*the device engine has int8 \/ int4 kernels for the routed experts only/);
@@ -493,9 +493,26 @@ describe('compressed-tensors on the device engine (emulator)', { skip: emulatorS
         const experts = path.join(tmp, 'experts');
         decodeCheckpoint(dir, experts, /\.mlp\.experts\.\d+\./, true);
         const cuda = createCudaEmulator();
-        assert.throws(() => loadCudaModel(experts, { device: 0, cuda, loadExperts: false }),
-          /^RangeError: a compressed-tensors checkpoint on the device does not work with the device expert cache yet/);
         const { model } = loadCudaModel(experts, { device: 0, cuda });
+        {
+          // The device expert cache (half the experts): its slots hold the stored codes too, and the outputs
+          // equal the all-resident model's bit for bit.
+          const want = runAll(model, null);
+          const cached = withLazyStreams(createCudaEmulator());
+          const loaded = loadCudaModel(experts, { device: 0, cuda: cached, loadExperts: false });
+          const off = attachDeviceOffloader(loaded, { policy: 'lru', fraction: 0.5 }, cached);
+          try {
+            assert.equal(off.store.slotFormat, fmt === 'int8' ? 'int8' : 'int4 g32');
+            const got = runAll(loaded.model, off);
+            assert.deepEqual(got.tokens, want.tokens, 'greedy tokens through the cache');
+            got.logits.forEach((l, i) => assert.deepEqual(l, want.logits[i], `logits of step ${i} through the cache`));
+            const st = off.stats();
+            assert.ok(st.slots < st.totalExperts && st.misses > 0 && off.cache.evictions > 0, JSON.stringify(st));
+          } finally {
+            off.dispose();
+            loaded.model.dispose();
+          }
+        }
         const cpu = loadModel(experts, { fast: false }).model;
         try {
           assert.deepEqual(model.expertQuant, fmt === 'int8' ? { format: 'int8', group: 0, blockRows: 0 } : { format: 'int4', group: 32, blockRows: 0 });

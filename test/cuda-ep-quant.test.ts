@@ -31,6 +31,11 @@ const cases: { label: string; dir: () => string; quantize: QuantizeSpec | null; 
   { label: 'longcat_flash --quantize int4 g32', dir: () => fixture('longcat_flash'), quantize: quantizeSpec('int4', 32), format: 'int4', pn: 1 },
   { label: 'an FP8 checkpoint (24 x 48 blocks, kept FP8)', dir: fp8Checkpoint, quantize: null, format: 'fp8', pn: 1 },
   { label: 'an FP8 checkpoint with --quantize int8', dir: fp8Checkpoint, quantize: quantizeSpec('int8', 0), format: 'int8', pn: 2 },
+  // gpt-oss's biased, clamped-SwiGLU experts: each rank runs cudaGroupGemmBiasedFfn over its quantized slice.
+  { label: 'gpt_oss --quantize int8', dir: () => fixture('gpt_oss'), quantize: quantizeSpec('int8', 0), format: 'int8', pn: 1 },
+  { label: 'gpt_oss --quantize fp8, PN 2', dir: () => fixture('gpt_oss'), quantize: quantizeSpec('fp8', 0), format: 'fp8', pn: 2 },
+  // --quantize-dense: rank 0's attention and shared expert quantized too (expert ranks hold experts only).
+  { label: 'qwen2_moe --quantize int8 --quantize-dense, PN 2', dir: () => fixture('qwen2_moe'), quantize: quantizeSpec('int8', 0, true), format: 'int8', pn: 2 },
 ];
 
 for (const c of cases) {
@@ -97,4 +102,12 @@ test('expertd serve --device cuda --quantize int8 (emulated): --expert-parallel 
   assert.deepEqual(cached.logprobs, one.logprobs, '--expert-cache-fraction 0.5: logprobs');
   // qwen2_moe fixture: H 64, I 32: int8 gate_up 4096 + 256 B, down 2048 + 256 B.
   assert.match(cached.logs, /expert cache \d+\/\d+ experts \(int8\) in slots of 6\.5 KiB/);
+});
+
+test('expertd serve --device cuda --quantize int8 --quantize-dense (emulated): served, and rank processes answer as one device', { skip: emulatorSkip }, async () => {
+  const env = { EXPERTD_CUDA_STANDIN: emu };
+  const one = await texts(['--quantize-dense'], env);
+  const procs = await texts(['--quantize-dense', '--nproc-per-node', '2', '--dist-moe', 'expert'], env);
+  assert.deepEqual(procs.texts, one.texts, '--nproc-per-node 2 --dist-moe expert');
+  assert.deepEqual(procs.logprobs, one.logprobs, '--nproc-per-node 2 --dist-moe expert: logprobs');
 });

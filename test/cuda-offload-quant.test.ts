@@ -50,6 +50,13 @@ const cases: { label: string; dir: () => string; quantize: QuantizeSpec | null; 
   // with --quantize re-quantized from the dequantised weights, as the resident tables hold them.
   { label: 'an FP8 checkpoint (24 x 48 blocks)', dir: fp8Checkpoint, quantize: null, format: 'fp8', group: 48, fp8Block: [24, 48] },
   { label: 'an FP8 checkpoint with --quantize int8', dir: fp8Checkpoint, quantize: quantizeSpec('int8', 0), format: 'int8', group: 0 },
+  // gpt-oss: biased, clamped-SwiGLU experts (cudaGroupGemmBiasedFfn over the quantized slots; the
+  // biases stay resident).
+  { label: 'gpt_oss --quantize int8', dir: () => fixture('gpt_oss'), quantize: quantizeSpec('int8', 0), format: 'int8', group: 0 },
+  { label: 'gpt_oss --quantize int4 g32', dir: () => fixture('gpt_oss'), quantize: quantizeSpec('int4', 32), format: 'int4', group: 32 },
+  { label: 'gpt_oss --quantize fp8', dir: () => fixture('gpt_oss'), quantize: quantizeSpec('fp8', 0), format: 'fp8', group: 128 },
+  // --quantize-dense: the attention and shared expert weights quantized beside the cached experts.
+  { label: 'qwen2_moe --quantize int8 --quantize-dense', dir: () => fixture('qwen2_moe'), quantize: quantizeSpec('int8', 0, true), format: 'int8', group: 0 },
 ];
 
 for (const c of cases) {
@@ -114,11 +121,4 @@ test('device expert cache: the same --expert-cache-gb holds more quantized exper
   assert.equal(int8.slots, Math.floor(budget / int8.slotBytes));
   assert.ok(int8.slots > bf16.slots && int8.slots < int8.total, `int8: ${int8.slots} slots`);
   assert.equal(int4.slots, int4.total, 'int4 g32: every expert fits in the budget of 10 bf16 ones');
-});
-
-test('--quantize on the device with gpt-oss (biased, clamped-SwiGLU experts) is refused at load with the reason, resident and cached', { skip: emulatorSkip }, () => {
-  for (const loadExperts of [true, false]) {
-    assert.throws(() => loadCudaModel(fixture('gpt_oss'), { device: 0, cuda: createCudaEmulator(), loadExperts, quantize: quantizeSpec('int8', 0) }),
-      /^RangeError: --quantize int8 on the device: gpt_oss's experts \(biases and the clamped SwiGLU\) run on bf16 expert tables only/);
-  }
 });

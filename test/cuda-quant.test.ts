@@ -8,7 +8,8 @@ import { readFileSync, rmSync } from 'node:fs';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 
-import { loadCudaModel, loadModel } from '../src/model/load.js';
+import { CheckpointSource, loadCudaModel, loadModel } from '../src/model/load.js';
+import { MoeModel } from '../src/model/model.js';
 import { deviceQuant, quantMatrixBytes, rawQuantMatrix, type DeviceQuant } from '../src/model/cuda-quant.js';
 import { bf16ToF32, f32ToBf16 } from '../src/model/kv-dtype.js';
 import { quantizeSpec } from '../src/model/quantize.js';
@@ -16,6 +17,7 @@ import { loadNative, packageRoot, type CudaAddon, type CudaBuffer, type CudaQuan
 import { createCudaEmulator } from './helpers/cuda-emu.js';
 import { emulatorSkip, needsCudaBuild, needsCudaDevice } from './helpers/cuda-skip.js';
 import { e4m3, makeFp8Checkpoint, toE4m3 } from './helpers/fp8-checkpoint.js';
+import { dequantDenseSource, gptOssDequantExperts } from './helpers/device-dequant.js';
 import { DirectRunner } from './helpers/model-runner.js';
 
 const fixturesDir = path.join(packageRoot(), 'test', 'fixtures');
@@ -275,6 +277,122 @@ function kernelSuite(label: string, cu: () => CudaAddon, skip: string | false) {
       }
     }
 
+    // gpt-oss's experts over quantized tables (cudaGroupGemmBiasedFfn's plain passes): per-expert biases
+    // on both projections and the clamped SwiGLU, against float64 over the dequantised weights.
+    const alpha = 1.702, limit = 7;
+    for (const layout of [{ format: 'int8' }, { format: 'int4', group: 32 }, { format: 'fp8' },
+      { format: 'fp8', group: 48, blockRows: 24 }] as CudaQuantLayout[]) {
+      const q = deviceQuant(layout);
+      const four = q.format === 'int4';
+      const name = `${q.format}${four ? ` g${q.group}` : ''}${q.format === 'fp8' ? ` ${q.blockRows}x${q.group}` : ''}`;
+      for (const c of [
+        { E: 4, H: 64, I: 32, counts: [0, 1, 17, 70] },
+        { E: 5, H: 96, I: four ? 64 : 48, counts: [3, 6, 0, 130, 2], empty: 1 },
+      ]) {
+        test(`${name}, biased clamped-SwiGLU experts (gpt-oss): E=${c.E} H=${c.H} I=${c.I} counts=[${c.counts}]`, () => {
+          const cu = api!;
+          const { E, H, I, counts } = c;
+          const rows = counts.reduce((a, b) => a + b, 0);
+          const offsets = new Int32Array(E + 1);
+          for (let e = 0; e < E; e++) offsets[e + 1] = offsets[e]! + counts[e]!;
+          // Gate/up biases past +-limit on some columns, so that the clamp is reached.
+          const x = bf16Round(uniform(rows * H, -2, 2));
+          const guBias = uniform(E * 2 * I, -9, 9), dnBias = uniform(E * H, -1, 1);
+          const table = new cu.CudaExpertTable(E, H, I, layout);
+          const gu: (Float64Array | null)[] = [], dn: (Float64Array | null)[] = [];
+          for (let e = 0; e < E; e++) {
+            if (e === c.empty) {
+              gu.push(null);
+              dn.push(null);
+              continue;
+            }
+            const g = randomMatrix(q, 2 * I, H, true), d = randomMatrix(q, H, I, false);
+            gu.push(g.w);
+            dn.push(d.w);
+            table.set(e, upload(g.blob), upload(d.blob));
+          }
+          const y = poisoned(rows * H), hs = poisoned(rows * I, 2), gus = poisoned(rows * 2 * I);
+          cu.cudaGroupGemmBiasedFfn(upload(bf16Array(x)), upload(offsets), table, rows, gus, hs, y,
+            { gateUpBias: upload(guBias), downBias: upload(dnBias), alpha, limit });
+          // float64 reference: the activation as biased_ffn.cu's contract, h rounded to bf16 as stored.
+          const refH = new Float64Array(rows * I), refY = new Float64Array(rows * H);
+          let clamped = 0;
+          for (let e = 0; e < E; e++) {
+            if (!gu[e]) continue;
+            for (let r = offsets[e]!; r < offsets[e + 1]!; r++) {
+              for (let i = 0; i < I; i++) {
+                let g = guBias[e * 2 * I + i]!, u = guBias[e * 2 * I + I + i]!;
+                for (let k = 0; k < H; k++) {
+                  g += x[r * H + k]! * gu[e]![i * H + k]!;
+                  u += x[r * H + k]! * gu[e]![(I + i) * H + k]!;
+                }
+                if (g > limit || Math.abs(u) > limit) clamped++;
+                const gc = Math.min(g, limit), uc = Math.max(-limit, Math.min(limit, u));
+                refH[r * I + i] = bf16ToF32(f32ToBf16((uc + 1) * gc / (1 + Math.exp(-alpha * gc))));
+              }
+              for (let o = 0; o < H; o++) {
+                let v = dnBias[e * H + o]!;
+                for (let i = 0; i < I; i++) v += refH[r * I + i]! * dn[e]![o * I + i]!;
+                refY[r * H + o] = v;
+              }
+            }
+          }
+          assert.ok(clamped > 0, 'the clamp is exercised');
+          const gotY = f32Of(y, rows * H), gotH = bf16Of(hs, rows * I);
+          const written = (r: number) => c.empty === undefined || r < offsets[c.empty]! || r >= offsets[c.empty + 1]!;
+          for (let r = 0; r < rows; r++)
+            if (!written(r)) assert.ok(gotY.subarray(r * H, r * H + H).every(Number.isNaN), `row ${r} of an empty slot was written`);
+          const pick = (a: ArrayLike<number>, w: number) =>
+            Float64Array.from({ length: rows * w }, (_, i) => a[i]!).filter((_, i) => written(Math.floor(i / w)));
+          close('y', pick(gotY, H), pick(refY, H), 8e-3);
+          close('hScratch', pick(gotH, I), pick(refH, I), 1.5e-2);
+          assert.equal(cu.cudaDeviceLost(), false);
+          table.dispose();
+        });
+      }
+    }
+
+    // --quantize-dense: the plain quantized GEMM (one matrix, bias, accumulate) against float64.
+    for (const layout of LAYOUTS) {
+      const q = deviceQuant(layout);
+      const name = `${q.format}${q.format === 'int4' ? ` g${q.group}` : ''}${q.format === 'fp8' ? ` ${q.blockRows}x${q.group}` : ''}`;
+      for (const [m, n, k] of [[1, 40, 64], [5, 96, 128], [70, 72, 96]] as const) {
+        if ((q.format === 'int4' || q.format === 'mxfp4') && k % 32) continue;
+        test(`${name}: cudaDenseGemmQuant m=${m} n=${n} k=${k}, bias and accumulate`, () => {
+          const cu = api!;
+          const x = bf16Round(uniform(m * k));
+          const w = randomMatrix(q, n, k, false);
+          const bias = uniform(n), y0 = uniform(m * n);
+          const ref = new Float64Array(m * n), refPlain = new Float64Array(m * n);
+          for (let r = 0; r < m; r++)
+            for (let o = 0; o < n; o++) {
+              let v = 0;
+              for (let c = 0; c < k; c++) v += x[r * k + c]! * w.w[o * k + c]!;
+              refPlain[r * n + o] = v;
+              ref[r * n + o] = v + bias[o]! + y0[r * n + o]!;
+            }
+          const xb = upload(bf16Array(x)), wb = upload(w.blob);
+          const y = upload(y0);
+          cu.cudaDenseGemmQuant(xb, m, wb, n, k, layout, y, upload(bias), true);
+          close('y (bias, accumulate)', f32Of(y, m * n), ref, 8e-3);
+          const yp = poisoned(m * n);
+          cu.cudaDenseGemmQuant(xb, m, wb, n, k, layout, yp, null, false);
+          close('y', f32Of(yp, m * n), refPlain, 8e-3);
+          assert.equal(cu.cudaDeviceLost(), false);
+        });
+      }
+    }
+
+    test('cudaDenseGemmQuant checks its shape and buffers', () => {
+      const cu = api!;
+      const x = cu.cudaBuffer(64 * 2), y = cu.cudaBuffer(64 * 4);
+      assert.throws(() => cu.cudaDenseGemmQuant(x, 1, cu.cudaBuffer(4096), 16, 48, { format: 'int4', group: 32 }, y, null, false),
+        { name: 'RangeError', message: 'int4 matrices on the device need k a multiple of 32 and n even (n is 16, k is 48)' });
+      const need = quantMatrixBytes(deviceQuant({ format: 'int8' }), 16, 64, false).totalBytes;
+      assert.throws(() => cu.cudaDenseGemmQuant(x, 1, cu.cudaBuffer(need - 16), 16, 64, { format: 'int8' }, y, null, false),
+        { name: 'RangeError', message: `w.sizeBytes is ${need - 16}, expected at least ${need}` });
+    });
+
     test('the tables check their layout and buffers; sm90 tiles are bf16 only', () => {
       const cu = api!;
       assert.throws(() => new cu.CudaExpertTable(2, 64, 48, { format: 'int4', group: 32 }),
@@ -417,4 +535,101 @@ describe('the device engine serves quantized experts (emulator)', { skip: emulat
       rmSync(root, { recursive: true, force: true });
     }
   });
+});
+
+describe('gpt-oss --quantize on the device (emulator): biased, clamped-SwiGLU experts over quantized tables', { skip: emulatorSkip }, () => {
+  const dir = path.join(fixturesDir, 'gpt_oss');
+  for (const [fmt, group] of [['int8', 0], ['int4', 32], ['fp8', 128]] as const) {
+    test(`gpt_oss --quantize ${fmt}${fmt === 'int4' ? ` --quantize-group ${group}` : ''}: logits and greedy tokens as the CPU engine over the same dequantised experts`, (t) => {
+      const quantize = quantizeSpec(fmt, group || 32);
+      const cuda = createCudaEmulator();
+      const { model } = loadCudaModel(dir, { device: 0, cuda, quantize });
+      const plain = loadCudaModel(dir, { device: 0, cuda }).model;
+      // The reference: the CPU engine's bf16 mode over the checkpoint with every expert replaced by the
+      // values the device multiplies, bf16(f32(code x scale)) (its own CPU kernels, attention and
+      // router; the device's bf16 model measured 0.003% of the range off this mode on gpt_oss).
+      const base = loadModel(dir, { fast: true });
+      const src = gptOssDequantExperts(base.spec, new CheckpointSource(base.checkpoint), quantize!);
+      const ref = new MoeModel(base.spec, src, { fast: true });
+      // And the CPU engine with the same --quantize (its int kernels with f32 activations; fp8 in fast mode).
+      const cpuQuant = loadModel(dir, { fast: fmt === 'fp8', quantize }).model;
+      try {
+        assert.equal(model.expertQuant?.format, fmt);
+        assert.equal(src.replaced, 2 * base.spec.numLayers, 'every layer\'s experts replaced');
+        assert.ok(model.weightBytes < plain.weightBytes, `${model.weightBytes} B quantized vs ${plain.weightBytes} B bf16`);
+        const { mean, worst } = compareEngines(dir, model, ref);
+        // Measured (emulator), mean / worst: int8 0.0005% / 0.013%, int4 g32 0 / 0, fp8 0.016% / 0.12% (the CPU's
+        // bf16 kernels sum in another order than the device's f32 accumulators).
+        assert.ok(mean <= 5e-4, `logits off the reference by ${(mean * 100).toFixed(3)}% of their range on average`);
+        assert.ok(worst <= 5e-3, `logits off the reference by up to ${(worst * 100).toFixed(3)}% of their range`);
+        const cases = (JSON.parse(readFileSync(path.join(dir, 'golden.json'), 'utf8')) as { cases: GoldenCase[] }).cases;
+        for (const c of cases)
+          assert.deepEqual(new DirectRunner(model).greedy(c.prompt_ids, 8), new DirectRunner(ref).greedy(c.prompt_ids, 8), 'greedy tokens');
+        // Quantization shows: the bf16 device model is further off the reference than the quantized one.
+        assert.ok(compareEngines(dir, plain as never, ref).mean > 4 * mean, 'the quantized device model is not the bf16 one');
+        // The CPU engine's own --quantize: same codes and scales, f32 weights and activations in its int
+        // kernels where the device rounds both to bf16. On this fixture (its clamped SwiGLU near the limit)
+        // even the unquantized device model is 1.04% of the range off the CPU's f32 mode on average (5.1%
+        // worst); quantized, measured 0.71-1.47% mean and 2.8-9.6% worst.
+        const vsCpu = compareEngines(dir, model, cpuQuant);
+        t.diagnostic(`vs the dequantised reference: mean ${(mean * 100).toFixed(4)}%, worst ${(worst * 100).toFixed(4)}%; ` +
+          `vs the CPU engine's --quantize: mean ${(vsCpu.mean * 100).toFixed(2)}%, worst ${(vsCpu.worst * 100).toFixed(2)}%`);
+        assert.ok(vsCpu.mean <= 0.02 && vsCpu.worst <= 0.12, `off the CPU engine's --quantize by ${JSON.stringify(vsCpu)}`);
+      } finally {
+        model.dispose();
+        plain.dispose();
+        ref.dispose();
+        base.model.dispose();
+        cpuQuant.dispose();
+      }
+    });
+  }
+});
+
+describe('--quantize-dense on the device (emulator): attention, Gated DeltaNet, dense FFN and shared expert weights quantized', { skip: emulatorSkip }, () => {
+  // fp8 only where the device keeps each checkpoint tensor as one matrix (qwen3_next splits its gated
+  // q_proj and fused in_proj_qkvz by rows, which moves fp8's 128-row blocks; per-row int8 / int4 do not
+  // care; qwen3_next's experts, inter 16, take no int4). Bounds (mean, worst, of the logits' range): the
+  // device's bf16 model is already off the CPU's bf16 mode on MLA (0.006% mean, 0.09% worst) and
+  // qwen3_next (0.10%, 0.36%), where an f32 sum order flips an activation's bf16 rounding now and then,
+  // and the quantized weights carry such flips further: measured qwen2_moe 0 / 0, deepseek_v2 int4
+  // 0.17% / 1.96% (one prompt, from its 4th position; its routing equal), fp8 0.019% / 0.25%, qwen3_next
+  // int8 0.32% / 1.29%; without --quantize-dense the same models are 4-33% off.
+  for (const [fixture, fmt, group, meanTol, worstTol] of [
+    ['qwen2_moe', 'int8', 0, 5e-4, 5e-3], ['qwen2_moe', 'fp8', 128, 5e-4, 5e-3],
+    ['deepseek_v2', 'int4', 32, 5e-3, 0.03], ['deepseek_v2', 'fp8', 128, 5e-3, 0.03],
+    ['qwen3_next', 'int8', 0, 5e-3, 0.03],
+  ] as const) {
+    test(`${fixture} --quantize ${fmt}${fmt === 'int4' ? ` --quantize-group ${group}` : ''} --quantize-dense: as the CPU engine over the same dequantised weights`, (t) => {
+      const dir = path.join(fixturesDir, fixture);
+      const quantize = quantizeSpec(fmt, group || 32, true);
+      const cuda = createCudaEmulator();
+      const { model } = loadCudaModel(dir, { device: 0, cuda, quantize });
+      const expertsOnly = loadCudaModel(dir, { device: 0, cuda, quantize: quantizeSpec(fmt, group || 32) }).model;
+      // The reference: the CPU engine's bf16 mode over the checkpoint with every weight the CPU's
+      // --quantize-dense quantizes replaced by the values the device multiplies (test/helpers/device-dequant.ts).
+      const base = loadModel(dir, { fast: true });
+      const src = dequantDenseSource(new CheckpointSource(base.checkpoint), quantize!);
+      const ref = new MoeModel(base.spec, src, { fast: true });
+      try {
+        assert.ok(model.weightBytes < expertsOnly.weightBytes, `--quantize-dense holds ${model.weightBytes} B, --quantize alone ${expertsOnly.weightBytes} B`);
+        const { mean, worst } = compareEngines(dir, model, ref);
+        const vsExperts = compareEngines(dir, expertsOnly, ref);
+        t.diagnostic(`${src.replaced} weights replaced; vs the reference: mean ${(mean * 100).toFixed(4)}%, worst ${(worst * 100).toFixed(4)}%; ` +
+          `--quantize without -dense vs the reference: mean ${(vsExperts.mean * 100).toFixed(3)}%`);
+        assert.ok(mean <= meanTol, `logits off the reference by ${(mean * 100).toFixed(3)}% of their range on average`);
+        assert.ok(worst <= worstTol, `logits off the reference by up to ${(worst * 100).toFixed(3)}% of their range`);
+        // The dense weights' quantization shows: the model with bf16 dense weights is further off.
+        assert.ok(vsExperts.mean > 4 * mean, 'the --quantize-dense device model is not the --quantize one');
+        const cases = (JSON.parse(readFileSync(path.join(dir, 'golden.json'), 'utf8')) as { cases: GoldenCase[] }).cases;
+        for (const c of cases)
+          assert.deepEqual(new DirectRunner(model).greedy(c.prompt_ids, 8), new DirectRunner(ref).greedy(c.prompt_ids, 8), 'greedy tokens');
+      } finally {
+        model.dispose();
+        expertsOnly.dispose();
+        ref.dispose();
+        base.model.dispose();
+      }
+    });
+  }
 });

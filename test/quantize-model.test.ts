@@ -249,7 +249,7 @@ test('--quantize int8 --quantize-dense --quantize-lm-head on every fixture: the 
   assert.equal(cached.length, fixtures.length - 1);
 });
 
-test('--quantize flags: bad groups and --quantize-dense on the device are refused with a reason', () => {
+test('--quantize flags: bad groups are refused with a reason; --quantize-dense is taken on the CPU and the device', () => {
   assert.equal(quantizeOption({ quantize: 'none' }, 'cpu'), null);
   assert.deepEqual(quantizeOption({ quantize: 'int4', 'quantize-group': 128 }, 'cpu'), { format: 'int4', group: 128 });
   assert.throws(() => quantizeOption({ quantize: 'int4', 'quantize-group': 64 }, 'cpu'), /int4 groups are 32 or 128/);
@@ -257,7 +257,8 @@ test('--quantize flags: bad groups and --quantize-dense on the device are refuse
   // on expert ranks too (test/cuda-offload-quant.test.ts, test/ep.test.ts).
   assert.deepEqual(quantizeOption({ quantize: 'int8' }, 'cuda:0'), { format: 'int8', group: 0 });
   assert.deepEqual(quantizeOption({ quantize: 'fp8', 'expert-parallel': 2 }, 'cuda:0'), { format: 'fp8', group: 128 });
-  assert.throws(() => quantizeOption({ quantize: 'int8', 'quantize-dense': true }, 'cuda:0'), /--quantize-dense runs on the CPU engine/);
+  // The device engine quantizes the dense weights too (test/cuda-quant.test.ts).
+  assert.deepEqual(quantizeOption({ quantize: 'int8', 'quantize-dense': true }, 'cuda:0'), { format: 'int8', group: 0, dense: true });
   assert.deepEqual(quantizeOption({ quantize: 'int8', 'quantize-dense': true }, 'cpu'), { format: 'int8', group: 0, dense: true });
   assert.throws(() => quantizeOption({ quantize: 'none', 'quantize-dense': true }, 'cpu'),
     /^UsageError: --quantize-dense needs --quantize int8, int4 or fp8/);

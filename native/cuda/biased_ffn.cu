@@ -1,9 +1,12 @@
 // gpt-oss's experts on the device: gate_up and down projections with per-expert biases and the
 // clamped SwiGLU between them, as two plain GroupGemm passes (group_gemm.cu) with a bias+activation
-// kernel and a bias kernel around them; and the clamped SwiGLU alone for the per-expert dense path.
+// kernel and a bias kernel around them (bf16 tables; quantized ones through the dequantising
+// GroupGemm's plain pass, group_gemm_quant.cu); and the clamped SwiGLU alone for the per-expert
+// dense path.
 #include <algorithm>
 
 #include "cuda_common.h"
+#include "expertd/cuda_quant.h"
 
 namespace expertd::cuda {
 namespace {
@@ -31,8 +34,9 @@ __device__ int expert_of_row(const int32_t* offsets, int num_experts, int r) {
 }
 
 // One block per row (grid-stride): h [r, :I] bf16 = act(gu [r, :I] + bias_e[:I], gu [r, I:] + bias_e[I:]).
+// weights: the table's pointers (bf16 or quantized), read for the empty-slot test only.
 __global__ void biased_swiglu_kernel(const float* gu, const int32_t* offsets,
-                                     const uint16_t* const* weights, int num_experts,
+                                     const void* const* weights, int num_experts,
                                      const float* bias, int rows, int inter, float alpha,
                                      float limit, uint16_t* h) {
   __shared__ int s_e;
@@ -55,7 +59,7 @@ __global__ void biased_swiglu_kernel(const float* gu, const int32_t* offsets,
 
 // y [r, :] += bias_e [:] for the rows of every expert with weights.
 __global__ void expert_bias_add_kernel(float* y, const int32_t* offsets,
-                                       const uint16_t* const* weights, int num_experts,
+                                       const void* const* weights, int num_experts,
                                        const float* bias, int rows, int n) {
   __shared__ int s_e;
   for (int r = blockIdx.x; r < rows; r += gridDim.x) {
@@ -82,6 +86,23 @@ __global__ void clamped_swiglu_kernel(const float* gu, int tokens, int inter, fl
 
 unsigned row_blocks(int rows) { return static_cast<unsigned>(std::min(rows, 1 << 16)); }
 
+// The bias + clamped-SwiGLU kernel and the down bias kernel around two plain passes `pass`.
+template <typename Pass>
+void biased_ffn(const int32_t* offsets, const void* const* gate_up, const void* const* down,
+                int num_experts, int rows, int hidden, int inter, const float* gate_up_bias,
+                const float* down_bias, float alpha, float limit, float* gu_scratch,
+                uint16_t* h_scratch, float* y, Stream s, Pass pass) {
+  pass(true);
+  biased_swiglu_kernel<<<row_blocks(rows), 128, 0, s>>>(gu_scratch, offsets, gate_up, num_experts,
+                                                        gate_up_bias, rows, inter, alpha, limit,
+                                                        h_scratch);
+  EXPERTD_CUDA_LAUNCH_CHECK();
+  pass(false);
+  expert_bias_add_kernel<<<row_blocks(rows), 128, 0, s>>>(y, offsets, down, num_experts, down_bias,
+                                                          rows, hidden);
+  EXPERTD_CUDA_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 void group_gemm_biased_ffn(const uint16_t* x, const int32_t* offsets,
@@ -93,33 +114,43 @@ void group_gemm_biased_ffn(const uint16_t* x, const int32_t* offsets,
   ensure_alive();
   if (rows <= 0) return;
   s = or_default(s);
-  GroupGemmParams g;
-  g.x = x;
-  g.offsets = offsets;
-  g.weights = gate_up;
-  g.num_experts = num_experts;
-  g.rows = rows;
-  g.n = 2 * inter;
-  g.k = hidden;
-  g.out = gu_scratch;
-  group_gemm(g, s);
-  biased_swiglu_kernel<<<row_blocks(rows), 128, 0, s>>>(gu_scratch, offsets, gate_up, num_experts,
-                                                        gate_up_bias, rows, inter, alpha, limit,
-                                                        h_scratch);
-  EXPERTD_CUDA_LAUNCH_CHECK();
-  GroupGemmParams d;
-  d.x = h_scratch;
-  d.offsets = offsets;
-  d.weights = down;
-  d.num_experts = num_experts;
-  d.rows = rows;
-  d.n = hidden;
-  d.k = inter;
-  d.out = y;
-  group_gemm(d, s);
-  expert_bias_add_kernel<<<row_blocks(rows), 128, 0, s>>>(y, offsets, down, num_experts, down_bias,
-                                                          rows, hidden);
-  EXPERTD_CUDA_LAUNCH_CHECK();
+  biased_ffn(offsets, reinterpret_cast<const void* const*>(gate_up),
+             reinterpret_cast<const void* const*>(down), num_experts, rows, hidden, inter,
+             gate_up_bias, down_bias, alpha, limit, gu_scratch, h_scratch, y, s, [&](bool gu) {
+               GroupGemmParams g;
+               g.x = gu ? x : h_scratch;
+               g.offsets = offsets;
+               g.weights = gu ? gate_up : down;
+               g.num_experts = num_experts;
+               g.rows = rows;
+               g.n = gu ? 2 * inter : hidden;
+               g.k = gu ? hidden : inter;
+               g.out = gu ? gu_scratch : y;
+               group_gemm(g, s);
+             });
+}
+
+void group_gemm_biased_quant_ffn(const uint16_t* x, const int32_t* offsets,
+                                 const uint8_t* const* gate_up, const uint8_t* const* down,
+                                 int num_experts, int rows, int hidden, int inter,
+                                 const QuantLayout& layout, const float* gate_up_bias,
+                                 const float* down_bias, float alpha, float limit,
+                                 float* gu_scratch, uint16_t* h_scratch, float* y, Stream s) {
+  ensure_alive();
+  const std::string why = quant_layout_error(layout, hidden, inter);
+  EXPERTD_CHECK(why.empty(), ErrorCode::InvalidArg, "group_gemm_quant: " + why);
+  if (rows <= 0) return;
+  s = or_default(s);
+  biased_ffn(offsets, reinterpret_cast<const void* const*>(gate_up),
+             reinterpret_cast<const void* const*>(down), num_experts, rows, hidden, inter,
+             gate_up_bias, down_bias, alpha, limit, gu_scratch, h_scratch, y, s, [&](bool gu) {
+               if (gu)
+                 group_gemm_quant_plain(x, offsets, gate_up, num_experts, rows, 2 * inter, hidden,
+                                        true, layout, gu_scratch, GemmTile::Auto, s);
+               else
+                 group_gemm_quant_plain(h_scratch, offsets, down, num_experts, rows, hidden, inter,
+                                        false, layout, y, GemmTile::Auto, s);
+             });
 }
 
 void clamped_swiglu(const float* gu, int tokens, int inter, float alpha, float limit, float* out,

@@ -334,7 +334,8 @@ std::string js_number(double d) {
 }
 
 // The optional quantization of a CudaExpertTable: { format, group?, blockRows? } (null: bf16).
-cuda::QuantLayout parse_quant_layout(Napi::Env env, Napi::Value v, int hidden, int inter) {
+// { format, group?, blockRows? } or null, defaults filled in, not checked against a shape.
+cuda::QuantLayout parse_quant_format(Napi::Env env, Napi::Value v) {
   cuda::QuantLayout l;
   if (is_nullish(v)) return l;
   if (!v.IsObject()) throw_type(env, "quant must be an object or null");
@@ -357,6 +358,12 @@ cuda::QuantLayout parse_quant_layout(Napi::Env env, Napi::Value v, int hidden, i
   };
   l.group = l.q == QFormat::I8 ? 0 : field("group", group);
   l.block_rows = l.q == QFormat::F8 ? field("blockRows", block_rows) : 0;
+  return l;
+}
+
+cuda::QuantLayout parse_quant_layout(Napi::Env env, Napi::Value v, int hidden, int inter) {
+  const cuda::QuantLayout l = parse_quant_format(env, v);
+  if (l.q == QFormat::None) return l;
   const std::string why = cuda::quant_layout_error(l, hidden, inter);
   if (!why.empty()) throw_range(env, why);
   return l;
@@ -792,14 +799,13 @@ Napi::Value quant_paths(const Napi::CallbackInfo& info) {
 
 // cudaGroupGemmBiasedFfn(x, offsets, experts, rows, guScratch, hScratch, y, opts, stream?)
 // opts: { gateUpBias [E, 2I] f32, downBias [E, H] f32 (CudaBuffers), alpha, limit } (gpt-oss).
+// A quantized table runs the dequantising GroupGemm's plain passes (group_gemm_quant.cu).
 Napi::Value group_gemm_biased_ffn(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   expect_args(info, 8, "cudaGroupGemmBiasedFfn");
   if (!info[2].IsObject() || !info[2].As<Napi::Object>().InstanceOf(ctors(env).table.Value()))
     throw_type(env, "experts must be a CudaExpertTable");
   TableHandle* t = TableHandle::Unwrap(info[2].As<Napi::Object>());
-  if (t->quantized())
-    throw_type(env, "cudaGroupGemmBiasedFfn reads bf16 expert tables; this table is quantized");
   const int e = t->num_experts(), h = t->hidden(), inter = t->inter();
   const int rows = dim(info, 3, "rows", 0, 1 << 28);
   if (!info[7].IsObject()) throw_type(env, "opts must be an object");
@@ -824,9 +830,38 @@ Napi::Value group_gemm_biased_ffn(const Napi::CallbackInfo& info) {
   const float* db = opt_float_buf(env, o, "downBias", mul(e, h, F4));
   if (!gub || !db) throw_type(env, "opts.gateUpBias and opts.downBias must be CudaBuffers");
   const uint16_t* const* table = t->device_table(env, s);
+  if (t->quantized()) {
+    const auto* qt = reinterpret_cast<const uint8_t* const*>(table);
+    guard(env, [&] {
+      cuda::group_gemm_biased_quant_ffn(x, offsets, qt, qt + e, e, rows, h, inter, t->quant(), gub, db, alpha,
+                                        limit, gu, hs, y, s);
+    });
+    return env.Undefined();
+  }
   guard(env, [&] {
     cuda::group_gemm_biased_ffn(x, offsets, table, table + e, e, rows, h, inter, gub, db, alpha, limit, gu, hs, y, s);
   });
+  return env.Undefined();
+}
+
+// cudaDenseGemmQuant(x, m, w, n, k, quant, y, bias, accumulate, stream?): y [m, n] f32 (+)= x [m, k]
+// bf16 W^T (+ bias), W [n, k] one matrix in quant's layout (cuda_quant.h), --quantize-dense.
+Napi::Value dense_gemm_quant(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 9, "cudaDenseGemmQuant");
+  const int m = dim(info, 1, "m"), n = dim(info, 3, "n", 2), k = dim(info, 4, "k", 16);
+  const cuda::QuantLayout l = parse_quant_format(env, info[5]);
+  if (l.q == QFormat::None) throw_type(env, "quant must be an object");
+  const std::string why = cuda::quant_dense_error(l, n, k);
+  if (!why.empty()) throw_range(env, why);
+  const size_t w_bytes = cuda::quant_matrix_bytes(l, n, k, false).total_bytes;
+  const uint16_t* x = get_aligned_buf<uint16_t>(info, 0, "x", mul(m, k, B2), 16);
+  const uint8_t* w = get_aligned_buf<uint8_t>(info, 2, "w", w_bytes, 16);
+  float* y = get_aligned_buf<float>(info, 6, "y", mul(m, n, F4), 8);
+  const float* bias = is_nullish(info[7]) ? nullptr : get_aligned_buf<float>(info, 7, "bias", n * F4, 4);
+  const bool acc = get_bool(info, 8, "accumulate");
+  Stream s = get_stream(info, 9);
+  guard(env, [&] { cuda::dense_gemm_quant(x, m, w, n, k, l, y, bias, acc, s); });
   return env.Undefined();
 }
 
@@ -1595,6 +1630,7 @@ void register_cuda(Napi::Env env, Napi::Object exports) {
   fn("cudaQuantPaths", quant_paths);
   fn("cudaGroupGemmBiasedFfn", group_gemm_biased_ffn);
   fn("cudaDenseGemm", dense_gemm);
+  fn("cudaDenseGemmQuant", dense_gemm_quant);
   fn("cudaRoute", route);
   fn("cudaPermute", permute);
   fn("cudaUnpermuteCombine", unpermute_combine);

@@ -31,6 +31,12 @@ struct QArgs {
   int scale_cols;       // scales per scale row
   int gate_scale_rows;  // F8 gate_up: first scale row of the up half
   size_t scale_offset;  // bytes from the matrix start to its scales
+  int half;             // gate_up matrices: the first weight row of the up half (I); 0 otherwise
+  // The plain GEMM (dense_gemm_quant): one matrix for every row (offsets and weights unused), and
+  // its epilogue (acc + bias[col]) + old y, each an f32 add (dense_gemm's order).
+  const uint8_t* dense_w;
+  const float* bias;
+  bool accumulate;
 };
 
 using namespace sm80;  // cp_async16, ldmatrix_x4, mma_bf16, silu (mma_sm80.cuh)
@@ -57,15 +63,16 @@ __device__ __forceinline__ float e8m0_to_f32(uint32_t s) {
 
 // The scale of element (wrow, c) of the matrix at W.
 template <QFormat Q>
-__device__ __forceinline__ float scale_at(const QArgs& a, const uint8_t* W, int wrow, int c,
-                                          bool gate_up) {
+__device__ __forceinline__ float scale_at(const QArgs& a, const uint8_t* W, int wrow, int c) {
   const uint8_t* s = W + a.scale_offset;
   if (Q == QFormat::I8) return reinterpret_cast<const float*>(s)[wrow];
   if (Q == QFormat::I4)
     return reinterpret_cast<const float*>(s)[static_cast<size_t>(wrow) * a.scale_cols + c / a.group];
   if (Q == QFormat::F8) {
-    const int srow = gate_up && wrow >= a.n ? a.gate_scale_rows + (wrow - a.n) / a.block_rows
-                                            : wrow / a.block_rows;
+    // NOTE: a gate_up matrix has two scale grids (gate's, then up's), in the fused pass (n = I)
+    // and in the plain one (n = 2I) alike.
+    const int srow = a.half > 0 && wrow >= a.half ? a.gate_scale_rows + (wrow - a.half) / a.block_rows
+                                                  : wrow / a.block_rows;
     return reinterpret_cast<const float*>(s)[static_cast<size_t>(srow) * a.scale_cols + c / a.group];
   }
   return e8m0_to_f32(s[static_cast<size_t>(wrow) * a.scale_cols + c / 32]);
@@ -130,11 +137,19 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp / WARPS_N, wn = warp % WARPS_N;
-  if (warp == 0) expert_row_tile(a.offsets, a.num_experts, blockIdx.y, BM, lane, &s_e, &s_r0, &s_r1);
+  if (a.dense_w != nullptr) {
+    if (tid == 0) {
+      s_e = 0;
+      s_r0 = blockIdx.y * BM;
+      s_r1 = min(a.rows, s_r0 + BM);
+    }
+  } else if (warp == 0) {
+    expert_row_tile(a.offsets, a.num_experts, blockIdx.y, BM, lane, &s_e, &s_r0, &s_r1);
+  }
   __syncthreads();
   const int e = s_e, r0 = s_r0, r1 = s_r1;
   if (e < 0 || r0 >= r1) return;
-  const uint8_t* W = a.weights[e];
+  const uint8_t* W = a.dense_w != nullptr ? a.dense_w : a.weights[e];
   // NOTE: the contract of an empty table slot, as group_gemm.cu: an expert with rows but no
   // weights is skipped (its rows of h_scratch / y stay as they were).
   if (W == nullptr) return;
@@ -185,7 +200,7 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
       const int wrow = w_row(r, &ok);
       uint4 v = make_uint4(0, 0, 0, 0);
       if (ok && k0 + c8 < K)
-        v = dequant8<Q>(R + r * RAWB + c8 * kBits / 8, scale_at<Q>(a, W, wrow, k0 + c8, GATE_UP));
+        v = dequant8<Q>(R + r * RAWB + c8 * kBits / 8, scale_at<Q>(a, W, wrow, k0 + c8));
       *reinterpret_cast<uint4*>(sB + r * LDS + c8) = v;
     }
   };
@@ -269,7 +284,17 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
         for (int j = 0; j < NJ; ++j) {
           const int col = col0 + wn * WN + j * 8 + (lane & 3) * 2;
           if (col >= a.n) continue;
-          *reinterpret_cast<float2*>(out + col) = make_float2(acc[mi][j][2 * h], acc[mi][j][2 * h + 1]);
+          float v0 = acc[mi][j][2 * h], v1 = acc[mi][j][2 * h + 1];
+          if (a.bias != nullptr) {
+            v0 = __fadd_rn(v0, a.bias[col]);
+            v1 = __fadd_rn(v1, a.bias[col + 1]);
+          }
+          if (a.accumulate) {
+            const float2 o = *reinterpret_cast<const float2*>(out + col);
+            v0 = __fadd_rn(v0, o.x);
+            v1 = __fadd_rn(v1, o.y);
+          }
+          *reinterpret_cast<float2*>(out + col) = make_float2(v0, v1);
         }
       }
     }
@@ -535,7 +560,7 @@ void launch(const QArgs& a, bool gate_up, Stream s) {
   constexpr int kSmem = STAGES * BM * (BK + 8) * 2 + BN * (BK + 8) * 2 + STAGES * BN * BK * kBits / 8;
   static_assert(kSmem <= 48 * 1024, "no opt-in needed");
   const int cols_per_cta = gate_up ? BN / 2 : BN;
-  const long long m_tiles = (a.rows + BM - 1) / BM + std::min(a.num_experts, a.rows);
+  const long long m_tiles = (a.rows + BM - 1) / BM + (a.dense_w ? 0 : std::min(a.num_experts, a.rows));
   const long long n_tiles = (a.n + cols_per_cta - 1) / cols_per_cta;
   EXPERTD_CHECK(m_tiles <= 65535, ErrorCode::InvalidArg,
                 "group_gemm_quant: too many row tiles (" + std::to_string(m_tiles) + "); split the call");
@@ -571,11 +596,14 @@ void run(QFormat q, const QArgs& a, bool gate_up, bool small, Stream s) {
   }
 }
 
+// rows_n: the matrix's rows (gate_up: 2I); n: the pass's output columns (the fused gate_up pass: I).
 QArgs args_for(const QuantLayout& l, const uint16_t* x, const int32_t* offsets,
-               const uint8_t* const* w, int e, int rows, int n, int k, bool gate_up, void* out) {
-  const QuantMatrixBytes b = quant_matrix_bytes(l, gate_up ? 2 * n : n, k, gate_up);
+               const uint8_t* const* w, int e, int rows, int rows_n, int n, int k, bool gate_up,
+               void* out) {
+  const QuantMatrixBytes b = quant_matrix_bytes(l, rows_n, k, gate_up);
   return QArgs{x, offsets, w, e, rows, n, k, out, l.q == QFormat::FP4 ? 32 : l.group,
-               std::max(1, l.block_rows), b.scale_cols, b.gate_scale_rows, b.scale_offset};
+               std::max(1, l.block_rows), b.scale_cols, b.gate_scale_rows, b.scale_offset,
+               gate_up ? rows_n / 2 : 0, nullptr, nullptr, false};
 }
 
 // Whether the FP8-activation kernels can run on the current device: sm_89+ and this build holding
@@ -649,10 +677,44 @@ void group_gemm_quant_ffn(const uint16_t* x, const int32_t* offsets, const uint8
     pass(h_scratch, inter, hidden, down, false, y);
     return;
   }
-  run(layout.q, args_for(layout, x, offsets, gate_up, num_experts, rows, inter, hidden, true, h_scratch),
+  run(layout.q, args_for(layout, x, offsets, gate_up, num_experts, rows, 2 * inter, inter, hidden, true, h_scratch),
       true, small, s);
-  run(layout.q, args_for(layout, h_scratch, offsets, down, num_experts, rows, hidden, inter, false, y),
+  run(layout.q, args_for(layout, h_scratch, offsets, down, num_experts, rows, hidden, hidden, inter, false, y),
       false, small, s);
+}
+
+void group_gemm_quant_plain(const uint16_t* x, const int32_t* offsets, const uint8_t* const* weights,
+                            int num_experts, int rows, int n, int k, bool gate_up,
+                            const QuantLayout& layout, float* y, GemmTile tile, Stream s) {
+  ensure_alive();
+  const std::string why = quant_dense_error(layout, n, k);
+  EXPERTD_CHECK(why.empty(), ErrorCode::InvalidArg, "group_gemm_quant: " + why);
+  EXPERTD_CHECK(!is_sm90_tile(tile), ErrorCode::InvalidArg,
+                std::string("group_gemm: tile '") + gemm_tile_name(tile) +
+                    "' runs bf16 experts only; this table holds " + qformat_name(layout.q) + " experts");
+  EXPERTD_CHECK(reinterpret_cast<uintptr_t>(x) % 16 == 0, ErrorCode::InvalidArg,
+                "group_gemm_quant: x must be 16-byte aligned");
+  if (rows <= 0) return;
+  const bool small = tile == GemmTile::Small ||
+                     (tile == GemmTile::Auto && rows <= kSmallTileRowsPerExpert * std::max(1, num_experts));
+  run(layout.q, args_for(layout, x, offsets, weights, num_experts, rows, n, n, k, gate_up, y), false,
+      small, or_default(s));
+}
+
+void dense_gemm_quant(const uint16_t* x, int m, const uint8_t* w, int n, int k,
+                      const QuantLayout& layout, float* y, const float* bias, bool accumulate,
+                      Stream s) {
+  ensure_alive();
+  const std::string why = quant_dense_error(layout, n, k);
+  EXPERTD_CHECK(why.empty(), ErrorCode::InvalidArg, "dense_gemm_quant: " + why);
+  EXPERTD_CHECK(reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0,
+                ErrorCode::InvalidArg, "dense_gemm_quant: x and w must be 16-byte aligned");
+  if (m <= 0) return;
+  QArgs a = args_for(layout, x, nullptr, nullptr, 1, m, n, n, k, false, y);
+  a.dense_w = w;
+  a.bias = bias;
+  a.accumulate = accumulate;
+  run(layout.q, a, false, m <= kSmallTileRowsPerExpert, or_default(s));
 }
 
 }  // namespace expertd::cuda

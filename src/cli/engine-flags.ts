@@ -16,7 +16,7 @@ export const modelFlags: FlagSpec[] = [
   { name: 'quantize-group', type: 'int', min: 1, max: 1 << 20, default: 32, arg: 'N',
     help: 'With --quantize int4: weights per scale along k, 32 or 128' },
   { name: 'quantize-dense', type: 'boolean', default: false,
-    help: 'With --quantize: the attention projections, dense FFNs and shared experts quantized too, in the same format (the router, norms and embeddings stay in the checkpoint\'s precision, and the lm_head unless --quantize-lm-head)' },
+    help: 'With --quantize: the attention projections, dense FFNs and shared experts quantized too, in the same format (the router, norms and embeddings stay in the checkpoint\'s precision, and the lm_head unless --quantize-lm-head; CPU and device engines)' },
   { name: 'quantize-lm-head', type: 'boolean', default: false,
     help: 'With --quantize: the LM head (lm_head, the largest single read of a decode step) quantized too, in the same format; with tied embeddings the LM head becomes a quantized copy and the embedding lookup keeps its table; CPU engine only (off by default)' },
   { name: 'expert-kernel', type: 'string', choices: ['auto', 'group', 'dense'], default: 'auto',

@@ -61,7 +61,8 @@ export function resolveEngineOptions(flags: ParsedFlags, servedModelName?: strin
 
 /**
  * --quantize / --quantize-group / --quantize-dense / --quantize-lm-head -> the spec (null = none). On a device the experts stay quantized in
- * device memory (group_gemm_quant.cu), in the device expert cache's slots and on expert ranks too.
+ * device memory (group_gemm_quant.cu), in the device expert cache's slots and on expert ranks too, and
+ * --quantize-dense's weights run through cudaDenseGemmQuant and quantized one-expert tables.
  */
 export function quantizeOption(flags: ParsedFlags, device: string): QuantizeSpec | null {
   let q: QuantizeSpec | null;
@@ -73,8 +74,6 @@ export function quantizeOption(flags: ParsedFlags, device: string): QuantizeSpec
   }
   if (q?.lmHead && device !== 'cpu')
     throw new UsageError(`--quantize-lm-head runs on the CPU engine only for now (the device engine keeps the LM head in the checkpoint's precision); drop --quantize-lm-head or use --device cpu`);
-  if (q?.dense && device !== 'cpu')
-    throw new UsageError(`--quantize-dense runs on the CPU engine only for now (the device engine quantizes the routed experts); drop --quantize-dense or use --device cpu`);
   return q;
 }
 

@@ -43,10 +43,12 @@ export class CudaGatedDeltaNet {
     const H = hidden, Vd = Hv * Dv;
     this.C = 2 * Hk * Dk + Vd;
     const w = deltaNetInProj(la, src, p, H);
-    this.qkv = dev.linear(`${p}in_proj (q, k, v rows)`, w.qkv, this.C, H);
-    this.z = dev.linear(`${p}in_proj (z rows)`, w.z, Vd, H);
+    // --quantize-dense: q / k / v / z rows and out_proj (the CPU's choice); b / a set the delta rule's
+    // step and decay and keep their precision.
+    this.qkv = dev.denseLinear(`${p}in_proj (q, k, v rows)`, w.qkv, this.C, H);
+    this.z = dev.denseLinear(`${p}in_proj (z rows)`, w.z, Vd, H);
     this.ba = dev.linear(`${p}in_proj (b, a rows)`, w.ba, 2 * Hv, H);
-    this.out = dev.linear(`${p}out_proj.weight`, src.get(`${p}out_proj.weight`), H, Vd);
+    this.out = dev.denseLinear(`${p}out_proj.weight`, src.get(`${p}out_proj.weight`), H, Vd);
     const cw = src.get(`${p}conv1d.weight`);
     checkShape(`${p}conv1d.weight`, cw, [this.C, 1, K]);
     this.convW = dev.vector(toF32(cw));

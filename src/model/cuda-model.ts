@@ -18,7 +18,7 @@ import { withWeightPrefix, type HostTensor, type TensorSource } from './tensor-s
 import { CudaGatedDeltaNet, type DeviceLinearState, type DeviceStateStep } from './cuda-linear-attention.js';
 import { linearStateFloats } from './linear-attention.js';
 import { checkExpert, checkShape, ffnSource, packIntFfn, vectorF32, type ExpertSource } from './weights.js';
-import { deviceQuantError, deviceQuantOf, intMatrix, quantizedExpert, type DeviceQuant } from './cuda-quant.js';
+import { deviceQuantError, deviceQuantOf, intMatrix, quantizedExpert, quantizeMatrix, type DeviceQuant } from './cuda-quant.js';
 import type { QuantizeSpec } from './quantize.js';
 
 export interface CudaModelOptions {
@@ -30,7 +30,11 @@ export interface CudaModelOptions {
   loadExperts?: boolean;
   /** Expert parallelism: the comm to the other ranks; only this rank's slice of experts is loaded. */
   ep?: DeviceExpertComm;
-  /** --quantize: routed experts quantized at load and kept so on the device (group_gemm_quant.cu). */
+  /**
+   * --quantize: routed experts quantized at load and kept so on the device (group_gemm_quant.cu); with
+   * `dense` (--quantize-dense) the attention projections, Gated DeltaNet in_proj q/k/v/z and out_proj,
+   * dense FFNs and shared experts too, in the same format.
+   */
   quantize?: QuantizeSpec | null;
 }
 
@@ -129,10 +133,11 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     this.k = spec.moe.router.topK;
     this.loadExperts = opts.loadExperts ?? true;
     this.ep = opts.ep ?? null;
-    this.expertQuant = expertQuantFor(spec, opts.quantize ?? null, this.loadExperts);
+    this.expertQuant = expertQuantFor(spec, opts.quantize ?? null);
     this.quantizedAtLoad = !!opts.quantize;
     const H = spec.hidden;
     const dev = this.dev;
+    dev.denseQuant = opts.quantize?.dense ? deviceQuantOf(opts.quantize) : null;
     try {
       const embed = src.get('model.embed_tokens.weight');
       checkShape('model.embed_tokens.weight', embed, [spec.vocabSize, H]);
@@ -234,8 +239,21 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     return { gateUp: this.dev.upload(intMatrix(q, gate!, up!)), down: this.dev.upload(intMatrix(q, down!, null)) };
   }
 
+  /** A dense FFN or shared expert as a one-expert table: bf16, or with --quantize-dense quantized (the fused GroupGemm). */
   private ffn(src: TensorSource, prefix: string, inter: number): DeviceFfn {
-    const w = this.upload(ffnSource(src, prefix), prefix.replace(/\.$/, ''), inter);
+    const name = prefix.replace(/\.$/, '');
+    const q = this.dev.denseQuant;
+    if (q) {
+      const H = this.spec.hidden;
+      const why = deviceQuantError(q, H, inter);
+      if (why) throw new RangeError(`--quantize-dense ${q.format} on the device: ${name}: ${why}`);
+      const ex = ffnSource(src, prefix);
+      checkExpert(ex, name, H, inter);
+      const table = this.table(1, inter, q);
+      table.set(0, this.dev.upload(quantizeMatrix(q, ex.gate, ex.up, inter, H)), this.dev.upload(quantizeMatrix(q, ex.down, null, H, inter)));
+      return { table, inter };
+    }
+    const w = this.upload(ffnSource(src, prefix), name, inter);
     const table = this.table(1, inter);
     table.set(0, w.gateUp, w.down);
     return { table, inter };
@@ -831,7 +849,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
 
   /**
    * y [rows, H] f32 = the GroupGemm FFN of x [rows, H] bf16 over the table's experts (rows by
-   * offsets); gpt-oss's biased, clamped-SwiGLU experts through cudaGroupGemmBiasedFfn.
+   * offsets); gpt-oss's biased, clamped-SwiGLU experts through cudaGroupGemmBiasedFfn (bf16 or quantized).
    */
   private groupFfn(m: DeviceMoe, x: CudaBuffer, offsets: CudaBuffer, rows: number, hs: CudaBuffer, y: CudaBuffer,
                    st: CudaStream | null, get: (name: string, bytes: number) => CudaBuffer): void {
@@ -897,20 +915,17 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
  * slots: --quantize's; else an FP8 checkpoint's block layout when the device kernels take it (block
  * columns a multiple of 16); else null (bf16, dequantised at load).
  */
-function expertQuantFor(spec: ModelSpec, quantize: QuantizeSpec | null, loadExperts: boolean): DeviceQuant | null {
+function expertQuantFor(spec: ModelSpec, quantize: QuantizeSpec | null): DeviceQuant | null {
   const H = spec.hidden, I = spec.moe.intermediate;
   if (quantize) {
-    // NOTE: cudaGroupGemmBiasedFfn (biased_ffn.cu) runs two plain bf16 GroupGemm passes; the quantized
-    // GroupGemm fuses SiLU into its gate_up pass and has no plain pass for the clamped SwiGLU yet.
-    if (spec.moe.clampedSwiglu)
-      throw new RangeError(`--quantize ${quantize.format} on the device: ${spec.modelType}'s experts (biases and the clamped ` +
-        'SwiGLU) run on bf16 expert tables only for now; use --device cpu with --quantize, or the device without it');
+    // gpt-oss's biased, clamped-SwiGLU experts run the quantized GroupGemm's plain passes
+    // (cudaGroupGemmBiasedFfn over a quantized table).
     const q = deviceQuantOf(quantize);
     const why = deviceQuantError(q, H, I);
     if (why) throw new RangeError(`--quantize ${quantize.format} on the device: ${why}`);
     return q;
   }
-  if (spec.quantization?.method === 'compressed-tensors') return compressedExpertQuant(spec, loadExperts);
+  if (spec.quantization?.method === 'compressed-tensors') return compressedExpertQuant(spec);
   if (spec.quantization?.method !== 'fp8') return null;
   const [br, bc] = spec.quantization.blockSize;
   const q: DeviceQuant = { format: 'fp8', group: bc, blockRows: br };
@@ -921,14 +936,10 @@ function expertQuantFor(spec: ModelSpec, quantize: QuantizeSpec | null, loadExpe
  * compressed-tensors checkpoints: the routed experts' device format from the config's one scheme
  * (int8 per row, or int4 in groups of 32 / 128), kept as stored; refused where the device cannot.
  */
-function compressedExpertQuant(spec: ModelSpec, loadExperts: boolean): DeviceQuant {
+function compressedExpertQuant(spec: ModelSpec): DeviceQuant {
   const q = spec.quantization;
   if (q?.method !== 'compressed-tensors') throw new Error('not a compressed-tensors spec');
-  // NOTE: the device expert cache (src/offload/device-store.ts) packs --quantize's formats and FP8
-  // checkpoints into its slots, not compressed-tensors' int codes.
-  if (!loadExperts)
-    throw new RangeError('a compressed-tensors checkpoint on the device does not work with the device expert cache yet ' +
-      '(its slots are filled from bf16 or FP8 experts, not int codes); drop --offload, or serve it on the CPU engine');
+  // The device expert cache's pinned store (src/offload/device-store.ts) holds the int codes as stored too.
   const { bits, groupSizes } = q.schemes;
   if (bits.length !== 1 || groupSizes.length > 1)
     throw new RangeError(`a compressed-tensors checkpoint with several weight schemes (num_bits ${bits.join(', ')}` +

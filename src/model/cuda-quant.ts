@@ -53,6 +53,19 @@ export function deviceQuantError(q: DeviceQuant, hidden: number, inter: number):
   return null;
 }
 
+/**
+ * Why the layout cannot serve a plain GEMM over a matrix [n, k] on the device (cudaDenseGemmQuant,
+ * cuda_quant.h's quant_dense_error), or null: k a multiple of 16 (8-bit codes) or 32 (4-bit), n even.
+ */
+export function deviceQuantDenseError(q: DeviceQuant, n: number, k: number): string | null {
+  const align = quantBits(q) === 4 ? 32 : 16;
+  const why = deviceQuantError(q, align, align);
+  if (why) return why;
+  if (k % align || n % 2 || n < 2)
+    return `${q.format} matrices on the device need k a multiple of ${align} and n even (n is ${n}, k is ${k})`;
+  return null;
+}
+
 export interface QuantMatrixBytes {
   codeBytes: number;
   scaleOffset: number;

@@ -2,6 +2,7 @@
 // biases and reference-precision GEMMs), a grow-only arena of per-step device buffers, and the one
 // linear() that picks the tensor-core GEMM or the CUDA-core f32 GEMM by shape and precision.
 import { loadNative, type CudaAddon, type CudaBuffer, type CudaStream, type DType } from '../native/index.js';
+import { deviceQuantDenseError, quantizeMatrix, type DeviceQuant } from './cuda-quant.js';
 import type { HostTensor } from './tensor-source.js';
 import { checkShape } from './weights.js';
 
@@ -13,6 +14,8 @@ export interface DeviceWeight {
   dtype: 'f32' | 'bf16';
   /** Run on CUDA cores with f32 activations (routers, gates, MLA absorption, odd shapes). */
   reference: boolean;
+  /** --quantize-dense: buf holds the weight's codes and scales in this layout (cudaDenseGemmQuant). */
+  quant?: DeviceQuant;
 }
 
 export const F32 = 4;
@@ -72,6 +75,8 @@ export class Device {
   main: CudaStream | null = null;
   /** A second stream (ScMoE: the shortcut MoE runs on it beside the dense sub-blocks). */
   side: CudaStream | null = null;
+  /** --quantize-dense: the layout of the weights that denseLinear() quantizes (null: none). */
+  denseQuant: DeviceQuant | null = null;
 
   constructor(readonly cu: CudaAddon, readonly index: number) {
     this.scratch = new DeviceScratch(this);
@@ -101,6 +106,21 @@ export class Device {
     const tc = !reference && n % 8 === 0 && k % 8 === 0;
     if (tc || t.dtype === 'bf16') return { buf: this.upload(bf16Of(t)), n, k, dtype: 'bf16', reference: !tc };
     return { buf: this.upload(hostF32(t)), n, k, dtype: 'f32', reference: true };
+  }
+
+  /**
+   * A weight that --quantize-dense quantizes (attention projections, Gated DeltaNet in_proj q/k/v/z
+   * and out_proj; the CPU engine's choice): with denseQuant, quantized at load with the CPU's rules
+   * (cuda-quant.ts's quantizeMatrix, one matrix of its own: fp8's 128 x 128 blocks start at its
+   * first row) and multiplied by cudaDenseGemmQuant; else linear().
+   */
+  denseLinear(name: string, t: HostTensor, n: number, k: number): DeviceWeight {
+    const q = this.denseQuant;
+    if (!q) return this.linear(name, t, n, k);
+    checkShape(name, t, [n, k]);
+    const why = deviceQuantDenseError(q, n, k);
+    if (why) throw new RangeError(`--quantize-dense ${q.format} on the device: ${name} [${n}, ${k}]: ${why}`);
+    return { buf: this.upload(quantizeMatrix(q, t, null, n, k)), n, k, dtype: 'bf16', reference: false, quant: q };
   }
 
   /** gate [I, H] and up [I, H] stacked as one bf16 gate_up [2I, H] (the GroupGemm's layout). */
@@ -142,7 +162,8 @@ export class Device {
       cu.cudaConvert(x, 'f32', b, 'bf16', m * w.k, s);
       if (xb) xb.ready = true;
     }
-    cu.cudaDenseGemm(b, m, w.buf, w.n, w.k, y, bias, accumulate, null, s);
+    if (w.quant) cu.cudaDenseGemmQuant(b, m, w.buf, w.n, w.k, w.quant, y, bias, accumulate, s);
+    else cu.cudaDenseGemm(b, m, w.buf, w.n, w.k, y, bias, accumulate, null, s);
   }
 
   /** Rows x cols f32 block copy between strided layouts (offsets and pitches in floats). */

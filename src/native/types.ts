@@ -351,6 +351,8 @@ export interface CudaAddon {
    * cudaClampedSwiglu -> hScratch [rows, I] bf16, y [rows, H] f32 = h Wdown^T + opts.downBias [E, H].
    * Roundings: each bias add and each activation step one f32 rounding; h rounded to bf16 once.
    * Same empty-slot contract as cudaGroupGemmFfn. x and hScratch 16-byte aligned, guScratch and y 8.
+   * A quantized table (--quantize) runs the dequantising GroupGemm's plain passes: each weight
+   * bf16(f32(code x scale)), then the same arithmetic (its FP8-activation path is not used here).
    */
   cudaGroupGemmBiasedFfn(x: CudaBuffer, offsets: CudaBuffer, experts: CudaExpertTable, rows: number,
                          guScratch: CudaBuffer, hScratch: CudaBuffer, y: CudaBuffer,
@@ -372,6 +374,14 @@ export interface CudaAddon {
                 bias: CudaBuffer | null, accumulate: boolean,
                 backend?: 'auto' | 'cublaslt' | 'kernel' | null,
                 stream?: CudaStream | null): 'cublaslt' | 'kernel';
+  /**
+   * --quantize-dense: y [m, n] f32 (+)= x [m, k] bf16 * W^T (+ bias [n] f32), W [n, k] one matrix in
+   * quant's layout (cuda_quant.h; not gate_up), each weight dequantised to bf16(f32(code x scale)) as
+   * the quantized GroupGemm does, f32 accumulate; epilogue (acc + bias) + old y, each an f32 add.
+   * k a multiple of 16 (8-bit codes) or 32 (4-bit), n even; x and w 16-byte aligned, y 8, bias 4.
+   */
+  cudaDenseGemmQuant(x: CudaBuffer, m: number, w: CudaBuffer, n: number, k: number, quant: CudaQuantLayout,
+                     y: CudaBuffer, bias: CudaBuffer | null, accumulate: boolean, stream?: CudaStream | null): void;
   cudaRoute(logits: CudaBuffer, t: number, e: number, k: number, opts: CudaRouteOptions,
             ids: CudaBuffer, weights: CudaBuffer, counts: CudaBuffer, stream?: CudaStream | null): void;
   /**

@@ -1,14 +1,15 @@
 // The slow tier of the expert cache on a GPU (MoE-Infinity's setting): every routed expert in pinned
 // host memory as the device slots want it (bf16 gate_up [2I, H] then down [H, I], or the quantized
-// layout of the model's expert tables: --quantize, FP8 checkpoints), copied into a device slot on a
+// layout of the model's expert tables: --quantize, FP8 checkpoints, compressed-tensors int codes as
+// stored), copied into a device slot on a
 // copy stream of its own, so prefetches overlap the compute stream.
 import type { CudaAddon, CudaBuffer, CudaEvent, CudaStream } from '../native/index.js';
-import { quantExpertBytes, quantizedExpert, type DeviceQuant } from '../model/cuda-quant.js';
+import { intMatrix, quantExpertBytes, quantizedExpert, type DeviceQuant } from '../model/cuda-quant.js';
 import { bf16Of, BF16 } from '../model/device.js';
 import { moeTensors } from '../model/moe-tensors.js';
 import type { ModelSpec } from '../model/spec.js';
 import { withWeightPrefix, type TensorSource } from '../model/tensor-source.js';
-import { checkExpert } from '../model/weights.js';
+import { checkExpert, packIntFfn } from '../model/weights.js';
 import type { ExpertStore, LoadTicket, SlotWeights } from './expert-store.js';
 
 interface Load { event: CudaEvent; slot: SlotWeights<CudaBuffer> }
@@ -52,6 +53,19 @@ export class PinnedExpertStore implements ExpertStore<CudaBuffer> {
       for (let e = 0; e < E; e++) {
         const name = `${t.prefix}experts.${e}`;
         const base = e * this.expertBytes;
+        // A compressed-tensors checkpoint's experts: their int codes and scales as stored (CudaModel's
+        // uploadInt), so that a slot holds what a resident expert would.
+        const iw = quant && !quantizedAtLoad ? t.expertInt?.(e) ?? null : null;
+        if (iw) {
+          const { gate, up, down } = iw;
+          if (!gate || !up || !down) packIntFfn(iw.names, gate, up, down, H, I);
+          mem.set(intMatrix(quant!, gate!, up!), base);
+          mem.set(intMatrix(quant!, down!, null), base + this.gateUpBytes);
+          continue;
+        }
+        if (quant && spec.quantization?.method === 'compressed-tensors' && !quantizedAtLoad)
+          throw new RangeError(`${name} is not stored as int codes, but this compressed-tensors checkpoint's experts are read ` +
+            `as ${quant.format} on the device; serve it with --quantize ${quant.format}, or on the CPU engine`);
         if (quant) {
           const b = quantizedExpert(quant, () => t.expert(e), t.expertFp8(e), quantizedAtLoad, name, H, I);
           mem.set(b.gateUp, base);

@@ -13,7 +13,7 @@ import { bf16ToF32, f32ToBf16, f32ToFp8, fp8ToF32, kvDecode, kvDtypeBytes, kvEnc
 // The bf16 conversions are the engine's own (dtype.h's f32_to_bf16, round to nearest even).
 export { f32ToBf16 };
 import { loadNative } from '../../src/native/index.js';
-import { deviceQuant, deviceQuantError, dequantMatrixBf16, quantElement, quantMatrixBytes, type DeviceQuant } from '../../src/model/cuda-quant.js';
+import { deviceQuant, deviceQuantDenseError, deviceQuantError, dequantMatrixBf16, quantElement, quantMatrixBytes, type DeviceQuant } from '../../src/model/cuda-quant.js';
 import type {
   CudaAddon, CudaAttentionOptions, CudaBuffer, CudaCommGroup, CudaDeviceInfo, CudaEvent, CudaExpertTable, CudaGemmTile,
   CudaFp8Path, CudaMemInfo, CudaQuantLayout, CudaRouteOptions, CudaStream, DType, DeltaRuleOptions,
@@ -809,7 +809,6 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
     cudaQuantPaths: () => ({ fp8Act: true }),
     cudaGroupGemmBiasedFfn(x, offsets, experts, rows, guScratch, hScratch, y, opts, stream): void {
       if (!(experts instanceof EmuExpertTable)) throw typeError('experts must be a CudaExpertTable');
-      if (experts.q) throw typeError('cudaGroupGemmBiasedFfn reads bf16 expert tables; this table is quantized');
       const E = experts.numExperts, H = experts.hidden, I = experts.inter;
       const R = dim(rows, 'rows', 0, 1 << 28);
       if (typeof opts !== 'object' || opts === null) throw typeError('opts must be an object');
@@ -844,8 +843,16 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
         // NOTE: the empty-slot contract of cudaGroupGemmFfn (group_gemm.cu and biased_ffn.cu skip it).
         if (!gu || !dn) continue;
         if (beg < 0 || beg + cnt > R) fault(`offsets[${e}..${e + 1}] = ${beg}..${beg + cnt} reach outside rows 0..${R}`);
-        widenBf16(slotU16(gu, 2 * I * H), 2 * I * H, f, guAt);
-        widenBf16(slotU16(dn, H * I), H * I, f, dnAt);
+        const q = experts.q;
+        if (q) {
+          // group_gemm_quant.cu's plain passes: every weight dequantised to bf16(f32(code x scale)).
+          const guB = quantMatrixBytes(q, 2 * I, H, true).totalBytes, dnB = quantMatrixBytes(q, H, I, false).totalBytes;
+          dequantMatrixBf16(q, gu.alloc.bytes.subarray(gu.offset, gu.offset + guB), 2 * I, H, true, f.subarray(guAt, guAt + 2 * I * H));
+          dequantMatrixBf16(q, dn.alloc.bytes.subarray(dn.offset, dn.offset + dnB), H, I, false, f.subarray(dnAt, dnAt + H * I));
+        } else {
+          widenBf16(slotU16(gu, 2 * I * H), 2 * I * H, f, guAt);
+          widenBf16(slotU16(dn, H * I), H * I, f, dnAt);
+        }
         for (let r = beg; r < beg + cnt; r++) {
           widenBf16(xs.subarray(r * H, r * H + H), H, f, xAt);
           // Plain gate/up pass: f32 stores; then the bias (one f32 add) and the activation, stored bf16.
@@ -897,6 +904,39 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
         }
       }
       return 'kernel';
+    },
+
+    cudaDenseGemmQuant(x, m, w, n, k, quant, y, bias, accumulate, stream): void {
+      const M = dim(m, 'm'), N = dim(n, 'n', 2), K = dim(k, 'k', 16);
+      if (nullish(quant)) throw typeError('quant must be an object');
+      // The binding parses the format with its defaults, then checks it for a plain GEMM's shape.
+      const q = quantLayoutArg(quant, 32, 32)!;
+      const why = deviceQuantDenseError(q, N, K);
+      if (why) throw rangeError(why);
+      const wBytes = quantMatrixBytes(q, N, K, false).totalBytes;
+      const xb = alignedBuf(x, 'x', M * K * 2, 16), wb = alignedBuf(w, 'w', wBytes, 16);
+      const yb = alignedBuf(y, 'y', M * N * 4, 8);
+      const bb = nullish(bias) ? null : alignedBuf(bias, 'bias', N * 4, 4);
+      const acc = getBool(accumulate, 'accumulate');
+      getStream(stream);
+      ensureAlive();
+      if (M <= 0) return;
+      const f = scratch.floats(N * K + K);
+      const wAt = 0, xAt = N * K;
+      // group_gemm_quant.cu's dequant: bf16(f32(code x scale)), then f32 accumulation.
+      const wa = wb.alloc('w');
+      dequantMatrixBf16(q, wa.bytes.subarray(wb.offset, wb.offset + wBytes), N, K, false, f.subarray(wAt, wAt + N * K));
+      const xs = u16Of(xb, 'x'), ys = f32Of(yb, 'y'), bs = bb ? f32Of(bb, 'bias') : null;
+      for (let r = 0; r < M; r++) {
+        widenBf16(xs.subarray(r * K, r * K + K), K, f, xAt);
+        for (let o = 0; o < N; o++) {
+          // The epilogue of dense_gemm_quant: (acc + bias) + old y, each an f32 add.
+          let v = fr(dotRows(f, xAt, f, wAt + o * K, K));
+          if (bs) v = fr(v + bs[o]!);
+          if (acc) v = fr(v + ys[r * N + o]!);
+          ys[r * N + o] = v;
+        }
+      }
     },
 
     cudaRoute(logits, t, e, k, opts, ids, weights, counts, stream): void {

@@ -103,6 +103,19 @@ inline std::string quant_layout_error(const QuantLayout& l, int hidden, int inte
   return "";
 }
 
+// Why the layout cannot serve a plain GEMM pass y [rows, n] = x [rows, k] W^T over a matrix of n
+// rows, or "": k a multiple of 16 (8-bit codes) or 32 (4-bit), n even (float2 stores).
+inline std::string quant_dense_error(const QuantLayout& l, int n, int k) {
+  const int align = qformat_bits(l.q) == 4 ? 32 : 16;
+  std::string why = quant_layout_error(l, align, align);
+  if (!why.empty()) return why;
+  if (k % align || n % 2 || n < 2)
+    return std::string(qformat_name(l.q)) + " matrices on the device need k a multiple of " +
+           std::to_string(align) + " and n even (n is " + std::to_string(n) + ", k is " +
+           std::to_string(k) + ")";
+  return "";
+}
+
 // The fused expert FFN over quantized weights (group_gemm_ffn's contract, bf16 x and h, f32 y):
 // gate_up[e] / down[e] point at one matrix each in the layout above (null: the expert is skipped,
 // its rows of h_scratch and y kept). Every weight is dequantised in registers to
@@ -121,5 +134,31 @@ void group_gemm_quant_ffn(const uint16_t* x, const int32_t* offsets, const uint8
                           GemmTile tile, Stream s, Fp8Path path = Fp8Path::Auto);
 // Whether the FP8-activation kernels can run on the current device (sm_89+, code in the build).
 bool group_gemm_fp8_act_available();
+
+// One plain pass of the dequantising GroupGemm (no activation, the dequant path only): y [rows, n]
+// f32 = x [rows, k] bf16 W_e^T for the rows of each expert e (offsets), W_e = weights[e] a matrix of
+// n rows in the layout above (gate_up: a gate_up matrix, n = 2I, columns gate then up; F8 reads its
+// two scale grids). Empty slots (null) and rows past offsets[E] keep their rows of y. gpt-oss's
+// biased experts run on it (biased_ffn.cu); tile as group_gemm_quant_ffn.
+void group_gemm_quant_plain(const uint16_t* x, const int32_t* offsets, const uint8_t* const* weights,
+                            int num_experts, int rows, int n, int k, bool gate_up,
+                            const QuantLayout& layout, float* y, GemmTile tile, Stream s);
+
+// gpt-oss's experts over a quantized table: group_gemm_biased_ffn's contract (cuda_backend.h), the
+// two passes through group_gemm_quant_plain (weights dequantised to bf16 as the fused FFN does).
+void group_gemm_biased_quant_ffn(const uint16_t* x, const int32_t* offsets,
+                                 const uint8_t* const* gate_up, const uint8_t* const* down,
+                                 int num_experts, int rows, int hidden, int inter,
+                                 const QuantLayout& layout, const float* gate_up_bias,
+                                 const float* down_bias, float alpha, float limit,
+                                 float* gu_scratch, uint16_t* h_scratch, float* y, Stream s);
+
+// A plain quantized GEMM (--quantize-dense on the device): y [m, n] f32 (+)= x [m, k] bf16 W^T
+// (+ bias [n] f32), W one matrix [n, k] in the layout above (not gate_up), dequantised to bf16 as
+// the GroupGemm does; the epilogue is dense_gemm's: (acc + bias) + old y, each an f32 add. x and w
+// 16-byte aligned, y 8-byte.
+void dense_gemm_quant(const uint16_t* x, int m, const uint8_t* w, int n, int k,
+                      const QuantLayout& layout, float* y, const float* bias, bool accumulate,
+                      Stream s);
 
 }  // namespace expertd::cuda

@@ -1,0 +1,101 @@
+// References for the device engine's quantized paths: a checkpoint source whose quantized weights are
+// the values the device's kernels multiply, bf16(f32(code x scale)) (cuda-quant.ts's layout and
+// dequantMatrixBf16), so that the CPU engine in bf16 mode over it is the same model in bf16 arithmetic.
+import { deviceQuantOf, dequantMatrixBf16, quantizeMatrix, type DeviceQuant } from '../../src/model/cuda-quant.js';
+import type { QuantizeSpec } from '../../src/model/quantize.js';
+import type { ModelSpec } from '../../src/model/spec.js';
+import type { HostTensor, TensorSource } from '../../src/model/tensor-source.js';
+import { f32ToBf16 } from '../../src/model/kv-dtype.js';
+import { toF32 } from '../../src/model/weights.js';
+
+/** Values that are bf16 already (dequantMatrixBf16's), as a bf16 tensor: the CPU engine then takes the
+ * path a bf16 checkpoint takes (an f32 tensor would keep it on its f32 weight path). */
+function bf16Tensor(shape: number[], v: Float32Array): HostTensor {
+  return { dtype: 'bf16', shape, data: Uint16Array.from(v, f32ToBf16) };
+}
+
+/** [rows, k] quantized in layout q (one matrix, not gate_up) and dequantised as the kernels see it. */
+export function deviceDequant(q: DeviceQuant, t: HostTensor): Float32Array {
+  const [n, k] = t.shape as [number, number];
+  return dequantMatrixBf16(q, quantizeMatrix(q, t, null, n, k), n, k, false, new Float32Array(n * k));
+}
+
+/**
+ * `src` with gpt-oss's routed experts (gate_up_proj [E, H, 2I] interleaved, down_proj [E, I, H])
+ * replaced by their device-dequantised values: each expert's gate, up and down quantized as the
+ * device packs them (gate [I, H] and up [I, H] as one gate_up matrix: fp8 keeps a scale grid each).
+ */
+export function gptOssDequantExperts(spec: ModelSpec, src: TensorSource, quantize: QuantizeSpec): TensorSource & { replaced: number } {
+  const q = deviceQuantOf(quantize);
+  const H = spec.hidden, I = spec.moe.intermediate, E = spec.moe.numExperts;
+  const out = {
+    replaced: 0,
+    has: (name: string) => src.has(name),
+    get(name: string): HostTensor {
+      const t = src.get(name);
+      if (name.endsWith('.experts.gate_up_proj')) {
+        const w = toF32(t), data = new Float32Array(E * H * 2 * I);
+        const gate = new Float32Array(I * H), up = new Float32Array(I * H), gu = new Float32Array(2 * I * H);
+        for (let e = 0; e < E; e++) {
+          for (let h = 0; h < H; h++)
+            for (let i = 0; i < I; i++) {
+              gate[i * H + h] = w[e * H * 2 * I + h * 2 * I + 2 * i]!;
+              up[i * H + h] = w[e * H * 2 * I + h * 2 * I + 2 * i + 1]!;
+            }
+          const blob = quantizeMatrix(q, { dtype: 'f32', shape: [I, H], data: gate }, { dtype: 'f32', shape: [I, H], data: up }, I, H);
+          dequantMatrixBf16(q, blob, 2 * I, H, true, gu);
+          for (let h = 0; h < H; h++)
+            for (let i = 0; i < I; i++) {
+              data[e * H * 2 * I + h * 2 * I + 2 * i] = gu[i * H + h]!;
+              data[e * H * 2 * I + h * 2 * I + 2 * i + 1] = gu[(I + i) * H + h]!;
+            }
+        }
+        out.replaced++;
+        return bf16Tensor(t.shape, data);
+      }
+      if (name.endsWith('.experts.down_proj')) {
+        const w = toF32(t), data = new Float32Array(E * I * H), d = new Float32Array(H * I);
+        for (let e = 0; e < E; e++) {
+          for (let i = 0; i < I; i++) for (let h = 0; h < H; h++) d[h * I + i] = w[e * I * H + i * H + h]!;
+          const deq = deviceDequant(q, { dtype: 'f32', shape: [H, I], data: d });
+          for (let i = 0; i < I; i++) for (let h = 0; h < H; h++) data[e * I * H + i * H + h] = deq[h * I + i]!;
+        }
+        out.replaced++;
+        return bf16Tensor(t.shape, data);
+      }
+      return t;
+    },
+  };
+  return out;
+}
+
+/**
+ * The weights --quantize with --quantize-dense quantizes, by name, the CPU engine's choice (as
+ * test/quantize-model.test.ts names them): attention projections (not MLA's kv_b_proj), Gated
+ * DeltaNet in_proj q / k / v / z and out_proj (not in_proj_ba), dense FFN, shared and routed expert
+ * projections; not routers, norms, embeddings or lm_head.
+ */
+export function isQuantizedDense(name: string, t: HostTensor): boolean {
+  return t.shape.length === 2 && /(_proj|in_proj_qkvz|in_proj_qkv|in_proj_z)(_with_mqa)?\.weight$/.test(name) &&
+    !name.includes('kv_b_proj') && !name.startsWith('lm_head');
+}
+
+/**
+ * `src` with every weight isQuantizedDense names replaced by its device-dequantised values, each
+ * quantized as one matrix (per-row int8 / int4 do not care how the device splits or stacks rows; fp8
+ * blocks do: use it for fp8 only where the device keeps each tensor as one matrix).
+ */
+export function dequantDenseSource(src: TensorSource, quantize: QuantizeSpec): TensorSource & { replaced: number } {
+  const q = deviceQuantOf(quantize);
+  const out = {
+    replaced: 0,
+    has: (name: string) => src.has(name),
+    get(name: string): HostTensor {
+      const t = src.get(name);
+      if (!isQuantizedDense(name, t)) return t;
+      out.replaced++;
+      return bf16Tensor(t.shape, deviceDequant(q, t));
+    },
+  };
+  return out;
+}
