@@ -9,7 +9,7 @@ import { fmt, markdownTable, pct, type Cell } from './harness.js';
 interface Entry { calls: number; ms: number; bytes: number }
 
 const HOT = ['denseGemm', 'groupGemmFfn', 'route', 'permute', 'unpermuteCombine', 'rmsNorm', 'rope', 'embedding',
-  'pagedAttention', 'kvCacheWrite', 'siluMul', 'softmax', 'topN', 'convert',
+  'pagedAttention', 'kvCacheWrite', 'siluMul', 'softmax', 'topN', 'convert', 'sampleBatch',
   // Gated DeltaNet (hybrid models)
   'causalConv1dBatch', 'gatedDeltaRuleBatch', 'gatedRmsNorm'] as const;
 
@@ -44,6 +44,11 @@ export class OpProfiler {
     const n = this.n as unknown as Record<string, unknown>;
     for (const [name, f] of this.originals) n[name] = f;
     this.originals.clear();
+  }
+
+  /** Per op key: calls, total ms and weight bytes read since the last reset. */
+  snapshot(): ReadonlyMap<string, Readonly<Entry>> {
+    return this.entries;
   }
 
   reset(): void {

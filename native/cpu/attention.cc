@@ -69,6 +69,21 @@ inline size_t cache_row(const Tile& t, const AttentionParams& p, int j) {
   return (blk * p.block_size + static_cast<size_t>(j % p.block_size)) * p.kv_heads + t.kvh;
 }
 
+// cache_row of keys lo..hi (at most one key block) into rows[j - lo], walking the block table
+// instead of dividing by the block size for every key.
+inline void cache_rows(const Tile& t, const AttentionParams& p, int lo, int hi, size_t* rows) {
+  const int bs = p.block_size;
+  int b = lo / bs, o = lo - b * bs;
+  size_t base = static_cast<size_t>(t.table[b]) * bs;
+  for (int j = lo; j <= hi; ++j) {
+    rows[j - lo] = (base + static_cast<size_t>(o)) * p.kv_heads + t.kvh;
+    if (++o == bs && j < hi) {
+      o = 0;
+      base = static_cast<size_t>(t.table[++b]) * bs;
+    }
+  }
+}
+
 // Widens n cache elements of type `dt` to f32 (times `scale` for fp8): the dequantised values,
 // the same bits as fp8_e4m3_to_f32(x) * scale / bf16_to_f32(x) (so an fp8 or bf16 cache gives the
 // results of an f32 cache holding these values). NOTE: the fp8 NaN code 0x7f never occurs (writes
@@ -234,6 +249,13 @@ EXPERTD_AVX512 inline __m512 exp512(__m512 x) {
 
 EXPERTD_AVX512 inline __mmask16 tail_mask(int n) {
   return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
+// Asks for the cache lines of [ptr, ptr + bytes) into L1 (a hint: no fault, no effect on results).
+EXPERTD_AVX512 inline void prefetch_bytes(const uint8_t* ptr, size_t bytes) {
+  const uintptr_t first = reinterpret_cast<uintptr_t>(ptr) & ~uintptr_t{63};
+  const uintptr_t last = reinterpret_cast<uintptr_t>(ptr + bytes - 1);
+  for (uintptr_t a = first; a <= last; a += 64) _mm_prefetch(reinterpret_cast<const char*>(a), _MM_HINT_T0);
 }
 
 // 16x16 transpose in registers: r[i] lane j -> r[j] lane i.
@@ -413,10 +435,23 @@ EXPERTD_AVX512 __attribute__((noinline)) void segment_partial_avx512(const Ctx& 
   alignas(64) float m_news[16];
   for (int kb0 = kmin / kKeyBlock * kKeyBlock; kb0 <= kmax; kb0 += kKeyBlock) {
     const int jb_lo = std::max(kb0, kmin), jb_hi = std::min(kb0 + kKeyBlock - 1, kmax);
+    size_t rows_at[kKeyBlock];
+    cache_rows(t, p, jb_lo, jb_hi, rows_at);
     for (int j = jb_lo; j <= jb_hi; ++j) {
-      const size_t row = cache_row(t, p, j);
+      const size_t row = rows_at[j - jb_lo];
       kp[j - kb0] = kc + row * p.dk * es;
       vp[j - kb0] = vc + (row * p.v_stride + p.v_offset) * es;
+    }
+    // The next key block's K and V rows are on their way while this one computes: a decode reads
+    // its sequence's scattered cache blocks once, so without this every row load waits on memory.
+    if (kb0 + kKeyBlock <= kmax) {
+      const int n_lo = kb0 + kKeyBlock, n_hi = std::min(kb0 + 2 * kKeyBlock - 1, kmax);
+      cache_rows(t, p, n_lo, n_hi, rows_at);
+      for (int j = n_lo; j <= n_hi; ++j) {
+        const size_t row = rows_at[j - n_lo];
+        prefetch_bytes(kc + row * p.dk * es, static_cast<size_t>(dk) * es);
+        prefetch_bytes(vc + (row * p.v_stride + p.v_offset) * es, static_cast<size_t>(dv) * es);
+      }
     }
     // Lanes outside [jb_lo, jb_hi] read a valid key; their scores are masked below.
     for (int j = kb0; j < jb_lo; ++j) kp[j - kb0] = kp[jb_lo - kb0];

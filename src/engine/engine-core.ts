@@ -84,6 +84,8 @@ export class EngineCore {
   private readonly eos: Set<number>;
   private readonly blockSize: number;
   private readonly clock: () => number;
+  /** Grow-only host logits [rows, vocab] lent to every forward (ForwardBatch.logitsOut). */
+  private logitsBuf = new Float32Array(0);
   /** Why prefix caching is off although it was asked for (null: on, or not asked for). */
   readonly prefixCachingRefused: string | null = null;
 
@@ -399,9 +401,12 @@ export class EngineCore {
     });
     // The native sampler runs where the logits are when the model can (the device engine).
     const logitsOnDevice = this.sampler instanceof BatchSampler && this.loaded.model.sampleLogits !== undefined;
+    // NOTE: the logits are read only within this step (sampling), so one buffer serves every step.
+    const logitsFloats = logitRows.length * this.info.vocabSize;
+    if (!logitsOnDevice && this.logitsBuf.length < logitsFloats) this.logitsBuf = new Float32Array(logitsFloats);
     return {
       tokenIds, positions, numSeqs: S, seqInfo, blockTables, maxBlocks, slots, logitRows: Int32Array.from(logitRows),
-      ...(stateSlots ? { stateSlots } : {}), ...(logitsOnDevice ? { logitsOnDevice } : {}),
+      ...(stateSlots ? { stateSlots } : {}), ...(logitsOnDevice ? { logitsOnDevice } : { logitsOut: this.logitsBuf }),
     };
   }
 }

@@ -28,6 +28,12 @@ export interface ForwardBatch {
    * and returns an empty `logits`.
    */
   logitsOnDevice?: boolean;
+  /**
+   * A buffer the model may write the logits into (at least logitRows.length * vocab floats) instead
+   * of allocating them every step: the result's logits are then a view of it, overwritten by the next
+   * forward given the same buffer. Absent: a fresh array per forward.
+   */
+  logitsOut?: Float32Array;
 }
 
 export interface ForwardResult {

@@ -73,11 +73,16 @@ export class SingleRankComm implements ExpertComm {
   agreeChunks(want: number): number { return want; }
   routeChunks(offsets: Int32Array[]): ChunkRoutes { return { chunks: offsets.length, local: offsets }; }
   dispatchChunk(routes: ChunkRoutes, c: number, xPerm: Float32Array, x: Float32Array, hidden: number): Inflight<void> {
-    if (x !== xPerm) x.set(xPerm.subarray(0, routes.local[c]!.at(-1)! * hidden));
+    if (!sameMemory(x, xPerm)) x.set(xPerm.subarray(0, routes.local[c]!.at(-1)! * hidden));
     return done;
   }
   combineChunk(routes: ChunkRoutes, c: number, yLocal: Float32Array, yPerm: Float32Array, hidden: number): Inflight<void> {
-    if (yLocal !== yPerm) yPerm.set(yLocal.subarray(0, routes.local[c]!.at(-1)! * hidden));
+    if (!sameMemory(yLocal, yPerm)) yPerm.set(yLocal.subarray(0, routes.local[c]!.at(-1)! * hidden));
     return done;
   }
+}
+
+/** a and b start at the same byte of the same buffer (MoeLayer hands one rank's views so). */
+function sameMemory(a: Float32Array, b: Float32Array): boolean {
+  return a === b || (a.buffer === b.buffer && a.byteOffset === b.byteOffset);
 }

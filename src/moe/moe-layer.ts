@@ -7,7 +7,7 @@
 import { loadNative, type ExpertTable, type PackedWeight, type RouteOptions } from '../native/index.js';
 import type { Scratch } from '../model/forward-batch.js';
 import type { MoeSpec } from '../model/spec.js';
-import type { ChunkRoutes, ExpertComm, Inflight } from './comm.js';
+import { SingleRankComm, type ChunkRoutes, type ExpertComm, type Inflight } from './comm.js';
 import { contiguousPlacement } from './ep-comm.js';
 import { ChunkOverheadEstimator, denseExpertsFfn, EpsPlanner, type EpsPlan, type ExpertKernel } from './eps-planner.js';
 import { clampedSwigluExpertsFfn } from './expert-ffn.js';
@@ -151,16 +151,26 @@ export class MoeLayer {
     const routes = this.comm.routeChunks(offsets);
     const rows = routes.local.map((l) => l.at(-1)!);
     const total = rows.reduce((a, v) => a + v, 0);
-    const xAll = scratch.f32('moe.xlocal', total * H), yAll = scratch.f32('moe.ylocal', total * H);
+    const yPerm = scratch.f32('moe.yperm', T * k * H);
     const xLocal: Float32Array[] = [], yLocal: Float32Array[] = [];
-    let at = 0;
-    for (const r of rows) {
-      xLocal.push(xAll.subarray(at * H, (at + r) * H));
-      yLocal.push(yAll.subarray(at * H, (at + r) * H));
-      at += r;
+    if (this.comm instanceof SingleRankComm) {
+      // One rank computes every row where the permutation put it: the experts read xPerm and write
+      // yPerm in place (the comm's dispatch and combine see the same memory and copy nothing).
+      for (let c = 0; c + 1 < bounds.length; c++) {
+        xLocal.push(xPerm.subarray(k * bounds[c]! * H, k * bounds[c + 1]! * H));
+        yLocal.push(yPerm.subarray(k * bounds[c]! * H, k * bounds[c + 1]! * H));
+      }
+    } else {
+      const xAll = scratch.f32('moe.xlocal', total * H), yAll = scratch.f32('moe.ylocal', total * H);
+      let at = 0;
+      for (const r of rows) {
+        xLocal.push(xAll.subarray(at * H, (at + r) * H));
+        yLocal.push(yAll.subarray(at * H, (at + r) * H));
+        at += r;
+      }
     }
     const p: MoePending = {
-      x, tokens: T, bounds, routes, permIndex, weights, xPerm, yPerm: scratch.f32('moe.yperm', T * k * H),
+      x, tokens: T, bounds, routes, permIndex, weights, xPerm, yPerm,
       xLocal, yLocal, dispatches: [], combines: [], shared: null, computed: false, finished: false,
     };
     p.dispatches.push(this.comm.dispatchChunk(routes, 0, this.chunkRows(p, p.xPerm, 0), xLocal[0]!, H));
