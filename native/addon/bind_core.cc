@@ -44,6 +44,7 @@ Napi::Value capabilities(const Napi::CallbackInfo& info) {
   isa.Set("neon", f.neon);
   o.Set("isa", isa);
   o.Set("bf16Dot", f.kernel_bf16dot);
+  o.Set("amxTiles", f.kernel_bf16dot && f.amx_bf16);  // gemm::choose_path's Path::Amx
   o.Set("int8Dot", f.kernel_vnni);
   o.Set("threads", static_cast<double>(ThreadPool::instance().num_threads()));
   o.Set("hardwareThreads", static_cast<double>(std::thread::hardware_concurrency()));
@@ -79,10 +80,10 @@ Napi::Value set_num_threads(const Napi::CallbackInfo& info) {
 
 Napi::Value set_simd(const Napi::CallbackInfo& info) {
   expect_args(info, 1, "setSimdLevel");
-  const char* kLevels = "'auto', 'scalar', 'avx512' or 'avx512bf16'";
+  const char* kLevels = "'auto', 'scalar', 'avx512', 'avx512bf16' or 'noamx'";
   if (!info[0].IsString()) throw_type(info.Env(), std::string("level must be ") + kLevels);
   std::string s = info[0].As<Napi::String>().Utf8Value();
-  if (s != "auto" && s != "scalar" && s != "avx512" && s != "avx512bf16")
+  if (s != "auto" && s != "scalar" && s != "avx512" && s != "avx512bf16" && s != "noamx")
     throw_type(info.Env(), "level is '" + s + "', expected " + kLevels);
   set_simd_override(s);
   return Napi::String::New(info.Env(), simd_level());

@@ -73,7 +73,7 @@ CpuFeatures detect() {
   return f;
 }
 
-std::atomic<int> g_override{0};  // 0 auto, 1 scalar, 2 avx512, 3 avx512bf16
+std::atomic<int> g_override{0};  // 0 auto, 1 scalar, 2 avx512, 3 avx512bf16, 4 noamx
 
 }  // namespace
 
@@ -93,14 +93,20 @@ const CpuFeatures& cpu_features() {
   }();
   static const CpuFeatures avx512bf16 = [] {
     CpuFeatures s = detected;
-    s.avx512vnni = s.amx_int8 = false;
+    s.avx512vnni = s.amx_bf16 = s.amx_int8 = false;
     s.kernel_vnni = false;
+    return s;
+  }();
+  static const CpuFeatures noamx = [] {
+    CpuFeatures s = detected;
+    s.amx_bf16 = s.amx_int8 = false;
     return s;
   }();
   switch (g_override.load()) {
     case 1: return scalar;
     case 2: return avx512;
     case 3: return avx512bf16;
+    case 4: return noamx;
     default: return detected;
   }
 }
@@ -116,7 +122,11 @@ std::string simd_level() {
 }
 
 void set_simd_override(const std::string& level) {
-  g_override.store(level == "scalar" ? 1 : level == "avx512" ? 2 : level == "avx512bf16" ? 3 : 0);
+  g_override.store(level == "scalar"       ? 1
+                   : level == "avx512"     ? 2
+                   : level == "avx512bf16" ? 3
+                   : level == "noamx"      ? 4
+                                           : 0);
 }
 
 }  // namespace expertd

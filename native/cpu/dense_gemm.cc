@@ -52,14 +52,14 @@ void dense_gemm(const float* x, int m, const PackedWeight& w, float* y, const fl
     quantize_rows_i8(f.kernel_avx512, x, static_cast<size_t>(w.k), 0, m, w.k, c.x);
   } else {
     c.x = prepare_activations(path, rounds_activations(w, fast_bf16), x, m, w.k, w.k_even(),
-                              path == Path::Bf16Dot ? s.x_bf16 : s.x_f32);
+                              bf16_act_path(path) ? s.x_bf16 : s.x_f32);
   }
   c.w = &w;
   c.y = y;
   c.bias = bias;
   c.accumulate = accumulate;
   s.tasks.clear();
-  plan_tasks(s.tasks, 0, m, w, act_size(path), static_cast<int>(pool.num_threads()) * 4);
+  plan_tasks(s.tasks, 0, m, w, path, static_cast<int>(pool.num_threads()) * 4);
   c.tasks = &s.tasks;
   // NOTE: the lambda captures one reference, so std::function stores it without allocating.
   pool.parallel_for(s.tasks.size(), [&c](size_t t, size_t) { run_dense_task(c, (*c.tasks)[t]); });

@@ -1,12 +1,18 @@
 // Internal to DenseGemm and GroupGemm: register-tile kernels over the packed weight layout
 // (portable C++, AVX-512 FMA on widened weights, AVX512-BF16 dot products, AVX512-VNNI int8 dot
-// products on quantized weights), activation preparation (bf16 rounding, int8 per-token
-// quantization), epilogues (bias/accumulate store, fused SiLU(gate)*up) and grow-only scratch.
+// products on quantized weights; AMX bf16 tiles in amx_kernels.h), activation preparation (bf16
+// rounding, int8 per-token quantization), epilogues (bias/accumulate store, fused SiLU(gate)*up)
+// and grow-only scratch.
 //
 // NOTE (determinism): every output element is one accumulator that runs over k = 0..Kp-1 in
 // order, whatever the tile shape (MR x NR), the task split or the thread count. Tile shapes only
 // choose how many such accumulators run side by side, so a row gives bit-identical results alone
 // or inside any batch. Do not split K across tasks or accumulators without keeping that promise.
+// The instructions differ in their low bits (vdpbf16ps rounds twice per k pair, odd k first;
+// AMX's tdpbf16ps sums a 32-k step its own way), so the path of a weight must never depend on
+// the number of rows: choose_path looks at the weight, the mode and the CPU only, and on an AMX
+// machine every fast-mode bf16 call runs Path::Amx, one row included. Within AMX each element
+// runs its 32-k steps in order, and rows of a tile never interact.
 #pragma once
 #include <algorithm>
 #include <array>
@@ -58,15 +64,20 @@ constexpr int kMaxRowTile = 240;
 
 // Which kernel family runs a weight. Activations are bf16 (uint16) rows for Bf16Dot, int8 rows
 // (codes, a scale per row, code sums per group) for Vnni and ScalarI8, f32 rows for the others.
-// Bf16Dot runs bf16 weights, and fp8 weights decoded to bf16 in registers.
-enum class Path : int { Scalar = 0, Avx512 = 1, Bf16Dot = 2, Vnni = 3, ScalarI8 = 4 };
+// Bf16Dot runs bf16 weights, and fp8 weights decoded to bf16 in registers; Amx (bf16 rows too)
+// runs bf16 weights on AMX tiles (amx_kernels.h).
+enum class Path : int { Scalar = 0, Avx512 = 1, Bf16Dot = 2, Vnni = 3, ScalarI8 = 4, Amx = 5 };
 
+// Activations are bf16 rows.
+inline bool bf16_act_path(Path p) { return p == Path::Bf16Dot || p == Path::Amx; }
 inline size_t act_size(Path p) {
-  return p == Path::Bf16Dot ? 2 : (p == Path::Vnni || p == Path::ScalarI8) ? 1 : 4;
+  return bf16_act_path(p) ? 2 : (p == Path::Vnni || p == Path::ScalarI8) ? 1 : 4;
 }
 inline bool int8_path(Path p) { return p == Path::Vnni || p == Path::ScalarI8; }
 // The path runs AVX-512 code (epilogues may use it too).
-inline bool simd_path(Path p) { return p == Path::Avx512 || p == Path::Bf16Dot || p == Path::Vnni; }
+inline bool simd_path(Path p) {
+  return p == Path::Avx512 || p == Path::Bf16Dot || p == Path::Vnni || p == Path::Amx;
+}
 
 // Fast mode on int8 and int4 weights quantizes activations to int8 (symmetric, an f32 scale per
 // block of kActBlock columns of a row, as llama.cpp's Q8_0) and multiplies codes by codes: int8
@@ -95,7 +106,9 @@ inline Path choose_path(const CpuFeatures& f, const PackedWeight& w, bool fast) 
     return Path::ScalarI8;
   }
 #if EXPERTD_GEMM_X86
-  if (fast && !w.quantized() && w.dtype == DType::BF16 && f.kernel_bf16dot) return Path::Bf16Dot;
+  // NOTE: not a function of M (see the determinism NOTE above).
+  if (fast && !w.quantized() && w.dtype == DType::BF16 && f.kernel_bf16dot)
+    return f.amx_bf16 ? Path::Amx : Path::Bf16Dot;
   // fp8 -> bf16 in registers: whole 4-k chunks inside a scale group.
   if (fast && w.q == QFormat::F8 && f.kernel_bf16dot && w.group % 4 == 0)
     return Path::Bf16Dot;
@@ -169,22 +182,24 @@ inline GemmScratch& gemm_scratch() {
   return s;
 }
 
-// Appends the tasks of one weight: row tiles (activations of act_bytes per element) times chunks
-// of weight blocks (chunk sizes are multiples of kNr, so gate/up pairs never split).
+// Appends the tasks of one weight on a path: row tiles (multiples of the path's rows per tile)
+// times chunks of weight blocks (chunk sizes are multiples of kNr, so gate/up pairs never split).
 // min_chunks keeps enough tasks for the threads when a single small-M weight is the whole job.
-inline void plan_tasks(std::vector<Task>& out, int g, int rows, const PackedWeight& w,
-                       size_t act_bytes, int min_chunks) {
+inline void plan_tasks(std::vector<Task>& out, int g, int rows, const PackedWeight& w, Path path,
+                       int min_chunks) {
   if (rows <= 0) return;
+  const size_t act_bytes = act_size(path);
+  const int row_step = path == Path::Amx ? 32 : kMr;  // kAmxRows (amx_kernels.h)
   const int blocks = w.np / 16;
   const size_t block_bytes = static_cast<size_t>(w.kp) * w.k_bytes16();
   int nc = static_cast<int>(std::max<size_t>(1, kChunkBytes / block_bytes));
   if (min_chunks > 0) nc = std::min(nc, (blocks + min_chunks - 1) / min_chunks);
   nc = std::max(kNr, nc / kNr * kNr);
   int max_rows = static_cast<int>(kRowTileBytes / (static_cast<size_t>(w.kp) * act_bytes));
-  max_rows = std::max(kMr, std::min(kMaxRowTile, max_rows / kMr * kMr));
+  max_rows = std::max(row_step, std::min(kMaxRowTile, max_rows / row_step * row_step));
   const int row_tiles = (rows + max_rows - 1) / max_rows;
   int mc = (rows + row_tiles - 1) / row_tiles;
-  mc = (mc + kMr - 1) / kMr * kMr;
+  mc = (mc + row_step - 1) / row_step * row_step;
   for (int b = 0; b < blocks; b += nc)
     for (int r = 0; r < rows; r += mc)
       out.push_back(Task{g, r, std::min(rows, r + mc), b, std::min(blocks, b + nc)});
@@ -801,17 +816,27 @@ inline const TileFn* tile_table(Path path, DType wd) {
                            : wd == DType::F16 ? scalar_f16.data() : scalar_f32.data();
 }
 
-// The kernel table for a packed weight on a path.
+// The kernel table for a packed weight on a path (none for Amx: run_tiles_amx).
 inline const TileFn* tile_table(Path path, const PackedWeight& w) {
+  if (path == Path::Amx) return nullptr;
   return w.quantized() ? qtile_table(path, w.q) : tile_table(path, w.dtype);
 }
 
+}  // namespace expertd::gemm
+
+#include "amx_kernels.h"
+
+namespace expertd::gemm {
+
 // Runs every register tile of rows [0, rows) of x against blocks [b0, b1) of w, handing each
 // finished tile to epi(row, mr, block, nr, tile). Rows outermost: an MR-row slice of x stays in
-// L1 while the task's weight chunk streams from L2.
+// L1 while the task's weight chunk streams from L2. Path::Amx hands tiles of up to 32 rows.
 template <class Epi>
 inline void run_tiles(const TileFn* table, Path path, Act x, int rows, const PackedWeight& w,
                       int b0, int b1, const Epi& epi) {
+#if EXPERTD_GEMM_X86
+  if (path == Path::Amx) return run_tiles_amx(x, rows, w, b0, b1, epi);
+#endif
   alignas(64) float tile[kMr * kTileLd];
   const size_t xes = act_size(path);
   const size_t wstride = static_cast<size_t>(16) * w.kp;
@@ -866,7 +891,7 @@ EXPERTD_AVX512BF16 inline void rows_to_bf16(const float* x, int rows, int k, int
 inline Act prepare_activations(Path path, bool round, const float* x, int rows, int k, int kp,
                                Buffer& buf) {
 #if EXPERTD_GEMM_X86
-  if (path == Path::Bf16Dot) {
+  if (bf16_act_path(path)) {
     uint16_t* out = static_cast<uint16_t*>(buf.get(static_cast<size_t>(rows) * kp * 2));
     rows_to_bf16(x, rows, k, kp, out);
     return Act{out, static_cast<size_t>(kp)};
@@ -1102,7 +1127,8 @@ EXPERTD_AVX512BF16 inline void store_gate_up_bf16(const float* tile, int mr, int
 #endif
 
 // Fused SiLU(gate)*up epilogue; vectorized when the AVX-512 kernels are in use.
-// (HFormat::Bf16 is asked for only when the down projection runs Bf16Dot: the CPU has bf16.)
+// (HFormat::Bf16 is asked for only when the down projection runs Bf16Dot or Amx: the CPU has
+// bf16.)
 inline void store_gate_up(Path path, const float* tile, int mr, int nr, int b0, uint8_t* h,
                           size_t h_row_bytes, HFormat fmt) {
 #if EXPERTD_GEMM_X86

@@ -17,7 +17,7 @@ namespace {
 
 // Activations of x in each form a path may read (filled only for the forms some expert needs).
 struct XForms {
-  Act bf16;     // Bf16Dot
+  Act bf16;     // Bf16Dot, Amx
   Act rounded;  // f32 rounded to bf16 (fast mode without bf16 dot products)
   Act plain;    // f32 as given (padded copy when H is odd)
   Act i8;       // int8 per row (Vnni, ScalarI8)
@@ -39,13 +39,13 @@ struct FfnCall {
 };
 
 Act x_for(const FfnCall& c, Path path, bool round) {
-  if (path == Path::Bf16Dot) return c.x.bf16;
+  if (bf16_act_path(path)) return c.x.bf16;
   if (int8_path(path)) return c.x.i8;
   return round ? c.x.rounded : c.x.plain;
 }
 
 HFormat h_format(Path down_path, bool round) {
-  if (down_path == Path::Bf16Dot) return HFormat::Bf16;
+  if (bf16_act_path(down_path)) return HFormat::Bf16;
   if (int8_path(down_path)) return HFormat::F32;  // quantized per row after phase 1
   return round ? HFormat::F32Rounded : HFormat::F32;
 }
@@ -128,7 +128,7 @@ void group_gemm_ffn(const float* x, const int32_t* offsets, int num_experts,
     EXPERTD_CHECK(gate_up[e] && down[e], ErrorCode::Range, "expert has rows but no weights");
     const PackedWeight& w = *gate_up[e];
     const Path p = choose_path(cpu, w, fast_bf16);
-    if (p == Path::Bf16Dot) need_bf16 = true;
+    if (bf16_act_path(p)) need_bf16 = true;
     else if (int8_path(p)) x_i8.add(w);
     else if (rounds_activations(w, fast_bf16)) need_rounded = true;
     else need_plain = true;
@@ -159,7 +159,7 @@ void group_gemm_ffn(const float* x, const int32_t* offsets, int num_experts,
   for (int e = 0; e < num_experts; ++e)
     if (offsets[e + 1] > offsets[e])
       plan_tasks(s.tasks, e, offsets[e + 1] - offsets[e], *gate_up[e],
-                 act_size(choose_path(cpu, *gate_up[e], fast_bf16)), min_chunks);
+                 choose_path(cpu, *gate_up[e], fast_bf16), min_chunks);
   c.tasks = &s.tasks;
   pool.parallel_for(s.tasks.size(), [&c](size_t t, size_t) { run_gate_up_task(c, (*c.tasks)[t]); });
 
@@ -193,7 +193,7 @@ void group_gemm_ffn(const float* x, const int32_t* offsets, int num_experts,
   for (int e = 0; e < num_experts; ++e)
     if (offsets[e + 1] > offsets[e])
       plan_tasks(s.tasks, e, offsets[e + 1] - offsets[e], *down[e],
-                 act_size(choose_path(cpu, *down[e], fast_bf16)), min_chunks);
+                 choose_path(cpu, *down[e], fast_bf16), min_chunks);
   pool.parallel_for(s.tasks.size(), [&c](size_t t, size_t) { run_down_task(c, (*c.tasks)[t]); });
 }
 

@@ -185,6 +185,6 @@ export function loadSummary(loaded: LoadedModel<ForwardModel>): string {
     `${spec.numLayers} layers (${moeLayers} MoE), ${spec.moe.numExperts} experts top-${spec.moe.router.topK}, ` +
     `checkpoint ${gb(bytes)} GiB, ${loaded.loadMs.toFixed(0)} ms; ` +
     (loaded.model.device !== 'cpu' ? `device ${loaded.model.device}${cublasLtNote()}; ` : '') +
-    `cpu ${caps.simd} x${caps.threads} threads, ` +
+    `cpu ${caps.simd}${caps.amxTiles ? ' (bf16 GEMMs on AMX tiles)' : ''} x${caps.threads} threads, ` +
     `${caps.build} build${caps.cudaDevices ? `, ${caps.cudaDevices} CUDA device(s)` : caps.cudaError ? ` (${caps.cudaError})` : ''}`;
 }

@@ -21,6 +21,11 @@ export interface Capabilities {
   /** bf16 dot-product kernels are in use (fast mode runs at full speed). */
   bf16Dot: boolean;
   /**
+   * Fast-mode bf16 DenseGemm / GroupGemm run on AMX tiles (tdpbf16ps), every call, one row
+   * included (simd is then 'amx'); false: vdpbf16ps (bf16Dot) or the f32 kernels.
+   */
+  amxTiles: boolean;
+  /**
    * int8 dot-product kernels (AVX512-VNNI vpdpbusd, VBMI byte permutes) run int8/int4 weights in
    * fast mode; without them the portable integer kernel computes the same numbers.
    */
@@ -652,10 +657,13 @@ export interface NativeAddon extends Partial<CudaAddon> {
   /** 0 = all hardware threads; returns the count in use. */
   setNumThreads(threads: number): number;
   /**
-   * Forces a dispatch level (tests): 'scalar' the portable kernels, 'avx512' AVX-512 without bf16 or
-   * int8 dot products, 'avx512bf16' without int8 dot products; 'auto' picks the best. Returns the level.
+   * Forces a dispatch level (tests, benchmarks): 'scalar' the portable kernels, 'avx512' AVX-512
+   * without bf16 or int8 dot products, 'avx512bf16' bf16 dot products without AMX tiles or int8 dot
+   * products, 'noamx' everything the CPU has but AMX tiles (fast-mode bf16 GEMMs on vdpbf16ps);
+   * 'auto' picks the best (AMX tiles for fast-mode bf16 GEMMs where the CPU has them). A level only
+   * takes away. Returns the level now in effect.
    */
-  setSimdLevel(level: 'auto' | 'scalar' | 'avx512' | 'avx512bf16'): SimdLevel;
+  setSimdLevel(level: 'auto' | 'scalar' | 'avx512' | 'avx512bf16' | 'noamx'): SimdLevel;
   /** A zeroed, 64-byte aligned buffer owned by native code. */
   allocHostBuffer(sizeBytes: number): ArrayBuffer;
 

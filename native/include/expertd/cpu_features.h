@@ -27,7 +27,9 @@ const CpuFeatures& cpu_features();
 // "amx" | "avx512bf16" | "avx512" | "avx2" | "neon" | "scalar"
 std::string simd_level();
 // Lets tests force a dispatch level: "scalar" (the portable kernels), "avx512" (AVX-512 without
-// bf16 or int8 dot products), "avx512bf16" (without int8 dot products), or "auto" (what the CPU has).
+// bf16 or int8 dot products), "avx512bf16" (bf16 dot products without AMX tiles or int8 dot
+// products), "noamx" (what the CPU has but AMX tiles: fast-mode bf16 GEMMs run vdpbf16ps), or
+// "auto" (what the CPU has). The levels only take away: one the CPU lacks stays off.
 void set_simd_override(const std::string& level);
 
 }  // namespace expertd
