@@ -71,7 +71,12 @@ interface Options {
   hot: boolean;
   threads: number;
   ctx: number;
+  /** dispatch levels the fast GEMMs also run at, beside 'auto' (e.g. noamx: AMX tiles vs vdpbf16ps) */
+  simd: SimdCompare[];
 }
+
+const SIMD_COMPARE = ['noamx', 'avx512bf16', 'avx512', 'scalar'] as const;
+type SimdCompare = (typeof SIMD_COMPARE)[number];
 
 function parseOptions(argv: string[]): Options {
   const { values } = parseArgs({
@@ -80,7 +85,7 @@ function parseOptions(argv: string[]): Options {
       json: { type: 'string' }, plot: { type: 'string' }, reps: { type: 'string' },
       warmup: { type: 'string' }, device: { type: 'string' }, tokens: { type: 'string' },
       models: { type: 'string' }, 'no-peer': { type: 'boolean' }, hot: { type: 'boolean' },
-      threads: { type: 'string' }, ctx: { type: 'string' },
+      threads: { type: 'string' }, ctx: { type: 'string' }, simd: { type: 'string' },
     },
     strict: true,
   });
@@ -92,6 +97,11 @@ function parseOptions(argv: string[]): Options {
     const s = SHAPES.find((x) => x.name === n.trim());
     if (!s) throw new RangeError(`--models has "${n}", expected some of ${SHAPES.map((x) => x.name).join(', ')}`);
     return s;
+  });
+  const simd = (values.simd ?? '').split(',').map((v) => v.trim()).filter(Boolean).map((v) => {
+    if (!(SIMD_COMPARE as readonly string[]).includes(v))
+      throw new RangeError(`--simd has "${v}", expected some of ${SIMD_COMPARE.join(', ')}`);
+    return v as SimdCompare;
   });
   return {
     json: values.json,
@@ -105,6 +115,7 @@ function parseOptions(argv: string[]): Options {
     hot: values.hot ?? false,
     threads: parsePositiveInt('threads', values.threads, os.availableParallelism()),
     ctx: Math.max(16, parsePositiveInt('ctx', values.ctx, 512)),
+    simd,
   };
 }
 
@@ -378,6 +389,22 @@ function peerRows(ctx: Context, shape: MoeShape, t: number, flops: number, activ
 
 const peerId = (shape: MoeShape, t: number, dtype: string) => `${shape.name}/${t}/${dtype}`;
 
+/** The GEMM runs of a shape: fast at 'auto' and at each --simd level, then the reference mode. */
+function variants(ctx: Context): { fast: boolean; level: SimdCompare | null }[] {
+  return [{ fast: true, level: null }, ...ctx.opts.simd.map((level) => ({ fast: true, level })),
+    { fast: false, level: null }];
+}
+
+function atLevel<T>(native: NativeAddon, level: SimdCompare | null, fn: () => T): T {
+  if (!level) return fn();
+  native.setSimdLevel(level);
+  try {
+    return fn();
+  } finally {
+    native.setSimdLevel('auto');
+  }
+}
+
 function benchShape(ctx: Context, native: NativeAddon, shape: MoeShape, routings: Map<number, Routing>): void {
   const { h, inter, experts, topK } = shape;
   const rand = prng(0x5eed + h + experts);
@@ -399,20 +426,20 @@ function benchShape(ctx: Context, native: NativeAddon, shape: MoeShape, routings
     const poisoned = (run: () => void) => () => { y.fill(NaN); run(); return checkFfn(layer, shape, routing, x, y); };
 
     // GroupGemm: one call over all experts
-    for (const fast of [true, false]) {
-      const op = `groupGemm ${fast ? 'fast' : 'ref'}`;
+    for (const { fast, level } of variants(ctx)) {
+      const op = `groupGemm ${fast ? 'fast' : 'ref'}${level ? ` [${level}]` : ''}`;
       if (!layer.table) { ctx.rows.push(skipped(shape.name, t, op, layer.packError ?? 'no weights')); continue; }
       const table = layer.table;
       const run = () => native.groupGemmFfn(x, routing.offsets, table, y, fast);
-      ctx.rows.push(runOp(ctx, { ...base, op, bound: fast ? 'bf16' : 'f32', run,
-        check: poisoned(run), peerId: peerId(shape, t, fast ? fastPeer : 'f32') }));
+      ctx.rows.push(atLevel(native, level, () => runOp(ctx, { ...base, op, bound: fast ? 'bf16' : 'f32', run,
+        check: poisoned(run), peerId: peerId(shape, t, fast ? fastPeer : 'f32') })));
     }
 
     // DenseGemm: a plain GEMM per expert (the vendor-library shape of the work)
     const gu = new Float32Array(Math.max(...routing.counts, 1) * 2 * inter); // [rows_e, 2I]
     const act = new Float32Array(Math.max(...routing.counts, 1) * inter);    // [rows_e, I]
-    for (const fast of [true, false]) {
-      const op = `denseGemm loop ${fast ? 'fast' : 'ref'}`;
+    for (const { fast, level } of variants(ctx)) {
+      const op = `denseGemm loop ${fast ? 'fast' : 'ref'}${level ? ` [${level}]` : ''}`;
       if (!layer.gateUpPlain || !layer.downPlain) {
         ctx.rows.push(skipped(shape.name, t, op, layer.packError ?? 'no weights'));
         continue;
@@ -429,8 +456,8 @@ function benchShape(ctx: Context, native: NativeAddon, shape: MoeShape, routings
           native.denseGemm(act, m, down[e]!, y.subarray(r0 * h, (r0 + m) * h), null, false, fast);
         }
       };
-      ctx.rows.push(runOp(ctx, { ...base, op, bound: fast ? 'bf16' : 'f32', run,
-        check: poisoned(run), peerId: peerId(shape, t, fast ? fastPeer : 'f32') }));
+      ctx.rows.push(atLevel(native, level, () => runOp(ctx, { ...base, op, bound: fast ? 'bf16' : 'f32', run,
+        check: poisoned(run), peerId: peerId(shape, t, fast ? fastPeer : 'f32') })));
     }
 
     ctx.rows.push(...peerRows(ctx, shape, t, ffnFlops, activeWeights));
@@ -530,6 +557,22 @@ function printTables(rows: Row[], models: MoeShape[]): void {
   }
 }
 
+/** Each fast GEMM at 'auto' against the same op at each --simd level: the level's median / auto's. */
+function printSimdRatios(rows: Row[], models: MoeShape[], levels: SimdCompare[], auto: string): void {
+  console.log(`\n### fast GEMMs at ${auto} (auto) vs ${levels.join(', ')}: time ratio (> 1: auto is faster), GFLOP/s\n`);
+  const body: Cell[][] = [];
+  for (const m of models)
+    for (const r of rows)
+      if (r.model === m.name && r.status === 'ok' && (r.op === 'groupGemm fast' || r.op === 'denseGemm loop fast'))
+        for (const level of levels) {
+          const o = rows.find((x) => x.model === r.model && x.tokens === r.tokens && x.op === `${r.op} [${level}]` && x.status === 'ok');
+          if (!o) continue;
+          body.push([m.name, r.tokens, r.op, level, `${fmt(o.stats!.medianMs / r.stats!.medianMs)}x`, r.gflops ?? null, o.gflops ?? null]);
+        }
+  console.log(markdownTable(['model', 'T', 'op', 'vs', 'time ratio', `GFLOP/s ${auto}`, 'GFLOP/s vs'], body,
+    ['left', 'right', 'left', 'left', 'right', 'right', 'right']));
+}
+
 /** Per model: each op's GFLOP/s over tokens (min-max over reps as bars), and the measured limit of the fast GroupGemm. */
 async function plot(file: string, rows: Row[], models: MoeShape[], tokens: number[]): Promise<void> {
   const ops = ['groupGemm fast', 'groupGemm ref', 'denseGemm loop fast', 'denseGemm loop ref', 'openblas loop f32', 'openblas loop bf16'];
@@ -604,7 +647,8 @@ export async function runKernels(argv: string[]): Promise<void> {
   console.log(`## kernels (${opts.device}, ${caps.simd}, ${opts.threads} threads, median of ${opts.reps} after ${opts.warmup} warm-up)\n`);
   console.log(`Machine: ${limits.cpuModel}, ${limits.threads} threads, L3 ${(limits.l3Bytes / 2 ** 20).toFixed(0)} MiB; ` +
     `read bandwidth ${fmt(limits.readBandwidthGBps)} GB/s; peak f32 FMA (${limits.f32Isa}) ${fmt(limits.peakF32Gflops)} GFLOP/s; ` +
-    `peak bf16 dot ${limits.peakBf16Gflops === null ? 'n/a' : `${fmt(limits.peakBf16Gflops)} GFLOP/s`}.`);
+    `peak bf16 dot ${limits.peakBf16Gflops === null ? 'n/a' : `${fmt(limits.peakBf16Gflops)} GFLOP/s`}` +
+    `${caps.amxTiles ? ' (vdpbf16ps; the fast GEMMs run on AMX tiles, which can pass it)' : ''}.`);
   if (peer) {
     const i = peer.info;
     console.log(i.available
@@ -616,6 +660,7 @@ export async function runKernels(argv: string[]): Promise<void> {
     `weights flushed from the caches before each timed run: ${flusher ? 'yes' : 'no (--hot)'}; ` +
     `load average at start ${os.loadavg().map((v) => v.toFixed(1)).join(' ')}.`);
   printTables(ctx.rows, opts.models);
+  if (opts.simd.length) printSimdRatios(ctx.rows, opts.models, opts.simd, caps.simd);
 
   if (opts.json)
     writeJson(opts.json, {
