@@ -14,6 +14,9 @@ test('capabilities describe the build and the machine', () => {
   assert.equal(typeof caps.cudaCompiled, 'boolean');
   assert.ok(caps.cudaDevices >= 0);
   if (caps.simd === 'avx512bf16') assert.ok(caps.isa.avx512bf16 && caps.bf16Dot);
+  // AMX tiles run the fast bf16 GEMMs exactly when the level says amx (and the CPU has them).
+  assert.equal(caps.amxTiles, caps.simd === 'amx');
+  if (caps.amxTiles) assert.ok(caps.isa.amxBf16 && caps.bf16Dot);
 });
 
 test('binding.gyp and native/CMakeLists.txt compile the same CPU and addon sources', () => {
@@ -35,7 +38,7 @@ test('setNumThreads and setSimdLevel validate their arguments', () => {
   const n = loadNative();
   assert.throws(() => n.setNumThreads(-1), { name: 'RangeError', message: 'threads is -1, expected 0..1024' });
   assert.throws(() => n.setSimdLevel('avx9' as never), {
-    name: 'TypeError', message: "level is 'avx9', expected 'auto', 'scalar', 'avx512' or 'avx512bf16'",
+    name: 'TypeError', message: "level is 'avx9', expected 'auto', 'scalar', 'avx512', 'avx512bf16' or 'noamx'",
   });
   const before = n.capabilities().threads;
   assert.equal(n.setNumThreads(1), 1);

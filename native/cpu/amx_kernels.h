@@ -52,9 +52,9 @@ constexpr int kAmxWideBlocks = 4;     // blocks per group with one A tile (mr <=
 // Few rows stream each B tile from memory once: a tile load that misses waits out the memory
 // latency with its tile register busy, so the B tiles kAmxPrefetchSteps steps ahead are fetched
 // early (prefetches past a block's end touch the next block or nothing: they never fault).
-// Into L1 (prefetcht0): measured on one Sapphire Rapids core (bench/native/amx-tiles.cc, m = 1,
-// 4096 x 4096 from DRAM), 4 steps ahead matched vdpbf16ps where none was ~10% behind, and
-// prefetcht1 / prefetchnta were slower still.
+// Into L1 (prefetcht0): measured on one core of this project's Xeon (bench/native/amx-tiles.cc,
+// m = 1, 4096 x 4096 from DRAM, a loaded machine), 4 steps ahead matched vdpbf16ps within the
+// noise where none was ~10% behind, and prefetcht1 / prefetchnta were slower still.
 constexpr int kAmxPrefetchSteps = 4;
 template <int NB>
 inline void amx_prefetch_b(const uint16_t* w, size_t wstride) {
