@@ -50,9 +50,11 @@ const FP8_REL_TOL_BY_FAMILY: Record<string, number> = { gpt_oss: 0.18 };
 // Measured: routing-consistent positions up to 4.81% (bf16 KV 5.28%), mean 4.85%. HF transformers'
 // own bf16 run of the same checkpoint is further from its f32 goldens: mean 5.5-7.4% per case, max
 // 10.9-35% (qwen3_moe for comparison: mean 0.65-1.24%), so the bound is the family's, not a bug.
-// qwen3_5_moe_text: measured 7.20% at a routing-consistent position of the 67-token case (bf16 KV 7.12%);
-// HF's own bf16 run: mean 1.8-14.9% per case, max 3.4-58%.
-const BF16_REL_TOL_BY_FAMILY: Record<string, number> = { gpt_oss: 0.06, qwen3_next: 0.06, qwen3_5_moe_text: 0.08 };
+// qwen3_5_moe_text: measured 7.20% at a routing-consistent position of the 67-token case (bf16 KV 7.12%)
+// with vdpbf16ps GEMMs, 8.05% (bf16 KV 8.03%) with AMX tiles (tdpbf16ps rounds its sums differently;
+// each GEMM stays within f32 accumulation error of float64, test/gemm-amx.test.ts); HF's own bf16
+// run: mean 1.8-14.9% per case, max 3.4-58%.
+const BF16_REL_TOL_BY_FAMILY: Record<string, number> = { gpt_oss: 0.06, qwen3_next: 0.06, qwen3_5_moe_text: 0.09 };
 // qwen3_5_moe_text: mean measured 2.87% (HF's own bf16: 1.8-14.9% per case).
 const BF16_MEAN_REL_TOL_BY_FAMILY: Record<string, number> = { qwen3_next: 0.06, qwen3_5_moe_text: 0.04 };
 
