@@ -75,7 +75,7 @@ interface Options {
   simd: SimdCompare[];
 }
 
-const SIMD_COMPARE = ['noamx', 'avx512bf16', 'avx512', 'scalar'] as const;
+const SIMD_COMPARE = ['amx', 'noamx', 'avx512bf16', 'avx512', 'scalar'] as const;
 type SimdCompare = (typeof SIMD_COMPARE)[number];
 
 function parseOptions(argv: string[]): Options {

@@ -1,4 +1,4 @@
-// Fast-mode bf16 DenseGemm and GroupGemm on AMX tiles (the 'auto' level on a CPU with AMX) and on
+// Fast-mode bf16 DenseGemm and GroupGemm on AMX tiles (the 'amx' level on a CPU with AMX) and on
 // vdpbf16ps (the 'noamx' level) against float64 references over the same bf16 operands, at row
 // counts that cross the 16-row tiles and 32-row groups and K that is not a multiple of the 32-k
 // tile step; every row bit-identical alone, inside 17 rows and inside 100. On a CPU without AMX
@@ -13,9 +13,12 @@ import { fileSeed } from './helpers/seed.js';
 import { compare, refGemm, roundBf16, silu, uniform } from './helpers/gemm-ref.js';
 
 const native: NativeAddon = loadNative();
+// AMX is opt-in ('auto' is 'amx' only under EXPERTD_AMX=1): ask for it to learn whether it can run.
+native.setSimdLevel('amx');
 const hasAmx = native.capabilities().amxTiles;
+native.setSimdLevel('auto');
 const NO_AMX = hasAmx ? false : `this CPU (or its OS) has no AMX bf16 tiles (simd ${native.capabilities().simd}): the AMX path cannot run here`;
-const LEVELS = ['auto', 'noamx'] as const;
+const LEVELS = ['amx', 'noamx'] as const;
 
 // GroupGemm rounds h to bf16 in f32 where the reference rounds its f64 h: elements within ~1e-6 of
 // a rounding boundary land one bf16 ulp apart (see gemm.test.ts), ~1e-5 in normalised L2.
@@ -102,7 +105,7 @@ function denseCase(m: number, n: number, k: number, bias: boolean, accumulate: b
 test('fast-mode denseGemm matches float64 per element on AMX tiles and on vdpbf16ps', () => {
   for (const level of LEVELS)
     withLevel(level, () => {
-      assert.equal(native.capabilities().amxTiles, level === 'auto' && hasAmx);
+      assert.equal(native.capabilities().amxTiles, level === 'amx' && hasAmx);
       for (const m of MS)
         for (const [n, k] of NK)
           denseCase(m, n, k, m % 2 === 1, m % 3 === 1, level);
@@ -117,7 +120,7 @@ test('AMX really runs: fast-mode denseGemm differs from vdpbf16ps in the low bit
   const w = native.packWeight(bf16Weight(rand, n, k, 1).bits, 'bf16', n, k);
   const x = uniform(rand, m * k);
   const a = new Float32Array(m * n), b = new Float32Array(m * n);
-  native.denseGemm(x, m, w, a, null, false, true);
+  withLevel('amx', () => native.denseGemm(x, m, w, a, null, false, true));
   withLevel('noamx', () => native.denseGemm(x, m, w, b, null, false, true));
   let differ = 0;
   for (let i = 0; i < a.length; i++) differ += a[i] !== b[i] ? 1 : 0;
@@ -259,4 +262,10 @@ test('fast-mode groupGemmFfn rows are bit-identical alone, inside 17 rows and in
       }
       dispose(ex);
     });
+});
+
+test("AMX is opt-in: 'auto' runs vdpbf16ps unless the process started with EXPERTD_AMX=1", () => {
+  native.setSimdLevel('auto');
+  const optIn = ['1', 'on', 'true'].includes(process.env.EXPERTD_AMX ?? '');
+  assert.equal(native.capabilities().amxTiles, optIn && hasAmx);
 });

@@ -2,6 +2,8 @@
 #include "expertd/cpu_features.h"
 
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
@@ -73,7 +75,15 @@ CpuFeatures detect() {
   return f;
 }
 
-std::atomic<int> g_override{0};  // 0 auto, 1 scalar, 2 avx512, 3 avx512bf16, 4 noamx
+std::atomic<int> g_override{0};  // 0 auto, 1 scalar, 2 avx512, 3 avx512bf16, 4 noamx, 5 amx
+
+// AMX tiles for the fast-mode bf16 GEMMs are opt-in (EXPERTD_AMX=1): they run prefill 2-4x faster
+// than vdpbf16ps but one-row (decode batch 1) calls 15-35% slower on this project's bench models,
+// and the path may not depend on the row count (gemm_kernels.h NOTE), so one process uses one.
+bool amx_opted_in() {
+  const char* v = std::getenv("EXPERTD_AMX");
+  return v && (std::strcmp(v, "1") == 0 || std::strcmp(v, "on") == 0 || std::strcmp(v, "true") == 0);
+}
 
 }  // namespace
 
@@ -107,7 +117,11 @@ const CpuFeatures& cpu_features() {
     case 2: return avx512;
     case 3: return avx512bf16;
     case 4: return noamx;
-    default: return detected;
+    case 5: return detected;
+    default: {
+      static const bool amx = amx_opted_in();
+      return amx ? detected : noamx;
+    }
   }
 }
 
@@ -126,6 +140,7 @@ void set_simd_override(const std::string& level) {
                    : level == "avx512"     ? 2
                    : level == "avx512bf16" ? 3
                    : level == "noamx"      ? 4
+                   : level == "amx"        ? 5
                                            : 0);
 }
 

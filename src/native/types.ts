@@ -659,11 +659,12 @@ export interface NativeAddon extends Partial<CudaAddon> {
   /**
    * Forces a dispatch level (tests, benchmarks): 'scalar' the portable kernels, 'avx512' AVX-512
    * without bf16 or int8 dot products, 'avx512bf16' bf16 dot products without AMX tiles or int8 dot
-   * products, 'noamx' everything the CPU has but AMX tiles (fast-mode bf16 GEMMs on vdpbf16ps);
-   * 'auto' picks the best (AMX tiles for fast-mode bf16 GEMMs where the CPU has them). A level only
-   * takes away. Returns the level now in effect.
+   * products, 'noamx' everything the CPU has but AMX tiles (fast-mode bf16 GEMMs on vdpbf16ps),
+   * 'amx' everything the CPU has, AMX tiles included; 'auto' is 'amx' when the process started with
+   * EXPERTD_AMX=1 (AMX tiles are opt-in: prefill 2-4x faster, decode batch 1 15-35% slower on the
+   * bench models), else 'noamx'. A level only takes away. Returns the level now in effect.
    */
-  setSimdLevel(level: 'auto' | 'scalar' | 'avx512' | 'avx512bf16' | 'noamx'): SimdLevel;
+  setSimdLevel(level: 'auto' | 'scalar' | 'avx512' | 'avx512bf16' | 'noamx' | 'amx'): SimdLevel;
   /** A zeroed, 64-byte aligned buffer owned by native code. */
   allocHostBuffer(sizeBytes: number): ArrayBuffer;
 

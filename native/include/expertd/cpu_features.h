@@ -28,8 +28,10 @@ const CpuFeatures& cpu_features();
 std::string simd_level();
 // Lets tests force a dispatch level: "scalar" (the portable kernels), "avx512" (AVX-512 without
 // bf16 or int8 dot products), "avx512bf16" (bf16 dot products without AMX tiles or int8 dot
-// products), "noamx" (what the CPU has but AMX tiles: fast-mode bf16 GEMMs run vdpbf16ps), or
-// "auto" (what the CPU has). The levels only take away: one the CPU lacks stays off.
+// products), "noamx" (what the CPU has but AMX tiles: fast-mode bf16 GEMMs run vdpbf16ps), "amx"
+// (what the CPU has, AMX tiles included), or "auto": "amx" when the environment sets EXPERTD_AMX=1
+// (or on / true), else "noamx" (AMX is opt-in: see cpu_features.cc). The levels only take away:
+// one the CPU lacks stays off.
 void set_simd_override(const std::string& level);
 
 }  // namespace expertd
