@@ -173,6 +173,25 @@ function kernelSuite(label: string, cu: () => CudaAddon, skip: string | false) {
       return Float32Array.from(u, bf16ToF32);
     };
 
+    // An expert table of E random experts in q's format (expert `empty` left without weights) and the
+    // float64 values of what was uploaded.
+    const randomTable = (q: DeviceQuant, layout: CudaQuantLayout, E: number, H: number, I: number, empty?: number) => {
+      const table = new api!.CudaExpertTable(E, H, I, layout);
+      const gu: (Float64Array | null)[] = [], dn: (Float64Array | null)[] = [];
+      for (let e = 0; e < E; e++) {
+        if (e === empty) {
+          gu.push(null);
+          dn.push(null);
+          continue;
+        }
+        const g = randomMatrix(q, 2 * I, H, true), d = randomMatrix(q, H, I, false);
+        gu.push(g.w);
+        dn.push(d.w);
+        table.set(e, upload(g.blob), upload(d.blob));
+      }
+      return { table, gu, dn };
+    };
+
     for (const layout of LAYOUTS) {
       const q = deviceQuant(layout);
       const four = q.format === 'int4' || q.format === 'mxfp4';
@@ -191,21 +210,9 @@ function kernelSuite(label: string, cu: () => CudaAddon, skip: string | false) {
             const offsets = new Int32Array(E + 1);
             for (let e = 0; e < E; e++) offsets[e + 1] = offsets[e]! + counts[e]!;
             const x = bf16Round(uniform(rows * H));
-            const table = new cu.CudaExpertTable(E, H, I, layout);
+            const { table, gu, dn } = randomTable(q, layout, E, H, I, c.empty);
             assert.deepEqual(table.quant, q.format === 'fp8' ? { format: 'fp8', group: q.group, blockRows: q.blockRows }
               : { format: q.format, group: q.group });
-            const gu: (Float64Array | null)[] = [], dn: (Float64Array | null)[] = [];
-            for (let e = 0; e < E; e++) {
-              if (e === c.empty) {
-                gu.push(null);
-                dn.push(null);
-                continue;
-              }
-              const g = randomMatrix(q, 2 * I, H, true), d = randomMatrix(q, H, I, false);
-              gu.push(g.w);
-              dn.push(d.w);
-              table.set(e, upload(g.blob), upload(d.blob));
-            }
             const y = poisoned(rows * H), hs = poisoned(rows * I, 2);
             cu.cudaGroupGemmFfn(upload(bf16Array(x)), upload(offsets), table, rows, hs, y, { tile });
             const ref = ffnRef(x, offsets, gu, dn, rows, H, I);
@@ -242,19 +249,7 @@ function kernelSuite(label: string, cu: () => CudaAddon, skip: string | false) {
               const offsets = new Int32Array(E + 1);
               for (let e = 0; e < E; e++) offsets[e + 1] = offsets[e]! + counts[e]!;
               const x = bf16Round(uniform(rows * H));
-              const table = new cu.CudaExpertTable(E, H, I, layout);
-              const gu: (Float64Array | null)[] = [], dn: (Float64Array | null)[] = [];
-              for (let e = 0; e < E; e++) {
-                if (e === c.empty) {
-                  gu.push(null);
-                  dn.push(null);
-                  continue;
-                }
-                const g = randomMatrix(q, 2 * I, H, true), d = randomMatrix(q, H, I, false);
-                gu.push(g.w);
-                dn.push(d.w);
-                table.set(e, upload(g.blob), upload(d.blob));
-              }
+              const { table, gu, dn } = randomTable(q, layout, E, H, I, c.empty);
               const y = poisoned(rows * H), hs = poisoned(rows * I, 2);
               cu.cudaGroupGemmFfn(upload(bf16Array(x)), upload(offsets), table, rows, hs, y, { tile, fp8Path: 'act' });
               const ref = ffnRef(x, offsets, gu, dn, rows, H, I, fp8Act);
@@ -298,19 +293,7 @@ function kernelSuite(label: string, cu: () => CudaAddon, skip: string | false) {
           // Gate/up biases past +-limit on some columns, so that the clamp is reached.
           const x = bf16Round(uniform(rows * H, -2, 2));
           const guBias = uniform(E * 2 * I, -9, 9), dnBias = uniform(E * H, -1, 1);
-          const table = new cu.CudaExpertTable(E, H, I, layout);
-          const gu: (Float64Array | null)[] = [], dn: (Float64Array | null)[] = [];
-          for (let e = 0; e < E; e++) {
-            if (e === c.empty) {
-              gu.push(null);
-              dn.push(null);
-              continue;
-            }
-            const g = randomMatrix(q, 2 * I, H, true), d = randomMatrix(q, H, I, false);
-            gu.push(g.w);
-            dn.push(d.w);
-            table.set(e, upload(g.blob), upload(d.blob));
-          }
+          const { table, gu, dn } = randomTable(q, layout, E, H, I, c.empty);
           const y = poisoned(rows * H), hs = poisoned(rows * I, 2), gus = poisoned(rows * 2 * I);
           cu.cudaGroupGemmBiasedFfn(upload(bf16Array(x)), upload(offsets), table, rows, gus, hs, y,
             { gateUpBias: upload(guBias), downBias: upload(dnBias), alpha, limit });

@@ -10,7 +10,7 @@ import { loadNative } from '../src/native/index.js';
 import type { ExpertTable, NativeAddon, PackedWeight } from '../src/native/index.js';
 import { mulberry32 } from '../src/engine/rng.js';
 import { fileSeed } from './helpers/seed.js';
-import { compare, refGemm, roundBf16, silu, uniform } from './helpers/gemm-ref.js';
+import { bitsEqual, compare, refGemm, roundBf16, silu, uniform } from './helpers/gemm-ref.js';
 
 const native: NativeAddon = loadNative();
 // AMX is opt-in ('auto' is 'amx' only under EXPERTD_AMX=1): ask for it to learn whether it can run.
@@ -50,14 +50,6 @@ function bf16Weight(rand: () => number, n: number, k: number, scale: number) {
     values[i] = f32[0]!;
   }
   return { bits, values };
-}
-
-function bitsEqual(a: Float32Array, b: Float32Array, label: string): void {
-  assert.equal(a.length, b.length, `${label}: lengths`);
-  const ua = new Uint32Array(a.buffer, a.byteOffset, a.length);
-  const ub = new Uint32Array(b.buffer, b.byteOffset, b.length);
-  for (let i = 0; i < ua.length; i++)
-    if (ua[i] !== ub[i]) assert.fail(`${label}: element ${i} differs: ${a[i]} vs ${b[i]}`);
 }
 
 // ---------------------------------------------------------------------------------------------

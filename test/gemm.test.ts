@@ -8,7 +8,7 @@ import { loadNative } from '../src/native/index.js';
 import type { DType, ExpertTable, NativeAddon, PackedWeight } from '../src/native/index.js';
 import { mulberry32 } from '../src/engine/rng.js';
 import { fileSeed } from './helpers/seed.js';
-import { compare, refGemm, silu, uniform } from './helpers/gemm-ref.js';
+import { bitsEqual, compare, refGemm, silu, uniform } from './helpers/gemm-ref.js';
 
 const native: NativeAddon = loadNative();
 
@@ -109,14 +109,6 @@ function poisoned(n: number, extra = 5): Float32Array {
 
 function assertTailPoisoned(y: Float32Array, used: number, label: string): void {
   for (let i = used; i < y.length; i++) assert.ok(Number.isNaN(y[i]!), `${label}: wrote past the end at ${i}`);
-}
-
-function bitsEqual(a: Float32Array, b: Float32Array, label: string): void {
-  assert.equal(a.length, b.length, `${label}: lengths`);
-  const ua = new Uint32Array(a.buffer, a.byteOffset, a.length);
-  const ub = new Uint32Array(b.buffer, b.byteOffset, b.length);
-  for (let i = 0; i < ua.length; i++)
-    if (ua[i] !== ub[i]) assert.fail(`${label}: element ${i} differs: ${a[i]} vs ${b[i]}`);
 }
 
 function withScalar<T>(fn: () => T): T {

@@ -611,6 +611,23 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
 
   // ---------------------------------------------------------------------------------- GEMM cores
   // y[r, o] for rows of x (f32 values, row stride k) against w (f32 values [n, k]).
+  // y[M, N] (+)= x[M, K] (bf16) * W^T over W widened at f[wAt..] (row-major [N, K]), with x's
+  // rows widened into f[xAt..]: the epilogue order of group_gemm.cu and dense_gemm_quant,
+  // (acc + bias) + old y, each an f32 add.
+  function denseRowsEpilogue(xb: EmuBuffer, yb: EmuBuffer, bb: EmuBuffer | null, acc: boolean, M: number, N: number, K: number,
+      f: Float32Array, wAt: number, xAt: number): void {
+    const xs = u16Of(xb, 'x'), ys = f32Of(yb, 'y'), bs = bb ? f32Of(bb, 'bias') : null;
+    for (let r = 0; r < M; r++) {
+      widenBf16(xs.subarray(r * K, r * K + K), K, f, xAt);
+      for (let o = 0; o < N; o++) {
+        let v = fr(dotRows(f, xAt, f, wAt + o * K, K));
+        if (bs) v = fr(v + bs[o]!);
+        if (acc) v = fr(v + ys[r * N + o]!);
+        ys[r * N + o] = v;
+      }
+    }
+  }
+
   function dotRows(x: Float32Array, xAt: number, w: Float32Array, wAt: number, k: number): number {
     let s = 0;
     for (let i = 0; i < k; i++) s += x[xAt + i]! * w[wAt + i]!;
@@ -892,17 +909,7 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
       const f = scratch.floats(N * K + K);
       const wAt = 0, xAt = N * K;
       widenBf16(u16Of(wb, 'w'), N * K, f, wAt);
-      const xs = u16Of(xb, 'x'), ys = f32Of(yb, 'y'), bs = bb ? f32Of(bb, 'bias') : null;
-      for (let r = 0; r < M; r++) {
-        widenBf16(xs.subarray(r * K, r * K + K), K, f, xAt);
-        for (let o = 0; o < N; o++) {
-          // Epilogue order of group_gemm.cu: (acc + bias) + old y, each an f32 add.
-          let v = fr(dotRows(f, xAt, f, wAt + o * K, K));
-          if (bs) v = fr(v + bs[o]!);
-          if (acc) v = fr(v + ys[r * N + o]!);
-          ys[r * N + o] = v;
-        }
-      }
+      denseRowsEpilogue(xb, yb, bb, acc, M, N, K, f, wAt, xAt);
       return 'kernel';
     },
 
@@ -926,17 +933,7 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
       // group_gemm_quant.cu's dequant: bf16(f32(code x scale)), then f32 accumulation.
       const wa = wb.alloc('w');
       dequantMatrixBf16(q, wa.bytes.subarray(wb.offset, wb.offset + wBytes), N, K, false, f.subarray(wAt, wAt + N * K));
-      const xs = u16Of(xb, 'x'), ys = f32Of(yb, 'y'), bs = bb ? f32Of(bb, 'bias') : null;
-      for (let r = 0; r < M; r++) {
-        widenBf16(xs.subarray(r * K, r * K + K), K, f, xAt);
-        for (let o = 0; o < N; o++) {
-          // The epilogue of dense_gemm_quant: (acc + bias) + old y, each an f32 add.
-          let v = fr(dotRows(f, xAt, f, wAt + o * K, K));
-          if (bs) v = fr(v + bs[o]!);
-          if (acc) v = fr(v + ys[r * N + o]!);
-          ys[r * N + o] = v;
-        }
-      }
+      denseRowsEpilogue(xb, yb, bb, acc, M, N, K, f, wAt, xAt);
     },
 
     cudaRoute(logits, t, e, k, opts, ids, weights, counts, stream): void {

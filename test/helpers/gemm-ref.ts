@@ -57,3 +57,12 @@ export function compare(got: Float32Array, ref: Float64Array, tol: number, label
     `${label}: max-abs error ${maxAbs.toExponential(2)} > ${tol} * max|ref| ${maxRef.toExponential(2)}`);
   return l2;
 }
+
+/** Asserts a and b hold the same f32 bits element for element (batch invariance checks). */
+export function bitsEqual(a: Float32Array, b: Float32Array, label: string): void {
+  assert.equal(a.length, b.length, `${label}: lengths`);
+  const ua = new Uint32Array(a.buffer, a.byteOffset, a.length);
+  const ub = new Uint32Array(b.buffer, b.byteOffset, b.length);
+  for (let i = 0; i < ua.length; i++)
+    if (ua[i] !== ub[i]) assert.fail(`${label}: element ${i} differs: ${a[i]} vs ${b[i]}`);
+}
