@@ -50,9 +50,11 @@ test('per-expert DenseGemm path equals the fused GroupGemm (zero, one and skewed
       worst = Math.max(worst, Math.abs(yd[i]! - yg[i]!));
       scale = Math.max(scale, Math.abs(yg[i]!));
     }
-    // Reference mode: both accumulate exactly-widened weights in f32 (order differs); fast mode
-    // rounds the intermediate to bf16 in GroupGemm only.
-    assert.ok(worst <= (fast ? 1e-2 : 1e-5) * scale, `${fast ? 'fast' : 'ref'}: max diff ${worst} (scale ${scale})`);
+    // Both run the same tile kernels over the same packed weights (each element one accumulator
+    // over k in order) and the same SiLU(gate)*up arithmetic (native/cpu/activation.cc NOTE), and
+    // the down GEMM rounds h to bf16 in fast mode as the fused pass stores it: the same bits, so the
+    // EPS planner's kernel choice never changes an output.
+    assert.equal(worst, 0, `${fast ? 'fast' : 'ref'}: max diff ${worst} (scale ${scale})`);
   }
   assert.throws(() => denseExpertsFfn(x, Int32Array.from([0, 0, 0, 0, 0, 0, 0]).map((_, i) => (i >= 1 ? 1 : 0)),
     new n.ExpertTable(E, H, I), H, I, new Float32Array(H), false), /expert 0 has 1 rows but no weights/);
