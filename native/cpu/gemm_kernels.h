@@ -28,6 +28,7 @@
 #include "expertd/errors.h"
 #include "expertd/ops.h"
 #include "quant_layout.h"
+#include "simd_exp.h"
 
 // x86 kernels are compiled in unless EXPERTD_PORTABLE_ONLY asks for the portable build alone
 // (used to check that build on x86 hosts).
@@ -1089,8 +1090,11 @@ EXPERTD_AVX512 inline __m512 exp512(__m512 x) {
 }
 
 // SiLU(g) * u = g / (1 + e^-g) * u
+// NOTE: the arithmetic of siluMul (activation.cc: simd_exp.h's exp512_ps, then g / (1 + e) * u), so
+// EPS-MoE's per-expert DenseGemm path (gate_up GEMM, siluMul, down GEMM) gives the fused GroupGemm's
+// bits and the planner's kernel choice never changes an output (test/eps.test.ts).
 EXPERTD_AVX512 inline __m512 silu_mul512(__m512 g, __m512 u) {
-  const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+  const __m512 e = exp512_ps(_mm512_sub_ps(_mm512_setzero_ps(), g));
   return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u);
 }
 
