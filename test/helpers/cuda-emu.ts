@@ -628,6 +628,20 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
     }
   }
 
+  // One expert's gate_up [2I, H] and down [H, I] as f32 at f[guAt..] and f[dnAt..]: bf16 widened,
+  // or quantized codes dequantised to bf16(f32(code x scale)) as group_gemm_quant.cu does.
+  function expertToF32(q: DeviceQuant | null | undefined, gu: Slot, dn: Slot, H: number, I: number,
+      f: Float32Array, guAt: number, dnAt: number): void {
+    if (q) {
+      const guB = quantMatrixBytes(q, 2 * I, H, true).totalBytes, dnB = quantMatrixBytes(q, H, I, false).totalBytes;
+      dequantMatrixBf16(q, gu.alloc.bytes.subarray(gu.offset, gu.offset + guB), 2 * I, H, true, f.subarray(guAt, guAt + 2 * I * H));
+      dequantMatrixBf16(q, dn.alloc.bytes.subarray(dn.offset, dn.offset + dnB), H, I, false, f.subarray(dnAt, dnAt + H * I));
+    } else {
+      widenBf16(slotU16(gu, 2 * I * H), 2 * I * H, f, guAt);
+      widenBf16(slotU16(dn, H * I), H * I, f, dnAt);
+    }
+  }
+
   function dotRows(x: Float32Array, xAt: number, w: Float32Array, wAt: number, k: number): number {
     let s = 0;
     for (let i = 0; i < k; i++) s += x[xAt + i]! * w[wAt + i]!;
@@ -797,16 +811,9 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
         // either (the device engine's identity experts, filled by cudaCopyRowRange).
         if (!gu || !dn) continue;
         if (beg < 0 || beg + cnt > R) fault(`offsets[${e}..${e + 1}] = ${beg}..${beg + cnt} reach outside rows 0..${R}`);
-        if (q) {
-          // group_gemm_quant.cu: every weight dequantised to bf16(f32(code x scale)), then the
-          // bf16 GroupGemm's contract.
-          const guB = quantMatrixBytes(q, 2 * I, H, true).totalBytes, dnB = quantMatrixBytes(q, H, I, false).totalBytes;
-          dequantMatrixBf16(q, gu.alloc.bytes.subarray(gu.offset, gu.offset + guB), 2 * I, H, true, f.subarray(guAt, guAt + 2 * I * H));
-          dequantMatrixBf16(q, dn.alloc.bytes.subarray(dn.offset, dn.offset + dnB), H, I, false, f.subarray(dnAt, dnAt + H * I));
-        } else {
-          widenBf16(slotU16(gu, 2 * I * H), 2 * I * H, f, guAt);
-          widenBf16(slotU16(dn, H * I), H * I, f, dnAt);
-        }
+        // group_gemm_quant.cu: every weight dequantised to bf16(f32(code x scale)), then the bf16
+        // GroupGemm's contract.
+        expertToF32(q, gu, dn, H, I, f, guAt, dnAt);
         for (let r = beg; r < beg + cnt; r++) {
           widenBf16(xs.subarray(r * H, r * H + H), H, f, xAt);
           // Gate/up pass: f32 accumulators, SiLU(gate)*up in f32, stored as bf16.
@@ -860,16 +867,8 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
         // NOTE: the empty-slot contract of cudaGroupGemmFfn (group_gemm.cu and biased_ffn.cu skip it).
         if (!gu || !dn) continue;
         if (beg < 0 || beg + cnt > R) fault(`offsets[${e}..${e + 1}] = ${beg}..${beg + cnt} reach outside rows 0..${R}`);
-        const q = experts.q;
-        if (q) {
-          // group_gemm_quant.cu's plain passes: every weight dequantised to bf16(f32(code x scale)).
-          const guB = quantMatrixBytes(q, 2 * I, H, true).totalBytes, dnB = quantMatrixBytes(q, H, I, false).totalBytes;
-          dequantMatrixBf16(q, gu.alloc.bytes.subarray(gu.offset, gu.offset + guB), 2 * I, H, true, f.subarray(guAt, guAt + 2 * I * H));
-          dequantMatrixBf16(q, dn.alloc.bytes.subarray(dn.offset, dn.offset + dnB), H, I, false, f.subarray(dnAt, dnAt + H * I));
-        } else {
-          widenBf16(slotU16(gu, 2 * I * H), 2 * I * H, f, guAt);
-          widenBf16(slotU16(dn, H * I), H * I, f, dnAt);
-        }
+        // group_gemm_quant.cu's plain passes likewise.
+        expertToF32(experts.q, gu, dn, H, I, f, guAt, dnAt);
         for (let r = beg; r < beg + cnt; r++) {
           widenBf16(xs.subarray(r * H, r * H + H), H, f, xAt);
           // Plain gate/up pass: f32 stores; then the bias (one f32 add) and the activation, stored bf16.
