@@ -1,9 +1,11 @@
-// The quantized register-tile kernels alone, one thread, one activation row (decode), 4 weight
-// blocks per call as DenseGemm runs them, over an N x K weight: a development check of the
-// kernels' instruction cost per weight byte, apart from the pool, the activations' preparation and
-// DRAM (a small N x K stays in L2). Not part of `npm run bench` (it needs the C++ headers):
+// The quantized register-tile kernels alone, one thread, MR activation rows (1: decode; 6: the
+// prefill tile), 4 weight blocks per call as DenseGemm runs them, over an N x K weight: a
+// development check of the kernels' instruction cost, apart from the pool, the activations'
+// preparation and DRAM (a small N x K stays in L2). Not part of `npm run bench` (it needs the C++
+// headers):
 //   g++ -O3 -std=c++17 -Inative/include bench/native/quant-tiles.cc -o /tmp/quant-tiles
 //   /tmp/quant-tiles 256 1024     # N K: 256 x 1024 stays in L2 (best of 6 x 20 passes)
+//   /tmp/quant-tiles 256 1024 6   # the same with 6 rows per tile (compute-bound: GMAC/s)
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -26,8 +28,9 @@ double now_s() {
 int main(int argc, char** argv) {
 #if EXPERTD_GEMM_X86
   const int n = argc > 1 ? std::atoi(argv[1]) : 256, k = argc > 2 ? std::atoi(argv[2]) : 1024;
-  if (n <= 0 || k <= 0 || n % 64 != 0 || k % 128 != 0) {
-    std::fprintf(stderr, "N must be a multiple of 64 and K of 128\n");
+  const int mr = argc > 3 ? std::atoi(argv[3]) : 1;
+  if (n <= 0 || k <= 0 || n % 64 != 0 || k % 128 != 0 || mr < 1 || mr > kMr) {
+    std::fprintf(stderr, "N must be a multiple of 64, K of 128, MR 1..%d\n", kMr);
     return 1;
   }
   const size_t codes = static_cast<size_t>(n) * k;
@@ -42,12 +45,13 @@ int main(int argc, char** argv) {
   const size_t nscale = static_cast<size_t>(n) * (k / 32);
   auto* sc = static_cast<float*>(alloc(nscale * 4));
   for (size_t i = 0; i < nscale; ++i) sc[i] = 0.01f;
-  auto* xi = static_cast<int8_t*>(alloc(k));
-  for (int i = 0; i < k; ++i) xi[i] = static_cast<int8_t>(std::rand() % 255 - 127);
-  auto* xb = static_cast<uint16_t*>(alloc(static_cast<size_t>(k) * 2));
-  for (int i = 0; i < k; ++i) xb[i] = 0x3f80;
-  std::vector<float> xs(k / 32, 0.01f);
-  std::vector<int32_t> xsum(k / 32, 3);
+  const size_t xn = static_cast<size_t>(mr) * k;
+  auto* xi = static_cast<int8_t*>(alloc(xn));
+  for (size_t i = 0; i < xn; ++i) xi[i] = static_cast<int8_t>(std::rand() % 255 - 127);
+  auto* xb = static_cast<uint16_t*>(alloc(xn * 2));
+  for (size_t i = 0; i < xn; ++i) xb[i] = 0x3f80;
+  std::vector<float> xs(static_cast<size_t>(mr) * (k / 32), 0.01f);
+  std::vector<int32_t> xsum(static_cast<size_t>(mr) * (k / 32), 3);
   alignas(64) float tile[kMr * kTileLd];
   using Seq = std::make_integer_sequence<int, kMr * kNr>;
   struct Kernel {
@@ -59,12 +63,13 @@ int main(int argc, char** argv) {
     int group;
     double best = 1e9;
   };
+  const int ti = (mr - 1) * kNr + kNr - 1;  // MR rows, NR = kNr blocks
   std::vector<Kernel> ks = {
-      {"bf16", make_tile_table<Bf16DotTile>(Seq{})[kNr - 1], xb, wbf, 32, 32},
-      {"int8", make_tile_table<VnniTile<QFormat::I8>>(Seq{})[kNr - 1], xi, w8, 16, k},
-      {"int4 g32", make_tile_table<VnniTile<QFormat::I4>>(Seq{})[kNr - 1], xi, w8, 8, 32},
-      {"int4 g128", make_tile_table<VnniTile<QFormat::I4>>(Seq{})[kNr - 1], xi, w8, 8, 128},
-      {"fp8", make_tile_table<Bf16DotF8Tile>(Seq{})[kNr - 1], xb, wf8, 16, 128},
+      {"bf16", make_tile_table<Bf16DotTile>(Seq{})[ti], xb, wbf, 32, 32},
+      {"int8", make_tile_table<VnniTile<QFormat::I8>>(Seq{})[ti], xi, w8, 16, k},
+      {"int4 g32", make_tile_table<VnniTile<QFormat::I4>>(Seq{})[ti], xi, w8, 8, 32},
+      {"int4 g128", make_tile_table<VnniTile<QFormat::I4>>(Seq{})[ti], xi, w8, 8, 128},
+      {"fp8", make_tile_table<Bf16DotF8Tile>(Seq{})[ti], xb, wf8, 16, 128},
   };
   const int blocks = n / 16;
   for (int round = 0; round < 6; ++round)
@@ -87,12 +92,13 @@ int main(int argc, char** argv) {
         if (rep > 0) kn.best = std::min(kn.best, now_s() - t0);
       }
     }
-  std::printf("| kernel | us per pass | weight GB/s (codes + scales) |\n|---|---:|---:|\n");
+  std::printf("MR %d\n| kernel | us per pass | weight GB/s (codes + scales) | GMAC/s |\n|---|---:|---:|---:|\n", mr);
   for (const Kernel& kn : ks) {
     const bool quant = kn.bytes16 != 32;
     const double bytes = static_cast<double>(blocks) * k * kn.bytes16 +
                          (quant ? static_cast<double>(n) * (k / kn.group) * 4 : 0.0);
-    std::printf("| %s | %.2f | %.1f |\n", kn.name, kn.best * 1e6, bytes / kn.best / 1e9);
+    std::printf("| %s | %.2f | %.1f | %.1f |\n", kn.name, kn.best * 1e6, bytes / kn.best / 1e9,
+                static_cast<double>(mr) * n * k / kn.best / 1e9);
   }
   return 0;
 #else

@@ -579,9 +579,31 @@ struct VnniTile {
   template <int MR, int NR>
   EXPERTD_AVX512VNNI static void run(const void* xv, size_t ldx, const void* wv, size_t wstride,
                                      int kp, float* tile, QScales qs) {
-    const int8_t* x = static_cast<const int8_t*>(xv);
-    const uint8_t* w = static_cast<const uint8_t*>(wv);
+    // NOTE (registers): the f32 sums live in the tile (L1), not in registers: MR x NR int32
+    // accumulators plus as many f32 ones are 48 zmm at 6 x 4, more than the 32 there are, and
+    // the compiler's spills inside the k loop made a prefill-sized call slower than bf16 (0.72x
+    // at 512 rows on AMD Zen 4). The tile is read and written once per block of 32 k.
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int b = 0; b < NR; ++b) _mm512_store_ps(tile + r * kTileLd + b * 16, _mm512_setzero_ps());
+    // Blocks of kActBlock (every group that is a multiple of 32) run a k loop of known length,
+    // fully unrolled; the others (groups of 4 .. 28) the general one.
+    if (qs.xblock == kActBlock)
+      blocks<MR, NR, kActBlock>(static_cast<const int8_t*>(xv), ldx, static_cast<const uint8_t*>(wv),
+                                wstride, kp, tile, qs);
+    else
+      blocks<MR, NR, 0>(static_cast<const int8_t*>(xv), ldx, static_cast<const uint8_t*>(wv), wstride,
+                        kp, tile, qs);
+  }
+
+  // Every block of k: int32 dot products, then one conversion and one FMA per accumulator into
+  // the tile. KB: the block length when known at compile time, else 0 (qs.xblock).
+  template <int MR, int NR, int KB>
+  EXPERTD_AVX512VNNI __attribute__((always_inline)) static inline void blocks(
+      const int8_t* x, size_t ldx, const uint8_t* w, size_t wstride, int kp, float* tile, QScales qs) {
     const size_t bstride = wstride * qformat_bits(Q) / 8;
+    const int kb = KB ? KB : qs.xblock;
     constexpr int kShift = Q == QFormat::I8 ? 7 : 3;
     __m512i idx = _mm512_setzero_si512();
     if constexpr (Q == QFormat::I8) {
@@ -592,14 +614,8 @@ struct VnniTile {
     }
     const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
     const __m512i n8 = _mm512_set1_epi8(0x08), lo4 = _mm512_set1_epi8(0x0f);
-    __m512 accf[MR][NR];
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-      for (int b = 0; b < NR; ++b) accf[r][b] = _mm512_setzero_ps();
-    for (int g0 = 0; g0 < kp; g0 += qs.xblock) {
-      const int g1 = g0 + qs.xblock;
-      const int xb = g0 / qs.xblock;
+    for (int g0 = 0; g0 < kp; g0 += kb) {
+      const int xb = g0 / kb;
       __m512i acc[MR][NR];
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
@@ -609,38 +625,52 @@ struct VnniTile {
 #pragma GCC unroll 4
         for (int b = 0; b < NR; ++b) acc[r][b] = c;
       }
+      // NOTE (registers): the NR weight vectors of a k step are decoded first, then each row's
+      // 4 activation bytes are broadcast once and meet all of them: MR x NR accumulators + NR
+      // weights + one broadcast + the constants fit the 32 zmm at 6 x 4 (a broadcast per row
+      // held across the blocks did not, and spilled). Integer sums: the order is free.
       if constexpr (Q == QFormat::I8) {
-        for (int k = g0; k < g1; k += 4) {
-#pragma GCC unroll 4
-          for (int b = 0; b < NR; ++b) {
-            const __m512i v = _mm512_load_si512(w + b * bstride + static_cast<size_t>(k) * 16);
-            const __m512i wk = _mm512_permutexvar_epi8(idx, _mm512_xor_si512(v, flip));
 #pragma GCC unroll 8
-            for (int r = 0; r < MR; ++r)
-              acc[r][b] = _mm512_dpbusd_epi32(
-                  acc[r][b], wk,
-                  _mm512_set1_epi32(*reinterpret_cast<const unaligned_i32*>(x + r * ldx + k)));
+        for (int k = g0; k < g0 + kb; k += 4) {
+          __m512i wk[NR];
+#pragma GCC unroll 4
+          for (int b = 0; b < NR; ++b)
+            wk[b] = _mm512_permutexvar_epi8(
+                idx, _mm512_xor_si512(_mm512_load_si512(w + b * bstride + static_cast<size_t>(k) * 16), flip));
+#pragma GCC unroll 8
+          for (int r = 0; r < MR; ++r) {
+            const __m512i xv = _mm512_set1_epi32(*reinterpret_cast<const unaligned_i32*>(x + r * ldx + k));
+#pragma GCC unroll 4
+            for (int b = 0; b < NR; ++b) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], wk[b], xv);
           }
         }
       } else {
-        for (int k = g0; k < g1; k += 8) {
 #pragma GCC unroll 4
-          for (int b = 0; b < NR; ++b) {
-            const __m512i v = _mm512_load_si512(w + b * bstride + static_cast<size_t>(k) * 8);
-            // (v ^ 8) & 0xf per nibble half: ternary logic (a ^ b) & c = 0x28.
-            const __m512i wa = _mm512_ternarylogic_epi32(v, n8, lo4, 0x28);
-            const __m512i wb = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), n8, lo4, 0x28);
+        for (int k = g0; k < g0 + kb; k += 8) {
+          // Low nibbles (k .. k + 3) of every block, then the high ones (k + 4 .. k + 7) from
+          // a second (L1) load: NR decoded vectors at a time, as for int8.
+#pragma GCC unroll 2
+          for (int half = 0; half < 2; ++half) {
+            __m512i wk[NR];
+#pragma GCC unroll 4
+            for (int b = 0; b < NR; ++b) {
+              const __m512i v = _mm512_load_si512(w + b * bstride + static_cast<size_t>(k) * 8);
+              // (v ^ 8) & 0xf per nibble half: ternary logic (a ^ b) & c = 0x28.
+              wk[b] = _mm512_ternarylogic_epi32(half ? _mm512_srli_epi16(v, 4) : v, n8, lo4, 0x28);
+            }
 #pragma GCC unroll 8
             for (int r = 0; r < MR; ++r) {
-              const int8_t* xr = x + r * ldx + k;
-              acc[r][b] = _mm512_dpbusd_epi32(
-                  acc[r][b], wa, _mm512_set1_epi32(*reinterpret_cast<const unaligned_i32*>(xr)));
-              acc[r][b] = _mm512_dpbusd_epi32(
-                  acc[r][b], wb, _mm512_set1_epi32(*reinterpret_cast<const unaligned_i32*>(xr + 4)));
+              const __m512i xv =
+                  _mm512_set1_epi32(*reinterpret_cast<const unaligned_i32*>(x + r * ldx + k + 4 * half));
+#pragma GCC unroll 4
+              for (int b = 0; b < NR; ++b) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], wk[b], xv);
             }
           }
         }
       }
+      // The compiler would otherwise forward the tile's stores to the next block's loads and
+      // keep the f32 sums as values after all, spilled to the stack (a second copy of each).
+      __asm__ volatile("" ::: "memory");
       __m512 sc[NR];
 #pragma GCC unroll 4
       for (int b = 0; b < NR; ++b)
@@ -649,14 +679,13 @@ struct VnniTile {
       for (int r = 0; r < MR; ++r) {
         const __m512 xs = _mm512_set1_ps(qs.xscales[static_cast<size_t>(r) * qs.xblocks_ld + xb]);
 #pragma GCC unroll 4
-        for (int b = 0; b < NR; ++b)
-          accf[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][b]), _mm512_mul_ps(sc[b], xs), accf[r][b]);
+        for (int b = 0; b < NR; ++b) {
+          float* t = tile + r * kTileLd + b * 16;
+          _mm512_store_ps(t, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][b]), _mm512_mul_ps(sc[b], xs),
+                                             _mm512_load_ps(t)));
+        }
       }
     }
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-      for (int b = 0; b < NR; ++b) _mm512_store_ps(tile + r * kTileLd + b * 16, accf[r][b]);
   }
 };
 
