@@ -221,10 +221,11 @@ test('int8 and int4 checkpoints equal their weights decoded independently and se
   }
 });
 
-// Fast mode: the int weights against activations quantized to int8 per 32 columns (the VNNI path;
-// vLLM's W8A8 quantizes per token, one scale per row, which is coarser), bf16 activations elsewhere.
-// Against HF on the dequantised weights in f32 only the activation rounding differs. Measured over the
-// 26 prompt positions of the goldens: w8a8 24/26, w4a16 23/26 (top-1 margins of these random fixtures
+// Fast mode: the int weights against activations quantized to int8 per 128 columns (32 against int4
+// g32; the VNNI path; vLLM's W8A8 quantizes per token, one scale per row, which is coarser), bf16
+// activations elsewhere. Against HF on the dequantised weights in f32 only the activation rounding
+// differs. Measured over the 26 prompt positions of the goldens: w8a8 25/26 (24/26 with blocks of 32),
+// w4a16 23/26 (top-1 margins of these random fixtures
 // are ~0.01 logits). The floors are the --quantize fast-mode ones (test/quantize-model.test.ts: int8
 // 0.89, int4 g32 0.55).
 test('fast mode: teacher-forced top-1 agreement with transformers on the dequantised weights', (t) => {

@@ -68,6 +68,8 @@ function rne(v: number): number {
 }
 
 const gcd = (a: number, b: number): number => (b === 0 ? a : gcd(b, a % b));
+/** Fast mode's int8 activation block (kActBlock): every weight group that is a multiple of it. */
+const ACT_BLOCK = 128;
 
 /**
  * Rows of x [m, k] as fast mode's int8 activations see them: per block of `block` columns of a
@@ -92,12 +94,12 @@ function quantizeRowsI8(x: ArrayLike<number>, m: number, k: number, block: numbe
 
 /**
  * What a weight built as `name` ('int8', 'int4/32', 'fp8', ...) with k columns reads in fast mode:
- * int8 in blocks of gcd(32, its group) columns, bf16, or f32.
+ * int8 in blocks of gcd(128, its group) columns (native/cpu/gemm_kernels.h kActBlock), bf16, or f32.
  */
 function fastActivations(name: string, k: number): { kind: 'int8' | 'bf16' | 'f32'; block: number } {
   const kEven = k + (k & 1);
-  if (name === 'int8') return kEven % 4 === 0 ? { kind: 'int8', block: gcd(32, kEven) } : { kind: 'f32', block: 0 };
-  if (name.startsWith('int4')) return { kind: 'int8', block: 32 };
+  if (name === 'int8') return kEven % 4 === 0 ? { kind: 'int8', block: gcd(ACT_BLOCK, kEven) } : { kind: 'f32', block: 0 };
+  if (name.startsWith('int4')) return { kind: 'int8', block: gcd(ACT_BLOCK, Number(name.split('/')[1])) };
   return { kind: name.startsWith('fp8') ? 'bf16' : 'f32', block: 0 };
 }
 
@@ -278,7 +280,7 @@ test('fast mode runs int8 activations on the int8 dot-product kernels where the 
     for (let i = 0; i < x.length; i += 5) x[i] = i % 2 ? 1 : -1;  // +-127 codes
     const y = new Float32Array(m * n);
     native.denseGemm(x, m, w, y, null, false, true);
-    compare(y, refGemm(quantizeRowsI8(x, m, k, 32), m, dequantised(w), n, k, false), TOL, `${name} k=${k}`);
+    compare(y, refGemm(quantizeRowsI8(x, m, k, ACT_BLOCK), m, dequantised(w), n, k, false), TOL, `${name} k=${k}`);
     w.dispose();
   }
 });
