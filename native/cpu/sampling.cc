@@ -82,6 +82,9 @@ inline double fast_exp(double x) {
   return poly * kPow2.v[static_cast<int>(k) + 1075];
 }
 
+// Lanes threshold_pass_avx512 may write past the candidates it returns (Scratch holds them).
+constexpr size_t kCandidateSlack = 8;
+
 #if defined(__x86_64__)
 // fast_exp on 4 lanes: the same multiplies and adds in the same order (no FMA: target avx2 alone
 // does not enable it), the same table, the same out-of-range answers, so every lane equals the
@@ -257,8 +260,11 @@ EXPERTD_SAMPLE_AVX512 int threshold_pass_avx512(const float* w, int V, double kt
     acc = _mm512_mask_add_pd(acc, keep, acc, e);
     const __mmask8 cand = _mm512_mask_cmp_pd_mask(keep, e, vth, _CMP_GE_OQ);
     if (!cand) continue;
-    _mm512_mask_compressstoreu_pd(weights + n, cand, e);
-    _mm256_mask_compressstoreu_epi32(ids + n, cand, idx);
+    // NOTE (AMD Zen 4): compress into a register and store all 8 lanes (the buffers hold
+    // kCandidateSlack more): vcompresspd / vpcompressd with a memory destination are microcoded
+    // there, and made this pass 3x slower on the flat rows that keep most of the vocabulary.
+    _mm512_storeu_pd(weights + n, _mm512_maskz_compress_pd(cand, e));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(ids + n), _mm256_maskz_compress_epi32(cand, idx));
     n += __builtin_popcount(cand);
   }
   *sum_out = _mm512_reduce_add_pd(acc);
@@ -270,6 +276,61 @@ EXPERTD_SAMPLE_AVX512 int threshold_pass_avx512(const float* w, int V, double kt
 EXPERTD_SAMPLE_AVX512 inline unsigned greater_mask16(const float* x, int n, float v) {
   const __mmask16 tm = n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
   return _mm512_mask_cmp_ps_mask(tm, _mm512_maskz_loadu_ps(tm, x), _mm512_set1_ps(v), _CMP_GT_OQ);
+}
+// compact()'s selection: the entries with weight >= cutoff, in order, in place (each store of 8
+// lanes ends before the next unread entry; up to 7 lanes past the count need kCandidateSlack).
+// Branch-free: on a flat row about half the entries stay, and the scalar loop mispredicted.
+EXPERTD_SAMPLE_AVX512 int compact_avx512(int32_t* ids, double* weights, int n, double cutoff) {
+  const __m512d vc = _mm512_set1_pd(cutoff);
+  int m = 0;
+  for (int j = 0; j < n; j += 8) {
+    const __mmask8 tm = tail_mask8(n - j);
+    const __m512d w = _mm512_maskz_loadu_pd(tm, weights + j);
+    const __m256i id = _mm256_maskz_loadu_epi32(tm, ids + j);
+    const __mmask8 keep = _mm512_mask_cmp_pd_mask(tm, w, vc, _CMP_GE_OQ);
+    _mm512_storeu_pd(weights + m, _mm512_maskz_compress_pd(keep, w));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(ids + m), _mm256_maskz_compress_epi32(keep, id));
+    m += __builtin_popcount(keep);
+  }
+  return m;
+}
+
+// The smallest and largest bit patterns of n positive doubles (bucket_cutoff's range).
+EXPERTD_SAMPLE_AVX512 void bits_range_avx512(const double* w, int n, uint64_t* lo, uint64_t* hi) {
+  __m512i vlo = _mm512_set1_epi64(-1), vhi = _mm512_setzero_si512();
+  int j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m512i b = _mm512_castpd_si512(_mm512_loadu_pd(w + j));
+    vlo = _mm512_min_epu64(vlo, b);
+    vhi = _mm512_max_epu64(vhi, b);
+  }
+  uint64_t l = _mm512_reduce_min_epu64(vlo), h = _mm512_reduce_max_epu64(vhi);
+  for (; j < n; ++j) {
+    uint64_t b;
+    std::memcpy(&b, &w[j], 8);
+    l = std::min(l, b);
+    h = std::max(h, b);
+  }
+  *lo = l;
+  *hi = h;
+}
+
+// The weights whose bucket is k, in order, into sel; returns their count (sel needs
+// kCandidateSlack more than that).
+EXPERTD_SAMPLE_AVX512 int gather_bucket_avx512(const double* w, const uint16_t* bucket_of, int n,
+                                               int k, double* sel) {
+  const __m512i vk = _mm512_set1_epi64(k);
+  int m = 0, j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m512i b = _mm512_cvtepu16_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bucket_of + j)));
+    const __mmask8 eq = _mm512_cmpeq_epi64_mask(b, vk);
+    if (!eq) continue;
+    _mm512_storeu_pd(sel + m, _mm512_maskz_compress_pd(eq, _mm512_loadu_pd(w + j)));
+    m += __builtin_popcount(eq);
+  }
+  for (; j < n; ++j)
+    if (bucket_of[j] == k) sel[m++] = w[j];
+  return m;
 }
 #undef EXPERTD_SAMPLE_AVX512
 #endif
@@ -460,6 +521,15 @@ double nucleus_cutoff(const double* weights, int n, double sum, double top_p, do
 
 // Keeps entries with weight >= cutoff, in order; returns the new count, total in *sum.
 int compact(int32_t* ids, double* weights, int n, double cutoff, double* sum) {
+#if defined(__x86_64__)
+  if (tls_avx512) {
+    const int m = compact_avx512(ids, weights, n, cutoff);
+    double s = 0;
+    for (int j = 0; j < m; ++j) s += weights[j];  // the JS order
+    *sum = s;
+    return m;
+  }
+#endif
   int m = 0;
   double s = 0;
   for (int j = 0; j < n; ++j) {
@@ -486,12 +556,17 @@ constexpr int kCutoffBuckets = 4096;
 bool bucket_cutoff(const double* w, int n, double target, double* sel, uint16_t* bucket_of,
                    double* mass, double* c_out, double* above_out, double* at_or_above_out) {
   uint64_t lo = ~uint64_t{0}, hi = 0;
-  for (int j = 0; j < n; ++j) {
-    uint64_t b;
-    std::memcpy(&b, &w[j], 8);
-    lo = std::min(lo, b);
-    hi = std::max(hi, b);
-  }
+#if defined(__x86_64__)
+  if (tls_avx512)
+    bits_range_avx512(w, n, &lo, &hi);
+  else
+#endif
+    for (int j = 0; j < n; ++j) {
+      uint64_t b;
+      std::memcpy(&b, &w[j], 8);
+      lo = std::min(lo, b);
+      hi = std::max(hi, b);
+    }
   int shift = 0;
   while (((hi - lo) >> shift) >= static_cast<uint64_t>(kCutoffBuckets)) ++shift;
   const int nb = static_cast<int>((hi - lo) >> shift) + 1;
@@ -511,8 +586,13 @@ bool bucket_cutoff(const double* w, int n, double target, double* sel, uint16_t*
   }
   if (k < 0) return false;
   int m = 0;
-  for (int j = 0; j < n; ++j)
-    if (bucket_of[j] == k) sel[m++] = w[j];
+#if defined(__x86_64__)
+  if (tls_avx512)
+    m = gather_bucket_avx512(w, bucket_of, n, k, sel);
+  else
+#endif
+    for (int j = 0; j < n; ++j)
+      if (bucket_of[j] == k) sel[m++] = w[j];
   std::sort(sel, sel + m, [](double a, double b) { return a > b; });
   for (int j = 0; j < m;) {
     const double v = sel[j];
@@ -543,9 +623,9 @@ struct Scratch {
   void ensure(size_t v) {
     if (work.size() < v) {
       work.resize(v);
-      cand_ids.resize(v);
-      cand_w.resize(v);
-      sel.resize(v);
+      cand_ids.resize(v + kCandidateSlack);  // threshold_pass_avx512 stores whole vectors
+      cand_w.resize(v + kCandidateSlack);
+      sel.resize(v + kCandidateSlack);
       bucket_of.resize(v);
     }
     if (bucket_mass.empty()) bucket_mass.resize(kCutoffBuckets);
