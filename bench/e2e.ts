@@ -20,7 +20,7 @@ import { seriesChart, type Series } from '../src/plot/charts.js';
 import { writePlot } from '../src/plot/render.js';
 import { fmt, markdownTable, median, parseIntList, parsePositiveInt, pct, runInfo, writeJson, type Cell } from './harness.js';
 import { OpProfiler } from './op-profile.js';
-import { runQuantBench } from './quant.js';
+import { FORMATS, runQuantBench } from './quant.js';
 import { HfPeer, hfPython, type HfDecodeRun, type HfInfo } from './peers/hf.js';
 import { runProbe, type MachineLimits } from './probe/probe.js';
 
@@ -326,13 +326,17 @@ async function measureModel(name: BenchModelName, o: Options): Promise<ModelResu
   return res;
 }
 
-/** `--profile`: per-op time shares of prefill and decode (ops wrapped with timers; no peer). */
-function profileModel(name: BenchModelName, o: Options): void {
+/**
+ * `--profile`: per-op time shares of prefill and decode (ops wrapped with timers; no peer), with
+ * `--formats` in each quantize format of the quant bench.
+ */
+function profileModel(name: BenchModelName, o: Options, format = 'bf16'): void {
   const dir = ensureBenchModel(name, (s) => console.error(s));
   const n = loadNative();
   n.setNumThreads(o.threads);
   const limits = runProbe({ threads: o.threads || undefined });
-  const { model, spec } = loadModel(dir, { fast: true });
+  const quantize = FORMATS[format] ?? undefined;
+  const { model, spec } = loadModel(dir, quantize ? { fast: true, quantize } : { fast: true });
   const prof = new OpProfiler(n, (E) => (E === spec.moe.numExperts ? 3 * spec.hidden * spec.moe.intermediate * 2 : NaN));
   prof.install();
   const V = spec.vocabSize;
@@ -349,7 +353,7 @@ function profileModel(name: BenchModelName, o: Options): void {
     console.log(prof.table(steps, limits.readBandwidthGBps));
   };
   try {
-    console.log(`\n### ${name}: per-op profile (bf16 fast mode; read bandwidth ${fmt(limits.readBandwidthGBps)} GB/s, ` +
+    console.log(`\n### ${name}: per-op profile (${format === 'bf16' ? 'bf16' : `--quantize ${format},`} fast mode; read bandwidth ${fmt(limits.readBandwidthGBps)} GB/s, ` +
       `load avg ${load(os.loadavg())})\n`);
     const prompt = promptIds(1, o.prefill);
     runner.reset();
@@ -440,13 +444,15 @@ async function plot(file: string, results: ModelResult[], o: Options): Promise<v
 
 export async function runE2e(argv: string[]): Promise<void> {
   // `e2e --formats bf16,int8,...`: the quantized formats in one run (quant.ts), beside llama.cpp.
-  if (argv.some((a) => a === '--formats' || a.startsWith('--formats='))) return runQuantBench(argv);
+  const profiling = argv.includes('--profile');
+  if (!profiling && argv.some((a) => a === '--formats' || a.startsWith('--formats='))) return runQuantBench(argv);
   const { values } = parseArgs({
     args: argv,
     options: {
       json: { type: 'string' }, plot: { type: 'string' }, reps: { type: 'string' }, warmup: { type: 'string' }, python: { type: 'string' },
       'no-peer': { type: 'boolean' }, profile: { type: 'boolean' }, models: { type: 'string' }, threads: { type: 'string' },
       prefill: { type: 'string' }, 'decode-prompt': { type: 'string' }, steps: { type: 'string' }, batches: { type: 'string' },
+      formats: { type: 'string' },
     },
     strict: true,
   });
@@ -464,7 +470,9 @@ export async function runE2e(argv: string[]): Promise<void> {
     python: values['no-peer'] ? null : hfPython(values.python),
   };
   if (values.profile) {
-    for (const m of models) profileModel(m, o);
+    const formats = values.formats?.split(',') ?? ['bf16'];
+    for (const f of formats) if (!(f in FORMATS)) throw new RangeError(`--formats has "${f}", expected some of ${Object.keys(FORMATS).join(', ')}`);
+    for (const m of models) for (const f of formats) profileModel(m, o, f);
     return;
   }
   const info = runInfo();

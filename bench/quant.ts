@@ -25,7 +25,7 @@ import { hfPython } from './peers/hf.js';
 import { LLAMA_TYPES, LlamaPeer } from './peers/llama.js';
 import { runProbe } from './probe/probe.js';
 
-const FORMATS: Record<string, QuantizeSpec | null> = {
+export const FORMATS: Record<string, QuantizeSpec | null> = {
   bf16: null,
   int8: quantizeSpec('int8', 0),
   fp8: quantizeSpec('fp8', 0),
