@@ -729,11 +729,12 @@ struct Bf16DotF8Tile {
     }
     const __m512i sub = _mm512_load_si512(sub_tab);
     const __m512 unscale = _mm512_set1_ps(0x1p-8f);
-    __m512 accf[MR][NR];
+    // NOTE (registers): the f32 sums over the groups live in the tile, as in VnniTile: in
+    // registers they and the group's accumulators were 48 zmm at 6 x 4, and spilled in the k loop.
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-      for (int b = 0; b < NR; ++b) accf[r][b] = _mm512_setzero_ps();
+      for (int b = 0; b < NR; ++b) _mm512_store_ps(tile + r * kTileLd + b * 16, _mm512_setzero_ps());
     for (int g0 = 0, gi = 0; g0 < kp; g0 += qs.group, ++gi) {
       const int g1 = std::min(kp, g0 + qs.group);
       __m512 acc[MR][NR];
@@ -775,18 +776,18 @@ struct Bf16DotF8Tile {
           }
         }
       }
+      __asm__ volatile("" ::: "memory");  // reload the tile (see VnniTile)
 #pragma GCC unroll 4
       for (int b = 0; b < NR; ++b) {
         const __m512 sc = _mm512_mul_ps(
             _mm512_abs_ps(_mm512_load_ps(qs.s + b * qs.sstride + static_cast<size_t>(gi) * 16)), unscale);
 #pragma GCC unroll 8
-        for (int r = 0; r < MR; ++r) accf[r][b] = _mm512_fmadd_ps(acc[r][b], sc, accf[r][b]);
+        for (int r = 0; r < MR; ++r) {
+          float* t = tile + r * kTileLd + b * 16;
+          _mm512_store_ps(t, _mm512_fmadd_ps(acc[r][b], sc, _mm512_load_ps(t)));
+        }
       }
     }
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-      for (int b = 0; b < NR; ++b) _mm512_store_ps(tile + r * kTileLd + b * 16, accf[r][b]);
   }
 };
 #endif
