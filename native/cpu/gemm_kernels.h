@@ -580,8 +580,11 @@ typedef int32_t __attribute__((may_alias, aligned(1))) unaligned_i32;
 // registers. The int8 [k][16] code layout becomes [16 rows][4 k] per zmm by a VBMI byte permute;
 // int4 chunks are already [16 rows][4 k] in each nibble half (quant_layout.h): one 64-byte load
 // feeds two vpdpbusd after a mask and a shift, no permute.
-template <QFormat Q>
+// Pre (int8 only): the codes come already flipped and permuted by decode_i8_blocks, for the
+// many row tiles of a prefill.
+template <QFormat Q, bool Pre = false>
 struct VnniTile {
+  static_assert(!Pre || Q == QFormat::I8, "pre-permuted codes are an int8 layout");
   template <int MR, int NR>
   EXPERTD_AVX512VNNI static void run(const void* xv, size_t ldx, const void* wv, size_t wstride,
                                      int kp, float* tile, QScales qs) {
@@ -642,9 +645,10 @@ struct VnniTile {
         for (int k = g0; k < g0 + kb; k += 4) {
           __m512i wk[NR];
 #pragma GCC unroll 4
-          for (int b = 0; b < NR; ++b)
-            wk[b] = _mm512_permutexvar_epi8(
-                idx, _mm512_xor_si512(_mm512_load_si512(w + b * bstride + static_cast<size_t>(k) * 16), flip));
+          for (int b = 0; b < NR; ++b) {
+            const __m512i v = _mm512_load_si512(w + b * bstride + static_cast<size_t>(k) * 16);
+            wk[b] = Pre ? v : _mm512_permutexvar_epi8(idx, _mm512_xor_si512(v, flip));
+          }
 #pragma GCC unroll 8
           for (int r = 0; r < MR; ++r) {
             const __m512i xv = _mm512_set1_epi32(*reinterpret_cast<const unaligned_i32*>(x + r * ldx + k));
@@ -696,6 +700,23 @@ struct VnniTile {
     }
   }
 };
+
+// int8 codes of nb blocks (w: the first, wstride bytes apart) as VnniTile's k loop turns them
+// into vpdpbusd operands (+128, then [16 rows][4 k] per 64 bytes), stored at the same offsets in
+// out; columns [0, kend).
+EXPERTD_AVX512VNNI inline void decode_i8_blocks(const uint8_t* w, size_t wstride, int kend, int nb,
+                                                uint8_t* out) {
+  alignas(64) uint8_t ia[64];
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 4; ++j) ia[4 * i + j] = static_cast<uint8_t>(j * 16 + i);
+  const __m512i idx = _mm512_load_si512(ia);
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int b = 0; b < nb; ++b)
+    for (int k = 0; k < kend; k += 4) {
+      const size_t off = b * wstride + static_cast<size_t>(k) * 16;
+      _mm512_store_si512(out + off, _mm512_permutexvar_epi8(idx, _mm512_xor_si512(_mm512_load_si512(w + off), flip)));
+    }
+}
 
 // fp8 e4m3 weights against bf16 activations, decoded to bf16 k pairs in registers by a shift, two
 // unpacks and a mask, no table. The packer stores each e4m3 code with its bits reordered
@@ -912,10 +933,15 @@ inline const TileFn* tile_table(Path path, DType wd) {
 }
 
 #if EXPERTD_GEMM_X86
-// Bf16DotF8TileT<true>'s table (run_tiles picks it for prefill-sized fp8 calls).
+// The tables of the pre-decoded kernels (run_tiles picks them for prefill-sized calls).
 inline const TileFn* f8_decoded_table() {
   using Seq = std::make_integer_sequence<int, kMr * kNr>;
   static const auto t = make_tile_table<Bf16DotF8TileT<true>>(Seq{});
+  return t.data();
+}
+inline const TileFn* i8_decoded_table() {
+  using Seq = std::make_integer_sequence<int, kMr * kNr>;
+  static const auto t = make_tile_table<VnniTile<QFormat::I8, true>>(Seq{});
   return t.data();
 }
 #endif
@@ -971,6 +997,14 @@ inline void run_tiles(const TileFn* table, Path path, Act x, int rows, const Pac
                      qs.sstride, w.group, d);
     wb0 = reinterpret_cast<const uint8_t*>(d);
     table = f8_decoded_table();
+  } else if (path == Path::Vnni && w.q == QFormat::I8 && rows >= 8 * kMr) {
+    // The same for int8: the +128 flip and the [16][4 k] permute once per task (integer sums: the
+    // same bits however the operands were made).
+    static thread_local Buffer decoded;
+    auto* d = static_cast<uint8_t*>(decoded.get(static_cast<size_t>(b1 - b0) * bbytes));
+    decode_i8_blocks(wb0, wstride, w.kp, b1 - b0, d);
+    wb0 = d;
+    table = i8_decoded_table();
   }
 #endif
   for (int r = 0; r < rows; r += kMr) {
