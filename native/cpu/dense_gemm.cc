@@ -6,7 +6,6 @@
 #include "expertd/ops.h"
 #include "expertd/thread_pool.h"
 #include "gemm_kernels.h"
-#include "parallel_rows.h"
 
 namespace expertd {
 
@@ -50,11 +49,7 @@ void dense_gemm(const float* x, int m, const PackedWeight& w, float* y, const fl
   c.table = tile_table(path, w);
   if (int8_path(path)) {
     c.x = alloc_i8(m, w.kp, std::gcd(kActBlock, w.group), s.x_i8, s.x_i8_scale, s.x_i8_sums);
-    const Act xa = c.x;
-    const bool simd = f.kernel_avx512;
-    parallel_rows(static_cast<size_t>(m), static_cast<size_t>(w.k), [&](size_t r0, size_t r1) {
-      quantize_rows_i8(simd, x, static_cast<size_t>(w.k), static_cast<int>(r0), static_cast<int>(r1), w.k, xa);
-    });
+    quantize_rows_i8_pool(f.kernel_avx512, x, static_cast<size_t>(w.k), m, w.k, c.x);
   } else {
     c.x = prepare_activations(path, rounds_activations(w, fast_bf16), x, m, w.k, w.k_even(),
                               bf16_act_path(path) ? s.x_bf16 : s.x_f32);

@@ -27,6 +27,7 @@
 #include "expertd/dtype.h"
 #include "expertd/errors.h"
 #include "expertd/ops.h"
+#include "parallel_rows.h"
 #include "quant_layout.h"
 #include "simd_exp.h"
 
@@ -580,6 +581,18 @@ typedef int32_t __attribute__((may_alias, aligned(1))) unaligned_i32;
 // registers. The int8 [k][16] code layout becomes [16 rows][4 k] per zmm by a VBMI byte permute;
 // int4 chunks are already [16 rows][4 k] in each nibble half (quant_layout.h): one 64-byte load
 // feeds two vpdpbusd after a mask and a shift, no permute.
+// int8 codes [k][16] -> vpdpbusd's unsigned operand: +128 (xor 0x80), then [16 rows][4 k] per
+// zmm by a VBMI byte permute with i8_operand_index().
+EXPERTD_AVX512VNNI inline __m512i i8_operand_index() {
+  alignas(64) uint8_t ia[64];
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 4; ++j) ia[4 * i + j] = static_cast<uint8_t>(j * 16 + i);
+  return _mm512_load_si512(ia);
+}
+EXPERTD_AVX512VNNI __attribute__((always_inline)) inline __m512i i8_operand(__m512i codes, __m512i idx) {
+  return _mm512_permutexvar_epi8(idx, _mm512_xor_si512(codes, _mm512_set1_epi8(static_cast<char>(0x80))));
+}
+
 // Pre (int8 only): the codes come already flipped and permuted by decode_i8_blocks, for the
 // many row tiles of a prefill.
 template <QFormat Q, bool Pre = false>
@@ -617,13 +630,7 @@ struct VnniTile {
     const int kb = KB ? KB : qs.xblock;
     constexpr int kShift = Q == QFormat::I8 ? 7 : 3;
     __m512i idx = _mm512_setzero_si512();
-    if constexpr (Q == QFormat::I8) {
-      alignas(64) uint8_t ia[64];
-      for (int i = 0; i < 16; ++i)
-        for (int j = 0; j < 4; ++j) ia[4 * i + j] = static_cast<uint8_t>(j * 16 + i);
-      idx = _mm512_load_si512(ia);
-    }
-    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+    if constexpr (Q == QFormat::I8 && !Pre) idx = i8_operand_index();
     const __m512i n8 = _mm512_set1_epi8(0x08), lo4 = _mm512_set1_epi8(0x0f);
     for (int g0 = 0; g0 < kp; g0 += kb) {
       const int xb = g0 / kb;
@@ -647,7 +654,7 @@ struct VnniTile {
 #pragma GCC unroll 4
           for (int b = 0; b < NR; ++b) {
             const __m512i v = _mm512_load_si512(w + b * bstride + static_cast<size_t>(k) * 16);
-            wk[b] = Pre ? v : _mm512_permutexvar_epi8(idx, _mm512_xor_si512(v, flip));
+            wk[b] = Pre ? v : i8_operand(v, idx);
           }
 #pragma GCC unroll 8
           for (int r = 0; r < MR; ++r) {
@@ -706,15 +713,11 @@ struct VnniTile {
 // out; columns [0, kend).
 EXPERTD_AVX512VNNI inline void decode_i8_blocks(const uint8_t* w, size_t wstride, int kend, int nb,
                                                 uint8_t* out) {
-  alignas(64) uint8_t ia[64];
-  for (int i = 0; i < 16; ++i)
-    for (int j = 0; j < 4; ++j) ia[4 * i + j] = static_cast<uint8_t>(j * 16 + i);
-  const __m512i idx = _mm512_load_si512(ia);
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i idx = i8_operand_index();
   for (int b = 0; b < nb; ++b)
     for (int k = 0; k < kend; k += 4) {
       const size_t off = b * wstride + static_cast<size_t>(k) * 16;
-      _mm512_store_si512(out + off, _mm512_permutexvar_epi8(idx, _mm512_xor_si512(_mm512_load_si512(w + off), flip)));
+      _mm512_store_si512(out + off, i8_operand(_mm512_load_si512(w + off), idx));
     }
 }
 
@@ -731,27 +734,6 @@ EXPERTD_AVX512VNNI inline void decode_i8_blocks(const uint8_t* w, size_t wstride
 // scale) run a fix-up, those words from a table of +-m * 2^-9 * 2^8 = +-m / 2 (normal bf16
 // numbers) indexed by the code's s and m bits. The NaN code decodes to a finite value (real
 // weights never hold it).
-// One 4-k chunk of 16 rows' fp8 codes (64 bytes, the F8 layout) as the two zmm of bf16 k pairs
-// vdpbf16ps takes: wa the (k, k+1) pairs, wb the (k+2, k+3) pairs (see Bf16DotF8Tile).
-EXPERTD_AVX512BF16 __attribute__((always_inline)) inline void f8_pairs(
-    const uint8_t* codes, bool exp0, __m512i keep, __m512i bias, __m512i exp_words, __m512i sub,
-    __m512i* wa_out, __m512i* wb_out) {
-  const __m512i c = _mm512_load_si512(codes);
-  const __m512i c1 = _mm512_slli_epi16(c, 1);
-  const __m512i ra = _mm512_unpacklo_epi8(c1, c), rb = _mm512_unpackhi_epi8(c1, c);
-  // (a & b) | c = 0xea
-  __m512i wa = _mm512_ternarylogic_epi32(ra, keep, bias, 0xea);
-  __m512i wb = _mm512_ternarylogic_epi32(rb, keep, bias, 0xea);
-  if (exp0) {
-    wa = _mm512_mask_mov_epi16(wa, _mm512_testn_epi16_mask(ra, exp_words),
-                               _mm512_permutexvar_epi16(_mm512_srli_epi16(ra, 11), sub));
-    wb = _mm512_mask_mov_epi16(wb, _mm512_testn_epi16_mask(rb, exp_words),
-                               _mm512_permutexvar_epi16(_mm512_srli_epi16(rb, 11), sub));
-  }
-  *wa_out = wa;
-  *wb_out = wb;
-}
-
 // The constants of f8_pairs.
 struct F8PairConsts {
   __m512i keep, bias, exp_words, sub;
@@ -768,6 +750,26 @@ struct F8PairConsts {
     sub = _mm512_load_si512(sub_tab);
   }
 };
+
+// One 4-k chunk of 16 rows' fp8 codes (64 bytes, the F8 layout) as the two zmm of bf16 k pairs
+// vdpbf16ps takes: wa the (k, k+1) pairs, wb the (k+2, k+3) pairs (see Bf16DotF8Tile).
+EXPERTD_AVX512BF16 __attribute__((always_inline)) inline void f8_pairs(
+    const uint8_t* codes, bool exp0, const F8PairConsts& fc, __m512i* wa_out, __m512i* wb_out) {
+  const __m512i c = _mm512_load_si512(codes);
+  const __m512i c1 = _mm512_slli_epi16(c, 1);
+  const __m512i ra = _mm512_unpacklo_epi8(c1, c), rb = _mm512_unpackhi_epi8(c1, c);
+  // (a & b) | c = 0xea
+  __m512i wa = _mm512_ternarylogic_epi32(ra, fc.keep, fc.bias, 0xea);
+  __m512i wb = _mm512_ternarylogic_epi32(rb, fc.keep, fc.bias, 0xea);
+  if (exp0) {
+    wa = _mm512_mask_mov_epi16(wa, _mm512_testn_epi16_mask(ra, fc.exp_words),
+                               _mm512_permutexvar_epi16(_mm512_srli_epi16(ra, 11), fc.sub));
+    wb = _mm512_mask_mov_epi16(wb, _mm512_testn_epi16_mask(rb, fc.exp_words),
+                               _mm512_permutexvar_epi16(_mm512_srli_epi16(rb, 11), fc.sub));
+  }
+  *wa_out = wa;
+  *wb_out = wb;
+}
 
 // Pre = false: the codes widened in registers; true: read from decode_f8_blocks's buffer (the
 // same pairs), for the many row tiles of a prefill.
@@ -810,8 +812,7 @@ struct Bf16DotF8TileT {
             wa = _mm512_load_si512(d);
             wb = _mm512_load_si512(d + 32);
           } else {
-            f8_pairs(w + b * bstride + static_cast<size_t>(k) * 16, exp0[b], fc.keep, fc.bias,
-                     fc.exp_words, fc.sub, &wa, &wb);
+            f8_pairs(w + b * bstride + static_cast<size_t>(k) * 16, exp0[b], fc, &wa, &wb);
           }
 #pragma GCC unroll 8
           for (int r = 0; r < MR; ++r) {
@@ -858,8 +859,7 @@ EXPERTD_AVX512BF16 inline void decode_f8_blocks(const uint8_t* w, size_t wstride
       const int g1 = std::min(kend, g0 + group);
       for (int k = g0; k < g1; k += 4) {
         __m512i wa, wb;
-        f8_pairs(w + b * wstride + static_cast<size_t>(k) * 16, exp0, fc.keep, fc.bias, fc.exp_words,
-                 fc.sub, &wa, &wb);
+        f8_pairs(w + b * wstride + static_cast<size_t>(k) * 16, exp0, fc, &wa, &wb);
         uint16_t* d = out + b * wstride + static_cast<size_t>(k) * 16;
         _mm512_store_si512(d, wa);
         _mm512_store_si512(d + 32, wb);
@@ -989,18 +989,18 @@ inline void run_tiles(const TileFn* table, Path path, Act x, int rows, const Pac
   const uint8_t* wb0 = wbase + b0 * block_bytes;  // block b0 as the kernels read it
   size_t bbytes = block_bytes;
 #if EXPERTD_GEMM_X86
-  if (path == Path::Bf16Dot && w.q == QFormat::F8 && rows >= 8 * kMr) {
-    static thread_local Buffer decoded;
+  constexpr int kDecodeOnceRows = 8 * kMr;
+  static thread_local Buffer decoded;
+  if (path == Path::Bf16Dot && w.q == QFormat::F8 && rows >= kDecodeOnceRows) {
     bbytes = static_cast<size_t>(w.kp) * 32;  // 16 rows x kp bf16
     auto* d = static_cast<uint16_t*>(decoded.get(static_cast<size_t>(b1 - b0) * bbytes));
     decode_f8_blocks(wb0, wstride, (kp + 3) / 4 * 4, b1 - b0, w.scales.get() + b0 * qs.sstride,
                      qs.sstride, w.group, d);
     wb0 = reinterpret_cast<const uint8_t*>(d);
     table = f8_decoded_table();
-  } else if (path == Path::Vnni && w.q == QFormat::I8 && rows >= 8 * kMr) {
+  } else if (path == Path::Vnni && w.q == QFormat::I8 && rows >= kDecodeOnceRows) {
     // The same for int8: the +128 flip and the [16][4 k] permute once per task (integer sums: the
     // same bits however the operands were made).
-    static thread_local Buffer decoded;
     auto* d = static_cast<uint8_t*>(decoded.get(static_cast<size_t>(b1 - b0) * bbytes));
     decode_i8_blocks(wb0, wstride, w.kp, b1 - b0, d);
     wb0 = d;
@@ -1161,6 +1161,13 @@ inline void quantize_rows_i8(bool simd, const float* x, size_t ldx, int r0, int 
   }
 }
 
+// quantize_rows_i8 over rows [0, rows), in row chunks on the pool once that pays (a prefill).
+inline void quantize_rows_i8_pool(bool simd, const float* x, size_t ldx, int rows, int k, const Act& a) {
+  parallel_rows(static_cast<size_t>(rows), static_cast<size_t>(k), [&](size_t r0, size_t r1) {
+    quantize_rows_i8(simd, x, ldx, static_cast<int>(r0), static_cast<int>(r1), k, a);
+  });
+}
+
 // ---------------------------------------------------------------------------------------------
 // Epilogues.
 
@@ -1224,25 +1231,6 @@ inline void store_gate_up_scalar(const float* tile, int mr, int nr, int b0, uint
 }
 
 #if EXPERTD_GEMM_X86
-// e^x for the SiLU: range reduction by ln2 (split in hi/lo), degree-7 Taylor on |r| <= ln2/2
-// (error ~5e-9 relative), 2^n by vscalefps. Inputs are clamped to [-87, 88].
-EXPERTD_AVX512 inline __m512 exp512(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-
 // SiLU(g) * u = g / (1 + e^-g) * u
 // NOTE: the arithmetic of siluMul (activation.cc: simd_exp.h's exp512_ps, then g / (1 + e) * u), so
 // EPS-MoE's per-expert DenseGemm path (gate_up GEMM, siluMul, down GEMM) gives the fused GroupGemm's

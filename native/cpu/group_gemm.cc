@@ -8,7 +8,6 @@
 #include "expertd/ops.h"
 #include "expertd/thread_pool.h"
 #include "gemm_kernels.h"
-#include "parallel_rows.h"
 
 namespace expertd {
 
@@ -144,12 +143,7 @@ void group_gemm_ffn(const float* x, const int32_t* offsets, int num_experts,
   if (x_i8.ld > 0) {
     x_i8.check();
     c.x.i8 = alloc_i8(rows, x_i8.ld, x_i8.block, s.x_i8, s.x_i8_scale, s.x_i8_sums);
-    // Row-parallel once it pays (prefill: 1024 rows of mixtral-like are ~1M elements per layer).
-    const Act xa = c.x.i8;
-    const bool simd = cpu.kernel_avx512;
-    parallel_rows(static_cast<size_t>(rows), static_cast<size_t>(h), [&](size_t r0, size_t r1) {
-      quantize_rows_i8(simd, x, static_cast<size_t>(h), static_cast<int>(r0), static_cast<int>(r1), h, xa);
-    });
+    quantize_rows_i8_pool(cpu.kernel_avx512, x, static_cast<size_t>(h), rows, h, c.x.i8);
   }
 
   c.h_row_bytes = static_cast<size_t>(ip) * 4;
