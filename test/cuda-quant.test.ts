@@ -436,6 +436,29 @@ function relToRange(ours: ArrayLike<number>, ref: ArrayLike<number>): number {
 
 interface GoldenCase { prompt_ids: number[] }
 
+/**
+ * The device's greedy tokens are the reference's, except where the reference itself nearly ties: at
+ * the first step they differ, the device's token must score within `tol` of the logits' range of
+ * the reference's top token there (teacher-forced on the reference's tokens). Two engines whose
+ * logits differ by a sum order may take either side of such a tie (which side depends on the CPU's
+ * kernels: vdpbf16ps, AVX2 or portable); a token far from the top fails.
+ */
+function assertGreedyAgrees(device: ReturnType<typeof loadCudaModel>['model'], ref: ReturnType<typeof loadModel>['model'],
+                            prompt: number[], n: number, tol: number): void {
+  const want = new DirectRunner(ref).greedy(prompt, n);
+  const got = new DirectRunner(device).greedy(prompt, n);
+  const i = got.findIndex((t, j) => t !== want[j]);
+  if (i < 0) return;
+  const V = ref.spec.vocabSize;
+  const r = new DirectRunner(ref);
+  const ids = [...prompt, ...want.slice(0, i)];
+  const logits = r.step([r.newSeq()], [ids], true).logits.subarray((ids.length - 1) * V, ids.length * V);
+  let lo = Infinity, hi = -Infinity;
+  for (const v of logits) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
+  const gap = (logits[want[i]!]! - logits[got[i]!]!) / (hi - lo);
+  assert.ok(gap <= tol, `greedy token ${i}: the device chose ${got[i]}, ${(gap * 100).toFixed(3)}% of the range below the reference's ${want[i]} (tokens ${JSON.stringify(got)} vs ${JSON.stringify(want)})`);
+}
+
 /** Mean and worst of the device's logits off the CPU engine's (relative to their range) over the golden prompts. */
 function compareEngines(dir: string, device: ReturnType<typeof loadCudaModel>['model'],
                         cpu: ReturnType<typeof loadModel>['model']): { mean: number; worst: number } {
@@ -604,8 +627,7 @@ describe('--quantize-dense on the device (emulator): attention, Gated DeltaNet, 
         // The dense weights' quantization shows: the model with bf16 dense weights is further off.
         assert.ok(vsExperts.mean > 4 * mean, 'the --quantize-dense device model is not the --quantize one');
         const cases = (JSON.parse(readFileSync(path.join(dir, 'golden.json'), 'utf8')) as { cases: GoldenCase[] }).cases;
-        for (const c of cases)
-          assert.deepEqual(new DirectRunner(model).greedy(c.prompt_ids, 8), new DirectRunner(ref).greedy(c.prompt_ids, 8), 'greedy tokens');
+        for (const c of cases) assertGreedyAgrees(model, ref, c.prompt_ids, 8, worstTol);
       } finally {
         model.dispose();
         expertsOnly.dispose();

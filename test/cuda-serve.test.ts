@@ -10,7 +10,7 @@ import { test } from 'node:test';
 
 import { packageRoot } from '../src/native/index.js';
 import { startDaemon, stopDaemon } from './helpers/daemon.js';
-import { emulatorSkip, needsCudaDevice } from './helpers/cuda-skip.js';
+import { emulatorSkip, needsCudaDevice, needsGloo } from './helpers/cuda-skip.js';
 
 const standIn = { EXPERTD_CUDA_STANDIN: path.join(packageRoot(), 'dist', 'test', 'helpers', 'cuda-emu.js') };
 const gpuSkip = needsCudaDevice;
@@ -118,7 +118,7 @@ test('expertd serve --device cuda --expert-parallel 2 (emulated devices, NCCL as
   }
 });
 
-test('expertd serve --device cuda --nproc-per-node 2 --dist-moe expert (emulated devices in 2 rank processes, NCCL id through the store, uneven placement) answers as the CPU daemon', async () => {
+test('expertd serve --device cuda --nproc-per-node 2 --dist-moe expert (emulated devices in 2 rank processes, NCCL id through the store, uneven placement) answers as the CPU daemon', { skip: needsGloo }, async () => {
   const dir = mkdtempSync(path.join(tmpdir(), 'expertd-cuda-dist-'));
   const file = path.join(dir, 'p.json');
   writeFileSync(file, JSON.stringify([[5], [0, 1, 2, 3, 4, 6, 7]]));  // qwen2_moe has 8 experts

@@ -111,14 +111,20 @@ function assertTailPoisoned(y: Float32Array, used: number, label: string): void 
   for (let i = used; i < y.length; i++) assert.ok(Number.isNaN(y[i]!), `${label}: wrote past the end at ${i}`);
 }
 
-function withScalar<T>(fn: () => T): T {
-  native.setSimdLevel('scalar');
+function withLevel<T>(level: 'scalar' | 'avx2' | 'avx512' | 'auto', fn: () => T): T {
+  native.setSimdLevel(level);
   try {
     return fn();
   } finally {
     native.setSimdLevel('auto');
   }
 }
+/** The levels whose kernels the bit-identity tests run (AVX2 where the CPU has it). */
+const LEVELS_BITS = ['auto', 'avx2', 'scalar'] as const;
+const withScalar = <T>(fn: () => T): T => withLevel('scalar', fn);
+/** The AVX2 kernels (CPUs without AVX-512) run where the CPU has AVX2 + FMA, whatever else it has. */
+const NO_AVX2 = withLevel('avx2', () => native.capabilities().simd) === 'avx2' ? false
+  : `this CPU has no AVX2 + FMA (simd ${native.capabilities().simd}): the AVX2 kernels cannot run here`;
 
 function withThreads<T>(n: number, fn: () => T): T {
   const before = native.capabilities().threads;
@@ -266,6 +272,15 @@ test('denseGemm on a gate_up weight writes gate columns then up columns', () => 
   assertTailPoisoned(y, m * 2 * inter, 'gate_up dense');
 });
 
+test('denseGemm AVX2 path (setSimdLevel avx2) matches float64', { skip: NO_AVX2 }, () => {
+  withLevel('avx2', () => {
+    for (const dtype of DTYPES)
+      for (const fast of [false, true])
+        for (const [m, n, k] of [[1, 17, 33], [1, 64, 1024], [8, 40, 64], [17, 33, 31], [130, 20, 9], [7, 100, 257]] as const)
+          runDense({ m, n, k, dtype, fast, bias: m > 1, accumulate: m === 8 }, 'avx2');
+  });
+});
+
 test('denseGemm portable path (setSimdLevel scalar) matches float64', () => {
   withScalar(() => {
     assert.equal(native.capabilities().simd === 'scalar' || native.capabilities().simd === 'neon', true);
@@ -277,7 +292,8 @@ test('denseGemm portable path (setSimdLevel scalar) matches float64', () => {
 });
 
 test('denseGemm is bit-identical alone, in a batch, and on 1 or 2 threads', () => {
-  for (const scalar of [false, true]) {
+  for (const level of LEVELS_BITS) {
+    if (level === 'avx2' && NO_AVX2) continue;
     const run = () => {
       for (const [dtype, fast] of [['bf16', true], ['bf16', false], ['f16', false], ['f32', true]] as const) {
         const { rand } = freshRng();
@@ -300,8 +316,7 @@ test('denseGemm is bit-identical alone, in a batch, and on 1 or 2 threads', () =
         bitsEqual(seven, full2.subarray(60 * n, 67 * n), `${dtype} fast=${fast} rows 60..66`);
       }
     };
-    if (scalar) withScalar(run);
-    else run();
+    withLevel(level, run);
   }
 });
 
@@ -419,6 +434,17 @@ test('groupGemmFfn at model-like sizes (H=1024, I=256) with decode-sized loads',
     }
 });
 
+test('groupGemmFfn AVX2 path (setSimdLevel avx2) matches float64', { skip: NO_AVX2 }, () => {
+  withLevel('avx2', () => {
+    for (const dtype of DTYPES)
+      for (const fast of [false, true]) {
+        runFfn({ e: 8, h: 64, inter: 32, counts: [3, 0, 1, 0, 0, 17, 2, 1], dtype, fast }, 'avx2');
+        runFfn({ e: 2, h: 37, inter: 21, counts: [1, 8], dtype, fast }, 'avx2 odd');
+        runFfn({ e: 4, h: 1024, inter: 256, counts: [1, 0, 7, 0], dtype, fast }, 'avx2 model-like');
+      }
+  });
+});
+
 test('groupGemmFfn portable path (setSimdLevel scalar) matches float64', () => {
   withScalar(() => {
     for (const dtype of DTYPES)
@@ -430,7 +456,8 @@ test('groupGemmFfn portable path (setSimdLevel scalar) matches float64', () => {
 });
 
 test('groupGemmFfn is bit-identical alone, in a batch, and on 1 or 2 threads', () => {
-  for (const scalar of [false, true]) {
+  for (const level of LEVELS_BITS) {
+    if (level === 'avx2' && NO_AVX2) continue;
     const run = () => {
       for (const [dtype, fast] of [['bf16', true], ['bf16', false], ['f16', true]] as const) {
         const { rand } = freshRng();
@@ -457,8 +484,7 @@ test('groupGemmFfn is bit-identical alone, in a batch, and on 1 or 2 threads', (
         setup.table.dispose();
       }
     };
-    if (scalar) withScalar(run);
-    else run();
+    withLevel(level, run);
   }
 });
 

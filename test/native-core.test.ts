@@ -38,7 +38,7 @@ test('setNumThreads and setSimdLevel validate their arguments', () => {
   const n = loadNative();
   assert.throws(() => n.setNumThreads(-1), { name: 'RangeError', message: 'threads is -1, expected 0..1024' });
   assert.throws(() => n.setSimdLevel('avx9' as never), {
-    name: 'TypeError', message: "level is 'avx9', expected 'auto', 'scalar', 'avx512', 'avx512bf16', 'noamx' or 'amx'",
+    name: 'TypeError', message: "level is 'avx9', expected 'auto', 'scalar', 'avx2', 'avx512', 'avx512bf16', 'noamx' or 'amx'",
   });
   const before = n.capabilities().threads;
   assert.equal(n.setNumThreads(1), 1);

@@ -49,7 +49,7 @@ function dequantised(w: PackedWeight): Float64Array {
 }
 
 /** Runs fn at every dispatch level (the levels the CPU lacks run its best, which is also fine). */
-const LEVELS = ['auto', 'avx512bf16', 'avx512', 'scalar'] as const;
+const LEVELS = ['auto', 'avx512bf16', 'avx512', 'avx2', 'scalar'] as const;
 function forEachLevel(fn: (level: string) => void): void {
   try {
     for (const level of LEVELS) {
@@ -283,6 +283,51 @@ test('fast mode runs int8 activations on the int8 dot-product kernels where the 
     const y = new Float32Array(m * n);
     native.denseGemm(x, m, w, y, null, false, true);
     compare(y, refGemm(quantizeRowsI8(x, m, k, ACT_BLOCK), m, dequantised(w), n, k, false), TOL, `${name} k=${k}`);
+    w.dispose();
+  }
+});
+
+/** The level now in effect when `level` is asked for. */
+function levelOf(level: 'avx2' | 'avx512' | 'auto'): string {
+  try {
+    return native.setSimdLevel(level);
+  } finally {
+    native.setSimdLevel('auto');
+  }
+}
+const NO_AVX2_AND_512 = levelOf('avx2') === 'avx2' && levelOf('avx512') !== 'avx2' && native.capabilities().isa.avx512f ? false
+  : `this CPU lacks AVX2 or AVX-512 (simd ${native.capabilities().simd}): nothing to compare the AVX2 kernels with`;
+
+test('the AVX2 kernels give the AVX-512 kernels\' bits (f32 and int8 activations)', { skip: NO_AVX2_AND_512 }, () => {
+  const rand = rng();
+  const n = 70, k = 260, m = 9;
+  const x = uniform(rand, m * k);
+  // bf16 weights from random bit patterns' top halves (any bf16 value but NaN and inf).
+  const bf16 = (r: () => number, nn: number, kk: number) =>
+    native.packWeight(new Uint16Array(nn * kk).map(() => (Math.floor(r() * 0x10000) & 0xbfff) | 0x3000), 'bf16', nn, kk);
+  const builds: [string, Build][] = [
+    ['f32', (r, nn, kk) => native.packWeight(uniform(r, nn * kk), 'f32', nn, kk)],
+    ['bf16', bf16],
+    ...BUILDS,
+  ];
+  for (const [name, build] of builds) {
+    const w = build(rand, n, k);
+    // Reference mode: f32 activations on Avx512 / Avx2; fast int8 and int4: Vnni (or ScalarI8) / Avx2I8.
+    for (const [fast, other] of [[false, 'avx512'], [true, 'auto']] as const) {
+      if (fast && !name.startsWith('int')) continue;
+      const run = (level: 'avx2' | 'avx512' | 'auto') => {
+        native.setSimdLevel(level);
+        try {
+          const y = new Float32Array(m * w.n);
+          native.denseGemm(x.subarray(0, m * w.k), m, w, y, null, false, fast);
+          return y;
+        } finally {
+          native.setSimdLevel('auto');
+        }
+      };
+      if (fast && !native.capabilities().int8Dot) continue;  // ScalarI8 rounds its per-block FMA in two steps
+      assert.deepEqual(run('avx2'), run(other), `${name} fast=${fast}: avx2 vs ${other}`);
+    }
     w.dispose();
   }
 });

@@ -80,10 +80,10 @@ Napi::Value set_num_threads(const Napi::CallbackInfo& info) {
 
 Napi::Value set_simd(const Napi::CallbackInfo& info) {
   expect_args(info, 1, "setSimdLevel");
-  const char* kLevels = "'auto', 'scalar', 'avx512', 'avx512bf16', 'noamx' or 'amx'";
+  const char* kLevels = "'auto', 'scalar', 'avx2', 'avx512', 'avx512bf16', 'noamx' or 'amx'";
   if (!info[0].IsString()) throw_type(info.Env(), std::string("level must be ") + kLevels);
   std::string s = info[0].As<Napi::String>().Utf8Value();
-  if (s != "auto" && s != "scalar" && s != "avx512" && s != "avx512bf16" && s != "noamx" && s != "amx")
+  if (s != "auto" && s != "scalar" && s != "avx2" && s != "avx512" && s != "avx512bf16" && s != "noamx" && s != "amx")
     throw_type(info.Env(), "level is '" + s + "', expected " + kLevels);
   set_simd_override(s);
   return Napi::String::New(info.Env(), simd_level());

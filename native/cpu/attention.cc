@@ -544,6 +544,134 @@ EXPERTD_AVX512 __attribute__((noinline)) void finalize_avx512(const float* st, i
 #pragma GCC diagnostic pop
 #endif
 
+// ------------------------------------------------------------------ AVX2 kernel
+// CPUs with AVX2 + FMA but no AVX-512: the portable kernel's structure (row by row, K and V rows
+// widened by key_block_rows) with its scalar loops made vector: q.k over d in 8-lane chains (two
+// per key, four keys at a time, summed in a fixed order), the block's exps in two vectors, and
+// P.V as 8-lane FMAs over d. A row's arithmetic depends only on its own q and keys, so alone and
+// batched, one call or chunked, it gives the same bits (the NOTE above).
+#if defined(__x86_64__)
+#define EXPERTD_AVX2 __attribute__((target("avx2,fma")))
+
+// exp(x) for x <= 0: exp512's reduction and polynomial on 8 lanes (2^n built in the exponent
+// field, exact for n >= -126, which x >= -87 keeps).
+EXPERTD_AVX2 inline __m256 exp256(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.0f / 720.0f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0f / 120.0f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0f / 24.0f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0f / 6.0f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(0.5f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+EXPERTD_AVX2 inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// q . k_j for the keys of kr (N at a time), d in 8-lane chains (d mod 16 < 8 and >= 8), then the
+// tail d one by one.
+template <int N>
+EXPERTD_AVX2 inline void dots_avx2(const float* q, const float* const* kr, int dk, float* out) {
+  __m256 a[N][2];
+  for (int n = 0; n < N; ++n) a[n][0] = a[n][1] = _mm256_setzero_ps();
+  int d = 0;
+  for (; d + 16 <= dk; d += 16) {
+    const __m256 q0 = _mm256_loadu_ps(q + d), q1 = _mm256_loadu_ps(q + d + 8);
+    for (int n = 0; n < N; ++n) {
+      a[n][0] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(kr[n] + d), a[n][0]);
+      a[n][1] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(kr[n] + d + 8), a[n][1]);
+    }
+  }
+  if (d + 8 <= dk) {
+    const __m256 q0 = _mm256_loadu_ps(q + d);
+    for (int n = 0; n < N; ++n) a[n][0] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(kr[n] + d), a[n][0]);
+    d += 8;
+  }
+  for (int n = 0; n < N; ++n) {
+    float s = hsum256(_mm256_add_ps(a[n][0], a[n][1]));
+    for (int e = d; e < dk; ++e) s = std::fma(q[e], kr[n][e], s);
+    out[n] = s;
+  }
+}
+
+__attribute__((noinline)) EXPERTD_AVX2 void segment_partial_avx2(const Ctx& c, const Tile& t, int seg,
+                                                                 float* part) {
+  const AttentionParams& p = *c.p;
+  const int g = c.group, dk = p.dk, dv = p.dv, tokens = t.t1 - t.t0;
+  const int seg_begin = seg * kSegment, seg_end = seg_begin + kSegment - 1;
+  for (int r = 0; r < tokens * g; ++r) {
+    float* st = part + static_cast<size_t>(r) * c.stride;
+    st[0] = kNegInf;
+    st[1] = 0.0f;
+    std::fill(st + 16, st + 16 + dv, 0.0f);
+  }
+  const int kmin = std::max(seg_begin, row_lo(row_pos(t, t.t0), p.sliding_window));
+  const int kmax = std::min(seg_end, row_pos(t, t.t1 - 1));
+  const float* kp[kKeyBlock];
+  const float* vp[kKeyBlock];
+  alignas(32) float s[kKeyBlock] = {};
+  const int dv8 = dv / 8 * 8;
+  for (int kb0 = kmin / kKeyBlock * kKeyBlock; kb0 <= kmax; kb0 += kKeyBlock) {
+    const int jb_lo = std::max(kb0, kmin), jb_hi = std::min(kb0 + kKeyBlock - 1, kmax);
+    key_block_rows(c, t, kb0, jb_lo, jb_hi, kp, vp);
+    for (int i = t.t0; i < t.t1; ++i) {
+      const int pos = row_pos(t, i);
+      const int lo = std::max({row_lo(pos, p.sliding_window), kb0, seg_begin});
+      const int hi = std::min({pos, kb0 + kKeyBlock - 1, seg_end});
+      if (lo > hi) continue;
+      for (int hh = 0; hh < g; ++hh) {
+        const float* qr = c.q + static_cast<size_t>(t.q_start + i) * p.q_row_stride +
+                          static_cast<size_t>(t.kvh * g + hh) * dk;
+        float* st = part + static_cast<size_t>((i - t.t0) * g + hh) * c.stride;
+        int j = lo;
+        for (; j + 4 <= hi + 1; j += 4) dots_avx2<4>(qr, kp + (j - kb0), dk, s + (j - kb0));
+        for (; j <= hi; ++j) dots_avx2<1>(qr, kp + (j - kb0), dk, s + (j - kb0));
+        float mb = kNegInf;
+        for (int jj = lo; jj <= hi; ++jj) {
+          s[jj - kb0] *= p.scale;
+          mb = std::max(mb, s[jj - kb0]);
+        }
+        const float m_old = st[0], m_new = std::max(m_old, mb);
+        const float alpha = m_old == kNegInf ? 0.0f : std::exp(m_old - m_new);
+        // The block's 16 exps as two vectors; lanes outside [lo, hi] are not used.
+        const __m256 mn = _mm256_set1_ps(m_new);
+        _mm256_store_ps(s, exp256(_mm256_min_ps(_mm256_sub_ps(_mm256_load_ps(s), mn), _mm256_setzero_ps())));
+        _mm256_store_ps(s + 8, exp256(_mm256_min_ps(_mm256_sub_ps(_mm256_load_ps(s + 8), mn), _mm256_setzero_ps())));
+        float sum = 0.0f;
+        for (int jj = lo; jj <= hi; ++jj) sum += s[jj - kb0];
+        st[0] = m_new;
+        st[1] = st[1] * alpha + sum;
+        float* acc = st + 16;
+        const __m256 av = _mm256_set1_ps(alpha);
+        for (int d = 0; d < dv8; d += 8) {
+          __m256 a = _mm256_mul_ps(_mm256_loadu_ps(acc + d), av);
+          for (int jj = lo; jj <= hi; ++jj)
+            a = _mm256_fmadd_ps(_mm256_set1_ps(s[jj - kb0]), _mm256_loadu_ps(vp[jj - kb0] + d), a);
+          _mm256_storeu_ps(acc + d, a);
+        }
+        for (int d = dv8; d < dv; ++d) {
+          float a = acc[d] * alpha;
+          for (int jj = lo; jj <= hi; ++jj) a = std::fma(s[jj - kb0], vp[jj - kb0][d], a);
+          acc[d] = a;
+        }
+      }
+    }
+  }
+}
+#undef EXPERTD_AVX2
+#endif
+
 struct Kernels {
   void (*segment_partial)(const Ctx&, const Tile&, int, float*);
   void (*combine)(float*, const float*, int);
@@ -558,6 +686,7 @@ Kernels pick_kernels(KvDtype dt) {
                                     : segment_partial_avx512<KvDtype::F32>;
     return {seg, combine_avx512, finalize_avx512};
   }
+  if (cpu_features().kernel_avx2) return {segment_partial_avx2, combine_portable, finalize_portable};
 #endif
   return {segment_partial_portable, combine_portable, finalize_portable};
 }

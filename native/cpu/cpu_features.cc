@@ -66,6 +66,7 @@ CpuFeatures detect() {
     f.amx_int8 = amx_ok && amx_int8;
   }
   if (!f.fma || !f.avx2) f.avx2 = false;
+  f.kernel_avx2 = f.avx2 && f.fma && f.f16c;
   f.kernel_avx512 = f.avx512f && f.avx512bw && f.avx512vl && f.fma;
   f.kernel_bf16dot = f.kernel_avx512 && f.avx512bf16;
   f.kernel_vnni = f.kernel_avx512 && f.avx512vnni && f.avx512vbmi;
@@ -75,7 +76,7 @@ CpuFeatures detect() {
   return f;
 }
 
-std::atomic<int> g_override{0};  // 0 auto, 1 scalar, 2 avx512, 3 avx512bf16, 4 noamx, 5 amx
+std::atomic<int> g_override{0};  // 0 auto, 1 scalar, 2 avx512, 3 avx512bf16, 4 noamx, 5 amx, 6 avx2
 
 // AMX tiles for the fast-mode bf16 GEMMs are opt-in (EXPERTD_AMX=1): they run prefill 2-4x faster
 // than vdpbf16ps but one-row (decode batch 1) calls 15-35% slower on this project's bench models,
@@ -107,6 +108,14 @@ const CpuFeatures& cpu_features() {
     s.kernel_vnni = false;
     return s;
   }();
+  // AVX2 + FMA alone (what AMD Zen 2/3 and Intel client cores have): every AVX-512 bit off.
+  static const CpuFeatures avx2 = [] {
+    CpuFeatures s = detected;
+    s.avx512f = s.avx512bw = s.avx512vl = s.avx512bf16 = s.avx512vnni = s.avx512vbmi = false;
+    s.amx_bf16 = s.amx_int8 = false;
+    s.kernel_avx512 = s.kernel_bf16dot = s.kernel_vnni = false;
+    return s;
+  }();
   static const CpuFeatures noamx = [] {
     CpuFeatures s = detected;
     s.amx_bf16 = s.amx_int8 = false;
@@ -118,6 +127,7 @@ const CpuFeatures& cpu_features() {
     case 3: return avx512bf16;
     case 4: return noamx;
     case 5: return detected;
+    case 6: return avx2;
     default: {
       static const bool amx = amx_opted_in();
       return amx ? detected : noamx;
@@ -130,7 +140,7 @@ std::string simd_level() {
   if (f.amx_bf16 && f.kernel_bf16dot) return "amx";
   if (f.kernel_bf16dot) return "avx512bf16";
   if (f.kernel_avx512) return "avx512";
-  if (f.avx2) return "avx2";
+  if (f.kernel_avx2) return "avx2";
   if (f.neon) return "neon";
   return "scalar";
 }
@@ -141,6 +151,7 @@ void set_simd_override(const std::string& level) {
                    : level == "avx512bf16" ? 3
                    : level == "noamx"      ? 4
                    : level == "amx"        ? 5
+                   : level == "avx2"       ? 6
                                            : 0);
 }
 

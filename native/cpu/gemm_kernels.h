@@ -1,6 +1,7 @@
 // Internal to DenseGemm and GroupGemm: register-tile kernels over the packed weight layout
 // (portable C++, AVX-512 FMA on widened weights, AVX512-BF16 dot products, AVX512-VNNI int8 dot
-// products on quantized weights; AMX bf16 tiles in amx_kernels.h), activation preparation (bf16
+// products on quantized weights; AVX2 + FMA ones in avx2_kernels.h; AMX bf16 tiles in
+// amx_kernels.h), activation preparation (bf16
 // rounding, int8 per-token quantization), epilogues (bias/accumulate store, fused SiLU(gate)*up)
 // and grow-only scratch.
 //
@@ -68,14 +69,15 @@ constexpr int kMaxRowTile = 240;
 // (codes, a scale per row, code sums per group) for Vnni and ScalarI8, f32 rows for the others.
 // Bf16Dot runs bf16 weights, and fp8 weights decoded to bf16 in registers; Amx (bf16 rows too)
 // runs bf16 weights on AMX tiles (amx_kernels.h).
-enum class Path : int { Scalar = 0, Avx512 = 1, Bf16Dot = 2, Vnni = 3, ScalarI8 = 4, Amx = 5 };
+// Avx2 and Avx2I8 (avx2_kernels.h) are Avx512 and Vnni for CPUs without AVX-512.
+enum class Path : int { Scalar = 0, Avx512 = 1, Bf16Dot = 2, Vnni = 3, ScalarI8 = 4, Amx = 5, Avx2 = 6, Avx2I8 = 7 };
 
 // Activations are bf16 rows.
 inline bool bf16_act_path(Path p) { return p == Path::Bf16Dot || p == Path::Amx; }
 inline size_t act_size(Path p) {
-  return bf16_act_path(p) ? 2 : (p == Path::Vnni || p == Path::ScalarI8) ? 1 : 4;
+  return bf16_act_path(p) ? 2 : (p == Path::Vnni || p == Path::ScalarI8 || p == Path::Avx2I8) ? 1 : 4;
 }
-inline bool int8_path(Path p) { return p == Path::Vnni || p == Path::ScalarI8; }
+inline bool int8_path(Path p) { return p == Path::Vnni || p == Path::ScalarI8 || p == Path::Avx2I8; }
 // The path runs AVX-512 code (epilogues may use it too).
 inline bool simd_path(Path p) {
   return p == Path::Avx512 || p == Path::Bf16Dot || p == Path::Vnni || p == Path::Amx;
@@ -110,6 +112,7 @@ inline Path choose_path(const CpuFeatures& f, const PackedWeight& w, bool fast) 
   if (int8_activations(w, fast)) {
 #if EXPERTD_GEMM_X86
     if (f.kernel_vnni) return Path::Vnni;
+    if (f.kernel_avx2) return Path::Avx2I8;
 #endif
     return Path::ScalarI8;
   }
@@ -121,6 +124,8 @@ inline Path choose_path(const CpuFeatures& f, const PackedWeight& w, bool fast) 
   if (fast && w.q == QFormat::F8 && f.kernel_bf16dot && w.group % 4 == 0)
     return Path::Bf16Dot;
   if (f.kernel_avx512) return Path::Avx512;
+  // AVX2 decodes k pairs: quantized weights need even scale groups (every format's are).
+  if (f.kernel_avx2 && (!w.quantized() || w.group % 2 == 0)) return Path::Avx2;
 #endif
   (void)f;
   return Path::Scalar;
@@ -869,6 +874,12 @@ EXPERTD_AVX512BF16 inline void decode_f8_blocks(const uint8_t* w, size_t wstride
 
 #endif
 
+}  // namespace expertd::gemm
+
+#include "avx2_kernels.h"
+
+namespace expertd::gemm {
+
 template <class K, int... I>
 constexpr std::array<TileFn, sizeof...(I)> make_tile_table(std::integer_sequence<int, I...>) {
   return {{&K::template run<I / kNr + 1, I % kNr + 1>...}};
@@ -892,6 +903,19 @@ inline const TileFn* qtile_table(Path path, QFormat q) {
   if (path == Path::Bf16Dot) {
     static const auto d_f8 = make_tile_table<Bf16DotF8Tile>(Seq{});
     return d_f8.data();
+  }
+  if (path == Path::Avx2I8) {
+    static const auto v_i8 = make_tile_table<Avx2I8Tile<QFormat::I8>>(Seq{});
+    static const auto v_i4 = make_tile_table<Avx2I8Tile<QFormat::I4>>(Seq{});
+    return q == QFormat::I8 ? v_i8.data() : v_i4.data();
+  }
+  if (path == Path::Avx2) {
+    static const auto a_i8 = make_tile_table<Avx2QTile<QFormat::I8>>(Seq{});
+    static const auto a_i4 = make_tile_table<Avx2QTile<QFormat::I4>>(Seq{});
+    static const auto a_f8 = make_tile_table<Avx2QTile<QFormat::F8>>(Seq{});
+    static const auto a_fp4 = make_tile_table<Avx2QTile<QFormat::FP4>>(Seq{});
+    return q == QFormat::I8 ? a_i8.data() : q == QFormat::I4 ? a_i4.data()
+           : q == QFormat::F8 ? a_f8.data() : a_fp4.data();
   }
 #endif
   static const auto s_i8 = make_tile_table<ScalarQTile<QFormat::I8>>(Seq{});
@@ -924,6 +948,12 @@ inline const TileFn* tile_table(Path path, DType wd) {
   static const auto avx_f32 = make_tile_table<Avx512Tile<DType::F32>>(Seq{});
   static const auto dot_bf16 = make_tile_table<Bf16DotTile>(Seq{});
   if (path == Path::Bf16Dot) return dot_bf16.data();
+  if (path == Path::Avx2) {
+    static const auto a2_bf16 = make_tile_table<Avx2Tile<DType::BF16>>(Seq{});
+    static const auto a2_f16 = make_tile_table<Avx2Tile<DType::F16>>(Seq{});
+    static const auto a2_f32 = make_tile_table<Avx2Tile<DType::F32>>(Seq{});
+    return wd == DType::BF16 ? a2_bf16.data() : wd == DType::F16 ? a2_f16.data() : a2_f32.data();
+  }
   if (path == Path::Avx512)
     return wd == DType::BF16 ? avx_bf16.data() : wd == DType::F16 ? avx_f16.data() : avx_f32.data();
 #endif

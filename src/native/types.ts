@@ -657,14 +657,15 @@ export interface NativeAddon extends Partial<CudaAddon> {
   /** 0 = all hardware threads; returns the count in use. */
   setNumThreads(threads: number): number;
   /**
-   * Forces a dispatch level (tests, benchmarks): 'scalar' the portable kernels, 'avx512' AVX-512
+   * Forces a dispatch level (tests, benchmarks): 'scalar' the portable kernels, 'avx2' AVX2 + FMA
+   * with every AVX-512 bit off (the GEMM kernels of CPUs without AVX-512), 'avx512' AVX-512
    * without bf16 or int8 dot products, 'avx512bf16' bf16 dot products without AMX tiles or int8 dot
    * products, 'noamx' everything the CPU has but AMX tiles (fast-mode bf16 GEMMs on vdpbf16ps),
    * 'amx' everything the CPU has, AMX tiles included; 'auto' is 'amx' when the process started with
    * EXPERTD_AMX=1 (AMX tiles are opt-in: prefill 2-4x faster, decode batch 1 15-35% slower on the
    * bench models), else 'noamx'. A level only takes away. Returns the level now in effect.
    */
-  setSimdLevel(level: 'auto' | 'scalar' | 'avx512' | 'avx512bf16' | 'noamx' | 'amx'): SimdLevel;
+  setSimdLevel(level: 'auto' | 'scalar' | 'avx2' | 'avx512' | 'avx512bf16' | 'noamx' | 'amx'): SimdLevel;
   /** A zeroed, 64-byte aligned buffer owned by native code. */
   allocHostBuffer(sizeBytes: number): ArrayBuffer;
 

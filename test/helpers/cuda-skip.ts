@@ -16,3 +16,10 @@ export const emulatorSkip: string | false = process.env.EXPERTD_SKIP_EMULATOR ==
 
 /** Needs a CUDA device. The skip names the runtime's error (insufficient driver, no device, ...). */
 export const needsCudaDevice: string | false = needsCudaBuild || (noCudaDeviceReason(caps) ?? false);
+
+/**
+ * Rank processes with --dist-moe expert (the CPU group, and the stand-in device group between processes)
+ * need the addon built with Gloo (libgloo-dev at build time; .ci/run installs it).
+ */
+export const needsGloo: string | false = caps.gloo ? false
+  : 'this addon was built without Gloo (install libgloo-dev and rebuild): --dist-moe expert rank processes cannot join';

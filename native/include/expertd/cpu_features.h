@@ -18,6 +18,7 @@ struct CpuFeatures {
   bool amx_bf16 = false;  // AMX tiles usable (CPU bit and OS permission)
   bool amx_int8 = false;  // AMX int8 tiles usable (CPU bit and OS permission)
   bool neon = false;
+  bool kernel_avx2 = false;    // the AVX2 + FMA kernels can be used (avx2, fma, f16c)
   bool kernel_avx512 = false;  // the AVX-512 kernels will be used (f+bw+vl)
   bool kernel_bf16dot = false;  // bf16 dot-product kernels will be used
   bool kernel_vnni = false;     // int8 dot-product kernels (VNNI + VBMI byte permutes) will be used
@@ -26,7 +27,8 @@ struct CpuFeatures {
 const CpuFeatures& cpu_features();
 // "amx" | "avx512bf16" | "avx512" | "avx2" | "neon" | "scalar"
 std::string simd_level();
-// Lets tests force a dispatch level: "scalar" (the portable kernels), "avx512" (AVX-512 without
+// Lets tests force a dispatch level: "scalar" (the portable kernels), "avx2" (AVX2 + FMA, no
+// AVX-512 at all: the GEMM kernels of CPUs without it), "avx512" (AVX-512 without
 // bf16 or int8 dot products), "avx512bf16" (bf16 dot products without AMX tiles or int8 dot
 // products), "noamx" (what the CPU has but AMX tiles: fast-mode bf16 GEMMs run vdpbf16ps), "amx"
 // (what the CPU has, AMX tiles included), or "auto": "amx" when the environment sets EXPERTD_AMX=1

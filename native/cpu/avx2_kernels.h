@@ -1,0 +1,332 @@
+// Internal to gemm_kernels.h: register tiles for CPUs with AVX2 + FMA but no AVX-512 (AMD Zen 2
+// and 3, Intel client cores, many cloud instances), where the portable kernels would otherwise
+// run scalar code.
+//
+// A 16-row weight block is two 8-float vectors (halves h = 0, 1: rows 8h..8h+7). The 16 ymm
+// registers do not hold MR x 2 NR accumulators at MR = 6, so a tile runs in passes: each pass
+// takes PV of its 2 NR vectors over the whole k range (x rows stay in L1 between passes), PV as
+// large as the registers allow (all 8 at one row, so decode keeps 8 independent FMA chains).
+//
+// Numbers: Avx2Tile and Avx2QTile make per element the same FMAs in the same k order as
+// Avx512Tile and Avx512QTile (fp8 decodes to value * 2^8 and scales by scale * 2^-8, both exact,
+// so the product rounds once as decode * scale does); Avx2I8Tile makes the exact integer dot of
+// each activation block and then VnniTile's one FMA per block. A weight's outputs on an AVX2
+// machine are therefore the AVX-512 machine's outputs for the same path family.
+#pragma once
+
+#if EXPERTD_GEMM_X86
+
+#define EXPERTD_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+namespace expertd::gemm {
+
+// The vectors per pass: the largest divisor of nv whose accumulators (mr each) and per-vector
+// registers (per_vec each) fit the budget.
+constexpr int avx2_pass_vectors(int mr, int nv, int per_vec, int budget) {
+  for (int pv = nv; pv > 1; --pv)
+    if (nv % pv == 0 && pv * (mr + per_vec) <= budget) return pv;
+  return 1;
+}
+
+// f32 activations against bf16, f16 or f32 weights.
+template <DType WD>
+struct Avx2Tile {
+  template <int MR, int NR>
+  EXPERTD_AVX2 static void run(const void* xv, size_t ldx, const void* wv, size_t wstride, int kp,
+                               float* tile, QScales) {
+    constexpr int NV = 2 * NR;
+    constexpr int PV = avx2_pass_vectors(MR, NV, 0, 12);
+#pragma GCC unroll 8
+    for (int v0 = 0; v0 < NV; v0 += PV) pass<MR, PV>(static_cast<const float*>(xv), ldx, wv, wstride, kp, tile, v0);
+  }
+
+  template <int MR, int PV>
+  EXPERTD_AVX2 __attribute__((always_inline)) static inline void pass(
+      const float* x, size_t ldx, const void* wv, size_t wstride, int kp, float* tile, int v0) {
+    __m256 acc[MR][PV];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < PV; ++v) acc[r][v] = _mm256_setzero_ps();
+    if constexpr (WD == DType::BF16) {
+      // [kp / 2][16][2]: a vector's 8 rows of a k pair are 32 contiguous bytes.
+      const uint16_t* w = static_cast<const uint16_t*>(wv);
+      const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+      for (int kk = 0; kk < kp / 2; ++kk) {
+#pragma GCC unroll 8
+        for (int v = 0; v < PV; ++v) {
+          const int b = (v0 + v) >> 1, h = (v0 + v) & 1;
+          const __m256i p = _mm256_load_si256(
+              reinterpret_cast<const __m256i*>(w + b * wstride + static_cast<size_t>(kk) * 32 + 16 * h));
+          const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(p, 16));
+          const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(p, hi));
+#pragma GCC unroll 8
+          for (int r = 0; r < MR; ++r) {
+            const float* xr = x + r * ldx + 2 * kk;
+            acc[r][v] = _mm256_fmadd_ps(_mm256_broadcast_ss(xr), we, acc[r][v]);
+            acc[r][v] = _mm256_fmadd_ps(_mm256_broadcast_ss(xr + 1), wo, acc[r][v]);
+          }
+        }
+      }
+    } else {
+      for (int k = 0; k < kp; ++k) {
+#pragma GCC unroll 8
+        for (int v = 0; v < PV; ++v) {
+          const int b = (v0 + v) >> 1, h = (v0 + v) & 1;
+          const size_t off = b * wstride + static_cast<size_t>(k) * 16 + 8 * h;
+          __m256 wk;
+          if constexpr (WD == DType::F16)
+            wk = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(wv) + off)));
+          else
+            wk = _mm256_load_ps(static_cast<const float*>(wv) + off);
+#pragma GCC unroll 8
+          for (int r = 0; r < MR; ++r)
+            acc[r][v] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + r * ldx + k), wk, acc[r][v]);
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < PV; ++v) _mm256_store_ps(tile + r * kTileLd + 8 * (v0 + v), acc[r][v]);
+  }
+};
+
+// fp8 codes of 8 rows x a k pair, interleaved (row 0 k, row 0 k + 1, row 1 k, ...) in the F8
+// layout's stored bit order, as the bf16 words of their values times 2^8 (see f8_pairs: high byte
+// (c' & 0x87) | 0x40, low byte (c' << 1) & 0xf0), which exp0 groups fix up for codes with
+// exponent 0 (+-m / 2: a pshufb table of the bf16 bytes indexed by m). Returns one int32 lane per
+// row: k's bf16 in the low half, k + 1's in the high half, as the bf16 weight pairs.
+EXPERTD_AVX2 __attribute__((always_inline)) inline __m256i f8_words8(__m128i codes, bool exp0) {
+  const __m256i c = _mm256_cvtepu8_epi16(codes);
+  const __m256i hi = _mm256_slli_epi16(c, 8);
+  __m256i w = _mm256_or_si256(
+      _mm256_or_si256(_mm256_and_si256(hi, _mm256_set1_epi16(static_cast<short>(0x8700))),
+                      _mm256_and_si256(_mm256_slli_epi16(c, 1), _mm256_set1_epi16(0x00f0))),
+      _mm256_set1_epi16(0x4000));
+  if (exp0) {
+    // Bytes 0-7: the low bytes of bf16(m / 2) for m = 0..7; 8-15: the high bytes.
+    const __m256i tab = _mm256_setr_epi8(0, 0, static_cast<char>(0x80), static_cast<char>(0xc0), 0, 0x20, 0x40, 0x60,
+                                         0, 0x3f, 0x3f, 0x3f, 0x40, 0x40, 0x40, 0x40,
+                                         0, 0, static_cast<char>(0x80), static_cast<char>(0xc0), 0, 0x20, 0x40, 0x60,
+                                         0, 0x3f, 0x3f, 0x3f, 0x40, 0x40, 0x40, 0x40);
+    const __m256i m = _mm256_and_si256(_mm256_srli_epi16(c, 3), _mm256_set1_epi16(7));  // c' = s e0 m2 m1 m0 e3 e2 e1
+    const __m256i idx = _mm256_or_si256(m, _mm256_or_si256(_mm256_slli_epi16(m, 8), _mm256_set1_epi16(0x0800)));
+    const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(c, _mm256_set1_epi16(0x80)), 8);
+    const __m256i fix = _mm256_or_si256(_mm256_shuffle_epi8(tab, idx), sign);
+    const __m256i e0 = _mm256_cmpeq_epi16(_mm256_and_si256(hi, _mm256_set1_epi16(0x4700)), _mm256_setzero_si256());
+    w = _mm256_blendv_epi8(w, fix, e0);
+  }
+  return w;
+}
+
+// The codes of vector half h (rows 8h..8h+7) at columns k, k + 1 (k even) of a block, unscaled
+// (F8: times 2^8), as f32.
+template <QFormat Q>
+EXPERTD_AVX2 __attribute__((always_inline)) inline void decode_pair8(const uint8_t* blk, int k, int kp, int h,
+                                                                     bool exp0, __m256* w0, __m256* w1) {
+  if constexpr (Q == QFormat::I8) {  // [k][16]
+    const uint8_t* p = blk + static_cast<size_t>(k) * 16 + 8 * h;
+    *w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+    *w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 16))));
+  } else if constexpr (Q == QFormat::F8) {
+    const int c0 = k / 4 * 4;
+    __m128i codes;
+    if (c0 + 4 <= kp) {  // a whole chunk: 128-bit lane L holds rows 4L..4L+3, pair j / 2 at byte 8 (j / 2)
+      const uint8_t* p = blk + static_cast<size_t>(c0) * 16 + 32 * h + 8 * ((k & 3) >> 1);
+      codes = _mm_unpacklo_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)),
+                                 _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 16)));
+    } else {  // the tail pair: byte 2 i + j
+      codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + static_cast<size_t>(c0) * 16 + 16 * h));
+    }
+    const __m256i pairs = f8_words8(codes, exp0);
+    *w0 = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+    *w1 = _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+  } else {
+    const __m256i lo4 = _mm256_set1_epi32(0xf);
+    __m256i n0, n1;
+    const int c0 = k / 8 * 8;
+    if (c0 + 8 <= kp) {  // a whole chunk: row i's 4 bytes are int32 lane i
+      const int j = k & 7;
+      const int shift = 8 * (j & 3) + ((j & 4) ? 4 : 0);
+      const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(blk + static_cast<size_t>(c0) * 8 + 32 * h));
+      n0 = _mm256_and_si256(_mm256_srl_epi32(v, _mm_cvtsi32_si128(shift)), lo4);
+      n1 = _mm256_and_si256(_mm256_srl_epi32(v, _mm_cvtsi32_si128(shift + 8)), lo4);
+    } else {  // tail: byte j of column k holds rows j (low nibble) and j + 8 (high)
+      const uint8_t* p = blk + static_cast<size_t>(k) * 8;
+      const __m128i s = _mm_cvtsi32_si128(4 * h);
+      n0 = _mm256_and_si256(_mm256_srl_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))), s), lo4);
+      n1 = _mm256_and_si256(_mm256_srl_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))), s), lo4);
+    }
+    if constexpr (Q == QFormat::I4) {
+      const __m256i e = _mm256_set1_epi32(8);
+      *w0 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_xor_si256(n0, e), e));
+      *w1 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_xor_si256(n1, e), e));
+    } else {  // e2m1: the magnitude from the 8 non-negative entries, bit 3 the sign
+      const __m256 mag = _mm256_loadu_ps(fp4_e2m1_table());
+      *w0 = _mm256_castsi256_ps(_mm256_or_si256(_mm256_castps_si256(_mm256_permutevar8x32_ps(mag, n0)),
+                                                _mm256_slli_epi32(_mm256_srli_epi32(n0, 3), 31)));
+      *w1 = _mm256_castsi256_ps(_mm256_or_si256(_mm256_castps_si256(_mm256_permutevar8x32_ps(mag, n1)),
+                                                _mm256_slli_epi32(_mm256_srli_epi32(n1, 3), 31)));
+    }
+  }
+}
+
+// f32 activations against quantized weights: decode(code) * scale, then Avx2Tile's FMAs. Needs
+// even scale groups (a k pair never straddles two).
+template <QFormat Q>
+struct Avx2QTile {
+  template <int MR, int NR>
+  EXPERTD_AVX2 static void run(const void* xv, size_t ldx, const void* wv, size_t wstride, int kp,
+                               float* tile, QScales qs) {
+    constexpr int NV = 2 * NR;
+    constexpr int PV = avx2_pass_vectors(MR, NV, 1, 12);
+#pragma GCC unroll 8
+    for (int v0 = 0; v0 < NV; v0 += PV)
+      pass<MR, PV>(static_cast<const float*>(xv), ldx, static_cast<const uint8_t*>(wv), wstride, kp, tile, qs, v0);
+  }
+
+  template <int MR, int PV>
+  EXPERTD_AVX2 __attribute__((always_inline)) static inline void pass(
+      const float* x, size_t ldx, const uint8_t* w, size_t wstride, int kp, float* tile, QScales qs, int v0) {
+    const size_t bstride = wstride * qformat_bits(Q) / 8;
+    const int wkp = static_cast<int>(wstride / 16);  // the layout's kp (kp here may stop short)
+    __m256 acc[MR][PV];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < PV; ++v) acc[r][v] = _mm256_setzero_ps();
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    for (int k0 = 0, gi = 0; k0 < kp; k0 += qs.group, ++gi) {
+      __m256 sc[PV];
+      bool exp0[PV];
+#pragma GCC unroll 8
+      for (int v = 0; v < PV; ++v) {
+        const int b = (v0 + v) >> 1, h = (v0 + v) & 1;
+        const float* s = qs.s + b * qs.sstride + static_cast<size_t>(gi) * 16;
+        sc[v] = _mm256_load_ps(s + 8 * h);
+        exp0[v] = false;
+        if constexpr (Q == QFormat::F8) {  // the sign of row 0's scale is a flag; 2^8 comes back out
+          exp0[v] = std::signbit(s[0]);
+          sc[v] = _mm256_mul_ps(_mm256_and_ps(sc[v], abs_mask), _mm256_set1_ps(0x1p-8f));
+        }
+      }
+      const int k1 = std::min(kp, k0 + qs.group);
+      for (int k = k0; k < k1; k += 2) {
+#pragma GCC unroll 8
+        for (int v = 0; v < PV; ++v) {
+          const int b = (v0 + v) >> 1, h = (v0 + v) & 1;
+          __m256 w0, w1;
+          decode_pair8<Q>(w + b * bstride, k, wkp, h, exp0[v], &w0, &w1);
+          w0 = _mm256_mul_ps(w0, sc[v]);
+          w1 = _mm256_mul_ps(w1, sc[v]);
+#pragma GCC unroll 8
+          for (int r = 0; r < MR; ++r) {
+            acc[r][v] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + r * ldx + k), w0, acc[r][v]);
+            acc[r][v] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + r * ldx + k + 1), w1, acc[r][v]);
+          }
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < PV; ++v) _mm256_store_ps(tile + r * kTileLd + 8 * (v0 + v), acc[r][v]);
+  }
+};
+
+// Int8 and int4 weights against int8 activations: per activation block the exact integer dot,
+// then one conversion and one FMA per accumulator into the tile (VnniTile's arithmetic). Without
+// vpdpbusd: vpmaddubsw (unsigned x signed bytes, adjacent products summed in int16) and vpmaddwd
+// by ones. The int16 sums must not saturate: int4 takes the codes + 8 (0..15) as the unsigned side
+// (15 * 127 * 2 fits) and undoes the shift with the activation sums as VnniTile does; int8 takes
+// |w| (at most 128) as the unsigned side and the activation with w's sign (vpsignb) as the signed
+// one (128 * 127 * 2 = 32512 fits), so a -128 code is exact too.
+template <QFormat Q>
+struct Avx2I8Tile {
+  template <int MR, int NR>
+  EXPERTD_AVX2 static void run(const void* xv, size_t ldx, const void* wv, size_t wstride, int kp,
+                               float* tile, QScales qs) {
+    constexpr int NV = 2 * NR;
+    constexpr int PV = avx2_pass_vectors(MR, NV, Q == QFormat::I8 ? 2 : 1, 13);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) _mm256_store_ps(tile + r * kTileLd + 8 * v, _mm256_setzero_ps());
+#pragma GCC unroll 8
+    for (int v0 = 0; v0 < NV; v0 += PV)
+      pass<MR, PV>(static_cast<const int8_t*>(xv), ldx, static_cast<const uint8_t*>(wv), wstride, kp, tile, qs, v0);
+  }
+
+  template <int MR, int PV>
+  EXPERTD_AVX2 __attribute__((always_inline)) static inline void pass(
+      const int8_t* x, size_t ldx, const uint8_t* w, size_t wstride, int kp, float* tile, QScales qs, int v0) {
+    typedef int32_t __attribute__((may_alias, aligned(1))) u_i32;
+    const size_t bstride = wstride * qformat_bits(Q) / 8;
+    const int kb = qs.xblock;
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int g0 = 0; g0 < kp; g0 += kb) {
+      const int xb = g0 / kb;
+      __m256i acc[MR][PV];
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        // int4: the codes + 8 make the dot; -8 * sum(x) (uint32, the difference is exact) undoes it.
+        const uint32_t comp = Q == QFormat::I4 ? static_cast<uint32_t>(qs.xsums[static_cast<size_t>(r) * qs.xblocks_ld + xb]) << 3 : 0u;
+        const __m256i c = _mm256_set1_epi32(static_cast<int32_t>(0u - comp));
+#pragma GCC unroll 8
+        for (int v = 0; v < PV; ++v) acc[r][v] = c;
+      }
+      for (int k = g0; k < g0 + kb; k += 4) {
+#pragma GCC unroll 8
+        for (int v = 0; v < PV; ++v) {
+          const int b = (v0 + v) >> 1, h = (v0 + v) & 1;
+          const uint8_t* blk = w + b * bstride;
+          if constexpr (Q == QFormat::I8) {
+            // [k][16] -> 8 rows x 4 k: two byte unpacks of the k pairs, then a word unpack.
+            const uint8_t* p = blk + static_cast<size_t>(k) * 16 + 8 * h;
+            const __m128i a = _mm_unpacklo_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)),
+                                                _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 16)));
+            const __m128i c = _mm_unpacklo_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 32)),
+                                                _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 48)));
+            const __m256i wq = _mm256_set_m128i(_mm_unpackhi_epi16(a, c), _mm_unpacklo_epi16(a, c));
+            const __m256i wabs = _mm256_abs_epi8(wq);
+#pragma GCC unroll 8
+            for (int r = 0; r < MR; ++r) {
+              const __m256i xv = _mm256_set1_epi32(*reinterpret_cast<const u_i32*>(x + r * ldx + k));
+              const __m256i prod = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xv, wq));
+              acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(prod, ones));
+            }
+          } else {
+            // Chunks of 8 k: row i's 4 bytes are int32 lane i, k..k+3 in the low nibbles, k+4..k+7
+            // in the high ones; this step is one of the two nibble halves.
+            const int c0 = k / 8 * 8;
+            const __m256i raw = _mm256_load_si256(reinterpret_cast<const __m256i*>(blk + static_cast<size_t>(c0) * 8 + 32 * h));
+            const __m256i nib = (k & 4) ? _mm256_srli_epi16(raw, 4) : raw;
+            const __m256i wq = _mm256_and_si256(_mm256_xor_si256(nib, _mm256_set1_epi8(0x08)), _mm256_set1_epi8(0x0f));
+#pragma GCC unroll 8
+            for (int r = 0; r < MR; ++r) {
+              const __m256i xv = _mm256_set1_epi32(*reinterpret_cast<const u_i32*>(x + r * ldx + k));
+              acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xv), ones));
+            }
+          }
+        }
+      }
+      __asm__ volatile("" ::: "memory");  // reload the tile (see VnniTile)
+#pragma GCC unroll 8
+      for (int v = 0; v < PV; ++v) {
+        const int b = (v0 + v) >> 1, h = (v0 + v) & 1;
+        const __m256 sc = _mm256_load_ps(qs.s + b * qs.sstride + static_cast<size_t>(g0 / qs.group) * 16 + 8 * h);
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; ++r) {
+          const __m256 xs = _mm256_set1_ps(qs.xscales[static_cast<size_t>(r) * qs.xblocks_ld + xb]);
+          float* t = tile + r * kTileLd + 8 * (v0 + v);
+          _mm256_store_ps(t, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][v]), _mm256_mul_ps(sc, xs), _mm256_load_ps(t)));
+        }
+      }
+    }
+  }
+};
+
+}  // namespace expertd::gemm
+
+#endif
