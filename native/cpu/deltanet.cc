@@ -41,9 +41,13 @@ DeltaScratch& scratch() {
 
 // The kernels twice: portable, and AVX-512 (a target pragma over the whole included body, so its
 // helpers inline into one another; the caller picks by cpu_features() at run time).
+// A third time for CPUs with AVX2 + FMA but no AVX-512: the portable algorithm compiled for
+// AVX2 (its loops vectorize; dot products run in 8-lane chains).
 namespace portable {
 #define DN_AVX512 0
+#define DN_AVX2 0
 #include "deltanet_kernels.h"
+#undef DN_AVX2
 #undef DN_AVX512
 }  // namespace portable
 
@@ -52,10 +56,39 @@ namespace portable {
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
 namespace avx512 {
 #define DN_AVX512 1
+#define DN_AVX2 0
 #include "deltanet_kernels.h"
+#undef DN_AVX2
 #undef DN_AVX512
 }  // namespace avx512
 #pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#define DN_AVX512 0
+#define DN_AVX2 1
+#include "deltanet_kernels.h"
+#undef DN_AVX2
+#undef DN_AVX512
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+// The kernels' namespace for this CPU: call(ns) runs ns::<kernel>(...).
+#if EXPERTD_DELTANET_AVX512
+#define DN_DISPATCH(isa, call)     \
+  do {                             \
+    if ((isa) == 2) {              \
+      avx512::call;                \
+    } else if ((isa) == 1) {       \
+      avx2::call;                  \
+    } else {                       \
+      portable::call;              \
+    }                              \
+  } while (0)
+#else
+#define DN_DISPATCH(isa, call) portable::call
 #endif
 
 // Subnormal floats flushed to zero (FTZ: results, DAZ: inputs) while a delta-rule task runs, the
@@ -81,12 +114,10 @@ class FlushSubnormals {
   FlushSubnormals& operator=(const FlushSubnormals&) = delete;
 };
 
-bool use_avx512() {
-#if EXPERTD_DELTANET_AVX512
-  return cpu_features().kernel_avx512;
-#else
-  return false;
-#endif
+// 2: AVX-512, 1: AVX2 + FMA, 0: portable.
+int kernel_isa() {
+  const CpuFeatures& f = cpu_features();
+  return f.kernel_avx512 ? 2 : f.kernel_avx2 ? 1 : 0;
 }
 
 }  // namespace
@@ -99,8 +130,8 @@ void causal_conv1d_batch(const float* x, int tokens, int channels, const float* 
   const size_t blocks = (cs + 15) / 16;  // tasks: (sequence, block of 16 channels)
   const size_t rows = static_cast<size_t>(num_seqs) * blocks;
   const size_t work = static_cast<size_t>(std::max(1, tokens / std::max(1, num_seqs))) * kernel * 16;
-  const bool simd = use_avx512();
-  (void)simd;  // unused where only the portable kernels exist
+  const int isa = kernel_isa();
+  (void)isa;  // unused where only the portable kernels exist
   parallel_rows(rows, work, [&](size_t r0, size_t r1) {
     for (size_t r = r0; r < r1; ++r) {
       const size_t b = r / blocks;
@@ -112,13 +143,7 @@ void causal_conv1d_batch(const float* x, int tokens, int channels, const float* 
       float* st = state_pool + static_cast<size_t>(slots[b]) * cs * state_len;
       const float* xs = x + static_cast<size_t>(t0) * cs;
       float* os = out + static_cast<size_t>(t0) * cs;
-#if EXPERTD_DELTANET_AVX512
-      if (simd) {
-        avx512::conv_block(xs, n, channels, c0, nc, weight, bias, kernel, st, silu_act, os);
-        continue;
-      }
-#endif
-      portable::conv_block(xs, n, channels, c0, nc, weight, bias, kernel, st, silu_act, os);
+      DN_DISPATCH(isa, conv_block(xs, n, channels, c0, nc, weight, bias, kernel, st, silu_act, os));
     }
   });
 }
@@ -143,8 +168,8 @@ void gated_delta_rule_batch(const float* q, const float* k, const float* v, cons
   const size_t seq_state = head_state * p.hv;
   const size_t tasks = static_cast<size_t>(num_seqs) * p.hv;
   const size_t work = static_cast<size_t>(std::max(1, p.tokens / std::max(1, num_seqs))) * head_state * 4;
-  const bool simd = use_avx512();
-  (void)simd;  // unused where only the portable kernels exist
+  const int isa = kernel_isa();
+  (void)isa;  // unused where only the portable kernels exist
   parallel_rows(tasks, work, [&](size_t r0, size_t r1) {
     const FlushSubnormals ftz;
     DeltaScratch& ws = scratch();
@@ -159,13 +184,7 @@ void gated_delta_rule_batch(const float* q, const float* k, const float* v, cons
       const float* ks = k + t0 * p.k_stride;
       const float* vs = v + t0 * p.v_stride;
       float* os = out + t0 * p.hv * p.dv;
-#if EXPERTD_DELTANET_AVX512
-      if (simd) {
-        avx512::head_run(qs, ks, vs, g + t0 * p.hv, beta + t0 * p.hv, n, h, p, S, os, ws);
-        continue;
-      }
-#endif
-      portable::head_run(qs, ks, vs, g + t0 * p.hv, beta + t0 * p.hv, n, h, p, S, os, ws);
+      DN_DISPATCH(isa, head_run(qs, ks, vs, g + t0 * p.hv, beta + t0 * p.hv, n, h, p, S, os, ws));
     }
   });
 }
@@ -180,18 +199,10 @@ void gated_delta_rule(const float* q, const float* k, const float* v, const floa
 void gated_rms_norm(const float* x, const float* z, const float* w, float eps, int rows, int dim,
                     float* out) {
   const size_t d = static_cast<size_t>(dim);
-  const bool simd = use_avx512();
-  (void)simd;  // unused where only the portable kernels exist
+  const int isa = kernel_isa();
+  (void)isa;  // unused where only the portable kernels exist
   parallel_rows(static_cast<size_t>(rows), d * 4, [&](size_t r0, size_t r1) {
-    for (size_t r = r0; r < r1; ++r) {
-#if EXPERTD_DELTANET_AVX512
-      if (simd) {
-        avx512::gated_norm_row(x + r * d, z + r * d, w, eps, dim, out + r * d);
-        continue;
-      }
-#endif
-      portable::gated_norm_row(x + r * d, z + r * d, w, eps, dim, out + r * d);
-    }
+    for (size_t r = r0; r < r1; ++r) DN_DISPATCH(isa, gated_norm_row(x + r * d, z + r * d, w, eps, dim, out + r * d));
   });
 }
 

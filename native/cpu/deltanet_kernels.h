@@ -1,7 +1,8 @@
 // The per-(sequence, head) Gated DeltaNet kernels, included by deltanet.cc once per ISA (portable,
 // and AVX-512 under a target pragma) so both paths run the same algorithm; the AVX-512 form
 // register-blocks the products with the [dk, dv] state. Not a public header: the includer opens
-// the namespace and defines DN_AVX512 to 0 or 1.
+// the namespace and defines DN_AVX512 and DN_AVX2 to 0 or 1 (DN_AVX2: the portable algorithm
+// with AVX2 dot products, compiled for AVX2 + FMA).
 
 // ---- vector helpers over n floats (n is any length; the AVX-512 forms mask the tail)
 
@@ -44,6 +45,26 @@ inline void axpy(float* y, float a, const float* x, int n) {
 inline __m512 silu16(__m512 x) {
   const __m512 one = _mm512_set1_ps(1.0f);
   return _mm512_div_ps(x, _mm512_add_ps(one, exp512_ps(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+#elif DN_AVX2
+// 8-lane chains (i mod 16 < 8 and >= 8), then the tail one by one.
+inline float dot(const float* a, const float* b, int n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  const __m256 s8 = _mm256_add_ps(acc0, acc1);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  float acc = _mm_cvtss_f32(s);
+  for (; i < n; ++i) acc = std::fma(a[i], b[i], acc);
+  return acc;
+}
+inline void axpy(float* y, float a, const float* x, int n) {
+  for (int i = 0; i < n; ++i) y[i] += a * x[i];
 }
 #else
 inline float dot(const float* a, const float* b, int n) {
