@@ -8,7 +8,7 @@
 // large as the registers allow (all 8 at one row, so decode keeps 8 independent FMA chains).
 //
 // Numbers: Avx2Tile and Avx2QTile make per element the same FMAs in the same k order as
-// Avx512Tile and Avx512QTile (fp8 decodes to value * 2^8 and scales by scale * 2^-8, both exact,
+// Avx512Tile and Avx512QTile (fp8 decodes to value * 2^-8 and scales by scale * 2^8, both exact,
 // so the product rounds once as decode * scale does); Avx2I8Tile makes the exact integer dot of
 // each activation block and then VnniTile's one FMA per block. A weight's outputs on an AVX2
 // machine are therefore the AVX-512 machine's outputs for the same path family.
@@ -93,38 +93,30 @@ struct Avx2Tile {
 };
 
 // fp8 codes of 8 rows x a k pair, interleaved (row 0 k, row 0 k + 1, row 1 k, ...) in the F8
-// layout's stored bit order, as the bf16 words of their values times 2^8 (see f8_pairs: high byte
-// (c' & 0x87) | 0x40, low byte (c' << 1) & 0xf0), which exp0 groups fix up for codes with
-// exponent 0 (+-m / 2: a pshufb table of the bf16 bytes indexed by m). Returns one int32 lane per
-// row: k's bf16 in the low half, k + 1's in the high half, as the bf16 weight pairs.
-EXPERTD_AVX2 __attribute__((always_inline)) inline __m256i f8_words8(__m128i codes, bool exp0) {
-  const __m256i c = _mm256_cvtepu8_epi16(codes);
-  const __m256i hi = _mm256_slli_epi16(c, 8);
-  __m256i w = _mm256_or_si256(
-      _mm256_or_si256(_mm256_and_si256(hi, _mm256_set1_epi16(static_cast<short>(0x8700))),
-                      _mm256_and_si256(_mm256_slli_epi16(c, 1), _mm256_set1_epi16(0x00f0))),
-      _mm256_set1_epi16(0x4000));
-  if (exp0) {
-    // Bytes 0-7: the low bytes of bf16(m / 2) for m = 0..7; 8-15: the high bytes.
-    const __m256i tab = _mm256_setr_epi8(0, 0, static_cast<char>(0x80), static_cast<char>(0xc0), 0, 0x20, 0x40, 0x60,
-                                         0, 0x3f, 0x3f, 0x3f, 0x40, 0x40, 0x40, 0x40,
-                                         0, 0, static_cast<char>(0x80), static_cast<char>(0xc0), 0, 0x20, 0x40, 0x60,
-                                         0, 0x3f, 0x3f, 0x3f, 0x40, 0x40, 0x40, 0x40);
-    const __m256i m = _mm256_and_si256(_mm256_srli_epi16(c, 3), _mm256_set1_epi16(7));  // c' = s e0 m2 m1 m0 e3 e2 e1
-    const __m256i idx = _mm256_or_si256(m, _mm256_or_si256(_mm256_slli_epi16(m, 8), _mm256_set1_epi16(0x0800)));
-    const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(c, _mm256_set1_epi16(0x80)), 8);
-    const __m256i fix = _mm256_or_si256(_mm256_shuffle_epi8(tab, idx), sign);
-    const __m256i e0 = _mm256_cmpeq_epi16(_mm256_and_si256(hi, _mm256_set1_epi16(0x4700)), _mm256_setzero_si256());
-    w = _mm256_blendv_epi8(w, fix, e0);
-  }
-  return w;
+// layout's stored bit order c' = s e0 m2 m1 m0 e3 e2 e1, as f32 of their values times 2^-8: each
+// code becomes the f16 s 0 e3 e2 e1 e0 m2 m1 m0 0000000 (the f16 bias 15 against e4m3's 7 makes
+// it the value times 2^-8, subnormals and zero included, exactly), its high byte from two
+// nibble-table pshufbs, and vcvtph2ps widens it. No fix-up pass for exponent-0 codes.
+EXPERTD_AVX2 __attribute__((always_inline)) inline void f8_pair_f32(__m128i codes, __m256* w0, __m256* w1) {
+  const __m128i c = _mm_shuffle_epi8(codes, _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+  const __m128i lo4 = _mm_set1_epi8(0x0f);
+  // Low nibble m0 e3 e2 e1 -> e3 e2 e1 at bits 5..3; high nibble s e0 m2 m1 -> s at 7, e0 m2 m1 at 2..0.
+  const __m128i t_lo = _mm_setr_epi8(0, 8, 16, 24, 32, 40, 48, 56, 0, 8, 16, 24, 32, 40, 48, 56);
+  const __m128i t_hi = _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, static_cast<char>(0x80), static_cast<char>(0x81),
+                                     static_cast<char>(0x82), static_cast<char>(0x83), static_cast<char>(0x84),
+                                     static_cast<char>(0x85), static_cast<char>(0x86), static_cast<char>(0x87));
+  const __m128i hi = _mm_or_si128(_mm_shuffle_epi8(t_lo, _mm_and_si128(c, lo4)),
+                                  _mm_shuffle_epi8(t_hi, _mm_and_si128(_mm_srli_epi16(c, 4), lo4)));
+  const __m128i lo = _mm_and_si128(_mm_slli_epi16(c, 4), _mm_set1_epi8(static_cast<char>(0x80)));  // m0 -> bit 7
+  *w0 = _mm256_cvtph_ps(_mm_unpacklo_epi8(lo, hi));
+  *w1 = _mm256_cvtph_ps(_mm_unpackhi_epi8(lo, hi));
 }
 
 // The codes of vector half h (rows 8h..8h+7) at columns k, k + 1 (k even) of a block, unscaled
-// (F8: times 2^8), as f32.
+// (F8: times 2^-8), as f32.
 template <QFormat Q>
 EXPERTD_AVX2 __attribute__((always_inline)) inline void decode_pair8(const uint8_t* blk, int k, int kp, int h,
-                                                                     bool exp0, __m256* w0, __m256* w1) {
+                                                                     __m256* w0, __m256* w1) {
   if constexpr (Q == QFormat::I8) {  // [k][16]
     const uint8_t* p = blk + static_cast<size_t>(k) * 16 + 8 * h;
     *w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
@@ -139,9 +131,7 @@ EXPERTD_AVX2 __attribute__((always_inline)) inline void decode_pair8(const uint8
     } else {  // the tail pair: byte 2 i + j
       codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + static_cast<size_t>(c0) * 16 + 16 * h));
     }
-    const __m256i pairs = f8_words8(codes, exp0);
-    *w0 = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
-    *w1 = _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+    f8_pair_f32(codes, w0, w1);
   } else {
     const __m256i lo4 = _mm256_set1_epi32(0xf);
     __m256i n0, n1;
@@ -199,17 +189,12 @@ struct Avx2QTile {
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     for (int k0 = 0, gi = 0; k0 < kp; k0 += qs.group, ++gi) {
       __m256 sc[PV];
-      bool exp0[PV];
 #pragma GCC unroll 8
       for (int v = 0; v < PV; ++v) {
         const int b = (v0 + v) >> 1, h = (v0 + v) & 1;
-        const float* s = qs.s + b * qs.sstride + static_cast<size_t>(gi) * 16;
-        sc[v] = _mm256_load_ps(s + 8 * h);
-        exp0[v] = false;
-        if constexpr (Q == QFormat::F8) {  // the sign of row 0's scale is a flag; 2^8 comes back out
-          exp0[v] = std::signbit(s[0]);
-          sc[v] = _mm256_mul_ps(_mm256_and_ps(sc[v], abs_mask), _mm256_set1_ps(0x1p-8f));
-        }
+        sc[v] = _mm256_load_ps(qs.s + b * qs.sstride + static_cast<size_t>(gi) * 16 + 8 * h);
+        if constexpr (Q == QFormat::F8)  // the sign of row 0's scale is a flag; the 2^-8 goes back out
+          sc[v] = _mm256_mul_ps(_mm256_and_ps(sc[v], abs_mask), _mm256_set1_ps(0x1p8f));
       }
       const int k1 = std::min(kp, k0 + qs.group);
       for (int k = k0; k < k1; k += 2) {
@@ -217,7 +202,7 @@ struct Avx2QTile {
         for (int v = 0; v < PV; ++v) {
           const int b = (v0 + v) >> 1, h = (v0 + v) & 1;
           __m256 w0, w1;
-          decode_pair8<Q>(w + b * bstride, k, wkp, h, exp0[v], &w0, &w1);
+          decode_pair8<Q>(w + b * bstride, k, wkp, h, &w0, &w1);
           w0 = _mm256_mul_ps(w0, sc[v]);
           w1 = _mm256_mul_ps(w1, sc[v]);
 #pragma GCC unroll 8
