@@ -289,7 +289,7 @@ struct Avx2I8Tile {
   EXPERTD_AVX2 static void run(const void* xv, size_t ldx, const void* wv, size_t wstride, int kp,
                                float* tile, QScales qs) {
     constexpr int NV = 2 * NR;
-    constexpr int PV = avx2_pass_vectors(MR, NV, Q == QFormat::I8 ? 2 : 1, 13);
+    constexpr int PV = avx2_pass_vectors(MR, NV, 0, 11);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8
