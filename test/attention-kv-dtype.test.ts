@@ -30,7 +30,7 @@ function bitEqual(a: Float32Array, b: Float32Array): boolean {
 
 function forEachSimd(fn: (level: string) => void): void {
   try {
-    for (const level of ['auto', 'scalar'] as const) fn(native.setSimdLevel(level));
+    for (const level of ['auto', 'avx2', 'scalar'] as const) fn(native.setSimdLevel(level));
   } finally {
     native.setSimdLevel('auto');
   }
