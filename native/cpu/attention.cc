@@ -102,8 +102,9 @@ void dequant_row_portable(const void* src, KvDtype dt, float scale, int n, float
 // vp[j - kb0]. An f32 cache is read in place; a bf16 / fp8 one is widened into a per-thread buffer
 // (the key block stays in L1), the K rows once per tile and block, shared by every query row of the
 // tile. (The AVX-512 kernel widens in registers instead.)
+using DequantRow = void (*)(const void*, KvDtype, float, int, float*);
 inline void key_block_rows(const Ctx& c, const Tile& t, int kb0, int lo, int hi, const float** kp,
-                           const float** vp) {
+                           const float** vp, DequantRow dq = dequant_row_portable) {
   const AttentionParams& p = *c.p;
   if (p.kv_dtype == KvDtype::F32) {
     const float* kc = static_cast<const float*>(c.k_cache);
@@ -124,7 +125,6 @@ inline void key_block_rows(const Ctx& c, const Tile& t, int kb0, int lo, int hi,
   if (tl_rows.size() < need) tl_rows.resize(need);
   const float ks = p.kv_dtype == KvDtype::FP8 ? p.k_scales[t.kvh] : 1.0f;
   const float vs = p.kv_dtype == KvDtype::FP8 ? p.v_scales[t.kvh] : 1.0f;
-  const auto dq = dequant_row_portable;
   const uint8_t* kc = static_cast<const uint8_t*>(c.k_cache);
   const uint8_t* vc = static_cast<const uint8_t*>(c.v_cache);
   for (int j = lo; j <= hi; ++j) {
@@ -551,7 +551,7 @@ EXPERTD_AVX512 __attribute__((noinline)) void finalize_avx512(const float* st, i
 // P.V as 8-lane FMAs over d. A row's arithmetic depends only on its own q and keys, so alone and
 // batched, one call or chunked, it gives the same bits (the NOTE above).
 #if defined(__x86_64__)
-#define EXPERTD_AVX2 __attribute__((target("avx2,fma")))
+#define EXPERTD_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 // exp(x) for x <= 0: exp512's reduction and polynomial on 8 lanes (2^n built in the exponent
 // field, exact for n >= -126, which x >= -87 keeps).
@@ -570,6 +570,28 @@ EXPERTD_AVX2 inline __m256 exp256(__m256 x) {
   y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0f));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// dequant_row_portable's values, 8 at a time: bf16 << 16; fp8 e4m3 -> the f16 s 0 eeee mmm 0000000
+// (the value times 2^-8, subnormals exact) -> f32, times 256 x scale (exact: the same bits).
+EXPERTD_AVX2 void dequant_row_avx2(const void* src, KvDtype dt, float scale, int n, float* dst) {
+  int d = 0;
+  if (dt == KvDtype::BF16) {
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    for (; d + 8 <= n; d += 8)
+      _mm256_storeu_ps(dst + d, _mm256_castsi256_ps(_mm256_slli_epi32(
+                                    _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + d))), 16)));
+  } else {
+    const uint8_t* s = static_cast<const uint8_t*>(src);
+    const __m256 mul = _mm256_set1_ps(256.0f * scale);
+    for (; d + 8 <= n; d += 8) {
+      const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + d)));
+      const __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8),
+                                     _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7f)), 7));
+      _mm256_storeu_ps(dst + d, _mm256_mul_ps(_mm256_cvtph_ps(h), mul));
+    }
+  }
+  if (d < n) dequant_row_portable(static_cast<const uint8_t*>(src) + d * kv_dtype_size(dt), dt, scale, n - d, dst + d);
 }
 
 EXPERTD_AVX2 inline float hsum256(__m256 v) {
@@ -624,7 +646,7 @@ __attribute__((noinline)) EXPERTD_AVX2 void segment_partial_avx2(const Ctx& c, c
   const int dv8 = dv / 8 * 8;
   for (int kb0 = kmin / kKeyBlock * kKeyBlock; kb0 <= kmax; kb0 += kKeyBlock) {
     const int jb_lo = std::max(kb0, kmin), jb_hi = std::min(kb0 + kKeyBlock - 1, kmax);
-    key_block_rows(c, t, kb0, jb_lo, jb_hi, kp, vp);
+    key_block_rows(c, t, kb0, jb_lo, jb_hi, kp, vp, dequant_row_avx2);
     for (int i = t.t0; i < t.t1; ++i) {
       const int pos = row_pos(t, i);
       const int lo = std::max({row_lo(pos, p.sliding_window), kb0, seg_begin});
