@@ -24,25 +24,37 @@ function rand(len: number, seed: number): Float32Array {
 test('per-expert DenseGemm path equals the fused GroupGemm (zero, one and skewed loads)', () => {
   const n = loadNative();
   const E = 6, H = 48, I = 40;
-  const table = new n.ExpertTable(E, H, I);
-  for (let e = 0; e < E; e++) {
-    const toBf16 = (a: Float32Array) => { const u = new Uint16Array(a.length); n.convert(a, 'f32', u, 'bf16'); return u; };
-    const gu = n.packGateUp(toBf16(rand(I * H, e + 1)), toBf16(rand(I * H, e + 11)), 'bf16', I, H);
-    const dn = n.packWeight(toBf16(rand(H * I, e + 21)), 'bf16', H, I);
-    table.set(e, gu, dn);
-    gu.dispose();
-    dn.dispose();
-  }
+  // bf16 experts, and int8 ones (fast mode: int8 activations, which an AVX-512 CPU without VNNI runs
+  // on the AVX2 kernel; the 'avx512' level is such a CPU), at every dispatch level.
+  const tables = (['bf16', 'int8'] as const).map((kind) => {
+    const t = new n.ExpertTable(E, H, I);
+    for (let e = 0; e < E; e++) {
+      const toBf16 = (a: Float32Array) => { const u = new Uint16Array(a.length); n.convert(a, 'f32', u, 'bf16'); return u; };
+      const gu = kind === 'bf16' ? n.packGateUp(toBf16(rand(I * H, e + 1)), toBf16(rand(I * H, e + 11)), 'bf16', I, H)
+        : n.packGateUp(rand(I * H, e + 1), rand(I * H, e + 11), 'f32', I, H, 'int8', 0);
+      const dn = kind === 'bf16' ? n.packWeight(toBf16(rand(H * I, e + 21)), 'bf16', H, I)
+        : n.packWeight(rand(H * I, e + 21), 'f32', H, I, 'int8', 0);
+      t.set(e, gu, dn);
+      gu.dispose();
+      dn.dispose();
+    }
+    return { kind, t };
+  });
   const counts = [0, 1, 37, 0, 2, 5];
   const offsets = new Int32Array(E + 1);
   counts.forEach((c, e) => { offsets[e + 1] = offsets[e]! + c; });
   const rows = offsets[E]!;
   const x = rand(rows * H, 99);
-  for (const fast of [false, true]) {
+  for (const { kind, t: tbl } of tables) for (const level of ['auto', 'avx512', 'avx2', 'scalar'] as const) for (const fast of [false, true]) {
+    n.setSimdLevel(level);
     const yg = new Float32Array(rows * H).fill(NaN);
     const yd = new Float32Array(rows * H).fill(NaN);
-    n.groupGemmFfn(x, offsets, table, yg, fast);
-    denseExpertsFfn(x, offsets, table, H, I, yd, fast);
+    try {
+      n.groupGemmFfn(x, offsets, tbl, yg, fast);
+      denseExpertsFfn(x, offsets, tbl, H, I, yd, fast);
+    } finally {
+      n.setSimdLevel('auto');
+    }
     let worst = 0;
     let scale = 0;
     for (let i = 0; i < rows * H; i++) {
@@ -54,11 +66,11 @@ test('per-expert DenseGemm path equals the fused GroupGemm (zero, one and skewed
     // over k in order) and the same SiLU(gate)*up arithmetic (native/cpu/activation.cc NOTE), and
     // the down GEMM rounds h to bf16 in fast mode as the fused pass stores it: the same bits, so the
     // EPS planner's kernel choice never changes an output.
-    assert.equal(worst, 0, `${fast ? 'fast' : 'ref'}: max diff ${worst} (scale ${scale})`);
+    assert.equal(worst, 0, `${kind} ${level} ${fast ? 'fast' : 'ref'}: max diff ${worst} (scale ${scale})`);
   }
   assert.throws(() => denseExpertsFfn(x, Int32Array.from([0, 0, 0, 0, 0, 0, 0]).map((_, i) => (i >= 1 ? 1 : 0)),
     new n.ExpertTable(E, H, I), H, I, new Float32Array(H), false), /expert 0 has 1 rows but no weights/);
-  table.dispose();
+  for (const { t } of tables) t.dispose();
 });
 
 const synthetic: CostTable = {

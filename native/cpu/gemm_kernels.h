@@ -78,10 +78,6 @@ inline size_t act_size(Path p) {
   return bf16_act_path(p) ? 2 : (p == Path::Vnni || p == Path::ScalarI8 || p == Path::Avx2I8) ? 1 : 4;
 }
 inline bool int8_path(Path p) { return p == Path::Vnni || p == Path::ScalarI8 || p == Path::Avx2I8; }
-// The path runs AVX-512 code (epilogues may use it too).
-inline bool simd_path(Path p) {
-  return p == Path::Avx512 || p == Path::Bf16Dot || p == Path::Vnni || p == Path::Amx;
-}
 
 // Fast mode on int8 and int4 weights quantizes activations to int8 (symmetric, an f32 scale per
 // block of gcd(kActBlock, group) columns of a row) and multiplies codes by codes: int8 k steps of
@@ -1302,15 +1298,43 @@ EXPERTD_AVX512BF16 inline void store_gate_up_bf16(const float* tile, int mr, int
 }
 #endif
 
-// Fused SiLU(gate)*up epilogue; vectorized when the AVX-512 kernels are in use.
-// (HFormat::Bf16 is asked for only when the down projection runs Bf16Dot or Amx: the CPU has
-// bf16.)
-inline void store_gate_up(Path path, const float* tile, int mr, int nr, int b0, uint8_t* h,
-                          size_t h_row_bytes, HFormat fmt) {
 #if EXPERTD_GEMM_X86
-  if (fmt == HFormat::Bf16 && simd_path(path))
-    return store_gate_up_bf16(tile, mr, nr, b0, h, h_row_bytes);
-  if (simd_path(path)) return store_gate_up_avx512(tile, mr, nr, b0, h, h_row_bytes, fmt);
+// The AVX2 form (16 gate/up columns as two halves), silu_mul256 as activation.cc's siluMul.
+__attribute__((target("avx2,fma"))) inline void store_gate_up_avx2(const float* tile, int mr, int nr, int b0,
+                                                                   uint8_t* h, size_t h_row_bytes, HFormat fmt) {
+  for (int r = 0; r < mr; ++r) {
+    for (int p = 0; p < nr / 2; ++p) {
+      const float* g = tile + r * kTileLd + 2 * p * 16;
+      float* out = reinterpret_cast<float*>(h + r * h_row_bytes) + (b0 / 2 + p) * 16;
+      for (int half = 0; half < 2; ++half) {
+        __m256 v = silu_mul256(_mm256_load_ps(g + 8 * half), _mm256_load_ps(g + 16 + 8 * half));
+        if (fmt == HFormat::F32Rounded) {  // round to nearest even at bit 16, as f32_to_bf16
+          __m256i u = _mm256_castps_si256(v);
+          const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+          u = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+          v = _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+        }
+        _mm256_storeu_ps(out + 8 * half, v);
+      }
+    }
+  }
+}
+#endif
+
+// Fused SiLU(gate)*up epilogue, in the form activation.cc's siluMul takes on this CPU (AVX-512,
+// AVX2 or portable: chosen by the CPU, not by the weight's path), so that EPS-MoE's per-expert
+// dense path gives the GroupGemm's bits whichever kernel ran the gate/up GEMM (int8 activations
+// on an AVX-512 CPU without VNNI run Avx2I8, for instance). (HFormat::Bf16 is asked for only when
+// the down projection runs Bf16Dot or Amx: the CPU has bf16.)
+inline void store_gate_up(const float* tile, int mr, int nr, int b0, uint8_t* h, size_t h_row_bytes,
+                          HFormat fmt) {
+#if EXPERTD_GEMM_X86
+  const CpuFeatures& f = cpu_features();
+  if (f.kernel_avx512) {
+    if (fmt == HFormat::Bf16) return store_gate_up_bf16(tile, mr, nr, b0, h, h_row_bytes);
+    return store_gate_up_avx512(tile, mr, nr, b0, h, h_row_bytes, fmt);
+  }
+  if (f.kernel_avx2) return store_gate_up_avx2(tile, mr, nr, b0, h, h_row_bytes, fmt);
 #endif
   store_gate_up_scalar(tile, mr, nr, b0, h, h_row_bytes, fmt);
 }
