@@ -1326,16 +1326,16 @@ __attribute__((target("avx2,fma"))) inline void store_gate_up_avx2(const float* 
 // dense path gives the GroupGemm's bits whichever kernel ran the gate/up GEMM (int8 activations
 // on an AVX-512 CPU without VNNI run Avx2I8, for instance). (HFormat::Bf16 is asked for only when
 // the down projection runs Bf16Dot or Amx: the CPU has bf16.)
-inline void store_gate_up(const float* tile, int mr, int nr, int b0, uint8_t* h, size_t h_row_bytes,
-                          HFormat fmt) {
+inline void store_gate_up(const CpuFeatures& f, const float* tile, int mr, int nr, int b0, uint8_t* h,
+                          size_t h_row_bytes, HFormat fmt) {
 #if EXPERTD_GEMM_X86
-  const CpuFeatures& f = cpu_features();
   if (f.kernel_avx512) {
     if (fmt == HFormat::Bf16) return store_gate_up_bf16(tile, mr, nr, b0, h, h_row_bytes);
     return store_gate_up_avx512(tile, mr, nr, b0, h, h_row_bytes, fmt);
   }
   if (f.kernel_avx2) return store_gate_up_avx2(tile, mr, nr, b0, h, h_row_bytes, fmt);
 #endif
+  (void)f;
   store_gate_up_scalar(tile, mr, nr, b0, h, h_row_bytes, fmt);
 }
 

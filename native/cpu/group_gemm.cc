@@ -80,7 +80,7 @@ void run_gate_up_task(const FfnCall& c, const Task& t) {
   uint8_t* h = c.hbuf + row0 * c.h_row_bytes;
   run_tiles(tile_table(path, w), path, x, t.r1 - t.r0, w, t.b0, t.b1,
             [&](int r, int mr, int b, int nr, const float* tile) {
-              store_gate_up(tile, mr, nr, b, h + r * c.h_row_bytes, c.h_row_bytes, fmt);
+              store_gate_up(*c.cpu, tile, mr, nr, b, h + r * c.h_row_bytes, c.h_row_bytes, fmt);
             });
 }
 
