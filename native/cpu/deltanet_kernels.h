@@ -63,15 +63,15 @@ inline float dot(const float* a, const float* b, int n) {
   for (; i < n; ++i) acc = std::fma(a[i], b[i], acc);
   return acc;
 }
-inline void axpy(float* y, float a, const float* x, int n) {
-  for (int i = 0; i < n; ++i) y[i] += a * x[i];
-}
 #else
 inline float dot(const float* a, const float* b, int n) {
   float acc = 0.0f;
   for (int i = 0; i < n; ++i) acc += a[i] * b[i];
   return acc;
 }
+#endif
+#if !DN_AVX512
+// (Under the AVX2 target the compiler vectorizes it.)
 inline void axpy(float* y, float a, const float* x, int n) {
   for (int i = 0; i < n; ++i) y[i] += a * x[i];
 }
