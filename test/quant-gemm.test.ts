@@ -298,7 +298,7 @@ function levelOf(level: 'avx2' | 'avx512' | 'auto'): string {
 const NO_AVX2_AND_512 = levelOf('avx2') === 'avx2' && levelOf('avx512') !== 'avx2' && native.capabilities().isa.avx512f ? false
   : `this CPU lacks AVX2 or AVX-512 (simd ${native.capabilities().simd}): nothing to compare the AVX2 kernels with`;
 
-test('the AVX2 kernels give the AVX-512 kernels\' bits (f32 and int8 activations)', { skip: NO_AVX2_AND_512 }, () => {
+test('the AVX2 kernels give the AVX-512 kernels\' bits (f32, int8 and fast fp8\'s bf16 activations)', { skip: NO_AVX2_AND_512 }, () => {
   const rand = rng();
   const n = 70, m = 9;
   // bf16 weights from random bit patterns' top halves (any bf16 value but NaN and inf).
@@ -313,9 +313,11 @@ test('the AVX2 kernels give the AVX-512 kernels\' bits (f32 and int8 activations
   for (const k of [288, 290]) for (const [name, build] of builds) {
     const w = build(rand, n, k);
     const x = uniform(rand, m * w.k);
-    // Reference mode: f32 activations on Avx512 / Avx2; fast int8 and int4: Vnni (or ScalarI8) / Avx2I8.
+    // Reference mode: f32 activations on Avx512 / Avx2; fast int8 and int4: Vnni (or ScalarI8) /
+    // Avx2I8; fast fp8: Bf16Dot / Avx2F8 (vdpbf16ps's sums, FMA by FMA).
     for (const [fast, other] of [[false, 'avx512'], [true, 'auto']] as const) {
-      if (fast && !name.startsWith('int')) continue;
+      if (fast && !name.startsWith('int') && !name.startsWith('fp8')) continue;
+      if (fast && name.startsWith('fp8') && !native.capabilities().bf16Dot) continue;
       const run = (level: 'avx2' | 'avx512' | 'auto') => {
         native.setSimdLevel(level);
         try {
@@ -326,7 +328,7 @@ test('the AVX2 kernels give the AVX-512 kernels\' bits (f32 and int8 activations
           native.setSimdLevel('auto');
         }
       };
-      if (fast && !native.capabilities().int8Dot) continue;  // ScalarI8 rounds its per-block FMA in two steps
+      if (fast && name.startsWith('int') && !native.capabilities().int8Dot) continue;  // ScalarI8 rounds its per-block FMA in two steps
       assert.deepEqual(run('avx2'), run(other), `${name} k=${k} fast=${fast}: avx2 vs ${other}`);
     }
     w.dispose();

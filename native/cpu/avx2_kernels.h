@@ -276,6 +276,145 @@ struct Avx2QTile {
   }
 };
 
+// Fast mode's fp8 (f32 activations already rounded to bf16): Bf16DotF8Tile's arithmetic without
+// vdpbf16ps. A 4-k chunk's codes become the bf16 k pairs f8_pairs makes (each code's value times
+// 2^8: shift, mask and the exponent bias, no f16 round trip), widened to f32 by a shift or a mask;
+// per pair the odd k's product goes in first, then the even one's, as vdpbf16ps sums them (a bf16
+// activation times an e4m3 value is exact in f32, so each FMA rounds once, where the dot product
+// rounds), and per scale group one FMA puts the group's sum times |scale| * 2^-8 into the tile.
+// The outputs are Bf16DotF8Tile's bits but where an f32 value is subnormal (vdpbf16ps flushes
+// those). Exponent-0 codes (zero and the subnormals) decode wrong by the shift alone: where a
+// group's row flags (quant_layout.h) say a vector's rows hold any, their words come from a table
+// of +-m / 2.
+// Reference mode keeps Avx2QTile (decode times scale, then the FMAs: the portable kernel's order).
+EXPERTD_AVX2 __attribute__((always_inline)) inline __m256i f8_fix_exp0(__m256i raw, __m256i words) {
+  // bf16 of m / 2 for m = 0..7: low bytes at index m, high bytes at m + 8, in both lanes.
+  const __m256i tab = _mm256_setr_epi8(0, 0, static_cast<char>(0x80), static_cast<char>(0xc0), 0, 0x20, 0x40, 0x60,
+                                       0, 0x3f, 0x3f, 0x3f, 0x40, 0x40, 0x40, 0x40,
+                                       0, 0, static_cast<char>(0x80), static_cast<char>(0xc0), 0, 0x20, 0x40, 0x60,
+                                       0, 0x3f, 0x3f, 0x3f, 0x40, 0x40, 0x40, 0x40);
+  const __m256i m = _mm256_and_si256(_mm256_srli_epi16(raw, 11), _mm256_set1_epi16(7));  // m2 m1 m0
+  const __m256i idx = _mm256_or_si256(_mm256_or_si256(m, _mm256_slli_epi16(m, 8)), _mm256_set1_epi16(0x0800));
+  const __m256i fix = _mm256_or_si256(_mm256_shuffle_epi8(tab, idx),
+                                      _mm256_and_si256(raw, _mm256_set1_epi16(static_cast<short>(0x8000))));
+  const __m256i exp0 = _mm256_cmpeq_epi16(_mm256_and_si256(raw, _mm256_set1_epi16(0x4700)), _mm256_setzero_si256());
+  return _mm256_blendv_epi8(words, fix, exp0);
+}
+
+// Vector half h's 8 rows of a 4-k chunk (32 bytes of the F8 layout) as bf16 k pairs, row i's
+// (k, k + 1) in dword i of *wa, its (k + 2, k + 3) in *wb (the low word the even k).
+template <bool Fix>
+EXPERTD_AVX2 __attribute__((always_inline)) inline void f8_words(const uint8_t* p, __m256i* wa, __m256i* wb) {
+  const __m256i c = _mm256_load_si256(reinterpret_cast<const __m256i*>(p));
+  // Word = c' << 8 | (c' << 1) & 0xff: the high byte s e0 m2 m1 m0 e3 e2 e1, the low e0 m2 m1 m0 ...;
+  // & 0x87f0 leaves s, e3 e2 e1 e0 as the exponent's low bits and m2 m1 m0 as the mantissa's top,
+  // | 0x4000 the bias: value * 2^8.
+  const __m256i c1 = _mm256_slli_epi16(c, 1);
+  const __m256i ra = _mm256_unpacklo_epi8(c1, c), rb = _mm256_unpackhi_epi8(c1, c);
+  const __m256i keep = _mm256_set1_epi16(static_cast<short>(0x87f0)), bias = _mm256_set1_epi16(0x4000);
+  *wa = _mm256_or_si256(_mm256_and_si256(ra, keep), bias);
+  *wb = _mm256_or_si256(_mm256_and_si256(rb, keep), bias);
+  if constexpr (Fix) {
+    *wa = f8_fix_exp0(ra, *wa);
+    *wb = f8_fix_exp0(rb, *wb);
+  }
+}
+
+struct Avx2F8Tile {
+  template <int MR, int NR>
+  EXPERTD_AVX2 static void run(const void* xv, size_t ldx, const void* wv, size_t wstride, int kp,
+                               float* tile, QScales qs) {
+    constexpr int NV = 2 * NR;
+    // Vectors per pass: as many as the registers hold beside the decode's constants, fewer where
+    // the exponent-0 fix-up's constants need registers too. Passes run inside a scale group (each
+    // group's sums start at zero), so every group picks its own.
+    constexpr int PV = avx2_pass_vectors(MR, NV, 0, 11);
+    constexpr int PF = avx2_pass_vectors(MR, PV, 0, 6);  // divides PV
+    const float* x = static_cast<const float*>(xv);
+    const uint8_t* w = static_cast<const uint8_t*>(wv);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) _mm256_store_ps(tile + r * kTileLd + 8 * v, _mm256_setzero_ps());
+    for (int g0 = 0, gi = 0; g0 < kp; g0 += qs.group, ++gi) {
+      const int g1 = std::min(kp, g0 + qs.group);
+      // The halves whose rows hold an exponent-0 code in this group (a row's flag is its scale's sign).
+      unsigned fix = 0;
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v)
+        fix |= (_mm256_movemask_ps(_mm256_load_ps(qs.s + (v >> 1) * qs.sstride + static_cast<size_t>(gi) * 16 + 8 * (v & 1))) != 0 ? 1u : 0u) << v;
+#pragma GCC unroll 8
+      for (int v0 = 0; v0 < NV; v0 += PV) {
+        if (!((fix >> v0) & ((1u << PV) - 1))) {
+          pass<MR, PV, false>(x, ldx, w, wstride, g0, g1, gi, tile, qs, v0, 0);
+        } else {
+#pragma GCC unroll 8
+          for (int u0 = v0; u0 < v0 + PV; u0 += PF) pass<MR, PF, true>(x, ldx, w, wstride, g0, g1, gi, tile, qs, u0, fix >> u0);
+        }
+      }
+    }
+  }
+
+  // Group [g0, g1) of vectors v0..v0+PV-1 into the tile; Fix: the vectors whose bit in fix is set
+  // (bit v for vector v0 + v) run the exponent-0 fix-up.
+  template <int MR, int PV, bool Fix>
+  EXPERTD_AVX2 __attribute__((always_inline)) static inline void pass(
+      const float* x, size_t ldx, const uint8_t* w, size_t wstride, int g0, int g1, int gi, float* tile,
+      QScales qs, int v0, unsigned fix) {
+    const size_t bstride = wstride;  // one byte per code
+    const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+    __m256 acc[MR][PV];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < PV; ++v) acc[r][v] = _mm256_setzero_ps();
+    for (int k = g0; k < g1; k += 4) {
+#pragma GCC unroll 8
+      for (int v = 0; v < PV; ++v) {
+        const int b = (v0 + v) >> 1, h = (v0 + v) & 1;
+        const uint8_t* p = w + b * bstride + static_cast<size_t>(k) * 16 + 32 * h;
+        __m256i wa, wb;
+        if (Fix && ((fix >> v) & 1))
+          f8_words<true>(p, &wa, &wb);
+        else
+          f8_words<false>(p, &wa, &wb);
+        const __m256 w0 = _mm256_castsi256_ps(_mm256_slli_epi32(wa, 16));
+        const __m256 w1 = _mm256_castsi256_ps(_mm256_and_si256(wa, hi));
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; ++r) {
+          acc[r][v] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + r * ldx + k + 1), w1, acc[r][v]);
+          acc[r][v] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + r * ldx + k), w0, acc[r][v]);
+        }
+        // NOTE: kp (the activations' even k) may end on a k pair inside the last chunk (see
+        // Bf16DotF8Tile): its second pair is not read.
+        if (__builtin_expect(k + 2 < g1, 1)) {
+          const __m256 w2 = _mm256_castsi256_ps(_mm256_slli_epi32(wb, 16));
+          const __m256 w3 = _mm256_castsi256_ps(_mm256_and_si256(wb, hi));
+#pragma GCC unroll 8
+          for (int r = 0; r < MR; ++r) {
+            acc[r][v] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + r * ldx + k + 3), w3, acc[r][v]);
+            acc[r][v] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + r * ldx + k + 2), w2, acc[r][v]);
+          }
+        }
+      }
+    }
+    __asm__ volatile("" ::: "memory");  // reload the tile (see VnniTile)
+#pragma GCC unroll 8
+    for (int v = 0; v < PV; ++v) {
+      const int b = (v0 + v) >> 1, h = (v0 + v) & 1;
+      const __m256 sc = _mm256_mul_ps(
+          _mm256_and_ps(_mm256_load_ps(qs.s + b * qs.sstride + static_cast<size_t>(gi) * 16 + 8 * h),
+                        _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))),
+          _mm256_set1_ps(0x1p-8f));
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        float* t = tile + r * kTileLd + 8 * (v0 + v);
+        _mm256_store_ps(t, _mm256_fmadd_ps(acc[r][v], sc, _mm256_load_ps(t)));
+      }
+    }
+  }
+};
+
 // Int8 and int4 weights against int8 activations: per activation block the exact integer dot,
 // then one conversion and one FMA per accumulator into the tile (VnniTile's arithmetic). Without
 // vpdpbusd: vpmaddubsw (unsigned x signed bytes, adjacent products summed in int16) and vpmaddwd

@@ -69,8 +69,9 @@ constexpr int kMaxRowTile = 240;
 // (codes, a scale per row, code sums per group) for Vnni and ScalarI8, f32 rows for the others.
 // Bf16Dot runs bf16 weights, and fp8 weights decoded to bf16 in registers; Amx (bf16 rows too)
 // runs bf16 weights on AMX tiles (amx_kernels.h).
-// Avx2 and Avx2I8 (avx2_kernels.h) are Avx512 and Vnni for CPUs without AVX-512.
-enum class Path : int { Scalar = 0, Avx512 = 1, Bf16Dot = 2, Vnni = 3, ScalarI8 = 4, Amx = 5, Avx2 = 6, Avx2I8 = 7 };
+// Avx2 and Avx2I8 (avx2_kernels.h) are Avx512 and Vnni for CPUs without AVX-512; Avx2F8 is
+// Bf16Dot's fp8 arithmetic there (f32 activations, rounded to bf16 as fast mode does).
+enum class Path : int { Scalar = 0, Avx512 = 1, Bf16Dot = 2, Vnni = 3, ScalarI8 = 4, Amx = 5, Avx2 = 6, Avx2I8 = 7, Avx2F8 = 8 };
 
 // Activations are bf16 rows.
 inline bool bf16_act_path(Path p) { return p == Path::Bf16Dot || p == Path::Amx; }
@@ -120,6 +121,7 @@ inline Path choose_path(const CpuFeatures& f, const PackedWeight& w, bool fast) 
   if (fast && w.q == QFormat::F8 && f.kernel_bf16dot && w.group % 4 == 0)
     return Path::Bf16Dot;
   if (f.kernel_avx512) return Path::Avx512;
+  if (fast && w.q == QFormat::F8 && f.kernel_avx2 && w.group % 4 == 0) return Path::Avx2F8;
   // AVX2 decodes k pairs: quantized weights need even scale groups (every format's are).
   if (f.kernel_avx2 && (!w.quantized() || w.group % 2 == 0)) return Path::Avx2;
 #endif
@@ -752,6 +754,12 @@ struct F8PairConsts {
   }
 };
 
+// Whether any of a block's 16 rows has an exponent-0 code in a group (s: the rows' scales there,
+// each row's sign its flag, quant_layout.h).
+EXPERTD_AVX512BF16 inline bool f8_block_exp0(const float* s) {
+  return _mm512_movepi32_mask(_mm512_castps_si512(_mm512_load_ps(s))) != 0;
+}
+
 // One 4-k chunk of 16 rows' fp8 codes (64 bytes, the F8 layout) as the two zmm of bf16 k pairs
 // vdpbf16ps takes: wa the (k, k+1) pairs, wb the (k+2, k+3) pairs (see Bf16DotF8Tile).
 EXPERTD_AVX512BF16 __attribute__((always_inline)) inline void f8_pairs(
@@ -802,7 +810,7 @@ struct Bf16DotF8TileT {
       bool exp0[NR] = {};
       if constexpr (!Pre) {
 #pragma GCC unroll 4
-        for (int b = 0; b < NR; ++b) exp0[b] = std::signbit(qs.s[b * qs.sstride + static_cast<size_t>(gi) * 16]);
+        for (int b = 0; b < NR; ++b) exp0[b] = f8_block_exp0(qs.s + b * qs.sstride + static_cast<size_t>(gi) * 16);
       }
       for (int k = g0; k < g1; k += 4) {
 #pragma GCC unroll 4
@@ -856,7 +864,7 @@ EXPERTD_AVX512BF16 inline void decode_f8_blocks(const uint8_t* w, size_t wstride
   const F8PairConsts fc;
   for (int b = 0; b < nb; ++b)
     for (int g0 = 0, gi = 0; g0 < kend; g0 += group, ++gi) {
-      const bool exp0 = std::signbit(s[b * sstride + static_cast<size_t>(gi) * 16]);
+      const bool exp0 = f8_block_exp0(s + b * sstride + static_cast<size_t>(gi) * 16);
       const int g1 = std::min(kend, g0 + group);
       for (int k = g0; k < g1; k += 4) {
         __m512i wa, wb;
@@ -904,6 +912,10 @@ inline const TileFn* qtile_table(Path path, QFormat q) {
     static const auto v_i8 = make_tile_table<Avx2I8Tile<QFormat::I8>>(Seq{});
     static const auto v_i4 = make_tile_table<Avx2I8Tile<QFormat::I4>>(Seq{});
     return q == QFormat::I8 ? v_i8.data() : v_i4.data();
+  }
+  if (path == Path::Avx2F8) {
+    static const auto a2_f8 = make_tile_table<Avx2F8Tile>(Seq{});
+    return a2_f8.data();
   }
   if (path == Path::Avx2) {
     static const auto a_i8 = make_tile_table<Avx2QTile<QFormat::I8>>(Seq{});

@@ -50,13 +50,12 @@ void write_block(PackedWeight& w, int blk, const QRow* const* rows) {
         for (int k = 0; k < w.kp; ++k) dst[code8_offset(w.q, i, k, w.kp)] = c[k];
     }
     if (w.q == QFormat::F8)  // the exponent-0 flags (quant_layout.h); padding codes are 0
-      for (int g = 0; g < groups; ++g) {
-        bool exp0 = false;
-        for (int i = 0; i < 16 && !exp0; ++i)
-          for (int k = g * w.group; k < (g + 1) * w.group && !exp0; ++k)
-            exp0 = !rows[i] || f8_exp0(rows[i]->codes[k]);
-        if (exp0) sdst[g * 16] = -sdst[g * 16];
-      }
+      for (int g = 0; g < groups; ++g)
+        for (int i = 0; i < 16; ++i) {
+          bool exp0 = !rows[i];
+          for (int k = g * w.group; k < (g + 1) * w.group && !exp0; ++k) exp0 = f8_exp0(rows[i]->codes[k]);
+          if (exp0) sdst[g * 16 + i] = -sdst[g * 16 + i];
+        }
   } else {
     for (int i = 0; i < 16; ++i) {
       if (!rows[i]) continue;

@@ -6,9 +6,10 @@
 //       (k, k+1) pairs of those rows, bytes 8-15 the (k+2, k+3) pairs, so vpunpck{l,h}bw of a
 //       chunk gives the two zmm of bf16 k pairs that vdpbf16ps wants, in row order. Each e4m3
 //       code's bits are stored reordered (f8_store: s e0 m2 m1 m0 e3 e2 e1), see Bf16DotF8Tile.
-//       NOTE: the sign bit of the scale of row 0 of each (block, group) is a flag, set when any
-//       of the group's codes in the block has exponent 0 (zero or subnormal): F8 scales are read
-//       as their absolute value.
+//       NOTE: the sign bit of each row's scale of a (block, group) is a flag, set when any of the
+//       row's codes in the group has exponent 0 (zero or subnormal; padding rows are set): F8
+//       scales are read as their absolute value, and a kernel that decodes several rows at once
+//       runs its exponent-0 fix-up where any of their flags is set.
 //   I4, FP4  chunks of 8 k (64 bytes): byte 4i + j (j < 4) holds row i's column 8c8 + j in the
 //       low nibble and column 8c8 + 4 + j in the high nibble, so the low and the high nibbles of
 //       one zmm are each [16 rows][4 k], the operand form of vpdpbusd.
