@@ -20,6 +20,8 @@
 
 namespace expertd::gemm {
 
+
+
 // The vectors per pass: the largest divisor of nv whose accumulators (mr each) and per-vector
 // registers (per_vec each) fit the budget.
 constexpr int avx2_pass_vectors(int mr, int nv, int per_vec, int budget) {
@@ -506,6 +508,59 @@ struct Avx2I8Tile {
     }
   }
 };
+
+// quantize_row_i8_avx512 on AVX2 (the same numbers: vdivps rounds as the scalar division does,
+// vcvtps2dq to nearest even; a NaN block scales to NaN with zero codes, an x / scale that is NaN
+// codes 0 as in the scalar form). Blocks of a multiple of 8 columns.
+EXPERTD_AVX2 inline void quantize_row_i8_avx2(const float* x, int k, int ld, int block, int8_t* codes,
+                                              float* scales, int32_t* sums) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i lim = _mm256_set1_epi32(127), nlim = _mm256_set1_epi32(-127);
+  for (int j = 0; j < ld / block; ++j) {
+    const int c0 = j * block, c1 = std::min(k, c0 + block);
+    __m256 vmax = _mm256_setzero_ps();
+    int nan = 0, c = c0;
+    for (; c + 8 <= c1; c += 8) {
+      const __m256 a = _mm256_and_ps(_mm256_loadu_ps(x + c), abs_mask);
+      nan |= _mm256_movemask_ps(_mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+      vmax = _mm256_max_ps(vmax, a);
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    for (; c < c1; ++c) {
+      const float a = std::fabs(x[c]);
+      if (a != a) nan = 1;
+      else if (a > amax) amax = a;
+    }
+    const float sc = nan ? std::nanf("") : amax / 127.0f;
+    scales[j] = sc;
+    const bool live = sc > 0.0f;
+    const __m256 vs = _mm256_set1_ps(sc);
+    __m256i vsum = _mm256_setzero_si256();
+    for (c = c0; c < c0 + block; c += 8) {
+      const int n = live ? std::max(0, std::min(8, c1 - c)) : 0;
+      __m256 v;
+      if (n == 8) {
+        v = _mm256_loadu_ps(x + c);
+      } else {
+        alignas(32) float t[8] = {};
+        for (int i = 0; i < n; ++i) t[i] = x[c + i];
+        v = _mm256_load_ps(t);
+      }
+      const __m256 d = _mm256_div_ps(v, vs);
+      __m256i q = _mm256_andnot_si256(_mm256_castps_si256(_mm256_cmp_ps(d, d, _CMP_UNORD_Q)), _mm256_cvtps_epi32(d));
+      q = _mm256_max_epi32(_mm256_min_epi32(q, lim), nlim);
+      vsum = _mm256_add_epi32(vsum, q);
+      const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + c), _mm_packs_epi16(w, w));
+    }
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(vsum), _mm256_extracti128_si256(vsum, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(1, 0, 3, 2)));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(2, 3, 0, 1)));
+    sums[j] = _mm_cvtsi128_si32(s4);
+  }
+}
 
 }  // namespace expertd::gemm
 

@@ -49,7 +49,7 @@ void dense_gemm(const float* x, int m, const PackedWeight& w, float* y, const fl
   c.table = tile_table(path, w);
   if (int8_path(path)) {
     c.x = alloc_i8(m, w.kp, std::gcd(kActBlock, w.group), s.x_i8, s.x_i8_scale, s.x_i8_sums);
-    quantize_rows_i8_pool(f.kernel_avx512, x, static_cast<size_t>(w.k), m, w.k, c.x);
+    quantize_rows_i8_pool(f, x, static_cast<size_t>(w.k), m, w.k, c.x);
   } else {
     c.x = prepare_activations(path, rounds_activations(w, fast_bf16), x, m, w.k, w.k_even(),
                               bf16_act_path(path) ? s.x_bf16 : s.x_f32);

@@ -1180,7 +1180,7 @@ inline Act alloc_i8(int rows, int ld, int block, Buffer& codes_buf, Buffer& scal
 }
 
 // Rows [r0, r1) of x (ldx floats apart, k used) into a's rows [r0, r1).
-inline void quantize_rows_i8(bool simd, const float* x, size_t ldx, int r0, int r1, int k,
+inline void quantize_rows_i8(const CpuFeatures& f, const float* x, size_t ldx, int r0, int r1, int k,
                              const Act& a) {
   const int ld = static_cast<int>(a.ld);
   for (int r = r0; r < r1; ++r) {
@@ -1189,20 +1189,24 @@ inline void quantize_rows_i8(bool simd, const float* x, size_t ldx, int r0, int 
     float* sc = const_cast<float*>(a.scales) + static_cast<size_t>(r) * a.blocks_ld;
     int32_t* sr = const_cast<int32_t*>(a.sums) + static_cast<size_t>(r) * a.blocks_ld;
 #if EXPERTD_GEMM_X86
-    if (simd && a.block % 16 == 0) {
+    if (f.kernel_avx512 && a.block % 16 == 0) {
       quantize_row_i8_avx512(xr, k, ld, a.block, cr, sc, sr);
       continue;
     }
+    if (f.kernel_avx2 && a.block % 8 == 0) {
+      quantize_row_i8_avx2(xr, k, ld, a.block, cr, sc, sr);
+      continue;
+    }
 #endif
-    (void)simd;
+    (void)f;
     quantize_row_i8_scalar(xr, k, ld, a.block, cr, sc, sr);
   }
 }
 
 // quantize_rows_i8 over rows [0, rows), in row chunks on the pool once that pays (a prefill).
-inline void quantize_rows_i8_pool(bool simd, const float* x, size_t ldx, int rows, int k, const Act& a) {
+inline void quantize_rows_i8_pool(const CpuFeatures& f, const float* x, size_t ldx, int rows, int k, const Act& a) {
   parallel_rows(static_cast<size_t>(rows), static_cast<size_t>(k), [&](size_t r0, size_t r1) {
-    quantize_rows_i8(simd, x, ldx, static_cast<int>(r0), static_cast<int>(r1), k, a);
+    quantize_rows_i8(f, x, ldx, static_cast<int>(r0), static_cast<int>(r1), k, a);
   });
 }
 

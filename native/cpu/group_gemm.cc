@@ -143,7 +143,7 @@ void group_gemm_ffn(const float* x, const int32_t* offsets, int num_experts,
   if (x_i8.ld > 0) {
     x_i8.check();
     c.x.i8 = alloc_i8(rows, x_i8.ld, x_i8.block, s.x_i8, s.x_i8_scale, s.x_i8_sums);
-    quantize_rows_i8_pool(cpu.kernel_avx512, x, static_cast<size_t>(h), rows, h, c.x.i8);
+    quantize_rows_i8_pool(cpu, x, static_cast<size_t>(h), rows, h, c.x.i8);
   }
 
   c.h_row_bytes = static_cast<size_t>(ip) * 4;
@@ -175,10 +175,9 @@ void group_gemm_ffn(const float* x, const int32_t* offsets, int num_experts,
       if (offsets[e + 1] > offsets[e] && int8_path(choose_path(cpu, *down[e], fast_bf16)))
         for (int r = offsets[e]; r < offsets[e + 1]; r += kRowsPerTask)
           s.tasks.push_back(Task{e, r, std::min(offsets[e + 1], r + kRowsPerTask), 0, 0});
-    const bool simd = cpu.kernel_avx512;
-    const auto quantize = [&c, inter, simd](size_t t, size_t) {
+    const auto quantize = [&c, inter](size_t t, size_t) {
       const Task& k = (*c.tasks)[t];
-      quantize_rows_i8(simd, reinterpret_cast<const float*>(c.hbuf), c.h_row_bytes / 4, k.r0, k.r1,
+      quantize_rows_i8(*c.cpu, reinterpret_cast<const float*>(c.hbuf), c.h_row_bytes / 4, k.r0, k.r1,
                        inter, c.h_i8);
     };
     if (static_cast<size_t>(rows) * inter <= (size_t{1} << 16)) {
