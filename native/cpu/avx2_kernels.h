@@ -464,13 +464,17 @@ struct Avx2I8Tile {
           const int b = (v0 + v) >> 1, h = (v0 + v) & 1;
           const uint8_t* blk = w + b * bstride;
           if constexpr (Q == QFormat::I8) {
-            // [k][16] -> 8 rows x 4 k: two byte unpacks of the k pairs, then a word unpack.
-            const uint8_t* p = blk + static_cast<size_t>(k) * 16 + 8 * h;
-            const __m128i a = _mm_unpacklo_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)),
-                                                _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 16)));
-            const __m128i c = _mm_unpacklo_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 32)),
-                                                _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 48)));
-            const __m256i wq = _mm256_set_m128i(_mm_unpackhi_epi16(a, c), _mm_unpacklo_epi16(a, c));
+            // [k][16]: two 32-byte loads hold the block's 16 rows x 4 k (the other half's vector
+            // shares them); a byte unpack pairs k with k + 2 (lane 0) and k + 1 with k + 3 (lane 1)
+            // for the half's rows, vpermq puts rows 0-3 of both lanes in lane 0 (4-7 in lane 1) and
+            // a pshufb makes each row's dword k, k + 1, k + 2, k + 3.
+            const uint8_t* p = blk + static_cast<size_t>(k) * 16;
+            const __m256i y01 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+            const __m256i y23 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
+            const __m256i u = h ? _mm256_unpackhi_epi8(y01, y23) : _mm256_unpacklo_epi8(y01, y23);
+            const __m256i sort = _mm256_setr_epi8(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15,
+                                                  0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+            const __m256i wq = _mm256_shuffle_epi8(_mm256_permute4x64_epi64(u, _MM_SHUFFLE(3, 1, 2, 0)), sort);
             const __m256i wabs = _mm256_abs_epi8(wq);
 #pragma GCC unroll 8
             for (int r = 0; r < MR; ++r) {
