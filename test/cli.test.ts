@@ -99,3 +99,16 @@ test('--device: cpu, cuda[:N] checked before any worker starts, auto falls back 
   if (caps.cudaDevices > 0) assert.match(auto.stderr, /device cuda:0/);
   else assert.doesNotMatch(auto.stderr, /device cuda/);
 });
+
+test('--compute-dtype auto runs quantized weights in the fast mode on any CPU, f32 weights by the CPU', async () => {
+  const { autoComputeDtype, resolveEngineOptions } = await import('../src/cli/resolve.js');
+  assert.equal(autoComputeDtype(false, false), 'f32');
+  assert.equal(autoComputeDtype(true, false), 'bf16');
+  assert.equal(autoComputeDtype(false, true), 'bf16');
+  const cpu = loadNative().capabilities().bf16Dot ? 'bf16' : 'f32';
+  assert.equal(resolveEngineOptions({ device: 'cpu' }).computeDtype, cpu);
+  const q = resolveEngineOptions({ device: 'cpu', quantize: 'int8' });
+  assert.equal(q.computeDtype, 'bf16');
+  assert.equal(q.kvCacheDtype, 'bf16');
+  assert.equal(resolveEngineOptions({ device: 'cpu', quantize: 'int8', 'compute-dtype': 'f32' }).computeDtype, 'f32');
+});

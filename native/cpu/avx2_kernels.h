@@ -458,17 +458,48 @@ struct Avx2I8Tile {
 #pragma GCC unroll 8
         for (int v = 0; v < PV; ++v) acc[r][v] = c;
       }
-      for (int k = g0; k < g0 + kb; k += 4) {
+      if constexpr (Q == QFormat::I4) {
+        // Chunks of 8 k: row i's 4 bytes are int32 lane i, k..k+3 in the low nibbles, k+4..k+7
+        // in the high ones. The products of 32 k add up in int16 (8 vpmaddubsw results of at most
+        // 2 * 15 * 127 each: 30480 fits), then one vpmaddwd widens them.
+        for (int s0 = g0; s0 < g0 + kb; s0 += 32) {
+          __m256i a16[MR][PV];
 #pragma GCC unroll 8
-        for (int v = 0; v < PV; ++v) {
-          const int b = (v0 + v) >> 1, h = (v0 + v) & 1;
-          const uint8_t* blk = w + b * bstride;
-          if constexpr (Q == QFormat::I8) {
+          for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+            for (int v = 0; v < PV; ++v) a16[r][v] = _mm256_setzero_si256();
+          for (int k = s0; k < std::min(s0 + 32, g0 + kb); k += 8) {
+#pragma GCC unroll 8
+            for (int v = 0; v < PV; ++v) {
+              const int b = (v0 + v) >> 1, h = (v0 + v) & 1;
+              const __m256i raw = _mm256_load_si256(reinterpret_cast<const __m256i*>(w + b * bstride + static_cast<size_t>(k) * 8 + 32 * h));
+              const __m256i t = _mm256_xor_si256(raw, _mm256_set1_epi8(static_cast<char>(0x88)));  // codes + 8
+              const __m256i lo = _mm256_and_si256(t, _mm256_set1_epi8(0x0f));
+              const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(t, 4), _mm256_set1_epi8(0x0f));
+#pragma GCC unroll 8
+              for (int r = 0; r < MR; ++r) {
+                const __m256i x0 = _mm256_set1_epi32(*reinterpret_cast<const u_i32*>(x + r * ldx + k));
+                const __m256i x1 = _mm256_set1_epi32(*reinterpret_cast<const u_i32*>(x + r * ldx + k + 4));
+                a16[r][v] = _mm256_add_epi16(a16[r][v], _mm256_maddubs_epi16(lo, x0));
+                a16[r][v] = _mm256_add_epi16(a16[r][v], _mm256_maddubs_epi16(hi, x1));
+              }
+            }
+          }
+#pragma GCC unroll 8
+          for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+            for (int v = 0; v < PV; ++v) acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(a16[r][v], ones));
+        }
+      } else {
+        for (int k = g0; k < g0 + kb; k += 4) {
+#pragma GCC unroll 8
+          for (int v = 0; v < PV; ++v) {
+            const int b = (v0 + v) >> 1, h = (v0 + v) & 1;
             // [k][16]: two 32-byte loads hold the block's 16 rows x 4 k (the other half's vector
             // shares them); a byte unpack pairs k with k + 2 (lane 0) and k + 1 with k + 3 (lane 1)
             // for the half's rows, vpermq puts rows 0-3 of both lanes in lane 0 (4-7 in lane 1) and
             // a pshufb makes each row's dword k, k + 1, k + 2, k + 3.
-            const uint8_t* p = blk + static_cast<size_t>(k) * 16;
+            const uint8_t* p = w + b * bstride + static_cast<size_t>(k) * 16;
             const __m256i y01 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
             const __m256i y23 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
             const __m256i u = h ? _mm256_unpackhi_epi8(y01, y23) : _mm256_unpacklo_epi8(y01, y23);
@@ -481,18 +512,6 @@ struct Avx2I8Tile {
               const __m256i xv = _mm256_set1_epi32(*reinterpret_cast<const u_i32*>(x + r * ldx + k));
               const __m256i prod = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xv, wq));
               acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(prod, ones));
-            }
-          } else {
-            // Chunks of 8 k: row i's 4 bytes are int32 lane i, k..k+3 in the low nibbles, k+4..k+7
-            // in the high ones; this step is one of the two nibble halves.
-            const int c0 = k / 8 * 8;
-            const __m256i raw = _mm256_load_si256(reinterpret_cast<const __m256i*>(blk + static_cast<size_t>(c0) * 8 + 32 * h));
-            const __m256i nib = (k & 4) ? _mm256_srli_epi16(raw, 4) : raw;
-            const __m256i wq = _mm256_and_si256(_mm256_xor_si256(nib, _mm256_set1_epi8(0x08)), _mm256_set1_epi8(0x0f));
-#pragma GCC unroll 8
-            for (int r = 0; r < MR; ++r) {
-              const __m256i xv = _mm256_set1_epi32(*reinterpret_cast<const u_i32*>(x + r * ldx + k));
-              acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xv), ones));
             }
           }
         }
