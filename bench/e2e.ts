@@ -13,6 +13,7 @@ import type { LayerCache } from '../src/model/attention.js';
 import type { ForwardBatch, ForwardResult } from '../src/model/forward-batch.js';
 import { countParams, loadModel, type LoadedModel } from '../src/model/load.js';
 import type { MoeModel } from '../src/model/model.js';
+import { quantizedBytes } from '../src/model/quantize.js';
 import type { ModelSpec } from '../src/model/spec.js';
 import { loadNative } from '../src/native/index.js';
 import { BENCH_MODEL_NAMES, ensureBenchModel, type BenchModelName } from './bench-models.js';
@@ -337,7 +338,10 @@ function profileModel(name: BenchModelName, o: Options, format = 'bf16'): void {
   const limits = runProbe({ threads: o.threads || undefined });
   const quantize = FORMATS[format] ?? undefined;
   const { model, spec } = loadModel(dir, quantize ? { fast: true, quantize } : { fast: true });
-  const prof = new OpProfiler(n, (E) => (E === spec.moe.numExperts ? 3 * spec.hidden * spec.moe.intermediate * 2 : NaN));
+  // One routed expert's gate_up and down as the table holds them (packed bytes in the format).
+  const H = spec.hidden, I = spec.moe.intermediate;
+  const oneExpert = quantize ? quantizedBytes(quantize, 2 * I, H, true) + quantizedBytes(quantize, H, I, false) : 3 * H * I * 2;
+  const prof = new OpProfiler(n, (E) => (E === spec.moe.numExperts ? oneExpert : NaN));
   prof.install();
   const V = spec.vocabSize;
   const maxB = Math.max(...o.batches);
