@@ -4,19 +4,17 @@
 // Reported: each load's resident memory (a child process per load: RssAnon is the model's own copy,
 // RssFile the mapped checkpoint pages), the experts' held bytes, and decode batch 1 tokens/s against
 // each format's weights-read bound, round-robin over the two in one process.
-import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
-import { fileURLToPath, pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
 
 import { loadModel } from '../src/model/load.js';
-import type { MoeModel } from '../src/model/model.js';
 import { writeSafetensors, type TensorToWrite } from '../src/model/safetensors.js';
 import { loadNative } from '../src/native/index.js';
 import { benchModelsRoot } from './bench-models.js';
+import { expertBytes, measureLoadMemory, type LoadMemory } from './load-memory.js';
 import { DecodeBytes, Runner, argmaxRows, promptIds } from './e2e.js';
 import { fmt, markdownTable, median, parsePositiveInt, pct, runInfo, writeJson, type Cell } from './harness.js';
 import { runProbe } from './probe/probe.js';
@@ -154,41 +152,7 @@ function ensureCheckpoints(log: (s: string) => void): { bf16: string; mxfp4: str
   return dirs;
 }
 
-function expertBytes(model: MoeModel): { total: number; one: number } {
-  let total = 0, one = 0;
-  for (const layer of model.moeLayers) {
-    for (let e = 0; e < layer.weights.experts.numExperts; e++) {
-      const w = layer.weights.experts.get(e);
-      if (!w) continue;
-      total += w.gateUp.sizeBytes + w.down.sizeBytes;
-      one ||= w.gateUp.sizeBytes + w.down.sizeBytes;
-      w.gateUp.dispose();
-      w.down.dispose();
-    }
-  }
-  return { total, one };
-}
-
-function memKb(): Record<string, number> {
-  const out: Record<string, number> = {};
-  for (const line of fs.readFileSync('/proc/self/status', 'utf8').split('\n')) {
-    const m = /^(VmRSS|RssAnon|RssFile):\s+(\d+) kB/.exec(line);
-    if (m) out[m[1]!] = Number(m[2]);
-  }
-  return out;
-}
-
-/** Child: load one checkpoint, print the memory before and after as JSON. */
-function rssChild(dir: string): void {
-  const before = memKb();
-  const { model } = loadModel(dir, { fast: true });
-  const after = memKb();
-  const held = expertBytes(model);
-  console.log(JSON.stringify({ before, after, expertsHeldBytes: held.total }));
-  model.dispose();
-}
-
-interface Side { name: string; dir: string; rss: { before: Record<string, number>; after: Record<string, number>; expertsHeldBytes: number }[]; tokPerS: number[]; bytesPerStep: number[]; tokens: number[] }
+interface Side { name: string; dir: string; rss: LoadMemory[]; tokPerS: number[]; bytesPerStep: number[]; tokens: number[] }
 
 export async function runMxfp4Bench(argv: string[]): Promise<void> {
   const { values } = parseArgs({ args: argv, options: { json: { type: 'string' }, reps: { type: 'string' }, steps: { type: 'string' }, threads: { type: 'string' } }, strict: true });
@@ -198,14 +162,7 @@ export async function runMxfp4Bench(argv: string[]): Promise<void> {
   loadNative().setNumThreads(threads);
   const dirs = ensureCheckpoints((s) => console.error(s));
   const sides: Side[] = (['bf16', 'mxfp4'] as const).map((name) => ({ name, dir: dirs[name], rss: [], tokPerS: [], bytesPerStep: [], tokens: [] }));
-  const self = fileURLToPath(import.meta.url);
-  for (let r = 0; r < reps; r++) {
-    for (const s of sides) {
-      const child = spawnSync(process.execPath, [self, '--rss-child', s.dir], { encoding: 'utf8' });
-      if (child.status !== 0) throw new Error(`rss child for ${s.name} failed: ${child.stderr}`);
-      s.rss.push(JSON.parse(child.stdout.trim().split('\n').pop()!));
-    }
-  }
+  for (let r = 0; r < reps; r++) for (const s of sides) s.rss.push(measureLoadMemory(s.dir, null));
   const loadAvg: number[] = [];
   const models = sides.map((s) => loadModel(s.dir, { fast: true }));
   try {
@@ -261,4 +218,3 @@ export async function runMxfp4Bench(argv: string[]): Promise<void> {
   }
 }
 
-if (process.argv[2] === '--rss-child' && import.meta.url === pathToFileURL(process.argv[1]!).href) rssChild(process.argv[3]!);

@@ -14,13 +14,13 @@ import { performance } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
 
 import { loadModel, type LoadedModel } from '../src/model/load.js';
-import type { MoeModel } from '../src/model/model.js';
 import { describeQuantize, quantizeSpec, quantizedBytes, type QuantizeSpec } from '../src/model/quantize.js';
 import type { ModelSpec } from '../src/model/spec.js';
 import { loadNative } from '../src/native/index.js';
 import { BENCH_MODEL_NAMES, ensureBenchModel, type BenchModelName } from './bench-models.js';
 import { DecodeBytes, Runner, argmaxRows, promptIds } from './e2e.js';
 import { fmt, markdownTable, median, parseIntList, parsePositiveInt, pct, runInfo, writeJson, type Cell } from './harness.js';
+import { expertBytes, loadAnonMiB, measureLoadMemory, type LoadMemory } from './load-memory.js';
 import { hfPython } from './peers/hf.js';
 import { LLAMA_TYPES, LlamaPeer } from './peers/llama.js';
 import { runProbe } from './probe/probe.js';
@@ -70,26 +70,10 @@ interface FormatRun {
   bytes: DecodeBytes;
   /** Bytes of the routed experts as held (codes and scales, or bf16). */
   expertsHeldBytes: number;
+  /** The load's resident memory, in a child process of its own. */
+  loadMemory: LoadMemory;
   prefillMs: number[];
   decode: Record<string, { tokPerS: number[]; bytesPerStep: number[] }>;
-}
-
-/** Sum of the routed experts' packed bytes over every MoE layer, and one expert's bytes. */
-function expertBytes(model: MoeModel): { total: number; one: number } {
-  let total = 0, one = 0;
-  for (const layer of model.moeLayers) {
-    const t = layer.weights.experts;
-    for (let e = 0; e < t.numExperts; e++) {
-      const w = t.get(e);
-      if (!w) continue;
-      const b = w.gateUp.sizeBytes + w.down.sizeBytes;
-      total += b;
-      one ||= b;
-      w.gateUp.dispose();
-      w.down.dispose();
-    }
-  }
-  return { total, one };
 }
 
 function decodeRun(fr: FormatRun, B: number, decodePrompt: number, steps: number): { tokPerS: number; bytesPerStep: number } {
@@ -144,6 +128,7 @@ export async function runQuantBench(argv: string[]): Promise<void> {
     for (const format of formats) {
       console.error(`# ${name}: loading (${format})...`);
       const q = FORMATS[format]!;
+      const loadMemory = measureLoadMemory(dir, q);
       const loaded = loadModel(dir, { fast: true, quantize: q });
       const perSeq = Math.ceil((decodePrompt + steps + 2) / 16);
       const runner = new Runner(loaded.model, Math.max(Math.ceil((prefill + 1) / 16), Math.max(...batches) * perSeq));
@@ -152,7 +137,7 @@ export async function runQuantBench(argv: string[]): Promise<void> {
       bytes.expertBytes = held.one;  // what one expert's FFN reads in this format
       if (q?.dense) bytes.denseBytes -= denseQuantSaving(loaded.spec, q);
       if (q?.lmHead) bytes.denseBytes -= lmHeadQuantSaving(loaded.spec, q);
-      runs.push({ format, loaded, runner, bytes, expertsHeldBytes: held.total, prefillMs: [], decode: {} });
+      runs.push({ format, loaded, runner, bytes, expertsHeldBytes: held.total, loadMemory, prefillMs: [], decode: {} });
     }
     let peer: LlamaPeer | null = null;
     let peerWhy = values['no-peer'] ? '--no-peer' : '';
@@ -203,15 +188,15 @@ export async function runQuantBench(argv: string[]): Promise<void> {
         const pre = fr.prefillMs.map((ms) => prefill / (ms / 1e3));
         const preVs = base && base !== fr ? median(pre) / median(base.prefillMs.map((ms) => prefill / (ms / 1e3))) : null;
         rows.push([name, fr.format, `prefill ${prefill}`, median(pre), `${fmt(Math.min(...pre))}-${fmt(Math.max(...pre))}`, '-', '-',
-          preVs === null ? '-' : `${fmt(preVs)}x`, fmt(fr.expertsHeldBytes / 2 ** 20)]);
-        if (fr.format === 'int8' && preVs !== null) verdicts.push(`${name}: prefill int8 >= 1.3x bf16: ${fmt(preVs)}x -> ${preVs >= 1.3 ? 'PASS' : 'FAIL'}`);
+          preVs === null ? '-' : `${fmt(preVs)}x`, fmt(fr.expertsHeldBytes / 2 ** 20), fmt(loadAnonMiB(fr.loadMemory))]);
+        if (fr.format.startsWith('int8') && preVs !== null) verdicts.push(`${name}: prefill int8 >= 1.3x bf16: ${fmt(preVs)}x -> ${preVs >= 1.3 ? 'PASS' : 'FAIL'}`);
         for (const [B, d] of Object.entries(fr.decode)) {
           const tps = median(d.tokPerS);
           const bound = Number(B) / (median(d.bytesPerStep) / (bandwidth * 1e9));
           const baseTps = base?.decode[B] ? median(base.decode[B]!.tokPerS) : null;
           const vs = baseTps && base !== fr ? tps / baseTps : null;
           rows.push([name, fr.format, `decode b${B}`, tps, `${fmt(Math.min(...d.tokPerS))}-${fmt(Math.max(...d.tokPerS))}`, bound,
-            pct(tps / bound), vs === null ? '-' : `${fmt(vs)}x`, fmt(fr.expertsHeldBytes / 2 ** 20)]);
+            pct(tps / bound), vs === null ? '-' : `${fmt(vs)}x`, fmt(fr.expertsHeldBytes / 2 ** 20), fmt(loadAnonMiB(fr.loadMemory))]);
           if (B === '1' && vs !== null) {
             const need = fr.format.startsWith('int4') ? 2.8 : 1.8;  // -dense rows too: the same targets
             verdicts.push(`${name}: decode b1 ${fr.format} >= ${need}x bf16: ${fmt(vs)}x -> ${vs >= need ? 'PASS' : 'FAIL'}`);
@@ -219,20 +204,23 @@ export async function runQuantBench(argv: string[]): Promise<void> {
           if (B === '1' && fr.format !== 'bf16')
             verdicts.push(`${name}: decode b1 ${fr.format} >= 75% of its read bound: ${pct(tps / bound)} -> ${tps / bound >= 0.75 ? 'PASS' : 'FAIL'}`);
         }
-        if (fr.format === 'int8' && base)
-          verdicts.push(`${name}: experts held int8 <= 0.6x bf16: ${fmt(fr.expertsHeldBytes / base.expertsHeldBytes)}x -> ${fr.expertsHeldBytes / base.expertsHeldBytes <= 0.6 ? 'PASS' : 'FAIL'}`);
+        if (fr.format.startsWith('int8') && base) {
+          verdicts.push(`${name}: experts held ${fr.format} <= 0.6x bf16: ${fmt(fr.expertsHeldBytes / base.expertsHeldBytes)}x -> ${fr.expertsHeldBytes / base.expertsHeldBytes <= 0.6 ? 'PASS' : 'FAIL'}`);
+          const rss = loadAnonMiB(fr.loadMemory) / loadAnonMiB(base.loadMemory);
+          verdicts.push(`${name}: load RSS (RssAnon) ${fr.format} <= 0.6x bf16: ${fmt(rss)}x -> ${rss <= 0.6 ? 'PASS' : 'FAIL'}`);
+        }
         json.push({ model: name, format: fr.format, quantize: FORMATS[fr.format] ? describeQuantize(FORMATS[fr.format]!) : 'bf16',
-          prefillMs: fr.prefillMs, decode: fr.decode, expertsHeldBytes: fr.expertsHeldBytes, bandwidthGBps: bandwidth });
+          prefillMs: fr.prefillMs, decode: fr.decode, expertsHeldBytes: fr.expertsHeldBytes, loadMemory: fr.loadMemory, bandwidthGBps: bandwidth });
       }
       const prefillTps = (ms: number[]) => median(ms.map((v) => prefill / (v / 1e3)));
       for (const [t, pr] of Object.entries(peerRuns)) {
         const pre = pr.prefillMs.map((ms) => prefill / (ms / 1e3));
         const baseVs = base ? `${fmt(median(pre) / prefillTps(base.prefillMs))}x` : '-';
         const mib = fmt(peer!.info.fileBytes[t]! / 2 ** 20);
-        rows.push([name, `llama.cpp ${t}`, `prefill ${prefill}`, median(pre), `${fmt(Math.min(...pre))}-${fmt(Math.max(...pre))}`, '-', '-', baseVs, `(file ${mib})`]);
+        rows.push([name, `llama.cpp ${t}`, `prefill ${prefill}`, median(pre), `${fmt(Math.min(...pre))}-${fmt(Math.max(...pre))}`, '-', '-', baseVs, `(file ${mib})`, '-']);
         for (const [B, tps] of Object.entries(pr.decode)) {
           const vs = base?.decode[B] ? `${fmt(median(tps) / median(base.decode[B]!.tokPerS))}x` : '-';
-          rows.push([name, `llama.cpp ${t}`, `decode b${B}`, median(tps), `${fmt(Math.min(...tps))}-${fmt(Math.max(...tps))}`, '-', '-', vs, `(file ${mib})`]);
+          rows.push([name, `llama.cpp ${t}`, `decode b${B}`, median(tps), `${fmt(Math.min(...tps))}-${fmt(Math.max(...tps))}`, '-', '-', vs, `(file ${mib})`, '-']);
         }
         // Ours against llama.cpp's format of about the same bits.
         const ours = runs.find((x) => x.format === (t === 'Q8_0' ? 'int8' : 'int4'));
@@ -258,9 +246,10 @@ export async function runQuantBench(argv: string[]): Promise<void> {
     `--quantize-lm-head; f32 KV) over the best ` +
     `read-bandwidth probe of the run. llama.cpp rows: node-llama-cpp's prebuilt CPU build, same threads, ` +
     `GGUF made by llama.cpp's quantizer from the same checkpoint; its prefill runs in batches of up to 512 tokens, its decode batch B ` +
-    `is B sequences in one context; the last column is its GGUF file size. 1-min load average ${fmt(Math.min(...loadAvg))}-${fmt(Math.max(...loadAvg))}.\n`);
-  console.log(markdownTable(['model', 'format', 'workload', 'tok/s', 'min-max', 'bound tok/s', 'of bound', 'vs bf16', 'experts MiB'],
-    rows, ['left', 'left', 'left', 'right', 'right', 'right', 'right', 'right', 'right']));
+    `is B sequences in one context; the experts column is its GGUF file size. Load RSS: the RssAnon a load of the format adds, ` +
+    `in a child process of its own (the model's own memory: weights, caches are not allocated). 1-min load average ${fmt(Math.min(...loadAvg))}-${fmt(Math.max(...loadAvg))}.\n`);
+  console.log(markdownTable(['model', 'format', 'workload', 'tok/s', 'min-max', 'bound tok/s', 'of bound', 'vs bf16', 'experts MiB', 'load RSS MiB'],
+    rows, ['left', 'left', 'left', 'right', 'right', 'right', 'right', 'right', 'right', 'right']));
   console.log('\nTargets:\n');
   for (const v of verdicts) console.log(`- ${v}`);
   if (values.json) writeJson(values.json, { bench: 'quant', run: info, loadAverage: loadAvg, results: json, verdicts });

@@ -88,6 +88,23 @@ test('round trip: every dtype reads back bit-exact, zero-copy from one mapping',
   assert.equal(a.buffer.byteLength, fs.statSync(path.join(dir, 'model.safetensors')).size);
 });
 
+test('releasePages drops the mapped pages; views read the same values after it; other buffers are refused', () => {
+  const native = loadNative();
+  const dir = freshDir();
+  const tensors = sample();
+  writeSafetensors(path.join(dir, 'model.safetensors'), tensors, { format: 'pt' });
+  const ck = openCheckpoint(dir);
+  const before = tensors.map((t) => Array.from(ck.getTensor(t.name).data() as ArrayLike<unknown>));
+  ck.releasePages();
+  tensors.forEach((t, i) => assert.deepEqual(Array.from(ck.getTensor(t.name).data() as ArrayLike<unknown>), before[i], t.name));
+  // MADV_DONTNEED on the process's own memory would zero it: only live mmapFile mappings are taken.
+  const heap = new ArrayBuffer(1 << 16);
+  new Uint8Array(heap).fill(7);
+  assert.throws(() => native.dropMappedPages(heap), /not a live mmapFile mapping/);
+  assert.equal(new Uint8Array(heap)[100], 7);
+  assert.throws(() => native.dropMappedPages(new Uint8Array(4) as unknown as ArrayBuffer), /takes an ArrayBuffer/);
+});
+
 test('a misaligned tensor is copied to an aligned buffer with the right values', () => {
   const dir = freshDir();
   const f = Float32Array.from([1.5, -2.25, 3.125]);

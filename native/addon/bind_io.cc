@@ -4,6 +4,9 @@
 #include "expertd/io.h"
 #include "register.h"
 
+#include <mutex>
+#include <unordered_map>
+
 namespace expertd::addon {
 
 namespace {
@@ -20,6 +23,10 @@ std::string get_path(const Napi::CallbackInfo& info, size_t i) {
   e.Set("code", Napi::String::New(env, "E_IO"));
   throw e;
 }
+
+// The live mappings handed to JavaScript (dropMappedPages only acts on these).
+std::mutex g_maps_mu;
+std::unordered_map<void*, size_t> g_maps;
 
 // mmapFile(path): ArrayBuffer over a PROT_READ, MAP_SHARED mapping of the whole file; the
 // finalizer unmaps it when the buffer (and every view on it) is collected.
@@ -39,6 +46,10 @@ Napi::Value mmap_file(const Napi::CallbackInfo& info) {
       env, m.data, m.size,
       [](napi_env, void*, void* hint) {
         auto* mf = static_cast<MappedFile*>(hint);
+        {
+          std::lock_guard<std::mutex> lk(g_maps_mu);
+          g_maps.erase(mf->data);
+        }
         unmap_file(*mf);
         delete mf;
       },
@@ -59,7 +70,29 @@ Napi::Value mmap_file(const Napi::CallbackInfo& info) {
                       (err && err->error_message ? err->error_message : "unknown napi error") +
                       " (this Node build refuses external ArrayBuffers; use readFileRange)");
   }
+  {
+    std::lock_guard<std::mutex> lk(g_maps_mu);
+    g_maps[m.data] = m.size;
+  }
   return Napi::Value(env, result);
+}
+
+// dropMappedPages(buffer): a mapping's resident pages released (the checkpoint loader calls it
+// once the weights are packed: the pages it read stay in the page cache, not in this process's
+// RSS). A buffer that is not a live mmapFile mapping is refused.
+Napi::Value drop_mapped_pages(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 1, "dropMappedPages");
+  if (!info[0].IsArrayBuffer()) throw_type(env, "dropMappedPages takes an ArrayBuffer from mmapFile");
+  Napi::ArrayBuffer buf = info[0].As<Napi::ArrayBuffer>();
+  MappedFile m{buf.Data(), buf.ByteLength()};
+  {
+    std::lock_guard<std::mutex> lk(g_maps_mu);
+    auto it = g_maps.find(m.data);
+    if (it == g_maps.end() || it->second != m.size) throw_type(env, "dropMappedPages: the buffer is not a live mmapFile mapping");
+  }
+  drop_file_pages(m);
+  return env.Undefined();
 }
 
 // readFileRange(path, offset, dst): pread of dst.length bytes at offset (real I/O, no mapping).
@@ -77,6 +110,7 @@ Napi::Value read_file_range_js(const Napi::CallbackInfo& info) {
 
 void register_io(Napi::Env env, Napi::Object exports) {
   exports.Set("mmapFile", Napi::Function::New(env, mmap_file, "mmapFile"));
+  exports.Set("dropMappedPages", Napi::Function::New(env, drop_mapped_pages, "dropMappedPages"));
   exports.Set("readFileRange", Napi::Function::New(env, read_file_range_js, "readFileRange"));
 }
 

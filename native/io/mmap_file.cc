@@ -43,6 +43,10 @@ void unmap_file(MappedFile& m) {
   m.size = 0;
 }
 
+void drop_file_pages(const MappedFile& m) {
+  if (m.data && m.size > 0) ::madvise(m.data, m.size, MADV_DONTNEED);  // advisory: an error changes nothing
+}
+
 void read_file_range(const std::string& path, uint64_t offset, void* dst, size_t length) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) fail(ErrorCode::Io, "cannot open " + path + ": " + std::strerror(errno));

@@ -98,6 +98,9 @@ export function loadModel(dir: string, opts: ModelOptions & { onProgress?: (p: L
   const t0 = performance.now();
   const { spec, checkpoint, report } = openValidated(dir);
   const model = new MoeModel(spec, new CheckpointSource(checkpoint, opts.onProgress), opts);
+  // The pages read while packing would otherwise stay in the process's RSS as long as the mapping
+  // lives (a bf16 checkpoint's whole size beside a quantized model).
+  checkpoint.releasePages();
   return { spec, model, checkpoint, report, loadMs: performance.now() - t0 };
 }
 

@@ -351,6 +351,15 @@ export class Checkpoint {
     return { codes: t.data() as Uint8Array, scaleInv: scale, rows, cols, br, bc };
   }
 
+  /**
+   * Releases the resident pages of every file mapped so far (the loader calls it once the weights
+   * are packed): the pages stay in the page cache, and a tensor view read later (a zero-copy
+   * embedding, the offloader's slow tier) faults its pages back in from there.
+   */
+  releasePages(): void {
+    for (const buf of this.maps.values()) loadNative().dropMappedPages(buf);
+  }
+
   private mapping(file: string): ArrayBuffer | null {
     if (this.copyFallback) return null;
     let buf = this.maps.get(file);

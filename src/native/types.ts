@@ -827,6 +827,8 @@ export interface NativeAddon extends Partial<CudaAddon> {
   // --- I/O
   /** Maps a file read-only; the ArrayBuffer unmaps when collected. */
   mmapFile(path: string): ArrayBuffer;
+  /** Releases a mmapFile mapping's resident pages (MADV_DONTNEED; later reads fault them back). */
+  dropMappedPages(buffer: ArrayBuffer): void;
   /** pread of length bytes at offset into dst (real I/O, no mapping). */
   readFileRange(path: string, offset: number, dst: Uint8Array): void;
 
