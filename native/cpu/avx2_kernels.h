@@ -289,18 +289,23 @@ struct Avx2QTile {
 // group's row flags (quant_layout.h) say a vector's rows hold any, their words come from a table
 // of +-m / 2.
 // Reference mode keeps Avx2QTile (decode times scale, then the FMAs: the portable kernel's order).
-EXPERTD_AVX2 __attribute__((always_inline)) inline __m256i f8_fix_exp0(__m256i raw, __m256i words) {
-  // bf16 of m / 2 for m = 0..7: low bytes at index m, high bytes at m + 8, in both lanes.
-  const __m256i tab = _mm256_setr_epi8(0, 0, static_cast<char>(0x80), static_cast<char>(0xc0), 0, 0x20, 0x40, 0x60,
-                                       0, 0x3f, 0x3f, 0x3f, 0x40, 0x40, 0x40, 0x40,
+// The exponent-0 fix-up of a chunk's 32 codes c (stored order): each code's correct word, its low
+// and high bytes looked up by m per byte (before the unpack, so once for both word vectors), blended
+// in where the code's exponent is 0.
+EXPERTD_AVX2 __attribute__((always_inline)) inline void f8_fix_exp0(__m256i c, __m256i ra, __m256i rb, __m256i* wa, __m256i* wb) {
+  // bf16 of m / 2 for m = 0..7: the low bytes, and the high bytes, at index m (both lanes).
+  const __m256i tlo = _mm256_setr_epi8(0, 0, static_cast<char>(0x80), static_cast<char>(0xc0), 0, 0x20, 0x40, 0x60,
+                                       0, 0, 0, 0, 0, 0, 0, 0,
                                        0, 0, static_cast<char>(0x80), static_cast<char>(0xc0), 0, 0x20, 0x40, 0x60,
-                                       0, 0x3f, 0x3f, 0x3f, 0x40, 0x40, 0x40, 0x40);
-  const __m256i m = _mm256_and_si256(_mm256_srli_epi16(raw, 11), _mm256_set1_epi16(7));  // m2 m1 m0
-  const __m256i idx = _mm256_or_si256(_mm256_or_si256(m, _mm256_slli_epi16(m, 8)), _mm256_set1_epi16(0x0800));
-  const __m256i fix = _mm256_or_si256(_mm256_shuffle_epi8(tab, idx),
-                                      _mm256_and_si256(raw, _mm256_set1_epi16(static_cast<short>(0x8000))));
-  const __m256i exp0 = _mm256_cmpeq_epi16(_mm256_and_si256(raw, _mm256_set1_epi16(0x4700)), _mm256_setzero_si256());
-  return _mm256_blendv_epi8(words, fix, exp0);
+                                       0, 0, 0, 0, 0, 0, 0, 0);
+  const __m256i thi = _mm256_setr_epi8(0, 0x3f, 0x3f, 0x3f, 0x40, 0x40, 0x40, 0x40, 0, 0, 0, 0, 0, 0, 0, 0,
+                                       0, 0x3f, 0x3f, 0x3f, 0x40, 0x40, 0x40, 0x40, 0, 0, 0, 0, 0, 0, 0, 0);
+  const __m256i m = _mm256_and_si256(_mm256_srli_epi16(c, 3), _mm256_set1_epi8(7));  // m2 m1 m0 per byte
+  const __m256i lo = _mm256_shuffle_epi8(tlo, m);
+  const __m256i hi = _mm256_or_si256(_mm256_shuffle_epi8(thi, m), _mm256_and_si256(c, _mm256_set1_epi8(static_cast<char>(0x80))));
+  const __m256i e0 = _mm256_set1_epi16(0x4700), zero = _mm256_setzero_si256();
+  *wa = _mm256_blendv_epi8(*wa, _mm256_unpacklo_epi8(lo, hi), _mm256_cmpeq_epi16(_mm256_and_si256(ra, e0), zero));
+  *wb = _mm256_blendv_epi8(*wb, _mm256_unpackhi_epi8(lo, hi), _mm256_cmpeq_epi16(_mm256_and_si256(rb, e0), zero));
 }
 
 // Vector half h's 8 rows of a 4-k chunk (32 bytes of the F8 layout) as bf16 k pairs, row i's
@@ -317,8 +322,7 @@ EXPERTD_AVX2 __attribute__((always_inline)) inline void f8_words(const uint8_t* 
   *wa = _mm256_or_si256(_mm256_and_si256(ra, keep), bias);
   *wb = _mm256_or_si256(_mm256_and_si256(rb, keep), bias);
   if constexpr (Fix) {
-    *wa = f8_fix_exp0(ra, *wa);
-    *wb = f8_fix_exp0(rb, *wb);
+    f8_fix_exp0(c, ra, rb, wa, wb);
   }
 }
 
