@@ -289,6 +289,7 @@ struct Avx2QTile {
 // group's row flags (quant_layout.h) say a vector's rows hold any, their words come from a table
 // of +-m / 2.
 // Reference mode keeps Avx2QTile (decode times scale, then the FMAs: the portable kernel's order).
+
 // The exponent-0 fix-up of a chunk's 32 codes c (stored order): each code's correct word, its low
 // and high bytes looked up by m per byte (before the unpack, so once for both word vectors), blended
 // in where the code's exponent is 0.
