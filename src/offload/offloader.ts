@@ -373,6 +373,9 @@ export class Offloader<W extends { dispose(): void } = PackedWeight> implements 
   }
 
   dispose(): void {
+    // The trace's file handle too (close() first keeps what is queued; here it is dropped), or a
+    // disposed offloader leaves it for the garbage collector to close.
+    void this.trace?.close(0).catch(() => undefined);
     // The store first: its copy thread finishes the running load before the slots go.
     this.store.dispose();
     this.slotTicket.fill(0);
