@@ -39,11 +39,9 @@ function memKb(): Record<string, number> {
 }
 
 export interface LoadMemory {
-  /** kB before and right after the load, and after a full GC has let the checkpoint's mappings go
-   *  (VmRSS, RssAnon, RssFile). */
+  /** kB before and right after the load (VmRSS, RssAnon, RssFile). */
   before: Record<string, number>;
   after: Record<string, number>;
-  settled: Record<string, number>;
   expertsHeldBytes: number;
 }
 
@@ -52,14 +50,9 @@ export function loadAnonMiB(m: LoadMemory): number {
   return ((m.after['RssAnon'] ?? 0) - (m.before['RssAnon'] ?? 0)) / 1024;
 }
 
-/** VmRSS the load added once the checkpoint's mappings are collected, MiB. */
-export function loadRssMiB(m: LoadMemory): number {
-  return ((m.settled['VmRSS'] ?? 0) - (m.before['VmRSS'] ?? 0)) / 1024;
-}
-
 /** Loads dir (fast mode, quantized at load by q) in a child process and returns its memory. */
 export function measureLoadMemory(dir: string, q: QuantizeSpec | null): LoadMemory {
-  const child = spawnSync(process.execPath, ['--expose-gc', fileURLToPath(import.meta.url), '--load-memory-child', dir, JSON.stringify(q)],
+  const child = spawnSync(process.execPath, [fileURLToPath(import.meta.url), '--load-memory-child', dir, JSON.stringify(q)],
     { encoding: 'utf8' });
   if (child.status !== 0) throw new Error(`load-memory child for ${dir} failed: ${child.stderr}`);
   return JSON.parse(child.stdout.trim().split('\n').pop()!) as LoadMemory;
@@ -69,9 +62,7 @@ function child(dir: string, q: QuantizeSpec | null): void {
   const before = memKb();
   const { model } = loadModel(dir, q ? { fast: true, quantize: q } : { fast: true });
   const after = memKb();
-  (globalThis as { gc?: () => void }).gc?.();
-  const settled = memKb();
-  console.log(JSON.stringify({ before, after, settled, expertsHeldBytes: expertBytes(model).total } satisfies LoadMemory));
+  console.log(JSON.stringify({ before, after, expertsHeldBytes: expertBytes(model).total } satisfies LoadMemory));
   model.dispose();
 }
 
