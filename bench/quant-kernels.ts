@@ -7,16 +7,20 @@ import { performance } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
 
 import { loadNative } from '../src/native/index.js';
-import type { PackedWeight } from '../src/native/index.js';
+import type { ExpertTable, PackedWeight } from '../src/native/index.js';
 import { fmt, markdownTable, median, parseIntList, parsePositiveInt, runInfo, writeJson, type Cell } from './harness.js';
 
 export async function runQuantKernels(argv: string[]): Promise<void> {
   const { values } = parseArgs({
     args: argv,
-    options: { json: { type: 'string' }, reps: { type: 'string' }, n: { type: 'string' }, k: { type: 'string' }, rows: { type: 'string' } },
+    options: {
+      json: { type: 'string' }, reps: { type: 'string' }, n: { type: 'string' }, k: { type: 'string' }, rows: { type: 'string' },
+      experts: { type: 'string' }, layers: { type: 'string' },
+    },
   });
   const native = loadNative();
   const reps = parsePositiveInt('reps', values.reps, 7);
+  if (values.experts !== undefined) return runExpertShape(values.experts, parsePositiveInt('layers', values.layers, 10), reps, values.json);
   const n = parsePositiveInt('n', values.n, 4096), k = parsePositiveInt('k', values.k, 4096);
   const rowsList = values.rows ? parseIntList('rows', values.rows) : [1, 8, 512];
   let seed = 1;
@@ -64,4 +68,93 @@ export async function runQuantKernels(argv: string[]): Promise<void> {
   console.log(`${reps} samples after 1 warm-up, formats round-robin; ms per call median and min-max; 1-min load average ${fmt(Math.min(...load))}-${fmt(Math.max(...load))}.\n`);
   console.log(markdownTable(['rows', 'format', 'ms', 'min-max', 'GB/s read', 'vs bf16', 'weights MiB'], table));
   if (values.json) writeJson(values.json, { ...runInfo(), n, k, reps, results: json });
+}
+
+/** Expert shapes by name: hidden, expert intermediate, experts, experts per token. */
+const EXPERT_SHAPES: Record<string, [number, number, number, number]> = {
+  'qwen3moe-like': [1024, 256, 64, 8],
+  'mixtral-like': [1024, 2816, 8, 2],
+};
+
+/**
+ * `--experts NAME|H:I:E:K`: the GroupGemm of a decode step (batch 1: K experts, one row each) at a
+ * bench model's expert shape, `layers` layers of E experts per format so that the weights come
+ * from memory as in a model's decode (a layer's K experts change every call), not from the cache.
+ * Formats round-robin per sample; GB/s counts the K experts' packed bytes.
+ */
+function runExpertShape(shapeArg: string, layers: number, reps: number, json?: string): void {
+  const native = loadNative();
+  const shape = EXPERT_SHAPES[shapeArg] ?? shapeArg.split(':').map(Number);
+  if (shape.length !== 4 || !shape.every((v) => Number.isInteger(v) && v > 0))
+    throw new RangeError(`--experts is '${shapeArg}', expected ${Object.keys(EXPERT_SHAPES).join(', ')} or H:I:E:K`);
+  const [H, I, E, K] = shape as [number, number, number, number];
+  if (K > E) throw new RangeError(`--experts ${shapeArg}: K (${K}) exceeds E (${E})`);
+  let seed = 1;
+  const rand = () => ((seed = (Math.imul(seed, 1103515245) + 12345) >>> 0) / 2 ** 32 - 0.5) * 0.1;
+  const gate = new Float32Array(I * H).map(rand), up = new Float32Array(I * H).map(rand), down = new Float32Array(H * I).map(rand);
+  const toBf16 = (a: Float32Array) => {
+    const u = new Uint32Array(a.buffer), o = new Uint16Array(a.length);
+    for (let i = 0; i < a.length; i++) o[i] = (u[i]! + 0x7fff + ((u[i]! >>> 16) & 1)) >>> 16;
+    return o;
+  };
+  const g16 = toBf16(gate), u16 = toBf16(up), d16 = toBf16(down);
+  const formats: [string, 'int8' | 'fp8' | 'int4' | null, number][] =
+    [['bf16', null, 0], ['int8', 'int8', 0], ['fp8', 'fp8', 128], ['int4 g32', 'int4', 32], ['int4 g128', 'int4', 128]];
+  const tables: ExpertTable[][] = [];
+  const expertBytes: number[] = [];
+  for (const [, q, group] of formats) {
+    const list: ExpertTable[] = [];
+    for (let l = 0; l < layers; l++) {
+      const t = new native.ExpertTable(E, H, I);
+      for (let e = 0; e < E; e++) {
+        const gu = q ? native.packGateUp(gate, up, 'f32', I, H, q, group) : native.packGateUp(g16, u16, 'bf16', I, H);
+        const dn = q ? native.packWeight(down, 'f32', H, I, q, group) : native.packWeight(d16, 'bf16', H, I);
+        if (l === 0 && e === 0) expertBytes.push(gu.sizeBytes + dn.sizeBytes);
+        t.set(e, gu, dn);
+        gu.dispose();
+        dn.dispose();
+      }
+      list.push(t);
+    }
+    tables.push(list);
+  }
+  // 64 routings of K distinct experts, one row each (rows in expert order, as after the permute).
+  const routings: Int32Array[] = [];
+  for (let s = 0; s < 64; s++) {
+    const pick = new Set<number>();
+    while (pick.size < K) pick.add(Math.floor((rand() + 0.05) * 10 * E) % E);
+    const off = new Int32Array(E + 1);
+    let r = 0;
+    for (let e = 0; e < E; e++) { off[e] = r; if (pick.has(e)) r++; }
+    off[E] = r;
+    routings.push(off);
+  }
+  const x = new Float32Array(K * H).map(rand), y = new Float32Array(K * H);
+  const calls = 4 * layers;
+  const ms: number[][] = formats.map(() => []);
+  const load: number[] = [];
+  for (let r = 0; r < reps + 1; r++) {
+    load.push(os.loadavg()[0]!);
+    formats.forEach((_, i) => {
+      const a = performance.now();
+      for (let c = 0; c < calls; c++) native.groupGemmFfn(x, routings[(r * calls + c) % 64]!, tables[i]![c % layers]!, y, true);
+      if (r > 0) ms[i]!.push((performance.now() - a) / calls);  // r = 0: warm-up
+    });
+  }
+  const bf16Ms = median(ms[0]!);
+  const table: Cell[][] = [];
+  const results: Record<string, unknown>[] = [];
+  formats.forEach(([name], i) => {
+    const med = median(ms[i]!), bytes = K * expertBytes[i]!;
+    table.push([name, fmt(med), `${fmt(Math.min(...ms[i]!))}-${fmt(Math.max(...ms[i]!))}`, fmt(bytes / med / 1e6),
+      i === 0 ? '-' : `${fmt(bf16Ms / med)}x`, fmt(bf16Ms / med / (expertBytes[0]! / expertBytes[i]!) * 100, 2) + '%',
+      fmt(expertBytes[i]! / 1024)]);
+    results.push({ format: name, ms: ms[i], medianMs: med, expertBytes: expertBytes[i], vsBf16: bf16Ms / med });
+  });
+  for (const list of tables) for (const t of list) t.dispose();
+  const caps = native.capabilities();
+  console.log(`## quant-kernels --experts: GroupGemm of one decode step (K ${K} of E ${E} experts, H ${H}, I ${I}, one row each), ${layers} layers per format, fast mode, ${os.cpus()[0]?.model ?? 'cpu'}, ${caps.threads} threads\n`);
+  console.log(`${reps} samples of ${calls} calls after 1 warm-up, formats round-robin; ms per call median and min-max; "of bytes ratio": the speed-up over bf16 as a share of the bytes saved; 1-min load average ${fmt(Math.min(...load))}-${fmt(Math.max(...load))}.\n`);
+  console.log(markdownTable(['format', 'ms', 'min-max', 'GB/s read', 'vs bf16', 'of bytes ratio', 'KiB per expert'], table));
+  if (json) writeJson(json, { ...runInfo(), shape: { H, I, E, K }, layers, reps, results });
 }

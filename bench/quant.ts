@@ -39,6 +39,7 @@ export const FORMATS: Record<string, QuantizeSpec | null> = {
   'int8-full': quantizeSpec('int8', 0, true, true),
   'fp8-full': quantizeSpec('fp8', 0, true, true),
   'int4-full': quantizeSpec('int4', 32, true, true),
+  'int4-g128-full': quantizeSpec('int4', 128, true, true),
 };
 
 /**
