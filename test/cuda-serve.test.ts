@@ -81,8 +81,11 @@ for (const { label, env, skip } of [
 }
 
 test('a sticky device fault (emulated): that request fails, /health answers 503, later requests 503, no abort', { skip: emulatorSkip }, async () => {
+  // --expert-kernel group: under 'auto' a cost table timed at startup may pick the per-expert
+  // DenseGemm for every step, and then no GroupGemm runs for the fault to land on (seen on a busy CI
+  // machine: the request answered 200).
   const d = await startDaemon(['--model', path.join(packageRoot(), 'test', 'fixtures', 'mixtral'), '--device', 'cuda',
-    '--compute-dtype', 'bf16'], { ...standIn, EXPERTD_EMU_FAULT: 'cudaGroupGemmFfn:3' });
+    '--compute-dtype', 'bf16', '--expert-kernel', 'group'], { ...standIn, EXPERTD_EMU_FAULT: 'cudaGroupGemmFfn:3' });
   try {
     assert.equal((await fetch(`${d.base}/health`)).status, 200);
     const post = () => fetch(`${d.base}/v1/completions`, {
