@@ -9,6 +9,18 @@ import { parseArgs } from 'node:util';
 import { loadNative } from '../src/native/index.js';
 import type { ExpertTable, PackedWeight } from '../src/native/index.js';
 import { fmt, markdownTable, median, parseIntList, parsePositiveInt, runInfo, writeJson, type Cell } from './harness.js';
+import { mulberry32 } from '../src/engine/rng.js';
+
+/** The formats both tables compare: name, --quantize format (null: bf16), group. */
+const FORMATS: [string, 'int8' | 'fp8' | 'int4' | null, number][] =
+  [['bf16', null, 0], ['int8', 'int8', 0], ['fp8', 'fp8', 128], ['int4 g32', 'int4', 32], ['int4 g128', 'int4', 128]];
+
+/** f32 -> bf16 bits, round to nearest even. */
+function toBf16(a: Float32Array): Uint16Array {
+  const u = new Uint32Array(a.buffer, a.byteOffset, a.length), o = new Uint16Array(a.length);
+  for (let i = 0; i < a.length; i++) o[i] = (u[i]! + 0x7fff + ((u[i]! >>> 16) & 1)) >>> 16;
+  return o;
+}
 
 export async function runQuantKernels(argv: string[]): Promise<void> {
   const { values } = parseArgs({
@@ -26,16 +38,9 @@ export async function runQuantKernels(argv: string[]): Promise<void> {
   let seed = 1;
   const rand = () => ((seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32) - 0.5;
   const src = new Float32Array(n * k).map(rand);
-  const bf16 = new Uint16Array(n * k);
-  const u32 = new Uint32Array(src.buffer);
-  for (let i = 0; i < n * k; i++) bf16[i] = (u32[i]! + 0x7fff + ((u32[i]! >>> 16) & 1)) >>> 16;
-  const weights: [string, PackedWeight][] = [
-    ['bf16', native.packWeight(bf16, 'bf16', n, k)],
-    ['int8', native.packWeight(src, 'f32', n, k, 'int8', 0)],
-    ['fp8', native.packWeight(src, 'f32', n, k, 'fp8', 128)],
-    ['int4 g32', native.packWeight(src, 'f32', n, k, 'int4', 32)],
-    ['int4 g128', native.packWeight(src, 'f32', n, k, 'int4', 128)],
-  ];
+  const bf16 = toBf16(src);
+  const weights: [string, PackedWeight][] = FORMATS.map(([name, q, group]) =>
+    [name, q ? native.packWeight(src, 'f32', n, k, q, group) : native.packWeight(bf16, 'bf16', n, k)]);
   const caps = native.capabilities();
   const load: number[] = [];
   const table: Cell[][] = [];
@@ -89,20 +94,13 @@ function runExpertShape(shapeArg: string, layers: number, reps: number, json?: s
     throw new RangeError(`--experts is '${shapeArg}', expected ${Object.keys(EXPERT_SHAPES).join(', ')} or H:I:E:K`);
   const [H, I, E, K] = shape as [number, number, number, number];
   if (K > E) throw new RangeError(`--experts ${shapeArg}: K (${K}) exceeds E (${E})`);
-  let seed = 1;
-  const rand = () => ((seed = (Math.imul(seed, 1103515245) + 12345) >>> 0) / 2 ** 32 - 0.5) * 0.1;
+  const rng = mulberry32(1);
+  const rand = () => (rng() - 0.5) * 0.1;
   const gate = new Float32Array(I * H).map(rand), up = new Float32Array(I * H).map(rand), down = new Float32Array(H * I).map(rand);
-  const toBf16 = (a: Float32Array) => {
-    const u = new Uint32Array(a.buffer), o = new Uint16Array(a.length);
-    for (let i = 0; i < a.length; i++) o[i] = (u[i]! + 0x7fff + ((u[i]! >>> 16) & 1)) >>> 16;
-    return o;
-  };
   const g16 = toBf16(gate), u16 = toBf16(up), d16 = toBf16(down);
-  const formats: [string, 'int8' | 'fp8' | 'int4' | null, number][] =
-    [['bf16', null, 0], ['int8', 'int8', 0], ['fp8', 'fp8', 128], ['int4 g32', 'int4', 32], ['int4 g128', 'int4', 128]];
   const tables: ExpertTable[][] = [];
   const expertBytes: number[] = [];
-  for (const [, q, group] of formats) {
+  for (const [, q, group] of FORMATS) {
     const list: ExpertTable[] = [];
     for (let l = 0; l < layers; l++) {
       const t = new native.ExpertTable(E, H, I);
@@ -122,7 +120,7 @@ function runExpertShape(shapeArg: string, layers: number, reps: number, json?: s
   const routings: Int32Array[] = [];
   for (let s = 0; s < 64; s++) {
     const pick = new Set<number>();
-    while (pick.size < K) pick.add(Math.floor((rand() + 0.05) * 10 * E) % E);
+    while (pick.size < K) pick.add(Math.floor(rng() * E));
     const off = new Int32Array(E + 1);
     let r = 0;
     for (let e = 0; e < E; e++) { off[e] = r; if (pick.has(e)) r++; }
@@ -131,11 +129,11 @@ function runExpertShape(shapeArg: string, layers: number, reps: number, json?: s
   }
   const x = new Float32Array(K * H).map(rand), y = new Float32Array(K * H);
   const calls = 4 * layers;
-  const ms: number[][] = formats.map(() => []);
+  const ms: number[][] = FORMATS.map(() => []);
   const load: number[] = [];
   for (let r = 0; r < reps + 1; r++) {
     load.push(os.loadavg()[0]!);
-    formats.forEach((_, i) => {
+    FORMATS.forEach((_, i) => {
       const a = performance.now();
       for (let c = 0; c < calls; c++) native.groupGemmFfn(x, routings[(r * calls + c) % 64]!, tables[i]![c % layers]!, y, true);
       if (r > 0) ms[i]!.push((performance.now() - a) / calls);  // r = 0: warm-up
@@ -144,7 +142,7 @@ function runExpertShape(shapeArg: string, layers: number, reps: number, json?: s
   const bf16Ms = median(ms[0]!);
   const table: Cell[][] = [];
   const results: Record<string, unknown>[] = [];
-  formats.forEach(([name], i) => {
+  FORMATS.forEach(([name], i) => {
     const med = median(ms[i]!), bytes = K * expertBytes[i]!;
     table.push([name, fmt(med), `${fmt(Math.min(...ms[i]!))}-${fmt(Math.max(...ms[i]!))}`, fmt(bytes / med / 1e6),
       i === 0 ? '-' : `${fmt(bf16Ms / med)}x`, fmt(bf16Ms / med / (expertBytes[0]! / expertBytes[i]!) * 100, 2) + '%',
