@@ -247,8 +247,8 @@ function denseCase(name: string, build: Build, m: number, n: number, k: number, 
 
 // Ragged shapes: n not a multiple of 16; k odd, k % 4 == 2 (int8 keeps f32 activations), k % 4 ==
 // 0 but not % 16 or % 32 (int8 k steps of 4; int4 groups padded), rows past the 6-row tile, and
-// 50 rows: fp8 and int8 from 48 rows decode a task's blocks once (run_tiles: fp8 to bf16 pairs,
-// int8 flipped and permuted), and the last row alone (decoded in registers) must give the same bits.
+// 50 rows: fp8 from 48 rows decodes a task's blocks once (run_tiles: to bf16 pairs), and the last
+// row alone (decoded in registers) must give the same bits.
 const DENSE_SHAPES = [[1, 16, 64], [7, 37, 130], [13, 50, 257], [1, 300, 512], [9, 33, 36], [2, 20, 132], [50, 40, 260]] as const;
 
 test('denseGemm on quantized weights matches float64 over the dequantised values', () => {

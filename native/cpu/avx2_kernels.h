@@ -147,10 +147,20 @@ EXPERTD_AVX2 __attribute__((always_inline)) inline void f8_chunk_f32(const uint8
 template <QFormat Q>
 EXPERTD_AVX2 __attribute__((always_inline)) inline void decode_pair8(const uint8_t* blk, int k, int kp, int h,
                                                                      __m256* w0, __m256* w1) {
-  if constexpr (Q == QFormat::I8) {  // [k][16]
-    const uint8_t* p = blk + static_cast<size_t>(k) * 16 + 8 * h;
-    *w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-    *w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 16))));
+  if constexpr (Q == QFormat::I8) {  // code + 128
+    const int c0 = k / 4 * 4;
+    if (c0 + 4 <= kp) {  // a whole chunk: row i's 4 bytes are int32 lane i, k % 4 is 0 or 2
+      const __m256i v = _mm256_xor_si256(_mm256_load_si256(reinterpret_cast<const __m256i*>(blk + static_cast<size_t>(c0) * 16 + 32 * h)),
+                                         _mm256_set1_epi8(static_cast<char>(0x80)));
+      const int s = 24 - 8 * (k & 3);
+      *w0 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_sll_epi32(v, _mm_cvtsi32_si128(s)), 24));
+      *w1 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_sll_epi32(v, _mm_cvtsi32_si128(s - 8)), 24));
+    } else {  // the tail: [k][16]
+      const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80));
+      const uint8_t* p = blk + static_cast<size_t>(k) * 16 + 8 * h;
+      *w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_xor_si128(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)), flip)));
+      *w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_xor_si128(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 16)), flip)));
+    }
   } else if constexpr (Q == QFormat::F8) {
     const int c0 = k / 4 * 4;
     __m128i codes;
@@ -500,17 +510,11 @@ struct Avx2I8Tile {
 #pragma GCC unroll 8
           for (int v = 0; v < PV; ++v) {
             const int b = (v0 + v) >> 1, h = (v0 + v) & 1;
-            // [k][16]: two 32-byte loads hold the block's 16 rows x 4 k (the other half's vector
-            // shares them); a byte unpack pairs k with k + 2 (lane 0) and k + 1 with k + 3 (lane 1)
-            // for the half's rows, vpermq puts rows 0-3 of both lanes in lane 0 (4-7 in lane 1) and
-            // a pshufb makes each row's dword k, k + 1, k + 2, k + 3.
-            const uint8_t* p = w + b * bstride + static_cast<size_t>(k) * 16;
-            const __m256i y01 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-            const __m256i y23 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
-            const __m256i u = h ? _mm256_unpackhi_epi8(y01, y23) : _mm256_unpacklo_epi8(y01, y23);
-            const __m256i sort = _mm256_setr_epi8(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15,
-                                                  0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
-            const __m256i wq = _mm256_shuffle_epi8(_mm256_permute4x64_epi64(u, _MM_SHUFFLE(3, 1, 2, 0)), sort);
+            // The chunk's half h is rows 8h..8h+7 x 4 k, each row's k..k+3 one dword (code + 128:
+            // the xor makes the signed codes).
+            const __m256i wq = _mm256_xor_si256(
+                _mm256_load_si256(reinterpret_cast<const __m256i*>(w + b * bstride + static_cast<size_t>(k) * 16 + 32 * h)),
+                _mm256_set1_epi8(static_cast<char>(0x80)));
             const __m256i wabs = _mm256_abs_epi8(wq);
 #pragma GCC unroll 8
             for (int r = 0; r < MR; ++r) {

@@ -403,7 +403,7 @@ inline const float* fp4_e2m1_table() {
 template <QFormat Q>
 inline float decode_code(const uint8_t* blk, int c, int i, int kp) {
   if constexpr (Q == QFormat::I8) {
-    return static_cast<float>(static_cast<int8_t>(blk[code8_offset(Q, i, c, kp)]));
+    return static_cast<float>(i8_load(blk[code8_offset(Q, i, c, kp)]));
   } else if constexpr (Q == QFormat::F8) {
     return fp8_e4m3_to_f32(f8_load(blk[code8_offset(Q, i, c, kp)]));
   } else {
@@ -434,8 +434,14 @@ struct ScalarQTile : ScalarLoop<ScalarQTile<Q>> {
 template <QFormat Q>
 EXPERTD_AVX512 inline __m512 decode16(const uint8_t* blk, int k, int kp) {
   if constexpr (Q == QFormat::I8) {
-    const __m128i v = _mm_load_si128(reinterpret_cast<const __m128i*>(blk + static_cast<size_t>(k) * 16));
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v));
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+    const int c0 = k / 4 * 4;
+    if (c0 + 4 <= kp) {  // a whole chunk: row i's 4 bytes are int32 lane i; byte k % 4, sign-extended
+      const __m512i v = _mm512_xor_si512(_mm512_load_si512(blk + static_cast<size_t>(c0) * 16), flip);
+      return _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_sll_epi32(v, _mm_cvtsi32_si128(24 - 8 * (k & 3))), 24));
+    }
+    const __m128i v = _mm_load_si128(reinterpret_cast<const __m128i*>(blk + static_cast<size_t>(k) * 16));  // tail
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_xor_si128(v, _mm512_castsi512_si128(flip))));
   } else if constexpr (Q == QFormat::F8) {
     // Gather the 16 rows' bytes and put their bits back in e4m3 order (quant_layout.h), then e4m3 -> f32: the 7 magnitude bits moved to
     // the top of an f32's exponent/mantissa make 2^(e - 127) * 1.m (or a denormal for e = 0);
@@ -536,7 +542,7 @@ struct Avx512QTile {
 template <QFormat Q>
 inline int code_int(const uint8_t* blk, int c, int i, int kp) {
   if constexpr (Q == QFormat::I8) {
-    return static_cast<int8_t>(blk[code8_offset(Q, i, c, kp)]);
+    return i8_load(blk[code8_offset(Q, i, c, kp)]);
   } else {
     int shift;
     const int nib = (blk[code4_offset(i, c, kp, &shift)] >> shift) & 0xf;
@@ -581,26 +587,16 @@ typedef int32_t __attribute__((may_alias, aligned(1))) unaligned_i32;
 // activations the signed side; sum(x * (w + s)) - s * sum(x) undoes the shift per block: the
 // int32 accumulators start at -s * sum(x) (from the code sums prepared with the activations), so
 // each block costs one conversion and one FMA per accumulator, into f32 accumulators that stay in
-// registers. The int8 [k][16] code layout becomes [16 rows][4 k] per zmm by a VBMI byte permute;
-// int4 chunks are already [16 rows][4 k] in each nibble half (quant_layout.h): one 64-byte load
-// feeds two vpdpbusd after a mask and a shift, no permute.
-// int8 codes [k][16] -> vpdpbusd's unsigned operand: +128 (xor 0x80), then [16 rows][4 k] per
-// zmm by a VBMI byte permute with i8_operand_index().
-EXPERTD_AVX512VNNI inline __m512i i8_operand_index() {
-  alignas(64) uint8_t ia[64];
-  for (int i = 0; i < 16; ++i)
-    for (int j = 0; j < 4; ++j) ia[4 * i + j] = static_cast<uint8_t>(j * 16 + i);
-  return _mm512_load_si512(ia);
-}
-EXPERTD_AVX512VNNI __attribute__((always_inline)) inline __m512i i8_operand(__m512i codes, __m512i idx) {
-  return _mm512_permutexvar_epi8(idx, _mm512_xor_si512(codes, _mm512_set1_epi8(static_cast<char>(0x80))));
-}
-
-// Pre (int8 only): the codes come already flipped and permuted by decode_i8_blocks, for the
-// many row tiles of a prefill.
-template <QFormat Q, bool Pre = false>
+// registers. Both layouts hold [16 rows][4 k] per 64 bytes (quant_layout.h): an int8 chunk is
+// the unsigned operand as loaded (the packer stored code + 128); the low and the high nibbles of
+// an int4 chunk are each one after a mask and a shift.
+// NOTE (int8 layout): until session 12 int8 codes were stored [k][16] and signed, and every call
+// made the operand with an xor and a vpermb per 64 bytes (prefill once per task into a buffer):
+// the one-row decode GroupGemm at qwen3moe-like's expert shape ran 0.27-0.31 ms, 1.71-1.81x bf16,
+// against 0.25-0.27 ms, 1.82-1.88x with the operand as stored (bench quant-kernels --experts,
+// AMD Zen 4).
+template <QFormat Q>
 struct VnniTile {
-  static_assert(!Pre || Q == QFormat::I8, "pre-permuted codes are an int8 layout");
   template <int MR, int NR>
   EXPERTD_AVX512VNNI static void run(const void* xv, size_t ldx, const void* wv, size_t wstride,
                                      int kp, float* tile, QScales qs) {
@@ -632,8 +628,6 @@ struct VnniTile {
     const size_t bstride = wstride * qformat_bits(Q) / 8;
     const int kb = KB ? KB : qs.xblock;
     constexpr int kShift = Q == QFormat::I8 ? 7 : 3;
-    __m512i idx = _mm512_setzero_si512();
-    if constexpr (Q == QFormat::I8 && !Pre) idx = i8_operand_index();
     const __m512i n8 = _mm512_set1_epi8(0x08), lo4 = _mm512_set1_epi8(0x0f);
     for (int g0 = 0; g0 < kp; g0 += kb) {
       const int xb = g0 / kb;
@@ -656,8 +650,7 @@ struct VnniTile {
           __m512i wk[NR];
 #pragma GCC unroll 4
           for (int b = 0; b < NR; ++b) {
-            const __m512i v = _mm512_load_si512(w + b * bstride + static_cast<size_t>(k) * 16);
-            wk[b] = Pre ? v : i8_operand(v, idx);
+            wk[b] = _mm512_load_si512(w + b * bstride + static_cast<size_t>(k) * 16);
           }
 #pragma GCC unroll 8
           for (int r = 0; r < MR; ++r) {
@@ -710,19 +703,6 @@ struct VnniTile {
     }
   }
 };
-
-// int8 codes of nb blocks (w: the first, wstride bytes apart) as VnniTile's k loop turns them
-// into vpdpbusd operands (+128, then [16 rows][4 k] per 64 bytes), stored at the same offsets in
-// out; columns [0, kend).
-EXPERTD_AVX512VNNI inline void decode_i8_blocks(const uint8_t* w, size_t wstride, int kend, int nb,
-                                                uint8_t* out) {
-  const __m512i idx = i8_operand_index();
-  for (int b = 0; b < nb; ++b)
-    for (int k = 0; k < kend; k += 4) {
-      const size_t off = b * wstride + static_cast<size_t>(k) * 16;
-      _mm512_store_si512(out + off, i8_operand(_mm512_load_si512(w + off), idx));
-    }
-}
 
 // fp8 e4m3 weights against bf16 activations, decoded to bf16 k pairs in registers by a shift, two
 // unpacks and a mask, no table. The packer stores each e4m3 code with its bits reordered
@@ -971,15 +951,10 @@ inline const TileFn* tile_table(Path path, DType wd) {
 }
 
 #if EXPERTD_GEMM_X86
-// The tables of the pre-decoded kernels (run_tiles picks them for prefill-sized calls).
+// The table of the pre-decoded fp8 kernel (run_tiles picks it for prefill-sized calls).
 inline const TileFn* f8_decoded_table() {
   using Seq = std::make_integer_sequence<int, kMr * kNr>;
   static const auto t = make_tile_table<Bf16DotF8TileT<true>>(Seq{});
-  return t.data();
-}
-inline const TileFn* i8_decoded_table() {
-  using Seq = std::make_integer_sequence<int, kMr * kNr>;
-  static const auto t = make_tile_table<VnniTile<QFormat::I8, true>>(Seq{});
   return t.data();
 }
 #endif
@@ -1036,13 +1011,6 @@ inline void run_tiles(const TileFn* table, Path path, Act x, int rows, const Pac
                      qs.sstride, w.group, d);
     wb0 = reinterpret_cast<const uint8_t*>(d);
     table = f8_decoded_table();
-  } else if (path == Path::Vnni && w.q == QFormat::I8 && rows >= kDecodeOnceRows) {
-    // The same for int8: the +128 flip and the [16][4 k] permute once per task (integer sums: the
-    // same bits however the operands were made).
-    auto* d = static_cast<uint8_t*>(decoded.get(static_cast<size_t>(b1 - b0) * bbytes));
-    decode_i8_blocks(wb0, wstride, w.kp, b1 - b0, d);
-    wb0 = d;
-    table = i8_decoded_table();
   }
 #endif
   for (int r = 0; r < rows; r += kMr) {

@@ -39,7 +39,7 @@ void write_block(PackedWeight& w, int blk, const QRow* const* rows) {
   uint8_t* dst = w.data.get() + static_cast<size_t>(blk) * w.kp * w.k_bytes16();
   // NOTE: a slot may be repacked with another expert: clear the block (padding rows and padding
   // columns stay zero), then put every live code where quant_layout.h says.
-  std::memset(dst, 0, static_cast<size_t>(w.kp) * w.k_bytes16());
+  std::memset(dst, w.q == QFormat::I8 ? i8_store(0) : 0, static_cast<size_t>(w.kp) * w.k_bytes16());
   if (qformat_bits(w.q) == 8) {
     for (int i = 0; i < 16; ++i) {
       if (!rows[i]) continue;
@@ -47,7 +47,7 @@ void write_block(PackedWeight& w, int blk, const QRow* const* rows) {
       if (w.q == QFormat::F8)
         for (int k = 0; k < w.kp; ++k) dst[code8_offset(w.q, i, k, w.kp)] = f8_store(c[k]);
       else
-        for (int k = 0; k < w.kp; ++k) dst[code8_offset(w.q, i, k, w.kp)] = c[k];
+        for (int k = 0; k < w.kp; ++k) dst[code8_offset(w.q, i, k, w.kp)] = i8_store(static_cast<int8_t>(c[k]));
     }
     if (w.q == QFormat::F8)  // the exponent-0 flags (quant_layout.h); padding codes are 0
       for (int g = 0; g < groups; ++g)

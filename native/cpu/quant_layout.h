@@ -1,7 +1,9 @@
 // Internal to quantized weights: where the code of (row i, column c) of a 16-row block lives, for
 // the packer (quant.cc write_block) and every kernel that decodes codes (gemm_kernels.h). The
 // layouts are chosen so that the SIMD kernels' loads feed their dot products without shuffles:
-//   I8  [kp][16] bytes (the VNNI kernel permutes 4 k x 16 rows per zmm; unchanged)
+//   I8  chunks of 4 k (64 bytes): byte 4i + j holds row i's column 4c4 + j, stored as the code
+//       + 128 (i8_store: the two's complement byte xor 0x80), so one zmm is vpdpbusd's unsigned
+//       operand as loaded (16 rows x 4 k, no permute, no flip per call); padding codes are 0x80.
 //   F8  chunks of 4 k (64 bytes): 128-bit lane L holds rows 4L..4L+3; bytes 0-7 of the lane the
 //       (k, k+1) pairs of those rows, bytes 8-15 the (k+2, k+3) pairs, so vpunpck{l,h}bw of a
 //       chunk gives the two zmm of bf16 k pairs that vdpbf16ps wants, in row order. Each e4m3
@@ -15,8 +17,8 @@
 //       one zmm are each [16 rows][4 k], the operand form of vpdpbusd.
 // kp that is not a multiple of the chunk (only for groups that are not multiples of 4 or 8, which
 // --quantize and the checkpoint formats never make; the SIMD dot-product kernels are not used
-// there) ends in a tail chunk of the old [k][16] form: F8 pairs [2][16], 4-bit bytes [k][8] with
-// row i in the low nibble of byte i and row i + 8 in the high one.
+// there) ends in a tail chunk of the old [k][16] form: I8 bytes [k][16], F8 pairs [2][16], 4-bit
+// bytes [k][8] with row i in the low nibble of byte i and row i + 8 in the high one.
 #pragma once
 #include <cstddef>
 
@@ -35,10 +37,17 @@ inline uint8_t f8_load(uint8_t s) {
 // The e4m3 code has exponent 0 (zero or a subnormal).
 inline bool f8_exp0(uint8_t c) { return (c & 0x78) == 0; }
 
+// An int8 code as the I8 layout stores it (code + 128), and back.
+inline uint8_t i8_store(int8_t c) { return static_cast<uint8_t>(static_cast<uint8_t>(c) ^ 0x80); }
+inline int8_t i8_load(uint8_t s) { return static_cast<int8_t>(s ^ 0x80); }
+
 // Byte offset in a block of the code of row i (0..15) at column c, kp columns in the block.
 inline size_t code8_offset(QFormat q, int i, int c, int kp) {
-  if (q != QFormat::F8) return static_cast<size_t>(c) * 16 + i;
   const int c0 = c / 4 * 4, j = c % 4;
+  if (q != QFormat::F8) {
+    if (c0 + 4 > kp) return static_cast<size_t>(c) * 16 + i;  // tail columns
+    return static_cast<size_t>(c0) * 16 + 4 * i + j;
+  }
   if (c0 + 4 > kp) return static_cast<size_t>(c0) * 16 + 2 * i + j;  // tail pair
   return static_cast<size_t>(c0) * 16 + 16 * (i / 4) + (j >> 1) * 8 + 2 * (i % 4) + (j & 1);
 }
