@@ -69,7 +69,7 @@ CpuFeatures detect() {
   f.kernel_avx2 = f.avx2 && f.fma && f.f16c;
   f.kernel_avx512 = f.avx512f && f.avx512bw && f.avx512vl && f.fma;
   f.kernel_bf16dot = f.kernel_avx512 && f.avx512bf16;
-  f.kernel_vnni = f.kernel_avx512 && f.avx512vnni && f.avx512vbmi;
+  f.kernel_vnni = f.kernel_avx512 && f.avx512vnni;
 #elif defined(__aarch64__)
   f.neon = true;
 #endif

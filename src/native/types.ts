@@ -26,7 +26,7 @@ export interface Capabilities {
    */
   amxTiles: boolean;
   /**
-   * int8 dot-product kernels (AVX512-VNNI vpdpbusd, VBMI byte permutes) run int8/int4 weights in
+   * int8 dot-product kernels (AVX512-VNNI vpdpbusd) run int8/int4 weights in
    * fast mode; without them the portable integer kernel computes the same numbers.
    */
   int8Dot: boolean;

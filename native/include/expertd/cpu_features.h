@@ -21,7 +21,7 @@ struct CpuFeatures {
   bool kernel_avx2 = false;    // the AVX2 + FMA kernels can be used (avx2, fma, f16c)
   bool kernel_avx512 = false;  // the AVX-512 kernels will be used (f+bw+vl)
   bool kernel_bf16dot = false;  // bf16 dot-product kernels will be used
-  bool kernel_vnni = false;     // int8 dot-product kernels (VNNI + VBMI byte permutes) will be used
+  bool kernel_vnni = false;     // int8 dot-product kernels (AVX512-VNNI) will be used
 };
 
 const CpuFeatures& cpu_features();
