@@ -19,6 +19,7 @@ import { loadNative, packageRoot } from '../src/native/index.js';
 import { Mxfp4ExpertStore } from '../src/offload/mxfp4-store.js';
 import { attachOffloader, skipAllExperts } from '../src/offload/setup.js';
 import { DirectRunner, runAll } from './helpers/model-runner.js';
+import { agreement, fixtureSequences, teacherForced } from './helpers/quant-fidelity.js';
 
 const dir = path.join(packageRoot(), 'test', 'fixtures-quant', 'gpt_oss_mxfp4');
 const bf16Dir = path.join(packageRoot(), 'test', 'fixtures', 'gpt_oss');
@@ -138,29 +139,42 @@ function dequantisedCopy(root: string): string {
   return out;
 }
 
-test('MXFP4 experts equal the same experts decoded to f32, in both compute modes', () => {
+test('MXFP4 experts equal the same experts decoded to f32 (reference mode)', () => {
   const root = mkdtempSync(path.join(os.tmpdir(), 'expertd-mxfp4-'));
   try {
     const refDir = dequantisedCopy(root);
-    for (const fast of [false, true]) {
-      const got = loadModel(dir, { fast });
-      const want = loadModel(refDir, { fast });
-      try {
-        assert.deepEqual([...expertStorage(want.model).formats], [null]);
-        const a = runAll(got.model, null), b = runAll(want.model, null);
-        assert.deepEqual(a.tokens, b.tokens, `fast ${fast}: greedy tokens`);
-        let worst = 0;
-        a.logits.forEach((l, i) => l.forEach((v, j) => { worst = Math.max(worst, Math.abs(v - b.logits[i]![j]!)); }));
-        // f32: the same products summed in another order; bf16: both round activations the same way.
-        assert.ok(worst <= (fast ? 1e-3 : 1e-5), `fast ${fast}: logits max-abs difference ${worst}`);
-      } finally {
-        got.model.dispose();
-        want.model.dispose();
-      }
+    const got = loadModel(dir, { fast: false });
+    const want = loadModel(refDir, { fast: false });
+    try {
+      assert.deepEqual([...expertStorage(want.model).formats], [null]);
+      const a = runAll(got.model, null), b = runAll(want.model, null);
+      assert.deepEqual(a.tokens, b.tokens, 'greedy tokens');
+      let worst = 0;
+      a.logits.forEach((l, i) => l.forEach((v, j) => { worst = Math.max(worst, Math.abs(v - b.logits[i]![j]!)); }));
+      // The same products summed in another order.
+      assert.ok(worst <= 1e-5, `logits max-abs difference ${worst}`);
+    } finally {
+      got.model.dispose();
+      want.model.dispose();
     }
   } finally {
     rmSync(root, { recursive: true, force: true });
   }
+});
+
+// Fast mode runs MXFP4 experts against int8 activations (per 32 columns, the e8m0 group: the doubled
+// e2m1 values times int8 codes on the VNNI / AVX2 / portable integer kernels, as int4 g32 does;
+// exact against float64 in test/quant-gemm.test.ts), attention and dense weights in bf16 mode.
+// Teacher-forced against the f32 model on this fixture's golden sequences (74 positions), measured:
+// top-1 63/74, mean KL 1.33e-2; with f32 activations into the MXFP4 experts (before session 12)
+// 68/74 and 1.08e-2. Floors under the measured figures.
+test('fast mode: MXFP4 experts against int8 activations stay close to the f32 model (teacher-forced)', (t) => {
+  const seqs = fixtureSequences(dir);
+  const ref = teacherForced(dir, { quantize: null, fast: false, kvDtype: 'f32' }, seqs);
+  const r = agreement(ref, teacherForced(dir, { quantize: null, fast: true, kvDtype: 'f32' }, seqs));
+  t.diagnostic(`fast mode: top-1 ${r.agree}/${ref.length}, mean KL ${(r.klSum / ref.length).toExponential(2)}`);
+  assert.ok(r.agree / ref.length >= 0.8, `top-1 agreement ${r.agree}/${ref.length} below 0.8`);
+  assert.ok(r.klSum / ref.length <= 2e-2, `mean KL ${r.klSum / ref.length} above 2e-2`);
 });
 
 test('--quantize on an MXFP4 checkpoint re-quantizes the dequantised experts, resident and in the expert cache', () => {

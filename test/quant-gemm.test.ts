@@ -100,6 +100,7 @@ function fastActivations(name: string, k: number): { kind: 'int8' | 'bf16' | 'f3
   const kEven = k + (k & 1);
   if (name === 'int8') return kEven % 4 === 0 ? { kind: 'int8', block: gcd(ACT_BLOCK, kEven) } : { kind: 'f32', block: 0 };
   if (name.startsWith('int4')) return { kind: 'int8', block: gcd(ACT_BLOCK, Number(name.split('/')[1])) };
+  if (name === 'mxfp4') return { kind: 'int8', block: 32 };
   return { kind: name.startsWith('fp8') ? 'bf16' : 'f32', block: 0 };
 }
 
@@ -316,7 +317,8 @@ test('the AVX2 kernels give the AVX-512 kernels\' bits (f32, int8 and fast fp8\'
     // Reference mode: f32 activations on Avx512 / Avx2; fast int8 and int4: Vnni (or ScalarI8) /
     // Avx2I8; fast fp8: Bf16Dot / Avx2F8 (vdpbf16ps's sums, FMA by FMA).
     for (const [fast, other] of [[false, 'avx512'], [true, 'auto']] as const) {
-      if (fast && !name.startsWith('int') && !name.startsWith('fp8')) continue;
+      const int8Acts = name.startsWith('int') || name === 'mxfp4';
+      if (fast && !int8Acts && !name.startsWith('fp8')) continue;
       if (fast && name.startsWith('fp8') && !native.capabilities().bf16Dot) continue;
       const run = (level: 'avx2' | 'avx512' | 'auto') => {
         native.setSimdLevel(level);
@@ -328,7 +330,7 @@ test('the AVX2 kernels give the AVX-512 kernels\' bits (f32, int8 and fast fp8\'
           native.setSimdLevel('auto');
         }
       };
-      if (fast && name.startsWith('int') && !native.capabilities().int8Dot) continue;  // ScalarI8 rounds its per-block FMA in two steps
+      if (fast && int8Acts && !native.capabilities().int8Dot) continue;  // ScalarI8 rounds its per-block FMA in two steps
       assert.deepEqual(run('avx2'), run(other), `${name} k=${k} fast=${fast}: avx2 vs ${other}`);
     }
     w.dispose();

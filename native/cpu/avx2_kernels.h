@@ -467,30 +467,42 @@ struct Avx2I8Tile {
       __m256i acc[MR][PV];
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
-        // int4: the codes + 8 make the dot; -8 * sum(x) (uint32, the difference is exact) undoes it.
-        const uint32_t comp = Q == QFormat::I4 ? static_cast<uint32_t>(qs.xsums[static_cast<size_t>(r) * qs.xblocks_ld + xb]) << 3 : 0u;
+        // 4-bit: the codes + 8 (MXFP4: + 12) make the dot; -8 (-12) * sum(x) (uint32, the
+        // difference is exact) undoes it.
+        const uint32_t comp = Q != QFormat::I8 ? static_cast<uint32_t>(qs.xsums[static_cast<size_t>(r) * qs.xblocks_ld + xb]) * operand_offset<Q>() : 0u;
         const __m256i c = _mm256_set1_epi32(static_cast<int32_t>(0u - comp));
 #pragma GCC unroll 8
         for (int v = 0; v < PV; ++v) acc[r][v] = c;
       }
-      if constexpr (Q == QFormat::I4) {
+      if constexpr (Q != QFormat::I8) {
         // Chunks of 8 k: row i's 4 bytes are int32 lane i, k..k+3 in the low nibbles, k+4..k+7
         // in the high ones. The products of 32 k add up in int16 (8 vpmaddubsw results of at most
-        // 2 * 15 * 127 each: 30480 fits), then one vpmaddwd widens them.
-        for (int s0 = g0; s0 < g0 + kb; s0 += 32) {
+        // 2 * 15 * 127 each: 30480 fits; MXFP4's operands reach 24, so 16 k: 4 x 6096), then one
+        // vpmaddwd widens them.
+        constexpr int kSpan = Q == QFormat::FP4 ? 16 : 32;
+        alignas(16) uint8_t ops[16];
+        nibble_operands<Q>(ops);
+        const __m256i optab = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(ops)));
+        for (int s0 = g0; s0 < g0 + kb; s0 += kSpan) {
           __m256i a16[MR][PV];
 #pragma GCC unroll 8
           for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8
             for (int v = 0; v < PV; ++v) a16[r][v] = _mm256_setzero_si256();
-          for (int k = s0; k < std::min(s0 + 32, g0 + kb); k += 8) {
+          for (int k = s0; k < std::min(s0 + kSpan, g0 + kb); k += 8) {
 #pragma GCC unroll 8
             for (int v = 0; v < PV; ++v) {
               const int b = (v0 + v) >> 1, h = (v0 + v) & 1;
               const __m256i raw = _mm256_load_si256(reinterpret_cast<const __m256i*>(w + b * bstride + static_cast<size_t>(k) * 8 + 32 * h));
-              const __m256i t = _mm256_xor_si256(raw, _mm256_set1_epi8(static_cast<char>(0x88)));  // codes + 8
-              const __m256i lo = _mm256_and_si256(t, _mm256_set1_epi8(0x0f));
-              const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(t, 4), _mm256_set1_epi8(0x0f));
+              __m256i lo, hi;
+              if constexpr (Q == QFormat::FP4) {  // each nibble's operand from the table
+                lo = _mm256_shuffle_epi8(optab, _mm256_and_si256(raw, _mm256_set1_epi8(0x0f)));
+                hi = _mm256_shuffle_epi8(optab, _mm256_and_si256(_mm256_srli_epi16(raw, 4), _mm256_set1_epi8(0x0f)));
+              } else {
+                const __m256i t = _mm256_xor_si256(raw, _mm256_set1_epi8(static_cast<char>(0x88)));  // codes + 8
+                lo = _mm256_and_si256(t, _mm256_set1_epi8(0x0f));
+                hi = _mm256_and_si256(_mm256_srli_epi16(t, 4), _mm256_set1_epi8(0x0f));
+              }
 #pragma GCC unroll 8
               for (int r = 0; r < MR; ++r) {
                 const __m256i x0 = _mm256_set1_epi32(*reinterpret_cast<const u_i32*>(x + r * ldx + k));

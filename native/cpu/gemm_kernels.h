@@ -80,10 +80,10 @@ inline size_t act_size(Path p) {
 }
 inline bool int8_path(Path p) { return p == Path::Vnni || p == Path::ScalarI8 || p == Path::Avx2I8; }
 
-// Fast mode on int8 and int4 weights quantizes activations to int8 (symmetric, an f32 scale per
-// block of gcd(kActBlock, group) columns of a row) and multiplies codes by codes: int8 k steps of
-// 4 and int4 steps of 8 need the groups (and so kp) to be multiples of them; other shapes keep f32
-// activations.
+// Fast mode on int8, int4 and MXFP4 weights quantizes activations to int8 (symmetric, an f32
+// scale per block of gcd(kActBlock, group) columns of a row) and multiplies codes by codes (MXFP4:
+// the doubled e2m1 values, -12..12): int8 k steps of 4 and 4-bit steps of 8 need the groups (and
+// so kp) to be multiples of them; other shapes keep f32 activations.
 // NOTE (block of 128): each block ends in one int32 -> f32 conversion and one FMA per accumulator,
 // which at 32 columns (llama.cpp's Q8_0) cost the int8 kernel ~40% of its dot products: a 512-row
 // GEMM ran at 0.85x bf16 on AMD Zen 4, 1.29x at 128 (bench quant-kernels). 128 is DeepSeek-V3's
@@ -94,7 +94,7 @@ constexpr int kActBlock = 128;
 inline bool int8_activations(const PackedWeight& w, bool fast) {
   if (!fast) return false;
   if (w.q == QFormat::I8) return w.group % 4 == 0 && w.kp % 4 == 0;
-  if (w.q == QFormat::I4) return w.group % 8 == 0 && w.kp % 8 == 0;
+  if (w.q == QFormat::I4 || w.q == QFormat::FP4) return w.group % 8 == 0 && w.kp % 8 == 0;
   return false;
 }
 
@@ -392,12 +392,15 @@ struct Bf16DotTile {
 // Quantized weights (see QFormat in ops.h): codes decode to f32, times the (row, group) scale,
 // then the same accumulation as the f32 kernels. Activations are f32 on every path.
 
-// The 16 e2m1 values (sign in bit 3).
+// The 16 e2m1 values times 2 (sign in bit 3): integers, so that the int8 kernels multiply them as
+// codes. The packer stores MXFP4 scales halved to match (2^(e - 128), quant.cc), which gives every
+// kernel the same values as e2m1 x 2^(e - 127) exactly.
 inline const float* fp4_e2m1_table() {
-  static const float t[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
-                              -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+  static const float t[16] = {0.0f,  1.0f,  2.0f,  3.0f,  4.0f,  6.0f,  8.0f,  12.0f,
+                              -0.0f, -1.0f, -2.0f, -3.0f, -4.0f, -6.0f, -8.0f, -12.0f};
   return t;
 }
+constexpr int kFp4IntOffset = 12;  // the int8 kernels' unsigned form of a doubled e2m1 value: + 12
 
 // Code of row i (0..15) at column c of a block of kp columns (quant_layout.h), decoded.
 template <QFormat Q>
@@ -538,7 +541,7 @@ struct Avx512QTile {
 // (weight scale * activation scale). The integer dot is exact, so the portable and VNNI kernels
 // differ only by f32 rounding of the per-block terms.
 
-// Signed code of row i (0..15) at column c of a block of kp columns.
+// Signed code of row i (0..15) at column c of a block of kp columns (FP4: the doubled e2m1 value).
 template <QFormat Q>
 inline int code_int(const uint8_t* blk, int c, int i, int kp) {
   if constexpr (Q == QFormat::I8) {
@@ -546,8 +549,22 @@ inline int code_int(const uint8_t* blk, int c, int i, int kp) {
   } else {
     int shift;
     const int nib = (blk[code4_offset(i, c, kp, &shift)] >> shift) & 0xf;
+    if constexpr (Q == QFormat::FP4) return static_cast<int>(fp4_e2m1_table()[nib]);
     return (nib ^ 8) - 8;
   }
+}
+
+// The 16 unsigned operands of the 4-bit codes (a byte table per 128-bit lane for vpshufb): int4
+// code + 8, MXFP4 doubled e2m1 + 12.
+template <QFormat Q>
+inline void nibble_operands(uint8_t out[16]) {
+  for (int n = 0; n < 16; ++n)
+    out[n] = static_cast<uint8_t>(Q == QFormat::FP4 ? static_cast<int>(fp4_e2m1_table()[n]) + kFp4IntOffset : n ^ 8);
+}
+// What the unsigned operands add to each code: sum(x * (w + s)) - s * sum(x) undoes it.
+template <QFormat Q>
+constexpr uint32_t operand_offset() {
+  return Q == QFormat::I8 ? 128u : Q == QFormat::FP4 ? static_cast<uint32_t>(kFp4IntOffset) : 8u;
 }
 
 template <QFormat Q>
@@ -627,15 +644,20 @@ struct VnniTile {
       const int8_t* x, size_t ldx, const uint8_t* w, size_t wstride, int kp, float* tile, QScales qs) {
     const size_t bstride = wstride * qformat_bits(Q) / 8;
     const int kb = KB ? KB : qs.xblock;
-    constexpr int kShift = Q == QFormat::I8 ? 7 : 3;
     const __m512i n8 = _mm512_set1_epi8(0x08), lo4 = _mm512_set1_epi8(0x0f);
+    __m512i fp4ops = _mm512_setzero_si512();  // FP4: the operand of each nibble (vpshufb)
+    if constexpr (Q == QFormat::FP4) {
+      alignas(16) uint8_t t[16];
+      nibble_operands<Q>(t);
+      fp4ops = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(t)));
+    }
     for (int g0 = 0; g0 < kp; g0 += kb) {
       const int xb = g0 / kb;
       __m512i acc[MR][NR];
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
         // s * sum(x) in uint32: the shifted dot wraps modulo 2^32, the difference is exact.
-        const uint32_t comp = static_cast<uint32_t>(qs.xsums[static_cast<size_t>(r) * qs.xblocks_ld + xb]) << kShift;
+        const uint32_t comp = static_cast<uint32_t>(qs.xsums[static_cast<size_t>(r) * qs.xblocks_ld + xb]) * operand_offset<Q>();
         const __m512i c = _mm512_set1_epi32(static_cast<int32_t>(0u - comp));
 #pragma GCC unroll 4
         for (int b = 0; b < NR; ++b) acc[r][b] = c;
@@ -670,8 +692,11 @@ struct VnniTile {
 #pragma GCC unroll 4
             for (int b = 0; b < NR; ++b) {
               const __m512i v = _mm512_load_si512(w + b * bstride + static_cast<size_t>(k) * 8);
-              // (v ^ 8) & 0xf per nibble half: ternary logic (a ^ b) & c = 0x28.
-              wk[b] = _mm512_ternarylogic_epi32(half ? _mm512_srli_epi16(v, 4) : v, n8, lo4, 0x28);
+              const __m512i nib = half ? _mm512_srli_epi16(v, 4) : v;
+              if constexpr (Q == QFormat::FP4)  // the nibble's operand from the lane's table
+                wk[b] = _mm512_shuffle_epi8(fp4ops, _mm512_and_si512(nib, lo4));
+              else  // (v ^ 8) & 0xf per nibble half: ternary logic (a ^ b) & c = 0x28.
+                wk[b] = _mm512_ternarylogic_epi32(nib, n8, lo4, 0x28);
             }
 #pragma GCC unroll 8
             for (int r = 0; r < MR; ++r) {
@@ -876,13 +901,15 @@ inline const TileFn* qtile_table(Path path, QFormat q) {
   if (path == Path::ScalarI8) {
     static const auto si_i8 = make_tile_table<ScalarI8Tile<QFormat::I8>>(Seq{});
     static const auto si_i4 = make_tile_table<ScalarI8Tile<QFormat::I4>>(Seq{});
-    return q == QFormat::I8 ? si_i8.data() : si_i4.data();
+    static const auto si_fp4 = make_tile_table<ScalarI8Tile<QFormat::FP4>>(Seq{});
+    return q == QFormat::I8 ? si_i8.data() : q == QFormat::I4 ? si_i4.data() : si_fp4.data();
   }
 #if EXPERTD_GEMM_X86
   if (path == Path::Vnni) {
     static const auto v_i8 = make_tile_table<VnniTile<QFormat::I8>>(Seq{});
     static const auto v_i4 = make_tile_table<VnniTile<QFormat::I4>>(Seq{});
-    return q == QFormat::I8 ? v_i8.data() : v_i4.data();
+    static const auto v_fp4 = make_tile_table<VnniTile<QFormat::FP4>>(Seq{});
+    return q == QFormat::I8 ? v_i8.data() : q == QFormat::I4 ? v_i4.data() : v_fp4.data();
   }
   if (path == Path::Bf16Dot) {
     static const auto d_f8 = make_tile_table<Bf16DotF8Tile>(Seq{});
@@ -891,7 +918,8 @@ inline const TileFn* qtile_table(Path path, QFormat q) {
   if (path == Path::Avx2I8) {
     static const auto v_i8 = make_tile_table<Avx2I8Tile<QFormat::I8>>(Seq{});
     static const auto v_i4 = make_tile_table<Avx2I8Tile<QFormat::I4>>(Seq{});
-    return q == QFormat::I8 ? v_i8.data() : v_i4.data();
+    static const auto v_fp4 = make_tile_table<Avx2I8Tile<QFormat::FP4>>(Seq{});
+    return q == QFormat::I8 ? v_i8.data() : q == QFormat::I4 ? v_i4.data() : v_fp4.data();
   }
   if (path == Path::Avx2F8) {
     static const auto a2_f8 = make_tile_table<Avx2F8Tile>(Seq{});

@@ -58,7 +58,7 @@ struct I8Shape {
   void add(const PackedWeight& w) {
     ld = std::max(ld, w.kp);
     block = std::gcd(block, w.group);
-    int4 = int4 || w.q == QFormat::I4;
+    int4 = int4 || w.q == QFormat::I4 || w.q == QFormat::FP4;
   }
   // NOTE: int4 kernels step k by 8 inside a block; int8 and int4 experts with an int8 hidden size
   // that is not a multiple of 8 cannot share one form (no --quantize makes such a layer).

@@ -264,9 +264,10 @@ void pack_mxfp4_weight(PackedWeight& w, const uint8_t* blocks, const uint8_t* sc
     const uint8_t* b = (is_up ? blocks_up : blocks) + static_cast<size_t>(row) * nb * 16;
     const uint8_t* s = (is_up ? scales_up : scales) + static_cast<size_t>(row) * nb;
     for (int c = 0; c < k; ++c) q.codes[c] = (c & 1) ? (b[c / 2] >> 4) : (b[c / 2] & 0xf);
-    // e8m0: 2^(s - 127); 255 is NaN in the format and is kept as NaN.
+    // e8m0: 2^(s - 127); 255 is NaN in the format and is kept as NaN. Stored halved (exact, down
+    // to 2^-128): the kernels' e2m1 values are doubled (gemm_kernels.h fp4_e2m1_table).
     for (int g = 0; g < nb; ++g)
-      q.scales[g] = s[g] == 255 ? std::nanf("") : std::ldexp(1.0f, static_cast<int>(s[g]) - 127);
+      q.scales[g] = s[g] == 255 ? std::nanf("") : std::ldexp(1.0f, static_cast<int>(s[g]) - 128);
   }, true);
 }
 
