@@ -11,9 +11,45 @@ import type { ExpertTable, PackedWeight } from '../src/native/index.js';
 import { fmt, markdownTable, median, parseIntList, parsePositiveInt, runInfo, writeJson, type Cell } from './harness.js';
 import { mulberry32 } from '../src/engine/rng.js';
 
-/** The formats both tables compare: name, --quantize format (null: bf16), group. */
-const FORMATS: [string, 'int8' | 'fp8' | 'int4' | null, number][] =
-  [['bf16', null, 0], ['int8', 'int8', 0], ['fp8', 'fp8', 128], ['int4 g32', 'int4', 32], ['int4 g128', 'int4', 128]];
+/**
+ * The formats both tables compare: name, --quantize format (null: bf16; 'mxfp4': random MXFP4
+ * checkpoint data, which --quantize cannot make), group.
+ */
+const FORMATS: [string, 'int8' | 'fp8' | 'int4' | 'mxfp4' | null, number][] =
+  [['bf16', null, 0], ['int8', 'int8', 0], ['fp8', 'fp8', 128], ['int4 g32', 'int4', 32], ['int4 g128', 'int4', 128],
+    ['mxfp4', 'mxfp4', 32]];
+
+/** Random MXFP4 data for an [n, k] matrix (k a multiple of 32): e2m1 code pairs, e8m0 scales 2^-9..2^-5. */
+function mxfp4Data(rng: () => number, n: number, k: number): { blocks: Uint8Array; scales: Uint8Array } {
+  return {
+    blocks: new Uint8Array(n * k / 2).map(() => Math.floor(rng() * 256)),
+    scales: new Uint8Array(n * k / 32).map(() => 118 + Math.floor(rng() * 5)),
+  };
+}
+
+/**
+ * One format's [n, k] weight (gate_up when `up` is given: gate rows n, then up rows n) from f32
+ * values (bf16 rounded, or quantized at pack), or random MXFP4 data of that shape.
+ */
+function packFormat(format: (typeof FORMATS)[number], rng: () => number, n: number, k: number, w: Float32Array,
+                    up?: Float32Array): PackedWeight {
+  const native = loadNative();
+  const [, q, group] = format;
+  if (q === 'mxfp4') {
+    const g = mxfp4Data(rng, n, k), u = up ? mxfp4Data(rng, n, k) : null;
+    return u ? native.packMxfp4(g.blocks, g.scales, n, k, u.blocks, u.scales) : native.packMxfp4(g.blocks, g.scales, n, k);
+  }
+  if (up) return q ? native.packGateUp(w, up, 'f32', n, k, q, group) : native.packGateUp(bf16Of(w), bf16Of(up), 'bf16', n, k);
+  return q ? native.packWeight(w, 'f32', n, k, q, group) : native.packWeight(bf16Of(w), 'bf16', n, k);
+}
+
+/** toBf16, once per array (the expert table packs the same three matrices for every expert). */
+const bf16Memo = new WeakMap<Float32Array, Uint16Array>();
+function bf16Of(a: Float32Array): Uint16Array {
+  let b = bf16Memo.get(a);
+  if (!b) bf16Memo.set(a, (b = toBf16(a)));
+  return b;
+}
 
 /** f32 -> bf16 bits, round to nearest even. */
 function toBf16(a: Float32Array): Uint16Array {
@@ -38,9 +74,8 @@ export async function runQuantKernels(argv: string[]): Promise<void> {
   let seed = 1;
   const rand = () => ((seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32) - 0.5;
   const src = new Float32Array(n * k).map(rand);
-  const bf16 = toBf16(src);
-  const weights: [string, PackedWeight][] = FORMATS.map(([name, q, group]) =>
-    [name, q ? native.packWeight(src, 'f32', n, k, q, group) : native.packWeight(bf16, 'bf16', n, k)]);
+  const mxfp4Rng = mulberry32(2);
+  const weights: [string, PackedWeight][] = FORMATS.map((f) => [f[0], packFormat(f, mxfp4Rng, n, k, src)]);
   const caps = native.capabilities();
   const load: number[] = [];
   const table: Cell[][] = [];
@@ -97,16 +132,15 @@ function runExpertShape(shapeArg: string, layers: number, reps: number, json?: s
   const rng = mulberry32(1);
   const rand = () => (rng() - 0.5) * 0.1;
   const gate = new Float32Array(I * H).map(rand), up = new Float32Array(I * H).map(rand), down = new Float32Array(H * I).map(rand);
-  const g16 = toBf16(gate), u16 = toBf16(up), d16 = toBf16(down);
   const tables: ExpertTable[][] = [];
   const expertBytes: number[] = [];
-  for (const [, q, group] of FORMATS) {
+  for (const f of FORMATS) {
     const list: ExpertTable[] = [];
     for (let l = 0; l < layers; l++) {
       const t = new native.ExpertTable(E, H, I);
       for (let e = 0; e < E; e++) {
-        const gu = q ? native.packGateUp(gate, up, 'f32', I, H, q, group) : native.packGateUp(g16, u16, 'bf16', I, H);
-        const dn = q ? native.packWeight(down, 'f32', H, I, q, group) : native.packWeight(d16, 'bf16', H, I);
+        const gu = packFormat(f, rng, I, H, gate, up);
+        const dn = packFormat(f, rng, H, I, down);
         if (l === 0 && e === 0) expertBytes.push(gu.sizeBytes + dn.sizeBytes);
         t.set(e, gu, dn);
         gu.dispose();
