@@ -12,6 +12,7 @@ import { parseArgs } from 'node:util';
 import type { LayerCache } from '../src/model/attention.js';
 import type { ForwardBatch, ForwardResult } from '../src/model/forward-batch.js';
 import { countParams, loadModel, type LoadedModel } from '../src/model/load.js';
+import { kvDtypeBytes, resolveKvDtype, type KvDtype } from '../src/model/kv-dtype.js';
 import type { MoeModel } from '../src/model/model.js';
 import { quantizedBytes } from '../src/model/quantize.js';
 import type { ModelSpec } from '../src/model/spec.js';
@@ -33,12 +34,20 @@ interface Seq { blocks: number[]; len: number; slot: number }
  * A minimal paged-KV driver: contiguous block hand-out, reset between repetitions. Hybrid models
  * (linear-attention layers) get a state slot per sequence, in order, out of `maxSeqs`.
  */
+/** What the bench headers say about the KV cache (Runner's default). */
+export const KV_NOTE = 'KV cache bf16 (the daemon\'s --kv-cache-dtype auto)';
+
 export class Runner {
   readonly cache: LayerCache[];
   private next = 0;
   private nextSlot = 0;
-  constructor(readonly model: MoeModel, readonly numBlocks: number, readonly maxSeqs = 64) {
-    this.cache = model.allocateKvCache(numBlocks, BLOCK_SIZE);
+  /**
+   * kvDtype: the daemon's default unless given (`--kv-cache-dtype auto`: bf16 in the fast mode,
+   * f32 in the reference mode), so a bench step reads the cache a served step reads.
+   */
+  constructor(readonly model: MoeModel, readonly numBlocks: number, readonly maxSeqs = 64,
+              readonly kvDtype: KvDtype = resolveKvDtype('auto', model.fast ? 'bf16' : 'f32')) {
+    this.cache = model.allocateKvCache(numBlocks, BLOCK_SIZE, kvDtype);
     if (model.numLinearLayers > 0) model.allocateStateCache(maxSeqs);
   }
   reset(): void {
@@ -124,7 +133,7 @@ export class DecodeBytes {
   readonly stateBytesPerSeq: number;
   private readonly kvBytesPerTokenLayer: number;
   private readonly attentionLayers: number;
-  constructor(private readonly spec: ModelSpec) {
+  constructor(private readonly spec: ModelSpec, kvDtype: KvDtype) {
     const H = spec.hidden;
     const a = spec.attention;
     if (a.kind !== 'gqa') throw new Error('e2e: the bound is written for GQA models');
@@ -160,7 +169,7 @@ export class DecodeBytes {
     this.denseBytes = dense + spec.vocabSize * H * 2 + H * 4;
     this.stateBytesPerSeq = stateBytes;
     this.expertBytes = 3 * H * m.intermediate * 2;
-    this.kvBytesPerTokenLayer = 2 * a.kvHeads * a.headDim * 4; // f32 K and V
+    this.kvBytesPerTokenLayer = 2 * a.kvHeads * a.headDim * kvDtypeBytes(kvDtype);  // K and V
   }
   /** routedIds per MoE layer [B, k]; ctxLens = each sequence's tokens in cache after the step. */
   step(routedIds: Int32Array[], ctxLens: number[], batch: number): { bytes: number; experts: number } {
@@ -247,7 +256,7 @@ async function measureModel(name: BenchModelName, o: Options): Promise<ModelResu
   const maxB = Math.max(...o.batches);
   const perSeqBlocks = Math.ceil((o.decodePrompt + o.steps + 2) / BLOCK_SIZE);
   const runner = new Runner(model, Math.max(Math.ceil((o.prefill + 1) / BLOCK_SIZE), maxB * perSeqBlocks));
-  const bytes = new DecodeBytes(spec);
+  const bytes = new DecodeBytes(spec, runner.kvDtype);
   const res: ModelResult = {
     model: name, dir, params: countParams(spec), loadMs: loaded.loadMs, limits,
     bandwidthSamplesGBps: [limits.readBandwidthGBps], bandwidthGBps: NaN, loadAverages: [],
@@ -484,7 +493,7 @@ export async function runE2e(argv: string[]): Promise<void> {
   for (const m of models) results.push(await measureModel(m, o));
   const { table, verdicts } = report(results, o);
 
-  console.log(`## e2e: whole model, fast (bf16) mode, ${os.cpus()[0]?.model ?? 'cpu'}, ` +
+  console.log(`## e2e: whole model, fast (bf16) mode, ${KV_NOTE}, ${os.cpus()[0]?.model ?? 'cpu'}, ` +
     `${o.threads || os.availableParallelism()} threads\n`);
   console.log(`Prefill: one prompt of ${o.prefill} tokens in one step (TTFT = forward + greedy pick). Decode: ` +
     `batch B of ${o.decodePrompt}-token prompts prefilled untimed, then ${o.steps} greedy steps (ITL = one step). ` +

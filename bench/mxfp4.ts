@@ -15,7 +15,7 @@ import { writeSafetensors, type TensorToWrite } from '../src/model/safetensors.j
 import { loadNative } from '../src/native/index.js';
 import { benchModelsRoot } from './bench-models.js';
 import { expertBytes, measureLoadMemory, type LoadMemory } from './load-memory.js';
-import { DecodeBytes, Runner, argmaxRows, promptIds } from './e2e.js';
+import { DecodeBytes, KV_NOTE, Runner, argmaxRows, promptIds } from './e2e.js';
 import { fmt, markdownTable, median, parsePositiveInt, pct, runInfo, writeJson, type Cell } from './harness.js';
 import { runProbe } from './probe/probe.js';
 
@@ -167,7 +167,7 @@ export async function runMxfp4Bench(argv: string[]): Promise<void> {
   const models = sides.map((s) => loadModel(s.dir, { fast: true }));
   try {
     const runners = models.map((m) => new Runner(m.model, 64));
-    const bytes = models.map((m) => { const b = new DecodeBytes(m.spec); b.expertBytes = expertBytes(m.model).one; return b; });
+    const bytes = models.map((m, i) => { const b = new DecodeBytes(m.spec, runners[i]!.kvDtype); b.expertBytes = expertBytes(m.model).one; return b; });
     const bw: number[] = [runProbe({ threads: threads || undefined }).readBandwidthGBps];
     for (let r = 0; r < reps + 1; r++) {
       loadAvg.push(os.loadavg()[0]!);
@@ -205,7 +205,7 @@ export async function runMxfp4Bench(argv: string[]): Promise<void> {
         `${fmt(Math.min(...s.tokPerS))}-${fmt(Math.max(...s.tokPerS))}`, bound, pct(tps / bound),
         s === base ? '-' : `${fmt(tps / median(base.tokPerS))}x`]);
     }
-    console.log(`## mxfp4: gpt-oss-like (H ${H}, I ${I}, E ${E} top-${K}, L ${L}, V ${V}), fast mode, ${os.cpus()[0]?.model ?? 'cpu'}, ${threads || os.availableParallelism()} threads\n`);
+    console.log(`## mxfp4: gpt-oss-like (H ${H}, I ${I}, E ${E} top-${K}, L ${L}, V ${V}), fast mode, ${KV_NOTE}, ${os.cpus()[0]?.model ?? 'cpu'}, ${threads || os.availableParallelism()} threads\n`);
     console.log(`Load memory: a child process per load, ${reps} each, median (RssAnon = the model's own memory; RssFile = mapped checkpoint pages). ` +
       `Decode: batch 1, a 64-token prompt then ${steps} greedy steps, ${reps} reps after a warm-up, round-robin; the bound is the bytes each step ` +
       `reads in that format over the best read-bandwidth probe (${fmt(bandwidth)} GB/s). 1-min load average ${fmt(Math.min(...loadAvg))}-${fmt(Math.max(...loadAvg))}. ` +

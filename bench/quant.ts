@@ -18,7 +18,7 @@ import { describeQuantize, quantizeSpec, quantizedBytes, type QuantizeSpec } fro
 import type { ModelSpec } from '../src/model/spec.js';
 import { loadNative } from '../src/native/index.js';
 import { BENCH_MODEL_NAMES, ensureBenchModel, type BenchModelName } from './bench-models.js';
-import { DecodeBytes, Runner, argmaxRows, promptIds } from './e2e.js';
+import { DecodeBytes, KV_NOTE, Runner, argmaxRows, promptIds } from './e2e.js';
 import { fmt, markdownTable, median, parseIntList, parsePositiveInt, pct, runInfo, writeJson, type Cell } from './harness.js';
 import { expertBytes, loadAnonMiB, measureLoadMemory, type LoadMemory } from './load-memory.js';
 import { hfPython } from './peers/hf.js';
@@ -133,7 +133,7 @@ export async function runQuantBench(argv: string[]): Promise<void> {
       const loaded = loadModel(dir, { fast: true, quantize: q });
       const perSeq = Math.ceil((decodePrompt + steps + 2) / 16);
       const runner = new Runner(loaded.model, Math.max(Math.ceil((prefill + 1) / 16), Math.max(...batches) * perSeq));
-      const bytes = new DecodeBytes(loaded.spec);
+      const bytes = new DecodeBytes(loaded.spec, runner.kvDtype);
       const held = expertBytes(loaded.model);
       bytes.expertBytes = held.one;  // what one expert's FFN reads in this format
       if (q?.dense) bytes.denseBytes -= denseQuantSaving(loaded.spec, q);
@@ -239,7 +239,7 @@ export async function runQuantBench(argv: string[]): Promise<void> {
       await peer?.close();
     }
   }
-  console.log(`## quant: quantized experts, fast mode, ${os.cpus()[0]?.model ?? 'cpu'}, ${threads || os.availableParallelism()} threads\n`);
+  console.log(`## quant: quantized experts, fast mode, ${KV_NOTE}, ${os.cpus()[0]?.model ?? 'cpu'}, ${threads || os.availableParallelism()} threads\n`);
   console.log(`Prefill: one ${prefill}-token prompt in one step. Decode: batch B of ${decodePrompt}-token prompts, ${steps} greedy ` +
     `steps. ${reps} reps after ${warmup} warm-up, round-robin over the formats; tok/s median and min-max. The bound: the ` +
     `bytes each step reads in that format (dense weights bf16, or in the format for the -dense rows: --quantize-dense; the ` +

@@ -17,7 +17,7 @@ for (const f of ['mixtral', 'qwen3_next']) {
   test(`DecodeBytes (${f}): dense bytes = the bf16 bytes of the tensors a decode step reads; state = read + write of a slot`, () => {
     const { spec, model, checkpoint } = loadModel(path.join(fixturesDir, f), { fast: true });
     try {
-      const b = new DecodeBytes(spec);
+      const b = new DecodeBytes(spec, 'bf16');
       let want = 0;
       let expert = 0;
       for (const t of checkpoint.tensors.values()) {
@@ -33,6 +33,13 @@ for (const f of ['mixtral', 'qwen3_next']) {
       assert.equal(b.expertBytes, expert / model.numMoeLayers, `${f}: one expert's bytes`);
       assert.equal(b.stateBytesPerSeq, 2 * model.stateBytesPerSlot, `${f}: state bytes per sequence`);
       if (f === 'qwen3_next') assert.ok(b.stateBytesPerSeq > 0);
+      // The KV cache read: K and V of every cached token in every attention layer, in the cache's dtype.
+      const a = spec.attention;
+      if (a.kind !== 'gqa') throw new Error('GQA fixtures');
+      const attnLayers = spec.layers.filter((l) => l.mixer !== 'linear_attention').length;
+      const f32 = new DecodeBytes(spec, 'f32');
+      assert.equal(f32.step([], [10], 1).bytes - b.step([], [10], 1).bytes, 10 * attnLayers * 2 * a.kvHeads * a.headDim * 2, `${f}: KV bytes`);
+      assert.equal(new Runner(model, 4, 1).kvDtype, 'bf16', 'the fast mode\'s default KV cache (--kv-cache-dtype auto)');
     } finally {
       model.dispose();
     }
@@ -56,6 +63,7 @@ test('Runner: a hybrid model batched gives each sequence the tokens it gets alon
       return out;
     };
     const runner = new Runner(model, 64, 8);
+    assert.equal(runner.kvDtype, 'f32', 'the reference mode\'s default KV cache');
     const batched = greedy(runner, prompts, 6);
     const alone = prompts.map((p) => greedy(runner, [p], 6)[0]!);
     assert.deepEqual(batched, alone);
