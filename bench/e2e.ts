@@ -30,13 +30,13 @@ const BLOCK_SIZE = 16;
 
 interface Seq { blocks: number[]; len: number; slot: number }
 
+/** What the bench headers say about the KV cache (Runner's default in the fast mode). */
+export const KV_NOTE = 'KV cache bf16 (the daemon\'s --kv-cache-dtype auto)';
+
 /**
  * A minimal paged-KV driver: contiguous block hand-out, reset between repetitions. Hybrid models
  * (linear-attention layers) get a state slot per sequence, in order, out of `maxSeqs`.
  */
-/** What the bench headers say about the KV cache (Runner's default). */
-export const KV_NOTE = 'KV cache bf16 (the daemon\'s --kv-cache-dtype auto)';
-
 export class Runner {
   readonly cache: LayerCache[];
   private next = 0;

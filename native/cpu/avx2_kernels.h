@@ -480,9 +480,7 @@ struct Avx2I8Tile {
         // 2 * 15 * 127 each: 30480 fits; MXFP4's operands reach 24, so 16 k: 4 x 6096), then one
         // vpmaddwd widens them.
         constexpr int kSpan = Q == QFormat::FP4 ? 16 : 32;
-        alignas(16) uint8_t ops[16];
-        nibble_operands<Q>(ops);
-        const __m256i optab = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(ops)));
+        const __m256i optab = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kFp4Operands.v)));
         for (int s0 = g0; s0 < g0 + kb; s0 += kSpan) {
           __m256i a16[MR][PV];
 #pragma GCC unroll 8

@@ -392,15 +392,28 @@ struct Bf16DotTile {
 // Quantized weights (see QFormat in ops.h): codes decode to f32, times the (row, group) scale,
 // then the same accumulation as the f32 kernels. Activations are f32 on every path.
 
-// The 16 e2m1 values times 2 (sign in bit 3): integers, so that the int8 kernels multiply them as
-// codes. The packer stores MXFP4 scales halved to match (2^(e - 128), quant.cc), which gives every
-// kernel the same values as e2m1 x 2^(e - 127) exactly.
+// The 8 e2m1 magnitudes times 2 (bit 3 of a code is its sign): integers, so that the int8 kernels
+// multiply them as codes. The packer stores MXFP4 scales halved to match (2^(e - 128), quant.cc),
+// which gives every kernel the same values as e2m1 x 2^(e - 127) exactly.
+inline constexpr int kFp4Mag2[8] = {0, 1, 2, 3, 4, 6, 8, 12};
+inline constexpr int fp4_int(int code) { return code & 8 ? -kFp4Mag2[code & 7] : kFp4Mag2[code & 7]; }
+// The 16 doubled e2m1 values as f32 (code 8 is -0).
 inline const float* fp4_e2m1_table() {
-  static const float t[16] = {0.0f,  1.0f,  2.0f,  3.0f,  4.0f,  6.0f,  8.0f,  12.0f,
-                              -0.0f, -1.0f, -2.0f, -3.0f, -4.0f, -6.0f, -8.0f, -12.0f};
-  return t;
+  static const std::array<float, 16> t = [] {
+    std::array<float, 16> a{};
+    for (int n = 0; n < 16; ++n) a[n] = n & 8 ? -static_cast<float>(kFp4Mag2[n & 7]) : static_cast<float>(kFp4Mag2[n & 7]);
+    return a;
+  }();
+  return t.data();
 }
 constexpr int kFp4IntOffset = 12;  // the int8 kernels' unsigned form of a doubled e2m1 value: + 12
+// Those unsigned forms by code, one byte each (a 128-bit lane's vpshufb table).
+struct alignas(16) Fp4Operands { uint8_t v[16]; };
+inline constexpr Fp4Operands kFp4Operands = [] {
+  Fp4Operands t{};
+  for (int n = 0; n < 16; ++n) t.v[n] = static_cast<uint8_t>(fp4_int(n) + kFp4IntOffset);
+  return t;
+}();
 
 // Code of row i (0..15) at column c of a block of kp columns (quant_layout.h), decoded.
 template <QFormat Q>
@@ -549,18 +562,11 @@ inline int code_int(const uint8_t* blk, int c, int i, int kp) {
   } else {
     int shift;
     const int nib = (blk[code4_offset(i, c, kp, &shift)] >> shift) & 0xf;
-    if constexpr (Q == QFormat::FP4) return static_cast<int>(fp4_e2m1_table()[nib]);
+    if constexpr (Q == QFormat::FP4) return fp4_int(nib);
     return (nib ^ 8) - 8;
   }
 }
 
-// The 16 unsigned operands of the 4-bit codes (a byte table per 128-bit lane for vpshufb): int4
-// code + 8, MXFP4 doubled e2m1 + 12.
-template <QFormat Q>
-inline void nibble_operands(uint8_t out[16]) {
-  for (int n = 0; n < 16; ++n)
-    out[n] = static_cast<uint8_t>(Q == QFormat::FP4 ? static_cast<int>(fp4_e2m1_table()[n]) + kFp4IntOffset : n ^ 8);
-}
 // What the unsigned operands add to each code: sum(x * (w + s)) - s * sum(x) undoes it.
 template <QFormat Q>
 constexpr uint32_t operand_offset() {
@@ -645,12 +651,8 @@ struct VnniTile {
     const size_t bstride = wstride * qformat_bits(Q) / 8;
     const int kb = KB ? KB : qs.xblock;
     const __m512i n8 = _mm512_set1_epi8(0x08), lo4 = _mm512_set1_epi8(0x0f);
-    __m512i fp4ops = _mm512_setzero_si512();  // FP4: the operand of each nibble (vpshufb)
-    if constexpr (Q == QFormat::FP4) {
-      alignas(16) uint8_t t[16];
-      nibble_operands<Q>(t);
-      fp4ops = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(t)));
-    }
+    // FP4: the operand of each nibble (vpshufb).
+    const __m512i fp4ops = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(kFp4Operands.v)));
     for (int g0 = 0; g0 < kp; g0 += kb) {
       const int xb = g0 / kb;
       __m512i acc[MR][NR];
