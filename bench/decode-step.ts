@@ -14,11 +14,13 @@ import type { ForwardBatch } from '../src/model/forward-batch.js';
 import { BENCH_MODEL_NAMES, type BenchModelName, ensureBenchModel } from './bench-models.js';
 import { fmt, markdownTable, measureWallCpu, median, parseIntList, parsePositiveInt, pct, runInfo, writeJson, type Cell } from './harness.js';
 import { OpProfiler } from './op-profile.js';
+import { FORMATS } from './quant.js';
 
 export async function runDecodeStep(argv: string[]): Promise<void> {
   const { values } = parseArgs({ args: argv, options: {
     json: { type: 'string' }, model: { type: 'string' }, batches: { type: 'string' }, 'kv-cache-dtype': { type: 'string' },
     'prompt-len': { type: 'string' }, steps: { type: 'string' }, threads: { type: 'string' }, profile: { type: 'boolean' },
+    format: { type: 'string' },
   }, strict: true });
   const name = (values.model ?? 'mixtral-like') as BenchModelName;
   if (!BENCH_MODEL_NAMES.includes(name)) throw new RangeError(`--model is "${name}", expected one of ${BENCH_MODEL_NAMES.join(', ')}`);
@@ -28,7 +30,10 @@ export async function runDecodeStep(argv: string[]): Promise<void> {
   const promptLen = parsePositiveInt('prompt-len', values['prompt-len'], 128);
   const steps = parsePositiveInt('steps', values.steps, 5);
   const threads = loadNative().setNumThreads(parsePositiveInt('threads', values.threads, 0));
-  const loaded = loadModel(ensureBenchModel(name, (s) => console.error(s)), { fast: true });
+  const format = values.format ?? 'bf16';
+  if (!(format in FORMATS)) throw new RangeError(`--format is "${format}", expected one of ${Object.keys(FORMATS).join(', ')}`);
+  const quantize = FORMATS[format];
+  const loaded = loadModel(ensureBenchModel(name, (s) => console.error(s)), quantize ? { fast: true, quantize } : { fast: true });
   const rows: Cell[][] = [];
   const json: unknown[] = [];
   const profiles: string[] = [];
@@ -60,11 +65,11 @@ export async function runDecodeStep(argv: string[]): Promise<void> {
     }, { reps: steps, warmup: 0 });
     const m = median(cpuMs);
     rows.push([B, dt, m, `${fmt(Math.min(...cpuMs))}-${fmt(Math.max(...cpuMs))}`, B / m * 1000, median(wallMs)]);
-    json.push({ batch: B, kvDtype: dt, cpuMs, wallMs });
+    json.push({ batch: B, kvDtype: dt, format, cpuMs, wallMs });
     console.error(`# batch ${B} ${dt}: ${fmt(m)} cpu ms per step, load average ${os.loadavg().map((x) => x.toFixed(1)).join(' ')}`);
     if (values.profile) profiles.push(`#### batch ${B}, ${dt} KV\n\n${profileSteps(core, loaded.spec, B, steps)}\n`);
   }
-  console.log(`\n### decode step by batch and KV dtype: ${name} (bf16), ${promptLen}-token prompts, ${threads} threads, median of ${steps} steps; ` +
+  console.log(`\n### decode step by batch and KV dtype: ${name} (${format === 'bf16' ? 'bf16' : `--quantize ${format}`}), ${promptLen}-token prompts, ${threads} threads, median of ${steps} steps; ` +
     `load average ${os.loadavg().map((x) => x.toFixed(1)).join(' ')}\n`);
   console.log(markdownTable(['batch', 'KV', 'cpu ms per step', 'cpu min-max', 'decode tokens per CPU-second', 'wall ms per step'], rows));
   if (profiles.length) {

@@ -203,6 +203,9 @@ const BUILDS: [string, Build][] = [
   ['int8', (rand, n, k) => native.packWeight(uniform(rand, n * k), 'f32', n, k, 'int8', 0)],
   ['int4/32', (rand, n, k) => native.packWeight(uniform(rand, n * k), 'f32', n, k, 'int4', 32)],
   ['int4/128', (rand, n, k) => native.packWeight(uniform(rand, n * k), 'f32', n, k, 'int4', 128)],
+  // Activation blocks of 8 (gcd(128, 24)): the int8 kernels' loops of a length known only at run
+  // time, and their 8-k tails.
+  ['int4/24', (rand, n, k) => native.packWeight(uniform(rand, n * k), 'f32', n, k, 'int4', 24)],
   ['fp8', (rand, n, k) => native.packWeight(uniform(rand, n * k), 'f32', n, k, 'fp8', 128)],
   // e4m3 codes of exponents 0 to 3, half of them 0 (zero and the subnormals, which the fast kernel
   // fixes up after its shift-and-mask decode), so that they weigh in the outputs; both signs, 64 x
@@ -359,7 +362,7 @@ test('groupGemmFfn with quantized experts (and a bf16 one beside them) matches f
           dn = build(rand, h, inter);
         } else {
           const fmt = name.split('/')[0] as QuantFormat;
-          const group = name === 'int8' ? 0 : name === 'int4/32' ? 32 : 128;
+          const group = name === 'int8' ? 0 : name.startsWith('int4/') ? Number(name.split('/')[1]) : 128;
           gu = native.packGateUp(uniform(rand, inter * h), uniform(rand, inter * h), 'f32', inter, h, fmt, group);
           dn = build(rand, h, inter);
         }

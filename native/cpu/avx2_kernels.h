@@ -445,7 +445,9 @@ struct Avx2I8Tile {
   EXPERTD_AVX2 static void run(const void* xv, size_t ldx, const void* wv, size_t wstride, int kp,
                                float* tile, QScales qs) {
     constexpr int NV = 2 * NR;
-    constexpr int PV = avx2_pass_vectors(MR, NV, 0, 11);
+    // One row (decode): a pass per block, so that the weights stream in one sequential run (see
+    // VnniTile::one_row); the integer sums and the FMAs per block are the same: the same bits.
+    constexpr int PV = MR == 1 ? 2 : avx2_pass_vectors(MR, NV, 0, 11);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8

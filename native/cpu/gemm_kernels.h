@@ -623,24 +623,120 @@ struct VnniTile {
   template <int MR, int NR>
   EXPERTD_AVX512VNNI static void run(const void* xv, size_t ldx, const void* wv, size_t wstride,
                                      int kp, float* tile, QScales qs) {
-    // NOTE (registers): the f32 sums live in the tile (L1), not in registers: MR x NR int32
-    // accumulators plus as many f32 ones are 48 zmm at 6 x 4, more than the 32 there are, and
-    // the compiler's spills inside the k loop made a prefill-sized call slower than bf16 (0.72x
-    // at 512 rows on AMD Zen 4). The tile is read and written once per activation block.
+    // NOTE (registers): with many rows the f32 sums live in the tile (L1), not in registers: MR x
+    // NR int32 accumulators plus as many f32 ones are 48 zmm at 6 x 4, more than the 32 there are,
+    // and the compiler's spills inside the k loop made a prefill-sized call slower than bf16 (0.72x
+    // at 512 rows on AMD Zen 4). The tile is then read and written once per activation block. One
+    // or two rows (decode) keep them in registers: the tile's store-and-reload per block of 32 k
+    // was a fifth of int4 g32's one-row kernel.
+    if constexpr (!kRegSums<MR, NR>) {
 #pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r)
+      for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-      for (int b = 0; b < NR; ++b) _mm512_store_ps(tile + r * kTileLd + b * 16, _mm512_setzero_ps());
+        for (int b = 0; b < NR; ++b) _mm512_store_ps(tile + r * kTileLd + b * 16, _mm512_setzero_ps());
+    }
     // Blocks of kActBlock and of 32 (int4 g32) run a k loop of known length, unrolled; the
     // others (small or odd groups) the general one.
     const auto* x = static_cast<const int8_t*>(xv);
     const auto* w = static_cast<const uint8_t*>(wv);
+    if constexpr (MR == 1) {
+      if (qs.xblock == kActBlock)
+        one_row<NR, kActBlock>(x, w, wstride, kp, tile, qs);
+      else if (qs.xblock == 32)
+        one_row<NR, 32>(x, w, wstride, kp, tile, qs);
+      else
+        one_row<NR, 0>(x, w, wstride, kp, tile, qs);
+      return;
+    }
     if (qs.xblock == kActBlock)
       blocks<MR, NR, kActBlock>(x, ldx, w, wstride, kp, tile, qs);
     else if (qs.xblock == 32)
       blocks<MR, NR, 32>(x, ldx, w, wstride, kp, tile, qs);
     else
       blocks<MR, NR, 0>(x, ldx, w, wstride, kp, tile, qs);
+  }
+
+  template <int MR, int NR>
+  static constexpr bool kRegSums = MR * NR <= 8;
+
+  // Activation bytes k .. k + 3 in every lane.
+  EXPERTD_AVX512VNNI __attribute__((always_inline)) static inline __m512i x4(const int8_t* x, int k) {
+    return _mm512_set1_epi32(*reinterpret_cast<const unaligned_i32*>(x + k));
+  }
+
+  // The operand of the low (hi = false) or the high nibbles of a 64-byte 4-bit chunk.
+  template <bool Hi>
+  EXPERTD_AVX512VNNI __attribute__((always_inline)) static inline __m512i nibbles(__m512i v, __m512i n8,
+                                                                                __m512i lo4, __m512i fp4ops) {
+    const __m512i nib = Hi ? _mm512_srli_epi16(v, 4) : v;
+    if constexpr (Q == QFormat::FP4)  // the nibble's operand from the lane's table
+      return _mm512_shuffle_epi8(fp4ops, _mm512_and_si512(nib, lo4));
+    else  // (v ^ 8) & 0xf per nibble half: ternary logic (a ^ b) & c = 0x28.
+      return _mm512_ternarylogic_epi32(nib, n8, lo4, 0x28);
+  }
+
+  // One row (decode): each 16-row block's whole k before the next block's, so that a task reads
+  // its weights as one sequential stream (its blocks are contiguous, and so are their scales)
+  // instead of NR streams a block apart. Those streams are short at decode's shapes (an int4
+  // block of a 256-k down projection is 2 KiB), and the hardware prefetcher started each anew.
+  // The x broadcasts come from L1 per block; four int32 accumulators per block keep four
+  // vpdpbusd chains. Per block and activation block the same int32 sum and the same FMA into
+  // the f32 sum as blocks(): the same bits.
+  template <int NR, int KB>
+  EXPERTD_AVX512VNNI __attribute__((always_inline)) static inline void one_row(
+      const int8_t* x, const uint8_t* w, size_t wstride, int kp, float* tile, QScales qs) {
+    const size_t bstride = wstride * qformat_bits(Q) / 8;
+    const int kb = KB ? KB : qs.xblock;
+    const int blocks_per_group = qs.group / kb;
+    const __m512i n8 = _mm512_set1_epi8(0x08), lo4 = _mm512_set1_epi8(0x0f);
+    const __m512i fp4ops = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(kFp4Operands.v)));
+#pragma GCC unroll 1
+    for (int b = 0; b < NR; ++b) {
+      const uint8_t* wb = w + b * bstride;
+      const float* sb = qs.s + b * qs.sstride;
+      __m512 sum = _mm512_setzero_ps();
+      int gi = 0, in_group = 0;
+      for (int g0 = 0, xb = 0; g0 < kp; g0 += kb, ++xb) {
+        const uint32_t comp = static_cast<uint32_t>(qs.xsums[xb]) * operand_offset<Q>();
+        __m512i a0 = _mm512_set1_epi32(static_cast<int32_t>(0u - comp));
+        __m512i a1 = _mm512_setzero_si512(), a2 = _mm512_setzero_si512(), a3 = _mm512_setzero_si512();
+        int k = g0;
+        if constexpr (Q == QFormat::I8) {
+#pragma GCC unroll 8
+          for (; k + 16 <= g0 + kb; k += 16) {
+            a0 = _mm512_dpbusd_epi32(a0, _mm512_load_si512(wb + static_cast<size_t>(k) * 16), x4(x, k));
+            a1 = _mm512_dpbusd_epi32(a1, _mm512_load_si512(wb + static_cast<size_t>(k + 4) * 16), x4(x, k + 4));
+            a2 = _mm512_dpbusd_epi32(a2, _mm512_load_si512(wb + static_cast<size_t>(k + 8) * 16), x4(x, k + 8));
+            a3 = _mm512_dpbusd_epi32(a3, _mm512_load_si512(wb + static_cast<size_t>(k + 12) * 16), x4(x, k + 12));
+          }
+          for (; k < g0 + kb; k += 4)
+            a0 = _mm512_dpbusd_epi32(a0, _mm512_load_si512(wb + static_cast<size_t>(k) * 16), x4(x, k));
+        } else {
+#pragma GCC unroll 4
+          for (; k + 16 <= g0 + kb; k += 16) {
+            const __m512i v0 = _mm512_load_si512(wb + static_cast<size_t>(k) * 8);
+            const __m512i v1 = _mm512_load_si512(wb + static_cast<size_t>(k + 8) * 8);
+            a0 = _mm512_dpbusd_epi32(a0, nibbles<false>(v0, n8, lo4, fp4ops), x4(x, k));
+            a1 = _mm512_dpbusd_epi32(a1, nibbles<true>(v0, n8, lo4, fp4ops), x4(x, k + 4));
+            a2 = _mm512_dpbusd_epi32(a2, nibbles<false>(v1, n8, lo4, fp4ops), x4(x, k + 8));
+            a3 = _mm512_dpbusd_epi32(a3, nibbles<true>(v1, n8, lo4, fp4ops), x4(x, k + 12));
+          }
+          for (; k < g0 + kb; k += 8) {
+            const __m512i v = _mm512_load_si512(wb + static_cast<size_t>(k) * 8);
+            a0 = _mm512_dpbusd_epi32(a0, nibbles<false>(v, n8, lo4, fp4ops), x4(x, k));
+            a1 = _mm512_dpbusd_epi32(a1, nibbles<true>(v, n8, lo4, fp4ops), x4(x, k + 4));
+          }
+        }
+        const __m512i acc = _mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3));
+        const __m512 sc = _mm512_load_ps(sb + static_cast<size_t>(gi) * 16);
+        if (++in_group == blocks_per_group) {
+          in_group = 0;
+          ++gi;
+        }
+        sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(sc, _mm512_set1_ps(qs.xscales[xb])), sum);
+      }
+      _mm512_store_ps(tile + b * 16, sum);
+    }
   }
 
   // Every block of k: int32 dot products, then one conversion and one FMA per accumulator into
@@ -653,6 +749,17 @@ struct VnniTile {
     const __m512i n8 = _mm512_set1_epi8(0x08), lo4 = _mm512_set1_epi8(0x0f);
     // FP4: the operand of each nibble (vpshufb).
     const __m512i fp4ops = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(kFp4Operands.v)));
+    // The weight scale group of a block, counted (kb divides the group): a division per block
+    // was an idiv per 32 k.
+    const int blocks_per_group = qs.group / kb;
+    int gi = 0, in_group = 0;
+    __m512 sums[kRegSums<MR, NR> ? MR : 1][NR];
+    if constexpr (kRegSums<MR, NR>) {
+#pragma GCC unroll 2
+      for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+        for (int b = 0; b < NR; ++b) sums[r][b] = _mm512_setzero_ps();
+    }
     for (int g0 = 0; g0 < kp; g0 += kb) {
       const int xb = g0 / kb;
       __m512i acc[MR][NR];
@@ -694,11 +801,7 @@ struct VnniTile {
 #pragma GCC unroll 4
             for (int b = 0; b < NR; ++b) {
               const __m512i v = _mm512_load_si512(w + b * bstride + static_cast<size_t>(k) * 8);
-              const __m512i nib = half ? _mm512_srli_epi16(v, 4) : v;
-              if constexpr (Q == QFormat::FP4)  // the nibble's operand from the lane's table
-                wk[b] = _mm512_shuffle_epi8(fp4ops, _mm512_and_si512(nib, lo4));
-              else  // (v ^ 8) & 0xf per nibble half: ternary logic (a ^ b) & c = 0x28.
-                wk[b] = _mm512_ternarylogic_epi32(nib, n8, lo4, 0x28);
+              wk[b] = half ? nibbles<true>(v, n8, lo4, fp4ops) : nibbles<false>(v, n8, lo4, fp4ops);
             }
 #pragma GCC unroll 8
             for (int r = 0; r < MR; ++r) {
@@ -710,23 +813,42 @@ struct VnniTile {
           }
         }
       }
-      // The compiler would otherwise forward the tile's stores to the next block's loads and
-      // keep the f32 sums as values after all, spilled to the stack (a second copy of each).
-      __asm__ volatile("" ::: "memory");
       __m512 sc[NR];
 #pragma GCC unroll 4
-      for (int b = 0; b < NR; ++b)
-        sc[b] = _mm512_load_ps(qs.s + b * qs.sstride + static_cast<size_t>(g0 / qs.group) * 16);
-#pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r) {
-        const __m512 xs = _mm512_set1_ps(qs.xscales[static_cast<size_t>(r) * qs.xblocks_ld + xb]);
+      for (int b = 0; b < NR; ++b) sc[b] = _mm512_load_ps(qs.s + b * qs.sstride + static_cast<size_t>(gi) * 16);
+      if (++in_group == blocks_per_group) {
+        in_group = 0;
+        ++gi;
+      }
+      if constexpr (kRegSums<MR, NR>) {
+#pragma GCC unroll 2
+        for (int r = 0; r < MR; ++r) {
+          const __m512 xs = _mm512_set1_ps(qs.xscales[static_cast<size_t>(r) * qs.xblocks_ld + xb]);
 #pragma GCC unroll 4
-        for (int b = 0; b < NR; ++b) {
-          float* t = tile + r * kTileLd + b * 16;
-          _mm512_store_ps(t, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][b]), _mm512_mul_ps(sc[b], xs),
-                                             _mm512_load_ps(t)));
+          for (int b = 0; b < NR; ++b)
+            sums[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][b]), _mm512_mul_ps(sc[b], xs), sums[r][b]);
+        }
+      } else {
+        // The compiler would otherwise forward the tile's stores to the next block's loads and
+        // keep the f32 sums as values after all, spilled to the stack (a second copy of each).
+        __asm__ volatile("" ::: "memory");
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; ++r) {
+          const __m512 xs = _mm512_set1_ps(qs.xscales[static_cast<size_t>(r) * qs.xblocks_ld + xb]);
+#pragma GCC unroll 4
+          for (int b = 0; b < NR; ++b) {
+            float* t = tile + r * kTileLd + b * 16;
+            _mm512_store_ps(t, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][b]), _mm512_mul_ps(sc[b], xs),
+                                               _mm512_load_ps(t)));
+          }
         }
       }
+    }
+    if constexpr (kRegSums<MR, NR>) {
+#pragma GCC unroll 2
+      for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+        for (int b = 0; b < NR; ++b) _mm512_store_ps(tile + r * kTileLd + b * 16, sums[r][b]);
     }
   }
 };
