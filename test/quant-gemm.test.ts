@@ -234,12 +234,16 @@ function denseCase(name: string, build: Build, m: number, n: number, k: number, 
   // Outliers in some rows: the per-row int8 scale follows each row's own maximum.
   const x = uniform(rand, m * kk);
   for (let r = 1; r < m; r += 3) x[r * kk + Math.floor(rand() * kk)] = 20 * (rand() - 0.5);
+  // Row 2 repeats row 1 (as a decode token's copies after the permute): int8 activations copy the
+  // row before's codes (quantize_rows_i8).
+  if (m >= 3) x.copyWithin(2 * kk, kk, 2 * kk);
   const bias = uniform(rand, n);
   const y = new Float32Array(m * n).fill(NaN);
   native.denseGemm(x, m, w, y, bias, false, fast);
   const ref = refGemm(activationsFor(name, x, m, kk, fast), m, dequantised(w), n, kk, false);
   for (let r = 0; r < m; r++) for (let j = 0; j < n; j++) ref[r * n + j] += bias[j]!;
   compare(y, ref, TOL, `${name} dense m=${m} n=${n} k=${kk} fast=${fast}${tag}`);
+  if (m >= 3) assert.deepEqual(y.subarray(2 * n, 3 * n), y.subarray(n, 2 * n), `${name} dense: a repeated row's outputs${tag}`);
   // NOTE (determinism): a row alone gives the bits it gives inside the batch.
   if (m > 1) {
     const r = m - 1, one = new Float32Array(n);

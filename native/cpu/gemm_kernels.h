@@ -1317,6 +1317,10 @@ inline Act alloc_i8(int rows, int ld, int block, Buffer& codes_buf, Buffer& scal
 }
 
 // Rows [r0, r1) of x (ldx floats apart, k used) into a's rows [r0, r1).
+// A row equal to the one before it (a decode token's copies, one per expert it chose, after the
+// permute) copies that row's codes, scales and sums: memcmp leaves distinct rows within a few
+// bytes, and quantizing was the largest serial part of a decode step's GroupGemm call (its top-k
+// copies of one token, each quantized).
 inline void quantize_rows_i8(const CpuFeatures& f, const float* x, size_t ldx, int r0, int r1, int k,
                              const Act& a) {
   const int ld = static_cast<int>(a.ld);
@@ -1325,6 +1329,12 @@ inline void quantize_rows_i8(const CpuFeatures& f, const float* x, size_t ldx, i
     int8_t* cr = const_cast<int8_t*>(static_cast<const int8_t*>(a.data)) + static_cast<size_t>(r) * ld;
     float* sc = const_cast<float*>(a.scales) + static_cast<size_t>(r) * a.blocks_ld;
     int32_t* sr = const_cast<int32_t*>(a.sums) + static_cast<size_t>(r) * a.blocks_ld;
+    if (r > r0 && std::memcmp(xr - ldx, xr, static_cast<size_t>(k) * sizeof(float)) == 0) {
+      std::memcpy(cr, cr - ld, static_cast<size_t>(ld));
+      std::memcpy(sc, sc - a.blocks_ld, a.blocks_ld * sizeof(float));
+      std::memcpy(sr, sr - a.blocks_ld, a.blocks_ld * sizeof(int32_t));
+      continue;
+    }
 #if EXPERTD_GEMM_X86
     if (f.kernel_avx512 && a.block % 16 == 0) {
       quantize_row_i8_avx512(xr, k, ld, a.block, cr, sc, sr);
