@@ -350,6 +350,21 @@ struct Avx512Tile {
   }
 };
 
+// Lines [p, p + 64 n) into L2 (prefetcht1).
+template <int N>
+__attribute__((always_inline)) inline void prefetch_l2(const uint8_t* p) {
+#pragma GCC unroll 4
+  for (int i = 0; i < N; ++i) __builtin_prefetch(p + 64 * i, 0, 2);
+}
+
+// The one-row vdpbf16ps kernels (bf16 and fp8 weights) ask for each of their NR blocks' weights
+// this far ahead (bytes, into L2). NOTE: measured on AMD Zen 4 (bench quant-kernels --experts
+// qwen3moe-like, three rounds): fp8 0.32-0.36 -> 0.25-0.27 ms per decode GroupGemm; DenseGemm
+// 512 x 1024 from DRAM 1 KiB ahead gained less. The blocks stay NR streams here (not VnniTile's
+// one_row): vdpbf16ps sums in f32, and a block's sums must keep the k order every row tile gives
+// them (the same bits alone or in a batch), so the independent chains are the NR blocks.
+constexpr int kBf16DotPrefetch = 2048;
+
 // AVX512-BF16: one vdpbf16ps multiplies a broadcast (x[k], x[k+1]) pair against a weight row
 // pair of 16 outputs (the [Kp/2][16][2] block row), so a zmm load of weights feeds MR rows.
 struct Bf16DotTile {
@@ -368,8 +383,15 @@ struct Bf16DotTile {
     for (int kk = 0; kk < kp2; ++kk) {
       __m512i wb[NR];
 #pragma GCC unroll 4
-      for (int b = 0; b < NR; ++b)
+      for (int b = 0; b < NR; ++b) {
         wb[b] = _mm512_load_si512(w + b * wstride + static_cast<size_t>(kk) * 32);
+        // One row (decode): 2 KiB ahead into L2, as the fp8 kernel (kBf16DotPrefetch). NOTE:
+        // measured on AMD Zen 4 (quant-kernels --experts qwen3moe-like, three rounds): the bf16
+        // decode GroupGemm 0.49-0.55 -> 0.42-0.46 ms; DenseGemm 512 x 1024 from DRAM 42-51 ->
+        // 35-41 us.
+        if constexpr (MR == 1)
+          prefetch_l2<1>(reinterpret_cast<const uint8_t*>(w + b * wstride + static_cast<size_t>(kk) * 32) + kBf16DotPrefetch);
+      }
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
         const __m512i xb =
@@ -618,13 +640,6 @@ typedef int32_t __attribute__((may_alias, aligned(1))) unaligned_i32;
 // the one-row decode GroupGemm at qwen3moe-like's expert shape ran 0.27-0.31 ms, 1.71-1.81x bf16,
 // against 0.25-0.27 ms, 1.82-1.88x with the operand as stored (bench quant-kernels --experts,
 // AMD Zen 4).
-// Lines [p, p + 64 n) into L2 (prefetcht1).
-template <int N>
-__attribute__((always_inline)) inline void prefetch_l2(const uint8_t* p) {
-#pragma GCC unroll 4
-  for (int i = 0; i < N; ++i) __builtin_prefetch(p + 64 * i, 0, 2);
-}
-
 // How far ahead of its loads the one-row int8 kernel asks for its weights (bytes, into L2).
 // NOTE: measured on AMD Zen 4 (2 vCPUs, DRAM-bound DenseGemm 512 x 1024 int4, 256 weights per
 // round): 4 KiB ahead read 10-20% faster than none or 8 KiB, 2 KiB as fast or not; into L1
@@ -928,13 +943,6 @@ EXPERTD_AVX512BF16 __attribute__((always_inline)) inline void f8_pairs(
 
 // Pre = false: the codes widened in registers; true: read from decode_f8_blocks's buffer (the
 // same pairs), for the many row tiles of a prefill.
-// One row (decode): each of the NR blocks' codes 2 KiB ahead into L2. NOTE: measured on AMD Zen 4
-// (bench quant-kernels --experts qwen3moe-like, three rounds): fp8 0.32-0.36 -> 0.25-0.27 ms per
-// decode GroupGemm, 1.48-1.64x -> 1.76-1.92x bf16; DenseGemm 512 x 1024 from DRAM 1 KiB ahead
-// gained less. The blocks stay NR streams here (not one_row's one): vdpbf16ps sums in f32, and
-// a block's sums must keep the k order every row tile gives them (the same bits alone or in a
-// batch), so the independent chains are the NR blocks.
-constexpr int kF8OneRowPrefetch = 2048;
 
 template <bool Pre>
 struct Bf16DotF8TileT {
@@ -975,7 +983,7 @@ struct Bf16DotF8TileT {
             wa = _mm512_load_si512(d);
             wb = _mm512_load_si512(d + 32);
           } else {
-            if constexpr (MR == 1 && !Pre) prefetch_l2<1>(w + b * bstride + static_cast<size_t>(k) * 16 + kF8OneRowPrefetch);
+            if constexpr (MR == 1 && !Pre) prefetch_l2<1>(w + b * bstride + static_cast<size_t>(k) * 16 + kBf16DotPrefetch);
             f8_pairs(w + b * bstride + static_cast<size_t>(k) * 16, exp0[b], fc, &wa, &wb);
           }
 #pragma GCC unroll 8
