@@ -244,7 +244,7 @@ export async function runQuantBench(argv: string[]): Promise<void> {
     `steps. ${reps} reps after ${warmup} warm-up, round-robin over the formats; tok/s median and min-max. The bound: the ` +
     `bytes each step reads in that format (dense weights bf16, or in the format for the -dense rows: --quantize-dense; the ` +
     `routed experts in the format; LM head bf16, or in the format for the -full rows: --quantize-dense ` +
-    `--quantize-lm-head; f32 KV) over the best ` +
+    `--quantize-lm-head; the KV cache in bf16) over the best ` +
     `read-bandwidth probe of the run. llama.cpp rows: node-llama-cpp's prebuilt CPU build, same threads, ` +
     `GGUF made by llama.cpp's quantizer from the same checkpoint; its prefill runs in batches of up to 512 tokens, its decode batch B ` +
     `is B sequences in one context; the experts column is its GGUF file size. Load RSS: the RssAnon a load of the format adds, ` +
