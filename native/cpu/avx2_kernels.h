@@ -68,7 +68,7 @@ struct Avx2Tile {
           const __m256i p = _mm256_load_si256(
               reinterpret_cast<const __m256i*>(w + b * wstride + static_cast<size_t>(kk) * 32 + 16 * h));
           if (MR == 1 && h == 0)  // one row: the block's stream ahead into L2 (kAvx2OneRowPrefetch)
-            __builtin_prefetch(reinterpret_cast<const uint8_t*>(w + b * wstride + static_cast<size_t>(kk) * 32) + kAvx2OneRowPrefetch, 0, 2);
+            prefetch_l2<1>(reinterpret_cast<const uint8_t*>(w + b * wstride + static_cast<size_t>(kk) * 32) + kAvx2OneRowPrefetch);
           const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(p, 16));
           const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(p, hi));
 #pragma GCC unroll 8
@@ -399,7 +399,7 @@ struct Avx2F8Tile {
       for (int v = 0; v < PV; ++v) {
         const int b = (v0 + v) >> 1, h = (v0 + v) & 1;
         const uint8_t* p = w + b * bstride + static_cast<size_t>(k) * 16 + 32 * h;
-        if (MR == 1 && h == 0) __builtin_prefetch(p + kAvx2OneRowPrefetch, 0, 2);  // as Avx2Tile
+        if (MR == 1 && h == 0) prefetch_l2<1>(p + kAvx2OneRowPrefetch);  // as Avx2Tile
         __m256i wa, wb;
         if (Fix && ((fix >> v) & 1))
           f8_words<true>(p, &wa, &wb);
@@ -504,7 +504,7 @@ struct Avx2I8Tile {
             for (int v = 0; v < PV; ++v) {
               const int b = (v0 + v) >> 1, h = (v0 + v) & 1;
               const __m256i raw = _mm256_load_si256(reinterpret_cast<const __m256i*>(w + b * bstride + static_cast<size_t>(k) * 8 + 32 * h));
-              if (MR == 1 && h == 0) __builtin_prefetch(w + b * bstride + static_cast<size_t>(k) * 8 + 2 * kAvx2OneRowPrefetch, 0, 2);
+              if (MR == 1 && h == 0) prefetch_l2<1>(w + b * bstride + static_cast<size_t>(k) * 8 + 2 * kAvx2OneRowPrefetch);
               __m256i lo, hi;
               if constexpr (Q == QFormat::FP4) {  // each nibble's operand from the table
                 lo = _mm256_shuffle_epi8(optab, _mm256_and_si256(raw, _mm256_set1_epi8(0x0f)));
@@ -538,7 +538,7 @@ struct Avx2I8Tile {
             const __m256i wq = _mm256_xor_si256(
                 _mm256_load_si256(reinterpret_cast<const __m256i*>(w + b * bstride + static_cast<size_t>(k) * 16 + 32 * h)),
                 _mm256_set1_epi8(static_cast<char>(0x80)));
-            if (MR == 1 && h == 0) __builtin_prefetch(w + b * bstride + static_cast<size_t>(k) * 16 + 2 * kAvx2OneRowPrefetch, 0, 2);
+            if (MR == 1 && h == 0) prefetch_l2<1>(w + b * bstride + static_cast<size_t>(k) * 16 + 2 * kAvx2OneRowPrefetch);
             const __m256i wabs = _mm256_abs_epi8(wq);
 #pragma GCC unroll 8
             for (int r = 0; r < MR; ++r) {

@@ -627,6 +627,13 @@ struct ScalarI8Tile {
 #if EXPERTD_GEMM_X86
 typedef int32_t __attribute__((may_alias, aligned(1))) unaligned_i32;
 
+// How far ahead of its loads the one-row int8 kernel asks for its weights (bytes, into L2).
+// NOTE: measured on AMD Zen 4 (2 vCPUs, DRAM-bound DenseGemm 512 x 1024 int4, 256 weights per
+// round): 4 KiB ahead read 10-20% faster than none or 8 KiB, 2 KiB as fast or not; into L1
+// (prefetcht0) no faster, into L3 slower. Past a task's end it touches the next task's weights
+// (or nothing: prefetches never fault).
+constexpr int kOneRowPrefetch = 4096;
+
 // AVX512-VNNI: vpdpbusd multiplies 4 unsigned bytes by 4 signed bytes per int32 lane. The weight
 // codes are the unsigned side, shifted by +128 (int8, xor 0x80) or +8 (int4, xor 0x8), and the
 // activations the signed side; sum(x * (w + s)) - s * sum(x) undoes the shift per block: the
@@ -640,30 +647,11 @@ typedef int32_t __attribute__((may_alias, aligned(1))) unaligned_i32;
 // the one-row decode GroupGemm at qwen3moe-like's expert shape ran 0.27-0.31 ms, 1.71-1.81x bf16,
 // against 0.25-0.27 ms, 1.82-1.88x with the operand as stored (bench quant-kernels --experts,
 // AMD Zen 4).
-// How far ahead of its loads the one-row int8 kernel asks for its weights (bytes, into L2).
-// NOTE: measured on AMD Zen 4 (2 vCPUs, DRAM-bound DenseGemm 512 x 1024 int4, 256 weights per
-// round): 4 KiB ahead read 10-20% faster than none or 8 KiB, 2 KiB as fast or not; into L1
-// (prefetcht0) no faster, into L3 slower. Past a task's end it touches the next task's weights
-// (or nothing: prefetches never fault).
-constexpr int kOneRowPrefetch = 4096;
-
 template <QFormat Q>
 struct VnniTile {
   template <int MR, int NR>
   EXPERTD_AVX512VNNI static void run(const void* xv, size_t ldx, const void* wv, size_t wstride,
                                      int kp, float* tile, QScales qs) {
-    // NOTE (registers): with many rows the f32 sums live in the tile (L1), not in registers: MR x
-    // NR int32 accumulators plus as many f32 ones are 48 zmm at 6 x 4, more than the 32 there are,
-    // and the compiler's spills inside the k loop made a prefill-sized call slower than bf16 (0.72x
-    // at 512 rows on AMD Zen 4). The tile is then read and written once per activation block. One
-    // or two rows (decode) keep them in registers: the tile's store-and-reload per block of 32 k
-    // was a fifth of int4 g32's one-row kernel.
-    if constexpr (!kRegSums<MR, NR>) {
-#pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-        for (int b = 0; b < NR; ++b) _mm512_store_ps(tile + r * kTileLd + b * 16, _mm512_setzero_ps());
-    }
     // Blocks of kActBlock and of 32 (int4 g32) run a k loop of known length, unrolled; the
     // others (small or odd groups) the general one.
     const auto* x = static_cast<const int8_t*>(xv);
@@ -677,6 +665,15 @@ struct VnniTile {
         one_row<NR, 0>(x, w, wstride, kp, tile, qs);
       return;
     }
+    // NOTE (registers): with several rows the f32 sums live in the tile (L1), not in registers:
+    // MR x NR int32 accumulators plus as many f32 ones are 48 zmm at 6 x 4, more than the 32 there
+    // are, and the compiler's spills inside the k loop made a prefill-sized call slower than bf16
+    // (0.72x at 512 rows on AMD Zen 4). The tile is read and written once per activation block
+    // (two rows with their sums in registers measured no faster: DenseGemm 512 x 1024, Zen 4).
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int b = 0; b < NR; ++b) _mm512_store_ps(tile + r * kTileLd + b * 16, _mm512_setzero_ps());
     if (qs.xblock == kActBlock)
       blocks<MR, NR, kActBlock>(x, ldx, w, wstride, kp, tile, qs);
     else if (qs.xblock == 32)
@@ -684,9 +681,6 @@ struct VnniTile {
     else
       blocks<MR, NR, 0>(x, ldx, w, wstride, kp, tile, qs);
   }
-
-  template <int MR, int NR>
-  static constexpr bool kRegSums = MR * NR <= 8;
 
   // Activation bytes k .. k + 3 in every lane.
   EXPERTD_AVX512VNNI __attribute__((always_inline)) static inline __m512i x4(const int8_t* x, int k) {
@@ -760,10 +754,10 @@ struct VnniTile {
         }
         const __m512i acc = _mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3));
         const __m512 sc = _mm512_load_ps(sb + static_cast<size_t>(gi) * 16);
-        prefetch_l2<1>(reinterpret_cast<const uint8_t*>(sb + static_cast<size_t>(gi) * 16) + kOneRowPrefetch / 4);
-        if (++in_group == blocks_per_group) {
+        if (++in_group == blocks_per_group) {  // the next group's scales: the scale stream ahead
           in_group = 0;
           ++gi;
+          prefetch_l2<1>(reinterpret_cast<const uint8_t*>(sb + static_cast<size_t>(gi) * 16) + kOneRowPrefetch / 4);
         }
         sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(sc, _mm512_set1_ps(qs.xscales[xb])), sum);
       }
@@ -785,13 +779,6 @@ struct VnniTile {
     // was an idiv per 32 k.
     const int blocks_per_group = qs.group / kb;
     int gi = 0, in_group = 0;
-    __m512 sums[kRegSums<MR, NR> ? MR : 1][NR];
-    if constexpr (kRegSums<MR, NR>) {
-#pragma GCC unroll 2
-      for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-        for (int b = 0; b < NR; ++b) sums[r][b] = _mm512_setzero_ps();
-    }
     for (int g0 = 0; g0 < kp; g0 += kb) {
       const int xb = g0 / kb;
       __m512i acc[MR][NR];
@@ -817,7 +804,7 @@ struct VnniTile {
           }
 #pragma GCC unroll 8
           for (int r = 0; r < MR; ++r) {
-            const __m512i xv = _mm512_set1_epi32(*reinterpret_cast<const unaligned_i32*>(x + r * ldx + k));
+            const __m512i xv = x4(x + r * ldx, k);
 #pragma GCC unroll 4
             for (int b = 0; b < NR; ++b) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], wk[b], xv);
           }
@@ -837,8 +824,7 @@ struct VnniTile {
             }
 #pragma GCC unroll 8
             for (int r = 0; r < MR; ++r) {
-              const __m512i xv =
-                  _mm512_set1_epi32(*reinterpret_cast<const unaligned_i32*>(x + r * ldx + k + 4 * half));
+              const __m512i xv = x4(x + r * ldx, k + 4 * half);
 #pragma GCC unroll 4
               for (int b = 0; b < NR; ++b) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], wk[b], xv);
             }
@@ -852,35 +838,19 @@ struct VnniTile {
         in_group = 0;
         ++gi;
       }
-      if constexpr (kRegSums<MR, NR>) {
-#pragma GCC unroll 2
-        for (int r = 0; r < MR; ++r) {
-          const __m512 xs = _mm512_set1_ps(qs.xscales[static_cast<size_t>(r) * qs.xblocks_ld + xb]);
-#pragma GCC unroll 4
-          for (int b = 0; b < NR; ++b)
-            sums[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][b]), _mm512_mul_ps(sc[b], xs), sums[r][b]);
-        }
-      } else {
-        // The compiler would otherwise forward the tile's stores to the next block's loads and
-        // keep the f32 sums as values after all, spilled to the stack (a second copy of each).
-        __asm__ volatile("" ::: "memory");
+      // The compiler would otherwise forward the tile's stores to the next block's loads and
+      // keep the f32 sums as values after all, spilled to the stack (a second copy of each).
+      __asm__ volatile("" ::: "memory");
 #pragma GCC unroll 8
-        for (int r = 0; r < MR; ++r) {
-          const __m512 xs = _mm512_set1_ps(qs.xscales[static_cast<size_t>(r) * qs.xblocks_ld + xb]);
+      for (int r = 0; r < MR; ++r) {
+        const __m512 xs = _mm512_set1_ps(qs.xscales[static_cast<size_t>(r) * qs.xblocks_ld + xb]);
 #pragma GCC unroll 4
-          for (int b = 0; b < NR; ++b) {
-            float* t = tile + r * kTileLd + b * 16;
-            _mm512_store_ps(t, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][b]), _mm512_mul_ps(sc[b], xs),
-                                               _mm512_load_ps(t)));
-          }
+        for (int b = 0; b < NR; ++b) {
+          float* t = tile + r * kTileLd + b * 16;
+          _mm512_store_ps(t, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][b]), _mm512_mul_ps(sc[b], xs),
+                                             _mm512_load_ps(t)));
         }
       }
-    }
-    if constexpr (kRegSums<MR, NR>) {
-#pragma GCC unroll 2
-      for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-        for (int b = 0; b < NR; ++b) _mm512_store_ps(tile + r * kTileLd + b * 16, sums[r][b]);
     }
   }
 };
@@ -943,7 +913,6 @@ EXPERTD_AVX512BF16 __attribute__((always_inline)) inline void f8_pairs(
 
 // Pre = false: the codes widened in registers; true: read from decode_f8_blocks's buffer (the
 // same pairs), for the many row tiles of a prefill.
-
 template <bool Pre>
 struct Bf16DotF8TileT {
   template <int MR, int NR>
