@@ -17,17 +17,18 @@ constexpr int64_t kMaxInt = 2147483647;
 int64_t opt_int(Napi::Env env, const Napi::Object& opts, const char* key, int64_t min,
                 int64_t max, bool required, int64_t def = 0) {
   Napi::Value v = opts.Get(key);
-  const std::string name = std::string("opts.") + key;
+  // The error texts are built only when thrown: this runs a dozen times per attention call.
+  auto name = [key] { return std::string("opts.") + key; };
   if (is_nullish(v)) {
-    if (required) throw_type(env, name + " is required");
+    if (required) throw_type(env, name() + " is required");
     return def;
   }
-  if (!v.IsNumber()) throw_type(env, name + " must be a number");
+  if (!v.IsNumber()) throw_type(env, name() + " must be a number");
   const double d = v.As<Napi::Number>().DoubleValue();
   if (!std::isfinite(d) || d != std::floor(d))
-    throw_type(env, name + " must be an integer, got " + std::to_string(d));
+    throw_type(env, name() + " must be an integer, got " + std::to_string(d));
   if (d < static_cast<double>(min) || d > static_cast<double>(max))
-    throw_range(env, name + " is " + std::to_string(static_cast<int64_t>(d)) + ", expected " +
+    throw_range(env, name() + " is " + std::to_string(static_cast<int64_t>(d)) + ", expected " +
                          std::to_string(min) + ".." + std::to_string(max));
   return static_cast<int64_t>(d);
 }

@@ -6,6 +6,7 @@
 
 #include "args.h"
 #include "expertd/ops.h"
+#include "expertd/thread_pool.h"
 #include "handles.h"
 #include "register.h"
 
@@ -260,6 +261,46 @@ Napi::Value packed_weight_at_js(const Napi::CallbackInfo& info) {
 }
 
 // denseGemm(x, m, w, y, bias, accumulate, fast)
+// Tags the External that carries a prefetch list (a Hint) through JS.
+constexpr napi_type_tag kPrefetchListTag = {0x6578706572746400ULL, 0x7072656665746368ULL};
+
+// prefetchList(...weights): the packed weights some GEMMs read, in that order (codes, then scales),
+// as an opaque list for prefetch(). It holds them weakly: disposing one frees it as usual.
+Napi::Value prefetch_list_js(const Napi::CallbackInfo& info) {
+  auto regions = std::make_shared<std::vector<ThreadPool::Region>>();
+  regions->reserve(2 * info.Length());
+  for (size_t i = 0; i < info.Length(); ++i) {
+    const PackedWeight& w = get_weight(info, i, "weights[i]");
+    const size_t scale_bytes = w.quantized() ? static_cast<size_t>(w.np) * (w.kp / w.group) * sizeof(float) : 0;
+    regions->push_back({w.data.get(), w.size_bytes - scale_bytes, w.data});
+    if (scale_bytes) regions->push_back({w.scales.get(), scale_bytes, w.scales});
+  }
+  auto* hint = new ThreadPool::Hint(std::move(regions));
+  auto ext = Napi::External<ThreadPool::Hint>::New(info.Env(), hint, [](Napi::Env, ThreadPool::Hint* h) { delete h; });
+  ext.TypeTag(&kPrefetchListTag);
+  return ext;
+}
+
+// prefetch(list | null): hands the pool's idle workers this list to read ahead (ThreadPool::prefetch);
+// null clears the hint.
+Napi::Value prefetch_js(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 1, "prefetch");
+  if (is_nullish(info[0])) {
+    ThreadPool::instance().prefetch(nullptr);
+    return env.Undefined();
+  }
+  if (!info[0].IsExternal() || !info[0].As<Napi::External<ThreadPool::Hint>>().CheckTypeTag(&kPrefetchListTag))
+    throw_type(env, "list must be a prefetchList() result or null");
+  ThreadPool::instance().prefetch(*info[0].As<Napi::External<ThreadPool::Hint>>().Data());
+  return env.Undefined();
+}
+
+// prefetchedBytes(): bytes the pool's workers have read for prefetch() hints since it started.
+Napi::Value prefetched_bytes_js(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), static_cast<double>(ThreadPool::instance().prefetched_bytes()));
+}
+
 Napi::Value dense_gemm_js(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   expect_args(info, 7, "denseGemm");
@@ -335,6 +376,9 @@ void register_gemm(Napi::Env env, Napi::Object exports) {
   exports.Set("repackFp8Into", Napi::Function::New(env, repack_fp8_into_js, "repackFp8Into"));
   exports.Set("packedWeightAt", Napi::Function::New(env, packed_weight_at_js, "packedWeightAt"));
   exports.Set("denseGemm", Napi::Function::New(env, dense_gemm_js, "denseGemm"));
+  exports.Set("prefetchList", Napi::Function::New(env, prefetch_list_js, "prefetchList"));
+  exports.Set("prefetch", Napi::Function::New(env, prefetch_js, "prefetch"));
+  exports.Set("prefetchedBytes", Napi::Function::New(env, prefetched_bytes_js, "prefetchedBytes"));
   exports.Set("groupGemmFfn", Napi::Function::New(env, group_gemm_ffn_js, "groupGemmFfn"));
 }
 

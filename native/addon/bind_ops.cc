@@ -56,29 +56,28 @@ struct OptsReader {
 
   Napi::Value get(const char* key) { return obj.Get(key); }
 
+  // The error texts below are built only when thrown (route reads its options on every call).
   int64_t integer(const char* key, int64_t def, int64_t min, int64_t max) {
     Napi::Value v = get(key);
     if (v.IsUndefined()) return def;
-    const std::string name = std::string("opts.") + key;
-    if (!v.IsNumber()) throw_type(env, name + " must be an integer");
+    if (!v.IsNumber()) throw_type(env, std::string("opts.") + key + " must be an integer");
     double d = v.As<Napi::Number>().DoubleValue();
-    if (!std::isfinite(d) || d != std::floor(d)) throw_type(env, name + " must be an integer");
+    if (!std::isfinite(d) || d != std::floor(d)) throw_type(env, std::string("opts.") + key + " must be an integer");
     if (d < static_cast<double>(min) || d > static_cast<double>(max))
-      throw_range(env, name + " is " + fmt_num(d) + ", expected " + s(min) + ".." + s(max));
+      throw_range(env, std::string("opts.") + key + " is " + fmt_num(d) + ", expected " + s(min) + ".." + s(max));
     return static_cast<int64_t>(d);
   }
 
   // One of two strings; def when undefined (required when def is null).
   int choice(const char* key, const char* a, const char* b, int def) {
     Napi::Value v = get(key);
-    const std::string name = std::string("opts.") + key;
-    const std::string both = std::string("'") + a + "' or '" + b + "'";
     if (v.IsUndefined() && def >= 0) return def;
-    if (!v.IsString()) throw_type(env, name + " must be " + both);
+    auto both = [&] { return std::string("'") + a + "' or '" + b + "'"; };
+    if (!v.IsString()) throw_type(env, std::string("opts.") + key + " must be " + both());
     std::string str = v.As<Napi::String>().Utf8Value();
     if (str == a) return 0;
     if (str == b) return 1;
-    throw_type(env, name + " is '" + str + "', expected " + both);
+    throw_type(env, std::string("opts.") + key + " is '" + str + "', expected " + both());
   }
 };
 

@@ -43,6 +43,8 @@ void dense_gemm(const float* x, int m, const PackedWeight& w, float* y, const fl
   const Path path = choose_path(f, w, fast_bf16);
   GemmScratch& s = gemm_scratch();
   auto& pool = ThreadPool::instance();
+  // A prefetch hint that lists w moves past it (its scales follow its codes in a hint).
+  pool.prefetch_reached(w.quantized() ? static_cast<const void*>(w.scales.get()) : w.ptr());
 
   DenseCall c;
   c.path = path;

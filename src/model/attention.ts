@@ -17,12 +17,6 @@ export interface LayerCache {
   vScales: Float32Array | null;
 }
 
-/** The fp8 scales of a cache, as pagedAttention takes them (none for f32 / bf16). */
-export function scaleOptions(cache: LayerCache): { kScales?: Float32Array; vScales?: Float32Array } {
-  if (!cache.kScales) return {};
-  return { kScales: cache.kScales, vScales: cache.vScales ?? cache.kScales };
-}
-
 export interface AttentionContext {
   batch: ForwardBatch;
   tokens: number;
@@ -37,12 +31,37 @@ export interface AttentionBlock {
   /** Bytes of the projection weights held (codes and scales when quantized). */
   readonly weightBytes: number;
   forward(ctx: AttentionContext, x: Float32Array, cache: LayerCache, out: Float32Array): void;
+  /** The projection weights in the order a forward reads them (for prefetch hints). */
+  readonly projections: PackedWeight[];
   dispose(): void;
 }
 
-function attentionOptions(ctx: AttentionContext, o: Omit<AttentionOptions, 'numSeqs' | 'blockSize' |
-  'maxBlocks'>): AttentionOptions {
-  return { ...o, numSeqs: ctx.batch.numSeqs, blockSize: ctx.blockSize, maxBlocks: ctx.batch.maxBlocks };
+/**
+ * One attention block's pagedAttention options, built once with every field present (a fixed
+ * object shape): each call writes this step's numSeqs, blockSize and maxBlocks into it. A fresh
+ * object per call (a spread of the static part) cost V8 a new hidden class per layer and step.
+ */
+class AttentionCall {
+  private readonly opts: AttentionOptions;
+
+  constructor(o: Omit<AttentionOptions, 'numSeqs' | 'blockSize' | 'maxBlocks'>) {
+    this.opts = {
+      numSeqs: 0, heads: o.heads, kvHeads: o.kvHeads, dk: o.dk, dv: o.dv, vStride: o.vStride, vOffset: o.vOffset,
+      blockSize: 1, maxBlocks: 0, scale: o.scale, slidingWindow: o.slidingWindow, qRowStride: o.qRowStride,
+      kScales: undefined, vScales: undefined, sinks: o.sinks ?? null,
+    };
+  }
+
+  /** The options for this step and cache. */
+  options(ctx: AttentionContext, cache: LayerCache): AttentionOptions {
+    const o = this.opts;
+    o.numSeqs = ctx.batch.numSeqs;
+    o.blockSize = ctx.blockSize;
+    o.maxBlocks = ctx.batch.maxBlocks;
+    o.kScales = cache.kScales ?? undefined;
+    o.vScales = cache.kScales ? (cache.vScales ?? cache.kScales) : undefined;
+    return o;
+  }
 }
 
 export class GqaAttention implements AttentionBlock {
@@ -56,7 +75,9 @@ export class GqaAttention implements AttentionBlock {
   private readonly qNorm: Float32Array | null;
   private readonly kNorm: Float32Array | null;
   private readonly sinks: Float32Array | null;     // [heads] (gpt-oss)
+  private readonly call: AttentionCall;
   readonly cacheFloatsPerToken: [number, number];
+  readonly projections: PackedWeight[];
 
   readonly weightBytes: number;
   /** Qwen3-Next's output gate: q_proj rows per head [q (headDim) | gate (headDim)]. */
@@ -98,6 +119,10 @@ export class GqaAttention implements AttentionBlock {
     this.kNorm = spec.qkNorm === 'none' ? null : normW(`${p}k_norm.weight`, kn);
     this.sinks = spec.sinks ? vectorF32(src, `${p}sinks`, heads) : null;
     this.cacheFloatsPerToken = [kvHeads * headDim, kvHeads * headDim];
+    this.projections = [this.qkv, this.o];
+    this.call = new AttentionCall({
+      heads, kvHeads, dk: headDim, dv: headDim, scale: spec.softmaxScale, slidingWindow: spec.slidingWindow ?? 0, sinks: this.sinks,
+    });
   }
 
   forward(ctx: AttentionContext, x: Float32Array, cache: LayerCache, out: Float32Array): void {
@@ -145,10 +170,7 @@ export class GqaAttention implements AttentionBlock {
     n.kvCacheWrite(k, v, T, ctx.batch.slots, cache.k, cache.v, kvHeads, headDim, headDim, headDim,
       cache.kScales, cache.vScales);
     const attn = ctx.scratch.f32('attn.out', T * heads * headDim);
-    n.pagedAttention(q, cache.k, cache.v!, ctx.batch.seqInfo, ctx.batch.blockTables, attentionOptions(ctx, {
-      heads, kvHeads, dk: headDim, dv: headDim, scale: this.spec.softmaxScale,
-      slidingWindow: this.spec.slidingWindow ?? 0, ...scaleOptions(cache), sinks: this.sinks,
-    }), attn);
+    n.pagedAttention(q, cache.k, cache.v!, ctx.batch.seqInfo, ctx.batch.blockTables, this.call.options(ctx, cache), attn);
     if (gate) for (let i = 0; i < T * qDim; i++) attn[i] = attn[i]! * (1 / (1 + Math.exp(-gate[i]!)));
     n.denseGemm(attn, T, this.o, out, this.oBias, false, ctx.fast);
   }
@@ -183,6 +205,8 @@ export class MlaAttention implements AttentionBlock {
   private readonly ukT: PackedWeight[] = []; // per head [kvLoraRank, nope]: q_lat = q_nope * W_UK
   private readonly uv: PackedWeight[] = [];  // per head [v, kvLoraRank]
   private readonly o: PackedWeight;
+  private readonly call: AttentionCall;
+  readonly projections: PackedWeight[];
   readonly cacheFloatsPerToken: [number, number];
   // NOTE: HF builds q_a_layernorm / kv_a_layernorm with the RMSNorm default eps (1e-6), not
   // config.rms_norm_eps.
@@ -235,8 +259,12 @@ export class MlaAttention implements AttentionBlock {
     }
     this.o = packLinear(src, `${p}o_proj.weight`, hidden, heads * vHeadDim, q);
     this.cacheFloatsPerToken = [kvLoraRank + rope, 0];
+    const dk = kvLoraRank + rope;
+    this.call = new AttentionCall({ heads, kvHeads: 1, dk, dv: kvLoraRank, vStride: dk, vOffset: 0, scale: spec.softmaxScale });
+    this.projections = [this.qProj, this.qA, this.qB, this.kvA, ...this.ukT, ...this.uv, this.o]
+      .filter((w): w is PackedWeight => w !== null);
     let bytes = 0;
-    for (const w of [this.qProj, this.qA, this.qB, this.kvA, this.o, ...this.ukT, ...this.uv]) bytes += w?.sizeBytes ?? 0;
+    for (const w of this.projections) bytes += w.sizeBytes;
     this.weightBytes = bytes;
   }
 
@@ -283,10 +311,7 @@ export class MlaAttention implements AttentionBlock {
       for (let t = 0; t < T; t++) qFull.set(qLat.subarray(t * lora, (t + 1) * lora), (t * heads + h) * dk);
     }
     const oLat = s.f32('mla.olat', T * heads * lora); // [T, heads, lora]
-    n.pagedAttention(qFull, cache.k, cache.k, ctx.batch.seqInfo, ctx.batch.blockTables, attentionOptions(ctx, {
-      heads, kvHeads: 1, dk, dv: lora, vStride: dk, vOffset: 0, scale: this.spec.softmaxScale,
-      ...scaleOptions(cache),
-    }), oLat);
+    n.pagedAttention(qFull, cache.k, cache.k, ctx.batch.seqInfo, ctx.batch.blockTables, this.call.options(ctx, cache), oLat);
     // Un-absorb: v_h = o_lat_h W_UV^T -> [T, heads, v].
     const attn = s.f32('mla.attn', T * heads * vHeadDim);
     const oh = s.f32('mla.oh', T * lora);

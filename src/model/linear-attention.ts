@@ -98,6 +98,8 @@ export class GatedDeltaNet {
 
   /** Resident bytes of the two projections (codes and scales where --quantize-dense quantized them). */
   readonly weightBytes: number;
+  /** The projection weights in the order a forward reads them (for the read-ahead hints). */
+  readonly projections: PackedWeight[];
 
   /**
    * `quantize` (--quantize-dense): in_proj's q / k / v / z rows and out_proj quantized in that format,
@@ -136,6 +138,7 @@ export class GatedDeltaNet {
     }
     this.outProj = packLinear(src, `${p}out_proj.weight`, H, Vd, quantize);
     this.weightBytes = this.inProj.sizeBytes + (this.inProjBa?.sizeBytes ?? 0) + this.outProj.sizeBytes;
+    this.projections = this.inProjBa ? [this.inProj, this.inProjBa, this.outProj] : [this.inProj, this.outProj];
     const cw = src.get(`${p}conv1d.weight`);
     checkShape(`${p}conv1d.weight`, cw, [this.C, 1, K]);
     this.convW = toF32(cw);

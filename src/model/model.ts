@@ -1,7 +1,7 @@
 // A MoE transformer built from a ModelSpec and checkpoint tensors: embedding, decoder layers
 // (attention + dense FFN or MoE), final norm and LM head. forward() runs one batched step over
 // the paged KV cache and returns the logits of the requested rows and every MoE layer's routing.
-import { loadNative, type ExpertTable, type PackedWeight } from '../native/index.js';
+import { loadNative, type ExpertTable, type PackedWeight, type PrefetchList } from '../native/index.js';
 import { SingleRankComm, type CommDelta, type ExpertComm } from '../moe/comm.js';
 import { EpsPlanner, loadOrCalibrate, type ExpertKernel } from '../moe/eps-planner.js';
 import { MoeLayer, type MoeHooks, type PipelineChunks } from '../moe/moe-layer.js';
@@ -49,6 +49,8 @@ interface Layer {
   /** The MoE: the FFN of a plain layer, or the shortcut branch of a ScMoE layer. */
   moe: MoeLayer | null;
   shortcut: boolean;
+  /** The dense weights this layer's GEMMs read, in order (attention projections, router). */
+  denseWeights: PackedWeight[];
 }
 
 export class MoeModel implements ForwardModel<LayerCache[]> {
@@ -60,6 +62,13 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
   private readonly finalNorm: Float32Array;
   private readonly lmHead: PackedWeight;
   private readonly scratch = new Scratch();
+  /**
+   * Read-ahead: while a step's serial code runs (norms, rope, routing, JS), the pool's idle workers
+   * read the next dense weights into the cache (NativeAddon.prefetch). Per layer, then after the LM
+   * head: the list posted there. On unless EXPERTD_READ_AHEAD=0; results never depend on it.
+   */
+  private readonly readAhead: PrefetchList[];
+  readAheadOn = process.env.EXPERTD_READ_AHEAD !== '0';
   readonly comm: ExpertComm;
   /** KV caches: one per attention (two per LongCat-Flash layer). */
   readonly numCaches: number;
@@ -136,7 +145,7 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
         }));
         const moe = this.buildMoe(src, p, moeIndex++, opts);
         this.moeLayers.push(moe);
-        this.layers.push({ subs, moe, shortcut: true });
+        this.layers.push({ subs, moe, shortcut: true, denseWeights: [] });
         continue;
       }
       let moe: MoeLayer | null = null;
@@ -157,9 +166,19 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
           attn: linear ? null : attention(`${p}self_attn.`, i), cacheIndex: linear ? -1 : cacheIndex++, dense,
           linear, linearIndex: linear ? linearIndex++ : -1,
         }],
-        moe, shortcut: false,
+        moe, shortcut: false, denseWeights: [],
       });
     }
+    for (const l of this.layers) {
+      for (const sub of l.subs) l.denseWeights.push(...(sub.attn ?? sub.linear)?.projections ?? []);
+      if (l.moe) l.denseWeights.push(l.moe.weights.gate);
+    }
+    // Read-ahead while a step's serial code runs: after layer i, the next two stages' dense weights
+    // (a stage is a layer, then the LM head; after the head, the next step's first layers).
+    const L = this.layers.length;
+    const stage = (i: number) => (i < L ? this.layers[i]!.denseWeights : i === L ? [this.lmHead] : this.layers[(i - L - 1) % L]!.denseWeights);
+    const n = loadNative();
+    this.readAhead = Array.from({ length: L + 1 }, (_, i) => n.prefetchList(...stage(i + 1), ...stage(i + 2)));
     this.numCaches = cacheIndex;
     this.numLinearLayers = linearIndex;
   }
@@ -307,7 +326,9 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
     offsets[0] = 0;
     offsets[1] = T;
     const k = spec.moe.router.topK;
-    for (const layer of this.layers) {
+    for (let li = 0; li < this.layers.length; li++) {
+      const layer = this.layers[li]!;
+      if (li > 0 && this.readAheadOn) n.prefetch(this.readAhead[li - 1]!);
       if (layer.shortcut) {
         // ScMoE schedule (LongCat-Flash): x1 = x + MLA0(LN0(x)); the MoE reads LN0'(x1) and is
         // dispatched at once; MLP0 runs while it is in flight, then the expert GEMMs, then MLA1 and
@@ -372,10 +393,12 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
     const logits = out && out.length >= R * spec.vocabSize ? out.subarray(0, R * spec.vocabSize)
       : new Float32Array(R * spec.vocabSize);
     n.denseGemm(rows, R, this.lmHead, logits, null, false, this.fast);
+    if (this.readAheadOn) n.prefetch(this.readAhead[this.layers.length]!);
     return { logits, routedIds };
   }
 
   dispose(): void {
+    if (this.readAheadOn) loadNative().prefetch(null);
     this.lmHead.dispose();
     for (const l of this.layers) {
       for (const sub of l.subs) {

@@ -53,6 +53,9 @@ export interface Capabilities {
 /** Formats `--quantize` produces at load (MXFP4 is read from checkpoints only). */
 export type QuantFormat = 'int8' | 'int4' | 'fp8';
 
+/** An ordered list of weights for the pool's read-ahead (NativeAddon.prefetchList / prefetch). */
+export interface PrefetchList { readonly __prefetchList: unique symbol }
+
 /** A weight W[n, k] repacked once into the kernels' blocked layout (native memory). */
 export interface PackedWeight {
   readonly n: number;
@@ -720,6 +723,19 @@ export interface NativeAddon extends Partial<CudaAddon> {
   /** y[m, n] (+)= x[m, k] * w^T (+ bias[n]). fast: bf16 dot products (fast mode). */
   denseGemm(x: Float32Array, m: number, w: PackedWeight, y: Float32Array,
             bias: Float32Array | null, accumulate: boolean, fast: boolean): void;
+  /**
+   * The weights some GEMMs read, in that order, as a list for prefetch(). It holds them weakly
+   * (disposing one frees it as usual; the list then skips it).
+   */
+  prefetchList(...weights: PackedWeight[]): PrefetchList;
+  /**
+   * The pool's idle workers read `list` into the cache, in order, while this thread runs the serial
+   * code between GEMMs (a decode step's norms, rope, routing, JS). Replaces the previous hint (null
+   * clears it); parts the last hints or GEMMs read are skipped. Results never depend on it.
+   */
+  prefetch(list: PrefetchList | null): void;
+  /** Bytes the pool's workers have read for prefetch() hints since the process started. */
+  prefetchedBytes(): number;
   /** Fused expert FFN: rows [offsets[e], offsets[e+1]) of x go through expert e. x, y [rows, H]. */
   groupGemmFfn(x: Float32Array, offsets: Int32Array, experts: ExpertTable, y: Float32Array,
                fast: boolean): void;

@@ -7,6 +7,7 @@
 #include <condition_variable>
 #include <cstddef>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -30,6 +31,25 @@ class ThreadPool {
   // Runs fn(thread_index, num_threads) once on every thread (for static partitioning).
   void run_on_all(const std::function<void(size_t thread, size_t nthreads)>& fn);
 
+  // Memory the next jobs will read: idle workers (those spinning between jobs) read it, in order,
+  // a chunk at a time, so that it sits in the shared cache when the job comes. A decode step runs
+  // serial code (norms, rope, routing, JS) between its GEMMs while the other cores wait; the next
+  // weights are known there. Regions hold their memory weakly: a freed one is skipped.
+  struct Region {
+    const void* p = nullptr;
+    size_t bytes = 0;
+    std::weak_ptr<const void> keep;
+  };
+  using Hint = std::shared_ptr<const std::vector<Region>>;
+  // Replaces the previous hint (null clears it). Regions the last hints or jobs read through are
+  // skipped, and a region the previous hint was part way through goes on where it stopped.
+  void prefetch(Hint hint);
+  // A job is about to read the region starting at p: the hint skips to after it (the job reads it
+  // itself; a worker behind it would only read it again).
+  void prefetch_reached(const void* p);
+  // Bytes the workers have read for prefetch hints since the pool started.
+  uint64_t prefetched_bytes() const { return prefetched_bytes_.load(std::memory_order_relaxed); }
+
   ~ThreadPool();
 
  private:
@@ -38,6 +58,8 @@ class ThreadPool {
   void stop();
   void worker_loop(size_t index);
   void run_job(size_t thread);
+  // Worker side of prefetch(): reads the hint's next chunk; false when none is left.
+  bool prefetch_chunk();
 
   size_t num_threads_ = 1;
   std::vector<std::thread> workers_;
@@ -56,6 +78,17 @@ class ThreadPool {
   const TaskFn* fn_ = nullptr;
   std::mutex err_mu_;
   std::exception_ptr error_;
+  std::mutex hint_mu_;
+  Hint hint_;
+  size_t hint_region_ = 0, hint_offset_ = 0;
+  std::atomic<bool> hint_pending_{false};
+  std::atomic<uint64_t> prefetched_bytes_{0};
+  // The last regions read through (by a worker or a job): still in the cache.
+  static constexpr size_t kHintDone = 16;
+  const void* hint_done_[kHintDone] = {};
+  size_t hint_done_next_ = 0;
+  void hint_done(const void* p) { hint_done_[hint_done_next_++ % kHintDone] = p; }
+  bool hint_is_done(const void* p) const;
 };
 
 }  // namespace expertd
