@@ -264,36 +264,39 @@ Napi::Value packed_weight_at_js(const Napi::CallbackInfo& info) {
 // Tags the External that carries a prefetch list (a Hint) through JS.
 constexpr napi_type_tag kPrefetchListTag = {0x6578706572746400ULL, 0x7072656665746368ULL};
 
+// A weight's memory as prefetch regions: its codes (or elements), then its scales.
+void add_regions(std::vector<ThreadPool::Region>& out, const PackedWeight& w) {
+  const size_t scale_bytes = w.quantized() ? static_cast<size_t>(w.np) * (w.kp / w.group) * sizeof(float) : 0;
+  out.push_back({w.data.get(), w.size_bytes - scale_bytes, w.data});
+  if (scale_bytes) out.push_back({w.scales.get(), scale_bytes, w.scales});
+}
+
 // prefetchList(...weights): the packed weights some GEMMs read, in that order (codes, then scales),
 // as an opaque list for prefetch(). It holds them weakly: disposing one frees it as usual.
 Napi::Value prefetch_list_js(const Napi::CallbackInfo& info) {
   auto regions = std::make_shared<std::vector<ThreadPool::Region>>();
   regions->reserve(2 * info.Length());
-  for (size_t i = 0; i < info.Length(); ++i) {
-    const PackedWeight& w = get_weight(info, i, "weights[i]");
-    const size_t scale_bytes = w.quantized() ? static_cast<size_t>(w.np) * (w.kp / w.group) * sizeof(float) : 0;
-    regions->push_back({w.data.get(), w.size_bytes - scale_bytes, w.data});
-    if (scale_bytes) regions->push_back({w.scales.get(), scale_bytes, w.scales});
-  }
+  for (size_t i = 0; i < info.Length(); ++i) add_regions(*regions, get_weight(info, i, "weights[i]"));
   auto* hint = new ThreadPool::Hint(std::move(regions));
   auto ext = Napi::External<ThreadPool::Hint>::New(info.Env(), hint, [](Napi::Env, ThreadPool::Hint* h) { delete h; });
   ext.TypeTag(&kPrefetchListTag);
   return ext;
 }
 
+// Argument i as a prefetchList() result (null when nullish).
+ThreadPool::Hint get_prefetch_list(const Napi::CallbackInfo& info, size_t i, const char* name) {
+  if (is_nullish(info[i])) return nullptr;
+  if (!info[i].IsExternal() || !info[i].As<Napi::External<ThreadPool::Hint>>().CheckTypeTag(&kPrefetchListTag))
+    throw_type(info.Env(), std::string(name) + " must be a prefetchList() result or null");
+  return *info[i].As<Napi::External<ThreadPool::Hint>>().Data();
+}
+
 // prefetch(list | null): hands the pool's idle workers this list to read ahead (ThreadPool::prefetch);
 // null clears the hint.
 Napi::Value prefetch_js(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
   expect_args(info, 1, "prefetch");
-  if (is_nullish(info[0])) {
-    ThreadPool::instance().prefetch(nullptr);
-    return env.Undefined();
-  }
-  if (!info[0].IsExternal() || !info[0].As<Napi::External<ThreadPool::Hint>>().CheckTypeTag(&kPrefetchListTag))
-    throw_type(env, "list must be a prefetchList() result or null");
-  ThreadPool::instance().prefetch(*info[0].As<Napi::External<ThreadPool::Hint>>().Data());
-  return env.Undefined();
+  ThreadPool::instance().prefetch(get_prefetch_list(info, 0, "list"));
+  return info.Env().Undefined();
 }
 
 // prefetchedBytes(): bytes the pool's workers have read for prefetch() hints since it started.

@@ -155,7 +155,7 @@ void ThreadPool::prefetch(Hint hint) {
   if (num_threads_ == 1) return;  // nobody idles while the caller works
   Hint old;
   {
-    std::lock_guard<std::mutex> lk(hint_mu_);
+    std::lock_guard<SpinLock> lk(hint_mu_);
     const void* part = hint_ && hint_region_ < hint_->size() ? (*hint_)[hint_region_].p : nullptr;
     const size_t part_offset = hint_offset_;
     old = std::move(hint_);  // released outside the lock
@@ -172,7 +172,7 @@ void ThreadPool::prefetch(Hint hint) {
 
 void ThreadPool::prefetch_reached(const void* p) {
   if (!hint_pending_.load(std::memory_order_relaxed)) return;
-  std::lock_guard<std::mutex> lk(hint_mu_);
+  std::lock_guard<SpinLock> lk(hint_mu_);
   if (!hint_) return;
   const auto& regions = *hint_;
   for (size_t r = hint_region_; r < regions.size(); ++r) {
@@ -189,7 +189,7 @@ bool ThreadPool::prefetch_chunk() {
   size_t n = 0;
   std::shared_ptr<const void> keep;
   {
-    std::unique_lock<std::mutex> lk(hint_mu_, std::try_to_lock);
+    std::unique_lock<SpinLock> lk(hint_mu_, std::try_to_lock);
     if (!lk.owns_lock()) return false;
     const size_t count = hint_ ? hint_->size() : 0;
     for (; hint_region_ < count; ++hint_region_, hint_offset_ = 0) {

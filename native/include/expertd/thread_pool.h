@@ -14,6 +14,27 @@
 
 namespace expertd {
 
+// A test-and-test-and-set lock for sections of a few dozen instructions shared by the caller and
+// the pool's workers (std::mutex would put a caller that meets a worker inside to sleep in the
+// kernel, tens of microseconds on a VM, for a section a worker leaves in nanoseconds).
+class SpinLock {
+ public:
+  void lock() {
+    while (locked_.exchange(true, std::memory_order_acquire)) {
+      while (locked_.load(std::memory_order_relaxed)) {
+#if defined(__x86_64__)
+        __builtin_ia32_pause();
+#endif
+      }
+    }
+  }
+  bool try_lock() { return !locked_.load(std::memory_order_relaxed) && !locked_.exchange(true, std::memory_order_acquire); }
+  void unlock() { locked_.store(false, std::memory_order_release); }
+
+ private:
+  std::atomic<bool> locked_{false};
+};
+
 class ThreadPool {
  public:
   // fn(task_index, thread_index): tasks are handed out dynamically in [0, n_tasks).
@@ -78,7 +99,7 @@ class ThreadPool {
   const TaskFn* fn_ = nullptr;
   std::mutex err_mu_;
   std::exception_ptr error_;
-  std::mutex hint_mu_;
+  SpinLock hint_mu_;  // guards the hint_* fields below
   Hint hint_;
   size_t hint_region_ = 0, hint_offset_ = 0;
   std::atomic<bool> hint_pending_{false};
