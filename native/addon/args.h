@@ -125,19 +125,24 @@ template <>
 constexpr const char* typed_array_name<double>() { return "Float64Array"; }
 
 // A typed array of element type T with at least `min_len` elements (exact when exact = true).
+// NOTE: one napi_get_typedarray_info call (Napi::TypedArrayOf's checks and constructors made three
+// per array, and a decode step passes a few thousand arrays).
 template <typename T>
 Span<T> get_array(const Napi::CallbackInfo& info, size_t i, const char* name, size_t min_len,
                   bool exact = false) {
   Napi::Env env = info.Env();
-  Napi::Value v = info[i];
-  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != typed_array_kind<T>())
+  napi_typedarray_type type = napi_int8_array;
+  size_t len = 0;
+  void* data = nullptr;
+  bool is_typed = false;
+  if (napi_is_typedarray(env, info[i], &is_typed) != napi_ok || !is_typed ||
+      napi_get_typedarray_info(env, info[i], &type, &len, &data, nullptr, nullptr) != napi_ok ||
+      type != typed_array_kind<T>())
     throw_type(env, std::string(name) + " must be a " + typed_array_name<T>());
-  auto arr = v.As<Napi::TypedArrayOf<T>>();
-  size_t len = arr.ElementLength();
   if (exact ? len != min_len : len < min_len)
     throw_range(env, std::string(name) + ".length is " + std::to_string(len) + ", expected " +
                          (exact ? "" : "at least ") + std::to_string(min_len));
-  return Span<T>{arr.Data(), len};
+  return Span<T>{static_cast<T*>(data), len};
 }
 
 template <typename T>
