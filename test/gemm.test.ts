@@ -536,6 +536,16 @@ test('denseGemm rejects bad arguments and disposed weights', () => {
     { name: 'RangeError', message: 'bias.length is 3, expected at least 4' });
   assert.throws(() => native.denseGemm(x, 2, {} as PackedWeight, y, null, false, false),
     { name: 'TypeError', message: 'w must be a PackedWeight' });
+  // The handles are told apart by type tags: another handle, or an object with the class's
+  // prototype, is not a weight (unwrapping either as one would read the wrong native object).
+  const table = new native.ExpertTable(1, 3, 2);
+  assert.throws(() => native.denseGemm(x, 2, table as unknown as PackedWeight, y, null, false, false),
+    { name: 'TypeError', message: 'w must be a PackedWeight' });
+  assert.throws(() => native.denseGemm(x, 2, Object.create(Object.getPrototypeOf(w)) as PackedWeight, y, null, false, false),
+    { name: 'TypeError', message: 'w must be a PackedWeight' });
+  assert.throws(() => native.groupGemmFfn(x, new Int32Array([0, 0]), w as never, y, false),
+    { name: 'TypeError', message: 'experts must be an ExpertTable' });
+  table.dispose();
   assert.throws(() => native.denseGemm(x, -1, w, y, null, false, false),
     { name: 'RangeError', message: 'm is -1, expected 0..1073741824' });
   native.denseGemm(x, 2, w, y, null, false, false);

@@ -19,9 +19,8 @@ constexpr int64_t kMaxSafe = (int64_t(1) << 53);
 
 std::shared_ptr<PackedWeight> weight_field(Napi::Env env, const Napi::Object& o, const char* key,
                                            const std::string& name) {
-  auto* data = env.GetInstanceData<AddonData>();
   Napi::Value v = o.Get(key);
-  if (!v.IsObject() || !v.As<Napi::Object>().InstanceOf(data->weight_ctor.Value()))
+  if (!is_weight(v))
     throw_type(env, name + " must be a PackedWeight");
   return WeightHandle::Unwrap(v.As<Napi::Object>())->get(env, name.c_str());
 }

@@ -5,6 +5,19 @@
 
 namespace expertd::addon {
 
+namespace {
+constexpr napi_type_tag kWeightTag = {0x6578706572746401ULL, 0x7061636b65647731ULL};
+constexpr napi_type_tag kExpertTableTag = {0x6578706572746402ULL, 0x6578706572747431ULL};
+}  // namespace
+
+bool is_weight(const Napi::Value& v) {
+  return v.IsObject() && v.As<Napi::Object>().CheckTypeTag(&kWeightTag);
+}
+
+bool is_expert_table(const Napi::Value& v) {
+  return v.IsObject() && v.As<Napi::Object>().CheckTypeTag(&kExpertTableTag);
+}
+
 Napi::Function WeightHandle::define(Napi::Env env) {
   return DefineClass(env, "PackedWeight",
                      {InstanceMethod("dispose", &WeightHandle::dispose),
@@ -22,6 +35,7 @@ WeightHandle::WeightHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<We
   if (info.Length() == 1 && info[0].IsExternal()) {
     auto* sp = info[0].As<Napi::External<std::shared_ptr<PackedWeight>>>().Data();
     weight_ = *sp;
+    info.This().As<Napi::Object>().TypeTag(&kWeightTag);
     accounted_ = static_cast<int64_t>(weight_->size_bytes);
     Napi::MemoryManagement::AdjustExternalMemory(info.Env(), accounted_);
   } else {
@@ -105,9 +119,7 @@ std::shared_ptr<PackedWeight> alloc_weight(const QuantArg& qa, DType dtype, Weig
 
 const PackedWeight& get_weight(const Napi::CallbackInfo& info, size_t i, const char* name) {
   Napi::Env env = info.Env();
-  auto* data = env.GetInstanceData<AddonData>();
-  if (!info[i].IsObject() || !info[i].As<Napi::Object>().InstanceOf(data->weight_ctor.Value()))
-    throw_type(env, std::string(name) + " must be a PackedWeight");
+  if (!is_weight(info[i])) throw_type(env, std::string(name) + " must be a PackedWeight");
   auto* h = WeightHandle::Unwrap(info[i].As<Napi::Object>());
   return *h->get(env, name);
 }
@@ -133,6 +145,7 @@ ExpertTableHandle::ExpertTableHandle(const Napi::CallbackInfo& info)
   inter_ = static_cast<int>(get_int(info, 2, "inter", 1, 1 << 20));
   gate_up_.resize(e);
   down_.resize(e);
+  info.This().As<Napi::Object>().TypeTag(&kExpertTableTag);
 }
 
 // set(expert, gateUp: PackedWeight [2I, H] gate_up, down: PackedWeight [H, I])
@@ -141,9 +154,8 @@ Napi::Value ExpertTableHandle::set(const Napi::CallbackInfo& info) {
   if (disposed_) throw_native(env, Error(ErrorCode::Disposed, "ExpertTable has been disposed"));
   expect_args(info, 3, "ExpertTable.set");
   int e = static_cast<int>(get_int(info, 0, "expert", 0, num_experts() - 1));
-  auto* data = env.GetInstanceData<AddonData>();
   for (size_t i = 1; i <= 2; ++i) {
-    if (!info[i].IsObject() || !info[i].As<Napi::Object>().InstanceOf(data->weight_ctor.Value()))
+    if (!is_weight(info[i]))
       throw_type(env, i == 1 ? "gateUp must be a PackedWeight" : "down must be a PackedWeight");
   }
   auto gu = WeightHandle::Unwrap(info[1].As<Napi::Object>())->get(env, "gateUp");
@@ -204,9 +216,7 @@ Napi::Value ExpertTableHandle::getNumExperts(const Napi::CallbackInfo& info) {
 
 ExpertTableHandle& get_expert_table(const Napi::CallbackInfo& info, size_t i, const char* name) {
   Napi::Env env = info.Env();
-  auto* data = env.GetInstanceData<AddonData>();
-  if (!info[i].IsObject() ||
-      !info[i].As<Napi::Object>().InstanceOf(data->expert_table_ctor.Value()))
+  if (!is_expert_table(info[i]))
     throw_type(env, std::string(name) + " must be an ExpertTable");
   auto* t = ExpertTableHandle::Unwrap(info[i].As<Napi::Object>());
   if (t->disposed()) throw_native(env, Error(ErrorCode::Disposed, std::string(name) + " has been disposed"));

@@ -60,6 +60,10 @@ class ExpertTableHandle : public Napi::ObjectWrap<ExpertTableHandle> {
   bool disposed_ = false;
 };
 
+// Whether v is a PackedWeight / ExpertTable handle (by the type tag their constructors set: a
+// napi_instanceof per argument cost more than the rest of a small op's argument checks).
+bool is_weight(const Napi::Value& v);
+bool is_expert_table(const Napi::Value& v);
 // Unwraps argument i as a live weight handle.
 const PackedWeight& get_weight(const Napi::CallbackInfo& info, size_t i, const char* name);
 // "int8" | "int4" | "fp8" -> QFormat (throws a TypeError otherwise).
