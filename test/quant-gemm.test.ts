@@ -405,6 +405,58 @@ test('groupGemmFfn with quantized experts (and a bf16 one beside them) matches f
   forEachLevel(run);
 });
 
+test('groupGemmFfn with quantized experts: a decode-sized call (one job) gives a big batch\'s bits (two jobs), on 1 or 2 threads', () => {
+  // Up to 64 Ki rows x inter the two phases run as one job (each expert's down items wait for its
+  // own gate/up items); above it, as two jobs with h quantized on the pool between them. A row's
+  // arithmetic is the same in both.
+  const withThreads = (t: number, fn: () => void) => {
+    const before = native.capabilities().threads;
+    native.setNumThreads(t);
+    try { fn(); } finally { native.setNumThreads(before); }
+  };
+  for (const [name, build] of BUILDS.filter(([b]) => ['int8', 'int4/32', 'fp8', 'mxfp4'].includes(b))) {
+    const rand = rng();
+    const e = 4, h = 64, inter = 64;
+    const table = new native.ExpertTable(e, h, inter);
+    for (let i = 0; i < e; i++) {
+      const gu = name === 'mxfp4'
+        ? native.packMxfp4(new Uint8Array(inter * h / 2).map(() => Math.floor(rand() * 256)), new Uint8Array(inter * h / 32).fill(124),
+          inter, h, new Uint8Array(inter * h / 2).map(() => Math.floor(rand() * 256)), new Uint8Array(inter * h / 32).fill(125))
+        : native.packGateUp(uniform(rand, inter * h), uniform(rand, inter * h), 'f32', inter, h,
+          name.split('/')[0] as QuantFormat, name === 'int8' ? 0 : name === 'fp8' ? 128 : 32);
+      const dn = build(rand, h, inter);
+      table.set(i, gu, dn);
+      gu.dispose();
+      dn.dispose();
+    }
+    const counts = [700, 1, 0, 400];  // 1101 rows x 64 > 64 Ki: the two-job path
+    const offsets = new Int32Array(e + 1);
+    for (let i = 0; i < e; i++) offsets[i + 1] = offsets[i]! + counts[i]!;
+    const rows = offsets[e]!;
+    const x = uniform(rand, rows * h);
+    for (const fast of [false, true]) {
+      const big = new Float32Array(rows * h);
+      native.groupGemmFfn(x, offsets, table, big, fast);
+      for (const threads of [1, 2]) {
+        withThreads(threads, () => {
+          // Three rows of three experts in one decode-sized call, and one row alone.
+          const pick = [5, 700, 1100];
+          const xs = new Float32Array(3 * h);
+          pick.forEach((r, j) => xs.set(x.subarray(r * h, (r + 1) * h), j * h));
+          const small = new Float32Array(3 * h);
+          native.groupGemmFfn(xs, new Int32Array([0, 1, 2, 2, 3]), table, small, fast);
+          pick.forEach((r, j) => assert.deepEqual(small.subarray(j * h, (j + 1) * h), big.subarray(r * h, (r + 1) * h),
+            `${name} fast=${fast} threads=${threads} row ${r}`));
+          const one = new Float32Array(h);
+          native.groupGemmFfn(x.subarray(0, h), new Int32Array([0, 1, 1, 1, 1]), table, one, fast);
+          assert.deepEqual(one, big.subarray(0, h), `${name} fast=${fast} threads=${threads} row 0 alone`);
+        });
+      }
+    }
+    table.dispose();
+  }
+});
+
 test('a quantized expert slot re-quantizes what repackInto gives it', () => {
   const rand = rng();
   const n = 24, k = 64;

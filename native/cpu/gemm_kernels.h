@@ -15,6 +15,7 @@
 // machine every fast-mode bf16 call runs Path::Amx, one row included. Within AMX each element
 // runs its 32-k steps in order, and rows of a tile never interact.
 #pragma once
+#include <atomic>
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -186,6 +187,8 @@ struct GemmScratch {
   Buffer x_bf16, x_f32, x_f32_plain, h;
   Buffer x_i8, x_i8_scale, x_i8_sums, h_i8, h_i8_scale, h_i8_sums;
   std::vector<Task> tasks;
+  // group_gemm_ffn's one-job decode path: per expert, gate/up items left and whether h is ready.
+  std::vector<std::atomic<int>> expert_pending, expert_ready;
 };
 
 inline GemmScratch& gemm_scratch() {

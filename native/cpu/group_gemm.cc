@@ -3,6 +3,7 @@
 // side by side in registers; phase 2: h -> y by the down projection. Both phases hand all
 // experts' work items to the pool at once, so 2 cores stay busy with 1 expert or 64.
 // Experts whose down projection reads int8 activations get h quantized per row between the phases.
+#include <atomic>
 #include <numeric>
 
 #include "expertd/ops.h"
@@ -148,51 +149,94 @@ void group_gemm_ffn(const float* x, const int32_t* offsets, int num_experts,
 
   c.h_row_bytes = static_cast<size_t>(ip) * 4;
   c.hbuf = static_cast<uint8_t*>(s.h.get(static_cast<size_t>(rows) * c.h_row_bytes));
+  if (h_i8.ld > 0) {
+    h_i8.check();
+    c.h_i8 = alloc_i8(rows, h_i8.ld, h_i8.block, s.h_i8, s.h_i8_scale, s.h_i8_sums);
+  }
+  auto down_i8 = [&](int e) { return int8_path(choose_path(cpu, *down[e], fast_bf16)); };
 
-  // Phase 1: gate/up + SiLU*mul -> h. With few rows the chunks shrink so that the threads get
-  // several items each even when a single expert is active.
+  // Phase 1 (gate/up + SiLU*mul -> h) and phase 2 (down projection h -> y) work items. With few
+  // rows the chunks shrink so that the threads get several items each even when a single expert
+  // is active.
   const int threads = static_cast<int>(pool.num_threads());
   int active = 0;
   for (int e = 0; e < num_experts; ++e) active += offsets[e + 1] > offsets[e];
   const int min_chunks = std::max(1, (threads * 4 + active - 1) / active);
+  auto plan_phase = [&](const PackedWeight* const* ws) {
+    for (int e = 0; e < num_experts; ++e)
+      if (offsets[e + 1] > offsets[e])
+        plan_tasks(s.tasks, e, offsets[e + 1] - offsets[e], *ws[e], choose_path(cpu, *ws[e], fast_bf16), min_chunks);
+  };
   s.tasks.clear();
-  for (int e = 0; e < num_experts; ++e)
-    if (offsets[e + 1] > offsets[e])
-      plan_tasks(s.tasks, e, offsets[e + 1] - offsets[e], *gate_up[e],
-                 choose_path(cpu, *gate_up[e], fast_bf16), min_chunks);
+  plan_phase(gate_up);
+  const size_t n_gate_up = s.tasks.size();
   c.tasks = &s.tasks;
-  pool.parallel_for(s.tasks.size(), [&c](size_t t, size_t) { run_gate_up_task(c, (*c.tasks)[t]); });
+  // An expert's h rows quantized for an int8 down projection (the scales need whole blocks, which
+  // phase 1 writes in pieces).
+  const auto quantize_h = [&c, inter](int r0, int r1) {
+    quantize_rows_i8(*c.cpu, reinterpret_cast<const float*>(c.hbuf), c.h_row_bytes / 4, r0, r1, inter, c.h_i8);
+  };
 
-  // Between the phases: h rows of the experts whose down projection is int8, quantized per row
-  // (the scales need whole blocks, which phase 1 writes in pieces): in row chunks on the pool, or
-  // here when they are few (decode), which saves a wake-up of the pool per layer.
+  if (static_cast<size_t>(rows) * inter <= (size_t{1} << 16)) {
+    // Few rows (decode): both phases in one job. An expert's down items wait for its own gate/up
+    // items only (they are all claimed by then: items are claimed in order, phase 1's first), and
+    // the thread that finishes an expert's last gate/up item quantizes its h rows. No join and no
+    // serial quantization between the phases; every number is computed as in the two-job path.
+    plan_phase(down);
+    auto& pending = s.expert_pending;
+    auto& ready = s.expert_ready;
+    if (pending.size() < static_cast<size_t>(num_experts)) {
+      pending = std::vector<std::atomic<int>>(num_experts);
+      ready = std::vector<std::atomic<int>>(num_experts);
+    }
+    for (int e = 0; e < num_experts; ++e) {
+      pending[e].store(0, std::memory_order_relaxed);
+      ready[e].store(0, std::memory_order_relaxed);
+    }
+    for (size_t t = 0; t < n_gate_up; ++t) pending[s.tasks[t].g].fetch_add(1, std::memory_order_relaxed);
+    pool.parallel_for(s.tasks.size(), [&](size_t t, size_t) {
+      const Task& k = s.tasks[t];
+      if (t < n_gate_up) {
+        try {
+          run_gate_up_task(c, k);
+        } catch (...) {
+          ready[k.g].store(-1, std::memory_order_release);  // its down items give up
+          throw;
+        }
+        if (pending[k.g].fetch_sub(1, std::memory_order_acq_rel) == 1) {
+          if (h_i8.ld > 0 && down_i8(k.g)) quantize_h(offsets[k.g], offsets[k.g + 1]);
+          int expected = 0;
+          ready[k.g].compare_exchange_strong(expected, 1, std::memory_order_release);
+        }
+        return;
+      }
+      int r;
+      while ((r = ready[k.g].load(std::memory_order_acquire)) == 0) {
+#if defined(__x86_64__)
+        __builtin_ia32_pause();
+#endif
+      }
+      if (r > 0) run_down_task(c, k);
+    });
+    return;
+  }
+
+  pool.parallel_for(n_gate_up, [&c](size_t t, size_t) { run_gate_up_task(c, (*c.tasks)[t]); });
+
+  // Between the phases: the h rows of the experts whose down projection is int8, in row chunks on
+  // the pool.
   if (h_i8.ld > 0) {
-    h_i8.check();
-    c.h_i8 = alloc_i8(rows, h_i8.ld, h_i8.block, s.h_i8, s.h_i8_scale, s.h_i8_sums);
     constexpr int kRowsPerTask = 32;
     s.tasks.clear();
     for (int e = 0; e < num_experts; ++e)
-      if (offsets[e + 1] > offsets[e] && int8_path(choose_path(cpu, *down[e], fast_bf16)))
+      if (offsets[e + 1] > offsets[e] && down_i8(e))
         for (int r = offsets[e]; r < offsets[e + 1]; r += kRowsPerTask)
           s.tasks.push_back(Task{e, r, std::min(offsets[e + 1], r + kRowsPerTask), 0, 0});
-    const auto quantize = [&c, inter](size_t t, size_t) {
-      const Task& k = (*c.tasks)[t];
-      quantize_rows_i8(*c.cpu, reinterpret_cast<const float*>(c.hbuf), c.h_row_bytes / 4, k.r0, k.r1,
-                       inter, c.h_i8);
-    };
-    if (static_cast<size_t>(rows) * inter <= (size_t{1} << 16)) {
-      for (size_t t = 0; t < s.tasks.size(); ++t) quantize(t, 0);
-    } else {
-      pool.parallel_for(s.tasks.size(), quantize);
-    }
+    pool.parallel_for(s.tasks.size(), [&](size_t t, size_t) { quantize_h(s.tasks[t].r0, s.tasks[t].r1); });
   }
 
-  // Phase 2: down projection h -> y.
   s.tasks.clear();
-  for (int e = 0; e < num_experts; ++e)
-    if (offsets[e + 1] > offsets[e])
-      plan_tasks(s.tasks, e, offsets[e + 1] - offsets[e], *down[e],
-                 choose_path(cpu, *down[e], fast_bf16), min_chunks);
+  plan_phase(down);
   pool.parallel_for(s.tasks.size(), [&c](size_t t, size_t) { run_down_task(c, (*c.tasks)[t]); });
 }
 
