@@ -2,6 +2,7 @@
 // angle = f32(pos * inv_freq[i]), cos/sin of that f32 angle, times attn_scale, then
 // x*cos -/+ x'*sin with each product rounded.
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "expertd/ops.h"
@@ -19,16 +20,33 @@ void rope(float* x, int tokens, int heads, int row_stride, int head_stride, int 
   const int half = rot_dim / 2;
   parallel_rows(static_cast<size_t>(tokens), static_cast<size_t>(heads) * rot_dim,
                 [&](size_t t0, size_t t1) {
-    thread_local std::vector<float> cs;  // [2][half] cos then sin, grow-only
-    if (cs.size() < static_cast<size_t>(rot_dim)) cs.resize(rot_dim);
-    float* cosv = cs.data();
-    float* sinv = cs.data() + half;
+    // Per thread, the last position's cos and sin with what they were computed from: a decode
+    // step asks for the same ones twice per layer (q and k) in every layer, and each is a double
+    // cos and sin per rotary pair.
+    struct Memo {
+      std::vector<float> cs;        // [2][half] cos then sin, grow-only
+      std::vector<float> inv_freq;  // the frequencies they were computed with
+      float pos = 0.0f, attn_scale = 0.0f;
+      int half = -1;
+    };
+    thread_local Memo m;
+    if (m.cs.size() < static_cast<size_t>(rot_dim)) m.cs.resize(rot_dim);
+    float* cosv = m.cs.data();
+    float* sinv = m.cs.data() + half;
     for (size_t t = t0; t < t1; ++t) {
       const float pos = static_cast<float>(positions[t]);
-      for (int i = 0; i < half; ++i) {
-        const float angle = pos * inv_freq[i];
-        cosv[i] = static_cast<float>(std::cos(static_cast<double>(angle))) * attn_scale;
-        sinv[i] = static_cast<float>(std::sin(static_cast<double>(angle))) * attn_scale;
+      const bool same = m.half == half && m.pos == pos && m.attn_scale == attn_scale &&
+                        std::memcmp(m.inv_freq.data(), inv_freq, sizeof(float) * half) == 0;
+      if (!same) {
+        for (int i = 0; i < half; ++i) {
+          const float angle = pos * inv_freq[i];
+          cosv[i] = static_cast<float>(std::cos(static_cast<double>(angle))) * attn_scale;
+          sinv[i] = static_cast<float>(std::sin(static_cast<double>(angle))) * attn_scale;
+        }
+        m.inv_freq.assign(inv_freq, inv_freq + half);
+        m.pos = pos;
+        m.attn_scale = attn_scale;
+        m.half = half;
       }
       float* row = x + t * static_cast<size_t>(row_stride) + offset;
       for (int hd = 0; hd < heads; ++hd) {
