@@ -124,25 +124,31 @@ constexpr const char* typed_array_name<uint32_t>() { return "Uint32Array"; }
 template <>
 constexpr const char* typed_array_name<double>() { return "Float64Array"; }
 
-// A typed array of element type T with at least `min_len` elements (exact when exact = true).
+// v as a typed array of element type T with at least `min_len` elements (exact when exact = true);
+// name() makes the argument's name for an error, only when one is thrown.
 // NOTE: one napi_get_typedarray_info call (Napi::TypedArrayOf's checks and constructors made three
 // per array, and a decode step passes a few thousand arrays).
-template <typename T>
-Span<T> get_array(const Napi::CallbackInfo& info, size_t i, const char* name, size_t min_len,
-                  bool exact = false) {
-  Napi::Env env = info.Env();
+template <typename T, typename Name>
+Span<T> typed_span(Napi::Env env, napi_value v, const Name& name, size_t min_len, bool exact = false) {
   napi_typedarray_type type = napi_int8_array;
   size_t len = 0;
   void* data = nullptr;
   bool is_typed = false;
-  if (napi_is_typedarray(env, info[i], &is_typed) != napi_ok || !is_typed ||
-      napi_get_typedarray_info(env, info[i], &type, &len, &data, nullptr, nullptr) != napi_ok ||
+  if (napi_is_typedarray(env, v, &is_typed) != napi_ok || !is_typed ||
+      napi_get_typedarray_info(env, v, &type, &len, &data, nullptr, nullptr) != napi_ok ||
       type != typed_array_kind<T>())
-    throw_type(env, std::string(name) + " must be a " + typed_array_name<T>());
+    throw_type(env, std::string(name()) + " must be a " + typed_array_name<T>());
   if (exact ? len != min_len : len < min_len)
-    throw_range(env, std::string(name) + ".length is " + std::to_string(len) + ", expected " +
+    throw_range(env, std::string(name()) + ".length is " + std::to_string(len) + ", expected " +
                          (exact ? "" : "at least ") + std::to_string(min_len));
   return Span<T>{static_cast<T*>(data), len};
+}
+
+// Argument i as a typed array of element type T (see typed_span).
+template <typename T>
+Span<T> get_array(const Napi::CallbackInfo& info, size_t i, const char* name, size_t min_len,
+                  bool exact = false) {
+  return typed_span<T>(info.Env(), info[i], [name] { return name; }, min_len, exact);
 }
 
 template <typename T>

@@ -9,6 +9,7 @@
 
 #include "args.h"
 #include "expertd/sampling.h"
+#include "handles.h"
 #include "register.h"
 #include "sampling_args.h"
 
@@ -36,30 +37,14 @@ std::string num(double v) {
 template <typename T>
 Span<T> field(Napi::Env env, Napi::Object obj, const char* key, size_t min_len, bool exact,
               bool optional = false) {
-  Napi::Value v = obj.Get(key);
-  const std::string name = std::string("batch.") + key;
+  Napi::Value v = get_opt(obj, key);
   if (optional && is_nullish(v)) return Span<T>{};
-  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != typed_array_kind<T>())
-    throw_type(env, name + " must be a " + typed_array_name<T>());
-  auto arr = v.As<Napi::TypedArrayOf<T>>();
-  const size_t len = arr.ElementLength();
-  if (exact ? len != min_len : len < min_len)
-    throw_range(env, name + ".length is " + std::to_string(len) + ", expected " +
-                         (exact ? "" : "at least ") + std::to_string(min_len));
-  return Span<T>{arr.Data(), len};
+  return typed_span<T>(env, v, [key] { return std::string("batch.") + key; }, min_len, exact);
 }
 
 template <typename T>
 Span<T> out_field(Napi::Env env, Napi::Object obj, const char* key, size_t min_len) {
-  Napi::Value v = obj.Get(key);
-  const std::string name = std::string("out.") + key;
-  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != typed_array_kind<T>())
-    throw_type(env, name + " must be a " + typed_array_name<T>());
-  auto arr = v.As<Napi::TypedArrayOf<T>>();
-  if (arr.ElementLength() < min_len)
-    throw_range(env, name + ".length is " + std::to_string(arr.ElementLength()) +
-                         ", expected at least " + std::to_string(min_len));
-  return Span<T>{arr.Data(), arr.ElementLength()};
+  return typed_span<T>(env, get_opt(obj, key), [key] { return std::string("out.") + key; }, min_len);
 }
 
 // A CSR list: offsets [rows + 1] non-decreasing from 0, ids in [0, V).
