@@ -14,12 +14,27 @@ import { startDaemon, stopDaemon } from './helpers/daemon.js';
 
 const mixtral = path.join(packageRoot(), 'test', 'fixtures', 'mixtral');
 
-async function freePort(): Promise<number> {
+/** Listens on `port` (0: any) and closes again: the port it got, or null where it was taken. */
+async function tryListen(port: number): Promise<number | null> {
   const s = net.createServer();
-  await new Promise<void>((r) => s.listen(0, '127.0.0.1', () => r()));
-  const port = (s.address() as net.AddressInfo).port;
-  await new Promise<void>((r) => s.close(() => r()));
-  return port;
+  const got = await new Promise<number | null>((resolve) => {
+    s.once('error', () => resolve(null));
+    s.listen(port, '127.0.0.1', () => resolve((s.address() as net.AddressInfo).port));
+  });
+  if (got !== null) await new Promise<void>((r) => s.close(() => r()));
+  return got;
+}
+
+/**
+ * A rendezvous port P with P + 1 free too: node 0 serves the group's store on P + 1, and an
+ * ephemeral port's neighbour may be any other socket's (a CI run met EADDRINUSE there).
+ */
+async function freePort(): Promise<number> {
+  for (let attempt = 0; attempt < 100; attempt++) {
+    const port = await tryListen(0);
+    if (port !== null && port < 65535 && (await tryListen(port + 1)) !== null) return port;
+  }
+  throw new Error('no free pair of adjacent ports on 127.0.0.1');
 }
 
 interface Proc { proc: ChildProcess; logs: string[]; exit: Promise<number | null> }
