@@ -5,7 +5,6 @@
 #include <string>
 
 #include "args.h"
-#include "handles.h"
 #include "expertd/ops.h"
 #include "register.h"
 
@@ -17,8 +16,12 @@ constexpr int64_t kMaxInt = 2147483647;
 // opts[key] as an integer in [min, max]; `def` when absent (required = false).
 int64_t opt_int(Napi::Env env, const Napi::Object& opts, const char* key, int64_t min,
                 int64_t max, bool required, int64_t def = 0) {
-  Napi::Value v = get_opt(opts, key);
-  // The error texts are built only when thrown: this runs a dozen times per attention call.
+  // NOTE: a dozen of these per attention call. The error texts are built only when thrown. The
+  // lookup itself (napi_get_named_property makes a V8 string from the UTF-8 key and finds it in the
+  // string table every time) costs about as much as the attention of a 16-token decode; keeping
+  // the keys as strings made once (in an array: node-api 8 cannot reference a string) measured no
+  // faster, V8 looked them up again as keys.
+  Napi::Value v = opts.Get(key);
   auto name = [key] { return std::string("opts.") + key; };
   if (is_nullish(v)) {
     if (required) throw_type(env, name() + " is required");
@@ -105,7 +108,7 @@ Napi::Value paged_attention_js(const Napi::CallbackInfo& info) {
   const int64_t head_floats = int64_t{p.heads} * p.dk;
   p.q_row_stride = static_cast<int>(opt_int(env, opts, "qRowStride", 1, kMaxInt, false, head_floats));
   {
-    Napi::Value sv = get_opt(opts, "scale");
+    Napi::Value sv = opts.Get("scale");
     if (!sv.IsNumber()) throw_type(env, "opts.scale must be a number");
     const double sc = sv.As<Napi::Number>().DoubleValue();
     if (!std::isfinite(sc)) throw_range(env, "opts.scale is " + std::to_string(sc) + ", expected a finite number");
@@ -135,8 +138,8 @@ Napi::Value paged_attention_js(const Napi::CallbackInfo& info) {
                          ", expected at least " + s(v_need));
   p.kv_dtype = k_cache.dtype;
   if (p.kv_dtype == KvDtype::FP8) {
-    p.k_scales = get_scales(env, get_opt(opts, "kScales"), "opts.kScales", p.kv_heads);
-    p.v_scales = get_scales(env, get_opt(opts, "vScales"), "opts.vScales", p.kv_heads);
+    p.k_scales = get_scales(env, opts.Get("kScales"), "opts.kScales", p.kv_heads);
+    p.v_scales = get_scales(env, opts.Get("vScales"), "opts.vScales", p.kv_heads);
   }
   Span<int32_t> seq_info = get_array<int32_t>(info, 3, "seqInfo", size_t(p.num_seqs) * 3);
   Span<int32_t> tables =
@@ -144,7 +147,7 @@ Napi::Value paged_attention_js(const Napi::CallbackInfo& info) {
   Span<float> out = get_array<float>(info, 6, "out", 0);
   {
     // Optional per-head attention sinks (gpt-oss): a Float32Array of exactly `heads` logits.
-    Napi::Value sv = get_opt(opts, "sinks");
+    Napi::Value sv = opts.Get("sinks");
     if (!is_nullish(sv)) {
       if (!sv.IsTypedArray() || sv.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array)
         throw_type(env, "opts.sinks must be a Float32Array");

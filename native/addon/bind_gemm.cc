@@ -260,7 +260,6 @@ Napi::Value packed_weight_at_js(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, v);
 }
 
-// denseGemm(x, m, w, y, bias, accumulate, fast)
 // Tags the External that carries a prefetch list (a Hint) through JS.
 constexpr napi_type_tag kPrefetchListTag = {0x6578706572746400ULL, 0x7072656665746368ULL};
 
@@ -304,6 +303,7 @@ Napi::Value prefetched_bytes_js(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), static_cast<double>(ThreadPool::instance().prefetched_bytes()));
 }
 
+// denseGemm(x, m, w, y, bias, accumulate, fast)
 Napi::Value dense_gemm_js(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   expect_args(info, 7, "denseGemm");

@@ -9,7 +9,6 @@
 #include <utility>
 
 #include "args.h"
-#include "handles.h"
 #include "expertd/ops.h"
 #include "register.h"
 
@@ -55,7 +54,7 @@ struct OptsReader {
   Napi::Env env;
   Napi::Object obj;
 
-  Napi::Value get(const char* key) { return get_opt(obj, key); }
+  Napi::Value get(const char* key) { return obj.Get(key); }
 
   // The error texts below are built only when thrown (route reads its options on every call).
   int64_t integer(const char* key, int64_t def, int64_t min, int64_t max) {

@@ -9,7 +9,6 @@
 
 #include "args.h"
 #include "expertd/sampling.h"
-#include "handles.h"
 #include "register.h"
 #include "sampling_args.h"
 
@@ -37,14 +36,14 @@ std::string num(double v) {
 template <typename T>
 Span<T> field(Napi::Env env, Napi::Object obj, const char* key, size_t min_len, bool exact,
               bool optional = false) {
-  Napi::Value v = get_opt(obj, key);
+  Napi::Value v = obj.Get(key);
   if (optional && is_nullish(v)) return Span<T>{};
   return typed_span<T>(env, v, [key] { return std::string("batch.") + key; }, min_len, exact);
 }
 
 template <typename T>
 Span<T> out_field(Napi::Env env, Napi::Object obj, const char* key, size_t min_len) {
-  return typed_span<T>(env, get_opt(obj, key), [key] { return std::string("out.") + key; }, min_len);
+  return typed_span<T>(env, obj.Get(key), [key] { return std::string("out.") + key; }, min_len);
 }
 
 // A CSR list: offsets [rows + 1] non-decreasing from 0, ids in [0, V).

@@ -10,8 +10,6 @@ constexpr napi_type_tag kWeightTag = {0x6578706572746401ULL, 0x7061636b65647731U
 constexpr napi_type_tag kExpertTableTag = {0x6578706572746402ULL, 0x6578706572747431ULL};
 }  // namespace
 
-Napi::Value get_opt(const Napi::Object& o, const char* key) { return o.Get(key); }
-
 bool is_weight(const Napi::Value& v) {
   return v.IsObject() && v.As<Napi::Object>().CheckTypeTag(&kWeightTag);
 }

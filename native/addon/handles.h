@@ -85,11 +85,4 @@ struct AddonData {
   Napi::FunctionReference expert_table_ctor;
 };
 
-// o[key] for an options object.
-// NOTE: napi_get_named_property makes a V8 string from the UTF-8 key and looks it up in the string
-// table on every call (perf: a dozen per pagedAttention call cost about as much as the attention of
-// a 16-token decode). Keeping the keys as strings made once (in an array: node-api 8 cannot
-// reference a string) measured no faster: V8 looked them up again as keys.
-Napi::Value get_opt(const Napi::Object& o, const char* key);
-
 }  // namespace expertd::addon

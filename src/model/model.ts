@@ -49,8 +49,6 @@ interface Layer {
   /** The MoE: the FFN of a plain layer, or the shortcut branch of a ScMoE layer. */
   moe: MoeLayer | null;
   shortcut: boolean;
-  /** The dense weights this layer's GEMMs read, in order (attention projections, router). */
-  denseWeights: PackedWeight[];
 }
 
 export class MoeModel implements ForwardModel<LayerCache[]> {
@@ -145,7 +143,7 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
         }));
         const moe = this.buildMoe(src, p, moeIndex++, opts);
         this.moeLayers.push(moe);
-        this.layers.push({ subs, moe, shortcut: true, denseWeights: [] });
+        this.layers.push({ subs, moe, shortcut: true });
         continue;
       }
       let moe: MoeLayer | null = null;
@@ -166,17 +164,18 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
           attn: linear ? null : attention(`${p}self_attn.`, i), cacheIndex: linear ? -1 : cacheIndex++, dense,
           linear, linearIndex: linear ? linearIndex++ : -1,
         }],
-        moe, shortcut: false, denseWeights: [],
+        moe, shortcut: false,
       });
     }
-    for (const l of this.layers) {
-      for (const sub of l.subs) l.denseWeights.push(...(sub.attn ?? sub.linear)?.projections ?? []);
-      if (l.moe) l.denseWeights.push(l.moe.weights.gate);
-    }
     // Read-ahead while a step's serial code runs: after layer i, the next two stages' dense weights
-    // (a stage is a layer, then the LM head; after the head, the next step's first layers).
+    // (a stage is a layer's attention projections and router, then the LM head; after the head,
+    // the next step's first layers).
+    const stages = this.layers.map((l) => [
+      ...l.subs.flatMap((sub) => (sub.attn ?? sub.linear)?.projections ?? []),
+      ...(l.moe ? [l.moe.weights.gate] : []),
+    ]);
     const L = this.layers.length;
-    const stage = (i: number) => (i < L ? this.layers[i]!.denseWeights : i === L ? [this.lmHead] : this.layers[(i - L - 1) % L]!.denseWeights);
+    const stage = (i: number) => (i < L ? stages[i]! : i === L ? [this.lmHead] : stages[(i - L - 1) % L]!);
     const n = loadNative();
     this.readAhead = Array.from({ length: L + 1 }, (_, i) => n.prefetchList(...stage(i + 1), ...stage(i + 2)));
     this.numCaches = cacheIndex;
@@ -398,7 +397,7 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
   }
 
   dispose(): void {
-    if (this.readAheadOn) loadNative().prefetch(null);
+    loadNative().prefetch(null);
     this.lmHead.dispose();
     for (const l of this.layers) {
       for (const sub of l.subs) {
