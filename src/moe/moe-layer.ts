@@ -97,10 +97,89 @@ export class MoeLayer {
   /** x [T, H] normalised hidden -> out [T, H] (overwritten); idsOut [T, k] gets the chosen ids. */
   forward(x: Float32Array, T: number, out: Float32Array, scratch: Scratch, fast: boolean,
           hooks: MoeHooks, idsOut: Int32Array): void {
+    if (this.comm instanceof SingleRankComm && (this.pipelineChunks === 'auto' || this.pipelineChunks === 1)) {
+      this.forwardLocal(x, T, out, scratch, fast, hooks, idsOut);
+      return;
+    }
     const p = this.begin(x, T, scratch, hooks, idsOut);
     if (this.weights.shared) p.shared = this.sharedFfn(x, T, scratch, fast);
     this.compute(p, scratch, fast);
     this.finish(p, out, scratch, fast);
+  }
+
+  /**
+   * One rank, one chunk (what every single-process step runs): the pipeline's arithmetic without
+   * its chunk bookkeeping. Routing, permutation, the experts where the permutation put their rows
+   * and the combine run on scratch buffers; the same calls on the same rows as begin / compute /
+   * finish with PN = 1, so the same bits.
+   * NOTE: the general path's per-layer objects (chunk bounds, offsets per chunk, views per chunk,
+   * the pending record) cost ~10 us of JS per layer and step, 2-3% of a qwen3moe-like int4 decode.
+   */
+  private forwardLocal(x: Float32Array, T: number, out: Float32Array, scratch: Scratch, fast: boolean,
+                       hooks: MoeHooks, idsOut: Int32Array): void {
+    const n = loadNative();
+    const H = this.hidden, E = this.numExperts, k = this.spec.router.topK;
+    const { weights, counts } = this.routeTokens(x, T, scratch, hooks, idsOut);
+    const rows = T * k;
+    const xPerm = scratch.f32('moe.xperm', rows * H), yPerm = scratch.f32('moe.yperm', rows * H);
+    const permIndex = scratch.i32('moe.perm', rows), offsets = scratch.i32('moe.offsets', E + this.zeroExperts + 1);
+    if (T > 0) n.permute(x.subarray(0, T * H), T, H, idsOut, k, E + this.zeroExperts, xPerm, permIndex, offsets);
+    else offsets.fill(0);
+    const shared = this.weights.shared ? this.sharedFfn(x, T, scratch, fast) : null;
+    const kernel = this.planKernel(counts.subarray(0, E), 1);
+    this.runExperts(kernel, xPerm, offsets, yPerm, scratch, fast);
+    if (T > 0) n.unpermuteCombine(yPerm, permIndex, weights, T, k, H, out.subarray(0, T * H), false);
+    if (shared) for (let i = 0; i < T * H; i++) out[i] = out[i]! + shared[i]!;
+  }
+
+  /** Router -> routing -> trace hook -> residency: the ids in idsOut, their weights and per-expert counts. */
+  private routeTokens(x: Float32Array, T: number, scratch: Scratch, hooks: MoeHooks, idsOut: Int32Array):
+      { weights: Float32Array; counts: Int32Array } {
+    const n = loadNative();
+    const E = this.numExperts, ET = E + this.zeroExperts, k = this.spec.router.topK;
+    // Router: always in reference precision, so fast mode never changes which experts run.
+    const logits = scratch.f32('moe.logits', T * ET);
+    n.denseGemm(x, T, this.weights.gate, logits, this.weights.gateBias, false, false);
+    const weights = scratch.f32('moe.weights', T * k);
+    const counts = scratch.i32('moe.counts', ET);
+    n.route(logits, T, ET, k, this.routeOpts, idsOut, weights, counts);
+    hooks.onRouted?.(this.moeIndex, idsOut, counts, T);
+    hooks.ensureResident?.(this.moeIndex, counts.subarray(0, E), this.weights.experts);
+    return { weights, counts };
+  }
+
+  /** The expert kernel for this step's local load (counts [E] summed over chunks); records lastPlan. */
+  private planKernel(counts: Int32Array, chunks: number): ExpertKernel {
+    if (this.planner) {
+      this.lastPlan = { ...this.planner.plan(counts, this.hidden * 4), chunks };
+      return this.lastPlan.kernel;
+    }
+    this.lastPlan = { kernel: 'group', chunks, groupMs: 0, denseMs: 0, totalMs: 0 };
+    return 'group';
+  }
+
+  /**
+   * The experts on one chunk's rows: x [local[E + Z], H] in expert order (local [E + Z + 1] its
+   * offsets) -> y. Identity experts' rows (last) are copied through.
+   */
+  private runExperts(kernel: ExpertKernel, x: Float32Array, local: Int32Array, y: Float32Array,
+                     scratch: Scratch, fast: boolean): void {
+    const H = this.hidden, E = this.numExperts, ET = E + this.zeroExperts;
+    const offsets = local.subarray(0, E + 1);
+    if (this.spec.clampedSwiglu || kernel === 'dense') {
+      let maxRows = 1;
+      for (let e = 0; e < E; e++) maxRows = Math.max(maxRows, local[e + 1]! - local[e]!);
+      const buf = scratch.f32('moe.dense', 3 * this.spec.intermediate * maxRows);
+      if (this.spec.clampedSwiglu) {
+        clampedSwigluExpertsFfn(x, offsets, this.weights.experts, this.weights.expertBias!, H, this.spec.intermediate,
+          this.spec.clampedSwiglu, y, fast, buf);
+      } else {
+        denseExpertsFfn(x, offsets, this.weights.experts, H, this.spec.intermediate, y, fast, buf);
+      }
+    } else {
+      loadNative().groupGemmFfn(x, offsets, this.weights.experts, y, fast);
+    }
+    if (ET > E) y.set(x.subarray(local[E]! * H, local[ET]! * H), local[E]! * H);
   }
 
   /**
@@ -114,14 +193,7 @@ export class MoeLayer {
     const E = this.numExperts;
     const ET = E + this.zeroExperts;
     const k = this.spec.router.topK;
-    // Router: always in reference precision, so fast mode never changes which experts run.
-    const logits = scratch.f32('moe.logits', T * ET);
-    n.denseGemm(x, T, this.weights.gate, logits, this.weights.gateBias, false, false);
-    const weights = scratch.f32('moe.weights', T * k);
-    const counts = scratch.i32('moe.counts', ET);
-    n.route(logits, T, ET, k, this.routeOpts, idsOut, weights, counts);
-    hooks.onRouted?.(this.moeIndex, idsOut, counts, T);
-    hooks.ensureResident?.(this.moeIndex, counts.subarray(0, E), this.weights.experts);
+    const { weights, counts } = this.routeTokens(x, T, scratch, hooks, idsOut);
     const startedAt = performance.now();
     const choice = this.chooseChunks(counts.subarray(0, E), T);
     const PN = Math.max(1, this.comm.agreeChunks(choice.chunks));
@@ -221,38 +293,19 @@ export class MoeLayer {
   compute(p: MoePending, scratch: Scratch, fast: boolean): void {
     if (p.computed) return;
     p.computed = true;
-    const n = loadNative();
-    const H = this.hidden, E = this.numExperts, ET = E + this.zeroExperts;
+    const H = this.hidden, E = this.numExperts;
     const { routes } = p;
     const PN = routes.chunks;
-    let kernel: ExpertKernel = 'group';
     const counts = scratch.i32('moe.localcounts', E);
     counts.fill(0);
     for (const l of routes.local) for (let e = 0; e < E; e++) counts[e] = counts[e]! + l[e + 1]! - l[e]!;
-    if (this.planner) {
-      this.lastPlan = { ...this.planner.plan(counts, H * 4), chunks: PN };
-      kernel = this.lastPlan.kernel;
-    } else {
-      this.lastPlan = { kernel, chunks: PN, groupMs: 0, denseMs: 0, totalMs: 0 };
-    }
-    let maxRows = 0;
-    for (const l of routes.local) for (let e = 0; e < E; e++) maxRows = Math.max(maxRows, l[e + 1]! - l[e]!);
+    const kernel = this.planKernel(counts, PN);
     for (let c = 0; c < PN; c++) {
       if (c + 1 < PN) p.dispatches.push(this.comm.dispatchChunk(routes, c + 1, this.chunkRows(p, p.xPerm, c + 1), p.xLocal[c + 1]!, H));
       p.dispatches[c]!.wait();
-      const x = p.xLocal[c]!, y = p.yLocal[c]!, local = routes.local[c]!;
       // Expert-contiguous order puts identity experts' rows last: [local[E], local[E+Z]).
-      const offsets = local.subarray(0, E + 1);
-      if (this.spec.clampedSwiglu) {
-        clampedSwigluExpertsFfn(x, offsets, this.weights.experts, this.weights.expertBias!, H, this.spec.intermediate,
-          this.spec.clampedSwiglu, y, fast, scratch.f32('moe.dense', 3 * this.spec.intermediate * Math.max(1, maxRows)));
-      } else if (kernel === 'dense') {
-        denseExpertsFfn(x, offsets, this.weights.experts, H, this.spec.intermediate, y, fast,
-          scratch.f32('moe.dense', 3 * this.spec.intermediate * Math.max(1, maxRows)));
-      } else {
-        n.groupGemmFfn(x, offsets, this.weights.experts, y, fast);
-      }
-      if (ET > E) y.set(x.subarray(local[E]! * H, local[ET]! * H), local[E]! * H);
+      const y = p.yLocal[c]!;
+      this.runExperts(kernel, p.xLocal[c]!, routes.local[c]!, y, scratch, fast);
       p.combines.push(this.comm.combineChunk(routes, c, y, this.chunkRows(p, p.yPerm, c), H));
     }
   }
