@@ -20,6 +20,7 @@
         "native/cpu/thread_pool.cc",
         "native/cpu/cpu_features.cc",
         "native/cpu/weights.cc",
+        "native/cpu/weight_memory.cc",
         "native/cpu/quant.cc",
         "native/cpu/dense_gemm.cc",
         "native/cpu/group_gemm.cc",

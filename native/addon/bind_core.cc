@@ -1,12 +1,15 @@
 // Core bindings: capabilities(), thread control, SIMD override, aligned host buffers.
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <thread>
 
 #include "args.h"
 #include "expertd/comm.h"
 #include "expertd/cpu_features.h"
+#include "expertd/errors.h"
 #include "expertd/thread_pool.h"
+#include "expertd/weight_memory.h"
 #include "register.h"
 
 #ifdef EXPERTD_WITH_CUDA
@@ -89,29 +92,31 @@ Napi::Value set_simd(const Napi::CallbackInfo& info) {
   return Napi::String::New(info.Env(), simd_level());
 }
 
-// allocHostBuffer(sizeBytes): a 64-byte aligned, zeroed ArrayBuffer owned by native code
-// (freed by its finalizer), for arenas and KV caches larger than one JS allocation likes.
+// allocHostBuffer(sizeBytes): a 64-byte aligned, zeroed ArrayBuffer owned by native code (freed by
+// its finalizer), for arenas, staging and KV caches: from the weights' allocator, so on 2 MiB pages
+// where the kernel lends them (weight_memory.h; EXPERTD_HUGE_PAGES=0: the C heap).
 Napi::Value alloc_host_buffer(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   expect_args(info, 1, "allocHostBuffer");
   int64_t size = get_int(info, 0, "sizeBytes", 0, int64_t(1) << 46);
-  size_t rounded = (static_cast<size_t>(size) + 63) / 64 * 64;
-  void* p = rounded ? std::aligned_alloc(64, rounded) : nullptr;
-  if (rounded && !p) {
-    Napi::Error e = Napi::Error::New(env, "allocHostBuffer: out of host memory for " +
-                                              std::to_string(size) + " bytes");
+  if (size == 0) return Napi::ArrayBuffer::New(env, 0);
+  std::shared_ptr<uint8_t> mem;
+  try {
+    mem = alloc_weight_bytes(static_cast<size_t>(size), "allocHostBuffer");
+  } catch (const Error& err) {
+    Napi::Error e = Napi::Error::New(env, "allocHostBuffer: out of host memory for " + std::to_string(size) + " bytes");
     e.Set("code", Napi::String::New(env, "E_OOM"));
     throw e;
   }
-  if (p) std::memset(p, 0, rounded);
-  if (!p) return Napi::ArrayBuffer::New(env, 0);
-  Napi::MemoryManagement::AdjustExternalMemory(env, static_cast<int64_t>(rounded));
-  return Napi::ArrayBuffer::New(env, p, static_cast<size_t>(size),
-                                [rounded](Napi::Env e, void* data) {
-                                  std::free(data);
-                                  Napi::MemoryManagement::AdjustExternalMemory(
-                                      e, -static_cast<int64_t>(rounded));
-                                });
+  const int64_t rounded = (size + 63) / 64 * 64;
+  Napi::MemoryManagement::AdjustExternalMemory(env, rounded);
+  auto* owner = new std::shared_ptr<uint8_t>(std::move(mem));
+  return Napi::ArrayBuffer::New(env, owner->get(), static_cast<size_t>(size),
+                                [rounded](Napi::Env e, void*, std::shared_ptr<uint8_t>* o) {
+                                  delete o;
+                                  Napi::MemoryManagement::AdjustExternalMemory(e, -rounded);
+                                },
+                                owner);
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include "args.h"
 #include "expertd/ops.h"
 #include "expertd/thread_pool.h"
+#include "expertd/weight_memory.h"
 #include "handles.h"
 #include "register.h"
 
@@ -303,6 +304,20 @@ Napi::Value prefetched_bytes_js(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), static_cast<double>(ThreadPool::instance().prefetched_bytes()));
 }
 
+// weightMemory(): what the packed weights' allocator holds (weight_memory.h).
+Napi::Value weight_memory_js(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const WeightMemoryStats st = weight_memory_stats();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("chunks", Napi::Number::New(env, static_cast<double>(st.chunks)));
+  o.Set("dedicated", Napi::Number::New(env, static_cast<double>(st.dedicated)));
+  o.Set("mappedBytes", Napi::Number::New(env, static_cast<double>(st.mapped_bytes)));
+  o.Set("liveBytes", Napi::Number::New(env, static_cast<double>(st.live_bytes)));
+  o.Set("liveAllocations", Napi::Number::New(env, static_cast<double>(st.live_allocations)));
+  o.Set("hugePages", Napi::Boolean::New(env, st.huge_pages));
+  return o;
+}
+
 // denseGemm(x, m, w, y, bias, accumulate, fast)
 Napi::Value dense_gemm_js(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -382,6 +397,7 @@ void register_gemm(Napi::Env env, Napi::Object exports) {
   exports.Set("prefetchList", Napi::Function::New(env, prefetch_list_js, "prefetchList"));
   exports.Set("prefetch", Napi::Function::New(env, prefetch_js, "prefetch"));
   exports.Set("prefetchedBytes", Napi::Function::New(env, prefetched_bytes_js, "prefetchedBytes"));
+  exports.Set("weightMemory", Napi::Function::New(env, weight_memory_js, "weightMemory"));
   exports.Set("groupGemmFfn", Napi::Function::New(env, group_gemm_ffn_js, "groupGemmFfn"));
 }
 

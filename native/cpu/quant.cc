@@ -14,6 +14,7 @@
 #include "expertd/errors.h"
 #include "expertd/ops.h"
 #include "expertd/thread_pool.h"
+#include "expertd/weight_memory.h"
 #include "gemm_kernels.h"
 #include "packed_layout.h"
 #include "quant_layout.h"
@@ -162,19 +163,10 @@ std::shared_ptr<PackedWeight> alloc_quant_weight(QFormat q, int group, WeightKin
   const size_t code_bytes = static_cast<size_t>(w->np / 16) * w->kp * w->k_bytes16();
   const size_t scale_count = static_cast<size_t>(w->np) * (w->kp / group);
   w->size_bytes = code_bytes + scale_count * 4;
-  auto alloc = [&](size_t bytes) {
-    const size_t a = (bytes + 63) / 64 * 64;
-    void* p = std::aligned_alloc(64, a);
-    if (!p)
-      fail(ErrorCode::OutOfMemory, "out of host memory for a " + std::string(qformat_name(q)) +
-                                       " weight of " + std::to_string(w->size_bytes) + " bytes");
-    std::memset(p, 0, a);
-    return p;
-  };
-  void* codes = alloc(code_bytes);
-  w->data = std::shared_ptr<uint8_t>(static_cast<uint8_t*>(codes), [](uint8_t* p) { std::free(p); });
-  void* scales = alloc(scale_count * 4);
-  w->scales = std::shared_ptr<float>(static_cast<float*>(scales), [](float* p) { std::free(p); });
+  const std::string what = "a " + std::string(qformat_name(q)) + " weight";
+  w->data = alloc_weight_bytes(code_bytes, what.c_str());
+  auto scales = alloc_weight_bytes(scale_count * 4, (what + "'s scales").c_str());
+  w->scales = std::shared_ptr<float>(scales, reinterpret_cast<float*>(scales.get()));
   return w;
 }
 

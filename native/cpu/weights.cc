@@ -7,6 +7,7 @@
 
 #include "expertd/errors.h"
 #include "expertd/ops.h"
+#include "expertd/weight_memory.h"
 #include "expertd/thread_pool.h"
 #include "packed_layout.h"
 
@@ -131,13 +132,7 @@ std::shared_ptr<PackedWeight> alloc_packed_weight(DType dtype, WeightKind kind, 
   w->np = kind == WeightKind::GateUp ? 2 * round_up(n / 2, 16) : round_up(n, 16);
   w->kp = round_up(k, 2);
   w->size_bytes = static_cast<size_t>(w->np) * w->kp * dtype_size(dtype);
-  size_t alloc = (w->size_bytes + 63) / 64 * 64;
-  void* p = std::aligned_alloc(64, alloc);
-  if (!p)
-    fail(ErrorCode::OutOfMemory,
-         "out of host memory for a packed weight of " + std::to_string(w->size_bytes) + " bytes");
-  std::memset(p, 0, alloc);
-  w->data = std::shared_ptr<uint8_t>(static_cast<uint8_t*>(p), [](uint8_t* q) { std::free(q); });
+  w->data = alloc_weight_bytes(w->size_bytes, "a packed weight");
   return w;
 }
 

@@ -1,6 +1,6 @@
 // Element types of the paged KV cache (--kv-cache-dtype): sizes, the arrays that hold them, and the
 // scalar conversions the kernels use (f32 -> bf16 / fp8 e4m3 and back), for references and the emulator.
-import type { KvArray } from '../native/index.js';
+import { loadNative, type KvArray } from '../native/index.js';
 
 export type { KvArray };
 export type KvDtype = 'f32' | 'bf16' | 'fp8';
@@ -22,6 +22,15 @@ export function resolveKvDtype(flag: string, computeDtype: 'f32' | 'bf16'): KvDt
 
 export function allocKvArray(d: KvDtype, elements: number): KvArray {
   return d === 'f32' ? new Float32Array(elements) : d === 'bf16' ? new Uint16Array(elements) : new Uint8Array(elements);
+}
+
+/**
+ * A cache array in native memory (allocHostBuffer: on 2 MiB pages where the kernel lends them, as the
+ * weights; a decode's attention reads its sequence's blocks scattered over the whole cache).
+ */
+export function allocHostKvArray(d: KvDtype, elements: number): KvArray {
+  const buf = loadNative().allocHostBuffer(elements * kvDtypeBytes(d));
+  return d === 'f32' ? new Float32Array(buf) : d === 'bf16' ? new Uint16Array(buf) : new Uint8Array(buf);
 }
 
 /** The dtype an array holds (by its element type). */

@@ -7,7 +7,7 @@ import { EpsPlanner, loadOrCalibrate, type ExpertKernel } from '../moe/eps-plann
 import { MoeLayer, type MoeHooks, type PipelineChunks } from '../moe/moe-layer.js';
 import { GqaAttention, MlaAttention, type AttentionBlock, type LayerCache } from './attention.js';
 import { Scratch, type ForwardBatch, type ForwardModel, type ForwardResult } from './forward-batch.js';
-import { allocKvArray, type KvDtype } from './kv-dtype.js';
+import { allocHostKvArray, type KvDtype } from './kv-dtype.js';
 import type { ModelSpec } from './spec.js';
 import { withWeightPrefix, type HostTensor, type TensorSource } from './tensor-source.js';
 import { GatedDeltaNet, linearStateFloats, type LinearLayerState } from './linear-attention.js';
@@ -286,8 +286,8 @@ export class MoeModel implements ForwardModel<LayerCache[]> {
     const [kf, vf] = this.cacheFloatsPerToken();
     const kvHeads = this.cacheKvHeads();
     return Array.from({ length: this.numCaches }, () => ({
-      k: allocKvArray(dtype, numBlocks * blockSize * kf),
-      v: vf > 0 ? allocKvArray(dtype, numBlocks * blockSize * vf) : null,
+      k: allocHostKvArray(dtype, numBlocks * blockSize * kf),
+      v: vf > 0 ? allocHostKvArray(dtype, numBlocks * blockSize * vf) : null,
       kScales: dtype === 'fp8' ? new Float32Array(kvHeads).fill(1) : null,
       vScales: dtype === 'fp8' && vf > 0 ? new Float32Array(kvHeads).fill(1) : null,
     }));

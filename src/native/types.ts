@@ -736,6 +736,13 @@ export interface NativeAddon extends Partial<CudaAddon> {
   prefetch(list: PrefetchList | null): void;
   /** Bytes the pool's workers have read for prefetch() hints since the process started. */
   prefetchedBytes(): number;
+  /**
+   * What the packed weights' host allocator holds: weights of 8 MiB and more get their own 2 MiB-aligned
+   * mapping (dedicated), the others share 32 MiB chunks; both advised MADV_HUGEPAGE (hugePages: the
+   * kernel accepted that once). Linux only; zeros elsewhere.
+   */
+  weightMemory(): { chunks: number; dedicated: number; mappedBytes: number; liveBytes: number;
+    liveAllocations: number; hugePages: boolean };
   /** Fused expert FFN: rows [offsets[e], offsets[e+1]) of x go through expert e. x, y [rows, H]. */
   groupGemmFfn(x: Float32Array, offsets: Int32Array, experts: ExpertTable, y: Float32Array,
                fast: boolean): void;
