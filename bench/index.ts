@@ -7,6 +7,7 @@ import { runE2e } from './e2e.js';
 import { runEp } from './ep.js';
 import { runFidelity } from './fidelity.js';
 import { runGpuServe } from './gpu-serve.js';
+import { runHugePages } from './huge-pages.js';
 import { runKernels } from './kernels.js';
 import { runKernelsQuant } from './kernels-cuda-quant.js';
 import { runKernelsDeltanet } from './kernels-cuda-deltanet.js';
@@ -28,6 +29,7 @@ const BENCHES: Record<string, { run: (argv: string[]) => Promise<void>; about: s
   ep: { run: runEp, about: 'EPS-MoE pipeline (PN 1, best, planner) and ScMoE overlap over in-process ranks, real and SIMULATED links (25/50/150 GB/s) [--json F] [--plot F.png: step time vs PN, and F-timeline.png: one step of the pipeline per MoE layer] [--reps N] [--warmup N] [--tokens T] [--ranks N] [--chunks 1,2,4] [--link-scale 1,auto] [--no-real] [--no-scmoe]' },
   fidelity: { run: runFidelity, about: 'the device engine on every fixture vs HF goldens and the CPU bf16 engine (logit error, routing agreement), on the emulator of the cuda* ops [--gpu: the real device; --kv: the CPU engine per KV cache dtype; --quant: top-1 and KL vs the f32 model per --quantize format, mode and KV dtype; --trained: the same on test/fixtures-trained]' },
   'gpu-serve': { run: runGpuServe, about: 'expertd serve --device cuda vs --device cpu through the API on a bench checkpoint: prefill, decode b1/b8 tok/s, greedy agreement [--json F] [--model NAME | --model-dir DIR] [--prompt-len N] [--max-tokens N] [--reps N] [--devices cuda,cpu]' },
+  'huge-pages': { run: runHugePages, about: 'a decode step with weights and KV cache on 4 KiB pages (EXPERTD_HUGE_PAGES=0) vs 2 MiB pages: two copies of a bench model in one process, steps alternating [--json F] [--model NAME] [--formats bf16,int8-full,fp8-full,int4-full] [--steps N per arm] [--prompt-len N] [--threads N]' },
   kernels: { run: runKernels, about: 'CPU MoE kernels vs machine limits and the OpenBLAS loop [--json F] [--plot F.png] [--reps N] [--warmup N] [--tokens 1,8] [--models mixtral-like,qwen3moe-like] [--threads N] [--ctx N] [--hot] [--no-peer] [--simd amx|noamx: the fast GEMMs also at that dispatch level, and the time ratios] [--device cpu]; GPU: --device cuda[:N] vs torch grouped_mm and a matmul loop [--rows 1,8] [--models mixtral-like,deepseek-like|NAME:H:I:E] [--python PATH] [--matmul-n N] [--copy-mib N]' },
   'kernels-deltanet': { run: runKernelsDeltanet, about: 'GPU: the device gated delta rule (f32) of a qwen3_next-like layer: chunked prefill of T tokens, the same by the recurrence, decode b1/b64, vs HF transformers\' torch functions and fla on the same GPU [--json F] [--tokens 4096] [--batches 1,64] [--shape Hk:Hv:Dk:Dv] [--reps N] [--warmup N] [--python PATH] [--no-peer] [--standin: the CPU emulator, plumbing only]' },
   'kernels-quant': { run: runKernelsQuant, about: 'GPU: the quantized GroupGemm (int8, int4 g32/g128, fp8 dequantised and FP8 activations, mxfp4) vs bf16 and torch (matmul loop, _scaled_mm e4m3) [--json F] [--rows 1,16,256] [--shape NAME:H:I:E:ACTIVE] [--formats bf16,int8,...] [--reps N] [--warmup N] [--python PATH] [--no-peer] [--standin: the CPU emulator, plumbing only]' },
