@@ -7,6 +7,7 @@ import os from 'node:os';
 import path from 'node:path';
 
 import { expectedTensors, parseModelConfig } from '../src/model/config.js';
+import type { GenerateRequest, SamplingParams } from '../src/engine/types.js';
 import { type TensorToWrite, writeSafetensors } from '../src/model/safetensors.js';
 
 /** Bump when a config or the weight recipe changes: a new folder is made. */
@@ -341,4 +342,18 @@ export function ensureBenchModel(name: BenchModelName, log: (s: string) => void 
     throw e;
   }
   return target;
+}
+
+/**
+ * Stream i of an in-process engine bench: a synthetic prompt of promptLen ids, eos ignored, greedy
+ * unless `sampling` says otherwise.
+ */
+export function benchRequest(i: number, promptLen: number, maxTokens: number,
+                             sampling: Partial<SamplingParams> = {}): GenerateRequest {
+  return {
+    id: `s${i}`, promptTokenIds: Array.from({ length: promptLen }, (_, j) => 100 + ((i * 131 + j * 17) % 30000)),
+    maxTokens, stopTokenIds: [], ignoreEos: true, minTokens: 0, returnRoutedExperts: false,
+    sampling: { temperature: 0, topP: 1, topK: 0, minP: 0, repetitionPenalty: 1, presencePenalty: 0, frequencyPenalty: 0,
+      logprobs: null, seed: i, ...sampling },
+  };
 }

@@ -11,7 +11,7 @@ import type { KvDtype } from '../src/model/kv-dtype.js';
 import { loadModel } from '../src/model/load.js';
 import { loadNative } from '../src/native/index.js';
 import type { ForwardBatch } from '../src/model/forward-batch.js';
-import { BENCH_MODEL_NAMES, type BenchModelName, ensureBenchModel } from './bench-models.js';
+import { BENCH_MODEL_NAMES, type BenchModelName, benchRequest, ensureBenchModel } from './bench-models.js';
 import { fmt, markdownTable, measureWallCpu, median, parseIntList, parsePositiveInt, pct, runInfo, writeJson, type Cell } from './harness.js';
 import { OpProfiler } from './op-profile.js';
 import { FORMATS } from './quant.js';
@@ -46,11 +46,7 @@ export async function runDecodeStep(argv: string[]): Promise<void> {
       maxNumSeqs: B, maxNumBatchedTokens: 4096, servedModelName: name, sampler: 'native',
     });
     for (let i = 0; i < B; i++) {
-      core.add({
-        id: `s${i}`, promptTokenIds: Array.from({ length: promptLen }, (_, j) => 100 + ((i * 131 + j * 17) % 30000)),
-        maxTokens: runSteps + 4, stopTokenIds: [], ignoreEos: true, minTokens: 0, returnRoutedExperts: false,
-        sampling: { temperature: 0, topP: 1, topK: 0, minP: 0, repetitionPenalty: 1, presencePenalty: 0, frequencyPenalty: 0, logprobs: null, seed: i },
-      });
+      core.add(benchRequest(i, promptLen, runSteps + 4));
     }
     // Prefill until a step decodes every stream (that step is the warm-up).
     for (;;) {

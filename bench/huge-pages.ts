@@ -10,13 +10,9 @@ import { parseArgs } from 'node:util';
 import { EngineCore } from '../src/engine/engine-core.js';
 import { loadModel } from '../src/model/load.js';
 import { loadNative } from '../src/native/index.js';
-import { BENCH_MODEL_NAMES, type BenchModelName, ensureBenchModel } from './bench-models.js';
-import { fmt, markdownTable, parsePositiveInt, runInfo, writeJson, type Cell } from './harness.js';
+import { BENCH_MODEL_NAMES, type BenchModelName, benchRequest, ensureBenchModel } from './bench-models.js';
+import { fmt, markdownTable, parsePositiveInt, percentile, runInfo, writeJson, type Cell } from './harness.js';
 import { FORMATS } from './quant.js';
-
-function quantile(sorted: number[], q: number): number {
-  return sorted[Math.min(sorted.length - 1, Math.floor(sorted.length * q))]!;
-}
 
 export async function runHugePages(argv: string[]): Promise<void> {
   const { values } = parseArgs({ args: argv, options: {
@@ -45,11 +41,7 @@ export async function runHugePages(argv: string[]): Promise<void> {
         maxNumSeqs: 1, maxNumBatchedTokens: Math.max(4096, promptLen), servedModelName: name, sampler: 'native',
       });
       let id = 0;
-      const add = (): void => void core.add({
-        id: `s${id++}`, promptTokenIds: Array.from({ length: promptLen }, (_, j) => 100 + ((j * 17 + id) % 30000)),
-        maxTokens: 64, stopTokenIds: [], ignoreEos: true, minTokens: 0, returnRoutedExperts: false,
-        sampling: { temperature: 0, topP: 1, topK: 0, minP: 0, repetitionPenalty: 1, presencePenalty: 0, frequencyPenalty: 0, logprobs: null, seed: 0 },
-      });
+      const add = (): void => void core.add(benchRequest(id++, promptLen, 64));
       add();
       return { core, add, loaded, ms: [] as number[] };
     });
@@ -62,11 +54,11 @@ export async function runHugePages(argv: string[]): Promise<void> {
       if (r && r.metrics.decodeTokens === 1 && r.metrics.prefillTokens === 0) arm.ms.push(performance.now() - t0);
       if (!arm.core.hasWork()) arm.add();
     }
-    const [small, huge] = arms.map((a) => a.ms.sort((x, y) => x - y)) as [number[], number[]];
-    const m0 = quantile(small, 0.5), m1 = quantile(huge, 0.5);
+    const [small, huge] = arms.map((a) => a.ms) as [number[], number[]];
+    const m0 = percentile(small, 0.5), m1 = percentile(huge, 0.5);
     console.error(`# ${name} ${format}: 4 KiB ${fmt(m0)} ms, 2 MiB ${fmt(m1)} ms per decode step`);
-    rows.push([format, `${fmt(m0)} (${fmt(quantile(small, 0.25))}-${fmt(quantile(small, 0.75))})`,
-      `${fmt(m1)} (${fmt(quantile(huge, 0.25))}-${fmt(quantile(huge, 0.75))})`, `${(100 * (m1 / m0 - 1)).toFixed(1)}%`, small.length]);
+    rows.push([format, `${fmt(m0)} (${fmt(percentile(small, 0.25))}-${fmt(percentile(small, 0.75))})`,
+      `${fmt(m1)} (${fmt(percentile(huge, 0.25))}-${fmt(percentile(huge, 0.75))})`, `${(100 * (m1 / m0 - 1)).toFixed(1)}%`, small.length]);
     json.push({ format, steps4k: small, steps2m: huge });
     for (const a of arms) a.loaded.model.dispose();
   }

@@ -12,7 +12,7 @@ import { Sampler, SamplingState } from '../src/engine/sampler.js';
 import type { SamplingParams } from '../src/engine/types.js';
 import { loadModel } from '../src/model/load.js';
 import { loadNative } from '../src/native/index.js';
-import { BENCH_MODEL_NAMES, type BenchModelName, ensureBenchModel } from './bench-models.js';
+import { BENCH_MODEL_NAMES, type BenchModelName, benchRequest, ensureBenchModel } from './bench-models.js';
 import { fmt, markdownTable, measureWallCpu, median, parseIntList, parsePositiveInt, runInfo, writeJson } from './harness.js';
 
 const MODES: Record<string, Partial<SamplingParams>> = {
@@ -100,11 +100,7 @@ function stepShare(name: BenchModelName, mode: string, batch: number, steps: num
       return r;
     };
     for (let i = 0; i < batch; i++) {
-      core.add({
-        id: `s${i}`, promptTokenIds: Array.from({ length: 8 }, (_, j) => 100 + ((i * 131 + j * 17) % 30000)),
-        maxTokens: steps + 4, stopTokenIds: [], ignoreEos: true, minTokens: 0, returnRoutedExperts: false,
-        sampling: params(MODES[mode]!, i),
-      });
+      core.add(benchRequest(i, 8, steps + 4, params(MODES[mode]!, i)));
     }
     core.step();   // every prompt in one prefill step (batch * 8 tokens)
     core.step();   // warm-up decode

@@ -1,6 +1,4 @@
 // Core bindings: capabilities(), thread control, SIMD override, aligned host buffers.
-#include <cstdlib>
-#include <cstring>
 #include <memory>
 #include <thread>
 
@@ -103,7 +101,7 @@ Napi::Value alloc_host_buffer(const Napi::CallbackInfo& info) {
   std::shared_ptr<uint8_t> mem;
   try {
     mem = alloc_weight_bytes(static_cast<size_t>(size), "allocHostBuffer");
-  } catch (const Error& err) {
+  } catch (const Error&) {
     Napi::Error e = Napi::Error::New(env, "allocHostBuffer: out of host memory for " + std::to_string(size) + " bytes");
     e.Set("code", Napi::String::New(env, "E_OOM"));
     throw e;

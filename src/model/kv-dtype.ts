@@ -21,7 +21,11 @@ export function resolveKvDtype(flag: string, computeDtype: 'f32' | 'bf16'): KvDt
 }
 
 export function allocKvArray(d: KvDtype, elements: number): KvArray {
-  return d === 'f32' ? new Float32Array(elements) : d === 'bf16' ? new Uint16Array(elements) : new Uint8Array(elements);
+  return kvView(d, new ArrayBuffer(elements * kvDtypeBytes(d)));
+}
+
+function kvView(d: KvDtype, buf: ArrayBuffer): KvArray {
+  return d === 'f32' ? new Float32Array(buf) : d === 'bf16' ? new Uint16Array(buf) : new Uint8Array(buf);
 }
 
 /**
@@ -29,8 +33,7 @@ export function allocKvArray(d: KvDtype, elements: number): KvArray {
  * weights; a decode's attention reads its sequence's blocks scattered over the whole cache).
  */
 export function allocHostKvArray(d: KvDtype, elements: number): KvArray {
-  const buf = loadNative().allocHostBuffer(elements * kvDtypeBytes(d));
-  return d === 'f32' ? new Float32Array(buf) : d === 'bf16' ? new Uint16Array(buf) : new Uint8Array(buf);
+  return kvView(d, loadNative().allocHostBuffer(elements * kvDtypeBytes(d)));
 }
 
 /** The dtype an array holds (by its element type). */

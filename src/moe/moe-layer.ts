@@ -118,12 +118,12 @@ export class MoeLayer {
   private forwardLocal(x: Float32Array, T: number, out: Float32Array, scratch: Scratch, fast: boolean,
                        hooks: MoeHooks, idsOut: Int32Array): void {
     const n = loadNative();
-    const H = this.hidden, E = this.numExperts, k = this.spec.router.topK;
+    const H = this.hidden, E = this.numExperts, ET = E + this.zeroExperts, k = this.spec.router.topK;
     const { weights, counts } = this.routeTokens(x, T, scratch, hooks, idsOut);
     const rows = T * k;
     const xPerm = scratch.f32('moe.xperm', rows * H), yPerm = scratch.f32('moe.yperm', rows * H);
-    const permIndex = scratch.i32('moe.perm', rows), offsets = scratch.i32('moe.offsets', E + this.zeroExperts + 1);
-    if (T > 0) n.permute(x.subarray(0, T * H), T, H, idsOut, k, E + this.zeroExperts, xPerm, permIndex, offsets);
+    const permIndex = scratch.i32('moe.perm', rows), offsets = scratch.i32('moe.offsets', ET + 1);
+    if (T > 0) n.permute(x.subarray(0, T * H), T, H, idsOut, k, ET, xPerm, permIndex, offsets);
     else offsets.fill(0);
     const shared = this.weights.shared ? this.sharedFfn(x, T, scratch, fast) : null;
     const kernel = this.planKernel(counts.subarray(0, E), 1);
@@ -160,7 +160,8 @@ export class MoeLayer {
 
   /**
    * The experts on one chunk's rows: x [local[E + Z], H] in expert order (local [E + Z + 1] its
-   * offsets) -> y. Identity experts' rows (last) are copied through.
+   * offsets) -> y. Expert-contiguous order puts identity experts' rows last, [local[E], local[E+Z]):
+   * they are copied through.
    */
   private runExperts(kernel: ExpertKernel, x: Float32Array, local: Int32Array, y: Float32Array,
                      scratch: Scratch, fast: boolean): void {
@@ -303,7 +304,6 @@ export class MoeLayer {
     for (let c = 0; c < PN; c++) {
       if (c + 1 < PN) p.dispatches.push(this.comm.dispatchChunk(routes, c + 1, this.chunkRows(p, p.xPerm, c + 1), p.xLocal[c + 1]!, H));
       p.dispatches[c]!.wait();
-      // Expert-contiguous order puts identity experts' rows last: [local[E], local[E+Z]).
       const y = p.yLocal[c]!;
       this.runExperts(kernel, p.xLocal[c]!, routes.local[c]!, y, scratch, fast);
       p.combines.push(this.comm.combineChunk(routes, c, y, this.chunkRows(p, p.yPerm, c), H));
