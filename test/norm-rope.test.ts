@@ -166,6 +166,34 @@ test('rope: the angle is rounded to f32 before cos/sin, as HF does', () => {
     `cos/sin of the f32 angle: (${y[1]}, ${y[3]}) vs (${Math.cos(f32)}, ${Math.sin(f32)})`);
 });
 
+test('rope: the cos/sin table gives the values computed per call (many frequency sets, positions past its end)', () => {
+  // The native side keeps cos/sin per position for up to 8 frequency sets and 2^19 positions and
+  // computes the rest per call: every way in must give the reference's values, and the same bits
+  // as a first call when asked again (a table made by one call, read by the next).
+  const c: RopeCase = { t: 12, heads: 3, headStride: 64, rowStride: 192, offset: 0, rot: 64, interleaved: false, attnScale: 1, maxPos: 0 };
+  const r = rng(4242);
+  for (let set = 0; set < 11; set++) {
+    const invFreq = invFreqOf(c.rot, 10000 + 1000 * set);
+    const pos = Int32Array.from({ length: c.t }, (_, t) =>
+      t < 4 ? t : t < 8 ? (1 << 19) - 2 + (t - 4) : Math.floor(r() * 3e6));
+    const x = uniform(c.t * c.rowStride, r, 2);
+    const ref = refRope(x, c, pos, invFreq);
+    const first = Float32Array.from(x);
+    native.rope(first, c.t, c.heads, c.rowStride, c.headStride, c.offset, pos, invFreq, c.attnScale, c.interleaved);
+    assertClose(first, ref, { maxAbs: 4e-6, relL2: 4e-7 }, `set ${set}`);
+    for (const order of [pos, pos.slice().reverse()]) {
+      const again = new Float32Array(c.t * c.rowStride);
+      const idx = Array.from(order, (p) => pos.indexOf(p));
+      idx.forEach((src, t) => again.set(x.subarray(src * c.rowStride, (src + 1) * c.rowStride), t * c.rowStride));
+      native.rope(again, c.t, c.heads, c.rowStride, c.headStride, c.offset, order, invFreq, c.attnScale, c.interleaved);
+      idx.forEach((src, t) => {
+        for (let i = 0; i < c.rowStride; i++)
+          assert.ok(Object.is(again[t * c.rowStride + i], first[src * c.rowStride + i]), `set ${set}: position ${order[t]} element ${i} differs`);
+      });
+    }
+  }
+});
+
 test('rope: bad arguments', () => {
   const x = new Float32Array(64);
   const f = new Float32Array(4);
