@@ -10,6 +10,7 @@ import { test } from 'node:test';
 import { loadNative } from '../src/native/index.js';
 import type { NativeAddon, PackedWeight, QuantFormat } from '../src/native/index.js';
 import { mulberry32 } from '../src/engine/rng.js';
+import { bf16ToF32, f32ToBf16 } from '../src/model/kv-dtype.js';
 import { fileSeed } from './helpers/seed.js';
 import { compare, refGemm, roundBf16, silu, uniform } from './helpers/gemm-ref.js';
 
@@ -159,7 +160,7 @@ test('MXFP4 checkpoint data is kept as e2m1 x 2^(e8m0 - 127), gate_up halves apa
   assert.throws(() => native.packMxfp4(g.blocks, g.scales, n, 40), /multiple of 32/);
 });
 
-test('--quantize formats: scales from the absmax, every value within half a step', () => {
+test('--quantize formats: scales from the absmax (int4: rounded to bf16), every value within half a step', () => {
   const rand = rng();
   const n = 33, k = 200;
   const src = uniform(rand, n * k, 0.5);
@@ -170,7 +171,8 @@ test('--quantize formats: scales from the absmax, every value within half a step
       for (let c0 = 0; c0 < k; c0 += g) {
         let amax = 0;
         for (let c = c0; c < Math.min(k, c0 + g); c++) amax = Math.max(amax, Math.abs(src[r * k + c]!));
-        const step = f32(amax / qmax);
+        // int4 holds its scales in bf16, rounded before the codes are (ops.h ScaleType).
+        const step = format === 'int4' ? bf16ToF32(f32ToBf16(f32(amax / qmax))) : f32(amax / qmax);
         for (let c = c0; c < Math.min(k, c0 + g); c++) {
           const got = native.packedWeightAt(w, r, c);
           const code = got / step;
@@ -273,6 +275,55 @@ test('denseGemm on quantized weights: every dispatch level matches float64 too',
         for (const [m, n, k] of [[1, 16, 64], [7, 37, 130], [9, 33, 36]] as const)
           denseCase(name, build, m, n, k, fast, ` level=${level}`);
   });
+});
+
+test('int4 scales held in bf16 / f16 / f32: the same values, half the scale bytes, the same bits from every kernel', () => {
+  const rand = rng();
+  const n = 48, k = 256;  // rows a multiple of 16: no padding rows in the byte counts
+  for (const group of [32, 128]) {
+    const groups = k / group;
+    const codes = Int8Array.from({ length: n * k }, () => Math.floor(rand() * 16) - 8);
+    // Scales exact in bf16 and in f16 alike (8 significant bits, inside f16's normal range), and
+    // ones exact in f16 only (11 bits).
+    const both = Float32Array.from({ length: n * groups }, () => (1 + Math.floor(rand() * 128) / 128) * 2 ** -(4 + Math.floor(rand() * 8)));
+    const f16Only = Float32Array.from(both, (v, i) => v + 2 ** (Math.floor(Math.log2(v)) - 10) * (1 + (i % 7)));
+    const wf = native.packInt(codes, both, n, k, 'int4', group, null, null, 'f32');
+    const wb = native.packInt(codes, both, n, k, 'int4', group, null, null, 'bf16');
+    const wh = native.packInt(codes, f16Only, n, k, 'int4', group, null, null, 'f16');
+    const wh32 = native.packInt(codes, f16Only, n, k, 'int4', group, null, null, 'f32');
+    try {
+      const codeBytes = n * k / 2;
+      assert.equal(wf.sizeBytes, codeBytes + n * groups * 4);
+      assert.equal(wb.sizeBytes, codeBytes + n * groups * 2, 'bf16 scales: two bytes each');
+      assert.equal(wh.sizeBytes, codeBytes + n * groups * 2, 'f16 scales: two bytes each');
+      for (let r = 0; r < n; r++)
+        for (let c = 0; c < k; c++) {
+          assert.equal(native.packedWeightAt(wb, r, c), native.packedWeightAt(wf, r, c));
+          assert.equal(native.packedWeightAt(wh, r, c), codes[r * k + c]! * f16Only[r * groups + Math.floor(c / group)]!);
+        }
+      forEachLevel((level) => {
+        for (const fast of [false, true])
+          for (const m of [1, 5]) {
+            const x = uniform(rand, m * k, 1);
+            const run = (w: PackedWeight) => {
+              const y = new Float32Array(m * n);
+              native.denseGemm(x, m, w, y, null, false, fast);
+              return y;
+            };
+            const label = `g${group} ${level} fast=${fast} m=${m}`;
+            assert.deepEqual(run(wb), run(wf), `${label}: bf16 scales give f32 scales' bits`);
+            assert.deepEqual(run(wh), run(wh32), `${label}: f16 scales give f32 scales' bits`);
+          }
+      });
+    } finally {
+      for (const w of [wf, wb, wh, wh32]) w.dispose();
+    }
+    // A scale the dtype cannot hold is refused, naming it; int8 keeps f32.
+    assert.throws(() => native.packInt(codes, f16Only, n, k, 'int4', group, null, null, 'bf16'), /not a bf16 number/);
+    assert.throws(() => native.packInt(codes, Float32Array.from(both, (v) => v * 2 ** -20), n, k, 'int4', group, null, null, 'f16'), /not a f16 number/);
+  }
+  assert.throws(() => native.packInt(new Int8Array(16 * 32), new Float32Array(16), 16, 32, 'int8', 0, null, null, 'bf16'), /int8 weights keep f32 scales/);
+  assert.throws(() => native.packInt(new Int8Array(16 * 32), new Float32Array(16), 16, 32, 'int4', 32, null, null, 'f8' as 'f16'), /scaleDtype must be/);
 });
 
 test('fast mode runs int8 activations on the int8 dot-product kernels where the CPU has them', () => {

@@ -90,7 +90,11 @@ const FORMATS: [string, QuantizeSpec, number | 'bf16', boolean?][] = [
   ['int8', quantizeSpec('int8', 0)!, 'bf16'],
   ['fp8', quantizeSpec('fp8', 0)!, 0.8],
   ['int4 g32', quantizeSpec('int4', 32)!, 0.55],
-  ['int4 g128', quantizeSpec('int4', 128)!, 0.55],
+  // NOTE: since int4 scales are bf16 (session 16) g128 measures 568/1054 (53.9%, KL 1.19e-1), against
+  // 584 (55.4%, 1.16e-1) with f32 scales; g32 617 (58.5%, 1.05e-1) against 605 (57.4%, 1.06e-1): near
+  // ties on random weights moving with a 2^-9 change of the scales, not a trend (trained fixtures:
+  // quantize-trained.test.ts).
+  ['int4 g128', quantizeSpec('int4', 128)!, 0.52],
   ['int8 +dense', quantizeSpec('int8', 0, true)!, 0.8],
   ['int8 +dense, bf16 mode', quantizeSpec('int8', 0, true)!, 0.75, true],
   ['fp8 +dense', quantizeSpec('fp8', 0, true)!, 0.5],

@@ -31,9 +31,9 @@ test('weights come from shared chunks, big ones from their own mapping, and all 
   const small = [0, 1, 2, 3].map((i) => n.packWeight(source(256, 512, i + 1), 'f32', 256, 512, 'int4', 32));
   const big = n.packWeight(source(4096, 2048, 9), 'f32', 4096, 2048);  // f32 kept: 32 MiB
   const held = n.weightMemory();
-  // int4 g32: codes (256 x 512 / 2) and f32 scales (256 x 16 x 4) per weight, two allocations each.
+  // int4 g32: codes (256 x 512 / 2) and bf16 scales (256 x 16 x 2) per weight, two allocations each.
   assert.equal(held.liveAllocations - before.liveAllocations, 4 * 2 + 1);
-  assert.equal(held.liveBytes - before.liveBytes, 4 * (256 * 256 + 256 * 16 * 4) + 4096 * 2048 * 4);
+  assert.equal(held.liveBytes - before.liveBytes, 4 * (256 * 256 + 256 * 16 * 2) + 4096 * 2048 * 4);
   assert.equal(held.dedicated - before.dedicated, 1);
   assert.ok(held.chunks >= 1);
   assert.ok(held.mappedBytes >= held.liveBytes);

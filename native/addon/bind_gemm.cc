@@ -169,9 +169,11 @@ const int8_t* int_codes(const Napi::CallbackInfo& info, size_t i, const char* na
   return c;
 }
 
-// packInt(codes, scales, n, k, format, group, upCodes?, upScales?) -> int8 / int4 weight from codes
-// and scales [n, ceil(k / group)] (int8 group 0: one scale per row, scales [n]). With the up pair the
-// result is a gate_up weight of n = 2 * (rows of codes).
+// packInt(codes, scales, n, k, format, group, upCodes?, upScales?, scaleDtype?) -> int8 / int4 weight
+// from codes and scales [n, ceil(k / group)] (int8 group 0: one scale per row, scales [n]). With the
+// up pair the result is a gate_up weight of n = 2 * (rows of codes). scaleDtype: how an int4 weight
+// holds its scales, 'f32' (default), 'bf16' or 'f16' (the checkpoint's: every scale must be exact in
+// it); int8 keeps f32.
 Napi::Value pack_int_js(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   expect_args(info, 6, "packInt");
@@ -189,10 +191,18 @@ Napi::Value pack_int_js(const Napi::CallbackInfo& info) {
   const bool gu = info.Length() > 6 && !is_nullish(info[6]);
   const int8_t* ucodes = gu ? int_codes(info, 6, "upCodes", len, qa.q) : nullptr;
   const float* usc = gu ? get_array<float>(info, 7, "upScales", slen, true).data : nullptr;
+  ScaleType st = ScaleType::F32;
+  if (info.Length() > 8 && !is_nullish(info[8])) {
+    const std::string d = info[8].IsString() ? info[8].As<Napi::String>().Utf8Value() : std::string();
+    if (d == "bf16") st = ScaleType::BF16;
+    else if (d == "f16") st = ScaleType::F16;
+    else if (d != "f32") throw_type(env, "scaleDtype must be 'f32', 'bf16' or 'f16'");
+    if (qa.q == QFormat::I8 && st != ScaleType::F32) throw_type(env, "int8 weights keep f32 scales: scaleDtype must be 'f32'");
+  }
   std::shared_ptr<PackedWeight> w;
   guard(env, [&] {
     w = alloc_quant_weight(qa.q, qa.group, gu ? WeightKind::GateUp : WeightKind::Plain,
-                           static_cast<int>(gu ? 2 * n : n), static_cast<int>(k));
+                           static_cast<int>(gu ? 2 * n : n), static_cast<int>(k), st);
     pack_int_weight(*w, codes, sc, ucodes, usc);
   });
   return WeightHandle::create(env, std::move(w));
@@ -266,7 +276,7 @@ constexpr napi_type_tag kPrefetchListTag = {0x6578706572746400ULL, 0x70726566657
 
 // A weight's memory as prefetch regions: its codes (or elements), then its scales.
 void add_regions(std::vector<ThreadPool::Region>& out, const PackedWeight& w) {
-  const size_t scale_bytes = w.quantized() ? static_cast<size_t>(w.np) * (w.kp / w.group) * sizeof(float) : 0;
+  const size_t scale_bytes = w.scale_bytes();
   out.push_back({w.data.get(), w.size_bytes - scale_bytes, w.data});
   if (scale_bytes) out.push_back({w.scales.get(), scale_bytes, w.scales});
 }

@@ -114,7 +114,7 @@ QuantArg quant_arg(const Napi::CallbackInfo& info, size_t i) {
 
 std::shared_ptr<PackedWeight> alloc_weight(const QuantArg& qa, DType dtype, WeightKind kind, int n, int k) {
   return qa.q == QFormat::None ? alloc_packed_weight(dtype, kind, n, k)
-                               : alloc_quant_weight(qa.q, qa.group, kind, n, k);
+                               : alloc_quant_weight(qa.q, qa.group, kind, n, k, quantize_scale_type(qa.q));
 }
 
 const PackedWeight& get_weight(const Napi::CallbackInfo& info, size_t i, const char* name) {

@@ -20,7 +20,13 @@
 
 namespace expertd::gemm {
 
-
+// The 8 scales qs.s[i, i + 8) as f32 (exact), whatever their type.
+EXPERTD_AVX2 __attribute__((always_inline)) inline __m256 load_scales8(const QScales& qs, size_t i) {
+  if (qs.st == ScaleType::F32) return _mm256_loadu_ps(qs.f32() + i);
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(qs.s) + i));
+  if (qs.st == ScaleType::BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  return _mm256_cvtph_ps(h);
+}
 
 // The vectors per pass: the largest divisor of nv whose accumulators (mr each) and per-vector
 // registers (per_vec each) fit the budget.
@@ -241,7 +247,7 @@ struct Avx2QTile {
 #pragma GCC unroll 8
       for (int v = 0; v < PV; ++v) {
         const int b = (v0 + v) >> 1, h = (v0 + v) & 1;
-        sc[v] = _mm256_load_ps(qs.s + b * qs.sstride + static_cast<size_t>(gi) * 16 + 8 * h);
+        sc[v] = load_scales8(qs, b * qs.sstride + static_cast<size_t>(gi) * 16 + 8 * h);
         if constexpr (Q == QFormat::F8)  // the sign of row 0's scale is a flag; the 2^-8 goes back out
           sc[v] = _mm256_mul_ps(_mm256_and_ps(sc[v], abs_mask), _mm256_set1_ps(0x1p8f));
       }
@@ -368,7 +374,7 @@ struct Avx2F8Tile {
       unsigned fix = 0;
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v)
-        fix |= (_mm256_movemask_ps(_mm256_load_ps(qs.s + (v >> 1) * qs.sstride + static_cast<size_t>(gi) * 16 + 8 * (v & 1))) != 0 ? 1u : 0u) << v;
+        fix |= (_mm256_movemask_ps(_mm256_load_ps(qs.f32() + (v >> 1) * qs.sstride + static_cast<size_t>(gi) * 16 + 8 * (v & 1))) != 0 ? 1u : 0u) << v;
 #pragma GCC unroll 8
       for (int v0 = 0; v0 < NV; v0 += PV) {
         if (!((fix >> v0) & ((1u << PV) - 1))) {
@@ -430,7 +436,7 @@ struct Avx2F8Tile {
     for (int v = 0; v < PV; ++v) {
       const int b = (v0 + v) >> 1, h = (v0 + v) & 1;
       const __m256 sc = _mm256_mul_ps(
-          _mm256_and_ps(_mm256_load_ps(qs.s + b * qs.sstride + static_cast<size_t>(gi) * 16 + 8 * h),
+          _mm256_and_ps(_mm256_load_ps(qs.f32() + b * qs.sstride + static_cast<size_t>(gi) * 16 + 8 * h),
                         _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))),
           _mm256_set1_ps(0x1p-8f));
 #pragma GCC unroll 8
@@ -553,7 +559,7 @@ struct Avx2I8Tile {
 #pragma GCC unroll 8
       for (int v = 0; v < PV; ++v) {
         const int b = (v0 + v) >> 1, h = (v0 + v) & 1;
-        const __m256 sc = _mm256_load_ps(qs.s + b * qs.sstride + static_cast<size_t>(g0 / qs.group) * 16 + 8 * h);
+        const __m256 sc = load_scales8(qs, b * qs.sstride + static_cast<size_t>(g0 / qs.group) * 16 + 8 * h);
 #pragma GCC unroll 8
         for (int r = 0; r < MR; ++r) {
           const __m256 xs = _mm256_set1_ps(qs.xscales[static_cast<size_t>(r) * qs.xblocks_ld + xb]);

@@ -225,17 +225,41 @@ inline void plan_tasks(std::vector<Task>& out, int g, int rows, const PackedWeig
 // kernels also read scales (at block b0; sstride = (kp / group) * 16 floats between blocks);
 // the others ignore them.
 struct QScales {
-  const float* s = nullptr;
-  size_t sstride = 0;
+  const void* s = nullptr;  // block b0's scales, of type st (F8 and I8: always F32)
+  ScaleType st = ScaleType::F32;
+  size_t sstride = 0;       // scales (not bytes) between blocks
   int group = 0;
   // Int8 activation rows (Vnni, ScalarI8): x's scales and code sums per block (see Act).
   const float* xscales = nullptr;
   const int32_t* xsums = nullptr;
   size_t xblocks_ld = 0;
   int xblock = 0;
+  // Scale i (counted from s) as f32; f32 scales in place (F8, I8).
+  float at(size_t i) const { return scale_value(s, st, i); }
+  const float* f32() const { return static_cast<const float*>(s); }
 };
 using TileFn = void (*)(const void* x, size_t ldx, const void* w, size_t wstride, int kp,
                         float* tile, QScales qs);
+
+#if EXPERTD_GEMM_X86
+// The 16 scales s[i, i + 16) of type ST as f32 (exact: bf16 by a shift, f16 by vcvtph2ps).
+template <ScaleType ST>
+EXPERTD_AVX512 __attribute__((always_inline)) inline __m512 load_scales16(const void* s, size_t i) {
+  if constexpr (ST == ScaleType::F32) {
+    return _mm512_loadu_ps(static_cast<const float*>(s) + i);
+  } else {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(s) + i));
+    if constexpr (ST == ScaleType::BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    else return _mm512_cvtph_ps(h);
+  }
+}
+// The same with the type read from qs (a branch the predictor always gets right).
+EXPERTD_AVX512 __attribute__((always_inline)) inline __m512 load_scales16(const QScales& qs, size_t i) {
+  if (qs.st == ScaleType::F32) return load_scales16<ScaleType::F32>(qs.s, i);
+  if (qs.st == ScaleType::BF16) return load_scales16<ScaleType::BF16>(qs.s, i);
+  return load_scales16<ScaleType::F16>(qs.s, i);
+}
+#endif
 
 // The portable register tile over any weight form: L::load_pair(w, wstride, b, k, qs, w0, w1)
 // widens elements k and k+1 of block b's 16 rows to f32. Also the reference for what the SIMD
@@ -461,9 +485,9 @@ struct ScalarQTile : ScalarLoop<ScalarQTile<Q>> {
                         float* w1) {
     const uint8_t* blk = static_cast<const uint8_t*>(wv) + b * (wstride * qformat_bits(Q) / 8);
     const int kp = static_cast<int>(wstride / 16);
-    const float* sc = qs.s + b * qs.sstride + static_cast<size_t>(k / qs.group) * 16;
+    const size_t sc = b * qs.sstride + static_cast<size_t>(k / qs.group) * 16;
     for (int i = 0; i < 16; ++i) {
-      const float s = Q == QFormat::F8 ? std::fabs(sc[i]) : sc[i];  // F8: the sign is a flag
+      const float s = Q == QFormat::F8 ? std::fabs(qs.at(sc + i)) : qs.at(sc + i);  // F8: the sign is a flag
       w0[i] = decode_code<Q>(blk, k, i, kp) * s;
       w1[i] = decode_code<Q>(blk, k + 1, i, kp) * s;
     }
@@ -550,7 +574,7 @@ struct Avx512QTile {
       __m512 sc[NR];
 #pragma GCC unroll 4
       for (int b = 0; b < NR; ++b)
-        sc[b] = _mm512_load_ps(qs.s + b * qs.sstride + static_cast<size_t>(k0 / qs.group) * 16);
+        sc[b] = load_scales16(qs, b * qs.sstride + static_cast<size_t>(k0 / qs.group) * 16);
       if constexpr (Q == QFormat::F8)  // the sign is a flag
 #pragma GCC unroll 4
         for (int b = 0; b < NR; ++b) sc[b] = _mm512_abs_ps(sc[b]);
@@ -617,9 +641,9 @@ struct ScalarI8Tile {
             if (xk == 0) continue;
             for (int i = 0; i < 16; ++i) acc[i] += code_int<Q>(blk, k, i, static_cast<int>(wstride / 16)) * xk;
           }
-          const float* sc = qs.s + b * qs.sstride + static_cast<size_t>(k0 / qs.group) * 16;
+          const size_t sc = b * qs.sstride + static_cast<size_t>(k0 / qs.group) * 16;
           const float sx = xs[k0 / qs.xblock];
-          for (int i = 0; i < 16; ++i) accf[i] += static_cast<float>(acc[i]) * (sc[i] * sx);
+          for (int i = 0; i < 16; ++i) accf[i] += static_cast<float>(acc[i]) * (qs.at(sc + i) * sx);
         }
         std::memcpy(tile + r * kTileLd + b * 16, accf, 64);
       }
@@ -660,12 +684,13 @@ struct VnniTile {
     const auto* x = static_cast<const int8_t*>(xv);
     const auto* w = static_cast<const uint8_t*>(wv);
     if constexpr (MR == 1) {
-      if (qs.xblock == kActBlock)
-        one_row<NR, kActBlock>(x, w, wstride, kp, tile, qs);
-      else if (qs.xblock == 32)
-        one_row<NR, 32>(x, w, wstride, kp, tile, qs);
+      // The scale type as a template argument: one_row is decode's whole inner loop.
+      if (Q == QFormat::I8 || qs.st == ScaleType::F32)
+        one_row_kb<NR, ScaleType::F32>(x, w, wstride, kp, tile, qs);
+      else if (qs.st == ScaleType::BF16)
+        one_row_kb<NR, ScaleType::BF16>(x, w, wstride, kp, tile, qs);
       else
-        one_row<NR, 0>(x, w, wstride, kp, tile, qs);
+        one_row_kb<NR, ScaleType::F16>(x, w, wstride, kp, tile, qs);
       return;
     }
     // NOTE (registers): with several rows the f32 sums live in the tile (L1), not in registers:
@@ -701,6 +726,17 @@ struct VnniTile {
       return _mm512_ternarylogic_epi32(nib, n8, lo4, 0x28);
   }
 
+  template <int NR, ScaleType ST>
+  EXPERTD_AVX512VNNI __attribute__((always_inline)) static inline void one_row_kb(
+      const int8_t* x, const uint8_t* w, size_t wstride, int kp, float* tile, QScales qs) {
+    if (qs.xblock == kActBlock)
+      one_row<NR, kActBlock, ST>(x, w, wstride, kp, tile, qs);
+    else if (qs.xblock == 32)
+      one_row<NR, 32, ST>(x, w, wstride, kp, tile, qs);
+    else
+      one_row<NR, 0, ST>(x, w, wstride, kp, tile, qs);
+  }
+
   // One row (decode): each 16-row block's whole k before the next block's, so that a task reads
   // its weights as one sequential stream (its blocks are contiguous, and so are their scales)
   // instead of NR streams a block apart. Those streams are short at decode's shapes (an int4
@@ -708,7 +744,7 @@ struct VnniTile {
   // The x broadcasts come from L1 per block; four int32 accumulators per block keep four
   // vpdpbusd chains. Per block and activation block the same int32 sum and the same FMA into
   // the f32 sum as blocks(): the same bits.
-  template <int NR, int KB>
+  template <int NR, int KB, ScaleType ST>
   EXPERTD_AVX512VNNI __attribute__((always_inline)) static inline void one_row(
       const int8_t* x, const uint8_t* w, size_t wstride, int kp, float* tile, QScales qs) {
     const size_t bstride = wstride * qformat_bits(Q) / 8;
@@ -719,7 +755,7 @@ struct VnniTile {
 #pragma GCC unroll 1
     for (int b = 0; b < NR; ++b) {
       const uint8_t* wb = w + b * bstride;
-      const float* sb = qs.s + b * qs.sstride;
+      const uint8_t* sb = static_cast<const uint8_t*>(qs.s) + b * qs.sstride * scale_type_size(ST);
       __m512 sum = _mm512_setzero_ps();
       int gi = 0, in_group = 0;
       for (int g0 = 0, xb = 0; g0 < kp; g0 += kb, ++xb) {
@@ -756,11 +792,11 @@ struct VnniTile {
           }
         }
         const __m512i acc = _mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3));
-        const __m512 sc = _mm512_load_ps(sb + static_cast<size_t>(gi) * 16);
+        const __m512 sc = load_scales16<ST>(sb, static_cast<size_t>(gi) * 16);
         if (++in_group == blocks_per_group) {  // the next group's scales: the scale stream ahead
           in_group = 0;
           ++gi;
-          prefetch_l2<1>(reinterpret_cast<const uint8_t*>(sb + static_cast<size_t>(gi) * 16) + kOneRowPrefetch / 4);
+          prefetch_l2<1>(sb + static_cast<size_t>(gi) * 16 * scale_type_size(ST) + kOneRowPrefetch / 4);
         }
         sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(sc, _mm512_set1_ps(qs.xscales[xb])), sum);
       }
@@ -836,7 +872,7 @@ struct VnniTile {
       }
       __m512 sc[NR];
 #pragma GCC unroll 4
-      for (int b = 0; b < NR; ++b) sc[b] = _mm512_load_ps(qs.s + b * qs.sstride + static_cast<size_t>(gi) * 16);
+      for (int b = 0; b < NR; ++b) sc[b] = load_scales16(qs, b * qs.sstride + static_cast<size_t>(gi) * 16);
       if (++in_group == blocks_per_group) {
         in_group = 0;
         ++gi;
@@ -944,7 +980,7 @@ struct Bf16DotF8TileT {
       bool exp0[NR] = {};
       if constexpr (!Pre) {
 #pragma GCC unroll 4
-        for (int b = 0; b < NR; ++b) exp0[b] = f8_block_exp0(qs.s + b * qs.sstride + static_cast<size_t>(gi) * 16);
+        for (int b = 0; b < NR; ++b) exp0[b] = f8_block_exp0(qs.f32() + b * qs.sstride + static_cast<size_t>(gi) * 16);
       }
       for (int k = g0; k < g1; k += 4) {
 #pragma GCC unroll 4
@@ -978,7 +1014,7 @@ struct Bf16DotF8TileT {
 #pragma GCC unroll 4
       for (int b = 0; b < NR; ++b) {
         const __m512 sc = _mm512_mul_ps(
-            _mm512_abs_ps(_mm512_load_ps(qs.s + b * qs.sstride + static_cast<size_t>(gi) * 16)), unscale);
+            _mm512_abs_ps(_mm512_load_ps(qs.f32() + b * qs.sstride + static_cast<size_t>(gi) * 16)), unscale);
 #pragma GCC unroll 8
         for (int r = 0; r < MR; ++r) {
           float* t = tile + r * kTileLd + b * 16;
@@ -1149,6 +1185,7 @@ inline void run_tiles(const TileFn* table, Path path, Act x, int rows, const Pac
   QScales qs;
   if (w.quantized()) {
     qs.group = w.group;
+    qs.st = w.scale_type;
     qs.sstride = static_cast<size_t>(w.kp / w.group) * 16;
     qs.xblocks_ld = x.blocks_ld;
     qs.xblock = x.block;
@@ -1165,7 +1202,7 @@ inline void run_tiles(const TileFn* table, Path path, Act x, int rows, const Pac
   if (path == Path::Bf16Dot && w.q == QFormat::F8 && rows >= kDecodeOnceRows) {
     bbytes = static_cast<size_t>(w.kp) * 32;  // 16 rows x kp bf16
     auto* d = static_cast<uint16_t*>(decoded.get(static_cast<size_t>(b1 - b0) * bbytes));
-    decode_f8_blocks(wb0, wstride, (kp + 3) / 4 * 4, b1 - b0, w.scales.get() + b0 * qs.sstride,
+    decode_f8_blocks(wb0, wstride, (kp + 3) / 4 * 4, b1 - b0, w.scales_f32() + b0 * qs.sstride,
                      qs.sstride, w.group, d);
     wb0 = reinterpret_cast<const uint8_t*>(d);
     table = f8_decoded_table();
@@ -1180,7 +1217,7 @@ inline void run_tiles(const TileFn* table, Path path, Act x, int rows, const Pac
     }
     for (int b = b0; b < b1; b += kNr) {
       const int nr = std::min(kNr, b1 - b);
-      if (w.quantized()) qs.s = w.scales.get() + b * qs.sstride;
+      if (w.quantized()) qs.s = w.scales.get() + b * qs.sstride * scale_type_size(w.scale_type);
       table[(mr - 1) * kNr + (nr - 1)](xr, x.ld, wb0 + (b - b0) * bbytes, wstride, kp, tile, qs);
       epi(r, mr, b, nr, tile);
     }

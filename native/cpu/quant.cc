@@ -3,8 +3,10 @@
 // layout the GEMM kernels read (QFormat in ops.h).
 //
 // Every path goes through one per-row form: codes (one byte per element, zero past k) and f32
-// scales per group, so quantizing, FP8 and MXFP4 share the block writer.
+// scales per group, so quantizing, FP8 and MXFP4 share the block writer (which stores the scales
+// in the weight's ScaleType).
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -31,10 +33,20 @@ struct QRow {
   std::vector<float> scales;
 };
 
+// v in scale type t (exact where the caller made it so: see round_scale and pack_int_weight).
+uint16_t scale16(float v, ScaleType t) { return t == ScaleType::BF16 ? f32_to_bf16(v) : f32_to_f16(v); }
+
+// A scale as type t holds it: the nearest value of t (ties to even), or v for F32.
+float round_scale(float v, ScaleType t) {
+  return t == ScaleType::F32 ? v : scale_value(std::array<uint16_t, 1>{scale16(v, t)}.data(), t, 0);
+}
+
 // Writes block blk of w from 16 rows (nullptr: a padding row, all zero).
 void write_block(PackedWeight& w, int blk, const QRow* const* rows) {
   const int groups = w.kp / w.group;
-  float* sdst = w.scales.get() + static_cast<size_t>(blk) * groups * 16;
+  thread_local std::vector<float> sblk;  // the block's scales [groups][16] as f32
+  sblk.assign(static_cast<size_t>(groups) * 16, 0.0f);
+  float* sdst = sblk.data();
   for (int g = 0; g < groups; ++g)
     for (int i = 0; i < 16; ++i) sdst[g * 16 + i] = rows[i] ? rows[i]->scales[g] : 0.0f;
   uint8_t* dst = w.data.get() + static_cast<size_t>(blk) * w.kp * w.k_bytes16();
@@ -67,6 +79,13 @@ void write_block(PackedWeight& w, int blk, const QRow* const* rows) {
         dst[off] = static_cast<uint8_t>(dst[off] | ((c[k] & 0xf) << shift));
       }
     }
+  }
+  const size_t first = static_cast<size_t>(blk) * groups * 16;
+  if (w.scale_type == ScaleType::F32) {
+    std::memcpy(w.scales.get() + first * 4, sdst, sblk.size() * 4);
+  } else {
+    uint16_t* s16 = reinterpret_cast<uint16_t*>(w.scales.get()) + first;
+    for (size_t j = 0; j < sblk.size(); ++j) s16[j] = scale16(sdst[j], w.scale_type);
   }
 }
 
@@ -139,7 +158,7 @@ void check_quant(const PackedWeight& w, QFormat want, const char* what) {
 }  // namespace
 
 std::shared_ptr<PackedWeight> alloc_quant_weight(QFormat q, int group, WeightKind kind, int n,
-                                                 int k) {
+                                                 int k, ScaleType scale_type) {
   EXPERTD_CHECK(q != QFormat::None, ErrorCode::InvalidArg, "alloc_quant_weight needs a format");
   EXPERTD_CHECK(n > 0 && k > 0, ErrorCode::Range, "weight dimensions must be positive");
   EXPERTD_CHECK(kind == WeightKind::Plain || n % 2 == 0, ErrorCode::Range,
@@ -151,8 +170,12 @@ std::shared_ptr<PackedWeight> alloc_quant_weight(QFormat q, int group, WeightKin
   if (q == QFormat::FP4)
     EXPERTD_CHECK(group == 32, ErrorCode::Range, "MXFP4 scales cover 32 values, not " +
                                                      std::to_string(group));
+  if (q == QFormat::FP4) scale_type = ScaleType::BF16;  // powers of two: exact
+  EXPERTD_CHECK(q == QFormat::I4 || q == QFormat::FP4 || scale_type == ScaleType::F32, ErrorCode::InvalidArg,
+                std::string(qformat_name(q)) + " weights keep f32 scales, not " + scale_type_name(scale_type));
   auto w = std::make_shared<PackedWeight>();
   w->dtype = DType::F32;  // what the kernels compute in
+  w->scale_type = scale_type;
   w->q = q;
   w->group = group;
   w->kind = kind;
@@ -161,12 +184,10 @@ std::shared_ptr<PackedWeight> alloc_quant_weight(QFormat q, int group, WeightKin
   w->np = kind == WeightKind::GateUp ? 2 * round_up(n / 2, 16) : round_up(n, 16);
   w->kp = round_up(k_even, group);
   const size_t code_bytes = static_cast<size_t>(w->np / 16) * w->kp * w->k_bytes16();
-  const size_t scale_count = static_cast<size_t>(w->np) * (w->kp / group);
-  w->size_bytes = code_bytes + scale_count * 4;
+  w->size_bytes = code_bytes + w->scale_bytes();
   const std::string what = "a " + std::string(qformat_name(q)) + " weight";
   w->data = alloc_weight_bytes(code_bytes, what.c_str());
-  auto scales = alloc_weight_bytes(scale_count * 4, (what + "'s scales").c_str());
-  w->scales = std::shared_ptr<float>(scales, reinterpret_cast<float*>(scales.get()));
+  w->scales = alloc_weight_bytes(w->scale_bytes(), (what + "'s scales").c_str());
   return w;
 }
 
@@ -209,7 +230,11 @@ void quantize_weight(PackedWeight& w, const void* src, const void* up, DType src
       const int c1 = std::min(k, c0 + group);
       float amax = 0.0f;
       for (int c = c0; c < c1; ++c) amax = std::max(amax, std::fabs(x[c]));
-      const float sc = amax / qmax;  // symmetric: code = round(x / scale) in [-qmax, qmax]
+      // Symmetric: code = round(x / scale) in [-qmax, qmax], against the scale as the weight holds
+      // it (16-bit scales: rounded first, so that code * scale is what the kernels compute with).
+      const float sc = round_scale(amax / qmax, w.scale_type);
+      EXPERTD_CHECK(std::isfinite(sc), ErrorCode::Range,
+                    "a weight group's scale (" + std::to_string(amax / qmax) + ") overflows " + scale_type_name(w.scale_type));
       q.scales[g] = sc;
       for (int c = c0; c < c1; ++c) {
         const float v = sc > 0.0f ? std::nearbyint(x[c] / sc) : 0.0f;
@@ -273,6 +298,19 @@ void pack_int_weight(PackedWeight& w, const int8_t* codes, const float* scales,
                 "an int gate_up weight needs its up half");
   const int k = w.k, groups = (k + w.group - 1) / w.group, inter = w.n / 2;
   const bool gu = w.kind == WeightKind::GateUp;
+  if (w.scale_type != ScaleType::F32) {  // every scale exact in the weight's 16 bits
+    const int rows = gu ? inter : w.n;
+    for (const float* m : {scales, gu ? scales_up : nullptr}) {
+      if (!m) continue;
+      for (size_t j = 0; j < static_cast<size_t>(rows) * groups; ++j) {
+        const float r = round_scale(m[j], w.scale_type);
+        EXPERTD_CHECK(r == m[j] || (std::isnan(r) && std::isnan(m[j])), ErrorCode::InvalidArg,
+                      "int scale " + std::to_string(m[j]) + " (row " + std::to_string(j / groups) + ") is not a " +
+                          scale_type_name(w.scale_type) + " number: the weight holds its scales in " +
+                          scale_type_name(w.scale_type));
+      }
+    }
+  }
   pack_rows(w, [&](int r, QRow& q) {
     const bool is_up = gu && r >= inter;
     const int row = is_up ? r - inter : r;
@@ -296,7 +334,7 @@ float quant_weight_at(const PackedWeight& w, int row, int col) {
     default: v = gemm::decode_code<QFormat::FP4>(blk, col, i, w.kp); break;
   }
   const size_t groups = static_cast<size_t>(w.kp / w.group);
-  const float s = w.scales.get()[(static_cast<size_t>(p / 16) * groups + col / w.group) * 16 + i];
+  const float s = scale_value(w.scales.get(), w.scale_type, (static_cast<size_t>(p / 16) * groups + col / w.group) * 16 + i);
   return v * (w.q == QFormat::F8 ? std::fabs(s) : s);  // F8: the sign is a flag
 }
 

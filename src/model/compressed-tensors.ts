@@ -2,7 +2,7 @@
 // schemes expertd reads (int8 W8A8 per output channel, int4 W4A16 in groups of 32 or 128, symmetric)
 // and the stored tensors of one quantized Linear turned into codes and scales for packInt. Anything
 // else is refused naming the field and value.
-import type { IntWeight } from './tensor-source.js';
+import type { IntWeight, ScaleDtype } from './tensor-source.js';
 
 type Raw = Record<string, unknown>;
 
@@ -163,14 +163,19 @@ export function intWeightOf(name: string, p: CompressedParts, schemes: { bits: n
   if (bits === 8) {
     if (nScale !== 1)
       throw fail(`${name}_scale has ${nScale} scales per row: expertd reads int8 weights with one scale per output channel`);
-    return { bits, codes, scales: s.data, rows, cols, group: 0 };
+    return { bits, codes, scales: s.data, rows, cols, group: 0 };  // int8 keeps f32 scales (one per row)
   }
   // Group g covers columns [g * size, (g + 1) * size); the last one may be ragged.
   const sizes = schemes.groupSizes.length ? schemes.groupSizes : [32, 128];
   const group = sizes.find((gs) => Math.ceil(cols / gs) === nScale);
   if (group === undefined)
     throw fail(`${name}_scale has ${nScale} scale(s) per row of ${cols} 4-bit values: not groups of ${sizes.join(' or ')}`);
-  return { bits, codes, scales: s.data, rows, cols, group };
+  return { bits, codes, scales: s.data, rows, cols, group, scaleDtype: scaleDtypeOf(s.dtype) };
+}
+
+/** A stored scale tensor's dtype as a weight can hold it (its values are exact there). */
+function scaleDtypeOf(dtype: string): ScaleDtype {
+  return dtype === 'BF16' ? 'bf16' : dtype === 'F16' ? 'f16' : 'f32';
 }
 
 /** Unpacks words [rows, words] of `bits`-bit values (offset by 2^(bits-1), lowest bits first) to signed codes [rows, cols]. */

@@ -137,7 +137,8 @@ function setCode(q: DeviceQuant, codes: Uint8Array, k: number, r: number, c: num
 
 /**
  * Quantizes gate [rows, k] (and up [rows, k] for a gate_up matrix) into the device layout with the
- * CPU engine's rules (native/cpu/quant.cc): int8 / int4 symmetric absmax per (row, group), code =
+ * CPU engine's rules (native/cpu/quant.cc): int8 / int4 symmetric absmax per (row, group), the
+ * int4 scale rounded to bf16 (the device layout keeps f32 scales; the values are the CPU's), code =
  * nearbyint(x / scale) in f32; fp8 absmax / 448 per (blockRows x group) block of each matrix, code =
  * e4m3(x / scale). mxfp4 is a checkpoint format, not a quantization target.
  */
@@ -177,7 +178,8 @@ export function quantizeMatrix(q: DeviceQuant, gate: HostTensor, up: HostTensor 
         const c1 = Math.min(k, c0 + group);
         let amax = 0;
         for (let c = c0; c < c1; c++) amax = Math.max(amax, Math.abs(m[r * k + c]!));
-        const sc = fr(amax / qmax);
+        // int4: the scale rounded to bf16 first, as the CPU weight holds it (quant.cc round_scale).
+        const sc = q.format === 'int4' ? bf16ToF32(f32ToBf16(fr(amax / qmax))) : fr(amax / qmax);
         scales[wr * b.scaleCols + g] = sc;
         for (let c = c0; c < c1; c++) {
           const v = sc > 0 ? roundEven(fr(m[r * k + c]! / sc)) : 0;

@@ -46,18 +46,19 @@ export function denseQuantize(q: QuantizeSpec | null | undefined): QuantizeSpec 
 }
 
 /**
- * Bytes a quantized weight [n, k] holds (codes and f32 scales), as the native allocation lays it
- * out (native/cpu/quant.cc alloc_quant_weight): rows padded to 16 (gate_up: each half), k to even
- * then to the group.
+ * Bytes a quantized weight [n, k] holds (codes and scales: scaleDtype, by default --quantize's: bf16
+ * for int4, f32 otherwise), as the native allocation lays it out (native/cpu/quant.cc alloc_quant_weight): rows padded to 16
+ * (gate_up: each half), k to even then to the group.
  */
-export function quantizedBytes(q: QuantizeSpec, n: number, k: number, gateUp: boolean): number {
+export function quantizedBytes(q: QuantizeSpec, n: number, k: number, gateUp: boolean,
+                               scaleDtype: 'f32' | 'bf16' | 'f16' = q.format === 'int4' ? 'bf16' : 'f32'): number {
   const up16 = (v: number) => Math.ceil(v / 16) * 16;
   const np = gateUp ? 2 * up16(n / 2) : up16(n);
   const kEven = Math.ceil(k / 2) * 2;
   const group = q.group === 0 ? kEven : q.group;
   const kp = Math.ceil(kEven / group) * group;
   const bits = q.format === 'int4' ? 4 : 8;
-  return np * kp * bits / 8 + np * (kp / group) * 4;
+  return np * kp * bits / 8 + np * (kp / group) * (scaleDtype === 'f32' ? 4 : 2);
 }
 
 /** The spec for the LM head: q with --quantize-lm-head, else null. */

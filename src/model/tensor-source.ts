@@ -20,7 +20,15 @@ export interface IntWeight {
   cols: number;
   /** k per scale: 0 for one per row (int8), else 32 or 128 (int4). */
   group: number;
+  /**
+   * The dtype the scales were stored in (every value exact in it): an int4 weight keeps them so in
+   * memory (bf16 / f16: half the bytes of f32). Absent: f32.
+   */
+  scaleDtype?: ScaleDtype;
 }
+
+/** How a quantized weight holds its scales. */
+export type ScaleDtype = 'f32' | 'bf16' | 'f16';
 
 export interface TensorSource {
   has(name: string): boolean;

@@ -1,7 +1,7 @@
 // Turns checkpoint tensors into what the kernels consume: packed GEMM weights, f32 vectors for
 // norms and biases, expert tables. Shapes are checked against the config here, by name.
 import { loadNative, type ExpertTable, type PackedWeight } from '../native/index.js';
-import type { HostTensor, IntWeight, TensorSource } from './tensor-source.js';
+import type { HostTensor, IntWeight, ScaleDtype, TensorSource } from './tensor-source.js';
 import type { QuantizeSpec } from './quantize.js';
 import type { Fp8Weight } from './safetensors.js';
 
@@ -41,10 +41,18 @@ function checkInt(name: string, w: IntWeight, rows: number, cols: number): void 
     throw new ShapeError(`tensor ${name} has shape [${w.rows}, ${w.cols}], but the config implies [${rows}, ${cols}]`);
 }
 
+/**
+ * How a packed int weight holds the scales of w (and up, packed with it): int4 in their stored dtype
+ * when gate and up agree, else f32 (which holds either exactly); int8 f32.
+ */
+export function intScaleDtype(w: IntWeight, up: IntWeight | null = null): ScaleDtype {
+  return w.bits === 4 && (!up || up.scaleDtype === w.scaleDtype) ? w.scaleDtype ?? 'f32' : 'f32';
+}
+
 /** int8 / int4 codes kept as such (with `up`: a gate_up weight of 2 * rows). */
 export function packIntWeight(w: IntWeight, up: IntWeight | null = null): PackedWeight {
   return loadNative().packInt(w.codes, w.scales, w.rows, w.cols, w.bits === 8 ? 'int8' : 'int4', w.group,
-    up?.codes, up?.scales);
+    up?.codes ?? null, up?.scales ?? null, intScaleDtype(w, up));
 }
 
 /** Packs a Linear weight [n, k] (quantized in `quantize`'s format when given: --quantize-dense). */
@@ -85,7 +93,8 @@ export function packStacked(src: TensorSource, names: string[], rows: number[], 
       co += w!.codes.length;
       so += w!.scales.length;
     }
-    return packIntWeight({ ...first, codes, scales, rows: total });
+    const scaleDtype = ints.every((w) => w!.scaleDtype === first.scaleDtype) ? first.scaleDtype : 'f32';
+    return packIntWeight({ ...first, codes, scales, rows: total, scaleDtype });
   }
   const parts = names.map((name, i) => {
     const t = src.get(name);

@@ -704,10 +704,12 @@ export interface NativeAddon extends Partial<CudaAddon> {
    * An int8 / int4 weight quantized elsewhere (compressed-tensors checkpoints) kept as its codes:
    * codes [n, k] one signed value per element (int4: -8..7), scales [n, ceil(k / group)] f32 (int8:
    * group 0, one scale per row, scales [n]); value = code * scale. With upCodes/upScales (same
-   * shapes) the result is a gate_up weight of 2n rows.
+   * shapes) the result is a gate_up weight of 2n rows. scaleDtype: how an int4 weight holds its
+   * scales ('f32' by default; 'bf16' / 'f16' take half the bytes and need every scale exact in that
+   * dtype, as a checkpoint's bf16 / f16 scales are); int8 keeps f32.
    */
   packInt(codes: Int8Array, scales: Float32Array, n: number, k: number, format: 'int8' | 'int4', group: number,
-          upCodes?: Int8Array | null, upScales?: Float32Array | null): PackedWeight;
+          upCodes?: Int8Array | null, upScales?: Float32Array | null, scaleDtype?: 'f32' | 'bf16' | 'f16'): PackedWeight;
   /** packInt's arrays into an existing int8 / int4 weight of the same geometry and group (expert
    * cache slots), in place; a gate_up weight needs the up pair. */
   repackIntInto(dst: PackedWeight, codes: Int8Array, scales: Float32Array,

@@ -9,6 +9,7 @@ import { CheckpointError, type Checkpoint } from '../model/safetensors.js';
 import type { ModelSpec } from '../model/spec.js';
 import type { IntWeight } from '../model/tensor-source.js';
 import { quantizedBytes, type QuantizeSpec } from '../model/quantize.js';
+import { intScaleDtype } from '../model/weights.js';
 import { EngineThreadExpertStore, packRequantized } from './engine-thread-store.js';
 import { expertTensorPrefix, moeLayerIndices, type SlotWeights } from './expert-store.js';
 
@@ -68,7 +69,8 @@ export class CompressedExpertStore extends EngineThreadExpertStore<IntRanges[]> 
     const downQ: QuantizeSpec = probe ? { format: probe[2].bits === 8 ? 'int8' : 'int4', group: probe[2].group } : own;
     this.slotBytes = quantize
       ? quantizedBytes(quantize, 2 * I, H, true) + quantizedBytes(quantize, H, I, false)
-      : quantizedBytes(own, 2 * I, H, true) + quantizedBytes(downQ, H, I, false);
+      : quantizedBytes(own, 2 * I, H, true, probe ? intScaleDtype(probe[0], probe[1]) : 'f32') +
+        quantizedBytes(downQ, H, I, false, probe ? intScaleDtype(probe[2]) : 'f32');
   }
 
   protected get where(): string {
@@ -125,9 +127,9 @@ export class CompressedExpertStore extends EngineThreadExpertStore<IntRanges[]> 
     }
     const fmt = (w: IntWeight) => (w.bits === 8 ? 'int8' : 'int4');
     if (slot.gateUp) n.repackIntInto(slot.gateUp, gate.codes, gate.scales, up.codes, up.scales);
-    else slot.gateUp = n.packInt(gate.codes, gate.scales, I, H, fmt(gate), gate.group, up.codes, up.scales);
+    else slot.gateUp = n.packInt(gate.codes, gate.scales, I, H, fmt(gate), gate.group, up.codes, up.scales, intScaleDtype(gate, up));
     if (slot.down) n.repackIntInto(slot.down, down.codes, down.scales);
-    else slot.down = n.packInt(down.codes, down.scales, H, I, fmt(down), down.group);
+    else slot.down = n.packInt(down.codes, down.scales, H, I, fmt(down), down.group, null, null, intScaleDtype(down));
   }
 
 }

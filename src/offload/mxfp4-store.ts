@@ -1,6 +1,6 @@
 // The expert cache's slow tier for MXFP4 checkpoints (gpt-oss): an expert's blocks and e8m0 scales are
 // read from the checkpoint file with real I/O (pread) and packed into its slot as MXFP4, so a slot
-// costs 0.625 bytes per weight (a third of bf16) and a load reads 0.53 bytes per weight. Loads run on
+// costs 0.5625 bytes per weight (e2m1 codes and bf16 scales: 28% of bf16) and a load reads 0.53 bytes per weight. Loads run on
 // the engine thread (the native copy thread reads bf16/f16/f32 experts only).
 import { loadNative, type FileRange } from '../native/index.js';
 import type { Checkpoint } from '../model/safetensors.js';
@@ -43,7 +43,7 @@ export class Mxfp4ExpertStore extends EngineThreadExpertStore<Mxfp4Ranges> {
       return Array.from({ length: E }, (_, e) => ({ guBlocks: gb(e), guScales: gs(e), dnBlocks: db(e), dnScales: ds(e) }));
     });
     this.expertBytes = per.guBlocks + per.guScales + per.dnBlocks + per.dnScales;
-    // MXFP4 packs like int4 in groups of 32 (4-bit codes, one f32 scale per 32 values).
+    // MXFP4 packs like int4 in groups of 32 (4-bit codes, one bf16 scale per 32 values).
     const q = quantize ?? { format: 'int4', group: 32 };
     this.slotBytes = quantizedBytes(q, 2 * I, H, true) + quantizedBytes(q, H, I, false);
     this.slotFormat = q.format === 'int4' ? `int4 g${q.group}` : q.format;

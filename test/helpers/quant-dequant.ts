@@ -2,13 +2,15 @@
 // one [n, k] weight (int8 per row, int4 in groups, fp8 e4m3 in 128 x 128 blocks) as f32 values.
 import type { QuantizeSpec } from '../../src/model/quantize.js';
 import type { HostTensor } from '../../src/model/tensor-source.js';
+import { bf16ToF32, f32ToBf16 } from '../../src/model/kv-dtype.js';
 import { toF32 } from '../../src/model/weights.js';
 import { e4m3, toE4m3 } from './fp8-checkpoint.js';
 
 /**
  * Symmetric round-to-nearest-even quantize-dequantize of one [n, k] weight, per row in groups of
- * `group` (0 = the whole row), qmax 127 (int8) or 7 (int4), in f32 steps: what --quantize's
- * per-row formats define, written here from that definition.
+ * `group` (0 = the whole row), qmax 127 (int8) or 7 (int4), in f32 steps (int4: the step rounded
+ * to bf16, to nearest even, before the codes are): what --quantize's per-row formats define,
+ * written here from that definition.
  */
 export function quantDequant(t: HostTensor, qmax: number, group: number): HostTensor {
   const [n, k] = t.shape as [number, number];
@@ -24,7 +26,7 @@ export function quantDequant(t: HostTensor, qmax: number, group: number): HostTe
       const c1 = Math.min(k, c0 + g);
       let amax = 0;
       for (let c = c0; c < c1; c++) amax = Math.max(amax, Math.abs(x[r * k + c]!));
-      const sc = Math.fround(amax / qmax);
+      const sc = qmax === 7 ? bf16ToF32(f32ToBf16(Math.fround(amax / qmax))) : Math.fround(amax / qmax);
       for (let c = c0; c < c1; c++) {
         const code = sc > 0 ? Math.max(-qmax, Math.min(qmax, rne(Math.fround(x[r * k + c]! / sc)))) : 0;
         out[r * k + c] = Math.fround(code * sc);

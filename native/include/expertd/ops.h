@@ -24,8 +24,8 @@ enum class WeightKind : int { Plain = 0, GateUp = 1 };
 
 // Quantized storage (weights only; activations stay f32). A quantized weight keeps integer or
 // minifloat codes in the same 16-row blocks, Kp x 16 codes per block (ordered inside a block as
-// the kernels read them: native/cpu/quant_layout.h), plus f32 scales per (row, group of `group`
-// k): scales [Np/16][Kp/group][16]. The value of element (r, c) is decode(code) * scale(r, c /
+// the kernels read them: native/cpu/quant_layout.h), plus scales per (row, group of `group` k):
+// scales [Np/16][Kp/group][16], f32 or 16-bit (ScaleType). The value of element (r, c) is decode(code) * scale(r, c /
 // group), and the kernels compute exactly that in f32 (so a quantized GEMM equals an f32 GEMM over
 // the dequantised weight, in the same order).
 //   I8  int8 codes, one byte each (symmetric, -127..127 from --quantize)
@@ -47,6 +47,26 @@ inline const char* qformat_name(QFormat q) {
 }
 inline int qformat_bits(QFormat q) { return q == QFormat::I4 || q == QFormat::FP4 ? 4 : 8; }
 
+// How a quantized weight holds its scales. A 4-bit weight's f32 scale per 32 codes is a fifth of
+// its bytes, and decode reads every byte once per token, so 4-bit formats keep theirs in 16 bits
+// where that is exact: --quantize int4 rounds its scales to bf16 before it rounds the codes to
+// them, MXFP4's e8m0 powers of two are bf16 numbers, and compressed-tensors int4 scales stay in
+// the checkpoint's dtype (bf16, f16, or f32). I8 and F8 (a scale per row or per 128 x 128 block)
+// keep f32.
+enum class ScaleType : int { F32 = 0, BF16 = 1, F16 = 2 };
+inline size_t scale_type_size(ScaleType t) { return t == ScaleType::F32 ? 4 : 2; }
+inline const char* scale_type_name(ScaleType t) {
+  return t == ScaleType::F32 ? "f32" : t == ScaleType::BF16 ? "bf16" : "f16";
+}
+// --quantize's scales for format q: bf16 for int4 (rounded before the codes are), else f32.
+inline ScaleType quantize_scale_type(QFormat q) { return q == QFormat::I4 ? ScaleType::BF16 : ScaleType::F32; }
+// Scale i of an array of type t, as f32 (exact).
+inline float scale_value(const void* s, ScaleType t, size_t i) {
+  if (t == ScaleType::F32) return static_cast<const float*>(s)[i];
+  const uint16_t h = static_cast<const uint16_t*>(s)[i];
+  return t == ScaleType::BF16 ? bf16_to_f32(h) : f16_to_f32(h);
+}
+
 struct PackedWeight {
   DType dtype = DType::BF16;  // storage dtype (the checkpoint's)
   WeightKind kind = WeightKind::Plain;
@@ -58,9 +78,16 @@ struct PackedWeight {
   std::shared_ptr<uint8_t> data;  // 64-byte aligned, owned
   QFormat q = QFormat::None;      // quantized storage (dtype is then F32: what the kernels read)
   int group = 0;                  // k per scale group (quantized only)
-  std::shared_ptr<float> scales;  // [np/16][kp/group][16] (quantized only)
+  std::shared_ptr<uint8_t> scales;  // [np/16][kp/group][16] of scale_type (quantized only)
+  ScaleType scale_type = ScaleType::F32;
   const void* ptr() const { return data.get(); }
   bool quantized() const { return q != QFormat::None; }
+  // The scales' bytes (zero unless quantized).
+  size_t scale_bytes() const {
+    return quantized() ? static_cast<size_t>(np) * (kp / group) * scale_type_size(scale_type) : 0;
+  }
+  // F32 scales as floats (F8 and I8 always; the caller checks scale_type otherwise).
+  const float* scales_f32() const { return reinterpret_cast<const float*>(scales.get()); }
   // k rounded up to even: the reduction length the kernels run (kp may be padded further to a
   // multiple of a quantized weight's group; those codes are zero and are skipped).
   int k_even() const { return (k + 1) / 2 * 2; }
@@ -85,8 +112,10 @@ float packed_weight_at(const PackedWeight& w, int row, int col);
 
 // Quantized weights. group: k per scale (I8: 0 means one scale per output row, i.e. group = Kp;
 // I4: 32 or 128; F8: the k side of the block scales, 128; FP4: 32).
+// scale_type: how the scales are held; F32 for I8 and F8, any for I4 (--quantize int4: BF16), BF16
+// for FP4.
 std::shared_ptr<PackedWeight> alloc_quant_weight(QFormat q, int group, WeightKind kind, int n,
-                                                 int k);
+                                                 int k, ScaleType scale_type = ScaleType::F32);
 // Quantizes src [n, k] (or gate/up [I, K] each for GateUp) with scales computed from the data:
 // I8/I4 symmetric absmax per (row, group); F8 absmax / 448 per (block_rows x group) block, the
 // way FP8 checkpoints are made (block_rows = 128). FP4 is not a --quantize target.
@@ -104,7 +133,8 @@ void pack_mxfp4_weight(PackedWeight& w, const uint8_t* blocks, const uint8_t* sc
                        const uint8_t* blocks_up, const uint8_t* scales_up);
 // Packs integer codes quantized elsewhere (compressed-tensors int8 / int4 checkpoints) into an I8
 // or I4 weight: codes [n, k] one signed value per byte (I4: -8..7), scales [n, ceil(k / w.group)]
-// f32 (I8 per row: [n, 1]); value = code * scale. GateUp takes the up half as for FP8.
+// f32 (I8 per row: [n, 1]); value = code * scale. GateUp takes the up half as for FP8. Each scale
+// must be exact in w.scale_type (a checkpoint's bf16 or f16 scales are), else InvalidArg.
 void pack_int_weight(PackedWeight& w, const int8_t* codes, const float* scales,
                      const int8_t* codes_up, const float* scales_up, bool use_pool = true);
 
