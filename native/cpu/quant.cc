@@ -6,7 +6,6 @@
 // scales per group, so quantizing, FP8 and MXFP4 share the block writer (which stores the scales
 // in the weight's ScaleType).
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -38,7 +37,7 @@ uint16_t scale16(float v, ScaleType t) { return t == ScaleType::BF16 ? f32_to_bf
 
 // A scale as type t holds it: the nearest value of t (ties to even), or v for F32.
 float round_scale(float v, ScaleType t) {
-  return t == ScaleType::F32 ? v : scale_value(std::array<uint16_t, 1>{scale16(v, t)}.data(), t, 0);
+  return t == ScaleType::F32 ? v : scale16_value(scale16(v, t), t);
 }
 
 // Writes block blk of w from 16 rows (nullptr: a padding row, all zero).

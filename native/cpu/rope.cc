@@ -1,6 +1,7 @@
 // Rotary position embedding (rotate-half and interleaved, partial rotary), rounded like HF:
 // angle = f32(pos * inv_freq[i]), cos/sin of that f32 angle, times attn_scale, then
 // x*cos -/+ x'*sin with each product rounded.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -64,15 +65,18 @@ std::vector<std::unique_ptr<RopeTable>>& tables() {
 }
 
 // The cos/sin row of each token (rows[t]; nullptr where the token's position is computed per
-// call), or false when this frequency set has no table.
-bool table_rows(const int32_t* positions, int tokens, const float* inv_freq, int half, float attn_scale,
+// call: past the table's end, or every position of a frequency set without a table).
+void table_rows(const int32_t* positions, int tokens, const float* inv_freq, int half, float attn_scale,
                 const float** rows) {
   std::lock_guard<std::mutex> lock(g_tables_mu);
   RopeTable* tab = nullptr;
   for (auto& t : tables())
     if (t->matches(inv_freq, half, attn_scale)) tab = t.get();
   if (!tab) {
-    if (static_cast<int>(tables().size()) >= kMaxTables) return false;
+    if (static_cast<int>(tables().size()) >= kMaxTables) {
+      std::fill(rows, rows + tokens, nullptr);
+      return;
+    }
     tables().push_back(std::make_unique<RopeTable>());
     tab = tables().back().get();
     tab->inv_freq.assign(inv_freq, inv_freq + half);
@@ -82,7 +86,6 @@ bool table_rows(const int32_t* positions, int tokens, const float* inv_freq, int
     const int pos = positions[t];
     rows[t] = pos < kMaxPositions ? tab->chunk(pos) + static_cast<size_t>(pos % kChunkRows) * 2 * half : nullptr;
   }
-  return true;
 }
 
 // One head's rotary dims v in place by the row's cos and sin (restrict: the loops vectorize).
@@ -117,13 +120,13 @@ void rope(float* x, int tokens, int heads, int row_stride, int head_stride, int 
   thread_local std::vector<const float*> tl_rows;
   if (tl_rows.size() < static_cast<size_t>(tokens)) tl_rows.resize(tokens);
   const float** rows = tl_rows.data();
-  const bool tabled = table_rows(positions, tokens, inv_freq, half, attn_scale, rows);
+  table_rows(positions, tokens, inv_freq, half, attn_scale, rows);
   parallel_rows(static_cast<size_t>(tokens), static_cast<size_t>(heads) * rot_dim,
                 [&](size_t t0, size_t t1) {
     thread_local std::vector<float> own;  // a row computed here (no table, or past its end)
     if (own.size() < static_cast<size_t>(rot_dim)) own.resize(rot_dim);
     for (size_t t = t0; t < t1; ++t) {
-      const float* cs = tabled ? rows[t] : nullptr;
+      const float* cs = rows[t];
       if (!cs) {
         cos_sin_row(static_cast<float>(positions[t]), inv_freq, half, attn_scale, own.data());
         cs = own.data();

@@ -3,7 +3,7 @@
 // --quantize-dense the attention projections, dense FFNs and shared experts too, with
 // --quantize-lm-head the LM head (a quantized copy of tied embeddings). The router, norms and the
 // embedding lookup stay in the checkpoint's precision.
-import type { QuantFormat } from '../native/index.js';
+import type { DType, QuantFormat } from '../native/index.js';
 
 export interface QuantizeSpec {
   format: QuantFormat;
@@ -51,7 +51,7 @@ export function denseQuantize(q: QuantizeSpec | null | undefined): QuantizeSpec 
  * (gate_up: each half), k to even then to the group.
  */
 export function quantizedBytes(q: QuantizeSpec, n: number, k: number, gateUp: boolean,
-                               scaleDtype: 'f32' | 'bf16' | 'f16' = q.format === 'int4' ? 'bf16' : 'f32'): number {
+                               scaleDtype: DType = q.format === 'int4' ? 'bf16' : 'f32'): number {
   const up16 = (v: number) => Math.ceil(v / 16) * 16;
   const np = gateUp ? 2 * up16(n / 2) : up16(n);
   const kEven = Math.ceil(k / 2) * 2;

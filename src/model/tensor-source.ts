@@ -28,7 +28,7 @@ export interface IntWeight {
 }
 
 /** How a quantized weight holds its scales. */
-export type ScaleDtype = 'f32' | 'bf16' | 'f16';
+export type ScaleDtype = DType;
 
 export interface TensorSource {
   has(name: string): boolean;

@@ -709,7 +709,7 @@ export interface NativeAddon extends Partial<CudaAddon> {
    * dtype, as a checkpoint's bf16 / f16 scales are); int8 keeps f32.
    */
   packInt(codes: Int8Array, scales: Float32Array, n: number, k: number, format: 'int8' | 'int4', group: number,
-          upCodes?: Int8Array | null, upScales?: Float32Array | null, scaleDtype?: 'f32' | 'bf16' | 'f16'): PackedWeight;
+          upCodes?: Int8Array | null, upScales?: Float32Array | null, scaleDtype?: DType): PackedWeight;
   /** packInt's arrays into an existing int8 / int4 weight of the same geometry and group (expert
    * cache slots), in place; a gate_up weight needs the up pair. */
   repackIntInto(dst: PackedWeight, codes: Int8Array, scales: Float32Array,

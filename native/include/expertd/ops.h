@@ -60,11 +60,12 @@ inline const char* scale_type_name(ScaleType t) {
 }
 // --quantize's scales for format q: bf16 for int4 (rounded before the codes are), else f32.
 inline ScaleType quantize_scale_type(QFormat q) { return q == QFormat::I4 ? ScaleType::BF16 : ScaleType::F32; }
+// A 16-bit scale (t BF16 or F16) as f32 (exact).
+inline float scale16_value(uint16_t h, ScaleType t) { return t == ScaleType::BF16 ? bf16_to_f32(h) : f16_to_f32(h); }
 // Scale i of an array of type t, as f32 (exact).
 inline float scale_value(const void* s, ScaleType t, size_t i) {
   if (t == ScaleType::F32) return static_cast<const float*>(s)[i];
-  const uint16_t h = static_cast<const uint16_t*>(s)[i];
-  return t == ScaleType::BF16 ? bf16_to_f32(h) : f16_to_f32(h);
+  return scale16_value(static_cast<const uint16_t*>(s)[i], t);
 }
 
 struct PackedWeight {
