@@ -410,7 +410,9 @@ function w4Config(edit: (q: Record<string, any>) => void): Record<string, unknow
 test('unsupported compressed-tensors configs are refused naming the field and value', () => {
   const w = (f: (w: Record<string, unknown>) => void) => (q: Record<string, any>) => f(q.config_groups.group_0.weights);
   const cases: [(q: Record<string, any>) => void, RegExp][] = [
-    [(q) => { q.format = 'float-quantized'; }, /\. format "float-quantized" \(FP8 weights with per-channel or per-tensor scales/],
+    // float-quantized is read (test/fp8-compressed.test.ts), with FP8 weights in every group.
+    [(q) => { q.format = 'float-quantized'; }, /\. config_groups\.group_0\.weights type "int" num_bits 4: float-quantized weights are read as FP8/],
+    [(q) => { q.config_groups.group_0.format = 'float-quantized'; }, /\. config_groups\.group_0\.format "float-quantized" \(FP8 weights: a checkpoint reads them when every config group is float-quantized\)/],
     [(q) => { q.format = 'nvfp4-pack-quantized'; }, /\. format "nvfp4-pack-quantized" \(NVFP4/],
     [(q) => { q.format = 'marlin-24'; }, /\. format "marlin-24" \(2:4 sparse/],
     [w((x) => { x.symmetric = false; }), /\. config_groups\.group_0\.weights\.symmetric false: asymmetric weights \(weight_zero_point\) are not read/],

@@ -318,6 +318,50 @@ test('FP8 weights with block scales load as bf16 through dequantFp8', (t) => {
   assertCheckpointError(() => wrong.loadWeightBf16OrNative('w.weight'), /w\.weight_scale_inv has shape \[3, 2\], expected \[1, 1\]/);
 });
 
+test('FP8 scales per output channel and per tensor (compressed-tensors weight_scale) spread over the 1 x 128 grid', () => {
+  const dir = freshDir();
+  const rows = 5, cols = 300;  // three 128-column groups, the last ragged
+  const r = seeded(12);
+  const q = Uint8Array.from({ length: rows * cols }, () => {
+    let b = Math.floor(r() * 256);
+    if ((b & 0x7f) === 0x7f) b ^= 1;
+    return b;
+  });
+  const channel = [0.5, 0.125, 3, 1.5, 0.0078125];  // exact in bf16
+  const bf16 = (v: number) => new Uint16Array(new Float32Array([v]).buffer)[1]!;  // exact: the f32's high half
+  writeSafetensors(path.join(dir, 'model.safetensors'), [
+    { name: 'c.weight', dtype: 'F8_E4M3', shape: [rows, cols], data: q },
+    { name: 'c.weight_scale', dtype: 'BF16', shape: [rows, 1], data: Uint16Array.from(channel, bf16) },
+    { name: 't.weight', dtype: 'F8_E4M3', shape: [rows, cols], data: q },
+    { name: 't.weight_scale', dtype: 'F32', shape: [1], data: new Float32Array([0.25]) },
+    { name: 'x.weight', dtype: 'F8_E4M3', shape: [rows, cols], data: q },
+    { name: 'x.weight_scale', dtype: 'F32', shape: [rows, 2], data: new Float32Array(rows * 2) },
+  ]);
+  const ck = openCheckpoint(dir, { fp8BlockSize: [1, 128], fp8ScaleSuffix: '_scale' });
+  const native = loadNative();
+  for (const [name, scaleOf] of [['c', (i: number) => channel[i]!], ['t', () => 0.25]] as const) {
+    const f = ck.loadFp8(`${name}.weight`)!;
+    assert.deepEqual([f.rows, f.cols, f.br, f.bc], [rows, cols, 1, 128]);
+    assert.deepEqual([...f.scaleInv], Array.from({ length: rows * 3 }, (_, i) => scaleOf(Math.floor(i / 3))), `${name}: the grid`);
+    // Kept FP8 by the packer: every element is code * its row's scale, exactly.
+    const w = native.packFp8(f.codes, f.scaleInv, rows, cols, f.br, f.bc);
+    const deq = ck.loadWeightBf16OrNative(`${name}.weight`);
+    for (let i = 0; i < rows; i++)
+      for (let j = 0; j < cols; j++) {
+        const want = e4m3(q[i * cols + j]!) * scaleOf(i);
+        assert.equal(native.packedWeightAt(w, i, j), want, `${name} (${i}, ${j})`);
+        assert.ok(Math.abs(bf16ToF32(deq.data[i * cols + j]!) - want) <= Math.abs(want) * 2 ** -8, `${name} bf16 (${i}, ${j})`);
+      }
+    w.dispose();
+  }
+  assertCheckpointError(() => ck.loadFp8('x.weight'),
+    /x\.weight_scale has shape \[5, 2\], expected \[5, 3\] for a \[5, 300\] weight in 1x128 blocks, \[5, 1\] \(one scale per output channel\) or \[1\]/);
+  // A per-channel scale cannot sit on blocks of several rows.
+  const blocks = openCheckpoint(dir, { fp8BlockSize: [128, 128], fp8ScaleSuffix: '_scale' });
+  assertCheckpointError(() => blocks.loadFp8('c.weight'), /c\.weight_scale has shape \[5, 1\], expected \[1, 3\] .* or \[1\] \(one scale per tensor\)/);
+  assert.deepEqual([...blocks.loadFp8('t.weight')!.scaleInv], [0.25, 0.25, 0.25]);
+});
+
 test('loadWeightBf16OrNative returns bf16/f32 weights as stored and rejects others', () => {
   const dir = freshDir();
   writeSafetensors(path.join(dir, 'model.safetensors'), sample());
@@ -328,5 +372,5 @@ test('loadWeightBf16OrNative returns bf16/f32 weights as stored and rejects othe
   assert.equal(ck.loadWeightBf16OrNative('a.f32').dtype, 'f32');
   assert.equal(ck.loadWeightBf16OrNative('c.f16').dtype, 'f16');
   assertCheckpointError(() => ck.loadWeightBf16OrNative('e.i64'), /has dtype I64; weights must be BF16, F16, F32/);
-  assertCheckpointError(() => ck.loadWeightBf16OrNative('d.fp8'), /d\.fp8_scale_inv \(its block scales\) is missing/);
+  assertCheckpointError(() => ck.loadWeightBf16OrNative('d.fp8'), /d\.fp8_scale_inv \(its scales\) is missing/);
 });

@@ -1,7 +1,9 @@
 // compressed-tensors checkpoints (llm-compressor, what vLLM's users produce): the quantization_config
-// schemes expertd reads (int8 W8A8 per output channel, int4 W4A16 in groups of 32 or 128, symmetric)
-// and the stored tensors of one quantized Linear turned into codes and scales for packInt. Anything
-// else is refused naming the field and value.
+// schemes expertd reads (int8 W8A8 per output channel, int4 W4A16 in groups of 32 or 128, symmetric;
+// FP8 e4m3 weights per output channel, per tensor or in blocks) and the stored tensors of one quantized
+// integer Linear turned into codes and scales for packInt. Anything else is refused naming the field
+// and value.
+import type { Fp8Quantization } from './spec.js';
 import type { IntWeight, ScaleDtype } from './tensor-source.js';
 
 type Raw = Record<string, unknown>;
@@ -17,8 +19,9 @@ export interface CompressedTensorsConfig {
 }
 
 const FORMATS = ['int-quantized', 'naive-quantized', 'pack-quantized'] as const;
+const FLOAT_FORMAT = 'float-quantized';
 const OTHER_FORMATS: Record<string, string> = {
-  'float-quantized': 'FP8 weights with per-channel or per-tensor scales; expertd reads block-scaled FP8 checkpoints (quant_method "fp8")',
+  'float-quantized': 'FP8 weights: a checkpoint reads them when every config group is float-quantized',
   'nvfp4-pack-quantized': 'NVFP4 (e2m1 with fp8 group scales)',
   'mxfp4-pack-quantized': 'MXFP4 in compressed-tensors packing',
   'marlin-24': '2:4 sparse weights packed for Marlin kernels',
@@ -31,31 +34,41 @@ const TOP_FIELDS = ['quant_method', 'format', 'config_groups', 'ignore', 'quanti
   'global_compression_ratio', 'sparsity_config', 'transform_config', 'version'];
 const SUPPORTED = 'supported for compressed-tensors: format "int-quantized", "naive-quantized" or "pack-quantized" with ' +
   'weights {type "int", symmetric, num_bits 8 strategy "channel" | num_bits 4 strategy "group" group_size 32 or 128} ' +
-  'and input_activations null or dynamic int8 per token';
+  'and input_activations null or dynamic int8 per token; format "float-quantized" with weights {type "float", ' +
+  'num_bits 8, symmetric, strategy "channel" | "tensor" | "block" with block_structure [rows, cols]} and ' +
+  'input_activations null or dynamic';
+
+/**
+ * The block grid an FP8 weight with per-channel or per-tensor scales is held on (1 x 128: every row its
+ * own scale, repeated across 128-column groups; what the CPU layout holds for DeepSeek's 128 x 128 blocks
+ * anyway, and the column blocks the device's FP8 tensor-core path takes).
+ */
+export const FP8_ROW_GRID: [number, number] = [1, 128];
 
 /**
  * quantization_config with quant_method "compressed-tensors" -> what the loader needs, or a
  * ConfigError (made by `fail`) naming the field at fault.
  */
-export function parseCompressedTensors(q: Raw, mt: string, fail: (msg: string) => Error): CompressedTensorsConfig {
+export function parseCompressedTensors(q: Raw, mt: string, fail: (msg: string) => Error): CompressedTensorsConfig | Fp8Quantization {
   const refuse = (why: string) => fail(`${mt} config quantization_config ${JSON.stringify(q)} is not supported; ${SUPPORTED}. ${why}`);
   const unknown = Object.keys(q).filter((k) => !TOP_FIELDS.includes(k));
   if (unknown.length) throw refuse(`Unknown field(s): ${unknown.join(', ')}.`);
-  const format = checkFormat(q.format, 'format', refuse);
+  const format = q.format === FLOAT_FORMAT ? FLOAT_FORMAT : checkFormat(q.format, 'format', refuse);
   const status = q.quantization_status ?? 'compressed';
   if (status !== 'compressed')
     throw refuse(`quantization_status ${JSON.stringify(status)}: expertd reads compressed (saved) weights, not a model mid-calibration.`);
   if (q.kv_cache_scheme != null)
     throw refuse('kv_cache_scheme (calibrated KV cache scales) is not read: drop it and choose the cache with --kv-dtype.');
-  const sparsity = q.sparsity_config;
-  if (sparsity != null && !(typeof sparsity === 'object' && Object.keys(sparsity).length === 0))
-    throw refuse('sparsity_config: sparse compressed-tensors weights are not read.');
-  if (q.transform_config != null) throw refuse('transform_config (rotations applied to the weights) is not read.');
+  // An empty object says none, as llm-compressor writes it.
+  const given = (v: unknown) => v != null && !(typeof v === 'object' && Object.keys(v as object).length === 0);
+  if (given(q.sparsity_config)) throw refuse('sparsity_config: sparse compressed-tensors weights are not read.');
+  if (given(q.transform_config)) throw refuse('transform_config (rotations applied to the weights) is not read.');
   const ignore = q.ignore ?? [];
   if (!Array.isArray(ignore) || ignore.some((m) => typeof m !== 'string')) throw refuse(`ignore ${JSON.stringify(ignore)}: expected a list of module names.`);
   const groups = q.config_groups;
   if (!groups || typeof groups !== 'object' || Array.isArray(groups) || Object.keys(groups).length === 0)
     throw refuse('config_groups: expected an object of one or more scheme groups.');
+  if (format === FLOAT_FORMAT) return floatConfig(groups as Raw, refuse);
   for (const [name, g] of Object.entries(groups as Raw)) checkGroup(name, g, format, refuse);
   return { method: 'compressed-tensors', format, ignore: ignore as string[], schemes: declaredSchemes(q) };
 }
@@ -104,6 +117,55 @@ function checkGroup(name: string, g: unknown, format: string, refuse: (why: stri
       throw refuse(`${at}.input_activations ${JSON.stringify(ia)}: expertd quantizes activations itself, dynamically ` +
         '(int8 W8A8 dynamic per token is read; static input_scale or FP8 activations are not).');
   }
+}
+
+/**
+ * format "float-quantized": every group FP8 e4m3 weights (`X.weight` F8_E4M3 with `X.weight_scale`),
+ * one block grid for the checkpoint. Per-channel and per-tensor scales go on FP8_ROW_GRID (the loader
+ * spreads them, safetensors.ts fp8ScaleGrid); strategy "block" keeps its block_structure.
+ */
+function floatConfig(groups: Raw, refuse: (why: string) => Error): Fp8Quantization {
+  const grids = new Set<string>();
+  for (const [name, g] of Object.entries(groups)) {
+    const at = `config_groups.${name}`;
+    if (!g || typeof g !== 'object' || Array.isArray(g)) throw refuse(`${at} must be an object.`);
+    const grp = g as Raw;
+    if (grp.format != null && grp.format !== FLOAT_FORMAT)
+      throw refuse(`${at}.format ${JSON.stringify(grp.format)}: a float-quantized checkpoint's groups are all float-quantized.`);
+    if (grp.output_activations != null) throw refuse(`${at}.output_activations: quantized outputs are not read.`);
+    const w = grp.weights as Raw | null | undefined;
+    if (!w || typeof w !== 'object') throw refuse(`${at}.weights ${JSON.stringify(w)}: expected the weights' quantization args.`);
+    const wa = `${at}.weights`;
+    if (w.type !== 'float' || w.num_bits !== 8)
+      throw refuse(`${wa} type ${JSON.stringify(w.type)} num_bits ${JSON.stringify(w.num_bits)}: float-quantized weights are ` +
+        'read as FP8 (type "float", num_bits 8: e4m3).');
+    if (w.symmetric === false) throw refuse(`${wa}.symmetric false: FP8 weights with zero points are not read.`);
+    if (w.dynamic === true || w.dynamic === 'local') throw refuse(`${wa}.dynamic ${JSON.stringify(w.dynamic)}: weights must carry their scales.`);
+    const strategy = w.strategy;
+    if (strategy === 'channel' || strategy === 'tensor') {
+      grids.add(FP8_ROW_GRID.join('x'));
+    } else if (strategy === 'block') {
+      const b = w.block_structure;
+      if (!Array.isArray(b) || b.length !== 2 || !b.every((x) => Number.isInteger(x) && (x as number) > 0))
+        throw refuse(`${wa}.block_structure ${JSON.stringify(b)}: expected [rows, cols], two positive integers.`);
+      if ((b[1] as number) % 2 !== 0) throw refuse(`${wa}.block_structure ${JSON.stringify(b)}: the block width (cols) must be even for the FP8 kernels.`);
+      grids.add(b.join('x'));
+    } else {
+      throw refuse(`${wa}.strategy ${JSON.stringify(strategy)}: FP8 weights are read per output channel ("channel"), per tensor ` +
+        '("tensor") or in blocks ("block").');
+    }
+    const ia = grp.input_activations as Raw | null | undefined;
+    if (ia != null) {
+      const ok = typeof ia === 'object' && ia.dynamic === true && (ia.type ?? 'float') === 'float' && ia.num_bits === 8;
+      if (!ok)
+        throw refuse(`${at}.input_activations ${JSON.stringify(ia)}: expertd computes with unquantized (bf16 / f32) activations; ` +
+          'dynamic FP8 activations are read as that, static ones (calibrated input_scale) are not.');
+    }
+  }
+  if (grids.size !== 1)
+    throw refuse(`config_groups: FP8 weights on ${[...grids].join(' and ')} block grids; one grid per checkpoint is read.`);
+  const [br, bc] = [...grids][0]!.split('x').map(Number) as [number, number];
+  return { method: 'fp8', blockSize: [br, bc], scaleSuffix: '_scale' };
 }
 
 /** What a Linear's stored tensors are, by their dtypes and shapes (names without the ".weight"). */

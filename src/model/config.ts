@@ -11,6 +11,7 @@ import {
 import type {
   AttentionSpec, LayerSpec, LinearAttentionSpec, ModelSpec, ModelType, MoeSpec, RopeSpec, RouterSpec,
 } from './spec.js';
+import { fp8ScaleName } from './spec.js';
 import { singleSharedExpert } from './moe-tensors.js';
 import { parseCompressedTensors } from './compressed-tensors.js';
 
@@ -968,8 +969,8 @@ export function validateCheckpoint(spec: ModelSpec, ckpt: TensorShapes): Checkpo
     if (ct && got.dtype === 'I8' && !ckpt.tensors.has(`${t.name}_scale`)) missing.push(`${t.name}_scale`);
     if (got.shape.length !== t.shape.length || got.shape.some((d, k) => d !== t.shape[k]))
       shapeErrors.push(`${t.name} has shape [${got.shape.join(', ')}], the config implies [${t.shape.join(', ')}]`);
-    if (spec.quantization && got.dtype === 'F8_E4M3' && !ckpt.tensors.has(`${t.name}_scale_inv`))
-      missing.push(`${t.name}_scale_inv`);
+    const fp8Scale = spec.quantization?.method === 'fp8' ? fp8ScaleName(spec.quantization, t.name) : `${t.name}_scale_inv`;
+    if (spec.quantization && got.dtype === 'F8_E4M3' && !ckpt.tensors.has(fp8Scale)) missing.push(fp8Scale);
     if (t.dtype && got.dtype !== t.dtype)
       shapeErrors.push(`${t.name} has dtype ${got.dtype}, MXFP4 ${t.name.endsWith('_blocks') ? 'blocks' : 'scales'} are ${t.dtype}`);
   }
@@ -994,7 +995,8 @@ export function validateCheckpoint(spec: ModelSpec, ckpt: TensorShapes): Checkpo
       mtpTensors++;
       continue;
     }
-    if (spec.quantization && name.endsWith('_scale_inv') && expectedNames.has(name.slice(0, -'_scale_inv'.length)))
+    const scaleSuffix = spec.quantization?.method === 'fp8' ? spec.quantization.scaleSuffix ?? '_scale_inv' : '_scale_inv';
+    if (spec.quantization && name.endsWith(scaleSuffix) && expectedNames.has(name.slice(0, -scaleSuffix.length)))
       continue;
     const ctPart = /_(packed|scale|shape|zero_point|g_idx)$/.exec(name);
     if (ct && ctPart && expectedNames.has(name.slice(0, -ctPart[0].length))) continue;

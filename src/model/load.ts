@@ -86,7 +86,7 @@ function sumBytes(c: Checkpoint): number {
 function openValidated(dir: string) {
   const spec = parseModelConfig(path.resolve(dir));
   const q = spec.quantization;
-  const checkpoint = openCheckpoint(dir, q?.method === 'fp8' ? { fp8BlockSize: q.blockSize }
+  const checkpoint = openCheckpoint(dir, q?.method === 'fp8' ? { fp8BlockSize: q.blockSize, fp8ScaleSuffix: q.scaleSuffix ?? '_scale_inv' }
     : q?.method === 'compressed-tensors' ? { compressed: q.schemes } : {});
   const report = validateCheckpoint(spec, checkpoint);
   return { spec, checkpoint, report };

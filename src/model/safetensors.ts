@@ -180,9 +180,32 @@ function typedView(dtype: StDType, buf: ArrayBuffer, byteOffset: number, numel: 
 
 export type { IntWeight };
 
+/**
+ * An FP8 weight [rows, cols]'s stored scales (f32 values of the tensor `name`, shape `shape`) on the
+ * grid of br x bc blocks [ceil(rows / br), ceil(cols / bc)]: block scales of that grid as they are; a
+ * scale per output channel ([rows, 1] or [rows]; br must be 1) repeated along its row; one per tensor
+ * ([], [1] or [1, 1]) everywhere. Anything else is refused by `fail`.
+ */
+export function fp8ScaleGrid(name: string, shape: number[], values: Float32Array, rows: number, cols: number,
+                             br: number, bc: number, fail: (msg: string) => Error): Float32Array {
+  const nbr = Math.ceil(rows / br), nbc = Math.ceil(cols / bc);
+  if (shape.length === 2 && shape[0] === nbr && shape[1] === nbc) return values;
+  if (shape.every((d) => d === 1) && values.length === 1) return new Float32Array(nbr * nbc).fill(values[0]!);
+  const perRow = (shape.length === 2 && shape[0] === rows && shape[1] === 1) || (shape.length === 1 && shape[0] === rows);
+  if (perRow && br === 1) {
+    const out = new Float32Array(nbr * nbc);
+    for (let r = 0; r < rows; r++) out.fill(values[r]!, r * nbc, (r + 1) * nbc);
+    return out;
+  }
+  throw fail(`tensor ${name} has shape [${shape.join(', ')}], expected [${nbr}, ${nbc}] for a [${rows}, ${cols}] weight in ` +
+    `${br}x${bc} blocks` + (br === 1 ? `, [${rows}, 1] (one scale per output channel) or [1] (one per tensor)` : ' or [1] (one scale per tensor)'));
+}
+
 export interface OpenOptions {
   /** FP8 block size [rows, cols] (config quantization_config.weight_block_size); default [128, 128]. */
   fp8BlockSize?: [number, number];
+  /** The FP8 scale tensor beside X.weight: X.weight + this ('_scale_inv' by default; compressed-tensors '_scale'). */
+  fp8ScaleSuffix?: '_scale_inv' | '_scale';
   /** compressed-tensors: the weight bit widths and int4 group sizes its config declares. */
   compressed?: { bits: number[]; groupSizes: number[] };
 }
@@ -325,29 +348,17 @@ export class Checkpoint {
   }
 
   private fp8Parts(t: TensorInfo): Fp8Weight {
-    const scaleName = `${t.name}_scale_inv`;
+    const scaleName = `${t.name}${this.options.fp8ScaleSuffix ?? '_scale_inv'}`;
     if (!this.tensors.has(scaleName))
-      throw new CheckpointError(`tensor ${t.name} is F8_E4M3 but ${scaleName} (its block scales) is missing`, t.file);
+      throw new CheckpointError(`tensor ${t.name} is F8_E4M3 but ${scaleName} (its scales) is missing`, t.file);
     if (t.shape.length !== 2)
       throw new CheckpointError(`tensor ${t.name} is F8_E4M3 with shape [${t.shape.join(', ')}]; ` +
         'only 2-D block-quantised weights are supported', t.file);
     const [rows, cols] = t.shape as [number, number];
     const [br, bc] = this.options.fp8BlockSize ?? [128, 128];
     const s = this.getTensor(scaleName);
-    const want = [Math.ceil(rows / br), Math.ceil(cols / bc)];
-    if (s.shape.length !== 2 || s.shape[0] !== want[0] || s.shape[1] !== want[1])
-      throw new CheckpointError(`tensor ${scaleName} has shape [${s.shape.join(', ')}], expected ` +
-        `[${want.join(', ')}] for ${t.name} [${rows}, ${cols}] with ${br}x${bc} blocks`, s.file);
-    let scale: Float32Array;
-    if (s.dtype === 'F32') scale = s.data() as Float32Array;
-    else if (s.dtype === 'BF16') {
-      const src = s.data() as Uint16Array;
-      const u = new Uint32Array(src.length);
-      for (let i = 0; i < src.length; i++) u[i] = src[i]! << 16;
-      scale = new Float32Array(u.buffer);
-    } else {
-      throw new CheckpointError(`tensor ${scaleName} has dtype ${s.dtype}, expected F32 or BF16`, s.file);
-    }
+    const scale = fp8ScaleGrid(scaleName, s.shape, this.floatScales(s), rows, cols, br, bc,
+      (msg) => new CheckpointError(msg, s.file));
     return { codes: t.data() as Uint8Array, scaleInv: scale, rows, cols, br, bc };
   }
 

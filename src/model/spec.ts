@@ -117,6 +117,24 @@ export interface LayerSpec {
   slidingWindow?: number | null;
 }
 
+/**
+ * An FP8 e4m3 checkpoint's scales: each weight's `<name><scaleSuffix>` (quant_method "fp8":
+ * weight_scale_inv, DeepSeek's name; compressed-tensors: weight_scale; both multiply the codes) on a
+ * grid of blockSize [rows, cols] blocks. Per-channel and per-tensor scales are held on a [1, 128] grid
+ * (compressed-tensors.ts FP8_ROW_GRID).
+ */
+export interface Fp8Quantization {
+  method: 'fp8';
+  blockSize: [number, number];
+  /** Absent: '_scale_inv'. */
+  scaleSuffix?: '_scale_inv' | '_scale';
+}
+
+/** The scale tensor of an FP8 weight `name` (X.weight -> X.weight_scale_inv or X.weight_scale). */
+export function fp8ScaleName(q: Fp8Quantization, name: string): string {
+  return `${name}${q.scaleSuffix ?? '_scale_inv'}`;
+}
+
 export interface ModelSpec {
   modelType: ModelType;
   hidden: number;
@@ -145,12 +163,11 @@ export interface ModelSpec {
   bosTokenId: number | null;
   eosTokenIds: number[];
   /**
-   * FP8 block-quantised checkpoint (DeepSeek-V3 style): routed experts kept in FP8 (CPU engine), other
-   * weights dequantised to bf16 at load. MXFP4 (gpt-oss): experts kept in MXFP4 (CPU engine).
+   * FP8 checkpoint (DeepSeek-V3's block scales, or compressed-tensors float-quantized per channel, per
+   * tensor or in blocks): routed experts kept in FP8, other weights dequantised to bf16 at load. MXFP4 (gpt-oss): experts kept in MXFP4 (CPU engine).
    * compressed-tensors int8 / int4: every quantized Linear kept as int8 / int4 codes and scales.
    */
-  quantization: { method: 'fp8'; blockSize: [number, number] } | { method: 'mxfp4'; modulesToNotConvert: string[] } |
-    CompressedTensorsConfig | null;
+  quantization: Fp8Quantization | { method: 'mxfp4'; modulesToNotConvert: string[] } | CompressedTensorsConfig | null;
   /**
    * Some layers keep per-sequence recurrent state instead of KV blocks (hybrid linear attention):
    * the engine turns prefix caching off for such a model (with a log line), since cached KV blocks

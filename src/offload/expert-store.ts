@@ -5,8 +5,8 @@
 // a copy stream) implements the same ticket interface. An FP8 checkpoint's experts stay FP8 in the
 // slots (codes and block scales read as stored).
 import { loadNative, type DType, type ExpertLoader, type FileRange, type PackedWeight } from '../native/index.js';
-import type { Checkpoint, TensorInfo } from '../model/safetensors.js';
-import type { ModelSpec } from '../model/spec.js';
+import { fp8ScaleGrid, type Checkpoint, type TensorInfo } from '../model/safetensors.js';
+import { fp8ScaleName, type ModelSpec } from '../model/spec.js';
 import { gptOssExpertRows } from '../model/moe-tensors.js';
 import { quantizedBytes, type QuantizeSpec } from '../model/quantize.js';
 
@@ -73,13 +73,23 @@ export function loadNow(store: ExpertStore, layer: number, expert: number, slot:
 
 /**
  * Where one expert's bytes are: gate [I, H], up [I, H], down [H, I] rows (with each projection's
- * weight_scale_inv (f32) for FP8 checkpoints); or gpt-oss's own layout, gate_up [H, 2I] (gate = even
- * columns, up = odd) and down [I, H], rearranged as they load.
+ * scales for FP8 checkpoints); or gpt-oss's own layout, gate_up [H, 2I] (gate = even columns, up = odd)
+ * and down [I, H], rearranged as they load.
  */
 type ExpertRanges = {
   layout: 'rows'; gate: FileRange; up: FileRange; down: FileRange;
-  scales?: { gate: FileRange; up: FileRange; down: FileRange };
+  scales?: FP8Scales;
 } | { layout: 'gpt_oss'; gateUp: FileRange; down: FileRange };
+
+/**
+ * An FP8 expert's scale tensors. `stored`: their dtype and shapes when they are not f32 on the block
+ * grid (per-channel or per-tensor scales, bf16 / f16 values): read, then spread onto the grid here
+ * (fp8ScaleGrid) on the engine thread; the copy thread reads f32 block scales as stored.
+ */
+interface FP8Scales {
+  gate: FileRange; up: FileRange; down: FileRange;
+  stored?: { dtype: string; gate: number[]; up: number[]; down: number[] };
+}
 
 const rangeBytes = (r: ExpertRanges) => r.down.sizeBytes + (r.layout === 'rows'
   ? r.gate.sizeBytes + r.up.sizeBytes + (r.scales ? r.scales.gate.sizeBytes + r.scales.up.sizeBytes + r.scales.down.sizeBytes : 0)
@@ -151,7 +161,8 @@ export class CheckpointExpertStore implements ExpertStore {
     const E = spec.moe.numExperts;
     let dtype: DType | undefined;
     // FP8 checkpoints (quantization_config fp8): experts stay FP8 in the slots, as resident.
-    this.fp8Block = spec.quantization?.method === 'fp8' ? spec.quantization.blockSize : null;
+    const fp8q = spec.quantization?.method === 'fp8' ? spec.quantization : null;
+    this.fp8Block = fp8q ? fp8q.blockSize : null;
     this.quantize = opts.quantize ?? null;
     const eb = (t: TensorInfo) => {
       if (this.fp8Block && t.dtype === 'F8_E4M3') {
@@ -207,17 +218,10 @@ export class CheckpointExpertStore implements ExpertStore {
             eb(info);
             return { path: info.file, offset: info.offset, sizeBytes: info.sizeBytes };
           };
-          const s = (n: string): FileRange => {
-            const name = `${p}${e}.${n}.weight_scale_inv`;
-            const info = checkpoint.getTensor(name);
-            if (info.dtype !== 'F32')
-              throw new Error(`expert offloading reads f32 FP8 block scales; ${name} is ${info.dtype}`);
-            return { path: info.file, offset: info.offset, sizeBytes: info.sizeBytes };
-          };
           const fp8 = this.fp8Block !== null && checkpoint.getTensor(`${p}${e}.${names.gate}.weight`).dtype === 'F8_E4M3';
           out.push({
             layout: 'rows', gate: t(names.gate), up: t(names.up), down: t(names.down),
-            ...(fp8 ? { scales: { gate: s(names.gate), up: s(names.up), down: s(names.down) } } : {}),
+            ...(fp8 ? { scales: this.fp8Scales(checkpoint, fp8q!, `${p}${e}.`, [names.gate, names.up, names.down]) } : {}),
           });
         }
       }
@@ -241,8 +245,27 @@ export class CheckpointExpertStore implements ExpertStore {
       ? quantizedBytes(slotQuant, 2 * this.I, this.H, true) + quantizedBytes(slotQuant, this.H, this.I, false)
       : 3 * bytes;
     this.slotFormat = slotQuant?.format ?? this.dtype;
-    this.overlapsCompute = !requantFp8 && (opts.copyThread ?? true);
+    // Scales spread onto the block grid as they load: the engine thread's path.
+    const spread = this.ranges.some((l) => l.some((r) => r.layout === 'rows' && r.scales?.stored));
+    this.overlapsCompute = !requantFp8 && !spread && (opts.copyThread ?? true);
     this.loader = this.overlapsCompute ? new (loadNative().ExpertLoader)() : null;
+  }
+
+  /** An FP8 expert's gate / up / down scale tensors (`prefix` + projection + .weight + the scale suffix). */
+  private fp8Scales(checkpoint: Checkpoint, q: { blockSize: [number, number]; scaleSuffix?: '_scale_inv' | '_scale' },
+                    prefix: string, projections: string[]): FP8Scales {
+    const [br, bc] = q.blockSize;
+    const infos = projections.map((n) => checkpoint.getTensor(fp8ScaleName({ method: 'fp8', ...q }, `${prefix}${n}.weight`)));
+    const dims = [[this.I, this.H], [this.I, this.H], [this.H, this.I]] as const;
+    const asStored = infos.every((info, i) => info.dtype === 'F32' && info.shape.length === 2 &&
+      info.shape[0] === Math.ceil(dims[i]![0] / br) && info.shape[1] === Math.ceil(dims[i]![1] / bc));
+    for (const info of infos)
+      if (!ST_DTYPE[info.dtype]) throw new Error(`expert offloading reads f32, bf16 or f16 FP8 scales; ${info.name} is ${info.dtype}`);
+    const [g, u, d] = infos.map((info) => ({ path: info.file, offset: info.offset, sizeBytes: info.sizeBytes })) as [FileRange, FileRange, FileRange];
+    return {
+      gate: g, up: u, down: d,
+      ...(asStored ? {} : { stored: { dtype: infos[0]!.dtype, gate: infos[0]!.shape, up: infos[1]!.shape, down: infos[2]!.shape } }),
+    };
   }
 
   private rangesOf(layer: number, expert: number): ExpertRanges {
@@ -329,12 +352,19 @@ export class CheckpointExpertStore implements ExpertStore {
       const [br, bc] = this.fp8Block;
       const s = r.scales;
       const t1 = performance.now();
-      const scale = (f: FileRange) => {
-        const out = new Float32Array(f.sizeBytes / 4);
-        n.readFileRange(f.path, f.offset, new Uint8Array(out.buffer));
-        return out;
+      const scale = (f: FileRange, which: 'gate' | 'up' | 'down', rows: number, cols: number) => {
+        const raw = new Uint8Array(f.sizeBytes);
+        n.readFileRange(f.path, f.offset, raw);
+        if (!s.stored) return new Float32Array(raw.buffer);
+        const dt = ST_DTYPE[s.stored.dtype]!;
+        let values = new Float32Array(raw.buffer);
+        if (dt !== 'f32') {
+          values = new Float32Array(raw.byteLength / 2);
+          n.convert(new Uint16Array(raw.buffer), dt, values, 'f32');
+        }
+        return fp8ScaleGrid(`${which} scales`, s.stored[which], values, rows, cols, br, bc, (msg) => new Error(`expert offloading: ${msg}`));
       };
-      const gs = scale(s.gate), us = scale(s.up), ds = scale(s.down);
+      const gs = scale(s.gate, 'gate', I, H), us = scale(s.up, 'up', I, H), ds = scale(s.down, 'down', H, I);
       this.readSeconds += (performance.now() - t1) / 1000;
       const gc = this.gate.subarray(0, r.gate.sizeBytes), uc = this.up.subarray(0, r.up.sizeBytes);
       const dc = this.down.subarray(0, r.down.sizeBytes);

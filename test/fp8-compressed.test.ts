@@ -1,0 +1,294 @@
+// compressed-tensors FP8 checkpoints (llm-compressor's format "float-quantized", its FP8_DYNAMIC and
+// FP8_BLOCK schemes, as the "-FP8-Dynamic" MoE checkpoints ship): every Linear of the decoder in e4m3 with `X.weight_scale` per
+// output channel ([out, 1]), per tensor ([1]) or in blocks (strategy "block"), the routers, embeddings
+// and lm_head left in bf16 (`ignore`). Served natively: the routed experts stay FP8 in memory (the
+// per-channel and per-tensor scales spread over 1 x 128 blocks), the other quantized weights are
+// dequantised to bf16 at load as for DeepSeek's FP8; the logits equal the same checkpoint written with
+// the experts as their exact dequantised f32 values and the other weights as the bf16 the loader makes
+// (the plain path, itself checked against HF transformers on the fixture), within f32 rounding. Through
+// the expert cache the FP8 model equals itself all-resident, bit for bit.
+import assert from 'node:assert/strict';
+import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { describe, test } from 'node:test';
+
+import { ConfigError, parseModelConfig } from '../src/model/config.js';
+import { bf16ToF32, f32ToBf16 } from '../src/model/kv-dtype.js';
+import { quantElement, quantMatrixBytes } from '../src/model/cuda-quant.js';
+import { loadCudaModel, loadModel } from '../src/model/load.js';
+import type { MoeModel } from '../src/model/model.js';
+import { readSafetensorsHeader, writeSafetensors, type TensorToWrite } from '../src/model/safetensors.js';
+import { packageRoot, type CudaBuffer } from '../src/native/index.js';
+import { attachDeviceOffloader, attachOffloader, skipAllExperts } from '../src/offload/setup.js';
+import { createCudaEmulator, withLazyStreams } from './helpers/cuda-emu.js';
+import { emulatorSkip } from './helpers/cuda-skip.js';
+import { e4m3, toE4m3 } from './helpers/fp8-checkpoint.js';
+import { DirectRunner, runAll } from './helpers/model-runner.js';
+
+const fixtures = path.join(packageRoot(), 'test', 'fixtures');
+const QUANTIZED = /^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(experts\.\d+\.|shared_experts?\.)?(gate|up|down)_proj)\.weight$/;
+const EXPERT = /\.experts\.\d+\.(gate|up|down)_proj\.weight$/;
+
+type Strategy = 'channel' | 'tensor' | 'block';
+interface Variant { fixture: string; strategy: Strategy; scaleDtype: 'BF16' | 'F32'; block?: [number, number] }
+
+/** llm-compressor's config for one scheme over every Linear but `ignore`. */
+function floatConfig(v: Variant, ignore: string[]): Record<string, unknown> {
+  return {
+    quant_method: 'compressed-tensors', format: 'float-quantized', quantization_status: 'compressed',
+    global_compression_ratio: null, kv_cache_scheme: null, sparsity_config: {}, transform_config: {}, version: '0.11.0',
+    ignore,
+    config_groups: {
+      group_0: {
+        targets: ['Linear'], output_activations: null,
+        weights: {
+          type: 'float', num_bits: 8, symmetric: true, dynamic: false, strategy: v.strategy, observer: 'minmax',
+          block_structure: v.strategy === 'block' ? v.block : null, group_size: null, actorder: null, observer_kwargs: {},
+        },
+        input_activations: v.strategy === 'block'
+          ? { type: 'float', num_bits: 8, symmetric: true, dynamic: true, strategy: 'group', group_size: 128 }
+          : { type: 'float', num_bits: 8, symmetric: true, dynamic: true, strategy: 'token' },
+      },
+    },
+  };
+}
+
+const roundScale = (v: number, dtype: 'BF16' | 'F32') => dtype === 'BF16' ? bf16ToF32(f32ToBf16(v)) : Math.fround(v);
+
+/**
+ * Writes the FP8 checkpoint and its reference (experts as f32 code * scale, exact; the other quantized
+ * weights as that value rounded to bf16, what Checkpoint.dequantFp8 makes).
+ */
+function makeCheckpoints(v: Variant): { fp8Dir: string; refDir: string; root: string } {
+  const src = path.join(fixtures, v.fixture);
+  const root = mkdtempSync(path.join(os.tmpdir(), 'expertd-ct-fp8-'));
+  const fp8Dir = path.join(root, 'fp8'), refDir = path.join(root, 'ref');
+  const file = path.join(src, 'model.safetensors');
+  const header = readSafetensorsHeader(file);
+  const bytes = readFileSync(file);
+  const fp8: TensorToWrite[] = [], ref: TensorToWrite[] = [];
+  const ignore = new Set<string>();
+  for (const t of header.tensors) {
+    const raw = bytes.subarray(header.dataStart + t.begin, header.dataStart + t.end);
+    const data = new Uint8Array(raw.byteLength);
+    data.set(raw);
+    if (!QUANTIZED.test(t.name) || t.dtype !== 'BF16') {
+      fp8.push({ name: t.name, dtype: t.dtype, shape: t.shape, data });
+      ref.push({ name: t.name, dtype: t.dtype, shape: t.shape, data });
+      if (t.name.endsWith('.weight') && t.shape.length === 2 && t.name !== 'model.embed_tokens.weight') ignore.add(t.name.slice(0, -'.weight'.length));
+      continue;
+    }
+    const [rows, cols] = t.shape as [number, number];
+    const w = Float32Array.from(new Uint16Array(data.buffer, 0, rows * cols), bf16ToF32);
+    const [br, bc] = v.strategy === 'block' ? v.block! : v.strategy === 'channel' ? [1, cols] : [rows, cols];
+    const nbr = Math.ceil(rows / br), nbc = Math.ceil(cols / bc);
+    const amax = new Float32Array(nbr * nbc);
+    for (let r = 0; r < rows; r++)
+      for (let c = 0; c < cols; c++) {
+        const i = Math.floor(r / br) * nbc + Math.floor(c / bc);
+        amax[i] = Math.max(amax[i]!, Math.abs(w[r * cols + c]!));
+      }
+    const scale = amax.map((a) => roundScale(a / 448, v.scaleDtype));
+    const codes = new Uint8Array(rows * cols), deq = new Float32Array(rows * cols);
+    const expert = EXPERT.test(t.name);
+    for (let r = 0; r < rows; r++)
+      for (let c = 0; c < cols; c++) {
+        const s = scale[Math.floor(r / br) * nbc + Math.floor(c / bc)]!;
+        const code = s > 0 ? toE4m3(w[r * cols + c]! / s) : 0;
+        codes[r * cols + c] = code;
+        const x = Math.fround(e4m3(code) * s);
+        deq[r * cols + c] = expert ? x : bf16ToF32(f32ToBf16(x));
+      }
+    const scaleShape = v.strategy === 'block' ? [nbr, nbc] : v.strategy === 'channel' ? [rows, 1] : [1];
+    const scaleData = v.scaleDtype === 'BF16' ? new Uint8Array(Uint16Array.from(scale, f32ToBf16).buffer) : new Uint8Array(scale.buffer);
+    fp8.push({ name: t.name, dtype: 'F8_E4M3', shape: t.shape, data: codes });
+    fp8.push({ name: `${t.name}_scale`, dtype: v.scaleDtype, shape: scaleShape, data: scaleData });
+    ref.push({ name: t.name, dtype: 'F32', shape: t.shape, data: deq });
+  }
+  const config = JSON.parse(readFileSync(path.join(src, 'config.json'), 'utf8')) as Record<string, unknown>;
+  for (const [dir, tensors, quant] of [[fp8Dir, fp8, true], [refDir, ref, false]] as const) {
+    mkdirSync(dir);
+    writeSafetensors(path.join(dir, 'model.safetensors'), tensors);
+    const c = quant ? { ...config, quantization_config: floatConfig(v, ['lm_head', ...[...ignore].filter((n) => n !== 'lm_head')]) } : config;
+    writeFileSync(path.join(dir, 'config.json'), JSON.stringify(c));
+    for (const f of ['tokenizer.json', 'tokenizer_config.json', 'golden.json'])
+      copyFileSync(path.join(src, f), path.join(dir, f));
+  }
+  return { fp8Dir, refDir, root };
+}
+
+/** Every golden case's prompt + greedy tokens, teacher-forced: logits per position. */
+function forcedLogits(model: MoeModel, dir: string): Float32Array[] {
+  const golden = JSON.parse(readFileSync(path.join(dir, 'golden.json'), 'utf8')) as { cases: { prompt_ids: number[]; greedy: number[] }[] };
+  const V = model.spec.vocabSize;
+  const logits: Float32Array[] = [];
+  for (const c of golden.cases) {
+    const ids = [...c.prompt_ids, ...c.greedy];
+    const runner = new DirectRunner(model);
+    const res = runner.step([runner.newSeq()], [ids], true);
+    for (let p = 0; p < ids.length; p++) logits.push(res.logits.slice(p * V, (p + 1) * V));
+  }
+  return logits;
+}
+
+/** The routed experts' formats over every MoE layer (disposing the table's references). */
+function expertFormats(model: MoeModel): Set<string> {
+  const seen = new Set<string>();
+  for (const layer of model.moeLayers)
+    for (let x = 0; x < model.spec.moe.numExperts; x++) {
+      const w = layer.weights.experts.get(x);
+      if (!w) continue;
+      seen.add(`${w.gateUp.quant}/${w.down.quant}`);
+      w.gateUp.dispose();
+      w.down.dispose();
+    }
+  return seen;
+}
+
+const VARIANTS: Variant[] = [
+  { fixture: 'glm4_moe', strategy: 'channel', scaleDtype: 'BF16' },
+  { fixture: 'qwen2_moe', strategy: 'tensor', scaleDtype: 'F32' },
+  { fixture: 'qwen3_moe', strategy: 'block', scaleDtype: 'BF16', block: [24, 40] },
+];
+
+for (const v of VARIANTS) {
+  const label = `${v.fixture}, ${v.strategy} scales (${v.scaleDtype}${v.block ? `, ${v.block.join(' x ')} blocks` : ''})`;
+  test(`compressed-tensors FP8, ${label}: experts kept FP8, logits equal the dequantised weights'`, () => {
+    const { fp8Dir, refDir, root } = makeCheckpoints(v);
+    try {
+      const spec = parseModelConfig(fp8Dir);
+      assert.deepEqual(spec.quantization, { method: 'fp8', blockSize: v.block ?? [1, 128], scaleSuffix: '_scale' });
+      const got = loadModel(fp8Dir, { fast: false });
+      const want = loadModel(refDir, { fast: false });
+      try {
+        // (glm4_moe's MTP layer counts its scales among the unused tensors: that warning differs in its count.)
+        assert.deepEqual(got.report.warnings.filter((w) => w.startsWith('unexpected')), [], 'every scale tensor read');
+        const a = forcedLogits(got.model, fp8Dir), b = forcedLogits(want.model, refDir);
+        let worst = 0;
+        for (let i = 0; i < b.length; i++)
+          for (let x = 0; x < b[i]!.length; x++) worst = Math.max(worst, Math.abs(a[i]![x]! - b[i]![x]!));
+        assert.ok(worst <= 1e-5, `logits max-abs difference ${worst}`);
+        assert.deepEqual([...expertFormats(got.model)], ['fp8/fp8'], 'experts held as fp8 codes');
+        assert.deepEqual([...expertFormats(want.model)], ['null/null']);
+      } finally {
+        got.model.dispose();
+        want.model.dispose();
+      }
+    } finally {
+      rmSync(root, { recursive: true, force: true });
+    }
+  });
+}
+
+for (const v of VARIANTS.slice(0, 2)) {
+  test(`compressed-tensors FP8, ${v.fixture} ${v.strategy} scales through the expert cache (a quarter, engine thread) equals it all-resident, bit for bit`, async () => {
+    const { fp8Dir, root } = makeCheckpoints(v);
+    try {
+      const resident = loadModel(fp8Dir, { fast: false }).model;
+      let want: Float32Array[];
+      try {
+        want = forcedLogits(resident, fp8Dir);
+      } finally {
+        resident.dispose();
+      }
+      const loaded = loadModel(fp8Dir, { fast: false, loadExpert: skipAllExperts });
+      const off = attachOffloader(loaded, { policy: 'lru', fraction: 0.25, copyThread: true });
+      try {
+        // Scales not f32 on the block grid are spread as they load: the engine thread's path.
+        assert.equal(off.store.overlapsCompute, false);
+        assert.equal(off.store.slotFormat, 'fp8');
+        forcedLogits(loaded.model, fp8Dir).forEach((l, i) => assert.deepEqual(l, want[i], `position ${i}`));
+        assert.ok(off.stats().misses > 0, JSON.stringify(off.stats()));
+        assert.deepEqual([...expertFormats(loaded.model)], ['fp8/fp8'], 'cached experts held as fp8');
+      } finally {
+        await off.close();
+        off.dispose();
+        loaded.model.dispose();
+      }
+    } finally {
+      rmSync(root, { recursive: true, force: true });
+    }
+  });
+}
+
+describe('compressed-tensors FP8 on the device engine (emulator)', { skip: emulatorSkip }, () => {
+  test('qwen2_moe per-tensor scales: the experts hold the stored codes on 1 x 128 blocks; the expert cache equals resident', () => {
+    const v = VARIANTS[1]!;
+    const { fp8Dir, root } = makeCheckpoints(v);
+    try {
+      const cuda = createCudaEmulator();
+      const { model, checkpoint } = loadCudaModel(fp8Dir, { device: 0, cuda });
+      try {
+        assert.deepEqual(model.expertQuant, { format: 'fp8', group: 128, blockRows: 1 });
+        const q = model.expertQuant!;
+        const layer = (model as unknown as { layers: { moe: { expertWeights: { down: CudaBuffer }[] } | null }[] }).layers.find((l) => l.moe)!;
+        const li = (model as unknown as { layers: { moe: unknown }[] }).layers.indexOf(layer);
+        for (let x = 0; x < model.spec.moe.numExperts; x++) {
+          const name = `model.layers.${li}.mlp.experts.${x}.down_proj.weight`;
+          const codes = checkpoint.getTensor(name).data() as Uint8Array;
+          const scale = (checkpoint.getTensor(`${name}_scale`).data() as Float32Array)[0]!;
+          const [rows, cols] = checkpoint.getTensor(name).shape as [number, number];
+          const bytes = quantMatrixBytes(q, rows, cols, false);
+          const blob = new Uint8Array(bytes.totalBytes);
+          cuda.cudaCopyToHost(blob, layer.moe!.expertWeights[x]!.down, 0, null);
+          for (let r = 0; r < rows; r++)
+            for (let c = 0; c < cols; c++)
+              assert.deepEqual(quantElement(q, blob, bytes, rows, cols, false, r, c), { code: e4m3(codes[r * cols + c]!), scale },
+                `expert ${x} (${r}, ${c})`);
+        }
+        const want = runAll(model, null);
+        const lazy = withLazyStreams(createCudaEmulator());
+        const loaded = loadCudaModel(fp8Dir, { device: 0, cuda: lazy, loadExperts: false });
+        const off = attachDeviceOffloader(loaded, { policy: 'lru', fraction: 0.5 }, lazy);
+        try {
+          assert.equal(off.store.slotFormat, 'fp8');
+          const got = runAll(loaded.model, off);
+          assert.deepEqual(got.tokens, want.tokens, 'greedy tokens through the cache');
+          got.logits.forEach((l, i) => assert.deepEqual(l, want.logits[i], `logits of step ${i} through the cache`));
+          assert.ok(off.stats().misses > 0, JSON.stringify(off.stats()));
+        } finally {
+          off.dispose();
+          loaded.model.dispose();
+        }
+      } finally {
+        model.dispose();
+      }
+    } finally {
+      rmSync(root, { recursive: true, force: true });
+    }
+  });
+});
+
+test('compressed-tensors FP8 configs outside what is read are refused naming the field', () => {
+  const base = () => JSON.parse(readFileSync(path.join(fixtures, 'qwen3_moe', 'config.json'), 'utf8')) as Record<string, unknown>;
+  const cfg = (mutate: (q: Record<string, any>) => void) => {
+    const q = floatConfig({ fixture: '', strategy: 'channel', scaleDtype: 'BF16' }, ['lm_head']) as Record<string, any>;
+    mutate(q);
+    return { ...base(), quantization_config: q };
+  };
+  const g = (q: Record<string, any>) => q.config_groups.group_0;
+  const cases: [(q: Record<string, any>) => void, RegExp][] = [
+    [(q) => { g(q).weights.num_bits = 4; }, /config_groups\.group_0\.weights type "float" num_bits 4: float-quantized weights are read as FP8/],
+    [(q) => { g(q).weights.strategy = 'group'; g(q).weights.group_size = 128; }, /weights\.strategy "group": FP8 weights are read per output channel/],
+    [(q) => { g(q).weights.strategy = 'block'; g(q).weights.block_structure = [128]; }, /weights\.block_structure \[128\]: expected \[rows, cols\]/],
+    [(q) => { g(q).input_activations.dynamic = false; g(q).input_activations.strategy = 'tensor'; },
+      /input_activations .*static ones \(calibrated input_scale\) are not/],
+    [(q) => { g(q).format = 'pack-quantized'; }, /group_0\.format "pack-quantized": a float-quantized checkpoint's groups are all float-quantized/],
+    [(q) => { q.config_groups.group_1 = { ...g(q), weights: { ...g(q).weights, strategy: 'block', block_structure: [128, 128] } }; },
+      /FP8 weights on 1x128 and 128x128 block grids; one grid per checkpoint is read/],
+    [(q) => { g(q).weights.symmetric = false; }, /weights\.symmetric false: FP8 weights with zero points are not read/],
+  ];
+  for (const [mutate, re] of cases) {
+    const c = cfg(mutate);
+    assert.throws(() => parseModelConfig(c), (e: unknown) => e instanceof ConfigError &&
+      e.message.startsWith('qwen3_moe config quantization_config') && re.test(e.message), `${re}`);
+  }
+  // The three strategies and no input quantization at all are read.
+  for (const [mutate, block] of [
+    [() => {}, [1, 128]],
+    [(q: Record<string, any>) => { g(q).weights.strategy = 'tensor'; g(q).input_activations = null; }, [1, 128]],
+    [(q: Record<string, any>) => { g(q).weights.strategy = 'block'; g(q).weights.block_structure = [128, 128]; }, [128, 128]],
+  ] as const)
+    assert.deepEqual(parseModelConfig(cfg(mutate)).quantization, { method: 'fp8', blockSize: block, scaleSuffix: '_scale' });
+});
