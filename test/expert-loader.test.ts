@@ -238,3 +238,62 @@ test('loader arguments are checked with exact messages', () => {
   loader.dispose();
   for (const w of [dst.gateUp, dst.down, wrong, f8dst.gateUp, f8dst.down]) w.dispose();
 });
+
+test('loader FP8 jobs spread per-channel (bf16) and per-tensor (f16) scales onto the 1 x 128 grid, as packFp8 of the spread scales', () => {
+  // An expert of I 40, H 300: gate/up rows have three 128-column groups (the last ragged), down two.
+  const I = 40, H = 300, r = rng(77);
+  const codes = (len: number) => Uint8Array.from({ length: len }, () => {
+    const b = Math.floor(r() * 256);
+    return (b & 0x7f) === 0x7f ? b ^ 1 : b;  // no NaN codes
+  });
+  const [gc, uc, dc] = [codes(I * H), codes(I * H), codes(H * I)];
+  // Scales exact in bf16 and f16: k / 64 for k = 1..
+  const channel = (rows: number) => Float32Array.from({ length: rows }, () => (1 + Math.floor(r() * 60)) / 64);
+  const [gs, us, ds] = [channel(I), channel(I), channel(H)];
+  const bf16 = (a: Float32Array) => new Uint8Array(Uint16Array.from(new Uint32Array(a.buffer), (u) => u >>> 16).buffer);
+  const f16 = (v: number) => { const a = new Uint16Array(1); n.convert(new Float32Array([v]), 'f32', a, 'f16'); return new Uint8Array(a.buffer); };
+  const parts = [gc, uc, dc, bf16(gs), bf16(us), bf16(ds), f16(0.375), f16(1.25), f16(0.0625)];
+  const offsets: number[] = [];
+  let at = 8;
+  for (const p of parts) { offsets.push(at); at += p.length; }
+  const buf = new Uint8Array(at);
+  parts.forEach((p, i) => buf.set(p, offsets[i]!));
+  const file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'expertd-loader-fp8-')), 'experts.bin');
+  fs.writeFileSync(file, buf);
+  const rg = (i: number) => ({ path: file, offset: offsets[i]!, sizeBytes: parts[i]!.length });
+  const spread = (rows: number, cols: number, at: (row: number) => number) =>
+    Float32Array.from({ length: rows * Math.ceil(cols / 128) }, (_, i) => at(Math.floor(i / Math.ceil(cols / 128))));
+  const loader = new n.ExpertLoader();
+  try {
+    for (const [form, dtype, scaleRanges, want] of [
+      ['channel', 'bf16', [3, 4, 5], [spread(I, H, (x) => gs[x]!), spread(I, H, (x) => us[x]!), spread(H, I, (x) => ds[x]!)]],
+      ['tensor', 'f16', [6, 7, 8], [spread(I, H, () => 0.375), spread(I, H, () => 1.25), spread(H, I, () => 0.0625)]],
+    ] as const) {
+      const dst = { gateUp: n.allocPackedWeight('bf16', 'gate_up', 2 * I, H, 'fp8', 128), down: n.allocPackedWeight('bf16', 'plain', H, I, 'fp8', 128) };
+      const t = loader.submit({
+        gate: rg(0), up: rg(1), down: rg(2), dtype: 'bf16', dst, priority: 0, fp8Block: [1, 128],
+        gateScale: rg(scaleRanges[0]), upScale: rg(scaleRanges[1]), downScale: rg(scaleRanges[2]), fp8Scales: { dtype, form },
+      });
+      assert.equal(loader.wait(t), null);
+      const gu = n.packFp8(gc, want[0], I, H, 1, 128, uc, want[1]), dn = n.packFp8(dc, want[2], H, I, 1, 128);
+      for (const [a, b, rows, cols] of [[dst.gateUp, gu, 2 * I, H], [dst.down, dn, H, I]] as const)
+        for (let row = 0; row < rows; row++)
+          for (let c = 0; c < cols; c += 7)
+            assert.equal(n.packedWeightAt(a, row, c), n.packedWeightAt(b, row, c), `${form}: (${row}, ${c})`);
+      for (const w of [dst.gateUp, dst.down, gu, dn]) w.dispose();
+    }
+    const dst = { gateUp: n.allocPackedWeight('bf16', 'gate_up', 2 * I, H, 'fp8', 128), down: n.allocPackedWeight('bf16', 'plain', H, I, 'fp8', 128) };
+    const job: ExpertLoadJob = {
+      gate: rg(0), up: rg(1), down: rg(2), dtype: 'bf16', dst, priority: 0, fp8Block: [1, 128],
+      gateScale: rg(3), upScale: rg(4), downScale: rg(5), fp8Scales: { dtype: 'bf16', form: 'channel' },
+    };
+    assert.throws(() => loader.submit({ ...job, downScale: rg(3) }), { name: 'RangeError', message: `job.downScale.sizeBytes is ${2 * I}, expected ${2 * H} ([${H}, 1] bf16)` });
+    assert.throws(() => loader.submit({ ...job, fp8Block: [2, 128] }), { name: 'RangeError', message: "job.fp8Scales.form 'channel' needs fp8Block rows 1, got 2" });
+    assert.throws(() => loader.submit({ ...job, fp8Scales: { form: 'rows' as never } }), { name: 'TypeError', message: "job.fp8Scales.form must be 'grid', 'channel' or 'tensor'" });
+    assert.throws(() => loader.submit({ ...job, fp8Scales: { dtype: 'f64' as never } }), { name: 'TypeError' });
+    dst.gateUp.dispose();
+    dst.down.dispose();
+  } finally {
+    loader.dispose();
+  }
+});

@@ -11,40 +11,20 @@ import path from 'node:path';
 import { test } from 'node:test';
 
 import { startExpertRanks } from '../src/dist/expert-ranks.js';
+import { bf16ToF32 as bf16Value } from '../src/model/kv-dtype.js';
 import { loadModel } from '../src/model/load.js';
 import type { MoeModel } from '../src/model/model.js';
 import { attachOffloader, skipAllExperts } from '../src/offload/setup.js';
 import { readSafetensorsHeader, writeSafetensors, type TensorToWrite } from '../src/model/safetensors.js';
 import { packageRoot } from '../src/native/index.js';
-import { DirectRunner } from './helpers/model-runner.js';
+import { e4m3, toE4m3 } from './helpers/fp8-checkpoint.js';
+import { fixtureSequences, forcedLogits as forcedSeqLogits } from './helpers/quant-fidelity.js';
 
 const src = path.join(packageRoot(), 'test', 'fixtures', 'deepseek_v3');
 // Blocks of 24 x 24 over [32, 64] and [64, 32] experts: partial blocks on both edges.
 const BR = 24, BC = 24;
 
-/** e4m3fn value of a code (bias 7, subnormals at exponent 0). */
-function e4m3(code: number): number {
-  const sign = code & 0x80 ? -1 : 1;
-  const e = (code >> 3) & 0xf, m = code & 7;
-  return sign * (e === 0 ? (m / 8) * 2 ** -6 : (1 + m / 8) * 2 ** (e - 7));
-}
-const MAGS = Array.from({ length: 127 }, (_, c) => e4m3(c));  // 0x00..0x7e (0x7f is NaN)
-/** Nearest e4m3 code (ties to even code) of v, saturating at 448. */
-function toE4m3(v: number): number {
-  const a = Math.min(Math.abs(v), 448);
-  let best = 0;
-  for (let c = 1; c < MAGS.length; c++) {
-    const d = Math.abs(MAGS[c]! - a), db = Math.abs(MAGS[best]! - a);
-    if (d < db || (d === db && c % 2 === 0)) best = c;
-  }
-  return (v < 0 ? 0x80 : 0) | best;
-}
-
-function bf16ToF32(u: Uint16Array): Float32Array {
-  const out = new Uint32Array(u.length);
-  for (let i = 0; i < u.length; i++) out[i] = u[i]! << 16;
-  return new Float32Array(out.buffer);
-}
+const bf16ToF32 = (u: Uint16Array) => Float32Array.from(u, bf16Value);
 
 /** Writes two checkpoints: experts in FP8 (+ scales), and experts as their dequantised f32. */
 function makeCheckpoints(): { fp8Dir: string; refDir: string; root: string } {
@@ -98,18 +78,7 @@ function makeCheckpoints(): { fp8Dir: string; refDir: string; root: string } {
 }
 
 /** Every golden case's prompt + greedy tokens through the model, teacher-forced: logits per position. */
-function forcedLogits(model: MoeModel, dir: string): Float32Array[] {
-  const golden = JSON.parse(readFileSync(path.join(dir, 'golden.json'), 'utf8')) as { cases: { prompt_ids: number[]; greedy: number[] }[] };
-  const V = model.spec.vocabSize;
-  const logits: Float32Array[] = [];
-  for (const c of golden.cases) {
-    const ids = [...c.prompt_ids, ...c.greedy];
-    const runner = new DirectRunner(model);
-    const res = runner.step([runner.newSeq()], [ids], true);
-    for (let p = 0; p < ids.length; p++) logits.push(res.logits.slice(p * V, (p + 1) * V));
-  }
-  return logits;
-}
+const forcedLogits = (model: MoeModel, dir: string) => forcedSeqLogits(model, fixtureSequences(dir));
 
 function teacherForced(dir: string): { logits: Float32Array[]; expertsQuant: (string | null)[] } {
   const { model } = loadModel(dir, { fast: false });

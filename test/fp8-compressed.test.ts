@@ -1,12 +1,12 @@
 // compressed-tensors FP8 checkpoints (llm-compressor's format "float-quantized", its FP8_DYNAMIC and
-// FP8_BLOCK schemes, as the "-FP8-Dynamic" MoE checkpoints ship): every Linear of the decoder in e4m3 with `X.weight_scale` per
-// output channel ([out, 1]), per tensor ([1]) or in blocks (strategy "block"), the routers, embeddings
-// and lm_head left in bf16 (`ignore`). Served natively: the routed experts stay FP8 in memory (the
-// per-channel and per-tensor scales spread over 1 x 128 blocks), the other quantized weights are
-// dequantised to bf16 at load as for DeepSeek's FP8; the logits equal the same checkpoint written with
-// the experts as their exact dequantised f32 values and the other weights as the bf16 the loader makes
-// (the plain path, itself checked against HF transformers on the fixture), within f32 rounding. Through
-// the expert cache the FP8 model equals itself all-resident, bit for bit.
+// FP8_BLOCK schemes, as the "-FP8-Dynamic" MoE checkpoints ship): every Linear of the decoder in e4m3
+// with `X.weight_scale` per output channel ([out, 1]), per tensor ([1]) or in blocks (strategy
+// "block"), the routers, embeddings and lm_head left in bf16 (`ignore`). Served natively on the CPU
+// engine: every quantized Linear stays FP8 in memory (per-channel and per-tensor scales spread over
+// 1 x 128 blocks; fused q/k/v stacked as codes); the logits equal the same checkpoint written with
+// those weights as their exact dequantised f32 values (the plain path, itself checked against HF
+// transformers on the fixture), within f32 rounding. Through the expert cache the FP8 model equals
+// itself all-resident, bit for bit.
 import assert from 'node:assert/strict';
 import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
@@ -19,19 +19,26 @@ import { quantElement, quantMatrixBytes } from '../src/model/cuda-quant.js';
 import { loadCudaModel, loadModel } from '../src/model/load.js';
 import type { MoeModel } from '../src/model/model.js';
 import { readSafetensorsHeader, writeSafetensors, type TensorToWrite } from '../src/model/safetensors.js';
-import { packageRoot, type CudaBuffer } from '../src/native/index.js';
+import { packageRoot, type CudaBuffer, type PackedWeight } from '../src/native/index.js';
 import { attachDeviceOffloader, attachOffloader, skipAllExperts } from '../src/offload/setup.js';
 import { createCudaEmulator, withLazyStreams } from './helpers/cuda-emu.js';
 import { emulatorSkip } from './helpers/cuda-skip.js';
 import { e4m3, toE4m3 } from './helpers/fp8-checkpoint.js';
-import { DirectRunner, runAll } from './helpers/model-runner.js';
+import { runAll } from './helpers/model-runner.js';
+import { fixtureSequences, forcedLogits as forcedSeqLogits } from './helpers/quant-fidelity.js';
 
 const fixtures = path.join(packageRoot(), 'test', 'fixtures');
-const QUANTIZED = /^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(experts\.\d+\.|shared_experts?\.)?(gate|up|down)_proj)\.weight$/;
-const EXPERT = /\.experts\.\d+\.(gate|up|down)_proj\.weight$/;
+const QUANTIZED = new RegExp('^model\\.layers\\.\\d+\\.(self_attn\\.(q|k|v|o|q_a|q_b|kv_a|kv_b)_proj(_with_mqa)?|' +
+  'mlp\\.(experts\\.\\d+\\.|shared_experts?\\.)?(gate|up|down)_proj)\\.weight$');
+/** MLA's kv_b_proj is absorbed into the query and output sides from its dequantised bf16 values. */
+const ABSORBED = /\.kv_b_proj\.weight$/;
 
 type Strategy = 'channel' | 'tensor' | 'block';
-interface Variant { fixture: string; strategy: Strategy; scaleDtype: 'BF16' | 'F32'; block?: [number, number] }
+interface Variant {
+  fixture: string; strategy: Strategy; scaleDtype: 'BF16' | 'F32'; block?: [number, number];
+  /** quant_method "fp8" (DeepSeek's weight_scale_inv blocks) instead of compressed-tensors. */
+  deepseek?: boolean;
+}
 
 /** llm-compressor's config for one scheme over every Linear but `ignore`. */
 function floatConfig(v: Variant, ignore: string[]): Record<string, unknown> {
@@ -56,10 +63,7 @@ function floatConfig(v: Variant, ignore: string[]): Record<string, unknown> {
 
 const roundScale = (v: number, dtype: 'BF16' | 'F32') => dtype === 'BF16' ? bf16ToF32(f32ToBf16(v)) : Math.fround(v);
 
-/**
- * Writes the FP8 checkpoint and its reference (experts as f32 code * scale, exact; the other quantized
- * weights as that value rounded to bf16, what Checkpoint.dequantFp8 makes).
- */
+/** Writes the FP8 checkpoint and its reference (every quantized weight as f32 code * scale, exact). */
 function makeCheckpoints(v: Variant): { fp8Dir: string; refDir: string; root: string } {
   const src = path.join(fixtures, v.fixture);
   const root = mkdtempSync(path.join(os.tmpdir(), 'expertd-ct-fp8-'));
@@ -91,26 +95,27 @@ function makeCheckpoints(v: Variant): { fp8Dir: string; refDir: string; root: st
       }
     const scale = amax.map((a) => roundScale(a / 448, v.scaleDtype));
     const codes = new Uint8Array(rows * cols), deq = new Float32Array(rows * cols);
-    const expert = EXPERT.test(t.name);
     for (let r = 0; r < rows; r++)
       for (let c = 0; c < cols; c++) {
         const s = scale[Math.floor(r / br) * nbc + Math.floor(c / bc)]!;
         const code = s > 0 ? toE4m3(w[r * cols + c]! / s) : 0;
         codes[r * cols + c] = code;
         const x = Math.fround(e4m3(code) * s);
-        deq[r * cols + c] = expert ? x : bf16ToF32(f32ToBf16(x));
+        deq[r * cols + c] = ABSORBED.test(t.name) ? bf16ToF32(f32ToBf16(x)) : x;
       }
     const scaleShape = v.strategy === 'block' ? [nbr, nbc] : v.strategy === 'channel' ? [rows, 1] : [1];
     const scaleData = v.scaleDtype === 'BF16' ? new Uint8Array(Uint16Array.from(scale, f32ToBf16).buffer) : new Uint8Array(scale.buffer);
     fp8.push({ name: t.name, dtype: 'F8_E4M3', shape: t.shape, data: codes });
-    fp8.push({ name: `${t.name}_scale`, dtype: v.scaleDtype, shape: scaleShape, data: scaleData });
+    fp8.push({ name: `${t.name}${v.deepseek ? '_scale_inv' : '_scale'}`, dtype: v.scaleDtype, shape: scaleShape, data: scaleData });
     ref.push({ name: t.name, dtype: 'F32', shape: t.shape, data: deq });
   }
   const config = JSON.parse(readFileSync(path.join(src, 'config.json'), 'utf8')) as Record<string, unknown>;
   for (const [dir, tensors, quant] of [[fp8Dir, fp8, true], [refDir, ref, false]] as const) {
     mkdirSync(dir);
     writeSafetensors(path.join(dir, 'model.safetensors'), tensors);
-    const c = quant ? { ...config, quantization_config: floatConfig(v, ['lm_head', ...[...ignore].filter((n) => n !== 'lm_head')]) } : config;
+    const qc = v.deepseek ? { quant_method: 'fp8', fmt: 'e4m3', activation_scheme: 'dynamic', weight_block_size: v.block }
+      : floatConfig(v, ['lm_head', ...[...ignore].filter((n) => n !== 'lm_head')]);
+    const c = quant ? { ...config, quantization_config: qc } : config;
     writeFileSync(path.join(dir, 'config.json'), JSON.stringify(c));
     for (const f of ['tokenizer.json', 'tokenizer_config.json', 'golden.json'])
       copyFileSync(path.join(src, f), path.join(dir, f));
@@ -119,18 +124,7 @@ function makeCheckpoints(v: Variant): { fp8Dir: string; refDir: string; root: st
 }
 
 /** Every golden case's prompt + greedy tokens, teacher-forced: logits per position. */
-function forcedLogits(model: MoeModel, dir: string): Float32Array[] {
-  const golden = JSON.parse(readFileSync(path.join(dir, 'golden.json'), 'utf8')) as { cases: { prompt_ids: number[]; greedy: number[] }[] };
-  const V = model.spec.vocabSize;
-  const logits: Float32Array[] = [];
-  for (const c of golden.cases) {
-    const ids = [...c.prompt_ids, ...c.greedy];
-    const runner = new DirectRunner(model);
-    const res = runner.step([runner.newSeq()], [ids], true);
-    for (let p = 0; p < ids.length; p++) logits.push(res.logits.slice(p * V, (p + 1) * V));
-  }
-  return logits;
-}
+const forcedLogits = (model: MoeModel, dir: string) => forcedSeqLogits(model, fixtureSequences(dir));
 
 /** The routed experts' formats over every MoE layer (disposing the table's references). */
 function expertFormats(model: MoeModel): Set<string> {
@@ -150,15 +144,18 @@ const VARIANTS: Variant[] = [
   { fixture: 'glm4_moe', strategy: 'channel', scaleDtype: 'BF16' },
   { fixture: 'qwen2_moe', strategy: 'tensor', scaleDtype: 'F32' },
   { fixture: 'qwen3_moe', strategy: 'block', scaleDtype: 'BF16', block: [24, 40] },
+  // DeepSeek's own FP8 with the MLA projections FP8 too, as DeepSeek-V3 ships them.
+  { fixture: 'deepseek_v3', strategy: 'block', scaleDtype: 'F32', block: [24, 24], deepseek: true },
 ];
 
 for (const v of VARIANTS) {
-  const label = `${v.fixture}, ${v.strategy} scales (${v.scaleDtype}${v.block ? `, ${v.block.join(' x ')} blocks` : ''})`;
-  test(`compressed-tensors FP8, ${label}: experts kept FP8, logits equal the dequantised weights'`, () => {
+  const label = `${v.deepseek ? 'quant_method fp8' : 'compressed-tensors FP8'}, ${v.fixture}, ${v.strategy} scales (${v.scaleDtype}${v.block ? `, ${v.block.join(' x ')} blocks` : ''})`;
+  test(`${label}: every quantized Linear kept FP8, logits equal the dequantised weights'`, () => {
     const { fp8Dir, refDir, root } = makeCheckpoints(v);
     try {
       const spec = parseModelConfig(fp8Dir);
-      assert.deepEqual(spec.quantization, { method: 'fp8', blockSize: v.block ?? [1, 128], scaleSuffix: '_scale' });
+      assert.deepEqual(spec.quantization, v.deepseek ? { method: 'fp8', blockSize: v.block }
+        : { method: 'fp8', blockSize: v.block ?? [1, 128], scaleSuffix: '_scale' });
       const got = loadModel(fp8Dir, { fast: false });
       const want = loadModel(refDir, { fast: false });
       try {
@@ -171,6 +168,26 @@ for (const v of VARIANTS) {
         assert.ok(worst <= 1e-5, `logits max-abs difference ${worst}`);
         assert.deepEqual([...expertFormats(got.model)], ['fp8/fp8'], 'experts held as fp8 codes');
         assert.deepEqual([...expertFormats(want.model)], ['null/null']);
+        // The attention projections (q/k/v fused) and the dense FFNs are held as FP8 too.
+        const held = (m: MoeModel) => {
+          const out = new Set<string>();
+          for (const layer of m.layers)
+            for (const sub of layer.subs) {
+              // Every projection the attention block packs (GQA's qkv and o; MLA's qA, qB, kvA, o).
+              const ws = Object.values(sub.attn as object).filter((x): x is PackedWeight => !!x && typeof x === 'object' && 'quant' in x);
+              assert.ok(ws.length >= 2, 'the attention block\'s weights are found');
+              out.add(`attn ${[...new Set(ws.map((w) => String(w.quant)))].join('/')}`);
+              const d = sub.dense?.get(0);
+              if (d) {
+                out.add(`dense ${d.gateUp.quant}/${d.down.quant}`);
+                d.gateUp.dispose();
+                d.down.dispose();
+              }
+            }
+          return [...out].sort();
+        };
+        assert.deepEqual(held(got.model), ['attn fp8', 'dense fp8/fp8']);
+        assert.deepEqual(held(want.model), ['attn null', 'dense null/null']);
       } finally {
         got.model.dispose();
         want.model.dispose();
@@ -181,8 +198,8 @@ for (const v of VARIANTS) {
   });
 }
 
-for (const v of VARIANTS.slice(0, 2)) {
-  test(`compressed-tensors FP8, ${v.fixture} ${v.strategy} scales through the expert cache (a quarter, engine thread) equals it all-resident, bit for bit`, async () => {
+for (const [v, copyThread] of [[VARIANTS[0]!, true], [VARIANTS[1]!, true], [VARIANTS[0]!, false]] as const) {
+  test(`compressed-tensors FP8, ${v.fixture} ${v.strategy} scales through the expert cache (a quarter, ${copyThread ? 'copy thread' : 'engine thread'}) equals it all-resident, bit for bit`, async () => {
     const { fp8Dir, root } = makeCheckpoints(v);
     try {
       const resident = loadModel(fp8Dir, { fast: false }).model;
@@ -193,10 +210,10 @@ for (const v of VARIANTS.slice(0, 2)) {
         resident.dispose();
       }
       const loaded = loadModel(fp8Dir, { fast: false, loadExpert: skipAllExperts });
-      const off = attachOffloader(loaded, { policy: 'lru', fraction: 0.25, copyThread: true });
+      const off = attachOffloader(loaded, { policy: 'lru', fraction: 0.25, copyThread });
       try {
-        // Scales not f32 on the block grid are spread as they load: the engine thread's path.
-        assert.equal(off.store.overlapsCompute, false);
+        // Per-channel / per-tensor bf16 or f32 scales: spread onto the grid as they load, on the copy thread too.
+        assert.equal(off.store.overlapsCompute, copyThread);
         assert.equal(off.store.slotFormat, 'fp8');
         forcedLogits(loaded.model, fp8Dir).forEach((l, i) => assert.deepEqual(l, want[i], `position ${i}`));
         assert.ok(off.stats().misses > 0, JSON.stringify(off.stats()));

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <memory>
 #include <string>
+#include <utility>
 
 #include "args.h"
 #include "expertd/expert_loader.h"
@@ -92,9 +93,11 @@ class ExpertLoaderHandle : public Napi::ObjectWrap<ExpertLoaderHandle> {
   }
 
   // submit({gate, up, down: {path, offset, sizeBytes}, dtype, dst: {gateUp, down}, priority, delayUs?,
-  //         fp8Block?: [br, bc], gateScale?, upScale?, downScale?})
-  // With fp8Block the ranges are an FP8 checkpoint's e4m3 codes and the *Scale ranges their
-  // weight_scale_inv (f32), packed as they are into fp8 slots of group bc (dtype is then ignored).
+  //         fp8Block?: [br, bc], gateScale?, upScale?, downScale?, fp8Scales?: {dtype?, form?}})
+  // With fp8Block the ranges are an FP8 checkpoint's e4m3 codes and the *Scale ranges their scales,
+  // packed into fp8 slots of group bc (dtype is then ignored). fp8Scales says how the scales are
+  // stored: dtype 'f32' (default), 'bf16' or 'f16'; form 'grid' (default: [ceil(rows / br),
+  // ceil(cols / bc)]), 'channel' (one per row, [rows, 1]; br must be 1) or 'tensor' (one).
   // Or, layout 'gpt_oss', {gateUp [H, 2I], down [I, H], ...} in the checkpoint's layout.
   Napi::Value submit(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
@@ -160,11 +163,36 @@ class ExpertLoaderHandle : public Napi::ObjectWrap<ExpertLoaderHandle> {
         throw_type(env, "job.dst weights must be fp8 weights of group " + std::to_string(job.fp8_bc) +
                             " (fp8Block[1]) for an FP8 job");
       const int64_t br = job.fp8_br, bc = job.fp8_bc;
+      Napi::Value fs = o.Get("fp8Scales");
+      std::string form = "grid";
+      if (!is_nullish(fs)) {
+        if (!fs.IsObject()) throw_type(env, "job.fp8Scales must be an object {dtype?, form?}");
+        Napi::Object f = fs.As<Napi::Object>();
+        if (!is_nullish(f.Get("dtype"))) job.fp8_scale_dtype = parse_dtype(env, f.Get("dtype"), "job.fp8Scales.dtype");
+        if (!is_nullish(f.Get("form")))
+          form = f.Get("form").IsString() ? f.Get("form").As<Napi::String>().Utf8Value() : "";
+      }
+      if (job.fp8_scale_dtype != DType::F32 && job.fp8_scale_dtype != DType::BF16 && job.fp8_scale_dtype != DType::F16)
+        throw_type(env, "job.fp8Scales.dtype must be 'f32', 'bf16' or 'f16'");
+      if (form == "grid") job.fp8_scale_form = Fp8ScaleForm::Grid;
+      else if (form == "channel") job.fp8_scale_form = Fp8ScaleForm::Row;
+      else if (form == "tensor") job.fp8_scale_form = Fp8ScaleForm::Tensor;
+      else throw_type(env, "job.fp8Scales.form must be 'grid', 'channel' or 'tensor'");
+      if (job.fp8_scale_form == Fp8ScaleForm::Row && br != 1)
+        throw_range(env, "job.fp8Scales.form 'channel' needs fp8Block rows 1, got " + std::to_string(br));
       auto blocks = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
-      const size_t s_ih = static_cast<size_t>(blocks(inter, br) * blocks(h, bc)) * 4;
-      const size_t s_hi = static_cast<size_t>(blocks(h, br) * blocks(inter, bc)) * 4;
-      const std::string sih = "[" + std::to_string(blocks(inter, br)) + ", " + std::to_string(blocks(h, bc)) + "] f32";
-      const std::string shi = "[" + std::to_string(blocks(h, br)) + ", " + std::to_string(blocks(inter, bc)) + "] f32";
+      // Scales stored per matrix [rows, cols]: the grid, a column of rows, or one.
+      auto stored = [&](int64_t rows, int64_t cols) -> std::pair<int64_t, int64_t> {
+        if (job.fp8_scale_form == Fp8ScaleForm::Grid) return {blocks(rows, br), blocks(cols, bc)};
+        return {job.fp8_scale_form == Fp8ScaleForm::Row ? rows : 1, 1};
+      };
+      const size_t es = dtype_size(job.fp8_scale_dtype);
+      const auto [r_ih, c_ih] = stored(inter, h);
+      const auto [r_hi, c_hi] = stored(h, inter);
+      const size_t s_ih = static_cast<size_t>(r_ih * c_ih) * es, s_hi = static_cast<size_t>(r_hi * c_hi) * es;
+      const std::string sd = dtype_name(job.fp8_scale_dtype);
+      const std::string sih = "[" + std::to_string(r_ih) + ", " + std::to_string(c_ih) + "] " + sd;
+      const std::string shi = "[" + std::to_string(r_hi) + ", " + std::to_string(c_hi) + "] " + sd;
       job.gate_scale = range_field(env, o, "gateScale", s_ih, sih);
       job.up_scale = range_field(env, o, "upScale", s_ih, sih);
       job.down_scale = range_field(env, o, "downScale", s_hi, shi);

@@ -166,15 +166,45 @@ void gpt_oss_to_rows(const uint8_t* gu_raw, const uint8_t* down_raw, size_t h, s
     for (size_t r = 0; r < h; ++r) down[r * inter + i] = d[i * h + r];
 }
 
+namespace {
+// One matrix's FP8 scales as read (raw: dtype, form) -> the f32 grid [ceil(rows / br), ceil(cols / bc)]
+// pack_fp8_weight reads.
+void spread_fp8_scales(const std::vector<uint8_t>& raw, DType dtype, Fp8ScaleForm form, int rows, int cols,
+                       int br, int bc, std::vector<float>& grid) {
+  const size_t nbr = static_cast<size_t>((rows + br - 1) / br), nbc = static_cast<size_t>((cols + bc - 1) / bc);
+  auto at = [&](size_t i) {
+    if (dtype == DType::F32) {
+      float v;
+      std::memcpy(&v, raw.data() + 4 * i, 4);
+      return v;
+    }
+    uint16_t h;
+    std::memcpy(&h, raw.data() + 2 * i, 2);
+    return dtype == DType::BF16 ? bf16_to_f32(h) : f16_to_f32(h);
+  };
+  grid.resize(nbr * nbc);
+  for (size_t r = 0; r < nbr; ++r)
+    for (size_t c = 0; c < nbc; ++c)
+      grid[r * nbc + c] = form == Fp8ScaleForm::Grid ? at(r * nbc + c) : form == Fp8ScaleForm::Row ? at(r) : at(0);
+}
+}  // namespace
+
 void ExpertLoader::execute(ExpertLoadJob& job, Stats& local) {
   auto t0 = Clock::now();
   auto read = [&](const FileRange& r, std::vector<uint8_t>& stage) {
     if (stage.size() < r.size_bytes) stage.resize(r.size_bytes);
     pread_all(fd_for(r.path), r.path, r.offset, stage.data(), r.size_bytes);
   };
-  auto read_f32 = [&](const FileRange& r, std::vector<float>& stage) {
-    stage.resize((r.size_bytes + 3) / 4);
-    pread_all(fd_for(r.path), r.path, r.offset, reinterpret_cast<uint8_t*>(stage.data()), r.size_bytes);
+  // An FP8 matrix's scales [rows, cols] onto the block grid (as stored when they are f32 on it).
+  auto read_scales = [&](const FileRange& r, int rows, int cols, std::vector<float>& stage) {
+    if (job.fp8_scale_dtype == DType::F32 && job.fp8_scale_form == Fp8ScaleForm::Grid) {
+      stage.resize((r.size_bytes + 3) / 4);
+      pread_all(fd_for(r.path), r.path, r.offset, reinterpret_cast<uint8_t*>(stage.data()), r.size_bytes);
+      return;
+    }
+    read(r, stage_scale_raw_);
+    spread_fp8_scales(stage_scale_raw_, job.fp8_scale_dtype, job.fp8_scale_form, rows, cols, job.fp8_br,
+                      job.fp8_bc, stage);
   };
   if (job.gpt_oss) {
     read(job.gate, stage_raw_gu_);
@@ -186,9 +216,10 @@ void ExpertLoader::execute(ExpertLoadJob& job, Stats& local) {
   }
   const bool fp8 = job.fp8_br > 0;
   if (fp8) {
-    read_f32(job.gate_scale, stage_gate_scale_);
-    read_f32(job.up_scale, stage_up_scale_);
-    read_f32(job.down_scale, stage_down_scale_);
+    const int inter = job.gate_up_w->n / 2, h = job.gate_up_w->k;
+    read_scales(job.gate_scale, inter, h, stage_gate_scale_);
+    read_scales(job.up_scale, inter, h, stage_up_scale_);
+    read_scales(job.down_scale, h, inter, stage_down_scale_);
   }
   local.read_seconds = seconds_since(t0);
   local.bytes_read = job.gate.size_bytes + job.up.size_bytes + job.down.size_bytes +

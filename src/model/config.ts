@@ -250,7 +250,7 @@ function parseQuantization(raw: Raw, mt: string): ModelSpec['quantization'] {
   // NOTE: tests match the first sentence; the second names the field at fault and what to do.
   const refuse = (why: string) => new ConfigError(`${mt} config quantization_config ${JSON.stringify(q)} is not supported; ` +
     'supported: quant_method "fp8", fmt "e4m3", float block scales (weight_block_size [rows, cols]), ' +
-    'activation_scheme "dynamic" (routed experts stay FP8 on the CPU engine; other weights are dequantised to bf16 at load). ' + why);
+    'activation_scheme "dynamic" (FP8 weights stay FP8 on the CPU engine; on the device the routed experts do and the rest is dequantised to bf16 at load). ' + why);
   if (typeof q !== 'object' || Array.isArray(q)) throw refuse('quantization_config must be an object.');
   const method = q.quant_method;
   if (method === 'mxfp4') return parseMxfp4(q, mt);

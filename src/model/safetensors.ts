@@ -181,18 +181,30 @@ function typedView(dtype: StDType, buf: ArrayBuffer, byteOffset: number, numel: 
 export type { IntWeight };
 
 /**
+ * How an FP8 weight [rows, cols]'s stored scale tensor (shape `shape`) covers it, on the grid of
+ * br x bc blocks: 'grid' ([ceil(rows / br), ceil(cols / bc)]), 'channel' (one per output row,
+ * [rows, 1] or [rows]; only where br is 1), 'tensor' (one: [], [1] or [1, 1]); null: none of them.
+ */
+export function fp8ScaleForm(shape: number[], rows: number, cols: number, br: number, bc: number): 'grid' | 'channel' | 'tensor' | null {
+  if (shape.length === 2 && shape[0] === Math.ceil(rows / br) && shape[1] === Math.ceil(cols / bc)) return 'grid';
+  if (shape.every((d) => d === 1)) return 'tensor';
+  const perRow = (shape.length === 2 && shape[0] === rows && shape[1] === 1) || (shape.length === 1 && shape[0] === rows);
+  return perRow && br === 1 ? 'channel' : null;
+}
+
+/**
  * An FP8 weight [rows, cols]'s stored scales (f32 values of the tensor `name`, shape `shape`) on the
- * grid of br x bc blocks [ceil(rows / br), ceil(cols / bc)]: block scales of that grid as they are; a
- * scale per output channel ([rows, 1] or [rows]; br must be 1) repeated along its row; one per tensor
- * ([], [1] or [1, 1]) everywhere. Anything else is refused by `fail`.
+ * grid of br x bc blocks [ceil(rows / br), ceil(cols / bc)] (fp8ScaleForm): block scales of that grid
+ * as they are, a scale per output channel repeated along its row, one per tensor everywhere.
+ * Anything else is refused by `fail`.
  */
 export function fp8ScaleGrid(name: string, shape: number[], values: Float32Array, rows: number, cols: number,
                              br: number, bc: number, fail: (msg: string) => Error): Float32Array {
   const nbr = Math.ceil(rows / br), nbc = Math.ceil(cols / bc);
-  if (shape.length === 2 && shape[0] === nbr && shape[1] === nbc) return values;
-  if (shape.every((d) => d === 1) && values.length === 1) return new Float32Array(nbr * nbc).fill(values[0]!);
-  const perRow = (shape.length === 2 && shape[0] === rows && shape[1] === 1) || (shape.length === 1 && shape[0] === rows);
-  if (perRow && br === 1) {
+  const form = fp8ScaleForm(shape, rows, cols, br, bc);
+  if (form === 'grid') return values;
+  if (form === 'tensor') return new Float32Array(nbr * nbc).fill(values[0]!);
+  if (form === 'channel') {
     const out = new Float32Array(nbr * nbc);
     for (let r = 0; r < rows; r++) out.fill(values[r]!, r * nbc, (r + 1) * nbc);
     return out;

@@ -164,7 +164,8 @@ export interface ModelSpec {
   eosTokenIds: number[];
   /**
    * FP8 checkpoint (DeepSeek-V3's block scales, or compressed-tensors float-quantized per channel, per
-   * tensor or in blocks): routed experts kept in FP8, other weights dequantised to bf16 at load. MXFP4 (gpt-oss): experts kept in MXFP4 (CPU engine).
+   * tensor or in blocks): on the CPU engine every FP8 Linear kept in FP8 (MLA's absorbed kv_b_proj
+   * dequantised); on the device the routed experts FP8, the rest dequantised to bf16 at load. MXFP4 (gpt-oss): experts kept in MXFP4 (CPU engine).
    * compressed-tensors int8 / int4: every quantized Linear kept as int8 / int4 codes and scales.
    */
   quantization: Fp8Quantization | { method: 'mxfp4'; modulesToNotConvert: string[] } | CompressedTensorsConfig | null;

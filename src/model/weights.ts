@@ -36,6 +36,44 @@ export function refuseInt(src: TensorSource, name: string, what: string): void {
       'requantize the checkpoint with this module in its ignore list, or serve the bf16 original');
 }
 
+/**
+ * A Linear an FP8 checkpoint stores as e4m3 codes and scales (kept so: one byte per weight), unless
+ * `quantize` (--quantize-dense) asks for its own format: then its dequantised values are re-quantized.
+ */
+export function fp8Weight(src: TensorSource, name: string, quantize: QuantizeSpec | null): Fp8Weight | null {
+  return quantize ? null : src.getFp8?.(name) ?? null;
+}
+
+function checkFp8(name: string, w: Fp8Weight, rows: number, cols: number): void {
+  if (w.rows !== rows || w.cols !== cols)
+    throw new ShapeError(`tensor ${name} has shape [${w.rows}, ${w.cols}], but the config implies [${rows}, ${cols}]`);
+}
+
+/**
+ * FP8 weights stacked along the output dimension as one (fused projections): each part's scales
+ * spread to one row per block row (the packed layout holds a scale per row and group anyway), so
+ * parts whose row counts are not multiples of the block rows stack exactly. null when the parts'
+ * block columns differ (the caller dequantises them instead).
+ */
+function stackFp8(parts: Fp8Weight[]): Fp8Weight | null {
+  const bc = parts[0]!.bc, k = parts[0]!.cols;
+  if (parts.some((w) => w.bc !== bc || w.cols !== k)) return null;
+  const nbc = Math.ceil(k / bc), total = parts.reduce((a, w) => a + w.rows, 0);
+  const codes = new Uint8Array(total * k), scales = new Float32Array(total * nbc);
+  let row = 0;
+  for (const w of parts) {
+    codes.set(w.codes.subarray(0, w.rows * k), row * k);
+    for (let r = 0; r < w.rows; r++)
+      scales.set(w.scaleInv.subarray(Math.floor(r / w.br) * nbc, Math.floor(r / w.br) * nbc + nbc), (row + r) * nbc);
+    row += w.rows;
+  }
+  return { codes, scaleInv: scales, rows: total, cols: k, br: 1, bc };
+}
+
+function packFp8Weight(w: Fp8Weight): PackedWeight {
+  return loadNative().packFp8(w.codes, w.scaleInv, w.rows, w.cols, w.br, w.bc);
+}
+
 function checkInt(name: string, w: IntWeight, rows: number, cols: number): void {
   if (w.rows !== rows || w.cols !== cols)
     throw new ShapeError(`tensor ${name} has shape [${w.rows}, ${w.cols}], but the config implies [${rows}, ${cols}]`);
@@ -62,6 +100,11 @@ export function packLinear(src: TensorSource, name: string, n: number, k: number
   if (iw) {
     checkInt(name, iw, n, k);
     return packIntWeight(iw);
+  }
+  const fw = fp8Weight(src, name, quantize);
+  if (fw) {
+    checkFp8(name, fw, n, k);
+    return packFp8Weight(fw);
   }
   const t = src.get(name);
   checkShape(name, t, [n, k]);
@@ -95,6 +138,13 @@ export function packStacked(src: TensorSource, names: string[], rows: number[], 
     }
     const scaleDtype = ints.every((w) => w!.scaleDtype === first.scaleDtype) ? first.scaleDtype : 'f32';
     return packIntWeight({ ...first, codes, scales, rows: total, scaleDtype });
+  }
+  // FP8 parts stay FP8 when all of them are (else, as any mix of dtypes, their values are widened).
+  const fp8 = names.map((name) => fp8Weight(src, name, quantize));
+  if (fp8.every((w) => w)) {
+    fp8.forEach((w, i) => checkFp8(names[i]!, w!, rows[i]!, k));
+    const stacked = stackFp8(fp8 as Fp8Weight[]);
+    if (stacked) return packFp8Weight(stacked);
   }
   const parts = names.map((name, i) => {
     const t = src.get(name);
@@ -205,7 +255,15 @@ export function denseFfnTable(src: TensorSource, prefix: string, h: number, i: n
   const table = new n.ExpertTable(1, h, i);
   const names = ['gate_proj', 'up_proj', 'down_proj'].map((p) => `${prefix}${p}.weight`);
   const [gi, ui, di] = names.map((name) => intWeight(src, name, quantize));
+  const [gf, uf, df] = gi || ui || di ? [null, null, null] : names.map((name) => fp8Weight(src, name, quantize));
+  const fp8 = gf && uf && df && gf.br === uf.br && gf.bc === uf.bc;
+  if (fp8) {
+    checkFp8(names[0]!, gf, i, h);
+    checkFp8(names[1]!, uf, i, h);
+    checkFp8(names[2]!, df, h, i);
+  }
   const w = gi || ui || di ? packIntFfn(names, gi ?? null, ui ?? null, di ?? null, h, i)
+    : fp8 ? packFp8Expert({ gate: gf, up: uf, down: df })
     : packExpert(ffnSource(src, prefix), prefix.replace(/\.$/, ''), h, i, quantize);
   table.set(0, w.gateUp, w.down);
   const sizeBytes = w.gateUp.sizeBytes + w.down.sizeBytes;

@@ -560,14 +560,20 @@ export interface ExpertLoadJob {
   /** SIMULATION: the copy thread also sleeps this long after the load (a host-to-device link). */
   delayUs?: number;
   /**
-   * An FP8 checkpoint's expert kept in FP8: gate/up/down are e4m3 codes, these their
-   * weight_scale_inv ranges (f32 [ceil(rows / br), ceil(cols / bc)]); dst are fp8 weights of group
-   * bc; dtype is ignored.
+   * An FP8 checkpoint's expert kept in FP8: gate/up/down are e4m3 codes, these their scale ranges
+   * (weight_scale_inv / weight_scale; fp8Scales says how they are stored); dst are fp8 weights of
+   * group bc; dtype is ignored.
    */
   fp8Block?: [number, number];
   gateScale?: FileRange;
   upScale?: FileRange;
   downScale?: FileRange;
+  /**
+   * How the *Scale ranges hold the scales: dtype 'f32' (default), 'bf16' or 'f16'; form 'grid'
+   * (default: [ceil(rows / br), ceil(cols / bc)]), 'channel' (one per output row; fp8Block rows 1)
+   * or 'tensor' (one per matrix), spread onto the grid on the copy thread.
+   */
+  fp8Scales?: { dtype?: 'f32' | 'bf16' | 'f16'; form?: 'grid' | 'channel' | 'tensor' };
 }
 
 export interface ExpertLoaderStats {

@@ -5,7 +5,7 @@
 // a copy stream) implements the same ticket interface. An FP8 checkpoint's experts stay FP8 in the
 // slots (codes and block scales read as stored).
 import { loadNative, type DType, type ExpertLoader, type FileRange, type PackedWeight } from '../native/index.js';
-import { fp8ScaleGrid, type Checkpoint, type TensorInfo } from '../model/safetensors.js';
+import { fp8ScaleForm, fp8ScaleGrid, type Checkpoint, type TensorInfo } from '../model/safetensors.js';
 import { fp8ScaleName, type ModelSpec } from '../model/spec.js';
 import { gptOssExpertRows } from '../model/moe-tensors.js';
 import { quantizedBytes, type QuantizeSpec } from '../model/quantize.js';
@@ -82,13 +82,16 @@ type ExpertRanges = {
 } | { layout: 'gpt_oss'; gateUp: FileRange; down: FileRange };
 
 /**
- * An FP8 expert's scale tensors. `stored`: their dtype and shapes when they are not f32 on the block
- * grid (per-channel or per-tensor scales, bf16 / f16 values): read, then spread onto the grid here
- * (fp8ScaleGrid) on the engine thread; the copy thread reads f32 block scales as stored.
+ * An FP8 expert's scale tensors: how they are stored (dtype; form: the block grid, one per output
+ * channel, one per tensor; the copy thread spreads them onto the grid as they load), and their shapes
+ * for the engine thread's path (fp8ScaleGrid).
  */
 interface FP8Scales {
   gate: FileRange; up: FileRange; down: FileRange;
-  stored?: { dtype: string; gate: number[]; up: number[]; down: number[] };
+  dtype: 'f32' | 'bf16' | 'f16';
+  /** null: the three differ in form (the engine thread's path spreads each). */
+  form: 'grid' | 'channel' | 'tensor' | null;
+  shapes: { gate: number[]; up: number[]; down: number[] };
 }
 
 const rangeBytes = (r: ExpertRanges) => r.down.sizeBytes + (r.layout === 'rows'
@@ -245,9 +248,9 @@ export class CheckpointExpertStore implements ExpertStore {
       ? quantizedBytes(slotQuant, 2 * this.I, this.H, true) + quantizedBytes(slotQuant, this.H, this.I, false)
       : 3 * bytes;
     this.slotFormat = slotQuant?.format ?? this.dtype;
-    // Scales spread onto the block grid as they load: the engine thread's path.
-    const spread = this.ranges.some((l) => l.some((r) => r.layout === 'rows' && r.scales?.stored));
-    this.overlapsCompute = !requantFp8 && !spread && (opts.copyThread ?? true);
+    // Scales of mixed forms within an expert are spread on the engine thread.
+    const mixed = this.ranges.some((l) => l.some((r) => r.layout === 'rows' && r.scales && r.scales.form === null));
+    this.overlapsCompute = !requantFp8 && !mixed && (opts.copyThread ?? true);
     this.loader = this.overlapsCompute ? new (loadNative().ExpertLoader)() : null;
   }
 
@@ -257,14 +260,18 @@ export class CheckpointExpertStore implements ExpertStore {
     const [br, bc] = q.blockSize;
     const infos = projections.map((n) => checkpoint.getTensor(fp8ScaleName({ method: 'fp8', ...q }, `${prefix}${n}.weight`)));
     const dims = [[this.I, this.H], [this.I, this.H], [this.H, this.I]] as const;
-    const asStored = infos.every((info, i) => info.dtype === 'F32' && info.shape.length === 2 &&
-      info.shape[0] === Math.ceil(dims[i]![0] / br) && info.shape[1] === Math.ceil(dims[i]![1] / bc));
-    for (const info of infos)
-      if (!ST_DTYPE[info.dtype]) throw new Error(`expert offloading reads f32, bf16 or f16 FP8 scales; ${info.name} is ${info.dtype}`);
+    const forms = infos.map((info, i) => {
+      const form = fp8ScaleForm(info.shape, dims[i]![0], dims[i]![1], br, bc);
+      if (!form) fp8ScaleGrid(info.name, info.shape, new Float32Array(0), dims[i]![0], dims[i]![1], br, bc, (msg) => new Error(`expert offloading: ${msg}`));
+      return form!;
+    });
+    const dtype = ST_DTYPE[infos[0]!.dtype];
+    if (!dtype || infos.some((info) => info.dtype !== infos[0]!.dtype))
+      throw new Error(`expert offloading reads FP8 scales in one of f32, bf16 or f16 per expert; ${infos.map((i) => `${i.name} is ${i.dtype}`).join(', ')}`);
     const [g, u, d] = infos.map((info) => ({ path: info.file, offset: info.offset, sizeBytes: info.sizeBytes })) as [FileRange, FileRange, FileRange];
     return {
-      gate: g, up: u, down: d,
-      ...(asStored ? {} : { stored: { dtype: infos[0]!.dtype, gate: infos[0]!.shape, up: infos[1]!.shape, down: infos[2]!.shape } }),
+      gate: g, up: u, down: d, dtype: dtype as FP8Scales['dtype'], form: forms.every((f) => f === forms[0]) ? forms[0]! : null,
+      shapes: { gate: infos[0]!.shape, up: infos[1]!.shape, down: infos[2]!.shape },
     };
   }
 
@@ -292,6 +299,7 @@ export class CheckpointExpertStore implements ExpertStore {
         ...(simulatedDelayUs > 0 ? { delayUs: simulatedDelayUs } : {}),
         ...(r.layout === 'rows' && r.scales && this.fp8Block ? {
           fp8Block: this.fp8Block, gateScale: r.scales.gate, upScale: r.scales.up, downScale: r.scales.down,
+          fp8Scales: { dtype: r.scales.dtype, form: r.scales.form! },
         } : {}),
       });
     }
@@ -355,14 +363,12 @@ export class CheckpointExpertStore implements ExpertStore {
       const scale = (f: FileRange, which: 'gate' | 'up' | 'down', rows: number, cols: number) => {
         const raw = new Uint8Array(f.sizeBytes);
         n.readFileRange(f.path, f.offset, raw);
-        if (!s.stored) return new Float32Array(raw.buffer);
-        const dt = ST_DTYPE[s.stored.dtype]!;
         let values = new Float32Array(raw.buffer);
-        if (dt !== 'f32') {
+        if (s.dtype !== 'f32') {
           values = new Float32Array(raw.byteLength / 2);
-          n.convert(new Uint16Array(raw.buffer), dt, values, 'f32');
+          n.convert(new Uint16Array(raw.buffer), s.dtype, values, 'f32');
         }
-        return fp8ScaleGrid(`${which} scales`, s.stored[which], values, rows, cols, br, bc, (msg) => new Error(`expert offloading: ${msg}`));
+        return fp8ScaleGrid(`${which} scales`, s.shapes[which], values, rows, cols, br, bc, (msg) => new Error(`expert offloading: ${msg}`));
       };
       const gs = scale(s.gate, 'gate', I, H), us = scale(s.up, 'up', I, H), ds = scale(s.down, 'down', H, I);
       this.readSeconds += (performance.now() - t1) / 1000;

@@ -22,6 +22,10 @@ struct FileRange {
   size_t size_bytes = 0;
 };
 
+// How an FP8 job's scale ranges hold each matrix's scales: the block grid [ceil(rows / br),
+// ceil(cols / bc)], one per output row ([rows, 1]; br is 1), or one for the whole matrix.
+enum class Fp8ScaleForm { Grid, Row, Tensor };
+
 // One slot fill. gate [I, H], up [I, H], down [H, I] row-major in `dtype` at the given ranges;
 // gate_up ([2I, H] GateUp) and down ([H, I] Plain) are the slot's weights, repacked in place.
 // NOTE: the job holds the slot's weights (shared_ptr) so they outlive a dispose() on the JS side;
@@ -33,10 +37,13 @@ struct ExpertLoadJob {
   bool gpt_oss = false;
   DType dtype = DType::BF16;
   // An FP8 checkpoint's expert kept in FP8 (fp8_br > 0): gate, up and down are e4m3 codes and
-  // these their weight_scale_inv [ceil(rows / br), ceil(cols / bc)] f32; the slot is an fp8 weight
-  // of group bc.
+  // these their scales (weight_scale_inv / weight_scale) in fp8_scale_dtype (F32, BF16 or F16) and
+  // fp8_scale_form, spread onto the [ceil(rows / br), ceil(cols / bc)] grid as they load; the slot
+  // is an fp8 weight of group bc.
   FileRange gate_scale, up_scale, down_scale;
   int fp8_br = 0, fp8_bc = 0;
+  DType fp8_scale_dtype = DType::F32;
+  Fp8ScaleForm fp8_scale_form = Fp8ScaleForm::Grid;
   std::shared_ptr<PackedWeight> gate_up_w;
   std::shared_ptr<PackedWeight> down_w;
   double priority = 0;       // higher first; FIFO among equals
@@ -102,7 +109,8 @@ class ExpertLoader {
   // Copy-thread only: open checkpoint files and the staging buffers (grow-only).
   std::unordered_map<std::string, int> fds_;
   std::vector<uint8_t> stage_gate_, stage_up_, stage_down_;
-  std::vector<float> stage_gate_scale_, stage_up_scale_, stage_down_scale_;  // FP8 jobs
+  std::vector<float> stage_gate_scale_, stage_up_scale_, stage_down_scale_;  // FP8 jobs: the grids
+  std::vector<uint8_t> stage_scale_raw_;  // FP8 jobs: one matrix's scales as read
   std::vector<uint8_t> stage_raw_gu_, stage_raw_down_;  // gpt-oss: the checkpoint's layout
   std::thread thread_;
 };
