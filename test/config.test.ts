@@ -393,6 +393,13 @@ test('fp8 block quantisation is accepted and recorded; other quantisation is ref
     { method: 'fp8', blockSize: [24, 24] });
   assert.deepEqual(parseModelConfig({ ...deepseekV3(), quantization_config: { quant_method: 'fp8' } }).quantization,
     { method: 'fp8', blockSize: [128, 128] }, "HF's fine-grained FP8 default");
+  // The shipped configs of DeepSeek-V3.1 / V3.2 (scale_fmt ue8m0: power-of-two scales stored as floats) and
+  // MiniMax-M2 (fmt float8_e4m3fn, modules_to_not_convert) are read as the same block FP8.
+  assert.deepEqual(parseModelConfig({ ...deepseekV3(), quantization_config: { ...q, scale_fmt: 'ue8m0' } }).quantization,
+    { method: 'fp8', blockSize: [128, 128] });
+  assert.deepEqual(parseModelConfig({ ...deepseekV3(), quantization_config: { activation_scheme: 'dynamic', fmt: 'float8_e4m3fn',
+    quant_method: 'fp8', weight_block_size: [128, 128], modules_to_not_convert: ['gate', 'e_score_correction_bias', 'lm_head'] } }).quantization,
+    { method: 'fp8', blockSize: [128, 128] });
 });
 
 test('each refused quantization_config says which field and value, and what to do', () => {
@@ -405,7 +412,8 @@ test('each refused quantization_config says which field and value, and what to d
     [{ bits: 4 }, /\. It names no quant_method\.$/],
     [[1, 2], /\. quantization_config must be an object\.$/],
     [{ ...fp8, fmt: 'e5m2' }, /\. fmt "e5m2": FP8 weights are read as e4m3/],
-    [{ ...fp8, scale_fmt: 'ue8m0' }, /\. scale_fmt "ue8m0": block scales are read as float/],
+    [{ ...fp8, scale_fmt: 'ue4m3' }, /\. scale_fmt "ue4m3": block scales are read as float/],
+    [{ ...fp8, fmt: 'float8_e5m2' }, /\. fmt "float8_e5m2": FP8 weights are read as e4m3/],
     [{ ...fp8, activation_scheme: 'static' }, /\. activation_scheme "static": its calibrated activation scales \(input_scale\) would be ignored/],
     [{ ...fp8, weight_block_size: null }, /\. weight_block_size null \(one scale per tensor\): expertd reads block-scaled FP8/],
     [{ ...fp8, weight_block_size: [128] }, /\. weight_block_size \[128\]: expected \[rows, cols\], two positive integers\.$/],

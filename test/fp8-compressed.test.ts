@@ -29,7 +29,7 @@ import { fixtureSequences, forcedLogits as forcedSeqLogits } from './helpers/qua
 
 const fixtures = path.join(packageRoot(), 'test', 'fixtures');
 const QUANTIZED = new RegExp('^model\\.layers\\.\\d+\\.(self_attn\\.(q|k|v|o|q_a|q_b|kv_a|kv_b)_proj(_with_mqa)?|' +
-  'mlp\\.(experts\\.\\d+\\.|shared_experts?\\.)?(gate|up|down)_proj)\\.weight$');
+  'mlp\\.(experts\\.\\d+\\.|shared_experts?\\.)?(gate|up|down)_proj|block_sparse_moe\\.experts\\.\\d+\\.w[123])\\.weight$');
 /** MLA's kv_b_proj is absorbed into the query and output sides from its dequantised bf16 values. */
 const ABSORBED = /\.kv_b_proj\.weight$/;
 
@@ -38,6 +38,10 @@ interface Variant {
   fixture: string; strategy: Strategy; scaleDtype: 'BF16' | 'F32'; block?: [number, number];
   /** quant_method "fp8" (DeepSeek's weight_scale_inv blocks) instead of compressed-tensors. */
   deepseek?: boolean;
+  /** quant_method "fp8" fields as shipped: fmt (MiniMax-M2 writes float8_e4m3fn); scale_fmt ue8m0
+   * (DeepSeek-V3.1 / V3.2: every scale a power of two, stored as f32). */
+  fmt?: string;
+  ue8m0?: boolean;
 }
 
 /** llm-compressor's config for one scheme over every Linear but `ignore`. */
@@ -93,7 +97,7 @@ function makeCheckpoints(v: Variant): { fp8Dir: string; refDir: string; root: st
         const i = Math.floor(r / br) * nbc + Math.floor(c / bc);
         amax[i] = Math.max(amax[i]!, Math.abs(w[r * cols + c]!));
       }
-    const scale = amax.map((a) => roundScale(a / 448, v.scaleDtype));
+    const scale = amax.map((a) => v.ue8m0 ? (a > 0 ? 2 ** Math.ceil(Math.log2(a / 448)) : 0) : roundScale(a / 448, v.scaleDtype));
     const codes = new Uint8Array(rows * cols), deq = new Float32Array(rows * cols);
     for (let r = 0; r < rows; r++)
       for (let c = 0; c < cols; c++) {
@@ -113,7 +117,10 @@ function makeCheckpoints(v: Variant): { fp8Dir: string; refDir: string; root: st
   for (const [dir, tensors, quant] of [[fp8Dir, fp8, true], [refDir, ref, false]] as const) {
     mkdirSync(dir);
     writeSafetensors(path.join(dir, 'model.safetensors'), tensors);
-    const qc = v.deepseek ? { quant_method: 'fp8', fmt: 'e4m3', activation_scheme: 'dynamic', weight_block_size: v.block }
+    const qc = v.deepseek ? {
+      quant_method: 'fp8', fmt: v.fmt ?? 'e4m3', activation_scheme: 'dynamic', weight_block_size: v.block,
+      ...(v.ue8m0 ? { scale_fmt: 'ue8m0' } : {}), ...(v.fmt ? { modules_to_not_convert: ['gate', 'e_score_correction_bias', 'lm_head'] } : {}),
+    }
       : floatConfig(v, ['lm_head', ...[...ignore].filter((n) => n !== 'lm_head')]);
     const c = quant ? { ...config, quantization_config: qc } : config;
     writeFileSync(path.join(dir, 'config.json'), JSON.stringify(c));
@@ -144,12 +151,15 @@ const VARIANTS: Variant[] = [
   { fixture: 'glm4_moe', strategy: 'channel', scaleDtype: 'BF16' },
   { fixture: 'qwen2_moe', strategy: 'tensor', scaleDtype: 'F32' },
   { fixture: 'qwen3_moe', strategy: 'block', scaleDtype: 'BF16', block: [24, 40] },
-  // DeepSeek's own FP8 with the MLA projections FP8 too, as DeepSeek-V3 ships them.
-  { fixture: 'deepseek_v3', strategy: 'block', scaleDtype: 'F32', block: [24, 24], deepseek: true },
+  // DeepSeek's own FP8 with the MLA projections FP8 too, as DeepSeek-V3.1 ships them (ue8m0 scales).
+  { fixture: 'deepseek_v3', strategy: 'block', scaleDtype: 'F32', block: [24, 24], deepseek: true, ue8m0: true },
+  // MiniMax-M2's config as shipped (fmt float8_e4m3fn, modules_to_not_convert; experts w1 / w2 / w3).
+  { fixture: 'minimax_m2', strategy: 'block', scaleDtype: 'F32', block: [24, 24], deepseek: true, fmt: 'float8_e4m3fn' },
 ];
 
 for (const v of VARIANTS) {
-  const label = `${v.deepseek ? 'quant_method fp8' : 'compressed-tensors FP8'}, ${v.fixture}, ${v.strategy} scales (${v.scaleDtype}${v.block ? `, ${v.block.join(' x ')} blocks` : ''})`;
+  const label = `${v.deepseek ? 'quant_method fp8' : 'compressed-tensors FP8'}, ${v.fixture}, ${v.strategy} scales ` +
+    `(${v.scaleDtype}${v.block ? `, ${v.block.join(' x ')} blocks` : ''}${v.ue8m0 ? ', scale_fmt ue8m0' : ''}${v.fmt ? `, fmt ${v.fmt}` : ''})`;
   test(`${label}: every quantized Linear kept FP8, logits equal the dequantised weights'`, () => {
     const { fp8Dir, refDir, root } = makeCheckpoints(v);
     try {
@@ -186,8 +196,9 @@ for (const v of VARIANTS) {
             }
           return [...out].sort();
         };
-        assert.deepEqual(held(got.model), ['attn fp8', 'dense fp8/fp8']);
-        assert.deepEqual(held(want.model), ['attn null', 'dense null/null']);
+        const ref = held(want.model);
+        assert.deepEqual(ref.filter((h) => !h.includes('null')), [], 'the reference holds f32 weights');
+        assert.deepEqual(held(got.model), ref.map((h) => h.replace(/null/g, 'fp8')));
       } finally {
         got.model.dispose();
         want.model.dispose();

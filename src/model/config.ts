@@ -249,7 +249,7 @@ function parseQuantization(raw: Raw, mt: string): ModelSpec['quantization'] {
   if (!q) return null;
   // NOTE: tests match the first sentence; the second names the field at fault and what to do.
   const refuse = (why: string) => new ConfigError(`${mt} config quantization_config ${JSON.stringify(q)} is not supported; ` +
-    'supported: quant_method "fp8", fmt "e4m3", float block scales (weight_block_size [rows, cols]), ' +
+    'supported: quant_method "fp8", fmt "e4m3" / "float8_e4m3fn", float block scales (weight_block_size [rows, cols], scale_fmt float or ue8m0), ' +
     'activation_scheme "dynamic" (FP8 weights stay FP8 on the CPU engine; on the device the routed experts do and the rest is dequantised to bf16 at load). ' + why);
   if (typeof q !== 'object' || Array.isArray(q)) throw refuse('quantization_config must be an object.');
   const method = q.quant_method;
@@ -261,11 +261,16 @@ function parseQuantization(raw: Raw, mt: string): ModelSpec['quantization'] {
     throw refuse(`quant_method ${JSON.stringify(method)} ${known ? `(${known})` : 'is not a method expertd knows'}: ` +
       'serve the bf16 original, with --quantize int8|int4|fp8 to quantize it at load.');
   }
+  // DeepSeek writes "e4m3", MiniMax-M2 "float8_e4m3fn": the same e4m3fn codes.
   const fmt = q.fmt ?? 'e4m3';
-  if (fmt !== 'e4m3') throw refuse(`fmt ${JSON.stringify(fmt)}: FP8 weights are read as e4m3 (e4m3fn codes).`);
+  if (!['e4m3', 'e4m3fn', 'float8_e4m3fn'].includes(fmt as string))
+    throw refuse(`fmt ${JSON.stringify(fmt)}: FP8 weights are read as e4m3 (e4m3fn codes).`);
+  // DeepSeek-V3.1 / V3.2's "ue8m0": the scales are powers of two (what DeepGEMM's activation scales are
+  // rounded to), stored as floats like any others; expertd does not quantize activations.
   const scaleFmt = q.scale_fmt ?? 'float';
-  if (scaleFmt !== 'float')
-    throw refuse(`scale_fmt ${JSON.stringify(scaleFmt)}: block scales are read as float (weight_scale_inv in f32 or bf16).`);
+  if (scaleFmt !== 'float' && scaleFmt !== 'ue8m0')
+    throw refuse(`scale_fmt ${JSON.stringify(scaleFmt)}: block scales are read as float (weight_scale_inv in f32, bf16 or f16; ` +
+      '"ue8m0" powers of two stored so too).');
   const act = q.activation_scheme ?? 'dynamic';
   if (act !== 'dynamic')
     throw refuse(`activation_scheme ${JSON.stringify(act)}: its calibrated activation scales (input_scale) would be ` +
