@@ -42,6 +42,8 @@ interface Variant {
    * (DeepSeek-V3.1 / V3.2: every scale a power of two, stored as f32). */
   fmt?: string;
   ue8m0?: boolean;
+  /** AutoFP8's layout: quant_method "fp8" without weight_block_size, a scalar `X.weight_scale` per tensor. */
+  autoFp8?: boolean;
 }
 
 /** llm-compressor's config for one scheme over every Linear but `ignore`. */
@@ -107,17 +109,17 @@ function makeCheckpoints(v: Variant): { fp8Dir: string; refDir: string; root: st
         const x = Math.fround(e4m3(code) * s);
         deq[r * cols + c] = ABSORBED.test(t.name) ? bf16ToF32(f32ToBf16(x)) : x;
       }
-    const scaleShape = v.strategy === 'block' ? [nbr, nbc] : v.strategy === 'channel' ? [rows, 1] : [1];
+    const scaleShape = v.strategy === 'block' ? [nbr, nbc] : v.strategy === 'channel' ? [rows, 1] : v.autoFp8 ? [] : [1];
     const scaleData = v.scaleDtype === 'BF16' ? new Uint8Array(Uint16Array.from(scale, f32ToBf16).buffer) : new Uint8Array(scale.buffer);
     fp8.push({ name: t.name, dtype: 'F8_E4M3', shape: t.shape, data: codes });
-    fp8.push({ name: `${t.name}${v.deepseek ? '_scale_inv' : '_scale'}`, dtype: v.scaleDtype, shape: scaleShape, data: scaleData });
+    fp8.push({ name: `${t.name}${v.deepseek && !v.autoFp8 ? '_scale_inv' : '_scale'}`, dtype: v.scaleDtype, shape: scaleShape, data: scaleData });
     ref.push({ name: t.name, dtype: 'F32', shape: t.shape, data: deq });
   }
   const config = JSON.parse(readFileSync(path.join(src, 'config.json'), 'utf8')) as Record<string, unknown>;
   for (const [dir, tensors, quant] of [[fp8Dir, fp8, true], [refDir, ref, false]] as const) {
     mkdirSync(dir);
     writeSafetensors(path.join(dir, 'model.safetensors'), tensors);
-    const qc = v.deepseek ? {
+    const qc = v.autoFp8 ? { quant_method: 'fp8', activation_scheme: 'dynamic' } : v.deepseek ? {
       quant_method: 'fp8', fmt: v.fmt ?? 'e4m3', activation_scheme: 'dynamic', weight_block_size: v.block,
       ...(v.ue8m0 ? { scale_fmt: 'ue8m0' } : {}), ...(v.fmt ? { modules_to_not_convert: ['gate', 'e_score_correction_bias', 'lm_head'] } : {}),
     }
@@ -155,18 +157,22 @@ const VARIANTS: Variant[] = [
   { fixture: 'deepseek_v3', strategy: 'block', scaleDtype: 'F32', block: [24, 24], deepseek: true, ue8m0: true },
   // MiniMax-M2's config as shipped (fmt float8_e4m3fn, modules_to_not_convert; experts w1 / w2 / w3).
   { fixture: 'minimax_m2', strategy: 'block', scaleDtype: 'F32', block: [24, 24], deepseek: true, fmt: 'float8_e4m3fn' },
+  // AutoFP8 / vLLM's per-tensor FP8 (quant_method fp8, a scalar weight_scale per tensor).
+  { fixture: 'mixtral', strategy: 'tensor', scaleDtype: 'F32', deepseek: true, autoFp8: true },
 ];
 
 for (const v of VARIANTS) {
-  const label = `${v.deepseek ? 'quant_method fp8' : 'compressed-tensors FP8'}, ${v.fixture}, ${v.strategy} scales ` +
+  const label = `${v.autoFp8 ? 'AutoFP8' : v.deepseek ? 'quant_method fp8' : 'compressed-tensors FP8'}, ${v.fixture}, ${v.strategy} scales ` +
     `(${v.scaleDtype}${v.block ? `, ${v.block.join(' x ')} blocks` : ''}${v.ue8m0 ? ', scale_fmt ue8m0' : ''}${v.fmt ? `, fmt ${v.fmt}` : ''})`;
   test(`${label}: every quantized Linear kept FP8, logits equal the dequantised weights'`, () => {
     const { fp8Dir, refDir, root } = makeCheckpoints(v);
     try {
       const spec = parseModelConfig(fp8Dir);
-      assert.deepEqual(spec.quantization, v.deepseek ? { method: 'fp8', blockSize: v.block }
+      assert.deepEqual(spec.quantization, v.autoFp8 ? { method: 'fp8', blockSize: [128, 128] } : v.deepseek ? { method: 'fp8', blockSize: v.block }
         : { method: 'fp8', blockSize: v.block ?? [1, 128], scaleSuffix: '_scale' });
       const got = loadModel(fp8Dir, { fast: false });
+      // AutoFP8's scales are weight_scale, found in the checkpoint.
+      if (v.autoFp8) assert.deepEqual(got.spec.quantization, { method: 'fp8', blockSize: [128, 128], scaleSuffix: '_scale' });
       const want = loadModel(refDir, { fast: false });
       try {
         // (glm4_moe's MTP layer counts its scales among the unused tensors: that warning differs in its count.)

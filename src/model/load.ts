@@ -85,11 +85,29 @@ function sumBytes(c: Checkpoint): number {
 
 function openValidated(dir: string) {
   const spec = parseModelConfig(path.resolve(dir));
+  const options = (q: ModelSpec['quantization']) => q?.method === 'fp8'
+    ? { fp8BlockSize: q.blockSize, fp8ScaleSuffix: q.scaleSuffix ?? '_scale_inv' }
+    : q?.method === 'compressed-tensors' ? { compressed: q.schemes } : {};
+  let checkpoint = openCheckpoint(dir, options(spec.quantization));
   const q = spec.quantization;
-  const checkpoint = openCheckpoint(dir, q?.method === 'fp8' ? { fp8BlockSize: q.blockSize, fp8ScaleSuffix: q.scaleSuffix ?? '_scale_inv' }
-    : q?.method === 'compressed-tensors' ? { compressed: q.schemes } : {});
+  if (q?.method === 'fp8' && q.scaleSuffix === undefined && fp8ScalesNamedScale(checkpoint)) {
+    // quant_method "fp8" as AutoFP8 / vLLM write it: one `X.weight_scale` per tensor (no
+    // weight_scale_inv), spread over the block grid like any per-tensor scale.
+    spec.quantization = { ...q, scaleSuffix: '_scale' };
+    checkpoint = openCheckpoint(dir, options(spec.quantization));
+  }
   const report = validateCheckpoint(spec, checkpoint);
   return { spec, checkpoint, report };
+}
+
+/** True when the checkpoint's FP8 weights carry `X.weight_scale` and none `X.weight_scale_inv`. */
+function fp8ScalesNamedScale(c: Checkpoint): boolean {
+  let scale = false;
+  for (const [name, t] of c.tensors) {
+    if (name.endsWith('.weight_scale_inv')) return false;
+    if (t.dtype === 'F8_E4M3' && c.tensors.has(`${name}_scale`)) scale = true;
+  }
+  return scale;
 }
 
 /** Loads a checkpoint onto the CPU engine. */
