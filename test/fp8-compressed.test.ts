@@ -16,7 +16,7 @@ import { describe, test } from 'node:test';
 import { ConfigError, parseModelConfig } from '../src/model/config.js';
 import { bf16ToF32, f32ToBf16 } from '../src/model/kv-dtype.js';
 import { quantElement, quantMatrixBytes } from '../src/model/cuda-quant.js';
-import { loadCudaModel, loadModel } from '../src/model/load.js';
+import { describeCheckpointQuant, loadCudaModel, loadModel } from '../src/model/load.js';
 import type { MoeModel } from '../src/model/model.js';
 import { readSafetensorsHeader, writeSafetensors, type TensorToWrite } from '../src/model/safetensors.js';
 import { packageRoot, type CudaBuffer, type PackedWeight } from '../src/native/index.js';
@@ -181,6 +181,9 @@ for (const v of VARIANTS) {
       const got = loadModel(fp8Dir, { fast: false });
       // AutoFP8's scales are weight_scale, found in the checkpoint.
       if (v.autoFp8) assert.deepEqual(got.spec.quantization, { method: 'fp8', blockSize: [128, 128], scaleSuffix: '_scale' });
+      // The load line says what it found.
+      assert.equal(describeCheckpointQuant(got.spec), ` FP8 e4m3 (${(v.autoFp8 ? [128, 128] : v.block ?? [1, 128]).join('x')} blocks, ` +
+        `${v.deepseek && !v.autoFp8 ? 'weight_scale_inv' : 'weight_scale'})`);
       const want = loadModel(refDir, { fast: false });
       try {
         // Every scale tensor is read, but those of weights the model never reads (longcat_flash's extra

@@ -194,6 +194,17 @@ function cublasLtNote(): string {
   return lt ? `, cuBLASLt ${lt}` : ', cuBLASLt none (DenseGemm: in-house kernel)';
 }
 
+/** How the checkpoint is quantized, for the load line ('' for plain weights). */
+export function describeCheckpointQuant(spec: ModelSpec): string {
+  const q = spec.quantization;
+  if (!q) return '';
+  if (q.method === 'fp8')
+    return ` FP8 e4m3 (${q.blockSize.join('x')} blocks, ${q.scaleSuffix === '_scale' ? 'weight_scale' : 'weight_scale_inv'})`;
+  if (q.method === 'mxfp4') return ' MXFP4 experts';
+  const bits = q.schemes.bits.map((b) => `int${b}`).join('/');
+  return ` compressed-tensors ${q.format} ${bits}${q.schemes.groupSizes.length ? ` g${q.schemes.groupSizes.join('/')}` : ''}`;
+}
+
 export function loadSummary(loaded: LoadedModel<ForwardModel>): string {
   const { spec } = loaded;
   const p = countParams(spec);
@@ -204,7 +215,7 @@ export function loadSummary(loaded: LoadedModel<ForwardModel>): string {
   for (const t of loaded.checkpoint.tensors.values()) bytes += t.sizeBytes;
   return `loaded ${spec.modelType}: ${(p.total / 1e6).toFixed(1)}M params (${(p.active / 1e6).toFixed(1)}M active), ` +
     `${spec.numLayers} layers (${moeLayers} MoE), ${spec.moe.numExperts} experts top-${spec.moe.router.topK}, ` +
-    `checkpoint ${gb(bytes)} GiB, ${loaded.loadMs.toFixed(0)} ms; ` +
+    `checkpoint ${gb(bytes)} GiB${describeCheckpointQuant(spec)}, ${loaded.loadMs.toFixed(0)} ms; ` +
     (loaded.model.device !== 'cpu' ? `device ${loaded.model.device}${cublasLtNote()}; ` : '') +
     `cpu ${caps.simd}${caps.amxTiles ? ' (bf16 GEMMs on AMX tiles)' : ''} x${caps.threads} threads, ` +
     `${caps.build} build${caps.cudaDevices ? `, ${caps.cudaDevices} CUDA device(s)` : caps.cudaError ? ` (${caps.cudaError})` : ''}`;
