@@ -209,8 +209,14 @@ export function fp8ScaleGrid(name: string, shape: number[], values: Float32Array
     for (let r = 0; r < rows; r++) out.fill(values[r]!, r * nbc, (r + 1) * nbc);
     return out;
   }
-  throw fail(`tensor ${name} has shape [${shape.join(', ')}], expected [${nbr}, ${nbc}] for a [${rows}, ${cols}] weight in ` +
-    `${br}x${bc} blocks` + (br === 1 ? `, [${rows}, 1] (one scale per output channel) or [1] (one per tensor)` : ' or [1] (one scale per tensor)'));
+  throw fail(fp8ScaleShapeError(name, shape, rows, cols, br, bc));
+}
+
+/** Why a scale tensor of shape `shape` fits none of fp8ScaleForm's forms for a [rows, cols] weight. */
+export function fp8ScaleShapeError(name: string, shape: number[], rows: number, cols: number, br: number, bc: number): string {
+  return `tensor ${name} has shape [${shape.join(', ')}], expected [${Math.ceil(rows / br)}, ${Math.ceil(cols / bc)}] for a ` +
+    `[${rows}, ${cols}] weight in ${br}x${bc} blocks` +
+    (br === 1 ? `, [${rows}, 1] (one scale per output channel) or [1] (one per tensor)` : ' or [1] (one scale per tensor)');
 }
 
 export interface OpenOptions {

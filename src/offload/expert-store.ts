@@ -5,7 +5,7 @@
 // a copy stream) implements the same ticket interface. An FP8 checkpoint's experts stay FP8 in the
 // slots (codes and block scales read as stored).
 import { loadNative, type DType, type ExpertLoader, type FileRange, type PackedWeight } from '../native/index.js';
-import { fp8ScaleForm, fp8ScaleGrid, type Checkpoint, type TensorInfo } from '../model/safetensors.js';
+import { fp8ScaleForm, fp8ScaleGrid, fp8ScaleShapeError, type Checkpoint, type TensorInfo } from '../model/safetensors.js';
 import { fp8ScaleName, type ModelSpec } from '../model/spec.js';
 import { gptOssExpertRows } from '../model/moe-tensors.js';
 import { quantizedBytes, type QuantizeSpec } from '../model/quantize.js';
@@ -262,8 +262,8 @@ export class CheckpointExpertStore implements ExpertStore {
     const dims = [[this.I, this.H], [this.I, this.H], [this.H, this.I]] as const;
     const forms = infos.map((info, i) => {
       const form = fp8ScaleForm(info.shape, dims[i]![0], dims[i]![1], br, bc);
-      if (!form) fp8ScaleGrid(info.name, info.shape, new Float32Array(0), dims[i]![0], dims[i]![1], br, bc, (msg) => new Error(`expert offloading: ${msg}`));
-      return form!;
+      if (!form) throw new Error(`expert offloading: ${fp8ScaleShapeError(info.name, info.shape, dims[i]![0], dims[i]![1], br, bc)}`);
+      return form;
     });
     const dtype = ST_DTYPE[infos[0]!.dtype];
     if (!dtype || infos.some((info) => info.dtype !== infos[0]!.dtype))
