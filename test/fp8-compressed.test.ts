@@ -25,7 +25,7 @@ import { createCudaEmulator, withLazyStreams } from './helpers/cuda-emu.js';
 import { emulatorSkip } from './helpers/cuda-skip.js';
 import { e4m3, toE4m3 } from './helpers/fp8-checkpoint.js';
 import { runAll } from './helpers/model-runner.js';
-import { fixtureSequences, forcedLogits as forcedSeqLogits } from './helpers/quant-fidelity.js';
+import { fixtureSequences, forcedLogits as forcedSeqLogits, teacherForced } from './helpers/quant-fidelity.js';
 
 const fixtures = path.join(packageRoot(), 'test', 'fixtures');
 const QUANTIZED = new RegExp('^model\\.layers\\.\\d+\\.(self_attn(\\.\\d)?\\.(q|k|v|o|q_a|q_b|kv_a|kv_b)_proj(_with_mqa)?|' +
@@ -239,13 +239,7 @@ for (const [v, copyThread] of [[VARIANTS[0]!, true], [VARIANTS[1]!, true], [VARI
   test(`compressed-tensors FP8, ${v.fixture} ${v.strategy} scales through the expert cache (a quarter, ${copyThread ? 'copy thread' : 'engine thread'}) equals it all-resident, bit for bit`, async () => {
     const { fp8Dir, root } = makeCheckpoints(v);
     try {
-      const resident = loadModel(fp8Dir, { fast: false }).model;
-      let want: Float32Array[];
-      try {
-        want = forcedLogits(resident, fp8Dir);
-      } finally {
-        resident.dispose();
-      }
+      const want = teacherForced(fp8Dir);
       const loaded = loadModel(fp8Dir, { fast: false, loadExpert: skipAllExperts });
       const off = attachOffloader(loaded, { policy: 'lru', fraction: 0.25, copyThread });
       try {

@@ -11,7 +11,7 @@ import {
 import type {
   AttentionSpec, LayerSpec, LinearAttentionSpec, ModelSpec, ModelType, MoeSpec, RopeSpec, RouterSpec,
 } from './spec.js';
-import { fp8ScaleName } from './spec.js';
+import { fp8ScaleSuffix } from './spec.js';
 import { singleSharedExpert } from './moe-tensors.js';
 import { parseCompressedTensors } from './compressed-tensors.js';
 
@@ -957,6 +957,8 @@ export function validateCheckpoint(spec: ModelSpec, ckpt: TensorShapes): Checkpo
   const missing: string[] = [];
   const shapeErrors: string[] = [];
   const ct = spec.quantization?.method === 'compressed-tensors';
+  // An F8_E4M3 weight's scales: X.weight + this.
+  const scaleSuffix = spec.quantization?.method === 'fp8' ? fp8ScaleSuffix(spec.quantization) : '_scale_inv';
   for (const t of expected) {
     const got = ckpt.tensors.get(t.name);
     // compressed-tensors pack-quantized: X.weight_packed [rows, words] with X.weight_shape and X.weight_scale.
@@ -974,8 +976,7 @@ export function validateCheckpoint(spec: ModelSpec, ckpt: TensorShapes): Checkpo
     if (ct && got.dtype === 'I8' && !ckpt.tensors.has(`${t.name}_scale`)) missing.push(`${t.name}_scale`);
     if (got.shape.length !== t.shape.length || got.shape.some((d, k) => d !== t.shape[k]))
       shapeErrors.push(`${t.name} has shape [${got.shape.join(', ')}], the config implies [${t.shape.join(', ')}]`);
-    const fp8Scale = spec.quantization?.method === 'fp8' ? fp8ScaleName(spec.quantization, t.name) : `${t.name}_scale_inv`;
-    if (spec.quantization && got.dtype === 'F8_E4M3' && !ckpt.tensors.has(fp8Scale)) missing.push(fp8Scale);
+    if (spec.quantization && got.dtype === 'F8_E4M3' && !ckpt.tensors.has(t.name + scaleSuffix)) missing.push(t.name + scaleSuffix);
     if (t.dtype && got.dtype !== t.dtype)
       shapeErrors.push(`${t.name} has dtype ${got.dtype}, MXFP4 ${t.name.endsWith('_blocks') ? 'blocks' : 'scales'} are ${t.dtype}`);
   }
@@ -1000,7 +1001,6 @@ export function validateCheckpoint(spec: ModelSpec, ckpt: TensorShapes): Checkpo
       mtpTensors++;
       continue;
     }
-    const scaleSuffix = spec.quantization?.method === 'fp8' ? spec.quantization.scaleSuffix ?? '_scale_inv' : '_scale_inv';
     if (spec.quantization && name.endsWith(scaleSuffix) && expectedNames.has(name.slice(0, -scaleSuffix.length)))
       continue;
     const ctPart = /_(packed|scale|shape|zero_point|g_idx)$/.exec(name);

@@ -10,7 +10,7 @@ import type { ForwardModel } from './forward-batch.js';
 import { MoeModel, type ModelOptions } from './model.js';
 import { openCheckpoint, type Checkpoint, type Fp8Weight } from './safetensors.js';
 import type { QuantizeSpec } from './quantize.js';
-import type { ModelSpec } from './spec.js';
+import { fp8ScaleSuffix, type ModelSpec } from './spec.js';
 import type { HostTensor, IntWeight, TensorSource } from './tensor-source.js';
 import { dequantInt } from './compressed-tensors.js';
 
@@ -86,7 +86,7 @@ function sumBytes(c: Checkpoint): number {
 function openValidated(dir: string) {
   const spec = parseModelConfig(path.resolve(dir));
   const options = (q: ModelSpec['quantization']) => q?.method === 'fp8'
-    ? { fp8BlockSize: q.blockSize, fp8ScaleSuffix: q.scaleSuffix ?? '_scale_inv' }
+    ? { fp8BlockSize: q.blockSize, fp8ScaleSuffix: fp8ScaleSuffix(q) }
     : q?.method === 'compressed-tensors' ? { compressed: q.schemes } : {};
   let checkpoint = openCheckpoint(dir, options(spec.quantization));
   const q = spec.quantization;
@@ -199,7 +199,7 @@ export function describeCheckpointQuant(spec: ModelSpec): string {
   const q = spec.quantization;
   if (!q) return '';
   if (q.method === 'fp8')
-    return ` FP8 e4m3 (${q.blockSize.join('x')} blocks, ${q.scaleSuffix === '_scale' ? 'weight_scale' : 'weight_scale_inv'})`;
+    return ` FP8 e4m3 (${q.blockSize.join('x')} blocks, weight${fp8ScaleSuffix(q)})`;
   if (q.method === 'mxfp4') return ' MXFP4 experts';
   const bits = q.schemes.bits.map((b) => `int${b}`).join('/');
   return ` compressed-tensors ${q.format} ${bits}${q.schemes.groupSizes.length ? ` g${q.schemes.groupSizes.join('/')}` : ''}`;

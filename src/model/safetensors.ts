@@ -182,14 +182,16 @@ export type { IntWeight };
 
 /**
  * How an FP8 weight [rows, cols]'s stored scale tensor (shape `shape`) covers it, on the grid of
- * br x bc blocks: 'grid' ([ceil(rows / br), ceil(cols / bc)]), 'channel' (one per output row,
- * [rows, 1] or [rows]; only where br is 1), 'tensor' (one: [], [1] or [1, 1]); null: none of them.
+ * br x bc blocks: 'tensor' (one: [], [1] or [1, 1]), 'channel' (one per output row, [rows, 1] or
+ * [rows]; only where br is 1), 'grid' ([ceil(rows / br), ceil(cols / bc)]); null: none of them.
+ * Where a shape fits several (a one-block grid, a one-column grid of rows) they mean the same, and
+ * the order makes every matrix of a checkpoint name its one form.
  */
 export function fp8ScaleForm(shape: number[], rows: number, cols: number, br: number, bc: number): 'grid' | 'channel' | 'tensor' | null {
-  if (shape.length === 2 && shape[0] === Math.ceil(rows / br) && shape[1] === Math.ceil(cols / bc)) return 'grid';
   if (shape.every((d) => d === 1)) return 'tensor';
   const perRow = (shape.length === 2 && shape[0] === rows && shape[1] === 1) || (shape.length === 1 && shape[0] === rows);
-  return perRow && br === 1 ? 'channel' : null;
+  if (perRow && br === 1) return 'channel';
+  return shape.length === 2 && shape[0] === Math.ceil(rows / br) && shape[1] === Math.ceil(cols / bc) ? 'grid' : null;
 }
 
 /**

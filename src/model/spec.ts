@@ -130,9 +130,14 @@ export interface Fp8Quantization {
   scaleSuffix?: '_scale_inv' | '_scale';
 }
 
+/** What follows an FP8 weight's name in its scale tensor's: '_scale_inv' (the default) or '_scale'. */
+export function fp8ScaleSuffix(q: Fp8Quantization): '_scale_inv' | '_scale' {
+  return q.scaleSuffix ?? '_scale_inv';
+}
+
 /** The scale tensor of an FP8 weight `name` (X.weight -> X.weight_scale_inv or X.weight_scale). */
 export function fp8ScaleName(q: Fp8Quantization, name: string): string {
-  return `${name}${q.scaleSuffix ?? '_scale_inv'}`;
+  return `${name}${fp8ScaleSuffix(q)}`;
 }
 
 export interface ModelSpec {

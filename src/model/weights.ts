@@ -50,14 +50,13 @@ function checkFp8(name: string, w: Fp8Weight, rows: number, cols: number): void 
 }
 
 /**
- * FP8 weights stacked along the output dimension as one (fused projections): each part's scales
- * spread to one row per block row (the packed layout holds a scale per row and group anyway), so
- * parts whose row counts are not multiples of the block rows stack exactly. null when the parts'
- * block columns differ (the caller dequantises them instead).
+ * FP8 weights [rows_i, k] (one checkpoint: one block grid) stacked along the output dimension as
+ * one (fused projections): each part's scales spread to one row per block row (the packed layout
+ * holds a scale per row and group anyway), so parts whose row counts are not multiples of the
+ * block rows stack exactly.
  */
-function stackFp8(parts: Fp8Weight[]): Fp8Weight | null {
+function stackFp8(parts: Fp8Weight[]): Fp8Weight {
   const bc = parts[0]!.bc, k = parts[0]!.cols;
-  if (parts.some((w) => w.bc !== bc || w.cols !== k)) return null;
   const nbc = Math.ceil(k / bc), total = parts.reduce((a, w) => a + w.rows, 0);
   const codes = new Uint8Array(total * k), scales = new Float32Array(total * nbc);
   let row = 0;
@@ -143,8 +142,7 @@ export function packStacked(src: TensorSource, names: string[], rows: number[], 
   const fp8 = names.map((name) => fp8Weight(src, name, quantize));
   if (fp8.every((w) => w)) {
     fp8.forEach((w, i) => checkFp8(names[i]!, w!, rows[i]!, k));
-    const stacked = stackFp8(fp8 as Fp8Weight[]);
-    if (stacked) return packFp8Weight(stacked);
+    return packFp8Weight(stackFp8(fp8 as Fp8Weight[]));
   }
   const parts = names.map((name, i) => {
     const t = src.get(name);
@@ -256,7 +254,7 @@ export function denseFfnTable(src: TensorSource, prefix: string, h: number, i: n
   const names = ['gate_proj', 'up_proj', 'down_proj'].map((p) => `${prefix}${p}.weight`);
   const [gi, ui, di] = names.map((name) => intWeight(src, name, quantize));
   const [gf, uf, df] = gi || ui || di ? [null, null, null] : names.map((name) => fp8Weight(src, name, quantize));
-  const fp8 = gf && uf && df && gf.br === uf.br && gf.bc === uf.bc;
+  const fp8 = gf && uf && df;
   if (fp8) {
     checkFp8(names[0]!, gf, i, h);
     checkFp8(names[1]!, uf, i, h);

@@ -6,7 +6,7 @@
 // slots (codes and block scales read as stored).
 import { loadNative, type DType, type ExpertLoader, type FileRange, type PackedWeight } from '../native/index.js';
 import { fp8ScaleForm, fp8ScaleGrid, fp8ScaleShapeError, type Checkpoint, type TensorInfo } from '../model/safetensors.js';
-import { fp8ScaleName, type ModelSpec } from '../model/spec.js';
+import { fp8ScaleName, type Fp8Quantization, type ModelSpec } from '../model/spec.js';
 import { gptOssExpertRows } from '../model/moe-tensors.js';
 import { quantizedBytes, type QuantizeSpec } from '../model/quantize.js';
 
@@ -255,10 +255,9 @@ export class CheckpointExpertStore implements ExpertStore {
   }
 
   /** An FP8 expert's gate / up / down scale tensors (`prefix` + projection + .weight + the scale suffix). */
-  private fp8Scales(checkpoint: Checkpoint, q: { blockSize: [number, number]; scaleSuffix?: '_scale_inv' | '_scale' },
-                    prefix: string, projections: string[]): FP8Scales {
+  private fp8Scales(checkpoint: Checkpoint, q: Fp8Quantization, prefix: string, projections: string[]): FP8Scales {
     const [br, bc] = q.blockSize;
-    const infos = projections.map((n) => checkpoint.getTensor(fp8ScaleName({ method: 'fp8', ...q }, `${prefix}${n}.weight`)));
+    const infos = projections.map((n) => checkpoint.getTensor(fp8ScaleName(q, `${prefix}${n}.weight`)));
     const dims = [[this.I, this.H], [this.I, this.H], [this.H, this.I]] as const;
     const forms = infos.map((info, i) => {
       const form = fp8ScaleForm(info.shape, dims[i]![0], dims[i]![1], br, bc);
