@@ -161,7 +161,8 @@ EXPERTD_AVX2 __attribute__((always_inline)) inline void f8_chunk_f32(const uint8
 // (F8: times 2^-8), as f32.
 template <QFormat Q>
 EXPERTD_AVX2 __attribute__((always_inline)) inline void decode_pair8(const uint8_t* blk, int k, int kp, int h,
-                                                                     __m256* w0, __m256* w1) {
+                                                                     __m256* w0, __m256* w1,
+                                                                     size_t cstride = kChunk8) {
   if constexpr (Q == QFormat::I8) {  // code + 128
     const int c0 = k / 4 * 4;
     if (c0 + 4 <= kp) {  // a whole chunk: row i's 4 bytes are int32 lane i, k % 4 is 0 or 2
@@ -180,11 +181,11 @@ EXPERTD_AVX2 __attribute__((always_inline)) inline void decode_pair8(const uint8
     const int c0 = k / 4 * 4;
     __m128i codes;
     if (c0 + 4 <= kp) {  // a whole chunk: 128-bit lane L holds rows 4L..4L+3, pair j / 2 at byte 8 (j / 2)
-      const uint8_t* p = blk + static_cast<size_t>(c0) * 16 + 32 * h + 8 * ((k & 3) >> 1);
+      const uint8_t* p = blk + static_cast<size_t>(c0 / 4) * cstride + 32 * h + 8 * ((k & 3) >> 1);
       codes = _mm_unpacklo_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)),
                                  _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 16)));
     } else {  // the tail pair: byte 2 i + j
-      codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + static_cast<size_t>(c0) * 16 + 16 * h));
+      codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + static_cast<size_t>(c0 / 4) * cstride + 16 * h));
     }
     f8_pair_f32(codes, w0, w1);
   } else {
@@ -228,12 +229,15 @@ struct Avx2QTile {
     constexpr int PV = avx2_pass_vectors(MR, NV, 1, 12);
 #pragma GCC unroll 8
     for (int v0 = 0; v0 < NV; v0 += PV)
-      pass<MR, PV>(static_cast<const float*>(xv), ldx, static_cast<const uint8_t*>(wv), wstride, kp, tile, qs, v0);
+      pass<MR, PV>(static_cast<const float*>(xv), ldx, static_cast<const uint8_t*>(wv), wstride, kp, tile, qs, v0,
+                   tile_cstride<Q>(NR));
   }
 
+  // cs: the bytes between a block's 4-k chunks (F8: its interleaved group's, quant_layout.h).
   template <int MR, int PV>
   EXPERTD_AVX2 __attribute__((always_inline)) static inline void pass(
-      const float* x, size_t ldx, const uint8_t* w, size_t wstride, int kp, float* tile, QScales qs, int v0) {
+      const float* x, size_t ldx, const uint8_t* w, size_t wstride, int kp, float* tile, QScales qs, int v0,
+      size_t cs) {
     const size_t bstride = wstride * qformat_bits(Q) / 8;
     const int wkp = static_cast<int>(wstride / 16);  // the layout's kp (kp here may stop short)
     __m256 acc[MR][PV];
@@ -269,7 +273,7 @@ struct Avx2QTile {
           for (int v = 0; v < PV; ++v) {
             const int b = (v0 + v) >> 1, h = (v0 + v) & 1;
             __m256 wq[4];
-            f8_chunk_f32(w + b * bstride + static_cast<size_t>(k) * 16 + 32 * h, wq);
+            f8_chunk_f32(tile_block<Q>(w, bstride, b) + static_cast<size_t>(k / 4) * cs + 32 * h, wq);
 #pragma GCC unroll 4
             for (int j = 0; j < 4; ++j) wq[j] = _mm256_mul_ps(wq[j], _mm256_load_ps(scm[v]));
 #pragma GCC unroll 8
@@ -285,7 +289,7 @@ struct Avx2QTile {
         for (int v = 0; v < PV; ++v) {
           const int b = (v0 + v) >> 1, h = (v0 + v) & 1;
           __m256 w0, w1;
-          decode_pair8<Q>(w + b * bstride, k, wkp, h, &w0, &w1);
+          decode_pair8<Q>(tile_block<Q>(w, bstride, b), k, wkp, h, &w0, &w1, cs);
           w0 = _mm256_mul_ps(w0, sc[v]);
           w1 = _mm256_mul_ps(w1, sc[v]);
 #pragma GCC unroll 8
@@ -378,22 +382,22 @@ struct Avx2F8Tile {
 #pragma GCC unroll 8
       for (int v0 = 0; v0 < NV; v0 += PV) {
         if (!((fix >> v0) & ((1u << PV) - 1))) {
-          pass<MR, PV, false>(x, ldx, w, wstride, g0, g1, gi, tile, qs, v0, 0);
+          pass<MR, PV, NR, false>(x, ldx, w, g0, g1, gi, tile, qs, v0, 0);
         } else {
 #pragma GCC unroll 8
-          for (int u0 = v0; u0 < v0 + PV; u0 += PF) pass<MR, PF, true>(x, ldx, w, wstride, g0, g1, gi, tile, qs, u0, fix >> u0);
+          for (int u0 = v0; u0 < v0 + PV; u0 += PF) pass<MR, PF, NR, true>(x, ldx, w, g0, g1, gi, tile, qs, u0, fix >> u0);
         }
       }
     }
   }
 
   // Group [g0, g1) of vectors v0..v0+PV-1 into the tile; Fix: the vectors whose bit in fix is set
-  // (bit v for vector v0 + v) run the exponent-0 fix-up.
-  template <int MR, int PV, bool Fix>
+  // (bit v for vector v0 + v) run the exponent-0 fix-up. w: the tile's NR blocks, one interleaved
+  // group (quant_layout.h): chunk k / 4 of block b at 64 (NR k / 4 + b).
+  template <int MR, int PV, int NR, bool Fix>
   EXPERTD_AVX2 __attribute__((always_inline)) static inline void pass(
-      const float* x, size_t ldx, const uint8_t* w, size_t wstride, int g0, int g1, int gi, float* tile,
+      const float* x, size_t ldx, const uint8_t* w, int g0, int g1, int gi, float* tile,
       QScales qs, int v0, unsigned fix) {
-    const size_t bstride = wstride;  // one byte per code
     const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
     __m256 acc[MR][PV];
 #pragma GCC unroll 8
@@ -404,7 +408,7 @@ struct Avx2F8Tile {
 #pragma GCC unroll 8
       for (int v = 0; v < PV; ++v) {
         const int b = (v0 + v) >> 1, h = (v0 + v) & 1;
-        const uint8_t* p = w + b * bstride + static_cast<size_t>(k) * 16 + 32 * h;
+        const uint8_t* p = w + static_cast<size_t>(k) * 16 * NR + kChunk8 * b + 32 * h;
         if (MR == 1 && h == 0) prefetch_l2<1>(p + kAvx2OneRowPrefetch);  // as Avx2Tile
         __m256i wa, wb;
         if (Fix && ((fix >> v) & 1))

@@ -261,9 +261,10 @@ EXPERTD_AVX512 __attribute__((always_inline)) inline __m512 load_scales16(const 
 }
 #endif
 
-// The portable register tile over any weight form: L::load_pair(w, wstride, b, k, qs, w0, w1)
-// widens elements k and k+1 of block b's 16 rows to f32. Also the reference for what the SIMD
-// kernels compute: per k pair, acc += x[k] * w[k]; acc += x[k+1] * w[k+1].
+// The portable register tile over any weight form: L::load_pair(w, wstride, b, k, qs, w0, w1, nr)
+// widens elements k and k+1 of block b's 16 rows to f32 (nr: the tile's blocks, which place F8's
+// codes). Also the reference for what the SIMD kernels compute: per k pair, acc += x[k] * w[k];
+// acc += x[k+1] * w[k+1].
 template <class L>
 struct ScalarLoop {
   template <int MR, int NR>
@@ -275,7 +276,7 @@ struct ScalarLoop {
     float w0[16], w1[16];
     for (int k = 0; k < kp; k += 2) {
       for (int b = 0; b < NR; ++b) {
-        L::load_pair(w, wstride, b, k, qs, w0, w1);
+        L::load_pair(w, wstride, b, k, qs, w0, w1, NR);
         for (int r = 0; r < MR; ++r) {
           const float x0 = x[r * ldx + k], x1 = x[r * ldx + k + 1];
           float* a = acc[r][b];
@@ -296,7 +297,7 @@ struct ScalarLoop {
 // Portable kernel (f32 activations, any float weight dtype).
 template <DType WD>
 struct ScalarTile : ScalarLoop<ScalarTile<WD>> {
-  static void load_pair(const void* w, size_t wstride, int b, int k, QScales, float* w0, float* w1) {
+  static void load_pair(const void* w, size_t wstride, int b, int k, QScales, float* w0, float* w1, int) {
     const size_t off = b * wstride;
     if constexpr (WD == DType::BF16) {
       const uint16_t* p = static_cast<const uint16_t*>(w) + off + static_cast<size_t>(k / 2) * 32;
@@ -384,13 +385,19 @@ __attribute__((always_inline)) inline void prefetch_l2(const uint8_t* p) {
   for (int i = 0; i < N; ++i) __builtin_prefetch(p + 64 * i, 0, 2);
 }
 
-// The one-row vdpbf16ps kernels (bf16 and fp8 weights) ask for each of their NR blocks' weights
-// this far ahead (bytes, into L2). NOTE: measured on AMD Zen 4 (bench quant-kernels --experts
-// qwen3moe-like, three rounds): fp8 0.32-0.36 -> 0.25-0.27 ms per decode GroupGemm; DenseGemm
-// 512 x 1024 from DRAM 1 KiB ahead gained less. The blocks stay NR streams here (not VnniTile's
-// one_row): vdpbf16ps sums in f32, and a block's sums must keep the k order every row tile gives
-// them (the same bits alone or in a batch), so the independent chains are the NR blocks.
+// The one-row bf16 vdpbf16ps kernel asks for each of its NR blocks' weights this far ahead
+// (bytes, into L2). NOTE: measured on AMD Zen 4 (bench quant-kernels --experts qwen3moe-like, three
+// rounds), when the fp8 kernel read its blocks apart too: fp8 0.32-0.36 -> 0.25-0.27 ms per decode
+// GroupGemm; DenseGemm 512 x 1024 from DRAM 1 KiB ahead gained less. The blocks stay NR streams
+// here (not VnniTile's one_row): vdpbf16ps sums in f32, and a block's sums must keep the k order
+// every row tile gives them (the same bits alone or in a batch), so the independent chains are the
+// NR blocks. (fp8 interleaves the blocks in its layout instead: quant_layout.h.)
 constexpr int kBf16DotPrefetch = 2048;
+// The one-row fp8 kernel's distance: its tile reads one stream (an interleaved group,
+// quant_layout.h). NOTE: measured on AMD Zen 4 (a scratch loop over 512 MiB of codes, 2 threads):
+// 1 KiB ahead read as fast as a plain streaming read; 2 KiB ahead of one stream was slower.
+constexpr int kF8OneRowPrefetch = 1024;
+static_assert(kNr == kF8Group, "an fp8 register tile is one interleaved group of blocks");
 
 // AVX512-BF16: one vdpbf16ps multiplies a broadcast (x[k], x[k+1]) pair against a weight row
 // pair of 16 outputs (the [Kp/2][16][2] block row), so a zmm load of weights feeds MR rows.
@@ -412,7 +419,7 @@ struct Bf16DotTile {
 #pragma GCC unroll 4
       for (int b = 0; b < NR; ++b) {
         wb[b] = _mm512_load_si512(w + b * wstride + static_cast<size_t>(kk) * 32);
-        // One row (decode): 2 KiB ahead into L2, as the fp8 kernel (kBf16DotPrefetch). NOTE:
+        // One row (decode): 2 KiB ahead into L2 (kBf16DotPrefetch). NOTE:
         // measured on AMD Zen 4 (quant-kernels --experts qwen3moe-like, three rounds): the bf16
         // decode GroupGemm 0.49-0.55 -> 0.42-0.46 ms; DenseGemm 512 x 1024 from DRAM 42-51 ->
         // 35-41 us.
@@ -464,13 +471,23 @@ inline constexpr Fp4Operands kFp4Operands = [] {
   return t;
 }();
 
-// Code of row i (0..15) at column c of a block of kp columns (quant_layout.h), decoded.
+// Block b of a register tile of nr blocks that starts at w (bstride bytes between blocks but for
+// F8, whose tile is one interleaved group: quant_layout.h), and the bytes between its 4-k chunks.
 template <QFormat Q>
-inline float decode_code(const uint8_t* blk, int c, int i, int kp) {
+inline const uint8_t* tile_block(const uint8_t* w, size_t bstride, int b) {
+  return Q == QFormat::F8 ? w + kChunk8 * b : w + b * bstride;
+}
+template <QFormat Q>
+constexpr size_t tile_cstride(int nr) { return Q == QFormat::F8 ? kChunk8 * nr : kChunk8; }
+
+// Code of row i (0..15) at column c of a block of kp columns (quant_layout.h), decoded; cstride:
+// the bytes between the block's chunks (8-bit codes).
+template <QFormat Q>
+inline float decode_code(const uint8_t* blk, int c, int i, int kp, size_t cstride = kChunk8) {
   if constexpr (Q == QFormat::I8) {
     return static_cast<float>(i8_load(blk[code8_offset(Q, i, c, kp)]));
   } else if constexpr (Q == QFormat::F8) {
-    return fp8_e4m3_to_f32(f8_load(blk[code8_offset(Q, i, c, kp)]));
+    return fp8_e4m3_to_f32(f8_load(blk[code8_offset(Q, i, c, kp, cstride)]));
   } else {
     int shift;
     const int nib = (blk[code4_offset(i, c, kp, &shift)] >> shift) & 0xf;
@@ -482,22 +499,24 @@ inline float decode_code(const uint8_t* blk, int c, int i, int kp) {
 template <QFormat Q>
 struct ScalarQTile : ScalarLoop<ScalarQTile<Q>> {
   static void load_pair(const void* wv, size_t wstride, int b, int k, QScales qs, float* w0,
-                        float* w1) {
-    const uint8_t* blk = static_cast<const uint8_t*>(wv) + b * (wstride * qformat_bits(Q) / 8);
+                        float* w1, int nr) {
+    const uint8_t* blk = tile_block<Q>(static_cast<const uint8_t*>(wv), wstride * qformat_bits(Q) / 8, b);
+    const size_t cs = tile_cstride<Q>(nr);
     const int kp = static_cast<int>(wstride / 16);
     const size_t sc = b * qs.sstride + static_cast<size_t>(k / qs.group) * 16;
     for (int i = 0; i < 16; ++i) {
       const float s = Q == QFormat::F8 ? std::fabs(qs.at(sc + i)) : qs.at(sc + i);  // F8: the sign is a flag
-      w0[i] = decode_code<Q>(blk, k, i, kp) * s;
-      w1[i] = decode_code<Q>(blk, k + 1, i, kp) * s;
+      w0[i] = decode_code<Q>(blk, k, i, kp, cs) * s;
+      w1[i] = decode_code<Q>(blk, k + 1, i, kp, cs) * s;
     }
   }
 };
 
 #if EXPERTD_GEMM_X86
-// 16 codes of column k (the 16 rows of a block of kp columns) -> f32, unscaled.
+// 16 codes of column k (the 16 rows of a block of kp columns) -> f32, unscaled (cstride: F8's
+// bytes between chunks).
 template <QFormat Q>
-EXPERTD_AVX512 inline __m512 decode16(const uint8_t* blk, int k, int kp) {
+EXPERTD_AVX512 inline __m512 decode16(const uint8_t* blk, int k, int kp, size_t cstride) {
   if constexpr (Q == QFormat::I8) {
     const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
     const int c0 = k / 4 * 4;
@@ -515,14 +534,14 @@ EXPERTD_AVX512 inline __m512 decode16(const uint8_t* blk, int k, int kp) {
     __m512i u;
     const int c0 = k / 4 * 4, j = k & 3;
     if (c0 + 4 <= kp) {  // a whole chunk: the k pair's words of lane L's rows are its qword j / 2
-      const __m512i v = _mm512_load_si512(blk + static_cast<size_t>(c0) * 16);
+      const __m512i v = _mm512_load_si512(blk + static_cast<size_t>(c0 / 4) * cstride);
       const int h = j >> 1;
       const __m512i q = _mm512_permutexvar_epi64(_mm512_setr_epi64(h, 2 + h, 4 + h, 6 + h, 0, 0, 0, 0), v);
       const __m512i pairs = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(q));
       u = _mm512_and_si512(_mm512_srli_epi32(pairs, 8 * (j & 1)), _mm512_set1_epi32(0xff));
     } else {
       alignas(16) uint8_t b[16];
-      for (int i = 0; i < 16; ++i) b[i] = blk[code8_offset(Q, i, k, kp)];
+      for (int i = 0; i < 16; ++i) b[i] = blk[code8_offset(Q, i, k, kp, cstride)];
       u = _mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(b)));
     }
     u = _mm512_or_si512(  // f8_load
@@ -582,7 +601,7 @@ struct Avx512QTile {
       for (int k = k0; k < k1; ++k) {
 #pragma GCC unroll 4
         for (int b = 0; b < NR; ++b) {
-          const __m512 wk = _mm512_mul_ps(decode16<Q>(w + b * bstride, k, wkp), sc[b]);
+          const __m512 wk = _mm512_mul_ps(decode16<Q>(tile_block<Q>(w, bstride, b), k, wkp, tile_cstride<Q>(NR)), sc[b]);
 #pragma GCC unroll 8
           for (int r = 0; r < MR; ++r)
             acc[r][b] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k]), wk, acc[r][b]);
@@ -959,9 +978,9 @@ struct Bf16DotF8TileT {
                                      int kp, float* tile, QScales qs) {
     typedef int32_t __attribute__((may_alias, aligned(2))) pair_t;
     const uint16_t* x = static_cast<const uint16_t*>(xv);
-    const uint8_t* w = static_cast<const uint8_t*>(wv);
-    const uint16_t* wd = static_cast<const uint16_t*>(wv);  // Pre: 16 kp bf16 per block
-    const size_t bstride = wstride;  // one byte per code (Pre: one bf16 per weight)
+    const uint8_t* w = static_cast<const uint8_t*>(wv);  // the codes: one interleaved group (quant_layout.h)
+    const uint16_t* wd = static_cast<const uint16_t*>(wv);  // Pre: 16 kp bf16 per block, blocks apart
+    const size_t bstride = wstride;  // Pre: one bf16 per weight
     const F8PairConsts fc;
     const __m512 unscale = _mm512_set1_ps(0x1p-8f);
     // NOTE (registers): the f32 sums over the groups live in the tile, as in VnniTile: in
@@ -991,8 +1010,10 @@ struct Bf16DotF8TileT {
             wa = _mm512_load_si512(d);
             wb = _mm512_load_si512(d + 32);
           } else {
-            if constexpr (MR == 1 && !Pre) prefetch_l2<1>(w + b * bstride + static_cast<size_t>(k) * 16 + kBf16DotPrefetch);
-            f8_pairs(w + b * bstride + static_cast<size_t>(k) * 16, exp0[b], fc, &wa, &wb);
+            // Chunk k / 4 of block b: the group's chunks are 64 NR bytes, one sequential stream.
+            const uint8_t* p = w + static_cast<size_t>(k) * 16 * NR + kChunk8 * b;
+            if constexpr (MR == 1) prefetch_l2<1>(p + kF8OneRowPrefetch);
+            f8_pairs(p, exp0[b], fc, &wa, &wb);
           }
 #pragma GCC unroll 8
           for (int r = 0; r < MR; ++r) {
@@ -1026,25 +1047,30 @@ struct Bf16DotF8TileT {
 };
 using Bf16DotF8Tile = Bf16DotF8TileT<false>;
 
-// Widens the fp8 codes of nb blocks (w: the first, wstride = 16 kp codes apart; s: its scales,
-// sstride apart) to the bf16 k pairs Bf16DotF8Tile makes in registers, stored in its read order:
-// block b's chunk k / 4 at out[b * wstride + 16 k] (wa, then wb 32 elements on), for k < kend.
+// Widens the fp8 codes of nb blocks (w: the first, at the start of an F8 group, and the last the
+// end of one or of the matrix; wstride = 16 kp; s: its scales, sstride apart) to the bf16 k pairs
+// Bf16DotF8Tile makes in registers, stored in its read order with the blocks apart: block b's
+// chunk k / 4 at out[b * wstride + 16 k] (wa, then wb 32 elements on), for k < kend.
 EXPERTD_AVX512BF16 inline void decode_f8_blocks(const uint8_t* w, size_t wstride, int kend, int nb,
                                                 const float* s, size_t sstride, int group,
                                                 uint16_t* out) {
   const F8PairConsts fc;
-  for (int b = 0; b < nb; ++b)
+  const int kp = static_cast<int>(wstride / 16);
+  for (int b = 0; b < nb; ++b) {
+    const uint8_t* blk = w + f8_block_offset(b, kp);
+    const size_t cs = kChunk8 * f8_group_width(b, nb);
     for (int g0 = 0, gi = 0; g0 < kend; g0 += group, ++gi) {
       const bool exp0 = f8_block_exp0(s + b * sstride + static_cast<size_t>(gi) * 16);
       const int g1 = std::min(kend, g0 + group);
       for (int k = g0; k < g1; k += 4) {
         __m512i wa, wb;
-        f8_pairs(w + b * wstride + static_cast<size_t>(k) * 16, exp0, fc, &wa, &wb);
+        f8_pairs(blk + static_cast<size_t>(k / 4) * cs, exp0, fc, &wa, &wb);
         uint16_t* d = out + b * wstride + static_cast<size_t>(k) * 16;
         _mm512_store_si512(d, wa);
         _mm512_store_si512(d + 32, wb);
       }
     }
+  }
 }
 
 #endif

@@ -48,16 +48,25 @@ void write_block(PackedWeight& w, int blk, const QRow* const* rows) {
   float* sdst = sblk.data();
   for (int g = 0; g < groups; ++g)
     for (int i = 0; i < 16; ++i) sdst[g * 16 + i] = rows[i] ? rows[i]->scales[g] : 0.0f;
-  uint8_t* dst = w.data.get() + static_cast<size_t>(blk) * w.kp * w.k_bytes16();
   // NOTE: a slot may be repacked with another expert: clear the block (padding rows and padding
-  // columns stay zero), then put every live code where quant_layout.h says.
-  std::memset(dst, w.q == QFormat::I8 ? i8_store(0) : 0, static_cast<size_t>(w.kp) * w.k_bytes16());
+  // columns stay zero), then put every live code where quant_layout.h says. An F8 block's chunks
+  // lie among its group's (quant_layout.h), so it is cleared chunk by chunk.
+  uint8_t* dst;
+  size_t cstride = kChunk8;
+  if (w.q == QFormat::F8) {
+    dst = w.data.get() + f8_block_offset(blk, w.kp);
+    cstride = kChunk8 * f8_group_width(blk, w.np / 16);
+    for (int c = 0; c < (w.kp + 3) / 4; ++c) std::memset(dst + c * cstride, 0, kChunk8);
+  } else {
+    dst = w.data.get() + static_cast<size_t>(blk) * w.kp * w.k_bytes16();
+    std::memset(dst, w.q == QFormat::I8 ? i8_store(0) : 0, static_cast<size_t>(w.kp) * w.k_bytes16());
+  }
   if (qformat_bits(w.q) == 8) {
     for (int i = 0; i < 16; ++i) {
       if (!rows[i]) continue;
       const uint8_t* c = rows[i]->codes.data();
       if (w.q == QFormat::F8)
-        for (int k = 0; k < w.kp; ++k) dst[code8_offset(w.q, i, k, w.kp)] = f8_store(c[k]);
+        for (int k = 0; k < w.kp; ++k) dst[code8_offset(w.q, i, k, w.kp, cstride)] = f8_store(c[k]);
       else
         for (int k = 0; k < w.kp; ++k) dst[code8_offset(w.q, i, k, w.kp)] = i8_store(static_cast<int8_t>(c[k]));
     }
@@ -329,7 +338,10 @@ float quant_weight_at(const PackedWeight& w, int row, int col) {
   switch (w.q) {
     case QFormat::I8: v = gemm::decode_code<QFormat::I8>(blk, col, i, w.kp); break;
     case QFormat::I4: v = gemm::decode_code<QFormat::I4>(blk, col, i, w.kp); break;
-    case QFormat::F8: v = gemm::decode_code<QFormat::F8>(blk, col, i, w.kp); break;
+    case QFormat::F8:
+      v = gemm::decode_code<QFormat::F8>(w.data.get() + f8_block_offset(p / 16, w.kp), col, i, w.kp,
+                                         kChunk8 * f8_group_width(p / 16, w.np / 16));
+      break;
     default: v = gemm::decode_code<QFormat::FP4>(blk, col, i, w.kp); break;
   }
   const size_t groups = static_cast<size_t>(w.kp / w.group);
