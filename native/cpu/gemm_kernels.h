@@ -1220,6 +1220,10 @@ inline void run_tiles(const TileFn* table, Path path, Act x, int rows, const Pac
   // tile's registers; the same pairs in the same order, so the same bits as a row alone. From 8
   // tiles: DenseGemm [2816 x 1024] on Zen 4 at 512 rows 0.69x -> 0.93x bf16, at 64 rows even, at
   // 8 rows (2 tiles) 0.84x -> 0.68x, so not there.
+  // F8 codes are interleaved in groups of kF8Group blocks (quant_layout.h), one per register tile:
+  // a task starts on a group (plan_tasks' chunks are multiples of kNr).
+  EXPERTD_CHECK(!w.quantized() || w.q != QFormat::F8 || b0 % kF8Group == 0, ErrorCode::Internal,
+                "an fp8 task starts inside an interleaved block group");
   const uint8_t* wb0 = wbase + b0 * block_bytes;  // block b0 as the kernels read it
   size_t bbytes = block_bytes;
 #if EXPERTD_GEMM_X86
