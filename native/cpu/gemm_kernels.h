@@ -976,7 +976,6 @@ struct Bf16DotF8TileT {
   template <int MR, int NR>
   EXPERTD_AVX512BF16 static void run(const void* xv, size_t ldx, const void* wv, size_t wstride,
                                      int kp, float* tile, QScales qs) {
-    typedef int32_t __attribute__((may_alias, aligned(2))) pair_t;
     const uint16_t* x = static_cast<const uint16_t*>(xv);
     const uint8_t* w = static_cast<const uint8_t*>(wv);  // the codes: one interleaved group (quant_layout.h)
     const uint16_t* wd = static_cast<const uint16_t*>(wv);  // Pre: 16 kp bf16 per block, blocks apart
@@ -1001,36 +1000,21 @@ struct Bf16DotF8TileT {
 #pragma GCC unroll 4
         for (int b = 0; b < NR; ++b) exp0[b] = f8_block_exp0(qs.f32() + b * qs.sstride + static_cast<size_t>(gi) * 16);
       }
-      for (int k = g0; k < g1; k += 4) {
+      // The group's whole chunks, then, where kp (the activations' even k) ends on a k pair inside
+      // the last chunk, that chunk's first pair alone (the activations stop there); and the whole
+      // chunks without the exponent-0 fix-up where none of the tile's blocks needs it in the group.
+      // The same dot products in the same order either way: the x broadcasts are shared by the NR
+      // blocks and the per-chunk tests leave the loop.
+      const int gw = g0 + (g1 - g0) / 4 * 4;
+      bool any0 = false;
 #pragma GCC unroll 4
-        for (int b = 0; b < NR; ++b) {
-          __m512i wa, wb;
-          if constexpr (Pre) {
-            const uint16_t* d = wd + b * bstride + static_cast<size_t>(k) * 16;  // chunk k / 4
-            wa = _mm512_load_si512(d);
-            wb = _mm512_load_si512(d + 32);
-          } else {
-            // Chunk k / 4 of block b: the group's chunks are 64 NR bytes, one sequential stream.
-            const uint8_t* p = w + static_cast<size_t>(k) * 16 * NR + kChunk8 * b;
-            if constexpr (MR == 1) prefetch_l2<1>(p + kF8OneRowPrefetch);
-            f8_pairs(p, exp0[b], fc, &wa, &wb);
-          }
-#pragma GCC unroll 8
-          for (int r = 0; r < MR; ++r) {
-            const __m512i xa = _mm512_set1_epi32(*reinterpret_cast<const pair_t*>(x + r * ldx + k));
-            acc[r][b] = _mm512_dpbf16_ps(acc[r][b], (__m512bh)xa, (__m512bh)wa);
-          }
-          // NOTE: kp (the activations' even k) may end on a k pair inside the last chunk; the
-          // activations stop there, so its second pair is not read.
-          if (__builtin_expect(k + 2 < g1, 1)) {
-#pragma GCC unroll 8
-            for (int r = 0; r < MR; ++r) {
-              const __m512i xb = _mm512_set1_epi32(*reinterpret_cast<const pair_t*>(x + r * ldx + k + 2));
-              acc[r][b] = _mm512_dpbf16_ps(acc[r][b], (__m512bh)xb, (__m512bh)wb);
-            }
-          }
-        }
+      for (int b = 0; b < NR; ++b) any0 = any0 || exp0[b];
+      if (any0) {
+        for (int k = g0; k < gw; k += 4) chunk<MR, NR, true, true>(x, ldx, w, wd, bstride, k, exp0, fc, acc);
+      } else {
+        for (int k = g0; k < gw; k += 4) chunk<MR, NR, true, false>(x, ldx, w, wd, bstride, k, exp0, fc, acc);
       }
+      if (gw < g1) chunk<MR, NR, false, true>(x, ldx, w, wd, bstride, gw, exp0, fc, acc);
       __asm__ volatile("" ::: "memory");  // reload the tile (see VnniTile)
 #pragma GCC unroll 4
       for (int b = 0; b < NR; ++b) {
@@ -1040,6 +1024,41 @@ struct Bf16DotF8TileT {
         for (int r = 0; r < MR; ++r) {
           float* t = tile + r * kTileLd + b * 16;
           _mm512_store_ps(t, _mm512_fmadd_ps(acc[r][b], sc, _mm512_load_ps(t)));
+        }
+      }
+    }
+  }
+
+  // Chunk k / 4 of the tile's NR blocks into acc: its (k, k + 1) pairs, and with Two its (k + 2,
+  // k + 3) ones; Fix: the exponent-0 fix-up where exp0[b] says (else no block needs it).
+  template <int MR, int NR, bool Two, bool Fix>
+  EXPERTD_AVX512BF16 __attribute__((always_inline)) static inline void chunk(
+      const uint16_t* x, size_t ldx, const uint8_t* w, const uint16_t* wd, size_t bstride, int k,
+      const bool* exp0, const F8PairConsts& fc, __m512 (&acc)[MR][NR]) {
+    typedef int32_t __attribute__((may_alias, aligned(2))) pair_t;
+#pragma GCC unroll 4
+    for (int b = 0; b < NR; ++b) {
+      __m512i wa, wb;
+      if constexpr (Pre) {
+        const uint16_t* d = wd + b * bstride + static_cast<size_t>(k) * 16;  // chunk k / 4
+        wa = _mm512_load_si512(d);
+        wb = _mm512_load_si512(d + 32);
+      } else {
+        // Chunk k / 4 of block b: the group's chunks are 64 NR bytes, one sequential stream.
+        const uint8_t* p = w + static_cast<size_t>(k) * 16 * NR + kChunk8 * b;
+        if constexpr (MR == 1) prefetch_l2<1>(p + kF8OneRowPrefetch);
+        f8_pairs(p, Fix && exp0[b], fc, &wa, &wb);
+      }
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const __m512i xa = _mm512_set1_epi32(*reinterpret_cast<const pair_t*>(x + r * ldx + k));
+        acc[r][b] = _mm512_dpbf16_ps(acc[r][b], (__m512bh)xa, (__m512bh)wa);
+      }
+      if constexpr (Two) {
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; ++r) {
+          const __m512i xb = _mm512_set1_epi32(*reinterpret_cast<const pair_t*>(x + r * ldx + k + 2));
+          acc[r][b] = _mm512_dpbf16_ps(acc[r][b], (__m512bh)xb, (__m512bh)wb);
         }
       }
     }
