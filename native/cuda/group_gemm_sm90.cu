@@ -35,8 +35,12 @@ constexpr int kTileBBytes = kBN * kBK * 2;
 constexpr int kStageBytes = kTileABytes + kTileBBytes;
 // +1024: the dynamic shared memory base is rounded up to the 1024-byte swizzle atom.
 constexpr int kSmemBytes = kStages * kStageBytes + 1024;
-// Average rows per expert from which Auto picks this path (a calibration point, not measured yet).
-constexpr int kSm90RowsPerExpert = 128;
+// Auto takes this path above this many rows per expert on average: group_gemm.cu's small-tile
+// crossover. Measured on an H200 (2026-12-04, bench kernels --device cuda, Mixtral-8x7B and
+// DeepSeek-V3 expert shapes): at 16 rows/expert the mma.sync decode tile is faster (0.81 vs 1.02 ms,
+// 0.79 vs 0.82), and at every heavier load that auto gave the mma.sync 'large' tile, sm90-swizzle was
+// 1.6-3.5x faster (256 rows 1.27 vs 4.39 ms, 4096 rows 20.1 vs 70.7, Zipf-skewed 64 avg 0.99 vs 1.62).
+constexpr int kSm90RowsPerExpert = 16;
 // Row tiles of one expert that take the column tiles together in the group-M orders.
 [[maybe_unused]] constexpr int kGroupM = 8;
 // Tile orders: blockIdx = (column tile, row tile); one 1-D id per (row tile, column tile) in group-M
@@ -445,9 +449,13 @@ bool env_flag(const char* name) {
   return v != nullptr && v[0] != '\0' && std::strcmp(v, "0") != 0;
 }
 bool env_disabled() { return env_flag("EXPERTD_DISABLE_SM90"); }
-// NOTE: tile 'auto' takes the sm_90a kernels only when EXPERTD_SM90=1 until they have run on a GPU:
-// a kernel fault during the self-check would lose the device for the whole process.
-bool env_auto_enabled() { return env_flag("EXPERTD_SM90"); }
+// Tile 'auto' takes the sm_90a kernels (after the self-check passed) unless EXPERTD_SM90=0: they
+// have run on an H200 (2026-12-04: the self-check, every forced tile against float64, and
+// compute-sanitizer memcheck clean). EXPERTD_DISABLE_SM90=1 turns forced tiles off too.
+bool env_auto_enabled() {
+  const char* v = std::getenv("EXPERTD_SM90");
+  return v == nullptr || v[0] == '\0' || std::strcmp(v, "0") != 0;
+}
 
 // The static part of availability on device `dev` (compute capability, driver entry point, the
 // sm_90a code in this build), found once. Caller holds g_mu.
@@ -704,7 +712,7 @@ bool sm90_group_gemm_ffn(const uint16_t* x, const int32_t* offsets, const uint16
   const bool forced = is_sm90_tile(tile);
   if (tile != GemmTile::Auto && !forced) return false;
   if (tile == GemmTile::Auto && (expert_maps == nullptr || !env_auto_enabled() ||
-                                 rows < kSm90RowsPerExpert * std::max(1, num_experts) || env_disabled()))
+                                 rows <= kSm90RowsPerExpert * std::max(1, num_experts) || env_disabled()))
     return false;
   ensure_alive();
   s = or_default(s);
@@ -734,8 +742,10 @@ bool sm90_group_gemm_ffn(const uint16_t* x, const int32_t* offsets, const uint16
   EXPERTD_CHECK(reinterpret_cast<uintptr_t>(x) % 16 == 0, ErrorCode::InvalidArg,
                 "group_gemm: x must be 16-byte aligned");
   if (rows <= 0) return true;
+  // Auto runs the group-M swizzled order: the fastest order at every load measured on the H200
+  // (256 rows/expert 1.27 vs 1.47 ms grid order, 4096 rows 20.1 vs 24.4; persistent in between).
   run_sm90(x, offsets, gate_up, down, num_experts, rows, hidden, inter, h_scratch, y, expert_maps,
-           nullptr, order_of(tile), s);
+           nullptr, order_of(tile == GemmTile::Auto ? GemmTile::Sm90Swizzle : tile), s);
   return true;
 }
 

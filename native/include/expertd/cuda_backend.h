@@ -208,8 +208,7 @@ Sm90Status sm90_status();
 // broken kernel shows as 'failed' with a reason rather than as the first forced call's fault.
 Sm90Status sm90_self_check();
 // Whether expert maps are worth building on the current device (Unchecked or Passed): for a
-// forced 'sm90' call, or for 'auto' when EXPERTD_SM90=1 opts in (off by default until the
-// kernels have run on a GPU).
+// forced 'sm90' call, or for 'auto' (unless EXPERTD_SM90=0 opts out).
 bool sm90_maps_wanted(bool forced);
 // A TMA descriptor (CUtensorMap: 128 opaque bytes, 64-byte aligned) of one expert's weights:
 // gate_up [2 inter, hidden] or down [hidden, inter] bf16 at `weights` (device). nullptr weights
