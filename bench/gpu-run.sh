@@ -9,6 +9,7 @@
 #   quant     bench kernels-quant: the quantized GroupGemm per format vs bf16 and torch (_scaled_mm) -> kernels-cuda.md
 #   deltanet  bench kernels-deltanet: the chunked gated delta rule prefill (4096 tokens) and decode b1/b64 vs HF's torch functions and fla -> kernels-cuda.md
 #   serve     bench gpu-serve: serve --device cuda vs --device cpu through the API -> gpu-serve.json
+#   logits    bench device-logits: the device's logits on the bench checkpoints vs the CPU f32 engine (run.log)
 #   engine    the device engine tests (cuda-model, cuda-offload, cuda-serve) -> tests.txt
 #   sanitize  compute-sanitizer memcheck on the op tests, with the time left -> sanitize.txt
 # Emulator-only tests are skipped (EXPERTD_SKIP_EMULATOR=1). Every step's rc and seconds go to
@@ -144,6 +145,14 @@ else
   step quant 60 bash -c "set -o pipefail; node dist/bench/index.js kernels-quant --rows 1,16,256 --reps 10 --warmup 2 --python '$py' | tee -a '$out/kernels-cuda.md'"
   step deltanet 60 bash -c "set -o pipefail; node dist/bench/index.js kernels-deltanet --reps 10 --warmup 3 --python '$py' | tee -a '$out/kernels-cuda.md'"
   step serve 120 node dist/bench/index.js gpu-serve --json "$out/gpu-serve.json"
+fi
+# The device's logits on the bench checkpoints against the CPU f32 engine (is a greedy difference a
+# near-tie or a fault?), bf16 and --quantize fp8 (dequantised and FP8-activation GroupGemm).
+if [ "$standin" = 1 ]; then
+  step logits 90 node dist/bench/index.js device-logits --models mixtral-like --formats bf16 --tokens 4
+else
+  # mixtral-like bf16 + fp8, 12 tokens: 93 s on the H200 machine (2026-12-04), most of it the CPU engines.
+  step logits 150 node dist/bench/index.js device-logits --models mixtral-like --formats bf16,fp8 --tokens 12
 fi
 step engine 90 tests engine dist/test/cuda-model.test.js dist/test/cuda-offload.test.js dist/test/cuda-serve.test.js
 if command -v compute-sanitizer >/dev/null; then
