@@ -11,7 +11,7 @@ import type { ForwardModel } from '../src/model/forward-batch.js';
 import { quantizeSpec } from '../src/model/quantize.js';
 import { ModelTokenizer } from '../src/model/tokenizer.js';
 import { loadNative, noCudaDeviceReason } from '../src/native/index.js';
-import { DirectRunner } from '../test/helpers/model-runner.js';
+import { DirectRunner, relToRange } from '../test/helpers/model-runner.js';
 import { BENCH_MODEL_NAMES, ensureBenchModel, type BenchModelName } from './bench-models.js';
 import { fmt, markdownTable, parsePositiveInt, runInfo, writeJson, type Cell } from './harness.js';
 
@@ -25,16 +25,6 @@ function argmaxAndGap(row: Float32Array): { argmax: number; gap: number; range: 
     if (row[j]! > row[a]!) { b = a; a = j; } else if (b < 0 || row[j]! > row[b]!) b = j;
   }
   return { argmax: a, gap: row[a]! - row[b]!, range: row[a]! - lo };
-}
-
-function relToRange(ours: Float32Array, ref: Float32Array): number {
-  let lo = Infinity, hi = -Infinity, worst = 0;
-  for (let j = 0; j < ref.length; j++) {
-    lo = Math.min(lo, ref[j]!);
-    hi = Math.max(hi, ref[j]!);
-    worst = Math.max(worst, Math.abs(ours[j]! - ref[j]!));
-  }
-  return worst / (hi - lo);
 }
 
 /** Logits after the prompt and after each of `ids` but the last: one prefill step, every row kept. */

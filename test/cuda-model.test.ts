@@ -16,7 +16,7 @@ import { loadCudaModel, loadModel } from '../src/model/load.js';
 import { EpsPlanner } from '../src/moe/eps-planner.js';
 import { packageRoot, type CudaAddon } from '../src/native/index.js';
 import { createCudaEmulator, withLazyStreams } from './helpers/cuda-emu.js';
-import { DirectRunner, aloneAndBatched, argmax } from './helpers/model-runner.js';
+import { DirectRunner, aloneAndBatched, argmax, relToRange } from './helpers/model-runner.js';
 import { emulatorSkip, needsCudaDevice } from './helpers/cuda-skip.js';
 import { SAMPLING_CASES } from './helpers/sampling-cases.js';
 
@@ -49,16 +49,6 @@ const BF16_MEAN_REL_TOL = 0.02;
 // HF transformers' own bf16 run further still).
 const BF16_REL_TOL_BY_FAMILY: Record<string, number> = { gpt_oss: 0.06, qwen3_next: 0.06, qwen3_5_moe_text: 0.08 };
 const BF16_MEAN_REL_TOL_BY_FAMILY: Record<string, number> = { qwen3_next: 0.06, qwen3_5_moe_text: 0.04 };
-
-function relToRange(ours: ArrayLike<number>, ref: ArrayLike<number>): number {
-  let lo = Infinity, hi = -Infinity, worst = 0;
-  for (let i = 0; i < ref.length; i++) {
-    lo = Math.min(lo, ref[i]!);
-    hi = Math.max(hi, ref[i]!);
-    worst = Math.max(worst, Math.abs(ours[i]! - ref[i]!));
-  }
-  return worst / (hi - lo);
-}
 
 for (const b of backends) {
   for (const name of fixtures) {

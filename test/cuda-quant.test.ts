@@ -18,7 +18,7 @@ import { createCudaEmulator } from './helpers/cuda-emu.js';
 import { emulatorSkip, needsCudaBuild, needsCudaDevice } from './helpers/cuda-skip.js';
 import { e4m3, makeFp8Checkpoint, toE4m3 } from './helpers/fp8-checkpoint.js';
 import { dequantDenseSource, gptOssDequantExperts } from './helpers/device-dequant.js';
-import { DirectRunner } from './helpers/model-runner.js';
+import { DirectRunner, relToRange } from './helpers/model-runner.js';
 
 const fixturesDir = path.join(packageRoot(), 'test', 'fixtures');
 
@@ -423,16 +423,6 @@ test('the CUDA build takes a quant layout on CudaExpertTable (argument checks, n
 // activations both): measured on the emulator 0.21-0.35% of the logits' range on average, up to 0.9%
 // (int4 g128 on mixtral), where quantizing alone moves them 0.36% (int8) to 12.6% (int4 g128).
 const MEAN_REL_TOL = 0.006, WORST_REL_TOL = 0.02;
-
-function relToRange(ours: ArrayLike<number>, ref: ArrayLike<number>): number {
-  let lo = Infinity, hi = -Infinity, worst = 0;
-  for (let i = 0; i < ref.length; i++) {
-    lo = Math.min(lo, ref[i]!);
-    hi = Math.max(hi, ref[i]!);
-    worst = Math.max(worst, Math.abs(ours[i]! - ref[i]!));
-  }
-  return worst / (hi - lo);
-}
 
 interface GoldenCase { prompt_ids: number[] }
 

@@ -105,6 +105,17 @@ export function aloneAndBatched<C>(model: ForwardModel<C>, prompts: number[][], 
   return { alone, batched };
 }
 
+/** The largest |ours - ref| as a fraction of ref's range (max - min): the logit error the fidelity tests bound. */
+export function relToRange(ours: ArrayLike<number>, ref: ArrayLike<number>): number {
+  let lo = Infinity, hi = -Infinity, worst = 0;
+  for (let i = 0; i < ref.length; i++) {
+    lo = Math.min(lo, ref[i]!);
+    hi = Math.max(hi, ref[i]!);
+    worst = Math.max(worst, Math.abs(ours[i]! - ref[i]!));
+  }
+  return worst / (hi - lo);
+}
+
 export function argmax(x: Float32Array): number {
   let best = 0;
   for (let i = 1; i < x.length; i++) if (x[i]! > x[best]!) best = i;
