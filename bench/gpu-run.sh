@@ -142,7 +142,7 @@ if [ "$standin" = 1 ]; then
 else
   step kernels 120 bash -c "set -o pipefail; node dist/bench/index.js kernels --device cuda --rows 1,16,256,4096 --reps 5 --warmup 2 --python '$py' --json '$out/kernels-cuda.json' | tee '$out/kernels-cuda.md'"
   # Its table goes after the kernels step's in kernels-cuda.md (8 files at most come back).
-  step quant 60 bash -c "set -o pipefail; node dist/bench/index.js kernels-quant --rows 1,16,256 --reps 10 --warmup 2 --python '$py' | tee -a '$out/kernels-cuda.md'"
+  step quant 90 bash -c "set -o pipefail; node dist/bench/index.js kernels-quant --rows 1,16,256 --reps 10 --warmup 2 --python '$py' | tee -a '$out/kernels-cuda.md'"
   step deltanet 60 bash -c "set -o pipefail; node dist/bench/index.js kernels-deltanet --reps 10 --warmup 3 --python '$py' | tee -a '$out/kernels-cuda.md'"
   step serve 120 node dist/bench/index.js gpu-serve --json "$out/gpu-serve.json"
 fi

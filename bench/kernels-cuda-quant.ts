@@ -13,7 +13,8 @@ import { deviceQuant, quantExpertBytes, type DeviceQuant } from '../src/model/cu
 import { loadNative, type CudaAddon, type CudaFp8Path, type CudaQuantLayout } from '../src/native/index.js';
 import { runSpecScript } from './harness.js';
 
-interface Variant { name: string; layout: CudaQuantLayout | null; fp8Path: CudaFp8Path }
+/** gemv: the decode kernel (EXPERTD_QGEMV=1: no shared-memory weight tile; up to 2 rows per table expert on average). */
+interface Variant { name: string; layout: CudaQuantLayout | null; fp8Path: CudaFp8Path; gemv?: boolean }
 
 const VARIANTS: Record<string, Variant> = {
   bf16: { name: 'bf16', layout: null, fp8Path: 'auto' },
@@ -23,6 +24,10 @@ const VARIANTS: Record<string, Variant> = {
   fp8: { name: 'fp8 (dequant)', layout: { format: 'fp8' }, fp8Path: 'dequant' },
   'fp8-act': { name: 'fp8 (FP8 act)', layout: { format: 'fp8' }, fp8Path: 'act' },
   mxfp4: { name: 'mxfp4', layout: { format: 'mxfp4' }, fp8Path: 'dequant' },
+  'int8-gemv': { name: 'int8 (decode kernel)', layout: { format: 'int8' }, fp8Path: 'dequant', gemv: true },
+  'int4-gemv': { name: 'int4 g32 (decode kernel)', layout: { format: 'int4', group: 32 }, fp8Path: 'dequant', gemv: true },
+  'fp8-gemv': { name: 'fp8 (decode kernel)', layout: { format: 'fp8' }, fp8Path: 'dequant', gemv: true },
+  'mxfp4-gemv': { name: 'mxfp4 (decode kernel)', layout: { format: 'mxfp4' }, fp8Path: 'dequant', gemv: true },
 };
 
 interface Row {
@@ -39,7 +44,7 @@ export async function runKernelsQuant(argv: string[]): Promise<void> {
       device: { type: 'string', default: 'cuda:0' }, json: { type: 'string' }, reps: { type: 'string', default: '20' },
       warmup: { type: 'string', default: '3' }, rows: { type: 'string', default: '1,16,256' },
       shape: { type: 'string', default: 'qwen3-30b-like:2048:768:128:8' },
-      formats: { type: 'string', default: 'bf16,int8,int4,int4-g128,fp8,fp8-act,mxfp4' },
+      formats: { type: 'string', default: 'bf16,int8,int4,int4-g128,fp8,fp8-act,mxfp4,int8-gemv,int4-gemv,fp8-gemv,mxfp4-gemv' },
       python: { type: 'string' }, 'no-peer': { type: 'boolean', default: false },
       standin: { type: 'boolean', default: false },
     },
@@ -94,6 +99,8 @@ export async function runKernelsQuant(argv: string[]): Promise<void> {
       table.set(e, gu, dn);
       bufs.push(gu, dn);
     }
+    const savedGemv = process.env.EXPERTD_QGEMV;
+    process.env.EXPERTD_QGEMV = v.gemv ? '1' : '0';
     for (const r of rowsList) {
       const offs = Int32Array.from({ length: E + 1 }, (_, e) => Math.min(e, A) * r);
       cu.cudaCopyToDevice(offsets, 0, offs, st);
@@ -114,6 +121,8 @@ export async function runKernelsQuant(argv: string[]): Promise<void> {
         weightGBps: A * (bytes.gateUp + bytes.down) / (med * 1e6), tflops: 6 * A * r * H * I / (med * 1e9),
       });
     }
+    if (savedGemv === undefined) delete process.env.EXPERTD_QGEMV;
+    else process.env.EXPERTD_QGEMV = savedGemv;
     table.dispose();
     for (const b of bufs) b.dispose();
   }

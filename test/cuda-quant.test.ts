@@ -173,6 +173,20 @@ function kernelSuite(label: string, cu: () => CudaAddon, skip: string | false) {
       return Float32Array.from(u, bf16ToF32);
     };
 
+    // The decode kernel (a few rows per expert, no shared-memory weight tile) is opt-in with
+    // EXPERTD_QGEMV=1, read per call: the cases marked gemv run with it set.
+    const withGemv = <T>(on: boolean | undefined, f: () => T): T => {
+      if (!on) return f();
+      const old = process.env.EXPERTD_QGEMV;
+      process.env.EXPERTD_QGEMV = '1';
+      try {
+        return f();
+      } finally {
+        if (old === undefined) delete process.env.EXPERTD_QGEMV;
+        else process.env.EXPERTD_QGEMV = old;
+      }
+    };
+
     // y and hScratch of a GroupGemm against float64 (y 8e-3, h 1.5e-2 normalised), over the rows of
     // experts with weights; the rows of the weightless expert `empty` must stay poisoned (NaN).
     const checkFfn = (y: CudaBuffer, hs: CudaBuffer, refY: ArrayLike<number>, refH: ArrayLike<number>,
@@ -209,14 +223,17 @@ function kernelSuite(label: string, cu: () => CudaAddon, skip: string | false) {
       const q = deviceQuant(layout);
       const four = q.format === 'int4' || q.format === 'mxfp4';
       const name = `${q.format}${q.format === 'int4' ? ` g${q.group}` : ''}${q.format === 'fp8' ? ` ${q.blockRows}x${q.group}` : ''}`;
-      const shapes = [
+      const shapes: { E: number; H: number; I: number; counts: number[]; empty?: number; gemv?: boolean }[] = [
         { E: 4, H: 64, I: 32, counts: [0, 1, 17, 70] },
         // Expert 1 has rows but no weights: its rows stay unwritten.
         { E: 5, H: 96, I: four ? 64 : 48, counts: [3, 6, 0, 130, 2], empty: 1 },
+        // The decode kernel: 1 to 4 rows per expert (every row-count path), k past its 2048-value x
+        // stage (H 2112), an expert with rows and no weights.
+        { E: 6, H: 2112, I: four ? 64 : 48, counts: [1, 0, 3, 2, 2, 4], empty: 3, gemv: true },
       ];
       for (const c of shapes) {
-        for (const tile of ['small', 'large'] as const) {
-          test(`${name}: E=${c.E} H=${c.H} I=${c.I} counts=[${c.counts}] tile=${tile}`, () => {
+        for (const tile of c.gemv ? ['small'] as const : ['small', 'large'] as const) {
+          test(`${name}: E=${c.E} H=${c.H} I=${c.I} counts=[${c.counts}] tile=${tile}${c.gemv ? ', decode kernel (EXPERTD_QGEMV=1)' : ''}`, () => {
             const cu = api!;
             const { E, H, I, counts } = c;
             const rows = counts.reduce((a, b) => a + b, 0);
@@ -227,7 +244,7 @@ function kernelSuite(label: string, cu: () => CudaAddon, skip: string | false) {
             assert.deepEqual(table.quant, q.format === 'fp8' ? { format: 'fp8', group: q.group, blockRows: q.blockRows }
               : { format: q.format, group: q.group });
             const y = poisoned(rows * H), hs = poisoned(rows * I, 2);
-            cu.cudaGroupGemmFfn(upload(bf16Array(x)), upload(offsets), table, rows, hs, y, { tile });
+            withGemv(c.gemv, () => cu.cudaGroupGemmFfn(upload(bf16Array(x)), upload(offsets), table, rows, hs, y, { tile }));
             const ref = ffnRef(x, offsets, gu, dn, rows, H, I);
             // The kernels round each dequantised weight to bf16 (2^-9 relative) before the f32 sums.
             checkFfn(y, hs, ref.y, ref.h, offsets, rows, H, I, c.empty);
@@ -289,8 +306,9 @@ function kernelSuite(label: string, cu: () => CudaAddon, skip: string | false) {
       for (const c of [
         { E: 4, H: 64, I: 32, counts: [0, 1, 17, 70] },
         { E: 5, H: 96, I: four ? 64 : 48, counts: [3, 6, 0, 130, 2], empty: 1 },
-      ]) {
-        test(`${name}, biased clamped-SwiGLU experts (gpt-oss): E=${c.E} H=${c.H} I=${c.I} counts=[${c.counts}]`, () => {
+        { E: 5, H: 96, I: four ? 64 : 48, counts: [1, 2, 0, 3, 1], empty: 1, gemv: true },
+      ] as { E: number; H: number; I: number; counts: number[]; empty?: number; gemv?: boolean }[]) {
+        test(`${name}, biased clamped-SwiGLU experts (gpt-oss): E=${c.E} H=${c.H} I=${c.I} counts=[${c.counts}]${c.gemv ? ', decode kernel (EXPERTD_QGEMV=1)' : ''}`, () => {
           const cu = api!;
           const { E, H, I, counts } = c;
           const rows = counts.reduce((a, b) => a + b, 0);
@@ -301,8 +319,8 @@ function kernelSuite(label: string, cu: () => CudaAddon, skip: string | false) {
           const guBias = uniform(E * 2 * I, -9, 9), dnBias = uniform(E * H, -1, 1);
           const { table, gu, dn } = randomTable(q, layout, E, H, I, c.empty);
           const y = poisoned(rows * H), hs = poisoned(rows * I, 2), gus = poisoned(rows * 2 * I);
-          cu.cudaGroupGemmBiasedFfn(upload(bf16Array(x)), upload(offsets), table, rows, gus, hs, y,
-            { gateUpBias: upload(guBias), downBias: upload(dnBias), alpha, limit });
+          withGemv(c.gemv, () => cu.cudaGroupGemmBiasedFfn(upload(bf16Array(x)), upload(offsets), table, rows, gus, hs, y,
+            { gateUpBias: upload(guBias), downBias: upload(dnBias), alpha, limit }));
           // float64 reference: the activation as biased_ffn.cu's contract, h rounded to bf16 as stored.
           const refH = new Float64Array(rows * I), refY = new Float64Array(rows * H);
           let clamped = 0;
@@ -338,9 +356,11 @@ function kernelSuite(label: string, cu: () => CudaAddon, skip: string | false) {
     for (const layout of LAYOUTS) {
       const q = deviceQuant(layout);
       const name = `${q.format}${q.format === 'int4' ? ` g${q.group}` : ''}${q.format === 'fp8' ? ` ${q.blockRows}x${q.group}` : ''}`;
-      for (const [m, n, k] of [[1, 40, 64], [5, 96, 128], [70, 72, 96]] as const) {
+      // gemv: the decode kernel (m <= 2) with n not a multiple of its 16 columns per CTA.
+      for (const [m, n, k, gemv] of [[1, 40, 64, false], [5, 96, 128, false], [70, 72, 96, false], [1, 40, 64, true],
+        [2, 34, 2112, true]] as const) {
         if ((q.format === 'int4' || q.format === 'mxfp4') && k % 32) continue;
-        test(`${name}: cudaDenseGemmQuant m=${m} n=${n} k=${k}, bias and accumulate`, () => {
+        test(`${name}: cudaDenseGemmQuant m=${m} n=${n} k=${k}, bias and accumulate${gemv ? ', decode kernel (EXPERTD_QGEMV=1)' : ''}`, () => {
           const cu = api!;
           const x = bf16Round(uniform(m * k));
           const w = randomMatrix(q, n, k, false);
@@ -355,10 +375,10 @@ function kernelSuite(label: string, cu: () => CudaAddon, skip: string | false) {
             }
           const xb = upload(bf16Array(x)), wb = upload(w.blob);
           const y = upload(y0);
-          cu.cudaDenseGemmQuant(xb, m, wb, n, k, layout, y, upload(bias), true);
+          withGemv(gemv, () => cu.cudaDenseGemmQuant(xb, m, wb, n, k, layout, y, upload(bias), true));
           close('y (bias, accumulate)', f32Of(y, m * n), ref, 8e-3);
           const yp = poisoned(m * n);
-          cu.cudaDenseGemmQuant(xb, m, wb, n, k, layout, yp, null, false);
+          withGemv(gemv, () => cu.cudaDenseGemmQuant(xb, m, wb, n, k, layout, yp, null, false));
           close('y', f32Of(yp, m * n), refPlain, 8e-3);
           assert.equal(cu.cudaDeviceLost(), false);
         });

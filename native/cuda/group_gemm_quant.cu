@@ -554,6 +554,194 @@ void launch_fp8(const F8Args& a, bool gate_up, Stream s) {
   EXPERTD_CUDA_LAUNCH_CHECK();
 }
 
+// ---- The decode kernel (GEMV): a few rows per expert, no shared-memory weight tile ----------
+// Each warp streams the codes of kGemvWeightRows weight rows (gate_up: kGemvWeightRows / 2 gate rows
+// and the matching up rows) with 16-byte loads, lane l taking the chunks l, l + 32, ... along k,
+// dequantises them in registers to bf16(f32(code) x scale) (the tile kernels' values) and multiplies
+// them in f32 with x (bf16, kGemvKc values of each of the tile's rows staged in shared memory at a
+// time); a warp reduction at the end. A tile is up to kGemvRows rows of one expert (expert_row_tile),
+// so only the experts with rows get CTAs. Opt-in (EXPERTD_QGEMV=1) until it has run on a GPU.
+constexpr int kGemvRows = 4;
+constexpr int kGemvWarps = 4;
+constexpr int kGemvWeightRows = 4;
+constexpr int kGemvKc = 2048;
+
+__device__ __forceinline__ float bf16_round(float v) { return bf16_bits_to_f32(f32_to_bf16_bits(v)); }
+
+// Values 8s..8s+7 of a 16-byte code chunk, as bf16(f32(code) x sc).
+template <QFormat Q>
+__device__ __forceinline__ void gemv_dequant8(const uint4& c, int s, float sc, float (&w)[8]) {
+  const uint32_t words[4] = {c.x, c.y, c.z, c.w};
+  if (Q == QFormat::I8 || Q == QFormat::F8) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const uint32_t b = (words[2 * s + (i >> 2)] >> (8 * (i & 3))) & 0xffu;
+      const float v = Q == QFormat::I8 ? static_cast<float>(static_cast<int8_t>(b)) : e4m3_to_f32(b);
+      w[i] = bf16_round(__fmul_rn(v, sc));
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const uint32_t nib = (words[s] >> (4 * i)) & 0xfu;
+      const float v = Q == QFormat::I4 ? static_cast<float>(static_cast<int>(nib << 28) >> 28) : e2m1_to_f32(nib);
+      w[i] = bf16_round(__fmul_rn(v, sc));
+    }
+  }
+}
+
+// The warp's dot products over the tile's NR rows (NR <= kGemvRows), k in [0, K).
+template <QFormat Q, int NR>
+__device__ __forceinline__ void gemv_warp(const QArgs& a, const uint8_t* W, const int (&wrow)[kGemvWeightRows],
+                                          const bool (&ok)[kGemvWeightRows], const uint16_t* sx, int k0, int kc,
+                                          int lane, float (&acc)[kGemvWeightRows][kGemvRows]) {
+  constexpr int kBits = Q == QFormat::I4 || Q == QFormat::FP4 ? 4 : 8;
+  constexpr int KPC = 128 / kBits;  // k values per 16-byte code chunk
+  const size_t row_bytes = static_cast<size_t>(a.k) * kBits / 8;
+  for (int ch = lane; ch * KPC < kc; ch += 32) {
+    const int kl = ch * KPC;  // k within the staged chunk
+    uint4 code[kGemvWeightRows];
+    float sc[kGemvWeightRows];
+#pragma unroll
+    for (int j = 0; j < kGemvWeightRows; ++j) {
+      code[j] = make_uint4(0, 0, 0, 0);
+      sc[j] = 0.0f;
+      if (ok[j]) {
+        code[j] = __ldg(reinterpret_cast<const uint4*>(W + static_cast<size_t>(wrow[j]) * row_bytes + (k0 + kl) * kBits / 8));
+        sc[j] = scale_at<Q>(a, W, wrow[j], k0 + kl);
+      }
+    }
+#pragma unroll
+    for (int s8 = 0; s8 < KPC / 8; ++s8) {
+      float xv[NR][8];
+#pragma unroll
+      for (int r = 0; r < NR; ++r) {
+        const uint4 xr = *reinterpret_cast<const uint4*>(sx + r * kGemvKc + kl + 8 * s8);
+        const uint32_t xw[4] = {xr.x, xr.y, xr.z, xr.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          xv[r][2 * i] = __uint_as_float(xw[i] << 16);
+          xv[r][2 * i + 1] = __uint_as_float(xw[i] & 0xffff0000u);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kGemvWeightRows; ++j) {
+        float w[8];
+        gemv_dequant8<Q>(code[j], s8, sc[j], w);
+#pragma unroll
+        for (int r = 0; r < NR; ++r)
+#pragma unroll
+          for (int i = 0; i < 8; ++i) acc[j][r] = fmaf(w[i], xv[r][i], acc[j][r]);
+      }
+    }
+  }
+}
+
+template <QFormat Q, bool GATE_UP>
+__global__ void __launch_bounds__(kGemvWarps * 32) group_gemm_quant_gemv_kernel(const QArgs a) {
+  __shared__ __align__(16) uint16_t sx[kGemvRows * kGemvKc];
+  __shared__ int s_e, s_r0, s_r1;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  if (a.dense_w != nullptr) {
+    if (tid == 0) {
+      s_e = 0;
+      s_r0 = blockIdx.y * kGemvRows;
+      s_r1 = min(a.rows, s_r0 + kGemvRows);
+    }
+  } else if (warp == 0) {
+    expert_row_tile(a.offsets, a.num_experts, blockIdx.y, kGemvRows, lane, &s_e, &s_r0, &s_r1);
+  }
+  __syncthreads();
+  const int e = s_e, r0 = s_r0;
+  if (e < 0 || r0 >= s_r1) return;
+  const int nr = min(kGemvRows, s_r1 - r0);
+  const uint8_t* W = a.dense_w != nullptr ? a.dense_w : a.weights[e];
+  if (W == nullptr) return;  // an empty table slot: its rows of h / y stay as they were
+
+  // This warp's weight rows: gate_up, columns c0, c0 + 1 (gate rows c, up rows n + c); else columns
+  // c0 .. c0 + 3.
+  constexpr int CW = GATE_UP ? kGemvWeightRows / 2 : kGemvWeightRows;
+  const int c0 = (blockIdx.x * kGemvWarps + warp) * CW;
+  int wrow[kGemvWeightRows];
+  bool ok[kGemvWeightRows];
+#pragma unroll
+  for (int j = 0; j < kGemvWeightRows; ++j) {
+    const int c = c0 + (GATE_UP ? j % CW : j);
+    ok[j] = c < a.n;
+    wrow[j] = GATE_UP && j >= CW ? a.n + c : c;
+  }
+  float acc[kGemvWeightRows][kGemvRows];
+#pragma unroll
+  for (int j = 0; j < kGemvWeightRows; ++j)
+#pragma unroll
+    for (int r = 0; r < kGemvRows; ++r) acc[j][r] = 0.0f;
+
+  for (int k0 = 0; k0 < a.k; k0 += kGemvKc) {
+    const int kc = min(kGemvKc, a.k - k0);
+    __syncthreads();  // every warp is done with the previous chunk of x
+    // Rows past nr as zeros (nr == 3 runs the 4-row code; their sums are never written).
+    for (int u = tid; u < (nr == 3 ? kGemvRows : nr) * (kc / 8); u += kGemvWarps * 32) {
+      const int r = u / (kc / 8), c8 = (u % (kc / 8)) * 8;
+      *reinterpret_cast<uint4*>(sx + r * kGemvKc + c8) =
+          r < nr ? __ldg(reinterpret_cast<const uint4*>(a.x + static_cast<size_t>(r0 + r) * a.k + k0 + c8))
+                 : make_uint4(0, 0, 0, 0);
+    }
+    __syncthreads();
+    if (c0 >= a.n) continue;
+    if (nr == 1) gemv_warp<Q, 1>(a, W, wrow, ok, sx, k0, kc, lane, acc);
+    else if (nr == 2) gemv_warp<Q, 2>(a, W, wrow, ok, sx, k0, kc, lane, acc);
+    else gemv_warp<Q, kGemvRows>(a, W, wrow, ok, sx, k0, kc, lane, acc);
+  }
+  if (c0 >= a.n) return;
+#pragma unroll
+  for (int j = 0; j < kGemvWeightRows; ++j)
+#pragma unroll
+    for (int r = 0; r < kGemvRows; ++r)
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) acc[j][r] += __shfl_xor_sync(0xffffffffu, acc[j][r], off);
+  // Lane (r * CW + j) writes row r's column c0 + j.
+#pragma unroll
+  for (int r = 0; r < kGemvRows; ++r) {
+#pragma unroll
+    for (int j = 0; j < CW; ++j) {
+      if (lane != r * CW + j || r >= nr || !ok[j]) continue;
+      const int gr = r0 + r, col = c0 + j;
+      if (GATE_UP) {
+        static_cast<uint16_t*>(a.out)[static_cast<size_t>(gr) * a.n + col] =
+            f32_to_bf16_bits(silu(acc[j][r]) * acc[GATE_UP ? j + CW : j][r]);
+      } else {
+        float* out = static_cast<float*>(a.out) + static_cast<size_t>(gr) * a.n + col;
+        float v = acc[j][r];
+        if (a.bias != nullptr) v = __fadd_rn(v, a.bias[col]);
+        if (a.accumulate) v = __fadd_rn(v, *out);
+        *out = v;
+      }
+    }
+  }
+}
+
+// Whether the decode kernel takes this call: opted in (EXPERTD_QGEMV=1; read per call) and few rows
+// per expert on average.
+constexpr int kGemvRowsPerExpert = 2;
+bool gemv_wanted(int rows, int num_experts) {
+  const char* env = std::getenv("EXPERTD_QGEMV");
+  return env != nullptr && env[0] == '1' && rows <= kGemvRowsPerExpert * std::max(1, num_experts);
+}
+
+template <QFormat Q>
+void launch_gemv(const QArgs& a, bool gate_up, Stream s) {
+  const int cols_per_cta = kGemvWarps * (gate_up ? kGemvWeightRows / 2 : kGemvWeightRows);
+  const long long m_tiles = (a.rows + kGemvRows - 1) / kGemvRows + (a.dense_w ? 0 : std::min(a.num_experts, a.rows));
+  const long long n_tiles = (a.n + cols_per_cta - 1) / cols_per_cta;
+  EXPERTD_CHECK(m_tiles <= 65535, ErrorCode::InvalidArg,
+                "group_gemm_quant: too many row tiles (" + std::to_string(m_tiles) + "); split the call");
+  const dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(m_tiles));
+  if (gate_up)
+    group_gemm_quant_gemv_kernel<Q, true><<<grid, kGemvWarps * 32, 0, s>>>(a);
+  else
+    group_gemm_quant_gemv_kernel<Q, false><<<grid, kGemvWarps * 32, 0, s>>>(a);
+  EXPERTD_CUDA_LAUNCH_CHECK();
+}
+
 template <QFormat Q, int BM, int BN, int BK, int WARPS_M, int WARPS_N, int STAGES>
 void launch(const QArgs& a, bool gate_up, Stream s) {
   constexpr int kBits = Q == QFormat::I4 || Q == QFormat::FP4 ? 4 : 8;
@@ -579,7 +767,9 @@ constexpr int kSmallTileRowsPerExpert = 16;
 
 template <QFormat Q>
 void run_format(const QArgs& a, bool gate_up, bool small, Stream s) {
-  if (small)
+  if (small && gemv_wanted(a.rows, a.dense_w ? 1 : a.num_experts))
+    launch_gemv<Q>(a, gate_up, s);
+  else if (small)
     launch<Q, 16, 64, 64, 1, 4, 4>(a, gate_up, s);
   else
     launch<Q, 64, 128, 32, 2, 2, 3>(a, gate_up, s);
