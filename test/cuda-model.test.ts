@@ -14,7 +14,7 @@ import { EngineCore } from '../src/engine/engine-core.js';
 import type { EngineEvent } from '../src/engine/types.js';
 import { loadCudaModel, loadModel } from '../src/model/load.js';
 import { EpsPlanner } from '../src/moe/eps-planner.js';
-import { packageRoot, type CudaAddon } from '../src/native/index.js';
+import { loadNative, packageRoot, type CudaAddon } from '../src/native/index.js';
 import { createCudaEmulator, withLazyStreams } from './helpers/cuda-emu.js';
 import { DirectRunner, aloneAndBatched, argmax, relToRange } from './helpers/model-runner.js';
 import { emulatorSkip, needsCudaDevice } from './helpers/cuda-skip.js';
@@ -297,5 +297,43 @@ test('device model (emulator): EPS auto times both expert kernels on the device 
     model.dispose();
     if (saved === undefined) delete process.env.EXPERTD_CACHE_DIR;
     else process.env.EXPERTD_CACHE_DIR = saved;
+  }
+});
+
+test('device model (gpu): a long prefill on the sm_90a GroupGemm (tile auto) gives the mma.sync path\'s logits', { skip: needsCudaDevice }, (t) => {
+  // 160 tokens x top-2 over 8 experts: ~40 rows per expert, above the 16 from which tile auto takes
+  // sm90-swizzle (once its self-check passed); EXPERTD_SM90=0 keeps the same call on mma.sync.
+  const dir = path.join(fixturesDir, 'mixtral');
+  const { model, spec } = loadCudaModel(dir, { device: 0 });
+  const saved = process.env.EXPERTD_SM90;
+  try {
+    const prompt = Array.from({ length: 160 }, (_, i) => 3 + ((i * 7919 + 13) % (spec.vocabSize - 3)));
+    const run = (sm90: boolean) => {
+      if (sm90) delete process.env.EXPERTD_SM90;
+      else process.env.EXPERTD_SM90 = '0';
+      const r = new DirectRunner(model, 16, 64);
+      return r.step([r.newSeq()], [prompt], true);
+    };
+    const mma = run(false);
+    const wg = run(true);
+    const paths = (loadNative() as unknown as CudaAddon).cudaGemmPaths();
+    if (paths.sm90 !== 'passed') {
+      t.skip(`the sm_90a path is ${paths.sm90}${paths.reason ? ` (${paths.reason})` : ''} on this device: nothing to compare`);
+      return;
+    }
+    const V = spec.vocabSize, k = spec.moe.router.topK;
+    let sum = 0, same = 0;
+    for (let p = 0; p < prompt.length; p++) sum += relToRange(wg.logits.subarray(p * V, (p + 1) * V), mma.logits.subarray(p * V, (p + 1) * V));
+    for (let m = 0; m < mma.routedIds.length; m++)
+      for (let i = 0; i < prompt.length * k; i++) if (mma.routedIds[m]![i] === wg.routedIds[m]![i]) same++;
+    const all = mma.routedIds.length * prompt.length * k;
+    t.diagnostic(`sm90 vs mma.sync: mean ${(100 * sum / prompt.length).toFixed(4)}% of the logits' range, routing ${same}/${all}`);
+    // Same bf16 inputs, f32 sums in another order: as the device vs the CPU bf16 engine (0.5%, 97%).
+    assert.ok(sum / prompt.length <= 0.005, `logits off the mma.sync path's by ${(100 * sum / prompt.length).toFixed(3)}% on average`);
+    assert.ok(same / all >= 0.97, `routing agrees on ${same}/${all}`);
+  } finally {
+    if (saved === undefined) delete process.env.EXPERTD_SM90;
+    else process.env.EXPERTD_SM90 = saved;
+    model.dispose();
   }
 });
