@@ -110,6 +110,21 @@ __device__ __forceinline__ uint4 dequant8(const uint8_t* raw, float sc) {
                     pack_bf16(v[6], v[7]));
 }
 
+// This CTA's rows (blockIdx.y: a tile of bm rows): of one expert (expert_row_tile), or of the one
+// matrix of the plain GEMM (dense_w). Written to shared memory; every thread returns after the sync.
+__device__ __forceinline__ void tile_rows(const QArgs& a, int bm, int tid, int lane, int* e, int* r0, int* r1) {
+  if (a.dense_w != nullptr) {
+    if (tid == 0) {
+      *e = 0;
+      *r0 = blockIdx.y * bm;
+      *r1 = min(a.rows, *r0 + bm);
+    }
+  } else if (tid < 32) {
+    expert_row_tile(a.offsets, a.num_experts, blockIdx.y, bm, lane, e, r0, r1);
+  }
+  __syncthreads();
+}
+
 // CTA tile BM rows x BN weight rows, BK deep; warps WARPS_M x WARPS_N; a STAGES-deep cp.async ring
 // of x tiles and raw code tiles, and one bf16 weight tile that the CTA dequantises each k step.
 // gate_up: the BN weight rows of a CTA are BN/2 gate rows then the matching BN/2 up rows.
@@ -137,16 +152,7 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp / WARPS_N, wn = warp % WARPS_N;
-  if (a.dense_w != nullptr) {
-    if (tid == 0) {
-      s_e = 0;
-      s_r0 = blockIdx.y * BM;
-      s_r1 = min(a.rows, s_r0 + BM);
-    }
-  } else if (warp == 0) {
-    expert_row_tile(a.offsets, a.num_experts, blockIdx.y, BM, lane, &s_e, &s_r0, &s_r1);
-  }
-  __syncthreads();
+  tile_rows(a, BM, tid, lane, &s_e, &s_r0, &s_r1);
   const int e = s_e, r0 = s_r0, r1 = s_r1;
   if (e < 0 || r0 >= r1) return;
   const uint8_t* W = a.dense_w != nullptr ? a.dense_w : a.weights[e];
@@ -641,16 +647,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) group_gemm_quant_gemv_kernel(
   __shared__ __align__(16) uint16_t sx[kGemvRows * kGemvKc];
   __shared__ int s_e, s_r0, s_r1;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  if (a.dense_w != nullptr) {
-    if (tid == 0) {
-      s_e = 0;
-      s_r0 = blockIdx.y * kGemvRows;
-      s_r1 = min(a.rows, s_r0 + kGemvRows);
-    }
-  } else if (warp == 0) {
-    expert_row_tile(a.offsets, a.num_experts, blockIdx.y, kGemvRows, lane, &s_e, &s_r0, &s_r1);
-  }
-  __syncthreads();
+  tile_rows(a, kGemvRows, tid, lane, &s_e, &s_r0, &s_r1);
   const int e = s_e, r0 = s_r0;
   if (e < 0 || r0 >= s_r1) return;
   const int nr = min(kGemvRows, s_r1 - r0);
