@@ -9,6 +9,7 @@
 #   quant     bench kernels-quant: the quantized GroupGemm per format vs bf16 and torch (_scaled_mm) -> kernels-cuda.md
 #   deltanet  bench kernels-deltanet: the chunked gated delta rule prefill (4096 tokens) and decode b1/b64 vs HF's torch functions and fla -> kernels-cuda.md
 #   serve     bench gpu-serve: serve --device cuda vs --device cpu through the API -> gpu-serve.json
+#   devstep   bench device-step: host time per decode step in cuda* calls, waits and JS (run.log)
 #   logits    bench device-logits: the device's logits on the bench checkpoints vs the CPU f32 engine (run.log)
 #   engine    the device engine tests (cuda-model, cuda-offload, cuda-serve) -> tests.txt
 #   sanitize  compute-sanitizer memcheck on the op tests, with the time left -> sanitize.txt
@@ -145,6 +146,12 @@ else
   step quant 90 bash -c "set -o pipefail; node dist/bench/index.js kernels-quant --rows 1,16,256 --reps 10 --warmup 2 --python '$py' | tee -a '$out/kernels-cuda.md'"
   step deltanet 60 bash -c "set -o pipefail; node dist/bench/index.js kernels-deltanet --reps 10 --warmup 3 --python '$py' | tee -a '$out/kernels-cuda.md'"
   step serve 120 node dist/bench/index.js gpu-serve --json "$out/gpu-serve.json"
+fi
+# Where a decode step's host time goes (launch-bound or not: what CUDA graphs would remove).
+if [ "$standin" = 1 ]; then
+  step devstep 60 node dist/bench/index.js device-step --standin --batches 1,8 --steps 4 --prompt-len 16
+else
+  step devstep 60 node dist/bench/index.js device-step --model mixtral-like --batches 1,8 --steps 32 --prompt-len 128
 fi
 # The device's logits on the bench checkpoints against the CPU f32 engine (is a greedy difference a
 # near-tie or a fault?), bf16 and --quantize fp8 (dequantised and FP8-activation GroupGemm).

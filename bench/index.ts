@@ -4,6 +4,7 @@ import { runCommBench } from './comm.js';
 import { runDeltanet } from './deltanet.js';
 import { runDecodeStep } from './decode-step.js';
 import { runDeviceLogits } from './device-logits.js';
+import { runDeviceStep } from './device-step.js';
 import { runE2e } from './e2e.js';
 import { runEp } from './ep.js';
 import { runFidelity } from './fidelity.js';
@@ -27,6 +28,7 @@ const BENCHES: Record<string, { run: (argv: string[]) => Promise<void>; about: s
   comm: { run: runCommBench, about: 'all2allv over Gloo (2, 3 rank processes) vs the in-process loopback group at one MoE layer\'s dispatch sizes of the bench models [--json F] [--reps N] [--warmup N] [--tokens 1,8,64,512] [--worlds 2,3] [--models a,b]' },
   deltanet: { run: runDeltanet, about: 'Gated DeltaNet ops of a qwen3_next-like layer (conv, delta rule, gated norm): prefill 512 and decode b1/b8 vs HF transformers\' torch functions (optional) and the state\'s read bound [--json F] [--reps N] [--warmup N] [--tokens T] [--batches 1,8] [--decay 1.5] [--threads N] [--python PATH] [--no-peer]' },
   'device-logits': { run: runDeviceLogits, about: 'the device engine\'s logits on the bench checkpoints, teacher-forced along the CPU f32 engine\'s greedy continuation, vs that f32 engine beside the CPU bf16 mode: error of the logits\' range, argmax agreement, top-2 gaps (is a greedy difference a near-tie or a fault?) [--json F] [--models a,b] [--prompt TEXT] [--tokens N] [--no-device]' },
+  'device-step': { run: runDeviceStep, about: 'GPU: where a decode step of the device engine spends its host time: each cuda* call timed on the host, stream/event waits apart, the JS between (launch-bound or not?) [--json F] [--model NAME] [--batches 1,8] [--steps N] [--prompt-len N] [--standin: the CPU emulator on the mixtral fixture, plumbing only]' },
   e2e: { run: runE2e, about: 'whole model (bench checkpoints, bf16): prefill 512, decode b1/b8 vs the bandwidth bound and HF transformers [--json F] [--plot F.png] [--reps N] [--python PATH] [--no-peer] [--models a,b] [--steps N] [--batches 1,8]; with --formats bf16,int8,fp8,int4: the quant bench below; --profile [--formats bf16,int4-full]: per-op time shares of prefill and decode' },
   ep: { run: runEp, about: 'EPS-MoE pipeline (PN 1, best, planner) and ScMoE overlap over in-process ranks, real and SIMULATED links (25/50/150 GB/s) [--json F] [--plot F.png: step time vs PN, and F-timeline.png: one step of the pipeline per MoE layer] [--reps N] [--warmup N] [--tokens T] [--ranks N] [--chunks 1,2,4] [--link-scale 1,auto] [--no-real] [--no-scmoe]' },
   fidelity: { run: runFidelity, about: 'the device engine on every fixture vs HF goldens and the CPU bf16 engine (logit error, routing agreement), on the emulator of the cuda* ops [--gpu: the real device; --kv: the CPU engine per KV cache dtype; --quant: top-1 and KL vs the f32 model per --quantize format, mode and KV dtype; --trained: the same on test/fixtures-trained]' },
