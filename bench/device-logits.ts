@@ -11,6 +11,7 @@ import type { ForwardModel } from '../src/model/forward-batch.js';
 import { quantizeSpec } from '../src/model/quantize.js';
 import { ModelTokenizer } from '../src/model/tokenizer.js';
 import { loadNative, noCudaDeviceReason } from '../src/native/index.js';
+import { withEnv } from '../test/helpers/env.js';
 import { DirectRunner, relToRange } from '../test/helpers/model-runner.js';
 import { BENCH_MODEL_NAMES, ensureBenchModel, type BenchModelName } from './bench-models.js';
 import { fmt, markdownTable, parsePositiveInt, runInfo, writeJson, type Cell } from './harness.js';
@@ -58,11 +59,6 @@ export async function runDeviceLogits(argv: string[]): Promise<void> {
   // the same quantized weights (exact dequantised codes x scales, f32 activations).
   const specs = formats.map((f) => [f, f === 'bf16' ? null : quantizeSpec(f, 32)] as const);
   const rows: Row[] = [];
-  const withEnv = <T>(name: string, value: string | undefined, f: () => T): T => {
-    const old = process.env[name];
-    if (value === undefined) delete process.env[name]; else process.env[name] = value;
-    try { return f(); } finally { if (old === undefined) delete process.env[name]; else process.env[name] = old; }
-  };
   for (const name of names) {
     const dir = ensureBenchModel(name as BenchModelName, (s) => console.log(`# ${s}`));
     const prompt = ModelTokenizer.load(dir).encode(values.prompt);

@@ -11,6 +11,7 @@ import { parseArgs } from 'node:util';
 
 import { deviceQuant, quantExpertBytes, type DeviceQuant } from '../src/model/cuda-quant.js';
 import { loadNative, type CudaAddon, type CudaFp8Path, type CudaQuantLayout } from '../src/native/index.js';
+import { withEnv } from '../test/helpers/env.js';
 import { runSpecScript } from './harness.js';
 
 /** gemv: the decode kernel (EXPERTD_QGEMV=1: no shared-memory weight tile; up to 2 rows per table expert on average). */
@@ -99,30 +100,28 @@ export async function runKernelsQuant(argv: string[]): Promise<void> {
       table.set(e, gu, dn);
       bufs.push(gu, dn);
     }
-    const savedGemv = process.env.EXPERTD_QGEMV;
-    process.env.EXPERTD_QGEMV = v.gemv ? '1' : '0';
-    for (const r of rowsList) {
-      const offs = Int32Array.from({ length: E + 1 }, (_, e) => Math.min(e, A) * r);
-      cu.cudaCopyToDevice(offsets, 0, offs, st);
-      const call = () => cu.cudaGroupGemmFfn(x, offsets, table, A * r, hs, y, { fp8Path: v.fp8Path }, st);
-      for (let i = 0; i < warmup; i++) call();
-      const ms: number[] = [];
-      for (let i = 0; i < reps; i++) {
-        t0.record(st);
-        call();
-        t1.record(st);
-        t1.synchronize();
-        ms.push(t1.elapsedMs(t0));
+    withEnv('EXPERTD_QGEMV', v.gemv ? '1' : '0', () => {
+      for (const r of rowsList) {
+        const offs = Int32Array.from({ length: E + 1 }, (_, e) => Math.min(e, A) * r);
+        cu.cudaCopyToDevice(offsets, 0, offs, st);
+        const call = () => cu.cudaGroupGemmFfn(x, offsets, table, A * r, hs, y, { fp8Path: v.fp8Path }, st);
+        for (let i = 0; i < warmup; i++) call();
+        const ms: number[] = [];
+        for (let i = 0; i < reps; i++) {
+          t0.record(st);
+          call();
+          t1.record(st);
+          t1.synchronize();
+          ms.push(t1.elapsedMs(t0));
+        }
+        ms.sort((a, b) => a - b);
+        const med = quantile(ms, 0.5);
+        results.push({
+          variant: v.name, rowsPerExpert: r, medianMs: med, p10Ms: quantile(ms, 0.1), p90Ms: quantile(ms, 0.9),
+          weightGBps: A * (bytes.gateUp + bytes.down) / (med * 1e6), tflops: 6 * A * r * H * I / (med * 1e9),
+        });
       }
-      ms.sort((a, b) => a - b);
-      const med = quantile(ms, 0.5);
-      results.push({
-        variant: v.name, rowsPerExpert: r, medianMs: med, p10Ms: quantile(ms, 0.1), p90Ms: quantile(ms, 0.9),
-        weightGBps: A * (bytes.gateUp + bytes.down) / (med * 1e6), tflops: 6 * A * r * H * I / (med * 1e9),
-      });
-    }
-    if (savedGemv === undefined) delete process.env.EXPERTD_QGEMV;
-    else process.env.EXPERTD_QGEMV = savedGemv;
+    });
     table.dispose();
     for (const b of bufs) b.dispose();
   }

@@ -16,6 +16,7 @@ import { loadCudaModel, loadModel } from '../src/model/load.js';
 import { EpsPlanner } from '../src/moe/eps-planner.js';
 import { loadNative, packageRoot, type CudaAddon } from '../src/native/index.js';
 import { createCudaEmulator, withLazyStreams } from './helpers/cuda-emu.js';
+import { withEnv } from './helpers/env.js';
 import { DirectRunner, aloneAndBatched, argmax, relToRange } from './helpers/model-runner.js';
 import { emulatorSkip, needsCudaDevice } from './helpers/cuda-skip.js';
 import { SAMPLING_CASES } from './helpers/sampling-cases.js';
@@ -305,15 +306,12 @@ test('device model (gpu): a long prefill on the sm_90a GroupGemm (tile auto) giv
   // sm90-swizzle (once its self-check passed); EXPERTD_SM90=0 keeps the same call on mma.sync.
   const dir = path.join(fixturesDir, 'mixtral');
   const { model, spec } = loadCudaModel(dir, { device: 0 });
-  const saved = process.env.EXPERTD_SM90;
   try {
     const prompt = Array.from({ length: 160 }, (_, i) => 3 + ((i * 7919 + 13) % (spec.vocabSize - 3)));
-    const run = (sm90: boolean) => {
-      if (sm90) delete process.env.EXPERTD_SM90;
-      else process.env.EXPERTD_SM90 = '0';
+    const run = (sm90: boolean) => withEnv('EXPERTD_SM90', sm90 ? undefined : '0', () => {
       const r = new DirectRunner(model, 16, 64);
       return r.step([r.newSeq()], [prompt], true);
-    };
+    });
     const mma = run(false);
     const wg = run(true);
     const paths = (loadNative() as unknown as CudaAddon).cudaGemmPaths();
@@ -332,8 +330,6 @@ test('device model (gpu): a long prefill on the sm_90a GroupGemm (tile auto) giv
     assert.ok(sum / prompt.length <= 0.005, `logits off the mma.sync path's by ${(100 * sum / prompt.length).toFixed(3)}% on average`);
     assert.ok(same / all >= 0.97, `routing agrees on ${same}/${all}`);
   } finally {
-    if (saved === undefined) delete process.env.EXPERTD_SM90;
-    else process.env.EXPERTD_SM90 = saved;
     model.dispose();
   }
 });

@@ -18,6 +18,7 @@ import { createCudaEmulator } from './helpers/cuda-emu.js';
 import { emulatorSkip, needsCudaBuild, needsCudaDevice } from './helpers/cuda-skip.js';
 import { e4m3, makeFp8Checkpoint, toE4m3 } from './helpers/fp8-checkpoint.js';
 import { dequantDenseSource, gptOssDequantExperts } from './helpers/device-dequant.js';
+import { withEnv } from './helpers/env.js';
 import { DirectRunner, relToRange } from './helpers/model-runner.js';
 
 const fixturesDir = path.join(packageRoot(), 'test', 'fixtures');
@@ -175,17 +176,7 @@ function kernelSuite(label: string, cu: () => CudaAddon, skip: string | false) {
 
     // The decode kernel (a few rows per expert, no shared-memory weight tile) is opt-in with
     // EXPERTD_QGEMV=1, read per call: the cases marked gemv run with it set.
-    const withGemv = <T>(on: boolean | undefined, f: () => T): T => {
-      if (!on) return f();
-      const old = process.env.EXPERTD_QGEMV;
-      process.env.EXPERTD_QGEMV = '1';
-      try {
-        return f();
-      } finally {
-        if (old === undefined) delete process.env.EXPERTD_QGEMV;
-        else process.env.EXPERTD_QGEMV = old;
-      }
-    };
+    const withGemv = <T>(on: boolean | undefined, f: () => T): T => (on ? withEnv('EXPERTD_QGEMV', '1', f) : f());
 
     // y and hScratch of a GroupGemm against float64 (y 8e-3, h 1.5e-2 normalised), over the rows of
     // experts with weights; the rows of the weightless expert `empty` must stay poisoned (NaN).

@@ -10,6 +10,7 @@ import type { CudaAddon, CudaBuffer, CudaGemmPaths, CudaGemmTile, NativeAddon } 
 import { mulberry32 } from '../src/engine/rng.js';
 import { createCudaEmulator } from './helpers/cuda-emu.js';
 import { emulatorSkip, needsCudaDevice } from './helpers/cuda-skip.js';
+import { withEnv } from './helpers/env.js';
 import { fileSeed } from './helpers/seed.js';
 
 const native = loadNative();
@@ -208,14 +209,10 @@ for (const tile of SM90_TILES) {
 test('a prefill shape on tile auto (after the self-check passed) matches float64', { skip: forcedSkip }, () => {
   // rows > 16 per expert on average: the shape for which auto picks the sm_90a kernels (default on;
   // EXPERTD_SM90=0 opts out); and a decode shape, on the mma.sync small tile.
-  const saved = process.env.EXPERTD_SM90;
-  delete process.env.EXPERTD_SM90;
-  try {
+  withEnv('EXPERTD_SM90', undefined, () => {
     runCase({ E: 4, H: 256, I: 192, counts: [300, 0, 190, 70] }, 'auto');
     runCase({ E: 4, H: 256, I: 192, counts: [20, 0, 1, 30] }, 'auto');
-  } finally {
-    if (saved !== undefined) process.env.EXPERTD_SM90 = saved;
-  }
+  });
   const p = cu.cudaGemmPaths();
   assert.equal(p.sm90, 'passed', `self-check: ${p.sm90}${p.reason ? ` (${p.reason})` : ''}`);
 });

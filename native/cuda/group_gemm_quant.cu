@@ -78,6 +78,16 @@ __device__ __forceinline__ float scale_at(const QArgs& a, const uint8_t* W, int 
   return e8m0_to_f32(s[static_cast<size_t>(wrow) * a.scale_cols + c / 32]);
 }
 
+// One code's value before its scale: a byte (I8 int8, F8 e4m3fn) or a nibble (I4 two's complement,
+// FP4 e2m1).
+template <QFormat Q>
+__device__ __forceinline__ float code_value(uint32_t c) {
+  if (Q == QFormat::I8) return static_cast<float>(static_cast<int8_t>(c));
+  if (Q == QFormat::F8) return e4m3_to_f32(c);
+  if (Q == QFormat::I4) return static_cast<float>(static_cast<int>(c << 28) >> 28);
+  return e2m1_to_f32(c);
+}
+
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return static_cast<uint32_t>(f32_to_bf16_bits(lo)) |
          (static_cast<uint32_t>(f32_to_bf16_bits(hi)) << 16);
@@ -92,18 +102,13 @@ __device__ __forceinline__ uint4 dequant8(const uint8_t* raw, float sc) {
     const uint2 w = *reinterpret_cast<const uint2*>(raw);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      const uint32_t b = ((i < 4 ? w.x : w.y) >> (8 * (i & 3))) & 0xffu;
-      const float c = Q == QFormat::I8 ? static_cast<float>(static_cast<int8_t>(b)) : e4m3_to_f32(b);
-      v[i] = __fmul_rn(c, sc);
+      v[i] = __fmul_rn(code_value<Q>(((i < 4 ? w.x : w.y) >> (8 * (i & 3))) & 0xffu), sc);
     }
   } else {
     const uint32_t w = *reinterpret_cast<const uint32_t*>(raw);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      const uint32_t nib = (w >> (4 * i)) & 0xfu;
-      const float c = Q == QFormat::I4 ? static_cast<float>(static_cast<int>(nib << 28) >> 28)
-                                       : e2m1_to_f32(nib);
-      v[i] = __fmul_rn(c, sc);
+      v[i] = __fmul_rn(code_value<Q>((w >> (4 * i)) & 0xfu), sc);
     }
   }
   return make_uint4(pack_bf16(v[0], v[1]), pack_bf16(v[2], v[3]), pack_bf16(v[4], v[5]),
@@ -578,20 +583,11 @@ __device__ __forceinline__ float bf16_round(float v) { return bf16_bits_to_f32(f
 template <QFormat Q>
 __device__ __forceinline__ void gemv_dequant8(const uint4& c, int s, float sc, float (&w)[8]) {
   const uint32_t words[4] = {c.x, c.y, c.z, c.w};
-  if (Q == QFormat::I8 || Q == QFormat::F8) {
+  constexpr bool kByte = Q == QFormat::I8 || Q == QFormat::F8;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const uint32_t b = (words[2 * s + (i >> 2)] >> (8 * (i & 3))) & 0xffu;
-      const float v = Q == QFormat::I8 ? static_cast<float>(static_cast<int8_t>(b)) : e4m3_to_f32(b);
-      w[i] = bf16_round(__fmul_rn(v, sc));
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const uint32_t nib = (words[s] >> (4 * i)) & 0xfu;
-      const float v = Q == QFormat::I4 ? static_cast<float>(static_cast<int>(nib << 28) >> 28) : e2m1_to_f32(nib);
-      w[i] = bf16_round(__fmul_rn(v, sc));
-    }
+  for (int i = 0; i < 8; ++i) {
+    const uint32_t c = kByte ? (words[2 * s + (i >> 2)] >> (8 * (i & 3))) & 0xffu : (words[s] >> (4 * i)) & 0xfu;
+    w[i] = bf16_round(__fmul_rn(code_value<Q>(c), sc));
   }
 }
 
