@@ -406,7 +406,6 @@ test('each refused quantization_config says which field and value, and what to d
   const fp8 = { quant_method: 'fp8', fmt: 'e4m3', activation_scheme: 'dynamic', weight_block_size: [128, 128] };
   const cases: Array<[unknown, RegExp]> = [
     [{ quant_method: 'awq', bits: 4, group_size: 128, zero_point: true }, /\. quant_method "awq" \(AutoAWQ: 4-bit weights with zero points, packed for its own kernels\): serve the bf16 original, with --quantize int8\|int4\|fp8/],
-    [{ quant_method: 'gptq', bits: 4, desc_act: true }, /\. quant_method "gptq" \(GPTQ: 4\/8-bit weights with zero points and act-order/],
     [{ quant_method: 'bitsandbytes', load_in_4bit: true }, /\. quant_method "bitsandbytes" \(bitsandbytes: LLM\.int8 \/ NF4 \/ FP4/],
     [{ quant_method: 'hqq' }, /\. quant_method "hqq" is not a method expertd knows: serve the bf16 original/],
     [{ bits: 4 }, /\. It names no quant_method\.$/],

@@ -236,7 +236,7 @@ export function intWeightOf(name: string, p: CompressedParts, schemes: { bits: n
 }
 
 /** A stored scale tensor's dtype as a weight can hold it (its values are exact there). */
-function scaleDtypeOf(dtype: string): ScaleDtype {
+export function scaleDtypeOf(dtype: string): ScaleDtype {
   return dtype === 'BF16' ? 'bf16' : dtype === 'F16' ? 'f16' : 'f32';
 }
 

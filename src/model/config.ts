@@ -14,6 +14,7 @@ import type {
 import { fp8ScaleSuffix } from './spec.js';
 import { singleSharedExpert } from './moe-tensors.js';
 import { parseCompressedTensors } from './compressed-tensors.js';
+import { gptqShape, parseGptq } from './gptq.js';
 
 export class ConfigError extends Error {
   readonly code = 'E_CONFIG';
@@ -211,7 +212,6 @@ function buildSpec(rawIn: Raw, gen: Raw | null): ModelSpec {
 // Quantization methods expertd does not read, and what to do instead (the refusal says it).
 const OTHER_QUANT_METHODS: Record<string, string> = {
   awq: 'AutoAWQ: 4-bit weights with zero points, packed for its own kernels',
-  gptq: 'GPTQ: 4/8-bit weights with zero points and act-order, packed for its own kernels',
   bitsandbytes: 'bitsandbytes: LLM.int8 / NF4 / FP4 quantized at load by its own kernels',
 };
 
@@ -255,6 +255,7 @@ function parseQuantization(raw: Raw, mt: string): ModelSpec['quantization'] {
   const method = q.quant_method;
   if (method === 'mxfp4') return parseMxfp4(q, mt);
   if (method === 'compressed-tensors') return parseCompressedTensors(q, mt, (msg) => new ConfigError(msg));
+  if (method === 'gptq') return parseGptq(q, mt, (msg) => new ConfigError(msg));
   if (method === undefined) throw refuse('It names no quant_method.');
   if (method !== 'fp8') {
     const known = typeof method === 'string' ? OTHER_QUANT_METHODS[method] : undefined;
@@ -957,6 +958,7 @@ export function validateCheckpoint(spec: ModelSpec, ckpt: TensorShapes): Checkpo
   const missing: string[] = [];
   const shapeErrors: string[] = [];
   const ct = spec.quantization?.method === 'compressed-tensors';
+  const gptq = spec.quantization?.method === 'gptq' ? spec.quantization : null;
   // An F8_E4M3 weight's scales: X.weight + this.
   const scaleSuffix = spec.quantization?.method === 'fp8' ? fp8ScaleSuffix(spec.quantization) : '_scale_inv';
   for (const t of expected) {
@@ -967,6 +969,17 @@ export function validateCheckpoint(spec: ModelSpec, ckpt: TensorShapes): Checkpo
       if (packed.dtype !== 'I32' || packed.shape.length !== 2 || packed.shape[0] !== t.shape[0])
         shapeErrors.push(`${t.name}_packed is ${packed.dtype} [${packed.shape.join(', ')}], the config implies I32 [${t.shape[0]}, words]`);
       for (const part of ['_scale', '_shape']) if (!ckpt.tensors.has(`${t.name}${part}`)) missing.push(`${t.name}${part}`);
+      continue;
+    }
+    // GPTQ: X.qweight [in / per-word, out] I32 with X.qzeros and X.scales (X.g_idx optional).
+    const base = t.name.replace(/\.weight$/, '');
+    if (!got && gptq && ckpt.tensors.has(`${base}.qweight`)) {
+      const qw = ckpt.tensors.get(`${base}.qweight`)!;
+      const [rows, cols] = gptqShape(gptq, qw.shape);
+      if (qw.dtype !== 'I32' || qw.shape.length !== 2 || rows !== t.shape[0] || cols !== t.shape[1])
+        shapeErrors.push(`${base}.qweight is ${qw.dtype} [${qw.shape.join(', ')}], the config implies I32 ` +
+          `[${(t.shape[1] ?? 0) / (32 / gptq.bits)}, ${t.shape[0]}] (${gptq.bits}-bit values packed along the input)`);
+      for (const part of ['qzeros', 'scales']) if (!ckpt.tensors.has(`${base}.${part}`)) missing.push(`${base}.${part}`);
       continue;
     }
     if (!got) {
@@ -1005,6 +1018,8 @@ export function validateCheckpoint(spec: ModelSpec, ckpt: TensorShapes): Checkpo
       continue;
     const ctPart = /_(packed|scale|shape|zero_point|g_idx)$/.exec(name);
     if (ct && ctPart && expectedNames.has(name.slice(0, -ctPart[0].length))) continue;
+    const gptqPart = /\.(qweight|qzeros|scales|g_idx)$/.exec(name);
+    if (gptq && gptqPart && expectedNames.has(`${name.slice(0, -gptqPart[0].length)}.weight`)) continue;
     warnings.push(`unexpected tensor ${name} (not used by ${spec.modelType})`);
   }
   for (const [group, n] of ignoredGroups)

@@ -13,7 +13,7 @@ import { mulberry32 } from '../engine/rng.js';
 import type { ForwardBatch, ForwardModel, ForwardResult } from './forward-batch.js';
 import { moeTensors } from './moe-tensors.js';
 import { kvDtypeBytes, type KvDtype } from './kv-dtype.js';
-import type { ModelSpec } from './spec.js';
+import { intCodeMethodName, intCodeQuant, type ModelSpec } from './spec.js';
 import { withWeightPrefix, type HostTensor, type TensorSource } from './tensor-source.js';
 import { CudaGatedDeltaNet, type DeviceLinearState, type DeviceStateStep } from './cuda-linear-attention.js';
 import { linearStateFloats } from './linear-attention.js';
@@ -271,8 +271,9 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
       if (this.ep && !this.ep.ownsExpert(e)) continue;
       const name = `${t.prefix}experts.${e}`;
       const iw = this.quantizedAtLoad ? null : t.expertInt?.(e);
-      if (!iw && q && spec.quantization?.method === 'compressed-tensors' && !this.quantizedAtLoad)
-        throw new RangeError(`${name} is not stored as int codes, but this compressed-tensors checkpoint's experts are read ` +
+      const iq = intCodeQuant(spec.quantization);
+      if (!iw && q && iq && !this.quantizedAtLoad)
+        throw new RangeError(`${name} is not stored as int codes, but this ${intCodeMethodName(iq)} checkpoint's experts are read ` +
           `as ${q.format} on the device; serve it with --quantize ${q.format}, or on the CPU engine`);
       const w = iw && q ? this.uploadInt(q, iw, m.intermediate)
         : q ? this.uploadQuant(q, t, e, name, m.intermediate)
@@ -925,7 +926,7 @@ function expertQuantFor(spec: ModelSpec, quantize: QuantizeSpec | null): DeviceQ
     if (why) throw new RangeError(`--quantize ${quantize.format} on the device: ${why}`);
     return q;
   }
-  if (spec.quantization?.method === 'compressed-tensors') return compressedExpertQuant(spec);
+  if (intCodeQuant(spec.quantization)) return compressedExpertQuant(spec);
   if (spec.quantization?.method !== 'fp8') return null;
   const [br, bc] = spec.quantization.blockSize;
   const q: DeviceQuant = { format: 'fp8', group: bc, blockRows: br };
@@ -933,19 +934,20 @@ function expertQuantFor(spec: ModelSpec, quantize: QuantizeSpec | null): DeviceQ
 }
 
 /**
- * compressed-tensors checkpoints: the routed experts' device format from the config's one scheme
- * (int8 per row, or int4 in groups of 32 / 128), kept as stored; refused where the device cannot.
+ * Int-code checkpoints (compressed-tensors, GPTQ): the routed experts' device format from the config's
+ * one scheme (int8 per row, or int4 in groups of 32 / 128), kept as stored; refused where the device cannot.
  */
 function compressedExpertQuant(spec: ModelSpec): DeviceQuant {
-  const q = spec.quantization;
-  if (q?.method !== 'compressed-tensors') throw new Error('not a compressed-tensors spec');
+  const q = intCodeQuant(spec.quantization);
+  if (!q) throw new Error('not an int-code checkpoint spec');
+  const method = intCodeMethodName(q);
   // The device expert cache's pinned store (src/offload/device-store.ts) holds the int codes as stored too.
   const { bits, groupSizes } = q.schemes;
   if (bits.length !== 1 || groupSizes.length > 1)
-    throw new RangeError(`a compressed-tensors checkpoint with several weight schemes (num_bits ${bits.join(', ')}` +
+    throw new RangeError(`a ${method} checkpoint with several weight schemes (num_bits ${bits.join(', ')}` +
       `${groupSizes.length ? `, group_size ${groupSizes.join(', ')}` : ''}) is not read on the device: one table holds one format`);
   const dq: DeviceQuant = bits[0] === 8 ? { format: 'int8', group: 0, blockRows: 0 } : { format: 'int4', group: groupSizes[0]!, blockRows: 0 };
   const why = deviceQuantError(dq, spec.hidden, spec.moe.intermediate);
-  if (why) throw new RangeError(`this compressed-tensors checkpoint on the device: ${why}`);
+  if (why) throw new RangeError(`this ${method} checkpoint on the device: ${why}`);
   return dq;
 }

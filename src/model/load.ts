@@ -10,7 +10,7 @@ import type { ForwardModel } from './forward-batch.js';
 import { MoeModel, type ModelOptions } from './model.js';
 import { openCheckpoint, type Checkpoint, type Fp8Weight } from './safetensors.js';
 import type { QuantizeSpec } from './quantize.js';
-import { fp8ScaleSuffix, type ModelSpec } from './spec.js';
+import { fp8ScaleSuffix, intCodeMethodName, intCodeQuant, type ModelSpec } from './spec.js';
 import type { HostTensor, IntWeight, TensorSource } from './tensor-source.js';
 import { dequantInt } from './compressed-tensors.js';
 
@@ -87,7 +87,7 @@ function openValidated(dir: string) {
   const spec = parseModelConfig(path.resolve(dir));
   const options = (q: ModelSpec['quantization']) => q?.method === 'fp8'
     ? { fp8BlockSize: q.blockSize, fp8ScaleSuffix: fp8ScaleSuffix(q) }
-    : q?.method === 'compressed-tensors' ? { compressed: q.schemes } : {};
+    : q?.method === 'compressed-tensors' ? { compressed: q.schemes } : q?.method === 'gptq' ? { gptq: q } : {};
   let checkpoint = openCheckpoint(dir, options(spec.quantization));
   const q = spec.quantization;
   if (q?.method === 'fp8' && q.scaleSuffix === undefined && fp8ScalesNamedScale(checkpoint)) {
@@ -130,14 +130,15 @@ export function loadCudaModel(dir: string, opts: { device: number; cuda?: CudaAd
     ep?: DeviceExpertComm; quantize?: QuantizeSpec | null; onProgress?: (p: LoadProgress) => void }): LoadedModel<CudaModel> {
   const t0 = performance.now();
   const { spec, checkpoint, report } = openValidated(dir);
-  if (spec.quantization?.method === 'compressed-tensors' && !opts.quantize) {
+  const iq = intCodeQuant(spec.quantization);
+  if (iq && !opts.quantize) {
     // The device engine has int8 / int4 kernels for the routed experts only (no --quantize-dense there).
-    const dense = checkpoint.names().filter((n) => /\.weight_packed$|\.weight_scale$/.test(n))
-      .map((n) => n.replace(/_(packed|scale)$/, '')).filter((n, i, a) => a.indexOf(n) === i && !/\.experts\.\d+\./.test(n));
+    const dense = checkpoint.names().map((n) => n.replace(/_(packed|scale)$|\.qweight$/, (m) => (m === '.qweight' ? '.weight' : '')))
+      .filter((n, i, a) => a.indexOf(n) === i && checkpoint.isCompressed(n) && !/\.experts\.\d+\./.test(n));
     if (dense.length)
-      throw new RangeError(`this compressed-tensors checkpoint quantizes ${dense.length} weight(s) outside the routed experts ` +
+      throw new RangeError(`this ${intCodeMethodName(iq)} checkpoint quantizes ${dense.length} weight(s) outside the routed experts ` +
         `(${dense.slice(0, 3).join(', ')}${dense.length > 3 ? ', ...' : ''}), and the device engine has int8 / int4 kernels ` +
-        'for the routed experts only; serve it on the CPU engine, or requantize it with the other modules in its ignore list');
+        `for the routed experts only; serve it on the CPU engine, or requantize it with the other modules ${iq.method === 'gptq' ? 'left unquantized' : 'in its ignore list'}`);
   }
   const model = new CudaModel(spec, new CheckpointSource(checkpoint, opts.onProgress), {
     device: opts.device, ...(opts.cuda ? { cuda: opts.cuda } : {}),
@@ -201,6 +202,8 @@ export function describeCheckpointQuant(spec: ModelSpec): string {
   if (q.method === 'fp8')
     return ` FP8 e4m3 (${q.blockSize.join('x')} blocks, weight${fp8ScaleSuffix(q)})`;
   if (q.method === 'mxfp4') return ' MXFP4 experts';
+  if (q.method === 'gptq')
+    return ` GPTQ int${q.bits} ${q.groupSize === -1 ? 'per channel' : `g${q.groupSize}`} (${q.checkpointFormat})`;
   const bits = q.schemes.bits.map((b) => `int${b}`).join('/');
   return ` compressed-tensors ${q.format} ${bits}${q.schemes.groupSizes.length ? ` g${q.schemes.groupSizes.join('/')}` : ''}`;
 }

@@ -6,6 +6,7 @@ import path from 'node:path';
 
 import { loadNative } from '../native/index.js';
 import { dequantInt, intWeightOf } from './compressed-tensors.js';
+import { gptqIntWeight, gptqShape, type GptqConfig } from './gptq.js';
 import type { IntWeight } from './tensor-source.js';
 
 /** Safetensors element types this reader understands. */
@@ -221,6 +222,11 @@ export function fp8ScaleShapeError(name: string, shape: number[], rows: number, 
     (br === 1 ? `, [${rows}, 1] (one scale per output channel) or [1] (one per tensor)` : ' or [1] (one scale per tensor)');
 }
 
+/** A GPTQ Linear's stored tensor `part` (qweight, qzeros, scales, g_idx) for its logical `X.weight`. */
+export function gptqName(name: string, part: string): string {
+  return `${name.replace(/\.weight$/, '')}.${part}`;
+}
+
 export interface OpenOptions {
   /** FP8 block size [rows, cols] (config quantization_config.weight_block_size); default [128, 128]. */
   fp8BlockSize?: [number, number];
@@ -228,6 +234,8 @@ export interface OpenOptions {
   fp8ScaleSuffix?: '_scale_inv' | '_scale';
   /** compressed-tensors: the weight bit widths and int4 group sizes its config declares. */
   compressed?: { bits: number[]; groupSizes: number[] };
+  /** GPTQ: Linear weights stored as X.qweight / X.qzeros / X.scales (gptq.ts). */
+  gptq?: GptqConfig;
 }
 
 export type LoadedWeight =
@@ -305,8 +313,12 @@ export class Checkpoint {
     return dst;
   }
 
-  /** True when `name` (`X.weight`) is stored as compressed-tensors codes (`X.weight_packed`, or I8 with `X.weight_scale`). */
+  /**
+   * True when `name` (`X.weight`) is stored as int codes: compressed-tensors' `X.weight_packed`, or I8 with
+   * `X.weight_scale`; GPTQ's `X.qweight`.
+   */
   isCompressed(name: string): boolean {
+    if (this.options.gptq) return this.isGptq(name);
     if (!this.options.compressed || !name.endsWith('.weight')) return false;
     if (this.tensors.has(`${name}_packed`)) return true;
     return this.tensors.get(name)?.dtype === 'I8' && this.tensors.has(`${name}_scale`);
@@ -314,6 +326,7 @@ export class Checkpoint {
 
   /** Shape [rows, cols] of a weight, compressed or not. */
   weightShape(name: string): number[] {
+    if (this.isGptq(name)) return gptqShape(this.options.gptq!, this.getTensor(gptqName(name, 'qweight')).shape);
     if (this.isCompressed(name) && !this.tensors.has(name)) return this.packedShape(name);
     return this.getTensor(name).shape;
   }
@@ -332,6 +345,7 @@ export class Checkpoint {
    */
   loadInt(name: string): IntWeight | null {
     if (!this.isCompressed(name)) return null;
+    if (this.options.gptq) return this.loadGptq(name);
     const packed = this.tensors.has(`${name}_packed`);
     const c = this.getTensor(packed ? `${name}_packed` : name);
     for (const extra of ['_zero_point', '_g_idx'])
@@ -344,6 +358,22 @@ export class Checkpoint {
       scale: { dtype: s.dtype, shape: s.shape, data: this.floatScales(s) },
       shape: packed ? this.packedShape(name) : null,
     }, this.options.compressed!, fail);
+  }
+
+  private isGptq(name: string): boolean {
+    return !!this.options.gptq && name.endsWith('.weight') && this.tensors.has(gptqName(name, 'qweight'));
+  }
+
+  private loadGptq(name: string): IntWeight {
+    const q = this.getTensor(gptqName(name, 'qweight'));
+    const z = this.getTensor(gptqName(name, 'qzeros'));
+    const s = this.getTensor(gptqName(name, 'scales'));
+    const g = this.tensors.get(gptqName(name, 'g_idx')) ?? null;
+    const ints = (t: TensorInfo) => ({ dtype: t.dtype, shape: t.shape, data: t.dtype === 'I32' ? t.data() as Int32Array : new Int32Array(0) });
+    return gptqIntWeight(name, {
+      qweight: ints(q), qzeros: ints(z), scales: { dtype: s.dtype, shape: s.shape, data: this.floatScales(s) },
+      gIdx: g && ints(g),
+    }, this.options.gptq!, (msg) => new CheckpointError(msg, q.file));
   }
 
   private floatScales(s: TensorInfo): Float32Array {

@@ -2,6 +2,7 @@
 // config.json (transformers 4.x and 5.x spellings). The forward pass reads only this, never the
 // raw config.
 import type { CompressedTensorsConfig } from './compressed-tensors.js';
+import type { GptqConfig } from './gptq.js';
 
 export type ModelType =
   | 'mixtral' | 'qwen2_moe' | 'qwen3_moe' | 'olmoe' | 'deepseek_v2' | 'deepseek_v3' | 'longcat_flash'
@@ -173,7 +174,7 @@ export interface ModelSpec {
    * dequantised); on the device the routed experts FP8, the rest dequantised to bf16 at load. MXFP4 (gpt-oss): experts kept in MXFP4 (CPU engine).
    * compressed-tensors int8 / int4: every quantized Linear kept as int8 / int4 codes and scales.
    */
-  quantization: Fp8Quantization | { method: 'mxfp4'; modulesToNotConvert: string[] } | CompressedTensorsConfig | null;
+  quantization: Fp8Quantization | { method: 'mxfp4'; modulesToNotConvert: string[] } | CompressedTensorsConfig | GptqConfig | null;
   /**
    * Some layers keep per-sequence recurrent state instead of KV blocks (hybrid linear attention):
    * the engine turns prefix caching off for such a model (with a log line), since cached KV blocks
@@ -182,4 +183,17 @@ export interface ModelSpec {
   recurrentState?: boolean;
   /** Original config for logging. */
   raw: Record<string, unknown>;
+}
+
+/** A checkpoint that stores Linear weights as int8 / int4 codes and scales. */
+export type IntCodeQuantization = CompressedTensorsConfig | GptqConfig;
+
+/** The checkpoint's int-code scheme (compressed-tensors int8 / int4, GPTQ), or null for any other. */
+export function intCodeQuant(q: ModelSpec['quantization']): IntCodeQuantization | null {
+  return q?.method === 'compressed-tensors' || q?.method === 'gptq' ? q : null;
+}
+
+/** How messages name an int-code checkpoint's method. */
+export function intCodeMethodName(q: IntCodeQuantization): string {
+  return q.method === 'gptq' ? 'GPTQ' : 'compressed-tensors';
 }

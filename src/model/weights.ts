@@ -17,7 +17,7 @@ export function checkShape(name: string, t: HostTensor, expected: number[]): voi
 }
 
 /**
- * A Linear the checkpoint stores as int8 / int4 codes (compressed-tensors), unless `quantize`
+ * A Linear the checkpoint stores as int8 / int4 codes (compressed-tensors, GPTQ), unless `quantize`
  * (--quantize / --quantize-dense) asks for its own format: then the exact dequantised values are
  * re-quantized like any other weight.
  */
@@ -32,7 +32,7 @@ export function intWeight(src: TensorSource, name: string, quantize: QuantizeSpe
 export function refuseInt(src: TensorSource, name: string, what: string): void {
   const w = src.getInt?.(name);
   if (w)
-    throw new ShapeError(`${name} is stored as int${w.bits} codes (compressed-tensors), but ${what} has no int${w.bits} path; ` +
+    throw new ShapeError(`${name} is stored as int${w.bits} codes, but ${what} has no int${w.bits} path; ` +
       'requantize the checkpoint with this module in its ignore list, or serve the bf16 original');
 }
 

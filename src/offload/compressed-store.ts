@@ -1,11 +1,13 @@
-// The expert cache's slow tier for compressed-tensors checkpoints (int8 / int4 experts): an expert's
-// stored codes (`X.weight` I8 or `X.weight_packed` I32) and scales are read from the checkpoint file
+// The expert cache's slow tier for int-code checkpoints (compressed-tensors and GPTQ int8 / int4 experts):
+// an expert's stored codes (`X.weight` I8 or `X.weight_packed` I32; GPTQ's `X.qweight` with its qzeros
+// and g_idx) and scales are read from the checkpoint file
 // with real I/O (pread) and packed into its slot as int8 / int4, so a slot costs what the resident
 // expert costs (about 1 or 0.5 bytes per weight plus scales). Loads run on the engine thread (the
 // native copy thread reads bf16/f16/f32 and FP8 experts only).
 import { loadNative, type FileRange } from '../native/index.js';
-import { dequantInt, intWeightOf } from '../model/compressed-tensors.js';
-import { CheckpointError, type Checkpoint } from '../model/safetensors.js';
+import { dequantInt, intWeightOf, type CompressedParts } from '../model/compressed-tensors.js';
+import { gptqIntWeight, type GptqParts } from '../model/gptq.js';
+import { CheckpointError, gptqName, type Checkpoint, type TensorInfo } from '../model/safetensors.js';
 import type { ModelSpec } from '../model/spec.js';
 import type { IntWeight } from '../model/tensor-source.js';
 import { quantizedBytes, type QuantizeSpec } from '../model/quantize.js';
@@ -13,20 +15,29 @@ import { intScaleDtype } from '../model/weights.js';
 import { EngineThreadExpertStore, packRequantized } from './engine-thread-store.js';
 import { expertTensorPrefix, moeLayerIndices, type SlotWeights } from './expert-store.js';
 
-/** One stored matrix of an expert: its codes and scales in the file, with what reading them back needs. */
+/** One stored tensor of an expert's matrix: where it is in the file, its dtype and shape. */
+interface StoredPart {
+  range: FileRange;
+  dtype: string;
+  shape: number[];
+}
+
+/**
+ * One stored matrix of an expert with what reading it back needs: compressed-tensors' codes (`X.weight`
+ * I8 or `X.weight_packed` I32) and scale, or GPTQ's qweight, qzeros, scales and g_idx (absent: null).
+ */
 interface IntRanges {
   name: string;
-  codes: FileRange;
-  codesDtype: 'I8' | 'I32';
-  codesShape: number[];
-  scale: FileRange;
-  scaleDtype: 'F32' | 'BF16' | 'F16';
-  scaleShape: number[];
-  /** weight_shape [rows, cols] (packed codes). */
+  parts: Record<string, StoredPart | null>;
+  /** weight_shape [rows, cols] (compressed-tensors packed codes). */
   shape: [number, number] | null;
 }
 
+/** The parts that hold scales (widened to f32 when read). */
+const SCALE_PARTS = new Set(['scale', 'scales']);
+
 const up8 = (v: number) => Math.ceil(v / 8) * 8;
+const partsOf = (r: IntRanges) => Object.values(r.parts).filter((p): p is StoredPart => p !== null);
 
 export class CompressedExpertStore extends EngineThreadExpertStore<IntRanges[]> {
   readonly expertBytes: number;
@@ -44,25 +55,29 @@ export class CompressedExpertStore extends EngineThreadExpertStore<IntRanges[]> 
     const I = (this.I = spec.moe.intermediate);
     const E = spec.moe.numExperts;
     const names = expertTensorPrefix(spec);
+    const part = (t: TensorInfo): StoredPart => ({ range: { path: t.file, offset: t.offset, sizeBytes: t.sizeBytes }, dtype: t.dtype, shape: t.shape });
+    const scalePart = (t: TensorInfo): StoredPart => {
+      if (t.dtype !== 'F32' && t.dtype !== 'BF16' && t.dtype !== 'F16') throw new CheckpointError(`${t.name} has dtype ${t.dtype}, expected F32, BF16 or F16 scales`, t.file);
+      return part(t);
+    };
     const range = (name: string): IntRanges => {
+      if (checkpoint.options.gptq) {
+        const t = (p: string) => checkpoint.getTensor(gptqName(name, p));
+        const g = checkpoint.has(gptqName(name, 'g_idx')) ? part(t('g_idx')) : null;
+        return { name, parts: { qweight: part(t('qweight')), qzeros: part(t('qzeros')), scales: scalePart(t('scales')), g_idx: g }, shape: null };
+      }
       const packed = checkpoint.has(`${name}_packed`);
       const c = checkpoint.getTensor(packed ? `${name}_packed` : name);
-      const s = checkpoint.getTensor(`${name}_scale`);
       if (c.dtype !== 'I8' && c.dtype !== 'I32') throw new CheckpointError(`expert offloading of a compressed-tensors checkpoint: ${c.name} is ${c.dtype}, expected I8 or I32`, c.file);
-      if (s.dtype !== 'F32' && s.dtype !== 'BF16' && s.dtype !== 'F16') throw new CheckpointError(`${s.name} has dtype ${s.dtype}, expected F32, BF16 or F16 scales`, s.file);
       const shape = packed ? checkpoint.weightShape(name) as [number, number] : null;
-      return {
-        name, codesDtype: c.dtype, codesShape: c.shape, scaleDtype: s.dtype, scaleShape: s.shape, shape,
-        codes: { path: c.file, offset: c.offset, sizeBytes: c.sizeBytes },
-        scale: { path: s.file, offset: s.offset, sizeBytes: s.sizeBytes },
-      };
+      return { name, parts: { codes: part(c), scale: scalePart(checkpoint.getTensor(`${name}_scale`)) }, shape };
     };
     this.ranges = moeLayerIndices(spec).map((li) => {
       const p = `model.layers.${li}.${names.block}experts.`;
       return Array.from({ length: E }, (_, e) => [names.gate, names.up, names.down].map((n) => range(`${p}${e}.${n}.weight`)));
     });
     const first = this.ranges[0]?.[0] ?? [];
-    this.expertBytes = first.reduce((a, r) => a + r.codes.sizeBytes + r.scale.sizeBytes, 0);
+    this.expertBytes = first.reduce((a, r) => a + partsOf(r).reduce((b, p) => b + p.range.sizeBytes, 0), 0);
     // The slot format: the first expert's (every expert is checked against it when it loads), or --quantize's.
     const probe = first.length ? this.read(first) : null;
     const own: QuantizeSpec = probe ? { format: probe[0].bits === 8 ? 'int8' : 'int4', group: probe[0].group } : { format: 'int8', group: 0 };
@@ -85,31 +100,38 @@ export class CompressedExpertStore extends EngineThreadExpertStore<IntRanges[]> 
   private read(r: IntRanges[]): [IntWeight, IntWeight, IntWeight] {
     const n = loadNative();
     const t0 = performance.now();
-    const need = r.reduce((a, m) => a + up8(m.codes.sizeBytes) + up8(m.scale.sizeBytes), 0);
+    const need = r.reduce((a, m) => a + partsOf(m).reduce((b, p) => b + up8(p.range.sizeBytes), 0), 0);
     if (!this.stage || this.stage.byteLength < need) this.stage = n.allocHostBuffer(need);
     const stage = this.stage;
     let off = 0;
-    const take = (f: FileRange) => {
-      const at = off;
-      n.readFileRange(f.path, f.offset, new Uint8Array(stage, at, f.sizeBytes));
-      off += up8(f.sizeBytes);
-      return at;
-    };
     const out = r.map((m) => {
-      const codesAt = take(m.codes), scaleAt = take(m.scale);
-      let scales: Float32Array;
-      if (m.scaleDtype === 'F32') scales = new Float32Array(stage, scaleAt, m.scale.sizeBytes / 4);
-      else {
-        scales = new Float32Array(m.scale.sizeBytes / 2);
-        n.convert(new Uint16Array(stage, scaleAt, scales.length), m.scaleDtype === 'BF16' ? 'bf16' : 'f16', scales, 'f32');
+      // Each part read into the stage, as its dtype's array (scales widened to f32).
+      const got: Record<string, { dtype: string; shape: number[]; data: Int8Array | Int32Array | Float32Array }> = {};
+      for (const [key, p] of Object.entries(m.parts)) {
+        if (!p) continue;
+        const at = off;
+        n.readFileRange(p.range.path, p.range.offset, new Uint8Array(stage, at, p.range.sizeBytes));
+        off += up8(p.range.sizeBytes);
+        let data: Int8Array | Int32Array | Float32Array;
+        if (SCALE_PARTS.has(key) && p.dtype !== 'F32') {
+          data = new Float32Array(p.range.sizeBytes / 2);
+          n.convert(new Uint16Array(stage, at, data.length), p.dtype === 'BF16' ? 'bf16' : 'f16', data, 'f32');
+        } else if (p.dtype === 'F32') data = new Float32Array(stage, at, p.range.sizeBytes / 4);
+        else if (p.dtype === 'I32') data = new Int32Array(stage, at, p.range.sizeBytes / 4);
+        else data = new Int8Array(stage, at, p.range.sizeBytes);
+        got[key] = { dtype: p.dtype, shape: p.shape, data };
       }
-      const data = m.codesDtype === 'I8' ? new Int8Array(stage, codesAt, m.codes.sizeBytes)
-        : new Int32Array(stage, codesAt, m.codes.sizeBytes / 4);
+      const fail = (msg: string) => new CheckpointError(msg, Object.values(m.parts)[0]!.range.path);
+      const gptq = this.checkpoint.options.gptq;
+      if (gptq) {
+        return gptqIntWeight(m.name, {
+          qweight: got.qweight as GptqParts['qweight'], qzeros: got.qzeros as GptqParts['qzeros'],
+          scales: got.scales as GptqParts['scales'], gIdx: (got.g_idx ?? null) as GptqParts['gIdx'],
+        }, gptq, fail);
+      }
       return intWeightOf(m.name, {
-        codes: { dtype: m.codesDtype, shape: m.codesShape, data },
-        scale: { dtype: m.scaleDtype, shape: m.scaleShape, data: scales },
-        shape: m.shape,
-      }, this.checkpoint.options.compressed ?? { bits: [4, 8], groupSizes: [] }, (msg) => new CheckpointError(msg, m.codes.path));
+        codes: got.codes as CompressedParts['codes'], scale: got.scale as CompressedParts['scale'], shape: m.shape,
+      }, this.checkpoint.options.compressed ?? { bits: [4, 8], groupSizes: [] }, fail);
     });
     this.readSeconds += (performance.now() - t0) / 1000;
     return out as [IntWeight, IntWeight, IntWeight];

@@ -7,7 +7,7 @@ import type { CudaAddon, CudaBuffer, CudaEvent, CudaStream } from '../native/ind
 import { intMatrix, quantExpertBytes, quantizedExpert, type DeviceQuant } from '../model/cuda-quant.js';
 import { bf16Of, BF16 } from '../model/device.js';
 import { moeTensors } from '../model/moe-tensors.js';
-import type { ModelSpec } from '../model/spec.js';
+import { intCodeMethodName, intCodeQuant, type ModelSpec } from '../model/spec.js';
 import { withWeightPrefix, type TensorSource } from '../model/tensor-source.js';
 import { checkExpert, packIntFfn } from '../model/weights.js';
 import type { ExpertStore, LoadTicket, SlotWeights } from './expert-store.js';
@@ -63,8 +63,9 @@ export class PinnedExpertStore implements ExpertStore<CudaBuffer> {
           mem.set(intMatrix(quant!, down!, null), base + this.gateUpBytes);
           continue;
         }
-        if (quant && spec.quantization?.method === 'compressed-tensors' && !quantizedAtLoad)
-          throw new RangeError(`${name} is not stored as int codes, but this compressed-tensors checkpoint's experts are read ` +
+        const iq = intCodeQuant(spec.quantization);
+        if (quant && iq && !quantizedAtLoad)
+          throw new RangeError(`${name} is not stored as int codes, but this ${intCodeMethodName(iq)} checkpoint's experts are read ` +
             `as ${quant.format} on the device; serve it with --quantize ${quant.format}, or on the CPU engine`);
         if (quant) {
           const b = quantizedExpert(quant, () => t.expert(e), t.expertFp8(e), quantizedAtLoad, name, H, I);

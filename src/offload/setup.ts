@@ -5,7 +5,7 @@ import type { CudaModel } from '../model/cuda-model.js';
 import { CheckpointSource, type LoadedModel } from '../model/load.js';
 import { loadNative, type CudaAddon, type CudaBuffer } from '../native/index.js';
 import { PinnedExpertStore } from './device-store.js';
-import type { ModelSpec } from '../model/spec.js';
+import { intCodeQuant, type ModelSpec } from '../model/spec.js';
 import type { EvictionPolicy } from './expert-cache.js';
 import { CheckpointExpertStore, expertTensorPrefix, SimulatedLinkStore, type ExpertStore } from './expert-store.js';
 import { CompressedExpertStore } from './compressed-store.js';
@@ -63,7 +63,7 @@ export function attachOffloader(loaded: LoadedModel, cfg: OffloadConfig, hooks: 
   // compressed-tensors checkpoints with int experts likewise (slots hold int8 / int4 codes and scales).
   const names = expertTensorPrefix(spec);
   const firstMoe = spec.layers.findIndex((l) => l.ffn === 'moe');
-  const intExperts = spec.quantization?.method === 'compressed-tensors' &&
+  const intExperts = intCodeQuant(spec.quantization) !== null &&
     checkpoint.isCompressed(`model.layers.${firstMoe}.${names.block}experts.0.${names.gate}.weight`);
   let store: ExpertStore = mxfp4 ? new Mxfp4ExpertStore(checkpoint, spec, cfg.quantize ?? null)
     : intExperts ? new CompressedExpertStore(checkpoint, spec, cfg.quantize ?? null)

@@ -1,0 +1,359 @@
+// GPTQ checkpoints (AutoGPTQ / GPTQModel, quant_method "gptq"; test/fixtures-quant/qwen2_moe_gptq made by
+// test/fixtures/make_quant_fixtures.py: symmetric int4 in groups of 64, fp16 scales, v1 zero points, g_idx)
+// served natively: every quantized Linear stays int4 (held in groups of 32 with each GPTQ scale repeated),
+// the logits match HF transformers run on the dequantised weights, and equal the checkpoint decoded here
+// independently of the loader and served as f32; through the expert cache and over expert ranks they equal
+// the all-resident model bit for bit; on the device engine's emulator the experts hold the stored codes.
+// Zero points, act-order, other bit widths and packings are refused by name.
+import assert from 'node:assert/strict';
+import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { describe, test } from 'node:test';
+
+import { ConfigError, parseModelConfig } from '../src/model/config.js';
+import { gptqIntWeight, parseGptq, type GptqConfig } from '../src/model/gptq.js';
+import { describeCheckpointQuant, loadCudaModel, loadModel } from '../src/model/load.js';
+import type { MoeModel } from '../src/model/model.js';
+import { readSafetensorsHeader, writeSafetensors, type TensorToWrite } from '../src/model/safetensors.js';
+import { startExpertRanks } from '../src/dist/expert-ranks.js';
+import { loadNative, packageRoot, type PackedWeight } from '../src/native/index.js';
+import { attachOffloader, skipAllExperts } from '../src/offload/setup.js';
+import { createCudaEmulator } from './helpers/cuda-emu.js';
+import { emulatorSkip } from './helpers/cuda-skip.js';
+import { argmax, DirectRunner } from './helpers/model-runner.js';
+
+const DIR = path.join(packageRoot(), 'test', 'fixtures-quant', 'qwen2_moe_gptq');
+
+interface Golden { moe_layers: number[]; cases: { prompt_ids: number[]; logits: number[][]; greedy: number[]; router: number[][][] }[] }
+const golden = JSON.parse(readFileSync(path.join(DIR, 'golden.json'), 'utf8')) as Golden;
+
+/** (format, group) of the experts and shared experts the model holds. */
+function held(model: MoeModel): string[] {
+  const out: string[] = [];
+  const fmt = (w: PackedWeight) => `${w.quant}`;
+  for (const layer of model.moeLayers) {
+    for (let e = 0; e < layer.weights.experts.numExperts; e++) {
+      const w = layer.weights.experts.get(e);
+      if (!w) continue;
+      out.push(`expert ${fmt(w.gateUp)}/${fmt(w.down)}`);
+      w.gateUp.dispose();
+      w.down.dispose();
+    }
+    const s = layer.weights.shared?.get(0);
+    if (s) {
+      out.push(`shared ${fmt(s.gateUp)}/${fmt(s.down)}`);
+      s.gateUp.dispose();
+      s.down.dispose();
+    }
+  }
+  return [...new Set(out)];
+}
+
+/** Every golden case's prompt + greedy tokens, teacher-forced: logits per position. */
+function forcedLogits(model: MoeModel): Float32Array[] {
+  const V = model.spec.vocabSize;
+  const logits: Float32Array[] = [];
+  for (const c of golden.cases) {
+    const ids = [...c.prompt_ids, ...c.greedy];
+    const runner = new DirectRunner(model);
+    const res = runner.step([runner.newSeq()], [ids], true);
+    for (let p = 0; p < ids.length; p++) logits.push(res.logits.slice(p * V, (p + 1) * V));
+  }
+  return logits;
+}
+
+/** The fixture's tensors as stored. */
+function storedTensors(dir: string): TensorToWrite[] {
+  const file = path.join(dir, 'model.safetensors');
+  const header = readSafetensorsHeader(file);
+  const bytes = readFileSync(file);
+  return header.tensors.map((t) => ({ name: t.name, dtype: t.dtype, shape: t.shape,
+    data: Uint8Array.from(bytes.subarray(header.dataStart + t.begin, header.dataStart + t.end)) }));
+}
+
+const i32 = (t: TensorToWrite) => new Int32Array(t.data.buffer, t.data.byteOffset, t.data.byteLength / 4);
+
+/**
+ * AutoGPTQ's dequantisation written out here (not gptq.ts): w[n, k] = (q - (qzero + 1)) * scale[g_idx[k], n]
+ * for a 4-bit v1 checkpoint, as f32 [out, in].
+ */
+function decodeGptq(qweight: TensorToWrite, qzeros: TensorToWrite, scales: TensorToWrite, gIdx: TensorToWrite): Float32Array {
+  const [kw, N] = qweight.shape as [number, number];
+  const K = kw * 8, q = i32(qweight), z = i32(qzeros), g = i32(gIdx);
+  const s = new Float32Array(scales.shape[0]! * N);
+  loadNative().convert(new Uint16Array(scales.data.buffer, scales.data.byteOffset, s.length), 'f16', s, 'f32');
+  const out = new Float32Array(N * K);
+  for (let k = 0; k < K; k++)
+    for (let n = 0; n < N; n++) {
+      const qv = (q[(k >> 3) * N + n]! >>> (4 * (k & 7))) & 15;
+      const zv = ((z[g[k]! * (N / 8) + (n >> 3)]! >>> (4 * (n & 7))) & 15) + 1;
+      out[n * K + k] = Math.fround((qv - zv) * s[g[k]! * N + n]!);
+    }
+  return out;
+}
+
+/**
+ * A copy of the fixture with the GPTQ Linears whose name matches `decode` written as f32 `X.weight` (decoded
+ * by decodeGptq); `keepConfig` false drops quantization_config (then `decode` must match them all).
+ */
+function decodedCopy(out: string, decode: RegExp, keepConfig: boolean): void {
+  const tensors = storedTensors(DIR);
+  const byName = new Map(tensors.map((t) => [t.name, t]));
+  const kept: TensorToWrite[] = [];
+  for (const t of tensors) {
+    const m = /^(.*)\.(qweight|qzeros|scales|g_idx)$/.exec(t.name);
+    if (!m || !decode.test(m[1]!)) {
+      kept.push(t);
+      continue;
+    }
+    if (m[2] !== 'qweight') continue;
+    const get = (p: string) => byName.get(`${m[1]}.${p}`)!;
+    const w = decodeGptq(t, get('qzeros'), get('scales'), get('g_idx'));
+    kept.push({ name: `${m[1]}.weight`, dtype: 'F32', shape: [t.shape[1]!, t.shape[0]! * 8], data: new Uint8Array(w.buffer) });
+  }
+  mkdirSync(out, { recursive: true });
+  writeSafetensors(path.join(out, 'model.safetensors'), kept);
+  const config = JSON.parse(readFileSync(path.join(DIR, 'config.json'), 'utf8')) as Record<string, unknown>;
+  if (!keepConfig) delete config.quantization_config;
+  writeFileSync(path.join(out, 'config.json'), JSON.stringify(config));
+  for (const f of ['generation_config.json', 'tokenizer.json', 'tokenizer_config.json', 'golden.json'])
+    copyFileSync(path.join(DIR, f), path.join(out, f));
+}
+
+test('GPTQ int4: weights kept as codes, logits, routing and greedy tokens match transformers on the dequantised weights', (t) => {
+  const { model, spec } = loadModel(DIR, { fast: false });
+  const bf16 = loadModel(path.join(packageRoot(), 'test', 'fixtures', 'qwen2_moe'), { fast: false });
+  try {
+    assert.deepEqual(spec.quantization, { method: 'gptq', bits: 4, groupSize: 64, checkpointFormat: 'gptq', schemes: { bits: [4], groupSizes: [32] } });
+    assert.equal(describeCheckpointQuant(spec), ' GPTQ int4 g64 (gptq)');
+    assert.deepEqual(held(model), ['expert int4/int4', 'shared int4/int4']);
+    const ours = model.residentWeightBytes, theirs = bf16.model.residentWeightBytes;
+    t.diagnostic(`resident bytes: experts ${ours.experts} vs bf16 ${theirs.experts}, dense ${ours.dense} vs ${theirs.dense}`);
+    assert.ok(ours.experts <= 0.35 * theirs.experts, `experts ${ours.experts} B vs bf16 ${theirs.experts} B`);
+    assert.ok(ours.dense < theirs.dense - 30_000, `dense ${ours.dense} B vs bf16 ${theirs.dense} B (attention held as codes)`);
+    const V = spec.vocabSize, k = spec.moe.router.topK;
+    let worst = 0;
+    for (const [ci, c] of golden.cases.entries()) {
+      const runner = new DirectRunner(model);
+      const res = runner.step([runner.newSeq()], [c.prompt_ids], true);
+      for (let m = 0; m < golden.moe_layers.length; m++)
+        for (let p = 0; p < c.prompt_ids.length; p++)
+          assert.deepEqual(Array.from(res.routedIds[m]!.subarray(p * k, (p + 1) * k)), c.router[m]![p], `case ${ci} layer ${m} position ${p}`);
+      for (let p = 0; p < c.prompt_ids.length; p++)
+        for (let v = 0; v < V; v++) worst = Math.max(worst, Math.abs(res.logits[p * V + v]! - c.logits[p]![v]!));
+      assert.deepEqual(new DirectRunner(model).greedy(c.prompt_ids, c.greedy.length), c.greedy, `case ${ci} greedy`);
+    }
+    t.diagnostic(`logits max-abs difference from transformers: ${worst}`);
+    assert.ok(worst <= 1e-4, `logits max-abs difference ${worst}`);
+  } finally {
+    model.dispose();
+    bf16.model.dispose();
+  }
+});
+
+test('GPTQ int4 equals its weights decoded independently and served as f32 (reference mode); fast mode agrees on top-1', (t) => {
+  const tmp = mkdtempSync(path.join(os.tmpdir(), 'expertd-gptq-'));
+  try {
+    const ref = path.join(tmp, 'ref');
+    decodedCopy(ref, /./, false);
+    const a = loadModel(DIR, { fast: false }).model, b = loadModel(ref, { fast: false }).model;
+    try {
+      assert.deepEqual(held(b), ['expert null/null', 'shared null/null']);
+      const got = forcedLogits(a), want = forcedLogits(b);
+      let worst = 0;
+      for (let i = 0; i < want.length; i++)
+        for (let v = 0; v < want[i]!.length; v++) worst = Math.max(worst, Math.abs(got[i]![v]! - want[i]![v]!));
+      assert.ok(worst <= 1e-5, `logits max-abs difference ${worst}`);
+    } finally {
+      a.dispose();
+      b.dispose();
+    }
+    // Fast mode (int8 activations against the int4 codes): the compressed-tensors W4A16 floor.
+    const { model } = loadModel(DIR, { fast: true });
+    try {
+      const V = model.spec.vocabSize;
+      let agree = 0, n = 0;
+      for (const c of golden.cases) {
+        const runner = new DirectRunner(model);
+        const res = runner.step([runner.newSeq()], [c.prompt_ids], true);
+        for (let p = 0; p < c.prompt_ids.length; p++, n++)
+          if (argmax(res.logits.subarray(p * V, (p + 1) * V)) === argmax(Float32Array.from(c.logits[p]!))) agree++;
+      }
+      t.diagnostic(`fast: top-1 ${agree}/${n}`);
+      assert.ok(agree / n >= 0.55, `fast: top-1 ${agree}/${n}`);
+    } finally {
+      model.dispose();
+    }
+  } finally {
+    rmSync(tmp, { recursive: true, force: true });
+  }
+});
+
+test('GPTQ int4 experts through the expert cache (a quarter) and over 2 expert ranks equal them all-resident, bit for bit', async () => {
+  const want = forcedLogits(loadModel(DIR, { fast: false }).model);
+  const loaded = loadModel(DIR, { fast: false, loadExpert: skipAllExperts });
+  const off = attachOffloader(loaded, { policy: 'lru', fraction: 0.25 });
+  try {
+    const bf16Bytes = 3 * loaded.spec.hidden * loaded.spec.moe.intermediate * 2;
+    assert.ok(off.store.slotBytes < bf16Bytes * 0.4, `slot ${off.store.slotBytes} bytes vs bf16 ${bf16Bytes}`);
+    forcedLogits(loaded.model).forEach((l, i) => assert.deepEqual(l, want[i], `cached, position ${i}`));
+    assert.ok((off.store as unknown as { loads: number }).loads > 0, 'the cache loaded experts');
+    assert.ok(held(loaded.model).every((h) => !h.startsWith('expert') || h === 'expert int4/int4'), 'cached experts held as codes');
+  } finally {
+    await off.close();
+    off.dispose();
+    loaded.model.dispose();
+  }
+  const ranks = startExpertRanks(DIR, 2, false, 60_000);
+  try {
+    await ranks.ready;
+    const ep = loadModel(DIR, { fast: false, comm: ranks.comm, loadExpert: (_l, e) => ranks.comm.ownsExpert(e) });
+    try {
+      forcedLogits(ep.model).forEach((l, i) => assert.deepEqual(l, want[i], `2 ranks, position ${i}`));
+    } finally {
+      ep.model.dispose();
+    }
+  } finally {
+    await ranks.stop();
+  }
+});
+
+test('gptqIntWeight: int8 per channel, int4 per channel / g128 / g96 and gptq_v2 zeros read exactly as (q - zero) * scale', () => {
+  let seed = 11;
+  const rnd = () => ((seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32);
+  const fail = (m: string) => new Error(m);
+  for (const [bits, gs, fmt, rows, cols] of [[8, -1, 'gptq', 8, 40], [4, -1, 'gptq', 16, 200], [4, 128, 'gptq', 8, 256],
+    [4, 96, 'gptq_v2', 8, 200], [4, 32, 'gptq', 24, 72]] as const) {
+    const cfg = parseGptq({ quant_method: 'gptq', bits, group_size: gs, sym: true, desc_act: false, checkpoint_format: fmt }, 'x', fail);
+    const per = 32 / bits, half = 1 << (bits - 1), g = gs === -1 ? cols : gs, groups = Math.ceil(cols / g);
+    const q = Array.from({ length: cols * rows }, () => Math.floor(rnd() * 2 * half)); // [in, out]
+    const qweight = new Int32Array((cols / per) * rows);
+    for (let k = 0; k < cols; k++)
+      for (let n = 0; n < rows; n++) qweight[Math.floor(k / per) * rows + n]! |= q[k * rows + n]! << (bits * (k % per));
+    const zw = Math.ceil(rows / per), stored = fmt === 'gptq' ? half - 1 : half;
+    const qzeros = new Int32Array(groups * zw);
+    for (let i = 0; i < groups; i++)
+      for (let n = 0; n < rows; n++) qzeros[i * zw + Math.floor(n / per)]! |= stored << (bits * (n % per));
+    const scales = Float32Array.from({ length: groups * rows }, () => Math.fround(0.001 + rnd() / 100));
+    const w = gptqIntWeight('m.x.weight', {
+      qweight: { dtype: 'I32', shape: [cols / per, rows], data: qweight },
+      qzeros: { dtype: 'I32', shape: [groups, zw], data: qzeros },
+      scales: { dtype: 'F16', shape: [groups, rows], data: scales },
+      gIdx: { dtype: 'I32', shape: [cols], data: Int32Array.from({ length: cols }, (_, k) => Math.floor(k / g)) },
+    }, cfg, fail);
+    assert.deepEqual([w.bits, w.rows, w.cols, w.group], [bits, rows, cols, bits === 8 ? 0 : gs === 96 || gs === 32 ? 32 : 128], `${bits} ${gs}`);
+    const hg = w.group || cols, perRow = Math.ceil(cols / hg);
+    for (let n = 0; n < rows; n++)
+      for (let k = 0; k < cols; k++) {
+        const want = (q[k * rows + n]! - half) * scales[Math.floor(k / g) * rows + n]!;
+        assert.equal(w.codes[n * cols + k]! * w.scales[n * perRow + Math.floor(k / hg)]!, want, `bits ${bits} g ${gs} (${n}, ${k})`);
+      }
+    // An asymmetric zero point, an act-order g_idx and a wrong qzeros shape are refused naming the tensor.
+    const asym = qzeros.slice();
+    asym[0] = (asym[0]! & ~((1 << bits) - 1)) | (stored + 1);
+    const parts = (over: Partial<Parameters<typeof gptqIntWeight>[1]>) => ({
+      qweight: { dtype: 'I32', shape: [cols / per, rows], data: qweight },
+      qzeros: { dtype: 'I32', shape: [groups, zw], data: qzeros },
+      scales: { dtype: 'F16', shape: [groups, rows], data: scales }, gIdx: null, ...over,
+    });
+    assert.throws(() => gptqIntWeight('m.x.weight', parts({ qzeros: { dtype: 'I32', shape: [groups, zw], data: asym } }), cfg, fail),
+      new RegExp(`^Error: m\\.x\\.qzeros holds zero point ${half + 1} at group 0, output 0: asymmetric weights are not read`));
+    const perm = Int32Array.from({ length: cols }, (_, k) => Math.floor((cols - 1 - k) / g));
+    if (groups > 1)
+      assert.throws(() => gptqIntWeight('m.x.weight', parts({ gIdx: { dtype: 'I32', shape: [cols], data: perm } }), cfg, fail),
+        /^Error: m\.x\.g_idx puts input 0 in group \d+, not 0: activation-ordered \(desc_act\) weights are not read/);
+    assert.throws(() => gptqIntWeight('m.x.weight', parts({ qzeros: { dtype: 'I32', shape: [groups + 1, zw], data: new Int32Array((groups + 1) * zw) } }), cfg, fail),
+      /^Error: m\.x\.qzeros has shape \[\d+, \d+\], expected/);
+  }
+});
+
+test('unsupported GPTQ configs are refused naming the field and value', () => {
+  const base = JSON.parse(readFileSync(path.join(DIR, 'config.json'), 'utf8')) as Record<string, any>;
+  const cases: [Record<string, unknown>, RegExp][] = [
+    [{ bits: 3 }, /\. bits 3: expertd holds 4-bit and 8-bit integer weights\./],
+    [{ bits: 2 }, /\. bits 2:/],
+    [{ group_size: 48 }, /\. group_size 48: int4 groups are held as groups of 32 or 128 columns, so a GPTQ group must be a multiple of 32\./],
+    [{ group_size: 0 }, /\. group_size 0: expected -1/],
+    [{ bits: 8, group_size: 128 }, /\. group_size 128 with bits 8: int8 weights are read with one scale per output channel/],
+    [{ sym: false }, /\. sym false: asymmetric weights \(a zero point per group\) are not read/],
+    [{ desc_act: true }, /\. desc_act true: activation-ordered groups \(g_idx\) are not read/],
+    [{ is_marlin_format: true }, /\. is_marlin_format true: Marlin-packed weights are not read/],
+    [{ checkpoint_format: 'marlin' }, /\. checkpoint_format "marlin": expertd reads the "gptq" and "gptq_v2" packings/],
+    [{ dynamic: { '-:.*mlp.*': {} } }, /\. dynamic \(per-module bits \/ group_size overrides\) is not read/],
+  ];
+  for (const [edit, re] of cases) {
+    const c = { ...base, quantization_config: { ...base.quantization_config, ...edit } };
+    assert.throws(() => parseModelConfig(c as never), (e: Error) => e instanceof ConfigError &&
+      e.message.startsWith(`qwen2_moe config quantization_config ${JSON.stringify(c.quantization_config)} is not supported; supported for GPTQ:`) &&
+      re.test(e.message), `${JSON.stringify(edit)}: ${re}`);
+  }
+  // Read: group_size -1 and multiples of 32 (held in 128 where it divides), int8 per channel, gptq_v2.
+  const spec = (edit: Record<string, unknown>) => parseModelConfig({ ...base, quantization_config: { ...base.quantization_config, ...edit } } as never).quantization as GptqConfig;
+  assert.deepEqual(spec({ group_size: 128 }).schemes, { bits: [4], groupSizes: [128] });
+  assert.deepEqual(spec({ group_size: 256 }).schemes, { bits: [4], groupSizes: [128] });
+  assert.deepEqual(spec({ group_size: -1 }).schemes, { bits: [4], groupSizes: [128] });
+  assert.deepEqual(spec({ group_size: 64 }).schemes, { bits: [4], groupSizes: [32] });
+  assert.deepEqual(spec({ bits: 8, group_size: -1, checkpoint_format: 'gptq_v2' }), { method: 'gptq', bits: 8, groupSize: -1, checkpointFormat: 'gptq_v2', schemes: { bits: [8], groupSizes: [] } });
+  // awq stays refused with its own reason.
+  assert.throws(() => parseModelConfig({ ...base, quantization_config: { quant_method: 'awq', bits: 4 } } as never), /quant_method "awq" \(AutoAWQ/);
+});
+
+test('a GPTQ checkpoint whose qweight disagrees with the config, or lacks its qzeros, is refused naming the tensor', () => {
+  const tmp = mkdtempSync(path.join(os.tmpdir(), 'expertd-gptq-'));
+  try {
+    const e0 = 'model.layers.0.mlp.experts.0.gate_proj';
+    const write = (name: string, tensors: TensorToWrite[]) => {
+      const out = path.join(tmp, name);
+      mkdirSync(out);
+      writeSafetensors(path.join(out, 'model.safetensors'), tensors);
+      for (const f of ['config.json', 'generation_config.json', 'tokenizer.json', 'tokenizer_config.json'])
+        copyFileSync(path.join(DIR, f), path.join(out, f));
+      return out;
+    };
+    const all = storedTensors(DIR);
+    const noZeros = write('nozeros', all.filter((t) => t.name !== `${e0}.qzeros`));
+    assert.throws(() => loadModel(noZeros, { fast: false }), new RegExp(`missing tensor\\(s\\): ${e0.replace(/\./g, '\\.')}\\.qzeros`));
+    const wide = write('wide', all.map((t) => t.name === `${e0}.qweight` ? { ...t, shape: [t.shape[0]! / 2, t.shape[1]! * 2] } : t));
+    assert.throws(() => loadModel(wide, { fast: false }), new RegExp(`${e0.replace(/\./g, '\\.')}\\.qweight is I32 \\[\\d+, \\d+\\], the config implies I32`));
+  } finally {
+    rmSync(tmp, { recursive: true, force: true });
+  }
+});
+
+describe('GPTQ on the device engine (emulator)', { skip: emulatorSkip }, () => {
+  test('quantized attention / shared experts are refused naming them; with only the experts quantized they stay int4 g32', () => {
+    assert.throws(() => loadCudaModel(DIR, { device: 0, cuda: createCudaEmulator() }),
+      /^RangeError: this GPTQ checkpoint quantizes \d+ weight\(s\) outside the routed experts \(model\.layers\.0\..*the device engine has int8 \/ int4 kernels for the routed experts only; serve it on the CPU engine, or requantize it with the other modules left unquantized/);
+    const tmp = mkdtempSync(path.join(os.tmpdir(), 'expertd-gptq-dev-'));
+    try {
+      const experts = path.join(tmp, 'experts');
+      decodedCopy(experts, /^(?!.*\.mlp\.experts\.\d+\.)/, true);
+      const { model } = loadCudaModel(experts, { device: 0, cuda: createCudaEmulator() });
+      const cpu = loadModel(experts, { fast: false }).model;
+      try {
+        assert.deepEqual(model.expertQuant, { format: 'int4', group: 32, blockRows: 0 });
+        assert.deepEqual(held(cpu), ['expert int4/int4', 'shared null/null']);
+        // The device rounds weights' products and activations to bf16: its greedy tokens on the first case
+        // and its logits within a few percent of their range of the CPU engine's (f32).
+        const c = golden.cases[0]!;
+        const V = model.spec.vocabSize;
+        const a = new DirectRunner(model), b = new DirectRunner(cpu);
+        const la = a.step([a.newSeq()], [c.prompt_ids], true).logits, lb = b.step([b.newSeq()], [c.prompt_ids], true).logits;
+        const p = c.prompt_ids.length - 1;
+        let lo = Infinity, hi = -Infinity, w = 0;
+        for (let v = 0; v < V; v++) {
+          lo = Math.min(lo, lb[p * V + v]!);
+          hi = Math.max(hi, lb[p * V + v]!);
+          w = Math.max(w, Math.abs(la[p * V + v]! - lb[p * V + v]!));
+        }
+        assert.ok(w / (hi - lo) <= 0.025, `last position's logits off the CPU engine's by ${((w / (hi - lo)) * 100).toFixed(2)}% of their range`);
+      } finally {
+        model.dispose();
+        cpu.dispose();
+      }
+    } finally {
+      rmSync(tmp, { recursive: true, force: true });
+    }
+  });
+});
