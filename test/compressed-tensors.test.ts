@@ -13,6 +13,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 
+import { intWeightOf } from '../src/model/compressed-tensors.js';
 import { ConfigError, parseModelConfig } from '../src/model/config.js';
 import { loadCudaModel, loadModel } from '../src/model/load.js';
 import type { MoeModel } from '../src/model/model.js';
@@ -418,8 +419,9 @@ test('unsupported compressed-tensors configs are refused naming the field and va
     [w((x) => { x.symmetric = false; }), /\. config_groups\.group_0\.weights\.symmetric false: asymmetric weights \(weight_zero_point\) are not read/],
     [w((x) => { x.actorder = 'group'; }), /\.weights\.actorder "group": activation-ordered groups \(weight_g_idx\) are not read/],
     [w((x) => { x.actorder = 'weight'; }), /\.weights\.actorder "weight"/],
-    [w((x) => { x.group_size = 64; }), /\.weights\.group_size 64: int4 groups are 32 or 128/],
-    [w((x) => { x.strategy = 'channel'; }), /\.weights\.strategy "channel" with num_bits 4/],
+    [w((x) => { x.group_size = 48; }), /\.weights\.group_size 48: int4 groups are held as groups of 32 or 128 columns, so a group must be a multiple of 32/],
+    [w((x) => { x.group_size = null; }), /\.weights\.group_size null: int4 groups/],
+    [w((x) => { x.strategy = 'tensor'; }), /\.weights\.strategy "tensor" with num_bits 4/],
     [w((x) => { x.num_bits = 8; x.strategy = 'group'; x.group_size = 128; }), /\.weights\.strategy "group" with num_bits 8: int8 weights are read per output channel/],
     [w((x) => { x.num_bits = 8; x.strategy = 'tensor'; }), /\.weights\.strategy "tensor" with num_bits 8/],
     [w((x) => { x.num_bits = 2; }), /\.weights\.num_bits 2: expertd reads 8-bit and 4-bit/],
@@ -445,6 +447,28 @@ test('unsupported compressed-tensors configs are refused naming the field and va
   for (const dir of [W8, W4]) assert.equal(parseModelConfig(dir).quantization?.method, 'compressed-tensors');
   const ok = w4Config((q) => { q.config_groups.group_0.weights.actorder = 'static'; q.config_groups.group_0.weights.group_size = 128; });
   assert.deepEqual((parseModelConfig(ok as never).quantization as { schemes: unknown }).schemes, { bits: [4], groupSizes: [128] });
+  const g64 = w4Config((q) => { q.config_groups.group_0.weights.group_size = 64; });
+  assert.deepEqual((parseModelConfig(g64 as never).quantization as { schemes: unknown }).schemes, { bits: [4], groupSizes: [64] });
+  const ch = w4Config((q) => { q.config_groups.group_0.weights.strategy = 'channel'; q.config_groups.group_0.weights.group_size = null; });
+  assert.deepEqual((parseModelConfig(ch as never).quantization as { schemes: unknown }).schemes, { bits: [4], groupSizes: [-1] });
+});
+
+test('int4 groups of any multiple of 32, and one scale per row, are held as groups of 32 / 128 with the same values', () => {
+  let seed = 5;
+  const rnd = () => ((seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32);
+  const fail = (m: string) => new Error(m);
+  for (const [gs, rows, cols, held] of [[64, 6, 200, 32], [256, 5, 300, 128], [96, 4, 96, 32], [-1, 7, 150, 128], [32, 3, 70, 32]] as const) {
+    const groups = gs === -1 ? 1 : Math.ceil(cols / gs), span = gs === -1 ? cols : gs;
+    const codes = Int8Array.from({ length: rows * cols }, () => Math.floor(rnd() * 16) - 8);
+    const scales = Float32Array.from({ length: rows * groups }, () => Math.fround(0.001 + rnd() / 50));
+    const w = intWeightOf('m.x.weight', { codes: { dtype: 'I8', shape: [rows, cols], data: codes },
+      scale: { dtype: 'BF16', shape: [rows, groups], data: scales }, shape: null }, { bits: [4], groupSizes: [gs] }, fail);
+    assert.deepEqual([w.bits, w.group, w.scales.length, w.scaleDtype], [4, held, rows * Math.ceil(cols / held), 'bf16'], `group ${gs}`);
+    for (let r = 0; r < rows; r++)
+      for (let c = 0; c < cols; c++)
+        assert.equal(w.codes[r * cols + c]! * w.scales[r * Math.ceil(cols / held) + Math.floor(c / held)]!,
+          codes[r * cols + c]! * scales[r * groups + Math.floor(c / span)]!, `group ${gs} (${r}, ${c})`);
+  }
 });
 
 /** A copy of the w4a16 fixture with extra tensors and a config edit. */

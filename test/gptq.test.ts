@@ -125,7 +125,7 @@ test('GPTQ int4: weights kept as codes, logits, routing and greedy tokens match 
   const { model, spec } = loadModel(DIR, { fast: false });
   const bf16 = loadModel(path.join(packageRoot(), 'test', 'fixtures', 'qwen2_moe'), { fast: false });
   try {
-    assert.deepEqual(spec.quantization, { method: 'gptq', bits: 4, groupSize: 64, checkpointFormat: 'gptq', schemes: { bits: [4], groupSizes: [32] } });
+    assert.deepEqual(spec.quantization, { method: 'gptq', bits: 4, groupSize: 64, checkpointFormat: 'gptq', schemes: { bits: [4], groupSizes: [64] } });
     assert.equal(describeCheckpointQuant(spec), ' GPTQ int4 g64 (gptq)');
     assert.deepEqual(held(model), ['expert int4/int4', 'shared int4/int4']);
     const ours = model.residentWeightBytes, theirs = bf16.model.residentWeightBytes;
@@ -288,12 +288,10 @@ test('unsupported GPTQ configs are refused naming the field and value', () => {
       e.message.startsWith(`qwen2_moe config quantization_config ${JSON.stringify(c.quantization_config)} is not supported; supported for GPTQ:`) &&
       re.test(e.message), `${JSON.stringify(edit)}: ${re}`);
   }
-  // Read: group_size -1 and multiples of 32 (held in 128 where it divides), int8 per channel, gptq_v2.
+  // Read: group_size -1 and multiples of 32 (held in 128 where it divides: gptqIntWeight's test), int8 per
+  // channel, gptq_v2.
   const spec = (edit: Record<string, unknown>) => parseModelConfig({ ...base, quantization_config: { ...base.quantization_config, ...edit } } as never).quantization as GptqConfig;
-  assert.deepEqual(spec({ group_size: 128 }).schemes, { bits: [4], groupSizes: [128] });
-  assert.deepEqual(spec({ group_size: 256 }).schemes, { bits: [4], groupSizes: [128] });
-  assert.deepEqual(spec({ group_size: -1 }).schemes, { bits: [4], groupSizes: [128] });
-  assert.deepEqual(spec({ group_size: 64 }).schemes, { bits: [4], groupSizes: [32] });
+  for (const gs of [128, 256, -1, 64, 96]) assert.deepEqual(spec({ group_size: gs }).schemes, { bits: [4], groupSizes: [gs] });
   assert.deepEqual(spec({ bits: 8, group_size: -1, checkpoint_format: 'gptq_v2' }), { method: 'gptq', bits: 8, groupSize: -1, checkpointFormat: 'gptq_v2', schemes: { bits: [8], groupSizes: [] } });
   // awq stays refused with its own reason.
   assert.throws(() => parseModelConfig({ ...base, quantization_config: { quant_method: 'awq', bits: 4 } } as never), /quant_method "awq" \(AutoAWQ/);

@@ -1,5 +1,5 @@
 // compressed-tensors checkpoints (llm-compressor, what vLLM's users produce): the quantization_config
-// schemes expertd reads (int8 W8A8 per output channel, int4 W4A16 in groups of 32 or 128, symmetric;
+// schemes expertd reads (int8 W8A8 per output channel, int4 W4A16 per channel or in groups of a multiple of 32, symmetric;
 // FP8 e4m3 weights per output channel, per tensor or in blocks) and the stored tensors of one quantized
 // integer Linear turned into codes and scales for packInt. Anything else is refused naming the field
 // and value.
@@ -33,7 +33,7 @@ const OTHER_FORMATS: Record<string, string> = {
 const TOP_FIELDS = ['quant_method', 'format', 'config_groups', 'ignore', 'quantization_status', 'kv_cache_scheme',
   'global_compression_ratio', 'sparsity_config', 'transform_config', 'version'];
 const SUPPORTED = 'supported for compressed-tensors: format "int-quantized", "naive-quantized" or "pack-quantized" with ' +
-  'weights {type "int", symmetric, num_bits 8 strategy "channel" | num_bits 4 strategy "group" group_size 32 or 128} ' +
+  'weights {type "int", symmetric, num_bits 8 strategy "channel" | num_bits 4 strategy "group" group_size a multiple of 32 or "channel"} ' +
   'and input_activations null or dynamic int8 per token; format "float-quantized" with weights {type "float", ' +
   'num_bits 8, symmetric, strategy "channel" | "tensor" | "block" with block_structure [rows, cols]} and ' +
   'input_activations null or dynamic';
@@ -103,10 +103,12 @@ function checkGroup(name: string, g: unknown, format: string, refuse: (why: stri
     if (strategy !== 'channel')
       throw refuse(`${wa}.strategy ${JSON.stringify(strategy)} with num_bits 8: int8 weights are read per output channel (strategy "channel").`);
   } else if (bits === 4) {
-    if (strategy !== 'group')
-      throw refuse(`${wa}.strategy ${JSON.stringify(strategy)} with num_bits 4: int4 weights are read in groups (strategy "group", group_size 32 or 128).`);
-    if (w.group_size !== 32 && w.group_size !== 128)
-      throw refuse(`${wa}.group_size ${JSON.stringify(w.group_size)}: int4 groups are 32 or 128 (expertd's int4 format).`);
+    if (strategy !== 'group' && strategy !== 'channel')
+      throw refuse(`${wa}.strategy ${JSON.stringify(strategy)} with num_bits 4: int4 weights are read in groups (strategy "group", ` +
+        'group_size a multiple of 32) or per output channel ("channel").');
+    if (strategy === 'group' && !(Number.isInteger(w.group_size) && (w.group_size as number) > 0 && (w.group_size as number) % 32 === 0))
+      throw refuse(`${wa}.group_size ${JSON.stringify(w.group_size)}: int4 groups are held as groups of 32 or 128 columns, so a ` +
+        'group must be a multiple of 32.');
   } else {
     throw refuse(`${wa}.num_bits ${JSON.stringify(bits)}: expertd reads 8-bit and 4-bit integer weights.`);
   }
@@ -184,7 +186,7 @@ export function declaredSchemes(q: Raw): { bits: number[]; groupSizes: number[] 
   for (const g of Object.values((q.config_groups ?? {}) as Record<string, Raw>)) {
     const w = g.weights as Raw;
     bits.add(w.num_bits as number);
-    if (w.num_bits === 4) groupSizes.add(w.group_size as number);
+    if (w.num_bits === 4) groupSizes.add(w.strategy === 'channel' ? -1 : w.group_size as number);
   }
   return { bits: [...bits], groupSizes: [...groupSizes] };
 }
@@ -227,12 +229,32 @@ export function intWeightOf(name: string, p: CompressedParts, schemes: { bits: n
       throw fail(`${name}_scale has ${nScale} scales per row: expertd reads int8 weights with one scale per output channel`);
     return { bits, codes, scales: s.data, rows, cols, group: 0 };  // int8 keeps f32 scales (one per row)
   }
-  // Group g covers columns [g * size, (g + 1) * size); the last one may be ragged.
+  // Group g covers columns [g * size, (g + 1) * size); the last one may be ragged. -1: per channel.
   const sizes = schemes.groupSizes.length ? schemes.groupSizes : [32, 128];
-  const group = sizes.find((gs) => Math.ceil(cols / gs) === nScale);
+  const group = sizes.find((gs) => (gs === -1 ? 1 : Math.ceil(cols / gs)) === nScale);
   if (group === undefined)
-    throw fail(`${name}_scale has ${nScale} scale(s) per row of ${cols} 4-bit values: not groups of ${sizes.join(' or ')}`);
-  return { bits, codes, scales: s.data, rows, cols, group, scaleDtype: scaleDtypeOf(s.dtype) };
+    throw fail(`${name}_scale has ${nScale} scale(s) per row of ${cols} 4-bit values: not ${sizes.map((g) => (g === -1 ? 'one per row' : `groups of ${g}`)).join(' or ')}`);
+  return { bits, codes, ...regroupScales(s.data, rows, cols, group), rows, cols, scaleDtype: scaleDtypeOf(s.dtype) };
+}
+
+/** The int4 group (32 or 128) expertd holds a stored group of `gs` columns in (-1: per channel): 128 where it divides. */
+export function heldInt4Group(gs: number): number {
+  return gs === -1 || gs % 128 === 0 ? 128 : 32;
+}
+
+/**
+ * Int4 scales [rows, ceil(cols / gs)] (gs a multiple of 32, or -1: one per row) as expertd holds them, in
+ * groups of heldInt4Group(gs) columns: each held group lies inside one stored group and takes its scale,
+ * so code * scale is the same number everywhere.
+ */
+export function regroupScales(scales: Float32Array, rows: number, cols: number, gs: number): { scales: Float32Array; group: number } {
+  const hg = heldInt4Group(gs);
+  if (gs === hg) return { scales, group: hg };
+  const stored = gs === -1 ? 1 : Math.ceil(cols / gs), held = Math.ceil(cols / hg), span = gs === -1 ? cols : gs;
+  const out = new Float32Array(rows * held);
+  for (let r = 0; r < rows; r++)
+    for (let j = 0; j < held; j++) out[r * held + j] = scales[r * stored + Math.floor((j * hg) / span)]!;
+  return { scales: out, group: hg };
 }
 
 /** A stored scale tensor's dtype as a weight can hold it (its values are exact there). */

@@ -8,6 +8,7 @@ import { CudaGqaAttention, CudaMlaAttention, type DeviceAttentionBlock, type Dev
 import { BF16, Device, F32, I32, type DeviceWeight } from './device.js';
 import { cachedCostTable, EpsPlanner, type CostTable, type ExpertKernel } from '../moe/eps-planner.js';
 import type { DeviceExpertComm } from '../moe/device-ep.js';
+import { heldInt4Group } from './compressed-tensors.js';
 import type { MoeHooks } from '../moe/moe-layer.js';
 import { mulberry32 } from '../engine/rng.js';
 import type { ForwardBatch, ForwardModel, ForwardResult } from './forward-batch.js';
@@ -946,7 +947,7 @@ function compressedExpertQuant(spec: ModelSpec): DeviceQuant {
   if (bits.length !== 1 || groupSizes.length > 1)
     throw new RangeError(`a ${method} checkpoint with several weight schemes (num_bits ${bits.join(', ')}` +
       `${groupSizes.length ? `, group_size ${groupSizes.join(', ')}` : ''}) is not read on the device: one table holds one format`);
-  const dq: DeviceQuant = bits[0] === 8 ? { format: 'int8', group: 0, blockRows: 0 } : { format: 'int4', group: groupSizes[0]!, blockRows: 0 };
+  const dq: DeviceQuant = bits[0] === 8 ? { format: 'int8', group: 0, blockRows: 0 } : { format: 'int4', group: heldInt4Group(groupSizes[0]!), blockRows: 0 };
   const why = deviceQuantError(dq, spec.hidden, spec.moe.intermediate);
   if (why) throw new RangeError(`this ${method} checkpoint on the device: ${why}`);
   return dq;

@@ -10,7 +10,7 @@
 // expertd's int4 format; a group of any multiple of 32 columns is held as groups of 128 (or 32) with its
 // scale repeated, the same numbers. Anything else (zero points, act-order, other bit widths, Marlin
 // packing) is refused naming the field or tensor.
-import { scaleDtypeOf } from './compressed-tensors.js';
+import { regroupScales, scaleDtypeOf } from './compressed-tensors.js';
 import type { IntWeight } from './tensor-source.js';
 
 type Raw = Record<string, unknown>;
@@ -22,17 +22,12 @@ export interface GptqConfig {
   groupSize: number;
   /** "gptq" (v1: zeros stored minus one) or "gptq_v2" (as they are). */
   checkpointFormat: 'gptq' | 'gptq_v2';
-  /** As the int-code readers take them: the bit width and the group expertd holds int4 in (32 or 128). */
+  /** As the int-code readers take them: the bit width and the stored int4 group (-1: per channel). */
   schemes: { bits: number[]; groupSizes: number[] };
 }
 
 const SUPPORTED = 'supported for GPTQ: bits 4 with group_size -1 or a multiple of 32, or bits 8 with group_size -1; ' +
   'sym true, desc_act false, checkpoint_format "gptq" or "gptq_v2"';
-
-/** The int4 group expertd holds a GPTQ group of `gs` columns in (-1: per channel): 128 where it divides, else 32. */
-function heldGroup(gs: number): number {
-  return gs === -1 || gs % 128 === 0 ? 128 : 32;
-}
 
 /**
  * quantization_config with quant_method "gptq" -> what the loader needs, or an error (made by `fail`)
@@ -64,7 +59,7 @@ export function parseGptq(q: Raw, mt: string, fail: (msg: string) => Error): Gpt
     throw refuse('dynamic (per-module bits / group_size overrides) is not read: one scheme per checkpoint.');
   return {
     method: 'gptq', bits, groupSize: gs as number, checkpointFormat: fmt,
-    schemes: { bits: [bits], groupSizes: bits === 4 ? [heldGroup(gs as number)] : [] },
+    schemes: { bits: [bits], groupSizes: bits === 4 ? [gs as number] : [] },
   };
 }
 
@@ -140,11 +135,9 @@ export function gptqIntWeight(name: string, p: GptqParts, cfg: GptqConfig, fail:
     scales.set(p.scales.data.subarray(0, rows));
     return { bits, codes, scales, rows, cols, group: 0 };
   }
-  // Held groups of `hg` columns, each inside one stored group (hg divides gs, or gs is the whole row).
-  const hg = heldGroup(cfg.groupSize);
-  const per_row = Math.ceil(cols / hg);
-  const scales = new Float32Array(rows * per_row);
-  for (let r = 0; r < rows; r++)
-    for (let j = 0; j < per_row; j++) scales[r * per_row + j] = p.scales.data[Math.floor((j * hg) / gs) * rows + r]!;
-  return { bits, codes, scales, rows, cols, group: hg, scaleDtype: sd };
+  // Scales [groups, out] -> [out, groups], then held as groups of 32 / 128 (regroupScales).
+  const t = new Float32Array(rows * groups);
+  for (let g = 0; g < groups; g++)
+    for (let r = 0; r < rows; r++) t[r * groups + g] = p.scales.data[g * rows + r]!;
+  return { bits, codes, ...regroupScales(t, rows, cols, cfg.groupSize), rows, cols, scaleDtype: sd };
 }

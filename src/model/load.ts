@@ -205,7 +205,7 @@ export function describeCheckpointQuant(spec: ModelSpec): string {
   if (q.method === 'gptq')
     return ` GPTQ int${q.bits} ${q.groupSize === -1 ? 'per channel' : `g${q.groupSize}`} (${q.checkpointFormat})`;
   const bits = q.schemes.bits.map((b) => `int${b}`).join('/');
-  return ` compressed-tensors ${q.format} ${bits}${q.schemes.groupSizes.length ? ` g${q.schemes.groupSizes.join('/')}` : ''}`;
+  return ` compressed-tensors ${q.format} ${bits}${q.schemes.groupSizes.length ? ` ${q.schemes.groupSizes.map((g) => (g === -1 ? 'per channel' : `g${g}`)).join('/')}` : ''}`;
 }
 
 export function loadSummary(loaded: LoadedModel<ForwardModel>): string {
