@@ -426,10 +426,10 @@ test('unsupported compressed-tensors configs are refused naming the field and va
     [w((x) => { x.num_bits = 8; x.strategy = 'tensor'; }), /\.weights\.strategy "tensor" with num_bits 8/],
     [w((x) => { x.num_bits = 2; }), /\.weights\.num_bits 2: expertd reads 8-bit and 4-bit/],
     [w((x) => { x.type = 'float'; }), /\.weights\.type "float": expertd reads integer weights/],
-    [(q) => { q.config_groups.group_0.input_activations = { num_bits: 8, type: 'int', dynamic: false, strategy: 'tensor' }; },
+    [(q) => { q.config_groups.group_0.input_activations = { num_bits: 4, type: 'int', dynamic: false, strategy: 'tensor' }; },
       /\.input_activations .*: expertd quantizes activations itself, dynamically/],
     [(q) => { q.config_groups.group_0.input_activations = { num_bits: 8, type: 'float', dynamic: true, strategy: 'token' }; },
-      /\.input_activations .*FP8 activations are not/],
+      /\.input_activations .*FP8 or other activations on int weights are not/],
     [(q) => { q.kv_cache_scheme = { num_bits: 8, type: 'float' }; }, /\. kv_cache_scheme \(calibrated KV cache scales\) is not read/],
     [(q) => { q.sparsity_config = { format: 'sparse-24-bitmask' }; }, /\. sparsity_config: sparse compressed-tensors weights are not read/],
     [(q) => { q.transform_config = { config_groups: {} }; }, /\. transform_config \(rotations/],
@@ -447,6 +447,10 @@ test('unsupported compressed-tensors configs are refused naming the field and va
   for (const dir of [W8, W4]) assert.equal(parseModelConfig(dir).quantization?.method, 'compressed-tensors');
   const ok = w4Config((q) => { q.config_groups.group_0.weights.actorder = 'static'; q.config_groups.group_0.weights.group_size = 128; });
   assert.deepEqual((parseModelConfig(ok as never).quantization as { schemes: unknown }).schemes, { bits: [4], groupSizes: [128] });
+  // Static int8 activations (calibrated X.input_scale): read, the scales unused (the load warns).
+  const st = w4Config((q) => { q.config_groups.group_0.input_activations = { num_bits: 8, type: 'int', dynamic: false, strategy: 'tensor' }; });
+  assert.equal((parseModelConfig(st as never).quantization as { staticInputScales?: boolean }).staticInputScales, true);
+  assert.equal((parseModelConfig(W4).quantization as { staticInputScales?: boolean }).staticInputScales, undefined);
   const g64 = w4Config((q) => { q.config_groups.group_0.weights.group_size = 64; });
   assert.deepEqual((parseModelConfig(g64 as never).quantization as { schemes: unknown }).schemes, { bits: [4], groupSizes: [64] });
   const ch = w4Config((q) => { q.config_groups.group_0.weights.strategy = 'channel'; q.config_groups.group_0.weights.group_size = null; });

@@ -413,7 +413,7 @@ test('each refused quantization_config says which field and value, and what to d
     [{ ...fp8, fmt: 'e5m2' }, /\. fmt "e5m2": FP8 weights are read as e4m3/],
     [{ ...fp8, scale_fmt: 'ue4m3' }, /\. scale_fmt "ue4m3": block scales are read as float/],
     [{ ...fp8, fmt: 'float8_e5m2' }, /\. fmt "float8_e5m2": FP8 weights are read as e4m3/],
-    [{ ...fp8, activation_scheme: 'static' }, /\. activation_scheme "static": its calibrated activation scales \(input_scale\) would be ignored/],
+    [{ ...fp8, activation_scheme: 'calibrated' }, /\. activation_scheme "calibrated": expected "dynamic" or "static" \(whose input_scale tensors are not used\)\./],
     [{ ...fp8, weight_block_size: null }, /\. weight_block_size null \(one scale per tensor\): expertd reads block-scaled FP8/],
     [{ ...fp8, weight_block_size: [128] }, /\. weight_block_size \[128\]: expected \[rows, cols\], two positive integers\.$/],
     [{ ...fp8, weight_block_size: [128, 0] }, /\. weight_block_size \[128,0\]: expected \[rows, cols\]/],

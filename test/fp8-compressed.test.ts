@@ -48,6 +48,9 @@ interface Variant {
   ue8m0?: boolean;
   /** AutoFP8's layout: quant_method "fp8" without weight_block_size, a scalar `X.weight_scale` per tensor. */
   autoFp8?: boolean;
+  /** Static activation scales (activation_scheme "static" / input_activations dynamic false): a scalar
+   * `X.input_scale` beside every FP8 weight, which expertd does not use. */
+  static?: boolean;
 }
 
 /** llm-compressor's config for one scheme over every Linear but `ignore`. */
@@ -63,7 +66,8 @@ function floatConfig(v: Variant, ignore: string[]): Record<string, unknown> {
           type: 'float', num_bits: 8, symmetric: true, dynamic: false, strategy: v.strategy, observer: 'minmax',
           block_structure: v.strategy === 'block' ? v.block : null, group_size: null, actorder: null, observer_kwargs: {},
         },
-        input_activations: v.strategy === 'block'
+        input_activations: v.static ? { type: 'float', num_bits: 8, symmetric: true, dynamic: false, strategy: 'tensor' }
+          : v.strategy === 'block'
           ? { type: 'float', num_bits: 8, symmetric: true, dynamic: true, strategy: 'group', group_size: 128 }
           : { type: 'float', num_bits: 8, symmetric: true, dynamic: true, strategy: 'token' },
       },
@@ -116,6 +120,8 @@ function makeCheckpoints(v: Variant): { fp8Dir: string; refDir: string; root: st
     const scaleShape = v.strategy === 'block' ? [nbr, nbc] : v.strategy === 'channel' ? [rows, 1] : v.autoFp8 ? [] : [1];
     const scaleData = v.scaleDtype === 'BF16' ? new Uint8Array(Uint16Array.from(scale, f32ToBf16).buffer) : new Uint8Array(scale.buffer);
     fp8.push({ name: t.name, dtype: 'F8_E4M3', shape: t.shape, data: codes });
+    // A calibrated scale that would be wrong if used (the logits below would not match): 1000.
+    if (v.static) fp8.push({ name: t.name.replace(/\.weight$/, '.input_scale'), dtype: 'F32', shape: v.autoFp8 ? [] : [1], data: new Uint8Array(Float32Array.of(1000).buffer) });
     fp8.push({ name: `${t.name}${v.deepseek && !v.autoFp8 ? '_scale_inv' : '_scale'}`, dtype: v.scaleDtype, shape: scaleShape, data: scaleData });
     ref.push({ name: t.name, dtype: 'F32', shape: t.shape, data: deq });
   }
@@ -123,7 +129,7 @@ function makeCheckpoints(v: Variant): { fp8Dir: string; refDir: string; root: st
   for (const [dir, tensors, quant] of [[fp8Dir, fp8, true], [refDir, ref, false]] as const) {
     mkdirSync(dir);
     writeSafetensors(path.join(dir, 'model.safetensors'), tensors);
-    const qc = v.autoFp8 ? { quant_method: 'fp8', activation_scheme: 'dynamic' } : v.deepseek ? {
+    const qc = v.autoFp8 ? { quant_method: 'fp8', activation_scheme: v.static ? 'static' : 'dynamic' } : v.deepseek ? {
       quant_method: 'fp8', fmt: v.fmt ?? 'e4m3', activation_scheme: 'dynamic', weight_block_size: v.block,
       ...(v.ue8m0 ? { scale_fmt: 'ue8m0' } : {}), ...(v.fmt ? { modules_to_not_convert: ['gate', 'e_score_correction_bias', 'lm_head'] } : {}),
     }
@@ -167,20 +173,29 @@ const VARIANTS: Variant[] = [
   { fixture: 'longcat_flash', strategy: 'block', scaleDtype: 'F32', block: [24, 24], deepseek: true },
   // AutoFP8 / vLLM's per-tensor FP8 (quant_method fp8, a scalar weight_scale per tensor).
   { fixture: 'mixtral', strategy: 'tensor', scaleDtype: 'F32', deepseek: true, autoFp8: true },
+  // AutoFP8 with static activation scales (as the -FP8 Mixtral checkpoints ship), and llm-compressor's FP8
+  // with static per-tensor activations: their input_scale tensors read, unused.
+  { fixture: 'mixtral', strategy: 'tensor', scaleDtype: 'F32', deepseek: true, autoFp8: true, static: true },
+  { fixture: 'qwen3_moe', strategy: 'channel', scaleDtype: 'BF16', static: true },
 ];
 
 for (const v of VARIANTS) {
   const label = `${v.autoFp8 ? 'AutoFP8' : v.deepseek ? 'quant_method fp8' : 'compressed-tensors FP8'}, ${v.fixture}, ${v.strategy} scales ` +
-    `(${v.scaleDtype}${v.block ? `, ${v.block.join(' x ')} blocks` : ''}${v.ue8m0 ? ', scale_fmt ue8m0' : ''}${v.fmt ? `, fmt ${v.fmt}` : ''})`;
+    `(${v.scaleDtype}${v.block ? `, ${v.block.join(' x ')} blocks` : ''}${v.ue8m0 ? ', scale_fmt ue8m0' : ''}${v.fmt ? `, fmt ${v.fmt}` : ''}` +
+    `${v.static ? ', static input scales' : ''})`;
   test(`${label}: every quantized Linear kept FP8, logits equal the dequantised weights'`, () => {
     const { fp8Dir, refDir, root } = makeCheckpoints(v);
     try {
       const spec = parseModelConfig(fp8Dir);
-      assert.deepEqual(spec.quantization, v.autoFp8 ? { method: 'fp8', blockSize: [128, 128] } : v.deepseek ? { method: 'fp8', blockSize: v.block }
-        : { method: 'fp8', blockSize: v.block ?? [1, 128], scaleSuffix: '_scale' });
+      const st = v.static ? { staticInputScales: true } : {};
+      assert.deepEqual(spec.quantization, v.autoFp8 ? { method: 'fp8', blockSize: [128, 128], ...st } : v.deepseek ? { method: 'fp8', blockSize: v.block }
+        : { method: 'fp8', blockSize: v.block ?? [1, 128], scaleSuffix: '_scale', ...st });
       const got = loadModel(fp8Dir, { fast: false });
       // AutoFP8's scales are weight_scale, found in the checkpoint.
-      if (v.autoFp8) assert.deepEqual(got.spec.quantization, { method: 'fp8', blockSize: [128, 128], scaleSuffix: '_scale' });
+      if (v.autoFp8) assert.deepEqual(got.spec.quantization, { method: 'fp8', blockSize: [128, 128], scaleSuffix: '_scale', ...st });
+      // Static scales: one warning counts them (and none is an unexpected tensor, below).
+      const inputWarn = got.report.warnings.filter((w) => /^\d+ input_scale tensor\(s\) \(calibrated activation scales\) are not used/.test(w));
+      assert.equal(inputWarn.length, v.static ? 1 : 0, got.report.warnings.join('; '));
       // The load line says what it found.
       assert.equal(describeCheckpointQuant(got.spec), ` FP8 e4m3 (${(v.autoFp8 ? [128, 128] : v.block ?? [1, 128]).join('x')} blocks, ` +
         `${v.deepseek && !v.autoFp8 ? 'weight_scale_inv' : 'weight_scale'})`);
@@ -320,8 +335,8 @@ test('compressed-tensors FP8 configs outside what is read are refused naming the
     [(q) => { g(q).weights.num_bits = 4; }, /config_groups\.group_0\.weights type "float" num_bits 4: float-quantized weights are read as FP8/],
     [(q) => { g(q).weights.strategy = 'group'; g(q).weights.group_size = 128; }, /weights\.strategy "group": FP8 weights are read per output channel/],
     [(q) => { g(q).weights.strategy = 'block'; g(q).weights.block_structure = [128]; }, /weights\.block_structure \[128\]: expected \[rows, cols\]/],
-    [(q) => { g(q).input_activations.dynamic = false; g(q).input_activations.strategy = 'tensor'; },
-      /input_activations .*static ones \(calibrated input_scale\) are not/],
+    [(q) => { g(q).input_activations.num_bits = 4; },
+      /input_activations .*FP8 activations, dynamic or static \(whose input_scale tensors are not used\), are read as that/],
     [(q) => { g(q).format = 'pack-quantized'; }, /group_0\.format "pack-quantized": a float-quantized checkpoint's groups are all float-quantized/],
     [(q) => { q.config_groups.group_1 = { ...g(q), weights: { ...g(q).weights, strategy: 'block', block_structure: [128, 128] } }; },
       /FP8 weights on 1x128 and 128x128 block grids; one grid per checkpoint is read/],

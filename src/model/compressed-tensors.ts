@@ -16,6 +16,16 @@ export interface CompressedTensorsConfig {
   ignore: string[];
   /** Weight bit widths and int4 group sizes over the config groups. */
   schemes: { bits: number[]; groupSizes: number[] };
+  /** Some group's input_activations are static (dynamic false): their `X.input_scale` tensors are not used. */
+  staticInputScales?: true;
+}
+
+/** True when a config group's input_activations carry calibrated scales (dynamic false). */
+function staticInputs(groups: Raw): boolean {
+  return Object.values(groups).some((g) => {
+    const ia = (g as Raw | null)?.input_activations as Raw | null | undefined;
+    return ia != null && typeof ia === 'object' && ia.dynamic === false;
+  });
 }
 
 const FORMATS = ['int-quantized', 'naive-quantized', 'pack-quantized'] as const;
@@ -70,7 +80,8 @@ export function parseCompressedTensors(q: Raw, mt: string, fail: (msg: string) =
     throw refuse('config_groups: expected an object of one or more scheme groups.');
   if (format === FLOAT_FORMAT) return floatConfig(groups as Raw, refuse);
   for (const [name, g] of Object.entries(groups as Raw)) checkGroup(name, g, format, refuse);
-  return { method: 'compressed-tensors', format, ignore: ignore as string[], schemes: declaredSchemes(q) };
+  return { method: 'compressed-tensors', format, ignore: ignore as string[], schemes: declaredSchemes(q),
+    ...(staticInputs(q.config_groups as Raw) ? { staticInputScales: true as const } : {}) };
 }
 
 function checkFormat(f: unknown, field: string, refuse: (why: string) => Error): CompressedTensorsConfig['format'] {
@@ -114,10 +125,11 @@ function checkGroup(name: string, g: unknown, format: string, refuse: (why: stri
   }
   const ia = grp.input_activations as Raw | null | undefined;
   if (ia != null) {
-    const ok = typeof ia === 'object' && (ia.type ?? 'int') === 'int' && ia.num_bits === 8 && ia.dynamic === true;
+    // Static ones (dynamic false: calibrated X.input_scale) are read too, their scales unused.
+    const ok = typeof ia === 'object' && (ia.type ?? 'int') === 'int' && ia.num_bits === 8 && (ia.dynamic === true || ia.dynamic === false);
     if (!ok)
       throw refuse(`${at}.input_activations ${JSON.stringify(ia)}: expertd quantizes activations itself, dynamically ` +
-        '(int8 W8A8 dynamic per token is read; static input_scale or FP8 activations are not).');
+        '(int8 W8A8 activations, dynamic or static, are read as that; FP8 or other activations on int weights are not).');
   }
 }
 
@@ -158,16 +170,16 @@ function floatConfig(groups: Raw, refuse: (why: string) => Error): Fp8Quantizati
     }
     const ia = grp.input_activations as Raw | null | undefined;
     if (ia != null) {
-      const ok = typeof ia === 'object' && ia.dynamic === true && (ia.type ?? 'float') === 'float' && ia.num_bits === 8;
+      const ok = typeof ia === 'object' && (ia.dynamic === true || ia.dynamic === false) && (ia.type ?? 'float') === 'float' && ia.num_bits === 8;
       if (!ok)
         throw refuse(`${at}.input_activations ${JSON.stringify(ia)}: expertd computes with unquantized (bf16 / f32) activations; ` +
-          'dynamic FP8 activations are read as that, static ones (calibrated input_scale) are not.');
+          'FP8 activations, dynamic or static (whose input_scale tensors are not used), are read as that.');
     }
   }
   if (grids.size !== 1)
     throw refuse(`config_groups: FP8 weights on ${[...grids].join(' and ')} block grids; one grid per checkpoint is read.`);
   const [br, bc] = [...grids][0]!.split('x').map(Number) as [number, number];
-  return { method: 'fp8', blockSize: [br, bc], scaleSuffix: '_scale' };
+  return { method: 'fp8', blockSize: [br, bc], scaleSuffix: '_scale', ...(staticInputs(groups) ? { staticInputScales: true as const } : {}) };
 }
 
 /** What a Linear's stored tensors are, by their dtypes and shapes (names without the ".weight"). */

@@ -272,10 +272,11 @@ function parseQuantization(raw: Raw, mt: string): ModelSpec['quantization'] {
   if (scaleFmt !== 'float' && scaleFmt !== 'ue8m0')
     throw refuse(`scale_fmt ${JSON.stringify(scaleFmt)}: block scales are read as float (weight_scale_inv in f32, bf16 or f16; ` +
       '"ue8m0" powers of two stored so too).');
+  // "static" (AutoFP8's calibrated X.input_scale per Linear): read, the scales unused (a load warning says so),
+  // since expertd computes with bf16 / f32 activations: the checkpoint's weights with finer activations.
   const act = q.activation_scheme ?? 'dynamic';
-  if (act !== 'dynamic')
-    throw refuse(`activation_scheme ${JSON.stringify(act)}: its calibrated activation scales (input_scale) would be ` +
-      'ignored; expertd reads FP8 checkpoints whose activations are quantized dynamically or not at all.');
+  if (act !== 'dynamic' && act !== 'static')
+    throw refuse(`activation_scheme ${JSON.stringify(act)}: expected "dynamic" or "static" (whose input_scale tensors are not used).`);
   // HF's fine-grained FP8 (quant_method "fp8") defaults to 128 x 128 blocks; null means per-tensor scales.
   const block = 'weight_block_size' in q ? q.weight_block_size : [128, 128];
   if (block === null)
@@ -285,7 +286,7 @@ function parseQuantization(raw: Raw, mt: string): ModelSpec['quantization'] {
   if (!okBlock) throw refuse(`weight_block_size ${JSON.stringify(block)}: expected [rows, cols], two positive integers.`);
   if ((block as number[])[1]! % 2 !== 0)
     throw refuse(`weight_block_size ${JSON.stringify(block)}: the block width (cols) must be even for the FP8 kernels.`);
-  return { method: 'fp8', blockSize: block as [number, number] };
+  return { method: 'fp8', blockSize: block as [number, number], ...(act === 'static' ? { staticInputScales: true as const } : {}) };
 }
 
 /**
@@ -1001,6 +1002,7 @@ export function validateCheckpoint(spec: ModelSpec, ckpt: TensorShapes): Checkpo
   // Qwen3-Next / Qwen3.5 keep their MTP head as mtp.* and Qwen3.5 its vision tower as model.visual.*:
   // not part of the text decoder (transformers ignores them too), one warning per group.
   const ignoredGroups = new Map<string, number>();
+  let inputScales = 0;
   for (const name of ckpt.tensors.keys()) {
     if (expectedNames.has(name)) continue;
     const group = /^(mtp\.|model\.visual\.)/.exec(name);
@@ -1020,8 +1022,17 @@ export function validateCheckpoint(spec: ModelSpec, ckpt: TensorShapes): Checkpo
     if (ct && ctPart && expectedNames.has(name.slice(0, -ctPart[0].length))) continue;
     const gptqPart = /\.(qweight|qzeros|scales|g_idx)$/.exec(name);
     if (gptq && gptqPart && expectedNames.has(`${name.slice(0, -gptqPart[0].length)}.weight`)) continue;
+    // Calibrated activation scales (activation_scheme static; X.input_scale beside X.weight): not used.
+    const input = /\.input_(scale|zero_point)$/.exec(name);
+    if (spec.quantization && input && expectedNames.has(`${name.slice(0, -input[0].length)}.weight`)) {
+      inputScales++;
+      continue;
+    }
     warnings.push(`unexpected tensor ${name} (not used by ${spec.modelType})`);
   }
+  if (inputScales)
+    warnings.push(`${inputScales} input_scale tensor(s) (calibrated activation scales) are not used: activations stay ` +
+      'bf16 / f32 (the int8 fast mode quantizes them itself, dynamically)');
   for (const [group, n] of ignoredGroups)
     warnings.push(`${n} tensor(s) under ${group}* (${group === 'mtp.' ? 'multi-token prediction' : 'the vision tower'}) ` +
       'are not used');

@@ -129,6 +129,11 @@ export interface Fp8Quantization {
   blockSize: [number, number];
   /** Absent: '_scale_inv'. */
   scaleSuffix?: '_scale_inv' | '_scale';
+  /**
+   * activation_scheme "static" (input_activations dynamic false): the checkpoint's calibrated `X.input_scale`
+   * tensors are not used (expertd computes with unquantized activations); absent: dynamic.
+   */
+  staticInputScales?: true;
 }
 
 /** What follows an FP8 weight's name in its scale tensor's: '_scale_inv' (the default) or '_scale'. */
