@@ -13,15 +13,17 @@ import { describe, test } from 'node:test';
 
 import { ConfigError, parseModelConfig } from '../src/model/config.js';
 import { gptqIntWeight, parseGptq, type GptqConfig } from '../src/model/gptq.js';
-import { describeCheckpointQuant, loadCudaModel, loadModel } from '../src/model/load.js';
-import type { MoeModel } from '../src/model/model.js';
+import { f32ToBf16 } from '../src/model/kv-dtype.js';
+import { CheckpointSource, describeCheckpointQuant, loadCudaModel, loadModel } from '../src/model/load.js';
+import { MoeModel } from '../src/model/model.js';
 import { readSafetensorsHeader, writeSafetensors, type TensorToWrite } from '../src/model/safetensors.js';
 import { startExpertRanks } from '../src/dist/expert-ranks.js';
 import { loadNative, packageRoot, type PackedWeight } from '../src/native/index.js';
 import { attachOffloader, skipAllExperts } from '../src/offload/setup.js';
 import { createCudaEmulator } from './helpers/cuda-emu.js';
 import { emulatorSkip } from './helpers/cuda-skip.js';
-import { argmax, DirectRunner } from './helpers/model-runner.js';
+import { argmax, DirectRunner, logitsVsRef } from './helpers/model-runner.js';
+import { intDequantSource } from './helpers/device-dequant.js';
 
 const DIR = path.join(packageRoot(), 'test', 'fixtures-quant', 'qwen2_moe_gptq');
 
@@ -94,10 +96,11 @@ function decodeGptq(qweight: TensorToWrite, qzeros: TensorToWrite, scales: Tenso
 }
 
 /**
- * A copy of the fixture with the GPTQ Linears whose name matches `decode` written as f32 `X.weight` (decoded
- * by decodeGptq); `keepConfig` false drops quantization_config (then `decode` must match them all).
+ * A copy of the fixture with the GPTQ Linears whose name matches `decode` written as `X.weight` (decoded by
+ * decodeGptq; f32, or rounded to bf16); `keepConfig` false drops quantization_config (then `decode` must
+ * match them all).
  */
-function decodedCopy(out: string, decode: RegExp, keepConfig: boolean): void {
+function decodedCopy(out: string, decode: RegExp, keepConfig: boolean, dtype: 'F32' | 'BF16' = 'F32'): void {
   const tensors = storedTensors(DIR);
   const byName = new Map(tensors.map((t) => [t.name, t]));
   const kept: TensorToWrite[] = [];
@@ -110,7 +113,8 @@ function decodedCopy(out: string, decode: RegExp, keepConfig: boolean): void {
     if (m[2] !== 'qweight') continue;
     const get = (p: string) => byName.get(`${m[1]}.${p}`)!;
     const w = decodeGptq(t, get('qzeros'), get('scales'), get('g_idx'));
-    kept.push({ name: `${m[1]}.weight`, dtype: 'F32', shape: [t.shape[1]!, t.shape[0]! * 8], data: new Uint8Array(w.buffer) });
+    const data = dtype === 'F32' ? new Uint8Array(w.buffer) : new Uint8Array(Uint16Array.from(w, f32ToBf16).buffer);
+    kept.push({ name: `${m[1]}.weight`, dtype, shape: [t.shape[1]!, t.shape[0]! * 8], data });
   }
   mkdirSync(out, { recursive: true });
   writeSafetensors(path.join(out, 'model.safetensors'), kept);
@@ -320,38 +324,45 @@ test('a GPTQ checkpoint whose qweight disagrees with the config, or lacks its qz
 });
 
 describe('GPTQ on the device engine (emulator)', { skip: emulatorSkip }, () => {
-  test('quantized attention / shared experts are refused naming them; with only the experts quantized they stay int4 g32', () => {
-    assert.throws(() => loadCudaModel(DIR, { device: 0, cuda: createCudaEmulator() }),
-      /^RangeError: this GPTQ checkpoint quantizes \d+ weight\(s\) outside the routed experts \(model\.layers\.0\..*the device engine has int8 \/ int4 kernels for the routed experts only; serve it on the CPU engine, or requantize it with the other modules left unquantized/);
+  test('every quantized Linear stays int4 g32 on the device (experts, shared experts, attention); logits as the CPU engine\'s', (t) => {
+    for (const full of [true, false]) {
     const tmp = mkdtempSync(path.join(os.tmpdir(), 'expertd-gptq-dev-'));
     try {
+      // The checkpoint as it is, and a copy with only the routed experts quantized.
       const experts = path.join(tmp, 'experts');
-      decodedCopy(experts, /^(?!.*\.mlp\.experts\.\d+\.)/, true);
-      const { model } = loadCudaModel(experts, { device: 0, cuda: createCudaEmulator() });
-      const cpu = loadModel(experts, { fast: false }).model;
+      if (!full) decodedCopy(experts, /^(?!.*\.mlp\.experts\.\d+\.)/, true, 'BF16');
+      const dir = full ? DIR : experts;
+      const { model } = loadCudaModel(dir, { device: 0, cuda: createCudaEmulator() });
+      const cpu = loadModel(dir, { fast: false }).model;
       try {
         assert.deepEqual(model.expertQuant, { format: 'int4', group: 32, blockRows: 0 });
-        assert.deepEqual(held(cpu), ['expert int4/int4', 'shared null/null']);
-        // The device rounds weights' products and activations to bf16: its greedy tokens on the first case
-        // and its logits within a few percent of their range of the CPU engine's (f32).
-        const c = golden.cases[0]!;
-        const V = model.spec.vocabSize;
-        const a = new DirectRunner(model), b = new DirectRunner(cpu);
-        const la = a.step([a.newSeq()], [c.prompt_ids], true).logits, lb = b.step([b.newSeq()], [c.prompt_ids], true).logits;
-        const p = c.prompt_ids.length - 1;
-        let lo = Infinity, hi = -Infinity, w = 0;
-        for (let v = 0; v < V; v++) {
-          lo = Math.min(lo, lb[p * V + v]!);
-          hi = Math.max(hi, lb[p * V + v]!);
-          w = Math.max(w, Math.abs(la[p * V + v]! - lb[p * V + v]!));
+        assert.deepEqual(held(cpu), ['expert int4/int4', `shared ${full ? 'int4/int4' : 'null/null'}`]);
+        // The attention projections as stored codes (cudaDenseGemmQuant), the shared experts' table int4 too.
+        const dev = model as unknown as { layers: { subs: { attn: Record<string, unknown> }[]; moe: { shared: { table: { quant: unknown } } } | null }[] };
+        const attn = dev.layers[0]!.subs[0]!.attn as { k: { quant?: unknown }; o: { quant?: unknown } };
+        assert.deepEqual([attn.k.quant ?? null, attn.o.quant ?? null], full ? [model.expertQuant, model.expertQuant] : [null, null]);
+        // The reference: the CPU engine's bf16 mode over the weights the device multiplies, bf16(code x scale)
+        // (test/cuda-quant.test.ts's --quantize-dense bounds for qwen2_moe).
+        const base = loadModel(dir, { fast: true });
+        const src = intDequantSource(new CheckpointSource(base.checkpoint));
+        const ref = new MoeModel(base.spec, src, { fast: true });
+        try {
+          const { mean, worst, skipped, total } = logitsVsRef(model, ref, golden.cases.map((c) => c.prompt_ids));
+          t.diagnostic(`${full ? 'whole' : 'experts only'}: ${src.replaced} weights replaced; mean ${(mean * 100).toFixed(4)}%, ` +
+            `worst ${(worst * 100).toFixed(4)}%; ${skipped}/${total} from a routing flip on`);
+          assert.equal(skipped, 0, 'the device routes every token as the reference does');
+          assert.ok(mean <= 5e-4 && worst <= 5e-3, `logits off the reference by ${(mean * 100).toFixed(3)}% of their range on average, up to ${(worst * 100).toFixed(3)}%`);
+        } finally {
+          ref.dispose();
+          base.model.dispose();
         }
-        assert.ok(w / (hi - lo) <= 0.025, `last position's logits off the CPU engine's by ${((w / (hi - lo)) * 100).toFixed(2)}% of their range`);
       } finally {
         model.dispose();
         cpu.dispose();
       }
     } finally {
       rmSync(tmp, { recursive: true, force: true });
+    }
     }
   });
 });

@@ -88,11 +88,11 @@ export class CudaGqaAttention implements DeviceAttentionBlock {
       this.q = dev.denseLinear(`${p}q_proj.weight (query rows)`, gatherRows(qg, rows(0)), qDim, hidden);
       this.gate = dev.denseLinear(`${p}q_proj.weight (gate rows)`, gatherRows(qg, rows(headDim)), qDim, hidden);
     } else {
-      this.q = dev.denseLinear(`${p}q_proj.weight`, src.get(`${p}q_proj.weight`), qDim, hidden);
+      this.q = dev.storedLinear(src, `${p}q_proj.weight`, qDim, hidden);
     }
-    this.k = dev.denseLinear(`${p}k_proj.weight`, src.get(`${p}k_proj.weight`), kvDim, hidden);
-    this.v = dev.denseLinear(`${p}v_proj.weight`, src.get(`${p}v_proj.weight`), kvDim, hidden);
-    this.o = dev.denseLinear(`${p}o_proj.weight`, src.get(`${p}o_proj.weight`), hidden, qDim);
+    this.k = dev.storedLinear(src, `${p}k_proj.weight`, kvDim, hidden);
+    this.v = dev.storedLinear(src, `${p}v_proj.weight`, kvDim, hidden);
+    this.o = dev.storedLinear(src, `${p}o_proj.weight`, hidden, qDim);
     if (spec.qkvBias) {
       this.qBias = dev.vector(vectorF32(src, `${p}q_proj.bias`, qDim));
       this.kBias = dev.vector(vectorF32(src, `${p}k_proj.bias`, kvDim));
@@ -181,17 +181,17 @@ export class CudaMlaAttention implements DeviceAttentionBlock {
     const { heads, qLoraRank, kvLoraRank, qkNopeHeadDim: nope, qkRopeHeadDim: rope, vHeadDim } = spec;
     const qDim = heads * (nope + rope);
     if (qLoraRank) {
-      this.qA = dev.denseLinear(`${p}q_a_proj.weight`, src.get(`${p}q_a_proj.weight`), qLoraRank, hidden);
+      this.qA = dev.storedLinear(src, `${p}q_a_proj.weight`, qLoraRank, hidden);
       const qn = vectorF32(src, `${p}q_a_layernorm.weight`, qLoraRank);
       // LongCat-Flash's q scale is linear in the norm weight: folded in, as on the CPU.
       if (spec.qScale !== undefined && spec.qScale !== 1) for (let i = 0; i < qn.length; i++) qn[i] = qn[i]! * spec.qScale;
       this.qANorm = dev.vector(qn);
-      this.qB = dev.denseLinear(`${p}q_b_proj.weight`, src.get(`${p}q_b_proj.weight`), qDim, qLoraRank);
+      this.qB = dev.storedLinear(src, `${p}q_b_proj.weight`, qDim, qLoraRank);
     } else {
       if (spec.qScale !== undefined && spec.qScale !== 1) throw new Error('MLA q scaling needs q_lora_rank');
-      this.qProj = dev.denseLinear(`${p}q_proj.weight`, src.get(`${p}q_proj.weight`), qDim, hidden);
+      this.qProj = dev.storedLinear(src, `${p}q_proj.weight`, qDim, hidden);
     }
-    this.kvA = dev.denseLinear(`${p}kv_a_proj_with_mqa.weight`, src.get(`${p}kv_a_proj_with_mqa.weight`), kvLoraRank + rope, hidden);
+    this.kvA = dev.storedLinear(src, `${p}kv_a_proj_with_mqa.weight`, kvLoraRank + rope, hidden);
     const kvn = vectorF32(src, `${p}kv_a_layernorm.weight`, kvLoraRank);
     if (spec.kvScale !== undefined && spec.kvScale !== 1) for (let i = 0; i < kvn.length; i++) kvn[i] = kvn[i]! * spec.kvScale;
     this.kvANorm = dev.vector(kvn);
@@ -202,7 +202,7 @@ export class CudaMlaAttention implements DeviceAttentionBlock {
       this.ukT.push(dev.linear(`${p}kv_b_proj.weight[uk ${h}]`, transpose(rowsOf(kvB, base, base + nope)), kvLoraRank, nope, true));
       this.uv.push(dev.linear(`${p}kv_b_proj.weight[uv ${h}]`, rowsOf(kvB, base + nope, base + nope + vHeadDim), vHeadDim, kvLoraRank, true));
     }
-    this.o = dev.denseLinear(`${p}o_proj.weight`, src.get(`${p}o_proj.weight`), hidden, heads * vHeadDim);
+    this.o = dev.storedLinear(src, `${p}o_proj.weight`, hidden, heads * vHeadDim);
     this.invFreq = dev.vector(spec.rope.invFreq);
     this.cacheFloatsPerToken = [kvLoraRank + rope, 0];
   }

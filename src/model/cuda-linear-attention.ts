@@ -48,7 +48,7 @@ export class CudaGatedDeltaNet {
     this.qkv = dev.denseLinear(`${p}in_proj (q, k, v rows)`, w.qkv, this.C, H);
     this.z = dev.denseLinear(`${p}in_proj (z rows)`, w.z, Vd, H);
     this.ba = dev.linear(`${p}in_proj (b, a rows)`, w.ba, 2 * Hv, H);
-    this.out = dev.denseLinear(`${p}out_proj.weight`, src.get(`${p}out_proj.weight`), H, Vd);
+    this.out = dev.storedLinear(src, `${p}out_proj.weight`, H, Vd);
     const cw = src.get(`${p}conv1d.weight`);
     checkShape(`${p}conv1d.weight`, cw, [this.C, 1, K]);
     this.convW = dev.vector(toF32(cw));

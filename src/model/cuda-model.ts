@@ -5,7 +5,7 @@
 import { loadNative, type CudaAddon, type CudaBuffer, type CudaEvent, type CudaExpertTable, type CudaStream, type NativeAddon,
   type SampleBatchArgs, type SampleBatchOut } from '../native/index.js';
 import { CudaGqaAttention, CudaMlaAttention, type DeviceAttentionBlock, type DeviceLayerCache, type DeviceStep } from './cuda-attention.js';
-import { BF16, Device, F32, I32, type DeviceWeight } from './device.js';
+import { BF16, Device, F32, I32, intDeviceQuant, type DeviceWeight } from './device.js';
 import { cachedCostTable, EpsPlanner, type CostTable, type ExpertKernel } from '../moe/eps-planner.js';
 import type { DeviceExpertComm } from '../moe/device-ep.js';
 import { heldInt4Group } from './compressed-tensors.js';
@@ -18,7 +18,7 @@ import { intCodeMethodName, intCodeQuant, type ModelSpec } from './spec.js';
 import { withWeightPrefix, type HostTensor, type TensorSource } from './tensor-source.js';
 import { CudaGatedDeltaNet, type DeviceLinearState, type DeviceStateStep } from './cuda-linear-attention.js';
 import { linearStateFloats } from './linear-attention.js';
-import { checkExpert, checkShape, ffnSource, packIntFfn, vectorF32, type ExpertSource } from './weights.js';
+import { checkExpert, checkIntFfn, checkShape, ffnSource, vectorF32, type ExpertSource } from './weights.js';
 import { deviceQuantError, deviceQuantOf, intMatrix, quantizedExpert, quantizeMatrix, type DeviceQuant } from './cuda-quant.js';
 import type { QuantizeSpec } from './quantize.js';
 
@@ -236,14 +236,28 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
                     inter: number): { gateUp: CudaBuffer; down: CudaBuffer } {
     const { gate, up, down } = iw;
     // Checks shapes and that the three are quantized together (packIntFfn's rules), without packing.
-    if (!gate || !up || !down) packIntFfn(iw.names, gate, up, down, this.spec.hidden, inter);
+    checkIntFfn(iw.names, gate, up, down, this.spec.hidden, inter);
     return { gateUp: this.dev.upload(intMatrix(q, gate!, up!)), down: this.dev.upload(intMatrix(q, down!, null)) };
   }
 
-  /** A dense FFN or shared expert as a one-expert table: bf16, or with --quantize-dense quantized (the fused GroupGemm). */
+  /**
+   * A dense FFN or shared expert as a one-expert table: bf16, with --quantize-dense quantized (the fused
+   * GroupGemm), or as the checkpoint's int8 / int4 codes where it stores all three so (and the table takes them).
+   */
   private ffn(src: TensorSource, prefix: string, inter: number): DeviceFfn {
     const name = prefix.replace(/\.$/, '');
     const q = this.dev.denseQuant;
+    const [gi, ui, di] = q ? [null, null, null] : ['gate_proj', 'up_proj', 'down_proj'].map((p) => src.getInt?.(`${prefix}${p}.weight`) ?? null);
+    if (gi && ui && di) {
+      const iq = intDeviceQuant(gi);
+      if (!deviceQuantError(iq, this.spec.hidden, inter)) {
+        const names = ['gate_proj', 'up_proj', 'down_proj'].map((p) => `${prefix}${p}.weight`);
+        checkIntFfn(names, gi, ui, di, this.spec.hidden, inter);
+        const table = this.table(1, inter, iq);
+        table.set(0, this.dev.upload(intMatrix(iq, gi, ui)), this.dev.upload(intMatrix(iq, di, null)));
+        return { table, inter };
+      }
+    }
     if (q) {
       const H = this.spec.hidden;
       const why = deviceQuantError(q, H, inter);

@@ -2,8 +2,8 @@
 // biases and reference-precision GEMMs), a grow-only arena of per-step device buffers, and the one
 // linear() that picks the tensor-core GEMM or the CUDA-core f32 GEMM by shape and precision.
 import { loadNative, type CudaAddon, type CudaBuffer, type CudaStream, type DType } from '../native/index.js';
-import { deviceQuantDenseError, quantizeMatrix, type DeviceQuant } from './cuda-quant.js';
-import type { HostTensor } from './tensor-source.js';
+import { deviceQuantDenseError, intMatrix, quantizeMatrix, type DeviceQuant } from './cuda-quant.js';
+import type { HostTensor, IntWeight, TensorSource } from './tensor-source.js';
 import { checkShape } from './weights.js';
 
 /** A Linear weight [n, k] on the device. */
@@ -123,6 +123,21 @@ export class Device {
     return { buf: this.upload(quantizeMatrix(q, t, null, n, k)), n, k, dtype: 'bf16', reference: false, quant: q };
   }
 
+  /**
+   * A weight denseLinear() would take, read from `src`: one the checkpoint stores as int8 / int4 codes
+   * (compressed-tensors, GPTQ) is kept as its codes and scales for cudaDenseGemmQuant where that kernel
+   * takes its shape and no --quantize-dense asks for another format; else denseLinear() over its values
+   * (an int weight's exact dequantised ones, rounded to bf16 like an FP8 checkpoint's non-expert weights).
+   */
+  storedLinear(src: TensorSource, name: string, n: number, k: number): DeviceWeight {
+    const iw = this.denseQuant ? null : src.getInt?.(name) ?? null;
+    if (iw && iw.rows === n && iw.cols === k) {
+      const q = intDeviceQuant(iw);
+      if (!deviceQuantDenseError(q, n, k)) return { buf: this.upload(intMatrix(q, iw, null)), n, k, dtype: 'bf16', reference: false, quant: q };
+    }
+    return this.denseLinear(name, src.get(name), n, k);
+  }
+
   /** gate [I, H] and up [I, H] stacked as one bf16 gate_up [2I, H] (the GroupGemm's layout). */
   gateUp(gate: HostTensor, up: HostTensor): CudaBuffer {
     const g = bf16Of(gate), u = bf16Of(up);
@@ -181,4 +196,9 @@ export class Device {
     for (const b of this.owned) if (!b.disposed) b.dispose();
     this.owned.length = 0;
   }
+}
+
+/** The device layout of a checkpoint's int weight: int8 per row, or int4 in its (held) groups. */
+export function intDeviceQuant(w: IntWeight): DeviceQuant {
+  return w.bits === 8 ? { format: 'int8', group: 0, blockRows: 0 } : { format: 'int4', group: w.group, blockRows: 0 };
 }

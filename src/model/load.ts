@@ -10,7 +10,7 @@ import type { ForwardModel } from './forward-batch.js';
 import { MoeModel, type ModelOptions } from './model.js';
 import { openCheckpoint, type Checkpoint, type Fp8Weight } from './safetensors.js';
 import type { QuantizeSpec } from './quantize.js';
-import { fp8ScaleSuffix, intCodeMethodName, intCodeQuant, type ModelSpec } from './spec.js';
+import { fp8ScaleSuffix, type ModelSpec } from './spec.js';
 import type { HostTensor, IntWeight, TensorSource } from './tensor-source.js';
 import { dequantInt } from './compressed-tensors.js';
 
@@ -130,16 +130,6 @@ export function loadCudaModel(dir: string, opts: { device: number; cuda?: CudaAd
     ep?: DeviceExpertComm; quantize?: QuantizeSpec | null; onProgress?: (p: LoadProgress) => void }): LoadedModel<CudaModel> {
   const t0 = performance.now();
   const { spec, checkpoint, report } = openValidated(dir);
-  const iq = intCodeQuant(spec.quantization);
-  if (iq && !opts.quantize) {
-    // The device engine has int8 / int4 kernels for the routed experts only (no --quantize-dense there).
-    const dense = checkpoint.names().map((n) => n.replace(/_(packed|scale)$|\.qweight$/, (m) => (m === '.qweight' ? '.weight' : '')))
-      .filter((n, i, a) => a.indexOf(n) === i && checkpoint.isCompressed(n) && !/\.experts\.\d+\./.test(n));
-    if (dense.length)
-      throw new RangeError(`this ${intCodeMethodName(iq)} checkpoint quantizes ${dense.length} weight(s) outside the routed experts ` +
-        `(${dense.slice(0, 3).join(', ')}${dense.length > 3 ? ', ...' : ''}), and the device engine has int8 / int4 kernels ` +
-        `for the routed experts only; serve it on the CPU engine, or requantize it with the other modules ${iq.method === 'gptq' ? 'left unquantized' : 'in its ignore list'}`);
-  }
   const model = new CudaModel(spec, new CheckpointSource(checkpoint, opts.onProgress), {
     device: opts.device, ...(opts.cuda ? { cuda: opts.cuda } : {}),
     ...(opts.loadExperts !== undefined ? { loadExperts: opts.loadExperts } : {}),

@@ -276,6 +276,13 @@ export function denseFfnTable(src: TensorSource, prefix: string, h: number, i: n
  */
 export function packIntFfn(names: string[], gate: IntWeight | null, up: IntWeight | null, down: IntWeight | null,
                            h: number, i: number): { gateUp: PackedWeight; down: PackedWeight } {
+  const w = checkIntFfn(names, gate, up, down, h, i);
+  return { gateUp: packIntWeight(w.gate, w.up), down: packIntWeight(w.down) };
+}
+
+/** packIntFfn's checks: all three stored as int codes, gate and up in one format, shapes as the config says. */
+export function checkIntFfn(names: string[], gate: IntWeight | null, up: IntWeight | null, down: IntWeight | null,
+                            h: number, i: number): { gate: IntWeight; up: IntWeight; down: IntWeight } {
   if (!gate || !up || !down)
     throw new ShapeError(`${names.join(', ')}: some are stored as int codes and some as floats; expertd reads a ` +
       'quantized FFN with all three projections quantized (quantize them together), or re-quantizes them with --quantize');
@@ -285,5 +292,5 @@ export function packIntFfn(names: string[], gate: IntWeight | null, up: IntWeigh
   checkInt(names[0]!, gate, i, h);
   checkInt(names[1]!, up, i, h);
   checkInt(names[2]!, down, h, i);
-  return { gateUp: packIntWeight(gate, up), down: packIntWeight(down) };
+  return { gate, up, down };
 }

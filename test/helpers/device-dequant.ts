@@ -7,6 +7,7 @@ import type { ModelSpec } from '../../src/model/spec.js';
 import type { HostTensor, TensorSource } from '../../src/model/tensor-source.js';
 import { f32ToBf16 } from '../../src/model/kv-dtype.js';
 import { toF32 } from '../../src/model/weights.js';
+import { dequantInt } from '../../src/model/compressed-tensors.js';
 
 /** Values that are bf16 already (dequantMatrixBf16's), as a bf16 tensor: the CPU engine then takes the
  * path a bf16 checkpoint takes (an f32 tensor would keep it on its f32 weight path). */
@@ -95,6 +96,25 @@ export function dequantDenseSource(src: TensorSource, quantize: QuantizeSpec): T
       if (!isQuantizedDense(name, t)) return t;
       out.replaced++;
       return bf16Tensor(t.shape, deviceDequant(q, t));
+    },
+  };
+  return out;
+}
+
+/**
+ * `src` with every weight it stores as int8 / int4 codes (compressed-tensors, GPTQ) replaced by the values
+ * the device multiplies, bf16(f32(code x scale)), as bf16 tensors (and no int codes left to read): the CPU
+ * engine's bf16 mode over it is the device model of the checkpoint in bf16 arithmetic.
+ */
+export function intDequantSource(src: TensorSource): TensorSource & { replaced: number } {
+  const out = {
+    replaced: 0,
+    has: (name: string) => src.has(name),
+    get(name: string): HostTensor {
+      const iw = src.getInt?.(name);
+      if (!iw) return src.get(name);
+      out.replaced++;
+      return bf16Tensor([iw.rows, iw.cols], dequantInt(iw));
     },
   };
   return out;

@@ -116,6 +116,36 @@ export function relToRange(ours: ArrayLike<number>, ref: ArrayLike<number>): num
   return worst / (hi - lo);
 }
 
+/**
+ * Two engines' logits over the prompts (each a fresh sequence), relToRange per position against `ref`'s,
+ * over the positions before the first where they route a token to different experts (from there on a
+ * near-tie flipped, and the positions attending to it are not comparable): mean and worst, with the
+ * positions left out.
+ */
+export function logitsVsRef<C1, C2>(ours: ForwardModel<C1>, ref: ForwardModel<C2>, prompts: number[][]):
+    { mean: number; worst: number; n: number; skipped: number; total: number } {
+  const V = ours.spec.vocabSize, k = ours.spec.moe.router.topK;
+  let sum = 0, n = 0, worst = 0, skipped = 0, total = 0;
+  for (const ids of prompts) {
+    const a = new DirectRunner(ours), b = new DirectRunner(ref);
+    const ra = a.step([a.newSeq()], [ids], true), rb = b.step([b.newSeq()], [ids], true);
+    let flip = ids.length;
+    for (let m = 0; m < ra.routedIds.length; m++)
+      for (let p = 0; p < flip; p++) {
+        const set = (r: Int32Array) => Array.from(r.subarray(p * k, (p + 1) * k)).sort().join();
+        if (set(ra.routedIds[m]!) !== set(rb.routedIds[m]!)) flip = p;
+      }
+    total += ids.length;
+    skipped += ids.length - flip;
+    for (let p = 0; p < flip; p++, n++) {
+      const e = relToRange(ra.logits.subarray(p * V, (p + 1) * V), rb.logits.subarray(p * V, (p + 1) * V));
+      sum += e;
+      worst = Math.max(worst, e);
+    }
+  }
+  return { mean: n ? sum / n : 0, worst, n, skipped, total };
+}
+
 export function argmax(x: Float32Array): number {
   let best = 0;
   for (let i = 1; i < x.length; i++) if (x[i]! > x[best]!) best = i;
