@@ -323,6 +323,38 @@ test('a GPTQ checkpoint whose qweight disagrees with the config, or lacks its qz
   }
 });
 
+test('older AutoGPTQ checkpoints: quantize_config.json beside config.json is read; without either the load says it is GPTQ', () => {
+  const tmp = mkdtempSync(path.join(os.tmpdir(), 'expertd-gptq-'));
+  try {
+    const config = JSON.parse(readFileSync(path.join(DIR, 'config.json'), 'utf8')) as Record<string, any>;
+    const { quant_method: _m, ...qc } = config.quantization_config as Record<string, unknown>;
+    delete config.quantization_config;
+    for (const [name, sidecar] of [['sidecar', true], ['bare', false]] as const) {
+      const out = path.join(tmp, name);
+      mkdirSync(out);
+      for (const f of ['model.safetensors', 'generation_config.json', 'tokenizer.json', 'tokenizer_config.json'])
+        copyFileSync(path.join(DIR, f), path.join(out, f));
+      writeFileSync(path.join(out, 'config.json'), JSON.stringify(config));
+      if (sidecar) writeFileSync(path.join(out, 'quantize_config.json'), JSON.stringify(qc));
+      if (!sidecar) {
+        assert.throws(() => loadModel(out, { fast: false }), /\.qweight is present: a GPTQ checkpoint, but config\.json has no quantization_config with quant_method "gptq"/);
+        continue;
+      }
+      assert.equal(parseModelConfig(out).quantization?.method, 'gptq');
+      const a = loadModel(out, { fast: false }).model, b = loadModel(DIR, { fast: false }).model;
+      try {
+        const want = forcedLogits(b);
+        forcedLogits(a).forEach((l, i) => assert.deepEqual(l, want[i], `position ${i}`));
+      } finally {
+        a.dispose();
+        b.dispose();
+      }
+    }
+  } finally {
+    rmSync(tmp, { recursive: true, force: true });
+  }
+});
+
 describe('GPTQ on the device engine (emulator)', { skip: emulatorSkip }, () => {
   test('every quantized Linear stays int4 g32 on the device (experts, shared experts, attention); logits as the CPU engine\'s', (t) => {
     for (const full of [true, false]) {

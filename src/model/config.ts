@@ -137,6 +137,11 @@ export function parseModelConfig(source: string | Raw, options: ParseOptions = {
     const file = isDir ? path.join(source, 'config.json') : source;
     if (!fs.existsSync(file)) throw new ConfigError(`no config.json at ${file}`);
     raw = readJson(file);
+    // Older AutoGPTQ checkpoints keep their quantization config beside config.json (quantize_config.json,
+    // without quant_method); transformers-era ones copy it into config.json's quantization_config.
+    const gptqFile = path.join(path.dirname(file), 'quantize_config.json');
+    if (raw.quantization_config == null && fs.existsSync(gptqFile))
+      raw = { ...raw, quantization_config: { quant_method: 'gptq', ...readJson(gptqFile) } };
     const genFile = path.join(path.dirname(file), 'generation_config.json');
     if (gen === null && fs.existsSync(genFile)) gen = readJson(genFile);
   } else {
@@ -1047,6 +1052,15 @@ export function validateCheckpoint(spec: ModelSpec, ckpt: TensorShapes): Checkpo
       parts.push(`${missing.length} missing tensor(s): ${shown}${missing.length > 20 ? ', ...' : ''}`);
     }
     if (shapeErrors.length) parts.push(`shape mismatch: ${shapeErrors.slice(0, 20).join('; ')}`);
+    // Quantized tensors the config does not declare: say which quantization they look like.
+    const hint = missing.find((n) => ckpt.tensors.has(n.replace(/\.weight$/, '.qweight')));
+    if (hint && !gptq)
+      parts.push(`${hint.replace(/\.weight$/, '.qweight')} is present: a GPTQ checkpoint, but config.json has no quantization_config ` +
+        'with quant_method "gptq" (nor is there a quantize_config.json beside it)');
+    const packed = missing.find((n) => ckpt.tensors.has(`${n}_packed`));
+    if (packed && !ct)
+      parts.push(`${packed}_packed is present: a compressed-tensors checkpoint, but config.json has no quantization_config ` +
+        'with quant_method "compressed-tensors"');
     throw new CheckpointMismatchError(`checkpoint does not match the ${spec.modelType} config: ${parts.join('. ')}`,
       missing, shapeErrors);
   }
