@@ -15,9 +15,9 @@ import { describe, test } from 'node:test';
 
 import { intWeightOf } from '../src/model/compressed-tensors.js';
 import { ConfigError, parseModelConfig } from '../src/model/config.js';
-import { CheckpointSource, loadCudaModel, loadModel } from '../src/model/load.js';
-import { MoeModel } from '../src/model/model.js';
-import { intDequantSource } from './helpers/device-dequant.js';
+import { loadCudaModel, loadModel } from '../src/model/load.js';
+import type { MoeModel } from '../src/model/model.js';
+import { assertMatchesIntDequant } from './helpers/device-dequant.js';
 import { openCheckpoint, readSafetensorsHeader, writeSafetensors, type TensorToWrite } from '../src/model/safetensors.js';
 import { quantElement, quantMatrixBytes } from '../src/model/cuda-quant.js';
 import { startExpertRanks } from '../src/dist/expert-ranks.js';
@@ -26,13 +26,12 @@ import { attachDeviceOffloader, attachOffloader, skipAllExperts } from '../src/o
 import { createCudaEmulator, withLazyStreams } from './helpers/cuda-emu.js';
 import { emulatorSkip } from './helpers/cuda-skip.js';
 import { startDaemon, stopDaemon } from './helpers/daemon.js';
-import { argmax, DirectRunner, logitsVsRef, runAll } from './helpers/model-runner.js';
+import { argmax, checkGolden, DirectRunner, logitsVsRef, runAll, type Golden } from './helpers/model-runner.js';
 
 const root = path.join(packageRoot(), 'test', 'fixtures-quant');
 const W8 = path.join(root, 'qwen2_moe_w8a8');
 const W4 = path.join(root, 'qwen2_moe_w4a16');
 
-interface Golden { moe_layers: number[]; cases: { prompt_ids: number[]; logits: number[][]; greedy: number[]; router: number[][][] }[] }
 const goldenOf = (dir: string) => JSON.parse(readFileSync(path.join(dir, 'golden.json'), 'utf8')) as Golden;
 
 function bf16ToF32(u: Uint16Array): Float32Array {
@@ -99,18 +98,7 @@ for (const [dir, bits] of [[W8, 8], [W4, 4]] as const) {
       assert.ok(ours.dense < theirs.dense - (bits === 8 ? 20_000 : 30_000), `dense ${ours.dense} B vs bf16 ${theirs.dense} B`);
 
       const golden = goldenOf(dir);
-      const V = spec.vocabSize, k = spec.moe.router.topK;
-      let worst = 0;
-      for (const [ci, c] of golden.cases.entries()) {
-        const runner = new DirectRunner(model);
-        const res = runner.step([runner.newSeq()], [c.prompt_ids], true);
-        for (let m = 0; m < golden.moe_layers.length; m++)
-          for (let p = 0; p < c.prompt_ids.length; p++)
-            assert.deepEqual(Array.from(res.routedIds[m]!.subarray(p * k, (p + 1) * k)), c.router[m]![p], `case ${ci} layer ${m} position ${p}`);
-        for (let p = 0; p < c.prompt_ids.length; p++)
-          for (let v = 0; v < V; v++) worst = Math.max(worst, Math.abs(res.logits[p * V + v]! - c.logits[p]![v]!));
-        assert.deepEqual(new DirectRunner(model).greedy(c.prompt_ids, c.greedy.length), c.greedy, `case ${ci} greedy`);
-      }
+      const worst = checkGolden(model, golden);
       t.diagnostic(`logits max-abs difference from transformers: ${worst}`);
       // f32 rounding: golden.json's f64_logits_max_abs_diff is ~1.8e-5 (HF f32 vs f64 on the same weights).
       assert.ok(worst <= 1e-4, `logits max-abs difference ${worst}`);
@@ -523,18 +511,8 @@ describe('compressed-tensors on the device engine (emulator)', { skip: emulatorS
         for (const l of dev.layers) assert.deepEqual([l.subs[0]!.attn.k.quant, l.subs[0]!.attn.o.quant], [q, q], 'attention as stored codes');
         // The reference: the CPU engine's bf16 mode over the weights the device multiplies, bf16(code x scale)
         // (test/cuda-quant.test.ts's --quantize-dense bounds for qwen2_moe).
-        const base = loadModel(dir, { fast: true });
-        const src = intDequantSource(new CheckpointSource(base.checkpoint));
-        const ref = new MoeModel(base.spec, src, { fast: true });
-        try {
-          const { mean, worst, skipped, total } = logitsVsRef(model, ref, goldenOf(dir).cases.map((c) => c.prompt_ids));
-          t.diagnostic(`${src.replaced} weights replaced; mean ${(mean * 100).toFixed(4)}%, worst ${(worst * 100).toFixed(4)}%; ${skipped}/${total} from a routing flip on`);
-          assert.equal(skipped, 0, 'the device routes every token as the reference does');
-          assert.ok(mean <= 5e-4 && worst <= 5e-3, `logits off the reference by ${(mean * 100).toFixed(3)}% of their range on average, up to ${(worst * 100).toFixed(3)}%`);
-        } finally {
-          ref.dispose();
-          base.model.dispose();
-        }
+        const figures = assertMatchesIntDequant(model, dir, goldenOf(dir).cases.map((c) => c.prompt_ids), 5e-4, 5e-3);
+        t.diagnostic(figures);
       } finally {
         model.dispose();
         cpu.dispose();

@@ -14,20 +14,19 @@ import { describe, test } from 'node:test';
 import { ConfigError, parseModelConfig } from '../src/model/config.js';
 import { gptqIntWeight, parseGptq, type GptqConfig } from '../src/model/gptq.js';
 import { f32ToBf16 } from '../src/model/kv-dtype.js';
-import { CheckpointSource, describeCheckpointQuant, loadCudaModel, loadModel } from '../src/model/load.js';
-import { MoeModel } from '../src/model/model.js';
+import { describeCheckpointQuant, loadCudaModel, loadModel } from '../src/model/load.js';
+import type { MoeModel } from '../src/model/model.js';
 import { readSafetensorsHeader, writeSafetensors, type TensorToWrite } from '../src/model/safetensors.js';
 import { startExpertRanks } from '../src/dist/expert-ranks.js';
 import { loadNative, packageRoot, type PackedWeight } from '../src/native/index.js';
 import { attachOffloader, skipAllExperts } from '../src/offload/setup.js';
 import { createCudaEmulator } from './helpers/cuda-emu.js';
 import { emulatorSkip } from './helpers/cuda-skip.js';
-import { argmax, DirectRunner, logitsVsRef } from './helpers/model-runner.js';
-import { intDequantSource } from './helpers/device-dequant.js';
+import { argmax, checkGolden, DirectRunner, type Golden } from './helpers/model-runner.js';
+import { assertMatchesIntDequant } from './helpers/device-dequant.js';
 
 const DIR = path.join(packageRoot(), 'test', 'fixtures-quant', 'qwen2_moe_gptq');
 
-interface Golden { moe_layers: number[]; cases: { prompt_ids: number[]; logits: number[][]; greedy: number[]; router: number[][][] }[] }
 const golden = JSON.parse(readFileSync(path.join(DIR, 'golden.json'), 'utf8')) as Golden;
 
 /** (format, group) of the experts and shared experts the model holds. */
@@ -136,18 +135,7 @@ test('GPTQ int4: weights kept as codes, logits, routing and greedy tokens match 
     t.diagnostic(`resident bytes: experts ${ours.experts} vs bf16 ${theirs.experts}, dense ${ours.dense} vs ${theirs.dense}`);
     assert.ok(ours.experts <= 0.35 * theirs.experts, `experts ${ours.experts} B vs bf16 ${theirs.experts} B`);
     assert.ok(ours.dense < theirs.dense - 30_000, `dense ${ours.dense} B vs bf16 ${theirs.dense} B (attention held as codes)`);
-    const V = spec.vocabSize, k = spec.moe.router.topK;
-    let worst = 0;
-    for (const [ci, c] of golden.cases.entries()) {
-      const runner = new DirectRunner(model);
-      const res = runner.step([runner.newSeq()], [c.prompt_ids], true);
-      for (let m = 0; m < golden.moe_layers.length; m++)
-        for (let p = 0; p < c.prompt_ids.length; p++)
-          assert.deepEqual(Array.from(res.routedIds[m]!.subarray(p * k, (p + 1) * k)), c.router[m]![p], `case ${ci} layer ${m} position ${p}`);
-      for (let p = 0; p < c.prompt_ids.length; p++)
-        for (let v = 0; v < V; v++) worst = Math.max(worst, Math.abs(res.logits[p * V + v]! - c.logits[p]![v]!));
-      assert.deepEqual(new DirectRunner(model).greedy(c.prompt_ids, c.greedy.length), c.greedy, `case ${ci} greedy`);
-    }
+    const worst = checkGolden(model, golden);
     t.diagnostic(`logits max-abs difference from transformers: ${worst}`);
     assert.ok(worst <= 1e-4, `logits max-abs difference ${worst}`);
   } finally {
@@ -375,19 +363,8 @@ describe('GPTQ on the device engine (emulator)', { skip: emulatorSkip }, () => {
         assert.deepEqual([attn.k.quant ?? null, attn.o.quant ?? null], full ? [model.expertQuant, model.expertQuant] : [null, null]);
         // The reference: the CPU engine's bf16 mode over the weights the device multiplies, bf16(code x scale)
         // (test/cuda-quant.test.ts's --quantize-dense bounds for qwen2_moe).
-        const base = loadModel(dir, { fast: true });
-        const src = intDequantSource(new CheckpointSource(base.checkpoint));
-        const ref = new MoeModel(base.spec, src, { fast: true });
-        try {
-          const { mean, worst, skipped, total } = logitsVsRef(model, ref, golden.cases.map((c) => c.prompt_ids));
-          t.diagnostic(`${full ? 'whole' : 'experts only'}: ${src.replaced} weights replaced; mean ${(mean * 100).toFixed(4)}%, ` +
-            `worst ${(worst * 100).toFixed(4)}%; ${skipped}/${total} from a routing flip on`);
-          assert.equal(skipped, 0, 'the device routes every token as the reference does');
-          assert.ok(mean <= 5e-4 && worst <= 5e-3, `logits off the reference by ${(mean * 100).toFixed(3)}% of their range on average, up to ${(worst * 100).toFixed(3)}%`);
-        } finally {
-          ref.dispose();
-          base.model.dispose();
-        }
+        const figures = assertMatchesIntDequant(model, dir, golden.cases.map((c) => c.prompt_ids), 5e-4, 5e-3);
+        t.diagnostic(`${full ? 'whole' : 'experts only'}: ${figures}`);
       } finally {
         model.dispose();
         cpu.dispose();

@@ -18,16 +18,12 @@ import { startExpertRanks } from '../src/dist/expert-ranks.js';
 import { loadNative, packageRoot } from '../src/native/index.js';
 import { Mxfp4ExpertStore } from '../src/offload/mxfp4-store.js';
 import { attachOffloader, skipAllExperts } from '../src/offload/setup.js';
-import { DirectRunner, runAll } from './helpers/model-runner.js';
+import { checkGolden, DirectRunner, runAll, type Golden } from './helpers/model-runner.js';
 import { agreement, fixtureSequences, teacherForced } from './helpers/quant-fidelity.js';
 
 const dir = path.join(packageRoot(), 'test', 'fixtures-quant', 'gpt_oss_mxfp4');
 const bf16Dir = path.join(packageRoot(), 'test', 'fixtures', 'gpt_oss');
 
-interface Golden {
-  moe_layers: number[];
-  cases: { prompt_ids: number[]; logits: number[][]; greedy: number[]; router: number[][][] }[];
-}
 const golden = JSON.parse(readFileSync(path.join(dir, 'golden.json'), 'utf8')) as Golden;
 
 /** e2m1 from its bits (sign 3, exponent 2-1 with bias 1, mantissa 0; exponent 0 is subnormal). */
@@ -67,18 +63,7 @@ test('an MXFP4 gpt-oss checkpoint keeps its experts in MXFP4 and matches transfo
     assert.ok(held.bytes <= 0.285 * bf16Bytes, `MXFP4 experts ${held.bytes} bytes vs bf16 ${bf16Bytes}`);
     t.diagnostic(`expert bytes: mxfp4 ${held.bytes}, bf16 ${bf16Bytes} (${(held.bytes / bf16Bytes).toFixed(3)}x)`);
 
-    const V = spec.vocabSize, k = spec.moe.router.topK;
-    let worst = 0;
-    for (const [ci, c] of golden.cases.entries()) {
-      const runner = new DirectRunner(model);
-      const res = runner.step([runner.newSeq()], [c.prompt_ids], true);
-      for (let m = 0; m < golden.moe_layers.length; m++)
-        for (let p = 0; p < c.prompt_ids.length; p++)
-          assert.deepEqual(Array.from(res.routedIds[m]!.subarray(p * k, (p + 1) * k)), c.router[m]![p], `case ${ci} layer ${m} position ${p}`);
-      for (let p = 0; p < c.prompt_ids.length; p++)
-        for (let v = 0; v < V; v++) worst = Math.max(worst, Math.abs(res.logits[p * V + v]! - c.logits[p]![v]!));
-      assert.deepEqual(new DirectRunner(model).greedy(c.prompt_ids, c.greedy.length), c.greedy, `case ${ci} greedy`);
-    }
+    const worst = checkGolden(model, golden);
     t.diagnostic(`logits max-abs difference from transformers: ${worst}`);
     assert.ok(worst <= 1e-3, `logits max-abs difference ${worst}`);
   } finally {

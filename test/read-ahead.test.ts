@@ -43,8 +43,10 @@ test('idle workers read a posted list; weights disposed under it are skipped', {
   const list = n.prefetchList(...weights);
   const before = n.prefetchedBytes();
   // A GEMM wakes the workers; the list posted right after is read while they spin. A loaded machine
-  // may deschedule them: try a few times before calling it a failure.
-  for (let attempt = 0; attempt < 50 && n.prefetchedBytes() - before < total; attempt++) {
+  // may deschedule them past their spin (a CI run beside other work read nothing in 50 tries over 1 s):
+  // keep trying for up to 15 s before calling it a failure.
+  const deadline = performance.now() + 15_000;
+  while (performance.now() < deadline && n.prefetchedBytes() - before < total) {
     n.denseGemm(x, 1, weights[2]!, y, null, false, false);
     n.prefetch(list);
     const until = performance.now() + 20;

@@ -7,7 +7,12 @@ import type { ModelSpec } from '../../src/model/spec.js';
 import type { HostTensor, TensorSource } from '../../src/model/tensor-source.js';
 import { f32ToBf16 } from '../../src/model/kv-dtype.js';
 import { toF32 } from '../../src/model/weights.js';
+import assert from 'node:assert/strict';
 import { dequantInt } from '../../src/model/compressed-tensors.js';
+import type { ForwardModel } from '../../src/model/forward-batch.js';
+import { CheckpointSource, loadModel } from '../../src/model/load.js';
+import { MoeModel } from '../../src/model/model.js';
+import { logitsVsRef } from './model-runner.js';
 
 /** Values that are bf16 already (dequantMatrixBf16's), as a bf16 tensor: the CPU engine then takes the
  * path a bf16 checkpoint takes (an f32 tensor would keep it on its f32 weight path). */
@@ -118,4 +123,27 @@ export function intDequantSource(src: TensorSource): TensorSource & { replaced: 
     },
   };
   return out;
+}
+
+/**
+ * A device model of the int-code checkpoint at `dir` against the CPU engine's bf16 mode over the same
+ * checkpoint with its int weights as the device multiplies them (intDequantSource), over `prompts`
+ * (model-runner.ts logitsVsRef): asserts the routing equal everywhere and the logits within `meanTol` /
+ * `worstTol` of their range; returns the figures for the test's diagnostic.
+ */
+export function assertMatchesIntDequant(device: ForwardModel, dir: string, prompts: number[][], meanTol: number, worstTol: number):
+    string {
+  const base = loadModel(dir, { fast: true });
+  const src = intDequantSource(new CheckpointSource(base.checkpoint));
+  const ref = new MoeModel(base.spec, src, { fast: true });
+  try {
+    const { mean, worst, skipped, total } = logitsVsRef(device, ref, prompts);
+    assert.equal(skipped, 0, `the device routes every token as the reference does (${skipped}/${total} from a flip on)`);
+    assert.ok(mean <= meanTol && worst <= worstTol,
+      `logits off the reference by ${(mean * 100).toFixed(3)}% of their range on average, up to ${(worst * 100).toFixed(3)}%`);
+    return `${src.replaced} weights replaced; mean ${(mean * 100).toFixed(4)}%, worst ${(worst * 100).toFixed(4)}% of the logits' range`;
+  } finally {
+    ref.dispose();
+    base.model.dispose();
+  }
 }

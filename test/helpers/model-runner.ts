@@ -1,5 +1,7 @@
 // Drives a model (CPU or device) directly (no scheduler) for fidelity tests: teacher-forced logits over a
 // prompt, greedy continuation, and several sequences batched in one step.
+import assert from 'node:assert/strict';
+
 import type { ForwardBatch, ForwardModel, ForwardResult } from '../../src/model/forward-batch.js';
 import type { KvDtype } from '../../src/model/kv-dtype.js';
 import type { Offloader } from '../../src/offload/offloader.js';
@@ -144,6 +146,32 @@ export function logitsVsRef<C1, C2>(ours: ForwardModel<C1>, ref: ForwardModel<C2
     }
   }
   return { mean: n ? sum / n : 0, worst, n, skipped, total };
+}
+
+/** A fixture's HF transformers goldens (golden.json, test/fixtures/make_fixtures.py's format). */
+export interface Golden {
+  moe_layers: number[];
+  cases: { prompt_ids: number[]; logits: number[][]; greedy: number[]; router: number[][][] }[];
+}
+
+/**
+ * Each golden case's prompt through the model: its routing equals HF's at every MoE layer and position
+ * and its greedy tokens HF's (asserted); returns the logits' largest |difference| from HF's.
+ */
+export function checkGolden<C>(model: ForwardModel<C>, golden: Golden): number {
+  const V = model.spec.vocabSize, k = model.spec.moe.router.topK;
+  let worst = 0;
+  for (const [ci, c] of golden.cases.entries()) {
+    const runner = new DirectRunner(model);
+    const res = runner.step([runner.newSeq()], [c.prompt_ids], true);
+    for (let m = 0; m < golden.moe_layers.length; m++)
+      for (let p = 0; p < c.prompt_ids.length; p++)
+        assert.deepEqual(Array.from(res.routedIds[m]!.subarray(p * k, (p + 1) * k)), c.router[m]![p], `case ${ci} layer ${m} position ${p}`);
+    for (let p = 0; p < c.prompt_ids.length; p++)
+      for (let v = 0; v < V; v++) worst = Math.max(worst, Math.abs(res.logits[p * V + v]! - c.logits[p]![v]!));
+    assert.deepEqual(new DirectRunner(model).greedy(c.prompt_ids, c.greedy.length), c.greedy, `case ${ci} greedy`);
+  }
+  return worst;
 }
 
 export function argmax(x: Float32Array): number {
