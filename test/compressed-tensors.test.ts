@@ -17,16 +17,16 @@ import { intWeightOf } from '../src/model/compressed-tensors.js';
 import { ConfigError, parseModelConfig } from '../src/model/config.js';
 import { loadCudaModel, loadModel } from '../src/model/load.js';
 import type { MoeModel } from '../src/model/model.js';
-import { assertMatchesIntDequant } from './helpers/device-dequant.js';
+import { assertMatchesIntDequant, INT_DEVICE_BACKENDS } from './helpers/device-dequant.js';
 import { openCheckpoint, readSafetensorsHeader, writeSafetensors, type TensorToWrite } from '../src/model/safetensors.js';
 import { quantElement, quantMatrixBytes } from '../src/model/cuda-quant.js';
 import { startExpertRanks } from '../src/dist/expert-ranks.js';
-import { loadNative, packageRoot, type CudaBuffer, type PackedWeight } from '../src/native/index.js';
+import { loadNative, packageRoot, type CudaBuffer } from '../src/native/index.js';
 import { attachDeviceOffloader, attachOffloader, skipAllExperts } from '../src/offload/setup.js';
 import { createCudaEmulator, withLazyStreams } from './helpers/cuda-emu.js';
 import { emulatorSkip } from './helpers/cuda-skip.js';
 import { startDaemon, stopDaemon } from './helpers/daemon.js';
-import { argmax, checkGolden, DirectRunner, logitsVsRef, runAll, type Golden } from './helpers/model-runner.js';
+import { argmax, checkGolden, DirectRunner, heldFormats as held, logitsVsRef, runAll, type Golden } from './helpers/model-runner.js';
 
 const root = path.join(packageRoot(), 'test', 'fixtures-quant');
 const W8 = path.join(root, 'qwen2_moe_w8a8');
@@ -44,28 +44,6 @@ function bf16ToF32(u: Uint16Array): Float32Array {
 function toBf16(f: Float32Array): Uint16Array {
   const u = new Uint32Array(f.buffer, f.byteOffset, f.length);
   return Uint16Array.from(u, (x) => (x + 0x7fff + ((x >>> 16) & 1)) >>> 16);
-}
-
-/** A few weights of the loaded model: (quant format, group) of the attention, shared expert and an expert. */
-function held(model: MoeModel): string[] {
-  const out: string[] = [];
-  const fmt = (w: PackedWeight) => String(w.quant);
-  for (const layer of model.moeLayers) {
-    for (let e = 0; e < layer.weights.experts.numExperts; e++) {
-      const w = layer.weights.experts.get(e);
-      if (!w) continue;
-      out.push(`expert ${fmt(w.gateUp)}/${fmt(w.down)}`);
-      w.gateUp.dispose();
-      w.down.dispose();
-    }
-    const s = layer.weights.shared?.get(0);
-    if (s) {
-      out.push(`shared ${fmt(s.gateUp)}/${fmt(s.down)}`);
-      s.gateUp.dispose();
-      s.down.dispose();
-    }
-  }
-  return [...new Set(out)];
 }
 
 /** Every golden case's prompt + greedy tokens through the model, teacher-forced: logits per position. */
@@ -497,13 +475,15 @@ test('stored zero points or g_idx, and a group size the scales do not show, are 
 });
 
 // ---------------------------------------------------------------------------------------------
-// The device engine (emulator): int experts kept as codes; dense quantized weights refused.
+// The device engine: every int Linear kept as codes (on the emulator, and on a GPU where one is present:
+// bench/gpu-run.sh's engine step); the expert cache's slots hold codes (emulator).
 
-describe('compressed-tensors on the device engine (emulator)', { skip: emulatorSkip }, () => {
+for (const b of INT_DEVICE_BACKENDS) {
   for (const [dir, fmt] of [[W8, 'int8'], [W4, 'int4']] as const) {
-    test(`${path.basename(dir)} whole: attention, shared experts and experts held as ${fmt} codes on the device, logits as the CPU engine's`, (t) => {
-      const { model } = loadCudaModel(dir, { device: 0, cuda: createCudaEmulator() });
-      const cpu = loadModel(dir, { fast: false }).model;
+    test(`${path.basename(dir)} whole on the device (${b.label}): attention, shared experts and experts held as ${fmt} codes, ` +
+      'logits as the CPU bf16 mode over the values the device multiplies', { skip: b.skip }, (t) => {
+      const cuda = b.cuda();
+      const { model } = loadCudaModel(dir, { device: 0, ...(cuda ? { cuda } : {}) });
       try {
         const q = fmt === 'int8' ? { format: 'int8', group: 0, blockRows: 0 } : { format: 'int4', group: 32, blockRows: 0 };
         assert.deepEqual(model.expertQuant, q);
@@ -515,10 +495,12 @@ describe('compressed-tensors on the device engine (emulator)', { skip: emulatorS
         t.diagnostic(figures);
       } finally {
         model.dispose();
-        cpu.dispose();
       }
     });
   }
+}
+
+describe('compressed-tensors on the device engine (emulator)', { skip: emulatorSkip }, () => {
 
   for (const [dir, fmt] of [[W8, 'int8'], [W4, 'int4']] as const) {
     test(`${path.basename(dir)} with only the experts quantized: ${fmt} experts on the device, logits as the CPU engine's`, (t) => {

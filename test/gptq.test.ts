@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { describe, test } from 'node:test';
+import { test } from 'node:test';
 
 import { ConfigError, parseModelConfig } from '../src/model/config.js';
 import { gptqIntWeight, parseGptq, type GptqConfig } from '../src/model/gptq.js';
@@ -18,38 +18,14 @@ import { describeCheckpointQuant, loadCudaModel, loadModel } from '../src/model/
 import type { MoeModel } from '../src/model/model.js';
 import { readSafetensorsHeader, writeSafetensors, type TensorToWrite } from '../src/model/safetensors.js';
 import { startExpertRanks } from '../src/dist/expert-ranks.js';
-import { loadNative, packageRoot, type PackedWeight } from '../src/native/index.js';
+import { loadNative, packageRoot } from '../src/native/index.js';
 import { attachOffloader, skipAllExperts } from '../src/offload/setup.js';
-import { createCudaEmulator } from './helpers/cuda-emu.js';
-import { emulatorSkip } from './helpers/cuda-skip.js';
-import { argmax, checkGolden, DirectRunner, type Golden } from './helpers/model-runner.js';
-import { assertMatchesIntDequant } from './helpers/device-dequant.js';
+import { argmax, checkGolden, DirectRunner, heldFormats as held, type Golden } from './helpers/model-runner.js';
+import { assertMatchesIntDequant, INT_DEVICE_BACKENDS } from './helpers/device-dequant.js';
 
 const DIR = path.join(packageRoot(), 'test', 'fixtures-quant', 'qwen2_moe_gptq');
 
 const golden = JSON.parse(readFileSync(path.join(DIR, 'golden.json'), 'utf8')) as Golden;
-
-/** (format, group) of the experts and shared experts the model holds. */
-function held(model: MoeModel): string[] {
-  const out: string[] = [];
-  const fmt = (w: PackedWeight) => `${w.quant}`;
-  for (const layer of model.moeLayers) {
-    for (let e = 0; e < layer.weights.experts.numExperts; e++) {
-      const w = layer.weights.experts.get(e);
-      if (!w) continue;
-      out.push(`expert ${fmt(w.gateUp)}/${fmt(w.down)}`);
-      w.gateUp.dispose();
-      w.down.dispose();
-    }
-    const s = layer.weights.shared?.get(0);
-    if (s) {
-      out.push(`shared ${fmt(s.gateUp)}/${fmt(s.down)}`);
-      s.gateUp.dispose();
-      s.down.dispose();
-    }
-  }
-  return [...new Set(out)];
-}
 
 /** Every golden case's prompt + greedy tokens, teacher-forced: logits per position. */
 function forcedLogits(model: MoeModel): Float32Array[] {
@@ -343,8 +319,10 @@ test('older AutoGPTQ checkpoints: quantize_config.json beside config.json is rea
   }
 });
 
-describe('GPTQ on the device engine (emulator)', { skip: emulatorSkip }, () => {
-  test('every quantized Linear stays int4 g32 on the device (experts, shared experts, attention); logits as the CPU engine\'s', (t) => {
+// On the emulator, and on a GPU where one is present (bench/gpu-run.sh's engine step).
+for (const b of INT_DEVICE_BACKENDS) {
+  test(`every quantized Linear stays int4 g32 on the device (${b.label}: experts, shared experts, attention); logits as the CPU ` +
+    'bf16 mode over the values the device multiplies', { skip: b.skip }, (t) => {
     for (const full of [true, false]) {
     const tmp = mkdtempSync(path.join(os.tmpdir(), 'expertd-gptq-dev-'));
     try {
@@ -352,7 +330,8 @@ describe('GPTQ on the device engine (emulator)', { skip: emulatorSkip }, () => {
       const experts = path.join(tmp, 'experts');
       if (!full) decodedCopy(experts, /^(?!.*\.mlp\.experts\.\d+\.)/, true, 'BF16');
       const dir = full ? DIR : experts;
-      const { model } = loadCudaModel(dir, { device: 0, cuda: createCudaEmulator() });
+      const cuda = b.cuda();
+      const { model } = loadCudaModel(dir, { device: 0, ...(cuda ? { cuda } : {}) });
       const cpu = loadModel(dir, { fast: false }).model;
       try {
         assert.deepEqual(model.expertQuant, { format: 'int4', group: 32, blockRows: 0 });
@@ -374,4 +353,4 @@ describe('GPTQ on the device engine (emulator)', { skip: emulatorSkip }, () => {
     }
     }
   });
-});
+}

@@ -13,6 +13,9 @@ import type { ForwardModel } from '../../src/model/forward-batch.js';
 import { CheckpointSource, loadModel } from '../../src/model/load.js';
 import { MoeModel } from '../../src/model/model.js';
 import { logitsVsRef } from './model-runner.js';
+import type { CudaAddon } from '../../src/native/index.js';
+import { createCudaEmulator } from './cuda-emu.js';
+import { emulatorSkip, needsCudaDevice } from './cuda-skip.js';
 
 /** Values that are bf16 already (dequantMatrixBf16's), as a bf16 tensor: the CPU engine then takes the
  * path a bf16 checkpoint takes (an f32 tensor would keep it on its f32 weight path). */
@@ -147,3 +150,9 @@ export function assertMatchesIntDequant(device: ForwardModel, dir: string, promp
     base.model.dispose();
   }
 }
+
+/** Where the int-checkpoint device tests run: the emulator (unless EXPERTD_SKIP_EMULATOR=1) and a CUDA device when present. */
+export const INT_DEVICE_BACKENDS: { label: string; cuda: () => CudaAddon | undefined; skip: string | false }[] = [
+  { label: 'emulator', cuda: () => createCudaEmulator(), skip: emulatorSkip },
+  { label: 'gpu', cuda: () => undefined, skip: needsCudaDevice },
+];

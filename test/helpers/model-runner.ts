@@ -4,6 +4,8 @@ import assert from 'node:assert/strict';
 
 import type { ForwardBatch, ForwardModel, ForwardResult } from '../../src/model/forward-batch.js';
 import type { KvDtype } from '../../src/model/kv-dtype.js';
+import type { MoeModel } from '../../src/model/model.js';
+import type { PackedWeight } from '../../src/native/index.js';
 import type { Offloader } from '../../src/offload/offloader.js';
 
 /** slot: the sequence's linear-attention state slot (hybrid models). */
@@ -146,6 +148,31 @@ export function logitsVsRef<C1, C2>(ours: ForwardModel<C1>, ref: ForwardModel<C2
     }
   }
   return { mean: n ? sum / n : 0, worst, n, skipped, total };
+}
+
+/**
+ * What a CPU model holds its routed experts and shared experts in, as `expert <gate_up>/<down>` and
+ * `shared ...` formats (PackedWeight.quant: 'int8', 'int4', 'fp8', ...; null for floats), once each.
+ */
+export function heldFormats(model: MoeModel): string[] {
+  const out: string[] = [];
+  const fmt = (w: PackedWeight) => String(w.quant);
+  for (const layer of model.moeLayers) {
+    for (let e = 0; e < layer.weights.experts.numExperts; e++) {
+      const w = layer.weights.experts.get(e);
+      if (!w) continue;
+      out.push(`expert ${fmt(w.gateUp)}/${fmt(w.down)}`);
+      w.gateUp.dispose();
+      w.down.dispose();
+    }
+    const s = layer.weights.shared?.get(0);
+    if (s) {
+      out.push(`shared ${fmt(s.gateUp)}/${fmt(s.down)}`);
+      s.gateUp.dispose();
+      s.down.dispose();
+    }
+  }
+  return [...new Set(out)];
 }
 
 /** A fixture's HF transformers goldens (golden.json, test/fixtures/make_fixtures.py's format). */
