@@ -18,6 +18,7 @@ import { ConfigError, parseModelConfig } from '../src/model/config.js';
 import { loadCudaModel, loadModel } from '../src/model/load.js';
 import type { MoeModel } from '../src/model/model.js';
 import { assertMatchesIntDequant, INT_DEVICE_BACKENDS } from './helpers/device-dequant.js';
+import { writeCheckpointCopy } from './helpers/checkpoint-copy.js';
 import { openCheckpoint, readSafetensorsHeader, writeSafetensors, type TensorToWrite } from '../src/model/safetensors.js';
 import { quantElement, quantMatrixBytes } from '../src/model/cuda-quant.js';
 import { startExpertRanks } from '../src/dist/expert-ranks.js';
@@ -155,14 +156,8 @@ function decodeCheckpoint(dir: string, out: string, keep: RegExp | null = null, 
     if (asBf16) tensors.push({ name: base, dtype: 'BF16', shape: [rows, cols], data: new Uint8Array(toBf16(f).buffer) });
     else tensors.push({ name: base, dtype: 'F32', shape: [rows, cols], data: new Uint8Array(f.buffer) });
   }
-  mkdirSync(out, { recursive: true });
-  writeSafetensors(path.join(out, 'model.safetensors'), tensors);
-  const config = JSON.parse(readFileSync(path.join(dir, 'config.json'), 'utf8')) as Record<string, unknown>;
   // With `keep`, the config stays (its ignore list is not what expertd reads: the tensors are).
-  if (!keep) delete config.quantization_config;
-  writeFileSync(path.join(out, 'config.json'), JSON.stringify(config));
-  for (const f of ['generation_config.json', 'tokenizer.json', 'tokenizer_config.json', 'golden.json'])
-    copyFileSync(path.join(dir, f), path.join(out, f));
+  writeCheckpointCopy(dir, out, tensors, keep !== null);
 }
 
 test('int8 and int4 checkpoints equal their weights decoded independently and served as f32 (reference mode)', () => {

@@ -22,6 +22,7 @@ import { loadNative, packageRoot } from '../src/native/index.js';
 import { attachOffloader, skipAllExperts } from '../src/offload/setup.js';
 import { argmax, checkGolden, DirectRunner, heldFormats as held, type Golden } from './helpers/model-runner.js';
 import { assertMatchesIntDequant, INT_DEVICE_BACKENDS } from './helpers/device-dequant.js';
+import { writeCheckpointCopy } from './helpers/checkpoint-copy.js';
 
 const DIR = path.join(packageRoot(), 'test', 'fixtures-quant', 'qwen2_moe_gptq');
 
@@ -91,13 +92,7 @@ function decodedCopy(out: string, decode: RegExp, keepConfig: boolean, dtype: 'F
     const data = dtype === 'F32' ? new Uint8Array(w.buffer) : new Uint8Array(Uint16Array.from(w, f32ToBf16).buffer);
     kept.push({ name: `${m[1]}.weight`, dtype, shape: [t.shape[1]!, t.shape[0]! * 8], data });
   }
-  mkdirSync(out, { recursive: true });
-  writeSafetensors(path.join(out, 'model.safetensors'), kept);
-  const config = JSON.parse(readFileSync(path.join(DIR, 'config.json'), 'utf8')) as Record<string, unknown>;
-  if (!keepConfig) delete config.quantization_config;
-  writeFileSync(path.join(out, 'config.json'), JSON.stringify(config));
-  for (const f of ['generation_config.json', 'tokenizer.json', 'tokenizer_config.json', 'golden.json'])
-    copyFileSync(path.join(DIR, f), path.join(out, f));
+  writeCheckpointCopy(DIR, out, kept, keepConfig);
 }
 
 test('GPTQ int4: weights kept as codes, logits, routing and greedy tokens match transformers on the dequantised weights', (t) => {

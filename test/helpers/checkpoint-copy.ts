@@ -1,0 +1,17 @@
+// Writes a variant of a fixture checkpoint for tests: new tensors beside the fixture's config (with or
+// without its quantization_config), tokenizer and goldens.
+import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import path from 'node:path';
+
+import { writeSafetensors, type TensorToWrite } from '../../src/model/safetensors.js';
+
+/** `out` = `tensors` + `src`'s config.json (its quantization_config dropped unless `keepQuant`) and other files. */
+export function writeCheckpointCopy(src: string, out: string, tensors: TensorToWrite[], keepQuant: boolean): void {
+  mkdirSync(out, { recursive: true });
+  writeSafetensors(path.join(out, 'model.safetensors'), tensors);
+  const config = JSON.parse(readFileSync(path.join(src, 'config.json'), 'utf8')) as Record<string, unknown>;
+  if (!keepQuant) delete config.quantization_config;
+  writeFileSync(path.join(out, 'config.json'), JSON.stringify(config));
+  for (const f of ['generation_config.json', 'tokenizer.json', 'tokenizer_config.json', 'golden.json'])
+    copyFileSync(path.join(src, f), path.join(out, f));
+}
