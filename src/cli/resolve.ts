@@ -62,7 +62,7 @@ export function resolveEngineOptions(flags: ParsedFlags, servedModelName?: strin
 
 /**
  * --compute-dtype auto: the fast mode (bf16, int8 activations for int8 / int4 weights) where the CPU
- * has bf16 dot products, and wherever the weights are quantized (--quantize, or an FP8 / MXFP4 /
+ * has bf16 dot products, and wherever the weights are quantized (--quantize, or an FP8 / MXFP4 / GPTQ /
  * compressed-tensors checkpoint): their numbers are already the format's, and their kernels read
  * int8 or bf16 activations (an AVX2 CPU decodes int4 at one row 3.4x faster so). Else f32, the
  * exact reference mode.
