@@ -28,6 +28,7 @@ import { createCudaEmulator, withLazyStreams } from './helpers/cuda-emu.js';
 import { emulatorSkip } from './helpers/cuda-skip.js';
 import { startDaemon, stopDaemon } from './helpers/daemon.js';
 import { argmax, checkGolden, DirectRunner, heldFormats as held, logitsVsRef, runAll, type Golden } from './helpers/model-runner.js';
+import { fixtureSequences, forcedLogits as forcedSeqLogits } from './helpers/quant-fidelity.js';
 
 const root = path.join(packageRoot(), 'test', 'fixtures-quant');
 const W8 = path.join(root, 'qwen2_moe_w8a8');
@@ -464,6 +465,68 @@ test('stored zero points or g_idx, and a group size the scales do not show, are 
     assert.throws(() => loadModel(zp, { fast: false }), new RegExp(`tensor ${e0.replace(/\./g, '\\.')}_zero_point is present: asymmetric or activation-ordered weights are not read`));
     const g128 = variant(tmp, 'g128', [], (q) => { q.config_groups.group_0.weights.group_size = 128; });
     assert.throws(() => loadModel(g128, { fast: false }), /_scale has 2 scale\(s\) per row of 64 4-bit values: not groups of 128/);
+  } finally {
+    rmSync(tmp, { recursive: true, force: true });
+  }
+});
+
+// MLA's kv_b_proj (absorbed into the query and output sides in f32) and the Gated DeltaNet's fused in_proj
+// (one float weight) have no int path: stored as int codes, they are read as their exact dequantised values.
+test('int8 codes of MLA kv_b_proj and the Gated DeltaNet in_proj are read as their exact values (deepseek_v2, qwen3_next)', () => {
+  const tmp = mkdtempSync(path.join(os.tmpdir(), 'expertd-ct-f32path-'));
+  try {
+    for (const [fixture, pick] of [['deepseek_v2', /\.kv_b_proj\.weight$/], ['qwen3_next', /\.linear_attn\.in_proj_\w+\.weight$/]] as const) {
+      const src = path.join(packageRoot(), 'test', 'fixtures', fixture);
+      const file = path.join(src, 'model.safetensors');
+      const header = readSafetensorsHeader(file);
+      const bytes = readFileSync(file);
+      const codes: TensorToWrite[] = [], values: TensorToWrite[] = [];
+      let picked = 0;
+      for (const t of header.tensors) {
+        const data = Uint8Array.from(bytes.subarray(header.dataStart + t.begin, header.dataStart + t.end));
+        if (!pick.test(t.name)) {
+          codes.push({ name: t.name, dtype: t.dtype, shape: t.shape, data });
+          values.push({ name: t.name, dtype: t.dtype, shape: t.shape, data });
+          continue;
+        }
+        // int8 per output row, amax / 127, the values code * scale in f32 (what the loader must give).
+        const [rows, cols] = t.shape as [number, number];
+        const w = bf16ToF32(new Uint16Array(data.buffer, 0, rows * cols));
+        const q = new Int8Array(rows * cols), scale = new Float32Array(rows), deq = new Float32Array(rows * cols);
+        for (let r = 0; r < rows; r++) {
+          let amax = 0;
+          for (let c = 0; c < cols; c++) amax = Math.max(amax, Math.abs(w[r * cols + c]!));
+          scale[r] = Math.fround(amax / 127) || 1;
+          for (let c = 0; c < cols; c++) {
+            q[r * cols + c] = Math.round(w[r * cols + c]! / scale[r]!);
+            deq[r * cols + c] = Math.fround(q[r * cols + c]! * scale[r]!);
+          }
+        }
+        codes.push({ name: t.name, dtype: 'I8', shape: t.shape, data: new Uint8Array(q.buffer) },
+          { name: `${t.name}_scale`, dtype: 'F32', shape: [rows, 1], data: new Uint8Array(scale.buffer) });
+        values.push({ name: t.name, dtype: 'F32', shape: t.shape, data: new Uint8Array(deq.buffer) });
+        picked++;
+      }
+      assert.ok(picked > 0, `${fixture}: weights picked`);
+      const a = path.join(tmp, `${fixture}-int8`), b = path.join(tmp, `${fixture}-f32`);
+      writeCheckpointCopy(src, a, codes, false);
+      writeCheckpointCopy(src, b, values, false);
+      const config = JSON.parse(readFileSync(path.join(a, 'config.json'), 'utf8')) as Record<string, unknown>;
+      config.quantization_config = JSON.parse(readFileSync(path.join(W8, 'config.json'), 'utf8')).quantization_config;
+      writeFileSync(path.join(a, 'config.json'), JSON.stringify(config));
+      const ma = loadModel(a, { fast: false }).model, mb = loadModel(b, { fast: false }).model;
+      try {
+        const seqs = fixtureSequences(src);
+        const got = forcedSeqLogits(ma, seqs), want = forcedSeqLogits(mb, seqs);
+        let worst = 0;
+        for (let i = 0; i < want.length; i++)
+          for (let v = 0; v < want[i]!.length; v++) worst = Math.max(worst, Math.abs(got[i]![v]! - want[i]![v]!));
+        assert.ok(worst <= 1e-5, `${fixture}: logits max-abs difference ${worst}`);
+      } finally {
+        ma.dispose();
+        mb.dispose();
+      }
+    }
   } finally {
     rmSync(tmp, { recursive: true, force: true });
   }

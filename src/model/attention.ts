@@ -4,7 +4,7 @@ import { loadNative, type AttentionOptions, type KvArray, type PackedWeight } fr
 import type { ForwardBatch, Scratch } from './forward-batch.js';
 import type { AttentionSpec } from './spec.js';
 import type { TensorSource } from './tensor-source.js';
-import { checkShape, packLinear, packStacked, refuseInt, rowsOf, transpose, vectorF32 } from './weights.js';
+import { checkShape, packLinear, packStacked, rowsOf, transpose, vectorF32 } from './weights.js';
 import type { QuantizeSpec } from './quantize.js';
 
 export interface LayerCache {
@@ -246,7 +246,8 @@ export class MlaAttention implements AttentionBlock {
     }
     if (spec.kvScale !== undefined && spec.kvScale !== 1)
       for (let i = 0; i < this.kvANorm.length; i++) this.kvANorm[i] = this.kvANorm[i]! * spec.kvScale;
-    refuseInt(src, `${p}kv_b_proj.weight`, 'MLA (kv_b_proj is absorbed into the query and output sides in f32)');
+    // Absorbed into the query and output sides in f32: a checkpoint's int codes come as their exact
+    // dequantised values (src.get), as an FP8 checkpoint's e4m3 codes do.
     const kvB = src.get(`${p}kv_b_proj.weight`);
     checkShape(`${p}kv_b_proj.weight`, kvB, [heads * (nope + vHeadDim), kvLoraRank]);
     const n = loadNative();

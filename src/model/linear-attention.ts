@@ -7,7 +7,7 @@ import type { AttentionContext } from './attention.js';
 import type { QuantizeSpec } from './quantize.js';
 import type { LinearAttentionSpec } from './spec.js';
 import type { HostTensor, TensorSource } from './tensor-source.js';
-import { checkShape, packLinear, refuseInt, toF32, vectorF32 } from './weights.js';
+import { checkShape, packLinear, toF32, vectorF32 } from './weights.js';
 
 /** One linear layer's state slots: conv [slots, C, K-1] and recurrent [slots, Hv, Dk, Dv], f32. */
 export interface LinearLayerState {
@@ -114,8 +114,8 @@ export class GatedDeltaNet {
     const Vd = Hv * Dv;
     this.C = 2 * Kd + Vd;
     this.P = 2 * Kd + 2 * Vd + 2 * Hv;
-    for (const name of ['in_proj_qkvz', 'in_proj_ba', 'in_proj_qkv', 'in_proj_z', 'in_proj_b', 'in_proj_a'])
-      if (src.has(`${p}${name}.weight`)) refuseInt(src, `${p}${name}.weight`, 'the Gated DeltaNet in_proj (one fused float weight)');
+    // One fused float weight: a checkpoint's int codes come as their exact dequantised values (src.get:
+    // f32, so the fused weight is widened to f32), as an FP8 checkpoint's e4m3 codes do.
     const { qkv, z, ba } = deltaNetInProj(la, src, p, H);
     const parts = [qkv, z, ba];
     const same = parts.every((t) => t.dtype === parts[0]!.dtype);

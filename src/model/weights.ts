@@ -26,17 +26,6 @@ export function intWeight(src: TensorSource, name: string, quantize: QuantizeSpe
 }
 
 /**
- * Refuses a weight stored as int codes where this engine has no int path for it (`what` says where),
- * rather than serving it dequantised behind the user's back.
- */
-export function refuseInt(src: TensorSource, name: string, what: string): void {
-  const w = src.getInt?.(name);
-  if (w)
-    throw new ShapeError(`${name} is stored as int${w.bits} codes, but ${what} has no int${w.bits} path; ` +
-      'requantize the checkpoint with this module in its ignore list, or serve the bf16 original');
-}
-
-/**
  * A Linear an FP8 checkpoint stores as e4m3 codes and scales (kept so: one byte per weight), unless
  * `quantize` (--quantize-dense) asks for its own format: then its dequantised values are re-quantized.
  */
