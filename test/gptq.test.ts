@@ -182,6 +182,63 @@ test('GPTQ int4 experts through the expert cache (a quarter) and over 2 expert r
   }
 });
 
+// The compressed-tensors W8A8 fixture's codes and scales written in GPTQ's int8 layout (4 values + 128 per
+// int32 along in, v1 zeros 127, f16 scales [1, out]: its bf16 scales are exact in f16): the same model.
+test('GPTQ int8 per channel: the W8A8 fixture\'s codes in the GPTQ layout give the same logits, bit for bit', () => {
+  const W8 = path.join(packageRoot(), 'test', 'fixtures-quant', 'qwen2_moe_w8a8');
+  const tmp = mkdtempSync(path.join(os.tmpdir(), 'expertd-gptq8-'));
+  try {
+    const tensors = storedTensors(W8);
+    const byName = new Map(tensors.map((t) => [t.name, t]));
+    const out: TensorToWrite[] = [];
+    let converted = 0;
+    for (const t of tensors) {
+      if (t.name.endsWith('.weight_scale')) continue;
+      const scale = byName.get(`${t.name}_scale`);
+      if (t.dtype !== 'I8' || !scale) {
+        out.push(t);
+        continue;
+      }
+      const [rows, cols] = t.shape as [number, number];
+      const codes = new Int8Array(t.data.buffer, t.data.byteOffset, rows * cols);
+      const qweight = new Int32Array((cols / 4) * rows);
+      for (let k = 0; k < cols; k++)
+        for (let n = 0; n < rows; n++) qweight[(k >> 2) * rows + n]! |= ((codes[n * cols + k]! + 128) & 255) << (8 * (k & 3));
+      const qzeros = new Int32Array(Math.ceil(rows / 4));
+      for (let n = 0; n < rows; n++) qzeros[n >> 2]! |= 127 << (8 * (n & 3));
+      const s32 = new Float32Array(rows);
+      loadNative().convert(new Uint16Array(scale.data.buffer, scale.data.byteOffset, rows), 'bf16', s32, 'f32');
+      const s16 = new Uint16Array(rows);
+      loadNative().convert(s32, 'f32', s16, 'f16');
+      const back = new Float32Array(rows);
+      loadNative().convert(s16, 'f16', back, 'f32');
+      assert.deepEqual(back, s32, `${t.name}: its scales are exact in f16`);
+      const base = t.name.replace(/\.weight$/, '');
+      out.push({ name: `${base}.qweight`, dtype: 'I32', shape: [cols / 4, rows], data: new Uint8Array(qweight.buffer) },
+        { name: `${base}.qzeros`, dtype: 'I32', shape: [1, qzeros.length], data: new Uint8Array(qzeros.buffer) },
+        { name: `${base}.scales`, dtype: 'F16', shape: [1, rows], data: new Uint8Array(s16.buffer) });
+      converted++;
+    }
+    assert.equal(converted, 100);
+    const dir = path.join(tmp, 'gptq8');
+    writeCheckpointCopy(W8, dir, out, false);
+    const config = JSON.parse(readFileSync(path.join(dir, 'config.json'), 'utf8')) as Record<string, unknown>;
+    config.quantization_config = { quant_method: 'gptq', bits: 8, group_size: -1, sym: true, desc_act: false };
+    writeFileSync(path.join(dir, 'config.json'), JSON.stringify(config));
+    const a = loadModel(dir, { fast: false }).model, b = loadModel(W8, { fast: false }).model;
+    try {
+      assert.deepEqual(held(a), ['expert int8/int8', 'shared int8/int8']);
+      const want = forcedLogits(b);
+      forcedLogits(a).forEach((l, i) => assert.deepEqual(l, want[i], `position ${i}`));
+    } finally {
+      a.dispose();
+      b.dispose();
+    }
+  } finally {
+    rmSync(tmp, { recursive: true, force: true });
+  }
+});
+
 test('gptqIntWeight: int8 per channel, int4 per channel / g128 / g96 and gptq_v2 zeros read exactly as (q - zero) * scale', () => {
   let seed = 11;
   const rnd = () => ((seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32);
