@@ -19,8 +19,9 @@ import type { MoeModel } from '../src/model/model.js';
 import { readSafetensorsHeader, writeSafetensors, type TensorToWrite } from '../src/model/safetensors.js';
 import { startExpertRanks } from '../src/dist/expert-ranks.js';
 import { loadNative, packageRoot } from '../src/native/index.js';
-import { attachOffloader, skipAllExperts } from '../src/offload/setup.js';
-import { argmax, checkGolden, DirectRunner, heldFormats as held, type Golden } from './helpers/model-runner.js';
+import { attachDeviceOffloader, attachOffloader, skipAllExperts } from '../src/offload/setup.js';
+import { createCudaEmulator, withLazyStreams } from './helpers/cuda-emu.js';
+import { argmax, checkGolden, DirectRunner, heldFormats as held, runAll, type Golden } from './helpers/model-runner.js';
 import { assertMatchesIntDequant, INT_DEVICE_BACKENDS } from './helpers/device-dequant.js';
 import { writeCheckpointCopy } from './helpers/checkpoint-copy.js';
 
@@ -396,6 +397,24 @@ for (const b of INT_DEVICE_BACKENDS) {
         // (test/cuda-quant.test.ts's --quantize-dense bounds for qwen2_moe).
         const figures = assertMatchesIntDequant(model, dir, golden.cases.map((c) => c.prompt_ids), 5e-4, 5e-3);
         t.diagnostic(`${full ? 'whole' : 'experts only'}: ${figures}`);
+        if (full && b.label === 'emulator') {
+          // The device expert cache (half the experts): its pinned slots hold the stored codes too, and the
+          // outputs equal the all-resident model's bit for bit.
+          const want = runAll(model, null);
+          const cached = withLazyStreams(createCudaEmulator());
+          const loaded = loadCudaModel(dir, { device: 0, cuda: cached, loadExperts: false });
+          const off = attachDeviceOffloader(loaded, { policy: 'lru', fraction: 0.5 }, cached);
+          try {
+            assert.equal(off.store.slotFormat, 'int4 g32');
+            const got = runAll(loaded.model, off);
+            assert.deepEqual(got.tokens, want.tokens, 'greedy tokens through the cache');
+            got.logits.forEach((l, i) => assert.deepEqual(l, want.logits[i], `logits of step ${i} through the cache`));
+            assert.ok(off.stats().misses > 0 && off.cache.evictions > 0, JSON.stringify(off.stats()));
+          } finally {
+            off.dispose();
+            loaded.model.dispose();
+          }
+        }
       } finally {
         model.dispose();
         cpu.dispose();

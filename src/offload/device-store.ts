@@ -1,6 +1,6 @@
 // The slow tier of the expert cache on a GPU (MoE-Infinity's setting): every routed expert in pinned
 // host memory as the device slots want it (bf16 gate_up [2I, H] then down [H, I], or the quantized
-// layout of the model's expert tables: --quantize, FP8 checkpoints, compressed-tensors int codes as
+// layout of the model's expert tables: --quantize, FP8 checkpoints, compressed-tensors / GPTQ int codes as
 // stored), copied into a device slot on a
 // copy stream of its own, so prefetches overlap the compute stream.
 import type { CudaAddon, CudaBuffer, CudaEvent, CudaStream } from '../native/index.js';
@@ -53,7 +53,7 @@ export class PinnedExpertStore implements ExpertStore<CudaBuffer> {
       for (let e = 0; e < E; e++) {
         const name = `${t.prefix}experts.${e}`;
         const base = e * this.expertBytes;
-        // A compressed-tensors checkpoint's experts: their int codes and scales as stored (CudaModel's
+        // An int-code checkpoint's experts (compressed-tensors, GPTQ): their codes and scales as stored (CudaModel's
         // uploadInt), so that a slot holds what a resident expert would.
         const iw = quant && !quantizedAtLoad ? t.expertInt?.(e) ?? null : null;
         if (iw) {
