@@ -18,7 +18,7 @@ import { describeCheckpointQuant, loadCudaModel, loadModel } from '../src/model/
 import type { MoeModel } from '../src/model/model.js';
 import { readSafetensorsHeader, writeSafetensors, type TensorToWrite } from '../src/model/safetensors.js';
 import { startExpertRanks } from '../src/dist/expert-ranks.js';
-import { loadNative, packageRoot } from '../src/native/index.js';
+import { loadNative, packageRoot, type PackedWeight } from '../src/native/index.js';
 import { attachDeviceOffloader, attachOffloader, skipAllExperts } from '../src/offload/setup.js';
 import { createCudaEmulator, withLazyStreams } from './helpers/cuda-emu.js';
 import { argmax, checkGolden, DirectRunner, heldFormats as held, runAll, type Golden } from './helpers/model-runner.js';
@@ -234,6 +234,67 @@ test('GPTQ int8 per channel: the W8A8 fixture\'s codes in the GPTQ layout give t
     } finally {
       a.dispose();
       b.dispose();
+    }
+  } finally {
+    rmSync(tmp, { recursive: true, force: true });
+  }
+});
+
+// GPTQModel's lm_head: true quantizes the LM head too: it is read as int4 codes like any other Linear (the
+// CPU engine's int LM head) and equals its values served as f32.
+test('a GPTQ-quantized lm_head (lm_head: true) is held as int4 and equals its values in f32', () => {
+  const tmp = mkdtempSync(path.join(os.tmpdir(), 'expertd-gptq-head-'));
+  try {
+    const tensors = storedTensors(DIR);
+    const head = tensors.find((x) => x.name === 'lm_head.weight')!;
+    const [rows, cols] = head.shape as [number, number];
+    const w = new Float32Array(rows * cols);
+    loadNative().convert(new Uint16Array(head.data.buffer, head.data.byteOffset, rows * cols), head.dtype === 'F16' ? 'f16' : 'bf16', w, 'f32');
+    // Symmetric int4 per channel (group_size -1 in this test's config: one scale per row, f16), RTN.
+    const s16 = new Uint16Array(rows), s = new Float32Array(rows);
+    for (let r = 0; r < rows; r++) {
+      let amax = 0;
+      for (let c = 0; c < cols; c++) amax = Math.max(amax, Math.abs(w[r * cols + c]!));
+      s[r] = (amax * 2) / 15 || 1;
+    }
+    loadNative().convert(s, 'f32', s16, 'f16');
+    loadNative().convert(s16, 'f16', s, 'f32');
+    const qweight = new Int32Array((cols / 8) * rows), deq = new Float32Array(rows * cols);
+    for (let r = 0; r < rows; r++)
+      for (let c = 0; c < cols; c++) {
+        const code = Math.max(-8, Math.min(7, Math.round(w[r * cols + c]! / s[r]!)));
+        qweight[(c >> 3) * rows + r]! |= (code + 8) << (4 * (c & 7));
+        deq[r * cols + c] = Math.fround(code * s[r]!);
+      }
+    // Per channel: the other Linears keep their groups of 64 in the fixture, so the config says 64 and the
+    // head is written with one group per 64 columns, each the row's scale.
+    const groups = Math.ceil(cols / 64);
+    const scales = new Uint16Array(groups * rows);
+    for (let g = 0; g < groups; g++) scales.set(s16, g * rows);
+    const qzeros = new Int32Array(groups * (rows / 8)).fill(0x77777777);
+    const quantized: TensorToWrite[] = [...tensors.filter((x) => x !== head),
+      { name: 'lm_head.qweight', dtype: 'I32', shape: [cols / 8, rows], data: new Uint8Array(qweight.buffer) },
+      { name: 'lm_head.qzeros', dtype: 'I32', shape: [groups, rows / 8], data: new Uint8Array(qzeros.buffer) },
+      { name: 'lm_head.scales', dtype: 'F16', shape: [groups, rows], data: new Uint8Array(scales.buffer) }];
+    const values: TensorToWrite[] = [...tensors.filter((x) => x !== head),
+      { name: 'lm_head.weight', dtype: 'F32', shape: [rows, cols], data: new Uint8Array(deq.buffer) }];
+    const a = path.join(tmp, 'head-int4'), b = path.join(tmp, 'head-f32');
+    writeCheckpointCopy(DIR, a, quantized, true);
+    writeCheckpointCopy(DIR, b, values, true);
+    const config = JSON.parse(readFileSync(path.join(a, 'config.json'), 'utf8')) as Record<string, any>;
+    config.quantization_config.lm_head = true;
+    writeFileSync(path.join(a, 'config.json'), JSON.stringify(config));
+    const ma = loadModel(a, { fast: false }).model, mb = loadModel(b, { fast: false }).model;
+    try {
+      assert.equal((ma as unknown as { lmHead: PackedWeight }).lmHead.quant, 'int4', 'the LM head held as int4 codes');
+      assert.equal((mb as unknown as { lmHead: PackedWeight }).lmHead.quant, null);
+      const want = forcedLogits(mb);
+      let worst = 0;
+      forcedLogits(ma).forEach((l, i) => l.forEach((v, j) => { worst = Math.max(worst, Math.abs(v - want[i]![j]!)); }));
+      assert.ok(worst <= 1e-5, `logits max-abs difference ${worst}`);
+    } finally {
+      ma.dispose();
+      mb.dispose();
     }
   } finally {
     rmSync(tmp, { recursive: true, force: true });
