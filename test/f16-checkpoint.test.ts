@@ -11,6 +11,7 @@ import { loadModel } from '../src/model/load.js';
 import { readSafetensorsHeader, type TensorToWrite } from '../src/model/safetensors.js';
 import { loadNative, packageRoot } from '../src/native/index.js';
 import { writeCheckpointCopy } from './helpers/checkpoint-copy.js';
+import { maxAbsDiff } from './helpers/model-runner.js';
 import { fixtureSequences, forcedLogits } from './helpers/quant-fidelity.js';
 
 const fixturesDir = path.join(packageRoot(), 'test', 'fixtures');
@@ -49,10 +50,7 @@ test('f16 checkpoints: every fixture in f16 gives the logits of the same values 
       const ma = loadModel(a, { fast: false }).model, mb = loadModel(b, { fast: false }).model;
       try {
         const seqs = fixtureSequences(src).slice(0, 2);
-        const got = forcedLogits(ma, seqs), want = forcedLogits(mb, seqs);
-        let worst = 0;
-        for (let i = 0; i < want.length; i++)
-          for (let v = 0; v < want[i]!.length; v++) worst = Math.max(worst, Math.abs(got[i]![v]! - want[i]![v]!));
+        const worst = maxAbsDiff(forcedLogits(ma, seqs), forcedLogits(mb, seqs));
         t.diagnostic(`${name}: ${converted} tensors f16; logits max-abs difference from the f32 copy ${worst}`);
         assert.ok(worst <= 1e-5, `${name}: logits max-abs difference ${worst}`);
       } finally {

@@ -21,7 +21,7 @@ import { startExpertRanks } from '../src/dist/expert-ranks.js';
 import { loadNative, packageRoot, type PackedWeight } from '../src/native/index.js';
 import { attachDeviceOffloader, attachOffloader, skipAllExperts } from '../src/offload/setup.js';
 import { createCudaEmulator, withLazyStreams } from './helpers/cuda-emu.js';
-import { argmax, checkGolden, DirectRunner, heldFormats as held, runAll, type Golden } from './helpers/model-runner.js';
+import { argmax, checkGolden, DirectRunner, heldFormats as held, maxAbsDiff, runAll, type Golden } from './helpers/model-runner.js';
 import { assertMatchesIntDequant, INT_DEVICE_BACKENDS } from './helpers/device-dequant.js';
 import { writeCheckpointCopy } from './helpers/checkpoint-copy.js';
 
@@ -124,10 +124,7 @@ test('GPTQ int4 equals its weights decoded independently and served as f32 (refe
     const a = loadModel(DIR, { fast: false }).model, b = loadModel(ref, { fast: false }).model;
     try {
       assert.deepEqual(held(b), ['expert null/null', 'shared null/null']);
-      const got = forcedLogits(a), want = forcedLogits(b);
-      let worst = 0;
-      for (let i = 0; i < want.length; i++)
-        for (let v = 0; v < want[i]!.length; v++) worst = Math.max(worst, Math.abs(got[i]![v]! - want[i]![v]!));
+      const worst = maxAbsDiff(forcedLogits(a), forcedLogits(b));
       assert.ok(worst <= 1e-5, `logits max-abs difference ${worst}`);
     } finally {
       a.dispose();
@@ -222,10 +219,7 @@ test('GPTQ int8 per channel: the W8A8 fixture\'s codes in the GPTQ layout give t
     }
     assert.equal(converted, 100);
     const dir = path.join(tmp, 'gptq8');
-    writeCheckpointCopy(W8, dir, out, false);
-    const config = JSON.parse(readFileSync(path.join(dir, 'config.json'), 'utf8')) as Record<string, unknown>;
-    config.quantization_config = { quant_method: 'gptq', bits: 8, group_size: -1, sym: true, desc_act: false };
-    writeFileSync(path.join(dir, 'config.json'), JSON.stringify(config));
+    writeCheckpointCopy(W8, dir, out, { quant_method: 'gptq', bits: 8, group_size: -1, sym: true, desc_act: false });
     const a = loadModel(dir, { fast: false }).model, b = loadModel(W8, { fast: false }).model;
     try {
       assert.deepEqual(held(a), ['expert int8/int8', 'shared int8/int8']);
@@ -279,18 +273,14 @@ test('a GPTQ-quantized lm_head (lm_head: true) is held as int4 and equals its va
     const values: TensorToWrite[] = [...tensors.filter((x) => x !== head),
       { name: 'lm_head.weight', dtype: 'F32', shape: [rows, cols], data: new Uint8Array(deq.buffer) }];
     const a = path.join(tmp, 'head-int4'), b = path.join(tmp, 'head-f32');
-    writeCheckpointCopy(DIR, a, quantized, true);
+    const qc = (JSON.parse(readFileSync(path.join(DIR, 'config.json'), 'utf8')) as Record<string, any>).quantization_config;
+    writeCheckpointCopy(DIR, a, quantized, { ...qc, lm_head: true });
     writeCheckpointCopy(DIR, b, values, true);
-    const config = JSON.parse(readFileSync(path.join(a, 'config.json'), 'utf8')) as Record<string, any>;
-    config.quantization_config.lm_head = true;
-    writeFileSync(path.join(a, 'config.json'), JSON.stringify(config));
     const ma = loadModel(a, { fast: false }).model, mb = loadModel(b, { fast: false }).model;
     try {
       assert.equal((ma as unknown as { lmHead: PackedWeight }).lmHead.quant, 'int4', 'the LM head held as int4 codes');
       assert.equal((mb as unknown as { lmHead: PackedWeight }).lmHead.quant, null);
-      const want = forcedLogits(mb);
-      let worst = 0;
-      forcedLogits(ma).forEach((l, i) => l.forEach((v, j) => { worst = Math.max(worst, Math.abs(v - want[i]![j]!)); }));
+      const worst = maxAbsDiff(forcedLogits(ma), forcedLogits(mb));
       assert.ok(worst <= 1e-5, `logits max-abs difference ${worst}`);
     } finally {
       ma.dispose();

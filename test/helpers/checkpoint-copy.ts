@@ -5,12 +5,16 @@ import path from 'node:path';
 
 import { writeSafetensors, type TensorToWrite } from '../../src/model/safetensors.js';
 
-/** `out` = `tensors` + `src`'s config.json (its quantization_config dropped unless `keepQuant`) and other files. */
-export function writeCheckpointCopy(src: string, out: string, tensors: TensorToWrite[], keepQuant: boolean): void {
+/**
+ * `out` = `tensors` + `src`'s config.json (its quantization_config kept when `quant` is true, dropped when
+ * false, replaced when an object) and other files.
+ */
+export function writeCheckpointCopy(src: string, out: string, tensors: TensorToWrite[], quant: boolean | Record<string, unknown>): void {
   mkdirSync(out, { recursive: true });
   writeSafetensors(path.join(out, 'model.safetensors'), tensors);
   const config = JSON.parse(readFileSync(path.join(src, 'config.json'), 'utf8')) as Record<string, unknown>;
-  if (!keepQuant) delete config.quantization_config;
+  if (quant === false) delete config.quantization_config;
+  else if (quant !== true) config.quantization_config = quant;
   writeFileSync(path.join(out, 'config.json'), JSON.stringify(config));
   for (const f of ['generation_config.json', 'tokenizer.json', 'tokenizer_config.json', 'golden.json'])
     copyFileSync(path.join(src, f), path.join(out, f));

@@ -201,6 +201,15 @@ export function checkGolden<C>(model: ForwardModel<C>, golden: Golden): number {
   return worst;
 }
 
+/** The largest |got - want| over rows of logits (teacher-forced positions). */
+export function maxAbsDiff(got: Float32Array[], want: Float32Array[]): number {
+  assert.equal(got.length, want.length, 'as many rows');
+  let worst = 0;
+  for (let i = 0; i < want.length; i++)
+    for (let v = 0; v < want[i]!.length; v++) worst = Math.max(worst, Math.abs(got[i]![v]! - want[i]![v]!));
+  return worst;
+}
+
 export function argmax(x: Float32Array): number {
   let best = 0;
   for (let i = 1; i < x.length; i++) if (x[i]! > x[best]!) best = i;
