@@ -15,7 +15,7 @@ import { loadNative, noCudaDeviceReason, packageRoot, type CudaAddon } from '../
 import { createCudaEmulator } from '../test/helpers/cuda-emu.js';
 import { DirectRunner, argmax } from '../test/helpers/model-runner.js';
 import { BENCH_MODEL_NAMES, ensureBenchModel, type BenchModelName } from './bench-models.js';
-import { fmt, markdownTable, parsePositiveInt, runInfo, writeJson, type Cell } from './harness.js';
+import { fmt, markdownTable, median, parsePositiveInt, runInfo, writeJson, type Cell } from './harness.js';
 
 interface OpEntry { calls: number; ms: number }
 
@@ -67,7 +67,6 @@ class HostTimers {
 // Calls that block until the device has caught up: the syncs, and device-to-host copies (into
 // pageable memory a copy waits for the stream's earlier work).
 const isWait = (name: string) => name.endsWith('(wait)') || name === 'cudaSynchronize' || name === 'cudaCopyToHost';
-const median = (a: number[]) => [...a].sort((x, y) => x - y)[Math.floor(a.length / 2)]!;
 
 export async function runDeviceStep(argv: string[]): Promise<void> {
   const { values } = parseArgs({

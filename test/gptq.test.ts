@@ -19,10 +19,9 @@ import type { MoeModel } from '../src/model/model.js';
 import { readSafetensorsHeader, writeSafetensors, type TensorToWrite } from '../src/model/safetensors.js';
 import { startExpertRanks } from '../src/dist/expert-ranks.js';
 import { loadNative, packageRoot, type PackedWeight } from '../src/native/index.js';
-import { attachDeviceOffloader, attachOffloader, skipAllExperts } from '../src/offload/setup.js';
-import { createCudaEmulator, withLazyStreams } from './helpers/cuda-emu.js';
-import { argmax, checkGolden, DirectRunner, heldFormats as held, maxAbsDiff, runAll, type Golden } from './helpers/model-runner.js';
-import { assertMatchesIntDequant, INT_DEVICE_BACKENDS } from './helpers/device-dequant.js';
+import { attachOffloader, skipAllExperts } from '../src/offload/setup.js';
+import { argmax, checkGolden, DirectRunner, heldFormats as held, maxAbsDiff, type Golden } from './helpers/model-runner.js';
+import { assertDeviceCacheMatches, assertMatchesIntDequant, INT_DEVICE_BACKENDS } from './helpers/device-dequant.js';
 import { writeCheckpointCopy } from './helpers/checkpoint-copy.js';
 
 const DIR = path.join(packageRoot(), 'test', 'fixtures-quant', 'qwen2_moe_gptq');
@@ -427,52 +426,37 @@ test('older AutoGPTQ checkpoints: quantize_config.json beside config.json is rea
 for (const b of INT_DEVICE_BACKENDS) {
   test(`every quantized Linear stays int4 g32 on the device (${b.label}: experts, shared experts, attention); logits as the CPU ` +
     'bf16 mode over the values the device multiplies', { skip: b.skip }, (t) => {
-    for (const full of [true, false]) {
     const tmp = mkdtempSync(path.join(os.tmpdir(), 'expertd-gptq-dev-'));
     try {
       // The checkpoint as it is, and a copy with only the routed experts quantized.
       const experts = path.join(tmp, 'experts');
-      if (!full) decodedCopy(experts, /^(?!.*\.mlp\.experts\.\d+\.)/, true, 'BF16');
-      const dir = full ? DIR : experts;
-      const cuda = b.cuda();
-      const { model } = loadCudaModel(dir, { device: 0, ...(cuda ? { cuda } : {}) });
-      const cpu = loadModel(dir, { fast: false }).model;
-      try {
-        assert.deepEqual(model.expertQuant, { format: 'int4', group: 32, blockRows: 0 });
-        assert.deepEqual(held(cpu), ['expert int4/int4', `shared ${full ? 'int4/int4' : 'null/null'}`]);
-        // The attention projections as stored codes (cudaDenseGemmQuant), the shared experts' table int4 too.
-        const dev = model as unknown as { layers: { subs: { attn: Record<string, unknown> }[]; moe: { shared: { table: { quant: unknown } } } | null }[] };
-        const attn = dev.layers[0]!.subs[0]!.attn as { k: { quant?: unknown }; o: { quant?: unknown } };
-        assert.deepEqual([attn.k.quant ?? null, attn.o.quant ?? null], full ? [model.expertQuant, model.expertQuant] : [null, null]);
-        // The reference: the CPU engine's bf16 mode over the weights the device multiplies, bf16(code x scale)
-        // (test/cuda-quant.test.ts's --quantize-dense bounds for qwen2_moe).
-        const figures = assertMatchesIntDequant(model, dir, golden.cases.map((c) => c.prompt_ids), 5e-4, 5e-3);
-        t.diagnostic(`${full ? 'whole' : 'experts only'}: ${figures}`);
-        if (full && b.label === 'emulator') {
+      decodedCopy(experts, /^(?!.*\.mlp\.experts\.\d+\.)/, true, 'BF16');
+      for (const full of [true, false]) {
+        const dir = full ? DIR : experts;
+        const cuda = b.cuda();
+        const { model } = loadCudaModel(dir, { device: 0, ...(cuda ? { cuda } : {}) });
+        const cpu = loadModel(dir, { fast: false }).model;
+        try {
+          assert.deepEqual(model.expertQuant, { format: 'int4', group: 32, blockRows: 0 });
+          assert.deepEqual(held(cpu), ['expert int4/int4', `shared ${full ? 'int4/int4' : 'null/null'}`]);
+          // The attention projections as stored codes (cudaDenseGemmQuant).
+          const attn = (model as unknown as { layers: { subs: { attn: { k: { quant?: unknown }; o: { quant?: unknown } } }[] }[] })
+            .layers[0]!.subs[0]!.attn;
+          assert.deepEqual([attn.k.quant ?? null, attn.o.quant ?? null], full ? [model.expertQuant, model.expertQuant] : [null, null]);
+          // The reference: the CPU engine's bf16 mode over the weights the device multiplies, bf16(code x scale)
+          // (test/cuda-quant.test.ts's --quantize-dense bounds for qwen2_moe).
+          const figures = assertMatchesIntDequant(model, dir, golden.cases.map((c) => c.prompt_ids), 5e-4, 5e-3);
+          t.diagnostic(`${full ? 'whole' : 'experts only'}: ${figures}`);
           // The device expert cache (half the experts): its pinned slots hold the stored codes too, and the
           // outputs equal the all-resident model's bit for bit.
-          const want = runAll(model, null);
-          const cached = withLazyStreams(createCudaEmulator());
-          const loaded = loadCudaModel(dir, { device: 0, cuda: cached, loadExperts: false });
-          const off = attachDeviceOffloader(loaded, { policy: 'lru', fraction: 0.5 }, cached);
-          try {
-            assert.equal(off.store.slotFormat, 'int4 g32');
-            const got = runAll(loaded.model, off);
-            assert.deepEqual(got.tokens, want.tokens, 'greedy tokens through the cache');
-            got.logits.forEach((l, i) => assert.deepEqual(l, want.logits[i], `logits of step ${i} through the cache`));
-            assert.ok(off.stats().misses > 0 && off.cache.evictions > 0, JSON.stringify(off.stats()));
-          } finally {
-            off.dispose();
-            loaded.model.dispose();
-          }
+          if (full && b.label === 'emulator') assertDeviceCacheMatches(model, dir, 'int4 g32');
+        } finally {
+          model.dispose();
+          cpu.dispose();
         }
-      } finally {
-        model.dispose();
-        cpu.dispose();
       }
     } finally {
       rmSync(tmp, { recursive: true, force: true });
-    }
     }
   });
 }

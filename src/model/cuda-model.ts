@@ -15,11 +15,11 @@ import type { ForwardBatch, ForwardModel, ForwardResult } from './forward-batch.
 import { moeTensors } from './moe-tensors.js';
 import { kvDtypeBytes, type KvDtype } from './kv-dtype.js';
 import { intCodeMethodName, intCodeQuant, type ModelSpec } from './spec.js';
-import { withWeightPrefix, type HostTensor, type TensorSource } from './tensor-source.js';
+import { withWeightPrefix, type HostTensor, type IntWeight, type TensorSource } from './tensor-source.js';
 import { CudaGatedDeltaNet, type DeviceLinearState, type DeviceStateStep } from './cuda-linear-attention.js';
 import { linearStateFloats } from './linear-attention.js';
-import { checkExpert, checkIntFfn, checkShape, ffnSource, vectorF32, type ExpertSource } from './weights.js';
-import { deviceQuantError, deviceQuantOf, intMatrix, quantizedExpert, quantizeMatrix, type DeviceQuant } from './cuda-quant.js';
+import { checkExpert, checkShape, ffnSource, vectorF32, type ExpertSource } from './weights.js';
+import { deviceQuantError, deviceQuantOf, intFfnMatrices, quantizedExpert, quantizeMatrix, type DeviceQuant } from './cuda-quant.js';
 import type { QuantizeSpec } from './quantize.js';
 
 export interface CudaModelOptions {
@@ -231,13 +231,11 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     return { gateUp: this.dev.upload(b.gateUp), down: this.dev.upload(b.down) };
   }
 
-  /** A compressed-tensors expert kept as its int8 / int4 codes and scales (the table's format). */
-  private uploadInt(q: DeviceQuant, iw: NonNullable<ReturnType<NonNullable<ReturnType<typeof moeTensors>['expertInt']>>>,
+  /** A gated FFN an int-code checkpoint stores as codes (gate, up, down), uploaded in layout q (the table's format). */
+  private uploadInt(q: DeviceQuant, names: string[], gate: IntWeight | null, up: IntWeight | null, down: IntWeight | null,
                     inter: number): { gateUp: CudaBuffer; down: CudaBuffer } {
-    const { gate, up, down } = iw;
-    // Checks shapes and that the three are quantized together (packIntFfn's rules), without packing.
-    checkIntFfn(iw.names, gate, up, down, this.spec.hidden, inter);
-    return { gateUp: this.dev.upload(intMatrix(q, gate!, up!)), down: this.dev.upload(intMatrix(q, down!, null)) };
+    const m = intFfnMatrices(q, names, gate, up, down, this.spec.hidden, inter);
+    return { gateUp: this.dev.upload(m.gateUp), down: this.dev.upload(m.down) };
   }
 
   /**
@@ -251,10 +249,9 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     if (gi && ui && di) {
       const iq = intDeviceQuant(gi);
       if (!deviceQuantError(iq, this.spec.hidden, inter)) {
-        const names = ['gate_proj', 'up_proj', 'down_proj'].map((p) => `${prefix}${p}.weight`);
-        checkIntFfn(names, gi, ui, di, this.spec.hidden, inter);
+        const w = this.uploadInt(iq, ['gate_proj', 'up_proj', 'down_proj'].map((p) => `${prefix}${p}.weight`), gi, ui, di, inter);
         const table = this.table(1, inter, iq);
-        table.set(0, this.dev.upload(intMatrix(iq, gi, ui)), this.dev.upload(intMatrix(iq, di, null)));
+        table.set(0, w.gateUp, w.down);
         return { table, inter };
       }
     }
@@ -290,7 +287,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
       if (!iw && q && iq && !this.quantizedAtLoad)
         throw new RangeError(`${name} is not stored as int codes, but this ${intCodeMethodName(iq)} checkpoint's experts are read ` +
           `as ${q.format} on the device; serve it with --quantize ${q.format}, or on the CPU engine`);
-      const w = iw && q ? this.uploadInt(q, iw, m.intermediate)
+      const w = iw && q ? this.uploadInt(q, iw.names, iw.gate, iw.up, iw.down, m.intermediate)
         : q ? this.uploadQuant(q, t, e, name, m.intermediate)
         : this.upload(t.expert(e), name, m.intermediate);
       experts.set(e, w.gateUp, w.down);

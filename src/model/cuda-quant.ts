@@ -7,7 +7,7 @@ import { bf16ToF32, f32ToBf16, f32ToFp8, fp8ToF32 } from './kv-dtype.js';
 import type { QuantizeSpec } from './quantize.js';
 import type { Fp8Weight } from './safetensors.js';
 import type { HostTensor, IntWeight } from './tensor-source.js';
-import { checkExpert, toF32, type ExpertSource } from './weights.js';
+import { checkExpert, checkIntFfn, toF32, type ExpertSource } from './weights.js';
 
 /** A layout with its defaults filled in (what CudaExpertTable.quant reports). */
 export interface DeviceQuant {
@@ -249,6 +249,17 @@ export function intMatrix(q: DeviceQuant, gate: IntWeight, up: IntWeight | null)
     scales.set(w.scales, half * w.rows * b.scaleCols);
   });
   return blob;
+}
+
+/**
+ * A gated FFN a checkpoint stores as int codes (gate, up, down; `names` for errors), checked as
+ * packIntFfn checks it (all three int, gate and up in one format, shapes as the config says), as layout
+ * q's gate_up and down matrices.
+ */
+export function intFfnMatrices(q: DeviceQuant, names: string[], gate: IntWeight | null, up: IntWeight | null,
+                               down: IntWeight | null, h: number, i: number): { gateUp: Uint8Array; down: Uint8Array } {
+  const w = checkIntFfn(names, gate, up, down, h, i);
+  return { gateUp: intMatrix(q, w.gate, w.up), down: intMatrix(q, w.down, null) };
 }
 
 /**

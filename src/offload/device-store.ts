@@ -4,12 +4,12 @@
 // stored), copied into a device slot on a
 // copy stream of its own, so prefetches overlap the compute stream.
 import type { CudaAddon, CudaBuffer, CudaEvent, CudaStream } from '../native/index.js';
-import { intMatrix, quantExpertBytes, quantizedExpert, type DeviceQuant } from '../model/cuda-quant.js';
+import { intFfnMatrices, quantExpertBytes, quantizedExpert, type DeviceQuant } from '../model/cuda-quant.js';
 import { bf16Of, BF16 } from '../model/device.js';
 import { moeTensors } from '../model/moe-tensors.js';
 import { intCodeMethodName, intCodeQuant, type ModelSpec } from '../model/spec.js';
 import { withWeightPrefix, type TensorSource } from '../model/tensor-source.js';
-import { checkExpert, packIntFfn } from '../model/weights.js';
+import { checkExpert } from '../model/weights.js';
 import type { ExpertStore, LoadTicket, SlotWeights } from './expert-store.js';
 
 interface Load { event: CudaEvent; slot: SlotWeights<CudaBuffer> }
@@ -57,10 +57,9 @@ export class PinnedExpertStore implements ExpertStore<CudaBuffer> {
         // uploadInt), so that a slot holds what a resident expert would.
         const iw = quant && !quantizedAtLoad ? t.expertInt?.(e) ?? null : null;
         if (iw) {
-          const { gate, up, down } = iw;
-          if (!gate || !up || !down) packIntFfn(iw.names, gate, up, down, H, I);
-          mem.set(intMatrix(quant!, gate!, up!), base);
-          mem.set(intMatrix(quant!, down!, null), base + this.gateUpBytes);
+          const m = intFfnMatrices(quant!, iw.names, iw.gate, iw.up, iw.down, H, I);
+          mem.set(m.gateUp, base);
+          mem.set(m.down, base + this.gateUpBytes);
           continue;
         }
         const iq = intCodeQuant(spec.quantization);

@@ -10,11 +10,13 @@ import { toF32 } from '../../src/model/weights.js';
 import assert from 'node:assert/strict';
 import { dequantInt } from '../../src/model/compressed-tensors.js';
 import type { ForwardModel } from '../../src/model/forward-batch.js';
-import { CheckpointSource, loadModel } from '../../src/model/load.js';
+import { CheckpointSource, loadCudaModel, loadModel } from '../../src/model/load.js';
 import { MoeModel } from '../../src/model/model.js';
-import { logitsVsRef } from './model-runner.js';
+import { logitsVsRef, runAll } from './model-runner.js';
 import type { CudaAddon } from '../../src/native/index.js';
-import { createCudaEmulator } from './cuda-emu.js';
+import { createCudaEmulator, withLazyStreams } from './cuda-emu.js';
+import type { Offloader } from '../../src/offload/offloader.js';
+import { attachDeviceOffloader } from '../../src/offload/setup.js';
 import { emulatorSkip, needsCudaDevice } from './cuda-skip.js';
 
 /** Values that are bf16 already (dequantMatrixBf16's), as a bf16 tensor: the CPU engine then takes the
@@ -156,3 +158,27 @@ export const INT_DEVICE_BACKENDS: { label: string; cuda: () => CudaAddon | undef
   { label: 'emulator', cuda: () => createCudaEmulator(), skip: emulatorSkip },
   { label: 'gpu', cuda: () => undefined, skip: needsCudaDevice },
 ];
+
+/**
+ * The checkpoint at `dir` on the emulator through the device expert cache (half the experts; streams held
+ * back until ordered): its slots hold `slotFormat`, its greedy tokens and logits equal the all-resident
+ * device `model`'s bit for bit, and the cache missed and evicted. Returns the cache's stats.
+ */
+export function assertDeviceCacheMatches(model: ForwardModel, dir: string, slotFormat: string): ReturnType<Offloader['stats']> {
+  const want = runAll(model, null);
+  const cached = withLazyStreams(createCudaEmulator());
+  const loaded = loadCudaModel(dir, { device: 0, cuda: cached, loadExperts: false });
+  const off = attachDeviceOffloader(loaded, { policy: 'lru', fraction: 0.5 }, cached);
+  try {
+    assert.equal(off.store.slotFormat, slotFormat);
+    const got = runAll(loaded.model, off);
+    assert.deepEqual(got.tokens, want.tokens, 'greedy tokens through the cache');
+    got.logits.forEach((l, i) => assert.deepEqual(l, want.logits[i], `logits of step ${i} through the cache`));
+    const st = off.stats();
+    assert.ok(st.misses > 0 && off.cache.evictions > 0, JSON.stringify(st));
+    return st;
+  } finally {
+    off.dispose();
+    loaded.model.dispose();
+  }
+}
