@@ -15,9 +15,21 @@ import { mulberry32 } from '../src/engine/rng.js';
  * The formats both tables compare: name, --quantize format (null: bf16; 'mxfp4': random MXFP4
  * checkpoint data, which --quantize cannot make), group.
  */
-const FORMATS: [string, 'int8' | 'fp8' | 'int4' | 'mxfp4' | null, number][] =
+const FORMATS: [string, 'int8' | 'fp8' | 'int4' | 'int4-zero' | 'mxfp4' | null, number][] =
   [['bf16', null, 0], ['int8', 'int8', 0], ['fp8', 'fp8', 128], ['int4 g32', 'int4', 32], ['int4 g128', 'int4', 128],
-    ['mxfp4', 'mxfp4', 32]];
+    ['int4 g128 +zeros', 'int4-zero', 128], ['mxfp4', 'mxfp4', 32]];
+
+/** Random int4 checkpoint data with zero points (AWQ's: f16 scales, a zero per group) packed as AWQ loads it. */
+function int4ZeroWeight(rng: () => number, n: number, k: number, group: number, gateUp: boolean): PackedWeight {
+  const groups = Math.ceil(k / group);
+  const half = () => ({
+    codes: new Int8Array(n * k).map(() => Math.floor(rng() * 16) - 8),
+    scales: new Float32Array(n * groups).map(() => (256 + Math.floor(rng() * 768)) / 2 ** 18),
+    zeros: new Int8Array(n * groups).map(() => Math.floor(rng() * 16) - 8),
+  });
+  const g = half(), u = gateUp ? half() : null;
+  return loadNative().packInt(g.codes, g.scales, n, k, 'int4', group, u?.codes, u?.scales, 'f16', g.zeros, u?.zeros);
+}
 
 /** Random MXFP4 data for an [n, k] matrix (k a multiple of 32): e2m1 code pairs, e8m0 scales 2^-9..2^-5. */
 function mxfp4Data(rng: () => number, n: number, k: number): { blocks: Uint8Array; scales: Uint8Array } {
@@ -35,6 +47,7 @@ function packFormat(format: (typeof FORMATS)[number], rng: () => number, n: numb
                     up?: Float32Array): PackedWeight {
   const native = loadNative();
   const [, q, group] = format;
+  if (q === 'int4-zero') return int4ZeroWeight(rng, n, k, group, !!up);
   if (q === 'mxfp4') {
     const g = mxfp4Data(rng, n, k), u = up ? mxfp4Data(rng, n, k) : null;
     return u ? native.packMxfp4(g.blocks, g.scales, n, k, u.blocks, u.scales) : native.packMxfp4(g.blocks, g.scales, n, k);

@@ -99,7 +99,7 @@ function quantizeRowsI8(x: ArrayLike<number>, m: number, k: number, block: numbe
  */
 function fastActivations(name: string, k: number): { kind: 'int8' | 'bf16' | 'f32'; block: number } {
   const kEven = k + (k & 1);
-  if (name === 'int8') return kEven % 4 === 0 ? { kind: 'int8', block: gcd(ACT_BLOCK, kEven) } : { kind: 'f32', block: 0 };
+  if (name === 'int8' || name === 'int8z') return kEven % 4 === 0 ? { kind: 'int8', block: gcd(ACT_BLOCK, kEven) } : { kind: 'f32', block: 0 };
   if (name.startsWith('int4')) return { kind: 'int8', block: gcd(ACT_BLOCK, Number(name.split('/')[1])) };
   if (name === 'mxfp4') return { kind: 'int8', block: 32 };
   return { kind: name.startsWith('fp8') ? 'bf16' : 'f32', block: 0 };
@@ -199,9 +199,35 @@ test('--quantize formats: scales from the absmax (int4: rounded to bf16), every 
   w.dispose();
 });
 
+/**
+ * A checkpoint-style int weight with zero points (AWQ, asymmetric GPTQ): random codes, scales exact
+ * in the held dtype (int4: f16, as AWQ stores them) and zero points, value = (code - zero) * scale;
+ * with gateUp, a gate_up weight of two such halves of n rows each.
+ */
+function packIntZ(rand: () => number, n: number, k: number, bits: 4 | 8, group: number, gateUp = false): PackedWeight {
+  const groups = group ? Math.ceil(k / group) : 1;
+  const half = () => ({
+    codes: Int8Array.from({ length: n * k }, () => Math.floor(rand() * (bits === 4 ? 16 : 256)) - (bits === 4 ? 8 : 128)),
+    scales: Float32Array.from({ length: n * groups }, () => (256 + Math.floor(rand() * 768)) / 2 ** (bits === 4 ? 14 : 17)),
+    zeros: Int8Array.from({ length: n * groups }, () => Math.floor(rand() * (bits === 4 ? 16 : 41)) - (bits === 4 ? 8 : 20)),
+  });
+  const g = half(), u = gateUp ? half() : null;
+  return native.packInt(g.codes, g.scales, n, k, bits === 4 ? 'int4' : 'int8', group, u?.codes ?? null, u?.scales ?? null,
+    bits === 4 ? 'f16' : 'f32', g.zeros, u?.zeros ?? null);
+}
+/** The bits and group of a packIntZ build's name ('int8z', 'int4z/32'), or null. */
+function zeroPointBuild(name: string): { bits: 4 | 8; group: number } | null {
+  if (name === 'int8z') return { bits: 8, group: 0 };
+  return name.startsWith('int4z/') ? { bits: 4, group: Number(name.split('/')[1]) } : null;
+}
+
 // Every format as the GEMMs see it: a weight of [n, k] made by the given builder.
 type Build = (rand: () => number, n: number, k: number) => PackedWeight;
 const BUILDS: [string, Build][] = [
+  // Zero points (the epilogue's term): int8 per row, int4 in groups of 32 and 128 with f16 scales.
+  ['int8z', (rand, n, k) => packIntZ(rand, n, k, 8, 0)],
+  ['int4z/32', (rand, n, k) => packIntZ(rand, n, k, 4, 32)],
+  ['int4z/128', (rand, n, k) => packIntZ(rand, n, k, 4, 128)],
   ['int8', (rand, n, k) => native.packWeight(uniform(rand, n * k), 'f32', n, k, 'int8', 0)],
   ['int4/32', (rand, n, k) => native.packWeight(uniform(rand, n * k), 'f32', n, k, 'int4', 32)],
   ['int4/128', (rand, n, k) => native.packWeight(uniform(rand, n * k), 'f32', n, k, 'int4', 128)],
@@ -407,6 +433,10 @@ test('groupGemmFfn with quantized experts (and a bf16 one beside them) matches f
         if (i === 3) {  // a plain f32 expert in the same call
           gu = native.packGateUp(uniform(rand, inter * h), uniform(rand, inter * h), 'f32', inter, h);
           dn = native.packWeight(uniform(rand, h * inter), 'f32', h, inter);
+        } else if (zeroPointBuild(name)) {
+          const z = zeroPointBuild(name)!;
+          gu = packIntZ(rand, inter, h, z.bits, z.group, true);
+          dn = build(rand, h, inter);
         } else if (name === 'mxfp4') {
           const half = () => ({
             b: new Uint8Array(inter * h / 2).map(() => Math.floor(rand() * 256)),
@@ -465,12 +495,13 @@ test('groupGemmFfn with quantized experts: a decode-sized call (one job) gives a
     native.setNumThreads(t);
     try { fn(); } finally { native.setNumThreads(before); }
   };
-  for (const [name, build] of BUILDS.filter(([b]) => ['int8', 'int4/32', 'fp8', 'mxfp4'].includes(b))) {
+  for (const [name, build] of BUILDS.filter(([b]) => ['int8', 'int4/32', 'fp8', 'mxfp4', 'int8z', 'int4z/128'].includes(b))) {
     const rand = rng();
     const e = 4, h = 64, inter = 64;
     const table = new native.ExpertTable(e, h, inter);
     for (let i = 0; i < e; i++) {
-      const gu = name === 'mxfp4'
+      const z = zeroPointBuild(name);
+      const gu = z ? packIntZ(rand, inter, h, z.bits, z.group, true) : name === 'mxfp4'
         ? native.packMxfp4(new Uint8Array(inter * h / 2).map(() => Math.floor(rand() * 256)), new Uint8Array(inter * h / 32).fill(124),
           inter, h, new Uint8Array(inter * h / 2).map(() => Math.floor(rand() * 256)), new Uint8Array(inter * h / 32).fill(125))
         : native.packGateUp(uniform(rand, inter * h), uniform(rand, inter * h), 'f32', inter, h,

@@ -169,11 +169,28 @@ const int8_t* int_codes(const Napi::CallbackInfo& info, size_t i, const char* na
   return c;
 }
 
-// packInt(codes, scales, n, k, format, group, upCodes?, upScales?, scaleDtype?) -> int8 / int4 weight
+// Optional zero points at args i (and i + 1, the up half's, for a gate_up weight), each of slen.
+struct IntZeros {
+  const int8_t* zeros = nullptr;
+  const int8_t* up = nullptr;
+};
+IntZeros int_zeros(const Napi::CallbackInfo& info, size_t i, bool gu, size_t slen) {
+  IntZeros z;
+  if (info.Length() <= i || is_nullish(info[i])) return z;
+  z.zeros = get_array<int8_t>(info, i, "zeros", slen, true).data;
+  if (gu) {
+    if (info.Length() <= i + 1 || is_nullish(info[i + 1])) throw_type(info.Env(), "a gate_up weight with zeros needs upZeros");
+    z.up = get_array<int8_t>(info, i + 1, "upZeros", slen, true).data;
+  }
+  return z;
+}
+
+// packInt(codes, scales, n, k, format, group, upCodes?, upScales?, scaleDtype?, zeros?, upZeros?) -> int8 / int4 weight
 // from codes and scales [n, ceil(k / group)] (int8 group 0: one scale per row, scales [n]). With the
 // up pair the result is a gate_up weight of n = 2 * (rows of codes). scaleDtype: how an int4 weight
 // holds its scales, 'f32' (default), 'bf16' or 'f16' (the checkpoint's: every scale must be exact in
-// it); int8 keeps f32.
+// it); int8 keeps f32. zeros, upZeros (Int8Array, laid out as the scales): zero points, value =
+// (code - zero) * scale (AWQ, asymmetric GPTQ / compressed-tensors); absent: symmetric.
 Napi::Value pack_int_js(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   expect_args(info, 6, "packInt");
@@ -199,17 +216,19 @@ Napi::Value pack_int_js(const Napi::CallbackInfo& info) {
     else if (d != "f32") throw_type(env, "scaleDtype must be 'f32', 'bf16' or 'f16'");
     if (qa.q == QFormat::I8 && st != ScaleType::F32) throw_type(env, "int8 weights keep f32 scales: scaleDtype must be 'f32'");
   }
+  const IntZeros z = int_zeros(info, 9, gu, slen);
   std::shared_ptr<PackedWeight> w;
   guard(env, [&] {
     w = alloc_quant_weight(qa.q, qa.group, gu ? WeightKind::GateUp : WeightKind::Plain,
                            static_cast<int>(gu ? 2 * n : n), static_cast<int>(k), st);
-    pack_int_weight(*w, codes, sc, ucodes, usc);
+    pack_int_weight(*w, codes, sc, ucodes, usc, true, z.zeros, z.up);
   });
   return WeightHandle::create(env, std::move(w));
 }
 
-// repackIntInto(dst, codes, scales, upCodes?, upScales?): packInt's arrays into an existing int8 /
-// int4 weight of the same geometry and group (expert cache slots), in place.
+// repackIntInto(dst, codes, scales, upCodes?, upScales?, zeros?, upZeros?): packInt's arrays into an
+// existing int8 / int4 weight of the same geometry and group (expert cache slots), in place; a
+// weight with zero points takes only arrays with them.
 Napi::Value repack_int_into_js(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   expect_args(info, 3, "repackIntInto");
@@ -231,7 +250,10 @@ Napi::Value repack_int_into_js(const Napi::CallbackInfo& info) {
   const float* sc = get_array<float>(info, 2, "scales", slen, true).data;
   const int8_t* ucodes = gu ? int_codes(info, 3, "upCodes", len, dst.q) : nullptr;
   const float* usc = gu ? get_array<float>(info, 4, "upScales", slen, true).data : nullptr;
-  guard(env, [&] { pack_int_weight(dst, codes, sc, ucodes, usc); });
+  const IntZeros z = int_zeros(info, 5, gu, slen);
+  if ((z.zeros != nullptr) != (dst.zeros != nullptr))
+    throw_type(env, dst.zeros ? "dst holds zero points: zeros are required" : "dst has no zero points: zeros must be null or absent");
+  guard(env, [&] { pack_int_weight(dst, codes, sc, ucodes, usc, true, z.zeros, z.up); });
   return env.Undefined();
 }
 
@@ -274,11 +296,12 @@ Napi::Value packed_weight_at_js(const Napi::CallbackInfo& info) {
 // Tags the External that carries a prefetch list (a Hint) through JS.
 constexpr napi_type_tag kPrefetchListTag = {0x6578706572746400ULL, 0x7072656665746368ULL};
 
-// A weight's memory as prefetch regions: its codes (or elements), then its scales.
+// A weight's memory as prefetch regions: its codes (or elements), then its scales and zero points.
 void add_regions(std::vector<ThreadPool::Region>& out, const PackedWeight& w) {
-  const size_t scale_bytes = w.scale_bytes();
-  out.push_back({w.data.get(), w.size_bytes - scale_bytes, w.data});
+  const size_t scale_bytes = w.scale_bytes(), zero_bytes = w.zero_bytes();
+  out.push_back({w.data.get(), w.size_bytes - scale_bytes - zero_bytes, w.data});
   if (scale_bytes) out.push_back({w.scales.get(), scale_bytes, w.scales});
+  if (zero_bytes) out.push_back({w.zeros.get(), zero_bytes, w.zeros});
 }
 
 // prefetchList(...weights): the packed weights some GEMMs read, in that order (codes, then scales),

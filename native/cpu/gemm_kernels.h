@@ -1210,6 +1210,103 @@ inline const TileFn* tile_table(Path path, const PackedWeight& w) {
 
 namespace expertd::gemm {
 
+// ---------------------------------------------------------------------------------------------
+// Zero points (PackedWeight::zeros: AWQ, asymmetric GPTQ and compressed-tensors). The kernels
+// multiply the codes as for a symmetric weight; then, per output row i of a tile,
+//   y[r, i] -= sum_g scale[i, g] * zero[i, g] * xg[r, g],
+// xg[r, g] the sum of row r's activations over group g as the kernel read them (int8 rows: per
+// activation block, which divides the group, its scale times its code sum; f32 rows: the values,
+// to the k the kernel ran). One place for every kernel path, prefill and decode alike, and a row's
+// result does not depend on the rows beside it.
+
+// The group sums of rows [0, mr) of a tile (x advanced to the tile's first row): gs[r * groups + g].
+inline void zero_point_sums(Path path, const uint8_t* xr, size_t ld, const QScales& qs, int mr, int kp,
+                            int group, int groups, float* gs) {
+  if (int8_path(path)) {
+    const int per = group / qs.xblock;
+    for (int r = 0; r < mr; ++r)
+      for (int g = 0; g < groups; ++g) {
+        float v = 0.0f;
+        for (int j = g * per; j < (g + 1) * per; ++j) {
+          const size_t at = static_cast<size_t>(r) * qs.xblocks_ld + j;
+          v += qs.xscales[at] * static_cast<float>(qs.xsums[at]);
+        }
+        gs[r * groups + g] = v;
+      }
+    return;
+  }
+  EXPERTD_CHECK(act_size(path) == 4, ErrorCode::Internal, "zero points on a path without f32 or int8 activations");
+  for (int r = 0; r < mr; ++r) {
+    const float* x = reinterpret_cast<const float*>(xr) + static_cast<size_t>(r) * ld;
+    for (int g = 0; g < groups; ++g) {
+      const int k1 = std::min(kp, (g + 1) * group);
+      float a[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // four chains: a long f32 sum is latency bound
+      int k = g * group;
+      for (; k + 4 <= k1; k += 4)
+        for (int j = 0; j < 4; ++j) a[j] += x[k + j];
+      for (; k < k1; ++k) a[0] += x[k];
+      gs[r * groups + g] = (a[0] + a[1]) + (a[2] + a[3]);
+    }
+  }
+}
+
+#if EXPERTD_GEMM_X86
+template <ScaleType ST>
+EXPERTD_AVX512 inline void zero_points_avx512(const PackedWeight& w, int b, int nr, int mr, const float* gs,
+                                              int groups, float* tile) {
+  const size_t gp = static_cast<size_t>(w.kp / w.group);
+  const int8_t* z = reinterpret_cast<const int8_t*>(w.zeros.get());
+  // Each (block, group)'s scale x zero once, for every row of the tile (a row's sum runs over g in
+  // order, as the scalar path's).
+  for (int bi = 0; bi < nr; ++bi) {
+    __m512 corr[kMr];
+#pragma GCC unroll 8
+    for (int r = 0; r < kMr; ++r) corr[r] = _mm512_setzero_ps();
+    for (int g = 0; g < groups; ++g) {
+      const size_t at = (static_cast<size_t>(b + bi) * gp + g) * 16;
+      const __m512 zf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z + at))));
+      const __m512 c = _mm512_mul_ps(load_scales16<ST>(w.scales.get(), at), zf);
+#pragma GCC unroll 8
+      for (int r = 0; r < kMr; ++r)
+        if (r < mr) corr[r] = _mm512_fmadd_ps(c, _mm512_set1_ps(gs[r * groups + g]), corr[r]);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < kMr; ++r) {
+      if (r >= mr) break;
+      float* t = tile + r * kTileLd + bi * 16;
+      _mm512_store_ps(t, _mm512_sub_ps(_mm512_load_ps(t), corr[r]));
+    }
+  }
+}
+#endif
+
+// Subtracts the zero points' term from a finished tile of rows [0, mr), blocks [b, b + nr).
+inline void apply_zero_points(Path path, const PackedWeight& w, int b, int nr, int mr, const float* gs,
+                              int groups, float* tile) {
+#if EXPERTD_GEMM_X86
+  if (path == Path::Vnni || path == Path::Avx512) {
+    switch (w.scale_type) {
+      case ScaleType::F32: return zero_points_avx512<ScaleType::F32>(w, b, nr, mr, gs, groups, tile);
+      case ScaleType::BF16: return zero_points_avx512<ScaleType::BF16>(w, b, nr, mr, gs, groups, tile);
+      default: return zero_points_avx512<ScaleType::F16>(w, b, nr, mr, gs, groups, tile);
+    }
+  }
+#endif
+  (void)path;
+  const size_t gp = static_cast<size_t>(w.kp / w.group);
+  const int8_t* z = reinterpret_cast<const int8_t*>(w.zeros.get());
+  for (int bi = 0; bi < nr; ++bi)
+    for (int r = 0; r < mr; ++r)
+      for (int i = 0; i < 16; ++i) {
+        float corr = 0.0f;
+        for (int g = 0; g < groups; ++g) {
+          const size_t at = (static_cast<size_t>(b + bi) * gp + g) * 16 + i;
+          corr = std::fma(scale_value(w.scales.get(), w.scale_type, at) * static_cast<float>(z[at]), gs[r * groups + g], corr);
+        }
+        tile[r * kTileLd + bi * 16 + i] -= corr;
+      }
+}
+
 // Runs every register tile of rows [0, rows) of x against blocks [b0, b1) of w, handing each
 // finished tile to epi(row, mr, block, nr, tile). Rows outermost: an MR-row slice of x stays in
 // L1 while the task's weight chunk streams from L2. Path::Amx hands tiles of up to 32 rows.
@@ -1217,7 +1314,10 @@ template <class Epi>
 inline void run_tiles(const TileFn* table, Path path, Act x, int rows, const PackedWeight& w,
                       int b0, int b1, const Epi& epi) {
 #if EXPERTD_GEMM_X86
-  if (path == Path::Amx) return run_tiles_amx(x, rows, w, b0, b1, epi);
+  if (path == Path::Amx) {
+    EXPERTD_CHECK(!w.zeros, ErrorCode::Internal, "AMX tiles do not apply zero points");
+    return run_tiles_amx(x, rows, w, b0, b1, epi);
+  }
 #endif
   alignas(64) float tile[kMr * kTileLd];
   const size_t xes = act_size(path);
@@ -1257,6 +1357,10 @@ inline void run_tiles(const TileFn* table, Path path, Act x, int rows, const Pac
     table = f8_decoded_table();
   }
 #endif
+  // Zero points: each row tile's group sums, once for all its blocks.
+  const int zgroups = w.zeros ? w.kp / w.group : 0;
+  static thread_local std::vector<float> zsums;
+  if (zgroups) zsums.resize(static_cast<size_t>(kMr) * zgroups);
   for (int r = 0; r < rows; r += kMr) {
     const int mr = std::min(kMr, rows - r);
     const uint8_t* xr = static_cast<const uint8_t*>(x.data) + r * x.ld * xes;
@@ -1264,10 +1368,12 @@ inline void run_tiles(const TileFn* table, Path path, Act x, int rows, const Pac
       qs.xscales = x.scales + static_cast<size_t>(r) * x.blocks_ld;
       qs.xsums = x.sums + static_cast<size_t>(r) * x.blocks_ld;
     }
+    if (zgroups) zero_point_sums(path, xr, x.ld, qs, mr, kp, w.group, zgroups, zsums.data());
     for (int b = b0; b < b1; b += kNr) {
       const int nr = std::min(kNr, b1 - b);
       if (w.quantized()) qs.s = w.scales.get() + b * qs.sstride * scale_type_size(w.scale_type);
       table[(mr - 1) * kNr + (nr - 1)](xr, x.ld, wb0 + (b - b0) * bbytes, wstride, kp, tile, qs);
+      if (zgroups) apply_zero_points(path, w, b, nr, mr, zsums.data(), zgroups, tile);
       epi(r, mr, b, nr, tile);
     }
   }

@@ -296,8 +296,37 @@ void pack_mxfp4_weight(PackedWeight& w, const uint8_t* blocks, const uint8_t* sc
   }, true);
 }
 
+namespace {
+
+// Zero points [rows, groups] (GateUp: gate's and up's) into w.zeros in the scales' layout; padding
+// rows and the groups past k hold 0. Allocated on first use.
+void write_zeros(PackedWeight& w, const int8_t* zeros, const int8_t* zeros_up, int groups) {
+  const bool gu = w.kind == WeightKind::GateUp;
+  if (!zeros) return;
+  EXPERTD_CHECK(!gu || zeros_up, ErrorCode::InvalidArg, "an int gate_up weight with zero points needs up's too");
+  const size_t gp = static_cast<size_t>(w.kp / w.group);
+  if (!w.zeros) {
+    w.zeros = alloc_weight_bytes(static_cast<size_t>(w.np) * gp, "an int weight's zero points");
+    w.size_bytes += w.zero_bytes();
+  }
+  int8_t* z = reinterpret_cast<int8_t*>(w.zeros.get());
+  std::memset(z, 0, w.zero_bytes());
+  const int inter = w.n / 2;
+  for (int r = 0; r < w.n; ++r) {
+    const bool is_up = gu && r >= inter;
+    const int8_t* src = (is_up ? zeros_up : zeros) + static_cast<size_t>(is_up ? r - inter : r) * groups;
+    const int p = physical_row(w, r);
+    for (int g = 0; g < groups; ++g) z[(static_cast<size_t>(p / 16) * gp + g) * 16 + p % 16] = src[g];
+  }
+}
+
+}  // namespace
+
 void pack_int_weight(PackedWeight& w, const int8_t* codes, const float* scales,
-                     const int8_t* codes_up, const float* scales_up, bool use_pool) {
+                     const int8_t* codes_up, const float* scales_up, bool use_pool,
+                     const int8_t* zeros, const int8_t* zeros_up) {
+  EXPERTD_CHECK(zeros || !w.zeros, ErrorCode::InvalidArg,
+                "the weight holds zero points: packing into it needs them");
   EXPERTD_CHECK(w.q == QFormat::I8 || w.q == QFormat::I4, ErrorCode::InvalidArg,
                 std::string("pack_int_weight needs an int8 or int4 weight, got ") + qformat_name(w.q));
   EXPERTD_CHECK(w.data != nullptr && w.scales != nullptr, ErrorCode::Internal,
@@ -328,6 +357,7 @@ void pack_int_weight(PackedWeight& w, const int8_t* codes, const float* scales,
     std::memcpy(q.codes.data(), c, static_cast<size_t>(k));
     for (int g = 0; g < groups; ++g) q.scales[g] = s[g];
   }, use_pool);
+  write_zeros(w, zeros, zeros_up, groups);
 }
 
 float quant_weight_at(const PackedWeight& w, int row, int col) {
@@ -345,7 +375,9 @@ float quant_weight_at(const PackedWeight& w, int row, int col) {
     default: v = gemm::decode_code<QFormat::FP4>(blk, col, i, w.kp); break;
   }
   const size_t groups = static_cast<size_t>(w.kp / w.group);
-  const float s = scale_value(w.scales.get(), w.scale_type, (static_cast<size_t>(p / 16) * groups + col / w.group) * 16 + i);
+  const size_t at = (static_cast<size_t>(p / 16) * groups + col / w.group) * 16 + i;
+  const float s = scale_value(w.scales.get(), w.scale_type, at);
+  if (w.zeros) v -= static_cast<float>(reinterpret_cast<const int8_t*>(w.zeros.get())[at]);
   return v * (w.q == QFormat::F8 ? std::fabs(s) : s);  // F8: the sign is a flag
 }
 

@@ -81,7 +81,13 @@ struct PackedWeight {
   int group = 0;                  // k per scale group (quantized only)
   std::shared_ptr<uint8_t> scales;  // [np/16][kp/group][16] of scale_type (quantized only)
   ScaleType scale_type = ScaleType::F32;
+  // Zero points of an int8 / int4 weight that has them (AWQ, GPTQ sym false, compressed-tensors
+  // symmetric false), else null: [np/16][kp/group][16] int8 beside the scales, and the value is
+  // (code - zero) * scale. The kernels multiply the codes as for a symmetric weight and the
+  // GEMMs' epilogue subtracts sum over groups of scale * zero * (the group's sum of x).
+  std::shared_ptr<uint8_t> zeros;
   const void* ptr() const { return data.get(); }
+  size_t zero_bytes() const { return zeros ? static_cast<size_t>(np) * (kp / group) : 0; }
   bool quantized() const { return q != QFormat::None; }
   // The scales' bytes (zero unless quantized).
   size_t scale_bytes() const {
@@ -136,8 +142,12 @@ void pack_mxfp4_weight(PackedWeight& w, const uint8_t* blocks, const uint8_t* sc
 // or I4 weight: codes [n, k] one signed value per byte (I4: -8..7), scales [n, ceil(k / w.group)]
 // f32 (I8 per row: [n, 1]); value = code * scale. GateUp takes the up half as for FP8. Each scale
 // must be exact in w.scale_type (a checkpoint's bf16 or f16 scales are), else InvalidArg.
+// zeros (and zeros_up for GateUp), laid out as the scales: per (row, group) zero points, value =
+// (code - zero) * scale; w gains its zeros buffer on the first such call. A weight with zero
+// points takes only packs with them (and one without, only packs without).
 void pack_int_weight(PackedWeight& w, const int8_t* codes, const float* scales,
-                     const int8_t* codes_up, const float* scales_up, bool use_pool = true);
+                     const int8_t* codes_up, const float* scales_up, bool use_pool = true,
+                     const int8_t* zeros = nullptr, const int8_t* zeros_up = nullptr);
 
 // ---------------------------------------------------------------------------------------------
 // DenseGemm: Y[M, N] = X[M, K] * W[N, K]^T (+ bias[N]) (+= Y if accumulate).
