@@ -21,14 +21,14 @@ import { assertDeviceCacheMatches, assertMatchesIntDequant, INT_DEVICE_BACKENDS 
 import { writeCheckpointCopy } from './helpers/checkpoint-copy.js';
 import { openCheckpoint, readSafetensorsHeader, writeSafetensors, type TensorToWrite } from '../src/model/safetensors.js';
 import { quantElement, quantMatrixBytes } from '../src/model/cuda-quant.js';
-import { startExpertRanks } from '../src/dist/expert-ranks.js';
 import { loadNative, packageRoot, type CudaBuffer } from '../src/native/index.js';
 import { attachOffloader, skipAllExperts } from '../src/offload/setup.js';
 import { createCudaEmulator } from './helpers/cuda-emu.js';
 import { emulatorSkip } from './helpers/cuda-skip.js';
 import { startDaemon, stopDaemon } from './helpers/daemon.js';
-import { argmax, checkGolden, DirectRunner, heldFormats as held, logitsVsRef, maxAbsDiff, type Golden } from './helpers/model-runner.js';
+import { argmax, DirectRunner, goldenForcedLogits, heldFormats as held, logitsVsRef, maxAbsDiff, type Golden } from './helpers/model-runner.js';
 import { fixtureSequences, forcedLogits as forcedSeqLogits } from './helpers/quant-fidelity.js';
+import { checkCachedAndRanked, checkIntCheckpoint } from './helpers/int-checkpoint.js';
 
 const root = path.join(packageRoot(), 'test', 'fixtures-quant');
 const W8 = path.join(root, 'qwen2_moe_w8a8');
@@ -49,42 +49,20 @@ function toBf16(f: Float32Array): Uint16Array {
 }
 
 /** Every golden case's prompt + greedy tokens through the model, teacher-forced: logits per position. */
-function forcedLogits(model: MoeModel, dir: string): Float32Array[] {
-  const V = model.spec.vocabSize;
-  const logits: Float32Array[] = [];
-  for (const c of goldenOf(dir).cases) {
-    const ids = [...c.prompt_ids, ...c.greedy];
-    const runner = new DirectRunner(model);
-    const res = runner.step([runner.newSeq()], [ids], true);
-    for (let p = 0; p < ids.length; p++) logits.push(res.logits.slice(p * V, (p + 1) * V));
-  }
-  return logits;
-}
+const forcedLogits = (model: MoeModel, dir: string) => goldenForcedLogits(model, goldenOf(dir));
 
 for (const [dir, bits] of [[W8, 8], [W4, 4]] as const) {
   const name = path.basename(dir);
   test(`${name}: int${bits} weights kept as codes, logits match transformers on the dequantised weights`, (t) => {
     const { model, spec } = loadModel(dir, { fast: false });
-    const bf16 = loadModel(path.join(packageRoot(), 'test', 'fixtures', 'qwen2_moe'), { fast: false });
     try {
       assert.equal(spec.quantization?.method, 'compressed-tensors');
       const f = `int${bits}`;
       assert.deepEqual(held(model), [`expert ${f}/${f}`, `shared ${f}/${f}`], 'experts and shared experts held as codes');
       // Attention and the dense MLP hold codes too: the dense bytes are well under bf16's.
-      const ours = model.residentWeightBytes, theirs = bf16.model.residentWeightBytes;
-      t.diagnostic(`resident bytes: experts ${ours.experts} vs bf16 ${theirs.experts}, dense ${ours.dense} vs ${theirs.dense}`);
-      assert.ok(ours.experts <= (bits === 8 ? 0.6 : 0.35) * theirs.experts, `experts ${ours.experts} B vs bf16 ${theirs.experts} B`);
-      // Dense bytes include the bf16 embeddings-sized lm_head (1024 x 64) and the routers, which stay.
-      assert.ok(ours.dense < theirs.dense - (bits === 8 ? 20_000 : 30_000), `dense ${ours.dense} B vs bf16 ${theirs.dense} B`);
-
-      const golden = goldenOf(dir);
-      const worst = checkGolden(model, golden);
-      t.diagnostic(`logits max-abs difference from transformers: ${worst}`);
-      // f32 rounding: golden.json's f64_logits_max_abs_diff is ~1.8e-5 (HF f32 vs f64 on the same weights).
-      assert.ok(worst <= 1e-4, `logits max-abs difference ${worst}`);
+      checkIntCheckpoint(t, model, goldenOf(dir), bits === 8 ? 0.6 : 0.35, bits === 8 ? 20_000 : 30_000);
     } finally {
       model.dispose();
-      bf16.model.dispose();
     }
   });
 }
@@ -218,25 +196,10 @@ test('fast mode: teacher-forced top-1 agreement with transformers on the dequant
   }
 });
 
-test('int8 and int4 experts through the expert cache (a quarter, engine thread) equal them all-resident, bit for bit', async () => {
-  for (const dir of [W8, W4]) {
-    const want = forcedLogits(loadModel(dir, { fast: false }).model, dir);
-    const loaded = loadModel(dir, { fast: false, loadExpert: skipAllExperts });
-    const off = attachOffloader(loaded, { policy: 'lru', fraction: 0.25 });
-    try {
-      const bf16Bytes = 3 * loaded.spec.hidden * loaded.spec.moe.intermediate * 2;
-      assert.ok(off.store.slotBytes < bf16Bytes * 0.7, `slot ${off.store.slotBytes} bytes vs bf16 ${bf16Bytes}`);
-      assert.ok(off.stats().slots < off.stats().totalExperts / 2, `${off.stats().slots} slots`);
-      forcedLogits(loaded.model, dir).forEach((l, i) => assert.deepEqual(l, want[i], `${path.basename(dir)} position ${i}`));
-      assert.ok((off.store as unknown as { loads: number }).loads > 0, 'the cache loaded experts');
-      const fmt = dir === W8 ? 'int8' : 'int4';
-      assert.ok(held(loaded.model).every((h) => !h.startsWith('expert') || h === `expert ${fmt}/${fmt}`), 'cached experts held as codes');
-    } finally {
-      await off.close();
-      off.dispose();
-      loaded.model.dispose();
-    }
-  }
+// The int4 checkpoint over 2 expert ranks too (each rank loads its experts' codes).
+test('int8 and int4 experts through the expert cache (a quarter, engine thread) and int4 over 2 expert ranks equal them all-resident, bit for bit', async () => {
+  for (const [dir, f] of [[W8, 'int8'], [W4, 'int4']] as const)
+    await checkCachedAndRanked(dir, goldenOf(dir), `expert ${f}/${f}`, { ranks: dir === W4, slotRatio: 0.7 });
 });
 
 test('--quantize int8 over the int4 checkpoint re-quantizes its experts from the exact dequantised values, resident and cached alike', async () => {
@@ -268,22 +231,6 @@ test('--quantize int8 over the int4 checkpoint re-quantizes its experts from the
     }
   } finally {
     rmSync(tmp, { recursive: true, force: true });
-  }
-});
-
-test('an int4 checkpoint over 2 expert ranks equals it on one, bit for bit', async () => {
-  const want = forcedLogits(loadModel(W4, { fast: false }).model, W4);
-  const ranks = startExpertRanks(W4, 2, false, 60_000);
-  try {
-    await ranks.ready;
-    const loaded = loadModel(W4, { fast: false, comm: ranks.comm, loadExpert: (_l, e) => ranks.comm.ownsExpert(e) });
-    try {
-      forcedLogits(loaded.model, W4).forEach((l, i) => assert.deepEqual(l, want[i], `position ${i}`));
-    } finally {
-      loaded.model.dispose();
-    }
-  } finally {
-    await ranks.stop();
   }
 });
 
@@ -379,7 +326,6 @@ test('unsupported compressed-tensors configs are refused naming the field and va
     [(q) => { q.config_groups.group_0.format = 'float-quantized'; }, /\. config_groups\.group_0\.format "float-quantized" \(FP8 weights: a checkpoint reads them when every config group is float-quantized\)/],
     [(q) => { q.format = 'nvfp4-pack-quantized'; }, /\. format "nvfp4-pack-quantized" \(NVFP4/],
     [(q) => { q.format = 'marlin-24'; }, /\. format "marlin-24" \(2:4 sparse/],
-    [w((x) => { x.symmetric = false; }), /\. config_groups\.group_0\.weights\.symmetric false: asymmetric weights \(weight_zero_point\) are not read/],
     [w((x) => { x.actorder = 'group'; }), /\.weights\.actorder "group": activation-ordered groups \(weight_g_idx\) are not read/],
     [w((x) => { x.actorder = 'weight'; }), /\.weights\.actorder "weight"/],
     [w((x) => { x.group_size = 48; }), /\.weights\.group_size 48: int4 groups are held as groups of 32 or 128 columns, so a group must be a multiple of 32/],
@@ -457,12 +403,16 @@ function variant(tmp: string, name: string, extra: TensorToWrite[], edit?: (q: R
   return out;
 }
 
-test('stored zero points or g_idx, and a group size the scales do not show, are refused naming the tensor', () => {
+test('zero points of the wrong shape, a stored g_idx, and a group size the scales do not show, are refused naming the tensor', () => {
   const tmp = mkdtempSync(path.join(os.tmpdir(), 'expertd-ct-'));
   try {
     const e0 = 'model.layers.0.mlp.experts.0.gate_proj.weight';
-    const zp = variant(tmp, 'zp', [{ name: `${e0}_zero_point`, dtype: 'I32', shape: [4, 2], data: new Uint8Array(32) }]);
-    assert.throws(() => loadModel(zp, { fast: false }), new RegExp(`tensor ${e0.replace(/\./g, '\\.')}_zero_point is present: asymmetric or activation-ordered weights are not read`));
+    // Zero points are read (symmetric false: test/awq.test.ts serves such a checkpoint); packed along the
+    // 32 rows they are [4, 2].
+    const zp = variant(tmp, 'zp', [{ name: `${e0}_zero_point`, dtype: 'I32', shape: [5, 2], data: new Uint8Array(40) }]);
+    assert.throws(() => loadModel(zp, { fast: false }), new RegExp(`${e0.replace(/\./g, '\\.')}_zero_point is I32 \\[5, 2\\], expected I8 \\[32, 2\\] or I32 \\[4, 2\\]`));
+    const gi = variant(tmp, 'gidx', [{ name: `${e0}_g_idx`, dtype: 'I32', shape: [64], data: new Uint8Array(256) }]);
+    assert.throws(() => loadModel(gi, { fast: false }), new RegExp(`tensor ${e0.replace(/\./g, '\\.')}_g_idx is present: activation-ordered weights are not read`));
     const g128 = variant(tmp, 'g128', [], (q) => { q.config_groups.group_0.weights.group_size = 128; });
     assert.throws(() => loadModel(g128, { fast: false }), /_scale has 2 scale\(s\) per row of 64 4-bit values: not groups of 128/);
   } finally {

@@ -386,8 +386,8 @@ test('fp8 block quantisation is accepted and recorded; other quantisation is ref
   const q = { quant_method: 'fp8', fmt: 'e4m3', activation_scheme: 'dynamic', weight_block_size: [128, 128] };
   assert.deepEqual(parseModelConfig({ ...deepseekV3(), quantization_config: q }).quantization,
     { method: 'fp8', blockSize: [128, 128] });
-  assert.throws(() => parseModelConfig({ ...deepseekV3(), quantization_config: { quant_method: 'awq', bits: 4 } }),
-    (e: Error) => e instanceof ConfigError && /quantization_config .*"awq".* is not supported; supported: quant_method "fp8"/.test(e.message));
+  assert.throws(() => parseModelConfig({ ...deepseekV3(), quantization_config: { quant_method: 'awq', bits: 4, version: 'gemv' } }),
+    (e: Error) => e instanceof ConfigError && /quantization_config .*"awq".* is not supported; supported for AWQ: .*version "gemv": only the GEMM packing/.test(e.message));
   // Non-128 blocks with an even width are read (ragged edges exact; test/fp8-checkpoint.test.ts).
   assert.deepEqual(parseModelConfig({ ...deepseekV3(), quantization_config: { ...q, weight_block_size: [24, 24] } }).quantization,
     { method: 'fp8', blockSize: [24, 24] });
@@ -405,7 +405,6 @@ test('fp8 block quantisation is accepted and recorded; other quantisation is ref
 test('each refused quantization_config says which field and value, and what to do', () => {
   const fp8 = { quant_method: 'fp8', fmt: 'e4m3', activation_scheme: 'dynamic', weight_block_size: [128, 128] };
   const cases: Array<[unknown, RegExp]> = [
-    [{ quant_method: 'awq', bits: 4, group_size: 128, zero_point: true }, /\. quant_method "awq" \(AutoAWQ: 4-bit weights with zero points, packed for its own kernels\): serve the bf16 original, with --quantize int8\|int4\|fp8/],
     [{ quant_method: 'bitsandbytes', load_in_4bit: true }, /\. quant_method "bitsandbytes" \(bitsandbytes: LLM\.int8 \/ NF4 \/ FP4/],
     [{ quant_method: 'hqq' }, /\. quant_method "hqq" is not a method expertd knows: serve the bf16 original/],
     [{ bits: 4 }, /\. It names no quant_method\.$/],

@@ -4,7 +4,8 @@
 // the logits match HF transformers run on the dequantised weights, and equal the checkpoint decoded here
 // independently of the loader and served as f32; through the expert cache and over expert ranks they equal
 // the all-resident model bit for bit; on the device engine's emulator the experts hold the stored codes.
-// Zero points, act-order, other bit widths and packings are refused by name.
+// Zero points (sym false) are read (test/awq.test.ts serves such a checkpoint); act-order, other bit widths
+// and packings are refused by name.
 import assert from 'node:assert/strict';
 import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
@@ -16,41 +17,18 @@ import { gptqIntWeight, parseGptq, type GptqConfig } from '../src/model/gptq.js'
 import { f32ToBf16 } from '../src/model/kv-dtype.js';
 import { describeCheckpointQuant, loadCudaModel, loadModel } from '../src/model/load.js';
 import type { MoeModel } from '../src/model/model.js';
-import { readSafetensorsHeader, writeSafetensors, type TensorToWrite } from '../src/model/safetensors.js';
-import { startExpertRanks } from '../src/dist/expert-ranks.js';
+import { writeSafetensors, type TensorToWrite } from '../src/model/safetensors.js';
 import { loadNative, packageRoot, type PackedWeight } from '../src/native/index.js';
-import { attachOffloader, skipAllExperts } from '../src/offload/setup.js';
-import { argmax, checkGolden, DirectRunner, heldFormats as held, maxAbsDiff, type Golden } from './helpers/model-runner.js';
+import { goldenForcedLogits, heldFormats as held, maxAbsDiff, type Golden } from './helpers/model-runner.js';
 import { assertDeviceCacheMatches, assertMatchesIntDequant, INT_DEVICE_BACKENDS } from './helpers/device-dequant.js';
-import { writeCheckpointCopy } from './helpers/checkpoint-copy.js';
+import { checkAgainstDecoded, checkCachedAndRanked, checkIntCheckpoint } from './helpers/int-checkpoint.js';
+import { i32, storedTensors, writeCheckpointCopy } from './helpers/checkpoint-copy.js';
 
 const DIR = path.join(packageRoot(), 'test', 'fixtures-quant', 'qwen2_moe_gptq');
 
 const golden = JSON.parse(readFileSync(path.join(DIR, 'golden.json'), 'utf8')) as Golden;
 
-/** Every golden case's prompt + greedy tokens, teacher-forced: logits per position. */
-function forcedLogits(model: MoeModel): Float32Array[] {
-  const V = model.spec.vocabSize;
-  const logits: Float32Array[] = [];
-  for (const c of golden.cases) {
-    const ids = [...c.prompt_ids, ...c.greedy];
-    const runner = new DirectRunner(model);
-    const res = runner.step([runner.newSeq()], [ids], true);
-    for (let p = 0; p < ids.length; p++) logits.push(res.logits.slice(p * V, (p + 1) * V));
-  }
-  return logits;
-}
-
-/** The fixture's tensors as stored. */
-function storedTensors(dir: string): TensorToWrite[] {
-  const file = path.join(dir, 'model.safetensors');
-  const header = readSafetensorsHeader(file);
-  const bytes = readFileSync(file);
-  return header.tensors.map((t) => ({ name: t.name, dtype: t.dtype, shape: t.shape,
-    data: Uint8Array.from(bytes.subarray(header.dataStart + t.begin, header.dataStart + t.end)) }));
-}
-
-const i32 = (t: TensorToWrite) => new Int32Array(t.data.buffer, t.data.byteOffset, t.data.byteLength / 4);
+const forcedLogits = (model: MoeModel) => goldenForcedLogits(model, golden);
 
 /**
  * AutoGPTQ's dequantisation written out here (not gptq.ts): w[n, k] = (q - (qzero + 1)) * scale[g_idx[k], n]
@@ -97,21 +75,13 @@ function decodedCopy(out: string, decode: RegExp, keepConfig: boolean, dtype: 'F
 
 test('GPTQ int4: weights kept as codes, logits, routing and greedy tokens match transformers on the dequantised weights', (t) => {
   const { model, spec } = loadModel(DIR, { fast: false });
-  const bf16 = loadModel(path.join(packageRoot(), 'test', 'fixtures', 'qwen2_moe'), { fast: false });
   try {
-    assert.deepEqual(spec.quantization, { method: 'gptq', bits: 4, groupSize: 64, checkpointFormat: 'gptq', schemes: { bits: [4], groupSizes: [64] } });
+    assert.deepEqual(spec.quantization, { method: 'gptq', packing: 'gptq', bits: 4, groupSize: 64, checkpointFormat: 'gptq', schemes: { bits: [4], groupSizes: [64] } });
     assert.equal(describeCheckpointQuant(spec), ' GPTQ int4 g64 (gptq)');
     assert.deepEqual(held(model), ['expert int4/int4', 'shared int4/int4']);
-    const ours = model.residentWeightBytes, theirs = bf16.model.residentWeightBytes;
-    t.diagnostic(`resident bytes: experts ${ours.experts} vs bf16 ${theirs.experts}, dense ${ours.dense} vs ${theirs.dense}`);
-    assert.ok(ours.experts <= 0.35 * theirs.experts, `experts ${ours.experts} B vs bf16 ${theirs.experts} B`);
-    assert.ok(ours.dense < theirs.dense - 30_000, `dense ${ours.dense} B vs bf16 ${theirs.dense} B (attention held as codes)`);
-    const worst = checkGolden(model, golden);
-    t.diagnostic(`logits max-abs difference from transformers: ${worst}`);
-    assert.ok(worst <= 1e-4, `logits max-abs difference ${worst}`);
+    checkIntCheckpoint(t, model, golden, 0.35, 30_000);
   } finally {
     model.dispose();
-    bf16.model.dispose();
   }
 });
 
@@ -120,63 +90,15 @@ test('GPTQ int4 equals its weights decoded independently and served as f32 (refe
   try {
     const ref = path.join(tmp, 'ref');
     decodedCopy(ref, /./, false);
-    const a = loadModel(DIR, { fast: false }).model, b = loadModel(ref, { fast: false }).model;
-    try {
-      assert.deepEqual(held(b), ['expert null/null', 'shared null/null']);
-      const worst = maxAbsDiff(forcedLogits(a), forcedLogits(b));
-      assert.ok(worst <= 1e-5, `logits max-abs difference ${worst}`);
-    } finally {
-      a.dispose();
-      b.dispose();
-    }
     // Fast mode (int8 activations against the int4 codes): the compressed-tensors W4A16 floor.
-    const { model } = loadModel(DIR, { fast: true });
-    try {
-      const V = model.spec.vocabSize;
-      let agree = 0, n = 0;
-      for (const c of golden.cases) {
-        const runner = new DirectRunner(model);
-        const res = runner.step([runner.newSeq()], [c.prompt_ids], true);
-        for (let p = 0; p < c.prompt_ids.length; p++, n++)
-          if (argmax(res.logits.subarray(p * V, (p + 1) * V)) === argmax(Float32Array.from(c.logits[p]!))) agree++;
-      }
-      t.diagnostic(`fast: top-1 ${agree}/${n}`);
-      assert.ok(agree / n >= 0.55, `fast: top-1 ${agree}/${n}`);
-    } finally {
-      model.dispose();
-    }
+    checkAgainstDecoded(t, DIR, ref, golden, 1e-5, 0.55);
   } finally {
     rmSync(tmp, { recursive: true, force: true });
   }
 });
 
 test('GPTQ int4 experts through the expert cache (a quarter) and over 2 expert ranks equal them all-resident, bit for bit', async () => {
-  const want = forcedLogits(loadModel(DIR, { fast: false }).model);
-  const loaded = loadModel(DIR, { fast: false, loadExpert: skipAllExperts });
-  const off = attachOffloader(loaded, { policy: 'lru', fraction: 0.25 });
-  try {
-    const bf16Bytes = 3 * loaded.spec.hidden * loaded.spec.moe.intermediate * 2;
-    assert.ok(off.store.slotBytes < bf16Bytes * 0.4, `slot ${off.store.slotBytes} bytes vs bf16 ${bf16Bytes}`);
-    forcedLogits(loaded.model).forEach((l, i) => assert.deepEqual(l, want[i], `cached, position ${i}`));
-    assert.ok((off.store as unknown as { loads: number }).loads > 0, 'the cache loaded experts');
-    assert.ok(held(loaded.model).every((h) => !h.startsWith('expert') || h === 'expert int4/int4'), 'cached experts held as codes');
-  } finally {
-    await off.close();
-    off.dispose();
-    loaded.model.dispose();
-  }
-  const ranks = startExpertRanks(DIR, 2, false, 60_000);
-  try {
-    await ranks.ready;
-    const ep = loadModel(DIR, { fast: false, comm: ranks.comm, loadExpert: (_l, e) => ranks.comm.ownsExpert(e) });
-    try {
-      forcedLogits(ep.model).forEach((l, i) => assert.deepEqual(l, want[i], `2 ranks, position ${i}`));
-    } finally {
-      ep.model.dispose();
-    }
-  } finally {
-    await ranks.stop();
-  }
+  await checkCachedAndRanked(DIR, golden, 'expert int4/int4');
 });
 
 // The compressed-tensors W8A8 fixture's codes and scales written in GPTQ's int8 layout (4 values + 128 per
@@ -320,16 +242,29 @@ test('gptqIntWeight: int8 per channel, int4 per channel / g128 / g96 and gptq_v2
         const want = (q[k * rows + n]! - half) * scales[Math.floor(k / g) * rows + n]!;
         assert.equal(w.codes[n * cols + k]! * w.scales[n * perRow + Math.floor(k / hg)]!, want, `bits ${bits} g ${gs} (${n}, ${k})`);
       }
-    // An asymmetric zero point, an act-order g_idx and a wrong qzeros shape are refused naming the tensor.
-    const asym = qzeros.slice();
-    asym[0] = (asym[0]! & ~((1 << bits) - 1)) | (stored + 1);
+    assert.equal(w.zeros, undefined, 'symmetric zeros: no zero points held');
     const parts = (over: Partial<Parameters<typeof gptqIntWeight>[1]>) => ({
       qweight: { dtype: 'I32', shape: [cols / per, rows], data: qweight },
       qzeros: { dtype: 'I32', shape: [groups, zw], data: qzeros },
       scales: { dtype: 'F16', shape: [groups, rows], data: scales }, gIdx: null, ...over,
     });
-    assert.throws(() => gptqIntWeight('m.x.weight', parts({ qzeros: { dtype: 'I32', shape: [groups, zw], data: asym } }), cfg, fail),
-      new RegExp(`^Error: m\\.x\\.qzeros holds zero point ${half + 1} at group 0, output 0: asymmetric weights are not read`));
+    // Zero points other than the symmetric one (sym false): every (q - zero) * scale read exactly, the zeros
+    // spread with the scales over the held groups.
+    const zero = Array.from({ length: groups * rows }, () => Math.floor(rnd() * 2 * half)); // [group, out] as they are
+    const asym = new Int32Array(groups * zw);
+    for (let i = 0; i < groups; i++)
+      for (let n = 0; n < rows; n++) asym[i * zw + Math.floor(n / per)]! |= ((zero[i * rows + n]! - (fmt === 'gptq' ? 1 : 0)) & ((1 << bits) - 1)) << (bits * (n % per));
+    const z = gptqIntWeight('m.x.weight', parts({ qzeros: { dtype: 'I32', shape: [groups, zw], data: asym } }), cfg, fail);
+    assert.ok(z.zeros, 'zero points held');
+    for (let n = 0; n < rows; n++)
+      for (let k = 0; k < cols; k++) {
+        const i = Math.floor(k / g);
+        // v1 stores zero - 1 in `bits` bits: a zero of 0 reads back as 2^bits, as AutoGPTQ computes it.
+        const zv = fmt === 'gptq' && zero[i * rows + n] === 0 ? 1 << bits : zero[i * rows + n]!;
+        const want = (q[k * rows + n]! - zv) * scales[i * rows + n]!;
+        const at = n * perRow + Math.floor(k / hg);
+        assert.equal((z.codes[n * cols + k]! - z.zeros[at]!) * z.scales[at]!, want, `asym bits ${bits} g ${gs} (${n}, ${k})`);
+      }
     const perm = Int32Array.from({ length: cols }, (_, k) => Math.floor((cols - 1 - k) / g));
     if (groups > 1)
       assert.throws(() => gptqIntWeight('m.x.weight', parts({ gIdx: { dtype: 'I32', shape: [cols], data: perm } }), cfg, fail),
@@ -347,7 +282,6 @@ test('unsupported GPTQ configs are refused naming the field and value', () => {
     [{ group_size: 48 }, /\. group_size 48: int4 groups are held as groups of 32 or 128 columns, so a GPTQ group must be a multiple of 32\./],
     [{ group_size: 0 }, /\. group_size 0: expected -1/],
     [{ bits: 8, group_size: 128 }, /\. group_size 128 with bits 8: int8 weights are read with one scale per output channel/],
-    [{ sym: false }, /\. sym false: asymmetric weights \(a zero point per group\) are not read/],
     [{ desc_act: true }, /\. desc_act true: activation-ordered groups \(g_idx\) are not read/],
     [{ is_marlin_format: true }, /\. is_marlin_format true: Marlin-packed weights are not read/],
     [{ checkpoint_format: 'marlin' }, /\. checkpoint_format "marlin": expertd reads the "gptq" and "gptq_v2" packings/],
@@ -363,9 +297,7 @@ test('unsupported GPTQ configs are refused naming the field and value', () => {
   // channel, gptq_v2.
   const spec = (edit: Record<string, unknown>) => parseModelConfig({ ...base, quantization_config: { ...base.quantization_config, ...edit } } as never).quantization as GptqConfig;
   for (const gs of [128, 256, -1, 64, 96]) assert.deepEqual(spec({ group_size: gs }).schemes, { bits: [4], groupSizes: [gs] });
-  assert.deepEqual(spec({ bits: 8, group_size: -1, checkpoint_format: 'gptq_v2' }), { method: 'gptq', bits: 8, groupSize: -1, checkpointFormat: 'gptq_v2', schemes: { bits: [8], groupSizes: [] } });
-  // awq stays refused with its own reason.
-  assert.throws(() => parseModelConfig({ ...base, quantization_config: { quant_method: 'awq', bits: 4 } } as never), /quant_method "awq" \(AutoAWQ/);
+  assert.deepEqual(spec({ bits: 8, group_size: -1, checkpoint_format: 'gptq_v2', sym: false }), { method: 'gptq', packing: 'gptq', bits: 8, groupSize: -1, checkpointFormat: 'gptq_v2', schemes: { bits: [8], groupSizes: [] } });
 });
 
 test('a GPTQ checkpoint whose qweight disagrees with the config, or lacks its qzeros, is refused naming the tensor', () => {
@@ -404,7 +336,7 @@ test('older AutoGPTQ checkpoints: quantize_config.json beside config.json is rea
       writeFileSync(path.join(out, 'config.json'), JSON.stringify(config));
       if (sidecar) writeFileSync(path.join(out, 'quantize_config.json'), JSON.stringify(qc));
       if (!sidecar) {
-        assert.throws(() => loadModel(out, { fast: false }), /\.qweight is present: a GPTQ checkpoint, but config\.json has no quantization_config with quant_method "gptq"/);
+        assert.throws(() => loadModel(out, { fast: false }), /\.qweight is present: a GPTQ or AWQ checkpoint, but config\.json has no quantization_config with quant_method "gptq" or "awq"/);
         continue;
       }
       assert.equal(parseModelConfig(out).quantization?.method, 'gptq');

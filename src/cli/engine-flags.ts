@@ -10,7 +10,7 @@ export const modelFlags: FlagSpec[] = [
   { name: 'expert-placement', type: 'string', default: '', arg: 'FILE',
     help: 'With --expert-parallel N, or rank processes with --dist-moe expert (N = every rank of the group): which rank holds which routed experts, a JSON file listing each rank\'s expert ids, e.g. [[0,2,4,6],[1,3,5,7]] (empty = contiguous slices, sizes differing by at most one)' },
   { name: 'compute-dtype', type: 'string', choices: ['auto', 'f32', 'bf16'], default: 'auto',
-    help: 'Activation precision: f32 is the reference mode, bf16 the fast mode (int8 activations for int8/int4 weights); auto = bf16 where the CPU has bf16 dot products or the weights are quantized (--quantize, FP8/MXFP4/compressed-tensors/GPTQ checkpoints), else f32' },
+    help: 'Activation precision: f32 is the reference mode, bf16 the fast mode (int8 activations for int8/int4 weights); auto = bf16 where the CPU has bf16 dot products or the weights are quantized (--quantize, FP8/MXFP4/compressed-tensors/GPTQ/AWQ checkpoints), else f32' },
   { name: 'quantize', type: 'string', choices: ['none', 'int8', 'int4', 'fp8'], default: 'none',
     help: 'Quantize the routed experts at load and keep them so: int8 (one scale per output row), int4 (groups of --quantize-group), fp8 e4m3 (128x128 block scales); the kernels read them directly, activations stay in the compute dtype (CPU and device engines, with the expert cache and expert parallelism)' },
   { name: 'quantize-group', type: 'int', min: 1, max: 1 << 20, default: 32, arg: 'N',

@@ -1,5 +1,6 @@
 // compressed-tensors checkpoints (llm-compressor, what vLLM's users produce): the quantization_config
-// schemes expertd reads (int8 W8A8 per output channel, int4 W4A16 per channel or in groups of a multiple of 32, symmetric;
+// schemes expertd reads (int8 W8A8 per output channel, int4 W4A16 per channel or in groups of a multiple of 32, symmetric
+// or with zero points (symmetric false: weight_zero_point);
 // FP8 e4m3 weights per output channel, per tensor or in blocks) and the stored tensors of one quantized
 // integer Linear turned into codes and scales for packInt. Anything else is refused naming the field
 // and value.
@@ -43,7 +44,7 @@ const OTHER_FORMATS: Record<string, string> = {
 const TOP_FIELDS = ['quant_method', 'format', 'config_groups', 'ignore', 'quantization_status', 'kv_cache_scheme',
   'global_compression_ratio', 'sparsity_config', 'transform_config', 'version'];
 const SUPPORTED = 'supported for compressed-tensors: format "int-quantized", "naive-quantized" or "pack-quantized" with ' +
-  'weights {type "int", symmetric, num_bits 8 strategy "channel" | num_bits 4 strategy "group" group_size a multiple of 32 or "channel"} ' +
+  'weights {type "int", symmetric true or false, num_bits 8 strategy "channel" | num_bits 4 strategy "group" group_size a multiple of 32 or "channel"} ' +
   'and input_activations null or dynamic int8 per token; format "float-quantized" with weights {type "float", ' +
   'num_bits 8, symmetric, strategy "channel" | "tensor" | "block" with block_structure [rows, cols]} and ' +
   'input_activations null or dynamic';
@@ -102,8 +103,6 @@ function checkGroup(name: string, g: unknown, format: string, refuse: (why: stri
   const type = w.type ?? 'int';
   if (type !== 'int')
     throw refuse(`${wa}.type ${JSON.stringify(type)}: expertd reads integer weights (FP8 checkpoints: quant_method "fp8").`);
-  if (w.symmetric === false)
-    throw refuse(`${wa}.symmetric false: asymmetric weights (weight_zero_point) are not read; expertd's int8/int4 formats are symmetric.`);
   if (w.dynamic === true || w.dynamic === 'local') throw refuse(`${wa}.dynamic ${JSON.stringify(w.dynamic)}: weights must carry their scales.`);
   const act = w.actorder ?? null;
   if (act !== null && act !== false && act !== 'static')
@@ -189,6 +188,11 @@ export interface CompressedParts {
   scale: { dtype: string; shape: number[]; data: Float32Array };
   /** `.weight_shape` [rows, cols] (pack-quantized). */
   shape: [number, number] | null;
+  /**
+   * `.weight_zero_point` (symmetric false): I32 [ceil(rows / per-word), groups] packed along rows
+   * (pack-quantized, values + 2^(bits-1)), or I8 [rows, groups] as they are; absent: symmetric.
+   */
+  zeroPoint?: { dtype: string; shape: number[]; data: Int8Array | Int32Array } | null;
 }
 
 /** The schemes a config declares: weight bit widths and int4 group sizes (to read tensors whose
@@ -236,17 +240,41 @@ export function intWeightOf(name: string, p: CompressedParts, schemes: { bits: n
   if (s.shape.length !== 2 || s.shape[0] !== rows || !(s.shape[1]! >= 1))
     throw fail(`${name}_scale has shape [${s.shape.join(', ')}], expected [${rows}, 1] or [${rows}, groups]`);
   const nScale = s.shape[1]!;
+  const zeros = p.zeroPoint ? zeroPointsOf(name, p.zeroPoint, rows, nScale, bits, fail) : undefined;
   if (bits === 8) {
     if (nScale !== 1)
       throw fail(`${name}_scale has ${nScale} scales per row: expertd reads int8 weights with one scale per output channel`);
-    return { bits, codes, scales: s.data, rows, cols, group: 0 };  // int8 keeps f32 scales (one per row)
+    return { bits, codes, scales: s.data, rows, cols, group: 0, ...(zeros ? { zeros } : {}) };  // int8 keeps f32 scales (one per row)
   }
   // Group g covers columns [g * size, (g + 1) * size); the last one may be ragged. -1: per channel.
   const sizes = schemes.groupSizes.length ? schemes.groupSizes : [32, 128];
   const group = sizes.find((gs) => (gs === -1 ? 1 : Math.ceil(cols / gs)) === nScale);
   if (group === undefined)
     throw fail(`${name}_scale has ${nScale} scale(s) per row of ${cols} 4-bit values: not ${sizes.map((g) => (g === -1 ? 'one per row' : `groups of ${g}`)).join(' or ')}`);
-  return { bits, codes, ...regroupScales(s.data, rows, cols, group), rows, cols, scaleDtype: scaleDtypeOf(s.dtype) };
+  return { bits, codes, ...regroupScales(s.data, rows, cols, group, zeros), rows, cols, scaleDtype: scaleDtypeOf(s.dtype) };
+}
+
+/**
+ * `X.weight_zero_point` as signed zero points [rows, groups] (value = (code - zero) * scale), or undefined when
+ * every one is 0 (a symmetric weight stored with its zeros).
+ */
+function zeroPointsOf(name: string, zp: NonNullable<CompressedParts['zeroPoint']>, rows: number, groups: number, bits: 4 | 8,
+                      fail: (msg: string) => Error): Int8Array | undefined {
+  let zeros: Int8Array;
+  const per = 32 / bits;
+  if (zp.dtype === 'I8' && zp.shape.length === 2 && zp.shape[0] === rows && zp.shape[1] === groups) {
+    zeros = zp.data as Int8Array;
+  } else if (zp.dtype === 'I32' && zp.shape.length === 2 && zp.shape[0] === Math.ceil(rows / per) && zp.shape[1] === groups) {
+    // Packed along the rows: word [j, g] holds rows per * j + i in field i, each + 2^(bits-1).
+    const words = zp.data as Int32Array, mask = (1 << bits) - 1, offset = 1 << (bits - 1);
+    zeros = new Int8Array(rows * groups);
+    for (let r = 0; r < rows; r++)
+      for (let g = 0; g < groups; g++) zeros[r * groups + g] = ((words[Math.floor(r / per) * groups + g]! >>> (bits * (r % per))) & mask) - offset;
+  } else {
+    throw fail(`${name}_zero_point is ${zp.dtype} [${zp.shape.join(', ')}], expected I8 [${rows}, ${groups}] or I32 ` +
+      `[${Math.ceil(rows / per)}, ${groups}] (packed along the rows)`);
+  }
+  return zeros.some((z) => z !== 0) ? zeros : undefined;
 }
 
 /** The int4 group (32 or 128) expertd holds a stored group of `gs` columns in (-1: per channel): 128 where it divides. */
@@ -259,14 +287,17 @@ export function heldInt4Group(gs: number): number {
  * groups of heldInt4Group(gs) columns: each held group lies inside one stored group and takes its scale,
  * so code * scale is the same number everywhere.
  */
-export function regroupScales(scales: Float32Array, rows: number, cols: number, gs: number): { scales: Float32Array; group: number } {
+export function regroupScales(scales: Float32Array, rows: number, cols: number, gs: number,
+                              zeros?: Int8Array): { scales: Float32Array; group: number; zeros?: Int8Array } {
   const hg = heldInt4Group(gs);
-  if (gs === hg) return { scales, group: hg };
+  if (gs === hg) return { scales, group: hg, ...(zeros ? { zeros } : {}) };
   const stored = gs === -1 ? 1 : Math.ceil(cols / gs), held = Math.ceil(cols / hg), span = gs === -1 ? cols : gs;
-  const out = new Float32Array(rows * held);
-  for (let r = 0; r < rows; r++)
-    for (let j = 0; j < held; j++) out[r * held + j] = scales[r * stored + Math.floor((j * hg) / span)]!;
-  return { scales: out, group: hg };
+  const spread = <T extends Float32Array | Int8Array>(v: T, out: T): T => {
+    for (let r = 0; r < rows; r++)
+      for (let j = 0; j < held; j++) out[r * held + j] = v[r * stored + Math.floor((j * hg) / span)]!;
+    return out;
+  };
+  return { scales: spread(scales, new Float32Array(rows * held)), group: hg, ...(zeros ? { zeros: spread(zeros, new Int8Array(rows * held)) } : {}) };
 }
 
 /** A stored scale tensor's dtype as a weight can hold it (its values are exact there). */
@@ -289,11 +320,14 @@ export function unpackInt32(packed: Int32Array, rows: number, cols: number, word
   return out;
 }
 
-/** The f32 values code * scale (exact for bf16 scales) of an int weight [rows, cols]. */
+/** The f32 values (code - zero) * scale (exact for bf16 scales) of an int weight [rows, cols]. */
 export function dequantInt(w: IntWeight): Float32Array {
   const out = new Float32Array(w.rows * w.cols);
   const g = w.group === 0 ? w.cols : w.group, per = Math.ceil(w.cols / g);
   for (let r = 0; r < w.rows; r++)
-    for (let c = 0; c < w.cols; c++) out[r * w.cols + c] = Math.fround(w.codes[r * w.cols + c]! * w.scales[r * per + Math.floor(c / g)]!);
+    for (let c = 0; c < w.cols; c++) {
+      const at = r * per + Math.floor(c / g);
+      out[r * w.cols + c] = Math.fround((w.codes[r * w.cols + c]! - (w.zeros?.[at] ?? 0)) * w.scales[at]!);
+    }
   return out;
 }

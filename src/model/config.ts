@@ -14,7 +14,7 @@ import type {
 import { fp8ScaleSuffix } from './spec.js';
 import { singleSharedExpert } from './moe-tensors.js';
 import { parseCompressedTensors } from './compressed-tensors.js';
-import { gptqShape, parseGptq } from './gptq.js';
+import { gptqLayoutNote, gptqShape, parseAwq, parseGptq } from './gptq.js';
 
 export class ConfigError extends Error {
   readonly code = 'E_CONFIG';
@@ -142,6 +142,10 @@ export function parseModelConfig(source: string | Raw, options: ParseOptions = {
     const gptqFile = path.join(path.dirname(file), 'quantize_config.json');
     if (raw.quantization_config == null && fs.existsSync(gptqFile))
       raw = { ...raw, quantization_config: { quant_method: 'gptq', ...readJson(gptqFile) } };
+    // AutoAWQ's own save_quantized writes quant_config.json (w_bit, q_group_size, zero_point, version).
+    const awqFile = path.join(path.dirname(file), 'quant_config.json');
+    if (raw.quantization_config == null && fs.existsSync(awqFile))
+      raw = { ...raw, quantization_config: { quant_method: 'awq', ...readJson(awqFile) } };
     const genFile = path.join(path.dirname(file), 'generation_config.json');
     if (gen === null && fs.existsSync(genFile)) gen = readJson(genFile);
   } else {
@@ -216,7 +220,6 @@ function buildSpec(rawIn: Raw, gen: Raw | null): ModelSpec {
 
 // Quantization methods expertd does not read, and what to do instead (the refusal says it).
 const OTHER_QUANT_METHODS: Record<string, string> = {
-  awq: 'AutoAWQ: 4-bit weights with zero points, packed for its own kernels',
   bitsandbytes: 'bitsandbytes: LLM.int8 / NF4 / FP4 quantized at load by its own kernels',
 };
 
@@ -261,6 +264,7 @@ function parseQuantization(raw: Raw, mt: string): ModelSpec['quantization'] {
   if (method === 'mxfp4') return parseMxfp4(q, mt);
   if (method === 'compressed-tensors') return parseCompressedTensors(q, mt, (msg) => new ConfigError(msg));
   if (method === 'gptq') return parseGptq(q, mt, (msg) => new ConfigError(msg));
+  if (method === 'awq') return parseAwq(q, mt, (msg) => new ConfigError(msg));
   if (method === undefined) throw refuse('It names no quant_method.');
   if (method !== 'fp8') {
     const known = typeof method === 'string' ? OTHER_QUANT_METHODS[method] : undefined;
@@ -977,14 +981,15 @@ export function validateCheckpoint(spec: ModelSpec, ckpt: TensorShapes): Checkpo
       for (const part of ['_scale', '_shape']) if (!ckpt.tensors.has(`${t.name}${part}`)) missing.push(`${t.name}${part}`);
       continue;
     }
-    // GPTQ: X.qweight [in / per-word, out] I32 with X.qzeros and X.scales (X.g_idx optional).
+    // GPTQ: X.qweight [in / per-word, out] I32 with X.qzeros and X.scales (X.g_idx optional); AWQ: X.qweight
+    // [in, out / 8], the same companions.
     const base = t.name.replace(/\.weight$/, '');
     if (!got && gptq && ckpt.tensors.has(`${base}.qweight`)) {
       const qw = ckpt.tensors.get(`${base}.qweight`)!;
       const [rows, cols] = gptqShape(gptq, qw.shape);
       if (qw.dtype !== 'I32' || qw.shape.length !== 2 || rows !== t.shape[0] || cols !== t.shape[1])
-        shapeErrors.push(`${base}.qweight is ${qw.dtype} [${qw.shape.join(', ')}], the config implies I32 ` +
-          `[${(t.shape[1] ?? 0) / (32 / gptq.bits)}, ${t.shape[0]}] (${gptq.bits}-bit values packed along the input)`);
+        shapeErrors.push(`${base}.qweight is ${qw.dtype} [${qw.shape.join(', ')}], the config implies ` +
+          gptqLayoutNote(gptq, t.shape[0] ?? 0, t.shape[1] ?? 0));
       for (const part of ['qzeros', 'scales']) if (!ckpt.tensors.has(`${base}.${part}`)) missing.push(`${base}.${part}`);
       continue;
     }
@@ -1055,8 +1060,8 @@ export function validateCheckpoint(spec: ModelSpec, ckpt: TensorShapes): Checkpo
     // Quantized tensors the config does not declare: say which quantization they look like.
     const hint = missing.find((n) => ckpt.tensors.has(n.replace(/\.weight$/, '.qweight')));
     if (hint && !gptq)
-      parts.push(`${hint.replace(/\.weight$/, '.qweight')} is present: a GPTQ checkpoint, but config.json has no quantization_config ` +
-        'with quant_method "gptq" (nor is there a quantize_config.json beside it)');
+      parts.push(`${hint.replace(/\.weight$/, '.qweight')} is present: a GPTQ or AWQ checkpoint, but config.json has no quantization_config ` +
+        'with quant_method "gptq" or "awq" (nor is there a quantize_config.json beside it)');
     const packed = missing.find((n) => ckpt.tensors.has(`${n}_packed`));
     if (packed && !ct)
       parts.push(`${packed}_packed is present: a compressed-tensors checkpoint, but config.json has no quantization_config ` +

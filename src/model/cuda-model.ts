@@ -246,7 +246,8 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     const name = prefix.replace(/\.$/, '');
     const q = this.dev.denseQuant;
     const [gi, ui, di] = q ? [null, null, null] : ['gate_proj', 'up_proj', 'down_proj'].map((p) => src.getInt?.(`${prefix}${p}.weight`) ?? null);
-    if (gi && ui && di) {
+    // With zero points (the device's int kernels are symmetric) the FFN takes the bf16 path below.
+    if (gi && ui && di && !gi.zeros && !ui.zeros && !di.zeros) {
       const iq = intDeviceQuant(gi);
       if (!deviceQuantError(iq, this.spec.hidden, inter)) {
         const w = this.uploadInt(iq, ['gate_proj', 'up_proj', 'down_proj'].map((p) => `${prefix}${p}.weight`), gi, ui, di, inter);

@@ -228,12 +228,19 @@ export function quantizedExpert(q: DeviceQuant, ex: () => ExpertSource, fp8: Fp8
 /** An FP8 checkpoint's expert (moe-tensors' expertFp8). */
 export interface Fp8Expert { gate: Fp8Weight; up: Fp8Weight; down: Fp8Weight }
 
+/** Why the device's int kernels cannot take a weight with zero points, and what to do instead. */
+export const ZERO_POINTS_ON_DEVICE = 'int weights with zero points (AWQ, GPTQ sym false, compressed-tensors symmetric false) ' +
+  'are not read by the device engine\'s int kernels, which are symmetric; serve this checkpoint on the CPU engine, or on the ' +
+  'device with --quantize int4 (its values re-quantized at load)';
+
 /**
  * A compressed-tensors int8 / int4 weight kept as its codes and scales (gate_up: gate's rows then
- * up's). q must be the weight's format and group (int8: one scale per row).
+ * up's). q must be the weight's format and group (int8: one scale per row). Symmetric only.
  */
 export function intMatrix(q: DeviceQuant, gate: IntWeight, up: IntWeight | null): Uint8Array {
   const want = gate.bits === 8 ? 'int8' : 'int4';
+  if (gate.zeros || up?.zeros)
+    throw new RangeError(ZERO_POINTS_ON_DEVICE);
   if (q.format !== want || (want === 'int4' && gate.group !== q.group) || (up && (up.bits !== gate.bits || up.group !== gate.group)))
     throw new RangeError(`an int${gate.bits} weight${gate.group ? ` in groups of ${gate.group}` : ''} does not fit the table's ` +
       `${q.format}${q.group ? ` group ${q.group}` : ''} layout`);

@@ -1,22 +1,28 @@
 // GPTQ checkpoints (AutoGPTQ / GPTQModel, `quantization_config.quant_method: "gptq"`; what Qwen ships as
-// its -GPTQ-Int4 MoE checkpoints): symmetric int4 in groups (or int8 per output channel), read as
-// expertd's own int4 / int8 codes and scales, exactly. A quantized Linear X is stored as
+// its -GPTQ-Int4 MoE checkpoints): int4 in groups (or int8 per output channel), read as expertd's own
+// int4 / int8 codes, scales and zero points, exactly. A quantized Linear X is stored as
 //   X.qweight I32 [in / (32 / bits), out]: `bits`-bit unsigned values packed along in, the lowest k lowest;
 //   X.qzeros  I32 [groups, out / (32 / bits)]: zero points packed along out (checkpoint_format "gptq",
 //             the default: each stored as zero - 1, AutoGPTQ's convention; "gptq_v2": as they are);
 //   X.scales  F16 [groups, out]; X.g_idx I32 [in] (optional): the group of each input column;
-// value[out, k] = (q[k, out] - zero[group(k), out]) * scale[group(k), out]. Symmetric checkpoints hold
-// every zero at 2^(bits - 1), so the value is code * scale with code = q - 2^(bits - 1) in -8..7 (int4),
-// expertd's int4 format; a group of any multiple of 32 columns is held as groups of 128 (or 32) with its
-// scale repeated, the same numbers. Anything else (zero points, act-order, other bit widths, Marlin
-// packing) is refused naming the field or tensor.
+// value[out, k] = (q[k, out] - zero[group(k), out]) * scale[group(k), out]. expertd holds code = q -
+// 2^(bits - 1) (-8..7 for int4) and, unless every zero is 2^(bits - 1) (sym true), the zero points less
+// 2^(bits - 1) beside the scales (sym false): value = (code - zero) * scale. A group of any multiple of
+// 32 columns is held as groups of 128 (or 32) with its scale and zero repeated, the same numbers.
+// Act-order, other bit widths and Marlin packing are refused naming the field or tensor.
 import { regroupScales, scaleDtypeOf } from './compressed-tensors.js';
 import type { IntWeight } from './tensor-source.js';
 
 type Raw = Record<string, unknown>;
 
+/**
+ * A GPTQ-family checkpoint: GPTQ itself, or AWQ (AutoAWQ's GEMM packing, `quant_method: "awq"`), which
+ * stores the same three tensors per Linear in another packing (packing 'awq', see awqIntWeight).
+ */
 export interface GptqConfig {
   method: 'gptq';
+  /** How qweight / qzeros hold the values: GPTQ's or AWQ's. */
+  packing: 'gptq' | 'awq';
   bits: 4 | 8;
   /** Columns per scale as stored; -1: one scale per output channel. */
   groupSize: number;
@@ -27,7 +33,7 @@ export interface GptqConfig {
 }
 
 const SUPPORTED = 'supported for GPTQ: bits 4 with group_size -1 or a multiple of 32, or bits 8 with group_size -1; ' +
-  'sym true, desc_act false, checkpoint_format "gptq" or "gptq_v2"';
+  'sym true or false, desc_act false, checkpoint_format "gptq" or "gptq_v2"';
 
 /**
  * quantization_config with quant_method "gptq" -> what the loader needs, or an error (made by `fail`)
@@ -45,8 +51,6 @@ export function parseGptq(q: Raw, mt: string, fail: (msg: string) => Error): Gpt
     throw refuse(`group_size ${gs} with bits 8: int8 weights are read with one scale per output channel (group_size -1).`);
   if (bits === 4 && gs !== -1 && (gs as number) % 32 !== 0)
     throw refuse(`group_size ${gs}: int4 groups are held as groups of 32 or 128 columns, so a GPTQ group must be a multiple of 32.`);
-  if (q.sym === false)
-    throw refuse('sym false: asymmetric weights (a zero point per group) are not read; expertd\'s int4 / int8 formats are symmetric.');
   if (q.desc_act === true)
     throw refuse('desc_act true: activation-ordered groups (g_idx) are not read; requantize with desc_act false ' +
       '(or serve the bf16 original with --quantize int4).');
@@ -58,10 +62,40 @@ export function parseGptq(q: Raw, mt: string, fail: (msg: string) => Error): Gpt
   if (dyn != null && !(typeof dyn === 'object' && Object.keys(dyn).length === 0))
     throw refuse('dynamic (per-module bits / group_size overrides) is not read: one scheme per checkpoint.');
   return {
-    method: 'gptq', bits, groupSize: gs as number, checkpointFormat: fmt,
+    method: 'gptq', packing: 'gptq', bits, groupSize: gs as number, checkpointFormat: fmt,
     schemes: { bits: [bits], groupSizes: bits === 4 ? [gs as number] : [] },
   };
 }
+
+const AWQ_SUPPORTED = 'supported for AWQ: bits 4, group_size -1 or a multiple of 32, version "gemm" (or "exllama" / "ipex", ' +
+  'which load the same packing), zero_point true or false';
+
+/**
+ * quantization_config with quant_method "awq" (AutoAWQ; also the older `w_bit` / `q_group_size` names)
+ * -> the loader's config, or an error (made by `fail`) naming the field at fault. Linears named in
+ * modules_to_not_convert are stored unquantized (X.weight) and read so, as any Linear without X.qweight.
+ */
+export function parseAwq(q: Raw, mt: string, fail: (msg: string) => Error): GptqConfig {
+  const refuse = (why: string) => fail(`${mt} config quantization_config ${JSON.stringify(q)} is not supported; ${AWQ_SUPPORTED}. ${why}`);
+  const bits = q.bits ?? q.w_bit;
+  if (bits !== 4) throw refuse(`bits ${JSON.stringify(bits)}: AWQ checkpoints expertd reads are 4-bit.`);
+  const gs = q.group_size ?? q.q_group_size ?? 128;
+  if (!Number.isInteger(gs) || (gs !== -1 && ((gs as number) <= 0 || (gs as number) % 32 !== 0)))
+    throw refuse(`group_size ${JSON.stringify(gs)}: int4 groups are held as groups of 32 or 128 columns, so an AWQ group must be -1 or a multiple of 32.`);
+  const version = String(q.version ?? 'gemm').toLowerCase();
+  if (version !== 'gemm' && version !== 'exllama' && version !== 'ipex')
+    throw refuse(`version ${JSON.stringify(q.version)}: only the GEMM packing (qweight [in, out / 8]) is read; ${version === 'gemv' || version === 'gemv_fast'
+      ? 'GEMV checkpoints pack along the input' : 'that packing is its own kernel\'s'}.`);
+  const backend = q.backend ?? 'autoawq';
+  if (backend !== 'autoawq') throw refuse(`backend ${JSON.stringify(backend)}: only AutoAWQ's packing is read.`);
+  return {
+    method: 'gptq', packing: 'awq', bits: 4, groupSize: gs as number, checkpointFormat: 'gptq_v2',
+    schemes: { bits: [4], groupSizes: [gs as number] },
+  };
+}
+
+/** Output column of nibble i of an AWQ word (AutoAWQ packs columns 0, 2, 4, 6, 1, 3, 5, 7 of 8). */
+const AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7];
 
 /** One GPTQ Linear's stored tensors (scales widened to f32; their stored dtype beside). */
 export interface GptqParts {
@@ -72,17 +106,26 @@ export interface GptqParts {
   gIdx: { dtype: string; shape: number[]; data: Int32Array } | null;
 }
 
-/** [out, in] of a GPTQ Linear from its qweight's shape [in / per-word, out]. */
+/** [out, in] of a GPTQ Linear from its qweight's shape [in / per-word, out] (AWQ: [in, out / per-word]). */
 export function gptqShape(cfg: GptqConfig, qweightShape: number[]): [number, number] {
+  if (cfg.packing === 'awq') return [(qweightShape[1] ?? 0) * (32 / cfg.bits), qweightShape[0] ?? 0];
   return [qweightShape[1] ?? 0, (qweightShape[0] ?? 0) * (32 / cfg.bits)];
+}
+
+/** What a qweight of this packing looks like, for shape errors. */
+export function gptqLayoutNote(cfg: GptqConfig, rows: number, cols: number): string {
+  const per = 32 / cfg.bits;
+  return cfg.packing === 'awq' ? `I32 [${cols}, ${rows / per}] (4-bit values packed along the output, AWQ's order)`
+    : `I32 [${cols / per}, ${rows}] (${cfg.bits}-bit values packed along the input)`;
 }
 
 /**
  * One GPTQ Linear (`name` = its logical `X.weight`) as codes and scales in expertd's int layout
- * ([out, in] codes, [out, groups] scales); throws (made by `fail`) naming the tensor when its shapes
- * disagree, its zero points are not the symmetric ones, or its g_idx is not the plain group order.
+ * ([out, in] codes, [out, groups] scales and zero points); throws (made by `fail`) naming the tensor when
+ * its shapes disagree or its g_idx is not the plain group order.
  */
 export function gptqIntWeight(name: string, p: GptqParts, cfg: GptqConfig, fail: (msg: string) => Error): IntWeight {
+  if (cfg.packing === 'awq') return awqIntWeight(name, p, cfg, fail);
   const base = name.replace(/\.weight$/, '');
   const bits = cfg.bits, per = 32 / bits, mask = (1 << bits) - 1, half = 1 << (bits - 1);
   for (const [part, t] of [['qweight', p.qweight], ['qzeros', p.qzeros]] as const)
@@ -95,17 +138,21 @@ export function gptqIntWeight(name: string, p: GptqParts, cfg: GptqConfig, fail:
     throw fail(`${base}.qzeros has shape [${p.qzeros.shape.join(', ')}], expected [${groups}, ${zw}] for ${cols} inputs in groups of ${gs}`);
   if (p.scales.shape.length !== 2 || p.scales.shape[0] !== groups || p.scales.shape[1] !== rows)
     throw fail(`${base}.scales has shape [${p.scales.shape.join(', ')}], expected [${groups}, ${rows}]`);
-  // Every zero point must be the symmetric one (v1 stores it minus one).
-  const stored = cfg.checkpointFormat === 'gptq' ? half - 1 : half;
-  const zeros = p.qzeros.data;
+  // Zero points [out, groups] less the symmetric one (v1 stores each minus one): absent when every one is
+  // symmetric (the usual sym true checkpoint), so the weight stays a symmetric one.
+  const plus = cfg.checkpointFormat === 'gptq' ? 1 : 0;
+  const qz = p.qzeros.data;
+  let zeros: Int8Array | undefined;
   for (let g = 0; g < groups; g++) {
     for (let w = 0; w < zw; w++) {
-      let word = zeros[g * zw + w]!;
+      let word = qz[g * zw + w]!;
       const n = Math.min(per, rows - w * per);
       for (let j = 0; j < n; j++, word >>>= bits) {
-        if ((word & mask) !== stored)
-          throw fail(`${base}.qzeros holds zero point ${(word & mask) + (stored === half ? 0 : 1)} at group ${g}, output ${w * per + j}: ` +
-            `asymmetric weights are not read (a symmetric ${bits}-bit GPTQ checkpoint holds ${half} everywhere)`);
+        const z = (word & mask) + plus - half;
+        if (z === 0) continue;
+        if (z > 127)
+          throw fail(`${base}.qzeros holds zero point ${z + half} at group ${g}, output ${w * per + j}: above the ${bits}-bit range`);
+        (zeros ??= new Int8Array(rows * groups))[(w * per + j) * groups + g] = z;
       }
     }
   }
@@ -133,11 +180,50 @@ export function gptqIntWeight(name: string, p: GptqParts, cfg: GptqConfig, fail:
   if (bits === 8) {
     const scales = new Float32Array(rows);
     scales.set(p.scales.data.subarray(0, rows));
-    return { bits, codes, scales, rows, cols, group: 0 };
+    return { bits, codes, scales, rows, cols, group: 0, ...(zeros ? { zeros } : {}) };
   }
   // Scales [groups, out] -> [out, groups], then held as groups of 32 / 128 (regroupScales).
   const t = new Float32Array(rows * groups);
   for (let g = 0; g < groups; g++)
     for (let r = 0; r < rows; r++) t[r * groups + g] = p.scales.data[g * rows + r]!;
-  return { bits, codes, ...regroupScales(t, rows, cols, cfg.groupSize), rows, cols, scaleDtype: sd };
+  return { bits, codes, ...regroupScales(t, rows, cols, cfg.groupSize, zeros), rows, cols, scaleDtype: sd };
+}
+
+/**
+ * One AWQ Linear (AutoAWQ's GEMM packing) as codes, scales and zero points in expertd's int4 layout:
+ *   X.qweight I32 [in, out / 8]: 4-bit values packed along out, nibble i of word j holding output
+ *             8 j + AWQ_ORDER[i];
+ *   X.qzeros  I32 [groups, out / 8]: the zero points, packed the same way;
+ *   X.scales  F16 [groups, out];
+ * value[out, k] = (q[k, out] - zero[group(k), out]) * scale[group(k), out], held as code = q - 8 and
+ * zero - 8 (absent when every zero is 8).
+ */
+export function awqIntWeight(name: string, p: GptqParts, cfg: GptqConfig, fail: (msg: string) => Error): IntWeight {
+  const base = name.replace(/\.weight$/, '');
+  for (const [part, t] of [['qweight', p.qweight], ['qzeros', p.qzeros]] as const)
+    if (t.dtype !== 'I32' || t.shape.length !== 2) throw fail(`${base}.${part} is ${t.dtype} [${t.shape.join(', ')}], expected I32 [rows, cols]`);
+  if (p.gIdx) throw fail(`${base}.g_idx is present: AWQ checkpoints have no g_idx (is this a GPTQ checkpoint?)`);
+  const [rows, cols] = gptqShape(cfg, p.qweight.shape);
+  const gs = cfg.groupSize === -1 ? cols : cfg.groupSize;
+  const groups = Math.ceil(cols / gs), words = rows / 8;
+  if (p.qzeros.shape[0] !== groups || p.qzeros.shape[1] !== words)
+    throw fail(`${base}.qzeros has shape [${p.qzeros.shape.join(', ')}], expected [${groups}, ${words}] for ${cols} inputs in groups of ${gs}`);
+  if (p.scales.shape.length !== 2 || p.scales.shape[0] !== groups || p.scales.shape[1] !== rows)
+    throw fail(`${base}.scales has shape [${p.scales.shape.join(', ')}], expected [${groups}, ${rows}]`);
+  // Unpacks [n, words] words into [n][rows] values less 8: out[i * rows + (8 w + AWQ_ORDER[j])].
+  const unpack = (data: Int32Array, n: number, put: (i: number, r: number, v: number) => void) => {
+    for (let i = 0; i < n; i++)
+      for (let w = 0; w < words; w++) {
+        let word = data[i * words + w]!;
+        for (let j = 0; j < 8; j++, word >>>= 4) put(i, 8 * w + AWQ_ORDER[j]!, (word & 15) - 8);
+      }
+  };
+  const codes = new Int8Array(rows * cols);
+  unpack(p.qweight.data, cols, (k, r, v) => { codes[r * cols + k] = v; });
+  let zeros: Int8Array | undefined;
+  unpack(p.qzeros.data, groups, (g, r, v) => { if (v !== 0) (zeros ??= new Int8Array(rows * groups))[r * groups + g] = v; });
+  const t = new Float32Array(rows * groups);
+  for (let g = 0; g < groups; g++)
+    for (let r = 0; r < rows; r++) t[r * groups + g] = p.scales.data[g * rows + r]!;
+  return { bits: 4, codes, ...regroupScales(t, rows, cols, cfg.groupSize, zeros), rows, cols, scaleDtype: scaleDtypeOf(p.scales.dtype) };
 }

@@ -193,7 +193,8 @@ export function describeCheckpointQuant(spec: ModelSpec): string {
     return ` FP8 e4m3 (${q.blockSize.join('x')} blocks, weight${fp8ScaleSuffix(q)})`;
   if (q.method === 'mxfp4') return ' MXFP4 experts';
   if (q.method === 'gptq')
-    return ` GPTQ int${q.bits} ${q.groupSize === -1 ? 'per channel' : `g${q.groupSize}`} (${q.checkpointFormat})`;
+    return ` ${q.packing === 'awq' ? 'AWQ' : 'GPTQ'} int${q.bits} ${q.groupSize === -1 ? 'per channel' : `g${q.groupSize}`}` +
+      (q.packing === 'awq' ? ' (GEMM packing)' : ` (${q.checkpointFormat})`);
   const bits = q.schemes.bits.map((b) => `int${b}`).join('/');
   return ` compressed-tensors ${q.format} ${bits}${q.schemes.groupSizes.length ? ` ${q.schemes.groupSizes.map((g) => (g === -1 ? 'per channel' : `g${g}`)).join('/')}` : ''}`;
 }

@@ -51,14 +51,15 @@ export function denseQuantize(q: QuantizeSpec | null | undefined): QuantizeSpec 
  * (gate_up: each half), k to even then to the group.
  */
 export function quantizedBytes(q: QuantizeSpec, n: number, k: number, gateUp: boolean,
-                               scaleDtype: DType = q.format === 'int4' ? 'bf16' : 'f32'): number {
+                               scaleDtype: DType = q.format === 'int4' ? 'bf16' : 'f32', zeros = false): number {
   const up16 = (v: number) => Math.ceil(v / 16) * 16;
   const np = gateUp ? 2 * up16(n / 2) : up16(n);
   const kEven = Math.ceil(k / 2) * 2;
   const group = q.group === 0 ? kEven : q.group;
   const kp = Math.ceil(kEven / group) * group;
   const bits = q.format === 'int4' ? 4 : 8;
-  return np * kp * bits / 8 + np * (kp / group) * (scaleDtype === 'f32' ? 4 : 2);
+  // Zero points (AWQ, asymmetric GPTQ): one byte per row and group beside the scale.
+  return np * kp * bits / 8 + np * (kp / group) * ((scaleDtype === 'f32' ? 4 : 2) + (zeros ? 1 : 0));
 }
 
 /** The spec for the LM head: q with --quantize-lm-head, else null. */

@@ -200,5 +200,5 @@ export function intCodeQuant(q: ModelSpec['quantization']): IntCodeQuantization 
 
 /** How messages name an int-code checkpoint's method. */
 export function intCodeMethodName(q: IntCodeQuantization): string {
-  return q.method === 'gptq' ? 'GPTQ' : 'compressed-tensors';
+  return q.method === 'gptq' ? (q.packing === 'awq' ? 'AWQ' : 'GPTQ') : 'compressed-tensors';
 }

@@ -25,6 +25,11 @@ export interface IntWeight {
    * memory (bf16 / f16: half the bytes of f32). Absent: f32.
    */
   scaleDtype?: ScaleDtype;
+  /**
+   * Zero points (AWQ, GPTQ sym false, compressed-tensors symmetric false), laid out as the scales:
+   * value = (code - zero) * scale. Absent: symmetric, value = code * scale.
+   */
+  zeros?: Int8Array;
 }
 
 /** How a quantized weight holds its scales. */

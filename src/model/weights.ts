@@ -77,8 +77,18 @@ export function intScaleDtype(w: IntWeight, up: IntWeight | null = null): ScaleD
 
 /** int8 / int4 codes kept as such (with `up`: a gate_up weight of 2 * rows). */
 export function packIntWeight(w: IntWeight, up: IntWeight | null = null): PackedWeight {
+  const z = intZeros(w, up);
   return loadNative().packInt(w.codes, w.scales, w.rows, w.cols, w.bits === 8 ? 'int8' : 'int4', w.group,
-    up?.codes ?? null, up?.scales ?? null, intScaleDtype(w, up));
+    up?.codes ?? null, up?.scales ?? null, intScaleDtype(w, up), z.zeros, z.upZeros);
+}
+
+/**
+ * The zero points of w (and up, packed with it) as the native packers take them: both null when
+ * neither has any, else each its own (a symmetric half gets zeros of 0).
+ */
+export function intZeros(w: IntWeight, up: IntWeight | null = null): { zeros: Int8Array | null; upZeros: Int8Array | null } {
+  if (!w.zeros && !up?.zeros) return { zeros: null, upZeros: null };
+  return { zeros: w.zeros ?? new Int8Array(w.scales.length), upZeros: up ? up.zeros ?? new Int8Array(up.scales.length) : null };
 }
 
 /** Packs a Linear weight [n, k] (quantized in `quantize`'s format when given: --quantize-dense). */
@@ -117,15 +127,18 @@ export function packStacked(src: TensorSource, names: string[], rows: number[], 
     const total = rows.reduce((a, b) => a + b, 0);
     const codes = new Int8Array(total * k);
     const scales = new Float32Array(ints.reduce((a, w) => a + w!.scales.length, 0));
+    // Zero points when any part has them (the symmetric parts' are 0).
+    const zeros = ints.some((w) => w!.zeros) ? new Int8Array(scales.length) : undefined;
     let co = 0, so = 0;
     for (const w of ints) {
       codes.set(w!.codes, co);
       scales.set(w!.scales, so);
+      if (zeros && w!.zeros) zeros.set(w!.zeros, so);
       co += w!.codes.length;
       so += w!.scales.length;
     }
     const scaleDtype = ints.every((w) => w!.scaleDtype === first.scaleDtype) ? first.scaleDtype : 'f32';
-    return packIntWeight({ ...first, codes, scales, rows: total, scaleDtype });
+    return packIntWeight({ ...first, codes, scales, rows: total, scaleDtype, zeros });
   }
   // FP8 parts stay FP8 when all of them are (else, as any mix of dtypes, their values are widened).
   const fp8 = names.map((name) => fp8Weight(src, name, quantize));

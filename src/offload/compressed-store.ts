@@ -1,6 +1,6 @@
-// The expert cache's slow tier for int-code checkpoints (compressed-tensors and GPTQ int8 / int4 experts):
-// an expert's stored codes (`X.weight` I8 or `X.weight_packed` I32; GPTQ's `X.qweight` with its qzeros
-// and g_idx) and scales are read from the checkpoint file
+// The expert cache's slow tier for int-code checkpoints (compressed-tensors, GPTQ and AWQ int8 / int4 experts):
+// an expert's stored codes (`X.weight` I8 or `X.weight_packed` I32, with `X.weight_zero_point` where stored;
+// GPTQ's and AWQ's `X.qweight` with its qzeros and g_idx) and scales are read from the checkpoint file
 // with real I/O (pread) and packed into its slot as int8 / int4, so a slot costs what the resident
 // expert costs (about 1 or 0.5 bytes per weight plus scales). Loads run on the engine thread (the
 // native copy thread reads bf16/f16/f32 and FP8 experts only).
@@ -11,7 +11,7 @@ import { CheckpointError, gptqName, type Checkpoint, type TensorInfo } from '../
 import type { ModelSpec } from '../model/spec.js';
 import type { IntWeight } from '../model/tensor-source.js';
 import { quantizedBytes, type QuantizeSpec } from '../model/quantize.js';
-import { intScaleDtype } from '../model/weights.js';
+import { intScaleDtype, intZeros } from '../model/weights.js';
 import { EngineThreadExpertStore, packRequantized } from './engine-thread-store.js';
 import { expertTensorPrefix, moeLayerIndices, type SlotWeights } from './expert-store.js';
 
@@ -70,7 +70,8 @@ export class CompressedExpertStore extends EngineThreadExpertStore<IntRanges[]> 
       const c = checkpoint.getTensor(packed ? `${name}_packed` : name);
       if (c.dtype !== 'I8' && c.dtype !== 'I32') throw new CheckpointError(`expert offloading of a compressed-tensors checkpoint: ${c.name} is ${c.dtype}, expected I8 or I32`, c.file);
       const shape = packed ? checkpoint.weightShape(name) as [number, number] : null;
-      return { name, parts: { codes: part(c), scale: scalePart(checkpoint.getTensor(`${name}_scale`)) }, shape };
+      const zp = checkpoint.has(`${name}_zero_point`) ? part(checkpoint.getTensor(`${name}_zero_point`)) : null;
+      return { name, parts: { codes: part(c), scale: scalePart(checkpoint.getTensor(`${name}_scale`)), zero_point: zp }, shape };
     };
     this.ranges = moeLayerIndices(spec).map((li) => {
       const p = `model.layers.${li}.${names.block}experts.`;
@@ -84,8 +85,8 @@ export class CompressedExpertStore extends EngineThreadExpertStore<IntRanges[]> 
     const downQ: QuantizeSpec = probe ? { format: probe[2].bits === 8 ? 'int8' : 'int4', group: probe[2].group } : own;
     this.slotBytes = quantize
       ? quantizedBytes(quantize, 2 * I, H, true) + quantizedBytes(quantize, H, I, false)
-      : quantizedBytes(own, 2 * I, H, true, probe ? intScaleDtype(probe[0], probe[1]) : 'f32') +
-        quantizedBytes(downQ, H, I, false, probe ? intScaleDtype(probe[2]) : 'f32');
+      : quantizedBytes(own, 2 * I, H, true, probe ? intScaleDtype(probe[0], probe[1]) : 'f32', !!(probe?.[0].zeros || probe?.[1].zeros)) +
+        quantizedBytes(downQ, H, I, false, probe ? intScaleDtype(probe[2]) : 'f32', !!probe?.[2].zeros);
   }
 
   protected get where(): string {
@@ -131,6 +132,7 @@ export class CompressedExpertStore extends EngineThreadExpertStore<IntRanges[]> 
       }
       return intWeightOf(m.name, {
         codes: got.codes as CompressedParts['codes'], scale: got.scale as CompressedParts['scale'], shape: m.shape,
+        zeroPoint: (got.zero_point ?? null) as CompressedParts['zeroPoint'],
       }, this.checkpoint.options.compressed ?? { bits: [4, 8], groupSizes: [] }, fail);
     });
     this.readSeconds += (performance.now() - t0) / 1000;
@@ -148,10 +150,12 @@ export class CompressedExpertStore extends EngineThreadExpertStore<IntRanges[]> 
       return;
     }
     const fmt = (w: IntWeight) => (w.bits === 8 ? 'int8' : 'int4');
-    if (slot.gateUp) n.repackIntInto(slot.gateUp, gate.codes, gate.scales, up.codes, up.scales);
-    else slot.gateUp = n.packInt(gate.codes, gate.scales, I, H, fmt(gate), gate.group, up.codes, up.scales, intScaleDtype(gate, up));
-    if (slot.down) n.repackIntInto(slot.down, down.codes, down.scales);
-    else slot.down = n.packInt(down.codes, down.scales, H, I, fmt(down), down.group, null, null, intScaleDtype(down));
+    const gz = intZeros(gate, up), dz = intZeros(down);
+    if (slot.gateUp) n.repackIntInto(slot.gateUp, gate.codes, gate.scales, up.codes, up.scales, gz.zeros, gz.upZeros);
+    else slot.gateUp = n.packInt(gate.codes, gate.scales, I, H, fmt(gate), gate.group, up.codes, up.scales, intScaleDtype(gate, up),
+      gz.zeros, gz.upZeros);
+    if (slot.down) n.repackIntInto(slot.down, down.codes, down.scales, null, null, dz.zeros);
+    else slot.down = n.packInt(down.codes, down.scales, H, I, fmt(down), down.group, null, null, intScaleDtype(down), dz.zeros);
   }
 
 }

@@ -3,7 +3,19 @@
 import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 
-import { writeSafetensors, type TensorToWrite } from '../../src/model/safetensors.js';
+import { readSafetensorsHeader, writeSafetensors, type TensorToWrite } from '../../src/model/safetensors.js';
+
+/** A fixture checkpoint's tensors as stored (its one model.safetensors). */
+export function storedTensors(dir: string): TensorToWrite[] {
+  const file = path.join(dir, 'model.safetensors');
+  const header = readSafetensorsHeader(file);
+  const bytes = readFileSync(file);
+  return header.tensors.map((t) => ({ name: t.name, dtype: t.dtype, shape: t.shape,
+    data: Uint8Array.from(bytes.subarray(header.dataStart + t.begin, header.dataStart + t.end)) }));
+}
+
+/** A stored I32 tensor's values. */
+export const i32 = (t: TensorToWrite) => new Int32Array(t.data.buffer, t.data.byteOffset, t.data.byteLength / 4);
 
 /**
  * `out` = `tensors` + `src`'s config.json (its quantization_config kept when `quant` is true, dropped when

@@ -201,6 +201,19 @@ export function checkGolden<C>(model: ForwardModel<C>, golden: Golden): number {
   return worst;
 }
 
+/** Every golden case's prompt + greedy tokens through the model, teacher-forced: logits per position. */
+export function goldenForcedLogits<C>(model: ForwardModel<C>, golden: Golden): Float32Array[] {
+  const V = model.spec.vocabSize;
+  const logits: Float32Array[] = [];
+  for (const c of golden.cases) {
+    const ids = [...c.prompt_ids, ...c.greedy];
+    const runner = new DirectRunner(model);
+    const res = runner.step([runner.newSeq()], [ids], true);
+    for (let p = 0; p < ids.length; p++) logits.push(res.logits.slice(p * V, (p + 1) * V));
+  }
+  return logits;
+}
+
 /** The largest |got - want| over rows of logits (teacher-forced positions). */
 export function maxAbsDiff(got: Float32Array[], want: Float32Array[]): number {
   assert.equal(got.length, want.length, 'as many rows');

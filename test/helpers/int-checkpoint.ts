@@ -1,0 +1,110 @@
+// Checks shared by the int-code checkpoint tests (compressed-tensors, GPTQ, AWQ; each a qwen2_moe fixture
+// in test/fixtures-quant with HF goldens on its dequantised weights).
+import assert from 'node:assert/strict';
+import path from 'node:path';
+import type { TestContext } from 'node:test';
+
+import { startExpertRanks } from '../../src/dist/expert-ranks.js';
+import { loadModel } from '../../src/model/load.js';
+import type { MoeModel } from '../../src/model/model.js';
+import { packageRoot } from '../../src/native/index.js';
+import { attachOffloader, skipAllExperts } from '../../src/offload/setup.js';
+import { argmax, checkGolden, DirectRunner, goldenForcedLogits, heldFormats, maxAbsDiff, type Golden } from './model-runner.js';
+
+/**
+ * The loaded checkpoint against the bf16 qwen2_moe fixture and its goldens: its experts hold at most
+ * `expertRatio` of bf16's bytes and its dense weights `denseSaved` bytes fewer (attention held as codes);
+ * routing and greedy tokens equal HF's and the logits are within 1e-4 (f32 rounding: golden.json's
+ * f64_logits_max_abs_diff is ~2e-5).
+ */
+export function checkIntCheckpoint(t: TestContext, model: MoeModel, golden: Golden, expertRatio: number, denseSaved: number): void {
+  const bf16 = loadModel(path.join(packageRoot(), 'test', 'fixtures', 'qwen2_moe'), { fast: false });
+  try {
+    const ours = model.residentWeightBytes, theirs = bf16.model.residentWeightBytes;
+    t.diagnostic(`resident bytes: experts ${ours.experts} vs bf16 ${theirs.experts}, dense ${ours.dense} vs ${theirs.dense}`);
+    assert.ok(ours.experts <= expertRatio * theirs.experts, `experts ${ours.experts} B vs bf16 ${theirs.experts} B`);
+    // Dense bytes include the bf16 lm_head and the routers, which stay.
+    assert.ok(ours.dense < theirs.dense - denseSaved, `dense ${ours.dense} B vs bf16 ${theirs.dense} B`);
+  } finally {
+    bf16.model.dispose();
+  }
+  const worst = checkGolden(model, golden);
+  t.diagnostic(`logits max-abs difference from transformers: ${worst}`);
+  assert.ok(worst <= 1e-4, `logits max-abs difference ${worst}`);
+}
+
+/**
+ * The checkpoint at `dir` equals `ref` (its quantized weights decoded by the test and written as f32) in the
+ * reference mode, teacher-forced logits within `tol`; fast mode's top-1 agrees with the goldens at `floor`.
+ */
+export function checkAgainstDecoded(t: TestContext, dir: string, ref: string, golden: Golden, tol: number, floor: number): void {
+  const a = loadModel(dir, { fast: false }).model, b = loadModel(ref, { fast: false }).model;
+  try {
+    assert.deepEqual(heldFormats(b), ['expert null/null', 'shared null/null']);
+    const worst = maxAbsDiff(goldenForcedLogits(a, golden), goldenForcedLogits(b, golden));
+    t.diagnostic(`against the f32 values: ${worst}`);
+    assert.ok(worst <= tol, `logits max-abs difference ${worst}`);
+  } finally {
+    a.dispose();
+    b.dispose();
+  }
+  checkFastTop1(t, dir, golden, floor);
+}
+
+/** Fast mode's teacher-forced top-1 agreement with the goldens over each case's prompt, at least `floor`. */
+export function checkFastTop1(t: TestContext, dir: string, golden: Golden, floor: number): void {
+  const { model } = loadModel(dir, { fast: true });
+  try {
+    const V = model.spec.vocabSize;
+    let agree = 0, n = 0;
+    for (const c of golden.cases) {
+      const runner = new DirectRunner(model);
+      const res = runner.step([runner.newSeq()], [c.prompt_ids], true);
+      for (let p = 0; p < c.prompt_ids.length; p++, n++)
+        if (argmax(res.logits.subarray(p * V, (p + 1) * V)) === argmax(Float32Array.from(c.logits[p]!))) agree++;
+    }
+    t.diagnostic(`fast: top-1 ${agree}/${n}`);
+    assert.ok(agree / n >= floor, `fast: top-1 ${agree}/${n}`);
+  } finally {
+    model.dispose();
+  }
+}
+
+/**
+ * The checkpoint's experts through the expert cache (a quarter of them, fewer slots than half the experts;
+ * each slot under `slotRatio` of a bf16 expert's bytes, held as `heldExpert`) and, unless `ranks` is false,
+ * over 2 expert ranks: the teacher-forced logits equal the all-resident model's bit for bit.
+ */
+export async function checkCachedAndRanked(dir: string, golden: Golden, heldExpert: string,
+                                           { ranks = true, slotRatio = 0.4 } = {}): Promise<void> {
+  const resident = loadModel(dir, { fast: false }).model;
+  const want = goldenForcedLogits(resident, golden);
+  resident.dispose();
+  const loaded = loadModel(dir, { fast: false, loadExpert: skipAllExperts });
+  const off = attachOffloader(loaded, { policy: 'lru', fraction: 0.25 });
+  try {
+    const bf16Bytes = 3 * loaded.spec.hidden * loaded.spec.moe.intermediate * 2;
+    assert.ok(off.store.slotBytes < bf16Bytes * slotRatio, `slot ${off.store.slotBytes} bytes vs bf16 ${bf16Bytes}`);
+    assert.ok(off.stats().slots < off.stats().totalExperts / 2, `${off.stats().slots} slots`);
+    goldenForcedLogits(loaded.model, golden).forEach((l, i) => assert.deepEqual(l, want[i], `cached, position ${i}`));
+    assert.ok((off.store as unknown as { loads: number }).loads > 0, 'the cache loaded experts');
+    assert.ok(heldFormats(loaded.model).every((h) => !h.startsWith('expert') || h === heldExpert), 'cached experts held as codes');
+  } finally {
+    await off.close();
+    off.dispose();
+    loaded.model.dispose();
+  }
+  if (!ranks) return;
+  const group = startExpertRanks(dir, 2, false, 60_000);
+  try {
+    await group.ready;
+    const ep = loadModel(dir, { fast: false, comm: group.comm, loadExpert: (_l, e) => group.comm.ownsExpert(e) });
+    try {
+      goldenForcedLogits(ep.model, golden).forEach((l, i) => assert.deepEqual(l, want[i], `2 ranks, position ${i}`));
+    } finally {
+      ep.model.dispose();
+    }
+  } finally {
+    await group.stop();
+  }
+}
