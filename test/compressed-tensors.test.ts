@@ -422,10 +422,11 @@ test('zero points of the wrong shape, a stored g_idx, and a group size the scale
 
 // MLA's kv_b_proj (absorbed into the query and output sides in f32) and the Gated DeltaNet's fused in_proj
 // (one float weight) have no int path: stored as int codes, they are read as their exact dequantised values.
-test('int8 codes of MLA kv_b_proj and the Gated DeltaNet in_proj are read as their exact values (deepseek_v2, qwen3_next)', () => {
+test('int8 codes of MLA kv_b_proj and the Gated DeltaNet in_proj (with and without zero points) are read as their exact values (deepseek_v2, qwen3_next)', () => {
   const tmp = mkdtempSync(path.join(os.tmpdir(), 'expertd-ct-f32path-'));
   try {
-    for (const [fixture, pick] of [['deepseek_v2', /\.kv_b_proj\.weight$/], ['qwen3_next', /\.linear_attn\.in_proj_\w+\.weight$/]] as const) {
+    for (const [fixture, pick] of [['deepseek_v2', /\.kv_b_proj\.weight$/], ['qwen3_next', /\.linear_attn\.in_proj_\w+\.weight$/]] as const)
+    for (const zp of [false, true]) {
       const src = path.join(packageRoot(), 'test', 'fixtures', fixture);
       const file = path.join(src, 'model.safetensors');
       const header = readSafetensorsHeader(file);
@@ -439,33 +440,40 @@ test('int8 codes of MLA kv_b_proj and the Gated DeltaNet in_proj are read as the
           values.push({ name: t.name, dtype: t.dtype, shape: t.shape, data });
           continue;
         }
-        // int8 per output row, amax / 127, the values code * scale in f32 (what the loader must give).
+        // int8 per output row, amax / 126, the values code * scale in f32 (what the loader must give); with
+        // zp, each row's codes stored shifted by its zero point (-1, 0 or 1) beside weight_zero_point I8
+        // [rows, 1], value = (stored - zero) * scale, the same values.
         const [rows, cols] = t.shape as [number, number];
         const w = bf16ToF32(new Uint16Array(data.buffer, 0, rows * cols));
         const q = new Int8Array(rows * cols), scale = new Float32Array(rows), deq = new Float32Array(rows * cols);
+        const zero = Int8Array.from({ length: rows }, (_, r) => (zp ? (r % 3) - 1 : 0));
         for (let r = 0; r < rows; r++) {
           let amax = 0;
           for (let c = 0; c < cols; c++) amax = Math.max(amax, Math.abs(w[r * cols + c]!));
-          scale[r] = Math.fround(amax / 127) || 1;
+          scale[r] = Math.fround(amax / 126) || 1;
           for (let c = 0; c < cols; c++) {
-            q[r * cols + c] = Math.round(w[r * cols + c]! / scale[r]!);
-            deq[r * cols + c] = Math.fround(q[r * cols + c]! * scale[r]!);
+            const code = Math.round(w[r * cols + c]! / scale[r]!);
+            q[r * cols + c] = code + zero[r]!;
+            deq[r * cols + c] = Math.fround(code * scale[r]!);
           }
         }
         codes.push({ name: t.name, dtype: 'I8', shape: t.shape, data: new Uint8Array(q.buffer) },
           { name: `${t.name}_scale`, dtype: 'F32', shape: [rows, 1], data: new Uint8Array(scale.buffer) });
+        if (zp) codes.push({ name: `${t.name}_zero_point`, dtype: 'I8', shape: [rows, 1], data: new Uint8Array(zero.buffer) });
         values.push({ name: t.name, dtype: 'F32', shape: t.shape, data: new Uint8Array(deq.buffer) });
         picked++;
       }
       assert.ok(picked > 0, `${fixture}: weights picked`);
-      const a = path.join(tmp, `${fixture}-int8`), b = path.join(tmp, `${fixture}-f32`);
-      writeCheckpointCopy(src, a, codes, JSON.parse(readFileSync(path.join(W8, 'config.json'), 'utf8')).quantization_config);
+      const a = path.join(tmp, `${fixture}-int8${zp ? '-zp' : ''}`), b = path.join(tmp, `${fixture}-f32${zp ? '-zp' : ''}`);
+      const qc = JSON.parse(readFileSync(path.join(W8, 'config.json'), 'utf8')).quantization_config;
+      qc.config_groups.group_0.weights.symmetric = !zp;
+      writeCheckpointCopy(src, a, codes, qc);
       writeCheckpointCopy(src, b, values, false);
       const ma = loadModel(a, { fast: false }).model, mb = loadModel(b, { fast: false }).model;
       try {
         const seqs = fixtureSequences(src);
         const worst = maxAbsDiff(forcedSeqLogits(ma, seqs), forcedSeqLogits(mb, seqs));
-        assert.ok(worst <= 1e-5, `${fixture}: logits max-abs difference ${worst}`);
+        assert.ok(worst <= 1e-5, `${fixture}${zp ? ' (zero points)' : ''}: logits max-abs difference ${worst}`);
       } finally {
         ma.dispose();
         mb.dispose();
