@@ -12,7 +12,8 @@
 #   devstep   bench device-step: host time per decode step in cuda* calls, waits and JS (run.log)
 #   logits    bench device-logits: the device's logits on the bench checkpoints vs the CPU f32 engine (run.log)
 #   engine    the device engine tests (cuda-model, cuda-offload, cuda-serve) -> tests.txt
-#   intckpt   GPTQ and compressed-tensors int checkpoints whole on the device (their GPU tests) -> tests.txt
+#   intckpt   GPTQ, AWQ and compressed-tensors int checkpoints whole on the device (their GPU tests; AWQ's
+#             int4 with zero points) -> tests.txt
 #   sanitize  compute-sanitizer memcheck on the op tests, with the time left -> sanitize.txt
 # Emulator-only tests are skipped (EXPERTD_SKIP_EMULATOR=1). Every step's rc and seconds go to
 # summary.json as it ends; the table printed last is what the device tool's reply shows.
@@ -164,7 +165,7 @@ else
 fi
 step engine 90 tests engine dist/test/cuda-model.test.js dist/test/cuda-offload.test.js dist/test/cuda-serve.test.js
 # Int-code checkpoints (GPTQ, compressed-tensors W8A8 / W4A16) whole on the device: only their GPU tests.
-step intckpt 60 tests intckpt --test-name-pattern='on the device \(gpu' dist/test/gptq.test.js dist/test/compressed-tensors.test.js
+step intckpt 60 tests intckpt --test-name-pattern='on the device \(gpu' dist/test/gptq.test.js dist/test/awq.test.js dist/test/compressed-tensors.test.js
 if command -v compute-sanitizer >/dev/null; then
   step sanitize 150 bash -c "set -o pipefail; compute-sanitizer --tool memcheck --target-processes all --print-limit 20 node --test --test-concurrency=1 dist/test/cuda.test.js dist/test/cuda-sm90.test.js dist/test/cuda-deltanet.test.js 2>&1 | tee '$out/sanitize.txt' | grep -E '^# (tests|pass|fail)|ERROR SUMMARY|Invalid' | head -40"
 elif [ -z "$only" ] || [[ ",$only," == *",sanitize,"* ]]; then

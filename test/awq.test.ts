@@ -4,8 +4,8 @@
 // the GEMMs' epilogue subtracting the zero points' term), the logits match HF transformers run on the
 // dequantised weights, and equal the checkpoint decoded here independently of the loader and served as
 // f32; through the expert cache and over expert ranks they equal the all-resident model bit for bit. The
-// same codes written as GPTQ with sym false (v1 and v2 zeros) are the same model. The device engine's int
-// kernels are symmetric: it refuses the experts by name and serves them with --quantize int4.
+// same codes written as GPTQ with sym false (v1 and v2 zeros) and as compressed-tensors with
+// weight_zero_point are the same model. The device engine keeps them as int4 codes with zero points too.
 import assert from 'node:assert/strict';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
@@ -20,7 +20,9 @@ import { quantizeSpec } from '../src/model/quantize.js';
 import type { TensorToWrite } from '../src/model/safetensors.js';
 import { loadNative, packageRoot } from '../src/native/index.js';
 import { i32, storedTensors, writeCheckpointCopy } from './helpers/checkpoint-copy.js';
+import { intMatrix } from '../src/model/cuda-quant.js';
 import { createCudaEmulator } from './helpers/cuda-emu.js';
+import { assertDeviceCacheMatches, assertMatchesIntDequant, INT_DEVICE_BACKENDS } from './helpers/device-dequant.js';
 import { emulatorSkip } from './helpers/cuda-skip.js';
 import { checkAgainstDecoded, checkCachedAndRanked, checkIntCheckpoint } from './helpers/int-checkpoint.js';
 import { argmax, goldenForcedLogits, heldFormats as held, type Golden } from './helpers/model-runner.js';
@@ -110,7 +112,7 @@ function gptqCopy(out: string, format: 'gptq' | 'gptq_v2'): void {
 test('AWQ int4: weights kept as codes with zero points; logits, routing and greedy tokens match transformers on the dequantised weights', (t) => {
   const { model, spec } = loadModel(DIR, { fast: false });
   try {
-    assert.deepEqual(spec.quantization, { method: 'gptq', packing: 'awq', bits: 4, groupSize: 32, checkpointFormat: 'gptq_v2', schemes: { bits: [4], groupSizes: [32] } });
+    assert.deepEqual(spec.quantization, { method: 'gptq', packing: 'awq', bits: 4, groupSize: 32, checkpointFormat: 'gptq_v2', schemes: { bits: [4], groupSizes: [32] }, zeroPoints: true });
     assert.equal(describeCheckpointQuant(spec), ' AWQ int4 g32 (GEMM packing)');
     assert.deepEqual(held(model), ['expert int4/int4', 'shared int4/int4']);
     // int4 + an f16 scale and a zero point per 32 weights: 0.59 bytes per weight against bf16's 2.
@@ -235,7 +237,7 @@ test('AWQ configs: the older quant_config.json names are read; unsupported ones 
     const { quantization_config: _q, ...bare } = base;
     writeFileSync(path.join(tmp, 'config.json'), JSON.stringify(bare));
     writeFileSync(path.join(tmp, 'quant_config.json'), JSON.stringify({ zero_point: true, q_group_size: 32, w_bit: 4, version: 'GEMM' }));
-    assert.deepEqual(parseModelConfig(tmp).quantization, { method: 'gptq', packing: 'awq', bits: 4, groupSize: 32, checkpointFormat: 'gptq_v2', schemes: { bits: [4], groupSizes: [32] } });
+    assert.deepEqual(parseModelConfig(tmp).quantization, { method: 'gptq', packing: 'awq', bits: 4, groupSize: 32, checkpointFormat: 'gptq_v2', schemes: { bits: [4], groupSizes: [32] }, zeroPoints: true });
   } finally {
     rmSync(tmp, { recursive: true, force: true });
   }
@@ -281,13 +283,38 @@ test('awqIntWeight: (q - zero) * scale exactly, AutoAWQ\'s column order, per cha
   }
 });
 
-test('the device engine refuses AWQ experts (its int kernels are symmetric) and serves them with --quantize int4', { skip: emulatorSkip }, () => {
-  assert.throws(() => loadCudaModel(DIR, { device: 0, cuda: createCudaEmulator() }),
-    /int weights with zero points \(AWQ, GPTQ sym false, compressed-tensors symmetric false\) are not read by the device engine's int kernels/);
+// On the emulator, and on a GPU where one is present (bench/gpu-run.sh's intckpt step).
+for (const b of INT_DEVICE_BACKENDS) {
+  test(`every AWQ Linear stays int4 g32 with its zero points on the device (${b.label}: experts, shared experts, attention); ` +
+    'logits as the CPU bf16 mode over the values the device multiplies', { skip: b.skip }, (t) => {
+    const cuda = b.cuda();
+    const { model } = loadCudaModel(DIR, { device: 0, ...(cuda ? { cuda } : {}) });
+    try {
+      assert.deepEqual(model.expertQuant, { format: 'int4', group: 32, blockRows: 0, zeros: true });
+      // The attention projections as stored codes and zero points (cudaDenseGemmQuant).
+      const attn = (model as unknown as { layers: { subs: { attn: { k: { quant?: unknown }; o: { quant?: unknown } } }[] }[] })
+        .layers[0]!.subs[0]!.attn;
+      assert.deepEqual([attn.k.quant, attn.o.quant], [model.expertQuant, model.expertQuant]);
+      // The reference: the CPU engine's bf16 mode over bf16((code - zero) x scale), what the device multiplies.
+      const figures = assertMatchesIntDequant(model, DIR, golden.cases.map((c) => c.prompt_ids), 5e-4, 5e-3);
+      t.diagnostic(figures);
+      // The device expert cache (half the experts): its pinned slots hold the codes and zero points too.
+      if (b.label === 'emulator') assertDeviceCacheMatches(model, DIR, 'int4 g32 +zeros');
+    } finally {
+      model.dispose();
+    }
+  });
+}
+
+test('a layout without zero points refuses a weight that has them; --quantize int4 on the device re-quantizes AWQ values', { skip: emulatorSkip }, () => {
+  const w = { bits: 4 as const, codes: new Int8Array(64), scales: new Float32Array(2).fill(1), rows: 1, cols: 64, group: 32, zeros: Int8Array.of(1, 0) };
+  assert.throws(() => intMatrix({ format: 'int4', group: 32, blockRows: 0 }, w, null),
+    /an int4 weight with zero points does not fit the table's int4 layout without them/);
   const q = quantizeSpec('int4', 32);
   const { model } = loadCudaModel(DIR, { device: 0, cuda: createCudaEmulator(), quantize: q });
   const cpu = loadModel(DIR, { fast: false, quantize: q }).model;
   try {
+    assert.deepEqual(model.expertQuant, { format: 'int4', group: 32, blockRows: 0 });
     // The checkpoint's values re-quantized to symmetric int4 as the CPU engine does it (its f32 mode; the
     // device computes in bf16, test/cuda-quant.test.ts bounds that): the same picks nearly everywhere on
     // this fixture's flat logits.

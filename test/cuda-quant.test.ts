@@ -58,14 +58,17 @@ function randomMatrix(q: DeviceQuant, n: number, k: number, gateUp: boolean): { 
   if (q.format === 'int8' || q.format === 'int4') {
     const group = q.format === 'int8' ? k : q.group, G = Math.ceil(k / group);
     const scales = Float32Array.from({ length: n * G }, scale);
+    // Zero points (q.zeros): int8 per (row, group) laid out as the scales, value = (code - zero) x scale.
+    const zeros = q.zeros ? Int8Array.from({ length: n * G }, () => (q.format === 'int8' ? int(-20, 20) : int(-8, 7))) : null;
     for (let r = 0; r < n; r++)
       for (let c = 0; c < k; c++) {
         const v = q.format === 'int8' ? int(-127, 127) : int(-8, 7);
         if (q.format === 'int8') codes[r * k + c] = v & 0xff;
         else codes[(r * k + c) >> 1] |= c % 2 ? (v & 0xf) << 4 : v & 0xf;
-        w[r * k + c] = v * scales[r * G + Math.floor(c / group)]!;
+        const at = r * G + Math.floor(c / group);
+        w[r * k + c] = (v - (zeros?.[at] ?? 0)) * scales[at]!;
       }
-    return { blob: rawQuantMatrix(q, n, k, gateUp, codes, scales), w };
+    return { blob: rawQuantMatrix(q, n, k, gateUp, codes, scales, zeros), w };
   }
   // fp8: one grid of ceil(rows / br) x ceil(k / bc) scales per matrix, gate's then up's.
   const half = gateUp ? n / 2 : n, gr = Math.ceil(half / q.blockRows), gc = Math.ceil(k / q.group);
@@ -146,6 +149,10 @@ const LAYOUTS: CudaQuantLayout[] = [
   // Ragged blocks on both edges of [2 x 40, 96] and [96, 40]-ish shapes below.
   { format: 'fp8', group: 48, blockRows: 24 },
   { format: 'mxfp4' },
+  // Zero points (AWQ, GPTQ sym false): the same kernels, each value (code - zero) x scale.
+  { format: 'int8', zeros: true },
+  { format: 'int4', group: 32, zeros: true },
+  { format: 'int4', group: 128, zeros: true },
 ];
 
 function kernelSuite(label: string, cu: () => CudaAddon, skip: string | false) {
@@ -213,7 +220,7 @@ function kernelSuite(label: string, cu: () => CudaAddon, skip: string | false) {
     for (const layout of LAYOUTS) {
       const q = deviceQuant(layout);
       const four = q.format === 'int4' || q.format === 'mxfp4';
-      const name = `${q.format}${q.format === 'int4' ? ` g${q.group}` : ''}${q.format === 'fp8' ? ` ${q.blockRows}x${q.group}` : ''}`;
+      const name = `${q.format}${q.format === 'int4' ? ` g${q.group}` : ''}${q.format === 'fp8' ? ` ${q.blockRows}x${q.group}` : ''}${q.zeros ? ' +zeros' : ''}`;
       const shapes: { E: number; H: number; I: number; counts: number[]; empty?: number; gemv?: boolean }[] = [
         { E: 4, H: 64, I: 32, counts: [0, 1, 17, 70] },
         // Expert 1 has rows but no weights: its rows stay unwritten.
@@ -233,7 +240,7 @@ function kernelSuite(label: string, cu: () => CudaAddon, skip: string | false) {
             const x = bf16Round(uniform(rows * H));
             const { table, gu, dn } = randomTable(q, layout, E, H, I, c.empty);
             assert.deepEqual(table.quant, q.format === 'fp8' ? { format: 'fp8', group: q.group, blockRows: q.blockRows }
-              : { format: q.format, group: q.group });
+              : { format: q.format, group: q.group, ...(q.zeros ? { zeros: true } : {}) });
             const y = poisoned(rows * H), hs = poisoned(rows * I, 2);
             withGemv(c.gemv, () => cu.cudaGroupGemmFfn(upload(bf16Array(x)), upload(offsets), table, rows, hs, y, { tile }));
             const ref = ffnRef(x, offsets, gu, dn, rows, H, I);
@@ -346,7 +353,7 @@ function kernelSuite(label: string, cu: () => CudaAddon, skip: string | false) {
     // --quantize-dense: the plain quantized GEMM (one matrix, bias, accumulate) against float64.
     for (const layout of LAYOUTS) {
       const q = deviceQuant(layout);
-      const name = `${q.format}${q.format === 'int4' ? ` g${q.group}` : ''}${q.format === 'fp8' ? ` ${q.blockRows}x${q.group}` : ''}`;
+      const name = `${q.format}${q.format === 'int4' ? ` g${q.group}` : ''}${q.format === 'fp8' ? ` ${q.blockRows}x${q.group}` : ''}${q.zeros ? ' +zeros' : ''}`;
       // gemv: the decode kernel (m <= 2) with n not a multiple of its 16 columns per CTA.
       for (const [m, n, k, gemv] of [[1, 40, 64, false], [5, 96, 128, false], [70, 72, 96, false], [1, 40, 64, true],
         [2, 34, 2112, true]] as const) {

@@ -297,7 +297,7 @@ test('unsupported GPTQ configs are refused naming the field and value', () => {
   // channel, gptq_v2.
   const spec = (edit: Record<string, unknown>) => parseModelConfig({ ...base, quantization_config: { ...base.quantization_config, ...edit } } as never).quantization as GptqConfig;
   for (const gs of [128, 256, -1, 64, 96]) assert.deepEqual(spec({ group_size: gs }).schemes, { bits: [4], groupSizes: [gs] });
-  assert.deepEqual(spec({ bits: 8, group_size: -1, checkpoint_format: 'gptq_v2', sym: false }), { method: 'gptq', packing: 'gptq', bits: 8, groupSize: -1, checkpointFormat: 'gptq_v2', schemes: { bits: [8], groupSizes: [] } });
+  assert.deepEqual(spec({ bits: 8, group_size: -1, checkpoint_format: 'gptq_v2', sym: false }), { method: 'gptq', packing: 'gptq', bits: 8, groupSize: -1, checkpointFormat: 'gptq_v2', schemes: { bits: [8], groupSizes: [] }, zeroPoints: true });
 });
 
 test('a GPTQ checkpoint whose qweight disagrees with the config, or lacks its qzeros, is refused naming the tensor', () => {

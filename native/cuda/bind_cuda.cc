@@ -333,8 +333,9 @@ std::string js_number(double d) {
   return buf;
 }
 
-// The optional quantization of a CudaExpertTable: { format, group?, blockRows? } (null: bf16).
-// { format, group?, blockRows? } or null, defaults filled in, not checked against a shape.
+// The optional quantization of a CudaExpertTable: { format, group?, blockRows?, zeros? } (null: bf16).
+// { format, group?, blockRows?, zeros? } or null, defaults filled in, not checked against a shape.
+// zeros (int8 / int4): the matrices carry zero points (cuda_quant.h).
 cuda::QuantLayout parse_quant_format(Napi::Env env, Napi::Value v) {
   cuda::QuantLayout l;
   if (is_nullish(v)) return l;
@@ -358,6 +359,11 @@ cuda::QuantLayout parse_quant_format(Napi::Env env, Napi::Value v) {
   };
   l.group = l.q == QFormat::I8 ? 0 : field("group", group);
   l.block_rows = l.q == QFormat::F8 ? field("blockRows", block_rows) : 0;
+  Napi::Value z = o.Get("zeros");
+  if (!is_nullish(z)) {
+    if (!z.IsBoolean()) throw_type(env, "quant.zeros must be a boolean");
+    l.zeros = z.As<Napi::Boolean>().Value();
+  }
   return l;
 }
 
@@ -512,6 +518,7 @@ class TableHandle : public Napi::ObjectWrap<TableHandle> {
     o.Set("format", qformat_name(quant_.q));
     o.Set("group", quant_.group);
     if (quant_.q == QFormat::F8) o.Set("blockRows", quant_.block_rows);
+    if (quant_.zeros) o.Set("zeros", true);
     return o;
   }
   int e_ = 0, h_ = 0, i_ = 0;

@@ -32,6 +32,7 @@ struct QArgs {
   int gate_scale_rows;  // F8 gate_up: first scale row of the up half
   size_t scale_offset;  // bytes from the matrix start to its scales
   int half;             // gate_up matrices: the first weight row of the up half (I); 0 otherwise
+  size_t zero_offset;   // bytes from the matrix start to its zero points (I8 / I4); 0: none
   // The plain GEMM (dense_gemm_quant): one matrix for every row (offsets and weights unused), and
   // its epilogue (acc + bias[col]) + old y, each an f32 add (dense_gemm's order).
   const uint8_t* dense_w;
@@ -78,6 +79,15 @@ __device__ __forceinline__ float scale_at(const QArgs& a, const uint8_t* W, int 
   return e8m0_to_f32(s[static_cast<size_t>(wrow) * a.scale_cols + c / 32]);
 }
 
+// The zero point of element (wrow, c) as f32 (laid out as the I8 / I4 scales), 0 without zero points:
+// code - 0 is the code, so a symmetric matrix dequantises to the same bits.
+template <QFormat Q>
+__device__ __forceinline__ float zero_at(const QArgs& a, const uint8_t* W, int wrow, int c) {
+  if ((Q != QFormat::I8 && Q != QFormat::I4) || a.zero_offset == 0) return 0.0f;
+  const int8_t* z = reinterpret_cast<const int8_t*>(W + a.zero_offset);
+  return static_cast<float>(Q == QFormat::I8 ? z[wrow] : z[static_cast<size_t>(wrow) * a.scale_cols + c / a.group]);
+}
+
 // One code's value before its scale: a byte (I8 int8, F8 e4m3fn) or a nibble (I4 two's complement,
 // FP4 e2m1).
 template <QFormat Q>
@@ -94,21 +104,22 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 }
 
 // Eight codes starting at raw (8 bytes for 8-bit formats, 4 for 4-bit) -> eight bf16 values
-// bf16(f32(code) * scale), packed in pairs.
+// bf16(f32(code - zero) * scale) (zero: 0 but for int weights with zero points; code - zero is an
+// exact small integer), packed in pairs.
 template <QFormat Q>
-__device__ __forceinline__ uint4 dequant8(const uint8_t* raw, float sc) {
+__device__ __forceinline__ uint4 dequant8(const uint8_t* raw, float sc, float zf) {
   float v[8];
   if (Q == QFormat::I8 || Q == QFormat::F8) {
     const uint2 w = *reinterpret_cast<const uint2*>(raw);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      v[i] = __fmul_rn(code_value<Q>(((i < 4 ? w.x : w.y) >> (8 * (i & 3))) & 0xffu), sc);
+      v[i] = __fmul_rn(__fsub_rn(code_value<Q>(((i < 4 ? w.x : w.y) >> (8 * (i & 3))) & 0xffu), zf), sc);
     }
   } else {
     const uint32_t w = *reinterpret_cast<const uint32_t*>(raw);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      v[i] = __fmul_rn(code_value<Q>((w >> (4 * i)) & 0xfu), sc);
+      v[i] = __fmul_rn(__fsub_rn(code_value<Q>((w >> (4 * i)) & 0xfu), zf), sc);
     }
   }
   return make_uint4(pack_bf16(v[0], v[1]), pack_bf16(v[2], v[3]), pack_bf16(v[4], v[5]),
@@ -211,7 +222,7 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
       const int wrow = w_row(r, &ok);
       uint4 v = make_uint4(0, 0, 0, 0);
       if (ok && k0 + c8 < K)
-        v = dequant8<Q>(R + r * RAWB + c8 * kBits / 8, scale_at<Q>(a, W, wrow, k0 + c8));
+        v = dequant8<Q>(R + r * RAWB + c8 * kBits / 8, scale_at<Q>(a, W, wrow, k0 + c8), zero_at<Q>(a, W, wrow, k0 + c8));
       *reinterpret_cast<uint4*>(sB + r * LDS + c8) = v;
     }
   };
@@ -579,15 +590,15 @@ constexpr int kGemvKc = 2048;
 
 __device__ __forceinline__ float bf16_round(float v) { return bf16_bits_to_f32(f32_to_bf16_bits(v)); }
 
-// Values 8s..8s+7 of a 16-byte code chunk, as bf16(f32(code) x sc).
+// Values 8s..8s+7 of a 16-byte code chunk, as bf16(f32(code - zf) x sc) (zf: dequant8's zero).
 template <QFormat Q>
-__device__ __forceinline__ void gemv_dequant8(const uint4& c, int s, float sc, float (&w)[8]) {
+__device__ __forceinline__ void gemv_dequant8(const uint4& c, int s, float sc, float zf, float (&w)[8]) {
   const uint32_t words[4] = {c.x, c.y, c.z, c.w};
   constexpr bool kByte = Q == QFormat::I8 || Q == QFormat::F8;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
     const uint32_t c = kByte ? (words[2 * s + (i >> 2)] >> (8 * (i & 3))) & 0xffu : (words[s] >> (4 * i)) & 0xfu;
-    w[i] = bf16_round(__fmul_rn(code_value<Q>(c), sc));
+    w[i] = bf16_round(__fmul_rn(__fsub_rn(code_value<Q>(c), zf), sc));
   }
 }
 
@@ -602,14 +613,16 @@ __device__ __forceinline__ void gemv_warp(const QArgs& a, const uint8_t* W, cons
   for (int ch = lane; ch * KPC < kc; ch += 32) {
     const int kl = ch * KPC;  // k within the staged chunk
     uint4 code[kGemvWeightRows];
-    float sc[kGemvWeightRows];
+    float sc[kGemvWeightRows], zf[kGemvWeightRows];
 #pragma unroll
     for (int j = 0; j < kGemvWeightRows; ++j) {
       code[j] = make_uint4(0, 0, 0, 0);
       sc[j] = 0.0f;
+      zf[j] = 0.0f;
       if (ok[j]) {
         code[j] = __ldg(reinterpret_cast<const uint4*>(W + static_cast<size_t>(wrow[j]) * row_bytes + (k0 + kl) * kBits / 8));
         sc[j] = scale_at<Q>(a, W, wrow[j], k0 + kl);
+        zf[j] = zero_at<Q>(a, W, wrow[j], k0 + kl);
       }
     }
 #pragma unroll
@@ -628,7 +641,7 @@ __device__ __forceinline__ void gemv_warp(const QArgs& a, const uint8_t* W, cons
 #pragma unroll
       for (int j = 0; j < kGemvWeightRows; ++j) {
         float w[8];
-        gemv_dequant8<Q>(code[j], s8, sc[j], w);
+        gemv_dequant8<Q>(code[j], s8, sc[j], zf[j], w);
 #pragma unroll
         for (int r = 0; r < NR; ++r)
 #pragma unroll
@@ -786,7 +799,7 @@ QArgs args_for(const QuantLayout& l, const uint16_t* x, const int32_t* offsets,
   const QuantMatrixBytes b = quant_matrix_bytes(l, rows_n, k, gate_up);
   return QArgs{x, offsets, w, e, rows, n, k, out, l.q == QFormat::FP4 ? 32 : l.group,
                std::max(1, l.block_rows), b.scale_cols, b.gate_scale_rows, b.scale_offset,
-               gate_up ? rows_n / 2 : 0, nullptr, nullptr, false};
+               gate_up ? rows_n / 2 : 0, b.zero_offset, nullptr, nullptr, false};
 }
 
 // Whether the FP8-activation kernels can run on the current device: sm_89+ and this build holding

@@ -19,6 +19,8 @@ export interface CompressedTensorsConfig {
   schemes: { bits: number[]; groupSizes: number[] };
   /** Some group's input_activations are static (dynamic false): their `X.input_scale` tensors are not used. */
   staticInputScales?: true;
+  /** Some group's weights have zero points (symmetric false: `X.weight_zero_point`). */
+  zeroPoints?: true;
 }
 
 /** True when a config group's input_activations carry calibrated scales (dynamic false). */
@@ -81,8 +83,10 @@ export function parseCompressedTensors(q: Raw, mt: string, fail: (msg: string) =
     throw refuse('config_groups: expected an object of one or more scheme groups.');
   if (format === FLOAT_FORMAT) return floatConfig(groups as Raw, refuse);
   for (const [name, g] of Object.entries(groups as Raw)) checkGroup(name, g, format, refuse);
+  const asym = Object.values(groups as Raw).some((g) => ((g as Raw).weights as Raw).symmetric === false);
   return { method: 'compressed-tensors', format, ignore: ignore as string[], schemes: declaredSchemes(q),
-    ...(staticInputs(q.config_groups as Raw) ? { staticInputScales: true as const } : {}) };
+    ...(staticInputs(q.config_groups as Raw) ? { staticInputScales: true as const } : {}),
+    ...(asym ? { zeroPoints: true as const } : {}) };
 }
 
 function checkFormat(f: unknown, field: string, refuse: (why: string) => Error): CompressedTensorsConfig['format'] {

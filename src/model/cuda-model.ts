@@ -246,9 +246,9 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     const name = prefix.replace(/\.$/, '');
     const q = this.dev.denseQuant;
     const [gi, ui, di] = q ? [null, null, null] : ['gate_proj', 'up_proj', 'down_proj'].map((p) => src.getInt?.(`${prefix}${p}.weight`) ?? null);
-    // With zero points (the device's int kernels are symmetric) the FFN takes the bf16 path below.
-    if (gi && ui && di && !gi.zeros && !ui.zeros && !di.zeros) {
-      const iq = intDeviceQuant(gi);
+    if (gi && ui && di) {
+      // Zero points in any of the three: the table's layout carries them (a symmetric one's are 0).
+      const iq = { ...intDeviceQuant(gi), ...(gi.zeros || ui.zeros || di.zeros ? { zeros: true as const } : {}) };
       if (!deviceQuantError(iq, this.spec.hidden, inter)) {
         const w = this.uploadInt(iq, ['gate_proj', 'up_proj', 'down_proj'].map((p) => `${prefix}${p}.weight`), gi, ui, di, inter);
         const table = this.table(1, inter, iq);
@@ -959,7 +959,9 @@ function compressedExpertQuant(spec: ModelSpec): DeviceQuant {
   if (bits.length !== 1 || groupSizes.length > 1)
     throw new RangeError(`a ${method} checkpoint with several weight schemes (num_bits ${bits.join(', ')}` +
       `${groupSizes.length ? `, group_size ${groupSizes.join(', ')}` : ''}) is not read on the device: one table holds one format`);
-  const dq: DeviceQuant = bits[0] === 8 ? { format: 'int8', group: 0, blockRows: 0 } : { format: 'int4', group: heldInt4Group(groupSizes[0]!), blockRows: 0 };
+  // Zero points (AWQ, GPTQ sym false, compressed-tensors symmetric false) in every matrix of the table.
+  const z = q.zeroPoints ? { zeros: true as const } : {};
+  const dq: DeviceQuant = bits[0] === 8 ? { format: 'int8', group: 0, blockRows: 0, ...z } : { format: 'int4', group: heldInt4Group(groupSizes[0]!), blockRows: 0, ...z };
   const why = deviceQuantError(dq, spec.hidden, spec.moe.intermediate);
   if (why) throw new RangeError(`this ${method} checkpoint on the device: ${why}`);
   return dq;

@@ -16,12 +16,15 @@ export interface DeviceQuant {
   group: number;
   /** fp8 block rows (0 otherwise). */
   blockRows: number;
+  /** int8 / int4 with zero points (AWQ, GPTQ sym false, compressed-tensors symmetric false); absent otherwise. */
+  zeros?: true;
 }
 
 export function deviceQuant(l: CudaQuantLayout): DeviceQuant {
+  const z = l.zeros ? { zeros: true as const } : {};
   switch (l.format) {
-    case 'int8': return { format: 'int8', group: 0, blockRows: 0 };
-    case 'int4': return { format: 'int4', group: l.group ?? 0, blockRows: 0 };
+    case 'int8': return { format: 'int8', group: 0, blockRows: 0, ...z };
+    case 'int4': return { format: 'int4', group: l.group ?? 0, blockRows: 0, ...z };
     case 'fp8': return { format: 'fp8', group: l.group ?? 128, blockRows: l.blockRows ?? 128 };
     case 'mxfp4': return { format: 'mxfp4', group: l.group ?? 32, blockRows: 0 };
   }
@@ -42,6 +45,7 @@ export function quantBits(q: DeviceQuant): 4 | 8 {
  * quant_layout_error: the kernels read codes in 16-byte chunks).
  */
 export function deviceQuantError(q: DeviceQuant, hidden: number, inter: number): string | null {
+  if (q.zeros && q.format !== 'int8' && q.format !== 'int4') return `zero points are for int8 / int4 weights, not ${q.format}`;
   if (q.format === 'int4' && q.group !== 32 && q.group !== 128) return `int4 groups are 32 or 128, got ${q.group}`;
   if (q.format === 'fp8' && (q.group < 16 || q.group % 16 || q.blockRows < 1))
     return `fp8 blocks must be positive with block columns a multiple of 16, got ${q.blockRows} x ${q.group}`;
@@ -75,6 +79,9 @@ export interface QuantMatrixBytes {
   scaleCols: number;
   /** fp8 gate_up: the first scale row of the up half. */
   gateScaleRows: number;
+  /** Zero points (q.zeros): int8 laid out as the scales, at zeroOffset (0: none). */
+  zeroOffset: number;
+  zeroBytes: number;
 }
 
 const up16 = (v: number) => Math.ceil(v / 16) * 16;
@@ -100,7 +107,10 @@ export function quantMatrixBytes(q: DeviceQuant, n: number, k: number, gateUp: b
     elem = 1;
   }
   const scaleBytes = scales * elem;
-  return { codeBytes, scaleOffset, scaleBytes, totalBytes: up16(scaleOffset + scaleBytes), scaleCols, gateScaleRows };
+  const end = up16(scaleOffset + scaleBytes);
+  const zeroBytes = q.zeros && (q.format === 'int8' || q.format === 'int4') ? scales : 0;
+  return { codeBytes, scaleOffset, scaleBytes, totalBytes: zeroBytes ? up16(end + zeroBytes) : end, scaleCols, gateScaleRows,
+    zeroOffset: zeroBytes ? end : 0, zeroBytes };
 }
 
 /** Bytes of one expert (gate_up and down) on the device. */
@@ -228,19 +238,16 @@ export function quantizedExpert(q: DeviceQuant, ex: () => ExpertSource, fp8: Fp8
 /** An FP8 checkpoint's expert (moe-tensors' expertFp8). */
 export interface Fp8Expert { gate: Fp8Weight; up: Fp8Weight; down: Fp8Weight }
 
-/** Why the device's int kernels cannot take a weight with zero points, and what to do instead. */
-export const ZERO_POINTS_ON_DEVICE = 'int weights with zero points (AWQ, GPTQ sym false, compressed-tensors symmetric false) ' +
-  'are not read by the device engine\'s int kernels, which are symmetric; serve this checkpoint on the CPU engine, or on the ' +
-  'device with --quantize int4 (its values re-quantized at load)';
-
 /**
- * A compressed-tensors int8 / int4 weight kept as its codes and scales (gate_up: gate's rows then
- * up's). q must be the weight's format and group (int8: one scale per row). Symmetric only.
+ * A checkpoint's int8 / int4 weight kept as its codes, scales and zero points (gate_up: gate's rows then
+ * up's). q must be the weight's format and group (int8: one scale per row); a weight with zero points
+ * needs a layout with them (a symmetric weight in such a layout gets zeros of 0).
  */
 export function intMatrix(q: DeviceQuant, gate: IntWeight, up: IntWeight | null): Uint8Array {
   const want = gate.bits === 8 ? 'int8' : 'int4';
-  if (gate.zeros || up?.zeros)
-    throw new RangeError(ZERO_POINTS_ON_DEVICE);
+  if ((gate.zeros || up?.zeros) && !q.zeros)
+    throw new RangeError(`an int${gate.bits} weight with zero points does not fit the table's ${q.format} layout without them ` +
+      '(a checkpoint whose config says it is symmetric stores zero points)');
   if (q.format !== want || (want === 'int4' && gate.group !== q.group) || (up && (up.bits !== gate.bits || up.group !== gate.group)))
     throw new RangeError(`an int${gate.bits} weight${gate.group ? ` in groups of ${gate.group}` : ''} does not fit the table's ` +
       `${q.format}${q.group ? ` group ${q.group}` : ''} layout`);
@@ -250,10 +257,12 @@ export function intMatrix(q: DeviceQuant, gate: IntWeight, up: IntWeight | null)
   const blob = new Uint8Array(b.totalBytes);
   const codes = blob.subarray(0, b.codeBytes);
   const scales = scalesOf(q, blob, b) as Float32Array;
+  const zeros = b.zeroBytes ? new Int8Array(blob.buffer, blob.byteOffset + b.zeroOffset, b.zeroBytes) : null;
   parts.forEach((w, half) => {
     for (let r = 0; r < w.rows; r++)
       for (let c = 0; c < k; c++) setCode(q, codes, k, half * w.rows + r, c, w.codes[r * k + c]!);
     scales.set(w.scales, half * w.rows * b.scaleCols);
+    if (zeros && w.zeros) zeros.set(w.zeros, half * w.rows * b.scaleCols);
   });
   return blob;
 }
@@ -274,13 +283,15 @@ export function intFfnMatrices(q: DeviceQuant, names: string[], gate: IntWeight 
  * [n, k * bits / 8] bytes, scales f32 (mxfp4: e8m0 bytes) in the scale grid of the layout.
  */
 export function rawQuantMatrix(q: DeviceQuant, n: number, k: number, gateUp: boolean, codes: Uint8Array,
-                               scales: Float32Array | Uint8Array): Uint8Array {
+                               scales: Float32Array | Uint8Array, zeros: Int8Array | null = null): Uint8Array {
   const b = quantMatrixBytes(q, n, k, gateUp);
   if (codes.byteLength !== b.codeBytes) throw new RangeError(`codes are ${codes.byteLength} bytes, expected ${b.codeBytes}`);
   if (scales.byteLength !== b.scaleBytes) throw new RangeError(`scales are ${scales.byteLength} bytes, expected ${b.scaleBytes}`);
+  if ((zeros?.byteLength ?? 0) !== b.zeroBytes) throw new RangeError(`zeros are ${zeros?.byteLength ?? 0} bytes, expected ${b.zeroBytes}`);
   const blob = new Uint8Array(b.totalBytes);
   blob.set(codes, 0);
   blob.set(new Uint8Array(scales.buffer, scales.byteOffset, scales.byteLength), b.scaleOffset);
+  if (zeros) blob.set(new Uint8Array(zeros.buffer, zeros.byteOffset, zeros.byteLength), b.zeroOffset);
   return blob;
 }
 
@@ -298,14 +309,16 @@ export function e8m0ToF32(s: number): number {
 
 /**
  * Element (r, c) of a matrix [n, k] in the device layout as code and scale (exact values): its value
- * is code x scale. The float64 references multiply them in double; the kernels in f32, then round to bf16.
+ * is code x scale (with zero points: code is the stored code less its zero, an exact integer). The
+ * float64 references multiply them in double; the kernels in f32, then round to bf16.
  */
 export function quantElement(q: DeviceQuant, blob: Uint8Array, b: QuantMatrixBytes, n: number, k: number,
                              gateUp: boolean, r: number, c: number,
                              scales = scalesOf(q, blob, b)): { code: number; scale: number } {
+  const zero = (at: number) => (b.zeroBytes ? ((blob[b.zeroOffset + at]! << 24) >> 24) : 0);
   if (q.format === 'int8') {
     const v = blob[r * k + c]!;
-    return { code: v > 127 ? v - 256 : v, scale: scales[r]! };
+    return { code: (v > 127 ? v - 256 : v) - zero(r), scale: scales[r]! };
   }
   if (q.format === 'fp8') {
     const half = gateUp ? n / 2 : n;
@@ -314,8 +327,10 @@ export function quantElement(q: DeviceQuant, blob: Uint8Array, b: QuantMatrixByt
   }
   const byte = blob[(r * k + c) >> 1]!;
   const nib = c & 1 ? byte >> 4 : byte & 0xf;
-  if (q.format === 'int4')
-    return { code: nib & 8 ? nib - 16 : nib, scale: scales[r * b.scaleCols + Math.floor(c / q.group)]! };
+  if (q.format === 'int4') {
+    const at = r * b.scaleCols + Math.floor(c / q.group);
+    return { code: (nib & 8 ? nib - 16 : nib) - zero(at), scale: scales[at]! };
+  }
   return { code: e2m1ToF32(nib), scale: e8m0ToF32(scales[r * b.scaleCols + (c >> 5)]!) };
 }
 

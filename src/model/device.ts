@@ -131,8 +131,7 @@ export class Device {
    */
   storedLinear(src: TensorSource, name: string, n: number, k: number): DeviceWeight {
     const iw = this.denseQuant ? null : src.getInt?.(name) ?? null;
-    // Zero points: the device's int kernels are symmetric, so such a weight takes denseLinear's bf16 path.
-    if (iw && !iw.zeros && iw.rows === n && iw.cols === k) {
+    if (iw && iw.rows === n && iw.cols === k) {
       const q = intDeviceQuant(iw);
       if (!deviceQuantDenseError(q, n, k)) return { buf: this.upload(intMatrix(q, iw, null)), n, k, dtype: 'bf16', reference: false, quant: q };
     }
@@ -201,5 +200,6 @@ export class Device {
 
 /** The device layout of a checkpoint's int weight: int8 per row, or int4 in its (held) groups. */
 export function intDeviceQuant(w: IntWeight): DeviceQuant {
-  return w.bits === 8 ? { format: 'int8', group: 0, blockRows: 0 } : { format: 'int4', group: w.group, blockRows: 0 };
+  const z = w.zeros ? { zeros: true as const } : {};
+  return w.bits === 8 ? { format: 'int8', group: 0, blockRows: 0, ...z } : { format: 'int4', group: w.group, blockRows: 0, ...z };
 }

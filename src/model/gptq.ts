@@ -30,6 +30,8 @@ export interface GptqConfig {
   checkpointFormat: 'gptq' | 'gptq_v2';
   /** As the int-code readers take them: the bit width and the stored int4 group (-1: per channel). */
   schemes: { bits: number[]; groupSizes: number[] };
+  /** The weights have zero points (GPTQ sym false; AWQ zero_point, its default). */
+  zeroPoints?: true;
 }
 
 const SUPPORTED = 'supported for GPTQ: bits 4 with group_size -1 or a multiple of 32, or bits 8 with group_size -1; ' +
@@ -63,7 +65,7 @@ export function parseGptq(q: Raw, mt: string, fail: (msg: string) => Error): Gpt
     throw refuse('dynamic (per-module bits / group_size overrides) is not read: one scheme per checkpoint.');
   return {
     method: 'gptq', packing: 'gptq', bits, groupSize: gs as number, checkpointFormat: fmt,
-    schemes: { bits: [bits], groupSizes: bits === 4 ? [gs as number] : [] },
+    schemes: { bits: [bits], groupSizes: bits === 4 ? [gs as number] : [] }, ...(q.sym === false ? { zeroPoints: true as const } : {}),
   };
 }
 
@@ -90,7 +92,7 @@ export function parseAwq(q: Raw, mt: string, fail: (msg: string) => Error): Gptq
   if (backend !== 'autoawq') throw refuse(`backend ${JSON.stringify(backend)}: only AutoAWQ's packing is read.`);
   return {
     method: 'gptq', packing: 'awq', bits: 4, groupSize: gs as number, checkpointFormat: 'gptq_v2',
-    schemes: { bits: [4], groupSizes: [gs as number] },
+    schemes: { bits: [4], groupSizes: [gs as number] }, ...(q.zero_point !== false ? { zeroPoints: true as const } : {}),
   };
 }
 

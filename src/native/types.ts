@@ -198,6 +198,8 @@ export interface CudaQuantLayout {
   format: 'int8' | 'int4' | 'fp8' | 'mxfp4';
   group?: number;
   blockRows?: number;
+  /** int8 / int4: the matrices carry zero points (AWQ, GPTQ sym false), value = (code - zero) * scale. */
+  zeros?: boolean;
 }
 
 /**

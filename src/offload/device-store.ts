@@ -45,7 +45,7 @@ export class PinnedExpertStore implements ExpertStore<CudaBuffer> {
     this.gateUpBytes = qb ? qb.gateUp : 2 * I * H * BF16;
     this.downBytes = qb ? qb.down : H * I * BF16;
     this.expertBytes = this.slotBytes = this.gateUpBytes + this.downBytes;
-    this.slotFormat = !quant ? 'bf16' : quant.format === 'int4' ? `int4 g${quant.group}` : quant.format;
+    this.slotFormat = (!quant ? 'bf16' : quant.format === 'int4' ? `int4 g${quant.group}` : quant.format) + (quant?.zeros ? ' +zeros' : '');
     spec.layers.forEach((l, i) => {
       if (l.ffn !== 'moe') return;
       const t = moeTensors(spec, src, `model.layers.${i}.`);

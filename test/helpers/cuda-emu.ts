@@ -449,7 +449,8 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
     get quant(): CudaQuantLayout | null {
       const q = this.q;
       if (!q) return null;
-      return q.format === 'fp8' ? { format: q.format, group: q.group, blockRows: q.blockRows } : { format: q.format, group: q.group };
+      return q.format === 'fp8' ? { format: q.format, group: q.group, blockRows: q.blockRows }
+        : { format: q.format, group: q.group, ...(q.zeros ? { zeros: true } : {}) };
     }
     check(): void {
       if (this.#disposed) throw disposedError('expert table');
@@ -508,9 +509,11 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
         throw rangeError(`quant.${name} must be an integer 0..${1 << 20}`);
       return x;
     };
+    const z = o['zeros'];
+    if (!nullish(z) && typeof z !== 'boolean') throw typeError('quant.zeros must be a boolean');
     const q = deviceQuant({
       format: f, ...(f !== 'int8' ? { group: field('group') ?? (f === 'int4' ? 0 : undefined) } : {}),
-      ...(f === 'fp8' ? { blockRows: field('blockRows') } : {}),
+      ...(f === 'fp8' ? { blockRows: field('blockRows') } : {}), ...(z === true ? { zeros: true } : {}),
     } as CudaQuantLayout);
     const why = deviceQuantError(q, hidden, inter);
     if (why) throw rangeError(why);

@@ -16,10 +16,13 @@ namespace expertd::cuda {
 //   I4  group = k per scale, 32 or 128 (a ragged last group is allowed)
 //   F8  group = block columns (bc), block_rows = block rows (br): 128 x 128 in the checkpoints
 //   FP4 group = 32 (MXFP4)
+//   zeros (I8 / I4 only): the matrices carry zero points (AWQ, GPTQ sym false, compressed-tensors
+//   symmetric false), value = (code - zero) * scale
 struct QuantLayout {
   QFormat q = QFormat::None;
   int group = 0;
   int block_rows = 0;
+  bool zeros = false;
 };
 
 // One matrix W [n, k] (gate_up: n = 2I, gate rows then up rows) in one device allocation:
@@ -31,12 +34,16 @@ struct QuantLayout {
 //          F8  f32 [sr][ceil(k / bc)]      value = e4m3(code) * s[r / br][c / bc] (the checkpoint's
 //              weight_scale_inv); gate_up: the gate grid's ceil(I / br) rows, then the up grid's
 //          FP4 u8  [n][k / 32]             value = e2m1(code) * 2^(s - 127) (e8m0; 255 is NaN)
+//   zeros at zero_offset (16-byte aligned; a layout with zeros only): int8 laid out as the scales,
+//          I8 [n], I4 [n][ceil(k / group)]; value = (code - zero) * scale
 //   total_bytes: a multiple of 16, so matrices can follow each other in one buffer.
 struct QuantMatrixBytes {
   size_t code_bytes = 0;
   size_t scale_offset = 0;
   size_t scale_bytes = 0;
   size_t total_bytes = 0;
+  size_t zero_offset = 0;   // 0: no zero points
+  size_t zero_bytes = 0;
   int scale_cols = 0;       // scales per scale row
   int gate_scale_rows = 0;  // F8 gate_up: the first scale row of the up half
 };
@@ -71,6 +78,11 @@ inline QuantMatrixBytes quant_matrix_bytes(const QuantLayout& l, int n, int k, b
   }
   b.scale_bytes = scales * elem;
   b.total_bytes = round16(b.scale_offset + b.scale_bytes);
+  if (l.zeros && (l.q == QFormat::I8 || l.q == QFormat::I4)) {
+    b.zero_offset = b.total_bytes;
+    b.zero_bytes = scales;
+    b.total_bytes = round16(b.zero_offset + b.zero_bytes);
+  }
   return b;
 }
 
@@ -79,6 +91,8 @@ inline QuantMatrixBytes quant_matrix_bytes(const QuantLayout& l, int n, int k, b
 // gate_up and inter for down), and the group must be what the format allows.
 inline std::string quant_layout_error(const QuantLayout& l, int hidden, int inter) {
   const char* name = qformat_name(l.q);
+  if (l.zeros && l.q != QFormat::I8 && l.q != QFormat::I4)
+    return std::string("zero points are for int8 / int4 weights, not ") + name;
   switch (l.q) {
     case QFormat::I8: break;
     case QFormat::I4:
