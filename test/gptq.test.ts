@@ -268,7 +268,12 @@ test('gptqIntWeight: int8 per channel, int4 per channel / g128 / g96 and gptq_v2
     const perm = Int32Array.from({ length: cols }, (_, k) => Math.floor((cols - 1 - k) / g));
     if (groups > 1)
       assert.throws(() => gptqIntWeight('m.x.weight', parts({ gIdx: { dtype: 'I32', shape: [cols], data: perm } }), cfg, fail),
-        /^Error: m\.x\.g_idx puts input 0 in group \d+, not 0: activation-ordered \(desc_act\) weights are not read/);
+        /^Error: m\.x\.g_idx puts input 0 in group \d+, not 0: activation-ordered groups \(desc_act true without static_groups\) are not read/);
+    // desc_act true: a g_idx in plain order is read; without one, groups are refused (one group per row is not).
+    const act = { ...cfg, descAct: true as const };
+    if (groups > 1)
+      assert.throws(() => gptqIntWeight('m.x.weight', parts({}), act, fail), /^Error: m\.x\.g_idx is missing: a desc_act checkpoint in groups needs it/);
+    else assert.deepEqual(gptqIntWeight('m.x.weight', parts({}), act, fail).codes, w.codes);
     assert.throws(() => gptqIntWeight('m.x.weight', parts({ qzeros: { dtype: 'I32', shape: [groups + 1, zw], data: new Int32Array((groups + 1) * zw) } }), cfg, fail),
       /^Error: m\.x\.qzeros has shape \[\d+, \d+\], expected/);
   }
@@ -282,7 +287,6 @@ test('unsupported GPTQ configs are refused naming the field and value', () => {
     [{ group_size: 48 }, /\. group_size 48: int4 groups are held as groups of 32 or 128 columns, so a GPTQ group must be a multiple of 32\./],
     [{ group_size: 0 }, /\. group_size 0: expected -1/],
     [{ bits: 8, group_size: 128 }, /\. group_size 128 with bits 8: int8 weights are read with one scale per output channel/],
-    [{ desc_act: true }, /\. desc_act true: activation-ordered groups \(g_idx\) are not read/],
     [{ is_marlin_format: true }, /\. is_marlin_format true: Marlin-packed weights are not read/],
     [{ checkpoint_format: 'marlin' }, /\. checkpoint_format "marlin": expertd reads the "gptq" and "gptq_v2" packings/],
     [{ dynamic: { '-:.*mlp.*': {} } }, /\. dynamic \(per-module bits \/ group_size overrides\) is not read/],
@@ -298,6 +302,34 @@ test('unsupported GPTQ configs are refused naming the field and value', () => {
   const spec = (edit: Record<string, unknown>) => parseModelConfig({ ...base, quantization_config: { ...base.quantization_config, ...edit } } as never).quantization as GptqConfig;
   for (const gs of [128, 256, -1, 64, 96]) assert.deepEqual(spec({ group_size: gs }).schemes, { bits: [4], groupSizes: [gs] });
   assert.deepEqual(spec({ bits: 8, group_size: -1, checkpoint_format: 'gptq_v2', sym: false }), { method: 'gptq', packing: 'gptq', bits: 8, groupSize: -1, checkpointFormat: 'gptq_v2', schemes: { bits: [8], groupSizes: [] }, zeroPoints: true });
+});
+
+// desc_act true (act-order) with static_groups, or per channel, keeps each g_idx input // group_size: the
+// fixture's config says desc_act true and its g_idx are the plain order, so it is the same model; a copy with
+// one g_idx permuted is refused naming that tensor.
+test('GPTQ desc_act true: read where g_idx is the plain group order (static_groups, per channel); a permuted g_idx is refused', () => {
+  const tmp = mkdtempSync(path.join(os.tmpdir(), 'expertd-gptq-act-'));
+  try {
+    const qc = (JSON.parse(readFileSync(path.join(DIR, 'config.json'), 'utf8')) as Record<string, any>).quantization_config;
+    const tensors = storedTensors(DIR);
+    const plain = path.join(tmp, 'static'), permuted = path.join(tmp, 'permuted');
+    writeCheckpointCopy(DIR, plain, tensors, { ...qc, desc_act: true, static_groups: true });
+    const want = forcedLogits(loadModel(DIR, { fast: false }).model);
+    const { model, spec } = loadModel(plain, { fast: false });
+    try {
+      assert.equal((spec.quantization as GptqConfig).descAct, true);
+      forcedLogits(model).forEach((l, i) => assert.deepEqual(l, want[i], `position ${i}`));
+    } finally {
+      model.dispose();
+    }
+    const e0 = 'model.layers.1.mlp.down_proj.g_idx';  // the dense MLP's down projection: 96 inputs, two groups
+    writeCheckpointCopy(DIR, permuted, tensors.map((t) => t.name !== e0 ? t
+      : { ...t, data: new Uint8Array(i32(t).slice().reverse().buffer) }), { ...qc, desc_act: true });
+    assert.throws(() => loadModel(permuted, { fast: false }),
+      new RegExp(`${e0.replace(/\./g, '\\.')} puts input 0 in group 1, not 0: activation-ordered groups \\(desc_act true without static_groups\\) are not read`));
+  } finally {
+    rmSync(tmp, { recursive: true, force: true });
+  }
 });
 
 test('a GPTQ checkpoint whose qweight disagrees with the config, or lacks its qzeros, is refused naming the tensor', () => {

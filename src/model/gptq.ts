@@ -9,7 +9,8 @@
 // 2^(bits - 1) (-8..7 for int4) and, unless every zero is 2^(bits - 1) (sym true), the zero points less
 // 2^(bits - 1) beside the scales (sym false): value = (code - zero) * scale. A group of any multiple of
 // 32 columns is held as groups of 128 (or 32) with its scale and zero repeated, the same numbers.
-// Act-order, other bit widths and Marlin packing are refused naming the field or tensor.
+// desc_act (act-order) is read where each g_idx is still input // group_size (one group per row, or
+// static_groups); a permuted g_idx, other bit widths and Marlin packing are refused naming the field or tensor.
 import { regroupScales, scaleDtypeOf } from './compressed-tensors.js';
 import type { IntWeight } from './tensor-source.js';
 
@@ -32,10 +33,16 @@ export interface GptqConfig {
   schemes: { bits: number[]; groupSizes: number[] };
   /** The weights have zero points (GPTQ sym false; AWQ zero_point, its default). */
   zeroPoints?: true;
+  /**
+   * desc_act true: quantized in activation order. Read where each g_idx is still input // group_size (one
+   * group per row, or static_groups); a permuted g_idx is refused by gptqIntWeight, naming the tensor.
+   */
+  descAct?: true;
 }
 
 const SUPPORTED = 'supported for GPTQ: bits 4 with group_size -1 or a multiple of 32, or bits 8 with group_size -1; ' +
-  'sym true or false, desc_act false, checkpoint_format "gptq" or "gptq_v2"';
+  'sym true or false, desc_act false (or true where every g_idx is the plain input // group_size: per channel, or static_groups), ' +
+  'checkpoint_format "gptq" or "gptq_v2"';
 
 /**
  * quantization_config with quant_method "gptq" -> what the loader needs, or an error (made by `fail`)
@@ -53,9 +60,6 @@ export function parseGptq(q: Raw, mt: string, fail: (msg: string) => Error): Gpt
     throw refuse(`group_size ${gs} with bits 8: int8 weights are read with one scale per output channel (group_size -1).`);
   if (bits === 4 && gs !== -1 && (gs as number) % 32 !== 0)
     throw refuse(`group_size ${gs}: int4 groups are held as groups of 32 or 128 columns, so a GPTQ group must be a multiple of 32.`);
-  if (q.desc_act === true)
-    throw refuse('desc_act true: activation-ordered groups (g_idx) are not read; requantize with desc_act false ' +
-      '(or serve the bf16 original with --quantize int4).');
   if (q.is_marlin_format === true) throw refuse('is_marlin_format true: Marlin-packed weights are not read.');
   const fmt = q.checkpoint_format ?? q.format ?? 'gptq';
   if (fmt !== 'gptq' && fmt !== 'gptq_v2')
@@ -66,6 +70,7 @@ export function parseGptq(q: Raw, mt: string, fail: (msg: string) => Error): Gpt
   return {
     method: 'gptq', packing: 'gptq', bits, groupSize: gs as number, checkpointFormat: fmt,
     schemes: { bits: [bits], groupSizes: bits === 4 ? [gs as number] : [] }, ...(q.sym === false ? { zeroPoints: true as const } : {}),
+    ...(q.desc_act === true ? { descAct: true as const } : {}),
   };
 }
 
@@ -158,14 +163,18 @@ export function gptqIntWeight(name: string, p: GptqParts, cfg: GptqConfig, fail:
       }
     }
   }
+  // desc_act true: the groups must still be input // group_size (checked below); without g_idx that is unknown.
+  if (!p.gIdx && cfg.descAct && groups > 1)
+    throw fail(`${base}.g_idx is missing: a desc_act checkpoint in groups needs it to say which group each input is in`);
   if (p.gIdx) {
     const g = p.gIdx;
     if (g.dtype !== 'I32' || g.shape.length !== 1 || g.shape[0] !== cols)
       throw fail(`${base}.g_idx is ${g.dtype} [${g.shape.join(', ')}], expected I32 [${cols}]`);
     for (let k = 0; k < cols; k++)
       if (g.data[k] !== Math.floor(k / gs))
-        throw fail(`${base}.g_idx puts input ${k} in group ${g.data[k]}, not ${Math.floor(k / gs)}: activation-ordered (desc_act) ` +
-          'weights are not read');
+        throw fail(`${base}.g_idx puts input ${k} in group ${g.data[k]}, not ${Math.floor(k / gs)}: activation-ordered groups ` +
+          '(desc_act true without static_groups) are not read; requantize with desc_act false or static_groups true, or serve ' +
+          'the bf16 original with --quantize int4');
   }
   // Codes [out, in]: the words run along in, one row of words per `per` inputs.
   const codes = new Int8Array(rows * cols);
