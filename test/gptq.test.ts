@@ -17,12 +17,15 @@ import { gptqIntWeight, parseGptq, type GptqConfig } from '../src/model/gptq.js'
 import { f32ToBf16 } from '../src/model/kv-dtype.js';
 import { describeCheckpointQuant, loadCudaModel, loadModel } from '../src/model/load.js';
 import type { MoeModel } from '../src/model/model.js';
+import { quantizeSpec } from '../src/model/quantize.js';
 import { writeSafetensors, type TensorToWrite } from '../src/model/safetensors.js';
 import { loadNative, packageRoot, type PackedWeight } from '../src/native/index.js';
-import { goldenForcedLogits, heldFormats as held, maxAbsDiff, type Golden } from './helpers/model-runner.js';
+import { argmax, goldenForcedLogits, heldFormats as held, maxAbsDiff, type Golden } from './helpers/model-runner.js';
 import { assertDeviceCacheMatches, assertMatchesIntDequant, INT_DEVICE_BACKENDS } from './helpers/device-dequant.js';
 import { checkAgainstDecoded, checkCachedAndRanked, checkIntCheckpoint } from './helpers/int-checkpoint.js';
 import { i32, storedTensors, writeCheckpointCopy } from './helpers/checkpoint-copy.js';
+import { createCudaEmulator } from './helpers/cuda-emu.js';
+import { emulatorSkip } from './helpers/cuda-skip.js';
 
 const DIR = path.join(packageRoot(), 'test', 'fixtures-quant', 'qwen2_moe_gptq');
 
@@ -54,8 +57,8 @@ function decodeGptq(qweight: TensorToWrite, qzeros: TensorToWrite, scales: Tenso
  * decodeGptq; f32, or rounded to bf16); `keepConfig` false drops quantization_config (then `decode` must
  * match them all).
  */
-function decodedCopy(out: string, decode: RegExp, keepConfig: boolean, dtype: 'F32' | 'BF16' = 'F32'): void {
-  const tensors = storedTensors(DIR);
+function decodedCopy(out: string, decode: RegExp, keepConfig: boolean, dtype: 'F32' | 'BF16' = 'F32', src = DIR): void {
+  const tensors = storedTensors(src);
   const byName = new Map(tensors.map((t) => [t.name, t]));
   const kept: TensorToWrite[] = [];
   for (const t of tensors) {
@@ -70,7 +73,60 @@ function decodedCopy(out: string, decode: RegExp, keepConfig: boolean, dtype: 'F
     const data = dtype === 'F32' ? new Uint8Array(w.buffer) : new Uint8Array(Uint16Array.from(w, f32ToBf16).buffer);
     kept.push({ name: `${m[1]}.weight`, dtype, shape: [t.shape[1]!, t.shape[0]! * 8], data });
   }
-  writeCheckpointCopy(DIR, out, kept, keepConfig);
+  writeCheckpointCopy(src, out, kept, keepConfig);
+}
+
+/**
+ * An act-order GPTQ checkpoint (desc_act true, no static_groups) made here from the bf16 qwen2_moe fixture:
+ * every decoder Linear int4 in groups of 32 (so that hidden-64 inputs have two), each group the inputs a random
+ * order puts in it (g_idx), symmetric RTN with f16 scales, v1 zeros. Linears that read one input (q/k/v;
+ * gate/up) share an order, as GPTQ's shared inputs make theirs.
+ */
+function actOrderCopy(out: string): void {
+  const src = path.join(packageRoot(), 'test', 'fixtures', 'qwen2_moe'), G = 32;
+  let seed = 99;
+  const rnd = () => ((seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32);
+  const orders = new Map<string, Int32Array>();
+  const tensors: TensorToWrite[] = [];
+  for (const t of storedTensors(src)) {
+    const m = /^(.*\.(?:self_attn|mlp)\..*_proj)\.weight$/.exec(t.name);
+    if (!m) {
+      tensors.push(t);
+      continue;
+    }
+    const base = m[1]!, [rows, cols] = t.shape as [number, number];
+    const key = base.replace(/[qkv]_proj$/, 'qkv').replace(/(gate|up)_proj$/, 'gu');
+    let order = orders.get(key);
+    if (!order) {
+      order = Int32Array.from({ length: cols }, (_, k) => k);
+      for (let i = cols - 1; i > 0; i--) {
+        const j = Math.floor(rnd() * (i + 1));
+        [order[i], order[j]] = [order[j]!, order[i]!];
+      }
+      orders.set(key, order);
+    }
+    const gIdx = new Int32Array(cols);
+    order.forEach((k, j) => { gIdx[k] = Math.floor(j / G); });
+    const w = new Float32Array(rows * cols);
+    loadNative().convert(new Uint16Array(t.data.buffer, t.data.byteOffset, rows * cols), 'bf16', w, 'f32');
+    const groups = Math.ceil(cols / G), s = new Float32Array(groups * rows);
+    for (let r = 0; r < rows; r++)
+      for (let k = 0; k < cols; k++) s[gIdx[k]! * rows + r] = Math.max(s[gIdx[k]! * rows + r]!, Math.abs(w[r * cols + k]!) * 2 / 15);
+    const s16 = new Uint16Array(s.length);
+    loadNative().convert(s.map((v) => v || 1), 'f32', s16, 'f16');
+    loadNative().convert(s16, 'f16', s, 'f32');
+    const qweight = new Int32Array((cols / 8) * rows);
+    for (let r = 0; r < rows; r++)
+      for (let k = 0; k < cols; k++) {
+        const code = Math.max(-8, Math.min(7, Math.round(w[r * cols + k]! / s[gIdx[k]! * rows + r]!)));
+        qweight[(k >> 3) * rows + r]! |= (code + 8) << (4 * (k & 7));
+      }
+    tensors.push({ name: `${base}.qweight`, dtype: 'I32', shape: [cols / 8, rows], data: new Uint8Array(qweight.buffer) },
+      { name: `${base}.qzeros`, dtype: 'I32', shape: [groups, rows / 8], data: new Uint8Array(new Int32Array(groups * rows / 8).fill(0x77777777).buffer) },
+      { name: `${base}.scales`, dtype: 'F16', shape: [groups, rows], data: new Uint8Array(s16.buffer) },
+      { name: `${base}.g_idx`, dtype: 'I32', shape: [cols], data: new Uint8Array(gIdx.buffer) });
+  }
+  writeCheckpointCopy(src, out, tensors, { quant_method: 'gptq', bits: 4, group_size: G, sym: true, desc_act: true, checkpoint_format: 'gptq' });
 }
 
 test('GPTQ int4: weights kept as codes, logits, routing and greedy tokens match transformers on the dequantised weights', (t) => {
@@ -212,7 +268,7 @@ test('a GPTQ-quantized lm_head (lm_head: true) is held as int4 and equals its va
   }
 });
 
-test('gptqIntWeight: int8 per channel, int4 per channel / g128 / g96 and gptq_v2 zeros read exactly as (q - zero) * scale', () => {
+test('gptqIntWeight: int8 per channel, int4 per channel / g128 / g96, gptq_v2 zeros and act-order read exactly as (q - zero) * scale', () => {
   let seed = 11;
   const rnd = () => ((seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32);
   const fail = (m: string) => new Error(m);
@@ -265,10 +321,20 @@ test('gptqIntWeight: int8 per channel, int4 per channel / g128 / g96 and gptq_v2
         const at = n * perRow + Math.floor(k / hg);
         assert.equal((z.codes[n * cols + k]! - z.zeros[at]!) * z.scales[at]!, want, `asym bits ${bits} g ${gs} (${n}, ${k})`);
       }
-    const perm = Int32Array.from({ length: cols }, (_, k) => Math.floor((cols - 1 - k) / g));
-    if (groups > 1)
-      assert.throws(() => gptqIntWeight('m.x.weight', parts({ gIdx: { dtype: 'I32', shape: [cols], data: perm } }), cfg, fail),
-        /^Error: m\.x\.g_idx puts input 0 in group \d+, not 0: activation-ordered groups \(desc_act true without static_groups\) are not read/);
+    // Act-order: the groups in reverse input order. Held in group order (perm: stored column j is input
+    // perm[j]), every value the same; a g_idx whose groups are not group_size wide is refused.
+    const rev = Int32Array.from({ length: cols }, (_, k) => Math.floor((cols - 1 - k) / g));
+    if (groups > 1) {
+      const a = gptqIntWeight('m.x.weight', parts({ gIdx: { dtype: 'I32', shape: [cols], data: rev } }), cfg, fail);
+      assert.ok(a.perm, 'an input order held');
+      for (let n = 0; n < rows; n++)
+        for (let j = 0; j < cols; j++) {
+          const k: number = a.perm[j]!, at = n * perRow + Math.floor(j / hg);
+          assert.equal(a.codes[n * cols + j]! * a.scales[at]!, (q[k * rows + n]! - half) * scales[rev[k]! * rows + n]!, `act-order (${n}, ${k})`);
+        }
+      assert.throws(() => gptqIntWeight('m.x.weight', parts({ gIdx: { dtype: 'I32', shape: [cols], data: new Int32Array(cols) } }), cfg, fail),
+        /^Error: m\.x\.g_idx holds groups of other sizes than group_size \d+ \(group 1 would take input \d+, which it puts in group 0\)/);
+    }
     // desc_act true: a g_idx in plain order is read; without one, groups are refused (one group per row is not).
     const act = { ...cfg, descAct: true as const };
     if (groups > 1)
@@ -307,13 +373,15 @@ test('unsupported GPTQ configs are refused naming the field and value', () => {
 // desc_act true (act-order) with static_groups, or per channel, keeps each g_idx input // group_size: the
 // fixture's config says desc_act true and its g_idx are the plain order, so it is the same model; a copy with
 // one g_idx permuted is refused naming that tensor.
-test('GPTQ desc_act true: read where g_idx is the plain group order (static_groups, per channel); a permuted g_idx is refused', () => {
+// desc_act true (act-order): with static_groups (or per channel) each g_idx keeps the plain order and the
+// checkpoint is read as it is; otherwise the columns are held in group order and the GEMMs gather x by that
+// order (a down projection's folded into its gate/up rows).
+test('GPTQ desc_act true: static_groups is the same model; a permuted g_idx is held in group order, equal to its values served as f32', async (t) => {
   const tmp = mkdtempSync(path.join(os.tmpdir(), 'expertd-gptq-act-'));
   try {
     const qc = (JSON.parse(readFileSync(path.join(DIR, 'config.json'), 'utf8')) as Record<string, any>).quantization_config;
-    const tensors = storedTensors(DIR);
-    const plain = path.join(tmp, 'static'), permuted = path.join(tmp, 'permuted');
-    writeCheckpointCopy(DIR, plain, tensors, { ...qc, desc_act: true, static_groups: true });
+    const plain = path.join(tmp, 'static');
+    writeCheckpointCopy(DIR, plain, storedTensors(DIR), { ...qc, desc_act: true, static_groups: true });
     const want = forcedLogits(loadModel(DIR, { fast: false }).model);
     const { model, spec } = loadModel(plain, { fast: false });
     try {
@@ -322,11 +390,53 @@ test('GPTQ desc_act true: read where g_idx is the plain group order (static_grou
     } finally {
       model.dispose();
     }
-    const e0 = 'model.layers.1.mlp.down_proj.g_idx';  // the dense MLP's down projection: 96 inputs, two groups
-    writeCheckpointCopy(DIR, permuted, tensors.map((t) => t.name !== e0 ? t
-      : { ...t, data: new Uint8Array(i32(t).slice().reverse().buffer) }), { ...qc, desc_act: true });
-    assert.throws(() => loadModel(permuted, { fast: false }),
-      new RegExp(`${e0.replace(/\./g, '\\.')} puts input 0 in group 1, not 0: activation-ordered groups \\(desc_act true without static_groups\\) are not read`));
+    // Act-order groups: against the same values decoded by the test (decodeGptq reads g_idx) and served as
+    // f32; through the expert cache and over 2 expert ranks bit for bit; fast mode near its own f32 values.
+    const act = path.join(tmp, 'act'), ref = path.join(tmp, 'act-f32');
+    actOrderCopy(act);
+    decodedCopy(ref, /./, false, 'F32', act);
+    const a = loadModel(act, { fast: false }).model;
+    try {
+      assert.deepEqual(held(a), ['expert int4/int4', 'shared int4/int4']);
+    } finally {
+      a.dispose();
+    }
+    // f32 rounding: the GEMMs sum each row in group order, the f32 weights in input order. Fast mode (int8
+    // activations gathered into group order) against those f32 values: the top-1 the other int4 fixtures keep
+    // in fast mode against their own values (60-68 of 74 positions).
+    const [want32, ours, fast] = [[ref, false], [act, false], [act, true]].map(([dir, f]) => {
+      const m = loadModel(dir as string, { fast: f as boolean }).model;
+      try {
+        return forcedLogits(m);
+      } finally {
+        m.dispose();
+      }
+    }) as [Float32Array[], Float32Array[], Float32Array[]];
+    const worst = maxAbsDiff(ours, want32);
+    t.diagnostic(`against the f32 values: ${worst}`);
+    assert.ok(worst <= 5e-5, `logits max-abs difference ${worst}`);
+    const agree = fast.filter((l, i) => argmax(l) === argmax(want32[i]!)).length;
+    t.diagnostic(`fast: top-1 ${agree}/${fast.length} against the f32 values`);
+    assert.ok(agree / fast.length >= 0.8, `fast: top-1 ${agree}/${fast.length}`);
+    await checkCachedAndRanked(act, golden, 'expert int4/int4');
+  } finally {
+    rmSync(tmp, { recursive: true, force: true });
+  }
+});
+
+test('the device engine refuses act-order experts by name (its kernels do not gather x) and serves them with --quantize int4', { skip: emulatorSkip }, () => {
+  const tmp = mkdtempSync(path.join(os.tmpdir(), 'expertd-gptq-act-dev-'));
+  try {
+    const act = path.join(tmp, 'act');
+    actOrderCopy(act);
+    assert.throws(() => loadCudaModel(act, { device: 0, cuda: createCudaEmulator() }),
+      /act-order GPTQ experts \(desc_act with a g_idx out of the plain order\) are not read by the device engine's int kernels/);
+    const { model } = loadCudaModel(act, { device: 0, cuda: createCudaEmulator(), quantize: quantizeSpec('int4', 32) });
+    try {
+      assert.deepEqual(model.expertQuant, { format: 'int4', group: 32, blockRows: 0 });
+    } finally {
+      model.dispose();
+    }
   } finally {
     rmSync(tmp, { recursive: true, force: true });
   }

@@ -185,12 +185,13 @@ IntZeros int_zeros(const Napi::CallbackInfo& info, size_t i, bool gu, size_t sle
   return z;
 }
 
-// packInt(codes, scales, n, k, format, group, upCodes?, upScales?, scaleDtype?, zeros?, upZeros?) -> int8 / int4 weight
+// packInt(codes, scales, n, k, format, group, upCodes?, upScales?, scaleDtype?, zeros?, upZeros?, perm?) -> int8 / int4 weight
 // from codes and scales [n, ceil(k / group)] (int8 group 0: one scale per row, scales [n]). With the
 // up pair the result is a gate_up weight of n = 2 * (rows of codes). scaleDtype: how an int4 weight
 // holds its scales, 'f32' (default), 'bf16' or 'f16' (the checkpoint's: every scale must be exact in
 // it); int8 keeps f32. zeros, upZeros (Int8Array, laid out as the scales): zero points, value =
-// (code - zero) * scale (AWQ, asymmetric GPTQ / compressed-tensors); absent: symmetric.
+// (code - zero) * scale (AWQ, asymmetric GPTQ / compressed-tensors); absent: symmetric. perm
+// (Int32Array [k]): the codes' columns' input order (act-order GPTQ), shared by gate and up.
 Napi::Value pack_int_js(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   expect_args(info, 6, "packInt");
@@ -217,18 +218,19 @@ Napi::Value pack_int_js(const Napi::CallbackInfo& info) {
     if (qa.q == QFormat::I8 && st != ScaleType::F32) throw_type(env, "int8 weights keep f32 scales: scaleDtype must be 'f32'");
   }
   const IntZeros z = int_zeros(info, 9, gu, slen);
+  const int32_t* perm = get_optional_array<int32_t>(info, 11, "perm", static_cast<size_t>(k), true).data;
   std::shared_ptr<PackedWeight> w;
   guard(env, [&] {
     w = alloc_quant_weight(qa.q, qa.group, gu ? WeightKind::GateUp : WeightKind::Plain,
                            static_cast<int>(gu ? 2 * n : n), static_cast<int>(k), st);
-    pack_int_weight(*w, codes, sc, ucodes, usc, true, z.zeros, z.up);
+    pack_int_weight(*w, codes, sc, ucodes, usc, true, z.zeros, z.up, perm);
   });
   return WeightHandle::create(env, std::move(w));
 }
 
-// repackIntInto(dst, codes, scales, upCodes?, upScales?, zeros?, upZeros?): packInt's arrays into an
-// existing int8 / int4 weight of the same geometry and group (expert cache slots), in place; a
-// weight with zero points takes only arrays with them.
+// repackIntInto(dst, codes, scales, upCodes?, upScales?, zeros?, upZeros?, perm?): packInt's arrays into
+// an existing int8 / int4 weight of the same geometry and group (expert cache slots), in place; a
+// weight with zero points (an input order) takes only arrays with them (it).
 Napi::Value repack_int_into_js(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   expect_args(info, 3, "repackIntInto");
@@ -253,7 +255,10 @@ Napi::Value repack_int_into_js(const Napi::CallbackInfo& info) {
   const IntZeros z = int_zeros(info, 5, gu, slen);
   if ((z.zeros != nullptr) != (dst.zeros != nullptr))
     throw_type(env, dst.zeros ? "dst holds zero points: zeros are required" : "dst has no zero points: zeros must be null or absent");
-  guard(env, [&] { pack_int_weight(dst, codes, sc, ucodes, usc, true, z.zeros, z.up); });
+  const int32_t* perm = get_optional_array<int32_t>(info, 7, "perm", static_cast<size_t>(dst.k), true).data;
+  if ((perm != nullptr) != (dst.perm != nullptr))
+    throw_type(env, dst.perm ? "dst holds an input order: perm is required" : "dst has no input order: perm must be null or absent");
+  guard(env, [&] { pack_int_weight(dst, codes, sc, ucodes, usc, true, z.zeros, z.up, perm); });
   return env.Undefined();
 }
 

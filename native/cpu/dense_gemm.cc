@@ -42,6 +42,11 @@ void dense_gemm(const float* x, int m, const PackedWeight& w, float* y, const fl
   const CpuFeatures& f = cpu_features();
   const Path path = choose_path(f, w, fast_bf16);
   GemmScratch& s = gemm_scratch();
+  if (w.perm) {  // an act-order weight: x in its columns' input order
+    auto* xp = static_cast<float*>(s.x_perm.get(static_cast<size_t>(m) * w.k * sizeof(float)));
+    gather_columns(x, 0, m, w.k, w.perm.get(), xp);
+    x = xp;
+  }
   auto& pool = ThreadPool::instance();
   // A prefetch hint that lists w moves past it (its scales follow its codes in a hint).
   pool.prefetch_reached(w.quantized() ? static_cast<const void*>(w.scales.get()) : w.ptr());

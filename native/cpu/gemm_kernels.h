@@ -184,7 +184,7 @@ struct Task {
 
 // Per calling thread (the engine worker, tests on the main thread): scratch survives calls.
 struct GemmScratch {
-  Buffer x_bf16, x_f32, x_f32_plain, h;
+  Buffer x_bf16, x_f32, x_f32_plain, h, x_perm;
   Buffer x_i8, x_i8_scale, x_i8_sums, h_i8, h_i8_scale, h_i8_sums;
   std::vector<Task> tasks;
   // group_gemm_ffn's one-job decode path: per expert, gate/up items left and whether h is ready.
@@ -194,6 +194,20 @@ struct GemmScratch {
 inline GemmScratch& gemm_scratch() {
   thread_local GemmScratch s;
   return s;
+}
+
+// Rows [r0, r1) of x [., k] (row pitch k) gathered by perm into out (same pitch): out[r][j] =
+// x[r][perm[j]] (an act-order weight's input order, PackedWeight::perm); perm null copies them.
+inline void gather_columns(const float* x, int r0, int r1, int k, const int32_t* perm, float* out) {
+  for (int r = r0; r < r1; ++r) {
+    const float* xr = x + static_cast<size_t>(r) * k;
+    float* o = out + static_cast<size_t>(r) * k;
+    if (!perm) {
+      std::memcpy(o, xr, static_cast<size_t>(k) * sizeof(float));
+      continue;
+    }
+    for (int j = 0; j < k; ++j) o[j] = xr[perm[j]];
+  }
 }
 
 // Appends the tasks of one weight on a path: row tiles (multiples of the path's rows per tile)

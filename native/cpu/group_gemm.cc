@@ -121,6 +121,23 @@ void group_gemm_ffn(const float* x, const int32_t* offsets, int num_experts,
   c.fast = fast_bf16;
   c.cpu = &cpu;
 
+  // Act-order experts (PackedWeight::perm on gate_up): each one's rows of x in its input order. A down
+  // projection's order is folded into its gate_up rows at load, so h needs none.
+  bool any_perm = false;
+  for (int e = 0; e < num_experts; ++e) {
+    if (offsets[e + 1] <= offsets[e] || !gate_up[e]) continue;
+    any_perm = any_perm || gate_up[e]->perm != nullptr;
+    EXPERTD_CHECK(!down[e] || !down[e]->perm, ErrorCode::InvalidArg,
+                  "a down projection with an input order: fold it into the expert's gate_up rows");
+  }
+  if (any_perm) {
+    auto* xp = static_cast<float*>(s.x_perm.get(static_cast<size_t>(rows) * h * sizeof(float)));
+    for (int e = 0; e < num_experts; ++e)
+      if (offsets[e + 1] > offsets[e])
+        gather_columns(x, offsets[e], offsets[e + 1], h, gate_up[e] ? gate_up[e]->perm.get() : nullptr, xp);
+    x = xp;
+  }
+
   // Prepare each activation form some active expert reads.
   bool need_bf16 = false, need_rounded = false, need_plain = false;
   I8Shape x_i8, h_i8;

@@ -324,9 +324,24 @@ void write_zeros(PackedWeight& w, const int8_t* zeros, const int8_t* zeros_up, i
 
 void pack_int_weight(PackedWeight& w, const int8_t* codes, const float* scales,
                      const int8_t* codes_up, const float* scales_up, bool use_pool,
-                     const int8_t* zeros, const int8_t* zeros_up) {
+                     const int8_t* zeros, const int8_t* zeros_up, const int32_t* perm) {
   EXPERTD_CHECK(zeros || !w.zeros, ErrorCode::InvalidArg,
                 "the weight holds zero points: packing into it needs them");
+  EXPERTD_CHECK(perm || !w.perm, ErrorCode::InvalidArg,
+                "the weight holds an input order (act-order): packing into it needs one");
+  if (perm) {
+    std::vector<uint8_t> seen(static_cast<size_t>(w.k), 0);
+    for (int j = 0; j < w.k; ++j) {
+      EXPERTD_CHECK(perm[j] >= 0 && perm[j] < w.k && !seen[perm[j]], ErrorCode::InvalidArg,
+                    "perm is not a permutation of 0.." + std::to_string(w.k - 1) + " (at " + std::to_string(j) + ")");
+      seen[perm[j]] = 1;
+    }
+    if (!w.perm) {
+      w.perm = std::shared_ptr<int32_t>(new int32_t[w.k], std::default_delete<int32_t[]>());
+      w.size_bytes += static_cast<size_t>(w.k) * sizeof(int32_t);
+    }
+    std::memcpy(w.perm.get(), perm, static_cast<size_t>(w.k) * sizeof(int32_t));
+  }
   EXPERTD_CHECK(w.q == QFormat::I8 || w.q == QFormat::I4, ErrorCode::InvalidArg,
                 std::string("pack_int_weight needs an int8 or int4 weight, got ") + qformat_name(w.q));
   EXPERTD_CHECK(w.data != nullptr && w.scales != nullptr, ErrorCode::Internal,
@@ -361,6 +376,10 @@ void pack_int_weight(PackedWeight& w, const int8_t* codes, const float* scales,
 }
 
 float quant_weight_at(const PackedWeight& w, int row, int col) {
+  if (w.perm) {  // act-order: input col is stored column j with perm[j] == col
+    const int32_t* pm = w.perm.get();
+    col = static_cast<int>(std::find(pm, pm + w.k, col) - pm);
+  }
   const int p = physical_row(w, row);
   const uint8_t* blk = w.data.get() + static_cast<size_t>(p / 16) * w.kp * w.k_bytes16();
   const int i = p % 16;

@@ -324,14 +324,17 @@ export function unpackInt32(packed: Int32Array, rows: number, cols: number, word
   return out;
 }
 
-/** The f32 values (code - zero) * scale (exact for bf16 scales) of an int weight [rows, cols]. */
+/**
+ * The f32 values (code - zero) * scale (exact for bf16 scales) of an int weight [rows, cols], in the
+ * inputs' order (an act-order weight's column c is input perm[c]).
+ */
 export function dequantInt(w: IntWeight): Float32Array {
   const out = new Float32Array(w.rows * w.cols);
   const g = w.group === 0 ? w.cols : w.group, per = Math.ceil(w.cols / g);
   for (let r = 0; r < w.rows; r++)
     for (let c = 0; c < w.cols; c++) {
       const at = r * per + Math.floor(c / g);
-      out[r * w.cols + c] = Math.fround((w.codes[r * w.cols + c]! - (w.zeros?.[at] ?? 0)) * w.scales[at]!);
+      out[r * w.cols + (w.perm ? w.perm[c]! : c)] = Math.fround((w.codes[r * w.cols + c]! - (w.zeros?.[at] ?? 0)) * w.scales[at]!);
     }
   return out;
 }

@@ -246,7 +246,8 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     const name = prefix.replace(/\.$/, '');
     const q = this.dev.denseQuant;
     const [gi, ui, di] = q ? [null, null, null] : ['gate_proj', 'up_proj', 'down_proj'].map((p) => src.getInt?.(`${prefix}${p}.weight`) ?? null);
-    if (gi && ui && di) {
+    // Act-order (a perm on any of the three): the bf16 path below, as the device's kernels do not gather x.
+    if (gi && ui && di && !gi.perm && !ui.perm && !di.perm) {
       // Zero points in any of the three: the table's layout carries them (a symmetric one's are 0).
       const iq = { ...intDeviceQuant(gi), ...(gi.zeros || ui.zeros || di.zeros ? { zeros: true as const } : {}) };
       if (!deviceQuantError(iq, this.spec.hidden, inter)) {

@@ -238,6 +238,11 @@ export function quantizedExpert(q: DeviceQuant, ex: () => ExpertSource, fp8: Fp8
 /** An FP8 checkpoint's expert (moe-tensors' expertFp8). */
 export interface Fp8Expert { gate: Fp8Weight; up: Fp8Weight; down: Fp8Weight }
 
+/** Why the device's int kernels cannot take an act-order weight, and what to do instead. */
+export const ACT_ORDER_ON_DEVICE = 'act-order GPTQ experts (desc_act with a g_idx out of the plain order) are not read by the ' +
+  'device engine\'s int kernels, which do not gather their inputs; serve this checkpoint on the CPU engine, or on the device ' +
+  'with --quantize int4 (its values re-quantized at load)';
+
 /**
  * A checkpoint's int8 / int4 weight kept as its codes, scales and zero points (gate_up: gate's rows then
  * up's). q must be the weight's format and group (int8: one scale per row); a weight with zero points
@@ -245,6 +250,7 @@ export interface Fp8Expert { gate: Fp8Weight; up: Fp8Weight; down: Fp8Weight }
  */
 export function intMatrix(q: DeviceQuant, gate: IntWeight, up: IntWeight | null): Uint8Array {
   const want = gate.bits === 8 ? 'int8' : 'int4';
+  if (gate.perm || up?.perm) throw new RangeError(ACT_ORDER_ON_DEVICE);
   if ((gate.zeros || up?.zeros) && !q.zeros)
     throw new RangeError(`an int${gate.bits} weight with zero points does not fit the table's ${q.format} layout without them ` +
       '(a checkpoint whose config says it is symmetric stores zero points)');

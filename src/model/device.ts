@@ -131,7 +131,8 @@ export class Device {
    */
   storedLinear(src: TensorSource, name: string, n: number, k: number): DeviceWeight {
     const iw = this.denseQuant ? null : src.getInt?.(name) ?? null;
-    if (iw && iw.rows === n && iw.cols === k) {
+    // Act-order (a perm): the device's kernels do not gather x, so such a weight takes denseLinear's bf16 path.
+    if (iw && !iw.perm && iw.rows === n && iw.cols === k) {
       const q = intDeviceQuant(iw);
       if (!deviceQuantDenseError(q, n, k)) return { buf: this.upload(intMatrix(q, iw, null)), n, k, dtype: 'bf16', reference: false, quant: q };
     }

@@ -9,8 +9,9 @@
 // 2^(bits - 1) (-8..7 for int4) and, unless every zero is 2^(bits - 1) (sym true), the zero points less
 // 2^(bits - 1) beside the scales (sym false): value = (code - zero) * scale. A group of any multiple of
 // 32 columns is held as groups of 128 (or 32) with its scale and zero repeated, the same numbers.
-// desc_act (act-order) is read where each g_idx is still input // group_size (one group per row, or
-// static_groups); a permuted g_idx, other bit widths and Marlin packing are refused naming the field or tensor.
+// desc_act (act-order): a g_idx out of the plain order is read by holding the columns in group order (the
+// weight's perm, by which the GEMMs gather x). Other bit widths and Marlin packing are refused naming the
+// field or tensor.
 import { regroupScales, scaleDtypeOf } from './compressed-tensors.js';
 import type { IntWeight } from './tensor-source.js';
 
@@ -33,16 +34,12 @@ export interface GptqConfig {
   schemes: { bits: number[]; groupSizes: number[] };
   /** The weights have zero points (GPTQ sym false; AWQ zero_point, its default). */
   zeroPoints?: true;
-  /**
-   * desc_act true: quantized in activation order. Read where each g_idx is still input // group_size (one
-   * group per row, or static_groups); a permuted g_idx is refused by gptqIntWeight, naming the tensor.
-   */
+  /** desc_act true: quantized in activation order (a g_idx out of the plain order is held as a perm). */
   descAct?: true;
 }
 
 const SUPPORTED = 'supported for GPTQ: bits 4 with group_size -1 or a multiple of 32, or bits 8 with group_size -1; ' +
-  'sym true or false, desc_act false (or true where every g_idx is the plain input // group_size: per channel, or static_groups), ' +
-  'checkpoint_format "gptq" or "gptq_v2"';
+  'sym true or false, desc_act true or false, checkpoint_format "gptq" or "gptq_v2"';
 
 /**
  * quantization_config with quant_method "gptq" -> what the loader needs, or an error (made by `fail`)
@@ -166,18 +163,26 @@ export function gptqIntWeight(name: string, p: GptqParts, cfg: GptqConfig, fail:
   // desc_act true: the groups must still be input // group_size (checked below); without g_idx that is unknown.
   if (!p.gIdx && cfg.descAct && groups > 1)
     throw fail(`${base}.g_idx is missing: a desc_act checkpoint in groups needs it to say which group each input is in`);
+  // Act-order (desc_act without static_groups): g_idx puts the inputs in groups out of order. The columns
+  // are then held in group order (perm: stable by group, then input), each group gs of them as in the plain
+  // order, and the GEMMs gather x by perm.
+  let perm: Int32Array | undefined;
   if (p.gIdx) {
     const g = p.gIdx;
     if (g.dtype !== 'I32' || g.shape.length !== 1 || g.shape[0] !== cols)
       throw fail(`${base}.g_idx is ${g.dtype} [${g.shape.join(', ')}], expected I32 [${cols}]`);
-    for (let k = 0; k < cols; k++)
-      if (g.data[k] !== Math.floor(k / gs))
-        throw fail(`${base}.g_idx puts input ${k} in group ${g.data[k]}, not ${Math.floor(k / gs)}: activation-ordered groups ` +
-          '(desc_act true without static_groups) are not read; requantize with desc_act false or static_groups true, or serve ' +
-          'the bf16 original with --quantize int4');
+    let plain = true;
+    for (let k = 0; k < cols && plain; k++) plain = g.data[k] === Math.floor(k / gs);
+    if (!plain) {
+      perm = Int32Array.from({ length: cols }, (_, k) => k).sort((a, b) => g.data[a]! - g.data[b]! || a - b);
+      for (let j = 0; j < cols; j++)
+        if (g.data[perm[j]!] !== Math.floor(j / gs))
+          throw fail(`${base}.g_idx holds groups of other sizes than group_size ${gs} (group ${Math.floor(j / gs)} ` +
+            `would take input ${perm[j]}, which it puts in group ${g.data[perm[j]!]})`);
+    }
   }
   // Codes [out, in]: the words run along in, one row of words per `per` inputs.
-  const codes = new Int8Array(rows * cols);
+  let codes = new Int8Array(rows * cols);
   const q = p.qweight.data;
   for (let i = 0; i < cols / per; i++) {
     const k0 = i * per;
@@ -187,17 +192,24 @@ export function gptqIntWeight(name: string, p: GptqParts, cfg: GptqConfig, fail:
       for (let j = 0; j < per; j++, word >>>= bits) codes[o + j] = (word & mask) - half;
     }
   }
+  if (perm) {
+    const natural = codes;
+    codes = new Int8Array(rows * cols);
+    for (let r = 0; r < rows; r++)
+      for (let j = 0; j < cols; j++) codes[r * cols + j] = natural[r * cols + perm[j]!]!;
+  }
+  const order = perm ? { perm } : {};
   const sd = scaleDtypeOf(p.scales.dtype);
   if (bits === 8) {
     const scales = new Float32Array(rows);
     scales.set(p.scales.data.subarray(0, rows));
-    return { bits, codes, scales, rows, cols, group: 0, ...(zeros ? { zeros } : {}) };
+    return { bits, codes, scales, rows, cols, group: 0, ...(zeros ? { zeros } : {}), ...order };
   }
   // Scales [groups, out] -> [out, groups], then held as groups of 32 / 128 (regroupScales).
   const t = new Float32Array(rows * groups);
   for (let g = 0; g < groups; g++)
     for (let r = 0; r < rows; r++) t[r * groups + g] = p.scales.data[g * rows + r]!;
-  return { bits, codes, ...regroupScales(t, rows, cols, cfg.groupSize, zeros), rows, cols, scaleDtype: sd };
+  return { bits, codes, ...regroupScales(t, rows, cols, cfg.groupSize, zeros), rows, cols, scaleDtype: sd, ...order };
 }
 
 /**

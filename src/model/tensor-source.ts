@@ -30,6 +30,11 @@ export interface IntWeight {
    * value = (code - zero) * scale. Absent: symmetric, value = code * scale.
    */
   zeros?: Int8Array;
+  /**
+   * Act-order (GPTQ desc_act with a permuted g_idx): column j of codes is input perm[j], the columns
+   * ordered so that each scale group is contiguous. Absent: the natural order.
+   */
+  perm?: Int32Array;
 }
 
 /** How a quantized weight holds its scales. */

@@ -79,7 +79,46 @@ export function intScaleDtype(w: IntWeight, up: IntWeight | null = null): ScaleD
 export function packIntWeight(w: IntWeight, up: IntWeight | null = null): PackedWeight {
   const z = intZeros(w, up);
   return loadNative().packInt(w.codes, w.scales, w.rows, w.cols, w.bits === 8 ? 'int8' : 'int4', w.group,
-    up?.codes ?? null, up?.scales ?? null, intScaleDtype(w, up), z.zeros, z.upZeros);
+    up?.codes ?? null, up?.scales ?? null, intScaleDtype(w, up), z.zeros, z.upZeros, sharedPerm(w, up));
+}
+
+/**
+ * The one input order of weights that read the same input (gate and up; fused q/k/v), or null when none has
+ * one (act-order GPTQ: PackedWeight's perm). Different orders cannot share one activation row.
+ */
+export function sharedPerm(...ws: (IntWeight | null)[]): Int32Array | null {
+  const first = ws.find((w) => w?.perm)?.perm;
+  if (!first) return null;
+  for (const w of ws)
+    if (w && !(w.perm && w.perm.length === first.length && w.perm.every((v, i) => v === first[i])))
+      throw new ShapeError('weights that read one input hold different act-order input orders (g_idx); expertd reads them ' +
+        'when they share one, as GPTQ quantizes them from the same inputs');
+  return first;
+}
+
+/** w's rows [rows, ...] reordered by order: row j of the result is row order[j] of w (codes, scales, zeros). */
+function permuteRows(w: IntWeight, order: Int32Array): IntWeight {
+  const per = w.group === 0 ? 1 : Math.ceil(w.cols / w.group);
+  const codes = new Int8Array(w.codes.length), scales = new Float32Array(w.scales.length);
+  const zeros = w.zeros ? new Int8Array(w.zeros.length) : undefined;
+  for (let j = 0; j < w.rows; j++) {
+    const r = order[j]!;
+    codes.set(w.codes.subarray(r * w.cols, (r + 1) * w.cols), j * w.cols);
+    scales.set(w.scales.subarray(r * per, (r + 1) * per), j * per);
+    zeros?.set(w.zeros!.subarray(r * per, (r + 1) * per), j * per);
+  }
+  return { ...w, codes, scales, ...(zeros ? { zeros } : {}) };
+}
+
+/**
+ * An FFN whose down projection is act-order: its input order folded into gate's and up's rows (row j of
+ * each becomes row perm[j]), so that h comes out in the order down's columns hold; down loses its perm.
+ * The same numbers; the GEMMs then gather only the FFN's input.
+ */
+export function foldDownPerm(gate: IntWeight, up: IntWeight, down: IntWeight): { gate: IntWeight; up: IntWeight; down: IntWeight } {
+  if (!down.perm) return { gate, up, down };
+  const { perm, ...rest } = down;
+  return { gate: permuteRows(gate, perm), up: permuteRows(up, perm), down: rest };
 }
 
 /**
@@ -138,7 +177,8 @@ export function packStacked(src: TensorSource, names: string[], rows: number[], 
       so += w!.scales.length;
     }
     const scaleDtype = ints.every((w) => w!.scaleDtype === first.scaleDtype) ? first.scaleDtype : 'f32';
-    return packIntWeight({ ...first, codes, scales, rows: total, scaleDtype, zeros });
+    const perm = sharedPerm(...ints);
+    return packIntWeight({ ...first, codes, scales, rows: total, scaleDtype, zeros, ...(perm ? { perm } : {}) });
   }
   // FP8 parts stay FP8 when all of them are (else, as any mix of dtypes, their values are widened).
   const fp8 = names.map((name) => fp8Weight(src, name, quantize));
@@ -294,5 +334,6 @@ export function checkIntFfn(names: string[], gate: IntWeight | null, up: IntWeig
   checkInt(names[0]!, gate, i, h);
   checkInt(names[1]!, up, i, h);
   checkInt(names[2]!, down, h, i);
-  return { gate, up, down };
+  sharedPerm(gate, up);
+  return foldDownPerm(gate, up, down);
 }

@@ -712,19 +712,20 @@ export interface NativeAddon extends Partial<CudaAddon> {
    * An int8 / int4 weight quantized elsewhere (compressed-tensors checkpoints) kept as its codes:
    * codes [n, k] one signed value per element (int4: -8..7), scales [n, ceil(k / group)] f32 (int8:
    * group 0, one scale per row, scales [n]); value = code * scale, or (code - zero) * scale with
-   * zeros (Int8Array laid out as the scales: AWQ, asymmetric GPTQ). With upCodes/upScales (same
+   * zeros (Int8Array laid out as the scales: AWQ, asymmetric GPTQ); perm [k]: the input order of the
+   * codes' columns (act-order GPTQ; DenseGemm and GroupGemm's gate_up pass gather x by it). With upCodes/upScales (same
    * shapes) the result is a gate_up weight of 2n rows. scaleDtype: how an int4 weight holds its
    * scales ('f32' by default; 'bf16' / 'f16' take half the bytes and need every scale exact in that
    * dtype, as a checkpoint's bf16 / f16 scales are); int8 keeps f32.
    */
   packInt(codes: Int8Array, scales: Float32Array, n: number, k: number, format: 'int8' | 'int4', group: number,
           upCodes?: Int8Array | null, upScales?: Float32Array | null, scaleDtype?: DType,
-          zeros?: Int8Array | null, upZeros?: Int8Array | null): PackedWeight;
+          zeros?: Int8Array | null, upZeros?: Int8Array | null, perm?: Int32Array | null): PackedWeight;
   /** packInt's arrays into an existing int8 / int4 weight of the same geometry and group (expert
    * cache slots), in place; a gate_up weight needs the up pair, a weight with zero points its zeros. */
   repackIntInto(dst: PackedWeight, codes: Int8Array, scales: Float32Array,
                 upCodes?: Int8Array | null, upScales?: Float32Array | null,
-                zeros?: Int8Array | null, upZeros?: Int8Array | null): void;
+                zeros?: Int8Array | null, upZeros?: Int8Array | null, perm?: Int32Array | null): void;
   /** Re-packs new contents into an existing weight of the same geometry (expert cache slots; a
    * quantized slot re-quantizes them). */
   repackInto(dst: PackedWeight, src: WeightSource, dtype: DType, up?: WeightSource | null): void;

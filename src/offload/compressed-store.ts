@@ -11,7 +11,7 @@ import { CheckpointError, gptqName, type Checkpoint, type TensorInfo } from '../
 import type { ModelSpec } from '../model/spec.js';
 import type { IntWeight } from '../model/tensor-source.js';
 import { quantizedBytes, type QuantizeSpec } from '../model/quantize.js';
-import { intScaleDtype, intZeros } from '../model/weights.js';
+import { foldDownPerm, intScaleDtype, intZeros, sharedPerm } from '../model/weights.js';
 import { EngineThreadExpertStore, packRequantized } from './engine-thread-store.js';
 import { expertTensorPrefix, moeLayerIndices, type SlotWeights } from './expert-store.js';
 
@@ -142,7 +142,8 @@ export class CompressedExpertStore extends EngineThreadExpertStore<IntRanges[]> 
   protected load(r: IntRanges[], slot: SlotWeights): void {
     const n = loadNative();
     const { H, I } = this;
-    const [gate, up, down] = this.read(r);
+    // An act-order down projection's input order folded into gate's and up's rows (as the resident experts').
+    const { gate, up, down } = foldDownPerm(...this.read(r));
     const q = this.quantize;
     if (q) {
       const [g, u, d] = [gate, up, down].map(dequantInt) as [Float32Array, Float32Array, Float32Array];
@@ -150,10 +151,11 @@ export class CompressedExpertStore extends EngineThreadExpertStore<IntRanges[]> 
       return;
     }
     const fmt = (w: IntWeight) => (w.bits === 8 ? 'int8' : 'int4');
-    const gz = intZeros(gate, up), dz = intZeros(down);
-    if (slot.gateUp) n.repackIntInto(slot.gateUp, gate.codes, gate.scales, up.codes, up.scales, gz.zeros, gz.upZeros);
+    const gz = intZeros(gate, up), perm = sharedPerm(gate, up);
+    const dz = intZeros(down);
+    if (slot.gateUp) n.repackIntInto(slot.gateUp, gate.codes, gate.scales, up.codes, up.scales, gz.zeros, gz.upZeros, perm);
     else slot.gateUp = n.packInt(gate.codes, gate.scales, I, H, fmt(gate), gate.group, up.codes, up.scales, intScaleDtype(gate, up),
-      gz.zeros, gz.upZeros);
+      gz.zeros, gz.upZeros, perm);
     if (slot.down) n.repackIntInto(slot.down, down.codes, down.scales, null, null, dz.zeros);
     else slot.down = n.packInt(down.codes, down.scales, H, I, fmt(down), down.group, null, null, intScaleDtype(down), dz.zeros);
   }

@@ -86,6 +86,10 @@ struct PackedWeight {
   // (code - zero) * scale. The kernels multiply the codes as for a symmetric weight and the
   // GEMMs' epilogue subtracts sum over groups of scale * zero * (the group's sum of x).
   std::shared_ptr<uint8_t> zeros;
+  // Input order of an int weight from an act-order checkpoint (GPTQ desc_act), else null: [k], column
+  // j of the codes is input perm[j], so that each scale group is contiguous. DenseGemm and the gate_up
+  // pass of GroupGemm gather x by it (a down projection's order is folded into its gate_up's rows).
+  std::shared_ptr<int32_t> perm;
   const void* ptr() const { return data.get(); }
   size_t zero_bytes() const { return zeros ? static_cast<size_t>(np) * (kp / group) : 0; }
   bool quantized() const { return q != QFormat::None; }
@@ -145,9 +149,12 @@ void pack_mxfp4_weight(PackedWeight& w, const uint8_t* blocks, const uint8_t* sc
 // zeros (and zeros_up for GateUp), laid out as the scales: per (row, group) zero points, value =
 // (code - zero) * scale; w gains its zeros buffer on the first such call. A weight with zero
 // points takes only packs with them (and one without, only packs without).
+// perm ([k], a permutation of 0..k-1, shared by gate and up): the input order of the codes' columns
+// (PackedWeight::perm); a weight with one takes only packs with one.
 void pack_int_weight(PackedWeight& w, const int8_t* codes, const float* scales,
                      const int8_t* codes_up, const float* scales_up, bool use_pool = true,
-                     const int8_t* zeros = nullptr, const int8_t* zeros_up = nullptr);
+                     const int8_t* zeros = nullptr, const int8_t* zeros_up = nullptr,
+                     const int32_t* perm = nullptr);
 
 // ---------------------------------------------------------------------------------------------
 // DenseGemm: Y[M, N] = X[M, K] * W[N, K]^T (+ bias[N]) (+= Y if accumulate).
