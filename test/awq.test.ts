@@ -24,7 +24,7 @@ import { intMatrix } from '../src/model/cuda-quant.js';
 import { createCudaEmulator } from './helpers/cuda-emu.js';
 import { assertDeviceCacheMatches, assertMatchesIntDequant, INT_DEVICE_BACKENDS } from './helpers/device-dequant.js';
 import { emulatorSkip } from './helpers/cuda-skip.js';
-import { checkAgainstDecoded, checkCachedAndRanked, checkIntCheckpoint } from './helpers/int-checkpoint.js';
+import { checkAgainstDecoded, checkCachedAndRanked, checkIntCheckpoint, checkSameModel, forcedLogitsOf } from './helpers/int-checkpoint.js';
 import { argmax, goldenForcedLogits, heldFormats as held, type Golden } from './helpers/model-runner.js';
 
 const DIR = path.join(packageRoot(), 'test', 'fixtures-quant', 'qwen2_moe_awq');
@@ -142,18 +142,13 @@ test('AWQ int4 experts through the expert cache (a quarter) and over 2 expert ra
 test('GPTQ with sym false: the same codes and zero points in GPTQ\'s layout (v1 and v2 zeros) are the same model, bit for bit', () => {
   const tmp = mkdtempSync(path.join(os.tmpdir(), 'expertd-awq-gptq-'));
   try {
-    const want = forcedLogits(loadModel(DIR, { fast: false }).model);
+    const want = forcedLogitsOf(DIR, golden);
     for (const format of ['gptq', 'gptq_v2'] as const) {
       const dir = path.join(tmp, format);
       gptqCopy(dir, format);
-      const { model, spec } = loadModel(dir, { fast: false });
-      try {
-        assert.equal((spec.quantization as GptqConfig).packing, 'gptq');
-        assert.deepEqual(held(model), ['expert int4/int4', 'shared int4/int4']);
-        forcedLogits(model).forEach((l, i) => assert.deepEqual(l, want[i], `${format}, position ${i}`));
-      } finally {
-        model.dispose();
-      }
+      const { spec, held } = checkSameModel(dir, golden, want, `${format}, `);
+      assert.equal((spec.quantization as GptqConfig).packing, 'gptq');
+      assert.deepEqual(held, ['expert int4/int4', 'shared int4/int4']);
     }
   } finally {
     rmSync(tmp, { recursive: true, force: true });
@@ -193,17 +188,11 @@ function compressedCopy(out: string): void {
 test('compressed-tensors with symmetric false (weight_zero_point): the same codes and zero points are the same model, bit for bit', async () => {
   const tmp = mkdtempSync(path.join(os.tmpdir(), 'expertd-awq-ct-'));
   try {
-    const want = forcedLogits(loadModel(DIR, { fast: false }).model);
     const dir = path.join(tmp, 'ct');
     compressedCopy(dir);
-    const { model, spec } = loadModel(dir, { fast: false });
-    try {
-      assert.equal(spec.quantization?.method, 'compressed-tensors');
-      assert.deepEqual(held(model), ['expert int4/int4', 'shared int4/int4']);
-      forcedLogits(model).forEach((l, i) => assert.deepEqual(l, want[i], `position ${i}`));
-    } finally {
-      model.dispose();
-    }
+    const { spec, held } = checkSameModel(dir, golden, forcedLogitsOf(DIR, golden));
+    assert.equal(spec.quantization?.method, 'compressed-tensors');
+    assert.deepEqual(held, ['expert int4/int4', 'shared int4/int4']);
     // Through the expert cache too (its slow tier reads each expert's weight_zero_point with its codes).
     await checkCachedAndRanked(dir, golden, 'expert int4/int4', { ranks: false });
   } finally {

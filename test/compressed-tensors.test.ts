@@ -18,7 +18,7 @@ import { ConfigError, parseModelConfig } from '../src/model/config.js';
 import { loadCudaModel, loadModel } from '../src/model/load.js';
 import type { MoeModel } from '../src/model/model.js';
 import { assertDeviceCacheMatches, assertMatchesIntDequant, INT_DEVICE_BACKENDS } from './helpers/device-dequant.js';
-import { writeCheckpointCopy } from './helpers/checkpoint-copy.js';
+import { storedTensors, writeCheckpointCopy } from './helpers/checkpoint-copy.js';
 import { openCheckpoint, readSafetensorsHeader, writeSafetensors, type TensorToWrite } from '../src/model/safetensors.js';
 import { quantElement, quantMatrixBytes } from '../src/model/cuda-quant.js';
 import { loadNative, packageRoot, type CudaBuffer } from '../src/native/index.js';
@@ -388,15 +388,7 @@ test('int4 groups of any multiple of 32, and one scale per row, are held as grou
 function variant(tmp: string, name: string, extra: TensorToWrite[], edit?: (q: Record<string, any>) => void): string {
   const out = path.join(tmp, name);
   mkdirSync(out);
-  const file = path.join(W4, 'model.safetensors');
-  const header = readSafetensorsHeader(file);
-  const bytes = readFileSync(file);
-  const tensors: TensorToWrite[] = header.tensors.map((t) => {
-    const b = new Uint8Array(t.end - t.begin);
-    b.set(bytes.subarray(header.dataStart + t.begin, header.dataStart + t.end));
-    return { name: t.name, dtype: t.dtype, shape: t.shape, data: b };
-  });
-  writeSafetensors(path.join(out, 'model.safetensors'), [...tensors, ...extra]);
+  writeSafetensors(path.join(out, 'model.safetensors'), [...storedTensors(W4), ...extra]);
   writeFileSync(path.join(out, 'config.json'), JSON.stringify(w4Config(edit ?? (() => {}))));
   for (const f of ['generation_config.json', 'tokenizer.json', 'tokenizer_config.json', 'golden.json'])
     copyFileSync(path.join(W4, f), path.join(out, f));
@@ -428,16 +420,13 @@ test('int8 codes of MLA kv_b_proj and the Gated DeltaNet in_proj (with and witho
     for (const [fixture, pick] of [['deepseek_v2', /\.kv_b_proj\.weight$/], ['qwen3_next', /\.linear_attn\.in_proj_\w+\.weight$/]] as const)
     for (const zp of [false, true]) {
       const src = path.join(packageRoot(), 'test', 'fixtures', fixture);
-      const file = path.join(src, 'model.safetensors');
-      const header = readSafetensorsHeader(file);
-      const bytes = readFileSync(file);
       const codes: TensorToWrite[] = [], values: TensorToWrite[] = [];
       let picked = 0;
-      for (const t of header.tensors) {
-        const data = Uint8Array.from(bytes.subarray(header.dataStart + t.begin, header.dataStart + t.end));
+      for (const t of storedTensors(src)) {
+        const data = t.data;
         if (!pick.test(t.name)) {
-          codes.push({ name: t.name, dtype: t.dtype, shape: t.shape, data });
-          values.push({ name: t.name, dtype: t.dtype, shape: t.shape, data });
+          codes.push(t);
+          values.push(t);
           continue;
         }
         // int8 per output row, amax / 126, the values code * scale in f32 (what the loader must give); with

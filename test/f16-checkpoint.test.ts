@@ -2,15 +2,15 @@
 // each bf16 tensor written as f16 loads and, in the reference mode, gives the logits of the same values
 // written as f32 (the loader widens f16 exactly wherever the engine computes in f32).
 import assert from 'node:assert/strict';
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
 
 import { loadModel } from '../src/model/load.js';
-import { readSafetensorsHeader, type TensorToWrite } from '../src/model/safetensors.js';
+import type { TensorToWrite } from '../src/model/safetensors.js';
 import { loadNative, packageRoot } from '../src/native/index.js';
-import { writeCheckpointCopy } from './helpers/checkpoint-copy.js';
+import { storedTensors, writeCheckpointCopy } from './helpers/checkpoint-copy.js';
 import { maxAbsDiff } from './helpers/model-runner.js';
 import { fixtureSequences, forcedLogits } from './helpers/quant-fidelity.js';
 
@@ -23,16 +23,13 @@ test('f16 checkpoints: every fixture in f16 gives the logits of the same values 
   try {
     for (const name of fixtures) {
       const src = path.join(fixturesDir, name);
-      const file = path.join(src, 'model.safetensors');
-      const header = readSafetensorsHeader(file);
-      const bytes = readFileSync(file);
       const f16: TensorToWrite[] = [], f32: TensorToWrite[] = [];
       let converted = 0;
-      for (const tt of header.tensors) {
-        const data = Uint8Array.from(bytes.subarray(header.dataStart + tt.begin, header.dataStart + tt.end));
+      for (const tt of storedTensors(src)) {
+        const data = tt.data;
         if (tt.dtype !== 'BF16') {
-          f16.push({ name: tt.name, dtype: tt.dtype, shape: tt.shape, data });
-          f32.push({ name: tt.name, dtype: tt.dtype, shape: tt.shape, data });
+          f16.push(tt);
+          f32.push(tt);
           continue;
         }
         const count = data.byteLength / 2;

@@ -15,7 +15,8 @@ import { bf16ToF32 as bf16Value } from '../src/model/kv-dtype.js';
 import { loadModel } from '../src/model/load.js';
 import type { MoeModel } from '../src/model/model.js';
 import { attachOffloader, skipAllExperts } from '../src/offload/setup.js';
-import { readSafetensorsHeader, writeSafetensors, type TensorToWrite } from '../src/model/safetensors.js';
+import { writeSafetensors, type TensorToWrite } from '../src/model/safetensors.js';
+import { storedTensors } from './helpers/checkpoint-copy.js';
 import { packageRoot } from '../src/native/index.js';
 import { e4m3, toE4m3 } from './helpers/fp8-checkpoint.js';
 import { fixtureSequences, forcedLogits as forcedSeqLogits } from './helpers/quant-fidelity.js';
@@ -30,14 +31,9 @@ const bf16ToF32 = (u: Uint16Array) => Float32Array.from(u, bf16Value);
 function makeCheckpoints(): { fp8Dir: string; refDir: string; root: string } {
   const root = mkdtempSync(path.join(os.tmpdir(), 'expertd-fp8-'));
   const fp8Dir = path.join(root, 'fp8'), refDir = path.join(root, 'ref');
-  const file = path.join(src, 'model.safetensors');
-  const header = readSafetensorsHeader(file);
-  const bytes = readFileSync(file);
   const fp8: TensorToWrite[] = [], ref: TensorToWrite[] = [];
-  for (const t of header.tensors) {
-    const raw = bytes.subarray(header.dataStart + t.begin, header.dataStart + t.end);
-    const data = new Uint8Array(raw.byteLength);
-    data.set(raw);
+  for (const t of storedTensors(src)) {
+    const data = t.data;
     if (!/\.experts\.\d+\.(gate|up|down)_proj\.weight$/.test(t.name) || t.dtype !== 'BF16') {
       fp8.push({ name: t.name, dtype: t.dtype, shape: t.shape, data });
       ref.push({ name: t.name, dtype: t.dtype, shape: t.shape, data });

@@ -18,7 +18,8 @@ import { bf16ToF32, f32ToBf16 } from '../src/model/kv-dtype.js';
 import { quantElement, quantMatrixBytes } from '../src/model/cuda-quant.js';
 import { describeCheckpointQuant, loadCudaModel, loadModel } from '../src/model/load.js';
 import type { MoeModel } from '../src/model/model.js';
-import { readSafetensorsHeader, writeSafetensors, type TensorToWrite } from '../src/model/safetensors.js';
+import { writeSafetensors, type TensorToWrite } from '../src/model/safetensors.js';
+import { storedTensors } from './helpers/checkpoint-copy.js';
 import { packageRoot, type CudaBuffer, type PackedWeight } from '../src/native/index.js';
 import { attachDeviceOffloader, attachOffloader, skipAllExperts } from '../src/offload/setup.js';
 import { createCudaEmulator, withLazyStreams } from './helpers/cuda-emu.js';
@@ -82,15 +83,10 @@ function makeCheckpoints(v: Variant): { fp8Dir: string; refDir: string; root: st
   const src = path.join(fixtures, v.fixture);
   const root = mkdtempSync(path.join(os.tmpdir(), 'expertd-ct-fp8-'));
   const fp8Dir = path.join(root, 'fp8'), refDir = path.join(root, 'ref');
-  const file = path.join(src, 'model.safetensors');
-  const header = readSafetensorsHeader(file);
-  const bytes = readFileSync(file);
   const fp8: TensorToWrite[] = [], ref: TensorToWrite[] = [];
   const ignore = new Set<string>();
-  for (const t of header.tensors) {
-    const raw = bytes.subarray(header.dataStart + t.begin, header.dataStart + t.end);
-    const data = new Uint8Array(raw.byteLength);
-    data.set(raw);
+  for (const t of storedTensors(src)) {
+    const data = t.data;
     if (!QUANTIZED.test(t.name) || t.dtype !== 'BF16') {
       fp8.push({ name: t.name, dtype: t.dtype, shape: t.shape, data });
       ref.push({ name: t.name, dtype: t.dtype, shape: t.shape, data });

@@ -22,7 +22,7 @@ import { writeSafetensors, type TensorToWrite } from '../src/model/safetensors.j
 import { loadNative, packageRoot, type PackedWeight } from '../src/native/index.js';
 import { argmax, goldenForcedLogits, heldFormats as held, maxAbsDiff, type Golden } from './helpers/model-runner.js';
 import { assertDeviceCacheMatches, assertMatchesIntDequant, INT_DEVICE_BACKENDS } from './helpers/device-dequant.js';
-import { checkAgainstDecoded, checkCachedAndRanked, checkIntCheckpoint } from './helpers/int-checkpoint.js';
+import { checkAgainstDecoded, checkCachedAndRanked, checkIntCheckpoint, checkSameModel, forcedLogitsOf } from './helpers/int-checkpoint.js';
 import { i32, storedTensors, writeCheckpointCopy } from './helpers/checkpoint-copy.js';
 import { createCudaEmulator } from './helpers/cuda-emu.js';
 import { emulatorSkip } from './helpers/cuda-skip.js';
@@ -197,15 +197,7 @@ test('GPTQ int8 per channel: the W8A8 fixture\'s codes in the GPTQ layout give t
     assert.equal(converted, 100);
     const dir = path.join(tmp, 'gptq8');
     writeCheckpointCopy(W8, dir, out, { quant_method: 'gptq', bits: 8, group_size: -1, sym: true, desc_act: false });
-    const a = loadModel(dir, { fast: false }).model, b = loadModel(W8, { fast: false }).model;
-    try {
-      assert.deepEqual(held(a), ['expert int8/int8', 'shared int8/int8']);
-      const want = forcedLogits(b);
-      forcedLogits(a).forEach((l, i) => assert.deepEqual(l, want[i], `position ${i}`));
-    } finally {
-      a.dispose();
-      b.dispose();
-    }
+    assert.deepEqual(checkSameModel(dir, golden, forcedLogitsOf(W8, golden)).held, ['expert int8/int8', 'shared int8/int8']);
   } finally {
     rmSync(tmp, { recursive: true, force: true });
   }
@@ -382,14 +374,8 @@ test('GPTQ desc_act true: static_groups is the same model; a permuted g_idx is h
     const qc = (JSON.parse(readFileSync(path.join(DIR, 'config.json'), 'utf8')) as Record<string, any>).quantization_config;
     const plain = path.join(tmp, 'static');
     writeCheckpointCopy(DIR, plain, storedTensors(DIR), { ...qc, desc_act: true, static_groups: true });
-    const want = forcedLogits(loadModel(DIR, { fast: false }).model);
-    const { model, spec } = loadModel(plain, { fast: false });
-    try {
-      assert.equal((spec.quantization as GptqConfig).descAct, true);
-      forcedLogits(model).forEach((l, i) => assert.deepEqual(l, want[i], `position ${i}`));
-    } finally {
-      model.dispose();
-    }
+    const { spec } = checkSameModel(plain, golden, forcedLogitsOf(DIR, golden));
+    assert.equal((spec.quantization as GptqConfig).descAct, true);
     // Act-order groups: against the same values decoded by the test (decodeGptq reads g_idx) and served as
     // f32; through the expert cache and over 2 expert ranks bit for bit; fast mode near its own f32 values.
     const act = path.join(tmp, 'act'), ref = path.join(tmp, 'act-f32');
@@ -404,14 +390,7 @@ test('GPTQ desc_act true: static_groups is the same model; a permuted g_idx is h
     // f32 rounding: the GEMMs sum each row in group order, the f32 weights in input order. Fast mode (int8
     // activations gathered into group order) against those f32 values: the top-1 the other int4 fixtures keep
     // in fast mode against their own values (60-68 of 74 positions).
-    const [want32, ours, fast] = [[ref, false], [act, false], [act, true]].map(([dir, f]) => {
-      const m = loadModel(dir as string, { fast: f as boolean }).model;
-      try {
-        return forcedLogits(m);
-      } finally {
-        m.dispose();
-      }
-    }) as [Float32Array[], Float32Array[], Float32Array[]];
+    const [want32, ours, fast] = [forcedLogitsOf(ref, golden), forcedLogitsOf(act, golden), forcedLogitsOf(act, golden, true)];
     const worst = maxAbsDiff(ours, want32);
     t.diagnostic(`against the f32 values: ${worst}`);
     assert.ok(worst <= 5e-5, `logits max-abs difference ${worst}`);
@@ -482,14 +461,7 @@ test('older AutoGPTQ checkpoints: quantize_config.json beside config.json is rea
         continue;
       }
       assert.equal(parseModelConfig(out).quantization?.method, 'gptq');
-      const a = loadModel(out, { fast: false }).model, b = loadModel(DIR, { fast: false }).model;
-      try {
-        const want = forcedLogits(b);
-        forcedLogits(a).forEach((l, i) => assert.deepEqual(l, want[i], `position ${i}`));
-      } finally {
-        a.dispose();
-        b.dispose();
-      }
+      checkSameModel(out, golden, forcedLogitsOf(DIR, golden));
     }
   } finally {
     rmSync(tmp, { recursive: true, force: true });

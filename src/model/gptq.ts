@@ -130,18 +130,8 @@ export function gptqLayoutNote(cfg: GptqConfig, rows: number, cols: number): str
  */
 export function gptqIntWeight(name: string, p: GptqParts, cfg: GptqConfig, fail: (msg: string) => Error): IntWeight {
   if (cfg.packing === 'awq') return awqIntWeight(name, p, cfg, fail);
-  const base = name.replace(/\.weight$/, '');
+  const { base, rows, cols, gs, groups, zw } = packedGeometry(name, p, cfg, fail);
   const bits = cfg.bits, per = 32 / bits, mask = (1 << bits) - 1, half = 1 << (bits - 1);
-  for (const [part, t] of [['qweight', p.qweight], ['qzeros', p.qzeros]] as const)
-    if (t.dtype !== 'I32' || t.shape.length !== 2) throw fail(`${base}.${part} is ${t.dtype} [${t.shape.join(', ')}], expected I32 [rows, cols]`);
-  const [rows, cols] = gptqShape(cfg, p.qweight.shape);
-  const gs = cfg.groupSize === -1 ? cols : cfg.groupSize;
-  const groups = Math.ceil(cols / gs);
-  const zw = Math.ceil(rows / per);
-  if (p.qzeros.shape[0] !== groups || p.qzeros.shape[1] !== zw)
-    throw fail(`${base}.qzeros has shape [${p.qzeros.shape.join(', ')}], expected [${groups}, ${zw}] for ${cols} inputs in groups of ${gs}`);
-  if (p.scales.shape.length !== 2 || p.scales.shape[0] !== groups || p.scales.shape[1] !== rows)
-    throw fail(`${base}.scales has shape [${p.scales.shape.join(', ')}], expected [${groups}, ${rows}]`);
   // Zero points [out, groups] less the symmetric one (v1 stores each minus one): absent when every one is
   // symmetric (the usual sym true checkpoint), so the weight stays a symmetric one.
   const plus = cfg.checkpointFormat === 'gptq' ? 1 : 0;
@@ -205,11 +195,34 @@ export function gptqIntWeight(name: string, p: GptqParts, cfg: GptqConfig, fail:
     scales.set(p.scales.data.subarray(0, rows));
     return { bits, codes, scales, rows, cols, group: 0, ...(zeros ? { zeros } : {}), ...order };
   }
-  // Scales [groups, out] -> [out, groups], then held as groups of 32 / 128 (regroupScales).
+  return { bits, codes, ...heldScales(p, cfg, rows, cols, groups, zeros), rows, cols, scaleDtype: sd, ...order };
+}
+
+/**
+ * The geometry of one GPTQ / AWQ Linear from its stored parts, checked: qweight and qzeros I32 matrices,
+ * qzeros [groups, ceil(out / per-word)], scales [groups, out]; throws (made by `fail`) naming the tensor.
+ */
+function packedGeometry(name: string, p: GptqParts, cfg: GptqConfig, fail: (msg: string) => Error):
+  { base: string; rows: number; cols: number; gs: number; groups: number; zw: number } {
+  const base = name.replace(/\.weight$/, '');
+  for (const [part, t] of [['qweight', p.qweight], ['qzeros', p.qzeros]] as const)
+    if (t.dtype !== 'I32' || t.shape.length !== 2) throw fail(`${base}.${part} is ${t.dtype} [${t.shape.join(', ')}], expected I32 [rows, cols]`);
+  const [rows, cols] = gptqShape(cfg, p.qweight.shape);
+  const gs = cfg.groupSize === -1 ? cols : cfg.groupSize;
+  const groups = Math.ceil(cols / gs), zw = Math.ceil(rows / (32 / cfg.bits));
+  if (p.qzeros.shape[0] !== groups || p.qzeros.shape[1] !== zw)
+    throw fail(`${base}.qzeros has shape [${p.qzeros.shape.join(', ')}], expected [${groups}, ${zw}] for ${cols} inputs in groups of ${gs}`);
+  if (p.scales.shape.length !== 2 || p.scales.shape[0] !== groups || p.scales.shape[1] !== rows)
+    throw fail(`${base}.scales has shape [${p.scales.shape.join(', ')}], expected [${groups}, ${rows}]`);
+  return { base, rows, cols, gs, groups, zw };
+}
+
+/** Int4 scales [groups, out] (and zero points [out, groups]) as held: [out, groups], then in groups of 32 / 128 (regroupScales). */
+function heldScales(p: GptqParts, cfg: GptqConfig, rows: number, cols: number, groups: number, zeros?: Int8Array) {
   const t = new Float32Array(rows * groups);
   for (let g = 0; g < groups; g++)
     for (let r = 0; r < rows; r++) t[r * groups + g] = p.scales.data[g * rows + r]!;
-  return { bits, codes, ...regroupScales(t, rows, cols, cfg.groupSize, zeros), rows, cols, scaleDtype: sd, ...order };
+  return regroupScales(t, rows, cols, cfg.groupSize, zeros);
 }
 
 /**
@@ -222,17 +235,8 @@ export function gptqIntWeight(name: string, p: GptqParts, cfg: GptqConfig, fail:
  * zero - 8 (absent when every zero is 8).
  */
 export function awqIntWeight(name: string, p: GptqParts, cfg: GptqConfig, fail: (msg: string) => Error): IntWeight {
-  const base = name.replace(/\.weight$/, '');
-  for (const [part, t] of [['qweight', p.qweight], ['qzeros', p.qzeros]] as const)
-    if (t.dtype !== 'I32' || t.shape.length !== 2) throw fail(`${base}.${part} is ${t.dtype} [${t.shape.join(', ')}], expected I32 [rows, cols]`);
+  const { base, rows, cols, groups, zw: words } = packedGeometry(name, p, cfg, fail);
   if (p.gIdx) throw fail(`${base}.g_idx is present: AWQ checkpoints have no g_idx (is this a GPTQ checkpoint?)`);
-  const [rows, cols] = gptqShape(cfg, p.qweight.shape);
-  const gs = cfg.groupSize === -1 ? cols : cfg.groupSize;
-  const groups = Math.ceil(cols / gs), words = rows / 8;
-  if (p.qzeros.shape[0] !== groups || p.qzeros.shape[1] !== words)
-    throw fail(`${base}.qzeros has shape [${p.qzeros.shape.join(', ')}], expected [${groups}, ${words}] for ${cols} inputs in groups of ${gs}`);
-  if (p.scales.shape.length !== 2 || p.scales.shape[0] !== groups || p.scales.shape[1] !== rows)
-    throw fail(`${base}.scales has shape [${p.scales.shape.join(', ')}], expected [${groups}, ${rows}]`);
   // Unpacks [n, words] words into [n][rows] values less 8: out[i * rows + (8 w + AWQ_ORDER[j])].
   const unpack = (data: Int32Array, n: number, put: (i: number, r: number, v: number) => void) => {
     for (let i = 0; i < n; i++)
@@ -245,8 +249,5 @@ export function awqIntWeight(name: string, p: GptqParts, cfg: GptqConfig, fail: 
   unpack(p.qweight.data, cols, (k, r, v) => { codes[r * cols + k] = v; });
   let zeros: Int8Array | undefined;
   unpack(p.qzeros.data, groups, (g, r, v) => { if (v !== 0) (zeros ??= new Int8Array(rows * groups))[r * groups + g] = v; });
-  const t = new Float32Array(rows * groups);
-  for (let g = 0; g < groups; g++)
-    for (let r = 0; r < rows; r++) t[r * groups + g] = p.scales.data[g * rows + r]!;
-  return { bits: 4, codes, ...regroupScales(t, rows, cols, cfg.groupSize, zeros), rows, cols, scaleDtype: scaleDtypeOf(p.scales.dtype) };
+  return { bits: 4, codes, ...heldScales(p, cfg, rows, cols, groups, zeros), rows, cols, scaleDtype: scaleDtypeOf(p.scales.dtype) };
 }

@@ -7,6 +7,7 @@ import type { TestContext } from 'node:test';
 import { startExpertRanks } from '../../src/dist/expert-ranks.js';
 import { loadModel } from '../../src/model/load.js';
 import type { MoeModel } from '../../src/model/model.js';
+import type { ModelSpec } from '../../src/model/spec.js';
 import { packageRoot } from '../../src/native/index.js';
 import { attachOffloader, skipAllExperts } from '../../src/offload/setup.js';
 import { argmax, checkGolden, DirectRunner, goldenForcedLogits, heldFormats, maxAbsDiff, type Golden } from './model-runner.js';
@@ -31,6 +32,30 @@ export function checkIntCheckpoint(t: TestContext, model: MoeModel, golden: Gold
   const worst = checkGolden(model, golden);
   t.diagnostic(`logits max-abs difference from transformers: ${worst}`);
   assert.ok(worst <= 1e-4, `logits max-abs difference ${worst}`);
+}
+
+/** `golden`'s cases (prompt + greedy tokens) teacher-forced through the checkpoint at `dir`: logits per position. */
+export function forcedLogitsOf(dir: string, golden: Golden, fast = false): Float32Array[] {
+  const { model } = loadModel(dir, { fast });
+  try {
+    return goldenForcedLogits(model, golden);
+  } finally {
+    model.dispose();
+  }
+}
+
+/**
+ * The checkpoint at `dir` in the reference mode gives `want`'s teacher-forced logits bit for bit (`label`
+ * prefixes the position in a failure); returns its spec and held formats for the caller's own checks.
+ */
+export function checkSameModel(dir: string, golden: Golden, want: Float32Array[], label = ''): { spec: ModelSpec; held: string[] } {
+  const { model, spec } = loadModel(dir, { fast: false });
+  try {
+    goldenForcedLogits(model, golden).forEach((l, i) => assert.deepEqual(l, want[i], `${label}position ${i}`));
+    return { spec, held: heldFormats(model) };
+  } finally {
+    model.dispose();
+  }
 }
 
 /**
@@ -77,9 +102,7 @@ export function checkFastTop1(t: TestContext, dir: string, golden: Golden, floor
  */
 export async function checkCachedAndRanked(dir: string, golden: Golden, heldExpert: string,
                                            { ranks = true, slotRatio = 0.4 } = {}): Promise<void> {
-  const resident = loadModel(dir, { fast: false }).model;
-  const want = goldenForcedLogits(resident, golden);
-  resident.dispose();
+  const want = forcedLogitsOf(dir, golden);
   const loaded = loadModel(dir, { fast: false, loadExpert: skipAllExperts });
   const off = attachOffloader(loaded, { policy: 'lru', fraction: 0.25 });
   try {
