@@ -15,9 +15,23 @@ import { mulberry32 } from '../src/engine/rng.js';
  * The formats both tables compare: name, --quantize format (null: bf16; 'mxfp4': random MXFP4
  * checkpoint data, which --quantize cannot make), group.
  */
-const FORMATS: [string, 'int8' | 'fp8' | 'int4' | 'int4-zero' | 'mxfp4' | null, number][] =
+const ALL_FORMATS: [string, 'int8' | 'fp8' | 'int4' | 'int4-zero' | 'mxfp4' | null, number][] =
   [['bf16', null, 0], ['int8', 'int8', 0], ['fp8', 'fp8', 128], ['int4 g32', 'int4', 32], ['int4 g128', 'int4', 128],
     ['int4 g128 +zeros', 'int4-zero', 128], ['mxfp4', 'mxfp4', 32]];
+
+/** A format's name on the command line: 'int4 g128 +zeros' -> int4-g128-zeros. */
+const slug = (name: string) => name.replace(/\s*\+/g, '-').replace(/\s+/g, '-');
+
+/** The formats a run compares (`--formats`, bf16 always first: the ratios are against it). */
+let FORMATS = ALL_FORMATS;
+function pickFormats(list: string | undefined): void {
+  if (list === undefined) return;
+  const names = list.split(',').map((s) => s.trim()).filter(Boolean);
+  const known = ALL_FORMATS.map((f) => slug(f[0]));
+  for (const n of names)
+    if (!known.includes(n)) throw new RangeError(`--formats: '${n}' is not one of ${known.join(', ')}`);
+  FORMATS = ALL_FORMATS.filter((f, i) => i === 0 || names.includes(slug(f[0])));
+}
 
 /** Random int4 checkpoint data with zero points (AWQ's: f16 scales, a zero per group) packed as AWQ loads it. */
 function int4ZeroWeight(rng: () => number, n: number, k: number, group: number, gateUp: boolean): PackedWeight {
@@ -76,9 +90,10 @@ export async function runQuantKernels(argv: string[]): Promise<void> {
     args: argv,
     options: {
       json: { type: 'string' }, reps: { type: 'string' }, n: { type: 'string' }, k: { type: 'string' }, rows: { type: 'string' },
-      experts: { type: 'string' }, layers: { type: 'string' },
+      experts: { type: 'string' }, layers: { type: 'string' }, formats: { type: 'string' },
     },
   });
+  pickFormats(values.formats);
   const native = loadNative();
   const reps = parsePositiveInt('reps', values.reps, 7);
   if (values.experts !== undefined) return runExpertShape(values.experts, parsePositiveInt('layers', values.layers, 10), reps, values.json);
