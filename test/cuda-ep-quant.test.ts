@@ -4,7 +4,8 @@
 // Served: in-process ranks (--expert-parallel 2) and rank processes (--nproc-per-node 2 --dist-moe
 // expert) answer as one quantized device, and the device expert cache with --quantize says its slots.
 import assert from 'node:assert/strict';
-import { rmSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { after, test } from 'node:test';
 
@@ -16,13 +17,23 @@ import { createCudaEmulator } from './helpers/cuda-emu.js';
 import { emulatorSkip, needsGloo } from './helpers/cuda-skip.js';
 import { startDaemon, stopDaemon } from './helpers/daemon.js';
 import { makeFp8Checkpoint } from './helpers/fp8-checkpoint.js';
+import { actOrderCopy } from './helpers/int-checkpoint.js';
 import { runAll } from './helpers/model-runner.js';
 
 const emu = path.join(packageRoot(), 'dist', 'test', 'helpers', 'cuda-emu.js');
 const fixture = (name: string) => path.join(packageRoot(), 'test', 'fixtures', name);
-let fp8Root: string | null = null;
+let fp8Root: string | null = null, actRoot: string | null = null;
 const fp8Checkpoint = () => (fp8Root ??= makeFp8Checkpoint(24, 48));
-after(() => { if (fp8Root) rmSync(fp8Root, { recursive: true, force: true }); });
+const actOrderCheckpoint = () => {
+  if (!actRoot) {
+    actRoot = mkdtempSync(path.join(os.tmpdir(), 'expertd-act-ep-'));
+    actOrderCopy(path.join(actRoot, 'act'));
+  }
+  return path.join(actRoot, 'act');
+};
+after(() => {
+  for (const d of [fp8Root, actRoot]) if (d) rmSync(d, { recursive: true, force: true });
+});
 
 const cases: { label: string; dir: () => string; quantize: QuantizeSpec | null; format: string; pn: number }[] = [
   { label: 'qwen2_moe --quantize int8', dir: () => fixture('qwen2_moe'), quantize: quantizeSpec('int8', 0), format: 'int8', pn: 1 },
@@ -31,6 +42,8 @@ const cases: { label: string; dir: () => string; quantize: QuantizeSpec | null; 
   { label: 'longcat_flash --quantize int4 g32', dir: () => fixture('longcat_flash'), quantize: quantizeSpec('int4', 32), format: 'int4', pn: 1 },
   { label: 'an FP8 checkpoint (24 x 48 blocks, kept FP8)', dir: fp8Checkpoint, quantize: null, format: 'fp8', pn: 1 },
   { label: 'an FP8 checkpoint with --quantize int8', dir: fp8Checkpoint, quantize: quantizeSpec('int8', 0), format: 'int8', pn: 2 },
+  // Act-order GPTQ: each rank gathers the rows it receives into its own experts' input orders.
+  { label: 'an act-order GPTQ checkpoint (int4 g32 codes as stored), PN 2', dir: actOrderCheckpoint, quantize: null, format: 'int4', pn: 2 },
   // gpt-oss's biased, clamped-SwiGLU experts: each rank runs cudaGroupGemmBiasedFfn over its quantized slice.
   { label: 'gpt_oss --quantize int8', dir: () => fixture('gpt_oss'), quantize: quantizeSpec('int8', 0), format: 'int8', pn: 1 },
   { label: 'gpt_oss --quantize fp8, PN 2', dir: () => fixture('gpt_oss'), quantize: quantizeSpec('fp8', 0), format: 'fp8', pn: 2 },

@@ -574,6 +574,41 @@ function deviceSuite(label: string, cu: CudaAddon, skip: string | false) {
     }
   }
 
+  // Act-order experts (GPTQ desc_act): each expert's rows of xPerm in its input order. Experts 0, 5 and
+  // E-1 get no rows (the search passes empty experts over), and two skipped ids leave rows past
+  // offsets[e] (unwritten NaNs), which are copied as they are.
+  test(`${label}: cudaGatherExpertColumns puts each row in its expert's input order`, { skip }, () => {
+    const T = 41, h = 72, k = 2, E = 12;
+    const used = [1, 2, 3, 4, 6, 7, 8, 9, 10];
+    const ids = Int32Array.from({ length: T * k }, () => used[Math.floor(rand() * used.length)]!);
+    ids[7] = -1;
+    ids[30] = E;
+    const { got, offsets } = checkPermute(uniform(T * h), ids, T, h, k, E, 'bf16');
+    assert.ok(offsets[1] === 0 && offsets[6] === offsets[5] && offsets[E] === offsets[E - 1] && offsets[E]! === T * k - 2);
+    const orders = new Int32Array(E * h);
+    for (let e = 0; e < E; e++) {
+      const o = Int32Array.from({ length: h }, (_, j) => j);
+      for (let i = h - 1; i > 0; i--) {
+        const j = Math.floor(rand() * (i + 1));
+        [o[i], o[j]] = [o[j]!, o[i]!];
+      }
+      orders.set(o, e * h);
+    }
+    const rows = T * k;
+    const xPerm = upload(Uint16Array.from(got, toBf16)), offs = upload(offsets), out = poisoned(rows * h, 2);
+    cu.cudaGatherExpertColumns(xPerm, offs, E, rows, h, upload(orders), out);
+    const want = new Float32Array(rows * h);
+    for (let r = 0; r < rows; r++) {
+      let e = -1;
+      for (let ex = 0; ex < E; ex++) if (offsets[ex]! <= r && r < offsets[ex + 1]!) e = ex;
+      for (let c = 0; c < h; c++) want[r * h + c] = got[r * h + (e < 0 ? c : orders[e * h + c]!)]!;
+    }
+    assert.deepEqual(bf16Of(out, rows * h), want);
+    assert.ok(want.subarray(offsets[E]! * h).every(Number.isNaN), 'the rows past offsets[e] are the unwritten ones');
+    assert.throws(() => cu.cudaGatherExpertColumns(xPerm, offs, E, rows, h, upload(orders), xPerm), /out must not be x/);
+    assert.equal(cu.cudaDeviceLost(), false);
+  });
+
   // ids live on the device: one outside 0..e-1 is skipped (permIndex -1, no row, not counted),
   // and the combine skips its slot.
   for (const dtype of ['f32', 'bf16'] as const) {

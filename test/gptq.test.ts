@@ -22,10 +22,9 @@ import { writeSafetensors, type TensorToWrite } from '../src/model/safetensors.j
 import { loadNative, packageRoot, type PackedWeight } from '../src/native/index.js';
 import { argmax, goldenForcedLogits, heldFormats as held, maxAbsDiff, type Golden } from './helpers/model-runner.js';
 import { assertDeviceCacheMatches, assertMatchesIntDequant, INT_DEVICE_BACKENDS } from './helpers/device-dequant.js';
-import { checkAgainstDecoded, checkCachedAndRanked, checkIntCheckpoint, checkSameModel, forcedLogitsOf } from './helpers/int-checkpoint.js';
+import { actOrderCopy, checkAgainstDecoded, checkCachedAndRanked, checkIntCheckpoint, checkSameModel, forcedLogitsOf } from './helpers/int-checkpoint.js';
 import { i32, storedTensors, writeCheckpointCopy } from './helpers/checkpoint-copy.js';
-import { createCudaEmulator } from './helpers/cuda-emu.js';
-import { emulatorSkip } from './helpers/cuda-skip.js';
+import { attachDeviceOffloader } from '../src/offload/setup.js';
 
 const DIR = path.join(packageRoot(), 'test', 'fixtures-quant', 'qwen2_moe_gptq');
 
@@ -74,59 +73,6 @@ function decodedCopy(out: string, decode: RegExp, keepConfig: boolean, dtype: 'F
     kept.push({ name: `${m[1]}.weight`, dtype, shape: [t.shape[1]!, t.shape[0]! * 8], data });
   }
   writeCheckpointCopy(src, out, kept, keepConfig);
-}
-
-/**
- * An act-order GPTQ checkpoint (desc_act true, no static_groups) made here from the bf16 qwen2_moe fixture:
- * every decoder Linear int4 in groups of 32 (so that hidden-64 inputs have two), each group the inputs a random
- * order puts in it (g_idx), symmetric RTN with f16 scales, v1 zeros. Linears that read one input (q/k/v;
- * gate/up) share an order, as GPTQ's shared inputs make theirs.
- */
-function actOrderCopy(out: string): void {
-  const src = path.join(packageRoot(), 'test', 'fixtures', 'qwen2_moe'), G = 32;
-  let seed = 99;
-  const rnd = () => ((seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32);
-  const orders = new Map<string, Int32Array>();
-  const tensors: TensorToWrite[] = [];
-  for (const t of storedTensors(src)) {
-    const m = /^(.*\.(?:self_attn|mlp)\..*_proj)\.weight$/.exec(t.name);
-    if (!m) {
-      tensors.push(t);
-      continue;
-    }
-    const base = m[1]!, [rows, cols] = t.shape as [number, number];
-    const key = base.replace(/[qkv]_proj$/, 'qkv').replace(/(gate|up)_proj$/, 'gu');
-    let order = orders.get(key);
-    if (!order) {
-      order = Int32Array.from({ length: cols }, (_, k) => k);
-      for (let i = cols - 1; i > 0; i--) {
-        const j = Math.floor(rnd() * (i + 1));
-        [order[i], order[j]] = [order[j]!, order[i]!];
-      }
-      orders.set(key, order);
-    }
-    const gIdx = new Int32Array(cols);
-    order.forEach((k, j) => { gIdx[k] = Math.floor(j / G); });
-    const w = new Float32Array(rows * cols);
-    loadNative().convert(new Uint16Array(t.data.buffer, t.data.byteOffset, rows * cols), 'bf16', w, 'f32');
-    const groups = Math.ceil(cols / G), s = new Float32Array(groups * rows);
-    for (let r = 0; r < rows; r++)
-      for (let k = 0; k < cols; k++) s[gIdx[k]! * rows + r] = Math.max(s[gIdx[k]! * rows + r]!, Math.abs(w[r * cols + k]!) * 2 / 15);
-    const s16 = new Uint16Array(s.length);
-    loadNative().convert(s.map((v) => v || 1), 'f32', s16, 'f16');
-    loadNative().convert(s16, 'f16', s, 'f32');
-    const qweight = new Int32Array((cols / 8) * rows);
-    for (let r = 0; r < rows; r++)
-      for (let k = 0; k < cols; k++) {
-        const code = Math.max(-8, Math.min(7, Math.round(w[r * cols + k]! / s[gIdx[k]! * rows + r]!)));
-        qweight[(k >> 3) * rows + r]! |= (code + 8) << (4 * (k & 7));
-      }
-    tensors.push({ name: `${base}.qweight`, dtype: 'I32', shape: [cols / 8, rows], data: new Uint8Array(qweight.buffer) },
-      { name: `${base}.qzeros`, dtype: 'I32', shape: [groups, rows / 8], data: new Uint8Array(new Int32Array(groups * rows / 8).fill(0x77777777).buffer) },
-      { name: `${base}.scales`, dtype: 'F16', shape: [groups, rows], data: new Uint8Array(s16.buffer) },
-      { name: `${base}.g_idx`, dtype: 'I32', shape: [cols], data: new Uint8Array(gIdx.buffer) });
-  }
-  writeCheckpointCopy(src, out, tensors, { quant_method: 'gptq', bits: 4, group_size: G, sym: true, desc_act: true, checkpoint_format: 'gptq' });
 }
 
 test('GPTQ int4: weights kept as codes, logits, routing and greedy tokens match transformers on the dequantised weights', (t) => {
@@ -403,18 +349,45 @@ test('GPTQ desc_act true: static_groups is the same model; a permuted g_idx is h
   }
 });
 
-test('the device engine refuses act-order experts by name (its kernels do not gather x) and serves them with --quantize int4', { skip: emulatorSkip }, () => {
+// On the emulator, and on a GPU where one is present (bench/gpu-run.sh's intckpt step).
+for (const b of INT_DEVICE_BACKENDS) test(`act-order experts on the device (${b.label}): their codes as stored, each row of x ` +
+  'gathered into its expert\'s input order; logits as the CPU bf16 mode over the values it multiplies; the device expert ' +
+  'cache refuses them by name', { skip: b.skip }, (t) => {
   const tmp = mkdtempSync(path.join(os.tmpdir(), 'expertd-gptq-act-dev-'));
+  const backend = () => b.cuda();
   try {
     const act = path.join(tmp, 'act');
     actOrderCopy(act);
-    assert.throws(() => loadCudaModel(act, { device: 0, cuda: createCudaEmulator() }),
-      /act-order GPTQ experts \(desc_act with a g_idx out of the plain order\) are not read by the device engine's int kernels/);
-    const { model } = loadCudaModel(act, { device: 0, cuda: createCudaEmulator(), quantize: quantizeSpec('int4', 32) });
+    const prompts = golden.cases.map((c) => c.prompt_ids);
+    const cuda = backend();
+    const { model } = loadCudaModel(act, { device: 0, ...(cuda ? { cuda } : {}) });
     try {
       assert.deepEqual(model.expertQuant, { format: 'int4', group: 32, blockRows: 0 });
+      const moes = (model as unknown as { layers: { moe: { inputOrders: unknown } | null }[] }).layers
+        .flatMap((l) => (l.moe ? [l.moe] : []));
+      assert.ok(moes.length > 0 && moes.every((m) => m.inputOrders !== null), 'every MoE layer gathers its rows');
+      t.diagnostic(assertMatchesIntDequant(model, act, prompts, 5e-4, 5e-3));
+      // The same codes without the gather are another model: the check above can fail.
+      for (const m of moes) m.inputOrders = null;
+      assert.throws(() => assertMatchesIntDequant(model, act, prompts, 5e-4, 5e-3), /routes every token|logits off the reference/);
     } finally {
       model.dispose();
+    }
+    const cached = backend();
+    assert.throws(() => {
+      const loaded = loadCudaModel(act, { device: 0, ...(cached ? { cuda: cached } : {}), loadExperts: false });
+      try {
+        attachDeviceOffloader(loaded, { policy: 'lru', fraction: 0.5 }, cached).dispose();
+      } finally {
+        loaded.model.dispose();
+      }
+    }, /act-order GPTQ experts \(desc_act with a g_idx out of the plain order\) are read by the device engine as resident routed experts only/);
+    const again = backend();
+    const { model: requantized } = loadCudaModel(act, { device: 0, ...(again ? { cuda: again } : {}), quantize: quantizeSpec('int4', 32) });
+    try {
+      assert.deepEqual(requantized.expertQuant, { format: 'int4', group: 32, blockRows: 0 });
+    } finally {
+      requantized.dispose();
     }
   } finally {
     rmSync(tmp, { recursive: true, force: true });

@@ -975,6 +975,20 @@ Napi::Value permute(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// cudaGatherExpertColumns(x, offsets, e, rows, h, perm, out, stream?)
+Napi::Value gather_expert_columns(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  expect_args(info, 7, "cudaGatherExpertColumns");
+  const int e = dim(info, 2, "e", 1, 1 << 20), rows = dim(info, 3, "rows"), h = dim(info, 4, "h");
+  const uint16_t* x = get_buf<uint16_t>(info, 0, "x", mul(rows, h, 2));
+  const int32_t* offs = get_buf<int32_t>(info, 1, "offsets", (e + 1) * I4);
+  const int32_t* perm = get_buf<int32_t>(info, 5, "perm", mul(e, h, I4));
+  uint16_t* out = get_buf<uint16_t>(info, 6, "out", mul(rows, h, 2));
+  Stream s = get_stream(info, 7);
+  guard(env, [&] { cuda::gather_expert_columns(x, offs, e, rows, h, perm, out, s); });
+  return env.Undefined();
+}
+
 // cudaUnpermuteCombine(yPerm, permIndex, weights, t, k, h, out, accumulate, stream?)
 Napi::Value unpermute_combine(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -1640,6 +1654,7 @@ void register_cuda(Napi::Env env, Napi::Object exports) {
   fn("cudaDenseGemmQuant", dense_gemm_quant);
   fn("cudaRoute", route);
   fn("cudaPermute", permute);
+  fn("cudaGatherExpertColumns", gather_expert_columns);
   fn("cudaUnpermuteCombine", unpermute_combine);
   fn("cudaRmsNorm", rms_norm);
   fn("cudaRope", rope);

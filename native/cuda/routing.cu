@@ -223,7 +223,41 @@ __global__ void unpermute_combine_kernel(const float* y_perm, const int32_t* per
   *o = accumulate ? __fadd_rn(*o, s) : s;
 }
 
+// One block per row r < rows: out[r] = x[r] with its columns in the input order of the row's expert,
+// out[r, j] = x[r, perm[e * h + j]] for offsets[e] <= r < offsets[e + 1] (the last such e, so that
+// empty experts before a row's own are passed over); rows from offsets[num_experts] on (identity
+// experts) are copied as they are.
+__global__ void gather_expert_columns_kernel(const uint16_t* x, const int32_t* offsets, int num_experts,
+                                             int h, const int32_t* perm, uint16_t* out) {
+  const int r = blockIdx.x;
+  const uint16_t* src = x + static_cast<size_t>(r) * h;
+  uint16_t* dst = out + static_cast<size_t>(r) * h;
+  if (r >= offsets[num_experts]) {
+    for (int c = threadIdx.x; c < h; c += blockDim.x) dst[c] = src[c];
+    return;
+  }
+  int lo = 0, hi = num_experts;  // offsets[lo] <= r < offsets[hi]
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (offsets[mid] <= r) lo = mid;
+    else hi = mid;
+  }
+  const int32_t* order = perm + static_cast<size_t>(lo) * h;
+  for (int c = threadIdx.x; c < h; c += blockDim.x) dst[c] = src[order[c]];
+}
+
 }  // namespace
+
+void gather_expert_columns(const uint16_t* x, const int32_t* offsets, int num_experts, int rows, int h,
+                           const int32_t* perm, uint16_t* out, Stream s) {
+  ensure_alive();
+  if (rows <= 0 || h <= 0) return;
+  s = or_default(s);
+  EXPERTD_CHECK(x != out, ErrorCode::InvalidArg, "gatherExpertColumns: out must not be x");
+  const int threads = std::min(256, (h + 31) / 32 * 32);
+  gather_expert_columns_kernel<<<rows, threads, 0, s>>>(x, offsets, num_experts, h, perm, out);
+  EXPERTD_CUDA_LAUNCH_CHECK();
+}
 
 void route(const float* logits, const RoutingParams& p, int32_t* ids, float* weights,
            int32_t* counts, Stream s) {

@@ -56,6 +56,9 @@ interface DeviceMoe {
   /** gpt-oss: the experts' biases (resident even when the experts are cached): gate_up [E, 2I] as
    * [gate (I) | up (I)] per expert, down [E, H]; with the clamped SwiGLU between the GEMMs. */
   bias: { gateUp: CudaBuffer; down: CudaBuffer } | null;
+  /** Act-order experts: every expert's input order [E, H] i32 (the plain order for the others), by which
+   * groupFfn gathers each row of x before the GroupGemm; null when no expert has one. */
+  inputOrders: CudaBuffer | null;
 }
 
 interface DeviceSub {
@@ -231,11 +234,14 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     return { gateUp: this.dev.upload(b.gateUp), down: this.dev.upload(b.down) };
   }
 
-  /** A gated FFN an int-code checkpoint stores as codes (gate, up, down), uploaded in layout q (the table's format). */
+  /**
+   * A gated FFN an int-code checkpoint stores as codes (gate, up, down), uploaded in layout q (the table's
+   * format). `gathered`: the caller gathers the FFN's input by its act-order `perm` (routed experts only).
+   */
   private uploadInt(q: DeviceQuant, names: string[], gate: IntWeight | null, up: IntWeight | null, down: IntWeight | null,
-                    inter: number): { gateUp: CudaBuffer; down: CudaBuffer } {
-    const m = intFfnMatrices(q, names, gate, up, down, this.spec.hidden, inter);
-    return { gateUp: this.dev.upload(m.gateUp), down: this.dev.upload(m.down) };
+                    inter: number, gathered = false): { gateUp: CudaBuffer; down: CudaBuffer; perm: Int32Array | null } {
+    const m = intFfnMatrices(q, names, gate, up, down, this.spec.hidden, inter, gathered);
+    return { gateUp: this.dev.upload(m.gateUp), down: this.dev.upload(m.down), perm: m.perm };
   }
 
   /**
@@ -281,6 +287,9 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     const q = this.expertQuant;
     const experts = this.table(m.numExperts, m.intermediate, q);
     const expertWeights: DeviceMoe['expertWeights'] = [];
+    // Act-order experts (GPTQ desc_act): each one's input order, row e of [E, H] (the plain order for the
+    // others); their rows of x are gathered so before the GroupGemm (groupFfn).
+    let orders: Int32Array | null = null;
     for (let e = 0; e < m.numExperts && this.loadExperts; e++) {
       if (this.ep && !this.ep.ownsExpert(e)) continue;
       const name = `${t.prefix}experts.${e}`;
@@ -289,11 +298,18 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
       if (!iw && q && iq && !this.quantizedAtLoad)
         throw new RangeError(`${name} is not stored as int codes, but this ${intCodeMethodName(iq)} checkpoint's experts are read ` +
           `as ${q.format} on the device; serve it with --quantize ${q.format}, or on the CPU engine`);
-      const w = iw && q ? this.uploadInt(q, iw.names, iw.gate, iw.up, iw.down, m.intermediate)
-        : q ? this.uploadQuant(q, t, e, name, m.intermediate)
-        : this.upload(t.expert(e), name, m.intermediate);
+      const iu = iw && q ? this.uploadInt(q, iw.names, iw.gate, iw.up, iw.down, m.intermediate, true) : null;
+      const w = iu ?? (q ? this.uploadQuant(q, t, e, name, m.intermediate) : this.upload(t.expert(e), name, m.intermediate));
       experts.set(e, w.gateUp, w.down);
-      expertWeights.push(w);
+      expertWeights.push({ gateUp: w.gateUp, down: w.down });
+      const perm = iu?.perm;
+      if (perm) {
+        if (!orders) {
+          orders = new Int32Array(m.numExperts * H);
+          for (let r = 0; r < m.numExperts; r++) for (let c = 0; c < H; c++) orders[r * H + c] = c;
+        }
+        orders.set(perm, e * H);
+      }
     }
     return {
       moeIndex, experts, expertWeights,
@@ -303,6 +319,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
       shared: t.sharedPrefix ? this.ffn(src, t.sharedPrefix, m.sharedIntermediate) : null,
       sharedGate: t.sharedGate ? dev.linear(`${t.prefix}shared_expert_gate.weight`, t.sharedGate, 1, H, true) : null,
       bias: t.expertBias ? { gateUp: dev.vector(t.expertBias.gateUp), down: dev.vector(t.expertBias.down) } : null,
+      inputOrders: orders ? dev.upload(orders) : null,
     };
   }
 
@@ -868,6 +885,13 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
    */
   private groupFfn(m: DeviceMoe, x: CudaBuffer, offsets: CudaBuffer, rows: number, hs: CudaBuffer, y: CudaBuffer,
                    st: CudaStream | null, get: (name: string, bytes: number) => CudaBuffer): void {
+    if (m.inputOrders && rows > 0) {
+      // Act-order experts hold their columns in group order: each row of x in its expert's input order.
+      const H = this.spec.hidden;
+      const xg = get('moe.x.gathered', rows * H * BF16);
+      this.cu.cudaGatherExpertColumns(x, offsets, this.spec.moe.numExperts, rows, H, m.inputOrders, xg, st);
+      x = xg;
+    }
     const act = this.spec.moe.clampedSwiglu;
     if (!m.bias || !act) {
       this.cu.cudaGroupGemmFfn(x, offsets, m.experts, rows, hs, y, null, st);

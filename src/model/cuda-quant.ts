@@ -239,18 +239,21 @@ export function quantizedExpert(q: DeviceQuant, ex: () => ExpertSource, fp8: Fp8
 export interface Fp8Expert { gate: Fp8Weight; up: Fp8Weight; down: Fp8Weight }
 
 /** Why the device's int kernels cannot take an act-order weight, and what to do instead. */
-export const ACT_ORDER_ON_DEVICE = 'act-order GPTQ experts (desc_act with a g_idx out of the plain order) are not read by the ' +
-  'device engine\'s int kernels, which do not gather their inputs; serve this checkpoint on the CPU engine, or on the device ' +
-  'with --quantize int4 (its values re-quantized at load)';
+export const ACT_ORDER_ON_DEVICE = 'act-order GPTQ experts (desc_act with a g_idx out of the plain order) are read by the ' +
+  'device engine as resident routed experts only (each row of x gathered into its expert\'s input order), not through the ' +
+  'device expert cache; serve this checkpoint without expert offloading, on the CPU engine, or with --quantize int4 (its ' +
+  'values re-quantized at load)';
 
 /**
  * A checkpoint's int8 / int4 weight kept as its codes, scales and zero points (gate_up: gate's rows then
  * up's). q must be the weight's format and group (int8: one scale per row); a weight with zero points
- * needs a layout with them (a symmetric weight in such a layout gets zeros of 0).
+ * needs a layout with them (a symmetric weight in such a layout gets zeros of 0). An act-order weight's
+ * columns stay in its stored (group) order, which only a caller that gathers its input so may take
+ * (`gathered`: the routed experts, through cudaGatherExpertColumns).
  */
-export function intMatrix(q: DeviceQuant, gate: IntWeight, up: IntWeight | null): Uint8Array {
+export function intMatrix(q: DeviceQuant, gate: IntWeight, up: IntWeight | null, gathered = false): Uint8Array {
   const want = gate.bits === 8 ? 'int8' : 'int4';
-  if (gate.perm || up?.perm) throw new RangeError(ACT_ORDER_ON_DEVICE);
+  if ((gate.perm || up?.perm) && !gathered) throw new RangeError(ACT_ORDER_ON_DEVICE);
   if ((gate.zeros || up?.zeros) && !q.zeros)
     throw new RangeError(`an int${gate.bits} weight with zero points does not fit the table's ${q.format} layout without them ` +
       '(a checkpoint whose config says it is symmetric stores zero points)');
@@ -276,12 +279,14 @@ export function intMatrix(q: DeviceQuant, gate: IntWeight, up: IntWeight | null)
 /**
  * A gated FFN a checkpoint stores as int codes (gate, up, down; `names` for errors), checked as
  * packIntFfn checks it (all three int, gate and up in one format, shapes as the config says), as layout
- * q's gate_up and down matrices.
+ * q's gate_up and down matrices. An act-order FFN (`gathered` callers only) comes with its input order
+ * `perm` (gate's and up's, shared; down's is folded into their rows, so h needs none); null otherwise.
  */
 export function intFfnMatrices(q: DeviceQuant, names: string[], gate: IntWeight | null, up: IntWeight | null,
-                               down: IntWeight | null, h: number, i: number): { gateUp: Uint8Array; down: Uint8Array } {
+                               down: IntWeight | null, h: number, i: number, gathered = false):
+    { gateUp: Uint8Array; down: Uint8Array; perm: Int32Array | null } {
   const w = checkIntFfn(names, gate, up, down, h, i);
-  return { gateUp: intMatrix(q, w.gate, w.up), down: intMatrix(q, w.down, null) };
+  return { gateUp: intMatrix(q, w.gate, w.up, gathered), down: intMatrix(q, w.down, null), perm: w.gate.perm ?? null };
 }
 
 /**

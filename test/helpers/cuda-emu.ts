@@ -1080,6 +1080,23 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
       }
     },
 
+    cudaGatherExpertColumns(x, offsets, e, rows, h, perm, out, stream): void {
+      const E = dim(e, 'e', 1, 1 << 20), R = dim(rows, 'rows'), Hd = dim(h, 'h');
+      const xb = buf(x, 'x', R * Hd * 2), ob = buf(offsets, 'offsets', (E + 1) * 4);
+      const pb = buf(perm, 'perm', E * Hd * 4), outb = buf(out, 'out', R * Hd * 2);
+      getStream(stream);
+      ensureAlive();
+      if (R <= 0 || Hd <= 0) return;
+      const xs = u16Of(xb, 'x'), offs = i32Of(ob, 'offsets'), order = i32Of(pb, 'perm'), o = u16Of(outb, 'out');
+      if (xs.buffer === o.buffer && xs.byteOffset === o.byteOffset) throw rangeError('gatherExpertColumns: out must not be x');
+      for (let r = 0; r < R; r++) {
+        // routing.cu's kernel: the last expert whose offset is <= r; rows from offsets[E] on as they are.
+        let ex = -1;
+        if (r < offs[E]!) for (ex = E - 1; offs[ex]! > r; ex--);
+        for (let c = 0; c < Hd; c++) o[r * Hd + c] = xs[r * Hd + (ex < 0 ? c : order[ex * Hd + c]!)]!;
+      }
+    },
+
     cudaUnpermuteCombine(yPerm, permIndex, weights, t, k, h, out, accumulate, stream): void {
       const T = dim(t, 't'), K = dim(k, 'k', 1, 1024), Hd = dim(h, 'h');
       const yb = buf(yPerm, 'yPerm', T * K * Hd * 4), pb = buf(permIndex, 'permIndex', T * K * 4);

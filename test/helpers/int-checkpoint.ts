@@ -8,7 +8,9 @@ import { startExpertRanks } from '../../src/dist/expert-ranks.js';
 import { loadModel } from '../../src/model/load.js';
 import type { MoeModel } from '../../src/model/model.js';
 import type { ModelSpec } from '../../src/model/spec.js';
-import { packageRoot } from '../../src/native/index.js';
+import { loadNative, packageRoot } from '../../src/native/index.js';
+import type { TensorToWrite } from '../../src/model/safetensors.js';
+import { storedTensors, writeCheckpointCopy } from './checkpoint-copy.js';
 import { attachOffloader, skipAllExperts } from '../../src/offload/setup.js';
 import { argmax, checkGolden, DirectRunner, goldenForcedLogits, heldFormats, maxAbsDiff, type Golden } from './model-runner.js';
 
@@ -130,4 +132,57 @@ export async function checkCachedAndRanked(dir: string, golden: Golden, heldExpe
   } finally {
     await group.stop();
   }
+}
+
+/**
+ * An act-order GPTQ checkpoint (desc_act true, no static_groups) made here from the bf16 qwen2_moe fixture:
+ * every decoder Linear int4 in groups of 32 (so that hidden-64 inputs have two), each group the inputs a random
+ * order puts in it (g_idx), symmetric RTN with f16 scales, v1 zeros. Linears that read one input (q/k/v;
+ * gate/up) share an order, as GPTQ's shared inputs make theirs.
+ */
+export function actOrderCopy(out: string): void {
+  const src = path.join(packageRoot(), 'test', 'fixtures', 'qwen2_moe'), G = 32;
+  let seed = 99;
+  const rnd = () => ((seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32);
+  const orders = new Map<string, Int32Array>();
+  const tensors: TensorToWrite[] = [];
+  for (const t of storedTensors(src)) {
+    const m = /^(.*\.(?:self_attn|mlp)\..*_proj)\.weight$/.exec(t.name);
+    if (!m) {
+      tensors.push(t);
+      continue;
+    }
+    const base = m[1]!, [rows, cols] = t.shape as [number, number];
+    const key = base.replace(/[qkv]_proj$/, 'qkv').replace(/(gate|up)_proj$/, 'gu');
+    let order = orders.get(key);
+    if (!order) {
+      order = Int32Array.from({ length: cols }, (_, k) => k);
+      for (let i = cols - 1; i > 0; i--) {
+        const j = Math.floor(rnd() * (i + 1));
+        [order[i], order[j]] = [order[j]!, order[i]!];
+      }
+      orders.set(key, order);
+    }
+    const gIdx = new Int32Array(cols);
+    order.forEach((k, j) => { gIdx[k] = Math.floor(j / G); });
+    const w = new Float32Array(rows * cols);
+    loadNative().convert(new Uint16Array(t.data.buffer, t.data.byteOffset, rows * cols), 'bf16', w, 'f32');
+    const groups = Math.ceil(cols / G), s = new Float32Array(groups * rows);
+    for (let r = 0; r < rows; r++)
+      for (let k = 0; k < cols; k++) s[gIdx[k]! * rows + r] = Math.max(s[gIdx[k]! * rows + r]!, Math.abs(w[r * cols + k]!) * 2 / 15);
+    const s16 = new Uint16Array(s.length);
+    loadNative().convert(s.map((v) => v || 1), 'f32', s16, 'f16');
+    loadNative().convert(s16, 'f16', s, 'f32');
+    const qweight = new Int32Array((cols / 8) * rows);
+    for (let r = 0; r < rows; r++)
+      for (let k = 0; k < cols; k++) {
+        const code = Math.max(-8, Math.min(7, Math.round(w[r * cols + k]! / s[gIdx[k]! * rows + r]!)));
+        qweight[(k >> 3) * rows + r]! |= (code + 8) << (4 * (k & 7));
+      }
+    tensors.push({ name: `${base}.qweight`, dtype: 'I32', shape: [cols / 8, rows], data: new Uint8Array(qweight.buffer) },
+      { name: `${base}.qzeros`, dtype: 'I32', shape: [groups, rows / 8], data: new Uint8Array(new Int32Array(groups * rows / 8).fill(0x77777777).buffer) },
+      { name: `${base}.scales`, dtype: 'F16', shape: [groups, rows], data: new Uint8Array(s16.buffer) },
+      { name: `${base}.g_idx`, dtype: 'I32', shape: [cols], data: new Uint8Array(gIdx.buffer) });
+  }
+  writeCheckpointCopy(src, out, tensors, { quant_method: 'gptq', bits: 4, group_size: G, sym: true, desc_act: true, checkpoint_format: 'gptq' });
 }

@@ -237,6 +237,11 @@ void route(const float* logits, const RoutingParams& p, int32_t* ids, float* wei
 void permute_rows(const float* x, int tokens, int h, const int32_t* ids, int top_k,
                   int num_experts, void* x_perm, DType perm_dtype, int32_t* perm_index,
                   int32_t* offsets, Stream s);
+// Act-order experts: out [rows, h] bf16 = x [rows, h] bf16 (expert-contiguous by offsets [E+1]) with each
+// row's columns in its expert's input order, out[r, j] = x[r, perm[e * h + j]] (perm [E, h], device);
+// rows from offsets[E] on are copied. out must not be x.
+void gather_expert_columns(const uint16_t* x, const int32_t* offsets, int num_experts, int rows, int h,
+                           const int32_t* perm, uint16_t* out, Stream s);
 // A slot whose perm_index is outside 0..tokens*top_k-1 (permute's -1) adds nothing.
 void unpermute_combine(const float* y_perm, const int32_t* perm_index, const float* weights,
                        int tokens, int top_k, int h, float* out, bool accumulate, Stream s);
