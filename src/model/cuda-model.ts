@@ -19,7 +19,7 @@ import { withWeightPrefix, type HostTensor, type IntWeight, type TensorSource } 
 import { CudaGatedDeltaNet, type DeviceLinearState, type DeviceStateStep } from './cuda-linear-attention.js';
 import { linearStateFloats } from './linear-attention.js';
 import { checkExpert, checkShape, ffnSource, vectorF32, type ExpertSource } from './weights.js';
-import { deviceQuantError, deviceQuantOf, intFfnMatrices, quantizedExpert, quantizeMatrix, type DeviceQuant } from './cuda-quant.js';
+import { deviceQuantError, deviceQuantOf, intFfnMatrices, plainOrders, quantizedExpert, quantizeMatrix, type DeviceQuant } from './cuda-quant.js';
 import type { QuantizeSpec } from './quantize.js';
 
 export interface CudaModelOptions {
@@ -304,10 +304,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
       expertWeights.push({ gateUp: w.gateUp, down: w.down });
       const perm = iu?.perm;
       if (perm) {
-        if (!orders) {
-          orders = new Int32Array(m.numExperts * H);
-          for (let r = 0; r < m.numExperts; r++) for (let c = 0; c < H; c++) orders[r * H + c] = c;
-        }
+        orders ??= plainOrders(m.numExperts, H);
         orders.set(perm, e * H);
       }
     }
@@ -854,6 +851,22 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     const hs = get('ep.h', local.rows * spec.moe.intermediate * BF16);
     this.groupFfn(m, local.x, offs, local.rows, hs, yLocal, st, get);
     ep.combine(yLocal, yPerm, H, st, get);
+  }
+
+  /**
+   * The device expert cache's act-order experts (PinnedExpertStore.inputOrders, per MoE layer): x gathered
+   * by them before each GroupGemm, as for resident ones (a model loaded with its experts keeps its own).
+   */
+  setExpertInputOrders(orders: (Int32Array | null)[]): void {
+    if (this.loadExperts) return;  // resident experts: the model read their orders itself
+    if (orders.length !== this.numMoeLayers) throw new RangeError(`${orders.length} layers of input orders for ${this.numMoeLayers} MoE layers`);
+    for (const l of this.layers) {
+      if (!l.moe) continue;
+      const o = orders[l.moe.moeIndex];
+      if (o && o.length !== this.spec.moe.numExperts * this.spec.hidden)
+        throw new RangeError(`input orders of MoE layer ${l.moe.moeIndex}: ${o.length} entries, expected experts x hidden`);
+      l.moe.inputOrders = o ? this.dev.upload(o) : null;
+    }
   }
 
   /** An expert rank's step (expert parallelism): every MoE layer's remote part, in order. */

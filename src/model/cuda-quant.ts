@@ -238,11 +238,17 @@ export function quantizedExpert(q: DeviceQuant, ex: () => ExpertSource, fp8: Fp8
 /** An FP8 checkpoint's expert (moe-tensors' expertFp8). */
 export interface Fp8Expert { gate: Fp8Weight; up: Fp8Weight; down: Fp8Weight }
 
+/** E rows of the plain input order 0..h-1 (the act-order input-order table's rows for experts without one). */
+export function plainOrders(e: number, h: number): Int32Array {
+  const o = new Int32Array(e * h);
+  for (let r = 0; r < e; r++) for (let c = 0; c < h; c++) o[r * h + c] = c;
+  return o;
+}
+
 /** Why the device's int kernels cannot take an act-order weight, and what to do instead. */
-export const ACT_ORDER_ON_DEVICE = 'act-order GPTQ experts (desc_act with a g_idx out of the plain order) are read by the ' +
-  'device engine as resident routed experts only (each row of x gathered into its expert\'s input order), not through the ' +
-  'device expert cache; serve this checkpoint without expert offloading, on the CPU engine, or with --quantize int4 (its ' +
-  'values re-quantized at load)';
+export const ACT_ORDER_ON_DEVICE = 'act-order GPTQ weights (desc_act with a g_idx out of the plain order) are read by the ' +
+  'device engine as routed experts only (each row of x gathered into its expert\'s input order); here serve this checkpoint ' +
+  'on the CPU engine, or with --quantize int4 (its values re-quantized at load)';
 
 /**
  * A checkpoint's int8 / int4 weight kept as its codes, scales and zero points (gate_up: gate's rows then

@@ -4,7 +4,7 @@
 // stored), copied into a device slot on a
 // copy stream of its own, so prefetches overlap the compute stream.
 import type { CudaAddon, CudaBuffer, CudaEvent, CudaStream } from '../native/index.js';
-import { intFfnMatrices, quantExpertBytes, quantizedExpert, type DeviceQuant } from '../model/cuda-quant.js';
+import { intFfnMatrices, plainOrders, quantExpertBytes, quantizedExpert, type DeviceQuant } from '../model/cuda-quant.js';
 import { bf16Of, BF16 } from '../model/device.js';
 import { moeTensors } from '../model/moe-tensors.js';
 import { intCodeMethodName, intCodeQuant, type ModelSpec } from '../model/spec.js';
@@ -31,6 +31,11 @@ export class PinnedExpertStore implements ExpertStore<CudaBuffer> {
   computeStreams: (CudaStream | null)[] = [null];
   private readonly gateUpBytes: number;
   private readonly downBytes: number;
+  /**
+   * Per MoE layer, act-order experts' input orders [E, H] (the plain order for the others; null for a layer
+   * without any): the model gathers x by them (CudaModel.setExpertInputOrders), as for resident experts.
+   */
+  readonly inputOrders: (Int32Array | null)[] = [];
 
   /**
    * `quant`: the layout of the model's expert tables (CudaModel.expertQuant), so that a slot holds
@@ -50,6 +55,7 @@ export class PinnedExpertStore implements ExpertStore<CudaBuffer> {
       if (l.ffn !== 'moe') return;
       const t = moeTensors(spec, src, `model.layers.${i}.`);
       const mem = new Uint8Array(cu.cudaPinnedBuffer(E * this.expertBytes));
+      let orders: Int32Array | null = null;
       for (let e = 0; e < E; e++) {
         const name = `${t.prefix}experts.${e}`;
         const base = e * this.expertBytes;
@@ -57,9 +63,10 @@ export class PinnedExpertStore implements ExpertStore<CudaBuffer> {
         // uploadInt), so that a slot holds what a resident expert would.
         const iw = quant && !quantizedAtLoad ? t.expertInt?.(e) ?? null : null;
         if (iw) {
-          const m = intFfnMatrices(quant!, iw.names, iw.gate, iw.up, iw.down, H, I);
+          const m = intFfnMatrices(quant!, iw.names, iw.gate, iw.up, iw.down, H, I, true);
           mem.set(m.gateUp, base);
           mem.set(m.down, base + this.gateUpBytes);
+          if (m.perm) (orders ??= plainOrders(E, H)).set(m.perm, e * H);
           continue;
         }
         const iq = intCodeQuant(spec.quantization);
@@ -80,6 +87,7 @@ export class PinnedExpertStore implements ExpertStore<CudaBuffer> {
         bf16.set(bf16Of(ex.down), 2 * I * H);
       }
       this.host.push(mem);
+      this.inputOrders.push(orders);
     });
     this.copyStream = new cu.CudaStream();
     this.computeMark = new cu.CudaEvent(false);

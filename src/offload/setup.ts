@@ -85,6 +85,7 @@ export function attachDeviceOffloader(loaded: LoadedModel<CudaModel>, cfg: Offlo
   // Slots in the tables' layout: bf16, --quantize's, or an FP8 checkpoint's blocks as shipped.
   const store = new PinnedExpertStore(cu, spec, new CheckpointSource(checkpoint), model.expertQuant, model.quantizedAtLoad);
   store.computeStreams = model.computeStreams();
+  model.setExpertInputOrders(store.inputOrders);
   const off = new Offloader<CudaBuffer>(store, offloaderOptions(spec, model.numMoeLayers, cfg, hooks));
   off.attachTables(model.expertTables());
   model.hooks = off;
