@@ -40,7 +40,12 @@ export interface CudaModelOptions {
 }
 
 /** A gated FFN (dense layer, shared experts) as a one-expert GroupGemm table. */
-interface DeviceFfn { table: CudaExpertTable; inter: number }
+interface DeviceFfn {
+  table: CudaExpertTable;
+  inter: number;
+  /** An act-order FFN's input order [H] i32 (its codes in group order): runFfn gathers x by it. */
+  inputOrder: CudaBuffer | null;
+}
 
 interface DeviceMoe {
   moeIndex: number;
@@ -252,15 +257,15 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
     const name = prefix.replace(/\.$/, '');
     const q = this.dev.denseQuant;
     const [gi, ui, di] = q ? [null, null, null] : ['gate_proj', 'up_proj', 'down_proj'].map((p) => src.getInt?.(`${prefix}${p}.weight`) ?? null);
-    // Act-order (a perm on any of the three): the bf16 path below, as the device's kernels do not gather x.
-    if (gi && ui && di && !gi.perm && !ui.perm && !di.perm) {
+    if (gi && ui && di) {
       // Zero points in any of the three: the table's layout carries them (a symmetric one's are 0).
       const iq = { ...intDeviceQuant(gi), ...(gi.zeros || ui.zeros || di.zeros ? { zeros: true as const } : {}) };
       if (!deviceQuantError(iq, this.spec.hidden, inter)) {
-        const w = this.uploadInt(iq, ['gate_proj', 'up_proj', 'down_proj'].map((p) => `${prefix}${p}.weight`), gi, ui, di, inter);
+        // Act-order: the codes in group order, x gathered by the FFN's input order (runFfn).
+        const w = this.uploadInt(iq, ['gate_proj', 'up_proj', 'down_proj'].map((p) => `${prefix}${p}.weight`), gi, ui, di, inter, true);
         const table = this.table(1, inter, iq);
         table.set(0, w.gateUp, w.down);
-        return { table, inter };
+        return { table, inter, inputOrder: w.perm ? this.dev.upload(w.perm) : null };
       }
     }
     if (q) {
@@ -271,12 +276,12 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
       checkExpert(ex, name, H, inter);
       const table = this.table(1, inter, q);
       table.set(0, this.dev.upload(quantizeMatrix(q, ex.gate, ex.up, inter, H)), this.dev.upload(quantizeMatrix(q, ex.down, null, H, inter)));
-      return { table, inter };
+      return { table, inter, inputOrder: null };
     }
     const w = this.upload(ffnSource(src, prefix), name, inter);
     const table = this.table(1, inter);
     table.set(0, w.gateUp, w.down);
-    return { table, inter };
+    return { table, inter, inputOrder: null };
   }
 
   private buildMoe(src: TensorSource, layerPrefix: string, moeIndex: number): DeviceMoe {
@@ -648,8 +653,15 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
       cu.cudaConvert(x, 'f32', xb.buf, 'bf16', T * this.spec.hidden, st);
       xb.ready = true;
     }
-    const hs = this.dev.scratch.get(st === this.dev.side ? 'ffn.h.side' : 'ffn.h', T * f.inter * BF16);
-    cu.cudaGroupGemmFfn(xb.buf, offsets, f.table, T, hs, out, null, st);
+    const side = st === this.dev.side;
+    let xg = xb.buf;
+    if (f.inputOrder && T > 0) {
+      // Act-order: x in the FFN's input order (one "expert", offsets [0, T]).
+      xg = this.dev.scratch.get(side ? 'ffn.xg.side' : 'ffn.xg', T * this.spec.hidden * BF16);
+      cu.cudaGatherExpertColumns(xb.buf, offsets, 1, T, this.spec.hidden, f.inputOrder, xg, st);
+    }
+    const hs = this.dev.scratch.get(side ? 'ffn.h.side' : 'ffn.h', T * f.inter * BF16);
+    cu.cudaGroupGemmFfn(xg, offsets, f.table, T, hs, out, null, st);
   }
 
   /**

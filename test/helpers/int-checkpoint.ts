@@ -135,19 +135,21 @@ export async function checkCachedAndRanked(dir: string, golden: Golden, heldExpe
 }
 
 /**
- * An act-order GPTQ checkpoint (desc_act true, no static_groups) made here from the bf16 qwen2_moe fixture:
- * every decoder Linear int4 in groups of 32 (so that hidden-64 inputs have two), each group the inputs a random
- * order puts in it (g_idx), symmetric RTN with f16 scales, v1 zeros. Linears that read one input (q/k/v;
- * gate/up) share an order, as GPTQ's shared inputs make theirs.
+ * An act-order GPTQ checkpoint (desc_act true, no static_groups) made here from a bf16 fixture (qwen2_moe's
+ * by default): every Linear `quantized` names (its capture: the module; by default every decoder Linear)
+ * int4 in groups of 32 (so that hidden-64 inputs have two), each group the inputs a random order puts in it
+ * (g_idx), symmetric RTN with f16 scales, v1 zeros. Linears that read one input (q/k/v; gate/up) share an
+ * order, as GPTQ's shared inputs make theirs.
  */
-export function actOrderCopy(out: string): void {
-  const src = path.join(packageRoot(), 'test', 'fixtures', 'qwen2_moe'), G = 32;
+export function actOrderCopy(out: string, fixture = 'qwen2_moe', quantized = /^(.*\.(?:self_attn|mlp)\..*_proj)\.weight$/,
+                             shuffle = true): void {
+  const src = path.join(packageRoot(), 'test', 'fixtures', fixture), G = 32;
   let seed = 99;
   const rnd = () => ((seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32);
   const orders = new Map<string, Int32Array>();
   const tensors: TensorToWrite[] = [];
   for (const t of storedTensors(src)) {
-    const m = /^(.*\.(?:self_attn|mlp)\..*_proj)\.weight$/.exec(t.name);
+    const m = quantized.exec(t.name);
     if (!m) {
       tensors.push(t);
       continue;
@@ -157,7 +159,7 @@ export function actOrderCopy(out: string): void {
     let order = orders.get(key);
     if (!order) {
       order = Int32Array.from({ length: cols }, (_, k) => k);
-      for (let i = cols - 1; i > 0; i--) {
+      for (let i = cols - 1; i > 0 && shuffle; i--) {
         const j = Math.floor(rnd() * (i + 1));
         [order[i], order[j]] = [order[j]!, order[i]!];
       }
