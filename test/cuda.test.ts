@@ -577,7 +577,7 @@ function deviceSuite(label: string, cu: CudaAddon, skip: string | false) {
   // Act-order experts (GPTQ desc_act): each expert's rows of xPerm in its input order. Experts 0, 5 and
   // E-1 get no rows (the search passes empty experts over), and two skipped ids leave rows past
   // offsets[e] (unwritten NaNs), which are copied as they are.
-  test(`${label}: cudaGatherExpertColumns puts each row in its expert's input order`, { skip }, () => {
+  test(`${label}: cudaGatherExpertColumns puts each row in its expert's input order (or, without offsets, all in one)`, { skip }, () => {
     const T = 41, h = 72, k = 2, E = 12;
     const used = [1, 2, 3, 4, 6, 7, 8, 9, 10];
     const ids = Int32Array.from({ length: T * k }, () => used[Math.floor(rand() * used.length)]!);
@@ -606,6 +606,13 @@ function deviceSuite(label: string, cu: CudaAddon, skip: string | false) {
     assert.deepEqual(bf16Of(out, rows * h), want);
     assert.ok(want.subarray(offsets[E]! * h).every(Number.isNaN), 'the rows past offsets[e] are the unwritten ones');
     assert.throws(() => cu.cudaGatherExpertColumns(xPerm, offs, E, rows, h, upload(orders), xPerm), /out must not be x/);
+    // Without offsets (a dense Linear's act-order input): every row in the first order; e must be 1.
+    const one = poisoned(rows * h, 2);
+    cu.cudaGatherExpertColumns(xPerm, null, 1, rows, h, upload(orders), one);
+    const wantOne = new Float32Array(rows * h);
+    for (let r = 0; r < rows; r++) for (let c = 0; c < h; c++) wantOne[r * h + c] = got[r * h + orders[c]!]!;
+    assert.deepEqual(bf16Of(one, rows * h), wantOne);
+    assert.throws(() => cu.cudaGatherExpertColumns(xPerm, null, 2, rows, h, upload(orders), one), /without offsets e must be 1/);
     assert.equal(cu.cudaDeviceLost(), false);
   });
 

@@ -349,9 +349,9 @@ test('GPTQ desc_act true: static_groups is the same model; a permuted g_idx is h
 });
 
 // On the emulator, and on a GPU where one is present (bench/gpu-run.sh's intckpt step).
-for (const b of INT_DEVICE_BACKENDS) test(`act-order experts on the device (${b.label}): their codes as stored, each row of x ` +
-  'gathered into its expert\'s input order; logits as the CPU bf16 mode over the values it multiplies; through the ' +
-  'device expert cache bit for bit', { skip: b.skip }, (t) => {
+for (const b of INT_DEVICE_BACKENDS) test(`act-order experts and attention on the device (${b.label}): their codes as stored, ` +
+  'each row of x gathered into its expert\'s (or projection\'s) input order; logits as the CPU bf16 mode over the values it ' +
+  'multiplies; through the device expert cache bit for bit', { skip: b.skip }, (t) => {
   const tmp = mkdtempSync(path.join(os.tmpdir(), 'expertd-gptq-act-dev-'));
   try {
     const act = path.join(tmp, 'act');
@@ -361,15 +361,25 @@ for (const b of INT_DEVICE_BACKENDS) test(`act-order experts on the device (${b.
     const { model } = loadCudaModel(act, { device: 0, ...(cuda ? { cuda } : {}) });
     try {
       assert.deepEqual(model.expertQuant, { format: 'int4', group: 32, blockRows: 0 });
-      const moes = (model as unknown as { layers: { moe: { inputOrders: unknown } | null }[] })
-        .layers.flatMap((l) => (l.moe ? [l.moe] : []));
+      type Weight = { quant?: unknown; inputOrder?: unknown };
+      const layers = (model as unknown as { layers: { subs: { attn: Record<'q' | 'k' | 'v' | 'o', Weight> }[];
+        moe: { inputOrders: unknown } | null }[] }).layers;
+      const moes = layers.flatMap((l) => (l.moe ? [l.moe] : []));
       assert.ok(moes.length > 0 && moes.every((m) => m.inputOrders !== null), 'every MoE layer gathers its rows');
+      // The attention projections keep their codes too (cudaDenseGemmQuant), x gathered by each one's order.
+      const projections = layers.flatMap((l) => (['q', 'k', 'v', 'o'] as const).map((p) => l.subs[0]!.attn[p]));
+      assert.ok(projections.every((w) => w.quant && w.inputOrder), 'every attention projection is int4 and gathers x');
       t.diagnostic(assertMatchesIntDequant(model, act, prompts, 5e-4, 5e-3));
       // The device expert cache (half the experts; emulator): its slots hold the same codes, and the model
       // gathers by the orders its pinned store read.
       if (b.label === 'emulator') t.diagnostic(JSON.stringify(assertDeviceCacheMatches(model, act, 'int4 g32')));
-      // The same codes without the gather are another model: the checks above can fail.
+      // The same codes without the gather are another model: the checks above can fail (the experts', then the
+      // attention's).
+      const orders = moes.map((m) => m.inputOrders);
       for (const m of moes) m.inputOrders = null;
+      assert.throws(() => assertMatchesIntDequant(model, act, prompts, 5e-4, 5e-3), /routes every token|logits off the reference/);
+      moes.forEach((m, i) => { m.inputOrders = orders[i]; });
+      for (const w of projections) delete w.inputOrder;
       assert.throws(() => assertMatchesIntDequant(model, act, prompts, 5e-4, 5e-3), /routes every token|logits off the reference/);
     } finally {
       model.dispose();

@@ -226,12 +226,16 @@ __global__ void unpermute_combine_kernel(const float* y_perm, const int32_t* per
 // One block per row r < rows: out[r] = x[r] with its columns in the input order of the row's expert,
 // out[r, j] = x[r, perm[e * h + j]] for offsets[e] <= r < offsets[e + 1] (the last such e, so that
 // empty experts before a row's own are passed over); rows from offsets[num_experts] on (identity
-// experts) are copied as they are.
+// experts) are copied as they are. Without offsets (a dense Linear) every row takes perm's first row.
 __global__ void gather_expert_columns_kernel(const uint16_t* x, const int32_t* offsets, int num_experts,
                                              int h, const int32_t* perm, uint16_t* out) {
   const int r = blockIdx.x;
   const uint16_t* src = x + static_cast<size_t>(r) * h;
   uint16_t* dst = out + static_cast<size_t>(r) * h;
+  if (!offsets) {
+    for (int c = threadIdx.x; c < h; c += blockDim.x) dst[c] = src[perm[c]];
+    return;
+  }
   if (r >= offsets[num_experts]) {
     for (int c = threadIdx.x; c < h; c += blockDim.x) dst[c] = src[c];
     return;
@@ -254,6 +258,7 @@ void gather_expert_columns(const uint16_t* x, const int32_t* offsets, int num_ex
   if (rows <= 0 || h <= 0) return;
   s = or_default(s);
   EXPERTD_CHECK(x != out, ErrorCode::InvalidArg, "gatherExpertColumns: out must not be x");
+  EXPERTD_CHECK(offsets || num_experts == 1, ErrorCode::InvalidArg, "gatherExpertColumns: without offsets e must be 1");
   const int threads = std::min(256, (h + 31) / 32 * 32);
   gather_expert_columns_kernel<<<rows, threads, 0, s>>>(x, offsets, num_experts, h, perm, out);
   EXPERTD_CUDA_LAUNCH_CHECK();

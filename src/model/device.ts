@@ -16,6 +16,8 @@ export interface DeviceWeight {
   reference: boolean;
   /** --quantize-dense: buf holds the weight's codes and scales in this layout (cudaDenseGemmQuant). */
   quant?: DeviceQuant;
+  /** An act-order weight (GPTQ desc_act) held in group order: its input order [k] i32, which gemm() gathers x by. */
+  inputOrder?: CudaBuffer;
 }
 
 export const F32 = 4;
@@ -125,16 +127,18 @@ export class Device {
 
   /**
    * A weight denseLinear() would take, read from `src`: one the checkpoint stores as int8 / int4 codes
-   * (compressed-tensors, GPTQ) is kept as its codes and scales for cudaDenseGemmQuant where that kernel
-   * takes its shape and no --quantize-dense asks for another format; else denseLinear() over its values
+   * (compressed-tensors, GPTQ; act-order ones in group order, x gathered) is kept as its codes and scales for
+   * cudaDenseGemmQuant where that kernel takes its shape and no --quantize-dense asks for another format; else denseLinear() over its values
    * (an int weight's exact dequantised ones, rounded to bf16 like an FP8 checkpoint's non-expert weights).
    */
   storedLinear(src: TensorSource, name: string, n: number, k: number): DeviceWeight {
     const iw = this.denseQuant ? null : src.getInt?.(name) ?? null;
-    // Act-order (a perm): the device's kernels do not gather x, so such a weight takes denseLinear's bf16 path.
-    if (iw && !iw.perm && iw.rows === n && iw.cols === k) {
+    if (iw && iw.rows === n && iw.cols === k) {
       const q = intDeviceQuant(iw);
-      if (!deviceQuantDenseError(q, n, k)) return { buf: this.upload(intMatrix(q, iw, null)), n, k, dtype: 'bf16', reference: false, quant: q };
+      // Act-order (a perm): the codes in group order, x gathered by the weight's input order (gemm()).
+      if (!deviceQuantDenseError(q, n, k))
+        return { buf: this.upload(intMatrix(q, iw, null, true)), n, k, dtype: 'bf16', reference: false, quant: q,
+          ...(iw.perm ? { inputOrder: this.upload(iw.perm) } : {}) };
     }
     return this.denseLinear(name, src.get(name), n, k);
   }
@@ -177,6 +181,12 @@ export class Device {
       b = xb?.buf ?? this.scratch.get(s === this.side ? 'gemm.xb.side' : 'gemm.xb', m * w.k * BF16);
       cu.cudaConvert(x, 'f32', b, 'bf16', m * w.k, s);
       if (xb) xb.ready = true;
+    }
+    if (w.inputOrder) {
+      // An act-order weight: x's columns in its input order first.
+      const g = this.scratch.get(s === this.side ? 'gemm.xg.side' : 'gemm.xg', m * w.k * BF16);
+      cu.cudaGatherExpertColumns(b, null, 1, m, w.k, w.inputOrder, g, s);
+      b = g;
     }
     if (w.quant) cu.cudaDenseGemmQuant(b, m, w.buf, w.n, w.k, w.quant, y, bias, accumulate, s);
     else cu.cudaDenseGemm(b, m, w.buf, w.n, w.k, y, bias, accumulate, null, s);

@@ -407,9 +407,10 @@ export interface CudaAddon {
   /**
    * Act-order experts: out [rows, h] bf16 = x [rows, h] bf16 (expert-contiguous by offsets [e+1] i32) with
    * each row's columns in its expert's input order, out[r, j] = x[r, perm[ex * h + j]] (perm [e, h] i32,
-   * every entry in 0..h-1: device data, not checked); rows from offsets[e] on are copied. out must not be x.
+   * every entry in 0..h-1: device data, not checked); rows from offsets[e] on are copied. offsets null (e
+   * must be 1): every row in perm's order (a dense Linear's act-order input). out must not be x.
    */
-  cudaGatherExpertColumns(x: CudaBuffer, offsets: CudaBuffer, e: number, rows: number, h: number, perm: CudaBuffer,
+  cudaGatherExpertColumns(x: CudaBuffer, offsets: CudaBuffer | null, e: number, rows: number, h: number, perm: CudaBuffer,
                           out: CudaBuffer, stream?: CudaStream | null): void;
   /**
    * out [t, h] (+)= sum over slots j of weights[t, j] * yPerm[permIndex[t, j]] (f32; no FMA, slot

@@ -1082,12 +1082,15 @@ export function createCudaEmulator(options: CudaEmulatorOptions = {}): CudaAddon
 
     cudaGatherExpertColumns(x, offsets, e, rows, h, perm, out, stream): void {
       const E = dim(e, 'e', 1, 1 << 20), R = dim(rows, 'rows'), Hd = dim(h, 'h');
-      const xb = buf(x, 'x', R * Hd * 2), ob = buf(offsets, 'offsets', (E + 1) * 4);
+      const xb = buf(x, 'x', R * Hd * 2), ob = optBuf(offsets, 'offsets', (E + 1) * 4);
+      if (!ob && E !== 1) throw rangeError('cudaGatherExpertColumns: without offsets e must be 1');
       const pb = buf(perm, 'perm', E * Hd * 4), outb = buf(out, 'out', R * Hd * 2);
       getStream(stream);
       ensureAlive();
       if (R <= 0 || Hd <= 0) return;
-      const xs = u16Of(xb, 'x'), offs = i32Of(ob, 'offsets'), order = i32Of(pb, 'perm'), o = u16Of(outb, 'out');
+      const xs = u16Of(xb, 'x'), order = i32Of(pb, 'perm'), o = u16Of(outb, 'out');
+      // No offsets: one order for every row (E = 1, every row below "offsets[1]").
+      const offs = ob ? i32Of(ob, 'offsets') : Int32Array.of(0, R);
       if (xs.buffer === o.buffer && xs.byteOffset === o.byteOffset) throw rangeError('gatherExpertColumns: out must not be x');
       for (let r = 0; r < R; r++) {
         // routing.cu's kernel: the last expert whose offset is <= r; rows from offsets[E] on as they are.

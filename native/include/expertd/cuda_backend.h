@@ -239,7 +239,8 @@ void permute_rows(const float* x, int tokens, int h, const int32_t* ids, int top
                   int32_t* offsets, Stream s);
 // Act-order experts: out [rows, h] bf16 = x [rows, h] bf16 (expert-contiguous by offsets [E+1]) with each
 // row's columns in its expert's input order, out[r, j] = x[r, perm[e * h + j]] (perm [E, h], device);
-// rows from offsets[E] on are copied. out must not be x.
+// rows from offsets[E] on are copied. offsets null (E must be 1): every row in perm's order (a dense
+// Linear's act-order input). out must not be x.
 void gather_expert_columns(const uint16_t* x, const int32_t* offsets, int num_experts, int rows, int h,
                            const int32_t* perm, uint16_t* out, Stream s);
 // A slot whose perm_index is outside 0..tokens*top_k-1 (permute's -1) adds nothing.
