@@ -241,11 +241,12 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
 
   /**
    * A gated FFN an int-code checkpoint stores as codes (gate, up, down), uploaded in layout q (the table's
-   * format). `gathered`: the caller gathers the FFN's input by its act-order `perm` (routed experts only).
+   * format); an act-order one's in group order, with the input order `perm` its caller gathers x by
+   * (groupFfn, runFfn).
    */
   private uploadInt(q: DeviceQuant, names: string[], gate: IntWeight | null, up: IntWeight | null, down: IntWeight | null,
-                    inter: number, gathered = false): { gateUp: CudaBuffer; down: CudaBuffer; perm: Int32Array | null } {
-    const m = intFfnMatrices(q, names, gate, up, down, this.spec.hidden, inter, gathered);
+                    inter: number): { gateUp: CudaBuffer; down: CudaBuffer; perm: Int32Array | null } {
+    const m = intFfnMatrices(q, names, gate, up, down, this.spec.hidden, inter, true);
     return { gateUp: this.dev.upload(m.gateUp), down: this.dev.upload(m.down), perm: m.perm };
   }
 
@@ -262,7 +263,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
       const iq = { ...intDeviceQuant(gi), ...(gi.zeros || ui.zeros || di.zeros ? { zeros: true as const } : {}) };
       if (!deviceQuantError(iq, this.spec.hidden, inter)) {
         // Act-order: the codes in group order, x gathered by the FFN's input order (runFfn).
-        const w = this.uploadInt(iq, ['gate_proj', 'up_proj', 'down_proj'].map((p) => `${prefix}${p}.weight`), gi, ui, di, inter, true);
+        const w = this.uploadInt(iq, ['gate_proj', 'up_proj', 'down_proj'].map((p) => `${prefix}${p}.weight`), gi, ui, di, inter);
         const table = this.table(1, inter, iq);
         table.set(0, w.gateUp, w.down);
         return { table, inter, inputOrder: w.perm ? this.dev.upload(w.perm) : null };
@@ -303,7 +304,7 @@ export class CudaModel implements ForwardModel<DeviceLayerCache[]> {
       if (!iw && q && iq && !this.quantizedAtLoad)
         throw new RangeError(`${name} is not stored as int codes, but this ${intCodeMethodName(iq)} checkpoint's experts are read ` +
           `as ${q.format} on the device; serve it with --quantize ${q.format}, or on the CPU engine`);
-      const iu = iw && q ? this.uploadInt(q, iw.names, iw.gate, iw.up, iw.down, m.intermediate, true) : null;
+      const iu = iw && q ? this.uploadInt(q, iw.names, iw.gate, iw.up, iw.down, m.intermediate) : null;
       const w = iu ?? (q ? this.uploadQuant(q, t, e, name, m.intermediate) : this.upload(t.expert(e), name, m.intermediate));
       experts.set(e, w.gateUp, w.down);
       expertWeights.push({ gateUp: w.gateUp, down: w.down });

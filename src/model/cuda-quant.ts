@@ -245,21 +245,18 @@ export function plainOrders(e: number, h: number): Int32Array {
   return o;
 }
 
-/** Why the device's int kernels cannot take an act-order weight, and what to do instead. */
-export const ACT_ORDER_ON_DEVICE = 'act-order GPTQ weights (desc_act with a g_idx out of the plain order) are read by the ' +
-  'device engine as routed experts only (each row of x gathered into its expert\'s input order); here serve this checkpoint ' +
-  'on the CPU engine, or with --quantize int4 (its values re-quantized at load)';
-
 /**
  * A checkpoint's int8 / int4 weight kept as its codes, scales and zero points (gate_up: gate's rows then
  * up's). q must be the weight's format and group (int8: one scale per row); a weight with zero points
  * needs a layout with them (a symmetric weight in such a layout gets zeros of 0). An act-order weight's
  * columns stay in its stored (group) order, which only a caller that gathers its input so may take
- * (`gathered`: the routed experts, through cudaGatherExpertColumns).
+ * (`gathered`: through cudaGatherExpertColumns).
  */
 export function intMatrix(q: DeviceQuant, gate: IntWeight, up: IntWeight | null, gathered = false): Uint8Array {
   const want = gate.bits === 8 ? 'int8' : 'int4';
-  if ((gate.perm || up?.perm) && !gathered) throw new RangeError(ACT_ORDER_ON_DEVICE);
+  // Multiplied by an ungathered x, such a weight would give wrong values: every device caller gathers.
+  if ((gate.perm || up?.perm) && !gathered)
+    throw new Error('intMatrix: an act-order weight (desc_act) is held in group order; its caller must gather x by its input order');
   if ((gate.zeros || up?.zeros) && !q.zeros)
     throw new RangeError(`an int${gate.bits} weight with zero points does not fit the table's ${q.format} layout without them ` +
       '(a checkpoint whose config says it is symmetric stores zero points)');
