@@ -326,8 +326,7 @@ test('unsupported compressed-tensors configs are refused naming the field and va
     [(q) => { q.config_groups.group_0.format = 'float-quantized'; }, /\. config_groups\.group_0\.format "float-quantized" \(FP8 weights: a checkpoint reads them when every config group is float-quantized\)/],
     [(q) => { q.format = 'nvfp4-pack-quantized'; }, /\. format "nvfp4-pack-quantized" \(NVFP4/],
     [(q) => { q.format = 'marlin-24'; }, /\. format "marlin-24" \(2:4 sparse/],
-    [w((x) => { x.actorder = 'group'; }), /\.weights\.actorder "group": activation-ordered groups \(weight_g_idx\) are not read/],
-    [w((x) => { x.actorder = 'weight'; }), /\.weights\.actorder "weight"/],
+    [w((x) => { x.actorder = 'columns'; }), /\.weights\.actorder "columns": expected one of "static", "weight", "group", "dynamic" or null/],
     [w((x) => { x.group_size = 48; }), /\.weights\.group_size 48: int4 groups are held as groups of 32 or 128 columns, so a group must be a multiple of 32/],
     [w((x) => { x.group_size = null; }), /\.weights\.group_size null: int4 groups/],
     [w((x) => { x.strategy = 'tensor'; }), /\.weights\.strategy "tensor" with num_bits 4/],
@@ -356,6 +355,9 @@ test('unsupported compressed-tensors configs are refused naming the field and va
   for (const dir of [W8, W4]) assert.equal(parseModelConfig(dir).quantization?.method, 'compressed-tensors');
   const ok = w4Config((q) => { q.config_groups.group_0.weights.actorder = 'static'; q.config_groups.group_0.weights.group_size = 128; });
   assert.deepEqual((parseModelConfig(ok as never).quantization as { schemes: unknown }).schemes, { bits: [4], groupSizes: [128] });
+  // Every actorder: "weight" (alias "static") stores no g_idx, "group" (alias "dynamic") X.weight_g_idx (test/gptq.test.ts).
+  for (const a of ['weight', 'group', 'dynamic'])
+    assert.equal(parseModelConfig(w4Config((q) => { q.config_groups.group_0.weights.actorder = a; }) as never).quantization?.method, 'compressed-tensors');
   // Static int8 activations (calibrated X.input_scale): read, the scales unused (the load warns).
   const st = w4Config((q) => { q.config_groups.group_0.input_activations = { num_bits: 8, type: 'int', dynamic: false, strategy: 'tensor' }; });
   assert.equal((parseModelConfig(st as never).quantization as { staticInputScales?: boolean }).staticInputScales, true);
@@ -395,7 +397,7 @@ function variant(tmp: string, name: string, extra: TensorToWrite[], edit?: (q: R
   return out;
 }
 
-test('zero points of the wrong shape, a stored g_idx, and a group size the scales do not show, are refused naming the tensor', () => {
+test('zero points of the wrong shape, a g_idx whose groups are not group_size wide, and a group size the scales do not show, are refused naming the tensor', () => {
   const tmp = mkdtempSync(path.join(os.tmpdir(), 'expertd-ct-'));
   try {
     const e0 = 'model.layers.0.mlp.experts.0.gate_proj.weight';
@@ -403,8 +405,12 @@ test('zero points of the wrong shape, a stored g_idx, and a group size the scale
     // 32 rows they are [4, 2].
     const zp = variant(tmp, 'zp', [{ name: `${e0}_zero_point`, dtype: 'I32', shape: [5, 2], data: new Uint8Array(40) }]);
     assert.throws(() => loadModel(zp, { fast: false }), new RegExp(`${e0.replace(/\./g, '\\.')}_zero_point is I32 \\[5, 2\\], expected I8 \\[32, 2\\] or I32 \\[4, 2\\]`));
+    // A g_idx is read (actorder "group": test/gptq.test.ts); one whose groups are not 32 wide, or of the wrong
+    // length, is refused.
     const gi = variant(tmp, 'gidx', [{ name: `${e0}_g_idx`, dtype: 'I32', shape: [64], data: new Uint8Array(256) }]);
-    assert.throws(() => loadModel(gi, { fast: false }), new RegExp(`tensor ${e0.replace(/\./g, '\\.')}_g_idx is present: activation-ordered weights are not read`));
+    assert.throws(() => loadModel(gi, { fast: false }), new RegExp(`${e0.replace(/\./g, '\\.')}_g_idx holds groups of other sizes than group_size 32`));
+    const gl = variant(tmp, 'gidx63', [{ name: `${e0}_g_idx`, dtype: 'I32', shape: [63], data: new Uint8Array(252) }]);
+    assert.throws(() => loadModel(gl, { fast: false }), new RegExp(`${e0.replace(/\./g, '\\.')}_g_idx is I32 \\[63\\], expected I32 \\[64\\]`));
     const g128 = variant(tmp, 'g128', [], (q) => { q.config_groups.group_0.weights.group_size = 128; });
     assert.throws(() => loadModel(g128, { fast: false }), /_scale has 2 scale\(s\) per row of 64 4-bit values: not groups of 128/);
   } finally {

@@ -20,8 +20,10 @@ import type { MoeModel } from '../src/model/model.js';
 import { quantizeSpec } from '../src/model/quantize.js';
 import { writeSafetensors, type TensorToWrite } from '../src/model/safetensors.js';
 import { loadNative, packageRoot, type PackedWeight } from '../src/native/index.js';
-import { argmax, goldenForcedLogits, heldFormats as held, maxAbsDiff, type Golden } from './helpers/model-runner.js';
+import { argmax, goldenForcedLogits, heldFormats as held, maxAbsDiff, runAll, type Golden } from './helpers/model-runner.js';
 import { assertDeviceCacheMatches, assertMatchesIntDequant, INT_DEVICE_BACKENDS } from './helpers/device-dequant.js';
+import { createCudaEmulator } from './helpers/cuda-emu.js';
+import { emulatorSkip } from './helpers/cuda-skip.js';
 import { actOrderCopy, checkAgainstDecoded, checkCachedAndRanked, checkIntCheckpoint, checkSameModel, forcedLogitsOf } from './helpers/int-checkpoint.js';
 import { i32, storedTensors, writeCheckpointCopy } from './helpers/checkpoint-copy.js';
 
@@ -391,6 +393,37 @@ for (const b of INT_DEVICE_BACKENDS) test(`act-order experts and attention on th
     } finally {
       requantized.dispose();
     }
+  } finally {
+    rmSync(tmp, { recursive: true, force: true });
+  }
+});
+
+// compressed-tensors with actorder "group" (llm-compressor's GPTQ with activation-ordered groups): X.weight_g_idx
+// beside X.weight_packed. The same codes, scales and orders as the GPTQ act-order copy, so the same model.
+test('compressed-tensors actorder "group" (weight_g_idx) is the GPTQ act-order copy\'s model bit for bit, on the CPU engine, ' +
+  'through the expert cache and expert ranks, and on the device emulator', async (t) => {
+  const tmp = mkdtempSync(path.join(os.tmpdir(), 'expertd-ct-act-'));
+  try {
+    const gptq = path.join(tmp, 'gptq'), ct = path.join(tmp, 'ct');
+    actOrderCopy(gptq);
+    actOrderCopy(ct, undefined, undefined, true, 'compressed-tensors');
+    assert.equal(parseModelConfig(ct).quantization?.method, 'compressed-tensors');
+    const { held: h } = checkSameModel(ct, golden, forcedLogitsOf(gptq, golden));
+    assert.deepEqual(h, ['expert int4/int4', 'shared int4/int4']);
+    // The expert cache's slow tier reads weight_g_idx from the file too.
+    await checkCachedAndRanked(ct, golden, 'expert int4/int4');
+    if (!emulatorSkip) {
+      const dev = (dir: string) => loadCudaModel(dir, { device: 0, cuda: createCudaEmulator() }).model;
+      const [a, b] = [dev(gptq), dev(ct)];
+      try {
+        const [ra, rb] = [runAll(a, null), runAll(b, null)];
+        assert.deepEqual(rb.tokens, ra.tokens);
+        rb.logits.forEach((l, i) => assert.deepEqual(l, ra.logits[i], `device logits of step ${i}`));
+      } finally {
+        a.dispose();
+        b.dispose();
+      }
+    } else t.diagnostic('device emulator part skipped (EXPERTD_SKIP_EMULATOR)');
   } finally {
     rmSync(tmp, { recursive: true, force: true });
   }

@@ -95,6 +95,8 @@ function checkFormat(f: unknown, field: string, refuse: (why: string) => Error):
   throw refuse(`${field} ${JSON.stringify(f)} ${other ? `(${other})` : 'is not a format expertd reads'}.`);
 }
 
+const ACT_ORDERS = ['static', 'weight', 'group', 'dynamic'];
+
 function checkGroup(name: string, g: unknown, format: string, refuse: (why: string) => Error): void {
   const at = `config_groups.${name}`;
   if (!g || typeof g !== 'object' || Array.isArray(g)) throw refuse(`${at} must be an object.`);
@@ -108,10 +110,11 @@ function checkGroup(name: string, g: unknown, format: string, refuse: (why: stri
   if (type !== 'int')
     throw refuse(`${wa}.type ${JSON.stringify(type)}: expertd reads integer weights (FP8 checkpoints: quant_method "fp8").`);
   if (w.dynamic === true || w.dynamic === 'local') throw refuse(`${wa}.dynamic ${JSON.stringify(w.dynamic)}: weights must carry their scales.`);
+  // "weight" (alias "static"): quantized in activation order, groups in the plain order (nothing to read);
+  // "group" (alias "dynamic"): groups of inputs in activation order, which X.weight_g_idx says.
   const act = w.actorder ?? null;
-  if (act !== null && act !== false && act !== 'static')
-    throw refuse(`${wa}.actorder ${JSON.stringify(act)}: activation-ordered groups (weight_g_idx) are not read; ` +
-      'quantize with actorder "static" or null.');
+  if (act !== null && act !== false && !ACT_ORDERS.includes(act as string))
+    throw refuse(`${wa}.actorder ${JSON.stringify(act)}: expected one of ${ACT_ORDERS.map((a) => JSON.stringify(a)).join(', ')} or null.`);
   const bits = w.num_bits, strategy = w.strategy;
   if (bits === 8) {
     if (strategy !== 'channel')
@@ -197,6 +200,8 @@ export interface CompressedParts {
    * (pack-quantized, values + 2^(bits-1)), or I8 [rows, groups] as they are; absent: symmetric.
    */
   zeroPoint?: { dtype: string; shape: number[]; data: Int8Array | Int32Array } | null;
+  /** `.weight_g_idx` I32 [cols] (actorder "group"): the group of each input column; absent: the plain order. */
+  gIdx?: { dtype: string; shape: number[]; data: Int32Array } | null;
 }
 
 /** The schemes a config declares: weight bit widths and int4 group sizes (to read tensors whose
@@ -248,6 +253,9 @@ export function intWeightOf(name: string, p: CompressedParts, schemes: { bits: n
   if (bits === 8) {
     if (nScale !== 1)
       throw fail(`${name}_scale has ${nScale} scales per row: expertd reads int8 weights with one scale per output channel`);
+    // One group per row: any g_idx is the plain order (checked), nothing to reorder.
+    if (p.gIdx && groupOrder(`${name}_g_idx`, p.gIdx, cols, cols, fail))
+      throw fail(`${name}_g_idx is not all 0 for a weight with one scale per row`);
     return { bits, codes, scales: s.data, rows, cols, group: 0, ...(zeros ? { zeros } : {}) };  // int8 keeps f32 scales (one per row)
   }
   // Group g covers columns [g * size, (g + 1) * size); the last one may be ragged. -1: per channel.
@@ -255,7 +263,42 @@ export function intWeightOf(name: string, p: CompressedParts, schemes: { bits: n
   const group = sizes.find((gs) => (gs === -1 ? 1 : Math.ceil(cols / gs)) === nScale);
   if (group === undefined)
     throw fail(`${name}_scale has ${nScale} scale(s) per row of ${cols} 4-bit values: not ${sizes.map((g) => (g === -1 ? 'one per row' : `groups of ${g}`)).join(' or ')}`);
-  return { bits, codes, ...regroupScales(s.data, rows, cols, group, zeros), rows, cols, scaleDtype: scaleDtypeOf(s.dtype) };
+  // Act-order (actorder "group"): the columns held in group order and the GEMMs gather x, as for GPTQ's g_idx.
+  const perm = p.gIdx ? groupOrder(`${name}_g_idx`, p.gIdx, cols, group === -1 ? cols : group, fail) : undefined;
+  if (perm) codes = columnsInOrder(codes, rows, cols, perm);
+  return { bits, codes, ...regroupScales(s.data, rows, cols, group, zeros), rows, cols, scaleDtype: scaleDtypeOf(s.dtype),
+    ...(perm ? { perm } : {}) };
+}
+
+/**
+ * The input order of an act-order weight from its g_idx (`tensor`: I32 [cols], the group of each input
+ * column), or undefined when g_idx keeps the plain order (input // gs). The order is stable by group, then
+ * input; each group must then hold gs inputs as in the plain order (the last one ragged), which expertd's
+ * int layout needs. Throws (made by `fail`) naming `what`. GPTQ's g_idx and compressed-tensors'
+ * weight_g_idx (actorder "group") alike.
+ */
+export function groupOrder(what: string, tensor: { dtype: string; shape: number[]; data: Int32Array }, cols: number, gs: number,
+                           fail: (msg: string) => Error): Int32Array | undefined {
+  const g = tensor.data;
+  if (tensor.dtype !== 'I32' || tensor.shape.length !== 1 || tensor.shape[0] !== cols)
+    throw fail(`${what} is ${tensor.dtype} [${tensor.shape.join(', ')}], expected I32 [${cols}]`);
+  let plain = true;
+  for (let k = 0; k < cols && plain; k++) plain = g[k] === Math.floor(k / gs);
+  if (plain) return undefined;
+  const perm = Int32Array.from({ length: cols }, (_, k) => k).sort((a, b) => g[a]! - g[b]! || a - b);
+  for (let j = 0; j < cols; j++)
+    if (g[perm[j]!] !== Math.floor(j / gs))
+      throw fail(`${what} holds groups of other sizes than group_size ${gs} (group ${Math.floor(j / gs)} ` +
+        `would take input ${perm[j]}, which it puts in group ${g[perm[j]!]})`);
+  return perm;
+}
+
+/** codes [rows, cols] with column j taken from column perm[j] (an act-order weight's columns in group order). */
+export function columnsInOrder(codes: Int8Array, rows: number, cols: number, perm: Int32Array): Int8Array {
+  const out = new Int8Array(rows * cols);
+  for (let r = 0; r < rows; r++)
+    for (let j = 0; j < cols; j++) out[r * cols + j] = codes[r * cols + perm[j]!]!;
+  return out;
 }
 
 /**

@@ -12,7 +12,7 @@
 // desc_act (act-order): a g_idx out of the plain order is read by holding the columns in group order (the
 // weight's perm, by which the GEMMs gather x). Other bit widths and Marlin packing are refused naming the
 // field or tensor.
-import { regroupScales, scaleDtypeOf } from './compressed-tensors.js';
+import { columnsInOrder, groupOrder, regroupScales, scaleDtypeOf } from './compressed-tensors.js';
 import type { IntWeight } from './tensor-source.js';
 
 type Raw = Record<string, unknown>;
@@ -156,23 +156,9 @@ export function gptqIntWeight(name: string, p: GptqParts, cfg: GptqConfig, fail:
   // Act-order (desc_act without static_groups): g_idx puts the inputs in groups out of order. The columns
   // are then held in group order (perm: stable by group, then input), each group gs of them as in the plain
   // order, and the GEMMs gather x by perm.
-  let perm: Int32Array | undefined;
-  if (p.gIdx) {
-    const g = p.gIdx;
-    if (g.dtype !== 'I32' || g.shape.length !== 1 || g.shape[0] !== cols)
-      throw fail(`${base}.g_idx is ${g.dtype} [${g.shape.join(', ')}], expected I32 [${cols}]`);
-    let plain = true;
-    for (let k = 0; k < cols && plain; k++) plain = g.data[k] === Math.floor(k / gs);
-    if (!plain) {
-      perm = Int32Array.from({ length: cols }, (_, k) => k).sort((a, b) => g.data[a]! - g.data[b]! || a - b);
-      for (let j = 0; j < cols; j++)
-        if (g.data[perm[j]!] !== Math.floor(j / gs))
-          throw fail(`${base}.g_idx holds groups of other sizes than group_size ${gs} (group ${Math.floor(j / gs)} ` +
-            `would take input ${perm[j]}, which it puts in group ${g.data[perm[j]!]})`);
-    }
-  }
+  const perm = p.gIdx ? groupOrder(`${base}.g_idx`, p.gIdx, cols, gs, fail) : undefined;
   // Codes [out, in]: the words run along in, one row of words per `per` inputs.
-  let codes = new Int8Array(rows * cols);
+  let codes: Int8Array = new Int8Array(rows * cols);
   const q = p.qweight.data;
   for (let i = 0; i < cols / per; i++) {
     const k0 = i * per;
@@ -182,12 +168,7 @@ export function gptqIntWeight(name: string, p: GptqParts, cfg: GptqConfig, fail:
       for (let j = 0; j < per; j++, word >>>= bits) codes[o + j] = (word & mask) - half;
     }
   }
-  if (perm) {
-    const natural = codes;
-    codes = new Int8Array(rows * cols);
-    for (let r = 0; r < rows; r++)
-      for (let j = 0; j < cols; j++) codes[r * cols + j] = natural[r * cols + perm[j]!]!;
-  }
+  if (perm) codes = columnsInOrder(codes, rows, cols, perm);
   const order = perm ? { perm } : {};
   const sd = scaleDtypeOf(p.scales.dtype);
   if (bits === 8) {

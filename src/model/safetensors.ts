@@ -348,16 +348,16 @@ export class Checkpoint {
     if (this.options.gptq) return this.loadGptq(name);
     const packed = this.tensors.has(`${name}_packed`);
     const c = this.getTensor(packed ? `${name}_packed` : name);
-    if (this.tensors.has(`${name}_g_idx`))
-      throw new CheckpointError(`tensor ${name}_g_idx is present: activation-ordered weights are not read`, c.file);
     const s = this.getTensor(`${name}_scale`);
     const z = this.tensors.get(`${name}_zero_point`);
+    const g = this.tensors.get(`${name}_g_idx`);
     const fail = (msg: string) => new CheckpointError(msg, c.file);
     return intWeightOf(name, {
       codes: { dtype: c.dtype, shape: c.shape, data: c.data() as Int8Array | Int32Array },
       scale: { dtype: s.dtype, shape: s.shape, data: this.floatScales(s) },
       shape: packed ? this.packedShape(name) : null,
       zeroPoint: z ? { dtype: z.dtype, shape: z.shape, data: z.data() as Int8Array | Int32Array } : null,
+      gIdx: g ? { dtype: g.dtype, shape: g.shape, data: g.data() as Int32Array } : null,
     }, this.options.compressed!, fail);
   }
 

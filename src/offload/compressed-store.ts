@@ -71,7 +71,8 @@ export class CompressedExpertStore extends EngineThreadExpertStore<IntRanges[]> 
       if (c.dtype !== 'I8' && c.dtype !== 'I32') throw new CheckpointError(`expert offloading of a compressed-tensors checkpoint: ${c.name} is ${c.dtype}, expected I8 or I32`, c.file);
       const shape = packed ? checkpoint.weightShape(name) as [number, number] : null;
       const zp = checkpoint.has(`${name}_zero_point`) ? part(checkpoint.getTensor(`${name}_zero_point`)) : null;
-      return { name, parts: { codes: part(c), scale: scalePart(checkpoint.getTensor(`${name}_scale`)), zero_point: zp }, shape };
+      const gi = checkpoint.has(`${name}_g_idx`) ? part(checkpoint.getTensor(`${name}_g_idx`)) : null;
+      return { name, parts: { codes: part(c), scale: scalePart(checkpoint.getTensor(`${name}_scale`)), zero_point: zp, g_idx: gi }, shape };
     };
     this.ranges = moeLayerIndices(spec).map((li) => {
       const p = `model.layers.${li}.${names.block}experts.`;
@@ -132,7 +133,7 @@ export class CompressedExpertStore extends EngineThreadExpertStore<IntRanges[]> 
       }
       return intWeightOf(m.name, {
         codes: got.codes as CompressedParts['codes'], scale: got.scale as CompressedParts['scale'], shape: m.shape,
-        zeroPoint: (got.zero_point ?? null) as CompressedParts['zeroPoint'],
+        zeroPoint: (got.zero_point ?? null) as CompressedParts['zeroPoint'], gIdx: (got.g_idx ?? null) as CompressedParts['gIdx'],
       }, this.checkpoint.options.compressed ?? { bits: [4, 8], groupSizes: [] }, fail);
     });
     this.readSeconds += (performance.now() - t0) / 1000;

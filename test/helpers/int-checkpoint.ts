@@ -142,7 +142,7 @@ export async function checkCachedAndRanked(dir: string, golden: Golden, heldExpe
  * order, as GPTQ's shared inputs make theirs.
  */
 export function actOrderCopy(out: string, fixture = 'qwen2_moe', quantized = /^(.*\.(?:self_attn|mlp)\..*_proj)\.weight$/,
-                             shuffle = true): void {
+                             shuffle = true, format: 'gptq' | 'compressed-tensors' = 'gptq'): void {
   const src = path.join(packageRoot(), 'test', 'fixtures', fixture), G = 32;
   let seed = 99;
   const rnd = () => ((seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32);
@@ -181,10 +181,30 @@ export function actOrderCopy(out: string, fixture = 'qwen2_moe', quantized = /^(
         const code = Math.max(-8, Math.min(7, Math.round(w[r * cols + k]! / s[gIdx[k]! * rows + r]!)));
         qweight[(k >> 3) * rows + r]! |= (code + 8) << (4 * (k & 7));
       }
-    tensors.push({ name: `${base}.qweight`, dtype: 'I32', shape: [cols / 8, rows], data: new Uint8Array(qweight.buffer) },
-      { name: `${base}.qzeros`, dtype: 'I32', shape: [groups, rows / 8], data: new Uint8Array(new Int32Array(groups * rows / 8).fill(0x77777777).buffer) },
-      { name: `${base}.scales`, dtype: 'F16', shape: [groups, rows], data: new Uint8Array(s16.buffer) },
-      { name: `${base}.g_idx`, dtype: 'I32', shape: [cols], data: new Uint8Array(gIdx.buffer) });
+    if (format === 'gptq') {
+      tensors.push({ name: `${base}.qweight`, dtype: 'I32', shape: [cols / 8, rows], data: new Uint8Array(qweight.buffer) },
+        { name: `${base}.qzeros`, dtype: 'I32', shape: [groups, rows / 8], data: new Uint8Array(new Int32Array(groups * rows / 8).fill(0x77777777).buffer) },
+        { name: `${base}.scales`, dtype: 'F16', shape: [groups, rows], data: new Uint8Array(s16.buffer) },
+        { name: `${base}.g_idx`, dtype: 'I32', shape: [cols], data: new Uint8Array(gIdx.buffer) });
+      continue;
+    }
+    // compressed-tensors pack-quantized, actorder "group": the same codes packed along each row (value + 8,
+    // the lowest bits first), scales [rows, groups], weight_g_idx as GPTQ's g_idx.
+    const packed = new Int32Array(rows * cols / 8), scale = new Uint16Array(rows * groups);
+    for (let r = 0; r < rows; r++) {
+      for (let k = 0; k < cols; k++) packed[r * cols / 8 + (k >> 3)]! |= ((qweight[(k >> 3) * rows + r]! >>> (4 * (k & 7))) & 15) << (4 * (k & 7));
+      for (let g = 0; g < groups; g++) scale[r * groups + g] = s16[g * rows + r]!;
+    }
+    tensors.push({ name: `${base}.weight_packed`, dtype: 'I32', shape: [rows, cols / 8], data: new Uint8Array(packed.buffer) },
+      { name: `${base}.weight_scale`, dtype: 'F16', shape: [rows, groups], data: new Uint8Array(scale.buffer) },
+      { name: `${base}.weight_shape`, dtype: 'I32', shape: [2], data: new Uint8Array(Int32Array.of(rows, cols).buffer) },
+      { name: `${base}.weight_g_idx`, dtype: 'I32', shape: [cols], data: new Uint8Array(gIdx.buffer) });
   }
-  writeCheckpointCopy(src, out, tensors, { quant_method: 'gptq', bits: 4, group_size: G, sym: true, desc_act: true, checkpoint_format: 'gptq' });
+  writeCheckpointCopy(src, out, tensors, format === 'gptq'
+    ? { quant_method: 'gptq', bits: 4, group_size: G, sym: true, desc_act: true, checkpoint_format: 'gptq' }
+    : {
+      quant_method: 'compressed-tensors', format: 'pack-quantized', quantization_status: 'compressed',
+      ignore: ['lm_head', 're:.*mlp.gate$', 're:.*shared_expert_gate$'],
+      config_groups: { group_0: { targets: ['Linear'], weights: { num_bits: 4, type: 'int', symmetric: true, strategy: 'group', group_size: G, actorder: 'group' } } },
+    });
 }
