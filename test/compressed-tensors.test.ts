@@ -15,7 +15,7 @@ import { describe, test } from 'node:test';
 
 import { intWeightOf } from '../src/model/compressed-tensors.js';
 import { ConfigError, parseModelConfig } from '../src/model/config.js';
-import { loadCudaModel, loadModel } from '../src/model/load.js';
+import { describeCheckpointQuant, loadCudaModel, loadModel } from '../src/model/load.js';
 import type { MoeModel } from '../src/model/model.js';
 import { assertDeviceCacheMatches, assertMatchesIntDequant, INT_DEVICE_BACKENDS } from './helpers/device-dequant.js';
 import { storedTensors, writeCheckpointCopy } from './helpers/checkpoint-copy.js';
@@ -356,8 +356,11 @@ test('unsupported compressed-tensors configs are refused naming the field and va
   const ok = w4Config((q) => { q.config_groups.group_0.weights.actorder = 'static'; q.config_groups.group_0.weights.group_size = 128; });
   assert.deepEqual((parseModelConfig(ok as never).quantization as { schemes: unknown }).schemes, { bits: [4], groupSizes: [128] });
   // Every actorder: "weight" (alias "static") stores no g_idx, "group" (alias "dynamic") X.weight_g_idx (test/gptq.test.ts).
-  for (const a of ['weight', 'group', 'dynamic'])
-    assert.equal(parseModelConfig(w4Config((q) => { q.config_groups.group_0.weights.actorder = a; }) as never).quantization?.method, 'compressed-tensors');
+  for (const a of ['weight', 'group', 'dynamic']) {
+    const spec = parseModelConfig(w4Config((q) => { q.config_groups.group_0.weights.actorder = a; }) as never);
+    assert.equal((spec.quantization as { actOrderGroups?: true }).actOrderGroups, a === 'weight' ? undefined : true, a);
+    assert.equal(describeCheckpointQuant(spec), ` compressed-tensors pack-quantized int4 g32${a === 'weight' ? '' : ' (actorder group)'}`);
+  }
   // Static int8 activations (calibrated X.input_scale): read, the scales unused (the load warns).
   const st = w4Config((q) => { q.config_groups.group_0.input_activations = { num_bits: 8, type: 'int', dynamic: false, strategy: 'tensor' }; });
   assert.equal((parseModelConfig(st as never).quantization as { staticInputScales?: boolean }).staticInputScales, true);

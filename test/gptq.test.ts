@@ -407,7 +407,8 @@ test('compressed-tensors actorder "group" (weight_g_idx) is the GPTQ act-order c
     const gptq = path.join(tmp, 'gptq'), ct = path.join(tmp, 'ct');
     actOrderCopy(gptq);
     actOrderCopy(ct, undefined, undefined, true, 'compressed-tensors');
-    assert.equal(parseModelConfig(ct).quantization?.method, 'compressed-tensors');
+    assert.equal(describeCheckpointQuant(parseModelConfig(gptq)), ' GPTQ int4 g32 (gptq, desc_act)');
+    assert.equal(describeCheckpointQuant(parseModelConfig(ct)), ' compressed-tensors pack-quantized int4 g32 (actorder group)');
     const { held: h } = checkSameModel(ct, golden, forcedLogitsOf(gptq, golden));
     assert.deepEqual(h, ['expert int4/int4', 'shared int4/int4']);
     // The expert cache's slow tier reads weight_g_idx from the file too.

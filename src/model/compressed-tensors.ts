@@ -21,6 +21,8 @@ export interface CompressedTensorsConfig {
   staticInputScales?: true;
   /** Some group's weights have zero points (symmetric false: `X.weight_zero_point`). */
   zeroPoints?: true;
+  /** Some group's weights are in activation-ordered groups (actorder "group" / "dynamic": `X.weight_g_idx`). */
+  actOrderGroups?: true;
 }
 
 /** True when a config group's input_activations carry calibrated scales (dynamic false). */
@@ -83,10 +85,12 @@ export function parseCompressedTensors(q: Raw, mt: string, fail: (msg: string) =
     throw refuse('config_groups: expected an object of one or more scheme groups.');
   if (format === FLOAT_FORMAT) return floatConfig(groups as Raw, refuse);
   for (const [name, g] of Object.entries(groups as Raw)) checkGroup(name, g, format, refuse);
-  const asym = Object.values(groups as Raw).some((g) => ((g as Raw).weights as Raw).symmetric === false);
+  const weights = Object.values(groups as Raw).map((g) => (g as Raw).weights as Raw);
+  const asym = weights.some((w) => w.symmetric === false);
+  const actOrderGroups = weights.some((w) => w.actorder === 'group' || w.actorder === 'dynamic');
   return { method: 'compressed-tensors', format, ignore: ignore as string[], schemes: declaredSchemes(q),
     ...(staticInputs(q.config_groups as Raw) ? { staticInputScales: true as const } : {}),
-    ...(asym ? { zeroPoints: true as const } : {}) };
+    ...(asym ? { zeroPoints: true as const } : {}), ...(actOrderGroups ? { actOrderGroups: true as const } : {}) };
 }
 
 function checkFormat(f: unknown, field: string, refuse: (why: string) => Error): CompressedTensorsConfig['format'] {

@@ -194,9 +194,10 @@ export function describeCheckpointQuant(spec: ModelSpec): string {
   if (q.method === 'mxfp4') return ' MXFP4 experts';
   if (q.method === 'gptq')
     return ` ${q.packing === 'awq' ? 'AWQ' : 'GPTQ'} int${q.bits} ${q.groupSize === -1 ? 'per channel' : `g${q.groupSize}`}` +
-      (q.packing === 'awq' ? ' (GEMM packing)' : ` (${q.checkpointFormat})`);
+      (q.packing === 'awq' ? ' (GEMM packing)' : ` (${q.checkpointFormat}${q.descAct ? ', desc_act' : ''})`);
   const bits = q.schemes.bits.map((b) => `int${b}`).join('/');
-  return ` compressed-tensors ${q.format} ${bits}${q.schemes.groupSizes.length ? ` ${q.schemes.groupSizes.map((g) => (g === -1 ? 'per channel' : `g${g}`)).join('/')}` : ''}`;
+  return ` compressed-tensors ${q.format} ${bits}${q.schemes.groupSizes.length ? ` ${q.schemes.groupSizes.map((g) => (g === -1 ? 'per channel' : `g${g}`)).join('/')}` : ''}` +
+    (q.actOrderGroups ? ' (actorder group)' : '');
 }
 
 export function loadSummary(loaded: LoadedModel<ForwardModel>): string {
