@@ -4,8 +4,9 @@
 // the logits match HF transformers run on the dequantised weights, and equal the checkpoint decoded here
 // independently of the loader and served as f32; through the expert cache and over expert ranks they equal
 // the all-resident model bit for bit; on the device engine's emulator the experts hold the stored codes.
-// Zero points (sym false) are read (test/awq.test.ts serves such a checkpoint); act-order, other bit widths
-// and packings are refused by name.
+// Zero points (sym false) are read (test/awq.test.ts serves such a checkpoint). Act-order (desc_act with a
+// permuted g_idx) is read on both engines, the columns held in group order and x gathered, and so is
+// compressed-tensors' actorder "group" (weight_g_idx); other bit widths and packings are refused by name.
 import assert from 'node:assert/strict';
 import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
