@@ -22,15 +22,16 @@ const ALL_FORMATS: [string, 'int8' | 'fp8' | 'int4' | 'int4-zero' | 'mxfp4' | nu
 /** A format's name on the command line: 'int4 g128 +zeros' -> int4-g128-zeros. */
 const slug = (name: string) => name.replace(/\s*\+/g, '-').replace(/\s+/g, '-');
 
+type Format = (typeof ALL_FORMATS)[number];
+
 /** The formats a run compares (`--formats`, bf16 always first: the ratios are against it). */
-let FORMATS = ALL_FORMATS;
-function pickFormats(list: string | undefined): void {
-  if (list === undefined) return;
+function pickFormats(list: string | undefined): Format[] {
+  if (list === undefined) return ALL_FORMATS;
   const names = list.split(',').map((s) => s.trim()).filter(Boolean);
   const known = ALL_FORMATS.map((f) => slug(f[0]));
   for (const n of names)
     if (!known.includes(n)) throw new RangeError(`--formats: '${n}' is not one of ${known.join(', ')}`);
-  FORMATS = ALL_FORMATS.filter((f, i) => i === 0 || names.includes(slug(f[0])));
+  return ALL_FORMATS.filter((f, i) => i === 0 || names.includes(slug(f[0])));
 }
 
 /** Random int4 checkpoint data with zero points (AWQ's: f16 scales, a zero per group) packed as AWQ loads it. */
@@ -57,7 +58,7 @@ function mxfp4Data(rng: () => number, n: number, k: number): { blocks: Uint8Arra
  * One format's [n, k] weight (gate_up when `up` is given: gate rows n, then up rows n) from f32
  * values (bf16 rounded, or quantized at pack), or random MXFP4 data of that shape.
  */
-function packFormat(format: (typeof FORMATS)[number], rng: () => number, n: number, k: number, w: Float32Array,
+function packFormat(format: Format, rng: () => number, n: number, k: number, w: Float32Array,
                     up?: Float32Array): PackedWeight {
   const native = loadNative();
   const [, q, group] = format;
@@ -93,17 +94,17 @@ export async function runQuantKernels(argv: string[]): Promise<void> {
       experts: { type: 'string' }, layers: { type: 'string' }, formats: { type: 'string' },
     },
   });
-  pickFormats(values.formats);
+  const formats = pickFormats(values.formats);
   const native = loadNative();
   const reps = parsePositiveInt('reps', values.reps, 7);
-  if (values.experts !== undefined) return runExpertShape(values.experts, parsePositiveInt('layers', values.layers, 10), reps, values.json);
+  if (values.experts !== undefined) return runExpertShape(formats, values.experts, parsePositiveInt('layers', values.layers, 10), reps, values.json);
   const n = parsePositiveInt('n', values.n, 4096), k = parsePositiveInt('k', values.k, 4096);
   const rowsList = values.rows ? parseIntList('rows', values.rows) : [1, 8, 512];
   let seed = 1;
   const rand = () => ((seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32) - 0.5;
   const src = new Float32Array(n * k).map(rand);
   const mxfp4Rng = mulberry32(2);
-  const weights: [string, PackedWeight][] = FORMATS.map((f) => [f[0], packFormat(f, mxfp4Rng, n, k, src)]);
+  const weights: [string, PackedWeight][] = formats.map((f) => [f[0], packFormat(f, mxfp4Rng, n, k, src)]);
   const caps = native.capabilities();
   const load: number[] = [];
   const table: Cell[][] = [];
@@ -150,7 +151,7 @@ const EXPERT_SHAPES: Record<string, [number, number, number, number]> = {
  * from memory as in a model's decode (a layer's K experts change every call), not from the cache.
  * Formats round-robin per sample; GB/s counts the K experts' packed bytes.
  */
-function runExpertShape(shapeArg: string, layers: number, reps: number, json?: string): void {
+function runExpertShape(formats: Format[], shapeArg: string, layers: number, reps: number, json?: string): void {
   const native = loadNative();
   const shape = EXPERT_SHAPES[shapeArg] ?? shapeArg.split(':').map(Number);
   if (shape.length !== 4 || !shape.every((v) => Number.isInteger(v) && v > 0))
@@ -162,7 +163,7 @@ function runExpertShape(shapeArg: string, layers: number, reps: number, json?: s
   const gate = new Float32Array(I * H).map(rand), up = new Float32Array(I * H).map(rand), down = new Float32Array(H * I).map(rand);
   const tables: ExpertTable[][] = [];
   const expertBytes: number[] = [];
-  for (const f of FORMATS) {
+  for (const f of formats) {
     const list: ExpertTable[] = [];
     for (let l = 0; l < layers; l++) {
       const t = new native.ExpertTable(E, H, I);
@@ -191,11 +192,11 @@ function runExpertShape(shapeArg: string, layers: number, reps: number, json?: s
   }
   const x = new Float32Array(K * H).map(rand), y = new Float32Array(K * H);
   const calls = 4 * layers;
-  const ms: number[][] = FORMATS.map(() => []);
+  const ms: number[][] = formats.map(() => []);
   const load: number[] = [];
   for (let r = 0; r < reps + 1; r++) {
     load.push(os.loadavg()[0]!);
-    FORMATS.forEach((_, i) => {
+    formats.forEach((_, i) => {
       const a = performance.now();
       for (let c = 0; c < calls; c++) native.groupGemmFfn(x, routings[(r * calls + c) % 64]!, tables[i]![c % layers]!, y, true);
       if (r > 0) ms[i]!.push((performance.now() - a) / calls);  // r = 0: warm-up
@@ -204,7 +205,7 @@ function runExpertShape(shapeArg: string, layers: number, reps: number, json?: s
   const bf16Ms = median(ms[0]!);
   const table: Cell[][] = [];
   const results: Record<string, unknown>[] = [];
-  FORMATS.forEach(([name], i) => {
+  formats.forEach(([name], i) => {
     const med = median(ms[i]!), bytes = K * expertBytes[i]!;
     // Bytes per second against bf16's in the same round, sample by sample: the machine's drift
     // between rounds (this VM's read bandwidth moves 24-54 GB/s) cancels in each ratio.

@@ -407,7 +407,7 @@ test('compressed-tensors actorder "group" (weight_g_idx) is the GPTQ act-order c
   try {
     const gptq = path.join(tmp, 'gptq'), ct = path.join(tmp, 'ct');
     actOrderCopy(gptq);
-    actOrderCopy(ct, undefined, undefined, true, 'compressed-tensors');
+    actOrderCopy(ct, { format: 'compressed-tensors' });
     assert.equal(describeCheckpointQuant(parseModelConfig(gptq)), ' GPTQ int4 g32 (gptq, desc_act)');
     assert.equal(describeCheckpointQuant(parseModelConfig(ct)), ' compressed-tensors pack-quantized int4 g32 (actorder group)');
     const { held: h } = checkSameModel(ct, golden, forcedLogitsOf(gptq, golden));
@@ -438,7 +438,7 @@ for (const b of INT_DEVICE_BACKENDS) test(`act-order dense FFNs and shared exper
   const tmp = mkdtempSync(path.join(os.tmpdir(), 'expertd-gptq-act-ds-'));
   try {
     const act = path.join(tmp, 'act');
-    actOrderCopy(act, 'deepseek_v3', /^(.*\.mlp\..*_proj)\.weight$/);
+    actOrderCopy(act, { fixture: 'deepseek_v3', quantized: /^(.*\.mlp\..*_proj)\.weight$/ });
     const dsGolden = JSON.parse(readFileSync(path.join(packageRoot(), 'test', 'fixtures', 'deepseek_v3', 'golden.json'), 'utf8')) as Golden;
     const prompts = dsGolden.cases.map((c) => c.prompt_ids);
     const cuda = b.cuda();

@@ -232,22 +232,20 @@ __global__ void gather_expert_columns_kernel(const uint16_t* x, const int32_t* o
   const int r = blockIdx.x;
   const uint16_t* src = x + static_cast<size_t>(r) * h;
   uint16_t* dst = out + static_cast<size_t>(r) * h;
-  if (!offsets) {
-    for (int c = threadIdx.x; c < h; c += blockDim.x) dst[c] = src[perm[c]];
-    return;
+  const int32_t* order = perm;  // no offsets: the one order; null: the row as it is
+  if (offsets) {
+    order = nullptr;
+    if (r < offsets[num_experts]) {
+      int lo = 0, hi = num_experts;  // offsets[lo] <= r < offsets[hi]
+      while (hi - lo > 1) {
+        const int mid = (lo + hi) / 2;
+        if (offsets[mid] <= r) lo = mid;
+        else hi = mid;
+      }
+      order = perm + static_cast<size_t>(lo) * h;
+    }
   }
-  if (r >= offsets[num_experts]) {
-    for (int c = threadIdx.x; c < h; c += blockDim.x) dst[c] = src[c];
-    return;
-  }
-  int lo = 0, hi = num_experts;  // offsets[lo] <= r < offsets[hi]
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) / 2;
-    if (offsets[mid] <= r) lo = mid;
-    else hi = mid;
-  }
-  const int32_t* order = perm + static_cast<size_t>(lo) * h;
-  for (int c = threadIdx.x; c < h; c += blockDim.x) dst[c] = src[order[c]];
+  for (int c = threadIdx.x; c < h; c += blockDim.x) dst[c] = src[order ? order[c] : c];
 }
 
 }  // namespace

@@ -257,9 +257,8 @@ export function intWeightOf(name: string, p: CompressedParts, schemes: { bits: n
   if (bits === 8) {
     if (nScale !== 1)
       throw fail(`${name}_scale has ${nScale} scales per row: expertd reads int8 weights with one scale per output channel`);
-    // One group per row: any g_idx is the plain order (checked), nothing to reorder.
-    if (p.gIdx && groupOrder(`${name}_g_idx`, p.gIdx, cols, cols, fail))
-      throw fail(`${name}_g_idx is not all 0 for a weight with one scale per row`);
+    // One group per row: only the plain order (every g_idx 0) passes groupOrder; nothing to reorder.
+    if (p.gIdx) groupOrder(`${name}_g_idx`, p.gIdx, cols, cols, fail);
     return { bits, codes, scales: s.data, rows, cols, group: 0, ...(zeros ? { zeros } : {}) };  // int8 keeps f32 scales (one per row)
   }
   // Group g covers columns [g * size, (g + 1) * size); the last one may be ragged. -1: per channel.

@@ -125,8 +125,9 @@ export function gptqLayoutNote(cfg: GptqConfig, rows: number, cols: number): str
 
 /**
  * One GPTQ Linear (`name` = its logical `X.weight`) as codes and scales in expertd's int layout
- * ([out, in] codes, [out, groups] scales and zero points); throws (made by `fail`) naming the tensor when
- * its shapes disagree or its g_idx is not the plain group order.
+ * ([out, in] codes, [out, groups] scales and zero points; an act-order one's columns in group order, with
+ * its perm); throws (made by `fail`) naming the tensor when its shapes disagree or its g_idx's groups are not
+ * group_size wide.
  */
 export function gptqIntWeight(name: string, p: GptqParts, cfg: GptqConfig, fail: (msg: string) => Error): IntWeight {
   if (cfg.packing === 'awq') return awqIntWeight(name, p, cfg, fail);

@@ -139,10 +139,11 @@ export async function checkCachedAndRanked(dir: string, golden: Golden, heldExpe
  * by default): every Linear `quantized` names (its capture: the module; by default every decoder Linear)
  * int4 in groups of 32 (so that hidden-64 inputs have two), each group the inputs a random order puts in it
  * (g_idx), symmetric RTN with f16 scales, v1 zeros. Linears that read one input (q/k/v; gate/up) share an
- * order, as GPTQ's shared inputs make theirs.
+ * order, as GPTQ's shared inputs make theirs. `format` 'compressed-tensors': the same codes, scales and
+ * orders as pack-quantized weights with actorder "group" (X.weight_g_idx).
  */
-export function actOrderCopy(out: string, fixture = 'qwen2_moe', quantized = /^(.*\.(?:self_attn|mlp)\..*_proj)\.weight$/,
-                             shuffle = true, format: 'gptq' | 'compressed-tensors' = 'gptq'): void {
+export function actOrderCopy(out: string, { fixture = 'qwen2_moe', quantized = /^(.*\.(?:self_attn|mlp)\..*_proj)\.weight$/,
+  format = 'gptq' }: { fixture?: string; quantized?: RegExp; format?: 'gptq' | 'compressed-tensors' } = {}): void {
   const src = path.join(packageRoot(), 'test', 'fixtures', fixture), G = 32;
   let seed = 99;
   const rnd = () => ((seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32);
@@ -159,7 +160,7 @@ export function actOrderCopy(out: string, fixture = 'qwen2_moe', quantized = /^(
     let order = orders.get(key);
     if (!order) {
       order = Int32Array.from({ length: cols }, (_, k) => k);
-      for (let i = cols - 1; i > 0 && shuffle; i--) {
+      for (let i = cols - 1; i > 0; i--) {
         const j = Math.floor(rnd() * (i + 1));
         [order[i], order[j]] = [order[j]!, order[i]!];
       }
@@ -175,30 +176,27 @@ export function actOrderCopy(out: string, fixture = 'qwen2_moe', quantized = /^(
     const s16 = new Uint16Array(s.length);
     loadNative().convert(s.map((v) => v || 1), 'f32', s16, 'f16');
     loadNative().convert(s16, 'f16', s, 'f32');
-    const qweight = new Int32Array((cols / 8) * rows);
+    // The stored 4-bit values (code + 8), packed along the input: GPTQ's qweight [in / 8, out], compressed-
+    // tensors' weight_packed [out, in / 8] (the lowest bits first in both).
+    const qweight = new Int32Array((cols / 8) * rows), packed = new Int32Array(rows * cols / 8);
     for (let r = 0; r < rows; r++)
       for (let k = 0; k < cols; k++) {
-        const code = Math.max(-8, Math.min(7, Math.round(w[r * cols + k]! / s[gIdx[k]! * rows + r]!)));
-        qweight[(k >> 3) * rows + r]! |= (code + 8) << (4 * (k & 7));
+        const q = Math.max(-8, Math.min(7, Math.round(w[r * cols + k]! / s[gIdx[k]! * rows + r]!))) + 8;
+        qweight[(k >> 3) * rows + r]! |= q << (4 * (k & 7));
+        packed[r * cols / 8 + (k >> 3)]! |= q << (4 * (k & 7));
       }
+    const g: TensorToWrite = { name: `${base}.${format === 'gptq' ? 'g_idx' : 'weight_g_idx'}`, dtype: 'I32', shape: [cols], data: new Uint8Array(gIdx.buffer) };
     if (format === 'gptq') {
       tensors.push({ name: `${base}.qweight`, dtype: 'I32', shape: [cols / 8, rows], data: new Uint8Array(qweight.buffer) },
         { name: `${base}.qzeros`, dtype: 'I32', shape: [groups, rows / 8], data: new Uint8Array(new Int32Array(groups * rows / 8).fill(0x77777777).buffer) },
-        { name: `${base}.scales`, dtype: 'F16', shape: [groups, rows], data: new Uint8Array(s16.buffer) },
-        { name: `${base}.g_idx`, dtype: 'I32', shape: [cols], data: new Uint8Array(gIdx.buffer) });
+        { name: `${base}.scales`, dtype: 'F16', shape: [groups, rows], data: new Uint8Array(s16.buffer) }, g);
       continue;
     }
-    // compressed-tensors pack-quantized, actorder "group": the same codes packed along each row (value + 8,
-    // the lowest bits first), scales [rows, groups], weight_g_idx as GPTQ's g_idx.
-    const packed = new Int32Array(rows * cols / 8), scale = new Uint16Array(rows * groups);
-    for (let r = 0; r < rows; r++) {
-      for (let k = 0; k < cols; k++) packed[r * cols / 8 + (k >> 3)]! |= ((qweight[(k >> 3) * rows + r]! >>> (4 * (k & 7))) & 15) << (4 * (k & 7));
-      for (let g = 0; g < groups; g++) scale[r * groups + g] = s16[g * rows + r]!;
-    }
+    const scale = new Uint16Array(rows * groups);
+    for (let r = 0; r < rows; r++) for (let j = 0; j < groups; j++) scale[r * groups + j] = s16[j * rows + r]!;
     tensors.push({ name: `${base}.weight_packed`, dtype: 'I32', shape: [rows, cols / 8], data: new Uint8Array(packed.buffer) },
       { name: `${base}.weight_scale`, dtype: 'F16', shape: [rows, groups], data: new Uint8Array(scale.buffer) },
-      { name: `${base}.weight_shape`, dtype: 'I32', shape: [2], data: new Uint8Array(Int32Array.of(rows, cols).buffer) },
-      { name: `${base}.weight_g_idx`, dtype: 'I32', shape: [cols], data: new Uint8Array(gIdx.buffer) });
+      { name: `${base}.weight_shape`, dtype: 'I32', shape: [2], data: new Uint8Array(Int32Array.of(rows, cols).buffer) }, g);
   }
   writeCheckpointCopy(src, out, tensors, format === 'gptq'
     ? { quant_method: 'gptq', bits: 4, group_size: G, sym: true, desc_act: true, checkpoint_format: 'gptq' }
