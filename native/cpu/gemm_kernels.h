@@ -407,10 +407,13 @@ __attribute__((always_inline)) inline void prefetch_l2(const uint8_t* p) {
 // every row tile gives them (the same bits alone or in a batch), so the independent chains are the
 // NR blocks. (fp8 interleaves the blocks in its layout instead: quant_layout.h.)
 constexpr int kBf16DotPrefetch = 2048;
-// The one-row fp8 kernel's distance: its tile reads one stream (an interleaved group,
-// quant_layout.h). NOTE: measured on AMD Zen 4 (a scratch loop over 512 MiB of codes, 2 threads):
-// 1 KiB ahead read as fast as a plain streaming read; 2 KiB ahead of one stream was slower.
-constexpr int kF8OneRowPrefetch = 1024;
+// The one-row fp8, int8 and int4 kernels ask for no weights ahead: each reads one sequential
+// stream (quant_layout.h), which the hardware prefetcher follows. NOTE: measured on AMD Zen 4 (2
+// vCPUs, session 23, `bench quant-kernels --experts`, one thread): a prefetcht1 per weight line
+// (fp8 1 KiB ahead, int8 / int4 4 KiB) cut the rate from DRAM to int4 g128 21-22 GB/s against
+// 30 without it, fp8 26 against 31, int8 about 5%; one every other line sat between. Two threads
+// in the VM's fast memory state: the mixtral-like int4 g128 decode GroupGemm read 0.65x bf16's
+// bytes per second with them, 0.85-0.89x without. The bf16 kernel's NR streams (above) still gain.
 static_assert(kNr == kF8Group, "an fp8 register tile is one interleaved group of blocks");
 
 // AVX512-BF16: one vdpbf16ps multiplies a broadcast (x[k], x[k+1]) pair against a weight row
@@ -687,12 +690,10 @@ struct ScalarI8Tile {
 #if EXPERTD_GEMM_X86
 typedef int32_t __attribute__((may_alias, aligned(1))) unaligned_i32;
 
-// How far ahead of its loads the one-row int8 kernel asks for its weights (bytes, into L2).
-// NOTE: measured on AMD Zen 4 (2 vCPUs, DRAM-bound DenseGemm 512 x 1024 int4, 256 weights per
-// round): 4 KiB ahead read 10-20% faster than none or 8 KiB, 2 KiB as fast or not; into L1
-// (prefetcht0) no faster, into L3 slower. Past a task's end it touches the next task's weights
-// (or nothing: prefetches never fault).
-constexpr int kOneRowPrefetch = 4096;
+// How far ahead the one-row int8 / int4 kernel asks for its scale stream (bytes, into L2; the
+// weights themselves are left to the hardware prefetcher: see the note after kBf16DotPrefetch). Past
+// a task's end it touches the next task's scales (or nothing: prefetches never fault).
+constexpr int kOneRowScalePrefetch = 1024;
 
 // AVX512-VNNI: vpdpbusd multiplies 4 unsigned bytes by 4 signed bytes per int32 lane. The weight
 // codes are the unsigned side, shifted by +128 (int8, xor 0x80) or +8 (int4, xor 0x8), and the
@@ -800,7 +801,6 @@ struct VnniTile {
         if constexpr (Q == QFormat::I8) {
 #pragma GCC unroll 8
           for (; k + 16 <= g0 + kb; k += 16) {
-            prefetch_l2<4>(wb + static_cast<size_t>(k) * 16 + kOneRowPrefetch);
             a0 = _mm512_dpbusd_epi32(a0, _mm512_load_si512(wb + static_cast<size_t>(k) * 16), x4(x, k));
             a1 = _mm512_dpbusd_epi32(a1, _mm512_load_si512(wb + static_cast<size_t>(k + 4) * 16), x4(x, k + 4));
             a2 = _mm512_dpbusd_epi32(a2, _mm512_load_si512(wb + static_cast<size_t>(k + 8) * 16), x4(x, k + 8));
@@ -816,7 +816,6 @@ struct VnniTile {
           for (; k + 16 <= g0 + kb; k += 16) {
             const __m512i v0 = _mm512_load_si512(wb + static_cast<size_t>(k) * 8);
             const __m512i v1 = _mm512_load_si512(wb + static_cast<size_t>(k + 8) * 8);
-            prefetch_l2<2>(wb + static_cast<size_t>(k) * 8 + kOneRowPrefetch);
             a0 = _mm512_dpbusd_epi32(a0, _mm512_ternarylogic_epi32(v0, n88, lo4, 0x28), x4(x, k));
             a1 = _mm512_dpbusd_epi32(a1, _mm512_ternarylogic_epi32(v0, n88, hi4, 0x28), x4(x, k + 4));
             a2 = _mm512_dpbusd_epi32(a2, _mm512_ternarylogic_epi32(v1, n88, lo4, 0x28), x4(x, k + 8));
@@ -834,7 +833,6 @@ struct VnniTile {
           for (; k + 16 <= g0 + kb; k += 16) {
             const __m512i v0 = _mm512_load_si512(wb + static_cast<size_t>(k) * 8);
             const __m512i v1 = _mm512_load_si512(wb + static_cast<size_t>(k + 8) * 8);
-            prefetch_l2<2>(wb + static_cast<size_t>(k) * 8 + kOneRowPrefetch);
             a0 = _mm512_dpbusd_epi32(a0, nibbles<false>(v0, n8, lo4, fp4ops), x4(x, k));
             a1 = _mm512_dpbusd_epi32(a1, nibbles<true>(v0, n8, lo4, fp4ops), x4(x, k + 4));
             a2 = _mm512_dpbusd_epi32(a2, nibbles<false>(v1, n8, lo4, fp4ops), x4(x, k + 8));
@@ -851,7 +849,7 @@ struct VnniTile {
         if (++in_group == blocks_per_group) {  // the next group's scales: the scale stream ahead
           in_group = 0;
           ++gi;
-          prefetch_l2<1>(sb + static_cast<size_t>(gi) * 16 * scale_type_size(ST) + kOneRowPrefetch / 4);
+          prefetch_l2<1>(sb + static_cast<size_t>(gi) * 16 * scale_type_size(ST) + kOneRowScalePrefetch);
         }
         sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(sc, _mm512_set1_ps(qs.xscales[xb])), sum);
       }
@@ -1082,7 +1080,6 @@ struct Bf16DotF8TileT {
       } else {
         // Chunk k / 4 of block b: the group's chunks are 64 NR bytes, one sequential stream.
         const uint8_t* p = w + static_cast<size_t>(k) * 16 * NR + kChunk8 * b;
-        if constexpr (MR == 1) prefetch_l2<1>(p + kF8OneRowPrefetch);
         f8_pairs(p, Fix && exp0[b], fc, &wa, &wb);
       }
 #pragma GCC unroll 8
