@@ -256,12 +256,14 @@ const char* f32_isa() {
 
 }  // namespace
 
-// Usage: probe [--bw-mib N] [--threads N] [--reps N] [--quick]
+// Usage: probe [--bw-mib N] [--threads N] [--reps N] [--quick] [--bw-only]
+// --bw-only: the all-thread read bandwidth alone (a bench's probe beside each of its measurements).
 int main(int argc, char** argv) {
   size_t bw_mib = 1024;
   int threads = omp_get_max_threads();
   int reps = 5;
   long iters = 20'000'000;
+  bool bw_only = false;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto next = [&]() -> const char* {
@@ -275,6 +277,7 @@ int main(int argc, char** argv) {
     else if (a == "--threads") threads = std::atoi(next());
     else if (a == "--reps") reps = std::atoi(next());
     else if (a == "--quick") { bw_mib = 256; reps = 2; iters = 2'000'000; }
+    else if (a == "--bw-only") bw_only = true;
     else {
       std::fprintf(stderr, "probe: unknown flag %s\n", a.c_str());
       return 2;
@@ -283,6 +286,11 @@ int main(int argc, char** argv) {
   if (threads < 1) threads = 1;
 
   Bandwidth bw_all = read_bandwidth(bw_mib << 20, threads, reps);
+  if (bw_only) {
+    std::printf("{\"threads\":%d,\"bandwidthBufferBytes\":%zu,\"readBandwidthGBps\":%.3f,\"readBandwidthMedianGBps\":%.3f}\n",
+                threads, bw_mib << 20, bw_all.best_gbps, bw_all.median_gbps);
+    return 0;
+  }
   Bandwidth bw_one = read_bandwidth(bw_mib << 20, 1, std::max(1, reps / 2));
   Rate f32 = peak_rate(fma_f32_loop, threads, iters, reps);
   Rate f32_one = peak_rate(fma_f32_loop, 1, iters, reps);

@@ -46,6 +46,19 @@ export function runProbe(opts: ProbeOptions = {}): MachineLimits {
   return json as unknown as MachineLimits;
 }
 
+/**
+ * The all-thread read bandwidth alone (best of `reps` passes over the probe's 1 GiB buffer, ~0.5 s): the
+ * machine's limit at one moment, for a bench that probes beside each measurement (a VM's bandwidth can
+ * move by half between seconds).
+ */
+export function probeReadBandwidth(opts: { threads?: number; reps?: number } = {}): number {
+  const threads = opts.threads ?? os.availableParallelism();
+  const [json] = runTool(probeBinary(), { args: ['--bw-only', '--threads', String(threads), '--reps', String(opts.reps ?? 3)] });
+  const gbps = (json as { readBandwidthGBps?: unknown } | undefined)?.readBandwidthGBps;
+  if (typeof gbps !== 'number') throw new Error('expertd bench: the probe printed no read bandwidth');
+  return gbps;
+}
+
 /** The best bf16 rate the machine has: vdpbf16ps where present, else the f32 FMA rate. */
 export function peakBf16OrF32(l: MachineLimits): { gflops: number; label: string } {
   return l.peakBf16Gflops !== null
