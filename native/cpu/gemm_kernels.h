@@ -811,9 +811,12 @@ struct VnniTile {
         } else if constexpr (Q == QFormat::I4) {
           // The high nibbles as 16 x their operand, (v ^ 0x88) & 0xf0, with no shift: one op per
           // 64-byte half instead of two. a1 and a3 then sum 16 x the products (exact in int32: at
-          // most 64 k x 240 x 128 per block), divided back out once per block.
+          // most 64 k x 240 x 128 per block), divided back out once per block. Blocks of 32 (int4
+          // g32) run the 8-k loop alone: two chains of four, and the block's epilogue adds two
+          // sums instead of four (integer sums: the same bits). NOTE: measured on AMD Zen 4, one
+          // thread, qwen3moe-like's decode GroupGemm: 0.171-0.181 -> 0.163-0.168 ms.
 #pragma GCC unroll 4
-          for (; k + 16 <= g0 + kb; k += 16) {
+          for (; KB != 32 && k + 16 <= g0 + kb; k += 16) {
             const __m512i v0 = _mm512_load_si512(wb + static_cast<size_t>(k) * 8);
             const __m512i v1 = _mm512_load_si512(wb + static_cast<size_t>(k + 8) * 8);
             a0 = _mm512_dpbusd_epi32(a0, _mm512_ternarylogic_epi32(v0, n88, lo4, 0x28), x4(x, k));
@@ -821,6 +824,7 @@ struct VnniTile {
             a2 = _mm512_dpbusd_epi32(a2, _mm512_ternarylogic_epi32(v1, n88, lo4, 0x28), x4(x, k + 8));
             a3 = _mm512_dpbusd_epi32(a3, _mm512_ternarylogic_epi32(v1, n88, hi4, 0x28), x4(x, k + 12));
           }
+#pragma GCC unroll 4
           for (; k < g0 + kb; k += 8) {
             const __m512i v = _mm512_load_si512(wb + static_cast<size_t>(k) * 8);
             a0 = _mm512_dpbusd_epi32(a0, _mm512_ternarylogic_epi32(v, n88, lo4, 0x28), x4(x, k));
