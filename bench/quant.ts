@@ -66,7 +66,7 @@ function lmHeadQuantSaving(spec: ModelSpec, q: QuantizeSpec): number {
   return spec.vocabSize * spec.hidden * 2 - quantizedBytes(q, spec.vocabSize, spec.hidden, false);
 }
 
-interface FormatRun {
+export interface FormatRun {
   format: string;
   loaded: LoadedModel;
   runner: Runner;
@@ -77,6 +77,43 @@ interface FormatRun {
   loadMemory: LoadMemory;
   prefillMs: number[];
   decode: Record<string, { tokPerS: number[]; bytesPerStep: number[]; besideGBps: number[] }>;
+}
+
+/**
+ * The decode reps grouped by the read bandwidth beside them: split at the midpoint of the lowest and highest
+ * probe when they are >= 1.25x apart (this VM's two levels, ~35 and ~55 GB/s), so that a format is put
+ * against bf16 on reps the machine read at about the same rate. Rows and the b1 verdicts per state.
+ */
+export function byBandwidthState(name: string, runs: FormatRun[], rows: Cell[][], notes: string[], verdicts: string[]): void {
+  const all = runs.flatMap((fr) => Object.values(fr.decode).flatMap((d) => d.besideGBps));
+  if (!all.length) return;
+  const lo = Math.min(...all), hi = Math.max(...all);
+  if (hi < 1.25 * lo) return;
+  const cut = (lo + hi) / 2;
+  notes.push(`${name}: probes ${fmt(lo)}-${fmt(hi)} GB/s, split at ${fmt(cut)}`);
+  const base = runs.find((x) => x.format === 'bf16');
+  for (const [state, inState] of [[`slow (< ${fmt(cut)} GB/s)`, (g: number) => g < cut], [`fast (>= ${fmt(cut)} GB/s)`, (g: number) => g >= cut]] as const) {
+    const pick = (fr: FormatRun, B: string) => {
+      const d = fr.decode[B];
+      const idx = d ? d.besideGBps.map((g, i) => (inState(g) ? i : -1)).filter((i) => i >= 0) : [];
+      if (!d || !idx.length) return null;
+      return { n: idx.length, tps: median(idx.map((i) => d.tokPerS[i]!)),
+        of: median(idx.map((i) => (d.tokPerS[i]! / Number(B)) * d.bytesPerStep[i]! / 1e9 / d.besideGBps[i]!)) };
+    };
+    for (const fr of runs)
+      for (const B of Object.keys(fr.decode)) {
+        const m = pick(fr, B);
+        if (!m) continue;
+        const b = base && base !== fr ? pick(base, B) : null;
+        const vs = b ? m.tps / b.tps : null;
+        rows.push([name, state, fr.format, `decode b${B}`, m.n, m.tps, pct(m.of), vs === null ? '-' : `${fmt(vs)}x`]);
+        if (B !== '1' || fr === base) continue;
+        const need = fr.format.startsWith('int4') ? 2.8 : 1.8;
+        verdicts.push(`${name}, ${state} reps (${m.n}${b ? ` vs bf16's ${b.n}` : ''}): decode b1 ${fr.format} ` +
+          (vs === null ? '' : `>= ${need}x bf16: ${fmt(vs)}x -> ${vs >= need ? 'PASS' : 'FAIL'}; `) +
+          `>= 75% of the probes beside: ${pct(m.of)} -> ${m.of >= 0.75 ? 'PASS' : 'FAIL'}`);
+      }
+  }
 }
 
 function decodeRun(fr: FormatRun, B: number, decodePrompt: number, steps: number): { tokPerS: number; bytesPerStep: number } {
@@ -126,6 +163,8 @@ export async function runQuantBench(argv: string[]): Promise<void> {
   const json: unknown[] = [];
   const loadAvg: number[] = [];
   const boundNotes: string[] = [];
+  const stateRows: Cell[][] = [];
+  const stateNotes: string[] = [];
   for (const name of models) {
     const dir = ensureBenchModel(name, (s) => console.error(s));
     const runs: FormatRun[] = [];
@@ -244,6 +283,7 @@ export async function runQuantBench(argv: string[]): Promise<void> {
           prefillMs: fr.prefillMs, decode: fr.decode, expertsHeldBytes: fr.expertsHeldBytes, loadMemory: fr.loadMemory, bandwidthGBps: bandwidthFor(fr),
           probeGBps: Math.max(...bw), decodeReadGBps: readRate.get(fr) });
       }
+      byBandwidthState(name, runs, stateRows, stateNotes, verdicts);
       const prefillTps = (ms: number[]) => median(ms.map((v) => prefill / (v / 1e3)));
       for (const [t, pr] of Object.entries(peerRuns)) {
         const pre = pr.prefillMs.map((ms) => prefill / (ms / 1e3));
@@ -284,6 +324,13 @@ export async function runQuantBench(argv: string[]): Promise<void> {
     `in a child process of its own (the model's own memory: weights, caches are not allocated). 1-min load average ${fmt(Math.min(...loadAvg))}-${fmt(Math.max(...loadAvg))}.\n`);
   console.log(markdownTable(['model', 'format', 'workload', 'tok/s', 'min-max', 'bound tok/s', 'of bound', 'of probes beside (min-max)',
     'vs bf16', 'experts MiB', 'load RSS MiB'], rows, ['left', 'left', 'left', 'right', 'right', 'right', 'right', 'right', 'right', 'right', 'right']));
+  if (stateRows.length) {
+    console.log(`\nBy the machine's read-bandwidth state: the decode reps split by the probes beside them (${stateNotes.join('; ')}), ` +
+      'when the highest is >= 1.25x the lowest (a VM whose bandwidth moves between two levels); each format against bf16 on ' +
+      'the reps of the same state only. tok/s and "of probes beside": medians over those reps.\n');
+    console.log(markdownTable(['model', 'state', 'format', 'workload', 'reps', 'tok/s', 'of probes beside', 'vs bf16'], stateRows,
+      ['left', 'left', 'left', 'left', 'right', 'right', 'right', 'right']));
+  }
   console.log('\nTargets:\n');
   for (const v of verdicts) console.log(`- ${v}`);
   if (values.json) writeJson(values.json, { bench: 'quant', run: info, loadAverage: loadAvg, results: json, verdicts });
