@@ -84,9 +84,11 @@ type DecodeReps = FormatRun['decode'][string];
 /** Issue 19's decode b1 ratio to bf16: int4 (-dense / -full rows too) 2.8x, the others 1.8x. */
 const ratioTarget = (format: string) => (format.startsWith('int4') ? 2.8 : 1.8);
 
-/** Rep i's read rate (its bytes per step x steps / time) over the probes beside it. */
-const besideShare = (d: DecodeReps, B: string, i: number) =>
-  (d.tokPerS[i]! / Number(B)) * d.bytesPerStep[i]! / 1e9 / d.besideGBps[i]!;
+/** Rep i's read rate, GB/s: its bytes per step x steps / time. */
+const repReadGBps = (d: DecodeReps, B: string, i: number) => (d.tokPerS[i]! / Number(B)) * d.bytesPerStep[i]! / 1e9;
+
+/** Rep i's read rate over the probes beside it. */
+const besideShare = (d: DecodeReps, B: string, i: number) => repReadGBps(d, B, i) / d.besideGBps[i]!;
 
 /**
  * The decode reps grouped by the read bandwidth beside them: split at the midpoint of the lowest and highest
@@ -250,7 +252,7 @@ export async function runQuantBench(argv: string[]): Promise<void> {
       for (const fr of runs) {
         let r = 0;
         for (const [B, d] of Object.entries(fr.decode))
-          d.tokPerS.forEach((tps, i) => { r = Math.max(r, (tps / Number(B)) * d.bytesPerStep[i]! / 1e9); });
+          d.tokPerS.forEach((_, i) => { r = Math.max(r, repReadGBps(d, B, i)); });
         readRate.set(fr, r);
       }
       const bandwidthFor = (fr: FormatRun) => Math.max(...bw, ...runs.filter((o) => o !== fr).map((o) => readRate.get(o)!));
