@@ -220,7 +220,11 @@ inline void plan_tasks(std::vector<Task>& out, int g, int rows, const PackedWeig
   const int row_step = path == Path::Amx ? 32 : kMr;  // kAmxRows (amx_kernels.h)
   const int blocks = w.np / 16;
   const size_t block_bytes = static_cast<size_t>(w.kp) * w.k_bytes16();
-  int nc = static_cast<int>(std::max<size_t>(1, kChunkBytes / block_bytes));
+  // A task of one register tile of rows (decode) reads each weight byte once whatever its chunk,
+  // so only min_chunks splits its matrix: one long stream per task reads faster than 256 KiB pieces
+  // (the decode GroupGemm 3-13% faster on the bench experts; bench/RESULTS.md, session 24).
+  const size_t chunk_bytes = rows <= kMr && min_chunks > 0 ? SIZE_MAX : kChunkBytes;
+  int nc = static_cast<int>(std::clamp<size_t>(chunk_bytes / block_bytes, 1, static_cast<size_t>(std::max(blocks, 1))));
   if (min_chunks > 0) nc = std::min(nc, (blocks + min_chunks - 1) / min_chunks);
   nc = std::max(kNr, nc / kNr * kNr);
   int max_rows = static_cast<int>(kRowTileBytes / (static_cast<size_t>(w.kp) * act_bytes));
