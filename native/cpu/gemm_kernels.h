@@ -698,6 +698,13 @@ typedef int32_t __attribute__((may_alias, aligned(1))) unaligned_i32;
 // weights themselves are left to the hardware prefetcher: see the note after kBf16DotPrefetch). Past
 // a task's end it touches the next task's scales (or nothing: prefetches never fault).
 constexpr int kOneRowScalePrefetch = 1024;
+// Register tiles of up to this many rows run VnniTile::few_rows (decode's rows per expert); more
+// run blocks(). NOTE: measured on AMD Zen 4, one thread, the decode GroupGemm at qwen3moe-like's
+// expert shape with 2-4 rows per expert, as a share of bf16's time in the same run: 2 rows int8
+// 0.59 -> 0.46, int4 g128 0.41 -> 0.28; 3 rows int8 even, int4 g128 0.43 -> 0.31; 4 rows int8
+// 0.62 -> 0.67 (worse: 16 accumulators and 4 weight vectors leave no room), int4 g128 0.47 -> 0.40.
+template <QFormat Q>
+constexpr int few_rows_max() { return Q == QFormat::I8 ? 2 : 4; }
 
 // AVX512-VNNI: vpdpbusd multiplies 4 unsigned bytes by 4 signed bytes per int32 lane. The weight
 // codes are the unsigned side, shifted by +128 (int8, xor 0x80) or +8 (int4, xor 0x8), and the
@@ -721,14 +728,14 @@ struct VnniTile {
     // others (small or odd groups) the general one.
     const auto* x = static_cast<const int8_t*>(xv);
     const auto* w = static_cast<const uint8_t*>(wv);
-    if constexpr (MR == 1) {
-      // The scale type as a template argument: one_row is decode's whole inner loop.
+    if constexpr (MR <= few_rows_max<Q>()) {
+      // The scale type as a template argument: few_rows is decode's whole inner loop.
       if (Q == QFormat::I8 || qs.st == ScaleType::F32)
-        one_row_kb<NR, ScaleType::F32>(x, w, wstride, kp, tile, qs);
+        few_rows_kb<MR, NR, ScaleType::F32>(x, ldx, w, wstride, kp, tile, qs);
       else if (qs.st == ScaleType::BF16)
-        one_row_kb<NR, ScaleType::BF16>(x, w, wstride, kp, tile, qs);
+        few_rows_kb<MR, NR, ScaleType::BF16>(x, ldx, w, wstride, kp, tile, qs);
       else
-        one_row_kb<NR, ScaleType::F16>(x, w, wstride, kp, tile, qs);
+        few_rows_kb<MR, NR, ScaleType::F16>(x, ldx, w, wstride, kp, tile, qs);
       return;
     }
     // NOTE (registers): with several rows the f32 sums live in the tile (L1), not in registers:
@@ -764,27 +771,28 @@ struct VnniTile {
       return _mm512_ternarylogic_epi32(nib, n8, lo4, 0x28);
   }
 
-  template <int NR, ScaleType ST>
-  EXPERTD_AVX512VNNI __attribute__((always_inline)) static inline void one_row_kb(
-      const int8_t* x, const uint8_t* w, size_t wstride, int kp, float* tile, QScales qs) {
+  template <int MR, int NR, ScaleType ST>
+  EXPERTD_AVX512VNNI __attribute__((always_inline)) static inline void few_rows_kb(
+      const int8_t* x, size_t ldx, const uint8_t* w, size_t wstride, int kp, float* tile, QScales qs) {
     if (qs.xblock == kActBlock)
-      one_row<NR, kActBlock, ST>(x, w, wstride, kp, tile, qs);
+      few_rows<MR, NR, kActBlock, ST>(x, ldx, w, wstride, kp, tile, qs);
     else if (qs.xblock == 32)
-      one_row<NR, 32, ST>(x, w, wstride, kp, tile, qs);
+      few_rows<MR, NR, 32, ST>(x, ldx, w, wstride, kp, tile, qs);
     else
-      one_row<NR, 0, ST>(x, w, wstride, kp, tile, qs);
+      few_rows<MR, NR, 0, ST>(x, ldx, w, wstride, kp, tile, qs);
   }
 
-  // One row (decode): each 16-row block's whole k before the next block's, so that a task reads
-  // its weights as one sequential stream (its blocks are contiguous, and so are their scales)
-  // instead of NR streams a block apart. Those streams are short at decode's shapes (an int4
-  // block of a 256-k down projection is 2 KiB), and the hardware prefetcher started each anew.
-  // The x broadcasts come from L1 per block; four int32 accumulators per block keep four
-  // vpdpbusd chains. Per block and activation block the same int32 sum and the same FMA into
-  // the f32 sum as blocks(): the same bits.
-  template <int NR, int KB, ScaleType ST>
-  EXPERTD_AVX512VNNI __attribute__((always_inline)) static inline void one_row(
-      const int8_t* x, const uint8_t* w, size_t wstride, int kp, float* tile, QScales qs) {
+  // Few rows (decode, up to few_rows_max): each 16-row block's whole k before the next block's, so
+  // that a task reads its weights as one sequential stream (its blocks are contiguous, and so are
+  // their scales) instead of NR streams a block apart. Those streams are short at decode's shapes
+  // (an int4 block of a 256-k down projection is 2 KiB), and the hardware prefetcher started each
+  // anew. Each weight vector is loaded and decoded once for the rows; the x broadcasts come from
+  // L1; four int32 accumulators per row keep four vpdpbusd chains, and the f32 sums stay in
+  // registers. Per row, block and activation block the same int32 sum and the same FMA into the
+  // f32 sum as blocks(): the same bits.
+  template <int MR, int NR, int KB, ScaleType ST>
+  EXPERTD_AVX512VNNI __attribute__((always_inline)) static inline void few_rows(
+      const int8_t* x, size_t ldx, const uint8_t* w, size_t wstride, int kp, float* tile, QScales qs) {
     const size_t bstride = wstride * qformat_bits(Q) / 8;
     const int kb = KB ? KB : qs.xblock;
     const int blocks_per_group = qs.group / kb;
@@ -795,23 +803,48 @@ struct VnniTile {
     for (int b = 0; b < NR; ++b) {
       const uint8_t* wb = w + b * bstride;
       const uint8_t* sb = static_cast<const uint8_t*>(qs.s) + b * qs.sstride * scale_type_size(ST);
-      __m512 sum = _mm512_setzero_ps();
+      __m512 sum[MR];
+#pragma GCC unroll 4
+      for (int r = 0; r < MR; ++r) sum[r] = _mm512_setzero_ps();
       int gi = 0, in_group = 0;
       for (int g0 = 0, xb = 0; g0 < kp; g0 += kb, ++xb) {
-        const uint32_t comp = static_cast<uint32_t>(qs.xsums[xb]) * operand_offset<Q>();
-        __m512i a0 = _mm512_set1_epi32(static_cast<int32_t>(0u - comp));
-        __m512i a1 = _mm512_setzero_si512(), a2 = _mm512_setzero_si512(), a3 = _mm512_setzero_si512();
+        __m512i a0[MR], a1[MR], a2[MR], a3[MR];
+#pragma GCC unroll 4
+        for (int r = 0; r < MR; ++r) {
+          const uint32_t comp = static_cast<uint32_t>(qs.xsums[static_cast<size_t>(r) * qs.xblocks_ld + xb]) * operand_offset<Q>();
+          a0[r] = _mm512_set1_epi32(static_cast<int32_t>(0u - comp));
+          a1[r] = a2[r] = a3[r] = _mm512_setzero_si512();
+        }
+        // One k step: the four operand vectors o0..o3 (k, k + 4, k + 8, k + 12) against every row.
+        auto step4 = [&](int k, __m512i o0, __m512i o1, __m512i o2, __m512i o3) EXPERTD_AVX512VNNI __attribute__((always_inline)) {
+#pragma GCC unroll 4
+          for (int r = 0; r < MR; ++r) {
+            const int8_t* xr = x + r * ldx;
+            a0[r] = _mm512_dpbusd_epi32(a0[r], o0, x4(xr, k));
+            a1[r] = _mm512_dpbusd_epi32(a1[r], o1, x4(xr, k + 4));
+            a2[r] = _mm512_dpbusd_epi32(a2[r], o2, x4(xr, k + 8));
+            a3[r] = _mm512_dpbusd_epi32(a3[r], o3, x4(xr, k + 12));
+          }
+        };
+        auto step2 = [&](int k, __m512i o0, __m512i o1) EXPERTD_AVX512VNNI __attribute__((always_inline)) {
+#pragma GCC unroll 4
+          for (int r = 0; r < MR; ++r) {
+            const int8_t* xr = x + r * ldx;
+            a0[r] = _mm512_dpbusd_epi32(a0[r], o0, x4(xr, k));
+            a1[r] = _mm512_dpbusd_epi32(a1[r], o1, x4(xr, k + 4));
+          }
+        };
         int k = g0;
         if constexpr (Q == QFormat::I8) {
 #pragma GCC unroll 8
-          for (; k + 16 <= g0 + kb; k += 16) {
-            a0 = _mm512_dpbusd_epi32(a0, _mm512_load_si512(wb + static_cast<size_t>(k) * 16), x4(x, k));
-            a1 = _mm512_dpbusd_epi32(a1, _mm512_load_si512(wb + static_cast<size_t>(k + 4) * 16), x4(x, k + 4));
-            a2 = _mm512_dpbusd_epi32(a2, _mm512_load_si512(wb + static_cast<size_t>(k + 8) * 16), x4(x, k + 8));
-            a3 = _mm512_dpbusd_epi32(a3, _mm512_load_si512(wb + static_cast<size_t>(k + 12) * 16), x4(x, k + 12));
+          for (; k + 16 <= g0 + kb; k += 16)
+            step4(k, _mm512_load_si512(wb + static_cast<size_t>(k) * 16), _mm512_load_si512(wb + static_cast<size_t>(k + 4) * 16),
+                  _mm512_load_si512(wb + static_cast<size_t>(k + 8) * 16), _mm512_load_si512(wb + static_cast<size_t>(k + 12) * 16));
+          for (; k < g0 + kb; k += 4) {
+            const __m512i o = _mm512_load_si512(wb + static_cast<size_t>(k) * 16);
+#pragma GCC unroll 4
+            for (int r = 0; r < MR; ++r) a0[r] = _mm512_dpbusd_epi32(a0[r], o, x4(x + r * ldx, k));
           }
-          for (; k < g0 + kb; k += 4)
-            a0 = _mm512_dpbusd_epi32(a0, _mm512_load_si512(wb + static_cast<size_t>(k) * 16), x4(x, k));
         } else if constexpr (Q == QFormat::I4) {
           // The high nibbles as 16 x their operand, (v ^ 0x88) & 0xf0, with no shift: one op per
           // 64-byte half instead of two. a1 and a3 then sum 16 x the products (exact in int32: at
@@ -823,45 +856,47 @@ struct VnniTile {
           for (; KB != 32 && k + 16 <= g0 + kb; k += 16) {
             const __m512i v0 = _mm512_load_si512(wb + static_cast<size_t>(k) * 8);
             const __m512i v1 = _mm512_load_si512(wb + static_cast<size_t>(k + 8) * 8);
-            a0 = _mm512_dpbusd_epi32(a0, _mm512_ternarylogic_epi32(v0, n88, lo4, 0x28), x4(x, k));
-            a1 = _mm512_dpbusd_epi32(a1, _mm512_ternarylogic_epi32(v0, n88, hi4, 0x28), x4(x, k + 4));
-            a2 = _mm512_dpbusd_epi32(a2, _mm512_ternarylogic_epi32(v1, n88, lo4, 0x28), x4(x, k + 8));
-            a3 = _mm512_dpbusd_epi32(a3, _mm512_ternarylogic_epi32(v1, n88, hi4, 0x28), x4(x, k + 12));
+            step4(k, _mm512_ternarylogic_epi32(v0, n88, lo4, 0x28), _mm512_ternarylogic_epi32(v0, n88, hi4, 0x28),
+                  _mm512_ternarylogic_epi32(v1, n88, lo4, 0x28), _mm512_ternarylogic_epi32(v1, n88, hi4, 0x28));
           }
 #pragma GCC unroll 4
           for (; k < g0 + kb; k += 8) {
             const __m512i v = _mm512_load_si512(wb + static_cast<size_t>(k) * 8);
-            a0 = _mm512_dpbusd_epi32(a0, _mm512_ternarylogic_epi32(v, n88, lo4, 0x28), x4(x, k));
-            a1 = _mm512_dpbusd_epi32(a1, _mm512_ternarylogic_epi32(v, n88, hi4, 0x28), x4(x, k + 4));
+            step2(k, _mm512_ternarylogic_epi32(v, n88, lo4, 0x28), _mm512_ternarylogic_epi32(v, n88, hi4, 0x28));
           }
-          a1 = _mm512_srai_epi32(_mm512_add_epi32(a1, a3), 4);
-          a3 = _mm512_setzero_si512();
+#pragma GCC unroll 4
+          for (int r = 0; r < MR; ++r) {
+            a1[r] = _mm512_srai_epi32(_mm512_add_epi32(a1[r], a3[r]), 4);
+            a3[r] = _mm512_setzero_si512();
+          }
         } else {
 #pragma GCC unroll 4
           for (; k + 16 <= g0 + kb; k += 16) {
             const __m512i v0 = _mm512_load_si512(wb + static_cast<size_t>(k) * 8);
             const __m512i v1 = _mm512_load_si512(wb + static_cast<size_t>(k + 8) * 8);
-            a0 = _mm512_dpbusd_epi32(a0, nibbles<false>(v0, n8, lo4, fp4ops), x4(x, k));
-            a1 = _mm512_dpbusd_epi32(a1, nibbles<true>(v0, n8, lo4, fp4ops), x4(x, k + 4));
-            a2 = _mm512_dpbusd_epi32(a2, nibbles<false>(v1, n8, lo4, fp4ops), x4(x, k + 8));
-            a3 = _mm512_dpbusd_epi32(a3, nibbles<true>(v1, n8, lo4, fp4ops), x4(x, k + 12));
+            step4(k, nibbles<false>(v0, n8, lo4, fp4ops), nibbles<true>(v0, n8, lo4, fp4ops),
+                  nibbles<false>(v1, n8, lo4, fp4ops), nibbles<true>(v1, n8, lo4, fp4ops));
           }
           for (; k < g0 + kb; k += 8) {
             const __m512i v = _mm512_load_si512(wb + static_cast<size_t>(k) * 8);
-            a0 = _mm512_dpbusd_epi32(a0, nibbles<false>(v, n8, lo4, fp4ops), x4(x, k));
-            a1 = _mm512_dpbusd_epi32(a1, nibbles<true>(v, n8, lo4, fp4ops), x4(x, k + 4));
+            step2(k, nibbles<false>(v, n8, lo4, fp4ops), nibbles<true>(v, n8, lo4, fp4ops));
           }
         }
-        const __m512i acc = _mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3));
         const __m512 sc = load_scales16<ST>(sb, static_cast<size_t>(gi) * 16);
         if (++in_group == blocks_per_group) {  // the next group's scales: the scale stream ahead
           in_group = 0;
           ++gi;
           prefetch_l2<1>(sb + static_cast<size_t>(gi) * 16 * scale_type_size(ST) + kOneRowScalePrefetch);
         }
-        sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(sc, _mm512_set1_ps(qs.xscales[xb])), sum);
+#pragma GCC unroll 4
+        for (int r = 0; r < MR; ++r) {
+          const __m512i acc = _mm512_add_epi32(_mm512_add_epi32(a0[r], a1[r]), _mm512_add_epi32(a2[r], a3[r]));
+          const __m512 xs = _mm512_set1_ps(qs.xscales[static_cast<size_t>(r) * qs.xblocks_ld + xb]);
+          sum[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(sc, xs), sum[r]);
+        }
       }
-      _mm512_store_ps(tile + b * 16, sum);
+#pragma GCC unroll 4
+      for (int r = 0; r < MR; ++r) _mm512_store_ps(tile + r * kTileLd + b * 16, sum[r]);
     }
   }
 
