@@ -38,7 +38,7 @@ constexpr int avx2_pass_vectors(int mr, int nv, int per_vec, int budget) {
 
 // How far ahead (bytes, into L2) the one-row bf16 and fp8 kernels ask for each block's weights,
 // as their AVX-512 forms do (gemm_kernels.h, kBf16DotPrefetch); the int8/int4 one (a pass per
-// block: one stream) twice as far, as VnniTile::one_row. NOTE: measured with setSimdLevel('avx2')
+// block: one stream) twice as far, as VnniTile::few_rows. NOTE: measured with setSimdLevel('avx2')
 // on AMD Zen 4 (DenseGemm 512 x 1024 from DRAM, 2 threads, 3 rounds): bf16 42-48 -> 39-44 us,
 // fp8 32.6-42.3 -> 29.9-32.2 us, int8 26.5-32.8 -> 24.8-26.6 us, int4 g32 22.9-27.5 -> 17.3-23.8.
 constexpr int kAvx2OneRowPrefetch = 2048;
@@ -466,7 +466,7 @@ struct Avx2I8Tile {
                                float* tile, QScales qs) {
     constexpr int NV = 2 * NR;
     // One row (decode): a pass per block, so that the weights stream in one sequential run (see
-    // VnniTile::one_row); the integer sums and the FMAs per block are the same: the same bits.
+    // VnniTile::few_rows); the integer sums and the FMAs per block are the same: the same bits.
     constexpr int PV = MR == 1 ? 2 : avx2_pass_vectors(MR, NV, 0, 11);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r)

@@ -407,7 +407,7 @@ __attribute__((always_inline)) inline void prefetch_l2(const uint8_t* p) {
 // (bytes, into L2). NOTE: measured on AMD Zen 4 (bench quant-kernels --experts qwen3moe-like, three
 // rounds), when the fp8 kernel read its blocks apart too: fp8 0.32-0.36 -> 0.25-0.27 ms per decode
 // GroupGemm; DenseGemm 512 x 1024 from DRAM 1 KiB ahead gained less. The blocks stay NR streams
-// here (not VnniTile's one_row): vdpbf16ps sums in f32, and a block's sums must keep the k order
+// here (not VnniTile's few_rows): vdpbf16ps sums in f32, and a block's sums must keep the k order
 // every row tile gives them (the same bits alone or in a batch), so the independent chains are the
 // NR blocks. (fp8 interleaves the blocks in its layout instead: quant_layout.h.)
 constexpr int kBf16DotPrefetch = 2048;
@@ -694,7 +694,7 @@ struct ScalarI8Tile {
 #if EXPERTD_GEMM_X86
 typedef int32_t __attribute__((may_alias, aligned(1))) unaligned_i32;
 
-// How far ahead the one-row int8 / int4 kernel asks for its scale stream (bytes, into L2; the
+// How far ahead the few-rows int8 / int4 kernel asks for its scale stream (bytes, into L2; the
 // weights themselves are left to the hardware prefetcher: see the note after kBf16DotPrefetch). Past
 // a task's end it touches the next task's scales (or nothing: prefetches never fault).
 constexpr int kOneRowScalePrefetch = 1024;
