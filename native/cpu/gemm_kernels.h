@@ -698,15 +698,15 @@ typedef int32_t __attribute__((may_alias, aligned(1))) unaligned_i32;
 // weights themselves are left to the hardware prefetcher: see the note after kBf16DotPrefetch). Past
 // a task's end it touches the next task's scales (or nothing: prefetches never fault).
 constexpr int kOneRowScalePrefetch = 1024;
+// Blocks of 32 columns (int4 g32, MXFP4): few_rows copies a 16-row block's scales, up to this many
+// bytes, into L1 in one burst before its codes, instead of reading them as a second stream beside
+// the codes (see few_rows).
+constexpr size_t kScaleBurstBytes = 8 << 10;
 // Register tiles of up to this many rows run VnniTile::few_rows (decode's rows per expert); more
 // run blocks(). NOTE: measured on AMD Zen 4, one thread, the decode GroupGemm at qwen3moe-like's
 // expert shape with 2-4 rows per expert, as a share of bf16's time in the same run: 2 rows int8
 // 0.59 -> 0.46, int4 g128 0.41 -> 0.28; 3 rows int8 even, int4 g128 0.43 -> 0.31; 4 rows int8
 // 0.62 -> 0.67 (worse: 16 accumulators and 4 weight vectors leave no room), int4 g128 0.47 -> 0.40.
-// Blocks of 32 columns (int4 g32, MXFP4): few_rows copies a 16-row block's scales, up to this many
-// bytes, into L1 in one burst before its codes, instead of reading them as a second stream beside
-// the codes (see few_rows).
-constexpr size_t kScaleBurstBytes = 8 << 10;
 template <QFormat Q>
 constexpr int few_rows_max() { return Q == QFormat::I8 ? 2 : 4; }
 
