@@ -222,9 +222,9 @@ inline void plan_tasks(std::vector<Task>& out, int g, int rows, const PackedWeig
   const size_t block_bytes = static_cast<size_t>(w.kp) * w.k_bytes16();
   // A task of one register tile of rows (decode) reads each weight byte once whatever its chunk,
   // so only min_chunks splits its matrix: one long stream per task reads faster than 256 KiB pieces
-  // (the decode GroupGemm 3-13% faster on the bench experts; bench/RESULTS.md, session 24).
-  const size_t chunk_bytes = rows <= kMr && min_chunks > 0 ? SIZE_MAX : kChunkBytes;
-  int nc = static_cast<int>(std::clamp<size_t>(chunk_bytes / block_bytes, 1, static_cast<size_t>(std::max(blocks, 1))));
+  // (the decode GroupGemm up to 10% faster on the bench experts; bench/RESULTS.md, session 24).
+  int nc = rows <= kMr && min_chunks > 0 ? blocks
+                                         : static_cast<int>(std::max<size_t>(1, kChunkBytes / block_bytes));
   if (min_chunks > 0) nc = std::min(nc, (blocks + min_chunks - 1) / min_chunks);
   nc = std::max(kNr, nc / kNr * kNr);
   int max_rows = static_cast<int>(kRowTileBytes / (static_cast<size_t>(w.kp) * act_bytes));
@@ -697,7 +697,7 @@ typedef int32_t __attribute__((may_alias, aligned(1))) unaligned_i32;
 // How far ahead the few-rows int8 / int4 kernel asks for its scale stream (bytes, into L2; the
 // weights themselves are left to the hardware prefetcher: see the note after kBf16DotPrefetch). Past
 // a task's end it touches the next task's scales (or nothing: prefetches never fault).
-constexpr int kOneRowScalePrefetch = 1024;
+constexpr int kFewRowsScalePrefetch = 1024;
 // Blocks of 32 columns (int4 g32, MXFP4): few_rows copies a 16-row block's scales, up to this many
 // bytes, into L1 in one burst before its codes, instead of reading them as a second stream beside
 // the codes (see few_rows).
@@ -902,7 +902,7 @@ struct VnniTile {
         if (++in_group == blocks_per_group) {  // the next group's scales: the scale stream ahead
           in_group = 0;
           ++gi;
-          if (!burst) prefetch_l2<1>(sb + static_cast<size_t>(gi) * 16 * scale_type_size(ST) + kOneRowScalePrefetch);
+          if (!burst) prefetch_l2<1>(sb + static_cast<size_t>(gi) * 16 * scale_type_size(ST) + kFewRowsScalePrefetch);
         }
 #pragma GCC unroll 4
         for (int r = 0; r < MR; ++r) {
