@@ -385,7 +385,8 @@ const NO_AVX2_AND_512 = levelOf('avx2') === 'avx2' && levelOf('avx512') !== 'avx
 
 test('the AVX2 kernels give the AVX-512 kernels\' bits (f32, int8 and fast fp8\'s bf16 activations)', { skip: NO_AVX2_AND_512 }, () => {
   const rand = rng();
-  const n = 70, m = 9;
+  // m: row tiles of 1, 2 (decode's few rows per expert: one block per pass on AVX2), 6 + 3.
+  const n = 70;
   // bf16 weights from random bit patterns' top halves (any bf16 value but NaN and inf).
   const bf16 = (r: () => number, nn: number, kk: number) =>
     native.packWeight(new Uint16Array(nn * kk).map(() => (Math.floor(r() * 0x10000) & 0xbfff) | 0x3000), 'bf16', nn, kk);
@@ -395,7 +396,7 @@ test('the AVX2 kernels give the AVX-512 kernels\' bits (f32, int8 and fast fp8\'
     ...BUILDS,
   ];
   // k = 288: int8 activations for int8 too; 290: int8 keeps f32 ones (k % 4 == 2), ragged fp8 chunks.
-  for (const k of [288, 290]) for (const [name, build] of builds) {
+  for (const k of [288, 290]) for (const [name, build] of builds) for (const m of [1, 2, 9]) {
     const w = build(rand, n, k);
     const x = uniform(rand, m * w.k);
     // Reference mode: f32 activations on Avx512 / Avx2; fast int8 and int4: Vnni (or ScalarI8) /
@@ -415,7 +416,7 @@ test('the AVX2 kernels give the AVX-512 kernels\' bits (f32, int8 and fast fp8\'
         }
       };
       if (fast && int8Acts && !native.capabilities().int8Dot) continue;  // ScalarI8 rounds its per-block FMA in two steps
-      assert.deepEqual(run('avx2'), run(other), `${name} k=${k} fast=${fast}: avx2 vs ${other}`);
+      assert.deepEqual(run('avx2'), run(other), `${name} k=${k} m=${m} fast=${fast}: avx2 vs ${other}`);
     }
     w.dispose();
   }
