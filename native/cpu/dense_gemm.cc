@@ -66,7 +66,8 @@ void dense_gemm(const float* x, int m, const PackedWeight& w, float* y, const fl
   c.bias = bias;
   c.accumulate = accumulate;
   s.tasks.clear();
-  plan_tasks(s.tasks, 0, m, w, path, static_cast<int>(pool.num_threads()) * 4);
+  plan_tasks(s.tasks, 0, m, w, path,
+             static_cast<int>(pool.num_threads()) * (m <= kMr ? kDecodeTasksPerThread : kTasksPerThread));
   c.tasks = &s.tasks;
   // NOTE: the lambda captures one reference, so std::function stores it without allocating.
   pool.parallel_for(s.tasks.size(), [&c](size_t t, size_t) { run_dense_task(c, (*c.tasks)[t]); });

@@ -178,7 +178,9 @@ void group_gemm_ffn(const float* x, const int32_t* offsets, int num_experts,
   const int threads = static_cast<int>(pool.num_threads());
   int active = 0;
   for (int e = 0; e < num_experts; ++e) active += offsets[e + 1] > offsets[e];
-  const int min_chunks = std::max(1, (threads * 4 + active - 1) / active);
+  const bool one_job = static_cast<size_t>(rows) * inter <= (size_t{1} << 16);  // decode-sized
+  const int per_thread = one_job ? kDecodeTasksPerThread : kTasksPerThread;
+  const int min_chunks = std::max(1, (threads * per_thread + active - 1) / active);
   auto plan_phase = [&](const PackedWeight* const* ws) {
     for (int e = 0; e < num_experts; ++e)
       if (offsets[e + 1] > offsets[e])
@@ -194,7 +196,7 @@ void group_gemm_ffn(const float* x, const int32_t* offsets, int num_experts,
     quantize_rows_i8(*c.cpu, reinterpret_cast<const float*>(c.hbuf), c.h_row_bytes / 4, r0, r1, inter, c.h_i8);
   };
 
-  if (static_cast<size_t>(rows) * inter <= (size_t{1} << 16)) {
+  if (one_job) {
     // Few rows (decode): both phases in one job. An expert's down items wait for its own gate/up
     // items only (they are all claimed by then: items are claimed in order, phase 1's first), and
     // the thread that finishes an expert's last gate/up item quantizes its h rows. No join and no
