@@ -469,7 +469,8 @@ struct Avx2I8Tile {
     // sequential run, see VnniTile::few_rows); the integer sums and the FMAs per block are the
     // same whatever the pass: the same bits. NOTE: measured with setSimdLevel('avx2') on AMD Zen 4
     // (one thread, qwen3moe-like's decode GroupGemm, 2 rows per expert), two blocks per pass ->
-    // one: int8 0.473 -> 0.357 ms, int4 g32 0.365 -> 0.217, g128 0.335 -> 0.190.
+    // one: int8 0.476-0.480 -> 0.313-0.329 ms, int4 g32 0.377-0.400 -> 0.212-0.218, g128
+    // 0.340-0.348 -> 0.182-0.190 (bench/RESULTS.md, session 25).
     constexpr int PV = std::min(2, avx2_pass_vectors(MR, NV, 0, 11));
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r)

@@ -66,8 +66,9 @@ constexpr size_t kChunkBytes = 256 << 10;
 constexpr size_t kRowTileBytes = 320 << 10;
 constexpr int kMaxRowTile = 240;
 // Tasks per thread a call plans at least (plan_tasks' min_chunks), enough for dynamic claiming to
-// even out the threads. A decode call (rows of one register tile) asks for fewer: each of its tasks
-// is a weight stream the hardware prefetcher starts anew. NOTE: measured on AMD Zen 4, 2 threads,
+// even out the threads. A decode-sized call (a DenseGemm of one register tile of rows, a GroupGemm
+// small enough for one job) asks for fewer: each of its tasks is a weight stream the hardware
+// prefetcher starts anew. NOTE: measured on AMD Zen 4, 2 threads,
 // weights from DRAM, in one process against 4: a 1536 x 1024 DenseGemm int4 g128 25.6 -> 22.4 us,
 // int8 38.2 -> 35.4 (bf16 and fp8 within +-4%), mixtral-like's decode GroupGemm at batch 1 (2 experts)
 // int4 g128 0.180 -> 0.172 ms, bf16 and int8 1-2% (bench/RESULTS.md, session 25).
