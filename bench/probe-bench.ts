@@ -45,6 +45,7 @@ export async function runProbeBench(argv: string[]): Promise<void> {
     ['load average (1/5/15 min)', os.loadavg().map((v) => v.toFixed(1)).join(' ')],
     ['read bandwidth, all threads (best / median)', `${fmt(limits.readBandwidthGBps)} / ${fmt(limits.readBandwidthMedianGBps)} GB/s`],
     ['read bandwidth, 1 thread', `${fmt(limits.readBandwidth1ThreadGBps)} GB/s`],
+    ['core-to-core round trip (first two CPUs)', limits.coreRoundTripNs === null ? 'n/a (one thread)' : `${fmt(limits.coreRoundTripNs)} ns`],
     [`peak f32 FMA (${limits.f32Isa}), all threads`, `${fmt(limits.peakF32Gflops)} GFLOP/s (${fmt(limits.peakF32PerThreadGflops)} per thread)`],
     ['peak bf16 dot (vdpbf16ps), all threads', limits.peakBf16Gflops === null ? 'n/a (no AVX512_BF16)' : `${fmt(limits.peakBf16Gflops)} GFLOP/s`],
   ], ['left', 'right']));

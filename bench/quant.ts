@@ -25,7 +25,7 @@ import { fmt, markdownTable, median, parseIntList, parsePositiveInt, pct, runInf
 import { expertBytes, loadAnonMiB, measureLoadMemory, type LoadMemory } from './load-memory.js';
 import { hfPython } from './peers/hf.js';
 import { LLAMA_TYPES, LlamaPeer } from './peers/llama.js';
-import { probeReadBandwidth, runProbe } from './probe/probe.js';
+import { probeBeside, runProbe } from './probe/probe.js';
 
 export const FORMATS: Record<string, QuantizeSpec | null> = {
   bf16: null,
@@ -76,7 +76,8 @@ export interface FormatRun {
   /** The load's resident memory, in a child process of its own. */
   loadMemory: LoadMemory;
   prefillMs: number[];
-  decode: Record<string, { tokPerS: number[]; bytesPerStep: number[]; besideGBps: number[] }>;
+  /** besideRoundTripNs: the core round trip of the probe whose bandwidth is besideGBps (null: not measured). */
+  decode: Record<string, { tokPerS: number[]; bytesPerStep: number[]; besideGBps: number[]; besideRoundTripNs?: (number | null)[] }>;
 }
 
 type DecodeReps = FormatRun['decode'][string];
@@ -101,7 +102,13 @@ export function byBandwidthState(name: string, runs: FormatRun[], rows: Cell[][]
   const lo = Math.min(...all), hi = Math.max(...all);
   if (hi < 1.25 * lo) return;
   const cut = (lo + hi) / 2;
-  notes.push(`${name}: probes ${fmt(lo)}-${fmt(hi)} GB/s, split at ${fmt(cut)}`);
+  // The core round trips beside each state's reps, where the probe measured them: what the two
+  // bandwidth levels are (one CCD or two, on the VM of bench/RESULTS.md session 25).
+  const trips = (slow: boolean) => runs.flatMap((fr) => Object.values(fr.decode).flatMap((d) =>
+    (d.besideRoundTripNs ?? []).filter((t, i): t is number => t !== null && (d.besideGBps[i]! < cut) === slow)));
+  const tripNote = ([slow, fast]: number[][]) => slow!.length && fast!.length
+    ? `, core round trip beside them ${fmt(median(slow!))} ns (slow) and ${fmt(median(fast!))} ns (fast)` : '';
+  notes.push(`${name}: probes ${fmt(lo)}-${fmt(hi)} GB/s, split at ${fmt(cut)}${tripNote([trips(true), trips(false)])}`);
   const base = runs.find((x) => x.format === 'bf16');
   for (const [state, inState] of [[`slow (< ${fmt(cut)} GB/s)`, (g: number) => g < cut], [`fast (>= ${fmt(cut)} GB/s)`, (g: number) => g >= cut]] as const) {
     const pick = (fr: FormatRun, B: string) => {
@@ -209,12 +216,14 @@ export async function runQuantBench(argv: string[]): Promise<void> {
     const bw: number[] = [runProbe({ threads: threads || undefined }).readBandwidthGBps];
     // The probe beside each measured decode rep: the one just before it (the previous rep's after-probe
     // when nothing but a prefill ran since) and the one just after; the higher of the two is its bound.
-    let lastProbe = NaN;
-    const probeNow = () => (lastProbe = probeReadBandwidth({ threads: threads || undefined }));
+    type Beside = { gbps: number; roundTripNs: number | null };
+    const none: Beside = { gbps: NaN, roundTripNs: null };
+    let lastProbe = none;
+    const probeNow = () => (lastProbe = probeBeside({ threads: threads || undefined }));
     try {
       for (let r = 0; r < warmup + reps; r++) {
         loadAvg.push(os.loadavg()[0]!);
-        lastProbe = NaN;  // the peer and the run's probe ran since
+        lastProbe = none;  // the peer and the run's probe ran since
         for (const fr of runs) {
           fr.runner.reset();
           const t0 = performance.now();
@@ -222,15 +231,17 @@ export async function runQuantBench(argv: string[]): Promise<void> {
           const ms = performance.now() - t0;
           if (r >= warmup) fr.prefillMs.push(ms);
           for (const B of batches) {
-            const before = r < warmup ? NaN : Number.isNaN(lastProbe) ? probeNow() : lastProbe;
+            const before = r < warmup ? none : Number.isNaN(lastProbe.gbps) ? probeNow() : lastProbe;
             const d = decodeRun(fr, B, decodePrompt, steps);
-            const after = r < warmup ? NaN : probeNow();
+            const after = r < warmup ? none : probeNow();
             console.error(`# ${name} ${fr.format}: prefill ${ms.toFixed(0)} ms; decode b${B} ${fmt(d.tokPerS)} tok/s${r < warmup ? ' (warm-up)' : ''}`);
             if (r < warmup) continue;
-            const slot = (fr.decode[String(B)] ??= { tokPerS: [], bytesPerStep: [], besideGBps: [] });
+            const slot = (fr.decode[String(B)] ??= { tokPerS: [], bytesPerStep: [], besideGBps: [], besideRoundTripNs: [] });
             slot.tokPerS.push(d.tokPerS);
             slot.bytesPerStep.push(d.bytesPerStep);
-            slot.besideGBps.push(Math.max(before, after));
+            const higher = after.gbps > before.gbps ? after : before;
+            slot.besideGBps.push(higher.gbps);
+            slot.besideRoundTripNs?.push(higher.roundTripNs);
           }
         }
         if (peer) for (const t of LLAMA_TYPES) {

@@ -47,3 +47,20 @@ test('byBandwidthState: a state with no bf16 rep gives the format\'s rate withou
   assert.equal(rows.length, 2);
   assert.deepEqual(verdicts, ['m, fast (>= 45.5 GB/s) reps (1): decode b1 fp8 >= 75% of the probes beside: 89% -> PASS']);
 });
+
+test('byBandwidthState: the probes\' core round trips, where measured, are noted per state', () => {
+  const withTrips = (fr: FormatRun, trips: (number | null)[]) => {
+    (fr.decode['1'] as { besideRoundTripNs?: (number | null)[] }).besideRoundTripNs = trips;
+    return fr;
+  };
+  const bf16 = withTrips(run('bf16', [[33, 35], [50, 55], [34, 36]], 1e9), [50, 310, null]);
+  const int4 = withTrips(run('int4', [[120, 35], [170, 56]], 0.25e9), [60, 330]);
+  const rows: Cell[][] = [], notes: string[] = [], verdicts: string[] = [];
+  byBandwidthState('m', [bf16, int4], rows, notes, verdicts);
+  // slow: 50 and 60 (the null left out) -> 55; fast: 310 and 330 -> 320.
+  assert.deepEqual(notes, ['m: probes 35-56 GB/s, split at 45.5, core round trip beside them 55 ns (slow) and 320 ns (fast)']);
+  // Without a round trip on one side, no note of them.
+  const notes2: string[] = [];
+  byBandwidthState('m', [withTrips(run('bf16', [[33, 35], [50, 55]], 1e9), [50, null])], [], notes2, []);
+  assert.deepEqual(notes2, ['m: probes 35-55 GB/s, split at 45']);
+});

@@ -2,15 +2,19 @@
 // measured in the same run as a benchmark so that every figure can be reported as a ratio.
 // Compiled at run time by bench/native-tool.ts with `g++ -O3 -march=native -fopenmp`; prints JSON.
 #include <omp.h>
+#include <pthread.h>
+#include <sched.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -34,6 +38,50 @@ float hsum512(__m512 v) {
   return s;
 }
 #endif
+
+// Round trip of one cache line between the first two CPUs this process may run on (each thread pinned
+// to one), ns, median of 5 batches; -1 with fewer than two CPUs. Where the two sit shows here: ~50 ns
+// on one CCD (a shared L3), ~300 ns across two on the VM of bench/RESULTS.md session 25, which also
+// moves the all-thread read bandwidth (one CCD's link to memory, or two).
+double core_round_trip_ns() {
+  cpu_set_t allowed;
+  if (sched_getaffinity(0, sizeof(allowed), &allowed) != 0) return -1;
+  int cpus[2], n = 0;
+  for (int c = 0; c < CPU_SETSIZE && n < 2; ++c)
+    if (CPU_ISSET(c, &allowed)) cpus[n++] = c;
+  if (n < 2) return -1;
+  auto pin = [](int cpu) {
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(cpu, &one);
+    return pthread_setaffinity_np(pthread_self(), sizeof(one), &one) == 0;
+  };
+  constexpr int kTrips = 20000, kBatches = 5;
+  alignas(64) static std::atomic<long> line{0};
+  line.store(0);
+  std::vector<double> ns;
+  bool pinned = true;
+  std::thread peer([&] {
+    pinned = pin(cpus[1]) && pinned;
+    for (long i = 0; i < long{kTrips} * kBatches; ++i) {
+      while (line.load(std::memory_order_acquire) != 2 * i + 1) {}
+      line.store(2 * i + 2, std::memory_order_release);
+    }
+  });
+  pinned = pin(cpus[0]) && pinned;
+  for (int b = 0; b < kBatches; ++b) {
+    const double t0 = now_s();
+    for (long i = long{b} * kTrips; i < long{b + 1} * kTrips; ++i) {
+      line.store(2 * i + 1, std::memory_order_release);
+      while (line.load(std::memory_order_acquire) != 2 * i + 2) {}
+    }
+    ns.push_back((now_s() - t0) * 1e9 / kTrips);
+  }
+  peer.join();
+  if (!pinned) return -1;
+  std::sort(ns.begin(), ns.end());
+  return ns[ns.size() / 2];
+}
 
 // Last-level cache size from sysfs (sysconf reports nonsense under some hypervisors).
 long l3_bytes() {
@@ -257,7 +305,8 @@ const char* f32_isa() {
 }  // namespace
 
 // Usage: probe [--bw-mib N] [--threads N] [--reps N] [--quick] [--bw-only]
-// --bw-only: the all-thread read bandwidth alone (a bench's probe beside each of its measurements).
+// --bw-only: the all-thread read bandwidth and the core round trip alone (a bench's probe beside each
+// of its measurements).
 int main(int argc, char** argv) {
   size_t bw_mib = 1024;
   int threads = omp_get_max_threads();
@@ -286,9 +335,12 @@ int main(int argc, char** argv) {
   if (threads < 1) threads = 1;
 
   Bandwidth bw_all = read_bandwidth(bw_mib << 20, threads, reps);
+  const double rt = threads >= 2 ? core_round_trip_ns() : -1;
+  const std::string rt_json = rt > 0 ? std::to_string(rt) : "null";
   if (bw_only) {
-    std::printf("{\"threads\":%d,\"bandwidthBufferBytes\":%zu,\"readBandwidthGBps\":%.3f,\"readBandwidthMedianGBps\":%.3f}\n",
-                threads, bw_mib << 20, bw_all.best_gbps, bw_all.median_gbps);
+    std::printf("{\"threads\":%d,\"bandwidthBufferBytes\":%zu,\"readBandwidthGBps\":%.3f,\"readBandwidthMedianGBps\":%.3f,"
+                "\"coreRoundTripNs\":%s}\n",
+                threads, bw_mib << 20, bw_all.best_gbps, bw_all.median_gbps, rt_json.c_str());
     return 0;
   }
   Bandwidth bw_one = read_bandwidth(bw_mib << 20, 1, std::max(1, reps / 2));
@@ -303,12 +355,12 @@ int main(int argc, char** argv) {
       "{\"cpuModel\":\"%s\",\"threads\":%d,\"hardwareThreads\":%ld,\"l3Bytes\":%ld,"
       "\"bandwidthBufferBytes\":%zu,"
       "\"readBandwidthGBps\":%.3f,\"readBandwidthMedianGBps\":%.3f,"
-      "\"readBandwidth1ThreadGBps\":%.3f,"
+      "\"readBandwidth1ThreadGBps\":%.3f,\"coreRoundTripNs\":%s,"
       "\"f32Isa\":\"%s\",\"peakF32Gflops\":%.3f,\"peakF32MedianGflops\":%.3f,"
       "\"peakF32PerThreadGflops\":%.3f,"
       "\"bf16Dot\":%s,\"peakBf16Gflops\":%s,\"peakBf16MedianGflops\":%s}\n",
       cpu_model().c_str(), threads, sysconf(_SC_NPROCESSORS_ONLN), l3, bw_mib << 20,
-      bw_all.best_gbps, bw_all.median_gbps, bw_one.best_gbps, f32_isa(), f32.best_gflops,
+      bw_all.best_gbps, bw_all.median_gbps, bw_one.best_gbps, rt_json.c_str(), f32_isa(), f32.best_gflops,
       f32.median_gflops, f32_one.best_gflops, has_bf16 ? "true" : "false",
       has_bf16 ? std::to_string(bf16.best_gflops).c_str() : "null",
       has_bf16 ? std::to_string(bf16.median_gflops).c_str() : "null");

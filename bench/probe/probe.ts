@@ -14,6 +14,12 @@ export interface MachineLimits {
   readBandwidthGBps: number;
   readBandwidthMedianGBps: number;
   readBandwidth1ThreadGBps: number;
+  /**
+   * Round trip of one cache line between the first two CPUs the process may use, ns (null with one
+   * thread or CPU): ~50 ns where they share a CCD's L3, ~300 ns across two CCDs (a VM's vCPUs can move
+   * between the two, and the read bandwidth moves with them: bench/RESULTS.md, session 25).
+   */
+  coreRoundTripNs: number | null;
   f32Isa: 'avx512' | 'avx2' | 'scalar';
   peakF32Gflops: number;
   peakF32MedianGflops: number;
@@ -47,16 +53,16 @@ export function runProbe(opts: ProbeOptions = {}): MachineLimits {
 }
 
 /**
- * The all-thread read bandwidth alone (best of `reps` passes over the probe's 1 GiB buffer, ~0.5 s): the
- * machine's limit at one moment, for a bench that probes beside each measurement (a VM's bandwidth can
- * move by half between seconds).
+ * The all-thread read bandwidth (best of `reps` passes over the probe's 1 GiB buffer, ~0.5 s) and the
+ * core round trip alone: the machine's limit at one moment, for a bench that probes beside each
+ * measurement (a VM's bandwidth can move by half between seconds, with where its vCPUs sit).
  */
-export function probeReadBandwidth(opts: { threads?: number; reps?: number } = {}): number {
+export function probeBeside(opts: { threads?: number; reps?: number } = {}): { gbps: number; roundTripNs: number | null } {
   const threads = opts.threads ?? os.availableParallelism();
   const [json] = runTool(probeBinary(), { args: ['--bw-only', '--threads', String(threads), '--reps', String(opts.reps ?? 3)] });
-  const gbps = (json as { readBandwidthGBps?: unknown } | undefined)?.readBandwidthGBps;
-  if (typeof gbps !== 'number') throw new Error('expertd bench: the probe printed no read bandwidth');
-  return gbps;
+  const j = json as { readBandwidthGBps?: unknown; coreRoundTripNs?: unknown } | undefined;
+  if (typeof j?.readBandwidthGBps !== 'number') throw new Error('expertd bench: the probe printed no read bandwidth');
+  return { gbps: j.readBandwidthGBps, roundTripNs: typeof j.coreRoundTripNs === 'number' ? j.coreRoundTripNs : null };
 }
 
 /** The best bf16 rate the machine has: vdpbf16ps where present, else the f32 FMA rate. */
