@@ -25,7 +25,7 @@ import { fmt, markdownTable, median, parseIntList, parsePositiveInt, pct, runInf
 import { expertBytes, loadAnonMiB, measureLoadMemory, type LoadMemory } from './load-memory.js';
 import { hfPython } from './peers/hf.js';
 import { LLAMA_TYPES, LlamaPeer } from './peers/llama.js';
-import { probeBeside, runProbe } from './probe/probe.js';
+import { type BesideProbe, probeBeside, runProbe } from './probe/probe.js';
 
 export const FORMATS: Record<string, QuantizeSpec | null> = {
   bf16: null,
@@ -106,9 +106,10 @@ export function byBandwidthState(name: string, runs: FormatRun[], rows: Cell[][]
   // bandwidth levels are (one CCD or two, on the VM of bench/RESULTS.md session 25).
   const trips = (slow: boolean) => runs.flatMap((fr) => Object.values(fr.decode).flatMap((d) =>
     (d.besideRoundTripNs ?? []).filter((t, i): t is number => t !== null && (d.besideGBps[i]! < cut) === slow)));
-  const tripNote = ([slow, fast]: number[][]) => slow!.length && fast!.length
-    ? `, core round trip beside them ${fmt(median(slow!))} ns (slow) and ${fmt(median(fast!))} ns (fast)` : '';
-  notes.push(`${name}: probes ${fmt(lo)}-${fmt(hi)} GB/s, split at ${fmt(cut)}${tripNote([trips(true), trips(false)])}`);
+  const slowTrips = trips(true), fastTrips = trips(false);
+  const tripNote = slowTrips.length && fastTrips.length
+    ? `, core round trip beside them ${fmt(median(slowTrips))} ns (slow) and ${fmt(median(fastTrips))} ns (fast)` : '';
+  notes.push(`${name}: probes ${fmt(lo)}-${fmt(hi)} GB/s, split at ${fmt(cut)}${tripNote}`);
   const base = runs.find((x) => x.format === 'bf16');
   for (const [state, inState] of [[`slow (< ${fmt(cut)} GB/s)`, (g: number) => g < cut], [`fast (>= ${fmt(cut)} GB/s)`, (g: number) => g >= cut]] as const) {
     const pick = (fr: FormatRun, B: string) => {
@@ -216,8 +217,7 @@ export async function runQuantBench(argv: string[]): Promise<void> {
     const bw: number[] = [runProbe({ threads: threads || undefined }).readBandwidthGBps];
     // The probe beside each measured decode rep: the one just before it (the previous rep's after-probe
     // when nothing but a prefill ran since) and the one just after; the higher of the two is its bound.
-    type Beside = { gbps: number; roundTripNs: number | null };
-    const none: Beside = { gbps: NaN, roundTripNs: null };
+    const none: BesideProbe = { gbps: NaN, roundTripNs: null };
     let lastProbe = none;
     const probeNow = () => (lastProbe = probeBeside({ threads: threads || undefined }));
     try {

@@ -60,15 +60,15 @@ double core_round_trip_ns() {
   alignas(64) static std::atomic<long> line{0};
   line.store(0);
   std::vector<double> ns;
-  bool pinned = true;
+  bool peer_pinned = false;  // written by the peer, read after the join
   std::thread peer([&] {
-    pinned = pin(cpus[1]) && pinned;
+    peer_pinned = pin(cpus[1]);
     for (long i = 0; i < long{kTrips} * kBatches; ++i) {
       while (line.load(std::memory_order_acquire) != 2 * i + 1) {}
       line.store(2 * i + 2, std::memory_order_release);
     }
   });
-  pinned = pin(cpus[0]) && pinned;
+  const bool pinned = pin(cpus[0]);
   for (int b = 0; b < kBatches; ++b) {
     const double t0 = now_s();
     for (long i = long{b} * kTrips; i < long{b + 1} * kTrips; ++i) {
@@ -78,7 +78,7 @@ double core_round_trip_ns() {
     ns.push_back((now_s() - t0) * 1e9 / kTrips);
   }
   peer.join();
-  if (!pinned) return -1;
+  if (!pinned || !peer_pinned) return -1;
   std::sort(ns.begin(), ns.end());
   return ns[ns.size() / 2];
 }

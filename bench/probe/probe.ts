@@ -57,7 +57,9 @@ export function runProbe(opts: ProbeOptions = {}): MachineLimits {
  * core round trip alone: the machine's limit at one moment, for a bench that probes beside each
  * measurement (a VM's bandwidth can move by half between seconds, with where its vCPUs sit).
  */
-export function probeBeside(opts: { threads?: number; reps?: number } = {}): { gbps: number; roundTripNs: number | null } {
+export interface BesideProbe { gbps: number; roundTripNs: number | null }
+
+export function probeBeside(opts: { threads?: number; reps?: number } = {}): BesideProbe {
   const threads = opts.threads ?? os.availableParallelism();
   const [json] = runTool(probeBinary(), { args: ['--bw-only', '--threads', String(threads), '--reps', String(opts.reps ?? 3)] });
   const j = json as { readBandwidthGBps?: unknown; coreRoundTripNs?: unknown } | undefined;
