@@ -423,6 +423,13 @@ test('each refused quantization_config says which field and value, and what to d
       e instanceof ConfigError && e.message.startsWith(`deepseek_v3 config quantization_config ${JSON.stringify(qc)} is not supported; supported: quant_method "fp8"`) &&
       re.test(e.message), `${JSON.stringify(qc)}`);
   }
+  // A method expertd does not read (or none) gets every method it does read; an FP8 one the FP8 forms.
+  for (const qc of [{ quant_method: 'bitsandbytes' }, { quant_method: 'hqq' }, { bits: 4 }, [1, 2]]) {
+    assert.throws(() => parseModelConfig({ ...deepseekV3(), quantization_config: qc as Raw }), (e: Error) =>
+      ['"mxfp4"', '"compressed-tensors"', '"gptq"', '"awq"'].every((m) => e.message.includes(m)), `${JSON.stringify(qc)}`);
+  }
+  assert.throws(() => parseModelConfig({ ...deepseekV3(), quantization_config: { ...fp8, fmt: 'e5m2' } }), (e: Error) =>
+    e.message.includes('weight_block_size [rows, cols]') && !e.message.includes('"gptq"'));
 });
 
 test('unsupported values are ConfigErrors naming the value and what is supported', () => {

@@ -255,20 +255,26 @@ function hybridLayers(c: Fields, layers: LayerSpec[]): LinearAttentionSpec {
 function parseQuantization(raw: Raw, mt: string): ModelSpec['quantization'] {
   const q = raw.quantization_config as Raw | undefined | null;
   if (!q) return null;
-  // NOTE: tests match the first sentence; the second names the field at fault and what to do.
-  const refuse = (why: string) => new ConfigError(`${mt} config quantization_config ${JSON.stringify(q)} is not supported; ` +
-    'supported: quant_method "fp8", fmt "e4m3" / "float8_e4m3fn", float block scales (weight_block_size [rows, cols], scale_fmt float or ue8m0), ' +
-    'activation_scheme "dynamic" (FP8 weights stay FP8 on the CPU engine; on the device the routed experts do and the rest is dequantised to bf16 at load). ' + why);
-  if (typeof q !== 'object' || Array.isArray(q)) throw refuse('quantization_config must be an object.');
+  // NOTE: tests match the first sentence; the second names the field at fault and what to do. A
+  // config that names no method expertd reads lists every method; an FP8 one the FP8 forms.
+  const refuseAs = (supported: string) => (why: string) => new ConfigError(
+    `${mt} config quantization_config ${JSON.stringify(q)} is not supported; supported: ${supported}. ${why}`);
+  const refuseMethod = refuseAs('quant_method "fp8" (e4m3 with block scales: DeepSeek-V3, Qwen3 FP8, GLM-4.5 FP8, ' +
+    'MiniMax-M2), "mxfp4" (gpt-oss), "compressed-tensors" (int8, int4 and fp8, as llm-compressor writes them), ' +
+    '"gptq" (4 and 8 bits) and "awq" (4 bits), each with the fields its own refusal names');
+  const refuse = refuseAs('quant_method "fp8", fmt "e4m3" / "float8_e4m3fn", float block scales (weight_block_size [rows, cols], ' +
+    'scale_fmt float or ue8m0), activation_scheme "dynamic" (FP8 weights stay FP8 on the CPU engine; on the device the ' +
+    'routed experts do and the rest is dequantised to bf16 at load)');
+  if (typeof q !== 'object' || Array.isArray(q)) throw refuseMethod('quantization_config must be an object.');
   const method = q.quant_method;
   if (method === 'mxfp4') return parseMxfp4(q, mt);
   if (method === 'compressed-tensors') return parseCompressedTensors(q, mt, (msg) => new ConfigError(msg));
   if (method === 'gptq') return parseGptq(q, mt, (msg) => new ConfigError(msg));
   if (method === 'awq') return parseAwq(q, mt, (msg) => new ConfigError(msg));
-  if (method === undefined) throw refuse('It names no quant_method.');
+  if (method === undefined) throw refuseMethod('It names no quant_method.');
   if (method !== 'fp8') {
     const known = typeof method === 'string' ? OTHER_QUANT_METHODS[method] : undefined;
-    throw refuse(`quant_method ${JSON.stringify(method)} ${known ? `(${known})` : 'is not a method expertd knows'}: ` +
+    throw refuseMethod(`quant_method ${JSON.stringify(method)} ${known ? `(${known})` : 'is not a method expertd knows'}: ` +
       'serve the bf16 original, with --quantize int8|int4|fp8 to quantize it at load.');
   }
   // DeepSeek writes "e4m3", MiniMax-M2 "float8_e4m3fn": the same e4m3fn codes.
