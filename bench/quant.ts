@@ -316,8 +316,10 @@ export async function runQuantBench(argv: string[]): Promise<void> {
           const vs = base?.decode[B] ? `${fmt(median(tps) / median(base.decode[B]!.tokPerS))}x` : '-';
           rows.push([name, `llama.cpp ${t}`, `decode b${B}`, median(tps), `${fmt(Math.min(...tps))}-${fmt(Math.max(...tps))}`, '-', '-', '-', vs, `(file ${mib})`, '-']);
         }
-        // Ours against llama.cpp's format of about the same bits.
-        const ours = runs.find((x) => x.format === (t === 'Q8_0' ? 'int8' : 'int4'));
+        // Ours against llama.cpp's format of about the same bits. Its GGUF quantizes every linear
+        // (attention and LM head too), as the -full formats do: those when the run has them.
+        const near = t === 'Q8_0' ? 'int8' : 'int4';
+        const ours = runs.find((x) => x.format === `${near}-full`) ?? runs.find((x) => x.format === near);
         if (!ours) continue;
         const pv = prefillTps(ours.prefillMs) / median(pre);
         verdicts.push(`${name}: ${ours.format} vs llama.cpp ${t}: prefill ${fmt(pv)}x` + Object.entries(pr.decode)
