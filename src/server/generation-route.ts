@@ -69,60 +69,108 @@ interface Usage {
   prompt_tokens_details: { cached_tokens: number };
 }
 
-/** Formats logprobs and token strings; token strings are cached per request. */
+/**
+ * Formats logprobs and their token strings. A token's string is the text it adds after the ids
+ * before it (the prompt's last ids, then the choice's earlier tokens), as the streamed text has it
+ * (the same windowed decode as IncrementalDetokenizer, with the request's skip_special_tokens):
+ * decoded alone, a SentencePiece word piece loses its leading space (Llama, Mistral, Mixtral). A
+ * token that leaves a character incomplete (a byte-fallback or byte-level piece of one) adds '' and
+ * the token that completes it adds the rest, so a choice's token strings (and their `bytes`) join to
+ * its text and `text_offset` points into it. An alternative's string is what it would have added
+ * (decoded alone where that is empty).
+ */
 class LogprobFormatter {
-  private cache = new Map<number, string>();
-  private offset = new Map<number, number>(); // completions text_offset per choice
+  private readonly alone = new Map<number, string>();
+  private readonly offset = new Map<number, number>(); // completions text_offset per choice
+  /** Per choice: recent ids; the text of ids[prefix, read) was emitted, ids[read..] are pending. */
+  private readonly window = new Map<number, { ids: number[]; prefix: number; read: number }>();
 
-  constructor(private readonly ctx: ServerContext, private readonly topN: number) {}
+  constructor(private readonly ctx: ServerContext, private readonly topN: number,
+              private readonly skipSpecialTokens: boolean) {}
 
-  token(id: number): string {
-    let s = this.cache.get(id);
-    if (s === undefined) {
-      s = this.ctx.opts.codec.decode([id], false);
-      this.cache.set(id, s);
-    }
+  private decode(ids: number[]): string {
+    return this.ctx.opts.codec.decode(ids, this.skipSpecialTokens);
+  }
+
+  /** A token decoded alone: an alternative whose text in context is empty. */
+  private tokenAlone(id: number): string {
+    let s = this.alone.get(id);
+    if (s === undefined) this.alone.set(id, s = this.decode([id]));
     return s;
   }
 
+  /**
+   * Each logprob's token string and its alternatives', advancing the choice's window. `start`: the
+   * ids the choice's first token follows (read on the choice's first call only).
+   */
+  private strings(choice: number, start: () => number[], ids: number[], alts: (i: number) => number[]):
+      { token: string; alts: string[] }[] {
+    let w = this.window.get(choice);
+    if (!w) {
+      const ctxIds = start().slice(-6);
+      this.window.set(choice, w = { ids: ctxIds, prefix: Math.max(0, ctxIds.length - 5), read: ctxIds.length });
+    }
+    const win = w;
+    return ids.map((id, i) => {
+      const head = win.ids.slice(win.prefix);
+      const prefixText = this.decode(win.ids.slice(win.prefix, win.read));
+      const adds = (t: string) => (t.length > prefixText.length && !t.endsWith('\uFFFD') ? t.slice(prefixText.length) : null);
+      const token = adds(this.decode([...head, id])) ?? '';
+      const altStrings = alts(i).map((a) => (a === id ? token : adds(this.decode([...head, a])) || this.tokenAlone(a)));
+      win.ids.push(id);
+      if (token !== '') {
+        win.prefix = win.read;
+        win.read = win.ids.length;
+        if (win.prefix > 64) {
+          win.ids = win.ids.slice(win.prefix);
+          win.read -= win.prefix;
+          win.prefix = 0;
+        }
+      }
+      return { token, alts: altStrings };
+    });
+  }
+
   /** OpenAI completions shape; prompt positions (echo) carry null logprobs. */
-  completion(choice: number, lps: TokenLogprob[], echoIds: number[] = []) {
+  completion(c: ChoiceState, lps: TokenLogprob[], echoIds: number[] = []) {
     const tokens: string[] = [];
     const tokenLogprobs: (number | null)[] = [];
     const top: (Record<string, number> | null)[] = [];
     const textOffset: number[] = [];
-    let off = this.offset.get(choice) ?? 0;
-    for (const id of echoIds) {
-      const t = this.token(id);
+    let off = this.offset.get(c.index) ?? 0;
+    // With echo the prompt's own tokens come first, from the start of the text.
+    const start = () => (echoIds.length > 0 ? [] : c.promptTokenIds);
+    for (const { token: t } of this.strings(c.index, start, echoIds, () => [])) {
       tokens.push(t); tokenLogprobs.push(null); top.push(null); textOffset.push(off);
       off += t.length;
     }
-    for (const lp of lps) {
-      const t = this.token(lp.tokenId);
+    const strings = this.strings(c.index, start, lps.map((lp) => lp.tokenId),
+      (i) => lps[i]!.top.slice(0, this.topN).map((a) => a.tokenId));
+    lps.forEach((lp, i) => {
+      const { token: t, alts } = strings[i]!;
       tokens.push(t);
       tokenLogprobs.push(lp.logprob);
       // vLLM semantics: the sampled token is always listed, so up to n + 1 entries.
       const d: Record<string, number> = {};
-      for (const alt of lp.top.slice(0, this.topN)) d[this.token(alt.tokenId)] = alt.logprob;
+      lp.top.slice(0, this.topN).forEach((alt, j) => { d[alts[j]!] = alt.logprob; });
       if (!(t in d)) d[t] = lp.logprob;
       top.push(d);
       textOffset.push(off);
       off += t.length;
-    }
-    this.offset.set(choice, off);
+    });
+    this.offset.set(c.index, off);
     return { tokens, token_logprobs: tokenLogprobs, top_logprobs: top, text_offset: textOffset };
   }
 
   /** OpenAI chat shape. */
-  chat(lps: TokenLogprob[]) {
-    const entry = (id: number, logprob: number) => {
-      const token = this.token(id);
-      return { token, logprob, bytes: [...Buffer.from(token, 'utf8')] };
-    };
+  chat(c: ChoiceState, lps: TokenLogprob[]) {
+    const entry = (token: string, logprob: number) => ({ token, logprob, bytes: [...Buffer.from(token, 'utf8')] });
+    const strings = this.strings(c.index, () => c.promptTokenIds, lps.map((lp) => lp.tokenId),
+      (i) => lps[i]!.top.slice(0, this.topN).map((a) => a.tokenId));
     return {
-      content: lps.map((lp) => ({
-        ...entry(lp.tokenId, lp.logprob),
-        top_logprobs: lp.top.slice(0, this.topN).map((a) => entry(a.tokenId, a.logprob)),
+      content: lps.map((lp, i) => ({
+        ...entry(strings[i]!.token, lp.logprob),
+        top_logprobs: lp.top.slice(0, this.topN).map((a, j) => entry(strings[i]!.alts[j]!, a.logprob)),
       })),
     };
   }
@@ -136,7 +184,7 @@ export async function runGeneration(ctx: ServerContext, request: FastifyRequest,
   const requestId = `${prep.kind === 'chat' ? 'chatcmpl' : 'cmpl'}-${randomUUID().replace(/-/g, '')}`;
   const created = Math.floor(Date.now() / 1000);
   const model = opts.servedModelName;
-  const lpf = prep.logprobs === null ? null : new LogprobFormatter(ctx, prep.logprobs);
+  const lpf = prep.logprobs === null ? null : new LogprobFormatter(ctx, prep.logprobs, prep.params.skipSpecialTokens);
   if (record) {
     record.completionId = requestId;
     record.n = prep.params.n;
@@ -178,7 +226,7 @@ export async function runGeneration(ctx: ServerContext, request: FastifyRequest,
     if (prep.kind === 'completion') {
       if (first && prep.echo) text = prep.promptTexts[c.promptIndex]! + text;
       choice.text = text;
-      choice.logprobs = lpf ? lpf.completion(c.index, d.logprobs, first && prep.echo ? c.promptTokenIds : []) : null;
+      choice.logprobs = lpf ? lpf.completion(c, d.logprobs, first && prep.echo ? c.promptTokenIds : []) : null;
     } else if (chatParsing) {
       const o = chatOutput(c);
       const part = o.push(text);
@@ -197,10 +245,10 @@ export async function runGeneration(ctx: ServerContext, request: FastifyRequest,
       const extras = lpf !== null || prep.returnTokenIds || prep.params.returnRoutedExperts;
       if (Object.keys(delta).length === 0 && finish === null && !extras && !first) return;
       choice.delta = delta;
-      choice.logprobs = lpf ? lpf.chat(d.logprobs) : null;
+      choice.logprobs = lpf ? lpf.chat(c, d.logprobs) : null;
     } else {
       choice.delta = text === '' ? {} : { content: text };
-      choice.logprobs = lpf ? lpf.chat(d.logprobs) : null;
+      choice.logprobs = lpf ? lpf.chat(c, d.logprobs) : null;
     }
     choice.finish_reason = finish;
     if (finish !== null) choice.stop_reason = c.stopReason;
@@ -332,7 +380,7 @@ export async function runGeneration(ctx: ServerContext, request: FastifyRequest,
     const out: Record<string, unknown> = { index: c.index };
     if (prep.kind === 'completion') {
       out.text = (prep.echo ? prep.promptTexts[c.promptIndex]! : '') + c.text;
-      out.logprobs = lpf ? lpf.completion(c.index, c.logprobs, prep.echo ? c.promptTokenIds : []) : null;
+      out.logprobs = lpf ? lpf.completion(c, c.logprobs, prep.echo ? c.promptTokenIds : []) : null;
     } else if (chatParsing) {
       const o = chatOutput(c);
       const part = o.push(c.text);
@@ -343,11 +391,11 @@ export async function runGeneration(ctx: ServerContext, request: FastifyRequest,
       if (chatParsing.reasoning) message.reasoning_content = reasoning === '' ? null : reasoning;
       if (end.toolCalls.length) message.tool_calls = end.toolCalls;
       out.message = message;
-      out.logprobs = lpf ? lpf.chat(c.logprobs) : null;
+      out.logprobs = lpf ? lpf.chat(c, c.logprobs) : null;
       out.finish_reason = end.toolCalls.length && c.finishReason === 'stop' ? 'tool_calls' : c.finishReason;
     } else {
       out.message = { role: 'assistant', content: c.text };
-      out.logprobs = lpf ? lpf.chat(c.logprobs) : null;
+      out.logprobs = lpf ? lpf.chat(c, c.logprobs) : null;
     }
     out.finish_reason ??= c.finishReason;
     out.stop_reason = c.stopReason;

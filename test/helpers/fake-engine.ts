@@ -258,11 +258,21 @@ export class FakeEngine implements EngineClient {
       let stopTokenId: number | undefined;
       const per = this.opts.tokensPerEvent ?? 1;
       const failAfter = job.failAfter;
+      // Alternatives: other ids near the token (scripted runs: anywhere in the vocabulary).
+      const addLogprob = (id: number, alt: (k: number) => number) => {
+        if (req.sampling.logprobs == null) return;
+        const lp = -Math.round(job.rand() * 300) / 100;
+        const top = [{ tokenId: id, logprob: lp }];
+        for (let k = 1; k < req.sampling.logprobs; k++) top.push({ tokenId: alt(k), logprob: lp - k });
+        lps.push({ tokenId: id, logprob: lp, top: top.slice(0, req.sampling.logprobs) });
+      };
       for (let i = 0; i < per && finish === null; i++) {
         if (failAfter !== undefined && job.generated >= failAfter) break;
         if (job.scripted) {
           if (job.scripted.length === 0) { finish = 'length'; break; }
-          ids.push(job.scripted[job.generated]!);
+          const id = job.scripted[job.generated]!;
+          ids.push(id);
+          addLogprob(id, (k) => (id + 97 * k) % this.info.vocabSize);
           job.generated++;
           if (job.generated >= Math.min(job.scripted.length, req.maxTokens)) finish = 'length';
           continue;
@@ -272,12 +282,7 @@ export class FakeEngine implements EngineClient {
         ids.push(id);
         job.generated++;
         job.lastToken = id;
-        if (req.sampling.logprobs != null) {
-          const lp = -Math.round(job.rand() * 300) / 100;
-          const top = [{ tokenId: id, logprob: lp }];
-          for (let k = 1; k < req.sampling.logprobs; k++) top.push({ tokenId: BYTE0 + 97 + ((id + k) % 26), logprob: lp - k });
-          lps.push({ tokenId: id, logprob: lp, top: top.slice(0, req.sampling.logprobs) });
-        }
+        addLogprob(id, (k) => BYTE0 + 97 + ((id + k) % 26));
         const isStop = (id === EOS && !req.ignoreEos) || req.stopTokenIds.includes(id);
         if (isStop && job.generated > req.minTokens) { finish = 'stop'; stopTokenId = id; }
         else if (job.generated >= req.maxTokens) finish = 'length';
