@@ -217,3 +217,57 @@ for (const fam of families) {
     }
   });
 }
+
+// lm-eval-harness's loglikelihood request (local-completions): token ids, echo, logprobs 1,
+// max_tokens 1. It sums token_logprobs[ctxlen:-1] and compares each with max(top_logprobs[j]),
+// so every prompt position after the first needs a number and a dict holding the token.
+test('echo with logprobs returns the prompt logprobs (lm-eval loglikelihood)', async () => {
+  const tok = ModelTokenizer.load(lenml('llama2'));
+  const prompt = tok.encode('The capital of France is Paris', true);
+  const h = await startServer(
+    { script: () => tok.encode(' and', false), info: { vocabSize: tok.vocabSize, maxContext: 4096, eosTokenIds: tok.eosTokenIds } },
+    { codec: codecFor(tok), maxModelLen: 4096 },
+  );
+  try {
+    for (const stream of [false, true]) {
+      const body = { model: 'fake-moe', prompt, max_tokens: 1, logprobs: 1, echo: true, temperature: 0 };
+      let lp: { tokens: string[]; token_logprobs: (number | null)[]; top_logprobs: (Record<string, number> | null)[] };
+      let text = '';
+      if (stream) {
+        const res = await fetch(`${h.base}/v1/completions`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ ...body, stream: true }) });
+        lp = { tokens: [], token_logprobs: [], top_logprobs: [] };
+        for (const e of (await res.text()).split('\n\n').filter((x) => x.startsWith('data: {'))) {
+          for (const c of (JSON.parse(e.slice(6)) as { choices: any[] }).choices) { // eslint-disable-line @typescript-eslint/no-explicit-any
+            text += c.text;
+            if (c.logprobs) { lp.tokens.push(...c.logprobs.tokens); lp.token_logprobs.push(...c.logprobs.token_logprobs); lp.top_logprobs.push(...c.logprobs.top_logprobs); }
+          }
+        }
+      } else {
+        const r = await post(h.base, '/v1/completions', body);
+        assert.equal(r.status, 200, r.text);
+        lp = r.json.choices[0].logprobs;
+        text = r.json.choices[0].text;
+      }
+      const what = `stream=${stream}`;
+      assert.equal(h.engine.requests.at(-1)!.promptLogprobs, 1, what);
+      assert.equal(lp.tokens.length, prompt.length + 1, what);
+      assert.equal(lp.tokens.join(''), text, what);
+      assert.equal(lp.token_logprobs[0], null, what);
+      assert.equal(lp.top_logprobs[0], null, what);
+      for (let j = 1; j <= prompt.length; j++) {
+        assert.equal(typeof lp.token_logprobs[j], 'number', `${what} position ${j}`);
+        const top = lp.top_logprobs[j]!;
+        assert.equal(top[lp.tokens[j]!], lp.token_logprobs[j], `${what} position ${j}: the token is in its top_logprobs`);
+        assert.ok(lp.token_logprobs[j]! <= Math.max(...Object.values(top)), `${what} position ${j}`);
+      }
+      // lm-eval's sum over the continuation's positions works.
+      const sum = (lp.token_logprobs.slice(3, -1) as number[]).reduce((a, b) => a + b, 0);
+      assert.ok(Number.isFinite(sum), what);
+    }
+    const plain = await post(h.base, '/v1/completions', { model: 'fake-moe', prompt, max_tokens: 1, logprobs: 1 });
+    assert.equal(plain.json.choices[0].logprobs.tokens.length, 1, 'without echo: only the generated token');
+    assert.equal(h.engine.requests.at(-1)!.promptLogprobs, undefined, 'no prompt logprobs without echo');
+  } finally {
+    await h.close();
+  }
+});

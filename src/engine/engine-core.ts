@@ -9,7 +9,7 @@ import type { LoadedModel } from '../model/load.js';
 import type { Offloader } from '../offload/offloader.js';
 import type { SequenceGrammar } from '../structured/grammar-engine.js';
 import { BatchSampler } from './batch-sampler.js';
-import { Sampler, SamplingState, type SampleResult } from './sampler.js';
+import { Sampler, SamplingState, rowLogprobs, type SampleResult } from './sampler.js';
 import { kvBytesPerBlock, kvCacheNumBlocks } from './kv-cache.js';
 import { bitmaskWords } from './token-bitmask.js';
 import { Scheduler, type StepPlan } from './scheduler.js';
@@ -66,7 +66,15 @@ interface Running {
   lastTokenAtMs: number;
   /** Structured output: the grammar every sampled token must follow (disposed when the request ends). */
   grammar: SequenceGrammar | null;
+  /** Prompt logprobs (req.promptLogprobs): per prompt position, filled as its prefill runs; else null. */
+  promptLps: (TokenLogprob | null)[] | null;
 }
+
+/** A prompt position whose logits score the prompt token after it (prompt logprobs). */
+interface PromptRow { row: number; lps: (TokenLogprob | null)[]; next: number; req: GenerateRequest }
+
+/** Logits floats one step may hold for prompt logprobs (64 MiB): caps such a request's prefill chunks. */
+const PROMPT_LOGPROB_FLOATS = 16 << 20;
 
 export class EngineCore {
   readonly scheduler: Scheduler;
@@ -86,6 +94,8 @@ export class EngineCore {
   private readonly clock: () => number;
   /** Grow-only host logits [rows, vocab] lent to every forward (ForwardBatch.logitsOut). */
   private logitsBuf = new Float32Array(0);
+  /** This step's prompt-logprob rows: their logits follow the sampling rows' from index `first`. */
+  private pendingPromptRows: { first: number; rows: PromptRow[] } | null = null;
   /** Why prefix caching is off although it was asked for (null: on, or not asked for). */
   readonly prefixCachingRefused: string | null = null;
 
@@ -163,12 +173,21 @@ export class EngineCore {
     const V = this.info.vocabSize;
     for (const id of req.promptTokenIds)
       if (!Number.isInteger(id) || id < 0 || id >= V) return fail(`prompt token id ${id} is outside the vocabulary (0..${V - 1})`);
+    const promptLogprobs = req.promptLogprobs ?? null;
+    if (promptLogprobs !== null) {
+      if (!Number.isInteger(promptLogprobs) || promptLogprobs < 0 || promptLogprobs > 20)
+        return fail(`promptLogprobs is ${promptLogprobs}, expected an integer 0..20 or null`);
+      if (this.logitsOnDevice())
+        return fail('prompt logprobs (echo with logprobs) are computed by the CPU engine only; this one samples on the device');
+    }
     let sampling: SamplingState;
     try {
       sampling = new SamplingState(req.sampling, req.promptTokenIds, V);
-      // Routing is reported for every prompt position, so such a request computes them all.
+      // Routing is reported, and prompt logprobs computed, for every prompt position: such a request
+      // computes them all, in chunks whose logits rows fit PROMPT_LOGPROB_FLOATS.
       this.scheduler.addSequence({ id: req.id, promptTokenIds: req.promptTokenIds, maxTokens: req.maxTokens,
-        usePrefixCache: !req.returnRoutedExperts });
+        usePrefixCache: !req.returnRoutedExperts && promptLogprobs === null,
+        ...(promptLogprobs !== null ? { maxChunk: Math.max(1, Math.floor(PROMPT_LOGPROB_FLOATS / V)) } : {}) });
     } catch (e) {
       return fail((e as Error).message);
     }
@@ -176,7 +195,7 @@ export class EngineCore {
     this.requests.set(req.id, {
       req, sampling, bitmask: grammar ? new Int32Array(bitmaskWords(this.info.vocabSize)) : null, generated: 0, routedUpTo: 0,
       arrivedAtMs: this.clock(), scheduledAtMs: null, cachedTokens: 0, firstTokenAtMs: null, lastTokenAtMs: 0,
-      grammar,
+      grammar, promptLps: promptLogprobs === null ? null : new Array<TokenLogprob | null>(req.promptTokenIds.length).fill(null),
     });
     return null;
   }
@@ -253,6 +272,7 @@ export class EngineCore {
     }
     const sampledAtMs = this.clock(); // the host has the logits: this step's tokens exist from here
     const samples = this.sampleStep(plan, result.logits);
+    this.promptLogprobRows(batch, result.logits);
     const events: EngineEvent[] = [];
     let row = 0;
     let logitIndex = 0;
@@ -275,6 +295,7 @@ export class EngineCore {
       r.lastTokenAtMs = sampledAtMs;
       const ev: EngineEvent = { type: 'tokens', id: r.req.id, tokenIds: [s.tokenId] };
       if (r.generated === 1) ev.cachedTokens = r.cachedTokens;
+      if (r.generated === 1 && r.promptLps) ev.promptLogprobs = r.promptLps;
       if (s.logprob !== undefined) {
         const lp: TokenLogprob = { tokenId: s.tokenId, logprob: s.logprob, top: s.top ?? [] };
         ev.logprobs = [lp];
@@ -383,6 +404,7 @@ export class EngineCore {
     const blockTables = new Int32Array(S * maxBlocks);
     const stateSlots = this.numStateSlots > 0 ? new Int32Array(S) : null;
     const logitRows: number[] = [];
+    const promptRows: PromptRow[] = [];
     let row = 0;
     plan.entries.forEach((e, s) => {
       const n = e.tokenIds.length;
@@ -397,17 +419,49 @@ export class EngineCore {
       blockTables.set(e.blockTable, s * maxBlocks);
       if (stateSlots) stateSlots[s] = e.stateSlot;
       if (e.sample) logitRows.push(row + n - 1);
+      // Prompt logprobs: the rows of prompt positions whose next token is a prompt token not yet
+      // scored (a recomputation after preemption repeats none), after the sampling rows.
+      const lps = this.requests.get(e.seqId)?.promptLps;
+      if (lps && e.isPrefillChunk) {
+        const P = lps.length;
+        for (let i = 0; i < n; i++) {
+          const next = e.startPosition + i + 1;
+          if (next < P && lps[next] === null) promptRows.push({ row: row + i, lps, next, req: this.requests.get(e.seqId)!.req });
+        }
+      }
       row += n;
     });
-    // The native sampler runs where the logits are when the model can (the device engine).
-    const logitsOnDevice = this.sampler instanceof BatchSampler && this.loaded.model.sampleLogits !== undefined;
-    // NOTE: the logits are read only within this step (sampling), so one buffer serves every step.
+    const numSampleRows = logitRows.length;
+    for (const p of promptRows) logitRows.push(p.row);
+    this.pendingPromptRows = { first: numSampleRows, rows: promptRows };
+    const logitsOnDevice = this.logitsOnDevice();
+    // NOTE: the logits are read only within this step (sampling), so one buffer serves every step;
+    // a step with prompt-logprob rows gets one of its own (up to 64 MiB more), not kept.
     const logitsFloats = logitRows.length * this.info.vocabSize;
-    if (!logitsOnDevice && this.logitsBuf.length < logitsFloats) this.logitsBuf = new Float32Array(logitsFloats);
+    let logitsOut = this.logitsBuf;
+    if (promptRows.length > 0) logitsOut = new Float32Array(logitsFloats);
+    else if (!logitsOnDevice && this.logitsBuf.length < logitsFloats) logitsOut = this.logitsBuf = new Float32Array(logitsFloats);
     return {
       tokenIds, positions, numSeqs: S, seqInfo, blockTables, maxBlocks, slots, logitRows: Int32Array.from(logitRows),
-      ...(stateSlots ? { stateSlots } : {}), ...(logitsOnDevice ? { logitsOnDevice } : { logitsOut: this.logitsBuf }),
+      ...(stateSlots ? { stateSlots } : {}), ...(logitsOnDevice ? { logitsOnDevice } : { logitsOut }),
     };
+  }
+
+  /** The native sampler runs where the logits are when the model can (the device engine). */
+  private logitsOnDevice(): boolean {
+    return this.sampler instanceof BatchSampler && this.loaded.model.sampleLogits !== undefined;
+  }
+
+  /** Scores this step's prompt-logprob rows (see buildBatch) into their requests' promptLps. */
+  private promptLogprobRows(batch: ForwardBatch, logits: Float32Array): void {
+    const pending = this.pendingPromptRows;
+    this.pendingPromptRows = null;
+    if (!pending || pending.rows.length === 0 || batch.logitsOnDevice) return;
+    const V = this.info.vocabSize;
+    pending.rows.forEach((p, k) => {
+      const at = (pending.first + k) * V;
+      p.lps[p.next] = rowLogprobs(logits.subarray(at, at + V), p.req.promptTokenIds[p.next]!, p.req.promptLogprobs ?? 0);
+    });
   }
 }
 

@@ -3,7 +3,7 @@
 // current vocabularies and this runs once per sequence per decode step.
 
 import { Rng } from './rng.js';
-import type { SamplingParams } from './types.js';
+import type { SamplingParams, TokenLogprob } from './types.js';
 
 /** Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): 1/T would overflow anyway. */
 export const GREEDY_TEMPERATURE = 1e-5;
@@ -218,29 +218,43 @@ export class Sampler {
 
   /** The n best of the work row as logprobs, highest first, ties to the lower id. */
   private topLogprobs(count: number, lse: number): { tokenId: number; logprob: number }[] {
-    const w = this.work;
-    const vals = this.topValues;
-    const ids = this.topIds;
-    const n = Math.min(count, this.vocabSize);
-    let size = 0;
-    for (let i = 0; i < this.vocabSize; i++) {
-      const x = w[i]!;
-      if (size === n && !(x > vals[n - 1]!)) continue;
-      if (x !== x) continue;
-      let j = size < n ? size++ : n - 1;
-      // Strict < keeps an earlier (lower) id ahead of an equal value.
-      while (j > 0 && vals[j - 1]! < x) {
-        vals[j] = vals[j - 1]!;
-        ids[j] = ids[j - 1]!;
-        j--;
-      }
-      vals[j] = x;
-      ids[j] = i;
-    }
-    const top: { tokenId: number; logprob: number }[] = [];
-    for (let j = 0; j < size; j++) top.push({ tokenId: ids[j]!, logprob: vals[j]! - lse });
-    return top;
+    return topLogprobsOf(this.work, count, lse, this.topValues, this.topIds);
   }
+}
+
+/**
+ * A logits row's logprob of `tokenId` and its `count` best alternatives, as the sampler reports a
+ * sampled token's (the raw distribution: log-softmax of the row). Prompt logprobs use it.
+ */
+export function rowLogprobs(row: Float32Array, tokenId: number, count: number): TokenLogprob {
+  const lse = logSumExp(row);
+  const n = Math.min(count, MAX_TOP_LOGPROBS);
+  const top = n > 0 ? topLogprobsOf(row, n, lse, new Float64Array(n), new Int32Array(n)) : [];
+  return { tokenId, logprob: row[tokenId]! - lse, top };
+}
+
+/** The `count` best of w as logprobs (w - lse), highest first, ties to the lower id; vals / ids: scratch of count. */
+function topLogprobsOf(w: Float32Array, count: number, lse: number, vals: Float64Array, ids: Int32Array):
+    { tokenId: number; logprob: number }[] {
+  const n = Math.min(count, w.length);
+  let size = 0;
+  for (let i = 0; i < w.length; i++) {
+    const x = w[i]!;
+    if (size === n && !(x > vals[n - 1]!)) continue;
+    if (x !== x) continue;
+    let j = size < n ? size++ : n - 1;
+    // Strict < keeps an earlier (lower) id ahead of an equal value.
+    while (j > 0 && vals[j - 1]! < x) {
+      vals[j] = vals[j - 1]!;
+      ids[j] = ids[j - 1]!;
+      j--;
+    }
+    vals[j] = x;
+    ids[j] = i;
+  }
+  const top: { tokenId: number; logprob: number }[] = [];
+  for (let j = 0; j < size; j++) top.push({ tokenId: ids[j]!, logprob: vals[j]! - lse });
+  return top;
 }
 
 /** Number of Int32 words of a grammar bitmask over V tokens. */

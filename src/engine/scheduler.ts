@@ -40,6 +40,8 @@ export interface SequenceInput {
    * blocks are still offered to the cache.
    */
   usePrefixCache?: boolean;
+  /** Tokens of one prefill chunk at most (default: the step's budget); prompt logprobs cap it. */
+  maxChunk?: number;
 }
 
 /** One sequence's share of a step. */
@@ -96,6 +98,7 @@ interface Sequence {
   /** Not stepped (nor admitted) until resumed: its stream's client is not reading. */
   paused: boolean;
   usePrefixCache: boolean;
+  maxChunk: number;
   /** Chained hashes of its full blocks so far (filled as needed; tokens never change). */
   hashes: BlockHash[];
   /** Prompt tokens found in the prefix cache at its first admission (null: not admitted yet). */
@@ -216,7 +219,7 @@ export class Scheduler {
     const seq: Sequence = {
       id, prompt: promptTokenIds, output: [], maxTokens, arrival: this.nextArrival++,
       numComputed: 0, phase: 'prefill', running: false, numPreemptions: 0, paused: false,
-      usePrefixCache: input.usePrefixCache ?? true, hashes: [], cachedTokens: null,
+      usePrefixCache: input.usePrefixCache ?? true, maxChunk: Math.max(1, input.maxChunk ?? Infinity), hashes: [], cachedTokens: null,
     };
     this.seqs.set(id, seq);
     this.waiting.push(seq);
@@ -282,7 +285,7 @@ export class Scheduler {
     for (const seq of [...this.running]) {
       if (!seq.running || seq.paused || seq.phase !== 'prefill' || this.remaining(seq) === 0) continue;
       if (budget < 1) break;
-      const n = Math.min(this.remaining(seq), budget, this.cache.appendableTokens(seq.id));
+      const n = Math.min(this.remaining(seq), budget, this.cache.appendableTokens(seq.id), seq.maxChunk);
       if (n > 0) schedule(seq, n);
     }
 
@@ -296,7 +299,7 @@ export class Scheduler {
       if (seq.paused) { i++; continue; }
       const prefix = this.cachedPrefix(seq);
       const cached = prefix.length * this.config.blockSize;
-      const n = Math.min(this.remaining(seq) - cached, budget);
+      const n = Math.min(this.remaining(seq) - cached, budget, seq.maxChunk);
       if (this.running.length >= maxNumSeqs || !this.cache.canAttach(prefix, n) ||
           (this.states !== null && this.states.numFree === 0)) {
         if (youngestPaused() < 0) break;

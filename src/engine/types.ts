@@ -32,6 +32,11 @@ export interface GenerateRequest {
   minTokens: number;
   /** Return, per position, the experts chosen in every MoE layer (see RoutedExperts). */
   returnRoutedExperts: boolean;
+  /**
+   * Prompt logprobs (completions' echo with logprobs): each prompt token's logprob given the ones
+   * before it, with this many top alternatives; null or absent = off.
+   */
+  promptLogprobs?: number | null;
   /** Structured output: every generated token follows this grammar, eos only where it is complete. */
   grammar?: GrammarSpec;
 }
@@ -57,6 +62,8 @@ export type EngineEvent =
       routedExperts?: RoutedExperts;
       /** On the first generated token: prompt tokens found in the prefix cache (see 'finished'). */
       cachedTokens?: number;
+      /** On the first generated token, when requested: per prompt position (the first: null). */
+      promptLogprobs?: (TokenLogprob | null)[];
     }
   | {
       type: 'finished';

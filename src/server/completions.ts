@@ -63,6 +63,8 @@ export function registerCompletions(app: FastifyInstance, ctx: ServerContext): v
       maxTokensParam: 'max_tokens',
     });
     const params = buildParams(body, maxTokens, body.logprobs ?? null, engine.info.vocabSize);
+    // echo with logprobs scores the prompt too (vLLM's prompt logprobs; lm-eval's loglikelihood reads them).
+    if (body.echo && body.logprobs != null) params.promptLogprobs = body.logprobs;
     const grammar = grammarFromBody(body);
     if (grammar) {
       await checkGrammar(ctx.grammarChecker, grammar);
@@ -77,6 +79,8 @@ export function registerCompletions(app: FastifyInstance, ctx: ServerContext): v
       includeUsage: body.stream_options?.include_usage ?? false,
       returnTokenIds: body.return_token_ids ?? false,
       echo: body.echo ?? false,
+      // Token-id prompts echo decoded with their special tokens (as vLLM does), text prompts as sent.
+      echoSpecialTokens: typeof p[0] === 'number' || Array.isArray(p[0]),
       logprobs: body.logprobs ?? null,
     });
   });

@@ -27,6 +27,8 @@ export interface PreparedGeneration {
   includeUsage: boolean;
   returnTokenIds: boolean;
   echo: boolean;
+  /** Whether the echoed prompt text shows special tokens (decoded token-id prompts) or not (text prompts). */
+  echoSpecialTokens?: boolean;
   /** Completions: top-n count; chat: top_logprobs count; null when logprobs are off. */
   logprobs: number | null;
   /** Chat: reasoning and tool-call parsing of the output (absent: all text is content). */
@@ -86,10 +88,10 @@ class LogprobFormatter {
   private readonly window = new Map<number, { ids: number[]; prefix: number; read: number }>();
 
   constructor(private readonly ctx: ServerContext, private readonly topN: number,
-              private readonly skipSpecialTokens: boolean) {}
+              private readonly skipSpecialTokens: boolean, private readonly echoSpecialTokens = false) {}
 
-  private decode(ids: number[]): string {
-    return this.ctx.opts.codec.decode(ids, this.skipSpecialTokens);
+  private decode(ids: number[], skipSpecial = this.skipSpecialTokens): string {
+    return this.ctx.opts.codec.decode(ids, skipSpecial);
   }
 
   /** A token decoded alone: an alternative whose text in context is empty. */
@@ -101,10 +103,11 @@ class LogprobFormatter {
 
   /**
    * Each logprob's token string and its alternatives', advancing the choice's window. `start`: the
-   * ids the choice's first token follows (read on the choice's first call only).
+   * ids the choice's first token follows (read on the choice's first call only). `skipSpecial`:
+   * false for echoed prompt tokens, whose text echo shows with special tokens.
    */
-  private strings(choice: number, start: () => number[], ids: number[], alts: (i: number) => number[]):
-      { token: string; alts: string[] }[] {
+  private strings(choice: number, start: () => number[], ids: number[], alts: (i: number) => number[],
+                  skipSpecial = this.skipSpecialTokens): { token: string; alts: string[] }[] {
     let w = this.window.get(choice);
     if (!w) {
       const ctxIds = start().slice(-6);
@@ -113,10 +116,10 @@ class LogprobFormatter {
     const win = w;
     return ids.map((id, i) => {
       const head = win.ids.slice(win.prefix);
-      const prefixText = this.decode(win.ids.slice(win.prefix, win.read));
+      const prefixText = this.decode(win.ids.slice(win.prefix, win.read), skipSpecial);
       const adds = (t: string) => (t.length > prefixText.length && !t.endsWith('\uFFFD') ? t.slice(prefixText.length) : null);
-      const token = adds(this.decode([...head, id])) ?? '';
-      const altStrings = alts(i).map((a) => (a === id ? token : adds(this.decode([...head, a])) || this.tokenAlone(a)));
+      const token = adds(this.decode([...head, id], skipSpecial)) ?? '';
+      const altStrings = alts(i).map((a) => (a === id ? token : adds(this.decode([...head, a], skipSpecial)) || this.tokenAlone(a)));
       win.ids.push(id);
       if (token !== '') {
         win.prefix = win.read;
@@ -131,8 +134,11 @@ class LogprobFormatter {
     });
   }
 
-  /** OpenAI completions shape; prompt positions (echo) carry null logprobs. */
-  completion(c: ChoiceState, lps: TokenLogprob[], echoIds: number[] = []) {
+  /**
+   * OpenAI completions shape. Echoed prompt positions carry the prompt logprobs when the engine
+   * gave them (the first position: null), else null.
+   */
+  completion(c: ChoiceState, lps: TokenLogprob[], echoIds: number[] = [], promptLps: (TokenLogprob | null)[] | null = null) {
     const tokens: string[] = [];
     const tokenLogprobs: (number | null)[] = [];
     const top: (Record<string, number> | null)[] = [];
@@ -140,26 +146,37 @@ class LogprobFormatter {
     let off = this.offset.get(c.index) ?? 0;
     // With echo the prompt's own tokens come first, from the start of the text.
     const start = () => (echoIds.length > 0 ? [] : c.promptTokenIds);
-    for (const { token: t } of this.strings(c.index, start, echoIds, () => [])) {
-      tokens.push(t); tokenLogprobs.push(null); top.push(null); textOffset.push(off);
+    // Echoed tokens as the echo text shows them (see completions.ts).
+    const echoed = this.strings(c.index, start, echoIds, (j) => promptLps?.[j]?.top.slice(0, this.topN).map((a) => a.tokenId) ?? [],
+      !this.echoSpecialTokens);
+    echoed.forEach(({ token: t, alts }, j) => {
+      const lp = promptLps?.[j] ?? null;
+      tokens.push(t);
+      tokenLogprobs.push(lp ? lp.logprob : null);
+      top.push(lp ? this.topDict(t, lp, alts) : null);
+      textOffset.push(off);
       off += t.length;
-    }
+    });
     const strings = this.strings(c.index, start, lps.map((lp) => lp.tokenId),
       (i) => lps[i]!.top.slice(0, this.topN).map((a) => a.tokenId));
     lps.forEach((lp, i) => {
       const { token: t, alts } = strings[i]!;
       tokens.push(t);
       tokenLogprobs.push(lp.logprob);
-      // vLLM semantics: the sampled token is always listed, so up to n + 1 entries.
-      const d: Record<string, number> = {};
-      lp.top.slice(0, this.topN).forEach((alt, j) => { d[alts[j]!] = alt.logprob; });
-      if (!(t in d)) d[t] = lp.logprob;
-      top.push(d);
+      top.push(this.topDict(t, lp, alts));
       textOffset.push(off);
       off += t.length;
     });
     this.offset.set(c.index, off);
     return { tokens, token_logprobs: tokenLogprobs, top_logprobs: top, text_offset: textOffset };
+  }
+
+  /** A completions top_logprobs entry: the alternatives, and (vLLM semantics) the token itself, so up to n + 1. */
+  private topDict(t: string, lp: TokenLogprob, alts: string[]): Record<string, number> {
+    const d: Record<string, number> = {};
+    lp.top.slice(0, this.topN).forEach((alt, j) => { d[alts[j]!] = alt.logprob; });
+    if (!(t in d)) d[t] = lp.logprob;
+    return d;
   }
 
   /** OpenAI chat shape. */
@@ -184,7 +201,7 @@ export async function runGeneration(ctx: ServerContext, request: FastifyRequest,
   const requestId = `${prep.kind === 'chat' ? 'chatcmpl' : 'cmpl'}-${randomUUID().replace(/-/g, '')}`;
   const created = Math.floor(Date.now() / 1000);
   const model = opts.servedModelName;
-  const lpf = prep.logprobs === null ? null : new LogprobFormatter(ctx, prep.logprobs, prep.params.skipSpecialTokens);
+  const lpf = prep.logprobs === null ? null : new LogprobFormatter(ctx, prep.logprobs, prep.params.skipSpecialTokens, prep.echoSpecialTokens ?? false);
   if (record) {
     record.completionId = requestId;
     record.n = prep.params.n;
@@ -226,7 +243,7 @@ export async function runGeneration(ctx: ServerContext, request: FastifyRequest,
     if (prep.kind === 'completion') {
       if (first && prep.echo) text = prep.promptTexts[c.promptIndex]! + text;
       choice.text = text;
-      choice.logprobs = lpf ? lpf.completion(c, d.logprobs, first && prep.echo ? c.promptTokenIds : []) : null;
+      choice.logprobs = lpf ? lpf.completion(c, d.logprobs, first && prep.echo ? c.promptTokenIds : [], c.promptLogprobs) : null;
     } else if (chatParsing) {
       const o = chatOutput(c);
       const part = o.push(text);
@@ -380,7 +397,7 @@ export async function runGeneration(ctx: ServerContext, request: FastifyRequest,
     const out: Record<string, unknown> = { index: c.index };
     if (prep.kind === 'completion') {
       out.text = (prep.echo ? prep.promptTexts[c.promptIndex]! : '') + c.text;
-      out.logprobs = lpf ? lpf.completion(c, c.logprobs, prep.echo ? c.promptTokenIds : []) : null;
+      out.logprobs = lpf ? lpf.completion(c, c.logprobs, prep.echo ? c.promptTokenIds : [], c.promptLogprobs) : null;
     } else if (chatParsing) {
       const o = chatOutput(c);
       const part = o.push(c.text);

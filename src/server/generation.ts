@@ -17,6 +17,8 @@ export interface GenerationParams {
   minTokens: number;
   skipSpecialTokens: boolean;
   returnRoutedExperts: boolean;
+  /** Prompt logprobs with this many alternatives (completions' echo with logprobs); absent or null: off. */
+  promptLogprobs?: number | null;
   /** Structured output: the grammar every choice follows (already checked). */
   grammar?: GrammarSpec;
 }
@@ -27,6 +29,8 @@ export interface ChoiceDelta {
   tokenIds: number[];
   logprobs: TokenLogprob[];
   routedExperts: RoutedExperts;
+  /** With the first token, when requested: per prompt position (the first: null). */
+  promptLogprobs?: (TokenLogprob | null)[];
 }
 
 export type ChoiceFinishReason = 'stop' | 'length';
@@ -45,6 +49,8 @@ export interface ChoiceState {
   stopReason: string | number | null;
   /** Prompt tokens the engine found in its prefix cache for this choice (known from its first token). */
   cachedTokens: number;
+  /** Prompt logprobs when requested (from the first token on), else null. */
+  promptLogprobs: (TokenLogprob | null)[] | null;
 }
 
 export interface GenerationListener {
@@ -99,6 +105,7 @@ export class Generation {
         this.choices.push({
           index, promptIndex: p, engineId: `${requestId}-${index}`, promptTokenIds,
           text: '', tokenIds: [], logprobs: [], routedExperts: [], finishReason: null, stopReason: null, cachedTokens: 0,
+          promptLogprobs: null,
           detok: deps.codec.createDetokenizer(promptTokenIds, params.skipSpecialTokens),
           matcher: new StopMatcher(params.stop),
           engineDone: false, firstTokenAt: 0, lastTokenAt: 0,
@@ -151,6 +158,7 @@ export class Generation {
         returnRoutedExperts: params.returnRoutedExperts,
       };
       if (params.grammar) req.grammar = params.grammar;
+      if (params.promptLogprobs != null) req.promptLogprobs = params.promptLogprobs;
       if (req.sampling.seed === undefined) delete req.sampling.seed;
       try {
         this.deps.engine.generate(req, (ev) => this.onEvent(c, ev));
@@ -202,6 +210,7 @@ export class Generation {
     if (this.params.returnRoutedExperts && ev.routedExperts) {
       for (const pos of ev.routedExperts) { c.routedExperts.push(pos); delta.routedExperts.push(pos); }
     }
+    if (ev.promptLogprobs) delta.promptLogprobs = c.promptLogprobs = ev.promptLogprobs;
     let stopped: string | null = null;
     for (let i = 0; i < ev.tokenIds.length && stopped === null; i++) {
       const id = ev.tokenIds[i]!;

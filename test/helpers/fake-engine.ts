@@ -290,6 +290,13 @@ export class FakeEngine implements EngineClient {
       if (ids.length > 0) {
         const ev: EngineEvent = { type: 'tokens', id: req.id, tokenIds: ids };
         if (lps.length > 0) ev.logprobs = lps;
+        // Prompt logprobs with the first token: each prompt token after the first, with alternatives.
+        if (req.promptLogprobs != null && job.generated === ids.length) {
+          ev.promptLogprobs = req.promptTokenIds.map((id, j) => (j === 0 ? null : {
+            tokenId: id, logprob: -(j % 7) / 4,
+            top: Array.from({ length: req.promptLogprobs! }, (_, k) => ({ tokenId: k === 0 ? id : (id + 31 * k) % this.info.vocabSize, logprob: -(j % 7) / 4 - k })),
+          }));
+        }
         if (req.returnRoutedExperts) {
           // Positions processed this step: the whole prompt first, then each fed-back token.
           const positions = job.promptSent ? ids.length : req.promptTokenIds.length + ids.length - 1;
