@@ -55,6 +55,14 @@ function scriptFor(tok: ModelTokenizer, promptText: string, promptIds: number[],
   return all.slice(promptIds.length);
 }
 
+/** The server around the real tokenizer (as `expertd serve` wraps it) and the scripted engine: script(choice) = its ids. */
+function startScripted(tok: ModelTokenizer, script: (choice: number) => number[]) {
+  return startServer(
+    { script: (_req, choice) => script(choice), info: { vocabSize: tok.vocabSize, maxContext: 4096, eosTokenIds: tok.eosTokenIds } },
+    { codec: codecFor(tok), maxModelLen: 4096 },
+  );
+}
+
 interface ChoiceOut { text: string; promptIds: number[]; tokenIds: number[]; finish: string | null; stopReason: unknown }
 
 /** POSTs a streaming request and gathers each choice's text, ids and finish from the SSE chunks. */
@@ -92,10 +100,7 @@ for (const fam of families) {
     const tok = ModelTokenizer.load(fam.dir());
     const decode = (ids: number[]) => tok.decode(ids, true);
     let scripts: number[][] = [];
-    const h = await startServer(
-      { script: (_req, choice) => scripts[choice]!, info: { vocabSize: tok.vocabSize, maxContext: 4096, eosTokenIds: tok.eosTokenIds } },
-      { codec: codecFor(tok), maxModelLen: 4096 },
-    );
+    const h = await startScripted(tok, (choice) => scripts[choice]!);
     try {
       const prompt = 'The capital of France is';
       const messages = [{ role: 'user', content: 'What is the capital of France?' }];
@@ -158,10 +163,7 @@ for (const fam of families) {
   test(`logprobs token strings join to the text: ${fam.name}`, async () => {
     const tok = ModelTokenizer.load(fam.dir());
     let scripts: number[][] = [];
-    const h = await startServer(
-      { script: (_req, choice) => scripts[choice]!, info: { vocabSize: tok.vocabSize, maxContext: 4096, eosTokenIds: tok.eosTokenIds } },
-      { codec: codecFor(tok), maxModelLen: 4096 },
-    );
+    const h = await startScripted(tok, (choice) => scripts[choice]!);
     try {
       const prompt = 'The capital of France is';
       const promptIds = tok.encode(prompt, true);
@@ -224,10 +226,7 @@ for (const fam of families) {
 test('echo with logprobs returns the prompt logprobs (lm-eval loglikelihood)', async () => {
   const tok = ModelTokenizer.load(lenml('llama2'));
   const prompt = tok.encode('The capital of France is Paris', true);
-  const h = await startServer(
-    { script: () => tok.encode(' and', false), info: { vocabSize: tok.vocabSize, maxContext: 4096, eosTokenIds: tok.eosTokenIds } },
-    { codec: codecFor(tok), maxModelLen: 4096 },
-  );
+  const h = await startScripted(tok, () => tok.encode(' and', false));
   try {
     for (const stream of [false, true]) {
       const body = { model: 'fake-moe', prompt, max_tokens: 1, logprobs: 1, echo: true, temperature: 0 };
