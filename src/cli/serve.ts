@@ -55,7 +55,7 @@ export const serveFlags: FlagSpec[] = [
 
 export const serveHelp = formatHelp('expertd serve [--model DIR] [options]',
   'Serves a Mixture-of-Experts model over an OpenAI-compatible HTTP API (POST /v1/completions, ' +
-  '/v1/chat/completions; GET /v1/models, /health, /metrics, /version; POST /tokenize, /detokenize).\n' +
+  '/v1/chat/completions; GET /v1/models, /health, /metrics, /version, /tokenizer_info; POST /tokenize, /detokenize).\n' +
   'Without --model it serves the built-in demo model (random weights: gibberish text, real API).', serveFlags);
 
 /** --reasoning-parser and --tool-call-parser, auto resolved from the chat template (and model type). */
@@ -79,6 +79,7 @@ export function codecFor(tok: ModelTokenizer): TextCodec {
       return { push: (id) => d.push(id), flush: () => d.flush() };
     },
     eosTokenIds: tok.eosTokenIds,
+    tokenizerInfo: () => tok.info(),
   };
 }
 

@@ -162,6 +162,22 @@ export class ModelTokenizer {
     }
   }
 
+  /**
+   * What vLLM's GET /tokenizer_info gives clients that tokenize through the server (lm-evaluation-
+   * harness's remote tokenizer reads eos_token and chat_template): the special tokens, the class, the template.
+   */
+  info(): Record<string, string | boolean | null> {
+    const c = this.config;
+    return {
+      tokenizer_class: typeof c.tokenizer_class === 'string' ? c.tokenizer_class : null,
+      bos_token: this.bosToken, eos_token: this.eosToken,
+      pad_token: tokenString(c.pad_token), unk_token: tokenString(c.unk_token),
+      add_bos_token: typeof c.add_bos_token === 'boolean' ? c.add_bos_token : null,
+      add_eos_token: typeof c.add_eos_token === 'boolean' ? c.add_eos_token : null,
+      chat_template: this.chatTemplate,
+    };
+  }
+
   /** A streaming detokenizer; pass the prompt ids so the first generated word keeps its space. */
   detokenizer(promptIds: number[] = [], skipSpecialTokens = true): IncrementalDetokenizer {
     return new IncrementalDetokenizer((ids) => this.decode(ids, skipSpecialTokens), promptIds);

@@ -30,4 +30,6 @@ export interface TextCodec {
    */
   createDetokenizer(promptTokenIds: number[], skipSpecialTokens: boolean): { push(id: number): string; flush(): string };
   readonly eosTokenIds: number[];
+  /** GET /tokenizer_info's fields (special tokens, class, chat template); absent: only model_max_length. */
+  tokenizerInfo?(): Record<string, string | boolean | null>;
 }

@@ -1,4 +1,6 @@
-// POST /tokenize ({prompt} or {messages} -> token ids) and POST /detokenize (ids -> text), as vLLM has them.
+// POST /tokenize ({prompt} or {messages} -> token ids), POST /detokenize (ids -> text) and GET
+// /tokenizer_info (special tokens, chat template), as vLLM has them: clients such as
+// lm-evaluation-harness tokenize through the server with the three, no tokenizer files of their own.
 
 import type { FastifyInstance } from 'fastify';
 import { flattenMessages, type ChatMessage } from './chat.js';
@@ -39,6 +41,8 @@ export function registerTokenize(app: FastifyInstance, ctx: ServerContext): void
     }
     return { tokens, count: tokens.length, max_model_len: ctx.opts.maxModelLen };
   });
+
+  app.get('/tokenizer_info', async () => ({ ...codec.tokenizerInfo?.(), model_max_length: ctx.opts.maxModelLen }));
 
   app.post<{ Body: { model?: string | null; tokens: number[] } }>('/detokenize', { schema: { body: detokenizeBodySchema } }, async (request) => {
     checkModel(ctx, request.body.model);
