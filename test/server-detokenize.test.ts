@@ -263,6 +263,41 @@ test('echo with logprobs returns the prompt logprobs (lm-eval loglikelihood)', a
       const sum = (lp.token_logprobs.slice(3, -1) as number[]).reduce((a, b) => a + b, 0);
       assert.ok(Number.isFinite(sum), what);
     }
+    // max_tokens 0 with echo (OpenAI's legacy scoring request): the prompt and its logprobs only.
+    for (const stream of [false, true]) {
+      const body = { model: 'fake-moe', prompt, max_tokens: 0, logprobs: 1, echo: true, return_token_ids: true, stream_options: stream ? { include_usage: true } : undefined };
+      let text = '', finish: string | null = null, tokens: string[] = [], lps: (number | null)[] = [], tokenIds: number[] = [];
+      let usage: { completion_tokens: number; prompt_tokens: number } | null = null;
+      if (stream) {
+        const res = await fetch(`${h.base}/v1/completions`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ ...body, stream: true }) });
+        for (const e of (await res.text()).split('\n\n').filter((x) => x.startsWith('data: {'))) {
+          const chunk = JSON.parse(e.slice(6)) as { choices: any[]; usage?: any }; // eslint-disable-line @typescript-eslint/no-explicit-any
+          if (chunk.usage) usage = chunk.usage;
+          for (const c of chunk.choices) {
+            text += c.text;
+            finish = c.finish_reason ?? finish;
+            tokenIds.push(...(c.token_ids ?? []));
+            if (c.logprobs) { tokens.push(...c.logprobs.tokens); lps.push(...c.logprobs.token_logprobs); }
+          }
+        }
+      } else {
+        const r = await post(h.base, '/v1/completions', body);
+        assert.equal(r.status, 200, r.text);
+        const c = r.json.choices[0];
+        ({ text, finish_reason: finish } = c);
+        tokens = c.logprobs.tokens; lps = c.logprobs.token_logprobs; tokenIds = c.token_ids; usage = r.json.usage;
+      }
+      const what = `max_tokens 0 stream=${stream}`;
+      assert.equal(text, tok.decode(prompt, false), what);
+      assert.equal(tokens.length, prompt.length, what);
+      assert.equal(tokens.join(''), text, what);
+      assert.equal(lps[0], null, what);
+      assert.ok(lps.slice(1).every((x) => typeof x === 'number'), what);
+      assert.equal(finish, 'length', what);
+      assert.deepEqual(tokenIds, [], what);
+      assert.equal(usage!.completion_tokens, 0, what);
+      assert.equal(usage!.prompt_tokens, prompt.length, what);
+    }
     const plain = await post(h.base, '/v1/completions', { model: 'fake-moe', prompt, max_tokens: 1, logprobs: 1 });
     assert.equal(plain.json.choices[0].logprobs.tokens.length, 1, 'without echo: only the generated token');
     assert.equal(h.engine.requests.at(-1)!.promptLogprobs, undefined, 'no prompt logprobs without echo');

@@ -691,3 +691,29 @@ test('one info log line per generation request, prompt text only with logPrompts
     await h2.close();
   }
 });
+
+test('completions: suffix, best_of other than n and max_tokens 0 without echo are refused, not ignored', async () => {
+  const h = await startServer();
+  try {
+    const cases: [Record<string, unknown>, string, RegExp][] = [
+      [{ suffix: 'tail' }, 'suffix', /'suffix' .* is not supported/],
+      [{ best_of: 3 }, 'best_of', /'best_of' is not supported/],
+      [{ best_of: 3, n: 2 }, 'best_of', /set it to n \(2\)/],
+      [{ max_tokens: 0 }, 'max_tokens', /0 is allowed only with 'echo'/],
+    ];
+    for (const [extra, param, re] of cases) {
+      const r = await post(h.base, '/v1/completions', { model: MODEL, prompt: 'x', max_tokens: 2, ...extra });
+      assert.equal(r.status, 400, JSON.stringify(extra));
+      assert.equal(r.json.error.param, param);
+      assert.match(r.json.error.message, re);
+    }
+    const n = h.engine.requests.length;
+    for (const extra of [{ suffix: '' }, { best_of: 2, n: 2 }, { best_of: 1 }]) {
+      const r = await post(h.base, '/v1/completions', { model: MODEL, prompt: 'x', max_tokens: 2, ...extra });
+      assert.equal(r.status, 200, JSON.stringify(extra));
+    }
+    assert.equal(h.engine.requests.length, n + 4, 'the accepted ones ran (n = 2 makes two engine requests)');
+  } finally {
+    await h.close();
+  }
+});

@@ -17,6 +17,8 @@ interface CompletionBody extends SamplingBody {
   stream?: boolean | null;
   stream_options?: { include_usage?: boolean | null } | null;
   return_token_ids?: boolean | null;
+  suffix?: string | null;
+  best_of?: number | null;
 }
 
 export function registerCompletions(app: FastifyInstance, ctx: ServerContext): void {
@@ -26,6 +28,17 @@ export function registerCompletions(app: FastifyInstance, ctx: ServerContext): v
     checkModel(ctx, body.model);
     if (body.stream_options != null && !body.stream) {
       throw invalidRequest("'stream_options' is only allowed when 'stream' is true.", 'stream_options', 'invalid_value');
+    }
+    // Fields OpenAI's legacy completions had that expertd does not do: refused, not ignored.
+    if (body.suffix != null && body.suffix !== '') {
+      throw invalidRequest("'suffix' (insertion after the completion) is not supported; send the text before the insertion point as the prompt.", 'suffix', 'unsupported_parameter');
+    }
+    if (body.best_of != null && body.best_of !== (body.n ?? 1)) {
+      throw invalidRequest(`'best_of' is not supported: the n sampled completions are all returned. Drop it or set it to n (${body.n ?? 1}).`, 'best_of', 'unsupported_parameter');
+    }
+    const scoreOnly = body.max_tokens === 0;
+    if (scoreOnly && !body.echo) {
+      throw invalidRequest("Invalid value for 'max_tokens': 0 is allowed only with 'echo' (to score the prompt); otherwise it must be >= 1.", 'max_tokens', 'invalid_value');
     }
     const record = ctx.records.get(request);
     if (record && ctx.opts.logPrompts) record.prompt = body.prompt;
@@ -57,7 +70,7 @@ export function registerCompletions(app: FastifyInstance, ctx: ServerContext): v
     const maxTokens = resolveMaxTokens({
       promptLengths: prompts.map((ids) => ids.length),
       maxModelLen: ctx.opts.maxModelLen,
-      requested: body.max_tokens ?? null,
+      requested: scoreOnly ? 1 : body.max_tokens ?? null, // max_tokens 0: one token is run, none returned
       defaultMaxTokens: 16, // OpenAI's default for completions
       promptParam: 'prompt',
       maxTokensParam: 'max_tokens',
@@ -79,6 +92,7 @@ export function registerCompletions(app: FastifyInstance, ctx: ServerContext): v
       includeUsage: body.stream_options?.include_usage ?? false,
       returnTokenIds: body.return_token_ids ?? false,
       echo: body.echo ?? false,
+      scoreOnly,
       // Token-id prompts echo decoded with their special tokens (as vLLM does), text prompts as sent.
       echoSpecialTokens: typeof p[0] === 'number' || Array.isArray(p[0]),
       logprobs: body.logprobs ?? null,

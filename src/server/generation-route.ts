@@ -27,6 +27,8 @@ export interface PreparedGeneration {
   includeUsage: boolean;
   returnTokenIds: boolean;
   echo: boolean;
+  /** max_tokens 0 (completions, with echo): the one token the engine generates is not returned. */
+  scoreOnly?: boolean;
   /** Whether the echoed prompt text shows special tokens (decoded token-id prompts) or not (text prompts). */
   echoSpecialTokens?: boolean;
   /** Completions: top-n count; chat: top_logprobs count; null when logprobs are off. */
@@ -209,12 +211,14 @@ export async function runGeneration(ctx: ServerContext, request: FastifyRequest,
     record.promptTokens = prep.prompts.reduce((s, p) => s + p.length, 0);
   }
 
-  const usage = (g: Generation): Usage => ({
-    prompt_tokens: g.promptTokens,
-    completion_tokens: g.completionTokens,
-    total_tokens: g.promptTokens + g.completionTokens,
-    prompt_tokens_details: { cached_tokens: g.cachedTokens },
-  });
+  const scoreOnly = prep.scoreOnly === true;
+  const usage = (g: Generation): Usage => {
+    const completion = scoreOnly ? 0 : g.completionTokens;
+    return {
+      prompt_tokens: g.promptTokens, completion_tokens: completion, total_tokens: g.promptTokens + completion,
+      prompt_tokens_details: { cached_tokens: g.cachedTokens },
+    };
+  };
 
   let sse: SseStream | null = null;
   const sentFirst = new Set<number>();
@@ -241,9 +245,10 @@ export async function runGeneration(ctx: ServerContext, request: FastifyRequest,
     const choice: Record<string, unknown> = { index: c.index };
     let text = d.text;
     if (prep.kind === 'completion') {
+      if (scoreOnly) text = '';
       if (first && prep.echo) text = prep.promptTexts[c.promptIndex]! + text;
       choice.text = text;
-      choice.logprobs = lpf ? lpf.completion(c, d.logprobs, first && prep.echo ? c.promptTokenIds : [], c.promptLogprobs) : null;
+      choice.logprobs = lpf ? lpf.completion(c, scoreOnly ? [] : d.logprobs, first && prep.echo ? c.promptTokenIds : [], c.promptLogprobs) : null;
     } else if (chatParsing) {
       const o = chatOutput(c);
       const part = o.push(text);
@@ -267,11 +272,13 @@ export async function runGeneration(ctx: ServerContext, request: FastifyRequest,
       choice.delta = text === '' ? {} : { content: text };
       choice.logprobs = lpf ? lpf.chat(c, d.logprobs) : null;
     }
+    // max_tokens 0: the generated token is not part of the answer, so neither is how it ended.
+    if (scoreOnly && finish !== null) finish = 'length';
     choice.finish_reason = finish;
-    if (finish !== null) choice.stop_reason = c.stopReason;
+    if (finish !== null) choice.stop_reason = scoreOnly ? null : c.stopReason;
     if (prep.returnTokenIds) {
       if (first) choice.prompt_token_ids = c.promptTokenIds;
-      choice.token_ids = d.tokenIds;
+      choice.token_ids = scoreOnly ? [] : d.tokenIds;
     }
     if (prep.params.returnRoutedExperts) choice.routed_experts = d.routedExperts;
     sse!.send(withUsageNull({ ...chunkBase(), choices: [choice] }));
@@ -396,8 +403,8 @@ export async function runGeneration(ctx: ServerContext, request: FastifyRequest,
   const choices = generation.choices.map((c) => {
     const out: Record<string, unknown> = { index: c.index };
     if (prep.kind === 'completion') {
-      out.text = (prep.echo ? prep.promptTexts[c.promptIndex]! : '') + c.text;
-      out.logprobs = lpf ? lpf.completion(c, c.logprobs, prep.echo ? c.promptTokenIds : [], c.promptLogprobs) : null;
+      out.text = (prep.echo ? prep.promptTexts[c.promptIndex]! : '') + (scoreOnly ? '' : c.text);
+      out.logprobs = lpf ? lpf.completion(c, scoreOnly ? [] : c.logprobs, prep.echo ? c.promptTokenIds : [], c.promptLogprobs) : null;
     } else if (chatParsing) {
       const o = chatOutput(c);
       const part = o.push(c.text);
@@ -414,11 +421,11 @@ export async function runGeneration(ctx: ServerContext, request: FastifyRequest,
       out.message = { role: 'assistant', content: c.text };
       out.logprobs = lpf ? lpf.chat(c, c.logprobs) : null;
     }
-    out.finish_reason ??= c.finishReason;
-    out.stop_reason = c.stopReason;
+    out.finish_reason ??= scoreOnly ? 'length' : c.finishReason;
+    out.stop_reason = scoreOnly ? null : c.stopReason;
     if (prep.returnTokenIds) {
       out.prompt_token_ids = c.promptTokenIds;
-      out.token_ids = c.tokenIds;
+      out.token_ids = scoreOnly ? [] : c.tokenIds;
     }
     if (prep.params.returnRoutedExperts) out.routed_experts = c.routedExperts;
     return out;

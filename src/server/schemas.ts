@@ -84,6 +84,8 @@ export const completionBodySchemaFor = (maxPrompts: number) => ({
     },
     logprobs: int(0, 20, 'between 0 and 20'),
     echo: bool,
+    // 0 scores the prompt only (with echo: its logprobs), as OpenAI's legacy completions and vLLM allow.
+    max_tokens: int(0, MAX_SAFE, '>= 0'),
   },
 } as const);
 
