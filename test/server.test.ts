@@ -717,3 +717,18 @@ test('completions: suffix, best_of other than n and max_tokens 0 without echo ar
     await h.close();
   }
 });
+
+test('echo with logprobs on an engine without prompt logprobs (the device engine) is a 400 that says so', async () => {
+  const h = await startServer({ info: { promptLogprobs: false } });
+  try {
+    const r = await post(h.base, '/v1/completions', { model: MODEL, prompt: 'x', max_tokens: 1, echo: true, logprobs: 1 });
+    assert.equal(r.status, 400);
+    assert.equal(r.json.error.param, 'echo');
+    assert.match(r.json.error.message, /CPU engine only/);
+    assert.equal(h.engine.requests.length, 0);
+    const ok = await post(h.base, '/v1/completions', { model: MODEL, prompt: 'x', max_tokens: 1, echo: true });
+    assert.equal(ok.status, 200, 'echo alone still works');
+  } finally {
+    await h.close();
+  }
+});

@@ -152,6 +152,7 @@ export class EngineCore {
       name: opts.servedModelName, architecture: spec.modelType, maxContext: spec.maxContext,
       vocabSize: spec.vocabSize, eosTokenIds: spec.eosTokenIds,
       numMoeLayers: model.numMoeLayers, numExperts: spec.moe.numExperts, topK: spec.moe.router.topK,
+      promptLogprobs: !this.logitsOnDevice(),
     };
   }
 

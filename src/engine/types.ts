@@ -109,6 +109,8 @@ export interface ModelInfo {
   numMoeLayers: number;
   numExperts: number;
   topK: number;
+  /** Whether requests may ask for promptLogprobs (false: the device engine samples on the GPU); absent = yes. */
+  promptLogprobs?: boolean;
 }
 
 /** The event that ends a request the engine cannot take (failed, or not loaded): reason 'error'. */

@@ -36,6 +36,9 @@ export function registerCompletions(app: FastifyInstance, ctx: ServerContext): v
     if (body.best_of != null && body.best_of !== (body.n ?? 1)) {
       throw invalidRequest(`'best_of' is not supported: the n sampled completions are all returned. Drop it or set it to n (${body.n ?? 1}).`, 'best_of', 'unsupported_parameter');
     }
+    if (body.echo && body.logprobs != null && engine.info.promptLogprobs === false) {
+      throw invalidRequest("'echo' with 'logprobs' (the prompt's logprobs) is computed by the CPU engine only; this server's engine samples on the device.", 'echo', 'unsupported_parameter');
+    }
     const scoreOnly = body.max_tokens === 0;
     if (scoreOnly && !body.echo) {
       throw invalidRequest("Invalid value for 'max_tokens': 0 is allowed only with 'echo' (to score the prompt); otherwise it must be >= 1.", 'max_tokens', 'invalid_value');
