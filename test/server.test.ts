@@ -732,3 +732,39 @@ test('echo with logprobs on an engine without prompt logprobs (the device engine
     await h.close();
   }
 });
+
+test('stream_options.continuous_usage_stats: every chunk carries its choice\'s usage so far (vLLM)', async () => {
+  const h = await startServer();
+  try {
+    const chunksOf = async (route: string, body: Record<string, unknown>) => {
+      const res = await fetch(h.base + route, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+      assert.equal(res.status, 200);
+      return (await res.text()).split('\n\n').filter((e) => e.startsWith('data: {')).map((e) => JSON.parse(e.slice(6)) as { choices: { index: number }[]; usage?: any }); // eslint-disable-line @typescript-eslint/no-explicit-any
+    };
+    for (const [route, extra] of [['/v1/completions', { prompt: 'abc' }], ['/v1/chat/completions', { messages: [{ role: 'user', content: 'q' }] }]] as const) {
+      const body = { model: MODEL, max_tokens: 5, n: 2, stream: true, ...extra };
+      const cont = await chunksOf(route, { ...body, stream_options: { include_usage: true, continuous_usage_stats: true } });
+      const last = new Map<number, number>();
+      let prompt = -1;
+      for (const ch of cont.filter((c) => c.choices.length > 0)) {
+        const u = ch.usage;
+        assert.ok(u && typeof u.completion_tokens === 'number', `${route}: a choice chunk carries usage`);
+        if (prompt < 0) prompt = u.prompt_tokens;
+        assert.equal(u.prompt_tokens, prompt, route);
+        assert.equal(u.total_tokens, u.prompt_tokens + u.completion_tokens, route);
+        const i = ch.choices[0]!.index;
+        assert.ok(u.completion_tokens >= (last.get(i) ?? 0), `${route}: choice ${i}'s count grows`);
+        last.set(i, u.completion_tokens);
+      }
+      assert.deepEqual([...last.values()], [5, 5], `${route}: each choice ends at max_tokens`);
+      const final = cont.at(-1)!;
+      assert.deepEqual(final.choices, []);
+      assert.equal(final.usage.completion_tokens, 10, `${route}: the final usage counts both choices`);
+      // Without it, choice chunks say usage null (include_usage) as before.
+      const plain = await chunksOf(route, { ...body, stream_options: { include_usage: true } });
+      assert.ok(plain.filter((c) => c.choices.length > 0).every((c) => c.usage === null), route);
+    }
+  } finally {
+    await h.close();
+  }
+});

@@ -33,7 +33,7 @@ interface ChatBody extends SamplingBody {
   logprobs?: boolean | null;
   top_logprobs?: number | null;
   stream?: boolean | null;
-  stream_options?: { include_usage?: boolean | null } | null;
+  stream_options?: { include_usage?: boolean | null; continuous_usage_stats?: boolean | null } | null;
   return_token_ids?: boolean | null;
   tools?: ToolBody[] | null;
   tool_choice?: ToolChoice | null;
@@ -164,6 +164,7 @@ export function registerChat(app: FastifyInstance, ctx: ServerContext): void {
       params,
       stream: body.stream ?? false,
       includeUsage: body.stream_options?.include_usage ?? false,
+      continuousUsage: (body.stream_options?.include_usage ?? false) && (body.stream_options?.continuous_usage_stats ?? false),
       returnTokenIds: body.return_token_ids ?? false,
       echo: false,
       logprobs,

@@ -15,7 +15,7 @@ interface CompletionBody extends SamplingBody {
   logprobs?: number | null;
   echo?: boolean | null;
   stream?: boolean | null;
-  stream_options?: { include_usage?: boolean | null } | null;
+  stream_options?: { include_usage?: boolean | null; continuous_usage_stats?: boolean | null } | null;
   return_token_ids?: boolean | null;
   suffix?: string | null;
   best_of?: number | null;
@@ -93,6 +93,7 @@ export function registerCompletions(app: FastifyInstance, ctx: ServerContext): v
       params,
       stream: body.stream ?? false,
       includeUsage: body.stream_options?.include_usage ?? false,
+      continuousUsage: (body.stream_options?.include_usage ?? false) && (body.stream_options?.continuous_usage_stats ?? false),
       returnTokenIds: body.return_token_ids ?? false,
       echo: body.echo ?? false,
       scoreOnly,

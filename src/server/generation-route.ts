@@ -25,6 +25,8 @@ export interface PreparedGeneration {
   params: GenerationParams;
   stream: boolean;
   includeUsage: boolean;
+  /** vLLM's stream_options.continuous_usage_stats (with include_usage): every chunk carries its choice's usage so far. */
+  continuousUsage?: boolean;
   returnTokenIds: boolean;
   echo: boolean;
   /** max_tokens 0 (completions, with echo): the one token the engine generates is not returned. */
@@ -236,6 +238,13 @@ export async function runGeneration(ctx: ServerContext, request: FastifyRequest,
     model,
   });
   const withUsageNull = (o: Record<string, unknown>) => (prep.includeUsage ? { ...o, usage: null } : o);
+  /** A choice's chunk: usage null, or with continuous_usage_stats that choice's tokens so far. */
+  const withChoiceUsage = (c: ChoiceState, o: Record<string, unknown>) => {
+    if (!prep.continuousUsage) return withUsageNull(o);
+    const completion = scoreOnly ? 0 : c.tokenIds.length;
+    const promptTokens = c.promptTokenIds.length;
+    return { ...o, usage: { prompt_tokens: promptTokens, completion_tokens: completion, total_tokens: promptTokens + completion } };
+  };
 
   /** One streamed choice update; the first one of a choice carries the echo / prompt ids / role. */
   const streamChunk = (c: ChoiceState, d: ChoiceDelta, finishReason: string | null) => {
@@ -281,7 +290,7 @@ export async function runGeneration(ctx: ServerContext, request: FastifyRequest,
       choice.token_ids = scoreOnly ? [] : d.tokenIds;
     }
     if (prep.params.returnRoutedExperts) choice.routed_experts = d.routedExperts;
-    sse!.send(withUsageNull({ ...chunkBase(), choices: [choice] }));
+    sse!.send(withChoiceUsage(c, { ...chunkBase(), choices: [choice] }));
   };
 
   const generation = new Generation(
@@ -364,7 +373,7 @@ export async function runGeneration(ctx: ServerContext, request: FastifyRequest,
         sentFirst.add(c.index);
         const choice: Record<string, unknown> = { index: c.index, delta: { role: 'assistant', content: '' }, logprobs: null, finish_reason: null };
         if (prep.returnTokenIds) choice.prompt_token_ids = c.promptTokenIds;
-        sse.send(withUsageNull({ ...chunkBase(), choices: [choice] }));
+        sse.send(withChoiceUsage(c, { ...chunkBase(), choices: [choice] }));
       }
     }
   }
