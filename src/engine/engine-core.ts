@@ -70,8 +70,8 @@ interface Running {
   promptLps: (TokenLogprob | null)[] | null;
 }
 
-/** A prompt position whose logits score the prompt token after it (prompt logprobs). */
-interface PromptRow { row: number; lps: (TokenLogprob | null)[]; next: number; req: GenerateRequest }
+/** A prompt position whose logits score the prompt token `next` of request r (prompt logprobs). */
+interface PromptRow { row: number; r: Running; next: number }
 
 /** Logits floats one step may hold for prompt logprobs (64 MiB): caps such a request's prefill chunks. */
 const PROMPT_LOGPROB_FLOATS = 16 << 20;
@@ -94,8 +94,6 @@ export class EngineCore {
   private readonly clock: () => number;
   /** Grow-only host logits [rows, vocab] lent to every forward (ForwardBatch.logitsOut). */
   private logitsBuf = new Float32Array(0);
-  /** This step's prompt-logprob rows: their logits follow the sampling rows' from index `first`. */
-  private pendingPromptRows: { first: number; rows: PromptRow[] } | null = null;
   /** Why prefix caching is off although it was asked for (null: on, or not asked for). */
   readonly prefixCachingRefused: string | null = null;
 
@@ -262,7 +260,7 @@ export class EngineCore {
         queueTimesMs.push(t0 - r.arrivedAtMs);
       }
     }
-    const batch = this.buildBatch(plan);
+    const { batch, promptRows } = this.buildBatch(plan);
     this.offloader?.beginStep(plan.entries.map((e) => ({ id: e.seqId, rows: e.tokenIds.length })));
     let result;
     try {
@@ -273,7 +271,7 @@ export class EngineCore {
     }
     const sampledAtMs = this.clock(); // the host has the logits: this step's tokens exist from here
     const samples = this.sampleStep(plan, result.logits);
-    this.promptLogprobRows(batch, result.logits);
+    this.scorePromptRows(promptRows, batch.logitRows.length - promptRows.length, result.logits);
     const events: EngineEvent[] = [];
     let row = 0;
     let logitIndex = 0;
@@ -394,7 +392,7 @@ export class EngineCore {
     return out.length ? out : undefined;
   }
 
-  private buildBatch(plan: StepPlan): ForwardBatch {
+  private buildBatch(plan: StepPlan): { batch: ForwardBatch; promptRows: PromptRow[] } {
     const T = plan.numBatchedTokens;
     const S = plan.entries.length;
     const tokenIds = new Int32Array(T);
@@ -422,19 +420,16 @@ export class EngineCore {
       if (e.sample) logitRows.push(row + n - 1);
       // Prompt logprobs: the rows of prompt positions whose next token is a prompt token not yet
       // scored (a recomputation after preemption repeats none), after the sampling rows.
-      const lps = this.requests.get(e.seqId)?.promptLps;
-      if (lps && e.isPrefillChunk) {
-        const P = lps.length;
+      const r = this.requests.get(e.seqId);
+      if (r?.promptLps && e.isPrefillChunk) {
         for (let i = 0; i < n; i++) {
           const next = e.startPosition + i + 1;
-          if (next < P && lps[next] === null) promptRows.push({ row: row + i, lps, next, req: this.requests.get(e.seqId)!.req });
+          if (next < r.promptLps.length && r.promptLps[next] === null) promptRows.push({ row: row + i, r, next });
         }
       }
       row += n;
     });
-    const numSampleRows = logitRows.length;
     for (const p of promptRows) logitRows.push(p.row);
-    this.pendingPromptRows = { first: numSampleRows, rows: promptRows };
     const logitsOnDevice = this.logitsOnDevice();
     // NOTE: the logits are read only within this step (sampling), so one buffer serves every step;
     // a step with prompt-logprob rows gets one of its own (up to 64 MiB more), not kept.
@@ -442,10 +437,11 @@ export class EngineCore {
     let logitsOut = this.logitsBuf;
     if (promptRows.length > 0) logitsOut = new Float32Array(logitsFloats);
     else if (!logitsOnDevice && this.logitsBuf.length < logitsFloats) logitsOut = this.logitsBuf = new Float32Array(logitsFloats);
-    return {
+    const batch: ForwardBatch = {
       tokenIds, positions, numSeqs: S, seqInfo, blockTables, maxBlocks, slots, logitRows: Int32Array.from(logitRows),
       ...(stateSlots ? { stateSlots } : {}), ...(logitsOnDevice ? { logitsOnDevice } : { logitsOut }),
     };
+    return { batch, promptRows };
   }
 
   /** The native sampler runs where the logits are when the model can (the device engine). */
@@ -453,15 +449,12 @@ export class EngineCore {
     return this.sampler instanceof BatchSampler && this.loaded.model.sampleLogits !== undefined;
   }
 
-  /** Scores this step's prompt-logprob rows (see buildBatch) into their requests' promptLps. */
-  private promptLogprobRows(batch: ForwardBatch, logits: Float32Array): void {
-    const pending = this.pendingPromptRows;
-    this.pendingPromptRows = null;
-    if (!pending || pending.rows.length === 0 || batch.logitsOnDevice) return;
+  /** Scores this step's prompt-logprob rows, whose logits follow the sampling rows' from row `first`, into promptLps. */
+  private scorePromptRows(promptRows: PromptRow[], first: number, logits: Float32Array): void {
     const V = this.info.vocabSize;
-    pending.rows.forEach((p, k) => {
-      const at = (pending.first + k) * V;
-      p.lps[p.next] = rowLogprobs(logits.subarray(at, at + V), p.req.promptTokenIds[p.next]!, p.req.promptLogprobs ?? 0);
+    promptRows.forEach((p, k) => {
+      const at = (first + k) * V;
+      p.r.promptLps![p.next] = rowLogprobs(logits.subarray(at, at + V), p.r.req.promptTokenIds[p.next]!, p.r.req.promptLogprobs ?? 0);
     });
   }
 }

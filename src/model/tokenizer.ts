@@ -7,6 +7,10 @@ import path from 'node:path';
 import { Template } from '@huggingface/jinja';
 import { Tokenizer } from '@huggingface/tokenizers';
 
+import { IncrementalDetokenizer } from './incremental-detokenizer.js';
+
+export { IncrementalDetokenizer };
+
 export class TokenizerError extends Error {
   readonly code = 'E_TOKENIZER';
   constructor(message: string) {
@@ -181,62 +185,5 @@ export class ModelTokenizer {
   /** A streaming detokenizer; pass the prompt ids so the first generated word keeps its space. */
   detokenizer(promptIds: number[] = [], skipSpecialTokens = true): IncrementalDetokenizer {
     return new IncrementalDetokenizer((ids) => this.decode(ids, skipSpecialTokens), promptIds);
-  }
-}
-
-/**
- * Streaming decode (the vLLM / TGI scheme): decode a short window of recent ids with and without
- * the new ones and emit only the new suffix, and only once it no longer ends in U+FFFD (a byte-
- * fallback sequence or multi-token character still incomplete). Decoding a window, not single
- * ids, keeps tokenizer-specific spacing (SentencePiece's leading space, byte merges) right.
- */
-export class IncrementalDetokenizer {
-  private ids: number[];
-  private prefixOffset: number;
-  private readOffset: number;
-  /** Everything emitted so far. */
-  text = '';
-
-  constructor(private readonly decodeFn: (ids: number[]) => string, promptIds: number[] = []) {
-    // A few prompt ids of context: enough to decide the spacing of the first new token.
-    this.ids = promptIds.slice(-6);
-    this.prefixOffset = Math.max(0, this.ids.length - 5);
-    this.readOffset = this.ids.length;
-  }
-
-  /** Adds one generated id; returns the text that became final (possibly ''). */
-  push(id: number): string {
-    this.ids.push(id);
-    const prefixText = this.decodeFn(this.ids.slice(this.prefixOffset, this.readOffset));
-    const newText = this.decodeFn(this.ids.slice(this.prefixOffset));
-    if (newText.length > prefixText.length && !newText.endsWith('\uFFFD')) {
-      const delta = newText.slice(prefixText.length);
-      this.prefixOffset = this.readOffset;
-      this.readOffset = this.ids.length;
-      this.compact();
-      this.text += delta;
-      return delta;
-    }
-    return '';
-  }
-
-  /** At the end of a sequence: whatever is held back (an incomplete character stays U+FFFD). */
-  flush(): string {
-    const prefixText = this.decodeFn(this.ids.slice(this.prefixOffset, this.readOffset));
-    const newText = this.decodeFn(this.ids.slice(this.prefixOffset));
-    this.prefixOffset = this.readOffset = this.ids.length;
-    if (newText.length <= prefixText.length) return '';
-    const delta = newText.startsWith(prefixText) ? newText.slice(prefixText.length) : newText;
-    this.text += delta;
-    return delta;
-  }
-
-  // Drop ids before the window so long generations stay O(1) per token.
-  private compact(): void {
-    if (this.prefixOffset > 64) {
-      this.ids = this.ids.slice(this.prefixOffset);
-      this.readOffset -= this.prefixOffset;
-      this.prefixOffset = 0;
-    }
   }
 }

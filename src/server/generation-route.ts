@@ -7,6 +7,7 @@ import type { TokenLogprob } from '../engine/types.js';
 import type { RequestRecord, ServerContext } from './context.js';
 import { ChatChoiceOutput, type ChatParsing } from './chat-output.js';
 import { ApiError } from './errors.js';
+import { IncrementalDetokenizer } from '../model/incremental-detokenizer.js';
 import { Generation, type ChoiceDelta, type ChoiceState, type GenerationParams } from './generation.js';
 import { checkSequenceCount } from './request-params.js';
 import { SseStream, type SseFlowControl } from './sse.js';
@@ -77,9 +78,9 @@ interface Usage {
 
 /**
  * Formats logprobs and their token strings. A token's string is the text it adds after the ids
- * before it (the prompt's last ids, then the choice's earlier tokens), as the streamed text has it
- * (the same windowed decode as IncrementalDetokenizer, with the request's skip_special_tokens):
- * decoded alone, a SentencePiece word piece loses its leading space (Llama, Mistral, Mixtral). A
+ * before it (the prompt's last ids, then the choice's earlier tokens), as the streamed text has it:
+ * an IncrementalDetokenizer per choice (and special-token setting) over the request's codec.
+ * Decoded alone, a SentencePiece word piece would lose its leading space (Llama, Mistral, Mixtral). A
  * token that leaves a character incomplete (a byte-fallback or byte-level piece of one) adds '' and
  * the token that completes it adds the rest, so a choice's token strings (and their `bytes`) join to
  * its text and `text_offset` points into it. An alternative's string is what it would have added
@@ -88,8 +89,8 @@ interface Usage {
 class LogprobFormatter {
   private readonly alone = new Map<number, string>();
   private readonly offset = new Map<number, number>(); // completions text_offset per choice
-  /** Per choice: recent ids; the text of ids[prefix, read) was emitted, ids[read..] are pending. */
-  private readonly window = new Map<number, { ids: number[]; prefix: number; read: number }>();
+  /** Per choice and skip_special_tokens setting ("index:skip"): the detokenizer its tokens went through. */
+  private readonly detoks = new Map<string, IncrementalDetokenizer>();
 
   constructor(private readonly ctx: ServerContext, private readonly topN: number,
               private readonly skipSpecialTokens: boolean, private readonly echoSpecialTokens = false) {}
@@ -106,35 +107,20 @@ class LogprobFormatter {
   }
 
   /**
-   * Each logprob's token string and its alternatives', advancing the choice's window. `start`: the
-   * ids the choice's first token follows (read on the choice's first call only). `skipSpecial`:
+   * Each logprob's token string and its alternatives', advancing the choice's detokenizer. `start`:
+   * the ids the choice's first token follows (read when the detokenizer is made). `skipSpecial`:
    * false for echoed prompt tokens, whose text echo shows with special tokens.
    */
   private strings(choice: number, start: () => number[], ids: number[], alts: (i: number) => number[],
                   skipSpecial = this.skipSpecialTokens): { token: string; alts: string[] }[] {
-    let w = this.window.get(choice);
-    if (!w) {
-      const ctxIds = start().slice(-6);
-      this.window.set(choice, w = { ids: ctxIds, prefix: Math.max(0, ctxIds.length - 5), read: ctxIds.length });
-    }
-    const win = w;
+    const key = `${choice}:${skipSpecial}`;
+    let d = this.detoks.get(key);
+    if (!d) this.detoks.set(key, d = new IncrementalDetokenizer((x) => this.decode(x, skipSpecial), start()));
+    const detok = d;
     return ids.map((id, i) => {
-      const head = win.ids.slice(win.prefix);
-      const prefixText = this.decode(win.ids.slice(win.prefix, win.read), skipSpecial);
-      const adds = (t: string) => (t.length > prefixText.length && !t.endsWith('\uFFFD') ? t.slice(prefixText.length) : null);
-      const token = adds(this.decode([...head, id], skipSpecial)) ?? '';
-      const altStrings = alts(i).map((a) => (a === id ? token : adds(this.decode([...head, a], skipSpecial)) || this.tokenAlone(a)));
-      win.ids.push(id);
-      if (token !== '') {
-        win.prefix = win.read;
-        win.read = win.ids.length;
-        if (win.prefix > 64) {
-          win.ids = win.ids.slice(win.prefix);
-          win.read -= win.prefix;
-          win.prefix = 0;
-        }
-      }
-      return { token, alts: altStrings };
+      const altStrings = alts(i).map((a) => (a === id ? null : detok.peek(a) || this.tokenAlone(a)));
+      const token = detok.push(id);
+      return { token, alts: altStrings.map((a) => a ?? token) };
     });
   }
 
@@ -148,11 +134,10 @@ class LogprobFormatter {
     const top: (Record<string, number> | null)[] = [];
     const textOffset: number[] = [];
     let off = this.offset.get(c.index) ?? 0;
-    // With echo the prompt's own tokens come first, from the start of the text.
-    const start = () => (echoIds.length > 0 ? [] : c.promptTokenIds);
-    // Echoed tokens as the echo text shows them (see completions.ts).
-    const echoed = this.strings(c.index, start, echoIds, (j) => promptLps?.[j]?.top.slice(0, this.topN).map((a) => a.tokenId) ?? [],
-      !this.echoSpecialTokens);
+    // Echoed tokens come first, from the start of the text, as the echo text shows them (see
+    // completions.ts); the generated ones follow the prompt.
+    const echoed = echoIds.length === 0 ? [] : this.strings(c.index, () => [], echoIds,
+      (j) => promptLps?.[j]?.top.slice(0, this.topN).map((a) => a.tokenId) ?? [], !this.echoSpecialTokens);
     echoed.forEach(({ token: t, alts }, j) => {
       const lp = promptLps?.[j] ?? null;
       tokens.push(t);
@@ -161,7 +146,7 @@ class LogprobFormatter {
       textOffset.push(off);
       off += t.length;
     });
-    const strings = this.strings(c.index, start, lps.map((lp) => lp.tokenId),
+    const strings = this.strings(c.index, () => c.promptTokenIds, lps.map((lp) => lp.tokenId),
       (i) => lps[i]!.top.slice(0, this.topN).map((a) => a.tokenId));
     lps.forEach((lp, i) => {
       const { token: t, alts } = strings[i]!;
